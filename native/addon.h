@@ -1,0 +1,58 @@
+// Shared declarations of the ulob_native addon.
+//
+// The addon is mechanism only: every argument has already been validated by
+// src/native.ts. The C++ side re-checks types and bounds only so that a
+// direct call into the raw binding cannot corrupt memory; those checks throw
+// plain TypeError/RangeError with terse messages.
+#pragma once
+
+#include <napi.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace ulob {
+
+// Per-environment state (napi instance data), one per main thread / worker.
+// Owned by the env: created in Init, deleted by napi when the env tears down.
+struct Addon {
+  // JS class NativeError from src/native.ts, set once via setErrorClass().
+  // Constructed as new NativeError(message, code, errno, syscall).
+  Napi::FunctionReference error_class;
+};
+
+// A validated byte range inside a Uint8Array (data already includes the
+// view's byteOffset, as napi_get_typedarray_info reports it).
+struct Bytes {
+  uint8_t* data;
+  size_t length;
+};
+
+// Builds a NativeError for a positive errno. Returns an empty value if even
+// that failed (an exception is then pending).
+Napi::Value ErrnoError(Napi::Env env, int err, const char* syscall);
+// Throws ErrnoError(...) as a pending exception.
+void ThrowErrno(Napi::Env env, int err, const char* syscall);
+
+// Argument readers: each returns false with a pending exception on failure.
+bool ArgBytes(const Napi::CallbackInfo& info, size_t i, Bytes* out);
+bool ArgInt64(const Napi::CallbackInfo& info, size_t i, int64_t* out);
+bool ArgFd(const Napi::CallbackInfo& info, size_t i, int* out);
+// Checks [offset, offset + length) lies within `bytes`.
+bool CheckSlice(Napi::Env env, const Bytes& bytes, int64_t offset, int64_t length);
+
+// One registration function per concern (native/<concern>.cc).
+bool InitIo(Napi::Env env, Napi::Object exports);
+bool InitBlkdev(Napi::Env env, Napi::Object exports);
+bool InitBitmap(Napi::Env env, Napi::Object exports);
+
+// Registers `cb` as exports[name]; false with a pending exception on failure.
+template <Napi::Function::Callback cb>
+inline bool Export(Napi::Env env, Napi::Object exports, const char* name) {
+  Napi::Function fn = Napi::Function::New<cb>(env, name);
+  if (env.IsExceptionPending()) return false;
+  exports.Set(name, fn);
+  return !env.IsExceptionPending();
+}
+
+}  // namespace ulob

@@ -1,0 +1,268 @@
+// Positioned file I/O on the libuv threadpool, and aligned buffers for
+// O_DIRECT.
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include "addon.h"
+
+static_assert(sizeof(off_t) == 8, "build with _FILE_OFFSET_BITS=64");
+
+namespace ulob {
+
+namespace {
+
+// Base for the async syscalls: settles one promise and, for the data calls,
+// keeps the caller's Uint8Array alive until the thread is done with its bytes.
+// Owner: AsyncWorker deletes itself after OnOK; on a failed Queue the caller
+// deletes it.
+class IoWorker : public Napi::AsyncWorker {
+ public:
+  IoWorker(Napi::Env env, const char* name, const char* syscall)
+      : Napi::AsyncWorker(env, name),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        syscall_(syscall) {}
+
+  void Keep(Napi::Object buffer) { keep_ = Napi::Persistent(buffer); }
+  Napi::Promise Promise() const { return deferred_.Promise(); }
+
+ protected:
+  virtual Napi::Value Result(Napi::Env env) { return env.Undefined(); }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (err_ != 0) {
+      Napi::Value e = ErrnoError(env, err_, syscall_);
+      if (e.IsEmpty()) return;
+      deferred_.Reject(e);
+      return;
+    }
+    Napi::Value result = Result(env);
+    if (result.IsEmpty()) return;
+    deferred_.Resolve(result);
+  }
+
+  int err_ = 0;  // positive errno, set by Execute() on the worker thread
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  Napi::ObjectReference keep_;
+  const char* syscall_;
+};
+
+// Queues `w` and returns its promise, or an empty value (pending exception).
+Napi::Value Start(Napi::Env env, IoWorker* w) {
+  if (env.IsExceptionPending()) {  // constructor failed
+    delete w;
+    return Napi::Value();
+  }
+  Napi::Promise promise = w->Promise();
+  w->Queue();
+  if (env.IsExceptionPending()) {
+    delete w;
+    return Napi::Value();
+  }
+  return promise;
+}
+
+class PreadWorker : public IoWorker {
+ public:
+  PreadWorker(Napi::Env env, int fd, uint8_t* data, size_t length, off_t pos)
+      : IoWorker(env, "ulob:pread", "pread"),
+        fd_(fd), data_(data), length_(length), pos_(pos) {}
+
+  void Execute() override {
+    // Loop: the kernel may return short (signals, >2 GiB requests, pipes);
+    // only EOF (0) ends the read early.
+    while (done_ < length_) {
+      ssize_t n = ::pread(fd_, data_ + done_, length_ - done_,
+                          pos_ + static_cast<off_t>(done_));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        err_ = errno;
+        return;
+      }
+      if (n == 0) return;
+      done_ += static_cast<size_t>(n);
+    }
+  }
+
+  Napi::Value Result(Napi::Env env) override {
+    return Napi::Number::New(env, static_cast<double>(done_));
+  }
+
+ private:
+  int fd_;
+  uint8_t* data_;
+  size_t length_;
+  off_t pos_;
+  size_t done_ = 0;
+};
+
+class PwriteWorker : public IoWorker {
+ public:
+  PwriteWorker(Napi::Env env, int fd, const uint8_t* data, size_t length, off_t pos)
+      : IoWorker(env, "ulob:pwrite", "pwrite"),
+        fd_(fd), data_(data), length_(length), pos_(pos) {}
+
+  void Execute() override {
+    size_t done = 0;
+    while (done < length_) {
+      ssize_t n = ::pwrite(fd_, data_ + done, length_ - done,
+                           pos_ + static_cast<off_t>(done));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        err_ = errno;
+        return;
+      }
+      if (n == 0) {
+        // No progress and no errno: retrying could spin forever.
+        err_ = EIO;
+        return;
+      }
+      done += static_cast<size_t>(n);
+    }
+  }
+
+ private:
+  int fd_;
+  const uint8_t* data_;
+  size_t length_;
+  off_t pos_;
+};
+
+class FdatasyncWorker : public IoWorker {
+ public:
+  FdatasyncWorker(Napi::Env env, int fd)
+      : IoWorker(env, "ulob:fdatasync", "fdatasync"), fd_(fd) {}
+
+  void Execute() override {
+    while (::fdatasync(fd_) < 0) {
+      if (errno != EINTR) {
+        err_ = errno;
+        return;
+      }
+    }
+  }
+
+ private:
+  int fd_;
+};
+
+class FallocateWorker : public IoWorker {
+ public:
+  FallocateWorker(Napi::Env env, int fd, off_t offset, off_t length)
+      : IoWorker(env, "ulob:fallocate", "fallocate"),
+        fd_(fd), offset_(offset), length_(length) {}
+
+  void Execute() override {
+    while (::fallocate(fd_, 0, offset_, length_) < 0) {
+      if (errno != EINTR) {
+        err_ = errno;
+        return;
+      }
+    }
+  }
+
+ private:
+  int fd_;
+  off_t offset_;
+  off_t length_;
+};
+
+// pread(fd, buf, bufOffset, length, position) -> Promise<number>
+// pwrite(fd, buf, bufOffset, length, position) -> Promise<void>
+template <bool kWrite>
+Napi::Value Transfer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  Bytes buf;
+  int64_t off, len, pos;
+  if (!ArgFd(info, 0, &fd) || !ArgBytes(info, 1, &buf) ||
+      !ArgInt64(info, 2, &off) || !ArgInt64(info, 3, &len) ||
+      !ArgInt64(info, 4, &pos) || !CheckSlice(env, buf, off, len)) {
+    return Napi::Value();
+  }
+  uint8_t* data = buf.data + off;
+  IoWorker* w;
+  if (kWrite) {
+    w = new PwriteWorker(env, fd, data, static_cast<size_t>(len), static_cast<off_t>(pos));
+  } else {
+    w = new PreadWorker(env, fd, data, static_cast<size_t>(len), static_cast<off_t>(pos));
+  }
+  if (!env.IsExceptionPending()) w->Keep(info[1].As<Napi::Object>());
+  return Start(env, w);
+}
+
+Napi::Value Fdatasync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!ArgFd(info, 0, &fd)) return Napi::Value();
+  return Start(env, new FdatasyncWorker(env, fd));
+}
+
+Napi::Value Fallocate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  int64_t offset, length;
+  if (!ArgFd(info, 0, &fd) || !ArgInt64(info, 1, &offset) ||
+      !ArgInt64(info, 2, &length)) {
+    return Napi::Value();
+  }
+  return Start(env, new FallocateWorker(env, fd, static_cast<off_t>(offset),
+                                        static_cast<off_t>(length)));
+}
+
+void FreeAligned(napi_env, void* data, void*) { free(data); }
+
+// alignedBuffer(size, alignment) -> Buffer; the GC frees the memory.
+Napi::Value AlignedBuffer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int64_t size, alignment;
+  if (!ArgInt64(info, 0, &size) || !ArgInt64(info, 1, &alignment)) {
+    return Napi::Value();
+  }
+  if (alignment < static_cast<int64_t>(sizeof(void*)) ||
+      (alignment & (alignment - 1)) != 0) {
+    Napi::RangeError::New(env, "alignment must be a power of two")
+        .ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  void* data = nullptr;
+  // A zero-byte request still gets a real (unused) allocation so the free in
+  // the finalizer is unconditional.
+  size_t bytes = size > 0 ? static_cast<size_t>(size) : 1;
+  int rc = posix_memalign(&data, static_cast<size_t>(alignment), bytes);
+  if (rc != 0) {
+    ThrowErrno(env, rc, "posix_memalign");
+    return Napi::Value();
+  }
+  memset(data, 0, bytes);
+  napi_value result;
+  napi_status status = napi_create_external_buffer(
+      env, static_cast<size_t>(size), data, FreeAligned, nullptr, &result);
+  if (status != napi_ok) {
+    free(data);  // the finalizer was not attached
+    if (!env.IsExceptionPending()) {
+      Napi::Error::New(env, "napi_create_external_buffer failed")
+          .ThrowAsJavaScriptException();
+    }
+    return Napi::Value();
+  }
+  return Napi::Value(env, result);
+}
+
+}  // namespace
+
+bool InitIo(Napi::Env env, Napi::Object exports) {
+  return Export<Transfer<false>>(env, exports, "pread") &&
+         Export<Transfer<true>>(env, exports, "pwrite") &&
+         Export<Fdatasync>(env, exports, "fdatasync") &&
+         Export<Fallocate>(env, exports, "fallocate") &&
+         Export<AlignedBuffer>(env, exports, "alignedBuffer");
+}
+
+}  // namespace ulob

@@ -1,0 +1,232 @@
+// The ulob_native addon: positioned I/O on the libuv threadpool, aligned buffers for O_DIRECT,
+// block device ioctls and word-at-a-time bitmap scans. Every argument is validated here, so the
+// C++ side stays mechanism only; its own checks are just a backstop against memory corruption.
+import { createRequire } from 'node:module';
+import { constants as bufferConstants } from 'node:buffer';
+import { types } from 'node:util';
+
+/** A failed system call inside the addon. */
+export class NativeError extends Error {
+  /** libuv-style error name: 'EIO', 'ENOSPC', 'EBADF', ... */
+  readonly code: string;
+  /** Positive errno value. */
+  readonly errno: number;
+  /** The call that failed: 'pread', 'fallocate', 'ioctl(BLKGETSIZE64)', ... */
+  readonly syscall: string;
+
+  // Called from C++ with a Node-style message: `${code}: ${description}, ${syscall}`.
+  constructor(message: string, code: string, errno: number, syscall: string) {
+    super(message);
+    this.code = code;
+    this.errno = errno;
+    this.syscall = syscall;
+  }
+
+  override get name(): string {
+    return 'NativeError';
+  }
+}
+
+interface Binding {
+  setErrorClass(ctor: typeof NativeError): void;
+  pread(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<number>;
+  pwrite(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<void>;
+  fdatasync(fd: number): Promise<void>;
+  fallocate(fd: number, offset: number, length: number): Promise<void>;
+  alignedBuffer(size: number, alignment: number): Buffer;
+  blkGetSize64(fd: number): number;
+  blkFlsBuf(fd: number): void;
+  blkSectorSize(fd: number): number;
+  bitFindNextSet(buf: Uint8Array, nbits: number, from: number): number;
+  bitFindNextClear(buf: Uint8Array, nbits: number, from: number): number;
+  bitCount(buf: Uint8Array, from: number, to: number): number;
+  bitSetRange(buf: Uint8Array, from: number, to: number): void;
+  bitClearRange(buf: Uint8Array, from: number, to: number): void;
+}
+
+// Same relative path from src/ (vitest runs the TS) and from dist/ (compiled).
+const binding = createRequire(import.meta.url)('../build/Release/ulob_native.node') as Binding;
+binding.setErrorClass(NativeError);
+
+// ---------------------------------------------------------------------------------------------
+// Validation, in the shape of node's lib/internal/validators.js: TypeError for a wrong type,
+// RangeError for a wrong value, each with node's `code`.
+
+const MAX_FD = 0x7fffffff;
+const MIN_ALIGNMENT = 512;
+const MAX_ALIGNMENT = 2 ** 30;
+
+type CodedError<E extends Error> = E & { readonly code: string };
+
+function coded<E extends Error>(err: E, code: string): CodedError<E> {
+  return Object.assign(err, { code });
+}
+
+function received(value: unknown): string {
+  if (value === null || value === undefined) return ` Received ${String(value)}`;
+  if (typeof value === 'function') return ` Received function ${value.name || '<anonymous>'}`;
+  if (typeof value === 'object') {
+    const name = (value as object).constructor?.name;
+    return name ? ` Received an instance of ${name}` : ' Received an object';
+  }
+  const shown = typeof value === 'string' ? JSON.stringify(value.length > 28 ? `${value.slice(0, 25)}...` : value) : String(value);
+  return ` Received type ${typeof value} (${shown})`;
+}
+
+function invalidArgType(name: string, expected: string, value: unknown): CodedError<TypeError> {
+  return coded(new TypeError(`The "${name}" argument must be ${expected}.${received(value)}`), 'ERR_INVALID_ARG_TYPE');
+}
+
+function outOfRange(name: string, range: string, value: unknown): CodedError<RangeError> {
+  return coded(
+    new RangeError(`The value of "${name}" is out of range. It must be ${range}. Received ${String(value)}`),
+    'ERR_OUT_OF_RANGE',
+  );
+}
+
+function invalidArgValue(name: string, reason: string, value: unknown): CodedError<TypeError> {
+  return coded(new TypeError(`The argument '${name}' ${reason}. Received ${String(value)}`), 'ERR_INVALID_ARG_VALUE');
+}
+
+function validateInteger(value: unknown, name: string, min = 0, max = Number.MAX_SAFE_INTEGER): asserts value is number {
+  if (typeof value !== 'number') throw invalidArgType(name, 'of type number', value);
+  if (!Number.isInteger(value)) throw outOfRange(name, 'an integer', value);
+  if (value < min || value > max) throw outOfRange(name, `>= ${min} && <= ${max}`, value);
+}
+
+function validateFd(fd: unknown): asserts fd is number {
+  validateInteger(fd, 'fd', 0, MAX_FD);
+}
+
+function validateBytes(value: unknown, name: string): asserts value is Uint8Array {
+  // util.types works across realms, unlike instanceof.
+  if (!types.isUint8Array(value)) throw invalidArgType(name, 'an instance of Buffer or Uint8Array', value);
+}
+
+/** [bufOffset, bufOffset + length) inside buf, and [position, position + length) a safe file range. */
+function validateTransfer(fd: unknown, buf: unknown, bufOffset: unknown, length: unknown, position: unknown): void {
+  validateFd(fd);
+  validateBytes(buf, 'buf');
+  validateInteger(bufOffset, 'bufOffset', 0, buf.byteLength);
+  validateInteger(length, 'length', 0, buf.byteLength - bufOffset);
+  validateInteger(position, 'position', 0, Number.MAX_SAFE_INTEGER - length);
+}
+
+/** nbits within the buffer, from within [0, nbits]. */
+function validateScan(buf: unknown, nbits: unknown, from: unknown): void {
+  validateBytes(buf, 'buf');
+  validateInteger(nbits, 'nbits', 0, buf.byteLength * 8);
+  validateInteger(from, 'from', 0, nbits);
+}
+
+/** from <= to <= bits in the buffer. */
+function validateBitRange(buf: unknown, from: unknown, to: unknown): void {
+  validateBytes(buf, 'buf');
+  validateInteger(to, 'to', 0, buf.byteLength * 8);
+  validateInteger(from, 'from', 0, to);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Positioned I/O. Each call runs on the libuv threadpool; the buffer is held until it settles.
+
+/**
+ * Reads `length` bytes at `position` into buf[bufOffset..], retrying short reads and EINTR.
+ * Resolves with the bytes read, which is less than `length` only at end of file.
+ */
+export function pread(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<number> {
+  validateTransfer(fd, buf, bufOffset, length, position);
+  return binding.pread(fd, buf, bufOffset, length, position);
+}
+
+/** Writes all of buf[bufOffset..bufOffset + length) at `position`, retrying short writes and EINTR. */
+export function pwrite(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<void> {
+  validateTransfer(fd, buf, bufOffset, length, position);
+  return binding.pwrite(fd, buf, bufOffset, length, position);
+}
+
+export function fdatasync(fd: number): Promise<void> {
+  validateFd(fd);
+  return binding.fdatasync(fd);
+}
+
+/**
+ * fallocate(2) mode 0: allocates [offset, offset + length) and extends the file size if needed.
+ * ENOSPC and EOPNOTSUPP reject with NativeError. A zero length is refused here (the kernel would
+ * answer EINVAL).
+ */
+export function fallocate(fd: number, offset: number, length: number): Promise<void> {
+  validateFd(fd);
+  validateInteger(offset, 'offset');
+  validateInteger(length, 'length', 1, Number.MAX_SAFE_INTEGER - offset);
+  return binding.fallocate(fd, offset, length);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory
+
+/**
+ * A zero-filled Buffer whose memory starts on an `alignment` boundary, as O_DIRECT wants. The
+ * memory is outside V8's heap and freed when the Buffer is collected; subarrays keep it alive.
+ */
+export function alignedBuffer(size: number, alignment = 4096): Buffer {
+  validateInteger(size, 'size', 0, bufferConstants.MAX_LENGTH);
+  validateInteger(alignment, 'alignment', MIN_ALIGNMENT, MAX_ALIGNMENT);
+  if ((alignment & (alignment - 1)) !== 0) throw invalidArgValue('alignment', 'must be a power of two', alignment);
+  return binding.alignedBuffer(size, alignment);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block device ioctls: synchronous, they only read block layer state. A non-device fd throws
+// NativeError ENOTTY.
+
+/** BLKGETSIZE64: the device size in bytes. */
+export function blkGetSize64(fd: number): number {
+  validateFd(fd);
+  return binding.blkGetSize64(fd);
+}
+
+/** BLKFLSBUF: writes back and drops the device's page cache (needs CAP_SYS_ADMIN). */
+export function blkFlsBuf(fd: number): void {
+  validateFd(fd);
+  binding.blkFlsBuf(fd);
+}
+
+/** BLKSSZGET: the logical sector size in bytes. */
+export function blkSectorSize(fd: number): number {
+  validateFd(fd);
+  return binding.blkSectorSize(fd);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bitmaps, LSB-first: bit n is byte n >> 3, mask 1 << (n & 7). Any Uint8Array view works,
+// including subarrays at odd offsets.
+
+/** First set bit in [from, nbits), or nbits if none. */
+export function bitFindNextSet(buf: Uint8Array, nbits: number, from: number): number {
+  validateScan(buf, nbits, from);
+  return binding.bitFindNextSet(buf, nbits, from);
+}
+
+/** First clear bit in [from, nbits), or nbits if none. */
+export function bitFindNextClear(buf: Uint8Array, nbits: number, from: number): number {
+  validateScan(buf, nbits, from);
+  return binding.bitFindNextClear(buf, nbits, from);
+}
+
+/** Number of set bits in [from, to). */
+export function bitCount(buf: Uint8Array, from: number, to: number): number {
+  validateBitRange(buf, from, to);
+  return binding.bitCount(buf, from, to);
+}
+
+/** Sets the bits in [from, to). */
+export function bitSetRange(buf: Uint8Array, from: number, to: number): void {
+  validateBitRange(buf, from, to);
+  binding.bitSetRange(buf, from, to);
+}
+
+/** Clears the bits in [from, to). */
+export function bitClearRange(buf: Uint8Array, from: number, to: number): void {
+  validateBitRange(buf, from, to);
+  binding.bitClearRange(buf, from, to);
+}
