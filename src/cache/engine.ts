@@ -1,0 +1,412 @@
+// The userspace data path every frontend (NBD, loop-over-FUSE) calls: serves reads and writes from
+// the cache file, fills misses from the source, and keeps the durability order of docs/design.md.
+//
+// Block states, per cache block:
+//   missing      not in the cache; reads fill it from the source
+//   staged       its data is in the cache file but not yet synced; readable, not yet present.
+//                'clean' (a fill) or 'dirty' (a write into a block that was missing or staged clean)
+//   present      durable in the cache and equal to the backing disk      (store.present)
+//   dirty        durable in the cache, newer than the backing disk       (store.dirty)
+// A commit (FLUSH, FUA, or the background timer) syncs the cache file, then turns staged blocks
+// into present or dirty ones. A write into a present clean block first makes it durably dirty.
+import { EngineClosedError, ReadOnlyError } from '../errors.js';
+import { assertBytes, assertRange } from '../validate.js';
+import { Bitmap } from './bitmap.js';
+import { Coalescer } from './coalesce.js';
+import type { Extent, Geometry } from './layout.js';
+import type { CacheStore } from './store.js';
+import { isWritable, type Source, type WritableSource } from '../source/source.js';
+
+export interface EngineOptions {
+  /** Commit staged blocks this long after the first one appears; 0 commits only on flush. */
+  autoCommitMs?: number;
+  /** Largest single read from the source when filling a run of missing blocks. */
+  maxFillBytes?: number;
+}
+
+export interface WriteOptions {
+  /** Force unit access: durable in the cache when the write resolves. */
+  fua?: boolean;
+}
+
+/** A flush epoch: the dirty blocks the flusher writes back, taken by beginEpoch(). */
+export interface Epoch {
+  readonly id: number;
+  /** Dirty extents at the snapshot, sorted by start. */
+  readonly extents: readonly Extent[];
+  readonly blocks: number;
+}
+
+export interface EngineStats {
+  size: number;
+  blockSize: number;
+  blocks: number;
+  presentBlocks: number;
+  dirtyBlocks: number;
+  stagedBlocks: number;
+  mode: CacheStore['mode'];
+  flushEpoch: number;
+}
+
+interface OpenEpoch extends Epoch {
+  flushing: Bitmap;
+  rewritten: Set<number>;
+}
+
+type Staged = 'clean' | 'dirty';
+
+const DEFAULT_MAX_FILL = 1 << 20;
+
+export class CacheEngine {
+  readonly store: CacheStore;
+  readonly source: Source;
+  readonly geometry: Geometry;
+
+  readonly #staged = new Map<number, Staged>();
+  /** Blocks being filled, first-written or evicted; others wait for the promise. */
+  readonly #busy = new Map<number, Promise<void>>();
+  /** In-flight writes by block range, so an epoch can mark them rewritten. */
+  readonly #writes = new Set<[number, number]>();
+  readonly #commit: Coalescer;
+  readonly #autoCommitMs: number;
+  readonly #maxFillBlocks: number;
+  #commitTimer: NodeJS.Timeout | null = null;
+  #epoch: OpenEpoch | null = null;
+  #closed = false;
+
+  constructor(store: CacheStore, source: Source, options: EngineOptions = {}) {
+    this.store = store;
+    this.source = source;
+    this.geometry = store.geometry;
+    this.#autoCommitMs = options.autoCommitMs ?? 1000;
+    this.#maxFillBlocks = Math.max(1, Math.floor((options.maxFillBytes ?? DEFAULT_MAX_FILL) / this.geometry.blockSize));
+    this.#commit = new Coalescer(() => this.#commitStaged());
+  }
+
+  get size(): number {
+    return this.geometry.size;
+  }
+
+  get readOnly(): boolean {
+    return this.store.mode !== 'writeback';
+  }
+
+  stats(): EngineStats {
+    return {
+      size: this.geometry.size,
+      blockSize: this.geometry.blockSize,
+      blocks: this.geometry.blockCount,
+      presentBlocks: this.store.present.count(),
+      dirtyBlocks: this.store.dirty.count(),
+      stagedBlocks: this.#staged.size,
+      mode: this.store.mode,
+      flushEpoch: this.store.info.flushEpoch,
+    };
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    this.#assertOpen();
+    assertRange(offset, length, this.size);
+    const buf = Buffer.allocUnsafe(length);
+    if (length === 0) return buf;
+    const [first, end] = this.geometry.blocksOf(offset, length);
+    await this.#makeReadable(first, end);
+    await this.store.readData(buf, offset);
+    return buf;
+  }
+
+  async write(offset: number, data: Uint8Array, options: WriteOptions = {}): Promise<void> {
+    this.#assertOpen();
+    assertBytes(data, 'data');
+    assertRange(offset, data.byteLength, this.size);
+    if (this.readOnly) throw new ReadOnlyError(`the cache of ${this.source.description} is read-only; attach with --writeback to write`);
+    if (data.byteLength === 0) return;
+    const range = this.geometry.blocksOf(offset, data.byteLength);
+    this.#writes.add(range);
+    this.#markRewritten(range[0], range[1]);
+    try {
+      const release = await this.#prepareWrite(offset, data.byteLength, range[0], range[1]);
+      try {
+        await this.store.writeData(data, offset);
+      } finally {
+        release();
+      }
+    } finally {
+      this.#writes.delete(range);
+    }
+    if (options.fua) await this.flush();
+  }
+
+  /** FLUSH: every write completed before the call is durable when it resolves. */
+  async flush(): Promise<void> {
+    this.#assertOpen();
+    await this.#commit.run();
+  }
+
+  /**
+   * Drops clean blocks wholly inside the range from the cache (TRIM as eviction). Dirty blocks
+   * stay: they are the only copy. Contents read afterwards are unchanged.
+   */
+  async discard(offset: number, length: number): Promise<void> {
+    this.#assertOpen();
+    assertRange(offset, length, this.size);
+    const g = this.geometry;
+    const first = Math.ceil(offset / g.blockSize);
+    const end = offset + length === g.size ? g.blockCount : Math.floor((offset + length) / g.blockSize);
+    const victims: number[] = [];
+    for (const run of this.store.present.runs(first, end)) {
+      for (let b = run.start; b < run.start + run.count; b++) {
+        if (!this.store.dirty.get(b) && !this.#staged.has(b) && !this.#busy.has(b)) victims.push(b);
+      }
+    }
+    if (victims.length === 0) return;
+    const release = this.#lock(victims);
+    try {
+      await this.store.evict(toExtents(victims));
+    } finally {
+      release();
+    }
+  }
+
+  /**
+   * Starts a flush epoch: commits staged writes, then snapshots the dirty set. Blocks written from
+   * now until commitEpoch() (or being written now) stay dirty after it.
+   */
+  async beginEpoch(): Promise<Epoch> {
+    this.#assertOpen();
+    if (this.#epoch) throw new EngineClosedError('a flush epoch is already open');
+    await this.#commit.run();
+    const flushing = this.store.dirty.clone();
+    const extents = [...flushing.runs()];
+    const epoch: OpenEpoch = {
+      id: this.store.info.flushEpoch + 1,
+      extents,
+      blocks: extents.reduce((n, e) => n + e.count, 0),
+      flushing,
+      rewritten: new Set(),
+    };
+    this.#epoch = epoch;
+    for (const [first, end] of this.#writes) this.#markRewritten(first, end);
+    return epoch;
+  }
+
+  /** Reads cache content for the flusher; never touches the source. */
+  readCache(buf: Uint8Array, position: number): Promise<number> {
+    this.#assertOpen();
+    return this.store.readData(buf, position);
+  }
+
+  /**
+   * Ends a flush epoch whose blocks the flusher has written to the source: syncs the source, then
+   * clears the dirty bits of the blocks not rewritten meanwhile (invariant 4).
+   */
+  async commitEpoch(epoch: Epoch): Promise<{ cleaned: number; kept: number }> {
+    const open = this.#takeEpoch(epoch);
+    const source = this.#writableSource();
+    await source.sync();
+    // Decided after the sync, so a write that raced with it keeps its block dirty.
+    const cleaned = open.flushing;
+    for (const b of open.rewritten) cleaned.clear(b);
+    const extents = [...cleaned.runs()];
+    this.store.clearFlushed(extents);
+    const count = cleaned.count();
+    return { cleaned: count, kept: open.blocks - count };
+  }
+
+  /** Ends an epoch without clearing anything (the flush failed); its blocks stay dirty. */
+  abortEpoch(epoch: Epoch): void {
+    if (this.#epoch === epoch) this.#epoch = null;
+  }
+
+  /** Commits everything and closes the store cleanly. The source stays open (the caller owns it). */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#cancelAutoCommit();
+    try {
+      if (!this.store.failed) await this.#commit.run();
+    } finally {
+      await this.store.close();
+    }
+  }
+
+  // --- read path -----------------------------------------------------------------------------
+
+  /** Fills every missing block of [first, end); returns when all are present or staged. */
+  async #makeReadable(first: number, end: number): Promise<void> {
+    for (;;) {
+      const waits: Promise<void>[] = [];
+      let run: number[] = [];
+      const flushRun = () => {
+        if (run.length > 0) waits.push(this.#fill(run));
+        run = [];
+      };
+      for (const gap of this.store.present.gaps(first, end)) {
+        for (let b = gap.start; b < gap.start + gap.count; b++) {
+          const busy = this.#busy.get(b);
+          if (busy) {
+            flushRun();
+            waits.push(busy);
+          } else if (this.#staged.has(b)) {
+            flushRun();
+          } else {
+            run.push(b);
+            if (run.length === this.#maxFillBlocks) flushRun();
+          }
+        }
+        flushRun();
+      }
+      if (waits.length === 0) return;
+      await Promise.all(waits);
+    }
+  }
+
+  /** Copies contiguous missing blocks from the source into the cache and stages them clean. */
+  async #fill(blocks: number[]): Promise<void> {
+    const release = this.#lock(blocks);
+    try {
+      const start = blocks[0]!;
+      const offset = this.geometry.blockOffset(start);
+      const buf = Buffer.allocUnsafe(this.geometry.extentBytes(start, blocks.length));
+      await this.source.readAt(buf, offset);
+      await this.store.writeData(buf, offset);
+      for (const b of blocks) this.#staged.set(b, 'clean');
+      this.#scheduleCommit();
+    } finally {
+      release();
+    }
+  }
+
+  // --- write path ----------------------------------------------------------------------------
+
+  /**
+   * Brings every block of the write into a state where its data may change: dirty, staged, or
+   * missing but wholly overwritten (locked until the data is written). Returns the unlock.
+   */
+  async #prepareWrite(offset: number, length: number, first: number, end: number): Promise<() => void> {
+    const g = this.geometry;
+    for (;;) {
+      const waits: Promise<void>[] = [];
+      const partial: number[] = [];
+      const whole: number[] = [];
+      const intents: number[] = [];
+      for (let b = first; b < end; b++) {
+        if (this.store.dirty.get(b)) continue;
+        const staged = this.#staged.get(b);
+        if (staged) continue;
+        const busy = this.#busy.get(b);
+        if (busy) {
+          waits.push(busy);
+        } else if (this.store.present.get(b)) {
+          intents.push(b);
+        } else if (offset <= g.blockOffset(b) && offset + length >= g.blockOffset(b) + g.blockLength(b)) {
+          whole.push(b);
+        } else {
+          partial.push(b);
+        }
+      }
+      if (waits.length > 0) {
+        await Promise.all(waits);
+        continue;
+      }
+      if (partial.length > 0) {
+        // A partly written block needs its old bytes first, or the rest of it would be garbage.
+        for (const b of partial) await this.#makeReadable(b, b + 1);
+        continue;
+      }
+      // Invariant 2: a clean block's cache copy may change only once it is durably dirty.
+      if (intents.length > 0) this.store.markDirty(toExtents(intents));
+      // Staged clean blocks become staged dirty: the next commit records them dirty.
+      for (let b = first; b < end; b++) if (this.#staged.get(b) === 'clean') this.#staged.set(b, 'dirty');
+      if (whole.length === 0) return () => undefined;
+      const release = this.#lock(whole);
+      return () => {
+        for (const b of whole) this.#staged.set(b, 'dirty');
+        this.#scheduleCommit();
+        release();
+      };
+    }
+  }
+
+  #markRewritten(first: number, end: number): void {
+    const epoch = this.#epoch;
+    if (!epoch) return;
+    for (let b = epoch.flushing.nextSet(first, end); b < end; b = epoch.flushing.nextSet(b + 1, end)) {
+      epoch.rewritten.add(b);
+    }
+  }
+
+  // --- commit --------------------------------------------------------------------------------
+
+  /** Syncs the cache file, then records staged blocks as present (fills) or dirty (writes). */
+  async #commitStaged(): Promise<void> {
+    this.#cancelAutoCommit();
+    const blocks = [...this.#staged.keys()].sort((a, b) => a - b);
+    await this.store.syncData();
+    // Decided after the sync: a fill rewritten meanwhile must be recorded dirty, not clean.
+    const clean: number[] = [];
+    const dirty: number[] = [];
+    for (const b of blocks) (this.#staged.get(b) === 'dirty' ? dirty : clean).push(b);
+    this.store.markDirty(toExtents(dirty));
+    this.store.markPresent(toExtents(clean));
+    for (const b of blocks) this.#staged.delete(b);
+    if (blocks.length > 0) await this.store.persistBitmap(false);
+  }
+
+  #scheduleCommit(): void {
+    if (this.#autoCommitMs <= 0 || this.#commitTimer || this.#closed) return;
+    this.#commitTimer = setTimeout(() => {
+      this.#commitTimer = null;
+      this.#commit.run().catch(() => {
+        // The store is now failed; the next request reports it.
+      });
+    }, this.#autoCommitMs);
+    this.#commitTimer.unref();
+  }
+
+  #cancelAutoCommit(): void {
+    if (this.#commitTimer) clearTimeout(this.#commitTimer);
+    this.#commitTimer = null;
+  }
+
+  // --- helpers -------------------------------------------------------------------------------
+
+  #lock(blocks: readonly number[]): () => void {
+    let release!: () => void;
+    const done = new Promise<void>((resolve) => (release = resolve));
+    for (const b of blocks) this.#busy.set(b, done);
+    return () => {
+      for (const b of blocks) if (this.#busy.get(b) === done) this.#busy.delete(b);
+      release();
+    };
+  }
+
+  #takeEpoch(epoch: Epoch): OpenEpoch {
+    this.#assertOpen();
+    const open = this.#epoch;
+    if (!open || open !== epoch) throw new EngineClosedError(`flush epoch ${epoch.id} is not the open epoch`);
+    this.#epoch = null;
+    return open;
+  }
+
+  #writableSource(): WritableSource {
+    if (!isWritable(this.source)) throw new ReadOnlyError(`${this.source.description} cannot be written back to`);
+    return this.source;
+  }
+
+  #assertOpen(): void {
+    if (this.#closed) throw new EngineClosedError('the cache engine is closed');
+    if (this.store.failed) throw new EngineClosedError(`the cache failed earlier: ${this.store.failed.message}`);
+  }
+}
+
+/** Sorted block numbers to extents. */
+export function toExtents(blocks: readonly number[]): Extent[] {
+  const out: Extent[] = [];
+  for (const b of blocks) {
+    const last = out[out.length - 1];
+    if (last && last.start + last.count === b) last.count++;
+    else out.push({ start: b, count: 1 });
+  }
+  return out;
+}

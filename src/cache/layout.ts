@@ -1,0 +1,71 @@
+// Geometry of a cache: how a backing disk of `size` bytes maps to blocks, cache file and bitmap file.
+import { InvalidArgumentError } from '../errors.js';
+import { assertSafeInteger, isPowerOfTwo } from '../validate.js';
+
+export const MIN_BLOCK_SIZE = 4096;
+export const MAX_BLOCK_SIZE = 1 << 20;
+export const DEFAULT_BLOCK_SIZE = 4096;
+/** Cache and bitmap files are sized in whole 4 KiB pages, as the seed's ULOOP did. */
+export const FILE_ALIGN = 4096;
+
+export function roundUp(n: number, align: number): number {
+  return Math.ceil(n / align) * align;
+}
+
+export function assertBlockSize(blockSize: unknown): asserts blockSize is number {
+  if (typeof blockSize !== 'number' || !isPowerOfTwo(blockSize) || blockSize < MIN_BLOCK_SIZE || blockSize > MAX_BLOCK_SIZE) {
+    throw new InvalidArgumentError(`block size must be a power of two from 4 KiB to 1 MiB, got ${String(blockSize)}`);
+  }
+}
+
+/** A run of blocks [start, start + count). */
+export interface Extent {
+  start: number;
+  count: number;
+}
+
+export class Geometry {
+  readonly size: number;
+  readonly blockSize: number;
+  readonly blockShift: number;
+  readonly blockCount: number;
+
+  constructor(size: number, blockSize: number) {
+    assertSafeInteger(size, 'backing size', 1);
+    assertBlockSize(blockSize);
+    this.size = size;
+    this.blockSize = blockSize;
+    this.blockShift = Math.log2(blockSize);
+    this.blockCount = Math.ceil(size / blockSize);
+  }
+
+  /** Cache file: the backing size rounded up to 4 KiB. */
+  get cacheFileSize(): number {
+    return roundUp(this.size, FILE_ALIGN);
+  }
+
+  /** Bitmap file: one bit per block, rounded up to 4 KiB. */
+  get bitmapFileSize(): number {
+    return roundUp(Math.ceil(this.blockCount / 8), FILE_ALIGN);
+  }
+
+  blockOffset(block: number): number {
+    return block * this.blockSize;
+  }
+
+  /** Bytes of the device inside `block` (the last block may be short). */
+  blockLength(block: number): number {
+    return Math.min(this.blockSize, this.size - block * this.blockSize);
+  }
+
+  /** Blocks touched by [offset, offset + length): [first, end). */
+  blocksOf(offset: number, length: number): [number, number] {
+    if (length === 0) return [0, 0];
+    return [Math.floor(offset / this.blockSize), Math.floor((offset + length - 1) / this.blockSize) + 1];
+  }
+
+  /** Bytes of [start, start + count) blocks, clipped to the device size. */
+  extentBytes(start: number, count: number): number {
+    return Math.min((start + count) * this.blockSize, this.size) - start * this.blockSize;
+  }
+}

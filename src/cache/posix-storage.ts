@@ -1,0 +1,86 @@
+// Storage on real files and block devices: Node opens, the native addon does positioned I/O,
+// fdatasync and fallocate on the libuv threadpool.
+import { constants as fsc, promises as fsp } from 'node:fs';
+import * as native from '../native.js';
+import type { BlockFile, OpenOptions, Storage } from './storage.js';
+
+class PosixFile implements BlockFile {
+  readonly path: string;
+  #fd: number;
+  #handle: fsp.FileHandle;
+
+  constructor(path: string, handle: fsp.FileHandle) {
+    this.path = path;
+    this.#handle = handle;
+    this.#fd = handle.fd;
+  }
+
+  get fd(): number {
+    return this.#fd;
+  }
+
+  read(buf: Uint8Array, position: number): Promise<number> {
+    return native.pread(this.#fd, buf, 0, buf.byteLength, position);
+  }
+
+  write(buf: Uint8Array, position: number): Promise<void> {
+    return native.pwrite(this.#fd, buf, 0, buf.byteLength, position);
+  }
+
+  sync(): Promise<void> {
+    return native.fdatasync(this.#fd);
+  }
+
+  allocate(length: number): Promise<void> {
+    return native.fallocate(this.#fd, 0, length);
+  }
+
+  async size(): Promise<number> {
+    const st = await this.#handle.stat();
+    return st.isBlockDevice() ? native.blkGetSize64(this.#fd) : st.size;
+  }
+
+  async close(): Promise<void> {
+    this.#fd = -1;
+    await this.#handle.close();
+  }
+}
+
+export const posixStorage: Storage = {
+  async open(path: string, options: OpenOptions = {}): Promise<BlockFile> {
+    let flags = options.readOnly ? fsc.O_RDONLY : fsc.O_RDWR;
+    if (options.create) flags |= fsc.O_CREAT | fsc.O_EXCL;
+    else if (options.exclusive) flags |= fsc.O_EXCL;
+    if (options.direct) flags |= fsc.O_DIRECT;
+    const handle = await fsp.open(path, flags, 0o600);
+    return new PosixFile(path, handle);
+  },
+
+  async exists(path: string): Promise<boolean> {
+    try {
+      await fsp.stat(path);
+      return true;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
+      throw err;
+    }
+  },
+
+  async remove(path: string): Promise<void> {
+    await fsp.rm(path, { force: true });
+  },
+
+  async syncDir(dir: string): Promise<void> {
+    const handle = await fsp.open(dir, fsc.O_RDONLY | fsc.O_DIRECTORY);
+    try {
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+  },
+};
+
+/** The fd of a file opened by posixStorage, for ioctls; undefined for other storages. */
+export function fdOf(file: BlockFile): number | undefined {
+  return file instanceof PosixFile ? file.fd : undefined;
+}

@@ -1,0 +1,35 @@
+// The one seam between the engine and the files it persists to. The engine and the store call only
+// these methods, so tests can put a crashable model underneath (test/support/crashable.ts) and the
+// real code runs unchanged above it.
+
+export interface BlockFile {
+  readonly path: string;
+  /** Reads buf.length bytes at `position`; returns fewer only at end of file. */
+  read(buf: Uint8Array, position: number): Promise<number>;
+  /** Writes all of `buf` at `position`. Not durable until sync(). */
+  write(buf: Uint8Array, position: number): Promise<void>;
+  /** fdatasync: everything written before the call is durable when it resolves. */
+  sync(): Promise<void>;
+  /** Reserves space for [0, length) so later writes never meet ENOSPC; extends the size. */
+  allocate(length: number): Promise<void>;
+  size(): Promise<number>;
+  close(): Promise<void>;
+}
+
+export interface OpenOptions {
+  /** Create the file; fails if it exists. */
+  create?: boolean;
+  readOnly?: boolean;
+  /** O_DIRECT: the caller passes aligned buffers, offsets and lengths. */
+  direct?: boolean;
+  /** O_EXCL on a block device: fails with EBUSY if it is mounted or claimed. */
+  exclusive?: boolean;
+}
+
+export interface Storage {
+  open(path: string, options?: OpenOptions): Promise<BlockFile>;
+  exists(path: string): Promise<boolean>;
+  remove(path: string): Promise<void>;
+  /** Makes a create or remove in `dir` durable (fsync of the directory). */
+  syncDir(dir: string): Promise<void>;
+}

@@ -1,0 +1,192 @@
+// The backing disk: a block device (opened O_EXCL, refused while mounted or held) or a regular file
+// (refused while a loop device is bound to it). Its identity survives reboots and renames.
+import { promises as fsp, type Stats } from 'node:fs';
+import { basename, join, resolve } from 'node:path';
+import { DeviceBusyError, InvalidArgumentError, ioError } from '../errors.js';
+import { posixStorage } from '../cache/posix-storage.js';
+import type { Storage } from '../cache/storage.js';
+import { FileSource } from './file-source.js';
+
+export interface OpenBackingOptions {
+  /** Open read-write (write-back mode). Read-only mode opens the disk read-only. */
+  writable: boolean;
+  storage?: Storage;
+}
+
+export async function openBacking(path: string, options: OpenBackingOptions): Promise<FileSource> {
+  const storage = options.storage ?? posixStorage;
+  const fullPath = resolve(path);
+  let st: Stats;
+  try {
+    st = await fsp.stat(fullPath);
+  } catch (err) {
+    throw ioError('open backing device', fullPath, err);
+  }
+  if (st.isBlockDevice()) {
+    const majMin = majorMinor(st.rdev);
+    await assertBlockDeviceFree(fullPath, majMin);
+    let file;
+    try {
+      file = await storage.open(fullPath, { readOnly: !options.writable, exclusive: true, direct: true });
+    } catch (err) {
+      if ((err as { code?: string }).code === 'EBUSY') {
+        throw new DeviceBusyError(`${fullPath} is in use (mounted, or held by another program or device-mapper)`);
+      }
+      throw ioError('open backing device', fullPath, err);
+    }
+    const size = await file.size();
+    const id = await blockDeviceIdentity(majMin);
+    return new FileSource(file, { id, size, direct: true, description: fullPath });
+  }
+  if (st.isFile()) {
+    const loop = await loopDeviceBoundTo(fullPath, st);
+    if (loop) throw new DeviceBusyError(`${fullPath} is attached to ${loop}; detach it first (losetup -d ${loop})`);
+    if (st.size === 0) throw new InvalidArgumentError(`${fullPath} is empty; a backing file needs a size`);
+    let file;
+    try {
+      file = await storage.open(fullPath, { readOnly: !options.writable });
+    } catch (err) {
+      throw ioError('open backing file', fullPath, err);
+    }
+    return new FileSource(file, { id: fileIdentity(st), size: st.size, description: fullPath });
+  }
+  throw new InvalidArgumentError(`${fullPath} is neither a block device nor a regular file`);
+}
+
+export function majorMinor(rdev: number): string {
+  // glibc's gnu_dev_major/minor encoding of dev_t.
+  const major = ((rdev >>> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
+  const minor = (rdev & 0xff) | ((rdev >>> 12) & ~0xff);
+  return `${major}:${minor}`;
+}
+
+function fileIdentity(st: Stats): string {
+  return `file:${majorMinor(st.dev)}:${st.ino}`;
+}
+
+/** Refuses a disk that is mounted, has a mounted partition, or is held by dm/md (holders). */
+export async function assertBlockDeviceFree(path: string, majMin: string): Promise<void> {
+  const sysDir = `/sys/dev/block/${majMin}`;
+  const devices = [majMin, ...(await partitionsOf(sysDir))];
+  const mounts = await readMountinfo();
+  for (const dev of devices) {
+    const mount = mounts.get(dev);
+    if (mount) throw new DeviceBusyError(`${path} is mounted on ${mount}; unmount it first`);
+  }
+  for (const dir of [sysDir, ...(await partitionDirs(sysDir))]) {
+    const holders = await listDir(join(dir, 'holders'));
+    if (holders.length > 0) throw new DeviceBusyError(`${path} is held by ${holders.join(', ')}`);
+  }
+}
+
+async function readMountinfo(): Promise<Map<string, string>> {
+  const mounts = new Map<string, string>();
+  const text = await fsp.readFile('/proc/self/mountinfo', 'utf8');
+  for (const line of text.split('\n')) {
+    const fields = line.split(' ');
+    if (fields.length > 4 && !mounts.has(fields[2]!)) mounts.set(fields[2]!, fields[4]!);
+  }
+  return mounts;
+}
+
+async function partitionDirs(sysDir: string): Promise<string[]> {
+  const dirs: string[] = [];
+  for (const name of await listDir(sysDir)) {
+    if (await exists(join(sysDir, name, 'partition'))) dirs.push(join(sysDir, name));
+  }
+  return dirs;
+}
+
+async function partitionsOf(sysDir: string): Promise<string[]> {
+  const devs: string[] = [];
+  for (const dir of await partitionDirs(sysDir)) devs.push((await readTrim(join(dir, 'dev'))) ?? '');
+  return devs.filter(Boolean);
+}
+
+/**
+ * WWN or serial from sysfs for real disks (stable across reboots and renames), the partition's
+ * parent identity plus its start for partitions, the backing file for loop devices, and the
+ * device number only as a last resort.
+ */
+export async function blockDeviceIdentity(majMin: string): Promise<string> {
+  const sysDir = `/sys/dev/block/${majMin}`;
+  if (await exists(join(sysDir, 'partition'))) {
+    const parent = await fsp.realpath(join(sysDir, '..'));
+    const parentDev = await readTrim(join(parent, 'dev'));
+    const start = await readTrim(join(sysDir, 'start'));
+    if (parentDev) return `${await blockDeviceIdentity(parentDev)}:part@${start ?? '?'}`;
+  }
+  for (const file of ['wwid', 'device/wwid', 'device/serial']) {
+    const value = await readTrim(join(sysDir, file));
+    if (value) return `${file.endsWith('serial') ? 'serial' : 'wwid'}:${value.replace(/\s+/g, ' ')}`;
+  }
+  const loopBacking = await readTrim(join(sysDir, 'loop/backing_file'));
+  if (loopBacking) {
+    const offset = (await readTrim(join(sysDir, 'loop/offset'))) ?? '0';
+    try {
+      const st = await fsp.stat(loopBacking.replace(/ \(deleted\)$/, ''));
+      return `loop:${fileIdentity(st)}@${offset}`;
+    } catch {
+      return `loop:${loopBacking}@${offset}`;
+    }
+  }
+  const byId = await byIdName(majMin);
+  if (byId) return `by-id:${byId}`;
+  return `devnum:${majMin}`;
+}
+
+async function byIdName(majMin: string): Promise<string | undefined> {
+  const dir = '/dev/disk/by-id';
+  for (const name of (await listDir(dir)).sort()) {
+    try {
+      const st = await fsp.stat(join(dir, name));
+      if (st.isBlockDevice() && majorMinor(st.rdev) === majMin) return name;
+    } catch {
+      // dangling link: skip
+    }
+  }
+  return undefined;
+}
+
+/** The loop device whose backing file is `path`, if any. */
+export async function loopDeviceBoundTo(path: string, st: Stats): Promise<string | undefined> {
+  for (const name of await listDir('/sys/block')) {
+    if (!name.startsWith('loop')) continue;
+    const backing = await readTrim(join('/sys/block', name, 'loop/backing_file'));
+    if (!backing) continue;
+    if (backing === path) return `/dev/${basename(name)}`;
+    try {
+      const bst = await fsp.stat(backing);
+      if (bst.ino === st.ino && bst.dev === st.dev) return `/dev/${name}`;
+    } catch {
+      // backing file deleted or unreadable: not ours
+    }
+  }
+  return undefined;
+}
+
+async function readTrim(path: string): Promise<string | undefined> {
+  try {
+    const text = (await fsp.readFile(path, 'utf8')).trim();
+    return text.length > 0 ? text : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+async function listDir(path: string): Promise<string[]> {
+  try {
+    return await fsp.readdir(path);
+  } catch {
+    return [];
+  }
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await fsp.access(path);
+    return true;
+  } catch {
+    return false;
+  }
+}

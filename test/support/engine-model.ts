@@ -1,0 +1,348 @@
+// Model-based crash test of the cache engine: fast-check drives the real engine, store and
+// metadata over crashable model files (test/support/crashable.ts) against a model disk that knows,
+// per 512-byte sector, which contents a crash may legally leave behind.
+import { mkdtempSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import fc from 'fast-check';
+import { expect } from 'vitest';
+import { CacheEngine, type Epoch } from '../../src/cache/engine.js';
+import { CacheStore, type CachePaths } from '../../src/cache/store.js';
+import { FileSource } from '../../src/source/file-source.js';
+import { flushDirty } from '../../src/writeback/flusher.js';
+import { CrashWorld, Rng, SECTOR, SimulatedCrash, type CrashKind } from './crashable.js';
+
+export interface ModelConfig {
+  blockSize: number;
+  blocks: number;
+  /** Bytes cut off the last block, so the disk is not a whole number of blocks. */
+  tail: number;
+}
+
+const BASE_TAG = 1;
+
+/** Sector content that names the write it came from and its own position. */
+export function sectorBytes(tag: number, sector: number): Buffer {
+  const b = Buffer.allocUnsafe(SECTOR);
+  b.writeUInt32LE(tag, 0);
+  b.writeUInt32LE(sector, 4);
+  let x = (tag * 2654435761 + sector * 40503) >>> 0;
+  for (let i = 8; i < SECTOR; i++) {
+    x = (x * 1103515245 + 12345) >>> 0;
+    b[i] = x >>> 24;
+  }
+  return b;
+}
+
+export function decodeSector(buf: Buffer, sector: number): number {
+  const tag = buf.readUInt32LE(0);
+  if (tag === 0 || !sectorBytes(tag, sector).equals(buf)) return -1;
+  return tag;
+}
+
+interface Model {
+  sectors: number;
+  /** Latest acknowledged content per sector. */
+  current: Uint32Array;
+  /** Content guaranteed to survive a crash (as of the last FLUSH or FUA covering it). */
+  stable: Uint32Array;
+  /** Contents written since `stable` that a crash may also leave behind. */
+  since: Map<number, Set<number>>;
+  nextTag: number;
+}
+
+interface Real {
+  world: CrashWorld;
+  rng: Rng;
+  paths: CachePaths;
+  backingPath: string;
+  size: number;
+  blockSize: number;
+  engine: CacheEngine;
+}
+
+async function openEngine(real: Omit<Real, 'engine'>): Promise<CacheEngine> {
+  const storage = real.world.storage();
+  const handle = await storage.open(real.backingPath);
+  const source = new FileSource(handle, { id: 'model-disk', size: real.size, description: 'model disk' });
+  const store = await CacheStore.open({
+    paths: real.paths,
+    backing: source,
+    mode: 'writeback',
+    blockSize: real.blockSize,
+    storage,
+    metadata: real.world.metadata(),
+  });
+  return new CacheEngine(store, source, { autoCommitMs: 0 });
+}
+
+function writeSectors(model: Model, first: number, count: number, tag: number): Buffer {
+  const parts: Buffer[] = [];
+  for (let s = first; s < first + count; s++) parts.push(sectorBytes(tag, s));
+  return Buffer.concat(parts);
+}
+
+function expectContent(buf: Buffer, firstSector: number, expected: (s: number) => number, what: string): void {
+  for (let i = 0; i < buf.byteLength / SECTOR; i++) {
+    const s = firstSector + i;
+    const got = decodeSector(buf.subarray(i * SECTOR, (i + 1) * SECTOR), s);
+    const want = expected(s);
+    if (got !== want) expect.fail(`${what}: sector ${s} holds ${got === -1 ? 'garbage' : `write ${got}`}, expected write ${want}`);
+  }
+}
+
+/** Invariant 2 (and 1, 4): a present block that is not dirty holds exactly the backing disk's bytes. */
+function expectCleanBlocksMatchBacking(real: Real): void {
+  const store = real.engine.store;
+  const cache = real.world.file(real.paths.cache).visible;
+  const backing = real.world.file(real.backingPath).visible;
+  for (const run of store.present.runs()) {
+    for (let b = run.start; b < run.start + run.count; b++) {
+      if (store.dirty.get(b)) continue;
+      const off = b * real.blockSize;
+      const len = Math.min(real.blockSize, real.size - off);
+      if (!cache.subarray(off, off + len).equals(backing.subarray(off, off + len))) {
+        expect.fail(`block ${b} is present and clean but its cache copy differs from the backing disk`);
+      }
+    }
+  }
+}
+
+/** Crash the world, reopen, and check that every sector holds a content the model allows. */
+async function crashAndRecover(model: Model, real: Real, kind: CrashKind): Promise<void> {
+  await real.engine.store.abandon();
+  await real.engine.source.close();
+  real.world.crash(kind, real.rng);
+  for (let attempt = 0; ; attempt++) {
+    // Half the time, crash once more in the middle of recovery itself.
+    if (attempt === 0 && real.rng.int(2) === 0) real.world.armCrash(real.rng.int(4));
+    try {
+      real.engine = await openEngine(real);
+      real.world.crashAt = Infinity;
+      break;
+    } catch (err) {
+      if (!(err instanceof SimulatedCrash)) throw err;
+      real.world.crash(kind, real.rng);
+    }
+  }
+  expect(real.engine.store.recoveredFromCrash).toBe(true);
+  expectCleanBlocksMatchBacking(real);
+  const all = await real.engine.read(0, real.size);
+  for (let s = 0; s < model.sectors; s++) {
+    const got = decodeSector(all.subarray(s * SECTOR, (s + 1) * SECTOR), s);
+    const allowed = model.since.get(s);
+    if (got !== model.stable[s] && !allowed?.has(got)) {
+      expect.fail(
+        `after a ${kind} crash sector ${s} holds ${got === -1 ? 'garbage' : `write ${got}`}; allowed: ${[model.stable[s], ...(allowed ?? [])].join(', ')}`,
+      );
+    }
+    model.current[s] = got;
+    model.stable[s] = got;
+  }
+  model.since.clear();
+  expectCleanBlocksMatchBacking(real);
+}
+
+// --- commands ---------------------------------------------------------------------------------
+
+type Op =
+  | { kind: 'read'; sector: number; count: number }
+  | { kind: 'write'; sector: number; count: number; fua: boolean }
+  | { kind: 'flush' }
+  | { kind: 'discard'; sector: number; count: number }
+  | { kind: 'writeback' }
+  | { kind: 'writeback-racing'; sector: number; count: number; split: number };
+
+function clip(model: Model, sector: number, count: number): [number, number] {
+  const s = sector % model.sectors;
+  return [s, Math.max(1, Math.min(count, model.sectors - s))];
+}
+
+async function runOp(op: Op, model: Model, real: Real): Promise<void> {
+  const engine = real.engine;
+  switch (op.kind) {
+    case 'read': {
+      const [s, n] = clip(model, op.sector, op.count);
+      const buf = await engine.read(s * SECTOR, n * SECTOR);
+      expectContent(buf, s, (x) => model.current[x]!, 'read');
+      return;
+    }
+    case 'write': {
+      const [s, n] = clip(model, op.sector, op.count);
+      const tag = model.nextTag++;
+      for (let x = s; x < s + n; x++) {
+        model.current[x] = tag;
+        let set = model.since.get(x);
+        if (!set) model.since.set(x, (set = new Set()));
+        set.add(tag);
+      }
+      await engine.write(s * SECTOR, writeSectors(model, s, n, tag), { fua: op.fua });
+      if (op.fua) {
+        for (let x = s; x < s + n; x++) {
+          model.stable[x] = tag;
+          model.since.delete(x);
+        }
+      }
+      return;
+    }
+    case 'flush':
+      await engine.flush();
+      model.stable.set(model.current);
+      model.since.clear();
+      return;
+    case 'discard': {
+      const [s, n] = clip(model, op.sector, op.count);
+      await engine.discard(s * SECTOR, n * SECTOR);
+      return;
+    }
+    case 'writeback':
+      await flushDirty(engine);
+      expectCleanBlocksMatchBacking(real);
+      return;
+    case 'writeback-racing': {
+      // A user write lands in the middle of copying the epoch's blocks to the backing disk.
+      const epoch: Epoch = await engine.beginEpoch();
+      const g = engine.geometry;
+      const source = engine.source as FileSource;
+      const split = epoch.extents.length === 0 ? 0 : op.split % (epoch.extents.length + 1);
+      const copy = async (from: number, to: number) => {
+        for (const e of epoch.extents.slice(from, to)) {
+          const buf = Buffer.allocUnsafe(g.extentBytes(e.start, e.count));
+          await engine.readCache(buf, g.blockOffset(e.start));
+          await source.writeAt(buf, g.blockOffset(e.start));
+        }
+      };
+      try {
+        await copy(0, split);
+        await runOp({ kind: 'write', sector: op.sector, count: op.count, fua: false }, model, real);
+        await copy(split, epoch.extents.length);
+        await engine.commitEpoch(epoch);
+      } catch (err) {
+        engine.abortEpoch(epoch);
+        throw err;
+      }
+      expectCleanBlocksMatchBacking(real);
+      return;
+    }
+  }
+}
+
+class OpCommand implements fc.AsyncCommand<Model, Real> {
+  constructor(readonly op: Op) {}
+  check(): boolean {
+    return true;
+  }
+  async run(model: Model, real: Real): Promise<void> {
+    await runOp(this.op, model, real);
+  }
+  toString(): string {
+    return JSON.stringify(this.op);
+  }
+}
+
+/** Arms a crash `after` persistence points into `op` (or after it, if it has fewer), then recovers. */
+class CrashCommand implements fc.AsyncCommand<Model, Real> {
+  constructor(
+    readonly op: Op,
+    readonly after: number,
+    readonly crash: CrashKind,
+  ) {}
+  check(): boolean {
+    return true;
+  }
+  async run(model: Model, real: Real): Promise<void> {
+    real.world.armCrash(this.after);
+    try {
+      await runOp(this.op, model, real);
+    } catch (err) {
+      if (!(err instanceof SimulatedCrash) && !real.world.crashed) throw err;
+    }
+    await crashAndRecover(model, real, this.crash);
+  }
+  toString(): string {
+    return `crash(${this.crash} after ${this.after} in ${JSON.stringify(this.op)})`;
+  }
+}
+
+/** Clean close and reopen: everything acknowledged is there, exactly. */
+class ReopenCommand implements fc.AsyncCommand<Model, Real> {
+  check(): boolean {
+    return true;
+  }
+  async run(model: Model, real: Real): Promise<void> {
+    await real.engine.close();
+    real.engine = await openEngine(real);
+    expect(real.engine.store.recoveredFromCrash).toBe(false);
+    expectCleanBlocksMatchBacking(real);
+    const all = await real.engine.read(0, real.size);
+    expectContent(all, 0, (s) => model.current[s]!, 'after reopen');
+    model.stable.set(model.current);
+    model.since.clear();
+  }
+  toString(): string {
+    return 'reopen';
+  }
+}
+
+function opArb(sectors: number, blockSectors: number): fc.Arbitrary<Op> {
+  const sector = fc.nat({ max: sectors - 1 });
+  const count = fc.integer({ min: 1, max: blockSectors * 3 });
+  return fc.oneof(
+    { weight: 3, arbitrary: fc.record({ kind: fc.constant('read' as const), sector, count }) },
+    { weight: 5, arbitrary: fc.record({ kind: fc.constant('write' as const), sector, count, fua: fc.boolean() }) },
+    { weight: 2, arbitrary: fc.constant({ kind: 'flush' as const }) },
+    { weight: 1, arbitrary: fc.record({ kind: fc.constant('discard' as const), sector, count }) },
+    { weight: 2, arbitrary: fc.constant({ kind: 'writeback' as const }) },
+    {
+      weight: 1,
+      arbitrary: fc.record({ kind: fc.constant('writeback-racing' as const), sector, count, split: fc.nat({ max: 8 }) }),
+    },
+  );
+}
+
+export function engineModelProperty(config: ModelConfig) {
+  const size = config.blocks * config.blockSize - config.tail;
+  const sectors = size / SECTOR;
+  const blockSectors = config.blockSize / SECTOR;
+  const op = opArb(sectors, blockSectors);
+  const commands = fc.commands(
+    [
+      op.map((o) => new OpCommand(o)),
+      fc
+        .tuple(op, fc.nat({ max: 12 }), fc.constantFrom<CrashKind>('power', 'power', 'process'))
+        .map(([o, after, kind]) => new CrashCommand(o, after, kind)),
+      fc.constant(new ReopenCommand()),
+    ],
+    { maxCommands: 24 },
+  );
+  return fc.asyncProperty(commands, fc.integer({ min: 1, max: 2 ** 31 - 1 }), async (cmds, seed) => {
+    const dir = mkdtempSync(join('/dev/shm', 'ulob-model-'));
+    const world = new CrashWorld();
+    const backingPath = join(dir, 'disk');
+    await world.storage().open(backingPath, { create: true });
+    const backing = world.file(backingPath);
+    for (let s = 0; s < sectors; s++) backing.write(sectorBytes(BASE_TAG, s), s * SECTOR);
+    backing.sync();
+    const partial: Omit<Real, 'engine'> = {
+      world,
+      rng: new Rng(seed),
+      paths: { cache: join(dir, 'cache'), bitmap: join(dir, 'bitmap'), metadata: join(dir, 'meta.db') },
+      backingPath,
+      size,
+      blockSize: config.blockSize,
+    };
+    const real: Real = { ...partial, engine: await openEngine(partial) };
+    const model: Model = {
+      sectors,
+      current: new Uint32Array(sectors).fill(BASE_TAG),
+      stable: new Uint32Array(sectors).fill(BASE_TAG),
+      since: new Map(),
+      nextTag: BASE_TAG + 1,
+    };
+    try {
+      await fc.asyncModelRun(() => ({ model, real }), cmds);
+    } finally {
+      await real.engine.store.abandon().catch(() => undefined);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+}
