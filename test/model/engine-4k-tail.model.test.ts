@@ -1,11 +1,13 @@
+// Model-based crash test: 12 blocks of 4096 bytes, the last one 1536 bytes short.
+// ULOB_MODEL_RUNS sets the sequences per file (four files: 10,000 per make test by default).
 import fc from 'fast-check';
 import { describe, it } from 'vitest';
 import { engineModelProperty } from '../support/engine-model.js';
 
 const RUNS = Number(process.env.ULOB_MODEL_RUNS ?? 2500);
 
-describe('engine model, 4 KiB blocks', () => {
+describe('engine model: 12 x 4096 B blocks, short last block', () => {
   it('keeps invariants 1-4 through crashes at every persistence point', async () => {
     await fc.assert(engineModelProperty({ blockSize: 4096, blocks: 12, tail: 1536 }), { numRuns: RUNS });
-  }, 600_000);
+  }, 900_000);
 });

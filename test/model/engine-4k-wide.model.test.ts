@@ -1,0 +1,13 @@
+// Model-based crash test: 20 blocks of 4096 bytes.
+// ULOB_MODEL_RUNS sets the sequences per file (four files: 10,000 per make test by default).
+import fc from 'fast-check';
+import { describe, it } from 'vitest';
+import { engineModelProperty } from '../support/engine-model.js';
+
+const RUNS = Number(process.env.ULOB_MODEL_RUNS ?? 2500);
+
+describe('engine model: 20 x 4096 B blocks', () => {
+  it('keeps invariants 1-4 through crashes at every persistence point', async () => {
+    await fc.assert(engineModelProperty({ blockSize: 4096, blocks: 20, tail: 0 }), { numRuns: RUNS });
+  }, 900_000);
+});
