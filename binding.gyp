@@ -7,7 +7,8 @@
         "native/addon.cc",
         "native/io.cc",
         "native/blkdev.cc",
-        "native/bitmap.cc"
+        "native/bitmap.cc",
+        "native/process.cc"
       ],
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")"

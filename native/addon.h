@@ -45,6 +45,7 @@ bool CheckSlice(Napi::Env env, const Bytes& bytes, int64_t offset, int64_t lengt
 bool InitIo(Napi::Env env, Napi::Object exports);
 bool InitBlkdev(Napi::Env env, Napi::Object exports);
 bool InitBitmap(Napi::Env env, Napi::Object exports);
+bool InitProcess(Napi::Env env, Napi::Object exports);
 
 // Registers `cb` as exports[name]; false with a pending exception on failure.
 template <Napi::Function::Callback cb>

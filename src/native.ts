@@ -42,6 +42,8 @@ interface Binding {
   bitCount(buf: Uint8Array, from: number, to: number): number;
   bitSetRange(buf: Uint8Array, from: number, to: number): void;
   bitClearRange(buf: Uint8Array, from: number, to: number): void;
+  setIoFlusher(): void;
+  isIoFlusher(): boolean;
 }
 
 // Same relative path from src/ (vitest runs the TS) and from dist/ (compiled).
@@ -229,4 +231,20 @@ export function bitSetRange(buf: Uint8Array, from: number, to: number): void {
 export function bitClearRange(buf: Uint8Array, from: number, to: number): void {
   validateBitRange(buf, from, to);
   binding.bitClearRange(buf, from, to);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process
+
+/**
+ * PR_SET_IO_FLUSHER for this thread and every thread or child started after it: call it first
+ * thing in a daemon that serves a block device, before any fs or threadpool work.
+ */
+export function setIoFlusher(): void {
+  binding.setIoFlusher();
+}
+
+/** PR_GET_IO_FLUSHER for the calling thread. */
+export function isIoFlusher(): boolean {
+  return binding.isIoFlusher();
 }

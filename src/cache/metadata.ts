@@ -104,7 +104,7 @@ export class Metadata {
         db.prepare(
           `INSERT INTO cache_info (id, format_version, uuid, block_size, backing_size, backing_id, mode, state,
              clean_shutdown, flush_epoch, created_at)
-           VALUES (1, ?, ?, ?, ?, ?, ?, 'creating', 0, 0, ?)`,
+           VALUES (1, ?, ?, ?, ?, ?, ?, 'creating', 1, 0, ?)`,
         ).run(FORMAT_VERSION, identity.uuid, identity.blockSize, identity.backingSize, identity.backingId, mode, Date.now());
         db.pragma(`user_version = ${FORMAT_VERSION}`);
       })();

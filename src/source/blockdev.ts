@@ -6,6 +6,9 @@ import { DeviceBusyError, InvalidArgumentError, ioError } from '../errors.js';
 import { posixStorage } from '../cache/posix-storage.js';
 import type { Storage } from '../cache/storage.js';
 import { FileSource } from './file-source.js';
+import { exists, listDir, majorMinor, mountsByDevice, readTrim } from '../sys.js';
+
+export { majorMinor };
 
 export interface OpenBackingOptions {
   /** Open read-write (write-back mode). Read-only mode opens the disk read-only. */
@@ -53,13 +56,6 @@ export async function openBacking(path: string, options: OpenBackingOptions): Pr
   throw new InvalidArgumentError(`${fullPath} is neither a block device nor a regular file`);
 }
 
-export function majorMinor(rdev: number): string {
-  // glibc's gnu_dev_major/minor encoding of dev_t.
-  const major = ((rdev >>> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
-  const minor = (rdev & 0xff) | ((rdev >>> 12) & ~0xff);
-  return `${major}:${minor}`;
-}
-
 function fileIdentity(st: Stats): string {
   return `file:${majorMinor(st.dev)}:${st.ino}`;
 }
@@ -68,7 +64,7 @@ function fileIdentity(st: Stats): string {
 export async function assertBlockDeviceFree(path: string, majMin: string): Promise<void> {
   const sysDir = `/sys/dev/block/${majMin}`;
   const devices = [majMin, ...(await partitionsOf(sysDir))];
-  const mounts = await readMountinfo();
+  const mounts = await mountsByDevice();
   for (const dev of devices) {
     const mount = mounts.get(dev);
     if (mount) throw new DeviceBusyError(`${path} is mounted on ${mount}; unmount it first`);
@@ -77,16 +73,6 @@ export async function assertBlockDeviceFree(path: string, majMin: string): Promi
     const holders = await listDir(join(dir, 'holders'));
     if (holders.length > 0) throw new DeviceBusyError(`${path} is held by ${holders.join(', ')}`);
   }
-}
-
-async function readMountinfo(): Promise<Map<string, string>> {
-  const mounts = new Map<string, string>();
-  const text = await fsp.readFile('/proc/self/mountinfo', 'utf8');
-  for (const line of text.split('\n')) {
-    const fields = line.split(' ');
-    if (fields.length > 4 && !mounts.has(fields[2]!)) mounts.set(fields[2]!, fields[4]!);
-  }
-  return mounts;
 }
 
 async function partitionDirs(sysDir: string): Promise<string[]> {
@@ -165,28 +151,4 @@ export async function loopDeviceBoundTo(path: string, st: Stats): Promise<string
   return undefined;
 }
 
-async function readTrim(path: string): Promise<string | undefined> {
-  try {
-    const text = (await fsp.readFile(path, 'utf8')).trim();
-    return text.length > 0 ? text : undefined;
-  } catch {
-    return undefined;
-  }
-}
 
-async function listDir(path: string): Promise<string[]> {
-  try {
-    return await fsp.readdir(path);
-  } catch {
-    return [];
-  }
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await fsp.access(path);
-    return true;
-  } catch {
-    return false;
-  }
-}

@@ -1,0 +1,36 @@
+// The DEVICE argument picks the frontend: /dev/loopN (loop over a FUSE-exported file), /dev/nbdN
+// (the kernel NBD client), an NBD URL (serve only), /dev/uloopN (the kernel module, not yet built).
+import { InvalidArgumentError, UlobError } from '../errors.js';
+
+export type FrontendKind = 'loop' | 'nbd' | 'serve' | 'uloop';
+
+/** An attached frontend. detach() stops it; the NBD server and engine are closed by the caller. */
+export interface Frontend {
+  readonly kind: FrontendKind;
+  /** What the user named: /dev/loop6, /dev/nbd0 or the NBD URL. */
+  readonly device: string;
+  detach(): Promise<void>;
+}
+
+export class ModuleMissingError extends UlobError {
+  constructor(message: string) {
+    super('ULOB_E_NO_MODULE', message);
+  }
+}
+
+export function frontendKind(device: string): FrontendKind {
+  if (/^\/dev\/loop\d+$/.test(device)) return 'loop';
+  if (/^\/dev\/nbd\d+$/.test(device)) return 'nbd';
+  if (/^\/dev\/uloop\d+$/.test(device)) return 'uloop';
+  if (/^nbd(\+unix)?:\/\//.test(device)) return 'serve';
+  throw new InvalidArgumentError(
+    `DEVICE must be /dev/loopN, /dev/nbdN, /dev/uloopN, nbd+unix:///?socket=PATH or nbd://HOST:PORT, got ${JSON.stringify(device)}`,
+  );
+}
+
+/** Short name for the daemon's run directory and control socket: loop6, nbd0, or the URL's socket/port. */
+export function defaultName(device: string): string {
+  const kind = frontendKind(device);
+  if (kind !== 'serve') return device.slice('/dev/'.length);
+  return 'nbd-' + device.replace(/^nbd(\+unix)?:\/\//, '').replace(/[^A-Za-z0-9.-]+/g, '_').replace(/^_+|_+$/g, '');
+}

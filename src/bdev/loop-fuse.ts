@@ -1,0 +1,107 @@
+// /dev/loopN frontend without a kernel module of our own: nbdfuse (libnbd) exports our NBD server
+// as one file on a private FUSE mount, and the loop device is bound to that file. nbdfuse was
+// chosen over a FUSE binding for Node: it is maintained with libnbd, speaks NBD to our server
+// over multi-conn, and maps fsync to NBD FLUSH, so a filesystem's barriers reach the engine.
+import { promises as fsp } from 'node:fs';
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import { DeviceBusyError, InvalidArgumentError, UlobError } from '../errors.js';
+import { exists, isMountpoint, mountsByDevice, readTrim, sleep } from '../sys.js';
+import { run, start } from './process.js';
+import type { Frontend } from './frontend.js';
+
+export interface LoopAttachOptions {
+  /** The loop device, /dev/loopN. */
+  device: string;
+  /** Unix socket our NBD server listens on. */
+  socket: string;
+  /** Private directory for the FUSE mount. */
+  runDir: string;
+  readOnly: boolean;
+  logger: Logger;
+}
+
+const READY_TIMEOUT_MS = 15_000;
+
+export function loopIndex(device: string): number {
+  const m = /^\/dev\/loop(\d+)$/.exec(device);
+  if (!m) throw new InvalidArgumentError(`${device} is not a loop device name (/dev/loopN)`);
+  return Number(m[1]);
+}
+
+/** Refuses a loop device that does not exist or is bound already; returns its sysfs directory. */
+export async function assertLoopFree(device: string): Promise<string> {
+  const sys = `/sys/block/loop${loopIndex(device)}`;
+  if (!(await exists(sys))) {
+    throw new InvalidArgumentError(`${device} does not exist (is the loop module loaded? try 'losetup -f')`);
+  }
+  const bound = await readTrim(join(sys, 'loop/backing_file'));
+  if (bound) throw new DeviceBusyError(`${device} is in use (bound to ${bound}); pick a free one with 'losetup -f'`);
+  return sys;
+}
+
+export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> {
+  const { device, logger } = options;
+  const sys = await assertLoopFree(device);
+
+  const mountDir = join(options.runDir, 'fuse');
+  const file = join(mountDir, 'disk');
+  await fsp.mkdir(mountDir, { recursive: true, mode: 0o700 });
+  if (await isMountpoint(mountDir)) await run('fusermount3', ['-u', mountDir]).catch(() => undefined);
+  const pidfile = join(options.runDir, 'nbdfuse.pid');
+  await fsp.rm(pidfile, { force: true });
+
+  const args = [...(options.readOnly ? ['-r'] : []), '-P', pidfile, file, '--unix', options.socket];
+  const fuse = start('nbdfuse', args);
+  let detaching = false;
+  void fuse.exited.then((code) => {
+    if (!detaching) logger.error({ code, stderr: fuse.stderr() }, `nbdfuse exited unexpectedly; ${device} now fails I/O`);
+  });
+  try {
+    await waitForReady(pidfile, fuse.exited, fuse.stderr);
+    await run('losetup', [...(options.readOnly ? ['-r'] : []), device, file]);
+  } catch (err) {
+    detaching = true;
+    await run('fusermount3', ['-u', mountDir]).catch(() => undefined);
+    fuse.child.kill();
+    throw err;
+  }
+  logger.info({ device, file }, 'loop device bound to the FUSE export');
+
+  return {
+    kind: 'loop',
+    device,
+    async detach(): Promise<void> {
+      const dev = await readTrim(join(sys, 'dev'));
+      const mount = dev ? (await mountsByDevice()).get(dev) : undefined;
+      if (mount) throw new DeviceBusyError(`${device} is mounted on ${mount}; unmount it first`);
+      const holders = await fsp.readdir(join(sys, 'holders')).catch(() => []);
+      if (holders.length > 0) throw new DeviceBusyError(`${device} is held by ${holders.join(', ')}`);
+      detaching = true;
+      await run('losetup', ['-d', device]);
+      // The loop driver lets go of the file only when its last opener closes it.
+      const deadline = Date.now() + 10_000;
+      while ((await readTrim(join(sys, 'loop/backing_file'))) && Date.now() < deadline) await sleep(20);
+      await run('fusermount3', ['-u', mountDir]);
+      const killer = setTimeout(() => fuse.child.kill('SIGKILL'), 5000);
+      await fuse.exited;
+      clearTimeout(killer);
+      await fsp.rm(pidfile, { force: true });
+    },
+  };
+}
+
+async function waitForReady(pidfile: string, exited: Promise<number | null>, stderr: () => string): Promise<void> {
+  let gone = false;
+  void exited.then(() => (gone = true));
+  const deadline = Date.now() + READY_TIMEOUT_MS;
+  while (Date.now() < deadline) {
+    if (await exists(pidfile)) return;
+    if (gone) {
+      const why = stderr().trim().split('\n').pop() || 'no message';
+      throw new UlobError('ULOB_E_FUSE', `nbdfuse failed to start: ${why}`);
+    }
+    await sleep(20);
+  }
+  throw new UlobError('ULOB_E_FUSE', `nbdfuse did not become ready within ${READY_TIMEOUT_MS / 1000} s`);
+}

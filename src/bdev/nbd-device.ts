@@ -1,0 +1,54 @@
+// /dev/nbdN frontend: the kernel's NBD client (nbd-client, netlink) connected to our server's
+// private unix socket. Needs the nbd module; without it, one line says so.
+import { join } from 'node:path';
+import { DeviceBusyError, InvalidArgumentError } from '../errors.js';
+import { exists, mountsByDevice, readTrim, sleep } from '../sys.js';
+import { ModuleMissingError, type Frontend } from './frontend.js';
+import { run } from './process.js';
+
+export interface NbdAttachOptions {
+  device: string;
+  socket: string;
+  exportName: string;
+  readOnly: boolean;
+  /** Connections nbd-client opens (the server advertises multi-conn). */
+  connections?: number;
+}
+
+/** Refuses when the nbd module is missing or the device is connected; returns its sysfs directory. */
+export async function assertNbdFree(device: string): Promise<string> {
+  const m = /^\/dev\/(nbd\d+)$/.exec(device);
+  if (!m) throw new InvalidArgumentError(`${device} is not an NBD device name (/dev/nbdN)`);
+  const sys = `/sys/block/${m[1]}`;
+  if (!(await exists('/sys/module/nbd')) && !(await exists(sys))) {
+    throw new ModuleMissingError(`the nbd kernel module is not loaded; run 'modprobe nbd' first`);
+  }
+  if (!(await exists(sys))) throw new InvalidArgumentError(`${device} does not exist (modprobe nbd nbds_max=N)`);
+  if (await readTrim(join(sys, 'pid'))) throw new DeviceBusyError(`${device} is already connected; pick another one`);
+  return sys;
+}
+
+export async function attachNbdDevice(options: NbdAttachOptions): Promise<Frontend> {
+  const { device } = options;
+  const sys = await assertNbdFree(device);
+
+  await run('nbd-client', [
+    '-unix', options.socket, device,
+    '-N', options.exportName,
+    '-b', '4096',
+    '-connections', String(options.connections ?? 4),
+    ...(options.readOnly ? ['-readonly'] : []),
+  ]);
+  return {
+    kind: 'nbd',
+    device,
+    async detach(): Promise<void> {
+      const dev = await readTrim(join(sys, 'dev'));
+      const mount = dev ? (await mountsByDevice()).get(dev) : undefined;
+      if (mount) throw new DeviceBusyError(`${device} is mounted on ${mount}; unmount it first`);
+      await run('nbd-client', ['-d', device]);
+      const deadline = Date.now() + 10_000;
+      while ((await readTrim(join(sys, 'pid'))) && Date.now() < deadline) await sleep(20);
+    },
+  };
+}

@@ -1,0 +1,169 @@
+// The per-device control socket (/run/ulobdev/NAME.sock, mode 0600): one JSON request per line,
+// one JSON answer per line. `status`, `detach` and (later) `flush` talk to the daemon through it.
+import { promises as fsp } from 'node:fs';
+import net from 'node:net';
+import { UlobError } from '../errors.js';
+
+export type ControlRequest = { cmd: 'status' } | { cmd: 'detach' } | { cmd: string; [key: string]: unknown };
+export type ControlReply = { ok: true; [key: string]: unknown } | { ok: false; error: { code: string; message: string } };
+export type ControlHandler = (request: ControlRequest) => Promise<Record<string, unknown>>;
+
+export class NotAttachedError extends UlobError {
+  constructor(message: string) {
+    super('ULOB_E_NOT_ATTACHED', message);
+  }
+}
+
+const MAX_REQUEST = 64 * 1024;
+
+export class ControlServer {
+  readonly path: string;
+  readonly #server: net.Server;
+  readonly #clients: Set<Client>;
+
+  private constructor(path: string, server: net.Server, clients: Set<Client>) {
+    this.path = path;
+    this.#server = server;
+    this.#clients = clients;
+  }
+
+  static async listen(path: string, handler: ControlHandler): Promise<ControlServer> {
+    await removeStaleSocket(path);
+    const clients = new Set<Client>();
+    const server = net.createServer((socket) => serve(socket, handler, clients));
+    const oldMask = process.umask(0o177);
+    try {
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(path, () => {
+          server.off('error', reject);
+          resolve();
+        });
+      });
+    } finally {
+      process.umask(oldMask);
+    }
+    await fsp.chmod(path, 0o600);
+    return new ControlServer(path, server, clients);
+  }
+
+  /**
+   * Stops listening. Connected clients get the answers still pending (a `detach` request closes
+   * the server it is answered by), then their connection ends.
+   */
+  async close(): Promise<void> {
+    // Not awaiting the server's close: that waits for every connection, including the one whose
+    // `detach` request is being answered by this very close.
+    this.#server.close();
+    for (const client of this.#clients) {
+      client.closing = true;
+      if (client.pending === 0) client.socket.end();
+    }
+    await fsp.rm(this.path, { force: true });
+  }
+}
+
+interface Client {
+  socket: net.Socket;
+  pending: number;
+  closing: boolean;
+}
+
+function serve(socket: net.Socket, handler: ControlHandler, clients: Set<Client>): void {
+  const client: Client = { socket, pending: 0, closing: false };
+  clients.add(client);
+  let buffered = '';
+  socket.setEncoding('utf8');
+  socket.on('error', () => socket.destroy());
+  socket.on('close', () => clients.delete(client));
+  socket.on('data', (chunk: string) => {
+    buffered += chunk;
+    if (buffered.length > MAX_REQUEST) return socket.destroy();
+    let nl: number;
+    while ((nl = buffered.indexOf('\n')) >= 0) {
+      const line = buffered.slice(0, nl);
+      buffered = buffered.slice(nl + 1);
+      client.pending++;
+      void answer(line, handler).then((reply) => {
+        client.pending--;
+        if (!socket.destroyed) socket.write(JSON.stringify(reply) + '\n');
+        if (client.closing && client.pending === 0) socket.end();
+      });
+    }
+  });
+}
+
+async function answer(line: string, handler: ControlHandler): Promise<ControlReply> {
+  let request: ControlRequest;
+  try {
+    request = JSON.parse(line) as ControlRequest;
+    if (typeof request?.cmd !== 'string') throw new Error('no cmd');
+  } catch {
+    return { ok: false, error: { code: 'ULOB_E_INVALID_ARG', message: 'malformed control request' } };
+  }
+  try {
+    return { ok: true, ...(await handler(request)) };
+  } catch (err) {
+    const e = err as { code?: string; message?: string };
+    return { ok: false, error: { code: e.code ?? 'ULOB_E_INTERNAL', message: e.message ?? String(err) } };
+  }
+}
+
+/** Sends one request and waits for its answer; an error answer is thrown as a UlobError. */
+export async function controlRequest(path: string, request: ControlRequest, timeoutMs = 120_000): Promise<Record<string, unknown>> {
+  const reply = await new Promise<ControlReply>((resolve, reject) => {
+    const socket = net.connect(path);
+    let buffered = '';
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new UlobError('ULOB_E_TIMEOUT', `no answer from the daemon at ${path}`));
+    }, timeoutMs);
+    socket.setEncoding('utf8');
+    socket.on('connect', () => socket.write(JSON.stringify(request) + '\n'));
+    socket.on('data', (chunk: string) => {
+      buffered += chunk;
+      const nl = buffered.indexOf('\n');
+      if (nl < 0) return;
+      clearTimeout(timer);
+      socket.end();
+      try {
+        resolve(JSON.parse(buffered.slice(0, nl)) as ControlReply);
+      } catch {
+        reject(new UlobError('ULOB_E_PROTOCOL', `malformed answer from the daemon at ${path}`));
+      }
+    });
+    socket.on('error', (err: NodeJS.ErrnoException) => {
+      clearTimeout(timer);
+      reject(
+        err.code === 'ENOENT' || err.code === 'ECONNREFUSED'
+          ? new NotAttachedError(`no ulobdev daemon is listening on ${path}`)
+          : new UlobError('ULOB_E_IO', `cannot reach the daemon at ${path}: ${err.code ?? err.message}`),
+      );
+    });
+  });
+  if (!reply.ok) throw new UlobError(reply.error.code, reply.error.message);
+  const { ok: _ok, ...rest } = reply;
+  return rest;
+}
+
+/** Refuses when a live daemon answers on `path`. */
+export async function assertNoDaemon(path: string): Promise<void> {
+  const st = await fsp.lstat(path).catch(() => null);
+  if (!st) return;
+  if (!st.isSocket()) throw new UlobError('ULOB_E_INVALID_ARG', `${path} exists and is not a socket`);
+  const alive = await new Promise<boolean>((resolve) => {
+    const s = net.connect(path);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+  if (alive) throw new UlobError('ULOB_E_DEVICE_BUSY', `a ulobdev daemon is already running on ${path}`);
+}
+
+/** Removes a socket file nobody listens on (a daemon that crashed); refuses a live one. */
+async function removeStaleSocket(path: string): Promise<void> {
+  await assertNoDaemon(path);
+  await fsp.rm(path, { force: true });
+}

@@ -1,0 +1,262 @@
+#!/usr/bin/env node
+// ulobdev: put a disk behind a flash cache and expose it as DEVICE.
+//   ulobdev [-c CACHE] [-b BITMAP] [--writeback] [--block-size N] [--daemon] [--name NAME] DEVICE BACKEND
+//   ulobdev status [DEVICE] [--json]
+//   ulobdev detach DEVICE
+//   ulobdev discard [-c CACHE] [-b BITMAP] [--force] BACKEND
+import { spawn } from 'node:child_process';
+import { closeSync, openSync, promises as fsp, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument } from 'commander';
+import pino, { type Logger } from 'pino';
+import { CacheStore } from '../cache/store.js';
+import { UlobError } from '../errors.js';
+import { setIoFlusher } from '../native.js';
+import { openBacking } from '../source/blockdev.js';
+import { defaultName } from '../bdev/frontend.js';
+import { controlRequest, NotAttachedError } from './control.js';
+import { cachePaths, controlSocket, Daemon, RUN_DIR, type DeviceStatus } from './daemon.js';
+import { formatBytes, parseSize } from './units.js';
+
+const NOTIFY_FD_ENV = 'ULOBDEV_NOTIFY_FD';
+
+interface AttachFlags {
+  cache?: string;
+  bitmap?: string;
+  metadata?: string;
+  writeback?: boolean;
+  blockSize?: number;
+  daemon?: boolean;
+  name?: string;
+  logLevel: string;
+  stateDir?: string;
+  runDir?: string;
+}
+
+function makeLogger(level: string): Logger {
+  return pino({ level, base: { pid: process.pid } }, pino.destination({ fd: 2, sync: true }));
+}
+
+function blockSizeArg(value: string): number {
+  try {
+    return parseSize(value);
+  } catch (err) {
+    throw new CommanderInvalidArgument((err as Error).message);
+  }
+}
+
+async function attach(device: string, backing: string, flags: AttachFlags): Promise<void> {
+  if (flags.daemon) return daemonize(device, flags);
+  // Cache, metadata and sockets hold the disk's data: owner only.
+  process.umask(0o077);
+  const logger = makeLogger(flags.logLevel);
+  try {
+    // Before any threadpool or child starts, so they inherit it (see native/process.cc).
+    setIoFlusher();
+  } catch (err) {
+    logger.warn(
+      `cannot mark the daemon as an I/O flusher (${(err as { code?: string }).code ?? err}): a loop device over FUSE may stall under memory pressure`,
+    );
+  }
+  let daemon: Daemon;
+  try {
+    daemon = await Daemon.start({
+      device,
+      backing,
+      cache: flags.cache,
+      bitmap: flags.bitmap,
+      metadata: flags.metadata,
+      writeback: flags.writeback ?? false,
+      blockSize: flags.blockSize,
+      name: flags.name,
+      stateDir: flags.stateDir,
+      runDir: flags.runDir,
+      logger,
+    });
+  } catch (err) {
+    notifyParent(`ERROR ${oneLine(err)}`);
+    throw err;
+  }
+  const onSignal = (signal: string) => {
+    logger.info({ signal }, 'detaching');
+    daemon.detach().catch((err: unknown) => logger.error(`cannot detach on ${signal}: ${oneLine(err)}; still serving`));
+  };
+  process.on('SIGTERM', () => onSignal('SIGTERM'));
+  process.on('SIGINT', () => onSignal('SIGINT'));
+  notifyParent(`READY ${device}`);
+  if (!process.env[NOTIFY_FD_ENV]) process.stdout.write(`${device}\n`);
+  await daemon.done;
+}
+
+/** Starts the daemon in the background and returns once it serves DEVICE (as losetup does). */
+async function daemonize(device: string, flags: AttachFlags): Promise<void> {
+  const runDir = flags.runDir ?? RUN_DIR;
+  await fsp.mkdir(runDir, { recursive: true, mode: 0o700 });
+  const logPath = join(runDir, `${flags.name ?? defaultName(device)}.log`);
+  const log = openSync(logPath, 'a', 0o600);
+  const args = process.argv.slice(1).filter((a) => a !== '--daemon');
+  const child = spawn(process.execPath, args, {
+    detached: true,
+    stdio: ['ignore', log, log, 'pipe'],
+    env: { ...process.env, [NOTIFY_FD_ENV]: '3' },
+  });
+  closeSync(log);
+  const pipe = child.stdio[3] as NodeJS.ReadableStream;
+  let text = '';
+  pipe.setEncoding('utf8');
+  for await (const chunk of pipe) {
+    text += chunk as string;
+    if (text.includes('\n')) break;
+  }
+  const line = text.split('\n')[0] ?? '';
+  child.unref();
+  (pipe as unknown as { destroy(): void }).destroy();
+  if (line.startsWith('READY ')) {
+    process.stdout.write(`${line.slice('READY '.length)}\n`);
+    return;
+  }
+  if (line.startsWith('ERROR ')) throw new UlobError('ULOB_E_DAEMON', line.slice('ERROR '.length));
+  throw new UlobError('ULOB_E_DAEMON', `the daemon exited before it was ready; see ${logPath}`);
+}
+
+function notifyParent(message: string): void {
+  const fd = Number(process.env[NOTIFY_FD_ENV]);
+  if (!Number.isInteger(fd) || fd <= 2) return;
+  try {
+    writeSync(fd, `${message}\n`);
+    closeSync(fd);
+  } catch {
+    // The parent is gone; nothing to tell.
+  }
+  delete process.env[NOTIFY_FD_ENV];
+}
+
+async function status(device: string | undefined, flags: { json?: boolean; runDir?: string }): Promise<void> {
+  const runDir = flags.runDir ?? RUN_DIR;
+  let sockets: string[];
+  if (device) {
+    sockets = [controlSocket(device, runDir)];
+  } else {
+    const names = await fsp.readdir(runDir).catch(() => [] as string[]);
+    sockets = names.filter((n) => n.endsWith('.sock')).map((n) => join(runDir, n));
+  }
+  const statuses: DeviceStatus[] = [];
+  for (const socket of sockets) {
+    try {
+      statuses.push((await controlRequest(socket, { cmd: 'status' }, 10_000)).status as DeviceStatus);
+    } catch (err) {
+      if (device || !(err instanceof NotAttachedError)) throw err;
+    }
+  }
+  if (flags.json) {
+    process.stdout.write(JSON.stringify(device ? statuses[0] : statuses, null, 2) + '\n');
+    return;
+  }
+  if (statuses.length === 0) {
+    process.stdout.write('no ulobdev devices attached\n');
+    return;
+  }
+  for (const s of statuses) process.stdout.write(formatStatus(s));
+}
+
+function formatStatus(s: DeviceStatus): string {
+  return [
+    `${s.device}: ${s.mode} cache of ${s.backing} (${s.frontend} frontend, daemon pid ${s.pid})`,
+    `  size ${formatBytes(s.size)}, block ${formatBytes(s.blockSize)}, cached ${formatBytes(s.cachedBytes)} (${s.cacheFillPercent}%), dirty ${formatBytes(s.dirtyBytes)}`,
+    `  flush epoch ${s.flushEpoch}, up ${s.uptimeSeconds} s, cache ${s.paths.cache}`,
+    '',
+  ].join('\n');
+}
+
+async function detach(device: string, flags: { runDir?: string }): Promise<void> {
+  await controlRequest(controlSocket(device, flags.runDir ?? RUN_DIR), { cmd: 'detach' });
+  process.stdout.write(`${device} detached\n`);
+}
+
+async function discard(backing: string, flags: { cache?: string; bitmap?: string; metadata?: string; force?: boolean; stateDir?: string }): Promise<void> {
+  const source = await openBacking(backing, { writable: false });
+  const paths = cachePaths(flags, source.id);
+  await source.close();
+  const { dirtyBlocks } = await CacheStore.discard(paths, { force: flags.force });
+  process.stdout.write(
+    `removed the cache ${paths.cache}${dirtyBlocks ? ` and ${dirtyBlocks} dirty blocks` : ''}; the next attach re-creates it\n`,
+  );
+}
+
+function oneLine(err: unknown): string {
+  const message = err instanceof Error ? err.message : String(err);
+  return message.split('\n')[0]!;
+}
+
+export function buildProgram(): Command {
+  const program = new Command('ulobdev')
+    .description('a write-back flash cache for spinning disks')
+    .showHelpAfterError()
+    .exitOverride();
+
+  program
+    .command('attach', { isDefault: true })
+    .description('put BACKEND behind the cache and expose it as DEVICE')
+    .argument('<DEVICE>', '/dev/loopN, /dev/nbdN, nbd+unix:///?socket=PATH or nbd://HOST:PORT')
+    .argument('<BACKEND>', 'the disk behind the cache: a block device or a file')
+    .option('-c, --cache <PATH>', 'cache file (default: /var/lib/ulobdev/<disk id>.cache)')
+    .option('-b, --bitmap <PATH>', 'present bitmap file (default: next to the cache)')
+    .option('--metadata <PATH>', 'metadata database (default: CACHE.meta)')
+    .option('--writeback', 'accept writes: they land on flash, marked dirty (default: read-only)')
+    .option('--block-size <N>', 'cache block size for a new cache, 4K to 1M', blockSizeArg)
+    .option('--daemon', 'return once DEVICE is ready and keep serving in the background')
+    .option('--name <NAME>', 'name of the control socket (default: from DEVICE)')
+    .option('--log-level <LEVEL>', 'fatal, error, warn, info, debug', 'info')
+    .addOption(hidden('--state-dir <DIR>'))
+    .addOption(hidden('--run-dir <DIR>'))
+    .action((device: string, backing: string, flags: AttachFlags) => attach(device, backing, flags));
+
+  program
+    .command('status')
+    .description('show attached devices')
+    .argument('[DEVICE]', 'one device (default: all)')
+    .option('--json', 'machine-readable output')
+    .addOption(hidden('--run-dir <DIR>'))
+    .action((device: string | undefined, flags: { json?: boolean; runDir?: string }) => status(device, flags));
+
+  program
+    .command('detach')
+    .description('stop serving DEVICE, persist the cache and exit its daemon')
+    .argument('<DEVICE>', 'the device or the --name given at attach')
+    .addOption(hidden('--run-dir <DIR>'))
+    .action((device: string, flags: { runDir?: string }) => detach(device, flags));
+
+  program
+    .command('discard')
+    .description("remove BACKEND's cache so the next attach re-creates it (refused while dirty)")
+    .argument('<BACKEND>', 'the disk whose cache to remove')
+    .option('-c, --cache <PATH>', 'cache file')
+    .option('-b, --bitmap <PATH>', 'bitmap file')
+    .option('--metadata <PATH>', 'metadata database')
+    .option('--force', 'also when dirty blocks would be lost')
+    .addOption(hidden('--state-dir <DIR>'))
+    .action((backing: string, flags: { cache?: string; bitmap?: string; metadata?: string; force?: boolean }) =>
+      discard(backing, flags),
+    );
+  return program;
+}
+
+function hidden(flags: string) {
+  return new Command().createOption(flags).hideHelp();
+}
+
+export async function main(argv: string[]): Promise<number> {
+  try {
+    await buildProgram().parseAsync(argv);
+    return 0;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      return err.exitCode === 0 ? 0 : 2;
+    }
+    process.stderr.write(`ulobdev: ${oneLine(err)}\n`);
+    return 1;
+  }
+}
+
+const isEntry = process.argv[1] && import.meta.url === new URL(`file://${await fsp.realpath(process.argv[1]).catch(() => process.argv[1])}`).href;
+if (isEntry) process.exitCode = await main(process.argv);

@@ -1,0 +1,24 @@
+// Sizes as people type and read them: 4096, 4K, 64KiB, 1M, 2G (powers of 1024).
+import { InvalidArgumentError } from '../errors.js';
+
+const UNITS: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
+
+export function parseSize(text: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$/i.exec(text);
+  if (!m) throw new InvalidArgumentError(`not a size: ${JSON.stringify(text)} (try 4096, 64K, 1M)`);
+  const value = Number(m[1]) * UNITS[m[2]!.toLowerCase()]!;
+  if (!Number.isSafeInteger(value)) throw new InvalidArgumentError(`not a whole number of bytes: ${JSON.stringify(text)}`);
+  return value;
+}
+
+export function formatBytes(n: number): string {
+  if (n < 1024) return `${n} B`;
+  const units = ['KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let v = n / 1024;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return `${v >= 100 || Number.isInteger(v) ? v.toFixed(0) : v.toFixed(1)} ${units[i]}`;
+}
