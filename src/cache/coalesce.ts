@@ -13,6 +13,10 @@ export class Coalescer {
 
   /** Resolves after a run of the task that started after this call has finished. */
   run(): Promise<void> {
+    // A queued run has not started yet, so it can serve this caller too. Checked first: between a
+    // run's end and the queued run's start #running is already null, and starting another run
+    // there would run the task twice at once.
+    if (this.#next) return this.#next;
     if (!this.#running) return this.#start();
     if (!this.#next) {
       const next = this.#running.then(
