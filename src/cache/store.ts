@@ -114,14 +114,16 @@ export class CacheStore {
       );
     }
 
+    let files: { cache: BlockFile; bitmapFile: BlockFile } | undefined;
     try {
       const info = meta.info;
       checkIdentity(info, backing, options.blockSize, paths.metadata);
       const geometry = new Geometry(info.backingSize, info.blockSize);
-      const { cache, bitmapFile } =
+      files =
         info.state === 'creating'
           ? await createFiles(storage, paths, geometry, meta)
           : await openFiles(storage, paths, geometry);
+      const { cache, bitmapFile } = files;
       const present = new Bitmap(geometry.blockCount, Buffer.alloc(geometry.bitmapFileSize));
       await readFully(bitmapFile, present.buffer, paths.bitmap);
       const dirty = new Bitmap(geometry.blockCount);
@@ -143,6 +145,8 @@ export class CacheStore {
       return store;
     } catch (err) {
       meta.close();
+      await files?.cache.close().catch(() => undefined);
+      await files?.bitmapFile.close().catch(() => undefined);
       // A cache this call began to create is removed again: a refused open leaves nothing behind.
       if (!metaExists) {
         for (const p of [paths.cache, paths.bitmap, paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`]) {
