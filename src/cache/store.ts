@@ -366,7 +366,7 @@ function checkIdentity(info: CacheInfo, backing: OpenStoreOptions['backing'], bl
     );
   }
   if (blockSize !== undefined && blockSize !== info.blockSize) {
-    throw new SizeMismatchError(`the cache uses ${info.blockSize}-byte blocks, not ${blockSize}; omit --block-size or re-create it`);
+    throw new SizeMismatchError(`${metaPath}: the cache uses ${info.blockSize}-byte blocks, not ${blockSize}; omit --block-size or re-create it`);
   }
 }
 
