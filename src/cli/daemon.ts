@@ -12,6 +12,7 @@ import { defaultName, frontendKind, ModuleMissingError, type Frontend, type Fron
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/nbd-device.js';
 import { NbdServer, parseNbdUrl } from '../bdev/nbd/index.js';
+import { flushDirty, type FlushResult } from '../writeback/flusher.js';
 import { assertNoDaemon, ControlServer, type ControlRequest } from './control.js';
 
 export const STATE_DIR = '/var/lib/ulobdev';
@@ -178,6 +179,13 @@ export class Daemon {
     };
   }
 
+  /** Writes the dirty blocks back to the backing disk now, in one sorted pass. */
+  async flush(): Promise<FlushResult> {
+    const result = await flushDirty(this.engine);
+    this.#logger.info(result, 'flushed dirty blocks to the backing disk');
+    return result;
+  }
+
   /**
    * Stops the frontend (refused while the device is mounted), drains in-flight I/O, persists the
    * metadata and closes everything. Concurrent calls share one detach.
@@ -208,6 +216,8 @@ export class Daemon {
       case 'detach':
         await this.detach();
         return {};
+      case 'flush':
+        return { flush: await this.flush() };
       default:
         throw new UlobError('ULOB_E_INVALID_ARG', `unknown control command ${JSON.stringify(request.cmd)}`);
     }

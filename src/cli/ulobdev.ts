@@ -3,6 +3,7 @@
 //   ulobdev [-c CACHE] [-b BITMAP] [--writeback] [--block-size N] [--daemon] [--name NAME] DEVICE BACKEND
 //   ulobdev status [DEVICE] [--json]
 //   ulobdev detach DEVICE
+//   ulobdev flush DEVICE
 //   ulobdev discard [-c CACHE] [-b BITMAP] [--force] BACKEND
 import { spawn } from 'node:child_process';
 import { closeSync, openSync, promises as fsp, writeSync } from 'node:fs';
@@ -15,6 +16,7 @@ import { setIoFlusher } from '../native.js';
 import { openBacking } from '../source/blockdev.js';
 import { defaultName } from '../bdev/frontend.js';
 import { controlRequest, NotAttachedError } from './control.js';
+import type { FlushResult } from '../writeback/flusher.js';
 import { cachePaths, controlSocket, Daemon, RUN_DIR, type DeviceStatus } from './daemon.js';
 import { formatBytes, parseSize } from './units.js';
 
@@ -173,6 +175,14 @@ async function detach(device: string, flags: { runDir?: string }): Promise<void>
   process.stdout.write(`${device} detached\n`);
 }
 
+async function flush(device: string, flags: { runDir?: string; json?: boolean }): Promise<void> {
+  const { flush: result } = (await controlRequest(controlSocket(device, flags.runDir ?? RUN_DIR), { cmd: 'flush' }, 24 * 3600_000)) as {
+    flush: FlushResult;
+  };
+  if (flags.json) process.stdout.write(JSON.stringify(result) + '\n');
+  else process.stdout.write(`${device}: wrote ${formatBytes(result.bytes)} back (${result.cleaned} blocks clean, ${result.kept} rewritten meanwhile and still dirty)\n`);
+}
+
 async function discard(backing: string, flags: { cache?: string; bitmap?: string; metadata?: string; force?: boolean; stateDir?: string }): Promise<void> {
   const source = await openBacking(backing, { writable: false });
   const paths = cachePaths(flags, source.id);
@@ -225,6 +235,14 @@ export function buildProgram(): Command {
     .argument('<DEVICE>', 'the device or the --name given at attach')
     .addOption(hidden('--run-dir <DIR>'))
     .action((device: string, flags: { runDir?: string }) => detach(device, flags));
+
+  program
+    .command('flush')
+    .description('write the dirty blocks of DEVICE back to its disk now')
+    .argument('<DEVICE>', 'the device or the --name given at attach')
+    .option('--json', 'machine-readable output')
+    .addOption(hidden('--run-dir <DIR>'))
+    .action((device: string, flags: { runDir?: string; json?: boolean }) => flush(device, flags));
 
   program
     .command('discard')
