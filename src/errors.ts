@@ -96,3 +96,10 @@ export function ioError(what: string, path: string | undefined, err: unknown): I
   const where = path ? ` ${path}` : '';
   return new IOFailedError(`cannot ${what}${where}: ${detail}`, { cause: err, syscall: e?.syscall, path });
 }
+
+/** An NBD peer broke the protocol (bad magic, oversized length, garbage); its connection is closed. */
+export class NbdProtocolError extends UlobError {
+  constructor(message: string) {
+    super('ULOB_E_NBD_PROTOCOL', message);
+  }
+}

@@ -1,0 +1,17 @@
+// What a block-device frontend (the NBD server, the FUSE loop) serves: a fixed-size array of bytes.
+// CacheEngine satisfies it structurally; tests use small in-memory ones.
+
+export interface BlockBackend {
+  /** Size in bytes; fixed while the backend is served. */
+  readonly size: number;
+  /** Writes, write-zeroes and discards are refused (the frontend reports EPERM). */
+  readonly readOnly: boolean;
+  /** Reads exactly `length` bytes at `offset`; the range lies inside [0, size). */
+  read(offset: number, length: number): Promise<Buffer>;
+  /** Writes all of `data` at `offset`. With `fua`, the data is durable when it resolves. */
+  write(offset: number, data: Uint8Array, options?: { fua?: boolean }): Promise<void>;
+  /** Every write completed before the call, from any caller, is durable when it resolves. */
+  flush(): Promise<void>;
+  /** A hint that the range is no longer needed; contents read afterwards are unspecified. */
+  discard(offset: number, length: number): Promise<void>;
+}
