@@ -68,6 +68,8 @@ export class CacheEngine {
   /** In-flight writes by block range, so an epoch can mark them rewritten. */
   readonly #writes = new Set<[number, number]>();
   readonly #commit: Coalescer;
+  readonly #intents = new Set<number>();
+  #intentCommit: Promise<void> | null = null;
   readonly #autoCommitMs: number;
   readonly #maxFillBlocks: number;
   #commitTimer: NodeJS.Timeout | null = null;
@@ -314,8 +316,12 @@ export class CacheEngine {
         for (const b of partial) await this.#makeReadable(b, b + 1);
         continue;
       }
-      // Invariant 2: a clean block's cache copy may change only once it is durably dirty.
-      if (intents.length > 0) this.store.markDirty(toExtents(intents));
+      // Invariant 2: a clean block's cache copy may change only once it is durably dirty. Other
+      // states may change while the transaction is pending, so look again afterwards.
+      if (intents.length > 0) {
+        await this.#markDirtyBatched(intents);
+        continue;
+      }
       // Staged clean blocks become staged dirty: the next commit records them dirty.
       for (let b = first; b < end; b++) if (this.#staged.get(b) === 'clean') this.#staged.set(b, 'dirty');
       if (whole.length === 0) return () => undefined;
@@ -326,6 +332,28 @@ export class CacheEngine {
         release();
       };
     }
+  }
+
+  /**
+   * Group commit of dirty intents: writes prepared in the same turn of the event loop (an NBD
+   * client's queued requests arrive in one socket read) share one metadata transaction.
+   */
+  #markDirtyBatched(blocks: readonly number[]): Promise<void> {
+    for (const b of blocks) this.#intents.add(b);
+    this.#intentCommit ??= new Promise<void>((resolve, reject) => {
+      queueMicrotask(() => {
+        const batch = [...this.#intents].sort((a, b) => a - b);
+        this.#intents.clear();
+        this.#intentCommit = null;
+        try {
+          this.store.markDirty(toExtents(batch.filter((b) => !this.store.dirty.get(b))));
+          resolve();
+        } catch (err) {
+          reject(err);
+        }
+      });
+    });
+    return this.#intentCommit;
   }
 
   #markRewritten(first: number, end: number): void {

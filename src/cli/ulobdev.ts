@@ -52,13 +52,12 @@ async function attach(device: string, backing: string, flags: AttachFlags): Prom
   // Cache, metadata and sockets hold the disk's data: owner only.
   process.umask(0o077);
   const logger = makeLogger(flags.logLevel);
+  let ioFlusherError: unknown;
   try {
     // Before any threadpool or child starts, so they inherit it (see native/process.cc).
     setIoFlusher();
   } catch (err) {
-    logger.warn(
-      `cannot mark the daemon as an I/O flusher (${(err as { code?: string }).code ?? err}): a loop device over FUSE may stall under memory pressure`,
-    );
+    ioFlusherError = err;
   }
   let daemon: Daemon;
   try {
@@ -78,6 +77,11 @@ async function attach(device: string, backing: string, flags: AttachFlags): Prom
   } catch (err) {
     notifyParent(`ERROR ${oneLine(err)}`);
     throw err;
+  }
+  if (ioFlusherError && daemon.status().frontend !== 'serve') {
+    logger.warn(
+      `cannot mark the daemon as an I/O flusher (${(ioFlusherError as { code?: string }).code ?? ioFlusherError}): ${device} may stall under memory pressure`,
+    );
   }
   const onSignal = (signal: string) => {
     logger.info({ signal }, 'detaching');

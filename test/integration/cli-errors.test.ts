@@ -1,0 +1,164 @@
+// Invariant 6 at the command line: each bad input gets one line on stderr, a non-zero exit, and
+// changes nothing (no file created or modified, no loop device bound).
+import { createHash } from 'node:crypto';
+import { mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { assertBuilt, freeLoop, mustSh, ROOT, scratch, sh, ulobdev } from '../support/cli.js';
+
+let s: ReturnType<typeof scratch>;
+const undo: Array<() => void> = [];
+
+beforeAll(() => {
+  assertBuilt();
+  mustSh('bash', [join(ROOT, 'scripts/install-test-deps.sh')]);
+});
+
+afterEach(() => {
+  for (const step of undo.splice(0).reverse()) step();
+  s?.cleanup();
+});
+
+/** Every file under dir with its size, mtime and hash. */
+function snapshot(dir: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  const walk = (d: string) => {
+    for (const name of readdirSync(d)) {
+      const p = join(d, name);
+      const st = statSync(p);
+      if (st.isDirectory()) walk(p);
+      else out[p] = `${st.size}:${st.mtimeMs}:${st.isFile() ? createHash('sha256').update(readFileSync(p)).digest('hex') : 'special'}`;
+    }
+  };
+  walk(dir);
+  return out;
+}
+
+function loops(): string {
+  return sh('losetup', ['-a']).stdout;
+}
+
+async function expectRefused(args: string[], message: RegExp, options: { uid?: number } = {}): Promise<void> {
+  const before = snapshot(s.dir);
+  const loopsBefore = loops();
+  const r = await ulobdev([...args, '--run-dir', s.runDir], options);
+  expect(r.code, r.stderr).toBe(1);
+  expect(r.stdout).toBe('');
+  expect(r.stderr).toMatch(/^ulobdev: [^\n]+\n$/);
+  expect(r.stderr).toMatch(message);
+  expect(snapshot(s.dir)).toEqual(before);
+  expect(loops()).toBe(loopsBefore);
+}
+
+function makeDisk(name: string, size = '16M'): string {
+  const p = join(s.dir, name);
+  mustSh('truncate', ['-s', size, p]);
+  return p;
+}
+
+function cacheArgs(name = 'c'): string[] {
+  return ['-c', join(s.dir, `${name}.cache`), '-b', join(s.dir, `${name}.bitmap`)];
+}
+
+/** Creates a cache for `disk` through a serve-only attach, then detaches. */
+async function makeCache(disk: string, name = 'c'): Promise<void> {
+  const url = `nbd+unix:///?socket=${join(s.dir, 'make.sock')}`;
+  const r = await ulobdev([...cacheArgs(name), '--writeback', '--daemon', '--run-dir', s.runDir, url, disk]);
+  expect(r.code, r.stderr).toBe(0);
+  expect((await ulobdev(['detach', url, '--run-dir', s.runDir])).code).toBe(0);
+}
+
+describe('ulobdev refuses bad input with one line and changes nothing', () => {
+  it('a DEVICE that is not a device name', async () => {
+    s = scratch('ulob-cli-');
+    await expectRefused([...cacheArgs(), '/dev/sda', makeDisk('disk.img')], /DEVICE must be \/dev\/loopN/);
+  });
+
+  it('a BACKEND that does not exist, or is a directory', async () => {
+    s = scratch('ulob-cli-');
+    await expectRefused([...cacheArgs(), freeLoop(), join(s.dir, 'missing.img')], /cannot open backing device .*missing\.img: ENOENT/);
+    mkdirSync(join(s.dir, 'adir'));
+    await expectRefused([...cacheArgs(), freeLoop(), join(s.dir, 'adir')], /neither a block device nor a regular file/);
+  });
+
+  it('a loop DEVICE that is in use', async () => {
+    s = scratch('ulob-cli-');
+    const other = makeDisk('other.img', '1M');
+    const loop = mustSh('losetup', ['-f', '--show', other]).trim();
+    undo.push(() => sh('losetup', ['-d', loop]));
+    await expectRefused([...cacheArgs(), loop, makeDisk('disk.img')], new RegExp(`${loop} is in use`));
+  });
+
+  it('a BACKEND file that a loop device is bound to', async () => {
+    s = scratch('ulob-cli-');
+    const disk = makeDisk('disk.img', '1M');
+    const loop = mustSh('losetup', ['-f', '--show', disk]).trim();
+    undo.push(() => sh('losetup', ['-d', loop]));
+    await expectRefused([...cacheArgs(), freeLoop(), disk], new RegExp(`attached to ${loop}`));
+  });
+
+  it('a BACKEND block device that is mounted', async () => {
+    s = scratch('ulob-cli-');
+    const disk = makeDisk('disk.img', '16M');
+    mustSh('mkfs.ext4', ['-q', disk]);
+    const loop = mustSh('losetup', ['-f', '--show', disk]).trim();
+    undo.push(() => sh('losetup', ['-d', loop]));
+    const mnt = join(s.dir, 'mnt');
+    mkdirSync(mnt);
+    mustSh('mount', [loop, mnt]);
+    undo.push(() => sh('umount', [mnt]));
+    await expectRefused([...cacheArgs(), freeLoop(), loop], new RegExp(`${loop} is mounted on ${mnt}`));
+  });
+
+  it('the cache of another disk', async () => {
+    s = scratch('ulob-cli-');
+    await makeCache(makeDisk('a.img'));
+    await expectRefused([...cacheArgs(), '--writeback', freeLoop(), makeDisk('b.img')], /is the cache of another disk/);
+  });
+
+  it('a disk whose size changed since the cache was made', async () => {
+    s = scratch('ulob-cli-');
+    const disk = makeDisk('disk.img');
+    await makeCache(disk);
+    mustSh('truncate', ['-s', '32M', disk]);
+    await expectRefused([...cacheArgs(), freeLoop(), disk], /but its cache was made for 16777216 bytes/);
+  });
+
+  it('corrupt metadata', async () => {
+    s = scratch('ulob-cli-');
+    const disk = makeDisk('disk.img');
+    await makeCache(disk);
+    writeFileSync(join(s.dir, 'c.cache.meta'), Buffer.alloc(8192, 0x5a));
+    await expectRefused([...cacheArgs(), freeLoop(), disk], /is not valid ulobdev metadata/);
+  });
+
+  it('a cache file without its metadata', async () => {
+    s = scratch('ulob-cli-');
+    writeFileSync(join(s.dir, 'c.cache'), 'precious data of some other program');
+    await expectRefused([...cacheArgs(), freeLoop(), makeDisk('disk.img')], /exists but its metadata .* does not/);
+  });
+
+  it('a bad block size', async () => {
+    s = scratch('ulob-cli-');
+    await expectRefused([...cacheArgs(), '--block-size', '3000', freeLoop(), makeDisk('disk.img')], /block size must be a power of two/);
+    await expectRefused([...cacheArgs(), '--block-size', '2M', freeLoop(), makeDisk('disk.img')], /block size must be a power of two/);
+  });
+
+  it('the kernel module frontends without their module', async () => {
+    s = scratch('ulob-cli-');
+    await expectRefused([...cacheArgs(), '/dev/uloop0', makeDisk('disk.img')], /needs the uloop kernel module/);
+    const nbd = sh('sh', ['-c', 'test -e /sys/module/nbd']).status === 0;
+    if (!nbd) await expectRefused([...cacheArgs(), '/dev/nbd0', makeDisk('disk.img')], /nbd kernel module is not loaded; run 'modprobe nbd'/);
+  });
+
+  it('no root for a device frontend', async () => {
+    s = scratch('ulob-cli-');
+    await expectRefused([...cacheArgs(), freeLoop(), makeDisk('disk.img')], /needs root/, { uid: 65534 });
+  });
+
+  it('detach and status of a device nobody serves', async () => {
+    s = scratch('ulob-cli-');
+    await expectRefused(['detach', '/dev/loop7'], /no ulobdev daemon is listening/);
+    await expectRefused(['status', '/dev/loop7'], /no ulobdev daemon is listening/);
+  });
+});

@@ -1,0 +1,155 @@
+// /dev/loopN end to end through the real CLI: ext4 made, mounted, written, checked by fsck,
+// re-attached with the same cache; read-only mode; the daemon lifecycle (--daemon, status,
+// detach, SIGTERM).
+import { spawn } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { assertBuilt, CLI, freeLoop, mustSh, ROOT, scratch, sh, ulobdev } from '../support/cli.js';
+
+let s: ReturnType<typeof scratch>;
+let attached: string[] = [];
+const mounts: string[] = [];
+
+beforeAll(() => {
+  assertBuilt();
+  mustSh('bash', [join(ROOT, 'scripts/install-test-deps.sh')]);
+});
+
+afterEach(async () => {
+  for (const m of mounts.splice(0)) sh('umount', [m]);
+  for (const dev of attached.splice(0)) await ulobdev(['detach', dev, '--run-dir', s.runDir]);
+  s?.cleanup();
+});
+
+function sha(path: string): string {
+  return createHash('sha256').update(readFileSync(path)).digest('hex');
+}
+
+async function attach(args: string[]): Promise<string> {
+  // Another test may take the free loop device between `losetup -f` and the attach: try again.
+  for (let attempt = 0; ; attempt++) {
+    const loop = freeLoop();
+    const r = await ulobdev([...args, '--daemon', '--run-dir', s.runDir, '--state-dir', s.stateDir, loop, join(s.dir, 'disk.img')]);
+    if (r.code === 0) {
+      expect(r.stdout.trim()).toBe(loop);
+      attached.push(loop);
+      return loop;
+    }
+    if (!/in use/.test(r.stderr) || attempt === 3) throw new Error(`attach failed: ${r.stderr}`);
+  }
+}
+
+async function detach(loop: string): Promise<void> {
+  const r = await ulobdev(['detach', loop, '--run-dir', s.runDir]);
+  expect(r.stderr).toBe('');
+  expect(r.code).toBe(0);
+  attached = attached.filter((d) => d !== loop);
+}
+
+function mount(dev: string, dir: string, opts: string[] = []): void {
+  mkdirSync(dir, { recursive: true });
+  mustSh('mount', [...opts, dev, dir]);
+  mounts.push(dir);
+}
+
+function umount(dir: string): void {
+  mustSh('umount', [dir]);
+  mounts.splice(mounts.indexOf(dir), 1);
+}
+
+describe('/dev/loopN frontend', () => {
+  it('carries an ext4 filesystem in write-back mode across detach and re-attach', async () => {
+    s = scratch('ulob-loop-');
+    const disk = join(s.dir, 'disk.img');
+    mustSh('truncate', ['-s', '128M', disk]);
+    const diskBefore = sha(disk);
+    const cacheArgs = ['-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--writeback'];
+    const loop = await attach(cacheArgs);
+
+    mustSh('mkfs.ext4', ['-q', loop]);
+    const mnt = join(s.dir, 'mnt');
+    mount(loop, mnt);
+    const files = new Map<string, string>();
+    for (let i = 0; i < 12; i++) {
+      const data = randomBytes(1024 * (1 + i * 97));
+      writeFileSync(join(mnt, `f${i}`), data);
+      files.set(`f${i}`, createHash('sha256').update(data).digest('hex'));
+    }
+    umount(mnt);
+    const fsck = sh('fsck.ext4', ['-fn', loop]);
+    expect(fsck.status, fsck.stdout + fsck.stderr).toBe(0);
+
+    const status = JSON.parse((await ulobdev(['status', loop, '--json', '--run-dir', s.runDir])).stdout);
+    expect(status).toMatchObject({ device: loop, frontend: 'loop', mode: 'writeback', size: 128 << 20 });
+    expect(status.dirtyBytes).toBeGreaterThan(1 << 20);
+    await detach(loop);
+    // Write-back: nothing reached the disk yet.
+    expect(sha(disk)).toBe(diskBefore);
+
+    const again = await attach(cacheArgs);
+    mount(again, mnt);
+    for (const [name, sum] of files) expect(sha(join(mnt, name)), name).toBe(sum);
+    umount(mnt);
+    await detach(again);
+  });
+
+  it('is read-only without --writeback: writes fail, reads work', async () => {
+    s = scratch('ulob-loop-ro-');
+    const disk = join(s.dir, 'disk.img');
+    mustSh('truncate', ['-s', '64M', disk]);
+    mustSh('mkfs.ext4', ['-q', disk]);
+    const before = sha(disk);
+    const loop = await attach(['-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap')]);
+    expect(mustSh('blockdev', ['--getro', loop]).trim()).toBe('1');
+    const dd = sh('dd', ['if=/dev/zero', `of=${loop}`, 'bs=4096', 'count=1', 'oflag=direct']);
+    expect(dd.status).not.toBe(0);
+    const mnt = join(s.dir, 'mnt');
+    mount(loop, mnt, ['-o', 'ro']);
+    expect(existsSync(join(mnt, 'lost+found'))).toBe(true);
+    umount(mnt);
+    await detach(loop);
+    expect(sha(disk)).toBe(before);
+  });
+
+  it('refuses to detach while mounted, and keeps serving', async () => {
+    s = scratch('ulob-loop-busy-');
+    mustSh('truncate', ['-s', '64M', join(s.dir, 'disk.img')]);
+    mustSh('mkfs.ext4', ['-q', join(s.dir, 'disk.img')]);
+    const loop = await attach(['-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--writeback']);
+    const mnt = join(s.dir, 'mnt');
+    mount(loop, mnt);
+    const r = await ulobdev(['detach', loop, '--run-dir', s.runDir]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/^ulobdev: .*is mounted on .*; unmount it first\n$/);
+    writeFileSync(join(mnt, 'still-here'), 'yes');
+    umount(mnt);
+    await detach(loop);
+  });
+
+  it('runs in the foreground and detaches on SIGTERM', async () => {
+    s = scratch('ulob-loop-fg-');
+    mustSh('truncate', ['-s', '32M', join(s.dir, 'disk.img')]);
+    const loop = freeLoop();
+    const child = spawn(process.execPath, [CLI, '-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--run-dir', s.runDir, loop, join(s.dir, 'disk.img')], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let out = '';
+    child.stdout.setEncoding('utf8');
+    await new Promise<void>((resolve, reject) => {
+      child.stdout.on('data', (c: string) => {
+        out += c;
+        if (out.includes('\n')) resolve();
+      });
+      child.once('exit', (code) => reject(new Error(`exited early with ${code}`)));
+    });
+    expect(out.trim()).toBe(loop);
+    expect(mustSh('losetup', ['-n', '-O', 'BACK-FILE', loop])).toContain(join(s.runDir, 'loop'));
+    const exited = new Promise<number | null>((resolve) => child.once('exit', resolve));
+    child.kill('SIGTERM');
+    expect(await exited).toBe(0);
+    expect(sh('losetup', ['-n', '-O', 'BACK-FILE', loop]).stdout.trim()).toBe('');
+    expect(existsSync(join(s.runDir, `${loop.slice(5)}.sock`))).toBe(false);
+  });
+});

@@ -1,0 +1,57 @@
+// Running the built ulobdev CLI from tests, and the loop devices it binds.
+import { execFile, spawnSync, type SpawnSyncReturns } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
+export const CLI = join(ROOT, 'dist/cli/ulobdev.js');
+
+export function assertBuilt(): void {
+  if (!existsSync(CLI)) throw new Error(`${CLI} is missing: run 'make build' (make test does) first`);
+}
+
+export interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs ulobdev to completion (attach with --daemon returns once the device is ready). */
+export function ulobdev(args: string[], options: { uid?: number; timeoutMs?: number } = {}): Promise<CliResult> {
+  const argv = options.uid === undefined ? [process.execPath, CLI, ...args] : ['setpriv', `--reuid=${options.uid}`, `--regid=${options.uid}`, '--clear-groups', process.execPath, CLI, ...args];
+  return new Promise((resolvePromise) => {
+    execFile(argv[0]!, argv.slice(1), { timeout: options.timeoutMs ?? 60_000, encoding: 'utf8' }, (err, stdout, stderr) => {
+      const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : 1) : 0;
+      resolvePromise({ code, stdout, stderr });
+    });
+  });
+}
+
+export function sh(cmd: string, args: string[]): SpawnSyncReturns<string> {
+  return spawnSync(cmd, args, { encoding: 'utf8' });
+}
+
+export function mustSh(cmd: string, args: string[]): string {
+  const r = sh(cmd, args);
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed: ${r.stderr || r.error?.message}`);
+  return r.stdout;
+}
+
+/** A scratch directory with private run and state dirs, so tests never touch /run/ulobdev. */
+export function scratch(prefix: string): { dir: string; runDir: string; stateDir: string; cleanup(): void } {
+  const dir = mkdtempSync(join(process.env.ULOB_TEST_DIR ?? '/var/tmp', prefix));
+  return {
+    dir,
+    runDir: join(dir, 'run'),
+    stateDir: join(dir, 'state'),
+    cleanup: () => rmSync(dir, { recursive: true, force: true }),
+  };
+}
+
+export function freeLoop(): string {
+  return mustSh('losetup', ['-f']).trim();
+}
+
+export { tmpdir };
