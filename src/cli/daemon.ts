@@ -6,8 +6,7 @@ import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths } from '../cache/store.js';
 import { UlobError } from '../errors.js';
-import { openBacking } from '../source/blockdev.js';
-import type { FileSource } from '../source/file-source.js';
+import type { Source } from '../source/source.js';
 import { defaultName, frontendKind, ModuleMissingError, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/nbd-device.js';
@@ -21,7 +20,8 @@ export const EXPORT_NAME = 'ulobdev';
 
 export interface AttachOptions {
   device: string;
-  backing: string;
+  /** Opens the source behind the cache (the backing disk, an HTTP image, a user callback). */
+  openSource: (options: { writable: boolean }) => Promise<Source>;
   cache?: string;
   bitmap?: string;
   metadata?: string;
@@ -60,7 +60,7 @@ export class Daemon {
   readonly name: string;
   readonly device: string;
   readonly engine: CacheEngine;
-  readonly #source: FileSource;
+  readonly #source: Source;
   readonly #server: NbdServer;
   readonly #frontend: Frontend;
   readonly #control: ControlServer;
@@ -75,7 +75,7 @@ export class Daemon {
     name: string;
     device: string;
     engine: CacheEngine;
-    source: FileSource;
+    source: Source;
     server: NbdServer;
     frontend: Frontend;
     control: ControlServer;
@@ -117,7 +117,7 @@ export class Daemon {
     await assertNoDaemon(join(runBase, `${name}.sock`));
     const undo: Array<() => Promise<unknown>> = [];
     try {
-      const source = await openBacking(options.backing, { writable: options.writeback });
+      const source = await options.openSource({ writable: options.writeback });
       undo.push(() => source.close());
       const paths = cachePaths(options, source.id);
       await fsp.mkdir(dirname(paths.cache), { recursive: true, mode: 0o700 });

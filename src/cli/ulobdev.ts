@@ -63,7 +63,7 @@ async function attach(device: string, backing: string, flags: AttachFlags): Prom
   try {
     daemon = await Daemon.start({
       device,
-      backing,
+      openSource: ({ writable }) => openBacking(backing, { writable }),
       cache: flags.cache,
       bitmap: flags.bitmap,
       metadata: flags.metadata,
