@@ -48,6 +48,8 @@ export interface DeviceStatus {
   uptimeSeconds: number;
   pid: number;
   paths: CachePaths;
+  /** The source's own counters, if it keeps any. */
+  source?: Record<string, number | string | boolean>;
 }
 
 export class NotRootError extends UlobError {
@@ -176,6 +178,7 @@ export class Daemon {
       uptimeSeconds: Math.round((Date.now() - this.#started) / 1000),
       pid: process.pid,
       paths: this.engine.store.paths,
+      source: this.#source.stats?.(),
     };
   }
 

@@ -10,6 +10,8 @@ export interface Source {
   /** Reads exactly buf.length bytes at `position` (inside [0, size)). */
   readAt(buf: Uint8Array, position: number): Promise<void>;
   close(): Promise<void>;
+  /** Counters worth showing in `status` (bytes fetched, requests, errors); plain JSON values. */
+  stats?(): Record<string, number | string | boolean>;
 }
 
 /** A source the flusher can write dirty blocks back to. */
