@@ -14,6 +14,10 @@ nbdkit      nbdkit
 fusermount3 fuse3
 mkfs.ext4   e2fsprogs
 losetup     util-linux
+nginx       nginx-light
+mksquashfs  squashfs-tools
+httpdirfs   httpdirfs
+fio         fio
 '
 
 PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
