@@ -1,0 +1,129 @@
+// Adaptive readahead for a remote source: which bytes past a read are worth fetching now.
+// Pure (no I/O, no timers): the HTTP source feeds it every read and tells it when prefetched bytes
+// were used or thrown away, and fetches what it asks for.
+//
+// Reads are grouped into streams by position: a read that starts near where a stream ended (a
+// little behind, because parallel requests arrive out of order, or a little ahead, because the
+// engine skips blocks it already has) continues that stream. A stream's window starts at
+// `minWindow` on its second read and doubles on each further one, up to `cap`. `cap` is global
+// feedback: it halves when prefetched bytes are evicted unused (random access, a scan that jumped)
+// and grows back as prefetched bytes get used, so wasted transfer stays a small multiple of what was
+// read, and memory stays bounded by the caller's buffer budget.
+
+export interface ReadaheadOptions {
+  /** Size of the image: nothing past it is asked for. */
+  size: number;
+  /** First window of a stream that turns sequential. */
+  minWindow: number;
+  /** Largest window (and the starting cap). */
+  maxWindow: number;
+  /** Streams tracked at once (parallel sequential readers). */
+  streams?: number;
+  /** A read this far past a stream's end still continues it, when the window is smaller. */
+  skipTolerance?: number;
+}
+
+export interface Range {
+  start: number;
+  /** Exclusive. */
+  end: number;
+}
+
+interface Stream {
+  /** End of the furthest read of the stream. */
+  front: number;
+  /** Start of its first read, for the backward tolerance. */
+  origin: number;
+  reads: number;
+  window: number;
+  tick: number;
+}
+
+export class Readahead {
+  readonly #size: number;
+  readonly #min: number;
+  readonly #max: number;
+  readonly #maxStreams: number;
+  readonly #skip: number;
+  readonly #streams: Stream[] = [];
+  #cap: number;
+  #tick = 0;
+
+  constructor(options: ReadaheadOptions) {
+    if (!(options.minWindow > 0) || options.maxWindow < options.minWindow) throw new RangeError('readahead needs 0 < minWindow <= maxWindow');
+    this.#size = options.size;
+    this.#min = options.minWindow;
+    this.#max = options.maxWindow;
+    this.#cap = options.maxWindow;
+    this.#maxStreams = options.streams ?? 16;
+    this.#skip = options.skipTolerance ?? 64 * 1024;
+  }
+
+  /** Current cap on any stream's window. */
+  get cap(): number {
+    return this.#cap;
+  }
+
+  /** Windows of the tracked streams, most recent first (for stats and tests). */
+  windows(): number[] {
+    return [...this.#streams].sort((a, b) => b.tick - a.tick).map((s) => s.window);
+  }
+
+  /**
+   * Records a read of [pos, pos+len) and returns the range to have fetched ahead of it, or
+   * undefined when the read looks random. The range may overlap bytes already fetched or in flight;
+   * the caller skips those.
+   */
+  onRead(pos: number, len: number): Range | undefined {
+    const end = pos + len;
+    this.#tick++;
+    const s = this.#match(pos, end);
+    if (!s) {
+      this.#add({ front: end, origin: pos, reads: 1, window: 0, tick: this.#tick });
+      return undefined;
+    }
+    s.tick = this.#tick;
+    s.reads++;
+    s.front = Math.max(s.front, end);
+    s.window = Math.min(this.#cap, s.window === 0 ? this.#min : s.window * 2);
+    const start = s.front;
+    const stop = Math.min(this.#size, start + s.window);
+    return stop > start ? { start, end: stop } : undefined;
+  }
+
+  /** Prefetched bytes were evicted without being read: the access pattern is less sequential. */
+  wasted(bytes: number): void {
+    if (bytes <= 0) return;
+    this.#cap = Math.max(this.#min, Math.floor(this.#cap / 2));
+    for (const s of this.#streams) s.window = Math.min(s.window, this.#cap);
+  }
+
+  /** Prefetched bytes were read: let the cap grow back. */
+  used(bytes: number): void {
+    if (bytes <= 0) return;
+    this.#cap = Math.min(this.#max, this.#cap + bytes);
+  }
+
+  #match(pos: number, end: number): Stream | undefined {
+    let best: Stream | undefined;
+    for (const s of this.#streams) {
+      const ahead = Math.max(this.#skip, s.window, end - pos);
+      const behind = Math.max(this.#skip, s.window);
+      // Continues the stream: starts no further than `ahead` past its front, and not entirely
+      // behind the part of it already read (a re-read of old data is not progress).
+      if (pos <= s.front + ahead && pos >= Math.max(s.origin, s.front - behind) && end > s.front - behind) {
+        if (!best || s.tick > best.tick) best = s;
+      }
+    }
+    return best;
+  }
+
+  #add(s: Stream): void {
+    if (this.#streams.length >= this.#maxStreams) {
+      let oldest = 0;
+      for (let i = 1; i < this.#streams.length; i++) if (this.#streams[i]!.tick < this.#streams[oldest]!.tick) oldest = i;
+      this.#streams.splice(oldest, 1);
+    }
+    this.#streams.push(s);
+  }
+}

@@ -1,0 +1,134 @@
+// HttpSource against a Node range server on 127.0.0.1: reads equal the image, parallel and merged
+// requests, readahead, retries on faults, redirects, a server without ranges, and an image that
+// changes on the server.
+import { randomBytes } from 'node:crypto';
+import { afterEach, describe, expect, it } from 'vitest';
+import { HttpSource } from '../../src/source/http.js';
+import { startFaultProxy, startRangeServer, type RangeServer } from '../support/http-env.js';
+
+const MiB = 1024 * 1024;
+const stops: Array<() => Promise<unknown>> = [];
+afterEach(async () => {
+  for (const stop of stops.splice(0).reverse()) await stop();
+});
+
+async function server(data: Buffer, options: Parameters<typeof startRangeServer>[1] = {}): Promise<RangeServer> {
+  const s = await startRangeServer(data, options);
+  stops.push(() => s.stop());
+  return s;
+}
+
+async function open(url: string, options: ConstructorParameters<typeof Object>[0] = {}): Promise<HttpSource> {
+  const src = await HttpSource.open(url, { retryBaseMs: 5, retryCapMs: 50, timeoutMs: 2000, ...(options as object) });
+  stops.push(() => src.close());
+  return src;
+}
+
+async function read(src: HttpSource, pos: number, len: number): Promise<Buffer> {
+  const buf = Buffer.alloc(len);
+  await src.readAt(buf, pos);
+  return buf;
+}
+
+describe('HttpSource', () => {
+  it('learns size and identity, and reads exactly the asked bytes', async () => {
+    const data = randomBytes(3 * MiB + 123);
+    const s = await server(data);
+    const src = await open(s.url);
+    expect(src.size).toBe(data.length);
+    expect(src.id).toMatch(/^http:http:\/\/127\.0\.0\.1:\d+\/disk\.img\|size=3145851\|etag="v1-/);
+    for (const [pos, len] of [[0, 1], [4096, 4096], [data.length - 17, 17], [MiB - 5, 2 * MiB]] as const) {
+      expect((await read(src, pos, len)).equals(data.subarray(pos, pos + len)), `${pos}+${len}`).toBe(true);
+    }
+    await expect(src.readAt(Buffer.alloc(2), data.length - 1)).rejects.toThrow(/outside the image/);
+  });
+
+  it('merges concurrent adjacent misses into one request', async () => {
+    const data = randomBytes(1 * MiB);
+    const s = await server(data);
+    const src = await open(s.url, { readaheadMax: 0 });
+    const before = s.requests;
+    const bufs = await Promise.all([0, 1, 2, 3, 4, 5, 6, 7].map((i) => read(src, 4096 * i, 4096)));
+    expect(Buffer.concat(bufs).equals(data.subarray(0, 8 * 4096))).toBe(true);
+    expect(s.requests - before).toBe(1);
+  });
+
+  it('reads ahead on a sequential stream and fetches little more than it reads', async () => {
+    const data = randomBytes(48 * MiB);
+    const s = await server(data);
+    const src = await open(s.url);
+    const sent0 = s.bytesSent;
+    for (let pos = 0; pos < data.length; pos += 128 * 1024) {
+      expect((await read(src, pos, 128 * 1024)).equals(data.subarray(pos, pos + 128 * 1024))).toBe(true);
+    }
+    const st = src.stats();
+    expect(Number(st.readaheadHitBytes)).toBeGreaterThan(data.length * 0.9);
+    expect((s.bytesSent - sent0) / data.length).toBeLessThan(1.05);
+  });
+
+  it('retries through drops, stalls, 500s and truncated bodies, and never returns wrong data', async () => {
+    const data = randomBytes(8 * MiB);
+    const s = await server(data);
+    const faults = ['drop', 'stall', 'http500', 'truncate'] as const;
+    const proxy = await startFaultProxy(s.port, (n) => (n === 0 ? 'pass' : n % 3 === 0 ? 'pass' : faults[n % 4]!));
+    stops.push(() => proxy.stop());
+    const src = await open(`http://127.0.0.1:${proxy.port}/disk.img`, { timeoutMs: 300, retries: 20, connections: 4 });
+    const reads = [];
+    for (let i = 0; i < 24; i++) {
+      const pos = Math.floor(Math.random() * (data.length - 70_000));
+      reads.push(read(src, pos, 4096 + i * 2000).then((b) => expect(b.equals(data.subarray(pos, pos + b.length))).toBe(true)));
+    }
+    await Promise.all(reads);
+    expect(Number(src.stats().retries)).toBeGreaterThan(0);
+    expect(proxy.counts.truncate + proxy.counts.stall + proxy.counts.drop + proxy.counts.http500).toBeGreaterThan(3);
+  });
+
+  it('fails with a clear error, not wrong data, when every attempt fails', async () => {
+    const data = randomBytes(MiB);
+    const s = await server(data, { intercept: (_req, res, n) => (n > 0 ? (res.writeHead(503).end(), true) : false) });
+    const src = await open(s.url, { retries: 2 });
+    await expect(src.readAt(Buffer.alloc(4096), 8192)).rejects.toThrow(/HTTP 503/);
+  });
+
+  it('refuses a server that answers 200 to a Range request, without downloading the image', async () => {
+    const s = await server(randomBytes(4 * MiB), { noRanges: true });
+    await expect(HttpSource.open(s.url)).rejects.toThrow(/answered 200 to a Range request: the server does not serve byte ranges/);
+  });
+
+  it('follows redirects within limits', async () => {
+    const data = randomBytes(MiB);
+    const target = await server(data);
+    const hops = await server(Buffer.alloc(1), {
+      intercept: (req, res) => {
+        const n = Number(/\/r(\d+)/.exec(req.url ?? '')?.[1] ?? 0);
+        res.writeHead(302, { Location: n > 0 ? `/r${n - 1}` : target.url }).end();
+        return true;
+      },
+    });
+    const base = hops.url.replace('/disk.img', '');
+    const src = await open(`${base}/r3`);
+    expect((await read(src, 100, 1000)).equals(data.subarray(100, 1100))).toBe(true);
+    await expect(HttpSource.open(`${base}/r9`)).rejects.toThrow(/more than 5 redirects/);
+  });
+
+  it('detects an image replaced on the server: reads fail from then on', async () => {
+    for (const validator of ['etag', 'last-modified'] as const) {
+      const data = randomBytes(2 * MiB);
+      const s = await server(data, { validator });
+      const src = await open(s.url, { readaheadMax: 0 });
+      expect((await read(src, 0, 4096)).equals(data.subarray(0, 4096))).toBe(true);
+      s.setData(randomBytes(2 * MiB));
+      await expect(src.readAt(Buffer.alloc(4096), 8192), validator).rejects.toThrow(/changed on the server/);
+      expect(src.stats().imageChanged).toBe(true);
+      // Even a range that would be the same in both versions is refused now.
+      await expect(src.readAt(Buffer.alloc(4096), 0)).rejects.toMatchObject({ code: 'ULOB_E_IMAGE_CHANGED' });
+    }
+  });
+
+  it('detects a change in size', async () => {
+    const s = await server(randomBytes(MiB), { validator: 'none' });
+    const src = await open(s.url, { readaheadMax: 0 });
+    s.setData(randomBytes(2 * MiB));
+    await expect(src.readAt(Buffer.alloc(4096), 0)).rejects.toThrow(/2097152 bytes now, was 1048576/);
+  });
+});
