@@ -392,7 +392,7 @@ async function createFiles(storage: Storage, paths: CachePaths, geometry: Geomet
     const code = (err as { code?: string }).code;
     throw code === 'ENOSPC'
       ? ioError('allocate the cache (not enough space for a cache the size of the disk)', paths.cache, err)
-      : ioError('create the cache', paths.cache, err);
+      : ioError('create the cache', (err as { path?: string }).path ?? paths.cache, err);
   }
 }
 
