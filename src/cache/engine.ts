@@ -9,6 +9,7 @@
 //   dirty        durable in the cache, newer than the backing disk       (store.dirty)
 // A commit (FLUSH, FUA, or the background timer) syncs the cache file, then turns staged blocks
 // into present or dirty ones. A write into a present clean block first makes it durably dirty.
+import { open as openFile, rm, type FileHandle } from 'node:fs/promises';
 import { EngineClosedError, ReadOnlyError } from '../errors.js';
 import { assertBytes, assertRange } from '../validate.js';
 import { Bitmap } from './bitmap.js';
@@ -22,6 +23,18 @@ export interface EngineOptions {
   autoCommitMs?: number;
   /** Largest single read from the source when filling a run of missing blocks. */
   maxFillBytes?: number;
+  /**
+   * Copy-on-write of an open flush epoch (see preserve below): how many bytes of preserved block
+   * versions to keep in memory before spilling to `cowSpillPath`. Default 64 MiB.
+   */
+  cowMemoryBytes?: number;
+  /** Side file for preserved versions beyond cowMemoryBytes. Default: CACHE.cow next to the cache. */
+  cowSpillPath?: string;
+  /**
+   * TRIM evicts clean blocks (default). False keeps them: a hydrated cache (--hydrate) stays a
+   * full mirror, so no later read wakes the disk.
+   */
+  evictOnDiscard?: boolean;
 }
 
 export interface WriteOptions {
@@ -51,6 +64,19 @@ export interface EngineStats {
 interface OpenEpoch extends Epoch {
   flushing: Bitmap;
   rewritten: Set<number>;
+  // Copy-on-write state (point-in-time epochs). Per block of `flushing`, at most one of:
+  /** Blocks readEpoch() has read: the disk gets (or got) their epoch version; writes go ahead. */
+  copied: Bitmap;
+  /** Blocks readEpoch() is reading now; writes to them wait. */
+  reading: Map<number, Promise<void>>;
+  /** Blocks whose epoch version is being saved aside; readEpoch waits. */
+  preserving: Map<number, Promise<void>>;
+  /** Saved epoch versions: in memory, or a slot of the spill file. */
+  preserved: Map<number, Buffer | number>;
+  memoryBytes: number;
+  spill: { handle: FileHandle; path: string; slots: number } | null;
+  /** A preservation failed: the epoch cannot be written as a point-in-time image; the flush aborts. */
+  failed: Error | null;
 }
 
 type Staged = 'clean' | 'dirty';
@@ -74,7 +100,12 @@ export class CacheEngine {
   readonly #maxFillBlocks: number;
   #commitTimer: NodeJS.Timeout | null = null;
   #epoch: OpenEpoch | null = null;
+  readonly #cowMemoryBytes: number;
+  readonly #cowSpillPath: string;
+  readonly #evictOnDiscard: boolean;
   #closed = false;
+  /** Time of the last user read or write (not prefetch): background work yields to it. */
+  lastRequestAt = 0;
 
   constructor(store: CacheStore, source: Source, options: EngineOptions = {}) {
     this.store = store;
@@ -83,6 +114,9 @@ export class CacheEngine {
     this.#autoCommitMs = options.autoCommitMs ?? 1000;
     this.#maxFillBlocks = Math.max(1, Math.floor((options.maxFillBytes ?? DEFAULT_MAX_FILL) / this.geometry.blockSize));
     this.#commit = new Coalescer(() => this.#commitStaged());
+    this.#cowMemoryBytes = options.cowMemoryBytes ?? 64 << 20;
+    this.#cowSpillPath = options.cowSpillPath ?? `${store.paths.cache}.cow`;
+    this.#evictOnDiscard = options.evictOnDiscard ?? true;
   }
 
   get size(): number {
@@ -109,6 +143,7 @@ export class CacheEngine {
   async read(offset: number, length: number): Promise<Buffer> {
     this.#assertOpen();
     assertRange(offset, length, this.size);
+    this.lastRequestAt = Date.now();
     const buf = Buffer.allocUnsafe(length);
     if (length === 0) return buf;
     const [first, end] = this.geometry.blocksOf(offset, length);
@@ -123,12 +158,16 @@ export class CacheEngine {
     assertRange(offset, data.byteLength, this.size);
     if (this.readOnly) throw new ReadOnlyError(`the cache of ${this.source.description} is read-only; attach with --writeback to write`);
     if (data.byteLength === 0) return;
+    this.lastRequestAt = Date.now();
     const range = this.geometry.blocksOf(offset, data.byteLength);
     this.#writes.add(range);
     this.#markRewritten(range[0], range[1]);
     try {
       const release = await this.#prepareWrite(offset, data.byteLength, range[0], range[1]);
       try {
+        // Point-in-time epochs: the open epoch's version of these blocks is saved aside before it
+        // changes. No await between the last check and the write below.
+        await this.#preserveForEpoch(range[0], range[1]);
         await this.store.writeData(data, offset);
       } finally {
         release();
@@ -146,12 +185,25 @@ export class CacheEngine {
   }
 
   /**
+   * Brings [offset, offset + length) into the cache without returning it (hydration, read-ahead).
+   * Does not count as a user request.
+   */
+  async prefetch(offset: number, length: number): Promise<void> {
+    this.#assertOpen();
+    assertRange(offset, length, this.size);
+    if (length === 0) return;
+    const [first, end] = this.geometry.blocksOf(offset, length);
+    await this.#makeReadable(first, end);
+  }
+
+  /**
    * Drops clean blocks wholly inside the range from the cache (TRIM as eviction). Dirty blocks
    * stay: they are the only copy. Contents read afterwards are unchanged.
    */
   async discard(offset: number, length: number): Promise<void> {
     this.#assertOpen();
     assertRange(offset, length, this.size);
+    if (!this.#evictOnDiscard) return;
     const g = this.geometry;
     const first = Math.ceil(offset / g.blockSize);
     const end = offset + length === g.size ? g.blockCount : Math.floor((offset + length) / g.blockSize);
@@ -186,6 +238,13 @@ export class CacheEngine {
       blocks: extents.reduce((n, e) => n + e.count, 0),
       flushing,
       rewritten: new Set(),
+      copied: new Bitmap(this.geometry.blockCount),
+      reading: new Map(),
+      preserving: new Map(),
+      preserved: new Map(),
+      memoryBytes: 0,
+      spill: null,
+      failed: null,
     };
     this.#epoch = epoch;
     for (const [first, end] of this.#writes) this.#markRewritten(first, end);
@@ -199,11 +258,70 @@ export class CacheEngine {
   }
 
   /**
+   * The epoch's version of blocks [start, start + count) (which must lie in one of its extents),
+   * for the flusher to write to the disk: the cache content as of beginEpoch(), even for blocks
+   * rewritten since (their saved copies). Each block should be read once; afterwards writes to it
+   * no longer need a copy.
+   */
+  async readEpoch(epoch: Epoch, start: number, count: number): Promise<Buffer> {
+    this.#assertOpen();
+    const open = this.#epoch;
+    if (!open || open !== epoch) throw new EngineClosedError(`flush epoch ${epoch.id} is not the open epoch`);
+    const g = this.geometry;
+    const end = start + count;
+    if (!Number.isSafeInteger(start) || count < 1 || end > g.blockCount) throw new RangeError(`blocks ${start}+${count} outside the disk`);
+    for (;;) {
+      if (open.failed) throw open.failed;
+      const waits = [];
+      for (let b = start; b < end; b++) {
+        const p = open.preserving.get(b) ?? open.reading.get(b);
+        if (p) waits.push(p);
+      }
+      if (waits.length === 0) break;
+      await Promise.all(waits);
+    }
+    let done!: () => void;
+    const reading = new Promise<void>((resolve) => (done = resolve));
+    const mine: number[] = [];
+    for (let b = start; b < end; b++) {
+      if (!open.flushing.get(b) || open.copied.get(b)) continue;
+      open.reading.set(b, reading);
+      mine.push(b);
+    }
+    try {
+      const buf = Buffer.allocUnsafe(g.extentBytes(start, count));
+      await this.store.readData(buf, g.blockOffset(start));
+      for (let b = start; b < end; b++) {
+        const saved = open.preserved.get(b);
+        if (saved === undefined) continue;
+        const at = g.blockOffset(b) - g.blockOffset(start);
+        if (typeof saved === 'number') {
+          await open.spill!.handle.read(buf, at, g.blockLength(b), saved * g.blockSize);
+        } else {
+          saved.copy(buf, at);
+          open.memoryBytes -= saved.byteLength;
+        }
+        open.preserved.delete(b);
+      }
+      if (open.failed) throw open.failed;
+      for (const b of mine) open.copied.set(b);
+      return buf;
+    } finally {
+      for (const b of mine) open.reading.delete(b);
+      done();
+    }
+  }
+
+  /**
    * Ends a flush epoch whose blocks the flusher has written to the source: syncs the source, then
    * clears the dirty bits of the blocks not rewritten meanwhile (invariant 4).
    */
   async commitEpoch(epoch: Epoch): Promise<{ cleaned: number; kept: number }> {
     const open = this.#takeEpoch(epoch);
+    // Blocks written since beginEpoch() waited for their copy (readEpoch or preserve) while the
+    // epoch was open; with it closed they need none.
+    await this.#releaseEpoch(open);
+    if (open.failed) throw open.failed;
     const source = this.#writableSource();
     await source.sync();
     // Decided after the sync, so a write that raced with it keeps its block dirty.
@@ -217,7 +335,16 @@ export class CacheEngine {
 
   /** Ends an epoch without clearing anything (the flush failed); its blocks stay dirty. */
   abortEpoch(epoch: Epoch): void {
-    if (this.#epoch === epoch) this.#epoch = null;
+    if (this.#epoch !== epoch) return;
+    const open = this.#epoch;
+    this.#epoch = null;
+    void this.#releaseEpoch(open);
+  }
+
+  /** Bytes of epoch versions saved aside (memory and spill file) for the open epoch. */
+  get preservedBytes(): number {
+    const e = this.#epoch;
+    return e ? e.preserved.size * this.geometry.blockSize : 0;
   }
 
   /** Commits everything and closes the store cleanly. The source stays open (the caller owns it). */
@@ -354,6 +481,73 @@ export class CacheEngine {
       });
     });
     return this.#intentCommit;
+  }
+
+  /**
+   * Copy-on-write for point-in-time epochs: every block of [first, end) in the open epoch that the
+   * flusher has not read yet gets its epoch version saved (memory, then the spill file) before a
+   * write may change it. Returns when no block of the range needs a copy; the caller writes
+   * without awaiting anything else first.
+   */
+  async #preserveForEpoch(first: number, end: number): Promise<void> {
+    for (;;) {
+      const epoch = this.#epoch;
+      if (!epoch || epoch.failed) return;
+      const waits: Promise<void>[] = [];
+      const todo: number[] = [];
+      for (let b = epoch.flushing.nextSet(first, end); b < end; b = epoch.flushing.nextSet(b + 1, end)) {
+        if (epoch.copied.get(b) || epoch.preserved.has(b)) continue;
+        const busy = epoch.reading.get(b) ?? epoch.preserving.get(b);
+        if (busy) waits.push(busy);
+        else todo.push(b);
+      }
+      if (todo.length > 0) {
+        const p = this.#preserve(epoch, todo);
+        for (const b of todo) epoch.preserving.set(b, p);
+        waits.push(p);
+      }
+      if (waits.length === 0) return;
+      await Promise.all(waits);
+    }
+  }
+
+  /** Saves the current cache content of `blocks` as the epoch's version. Never rejects. */
+  async #preserve(epoch: OpenEpoch, blocks: number[]): Promise<void> {
+    const g = this.geometry;
+    try {
+      for (const b of blocks) {
+        const buf = Buffer.allocUnsafe(g.blockLength(b));
+        await this.store.readData(buf, g.blockOffset(b));
+        if (epoch.memoryBytes + buf.byteLength <= this.#cowMemoryBytes) {
+          epoch.preserved.set(b, buf);
+          epoch.memoryBytes += buf.byteLength;
+        } else {
+          epoch.spill ??= { handle: await openFile(this.#cowSpillPath, 'w+', 0o600), path: this.#cowSpillPath, slots: 0 };
+          const slot = epoch.spill.slots++;
+          await epoch.spill.handle.write(buf, 0, buf.byteLength, slot * g.blockSize);
+          epoch.preserved.set(b, slot);
+        }
+      }
+    } catch (err) {
+      // Without the copy the epoch is no point-in-time image any more: it fails as a whole (its
+      // blocks stay dirty; a later flush starts a new epoch) and the user's write goes ahead.
+      epoch.failed ??= new EngineClosedError(`cannot keep the flush epoch's copy of a rewritten block: ${(err as Error).message}`);
+    } finally {
+      for (const b of blocks) epoch.preserving.delete(b);
+    }
+  }
+
+  /** Frees an epoch's saved copies once no preservation or read is in flight. */
+  async #releaseEpoch(epoch: OpenEpoch): Promise<void> {
+    await Promise.all([...epoch.preserving.values(), ...epoch.reading.values()]);
+    epoch.preserved.clear();
+    epoch.memoryBytes = 0;
+    const spill = epoch.spill;
+    epoch.spill = null;
+    if (spill) {
+      await spill.handle.close().catch(() => undefined);
+      await rm(spill.path, { force: true }).catch(() => undefined);
+    }
   }
 
   #markRewritten(first: number, end: number): void {

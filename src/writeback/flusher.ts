@@ -1,13 +1,25 @@
 // One flush = one epoch: snapshot the dirty blocks, write them to the backing disk sorted by offset
 // and coalesced into large writes, sync the disk, then clear what was flushed (engine.commitEpoch
-// syncs the source before clearing: invariant 4).
+// syncs the source before clearing: invariant 4). Each piece is the epoch's version of its blocks
+// (engine.readEpoch): blocks rewritten during the flush reach the disk as they were at the
+// snapshot, so a completed flush leaves the disk a point-in-time image (docs/design.md).
 import type { CacheEngine } from '../cache/engine.js';
 import { isWritable } from '../source/source.js';
 import { ReadOnlyError } from '../errors.js';
 
+export interface FlushProgress {
+  epoch: number;
+  doneBytes: number;
+  totalBytes: number;
+}
+
 export interface FlushOptions {
   /** Largest single write to the backing disk. */
   maxIoBytes?: number;
+  /** Called after each piece reaches the disk (not yet synced). */
+  onProgress?: (progress: FlushProgress) => void;
+  /** Called once the epoch is taken, before anything is written. */
+  onStart?: (progress: FlushProgress) => void;
 }
 
 export interface FlushResult {
@@ -29,21 +41,32 @@ export async function flushDirty(engine: CacheEngine, options: FlushOptions = {}
   const g = engine.geometry;
   const maxBlocks = Math.max(1, Math.floor((options.maxIoBytes ?? DEFAULT_MAX_IO) / g.blockSize));
   const epoch = await engine.beginEpoch();
-  let bytes = 0;
+  // Extents come sorted and maximal from the bitmap: one sequential pass over the disk.
+  const pieces: Array<[number, number]> = [];
+  for (const extent of epoch.extents) {
+    for (let start = extent.start; start < extent.start + extent.count; start += maxBlocks) {
+      pieces.push([start, Math.min(maxBlocks, extent.start + extent.count - start)]);
+    }
+  }
+  const totalBytes = pieces.reduce((n, [s, c]) => n + g.extentBytes(s, c), 0);
+  const progress: FlushProgress = { epoch: epoch.id, doneBytes: 0, totalBytes };
+  options.onStart?.({ ...progress });
   try {
-    // Extents come sorted and maximal from the bitmap: one sequential pass over the disk.
-    for (const extent of epoch.extents) {
-      for (let start = extent.start; start < extent.start + extent.count; start += maxBlocks) {
-        const count = Math.min(maxBlocks, extent.start + extent.count - start);
-        const offset = g.blockOffset(start);
-        const buf = Buffer.allocUnsafe(g.extentBytes(start, count));
-        await engine.readCache(buf, offset);
-        await source.writeAt(buf, offset);
-        bytes += buf.byteLength;
-      }
+    // The next piece is read from flash while the current one is written: the disk never waits
+    // for the cache between pieces.
+    let next = pieces.length > 0 ? engine.readEpoch(epoch, pieces[0]![0], pieces[0]![1]) : null;
+    for (let i = 0; i < pieces.length; i++) {
+      const [start] = pieces[i]!;
+      const buf = await next!;
+      next = i + 1 < pieces.length ? engine.readEpoch(epoch, pieces[i + 1]![0], pieces[i + 1]![1]) : null;
+      // A rejected read-ahead is reported when awaited; keep it from counting as unhandled meanwhile.
+      next?.catch(() => undefined);
+      await source.writeAt(buf, g.blockOffset(start));
+      progress.doneBytes += buf.byteLength;
+      options.onProgress?.({ ...progress });
     }
     const { cleaned, kept } = await engine.commitEpoch(epoch);
-    return { epoch: epoch.id, blocks: epoch.blocks, bytes, cleaned, kept };
+    return { epoch: epoch.id, blocks: epoch.blocks, bytes: progress.doneBytes, cleaned, kept };
   } catch (err) {
     engine.abortEpoch(epoch);
     throw err;

@@ -48,6 +48,18 @@ interface Model {
   /** Contents written since `stable` that a crash may also leave behind. */
   since: Map<number, Set<number>>;
   nextTag: number;
+  /**
+   * The image of the last completed flush epoch: what the backing disk holds, sector for sector,
+   * whenever no flush is running (point-in-time epochs, docs/design.md).
+   */
+  image: Uint32Array;
+  /** The image of the epoch being flushed, from its beginEpoch() until it completes or crashes. */
+  flushing: Uint32Array | null;
+  /**
+   * Sectors a crash left torn between two epochs (old image or the crashed epoch's): allowed on the
+   * disk besides `image` until the next completed epoch rewrites them.
+   */
+  torn: Map<number, Set<number>>;
 }
 
 interface Real {
@@ -72,7 +84,31 @@ async function openEngine(real: Omit<Real, 'engine'>): Promise<CacheEngine> {
     storage,
     metadata: real.world.metadata(),
   });
-  return new CacheEngine(store, source, { autoCommitMs: 0 });
+  // One block of copies in memory, the rest in the spill file: both copy-on-write paths run.
+  return new CacheEngine(store, source, { autoCommitMs: 0, cowMemoryBytes: real.blockSize });
+}
+
+/**
+ * Dropping the cache entirely at this moment leaves the disk as the model says: every sector holds
+ * the last completed epoch's content (or, after a crash mid-flush, that of the crashed epoch).
+ */
+function expectDiskIsEpochImage(model: Model, disk: Buffer, what: string): void {
+  for (let s = 0; s < model.sectors; s++) {
+    const got = decodeSector(disk.subarray(s * SECTOR, (s + 1) * SECTOR), s);
+    if (got === model.image[s] || model.torn.get(s)?.has(got)) continue;
+    expect.fail(
+      `${what}: disk sector ${s} holds ${got === -1 ? 'garbage' : `write ${got}`}, but the last completed epoch has write ${model.image[s]}` +
+        (model.torn.has(s) ? ` (or ${[...model.torn.get(s)!].join(', ')})` : ''),
+    );
+  }
+}
+
+/** An epoch completed: the disk is its image exactly. */
+function completeEpoch(model: Model, real: Real): void {
+  model.image = model.flushing!;
+  model.flushing = null;
+  model.torn.clear();
+  expectDiskIsEpochImage(model, real.world.file(real.backingPath).visible, 'after a completed flush');
 }
 
 function writeSectors(model: Model, first: number, count: number, tag: number): Buffer {
@@ -109,9 +145,21 @@ function expectCleanBlocksMatchBacking(real: Real): void {
 
 /** Crash the world, reopen, and check that every sector holds a content the model allows. */
 async function crashAndRecover(model: Model, real: Real, kind: CrashKind): Promise<void> {
+  const epochBefore = real.engine.store.info.flushEpoch;
   await real.engine.store.abandon();
   await real.engine.source.close();
   real.world.crash(kind, real.rng);
+  // Losing the cache now: every disk sector is the last epoch's or the one being flushed (never a
+  // later write), at sector granularity.
+  if (model.flushing) {
+    for (let s = 0; s < model.sectors; s++) {
+      if (model.flushing[s] === model.image[s]) continue;
+      let set = model.torn.get(s);
+      if (!set) model.torn.set(s, (set = new Set()));
+      set.add(model.flushing[s]!);
+    }
+  }
+  expectDiskIsEpochImage(model, real.world.file(real.backingPath).durable, `after a ${kind} crash`);
   for (let attempt = 0; ; attempt++) {
     // Half the time, crash once more in the middle of recovery itself.
     if (attempt === 0 && real.rng.int(2) === 0) real.world.armCrash(real.rng.int(4));
@@ -125,6 +173,9 @@ async function crashAndRecover(model: Model, real: Real, kind: CrashKind): Promi
     }
   }
   expect(real.engine.store.recoveredFromCrash).toBe(true);
+  // The crashed epoch committed (its metadata transaction ran): the disk is its image exactly.
+  if (model.flushing && real.engine.store.info.flushEpoch > epochBefore) completeEpoch(model, real);
+  model.flushing = null;
   expectCleanBlocksMatchBacking(real);
   const all = await real.engine.read(0, real.size);
   for (let s = 0; s < model.sectors; s++) {
@@ -150,7 +201,7 @@ type Op =
   | { kind: 'flush' }
   | { kind: 'discard'; sector: number; count: number }
   | { kind: 'writeback' }
-  | { kind: 'writeback-racing'; sector: number; count: number; split: number };
+  | { kind: 'writeback-racing'; sector: number; count: number; split: number; during: boolean };
 
 function clip(model: Model, sector: number, count: number): [number, number] {
   const s = sector % model.sectors;
@@ -195,31 +246,40 @@ async function runOp(op: Op, model: Model, real: Real): Promise<void> {
       return;
     }
     case 'writeback':
+      model.flushing = Uint32Array.from(model.current);
       await flushDirty(engine);
+      completeEpoch(model, real);
       expectCleanBlocksMatchBacking(real);
       return;
     case 'writeback-racing': {
-      // A user write lands in the middle of copying the epoch's blocks to the backing disk.
+      // A user write lands in the middle of copying the epoch's blocks to the backing disk: between
+      // two extents, or while the flusher reads extent `split` (copy-on-write against readEpoch).
+      model.flushing = Uint32Array.from(model.current);
       const epoch: Epoch = await engine.beginEpoch();
       const g = engine.geometry;
       const source = engine.source as FileSource;
       const split = epoch.extents.length === 0 ? 0 : op.split % (epoch.extents.length + 1);
-      const copy = async (from: number, to: number) => {
-        for (const e of epoch.extents.slice(from, to)) {
-          const buf = Buffer.allocUnsafe(g.extentBytes(e.start, e.count));
-          await engine.readCache(buf, g.blockOffset(e.start));
-          await source.writeAt(buf, g.blockOffset(e.start));
-        }
+      const copyOne = async (i: number) => {
+        const e = epoch.extents[i]!;
+        const buf = await engine.readEpoch(epoch, e.start, e.count);
+        await source.writeAt(buf, g.blockOffset(e.start));
       };
+      const write = () => runOp({ kind: 'write', sector: op.sector, count: op.count, fua: false }, model, real);
       try {
-        await copy(0, split);
-        await runOp({ kind: 'write', sector: op.sector, count: op.count, fua: false }, model, real);
-        await copy(split, epoch.extents.length);
+        for (let i = 0; i < split; i++) await copyOne(i);
+        if (op.during && split < epoch.extents.length) {
+          await Promise.all([copyOne(split), write()]);
+        } else {
+          await write();
+          if (split < epoch.extents.length) await copyOne(split);
+        }
+        for (let i = split + 1; i < epoch.extents.length; i++) await copyOne(i);
         await engine.commitEpoch(epoch);
       } catch (err) {
         engine.abortEpoch(epoch);
         throw err;
       }
+      completeEpoch(model, real);
       expectCleanBlocksMatchBacking(real);
       return;
     }
@@ -233,6 +293,7 @@ class OpCommand implements fc.AsyncCommand<Model, Real> {
   }
   async run(model: Model, real: Real): Promise<void> {
     await runOp(this.op, model, real);
+    expectDiskIsEpochImage(model, real.world.file(real.backingPath).visible, `after ${this.op.kind}`);
   }
   toString(): string {
     return JSON.stringify(this.op);
@@ -275,6 +336,7 @@ class ReopenCommand implements fc.AsyncCommand<Model, Real> {
     expectCleanBlocksMatchBacking(real);
     const all = await real.engine.read(0, real.size);
     expectContent(all, 0, (s) => model.current[s]!, 'after reopen');
+    expectDiskIsEpochImage(model, real.world.file(real.backingPath).visible, 'after reopen');
     model.stable.set(model.current);
     model.since.clear();
   }
@@ -293,8 +355,14 @@ function opArb(sectors: number, blockSectors: number): fc.Arbitrary<Op> {
     { weight: 1, arbitrary: fc.record({ kind: fc.constant('discard' as const), sector, count }) },
     { weight: 2, arbitrary: fc.constant({ kind: 'writeback' as const }) },
     {
-      weight: 1,
-      arbitrary: fc.record({ kind: fc.constant('writeback-racing' as const), sector, count, split: fc.nat({ max: 8 }) }),
+      weight: 2,
+      arbitrary: fc.record({
+        kind: fc.constant('writeback-racing' as const),
+        sector,
+        count,
+        split: fc.nat({ max: 8 }),
+        during: fc.boolean(),
+      }),
     },
   );
 }
@@ -337,6 +405,9 @@ export function engineModelProperty(config: ModelConfig) {
       stable: new Uint32Array(sectors).fill(BASE_TAG),
       since: new Map(),
       nextTag: BASE_TAG + 1,
+      image: new Uint32Array(sectors).fill(BASE_TAG),
+      flushing: null,
+      torn: new Map(),
     };
     try {
       await fc.asyncModelRun(() => ({ model, real }), cmds);
