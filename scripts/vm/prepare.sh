@@ -79,8 +79,14 @@ fi
 # The module, for the guest's kernel.
 [ -n "${ULOOP_VM_NO_MODULE:-}" ] || [ ! -f "$ROOT/kernel/uloop.c" ] || make -s -C "$ROOT/kernel" KDIR="/usr/src/linux-headers-$KVER" >&2
 
+# The C client the module's own tests use.
+if [ ! -x "$VM/uloopctl" ] || [ "$ROOT/test/vm/uloopctl.c" -nt "$VM/uloopctl" ] || [ "$ROOT/kernel/include/uapi/uloop.h" -nt "$VM/uloopctl" ]; then
+  gcc -O2 -Wall -Wextra -o "$VM/uloopctl" "$ROOT/test/vm/uloopctl.c"
+fi
+
 echo "KVER=$KVER"
 echo "KERNEL=$KDIR/boot/vmlinuz-$KVER"
 echo "INITRD=$INITRD"
 echo "MODULES=$KDIR/lib/modules"
 echo "ULOOP_KO=$ROOT/kernel/uloop.ko"
+echo "ULOOPCTL=$VM/uloopctl"

@@ -13,6 +13,7 @@ export interface VmPaths {
   INITRD: string;
   MODULES: string;
   ULOOP_KO: string;
+  ULOOPCTL: string;
 }
 
 export interface VmResult {
