@@ -8,7 +8,8 @@
         "native/io.cc",
         "native/blkdev.cc",
         "native/bitmap.cc",
-        "native/process.cc"
+        "native/process.cc",
+        "native/power.cc"
       ],
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")"

@@ -145,7 +145,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   }
   if (!Export<SetErrorClass>(env, exports, "setErrorClass") ||
       !InitIo(env, exports) || !InitBlkdev(env, exports) ||
-      !InitBitmap(env, exports) || !InitProcess(env, exports)) {
+      !InitBitmap(env, exports) || !InitProcess(env, exports) ||
+      !InitPower(env, exports)) {
     return Napi::Object();
   }
   return exports;

@@ -80,7 +80,72 @@ interface InfoRow {
   created_at: number;
 }
 
-export class Metadata {
+/** One row of flush_history. */
+export interface FlushRecord {
+  id: number;
+  epoch: number;
+  startedAt: number;
+  endedAt: number | null;
+  bytes: number;
+  blocks: number;
+  spunUp: boolean;
+  error: string | null;
+}
+
+export interface DirtySample {
+  at: number;
+  dirtyBytes: number;
+}
+
+export interface EventRecord {
+  at: number;
+  kind: string;
+  detail: string | null;
+}
+
+/**
+ * The history the write-back scheduler keeps (flushes, dirty-byte samples, power events). Plain
+ * inserts, not part of the cache's durable state: losing the last rows in a crash costs nothing.
+ */
+export interface HistoryLog {
+  flushStarted(epoch: number, at: number): number;
+  flushEnded(id: number, result: { endedAt: number; bytes: number; blocks: number; spunUp: boolean; error?: string | null }): void;
+  addDirtySample(at: number, dirtyBytes: number): void;
+  addEvent(at: number, kind: string, detail?: string | null): void;
+  flushes(since: number): FlushRecord[];
+  lastFlush(): FlushRecord | undefined;
+  dirtySamples(since: number): DirtySample[];
+  events(since: number, kind?: string): EventRecord[];
+  countEvents(since: number, kinds: readonly string[]): number;
+  /** Drops history older than `before` (the daemon keeps 90 days). */
+  prune(before: number): void;
+}
+
+interface FlushRow {
+  id: number;
+  epoch: number;
+  started_at: number;
+  ended_at: number | null;
+  bytes: number;
+  blocks: number;
+  spun_up: number;
+  error: string | null;
+}
+
+function flushRecord(r: FlushRow): FlushRecord {
+  return {
+    id: r.id,
+    epoch: r.epoch,
+    startedAt: r.started_at,
+    endedAt: r.ended_at,
+    bytes: r.bytes,
+    blocks: r.blocks,
+    spunUp: r.spun_up === 1,
+    error: r.error,
+  };
+}
+
+export class Metadata implements HistoryLog {
   readonly path: string;
   #db: Database.Database;
   #info: CacheInfo;
@@ -180,6 +245,68 @@ export class Metadata {
 
   close(): void {
     if (this.#db.open) this.#db.close();
+  }
+
+  // --- history (HistoryLog) -------------------------------------------------------------------
+
+  flushStarted(epoch: number, at: number): number {
+    const r = this.#db.prepare('INSERT INTO flush_history (epoch, started_at) VALUES (?, ?)').run(epoch, at);
+    return Number(r.lastInsertRowid);
+  }
+
+  flushEnded(id: number, result: { endedAt: number; bytes: number; blocks: number; spunUp: boolean; error?: string | null }): void {
+    this.#db
+      .prepare('UPDATE flush_history SET ended_at = ?, bytes = ?, blocks = ?, spun_up = ?, error = ? WHERE id = ?')
+      .run(result.endedAt, result.bytes, result.blocks, result.spunUp ? 1 : 0, result.error ?? null, id);
+  }
+
+  addDirtySample(at: number, dirtyBytes: number): void {
+    this.#db.prepare('INSERT INTO dirty_samples (at, dirty_bytes) VALUES (?, ?)').run(at, dirtyBytes);
+  }
+
+  addEvent(at: number, kind: string, detail: string | null = null): void {
+    this.#db.prepare('INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)').run(at, kind, detail);
+  }
+
+  flushes(since: number): FlushRecord[] {
+    const rows = this.#db.prepare('SELECT * FROM flush_history WHERE started_at >= ? ORDER BY started_at, id').all(since) as FlushRow[];
+    return rows.map(flushRecord);
+  }
+
+  lastFlush(): FlushRecord | undefined {
+    const row = this.#db.prepare('SELECT * FROM flush_history WHERE ended_at IS NOT NULL AND error IS NULL ORDER BY ended_at DESC, id DESC LIMIT 1').get() as
+      | FlushRow
+      | undefined;
+    return row && flushRecord(row);
+  }
+
+  dirtySamples(since: number): DirtySample[] {
+    return (this.#db.prepare('SELECT at, dirty_bytes FROM dirty_samples WHERE at >= ? ORDER BY at').all(since) as { at: number; dirty_bytes: number }[]).map(
+      (r) => ({ at: r.at, dirtyBytes: r.dirty_bytes }),
+    );
+  }
+
+  events(since: number, kind?: string): EventRecord[] {
+    const rows =
+      kind === undefined
+        ? this.#db.prepare('SELECT at, kind, detail FROM events WHERE at >= ? ORDER BY at').all(since)
+        : this.#db.prepare('SELECT at, kind, detail FROM events WHERE at >= ? AND kind = ? ORDER BY at').all(since, kind);
+    return rows as EventRecord[];
+  }
+
+  countEvents(since: number, kinds: readonly string[]): number {
+    if (kinds.length === 0) return 0;
+    const marks = kinds.map(() => '?').join(', ');
+    const row = this.#db.prepare(`SELECT count(*) AS n FROM events WHERE at >= ? AND kind IN (${marks})`).get(since, ...kinds) as { n: number };
+    return row.n;
+  }
+
+  prune(before: number): void {
+    this.#db.transaction(() => {
+      this.#db.prepare('DELETE FROM flush_history WHERE started_at < ?').run(before);
+      this.#db.prepare('DELETE FROM dirty_samples WHERE at < ?').run(before);
+      this.#db.prepare('DELETE FROM events WHERE at < ?').run(before);
+    })();
   }
 
   #update(column: 'state' | 'mode' | 'clean_shutdown', value: string | number): void {

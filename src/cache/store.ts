@@ -16,7 +16,7 @@ import {
 import { Bitmap } from './bitmap.js';
 import { Coalescer } from './coalesce.js';
 import { FILE_ALIGN, Geometry, type Extent } from './layout.js';
-import { Metadata, type CacheInfo, type CacheMode } from './metadata.js';
+import { Metadata, type CacheInfo, type CacheMode, type HistoryLog } from './metadata.js';
 import { posixStorage } from './posix-storage.js';
 import type { BlockFile, Storage } from './storage.js';
 
@@ -187,6 +187,15 @@ export class CacheStore {
 
   get info(): Readonly<CacheInfo> {
     return this.#meta.info;
+  }
+
+  /**
+   * The history tables of the metadata, for the write-back scheduler. Exposed as the narrow
+   * HistoryLog interface: history rows are not durable state, and nothing here can change the
+   * dirty set, the epoch or the flags this class guards.
+   */
+  get history(): HistoryLog {
+    return this.#meta;
   }
 
   get mode(): CacheMode {

@@ -6,12 +6,15 @@ import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths } from '../cache/store.js';
 import { UlobError } from '../errors.js';
-import type { Source } from '../source/source.js';
+import { isWritable, type Source } from '../source/source.js';
 import { defaultName, frontendKind, ModuleMissingError, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/nbd-device.js';
 import { NbdServer, parseNbdUrl } from '../bdev/nbd/index.js';
-import { flushDirty, type FlushResult } from '../writeback/flusher.js';
+import type { FlushResult } from '../writeback/flusher.js';
+import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
+import { DiskPower, onAcPower, standbyTimerCount, standbyTimerSeconds } from '../writeback/power.js';
+import { FlushScheduler, type SchedulerStatus } from '../writeback/scheduler.js';
 import { assertNoDaemon, ControlServer, type ControlRequest } from './control.js';
 
 export const STATE_DIR = '/var/lib/ulobdev';
@@ -31,6 +34,30 @@ export interface AttachOptions {
   stateDir?: string;
   runDir?: string;
   logger: Logger;
+  /** Write-back policy (src/writeback): all optional; without them flushes are manual only. */
+  writebackPolicy?: WritebackPolicy;
+}
+
+export interface WritebackPolicy {
+  /** Validated cron expression. */
+  flushCron?: string;
+  dirtyMaxBytes?: number;
+  /** --dirty-max as a percentage of a disk whose size was not known at parse time. */
+  dirtyMaxPercent?: number;
+  maxDirtyAgeMs?: number;
+  spindown?: boolean;
+  /** Seconds for the drive's own standby timer (hdparm -S); 0 turns it off. */
+  standbyTimeoutSeconds?: number;
+  onAc?: 'flush' | 'schedule';
+  /** Copy the whole disk into the cache; the number is bytes per second (0: unlimited). */
+  hydrateRate?: number;
+  /** Flush before detach and shutdown (default: on when any automatic trigger is set). */
+  flushOnDetach?: boolean;
+  /** The block device to send power commands to (the backing disk); none for files and URLs. */
+  powerDevice?: string;
+  /** Periods for tests. */
+  tickMs?: number;
+  sampleMs?: number;
 }
 
 export interface DeviceStatus {
@@ -50,6 +77,12 @@ export interface DeviceStatus {
   paths: CachePaths;
   /** The source's own counters, if it keeps any. */
   source?: Record<string, number | string | boolean>;
+  /** Dirty bytes not yet on the disk (dirty minus what a running flush has already written). */
+  bytesAtRisk: number;
+  oldestDirtyAgeSeconds: number | null;
+  /** Write-back state: schedule, last/next flush, errors, power. Absent in read-only mode. */
+  writeback?: SchedulerStatus & { schedule: string | null; powerControl: string | null };
+  hydration?: HydrationProgress;
 }
 
 export class NotRootError extends UlobError {
@@ -69,6 +102,10 @@ export class Daemon {
   readonly #logger: Logger;
   readonly #started = Date.now();
   readonly #runDir: string;
+  readonly #scheduler: FlushScheduler | null;
+  readonly #hydrator: Hydrator | null;
+  readonly #power: DiskPower | null;
+  readonly #policy: WritebackPolicy;
   #detaching: Promise<void> | null = null;
   readonly #done: Promise<void>;
   #resolveDone!: () => void;
@@ -83,6 +120,10 @@ export class Daemon {
     control: ControlServer;
     logger: Logger;
     runDir: string;
+    scheduler: FlushScheduler | null;
+    hydrator: Hydrator | null;
+    power: DiskPower | null;
+    policy: WritebackPolicy;
   }) {
     this.name = parts.name;
     this.device = parts.device;
@@ -93,6 +134,10 @@ export class Daemon {
     this.#control = parts.control;
     this.#logger = parts.logger;
     this.#runDir = parts.runDir;
+    this.#scheduler = parts.scheduler;
+    this.#hydrator = parts.hydrator;
+    this.#power = parts.power;
+    this.#policy = parts.policy;
     this.#done = new Promise((r) => (this.#resolveDone = r));
   }
 
@@ -131,8 +176,58 @@ export class Daemon {
         blockSize: options.blockSize,
       });
       if (store.recoveredFromCrash) logger.warn('the cache was not closed cleanly last time; recovered its dirty set from the metadata');
-      const engine = new CacheEngine(store, source);
+      const policy = options.writebackPolicy ?? {};
+      // Reads of the source (misses, hydration) mean the disk spins: a chance to flush for free.
+      let onDiskRead = () => undefined as void;
+      const engine = new CacheEngine(store, observeReads(source, () => onDiskRead()), {
+        evictOnDiscard: policy.hydrateRate === undefined,
+      });
       undo.push(() => engine.close());
+
+      let power: DiskPower | null = null;
+      if (policy.powerDevice) {
+        power = await DiskPower.open(policy.powerDevice, logger);
+        undo.push(() => power!.close());
+        if (power.supported && policy.standbyTimeoutSeconds !== undefined) {
+          await power.setStandbyTimer(policy.standbyTimeoutSeconds).then(
+            () => logger.info(`standby timer of ${power!.path} set to ${standbyTimerSeconds(standbyTimerCount(policy.standbyTimeoutSeconds!))} s`),
+            (err: Error) => logger.warn(`cannot set the standby timer of ${power!.path}: ${err.message}`),
+          );
+        }
+      }
+      let scheduler: FlushScheduler | null = null;
+      if (store.mode === 'writeback' && isWritable(source)) {
+        scheduler = new FlushScheduler(engine, {
+          cron: policy.flushCron,
+          dirtyMaxBytes: policy.dirtyMaxBytes ?? (policy.dirtyMaxPercent !== undefined ? Math.floor((source.size * policy.dirtyMaxPercent) / 100) : undefined),
+          maxDirtyAgeMs: policy.maxDirtyAgeMs,
+          spindown: policy.spindown,
+          onAc: policy.onAc,
+          acPower: () => onAcPower(),
+          power: power ?? undefined,
+          history: store.history,
+          logger,
+          tickMs: policy.tickMs,
+          sampleMs: policy.sampleMs,
+        });
+        const sched = scheduler;
+        onDiskRead = () => sched.noteDiskActive();
+        try {
+          store.history.prune(Date.now() - 90 * 86_400_000);
+        } catch (err) {
+          logger.warn(`cannot prune the history: ${(err as Error).message}`);
+        }
+        undo.push(async () => sched.stop());
+      }
+      let hydrator: Hydrator | null = null;
+      if (policy.hydrateRate !== undefined) {
+        hydrator = new Hydrator(engine, {
+          rate: policy.hydrateRate,
+          onError: (err) => logger.warn(`hydration: ${err.message}; retrying`),
+        });
+        const h = hydrator;
+        undo.push(() => h.stop());
+      }
 
       await fsp.mkdir(runDir, { recursive: true, mode: 0o700 });
       const server = new NbdServer({ backend: engine, exportName: EXPORT_NAME, description: `ulobdev cache of ${source.description}`, logger });
@@ -150,8 +245,16 @@ export class Daemon {
 
       let daemon: Daemon | undefined;
       const control = await ControlServer.listen(join(runBase, `${name}.sock`), (req) => daemon!.#handle(req));
-      daemon = new Daemon({ name, device: options.device, engine, source, server, frontend, control, logger, runDir });
-      logger.info({ backing: source.description, cache: paths.cache, mode: store.mode }, 'attached');
+      daemon = new Daemon({ name, device: options.device, engine, source, server, frontend, control, logger, runDir, scheduler, hydrator, power, policy });
+      scheduler?.start();
+      if (hydrator) {
+        const h = hydrator;
+        void h.start().then(
+          () => h.progress().done && logger.info('hydrated: the whole disk is in the cache; reads no longer reach it'),
+          (err: Error) => logger.error(`hydration stopped: ${err.message}`),
+        );
+      }
+      logger.info({ backing: source.description, cache: paths.cache, mode: store.mode, schedule: policy.flushCron ?? null }, 'attached');
       return daemon;
     } catch (err) {
       for (const step of undo.reverse()) await step().catch(() => undefined);
@@ -179,14 +282,37 @@ export class Daemon {
       pid: process.pid,
       paths: this.engine.store.paths,
       source: this.#source.stats?.(),
+      ...this.#writebackStatus(Math.min(s.dirtyBlocks * s.blockSize, s.size)),
+      hydration: this.#hydrator?.progress(),
     };
   }
 
-  /** Writes the dirty blocks back to the backing disk now, in one sorted pass. */
+  #writebackStatus(dirtyBytes: number): Pick<DeviceStatus, 'bytesAtRisk' | 'oldestDirtyAgeSeconds' | 'writeback'> {
+    const w = this.#scheduler?.status();
+    if (!w) return { bytesAtRisk: dirtyBytes, oldestDirtyAgeSeconds: null };
+    return {
+      bytesAtRisk: Math.max(0, dirtyBytes - (w.progress?.doneBytes ?? 0)),
+      oldestDirtyAgeSeconds: w.oldestDirtyAt === null ? null : Math.round((Date.now() - w.oldestDirtyAt) / 1000),
+      writeback: {
+        ...w,
+        schedule: this.#policy.flushCron ?? null,
+        powerControl: this.#power?.transport ?? null,
+      },
+    };
+  }
+
+  /** Writes the dirty blocks back to the backing disk now, in one sorted pass (one at a time). */
   async flush(): Promise<FlushResult> {
-    const result = await flushDirty(this.engine);
-    this.#logger.info(result, 'flushed dirty blocks to the backing disk');
-    return result;
+    if (!this.#scheduler) {
+      throw new UlobError('ULOB_E_READ_ONLY', `${this.device} is attached read-only (or its disk was opened read-only): nothing to write back`);
+    }
+    return this.#scheduler.request('manual');
+  }
+
+  /** History for `ulobdev report`: flushes, dirty samples and events since `since`. */
+  history(since: number): Record<string, unknown> {
+    const h = this.engine.store.history;
+    return { since, now: Date.now(), size: this.engine.size, flushes: h.flushes(since), samples: h.dirtySamples(since), events: h.events(since) };
   }
 
   /**
@@ -204,7 +330,21 @@ export class Daemon {
   async #detach(): Promise<void> {
     await this.#frontend.detach();
     await this.#server.close();
+    await this.#hydrator?.stop();
+    const scheduler = this.#scheduler;
+    if (scheduler) {
+      scheduler.stop();
+      await scheduler.idle();
+      const p = this.#policy;
+      const automatic = p.flushCron !== undefined || p.dirtyMaxBytes !== undefined || p.dirtyMaxPercent !== undefined || p.maxDirtyAgeMs !== undefined || p.onAc !== undefined;
+      if ((p.flushOnDetach ?? automatic) && this.engine.store.dirty.count() > 0) {
+        // Detach and shutdown flush: the disk leaves with everything. A failure keeps the data
+        // dirty in the cache (safe), so detaching goes on.
+        await scheduler.request('detach').catch((err: Error) => this.#logger.error(`flush before detach failed, the dirty blocks stay in the cache: ${err.message}`));
+      }
+    }
     await this.engine.close();
+    await this.#power?.close();
     await this.#source.close();
     await this.#control.close();
     await fsp.rm(this.#runDir, { recursive: true, force: true });
@@ -219,8 +359,17 @@ export class Daemon {
       case 'detach':
         await this.detach();
         return {};
-      case 'flush':
+      case 'flush': {
+        if (request.wait === false) {
+          // Started, not awaited: `ulobdev flush` without --wait returns at once.
+          const dirty = this.engine.store.dirty.count();
+          if (dirty > 0 || this.#scheduler?.flushing) this.flush().catch(() => undefined);
+          return { started: dirty > 0, dirtyBytes: Math.min(dirty * this.engine.geometry.blockSize, this.engine.size) };
+        }
         return { flush: await this.flush() };
+      }
+      case 'report':
+        return { report: this.history(typeof request.since === 'number' ? request.since : Date.now() - 86_400_000) };
       default:
         throw new UlobError('ULOB_E_INVALID_ARG', `unknown control command ${JSON.stringify(request.cmd)}`);
     }
@@ -242,4 +391,23 @@ export function cachePaths(options: Pick<AttachOptions, 'cache' | 'bitmap' | 'me
 export function controlSocket(deviceOrName: string, runDir = RUN_DIR): string {
   const name = deviceOrName.includes('/') || deviceOrName.includes(':') ? defaultName(deviceOrName) : deviceOrName;
   return join(runDir, `${name}.sock`);
+}
+
+/** The source with every read reported first (a read means the disk is spinning). */
+function observeReads(source: Source, onRead: () => void): Source {
+  const wrapped: Source = {
+    size: source.size,
+    id: source.id,
+    description: source.description,
+    readAt: (buf, position) => {
+      onRead();
+      return source.readAt(buf, position);
+    },
+    close: () => source.close(),
+    stats: source.stats ? () => source.stats!() : undefined,
+  };
+  if (isWritable(source)) {
+    Object.assign(wrapped, { writeAt: source.writeAt.bind(source), sync: source.sync.bind(source) });
+  }
+  return wrapped;
 }

@@ -1,9 +1,12 @@
 #!/usr/bin/env node
 // ulobdev: put a disk behind a flash cache and expose it as DEVICE.
-//   ulobdev [-c CACHE] [-b BITMAP] [--writeback] [--block-size N] [--daemon] [--name NAME] DEVICE BACKEND
+//   ulobdev [-c CACHE] [-b BITMAP] [--writeback] [--block-size N] [--daemon] [--name NAME]
+//           [--flush CRON] [--dirty-max SIZE|PCT] [--max-dirty-age DURATION] [--spindown]
+//           [--standby-timeout DURATION] [--on-ac flush|schedule] [--hydrate [RATE]] DEVICE BACKEND
 //   ulobdev status [DEVICE] [--json]
 //   ulobdev detach DEVICE
-//   ulobdev flush DEVICE
+//   ulobdev flush DEVICE [--wait]
+//   ulobdev report DEVICE --svg FILE [--hours N]
 //   ulobdev discard [-c CACHE] [-b BITMAP] [--force] BACKEND
 import { spawn } from 'node:child_process';
 import { closeSync, openSync, promises as fsp, writeSync } from 'node:fs';
@@ -17,8 +20,10 @@ import { openBacking } from '../source/blockdev.js';
 import { defaultName } from '../bdev/frontend.js';
 import { controlRequest, NotAttachedError } from './control.js';
 import type { FlushResult } from '../writeback/flusher.js';
-import { cachePaths, controlSocket, Daemon, RUN_DIR, type DeviceStatus } from './daemon.js';
+import { cachePaths, controlSocket, Daemon, RUN_DIR, type DeviceStatus, type WritebackPolicy } from './daemon.js';
 import { formatBytes, parseSize } from './units.js';
+import { dirtyLimitBytes, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../writeback/policy.js';
+import { renderReportSvg, type ReportData } from '../writeback/report.js';
 
 const NOTIFY_FD_ENV = 'ULOBDEV_NOTIFY_FD';
 
@@ -33,6 +38,53 @@ interface AttachFlags {
   logLevel: string;
   stateDir?: string;
   runDir?: string;
+  flush?: string;
+  dirtyMax?: string;
+  maxDirtyAge?: string;
+  spindown?: boolean;
+  standbyTimeout?: string;
+  onAc?: string;
+  hydrate?: string | boolean;
+  flushOnDetach?: boolean;
+  tickMs?: string;
+  sampleMs?: string;
+}
+
+/**
+ * Parses every write-back option before anything is opened or forked: a bad value is one line on
+ * stderr, exit 1, nothing changed.
+ */
+async function writebackPolicy(backing: string, flags: AttachFlags): Promise<WritebackPolicy> {
+  const policy: WritebackPolicy = {};
+  if (flags.flush !== undefined) policy.flushCron = parseCron(flags.flush);
+  const automatic = flags.flush !== undefined || flags.dirtyMax !== undefined || flags.maxDirtyAge !== undefined || flags.onAc !== undefined;
+  if (automatic && !flags.writeback) throw new UlobError('ULOB_E_INVALID_ARG', '--flush, --dirty-max, --max-dirty-age and --on-ac need --writeback');
+  if (flags.dirtyMax !== undefined) {
+    const limit = parseDirtyLimit(flags.dirtyMax);
+    const st = await fsp.stat(backing).catch(() => null);
+    // A percentage is of the disk; its size is known once it is opened, so use the file's size or
+    // resolve it at start (block devices report 0 here).
+    policy.dirtyMaxBytes = 'bytes' in limit ? limit.bytes : st && st.size > 0 ? dirtyLimitBytes(limit, st.size) : undefined;
+    if (policy.dirtyMaxBytes === undefined && 'percent' in limit) policy.dirtyMaxPercent = limit.percent;
+  }
+  if (flags.maxDirtyAge !== undefined) policy.maxDirtyAgeMs = parseDuration(flags.maxDirtyAge, '--max-dirty-age');
+  if (flags.standbyTimeout !== undefined) {
+    policy.standbyTimeoutSeconds = /^(off|0)$/i.test(flags.standbyTimeout.trim()) ? 0 : parseDuration(flags.standbyTimeout, '--standby-timeout') / 1000;
+  }
+  if (flags.onAc !== undefined) {
+    if (flags.onAc !== 'flush' && flags.onAc !== 'schedule') throw new UlobError('ULOB_E_INVALID_ARG', `--on-ac takes flush or schedule, not ${JSON.stringify(flags.onAc)}`);
+    policy.onAc = flags.onAc;
+  }
+  if (flags.hydrate !== undefined) policy.hydrateRate = flags.hydrate === true ? 0 : parseRate(String(flags.hydrate));
+  policy.spindown = flags.spindown ?? false;
+  if (flags.flushOnDetach === false) policy.flushOnDetach = false;
+  const st = await fsp.stat(backing).catch(() => null);
+  // Power commands go to block devices; for a file they are asked for only if the user wants them
+  // (then the daemon says once that they do nothing).
+  if (st?.isBlockDevice() || policy.spindown || policy.standbyTimeoutSeconds !== undefined) policy.powerDevice = backing;
+  if (flags.tickMs !== undefined) policy.tickMs = Number(flags.tickMs);
+  if (flags.sampleMs !== undefined) policy.sampleMs = Number(flags.sampleMs);
+  return policy;
 }
 
 function makeLogger(level: string): Logger {
@@ -48,6 +100,7 @@ function blockSizeArg(value: string): number {
 }
 
 async function attach(device: string, backing: string, flags: AttachFlags): Promise<void> {
+  const policy = await writebackPolicy(backing, flags);
   if (flags.daemon) return daemonize(device, flags);
   // Cache, metadata and sockets hold the disk's data: owner only.
   process.umask(0o077);
@@ -73,6 +126,7 @@ async function attach(device: string, backing: string, flags: AttachFlags): Prom
       stateDir: flags.stateDir,
       runDir: flags.runDir,
       logger,
+      writebackPolicy: policy,
     });
   } catch (err) {
     notifyParent(`ERROR ${oneLine(err)}`);
@@ -165,13 +219,40 @@ async function status(device: string | undefined, flags: { json?: boolean; runDi
   for (const s of statuses) process.stdout.write(formatStatus(s));
 }
 
+function when(ms: number | null | undefined): string {
+  if (ms === null || ms === undefined) return 'never';
+  const d = new Date(ms);
+  const rel = Math.round((ms - Date.now()) / 1000);
+  const ago = rel <= 0 ? `${formatDuration(-rel)} ago` : `in ${formatDuration(rel)}`;
+  return `${d.toLocaleString('sv-SE')} (${ago})`;
+}
+
+function formatDuration(seconds: number): string {
+  if (seconds < 90) return `${seconds} s`;
+  if (seconds < 5400) return `${Math.round(seconds / 60)} min`;
+  if (seconds < 172800) return `${(seconds / 3600).toFixed(1)} h`;
+  return `${Math.round(seconds / 86400)} d`;
+}
+
 function formatStatus(s: DeviceStatus): string {
-  return [
+  const lines = [
     `${s.device}: ${s.mode} cache of ${s.backing} (${s.frontend} frontend, daemon pid ${s.pid})`,
     `  size ${formatBytes(s.size)}, block ${formatBytes(s.blockSize)}, cached ${formatBytes(s.cachedBytes)} (${s.cacheFillPercent}%), dirty ${formatBytes(s.dirtyBytes)}`,
     `  flush epoch ${s.flushEpoch}, up ${s.uptimeSeconds} s, cache ${s.paths.cache}`,
-    '',
-  ].join('\n');
+  ];
+  const w = s.writeback;
+  if (w) {
+    lines.push(
+      `  at risk ${formatBytes(s.bytesAtRisk)}, oldest dirty ${s.oldestDirtyAgeSeconds === null ? '-' : formatDuration(s.oldestDirtyAgeSeconds)}, schedule ${w.schedule ?? 'manual only'}`,
+      `  last flush ${when(w.lastFlushAt)}${w.lastFlushBytes !== null ? ` (${formatBytes(w.lastFlushBytes)})` : ''}, next ${w.nextFlushAt === null ? '-' : when(w.nextFlushAt)}`,
+      `  disk ${w.powerState}${w.powerControl ? ` (via ${w.powerControl})` : ''}, spin-ups today ${w.spinUpsToday}`,
+    );
+    if (w.flushing && w.progress) lines.push(`  flushing (${w.reason}): ${formatBytes(w.progress.doneBytes)} of ${formatBytes(w.progress.totalBytes)}`);
+    if (w.lastError) lines.push(`  last flush FAILED (${w.failures}x): ${w.lastError}; retry ${when(w.retryAt)}`);
+  }
+  if (s.hydration) lines.push(`  hydration ${s.hydration.percent}%${s.hydration.done ? ' (done)' : s.hydration.running ? ' (running)' : ''}${s.hydration.lastError ? `, error: ${s.hydration.lastError}` : ''}`);
+  lines.push('');
+  return lines.join('\n');
 }
 
 async function detach(device: string, flags: { runDir?: string }): Promise<void> {
@@ -179,12 +260,51 @@ async function detach(device: string, flags: { runDir?: string }): Promise<void>
   process.stdout.write(`${device} detached\n`);
 }
 
-async function flush(device: string, flags: { runDir?: string; json?: boolean }): Promise<void> {
-  const { flush: result } = (await controlRequest(controlSocket(device, flags.runDir ?? RUN_DIR), { cmd: 'flush' }, 24 * 3600_000)) as {
-    flush: FlushResult;
-  };
+async function flush(device: string, flags: { runDir?: string; json?: boolean; wait?: boolean }): Promise<void> {
+  const socket = controlSocket(device, flags.runDir ?? RUN_DIR);
+  if (!flags.wait) {
+    const r = (await controlRequest(socket, { cmd: 'flush', wait: false })) as { started: boolean; dirtyBytes: number };
+    if (flags.json) process.stdout.write(JSON.stringify(r) + '\n');
+    else process.stdout.write(r.started ? `${device}: flushing ${formatBytes(r.dirtyBytes)} in the background (ulobdev flush --wait to wait)\n` : `${device}: nothing dirty to flush\n`);
+    return;
+  }
+  // Progress from status polls while the flush runs, on a TTY only.
+  const bar = process.stderr.isTTY && !flags.json ? setInterval(() => void drawProgress(socket), 250) : null;
+  let result: FlushResult;
+  try {
+    ({ flush: result } = (await controlRequest(socket, { cmd: 'flush', wait: true }, 24 * 3600_000)) as { flush: FlushResult });
+  } finally {
+    if (bar) {
+      clearInterval(bar);
+      process.stderr.write('\r\x1b[K');
+    }
+  }
   if (flags.json) process.stdout.write(JSON.stringify(result) + '\n');
   else process.stdout.write(`${device}: wrote ${formatBytes(result.bytes)} back (${result.cleaned} blocks clean, ${result.kept} rewritten meanwhile and still dirty)\n`);
+}
+
+async function drawProgress(socket: string): Promise<void> {
+  const st = (await controlRequest(socket, { cmd: 'status' }, 5000).catch(() => null))?.status as DeviceStatus | undefined;
+  const p = st?.writeback?.progress;
+  if (!p || p.totalBytes === 0) return;
+  const width = 30;
+  const frac = Math.min(1, p.doneBytes / p.totalBytes);
+  const full = Math.round(frac * width);
+  process.stderr.write(`\r[${'#'.repeat(full)}${'.'.repeat(width - full)}] ${(frac * 100).toFixed(0)}% ${formatBytes(p.doneBytes)} / ${formatBytes(p.totalBytes)}\x1b[K`);
+}
+
+async function report(device: string, flags: { runDir?: string; svg?: string; hours?: string; json?: boolean }): Promise<void> {
+  const hours = flags.hours === undefined ? 24 : Number(flags.hours);
+  if (!(hours > 0)) throw new UlobError('ULOB_E_INVALID_ARG', `--hours must be a positive number, not ${JSON.stringify(flags.hours)}`);
+  if (!flags.svg && !flags.json) throw new UlobError('ULOB_E_INVALID_ARG', 'report needs --svg FILE or --json');
+  const { report: data } = (await controlRequest(controlSocket(device, flags.runDir ?? RUN_DIR), { cmd: 'report', since: Date.now() - hours * 3600_000 })) as {
+    report: ReportData;
+  };
+  if (flags.svg) {
+    await fsp.writeFile(flags.svg, renderReportSvg(data, { title: `${device}: dirty data, flushes and spin-ups` }));
+    process.stdout.write(`${flags.svg}: ${data.samples.length} samples, ${data.flushes.length} flushes, ${data.events.filter((e) => e.kind.startsWith('spinup')).length} spin-ups over ${hours} h\n`);
+  }
+  if (flags.json) process.stdout.write(JSON.stringify(data) + '\n');
 }
 
 async function discard(backing: string, flags: { cache?: string; bitmap?: string; metadata?: string; force?: boolean; stateDir?: string }): Promise<void> {
@@ -221,8 +341,18 @@ export function buildProgram(): Command {
     .option('--daemon', 'return once DEVICE is ready and keep serving in the background')
     .option('--name <NAME>', 'name of the control socket (default: from DEVICE)')
     .option('--log-level <LEVEL>', 'fatal, error, warn, info, debug', 'info')
+    .option('--flush <CRON>', "write dirty blocks back on this cron schedule, e.g. '*/30 * * * *' (6 fields: seconds first)")
+    .option('--dirty-max <SIZE|PCT>', 'flush at once when dirty data exceeds this (512M, 10%)')
+    .option('--max-dirty-age <DURATION>', 'flush once the oldest unflushed write is this old (30m, 2h)')
+    .option('--spindown', 'put the disk in standby (STANDBY IMMEDIATE) after each flush')
+    .option('--standby-timeout <DURATION>', "set the disk's own standby timer like hdparm -S (10m, off)")
+    .option('--on-ac <POLICY>', "on mains power: 'flush' as soon as the device is quiet, or keep the 'schedule'")
+    .option('--hydrate [RATE]', 'copy the whole disk into the cache in the background, at RATE per second (50M)')
+    .option('--no-flush-on-detach', 'do not flush before detach and shutdown (default: flush when a schedule or limit is set)')
     .addOption(hidden('--state-dir <DIR>'))
     .addOption(hidden('--run-dir <DIR>'))
+    .addOption(hidden('--tick-ms <MS>'))
+    .addOption(hidden('--sample-ms <MS>'))
     .action((device: string, backing: string, flags: AttachFlags) => attach(device, backing, flags));
 
   program
@@ -244,9 +374,20 @@ export function buildProgram(): Command {
     .command('flush')
     .description('write the dirty blocks of DEVICE back to its disk now')
     .argument('<DEVICE>', 'the device or the --name given at attach')
+    .option('--wait', 'wait until the flush is done (progress bar on a terminal)')
     .option('--json', 'machine-readable output')
     .addOption(hidden('--run-dir <DIR>'))
-    .action((device: string, flags: { runDir?: string; json?: boolean }) => flush(device, flags));
+    .action((device: string, flags: { runDir?: string; json?: boolean; wait?: boolean }) => flush(device, flags));
+
+  program
+    .command('report')
+    .description('draw dirty data over time, flush windows and spin-ups of DEVICE')
+    .argument('<DEVICE>', 'the device or the --name given at attach')
+    .option('--svg <FILE>', 'write an SVG chart to FILE')
+    .option('--hours <N>', 'how far back (default 24)')
+    .option('--json', 'print the history as JSON')
+    .addOption(hidden('--run-dir <DIR>'))
+    .action((device: string, flags: { runDir?: string; svg?: string; hours?: string; json?: boolean }) => report(device, flags));
 
   program
     .command('discard')

@@ -1,0 +1,124 @@
+// Hydration: copies the whole source into the cache in the background, so that afterwards no read
+// reaches the source (the disk can sleep through any read; an HTTP image works offline). It only
+// fills missing blocks (engine.prefetch), so it resumes where it stopped after a restart: the
+// present bits are the progress. Source-agnostic: any CacheEngine, any Source.
+import type { CacheEngine } from '../cache/engine.js';
+
+export interface HydratorOptions {
+  /** Bytes per second at most; 0 or undefined: as fast as the source goes. */
+  rate?: number;
+  /** Largest single fill. */
+  chunkBytes?: number;
+  /** Pause while a user request came in this recently (milliseconds). */
+  quietMs?: number;
+  /** Called with each failure; the hydrator retries the same chunk after `retryMs`. */
+  onError?: (err: Error) => void;
+  retryMs?: number;
+}
+
+export interface HydrationProgress {
+  running: boolean;
+  done: boolean;
+  presentBytes: number;
+  size: number;
+  percent: number;
+  /** Bytes this run has fetched. */
+  fetchedBytes: number;
+  rate: number | null;
+  lastError: string | null;
+}
+
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms).unref());
+
+export class Hydrator {
+  readonly #engine: CacheEngine;
+  readonly #rate: number;
+  readonly #chunk: number;
+  readonly #quietMs: number;
+  readonly #retryMs: number;
+  readonly #onError: ((err: Error) => void) | undefined;
+  #run: Promise<void> | null = null;
+  #stop = false;
+  #fetched = 0;
+  #lastError: string | null = null;
+  #done = false;
+
+  constructor(engine: CacheEngine, options: HydratorOptions = {}) {
+    this.#engine = engine;
+    this.#rate = options.rate ?? 0;
+    this.#chunk = Math.max(engine.geometry.blockSize, options.chunkBytes ?? 1 << 20);
+    this.#quietMs = options.quietMs ?? 200;
+    this.#retryMs = options.retryMs ?? 30_000;
+    this.#onError = options.onError;
+  }
+
+  /** Starts in the background; resolves `finished` when every block is present. */
+  start(): Promise<void> {
+    this.#stop = false;
+    this.#run ??= this.#loop().finally(() => (this.#run = null));
+    return this.#run;
+  }
+
+  /** Stops after the chunk in flight. */
+  async stop(): Promise<void> {
+    this.#stop = true;
+    await this.#run?.catch(() => undefined);
+  }
+
+  progress(): HydrationProgress {
+    const g = this.#engine.geometry;
+    const presentBytes = Math.min(this.#engine.store.present.count() * g.blockSize, g.size);
+    return {
+      running: this.#run !== null,
+      done: this.#done || presentBytes === g.size,
+      presentBytes,
+      size: g.size,
+      percent: Math.floor((presentBytes / g.size) * 1000) / 10,
+      fetchedBytes: this.#fetched,
+      rate: this.#rate || null,
+      lastError: this.#lastError,
+    };
+  }
+
+  async #loop(): Promise<void> {
+    const engine = this.#engine;
+    const g = engine.geometry;
+    const chunkBlocks = Math.max(1, Math.floor(this.#chunk / g.blockSize));
+    const started = Date.now();
+    let sent = 0;
+    let cursor = 0;
+    while (!this.#stop) {
+      const gap = engine.store.present.gaps(cursor, g.blockCount).next();
+      if (gap.done) break;
+      const start = gap.value.start;
+      const count = Math.min(chunkBlocks, gap.value.count);
+      // Yield to user I/O: the hydrator's reads queue behind the user's at the disk otherwise.
+      while (!this.#stop && Date.now() - engine.lastRequestAt < this.#quietMs) await sleep(this.#quietMs);
+      if (this.#stop) break;
+      const offset = g.blockOffset(start);
+      const bytes = g.extentBytes(start, count);
+      try {
+        await engine.prefetch(offset, bytes);
+      } catch (err) {
+        this.#lastError = (err as Error).message;
+        this.#onError?.(err as Error);
+        if (engine.store.failed) throw err;
+        await sleep(this.#retryMs);
+        continue;
+      }
+      this.#lastError = null;
+      this.#fetched += bytes;
+      sent += bytes;
+      cursor = start + count;
+      if (this.#rate > 0) {
+        const ahead = (sent / this.#rate) * 1000 - (Date.now() - started);
+        if (ahead > 0) await sleep(ahead);
+      }
+    }
+    if (!this.#stop) {
+      // Make the last fills present (durable) now rather than at the next commit.
+      await engine.flush();
+      this.#done = engine.store.present.nextClear(0, g.blockCount) >= g.blockCount;
+    }
+  }
+}
