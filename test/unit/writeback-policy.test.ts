@@ -1,0 +1,68 @@
+// The write-back options as parsed (src/writeback/policy.ts) and the report SVG.
+import { describe, expect, it } from 'vitest';
+import { dirtyLimitBytes, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../../src/writeback/policy.js';
+import { renderReportSvg } from '../../src/writeback/report.js';
+
+describe('write-back options', () => {
+  it('accepts 5- and 6-field cron expressions and refuses bad ones in one line', () => {
+    expect(parseCron(' */30 * * * * ')).toBe('*/30 * * * *');
+    expect(parseCron('*/2 * * * * *')).toBe('*/2 * * * * *');
+    for (const bad of ['61 * * * *', 'bogus', '* * *', '0 0 30 2 *']) {
+      expect(() => parseCron(bad)).toThrow(/^--flush .*(not a cron expression|never fires)/);
+      try {
+        parseCron(bad);
+      } catch (err) {
+        expect((err as Error).message).not.toContain('\n');
+        expect((err as { code: string }).code).toBe('ULOB_E_INVALID_ARG');
+      }
+    }
+  });
+
+  it('takes --dirty-max as a size or a percentage of the disk', () => {
+    expect(parseDirtyLimit('512M')).toEqual({ bytes: 512 << 20 });
+    expect(parseDirtyLimit('10%')).toEqual({ percent: 10 });
+    expect(dirtyLimitBytes({ percent: 10 }, 1000)).toBe(100);
+    for (const bad of ['0', '0%', '101%', 'lots']) expect(() => parseDirtyLimit(bad)).toThrow(/--dirty-max/);
+  });
+
+  it('takes durations in s, m, h, d and combinations', () => {
+    expect(parseDuration('30m', '--max-dirty-age')).toBe(30 * 60_000);
+    expect(parseDuration('2h', '--max-dirty-age')).toBe(7_200_000);
+    expect(parseDuration('1h30m', '--max-dirty-age')).toBe(5_400_000);
+    expect(parseDuration('90s', '--max-dirty-age')).toBe(90_000);
+    for (const bad of ['30', 'm', '10x', '500ms']) expect(() => parseDuration(bad, '--max-dirty-age')).toThrow(/--max-dirty-age/);
+  });
+
+  it('takes hydration rates per second', () => {
+    expect(parseRate('50M')).toBe(50 << 20);
+    expect(parseRate('50M/s')).toBe(50 << 20);
+    expect(() => parseRate('1')).toThrow(/at least/);
+  });
+});
+
+describe('report --svg', () => {
+  it('draws dirty bytes, flush windows and spin-ups', () => {
+    const t = 1_700_000_000_000;
+    const svg = renderReportSvg({
+      since: t,
+      now: t + 3600_000,
+      size: 1 << 30,
+      samples: [
+        { at: t + 60_000, dirtyBytes: 1 << 20 },
+        { at: t + 600_000, dirtyBytes: 8 << 20 },
+        { at: t + 1_200_000, dirtyBytes: 0 },
+      ],
+      flushes: [
+        { id: 1, epoch: 1, startedAt: t + 1_100_000, endedAt: t + 1_150_000, bytes: 8 << 20, blocks: 2048, spunUp: true, error: null },
+        { id: 2, epoch: 2, startedAt: t + 2_000_000, endedAt: t + 2_000_500, bytes: 0, blocks: 0, spunUp: false, error: 'EIO <disk>' },
+      ],
+      events: [{ at: t + 1_100_000, kind: 'spinup-caused', detail: 'schedule' }],
+    });
+    expect(svg.startsWith('<svg')).toBe(true);
+    expect(svg.match(/class="flush"/g)).toHaveLength(2);
+    expect(svg.match(/class="spinup"/g)).toHaveLength(1);
+    expect(svg).toContain('class="dirty"');
+    expect(svg).toContain('EIO &lt;disk&gt;');
+    expect(svg).toContain('8 MiB');
+  });
+});
