@@ -35,7 +35,7 @@ export interface HttpSourceOptions {
   readaheadMax?: number;
   /** Memory for prefetched data not yet read. Default 64 MiB. */
   readaheadBudget?: number;
-  logger?: Pick<Logger, 'warn' | 'error' | 'info'>;
+  logger?: Pick<Logger, 'warn' | 'error' | 'info' | 'debug'>;
 }
 
 const KiB = 1024;
@@ -433,6 +433,7 @@ export class HttpSource implements Source {
           throw new HttpError(`${this.description}: ${what} failed after ${attempt + 1} attempts: ${describe(err)}`, { cause: err });
         }
         this.#stats.retries++;
+        this.#logger?.debug({ attempt, err: describe(err) }, `${what}: retrying`);
         await sleep(backoffMs(attempt, this.#opts.retryBaseMs, this.#opts.retryCapMs));
       }
     }

@@ -4,8 +4,11 @@
 //
 // Reads are grouped into streams by position: a read that starts near where a stream ended (a
 // little behind, because parallel requests arrive out of order, or a little ahead, because the
-// engine skips blocks it already has) continues that stream. A stream's window starts at
-// `minWindow` on its second read and doubles on each further one, up to `cap`. `cap` is global
+// engine skips blocks it already has) continues that stream. On its third read a stream gets a
+// window of `minWindow` fetched ahead; each time the reader gets within half a window of the end of
+// what was fetched ahead, the window doubles (up to `cap`, and to no more than half what the stream
+// has read so far) and the next part is asked for, as the kernel's async readahead does. So the window grows only as fast as prefetched data is consumed,
+// and a stream that stops has fetched at most one window it did not read. `cap` is global
 // feedback: it halves when prefetched bytes are evicted unused (random access, a scan that jumped)
 // and grows back as prefetched bytes get used, so wasted transfer stays a small multiple of what was
 // read, and memory stays bounded by the caller's buffer budget.
@@ -36,6 +39,8 @@ interface Stream {
   origin: number;
   reads: number;
   window: number;
+  /** End of what was asked for ahead of this stream (0: nothing yet). */
+  ahead: number;
   tick: number;
 }
 
@@ -56,7 +61,7 @@ export class Readahead {
     this.#max = options.maxWindow;
     this.#cap = options.maxWindow;
     this.#maxStreams = options.streams ?? 16;
-    this.#skip = options.skipTolerance ?? 64 * 1024;
+    this.#skip = options.skipTolerance ?? 256 * 1024;
   }
 
   /** Current cap on any stream's window. */
@@ -79,16 +84,23 @@ export class Readahead {
     this.#tick++;
     const s = this.#match(pos, end);
     if (!s) {
-      this.#add({ front: end, origin: pos, reads: 1, window: 0, tick: this.#tick });
+      this.#add({ front: end, origin: pos, reads: 1, window: 0, ahead: 0, tick: this.#tick });
       return undefined;
     }
     s.tick = this.#tick;
     s.reads++;
     s.front = Math.max(s.front, end);
-    s.window = Math.min(this.#cap, s.window === 0 ? this.#min : s.window * 2);
-    const start = s.front;
-    const stop = Math.min(this.#size, start + s.window);
-    return stop > start ? { start, end: stop } : undefined;
+    // Two reads in a row can be chance (random reads 4 KiB apart); three make a stream.
+    if (s.reads < 3) return undefined;
+    if (s.ahead > 0 && s.front + s.window / 2 < s.ahead) return undefined;
+    // Never more ahead than half what the stream has read so far: a stream that stops wastes at
+    // most half as much as it used.
+    s.window = Math.min(this.#cap, Math.max(this.#min, (s.front - s.origin) / 2), s.window === 0 ? this.#min : s.window * 2);
+    const start = Math.max(s.front, s.ahead);
+    const stop = Math.min(this.#size, s.front + s.window);
+    if (stop <= start) return undefined;
+    s.ahead = stop;
+    return { start, end: stop };
   }
 
   /** Prefetched bytes were evicted without being read: the access pattern is less sequential. */
@@ -107,7 +119,8 @@ export class Readahead {
   #match(pos: number, end: number): Stream | undefined {
     let best: Stream | undefined;
     for (const s of this.#streams) {
-      const ahead = Math.max(this.#skip, s.window, end - pos);
+      // Forward skips stay small: a large jump is a new stream, not a reason to fetch around it.
+      const ahead = Math.max(this.#skip, 2 * (end - pos));
       const behind = Math.max(this.#skip, s.window);
       // Continues the stream: starts no further than `ahead` past its front, and not entirely
       // behind the part of it already read (a re-read of old data is not progress).

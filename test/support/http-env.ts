@@ -3,10 +3,11 @@
 // Every server listens on 127.0.0.1 only and is stopped by its PID / handle.
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import http from 'node:http';
 import net from 'node:net';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { ROOT, type CliResult } from './cli.js';
 
 export const ULOHTTP = join(ROOT, 'dist/cli/ulohttp.js');
@@ -39,6 +40,7 @@ export async function startNginx(dir: string, root: string): Promise<Nginx> {
   writeFileSync(
     conf,
     `daemon off;
+${process.getuid?.() === 0 ? 'user root root; # the scratch dirs are 0700' : ''}
 worker_processes 1;
 pid ${join(dir, 'nginx.pid')};
 error_log ${join(dir, 'error.log')} warn;
@@ -173,72 +175,32 @@ export type Fault = 'pass' | 'drop' | 'stall' | 'http500' | 'truncate';
 
 export interface FaultProxy {
   port: number;
-  counts: Record<Fault, number>;
+  /** Connections seen so far, by the fault they got. */
+  counts(): Record<Fault, number>;
   stop(): Promise<void>;
 }
 
 /**
- * A TCP proxy on 127.0.0.1 in front of `targetPort` that picks a fault per connection: drop it when
- * the request arrives, stall it (never answer), answer 500 and close, forward the answer but cut it
- * short, or pass it through untouched.
+ * Starts test/support/fault-proxy.mjs (its own process, so a test blocked in spawnSync does not
+ * stall it) in front of `targetPort`: connection 0 and every `passEvery`-th pass, the others cycle
+ * through drop, stall, 500 and a truncated answer.
  */
-export async function startFaultProxy(targetPort: number, pick: (n: number) => Fault): Promise<FaultProxy> {
-  const counts: Record<Fault, number> = { pass: 0, drop: 0, stall: 0, http500: 0, truncate: 0 };
-  const sockets = new Set<net.Socket>();
-  let n = 0;
-  const server = net.createServer((client) => {
-    sockets.add(client);
-    client.on('close', () => sockets.delete(client));
-    client.on('error', () => undefined);
-    const fault = pick(n++);
-    counts[fault]++;
-    if (fault === 'drop') {
-      client.once('data', () => client.destroy());
-      return;
-    }
-    if (fault === 'stall') {
-      client.on('data', () => undefined);
-      return;
-    }
-    if (fault === 'http500') {
-      client.once('data', () => client.end('HTTP/1.1 500 Internal Server Error\r\nContent-Length: 5\r\nConnection: close\r\n\r\noops\n'));
-      return;
-    }
-    const upstream = net.connect(targetPort, '127.0.0.1');
-    sockets.add(upstream);
-    upstream.on('close', () => {
-      sockets.delete(upstream);
-      client.destroy();
-    });
-    upstream.on('error', () => client.destroy());
-    client.on('close', () => upstream.destroy());
-    client.pipe(upstream);
-    if (fault === 'pass') {
-      upstream.pipe(client);
-      return;
-    }
-    // truncate: let the headers and part of the first body through, then cut both sides.
-    let budget = 600 + Math.floor(Math.random() * 6000);
-    upstream.on('data', (chunk: Buffer) => {
-      if (budget <= 0) return;
-      const part = chunk.subarray(0, budget);
-      budget -= part.length;
-      client.write(part);
-      if (budget <= 0) {
-        client.destroy();
-        upstream.destroy();
-      }
-    });
+export async function startFaultProxy(targetPort: number, passEvery: number): Promise<FaultProxy> {
+  const countsFile = join(mkdtempSync(join(tmpdir(), 'ulob-fault-')), 'counts.json');
+  const child = spawn(process.execPath, [join(ROOT, 'test/support/fault-proxy.mjs'), String(targetPort), String(passEvery), countsFile], {
+    stdio: ['ignore', 'pipe', 'inherit'],
   });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const port = await new Promise<number>((resolve, reject) => {
+    child.stdout!.once('data', (c: Buffer) => resolve(Number(c.toString().trim())));
+    child.once('exit', (code) => reject(new Error(`fault proxy exited with ${code}`)));
+  });
   return {
-    port: (server.address() as net.AddressInfo).port,
-    counts,
-    stop: () =>
-      new Promise<void>((r) => {
-        for (const s of sockets) s.destroy();
-        server.close(() => r());
-      }),
+    port,
+    counts: () => (existsSync(countsFile) ? JSON.parse(readFileSync(countsFile, 'utf8')) : { pass: 0, drop: 0, stall: 0, http500: 0, truncate: 0 }),
+    stop: async () => {
+      await stopChild(child);
+      rmSync(dirname(countsFile), { recursive: true, force: true });
+    },
   };
 }
 

@@ -1,0 +1,239 @@
+#!/usr/bin/env node
+// ulohttp: a disk image on an HTTP(S) server as a local, read-only block device; blocks are fetched
+// with Range requests the first time they are read and served from the local cache afterwards.
+//   ulohttp [-c CACHE] [-b BITMAP] [--daemon] [--header 'K: V']... [--cacert FILE] [--revalidate] DEVICE URL
+//   ulohttp status [DEVICE] [--json]     (same as ulobdev status)
+//   ulohttp detach DEVICE                (same as ulobdev detach)
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { closeSync, openSync, promises as fsp, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument } from 'commander';
+import pino, { type Logger } from 'pino';
+import { CacheStore } from '../cache/store.js';
+import { ForeignCacheError, SizeMismatchError, UlobError } from '../errors.js';
+import { setIoFlusher } from '../native.js';
+import { defaultName } from '../bdev/frontend.js';
+import { openHttpSource, type HttpSource } from '../source/http.js';
+import { parseHeaders, redactUrl } from '../source/http-range.js';
+import { cachePaths, Daemon, RUN_DIR, STATE_DIR } from './daemon.js';
+import { main as ulobdevMain } from './ulobdev.js';
+import { parseSize } from './units.js';
+
+const NOTIFY_FD_ENV = 'ULOHTTP_NOTIFY_FD';
+
+interface Flags {
+  cache?: string;
+  bitmap?: string;
+  metadata?: string;
+  header: string[];
+  cacert?: string;
+  revalidate?: boolean;
+  connections: number;
+  timeout: number;
+  readahead: number;
+  daemon?: boolean;
+  name?: string;
+  logLevel: string;
+  stateDir?: string;
+  runDir?: string;
+}
+
+function makeLogger(level: string): Logger {
+  return pino({ level, base: { pid: process.pid } }, pino.destination({ fd: 2, sync: true }));
+}
+
+/** The default cache is named after the URL (not the ETag), so a changed image finds its old cache and is refused. */
+export function defaultCacheFor(url: string, stateDir = STATE_DIR): string {
+  const u = redactUrl(url);
+  const base = (new URL(u).pathname.split('/').pop() || 'image').replace(/[^A-Za-z0-9._-]+/g, '_').slice(0, 64);
+  return join(stateDir, `http-${base}-${createHash('sha256').update(u).digest('hex').slice(0, 12)}.cache`);
+}
+
+async function attach(device: string, url: string, flags: Flags): Promise<void> {
+  let headers: Record<string, string>;
+  try {
+    headers = parseHeaders(flags.header);
+  } catch (err) {
+    throw new UlobError('ULOB_E_INVALID_ARG', (err as Error).message);
+  }
+  if (flags.cacert) await fsp.access(flags.cacert).catch(() => {
+    throw new UlobError('ULOB_E_INVALID_ARG', `--cacert ${flags.cacert}: no such file`);
+  });
+  if (flags.daemon) return daemonize(device, flags);
+  process.umask(0o077);
+  const logger = makeLogger(flags.logLevel);
+  try {
+    setIoFlusher();
+  } catch {
+    // Logged by nobody: the loop frontend still works; see ulobdev for the warning.
+  }
+  const paths = cachePaths({ ...flags, cache: flags.cache ?? defaultCacheFor(url, flags.stateDir) }, 'unused');
+  const start = () =>
+    Daemon.start({
+      device,
+      openSource: () =>
+        openHttpSource(url, {
+          headers,
+          caFile: flags.cacert,
+          connections: flags.connections,
+          timeoutMs: flags.timeout,
+          readaheadMax: flags.readahead,
+          logger,
+        }),
+      cache: paths.cache,
+      bitmap: paths.bitmap,
+      metadata: paths.metadata,
+      writeback: false,
+      name: flags.name,
+      stateDir: flags.stateDir,
+      runDir: flags.runDir,
+      logger,
+    });
+  let daemon: Daemon;
+  try {
+    try {
+      daemon = await start();
+    } catch (err) {
+      if (!(err instanceof ForeignCacheError || err instanceof SizeMismatchError)) throw err;
+      if (!flags.revalidate) {
+        throw new UlobError(
+          'ULOB_E_IMAGE_CHANGED',
+          `the image at ${redactUrl(url)} is not the one ${paths.cache} was made for (it changed on the server); pass --revalidate to discard the cache and start over`,
+        );
+      }
+      await CacheStore.discard(paths, { force: true });
+      logger.warn({ cache: paths.cache }, 'the image changed on the server: discarded its old cache (--revalidate)');
+      daemon = await start();
+    }
+  } catch (err) {
+    notifyParent(`ERROR ${oneLine(err)}`);
+    throw err;
+  }
+  const onSignal = (signal: string) => {
+    logger.info({ signal }, 'detaching');
+    daemon.detach().catch((err: unknown) => logger.error(`cannot detach on ${signal}: ${oneLine(err)}; still serving`));
+  };
+  process.on('SIGTERM', () => onSignal('SIGTERM'));
+  process.on('SIGINT', () => onSignal('SIGINT'));
+  const source = (daemon.engine.source as HttpSource).stats();
+  logger.info({ url: source.url, size: daemon.engine.size, etag: source.etag, lastModified: source.lastModified }, 'serving the image');
+  notifyParent(`READY ${device}`);
+  if (!process.env[NOTIFY_FD_ENV]) process.stdout.write(`${device}\n`);
+  await daemon.done;
+}
+
+/** Starts the daemon in the background and returns once it serves DEVICE (as ulobdev --daemon). */
+async function daemonize(device: string, flags: Flags): Promise<void> {
+  const runDir = flags.runDir ?? RUN_DIR;
+  await fsp.mkdir(runDir, { recursive: true, mode: 0o700 });
+  const logPath = join(runDir, `${flags.name ?? defaultName(device)}.log`);
+  const log = openSync(logPath, 'a', 0o600);
+  const args = process.argv.slice(1).filter((a) => a !== '--daemon');
+  const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', log, log, 'pipe'], env: { ...process.env, [NOTIFY_FD_ENV]: '3' } });
+  closeSync(log);
+  const pipe = child.stdio[3] as NodeJS.ReadableStream;
+  let text = '';
+  pipe.setEncoding('utf8');
+  for await (const chunk of pipe) {
+    text += chunk as string;
+    if (text.includes('\n')) break;
+  }
+  const line = text.split('\n')[0] ?? '';
+  child.unref();
+  (pipe as unknown as { destroy(): void }).destroy();
+  if (line.startsWith('READY ')) {
+    process.stdout.write(`${line.slice('READY '.length)}\n`);
+    return;
+  }
+  if (line.startsWith('ERROR ')) throw new UlobError('ULOB_E_DAEMON', line.slice('ERROR '.length));
+  throw new UlobError('ULOB_E_DAEMON', `the daemon exited before it was ready; see ${logPath}`);
+}
+
+function notifyParent(message: string): void {
+  const fd = Number(process.env[NOTIFY_FD_ENV]);
+  if (!Number.isInteger(fd) || fd <= 2) return;
+  try {
+    writeSync(fd, `${message}\n`);
+    closeSync(fd);
+  } catch {
+    // The parent is gone.
+  }
+  delete process.env[NOTIFY_FD_ENV];
+}
+
+function oneLine(err: unknown): string {
+  return (err instanceof Error ? err.message : String(err)).split('\n')[0]!;
+}
+
+function intArg(what: string, min: number, max: number) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < min || n > max) throw new CommanderInvalidArgument(`${what} must be an integer from ${min} to ${max}`);
+    return n;
+  };
+}
+
+function sizeArg(value: string): number {
+  try {
+    return parseSize(value);
+  } catch (err) {
+    throw new CommanderInvalidArgument((err as Error).message);
+  }
+}
+
+function hidden(flags: string) {
+  return new Command().createOption(flags).hideHelp();
+}
+
+export function buildProgram(): Command {
+  const program = new Command('ulohttp').description('a disk image on an HTTP(S) server as a read-only block device, fetched on demand').showHelpAfterError().exitOverride();
+  program
+    .command('attach', { isDefault: true })
+    .description('expose the image at URL as DEVICE')
+    .argument('<DEVICE>', '/dev/loopN, /dev/nbdN, nbd+unix:///?socket=PATH or nbd://HOST:PORT')
+    .argument('<URL>', 'http:// or https:// URL of a disk or filesystem image (the server must serve byte ranges)')
+    .option('-c, --cache <PATH>', 'cache file (default: /var/lib/ulobdev/http-<name>-<hash of URL>.cache)')
+    .option('-b, --bitmap <PATH>', 'present bitmap file (default: CACHE.bitmap)')
+    .option('--metadata <PATH>', 'metadata database (default: CACHE.meta)')
+    .option('-H, --header <K: V>', 'extra request header, e.g. Authorization (repeatable)', (v: string, all: string[]) => [...all, v], [] as string[])
+    .option('--cacert <FILE>', 'trust the CAs in this PEM file instead of the system ones')
+    .option('--revalidate', 'if the image changed on the server, discard the old cache and start over')
+    .option('--connections <N>', 'HTTP connections (requests in flight)', intArg('--connections', 1, 256), 16)
+    .option('--timeout <MS>', 'per-request timeout for headers and body gaps, ms', intArg('--timeout', 100, 3_600_000), 30_000)
+    .option('--readahead <SIZE>', 'largest readahead window (0 turns it off)', sizeArg, 32 * 1024 * 1024)
+    .option('--daemon', 'return once DEVICE is ready and keep serving in the background')
+    .option('--name <NAME>', 'name of the control socket (default: from DEVICE)')
+    .option('--log-level <LEVEL>', 'fatal, error, warn, info, debug', 'info')
+    .addOption(hidden('--state-dir <DIR>'))
+    .addOption(hidden('--run-dir <DIR>'))
+    .action((device: string, url: string, flags: Flags) => attach(device, url, flags));
+  // status and detach talk to the same control sockets as ulobdev's: delegate.
+  for (const cmd of ['status', 'detach']) {
+    program
+      .command(cmd, { hidden: false })
+      .description(`same as ulobdev ${cmd}`)
+      .allowUnknownOption()
+      .helpOption(false)
+      .argument('[ARGS...]')
+      .action(async (args: string[]) => {
+        const code = await ulobdevMain([process.argv[0]!, 'ulobdev', cmd, ...args]);
+        if (code !== 0) throw new CommanderError(code, 'ulohttp.delegated', '');
+      });
+  }
+  return program;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  try {
+    await buildProgram().parseAsync(argv);
+    return 0;
+  } catch (err) {
+    if (err instanceof CommanderError) return err.code === 'ulohttp.delegated' ? err.exitCode : err.exitCode === 0 ? 0 : 2;
+    process.stderr.write(`ulohttp: ${oneLine(err)}\n`);
+    return 1;
+  }
+}
+
+const isEntry = process.argv[1] && import.meta.url === new URL(`file://${await fsp.realpath(process.argv[1]).catch(() => process.argv[1])}`).href;
+if (isEntry) process.exitCode = await main(process.argv);
