@@ -90,6 +90,23 @@ describe('HttpSource', () => {
     await expect(src.readAt(Buffer.alloc(4096), 8192)).rejects.toThrow(/HTTP 503/);
   });
 
+  it('refuses a part that is not the range asked for, and never returns its bytes', async () => {
+    const data = randomBytes(MiB);
+    const s = await server(data, {
+      intercept: (req, res, n) => {
+        const m = /bytes=(\d+)-(\d+)/.exec(String(req.headers.range));
+        if (n === 0 || !m) return false;
+        // One byte off: a proxy or server bug that must not reach the cache.
+        const start = Number(m[1]) + 1;
+        const end = Number(m[2]) + 1;
+        res.writeHead(206, { 'Content-Range': `bytes ${start}-${end}/${data.length}`, 'Content-Length': end - start + 1 }).end(data.subarray(start, end + 1));
+        return true;
+      },
+    });
+    const src = await open(s.url, { retries: 1, readaheadMax: 0 });
+    await expect(src.readAt(Buffer.alloc(4096), 4096)).rejects.toThrow(/asked for bytes 4096-8191, got 4097-8192/);
+  });
+
   it('refuses a server that answers 200 to a Range request, without downloading the image', async () => {
     const s = await server(randomBytes(4 * MiB), { noRanges: true });
     await expect(HttpSource.open(s.url)).rejects.toThrow(/answered 200 to a Range request: the server does not serve byte ranges/);
