@@ -596,10 +596,15 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	bitmap_or(dev->present, dev->present, dev->dirty, dev->nr_blocks);
 
 	mutex_lock(&uloop_ctl_mutex);
-	err = idr_alloc(&uloop_idr, dev, 0, 1 << MINORBITS, GFP_KERNEL);
+	if (a.index == ULOOP_INDEX_ANY)
+		err = idr_alloc(&uloop_idr, dev, 0, 1 << MINORBITS, GFP_KERNEL);
+	else if (a.index < (1U << MINORBITS))
+		err = idr_alloc(&uloop_idr, dev, a.index, a.index + 1, GFP_KERNEL);
+	else
+		err = -EINVAL;
 	mutex_unlock(&uloop_ctl_mutex);
 	if (err < 0)
-		goto out_free;
+		goto out_free; /* -ENOSPC: that N is taken */
 	dev->index = err;
 
 	err = -ENOMEM;

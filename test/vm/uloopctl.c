@@ -28,7 +28,7 @@ int main(int argc, char **argv) {
   if (!strcmp(argv[1], "add") && argc == 7) {
     int fd = open(argv[2], strcmp(argv[5], "wb") ? O_RDONLY : O_RDWR);
     if (fd < 0) return die("open cache");
-    struct uloop_add a = {.version = ULOOP_ABI_VERSION, .cache_fd = fd};
+    struct uloop_add a = {.version = ULOOP_ABI_VERSION, .cache_fd = fd, .index = ULOOP_INDEX_ANY};
     a.size = strtoull(argv[3], 0, 0);
     a.block_size = strtoul(argv[4], 0, 0);
     a.flags = strcmp(argv[5], "wb") ? 0 : ULOOP_F_WRITEBACK;

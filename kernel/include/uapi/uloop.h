@@ -22,6 +22,7 @@
 
 #define ULOOP_ABI_VERSION 1
 #define ULOOP_CONTROL_NAME "uloop-control"
+#define ULOOP_INDEX_ANY 0xffffffffU
 
 /* uloop_add.flags */
 #define ULOOP_F_WRITEBACK (1U << 0) /* writes allowed; without it the disk is read-only */
@@ -35,7 +36,7 @@ struct uloop_add {
 	__u32 flags;       /* in: ULOOP_F_* */
 	__u64 present_ptr; /* in: user address of the present bitmap */
 	__u64 dirty_ptr;   /* in: user address of the dirty bitmap (dirty implies present) */
-	__u32 index;       /* out: N of /dev/uloopN */
+	__u32 index;       /* in: the N wanted, or ULOOP_INDEX_ANY; out: N of /dev/uloopN */
 	__u32 __pad;
 };
 
