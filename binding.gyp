@@ -9,7 +9,8 @@
         "native/blkdev.cc",
         "native/bitmap.cc",
         "native/process.cc",
-        "native/power.cc"
+        "native/power.cc",
+        "native/uloop.cc"
       ],
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")"

@@ -46,6 +46,7 @@ bool InitIo(Napi::Env env, Napi::Object exports);
 bool InitBlkdev(Napi::Env env, Napi::Object exports);
 bool InitBitmap(Napi::Env env, Napi::Object exports);
 bool InitProcess(Napi::Env env, Napi::Object exports);
+bool InitUloop(Napi::Env env, Napi::Object exports);
 bool InitPower(Napi::Env env, Napi::Object exports);
 
 // Registers `cb` as exports[name]; false with a pending exception on failure.

@@ -282,3 +282,116 @@ export function hdioDriveCmd(fd: number, args: Uint8Array): Promise<void> {
   if (args.byteLength < 4) throw outOfRange('args.byteLength', '>= 4', args.byteLength);
   return binding.hdioDriveCmd(fd, args);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The uloop control device (kernel/include/uapi/uloop.h). Synchronous ioctls; the request channel
+// is watched on the event loop (uv_poll) and delivers whole messages.
+
+export const ULOOP_F_WRITEBACK = 1;
+export const ULOOP_MSG_MISS = 1;
+export const ULOOP_MSG_INTENT = 2;
+export const ULOOP_MSG_BARRIER = 3;
+
+export interface UloopMessage {
+  id: number;
+  type: number;
+  offset: number;
+  length: number;
+}
+
+export interface UloopInfo {
+  size: number;
+  blockSize: number;
+  blocks: number;
+  presentBlocks: number;
+  dirtyBlocks: number;
+  epoch: number;
+  attached: boolean;
+  waiting: number;
+}
+
+/** A watch of a control fd; close() once, before closing the fd. */
+export interface UloopWatch {
+  close(): void;
+}
+
+interface UloopBinding {
+  uloopOpen(): number;
+  uloopAdd(fd: number, cacheFd: number, size: number, blockSize: number, flags: number, present: Uint8Array, dirty: Uint8Array, index: number): number;
+  uloopRemove(fd: number, index: number): void;
+  uloopAttach(fd: number, index: number): void;
+  uloopQuery(fd: number, index: number): UloopInfo;
+  uloopBarrierBits(fd: number, id: number, present: Uint8Array, dirty: Uint8Array): void;
+  uloopReply(fd: number, id: number, error: number): void;
+  uloopWatch(fd: number, cb: (err: NativeError | null, msgs: UloopMessage[]) => void): object;
+  uloopUnwatch(handle: object): void;
+}
+
+const uloopBinding = binding as unknown as UloopBinding;
+
+export function uloopOpen(): number {
+  return uloopBinding.uloopOpen();
+}
+
+/** Adds /dev/uloopN over the cache file (index -1: any N) and attaches `fd` to it as its daemon. */
+export function uloopAdd(fd: number, cacheFd: number, size: number, blockSize: number, flags: number, present: Uint8Array, dirty: Uint8Array, index = -1): number {
+  validateFd(fd);
+  validateFd(cacheFd);
+  validateInteger(size, 'size', 512);
+  validateInteger(blockSize, 'blockSize', 4096, 2 ** 20);
+  validateInteger(flags, 'flags', 0, 1);
+  validateBytes(present, 'present');
+  validateBytes(dirty, 'dirty');
+  const need = Math.ceil(Math.ceil(size / blockSize) / 8);
+  if (present.byteLength < need) throw outOfRange('present.byteLength', `>= ${need}`, present.byteLength);
+  if (dirty.byteLength < need) throw outOfRange('dirty.byteLength', `>= ${need}`, dirty.byteLength);
+  validateInteger(index, 'index', -1, 2 ** 20 - 1);
+  return uloopBinding.uloopAdd(fd, cacheFd, size, blockSize, flags, present, dirty, index);
+}
+
+export function uloopRemove(fd: number, index: number): void {
+  validateFd(fd);
+  validateInteger(index, 'index', 0, 2 ** 20);
+  uloopBinding.uloopRemove(fd, index);
+}
+
+export function uloopAttach(fd: number, index: number): void {
+  validateFd(fd);
+  validateInteger(index, 'index', 0, 2 ** 20);
+  uloopBinding.uloopAttach(fd, index);
+}
+
+export function uloopQuery(fd: number, index: number): UloopInfo {
+  validateFd(fd);
+  validateInteger(index, 'index', 0, 2 ** 20);
+  return uloopBinding.uloopQuery(fd, index);
+}
+
+export function uloopBarrierBits(fd: number, id: number, present: Uint8Array, dirty: Uint8Array): void {
+  validateFd(fd);
+  validateInteger(id, 'id', 1);
+  validateBytes(present, 'present');
+  validateBytes(dirty, 'dirty');
+  uloopBinding.uloopBarrierBits(fd, id, present, dirty);
+}
+
+export function uloopReply(fd: number, id: number, error = 0): void {
+  validateFd(fd);
+  validateInteger(id, 'id', 1);
+  validateInteger(error, 'error', -4095, 0);
+  uloopBinding.uloopReply(fd, id, error);
+}
+
+export function uloopWatch(fd: number, onMessages: (err: NativeError | null, msgs: UloopMessage[]) => void): UloopWatch {
+  validateFd(fd);
+  if (typeof onMessages !== 'function') throw invalidArgType('onMessages', 'of type function', onMessages);
+  const handle = uloopBinding.uloopWatch(fd, onMessages);
+  let closed = false;
+  return {
+    close() {
+      if (closed) return;
+      closed = true;
+      uloopBinding.uloopUnwatch(handle);
+    },
+  };
+}
