@@ -7,9 +7,10 @@ import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths } from '../cache/store.js';
 import { UlobError } from '../errors.js';
 import { isWritable, type Source } from '../source/source.js';
-import { defaultName, frontendKind, ModuleMissingError, type Frontend, type FrontendKind } from '../bdev/frontend.js';
+import { defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/nbd-device.js';
+import { assertUloopModule, attachUloop } from '../bdev/uloop.js';
 import { NbdServer, parseNbdUrl } from '../bdev/nbd/index.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
@@ -148,9 +149,7 @@ export class Daemon {
 
   static async start(options: AttachOptions): Promise<Daemon> {
     const kind = frontendKind(options.device);
-    if (kind === 'uloop') {
-      throw new ModuleMissingError(`${options.device} needs the uloop kernel module, which this build does not have yet; use /dev/loopN`);
-    }
+    if (kind === 'uloop') assertUloopModule(options.device);
     if (kind !== 'serve' && process.getuid?.() !== 0) throw new NotRootError(options.device);
     const name = options.name ?? defaultName(options.device);
     if (!/^[A-Za-z0-9._-]+$/.test(name)) throw new UlobError('ULOB_E_INVALID_ARG', `--name may hold letters, digits, '.', '_' and '-' only`);
@@ -240,6 +239,7 @@ export class Daemon {
       let frontend: Frontend;
       if (kind === 'loop') frontend = await attachLoop({ device: options.device, socket, runDir, readOnly, logger });
       else if (kind === 'nbd') frontend = await attachNbdDevice({ device: options.device, socket, exportName: EXPORT_NAME, readOnly });
+      else if (kind === 'uloop') frontend = await attachUloop({ device: options.device, engine, readOnly, logger });
       else frontend = { kind: 'serve', device: options.device, detach: async () => undefined };
       undo.push(() => frontend.detach());
 

@@ -1,0 +1,102 @@
+// /dev/uloopN: the kernel module (kernel/uloop.c) serves hits from the cache file itself; this
+// frontend is its daemon. It answers misses by filling through the engine, dirty intents with
+// store.markDirty (rule 3), and barriers by recording the bits the kernel reports after it synced
+// the cache file (rules 4-6).
+import { closeSync, existsSync, openSync } from 'node:fs';
+import type { Logger } from 'pino';
+import { Bitmap } from '../cache/bitmap.js';
+import type { CacheEngine } from '../cache/engine.js';
+import type { Extent } from '../cache/layout.js';
+import * as native from '../native.js';
+import type { Frontend } from './frontend.js';
+import { ModuleMissingError } from './frontend.js';
+
+export const ULOOP_CONTROL = '/dev/uloop-control';
+
+export function assertUloopModule(device: string): void {
+  if (!existsSync(ULOOP_CONTROL)) throw new ModuleMissingError(`${device} needs the uloop kernel module: build it with make -C kernel, then insmod kernel/uloop.ko`);
+}
+
+export interface UloopOptions {
+  device: string;
+  engine: CacheEngine;
+  readOnly: boolean;
+  logger: Logger;
+}
+
+const EIO = -5;
+
+export async function attachUloop(options: UloopOptions): Promise<Frontend> {
+  const { engine, logger } = options;
+  const store = engine.store;
+  const { blockSize, blockCount } = engine.geometry;
+  const want = Number(options.device.slice('/dev/uloop'.length));
+  const ctl = native.uloopOpen();
+  let cache = -1;
+  let index: number;
+  try {
+    cache = openSync(store.paths.cache, options.readOnly ? 'r' : 'r+');
+    const flags = options.readOnly ? 0 : native.ULOOP_F_WRITEBACK;
+    index = native.uloopAdd(ctl, cache, engine.size, blockSize, flags, store.present.buffer, store.dirty.buffer, want);
+  } catch (err) {
+    if (cache >= 0) closeSync(cache);
+    closeSync(ctl);
+    throw err;
+  }
+
+  const blocks = (offset: number, length: number): Extent[] => [
+    { start: Math.floor(offset / blockSize), count: Math.ceil((offset + length) / blockSize) - Math.floor(offset / blockSize) },
+  ];
+
+  const handle = async (m: native.UloopMessage): Promise<void> => {
+    switch (m.type) {
+      case native.ULOOP_MSG_MISS:
+        await engine.read(m.offset, m.length); // fills the cache file; the commit records it present
+        return;
+      case native.ULOOP_MSG_INTENT:
+        store.markDirty(blocks(m.offset, m.length));
+        return;
+      case native.ULOOP_MSG_BARRIER: {
+        const present = new Bitmap(blockCount, Buffer.alloc(m.length));
+        const dirty = new Bitmap(blockCount, Buffer.alloc(m.length));
+        native.uloopBarrierBits(ctl, m.id, present.buffer, dirty.buffer);
+        // The kernel synced the cache file before sending the barrier: these bits may be recorded.
+        store.markDirty([...dirty.runs()]);
+        for (const e of dirty.runs()) present.clearRange(e.start, e.start + e.count);
+        store.markPresent([...present.runs()]);
+        return;
+      }
+      default:
+        throw new Error(`unknown uloop message type ${m.type}`);
+    }
+  };
+
+  const watch = native.uloopWatch(ctl, (err, msgs) => {
+    if (err) {
+      logger.error({ err }, 'uloop request channel failed');
+      return;
+    }
+    for (const m of msgs) {
+      handle(m).then(
+        () => native.uloopReply(ctl, m.id, 0),
+        (e: unknown) => {
+          logger.warn({ err: e, type: m.type, offset: m.offset, length: m.length }, 'uloop request failed');
+          native.uloopReply(ctl, m.id, EIO);
+        },
+      );
+    }
+  });
+
+  const device = `/dev/uloop${index}`;
+  logger.info({ device }, 'uloop device added');
+  return {
+    kind: 'uloop',
+    device,
+    async detach() {
+      native.uloopRemove(ctl, index); // refused (EBUSY) while the device is open
+      watch.close();
+      closeSync(ctl);
+      closeSync(cache);
+    },
+  };
+}

@@ -1,0 +1,39 @@
+// `ulobdev --writeback /dev/uloop0 disk.img` in the guest: the Node daemon on the kernel module.
+// Misses fill through the engine, a filesystem is made, written, checked, and the device detaches.
+import { beforeAll, describe, expect, it } from 'vitest';
+import { prepareVm, ROOT, runInVm, type VmPaths, type VmResult } from './vm.js';
+
+let vm: VmPaths;
+let run: VmResult;
+
+beforeAll(async () => {
+  vm = prepareVm();
+  run = await runInVm(`
+    U="node ${ROOT}/dist/cli/ulobdev.js"
+    insmod ${vm.ULOOP_KO}
+    modprobe crc32c_generic; modprobe ext4
+    head -c 8M /dev/urandom > /tmp/disk.img && truncate -s 64M /tmp/disk.img
+    $U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --daemon /dev/uloop0 /tmp/disk.img
+    dd if=/dev/uloop0 of=/tmp/r bs=1M count=8 iflag=direct status=none
+    head -c 8M /tmp/disk.img | cmp - /tmp/r && echo "misses through the daemon verified"
+    mkfs.ext4 -q -b 4096 /dev/uloop0 && mkdir -p /tmp/m && mount /dev/uloop0 /tmp/m
+    head -c 4M /dev/urandom > /tmp/f && cp /tmp/f /tmp/m/f && sync
+    umount /tmp/m
+    fsck.ext4 -fn /dev/uloop0 > /dev/null && echo "fsck clean"
+    mount -o ro /dev/uloop0 /tmp/m && cmp /tmp/f /tmp/m/f && echo "file verified" && umount /tmp/m
+    $U status /dev/uloop0
+    $U detach /dev/uloop0 && echo detached
+    rmmod uloop && echo unloaded
+  `);
+}, 600_000);
+
+describe('ulobdev on /dev/uloopN', () => {
+  it('attaches, fills misses, carries a filesystem, detaches', () => {
+    expect(run.output).toContain('misses through the daemon verified');
+    expect(run.output).toContain('fsck clean');
+    expect(run.output).toContain('file verified');
+    expect(run.output).toContain('detached');
+    expect(run.output).toContain('unloaded');
+    expect(run.code).toBe(0);
+  });
+});
