@@ -1,0 +1,800 @@
+// The cache engine (src/cache/engine.ts) with the store and the flusher on real files: what reads
+// and writes do to the cache and to the backing disk, durability at FLUSH/FUA and across reopen,
+// short last blocks, eviction, concurrency, write-back racing user writes, the commit timer, bad
+// arguments, and the failed state after a failed sync.
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import fc from 'fast-check';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { EngineClosedError, InvalidArgumentError, ReadOnlyError, UlobError } from '../../src/errors.js';
+import { CacheEngine, type EngineOptions } from '../../src/cache/engine.js';
+import { posixStorage } from '../../src/cache/posix-storage.js';
+import type { BlockFile, Storage } from '../../src/cache/storage.js';
+import { CacheStore, type CachePaths } from '../../src/cache/store.js';
+import { openBacking } from '../../src/source/blockdev.js';
+import type { FileSource } from '../../src/source/file-source.js';
+import type { WritableSource } from '../../src/source/source.js';
+import { flushDirty } from '../../src/writeback/flusher.js';
+
+const KiB = 1024;
+
+/** A Source that counts every call and can hold back writes to the backing disk. */
+class CountingSource implements WritableSource {
+  readonly size: number;
+  readonly id: string;
+  readonly description: string;
+  readonly reads: [number, number][] = [];
+  readonly writes: [number, number][] = [];
+  syncs = 0;
+  /** Called as each writeAt starts, before the gate. */
+  onWrite: (() => void) | null = null;
+  /** While set, every writeAt waits for it before writing. */
+  writeGate: Promise<void> | null = null;
+
+  constructor(readonly inner: WritableSource) {
+    this.size = inner.size;
+    this.id = inner.id;
+    this.description = inner.description;
+  }
+
+  async readAt(buf: Uint8Array, position: number): Promise<void> {
+    this.reads.push([position, buf.byteLength]);
+    await this.inner.readAt(buf, position);
+  }
+
+  async writeAt(buf: Uint8Array, position: number): Promise<void> {
+    this.writes.push([position, buf.byteLength]);
+    this.onWrite?.();
+    if (this.writeGate) await this.writeGate;
+    await this.inner.writeAt(buf, position);
+  }
+
+  async sync(): Promise<void> {
+    this.syncs++;
+    await this.inner.sync();
+  }
+
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+
+  /** Bytes read from the backing since the last reset. */
+  get readBytes(): number {
+    return this.reads.reduce((n, [, len]) => n + len, 0);
+  }
+
+  reset(): void {
+    this.reads.length = 0;
+    this.writes.length = 0;
+    this.syncs = 0;
+  }
+}
+
+/** posixStorage, except that the cache file's sync() can be told to fail once with EIO. */
+function flakyStorage(target: () => string): { storage: Storage; failNextSync: boolean } {
+  const state = { storage: undefined as unknown as Storage, failNextSync: false };
+  state.storage = {
+    ...posixStorage,
+    async open(path, options) {
+      const file = await posixStorage.open(path, options);
+      if (path !== target()) return file;
+      const wrapped: BlockFile = {
+        path: file.path,
+        read: (buf, pos) => file.read(buf, pos),
+        write: (buf, pos) => file.write(buf, pos),
+        async sync() {
+          if (state.failNextSync) {
+            state.failNextSync = false;
+            throw Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO', errno: 5, syscall: 'fdatasync' });
+          }
+          await file.sync();
+        },
+        allocate: (length) => file.allocate(length),
+        size: () => file.size(),
+        close: () => file.close(),
+      };
+      return wrapped;
+    },
+  };
+  return state;
+}
+
+let dir: string;
+let cleanups: (() => unknown)[] = [];
+
+beforeEach(() => {
+  dir = mkdtempSync(join(tmpdir(), 'ulob-engine-'));
+});
+
+afterEach(async () => {
+  for (const undo of cleanups.reverse()) {
+    try {
+      await undo();
+    } catch {
+      // best effort
+    }
+  }
+  cleanups = [];
+  rmSync(dir, { recursive: true, force: true });
+});
+
+interface RigOptions {
+  size: number;
+  blockSize: number;
+  mode?: 'readonly' | 'writeback';
+  engine?: EngineOptions;
+  storage?: Storage;
+}
+
+interface Rig {
+  engine: CacheEngine;
+  store: CacheStore;
+  source: CountingSource;
+  file: FileSource;
+  paths: CachePaths;
+  disk: string;
+  /** The disk's content when the rig was made. */
+  initial: Buffer;
+  options: RigOptions;
+}
+
+async function rig(options: RigOptions): Promise<Rig> {
+  const sub = mkdtempSync(join(dir, 'rig-'));
+  const disk = join(sub, 'disk.img');
+  const initial = randomBytes(options.size);
+  writeFileSync(disk, initial);
+  const paths = { cache: join(sub, 'cache'), bitmap: join(sub, 'bitmap'), metadata: join(sub, 'cache.meta') };
+  const mode = options.mode ?? 'writeback';
+  const file = await openBacking(disk, { writable: mode === 'writeback' });
+  cleanups.push(() => file.close());
+  const r = { file, paths, disk, initial, options } as Rig;
+  await attach(r, mode);
+  return r;
+}
+
+/** (Re)opens the store and engine over the rig's files, with a fresh counting source. */
+async function attach(r: Rig, mode = r.options.mode ?? 'writeback', engineOptions = r.options.engine): Promise<void> {
+  r.source = new CountingSource(r.file);
+  r.store = await CacheStore.open({
+    paths: r.paths,
+    backing: r.source,
+    mode,
+    blockSize: r.options.blockSize,
+    storage: r.options.storage,
+  });
+  r.engine = new CacheEngine(r.store, r.source, { autoCommitMs: 0, ...engineOptions });
+  const engine = r.engine;
+  cleanups.push(() => engine.close());
+}
+
+/** Close cleanly, or drop everything as a crashed daemon would, then reopen. */
+async function reopen(r: Rig, how: 'close' | 'abandon', engineOptions?: EngineOptions): Promise<void> {
+  if (how === 'close') await r.engine.close();
+  else await r.store.abandon();
+  await attach(r, r.options.mode, engineOptions);
+}
+
+function diskBytes(r: Rig): Buffer {
+  return readFileSync(r.disk);
+}
+
+function sha(buf: Uint8Array): string {
+  return createHash('sha256').update(buf).digest('hex');
+}
+
+/** The outcome of a call that may throw synchronously or reject. */
+async function outcome(fn: () => unknown): Promise<unknown> {
+  try {
+    await fn();
+  } catch (err) {
+    return err;
+  }
+  return undefined;
+}
+
+function expectCoded(err: unknown, cls: abstract new (...args: never[]) => UlobError, code: string): void {
+  expect(err, String(err)).toBeInstanceOf(cls);
+  expect((err as UlobError).code).toBe(code);
+  expect((err as Error).message).not.toMatch(/\n/);
+}
+
+async function waitFor(cond: () => boolean, what: string, ms = 3000): Promise<void> {
+  const until = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+/** Deterministic bytes for a write, different from random disk content with overwhelming odds. */
+function pattern(length: number, seed: number): Buffer {
+  const b = Buffer.allocUnsafe(length);
+  let x = (seed * 2654435761) >>> 0 || 1;
+  for (let i = 0; i < length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    b[i] = x & 0xff;
+  }
+  return b;
+}
+
+// --- reads ----------------------------------------------------------------------------------------
+
+describe('reads', () => {
+  it('fill a cold cache from the backing, return its bytes, and are served from the cache the second time', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 32 * BS, blockSize: BS });
+    const got = await r.engine.read(5000, 20000);
+    expect(got.equals(r.initial.subarray(5000, 25000))).toBe(true);
+    // Only the blocks touched were read: 1..6, as whole blocks.
+    expect(r.source.reads.every(([pos, len]) => pos % BS === 0 && len % BS === 0)).toBe(true);
+    expect(r.source.readBytes).toBe(6 * BS);
+    expect(r.engine.stats().stagedBlocks).toBe(6);
+    r.source.reset();
+    expect((await r.engine.read(5000, 20000)).equals(got)).toBe(true);
+    expect((await r.engine.read(BS, 6 * BS - 1)).equals(r.initial.subarray(BS, 7 * BS - 1))).toBe(true);
+    await r.engine.flush();
+    expect(r.engine.stats()).toMatchObject({ presentBlocks: 6, stagedBlocks: 0, dirtyBlocks: 0 });
+    expect((await r.engine.read(5000, 20000)).equals(got)).toBe(true);
+    expect(r.source.reads).toEqual([]);
+    // The rest of the disk: only the missing blocks are fetched.
+    expect((await r.engine.read(0, r.engine.size)).equals(r.initial)).toBe(true);
+    expect(r.source.readBytes).toBe(26 * BS);
+    for (const [pos, len] of r.source.reads) expect(pos >= 7 * BS || pos + len <= BS).toBe(true);
+    expect(r.source.writes).toEqual([]);
+  });
+
+  it('keep present blocks across a clean close and reopen: no backing reads for them', async () => {
+    const BS = 8 * KiB;
+    const r = await rig({ size: 20 * BS, blockSize: BS });
+    await r.engine.read(0, r.engine.size);
+    await reopen(r, 'close');
+    expect(r.store.recoveredFromCrash).toBe(false);
+    expect(r.store.present.count()).toBe(20);
+    expect((await r.engine.read(0, r.engine.size)).equals(r.initial)).toBe(true);
+    expect(r.source.reads).toEqual([]);
+  });
+});
+
+// --- writes and write-back ------------------------------------------------------------------------
+
+describe('writes', () => {
+  it('land in the cache and leave the backing alone until flushDirty, which makes it equal to the device', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 40 * BS, blockSize: BS });
+    const model = Buffer.from(r.initial);
+    const before = sha(diskBytes(r));
+    const writes: [number, Buffer][] = [
+      [0, pattern(BS, 1)], // whole missing block
+      [3 * BS + 100, pattern(200, 2)], // part of a missing block
+      [10 * BS - 7, pattern(2 * BS + 14, 3)], // blocks 9..12, partial at both ends
+      [20 * BS, pattern(5 * BS, 4)], // several whole blocks
+    ];
+    await r.engine.read(30 * BS, 2 * BS);
+    await r.engine.flush();
+    writes.push([30 * BS + 1, pattern(BS, 5)]); // into present clean blocks
+    for (const [off, data] of writes) {
+      await r.engine.write(off, data);
+      data.copy(model, off);
+    }
+    expect((await r.engine.read(0, r.engine.size)).equals(model)).toBe(true);
+    await r.engine.flush();
+    // FLUSH is satisfied on flash: the backing has not been written or synced.
+    expect(r.source.writes).toEqual([]);
+    expect(r.source.syncs).toBe(0);
+    expect(sha(diskBytes(r))).toBe(before);
+    const dirty = r.engine.stats().dirtyBlocks;
+    expect(dirty).toBe(1 + 1 + 4 + 5 + 2);
+
+    const result = await flushDirty(r.engine);
+    expect(result).toMatchObject({ blocks: dirty, cleaned: dirty, kept: 0, bytes: dirty * BS });
+    expect(diskBytes(r).equals(model)).toBe(true);
+    expect(r.engine.stats().dirtyBlocks).toBe(0);
+    expect(r.source.syncs).toBeGreaterThan(0);
+    // Every backing write was inside a dirty block.
+    for (const [pos, len] of r.source.writes) expect(pos % BS === 0 && (len % BS === 0 || pos + len === r.engine.size)).toBe(true);
+    // And the clean state is durable.
+    await reopen(r, 'abandon');
+    expect(r.store.dirty.count()).toBe(0);
+    expect(r.store.info.flushEpoch).toBe(1);
+  });
+
+  it('keep the rest of a missing block when only part of it is written', async () => {
+    const BS = 64 * KiB;
+    const r = await rig({ size: 8 * BS, blockSize: BS });
+    const off = 2 * BS + 30000;
+    const data = pattern(4 * KiB, 9);
+    await r.engine.write(off, data);
+    // The block was fetched once, whole, to keep its other 60 KiB.
+    expect(r.source.reads).toEqual([[2 * BS, BS]]);
+    const model = Buffer.from(r.initial);
+    data.copy(model, off);
+    expect((await r.engine.read(2 * BS, BS)).equals(model.subarray(2 * BS, 3 * BS))).toBe(true);
+    await r.engine.flush();
+    await reopen(r, 'abandon');
+    expect((await r.engine.read(2 * BS, BS)).equals(model.subarray(2 * BS, 3 * BS))).toBe(true);
+    expect(r.source.reads).toEqual([]);
+    await flushDirty(r.engine);
+    expect(diskBytes(r).equals(model)).toBe(true);
+  });
+
+  it('handle the short last block of a disk that is not a whole number of blocks', async () => {
+    const BS = 16 * KiB;
+    const size = 5 * BS + 5000; // not a multiple of 4 KiB either
+    const r = await rig({ size, blockSize: BS });
+    expect(r.engine.geometry.blockCount).toBe(6);
+    expect(statSync(r.paths.cache).size).toBe(5 * BS + 8192);
+    expect((await r.engine.read(size - 100, 100)).equals(r.initial.subarray(size - 100))).toBe(true);
+    expect(r.source.reads).toEqual([[5 * BS, 5000]]);
+    expect((await r.engine.read(size - 1, 1))[0]).toBe(r.initial[size - 1]);
+    expect((await r.engine.read(size, 0)).byteLength).toBe(0);
+    const model = Buffer.from(r.initial);
+    const tail = pattern(10, 11);
+    await r.engine.write(size - 10, tail);
+    tail.copy(model, size - 10);
+    // The whole short block written at once is a whole-block write: no fill needed.
+    const r2 = await rig({ size, blockSize: BS });
+    const whole = pattern(5000, 12);
+    await r2.engine.write(5 * BS, whole);
+    expect(r2.source.reads).toEqual([]);
+    const model2 = Buffer.from(r2.initial);
+    whole.copy(model2, 5 * BS);
+
+    for (const [x, m] of [
+      [r, model],
+      [r2, model2],
+    ] as const) {
+      expect((await x.engine.read(0, size)).equals(m)).toBe(true);
+      const res = await flushDirty(x.engine);
+      expect(res.bytes).toBe(5000);
+      // Written back without growing the disk.
+      expect(statSync(x.disk).size).toBe(size);
+      expect(diskBytes(x).equals(m)).toBe(true);
+      expect(x.engine.stats().dirtyBlocks).toBe(0);
+    }
+  });
+
+  it('FUA and FLUSH make written and filled blocks durable across a crash of the daemon', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 16 * BS, blockSize: BS });
+    const model = Buffer.from(r.initial);
+    const a = pattern(BS, 21);
+    const b = pattern(1000, 22);
+    await r.engine.write(3 * BS, a, { fua: true }); // whole missing block
+    await r.engine.write(7 * BS + 50, b, { fua: true }); // part of a missing block
+    a.copy(model, 3 * BS);
+    b.copy(model, 7 * BS + 50);
+    await reopen(r, 'abandon');
+    expect(r.store.recoveredFromCrash).toBe(true);
+    expect([...r.store.dirty.runs()]).toEqual([
+      { start: 3, count: 1 },
+      { start: 7, count: 1 },
+    ]);
+    expect((await r.engine.read(3 * BS, 5 * BS)).equals(model.subarray(3 * BS, 8 * BS))).toBe(true);
+    // Blocks 4..6 were never cached; 3 and 7 came from the cache.
+    expect(r.source.reads).toEqual([[4 * BS, 3 * BS]]);
+
+    // FLUSH: a write and some fills, then one flush, then a crash.
+    const c = pattern(2 * BS, 23);
+    await r.engine.write(10 * BS, c);
+    c.copy(model, 10 * BS);
+    await r.engine.read(12 * BS, 2 * BS);
+    await r.engine.flush();
+    await reopen(r, 'abandon');
+    expect(r.store.recoveredFromCrash).toBe(true);
+    expect(r.store.dirty.allSet(10, 12)).toBe(true);
+    expect(r.store.present.allSet(12, 14)).toBe(true);
+    expect((await r.engine.read(10 * BS, 4 * BS)).equals(model.subarray(10 * BS, 14 * BS))).toBe(true);
+    expect(r.source.reads).toEqual([]);
+    expect(diskBytes(r).equals(r.initial)).toBe(true);
+
+    // A write into a present clean block (12) is recorded dirty before it is acknowledged, so a
+    // crash cannot leave the new bytes in a block that looks clean and is never written back.
+    const d = pattern(300, 24);
+    await r.engine.write(12 * BS + 10, d, { fua: true });
+    d.copy(model, 12 * BS + 10);
+    await reopen(r, 'abandon');
+    expect(r.store.dirty.get(12)).toBe(true);
+    await flushDirty(r.engine);
+    expect(diskBytes(r).equals(model)).toBe(true);
+  });
+
+  it('are refused in read-only mode, changing nothing', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 16 * BS, blockSize: BS, mode: 'readonly' });
+    expect(r.engine.readOnly).toBe(true);
+    await r.engine.read(0, 4 * BS);
+    await r.engine.flush();
+    const stats = r.engine.stats();
+    const cacheBefore = sha(readFileSync(r.paths.cache));
+    for (const [off, len] of [
+      [0, BS],
+      [8 * BS + 3, 100],
+    ]) {
+      const err = await outcome(() => r.engine.write(off!, pattern(len!, 31), { fua: true }));
+      expectCoded(err, ReadOnlyError, 'ULOB_E_READ_ONLY');
+      expect((err as Error).message).toContain(r.disk);
+    }
+    expect(r.engine.stats()).toEqual(stats);
+    expect(sha(readFileSync(r.paths.cache))).toBe(cacheBefore);
+    expect(r.source.writes).toEqual([]);
+    expect(r.source.readBytes).toBe(4 * BS);
+    expect(diskBytes(r).equals(r.initial)).toBe(true);
+    expect((await r.engine.read(0, r.engine.size)).equals(r.initial)).toBe(true);
+  });
+});
+
+// --- discard --------------------------------------------------------------------------------------
+
+describe('discard', () => {
+  it('evicts clean blocks only, durably; evicted blocks read back the same bytes', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 24 * BS, blockSize: BS });
+    const model = Buffer.from(r.initial);
+    await r.engine.read(0, r.engine.size);
+    const d = pattern(2 * BS, 41);
+    await r.engine.write(5 * BS, d);
+    d.copy(model, 5 * BS);
+    await r.engine.flush();
+    expect(r.engine.stats()).toMatchObject({ presentBlocks: 24, dirtyBlocks: 2 });
+
+    // Only blocks wholly inside the range go: 1..2 of [BS - 1, 3 * BS + 1).
+    await r.engine.discard(BS - 1, 2 * BS + 2);
+    expect([...r.store.present.gaps()]).toEqual([{ start: 1, count: 2 }]);
+    await r.engine.discard(0, r.engine.size);
+    expect([...r.store.present.runs()]).toEqual([{ start: 5, count: 2 }]);
+    expect([...r.store.dirty.runs()]).toEqual([{ start: 5, count: 2 }]);
+
+    // Eviction is durable before discard resolves: a crash now does not bring the bits back.
+    await reopen(r, 'abandon');
+    expect([...r.store.present.runs()]).toEqual([{ start: 5, count: 2 }]);
+    r.source.reset();
+    expect((await r.engine.read(0, r.engine.size)).equals(model)).toBe(true);
+    expect(r.source.readBytes).toBe(22 * BS);
+    for (const [pos, len] of r.source.reads) expect(pos + len <= 5 * BS || pos >= 7 * BS).toBe(true);
+    expect(r.source.writes).toEqual([]);
+  });
+});
+
+// --- concurrency ----------------------------------------------------------------------------------
+
+type COp =
+  | { kind: 'read'; offset: number; length: number }
+  | { kind: 'write'; offset: number; length: number; seed: number }
+  | { kind: 'flush' }
+  | { kind: 'discard'; offset: number; length: number }
+  | { kind: 'writeback' };
+
+describe('concurrency', () => {
+  it('64 concurrent reads and writes per batch end as a sequential model; reads see old or new bytes', async () => {
+    const geometryArb = fc.record({
+      blockSize: fc.constantFrom(4 * KiB, 8 * KiB, 16 * KiB),
+      blocks: fc.integer({ min: 4, max: 24 }),
+      tail: fc.nat({ max: 16 * KiB - 1 }),
+    });
+    const rangeArb = fc.record({ x: fc.double({ min: 0, max: 1, noNaN: true }), length: fc.integer({ min: 1, max: 40 * KiB }) });
+    const opArb = fc.oneof(
+      { weight: 6, arbitrary: rangeArb.map((r) => ({ kind: 'read' as const, ...r })) },
+      { weight: 6, arbitrary: fc.tuple(rangeArb, fc.nat()).map(([r, seed]) => ({ kind: 'write' as const, ...r, seed })) },
+      { weight: 1, arbitrary: fc.constant({ kind: 'flush' as const }) },
+      { weight: 1, arbitrary: rangeArb.map((r) => ({ kind: 'discard' as const, ...r })) },
+      { weight: 1, arbitrary: fc.constant({ kind: 'writeback' as const }) },
+    );
+    const batchArb = fc.array(opArb, { minLength: 64, maxLength: 64 });
+
+    await fc.assert(
+      fc.asyncProperty(geometryArb, fc.array(batchArb, { minLength: 1, maxLength: 3 }), async (geo, batches) => {
+        const size = Math.max(1, geo.blocks * geo.blockSize - (geo.tail % geo.blockSize));
+        const r = await rig({ size, blockSize: geo.blockSize });
+        const model = Buffer.from(r.initial);
+        for (const batch of batches) {
+          // Concrete ops: ranges inside the disk; writes that overlap an earlier write of the
+          // batch become reads (their order would be unknowable), and one write-back per batch.
+          const ops: COp[] = [];
+          const written: [number, number][] = [];
+          let writeback = false;
+          for (const op of batch) {
+            if (op.kind === 'flush') ops.push(op);
+            else if (op.kind === 'writeback') {
+              ops.push(writeback ? { kind: 'flush' } : op);
+              writeback = true;
+            } else {
+              const offset = Math.min(size - 1, Math.floor(op.x * size));
+              const length = Math.min(op.length, size - offset);
+              if (op.kind === 'write' && !written.some(([o, l]) => offset < o + l && o < offset + length)) {
+                written.push([offset, length]);
+                ops.push({ kind: 'write', offset, length, seed: op.seed });
+              } else ops.push({ kind: op.kind === 'discard' ? 'discard' : 'read', offset, length });
+            }
+          }
+          const before = Buffer.from(model);
+          for (const op of ops) if (op.kind === 'write') pattern(op.length, op.seed).copy(model, op.offset);
+          const results = await Promise.all(
+            ops.map(async (op) => {
+              switch (op.kind) {
+                case 'read':
+                  return r.engine.read(op.offset, op.length);
+                case 'write':
+                  return r.engine.write(op.offset, pattern(op.length, op.seed));
+                case 'flush':
+                  return r.engine.flush();
+                case 'discard':
+                  return r.engine.discard(op.offset, op.length);
+                case 'writeback':
+                  return flushDirty(r.engine);
+              }
+            }),
+          );
+          ops.forEach((op, i) => {
+            if (op.kind !== 'read') return;
+            const got = results[i] as Buffer;
+            for (let j = 0; j < op.length; j++) {
+              const p: number = op.offset + j;
+              if (got[j] !== before[p] && got[j] !== model[p]) {
+                expect.fail(`read ${op.offset}+${op.length}: byte ${p} is ${got[j]}, neither old ${before[p]} nor new ${model[p]}`);
+              }
+            }
+          });
+        }
+        await r.engine.flush();
+        expect((await r.engine.read(0, size)).equals(model)).toBe(true);
+        await flushDirty(r.engine);
+        expect(r.engine.stats().dirtyBlocks).toBe(0);
+        expect(diskBytes(r).equals(model)).toBe(true);
+        await reopen(r, 'close');
+        expect((await r.engine.read(0, size)).equals(model)).toBe(true);
+        await r.engine.close();
+      }),
+      // A failure is shrunk for at most a minute, then reported as it stands.
+      { numRuns: 12, interruptAfterTimeLimit: 60_000, markInterruptAsFailure: true },
+    );
+  }, 120_000);
+
+  it('a write into a block the flusher is copying keeps it dirty; the next flushDirty writes it back', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 16 * BS, blockSize: BS });
+    const model = Buffer.from(r.initial);
+    const first = pattern(8 * BS, 51);
+    await r.engine.write(0, first);
+    first.copy(model, 0);
+    await r.engine.flush();
+    expect(r.engine.stats().dirtyBlocks).toBe(8);
+
+    // Hold the flusher at its first backing write (block 0, one block per write).
+    let release!: () => void;
+    r.source.writeGate = new Promise<void>((resolve) => (release = resolve));
+    let copying!: () => void;
+    const atFirstWrite = new Promise<void>((resolve) => (copying = resolve));
+    r.source.onWrite = () => copying();
+    const flushing = flushDirty(r.engine, { maxIoBytes: BS });
+    await atFirstWrite;
+    // Rewrite block 0 (being copied), block 5 (not yet copied) and block 12 (not in the epoch).
+    const a = pattern(BS, 52);
+    const b = pattern(100, 53);
+    const c = pattern(BS, 54);
+    await r.engine.write(0, a);
+    await r.engine.write(5 * BS + 7, b);
+    await r.engine.write(12 * BS, c);
+    a.copy(model, 0);
+    b.copy(model, 5 * BS + 7);
+    c.copy(model, 12 * BS);
+    r.source.writeGate = null;
+    r.source.onWrite = null;
+    release();
+    const result = await flushing;
+    expect(result).toMatchObject({ blocks: 8, cleaned: 6, kept: 2 });
+    expect(r.store.dirty.get(0)).toBe(true);
+    expect(r.store.dirty.get(5)).toBe(true);
+    for (const blk of [1, 2, 3, 4, 6, 7]) expect(r.store.dirty.get(blk)).toBe(false);
+    // Block 0 on the disk is the first version: clearing its dirty bit would have lost `a`.
+    expect(diskBytes(r).subarray(0, BS).equals(first.subarray(0, BS))).toBe(true);
+    // Everything the disk lacks is still dirty (invariant 4).
+    await r.engine.flush();
+    expectDiskLagsOnlyInDirtyBlocks(r, model);
+
+    const second = await flushDirty(r.engine);
+    expect(second.cleaned).toBe(3);
+    expect(diskBytes(r).equals(model)).toBe(true);
+    expect(r.engine.stats().dirtyBlocks).toBe(0);
+  });
+
+  it('writes issued right after flushDirty starts are never lost, whatever the interleaving', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 32 * BS, blockSize: BS });
+    const model = Buffer.from(r.initial);
+    for (let round = 0; round < 20; round++) {
+      for (let i = 0; i < 6; i++) {
+        const off = ((round * 7 + i * 5) % 30) * BS + ((round + i) % 3) * 1000;
+        const data = pattern(BS + 500, round * 100 + i);
+        await r.engine.write(off, data);
+        data.copy(model, off);
+      }
+      await r.engine.flush();
+      const flushing = flushDirty(r.engine, { maxIoBytes: 2 * BS });
+      const racing: Promise<void>[] = [];
+      for (let i = 0; i < 4; i++) {
+        const off = ((round * 3 + i * 8) % 31) * BS + 17 * i;
+        const data = pattern(BS, 1e6 + round * 10 + i);
+        data.copy(model, off);
+        racing.push(r.engine.write(off, data));
+        if (i === 1) await new Promise((res) => setImmediate(res));
+      }
+      await Promise.all(racing);
+      await flushing;
+      await r.engine.flush();
+      expectDiskLagsOnlyInDirtyBlocks(r, model);
+    }
+    await flushDirty(r.engine);
+    expect(diskBytes(r).equals(model)).toBe(true);
+    expect(r.engine.stats().dirtyBlocks).toBe(0);
+  });
+});
+
+/** Invariant 4: every block where the backing differs from the device's content is dirty. */
+function expectDiskLagsOnlyInDirtyBlocks(r: Rig, model: Buffer): void {
+  const g = r.engine.geometry;
+  const onDisk = diskBytes(r);
+  for (let blk = 0; blk < g.blockCount; blk++) {
+    const off = g.blockOffset(blk);
+    const end = off + g.blockLength(blk);
+    if (!onDisk.subarray(off, end).equals(model.subarray(off, end)) && !r.store.dirty.get(blk)) {
+      expect.fail(`block ${blk} differs on the backing disk but is not dirty`);
+    }
+  }
+}
+
+// --- the commit timer -----------------------------------------------------------------------------
+
+describe('the background commit timer', () => {
+  it('persists fills and writes without a FLUSH', async () => {
+    const BS = 4 * KiB;
+    // Without the timer nothing is committed however long one waits.
+    const idle = await rig({ size: 16 * BS, blockSize: BS, engine: { autoCommitMs: 0 } });
+    await idle.engine.read(0, 4 * BS);
+    await new Promise((res) => setTimeout(res, 100));
+    expect(idle.engine.stats().stagedBlocks).toBe(4);
+    expect(readFileSync(idle.paths.bitmap)[0]).toBe(0);
+
+    const r = await rig({ size: 16 * BS, blockSize: BS, engine: { autoCommitMs: 20 } });
+    // Fills alone start the timer: the bitmap file on disk gets their present bits.
+    await r.engine.read(0, 4 * BS);
+    expect(r.engine.stats().stagedBlocks).toBe(4);
+    await waitFor(() => readFileSync(r.paths.bitmap)[0] === 0x0f, 'the present bits in the bitmap file');
+    // A write alone starts it too: the metadata gets the dirty bit.
+    const w = pattern(BS, 61);
+    await r.engine.write(9 * BS, w);
+    expect(r.engine.stats().stagedBlocks).toBe(1);
+    await waitFor(() => r.engine.stats().dirtyBlocks === 1, 'the dirty bit');
+    expect(r.engine.stats().stagedBlocks).toBe(0);
+    await reopen(r, 'abandon', { autoCommitMs: 20 });
+    expect(r.store.recoveredFromCrash).toBe(true);
+    expect(r.store.present.allSet(0, 4)).toBe(true);
+    expect(r.store.dirty.get(9)).toBe(true);
+    expect((await r.engine.read(0, 4 * BS)).equals(r.initial.subarray(0, 4 * BS))).toBe(true);
+    expect((await r.engine.read(9 * BS, BS)).equals(w)).toBe(true);
+    expect(r.source.reads).toEqual([]);
+  });
+});
+
+// --- refusals and the failed state ----------------------------------------------------------------
+
+describe('refusals', () => {
+  it('reject bad arguments with InvalidArgumentError before any I/O', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 8 * BS + 100, blockSize: BS });
+    const size = r.engine.size;
+    const e = r.engine as unknown as {
+      read(o: unknown, l: unknown): Promise<Buffer>;
+      write(o: unknown, d: unknown): Promise<void>;
+      discard(o: unknown, l: unknown): Promise<void>;
+    };
+    const cacheBefore = sha(readFileSync(r.paths.cache));
+    const calls: [string, () => Promise<unknown>][] = [
+      ['read at a negative offset', () => e.read(-1, 10)],
+      ['read of a negative length', () => e.read(0, -1)],
+      ['read at a fractional offset', () => e.read(1.5, 10)],
+      ['read at NaN', () => e.read(Number.NaN, 10)],
+      ['read at a string offset', () => e.read('0', 10)],
+      ['read at the end', () => e.read(size, 1)],
+      ['read across the end', () => e.read(size - 1, 2)],
+      ['read far beyond', () => e.read(2 ** 53, 1)],
+      ['write at a negative offset', () => e.write(-1, Buffer.alloc(1))],
+      ['write at the end', () => e.write(size, Buffer.alloc(1))],
+      ['write across the end', () => e.write(size - 10, Buffer.alloc(11))],
+      ['write of a string', () => e.write(0, 'abc')],
+      ['write of an array', () => e.write(0, [1, 2, 3])],
+      ['write of null', () => e.write(0, null)],
+      ['write of an ArrayBuffer', () => e.write(0, new ArrayBuffer(8))],
+      ['discard at a negative offset', () => e.discard(-4096, 4096)],
+      ['discard across the end', () => e.discard(0, size + 1)],
+    ];
+    for (const [what, call] of calls) {
+      const err = await outcome(call);
+      expect(err, what).toBeInstanceOf(InvalidArgumentError);
+      expect((err as UlobError).code, what).toBe('ULOB_E_INVALID_ARG');
+    }
+    expect(r.source.reads).toEqual([]);
+    expect(r.source.writes).toEqual([]);
+    expect(r.engine.stats()).toMatchObject({ presentBlocks: 0, stagedBlocks: 0, dirtyBlocks: 0 });
+    expect(sha(readFileSync(r.paths.cache))).toBe(cacheBefore);
+  });
+
+  it('reject every operation after close with EngineClosedError', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 8 * BS, blockSize: BS });
+    await r.engine.write(0, pattern(BS, 71));
+    await r.engine.close();
+    await r.engine.close(); // idempotent
+    r.source.reset();
+    const ops: [string, () => unknown][] = [
+      ['read', () => r.engine.read(0, 1)],
+      ['write', () => r.engine.write(0, Buffer.alloc(1))],
+      ['flush', () => r.engine.flush()],
+      ['discard', () => r.engine.discard(0, BS)],
+      ['beginEpoch', () => r.engine.beginEpoch()],
+      ['readCache', () => r.engine.readCache(Buffer.alloc(BS), 0)],
+      ['flushDirty', () => flushDirty(r.engine)],
+    ];
+    for (const [what, op] of ops) {
+      const err = await outcome(op);
+      expect(err, what).toBeInstanceOf(EngineClosedError);
+      expect((err as UlobError).code, what).toBe('ULOB_E_CLOSED');
+    }
+    expect(r.source.reads).toEqual([]);
+    expect(r.source.writes).toEqual([]);
+    // The write was committed by the close.
+    await reopen(r, 'close');
+    expect(r.store.recoveredFromCrash).toBe(false);
+    expect(r.store.dirty.get(0)).toBe(true);
+  });
+
+  it('after a failed cache sync the engine refuses everything with EngineClosedError', async () => {
+    const BS = 4 * KiB;
+    let cachePath = '';
+    const flaky = flakyStorage(() => cachePath);
+    const r = await (async () => {
+      // The rig's paths are known only once it exists; the target is read at each open.
+      const x = await rig({ size: 16 * BS, blockSize: BS });
+      await x.engine.close();
+      cachePath = x.paths.cache;
+      x.options.storage = flaky.storage;
+      await attach(x);
+      return x;
+    })();
+    await r.engine.write(0, pattern(BS, 81));
+    await r.engine.read(4 * BS, BS);
+    flaky.failNextSync = true;
+    const err = await outcome(() => r.engine.flush());
+    expect(err).toMatchObject({ code: 'EIO' });
+    expect(r.store.failed).toBe(err);
+    r.source.reset();
+    const ops: [string, () => unknown][] = [
+      ['read', () => r.engine.read(8 * BS, 1)],
+      ['read of a staged block', () => r.engine.read(0, 1)],
+      ['write', () => r.engine.write(0, Buffer.alloc(1))],
+      ['write with FUA', () => r.engine.write(BS, Buffer.alloc(BS), { fua: true })],
+      ['flush', () => r.engine.flush()],
+      ['discard', () => r.engine.discard(0, 16 * BS)],
+      ['beginEpoch', () => r.engine.beginEpoch()],
+      ['flushDirty', () => flushDirty(r.engine)],
+    ];
+    for (const [what, op] of ops) {
+      const e = await outcome(op);
+      expect(e, what).toBeInstanceOf(EngineClosedError);
+      expect((e as UlobError).code, what).toBe('ULOB_E_CLOSED');
+      expect((e as Error).message, what).toContain('EIO');
+    }
+    // The sync was not retried (it could report success over lost pages), and nothing reached the disk.
+    expect(r.source.reads).toEqual([]);
+    expect(r.source.writes).toEqual([]);
+    expect(flaky.failNextSync).toBe(false);
+    // Close does not pretend the shutdown was clean.
+    await r.engine.close();
+    r.options.storage = undefined;
+    await attach(r);
+    expect(r.store.recoveredFromCrash).toBe(true);
+  });
+});
