@@ -252,7 +252,7 @@ export class CacheEngine {
   }
 
   /** Reads cache content for the flusher; never touches the source. */
-  readCache(buf: Uint8Array, position: number): Promise<number> {
+  async readCache(buf: Uint8Array, position: number): Promise<number> {
     this.#assertOpen();
     return this.store.readData(buf, position);
   }

@@ -165,7 +165,20 @@ export class CacheStore {
     const storage = options.storage ?? posixStorage;
     let dirtyBlocks = 0;
     if (await storage.exists(paths.metadata)) {
-      const meta = (options.metadata ?? Metadata).open(paths.metadata);
+      let meta: Metadata;
+      try {
+        meta = (options.metadata ?? Metadata).open(paths.metadata);
+      } catch (err) {
+        // Unreadable metadata cannot say what is dirty: only --force may throw such a cache away.
+        // A cache in use (CacheBusyError) is never removed.
+        if (err instanceof CorruptMetadataError && options.force) {
+          for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, paths.bitmap, paths.cache]) {
+            await storage.remove(p);
+          }
+          return { dirtyBlocks: 0 };
+        }
+        throw err;
+      }
       try {
         const dirty = new Bitmap(new Geometry(meta.info.backingSize, meta.info.blockSize).blockCount);
         for (const e of meta.dirtyExtents()) dirty.setRange(e.start, e.start + e.count);
@@ -288,9 +301,9 @@ export class CacheStore {
       for (const page of pages) {
         // A copy: the live bitmap changes while the write is in flight.
         const bytes = Buffer.from(this.present.buffer.subarray(page * FILE_ALIGN, (page + 1) * FILE_ALIGN));
-        await this.#io(() => this.#bitmapFile.write(bytes, page * FILE_ALIGN));
+        await this.#io(() => this.#bitmapFile.write(bytes, page * FILE_ALIGN), 'write the bitmap', this.paths.bitmap);
       }
-      if (sync) await this.#io(() => this.#bitmapFile.sync());
+      if (sync) await this.#io(() => this.#bitmapFile.sync(), 'sync the bitmap', this.paths.bitmap);
     });
     this.#bitmapWrite = run.catch(() => undefined);
     return run;
@@ -332,7 +345,7 @@ export class CacheStore {
 
   async #syncData(): Promise<void> {
     this.#assertUsable();
-    await this.#io(() => this.#cache.sync());
+    await this.#io(() => this.#cache.sync(), 'sync the cache');
   }
 
   #assertUsable(): void {
@@ -344,12 +357,13 @@ export class CacheStore {
    * A failed sync or metadata write leaves the cache's durable state unknown (the kernel may have
    * dropped the dirty pages), so the store refuses all further I/O rather than guess.
    */
-  async #io(fn: () => Promise<void>): Promise<void> {
+  async #io(fn: () => Promise<void>, what: string, path = this.paths.cache): Promise<void> {
     try {
       await fn();
     } catch (err) {
-      this.#failed ??= err as Error;
-      throw err;
+      const wrapped = ioError(what, path, err);
+      this.#failed ??= wrapped;
+      throw wrapped;
     }
   }
 

@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { EngineClosedError, InvalidArgumentError, ReadOnlyError, UlobError } from '../../src/errors.js';
+import { EngineClosedError, InvalidArgumentError, IOFailedError, ReadOnlyError, UlobError } from '../../src/errors.js';
 import { CacheEngine, type EngineOptions } from '../../src/cache/engine.js';
 import { posixStorage } from '../../src/cache/posix-storage.js';
 import type { BlockFile, Storage } from '../../src/cache/storage.js';
@@ -768,7 +768,9 @@ describe('refusals', () => {
     await r.engine.read(4 * BS, BS);
     flaky.failNextSync = true;
     const err = await outcome(() => r.engine.flush());
-    expect(err).toMatchObject({ code: 'EIO' });
+    expect(err).toBeInstanceOf(IOFailedError);
+    expect(err).toMatchObject({ code: 'ULOB_E_IO', cause: { code: 'EIO' } });
+    expect((err as Error).message).toMatch(/^cannot sync the cache .*: EIO \(fdatasync\)$/);
     expect(r.store.failed).toBe(err);
     r.source.reset();
     const ops: [string, () => unknown][] = [
