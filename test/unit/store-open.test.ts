@@ -555,6 +555,15 @@ describe('CacheStore.discard', () => {
     expect((await engine.read(0, SIZE)).equals(readFileSync(disk))).toBe(true);
   });
 
+  it('refuses a cache with unreadable metadata without force, and removes it with force', async () => {
+    await makeCache({ dirtyBlocks: 1 });
+    writeFileSync(paths.metadata, Buffer.alloc(8192, 0x5a));
+    await expectRefused(() => CacheStore.discard(paths), CorruptMetadataError, 'ULOB_E_CORRUPT_METADATA', [paths.metadata]);
+    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'disk.img']);
+    expect(await CacheStore.discard(paths, { force: true })).toEqual({ dirtyBlocks: 0 });
+    expect(ls()).toEqual(['disk.img']);
+  });
+
   it('of a cache that does not exist removes nothing', async () => {
     expect(await CacheStore.discard(paths)).toEqual({ dirtyBlocks: 0 });
     expect(ls()).toEqual(['disk.img']);
