@@ -65,7 +65,7 @@ run mount "$LOOP" "$MNT"
 run umount "$MNT"
 
 say "Write the dirty blocks back to the disk in one sorted pass"
-run "${ULOBDEV[@]}" flush "$LOOP"
+run "${ULOBDEV[@]}" flush --wait "$LOOP"
 run "${ULOBDEV[@]}" status "$LOOP"
 run "${ULOBDEV[@]}" detach "$LOOP"
 LOOP=""
