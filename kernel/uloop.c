@@ -837,6 +837,33 @@ out:
 	return err;
 }
 
+/*
+ * EPOCH_BEGIN / EPOCH_COMMIT: the flusher's snapshot of the dirty set and its commit (durability
+ * rule 7 of docs/design.md; the daemon narrows the snapshot to blocks its store has dirty too and
+ * clears the store's bits right after COMMIT, in the same tick, so the two agree).
+ *
+ * Why this is right against concurrent writes. A write to a block changes the cache file in one of
+ * two ways: through an INTENT (the block was clean: uloop_prepare asks the daemon, sets the dirty
+ * bit, then loops once more), or directly (the block was dirty, or missing and covered whole). In
+ * both cases the *last* pass of uloop_prepare decides "no daemon round trip needed" and, in the
+ * same dev->lock section, marks the write's blocks `rewritten` if an epoch is open and puts the
+ * write on dev->inflight, where it stays until its cache-file I/O completed. So under dev->lock:
+ *  - a write whose last prepare pass ran before BEGIN either completed before BEGIN (its data is in
+ *    the page cache when the flusher reads; the daemon syncs the cache file after BEGIN, so that
+ *    data is durable before COMMIT), or is still on dev->inflight and BEGIN marks it rewritten;
+ *  - a write whose last pass runs between BEGIN and COMMIT marks itself rewritten;
+ *  - a write whose last pass runs after COMMIT finds a cleared block clean and needs an INTENT,
+ *    whose answer comes after the daemon cleared the store's bit too (rule 3 holds again).
+ * COMMIT clears only flushed & dirty & ~rewritten, so every block it clears holds exactly the
+ * content the flusher could have read after BEGIN, which the daemon wrote to the source and synced
+ * before COMMIT (invariant 4), and is durable in the cache (invariant 2). A block rewritten during
+ * the epoch keeps its dirty bit, whatever the flusher read (old, new or torn): the next epoch
+ * writes it again. The kernel keeps no copy-on-write of such blocks, so unlike the userspace path
+ * the disk is not a point-in-time image until the next flush completes (docs/design.md).
+ * A block whose INTENT is in flight is clean here and busy: it is neither snapshotted as dirty nor
+ * cleared. A BEGIN while an epoch is open (the flusher gave up on it) starts a new one; a COMMIT
+ * for any but the latest BEGIN is refused with ESTALE and clears nothing.
+ */
 static int uloop_epoch(struct uloop_dev *dev, struct uloop_epoch __user *uarg, bool begin)
 {
 	size_t bytes = DIV_ROUND_UP(dev->nr_blocks, 8);

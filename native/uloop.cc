@@ -135,6 +135,41 @@ Napi::Value BarrierBits(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// uloopEpochBegin(fd, dirty) -> epoch: the kernel's dirty bitmap as of now, into `dirty`; from now
+// on the kernel records the blocks written (see uloop.h).
+Napi::Value EpochBegin(const Napi::CallbackInfo& info) {
+  int fd;
+  Bytes dirty;
+  if (!ArgFd(info, 0, &fd) || !ArgBytes(info, 1, &dirty)) return Napi::Value();
+  struct uloop_epoch e = {};
+  e.dirty_ptr = reinterpret_cast<uintptr_t>(dirty.data);
+  e.length = dirty.length;
+  if (ioctl(fd, ULOOP_IOC_EPOCH_BEGIN, &e) != 0) {
+    ThrowErrno(info.Env(), errno, "ioctl(ULOOP_IOC_EPOCH_BEGIN)");
+    return Napi::Value();
+  }
+  return Napi::Number::New(info.Env(), static_cast<double>(e.epoch));
+}
+
+// uloopEpochCommit(fd, epoch, flushed) -> cleared: `flushed` (the blocks written back) is narrowed
+// in place to the blocks whose dirty bit the kernel cleared.
+Napi::Value EpochCommit(const Napi::CallbackInfo& info) {
+  int fd;
+  int64_t epoch;
+  Bytes flushed;
+  if (!ArgFd(info, 0, &fd) || !ArgInt64(info, 1, &epoch) || !ArgBytes(info, 2, &flushed))
+    return Napi::Value();
+  struct uloop_epoch e = {};
+  e.dirty_ptr = reinterpret_cast<uintptr_t>(flushed.data);
+  e.length = flushed.length;
+  e.epoch = static_cast<uint64_t>(epoch);
+  if (ioctl(fd, ULOOP_IOC_EPOCH_COMMIT, &e) != 0) {
+    ThrowErrno(info.Env(), errno, "ioctl(ULOOP_IOC_EPOCH_COMMIT)");
+    return Napi::Value();
+  }
+  return Napi::Number::New(info.Env(), static_cast<double>(e.cleared));
+}
+
 // uloopReply(fd, id, error): error 0 or a negative errno.
 Napi::Value Reply(const Napi::CallbackInfo& info) {
   int fd;
@@ -251,6 +286,8 @@ bool InitUloop(Napi::Env env, Napi::Object exports) {
          Export<Remove>(env, exports, "uloopRemove") && Export<Attach>(env, exports, "uloopAttach") &&
          Export<Query>(env, exports, "uloopQuery") &&
          Export<BarrierBits>(env, exports, "uloopBarrierBits") &&
+         Export<EpochBegin>(env, exports, "uloopEpochBegin") &&
+         Export<EpochCommit>(env, exports, "uloopEpochCommit") &&
          Export<Reply>(env, exports, "uloopReply") && Export<WatchFd>(env, exports, "uloopWatch") &&
          Export<Unwatch>(env, exports, "uloopUnwatch");
 }

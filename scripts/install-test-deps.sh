@@ -11,6 +11,7 @@ nbdinfo     libnbd-bin
 nbdcopy     libnbd-bin
 nbdfuse     libnbd-bin
 nbdkit      nbdkit
+fio         fio
 fusermount3 fuse3
 mkfs.ext4   e2fsprogs
 losetup     util-linux

@@ -322,6 +322,8 @@ interface UloopBinding {
   uloopAttach(fd: number, index: number): void;
   uloopQuery(fd: number, index: number): UloopInfo;
   uloopBarrierBits(fd: number, id: number, present: Uint8Array, dirty: Uint8Array): void;
+  uloopEpochBegin(fd: number, dirty: Uint8Array): number;
+  uloopEpochCommit(fd: number, epoch: number, flushed: Uint8Array): number;
   uloopReply(fd: number, id: number, error: number): void;
   uloopWatch(fd: number, cb: (err: NativeError | null, msgs: UloopMessage[]) => void): object;
   uloopUnwatch(handle: object): void;
@@ -373,6 +375,21 @@ export function uloopBarrierBits(fd: number, id: number, present: Uint8Array, di
   validateBytes(present, 'present');
   validateBytes(dirty, 'dirty');
   uloopBinding.uloopBarrierBits(fd, id, present, dirty);
+}
+
+/** EPOCH_BEGIN: the kernel's dirty bitmap into `dirty`; the kernel records writes from now on. */
+export function uloopEpochBegin(fd: number, dirty: Uint8Array): number {
+  validateFd(fd);
+  validateBytes(dirty, 'dirty');
+  return uloopBinding.uloopEpochBegin(fd, dirty);
+}
+
+/** EPOCH_COMMIT: narrows `flushed` in place to the blocks the kernel cleaned; returns their count. */
+export function uloopEpochCommit(fd: number, epoch: number, flushed: Uint8Array): number {
+  validateFd(fd);
+  validateInteger(epoch, 'epoch', 1);
+  validateBytes(flushed, 'flushed');
+  return uloopBinding.uloopEpochCommit(fd, epoch, flushed);
 }
 
 export function uloopReply(fd: number, id: number, error = 0): void {

@@ -101,7 +101,9 @@ struct uloop_barrier_bits {
 /* EPOCH_BEGIN / EPOCH_COMMIT: the flusher's snapshot of the dirty set and its commit. BEGIN copies
  * the dirty bitmap to dirty_ptr and starts recording writes; COMMIT takes the blocks the flusher
  * wrote back (dirty_ptr), clears the dirty bit of each that no write touched since BEGIN (writes
- * in flight at BEGIN count as touching) and returns the cleared set in place. */
+ * in flight at BEGIN count as touching) and returns the cleared set in place. BEGIN does not sync
+ * the cache file: the daemon syncs it after BEGIN, before COMMIT, so the content it copied of a
+ * block COMMIT clears is durable in the cache. A later write to a cleared block sends an INTENT. */
 struct uloop_epoch {
 	__u64 dirty_ptr;
 	__u64 length;
