@@ -3,9 +3,11 @@
 // store.markDirty (rule 3), and barriers by recording the bits the kernel reports after it synced
 // the cache file (rules 4-6).
 import { closeSync, existsSync, openSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { Bitmap } from '../cache/bitmap.js';
 import type { CacheEngine } from '../cache/engine.js';
+import { EngineClosedError } from '../errors.js';
 import type { Extent } from '../cache/layout.js';
 import * as native from '../native.js';
 import type { Frontend } from './frontend.js';
@@ -88,12 +90,51 @@ export async function attachUloop(options: UloopOptions): Promise<Frontend> {
   });
 
   const device = `/dev/uloop${index}`;
+  // Flush epochs (rule 7) on both sides. The kernel writes hits itself and keeps its own dirty bits:
+  // the flushed set is the store's snapshot narrowed to blocks dirty in the kernel too (a block
+  // whose barrier the store has not recorded yet waits for the next epoch). At commit the kernel
+  // clears first, the store (clearFlushed) right after in the same tick: a write to a cleared block
+  // then waits for an INTENT that is answered only once the store has cleared it too.
+  // Once the device is removed the store holds all its bits (detach sends a FLUSH first), but an
+  // epoch begun in the kernel cannot be committed without it: its rewritten blocks are unknown.
+  let kernelEpoch = 0; // of the open flush epoch; 0: none
+  let removed = false;
+  if (!options.readOnly) {
+    engine.externalEpochs = {
+      begin(flushing) {
+        kernelEpoch = 0;
+        if (removed) return;
+        const kernel = Buffer.alloc(flushing.buffer.byteLength);
+        kernelEpoch = native.uloopEpochBegin(ctl, kernel);
+        for (let i = 0; i < kernel.byteLength; i++) flushing.buffer[i]! &= kernel[i]!;
+      },
+      commit(cleaned) {
+        const epoch = kernelEpoch;
+        kernelEpoch = 0;
+        if (epoch === 0) return;
+        if (removed) throw new EngineClosedError(`${device} was removed during the flush; its blocks stay dirty for the next one`);
+        native.uloopEpochCommit(ctl, epoch, cleaned.buffer);
+      },
+    };
+  }
+
   logger.info({ device }, 'uloop device added');
   return {
     kind: 'uloop',
     device,
     async detach() {
+      // A FLUSH first, so the bits of writes since the last one reach the store (a barrier this
+      // process answers) before the kernel's copy of them goes away with the device.
+      if (!options.readOnly) {
+        const fh = await open(device, 'r');
+        try {
+          await fh.sync();
+        } finally {
+          await fh.close();
+        }
+      }
       native.uloopRemove(ctl, index); // refused (EBUSY) while the device is open
+      removed = true;
       watch.close();
       closeSync(ctl);
       closeSync(cache);

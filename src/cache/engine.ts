@@ -79,6 +79,19 @@ interface OpenEpoch extends Epoch {
   failed: Error | null;
 }
 
+/**
+ * A data path beside the engine that writes the cache file itself and keeps its own dirty bits
+ * (the uloop module, src/bdev/uloop.ts). Flush epochs are begun and committed there too; both
+ * calls run in the same tick as the engine's own snapshot or clearFlushed, so no intent or barrier
+ * is recorded between the two.
+ */
+export interface ExternalEpochs {
+  /** Snapshot: narrows `flushing` (the store's dirty set) in place to the blocks dirty there too. */
+  begin(flushing: Bitmap): void;
+  /** After the source sync, before clearFlushed: narrows `cleaned` in place to what it cleaned. */
+  commit(cleaned: Bitmap): void;
+}
+
 type Staged = 'clean' | 'dirty';
 
 const DEFAULT_MAX_FILL = 1 << 20;
@@ -106,6 +119,8 @@ export class CacheEngine {
   #closed = false;
   /** Time of the last user read or write (not prefetch): background work yields to it. */
   lastRequestAt = 0;
+  /** Set while a kernel frontend writes the cache file beside the engine. */
+  externalEpochs: ExternalEpochs | null = null;
 
   constructor(store: CacheStore, source: Source, options: EngineOptions = {}) {
     this.store = store;
@@ -231,6 +246,12 @@ export class CacheEngine {
     if (this.#epoch) throw new EngineClosedError('a flush epoch is already open');
     await this.#commit.run();
     const flushing = this.store.dirty.clone();
+    if (this.externalEpochs) {
+      this.externalEpochs.begin(flushing);
+      // Writes the engine never saw may not be synced: the copy the flusher reads must be durable
+      // in the cache before its dirty bit can go (invariant 2). Later writes count as rewritten.
+      await this.store.syncData();
+    }
     const extents = [...flushing.runs()];
     const epoch: OpenEpoch = {
       id: this.store.info.flushEpoch + 1,
@@ -327,6 +348,9 @@ export class CacheEngine {
     // Decided after the sync, so a write that raced with it keeps its block dirty.
     const cleaned = open.flushing;
     for (const b of open.rewritten) cleaned.clear(b);
+    // The outside dirty bits go first: a write to a block cleared there asks for a fresh intent,
+    // which is recorded only after clearFlushed below (same tick).
+    this.externalEpochs?.commit(cleaned);
     const extents = [...cleaned.runs()];
     this.store.clearFlushed(extents);
     const count = cleaned.count();

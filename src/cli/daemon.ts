@@ -303,9 +303,6 @@ export class Daemon {
 
   /** Writes the dirty blocks back to the backing disk now, in one sorted pass (one at a time). */
   async flush(): Promise<FlushResult> {
-    // The kernel keeps its own dirty bits; until the flusher uses its epoch ioctls, a write-back here
-    // would leave them set and later writes to the cleaned blocks would skip their dirty intent.
-    if (this.#frontend.kind === 'uloop') throw new UlobError('ULOB_E_UNSUPPORTED', `flush of ${this.device} is not supported yet (uloop epochs are not wired to the flusher); detach and attach via /dev/loopN to flush`);
     if (!this.#scheduler) {
       throw new UlobError('ULOB_E_READ_ONLY', `${this.device} is attached read-only (or its disk was opened read-only): nothing to write back`);
     }
