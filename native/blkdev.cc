@@ -2,6 +2,7 @@
 // in-memory state (BLKFLSBUF only writes back the device's page cache).
 #include <errno.h>
 #include <linux/fs.h>
+#include <linux/loop.h>
 #include <sys/ioctl.h>
 
 #include <cstdint>
@@ -51,12 +52,32 @@ Napi::Value BlkFlsBuf(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// loopBacking(fd) -> { device, inode } of a loop device's backing file (LOOP_GET_STATUS64).
+// Answered from the loop driver's state: unlike stat() of the backing path it never touches the
+// file's filesystem, which may be a FUSE mount that no longer answers.
+Napi::Value LoopBacking(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!ArgFd(info, 0, &fd)) return Napi::Value();
+  struct loop_info64 li = {};
+  if (ioctl(fd, LOOP_GET_STATUS64, &li) < 0) {
+    ThrowErrno(env, errno, "ioctl(LOOP_GET_STATUS64)");
+    return Napi::Value();
+  }
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("device", Napi::Number::New(env, static_cast<double>(li.lo_device)));
+  out.Set("inode", Napi::Number::New(env, static_cast<double>(li.lo_inode)));
+  if (env.IsExceptionPending()) return Napi::Value();
+  return out;
+}
+
 }  // namespace
 
 bool InitBlkdev(Napi::Env env, Napi::Object exports) {
   return Export<BlkGetSize64>(env, exports, "blkGetSize64") &&
          Export<BlkSectorSize>(env, exports, "blkSectorSize") &&
-         Export<BlkFlsBuf>(env, exports, "blkFlsBuf");
+         Export<BlkFlsBuf>(env, exports, "blkFlsBuf") &&
+         Export<LoopBacking>(env, exports, "loopBacking");
 }
 
 }  // namespace ulob

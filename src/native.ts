@@ -37,6 +37,7 @@ interface Binding {
   blkGetSize64(fd: number): number;
   blkFlsBuf(fd: number): void;
   blkSectorSize(fd: number): number;
+  loopBacking(fd: number): { device: number; inode: number };
   bitFindNextSet(buf: Uint8Array, nbits: number, from: number): number;
   bitFindNextClear(buf: Uint8Array, nbits: number, from: number): number;
   bitCount(buf: Uint8Array, from: number, to: number): number;
@@ -209,6 +210,12 @@ export function blkFlsBuf(fd: number): void {
 export function blkSectorSize(fd: number): number {
   validateFd(fd);
   return binding.blkSectorSize(fd);
+}
+
+/** LOOP_GET_STATUS64: dev_t and inode of a loop device's backing file, without touching it. */
+export function loopBacking(fd: number): { device: number; inode: number } {
+  validateFd(fd);
+  return binding.loopBacking(fd);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -59,7 +59,8 @@ export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> 
   });
   try {
     await waitForReady(pidfile, fuse.exited, fuse.stderr);
-    await run('losetup', [...(options.readOnly ? ['-r'] : []), device, file]);
+    // Direct I/O: the device's own page cache is the only copy in memory, not also the FUSE file's.
+    await run('losetup', ['--direct-io=on', ...(options.readOnly ? ['-r'] : []), device, file]);
   } catch (err) {
     detaching = true;
     await run('fusermount3', ['-u', mountDir]).catch(() => undefined);

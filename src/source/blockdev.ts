@@ -1,11 +1,12 @@
 // The backing disk: a block device (opened O_EXCL, refused while mounted or held) or a regular file
 // (refused while a loop device is bound to it). Its identity survives reboots and renames.
-import { promises as fsp, type Stats } from 'node:fs';
-import { basename, join, resolve } from 'node:path';
+import { closeSync, constants as fsConstants, openSync, promises as fsp, type Stats } from 'node:fs';
+import { join, resolve } from 'node:path';
 import { DeviceBusyError, InvalidArgumentError, ioError } from '../errors.js';
 import { posixStorage } from '../cache/posix-storage.js';
 import type { Storage } from '../cache/storage.js';
 import { FileSource } from './file-source.js';
+import { loopBacking } from '../native.js';
 import { exists, listDir, majorMinor, mountsByDevice, readTrim } from '../sys.js';
 
 export { majorMinor };
@@ -134,18 +135,26 @@ async function byIdName(majMin: string): Promise<string | undefined> {
   return undefined;
 }
 
-/** The loop device whose backing file is `path`, if any. */
+/**
+ * The loop device whose backing file is `path`, if any. Compared by device and inode from the
+ * loop driver (LOOP_GET_STATUS64), never by stat() of the other loop devices' backing paths: one
+ * of them may sit on a FUSE mount that no longer answers, and stat() would hang.
+ */
 export async function loopDeviceBoundTo(path: string, st: Stats): Promise<string | undefined> {
   for (const name of await listDir('/sys/block')) {
-    if (!name.startsWith('loop')) continue;
+    if (!/^loop\d+$/.test(name)) continue;
     const backing = await readTrim(join('/sys/block', name, 'loop/backing_file'));
     if (!backing) continue;
-    if (backing === path) return `/dev/${basename(name)}`;
+    if (backing === path) return `/dev/${name}`;
+    let fd: number | undefined;
     try {
-      const bst = await fsp.stat(backing);
-      if (bst.ino === st.ino && bst.dev === st.dev) return `/dev/${name}`;
+      fd = openSync(`/dev/${name}`, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+      const bound = loopBacking(fd);
+      if (bound.inode === st.ino && bound.device === st.dev) return `/dev/${name}`;
     } catch {
-      // backing file deleted or unreadable: not ours
+      // Detached meanwhile, or no device node: not bound to our file.
+    } finally {
+      if (fd !== undefined) closeSync(fd);
     }
   }
   return undefined;
