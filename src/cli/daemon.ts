@@ -208,6 +208,7 @@ export class Daemon {
           logger,
           tickMs: policy.tickMs,
           sampleMs: policy.sampleMs,
+          opportunistic: hasAutomaticWriteback(policy),
         });
         const sched = scheduler;
         onDiskRead = () => sched.noteDiskActive();
@@ -336,8 +337,7 @@ export class Daemon {
       scheduler.stop();
       await scheduler.idle();
       const p = this.#policy;
-      const automatic = p.flushCron !== undefined || p.dirtyMaxBytes !== undefined || p.dirtyMaxPercent !== undefined || p.maxDirtyAgeMs !== undefined || p.onAc !== undefined;
-      if ((p.flushOnDetach ?? automatic) && this.engine.store.dirty.count() > 0) {
+      if ((p.flushOnDetach ?? hasAutomaticWriteback(p)) && this.engine.store.dirty.count() > 0) {
         // Detach and shutdown flush: the disk leaves with everything. A failure keeps the data
         // dirty in the cache (safe), so detaching goes on.
         await scheduler.request('detach').catch((err: Error) => this.#logger.error(`flush before detach failed, the dirty blocks stay in the cache: ${err.message}`));
@@ -410,4 +410,15 @@ function observeReads(source: Source, onRead: () => void): Source {
     Object.assign(wrapped, { writeAt: source.writeAt.bind(source), sync: source.sync.bind(source) });
   }
   return wrapped;
+}
+
+/** Any trigger that writes back without `ulobdev flush`: then detach and a spinning disk flush too. */
+function hasAutomaticWriteback(p: WritebackPolicy): boolean {
+  return (
+    p.flushCron !== undefined ||
+    p.dirtyMaxBytes !== undefined ||
+    p.dirtyMaxPercent !== undefined ||
+    p.maxDirtyAgeMs !== undefined ||
+    p.onAc !== undefined
+  );
 }

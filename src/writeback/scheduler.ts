@@ -53,6 +53,11 @@ export interface SchedulerOptions {
   /** How long the disk must have been quiet of user requests before an 'ac' flush. */
   quietMs?: number;
   flushOptions?: { maxIoBytes?: number };
+  /**
+   * Flush while the disk spins for another reason (default true). Off when no automatic trigger
+   * is set: then writes stay on flash until `ulobdev flush`, as the user asked.
+   */
+  opportunistic?: boolean;
 }
 
 export interface SchedulerStatus {
@@ -160,7 +165,7 @@ export class FlushScheduler {
 
   /** The disk is awake for another reason (a miss read it): flush dirty data while it spins. */
   noteDiskActive(): void {
-    if (this.#stopped || this.#opportunistic || this.#dirtyBytes() === 0) return;
+    if (this.#o.opportunistic === false || this.#stopped || this.#opportunistic || this.#dirtyBytes() === 0) return;
     // Shortly after, so the reads that woke it go first.
     this.#opportunistic = setTimeout(() => {
       this.#opportunistic = null;
