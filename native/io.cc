@@ -9,6 +9,8 @@
 
 #include "addon.h"
 
+#include <sys/uio.h>
+
 static_assert(sizeof(off_t) == 8, "build with _FILE_OFFSET_BITS=64");
 
 namespace ulob {
@@ -216,6 +218,34 @@ Napi::Value Fallocate(const Napi::CallbackInfo& info) {
                                         static_cast<off_t>(length)));
 }
 
+// preadNowait(fd, buf, bufOffset, length, position) -> number
+// preadv2(RWF_NOWAIT) on the calling (event loop) thread: copies what the page cache holds and
+// never waits for the disk. A cache hit then costs no trip to the threadpool and back. Returns
+// the bytes read (maybe short, 0 at EOF), or -1 when the first page is not cached or the file
+// system cannot do RWF_NOWAIT: the caller reads the rest with pread().
+Napi::Value PreadNowait(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  Bytes buf;
+  int64_t off, len, pos;
+  if (!ArgFd(info, 0, &fd) || !ArgBytes(info, 1, &buf) ||
+      !ArgInt64(info, 2, &off) || !ArgInt64(info, 3, &len) ||
+      !ArgInt64(info, 4, &pos) || !CheckSlice(env, buf, off, len)) {
+    return Napi::Value();
+  }
+  struct iovec iov = {buf.data + off, static_cast<size_t>(len)};
+  ssize_t n;
+  do {
+    n = preadv2(fd, &iov, 1, static_cast<off_t>(pos), RWF_NOWAIT);
+  } while (n < 0 && errno == EINTR);
+  if (n >= 0) return Napi::Number::New(env, static_cast<double>(n));
+  if (errno == EAGAIN || errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS) {
+    return Napi::Number::New(env, -1);
+  }
+  ThrowErrno(env, errno, "preadv2");
+  return Napi::Value();
+}
+
 void FreeAligned(napi_env, void* data, void*) { free(data); }
 
 // alignedBuffer(size, alignment) -> Buffer; the GC frees the memory.
@@ -259,6 +289,7 @@ Napi::Value AlignedBuffer(const Napi::CallbackInfo& info) {
 
 bool InitIo(Napi::Env env, Napi::Object exports) {
   return Export<Transfer<false>>(env, exports, "pread") &&
+         Export<PreadNowait>(env, exports, "preadNowait") &&
          Export<Transfer<true>>(env, exports, "pwrite") &&
          Export<Fdatasync>(env, exports, "fdatasync") &&
          Export<Fallocate>(env, exports, "fallocate") &&

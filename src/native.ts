@@ -30,6 +30,7 @@ export class NativeError extends Error {
 interface Binding {
   setErrorClass(ctor: typeof NativeError): void;
   pread(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<number>;
+  preadNowait(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): number;
   pwrite(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<void>;
   fdatasync(fd: number): Promise<void>;
   fallocate(fd: number, offset: number, length: number): Promise<void>;
@@ -151,6 +152,15 @@ function validateBitRange(buf: unknown, from: unknown, to: unknown): void {
 export function pread(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<number> {
   validateTransfer(fd, buf, bufOffset, length, position);
   return binding.pread(fd, buf, bufOffset, length, position);
+}
+
+/**
+ * preadv2(RWF_NOWAIT), synchronous: what the page cache holds of the range, without waiting for
+ * the disk. Returns bytes read (maybe short) or -1 when nothing could be read that way.
+ */
+export function preadNowait(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): number {
+  validateTransfer(fd, buf, bufOffset, length, position);
+  return binding.preadNowait(fd, buf, bufOffset, length, position);
 }
 
 /** Writes all of buf[bufOffset..bufOffset + length) at `position`, retrying short writes and EINTR. */

@@ -9,10 +9,13 @@ class PosixFile implements BlockFile {
   #fd: number;
   #handle: fsp.FileHandle;
 
-  constructor(path: string, handle: fsp.FileHandle) {
+  readonly #direct: boolean;
+
+  constructor(path: string, handle: fsp.FileHandle, direct: boolean) {
     this.path = path;
     this.#handle = handle;
     this.#fd = handle.fd;
+    this.#direct = direct;
   }
 
   get fd(): number {
@@ -20,7 +23,11 @@ class PosixFile implements BlockFile {
   }
 
   read(buf: Uint8Array, position: number): Promise<number> {
-    return native.pread(this.#fd, buf, 0, buf.byteLength, position);
+    // Page-cache hits are copied right here; only what is not cached goes to the threadpool.
+    const n = this.#direct ? -1 : native.preadNowait(this.#fd, buf, 0, buf.byteLength, position);
+    if (n === buf.byteLength || n === 0) return Promise.resolve(n);
+    if (n < 0) return native.pread(this.#fd, buf, 0, buf.byteLength, position);
+    return native.pread(this.#fd, buf, n, buf.byteLength - n, position + n).then((m) => n + m);
   }
 
   write(buf: Uint8Array, position: number): Promise<void> {
@@ -53,7 +60,7 @@ export const posixStorage: Storage = {
     else if (options.exclusive) flags |= fsc.O_EXCL;
     if (options.direct) flags |= fsc.O_DIRECT;
     const handle = await fsp.open(path, flags, 0o600);
-    return new PosixFile(path, handle);
+    return new PosixFile(path, handle, options.direct ?? false);
   },
 
   async exists(path: string): Promise<boolean> {

@@ -20,6 +20,7 @@ import {
   fallocate,
   fdatasync,
   pread,
+  preadNowait,
   pwrite,
 } from '../../src/native.js';
 
@@ -192,6 +193,55 @@ describe('positioned I/O on a regular file', () => {
 
   it('fallocate beyond the filesystem limit rejects with EFBIG', async () => {
     await expectNativeReject(fallocate(fd, 2 ** 50, 4096), 'EFBIG', 'fallocate');
+  });
+});
+
+describe('preadNowait (preadv2 RWF_NOWAIT)', () => {
+  it('returns page-cached bytes synchronously, 0 at EOF, and short counts at EOF', () => {
+    const dir = fs.mkdtempSync(path.join('/var/tmp', 'ulob-nowait-'));
+    try {
+      const file = path.join(dir, 'data');
+      const data = randomBytes(64 * 1024);
+      fs.writeFileSync(file, data);
+      const fd = fs.openSync(file, 'r');
+      try {
+        // Just written: in the page cache.
+        const buf = Buffer.alloc(8192);
+        expect(preadNowait(fd, buf, 0, 8192, 4096)).toBe(8192);
+        expect(buf.equals(data.subarray(4096, 4096 + 8192))).toBe(true);
+        expect(preadNowait(fd, buf, 0, 8192, data.length - 100)).toBe(100);
+        expect(preadNowait(fd, buf, 0, 8192, data.length)).toBe(0);
+      } finally {
+        fs.closeSync(fd);
+      }
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('answers -1 instead of waiting for a page that is not cached', () => {
+    const dir = fs.mkdtempSync(path.join('/var/tmp', 'ulob-nowait-'));
+    try {
+      const file = path.join(dir, 'data');
+      fs.writeFileSync(file, randomBytes(1 << 20));
+      execFileSync('sync', [file]);
+      const fd = fs.openSync(file, 'r');
+      try {
+        // Drop this file's clean pages from the page cache.
+        fs.fdatasyncSync(fd);
+        execFileSync('dd', [`if=${file}`, 'iflag=nocache', 'count=0', 'status=none']);
+        const buf = Buffer.alloc(4096);
+        expect(preadNowait(fd, buf, 0, 4096, 512 * 1024)).toBe(-1);
+      } finally {
+        fs.closeSync(fd);
+      }
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('throws NativeError for a bad fd', () => {
+    expectNativeSync(() => preadNowait(987654, Buffer.alloc(16), 0, 16, 0), 'EBADF', 'preadv2');
   });
 });
 
