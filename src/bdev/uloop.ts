@@ -55,9 +55,16 @@ export async function attachUloop(options: UloopOptions): Promise<Frontend> {
       case native.ULOOP_MSG_MISS:
         await engine.read(m.offset, m.length); // fills the cache file; the commit records it present
         return;
-      case native.ULOOP_MSG_INTENT:
-        store.markDirty(blocks(m.offset, m.length));
+      case native.ULOOP_MSG_INTENT: {
+        const range = blocks(m.offset, m.length);
+        const { start, count } = range[0]!;
+        // The kernel counts a block present once its MISS is answered, but the engine answers
+        // before the fill is synced (rule 1): commit it first, or the dirty bit would be durable
+        // over fill data that a power loss can still take away (invariant 1).
+        if (!store.present.allSet(start, start + count)) await engine.flush();
+        store.markDirty(range);
         return;
+      }
       case native.ULOOP_MSG_BARRIER: {
         const present = new Bitmap(blockCount, Buffer.alloc(m.length));
         const dirty = new Bitmap(blockCount, Buffer.alloc(m.length));
