@@ -64,7 +64,7 @@ export async function runInVm(script: string, options: RunOptions = {}): Promise
     '-accel', 'tcg', '-cpu', 'max', '-smp', String(options.cpus ?? 2), '-m', String(options.memoryMb ?? 1024),
     '-nographic', '-no-reboot', '-monitor', 'none',
     '-kernel', paths.KERNEL, '-initrd', paths.INITRD,
-    '-append', `console=ttyS0 panic=-1 loglevel=4 ulobvm.modules=${paths.MODULES}`,
+    '-append', `console=ttyS0 panic=-1 loglevel=4 ulobvm.modules=${paths.MODULES} ulobvm.project=${ROOT}`,
     '-virtfs', 'local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap',
     '-virtfs', `local,path=${scratch},mount_tag=scratch,security_model=none`,
   ];
