@@ -199,7 +199,7 @@ export function buildProgram(): Command {
     .option('-H, --header <K: V>', 'extra request header, e.g. Authorization (repeatable)', (v: string, all: string[]) => [...all, v], [] as string[])
     .option('--cacert <FILE>', 'trust the CAs in this PEM file instead of the system ones')
     .option('--revalidate', 'if the image changed on the server, discard the old cache and start over')
-    .option('--connections <N>', 'HTTP connections (requests in flight)', intArg('--connections', 1, 256), 16)
+    .option('--connections <N>', 'HTTP connections (requests in flight)', intArg('--connections', 1, 256), 32)
     .option('--timeout <MS>', 'per-request timeout for headers and body gaps, ms', intArg('--timeout', 100, 3_600_000), 30_000)
     .option('--readahead <SIZE>', 'largest readahead window (0 turns it off)', sizeArg, 32 * 1024 * 1024)
     .option('--daemon', 'return once DEVICE is ready and keep serving in the background')

@@ -21,7 +21,7 @@ export interface HttpSourceOptions {
   headers?: Record<string, string>;
   /** PEM file of CAs to trust instead of the system's. */
   caFile?: string;
-  /** Connections to the server (requests in flight). Default 16. */
+  /** Connections to the server (requests in flight). Default 32. */
   connections?: number;
   /** Per-request timeout for headers and for each gap in the body, ms. Default 30 s. */
   timeoutMs?: number;
@@ -41,7 +41,7 @@ export interface HttpSourceOptions {
 const KiB = 1024;
 const MiB = 1024 * KiB;
 /** Prefetch grid: readahead fetches aligned pieces of this size. */
-const CHUNK = 512 * KiB;
+const CHUNK = 1 * MiB;
 /** Largest merged demand request. */
 const MAX_REQUEST = 4 * MiB;
 
@@ -140,11 +140,11 @@ export class HttpSource implements Source {
       retryBaseMs: o.retryBaseMs ?? 100,
       retryCapMs: o.retryCapMs ?? 5_000,
       maxRedirects: o.maxRedirects ?? 5,
-      connections: o.connections ?? 16,
+      connections: o.connections ?? 32,
     };
     const max = o.readaheadMax ?? 32 * MiB;
     this.#budget = o.readaheadBudget ?? 64 * MiB;
-    this.#readahead = max > 0 ? new Readahead({ size: args.size, minWindow: Math.min(max, 2 * CHUNK), maxWindow: max }) : undefined;
+    this.#readahead = max > 0 ? new Readahead({ size: args.size, minWindow: Math.min(max, CHUNK), maxWindow: max }) : undefined;
   }
 
   /**
@@ -167,7 +167,7 @@ export class HttpSource implements Source {
     target.password = '';
     const timeoutMs = options.timeoutMs ?? 30_000;
     const agent = new Agent({
-      connections: options.connections ?? 16,
+      connections: options.connections ?? 32,
       pipelining: 1,
       keepAliveTimeout: 60_000,
       headersTimeout: timeoutMs,
