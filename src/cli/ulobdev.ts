@@ -8,16 +8,14 @@
 //   ulobdev flush DEVICE [--wait]
 //   ulobdev report DEVICE --svg FILE [--hours N]
 //   ulobdev discard [-c CACHE] [-b BITMAP] [--force] BACKEND
-import { spawn } from 'node:child_process';
-import { closeSync, openSync, promises as fsp, writeSync } from 'node:fs';
+import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument } from 'commander';
-import pino, { type Logger } from 'pino';
 import { CacheStore } from '../cache/store.js';
 import { UlobError } from '../errors.js';
 import { setIoFlusher } from '../native.js';
+import { daemonize, hasWaitingParent, makeLogger, notifyParent, oneLine } from './background.js';
 import { openBacking } from '../source/blockdev.js';
-import { defaultName } from '../bdev/frontend.js';
 import { controlRequest, NotAttachedError } from './control.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { cachePaths, controlSocket, Daemon, RUN_DIR, type DeviceStatus, type WritebackPolicy } from './daemon.js';
@@ -25,7 +23,6 @@ import { formatBytes, parseSize } from './units.js';
 import { dirtyLimitBytes, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../writeback/policy.js';
 import { renderReportSvg, type ReportData } from '../writeback/report.js';
 
-const NOTIFY_FD_ENV = 'ULOBDEV_NOTIFY_FD';
 
 interface AttachFlags {
   cache?: string;
@@ -87,10 +84,6 @@ async function writebackPolicy(backing: string, flags: AttachFlags): Promise<Wri
   return policy;
 }
 
-function makeLogger(level: string): Logger {
-  return pino({ level, base: { pid: process.pid } }, pino.destination({ fd: 2, sync: true }));
-}
-
 function blockSizeArg(value: string): number {
   try {
     return parseSize(value);
@@ -101,7 +94,7 @@ function blockSizeArg(value: string): number {
 
 async function attach(device: string, backing: string, flags: AttachFlags): Promise<void> {
   const policy = await writebackPolicy(backing, flags);
-  if (flags.daemon) return daemonize(device, flags);
+  if (flags.daemon) return daemonize(device, { name: flags.name, runDir: flags.runDir });
   // Cache, metadata and sockets hold the disk's data: owner only.
   process.umask(0o077);
   const logger = makeLogger(flags.logLevel);
@@ -144,51 +137,8 @@ async function attach(device: string, backing: string, flags: AttachFlags): Prom
   process.on('SIGTERM', () => onSignal('SIGTERM'));
   process.on('SIGINT', () => onSignal('SIGINT'));
   notifyParent(`READY ${device}`);
-  if (!process.env[NOTIFY_FD_ENV]) process.stdout.write(`${device}\n`);
+  if (!hasWaitingParent()) process.stdout.write(`${device}\n`);
   await daemon.done;
-}
-
-/** Starts the daemon in the background and returns once it serves DEVICE (as losetup does). */
-async function daemonize(device: string, flags: AttachFlags): Promise<void> {
-  const runDir = flags.runDir ?? RUN_DIR;
-  await fsp.mkdir(runDir, { recursive: true, mode: 0o700 });
-  const logPath = join(runDir, `${flags.name ?? defaultName(device)}.log`);
-  const log = openSync(logPath, 'a', 0o600);
-  const args = process.argv.slice(1).filter((a) => a !== '--daemon');
-  const child = spawn(process.execPath, args, {
-    detached: true,
-    stdio: ['ignore', log, log, 'pipe'],
-    env: { ...process.env, [NOTIFY_FD_ENV]: '3' },
-  });
-  closeSync(log);
-  const pipe = child.stdio[3] as NodeJS.ReadableStream;
-  let text = '';
-  pipe.setEncoding('utf8');
-  for await (const chunk of pipe) {
-    text += chunk as string;
-    if (text.includes('\n')) break;
-  }
-  const line = text.split('\n')[0] ?? '';
-  child.unref();
-  (pipe as unknown as { destroy(): void }).destroy();
-  if (line.startsWith('READY ')) {
-    process.stdout.write(`${line.slice('READY '.length)}\n`);
-    return;
-  }
-  if (line.startsWith('ERROR ')) throw new UlobError('ULOB_E_DAEMON', line.slice('ERROR '.length));
-  throw new UlobError('ULOB_E_DAEMON', `the daemon exited before it was ready; see ${logPath}`);
-}
-
-function notifyParent(message: string): void {
-  const fd = Number(process.env[NOTIFY_FD_ENV]);
-  if (!Number.isInteger(fd) || fd <= 2) return;
-  try {
-    writeSync(fd, `${message}\n`);
-    closeSync(fd);
-  } catch {
-    // The parent is gone; nothing to tell.
-  }
-  delete process.env[NOTIFY_FD_ENV];
 }
 
 async function status(device: string | undefined, flags: { json?: boolean; runDir?: string }): Promise<void> {
@@ -315,11 +265,6 @@ async function discard(backing: string, flags: { cache?: string; bitmap?: string
   process.stdout.write(
     `removed the cache ${paths.cache}${dirtyBlocks ? ` and ${dirtyBlocks} dirty blocks` : ''}; the next attach re-creates it\n`,
   );
-}
-
-function oneLine(err: unknown): string {
-  const message = err instanceof Error ? err.message : String(err);
-  return message.split('\n')[0]!;
 }
 
 export function buildProgram(): Command {

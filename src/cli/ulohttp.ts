@@ -4,23 +4,21 @@
 //   ulohttp [-c CACHE] [-b BITMAP] [--daemon] [--header 'K: V']... [--cacert FILE] [--revalidate] DEVICE URL
 //   ulohttp status [DEVICE] [--json]     (same as ulobdev status)
 //   ulohttp detach DEVICE                (same as ulobdev detach)
-import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, openSync, promises as fsp, writeSync } from 'node:fs';
+import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument } from 'commander';
-import pino, { type Logger } from 'pino';
 import { CacheStore } from '../cache/store.js';
 import { ForeignCacheError, SizeMismatchError, UlobError } from '../errors.js';
 import { setIoFlusher } from '../native.js';
-import { defaultName } from '../bdev/frontend.js';
+import { daemonize, hasWaitingParent, makeLogger, notifyParent, oneLine } from './background.js';
 import { openHttpSource, type HttpSource } from '../source/http.js';
 import { parseHeaders, redactUrl } from '../source/http-range.js';
-import { cachePaths, Daemon, RUN_DIR, STATE_DIR } from './daemon.js';
+import { cachePaths, Daemon, STATE_DIR } from './daemon.js';
 import { main as ulobdevMain } from './ulobdev.js';
 import { parseSize } from './units.js';
+import { parseRate } from '../writeback/policy.js';
 
-const NOTIFY_FD_ENV = 'ULOHTTP_NOTIFY_FD';
 
 interface Flags {
   cache?: string;
@@ -32,15 +30,12 @@ interface Flags {
   connections: number;
   timeout: number;
   readahead: number;
+  hydrate?: string | boolean;
   daemon?: boolean;
   name?: string;
   logLevel: string;
   stateDir?: string;
   runDir?: string;
-}
-
-function makeLogger(level: string): Logger {
-  return pino({ level, base: { pid: process.pid } }, pino.destination({ fd: 2, sync: true }));
 }
 
 /** The default cache is named after the URL (not the ETag), so a changed image finds its old cache and is refused. */
@@ -60,7 +55,9 @@ async function attach(device: string, url: string, flags: Flags): Promise<void> 
   if (flags.cacert) await fsp.access(flags.cacert).catch(() => {
     throw new UlobError('ULOB_E_INVALID_ARG', `--cacert ${flags.cacert}: no such file`);
   });
-  if (flags.daemon) return daemonize(device, flags);
+  // Checked before anything starts, like every other argument.
+  const hydratePolicy = flags.hydrate === undefined ? {} : { hydrateRate: flags.hydrate === true ? 0 : parseRate(String(flags.hydrate)) };
+  if (flags.daemon) return daemonize(device, { name: flags.name, runDir: flags.runDir });
   process.umask(0o077);
   const logger = makeLogger(flags.logLevel);
   try {
@@ -85,6 +82,7 @@ async function attach(device: string, url: string, flags: Flags): Promise<void> 
       bitmap: paths.bitmap,
       metadata: paths.metadata,
       writeback: false,
+      writebackPolicy: hydratePolicy,
       name: flags.name,
       stateDir: flags.stateDir,
       runDir: flags.runDir,
@@ -119,51 +117,8 @@ async function attach(device: string, url: string, flags: Flags): Promise<void> 
   const source = (daemon.engine.source as HttpSource).stats();
   logger.info({ url: source.url, size: daemon.engine.size, etag: source.etag, lastModified: source.lastModified }, 'serving the image');
   notifyParent(`READY ${device}`);
-  if (!process.env[NOTIFY_FD_ENV]) process.stdout.write(`${device}\n`);
+  if (!hasWaitingParent()) process.stdout.write(`${device}\n`);
   await daemon.done;
-}
-
-/** Starts the daemon in the background and returns once it serves DEVICE (as ulobdev --daemon). */
-async function daemonize(device: string, flags: Flags): Promise<void> {
-  const runDir = flags.runDir ?? RUN_DIR;
-  await fsp.mkdir(runDir, { recursive: true, mode: 0o700 });
-  const logPath = join(runDir, `${flags.name ?? defaultName(device)}.log`);
-  const log = openSync(logPath, 'a', 0o600);
-  const args = process.argv.slice(1).filter((a) => a !== '--daemon');
-  const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', log, log, 'pipe'], env: { ...process.env, [NOTIFY_FD_ENV]: '3' } });
-  closeSync(log);
-  const pipe = child.stdio[3] as NodeJS.ReadableStream;
-  let text = '';
-  pipe.setEncoding('utf8');
-  for await (const chunk of pipe) {
-    text += chunk as string;
-    if (text.includes('\n')) break;
-  }
-  const line = text.split('\n')[0] ?? '';
-  child.unref();
-  (pipe as unknown as { destroy(): void }).destroy();
-  if (line.startsWith('READY ')) {
-    process.stdout.write(`${line.slice('READY '.length)}\n`);
-    return;
-  }
-  if (line.startsWith('ERROR ')) throw new UlobError('ULOB_E_DAEMON', line.slice('ERROR '.length));
-  throw new UlobError('ULOB_E_DAEMON', `the daemon exited before it was ready; see ${logPath}`);
-}
-
-function notifyParent(message: string): void {
-  const fd = Number(process.env[NOTIFY_FD_ENV]);
-  if (!Number.isInteger(fd) || fd <= 2) return;
-  try {
-    writeSync(fd, `${message}\n`);
-    closeSync(fd);
-  } catch {
-    // The parent is gone.
-  }
-  delete process.env[NOTIFY_FD_ENV];
-}
-
-function oneLine(err: unknown): string {
-  return (err instanceof Error ? err.message : String(err)).split('\n')[0]!;
 }
 
 function intArg(what: string, min: number, max: number) {
@@ -202,6 +157,7 @@ export function buildProgram(): Command {
     .option('--connections <N>', 'HTTP connections (requests in flight)', intArg('--connections', 1, 256), 32)
     .option('--timeout <MS>', 'per-request timeout for headers and body gaps, ms', intArg('--timeout', 100, 3_600_000), 30_000)
     .option('--readahead <SIZE>', 'largest readahead window (0 turns it off)', sizeArg, 32 * 1024 * 1024)
+    .option('--hydrate [RATE]', 'pull the whole image into the cache in the background, at RATE per second (default 50M)')
     .option('--daemon', 'return once DEVICE is ready and keep serving in the background')
     .option('--name <NAME>', 'name of the control socket (default: from DEVICE)')
     .option('--log-level <LEVEL>', 'fatal, error, warn, info, debug', 'info')

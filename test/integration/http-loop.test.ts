@@ -139,6 +139,27 @@ describe('ulohttp over nginx through /dev/loopN', () => {
     });
   }
 
+  it('--hydrate pulls the whole image; afterwards reads need no server at all', async () => {
+    const proxy = await startFaultProxy(nginx.port, 1);
+    stops.push(() => proxy.stop());
+    const url = `http://127.0.0.1:${proxy.port}/disk.sqfs`;
+    const loop = await attach(url, join(s.dir, 'hydrated.cache'), ['--hydrate', '200M']);
+    const deadline = Date.now() + 30_000;
+    let st = await status(loop);
+    while (!st.hydration?.done && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 100));
+      st = await status(loop);
+    }
+    expect(st.hydration, JSON.stringify(st.hydration)).toMatchObject({ done: true, percent: 100 });
+    expect(st.cacheFillPercent).toBe(100);
+    // The server goes away: every block is on flash, so the filesystem still reads in full.
+    await proxy.stop();
+    const dir = mount(loop, 'mnt-hydrated', 'squashfs');
+    checkTree(dir);
+    umount(dir);
+    await detach(loop);
+  });
+
   it('reads correct data through a proxy that drops, stalls, 500s and truncates', async () => {
     const proxy = await startFaultProxy(nginx.port, 2);
     stops.push(() => proxy.stop());
