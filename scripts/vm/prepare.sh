@@ -84,9 +84,15 @@ if [ ! -x "$VM/uloopctl" ] || [ "$ROOT/test/vm/uloopctl.c" -nt "$VM/uloopctl" ] 
   gcc -O2 -Wall -Wextra -o "$VM/uloopctl" "$ROOT/test/vm/uloopctl.c"
 fi
 
+# The dm-log-writes replayer the durability test uses (Debian packages no replay-log).
+if [ ! -x "$VM/log-replay" ] || [ "$ROOT/test/vm/log-replay.c" -nt "$VM/log-replay" ]; then
+  gcc -O2 -Wall -Wextra -o "$VM/log-replay" "$ROOT/test/vm/log-replay.c"
+fi
+
 echo "KVER=$KVER"
 echo "KERNEL=$KDIR/boot/vmlinuz-$KVER"
 echo "INITRD=$INITRD"
 echo "MODULES=$KDIR/lib/modules"
 echo "ULOOP_KO=$ROOT/kernel/uloop.ko"
 echo "ULOOPCTL=$VM/uloopctl"
+echo "LOG_REPLAY=$VM/log-replay"
