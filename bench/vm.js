@@ -1,0 +1,231 @@
+#!/usr/bin/env node
+// The kernel data paths side by side in one guest (qemu, software emulation): fio on /dev/uloop0
+// with every block cached, on the in-tree loop device over the same cache file, on ulobdev's NBD
+// frontend through nbd.ko (same cache), and on dm-writecache over the same backing file.
+//
+//   node bench/vm.js [--size 128M] [--seconds 5] [--json bench/results/vm.json] [--keep]
+//
+// Boots the VM of the tests (scripts/vm/prepare.sh, scripts/vm/init) once. In the guest everything
+// lives on an ext4 filesystem on a brd RAM disk, so the numbers are CPU cost (of an emulated CPU),
+// not disk speed; only the ratios mean something. bench/README.md explains the rows. Not a test:
+// exit code 0 unless the bench itself breaks.
+import { execFileSync, spawn } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, loadavg } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { printTable, writeJson } from './lib/table.js';
+
+const MiB = 1024 * 1024;
+const QD = 16;
+
+function fail(message) {
+  process.stderr.write(`bench/vm.js: ${message}\n`);
+  process.exit(2);
+}
+
+let opts;
+try {
+  ({ values: opts } = parseArgs({
+    options: {
+      size: { type: 'string', default: '128M' },
+      seconds: { type: 'string', default: '5' },
+      json: { type: 'string', default: fileURLToPath(new URL('./results/vm.json', import.meta.url)) },
+      keep: { type: 'boolean', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+    strict: true,
+  }));
+} catch (err) {
+  fail(`${err.message}; see --help`);
+}
+if (opts.help) {
+  process.stdout.write(
+    'usage: node bench/vm.js [--size 128M] [--seconds 5] [--json PATH] [--keep]\n' +
+      '  --size     size of the device in MiB (suffix M; 64M to 512M; the guest RAM disk holds 5x)\n' +
+      '  --seconds  fio time per workload and device (after 1 s of ramp)\n' +
+      '  --json     where the JSON result goes (default bench/results/vm.json)\n' +
+      '  --keep     keep the scratch directory (fio JSON, guest output) and print its path\n',
+  );
+  process.exit(0);
+}
+const m = /^(\d+)M$/.exec(opts.size);
+if (!m) fail('--size must look like 256M');
+const SIZE_MB = Number(m[1]);
+if (SIZE_MB < 64 || SIZE_MB > 512) fail('--size must be from 64M to 512M');
+const SECONDS = Number(opts.seconds);
+if (!(Number.isInteger(SECONDS) && SECONDS >= 1 && SECONDS <= 60)) fail('--seconds must be a whole number from 1 to 60');
+
+const ROOT = fileURLToPath(new URL('..', import.meta.url));
+for (const f of ['dist/cli/ulobdev.js', 'build/Release/ulob_native.node']) {
+  if (!existsSync(join(ROOT, f))) fail(`${f} is missing; build first (make build)`);
+}
+if (process.getuid?.() !== 0) fail('needs root (scripts/vm/prepare.sh installs packages)');
+
+const WORKLOADS = [
+  { key: 'seqread', title: 'seq read 1 MiB', rw: 'read', bs: '1M', unit: 'MB/s' },
+  { key: 'seqwrite', title: 'seq write 1 MiB', rw: 'write', bs: '1M', unit: 'MB/s' },
+  { key: 'randread', title: 'rand read 4 KiB', rw: 'randread', bs: '4k', unit: 'IOPS' },
+  { key: 'randwrite', title: 'rand write 4 KiB', rw: 'randwrite', bs: '4k', unit: 'IOPS' },
+];
+const DEVICES = [
+  { key: 'loop', title: 'loop (dio)' },
+  { key: 'loopbuf', title: 'loop (buffered)' },
+  { key: 'uloop', title: 'uloop' },
+  { key: 'nbd', title: 'ulobdev nbd' },
+  { key: 'writecache', title: 'dm-writecache' },
+];
+
+// The guest script. $R is an ext4 filesystem on a RAM disk; B the backing file, C the cache file.
+// The uloop and NBD rows run with every block present and dirty (read once, then written once),
+// so reads and writes are all hits and no write needs a dirty intent; the loop rows then run on
+// the very cache file they used; dm-writecache gets its own cache file, written through once so
+// that its reads hit too.
+const fioJobs = (dev, tag) =>
+  WORKLOADS.map(
+    (w) =>
+      `fio --name=${w.key} --filename=${dev} --rw=${w.rw} --bs=${w.bs} --direct=1 --ioengine=libaio --iodepth=${QD} ` +
+      `--time_based --ramp_time=1 --runtime=${SECONDS} --randrepeat=0 --output-format=json --output=/mnt/fio-${tag}-${w.key}.json > /dev/null`,
+  ).join('\n');
+
+const script = `
+U="node ${ROOT}/dist/cli/ulobdev.js"
+step() { echo "== $1 $(cut -d' ' -f1 /proc/uptime)"; }
+modprobe brd rd_nr=1 rd_size=$(( ${SIZE_MB} * 1024 * 5 ))
+modprobe crc32c_generic; modprobe ext4; modprobe loop; modprobe nbd; modprobe dm-writecache
+mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/ram0 && mkdir -p /tmp/r && mount /dev/ram0 /tmp/r
+R=/tmp/r; B=$R/disk.img; C=$R/c.cache; W=$R/wc.cache
+dd if=/dev/zero of=$B bs=1M count=${SIZE_MB} conv=fsync status=none
+A="-c $C -b $R/c.bitmap --writeback --daemon"
+fill() { dd if=$1 of=/dev/null bs=1M iflag=direct status=none && dd if=/dev/zero of=$1 bs=1M count=${SIZE_MB} oflag=direct conv=fsync status=none; }
+
+step uloop
+insmod ${join(ROOT, 'kernel/uloop.ko')}
+$U $A /dev/uloop0 $B >/dev/null && fill /dev/uloop0
+$U status /dev/uloop0 | sed -n 2p
+${fioJobs('/dev/uloop0', 'uloop')}
+$U detach /dev/uloop0 >/dev/null
+
+step nbd
+$U $A /dev/nbd0 $B >/dev/null && fill /dev/nbd0
+$U status /dev/nbd0 | sed -n 2p
+${fioJobs('/dev/nbd0', 'nbd')}
+$U detach /dev/nbd0 >/dev/null
+
+step loop
+L=$(losetup --direct-io=on -f --show $C)
+grep -q 1 /sys/block/\${L#/dev/}/loop/dio && echo "$L direct-io on"
+${fioJobs('$L', 'loop')}
+losetup -d $L
+
+step loopbuf
+L=$(losetup -f --show $C)
+${fioJobs('$L', 'loopbuf')}
+losetup -d $L
+
+step writecache
+dd if=/dev/zero of=$W bs=1M count=$(( ${SIZE_MB} * 2 )) status=none
+LB=$(losetup --direct-io=on -f --show $B); LW=$(losetup --direct-io=on -f --show $W)
+dmsetup create --noudevsync ulobwc --table "0 $(( ${SIZE_MB} * 2048 )) writecache s $LB $LW 4096 4 high_watermark 90 low_watermark 80" && dmsetup mknodes ulobwc
+fill /dev/mapper/ulobwc
+dmsetup status ulobwc
+${fioJobs('/dev/mapper/ulobwc', 'writecache')}
+dmsetup remove ulobwc; losetup -d $LW $LB
+step done
+`;
+
+// ---------------------------------------------------------------------------------------------
+// One boot, as test/vm/vm.ts does it (that file is TypeScript for vitest; these few lines are
+// repeated here so that the bench runs on plain node).
+
+process.stderr.write('bench/vm.js: preparing the VM (scripts/vm/prepare.sh)\n');
+const out = execFileSync('bash', [join(ROOT, 'scripts/vm/prepare.sh')], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], timeout: 600_000 });
+const vm = Object.fromEntries(out.split('\n').filter((l) => l.includes('=')).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
+if (!existsSync(join(ROOT, 'kernel/uloop.ko'))) fail('kernel/uloop.ko is missing after prepare.sh');
+
+const base = join(ROOT, '.vm', 'run');
+mkdirSync(base, { recursive: true });
+const scratch = mkdtempSync(join(base, 'bench-'));
+writeFileSync(join(scratch, 'cmd.sh'), `set -e\n${script}\n`);
+const memoryMb = 1024 + SIZE_MB * 5;
+const args = [
+  '-accel', 'tcg', '-cpu', 'max', '-smp', '2', '-m', String(memoryMb),
+  '-nographic', '-no-reboot', '-monitor', 'none',
+  '-kernel', vm.KERNEL, '-initrd', vm.INITRD,
+  '-append', `console=ttyS0 panic=-1 loglevel=4 ulobvm.modules=${vm.MODULES}`,
+  '-virtfs', 'local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap',
+  '-virtfs', `local,path=${scratch},mount_tag=scratch,security_model=none`,
+];
+const load = { start: loadavg() };
+const started = Date.now();
+process.stderr.write(`bench/vm.js: booting (${memoryMb} MiB, 2 vCPUs), ${DEVICES.length} devices × ${WORKLOADS.length} workloads × ${SECONDS + 1} s\n`);
+const qemu = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+const stop = () => qemu.kill('SIGKILL');
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) process.on(sig, () => { stop(); rmSync(scratch, { recursive: true, force: true }); process.exit(130); });
+let consoleText = '';
+qemu.stdout.setEncoding('utf8').on('data', (s) => (consoleText += s));
+qemu.stderr.setEncoding('utf8').on('data', (s) => (consoleText += s));
+const timer = setTimeout(stop, 600_000 + 40 * (SECONDS + 1) * 1000);
+await new Promise((r) => qemu.on('close', r));
+clearTimeout(timer);
+load.end = loadavg();
+const wallMs = Date.now() - started;
+
+const read = (name) => (existsSync(join(scratch, name)) ? readFileSync(join(scratch, name), 'utf8') : '');
+const guestOut = read('out.log');
+if (read('rc').trim() !== '0') {
+  process.stderr.write(`--- guest failed (rc ${read('rc').trim() || 'none'}), scratch ${scratch} ---\n${guestOut}\n--- kernel log ---\n${read('dmesg.log') || consoleText}\n`);
+  process.exit(1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results
+
+const results = {};
+for (const d of DEVICES) {
+  results[d.key] = {};
+  for (const w of WORKLOADS) {
+    const j = JSON.parse(read(`fio-${d.key}-${w.key}.json`)).jobs[0];
+    const side = w.rw.includes('read') ? j.read : j.write;
+    results[d.key][w.key] = {
+      iops: Math.round(side.iops),
+      mbps: Math.round(side.bw_bytes / 1e6),
+      latP50us: Math.round(side.clat_ns.percentile['50.000000'] / 1000),
+      latP99us: Math.round(side.clat_ns.percentile['99.000000'] / 1000),
+    };
+  }
+}
+const value = (d, w) => (w.unit === 'IOPS' ? results[d][w.key].iops : results[d][w.key].mbps);
+const fmt = (n) => n.toLocaleString('en-US');
+const rows = WORKLOADS.map((w) => {
+  const row = { workload: `${w.title} (${w.unit})` };
+  for (const d of DEVICES) {
+    row[d.key] = fmt(value(d.key, w));
+    if (d.key !== 'loop') row[`${d.key}Ratio`] = (value(d.key, w) / value('loop', w)).toFixed(2);
+  }
+  return row;
+});
+const columns = [{ key: 'workload', title: `fio QD${QD}, direct=1, ${SECONDS} s` }];
+for (const d of DEVICES) {
+  columns.push({ key: d.key, title: d.title, align: 'right' });
+  if (d.key !== 'loop') columns.push({ key: `${d.key}Ratio`, title: '/loop', align: 'right' });
+}
+const steps = [...guestOut.matchAll(/^== (\S+) ([\d.]+)$/gm)].map((x) => [x[1], Number(x[2])]);
+const info = guestOut.split('\n').filter((l) => l && !l.startsWith('== '));
+printTable(columns, rows, {
+  title: `In the guest (qemu TCG, 2 vCPUs, ${memoryMb} MiB; Debian ${vm.KVER}); ${SIZE_MB} MiB device on a brd RAM disk; host load ${load.start.map((x) => x.toFixed(1)).join(' ')}`,
+  notes: [`/loop: rate divided by the loop device's with --direct-io=on on the same cache file; goals: uloop ≥ 0.90 reads, ≥ 0.80 writes`, ...info.map((l) => `guest: ${l}`), `wall time ${(wallMs / 1000).toFixed(0)} s`],
+});
+writeJson(opts.json, {
+  bench: 'vm',
+  date: new Date().toISOString(),
+  machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, loadAverage: load, guest: { kernel: vm.KVER, memoryMb, vcpus: 2, accel: 'tcg' } },
+  params: { sizeMiB: SIZE_MB, seconds: SECONDS, rampSeconds: 1, iodepth: QD, ioengine: 'libaio', direct: true },
+  results,
+  ratiosVsLoop: Object.fromEntries(DEVICES.filter((d) => d.key !== 'loop').map((d) => [d.key, Object.fromEntries(WORKLOADS.map((w) => [w.key, Number((value(d.key, w) / value('loop', w)).toFixed(3))]))])),
+  guest: { steps, info },
+  wallSeconds: Math.round(wallMs / 1000),
+});
+if (opts.keep) process.stderr.write(`bench/vm.js: scratch kept in ${scratch}\n`);
+else rmSync(scratch, { recursive: true, force: true });
