@@ -1,5 +1,6 @@
 // `ulobdev --writeback /dev/uloop0 disk.img` in the guest: the Node daemon on the kernel module.
-// Misses fill through the engine, a filesystem is made, written, checked, and the device detaches.
+// Misses fill through the engine, fio writes and verifies patterns, a filesystem is made, written,
+// checked, and the device detaches.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { prepareVm, ROOT, runInVm, type VmPaths, type VmResult } from './vm.js';
 
@@ -16,6 +17,9 @@ beforeAll(async () => {
     $U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --daemon /dev/uloop0 /tmp/disk.img
     dd if=/dev/uloop0 of=/tmp/r bs=1M count=8 iflag=direct status=none
     head -c 8M /tmp/disk.img | cmp - /tmp/r && echo "misses through the daemon verified"
+    # fio verify: cached clean blocks (dirty intents, rule 3), then missing ones written whole (rule 4).
+    F="fio --filename=/dev/uloop0 --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw=randwrite --verify=crc32c --verify_fatal=1 --do_verify=1 --output=/tmp/fio.out"
+    $F --name=cached --offset=0 --size=8M && $F --name=missing --offset=32M --size=16M && echo "fio verify passed" || cat /tmp/fio.out
     mkfs.ext4 -q -b 4096 /dev/uloop0 && mkdir -p /tmp/m && mount /dev/uloop0 /tmp/m
     head -c 4M /dev/urandom > /tmp/f && cp /tmp/f /tmp/m/f && sync
     umount /tmp/m
@@ -30,6 +34,7 @@ beforeAll(async () => {
 describe('ulobdev on /dev/uloopN', () => {
   it('attaches, fills misses, carries a filesystem, detaches', () => {
     expect(run.output).toContain('misses through the daemon verified');
+    expect(run.output).toContain('fio verify passed');
     expect(run.output).toContain('fsck clean');
     expect(run.output).toContain('file verified');
     expect(run.output).toContain('detached');
