@@ -38,6 +38,12 @@ export interface RunOptions {
   files?: Record<string, string | Uint8Array>;
   /** Keep the scratch directory (its path is printed) for a look after the run. */
   keep?: boolean;
+  /**
+   * Raw image files attached as emulated ATA disks on the PIIX IDE controller's first channel
+   * (ide.0 master, slave; ide.1 holds the default CD drive): the guest sees "QEMU HARDDISK"s
+   * after `modprobe ata_piix sd_mod`.
+   */
+  ataDisks?: string[];
 }
 
 let prepared: VmPaths | undefined;
@@ -68,6 +74,10 @@ export async function runInVm(script: string, options: RunOptions = {}): Promise
     '-virtfs', 'local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap',
     '-virtfs', `local,path=${scratch},mount_tag=scratch,security_model=none`,
   ];
+  (options.ataDisks ?? []).forEach((file, i) => {
+    if (i > 1) throw new Error('runInVm: at most 2 ATA disks');
+    args.push('-drive', `file=${file},if=none,id=ata${i},format=raw`, '-device', `ide-hd,drive=ata${i},bus=ide.0,unit=${i}`);
+  });
   const started = Date.now();
   const qemu = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let consoleText = '';
