@@ -132,6 +132,12 @@ export async function controlRequest(path: string, request: ControlRequest, time
         reject(new UlobError('ULOB_E_PROTOCOL', `malformed answer from the daemon at ${path}`));
       }
     });
+    socket.on('close', () => {
+      // A daemon that dies mid-request closes the socket without an answer: say so now rather
+      // than at the timeout (a flush --wait may have a timeout of hours).
+      clearTimeout(timer);
+      reject(new UlobError('ULOB_E_DAEMON', `the daemon at ${path} closed the connection without answering (did it exit? see its log)`));
+    });
     socket.on('error', (err: NodeJS.ErrnoException) => {
       clearTimeout(timer);
       reject(

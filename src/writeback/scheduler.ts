@@ -99,6 +99,7 @@ export class FlushScheduler {
   #opportunistic: NodeJS.Timeout | null = null;
   #onAc = false;
   #stopped = false;
+  #standbyIgnoredWarned = false;
 
   constructor(engine: CacheEngine, options: SchedulerOptions) {
     this.#engine = engine;
@@ -336,11 +337,24 @@ export class FlushScheduler {
   async #spindown(): Promise<void> {
     try {
       await this.#o.power!.standby();
-      this.#powerState = 'standby';
-      this.#event('standby', 'after flush');
     } catch (err) {
       this.#log.warn(`cannot put the disk in standby: ${(err as Error).message}`);
+      return;
     }
+    // Believe the disk, not the command: some drives and bridges accept STANDBY IMMEDIATE and stay
+    // up. Reporting standby then would turn the next poll into a false spin-up (and a flush).
+    const state = await this.#o.power!.state().catch(() => 'unknown' as const);
+    if (state === 'active' || state === 'idle') {
+      this.#powerState = state;
+      if (!this.#standbyIgnoredWarned) {
+        this.#standbyIgnoredWarned = true;
+        this.#log.warn('the disk accepted STANDBY IMMEDIATE but still reports itself active; it does not spin down on command');
+      }
+      this.#event('standby-ignored', 'after flush');
+      return;
+    }
+    this.#powerState = state === 'unknown' ? 'standby' : state;
+    this.#event('standby', 'after flush');
   }
 
   #safe(fn: () => void): void {
