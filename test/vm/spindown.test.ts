@@ -9,7 +9,7 @@
 // the command: it reads the state back, reports the disk still active, warns once and records a
 // 'standby-ignored' event (no false spin-up later), plus the bytes on the disk image.
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { prepareVm, ROOT, runInVm, type VmResult } from './vm.js';
@@ -51,6 +51,7 @@ console.log('POWER ' + JSON.stringify(out));
 
 beforeAll(async () => {
   prepareVm();
+  mkdirSync(join(ROOT, '.vm', 'run'), { recursive: true });
   dir = mkdtempSync(join(ROOT, '.vm', 'run', 'spindown-'));
   disk = join(dir, 'ata.img');
   writeFileSync(disk, Buffer.alloc(DISK_BYTES));
