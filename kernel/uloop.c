@@ -12,7 +12,10 @@
  *    Each device pins the module (__module_get on ADD, module_put on REMOVE), so rmmod with
  *    devices present is refused with EBUSY.
  *  - struct uloop_rq: blk-mq's per-request pdu; owned by blk-mq, valid from queue_rq to
- *    blk_mq_end_request. Its bvec array is allocated in the work item and freed on completion.
+ *    blk_mq_end_request. queue_rq puts it on dev->rq_list; the device's one rq_work drains that
+ *    list, serving what needs no daemon inline and giving each other request its own work item
+ *    (pdu->work). Its bvec array (only for requests of several bios; a one-bio request uses the
+ *    bio's) is allocated before the cache-file I/O and freed on its completion.
  *  - struct uloop_cmd: a message to the daemon, on the stack of the work item waiting for it. It is
  *    on dev->queued (not read yet) or dev->sent (read, not answered) while `listed`; whoever takes
  *    it off the list (a reply, the timeout, device removal) sets its error and completes it.
@@ -87,6 +90,9 @@ struct uloop_dev {
 	struct blk_mq_tag_set tag_set;
 	struct gendisk *disk;
 	struct workqueue_struct *wq;
+	spinlock_t rq_lock;         /* rq_list */
+	struct list_head rq_list;   /* uloop_rq from queue_rq, not yet taken by rq_work */
+	struct work_struct rq_work; /* drains rq_list; empty once del_gendisk has returned */
 };
 
 struct uloop_conn {
@@ -94,9 +100,12 @@ struct uloop_conn {
 };
 
 struct uloop_rq {
-	struct work_struct work;
+	struct list_head queue;    /* on dev->rq_list between queue_rq and rq_work */
+	struct work_struct work;   /* requests that may wait (daemon, busy blocks), FLUSH, FUA */
 	struct kiocb iocb;
 	struct bio_vec *bvec;
+	atomic_t ref;              /* the submitter and the I/O completion; the last ends it */
+	long ret;
 	struct list_head inflight;
 	u64 first, last; /* blocks touched, inclusive */
 	bool write, owns_missing;
@@ -234,9 +243,12 @@ static int uloop_ask_blocks(struct uloop_dev *dev, u32 type, u64 b, u64 e)
  * the daemon (reads; partly written blocks, rule 5), persists dirty intents of clean blocks about to
  * be overwritten (rule 3), takes missing blocks a write covers whole (rule 4) as busy for the
  * write's lifetime, and registers a write as in flight for the epoch rules. Loops until one pass
- * finds nothing to do, with dev->lock held at that point.
+ * finds nothing to do, with dev->lock held at that point. With `nowait` (rq_work, which must not
+ * block the requests behind it) only one pass runs: if it finds busy blocks or something to ask
+ * the daemon it returns -EAGAIN having changed nothing, and the request goes to its own work item.
  */
-static int uloop_prepare(struct uloop_dev *dev, struct uloop_rq *pdu, u64 pos, u64 len)
+static int uloop_prepare(struct uloop_dev *dev, struct uloop_rq *pdu, u64 pos, u64 len,
+			 bool nowait)
 {
 	u64 first = pos >> dev->block_shift, last = (pos + len - 1) >> dev->block_shift;
 	u64 end = pos + len;
@@ -249,10 +261,13 @@ static int uloop_prepare(struct uloop_dev *dev, struct uloop_rq *pdu, u64 pos, u
 		u64 b, e;
 		u32 type;
 
-		wait_event(dev->busy_wait, !uloop_range_busy(dev, first, last));
+		if (!nowait)
+			wait_event(dev->busy_wait, !uloop_range_busy(dev, first, last));
 		spin_lock_irqsave(&dev->lock, flags);
 		if (find_next_bit(dev->busy, last + 1, first) <= last) {
 			spin_unlock_irqrestore(&dev->lock, flags);
+			if (nowait)
+				return -EAGAIN;
 			continue;
 		}
 		type = 0;
@@ -285,6 +300,10 @@ static int uloop_prepare(struct uloop_dev *dev, struct uloop_rq *pdu, u64 pos, u
 					break;
 				}
 			}
+		}
+		if (type && nowait) {
+			spin_unlock_irqrestore(&dev->lock, flags);
+			return -EAGAIN;
 		}
 		if (type) {
 			bitmap_set(dev->busy, b, e - b);
@@ -319,15 +338,22 @@ static void uloop_fua_work(struct work_struct *work)
 		blk_mq_rq_from_pdu(pdu)->q->queuedata)));
 }
 
-/* Completion of the cache-file I/O; any context (direct I/O completes in interrupts). */
-static void uloop_rw_done(struct kiocb *iocb, long ret)
+/*
+ * Ends the cache-file I/O of a request once both the submitter has returned from read_iter or
+ * write_iter and the I/O has completed (as loop's lo_rw_aio: the iov_iter may point into the bio's
+ * bvec array, which must outlive the submitter's use of it). Any context.
+ */
+static void uloop_rw_put(struct uloop_rq *pdu)
 {
-	struct uloop_rq *pdu = container_of(iocb, struct uloop_rq, iocb);
 	struct request *rq = blk_mq_rq_from_pdu(pdu);
 	struct uloop_dev *dev = rq->q->queuedata;
 	unsigned long len = blk_rq_bytes(rq);
+	long ret;
 	int err = 0;
 
+	if (!atomic_dec_and_test(&pdu->ref))
+		return;
+	ret = pdu->ret;
 	kfree(pdu->bvec);
 	pdu->bvec = NULL;
 	if (ret < 0) {
@@ -370,6 +396,15 @@ static void uloop_rw_done(struct kiocb *iocb, long ret)
 	blk_mq_end_request(rq, errno_to_blk_status(err));
 }
 
+/* Completion of the cache-file I/O; any context (direct I/O completes in interrupts). */
+static void uloop_rw_done(struct kiocb *iocb, long ret)
+{
+	struct uloop_rq *pdu = container_of(iocb, struct uloop_rq, iocb);
+
+	pdu->ret = ret;
+	uloop_rw_put(pdu);
+}
+
 /* The cache-file I/O of one request: a kiocb over a bvec iov_iter, as loop's lo_rw_aio. */
 static void uloop_rw(struct uloop_dev *dev, struct uloop_rq *pdu, struct request *rq, u64 pos)
 {
@@ -377,24 +412,32 @@ static void uloop_rw(struct uloop_dev *dev, struct uloop_rq *pdu, struct request
 	struct req_iterator it;
 	struct bio_vec bv, *bvec;
 	struct iov_iter iter;
-	unsigned int nr = 0;
-	unsigned int noio;
+	unsigned int nr = 0, offset = 0;
 	ssize_t ret;
 
+	atomic_set(&pdu->ref, 2);
+	pdu->bvec = NULL;
 	rq_for_each_bvec(bv, rq, it)
 		nr++;
-	noio = memalloc_noio_save();
-	bvec = kmalloc_array(nr, sizeof(*bvec), GFP_KERNEL);
-	memalloc_noio_restore(noio);
-	if (!bvec) {
-		uloop_rw_done(&pdu->iocb, -ENOMEM);
-		return;
+	if (rq->bio != rq->biotail) {
+		bvec = kmalloc_array(nr, sizeof(*bvec), GFP_NOIO);
+		if (!bvec) {
+			pdu->ret = -ENOMEM;
+			atomic_set(&pdu->ref, 1);
+			uloop_rw_put(pdu);
+			return;
+		}
+		pdu->bvec = bvec;
+		nr = 0;
+		rq_for_each_bvec(bv, rq, it)
+			bvec[nr++] = bv;
+	} else {
+		/* one bio: its own bvec array, from where the bio's iterator stands */
+		bvec = __bvec_iter_bvec(rq->bio->bi_io_vec, rq->bio->bi_iter);
+		offset = rq->bio->bi_iter.bi_bvec_done;
 	}
-	pdu->bvec = bvec;
-	nr = 0;
-	rq_for_each_bvec(bv, rq, it)
-		bvec[nr++] = bv;
 	iov_iter_bvec(&iter, pdu->write ? WRITE : READ, bvec, nr, blk_rq_bytes(rq));
+	iter.iov_offset = offset;
 
 	pdu->iocb.ki_pos = pos;
 	pdu->iocb.ki_filp = file;
@@ -410,6 +453,7 @@ static void uloop_rw(struct uloop_dev *dev, struct uloop_rq *pdu, struct request
 	}
 	if (ret != -EIOCBQUEUED)
 		uloop_rw_done(&pdu->iocb, ret);
+	uloop_rw_put(pdu);
 }
 
 /*
@@ -467,12 +511,14 @@ out:
 	return err;
 }
 
+/* A request that may sleep on the daemon, on busy blocks or on a barrier: its own work item. */
 static void uloop_work(struct work_struct *work)
 {
 	struct uloop_rq *pdu = container_of(work, struct uloop_rq, work);
 	struct request *rq = blk_mq_rq_from_pdu(pdu);
 	struct uloop_dev *dev = rq->q->queuedata;
 	u64 pos = (u64)blk_rq_pos(rq) << SECTOR_SHIFT;
+	unsigned int noio;
 	int err;
 
 	switch (req_op(rq)) {
@@ -486,16 +532,63 @@ static void uloop_work(struct work_struct *work)
 			blk_mq_end_request(rq, BLK_STS_IOERR);
 			return;
 		}
-		err = uloop_prepare(dev, pdu, pos, blk_rq_bytes(rq));
+		err = uloop_prepare(dev, pdu, pos, blk_rq_bytes(rq), false);
 		if (err) {
 			blk_mq_end_request(rq, errno_to_blk_status(err));
 			return;
 		}
+		noio = memalloc_noio_save();
 		uloop_rw(dev, pdu, rq, pos);
+		memalloc_noio_restore(noio);
 		return;
 	default:
 		blk_mq_end_request(rq, BLK_STS_NOTSUPP);
 	}
+}
+
+/*
+ * The hit path: a read or write whose blocks are present, not busy and (writes) dirty or missing
+ * and covered whole needs no daemon; its cache-file I/O is issued here, in rq_work. Anything else
+ * gets its own work item, so that a request waiting for the daemon never holds up the others.
+ */
+static void uloop_dispatch(struct uloop_dev *dev, struct uloop_rq *pdu)
+{
+	struct request *rq = blk_mq_rq_from_pdu(pdu);
+	u64 pos = (u64)blk_rq_pos(rq) << SECTOR_SHIFT;
+
+	if (req_op(rq) == REQ_OP_READ ||
+	    (req_op(rq) == REQ_OP_WRITE && (dev->flags & ULOOP_F_WRITEBACK))) {
+		pdu->write = req_op(rq) == REQ_OP_WRITE;
+		if (!uloop_prepare(dev, pdu, pos, blk_rq_bytes(rq), true)) {
+			uloop_rw(dev, pdu, rq, pos);
+			return;
+		}
+	}
+	INIT_WORK(&pdu->work, uloop_work);
+	queue_work(dev->wq, &pdu->work);
+}
+
+/* Drains dev->rq_list (one work item per device, as loop's per-device worker). */
+static void uloop_rq_work(struct work_struct *work)
+{
+	struct uloop_dev *dev = container_of(work, struct uloop_dev, rq_work);
+	unsigned int noio = memalloc_noio_save();
+	LIST_HEAD(list);
+
+	for (;;) {
+		spin_lock_irq(&dev->rq_lock);
+		list_splice_tail_init(&dev->rq_list, &list);
+		spin_unlock_irq(&dev->rq_lock);
+		if (list_empty(&list))
+			break;
+		while (!list_empty(&list)) {
+			struct uloop_rq *pdu = list_first_entry(&list, struct uloop_rq, queue);
+
+			list_del_init(&pdu->queue);
+			uloop_dispatch(dev, pdu);
+		}
+	}
+	memalloc_noio_restore(noio);
 }
 
 /* Never sleeps: the request goes to process context, where the file I/O and any wait runs. */
@@ -504,10 +597,13 @@ static blk_status_t uloop_queue_rq(struct blk_mq_hw_ctx *hctx, const struct blk_
 	struct request *rq = bd->rq;
 	struct uloop_rq *pdu = blk_mq_rq_to_pdu(rq);
 	struct uloop_dev *dev = rq->q->queuedata;
+	unsigned long flags;
 
 	blk_mq_start_request(rq);
-	INIT_WORK(&pdu->work, uloop_work);
-	queue_work(dev->wq, &pdu->work);
+	spin_lock_irqsave(&dev->rq_lock, flags);
+	list_add_tail(&pdu->queue, &dev->rq_list);
+	spin_unlock_irqrestore(&dev->rq_lock, flags);
+	queue_work(dev->wq, &dev->rq_work); /* a no-op while it is pending */
 	return BLK_STS_OK;
 }
 
@@ -573,6 +669,9 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	INIT_LIST_HEAD(&dev->queued);
 	INIT_LIST_HEAD(&dev->sent);
 	mutex_init(&dev->barrier_mutex);
+	spin_lock_init(&dev->rq_lock);
+	INIT_LIST_HEAD(&dev->rq_list);
+	INIT_WORK(&dev->rq_work, uloop_rq_work);
 	dev->size = a.size;
 	dev->block_size = a.block_size;
 	dev->block_shift = ilog2(a.block_size);
@@ -617,7 +716,8 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	dev->tag_set.queue_depth = 128;
 	dev->tag_set.numa_node = NUMA_NO_NODE;
 	dev->tag_set.cmd_size = sizeof(struct uloop_rq);
-	dev->tag_set.flags = BLK_MQ_F_SHOULD_MERGE;
+	/* no I/O scheduler by default, as loop: the cache file's own path does the ordering */
+	dev->tag_set.flags = BLK_MQ_F_SHOULD_MERGE | BLK_MQ_F_NO_SCHED_BY_DEFAULT;
 	dev->tag_set.driver_data = dev;
 	err = blk_mq_alloc_tag_set(&dev->tag_set);
 	if (err)
@@ -717,10 +817,12 @@ static int uloop_remove(u32 index)
 	spin_unlock_irq(&dev->lock);
 	wake_up_all(&dev->msg_wait);
 
+	/* del_gendisk waits for every request, so rq_list is empty; destroy_workqueue drains rq_work */
 	del_gendisk(dev->disk);
 	put_disk(dev->disk);
 	blk_mq_free_tag_set(&dev->tag_set);
 	destroy_workqueue(dev->wq);
+	WARN_ON_ONCE(!list_empty(&dev->rq_list));
 	fput(dev->cache);
 	dev->cache = NULL;
 	kref_put(&dev->kref, uloop_free);
