@@ -34,6 +34,58 @@ Napi::Value ErrnoError(Napi::Env env, int err, const char* syscall);
 // Throws ErrnoError(...) as a pending exception.
 void ThrowErrno(Napi::Env env, int err, const char* syscall);
 
+// Base of every async syscall: runs Execute() on libuv's threadpool, settles one promise, and
+// keeps the caller's buffers (up to two) alive until the thread is done with their bytes.
+// Owner: AsyncWorker deletes itself after OnOK; on a failed Queue, StartWorker deletes it.
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  PromiseWorker(Napi::Env env, const char* name, const char* syscall)
+      : Napi::AsyncWorker(env, name),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        syscall_(syscall) {}
+
+  void Keep(size_t i, Napi::Object buffer) { keep_[i] = Napi::Persistent(buffer); }
+  Napi::Promise Promise() const { return deferred_.Promise(); }
+
+ protected:
+  virtual Napi::Value Result(Napi::Env env) { return env.Undefined(); }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (err_ != 0) {
+      Napi::Value e = ErrnoError(env, err_, syscall_);
+      if (e.IsEmpty()) return;
+      deferred_.Reject(e);
+      return;
+    }
+    Napi::Value result = Result(env);
+    if (result.IsEmpty()) return;
+    deferred_.Resolve(result);
+  }
+
+  int err_ = 0;  // positive errno, set by Execute() on the worker thread
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  Napi::ObjectReference keep_[2];
+  const char* syscall_;
+};
+
+// Queues `w` and returns its promise, or an empty value (pending exception).
+inline Napi::Value StartWorker(Napi::Env env, PromiseWorker* w) {
+  if (env.IsExceptionPending()) {  // the constructor failed
+    delete w;
+    return Napi::Value();
+  }
+  Napi::Promise promise = w->Promise();
+  w->Queue();
+  if (env.IsExceptionPending()) {
+    delete w;
+    return Napi::Value();
+  }
+  return promise;
+}
+
 // Argument readers: each returns false with a pending exception on failure.
 bool ArgBytes(const Napi::CallbackInfo& info, size_t i, Bytes* out);
 bool ArgInt64(const Napi::CallbackInfo& info, size_t i, int64_t* out);

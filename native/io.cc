@@ -17,63 +17,10 @@ namespace ulob {
 
 namespace {
 
-// Base for the async syscalls: settles one promise and, for the data calls,
-// keeps the caller's Uint8Array alive until the thread is done with its bytes.
-// Owner: AsyncWorker deletes itself after OnOK; on a failed Queue the caller
-// deletes it.
-class IoWorker : public Napi::AsyncWorker {
- public:
-  IoWorker(Napi::Env env, const char* name, const char* syscall)
-      : Napi::AsyncWorker(env, name),
-        deferred_(Napi::Promise::Deferred::New(env)),
-        syscall_(syscall) {}
-
-  void Keep(Napi::Object buffer) { keep_ = Napi::Persistent(buffer); }
-  Napi::Promise Promise() const { return deferred_.Promise(); }
-
- protected:
-  virtual Napi::Value Result(Napi::Env env) { return env.Undefined(); }
-
-  void OnOK() override {
-    Napi::Env env = Env();
-    if (err_ != 0) {
-      Napi::Value e = ErrnoError(env, err_, syscall_);
-      if (e.IsEmpty()) return;
-      deferred_.Reject(e);
-      return;
-    }
-    Napi::Value result = Result(env);
-    if (result.IsEmpty()) return;
-    deferred_.Resolve(result);
-  }
-
-  int err_ = 0;  // positive errno, set by Execute() on the worker thread
-
- private:
-  Napi::Promise::Deferred deferred_;
-  Napi::ObjectReference keep_;
-  const char* syscall_;
-};
-
-// Queues `w` and returns its promise, or an empty value (pending exception).
-Napi::Value Start(Napi::Env env, IoWorker* w) {
-  if (env.IsExceptionPending()) {  // constructor failed
-    delete w;
-    return Napi::Value();
-  }
-  Napi::Promise promise = w->Promise();
-  w->Queue();
-  if (env.IsExceptionPending()) {
-    delete w;
-    return Napi::Value();
-  }
-  return promise;
-}
-
-class PreadWorker : public IoWorker {
+class PreadWorker : public PromiseWorker {
  public:
   PreadWorker(Napi::Env env, int fd, uint8_t* data, size_t length, off_t pos)
-      : IoWorker(env, "ulob:pread", "pread"),
+      : PromiseWorker(env, "ulob:pread", "pread"),
         fd_(fd), data_(data), length_(length), pos_(pos) {}
 
   void Execute() override {
@@ -104,10 +51,10 @@ class PreadWorker : public IoWorker {
   size_t done_ = 0;
 };
 
-class PwriteWorker : public IoWorker {
+class PwriteWorker : public PromiseWorker {
  public:
   PwriteWorker(Napi::Env env, int fd, const uint8_t* data, size_t length, off_t pos)
-      : IoWorker(env, "ulob:pwrite", "pwrite"),
+      : PromiseWorker(env, "ulob:pwrite", "pwrite"),
         fd_(fd), data_(data), length_(length), pos_(pos) {}
 
   void Execute() override {
@@ -136,10 +83,10 @@ class PwriteWorker : public IoWorker {
   off_t pos_;
 };
 
-class FdatasyncWorker : public IoWorker {
+class FdatasyncWorker : public PromiseWorker {
  public:
   FdatasyncWorker(Napi::Env env, int fd)
-      : IoWorker(env, "ulob:fdatasync", "fdatasync"), fd_(fd) {}
+      : PromiseWorker(env, "ulob:fdatasync", "fdatasync"), fd_(fd) {}
 
   void Execute() override {
     while (::fdatasync(fd_) < 0) {
@@ -154,10 +101,10 @@ class FdatasyncWorker : public IoWorker {
   int fd_;
 };
 
-class FallocateWorker : public IoWorker {
+class FallocateWorker : public PromiseWorker {
  public:
   FallocateWorker(Napi::Env env, int fd, off_t offset, off_t length)
-      : IoWorker(env, "ulob:fallocate", "fallocate"),
+      : PromiseWorker(env, "ulob:fallocate", "fallocate"),
         fd_(fd), offset_(offset), length_(length) {}
 
   void Execute() override {
@@ -189,21 +136,21 @@ Napi::Value Transfer(const Napi::CallbackInfo& info) {
     return Napi::Value();
   }
   uint8_t* data = buf.data + off;
-  IoWorker* w;
+  PromiseWorker* w;
   if (kWrite) {
     w = new PwriteWorker(env, fd, data, static_cast<size_t>(len), static_cast<off_t>(pos));
   } else {
     w = new PreadWorker(env, fd, data, static_cast<size_t>(len), static_cast<off_t>(pos));
   }
-  if (!env.IsExceptionPending()) w->Keep(info[1].As<Napi::Object>());
-  return Start(env, w);
+  if (!env.IsExceptionPending()) w->Keep(0, info[1].As<Napi::Object>());
+  return StartWorker(env, w);
 }
 
 Napi::Value Fdatasync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd;
   if (!ArgFd(info, 0, &fd)) return Napi::Value();
-  return Start(env, new FdatasyncWorker(env, fd));
+  return StartWorker(env, new FdatasyncWorker(env, fd));
 }
 
 Napi::Value Fallocate(const Napi::CallbackInfo& info) {
@@ -214,7 +161,7 @@ Napi::Value Fallocate(const Napi::CallbackInfo& info) {
       !ArgInt64(info, 2, &length)) {
     return Napi::Value();
   }
-  return Start(env, new FallocateWorker(env, fd, static_cast<off_t>(offset),
+  return StartWorker(env, new FallocateWorker(env, fd, static_cast<off_t>(offset),
                                         static_cast<off_t>(length)));
 }
 

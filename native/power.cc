@@ -14,60 +14,10 @@ namespace ulob {
 
 namespace {
 
-// Settles one promise; keeps the caller's buffers alive until the thread is done with them.
-// Owner: AsyncWorker deletes itself after OnOK; on a failed Queue the caller deletes it.
-class PowerWorker : public Napi::AsyncWorker {
- public:
-  PowerWorker(Napi::Env env, const char* name, const char* syscall)
-      : Napi::AsyncWorker(env, name),
-        deferred_(Napi::Promise::Deferred::New(env)),
-        syscall_(syscall) {}
-
-  void Keep(size_t i, Napi::Object buffer) { keep_[i] = Napi::Persistent(buffer); }
-  Napi::Promise Promise() const { return deferred_.Promise(); }
-
- protected:
-  virtual Napi::Value Result(Napi::Env env) { return env.Undefined(); }
-
-  void OnOK() override {
-    Napi::Env env = Env();
-    if (err_ != 0) {
-      Napi::Value e = ErrnoError(env, err_, syscall_);
-      if (e.IsEmpty()) return;
-      deferred_.Reject(e);
-      return;
-    }
-    Napi::Value result = Result(env);
-    if (result.IsEmpty()) return;
-    deferred_.Resolve(result);
-  }
-
-  int err_ = 0;
-
- private:
-  Napi::Promise::Deferred deferred_;
-  Napi::ObjectReference keep_[2];
-  const char* syscall_;
-};
-
-Napi::Value Start(Napi::Env env, PowerWorker* w) {
-  if (env.IsExceptionPending()) {
-    delete w;
-    return Napi::Value();
-  }
-  Napi::Promise promise = w->Promise();
-  w->Queue();
-  if (env.IsExceptionPending()) {
-    delete w;
-    return Napi::Value();
-  }
-  return promise;
-}
-
-class SgIoWorker : public PowerWorker {
+class SgIoWorker : public PromiseWorker {
  public:
   SgIoWorker(Napi::Env env, int fd, const Bytes& cdb, const Bytes& sense, unsigned timeout_ms)
-      : PowerWorker(env, "ulob:sgio", "ioctl(SG_IO)"), fd_(fd), cdb_(cdb), sense_(sense), timeout_ms_(timeout_ms) {}
+      : PromiseWorker(env, "ulob:sgio", "ioctl(SG_IO)"), fd_(fd), cdb_(cdb), sense_(sense), timeout_ms_(timeout_ms) {}
 
   void Execute() override {
     sg_io_hdr_t io;
@@ -109,10 +59,10 @@ class SgIoWorker : public PowerWorker {
   int status_ = 0, host_ = 0, driver_ = 0, sense_len_ = 0;
 };
 
-class DriveCmdWorker : public PowerWorker {
+class DriveCmdWorker : public PromiseWorker {
  public:
   DriveCmdWorker(Napi::Env env, int fd, const Bytes& args)
-      : PowerWorker(env, "ulob:hdio", "ioctl(HDIO_DRIVE_CMD)"), fd_(fd), args_(args) {}
+      : PromiseWorker(env, "ulob:hdio", "ioctl(HDIO_DRIVE_CMD)"), fd_(fd), args_(args) {}
 
   void Execute() override {
     for (;;) {
@@ -145,7 +95,7 @@ Napi::Value AtaSgIo(const Napi::CallbackInfo& info) {
   auto* w = new SgIoWorker(env, fd, cdb, sense, static_cast<unsigned>(timeout));
   w->Keep(0, info[1].As<Napi::Object>());
   w->Keep(1, info[2].As<Napi::Object>());
-  return Start(env, w);
+  return StartWorker(env, w);
 }
 
 // hdioDriveCmd(fd, args: Uint8Array(4) = [command, count, feature, 0]) -> Promise<void>; the
@@ -161,7 +111,7 @@ Napi::Value HdioDriveCmd(const Napi::CallbackInfo& info) {
   }
   auto* w = new DriveCmdWorker(env, fd, args);
   w->Keep(0, info[1].As<Napi::Object>());
-  return Start(env, w);
+  return StartWorker(env, w);
 }
 
 }  // namespace
