@@ -122,25 +122,41 @@ class FallocateWorker : public PromiseWorker {
   off_t length_;
 };
 
+// The arguments every positioned transfer takes: (fd, buf, bufOffset, length, position).
+struct TransferArgs {
+  int fd;
+  uint8_t* data;
+  size_t length;
+  off_t pos;
+};
+
+// Reads and bounds-checks them; false with a pending exception on failure.
+bool ArgTransfer(const Napi::CallbackInfo& info, TransferArgs* out) {
+  Bytes buf;
+  int64_t off, len, pos;
+  if (!ArgFd(info, 0, &out->fd) || !ArgBytes(info, 1, &buf) ||
+      !ArgInt64(info, 2, &off) || !ArgInt64(info, 3, &len) ||
+      !ArgInt64(info, 4, &pos) || !CheckSlice(info.Env(), buf, off, len)) {
+    return false;
+  }
+  out->data = buf.data + off;
+  out->length = static_cast<size_t>(len);
+  out->pos = static_cast<off_t>(pos);
+  return true;
+}
+
 // pread(fd, buf, bufOffset, length, position) -> Promise<number>
 // pwrite(fd, buf, bufOffset, length, position) -> Promise<void>
 template <bool kWrite>
 Napi::Value Transfer(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  int fd;
-  Bytes buf;
-  int64_t off, len, pos;
-  if (!ArgFd(info, 0, &fd) || !ArgBytes(info, 1, &buf) ||
-      !ArgInt64(info, 2, &off) || !ArgInt64(info, 3, &len) ||
-      !ArgInt64(info, 4, &pos) || !CheckSlice(env, buf, off, len)) {
-    return Napi::Value();
-  }
-  uint8_t* data = buf.data + off;
+  TransferArgs a;
+  if (!ArgTransfer(info, &a)) return Napi::Value();
   PromiseWorker* w;
   if (kWrite) {
-    w = new PwriteWorker(env, fd, data, static_cast<size_t>(len), static_cast<off_t>(pos));
+    w = new PwriteWorker(env, a.fd, a.data, a.length, a.pos);
   } else {
-    w = new PreadWorker(env, fd, data, static_cast<size_t>(len), static_cast<off_t>(pos));
+    w = new PreadWorker(env, a.fd, a.data, a.length, a.pos);
   }
   if (!env.IsExceptionPending()) w->Keep(0, info[1].As<Napi::Object>());
   return StartWorker(env, w);
@@ -172,18 +188,12 @@ Napi::Value Fallocate(const Napi::CallbackInfo& info) {
 // system cannot do RWF_NOWAIT: the caller reads the rest with pread().
 Napi::Value PreadNowait(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  int fd;
-  Bytes buf;
-  int64_t off, len, pos;
-  if (!ArgFd(info, 0, &fd) || !ArgBytes(info, 1, &buf) ||
-      !ArgInt64(info, 2, &off) || !ArgInt64(info, 3, &len) ||
-      !ArgInt64(info, 4, &pos) || !CheckSlice(env, buf, off, len)) {
-    return Napi::Value();
-  }
-  struct iovec iov = {buf.data + off, static_cast<size_t>(len)};
+  TransferArgs a;
+  if (!ArgTransfer(info, &a)) return Napi::Value();
+  struct iovec iov = {a.data, a.length};
   ssize_t n;
   do {
-    n = preadv2(fd, &iov, 1, static_cast<off_t>(pos), RWF_NOWAIT);
+    n = preadv2(a.fd, &iov, 1, a.pos, RWF_NOWAIT);
   } while (n < 0 && errno == EINTR);
   if (n >= 0) return Napi::Number::New(env, static_cast<double>(n));
   if (errno == EAGAIN || errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS) {
