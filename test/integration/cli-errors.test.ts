@@ -1,38 +1,21 @@
 // Invariant 6 at the command line: each bad input gets one line on stderr, a non-zero exit, and
 // changes nothing (no file created or modified, no loop device bound).
-import { createHash } from 'node:crypto';
-import { mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { assertBuilt, freeLoop, mustSh, ROOT, scratch, sh, ulobdev } from '../support/cli.js';
+import { freeLoop, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 const undo: Array<() => void> = [];
 
 beforeAll(() => {
-  assertBuilt();
-  mustSh('bash', [join(ROOT, 'scripts/install-test-deps.sh')]);
+  prepareCliTests();
 });
 
 afterEach(() => {
   for (const step of undo.splice(0).reverse()) step();
   s?.cleanup();
 });
-
-/** Every file under dir with its size, mtime and hash. */
-function snapshot(dir: string): Record<string, string> {
-  const out: Record<string, string> = {};
-  const walk = (d: string) => {
-    for (const name of readdirSync(d)) {
-      const p = join(d, name);
-      const st = statSync(p);
-      if (st.isDirectory()) walk(p);
-      else out[p] = `${st.size}:${st.mtimeMs}:${st.isFile() ? createHash('sha256').update(readFileSync(p)).digest('hex') : 'special'}`;
-    }
-  };
-  walk(dir);
-  return out;
-}
 
 function loops(): string {
   return sh('losetup', ['-a']).stdout;

@@ -6,7 +6,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { copyFileSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join, relative } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { assertBuilt, freeLoop, mustSh, ROOT, scratch, sh, ulobdev } from '../support/cli.js';
+import { freeLoop, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
 import { startFaultProxy, startNginx, startRangeServer, ulohttp, type Nginx } from '../support/http-env.js';
 
 let s: ReturnType<typeof scratch>;
@@ -30,8 +30,7 @@ function walk(dir: string, base = dir, out: string[] = []): string[] {
 }
 
 beforeAll(async () => {
-  assertBuilt();
-  mustSh('bash', [join(ROOT, 'scripts/install-test-deps.sh')]);
+  prepareCliTests();
   s = scratch('ulohttp-');
   const tree = join(s.dir, 'tree');
   // A tree with many small files, a few large ones, and nested directories.

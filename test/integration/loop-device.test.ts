@@ -6,15 +6,14 @@ import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { assertBuilt, CLI, freeLoop, mustSh, ROOT, scratch, sh, ulobdev } from '../support/cli.js';
+import { CLI, freeLoop, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 let attached: string[] = [];
 const mounts: string[] = [];
 
 beforeAll(() => {
-  assertBuilt();
-  mustSh('bash', [join(ROOT, 'scripts/install-test-deps.sh')]);
+  prepareCliTests();
 });
 
 afterEach(async () => {

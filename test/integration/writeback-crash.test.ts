@@ -4,14 +4,13 @@ import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { assertBuilt, mustSh, ROOT, scratch, sh, ulobdev } from '../support/cli.js';
+import { mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 const undo: Array<() => Promise<unknown> | unknown> = [];
 
 beforeAll(() => {
-  assertBuilt();
-  mustSh('bash', [join(ROOT, 'scripts/install-test-deps.sh')]);
+  prepareCliTests();
 });
 
 afterEach(async () => {

@@ -18,7 +18,7 @@ import { existsSync, mkdirSync, openSync, readFileSync, readdirSync, rmSync, wri
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { controlRequest } from '../../src/cli/control.js';
-import { assertBuilt, freeLoop, mustSh, ROOT, scratch, sh, ulobdev } from '../support/cli.js';
+import { freeLoop, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
 
 const SIZE = 256 << 20;
 const SECTOR = 512;
@@ -27,8 +27,7 @@ let s: ReturnType<typeof scratch>;
 const undo: Array<() => Promise<unknown> | unknown> = [];
 
 beforeAll(() => {
-  assertBuilt();
-  mustSh('bash', [join(ROOT, 'scripts/install-test-deps.sh')]);
+  prepareCliTests();
 });
 
 afterEach(async () => {

@@ -1,38 +1,23 @@
 // The write-back scheduler through the real CLI: a per-second cron schedule fires and writes the
 // dirty data back; --dirty-max and --max-dirty-age trigger flushes on their own; a bad cron
 // expression is refused in one line before anything is created.
-import { createHash, randomBytes } from 'node:crypto';
-import { readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { assertBuilt, freeLoop, mustSh, ROOT, scratch, sh, ulobdev } from '../support/cli.js';
+import { freeLoop, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 let attached: string[] = [];
 
 beforeAll(() => {
-  assertBuilt();
-  mustSh('bash', [join(ROOT, 'scripts/install-test-deps.sh')]);
+  prepareCliTests();
 });
 
 afterEach(async () => {
   for (const dev of attached.splice(0)) await ulobdev(['detach', dev, '--run-dir', s.runDir]);
   s?.cleanup();
 });
-
-function snapshot(dir: string): Record<string, string> {
-  const out: Record<string, string> = {};
-  const walk = (d: string) => {
-    for (const name of readdirSync(d)) {
-      const p = join(d, name);
-      const st = statSync(p);
-      if (st.isDirectory()) walk(p);
-      else out[p] = `${st.size}:${st.mtimeMs}:${createHash('sha256').update(readFileSync(p)).digest('hex')}`;
-    }
-  };
-  walk(dir);
-  return out;
-}
 
 async function serve(extra: string[]): Promise<{ url: string; name: string; disk: string }> {
   const disk = join(s.dir, 'disk.img');

@@ -6,14 +6,13 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { assertBuilt, freeLoop, mustSh, ROOT, scratch, sh, ulobdev } from '../support/cli.js';
+import { freeLoop, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 const undo: Array<() => Promise<unknown> | unknown> = [];
 
 beforeAll(() => {
-  assertBuilt();
-  mustSh('bash', [join(ROOT, 'scripts/install-test-deps.sh')]);
+  prepareCliTests();
 });
 
 afterEach(async () => {

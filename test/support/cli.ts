@@ -1,6 +1,7 @@
 // Running the built ulobdev CLI from tests, and the loop devices it binds.
 import { execFile, spawnSync, type SpawnSyncReturns } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -10,6 +11,27 @@ export const CLI = join(ROOT, 'dist/cli/ulobdev.js');
 
 export function assertBuilt(): void {
   if (!existsSync(CLI)) throw new Error(`${CLI} is missing: run 'make build' (make test does) first`);
+}
+
+/** For a test file's beforeAll: the CLI is built and the Debian tools the tests drive are installed. */
+export function prepareCliTests(): void {
+  assertBuilt();
+  mustSh('bash', [join(ROOT, 'scripts/install-test-deps.sh')]);
+}
+
+/** Every file under `dir` with its size, mtime and sha256: equal snapshots mean nothing changed. */
+export function snapshot(dir: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  const walk = (d: string) => {
+    for (const name of readdirSync(d)) {
+      const p = join(d, name);
+      const st = statSync(p);
+      if (st.isDirectory()) walk(p);
+      else out[p] = `${st.size}:${st.mtimeMs}:${st.isFile() ? createHash('sha256').update(readFileSync(p)).digest('hex') : 'special'}`;
+    }
+  };
+  walk(dir);
+  return out;
 }
 
 export interface CliResult {

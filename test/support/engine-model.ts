@@ -111,7 +111,7 @@ function completeEpoch(model: Model, real: Real): void {
   expectDiskIsEpochImage(model, real.world.file(real.backingPath).visible, 'after a completed flush');
 }
 
-function writeSectors(model: Model, first: number, count: number, tag: number): Buffer {
+function writeSectors(first: number, count: number, tag: number): Buffer {
   const parts: Buffer[] = [];
   for (let s = first; s < first + count; s++) parts.push(sectorBytes(tag, s));
   return Buffer.concat(parts);
@@ -226,7 +226,7 @@ async function runOp(op: Op, model: Model, real: Real): Promise<void> {
         if (!set) model.since.set(x, (set = new Set()));
         set.add(tag);
       }
-      await engine.write(s * SECTOR, writeSectors(model, s, n, tag), { fua: op.fua });
+      await engine.write(s * SECTOR, writeSectors(s, n, tag), { fua: op.fua });
       if (op.fua) {
         for (let x = s; x < s + n; x++) {
           model.stable[x] = tag;
