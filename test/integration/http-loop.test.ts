@@ -119,7 +119,11 @@ describe('ulohttp over nginx through /dev/loopN', () => {
       const fetched = st.source.bytesFetched;
       // Fetched about what was read: the ext4 image is mostly empty, the squashfs one all read.
       // Readahead fetches a little more than was read, never the whole (mostly empty) ext4 image.
-      expect(fetched / st.source.bytesRead, JSON.stringify(st.source)).toBeLessThan(1.6);
+      // Readahead still buffered at this moment (bounded by the cap) is not amplification yet:
+      // with 1 MiB chunks it alone can tip the raw ratio, so it is counted apart.
+      const buffered = st.source.readaheadBufferedBytes;
+      expect(buffered).toBeLessThanOrEqual(st.source.readaheadCapBytes);
+      expect((fetched - buffered) / st.source.bytesRead, JSON.stringify(st.source)).toBeLessThan(1.6);
       expect(fetched).toBeLessThan(st.size * (type === 'ext4' ? 0.6 : 1.1));
       umount(dir);
       await detach(loop);
