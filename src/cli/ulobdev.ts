@@ -19,7 +19,7 @@ import { openBacking } from '../source/blockdev.js';
 import { controlRequest, NotAttachedError } from './control.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { cachePaths, controlSocket, Daemon, RUN_DIR, type DeviceStatus, type WritebackPolicy } from './daemon.js';
-import { formatBytes, parseSize } from './units.js';
+import { formatBytes, parseSize } from '../units.js';
 import { dirtyLimitBytes, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../writeback/policy.js';
 import { renderReportSvg, type ReportData } from '../writeback/report.js';
 

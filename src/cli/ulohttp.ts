@@ -16,7 +16,7 @@ import { openHttpSource, type HttpSource } from '../source/http.js';
 import { parseHeaders, redactUrl } from '../source/http-range.js';
 import { cachePaths, Daemon, STATE_DIR } from './daemon.js';
 import { main as ulobdevMain } from './ulobdev.js';
-import { parseSize } from './units.js';
+import { parseSize } from '../units.js';
 import { parseRate } from '../writeback/policy.js';
 
 
