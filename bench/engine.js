@@ -92,7 +92,7 @@ const native = await import('../dist/native.js');
 const { CacheEngine } = await import('../dist/cache/engine.js');
 const { CacheStore } = await import('../dist/cache/store.js');
 const { Metadata } = await import('../dist/cache/metadata.js');
-const { openBacking } = await import('../dist/source/blockdev.js');
+const { openBacking } = await import('../dist/source/backing.js');
 const { flushDirty } = await import('../dist/writeback/flusher.js');
 
 // ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ export type { Source, WritableSource } from './source/source.js';
 export { isWritable } from './source/source.js';
 export { HttpSource, openHttpSource, type HttpSourceOptions } from './source/http.js';
 export { ImageChangedError, NoRangeSupportError, HttpError } from './source/http-errors.js';
-export { openBacking, type OpenBackingOptions } from './source/blockdev.js';
+export { openBacking, type OpenBackingOptions } from './source/backing.js';
 export { FileSource } from './source/file-source.js';
 export { UlobError } from './errors.js';
 export type { DeviceStatus } from './cli/daemon.js';

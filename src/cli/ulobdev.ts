@@ -15,7 +15,7 @@ import { CacheStore } from '../cache/store.js';
 import { UlobError } from '../errors.js';
 import { setIoFlusher } from '../native.js';
 import { daemonize, hasWaitingParent, makeLogger, notifyParent, oneLine } from './background.js';
-import { openBacking } from '../source/blockdev.js';
+import { openBacking } from '../source/backing.js';
 import { controlRequest, NotAttachedError } from './control.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { cachePaths, controlSocket, Daemon, RUN_DIR, type DeviceStatus, type WritebackPolicy } from './daemon.js';

@@ -32,7 +32,7 @@ import {
 import { CacheEngine } from '../../src/cache/engine.js';
 import { CacheStore } from '../../src/cache/store.js';
 import type { CacheMode } from '../../src/cache/metadata.js';
-import { openBacking } from '../../src/source/blockdev.js';
+import { openBacking } from '../../src/source/backing.js';
 
 export const REPO = fileURLToPath(new URL('../..', import.meta.url));
 

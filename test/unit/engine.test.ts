@@ -13,7 +13,7 @@ import { CacheEngine, type EngineOptions } from '../../src/cache/engine.js';
 import { posixStorage } from '../../src/storage/posix-storage.js';
 import type { BlockFile, Storage } from '../../src/storage/storage.js';
 import { CacheStore, type CachePaths } from '../../src/cache/store.js';
-import { openBacking } from '../../src/source/blockdev.js';
+import { openBacking } from '../../src/source/backing.js';
 import type { FileSource } from '../../src/source/file-source.js';
 import type { WritableSource } from '../../src/source/source.js';
 import { flushDirty } from '../../src/writeback/flusher.js';
