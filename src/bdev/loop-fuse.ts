@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { DeviceBusyError, InvalidArgumentError, UlobError } from '../errors.js';
 import { exists, isMountpoint, mountsByDevice, readTrim, sleep } from '../sys.js';
-import { run, start } from './process.js';
+import { run, start } from './programs.js';
 import type { Frontend } from './frontend.js';
 
 export interface LoopAttachOptions {

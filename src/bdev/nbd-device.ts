@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { DeviceBusyError, InvalidArgumentError } from '../errors.js';
 import { exists, mountsByDevice, readTrim, sleep } from '../sys.js';
 import { ModuleMissingError, type Frontend } from './frontend.js';
-import { run } from './process.js';
+import { run } from './programs.js';
 
 export interface NbdAttachOptions {
   device: string;
