@@ -28,7 +28,7 @@ import {
   type NbdRequest,
   type OptionReply,
   type Reply,
-} from '../../src/bdev/nbd/protocol.js';
+} from '../../src/bdev/nbd-server/protocol.js';
 import { CacheEngine } from '../../src/cache/engine.js';
 import { CacheStore } from '../../src/cache/store.js';
 import type { CacheMode } from '../../src/cache/metadata.js';

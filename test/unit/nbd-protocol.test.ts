@@ -49,8 +49,8 @@ import {
   type NbdOption,
   type NbdRequest,
   type TransmissionState,
-} from '../../src/bdev/nbd/protocol.js';
-import { formatNbdUrl, parseNbdUrl } from '../../src/bdev/nbd/server.js';
+} from '../../src/bdev/nbd-server/protocol.js';
+import { formatNbdUrl, parseNbdUrl } from '../../src/bdev/nbd-server/server.js';
 
 /** Splits `bytes` at the given cut points (any order, duplicates allowed). */
 function split(bytes: Buffer, cuts: number[]): Buffer[] {

@@ -1,7 +1,7 @@
 // The NBD wire format (fixed newstyle handshake, simple and structured replies), as described in
 // doc/proto.md of the NetworkBlockDevice project: constants, pure encoders, and decoders that work
 // incrementally over a ByteQueue, so no assumption is made about how the stream was chunked.
-// Nothing here touches a socket; src/bdev/nbd/server.ts is the shell around it.
+// Nothing here touches a socket; src/bdev/nbd-server/server.ts is the shell around it.
 import { InvalidArgumentError, NbdProtocolError, ReadOnlyError } from '../../errors.js';
 
 // --- constants ---------------------------------------------------------------------------------
