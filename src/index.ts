@@ -13,7 +13,7 @@
 //
 // See docs/library.md.
 import pino, { type Logger } from 'pino';
-import { Daemon, type DeviceStatus } from './cli/daemon.js';
+import { Daemon, type DeviceStatus } from './daemon/daemon.js';
 import { InvalidArgumentError } from './errors.js';
 import type { Source } from './source/source.js';
 
@@ -24,7 +24,7 @@ export { ImageChangedError, NoRangeSupportError, HttpError } from './source/http
 export { openBacking, type OpenBackingOptions } from './source/backing.js';
 export { FileSource } from './source/file-source.js';
 export { UlobError } from './errors.js';
-export type { DeviceStatus } from './cli/daemon.js';
+export type { DeviceStatus } from './daemon/daemon.js';
 
 /**
  * A source given as a callback: the user's `read` fills `buf` with the bytes at `offset`

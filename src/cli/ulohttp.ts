@@ -14,7 +14,7 @@ import { setIoFlusher } from '../native.js';
 import { daemonize, hasWaitingParent, makeLogger, notifyParent, oneLine } from './background.js';
 import { openHttpSource, type HttpSource } from '../source/http.js';
 import { parseHeaders, redactUrl } from '../source/http-range.js';
-import { cachePaths, Daemon, STATE_DIR } from './daemon.js';
+import { cachePaths, Daemon, STATE_DIR } from '../daemon/daemon.js';
 import { main as ulobdevMain } from './ulobdev.js';
 import { parseSize } from '../units.js';
 import { parseRate } from '../writeback/policy.js';
