@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { UlobError } from '../errors.js';
 import { defaultName } from '../bdev/frontend.js';
-import { RUN_DIR } from '../daemon/daemon.js';
+import { RUN_DIR } from '../paths.js';
 
 const NOTIFY_FD_ENV = 'ULOBDEV_NOTIFY_FD';
 

@@ -18,7 +18,8 @@ import { daemonize, hasWaitingParent, makeLogger, notifyParent, oneLine } from '
 import { openBacking } from '../source/backing.js';
 import { controlRequest, NotAttachedError } from '../daemon/control.js';
 import type { FlushResult } from '../writeback/flusher.js';
-import { cachePaths, controlSocket, Daemon, RUN_DIR, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
+import { cachePaths, controlSocket, Daemon, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
+import { RUN_DIR } from '../paths.js';
 import { formatBytes, parseSize } from '../units.js';
 import { dirtyLimitBytes, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../writeback/policy.js';
 import { renderReportSvg, type ReportData } from '../writeback/report.js';

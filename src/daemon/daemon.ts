@@ -6,6 +6,7 @@ import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths } from '../cache/store.js';
 import { UlobError } from '../errors.js';
+import { RUN_DIR, STATE_DIR } from '../paths.js';
 import { isWritable, type Source } from '../source/source.js';
 import { defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
@@ -18,8 +19,6 @@ import { DiskPower, onAcPower, standbyTimerCount, standbyTimerSeconds } from '..
 import { FlushScheduler, type SchedulerStatus } from '../writeback/scheduler.js';
 import { assertNoDaemon, ControlServer, type ControlRequest } from './control.js';
 
-export const STATE_DIR = '/var/lib/ulobdev';
-export const RUN_DIR = '/run/ulobdev';
 export const EXPORT_NAME = 'ulobdev';
 
 export interface AttachOptions {
