@@ -10,9 +10,15 @@ import { basename, join } from 'node:path';
 import type { Logger } from 'pino';
 import { ataSgIo, hdioDriveCmd } from '../native.js';
 import { majorMinor } from '../sys.js';
-import type { PowerControl } from './scheduler.js';
 
 export type PowerState = 'active' | 'idle' | 'standby' | 'sleep' | 'unknown';
+
+/** What the flush scheduler needs from the disk's power control; DiskPower is the real one. */
+export interface PowerControl {
+  readonly supported: boolean;
+  state(): Promise<PowerState>;
+  standby(): Promise<void>;
+}
 
 export const ATA = {
   CHECK_POWER_MODE: 0xe5,
