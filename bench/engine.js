@@ -88,7 +88,7 @@ const root = fileURLToPath(new URL('..', import.meta.url));
 for (const f of ['dist/cache/engine.js', 'dist/writeback/flusher.js', 'build/Release/ulob_native.node']) {
   if (!existsSync(join(root, f))) fail(`${f} is missing; build first (npx node-gyp rebuild && npx tsc -p tsconfig.json)`);
 }
-const native = await import('../dist/native.js');
+const native = await import('../dist/native/addon.js');
 const { CacheEngine } = await import('../dist/cache/engine.js');
 const { CacheStore } = await import('../dist/cache/store.js');
 const { Metadata } = await import('../dist/cache/metadata.js');

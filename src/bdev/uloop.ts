@@ -9,7 +9,7 @@ import { Bitmap } from '../cache/bitmap.js';
 import type { CacheEngine } from '../cache/engine.js';
 import { EngineClosedError } from '../errors.js';
 import type { Extent } from '../cache/layout.js';
-import * as native from '../native.js';
+import * as native from '../native/addon.js';
 import type { Frontend } from './frontend.js';
 import { ModuleMissingError } from './frontend.js';
 

@@ -1,7 +1,7 @@
 // Storage on real files and block devices: Node opens, the native addon does positioned I/O,
 // fdatasync and fallocate on the libuv threadpool.
 import { constants as fsc, promises as fsp } from 'node:fs';
-import * as native from '../native.js';
+import * as native from '../native/addon.js';
 import type { BlockFile, OpenOptions, Storage } from './storage.js';
 
 class PosixFile implements BlockFile {

@@ -22,7 +22,7 @@ import {
   pread,
   preadNowait,
   pwrite,
-} from '../../src/native.js';
+} from '../../src/native/addon.js';
 
 const GiB = 2 ** 30;
 const { errno } = os.constants;

@@ -60,8 +60,8 @@ export interface SgIoResult {
   senseLength: number;
 }
 
-// Same relative path from src/ (vitest runs the TS) and from dist/ (compiled).
-const binding = createRequire(import.meta.url)('../build/Release/ulob_native.node') as Binding;
+// Same relative path from src/native/ (vitest runs the TS) and from dist/native/ (compiled).
+const binding = createRequire(import.meta.url)('../../build/Release/ulob_native.node') as Binding;
 binding.setErrorClass(NativeError);
 
 // ---------------------------------------------------------------------------------------------
