@@ -9,14 +9,12 @@ import { Bitmap } from '../cache/bitmap.js';
 import type { CacheEngine } from '../cache/engine.js';
 import { EngineClosedError } from '../errors.js';
 import type { Extent } from '../cache/layout.js';
-import * as native from '../native/addon.js';
+import * as native from '../native/uloop.js';
 import type { Frontend } from './frontend.js';
 import { ModuleMissingError } from './frontend.js';
 
-export const ULOOP_CONTROL = '/dev/uloop-control';
-
 export function assertUloopModule(device: string): void {
-  if (!existsSync(ULOOP_CONTROL)) throw new ModuleMissingError(`${device} needs the uloop kernel module: build it with make -C kernel, then insmod kernel/uloop.ko`);
+  if (!existsSync(native.ULOOP_CONTROL)) throw new ModuleMissingError(`${device} needs the uloop kernel module: build it with make -C kernel, then insmod kernel/uloop.ko`);
 }
 
 export interface UloopOptions {
@@ -80,7 +78,7 @@ export async function attachUloop(options: UloopOptions): Promise<Frontend> {
     }
   };
 
-  const watch = native.uloopWatch(ctl, (err, msgs) => {
+  const watch = new native.UloopWatch(ctl, (err, msgs) => {
     if (err) {
       logger.error({ err }, 'uloop request channel failed');
       return;

@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument } from 'commander';
 import { CacheStore } from '../cache/store.js';
 import { UlobError } from '../errors.js';
-import { setIoFlusher } from '../native/addon.js';
+import { setIoFlusher } from '../native/process.js';
 import { daemonize, hasWaitingParent, makeLogger, notifyParent, oneLine } from './background.js';
 import { openBacking } from '../source/backing.js';
 import { controlRequest, NotAttachedError } from '../daemon/control.js';

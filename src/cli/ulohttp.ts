@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument } from 'commander';
 import { CacheStore } from '../cache/store.js';
 import { ForeignCacheError, SizeMismatchError, UlobError } from '../errors.js';
-import { setIoFlusher } from '../native/addon.js';
+import { setIoFlusher } from '../native/process.js';
 import { daemonize, hasWaitingParent, makeLogger, notifyParent, oneLine } from './background.js';
 import { openHttpSource, type HttpSource } from '../source/http.js';
 import { parseHeaders, redactUrl } from '../source/http-range.js';

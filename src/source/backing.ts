@@ -6,7 +6,7 @@ import { DeviceBusyError, InvalidArgumentError, ioError } from '../errors.js';
 import { posixStorage } from '../storage/posix-storage.js';
 import type { Storage } from '../storage/storage.js';
 import { FileSource } from './file-source.js';
-import { loopBacking } from '../native/addon.js';
+import { loopBacking } from '../native/blkdev.js';
 import { exists, listDir, majorMinor, mountsByDevice, readTrim } from '../sys.js';
 
 export { majorMinor };

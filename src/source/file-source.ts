@@ -1,5 +1,5 @@
 // A source over any BlockFile: the backing disk or image, or a crashable model of one in tests.
-import { alignedBuffer } from '../native/addon.js';
+import { alignedBuffer } from '../native/io.js';
 import { IOFailedError } from '../errors.js';
 import type { BlockFile } from '../storage/storage.js';
 import type { WritableSource } from './source.js';

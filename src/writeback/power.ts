@@ -8,7 +8,7 @@
 import { constants as fsc, promises as fsp } from 'node:fs';
 import { basename, join } from 'node:path';
 import type { Logger } from 'pino';
-import { ataSgIo, hdioDriveCmd } from '../native/addon.js';
+import { ataSgIo, hdioDriveCmd } from '../native/power.js';
 import { majorMinor } from '../sys.js';
 
 export type PowerState = 'active' | 'idle' | 'standby' | 'sleep' | 'unknown';
