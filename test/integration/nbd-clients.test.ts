@@ -7,6 +7,13 @@ import * as net from 'node:net';
 import { join } from 'node:path';
 import { NbdServer } from '../../src/bdev/nbd-server/index.js';
 import {
+  encodeInfoRequest,
+  encodeMetaContextRequest,
+  encodeOption,
+  decodeOptionReply,
+  type Reply,
+} from '../../src/bdev/nbd-server/client-codec.js';
+import {
   Cmd,
   CmdFlag,
   Errno,
@@ -17,11 +24,6 @@ import {
   ReplyType,
   TxFlag,
   BASE_ALLOCATION,
-  encodeInfoRequest,
-  encodeMetaContextRequest,
-  encodeOption,
-  decodeOptionReply,
-  type Reply,
 } from '../../src/bdev/nbd-server/protocol.js';
 import { IOFailedError, ReadOnlyError } from '../../src/errors.js';
 import {

@@ -8,15 +8,17 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { NbdServer } from '../../src/bdev/nbd-server/index.js';
 import {
+  encodeInfoRequest,
+  encodeOption,
+  encodeRequest,
+  type Reply,
+} from '../../src/bdev/nbd-server/client-codec.js';
+import {
   ClientFlag,
   Cmd,
   Errno,
   Opt,
   REQUEST_MAGIC,
-  encodeInfoRequest,
-  encodeOption,
-  encodeRequest,
-  type Reply,
 } from '../../src/bdev/nbd-server/protocol.js';
 import {
   MemoryBackend,
