@@ -20,10 +20,42 @@ import type { Source } from './source/source.js';
 export type { Source, WritableSource } from './source/source.js';
 export { isWritable } from './source/source.js';
 export { HttpSource, openHttpSource, type HttpSourceOptions } from './source/http.js';
-export { ImageChangedError, NoRangeSupportError, HttpError } from './source/http-errors.js';
 export { openBacking, type OpenBackingOptions } from './source/backing.js';
 export { FileSource } from './source/file-source.js';
-export { UlobError } from './errors.js';
+// Every error class, one per stable code (src/errors.ts), and the table of codes and kinds.
+export {
+  UlobError,
+  ERROR_CODES,
+  type ErrorKind,
+  InvalidArgumentError,
+  SizeMismatchError,
+  ForeignCacheError,
+  CorruptMetadataError,
+  CacheBusyError,
+  DeviceBusyError,
+  DirtyDataError,
+  ReadOnlyError,
+  NotRootError,
+  PermissionDeniedError,
+  NotAttachedError,
+  ModuleMissingError,
+  ModuleVersionError,
+  MissingProgramError,
+  NoRangeSupportError,
+  ImageChangedError,
+  NbdProtocolError,
+  IOFailedError,
+  HttpError,
+  EngineClosedError,
+  DiskPowerError,
+  CommandFailedError,
+  FuseError,
+  DaemonError,
+  DaemonTimeoutError,
+  ControlProtocolError,
+  InternalError,
+  UnknownDaemonError,
+} from './errors.js';
 export type { DeviceStatus } from './daemon/daemon.js';
 
 /**

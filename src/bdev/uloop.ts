@@ -7,11 +7,10 @@ import { open } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { Bitmap } from '../cache/bitmap.js';
 import type { CacheEngine } from '../cache/engine.js';
-import { EngineClosedError } from '../errors.js';
+import { EngineClosedError, InternalError, ModuleMissingError } from '../errors.js';
 import type { Extent } from '../cache/layout.js';
 import * as native from '../native/uloop.js';
 import type { Frontend } from './frontend.js';
-import { ModuleMissingError } from './frontend.js';
 
 export function assertUloopModule(device: string): void {
   if (!existsSync(native.ULOOP_CONTROL)) throw new ModuleMissingError(`${device} needs the uloop kernel module: build it with make -C kernel, then insmod kernel/uloop.ko`);
@@ -74,7 +73,7 @@ export async function attachUloop(options: UloopOptions): Promise<Frontend> {
         return;
       }
       default:
-        throw new Error(`unknown uloop message type ${m.type}`);
+        throw new InternalError(`unknown uloop message type ${m.type}`);
     }
   };
 

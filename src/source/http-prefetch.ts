@@ -2,7 +2,7 @@
 // buffer where readahead (readahead.ts) fetched ahead of it, and otherwise by a demand fetch; demand
 // misses queued in the same turn of the event loop that touch are merged into one request. No HTTP
 // here: the transport (http-transport.ts) runs the fetches.
-import type { ImageChangedError } from './http-errors.js';
+import type { ImageChangedError } from '../errors.js';
 import type { HttpTransport, Task } from './http-transport.js';
 import { Readahead } from './readahead.js';
 

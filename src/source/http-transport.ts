@@ -10,8 +10,7 @@
 import { readFileSync } from 'node:fs';
 import { Agent, type Dispatcher } from 'undici';
 import type { Logger } from 'pino';
-import { InvalidArgumentError } from '../errors.js';
-import { HttpError, ImageChangedError, NoRangeSupportError } from './http-errors.js';
+import { HttpError, ImageChangedError, InvalidArgumentError, NoRangeSupportError } from '../errors.js';
 import { backoffMs, checkPart, isStrongEtag, parseContentRange, rangeHeader, redactUrl, type ImageValidators } from './http-range.js';
 
 export interface HttpSourceOptions {

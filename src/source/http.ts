@@ -3,9 +3,8 @@
 // fetched ahead of a sequential stream, and otherwise with range GETs, merging concurrent misses
 // that touch; the transport (http-transport.ts) runs the GETs over a keep-alive pool of undici
 // connections and makes sure the cache never mixes two versions of the image.
-import { InvalidArgumentError } from '../errors.js';
+import { HttpError, InvalidArgumentError } from '../errors.js';
 import type { Source } from './source.js';
-import { HttpError } from './http-errors.js';
 import { imageIdentity, type ImageValidators } from './http-range.js';
 import { PrefetchBuffer } from './http-prefetch.js';
 import { HttpTransport, type HttpSourceOptions } from './http-transport.js';

@@ -8,6 +8,7 @@
 import { constants as fsc, promises as fsp } from 'node:fs';
 import { basename, join } from 'node:path';
 import type { Logger } from 'pino';
+import { DiskPowerError } from '../errors.js';
 import { ataSgIo, hdioDriveCmd } from '../native/power.js';
 import { majorMinor } from '../sys.js';
 
@@ -165,13 +166,13 @@ export class DiskPower implements PowerControl {
   /** STANDBY IMMEDIATE: the disk flushes its write cache and spins down. */
   async standby(): Promise<void> {
     const r = await this.#command({ command: ATA.STANDBY_IMMEDIATE });
-    if (r && r.status & 0x01) throw new Error(`${this.path} refused STANDBY IMMEDIATE (ATA error 0x${r.error.toString(16)})`);
+    if (r && r.status & 0x01) throw new DiskPowerError(`${this.path} refused STANDBY IMMEDIATE (ATA error 0x${r.error.toString(16)})`);
   }
 
   /** The drive's own standby timer, like hdparm -S (IDLE with a count: no spin-down now). */
   async setStandbyTimer(seconds: number): Promise<void> {
     const r = await this.#command({ command: ATA.IDLE, count: standbyTimerCount(seconds) });
-    if (r && r.status & 0x01) throw new Error(`${this.path} refused the standby timer (ATA error 0x${r.error.toString(16)})`);
+    if (r && r.status & 0x01) throw new DiskPowerError(`${this.path} refused the standby timer (ATA error 0x${r.error.toString(16)})`);
   }
 
   async close(): Promise<void> {
@@ -183,9 +184,9 @@ export class DiskPower implements PowerControl {
     if (this.transport === 'sgio') {
       const sense = Buffer.alloc(SENSE_BYTES);
       const r = await ataSgIo(this.#fd.fd, ataPassThrough16(tf), sense, 30_000);
-      if (r.hostStatus !== 0) throw new Error(`SG_IO to ${this.path}: host status 0x${r.hostStatus.toString(16)}`);
+      if (r.hostStatus !== 0) throw new DiskPowerError(`SG_IO to ${this.path}: host status 0x${r.hostStatus.toString(16)}`);
       const ret = decodeAtaReturn(sense, r.senseLength);
-      if (!ret && r.status !== 0) throw new Error(`SG_IO to ${this.path}: SCSI status 0x${r.status.toString(16)} without ATA registers`);
+      if (!ret && r.status !== 0) throw new DiskPowerError(`SG_IO to ${this.path}: SCSI status 0x${r.status.toString(16)} without ATA registers`);
       return ret;
     }
     // HDIO_DRIVE_CMD (libata's ata_cmd_ioctl): [command, count, features, data sectors = 0];
