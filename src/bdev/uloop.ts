@@ -11,6 +11,7 @@ import { EngineClosedError, InternalError, ModuleMissingError } from '../errors.
 import type { Extent } from '../cache/layout.js';
 import * as native from '../native/uloop.js';
 import type { Frontend } from './frontend.js';
+import { uloopError } from './uloop-errors.js';
 
 export function assertUloopModule(device: string): void {
   if (!existsSync(native.ULOOP_CONTROL)) throw new ModuleMissingError(`${device} needs the uloop kernel module: build it with make -C kernel, then insmod kernel/uloop.ko`);
@@ -30,13 +31,23 @@ export async function attachUloop(options: UloopOptions): Promise<Frontend> {
   const store = engine.store;
   const { blockSize, blockCount } = engine.geometry;
   const want = Number(options.device.slice('/dev/uloop'.length));
-  const ctl = native.uloopOpen();
+  const request = { device: options.device, size: engine.size, blockSize, cache: store.paths.cache };
+  let ctl: number;
+  try {
+    ctl = native.uloopOpen();
+  } catch (err) {
+    throw uloopError('open', err, request);
+  }
   let cache = -1;
   let index: number;
   try {
     cache = openSync(store.paths.cache, options.readOnly ? 'r' : 'r+');
     const flags = options.readOnly ? 0 : native.ULOOP_F_WRITEBACK;
-    index = native.uloopAdd(ctl, cache, engine.size, blockSize, flags, store.present.buffer, store.dirty.buffer, want);
+    try {
+      index = native.uloopAdd(ctl, cache, engine.size, blockSize, flags, store.present.buffer, store.dirty.buffer, want);
+    } catch (err) {
+      throw uloopError('ADD', err, request);
+    }
   } catch (err) {
     if (cache >= 0) closeSync(cache);
     closeSync(ctl);
