@@ -1,5 +1,5 @@
 // The DEVICE argument picks the frontend: /dev/loopN (loop over a FUSE-exported file), /dev/nbdN
-// (the kernel NBD client), an NBD URL (serve only), /dev/uloopN (the kernel module, not yet built).
+// (the kernel NBD client), an NBD URL (serve only), /dev/uloopN (our kernel module, kernel/uloop.c).
 import { InvalidArgumentError } from '../errors.js';
 
 export type FrontendKind = 'loop' | 'nbd' | 'serve' | 'uloop';

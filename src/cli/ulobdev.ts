@@ -287,7 +287,7 @@ export function buildProgram(): Command {
     .option('--daemon', 'return once DEVICE is ready and keep serving in the background')
     .option('--name <NAME>', 'name of the control socket (default: from DEVICE)')
     .option('--log-level <LEVEL>', 'fatal, error, warn, info, debug', 'info')
-    .option('--flush <CRON>', "write dirty blocks back on this cron schedule, e.g. '*/30 * * * *' (6 fields: seconds first)")
+    .option('--flush <CRON>', "write dirty blocks back on this cron schedule, e.g. '*/30 * * * *' (5 fields, or 6 with seconds first)")
     .option('--dirty-max <SIZE|PCT>', 'flush at once when dirty data exceeds this (512M, 10%)')
     .option('--max-dirty-age <DURATION>', 'flush once the oldest unflushed write is this old (30m, 2h)')
     .option('--spindown', 'put the disk in standby (STANDBY IMMEDIATE) after each flush')

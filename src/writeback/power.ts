@@ -1,5 +1,5 @@
 // The backing disk's power: read its state without waking it (ATA CHECK POWER MODE), put it to
-// sleep (STANDBY IMMEDIATE), set its own standby timer (STANDBY with a count, as hdparm -S). The
+// sleep (STANDBY IMMEDIATE), set its own standby timer (IDLE with a count, as hdparm -S does). The
 // commands go through SG_IO as SCSI ATA PASS-THROUGH(16) (SAT: libata, most USB bridges), or the
 // legacy HDIO_DRIVE_CMD ioctl. Disks that take neither (files, virtio, some bridges) get one
 // warning and the daemon carries on without power control.
