@@ -1,6 +1,6 @@
 // The per-device control socket (/run/ulobdev/NAME.sock, mode 0600): one JSON request per line,
 // one JSON answer per line. `status`, `flush`, `report` and `detach` talk to the daemon through it
-// (docs/design.md, "Messages").
+// (docs/reference.md, "Messages").
 import { promises as fsp } from 'node:fs';
 import net from 'node:net';
 import {

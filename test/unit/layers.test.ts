@@ -119,6 +119,16 @@ describe('the layers of src/', () => {
     expect(cycles.map((c) => c.join(' ↔ '))).toEqual([]);
   });
 
+  it('are the layers docs/design.md draws, in its order, one for each folder of src/', () => {
+    const design = readFileSync(join(SRC, '../docs/design.md'), 'utf8');
+    const at = design.indexOf('### Code layout');
+    const block = design.slice(design.indexOf('```', at) + 3, design.indexOf('```', design.indexOf('```', at) + 3));
+    const drawn = [...block.matchAll(/^  (\S+)/gm)].map((m) => (m[1] === '*.ts' ? 'base' : m[1]!.replace(/\/$/, '')));
+    expect(drawn).toEqual([...LAYERS].reverse());
+    const folders = readdirSync(SRC, { withFileTypes: true }).filter((e) => e.isDirectory()).map((e) => e.name);
+    expect(folders.sort()).toEqual(LAYERS.filter((l) => l !== 'base' && l !== 'index.ts').sort());
+  });
+
   it('the check itself fails on an upward import, a sideways one and a type-only cycle', () => {
     const graph = new Map<string, string[]>([
       ['errors.ts', []],
