@@ -410,7 +410,8 @@ static void uloop_rw(struct uloop_dev *dev, struct uloop_rq *pdu, struct request
 {
 	struct file *file = dev->cache;
 	struct req_iterator it;
-	struct bio_vec bv, *bvec;
+	struct bio_vec bv, *copy;
+	const struct bio_vec *bvec; /* 7.x's __bvec_iter_bvec() returns const (a macro in 6.12) */
 	struct iov_iter iter;
 	unsigned int nr = 0, offset = 0;
 	ssize_t ret;
@@ -420,21 +421,26 @@ static void uloop_rw(struct uloop_dev *dev, struct uloop_rq *pdu, struct request
 	rq_for_each_bvec(bv, rq, it)
 		nr++;
 	if (rq->bio != rq->biotail) {
-		bvec = kmalloc_array(nr, sizeof(*bvec), GFP_NOIO);
-		if (!bvec) {
+		copy = kmalloc_array(nr, sizeof(*copy), GFP_NOIO);
+		if (!copy) {
 			pdu->ret = -ENOMEM;
 			atomic_set(&pdu->ref, 1);
 			uloop_rw_put(pdu);
 			return;
 		}
-		pdu->bvec = bvec;
+		pdu->bvec = copy;
 		nr = 0;
 		rq_for_each_bvec(bv, rq, it)
-			bvec[nr++] = bv;
+			copy[nr++] = bv;
+		bvec = copy;
 	} else {
 		/* one bio: its own bvec array, from where the bio's iterator stands */
 		bvec = __bvec_iter_bvec(rq->bio->bi_io_vec, rq->bio->bi_iter);
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(7, 3, 0)
+		offset = rq->bio->bi_iter.bi_offset; /* bvec_iter.bi_bvec_done was renamed in 7.3 */
+#else
 		offset = rq->bio->bi_iter.bi_bvec_done;
+#endif
 	}
 	iov_iter_bvec(&iter, pdu->write ? WRITE : READ, bvec, nr, blk_rq_bytes(rq));
 	iter.iov_offset = offset;
@@ -717,20 +723,27 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	dev->tag_set.numa_node = NUMA_NO_NODE;
 	dev->tag_set.cmd_size = sizeof(struct uloop_rq);
 	/* no I/O scheduler by default, as loop: the cache file's own path does the ordering */
-	dev->tag_set.flags = BLK_MQ_F_SHOULD_MERGE | BLK_MQ_F_NO_SCHED_BY_DEFAULT;
+	dev->tag_set.flags = BLK_MQ_F_NO_SCHED_BY_DEFAULT;
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 14, 0)
+	dev->tag_set.flags |= BLK_MQ_F_SHOULD_MERGE; /* 6.14 made merging the default, removed the flag */
+#endif
 	dev->tag_set.driver_data = dev;
 	err = blk_mq_alloc_tag_set(&dev->tag_set);
 	if (err)
 		goto out_wq;
 
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 10, 0)
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0)
+	/* 6.9: blk_mq_alloc_disk() takes the queue_limits */
 	{
 		struct queue_limits lim = {
 			.logical_block_size = SECTOR_SIZE,
 			.physical_block_size = min_t(u32, a.block_size, PAGE_SIZE),
 			.io_min = a.block_size,
 			.max_hw_sectors = 2048,
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
+			/* 6.11: the volatile cache and FUA became queue_limits.features */
 			.features = BLK_FEAT_WRITE_CACHE | BLK_FEAT_FUA,
+#endif
 		};
 		disk = blk_mq_alloc_disk(&dev->tag_set, &lim, dev);
 	}
@@ -741,11 +754,13 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 		err = PTR_ERR(disk);
 		goto out_tags;
 	}
-#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 10, 0)
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 9, 0)
 	blk_queue_logical_block_size(disk->queue, SECTOR_SIZE);
 	blk_queue_physical_block_size(disk->queue, min_t(u32, a.block_size, PAGE_SIZE));
 	blk_queue_io_min(disk->queue, a.block_size);
 	blk_queue_max_hw_sectors(disk->queue, 2048);
+#endif
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 11, 0)
 	blk_queue_write_cache(disk->queue, true, true);
 #endif
 	disk->major = uloop_major;
@@ -1179,7 +1194,9 @@ static const struct file_operations uloop_ctl_fops = {
 	.poll = uloop_ctl_poll,
 	.unlocked_ioctl = uloop_ctl_ioctl,
 	.compat_ioctl = compat_ptr_ioctl,
-	.llseek = no_llseek,
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 12, 0)
+	.llseek = no_llseek, /* 6.12 removed no_llseek: a NULL .llseek now means "not seekable" */
+#endif
 };
 
 static struct miscdevice uloop_misc = {
