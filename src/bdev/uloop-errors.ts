@@ -39,7 +39,7 @@ export function uloopError(op: 'open' | 'ADD' | 'ATTACH', err: unknown, req: Ulo
     case 'ENOENT':
     case 'ENXIO':
     case 'ENODEV':
-      if (op === 'open') return new ModuleMissingError(`${device} needs the uloop kernel module (${ULOOP_CONTROL}: ${code}): build it with make -C kernel, then insmod kernel/uloop.ko`, options);
+      if (op === 'open') return moduleMissing(device, `${ULOOP_CONTROL}: ${code}`, options);
       return new ModuleMissingError(`${device} is gone (${code}): it was removed, or the uloop module was reloaded; attach it anew`, options);
     case 'EACCES':
     case 'EPERM':
@@ -71,6 +71,11 @@ export function uloopError(op: 'open' | 'ADD' | 'ATTACH', err: unknown, req: Ulo
     default:
       return ioError(`${op === 'open' ? 'open' : `${op} of`} ${op === 'open' ? ULOOP_CONTROL : device}`, undefined, err) as UlobError;
   }
+}
+
+/** /dev/uloop-control is missing: the module is not loaded. `detail` says how we know. */
+export function moduleMissing(device: string, detail?: string, options?: { cause?: unknown }): ModuleMissingError {
+  return new ModuleMissingError(`${device} needs the uloop kernel module${detail ? ` (${detail})` : ''}: build it with make -C kernel, then insmod kernel/uloop.ko`, options);
 }
 
 /** The lowest /dev/uloopN not in use, from /sys/block; undefined if that cannot be read. */

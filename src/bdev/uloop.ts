@@ -7,14 +7,14 @@ import { open } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { Bitmap } from '../cache/bitmap.js';
 import type { CacheEngine } from '../cache/engine.js';
-import { EngineClosedError, InternalError, ModuleMissingError } from '../errors.js';
+import { EngineClosedError, InternalError } from '../errors.js';
 import type { Extent } from '../cache/layout.js';
 import * as native from '../native/uloop.js';
 import type { Frontend } from './frontend.js';
-import { uloopError } from './uloop-errors.js';
+import { moduleMissing, uloopError } from './uloop-errors.js';
 
 export function assertUloopModule(device: string): void {
-  if (!existsSync(native.ULOOP_CONTROL)) throw new ModuleMissingError(`${device} needs the uloop kernel module: build it with make -C kernel, then insmod kernel/uloop.ko`);
+  if (!existsSync(native.ULOOP_CONTROL)) throw moduleMissing(device);
 }
 
 export interface UloopOptions {
