@@ -71,13 +71,51 @@ Napi::Value LoopBacking(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// BLKZEROOUT on the threadpool: the device may write the zeros itself (WRITE ZEROES, WRITE SAME)
+// or the block layer writes zero pages; either way it can take a while.
+class ZeroOutWorker : public PromiseWorker {
+ public:
+  ZeroOutWorker(Napi::Env env, int fd, uint64_t offset, uint64_t length)
+      : PromiseWorker(env, "ulob:blkzeroout", "ioctl(BLKZEROOUT)"), fd_(fd) {
+    range_[0] = offset;
+    range_[1] = length;
+  }
+
+  void Execute() override {
+    while (ioctl(fd_, BLKZEROOUT, range_) < 0) {
+      if (errno != EINTR) {
+        err_ = errno;
+        return;
+      }
+    }
+  }
+
+ private:
+  int fd_;
+  uint64_t range_[2];
+};
+
+// blkZeroOut(fd, offset, length) -> Promise<void>: [offset, offset + length) of the device reads
+// as zeros afterwards (not durable before a flush of the device, as any write).
+Napi::Value BlkZeroOut(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  int64_t offset, length;
+  if (!ArgFd(info, 0, &fd) || !ArgInt64(info, 1, &offset) || !ArgInt64(info, 2, &length)) {
+    return Napi::Value();
+  }
+  return StartWorker(env, new ZeroOutWorker(env, fd, static_cast<uint64_t>(offset),
+                                            static_cast<uint64_t>(length)));
+}
+
 }  // namespace
 
 bool InitBlkdev(Napi::Env env, Napi::Object exports) {
   return Export<BlkGetSize64>(env, exports, "blkGetSize64") &&
          Export<BlkSectorSize>(env, exports, "blkSectorSize") &&
          Export<BlkFlsBuf>(env, exports, "blkFlsBuf") &&
-         Export<LoopBacking>(env, exports, "loopBacking");
+         Export<LoopBacking>(env, exports, "loopBacking") &&
+         Export<BlkZeroOut>(env, exports, "blkZeroOut");
 }
 
 }  // namespace ulob

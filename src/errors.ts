@@ -194,6 +194,16 @@ export class HttpError extends UlobError {
   }
 }
 
+/**
+ * A write found no room in the cache: the budget (or the flash filesystem) is full of dirty data
+ * and the flush that would make room failed or cannot run. The NBD client sees ENOSPC.
+ */
+export class CacheFullError extends UlobError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ULOB_E_CACHE_FULL', message, options);
+  }
+}
+
 /** The engine is closed, or failed earlier (a failed sync) and refuses further I/O. */
 export class EngineClosedError extends UlobError {
   constructor(message: string) {
@@ -298,6 +308,7 @@ export const ERROR_CODES: Readonly<Record<string, { kind: ErrorKind; make: (mess
   ULOB_E_IO: { kind: 'io', make: (m) => new IOFailedError(m) },
   ULOB_E_HTTP: { kind: 'io', make: (m) => new HttpError(m) },
   ULOB_E_CLOSED: { kind: 'io', make: (m) => new EngineClosedError(m) },
+  ULOB_E_CACHE_FULL: { kind: 'io', make: (m) => new CacheFullError(m) },
   ULOB_E_POWER: { kind: 'io', make: (m) => new DiskPowerError(m) },
   ULOB_E_COMMAND: { kind: 'io', make: (m) => new CommandFailedError(m) },
   ULOB_E_FUSE: { kind: 'io', make: (m) => new FuseError(m) },

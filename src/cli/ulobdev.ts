@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // ulobdev: put a disk behind a flash cache and expose it as DEVICE.
-//   ulobdev [-c CACHE] [-b BITMAP] [--writeback] [--block-size N] [--daemon] [--name NAME]
+//   ulobdev [-c CACHE] [-b BITMAP] [--writeback] [--block-size N] [--cache-size SIZE|PCT]
+//           [--eviction-unit SIZE] [--daemon] [--name NAME]
 //           [--flush CRON] [--dirty-max SIZE|PCT] [--max-dirty-age DURATION] [--spindown]
 //           [--standby-timeout DURATION] [--on-ac flush|schedule] [--hydrate [RATE]] DEVICE BACKEND
 //   ulobdev status [DEVICE] [--json]
@@ -22,7 +23,7 @@ import type { FlushResult } from '../writeback/flusher.js';
 import { cachePaths, controlSocket, Daemon, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
 import { RUN_DIR } from '../paths.js';
 import { formatBytes, parseSize } from '../units.js';
-import { dirtyLimitBytes, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../writeback/policy.js';
+import { dirtyLimitBytes, parseCacheSize, parseCron, parseDirtyLimit, parseDuration, parseEvictionUnit, parseRate } from '../writeback/policy.js';
 import { renderReportSvg, type ReportData } from '../writeback/report.js';
 
 
@@ -32,6 +33,8 @@ interface AttachFlags {
   metadata?: string;
   writeback?: boolean;
   blockSize?: number;
+  cacheSize?: string;
+  evictionUnit?: string;
   daemon?: boolean;
   name?: string;
   logLevel: string;
@@ -96,6 +99,8 @@ function blockSizeArg(value: string): number {
 
 async function attach(device: string, backing: string, flags: AttachFlags): Promise<void> {
   const policy = await writebackPolicy(backing, flags);
+  const cacheSize = flags.cacheSize === undefined ? undefined : parseCacheSize(flags.cacheSize);
+  const evictionUnit = flags.evictionUnit === undefined ? undefined : parseEvictionUnit(flags.evictionUnit);
   if (flags.daemon) return daemonize(device, { name: flags.name, runDir: flags.runDir });
   // Cache, metadata and sockets hold the disk's data: owner only.
   process.umask(0o077);
@@ -117,6 +122,8 @@ async function attach(device: string, backing: string, flags: AttachFlags): Prom
       metadata: flags.metadata,
       writeback: flags.writeback ?? false,
       blockSize: flags.blockSize,
+      cacheSize,
+      evictionUnit,
       name: flags.name,
       stateDir: flags.stateDir,
       runDir: flags.runDir,
@@ -190,13 +197,18 @@ function formatStatus(s: DeviceStatus): string {
     `${s.device}: ${s.mode} cache of ${s.backing} (${s.frontend} frontend, daemon pid ${s.pid})`,
     `  size ${formatBytes(s.size)}, block ${formatBytes(s.blockSize)}, cached ${formatBytes(s.cachedBytes)} (${s.cacheFillPercent}%), dirty ${formatBytes(s.dirtyBytes)}`,
     `  flush epoch ${s.flushEpoch}, up ${s.uptimeSeconds} s, cache ${s.paths.cache}`,
+    s.budgetBytes === null
+      ? `  flash: a full mirror of the disk, ${formatBytes(s.allocatedBytes)} held`
+      : `  flash: budget ${formatBytes(s.budgetBytes)}, used ${formatBytes(s.usedBytes)} (${formatBytes(s.allocatedBytes)} held), evicted ${formatBytes(s.evictedBytes)}, unit ${formatBytes(s.evictionUnit)}`,
+    `  reads: ${s.hitRatio === null ? 'none yet' : `hit ratio ${(s.hitRatio * 100).toFixed(1)}% (${s.readHits} hits, ${s.readMisses} misses)`}${s.zeroBytes > 0 ? `, zeroed ${formatBytes(s.zeroBytes)}` : ''}`,
   ];
+  if (s.spaceError) lines.push(`  room: ${s.spaceError}`);
   const w = s.writeback;
   if (w) {
     lines.push(
       `  at risk ${formatBytes(s.bytesAtRisk)}, oldest dirty ${s.oldestDirtyAgeSeconds === null ? '-' : formatDuration(s.oldestDirtyAgeSeconds)}, schedule ${w.schedule ?? 'manual only'}`,
       `  last flush ${when(w.lastFlushAt)}${w.lastFlushBytes !== null ? ` (${formatBytes(w.lastFlushBytes)})` : ''}, next ${w.nextFlushAt === null ? '-' : when(w.nextFlushAt)}`,
-      `  disk ${w.powerState}${w.powerControl ? ` (via ${w.powerControl})` : ''}, spin-ups today ${w.spinUpsToday}`,
+      `  disk ${w.powerState}${w.powerControl ? ` (via ${w.powerControl})` : ''}, spin-ups today ${w.spinUpsToday}, by a miss since attach ${w.missSpinUps}`,
     );
     if (w.flushing && w.progress) lines.push(`  flushing (${w.reason}): ${formatBytes(w.progress.doneBytes)} of ${formatBytes(w.progress.totalBytes)}`);
     if (w.lastError) lines.push(`  last flush FAILED (${w.failures}x): ${w.lastError}; retry ${when(w.retryAt)}`);
@@ -284,6 +296,8 @@ export function buildProgram(): Command {
     .option('--metadata <PATH>', 'metadata database (default: CACHE.meta)')
     .option('--writeback', 'accept writes: they land on flash, marked dirty (default: read-only)')
     .option('--block-size <N>', 'cache block size for a new cache, 4K to 1M', blockSizeArg)
+    .option('--cache-size <SIZE|PCT>', 'flash the cache may take (256M, 500G, 25% of the disk); default: a full mirror of the disk')
+    .option('--eviction-unit <SIZE>', 'for a new cache with --cache-size: what is filled and evicted at once, 64K to 1M (default 256K)')
     .option('--daemon', 'return once DEVICE is ready and keep serving in the background')
     .option('--name <NAME>', 'name of the control socket (default: from DEVICE)')
     .option('--log-level <LEVEL>', 'fatal, error, warn, info, debug', 'info')

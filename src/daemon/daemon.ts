@@ -7,6 +7,7 @@ import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths } from '../cache/store.js';
 import { InvalidArgumentError, NotRootError, ReadOnlyError } from '../errors.js';
 import { RUN_DIR, STATE_DIR } from '../paths.js';
+import { formatBytes } from '../units.js';
 import { isWritable, type Source } from '../source/source.js';
 import { defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
@@ -30,6 +31,13 @@ export interface AttachOptions {
   metadata?: string;
   writeback: boolean;
   blockSize?: number;
+  /**
+   * --cache-size: the flash the cache file may take, in bytes or as a percentage of the disk.
+   * Without it a new cache is a full, preallocated mirror and an existing one keeps its budget.
+   */
+  cacheSize?: CacheSize;
+  /** --eviction-unit for a new cache (bytes, 64 KiB to 1 MiB). */
+  evictionUnit?: number;
   name?: string;
   stateDir?: string;
   runDir?: string;
@@ -37,6 +45,9 @@ export interface AttachOptions {
   /** Write-back policy (src/writeback): all optional; without them flushes are manual only. */
   writebackPolicy?: WritebackPolicy;
 }
+
+/** A cache budget as typed: bytes, or a percentage of the disk. */
+export type CacheSize = { bytes: number } | { percent: number };
 
 export interface WritebackPolicy {
   /** Validated cron expression. */
@@ -80,6 +91,23 @@ export interface DeviceStatus {
   /** Dirty bytes not yet on the disk (dirty minus what a running flush has already written). */
   bytesAtRisk: number;
   oldestDirtyAgeSeconds: number | null;
+  /** The cache budget (--cache-size) in bytes, or null: a full, preallocated mirror of the disk. */
+  budgetBytes: number | null;
+  /** Bytes the cache file holds or is about to (present, reserved, being punched). */
+  usedBytes: number;
+  /** What the flash filesystem charges for the cache file now (st_blocks). */
+  allocatedBytes: number;
+  /** Dirty bytes that read as zeros (TRIM, WRITE_ZEROES) and take no flash. */
+  zeroBytes: number;
+  evictionUnit: number;
+  /** Since attach: bytes evicted, reads served from flash (hits) or that read the disk (misses). */
+  evictedBytes: number;
+  readHits: number;
+  readMisses: number;
+  /** readHits / (readHits + readMisses), or null before the first read. */
+  hitRatio: number | null;
+  /** Why writes wait for room, or failed for want of it; null while there is room. */
+  spaceError: string | null;
   /** Write-back state: schedule, last/next flush, errors, power. Absent in read-only mode. */
   writeback?: SchedulerStatus & { schedule: string | null; powerControl: string | null };
   hydration?: HydrationProgress;
@@ -101,6 +129,7 @@ export class Daemon {
   readonly #power: DiskPower | null;
   readonly #policy: WritebackPolicy;
   #detaching: Promise<void> | null = null;
+  #allocatedBytes = 0;
   readonly #done: Promise<void>;
   #resolveDone!: () => void;
 
@@ -154,10 +183,14 @@ export class Daemon {
     if (kind === 'nbd') await assertNbdFree(options.device);
     if (kind === 'serve') parseNbdUrl(options.device);
     await assertNoDaemon(join(runBase, `${name}.sock`));
+    if (kind === 'uloop' && options.cacheSize) throw budgetOnUloop(options.device);
     const undo: Array<() => Promise<unknown>> = [];
     try {
       const source = await options.openSource({ writable: options.writeback });
       undo.push(() => source.close());
+      const policy = options.writebackPolicy ?? {};
+      const budget = options.cacheSize && budgetBytes(options.cacheSize, source.size);
+      if (budget !== undefined && policy.hydrateRate !== undefined && budget < source.size) throw hydrateOverBudget(budget, source.size);
       const paths = cachePaths(options, source.id);
       await fsp.mkdir(dirname(paths.cache), { recursive: true, mode: 0o700 });
       await fsp.mkdir(dirname(paths.bitmap), { recursive: true, mode: 0o700 });
@@ -166,14 +199,17 @@ export class Daemon {
         backing: source,
         mode: options.writeback ? 'writeback' : 'readonly',
         blockSize: options.blockSize,
+        budget,
+        evictionUnit: options.evictionUnit,
       });
+      undo.push(() => store.close());
+      // The budget the cache already had counts as much as one given now.
+      if (store.budget !== null && kind === 'uloop') throw budgetOnUloop(options.device);
+      if (store.budget !== null && policy.hydrateRate !== undefined && store.budget < source.size) throw hydrateOverBudget(store.budget, source.size);
       if (store.recoveredFromCrash) logger.warn('the cache was not closed cleanly last time; recovered its dirty set from the metadata');
-      const policy = options.writebackPolicy ?? {};
       // Reads of the source (misses, hydration) mean the disk spins: a chance to flush for free.
       let onDiskRead = () => undefined as void;
-      const engine = new CacheEngine(store, observeReads(source, () => onDiskRead()), {
-        evictOnDiscard: policy.hydrateRate === undefined,
-      });
+      const engine = new CacheEngine(store, observeReads(source, () => onDiskRead()));
       undo.push(() => engine.close());
 
       let power: DiskPower | null = null;
@@ -205,6 +241,8 @@ export class Daemon {
         });
         const sched = scheduler;
         onDiskRead = () => sched.noteDiskActive();
+        // Writes waiting for room in the budget: a flush makes clean blocks, which can go.
+        engine.onSpacePressure = () => sched.pressure();
         try {
           store.history.prune(Date.now() - 90 * 86_400_000);
         } catch (err) {
@@ -257,9 +295,14 @@ export class Daemon {
     }
   }
 
+  /**
+   * The device's state (docs/reference.md, "Status"). `allocatedBytes` is as of the last
+   * refreshStatus() (the control socket's status message refreshes it first).
+   */
   status(): DeviceStatus {
     const s = this.engine.stats();
     const cachedBytes = Math.min(s.presentBlocks * s.blockSize, s.size);
+    const reads = s.readHits + s.readMisses;
     return {
       name: this.name,
       device: this.device,
@@ -277,8 +320,23 @@ export class Daemon {
       paths: this.engine.store.paths,
       source: this.#source.stats?.(),
       ...this.#writebackStatus(Math.min(s.dirtyBlocks * s.blockSize, s.size)),
+      budgetBytes: s.budgetBytes,
+      usedBytes: s.usedBytes,
+      allocatedBytes: this.#allocatedBytes,
+      zeroBytes: Math.min(s.zeroBlocks * s.blockSize, s.size),
+      evictionUnit: s.evictionUnitBytes,
+      evictedBytes: s.evictedBlocks * s.blockSize,
+      readHits: s.readHits,
+      readMisses: s.readMisses,
+      hitRatio: reads === 0 ? null : Math.round((s.readHits / reads) * 1000) / 1000,
+      spaceError: s.spaceError,
       hydration: this.#hydrator?.progress(),
     };
+  }
+
+  /** Reads what the flash filesystem charges for the cache file, for status(). */
+  async refreshStatus(): Promise<void> {
+    this.#allocatedBytes = await this.engine.store.allocatedBytes().catch(() => this.#allocatedBytes);
   }
 
   #writebackStatus(dirtyBytes: number): Pick<DeviceStatus, 'bytesAtRisk' | 'oldestDirtyAgeSeconds' | 'writeback'> {
@@ -348,6 +406,7 @@ export class Daemon {
   async #handle(request: ControlRequest): Promise<Record<string, unknown>> {
     switch (request.cmd) {
       case 'status':
+        await this.refreshStatus();
         return { status: this.status() };
       case 'detach':
         await this.detach();
@@ -401,8 +460,26 @@ function observeReads(source: Source, onRead: () => void): Source {
   };
   if (isWritable(source)) {
     Object.assign(wrapped, { writeAt: source.writeAt.bind(source), sync: source.sync.bind(source) });
+    if (source.zeroAt) Object.assign(wrapped, { zeroAt: source.zeroAt.bind(source) });
   }
   return wrapped;
+}
+
+/** --cache-size in bytes for a disk of `diskSize` bytes. */
+export function budgetBytes(size: CacheSize, diskSize: number): number {
+  return 'bytes' in size ? size.bytes : Math.max(1, Math.floor((diskSize * size.percent) / 100));
+}
+
+function budgetOnUloop(device: string): InvalidArgumentError {
+  return new InvalidArgumentError(
+    `a cache budget (--cache-size) is not wired to ${device} yet (the uloop daemon does not evict); use /dev/loopN or /dev/nbdN for a cache smaller than the disk`,
+  );
+}
+
+function hydrateOverBudget(budget: number, size: number): InvalidArgumentError {
+  return new InvalidArgumentError(
+    `--hydrate copies the whole disk (${formatBytes(size)}) into the cache, but its budget is ${formatBytes(budget)}; drop --hydrate, or give --cache-size 100%`,
+  );
 }
 
 /** Any trigger that writes back without `ulobdev flush`: then detach and a spinning disk flush too. */

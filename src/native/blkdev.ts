@@ -1,12 +1,13 @@
-// Block device ioctls (native/blkdev.cc): synchronous, they only read block layer state. A
-// non-device fd throws NativeError ENOTTY.
-import { addon, validateFd } from './addon.js';
+// Block device ioctls (native/blkdev.cc): synchronous, they only read block layer state, except
+// BLKZEROOUT (on the threadpool). A non-device fd throws NativeError ENOTTY.
+import { addon, validateFd, validateInteger } from './addon.js';
 
 interface BlkdevBinding {
   blkGetSize64(fd: number): number;
   blkFlsBuf(fd: number): void;
   blkSectorSize(fd: number): number;
   loopBacking(fd: number): { device: number; inode: number };
+  blkZeroOut(fd: number, offset: number, length: number): Promise<void>;
 }
 
 const binding = addon<BlkdevBinding>();
@@ -33,4 +34,16 @@ export function blkSectorSize(fd: number): number {
 export function loopBacking(fd: number): { device: number; inode: number } {
   validateFd(fd);
   return binding.loopBacking(fd);
+}
+
+/**
+ * BLKZEROOUT: [offset, offset + length) of the device reads as zeros afterwards (the device may
+ * zero it without data transfer: WRITE ZEROES, WRITE SAME). Both must be multiples of the logical
+ * sector size (EINVAL otherwise). Runs on the threadpool; durable after a flush of the device.
+ */
+export function blkZeroOut(fd: number, offset: number, length: number): Promise<void> {
+  validateFd(fd);
+  validateInteger(offset, 'offset');
+  validateInteger(length, 'length', 1, Number.MAX_SAFE_INTEGER - offset);
+  return binding.blkZeroOut(fd, offset, length);
 }

@@ -44,6 +44,11 @@ export class FileSource implements WritableSource {
     return this.#file.write(bounce, position);
   }
 
+  /** BLKZEROOUT on a disk, a punched hole in an image file, written zeros where neither works. */
+  zeroAt(position: number, length: number): Promise<void> {
+    return this.#file.zeroRange(position, length);
+  }
+
   sync(): Promise<void> {
     return this.#file.sync();
   }

@@ -17,6 +17,11 @@ export interface Source {
 /** A source the flusher can write dirty blocks back to. */
 export interface WritableSource extends Source {
   writeAt(buf: Uint8Array, position: number): Promise<void>;
+  /**
+   * Makes [position, position + length) read as zeros, cheaper than writing them where it can
+   * (BLKZEROOUT, a punched hole). Optional: the flusher writes zeros without it. Durable at sync().
+   */
+  zeroAt?(position: number, length: number): Promise<void>;
   /** Everything written before the call is on stable media (the disk's write cache flushed). */
   sync(): Promise<void>;
 }

@@ -24,6 +24,41 @@ export function parseCron(text: string): string {
   return expr;
 }
 
+/**
+ * --cache-size: 256M, 500G, or 25% (of the disk). At least 1 MiB; a percentage above 0 and at
+ * most 100.
+ */
+export function parseCacheSize(text: string): DirtyLimit {
+  const pct = /^\s*(\d+(?:\.\d+)?)\s*%\s*$/.exec(text);
+  if (pct) {
+    const percent = Number(pct[1]);
+    if (!(percent > 0 && percent <= 100)) throw new InvalidArgumentError(`--cache-size ${text}: a percentage must be above 0 and at most 100`);
+    return { percent };
+  }
+  let bytes: number;
+  try {
+    bytes = parseSize(text);
+  } catch {
+    throw new InvalidArgumentError(`--cache-size ${JSON.stringify(text)} is neither a size (256M, 500G) nor a percentage of the disk (25%)`);
+  }
+  if (bytes < 1 << 20) throw new InvalidArgumentError(`--cache-size ${text} is less than 1M; a cache budget needs at least a few eviction units (256K each)`);
+  return { bytes };
+}
+
+/** --eviction-unit: a power of two from 64K to 1M. */
+export function parseEvictionUnit(text: string): number {
+  let bytes: number;
+  try {
+    bytes = parseSize(text);
+  } catch {
+    throw new InvalidArgumentError(`--eviction-unit ${JSON.stringify(text)} is not a size (64K, 256K, 1M)`);
+  }
+  if (bytes < 65536 || bytes > 1 << 20 || (bytes & (bytes - 1)) !== 0) {
+    throw new InvalidArgumentError(`--eviction-unit ${text}: give a power of two from 64K to 1M`);
+  }
+  return bytes;
+}
+
 /** 512M, 2G, or 10% of the disk. */
 export function parseDirtyLimit(text: string): DirtyLimit {
   const pct = /^\s*(\d+(?:\.\d+)?)\s*%\s*$/.exec(text);
