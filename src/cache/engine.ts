@@ -104,6 +104,12 @@ export class CacheEngine {
   readonly #busy = new Map<number, Promise<void>>();
   /** In-flight writes and zeroings by block range, so an epoch can mark them rewritten. */
   readonly #writes = new Set<[number, number]>();
+  /**
+   * Blocks a read or write that had to wait needs to stay in the cache until it is done (count of
+   * such requests per block): never evicted meanwhile, or two of its units could push each other
+   * out for ever. Requests that find their blocks ready at once (hits) pin nothing.
+   */
+  readonly #pins = new Map<number, number>();
   /** Writes past #prepareWrite, writing the cache file now (a zeroing waits for them). */
   readonly #writing = new Set<[number, number]>();
   #writingWaiters: (() => void)[] = [];
@@ -430,20 +436,28 @@ export class CacheEngine {
   async #readInto(buf: Buffer, offset: number, first: number, end: number): Promise<void> {
     const store = this.store;
     let zeros: Extent[] | null = null;
+    let pinned = false;
     if (store.present.allSet(first, end)) {
       // The hit path: no allocation, no syscall but the read itself.
       this.#hits++;
       store.clock?.noteAccess(first, end);
     } else {
       let filled = false;
-      for (;;) {
-        const ready = this.#readable(first, end, true);
-        if (!(ready instanceof Promise)) {
-          zeros = ready;
-          break;
+      pinned = true;
+      this.#pin(first, end);
+      try {
+        for (;;) {
+          const ready = this.#readable(first, end, true);
+          if (!(ready instanceof Promise)) {
+            zeros = ready;
+            break;
+          }
+          filled = true;
+          await ready;
         }
-        filled = true;
-        await ready;
+      } catch (err) {
+        this.#unpin(first, end);
+        throw err;
       }
       // A miss is not a use: a unit filled and never hit again goes first (cache/clock.ts).
       if (filled) this.#misses++;
@@ -460,6 +474,7 @@ export class CacheEngine {
       await store.readData(buf, offset);
     } finally {
       this.#readDone(phase);
+      if (pinned) this.#unpin(first, end);
     }
     if (zeros) {
       const g = this.geometry;
@@ -576,8 +591,13 @@ export class CacheEngine {
     const range = this.geometry.blocksOf(offset, data.byteLength);
     this.#writes.add(range);
     this.#epoch?.markRewritten(range[0], range[1]);
+    let pinned = false;
     try {
-      const release = await this.#prepareWrite(offset, data.byteLength, range[0], range[1]);
+      const release = await this.#prepareWrite(offset, data.byteLength, range[0], range[1], () => {
+        // The write has to wait (a fill, an intent, room): keep what it prepared from eviction.
+        if (!pinned) this.#pin(range[0], range[1]);
+        pinned = true;
+      });
       let written = false;
       try {
         for (let attempt = 0; ; attempt++) {
@@ -602,18 +622,21 @@ export class CacheEngine {
       }
     } finally {
       this.#writes.delete(range);
+      if (pinned) this.#unpin(range[0], range[1]);
     }
   }
 
   /**
    * Brings every block of the write into a state where its data may change: dirty, staged, or
    * missing or zeroed but wholly overwritten (reserved and locked until the data is written).
-   * Returns the unlock, told whether the data was written.
+   * Calls `waiting` before the first time it has to wait. Returns the unlock, told whether the
+   * data was written.
    */
-  async #prepareWrite(offset: number, length: number, first: number, end: number): Promise<(written: boolean) => void> {
+  async #prepareWrite(offset: number, length: number, first: number, end: number, waiting: () => void): Promise<(written: boolean) => void> {
     const g = this.geometry;
     const store = this.store;
-    for (;;) {
+    for (let pass = 0; ; pass++) {
+      if (pass === 1) waiting();
       const waits: Promise<void>[] = [];
       let partial: number[] | null = null;
       let zeroPartial: number[] | null = null;
@@ -935,7 +958,7 @@ export class CacheEngine {
       for (const e of store.cleanBlocksOf(u)) {
         let run: Extent | null = null;
         for (let b = e.start; b < e.start + e.count; b++) {
-          if (this.#busy.has(b)) run = null;
+          if (this.#busy.has(b) || this.#pins.has(b)) run = null;
           else if (run && run.start + run.count === b) run.count++;
           else out.push((run = { start: b, count: 1 }));
         }
@@ -1001,6 +1024,18 @@ export class CacheEngine {
   }
 
   // --- helpers -------------------------------------------------------------------------------
+
+  #pin(first: number, end: number): void {
+    for (let b = first; b < end; b++) this.#pins.set(b, (this.#pins.get(b) ?? 0) + 1);
+  }
+
+  #unpin(first: number, end: number): void {
+    for (let b = first; b < end; b++) {
+      const n = this.#pins.get(b)! - 1;
+      if (n === 0) this.#pins.delete(b);
+      else this.#pins.set(b, n);
+    }
+  }
 
   /** Dirty and not present: reads as zeros. */
   #isZeroed(b: number): boolean {

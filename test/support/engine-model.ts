@@ -557,7 +557,8 @@ export function engineModelProperty(config: ModelConfig) {
  * ModelCase literal, to be kept as a named case next to the property.
  */
 export async function assertEngineModel(config: ModelConfig, runs: number): Promise<void> {
-  const details = await fc.check(engineModelProperty(config), { numRuns: runs });
+  // A run that hangs (a deadlock) fails after 30 s and is shrunk like any other failure.
+  const details = await fc.check(engineModelProperty(config), { numRuns: runs, timeout: 30_000 });
   if (!details.failed) return;
   const [steps, seed] = details.counterexample ?? [[], 0];
   const found = JSON.stringify({ seed, steps });
