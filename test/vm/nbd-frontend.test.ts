@@ -2,7 +2,7 @@
 // ext4 made, written, checked; detach and re-attach keep the files; after `ulobdev flush --wait`
 // the backing image equals what the device returned before the detach.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, ROOT, runInVm, type VmResult } from './vm.js';
+import { prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
 
 let run: VmResult;
 

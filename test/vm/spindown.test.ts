@@ -12,7 +12,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, ROOT, runInVm, type VmResult } from './vm.js';
+import { prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
 
 const DISK_BYTES = 32 << 20;
 const DATA_OFFSET = 3 << 20;

@@ -2,7 +2,7 @@
 // Misses fill through the engine, fio writes and verifies patterns, a filesystem is made, written,
 // checked, and the device detaches.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, ROOT, runInVm, type VmPaths, type VmResult } from './vm.js';
+import { prepareVm, ROOT, runInVm, type VmPaths, type VmResult } from '../support/vm.js';
 
 let vm: VmPaths;
 let run: VmResult;

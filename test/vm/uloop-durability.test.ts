@@ -6,7 +6,7 @@
 // written before that fsync (invariant 3 with 1 and 2: acknowledged + FLUSH survives, and no block
 // is present over data that was not synced).
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, ROOT, runInVm, type VmResult } from './vm.js';
+import { prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
 
 const MARKS = 4;
 let run: VmResult;
