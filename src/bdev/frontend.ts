@@ -18,6 +18,13 @@ export class ModuleMissingError extends UlobError {
   }
 }
 
+/** The kernel refused to load uloop.ko: an unsigned or unknown-key module under Secure Boot. */
+export class ModuleRejectedError extends UlobError {
+  constructor(message: string) {
+    super('ULOB_E_MODULE_REJECTED', message);
+  }
+}
+
 export function frontendKind(device: string): FrontendKind {
   if (/^\/dev\/loop\d+$/.test(device)) return 'loop';
   if (/^\/dev\/nbd\d+$/.test(device)) return 'nbd';

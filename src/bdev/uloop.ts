@@ -2,7 +2,9 @@
 // frontend is its daemon. It answers misses by filling through the engine, dirty intents with
 // store.markDirty (rule 3), and barriers by recording the bits the kernel reports after it synced
 // the cache file (rules 4-6).
-import { closeSync, existsSync, openSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
+import { release } from 'node:os';
 import { open } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { Bitmap } from '../cache/bitmap.js';
@@ -11,12 +13,50 @@ import { EngineClosedError } from '../errors.js';
 import type { Extent } from '../cache/layout.js';
 import * as native from '../native.js';
 import type { Frontend } from './frontend.js';
-import { ModuleMissingError } from './frontend.js';
+import { ModuleMissingError, ModuleRejectedError } from './frontend.js';
 
 export const ULOOP_CONTROL = '/dev/uloop-control';
 
+/**
+ * Makes sure /dev/uloop-control exists: when it does not, loads the installed module (DKMS puts it
+ * in /lib/modules/$(uname -r)/updates/dkms) with `modprobe uloop`, as a sysadmin would.
+ * Throws ModuleRejectedError when the kernel refuses the module's signature (Secure Boot:
+ * EKEYREJECTED, "Key was rejected by service", or lockdown's EPERM), ModuleMissingError when no
+ * module is installed for the running kernel or modprobe fails otherwise. Each message is one line
+ * saying what happened and pointing to docs/laptop.md.
+ */
 export function assertUloopModule(device: string): void {
-  if (!existsSync(ULOOP_CONTROL)) throw new ModuleMissingError(`${device} needs the uloop kernel module: build it with make -C kernel, then insmod kernel/uloop.ko`);
+  if (existsSync(ULOOP_CONTROL)) return;
+  const path = `${process.env.PATH ?? '/usr/bin:/bin'}:/usr/local/sbin:/usr/sbin:/sbin`;
+  const r = spawnSync('modprobe', ['uloop'], { encoding: 'utf8', env: { ...process.env, PATH: path }, timeout: 60_000 });
+  if (r.status === 0 && existsSync(ULOOP_CONTROL)) return;
+  const said = `${r.stderr ?? ''}`.trim().split('\n').pop() ?? '';
+  const kernel = release();
+  if (/Key was rejected by service/i.test(said)) {
+    throw new ModuleRejectedError(
+      `${device}: the kernel refused uloop.ko (Key was rejected by service: Secure Boot loads only modules signed with an enrolled key); enrol the DKMS key with mokutil --import and reboot, see docs/laptop.md "Secure Boot"`,
+    );
+  }
+  if (/Operation not permitted/i.test(said) && lockedDown()) {
+    throw new ModuleRejectedError(
+      `${device}: the kernel is in lockdown and refused the unsigned uloop.ko (${said}); sign it with the DKMS key and enrol that with mokutil --import, see docs/laptop.md "Secure Boot"`,
+    );
+  }
+  if (r.error || /not found/i.test(said) || r.status === 0) {
+    throw new ModuleMissingError(
+      `${device} needs the uloop kernel module, which is not installed for kernel ${kernel}: install it with DKMS or build it (make -C kernel && insmod kernel/uloop.ko), see docs/laptop.md; /dev/loopN and /dev/nbdN need no module of ours`,
+    );
+  }
+  throw new ModuleMissingError(`${device}: modprobe uloop failed (${said || `exit ${String(r.status)}`}); see docs/laptop.md`);
+}
+
+/** True when /sys/kernel/security/lockdown selects integrity or confidentiality. */
+function lockedDown(): boolean {
+  try {
+    return /\[(integrity|confidentiality)\]/.test(readFileSync('/sys/kernel/security/lockdown', 'utf8'));
+  } catch {
+    return false;
+  }
 }
 
 export interface UloopOptions {
