@@ -18,7 +18,7 @@ DEB_MIRROR=${ULOOP_DEB_MIRROR:-http://deb.debian.org/debian}
 DEB_SECURITY=${ULOOP_DEB_SECURITY:-http://deb.debian.org/debian-security}
 DEB_APT="$VM/apt"
 # What the module build root holds: gcc-14 and kbuild's tools (pahole for module BTF), and dkms.
-TRIXIE_BUILD_PACKAGES=gcc-14,make,libc6-dev,libelf-dev,bc,kmod,dwarves,dkms
+TRIXIE_BUILD_PACKAGES=gcc-14,make,libc6-dev,libelf-dev,bc,kmod,dwarves,dkms,openssl
 
 # apt-get/apt-cache with the private lists: our sources, our lists, our archive cache; the host's
 # /etc/apt/sources.list* and /var/lib/apt/lists are neither read nor written.
@@ -99,7 +99,12 @@ trixie_root() {
   local dir=$1 include=${2:-}
   if [ -f "$dir/.ulob-root" ] && [ "$(cat "$dir/.ulob-root")" = "$include" ]; then return 0; fi
   command -v debootstrap >/dev/null || { echo "debian.sh: debootstrap is missing (apt-get install debootstrap)" >&2; return 1; }
-  rm -rf "$dir" "$dir.tmp"
+  # Never delete through a live /proc, /sys or /dev bind mount of in_root.
+  if grep -qE " ($dir|$dir.tmp)/" /proc/mounts; then
+    echo "debian.sh: $dir has mounts inside (an in_root still running?); not replacing it" >&2
+    return 1
+  fi
+  rm -rf --one-file-system "$dir" "$dir.tmp"
   mkdir -p "$DEB_APT/debootstrap"
   echo "debian.sh: debootstrap trixie into $dir (+ $include)" >&2
   debootstrap --variant=minbase ${include:+--include="$include"} \
