@@ -23,7 +23,7 @@ describe('VM harness', () => {
     expect(r.output).toContain(vm.KVER);
     expect(r.output).toMatch(/^node v20/m);
     expect(r.splats).toEqual([]);
-  }, 300_000);
+  }, 900_000);
 
   it('fails a run whose guest kernel logs a splat, unless the test allows that splat', async () => {
     // A real one: a writer stuck in D state on a frozen ext4 (sb_start_write), with the hung-task

@@ -31,7 +31,7 @@ beforeAll(async () => {
     umount /tmp/m
     $U detach $D && echo "detached again"
   `, { timeoutMs: 120_000 });
-}, 300_000);
+}, 900_000);
 
 describe('ulobdev on /dev/nbdN (kernel NBD client)', () => {
   it('carries a filesystem through detach and re-attach; flush makes the backing image equal', () => {

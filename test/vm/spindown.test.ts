@@ -84,7 +84,7 @@ beforeAll(async () => {
   `,
     { ataDisks: [disk], files: { 'power.mjs': powerScript, 'data.bin': data }, timeoutMs: 180_000 },
   );
-}, 300_000);
+}, 900_000);
 
 afterAll(() => {
   if (dir) rmSync(dir, { recursive: true, force: true });

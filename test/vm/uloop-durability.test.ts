@@ -52,7 +52,7 @@ beforeAll(async () => {
       i=$((i+1))
     done
   `, { memoryMb: 1536, timeoutMs: 180_000 });
-}, 400_000);
+}, 900_000);
 
 describe('FLUSH durability on /dev/uloopN (dm-log-writes replay)', () => {
   it('at every fsync mark, the replayed cache holds every write acknowledged before it', () => {
