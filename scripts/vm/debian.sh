@@ -10,9 +10,18 @@
 #   deb_download DIR pkg...            # .debs into DIR (kept: a second call downloads nothing)
 #   deb_unpack DIR DEST pkg...         # download + dpkg-deb -x each into DEST
 #   trixie_root DIR pkg,pkg,...        # debootstrap --variant=minbase trixie DIR (cached by DIR)
+#   in_root DIR cmd...                 # chroot with /proc, /sys, /dev (CHROOT_BINDS for more)
+#
+# Or run it as a command (VM defaults to the project's .vm/; takes .vm/.lock as prepare.sh does):
+#   bash scripts/vm/debian.sh root .vm/trixie-boot systemd-sysv,udev,kmod
+#   bash scripts/vm/debian.sh download .vm/debs linux-image-6.12.118+deb13-amd64
+#   bash scripts/vm/debian.sh latest '^linux-image-7\.[0-9.]*\+deb13-amd64$' trixie-backports
 #
 # Every function logs to stderr and fails (returns non-zero under set -e) with one line saying why.
 
+if [ -z "${VM:-}" ] && [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  VM=$(cd "$(dirname "$0")/../.." && pwd)/.vm
+fi
 : "${VM:?debian.sh: set VM to the cache directory (.vm) first}"
 DEB_MIRROR=${ULOOP_DEB_MIRROR:-http://deb.debian.org/debian}
 DEB_SECURITY=${ULOOP_DEB_SECURITY:-http://deb.debian.org/debian-security}
@@ -130,3 +139,20 @@ in_root() {
   for m in "${mounted[@]}"; do umount -l "$m" || true; done
   return $rc
 }
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  set -euo pipefail
+  mkdir -p "$VM"
+  exec 9>"$VM/.lock"
+  flock 9
+  cmd=${1:-}
+  shift || true
+  case "$cmd" in
+    update) ULOOP_DEB_UPDATE=1 deb_update ;;
+    download) deb_update && deb_download "$@" ;;
+    unpack) deb_update && deb_unpack "$@" ;;
+    latest) deb_update && deb_latest "$@" ;;
+    root) trixie_root "$@" ;;
+    *) echo "usage: debian.sh update | download DIR PKG... | unpack DIR DEST PKG... | latest REGEX SUITE | root DIR [PKG,PKG,...]" >&2; exit 1 ;;
+  esac
+fi
