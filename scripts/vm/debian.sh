@@ -43,7 +43,7 @@ deb_apt() {
 # lists when they are missing or older than a day. ULOOP_DEB_UPDATE=1 forces a refresh.
 deb_update() {
   mkdir -p "$DEB_APT/lists/partial" "$DEB_APT/cache/archives/partial"
-  : >"$DEB_APT/status.tmp" && { [ -f "$DEB_APT/status" ] || mv "$DEB_APT/status.tmp" "$DEB_APT/status"; }
+  [ -f "$DEB_APT/status" ] || : >"$DEB_APT/status" # an empty dpkg status: nothing counts as installed
   local want
   want=$(cat <<EOF
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $DEB_MIRROR trixie main
