@@ -5,7 +5,7 @@
 // device's size) over the same kind of backing file, and optionally on ulobdev's NBD frontend
 // through nbd.ko (same cache).
 //
-//   node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--json PATH] [--keep]
+//   node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--perf] [--json PATH] [--keep]
 //
 // Boots the VM of the tests (scripts/vm/prepare.sh, scripts/vm/init) once. In the guest everything
 // lives on an ext4 filesystem on a brd RAM disk, so the numbers are CPU cost (of an emulated CPU),
@@ -37,6 +37,7 @@ try {
       keep: { type: 'boolean', default: false },
       kernel: { type: 'string', default: '6.12' },
       devices: { type: 'string', default: 'loop,loopbuf,uloop,writecache,bcache' },
+      perf: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
     strict: true,
@@ -46,14 +47,15 @@ try {
 }
 if (opts.help) {
   process.stdout.write(
-    'usage: node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--json PATH] [--keep]\n' +
+    'usage: node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--perf] [--json PATH] [--keep]\n' +
       '  --size     size of the device in MiB (suffix M; 64M to 512M; the guest RAM disk holds 5x)\n' +
       '  --seconds  fio time per workload and device (after 1 s of ramp)\n' +
       '  --json     where the JSON result goes (default bench/results/vm.json)\n' +
       '  --keep     keep the scratch directory (fio JSON, guest output) and print its path\n' +
       '  --kernel   guest kernel: 6.1, 6.12 (default) or newest (scripts/vm/prepare.sh)\n' +
       '  --devices  comma-separated rows: loop (dio, the reference, always run), loopbuf, uloop, nbd,\n' +
-      '             writecache, bcache (default: all but nbd)\n',
+      '             writecache, bcache (default: all but nbd)\n' +
+      '  --perf     profile the uloop and loop (dio) runs with perf in the guest (flat profile per workload)\n',
   );
   process.exit(0);
 }
@@ -94,12 +96,23 @@ if (!['6.1', '6.12', 'newest'].includes(opts.kernel)) fail('--kernel must be 6.1
 // so reads and writes are all hits and no write needs a dirty intent; the loop rows then run on
 // the very cache file they used; dm-writecache gets its own cache file, written through once so
 // that its reads hit too.
+// With --perf, the uloop and loop (dio) runs are sampled with perf (cpu-clock: TCG has no PMU; the
+// guest's userspace is the host's, so its perf_6.1 binary) and a flat profile by symbol goes to
+// /mnt/perf-TAG-WORKLOAD.txt: where the emulated CPU's time goes, kernel and module symbols included.
+const PROFILED = new Set(['uloop', 'loop']);
 const fioJobs = (dev, tag) =>
-  WORKLOADS.map(
-    (w) =>
+  WORKLOADS.map((w) => {
+    const fio =
       `fio --name=${w.key} --filename=${dev} --rw=${w.rw} --bs=${w.bs} --direct=1 --ioengine=libaio --iodepth=${QD} ` +
-      `--time_based --ramp_time=1 --runtime=${SECONDS} --randrepeat=0 --output-format=json --output=/mnt/fio-${tag}-${w.key}.json > /dev/null`,
-  ).join('\n');
+      `--time_based --ramp_time=1 --runtime=${SECONDS} --randrepeat=0 --output-format=json --output=/mnt/fio-${tag}-${w.key}.json > /dev/null`;
+    if (!opts.perf || !PROFILED.has(tag)) return fio;
+    const data = `/tmp/perf-${tag}-${w.key}.data`;
+    return (
+      `$PERF record -q -e cpu-clock -F 499 -a -g -o ${data} -- ${fio}\n` +
+      `$PERF report -i ${data} --stdio --no-children --sort sym --percent-limit 1 2>/dev/null | grep -v '^$' | grep -v '^#' | grep '%' | head -40 > /mnt/perf-${tag}-${w.key}.txt || true\n` +
+      `rm -f ${data}`
+    );
+  }).join('\n');
 
 const SECTIONS = {
   uloop: `
@@ -165,9 +178,11 @@ const ORDER = ['uloop', 'nbd', 'loop', 'loopbuf', 'writecache', 'bcache'];
 
 const script = `
 U="node ${ROOT}/dist/cli/ulobdev.js"
+PERF=$(ls /usr/bin/perf_* 2>/dev/null | tail -1)
+${opts.perf ? '[ -n "$PERF" ] || { echo "no perf_* binary on the host (apt install linux-perf)"; exit 1; }' : ''}
 step() { echo "== $1 $(cut -d' ' -f1 /proc/uptime)"; }
 modprobe brd rd_nr=1 rd_size=$(( ${SIZE_MB} * 1024 * 6 ))
-modprobe crc32c_generic || true; modprobe ext4; modprobe loop
+modprobe -q crc32c_generic || true; modprobe ext4; modprobe loop
 mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/ram0 && mkdir -p /tmp/r && mount /dev/ram0 /tmp/r
 R=/tmp/r; B=$R/disk.img; C=$R/c.cache; W=$R/wc.cache; K=$R/bcache.cache
 dd if=/dev/zero of=$B bs=1M count=${SIZE_MB} conv=fsync status=none
@@ -299,5 +314,13 @@ writeJson(opts.json, {
   guest: { steps, info },
   wallSeconds: Math.round(wallMs / 1000),
 });
+if (opts.perf) {
+  for (const d of DEVICES.filter((x) => PROFILED.has(x.key))) {
+    for (const w of WORKLOADS) {
+      const text = read(`perf-${d.key}-${w.key}.txt`);
+      if (text) process.stdout.write(`\n--- perf, ${d.title}, ${w.title}: share of samples by symbol (all CPUs) ---\n${text}`);
+    }
+  }
+}
 if (opts.keep) process.stderr.write(`bench/vm.js: scratch kept in ${scratch}\n`);
 else rmSync(scratch, { recursive: true, force: true });

@@ -18,7 +18,7 @@ describe.each(kernels.filter((k) => KERNEL_SERIES.includes(k)))('uloop.ko smoke 
       `
       U="node ${ROOT}/dist/cli/ulobdev.js"; D=/dev/uloop0
       uname -r
-      modprobe crc32c_generic || true; modprobe ext4
+      modprobe -q crc32c_generic || true; modprobe ext4
       insmod ${vm.ULOOP_KO} && echo "insmod ok"
       head -c 8M /dev/urandom > /tmp/disk.img && truncate -s 64M /tmp/disk.img
       $U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --daemon $D /tmp/disk.img > /dev/null

@@ -12,7 +12,7 @@ beforeAll(async () => {
   run = await runInVm(`
     U="node ${ROOT}/dist/cli/ulobdev.js"
     insmod ${vm.ULOOP_KO}
-    modprobe crc32c_generic; modprobe ext4
+    modprobe -q crc32c_generic || true; modprobe ext4
     head -c 8M /dev/urandom > /tmp/disk.img && truncate -s 64M /tmp/disk.img
     $U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --daemon /dev/uloop0 /tmp/disk.img
     dd if=/dev/uloop0 of=/tmp/r bs=1M count=8 iflag=direct status=none

@@ -16,7 +16,7 @@ beforeAll(async () => {
   run = await runInVm(`
     U="node ${ROOT}/dist/cli/ulobdev.js"; D=/dev/uloop0; R=${vm.LOG_REPLAY}
     insmod ${vm.ULOOP_KO}
-    modprobe crc32c_generic; modprobe ext4; modprobe loop; modprobe dm-log-writes
+    modprobe -q crc32c_generic || true; modprobe ext4; modprobe loop; modprobe dm-log-writes
     head -c 16M /dev/urandom > /tmp/disk.img && cp /tmp/disk.img /tmp/expect
     truncate -s 64M /tmp/data.img && truncate -s 512M /tmp/log.img
     DD=$(losetup -f --show /tmp/data.img); LD=$(losetup -f --show /tmp/log.img)
