@@ -9,45 +9,29 @@ import { open } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { Bitmap } from '../cache/bitmap.js';
 import type { CacheEngine } from '../cache/engine.js';
-import { EngineClosedError } from '../errors.js';
+import { EngineClosedError, InternalError } from '../errors.js';
 import type { Extent } from '../cache/layout.js';
-import * as native from '../native.js';
+import * as native from '../native/uloop.js';
 import type { Frontend } from './frontend.js';
-import { ModuleMissingError, ModuleRejectedError } from './frontend.js';
-
-export const ULOOP_CONTROL = '/dev/uloop-control';
+import { moduleMissing, moduleRejected, uloopError } from './uloop-errors.js';
 
 /**
  * Makes sure /dev/uloop-control exists: when it does not, loads the installed module (DKMS puts it
  * in /lib/modules/$(uname -r)/updates/dkms) with `modprobe uloop`, as a sysadmin would.
- * Throws ModuleRejectedError when the kernel refuses the module's signature (Secure Boot:
- * EKEYREJECTED, "Key was rejected by service", or lockdown's EPERM), ModuleMissingError when no
- * module is installed for the running kernel or modprobe fails otherwise. Each message is one line
- * saying what happened and pointing to docs/laptop.md.
+ * Throws ModuleRejectedError when the kernel refuses the module's signature (Secure Boot), and
+ * ModuleMissingError when no module is installed for the running kernel or modprobe fails otherwise;
+ * each message is one line pointing to docs/laptop.md.
  */
 export function assertUloopModule(device: string): void {
-  if (existsSync(ULOOP_CONTROL)) return;
+  if (existsSync(native.ULOOP_CONTROL)) return;
   const path = `${process.env.PATH ?? '/usr/bin:/bin'}:/usr/local/sbin:/usr/sbin:/sbin`;
   const r = spawnSync('modprobe', ['uloop'], { encoding: 'utf8', env: { ...process.env, PATH: path }, timeout: 60_000 });
-  if (r.status === 0 && existsSync(ULOOP_CONTROL)) return;
+  if (r.status === 0 && existsSync(native.ULOOP_CONTROL)) return;
   const said = `${r.stderr ?? ''}`.trim().split('\n').pop() ?? '';
-  const kernel = release();
-  if (/Key was rejected by service/i.test(said)) {
-    throw new ModuleRejectedError(
-      `${device}: the kernel refused uloop.ko (Key was rejected by service: Secure Boot loads only modules signed with an enrolled key); enrol the DKMS key with mokutil --import and reboot, see docs/laptop.md "Secure Boot"`,
-    );
-  }
-  if (/Operation not permitted/i.test(said) && lockedDown()) {
-    throw new ModuleRejectedError(
-      `${device}: the kernel is in lockdown and refused the unsigned uloop.ko (${said}); sign it with the DKMS key and enrol that with mokutil --import, see docs/laptop.md "Secure Boot"`,
-    );
-  }
-  if (r.error || /not found/i.test(said) || r.status === 0) {
-    throw new ModuleMissingError(
-      `${device} needs the uloop kernel module, which is not installed for kernel ${kernel}: install it with DKMS or build it (make -C kernel && insmod kernel/uloop.ko), see docs/laptop.md; /dev/loopN and /dev/nbdN need no module of ours`,
-    );
-  }
-  throw new ModuleMissingError(`${device}: modprobe uloop failed (${said || `exit ${String(r.status)}`}); see docs/laptop.md`);
+  const rejected = moduleRejected(device, said, lockedDown());
+  if (rejected) throw rejected;
+  if (r.error || /not found/i.test(said) || r.status === 0) throw moduleMissing(device, `not installed for kernel ${release()}`);
+  throw moduleMissing(device, `modprobe uloop: ${said || `exit ${String(r.status)}`}`);
 }
 
 /** True when /sys/kernel/security/lockdown selects integrity or confidentiality. */
@@ -73,13 +57,23 @@ export async function attachUloop(options: UloopOptions): Promise<Frontend> {
   const store = engine.store;
   const { blockSize, blockCount } = engine.geometry;
   const want = Number(options.device.slice('/dev/uloop'.length));
-  const ctl = native.uloopOpen();
+  const request = { device: options.device, size: engine.size, blockSize, cache: store.paths.cache };
+  let ctl: number;
+  try {
+    ctl = native.uloopOpen();
+  } catch (err) {
+    throw uloopError('open', err, request);
+  }
   let cache = -1;
   let index: number;
   try {
     cache = openSync(store.paths.cache, options.readOnly ? 'r' : 'r+');
     const flags = options.readOnly ? 0 : native.ULOOP_F_WRITEBACK;
-    index = native.uloopAdd(ctl, cache, engine.size, blockSize, flags, store.present.buffer, store.dirty.buffer, want);
+    try {
+      index = native.uloopAdd(ctl, cache, engine.size, blockSize, flags, store.present.buffer, store.dirty.buffer, want);
+    } catch (err) {
+      throw uloopError('ADD', err, request);
+    }
   } catch (err) {
     if (cache >= 0) closeSync(cache);
     closeSync(ctl);
@@ -116,11 +110,11 @@ export async function attachUloop(options: UloopOptions): Promise<Frontend> {
         return;
       }
       default:
-        throw new Error(`unknown uloop message type ${m.type}`);
+        throw new InternalError(`unknown uloop message type ${m.type}`);
     }
   };
 
-  const watch = native.uloopWatch(ctl, (err, msgs) => {
+  const watch = new native.UloopWatch(ctl, (err, msgs) => {
     if (err) {
       logger.error({ err }, 'uloop request channel failed');
       return;

@@ -129,7 +129,7 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
 
   it('the kernel module frontends without their module', async () => {
     s = scratch('ulob-cli-');
-    await expectRefused([...cacheArgs(), '/dev/uloop0', makeDisk('disk.img')], /needs the uloop kernel module, which is not installed for kernel .*docs\/laptop\.md/);
+    await expectRefused([...cacheArgs(), '/dev/uloop0', makeDisk('disk.img')], /needs the uloop kernel module \(not installed for kernel .*\): install it with DKMS.*docs\/laptop\.md/);
     const nbd = sh('sh', ['-c', 'test -e /sys/module/nbd']).status === 0;
     if (!nbd) await expectRefused([...cacheArgs(), '/dev/nbd0', makeDisk('disk.img')], /nbd kernel module is not loaded; run 'modprobe nbd'/);
   });

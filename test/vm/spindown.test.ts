@@ -25,7 +25,7 @@ let run: VmResult;
 const powerScript = `
 import { openSync, constants as c } from 'node:fs';
 import { DiskPower, ataPassThrough16, decodeAtaReturn, ATA } from '${ROOT}/dist/writeback/power.js';
-import { ataSgIo, hdioDriveCmd } from '${ROOT}/dist/native.js';
+import { ataSgIo, hdioDriveCmd } from '${ROOT}/dist/native/power.js';
 const dev = process.argv[2];
 const warnings = [];
 const logger = { warn: (m) => warnings.push(m), info() {}, error() {}, debug() {} };
