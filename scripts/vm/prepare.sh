@@ -161,6 +161,7 @@ if [ -z "${ULOOP_VM_NO_MODULE:-}" ] && [ -f "$ROOT/kernel/uloop.c" ]; then
   echo "$log" >"$KDIR/uloop-build.log"
   if grep -E 'warning:|error:' "$KDIR/uloop-build.log" | grep -v 'pahole version' >&2; then
     echo "prepare: uloop.c builds with warnings against $KVER (full log: $KDIR/uloop-build.log)" >&2
+    rm -f "$BUILD"/*.o "$BUILD"/*.ko # so that the next run compiles (and warns) again
     exit 1
   fi
 fi
