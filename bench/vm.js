@@ -97,7 +97,7 @@ if (!['6.1', '6.12', 'newest'].includes(opts.kernel)) fail('--kernel must be 6.1
 // the very cache file they used; dm-writecache gets its own cache file, written through once so
 // that its reads hit too.
 // With --perf, the uloop and loop (dio) runs are sampled with perf (cpu-clock: TCG has no PMU; the
-// guest's userspace is the host's, so its perf_6.1 binary) and a flat profile by symbol goes to
+// guest's userspace is the host's, so its perf) and a flat profile by symbol goes to
 // /mnt/perf-TAG-WORKLOAD.txt: where the emulated CPU's time goes, kernel and module symbols included.
 const PROFILED = new Set(['uloop', 'loop']);
 const fioJobs = (dev, tag) =>
@@ -179,8 +179,8 @@ const ORDER = ['uloop', 'nbd', 'loop', 'loopbuf', 'writecache', 'bcache'];
 
 const script = `
 U="node ${ROOT}/dist/cli/ulobdev.js"
-PERF=$(ls /usr/bin/perf_* 2>/dev/null | tail -1)
-${opts.perf ? '[ -n "$PERF" ] || { echo "no perf_* binary on the host (apt install linux-perf)"; exit 1; }' : ''}
+PERF=$(ls /usr/bin/perf_* 2>/dev/null | tail -1); [ -n "$PERF" ] || PERF=$(command -v perf || true)
+${opts.perf ? '[ -n "$PERF" ] || { echo "no perf on the host (apt install linux-perf)"; exit 1; }' : ''}
 step() { echo "== $1 $(cut -d' ' -f1 /proc/uptime)"; }
 modprobe brd rd_nr=1 rd_size=$(( ${SIZE_MB} * 1024 * 6 ))
 modprobe -q crc32c_generic || true; modprobe ext4; modprobe loop
