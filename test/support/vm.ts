@@ -63,6 +63,7 @@ export interface VmResult {
 export interface RunOptions {
   /** Which kernel to boot (default: defaultKernel()). */
   kernel?: KernelSeries;
+  /** Wall time before qemu is killed (default 480 s: a loaded 2-core host slows TCG guests several-fold). */
   timeoutMs?: number;
   memoryMb?: number;
   cpus?: number;
@@ -175,7 +176,7 @@ export async function runInVm(script: string, options: RunOptions = {}): Promise
   const timer = setTimeout(() => {
     timedOut = true;
     qemu.kill('SIGKILL');
-  }, options.timeoutMs ?? 240_000);
+  }, options.timeoutMs ?? 480_000);
   await new Promise<void>((r) => qemu.on('close', () => r()));
   clearTimeout(timer);
   const ms = Date.now() - started;
