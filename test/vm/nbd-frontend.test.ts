@@ -30,7 +30,7 @@ beforeAll(async () => {
     mount -o ro $D /tmp/m && cmp /tmp/f1 /tmp/m/f1 && cmp /tmp/f2 /tmp/m/d/f2 && echo "files verified after re-attach"
     umount /tmp/m
     $U detach $D && echo "detached again"
-  `, { timeoutMs: 120_000 });
+  `, { timeoutMs: 480_000 });
 }, 900_000);
 
 describe('ulobdev on /dev/nbdN (kernel NBD client)', () => {

@@ -82,7 +82,7 @@ beforeAll(async () => {
     $U detach /dev/loop0 && echo detached
     cat /run/ulobdev/loop0.log
   `,
-    { ataDisks: [disk], files: { 'power.mjs': powerScript, 'data.bin': data }, timeoutMs: 180_000 },
+    { ataDisks: [disk], files: { 'power.mjs': powerScript, 'data.bin': data }, timeoutMs: 480_000 },
   );
 }, 900_000);
 

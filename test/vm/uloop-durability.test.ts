@@ -51,7 +51,7 @@ beforeAll(async () => {
       $U detach /dev/uloop1 > /dev/null; umount /tmp/rp; losetup -d $S
       i=$((i+1))
     done
-  `, { memoryMb: 1536, timeoutMs: 180_000 });
+  `, { memoryMb: 1536, timeoutMs: 480_000 });
 }, 900_000);
 
 describe('FLUSH durability on /dev/uloopN (dm-log-writes replay)', () => {
