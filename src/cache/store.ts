@@ -269,9 +269,9 @@ export class CacheStore {
    */
   clearFlushed(extents: readonly Extent[]): void {
     this.#assertUsable();
-    const next = this.dirty.clone();
-    for (const e of extents) next.clearRange(e.start, e.start + e.count);
-    this.#guard(() => this.#meta.replaceDirty(next.runs(), this.#meta.info.flushEpoch + 1));
+    // The remaining set is computed from the runs, not a copy of the bitmap: a copy is 512 MiB on
+    // a 16 TiB disk of 4 KiB blocks.
+    this.#guard(() => this.#meta.replaceDirty(subtractExtents(this.dirty.runs(), extents), this.#meta.info.flushEpoch + 1));
     for (const e of extents) this.dirty.clearRange(e.start, e.start + e.count);
   }
 
@@ -374,6 +374,23 @@ export class CacheStore {
       this.#failed ??= err as Error;
       throw err;
     }
+  }
+}
+
+/** The parts of sorted, disjoint `runs` outside `remove` (any order, may overlap). */
+export function* subtractExtents(runs: Iterable<Extent>, remove: readonly Extent[]): Generator<Extent> {
+  const cut = [...remove].filter((e) => e.count > 0).sort((a, b) => a.start - b.start);
+  let i = 0;
+  for (const run of runs) {
+    let start = run.start;
+    const end = run.start + run.count;
+    while (i < cut.length && cut[i]!.start + cut[i]!.count <= start) i++;
+    for (let j = i; j < cut.length && cut[j]!.start < end && start < end; j++) {
+      const c = cut[j]!;
+      if (c.start > start) yield { start, count: c.start - start };
+      start = Math.max(start, c.start + c.count);
+    }
+    if (start < end) yield { start, count: end - start };
   }
 }
 
