@@ -40,6 +40,20 @@ Napi::Value BlkSectorSize(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, size);
 }
 
+// blkPhysicalSectorSize(fd) -> number (physical block size in bytes: the unit the disk writes
+// without a read-modify-write, 4096 on a 512e disk whose logical sectors are 512)
+Napi::Value BlkPhysicalSectorSize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!ArgFd(info, 0, &fd)) return Napi::Value();
+  unsigned int size = 0;
+  if (ioctl(fd, BLKPBSZGET, &size) < 0) {
+    ThrowErrno(env, errno, "ioctl(BLKPBSZGET)");
+    return Napi::Value();
+  }
+  return Napi::Number::New(env, size);
+}
+
 // blkFlsBuf(fd) -> undefined
 Napi::Value BlkFlsBuf(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -76,6 +90,7 @@ Napi::Value LoopBacking(const Napi::CallbackInfo& info) {
 bool InitBlkdev(Napi::Env env, Napi::Object exports) {
   return Export<BlkGetSize64>(env, exports, "blkGetSize64") &&
          Export<BlkSectorSize>(env, exports, "blkSectorSize") &&
+         Export<BlkPhysicalSectorSize>(env, exports, "blkPhysicalSectorSize") &&
          Export<BlkFlsBuf>(env, exports, "blkFlsBuf") &&
          Export<LoopBacking>(env, exports, "loopBacking");
 }

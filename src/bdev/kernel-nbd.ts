@@ -13,6 +13,8 @@ export interface NbdAttachOptions {
   readOnly: boolean;
   /** Connections nbd-client opens (the server advertises multi-conn). */
   connections?: number;
+  /** Logical sector size of /dev/nbdN (nbd-client -b: 512 to 4096): the disk's. Default 512. */
+  sectorSize?: number;
 }
 
 /** Refuses when the nbd module is missing or the device is connected; returns its sysfs directory. */
@@ -35,7 +37,8 @@ export async function attachNbdDevice(options: NbdAttachOptions): Promise<Fronte
   await run('nbd-client', [
     '-unix', options.socket, device,
     '-N', options.exportName,
-    '-b', '4096',
+    // The kernel client sets the logical and physical block size to this one value.
+    '-b', String(options.sectorSize ?? 512),
     '-connections', String(options.connections ?? 4),
     ...(options.readOnly ? ['-readonly'] : []),
   ]);

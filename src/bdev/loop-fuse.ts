@@ -19,6 +19,8 @@ export interface LoopAttachOptions {
   runDir: string;
   readOnly: boolean;
   logger: Logger;
+  /** Logical sector size the loop device presents (losetup --sector-size): the disk's. Default 512. */
+  sectorSize?: number;
 }
 
 const READY_TIMEOUT_MS = 15_000;
@@ -60,7 +62,9 @@ export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> 
   try {
     await waitForReady(pidfile, fuse.exited, fuse.stderr);
     // Direct I/O: the device's own page cache is the only copy in memory, not also the FUSE file's.
-    await run('losetup', ['--direct-io=on', ...(options.readOnly ? ['-r'] : []), device, file]);
+    // The disk's logical sector size, so a filesystem made on the device mounts on the bare disk.
+    // The loop driver sets the physical block size to the same value; it has no separate knob.
+    await run('losetup', ['--direct-io=on', '--sector-size', String(options.sectorSize ?? 512), ...(options.readOnly ? ['-r'] : []), device, file]);
   } catch (err) {
     detaching = true;
     await run('fusermount3', ['-u', mountDir]).catch(() => undefined);

@@ -39,6 +39,8 @@ export interface OpenStoreOptions {
   mode: CacheMode;
   /** Block size for a new cache; for an existing one it must match if given. */
   blockSize?: number;
+  /** Block size of a new cache when `blockSize` is not given (default 4 KiB); never checked against an existing one. */
+  defaultBlockSize?: number;
   storage?: Storage;
   metadata?: MetadataFactory;
 }
@@ -106,7 +108,7 @@ export class CacheStore {
           );
         }
       }
-      const blockSize = options.blockSize ?? 4096;
+      const blockSize = options.blockSize ?? options.defaultBlockSize ?? 4096;
       meta = factory.create(
         paths.metadata,
         { uuid: randomUUID(), blockSize, backingSize: backing.size, backingId: backing.id },

@@ -5,9 +5,10 @@ import { dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths } from '../cache/store.js';
+import { DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE } from '../cache/layout.js';
 import { InvalidArgumentError, NotRootError, ReadOnlyError } from '../errors.js';
 import { RUN_DIR, STATE_DIR } from '../paths.js';
-import { isWritable, type Source } from '../source/source.js';
+import { isWritable, type SectorSize, type Source } from '../source/source.js';
 import { defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/kernel-nbd.js';
@@ -67,6 +68,8 @@ export interface DeviceStatus {
   backing: string;
   mode: string;
   size: number;
+  /** The device's logical and physical sector sizes (the disk's; 512 for files and URLs). */
+  sectorSize: SectorSize;
   blockSize: number;
   cachedBytes: number;
   cacheFillPercent: number;
@@ -158,6 +161,11 @@ export class Daemon {
     try {
       const source = await options.openSource({ writable: options.writeback });
       undo.push(() => source.close());
+      // Cache blocks are whole sectors of the disk: a new cache on a disk with sectors larger than
+      // 4 KiB gets blocks of one sector; an explicit smaller --block-size is refused here, before
+      // anything is created, and an existing cache's block size after it is opened (below).
+      const sectorSize = source.sectorSize ?? { logical: 512, physical: 512 };
+      assertSectorFits(sectorSize, options.blockSize ?? DEFAULT_BLOCK_SIZE, source.description, options.blockSize === undefined);
       const paths = cachePaths(options, source.id);
       await fsp.mkdir(dirname(paths.cache), { recursive: true, mode: 0o700 });
       await fsp.mkdir(dirname(paths.bitmap), { recursive: true, mode: 0o700 });
@@ -166,8 +174,11 @@ export class Daemon {
         backing: source,
         mode: options.writeback ? 'writeback' : 'readonly',
         blockSize: options.blockSize,
+        defaultBlockSize: Math.max(DEFAULT_BLOCK_SIZE, sectorSize.logical),
       });
       if (store.recoveredFromCrash) logger.warn('the cache was not closed cleanly last time; recovered its dirty set from the metadata');
+      undo.push(() => store.close());
+      assertSectorFits(sectorSize, store.geometry.blockSize, source.description, false);
       const policy = options.writebackPolicy ?? {};
       // Reads of the source (misses, hydration) mean the disk spins: a chance to flush for free.
       let onDiskRead = () => undefined as void;
@@ -223,7 +234,16 @@ export class Daemon {
       }
 
       await fsp.mkdir(runDir, { recursive: true, mode: 0o700 });
-      const server = new NbdServer({ backend: engine, exportName: EXPORT_NAME, description: `ulobdev cache of ${source.description}`, logger });
+      // NBD block size constraints: clients align to the disk's logical sector at least, and to its
+      // physical one (never below a page) for speed.
+      const server = new NbdServer({
+        backend: engine,
+        exportName: EXPORT_NAME,
+        description: `ulobdev cache of ${source.description}`,
+        logger,
+        minBlockSize: sectorSize.logical,
+        preferredBlockSize: Math.max(4096, sectorSize.physical),
+      });
       const address = kind === 'serve' ? parseNbdUrl(options.device) : { path: join(runDir, 'nbd.sock') };
       await server.listen(address);
       undo.push(() => server.close());
@@ -231,8 +251,8 @@ export class Daemon {
       const readOnly = !options.writeback;
       const socket = 'path' in address ? address.path : '';
       let frontend: Frontend;
-      if (kind === 'loop') frontend = await attachLoop({ device: options.device, socket, runDir, readOnly, logger });
-      else if (kind === 'nbd') frontend = await attachNbdDevice({ device: options.device, socket, exportName: EXPORT_NAME, readOnly });
+      if (kind === 'loop') frontend = await attachLoop({ device: options.device, socket, runDir, readOnly, logger, sectorSize: sectorSize.logical });
+      else if (kind === 'nbd') frontend = await attachNbdDevice({ device: options.device, socket, exportName: EXPORT_NAME, readOnly, sectorSize: sectorSize.logical });
       else if (kind === 'uloop') frontend = await attachUloop({ device: options.device, engine, readOnly, logger });
       else frontend = { kind: 'serve', device: options.device, detach: async () => undefined };
       undo.push(() => frontend.detach());
@@ -267,6 +287,7 @@ export class Daemon {
       backing: this.#source.description,
       mode: s.mode,
       size: s.size,
+      sectorSize: this.#source.sectorSize ?? { logical: 512, physical: 512 },
       blockSize: s.blockSize,
       cachedBytes,
       cacheFillPercent: Math.round((s.presentBlocks / s.blocks) * 1000) / 10,
@@ -392,6 +413,7 @@ function observeReads(source: Source, onRead: () => void): Source {
     size: source.size,
     id: source.id,
     description: source.description,
+    sectorSize: source.sectorSize,
     readAt: (buf, position) => {
       onRead();
       return source.readAt(buf, position);
@@ -403,6 +425,25 @@ function observeReads(source: Source, onRead: () => void): Source {
     Object.assign(wrapped, { writeAt: source.writeAt.bind(source), sync: source.sync.bind(source) });
   }
   return wrapped;
+}
+
+/**
+ * Refuses a cache whose blocks are not whole logical sectors of the disk (a disk with 8 KiB
+ * sectors under 4 KiB blocks): direct I/O to it would fail on every block.
+ */
+function assertSectorFits(sectorSize: SectorSize, blockSize: number, description: string, defaulted: boolean): void {
+  const { logical, physical } = sectorSize;
+  const valid = (n: number) => Number.isSafeInteger(n) && n >= 512 && n <= MAX_BLOCK_SIZE && (n & (n - 1)) === 0;
+  if (!valid(logical) || !valid(physical) || physical < logical) {
+    throw new InvalidArgumentError(
+      `${description} reports sectors of ${logical} (logical) and ${physical} (physical) bytes; expected powers of two from 512 to 1 MiB, physical at least logical`,
+    );
+  }
+  if (!defaulted && blockSize % logical !== 0) {
+    throw new InvalidArgumentError(
+      `${description} has ${logical}-byte sectors but the cache has ${blockSize}-byte blocks; a cache block must be whole sectors (a new cache: --block-size ${logical / 1024}K or more)`,
+    );
+  }
 }
 
 /** Any trigger that writes back without `ulobdev flush`: then detach and a spinning disk flush too. */

@@ -6,6 +6,7 @@ interface BlkdevBinding {
   blkGetSize64(fd: number): number;
   blkFlsBuf(fd: number): void;
   blkSectorSize(fd: number): number;
+  blkPhysicalSectorSize(fd: number): number;
   loopBacking(fd: number): { device: number; inode: number };
 }
 
@@ -27,6 +28,12 @@ export function blkFlsBuf(fd: number): void {
 export function blkSectorSize(fd: number): number {
   validateFd(fd);
   return binding.blkSectorSize(fd);
+}
+
+/** BLKPBSZGET: the physical block size in bytes (4096 on a 512e disk, whose logical sectors are 512). */
+export function blkPhysicalSectorSize(fd: number): number {
+  validateFd(fd);
+  return binding.blkPhysicalSectorSize(fd);
 }
 
 /** LOOP_GET_STATUS64: dev_t and inode of a loop device's backing file, without touching it. */

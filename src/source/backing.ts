@@ -6,7 +6,8 @@ import { DeviceBusyError, InvalidArgumentError, ioError } from '../errors.js';
 import { posixStorage } from '../storage/posix-storage.js';
 import type { Storage } from '../storage/storage.js';
 import { FileSource } from './file-source.js';
-import { loopBacking } from '../native/blkdev.js';
+import { blkPhysicalSectorSize, blkSectorSize, loopBacking } from '../native/blkdev.js';
+import { fdOf } from '../storage/posix-storage.js';
 import { exists, listDir, majorMinor, mountsByDevice, readTrim } from '../sys.js';
 
 export { majorMinor };
@@ -40,7 +41,10 @@ export async function openBacking(path: string, options: OpenBackingOptions): Pr
     }
     const size = await file.size();
     const id = await blockDeviceIdentity(majMin);
-    return new FileSource(file, { id, size, direct: true, description: fullPath });
+    const fd = fdOf(file);
+    // Through another Storage (tests) there are no ioctls: the sizes of a plain disk then.
+    const sectorSize = fd === undefined ? { logical: 512, physical: 512 } : { logical: blkSectorSize(fd), physical: blkPhysicalSectorSize(fd) };
+    return new FileSource(file, { id, size, direct: true, description: fullPath, sectorSize });
   }
   if (st.isFile()) {
     const loop = await loopDeviceBoundTo(fullPath, st);
