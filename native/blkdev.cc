@@ -85,6 +85,27 @@ Napi::Value LoopBacking(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// loopClearAutoclear(fd) -> boolean: turns off LO_FLAGS_AUTOCLEAR, which LOOP_CLR_FD sets instead
+// of unbinding while the device is still open; true if it was set. A detach that then finds the
+// device open takes its LOOP_CLR_FD back this way, so the device stays bound.
+Napi::Value LoopClearAutoclear(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!ArgFd(info, 0, &fd)) return Napi::Value();
+  struct loop_info64 li = {};
+  if (ioctl(fd, LOOP_GET_STATUS64, &li) < 0) {
+    ThrowErrno(env, errno, "ioctl(LOOP_GET_STATUS64)");
+    return Napi::Value();
+  }
+  if (!(li.lo_flags & LO_FLAGS_AUTOCLEAR)) return Napi::Boolean::New(env, false);
+  li.lo_flags &= ~static_cast<__u32>(LO_FLAGS_AUTOCLEAR);
+  if (ioctl(fd, LOOP_SET_STATUS64, &li) < 0) {
+    ThrowErrno(env, errno, "ioctl(LOOP_SET_STATUS64)");
+    return Napi::Value();
+  }
+  return Napi::Boolean::New(env, true);
+}
+
 }  // namespace
 
 bool InitBlkdev(Napi::Env env, Napi::Object exports) {
@@ -92,7 +113,8 @@ bool InitBlkdev(Napi::Env env, Napi::Object exports) {
          Export<BlkSectorSize>(env, exports, "blkSectorSize") &&
          Export<BlkPhysicalSectorSize>(env, exports, "blkPhysicalSectorSize") &&
          Export<BlkFlsBuf>(env, exports, "blkFlsBuf") &&
-         Export<LoopBacking>(env, exports, "loopBacking");
+         Export<LoopBacking>(env, exports, "loopBacking") &&
+         Export<LoopClearAutoclear>(env, exports, "loopClearAutoclear");
 }
 
 }  // namespace ulob

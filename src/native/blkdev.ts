@@ -8,6 +8,7 @@ interface BlkdevBinding {
   blkSectorSize(fd: number): number;
   blkPhysicalSectorSize(fd: number): number;
   loopBacking(fd: number): { device: number; inode: number };
+  loopClearAutoclear(fd: number): boolean;
 }
 
 const binding = addon<BlkdevBinding>();
@@ -40,4 +41,13 @@ export function blkPhysicalSectorSize(fd: number): number {
 export function loopBacking(fd: number): { device: number; inode: number } {
   validateFd(fd);
   return binding.loopBacking(fd);
+}
+
+/**
+ * Turns off a loop device's autoclear flag (LOOP_GET/SET_STATUS64), which LOOP_CLR_FD sets instead
+ * of unbinding while the device is open; true if it was set. Needs CAP_SYS_ADMIN.
+ */
+export function loopClearAutoclear(fd: number): boolean {
+  validateFd(fd);
+  return binding.loopClearAutoclear(fd);
 }
