@@ -161,3 +161,11 @@ async function openersOf(devs: ReadonlySet<string>, ignore: ReadonlySet<number>)
   }
   return found;
 }
+
+/**
+ * For crash tests: SIGKILLs this process at the named point of its work when the environment
+ * variable ULOBDEV_CRASH_AT names it (test/integration/crash-leftovers.test.ts). No-op otherwise.
+ */
+export function crashPoint(name: string): void {
+  if (process.env.ULOBDEV_CRASH_AT === name) process.kill(process.pid, 'SIGKILL');
+}

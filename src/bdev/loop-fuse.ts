@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { DeviceBusyError, FuseError, InvalidArgumentError } from '../errors.js';
 import { loopClearAutoclear } from '../native/blkdev.js';
-import { blockDeviceUsers, exists, isMountpoint, readTrim, sleep } from '../sys.js';
+import { blockDeviceUsers, crashPoint, exists, isMountpoint, readTrim, sleep } from '../sys.js';
 import { assertReleasable, showPartitions } from './partitions.js';
 import { run, start } from './programs.js';
 import type { Frontend } from './frontend.js';
@@ -63,6 +63,7 @@ export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> 
   });
   try {
     await waitForReady(pidfile, fuse.exited, fuse.stderr);
+    crashPoint('attach:fuse');
     // Direct I/O: the device's own page cache is the only copy in memory, not also the FUSE file's.
     // The disk's logical sector size, so a filesystem made on the device mounts on the bare disk.
     // The loop driver sets the physical block size to the same value; it has no separate knob.

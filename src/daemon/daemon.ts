@@ -19,6 +19,8 @@ import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
 import { DiskPower, onAcPower, standbyTimerCount, standbyTimerSeconds } from '../writeback/power.js';
 import { FlushScheduler, type SchedulerStatus } from '../writeback/scheduler.js';
 import { assertNoDaemon, ControlServer, type ControlRequest } from './control.js';
+import { claimName, describeRecovery, recoverLeftovers, releaseName } from './leftovers.js';
+import { crashPoint } from '../sys.js';
 
 export const EXPORT_NAME = 'ulobdev';
 
@@ -37,6 +39,8 @@ export interface AttachOptions {
   logger: Logger;
   /** Write-back policy (src/writeback): all optional; without them flushes are manual only. */
   writebackPolicy?: WritebackPolicy;
+  /** Told (besides the log) when the attach let go of what a dead daemon of the same name left. */
+  onRecovered?: (line: string) => void;
 }
 
 export interface WritebackPolicy {
@@ -152,13 +156,27 @@ export class Daemon {
     const runBase = options.runDir ?? RUN_DIR;
     const runDir = join(runBase, name);
     const logger = options.logger.child({ device: name });
-    // Everything that can refuse DEVICE is checked before the cache is opened or created.
-    if (kind === 'loop') await assertLoopFree(options.device);
-    if (kind === 'nbd') await assertNbdFree(options.device);
     if (kind === 'serve') parseNbdUrl(options.device);
     await assertNoDaemon(join(runBase, `${name}.sock`));
+    // The name is this process's from here on (RUN_DIR/NAME.json); what a dead daemon of the same
+    // name left (a loop device bound to its FUSE file, nbdfuse, the mount) is let go first.
+    const recovery =
+      (await claimName(runBase, { name, device: options.device, frontend: kind })) ??
+      (await recoverLeftovers(runBase, name, { pid: 0, device: options.device, frontend: kind }).catch(async (err: unknown) => {
+        await releaseName(runBase, name);
+        throw err;
+      }));
+    if (recovery.steps.length > 0) {
+      const line = describeRecovery(recovery);
+      logger.warn(line);
+      options.onRecovered?.(line);
+    }
+    crashPoint('attach:claimed');
     const undo: Array<() => Promise<unknown>> = [];
     try {
+      // Everything that can refuse DEVICE is checked before the cache is opened or created.
+      if (kind === 'loop') await assertLoopFree(options.device);
+      if (kind === 'nbd') await assertNbdFree(options.device);
       const source = await options.openSource({ writable: options.writeback });
       undo.push(() => source.close());
       // Cache blocks are whole sectors of the disk: a new cache on a disk with sectors larger than
@@ -256,6 +274,7 @@ export class Daemon {
       else if (kind === 'uloop') frontend = await attachUloop({ device: options.device, engine, readOnly, logger });
       else frontend = { kind: 'serve', device: options.device, detach: async () => undefined };
       undo.push(() => frontend.detach());
+      crashPoint('attach:bound');
 
       let daemon: Daemon | undefined;
       const control = await ControlServer.listen(join(runBase, `${name}.sock`), (req) => daemon!.#handle(req));
@@ -273,6 +292,7 @@ export class Daemon {
     } catch (err) {
       for (const step of undo.reverse()) await step().catch(() => undefined);
       await fsp.rm(runDir, { recursive: true, force: true }).catch(() => undefined);
+      await releaseName(runBase, name).catch(() => undefined);
       throw err;
     }
   }
@@ -362,6 +382,7 @@ export class Daemon {
     await this.#source.close();
     await this.#control.close();
     await fsp.rm(this.#runDir, { recursive: true, force: true });
+    await releaseName(dirname(this.#runDir), this.name);
     this.#logger.info('detached');
     this.#resolveDone();
   }
