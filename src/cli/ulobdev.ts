@@ -212,6 +212,11 @@ function formatStatus(s: DeviceStatus): string {
     `  size ${formatBytes(s.size)}, block ${formatBytes(s.blockSize)}, cached ${formatBytes(s.cachedBytes)} (${s.cacheFillPercent}%), dirty ${formatBytes(s.dirtyBytes)}`,
     `  flush epoch ${s.flushEpoch}, up ${s.uptimeSeconds} s, cache ${s.paths.cache}`,
   ];
+  if (s.disk) {
+    const d = s.disk;
+    const last = d.lastError ? `; last error ${when(d.lastErrorAt)}: ${d.lastError}` : '';
+    lines.push(`  backing disk ${d.state === 'ok' ? 'ok' : d.state.toUpperCase()}${last}`);
+  }
   const w = s.writeback;
   if (w) {
     lines.push(

@@ -9,6 +9,7 @@ import { DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE } from '../cache/layout.js';
 import { InvalidArgumentError, NotRootError, ReadOnlyError } from '../errors.js';
 import { RUN_DIR, STATE_DIR } from '../paths.js';
 import { isWritable, type SectorSize, type Source } from '../source/source.js';
+import { DiskHealth, type DiskHealthStatus } from '../source/health.js';
 import { defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/kernel-nbd.js';
@@ -84,6 +85,8 @@ export interface DeviceStatus {
   paths: CachePaths;
   /** The source's own counters, if it keeps any. */
   source?: Record<string, number | string | boolean>;
+  /** The backing disk's state (ok, failing, gone) and its last I/O error. */
+  disk: DiskHealthStatus;
   /** Dirty bytes not yet on the disk (dirty minus what a running flush has already written). */
   bytesAtRisk: number;
   oldestDirtyAgeSeconds: number | null;
@@ -107,6 +110,7 @@ export class Daemon {
   readonly #hydrator: Hydrator | null;
   readonly #power: DiskPower | null;
   readonly #policy: WritebackPolicy;
+  readonly #health: DiskHealth;
   #detaching: Promise<void> | null = null;
   readonly #done: Promise<void>;
   #resolveDone!: () => void;
@@ -125,6 +129,7 @@ export class Daemon {
     hydrator: Hydrator | null;
     power: DiskPower | null;
     policy: WritebackPolicy;
+    health: DiskHealth;
   }) {
     this.name = parts.name;
     this.device = parts.device;
@@ -139,6 +144,7 @@ export class Daemon {
     this.#hydrator = parts.hydrator;
     this.#power = parts.power;
     this.#policy = parts.policy;
+    this.#health = parts.health;
     this.#done = new Promise((r) => (this.#resolveDone = r));
   }
 
@@ -200,7 +206,9 @@ export class Daemon {
       const policy = options.writebackPolicy ?? {};
       // Reads of the source (misses, hydration) mean the disk spins: a chance to flush for free.
       let onDiskRead = () => undefined as void;
-      const engine = new CacheEngine(store, observeReads(source, () => onDiskRead()), {
+      // Every I/O that reaches the disk also tells its state (ok, failing, gone) for status.
+      const health = new DiskHealth({ present: source.present ? () => source.present!() : undefined });
+      const engine = new CacheEngine(store, observeReads(health.watch(source), () => onDiskRead()), {
         evictOnDiscard: policy.hydrateRate === undefined,
       });
       undo.push(() => engine.close());
@@ -278,7 +286,7 @@ export class Daemon {
 
       let daemon: Daemon | undefined;
       const control = await ControlServer.listen(join(runBase, `${name}.sock`), (req) => daemon!.#handle(req));
-      daemon = new Daemon({ name, device: options.device, engine, source, server, frontend, control, logger, runDir, scheduler, hydrator, power, policy });
+      daemon = new Daemon({ name, device: options.device, engine, source, server, frontend, control, logger, runDir, scheduler, hydrator, power, policy, health });
       scheduler?.start();
       if (hydrator) {
         const h = hydrator;
@@ -317,6 +325,7 @@ export class Daemon {
       pid: process.pid,
       paths: this.engine.store.paths,
       source: this.#source.stats?.(),
+      disk: this.#health.status(),
       ...this.#writebackStatus(Math.min(s.dirtyBlocks * s.blockSize, s.size)),
       hydration: this.#hydrator?.progress(),
     };
@@ -441,6 +450,7 @@ function observeReads(source: Source, onRead: () => void): Source {
     },
     close: () => source.close(),
     stats: source.stats ? () => source.stats!() : undefined,
+    present: source.present ? () => source.present!() : undefined,
   };
   if (isWritable(source)) {
     Object.assign(wrapped, { writeAt: source.writeAt.bind(source), sync: source.sync.bind(source) });

@@ -1,6 +1,6 @@
 // The backing disk: a block device (opened O_EXCL, refused while mounted or held) or a regular file
 // (refused while a loop device is bound to it). Its identity survives reboots and renames.
-import { closeSync, constants as fsConstants, openSync, promises as fsp, type Stats } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, openSync, promises as fsp, readFileSync, type Stats } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { DeviceBusyError, InvalidArgumentError, ioError } from '../errors.js';
 import { posixStorage } from '../storage/posix-storage.js';
@@ -44,7 +44,7 @@ export async function openBacking(path: string, options: OpenBackingOptions): Pr
     const fd = fdOf(file);
     // Through another Storage (tests) there are no ioctls: the sizes of a plain disk then.
     const sectorSize = fd === undefined ? { logical: 512, physical: 512 } : { logical: blkSectorSize(fd), physical: blkPhysicalSectorSize(fd) };
-    return new FileSource(file, { id, size, direct: true, description: fullPath, sectorSize });
+    return new FileSource(file, { id, size, direct: true, description: fullPath, sectorSize, present: devicePresence(majMin) });
   }
   if (st.isFile()) {
     const loop = await loopDeviceBoundTo(fullPath, st);
@@ -59,6 +59,24 @@ export async function openBacking(path: string, options: OpenBackingOptions): Pr
     return new FileSource(file, { id: fileIdentity(st), size: st.size, description: fullPath });
   }
   throw new InvalidArgumentError(`${fullPath} is neither a block device nor a regular file`);
+}
+
+/**
+ * Whether the block device `majMin` is still the one opened now: its sysfs entry exists and has the
+ * same disk sequence number (diskseq, Linux 5.15+: a number given to each disk that appears, so a
+ * disk plugged in later under the same device number is another one). Reads sysfs only.
+ */
+export function devicePresence(majMin: string): () => boolean {
+  const dir = `/sys/dev/block/${majMin}`;
+  const seqOf = () => {
+    try {
+      return readFileSync(`${dir}/diskseq`, 'utf8').trim();
+    } catch {
+      return null;
+    }
+  };
+  const seq = seqOf();
+  return () => existsSync(dir) && seqOf() === seq;
 }
 
 function fileIdentity(st: Stats): string {

@@ -15,6 +15,8 @@ export interface FileSourceOptions {
   description?: string;
   /** A block device's sector sizes (BLKSSZGET, BLKPBSZGET). */
   sectorSize?: SectorSize;
+  /** Source.present: whether the device still exists. */
+  present?: () => boolean;
 }
 
 export class FileSource implements WritableSource {
@@ -22,6 +24,7 @@ export class FileSource implements WritableSource {
   readonly id: string;
   readonly description: string;
   readonly sectorSize?: SectorSize;
+  readonly present?: () => boolean;
   readonly #file: BlockFile;
   readonly #direct: boolean;
   readonly #alignment: number;
@@ -33,6 +36,7 @@ export class FileSource implements WritableSource {
     this.#direct = options.direct ?? false;
     this.description = options.description ?? file.path;
     this.sectorSize = options.sectorSize;
+    if (options.present) this.present = options.present;
     this.#alignment = Math.max(4096, options.sectorSize?.logical ?? 512);
   }
 

@@ -25,6 +25,11 @@ export interface Source {
   close(): Promise<void>;
   /** Counters worth showing in `status` (bytes fetched, requests, errors); plain JSON values. */
   stats?(): Record<string, number | string | boolean>;
+  /**
+   * For a disk that can vanish (a block device): false once it has been removed. Answered from
+   * kernel state (sysfs), never by I/O to the disk, and fast enough to ask at every `status`.
+   */
+  present?(): boolean;
 }
 
 /** A source the flusher can write dirty blocks back to. */
