@@ -48,6 +48,7 @@ interface AttachFlags {
   flushOnDetach?: boolean;
   tickMs?: string;
   sampleMs?: string;
+  fstab?: string;
 }
 
 /**
@@ -123,7 +124,8 @@ async function attach(device: string, backing: string, flags: AttachFlags): Prom
       runDir: flags.runDir,
       logger,
       writebackPolicy: policy,
-      onRecovered: (line) => noteParent(line),
+      onNotice: (line) => noteParent(line),
+      fstab: flags.fstab,
     });
   } catch (err) {
     throw attachFailed(err);
@@ -332,6 +334,7 @@ export function buildProgram(): Command {
     .addOption(hidden('--run-dir <DIR>'))
     .addOption(hidden('--tick-ms <MS>'))
     .addOption(hidden('--sample-ms <MS>'))
+    .addOption(hidden('--fstab <PATH>'))
     .action((device: string, backing: string, flags: AttachFlags) => attach(device, backing, flags));
 
   program

@@ -1,7 +1,7 @@
 // One attached device: backing source → cache store → engine → NBD server → frontend, plus the
 // control socket. Started in that order, torn down in the reverse one.
 import { promises as fsp } from 'node:fs';
-import { dirname, join, resolve } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths } from '../cache/store.js';
@@ -21,6 +21,7 @@ import { DiskPower, onAcPower, standbyTimerCount, standbyTimerSeconds } from '..
 import { FlushScheduler, type SchedulerStatus } from '../writeback/scheduler.js';
 import { assertNoDaemon, ControlServer, type ControlRequest } from './control.js';
 import { claimName, describeRecovery, recoverLeftovers, releaseName } from './leftovers.js';
+import { fstabWarnings } from './fstab.js';
 import { crashPoint } from '../sys.js';
 
 export const EXPORT_NAME = 'ulobdev';
@@ -40,8 +41,13 @@ export interface AttachOptions {
   logger: Logger;
   /** Write-back policy (src/writeback): all optional; without them flushes are manual only. */
   writebackPolicy?: WritebackPolicy;
-  /** Told (besides the log) when the attach let go of what a dead daemon of the same name left. */
-  onRecovered?: (line: string) => void;
+  /**
+   * Told (besides the log) what the user should know of the attach: what it let go of a dead daemon
+   * of the same name, fstab lines that may mount the raw disk.
+   */
+  onNotice?: (line: string) => void;
+  /** The fstab to check for lines that name the filesystem by tag (default /etc/fstab). */
+  fstab?: string;
 }
 
 export interface WritebackPolicy {
@@ -175,7 +181,7 @@ export class Daemon {
     if (recovery.steps.length > 0) {
       const line = describeRecovery(recovery);
       logger.warn(line);
-      options.onRecovered?.(line);
+      options.onNotice?.(line);
     }
     crashPoint('attach:claimed');
     const undo: Array<() => Promise<unknown>> = [];
@@ -296,6 +302,12 @@ export class Daemon {
         );
       }
       logger.info({ backing: source.description, cache: paths.cache, mode: store.mode, schedule: policy.flushCron ?? null }, 'attached');
+      if (kind !== 'serve') {
+        for (const line of await fstabWarnings(options.device, `/sys/block/${basename(options.device)}`, source.description, options.fstab)) {
+          logger.warn(line);
+          options.onNotice?.(line);
+        }
+      }
       return daemon;
     } catch (err) {
       for (const step of undo.reverse()) await step().catch(() => undefined);

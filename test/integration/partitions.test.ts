@@ -145,4 +145,49 @@ describe('partitions', () => {
     expect(again.dirtyBytes).toBe(256 << 10);
     expect(mustSh('sha256sum', [b]).split(' ')[0]).toBe(written.split(' ')[0]);
   });
+
+  it('fstab lines that name a filesystem or partition of the device by tag are warned about at attach', async () => {
+    s = scratch('ulob-fstab-');
+    const image = join(s.dir, 'disk.img');
+    mustSh('truncate', ['-s', '64M', image]);
+    const partUuid = '6f6539ea-4052-4b2a-acde-0a2792298474';
+    mustSh('sgdisk', ['-n', '1:2048:+16M', '-u', `1:${partUuid}`, '-n', '2:0:0', image]);
+    const fsUuid = '81720442-f1c0-4c71-b2e1-d1b829c08e4e';
+    const tmp = mustSh('losetup', ['-f', '--show', '--partscan', image]).trim();
+    try {
+      if (!existsSync(`${tmp}p2`)) mustSh('partx', ['--add', tmp]);
+      mustSh('mkfs.ext4', ['-q', '-L', 'vault', '-U', fsUuid, `${tmp}p2`]);
+    } finally {
+      sh('losetup', ['-d', tmp]);
+    }
+    const fstab = join(s.dir, 'fstab');
+    writeFileSync(
+      fstab,
+      [
+        '# a comment: UUID=' + fsUuid,
+        `UUID=${fsUuid.toUpperCase()} /srv/vault ext4 defaults 0 2`,
+        'LABEL="vault" /srv/by-label ext4 defaults 0 2',
+        `PARTUUID=${partUuid} /srv/p1 ext4 defaults 0 2`,
+        'UUID=00000000-0000-0000-0000-000000000000 /other ext4 defaults 0 2',
+        '/dev/sda1 /boot ext4 defaults 0 1',
+        '',
+      ].join('\n'),
+    );
+    let dev = '';
+    let r = { code: 1, stdout: '', stderr: '' };
+    for (let attempt = 0; attempt < 4; attempt++) {
+      dev = freeLoop();
+      r = await ulobdev(['-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--fstab', fstab, '--daemon', '--run-dir', s.runDir, dev, image]);
+      if (r.code === 0 || !/in use/.test(r.stderr)) break;
+    }
+    expect(r.code, r.stderr).toBe(0);
+    undo.push(() => ulobdev(['detach', dev, '--run-dir', s.runDir]));
+    const warn = (line: number, spec: string, mnt: string, node: string) =>
+      `ulobdev: ${dev}: ${fstab} line ${line} mounts ${spec} on ${mnt}, which the raw disk ${image} carries as well as ${node}: that line may mount the disk behind the cache; name ${node} there instead (see docs/laptop.md)`;
+    expect(r.stderr.trim().split('\n')).toEqual([
+      warn(2, `UUID=${fsUuid}`, '/srv/vault', `${dev}p2`),
+      warn(3, 'LABEL=vault', '/srv/by-label', `${dev}p2`),
+      warn(4, `PARTUUID=${partUuid}`, '/srv/p1', `${dev}p1`),
+    ]);
+  });
 });
