@@ -10,7 +10,7 @@ import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { NativeError } from '../../src/native/addon.js';
 import { bitClearRange, bitCount, bitFindNextClear, bitFindNextSet, bitSetRange } from '../../src/native/bitmap.js';
-import { blkFlsBuf, blkGetSize64, blkSectorSize } from '../../src/native/blkdev.js';
+import { blkFlsBuf, blkGetSize64, blkPhysicalSectorSize, blkSectorSize } from '../../src/native/blkdev.js';
 import { alignedBuffer, fallocate, fdatasync, pread, preadNowait, pwrite } from '../../src/native/io.js';
 import {
   ULOOP_ABI_VERSION,
@@ -338,6 +338,7 @@ describe('errors from C++ are NativeError', () => {
       expect(e.message).toBe('ENOTTY: inappropriate ioctl for device, ioctl(BLKGETSIZE64)');
       expect(e.errno).toBe(25);
       expectNativeSync(() => blkSectorSize(fd), 'ENOTTY', 'ioctl(BLKSSZGET)');
+      expectNativeSync(() => blkPhysicalSectorSize(fd), 'ENOTTY', 'ioctl(BLKPBSZGET)');
       expectNativeSync(() => blkFlsBuf(fd), 'ENOTTY', 'ioctl(BLKFLSBUF)');
     } finally {
       fs.closeSync(fd);
@@ -363,6 +364,7 @@ describe('argument validation happens in JS, synchronously', () => {
     expectInvalid(() => fdatasync('3' as unknown as number), TypeError, 'ERR_INVALID_ARG_TYPE', 'fd');
     expectInvalid(() => blkGetSize64(NaN), RangeError, 'ERR_OUT_OF_RANGE', 'fd');
     expectInvalid(() => blkSectorSize(-2), RangeError, 'ERR_OUT_OF_RANGE', 'fd');
+    expectInvalid(() => blkPhysicalSectorSize(2 ** 31), RangeError, 'ERR_OUT_OF_RANGE', 'fd');
     expectInvalid(() => blkFlsBuf(undefined as unknown as number), TypeError, 'ERR_INVALID_ARG_TYPE', 'fd');
   });
 
@@ -574,9 +576,10 @@ describe.runIf(canLoop)('block device ioctls on a loop device', () => {
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
-  it('reports size and logical sector size', () => {
+  it('reports size and logical and physical sector size', () => {
     expect(blkGetSize64(fd)).toBe(size);
     expect(blkSectorSize(fd)).toBe(4096);
+    expect(blkPhysicalSectorSize(fd)).toBe(4096);
   });
 
   it('flushes buffers and does O_DIRECT I/O that reaches the backing file', async () => {
