@@ -86,8 +86,10 @@ export class CacheEngine {
   /** In-flight writes by block range, so an epoch can mark them rewritten. */
   readonly #writes = new Set<[number, number]>();
   readonly #commit: Coalescer;
-  readonly #intents = new Set<number>();
-  #intentCommit: Promise<void> | null = null;
+  /** Clean blocks whose dirty intent is being made durable, and the promise that says it is. */
+  readonly #intents = new Map<number, Promise<void>>();
+  /** Blocks for the next intent transaction, gathered during this turn of the event loop. */
+  #intentBatch: { blocks: number[]; durable: Promise<void> } | null = null;
   readonly #autoCommitMs: number;
   readonly #maxFillBlocks: number;
   readonly #fillBuffers: BufferPool;
@@ -218,7 +220,7 @@ export class CacheEngine {
     const victims: number[] = [];
     for (const run of this.store.present.runs(first, end)) {
       for (let b = run.start; b < run.start + run.count; b++) {
-        if (!this.store.dirty.get(b) && !this.#staged.has(b) && !this.#busy.has(b)) victims.push(b);
+        if (!this.store.dirty.get(b) && !this.#staged.has(b) && !this.#busy.has(b) && !this.#intents.has(b)) victims.push(b);
       }
     }
     if (victims.length === 0) return;
@@ -444,25 +446,39 @@ export class CacheEngine {
   }
 
   /**
-   * Group commit of dirty intents: writes prepared in the same turn of the event loop (an NBD
-   * client's queued requests arrive in one socket read) share one metadata transaction.
+   * Group commit of dirty intents (rule 3). Writes prepared in the same turn of the event loop (an
+   * NBD client's queued requests arrive in one socket read) share one metadata transaction, and
+   * transactions written while a WAL fsync runs share the next one (store.markDirtyDurable): the
+   * event loop never waits for the disk, and a busy queue costs one fsync per round, not per
+   * write. A block already on its way waits for the intent that carries it.
    */
   #markDirtyBatched(blocks: readonly number[]): Promise<void> {
-    for (const b of blocks) this.#intents.add(b);
-    this.#intentCommit ??= new Promise<void>((resolve, reject) => {
-      queueMicrotask(() => {
-        const batch = [...this.#intents].sort((a, b) => a - b);
-        this.#intents.clear();
-        this.#intentCommit = null;
-        try {
-          this.store.markDirty(toExtents(batch.filter((b) => !this.store.dirty.get(b))));
-          resolve();
-        } catch (err) {
-          reject(err);
-        }
-      });
+    const waits = new Set<Promise<void>>();
+    for (const b of blocks) {
+      let durable = this.#intents.get(b);
+      if (!durable) {
+        const batch = (this.#intentBatch ??= this.#newIntentBatch());
+        batch.blocks.push(b);
+        this.#intents.set(b, (durable = batch.durable));
+      }
+      waits.add(durable);
+    }
+    return waits.size === 1 ? waits.values().next().value! : Promise.all(waits).then(() => undefined);
+  }
+
+  /** The batch this turn's intents join: its transaction runs in a microtask, after this turn's code. */
+  #newIntentBatch(): { blocks: number[]; durable: Promise<void> } {
+    const blocks: number[] = [];
+    const durable: Promise<void> = Promise.resolve().then(async () => {
+      this.#intentBatch = null;
+      const sorted = Float64Array.from(blocks).sort();
+      try {
+        await this.store.markDirtyDurable(toExtents(sorted.filter((b) => !this.store.dirty.get(b))));
+      } finally {
+        for (const b of blocks) if (this.#intents.get(b) === durable) this.#intents.delete(b);
+      }
     });
-    return this.#intentCommit;
+    return { blocks, durable };
   }
 
   /**
@@ -491,9 +507,12 @@ export class CacheEngine {
     const clean: number[] = [];
     const dirty: number[] = [];
     for (const b of blocks) (this.#staged.get(b) === 'dirty' ? dirty : clean).push(b);
-    this.store.markDirty(toExtents(dirty));
     this.store.markPresent(toExtents(clean));
-    for (const b of blocks) this.#staged.delete(b);
+    for (const b of clean) this.#staged.delete(b);
+    // The dirty ones stay staged (readable, writable without an intent) until their record is
+    // durable; its fsync runs off the event loop (store.markDirtyDurable).
+    await this.store.markDirtyDurable(toExtents(dirty));
+    for (const b of dirty) this.#staged.delete(b);
     if (blocks.length > 0) await this.store.persistBitmap(false);
   }
 

@@ -12,7 +12,8 @@ import { EngineClosedError, InvalidArgumentError, IOFailedError, ReadOnlyError, 
 import { CacheEngine, type EngineOptions } from '../../src/cache/engine.js';
 import { posixStorage } from '../../src/storage/posix-storage.js';
 import type { BlockFile, Storage } from '../../src/storage/storage.js';
-import { CacheStore, type CachePaths } from '../../src/cache/store.js';
+import { CacheStore, type CachePaths, type MetadataFactory } from '../../src/cache/store.js';
+import { Metadata } from '../../src/cache/metadata.js';
 import { openBacking } from '../../src/source/backing.js';
 import type { FileSource } from '../../src/source/file-source.js';
 import type { WritableSource } from '../../src/source/source.js';
@@ -773,6 +774,88 @@ describe('the flusher', () => {
     disk.failAt = -1;
     expect((await flushDirty(r.engine)).cleaned).toBe(256);
     expect(diskBytes(r).equals(model)).toBe(true);
+  });
+});
+
+describe('dirty intents', () => {
+  /** Metadata whose WAL fsyncs (the intents' durability) wait until released. */
+  function gatedMetadata() {
+    const gate = { held: false, waiting: [] as (() => void)[], syncs: 0 };
+    const wrap = (m: Metadata): Metadata => {
+      const syncWal = m.syncWal.bind(m);
+      m.syncWal = async () => {
+        gate.syncs++;
+        if (gate.held) await new Promise<void>((resolve) => gate.waiting.push(resolve));
+        await syncWal();
+      };
+      return m;
+    };
+    const factory: MetadataFactory = { create: (...a) => wrap(Metadata.create(...a)), open: (p) => wrap(Metadata.open(p)) };
+    const release = () => {
+      gate.held = false;
+      for (const go of gate.waiting.splice(0)) go();
+    };
+    return { gate, factory, release };
+  }
+
+  async function gatedRig(blocks: number) {
+    const BS = 4 * KiB;
+    const r = await rig({ size: blocks * BS, blockSize: BS });
+    await r.engine.close();
+    const g = gatedMetadata();
+    r.store = await CacheStore.open({ paths: r.paths, backing: r.source, mode: 'writeback', blockSize: BS, metadata: g.factory });
+    r.engine = new CacheEngine(r.store, r.source, { autoCommitMs: 0 });
+    const engine = r.engine;
+    cleanups.push(() => engine.close());
+    return { r, BS, ...g };
+  }
+
+  it('writes into clean blocks wait for their intent fsync, and share one while it runs', async () => {
+    const { r, BS, gate, release } = await gatedRig(64);
+    await r.engine.read(0, 64 * BS);
+    await r.engine.flush();
+    gate.held = true;
+    // 16 first writes to clean blocks, issued across several turns while the fsync is held.
+    const writes: Promise<void>[] = [];
+    for (let i = 0; i < 16; i++) {
+      writes.push(r.engine.write(i * 4 * BS, pattern(BS, i)));
+      if (i % 4 === 3) await new Promise((resolve) => setImmediate(resolve));
+    }
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    // Nothing is written and nothing counts as dirty before the intent is durable (rule 3).
+    expect(r.engine.stats().dirtyBlocks).toBe(0);
+    for (let i = 0; i < 16; i++) expect(readFileSync(r.paths.cache).subarray(i * 4 * BS, i * 4 * BS + BS).equals(r.initial.subarray(i * 4 * BS, i * 4 * BS + BS))).toBe(true);
+    const held = gate.syncs;
+    release();
+    await Promise.all(writes);
+    expect(r.engine.stats().dirtyBlocks).toBe(16);
+    // Everything that queued behind the held fsync went out in one more.
+    expect(gate.syncs).toBeLessThanOrEqual(held + 1);
+    expect(held).toBeLessThanOrEqual(1);
+  });
+
+  it('an intent still being synced stays in the dirty table a flush epoch rewrites meanwhile', async () => {
+    const { r, BS, gate, release } = await gatedRig(16);
+    await r.engine.read(0, 16 * BS);
+    await r.engine.write(5 * BS, pattern(BS, 1));
+    await r.engine.flush();
+    expect(r.engine.stats().dirtyBlocks).toBe(1);
+    // A first write into clean block 0 waits for its intent's fsync...
+    gate.held = true;
+    const data = pattern(BS, 2);
+    const writing = r.engine.write(0, data);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    // ...while a flush of block 5 commits its epoch and rewrites the whole dirty table.
+    gate.held = false;
+    const flushed = await flushDirty(r.engine);
+    expect(flushed.cleaned).toBe(1);
+    release();
+    await writing;
+    expect(r.store.dirty.get(0)).toBe(true);
+    // A daemon crash now: block 0's new bytes are in the cache file, so it must come back dirty.
+    await reopen(r, 'abandon');
+    expect(r.store.dirty.get(0)).toBe(true);
+    expect((await r.engine.read(0, BS)).equals(data)).toBe(true);
   });
 });
 
