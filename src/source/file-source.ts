@@ -1,5 +1,6 @@
 // A source over any BlockFile: the backing disk or image, or a crashable model of one in tests.
-import { alignedBuffer } from '../native/io.js';
+import { alignedBuffer, isAligned } from '../native/io.js';
+import { POOL_ALIGNMENT } from '../storage/buffer-pool.js';
 import { InternalError, IOFailedError } from '../errors.js';
 import type { BlockFile } from '../storage/storage.js';
 import type { SectorSize, WritableSource } from './source.js';
@@ -41,11 +42,13 @@ export class FileSource implements WritableSource {
   }
 
   async readAt(buf: Uint8Array, position: number): Promise<void> {
-    if (!this.#direct) {
+    // O_DIRECT wants aligned memory: pooled buffers are (the flusher's, the engine's fills); any
+    // other buffer goes through a bounce copy.
+    if (this.#direct) this.#checkAligned(buf.byteLength, position);
+    if (!this.#direct || isAligned(buf, POOL_ALIGNMENT)) {
       await this.#readFully(buf, position);
       return;
     }
-    this.#checkAligned(buf.byteLength, position);
     const bounce = alignedBuffer(buf.byteLength, this.#alignment);
     await this.#readFully(bounce, position);
     buf.set(bounce);
@@ -54,9 +57,27 @@ export class FileSource implements WritableSource {
   async writeAt(buf: Uint8Array, position: number): Promise<void> {
     if (!this.#direct) return this.#file.write(buf, position);
     this.#checkAligned(buf.byteLength, position);
+    if (isAligned(buf, POOL_ALIGNMENT)) return this.#file.write(buf, position);
     const bounce = alignedBuffer(buf.byteLength, this.#alignment);
     bounce.set(buf);
     return this.#file.write(bounce, position);
+  }
+
+  async writeMany(buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<void> {
+    let data = buf;
+    if (this.#direct) for (const [, length, position] of pieces) this.#checkAligned(length, position);
+    if (this.#direct && !isAligned(buf, POOL_ALIGNMENT)) {
+      data = alignedBuffer(buf.byteLength, this.#alignment);
+      data.set(buf);
+    }
+    if (!this.#file.writeMany) {
+      for (const [at, length, position] of pieces) await this.#file.write(data.subarray(at, at + length), position);
+      return;
+    }
+    return this.#file.writeMany(
+      pieces.map(([at, length]) => data.subarray(at, at + length)),
+      Float64Array.from(pieces, ([, , position]) => position),
+    );
   }
 
   // The engine and the flusher move whole cache blocks (a multiple of the logical sector, checked

@@ -35,6 +35,12 @@ export interface Source {
 /** A source the flusher can write dirty blocks back to. */
 export interface WritableSource extends Source {
   writeAt(buf: Uint8Array, position: number): Promise<void>;
+  /**
+   * Optional: writes many pieces of one buffer, as writeAt() of each in the given order would;
+   * `pieces` are [offset in buf, length, position] (bytes). The flusher uses it for scattered
+   * dirty blocks, one request instead of one per block.
+   */
+  writeMany?(buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<void>;
   /** Everything written before the call is on stable media (the disk's write cache flushed). */
   sync(): Promise<void>;
 }
