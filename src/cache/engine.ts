@@ -23,6 +23,7 @@ import { FlushEpoch, type Epoch } from './epoch.js';
 import type { Extent, Geometry } from './layout.js';
 import type { CacheStore } from './store.js';
 import { isWritable, type Source, type WritableSource } from '../source/source.js';
+import { BufferPool } from '../storage/buffer-pool.js';
 
 export interface EngineOptions {
   /** Commit staged blocks this long after the first one appears; 0 commits only on flush. */
@@ -93,6 +94,8 @@ const DEFAULT_MAX_FILL = 1 << 20;
 const ZERO_STEP_BLOCKS = 1 << 16;
 /** Flushes in a row that free nothing before a write waiting for room gives up. */
 const MAX_FUTILE_FLUSHES = 3;
+/** Fill buffers kept for reuse: enough for the hydrator's and a few readers' fills in flight. */
+const FILL_BUFFERS_KEPT = 8;
 
 export class CacheEngine {
   readonly store: CacheStore;
@@ -114,10 +117,13 @@ export class CacheEngine {
   readonly #writing = new Set<[number, number]>();
   #writingWaiters: (() => void)[] = [];
   readonly #commit: Coalescer;
-  readonly #intents = new Set<number>();
-  #intentCommit: Promise<void> | null = null;
+  /** Clean blocks whose dirty intent is being made durable, and the promise that says it is. */
+  readonly #intents = new Map<number, Promise<void>>();
+  /** Blocks for the next intent transaction, gathered during this turn of the event loop. */
+  #intentBatch: { blocks: number[]; durable: Promise<void> } | null = null;
   readonly #autoCommitMs: number;
   readonly #maxFillBlocks: number;
+  readonly #fillBuffers: BufferPool;
   #commitTimer: NodeJS.Timeout | null = null;
   #epoch: FlushEpoch | null = null;
   readonly #cowMemoryBytes: number;
@@ -154,6 +160,7 @@ export class CacheEngine {
     this.geometry = store.geometry;
     this.#autoCommitMs = options.autoCommitMs ?? 1000;
     this.#maxFillBlocks = Math.max(1, Math.floor((options.maxFillBytes ?? DEFAULT_MAX_FILL) / this.geometry.blockSize));
+    this.#fillBuffers = new BufferPool(this.#maxFillBlocks * this.geometry.blockSize, FILL_BUFFERS_KEPT);
     this.#commit = new Coalescer(() => this.#commitStaged());
     this.#cowMemoryBytes = options.cowMemoryBytes ?? 64 << 20;
     this.#cowSpillPath = options.cowSpillPath ?? `${store.paths.cache}.cow`;
@@ -195,9 +202,22 @@ export class CacheEngine {
   async read(offset: number, length: number): Promise<Buffer> {
     this.#assertOpen();
     assertRange(offset, length, this.size);
-    this.lastRequestAt = Date.now();
     const buf = Buffer.allocUnsafe(length);
-    if (length === 0) return buf;
+    await this.readInto(buf, offset);
+    return buf;
+  }
+
+  /**
+   * read() into the caller's buffer: buf.byteLength bytes at `offset` (bytes). The NBD server
+   * reads straight into its reply, so a hit allocates nothing here. Throws as read() does.
+   */
+  async readInto(buf: Uint8Array, offset: number): Promise<void> {
+    this.#assertOpen();
+    assertBytes(buf, 'buf');
+    assertRange(offset, buf.byteLength, this.size);
+    this.lastRequestAt = Date.now();
+    const length = buf.byteLength;
+    if (length === 0) return;
     const g = this.geometry;
     const [first, end] = g.blocksOf(offset, length);
     if (end - first > this.#maxPieceBlocks) {
@@ -207,10 +227,9 @@ export class CacheEngine {
         const to = Math.min(offset + length, g.blockOffset(Math.min(end, b + this.#maxPieceBlocks)));
         await this.#readInto(buf.subarray(from - offset, to - offset), from, b, Math.min(end, b + this.#maxPieceBlocks));
       }
-      return buf;
+      return;
     }
     await this.#readInto(buf, offset, first, end);
-    return buf;
   }
 
   async write(offset: number, data: Uint8Array, options: WriteOptions = {}): Promise<void> {
@@ -366,13 +385,25 @@ export class CacheEngine {
    * The epoch's version of blocks [start, start + count) (which must lie in one of its extents),
    * for the flusher to write to the disk: the cache content as of beginEpoch(), even for blocks
    * rewritten since (their saved copies), and zeros for blocks zeroed then. Each block should be
-   * read once; afterwards writes to it no longer need a copy.
+   * read once; afterwards writes to it no longer need a copy. With `into`, the blocks are read
+   * into it (a view of it is returned).
    */
-  async readEpoch(epoch: Epoch, start: number, count: number): Promise<Buffer> {
+  async readEpoch(epoch: Epoch, start: number, count: number, into?: Buffer): Promise<Buffer> {
     this.#assertOpen();
     const open = this.#epoch;
     if (!open || open !== epoch) throw new EngineClosedError(`flush epoch ${epoch.id} is not the open epoch`);
-    return open.read(start, count);
+    return open.read(start, count, into);
+  }
+
+  /**
+   * readEpoch() of many pieces into one buffer (FlushEpoch.readInto): each piece is [first block,
+   * blocks, byte offset in buf]. Resolves once every read has settled.
+   */
+  async readEpochInto(epoch: Epoch, buf: Buffer, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<void> {
+    this.#assertOpen();
+    const open = this.#epoch;
+    if (!open || open !== epoch) throw new EngineClosedError(`flush epoch ${epoch.id} is not the open epoch`);
+    return open.readInto(buf, pieces);
   }
 
   /**
@@ -433,7 +464,7 @@ export class CacheEngine {
   // --- read path -----------------------------------------------------------------------------
 
   /** Reads blocks [first, end) ⊇ [offset, offset + buf.length) into buf once they are readable. */
-  async #readInto(buf: Buffer, offset: number, first: number, end: number): Promise<void> {
+  async #readInto(buf: Uint8Array, offset: number, first: number, end: number): Promise<void> {
     const store = this.store;
     let zeros: Extent[] | null = null;
     let pinned = false;
@@ -570,9 +601,15 @@ export class CacheEngine {
       try {
         const start = blocks[0]!;
         const offset = this.geometry.blockOffset(start);
-        const buf = Buffer.allocUnsafe(this.geometry.extentBytes(start, blocks.length));
-        await this.source.readAt(buf, offset);
-        await this.#writeCache(buf, offset);
+        // A reused, aligned buffer: no page faults for fresh memory, no bounce copy for O_DIRECT.
+        const whole = this.#fillBuffers.take();
+        try {
+          const buf = whole.subarray(0, this.geometry.extentBytes(start, blocks.length));
+          await this.source.readAt(buf, offset);
+          await this.#writeCache(buf, offset);
+        } finally {
+          this.#fillBuffers.give(whole);
+        }
       } catch (err) {
         this.store.release(blocks.length);
         throw err;
@@ -745,8 +782,8 @@ export class CacheEngine {
         const waits: Promise<void>[] = [];
         let staged = false;
         for (let b = first; b < end; b++) {
-          const busy = this.#busy.get(b);
-          if (busy) waits.push(busy);
+          const busy = this.#busy.get(b) ?? this.#intents.get(b);
+          if (busy) waits.push(busy.catch(() => undefined));
           else if (this.#staged.has(b)) staged = true;
         }
         if (waits.length > 0) {
@@ -802,28 +839,43 @@ export class CacheEngine {
   }
 
   /**
-   * Group commit of dirty intents: writes prepared in the same turn of the event loop (an NBD
-   * client's queued requests arrive in one socket read) share one metadata transaction.
+   * Group commit of dirty intents (rule 3). Writes prepared in the same turn of the event loop (an
+   * NBD client's queued requests arrive in one socket read) share one metadata transaction, and
+   * transactions written while a WAL fsync runs share the next one (store.markDirtyDurable): the
+   * event loop never waits for the disk, and a busy queue costs one fsync per round, not per
+   * write. A block already on its way waits for the intent that carries it.
    */
   #markDirtyBatched(blocks: readonly number[]): Promise<void> {
-    for (const b of blocks) this.#intents.add(b);
-    this.#intentCommit ??= new Promise<void>((resolve, reject) => {
-      queueMicrotask(() => {
-        const batch = [...this.#intents].sort((a, b) => a - b);
-        this.#intents.clear();
-        this.#intentCommit = null;
-        try {
-          // Only blocks still present and clean: one evicted or zeroed meanwhile is no longer
-          // clean data to protect, and the write looks at it again.
-          const store = this.store;
-          store.markDirty(toExtents(batch.filter((b) => store.present.get(b) && !store.dirty.get(b) && !this.#busy.has(b))));
-          resolve();
-        } catch (err) {
-          reject(err);
-        }
-      });
+    const waits = new Set<Promise<void>>();
+    for (const b of blocks) {
+      let durable = this.#intents.get(b);
+      if (!durable) {
+        const batch = (this.#intentBatch ??= this.#newIntentBatch());
+        batch.blocks.push(b);
+        this.#intents.set(b, (durable = batch.durable));
+      }
+      waits.add(durable);
+    }
+    return waits.size === 1 ? waits.values().next().value! : Promise.all(waits).then(() => undefined);
+  }
+
+  /** The batch this turn's intents join: its transaction runs in a microtask, after this turn's code. */
+  #newIntentBatch(): { blocks: number[]; durable: Promise<void> } {
+    const blocks: number[] = [];
+    const durable: Promise<void> = Promise.resolve().then(async () => {
+      this.#intentBatch = null;
+      const sorted = Float64Array.from(blocks).sort();
+      try {
+        // Only blocks still present and clean: one zeroed meanwhile is no longer clean data to
+        // protect, and the write looks at it again. Eviction and zeroing leave blocks alone while
+        // their intent is in #intents, so none turns into a hole before the record is durable.
+        const store = this.store;
+        await store.markDirtyDurable(toExtents(sorted.filter((b) => store.present.get(b) && !store.dirty.get(b) && !this.#busy.has(b))));
+      } finally {
+        for (const b of blocks) if (this.#intents.get(b) === durable) this.#intents.delete(b);
+      }
     });
-    return this.#intentCommit;
+    return { blocks, durable };
   }
 
   /**
@@ -958,7 +1010,7 @@ export class CacheEngine {
       for (const e of store.cleanBlocksOf(u)) {
         let run: Extent | null = null;
         for (let b = e.start; b < e.start + e.count; b++) {
-          if (this.#busy.has(b) || this.#pins.has(b)) run = null;
+          if (this.#busy.has(b) || this.#pins.has(b) || this.#intents.has(b)) run = null;
           else if (run && run.start + run.count === b) run.count++;
           else out.push((run = { start: b, count: 1 }));
         }
@@ -993,17 +1045,23 @@ export class CacheEngine {
   /** Syncs the cache file, then records staged blocks as present (fills) or dirty (writes). */
   async #commitStaged(): Promise<void> {
     this.#cancelAutoCommit();
-    const blocks = [...this.#staged.keys()].sort((a, b) => a - b);
+    // A typed array sorts numerically without a comparator call per step: a hydration stages
+    // every block of the disk between two commits.
+    const blocks = Float64Array.from(this.#staged.keys()).sort();
     await this.store.syncData();
     // Decided after the sync: a fill rewritten meanwhile must be recorded dirty, not clean.
     const clean: number[] = [];
     const dirty: number[] = [];
     for (const b of blocks) (this.#staged.get(b) === STAGED_DIRTY ? dirty : clean).push(b);
-    this.store.markDirty(toExtents(dirty));
     this.store.markPresent(toExtents(clean));
-    for (const b of blocks) this.#staged.delete(b);
-    // Their reservations are now present blocks (and the clean ones evictable).
-    this.store.release(blocks.length);
+    for (const b of clean) this.#staged.delete(b);
+    // Their reservations are now present blocks (and evictable).
+    this.store.release(clean.length);
+    // The dirty ones stay staged (readable, writable without an intent, reserved) until their
+    // record is durable; its fsync runs off the event loop (store.markDirtyDurable).
+    await this.store.markDirtyDurable(toExtents(dirty));
+    for (const b of dirty) this.#staged.delete(b);
+    this.store.release(dirty.length);
     if (blocks.length > 0) await this.store.persistBitmap(false);
   }
 
@@ -1079,7 +1137,7 @@ function isNoSpace(err: unknown): boolean {
 }
 
 /** Sorted block numbers to extents. */
-export function toExtents(blocks: readonly number[]): Extent[] {
+export function toExtents(blocks: ArrayLike<number> & Iterable<number>): Extent[] {
   const out: Extent[] = [];
   for (const b of blocks) {
     const last = out[out.length - 1];

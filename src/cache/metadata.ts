@@ -2,7 +2,9 @@
 // dirty set as block extents (zeroed blocks among them), the eviction clock, and the history
 // tables. WAL with synchronous=FULL: every transaction that returns is durable, which is what the
 // dirty set needs (docs/design.md, "Durability rules"). docs/format.md describes every column.
+import { closeSync, constants as fsConstants, openSync } from 'node:fs';
 import Database from 'better-sqlite3';
+import { fdatasync } from '../native/io.js';
 import { CacheBusyError, CorruptMetadataError, ioError } from '../errors.js';
 import type { Extent } from './layout.js';
 
@@ -208,11 +210,17 @@ export class Metadata implements HistoryLog {
   #db: Database.Database;
   #info: CacheInfo;
   #insertDirty: Database.Statement<[number, number, number]> | null = null;
+  readonly #syncNormal: Database.Statement;
+  readonly #syncFull: Database.Statement;
+  /** The WAL, opened on the first syncWal() (it exists from the first write on). */
+  #walFd: number | null = null;
 
   private constructor(path: string, db: Database.Database) {
     this.path = path;
     this.#db = db;
     this.#info = readInfo(db, path);
+    this.#syncNormal = db.prepare('PRAGMA synchronous = NORMAL');
+    this.#syncFull = db.prepare('PRAGMA synchronous = FULL');
   }
 
   /**
@@ -320,15 +328,48 @@ export class Metadata implements HistoryLog {
   }
 
   /**
-   * Replaces the whole dirty set (after a flush epoch or to compact it); optionally bumps the
-   * epoch. `zeroed`: the extents among them that read as zeros (each inside `extents`).
+   * addDirty() without waiting for the disk: the transaction is committed to the WAL but not
+   * synced (synchronous = NORMAL for this one transaction), so it takes microseconds on the event
+   * loop instead of an fsync. It is durable once a later syncWal() resolves, or any later
+   * transaction of this connection (they are synced, and the WAL is a log: syncing it covers
+   * everything before). A crash before either may lose it, and so may lose no more than that:
+   * SQLite recovers the WAL up to the last frame it can verify.
    */
-  replaceDirty(extents: Iterable<Extent>, newEpoch?: number, zeroed: Iterable<Extent> = []): void {
+  addDirtyUnsynced(extents: readonly Extent[]): void {
+    this.#syncNormal.run();
+    try {
+      this.addDirty(extents);
+    } finally {
+      this.#syncFull.run();
+    }
+  }
+
+  /**
+   * fdatasync of the WAL on the threadpool: every transaction committed before the call is
+   * durable when it resolves. Checkpoints in between are safe: with synchronous = NORMAL SQLite
+   * syncs the WAL before a checkpoint and the database after it, before reusing the WAL.
+   */
+  async syncWal(): Promise<void> {
+    try {
+      this.#walFd ??= openSync(`${this.path}-wal`, fsConstants.O_RDONLY);
+      await fdatasync(this.#walFd);
+    } catch (err) {
+      throw ioError('sync the metadata journal', `${this.path}-wal`, err);
+    }
+  }
+
+  /**
+   * Replaces the whole dirty set (after a flush epoch or to compact it); optionally bumps the
+   * epoch. `zeroed`: extents that read as zeros; `later`: extents whose content the cache file
+   * holds, written after the zeroed rows so that they win over them (intents being synced).
+   */
+  replaceDirty(extents: Iterable<Extent>, newEpoch?: number, zeroed: Iterable<Extent> = [], later: Iterable<Extent> = []): void {
     this.#run(() => {
       const insert = this.#insert();
       this.#db.exec('DELETE FROM dirty');
       for (const e of extents) insert.run(e.start, e.count, 0);
       for (const e of zeroed) insert.run(e.start, e.count, 1);
+      for (const e of later) insert.run(e.start, e.count, 0);
       if (newEpoch !== undefined) {
         this.#db.prepare('UPDATE cache_info SET flush_epoch = ? WHERE id = 1').run(newEpoch);
       }
@@ -376,6 +417,8 @@ export class Metadata implements HistoryLog {
   }
 
   close(): void {
+    if (this.#walFd !== null) closeSync(this.#walFd);
+    this.#walFd = null;
     if (this.#db.open) this.#db.close();
   }
 

@@ -8,6 +8,7 @@
 import type { CacheEngine } from '../cache/engine.js';
 import { isWritable, type WritableSource } from '../source/source.js';
 import { ReadOnlyError } from '../errors.js';
+import { BufferPool } from '../storage/buffer-pool.js';
 
 export interface FlushProgress {
   epoch: number;
@@ -16,8 +17,13 @@ export interface FlushProgress {
 }
 
 export interface FlushOptions {
-  /** Largest single write to the backing disk. */
+  /** Largest single write to the backing disk, and the size of each copy buffer. */
   maxIoBytes?: number;
+  /**
+   * Copy buffers in flight: each is being read from the cache or written to the disk, so reads of
+   * the cache overlap writes to the disk and the disk has several writes queued.
+   */
+  depth?: number;
   /** Called after each piece reaches the disk (not yet synced). */
   onProgress?: (progress: FlushProgress) => void;
   /** Called once the epoch is taken, before anything is written. */
@@ -36,67 +42,166 @@ export interface FlushResult {
 }
 
 const DEFAULT_MAX_IO = 4 << 20;
+const DEFAULT_DEPTH = 4;
+/** Copy buffers outlive a flush by this long, so back-to-back flushes reuse them. */
+const POOL_IDLE_MS = 30_000;
 
-interface Piece {
-  start: number;
-  count: number;
-  zero: boolean;
+/** Copy buffers by size, kept between flushes and dropped after POOL_IDLE_MS without one. */
+const pools = new Map<number, { pool: BufferPool; users: number; timer: NodeJS.Timeout | null }>();
+
+function takePool(bytes: number, keep: number): BufferPool {
+  let entry = pools.get(bytes);
+  if (!entry) pools.set(bytes, (entry = { pool: new BufferPool(bytes, keep), users: 0, timer: null }));
+  if (entry.timer) clearTimeout(entry.timer);
+  entry.timer = null;
+  entry.users++;
+  return entry.pool;
 }
 
+function givePool(bytes: number): void {
+  const entry = pools.get(bytes)!;
+  if (--entry.users > 0) return;
+  entry.timer = setTimeout(() => pools.delete(bytes), POOL_IDLE_MS);
+  entry.timer.unref();
+}
+
+/**
+ * Pieces per batch at most: small enough that the reads of the next batch overlap the writes of
+ * this one, large enough that scattered blocks cost few requests.
+ */
+const MAX_BATCH_PIECES = 256;
+
+/**
+ * Pieces (runs of blocks, each one write) that share one copy buffer, in disk order; or, `zero`,
+ * runs of zeroed blocks that go to the disk as zeros and need no buffer.
+ */
+interface Batch {
+  /** [first block, blocks, byte offset in the buffer] */
+  pieces: Array<[number, number, number]>;
+  bytes: number;
+  zero?: boolean;
+}
+
+/**
+ * Writes the dirty blocks of one new flush epoch back to the source and commits the epoch.
+ *
+ * The epoch's extents, sorted by block and cut into pieces of at most `maxIoBytes`, are copied in
+ * batches: one batch is one large piece, or as many consecutive small pieces (scattered dirty
+ * blocks) as fit in one buffer. Up to `depth` batches are in flight, each in its own reused,
+ * aligned buffer (no allocation per piece; O_DIRECT sources need no bounce copy): while some are
+ * read from the cache, others are being written. Writes are issued in disk order, so the disk sees
+ * one ascending pass. Throws ReadOnlyError for a source that cannot be written, and whatever a
+ * read, write or sync threw (the epoch is then aborted: every block stays dirty).
+ */
 export async function flushDirty(engine: CacheEngine, options: FlushOptions = {}): Promise<FlushResult> {
   const source = engine.source;
   if (!isWritable(source)) throw new ReadOnlyError(`${source.description} was opened read-only; cannot write back`);
   const g = engine.geometry;
   const maxBlocks = Math.max(1, Math.floor((options.maxIoBytes ?? DEFAULT_MAX_IO) / g.blockSize));
+  const depth = Math.max(1, options.depth ?? DEFAULT_DEPTH);
   const epoch = await engine.beginEpoch();
-  // Extents come sorted and maximal from the bitmap: one sequential pass over the disk, in pieces
-  // of data to copy and of zeros to write.
-  const pieces: Piece[] = [];
+  // Extents come sorted and maximal from the bitmap: one sequential pass over the disk.
+  const bufferBytes = maxBlocks * g.blockSize;
+  const batches: Batch[] = [];
+  let batch: Batch = { pieces: [], bytes: 0 };
+  let totalBytes = 0;
   for (const extent of epoch.extents) {
     const end = extent.start + extent.count;
     for (let start = extent.start; start < end; ) {
+      // A run of blocks of one kind (data or zeroed), at most maxBlocks.
       const zero = epoch.isZero(start);
       let stop = start + 1;
       while (stop < end && stop - start < maxBlocks && epoch.isZero(stop) === zero) stop++;
-      pieces.push({ start, count: stop - start, zero });
+      const count = stop - start;
+      const bytes = g.extentBytes(start, count);
+      if (zero) {
+        if (batch.pieces.length > 0) batches.push(batch);
+        batches.push({ pieces: [[start, count, 0]], bytes, zero: true });
+        batch = { pieces: [], bytes: 0 };
+        totalBytes += bytes;
+        start = stop;
+        continue;
+      }
+      if (batch.bytes + bytes > bufferBytes || batch.pieces.length === MAX_BATCH_PIECES) {
+        batches.push(batch);
+        batch = { pieces: [], bytes: 0 };
+      }
+      batch.pieces.push([start, count, batch.bytes]);
+      batch.bytes += bytes;
+      totalBytes += bytes;
       start = stop;
     }
   }
-  const totalBytes = pieces.reduce((n, p) => n + g.extentBytes(p.start, p.count), 0);
+  if (batch.pieces.length > 0) batches.push(batch);
   const progress: FlushProgress = { epoch: epoch.id, doneBytes: 0, totalBytes };
   options.onStart?.({ ...progress });
-  const read = (i: number): Promise<Buffer> | null => {
-    const p = pieces[i];
-    if (!p || p.zero) return null;
-    const r = engine.readEpoch(epoch, p.start, p.count);
-    // A rejected read-ahead is reported when awaited; keep it from counting as unhandled meanwhile.
-    r.catch(() => undefined);
-    return r;
-  };
-  try {
-    // The next piece is read from flash while the current one is written: the disk never waits
-    // for the cache between pieces.
-    let next = read(0);
-    for (let i = 0; i < pieces.length; i++) {
-      const p = pieces[i]!;
-      const offset = g.blockOffset(p.start);
-      const bytes = g.extentBytes(p.start, p.count);
-      if (p.zero) {
-        next = read(i + 1);
-        await writeZeros(source, offset, bytes);
-      } else {
-        const buf = await next!;
-        next = read(i + 1);
-        await source.writeAt(buf, offset);
-      }
-      progress.doneBytes += bytes;
-      options.onProgress?.({ ...progress });
+  // One buffer per batch in flight; a flush smaller than one buffer needs no more than it.
+  const poolBytes = Math.min(bufferBytes, Math.ceil(totalBytes / 4096) * 4096 || 4096);
+  const pool = takePool(poolBytes, depth);
+  let failure: { err: unknown } | null = null;
+
+  /**
+   * Copies one batch: `read` settles when its blocks are in the buffer, `done` when they are on
+   * the disk (or failed). Its writes are issued as soon as its read is done.
+   */
+  const copy = (b: Batch) => {
+    if (b.zero) {
+      const [start, count] = b.pieces[0]!;
+      const done = writeZeros(source, g.blockOffset(start), g.extentBytes(start, count)).then(() => {
+        progress.doneBytes += b.bytes;
+        options.onProgress?.({ ...progress });
+      });
+      return { read: Promise.resolve(), done };
     }
+    const buf = pool.take();
+    const read = engine.readEpochInto(epoch, buf, b.pieces);
+    const done = (async () => {
+      try {
+        await read;
+        if (failure) return;
+        // Scattered blocks go down in one request where the source can take it.
+        const pending =
+          b.pieces.length > 1 && source.writeMany
+            ? [source.writeMany(buf, b.pieces.map(([start, count, at]) => [at, g.extentBytes(start, count), g.blockOffset(start)] as const))]
+            : b.pieces.map(([start, count, at]) => source.writeAt(buf.subarray(at, at + g.extentBytes(start, count)), g.blockOffset(start)));
+        const writes = await Promise.allSettled(pending);
+        for (const w of writes) if (w.status === 'rejected') throw w.reason;
+        progress.doneBytes += b.bytes;
+        options.onProgress?.({ ...progress });
+      } finally {
+        // readEpochInto and allSettled have waited for every transfer of this buffer: reusable.
+        pool.give(buf);
+      }
+    })();
+    return { read, done };
+  };
+
+  try {
+    const running = new Set<Promise<void>>();
+    for (const b of batches) {
+      while (running.size >= depth && !failure) await Promise.race(running);
+      if (failure) break;
+      const { read, done } = copy(b);
+      const task: Promise<void> = done
+        .catch((err: unknown) => {
+          failure ??= { err };
+        })
+        .finally(() => running.delete(task));
+      running.add(task);
+      // The next batch is read only once this one is, and this one's writes are issued as its
+      // read settles (its continuation runs before ours): the disk gets the writes in ascending
+      // order, and the reads of the next batch overlap the writes of this one.
+      await read.catch(() => undefined);
+    }
+    await Promise.all(running);
+    if (failure) throw (failure as { err: unknown }).err;
     const { cleaned, kept } = await engine.commitEpoch(epoch);
     return { epoch: epoch.id, blocks: epoch.blocks, bytes: progress.doneBytes, cleaned, kept };
   } catch (err) {
     engine.abortEpoch(epoch);
     throw err;
+  } finally {
+    givePool(poolBytes);
   }
 }
 
