@@ -135,6 +135,8 @@ export class CacheEngine {
   #readPhase = 0;
   #drained: (() => void) | null = null;
   #evicting: Promise<number> | null = null;
+  /** Epochs between commitEpoch() and the end of their clearFlushed. */
+  #committing = 0;
   /** Largest read or write handled in one piece, in blocks (a budget must hold several at once). */
   readonly #maxPieceBlocks: number;
   #evicted = 0;
@@ -412,6 +414,18 @@ export class CacheEngine {
    */
   async commitEpoch(epoch: Epoch): Promise<{ cleaned: number; kept: number }> {
     const open = this.#takeEpoch(epoch);
+    // Until its blocks are clean, a write waiting for room waits for this commit rather than
+    // starting another flush of the same dirty blocks.
+    this.#committing++;
+    try {
+      return await this.#commitEpoch(open);
+    } finally {
+      this.#committing--;
+      this.store.notifySpace();
+    }
+  }
+
+  async #commitEpoch(open: FlushEpoch): Promise<{ cleaned: number; kept: number }> {
     // Blocks written since beginEpoch() waited for their copy (readEpoch or preserve) while the
     // epoch was open; with it closed they need none.
     await open.release();
@@ -926,8 +940,8 @@ export class CacheEngine {
           await this.#commit.run();
           continue;
         }
-        if (space.punchingBlocks > 0 || this.#epoch || space.reservedBlocks > 0) {
-          // Space on its way back (a punch), blocks about to be cleaned (an open flush epoch) or
+        if (space.punchingBlocks > 0 || this.#epoch || this.#committing > 0 || space.reservedBlocks > 0) {
+          // Space on its way back (a punch), blocks about to be cleaned (an open or committing epoch) or
           // to become present (fills in flight): wait for the store to say so.
           await store.spaceChange();
           continue;

@@ -23,6 +23,18 @@ const CASES: Record<string, ModelCase> = {
       { crash: 'power', after: 1, op: { kind: 'read', sector: 0, count: 1 } },
     ],
   },
+  // Found by the property (not planted): a write waiting for room saw the flush epoch closed
+  // while its commit was still syncing the disk, found nothing evictable (its blocks were not
+  // clean yet) and started a second flush of the same dirty blocks, overlapping the first.
+  // Waiting writes now wait for a committing epoch as for an open one.
+  'a write waiting for room waits for the flush being committed': {
+    seed: 1,
+    steps: [
+      { op: { kind: 'write', sector: 33, count: 24, fua: false } },
+      { op: { kind: 'discard', sector: 65, count: 8 } },
+      { op: { kind: 'writeback-racing', sector: 0, count: 1, split: 1, during: false } },
+    ],
+  },
 };
 
 describe('engine model: 16 x 4096 B blocks, a budget of 6 blocks in units of 2', () => {
