@@ -2,9 +2,12 @@
 // ext4 disk behind --cache-size 256M takes 1.5 GiB of files written with fsyncs; the cache file
 // never holds more than the budget plus slack while dirty data is flushed ('budget') to make room;
 // everything reads back after dropping the page cache and after a re-attach; after a flush and a
-// detach the disk equals what the device showed, and fsck finds it clean.
+// detach the disk equals what the device showed, and fsck finds it clean. And a punched hole on the
+// device (issue 14, item 4a): the range reads zeros at once, costs no flash, and the disk holds
+// zeros after the next flush.
 import { createHash, randomBytes } from 'node:crypto';
 import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, readSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { freeLoop, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
@@ -146,4 +149,43 @@ describe('a cache budget on /dev/loopN', () => {
     expect(fsck.status, fsck.stdout + fsck.stderr).toBe(0);
     expect(maxHeld).toBeGreaterThan(BUDGET / 2);
   }, 1_800_000);
+
+  it('a punched hole on /dev/loopN reads zeros at once, frees its flash, and reaches the disk as zeros at the flush', async () => {
+    s = scratch('ulob-budget-');
+    const disk = join(s.dir, 'disk.img');
+    const cache = join(s.dir, 'c.cache');
+    const content = randomBytes(64 * MiB);
+    writeFileSync(disk, content);
+    const loop = await attach(['-c', cache, '-b', join(s.dir, 'c.bitmap'), '--writeback', '--cache-size', '32M'], disk);
+    const held = () => statSync(cache).blocks * 512;
+    // 16M-20M read (clean, present), 24M-28M written (dirty).
+    mustSh('dd', [`if=${loop}`, 'of=/dev/null', 'iflag=direct,skip_bytes,count_bytes', `skip=${16 * MiB}`, `count=${4 * MiB}`, 'bs=1M', 'status=none']);
+    const written = randomBytes(4 * MiB);
+    const src = join(s.dir, 'w.bin');
+    writeFileSync(src, written);
+    mustSh('dd', [`if=${src}`, `of=${loop}`, 'oflag=direct,seek_bytes', `seek=${24 * MiB}`, 'bs=1M', 'conv=fsync,notrunc', 'status=none']);
+    const before = held();
+    expect(before).toBeGreaterThanOrEqual(8 * MiB);
+    // One hole over clean data, one over dirty data.
+    mustSh('fallocate', ['--punch-hole', '-o', `${16 * MiB}`, '-l', `${4 * MiB}`, loop]);
+    mustSh('fallocate', ['--punch-hole', '-o', `${24 * MiB}`, '-l', `${4 * MiB}`, loop]);
+    const zeros = Buffer.alloc(4 * MiB);
+    for (const at of [16 * MiB, 24 * MiB]) {
+      const r = spawnSync('dd', [`if=${loop}`, 'iflag=direct,skip_bytes,count_bytes', `skip=${at}`, `count=${4 * MiB}`, 'bs=1M', 'status=none']);
+      expect(r.status).toBe(0);
+      expect(Buffer.compare(r.stdout, zeros), `at ${at}`).toBe(0);
+    }
+    // The zeroed ranges take no flash.
+    expect(held()).toBeLessThanOrEqual(before - 7 * MiB);
+    const st = await status(loop);
+    expect(st.zeroBytes).toBeGreaterThanOrEqual(8 * MiB);
+    const flushed = await ulobdev(['flush', loop, '--wait', '--run-dir', s.runDir], { timeoutMs: 300_000 });
+    expect(flushed.code, flushed.stderr).toBe(0);
+    await detach(loop);
+    const after = readFileSync(disk);
+    const expected = Buffer.from(content);
+    expected.fill(0, 16 * MiB, 20 * MiB);
+    expected.fill(0, 24 * MiB, 28 * MiB);
+    expect(Buffer.compare(after, expected)).toBe(0);
+  }, 600_000);
 });

@@ -23,6 +23,14 @@ const CASES: Record<string, ModelCase> = {
       { crash: 'power', after: 1, op: { kind: 'read', sector: 0, count: 1 } },
     ],
   },
+  // Planted once: a TRIM punched the cache file before the metadata row that says its blocks are
+  // zeroed (durability rule for zeroing: the row first, then the present bits, then the punch). A
+  // power loss after the punch leaves clean present blocks over a hole (invariant 1). (Punching
+  // before the bitmap is synced is safe here: the zeroed row clears the bits at the next open.)
+  'a zeroed block is durably recorded zeroed before it is punched': {
+    seed: 25263432,
+    steps: [{ reopen: true }, { crash: 'power', after: 3, op: { kind: 'zero', sector: 96, count: 8, fua: false } }],
+  },
   // Found by the property (not planted): a write waiting for room saw the flush epoch closed
   // while its commit was still syncing the disk, found nothing evictable (its blocks were not
   // clean yet) and started a second flush of the same dirty blocks, overlapping the first.
