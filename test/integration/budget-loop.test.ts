@@ -171,8 +171,8 @@ describe('a cache budget on /dev/loopN', () => {
     mustSh('fallocate', ['--punch-hole', '-o', `${24 * MiB}`, '-l', `${4 * MiB}`, loop]);
     const zeros = Buffer.alloc(4 * MiB);
     for (const at of [16 * MiB, 24 * MiB]) {
-      const r = spawnSync('dd', [`if=${loop}`, 'iflag=direct,skip_bytes,count_bytes', `skip=${at}`, `count=${4 * MiB}`, 'bs=1M', 'status=none']);
-      expect(r.status).toBe(0);
+      const r = spawnSync('dd', [`if=${loop}`, 'iflag=direct,skip_bytes,count_bytes', `skip=${at}`, `count=${4 * MiB}`, 'bs=1M', 'status=none'], { maxBuffer: 16 * MiB });
+      expect(r.status, String(r.stderr)).toBe(0);
       expect(Buffer.compare(r.stdout, zeros), `at ${at}`).toBe(0);
     }
     // The zeroed ranges take no flash.
