@@ -361,6 +361,11 @@ export class CacheEngine {
     for (const e of flushing.runs()) {
       for (const z of this.store.present.gaps(e.start, e.start + e.count)) zeros.setRange(z.start, z.start + z.count);
     }
+    // A zeroed block written since the commit above (zeros materialised, then the write: staged
+    // dirty, committed later) holds that write in the cache file: the epoch copies it from there.
+    // Taken as zeros, the disk would get zeros and a commit landing before clearFlushed would
+    // leave the block clean over data the disk never got.
+    for (const b of this.#staged.keys()) if (zeros.get(b)) zeros.clear(b);
     if (this.externalEpochs) {
       // Writes the engine never saw may not be synced: the copy the flusher reads must be durable
       // in the cache before its dirty bit can go (invariant 2). Later writes count as rewritten.
