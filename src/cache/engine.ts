@@ -137,6 +137,11 @@ export class CacheEngine {
   #evicting: Promise<number> | null = null;
   /** Epochs between commitEpoch() and the end of their clearFlushed. */
   #committing = 0;
+  /**
+   * The epoch being committed (taken from #epoch, its source being synced): writes and zeroings
+   * that start now still mark their blocks rewritten in it, or its clearFlushed would clean them.
+   */
+  #closing: FlushEpoch | null = null;
   /** Largest read or write handled in one piece, in blocks (a budget must hold several at once). */
   readonly #maxPieceBlocks: number;
   #evicted = 0;
@@ -422,9 +427,12 @@ export class CacheEngine {
     // Until its blocks are clean, a write waiting for room waits for this commit rather than
     // starting another flush of the same dirty blocks.
     this.#committing++;
+    this.#closing = open;
+    // Writes in flight now were marked when they began or at the snapshot; later ones mark it.
     try {
       return await this.#commitEpoch(open);
     } finally {
+      if (this.#closing === open) this.#closing = null;
       this.#committing--;
       this.store.notifySpace();
     }
@@ -646,7 +654,7 @@ export class CacheEngine {
   async #writeRange(offset: number, data: Uint8Array): Promise<void> {
     const range = this.geometry.blocksOf(offset, data.byteLength);
     this.#writes.add(range);
-    this.#epoch?.markRewritten(range[0], range[1]);
+    this.#markRewritten(range[0], range[1]);
     let pinned = false;
     try {
       const release = await this.#prepareWrite(offset, data.byteLength, range[0], range[1], () => {
@@ -794,7 +802,7 @@ export class CacheEngine {
     const store = this.store;
     const range: [number, number] = [first, end];
     this.#writes.add(range);
-    this.#epoch?.markRewritten(first, end);
+    this.#markRewritten(first, end);
     try {
       let release: () => void;
       for (;;) {
@@ -1101,6 +1109,12 @@ export class CacheEngine {
   }
 
   // --- helpers -------------------------------------------------------------------------------
+
+  /** Blocks [first, end) are being written or zeroed: they stay dirty after the open or closing epoch. */
+  #markRewritten(first: number, end: number): void {
+    this.#epoch?.markRewritten(first, end);
+    this.#closing?.markRewritten(first, end);
+  }
 
   #pin(first: number, end: number): void {
     for (let b = first; b < end; b++) this.#pins.set(b, (this.#pins.get(b) ?? 0) + 1);
