@@ -3,7 +3,8 @@
 // (fio random_distribution=zipf:1.1, 4 KiB, QD16, direct) over a disk 8x the cache, for ulobdev
 // (--cache-size, through /dev/nbd0: the kernel NBD client on ulobdev's NBD server; /dev/uloopN takes
 // no budget yet), dm-cache (the smq policy lvmcache uses, 64 KiB cache blocks as lvmcache's default
-// chunk) and bcache (writethrough, sequential cutoff and congestion bypass off), each with the same
+// chunk) and bcache (writethrough, 64 KiB buckets: a small cache set has too few 512 KiB ones;
+// sequential cutoff and congestion bypass off), each with the same
 // cache size, in one guest.
 //
 //   node bench/budget.js [--disk 512M] [--warm 30] [--seconds 30] [--json bench/results/budget.json] [--keep]
@@ -94,7 +95,7 @@ const SECTORS = DISK_MB * 2048;
 const script = `
 U="node ${ROOT}/dist/cli/ulobdev.js"
 step() { echo "== $1 $(cut -d' ' -f1 /proc/uptime)"; }
-hddread() { awk '{print $3 * 512}' /sys/block/$(basename $(readlink -f /dev/mapper/hdd))/stat; }
+hddread() { awk '{print $3 * 512}' /sys/block/dm-$(dmsetup info -c --noheadings -o minor hdd | tr -d ' ')/stat; }
 measure() { # DEV TAG: warm up, then a measured run, with the disk's bytes read around it
   ${fio('$1', '$2-warm', WARM)}
   echo "$2 hdd-before $(hddread)"
@@ -127,7 +128,7 @@ dmsetup remove dmc; losetup -d $META $CD
 
 step bcache
 BC=$(flash bc.cache ${CACHE_MB}M)
-make-bcache --block 4k --bucket 512k -C $BC -B /dev/mapper/hdd > /dev/null
+make-bcache --block 4k --bucket 64k -C $BC -B /dev/mapper/hdd > /dev/null
 echo $BC > /sys/fs/bcache/register; echo /dev/mapper/hdd > /sys/fs/bcache/register
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/bcache0 ] && break; sleep 1; done
 echo 0 > /sys/block/bcache0/bcache/sequential_cutoff
