@@ -21,7 +21,7 @@ import { DiskPower, onAcPower, standbyTimerCount, standbyTimerSeconds } from '..
 import { FlushScheduler, type SchedulerStatus } from '../writeback/scheduler.js';
 import { assertNoDaemon, ControlServer, type ControlRequest } from './control.js';
 import { claimName, describeRecovery, recoverLeftovers, releaseName } from './leftovers.js';
-import { fstabWarnings } from './fstab.js';
+import { fstabWarnings, stableLinkFor } from './fstab.js';
 import { crashPoint } from '../sys.js';
 
 export const EXPORT_NAME = 'ulobdev';
@@ -303,7 +303,8 @@ export class Daemon {
       }
       logger.info({ backing: source.description, cache: paths.cache, mode: store.mode, schedule: policy.flushCron ?? null }, 'attached');
       if (kind !== 'serve') {
-        for (const line of await fstabWarnings(options.device, `/sys/block/${basename(options.device)}`, source.description, options.fstab)) {
+        const link = await stableLinkFor(name, runBase === RUN_DIR);
+        for (const line of await fstabWarnings(options.device, `/sys/block/${basename(options.device)}`, source.description, options.fstab, link)) {
           logger.warn(line);
           options.onNotice?.(line);
         }
