@@ -285,7 +285,15 @@ export class Daemon {
       let frontend: Frontend;
       if (kind === 'loop') frontend = await attachLoop({ device: options.device, socket, runDir, readOnly, logger, sectorSize: sectorSize.logical });
       else if (kind === 'nbd') frontend = await attachNbdDevice({ device: options.device, socket, exportName: EXPORT_NAME, readOnly, sectorSize: sectorSize.logical, logger });
-      else if (kind === 'uloop') frontend = await attachUloop({ device: options.device, engine, readOnly, logger });
+      else if (kind === 'uloop') {
+        frontend = await attachUloop({ device: options.device, engine, readOnly, logger });
+        // ABI 1 of uloop.ko has no sector sizes at ADD: /dev/uloopN shows 512 whatever the disk has.
+        if (sectorSize.logical !== 512) {
+          const line = `${options.device} shows 512-byte sectors, the disk ${source.description} has ${sectorSize.logical}: a filesystem made through it may not mount on the bare disk; use /dev/loopN or /dev/nbdN for this disk`;
+          logger.warn(line);
+          options.onNotice?.(line);
+        }
+      }
       else frontend = { kind: 'serve', device: options.device, detach: async () => undefined };
       undo.push(() => frontend.detach());
       crashPoint('attach:bound');
