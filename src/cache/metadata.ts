@@ -2,7 +2,7 @@
 // extents, and the history tables. WAL with synchronous=FULL: every transaction that returns is
 // durable, which is what the dirty set needs (docs/design.md, "Durability rules").
 import Database from 'better-sqlite3';
-import { CacheBusyError, CorruptMetadataError, ioError } from '../errors.js';
+import { CacheBusyError, CorruptMetadataError, IOFailedError, ioError } from '../errors.js';
 import type { Extent } from './layout.js';
 
 export const FORMAT_VERSION = 1;
@@ -176,7 +176,7 @@ export class Metadata implements HistoryLog {
       return new Metadata(path, db);
     } catch (err) {
       db.close();
-      throw err;
+      throw (err as { code?: string }).code === 'SQLITE_FULL' ? translate(err, path) : err;
     }
   }
 
@@ -381,5 +381,7 @@ function translate(err: unknown, path: string): Error {
     return new CorruptMetadataError(`${path} is not valid ulobdev metadata (${code})`, { cause: err });
   }
   if (code.startsWith('SQLITE_CANTOPEN')) return ioError('open metadata', path, err);
+  // SQLite says only "database or disk is full": name the file.
+  if (code === 'SQLITE_FULL') return new IOFailedError(`cannot write ${path}: the filesystem holding it is full (SQLITE_FULL); free space on it`, { cause: err, path });
   return err instanceof Error ? err : new Error(String(err));
 }

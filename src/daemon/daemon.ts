@@ -5,19 +5,21 @@ import { dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths } from '../cache/store.js';
-import { InvalidArgumentError, NotRootError, ReadOnlyError } from '../errors.js';
+import { InvalidArgumentError, IOFailedError, NotRootError, ReadOnlyError } from '../errors.js';
 import { RUN_DIR, STATE_DIR } from '../paths.js';
 import { isWritable, type Source } from '../source/source.js';
 import { defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/kernel-nbd.js';
 import { assertUloopModule, attachUloop } from '../bdev/uloop.js';
-import { NbdServer, parseNbdUrl } from '../bdev/nbd-server/index.js';
+import { assertLocalAddress, NbdServer, parseNbdUrl } from '../bdev/nbd-server/index.js';
+import { formatBytes } from '../units.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
 import { DiskPower, onAcPower, standbyTimerCount, standbyTimerSeconds } from '../writeback/power.js';
 import { FlushScheduler, type SchedulerStatus } from '../writeback/scheduler.js';
 import { assertNoDaemon, ControlServer, type ControlRequest } from './control.js';
+import { checkDaemonName } from './resolve.js';
 
 export const EXPORT_NAME = 'ulobdev';
 
@@ -36,6 +38,11 @@ export interface AttachOptions {
   logger: Logger;
   /** Write-back policy (src/writeback): all optional; without them flushes are manual only. */
   writebackPolicy?: WritebackPolicy;
+  /**
+   * Serve an NBD URL on an address other machines can reach (nbd://0.0.0.0:PORT). Off: such an
+   * address is refused, since NBD has neither authentication nor encryption here.
+   */
+  allowRemote?: boolean;
 }
 
 export interface WritebackPolicy {
@@ -82,7 +89,22 @@ export interface DeviceStatus {
   oldestDirtyAgeSeconds: number | null;
   /** Write-back state: schedule, last/next flush, errors, power. Absent in read-only mode. */
   writeback?: SchedulerStatus & { schedule: string | null; powerControl: string | null };
+  /** Every policy setting in force (null: not set), so status shows what the daemon was told. */
+  policy: PolicyStatus;
   hydration?: HydrationProgress;
+}
+
+/** The write-back and hydration settings of a daemon, as status shows them; null means not set. */
+export interface PolicyStatus {
+  flushCron: string | null;
+  dirtyMaxBytes: number | null;
+  maxDirtyAgeSeconds: number | null;
+  spindown: boolean;
+  standbyTimeoutSeconds: number | null;
+  onAc: 'flush' | 'schedule' | null;
+  /** Bytes per second; 0 is unlimited; null: no hydration. */
+  hydrateRate: number | null;
+  flushOnDetach: boolean;
 }
 
 export class Daemon {
@@ -145,20 +167,36 @@ export class Daemon {
     if (kind === 'uloop') assertUloopModule(options.device);
     if (kind !== 'serve' && process.getuid?.() !== 0) throw new NotRootError(`binding ${options.device} needs root; run ulobdev as root (or serve an NBD URL instead)`);
     const name = options.name ?? defaultName(options.device);
-    if (!/^[A-Za-z0-9._-]+$/.test(name)) throw new InvalidArgumentError(`--name may hold letters, digits, '.', '_' and '-' only`);
+    if (options.name !== undefined) checkDaemonName(options.name);
     const runBase = options.runDir ?? RUN_DIR;
     const runDir = join(runBase, name);
-    const logger = options.logger.child({ device: name });
+    // One `device` key per line: the frontends log with this logger and do not repeat it.
+    const logger = options.logger.child(name === defaultName(options.device) ? { device: options.device } : { device: options.device, name });
     // Everything that can refuse DEVICE is checked before the cache is opened or created.
     if (kind === 'loop') await assertLoopFree(options.device);
     if (kind === 'nbd') await assertNbdFree(options.device);
-    if (kind === 'serve') parseNbdUrl(options.device);
+    if (kind === 'serve') {
+      const address = parseNbdUrl(options.device);
+      assertLocalAddress(address, { allowRemote: options.allowRemote, what: 'the cached disk', writable: options.writeback });
+      if (options.allowRemote && !('path' in address)) {
+        logger.warn(`${options.device}: serving the cached disk to the network with no authentication and no encryption (--allow-remote)`);
+      }
+    }
     await assertNoDaemon(join(runBase, `${name}.sock`));
+    await assertCacheDirsExist(options);
     const undo: Array<() => Promise<unknown>> = [];
+    let paths: CachePaths | undefined;
     try {
       const source = await options.openSource({ writable: options.writeback });
       undo.push(() => source.close());
-      const paths = cachePaths(options, source.id);
+      const policyIn = options.writebackPolicy ?? {};
+      if (policyIn.dirtyMaxBytes !== undefined && policyIn.dirtyMaxBytes > source.size) {
+        throw new InvalidArgumentError(
+          `--dirty-max ${formatBytes(policyIn.dirtyMaxBytes)} is more than all of ${source.description} (${formatBytes(source.size)}): it would never start a flush; give a smaller size or a percentage such as 10%`,
+        );
+      }
+      paths = cachePaths(options, source.id);
+      // Only the default state directory is made here; a directory the user named must exist.
       await fsp.mkdir(dirname(paths.cache), { recursive: true, mode: 0o700 });
       await fsp.mkdir(dirname(paths.bitmap), { recursive: true, mode: 0o700 });
       const store = await CacheStore.open({
@@ -223,7 +261,13 @@ export class Daemon {
       }
 
       await fsp.mkdir(runDir, { recursive: true, mode: 0o700 });
-      const server = new NbdServer({ backend: engine, exportName: EXPORT_NAME, description: `ulobdev cache of ${source.description}`, logger });
+      const server = new NbdServer({
+        backend: engine,
+        exportName: EXPORT_NAME,
+        description: `ulobdev cache of ${source.description}`,
+        logger,
+        allowRemote: options.allowRemote,
+      });
       const address = kind === 'serve' ? parseNbdUrl(options.device) : { path: join(runDir, 'nbd.sock') };
       await server.listen(address);
       undo.push(() => server.close());
@@ -253,7 +297,7 @@ export class Daemon {
     } catch (err) {
       for (const step of undo.reverse()) await step().catch(() => undefined);
       await fsp.rm(runDir, { recursive: true, force: true }).catch(() => undefined);
-      throw err;
+      throw paths ? explainNoSpace(err, paths) : err;
     }
   }
 
@@ -278,6 +322,21 @@ export class Daemon {
       source: this.#source.stats?.(),
       ...this.#writebackStatus(Math.min(s.dirtyBlocks * s.blockSize, s.size)),
       hydration: this.#hydrator?.progress(),
+      policy: this.#policyStatus(),
+    };
+  }
+
+  #policyStatus(): PolicyStatus {
+    const p = this.#policy;
+    return {
+      flushCron: p.flushCron ?? null,
+      dirtyMaxBytes: p.dirtyMaxBytes ?? (p.dirtyMaxPercent !== undefined ? Math.floor((this.engine.size * p.dirtyMaxPercent) / 100) : null),
+      maxDirtyAgeSeconds: p.maxDirtyAgeMs === undefined ? null : p.maxDirtyAgeMs / 1000,
+      spindown: p.spindown ?? false,
+      standbyTimeoutSeconds: p.standbyTimeoutSeconds ?? null,
+      onAc: p.onAc ?? null,
+      hydrateRate: p.hydrateRate ?? null,
+      flushOnDetach: this.#scheduler !== null && (p.flushOnDetach ?? hasAutomaticWriteback(p)),
     };
   }
 
@@ -378,6 +437,46 @@ export function cachePaths(options: Pick<AttachOptions, 'cache' | 'bitmap' | 'me
     bitmap: resolve(options.bitmap ?? (options.cache ? `${cache}.bitmap` : `${stem}.bitmap`)),
     metadata: resolve(options.metadata ?? `${cache}.meta`),
   };
+}
+
+/**
+ * Refuses a cache, bitmap or metadata path whose directory does not exist: a typo, or flash that
+ * is not mounted yet, must not become a disk-sized file on the root filesystem. (The default
+ * state directory is ulobdev's own and is created.)
+ */
+async function assertCacheDirsExist(options: Pick<AttachOptions, 'cache' | 'bitmap' | 'metadata'>): Promise<void> {
+  const given: Array<[string, string | undefined]> = [
+    ['-c', options.cache],
+    ['-b', options.bitmap],
+    ['--metadata', options.metadata],
+  ];
+  for (const [flag, path] of given) {
+    if (path === undefined) continue;
+    const dir = dirname(resolve(path));
+    const st = await fsp.stat(dir).catch(() => null);
+    if (!st) throw new InvalidArgumentError(`${flag} ${path}: the directory ${dir} does not exist (a typo, or the flash is not mounted yet?); create it or pick another`);
+    if (!st.isDirectory()) throw new InvalidArgumentError(`${flag} ${path}: ${dir} is not a directory`);
+  }
+}
+
+/**
+ * A full filesystem under the cache, as the user should read it: which file could not grow, and
+ * the way out. SQLite says only "database or disk is full" and a write only ENOSPC.
+ */
+export function explainNoSpace(err: unknown, paths: CachePaths): unknown {
+  const codes: string[] = [];
+  for (let e: unknown = err; e && typeof e === 'object'; e = (e as { cause?: unknown }).cause) {
+    const c = (e as { code?: unknown }).code;
+    if (typeof c === 'string') codes.push(c);
+    if (codes.length > 8) break;
+  }
+  if (!codes.some((c) => c === 'ENOSPC' || c === 'SQLITE_FULL' || c === 'EDQUOT')) return err;
+  const message = err instanceof Error ? err.message : String(err);
+  const file = [paths.metadata, paths.bitmap, paths.cache].find((p) => message.includes(p)) ?? (codes.includes('SQLITE_FULL') ? paths.metadata : paths.cache);
+  return new IOFailedError(
+    `no space left for ${file}: the filesystem holding it is full; free space there, or put the cache on a larger filesystem with -c (and -b, --metadata); nothing was changed`,
+    { cause: err, path: file },
+  );
 }
 
 /** Control socket of an attached device, from its DEVICE argument or --name. */

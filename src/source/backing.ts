@@ -39,6 +39,10 @@ export async function openBacking(path: string, options: OpenBackingOptions): Pr
       throw ioError('open backing device', fullPath, err);
     }
     const size = await file.size();
+    if (size === 0) {
+      await file.close().catch(() => undefined);
+      throw new InvalidArgumentError(`${fullPath} is empty (0 bytes): no medium in the drive, or a loop device bound to nothing? name the disk to cache`);
+    }
     const id = await blockDeviceIdentity(majMin);
     return new FileSource(file, { id, size, direct: true, description: fullPath });
   }
@@ -64,16 +68,26 @@ function fileIdentity(st: Stats): string {
 /** Refuses a disk that is mounted, has a mounted partition, or is held by dm/md (holders). */
 export async function assertBlockDeviceFree(path: string, majMin: string): Promise<void> {
   const sysDir = `/sys/dev/block/${majMin}`;
-  const devices = [majMin, ...(await partitionsOf(sysDir))];
   const mounts = await mountsByDevice();
-  for (const dev of devices) {
-    const mount = mounts.get(dev);
-    if (mount) throw new DeviceBusyError(`${path} is mounted on ${mount}; unmount it first`);
+  const mount = mounts.get(majMin);
+  if (mount) throw new DeviceBusyError(`${path} is mounted on ${mount}; unmount it first`);
+  const parts = await partitionDirs(sysDir);
+  // A partition is named as the user knows it (/dev/sdb1), not as its whole disk.
+  for (const dir of parts) {
+    const partMount = mounts.get((await readTrim(join(dir, 'dev'))) ?? '');
+    if (partMount) throw new DeviceBusyError(`${partitionPath(dir)}, a partition of ${path}, is mounted on ${partMount}; unmount it first`);
   }
-  for (const dir of [sysDir, ...(await partitionDirs(sysDir))]) {
+  for (const dir of [sysDir, ...parts]) {
     const holders = await listDir(join(dir, 'holders'));
-    if (holders.length > 0) throw new DeviceBusyError(`${path} is held by ${holders.join(', ')}`);
+    if (holders.length === 0) continue;
+    const what = dir === sysDir ? path : `${partitionPath(dir)}, a partition of ${path},`;
+    throw new DeviceBusyError(`${what} is held by ${holders.join(', ')} (device-mapper, md or a loop device); stop that first`);
   }
+}
+
+/** /dev/NAME of a partition's sysfs directory (/sys/dev/block/8:16/sdb1 → /dev/sdb1). */
+function partitionPath(dir: string): string {
+  return `/dev/${dir.slice(dir.lastIndexOf('/') + 1)}`;
 }
 
 async function partitionDirs(sysDir: string): Promise<string[]> {
@@ -82,12 +96,6 @@ async function partitionDirs(sysDir: string): Promise<string[]> {
     if (await exists(join(sysDir, name, 'partition'))) dirs.push(join(sysDir, name));
   }
   return dirs;
-}
-
-async function partitionsOf(sysDir: string): Promise<string[]> {
-  const devs: string[] = [];
-  for (const dir of await partitionDirs(sysDir)) devs.push((await readTrim(join(dir, 'dev'))) ?? '');
-  return devs.filter(Boolean);
 }
 
 /**
