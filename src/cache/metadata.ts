@@ -2,6 +2,7 @@
 // extents, and the history tables. WAL with synchronous=FULL: every transaction that returns is
 // durable, which is what the dirty set needs (docs/design.md, "Durability rules").
 import Database from 'better-sqlite3';
+import { existsSync, rmSync } from 'node:fs';
 import { CacheBusyError, CorruptMetadataError, IOFailedError, ioError } from '../errors.js';
 import type { Extent } from './layout.js';
 
@@ -160,6 +161,7 @@ export class Metadata implements HistoryLog {
 
   /** Creates a new metadata database; fails if `path` exists. */
   static create(path: string, identity: CacheIdentity, mode: CacheMode): Metadata {
+    const fresh = !existsSync(path);
     const db = openDatabase(path, false);
     try {
       const { n } = db.prepare('SELECT count(*) AS n FROM sqlite_master').get() as { n: number };
@@ -176,6 +178,8 @@ export class Metadata implements HistoryLog {
       return new Metadata(path, db);
     } catch (err) {
       db.close();
+      // A database this call made and could not fill (a full filesystem) is removed again.
+      if (fresh) removeDatabase(path);
       throw (err as { code?: string }).code === 'SQLITE_FULL' ? translate(err, path) : err;
     }
   }
@@ -325,6 +329,7 @@ export class Metadata implements HistoryLog {
 }
 
 function openDatabase(path: string, mustExist: boolean): Database.Database {
+  const fresh = !mustExist && !existsSync(path);
   let db: Database.Database;
   try {
     db = new Database(path, { fileMustExist: mustExist, timeout: 0 });
@@ -341,8 +346,14 @@ function openDatabase(path: string, mustExist: boolean): Database.Database {
     return db;
   } catch (err) {
     db.close();
+    // A database this call made and could not set up (a full filesystem) is removed again.
+    if (fresh) removeDatabase(path);
     throw translate(err, path);
   }
+}
+
+function removeDatabase(path: string): void {
+  for (const p of [path, `${path}-wal`, `${path}-shm`]) rmSync(p, { force: true });
 }
 
 function readInfo(db: Database.Database, path: string): CacheInfo {

@@ -93,8 +93,9 @@ export interface DaemonizeOptions {
  */
 export async function daemonize(device: string, options: DaemonizeOptions): Promise<void> {
   const runDir = options.runDir ?? RUN_DIR;
-  await fsp.mkdir(runDir, { recursive: true, mode: 0o700 });
+  const madeRunDir = await fsp.mkdir(runDir, { recursive: true, mode: 0o700 });
   const logPath = join(runDir, `${options.name ?? defaultName(device)}.log`);
+  const logExisted = await fsp.stat(logPath).then(() => true, () => false);
   const log = openSync(logPath, 'a', 0o600);
   const logStart = (await fsp.stat(logPath)).size;
   const [program, ...pre] = options.command ?? [process.execPath, ...process.execArgv, process.argv[1]!];
@@ -108,6 +109,8 @@ export async function daemonize(device: string, options: DaemonizeOptions): Prom
     child.once('error', (err) => resolve(err.message));
     child.once('exit', (code, signal) => resolve(signal ? `was killed by ${signal}` : `exited with status ${code}`));
   });
+  // How the child ended, or after 5 s that it still runs (it closed the pipe but lives on).
+  const ended = () => Promise.race([exited, new Promise<string>((r) => setTimeout(() => r('closed its pipe'), 5000))]);
   const pipe = child.stdio[3] as NodeJS.ReadableStream;
   let text = '';
   pipe.setEncoding('utf8');
@@ -125,11 +128,16 @@ export async function daemonize(device: string, options: DaemonizeOptions): Prom
   const failed = /^ERROR (\S+) (.*)$/.exec(line);
   // The child undid its attach before it said so: as refused as a foreground attach.
   if (failed) {
+    // A refused attach changes nothing, its log included: the error is on the user's terminal.
+    await ended();
     child.unref();
+    if (logExisted) await fsp.truncate(logPath, logStart).catch(() => undefined);
+    else await fsp.rm(logPath, { force: true });
+    if (madeRunDir) await fsp.rmdir(madeRunDir).catch(() => undefined);
     throw undone(errorFromCode(failed[1]!, failed[2]!));
   }
   // No word on the pipe: the child died (a crash, a signal, an error before it could report).
-  const how = await Promise.race([exited, new Promise<string>((r) => setTimeout(() => r('closed its pipe'), 5000).unref())]);
+  const how = await ended();
   child.unref();
   const cause = lastLogMessage((await fsp.readFile(logPath, 'utf8').catch(() => '')).slice(logStart));
   throw new DaemonError(`the daemon ${how} before it was ready${cause ? `: ${cause}` : ''} (log: ${logPath})`);

@@ -22,7 +22,7 @@ import { controlRequest } from '../daemon/control.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { cachePaths, Daemon, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
 import { checkDaemonName, listDaemons, resolveDaemon, type DaemonEntry } from '../daemon/resolve.js';
-import { frontendKind } from '../bdev/frontend.js';
+import { defaultName, frontendKind } from '../bdev/frontend.js';
 import { RUN_DIR } from '../paths.js';
 import { formatBytes, parseSize } from '../units.js';
 import { cronWarning, dirtyLimitBytes, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../writeback/policy.js';
@@ -159,8 +159,17 @@ async function explainBusyCache(err: unknown, runDir: string): Promise<unknown> 
   return new CacheBusyError(`the cache ${holder.status.paths.cache} is in use by the ulobdev daemon of ${describeDaemon(holder)}; detach it first (ulobdev detach ${holder.status.device})`);
 }
 
+/** The name a device gets without --name, or undefined for a device ulobdev would not make. */
+function defaultNameOf(device: string): string | undefined {
+  try {
+    return defaultName(device);
+  } catch {
+    return undefined;
+  }
+}
+
 function describeDaemon(d: DaemonEntry): string {
-  const named = d.status.device.endsWith(`/${d.name}`) ? '' : `, name ${d.name}`;
+  const named = d.name === defaultNameOf(d.status.device) ? '' : `, name ${d.name}`;
   return `${d.status.device} (pid ${d.status.pid}${named})`;
 }
 
@@ -258,7 +267,7 @@ function formatDuration(seconds: number): string {
 }
 
 function formatStatus(s: DeviceStatus): string {
-  const named = s.name && !s.device.endsWith(`/${s.name}`) ? ` "${s.name}"` : '';
+  const named = s.name && s.name !== defaultNameOf(s.device) ? ` "${s.name}"` : '';
   const lines = [
     `${s.device}${named}: ${s.mode} cache of ${s.backing} (${s.frontend} frontend, daemon pid ${s.pid})`,
     `  size ${formatBytes(s.size)}, block ${formatBytes(s.blockSize)}, cached ${formatBytes(s.cachedBytes)} (${s.cacheFillPercent}%), dirty ${formatBytes(s.dirtyBytes)}`,
