@@ -19,7 +19,6 @@ import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
 import { DiskPower, onAcPower, standbyTimerCount, standbyTimerSeconds } from '../writeback/power.js';
 import { FlushScheduler, type SchedulerStatus } from '../writeback/scheduler.js';
 import { assertNoDaemon, ControlServer, type ControlRequest } from './control.js';
-import { checkDaemonName } from './resolve.js';
 
 export const EXPORT_NAME = 'ulobdev';
 
@@ -437,6 +436,21 @@ export function cachePaths(options: Pick<AttachOptions, 'cache' | 'bitmap' | 'me
     bitmap: resolve(options.bitmap ?? (options.cache ? `${cache}.bitmap` : `${stem}.bitmap`)),
     metadata: resolve(options.metadata ?? `${cache}.meta`),
   };
+}
+
+/**
+ * A name given with --name: one path component that is neither hidden nor an option. It names the
+ * control socket (RUN_DIR/NAME.sock), the log (NAME.log) and the run directory (RUN_DIR/NAME/,
+ * removed recursively at detach), so `..`, `.` or a slash would put them elsewhere. Returns the
+ * name; InvalidArgumentError otherwise.
+ */
+export function checkDaemonName(name: string): string {
+  if (!/^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$/.test(name)) {
+    throw new InvalidArgumentError(
+      `--name ${JSON.stringify(name)}: a name is one word of letters, digits, '.', '_' and '-' that starts with a letter, digit or '_' (at most 64), e.g. --name data`,
+    );
+  }
+  return name;
 }
 
 /**

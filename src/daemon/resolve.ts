@@ -9,7 +9,7 @@ import { InvalidArgumentError, NotAttachedError, PermissionDeniedError } from '.
 import { defaultName } from '../bdev/frontend.js';
 import { RUN_DIR } from '../paths.js';
 import { controlRequest } from './control.js';
-import type { DeviceStatus } from './daemon.js';
+import { checkDaemonName, type DeviceStatus } from './daemon.js';
 
 /** One running daemon: its name, control socket and current status. */
 export interface DaemonEntry {
@@ -20,21 +20,6 @@ export interface DaemonEntry {
 
 /** How long a daemon may take to answer `status` while the others are looked up. */
 const STATUS_TIMEOUT_MS = 10_000;
-
-/**
- * A name given with --name: one path component that is neither hidden nor an option. It names the
- * control socket (RUN_DIR/NAME.sock), the log (NAME.log) and the run directory (RUN_DIR/NAME/,
- * removed recursively at detach), so `..`, `.` or a slash would put them elsewhere. Returns the
- * name; InvalidArgumentError otherwise.
- */
-export function checkDaemonName(name: string): string {
-  if (!/^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$/.test(name)) {
-    throw new InvalidArgumentError(
-      `--name ${JSON.stringify(name)}: a name is one word of letters, digits, '.', '_' and '-' that starts with a letter, digit or '_' (at most 64), e.g. --name data`,
-    );
-  }
-  return name;
-}
 
 /** True when DEVICE-OR-NAME is a name (no slash, no scheme), false for a device or NBD URL. */
 export function isDaemonName(deviceOrName: string): boolean {

@@ -32,7 +32,9 @@ async function expectRefused(args: string[], message: RegExp, ignore: string[] =
   const files = () => Object.fromEntries(Object.entries(snapshot(s.dir)).filter(([p]) => !ignore.includes(p)));
   const before = files();
   const loopsBefore = loops();
-  const r = await ulobdev([...args, '--run-dir', s.runDir]);
+  const r = await ulobdev([...args, '--run-dir', s.runDir], { timeoutMs: 20_000 });
+  // Accepted by mistake (the bug this guards against): do not leave its daemon behind.
+  if (r.code === 0 && args.includes('--daemon')) undo.push(() => ulobdev(['detach', args[args.length - 2]!, '--run-dir', s.runDir]));
   expect(r.code, r.stderr).toBe(1);
   expect(r.stdout).toBe('');
   expect(r.stderr).toMatch(/^ulobdev: [^\n]+\n$/);
