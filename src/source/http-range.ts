@@ -93,7 +93,8 @@ export function parseHeaders(lines: readonly string[], where = '--header'): Reco
     const i = line.indexOf(':');
     const name = i > 0 ? line.slice(0, i).trim() : '';
     if (!/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(name)) {
-      throw new InvalidArgumentError(`${where}: each header must look like 'Name: value', got ${JSON.stringify(i > 0 ? `${line.slice(0, i)}: ...` : line.slice(0, 20))}`);
+      // The value is never shown: it may be a secret.
+      throw new InvalidArgumentError(`${where}: each header must look like 'Name: value', got ${i > 0 ? JSON.stringify(`${line.slice(0, i)}: ...`) : 'a line without a colon'}`);
     }
     const value = line.slice(i + 1).trim();
     if (/[\r\n\0]/.test(value)) throw new InvalidArgumentError(`${where}: the value of ${name} holds a line break`);
