@@ -393,6 +393,6 @@ function translate(err: unknown, path: string): Error {
   }
   if (code.startsWith('SQLITE_CANTOPEN')) return ioError('open metadata', path, err);
   // SQLite says only "database or disk is full": name the file.
-  if (code === 'SQLITE_FULL') return new IOFailedError(`cannot write ${path}: the filesystem holding it is full (SQLITE_FULL); free space on it`, { cause: err, path });
+  if (code === 'SQLITE_FULL') return new IOFailedError(`cannot write ${path}: the filesystem holding it is full (SQLITE_FULL); free space on it, then detach and attach again (the cache refuses I/O until then; what was flushed before is kept)`, { cause: err, path });
   return err instanceof Error ? err : new Error(String(err));
 }

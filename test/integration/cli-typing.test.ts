@@ -311,6 +311,21 @@ describe('what else users get wrong (item 14)', () => {
     // Metadata first: SQLite's "database or disk is full" names its file too.
     writeFileSync(join(flash, 'filler'), Buffer.alloc(1024 * 1024 - 4096));
     await expectRefused([...args, serveUrl(), disk], new RegExp(`^ulobdev: no space left for ${flash}/c\\.cache(\\.meta)?: the filesystem holding it is full`));
+    // A filesystem that fills up while the daemon runs: the next metadata transaction fails, and
+    // what the user sees names the file and the way out, not SQLite's "database or disk is full".
+    sh('rm', ['-f', join(flash, 'filler')]);
+    sh('mount', ['-o', 'remount,size=24m', flash]);
+    const small = makeDisk('small.img', '16M');
+    await attachDaemon(['-c', join(flash, 'c.cache'), '--writeback'], serveUrl(), small);
+    const avail = Number(mustSh('df', ['-B1', '--output=avail', flash]).split('\n')[1]);
+    writeFileSync(join(flash, 'filler'), Buffer.alloc(avail));
+    const write = sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x55 0 1M', '-c', 'flush', serveUrl()]);
+    expect(write.stdout + write.stderr).toMatch(/write failed|flush failed/);
+    const f = await ulobdev(['flush', '--wait', serveUrl(), '--run-dir', s.runDir]);
+    expect(f.code).not.toBe(0);
+    expect(f.stderr).toBe(
+      `ulobdev: the cache failed earlier: cannot write ${flash}/c.cache.meta: the filesystem holding it is full (SQLITE_FULL); free space on it, then detach and attach again (the cache refuses I/O until then; what was flushed before is kept)\n`,
+    );
   });
 });
 
