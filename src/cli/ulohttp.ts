@@ -8,7 +8,7 @@
 //   ulohttp detach DEVICE                (same as ulobdev detach)
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument, Option } from 'commander';
 import { CacheStore } from '../cache/store.js';
 import { ForeignCacheError, ImageChangedError, InvalidArgumentError, SizeMismatchError } from '../errors.js';
@@ -123,6 +123,9 @@ async function attach(device: string, url: string, flags: Flags, command: Comman
     // Logged by nobody: the loop frontend still works; see ulobdev for the warning.
   }
   const paths = cachePaths({ ...flags, cache: flags.cache ?? defaultCacheFor(url, flags.stateDir) }, 'unused');
+  // The default cache lives in ulobdev's own state directory, made on first use; a directory the
+  // user named with -c must exist (Daemon.start refuses it otherwise).
+  if (flags.cache === undefined) await fsp.mkdir(dirname(paths.cache), { recursive: true, mode: 0o700 });
   const start = () =>
     Daemon.start({
       device,

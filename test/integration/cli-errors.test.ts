@@ -141,7 +141,7 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
 
   it('detach and status of a device nobody serves', async () => {
     s = scratch('ulob-cli-');
-    await expectRefused(['detach', '/dev/loop7'], /no ulobdev daemon is listening/);
-    await expectRefused(['status', '/dev/loop7'], /no ulobdev daemon is listening/);
+    await expectRefused(['detach', '/dev/loop7'], /\/dev\/loop7 is not attached/);
+    await expectRefused(['status', '/dev/loop7'], /\/dev\/loop7 is not attached/);
   });
 });
