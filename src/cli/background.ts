@@ -110,7 +110,15 @@ export async function daemonize(device: string, options: DaemonizeOptions): Prom
     child.once('exit', (code, signal) => resolve(signal ? `was killed by ${signal}` : `exited with status ${code}`));
   });
   // How the child ended, or after 5 s that it still runs (it closed the pipe but lives on).
-  const ended = () => Promise.race([exited, new Promise<string>((r) => setTimeout(() => r('closed its pipe'), 5000))]);
+  const ended = async () => {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<string>((r) => (timer = setTimeout(() => r('closed its pipe'), 5000)));
+    try {
+      return await Promise.race([exited, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  };
   const pipe = child.stdio[3] as NodeJS.ReadableStream;
   let text = '';
   pipe.setEncoding('utf8');

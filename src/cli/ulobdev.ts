@@ -13,7 +13,7 @@ import { promises as fsp } from 'node:fs';
 import { resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument, Option } from 'commander';
 import { CacheStore } from '../cache/store.js';
-import { CacheBusyError, DeviceBusyError, InvalidArgumentError } from '../errors.js';
+import { CacheBusyError, DeviceBusyError, InvalidArgumentError, PermissionDeniedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
 import { attachFailed, childArgs, daemonize, hasWaitingParent, logsToTerminal, makeLogger, notifyParent, oneLine, warn } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
@@ -122,7 +122,8 @@ function checkPositionals(device: string, backing: string, extra: readonly strin
   }
   let backingIsDevice = false;
   try {
-    backingIsDevice = frontendKind(backing) !== 'serve' || backing.startsWith('nbd');
+    frontendKind(backing);
+    backingIsDevice = true;
   } catch {
     // not a device name either
   }
@@ -142,7 +143,12 @@ function checkPositionals(device: string, backing: string, extra: readonly strin
 async function assertNotServed(backing: string, runDir: string): Promise<void> {
   const mine = await fsp.stat(backing).catch(() => null);
   if (!mine) return;
-  for (const d of await listDaemons(runDir)) {
+  // Without root the run directory cannot be read; the attach then stops at its own root check.
+  const daemons = await listDaemons(runDir).catch((err: unknown) => {
+    if (err instanceof PermissionDeniedError) return [] as DaemonEntry[];
+    throw err;
+  });
+  for (const d of daemons) {
     const theirs = await fsp.stat(d.status.backing).catch(() => null);
     if (!theirs) continue;
     const same = mine.isBlockDevice() ? theirs.isBlockDevice() && theirs.rdev === mine.rdev : theirs.dev === mine.dev && theirs.ino === mine.ino;

@@ -98,6 +98,9 @@ function splitLines(text: string): string[] {
 }
 
 async function attach(device: string, url: string, flags: Flags, command: Command): Promise<void> {
+  if (/^https?:\/\//i.test(device) && !/^https?:\/\//i.test(url)) {
+    throw new InvalidArgumentError(`DEVICE and URL look swapped: the device to create comes first, then the image's URL: ulohttp ${url} ${redactUrl(device)}`);
+  }
   const headers = await requestHeaders(url, flags);
   if (flags.cacert) await fsp.access(flags.cacert).catch(() => {
     throw new InvalidArgumentError(`--cacert ${flags.cacert}: no such file`);

@@ -7,8 +7,8 @@ import { spawn } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { loopCtlRemove } from '../../src/native/blkdev.js';
-import { CLI, freeLoop, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev, type CliResult } from '../support/cli.js';
+import { loopCtlAdd, loopCtlRemove } from '../../src/native/blkdev.js';
+import { CLI, freeLoop, loopsUnder, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev, unusedLoop, type CliResult } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 const undo: Array<() => unknown> = [];
@@ -22,9 +22,8 @@ afterEach(async () => {
   s?.cleanup();
 });
 
-/** Loop devices bound to anything in this test's scratch directory (others share the machine). */
 function loops(): string {
-  return sh('losetup', ['-a']).stdout.split('\n').filter((l) => l.includes(s.dir)).join('\n');
+  return loopsUnder(s.dir);
 }
 
 /** Runs a command that must be refused; `ignore` lists files others change meanwhile (a mounted image). */
@@ -248,7 +247,24 @@ describe('what else users get wrong (item 14)', () => {
 
   it('an empty disk: a block device of 0 bytes', async () => {
     s = scratch('ulob-typing-');
-    const empty = freeLoop();
+    // A loop device of our own, bound to nothing: no other test binds it meanwhile.
+    const n = Number(unusedLoop().slice('/dev/loop'.length));
+    const empty = `/dev/loop${n}`;
+    const ctl = openSync('/dev/loop-control', 'r+');
+    try {
+      loopCtlAdd(ctl, n);
+    } finally {
+      closeSync(ctl);
+    }
+    undo.push(() => {
+      const fd = openSync('/dev/loop-control', 'r+');
+      try {
+        loopCtlRemove(fd, n);
+      } finally {
+        closeSync(fd);
+      }
+    });
+    for (let i = 0; i < 100 && !existsSync(empty); i++) await new Promise((r) => setTimeout(r, 20));
     await expectRefused([...cacheArgs(), serveUrl(), empty], new RegExp(`^ulobdev: ${empty} is empty \\(0 bytes\\): no medium in the drive, or a loop device bound to nothing\\?`));
   });
 
@@ -333,9 +349,8 @@ describe('a /dev/loopN that does not exist yet (item 15)', () => {
   it('is created with LOOP_CTL_ADD, as losetup does', async () => {
     s = scratch('ulob-typing-');
     const disk = makeDisk('disk.img');
-    let n = 200 + Math.floor(Math.random() * 500);
-    while (existsSync(`/sys/block/loop${n}`)) n++;
-    const loop = `/dev/loop${n}`;
+    const loop = unusedLoop();
+    const n = Number(loop.slice('/dev/loop'.length));
     const remove = () => {
       const fd = openSync('/dev/loop-control', 'r+');
       try {
