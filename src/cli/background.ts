@@ -21,7 +21,8 @@ const NOTIFY_FD_ENV = 'ULOBDEV_NOTIFY_FD';
  */
 export function makeLogger(level: string, options: { pretty?: boolean } = {}): Logger {
   if (options.pretty) {
-    const stream = pretty({ destination: 2, sync: true, colorize: true, translateTime: 'SYS:HH:MM:ss', ignore: 'pid,hostname' });
+    // One daemon, one device, which the user just typed: lines without the device and pid.
+    const stream = pretty({ destination: 2, sync: true, colorize: true, translateTime: 'SYS:HH:MM:ss', ignore: 'pid,hostname,device,name' });
     return pino({ level, base: { pid: process.pid } }, stream);
   }
   return pino({ level, base: { pid: process.pid } }, pino.destination({ fd: 2, sync: true }));
