@@ -499,6 +499,9 @@ export async function main(argv: string[]): Promise<number> {
   } catch (err) {
     // Commander has printed its own usage error (one line, oneLineErrors) already.
     if (!(err instanceof CommanderError)) process.stderr.write(`ulobdev: ${oneLine(err)}\n`);
+    // A --daemon child that failed before it could start (no-op once it has reported): the
+    // parent shows this as the refusal it is, not as a daemon that died.
+    if (hasWaitingParent()) attachFailed(err instanceof CommanderError ? new InvalidArgumentError(err.message.replace(/^error: /, '')) : err);
     return exitCodeFor(err);
   }
 }

@@ -268,6 +268,9 @@ export async function main(argv: string[]): Promise<number> {
     if (err instanceof CommanderError && err.code === 'ulohttp.delegated') return err.exitCode;
     // Commander has printed its own usage error (one line) already.
     if (!(err instanceof CommanderError)) process.stderr.write(`ulohttp: ${oneLine(err)}\n`);
+    // A --daemon child that failed before it could start (no-op once it has reported): the
+    // parent shows this as the refusal it is, not as a daemon that died.
+    if (hasWaitingParent()) attachFailed(err instanceof CommanderError ? new InvalidArgumentError(err.message.replace(/^error: /, '')) : err);
     return exitCodeFor(err);
   }
 }
