@@ -13,15 +13,16 @@ import { promises as fsp } from 'node:fs';
 import { resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument, Option } from 'commander';
 import { CacheStore } from '../cache/store.js';
-import { CacheBusyError, DeviceBusyError, InvalidArgumentError, PermissionDeniedError } from '../errors.js';
+import { CacheBusyError, DaemonError, DeviceBusyError, InvalidArgumentError, NotAttachedError, PermissionDeniedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
-import { attachFailed, childArgs, daemonize, hasWaitingParent, logsToTerminal, makeLogger, notifyParent, oneLine, warn } from './background.js';
+import { attachFailed, childArgs, daemonize, hasWaitingParent, logsToTerminal, makeLogger, noteParent, notifyParent, oneLine, warn } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
 import { openBacking } from '../source/backing.js';
 import { controlRequest } from '../daemon/control.js';
+import { deadRecords, describeRecovery, recoverDeadDaemon } from '../daemon/leftovers.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { cachePaths, checkDaemonName, Daemon, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
-import { listDaemons, resolveDaemon, type DaemonEntry } from '../daemon/resolve.js';
+import { isDaemonName, listDaemons, resolveDaemon, type DaemonEntry } from '../daemon/resolve.js';
 import { defaultName, frontendKind } from '../bdev/frontend.js';
 import { RUN_DIR } from '../paths.js';
 import { formatBytes, parseSize } from '../units.js';
@@ -52,6 +53,7 @@ interface AttachFlags {
   flushOnDetach?: boolean;
   tickMs?: string;
   sampleMs?: string;
+  fstab?: string;
 }
 
 /**
@@ -212,6 +214,8 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
       logger,
       writebackPolicy: policy,
       allowRemote: flags.allowRemote,
+      onNotice: (line) => noteParent(line),
+      fstab: flags.fstab,
     });
   } catch (err) {
     throw attachFailed(await explainBusyCache(err, runDir));
@@ -237,13 +241,37 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
   await daemon.done;
 }
 
+/**
+ * When no daemon answers for DEVICE: lets go of what a dead one left (src/daemon/leftovers.ts) and
+ * returns the line saying so, or null (nothing was left, or the daemon lives and is slow).
+ */
+async function recoverIfDead(device: string, runDir: string, err: unknown): Promise<string | null> {
+  if (!(err instanceof NotAttachedError) && !(err instanceof DaemonError)) return null;
+  // A name goes into RUN_DIR paths: only a checked one (isDaemonName's, or a device's default).
+  const name = isDaemonName(device) ? device : defaultNameOf(device);
+  if (name === undefined) return null;
+  const recovery = await recoverDeadDaemon(runDir, device, name);
+  return recovery && describeRecovery(recovery);
+}
+
 async function status(device: string | undefined, flags: { json?: boolean; runDir?: string }): Promise<void> {
   const runDir = flags.runDir ?? RUN_DIR;
   let statuses: DeviceStatus[];
   if (device) {
-    const { socket } = await resolveDaemon(device, runDir);
-    statuses = [(await controlRequest(socket, { cmd: 'status' }, 10_000)).status as DeviceStatus];
+    try {
+      const { socket } = await resolveDaemon(device, runDir);
+      statuses = [(await controlRequest(socket, { cmd: 'status' }, 10_000)).status as DeviceStatus];
+    } catch (err) {
+      const recovered = await recoverIfDead(device, runDir, err);
+      if (recovered) throw new NotAttachedError(`${device} is not attached: ${recovered}; run the attach command again`);
+      throw err;
+    }
   } else {
+    // Daemons that died: their leftovers are let go first, and said so.
+    for (const dead of await deadRecords(runDir)) {
+      const recovery = await recoverDeadDaemon(runDir, dead.device, dead.name);
+      if (recovery) process.stderr.write(`ulobdev: ${dead.device}: ${describeRecovery(recovery)}\n`);
+    }
     statuses = (await listDaemons(runDir)).map((d) => d.status);
   }
   if (flags.json) {
@@ -279,6 +307,11 @@ function formatStatus(s: DeviceStatus): string {
     `  size ${formatBytes(s.size)}, block ${formatBytes(s.blockSize)}, cached ${formatBytes(s.cachedBytes)} (${s.cacheFillPercent}%), dirty ${formatBytes(s.dirtyBytes)}`,
     `  flush epoch ${s.flushEpoch}, up ${s.uptimeSeconds} s, cache ${s.paths.cache}`,
   ];
+  if (s.disk) {
+    const d = s.disk;
+    const last = d.lastError ? `; last error ${when(d.lastErrorAt)}: ${d.lastError}` : '';
+    lines.push(`  backing disk ${d.state === 'ok' ? 'ok' : d.state.toUpperCase()}${last}`);
+  }
   const w = s.writeback;
   if (w) {
     lines.push(
@@ -309,8 +342,15 @@ function formatStatus(s: DeviceStatus): string {
 }
 
 async function detach(device: string, flags: { runDir?: string }): Promise<void> {
-  const { socket } = await resolveDaemon(device, flags.runDir ?? RUN_DIR);
-  await controlRequest(socket, { cmd: 'detach' });
+  const runDir = flags.runDir ?? RUN_DIR;
+  try {
+    const { socket } = await resolveDaemon(device, runDir);
+    await controlRequest(socket, { cmd: 'detach' });
+  } catch (err) {
+    const recovered = await recoverIfDead(device, runDir, err);
+    if (!recovered) throw err;
+    process.stdout.write(`${device}: ${recovered}\n`);
+  }
   process.stdout.write(`${device} detached\n`);
 }
 
@@ -428,6 +468,7 @@ export function buildProgram(): Command {
     .addOption(hidden('--run-dir <DIR>'))
     .addOption(hidden('--tick-ms <MS>'))
     .addOption(hidden('--sample-ms <MS>'))
+    .addOption(hidden('--fstab <PATH>'))
     .action((device: string, backing: string, flags: AttachFlags, command: Command) => attach(device, backing, flags, command));
 
   program

@@ -6,9 +6,11 @@ interface BlkdevBinding {
   blkGetSize64(fd: number): number;
   blkFlsBuf(fd: number): void;
   blkSectorSize(fd: number): number;
+  blkPhysicalSectorSize(fd: number): number;
   loopBacking(fd: number): { device: number; inode: number };
   loopCtlAdd(fd: number, index: number): number;
   loopCtlRemove(fd: number, index: number): void;
+  loopClearAutoclear(fd: number): boolean;
 }
 
 const binding = addon<BlkdevBinding>();
@@ -29,6 +31,12 @@ export function blkFlsBuf(fd: number): void {
 export function blkSectorSize(fd: number): number {
   validateFd(fd);
   return binding.blkSectorSize(fd);
+}
+
+/** BLKPBSZGET: the physical block size in bytes (4096 on a 512e disk, whose logical sectors are 512). */
+export function blkPhysicalSectorSize(fd: number): number {
+  validateFd(fd);
+  return binding.blkPhysicalSectorSize(fd);
 }
 
 /** LOOP_GET_STATUS64: dev_t and inode of a loop device's backing file, without touching it. */
@@ -55,4 +63,13 @@ export function loopCtlRemove(fd: number, index: number): void {
   validateFd(fd);
   validateInteger(index, 'index', 0, MAX_LOOP_INDEX);
   binding.loopCtlRemove(fd, index);
+}
+
+/**
+ * Turns off a loop device's autoclear flag (LOOP_GET/SET_STATUS64), which LOOP_CLR_FD sets instead
+ * of unbinding while the device is open; true if it was set. Needs CAP_SYS_ADMIN.
+ */
+export function loopClearAutoclear(fd: number): boolean {
+  validateFd(fd);
+  return binding.loopClearAutoclear(fd);
 }
