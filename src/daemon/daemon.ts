@@ -5,7 +5,7 @@ import { basename, dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths } from '../cache/store.js';
-import { DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE } from '../cache/layout.js';
+import { assertBlockSize, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE } from '../cache/layout.js';
 import { InvalidArgumentError, IOFailedError, NotRootError, ReadOnlyError } from '../errors.js';
 import { RUN_DIR, STATE_DIR } from '../paths.js';
 import { isWritable, type SectorSize, type Source } from '../source/source.js';
@@ -225,6 +225,8 @@ export class Daemon {
       // 4 KiB gets blocks of one sector; an explicit smaller --block-size is refused here, before
       // anything is created, and an existing cache's block size after it is opened (below).
       const sectorSize = source.sectorSize ?? { logical: 512, physical: 512 };
+      // A --block-size that is no block size at all (3000, 2M) is said as such first.
+      if (options.blockSize !== undefined) assertBlockSize(options.blockSize);
       assertSectorFits(sectorSize, options.blockSize ?? DEFAULT_BLOCK_SIZE, source.description, options.blockSize === undefined);
       const policyIn = options.writebackPolicy ?? {};
       if (policyIn.dirtyMaxBytes !== undefined && policyIn.dirtyMaxBytes > source.size) {
@@ -549,12 +551,6 @@ export function explainNoSpace(err: unknown, paths: CachePaths): unknown {
     `no space left for ${file}: the filesystem holding it is full; free space there, or put the cache on a larger filesystem with -c (and -b, --metadata); nothing was changed`,
     { cause: err, path: file },
   );
-}
-
-/** Control socket of an attached device, from its DEVICE argument or --name. */
-export function controlSocket(deviceOrName: string, runDir = RUN_DIR): string {
-  const name = deviceOrName.includes('/') || deviceOrName.includes(':') ? defaultName(deviceOrName) : deviceOrName;
-  return join(runDir, `${name}.sock`);
 }
 
 /** The source with every read reported first (a read means the disk is spinning). */
