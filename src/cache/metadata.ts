@@ -2,10 +2,10 @@
 // dirty set as block extents (zeroed blocks among them), the eviction clock, and the history
 // tables. WAL with synchronous=FULL: every transaction that returns is durable, which is what the
 // dirty set needs (docs/design.md, "Durability rules"). docs/format.md describes every column.
-import { closeSync, constants as fsConstants, openSync } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, openSync, rmSync } from 'node:fs';
 import Database from 'better-sqlite3';
 import { fdatasync } from '../native/io.js';
-import { CacheBusyError, CorruptMetadataError, ioError } from '../errors.js';
+import { CacheBusyError, CorruptMetadataError, IOFailedError, ioError } from '../errors.js';
 import type { Extent } from './layout.js';
 
 export const FORMAT_VERSION = 2;
@@ -233,6 +233,7 @@ export class Metadata implements HistoryLog {
     mode: CacheMode,
     space: { budget: number | null; evictionUnit: number } = { budget: null, evictionUnit: DEFAULT_EVICTION_UNIT },
   ): Metadata {
+    const fresh = !existsSync(path);
     const db = openDatabase(path, false);
     try {
       const { n } = db.prepare('SELECT count(*) AS n FROM sqlite_master').get() as { n: number };
@@ -249,7 +250,9 @@ export class Metadata implements HistoryLog {
       return new Metadata(path, db);
     } catch (err) {
       db.close();
-      throw err;
+      // A database this call made and could not fill (a full filesystem) is removed again.
+      if (fresh) removeDatabase(path);
+      throw (err as { code?: string }).code === 'SQLITE_FULL' ? translate(err, path) : err;
     }
   }
 
@@ -505,6 +508,7 @@ export class Metadata implements HistoryLog {
 }
 
 function openDatabase(path: string, mustExist: boolean): Database.Database {
+  const fresh = !mustExist && !existsSync(path);
   let db: Database.Database;
   try {
     db = new Database(path, { fileMustExist: mustExist, timeout: 0 });
@@ -521,8 +525,14 @@ function openDatabase(path: string, mustExist: boolean): Database.Database {
     return db;
   } catch (err) {
     db.close();
+    // A database this call made and could not set up (a full filesystem) is removed again.
+    if (fresh) removeDatabase(path);
     throw translate(err, path);
   }
+}
+
+function removeDatabase(path: string): void {
+  for (const p of [path, `${path}-wal`, `${path}-shm`]) rmSync(p, { force: true });
 }
 
 function readInfo(db: Database.Database, path: string): CacheInfo {
@@ -565,5 +575,7 @@ function translate(err: unknown, path: string): Error {
     return new CorruptMetadataError(`${path} is not valid ulobdev metadata (${code})`, { cause: err });
   }
   if (code.startsWith('SQLITE_CANTOPEN')) return ioError('open metadata', path, err);
+  // SQLite says only "database or disk is full": name the file.
+  if (code === 'SQLITE_FULL') return new IOFailedError(`cannot write ${path}: the filesystem holding it is full (SQLITE_FULL); free space on it, then detach and attach again (the cache refuses I/O until then; what was flushed before is kept)`, { cause: err, path });
   return err instanceof Error ? err : new Error(String(err));
 }
