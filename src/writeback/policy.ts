@@ -37,7 +37,10 @@ export function parseCron(text: string): string {
     const why = check.error instanceof Error ? check.error.message : String(check.error ?? 'invalid');
     // Words in place of fields ("every 30 minutes" has 3, "run at 3 am daily" has 5): cron's own
     // message ("Unknown alias: eve") would not help.
-    if (/Unknown alias/.test(why)) throw new InvalidArgumentError(`--flush ${quoted} is not a cron expression: ${CRON_USAGE}`);
+    if (/Unknown alias/.test(why)) {
+      const typo = fields.length === 5 || fields.length === 6 ? nameTypo(fields, fields.length === 6 ? FIELDS_6 : FIELDS_5) : undefined;
+      throw new InvalidArgumentError(typo ? `--flush ${quoted}: ${typo}` : `--flush ${quoted} is not a cron expression: ${CRON_USAGE}`);
+    }
     throw new InvalidArgumentError(`--flush ${quoted} is not a cron expression (${why.split('\n')[0]}); try '*/30 * * * *'`);
   }
   if (!expr.startsWith('@')) {
@@ -51,6 +54,31 @@ export function parseCron(text: string): string {
     throw new InvalidArgumentError(`--flush ${quoted} never fires (${(err as Error).message.split('\n')[0]})`);
   }
   return expr;
+}
+
+/** The names cron takes in the month and day-of-week fields (any case), as a user would type them. */
+const FIELD_NAMES: Record<string, { names: readonly string[]; what: string }> = {
+  month: { names: ['jan', 'feb', 'mar', 'apr', 'may', 'jun', 'jul', 'aug', 'sep', 'oct', 'nov', 'dec'], what: 'a month (jan-dec or 1-12)' },
+  'day-of-week': { names: ['sun', 'mon', 'tue', 'wed', 'thu', 'fri', 'sat'], what: 'a day (mon-sun or 0-7)' },
+};
+
+/**
+ * For an expression cron refused with "Unknown alias": the misspelt month or weekday name
+ * (`day-of-week 'fry' is not a day (mon-sun or 0-7)`), or undefined when a field that takes no
+ * names holds letters (words in place of fields: the usage says more then).
+ */
+function nameTypo(fields: readonly string[], specs: readonly (typeof FIELDS_6)[number][]): string | undefined {
+  let typo: string | undefined;
+  for (const [i, field] of fields.entries()) {
+    const spec = specs[i]!;
+    const words = field.match(/[a-z]+/gi) ?? [];
+    if (words.length === 0) continue;
+    const names = FIELD_NAMES[spec.name];
+    if (!names) return undefined;
+    const bad = words.find((w) => !names.names.includes(w.toLowerCase()));
+    if (bad !== undefined) typo ??= `${spec.name} '${bad}' is not ${names.what}`;
+  }
+  return typo;
 }
 
 /** Refuses `BASE/STEP` parts whose step leaves only the start of their range. */

@@ -37,6 +37,14 @@ describe('write-back options', () => {
     expect(parseCron('@hourly')).toBe('@hourly');
   });
 
+  it('names the field whose name is a typo, in an expression of 5 fields', () => {
+    expect(() => parseCron('*/30 * * * mon-fry')).toThrow(/^--flush '\*\/30 \* \* \* mon-fry': day-of-week 'fry' is not a day \(mon-sun or 0-7\)$/);
+    expect(() => parseCron('0 3 * jna *')).toThrow(/^--flush '0 3 \* jna \*': month 'jna' is not a month \(jan-dec or 1-12\)$/);
+    expect(() => parseCron('0 0 * * 1,fry')).toThrow(/day-of-week 'fry' is not a day/);
+    // Words in place of fields stay a usage message, whatever their count.
+    expect(() => parseCron('run at 3 am daily')).toThrow(/it takes 5 fields/);
+  });
+
   it('warns when a schedule fires more often than every 5 minutes', () => {
     const six = cronWarning('*/30 * * * * *');
     expect(six).toMatch(/^--flush '\*\/30 \* \* \* \* \*' fires every 30 s: the disk spins up that often and never sleeps/);
