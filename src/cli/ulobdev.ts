@@ -424,10 +424,17 @@ async function discard(backing: string, flags: { cache?: string; bitmap?: string
   );
 }
 
-/** commander's errors as one line, like every other refusal: `ulobdev: WHAT (see ulobdev CMD --help)`. */
-function oneLineErrors(program: Command): Command {
+/**
+ * commander's errors as one line, like every other refusal: `ulobdev: WHAT`, with its "(Did you
+ * mean --writeback?)" for a misspelt option or command kept on that line.
+ */
+export function oneLineErrors(program: Command): Command {
   return program.configureOutput({
-    outputError: (text, write) => write(`${program.name()}: ${text.replace(/^error: /, '').trim().split('\n')[0]}\n`),
+    outputError: (text, write) => {
+      const [what, ...more] = text.replace(/^error: /, '').trim().split('\n');
+      const suggestion = more.map((l) => l.trim()).find((l) => l.startsWith('(Did you mean'));
+      write(`${program.name()}: ${what}${suggestion ? ` ${suggestion}` : ''}\n`);
+    },
   });
 }
 

@@ -19,7 +19,7 @@ import { openHttpSource, type HttpSource } from '../source/http.js';
 import { credentialsHeader, formatHeaders, parseHeaders, redactUrl } from '../source/http-range.js';
 import { cachePaths, Daemon } from '../daemon/daemon.js';
 import { STATE_DIR } from '../paths.js';
-import { main as ulobdevMain, nameArg } from './ulobdev.js';
+import { main as ulobdevMain, nameArg, oneLineErrors } from './ulobdev.js';
 import { parseSize } from '../units.js';
 import { parseRate } from '../writeback/policy.js';
 
@@ -206,8 +206,7 @@ function hidden(flags: string) {
 }
 
 export function buildProgram(): Command {
-  const program = new Command('ulohttp')
-    .configureOutput({ outputError: (text, write) => write(`ulohttp: ${text.replace(/^error: /, '').trim().split('\n')[0]}\n`) })
+  const program = oneLineErrors(new Command('ulohttp'))
     .description('a disk image on an HTTP(S) server as a read-only block device, fetched on demand')
     .usage('[attach] [options] DEVICE URL | <command> [options] [DEVICE|NAME]')
     .addHelpText(
