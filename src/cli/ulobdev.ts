@@ -10,6 +10,7 @@
 //   ulobdev flush DEVICE|NAME [--wait]
 //   ulobdev report DEVICE|NAME --svg FILE [--hours N]
 //   ulobdev discard [-c CACHE] [-b BITMAP] [--force] BACKEND
+import { VERSION } from './version.js';
 import { promises as fsp } from 'node:fs';
 import { resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument, Option } from 'commander';
@@ -455,6 +456,7 @@ export function buildProgram(): Command {
   const program = oneLineErrors(new Command('ulobdev'))
     .description('a write-back flash cache for spinning disks')
     .usage('[attach] [options] DEVICE BACKEND | <command> [options] [DEVICE|NAME]')
+    .version(VERSION)
     .addHelpText('after', EXAMPLES)
     .exitOverride();
 

@@ -6,6 +6,7 @@
 //   (headers also from $ULOHTTP_HEADERS: the way to keep Authorization and Cookie out of argv)
 //   ulohttp status [DEVICE] [--json]     (same as ulobdev status)
 //   ulohttp detach DEVICE                (same as ulobdev detach)
+import { VERSION } from './version.js';
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -207,6 +208,7 @@ function hidden(flags: string) {
 
 export function buildProgram(): Command {
   const program = oneLineErrors(new Command('ulohttp'))
+    .version(VERSION)
     .description('a disk image on an HTTP(S) server as a read-only block device, fetched on demand')
     .usage('[attach] [options] DEVICE URL | <command> [options] [DEVICE|NAME]')
     .addHelpText(

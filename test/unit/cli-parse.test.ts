@@ -1,8 +1,11 @@
 // The command lines' own parsing, in process: refusals that happen before anything is opened
 // (unknown options, swapped arguments) and --version. One line on stderr, exit 1, or the version.
+import { readFileSync } from 'node:fs';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { main as ulobdev } from '../../src/cli/ulobdev.js';
 import { main as ulohttp } from '../../src/cli/ulohttp.js';
+
+const VERSION = (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
 
 async function run(main: (argv: string[]) => Promise<number>, args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   let stdout = '';
@@ -28,4 +31,14 @@ describe('command-line parsing', () => {
     expect(h.code).toBe(1);
     expect(h.stderr).toBe("ulohttp: unknown option '--hydrat' (Did you mean --hydrate?)\n");
   });
+
+  it('prints the version from package.json', async () => {
+    for (const [main, name] of [[ulobdev, 'ulobdev'], [ulohttp, 'ulohttp']] as const) {
+      for (const flag of ['--version', '-V']) {
+        const r = await run(main, [flag]);
+        expect(r, `${name} ${flag}`).toEqual({ code: 0, stdout: `${VERSION}\n`, stderr: '' });
+      }
+    }
+  });
+
 });
