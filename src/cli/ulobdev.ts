@@ -114,7 +114,8 @@ function blockSizeArg(value: string): number {
  * DEVICE then BACKEND, exactly two. The usual slip is the disk first (`ulobdev /dev/sdb
  * /dev/loop6`) or a value for an option that takes none (`--hydrate 50M`): say which.
  */
-function checkPositionals(device: string, backing: string, extra: readonly string[], flags: AttachFlags): void {
+function checkPositionals(device: string, backing: string, flags: AttachFlags, command: Command): void {
+  const extra = command.args.slice(2);
   if (extra.length > 0) {
     const hint = flags.hydrate && /^\d/.test(device) ? `; --hydrate takes no value: the rate is --hydrate-rate ${device}` : '';
     throw new InvalidArgumentError(`too many arguments: expected DEVICE BACKEND, got ${[device, backing, ...extra].join(' ')}${hint}`);
@@ -135,10 +136,25 @@ function checkPositionals(device: string, backing: string, extra: readonly strin
   }
   if (backingIsDevice) {
     throw new InvalidArgumentError(
-      `DEVICE and BACKEND look swapped: the device to create comes first, then the disk to cache: ulobdev ${backing} ${device}`,
+      `DEVICE and BACKEND look swapped: the device to create comes first, then the disk to cache: ${swappedCommand(command, device, backing)}`,
     );
   }
   throw deviceError;
+}
+
+/**
+ * The user's command line with DEVICE and BACKEND swapped back, every option kept (quoted for a
+ * shell), so it can be pasted as it is: `ulobdev -c CACHE --writeback /dev/loop4 disk.img`.
+ */
+function swappedCommand(command: Command, device: string, backing: string): string {
+  // rawArgs (argv as parsed, node and script first) is public in commander but not in its types.
+  const args = ((command.parent as { rawArgs?: string[] } | null)?.rawArgs ?? []).slice(2);
+  const b = args.lastIndexOf(backing);
+  const d = b > 0 ? args.lastIndexOf(device, b - 1) : -1;
+  if (d < 0) return `ulobdev ${backing} ${device}`;
+  [args[d], args[b]] = [backing, device];
+  const quote = (a: string) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`);
+  return ['ulobdev', ...args.map(quote)].join(' ');
 }
 
 /**
@@ -186,7 +202,7 @@ function describeDaemon(d: DaemonEntry): string {
 }
 
 async function attach(device: string, backing: string, flags: AttachFlags, command: Command): Promise<void> {
-  checkPositionals(device, backing, command.args.slice(2), flags);
+  checkPositionals(device, backing, flags, command);
   const runDir = flags.runDir ?? RUN_DIR;
   const policy = await writebackPolicy(backing, flags);
   const cacheSize = flags.cacheSize === undefined ? undefined : parseCacheSize(flags.cacheSize);

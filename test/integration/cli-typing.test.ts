@@ -241,8 +241,9 @@ describe('what else users get wrong (item 14)', () => {
   it('DEVICE and BACKEND swapped', async () => {
     s = scratch('ulob-typing-');
     const disk = makeDisk('disk.img');
-    await expectRefused([...cacheArgs(), disk, '/dev/loop6'], new RegExp(`^ulobdev: DEVICE and BACKEND look swapped: the device to create comes first, then the disk to cache: ulobdev /dev/loop6 ${disk}\\n$`));
-    await expectRefused([...cacheArgs(), '/dev/sdb', '/dev/loop6'], /look swapped: .*: ulobdev \/dev\/loop6 \/dev\/sdb\n$/);
+    // The hint is the whole command with the two swapped back: options kept.
+    await expectRefused([...cacheArgs(), disk, '/dev/loop6'], new RegExp(`^ulobdev: DEVICE and BACKEND look swapped: the device to create comes first, then the disk to cache: ulobdev ${cacheArgs().join(' ')} /dev/loop6 ${disk} --run-dir ${s.runDir}\\n$`));
+    await expectRefused([...cacheArgs(), '/dev/sdb', '/dev/loop6'], new RegExp(`look swapped: .*: ulobdev ${cacheArgs().join(' ')} /dev/loop6 /dev/sdb --run-dir ${s.runDir}\\n$`));
   });
 
   it('an empty disk: a block device of 0 bytes', async () => {

@@ -41,4 +41,11 @@ describe('command-line parsing', () => {
     }
   });
 
+  it('repeats the whole command, options kept, when DEVICE and BACKEND look swapped', async () => {
+    const r = await run(ulobdev, ['-c', '/tmp/f/d.cache', '--writeback', '--flush', '*/30 * * * *', '--daemon', '/tmp/disk.img', '/dev/loop4']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toBe(
+      "ulobdev: DEVICE and BACKEND look swapped: the device to create comes first, then the disk to cache: ulobdev -c /tmp/f/d.cache --writeback --flush '*/30 * * * *' --daemon /dev/loop4 /tmp/disk.img\n",
+    );
+  });
 });
