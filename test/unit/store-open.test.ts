@@ -335,6 +335,21 @@ describe('CacheStore.open refuses a cache that is not this disk\'s, and changes 
     expect(ls()).toEqual(['disk.img']);
   });
 
+  it('takes a budget above the disk when the disk fits: the cache file never holds more than the disk', async () => {
+    const source = await openBacking(disk, { writable: true });
+    cleanups.push(() => source.close());
+    const tight = { ...posixStorage, freeBytes: async () => BLOCKS * BS - 1 };
+    await expectRefused(
+      () => CacheStore.open({ paths, backing: source, mode: 'writeback', budget: 2 ** 40, evictionUnit: 64 * 1024, storage: tight }),
+      InvalidArgumentError,
+      'ULOB_E_INVALID_ARG',
+      ['a cache budget of 1 TiB does not fit'],
+    );
+    const room = { ...posixStorage, freeBytes: async () => BLOCKS * BS };
+    const store = await CacheStore.open({ paths, backing: source, mode: 'writeback', budget: 2 ** 40, evictionUnit: 64 * 1024, storage: room });
+    await store.close();
+  });
+
   it('refuses a budget of less than two eviction units, and an eviction unit that is not a power of two', async () => {
     const source = await openBacking(disk, { writable: true });
     cleanups.push(() => source.close());
