@@ -36,6 +36,8 @@ export interface EngineOptions {
    * the unit.
    */
   fillGranuleBytes?: number;
+  /** With a budget: ms without a miss after which the disk counts as idle (whole-unit fill). Default 5000. */
+  diskIdleMs?: number;
   /**
    * Copy-on-write of an open flush epoch (src/cache/epoch.ts): how many bytes of preserved block
    * versions to keep in memory before spilling to `cowSpillPath`. Default 64 MiB.
@@ -137,6 +139,7 @@ export class CacheEngine {
   readonly #fillGranuleBlocks: number;
   /** Date.now() of the last miss that started fills; a disk idle for DISK_IDLE_MS gets whole units. */
   #lastFillAt = -Infinity;
+  readonly #diskIdleMs: number;
   readonly #fillBuffers: BufferPool;
   #commitTimer: NodeJS.Timeout | null = null;
   #epoch: FlushEpoch | null = null;
@@ -181,6 +184,7 @@ export class CacheEngine {
     this.geometry = store.geometry;
     this.#autoCommitMs = options.autoCommitMs ?? 1000;
     this.#maxFillBlocks = Math.max(1, Math.floor((options.maxFillBytes ?? DEFAULT_MAX_FILL) / this.geometry.blockSize));
+    this.#diskIdleMs = options.diskIdleMs ?? DISK_IDLE_MS;
     this.#fillGranuleBlocks = Math.max(1, Math.floor((options.fillGranuleBytes ?? DEFAULT_FILL_GRANULE) / this.geometry.blockSize));
     this.#fillBuffers = new BufferPool(this.#maxFillBlocks * this.geometry.blockSize, FILL_BUFFERS_KEPT);
     this.#commit = new Coalescer(() => this.#commitStaged());
@@ -611,7 +615,7 @@ export class CacheEngine {
         // with the cold neighbours of scattered hot blocks (bench/budget.js: hit ratio 0.55,
         // 23 IOPS); those read aligned granules only.
         const now = Date.now();
-        const idle = now - this.#lastFillAt >= DISK_IDLE_MS;
+        const idle = now - this.#lastFillAt >= this.#diskIdleMs;
         this.#lastFillAt = now;
         const span = idle ? store.unitBlocks : Math.min(store.unitBlocks, this.#fillGranuleBlocks);
         from = Math.floor(first / span) * span;
