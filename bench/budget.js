@@ -55,7 +55,7 @@ if (opts.help) {
       '  --seconds  seconds measured\n' +
       '  --delay    ms dm-delay adds to every read and write of the disk\n' +
       '  --only     the caches to run, of ulobdev,dmcache,bcache\n' +
-      '  --cpu-prof the ulobdev daemon runs with node --cpu-prof; its profile is kept in the scratch directory (--keep)\n',
+      '  --cpu-prof the ulobdev daemon (and its CLI calls) run with node --cpu-prof (execArgv: NODE_OPTIONS refuses it); profiles are kept in the scratch directory (--keep)\n',
   );
   process.exit(0);
 }
@@ -120,12 +120,11 @@ flash() { truncate -s $2 $R/$1 && losetup --direct-io=on -f --show $R/$1; }
 
 if ${ONLY.has('ulobdev')}; then
 step ulobdev
-${opts['cpu-prof'] ? 'export NODE_OPTIONS="--cpu-prof --cpu-prof-dir=/mnt"' : ''}
+${opts['cpu-prof'] ? `U="node --cpu-prof --cpu-prof-dir=/mnt ${ROOT}/dist/cli/ulobdev.js"` : ''}
 $U -c $R/u.cache -b $R/u.bitmap --cache-size ${CACHE_MB}M --daemon /dev/nbd0 /dev/mapper/hdd >/dev/null
 measure /dev/nbd0 ulobdev
 $U status /dev/nbd0 --json > /mnt/ulobdev-status.json
 $U detach /dev/nbd0 >/dev/null
-unset NODE_OPTIONS
 fi
 
 if ${ONLY.has('dmcache')}; then
