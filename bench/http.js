@@ -15,6 +15,7 @@ import net from 'node:net';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { loadavg } from 'node:os';
 import { printTable, writeJson } from './lib/table.js';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
@@ -279,6 +280,7 @@ function fio(file) {
 // --- main --------------------------------------------------------------------------------------
 
 async function main() {
+  const loadAtStart = loadavg().map((x) => +x.toFixed(2));
   log(`image: 2 × ${BIG / MiB} MiB files + ${FILES} small files`);
   const img = makeImage();
   const nginx = await startNginx(img.www);
@@ -368,7 +370,7 @@ async function main() {
       notes: [`fetch/read = bytes nginx sent / bytes the workload read. Workloads cut at ${CAP_S} s report what they did until then.`],
     },
   );
-  writeJson(opt.json, { params: { big: BIG, files: FILES, fioSeconds: FIO_S, delayMs: DELAY, capSeconds: CAP_S }, rows, kernel: sh('uname', ['-r']).trim(), nproc: sh('nproc', []).trim() });
+  writeJson(opt.json, { params: { big: BIG, files: FILES, fioSeconds: FIO_S, delayMs: DELAY, capSeconds: CAP_S }, rows, kernel: sh('uname', ['-r']).trim(), nproc: sh('nproc', []).trim(), loadAverage: { start: loadAtStart, end: loadavg().map((x) => +x.toFixed(2)) } });
 }
 
 try {
