@@ -185,7 +185,9 @@ export class IOFailedError extends UlobError {
 /** Wraps a thrown system error (NativeError or a node fs error) with a path for context. */
 export function ioError(what: string, path: string | undefined, err: unknown): IOFailedError {
   const e = err as { code?: string; syscall?: string; message?: string };
-  const detail = e?.code ? `${e.code}${e.syscall ? ` (${e.syscall})` : ''}` : String(e?.message ?? err);
+  const detail = e?.code
+    ? `${e.code}${e.syscall ? ` (${e.syscall})` : ''}${e.code === 'ENOSPC' ? ': the filesystem holding it is full' : ''}`
+    : String(e?.message ?? err);
   const where = path ? ` ${path}` : '';
   return new IOFailedError(`cannot ${what}${where}: ${detail}`, { cause: err, syscall: e?.syscall, path });
 }

@@ -160,7 +160,7 @@ export async function attachUloop(options: UloopOptions): Promise<Frontend> {
     };
   }
 
-  logger.info({ device }, 'uloop device added');
+  logger.info('uloop device added');
   return {
     kind: 'uloop',
     device,

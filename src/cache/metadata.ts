@@ -1,10 +1,10 @@
 // Cache metadata in SQLite: identity, mode, clean-shutdown flag, flush epoch, the dirty set as block
 // extents, and the history tables. WAL with synchronous=FULL: every transaction that returns is
 // durable, which is what the dirty set needs (docs/design.md, "Durability rules").
-import { closeSync, constants as fsConstants, openSync } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, openSync, rmSync } from 'node:fs';
 import Database from 'better-sqlite3';
 import { fdatasync } from '../native/io.js';
-import { CacheBusyError, CorruptMetadataError, ioError } from '../errors.js';
+import { CacheBusyError, CorruptMetadataError, IOFailedError, ioError } from '../errors.js';
 import type { Extent } from './layout.js';
 
 export const FORMAT_VERSION = 1;
@@ -168,6 +168,7 @@ export class Metadata implements HistoryLog {
 
   /** Creates a new metadata database; fails if `path` exists. */
   static create(path: string, identity: CacheIdentity, mode: CacheMode): Metadata {
+    const fresh = !existsSync(path);
     const db = openDatabase(path, false);
     try {
       const { n } = db.prepare('SELECT count(*) AS n FROM sqlite_master').get() as { n: number };
@@ -184,7 +185,9 @@ export class Metadata implements HistoryLog {
       return new Metadata(path, db);
     } catch (err) {
       db.close();
-      throw err;
+      // A database this call made and could not fill (a full filesystem) is removed again.
+      if (fresh) removeDatabase(path);
+      throw (err as { code?: string }).code === 'SQLITE_FULL' ? translate(err, path) : err;
     }
   }
 
@@ -366,6 +369,7 @@ export class Metadata implements HistoryLog {
 }
 
 function openDatabase(path: string, mustExist: boolean): Database.Database {
+  const fresh = !mustExist && !existsSync(path);
   let db: Database.Database;
   try {
     db = new Database(path, { fileMustExist: mustExist, timeout: 0 });
@@ -382,8 +386,14 @@ function openDatabase(path: string, mustExist: boolean): Database.Database {
     return db;
   } catch (err) {
     db.close();
+    // A database this call made and could not set up (a full filesystem) is removed again.
+    if (fresh) removeDatabase(path);
     throw translate(err, path);
   }
+}
+
+function removeDatabase(path: string): void {
+  for (const p of [path, `${path}-wal`, `${path}-shm`]) rmSync(p, { force: true });
 }
 
 function readInfo(db: Database.Database, path: string): CacheInfo {
@@ -422,5 +432,7 @@ function translate(err: unknown, path: string): Error {
     return new CorruptMetadataError(`${path} is not valid ulobdev metadata (${code})`, { cause: err });
   }
   if (code.startsWith('SQLITE_CANTOPEN')) return ioError('open metadata', path, err);
+  // SQLite says only "database or disk is full": name the file.
+  if (code === 'SQLITE_FULL') return new IOFailedError(`cannot write ${path}: the filesystem holding it is full (SQLITE_FULL); free space on it, then detach and attach again (the cache refuses I/O until then; what was flushed before is kept)`, { cause: err, path });
   return err instanceof Error ? err : new Error(String(err));
 }

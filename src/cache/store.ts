@@ -131,7 +131,7 @@ export class CacheStore {
       files =
         info.state === 'creating'
           ? await createFiles(storage, paths, geometry, meta)
-          : await openFiles(storage, paths, geometry);
+          : await openFiles(storage, paths, geometry, backing.description);
       const { cache, bitmapFile } = files;
       const present = new Bitmap(geometry.blockCount, Buffer.alloc(geometry.bitmapFileSize));
       await readFully(bitmapFile, present.buffer, paths.bitmap);
@@ -491,24 +491,31 @@ async function createFiles(storage: Storage, paths: CachePaths, geometry: Geomet
   }
 }
 
-async function openFiles(storage: Storage, paths: CachePaths, geometry: Geometry) {
+async function openFiles(storage: Storage, paths: CachePaths, geometry: Geometry, disk: string) {
+  // What a user can do about a cache file that is gone or cut short: nothing here repairs it.
+  const startOver = `if the cache is lost, 'ulobdev discard --force ${disk}' (with the same -c and -b) starts over with an empty one, losing any blocks the disk has not received`;
   let cache: BlockFile | undefined;
+  let opening = paths.cache;
   try {
     cache = await storage.open(paths.cache);
     const cacheSize = await cache.size();
     if (cacheSize !== geometry.cacheFileSize) {
-      throw new SizeMismatchError(`${paths.cache} is ${cacheSize} bytes, expected ${geometry.cacheFileSize} for this disk`);
+      throw new SizeMismatchError(`${paths.cache} is ${cacheSize} bytes, not the ${geometry.cacheFileSize} of this cache (truncated or replaced?); ${startOver}`);
     }
+    opening = paths.bitmap;
     const bitmapFile = await storage.open(paths.bitmap);
     const bitmapSize = await bitmapFile.size();
     if (bitmapSize !== geometry.bitmapFileSize) {
       await bitmapFile.close();
-      throw new SizeMismatchError(`${paths.bitmap} is ${bitmapSize} bytes, expected ${geometry.bitmapFileSize} for this disk`);
+      throw new SizeMismatchError(`${paths.bitmap} is ${bitmapSize} bytes, not the ${geometry.bitmapFileSize} of this cache (truncated or replaced?); ${startOver}`);
     }
     return { cache, bitmapFile };
   } catch (err) {
     await cache?.close().catch(() => undefined);
     if (err instanceof SizeMismatchError) throw err;
+    if ((err as { code?: string }).code === 'ENOENT') {
+      throw new SizeMismatchError(`${opening} is missing, but its metadata ${paths.metadata} is there (moved, or the flash not mounted?); ${startOver}`);
+    }
     throw ioError('open the cache', (err as { path?: string }).path ?? paths.cache, err);
   }
 }

@@ -5,8 +5,8 @@ import { basename, dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths } from '../cache/store.js';
-import { DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE } from '../cache/layout.js';
-import { InvalidArgumentError, NotRootError, ReadOnlyError } from '../errors.js';
+import { assertBlockSize, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE } from '../cache/layout.js';
+import { InvalidArgumentError, IOFailedError, NotRootError, ReadOnlyError } from '../errors.js';
 import { RUN_DIR, STATE_DIR } from '../paths.js';
 import { isWritable, type SectorSize, type Source } from '../source/source.js';
 import { DiskHealth, type DiskHealthStatus } from '../source/health.js';
@@ -14,14 +14,15 @@ import { defaultName, frontendKind, type Frontend, type FrontendKind } from '../
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/kernel-nbd.js';
 import { assertUloopModule, attachUloop } from '../bdev/uloop.js';
-import { NbdServer, parseNbdUrl } from '../bdev/nbd-server/index.js';
+import { assertLocalAddress, NbdServer, parseNbdUrl } from '../bdev/nbd-server/index.js';
+import { formatBytes } from '../units.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
 import { DiskPower, onAcPower, standbyTimerCount, standbyTimerSeconds } from '../writeback/power.js';
 import { FlushScheduler, type SchedulerStatus } from '../writeback/scheduler.js';
 import { assertNoDaemon, ControlServer, type ControlRequest } from './control.js';
 import { claimName, describeRecovery, recoverLeftovers, releaseName } from './leftovers.js';
-import { fstabWarnings } from './fstab.js';
+import { fstabWarnings, stableLinkFor } from './fstab.js';
 import { crashPoint } from '../sys.js';
 
 export const EXPORT_NAME = 'ulobdev';
@@ -41,6 +42,11 @@ export interface AttachOptions {
   logger: Logger;
   /** Write-back policy (src/writeback): all optional; without them flushes are manual only. */
   writebackPolicy?: WritebackPolicy;
+  /**
+   * Serve an NBD URL on an address other machines can reach (nbd://0.0.0.0:PORT). Off: such an
+   * address is refused, since NBD has neither authentication nor encryption here.
+   */
+  allowRemote?: boolean;
   /**
    * Told (besides the log) what the user should know of the attach: what it let go of a dead daemon
    * of the same name, fstab lines that may mount the raw disk.
@@ -98,7 +104,22 @@ export interface DeviceStatus {
   oldestDirtyAgeSeconds: number | null;
   /** Write-back state: schedule, last/next flush, errors, power. Absent in read-only mode. */
   writeback?: SchedulerStatus & { schedule: string | null; powerControl: string | null };
+  /** Every policy setting in force (null: not set), so status shows what the daemon was told. */
+  policy: PolicyStatus;
   hydration?: HydrationProgress;
+}
+
+/** The write-back and hydration settings of a daemon, as status shows them; null means not set. */
+export interface PolicyStatus {
+  flushCron: string | null;
+  dirtyMaxBytes: number | null;
+  maxDirtyAgeSeconds: number | null;
+  spindown: boolean;
+  standbyTimeoutSeconds: number | null;
+  onAc: 'flush' | 'schedule' | null;
+  /** Bytes per second; 0 is unlimited; null: no hydration. */
+  hydrateRate: number | null;
+  flushOnDetach: boolean;
 }
 
 export class Daemon {
@@ -164,12 +185,20 @@ export class Daemon {
     if (kind === 'uloop') assertUloopModule(options.device);
     if (kind !== 'serve' && process.getuid?.() !== 0) throw new NotRootError(`binding ${options.device} needs root; run ulobdev as root (or serve an NBD URL instead)`);
     const name = options.name ?? defaultName(options.device);
-    if (!/^[A-Za-z0-9._-]+$/.test(name)) throw new InvalidArgumentError(`--name may hold letters, digits, '.', '_' and '-' only`);
+    if (options.name !== undefined) checkDaemonName(options.name);
     const runBase = options.runDir ?? RUN_DIR;
     const runDir = join(runBase, name);
-    const logger = options.logger.child({ device: name });
-    if (kind === 'serve') parseNbdUrl(options.device);
+    // One `device` key per line: the frontends log with this logger and do not repeat it.
+    const logger = options.logger.child(name === defaultName(options.device) ? { device: options.device } : { device: options.device, name });
+    if (kind === 'serve') {
+      const address = parseNbdUrl(options.device);
+      assertLocalAddress(address, { allowRemote: options.allowRemote, what: 'the cached disk', writable: options.writeback });
+      if (options.allowRemote && !('path' in address)) {
+        logger.warn(`${options.device}: serving the cached disk to the network with no authentication and no encryption (--allow-remote)`);
+      }
+    }
     await assertNoDaemon(join(runBase, `${name}.sock`));
+    await assertCacheDirsExist(options);
     // The name is this process's from here on (RUN_DIR/NAME.json); what a dead daemon of the same
     // name left (a loop device bound to its FUSE file, nbdfuse, the mount) is let go first.
     const recovery =
@@ -185,6 +214,7 @@ export class Daemon {
     }
     crashPoint('attach:claimed');
     const undo: Array<() => Promise<unknown>> = [];
+    let paths: CachePaths | undefined;
     try {
       // Everything that can refuse DEVICE is checked before the cache is opened or created.
       if (kind === 'loop') await assertLoopFree(options.device);
@@ -195,8 +225,17 @@ export class Daemon {
       // 4 KiB gets blocks of one sector; an explicit smaller --block-size is refused here, before
       // anything is created, and an existing cache's block size after it is opened (below).
       const sectorSize = source.sectorSize ?? { logical: 512, physical: 512 };
+      // A --block-size that is no block size at all (3000, 2M) is said as such first.
+      if (options.blockSize !== undefined) assertBlockSize(options.blockSize);
       assertSectorFits(sectorSize, options.blockSize ?? DEFAULT_BLOCK_SIZE, source.description, options.blockSize === undefined);
-      const paths = cachePaths(options, source.id);
+      const policyIn = options.writebackPolicy ?? {};
+      if (policyIn.dirtyMaxBytes !== undefined && policyIn.dirtyMaxBytes > source.size) {
+        throw new InvalidArgumentError(
+          `--dirty-max ${formatBytes(policyIn.dirtyMaxBytes)} is more than all of ${source.description} (${formatBytes(source.size)}): it would never start a flush; give a smaller size or a percentage such as 10%`,
+        );
+      }
+      paths = cachePaths(options, source.id);
+      // Only the default state directory is made here; a directory the user named must exist.
       await fsp.mkdir(dirname(paths.cache), { recursive: true, mode: 0o700 });
       await fsp.mkdir(dirname(paths.bitmap), { recursive: true, mode: 0o700 });
       const store = await CacheStore.open({
@@ -273,6 +312,7 @@ export class Daemon {
         exportName: EXPORT_NAME,
         description: `ulobdev cache of ${source.description}`,
         logger,
+        allowRemote: options.allowRemote,
         minBlockSize: sectorSize.logical,
         preferredBlockSize: Math.max(4096, sectorSize.physical),
       });
@@ -285,7 +325,15 @@ export class Daemon {
       let frontend: Frontend;
       if (kind === 'loop') frontend = await attachLoop({ device: options.device, socket, runDir, readOnly, logger, sectorSize: sectorSize.logical });
       else if (kind === 'nbd') frontend = await attachNbdDevice({ device: options.device, socket, exportName: EXPORT_NAME, readOnly, sectorSize: sectorSize.logical, logger });
-      else if (kind === 'uloop') frontend = await attachUloop({ device: options.device, engine, readOnly, logger });
+      else if (kind === 'uloop') {
+        frontend = await attachUloop({ device: options.device, engine, readOnly, logger });
+        // ABI 1 of uloop.ko has no sector sizes at ADD: /dev/uloopN shows 512 whatever the disk has.
+        if (sectorSize.logical !== 512) {
+          const line = `${options.device} shows 512-byte sectors, the disk ${source.description} has ${sectorSize.logical}: a filesystem made through it may not mount on the bare disk; use /dev/loopN or /dev/nbdN for this disk`;
+          logger.warn(line);
+          options.onNotice?.(line);
+        }
+      }
       else frontend = { kind: 'serve', device: options.device, detach: async () => undefined };
       undo.push(() => frontend.detach());
       crashPoint('attach:bound');
@@ -303,7 +351,8 @@ export class Daemon {
       }
       logger.info({ backing: source.description, cache: paths.cache, mode: store.mode, schedule: policy.flushCron ?? null }, 'attached');
       if (kind !== 'serve') {
-        for (const line of await fstabWarnings(options.device, `/sys/block/${basename(options.device)}`, source.description, options.fstab)) {
+        const link = await stableLinkFor(name, runBase === RUN_DIR);
+        for (const line of await fstabWarnings(options.device, `/sys/block/${basename(options.device)}`, source.description, options.fstab, link)) {
           logger.warn(line);
           options.onNotice?.(line);
         }
@@ -313,7 +362,7 @@ export class Daemon {
       for (const step of undo.reverse()) await step().catch(() => undefined);
       await fsp.rm(runDir, { recursive: true, force: true }).catch(() => undefined);
       await releaseName(runBase, name).catch(() => undefined);
-      throw err;
+      throw paths ? explainNoSpace(err, paths) : err;
     }
   }
 
@@ -340,6 +389,21 @@ export class Daemon {
       disk: this.#health.status(),
       ...this.#writebackStatus(Math.min(s.dirtyBlocks * s.blockSize, s.size)),
       hydration: this.#hydrator?.progress(),
+      policy: this.#policyStatus(),
+    };
+  }
+
+  #policyStatus(): PolicyStatus {
+    const p = this.#policy;
+    return {
+      flushCron: p.flushCron ?? null,
+      dirtyMaxBytes: p.dirtyMaxBytes ?? (p.dirtyMaxPercent !== undefined ? Math.floor((this.engine.size * p.dirtyMaxPercent) / 100) : null),
+      maxDirtyAgeSeconds: p.maxDirtyAgeMs === undefined ? null : p.maxDirtyAgeMs / 1000,
+      spindown: p.spindown ?? false,
+      standbyTimeoutSeconds: p.standbyTimeoutSeconds ?? null,
+      onAc: p.onAc ?? null,
+      hydrateRate: p.hydrateRate ?? null,
+      flushOnDetach: this.#scheduler !== null && (p.flushOnDetach ?? hasAutomaticWriteback(p)),
     };
   }
 
@@ -443,10 +507,59 @@ export function cachePaths(options: Pick<AttachOptions, 'cache' | 'bitmap' | 'me
   };
 }
 
-/** Control socket of an attached device, from its DEVICE argument or --name. */
-export function controlSocket(deviceOrName: string, runDir = RUN_DIR): string {
-  const name = deviceOrName.includes('/') || deviceOrName.includes(':') ? defaultName(deviceOrName) : deviceOrName;
-  return join(runDir, `${name}.sock`);
+/**
+ * A name given with --name: one path component that is neither hidden nor an option. It names the
+ * control socket (RUN_DIR/NAME.sock), the log (NAME.log) and the run directory (RUN_DIR/NAME/,
+ * removed recursively at detach), so `..`, `.` or a slash would put them elsewhere. Returns the
+ * name; InvalidArgumentError otherwise.
+ */
+export function checkDaemonName(name: string): string {
+  if (!/^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$/.test(name)) {
+    throw new InvalidArgumentError(
+      `--name ${JSON.stringify(name)}: a name is one word of letters, digits, '.', '_' and '-' that starts with a letter, digit or '_' (at most 64), e.g. --name data`,
+    );
+  }
+  return name;
+}
+
+/**
+ * Refuses a cache, bitmap or metadata path whose directory does not exist: a typo, or flash that
+ * is not mounted yet, must not become a disk-sized file on the root filesystem. (The default
+ * state directory is ulobdev's own and is created.)
+ */
+async function assertCacheDirsExist(options: Pick<AttachOptions, 'cache' | 'bitmap' | 'metadata'>): Promise<void> {
+  const given: Array<[string, string | undefined]> = [
+    ['-c', options.cache],
+    ['-b', options.bitmap],
+    ['--metadata', options.metadata],
+  ];
+  for (const [flag, path] of given) {
+    if (path === undefined) continue;
+    const dir = dirname(resolve(path));
+    const st = await fsp.stat(dir).catch(() => null);
+    if (!st) throw new InvalidArgumentError(`${flag} ${path}: the directory ${dir} does not exist (a typo, or the flash is not mounted yet?); create it or pick another`);
+    if (!st.isDirectory()) throw new InvalidArgumentError(`${flag} ${path}: ${dir} is not a directory`);
+  }
+}
+
+/**
+ * A full filesystem under the cache, as the user should read it: which file could not grow, and
+ * the way out. SQLite says only "database or disk is full" and a write only ENOSPC.
+ */
+export function explainNoSpace(err: unknown, paths: CachePaths): unknown {
+  const codes: string[] = [];
+  for (let e: unknown = err; e && typeof e === 'object'; e = (e as { cause?: unknown }).cause) {
+    const c = (e as { code?: unknown }).code;
+    if (typeof c === 'string') codes.push(c);
+    if (codes.length > 8) break;
+  }
+  if (!codes.some((c) => c === 'ENOSPC' || c === 'SQLITE_FULL' || c === 'EDQUOT')) return err;
+  const message = err instanceof Error ? err.message : String(err);
+  const file = [paths.metadata, paths.bitmap, paths.cache].find((p) => message.includes(p)) ?? (codes.includes('SQLITE_FULL') ? paths.metadata : paths.cache);
+  return new IOFailedError(
+    `no space left for ${file}: the filesystem holding it is full; free space there, or put the cache on a larger filesystem with -c (and -b, --metadata); nothing was changed`,
+    { cause: err, path: file },
+  );
 }
 
 /** The source with every read reported first (a read means the disk is spinning). */
