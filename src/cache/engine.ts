@@ -867,10 +867,11 @@ export class CacheEngine {
 
   /**
    * Group commit of dirty intents (rule 3). Writes prepared in the same turn of the event loop (an
-   * NBD client's queued requests arrive in one socket read) share one metadata transaction, and
-   * transactions written while a WAL fsync runs share the next one (store.markDirtyDurable): the
-   * event loop never waits for the disk, and a busy queue costs one fsync per round, not per
-   * write. A block already on its way waits for the intent that carries it.
+   * NBD client's queued requests arrive in one socket read) go to the store together, and the
+   * store records everything that arrives while one round's WAL fsync runs in the next round, as
+   * one transaction and one fsync (store.markDirtyDurable): the event loop never waits for the
+   * disk, and a busy queue costs one fsync per round, not per write. A block already on its way
+   * waits for the intent that carries it.
    */
   #markDirtyBatched(blocks: readonly number[]): Promise<void> {
     const waits = new Set<Promise<void>>();
