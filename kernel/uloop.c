@@ -1063,7 +1063,8 @@ static void uloop_rw(struct uloop_dev *dev, struct uloop_cmd *cmd, struct reques
 			bvec[nr++] = bv;
 	} else {
 		/* one bio: its own bvec array, from where the bio's iterator stands (the offset into
-		 * the current bvec, whatever the release calls that field) */
+		 * the current bvec, which 7.3 renamed from bi_bvec_done to bi_offset: computed with
+		 * mp_bvec_iter_offset(), which every release has) */
 		bvec = (struct bio_vec *)__bvec_iter_bvec(rq->bio->bi_io_vec, rq->bio->bi_iter);
 		offset = mp_bvec_iter_offset(rq->bio->bi_io_vec, rq->bio->bi_iter) - bvec->bv_offset;
 	}
@@ -1540,13 +1541,17 @@ static struct gendisk *uloop_alloc_disk(struct uloop_dev *dev)
 	struct gendisk *disk;
 	bool zero = dev->flags & ULOOP_F_ZERO;
 
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0) /* 6.11: features in queue_limits */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0)
+	/* 6.9: blk_mq_alloc_disk() takes the queue_limits */
 	struct queue_limits lim = {
 		.logical_block_size = dev->lbs,
 		.physical_block_size = dev->pbs,
 		.io_min = dev->block_size,
 		.max_hw_sectors = 2048,
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
+		/* 6.11: the volatile cache and FUA became queue_limits.features */
 		.features = BLK_FEAT_WRITE_CACHE | BLK_FEAT_FUA,
+#endif
 	};
 
 	if (zero) {
@@ -1558,23 +1563,21 @@ static struct gendisk *uloop_alloc_disk(struct uloop_dev *dev)
 	if (IS_ERR(disk))
 		return disk;
 #else
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0) /* 6.9: blk_mq_alloc_disk takes queue_limits */
-	disk = blk_mq_alloc_disk(&dev->tag_set, NULL, dev);
-#else
 	disk = blk_mq_alloc_disk(&dev->tag_set, dev);
-#endif
 	if (IS_ERR(disk))
 		return disk;
 	blk_queue_logical_block_size(disk->queue, dev->lbs);
 	blk_queue_physical_block_size(disk->queue, dev->pbs);
 	blk_queue_io_min(disk->queue, dev->block_size);
 	blk_queue_max_hw_sectors(disk->queue, 2048);
-	blk_queue_write_cache(disk->queue, true, true);
 	if (zero) {
 		blk_queue_max_discard_sectors(disk->queue, ULOOP_MAX_ZERO_SECTORS);
 		blk_queue_max_write_zeroes_sectors(disk->queue, ULOOP_MAX_ZERO_SECTORS);
 		disk->queue->limits.discard_granularity = dev->block_size;
 	}
+#endif
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 11, 0)
+	blk_queue_write_cache(disk->queue, true, true);
 #endif
 	return disk;
 }
@@ -1768,10 +1771,9 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	dev->tag_set.cmd_size = sizeof(struct uloop_cmd);
 	dev->tag_set.timeout = dev->io_timeout;
 	/* no I/O scheduler by default, as loop: the cache file's own path does the ordering */
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 14, 0) /* 6.14: merging is the default, the flag is gone */
 	dev->tag_set.flags = BLK_MQ_F_NO_SCHED_BY_DEFAULT;
-#else
-	dev->tag_set.flags = BLK_MQ_F_SHOULD_MERGE | BLK_MQ_F_NO_SCHED_BY_DEFAULT;
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 14, 0)
+	dev->tag_set.flags |= BLK_MQ_F_SHOULD_MERGE; /* 6.14 made merging the default, removed the flag */
 #endif
 	dev->tag_set.driver_data = dev;
 	err = blk_mq_alloc_tag_set(&dev->tag_set);
@@ -2874,6 +2876,9 @@ static const struct file_operations uloop_ctl_fops = {
 	.poll = uloop_ctl_poll,
 	.unlocked_ioctl = uloop_ctl_ioctl,
 	.compat_ioctl = compat_ptr_ioctl,
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 12, 0)
+	.llseek = no_llseek, /* 6.12 removed no_llseek: a NULL .llseek now means "not seekable" */
+#endif
 };
 
 static struct miscdevice uloop_misc = {
