@@ -1499,6 +1499,12 @@ static int uloop_max_devices(void)
 	return 1 << (MINORBITS - part_shift);
 }
 
+/* Blocks of `size` bytes: DIV_ROUND_UP would overflow for sizes near 2^64. */
+static u64 uloop_nr_blocks(u64 size, u32 block_size)
+{
+	return size / block_size + !!(size % block_size);
+}
+
 static bool uloop_valid_lbs(u32 lbs)
 {
 	return lbs == 512 || lbs == 1024 || lbs == 2048 || lbs == 4096;
@@ -1613,7 +1619,7 @@ static int uloop_add_check(struct uloop_add *a)
 	if (!a->size || a->size % a->logical_block_size)
 		return uloop_refuse(-EINVAL, "ADD refused: size %llu is not a positive multiple of %u",
 				    a->size, a->logical_block_size);
-	nr_blocks = DIV_ROUND_UP(a->size, a->block_size);
+	nr_blocks = uloop_nr_blocks(a->size, a->block_size);
 	if (nr_blocks > ULOOP_MAX_BLOCKS)
 		return uloop_refuse(-EFBIG, "ADD refused: %llu blocks, at most %llu: use a larger block size",
 				    nr_blocks, ULOOP_MAX_BLOCKS);
@@ -1715,7 +1721,7 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	dev->lbs = a.logical_block_size;
 	dev->pbs = a.physical_block_size;
 	dev->unit_shift = (a.flags & ULOOP_F_ACCESSED) ? a.unit_shift : 0;
-	dev->nr_blocks = DIV_ROUND_UP(a.size, a.block_size);
+	dev->nr_blocks = uloop_nr_blocks(a.size, a.block_size);
 	dev->nr_units = DIV_ROUND_UP(dev->nr_blocks, 1ULL << dev->unit_shift);
 	dev->io_timeout = io_timeout_s * HZ;
 	if (uloop_alloc_state(dev))

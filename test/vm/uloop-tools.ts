@@ -1,0 +1,56 @@
+// Shared by the VM tests that drive uloop.ko with C clients: building those clients (test/vm/*.c,
+// compiled on the host, run in the guest over the host's root) and the guest-log checks.
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import { expect } from 'vitest';
+import { ROOT, type VmResult } from './vm.js';
+
+/**
+ * Compiles test/vm/NAME.c (with the uapi header) into .vm/NAME when the binary is missing or
+ * older than its sources; returns the binary's path.
+ */
+export function buildTool(name: string): string {
+  const src = join(ROOT, 'test/vm', `${name}.c`);
+  const uapi = join(ROOT, 'kernel/include/uapi/uloop.h');
+  const dir = join(ROOT, '.vm');
+  const bin = join(dir, name);
+  mkdirSync(dir, { recursive: true });
+  const mtime = (p: string): number => statSync(p).mtimeMs;
+  if (!existsSync(bin) || mtime(bin) < Math.max(mtime(src), mtime(uapi))) {
+    execFileSync('gcc', ['-O2', '-Wall', '-Wextra', '-Werror', '-o', bin, src, '-lpthread'], { stdio: 'inherit' });
+  }
+  return bin;
+}
+
+/**
+ * Kernel log lines that mean the kernel itself went wrong, as opposed to the I/O errors and
+ * refusals a test provokes: BUG, WARNING (also lockdep's), Oops, GPF, KASAN/UBSAN/KFENCE, list
+ * corruption, hung tasks, a stack trace of any kind.
+ */
+const SPLAT = /\bBUG[: ]|kernel BUG at|\bWARNING:|\bOops\b|general protection fault|\bKASAN\b|\bUBSAN\b|\bKFENCE\b|possible (circular|recursive) locking|list_(add|del) corruption|blocked for more than \d+ seconds|Kernel panic|Call Trace:/;
+
+/** Fails the test on any splat in the guest's kernel log, and when the guest never finished. */
+export function expectCleanKernel(run: VmResult): void {
+  expect(run.dmesg, 'the guest wrote no kernel log (it crashed or timed out)').not.toBe('');
+  const splats = run.dmesg.split('\n').filter((l) => SPLAT.test(l));
+  expect(splats, 'kernel splats in the guest log').toEqual([]);
+}
+
+/** The key=value fields of a `uloopctl query` line, as numbers. */
+export function parseQuery(line: string): Record<string, number> {
+  return Object.fromEntries(
+    line
+      .trim()
+      .split(/\s+/)
+      .filter((kv) => kv.includes('='))
+      .map((kv) => [kv.slice(0, kv.indexOf('=')), Number(kv.slice(kv.indexOf('=') + 1))]),
+  );
+}
+
+/** The query lines of `uloopctl query` printed after a `tag:` prefix in the output. */
+export function queryAfter(output: string, tag: string): Record<string, number> {
+  const line = output.split('\n').find((l) => l.startsWith(`${tag}:`));
+  if (!line) throw new Error(`no "${tag}:" line in the output`);
+  return parseQuery(line.slice(tag.length + 1));
+}
