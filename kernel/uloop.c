@@ -1125,7 +1125,9 @@ static int uloop_flush(struct uloop_dev *dev, struct uloop_cmd *cmd)
 	dev->nr_pending = 0;
 	mutex_unlock(&dev->lock);
 
-	err = vfs_fsync(dev->cache, 0);
+	/* datasync: the data and what is needed to read it back (allocation, size), as the
+	 * store's commit does (fdatasync); timestamps are not worth a journal commit per FLUSH */
+	err = vfs_fsync(dev->cache, 1);
 	if (err) {
 		atomic64_inc(&dev->stats.io_errors);
 		pr_err("uloop%d: sync of the cache file failed (%d): writes and FLUSH fail with EIO until the daemon clears the error\n",
@@ -2300,7 +2302,7 @@ static int uloop_clear_error(struct uloop_dev *dev, struct uloop_clear_error __u
 	mutex_unlock(&dev->lock);
 	if (!a.error)
 		goto out;
-	err = vfs_fsync(dev->cache, 0);
+	err = vfs_fsync(dev->cache, 1);
 	if (err) {
 		err = uloop_refuse(-EIO, "uloop%d: CLEAR_ERROR refused: the cache file still fails to sync (%d)",
 				   dev->index, err);
