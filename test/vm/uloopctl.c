@@ -19,6 +19,9 @@
 //         --barrier-dump DIR    writes each barrier's bitmap to DIR/barrier.N
 //         --flush-delay-ms N    the flusher sleeps N ms after each block it copies
 //         --release             the flusher EPOCH_RELEASEs each block once it has read it
+//         --check-durable       at each BARRIER, counts the reported blocks whose cache-file
+//                               pages are still dirty or under writeback (/proc/kpageflags): the
+//                               kernel synced the file before the barrier, so there must be none
 //       Commands: flush (one whole epoch: BEGIN, sync, copy the snapshot to the backing file,
 //       sync, COMMIT), hydrate FIRST COUNT (CLAIM, fill from SOURCE, FILLED), evict FIRST COUNT,
 //       accessed FIRST COUNT, clear-error, answer-held ERR, reply ID ERR, quit.
@@ -32,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -137,7 +141,19 @@ static struct {
   uint64_t npreserved;
   struct held *held;
   char *buf;
+  int check_durable, pagemap, kpageflags;
+  volatile uint8_t *map;   // the cache file, mapped for --check-durable
 } S;
+
+// 1 if the cache file's page at `off` is dirty or under writeback, 0 if clean, -1 if unknown.
+static int page_unsynced(uint64_t off) {
+  uint64_t ent, flags;
+  (void)S.map[off];  // fault the page cache page into our page tables (reading changes nothing)
+  uint64_t vpage = ((uintptr_t)S.map + off) / 4096;
+  if (pread(S.pagemap, &ent, 8, vpage * 8) != 8 || !(ent >> 63)) return -1;
+  if (pread(S.kpageflags, &flags, 8, (ent & ((1ULL << 55) - 1)) * 8) != 8) return -1;
+  return (flags >> 4 & 1) || (flags >> 8 & 1);  // KPF_DIRTY, KPF_WRITEBACK
+}
 
 static void sleep_ms(int ms) {
   struct timespec t = {ms / 1000, (ms % 1000) * 1000000L};
@@ -204,6 +220,19 @@ static int handle(const struct uloop_msg *m) {
       snprintf(env, sizeof(env), "%llu", (unsigned long long)n);
       setenv("BARRIER", env, 1);
       if (system(S.barrier_cmd)) err = -EIO;
+    }
+    if (S.check_durable) {
+      uint64_t unsynced = 0, unknown = 0;
+      for (uint64_t b = 0; b < S.nblocks; b++) {
+        if (!bit(S.bar_p, b)) continue;
+        for (uint64_t off = b * S.bs; off < (b + 1) * S.bs && off < S.size; off += 4096) {
+          int u = page_unsynced(off);
+          if (u < 0) unknown++;
+          else if (u) { unsynced++; break; }
+        }
+      }
+      printf("barrier %llu durable-check unsynced=%llu unknown=%llu\n", (unsigned long long)n,
+             (unsigned long long)unsynced, (unsigned long long)unknown);
     }
     printf("barrier present=%llu dirty=%llu\n", (unsigned long long)popcount(S.bar_p, S.bytes),
            (unsigned long long)popcount(S.bar_d, S.bytes));
@@ -399,6 +428,7 @@ static int cmd_serve(int ctl, int argc, char **argv) {
   for (; i < argc; i++) {
     const char *v = i + 1 < argc ? argv[i + 1] : "";
     if (!strcmp(argv[i], "--release")) { S.release = 1; continue; }
+    if (!strcmp(argv[i], "--check-durable")) { S.check_durable = 1; continue; }
     if (i + 1 >= argc) return fprintf(stderr, "uloopctl: %s needs a value\n", argv[i]), 2;
     i++;
     if (!strcmp(argv[i - 1], "--backing")) backing = v;
@@ -425,6 +455,12 @@ static int cmd_serve(int ctl, int argc, char **argv) {
   S.backing = open(backing, O_RDWR);
   if (S.src < 0 || S.cache < 0 || S.backing < 0) return die("open source/cache/backing");
   if (fifo && (S.fifo = open(fifo, O_RDWR | O_NONBLOCK)) < 0) return die("open ctl fifo");
+  if (S.check_durable) {
+    S.map = mmap(0, S.size, PROT_READ, MAP_SHARED, S.cache, 0);
+    S.pagemap = open("/proc/self/pagemap", O_RDONLY);
+    S.kpageflags = open("/proc/kpageflags", O_RDONLY);
+    if (S.map == MAP_FAILED || S.pagemap < 0 || S.kpageflags < 0) return die("--check-durable setup");
+  }
   S.buf = malloc(1 << 20);
   S.bar_p = malloc(S.bytes + 8);
   S.bar_d = malloc(S.bytes + 8);
