@@ -5,9 +5,9 @@
 //       writer b % WRITERS, in a shuffled order, O_DIRECT, whole blocks of pattern(b, GEN); with
 //       FSYNC_EVERY > 0 each writer fsyncs DEV after every FSYNC_EVERY blocks; each pauses
 //       PAUSE_US microseconds after every write (to spread the writes over time).
-//   uloop-writer hammer DEV BS FIRST COUNT SECONDS GEN0
+//   uloop-writer hammer DEV BS FIRST COUNT SECONDS GEN0 [PAUSE_US]
 //       one process rewriting random blocks of the range for SECONDS with pattern(b, gen) for an
-//       increasing gen from GEN0; prints how many writes it made.
+//       increasing gen from GEN0, pausing PAUSE_US after each; prints how many writes it made.
 //   uloop-writer check FILE BS BITMAP GEN      for each block set in BITMAP (one bit per block, LSB
 //       first), compares block b of FILE with pattern(b, GEN); prints "checked N wrong M"
 //   uloop-writer expect FILE BS FIRST COUNT GEN   the same for a range; exits 1 on a mismatch
@@ -74,6 +74,7 @@ static int cmd_hammer(char **argv) {
   uint64_t bs = strtoull(argv[3], 0, 0), first = strtoull(argv[4], 0, 0), count = strtoull(argv[5], 0, 0);
   int seconds = atoi(argv[6]);
   uint64_t gen = strtoull(argv[7], 0, 0), n = 0;
+  int pause_us = argv[8] ? atoi(argv[8]) : 0;
   int fd = open(argv[2], O_WRONLY | O_DIRECT);
   uint64_t *buf = aligned_alloc(4096, bs);
   if (fd < 0 || !buf) return perror("open"), 1;
@@ -84,6 +85,7 @@ static int cmd_hammer(char **argv) {
     pattern(buf, bs, b, gen + n);
     if (pwrite(fd, buf, bs, b * bs) != (ssize_t)bs) return perror("pwrite"), 1;
     n++;
+    if (pause_us) usleep(pause_us);
   }
   printf("hammer: %llu writes\n", (unsigned long long)n);
   return 0;
@@ -136,7 +138,7 @@ static int cmd_fill(char **argv) {
 
 int main(int argc, char **argv) {
   if (argc >= 8 && !strcmp(argv[1], "write")) return cmd_write(argv, argc);
-  if (argc == 8 && !strcmp(argv[1], "hammer")) return cmd_hammer(argv);
+  if ((argc == 8 || argc == 9) && !strcmp(argv[1], "hammer")) return cmd_hammer(argv);
   if (argc == 6 && !strcmp(argv[1], "check")) return cmd_check(argv, 0);
   if (argc == 7 && !strcmp(argv[1], "expect")) return cmd_check(argv, 1);
   if (argc == 7 && !strcmp(argv[1], "fill")) return cmd_fill(argv);
