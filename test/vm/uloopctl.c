@@ -23,7 +23,9 @@
 //                               pages are still dirty or under writeback (/proc/kpageflags): the
 //                               kernel synced the file before the barrier, so there must be none
 //       Commands: flush (one whole epoch: BEGIN, sync, copy the snapshot to the backing file,
-//       sync, COMMIT), hydrate FIRST COUNT (CLAIM, fill from SOURCE, FILLED), evict FIRST COUNT,
+//       sync, COMMIT), hydrate FIRST COUNT (CLAIM, fill from SOURCE, FILLED), hydrate-blind FIRST
+//       COUNT (copies SOURCE into the cache file without asking the kernel: the hydration bug
+//       CLAIM exists to prevent), evict FIRST COUNT,
 //       accessed FIRST COUNT, clear-error, answer-held ERR, reply ID ERR, quit.
 #define _GNU_SOURCE
 #include <errno.h>
@@ -357,6 +359,12 @@ static void range_cmd(const char *cmd, uint64_t first, uint64_t count) {
       if (ioctl(S.ctl, ULOOP_IOC_FILLED, &a)) printf("filled failed: %s\n", strerror(errno));
       else printf("hydrated claimed=%llu filled=%llu\n", (unsigned long long)claimed, (unsigned long long)a.done);
     }
+  } else if (!strcmp(cmd, "hydrate-blind")) {
+    for (uint64_t i = 0; i < count; i++) {
+      uint64_t off = (first + i) * S.bs, len = off + S.bs > S.size ? S.size - off : S.bs;
+      copy_block(S.src, S.cache, off, len);
+    }
+    printf("hydrated blindly %llu\n", (unsigned long long)count);
   } else if (!strcmp(cmd, "evict")) {
     memset(bits, 0xff, count / 8 + 1);
     if (ioctl(S.ctl, ULOOP_IOC_EVICT, &a)) {
@@ -387,7 +395,8 @@ static int command(char *line) {
   sscanf(line, "%31s %llu %llu", cmd, &x, &y);
   if (!strcmp(cmd, "quit")) return -1;
   if (!strcmp(cmd, "flush")) flush_epoch();
-  else if (!strcmp(cmd, "hydrate") || !strcmp(cmd, "evict") || !strcmp(cmd, "accessed")) range_cmd(cmd, x, y);
+  else if (!strcmp(cmd, "hydrate") || !strcmp(cmd, "hydrate-blind") || !strcmp(cmd, "evict") || !strcmp(cmd, "accessed"))
+    range_cmd(cmd, x, y);
   else if (!strcmp(cmd, "clear-error")) {
     uint8_t *dropped = calloc(1, S.bytes + 8);
     struct uloop_clear_error c = {.dropped_ptr = (uintptr_t)dropped, .length = S.bytes};
