@@ -82,17 +82,17 @@ const WARMUP = Math.min(0.2, SECONDS / 5);
 const BLOCKS = SIZE / BLOCK;
 
 // ---------------------------------------------------------------------------------------------
-// The project, from dist/ (tsc output) and build/Release (the addon dist/native.js loads).
+// The project, from dist/ (tsc output) and build/Release (the addon dist/native/addon.js loads).
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 for (const f of ['dist/cache/engine.js', 'dist/writeback/flusher.js', 'build/Release/ulob_native.node']) {
   if (!existsSync(join(root, f))) fail(`${f} is missing; build first (npx node-gyp rebuild && npx tsc -p tsconfig.json)`);
 }
-const native = await import('../dist/native.js');
+const native = await import('../dist/native/io.js');
 const { CacheEngine } = await import('../dist/cache/engine.js');
 const { CacheStore } = await import('../dist/cache/store.js');
 const { Metadata } = await import('../dist/cache/metadata.js');
-const { openBacking } = await import('../dist/source/blockdev.js');
+const { openBacking } = await import('../dist/source/backing.js');
 const { flushDirty } = await import('../dist/writeback/flusher.js');
 
 // ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ const RANDOM_BLOCKS = 4096;
 
 const { CacheEngine } = await import('../dist/cache/engine.js');
 const { CacheStore } = await import('../dist/cache/store.js');
-const { openBacking } = await import('../dist/source/blockdev.js');
+const { openBacking } = await import('../dist/source/backing.js');
 const { flushDirty } = await import('../dist/writeback/flusher.js');
 const { Hydrator } = await import('../dist/writeback/hydrate.js');
 

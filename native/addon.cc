@@ -10,7 +10,7 @@ namespace ulob {
 
 namespace {
 
-// setErrorClass(ctor): src/native.ts hands over its NativeError class once at
+// setErrorClass(ctor): src/native/addon.ts hands over its NativeError class once at
 // load, so errors thrown from C++ are real instances JS code can `instanceof`.
 Napi::Value SetErrorClass(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -55,7 +55,7 @@ Napi::Value ErrnoError(Napi::Env env, int err, const char* syscall) {
     return e;
   }
 
-  // Only reachable if the raw binding is used without src/native.ts.
+  // Only reachable if the raw binding is used without src/native/.
   Napi::Object e = Napi::Error::New(env, message).Value();
   if (env.IsExceptionPending()) return Napi::Value();
   if (!SetProp(e, "code", js_code) || !SetProp(e, "errno", js_errno) ||

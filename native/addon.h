@@ -1,7 +1,7 @@
 // Shared declarations of the ulob_native addon.
 //
 // The addon is mechanism only: every argument has already been validated by
-// src/native.ts. The C++ side re-checks types and bounds only so that a
+// src/native/*.ts. The C++ side re-checks types and bounds only so that a
 // direct call into the raw binding cannot corrupt memory; those checks throw
 // plain TypeError/RangeError with terse messages.
 #pragma once
@@ -16,7 +16,7 @@ namespace ulob {
 // Per-environment state (napi instance data), one per main thread / worker.
 // Owned by the env: created in Init, deleted by napi when the env tears down.
 struct Addon {
-  // JS class NativeError from src/native.ts, set once via setErrorClass().
+  // JS class NativeError from src/native/addon.ts, set once via setErrorClass().
   // Constructed as new NativeError(message, code, errno, syscall).
   Napi::FunctionReference error_class;
 };

@@ -262,7 +262,7 @@ Napi::Value WatchFd(const Napi::CallbackInfo& info) {
 }
 
 // uloopUnwatch(handle): stops and closes the poll; the fd may be closed after this returns.
-// Called once per handle (src/native.ts guarantees it).
+// Called once per handle (src/native/uloop.ts guarantees it).
 Napi::Value Unwatch(const Napi::CallbackInfo& info) {
   if (!info[0].IsExternal()) {
     Napi::TypeError::New(info.Env(), "handle").ThrowAsJavaScriptException();
@@ -279,10 +279,28 @@ Napi::Value Unwatch(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// uloopAbi: the constants of uloop.h this addon is compiled against, so src/native/uloop.ts reads
+// them instead of retyping them. Frozen: nothing in JS may change them.
+bool ExportAbi(Napi::Env env, Napi::Object exports) {
+  Napi::Object abi = Napi::Object::New(env);
+  abi.Set("ABI_VERSION", Napi::Number::New(env, ULOOP_ABI_VERSION));
+  abi.Set("CONTROL_NAME", Napi::String::New(env, ULOOP_CONTROL_NAME));
+  abi.Set("INDEX_ANY", Napi::Number::New(env, ULOOP_INDEX_ANY));
+  abi.Set("F_WRITEBACK", Napi::Number::New(env, ULOOP_F_WRITEBACK));
+  abi.Set("MSG_MISS", Napi::Number::New(env, ULOOP_MSG_MISS));
+  abi.Set("MSG_INTENT", Napi::Number::New(env, ULOOP_MSG_INTENT));
+  abi.Set("MSG_BARRIER", Napi::Number::New(env, ULOOP_MSG_BARRIER));
+  if (env.IsExceptionPending()) return false;
+  abi.Freeze();
+  if (env.IsExceptionPending()) return false;
+  exports.Set("uloopAbi", abi);
+  return !env.IsExceptionPending();
+}
+
 }  // namespace
 
 bool InitUloop(Napi::Env env, Napi::Object exports) {
-  return Export<Open>(env, exports, "uloopOpen") && Export<Add>(env, exports, "uloopAdd") &&
+  return ExportAbi(env, exports) && Export<Open>(env, exports, "uloopOpen") && Export<Add>(env, exports, "uloopAdd") &&
          Export<Remove>(env, exports, "uloopRemove") && Export<Attach>(env, exports, "uloopAttach") &&
          Export<Query>(env, exports, "uloopQuery") &&
          Export<BarrierBits>(env, exports, "uloopBarrierBits") &&

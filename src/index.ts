@@ -13,18 +13,51 @@
 //
 // See docs/library.md.
 import pino, { type Logger } from 'pino';
-import { Daemon, type DeviceStatus } from './cli/daemon.js';
+import { Daemon, type DeviceStatus } from './daemon/daemon.js';
 import { InvalidArgumentError } from './errors.js';
 import type { Source } from './source/source.js';
 
 export type { Source, WritableSource } from './source/source.js';
 export { isWritable } from './source/source.js';
 export { HttpSource, openHttpSource, type HttpSourceOptions } from './source/http.js';
-export { ImageChangedError, NoRangeSupportError, HttpError } from './source/http-errors.js';
-export { openBacking, type OpenBackingOptions } from './source/blockdev.js';
+export { openBacking, type OpenBackingOptions } from './source/backing.js';
 export { FileSource } from './source/file-source.js';
-export { UlobError } from './errors.js';
-export type { DeviceStatus } from './cli/daemon.js';
+// Every error class, one per stable code (src/errors.ts), and the table of codes and kinds.
+export {
+  UlobError,
+  ERROR_CODES,
+  type ErrorKind,
+  InvalidArgumentError,
+  SizeMismatchError,
+  ForeignCacheError,
+  CorruptMetadataError,
+  CacheBusyError,
+  DeviceBusyError,
+  DirtyDataError,
+  ReadOnlyError,
+  NotRootError,
+  PermissionDeniedError,
+  NotAttachedError,
+  ModuleMissingError,
+  ModuleRejectedError,
+  ModuleVersionError,
+  MissingProgramError,
+  NoRangeSupportError,
+  ImageChangedError,
+  NbdProtocolError,
+  IOFailedError,
+  HttpError,
+  EngineClosedError,
+  DiskPowerError,
+  CommandFailedError,
+  FuseError,
+  DaemonError,
+  DaemonTimeoutError,
+  ControlProtocolError,
+  InternalError,
+  UnknownDaemonError,
+} from './errors.js';
+export type { DeviceStatus } from './daemon/daemon.js';
 
 /**
  * A source given as a callback: the user's `read` fills `buf` with the bytes at `offset`

@@ -1,6 +1,6 @@
 // The DEVICE argument picks the frontend: /dev/loopN (loop over a FUSE-exported file), /dev/nbdN
-// (the kernel NBD client), an NBD URL (serve only), /dev/uloopN (the kernel module, not yet built).
-import { InvalidArgumentError, UlobError } from '../errors.js';
+// (the kernel NBD client), an NBD URL (serve only), /dev/uloopN (our kernel module, kernel/uloop.c).
+import { InvalidArgumentError } from '../errors.js';
 
 export type FrontendKind = 'loop' | 'nbd' | 'serve' | 'uloop';
 
@@ -10,12 +10,6 @@ export interface Frontend {
   /** What the user named: /dev/loop6, /dev/nbd0 or the NBD URL. */
   readonly device: string;
   detach(): Promise<void>;
-}
-
-export class ModuleMissingError extends UlobError {
-  constructor(message: string) {
-    super('ULOB_E_NO_MODULE', message);
-  }
 }
 
 export function frontendKind(device: string): FrontendKind {

@@ -5,9 +5,9 @@
 import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
-import { DeviceBusyError, InvalidArgumentError, UlobError } from '../errors.js';
+import { DeviceBusyError, FuseError, InvalidArgumentError } from '../errors.js';
 import { exists, isMountpoint, mountsByDevice, readTrim, sleep } from '../sys.js';
-import { run, start } from './process.js';
+import { run, start } from './programs.js';
 import type { Frontend } from './frontend.js';
 
 export interface LoopAttachOptions {
@@ -100,9 +100,9 @@ async function waitForReady(pidfile: string, exited: Promise<number | null>, std
     if (await exists(pidfile)) return;
     if (gone) {
       const why = stderr().trim().split('\n').pop() || 'no message';
-      throw new UlobError('ULOB_E_FUSE', `nbdfuse failed to start: ${why}`);
+      throw new FuseError(`nbdfuse failed to start: ${why}`);
     }
     await sleep(20);
   }
-  throw new UlobError('ULOB_E_FUSE', `nbdfuse did not become ready within ${READY_TIMEOUT_MS / 1000} s`);
+  throw new FuseError(`nbdfuse did not become ready within ${READY_TIMEOUT_MS / 1000} s`);
 }

@@ -2,21 +2,45 @@
 // frontend is its daemon. It answers misses by filling through the engine, dirty intents with
 // store.markDirty (rule 3), and barriers by recording the bits the kernel reports after it synced
 // the cache file (rules 4-6).
-import { closeSync, existsSync, openSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
+import { release } from 'node:os';
 import { open } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { Bitmap } from '../cache/bitmap.js';
 import type { CacheEngine } from '../cache/engine.js';
-import { EngineClosedError } from '../errors.js';
+import { EngineClosedError, InternalError } from '../errors.js';
 import type { Extent } from '../cache/layout.js';
-import * as native from '../native.js';
+import * as native from '../native/uloop.js';
 import type { Frontend } from './frontend.js';
-import { ModuleMissingError } from './frontend.js';
+import { moduleMissing, moduleRejected, uloopError } from './uloop-errors.js';
 
-export const ULOOP_CONTROL = '/dev/uloop-control';
-
+/**
+ * Makes sure /dev/uloop-control exists: when it does not, loads the installed module (DKMS puts it
+ * in /lib/modules/$(uname -r)/updates/dkms) with `modprobe uloop`, as a sysadmin would.
+ * Throws ModuleRejectedError when the kernel refuses the module's signature (Secure Boot), and
+ * ModuleMissingError when no module is installed for the running kernel or modprobe fails otherwise;
+ * each message is one line pointing to docs/laptop.md.
+ */
 export function assertUloopModule(device: string): void {
-  if (!existsSync(ULOOP_CONTROL)) throw new ModuleMissingError(`${device} needs the uloop kernel module: build it with make -C kernel, then insmod kernel/uloop.ko`);
+  if (existsSync(native.ULOOP_CONTROL)) return;
+  const path = `${process.env.PATH ?? '/usr/bin:/bin'}:/usr/local/sbin:/usr/sbin:/sbin`;
+  const r = spawnSync('modprobe', ['uloop'], { encoding: 'utf8', env: { ...process.env, PATH: path }, timeout: 60_000 });
+  if (r.status === 0 && existsSync(native.ULOOP_CONTROL)) return;
+  const said = `${r.stderr ?? ''}`.trim().split('\n').pop() ?? '';
+  const rejected = moduleRejected(device, said, lockedDown());
+  if (rejected) throw rejected;
+  if (r.error || /not found/i.test(said) || r.status === 0) throw moduleMissing(device, `not installed for kernel ${release()}`);
+  throw moduleMissing(device, `modprobe uloop: ${said || `exit ${String(r.status)}`}`);
+}
+
+/** True when /sys/kernel/security/lockdown selects integrity or confidentiality. */
+function lockedDown(): boolean {
+  try {
+    return /\[(integrity|confidentiality)\]/.test(readFileSync('/sys/kernel/security/lockdown', 'utf8'));
+  } catch {
+    return false;
+  }
 }
 
 export interface UloopOptions {
@@ -33,13 +57,23 @@ export async function attachUloop(options: UloopOptions): Promise<Frontend> {
   const store = engine.store;
   const { blockSize, blockCount } = engine.geometry;
   const want = Number(options.device.slice('/dev/uloop'.length));
-  const ctl = native.uloopOpen();
+  const request = { device: options.device, size: engine.size, blockSize, cache: store.paths.cache };
+  let ctl: number;
+  try {
+    ctl = native.uloopOpen();
+  } catch (err) {
+    throw uloopError('open', err, request);
+  }
   let cache = -1;
   let index: number;
   try {
     cache = openSync(store.paths.cache, options.readOnly ? 'r' : 'r+');
     const flags = options.readOnly ? 0 : native.ULOOP_F_WRITEBACK;
-    index = native.uloopAdd(ctl, cache, engine.size, blockSize, flags, store.present.buffer, store.dirty.buffer, want);
+    try {
+      index = native.uloopAdd(ctl, cache, engine.size, blockSize, flags, store.present.buffer, store.dirty.buffer, want);
+    } catch (err) {
+      throw uloopError('ADD', err, request);
+    }
   } catch (err) {
     if (cache >= 0) closeSync(cache);
     closeSync(ctl);
@@ -76,11 +110,11 @@ export async function attachUloop(options: UloopOptions): Promise<Frontend> {
         return;
       }
       default:
-        throw new Error(`unknown uloop message type ${m.type}`);
+        throw new InternalError(`unknown uloop message type ${m.type}`);
     }
   };
 
-  const watch = native.uloopWatch(ctl, (err, msgs) => {
+  const watch = new native.UloopWatch(ctl, (err, msgs) => {
     if (err) {
       logger.error({ err }, 'uloop request channel failed');
       return;

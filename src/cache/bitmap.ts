@@ -6,7 +6,7 @@ import {
   bitFindNextClear,
   bitFindNextSet,
   bitSetRange,
-} from '../native.js';
+} from '../native/bitmap.js';
 import type { Extent } from './layout.js';
 
 export class Bitmap {

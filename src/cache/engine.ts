@@ -9,11 +9,11 @@
 //   dirty        durable in the cache, newer than the backing disk       (store.dirty)
 // A commit (FLUSH, FUA, or the background timer) syncs the cache file, then turns staged blocks
 // into present or dirty ones. A write into a present clean block first makes it durably dirty.
-import { open as openFile, rm, type FileHandle } from 'node:fs/promises';
 import { EngineClosedError, ReadOnlyError } from '../errors.js';
 import { assertBytes, assertRange } from '../validate.js';
-import { Bitmap } from './bitmap.js';
+import type { Bitmap } from './bitmap.js';
 import { Coalescer } from './coalesce.js';
+import { FlushEpoch, type Epoch } from './epoch.js';
 import type { Extent, Geometry } from './layout.js';
 import type { CacheStore } from './store.js';
 import { isWritable, type Source, type WritableSource } from '../source/source.js';
@@ -24,7 +24,7 @@ export interface EngineOptions {
   /** Largest single read from the source when filling a run of missing blocks. */
   maxFillBytes?: number;
   /**
-   * Copy-on-write of an open flush epoch (see preserve below): how many bytes of preserved block
+   * Copy-on-write of an open flush epoch (src/cache/epoch.ts): how many bytes of preserved block
    * versions to keep in memory before spilling to `cowSpillPath`. Default 64 MiB.
    */
   cowMemoryBytes?: number;
@@ -42,13 +42,7 @@ export interface WriteOptions {
   fua?: boolean;
 }
 
-/** A flush epoch: the dirty blocks the flusher writes back, taken by beginEpoch(). */
-export interface Epoch {
-  readonly id: number;
-  /** Dirty extents at the snapshot, sorted by start. */
-  readonly extents: readonly Extent[];
-  readonly blocks: number;
-}
+export type { Epoch } from './epoch.js';
 
 export interface EngineStats {
   size: number;
@@ -59,24 +53,6 @@ export interface EngineStats {
   stagedBlocks: number;
   mode: CacheStore['mode'];
   flushEpoch: number;
-}
-
-interface OpenEpoch extends Epoch {
-  flushing: Bitmap;
-  rewritten: Set<number>;
-  // Copy-on-write state (point-in-time epochs). Per block of `flushing`, at most one of:
-  /** Blocks readEpoch() has read: the disk gets (or got) their epoch version; writes go ahead. */
-  copied: Bitmap;
-  /** Blocks readEpoch() is reading now; writes to them wait. */
-  reading: Map<number, Promise<void>>;
-  /** Blocks whose epoch version is being saved aside; readEpoch waits. */
-  preserving: Map<number, Promise<void>>;
-  /** Saved epoch versions: in memory, or a slot of the spill file. */
-  preserved: Map<number, Buffer | number>;
-  memoryBytes: number;
-  spill: { handle: FileHandle; path: string; slots: number } | null;
-  /** A preservation failed: the epoch cannot be written as a point-in-time image; the flush aborts. */
-  failed: Error | null;
 }
 
 /**
@@ -112,7 +88,7 @@ export class CacheEngine {
   readonly #autoCommitMs: number;
   readonly #maxFillBlocks: number;
   #commitTimer: NodeJS.Timeout | null = null;
-  #epoch: OpenEpoch | null = null;
+  #epoch: FlushEpoch | null = null;
   readonly #cowMemoryBytes: number;
   readonly #cowSpillPath: string;
   readonly #evictOnDiscard: boolean;
@@ -176,7 +152,7 @@ export class CacheEngine {
     this.lastRequestAt = Date.now();
     const range = this.geometry.blocksOf(offset, data.byteLength);
     this.#writes.add(range);
-    this.#markRewritten(range[0], range[1]);
+    this.#epoch?.markRewritten(range[0], range[1]);
     try {
       const release = await this.#prepareWrite(offset, data.byteLength, range[0], range[1]);
       try {
@@ -252,23 +228,14 @@ export class CacheEngine {
       // in the cache before its dirty bit can go (invariant 2). Later writes count as rewritten.
       await this.store.syncData();
     }
-    const extents = [...flushing.runs()];
-    const epoch: OpenEpoch = {
-      id: this.store.info.flushEpoch + 1,
-      extents,
-      blocks: extents.reduce((n, e) => n + e.count, 0),
-      flushing,
-      rewritten: new Set(),
-      copied: new Bitmap(this.geometry.blockCount),
-      reading: new Map(),
-      preserving: new Map(),
-      preserved: new Map(),
-      memoryBytes: 0,
-      spill: null,
-      failed: null,
-    };
+    const epoch = new FlushEpoch(this.store.info.flushEpoch + 1, flushing, {
+      geometry: this.geometry,
+      readCache: (buf, position) => this.store.readData(buf, position),
+      memoryBytes: this.#cowMemoryBytes,
+      spillPath: this.#cowSpillPath,
+    });
     this.#epoch = epoch;
-    for (const [first, end] of this.#writes) this.#markRewritten(first, end);
+    for (const [first, end] of this.#writes) epoch.markRewritten(first, end);
     return epoch;
   }
 
@@ -288,49 +255,7 @@ export class CacheEngine {
     this.#assertOpen();
     const open = this.#epoch;
     if (!open || open !== epoch) throw new EngineClosedError(`flush epoch ${epoch.id} is not the open epoch`);
-    const g = this.geometry;
-    const end = start + count;
-    if (!Number.isSafeInteger(start) || count < 1 || end > g.blockCount) throw new RangeError(`blocks ${start}+${count} outside the disk`);
-    for (;;) {
-      if (open.failed) throw open.failed;
-      const waits = [];
-      for (let b = start; b < end; b++) {
-        const p = open.preserving.get(b) ?? open.reading.get(b);
-        if (p) waits.push(p);
-      }
-      if (waits.length === 0) break;
-      await Promise.all(waits);
-    }
-    let done!: () => void;
-    const reading = new Promise<void>((resolve) => (done = resolve));
-    const mine: number[] = [];
-    for (let b = start; b < end; b++) {
-      if (!open.flushing.get(b) || open.copied.get(b)) continue;
-      open.reading.set(b, reading);
-      mine.push(b);
-    }
-    try {
-      const buf = Buffer.allocUnsafe(g.extentBytes(start, count));
-      await this.store.readData(buf, g.blockOffset(start));
-      for (let b = start; b < end; b++) {
-        const saved = open.preserved.get(b);
-        if (saved === undefined) continue;
-        const at = g.blockOffset(b) - g.blockOffset(start);
-        if (typeof saved === 'number') {
-          await open.spill!.handle.read(buf, at, g.blockLength(b), saved * g.blockSize);
-        } else {
-          saved.copy(buf, at);
-          open.memoryBytes -= saved.byteLength;
-        }
-        open.preserved.delete(b);
-      }
-      if (open.failed) throw open.failed;
-      for (const b of mine) open.copied.set(b);
-      return buf;
-    } finally {
-      for (const b of mine) open.reading.delete(b);
-      done();
-    }
+    return open.read(start, count);
   }
 
   /**
@@ -341,7 +266,7 @@ export class CacheEngine {
     const open = this.#takeEpoch(epoch);
     // Blocks written since beginEpoch() waited for their copy (readEpoch or preserve) while the
     // epoch was open; with it closed they need none.
-    await this.#releaseEpoch(open);
+    await open.release();
     if (open.failed) throw open.failed;
     const source = this.#writableSource();
     await source.sync();
@@ -362,13 +287,12 @@ export class CacheEngine {
     if (this.#epoch !== epoch) return;
     const open = this.#epoch;
     this.#epoch = null;
-    void this.#releaseEpoch(open);
+    void open.release();
   }
 
   /** Bytes of epoch versions saved aside (memory and spill file) for the open epoch. */
   get preservedBytes(): number {
-    const e = this.#epoch;
-    return e ? e.preserved.size * this.geometry.blockSize : 0;
+    return this.#epoch?.preservedBytes ?? 0;
   }
 
   /** Commits everything and closes the store cleanly. The source stays open (the caller owns it). */
@@ -508,77 +432,15 @@ export class CacheEngine {
   }
 
   /**
-   * Copy-on-write for point-in-time epochs: every block of [first, end) in the open epoch that the
-   * flusher has not read yet gets its epoch version saved (memory, then the spill file) before a
-   * write may change it. Returns when no block of the range needs a copy; the caller writes
-   * without awaiting anything else first.
+   * Copy-on-write for point-in-time epochs (src/cache/epoch.ts): returns once no block of
+   * [first, end) needs its epoch version saved; the caller writes without awaiting anything else
+   * first. Looks at the open epoch again after each wait: it may have ended meanwhile.
    */
   async #preserveForEpoch(first: number, end: number): Promise<void> {
     for (;;) {
-      const epoch = this.#epoch;
-      if (!epoch || epoch.failed) return;
-      const waits: Promise<void>[] = [];
-      const todo: number[] = [];
-      for (let b = epoch.flushing.nextSet(first, end); b < end; b = epoch.flushing.nextSet(b + 1, end)) {
-        if (epoch.copied.get(b) || epoch.preserved.has(b)) continue;
-        const busy = epoch.reading.get(b) ?? epoch.preserving.get(b);
-        if (busy) waits.push(busy);
-        else todo.push(b);
-      }
-      if (todo.length > 0) {
-        const p = this.#preserve(epoch, todo);
-        for (const b of todo) epoch.preserving.set(b, p);
-        waits.push(p);
-      }
+      const waits = this.#epoch?.copyBeforeWrite(first, end) ?? [];
       if (waits.length === 0) return;
       await Promise.all(waits);
-    }
-  }
-
-  /** Saves the current cache content of `blocks` as the epoch's version. Never rejects. */
-  async #preserve(epoch: OpenEpoch, blocks: number[]): Promise<void> {
-    const g = this.geometry;
-    try {
-      for (const b of blocks) {
-        const buf = Buffer.allocUnsafe(g.blockLength(b));
-        await this.store.readData(buf, g.blockOffset(b));
-        if (epoch.memoryBytes + buf.byteLength <= this.#cowMemoryBytes) {
-          epoch.preserved.set(b, buf);
-          epoch.memoryBytes += buf.byteLength;
-        } else {
-          epoch.spill ??= { handle: await openFile(this.#cowSpillPath, 'w+', 0o600), path: this.#cowSpillPath, slots: 0 };
-          const slot = epoch.spill.slots++;
-          await epoch.spill.handle.write(buf, 0, buf.byteLength, slot * g.blockSize);
-          epoch.preserved.set(b, slot);
-        }
-      }
-    } catch (err) {
-      // Without the copy the epoch is no point-in-time image any more: it fails as a whole (its
-      // blocks stay dirty; a later flush starts a new epoch) and the user's write goes ahead.
-      epoch.failed ??= new EngineClosedError(`cannot keep the flush epoch's copy of a rewritten block: ${(err as Error).message}`);
-    } finally {
-      for (const b of blocks) epoch.preserving.delete(b);
-    }
-  }
-
-  /** Frees an epoch's saved copies once no preservation or read is in flight. */
-  async #releaseEpoch(epoch: OpenEpoch): Promise<void> {
-    await Promise.all([...epoch.preserving.values(), ...epoch.reading.values()]);
-    epoch.preserved.clear();
-    epoch.memoryBytes = 0;
-    const spill = epoch.spill;
-    epoch.spill = null;
-    if (spill) {
-      await spill.handle.close().catch(() => undefined);
-      await rm(spill.path, { force: true }).catch(() => undefined);
-    }
-  }
-
-  #markRewritten(first: number, end: number): void {
-    const epoch = this.#epoch;
-    if (!epoch) return;
-    for (let b = epoch.flushing.nextSet(first, end); b < end; b = epoch.flushing.nextSet(b + 1, end)) {
-      epoch.rewritten.add(b);
     }
   }
 
@@ -627,7 +489,7 @@ export class CacheEngine {
     };
   }
 
-  #takeEpoch(epoch: Epoch): OpenEpoch {
+  #takeEpoch(epoch: Epoch): FlushEpoch {
     this.#assertOpen();
     const open = this.#epoch;
     if (!open || open !== epoch) throw new EngineClosedError(`flush epoch ${epoch.id} is not the open epoch`);

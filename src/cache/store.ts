@@ -17,8 +17,8 @@ import { Bitmap } from './bitmap.js';
 import { Coalescer } from './coalesce.js';
 import { FILE_ALIGN, Geometry, type Extent } from './layout.js';
 import { Metadata, type CacheInfo, type CacheMode, type HistoryLog } from './metadata.js';
-import { posixStorage } from './posix-storage.js';
-import type { BlockFile, Storage } from './storage.js';
+import { posixStorage } from '../storage/posix-storage.js';
+import type { BlockFile, Storage } from '../storage/storage.js';
 
 export interface CachePaths {
   cache: string;

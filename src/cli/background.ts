@@ -1,12 +1,14 @@
 // What ulobdev and ulohttp share as daemons: the logger, `--daemon` (start in the background and
-// return once the device is ready, as losetup does) and the READY/ERROR line the child sends back.
+// return once the device is ready, as losetup does) and the READY or ERROR CODE line the child
+// sends back.
 import { spawn } from 'node:child_process';
 import { closeSync, openSync, promises as fsp, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
-import { UlobError } from '../errors.js';
+import { DaemonError, errorFromCode, errorToWire } from '../errors.js';
 import { defaultName } from '../bdev/frontend.js';
-import { RUN_DIR } from './daemon.js';
+import { RUN_DIR } from '../paths.js';
+import { undone } from './exit-codes.js';
 
 const NOTIFY_FD_ENV = 'ULOBDEV_NOTIFY_FD';
 
@@ -50,8 +52,19 @@ export async function daemonize(device: string, options: { name?: string; runDir
     process.stdout.write(`${line.slice('READY '.length)}\n`);
     return;
   }
-  if (line.startsWith('ERROR ')) throw new UlobError('ULOB_E_DAEMON', line.slice('ERROR '.length));
-  throw new UlobError('ULOB_E_DAEMON', `the daemon exited before it was ready; see ${logPath}`);
+  const failed = /^ERROR (\S+) (.*)$/.exec(line);
+  // The child undid its attach before it said so: as refused as a foreground attach.
+  if (failed) throw undone(errorFromCode(failed[1]!, failed[2]!));
+  throw new DaemonError(`the daemon exited before it was ready; see ${logPath}`);
+}
+
+/**
+ * An attach failed (Daemon.start undid what it began): tells a waiting --daemon parent, with the
+ * error's code, and returns the error marked as rolled back, for `throw`.
+ */
+export function attachFailed(err: unknown): unknown {
+  notifyParent(`ERROR ${errorToWire(err).code} ${oneLine(err)}`);
+  return undone(err);
 }
 
 /** In a --daemon child: tells the waiting parent READY or ERROR, once. */

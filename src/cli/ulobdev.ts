@@ -12,14 +12,16 @@ import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument } from 'commander';
 import { CacheStore } from '../cache/store.js';
-import { UlobError } from '../errors.js';
-import { setIoFlusher } from '../native.js';
-import { daemonize, hasWaitingParent, makeLogger, notifyParent, oneLine } from './background.js';
-import { openBacking } from '../source/blockdev.js';
-import { controlRequest, NotAttachedError } from './control.js';
+import { InvalidArgumentError, NotAttachedError } from '../errors.js';
+import { setIoFlusher } from '../native/process.js';
+import { attachFailed, daemonize, hasWaitingParent, makeLogger, notifyParent, oneLine } from './background.js';
+import { exitCodeFor } from './exit-codes.js';
+import { openBacking } from '../source/backing.js';
+import { controlRequest } from '../daemon/control.js';
 import type { FlushResult } from '../writeback/flusher.js';
-import { cachePaths, controlSocket, Daemon, RUN_DIR, type DeviceStatus, type WritebackPolicy } from './daemon.js';
-import { formatBytes, parseSize } from './units.js';
+import { cachePaths, controlSocket, Daemon, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
+import { RUN_DIR } from '../paths.js';
+import { formatBytes, parseSize } from '../units.js';
 import { dirtyLimitBytes, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../writeback/policy.js';
 import { renderReportSvg, type ReportData } from '../writeback/report.js';
 
@@ -55,7 +57,7 @@ async function writebackPolicy(backing: string, flags: AttachFlags): Promise<Wri
   const policy: WritebackPolicy = {};
   if (flags.flush !== undefined) policy.flushCron = parseCron(flags.flush);
   const automatic = flags.flush !== undefined || flags.dirtyMax !== undefined || flags.maxDirtyAge !== undefined || flags.onAc !== undefined;
-  if (automatic && !flags.writeback) throw new UlobError('ULOB_E_INVALID_ARG', '--flush, --dirty-max, --max-dirty-age and --on-ac need --writeback');
+  if (automatic && !flags.writeback) throw new InvalidArgumentError('--flush, --dirty-max, --max-dirty-age and --on-ac need --writeback');
   if (flags.dirtyMax !== undefined) {
     const limit = parseDirtyLimit(flags.dirtyMax);
     const st = await fsp.stat(backing).catch(() => null);
@@ -69,7 +71,7 @@ async function writebackPolicy(backing: string, flags: AttachFlags): Promise<Wri
     policy.standbyTimeoutSeconds = /^(off|0)$/i.test(flags.standbyTimeout.trim()) ? 0 : parseDuration(flags.standbyTimeout, '--standby-timeout') / 1000;
   }
   if (flags.onAc !== undefined) {
-    if (flags.onAc !== 'flush' && flags.onAc !== 'schedule') throw new UlobError('ULOB_E_INVALID_ARG', `--on-ac takes flush or schedule, not ${JSON.stringify(flags.onAc)}`);
+    if (flags.onAc !== 'flush' && flags.onAc !== 'schedule') throw new InvalidArgumentError(`--on-ac takes flush or schedule, not ${JSON.stringify(flags.onAc)}`);
     policy.onAc = flags.onAc;
   }
   if (flags.hydrate !== undefined) policy.hydrateRate = flags.hydrate === true ? 0 : parseRate(String(flags.hydrate));
@@ -122,8 +124,7 @@ async function attach(device: string, backing: string, flags: AttachFlags): Prom
       writebackPolicy: policy,
     });
   } catch (err) {
-    notifyParent(`ERROR ${oneLine(err)}`);
-    throw err;
+    throw attachFailed(err);
   }
   if (ioFlusherError && daemon.status().frontend !== 'serve') {
     logger.warn(
@@ -245,8 +246,8 @@ async function drawProgress(socket: string): Promise<void> {
 
 async function report(device: string, flags: { runDir?: string; svg?: string; hours?: string; json?: boolean }): Promise<void> {
   const hours = flags.hours === undefined ? 24 : Number(flags.hours);
-  if (!(hours > 0)) throw new UlobError('ULOB_E_INVALID_ARG', `--hours must be a positive number, not ${JSON.stringify(flags.hours)}`);
-  if (!flags.svg && !flags.json) throw new UlobError('ULOB_E_INVALID_ARG', 'report needs --svg FILE or --json');
+  if (!(hours > 0)) throw new InvalidArgumentError(`--hours must be a positive number, not ${JSON.stringify(flags.hours)}`);
+  if (!flags.svg && !flags.json) throw new InvalidArgumentError('report needs --svg FILE or --json');
   const { report: data } = (await controlRequest(controlSocket(device, flags.runDir ?? RUN_DIR), { cmd: 'report', since: Date.now() - hours * 3600_000 })) as {
     report: ReportData;
   };
@@ -286,7 +287,7 @@ export function buildProgram(): Command {
     .option('--daemon', 'return once DEVICE is ready and keep serving in the background')
     .option('--name <NAME>', 'name of the control socket (default: from DEVICE)')
     .option('--log-level <LEVEL>', 'fatal, error, warn, info, debug', 'info')
-    .option('--flush <CRON>', "write dirty blocks back on this cron schedule, e.g. '*/30 * * * *' (6 fields: seconds first)")
+    .option('--flush <CRON>', "write dirty blocks back on this cron schedule, e.g. '*/30 * * * *' (5 fields, or 6 with seconds first)")
     .option('--dirty-max <SIZE|PCT>', 'flush at once when dirty data exceeds this (512M, 10%)')
     .option('--max-dirty-age <DURATION>', 'flush once the oldest unflushed write is this old (30m, 2h)')
     .option('--spindown', 'put the disk in standby (STANDBY IMMEDIATE) after each flush')
@@ -358,11 +359,9 @@ export async function main(argv: string[]): Promise<number> {
     await buildProgram().parseAsync(argv);
     return 0;
   } catch (err) {
-    if (err instanceof CommanderError) {
-      return err.exitCode === 0 ? 0 : 2;
-    }
-    process.stderr.write(`ulobdev: ${oneLine(err)}\n`);
-    return 1;
+    // Commander has printed its own usage error (and the help) already.
+    if (!(err instanceof CommanderError)) process.stderr.write(`ulobdev: ${oneLine(err)}\n`);
+    return exitCodeFor(err);
   }
 }
 

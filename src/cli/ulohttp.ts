@@ -9,14 +9,16 @@ import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument } from 'commander';
 import { CacheStore } from '../cache/store.js';
-import { ForeignCacheError, SizeMismatchError, UlobError } from '../errors.js';
-import { setIoFlusher } from '../native.js';
-import { daemonize, hasWaitingParent, makeLogger, notifyParent, oneLine } from './background.js';
+import { ForeignCacheError, ImageChangedError, InvalidArgumentError, SizeMismatchError } from '../errors.js';
+import { setIoFlusher } from '../native/process.js';
+import { attachFailed, daemonize, hasWaitingParent, makeLogger, notifyParent, oneLine } from './background.js';
+import { exitCodeFor } from './exit-codes.js';
 import { openHttpSource, type HttpSource } from '../source/http.js';
 import { parseHeaders, redactUrl } from '../source/http-range.js';
-import { cachePaths, Daemon, STATE_DIR } from './daemon.js';
+import { cachePaths, Daemon } from '../daemon/daemon.js';
+import { STATE_DIR } from '../paths.js';
 import { main as ulobdevMain } from './ulobdev.js';
-import { parseSize } from './units.js';
+import { parseSize } from '../units.js';
 import { parseRate } from '../writeback/policy.js';
 
 
@@ -46,14 +48,9 @@ export function defaultCacheFor(url: string, stateDir = STATE_DIR): string {
 }
 
 async function attach(device: string, url: string, flags: Flags): Promise<void> {
-  let headers: Record<string, string>;
-  try {
-    headers = parseHeaders(flags.header);
-  } catch (err) {
-    throw new UlobError('ULOB_E_INVALID_ARG', (err as Error).message);
-  }
+  const headers = parseHeaders(flags.header);
   if (flags.cacert) await fsp.access(flags.cacert).catch(() => {
-    throw new UlobError('ULOB_E_INVALID_ARG', `--cacert ${flags.cacert}: no such file`);
+    throw new InvalidArgumentError(`--cacert ${flags.cacert}: no such file`);
   });
   // Checked before anything starts, like every other argument.
   const hydratePolicy = flags.hydrate === undefined ? {} : { hydrateRate: flags.hydrate === true ? 0 : parseRate(String(flags.hydrate)) };
@@ -95,8 +92,7 @@ async function attach(device: string, url: string, flags: Flags): Promise<void> 
     } catch (err) {
       if (!(err instanceof ForeignCacheError || err instanceof SizeMismatchError)) throw err;
       if (!flags.revalidate) {
-        throw new UlobError(
-          'ULOB_E_IMAGE_CHANGED',
+        throw new ImageChangedError(
           `the image at ${redactUrl(url)} is not the one ${paths.cache} was made for (it changed on the server); pass --revalidate to discard the cache and start over`,
         );
       }
@@ -105,8 +101,7 @@ async function attach(device: string, url: string, flags: Flags): Promise<void> 
       daemon = await start();
     }
   } catch (err) {
-    notifyParent(`ERROR ${oneLine(err)}`);
-    throw err;
+    throw attachFailed(err);
   }
   const onSignal = (signal: string) => {
     logger.info({ signal }, 'detaching');
@@ -185,9 +180,10 @@ export async function main(argv: string[]): Promise<number> {
     await buildProgram().parseAsync(argv);
     return 0;
   } catch (err) {
-    if (err instanceof CommanderError) return err.code === 'ulohttp.delegated' ? err.exitCode : err.exitCode === 0 ? 0 : 2;
-    process.stderr.write(`ulohttp: ${oneLine(err)}\n`);
-    return 1;
+    if (err instanceof CommanderError && err.code === 'ulohttp.delegated') return err.exitCode;
+    // Commander has printed its own usage error (and the help) already.
+    if (!(err instanceof CommanderError)) process.stderr.write(`ulohttp: ${oneLine(err)}\n`);
+    return exitCodeFor(err);
   }
 }
 

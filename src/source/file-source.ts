@@ -1,7 +1,7 @@
 // A source over any BlockFile: the backing disk or image, or a crashable model of one in tests.
-import { alignedBuffer } from '../native.js';
+import { alignedBuffer } from '../native/io.js';
 import { IOFailedError } from '../errors.js';
-import type { BlockFile } from '../cache/storage.js';
+import type { BlockFile } from '../storage/storage.js';
 import type { WritableSource } from './source.js';
 
 export interface FileSourceOptions {

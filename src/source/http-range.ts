@@ -1,5 +1,6 @@
 // Pure pieces of the HTTP source: Range / Content-Range headers, the image identity, and
 // validators. No I/O here, so all of it is unit-tested.
+import { InvalidArgumentError } from '../errors.js';
 
 export interface ContentRange {
   /** First byte of the part. */
@@ -81,16 +82,16 @@ export function redactUrl(url: string): string {
   }
 }
 
-/** Parses repeated `--header 'Name: value'` arguments. Throws on a malformed one. */
+/** Parses repeated `--header 'Name: value'` arguments. InvalidArgumentError for a malformed one. */
 export function parseHeaders(lines: readonly string[]): Record<string, string> {
   const out: Record<string, string> = {};
   for (const line of lines) {
     const i = line.indexOf(':');
     const name = i > 0 ? line.slice(0, i).trim() : '';
-    if (!/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(name)) throw new RangeError(`--header must look like 'Name: value', got ${JSON.stringify(line)}`);
+    if (!/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(name)) throw new InvalidArgumentError(`--header must look like 'Name: value', got ${JSON.stringify(line)}`);
     const lower = name.toLowerCase();
     if (['range', 'if-range', 'if-match', 'host', 'content-length', 'connection'].includes(lower)) {
-      throw new RangeError(`--header cannot set ${name}: ulohttp manages it`);
+      throw new InvalidArgumentError(`--header cannot set ${name}: ulohttp manages it`);
     }
     out[lower] = line.slice(i + 1).trim();
   }

@@ -2,7 +2,7 @@
 // opened: a bad value is one line and changes nothing.
 import { CronTime, validateCronExpression } from 'cron';
 import { InvalidArgumentError } from '../errors.js';
-import { parseSize } from '../cli/units.js';
+import { parseSize } from '../units.js';
 
 /** A dirty-data limit: bytes, or a percentage of the disk. */
 export type DirtyLimit = { bytes: number } | { percent: number };

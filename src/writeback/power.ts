@@ -1,5 +1,5 @@
 // The backing disk's power: read its state without waking it (ATA CHECK POWER MODE), put it to
-// sleep (STANDBY IMMEDIATE), set its own standby timer (STANDBY with a count, as hdparm -S). The
+// sleep (STANDBY IMMEDIATE), set its own standby timer (IDLE with a count, as hdparm -S does). The
 // commands go through SG_IO as SCSI ATA PASS-THROUGH(16) (SAT: libata, most USB bridges), or the
 // legacy HDIO_DRIVE_CMD ioctl. Disks that take neither (files, virtio, some bridges) get one
 // warning and the daemon carries on without power control.
@@ -8,11 +8,18 @@
 import { constants as fsc, promises as fsp } from 'node:fs';
 import { basename, join } from 'node:path';
 import type { Logger } from 'pino';
-import { ataSgIo, hdioDriveCmd } from '../native.js';
+import { DiskPowerError } from '../errors.js';
+import { ataSgIo, hdioDriveCmd } from '../native/power.js';
 import { majorMinor } from '../sys.js';
-import type { PowerControl } from './scheduler.js';
 
 export type PowerState = 'active' | 'idle' | 'standby' | 'sleep' | 'unknown';
+
+/** What the flush scheduler needs from the disk's power control; DiskPower is the real one. */
+export interface PowerControl {
+  readonly supported: boolean;
+  state(): Promise<PowerState>;
+  standby(): Promise<void>;
+}
 
 export const ATA = {
   CHECK_POWER_MODE: 0xe5,
@@ -159,13 +166,13 @@ export class DiskPower implements PowerControl {
   /** STANDBY IMMEDIATE: the disk flushes its write cache and spins down. */
   async standby(): Promise<void> {
     const r = await this.#command({ command: ATA.STANDBY_IMMEDIATE });
-    if (r && r.status & 0x01) throw new Error(`${this.path} refused STANDBY IMMEDIATE (ATA error 0x${r.error.toString(16)})`);
+    if (r && r.status & 0x01) throw new DiskPowerError(`${this.path} refused STANDBY IMMEDIATE (ATA error 0x${r.error.toString(16)})`);
   }
 
   /** The drive's own standby timer, like hdparm -S (IDLE with a count: no spin-down now). */
   async setStandbyTimer(seconds: number): Promise<void> {
     const r = await this.#command({ command: ATA.IDLE, count: standbyTimerCount(seconds) });
-    if (r && r.status & 0x01) throw new Error(`${this.path} refused the standby timer (ATA error 0x${r.error.toString(16)})`);
+    if (r && r.status & 0x01) throw new DiskPowerError(`${this.path} refused the standby timer (ATA error 0x${r.error.toString(16)})`);
   }
 
   async close(): Promise<void> {
@@ -177,9 +184,9 @@ export class DiskPower implements PowerControl {
     if (this.transport === 'sgio') {
       const sense = Buffer.alloc(SENSE_BYTES);
       const r = await ataSgIo(this.#fd.fd, ataPassThrough16(tf), sense, 30_000);
-      if (r.hostStatus !== 0) throw new Error(`SG_IO to ${this.path}: host status 0x${r.hostStatus.toString(16)}`);
+      if (r.hostStatus !== 0) throw new DiskPowerError(`SG_IO to ${this.path}: host status 0x${r.hostStatus.toString(16)}`);
       const ret = decodeAtaReturn(sense, r.senseLength);
-      if (!ret && r.status !== 0) throw new Error(`SG_IO to ${this.path}: SCSI status 0x${r.status.toString(16)} without ATA registers`);
+      if (!ret && r.status !== 0) throw new DiskPowerError(`SG_IO to ${this.path}: SCSI status 0x${r.status.toString(16)} without ATA registers`);
       return ret;
     }
     // HDIO_DRIVE_CMD (libata's ata_cmd_ioctl): [command, count, features, data sectors = 0];

@@ -1,7 +1,7 @@
 // `ulobdev report --svg`: dirty bytes over time as a step line, flush windows as bands (red when a
 // flush failed), spin-ups as marks on the time axis. A hand-written SVG string: no dependencies.
 import type { DirtySample, EventRecord, FlushRecord } from '../cache/metadata.js';
-import { formatBytes } from '../cli/units.js';
+import { formatBytes } from '../units.js';
 
 export interface ReportData {
   since: number;

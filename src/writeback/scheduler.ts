@@ -14,16 +14,9 @@ import type { Logger } from 'pino';
 import type { CacheEngine } from '../cache/engine.js';
 import type { HistoryLog } from '../cache/metadata.js';
 import { flushDirty, type FlushProgress, type FlushResult } from './flusher.js';
-import type { PowerState } from './power.js';
+import type { PowerControl, PowerState } from './power.js';
 
 export type FlushReason = 'schedule' | 'threshold' | 'age' | 'manual' | 'detach' | 'opportunistic' | 'ac' | 'retry';
-
-/** What the scheduler needs from the disk's power control (src/writeback/power.ts). */
-export interface PowerControl {
-  readonly supported: boolean;
-  state(): Promise<PowerState>;
-  standby(): Promise<void>;
-}
 
 export interface SchedulerOptions {
   /** Validated cron expression (policy.parseCron). */

@@ -5,7 +5,14 @@ import { randomBytes } from 'node:crypto';
 import { lstatSync, readFileSync, writeFileSync } from 'node:fs';
 import * as net from 'node:net';
 import { join } from 'node:path';
-import { NbdServer } from '../../src/bdev/nbd/index.js';
+import { NbdServer } from '../../src/bdev/nbd-server/index.js';
+import {
+  encodeInfoRequest,
+  encodeMetaContextRequest,
+  encodeOption,
+  decodeOptionReply,
+  type Reply,
+} from '../../src/bdev/nbd-server/client-codec.js';
 import {
   Cmd,
   CmdFlag,
@@ -17,12 +24,7 @@ import {
   ReplyType,
   TxFlag,
   BASE_ALLOCATION,
-  encodeInfoRequest,
-  encodeMetaContextRequest,
-  encodeOption,
-  decodeOptionReply,
-  type Reply,
-} from '../../src/bdev/nbd/protocol.js';
+} from '../../src/bdev/nbd-server/protocol.js';
 import { IOFailedError, ReadOnlyError } from '../../src/errors.js';
 import {
   MemoryBackend,

@@ -6,18 +6,20 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { NbdServer } from '../../src/bdev/nbd/index.js';
+import { NbdServer } from '../../src/bdev/nbd-server/index.js';
+import {
+  encodeInfoRequest,
+  encodeOption,
+  encodeRequest,
+  type Reply,
+} from '../../src/bdev/nbd-server/client-codec.js';
 import {
   ClientFlag,
   Cmd,
   Errno,
   Opt,
   REQUEST_MAGIC,
-  encodeInfoRequest,
-  encodeOption,
-  encodeRequest,
-  type Reply,
-} from '../../src/bdev/nbd/protocol.js';
+} from '../../src/bdev/nbd-server/protocol.js';
 import {
   MemoryBackend,
   RawClient,

@@ -17,7 +17,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, openSync, readFileSync, readdirSync, rmSync, writeFileSync, writeSync, closeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { controlRequest } from '../../src/cli/control.js';
+import { controlRequest } from '../../src/daemon/control.js';
 import { freeLoop, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
 
 const SIZE = 256 << 20;

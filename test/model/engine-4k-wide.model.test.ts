@@ -1,13 +1,17 @@
 // Model-based crash test: 20 blocks of 4096 bytes.
 // ULOB_MODEL_RUNS sets the sequences per file (four files: 10,000 per make test by default).
-import fc from 'fast-check';
+// CASES are shrunk counterexamples the property once found, kept as named regression cases: a
+// failure of the property prints its own, ready to paste here.
 import { describe, it } from 'vitest';
-import { engineModelProperty } from '../support/engine-model.js';
+import { assertEngineModel, runEngineModel, type ModelCase } from '../support/engine-model.js';
 
 const RUNS = Number(process.env.ULOB_MODEL_RUNS ?? 2500);
+const CONFIG = { blockSize: 4096, blocks: 20, tail: 0 };
+
+const CASES: Record<string, ModelCase> = {};
 
 describe('engine model: 20 x 4096 B blocks', () => {
-  it('keeps invariants 1-4 through crashes at every persistence point', async () => {
-    await fc.assert(engineModelProperty({ blockSize: 4096, blocks: 20, tail: 0 }), { numRuns: RUNS });
-  }, 900_000);
+  for (const [name, c] of Object.entries(CASES)) it(name, () => runEngineModel(CONFIG, c), 60_000);
+
+  it('keeps invariants 1-4 through crashes at every persistence point', () => assertEngineModel(CONFIG, RUNS), 900_000);
 });

@@ -41,10 +41,10 @@ export interface CliResult {
 }
 
 /** Runs ulobdev to completion (attach with --daemon returns once the device is ready). */
-export function ulobdev(args: string[], options: { uid?: number; timeoutMs?: number } = {}): Promise<CliResult> {
+export function ulobdev(args: string[], options: { uid?: number; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<CliResult> {
   const argv = options.uid === undefined ? [process.execPath, CLI, ...args] : ['setpriv', `--reuid=${options.uid}`, `--regid=${options.uid}`, '--clear-groups', process.execPath, CLI, ...args];
   return new Promise((resolvePromise) => {
-    execFile(argv[0]!, argv.slice(1), { timeout: options.timeoutMs ?? 60_000, encoding: 'utf8' }, (err, stdout, stderr) => {
+    execFile(argv[0]!, argv.slice(1), { timeout: options.timeoutMs ?? 60_000, encoding: 'utf8', env: options.env ?? process.env }, (err, stdout, stderr) => {
       const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : 1) : 0;
       resolvePromise({ code, stdout, stderr });
     });

@@ -8,8 +8,8 @@
 //
 // Every write, sync, allocate and metadata transaction is a persistence point: `crashAt` makes the
 // n-th one throw SimulatedCrash before it takes effect, and every later one too.
-import { posixStorage } from '../../src/cache/posix-storage.js';
-import type { BlockFile, OpenOptions, Storage } from '../../src/cache/storage.js';
+import { posixStorage } from '../../src/storage/posix-storage.js';
+import type { BlockFile, OpenOptions, Storage } from '../../src/storage/storage.js';
 import { Metadata } from '../../src/cache/metadata.js';
 import type { MetadataFactory } from '../../src/cache/store.js';
 

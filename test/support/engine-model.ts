@@ -1,6 +1,10 @@
 // Model-based crash test of the cache engine: fast-check drives the real engine, store and
 // metadata over crashable model files (test/support/crashable.ts) against a model disk that knows,
 // per 512-byte sector, which contents a crash may legally leave behind.
+//
+// A run is plain data, a ModelCase: the steps (operations, crashes, reopens) and the seed of the
+// crash randomness. So a shrunk counterexample is printed as a case ready to paste next to its
+// property (see assertEngineModel) and replays exactly with runEngineModel.
 import { mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import fc from 'fast-check';
@@ -195,7 +199,7 @@ async function crashAndRecover(model: Model, real: Real, kind: CrashKind): Promi
 
 // --- commands ---------------------------------------------------------------------------------
 
-type Op =
+export type Op =
   | { kind: 'read'; sector: number; count: number }
   | { kind: 'write'; sector: number; count: number; fua: boolean }
   | { kind: 'flush' }
@@ -367,53 +371,89 @@ function opArb(sectors: number, blockSectors: number): fc.Arbitrary<Op> {
   );
 }
 
+/** One step of a model run. */
+export type Step = { op: Op } | { crash: CrashKind; after: number; op: Op } | { reopen: true };
+
+/** A whole model run: replayed exactly by runEngineModel. */
+export interface ModelCase {
+  steps: Step[];
+  /** Seeds what a crash keeps, loses or tears (CrashWorld.crash), and whether recovery crashes too. */
+  seed: number;
+}
+
+function commandOf(step: Step): fc.AsyncCommand<Model, Real> {
+  if ('reopen' in step) return new ReopenCommand();
+  if ('crash' in step) return new CrashCommand(step.op, step.after, step.crash);
+  return new OpCommand(step.op);
+}
+
+function stepArb(config: ModelConfig): fc.Arbitrary<Step> {
+  const size = config.blocks * config.blockSize - config.tail;
+  const op = opArb(size / SECTOR, config.blockSize / SECTOR);
+  return fc.oneof(
+    op.map((o): Step => ({ op: o })),
+    fc.tuple(op, fc.nat({ max: 12 }), fc.constantFrom<CrashKind>('power', 'power', 'process')).map(([o, after, crash]): Step => ({ crash, after, op: o })),
+    fc.constant<Step>({ reopen: true }),
+  );
+}
+
+/** The property: every run of up to 24 steps keeps the model's guarantees. */
 export function engineModelProperty(config: ModelConfig) {
+  return fc.asyncProperty(fc.array(stepArb(config), { maxLength: 24 }), fc.integer({ min: 1, max: 2 ** 31 - 1 }), (steps, seed) =>
+    runEngineModel(config, { steps, seed }),
+  );
+}
+
+/**
+ * Runs the property `runs` times. A failure is reported with its shrunk counterexample as a
+ * ModelCase literal, to be kept as a named case next to the property.
+ */
+export async function assertEngineModel(config: ModelConfig, runs: number): Promise<void> {
+  const details = await fc.check(engineModelProperty(config), { numRuns: runs });
+  if (!details.failed) return;
+  const [steps, seed] = details.counterexample ?? [[], 0];
+  const found = JSON.stringify({ seed, steps });
+  throw new Error(
+    `engine model failed after ${details.numRuns} runs (fast-check seed ${details.seed}, path ${JSON.stringify(details.counterexamplePath)}); ` +
+      `keep the shrunk counterexample as a named case:\n  'WHAT IT SHOWS': ${found},\n${details.errorInstance instanceof Error ? details.errorInstance.message : String(details.errorInstance)}`,
+    { cause: details.errorInstance },
+  );
+}
+
+/** Replays one run on a fresh model disk and cache; throws at the first broken guarantee. */
+export async function runEngineModel(config: ModelConfig, { steps, seed }: ModelCase): Promise<void> {
   const size = config.blocks * config.blockSize - config.tail;
   const sectors = size / SECTOR;
-  const blockSectors = config.blockSize / SECTOR;
-  const op = opArb(sectors, blockSectors);
-  const commands = fc.commands(
-    [
-      op.map((o) => new OpCommand(o)),
-      fc
-        .tuple(op, fc.nat({ max: 12 }), fc.constantFrom<CrashKind>('power', 'power', 'process'))
-        .map(([o, after, kind]) => new CrashCommand(o, after, kind)),
-      fc.constant(new ReopenCommand()),
-    ],
-    { maxCommands: 24 },
-  );
-  return fc.asyncProperty(commands, fc.integer({ min: 1, max: 2 ** 31 - 1 }), async (cmds, seed) => {
-    const dir = mkdtempSync(join('/dev/shm', 'ulob-model-'));
-    const world = new CrashWorld();
-    const backingPath = join(dir, 'disk');
-    await world.storage().open(backingPath, { create: true });
-    const backing = world.file(backingPath);
-    for (let s = 0; s < sectors; s++) backing.write(sectorBytes(BASE_TAG, s), s * SECTOR);
-    backing.sync();
-    const partial: Omit<Real, 'engine'> = {
-      world,
-      rng: new Rng(seed),
-      paths: { cache: join(dir, 'cache'), bitmap: join(dir, 'bitmap'), metadata: join(dir, 'meta.db') },
-      backingPath,
-      size,
-      blockSize: config.blockSize,
-    };
-    const real: Real = { ...partial, engine: await openEngine(partial) };
-    const model: Model = {
-      sectors,
-      current: new Uint32Array(sectors).fill(BASE_TAG),
-      stable: new Uint32Array(sectors).fill(BASE_TAG),
-      since: new Map(),
-      nextTag: BASE_TAG + 1,
-      image: new Uint32Array(sectors).fill(BASE_TAG),
-      flushing: null,
-      torn: new Map(),
-    };
-    try {
-      await fc.asyncModelRun(() => ({ model, real }), cmds);
-    } finally {
-      await real.engine.store.abandon().catch(() => undefined);
-      rmSync(dir, { recursive: true, force: true });
-    }
-  });
+  const dir = mkdtempSync(join('/dev/shm', 'ulob-model-'));
+  const world = new CrashWorld();
+  const backingPath = join(dir, 'disk');
+  await world.storage().open(backingPath, { create: true });
+  const backing = world.file(backingPath);
+  for (let s = 0; s < sectors; s++) backing.write(sectorBytes(BASE_TAG, s), s * SECTOR);
+  backing.sync();
+  const partial: Omit<Real, 'engine'> = {
+    world,
+    rng: new Rng(seed),
+    paths: { cache: join(dir, 'cache'), bitmap: join(dir, 'bitmap'), metadata: join(dir, 'meta.db') },
+    backingPath,
+    size,
+    blockSize: config.blockSize,
+  };
+  const real: Real = { ...partial, engine: await openEngine(partial) };
+  const model: Model = {
+    sectors,
+    current: new Uint32Array(sectors).fill(BASE_TAG),
+    stable: new Uint32Array(sectors).fill(BASE_TAG),
+    since: new Map(),
+    nextTag: BASE_TAG + 1,
+    image: new Uint32Array(sectors).fill(BASE_TAG),
+    flushing: null,
+    torn: new Map(),
+  };
+  try {
+    await fc.asyncModelRun(() => ({ model, real }), steps.map(commandOf));
+  } finally {
+    await real.engine.store.abandon().catch(() => undefined);
+    rmSync(dir, { recursive: true, force: true });
+  }
 }

@@ -12,11 +12,6 @@ import { Writable } from 'node:stream';
 import { pino, type Logger } from 'pino';
 import type { BlockBackend } from '../../src/bdev/backend.js';
 import {
-  ByteQueue,
-  ClientFlag,
-  Info,
-  Opt,
-  Rep,
   decodeGreeting,
   decodeOptionReply,
   decodeReply,
@@ -24,15 +19,22 @@ import {
   encodeMetaContextRequest,
   encodeOption,
   encodeRequest,
-  BASE_ALLOCATION,
-  type NbdRequest,
   type OptionReply,
   type Reply,
-} from '../../src/bdev/nbd/protocol.js';
+} from '../../src/bdev/nbd-server/client-codec.js';
+import {
+  ByteQueue,
+  ClientFlag,
+  Info,
+  Opt,
+  Rep,
+  BASE_ALLOCATION,
+  type NbdRequest,
+} from '../../src/bdev/nbd-server/protocol.js';
 import { CacheEngine } from '../../src/cache/engine.js';
 import { CacheStore } from '../../src/cache/store.js';
 import type { CacheMode } from '../../src/cache/metadata.js';
-import { openBacking } from '../../src/source/blockdev.js';
+import { openBacking } from '../../src/source/backing.js';
 
 export const REPO = fileURLToPath(new URL('../..', import.meta.url));
 

@@ -4,7 +4,8 @@ import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { ControlServer, controlRequest, NotAttachedError } from '../../src/cli/control.js';
+import { ControlServer, controlRequest } from '../../src/daemon/control.js';
+import { NotAttachedError } from '../../src/errors.js';
 
 let dir: string;
 beforeEach(() => {

@@ -6,23 +6,22 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
 import { createRequire } from 'node:module';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
+import { NativeError } from '../../src/native/addon.js';
+import { bitClearRange, bitCount, bitFindNextClear, bitFindNextSet, bitSetRange } from '../../src/native/bitmap.js';
+import { blkFlsBuf, blkGetSize64, blkSectorSize } from '../../src/native/blkdev.js';
+import { alignedBuffer, fallocate, fdatasync, pread, preadNowait, pwrite } from '../../src/native/io.js';
 import {
-  NativeError,
-  alignedBuffer,
-  bitClearRange,
-  bitCount,
-  bitFindNextClear,
-  bitFindNextSet,
-  bitSetRange,
-  blkFlsBuf,
-  blkGetSize64,
-  blkSectorSize,
-  fallocate,
-  fdatasync,
-  pread,
-  preadNowait,
-  pwrite,
-} from '../../src/native.js';
+  ULOOP_ABI_VERSION,
+  ULOOP_CONTROL,
+  ULOOP_F_WRITEBACK,
+  ULOOP_MSG_BARRIER,
+  ULOOP_MSG_INTENT,
+  ULOOP_MSG_MISS,
+  UloopWatch,
+  type UloopMessage,
+} from '../../src/native/uloop.js';
 
 const GiB = 2 ** 30;
 const { errno } = os.constants;
@@ -415,7 +414,7 @@ describe('argument validation happens in JS, synchronously', () => {
 });
 
 describe('the raw binding', () => {
-  // Only src/native.ts should call it, but a direct call must still not touch memory it was not
+  // Only src/native/ should call it, but a direct call must still not touch memory it was not
   // given: C++ re-checks types and bounds.
   const raw = createRequire(import.meta.url)('../../build/Release/ulob_native.node') as Record<
     string,
@@ -597,5 +596,90 @@ describe.runIf(canLoop)('block device ioctls on a loop device', () => {
     const back = alignedBuffer(8192);
     expect(await pread(fd, back, 0, 8192, size - 4096)).toBe(4096); // end of device
     expect(back.subarray(0, 4096).equals(out.subarray(4096))).toBe(true);
+  });
+});
+
+describe('the uloop request channel, on a FIFO (no module needed)', () => {
+  let dir: string;
+  let fifo: string;
+  beforeAll(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ulob-uloop-watch-'));
+    fifo = path.join(dir, 'channel');
+    execFileSync('mkfifo', [fifo]);
+  });
+  afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  /** A struct uloop_msg as the kernel writes it (little-endian, 32 bytes). */
+  const message = (id: number, type: number, offset: number, length: number): Buffer => {
+    const b = Buffer.alloc(32);
+    b.writeBigUInt64LE(BigInt(id), 0);
+    b.writeUInt32LE(type, 8);
+    b.writeBigUInt64LE(BigInt(offset), 16);
+    b.writeBigUInt64LE(BigInt(length), 24);
+    return b;
+  };
+  const open = () => {
+    const r = fs.openSync(fifo, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+    const w = fs.openSync(fifo, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK);
+    return { r, w, close: () => [r, w].forEach((fd) => fs.closeSync(fd)) };
+  };
+  const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  it('takes the ABI constants from the header the addon was compiled with', () => {
+    const header = fs.readFileSync(new URL('../../kernel/include/uapi/uloop.h', import.meta.url), 'utf8');
+    const define = (name: string) => new RegExp(`^#define ${name}\\s+(\\S+)`, 'm').exec(header)?.[1];
+    const member = (name: string) => Number(new RegExp(`\\b${name} = (\\d+)`).exec(header)?.[1]);
+    expect(ULOOP_ABI_VERSION).toBe(Number(define('ULOOP_ABI_VERSION')));
+    expect(ULOOP_CONTROL).toBe(`/dev/${JSON.parse(define('ULOOP_CONTROL_NAME')!)}`);
+    expect(ULOOP_F_WRITEBACK).toBe(1);
+    expect([ULOOP_MSG_MISS, ULOOP_MSG_INTENT, ULOOP_MSG_BARRIER]).toEqual([member('ULOOP_MSG_MISS'), member('ULOOP_MSG_INTENT'), member('ULOOP_MSG_BARRIER')]);
+  });
+
+  it('delivers whole messages on the event loop; close() stops it, once', async () => {
+    const ch = open();
+    const got: UloopMessage[] = [];
+    const watch = new UloopWatch(ch.r, (err, msgs) => {
+      expect(err).toBeNull();
+      got.push(...msgs);
+    });
+    try {
+      fs.writeSync(ch.w, Buffer.concat([message(7, ULOOP_MSG_MISS, 4096, 8192), message(2 ** 40, ULOOP_MSG_BARRIER, 0, 512)]));
+      for (let i = 0; i < 100 && got.length < 2; i++) await sleep(5);
+      expect(got).toEqual([
+        { id: 7, type: ULOOP_MSG_MISS, offset: 4096, length: 8192 },
+        { id: 2 ** 40, type: ULOOP_MSG_BARRIER, offset: 0, length: 512 },
+      ]);
+      watch.close();
+      watch.close();
+      fs.writeSync(ch.w, message(8, ULOOP_MSG_INTENT, 0, 4096));
+      await sleep(50);
+      expect(got).toHaveLength(2);
+    } finally {
+      watch.close();
+      ch.close();
+    }
+  });
+
+  it('a watch dropped without close() is stopped by its finalizer', async () => {
+    setFlagsFromString('--expose-gc');
+    const gc = runInNewContext('gc') as () => void;
+    const ch = open();
+    let calls = 0;
+    // Made in a function of its own: nothing but the registry may know the watch afterwards.
+    (() => void new UloopWatch(ch.r, () => void calls++))();
+    try {
+      let stopped = false;
+      for (let round = 0; round < 50 && !stopped; round++) {
+        gc();
+        await sleep(10);
+        const before = calls;
+        fs.writeSync(ch.w, message(round + 1, ULOOP_MSG_MISS, 0, 4096));
+        await sleep(30);
+        stopped = calls === before;
+      }
+      expect(stopped).toBe(true);
+    } finally {
+      ch.close();
+    }
   });
 });

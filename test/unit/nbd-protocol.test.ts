@@ -4,6 +4,15 @@ import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { InvalidArgumentError, IOFailedError, NbdProtocolError, ReadOnlyError } from '../../src/errors.js';
 import {
+  decodeGreeting,
+  decodeOptionReply,
+  decodeReply,
+  encodeInfoRequest,
+  encodeMetaContextRequest,
+  encodeOption,
+  encodeRequest,
+} from '../../src/bdev/nbd-server/client-codec.js';
+import {
   ByteQueue,
   Cmd,
   CmdFlag,
@@ -20,10 +29,7 @@ import {
   TxFlag,
   checkRequest,
   decodeClientFlags,
-  decodeGreeting,
   decodeOption,
-  decodeOptionReply,
-  decodeReply,
   decodeRequest,
   encodeBlockStatusChunk,
   encodeErrorChunk,
@@ -31,16 +37,12 @@ import {
   encodeGreeting,
   encodeInfoBlockSize,
   encodeInfoExport,
-  encodeInfoRequest,
   encodeInfoString,
   encodeMetaContext,
-  encodeMetaContextRequest,
   encodeNoneChunk,
   encodeOffsetDataHeader,
-  encodeOption,
   encodeOptionError,
   encodeOptionReply,
-  encodeRequest,
   encodeServerData,
   encodeSimpleReply,
   errnoOf,
@@ -49,8 +51,8 @@ import {
   type NbdOption,
   type NbdRequest,
   type TransmissionState,
-} from '../../src/bdev/nbd/protocol.js';
-import { formatNbdUrl, parseNbdUrl } from '../../src/bdev/nbd/server.js';
+} from '../../src/bdev/nbd-server/protocol.js';
+import { formatNbdUrl, parseNbdUrl } from '../../src/bdev/nbd-server/server.js';
 
 /** Splits `bytes` at the given cut points (any order, duplicates allowed). */
 function split(bytes: Buffer, cuts: number[]): Buffer[] {

@@ -37,7 +37,7 @@ import {
 } from '../../src/errors.js';
 import { CacheEngine } from '../../src/cache/engine.js';
 import { CacheStore, type CachePaths } from '../../src/cache/store.js';
-import { openBacking } from '../../src/source/blockdev.js';
+import { openBacking } from '../../src/source/backing.js';
 import type { FileSource } from '../../src/source/file-source.js';
 import { flushDirty } from '../../src/writeback/flusher.js';
 

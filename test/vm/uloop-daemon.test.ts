@@ -2,7 +2,7 @@
 // Misses fill through the engine, fio writes and verifies patterns, a filesystem is made, written,
 // checked, and the device detaches.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, ROOT, runInVm, type VmPaths, type VmResult } from './vm.js';
+import { prepareVm, ROOT, runInVm, type VmPaths, type VmResult } from '../support/vm.js';
 
 let vm: VmPaths;
 let run: VmResult;
@@ -12,11 +12,14 @@ beforeAll(async () => {
   run = await runInVm(`
     U="node ${ROOT}/dist/cli/ulobdev.js"
     insmod ${vm.ULOOP_KO}
-    modprobe crc32c_generic; modprobe ext4
+    modprobe -q crc32c_generic || true; modprobe ext4
     head -c 8M /dev/urandom > /tmp/disk.img && truncate -s 64M /tmp/disk.img
     $U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --daemon /dev/uloop0 /tmp/disk.img
     dd if=/dev/uloop0 of=/tmp/r bs=1M count=8 iflag=direct status=none
     head -c 8M /tmp/disk.img | cmp - /tmp/r && echo "misses through the daemon verified"
+    # A second device on the same N: the kernel's ENOSPC, told as what to do.
+    truncate -s 16M /tmp/disk2.img
+    $U -c /tmp/d2.cache -b /tmp/d2.bitmap --name other --daemon /dev/uloop0 /tmp/disk2.img || echo "second attach exit $?"
     # fio verify: cached clean blocks (dirty intents, rule 3), then missing ones written whole (rule 4).
     F="fio --filename=/dev/uloop0 --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw=randwrite --verify=crc32c --verify_fatal=1 --do_verify=1 --output=/tmp/fio.out"
     $F --name=cached --offset=0 --size=8M && $F --name=missing --offset=32M --size=16M && echo "fio verify passed" || cat /tmp/fio.out
@@ -34,6 +37,8 @@ beforeAll(async () => {
 describe('ulobdev on /dev/uloopN', () => {
   it('attaches, fills misses, carries a filesystem, detaches', () => {
     expect(run.output).toContain('misses through the daemon verified');
+    expect(run.output).toMatch(/ulobdev: \/dev\/uloop0 is taken by another uloop device; pick a free one, e\.g\. \/dev\/uloop1\n/);
+    expect(run.output).toContain('second attach exit 1');
     expect(run.output).toContain('fio verify passed');
     expect(run.output).toContain('fsck clean');
     expect(run.output).toContain('file verified');

@@ -1,7 +1,8 @@
 // Storage on real files and block devices: Node opens, the native addon does positioned I/O,
 // fdatasync and fallocate on the libuv threadpool.
 import { constants as fsc, promises as fsp } from 'node:fs';
-import * as native from '../native.js';
+import { blkGetSize64 } from '../native/blkdev.js';
+import { fallocate, fdatasync, pread, preadNowait, pwrite } from '../native/io.js';
 import type { BlockFile, OpenOptions, Storage } from './storage.js';
 
 class PosixFile implements BlockFile {
@@ -24,27 +25,27 @@ class PosixFile implements BlockFile {
 
   read(buf: Uint8Array, position: number): Promise<number> {
     // Page-cache hits are copied right here; only what is not cached goes to the threadpool.
-    const n = this.#direct ? -1 : native.preadNowait(this.#fd, buf, 0, buf.byteLength, position);
+    const n = this.#direct ? -1 : preadNowait(this.#fd, buf, 0, buf.byteLength, position);
     if (n === buf.byteLength || n === 0) return Promise.resolve(n);
-    if (n < 0) return native.pread(this.#fd, buf, 0, buf.byteLength, position);
-    return native.pread(this.#fd, buf, n, buf.byteLength - n, position + n).then((m) => n + m);
+    if (n < 0) return pread(this.#fd, buf, 0, buf.byteLength, position);
+    return pread(this.#fd, buf, n, buf.byteLength - n, position + n).then((m) => n + m);
   }
 
   write(buf: Uint8Array, position: number): Promise<void> {
-    return native.pwrite(this.#fd, buf, 0, buf.byteLength, position);
+    return pwrite(this.#fd, buf, 0, buf.byteLength, position);
   }
 
   sync(): Promise<void> {
-    return native.fdatasync(this.#fd);
+    return fdatasync(this.#fd);
   }
 
   allocate(length: number): Promise<void> {
-    return native.fallocate(this.#fd, 0, length);
+    return fallocate(this.#fd, 0, length);
   }
 
   async size(): Promise<number> {
     const st = await this.#handle.stat();
-    return st.isBlockDevice() ? native.blkGetSize64(this.#fd) : st.size;
+    return st.isBlockDevice() ? blkGetSize64(this.#fd) : st.size;
   }
 
   async close(): Promise<void> {

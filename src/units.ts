@@ -1,5 +1,5 @@
 // Sizes as people type and read them: 4096, 4K, 64KiB, 1M, 2G (powers of 1024).
-import { InvalidArgumentError } from '../errors.js';
+import { InvalidArgumentError } from './errors.js';
 
 const UNITS: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
 

@@ -1,10 +1,10 @@
 // /dev/nbdN frontend: the kernel's NBD client (nbd-client, netlink) connected to our server's
 // private unix socket. Needs the nbd module; without it, one line says so.
 import { join } from 'node:path';
-import { DeviceBusyError, InvalidArgumentError } from '../errors.js';
+import { DeviceBusyError, InvalidArgumentError, ModuleMissingError } from '../errors.js';
 import { exists, mountsByDevice, readTrim, sleep } from '../sys.js';
-import { ModuleMissingError, type Frontend } from './frontend.js';
-import { run } from './process.js';
+import type { Frontend } from './frontend.js';
+import { run } from './programs.js';
 
 export interface NbdAttachOptions {
   device: string;

@@ -5,21 +5,20 @@ import { dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths } from '../cache/store.js';
-import { UlobError } from '../errors.js';
+import { InvalidArgumentError, NotRootError, ReadOnlyError } from '../errors.js';
+import { RUN_DIR, STATE_DIR } from '../paths.js';
 import { isWritable, type Source } from '../source/source.js';
 import { defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
-import { assertNbdFree, attachNbdDevice } from '../bdev/nbd-device.js';
+import { assertNbdFree, attachNbdDevice } from '../bdev/kernel-nbd.js';
 import { assertUloopModule, attachUloop } from '../bdev/uloop.js';
-import { NbdServer, parseNbdUrl } from '../bdev/nbd/index.js';
+import { NbdServer, parseNbdUrl } from '../bdev/nbd-server/index.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
 import { DiskPower, onAcPower, standbyTimerCount, standbyTimerSeconds } from '../writeback/power.js';
 import { FlushScheduler, type SchedulerStatus } from '../writeback/scheduler.js';
 import { assertNoDaemon, ControlServer, type ControlRequest } from './control.js';
 
-export const STATE_DIR = '/var/lib/ulobdev';
-export const RUN_DIR = '/run/ulobdev';
 export const EXPORT_NAME = 'ulobdev';
 
 export interface AttachOptions {
@@ -86,12 +85,6 @@ export interface DeviceStatus {
   hydration?: HydrationProgress;
 }
 
-export class NotRootError extends UlobError {
-  constructor(device: string) {
-    super('ULOB_E_NOT_ROOT', `binding ${device} needs root; run ulobdev as root (or serve an NBD URL instead)`);
-  }
-}
-
 export class Daemon {
   readonly name: string;
   readonly device: string;
@@ -150,9 +143,9 @@ export class Daemon {
   static async start(options: AttachOptions): Promise<Daemon> {
     const kind = frontendKind(options.device);
     if (kind === 'uloop') assertUloopModule(options.device);
-    if (kind !== 'serve' && process.getuid?.() !== 0) throw new NotRootError(options.device);
+    if (kind !== 'serve' && process.getuid?.() !== 0) throw new NotRootError(`binding ${options.device} needs root; run ulobdev as root (or serve an NBD URL instead)`);
     const name = options.name ?? defaultName(options.device);
-    if (!/^[A-Za-z0-9._-]+$/.test(name)) throw new UlobError('ULOB_E_INVALID_ARG', `--name may hold letters, digits, '.', '_' and '-' only`);
+    if (!/^[A-Za-z0-9._-]+$/.test(name)) throw new InvalidArgumentError(`--name may hold letters, digits, '.', '_' and '-' only`);
     const runBase = options.runDir ?? RUN_DIR;
     const runDir = join(runBase, name);
     const logger = options.logger.child({ device: name });
@@ -305,7 +298,7 @@ export class Daemon {
   /** Writes the dirty blocks back to the backing disk now, in one sorted pass (one at a time). */
   async flush(): Promise<FlushResult> {
     if (!this.#scheduler) {
-      throw new UlobError('ULOB_E_READ_ONLY', `${this.device} is attached read-only (or its disk was opened read-only): nothing to write back`);
+      throw new ReadOnlyError(`${this.device} is attached read-only (or its disk was opened read-only): nothing to write back`);
     }
     return this.#scheduler.request('manual');
   }
@@ -371,7 +364,7 @@ export class Daemon {
       case 'report':
         return { report: this.history(typeof request.since === 'number' ? request.since : Date.now() - 86_400_000) };
       default:
-        throw new UlobError('ULOB_E_INVALID_ARG', `unknown control command ${JSON.stringify(request.cmd)}`);
+        throw new InvalidArgumentError(`unknown control command ${JSON.stringify(request.cmd)}`);
     }
   }
 }

@@ -1,18 +1,24 @@
 // The per-device control socket (/run/ulobdev/NAME.sock, mode 0600): one JSON request per line,
-// one JSON answer per line. `status`, `detach` and (later) `flush` talk to the daemon through it.
+// one JSON answer per line. `status`, `flush`, `report` and `detach` talk to the daemon through it
+// (docs/reference.md, "Messages").
 import { promises as fsp } from 'node:fs';
 import net from 'node:net';
-import { UlobError } from '../errors.js';
+import {
+  ControlProtocolError,
+  DaemonError,
+  DaemonTimeoutError,
+  DeviceBusyError,
+  errorFromCode,
+  errorToWire,
+  InvalidArgumentError,
+  IOFailedError,
+  NotAttachedError,
+  PermissionDeniedError,
+} from '../errors.js';
 
 export type ControlRequest = { cmd: 'status' } | { cmd: 'detach' } | { cmd: string; [key: string]: unknown };
 export type ControlReply = { ok: true; [key: string]: unknown } | { ok: false; error: { code: string; message: string } };
 export type ControlHandler = (request: ControlRequest) => Promise<Record<string, unknown>>;
-
-export class NotAttachedError extends UlobError {
-  constructor(message: string) {
-    super('ULOB_E_NOT_ATTACHED', message);
-  }
-}
 
 const MAX_REQUEST = 64 * 1024;
 
@@ -94,29 +100,32 @@ function serve(socket: net.Socket, handler: ControlHandler, clients: Set<Client>
 }
 
 async function answer(line: string, handler: ControlHandler): Promise<ControlReply> {
-  let request: ControlRequest;
+  let request: ControlRequest | undefined;
   try {
     request = JSON.parse(line) as ControlRequest;
-    if (typeof request?.cmd !== 'string') throw new Error('no cmd');
   } catch {
-    return { ok: false, error: { code: 'ULOB_E_INVALID_ARG', message: 'malformed control request' } };
+    // answered below
   }
+  if (typeof request?.cmd !== 'string') return { ok: false, error: errorToWire(new InvalidArgumentError('malformed control request')) };
   try {
     return { ok: true, ...(await handler(request)) };
   } catch (err) {
-    const e = err as { code?: string; message?: string };
-    return { ok: false, error: { code: e.code ?? 'ULOB_E_INTERNAL', message: e.message ?? String(err) } };
+    return { ok: false, error: errorToWire(err) };
   }
 }
 
-/** Sends one request and waits for its answer; an error answer is thrown as a UlobError. */
+/**
+ * Sends one request and waits for its answer. An error answer is thrown as the daemon's error
+ * class (errorFromCode); NotAttachedError when nobody listens, DaemonError when the daemon closes
+ * the connection without answering, DaemonTimeoutError after `timeoutMs`.
+ */
 export async function controlRequest(path: string, request: ControlRequest, timeoutMs = 120_000): Promise<Record<string, unknown>> {
   const reply = await new Promise<ControlReply>((resolve, reject) => {
     const socket = net.connect(path);
     let buffered = '';
     const timer = setTimeout(() => {
       socket.destroy();
-      reject(new UlobError('ULOB_E_TIMEOUT', `no answer from the daemon at ${path}`));
+      reject(new DaemonTimeoutError(`no answer from the daemon at ${path}`));
     }, timeoutMs);
     socket.setEncoding('utf8');
     socket.on('connect', () => socket.write(JSON.stringify(request) + '\n'));
@@ -129,25 +138,23 @@ export async function controlRequest(path: string, request: ControlRequest, time
       try {
         resolve(JSON.parse(buffered.slice(0, nl)) as ControlReply);
       } catch {
-        reject(new UlobError('ULOB_E_PROTOCOL', `malformed answer from the daemon at ${path}`));
+        reject(new ControlProtocolError(`malformed answer from the daemon at ${path}`));
       }
     });
     socket.on('close', () => {
       // A daemon that dies mid-request closes the socket without an answer: say so now rather
       // than at the timeout (a flush --wait may have a timeout of hours).
       clearTimeout(timer);
-      reject(new UlobError('ULOB_E_DAEMON', `the daemon at ${path} closed the connection without answering (did it exit? see its log)`));
+      reject(new DaemonError(`the daemon at ${path} closed the connection without answering (did it exit? see its log)`));
     });
     socket.on('error', (err: NodeJS.ErrnoException) => {
       clearTimeout(timer);
-      reject(
-        err.code === 'ENOENT' || err.code === 'ECONNREFUSED'
-          ? new NotAttachedError(`no ulobdev daemon is listening on ${path}`)
-          : new UlobError('ULOB_E_IO', `cannot reach the daemon at ${path}: ${err.code ?? err.message}`),
-      );
+      if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED') reject(new NotAttachedError(`no ulobdev daemon is listening on ${path}`));
+      else if (err.code === 'EACCES' || err.code === 'EPERM') reject(new PermissionDeniedError(`cannot reach the daemon at ${path}: ${err.code} (run as root)`, { cause: err }));
+      else reject(new IOFailedError(`cannot reach the daemon at ${path}: ${err.code ?? err.message}`, { cause: err, path }));
     });
   });
-  if (!reply.ok) throw new UlobError(reply.error.code, reply.error.message);
+  if (!reply.ok) throw errorFromCode(reply.error.code, reply.error.message);
   const { ok: _ok, ...rest } = reply;
   return rest;
 }
@@ -156,7 +163,7 @@ export async function controlRequest(path: string, request: ControlRequest, time
 export async function assertNoDaemon(path: string): Promise<void> {
   const st = await fsp.lstat(path).catch(() => null);
   if (!st) return;
-  if (!st.isSocket()) throw new UlobError('ULOB_E_INVALID_ARG', `${path} exists and is not a socket`);
+  if (!st.isSocket()) throw new InvalidArgumentError(`${path} exists and is not a socket`);
   const alive = await new Promise<boolean>((resolve) => {
     const s = net.connect(path);
     s.once('connect', () => {
@@ -165,7 +172,7 @@ export async function assertNoDaemon(path: string): Promise<void> {
     });
     s.once('error', () => resolve(false));
   });
-  if (alive) throw new UlobError('ULOB_E_DEVICE_BUSY', `a ulobdev daemon is already running on ${path}`);
+  if (alive) throw new DeviceBusyError(`a ulobdev daemon is already running on ${path}`);
 }
 
 /** Removes a socket file nobody listens on (a daemon that crashed); refuses a live one. */

@@ -3,10 +3,10 @@
 import { closeSync, constants as fsConstants, openSync, promises as fsp, type Stats } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { DeviceBusyError, InvalidArgumentError, ioError } from '../errors.js';
-import { posixStorage } from '../cache/posix-storage.js';
-import type { Storage } from '../cache/storage.js';
+import { posixStorage } from '../storage/posix-storage.js';
+import type { Storage } from '../storage/storage.js';
 import { FileSource } from './file-source.js';
-import { loopBacking } from '../native.js';
+import { loopBacking } from '../native/blkdev.js';
 import { exists, listDir, majorMinor, mountsByDevice, readTrim } from '../sys.js';
 
 export { majorMinor };

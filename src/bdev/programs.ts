@@ -1,32 +1,16 @@
 // Running the helper programs a frontend needs (losetup, nbdfuse, fusermount3): always with an
 // argument vector, never through a shell; failures become one-line errors carrying their stderr.
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { UlobError } from '../errors.js';
-
-export class CommandFailedError extends UlobError {
-  readonly command: string;
-  readonly stderr: string;
-
-  constructor(command: string, stderr: string, detail: string) {
-    const last = stderr.trim().split('\n').pop() ?? '';
-    super('ULOB_E_COMMAND', `${command} failed: ${last || detail}`);
-    this.command = command;
-    this.stderr = stderr;
-  }
-}
-
-export class MissingProgramError extends UlobError {
-  constructor(program: string, pkg: string) {
-    super('ULOB_E_MISSING_PROGRAM', `${program} is not installed (apt-get install ${pkg})`);
-  }
-}
+import { CommandFailedError, MissingProgramError } from '../errors.js';
 
 export function run(program: string, args: readonly string[], options: { timeoutMs?: number } = {}): Promise<string> {
   return new Promise((resolve, reject) => {
     execFile(program, args, { timeout: options.timeoutMs ?? 30_000, encoding: 'utf8' }, (err, stdout, stderr) => {
       if (!err) return resolve(stdout);
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return reject(new MissingProgramError(program, packageOf(program)));
-      reject(new CommandFailedError([program, ...args].join(' '), stderr, err.message));
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return reject(new MissingProgramError(`${program} is not installed (apt-get install ${packageOf(program)})`));
+      const command = [program, ...args].join(' ');
+      const last = stderr.trim().split('\n').pop() ?? '';
+      reject(new CommandFailedError(`${command} failed: ${last || err.message}`, { command, stderr }));
     });
   });
 }

@@ -1,0 +1,189 @@
+// A flush epoch (durability rule 7 of docs/design.md): the dirty blocks the flusher writes back,
+// snapshotted by CacheEngine.beginEpoch(), and the copy-on-write that makes the disk a
+// point-in-time image of the epoch (invariant 7). Until the epoch ends, a write to a block of the
+// snapshot that the flusher has not read yet first saves the block's current content aside, in
+// memory up to a budget and beyond it in a spill file; the flusher reads blocks through read(),
+// which returns the saved version, and a write to a block being read waits for the read.
+import { open as openFile, rm, type FileHandle } from 'node:fs/promises';
+import { EngineClosedError } from '../errors.js';
+import { Bitmap } from './bitmap.js';
+import type { Extent, Geometry } from './layout.js';
+
+/** A flush epoch as the flusher sees it. */
+export interface Epoch {
+  readonly id: number;
+  /** Dirty extents at the snapshot, sorted by start. */
+  readonly extents: readonly Extent[];
+  readonly blocks: number;
+}
+
+export interface EpochOptions {
+  geometry: Geometry;
+  /** Reads the cache file: buf.length bytes at `position` (CacheStore.readData). */
+  readCache: (buf: Buffer, position: number) => Promise<unknown>;
+  /** Bytes of saved block versions kept in memory before the spill file is used. */
+  memoryBytes: number;
+  /** The spill file (created on first use, removed by release()). */
+  spillPath: string;
+}
+
+/** Owned by the engine from beginEpoch() until commitEpoch() or abortEpoch() releases it. */
+export class FlushEpoch implements Epoch {
+  readonly id: number;
+  readonly extents: readonly Extent[];
+  readonly blocks: number;
+  /** The snapshot: dirty blocks the flusher writes back. */
+  readonly flushing: Bitmap;
+  /** Blocks of the snapshot written since it was taken (or being written then): they stay dirty. */
+  readonly rewritten = new Set<number>();
+  /** A preservation failed: the epoch cannot be written as a point-in-time image; the flush aborts. */
+  failed: Error | null = null;
+
+  readonly #o: EpochOptions;
+  // Per block of `flushing`, at most one of these holds:
+  /** Blocks read() has read: the disk gets (or got) their epoch version; writes go ahead. */
+  readonly #copied: Bitmap;
+  /** Blocks read() is reading now; writes to them wait. */
+  readonly #reading = new Map<number, Promise<void>>();
+  /** Blocks whose epoch version is being saved aside; read() waits. */
+  readonly #preserving = new Map<number, Promise<void>>();
+  /** Saved epoch versions: in memory, or a slot of the spill file. */
+  readonly #preserved = new Map<number, Buffer | number>();
+  #memoryBytes = 0;
+  #spill: { handle: FileHandle; path: string; slots: number } | null = null;
+
+  constructor(id: number, flushing: Bitmap, options: EpochOptions) {
+    this.id = id;
+    this.flushing = flushing;
+    this.extents = [...flushing.runs()];
+    this.blocks = this.extents.reduce((n, e) => n + e.count, 0);
+    this.#o = options;
+    this.#copied = new Bitmap(options.geometry.blockCount);
+  }
+
+  /** Bytes of epoch versions saved aside (memory and spill file). */
+  get preservedBytes(): number {
+    return this.#preserved.size * this.#o.geometry.blockSize;
+  }
+
+  /** Blocks [first, end) are being written: those of the snapshot stay dirty after the epoch. */
+  markRewritten(first: number, end: number): void {
+    for (let b = this.flushing.nextSet(first, end); b < end; b = this.flushing.nextSet(b + 1, end)) {
+      this.rewritten.add(b);
+    }
+  }
+
+  /**
+   * One pass of copy-on-write before a write to [first, end): starts saving the epoch version of
+   * every block of the snapshot there that the flusher has not read yet, and returns what the
+   * write must wait for (reads in progress and the saves). Empty when the write may go ahead at
+   * once; the caller loops until it is, and then writes without awaiting anything else first.
+   */
+  copyBeforeWrite(first: number, end: number): Promise<void>[] {
+    if (this.failed) return [];
+    const waits: Promise<void>[] = [];
+    const todo: number[] = [];
+    for (let b = this.flushing.nextSet(first, end); b < end; b = this.flushing.nextSet(b + 1, end)) {
+      if (this.#copied.get(b) || this.#preserved.has(b)) continue;
+      const busy = this.#reading.get(b) ?? this.#preserving.get(b);
+      if (busy) waits.push(busy);
+      else todo.push(b);
+    }
+    if (todo.length > 0) {
+      const p = this.#preserve(todo);
+      for (const b of todo) this.#preserving.set(b, p);
+      waits.push(p);
+    }
+    return waits;
+  }
+
+  /**
+   * The epoch's version of blocks [start, start + count): the cache content as of the snapshot,
+   * even for blocks rewritten since (their saved copies). Each block should be read once;
+   * afterwards writes to it no longer need a copy. Throws the epoch's failure, if any.
+   */
+  async read(start: number, count: number): Promise<Buffer> {
+    const g = this.#o.geometry;
+    const end = start + count;
+    if (!Number.isSafeInteger(start) || count < 1 || end > g.blockCount) throw new RangeError(`blocks ${start}+${count} outside the disk`);
+    for (;;) {
+      if (this.failed) throw this.failed;
+      const waits = [];
+      for (let b = start; b < end; b++) {
+        const p = this.#preserving.get(b) ?? this.#reading.get(b);
+        if (p) waits.push(p);
+      }
+      if (waits.length === 0) break;
+      await Promise.all(waits);
+    }
+    let done!: () => void;
+    const reading = new Promise<void>((resolve) => (done = resolve));
+    const mine: number[] = [];
+    for (let b = start; b < end; b++) {
+      if (!this.flushing.get(b) || this.#copied.get(b)) continue;
+      this.#reading.set(b, reading);
+      mine.push(b);
+    }
+    try {
+      const buf = Buffer.allocUnsafe(g.extentBytes(start, count));
+      await this.#o.readCache(buf, g.blockOffset(start));
+      for (let b = start; b < end; b++) {
+        const saved = this.#preserved.get(b);
+        if (saved === undefined) continue;
+        const at = g.blockOffset(b) - g.blockOffset(start);
+        if (typeof saved === 'number') {
+          await this.#spill!.handle.read(buf, at, g.blockLength(b), saved * g.blockSize);
+        } else {
+          saved.copy(buf, at);
+          this.#memoryBytes -= saved.byteLength;
+        }
+        this.#preserved.delete(b);
+      }
+      if (this.failed) throw this.failed;
+      for (const b of mine) this.#copied.set(b);
+      return buf;
+    } finally {
+      for (const b of mine) this.#reading.delete(b);
+      done();
+    }
+  }
+
+  /** Frees the saved copies (and the spill file) once no save or read is in flight. */
+  async release(): Promise<void> {
+    await Promise.all([...this.#preserving.values(), ...this.#reading.values()]);
+    this.#preserved.clear();
+    this.#memoryBytes = 0;
+    const spill = this.#spill;
+    this.#spill = null;
+    if (spill) {
+      await spill.handle.close().catch(() => undefined);
+      await rm(spill.path, { force: true }).catch(() => undefined);
+    }
+  }
+
+  /** Saves the current cache content of `blocks` as the epoch's version. Never rejects. */
+  async #preserve(blocks: number[]): Promise<void> {
+    const g = this.#o.geometry;
+    try {
+      for (const b of blocks) {
+        const buf = Buffer.allocUnsafe(g.blockLength(b));
+        await this.#o.readCache(buf, g.blockOffset(b));
+        if (this.#memoryBytes + buf.byteLength <= this.#o.memoryBytes) {
+          this.#preserved.set(b, buf);
+          this.#memoryBytes += buf.byteLength;
+        } else {
+          this.#spill ??= { handle: await openFile(this.#o.spillPath, 'w+', 0o600), path: this.#o.spillPath, slots: 0 };
+          const slot = this.#spill.slots++;
+          await this.#spill.handle.write(buf, 0, buf.byteLength, slot * g.blockSize);
+          this.#preserved.set(b, slot);
+        }
+      }
+    } catch (err) {
+      // Without the copy the epoch is no point-in-time image any more: it fails as a whole (its
+      // blocks stay dirty; a later flush starts a new epoch) and the user's write goes ahead.
+      this.failed ??= new EngineClosedError(`cannot keep the flush epoch's copy of a rewritten block: ${(err as Error).message}`);
+    } finally {
+      for (const b of blocks) this.#preserving.delete(b);
+    }
+  }
+}

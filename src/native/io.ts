@@ -1,0 +1,79 @@
+// Positioned I/O and aligned buffers (native/io.cc). Each transfer runs on the libuv threadpool;
+// the buffer is held until it settles.
+import { constants as bufferConstants } from 'node:buffer';
+import { addon, invalidArgValue, validateBytes, validateFd, validateInteger } from './addon.js';
+
+interface IoBinding {
+  pread(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<number>;
+  preadNowait(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): number;
+  pwrite(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<void>;
+  fdatasync(fd: number): Promise<void>;
+  fallocate(fd: number, offset: number, length: number): Promise<void>;
+  alignedBuffer(size: number, alignment: number): Buffer;
+}
+
+const binding = addon<IoBinding>();
+
+const MIN_ALIGNMENT = 512;
+const MAX_ALIGNMENT = 2 ** 30;
+
+/** [bufOffset, bufOffset + length) inside buf, and [position, position + length) a safe file range. */
+function validateTransfer(fd: unknown, buf: unknown, bufOffset: unknown, length: unknown, position: unknown): void {
+  validateFd(fd);
+  validateBytes(buf, 'buf');
+  validateInteger(bufOffset, 'bufOffset', 0, buf.byteLength);
+  validateInteger(length, 'length', 0, buf.byteLength - bufOffset);
+  validateInteger(position, 'position', 0, Number.MAX_SAFE_INTEGER - length);
+}
+
+/**
+ * Reads `length` bytes at `position` into buf[bufOffset..], retrying short reads and EINTR.
+ * Resolves with the bytes read, which is less than `length` only at end of file.
+ */
+export function pread(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<number> {
+  validateTransfer(fd, buf, bufOffset, length, position);
+  return binding.pread(fd, buf, bufOffset, length, position);
+}
+
+/**
+ * preadv2(RWF_NOWAIT), synchronous: what the page cache holds of the range, without waiting for
+ * the disk. Returns bytes read (maybe short) or -1 when nothing could be read that way.
+ */
+export function preadNowait(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): number {
+  validateTransfer(fd, buf, bufOffset, length, position);
+  return binding.preadNowait(fd, buf, bufOffset, length, position);
+}
+
+/** Writes all of buf[bufOffset..bufOffset + length) at `position`, retrying short writes and EINTR. */
+export function pwrite(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<void> {
+  validateTransfer(fd, buf, bufOffset, length, position);
+  return binding.pwrite(fd, buf, bufOffset, length, position);
+}
+
+export function fdatasync(fd: number): Promise<void> {
+  validateFd(fd);
+  return binding.fdatasync(fd);
+}
+
+/**
+ * fallocate(2) mode 0: allocates [offset, offset + length) and extends the file size if needed.
+ * ENOSPC and EOPNOTSUPP reject with NativeError. A zero length is refused here (the kernel would
+ * answer EINVAL).
+ */
+export function fallocate(fd: number, offset: number, length: number): Promise<void> {
+  validateFd(fd);
+  validateInteger(offset, 'offset');
+  validateInteger(length, 'length', 1, Number.MAX_SAFE_INTEGER - offset);
+  return binding.fallocate(fd, offset, length);
+}
+
+/**
+ * A zero-filled Buffer whose memory starts on an `alignment` boundary, as O_DIRECT wants. The
+ * memory is outside V8's heap and freed when the Buffer is collected; subarrays keep it alive.
+ */
+export function alignedBuffer(size: number, alignment = 4096): Buffer {
+  validateInteger(size, 'size', 0, bufferConstants.MAX_LENGTH);
+  validateInteger(alignment, 'alignment', MIN_ALIGNMENT, MAX_ALIGNMENT);
+  if ((alignment & (alignment - 1)) !== 0) throw invalidArgValue('alignment', 'must be a power of two', alignment);
+  return binding.alignedBuffer(size, alignment);
+}

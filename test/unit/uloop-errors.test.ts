@@ -1,0 +1,73 @@
+// The uloop control device's errnos (kernel/uloop.c) as errors that say what to do: each errno of
+// open, ULOOP_IOC_ADD and ULOOP_IOC_ATTACH, as the addon throws it (NativeError).
+import { constants } from 'node:os';
+import { describe, expect, it } from 'vitest';
+import { uloopError } from '../../src/bdev/uloop-errors.js';
+import { exitCodeFor } from '../../src/cli/exit-codes.js';
+import {
+  DeviceBusyError,
+  InternalError,
+  InvalidArgumentError,
+  IOFailedError,
+  ModuleMissingError,
+  ModuleVersionError,
+  PermissionDeniedError,
+  UlobError,
+} from '../../src/errors.js';
+import { NativeError } from '../../src/native/addon.js';
+import { ULOOP_ABI_VERSION } from '../../src/native/uloop.js';
+
+const req = { device: '/dev/uloop3', size: 1000, blockSize: 4096, cache: '/var/lib/ulobdev/x.cache' };
+
+function errno(code: keyof typeof constants.errno, syscall: string): NativeError {
+  return new NativeError(`${code}: some text, ${syscall}`, code, constants.errno[code], syscall);
+}
+
+function expectTranslated(e: unknown, cls: abstract new (...a: never[]) => UlobError, says: RegExp[]): void {
+  expect(e).toBeInstanceOf(cls);
+  const msg = (e as Error).message;
+  expect(msg).not.toMatch(/\n/);
+  for (const re of says) expect(msg).toMatch(re);
+}
+
+describe('uloop errnos a user can act on', () => {
+  it('open: no module, not root', () => {
+    expectTranslated(uloopError('open', errno('ENOENT', 'open(/dev/uloop-control)'), req), ModuleMissingError, [/needs the uloop kernel module/, /insmod kernel\/uloop\.ko/]);
+    expectTranslated(uloopError('open', errno('EACCES', 'open(/dev/uloop-control)'), req), PermissionDeniedError, [/\/dev\/uloop-control/, /run ulobdev as root/]);
+  });
+
+  it('ADD and ATTACH: a module of another ABI version says rebuild and reload', () => {
+    for (const op of ['ADD', 'ATTACH'] as const) {
+      const e = uloopError(op, errno('EPROTO', `ioctl(ULOOP_IOC_${op})`), req);
+      expectTranslated(e, ModuleVersionError, [new RegExp(`another ABI than this ulobdev \\(version ${ULOOP_ABI_VERSION}\\)`), /make -C kernel/, /rmmod uloop/]);
+      expect((e as UlobError).code).toBe('ULOB_E_MODULE_VERSION');
+      expect((e as Error).cause).toMatchObject({ code: 'EPROTO' });
+    }
+  });
+
+  it('ADD: /dev/uloopN taken says pick another, naming a free one', () => {
+    for (const code of ['ENOSPC', 'EEXIST'] as const) {
+      expectTranslated(uloopError('ADD', errno(code, 'ioctl(ULOOP_IOC_ADD)'), req), DeviceBusyError, [/\/dev\/uloop3 is taken/, /pick a free one, e\.g\. \/dev\/uloop\d+/]);
+    }
+  });
+
+  it('ADD: EINVAL names what the module takes and what we sent', () => {
+    expectTranslated(uloopError('ADD', errno('EINVAL', 'ioctl(ULOOP_IOC_ADD)'), req), InvalidArgumentError, [/multiple of 512 bytes \(1000\)/, /4 KiB to 1 MiB \(4096\)/, /x\.cache/, /dmesg/]);
+  });
+
+  it('ADD and ATTACH: privileges, a gone device, a second daemon', () => {
+    expectTranslated(uloopError('ADD', errno('EPERM', 'ioctl(ULOOP_IOC_ADD)'), req), PermissionDeniedError, [/CAP_SYS_ADMIN/]);
+    expectTranslated(uloopError('ATTACH', errno('ENODEV', 'ioctl(ULOOP_IOC_ATTACH)'), req), ModuleMissingError, [/\/dev\/uloop3 is gone/]);
+    expectTranslated(uloopError('ATTACH', errno('EBUSY', 'ioctl(ULOOP_IOC_ATTACH)'), req), DeviceBusyError, [/another daemon serves \/dev\/uloop3/]);
+    expect(uloopError('ADD', errno('EBUSY', 'ioctl(ULOOP_IOC_ADD)'), req)).toBeInstanceOf(InternalError);
+  });
+
+  it('anything else stays an I/O error naming the errno; refusals exit 1', () => {
+    const e = uloopError('ADD', errno('ENOMEM', 'ioctl(ULOOP_IOC_ADD)'), req);
+    expectTranslated(e, IOFailedError, [/ADD of \/dev\/uloop3: ENOMEM/]);
+    expect(exitCodeFor(e)).toBe(74);
+    for (const code of ['EPROTO', 'ENOSPC', 'EINVAL', 'EPERM'] as const) expect(exitCodeFor(uloopError('ADD', errno(code, 'ioctl'), req))).toBe(1);
+    const plain = new TypeError('not from the kernel');
+    expect(uloopError('ADD', plain, req)).toBe(plain);
+  });
+});
