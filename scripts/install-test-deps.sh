@@ -18,7 +18,11 @@ losetup     util-linux
 nginx       nginx-light
 mksquashfs  squashfs-tools
 httpdirfs   httpdirfs
-fio         fio
+mkfs.xfs    xfsprogs
+xfs_repair  xfsprogs
+sgdisk      gdisk
+partx       util-linux
+blkid       util-linux
 '
 
 PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"

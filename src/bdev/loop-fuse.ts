@@ -2,11 +2,13 @@
 // as one file on a private FUSE mount, and the loop device is bound to that file. nbdfuse was
 // chosen over a FUSE binding for Node: it is maintained with libnbd, speaks NBD to our server
 // over multi-conn, and maps fsync to NBD FLUSH, so a filesystem's barriers reach the engine.
-import { promises as fsp } from 'node:fs';
+import { closeSync, constants as fsConstants, openSync, promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { DeviceBusyError, FuseError, InvalidArgumentError } from '../errors.js';
-import { exists, isMountpoint, mountsByDevice, readTrim, sleep } from '../sys.js';
+import { loopClearAutoclear } from '../native/blkdev.js';
+import { blockDeviceUsers, crashPoint, exists, isMountpoint, readTrim, sleep } from '../sys.js';
+import { assertReleasable, showPartitions } from './partitions.js';
 import { run, start } from './programs.js';
 import type { Frontend } from './frontend.js';
 
@@ -19,6 +21,8 @@ export interface LoopAttachOptions {
   runDir: string;
   readOnly: boolean;
   logger: Logger;
+  /** Logical sector size the loop device presents (losetup --sector-size): the disk's. Default 512. */
+  sectorSize?: number;
 }
 
 const READY_TIMEOUT_MS = 15_000;
@@ -59,8 +63,12 @@ export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> 
   });
   try {
     await waitForReady(pidfile, fuse.exited, fuse.stderr);
+    crashPoint('attach:fuse');
     // Direct I/O: the device's own page cache is the only copy in memory, not also the FUSE file's.
-    await run('losetup', ['--direct-io=on', ...(options.readOnly ? ['-r'] : []), device, file]);
+    // The disk's logical sector size, so a filesystem made on the device mounts on the bare disk.
+    // The loop driver sets the physical block size to the same value; it has no separate knob.
+    // --partscan: a disk with a partition table shows /dev/loopNpM, as the bare disk shows sdbM.
+    await run('losetup', ['--direct-io=on', '--partscan', '--sector-size', String(options.sectorSize ?? 512), ...(options.readOnly ? ['-r'] : []), device, file]);
   } catch (err) {
     detaching = true;
     await run('fusermount3', ['-u', mountDir]).catch(() => undefined);
@@ -68,21 +76,22 @@ export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> 
     throw err;
   }
   logger.info({ device, file }, 'loop device bound to the FUSE export');
+  await showPartitions(device, sys, logger);
 
   return {
     kind: 'loop',
     device,
     async detach(): Promise<void> {
-      const dev = await readTrim(join(sys, 'dev'));
-      const mount = dev ? (await mountsByDevice()).get(dev) : undefined;
-      if (mount) throw new DeviceBusyError(`${device} is mounted on ${mount}; unmount it first`);
-      const holders = await fsp.readdir(join(sys, 'holders')).catch(() => []);
-      if (holders.length > 0) throw new DeviceBusyError(`${device} is held by ${holders.join(', ')}`);
+      // Refused, changing nothing, while the device or any partition of it is in use: once
+      // unbound, the filesystem on it would only get I/O errors.
+      await assertReleasable(device, sys);
       detaching = true;
-      await run('losetup', ['-d', device]);
-      // The loop driver lets go of the file only when its last opener closes it.
-      const deadline = Date.now() + 10_000;
-      while ((await readTrim(join(sys, 'loop/backing_file'))) && Date.now() < deadline) await sleep(20);
+      try {
+        await unbindLoop(device, sys);
+      } catch (err) {
+        detaching = false;
+        throw err;
+      }
       await run('fusermount3', ['-u', mountDir]);
       const killer = setTimeout(() => fuse.child.kill('SIGKILL'), 5000);
       await fuse.exited;
@@ -90,6 +99,26 @@ export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> 
       await fsp.rm(pidfile, { force: true });
     },
   };
+}
+
+/**
+ * LOOP_CLR_FD, then waits for the driver to let go of the file. Should something open the device
+ * between the check and the ioctl, the driver only marks it to unbind at the last close
+ * (autoclear): that mark is taken back and the detach refused, so the device stays as it was.
+ */
+async function unbindLoop(device: string, sys: string): Promise<void> {
+  await run('losetup', ['-d', device]);
+  const deadline = Date.now() + 10_000;
+  while ((await readTrim(join(sys, 'loop/backing_file'))) && Date.now() < deadline) await sleep(20);
+  if (!(await readTrim(join(sys, 'loop/backing_file')))) return;
+  const fd = openSync(device, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+  try {
+    loopClearAutoclear(fd);
+  } finally {
+    closeSync(fd);
+  }
+  const users = await blockDeviceUsers(sys);
+  throw new DeviceBusyError(`${device} was opened while detaching${users.length ? ` (${users.join('; ')})` : ''}; it stays attached, try again`);
 }
 
 async function waitForReady(pidfile: string, exited: Promise<number | null>, stderr: () => string): Promise<void> {

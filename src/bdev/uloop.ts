@@ -148,6 +148,7 @@ export async function attachUloop(options: UloopOptions): Promise<Frontend> {
         const kernel = Buffer.alloc(flushing.buffer.byteLength);
         kernelEpoch = native.uloopEpochBegin(ctl, kernel);
         for (let i = 0; i < kernel.byteLength; i++) flushing.buffer[i]! &= kernel[i]!;
+        flushing.changed();
       },
       commit(cleaned) {
         const epoch = kernelEpoch;
