@@ -10,7 +10,7 @@
 // the sync (the order before this fix) about a hundred per barrier are; with the fix, none. Every block
 // written is then read back through the device.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, runInVm, type VmResult } from './vm.js';
+import { prepareVm, runInVm, type VmResult } from '../support/vm.js';
 import { buildTool, expectCleanKernel } from './uloop-tools.js';
 
 let run: VmResult;

@@ -12,7 +12,7 @@
 //    physical sectors, ULOOP_F_PARTSCAN shows /dev/uloopNp1 (its own minor), the filesystem on it
 //    mounts, REMOVE is refused while it is mounted; without the flag BLKRRPART finds it.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, runInVm, type VmResult } from './vm.js';
+import { prepareVm, runInVm, type VmResult } from '../support/vm.js';
 import { buildTool, expectCleanKernel, queryAfter } from './uloop-tools.js';
 
 let run: VmResult;

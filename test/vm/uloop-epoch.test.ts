@@ -10,7 +10,7 @@
 // an epoch stay dirty; once the writer stops, one more flush makes the backing file equal the
 // device.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, runInVm, type VmResult } from './vm.js';
+import { prepareVm, runInVm, type VmResult } from '../support/vm.js';
 import { buildTool, expectCleanKernel } from './uloop-tools.js';
 
 let run: VmResult;

@@ -10,7 +10,7 @@
 //    blocks whose data may be gone (they read from the source again), writes and FLUSH work, and
 //    what was flushed before the fault is intact.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, runInVm, type VmResult } from './vm.js';
+import { prepareVm, runInVm, type VmResult } from '../support/vm.js';
 import { expectCleanKernel, queryAfter } from './uloop-tools.js';
 
 let run: VmResult;
