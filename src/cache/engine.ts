@@ -67,6 +67,10 @@ export interface ExternalEpochs {
   begin(flushing: Bitmap): void;
   /** After the source sync, before clearFlushed: narrows `cleaned` in place to what it cleaned. */
   commit(cleaned: Bitmap): void;
+  /** The flush failed: end the outside epoch without clearing anything. */
+  abort?(): void;
+  /** Blocks dirty there now, the store's dirty ones included (exact: the kernel's count). */
+  dirtyBlocks?(): number | null;
 }
 
 type Staged = 'clean' | 'dirty';
@@ -136,6 +140,14 @@ export class CacheEngine {
       mode: this.store.mode,
       flushEpoch: this.store.info.flushEpoch,
     };
+  }
+
+  /**
+   * Dirty blocks now: the outside data path's count when there is one (it holds dirty blocks the
+   * store learns of only at its next barrier), else the store's.
+   */
+  dirtyBlocks(): number {
+    return this.externalEpochs?.dirtyBlocks?.() ?? this.store.dirty.count();
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
@@ -241,12 +253,9 @@ export class CacheEngine {
     if (this.#epoch) throw new EngineClosedError('a flush epoch is already open');
     await this.#commit.run();
     const flushing = this.store.dirty.clone();
-    if (this.externalEpochs) {
-      this.externalEpochs.begin(flushing);
-      // Writes the engine never saw may not be synced: the copy the flusher reads must be durable
-      // in the cache before its dirty bit can go (invariant 2). Later writes count as rewritten.
-      await this.store.syncData();
-    }
+    this.externalEpochs?.begin(flushing);
+    // Open in the same tick as the outside snapshot: the kernel may ask to preserve blocks
+    // (preserveEpochBlocks) as soon as it has begun its epoch.
     const epoch = new FlushEpoch(this.store.info.flushEpoch + 1, flushing, {
       geometry: this.geometry,
       readCache: (buf, position) => this.store.readData(buf, position),
@@ -255,7 +264,26 @@ export class CacheEngine {
     });
     this.#epoch = epoch;
     for (const [first, end] of this.#writes) epoch.markRewritten(first, end);
+    if (this.externalEpochs) {
+      // Writes the engine never saw may not be synced: the copy the flusher reads must be durable
+      // in the cache before its dirty bit can go (invariant 2). Later writes count as rewritten.
+      try {
+        await this.store.syncData();
+      } catch (err) {
+        this.abortEpoch(epoch);
+        throw err;
+      }
+    }
     return epoch;
+  }
+
+  /**
+   * Copy-on-write for a kernel frontend (the PRESERVE upcall): returns once the open epoch's
+   * version of every block of [first, end) it flushes is saved aside or already read by the
+   * flusher. Nothing to do without an open epoch. The caller lets the blocks change afterwards.
+   */
+  preserveEpochBlocks(first: number, end: number): Promise<void> {
+    return this.#preserveForEpoch(first, end);
   }
 
   /** Reads cache content for the flusher; never touches the source. */
@@ -297,9 +325,13 @@ export class CacheEngine {
     // Blocks written since beginEpoch() waited for their copy (readEpoch or preserve) while the
     // epoch was open; with it closed they need none.
     await open.release();
-    if (open.failed) throw open.failed;
-    const source = this.#writableSource();
-    await source.sync();
+    try {
+      if (open.failed) throw open.failed;
+      await this.#writableSource().sync();
+    } catch (err) {
+      this.externalEpochs?.abort?.();
+      throw err;
+    }
     // Decided after the sync, so a write that raced with it keeps its block dirty.
     const cleaned = open.flushing;
     for (const b of open.rewritten) cleaned.clear(b);
@@ -317,6 +349,7 @@ export class CacheEngine {
     if (this.#epoch !== epoch) return;
     const open = this.#epoch;
     this.#epoch = null;
+    this.externalEpochs?.abort?.();
     void open.release();
   }
 

@@ -13,7 +13,7 @@ import { DiskHealth, type DiskHealthStatus } from '../source/health.js';
 import { defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/kernel-nbd.js';
-import { assertUloopModule, attachUloop } from '../bdev/uloop.js';
+import { assertUloopModule, attachUloop, type UloopStatus } from '../bdev/uloop.js';
 import { NbdServer, parseNbdUrl } from '../bdev/nbd-server/index.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
@@ -99,6 +99,8 @@ export interface DeviceStatus {
   /** Write-back state: schedule, last/next flush, errors, power. Absent in read-only mode. */
   writeback?: SchedulerStatus & { schedule: string | null; powerControl: string | null };
   hydration?: HydrationProgress;
+  /** /dev/uloopN: the kernel's exact counts and state (QUERY); cachedBytes and dirtyBytes come from it. */
+  kernel?: UloopStatus;
 }
 
 export class Daemon {
@@ -285,7 +287,7 @@ export class Daemon {
       let frontend: Frontend;
       if (kind === 'loop') frontend = await attachLoop({ device: options.device, socket, runDir, readOnly, logger, sectorSize: sectorSize.logical });
       else if (kind === 'nbd') frontend = await attachNbdDevice({ device: options.device, socket, exportName: EXPORT_NAME, readOnly, sectorSize: sectorSize.logical, logger });
-      else if (kind === 'uloop') frontend = await attachUloop({ device: options.device, engine, readOnly, logger });
+      else if (kind === 'uloop') frontend = await attachUloop({ device: options.device, engine, readOnly, logger, sectorSize });
       else frontend = { kind: 'serve', device: options.device, detach: async () => undefined };
       undo.push(() => frontend.detach());
       crashPoint('attach:bound');
@@ -319,6 +321,13 @@ export class Daemon {
 
   status(): DeviceStatus {
     const s = this.engine.stats();
+    // A kernel frontend serves hits and keeps dirty bits the store learns of only at barriers:
+    // its own counts are the exact ones.
+    const kernel = 'kernelStatus' in this.#frontend ? (this.#frontend as { kernelStatus(): UloopStatus | null }).kernelStatus() ?? undefined : undefined;
+    if (kernel) {
+      s.presentBlocks = kernel.presentBlocks;
+      s.dirtyBlocks = kernel.dirtyBlocks;
+    }
     const cachedBytes = Math.min(s.presentBlocks * s.blockSize, s.size);
     return {
       name: this.name,
@@ -340,6 +349,7 @@ export class Daemon {
       disk: this.#health.status(),
       ...this.#writebackStatus(Math.min(s.dirtyBlocks * s.blockSize, s.size)),
       hydration: this.#hydrator?.progress(),
+      kernel,
     };
   }
 
@@ -392,7 +402,7 @@ export class Daemon {
       scheduler.stop();
       await scheduler.idle();
       const p = this.#policy;
-      if ((p.flushOnDetach ?? hasAutomaticWriteback(p)) && this.engine.store.dirty.count() > 0) {
+      if ((p.flushOnDetach ?? hasAutomaticWriteback(p)) && this.engine.dirtyBlocks() > 0) {
         // Detach and shutdown flush: the disk leaves with everything. A failure keeps the data
         // dirty in the cache (safe), so detaching goes on.
         await scheduler.request('detach').catch((err: Error) => this.#logger.error(`flush before detach failed, the dirty blocks stay in the cache: ${err.message}`));
@@ -418,7 +428,7 @@ export class Daemon {
       case 'flush': {
         if (request.wait === false) {
           // Started, not awaited: `ulobdev flush` without --wait returns at once.
-          const dirty = this.engine.store.dirty.count();
+          const dirty = this.engine.dirtyBlocks();
           if (dirty > 0 || this.#scheduler?.flushing) this.flush().catch(() => undefined);
           return { started: dirty > 0, dirtyBytes: Math.min(dirty * this.engine.geometry.blockSize, this.engine.size) };
         }
