@@ -6,16 +6,17 @@
 import { spawnSync } from 'node:child_process';
 import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
 import { constants as osConstants, release } from 'node:os';
-import { open } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { Bitmap } from '../cache/bitmap.js';
 import type { CacheEngine } from '../cache/engine.js';
 import { DeviceBusyError, EngineClosedError, ModuleVersionError } from '../errors.js';
 import type { SectorSize } from '../source/source.js';
+import { alignedBuffer } from '../native/io.js';
 import * as native from '../native/uloop.js';
 import type { Frontend } from './frontend.js';
+import { run } from './programs.js';
 import { UpcallHandler, type Upcall, type UpcallType } from './upcalls.js';
-import { moduleMissing, moduleRejected, uloopError } from './uloop-errors.js';
+import { freeUloop, moduleMissing, moduleRejected, uloopError } from './uloop-errors.js';
 
 /**
  * Makes sure /dev/uloop-control exists: when it does not, loads the installed module (DKMS puts it
@@ -52,8 +53,10 @@ export interface UloopOptions {
   logger: Logger;
   /** The backing disk's sectors, given to the device at ADD (default 512/512). */
   sectorSize?: SectorSize;
-  /** How often the device's sticky error is looked at (ms). Default 1000. */
-  errorPollMs?: number;
+  /** How often the kernel's counters and sticky error are looked at (ms). Default 200. */
+  pollMs?: number;
+  /** How often CLEAR_ERROR is tried while the sticky error lasts (ms). Default 2000. */
+  clearErrorMs?: number;
 }
 
 /** The kernel's side of a /dev/uloopN as `status` shows it (QUERY, exact running counts). */
@@ -78,6 +81,8 @@ export interface UloopStatus {
   ioErrors: number;
   /** Upcalls this daemon answered with an error. */
   failedUpcalls: number;
+  /** PRESERVE upcalls answered: blocks' epoch versions kept before the kernel let them change. */
+  preserves: number;
   /** When the last user request was served, as far as the kernel's counters tell (ms since epoch). */
   lastRequestAt: number;
 }
@@ -87,6 +92,13 @@ export interface UloopFrontend extends Frontend {
   readonly kind: 'uloop';
   /** The kernel's counts now (one QUERY), or null once the device is gone. */
   kernelStatus(): UloopStatus | null;
+  /**
+   * Hydration of bytes [offset, offset + length) through the kernel: CLAIM the blocks it has
+   * neither present, dirty nor busy (requests touching them wait), fill those from the source,
+   * sync, FILLED (the kernel serves them), record them present. Blocks the kernel holds newer
+   * (written, pending for the next barrier) are never claimed, so never overwritten.
+   */
+  hydrateFill(offset: number, length: number): Promise<void>;
 }
 
 const TYPES: Record<number, UpcallType> = {
@@ -119,6 +131,40 @@ export function uloopMismatch(info: Pick<native.UloopInfo, 'size' | 'blockSize' 
   if (wb !== want.writeback) diffs.push(wb ? 'added with --writeback, asked without' : 'added read-only, asked with --writeback');
   if (info.logicalBlockSize !== 0 && info.logicalBlockSize !== want.logical) diffs.push(`${info.logicalBlockSize}-byte sectors, this disk ${want.logical}`);
   return diffs.length ? diffs.join('; ') : null;
+}
+
+/**
+ * Refuses early, before any cache is opened or created (invariant 6), a /dev/uloopN that a live
+ * daemon serves, or one left by a dead daemon whose size, mode or sectors differ from this
+ * command's (the block size is checked again at attach, once the cache is open). A missing device
+ * or module passes: ADD decides then. Throws DeviceBusyError.
+ */
+export function assertUloopAvailable(device: string, want: { size: number; writeback: boolean; logical: number }): void {
+  let ctl: number;
+  try {
+    ctl = native.uloopOpen();
+  } catch {
+    return;
+  }
+  try {
+    const info = queryOrNull(ctl, Number(device.slice('/dev/uloop'.length)));
+    if (!info) return;
+    refuseExisting(device, info, { ...want, blockSize: info.blockSize });
+  } catch (err) {
+    if (err instanceof DeviceBusyError) throw err;
+  } finally {
+    closeSync(ctl);
+  }
+}
+
+function refuseExisting(device: string, info: native.UloopInfo, want: { size: number; blockSize: number; writeback: boolean; logical: number }): void {
+  const free = () => {
+    const f = freeUloop();
+    return f ? `, e.g. ${f}` : '';
+  };
+  if (info.attached) throw new DeviceBusyError(`another daemon serves ${device}; detach it first, or pick a free one${free()}`);
+  const why = uloopMismatch(info, want);
+  if (why) throw new DeviceBusyError(`${device} exists without a daemon but is not this cache's device (${why}); attach it with its own command, or pick a free one${free()}`);
 }
 
 /**
@@ -156,11 +202,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
     existing = queryOrNull(ctl, want);
     if (existing) {
       // A device of this N survives its daemon: take it back if it is this cache's.
-      if (existing.attached) throw new DeviceBusyError(`another daemon serves ${options.device}; detach it first`);
-      const why = uloopMismatch(existing, { size: engine.size, blockSize, writeback: !options.readOnly, logical: sector.logical });
-      if (why) {
-        throw new DeviceBusyError(`${options.device} exists without a daemon but is not this cache's device (${why}); attach it with its own command, or pick a free N`);
-      }
+      refuseExisting(options.device, existing, { size: engine.size, blockSize, writeback: !options.readOnly, logical: sector.logical });
       try {
         native.uloopAttach(ctl, want);
       } catch (err) {
@@ -205,6 +247,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
   let removed = false;
   let closed = false;
   let failedUpcalls = 0;
+  let preserves = 0;
   const endKernelEpoch = (epoch: number) => {
     // COMMIT of an empty set ends an epoch and clears nothing (uloop.h).
     try {
@@ -229,6 +272,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       async preserve(epoch, first, end) {
         // An epoch that has ended needs nothing kept (answering late is harmless, uloop.h).
         if (epoch !== kernelEpoch) return;
+        preserves++;
         await engine.preserveEpochBlocks(first, end);
       },
     },
@@ -299,36 +343,39 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
     };
   }
 
-  /** A FLUSH of the device from inside: the kernel syncs the cache file and hands its pending bits over. */
-  const flushDevice = async () => {
-    const fh = await open(device, 'r');
-    try {
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-  };
+  /**
+   * A FLUSH of the device: the kernel syncs the cache file and hands its pending bits over in a
+   * barrier this process answers. Sent by a child (coreutils `sync DEVICE`, one fsync), not by a
+   * thread of this process: a thread blocked in the kernel on a barrier only this process can
+   * answer would keep a killed daemon (kill -9, OOM) from exiting, so its control fd would stay
+   * open and no restarted daemon could take the device back until io_timeout_s.
+   */
+  const flushDevice = () => run('sync', [device], { timeoutMs: 0 }).then(() => undefined);
 
   if (attach === 'reattached') {
     const info = existing!;
+    logger.warn(
+      { device, waiting: info.waiting, pending: info.pendingBlocks },
+      `${device}: taken back from a daemon that died (${info.waiting} requests waiting for it, ${info.pendingBlocks} blocks for the next barrier)`,
+    );
     // An epoch the dead daemon began cannot be committed: end it, so writes stop asking to preserve.
     if (info.state & native.ULOOP_STATE.EPOCH_OPEN) endKernelEpoch(info.epoch);
     // The blocks the kernel held for the next barrier (written whole while missing) are in no
     // store yet: a FLUSH now hands them over to this daemon, before anything can remove the device.
-    if (!options.readOnly) {
+    if (!options.readOnly && info.pendingBlocks > 0) {
       await flushDevice().catch((err: Error) => logger.warn(`${device}: the FLUSH after re-attaching failed (${err.message}); the kernel keeps those blocks for the next one`));
     }
-    logger.warn({ device, waiting: info.waiting, pending: info.pendingBlocks }, `${device}: taken back from a daemon that died (${info.waiting} requests waiting, ${info.pendingBlocks} blocks handed over by a FLUSH)`);
   } else {
     logger.info({ device }, 'uloop device added');
   }
 
-  // The kernel's counters, looked at every errorPollMs: requests it served without the daemon
+  // The kernel's counters, looked at every pollMs: requests it served without the daemon
   // count as user activity (the hydrator yields to them, the --on-ac flush waits for quiet), and
   // a failed sync of the cache file (the sticky error) is acted on.
   let lastRequestAt = 0;
   let served = -1;
   let stickyError = 0;
+  let lastClearAt = 0;
   const poll = () => {
     if (removed) return;
     let q: native.UloopInfo;
@@ -343,8 +390,8 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       engine.lastRequestAt = Math.max(engine.lastRequestAt, lastRequestAt);
     }
     served = n;
-    if (q.error !== 0) clearStickyError(q.error);
-    else stickyError = 0;
+    if (q.error === 0) stickyError = 0;
+    else if (stickyError === 0 || Date.now() - lastClearAt >= clearErrorMs) clearStickyError(q.error);
   };
   /**
    * The sticky error: a sync of the cache file failed at a FLUSH, so pages written since the one
@@ -357,8 +404,9 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
   const clearStickyError = (error: number) => {
     if (stickyError === 0) {
       stickyError = error;
-      logger.error(`${device}: a sync of the cache file ${store.paths.cache} failed (${errnoName(-error)}): writes and FLUSH fail with EIO until it syncs again; retrying every ${pollMs / 1000} s`);
+      logger.error(`${device}: a sync of the cache file ${store.paths.cache} failed (${errnoName(-error)}): writes and FLUSH fail with EIO until it syncs again; retrying every ${clearErrorMs / 1000} s`);
     }
+    lastClearAt = Date.now();
     const dropped = new Bitmap(blockCount, Buffer.alloc(Math.ceil(blockCount / 8)));
     let r: { error: number; dropped: number };
     try {
@@ -372,7 +420,8 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       `${device}: the cache file syncs again; writes resume. ${r.dropped} blocks written whole since the last FLUSH were lost with the failed sync and read from the disk again`,
     );
   };
-  const pollMs = options.errorPollMs ?? 1000;
+  const pollMs = options.pollMs ?? 200;
+  const clearErrorMs = options.clearErrorMs ?? 2000;
   const poller = setInterval(poll, pollMs);
   poller.unref();
   poll();
@@ -402,14 +451,52 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       timeouts: q.timeouts,
       ioErrors: q.ioErrors,
       failedUpcalls,
+      preserves,
       lastRequestAt,
     };
+  };
+
+  const hydrateFill = async (offset: number, length: number) => {
+    if (removed) throw new EngineClosedError(`${device} is detached`);
+    const first = Math.floor(offset / blockSize);
+    const end = Math.min(blockCount, Math.ceil((offset + length) / blockSize));
+    for (let start = first; start < end; start += native.ULOOP_MAX_RANGE_BLOCKS) {
+      const count = Math.min(native.ULOOP_MAX_RANGE_BLOCKS, end - start);
+      const claimed = new Bitmap(count, Buffer.alloc(Math.ceil(count / 8)));
+      const { id } = native.uloopClaim(ctl, start, count, claimed.buffer);
+      if (id === 0) continue;
+      let filled = false;
+      try {
+        const runs = [...claimed.runs()].map((r) => ({ start: start + r.start, count: r.count }));
+        for (const r of runs) {
+          const bytes = engine.geometry.extentBytes(r.start, r.count);
+          const buf = alignedBuffer(Math.ceil(bytes / 4096) * 4096).subarray(0, bytes);
+          await engine.source.readAt(buf, engine.geometry.blockOffset(r.start));
+          await store.writeData(buf, engine.geometry.blockOffset(r.start));
+        }
+        // Synced before either side calls them present (invariant 1).
+        await store.syncData();
+        native.uloopFilled(ctl, id, start, count, claimed.buffer);
+        filled = true;
+        store.markPresent(runs);
+      } finally {
+        // A failed fill lets the claimed blocks go, still missing (FILLED with none set).
+        if (!filled && !removed) {
+          try {
+            native.uloopFilled(ctl, id, start, count, Buffer.alloc(Math.ceil(count / 8)));
+          } catch {
+            // The claim ended with the daemon's fd or the device.
+          }
+        }
+      }
+    }
   };
 
   return {
     kind: 'uloop',
     device,
     kernelStatus,
+    hydrateFill,
     async detach() {
       // A FLUSH first, so the bits of writes since the last one reach the store (a barrier this
       // process answers) before the kernel's copy of them goes away with the device.

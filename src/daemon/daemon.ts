@@ -13,7 +13,7 @@ import { DiskHealth, type DiskHealthStatus } from '../source/health.js';
 import { defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/kernel-nbd.js';
-import { assertUloopModule, attachUloop, type UloopStatus } from '../bdev/uloop.js';
+import { assertUloopAvailable, assertUloopModule, attachUloop, type UloopStatus } from '../bdev/uloop.js';
 import { NbdServer, parseNbdUrl } from '../bdev/nbd-server/index.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
@@ -197,6 +197,7 @@ export class Daemon {
       // 4 KiB gets blocks of one sector; an explicit smaller --block-size is refused here, before
       // anything is created, and an existing cache's block size after it is opened (below).
       const sectorSize = source.sectorSize ?? { logical: 512, physical: 512 };
+      if (kind === 'uloop') assertUloopAvailable(options.device, { size: source.size, writeback: options.writeback, logical: sectorSize.logical });
       assertSectorFits(sectorSize, options.blockSize ?? DEFAULT_BLOCK_SIZE, source.description, options.blockSize === undefined);
       const paths = cachePaths(options, source.id);
       await fsp.mkdir(dirname(paths.cache), { recursive: true, mode: 0o700 });
@@ -287,7 +288,11 @@ export class Daemon {
       let frontend: Frontend;
       if (kind === 'loop') frontend = await attachLoop({ device: options.device, socket, runDir, readOnly, logger, sectorSize: sectorSize.logical });
       else if (kind === 'nbd') frontend = await attachNbdDevice({ device: options.device, socket, exportName: EXPORT_NAME, readOnly, sectorSize: sectorSize.logical, logger });
-      else if (kind === 'uloop') frontend = await attachUloop({ device: options.device, engine, readOnly, logger, sectorSize });
+      else if (kind === 'uloop') {
+        const uloop = await attachUloop({ device: options.device, engine, readOnly, logger, sectorSize });
+        if (hydrator) hydrator.fill = (offset, length) => uloop.hydrateFill(offset, length);
+        frontend = uloop;
+      }
       else frontend = { kind: 'serve', device: options.device, detach: async () => undefined };
       undo.push(() => frontend.detach());
       crashPoint('attach:bound');
