@@ -1816,16 +1816,17 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	conn->dev = dev;
 	dev->daemon = conn;
 	mutex_unlock(&dev->lock);
+	/* before publishing: a REMOVE that finds the device must see the scan it would race */
+	if (a.flags & ULOOP_F_PARTSCAN)
+		WRITE_ONCE(dev->scanning, true);
+	__module_get(THIS_MODULE);
 	mutex_lock(&uloop_ctl_mutex);
 	idr_replace(&uloop_idr, dev, dev->index);
 	mutex_unlock(&uloop_ctl_mutex);
-	__module_get(THIS_MODULE);
 	mutex_unlock(&conn->lock);
 
-	if (a.flags & ULOOP_F_PARTSCAN) {
-		WRITE_ONCE(dev->scanning, true);
+	if (a.flags & ULOOP_F_PARTSCAN)
 		queue_work(dev->wq, &dev->scan_work);
-	}
 	a.index = dev->index;
 	if (put_user(a.index, &uarg->index))
 		pr_warn("uloop%d: could not return the index to the caller\n", dev->index);
@@ -2287,6 +2288,7 @@ static int uloop_clear_error(struct uloop_dev *dev, struct uloop_clear_error __u
 {
 	struct uloop_clear_error a;
 	u64 bytes = DIV_ROUND_UP(dev->nr_blocks, 8), b, e;
+	struct file *cache;
 	int err = 0;
 
 	if (copy_from_user(&a, uarg, sizeof(a)))
@@ -2299,10 +2301,19 @@ static int uloop_clear_error(struct uloop_dev *dev, struct uloop_clear_error __u
 	mutex_lock(&dev->lock);
 	a.error = dev->error;
 	a.dropped = 0;
+	/* REMOVE from another fd may put the cache file (dev->cache = NULL) once the ioctl's
+	 * dead check has passed: sync through a reference taken while it cannot */
+	if (dev->dead) {
+		mutex_unlock(&dev->lock);
+		err = uloop_refuse(-ENODEV, "uloop%d: CLEAR_ERROR refused: device removed", dev->index);
+		goto out;
+	}
+	cache = a.error ? get_file(dev->cache) : NULL;
 	mutex_unlock(&dev->lock);
 	if (!a.error)
 		goto out;
-	err = vfs_fsync(dev->cache, 1);
+	err = vfs_fsync(cache, 1);
+	fput(cache);
 	if (err) {
 		err = uloop_refuse(-EIO, "uloop%d: CLEAR_ERROR refused: the cache file still fails to sync (%d)",
 				   dev->index, err);
