@@ -11,7 +11,7 @@
 //    what was flushed before the fault is intact.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { prepareVm, runInVm, type VmResult } from '../support/vm.js';
-import { expectCleanKernel, queryAfter } from './uloop-tools.js';
+import { expectCleanKernel, queryAfter, TCG_STARVATION } from './uloop-tools.js';
 
 let run: VmResult;
 
@@ -119,7 +119,7 @@ beforeAll(async () => {
     for d in $N $M $K $E; do $CTL remove $d; done
     umount /tmp/cf && dmsetup remove flk && losetup -d $L
     rmmod uloop && echo unloaded
-  `, { timeoutMs: 300_000 });
+  `, { timeoutMs: 300_000, allowSplats: TCG_STARVATION });
 }, 600_000);
 
 describe('uloop.ko when the daemon or the cache file fails', () => {

@@ -24,12 +24,28 @@ export function buildTool(name: string): string {
 }
 
 /**
- * Fails the test when the guest never finished (crash, timeout) or logged a kernel splat. runInVm
- * (test/support/vm.ts) already rejects a run with a splat; this states it at the assertion too.
+ * The one splat these tests let pass (runInVm's allowSplats): a soft lockup reported against
+ * swapper/N, i.e. an idle CPU (RIP in pv_native_safe_halt) or PID 1 still running the kernel's own
+ * initcalls at boot (jitterentropy, chr_dev_init), with its register dump's Call Trace line. Seen on
+ * 6.12 with the host at load 10-15: single-threaded TCG runs both vCPUs on one host thread, and when
+ * the host deschedules it for 20-60 s the guest's clock jumps past the watchdog's threshold before
+ * uloop.ko is even loaded. It says nothing about uloop: a soft lockup in any other task (a uloop
+ * worker, the C daemon, a writer), every BUG/WARNING/lockdep/hung-task/KASAN/KFENCE line, and an
+ * RCU stall still fail the run.
+ */
+export const TCG_STARVATION = /soft lockup - CPU#\d+ stuck for \d+s! \[swapper\/\d+:\d+\]|^\[[ \d.]+\] Call Trace:$/;
+
+/**
+ * Fails the test when the guest never finished (crash, timeout) or logged a kernel splat other
+ * than TCG_STARVATION. runInVm (test/support/vm.ts) already rejects such a run; this states it at
+ * the assertion too.
  */
 export function expectCleanKernel(run: VmResult): void {
   expect(run.dmesg, 'the guest wrote no kernel log (it crashed or timed out)').not.toBe('');
-  expect(run.splats, 'kernel splats in the guest log').toEqual([]);
+  expect(
+    run.splats.filter((l) => !TCG_STARVATION.test(l)),
+    'kernel splats in the guest log',
+  ).toEqual([]);
 }
 
 /** The key=value fields of a `uloopctl query` line, as numbers. */
