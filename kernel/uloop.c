@@ -484,7 +484,11 @@ struct uloop_dev {
 	struct list_head queued, sent;
 	wait_queue_head_t msg_wait;
 	u64 next_id;
-	u64 expired[ULOOP_EXPIRED_IDS]; /* ids of upcalls that timed out after the daemon read them */
+	struct uloop_expired {      /* upcalls that timed out after the daemon read them */
+		u64 id;
+		u64 first, end;     /* a MISS's blocks, held busy until its late reply */
+		bool holds;
+	} expired[ULOOP_EXPIRED_IDS];
 	unsigned int expired_next;
 	bool bar_busy;              /* a FLUSH owns the barrier */
 	wait_queue_head_t bar_wait;
@@ -539,6 +543,7 @@ struct uloop_upcall {
 	struct completion done;
 	int error;
 	bool listed, sent, answered;
+	bool held;                 /* timed out as a MISS the daemon read: its blocks stay busy */
 	struct uloop_cmd *cmd;     /* the request waiting, for its timeout */
 };
 
@@ -583,11 +588,46 @@ static void uloop_upcall_finish(struct uloop_upcall *up, int error)
 	complete(&up->done);
 }
 
-/* Its request timed out: remember the id if the daemon may still answer. dev->lock held. */
+/* Ends the hold of a timed-out MISS on its blocks. dev->lock held; the caller wakes busy_wait. */
+static void uloop_expired_release(struct uloop_dev *dev, struct uloop_expired *x)
+{
+	if (!x->holds)
+		return;
+	x->holds = false;
+	ubits_clear(&dev->busy, x->first, x->end);
+	dev->busy_seq++;
+}
+
+/* Every hold ends: the daemon that could still fill is gone (detach, REMOVE). dev->lock held. */
+static void uloop_expired_release_all(struct uloop_dev *dev)
+{
+	unsigned int i;
+
+	for (i = 0; i < ULOOP_EXPIRED_IDS; i++)
+		uloop_expired_release(dev, &dev->expired[i]);
+}
+
+/*
+ * Its request timed out: remember the id if the daemon may still answer. A MISS the daemon has
+ * read may still be filling the cache file: its blocks stay busy until the late reply (or the
+ * daemon's detach), or a whole-block write let in now would be overwritten by that fill with the
+ * source's older data. dev->lock held.
+ */
 static void uloop_upcall_expire(struct uloop_dev *dev, struct uloop_upcall *up)
 {
 	if (up->sent) {
-		dev->expired[dev->expired_next] = up->msg.id;
+		struct uloop_expired *x = &dev->expired[dev->expired_next];
+
+		if (x->holds)
+			pr_warn_ratelimited("uloop%d: %u misses timed out unanswered: letting the oldest one's blocks go\n",
+					    dev->index, ULOOP_EXPIRED_IDS);
+		uloop_expired_release(dev, x);
+		x->id = up->msg.id;
+		if (up->msg.type == ULOOP_MSG_MISS) {
+			x->first = up->msg.offset >> dev->block_shift;
+			x->end = ((up->msg.offset + up->msg.length - 1) >> dev->block_shift) + 1;
+			x->holds = up->held = true;
+		}
 		dev->expired_next = (dev->expired_next + 1) % ULOOP_EXPIRED_IDS;
 	}
 	uloop_upcall_finish(up, -ETIMEDOUT);
@@ -764,7 +804,8 @@ static int uloop_ask_blocks(struct uloop_dev *dev, struct uloop_cmd *cmd, u32 ty
 		}
 		err = 0;
 	}
-	uloop_release_busy(dev, b, e);
+	if (!up.held) /* else dev->expired holds them until the late reply */
+		uloop_release_busy(dev, b, e);
 	mutex_unlock(&dev->lock);
 	wake_up_all(&dev->busy_wait);
 	if (err && err != -ETIMEDOUT)
@@ -1893,6 +1934,7 @@ static int uloop_remove(u32 index)
 	dev->dead = true;
 	uloop_fail_all(dev);
 	uloop_drop_claims(dev);
+	uloop_expired_release_all(dev);
 	mutex_unlock(&dev->lock);
 	wake_up_all(&dev->msg_wait);
 	wake_up_all(&dev->busy_wait);
@@ -2788,8 +2830,14 @@ static int uloop_reply(struct uloop_dev *dev, const struct uloop_reply *r)
 		}
 	}
 	for (i = 0; i < ULOOP_EXPIRED_IDS; i++) {
-		if (r->id && dev->expired[i] == r->id) {
-			dev->expired[i] = 0;
+		struct uloop_expired *x = &dev->expired[i];
+
+		if (r->id && x->id == r->id) {
+			x->id = 0;
+			if (x->holds) { /* the late fill is done: the blocks stay missing, now free */
+				uloop_expired_release(dev, x);
+				wake_up_all(&dev->busy_wait);
+			}
 			atomic64_inc(&dev->stats.late_replies);
 			return 0;
 		}
@@ -2877,6 +2925,7 @@ static int uloop_ctl_release(struct inode *inode, struct file *file)
 				up->sent = false;
 			list_splice_init(&dev->sent, &dev->queued);
 			uloop_drop_claims(dev);
+			uloop_expired_release_all(dev); /* no late fill can come from it now */
 		}
 		mutex_unlock(&dev->lock);
 		wake_up_all(&dev->busy_wait);

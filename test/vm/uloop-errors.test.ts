@@ -47,8 +47,16 @@ beforeAll(async () => {
     if dd if=/dev/uloop$M of=/dev/null bs=4k count=1 iflag=direct status=none 2>/dev/null; then echo "timeout: read succeeded"; else echo "timeout: read EIO after $(( $(date +%s) - T0 )) s"; fi
     wait $SECOND; cat /tmp/second.log
     ID=$(grep -m1 '^holding miss' /tmp/s2.log | cut -d' ' -f3)
+    # the daemon still holds that miss and fills it late: a whole-block write to its block meanwhile
+    # must wait for the fill, not be overwritten by it with the source's older data
+    head -c 65536 /dev/urandom > /tmp/w0
+    ( dd if=/tmp/w0 of=/dev/uloop$M bs=64k count=1 oflag=direct conv=notrunc status=none 2>/dev/null && echo "late fill: write done" || echo "late fill: write EIO" ) > /tmp/late.log & LATE=$!
+    sleep 1
     echo answer-held 0 > /tmp/f2; waitfor "answered held $ID" /tmp/s2.log
     grep "^answered held $ID" /tmp/s2.log
+    wait $LATE; cat /tmp/late.log
+    dd if=/dev/uloop$M of=/tmp/r0 bs=64k count=1 iflag=direct status=none
+    if cmp -s /tmp/w0 /tmp/r0; then echo "late fill: the write survives it"; else echo "late fill: the write was overwritten"; fi
     echo "reply $ID 0" > /tmp/f2; waitfor "^reply $ID" /tmp/s2.log
     grep "^reply $ID" /tmp/s2.log
     echo "q2: $($CTL query $M)"
@@ -133,6 +141,10 @@ describe('uloop.ko when the daemon or the cache file fails', () => {
     expect(run.output).toMatch(/timeout: second read EIO after [3-9] s/);
     expect(run.output).toMatch(/^answered held \d+: ok$/m);
     expect(run.output).toMatch(/^reply \d+: No such file or directory$/m);
+    // a timed-out miss keeps its blocks busy until its late fill is answered (else the write
+    // below lands first and the fill overwrites it: watched)
+    expect(run.output).toContain('late fill: write done');
+    expect(run.output).toContain('late fill: the write survives it');
     const q2 = queryAfter(run.output, 'q2');
     expect(q2.timeouts).toBeGreaterThanOrEqual(2);
     expect(q2.late_replies).toBeGreaterThanOrEqual(1);
