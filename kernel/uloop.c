@@ -608,10 +608,12 @@ static void uloop_expired_release_all(struct uloop_dev *dev)
 }
 
 /*
- * Its request timed out: remember the id if the daemon may still answer. A MISS the daemon has
- * read may still be filling the cache file: its blocks stay busy until the late reply (or the
- * daemon's detach), or a whole-block write let in now would be overwritten by that fill with the
- * source's older data. dev->lock held.
+ * Its request timed out: remember the id if the daemon may still answer. An upcall that has the
+ * daemon touch the blocks' cache content, read by the daemon, may still be running: a MISS
+ * filling them, a ZERO punching them, a PRESERVE copying them aside. Their blocks stay busy until
+ * the late reply (or the daemon's detach), or a write let in now could be overwritten by the fill
+ * with the source's older data, punched away, or copied aside as the epoch's version. dev->lock
+ * held.
  */
 static void uloop_upcall_expire(struct uloop_dev *dev, struct uloop_upcall *up)
 {
@@ -623,7 +625,8 @@ static void uloop_upcall_expire(struct uloop_dev *dev, struct uloop_upcall *up)
 					    dev->index, ULOOP_EXPIRED_IDS);
 		uloop_expired_release(dev, x);
 		x->id = up->msg.id;
-		if (up->msg.type == ULOOP_MSG_MISS) {
+		if (up->msg.type == ULOOP_MSG_MISS || up->msg.type == ULOOP_MSG_PRESERVE ||
+		    up->msg.type == ULOOP_MSG_ZERO) {
 			x->first = up->msg.offset >> dev->block_shift;
 			x->end = ((up->msg.offset + up->msg.length - 1) >> dev->block_shift) + 1;
 			x->holds = up->held = true;
@@ -1297,7 +1300,8 @@ static int uloop_zero_blocks(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 b
 		dev->nr_pending -= ubits_clear(&dev->pending, b, e);
 		dev->nr_zero += (e - b) - zero_before;
 	}
-	uloop_release_busy(dev, b, e);
+	if (!up.held) /* else dev->expired holds them until the late reply */
+		uloop_release_busy(dev, b, e);
 	mutex_unlock(&dev->lock);
 	uloop_inflight_del(dev, cmd);
 	wake_up_all(&dev->busy_wait);
