@@ -484,7 +484,11 @@ struct uloop_dev {
 	struct list_head queued, sent;
 	wait_queue_head_t msg_wait;
 	u64 next_id;
-	u64 expired[ULOOP_EXPIRED_IDS]; /* ids of upcalls that timed out after the daemon read them */
+	struct uloop_expired {      /* upcalls that timed out after the daemon read them */
+		u64 id;
+		u64 first, end;     /* a MISS's blocks, held busy until its late reply */
+		bool holds;
+	} expired[ULOOP_EXPIRED_IDS];
 	unsigned int expired_next;
 	bool bar_busy;              /* a FLUSH owns the barrier */
 	wait_queue_head_t bar_wait;
@@ -539,6 +543,7 @@ struct uloop_upcall {
 	struct completion done;
 	int error;
 	bool listed, sent, answered;
+	bool held;                 /* timed out as a MISS the daemon read: its blocks stay busy */
 	struct uloop_cmd *cmd;     /* the request waiting, for its timeout */
 };
 
@@ -583,11 +588,49 @@ static void uloop_upcall_finish(struct uloop_upcall *up, int error)
 	complete(&up->done);
 }
 
-/* Its request timed out: remember the id if the daemon may still answer. dev->lock held. */
+/* Ends the hold of a timed-out MISS on its blocks. dev->lock held; the caller wakes busy_wait. */
+static void uloop_expired_release(struct uloop_dev *dev, struct uloop_expired *x)
+{
+	if (!x->holds)
+		return;
+	x->holds = false;
+	ubits_clear(&dev->busy, x->first, x->end);
+	dev->busy_seq++;
+}
+
+/* Every hold ends: the daemon that could still fill is gone (detach, REMOVE). dev->lock held. */
+static void uloop_expired_release_all(struct uloop_dev *dev)
+{
+	unsigned int i;
+
+	for (i = 0; i < ULOOP_EXPIRED_IDS; i++)
+		uloop_expired_release(dev, &dev->expired[i]);
+}
+
+/*
+ * Its request timed out: remember the id if the daemon may still answer. An upcall that has the
+ * daemon touch the blocks' cache content, read by the daemon, may still be running: a MISS
+ * filling them, a ZERO punching them, a PRESERVE copying them aside. Their blocks stay busy until
+ * the late reply (or the daemon's detach), or a write let in now could be overwritten by the fill
+ * with the source's older data, punched away, or copied aside as the epoch's version. dev->lock
+ * held.
+ */
 static void uloop_upcall_expire(struct uloop_dev *dev, struct uloop_upcall *up)
 {
 	if (up->sent) {
-		dev->expired[dev->expired_next] = up->msg.id;
+		struct uloop_expired *x = &dev->expired[dev->expired_next];
+
+		if (x->holds)
+			pr_warn_ratelimited("uloop%d: %u misses timed out unanswered: letting the oldest one's blocks go\n",
+					    dev->index, ULOOP_EXPIRED_IDS);
+		uloop_expired_release(dev, x);
+		x->id = up->msg.id;
+		if (up->msg.type == ULOOP_MSG_MISS || up->msg.type == ULOOP_MSG_PRESERVE ||
+		    up->msg.type == ULOOP_MSG_ZERO) {
+			x->first = up->msg.offset >> dev->block_shift;
+			x->end = ((up->msg.offset + up->msg.length - 1) >> dev->block_shift) + 1;
+			x->holds = up->held = true;
+		}
 		dev->expired_next = (dev->expired_next + 1) % ULOOP_EXPIRED_IDS;
 	}
 	uloop_upcall_finish(up, -ETIMEDOUT);
@@ -764,7 +807,8 @@ static int uloop_ask_blocks(struct uloop_dev *dev, struct uloop_cmd *cmd, u32 ty
 		}
 		err = 0;
 	}
-	uloop_release_busy(dev, b, e);
+	if (!up.held) /* else dev->expired holds them until the late reply */
+		uloop_release_busy(dev, b, e);
 	mutex_unlock(&dev->lock);
 	wake_up_all(&dev->busy_wait);
 	if (err && err != -ETIMEDOUT)
@@ -1256,7 +1300,8 @@ static int uloop_zero_blocks(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 b
 		dev->nr_pending -= ubits_clear(&dev->pending, b, e);
 		dev->nr_zero += (e - b) - zero_before;
 	}
-	uloop_release_busy(dev, b, e);
+	if (!up.held) /* else dev->expired holds them until the late reply */
+		uloop_release_busy(dev, b, e);
 	mutex_unlock(&dev->lock);
 	uloop_inflight_del(dev, cmd);
 	wake_up_all(&dev->busy_wait);
@@ -1816,16 +1861,17 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	conn->dev = dev;
 	dev->daemon = conn;
 	mutex_unlock(&dev->lock);
+	/* before publishing: a REMOVE that finds the device must see the scan it would race */
+	if (a.flags & ULOOP_F_PARTSCAN)
+		WRITE_ONCE(dev->scanning, true);
+	__module_get(THIS_MODULE);
 	mutex_lock(&uloop_ctl_mutex);
 	idr_replace(&uloop_idr, dev, dev->index);
 	mutex_unlock(&uloop_ctl_mutex);
-	__module_get(THIS_MODULE);
 	mutex_unlock(&conn->lock);
 
-	if (a.flags & ULOOP_F_PARTSCAN) {
-		WRITE_ONCE(dev->scanning, true);
+	if (a.flags & ULOOP_F_PARTSCAN)
 		queue_work(dev->wq, &dev->scan_work);
-	}
 	a.index = dev->index;
 	if (put_user(a.index, &uarg->index))
 		pr_warn("uloop%d: could not return the index to the caller\n", dev->index);
@@ -1892,6 +1938,7 @@ static int uloop_remove(u32 index)
 	dev->dead = true;
 	uloop_fail_all(dev);
 	uloop_drop_claims(dev);
+	uloop_expired_release_all(dev);
 	mutex_unlock(&dev->lock);
 	wake_up_all(&dev->msg_wait);
 	wake_up_all(&dev->busy_wait);
@@ -2287,6 +2334,7 @@ static int uloop_clear_error(struct uloop_dev *dev, struct uloop_clear_error __u
 {
 	struct uloop_clear_error a;
 	u64 bytes = DIV_ROUND_UP(dev->nr_blocks, 8), b, e;
+	struct file *cache;
 	int err = 0;
 
 	if (copy_from_user(&a, uarg, sizeof(a)))
@@ -2299,10 +2347,19 @@ static int uloop_clear_error(struct uloop_dev *dev, struct uloop_clear_error __u
 	mutex_lock(&dev->lock);
 	a.error = dev->error;
 	a.dropped = 0;
+	/* REMOVE from another fd may put the cache file (dev->cache = NULL) once the ioctl's
+	 * dead check has passed: sync through a reference taken while it cannot */
+	if (dev->dead) {
+		mutex_unlock(&dev->lock);
+		err = uloop_refuse(-ENODEV, "uloop%d: CLEAR_ERROR refused: device removed", dev->index);
+		goto out;
+	}
+	cache = a.error ? get_file(dev->cache) : NULL;
 	mutex_unlock(&dev->lock);
 	if (!a.error)
 		goto out;
-	err = vfs_fsync(dev->cache, 1);
+	err = vfs_fsync(cache, 1);
+	fput(cache);
 	if (err) {
 		err = uloop_refuse(-EIO, "uloop%d: CLEAR_ERROR refused: the cache file still fails to sync (%d)",
 				   dev->index, err);
@@ -2777,8 +2834,14 @@ static int uloop_reply(struct uloop_dev *dev, const struct uloop_reply *r)
 		}
 	}
 	for (i = 0; i < ULOOP_EXPIRED_IDS; i++) {
-		if (r->id && dev->expired[i] == r->id) {
-			dev->expired[i] = 0;
+		struct uloop_expired *x = &dev->expired[i];
+
+		if (r->id && x->id == r->id) {
+			x->id = 0;
+			if (x->holds) { /* the late fill is done: the blocks stay missing, now free */
+				uloop_expired_release(dev, x);
+				wake_up_all(&dev->busy_wait);
+			}
 			atomic64_inc(&dev->stats.late_replies);
 			return 0;
 		}
@@ -2866,6 +2929,7 @@ static int uloop_ctl_release(struct inode *inode, struct file *file)
 				up->sent = false;
 			list_splice_init(&dev->sent, &dev->queued);
 			uloop_drop_claims(dev);
+			uloop_expired_release_all(dev); /* no late fill can come from it now */
 		}
 		mutex_unlock(&dev->lock);
 		wake_up_all(&dev->busy_wait);

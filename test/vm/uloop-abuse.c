@@ -134,6 +134,10 @@ static void add_refusals(void) {
   expect("attach: no such device", ioctl(ctl2, ULOOP_IOC_ATTACH, &at), ENODEV);
   at.index = 5;
   expect("attach: fd already attached", ioctl(ctl, ULOOP_IOC_ATTACH, &at), EISCONN);
+  expect("attach: argument unreadable", ioctl(ctl2, ULOOP_IOC_ATTACH, (void *)8), EFAULT);
+  at.index = 0xffffffff;
+  expect("attach: index 0xffffffff", ioctl(ctl2, ULOOP_IOC_ATTACH, &at), ENODEV);
+  at.index = 5;
   uint32_t idx = 6;
   expect("remove: no such device", ioctl(ctl2, ULOOP_IOC_REMOVE, &idx), ENODEV);
   expect("remove: argument unreadable", ioctl(ctl2, ULOOP_IOC_REMOVE, (void *)8), EFAULT);
@@ -258,8 +262,22 @@ static void add_refusals(void) {
   if (WIFEXITED(st) && !WEXITSTATUS(st)) printf("ok reader served after the fault\n");
   else failed++, printf("FAIL reader: status %d\n", st);
 
+  // the daemon's fd closes: a new fd takes the device, and a third is refused while it holds it
+  close(ctl);
+  ctl = ctl_open();
+  struct uloop_attach re = {.version = ULOOP_ABI_VERSION, .index = 5};
+  expect("attach: after the daemon closed its fd", ioctl(ctl, ULOOP_IOC_ATTACH, &re), 0);
+  int ctl3 = ctl_open();
+  expect("attach: the re-attached daemon holds it", ioctl(ctl3, ULOOP_IOC_ATTACH, &re), EBUSY);
+  close(ctl3);
+  struct uloop_info q5 = {.index = 5};
+  checks++;
+  if (ioctl(ctl2, ULOOP_IOC_QUERY, &q5) == 0 && q5.attached == 1) printf("ok query: attached after re-attach\n");
+  else failed++, printf("FAIL query after re-attach: attached=%u (%s)\n", q5.attached, strerror(errno));
   idx = 5;
   expect("remove: while the daemon is attached and the device closed", ioctl(ctl2, ULOOP_IOC_REMOVE, &idx), 0);
+  expect("attach: device removed", ioctl(ctl3 = ctl_open(), ULOOP_IOC_ATTACH, &re), ENODEV);
+  close(ctl3);
   expect("query: removed", ioctl(ctl2, ULOOP_IOC_QUERY, &q), ENODEV);
   expect("claim: device removed", ioctl(ctl, ULOOP_IOC_CLAIM, &r), ENODEV);
   expect("read: device removed", read(ctl, m, sizeof(m)), ENODEV);

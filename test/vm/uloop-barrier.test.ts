@@ -11,7 +11,7 @@
 // written is then read back through the device.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { prepareVm, runInVm, type VmResult } from '../support/vm.js';
-import { buildTool, expectCleanKernel } from './uloop-tools.js';
+import { buildTool, expectCleanKernel, TCG_STARVATION } from './uloop-tools.js';
 
 let run: VmResult;
 const BLOCKS = 4096; // 16 MiB at 4 KiB
@@ -39,7 +39,7 @@ beforeAll(async () => {
     echo "q: $($CTL query $N)"
     kill $S; wait $S 2>/dev/null || true
     $CTL remove $N && umount /tmp/c && dmsetup remove slow && losetup -d $DD && echo "cleaned up"
-  `, { timeoutMs: 300_000 });
+  `, { timeoutMs: 300_000, allowSplats: TCG_STARVATION });
 }, 600_000);
 
 describe('FLUSH barrier order on /dev/uloopN', () => {

@@ -13,7 +13,7 @@
 //    mounts, REMOVE is refused while it is mounted; without the flag BLKRRPART finds it.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { prepareVm, runInVm, type VmResult } from '../support/vm.js';
-import { buildTool, expectCleanKernel, queryAfter } from './uloop-tools.js';
+import { buildTool, expectCleanKernel, queryAfter, TCG_STARVATION } from './uloop-tools.js';
 
 let run: VmResult;
 
@@ -134,7 +134,7 @@ beforeAll(async () => {
     kill $PIDS; wait $PIDS 2>/dev/null || true
     for d in $H $H2 $E $Z $P $Q; do $CTL remove $d || echo "remove $d failed"; done
     rmmod uloop && echo unloaded
-  `, { timeoutMs: 420_000, memoryMb: 1536 });
+  `, { timeoutMs: 420_000, memoryMb: 1536, allowSplats: TCG_STARVATION });
 }, 600_000);
 
 describe('uloop.ko mechanism for hydration, budgets, zeroing and real disks', () => {

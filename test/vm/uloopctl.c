@@ -15,6 +15,7 @@
 //         --ctl FIFO            reads commands, one per line (below)
 //         --fail-miss-from OFF  answers misses at or past byte OFF with -EIO
 //         --hold TYPE           never answers messages of TYPE (miss, intent, barrier, ...)
+//                               until `answer-held ERR` (ERR 0: does the work, e.g. fills, first)
 //         --barrier-cmd CMD     runs CMD (sh -c, with $BARRIER = the barrier's number) first
 //         --barrier-dump DIR    writes each barrier's bitmap to DIR/barrier.N
 //         --flush-delay-ms N    the flusher sleeps N ms after each block it copies
@@ -124,7 +125,7 @@ static int print_query(int ctl, uint32_t index, FILE *out) {
 
 // ---- serve --------------------------------------------------------------------------------------
 
-struct held { uint64_t id; struct held *next; };
+struct held { struct uloop_msg msg; struct held *next; };
 
 static struct {
   int ctl, src, cache, backing, fifo;
@@ -285,7 +286,7 @@ static int pump(int timeout_ms) {
   for (int i = 0; i < n / (ssize_t)sizeof(m[0]); i++) {
     if (m[i].type == S.hold_type) {
       struct held *h = malloc(sizeof(*h));
-      h->id = m[i].id;
+      h->msg = m[i];
       h->next = S.held;
       S.held = h;
       printf("holding %s %llu\n", msg_name(m[i].type), (unsigned long long)m[i].id);
@@ -408,8 +409,9 @@ static int command(char *line) {
     sscanf(line, "%*s %lld", &err);
     while (S.held) {
       struct held *h = S.held;
-      int r = reply(h->id, (int32_t)err);
-      printf("answered held %llu: %s\n", (unsigned long long)h->id, r ? strerror(-r) : "ok");
+      // answering 0 does the work first (a MISS fills the cache file): a late daemon, not a liar
+      int r = reply(h->msg.id, err ? (int32_t)err : handle(&h->msg));
+      printf("answered held %llu: %s\n", (unsigned long long)h->msg.id, r ? strerror(-r) : "ok");
       S.held = h->next;
       free(h);
     }

@@ -19,7 +19,7 @@
  * uloop_reply records. Closing the fd detaches; the device stays, and the upcalls the daemon had
  * not answered are re-issued to the next daemon that ATTACHes within reattach_timeout_s (module
  * parameter, 30 s), else they fail with EIO. Every request also fails with EIO once it has waited
- * io_timeout_s (module parameter, 120 s; 0: never) for the daemon, attached or not.
+ * io_timeout_s (module parameter, 90 s, taken at ADD; 0: never) for the daemon, attached or not.
  *
  * Blocks and bits. The device is cut into cache blocks of block_size bytes; block b covers bytes
  * [b * block_size, (b + 1) * block_size). The kernel keeps, per block:
