@@ -8,7 +8,7 @@ import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
 import { constants as osConstants, release } from 'node:os';
 import type { Logger } from 'pino';
 import { Bitmap } from '../cache/bitmap.js';
-import type { CacheEngine } from '../cache/engine.js';
+import type { CacheEngine, ExternalEpochs } from '../cache/engine.js';
 import { DeviceBusyError, EngineClosedError, ModuleVersionError } from '../errors.js';
 import type { SectorSize } from '../source/source.js';
 import { alignedBuffer } from '../native/io.js';
@@ -133,6 +133,88 @@ export function uloopMismatch(info: Pick<native.UloopInfo, 'size' | 'blockSize' 
   return diffs.length ? diffs.join('; ') : null;
 }
 
+/** The flush-epoch ioctls of an attached device, as kernelEpochs() uses them. */
+export interface KernelEpochIoctls {
+  /** EPOCH_BEGIN: the kernel's dirty bitmap into `dirty`; returns the epoch. */
+  begin(dirty: Buffer): number;
+  /** EPOCH_COMMIT: narrows `flushed` in place to what the kernel cleared. Throws ESTALE, ECANCELED, EIO. */
+  commit(epoch: number, flushed: Buffer): void;
+  /** QUERY's dirty count. */
+  dirtyBlocks(): number;
+  /** True once the device is removed. */
+  gone(): boolean;
+  /** For messages: /dev/uloop0. */
+  device: string;
+}
+
+/**
+ * Flush epochs (rule 7) on both sides. The kernel writes hits itself and keeps its own dirty bits:
+ * the flushed set is the store's snapshot narrowed to blocks dirty in the kernel too (a block whose
+ * barrier the store has not recorded yet waits for the next epoch). At commit the kernel clears
+ * first, the store (clearFlushed) right after in the same tick: a write to a cleared block then
+ * waits for an INTENT that is answered only once the store has cleared it too. With
+ * ULOOP_F_PRESERVE the kernel holds the first write to a block of the epoch until the daemon has
+ * kept its epoch version aside: `preserve` runs engine.preserveEpochBlocks (the userspace path's
+ * copy-on-write) for the epoch the engine has open; the engine opens it in the same tick as
+ * EPOCH_BEGIN (beginEpoch), so a PRESERVE never finds it missing. Once the device is removed the
+ * store holds all its bits (detach sends a FLUSH first), but an epoch begun in the kernel cannot
+ * be committed without it: its rewritten blocks are unknown.
+ */
+export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls) {
+  const bytes = Math.ceil(engine.geometry.blockCount / 8);
+  let open = 0; // the kernel epoch the engine's open flush epoch belongs to; 0: none
+  let preserves = 0;
+  /** Ends a kernel epoch, clearing nothing (COMMIT of an empty set, uloop.h). */
+  const end = (epoch: number) => {
+    try {
+      k.commit(epoch, Buffer.alloc(bytes));
+    } catch {
+      // ESTALE: a later BEGIN ended it already; EIO: the sticky error (the next BEGIN ends it).
+    }
+  };
+  const external: ExternalEpochs = {
+    begin(flushing) {
+      open = 0;
+      if (k.gone()) return;
+      const kernel = Buffer.alloc(flushing.buffer.byteLength);
+      open = k.begin(kernel);
+      for (let i = 0; i < kernel.byteLength; i++) flushing.buffer[i]! &= kernel[i]!;
+      flushing.changed();
+    },
+    commit(cleaned) {
+      const epoch = open;
+      open = 0;
+      if (epoch === 0) return;
+      if (k.gone()) throw new EngineClosedError(`${k.device} was removed during the flush; its blocks stay dirty for the next one`);
+      k.commit(epoch, cleaned.buffer);
+    },
+    abort() {
+      const epoch = open;
+      open = 0;
+      if (epoch !== 0 && !k.gone()) end(epoch);
+    },
+    dirtyBlocks() {
+      if (k.gone()) return null;
+      try {
+        return k.dirtyBlocks();
+      } catch {
+        return null;
+      }
+    },
+  };
+  return {
+    external,
+    end,
+    /** PRESERVE of blocks [first, end) for kernel epoch `epoch`; an epoch that has ended needs nothing. */
+    async preserve(epoch: number, first: number, last: number): Promise<void> {
+      if (epoch !== open) return;
+      preserves++;
+      await engine.preserveEpochBlocks(first, last);
+    },
+    preserves: () => preserves,
+  };
+}
+
 /**
  * Refuses early, before any cache is opened or created (invariant 6), a /dev/uloopN that a live
  * daemon serves, or one left by a dead daemon whose size, mode or sectors differ from this
@@ -234,29 +316,16 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
   }
   const device = `/dev/uloop${index}`;
 
-  // Flush epochs (rule 7) on both sides. The kernel writes hits itself and keeps its own dirty bits:
-  // the flushed set is the store's snapshot narrowed to blocks dirty in the kernel too (a block
-  // whose barrier the store has not recorded yet waits for the next epoch). At commit the kernel
-  // clears first, the store (clearFlushed) right after in the same tick: a write to a cleared block
-  // then waits for an INTENT that is answered only once the store has cleared it too. With
-  // ULOOP_F_PRESERVE the kernel holds the first write to a block of the epoch until the daemon has
-  // copied its epoch version aside (engine.preserveEpochBlocks: the userspace path's copy-on-write).
-  // Once the device is removed the store holds all its bits (detach sends a FLUSH first), but an
-  // epoch begun in the kernel cannot be committed without it: its rewritten blocks are unknown.
-  let kernelEpoch = 0; // of the open flush epoch; 0: none
   let removed = false;
   let closed = false;
   let failedUpcalls = 0;
-  let preserves = 0;
-  const endKernelEpoch = (epoch: number) => {
-    // COMMIT of an empty set ends an epoch and clears nothing (uloop.h).
-    try {
-      native.uloopEpochCommit(ctl, epoch, Buffer.alloc(Math.ceil(blockCount / 8)));
-    } catch {
-      // ESTALE: another BEGIN ended it already; EIO: the sticky error (the next BEGIN ends it).
-    }
-  };
-
+  const epochs = kernelEpochs(engine, {
+    begin: (dirty) => native.uloopEpochBegin(ctl, dirty),
+    commit: (epoch, flushed) => native.uloopEpochCommit(ctl, epoch, flushed),
+    dirtyBlocks: () => native.uloopQuery(ctl, index).dirtyBlocks,
+    gone: () => removed,
+    device,
+  });
   const handler = new UpcallHandler({
     engine,
     logger,
@@ -269,12 +338,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
         native.uloopBarrierBits(ctl, id, present, dirty.buffer);
         return dirty;
       },
-      async preserve(epoch, first, end) {
-        // An epoch that has ended needs nothing kept (answering late is harmless, uloop.h).
-        if (epoch !== kernelEpoch) return;
-        preserves++;
-        await engine.preserveEpochBlocks(first, end);
-      },
+      preserve: (epoch, first, end) => epochs.preserve(epoch, first, end),
     },
   });
 
@@ -310,38 +374,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
     }
   });
 
-  if (!options.readOnly) {
-    engine.externalEpochs = {
-      begin(flushing) {
-        kernelEpoch = 0;
-        if (removed) return;
-        const kernel = Buffer.alloc(flushing.buffer.byteLength);
-        kernelEpoch = native.uloopEpochBegin(ctl, kernel);
-        for (let i = 0; i < kernel.byteLength; i++) flushing.buffer[i]! &= kernel[i]!;
-        flushing.changed();
-      },
-      commit(cleaned) {
-        const epoch = kernelEpoch;
-        kernelEpoch = 0;
-        if (epoch === 0) return;
-        if (removed) throw new EngineClosedError(`${device} was removed during the flush; its blocks stay dirty for the next one`);
-        native.uloopEpochCommit(ctl, epoch, cleaned.buffer);
-      },
-      dirtyBlocks() {
-        if (removed) return null;
-        try {
-          return native.uloopQuery(ctl, index).dirtyBlocks;
-        } catch {
-          return null;
-        }
-      },
-      abort() {
-        const epoch = kernelEpoch;
-        kernelEpoch = 0;
-        if (epoch !== 0 && !removed) endKernelEpoch(epoch);
-      },
-    };
-  }
+  if (!options.readOnly) engine.externalEpochs = epochs.external;
 
   /**
    * A FLUSH of the device: the kernel syncs the cache file and hands its pending bits over in a
@@ -359,7 +392,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       `${device}: taken back from a daemon that died (${info.waiting} requests waiting for it, ${info.pendingBlocks} blocks for the next barrier)`,
     );
     // An epoch the dead daemon began cannot be committed: end it, so writes stop asking to preserve.
-    if (info.state & native.ULOOP_STATE.EPOCH_OPEN) endKernelEpoch(info.epoch);
+    if (info.state & native.ULOOP_STATE.EPOCH_OPEN) epochs.end(info.epoch);
     // The blocks the kernel held for the next barrier (written whole while missing) are in no
     // store yet: a FLUSH now hands them over to this daemon, before anything can remove the device.
     if (!options.readOnly && info.pendingBlocks > 0) {
@@ -451,7 +484,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       timeouts: q.timeouts,
       ioErrors: q.ioErrors,
       failedUpcalls,
-      preserves,
+      preserves: epochs.preserves(),
       lastRequestAt,
     };
   };
