@@ -66,7 +66,7 @@ beforeAll(async () => {
     attached() { $CTL query 0 | grep -q ' attached=1 '; }
     touch /tmp/go
     ( n=0; while [ -e /tmp/go ]; do
-        fio --directory=/tmp/m --name=w --numjobs=4 --size=2M --bs=4k --rw=randwrite --ioengine=psync --fsync=16 \
+        fio --directory=/tmp/m --name=w --numjobs=4 --size=2M --bs=4k --rw=randwrite --ioengine=psync --direct=1 --fsync=16 \
             --verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting --output=/tmp/fio.$n > /dev/null 2>&1 \
           || { echo "fio round $n FAILED"; grep -i -m3 'verify\|error' /tmp/fio.$n; }
         n=$((n+1)); done; echo "fio rounds: $n" ) > /tmp/fio.summary 2>&1 &
