@@ -28,6 +28,7 @@ beforeAll(async () => {
     head -c 8M /dev/urandom > /tmp/disk.img && truncate -s 256M /tmp/disk.img
     A="$U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --block-size 64K --daemon $D /tmp/disk.img"
     $A > /dev/null || echo "first attach failed"
+    detached() { k=0; while $CTL query 0 | grep -q ' attached=1 ' && [ $k -lt 600 ]; do sleep 0.05; k=$((k+1)); done; }
     pid() { node -e 'console.log(JSON.parse(require("fs").readFileSync("/run/ulobdev/uloop0.json","utf8")).pid)'; }
     kstat() { $U status $D --json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const j=JSON.parse(s);const k=(Array.isArray(j)?j[0]:j).kernel;console.log(k.attach+" error="+k.error+" failedUpcalls="+k.failedUpcalls)})'; }
 
@@ -44,7 +45,7 @@ beforeAll(async () => {
 
     # --- kill -9 and the same command: ATTACH, queued requests taken over, pending bits fetched
     mkfs.ext4 -q -b 4096 $D && mkdir -p /tmp/m && mount $D /tmp/m
-    kill -9 $(pid); sleep 0.2
+    kill -9 $(pid); detached
     ( dd if=$D of=/dev/null bs=64k skip=3500 count=2 iflag=direct status=none && echo "read queued while no daemon ran: served" ) &
     R=$!
     $A > /tmp/reattach.out 2>&1 && echo "re-attached: $(kstat)" || { echo "re-attach failed:"; cat /tmp/reattach.out; }
@@ -53,7 +54,7 @@ beforeAll(async () => {
 
     # --- another geometry on that N is refused, the device left alone
     truncate -s 64M /tmp/other.img
-    kill -9 $(pid); sleep 0.2
+    kill -9 $(pid); detached
     $U -c /tmp/o.cache -b /tmp/o.bitmap --writeback --name other --daemon $D /tmp/other.img > /tmp/other.out 2>&1 && echo "other geometry accepted" || echo "other geometry exit $?: $(tail -1 /tmp/other.out)"
     [ ! -e /tmp/o.cache ] && echo "no cache made for the refused attach"
     $A > /dev/null && echo "the right command takes it back"
@@ -61,7 +62,7 @@ beforeAll(async () => {
     # --- kill -9 cycles under fio --verify. The command runs in the foreground, as systemd's
     # Restart=on-failure runs it (one process per cycle); each is killed once the kernel shows it
     # attached, after a random 0..0.5 s more (so some die mid-start, mid-FLUSH or mid-upcall).
-    kill -9 $(pid); sleep 0.2
+    kill -9 $(pid); detached
     F1="$U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --block-size 64K $D /tmp/disk.img"
     attached() { $CTL query 0 | grep -q ' attached=1 '; }
     touch /tmp/go
