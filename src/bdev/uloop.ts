@@ -262,6 +262,10 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
   const want = Number(options.device.slice('/dev/uloop'.length));
   const request = { device: options.device, size: engine.size, blockSize, cache: store.paths.cache };
   const sector = options.sectorSize ?? { logical: 512, physical: 512 };
+  // Added without ULOOP_F_ZERO, the module takes every dirty block as present: zeroed blocks,
+  // which the cache file does not hold, get their zeros written first.
+  if (store.zeroBlocks() > 0) await engine.materializeZeroed();
+
   let ctl: number;
   try {
     ctl = native.uloopOpen();
