@@ -717,6 +717,19 @@ static void uloop_release_busy(struct uloop_dev *dev, u64 b, u64 e)
 	dev->busy_seq++;
 }
 
+/*
+ * A sync of the cache file failed (a FLUSH's, or CLEAR_ERROR's): the blocks written whole and
+ * not yet handed over (pending) had their pages written back by that sync, or by background
+ * writeback whose error it reported; they may be gone as much as a barrier's own set, and their
+ * pages are clean again, so a later sync succeeds over them. Into `lost`, for CLEAR_ERROR to
+ * drop. dev->lock held; the caller owns `lost` (the error is being set, or CLEAR_ERROR).
+ */
+static void uloop_pending_lost(struct uloop_dev *dev)
+{
+	dev->nr_lost += ubits_merge(&dev->lost, &dev->pending);
+	dev->nr_pending = 0;
+}
+
 static void uloop_set_accessed(struct uloop_dev *dev, u64 first, u64 last)
 {
 	u64 u;
@@ -985,6 +998,8 @@ static void uloop_owned_done(struct uloop_dev *dev, struct uloop_cmd *cmd, int e
 		if (!err) {
 			uloop_mark_present(dev, b, b + 1);
 			dev->nr_dirty += ubits_set(&dev->dirty, b, b + 1);
+			/* also with the sticky error set: a failed sync (CLEAR_ERROR's too) moves
+			 * pending to lost, a successful one covers it */
 			dev->nr_pending += ubits_set(&dev->pending, b, b + 1);
 		}
 		ubits_clear(&dev->busy, b, b + 1);
@@ -1142,7 +1157,8 @@ static void uloop_rw(struct uloop_dev *dev, struct uloop_cmd *cmd, struct reques
  * persists it; the FLUSH completes after its answer. The set moves by swapping two preallocated
  * paged bitmaps: nothing is allocated per FLUSH (bar_pending is empty again afterwards).
  * A failed sync sets the sticky error (see CLEAR_ERROR in the uapi header) and keeps the set
- * aside in `lost`; a failed barrier puts the set back for the next FLUSH.
+ * aside in `lost`, with what became pending since the take (its pages were in that sync too);
+ * a failed barrier puts the set back for the next FLUSH.
  */
 static int uloop_flush(struct uloop_dev *dev, struct uloop_cmd *cmd)
 {
@@ -1180,6 +1196,7 @@ static int uloop_flush(struct uloop_dev *dev, struct uloop_cmd *cmd)
 		dev->error = -EIO;
 		swap(dev->lost, dev->bar_pending); /* lost was empty: the error was not set */
 		dev->nr_lost = taken;
+		uloop_pending_lost(dev);
 		err = -EIO;
 		goto out_locked;
 	}
@@ -2361,6 +2378,11 @@ static int uloop_clear_error(struct uloop_dev *dev, struct uloop_clear_error __u
 	err = vfs_fsync(cache, 1);
 	fput(cache);
 	if (err) {
+		/* this sync may have lost what was written whole since the FLUSH's failed (and
+		 * reports it once): a retry must not succeed over it */
+		mutex_lock(&dev->lock);
+		uloop_pending_lost(dev);
+		mutex_unlock(&dev->lock);
 		err = uloop_refuse(-EIO, "uloop%d: CLEAR_ERROR refused: the cache file still fails to sync (%d)",
 				   dev->index, err);
 		goto out;

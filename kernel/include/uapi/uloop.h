@@ -336,7 +336,9 @@ struct uloop_blocks {
  * may have lost pages written since the previous sync, and a later sync would report success over
  * them (errseq reports an error once). So the device fails every write, DISCARD/WRITE_ZEROES and
  * FLUSH with EIO from then on, QUERY shows the error, and the blocks that FLUSH's barrier would
- * have handed over (pending: written whole while missing; their data may be gone) are set aside.
+ * have handed over, and every other block written whole while missing and not yet handed over
+ * (pending; their data may be gone), are set aside; so are those pending when a sync in
+ * CLEAR_ERROR fails (a retry's sync would succeed over what that one lost).
  * Reads go on. The daemon, having done what it can (its own state synced again, the cause
  * cleared), calls CLEAR_ERROR: the kernel syncs the cache file again (EIO: still failing, nothing
  * changes), drops the set-aside blocks (not present, not dirty: reads go to the source again,
