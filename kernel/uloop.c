@@ -72,7 +72,7 @@ MODULE_PARM_DESC(max_part, "partitions per device with a minor of their own (mor
 
 #define ULOOP_MAX_BATCH 64        /* messages per read() */
 #define ULOOP_MAX_CLAIMS 64       /* CLAIMs outstanding per device */
-#define ULOOP_EXPIRED_IDS 256     /* timed-out upcall ids remembered for late replies */
+#define ULOOP_EXPIRED_IDS 256     /* timed-out ids (holding no blocks) remembered for late replies */
 #define ULOOP_MAX_UNIT_BITS (1ULL << 29)  /* accessed bitmap: 64 MiB */
 #define ULOOP_MAX_ZERO_SECTORS (1U << 21) /* 1 GiB per DISCARD / WRITE_ZEROES request */
 
@@ -484,12 +484,9 @@ struct uloop_dev {
 	struct list_head queued, sent;
 	wait_queue_head_t msg_wait;
 	u64 next_id;
-	struct uloop_expired {      /* upcalls that timed out after the daemon read them */
-		u64 id;
-		u64 first, end;     /* a MISS's blocks, held busy until its late reply */
-		bool holds;
-	} expired[ULOOP_EXPIRED_IDS];
+	u64 expired[ULOOP_EXPIRED_IDS]; /* ids of timed-out INTENTs and BARRIERs the daemon read */
 	unsigned int expired_next;
+	struct list_head holds;     /* uloop_hold: timed-out upcalls still holding their blocks */
 	bool bar_busy;              /* a FLUSH owns the barrier */
 	wait_queue_head_t bar_wait;
 	struct list_head claims;
@@ -543,8 +540,19 @@ struct uloop_upcall {
 	struct completion done;
 	int error;
 	bool listed, sent, answered;
-	bool held;                 /* timed out as a MISS the daemon read: its blocks stay busy */
+	bool held;                 /* timed out after the daemon read it: a uloop_hold keeps its blocks busy */
 	struct uloop_cmd *cmd;     /* the request waiting, for its timeout */
+};
+
+/*
+ * A MISS, ZERO or PRESERVE that timed out after the daemon read it: the daemon may still be
+ * filling, punching or copying its blocks, so they stay busy until its late reply, its detach or
+ * REMOVE. One per timed-out upcall, never bounded: letting a hold go early can lose a write.
+ */
+struct uloop_hold {
+	struct list_head node;
+	u64 id, first, end;
+	u32 type, flags;
 };
 
 struct uloop_claim {
@@ -556,7 +564,10 @@ struct uloop_claim {
 static void uloop_free(struct kref *kref)
 {
 	struct uloop_dev *dev = container_of(kref, struct uloop_dev, kref);
+	struct uloop_hold *h, *n;
 
+	list_for_each_entry_safe(h, n, &dev->holds, node) /* none after REMOVE; an ADD that failed */
+		kfree(h);
 	ubits_destroy(&dev->present);
 	ubits_destroy(&dev->dirty);
 	ubits_destroy(&dev->busy);
@@ -588,23 +599,22 @@ static void uloop_upcall_finish(struct uloop_upcall *up, int error)
 	complete(&up->done);
 }
 
-/* Ends the hold of a timed-out MISS on its blocks. dev->lock held; the caller wakes busy_wait. */
-static void uloop_expired_release(struct uloop_dev *dev, struct uloop_expired *x)
+/* Ends a hold: its blocks are free again. dev->lock held; the caller wakes busy_wait. */
+static void uloop_hold_release(struct uloop_dev *dev, struct uloop_hold *h)
 {
-	if (!x->holds)
-		return;
-	x->holds = false;
-	ubits_clear(&dev->busy, x->first, x->end);
+	ubits_clear(&dev->busy, h->first, h->end);
 	dev->busy_seq++;
+	list_del(&h->node);
+	kfree(h);
 }
 
 /* Every hold ends: the daemon that could still fill is gone (detach, REMOVE). dev->lock held. */
-static void uloop_expired_release_all(struct uloop_dev *dev)
+static void uloop_hold_release_all(struct uloop_dev *dev)
 {
-	unsigned int i;
+	struct uloop_hold *h, *n;
 
-	for (i = 0; i < ULOOP_EXPIRED_IDS; i++)
-		uloop_expired_release(dev, &dev->expired[i]);
+	list_for_each_entry_safe(h, n, &dev->holds, node)
+		uloop_hold_release(dev, h);
 }
 
 /*
@@ -612,25 +622,27 @@ static void uloop_expired_release_all(struct uloop_dev *dev)
  * daemon touch the blocks' cache content, read by the daemon, may still be running: a MISS
  * filling them, a ZERO punching them, a PRESERVE copying them aside. Their blocks stay busy until
  * the late reply (or the daemon's detach), or a write let in now could be overwritten by the fill
- * with the source's older data, punched away, or copied aside as the epoch's version. dev->lock
- * held.
+ * with the source's older data, punched away, or copied aside as the epoch's version: each gets
+ * a uloop_hold, however many there are (a bound would have to let a running fill's blocks go).
+ * Other ids go to a ring of the last ULOOP_EXPIRED_IDS, only to accept their late replies.
+ * dev->lock held.
  */
 static void uloop_upcall_expire(struct uloop_dev *dev, struct uloop_upcall *up)
 {
-	if (up->sent) {
-		struct uloop_expired *x = &dev->expired[dev->expired_next];
+	if (up->sent && (up->msg.type == ULOOP_MSG_MISS || up->msg.type == ULOOP_MSG_PRESERVE ||
+			 up->msg.type == ULOOP_MSG_ZERO)) {
+		/* small, and in process context (the timeout handler): worth not failing */
+		struct uloop_hold *h = kmalloc(sizeof(*h), GFP_NOIO | __GFP_NOFAIL);
 
-		if (x->holds)
-			pr_warn_ratelimited("uloop%d: %u misses timed out unanswered: letting the oldest one's blocks go\n",
-					    dev->index, ULOOP_EXPIRED_IDS);
-		uloop_expired_release(dev, x);
-		x->id = up->msg.id;
-		if (up->msg.type == ULOOP_MSG_MISS || up->msg.type == ULOOP_MSG_PRESERVE ||
-		    up->msg.type == ULOOP_MSG_ZERO) {
-			x->first = up->msg.offset >> dev->block_shift;
-			x->end = ((up->msg.offset + up->msg.length - 1) >> dev->block_shift) + 1;
-			x->holds = up->held = true;
-		}
+		h->id = up->msg.id;
+		h->type = up->msg.type;
+		h->flags = up->msg.flags;
+		h->first = up->msg.offset >> dev->block_shift;
+		h->end = ((up->msg.offset + up->msg.length - 1) >> dev->block_shift) + 1;
+		list_add_tail(&h->node, &dev->holds);
+		up->held = true;
+	} else if (up->sent) {
+		dev->expired[dev->expired_next] = up->msg.id;
 		dev->expired_next = (dev->expired_next + 1) % ULOOP_EXPIRED_IDS;
 	}
 	uloop_upcall_finish(up, -ETIMEDOUT);
@@ -820,7 +832,7 @@ static int uloop_ask_blocks(struct uloop_dev *dev, struct uloop_cmd *cmd, u32 ty
 		}
 		err = 0;
 	}
-	if (!up.held) /* else dev->expired holds them until the late reply */
+	if (!up.held) /* else a uloop_hold keeps them until the late reply */
 		uloop_release_busy(dev, b, e);
 	mutex_unlock(&dev->lock);
 	wake_up_all(&dev->busy_wait);
@@ -1317,7 +1329,7 @@ static int uloop_zero_blocks(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 b
 		dev->nr_pending -= ubits_clear(&dev->pending, b, e);
 		dev->nr_zero += (e - b) - zero_before;
 	}
-	if (!up.held) /* else dev->expired holds them until the late reply */
+	if (!up.held) /* else a uloop_hold keeps them until the late reply */
 		uloop_release_busy(dev, b, e);
 	mutex_unlock(&dev->lock);
 	uloop_inflight_del(dev, cmd);
@@ -1772,6 +1784,7 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	INIT_LIST_HEAD(&dev->queued);
 	INIT_LIST_HEAD(&dev->sent);
 	INIT_LIST_HEAD(&dev->claims);
+	INIT_LIST_HEAD(&dev->holds);
 	spin_lock_init(&dev->rq_lock);
 	INIT_LIST_HEAD(&dev->rq_list);
 	INIT_WORK(&dev->rq_work, uloop_rq_work);
@@ -1955,7 +1968,7 @@ static int uloop_remove(u32 index)
 	dev->dead = true;
 	uloop_fail_all(dev);
 	uloop_drop_claims(dev);
-	uloop_expired_release_all(dev);
+	uloop_hold_release_all(dev);
 	mutex_unlock(&dev->lock);
 	wake_up_all(&dev->msg_wait);
 	wake_up_all(&dev->busy_wait);
@@ -2846,6 +2859,7 @@ out:
 static int uloop_reply(struct uloop_dev *dev, const struct uloop_reply *r)
 {
 	struct uloop_upcall *up;
+	struct uloop_hold *h;
 	unsigned int i;
 
 	list_for_each_entry(up, &dev->sent, node) {
@@ -2855,15 +2869,17 @@ static int uloop_reply(struct uloop_dev *dev, const struct uloop_reply *r)
 			return 0;
 		}
 	}
+	list_for_each_entry(h, &dev->holds, node) {
+		if (h->id == r->id) { /* the late fill is done: the blocks stay missing, now free */
+			uloop_hold_release(dev, h);
+			wake_up_all(&dev->busy_wait);
+			atomic64_inc(&dev->stats.late_replies);
+			return 0;
+		}
+	}
 	for (i = 0; i < ULOOP_EXPIRED_IDS; i++) {
-		struct uloop_expired *x = &dev->expired[i];
-
-		if (r->id && x->id == r->id) {
-			x->id = 0;
-			if (x->holds) { /* the late fill is done: the blocks stay missing, now free */
-				uloop_expired_release(dev, x);
-				wake_up_all(&dev->busy_wait);
-			}
+		if (r->id && dev->expired[i] == r->id) {
+			dev->expired[i] = 0;
 			atomic64_inc(&dev->stats.late_replies);
 			return 0;
 		}
@@ -2951,7 +2967,7 @@ static int uloop_ctl_release(struct inode *inode, struct file *file)
 				up->sent = false;
 			list_splice_init(&dev->sent, &dev->queued);
 			uloop_drop_claims(dev);
-			uloop_expired_release_all(dev); /* no late fill can come from it now */
+			uloop_hold_release_all(dev); /* no late fill can come from it now */
 		}
 		mutex_unlock(&dev->lock);
 		wake_up_all(&dev->busy_wait);

@@ -85,6 +85,23 @@ beforeAll(async () => {
     wait $DD && echo "no timeout: served once answered"
     kill $S4; wait $S4 2>/dev/null || true
     echo 3 > /sys/module/uloop/parameters/io_timeout_s
+    # 300 misses time out held at once, more than the 256 timed-out ids the module remembers: each
+    # keeps its blocks busy until its late answer (a bound let the oldest ones' blocks go while
+    # their fills could still run, and refused their late answers)
+    truncate -s 16M /tmp/c7
+    H=$($CTL add /tmp/c7 16777216 4096 wb none)
+    mkfifo /tmp/f7
+    $CTL serve $H /tmp/src /tmp/c7 --hold miss --ctl /tmp/f7 > /tmp/s7.log & S7=$!
+    waitfor attached /tmp/s7.log
+    PIDS=''
+    for i in $(seq 0 299); do dd if=/dev/uloop$H of=/dev/null bs=4k skip=$i count=1 iflag=direct status=none 2>/dev/null & PIDS="$PIDS $!"; done
+    FAILED=0; for p in $PIDS; do wait $p || FAILED=$((FAILED+1)); done
+    echo "many holds: $FAILED reads failed, $(grep -c '^holding miss' /tmp/s7.log) held"
+    echo answer-held 0 > /tmp/f7
+    i=0; while [ $(grep -c '^answered held' /tmp/s7.log) -lt 300 ] && [ $i -lt 600 ]; do i=$((i+1)); sleep 0.1; done
+    echo "many holds: $(grep -c '^answered held [0-9]*: ok$' /tmp/s7.log) late answers accepted, $(grep -c '^answered held [0-9]*: No such' /tmp/s7.log) refused"
+    echo "q7: $($CTL query $H)"
+    kill $S7; wait $S7 2>/dev/null || true
 
     # ---- the cache file's disk fails writes: the sticky error
     truncate -s 64M /tmp/fs.img
@@ -127,7 +144,7 @@ beforeAll(async () => {
     dd if=/dev/uloop$E of=/tmp/r7 bs=64k skip=16 count=4 iflag=direct status=none && cmp /tmp/w1 /tmp/r7 && echo "sticky: blocks flushed before the fault intact"
     kill -0 $S5 && echo "sticky: daemon alive"
     kill $S5 $S1; wait $S5 $S1 2>/dev/null || true
-    for d in $N $M $K $E; do $CTL remove $d; done
+    for d in $N $M $K $H $E; do $CTL remove $d; done
     umount /tmp/cf && dmsetup remove flk && losetup -d $L
     rmmod uloop && echo unloaded
   `, { timeoutMs: 300_000, allowSplats: TCG_STARVATION });
@@ -153,6 +170,12 @@ describe('uloop.ko when the daemon or the cache file fails', () => {
     expect(q2.late_replies).toBeGreaterThanOrEqual(1);
     expect(run.output).toMatch(/timeout: flush EIO after [3-6] s/);
     expect(run.dmesg).toMatch(/uloop1: a request at sector \d+ waited more than 3s for the daemon: EIO/);
+  });
+  it('keeps every timed-out miss holding its blocks until its late answer, however many', () => {
+    // watched fail with the 256-entry ring of holds: 44 late answers refused, late_replies 256
+    expect(run.output).toContain('many holds: 300 reads failed, 300 held');
+    expect(run.output).toContain('many holds: 300 late answers accepted, 0 refused');
+    expect(queryAfter(run.output, 'q7').late_replies).toBe(300);
   });
   it('keeps waiting without a timeout (the behaviour the timeout replaces)', () => {
     expect(run.output).toContain('no timeout: still waiting after 8 s');
