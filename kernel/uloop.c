@@ -75,6 +75,9 @@ MODULE_PARM_DESC(max_part, "partitions per device with a minor of their own (mor
 #define ULOOP_EXPIRED_IDS 256     /* timed-out ids (holding no blocks) remembered for late replies */
 #define ULOOP_MAX_UNIT_BITS (1ULL << 29)  /* accessed bitmap: 64 MiB */
 #define ULOOP_MAX_ZERO_SECTORS (1U << 21) /* 1 GiB per DISCARD / WRITE_ZEROES request */
+#define ULOOP_MAX_RQ_SECTORS 2048  /* max_hw_sectors: 1 MiB per read or write */
+/* blocks one read or write can touch: 1 MiB of 4 KiB blocks, unaligned (a zero_part: 2) */
+#define ULOOP_MAX_RQ_BLOCKS ((ULOOP_MAX_RQ_SECTORS << SECTOR_SHIFT) / 4096 + 1)
 
 static int uloop_major;
 static int part_shift;
@@ -531,6 +534,8 @@ struct uloop_cmd {
 	struct list_head inflight; /* on dev->inflight while on_inflight */
 	u64 first, last;           /* blocks touched, inclusive */
 	bool write, owns_missing, on_inflight, upcalled, timed_out;
+	/* owns_missing: the blocks first + i it took busy, covering them whole while missing */
+	DECLARE_BITMAP(owned, ULOOP_MAX_RQ_BLOCKS);
 	struct uloop_upcall *upcall; /* listed upcall serving this request (dev->lock) */
 };
 
@@ -959,12 +964,19 @@ static int uloop_prepare(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 pos, 
 				mutex_unlock(&dev->lock);
 				return -EAGAIN;
 			}
-			/* whatever is still missing is covered whole: ours until the write completes */
+			/* whatever is still missing is covered whole: ours until the write completes,
+			 * recorded in the request (a block's busy bit may change hands meanwhile) */
 			cmd->owns_missing = false;
+			if (WARN_ON_ONCE(last - first >= ULOOP_MAX_RQ_BLOCKS)) {
+				mutex_unlock(&dev->lock);
+				return -EIO;
+			}
+			bitmap_zero(cmd->owned, ULOOP_MAX_RQ_BLOCKS);
 			for (b = ubits_find(&dev->present, first, last + 1, false); b <= last;
 			     b = ubits_find(&dev->present, e, last + 1, false)) {
 				e = ubits_find(&dev->present, b, last + 1, true);
 				ubits_set(&dev->busy, b, e);
+				bitmap_set(cmd->owned, b - first, e - b);
 				cmd->owns_missing = true;
 			}
 			if (dev->epoch_open)
@@ -998,15 +1010,14 @@ static blk_status_t uloop_status(struct uloop_dev *dev, struct request *rq, int 
  */
 static void uloop_owned_done(struct uloop_dev *dev, struct uloop_cmd *cmd, int err)
 {
-	u64 b;
+	unsigned long i;
 
 	mutex_lock(&dev->lock);
-	/* busy blocks of the range are the ones this write owns: no other request's last pass
-	 * can take a block of a range that a write in flight holds dirty or owns */
-	for (b = ubits_find(&dev->busy, cmd->first, cmd->last + 1, true); b <= cmd->last;
-	     b = ubits_find(&dev->busy, b + 1, cmd->last + 1, true)) {
-		if (ubits_test(&dev->present, b))
-			continue;
+	/* exactly the blocks its last pass took: a busy, missing block of the range may belong to
+	 * another request (a MISS after CLEAR_ERROR or a ZERO cleared its present bit) */
+	for_each_set_bit(i, cmd->owned, ULOOP_MAX_RQ_BLOCKS) {
+		u64 b = cmd->first + i;
+
 		if (!err) {
 			uloop_mark_present(dev, b, b + 1);
 			dev->nr_dirty += ubits_set(&dev->dirty, b, b + 1);
@@ -1629,7 +1640,7 @@ static struct gendisk *uloop_alloc_disk(struct uloop_dev *dev)
 		.logical_block_size = dev->lbs,
 		.physical_block_size = dev->pbs,
 		.io_min = dev->block_size,
-		.max_hw_sectors = 2048,
+		.max_hw_sectors = ULOOP_MAX_RQ_SECTORS,
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
 		/* 6.11: the volatile cache and FUA became queue_limits.features */
 		.features = BLK_FEAT_WRITE_CACHE | BLK_FEAT_FUA,
@@ -1651,7 +1662,7 @@ static struct gendisk *uloop_alloc_disk(struct uloop_dev *dev)
 	blk_queue_logical_block_size(disk->queue, dev->lbs);
 	blk_queue_physical_block_size(disk->queue, dev->pbs);
 	blk_queue_io_min(disk->queue, dev->block_size);
-	blk_queue_max_hw_sectors(disk->queue, 2048);
+	blk_queue_max_hw_sectors(disk->queue, ULOOP_MAX_RQ_SECTORS);
 	if (zero) {
 		blk_queue_max_discard_sectors(disk->queue, ULOOP_MAX_ZERO_SECTORS);
 		blk_queue_max_write_zeroes_sectors(disk->queue, ULOOP_MAX_ZERO_SECTORS);
@@ -2360,6 +2371,83 @@ out:
 	return err;
 }
 
+/* A request past its last pass touches a block of `lost`. */
+static bool uloop_inflight_on_lost(struct uloop_dev *dev)
+{
+	struct uloop_cmd *cmd;
+	bool on = false;
+
+	spin_lock_irq(&dev->inflight_lock);
+	list_for_each_entry(cmd, &dev->inflight, inflight) {
+		if (ubits_find(&dev->lost, cmd->first, cmd->last + 1, true) <= cmd->last) {
+			on = true;
+			break;
+		}
+	}
+	spin_unlock_irq(&dev->inflight_lock);
+	return on;
+}
+
+/* CLEAR_ERROR gave up: the lost blocks it took busy are free again. dev->lock not held. */
+static void uloop_lost_unbusy(struct uloop_dev *dev)
+{
+	u64 b, e;
+
+	mutex_lock(&dev->lock);
+	for (b = ubits_find(&dev->lost, 0, dev->nr_blocks, true); b < dev->nr_blocks;
+	     b = ubits_find(&dev->lost, e, dev->nr_blocks, true)) {
+		e = ubits_find(&dev->lost, b, dev->nr_blocks, false);
+		ubits_clear(&dev->busy, b, e);
+	}
+	dev->busy_seq++;
+	mutex_unlock(&dev->lock);
+	wake_up_all(&dev->busy_wait);
+}
+
+/*
+ * Before CLEAR_ERROR drops the lost blocks (present and dirty go): takes them busy, once no one
+ * else has them busy, so that no new request reaches them, then waits for the requests already
+ * past their last pass on them. A write still writing a dropped block, or its completion, must
+ * not meet a MISS filling that block from the source. `lost` is stable: the error is set and
+ * bar_bits_mutex held. Returns 0 with dev->lock held, or -EINTR (a fatal signal) with nothing
+ * changed and dev->lock not held. The wait ends when the requests do: those on the daemon time
+ * out (io_timeout_s) if it does not answer them meanwhile.
+ */
+static int uloop_lost_quiesce(struct uloop_dev *dev)
+{
+	u64 b, e, seq;
+	int err;
+
+	for (;;) {
+		mutex_lock(&dev->lock);
+		for (b = ubits_find(&dev->lost, 0, dev->nr_blocks, true); b < dev->nr_blocks;
+		     b = ubits_find(&dev->lost, e, dev->nr_blocks, true)) {
+			e = ubits_find(&dev->lost, b, dev->nr_blocks, false);
+			if (ubits_find(&dev->busy, b, e, true) < e)
+				break;
+		}
+		if (b >= dev->nr_blocks)
+			break;
+		seq = dev->busy_seq;
+		mutex_unlock(&dev->lock);
+		if (wait_event_killable(dev->busy_wait, READ_ONCE(dev->busy_seq) != seq))
+			return -EINTR;
+	}
+	for (b = ubits_find(&dev->lost, 0, dev->nr_blocks, true); b < dev->nr_blocks;
+	     b = ubits_find(&dev->lost, e, dev->nr_blocks, true)) {
+		e = ubits_find(&dev->lost, b, dev->nr_blocks, false);
+		ubits_set(&dev->busy, b, e);
+	}
+	mutex_unlock(&dev->lock);
+	err = wait_event_killable(dev->inflight_wait, !uloop_inflight_on_lost(dev));
+	if (err) {
+		uloop_lost_unbusy(dev);
+		return -EINTR;
+	}
+	mutex_lock(&dev->lock);
+	return 0;
+}
+
 static int uloop_clear_error(struct uloop_dev *dev, struct uloop_clear_error __user *uarg)
 {
 	struct uloop_clear_error a;
@@ -2400,14 +2488,23 @@ static int uloop_clear_error(struct uloop_dev *dev, struct uloop_clear_error __u
 				   dev->index, err);
 		goto out;
 	}
+	err = uloop_lost_quiesce(dev);
+	if (err) {
+		err = uloop_refuse(err, "uloop%d: CLEAR_ERROR interrupted; nothing dropped", dev->index);
+		goto out;
+	}
+	mutex_unlock(&dev->lock);
 	if (a.dropped_ptr && ubits_store(&dev->lost, a.dropped_ptr)) {
+		uloop_lost_unbusy(dev);
 		err = uloop_refuse(-EFAULT, "CLEAR_ERROR refused: the buffer is not writable");
 		goto out;
 	}
 	mutex_lock(&dev->lock);
+	/* the lost blocks are busy (ours) and no request is on them */
 	for (b = ubits_find(&dev->lost, 0, dev->nr_blocks, true); b < dev->nr_blocks;
 	     b = ubits_find(&dev->lost, e, dev->nr_blocks, true)) {
 		e = ubits_find(&dev->lost, b, dev->nr_blocks, false);
+		ubits_clear(&dev->busy, b, e);
 		dev->nr_zero -= ubits_count_andnot(&dev->dirty, &dev->present, b, e);
 		dev->nr_present -= ubits_clear(&dev->present, b, e);
 		dev->nr_dirty -= ubits_clear(&dev->dirty, b, e);
@@ -2416,7 +2513,9 @@ static int uloop_clear_error(struct uloop_dev *dev, struct uloop_clear_error __u
 	ubits_zero(&dev->lost);
 	dev->nr_lost = 0;
 	dev->error = 0;
+	dev->busy_seq++;
 	mutex_unlock(&dev->lock);
+	wake_up_all(&dev->busy_wait);
 	pr_info("uloop%d: the daemon cleared the sticky error; %llu blocks written whole before the failed sync were dropped\n",
 		dev->index, a.dropped);
 out:

@@ -341,10 +341,13 @@ struct uloop_blocks {
  * CLEAR_ERROR fails (a retry's sync would succeed over what that one lost).
  * Reads go on. The daemon, having done what it can (its own state synced again, the cause
  * cleared), calls CLEAR_ERROR: the kernel syncs the cache file again (EIO: still failing, nothing
- * changes), drops the set-aside blocks (not present, not dirty: reads go to the source again,
+ * changes), waits until no request is on the set-aside blocks (new ones wait for the drop; one
+ * waiting for the daemon ends with its answer or io_timeout_s; a fatal signal: EINTR, nothing
+ * dropped), drops them (not present, not dirty: reads go to the source again,
  * as for any write lost before a FLUSH) and returns them in dropped_ptr (if non-zero, `length`
  * bytes), clears the error, and serves writes again. Blocks that were dirty before keep their
- * dirty bit and whatever content the cache file now holds. Refusals: EFAULT, EMSGSIZE, EIO.
+ * dirty bit and whatever content the cache file now holds. Refusals: EFAULT, EMSGSIZE, EIO,
+ * EINTR.
  * With no error set it does nothing and returns 0.
  */
 struct uloop_clear_error {
