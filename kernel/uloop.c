@@ -510,7 +510,13 @@ struct uloop_dev {
 
 	struct blk_mq_tag_set tag_set;
 	struct gendisk *disk;
-	struct workqueue_struct *wq;
+	/*
+	 * Two workqueues, both WQ_MEM_RECLAIM (we may be writeback's way out of reclaim): `wq` runs
+	 * only what never waits for the daemon or for other requests (rq_work, done_work), so under
+	 * memory pressure its rescuer always makes progress; `wait_wq` runs what may (a request's
+	 * own work, a FUA's flush, the partition scan), and what those wait for runs on `wq`.
+	 */
+	struct workqueue_struct *wq, *wait_wq;
 	spinlock_t rq_lock;         /* rq_list */
 	struct list_head rq_list;   /* uloop_cmd from queue_rq, not yet taken by rq_work */
 	struct work_struct rq_work; /* drains rq_list; empty once del_gendisk has returned */
@@ -526,7 +532,8 @@ struct uloop_conn {
 struct uloop_cmd {
 	struct list_head queue;    /* on dev->rq_list between queue_rq and rq_work */
 	struct work_struct work;   /* requests that may wait (daemon, busy blocks), FLUSH, zeroing */
-	struct work_struct done_work; /* after the cache-file I/O: filled blocks' state, FUA */
+	struct work_struct done_work; /* after the cache-file I/O: owned blocks' state */
+	struct work_struct fua_work; /* a FUA write's flush, after done_work if any */
 	struct kiocb iocb;
 	struct bio_vec *bvec;
 	atomic_t ref;              /* the submitter and the I/O completion; the last ends it */
@@ -1052,13 +1059,13 @@ static void uloop_rw_end(struct uloop_dev *dev, struct uloop_cmd *cmd, int err)
 		}
 	}
 	if (!err && cmd->write && (rq->cmd_flags & REQ_FUA)) {
-		queue_work(dev->wq, &cmd->done_work);
+		queue_work(dev->wait_wq, &cmd->fua_work);
 		return;
 	}
 	blk_mq_end_request(rq, uloop_status(dev, rq, err));
 }
 
-/* After the cache-file I/O, in process context: the owned blocks' state, or a FUA's flush. */
+/* After the cache-file I/O, in process context: the owned blocks' state. Never waits. */
 static void uloop_done_work(struct work_struct *work)
 {
 	struct uloop_cmd *cmd = container_of(work, struct uloop_cmd, done_work);
@@ -1066,12 +1073,20 @@ static void uloop_done_work(struct work_struct *work)
 	struct uloop_dev *dev = rq->q->queuedata;
 	unsigned int noio = memalloc_noio_save();
 
-	if (cmd->owns_missing) {
-		uloop_owned_done(dev, cmd, cmd->ret);
-		uloop_rw_end(dev, cmd, cmd->ret); /* may queue this work again, for the FUA */
-	} else {
-		blk_mq_end_request(rq, uloop_status(dev, rq, uloop_flush(dev, cmd)));
-	}
+	uloop_owned_done(dev, cmd, cmd->ret);
+	uloop_rw_end(dev, cmd, cmd->ret); /* may queue fua_work */
+	memalloc_noio_restore(noio);
+}
+
+/* A FUA write's flush, on wait_wq: it may wait for a barrier and the daemon. */
+static void uloop_fua_work(struct work_struct *work)
+{
+	struct uloop_cmd *cmd = container_of(work, struct uloop_cmd, fua_work);
+	struct request *rq = blk_mq_rq_from_pdu(cmd);
+	struct uloop_dev *dev = rq->q->queuedata;
+	unsigned int noio = memalloc_noio_save();
+
+	blk_mq_end_request(rq, uloop_status(dev, rq, uloop_flush(dev, cmd)));
 	memalloc_noio_restore(noio);
 }
 
@@ -1464,7 +1479,7 @@ static void uloop_dispatch(struct uloop_dev *dev, struct uloop_cmd *cmd)
 			return;
 		}
 	}
-	queue_work(dev->wq, &cmd->work);
+	queue_work(dev->wait_wq, &cmd->work);
 }
 
 /* Drains dev->rq_list (one work item per device, as loop's per-device worker). */
@@ -1503,6 +1518,7 @@ static blk_status_t uloop_queue_rq(struct blk_mq_hw_ctx *hctx, const struct blk_
 	cmd->ret = 0;
 	INIT_WORK(&cmd->work, uloop_work);
 	INIT_WORK(&cmd->done_work, uloop_done_work);
+	INIT_WORK(&cmd->fua_work, uloop_fua_work);
 	blk_mq_start_request(rq);
 	spin_lock_irqsave(&dev->rq_lock, flags);
 	list_add_tail(&cmd->queue, &dev->rq_list);
@@ -1857,6 +1873,9 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	dev->wq = alloc_workqueue("uloop%d", WQ_MEM_RECLAIM | WQ_UNBOUND, 0, dev->index);
 	if (!dev->wq)
 		goto out_idr;
+	dev->wait_wq = alloc_workqueue("uloop%d-wait", WQ_MEM_RECLAIM | WQ_UNBOUND, 0, dev->index);
+	if (!dev->wait_wq)
+		goto out_wq;
 
 	dev->tag_set.ops = &uloop_mq_ops;
 	dev->tag_set.nr_hw_queues = 1;
@@ -1912,7 +1931,7 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	mutex_unlock(&conn->lock);
 
 	if (a.flags & ULOOP_F_PARTSCAN)
-		queue_work(dev->wq, &dev->scan_work);
+		queue_work(dev->wait_wq, &dev->scan_work);
 	a.index = dev->index;
 	if (put_user(a.index, &uarg->index))
 		pr_warn("uloop%d: could not return the index to the caller\n", dev->index);
@@ -1924,6 +1943,8 @@ out_disk:
 out_tags:
 	blk_mq_free_tag_set(&dev->tag_set);
 out_wq:
+	if (dev->wait_wq)
+		destroy_workqueue(dev->wait_wq);
 	destroy_workqueue(dev->wq);
 out_idr:
 	mutex_lock(&uloop_ctl_mutex);
@@ -1987,6 +2008,7 @@ static int uloop_remove(u32 index)
 	wake_up_all(&dev->inflight_wait);
 
 	del_gendisk(dev->disk);
+	destroy_workqueue(dev->wait_wq); /* del_gendisk ended every request: nothing queues now */
 	destroy_workqueue(dev->wq);
 	WARN_ON_ONCE(!list_empty(&dev->rq_list));
 	blk_mq_free_tag_set(&dev->tag_set);
