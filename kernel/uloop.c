@@ -735,6 +735,23 @@ static void uloop_mark_present(struct uloop_dev *dev, u64 b, u64 e)
 	dev->nr_present += ubits_set(&dev->present, b, e);
 }
 
+/*
+ * A MISS answered: the blocks are present. Those that were zero (dirty, not present) become
+ * pending too: the daemon may answer before it has synced their zeros and recorded them present
+ * (the header allows it), and a write to them needs no INTENT (they are dirty), so only the next
+ * FLUSH's barrier tells the store they are present, after its sync. Without it a partial write
+ * and a FLUSH over such a block reported durable data the store still records as zeros.
+ */
+static void uloop_miss_done(struct uloop_dev *dev, u64 b, u64 e)
+{
+	u64 i;
+
+	for (i = ubits_find(&dev->dirty, b, e, true); i < e; i = ubits_find(&dev->dirty, i + 1, e, true))
+		if (!ubits_test(&dev->present, i))
+			dev->nr_pending += ubits_set(&dev->pending, i, i + 1);
+	uloop_mark_present(dev, b, e);
+}
+
 static void uloop_release_busy(struct uloop_dev *dev, u64 b, u64 e)
 {
 	ubits_clear(&dev->busy, b, e);
@@ -831,7 +848,7 @@ static int uloop_ask_blocks(struct uloop_dev *dev, struct uloop_cmd *cmd, u32 ty
 	mutex_lock(&dev->lock);
 	if (!err) {
 		if (type == ULOOP_MSG_MISS)
-			uloop_mark_present(dev, b, e);
+			uloop_miss_done(dev, b, e);
 		else if (type == ULOOP_MSG_INTENT)
 			dev->nr_dirty += ubits_set(&dev->dirty, b, e);
 		else if (type == ULOOP_MSG_PRESERVE && dev->epoch_open && dev->epoch == epoch)
