@@ -2351,7 +2351,7 @@ static int uloop_epoch_commit(struct uloop_dev *dev, struct uloop_epoch __user *
 		goto out;
 	}
 	for (p = 0; p < flushed.nr_pages; p++) {
-		const unsigned long *f = ubits_ro(&flushed, p), *d, *r, *pr;
+		const unsigned long *f = ubits_ro(&flushed, p), *d, *r, *pr, *pe, *bp;
 		unsigned long *dp;
 		bool any = false;
 		size_t w;
@@ -2367,8 +2367,12 @@ static int uloop_epoch_commit(struct uloop_dev *dev, struct uloop_epoch __user *
 		d = ubits_ro(&dev->dirty, p);
 		r = ubits_ro(&dev->rewritten, p);
 		pr = ubits_ro(&dev->present, p);
+		pe = ubits_ro(&dev->pending, p);
+		bp = ubits_ro(&dev->bar_pending, p);
 		for (w = 0; w < UBITS_PAGE_WORDS; w++) {
-			scratch[w] = f[w] & d[w] & ~r[w];
+			/* not pending ones: the store has not recorded them yet, and their barrier
+			 * will record them dirty (the kernel would then call clean what is dirty) */
+			scratch[w] = f[w] & d[w] & ~r[w] & ~pe[w] & ~bp[w];
 			if (scratch[w]) {
 				any = true;
 				cleared += hweight_long(scratch[w]);
@@ -2747,8 +2751,11 @@ static int uloop_evict(struct uloop_dev *dev, struct uloop_blocks __user *uarg)
 	for_each_set_bit(i, bits, a.count) {
 		u64 b = a.first + i;
 
+		/* the header's rule: present, clean, not busy, not pending (nor handed over or
+		 * set aside by a barrier: the store is about to record it present) */
 		if (!dev->dead && ubits_test(&dev->present, b) && !ubits_test(&dev->dirty, b) &&
-		    !ubits_test(&dev->busy, b)) {
+		    !ubits_test(&dev->busy, b) && !ubits_test(&dev->pending, b) &&
+		    !ubits_test(&dev->bar_pending, b) && !ubits_test(&dev->lost, b)) {
 			ubits_set(&dev->busy, b, b + 1);
 			n++;
 		} else {

@@ -59,6 +59,13 @@ beforeAll(async () => {
     $W expect /dev/uloop$H 65536 100 40 8 >/dev/null && echo "hydrate: blocks written meanwhile kept"
     range_is_src /dev/uloop$H 0 10 && range_is_src /dev/uloop$H 20 80 && range_is_src /dev/uloop$H 140 116 && echo "hydrate: the rest is the source"
     echo "qh: $($CTL query $H)"
+    # a flush epoch over the kernel's snapshot, which holds blocks 10..19 written whole and not yet
+    # handed over by a barrier: COMMIT leaves them dirty (the store has not recorded them), so
+    # EVICT leaves them alone and their data stays
+    ask /tmp/fh /tmp/sh.log "^committed" flush > /dev/null
+    ask /tmp/fh /tmp/sh.log "^evicted" evict 10 10 | sed 's/^/pending: /'
+    $W expect /dev/uloop$H 65536 10 10 7 >/dev/null && echo "pending: data kept"
+    echo "qh2: $($CTL query $H)"
     # the control: filling the cache file without CLAIM
     truncate -s 16M /tmp/h2.cache
     H2=$($CTL add /tmp/h2.cache 16777216 65536 wb none)
@@ -155,6 +162,12 @@ describe('uloop.ko mechanism for hydration, budgets, zeroing and real disks', ()
     expect(qh.present).toBe(256);
     expect(qh.claimed).toBe(0);
     expect(run.output).toContain('blind hydration: pending blocks overwritten');
+  });
+  it('never clears or evicts blocks the store has not recorded yet (pending)', () => {
+    // watched fail without: COMMIT cleared them, EVICT took all 10 and the data was punched away
+    expect(run.output).toMatch(/^pending: evicted 0$/m);
+    expect(run.output).toContain('pending: data kept');
+    expect(queryAfter(run.output, 'qh2').pending).toBeGreaterThanOrEqual(10);
   });
   it('reports and clears accessed units', () => {
     expect(run.output).toMatch(/^accessed 3: 0 10 11$/m);

@@ -271,7 +271,8 @@ struct uloop_barrier_bits {
  * EPOCH_BEGIN / EPOCH_COMMIT: the flusher's snapshot of the dirty set and its commit. BEGIN copies
  * the dirty bitmap to dirty_ptr and starts recording writes; COMMIT takes the blocks the flusher
  * wrote back (dirty_ptr), clears the dirty bit of each that no write touched since BEGIN (writes
- * in flight at BEGIN count as touching) and returns the cleared set in place. BEGIN does not sync
+ * in flight at BEGIN count as touching) and that is not pending (written whole while missing, not
+ * yet recorded through a BARRIER), and returns the cleared set in place. BEGIN does not sync
  * the cache file: the daemon syncs it after BEGIN, before COMMIT, so the content it copied of a
  * block COMMIT clears is durable in the cache. A later write to a cleared block sends an INTENT.
  * A BEGIN while an epoch is open ends that one (it can no longer commit). To end an epoch without
