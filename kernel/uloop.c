@@ -554,6 +554,7 @@ struct uloop_upcall {
 	bool listed, sent, answered;
 	bool held;                 /* timed out after the daemon read it: a uloop_hold keeps its blocks busy */
 	struct uloop_cmd *cmd;     /* the request waiting, for its timeout */
+	struct uloop_hold *hold;   /* a re-issued ZERO: no request waits, its answer ends the hold */
 };
 
 /*
@@ -563,8 +564,9 @@ struct uloop_upcall {
  */
 struct uloop_hold {
 	struct list_head node;
-	u64 id, first, end;
+	u64 id, first, end;        /* id 0: re-issued (up) */
 	u32 type, flags;
+	struct uloop_upcall *up;   /* a ZERO re-issued to the next daemon; NULL otherwise */
 };
 
 struct uloop_claim {
@@ -578,8 +580,10 @@ static void uloop_free(struct kref *kref)
 	struct uloop_dev *dev = container_of(kref, struct uloop_dev, kref);
 	struct uloop_hold *h, *n;
 
-	list_for_each_entry_safe(h, n, &dev->holds, node) /* none after REMOVE; an ADD that failed */
+	list_for_each_entry_safe(h, n, &dev->holds, node) { /* none after REMOVE */
+		kfree(h->up);
 		kfree(h);
+	}
 	ubits_destroy(&dev->present);
 	ubits_destroy(&dev->dirty);
 	ubits_destroy(&dev->busy);
@@ -611,13 +615,57 @@ static void uloop_upcall_finish(struct uloop_upcall *up, int error)
 	complete(&up->done);
 }
 
+static void uloop_zero_applied(struct uloop_dev *dev, u64 b, u64 e);
+
 /* Ends a hold: its blocks are free again. dev->lock held; the caller wakes busy_wait. */
 static void uloop_hold_release(struct uloop_dev *dev, struct uloop_hold *h)
 {
 	ubits_clear(&dev->busy, h->first, h->end);
 	dev->busy_seq++;
 	list_del(&h->node);
+	kfree(h->up);
 	kfree(h);
+}
+
+/* The late (or re-issued) answer of a hold: a ZERO that succeeded takes effect; then it ends. */
+static void uloop_hold_answered(struct uloop_dev *dev, struct uloop_hold *h, int error)
+{
+	if (!error && h->type == ULOOP_MSG_ZERO)
+		uloop_zero_applied(dev, h->first, h->end);
+	uloop_hold_release(dev, h);
+	wake_up_all(&dev->busy_wait);
+}
+
+/*
+ * The daemon detached. A MISS or PRESERVE it never answered can no longer run: their holds end.
+ * A ZERO's outcome is unknown (it may have recorded the zeros and punched): it stays held and is
+ * sent again to the next daemon (a ZERO is idempotent), whose answer ends it. dev->lock held.
+ */
+static void uloop_holds_detach(struct uloop_dev *dev)
+{
+	struct uloop_hold *h, *n;
+
+	list_for_each_entry_safe(h, n, &dev->holds, node) {
+		struct uloop_upcall *up;
+
+		if (h->type != ULOOP_MSG_ZERO) {
+			uloop_hold_release(dev, h);
+			continue;
+		}
+		if (h->up) /* already re-issued: it went back to the queue with the others */
+			continue;
+		up = kzalloc(sizeof(*up), GFP_NOIO | __GFP_NOFAIL);
+		init_completion(&up->done);
+		up->msg = (struct uloop_msg){ .type = ULOOP_MSG_ZERO, .flags = h->flags,
+					      .offset = h->first << dev->block_shift,
+					      .length = uloop_block_bytes(dev, h->first, h->end),
+					      .id = ++dev->next_id };
+		up->hold = h;
+		up->listed = true;
+		list_add_tail(&up->node, &dev->queued);
+		h->up = up;
+		h->id = 0;
+	}
 }
 
 /* Every hold ends: the daemon that could still fill is gone (detach, REMOVE). dev->lock held. */
@@ -1296,6 +1344,25 @@ static int uloop_write_zeros(struct uloop_dev *dev, u64 pos, u64 len)
 }
 
 /*
+ * The daemon answered a ZERO of [b, e) with success (on time, late, or re-issued): it recorded
+ * the blocks as zeros and punched them. They are dirty and not present, and no longer pending
+ * (the daemon's record supersedes) nor lost (a CLEAR_ERROR drop would make them clean). An open
+ * epoch sees them rewritten. dev->lock held; the blocks are busy (the caller's).
+ */
+static void uloop_zero_applied(struct uloop_dev *dev, u64 b, u64 e)
+{
+	u64 zero_before = ubits_count_andnot(&dev->dirty, &dev->present, b, e);
+
+	dev->nr_present -= ubits_clear(&dev->present, b, e);
+	dev->nr_dirty += ubits_set(&dev->dirty, b, e);
+	dev->nr_pending -= ubits_clear(&dev->pending, b, e);
+	dev->nr_lost -= ubits_clear(&dev->lost, b, e);
+	dev->nr_zero += (e - b) - zero_before;
+	if (dev->epoch_open)
+		ubits_set(&dev->rewritten, b, e);
+}
+
+/*
  * The whole blocks [b, e) of a DISCARD or WRITE_ZEROES: a ZERO upcall; afterwards the blocks are
  * dirty and not present (and no longer pending: the daemon recorded them as zeros). Blocks that
  * the barrier in flight is handing over wait for it to end, so that the daemon never records a
@@ -1364,14 +1431,8 @@ static int uloop_zero_blocks(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 b
 	err = uloop_ask(dev, cmd, &up, ULOOP_MSG_ZERO, flags, b << dev->block_shift,
 			uloop_block_bytes(dev, b, e), 0);
 	mutex_lock(&dev->lock);
-	if (!err) {
-		u64 zero_before = ubits_count_andnot(&dev->dirty, &dev->present, b, e);
-
-		dev->nr_present -= ubits_clear(&dev->present, b, e);
-		dev->nr_dirty += ubits_set(&dev->dirty, b, e);
-		dev->nr_pending -= ubits_clear(&dev->pending, b, e);
-		dev->nr_zero += (e - b) - zero_before;
-	}
+	if (!err)
+		uloop_zero_applied(dev, b, e);
 	if (!up.held) /* else a uloop_hold keeps them until the late reply */
 		uloop_release_busy(dev, b, e);
 	mutex_unlock(&dev->lock);
@@ -3011,13 +3072,14 @@ static int uloop_reply(struct uloop_dev *dev, const struct uloop_reply *r)
 		if (up->msg.id == r->id) {
 			up->answered = true;
 			uloop_upcall_finish(up, r->error);
+			if (up->hold) /* re-issued: nobody waits for it */
+				uloop_hold_answered(dev, up->hold, r->error);
 			return 0;
 		}
 	}
 	list_for_each_entry(h, &dev->holds, node) {
-		if (h->id == r->id) { /* the late fill is done: the blocks stay missing, now free */
-			uloop_hold_release(dev, h);
-			wake_up_all(&dev->busy_wait);
+		if (r->id && h->id == r->id) { /* the late work is done */
+			uloop_hold_answered(dev, h, r->error);
 			atomic64_inc(&dev->stats.late_replies);
 			return 0;
 		}
@@ -3112,7 +3174,7 @@ static int uloop_ctl_release(struct inode *inode, struct file *file)
 				up->sent = false;
 			list_splice_init(&dev->sent, &dev->queued);
 			uloop_drop_claims(dev);
-			uloop_hold_release_all(dev); /* no late fill can come from it now */
+			uloop_holds_detach(dev); /* no late fill can come from it now */
 		}
 		mutex_unlock(&dev->lock);
 		wake_up_all(&dev->busy_wait);

@@ -8,7 +8,9 @@
 //    EIO, and so do every later write and FLUSH (a second sync would report success over the lost
 //    pages); reads go on; QUERY shows the error; once the disk works again, CLEAR_ERROR drops the
 //    blocks whose data may be gone (they read from the source again), writes and FLUSH work, and
-//    what was flushed before the fault is intact.
+//    what was flushed before the fault is intact;
+//  - more than 256 timed-out misses all keep their blocks until their late answers; a late ZERO
+//    success takes effect, and a ZERO its daemon left unanswered goes to the next daemon.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { prepareVm, runInVm, type VmResult } from '../support/vm.js';
 import { expectCleanKernel, queryAfter, TCG_STARVATION } from './uloop-tools.js';
@@ -102,6 +104,23 @@ beforeAll(async () => {
     echo "many holds: $(grep -c '^answered held [0-9]*: ok$' /tmp/s7.log) late answers accepted, $(grep -c '^answered held [0-9]*: No such' /tmp/s7.log) refused"
     echo "q7: $($CTL query $H)"
     kill $S7; wait $S7 2>/dev/null || true
+    # a ZERO that timed out held: its late success takes effect (the block becomes zero: dirty, not
+    # present); one still unanswered when its daemon goes is sent again to the next daemon
+    cp /tmp/src /tmp/c8
+    Z=$($CTL add /tmp/c8 16777216 65536 wb all --flags zero)
+    mkfifo /tmp/f8
+    $CTL serve $Z /tmp/src /tmp/c8 --hold zero --ctl /tmp/f8 > /tmp/s8.log & S8=$!
+    waitfor attached /tmp/s8.log
+    blkdiscard -o 65536 -l 65536 /dev/uloop$Z 2>/dev/null && echo "late zero: discard succeeded" || echo "late zero: discard EIO"
+    echo answer-held 0 > /tmp/f8; waitfor "answered held" /tmp/s8.log
+    echo "q8: $($CTL query $Z)"
+    blkdiscard -o 131072 -l 65536 /dev/uloop$Z 2>/dev/null || echo "re-issued zero: discard EIO"
+    kill $S8; wait $S8 2>/dev/null || true
+    $CTL serve $Z /tmp/src /tmp/c8 > /tmp/s9.log & S9=$!
+    waitfor "^zero 131072+65536" /tmp/s9.log
+    grep -a "^zero" /tmp/s9.log | sed 's/^/re-issued: /'
+    echo "q9: $($CTL query $Z)"
+    kill $S9; wait $S9 2>/dev/null || true
 
     # ---- the cache file's disk fails writes: the sticky error
     truncate -s 64M /tmp/fs.img
@@ -144,7 +163,7 @@ beforeAll(async () => {
     dd if=/dev/uloop$E of=/tmp/r7 bs=64k skip=16 count=4 iflag=direct status=none && cmp /tmp/w1 /tmp/r7 && echo "sticky: blocks flushed before the fault intact"
     kill -0 $S5 && echo "sticky: daemon alive"
     kill $S5 $S1; wait $S5 $S1 2>/dev/null || true
-    for d in $N $M $K $H $E; do $CTL remove $d; done
+    for d in $N $M $K $H $Z $E; do $CTL remove $d; done
     umount /tmp/cf && dmsetup remove flk && losetup -d $L
     rmmod uloop && echo unloaded
   `, { timeoutMs: 300_000, allowSplats: TCG_STARVATION });
@@ -176,6 +195,17 @@ describe('uloop.ko when the daemon or the cache file fails', () => {
     expect(run.output).toContain('many holds: 300 reads failed, 300 held');
     expect(run.output).toContain('many holds: 300 late answers accepted, 0 refused');
     expect(queryAfter(run.output, 'q7').late_replies).toBe(300);
+  });
+  it('applies a timed-out ZERO answered late, and sends one its daemon left unanswered to the next', () => {
+    // watched fail without: zero=0 present=256 after the late success, and no ZERO re-sent
+    expect(run.output).toContain('late zero: discard EIO');
+    const q8 = queryAfter(run.output, 'q8');
+    expect(q8.zero).toBe(1);
+    expect(q8.present).toBe(255);
+    expect(q8.late_replies).toBe(1);
+    expect(run.output).toContain('re-issued zero: discard EIO');
+    expect(run.output).toMatch(/^re-issued: zero 131072\+65536 discard$/m);
+    expect(queryAfter(run.output, 'q9').zero).toBe(2);
   });
   it('keeps waiting without a timeout (the behaviour the timeout replaces)', () => {
     expect(run.output).toContain('no timeout: still waiting after 8 s');

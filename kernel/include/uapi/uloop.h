@@ -245,7 +245,11 @@ struct uloop_msg {
  * first it refuses and returns the bytes of those it took, or, if it took none, fails with:
  * EINVAL (a partial record, or error not in -4095 .. 0), ENOENT (an id never sent, not
  * outstanding or already answered; logged), ENOTCONN (not attached), ENODEV (device removed).
- * A reply to an upcall that has timed out (io_timeout_s) is accepted and ignored (late_replies).
+ * A reply to an upcall that has timed out (io_timeout_s) is accepted (late_replies): a MISS,
+ * ZERO or PRESERVE the daemon had read keeps its blocks busy until then; a successful late ZERO
+ * takes effect (the blocks become zero), other late answers only free the blocks. A ZERO still
+ * unanswered when the daemon detaches is sent again (new id) to the next daemon, whatever the
+ * reattach timeout: its blocks stay busy until that answer (or REMOVE).
  */
 struct uloop_reply {
 	__u64 id;
