@@ -502,7 +502,8 @@ struct uloop_dev {
 	wait_queue_head_t inflight_wait; /* EVICT waiting for requests on its blocks */
 
 	unsigned long *accessed;    /* ULOOP_F_ACCESSED: one bit per unit, set_bit/fetch_andnot */
-	struct mutex epoch_mutex;   /* EPOCH_BEGIN / COMMIT / RELEASE, one at a time */
+	struct mutex epoch_mutex;   /* EPOCH_BEGIN / COMMIT, one at a time (RELEASE: dev->lock only,
+				     * it sets `done` bits after checking the epoch under it) */
 	struct mutex bar_bits_mutex; /* BARRIER_BITS copying bar_pending out */
 	bool deleting;              /* REMOVE decided: opens fail (under the disk's open_mutex) */
 	bool scanning;              /* the ULOOP_F_PARTSCAN scan is queued or running */
@@ -737,7 +738,8 @@ static int uloop_ask(struct uloop_dev *dev, struct uloop_cmd *cmd, struct uloop_
 	while (!wait_for_completion_timeout(&up->done, HZ)) {
 		mutex_lock(&dev->lock);
 		if (up->listed && !dev->daemon &&
-		    time_after(jiffies, dev->detached_at + reattach_timeout_s * HZ)) {
+		    time_after(jiffies, dev->detached_at +
+			       (unsigned long)min_t(unsigned int, reattach_timeout_s, INT_MAX / HZ) * HZ)) {
 			uloop_upcall_finish(up, -EIO);
 			pr_warn_ratelimited("uloop%d: no daemon for %us, failing a request\n",
 					    dev->index, reattach_timeout_s);
@@ -1444,7 +1446,10 @@ static int uloop_zero_blocks(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 b
 	return err;
 }
 
-/* Part of one block of a DISCARD or WRITE_ZEROES: written with zeros like any write. */
+/*
+ * The part of a DISCARD or WRITE_ZEROES not covering whole blocks (within one block, or straddling
+ * two, e.g. [0.5, 1.5) blocks): written with zeros like any write.
+ */
 static int uloop_zero_part(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 pos, u64 len)
 {
 	int err;
@@ -1862,7 +1867,10 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 		return err;
 	mutex_lock(&conn->lock);
 	if (conn->dev) {
-		err = uloop_refuse(-EISCONN, "ADD refused: this fd is attached to uloop%d already",
+		err = READ_ONCE(conn->dev->dead) ?
+		      uloop_refuse(-ENODEV, "ADD refused: this fd's uloop%d was removed: open a new one",
+				   conn->dev->index) :
+		      uloop_refuse(-EISCONN, "ADD refused: this fd is attached to uloop%d already",
 				   conn->dev->index);
 		goto out_conn;
 	}
@@ -1905,7 +1913,7 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	dev->unit_shift = (a.flags & ULOOP_F_ACCESSED) ? a.unit_shift : 0;
 	dev->nr_blocks = uloop_nr_blocks(a.size, a.block_size);
 	dev->nr_units = DIV_ROUND_UP(dev->nr_blocks, 1ULL << dev->unit_shift);
-	dev->io_timeout = io_timeout_s * HZ;
+	dev->io_timeout = min_t(unsigned int, io_timeout_s, INT_MAX / HZ) * HZ;
 	if (uloop_alloc_state(dev))
 		goto out_free;
 	err = ubits_load(&dev->present, a.present_ptr, GFP_KERNEL);
@@ -2203,7 +2211,10 @@ static int uloop_attach(struct uloop_conn *conn, struct uloop_attach __user *uar
 				    a.version, ULOOP_ABI_VERSION);
 	mutex_lock(&conn->lock);
 	if (conn->dev) {
-		err = uloop_refuse(-EISCONN, "ATTACH refused: this fd is attached to uloop%d already",
+		err = READ_ONCE(conn->dev->dead) ?
+		      uloop_refuse(-ENODEV, "ATTACH refused: this fd's uloop%d was removed: open a new one",
+				   conn->dev->index) :
+		      uloop_refuse(-EISCONN, "ATTACH refused: this fd is attached to uloop%d already",
 				   conn->dev->index);
 		goto out;
 	}
@@ -2399,6 +2410,7 @@ static int uloop_epoch_commit(struct uloop_dev *dev, struct uloop_epoch __user *
 		goto out;
 	}
 	if (dev->error) {
+		uloop_epoch_end(dev); /* else writes keep asking PRESERVEs for it until the next BEGIN */
 		mutex_unlock(&dev->lock);
 		err = uloop_refuse(-EIO, "uloop%d: EPOCH_COMMIT refused: the cache file failed to sync (CLEAR_ERROR)",
 				   dev->index);
@@ -3004,7 +3016,8 @@ static ssize_t uloop_ctl_read(struct file *file, char __user *buf, size_t count,
 		return -ENOTCONN;
 	if (!max)
 		return -EINVAL;
-	msgs = kmalloc_array(max, sizeof(*msgs), GFP_KERNEL);
+	/* the daemon's receive path: reclaim must not wait for this device's writeback */
+	msgs = kmalloc_array(max, sizeof(*msgs), GFP_NOIO);
 	if (!msgs)
 		return -ENOMEM;
 	for (;;) {
@@ -3119,6 +3132,8 @@ static ssize_t uloop_ctl_write(struct file *file, const char __user *buf, size_t
 					   dev->index, r.id, r.error);
 			break;
 		}
+		if (r.error == -ETIMEDOUT) /* that errno means "io_timeout_s passed" here */
+			r.error = -EIO;
 		mutex_lock(&dev->lock);
 		err = dev->dead ? -ENODEV : uloop_reply(dev, &r);
 		mutex_unlock(&dev->lock);

@@ -285,7 +285,7 @@ struct uloop_barrier_bits {
  * they change, until EPOCH_RELEASE or the epoch's end.
  * Refusals: EFAULT, EMSGSIZE (length short), ESTALE (COMMIT: not the open epoch), ECANCELED
  * (COMMIT: a PRESERVE failed in this epoch; nothing is cleared and the epoch ends), EIO (the
- * sticky error is set), ENOMEM.
+ * sticky error is set; COMMIT: nothing is cleared and the epoch ends), ENOMEM.
  */
 struct uloop_epoch {
 	__u64 dirty_ptr;
