@@ -212,7 +212,9 @@ enum uloop_msg_type {
 	 * previous barrier), then synced the cache file. Fetch that set with ULOOP_IOC_BARRIER_BITS(id)
 	 * while the barrier is outstanding, persist the blocks present and dirty, answer; the FLUSH
 	 * completes after that. offset = 0, length = the bitmap length in bytes. On an error answer
-	 * the set goes back to pending for the next FLUSH. */
+	 * the set goes back to pending for the next FLUSH; so it does when the barrier times out, and
+	 * a ZERO of one of its blocks may follow: record a block's messages in the order read (this
+	 * barrier's records before a later ZERO's), or the store keeps a present bit over a hole. */
 	ULOOP_MSG_BARRIER = 3,
 	/* ULOOP_F_PRESERVE: the blocks [offset, offset + length), of epoch `epoch`'s snapshot, are about
 	 * to change: copy their current content aside (it is the epoch's version: the flusher must
