@@ -121,6 +121,8 @@ beforeAll(async () => {
     $CTL serve $Z /tmp/src /tmp/c8 > /tmp/s9.log & S9=$!
     waitfor "^zero 131072+65536" /tmp/s9.log
     grep -a "^zero" /tmp/s9.log | sed 's/^/re-issued: /'
+    # the daemon logs the ZERO before it answers: wait for the answer to take effect
+    i=0; while ! $CTL query $Z | grep -q ' zero=2 ' && [ $i -lt 100 ]; do i=$((i+1)); sleep 0.1; done
     echo "q9: $($CTL query $Z)"
     kill $S9; wait $S9 2>/dev/null || true
 
@@ -189,7 +191,8 @@ describe('uloop.ko when the daemon or the cache file fails', () => {
     const q2 = queryAfter(run.output, 'q2');
     expect(q2.timeouts).toBeGreaterThanOrEqual(2);
     expect(q2.late_replies).toBeGreaterThanOrEqual(1);
-    expect(run.output).toMatch(/timeout: flush EIO after [3-6] s/);
+    // 3 s and the timer's granularity; a guest starved by a loaded host has taken 7 s
+    expect(run.output).toMatch(/timeout: flush EIO after [3-9] s/);
     expect(run.dmesg).toMatch(/uloop1: a request at sector \d+ waited more than 3s for the daemon: EIO/);
   });
   it('keeps every timed-out miss holding its blocks until its late answer, however many', () => {
