@@ -693,7 +693,7 @@ static void uloop_upcall_expire(struct uloop_dev *dev, struct uloop_upcall *up)
 	if (up->sent && (up->msg.type == ULOOP_MSG_MISS || up->msg.type == ULOOP_MSG_PRESERVE ||
 			 up->msg.type == ULOOP_MSG_ZERO)) {
 		/* small, and in process context (the timeout handler): worth not failing */
-		struct uloop_hold *h = kmalloc(sizeof(*h), GFP_NOIO | __GFP_NOFAIL);
+		struct uloop_hold *h = kzalloc(sizeof(*h), GFP_NOIO | __GFP_NOFAIL);
 
 		h->id = up->msg.id;
 		h->type = up->msg.type;
