@@ -49,7 +49,8 @@ beforeAll(async () => {
     truncate -s 16M /tmp/h.cache
     H=$($CTL add /tmp/h.cache 16777216 65536 wb none)
     mkfifo /tmp/fh
-    $CTL serve $H /tmp/src /tmp/h.cache --ctl /tmp/fh --flush-delay-ms 20 > /tmp/sh.log & PIDS="$PIDS $!"
+    cp /tmp/src /tmp/h.back # the flush epoch below writes here, not into the source the others share
+    $CTL serve $H /tmp/src /tmp/h.cache --backing /tmp/h.back --ctl /tmp/fh --flush-delay-ms 20 > /tmp/sh.log & PIDS="$PIDS $!"
     waitfor attached /tmp/sh.log
     $W write /dev/uloop$H 65536 10 10 1 7                      # blocks 10..19 pending in the kernel
     $W write /dev/uloop$H 65536 100 40 2 8 0 20000 & WP=$!     # written while the hydration runs
@@ -164,7 +165,7 @@ describe('uloop.ko mechanism for hydration, budgets, zeroing and real disks', ()
     expect(run.output).toContain('blind hydration: pending blocks overwritten');
   });
   it('never clears or evicts blocks the store has not recorded yet (pending)', () => {
-    // watched fail without: COMMIT cleared them, EVICT took all 10 and the data was punched away
+    // watched fail without: COMMIT cleared them and EVICT took all 10
     expect(run.output).toMatch(/^pending: evicted 0$/m);
     expect(run.output).toContain('pending: data kept');
     expect(queryAfter(run.output, 'qh2').pending).toBeGreaterThanOrEqual(10);
