@@ -121,8 +121,10 @@ beforeAll(async () => {
     $CTL serve $Z /tmp/src /tmp/c8 > /tmp/s9.log & S9=$!
     waitfor "^zero 131072+65536" /tmp/s9.log
     grep -a "^zero" /tmp/s9.log | sed 's/^/re-issued: /'
-    # the daemon logs the ZERO before it answers: wait for the answer to take effect
-    i=0; while ! $CTL query $Z | grep -q ' zero=2 ' && [ $i -lt 100 ]; do i=$((i+1)); sleep 0.1; done
+    # the daemon logs the ZERO before it answers: wait for the answer; then block 2 is a zero block
+    # (this daemon recorded it: its MISS fills zeros); left present, it would read the source
+    i=0; while ! $CTL query $Z | grep -q ' waiting=0 ' && [ $i -lt 100 ]; do i=$((i+1)); sleep 0.1; done
+    dd if=/dev/uloop$Z bs=64k skip=2 count=1 iflag=direct status=none | cmp -s - <(head -c 65536 /dev/zero) && echo "re-issued: block 2 reads zeros"
     echo "q9: $($CTL query $Z)"
     kill $S9; wait $S9 2>/dev/null || true
 
@@ -211,7 +213,9 @@ describe('uloop.ko when the daemon or the cache file fails', () => {
     expect(q8.late_replies).toBe(1);
     expect(run.output).toContain('re-issued zero: discard EIO');
     expect(run.output).toMatch(/^re-issued: zero 131072\+65536 discard$/m);
-    expect(queryAfter(run.output, 'q9').zero).toBe(2);
+    // (not q9.zero: a probe of the device start, 34 read hits seen, may MISS block 1 back in from
+    // this daemon, which does not know it as zero)
+    expect(run.output).toContain('re-issued: block 2 reads zeros');
   });
   it('keeps waiting without a timeout (the behaviour the timeout replaces)', () => {
     expect(run.output).toContain('no timeout: still waiting after 8 s');
