@@ -124,7 +124,8 @@ beforeAll(async () => {
     # the daemon logs the ZERO before it answers: wait for the answer; then block 2 is a zero block
     # (this daemon recorded it: its MISS fills zeros); left present, it would read the source
     i=0; while ! $CTL query $Z | grep -q ' waiting=0 ' && [ $i -lt 100 ]; do i=$((i+1)); sleep 0.1; done
-    dd if=/dev/uloop$Z bs=64k skip=2 count=1 iflag=direct status=none | cmp -s - <(head -c 65536 /dev/zero) && echo "re-issued: block 2 reads zeros"
+    head -c 65536 /dev/zero > /tmp/z64
+    dd if=/dev/uloop$Z bs=64k skip=2 count=1 iflag=direct status=none | cmp -s - /tmp/z64 && echo "re-issued: block 2 reads zeros"
     echo "q9: $($CTL query $Z)"
     kill $S9; wait $S9 2>/dev/null || true
 
