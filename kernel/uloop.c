@@ -72,9 +72,12 @@ MODULE_PARM_DESC(max_part, "partitions per device with a minor of their own (mor
 
 #define ULOOP_MAX_BATCH 64        /* messages per read() */
 #define ULOOP_MAX_CLAIMS 64       /* CLAIMs outstanding per device */
-#define ULOOP_EXPIRED_IDS 256     /* timed-out upcall ids remembered for late replies */
+#define ULOOP_EXPIRED_IDS 256     /* timed-out ids (holding no blocks) remembered for late replies */
 #define ULOOP_MAX_UNIT_BITS (1ULL << 29)  /* accessed bitmap: 64 MiB */
 #define ULOOP_MAX_ZERO_SECTORS (1U << 21) /* 1 GiB per DISCARD / WRITE_ZEROES request */
+#define ULOOP_MAX_RQ_SECTORS 2048  /* max_hw_sectors: 1 MiB per read or write */
+/* blocks one read or write can touch: 1 MiB of 4 KiB blocks, unaligned (a zero_part: 2) */
+#define ULOOP_MAX_RQ_BLOCKS ((ULOOP_MAX_RQ_SECTORS << SECTOR_SHIFT) / 4096 + 1)
 
 static int uloop_major;
 static int part_shift;
@@ -484,12 +487,9 @@ struct uloop_dev {
 	struct list_head queued, sent;
 	wait_queue_head_t msg_wait;
 	u64 next_id;
-	struct uloop_expired {      /* upcalls that timed out after the daemon read them */
-		u64 id;
-		u64 first, end;     /* a MISS's blocks, held busy until its late reply */
-		bool holds;
-	} expired[ULOOP_EXPIRED_IDS];
+	u64 expired[ULOOP_EXPIRED_IDS]; /* ids of timed-out INTENTs and BARRIERs the daemon read */
 	unsigned int expired_next;
+	struct list_head holds;     /* uloop_hold: timed-out upcalls still holding their blocks */
 	bool bar_busy;              /* a FLUSH owns the barrier */
 	wait_queue_head_t bar_wait;
 	struct list_head claims;
@@ -502,7 +502,8 @@ struct uloop_dev {
 	wait_queue_head_t inflight_wait; /* EVICT waiting for requests on its blocks */
 
 	unsigned long *accessed;    /* ULOOP_F_ACCESSED: one bit per unit, set_bit/fetch_andnot */
-	struct mutex epoch_mutex;   /* EPOCH_BEGIN / COMMIT / RELEASE, one at a time */
+	struct mutex epoch_mutex;   /* EPOCH_BEGIN / COMMIT, one at a time (RELEASE: dev->lock only,
+				     * it sets `done` bits after checking the epoch under it) */
 	struct mutex bar_bits_mutex; /* BARRIER_BITS copying bar_pending out */
 	bool deleting;              /* REMOVE decided: opens fail (under the disk's open_mutex) */
 	bool scanning;              /* the ULOOP_F_PARTSCAN scan is queued or running */
@@ -510,7 +511,13 @@ struct uloop_dev {
 
 	struct blk_mq_tag_set tag_set;
 	struct gendisk *disk;
-	struct workqueue_struct *wq;
+	/*
+	 * Two workqueues, both WQ_MEM_RECLAIM (we may be writeback's way out of reclaim): `wq` runs
+	 * only what never waits for the daemon or for other requests (rq_work, done_work), so under
+	 * memory pressure its rescuer always makes progress; `wait_wq` runs what may (a request's
+	 * own work, a FUA's flush, the partition scan), and what those wait for runs on `wq`.
+	 */
+	struct workqueue_struct *wq, *wait_wq;
 	spinlock_t rq_lock;         /* rq_list */
 	struct list_head rq_list;   /* uloop_cmd from queue_rq, not yet taken by rq_work */
 	struct work_struct rq_work; /* drains rq_list; empty once del_gendisk has returned */
@@ -526,7 +533,8 @@ struct uloop_conn {
 struct uloop_cmd {
 	struct list_head queue;    /* on dev->rq_list between queue_rq and rq_work */
 	struct work_struct work;   /* requests that may wait (daemon, busy blocks), FLUSH, zeroing */
-	struct work_struct done_work; /* after the cache-file I/O: filled blocks' state, FUA */
+	struct work_struct done_work; /* after the cache-file I/O: owned blocks' state */
+	struct work_struct fua_work; /* a FUA write's flush, after done_work if any */
 	struct kiocb iocb;
 	struct bio_vec *bvec;
 	atomic_t ref;              /* the submitter and the I/O completion; the last ends it */
@@ -534,6 +542,8 @@ struct uloop_cmd {
 	struct list_head inflight; /* on dev->inflight while on_inflight */
 	u64 first, last;           /* blocks touched, inclusive */
 	bool write, owns_missing, on_inflight, upcalled, timed_out;
+	/* owns_missing: the blocks first + i it took busy, covering them whole while missing */
+	DECLARE_BITMAP(owned, ULOOP_MAX_RQ_BLOCKS);
 	struct uloop_upcall *upcall; /* listed upcall serving this request (dev->lock) */
 };
 
@@ -543,8 +553,21 @@ struct uloop_upcall {
 	struct completion done;
 	int error;
 	bool listed, sent, answered;
-	bool held;                 /* timed out as a MISS the daemon read: its blocks stay busy */
+	bool held;                 /* timed out after the daemon read it: a uloop_hold keeps its blocks busy */
 	struct uloop_cmd *cmd;     /* the request waiting, for its timeout */
+	struct uloop_hold *hold;   /* a re-issued ZERO: no request waits, its answer ends the hold */
+};
+
+/*
+ * A MISS, ZERO or PRESERVE that timed out after the daemon read it: the daemon may still be
+ * filling, punching or copying its blocks, so they stay busy until its late reply, its detach or
+ * REMOVE. One per timed-out upcall, never bounded: letting a hold go early can lose a write.
+ */
+struct uloop_hold {
+	struct list_head node;
+	u64 id, first, end;        /* id 0: re-issued (up) */
+	u32 type, flags;
+	struct uloop_upcall *up;   /* a ZERO re-issued to the next daemon; NULL otherwise */
 };
 
 struct uloop_claim {
@@ -556,7 +579,12 @@ struct uloop_claim {
 static void uloop_free(struct kref *kref)
 {
 	struct uloop_dev *dev = container_of(kref, struct uloop_dev, kref);
+	struct uloop_hold *h, *n;
 
+	list_for_each_entry_safe(h, n, &dev->holds, node) { /* none after REMOVE */
+		kfree(h->up);
+		kfree(h);
+	}
 	ubits_destroy(&dev->present);
 	ubits_destroy(&dev->dirty);
 	ubits_destroy(&dev->busy);
@@ -588,23 +616,66 @@ static void uloop_upcall_finish(struct uloop_upcall *up, int error)
 	complete(&up->done);
 }
 
-/* Ends the hold of a timed-out MISS on its blocks. dev->lock held; the caller wakes busy_wait. */
-static void uloop_expired_release(struct uloop_dev *dev, struct uloop_expired *x)
+static void uloop_zero_applied(struct uloop_dev *dev, u64 b, u64 e);
+
+/* Ends a hold: its blocks are free again. dev->lock held; the caller wakes busy_wait. */
+static void uloop_hold_release(struct uloop_dev *dev, struct uloop_hold *h)
 {
-	if (!x->holds)
-		return;
-	x->holds = false;
-	ubits_clear(&dev->busy, x->first, x->end);
+	ubits_clear(&dev->busy, h->first, h->end);
 	dev->busy_seq++;
+	list_del(&h->node);
+	kfree(h->up);
+	kfree(h);
+}
+
+/* The late (or re-issued) answer of a hold: a ZERO that succeeded takes effect; then it ends. */
+static void uloop_hold_answered(struct uloop_dev *dev, struct uloop_hold *h, int error)
+{
+	if (!error && h->type == ULOOP_MSG_ZERO)
+		uloop_zero_applied(dev, h->first, h->end);
+	uloop_hold_release(dev, h);
+	wake_up_all(&dev->busy_wait);
+}
+
+/*
+ * The daemon detached. A MISS or PRESERVE it never answered can no longer run: their holds end.
+ * A ZERO's outcome is unknown (it may have recorded the zeros and punched): it stays held and is
+ * sent again to the next daemon (a ZERO is idempotent), whose answer ends it. dev->lock held.
+ */
+static void uloop_holds_detach(struct uloop_dev *dev)
+{
+	struct uloop_hold *h, *n;
+
+	list_for_each_entry_safe(h, n, &dev->holds, node) {
+		struct uloop_upcall *up;
+
+		if (h->type != ULOOP_MSG_ZERO) {
+			uloop_hold_release(dev, h);
+			continue;
+		}
+		if (h->up) /* already re-issued: it went back to the queue with the others */
+			continue;
+		up = kzalloc(sizeof(*up), GFP_NOIO | __GFP_NOFAIL);
+		init_completion(&up->done);
+		up->msg = (struct uloop_msg){ .type = ULOOP_MSG_ZERO, .flags = h->flags,
+					      .offset = h->first << dev->block_shift,
+					      .length = uloop_block_bytes(dev, h->first, h->end),
+					      .id = ++dev->next_id };
+		up->hold = h;
+		up->listed = true;
+		list_add_tail(&up->node, &dev->queued);
+		h->up = up;
+		h->id = 0;
+	}
 }
 
 /* Every hold ends: the daemon that could still fill is gone (detach, REMOVE). dev->lock held. */
-static void uloop_expired_release_all(struct uloop_dev *dev)
+static void uloop_hold_release_all(struct uloop_dev *dev)
 {
-	unsigned int i;
+	struct uloop_hold *h, *n;
 
-	for (i = 0; i < ULOOP_EXPIRED_IDS; i++)
-		uloop_expired_release(dev, &dev->expired[i]);
+	list_for_each_entry_safe(h, n, &dev->holds, node)
+		uloop_hold_release(dev, h);
 }
 
 /*
@@ -612,25 +683,27 @@ static void uloop_expired_release_all(struct uloop_dev *dev)
  * daemon touch the blocks' cache content, read by the daemon, may still be running: a MISS
  * filling them, a ZERO punching them, a PRESERVE copying them aside. Their blocks stay busy until
  * the late reply (or the daemon's detach), or a write let in now could be overwritten by the fill
- * with the source's older data, punched away, or copied aside as the epoch's version. dev->lock
- * held.
+ * with the source's older data, punched away, or copied aside as the epoch's version: each gets
+ * a uloop_hold, however many there are (a bound would have to let a running fill's blocks go).
+ * Other ids go to a ring of the last ULOOP_EXPIRED_IDS, only to accept their late replies.
+ * dev->lock held.
  */
 static void uloop_upcall_expire(struct uloop_dev *dev, struct uloop_upcall *up)
 {
-	if (up->sent) {
-		struct uloop_expired *x = &dev->expired[dev->expired_next];
+	if (up->sent && (up->msg.type == ULOOP_MSG_MISS || up->msg.type == ULOOP_MSG_PRESERVE ||
+			 up->msg.type == ULOOP_MSG_ZERO)) {
+		/* small, and in process context (the timeout handler): worth not failing */
+		struct uloop_hold *h = kzalloc(sizeof(*h), GFP_NOIO | __GFP_NOFAIL);
 
-		if (x->holds)
-			pr_warn_ratelimited("uloop%d: %u misses timed out unanswered: letting the oldest one's blocks go\n",
-					    dev->index, ULOOP_EXPIRED_IDS);
-		uloop_expired_release(dev, x);
-		x->id = up->msg.id;
-		if (up->msg.type == ULOOP_MSG_MISS || up->msg.type == ULOOP_MSG_PRESERVE ||
-		    up->msg.type == ULOOP_MSG_ZERO) {
-			x->first = up->msg.offset >> dev->block_shift;
-			x->end = ((up->msg.offset + up->msg.length - 1) >> dev->block_shift) + 1;
-			x->holds = up->held = true;
-		}
+		h->id = up->msg.id;
+		h->type = up->msg.type;
+		h->flags = up->msg.flags;
+		h->first = up->msg.offset >> dev->block_shift;
+		h->end = ((up->msg.offset + up->msg.length - 1) >> dev->block_shift) + 1;
+		list_add_tail(&h->node, &dev->holds);
+		up->held = true;
+	} else if (up->sent) {
+		dev->expired[dev->expired_next] = up->msg.id;
 		dev->expired_next = (dev->expired_next + 1) % ULOOP_EXPIRED_IDS;
 	}
 	uloop_upcall_finish(up, -ETIMEDOUT);
@@ -665,7 +738,8 @@ static int uloop_ask(struct uloop_dev *dev, struct uloop_cmd *cmd, struct uloop_
 	while (!wait_for_completion_timeout(&up->done, HZ)) {
 		mutex_lock(&dev->lock);
 		if (up->listed && !dev->daemon &&
-		    time_after(jiffies, dev->detached_at + reattach_timeout_s * HZ)) {
+		    time_after(jiffies, dev->detached_at +
+			       (unsigned long)min_t(unsigned int, reattach_timeout_s, INT_MAX / HZ) * HZ)) {
 			uloop_upcall_finish(up, -EIO);
 			pr_warn_ratelimited("uloop%d: no daemon for %us, failing a request\n",
 					    dev->index, reattach_timeout_s);
@@ -711,10 +785,40 @@ static void uloop_mark_present(struct uloop_dev *dev, u64 b, u64 e)
 	dev->nr_present += ubits_set(&dev->present, b, e);
 }
 
+/*
+ * A MISS answered: the blocks are present. Those that were zero (dirty, not present) become
+ * pending too: the daemon may answer before it has synced their zeros and recorded them present
+ * (the header allows it), and a write to them needs no INTENT (they are dirty), so only the next
+ * FLUSH's barrier tells the store they are present, after its sync. Without it a partial write
+ * and a FLUSH over such a block reported durable data the store still records as zeros.
+ */
+static void uloop_miss_done(struct uloop_dev *dev, u64 b, u64 e)
+{
+	u64 i;
+
+	for (i = ubits_find(&dev->dirty, b, e, true); i < e; i = ubits_find(&dev->dirty, i + 1, e, true))
+		if (!ubits_test(&dev->present, i))
+			dev->nr_pending += ubits_set(&dev->pending, i, i + 1);
+	uloop_mark_present(dev, b, e);
+}
+
 static void uloop_release_busy(struct uloop_dev *dev, u64 b, u64 e)
 {
 	ubits_clear(&dev->busy, b, e);
 	dev->busy_seq++;
+}
+
+/*
+ * A sync of the cache file failed (a FLUSH's, or CLEAR_ERROR's): the blocks written whole and
+ * not yet handed over (pending) had their pages written back by that sync, or by background
+ * writeback whose error it reported; they may be gone as much as a barrier's own set, and their
+ * pages are clean again, so a later sync succeeds over them. Into `lost`, for CLEAR_ERROR to
+ * drop. dev->lock held; the caller owns `lost` (the error is being set, or CLEAR_ERROR).
+ */
+static void uloop_pending_lost(struct uloop_dev *dev)
+{
+	dev->nr_lost += ubits_merge(&dev->lost, &dev->pending);
+	dev->nr_pending = 0;
 }
 
 static void uloop_set_accessed(struct uloop_dev *dev, u64 first, u64 last)
@@ -794,7 +898,7 @@ static int uloop_ask_blocks(struct uloop_dev *dev, struct uloop_cmd *cmd, u32 ty
 	mutex_lock(&dev->lock);
 	if (!err) {
 		if (type == ULOOP_MSG_MISS)
-			uloop_mark_present(dev, b, e);
+			uloop_miss_done(dev, b, e);
 		else if (type == ULOOP_MSG_INTENT)
 			dev->nr_dirty += ubits_set(&dev->dirty, b, e);
 		else if (type == ULOOP_MSG_PRESERVE && dev->epoch_open && dev->epoch == epoch)
@@ -807,7 +911,7 @@ static int uloop_ask_blocks(struct uloop_dev *dev, struct uloop_cmd *cmd, u32 ty
 		}
 		err = 0;
 	}
-	if (!up.held) /* else dev->expired holds them until the late reply */
+	if (!up.held) /* else a uloop_hold keeps them until the late reply */
 		uloop_release_busy(dev, b, e);
 	mutex_unlock(&dev->lock);
 	wake_up_all(&dev->busy_wait);
@@ -934,12 +1038,19 @@ static int uloop_prepare(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 pos, 
 				mutex_unlock(&dev->lock);
 				return -EAGAIN;
 			}
-			/* whatever is still missing is covered whole: ours until the write completes */
+			/* whatever is still missing is covered whole: ours until the write completes,
+			 * recorded in the request (a block's busy bit may change hands meanwhile) */
 			cmd->owns_missing = false;
+			if (WARN_ON_ONCE(last - first >= ULOOP_MAX_RQ_BLOCKS)) {
+				mutex_unlock(&dev->lock);
+				return -EIO;
+			}
+			bitmap_zero(cmd->owned, ULOOP_MAX_RQ_BLOCKS);
 			for (b = ubits_find(&dev->present, first, last + 1, false); b <= last;
 			     b = ubits_find(&dev->present, e, last + 1, false)) {
 				e = ubits_find(&dev->present, b, last + 1, true);
 				ubits_set(&dev->busy, b, e);
+				bitmap_set(cmd->owned, b - first, e - b);
 				cmd->owns_missing = true;
 			}
 			if (dev->epoch_open)
@@ -973,18 +1084,19 @@ static blk_status_t uloop_status(struct uloop_dev *dev, struct request *rq, int 
  */
 static void uloop_owned_done(struct uloop_dev *dev, struct uloop_cmd *cmd, int err)
 {
-	u64 b;
+	unsigned long i;
 
 	mutex_lock(&dev->lock);
-	/* busy blocks of the range are the ones this write owns: no other request's last pass
-	 * can take a block of a range that a write in flight holds dirty or owns */
-	for (b = ubits_find(&dev->busy, cmd->first, cmd->last + 1, true); b <= cmd->last;
-	     b = ubits_find(&dev->busy, b + 1, cmd->last + 1, true)) {
-		if (ubits_test(&dev->present, b))
-			continue;
+	/* exactly the blocks its last pass took: a busy, missing block of the range may belong to
+	 * another request (a MISS after CLEAR_ERROR or a ZERO cleared its present bit) */
+	for_each_set_bit(i, cmd->owned, ULOOP_MAX_RQ_BLOCKS) {
+		u64 b = cmd->first + i;
+
 		if (!err) {
 			uloop_mark_present(dev, b, b + 1);
 			dev->nr_dirty += ubits_set(&dev->dirty, b, b + 1);
+			/* also with the sticky error set: a failed sync (CLEAR_ERROR's too) moves
+			 * pending to lost, a successful one covers it */
 			dev->nr_pending += ubits_set(&dev->pending, b, b + 1);
 		}
 		ubits_clear(&dev->busy, b, b + 1);
@@ -1014,13 +1126,13 @@ static void uloop_rw_end(struct uloop_dev *dev, struct uloop_cmd *cmd, int err)
 		}
 	}
 	if (!err && cmd->write && (rq->cmd_flags & REQ_FUA)) {
-		queue_work(dev->wq, &cmd->done_work);
+		queue_work(dev->wait_wq, &cmd->fua_work);
 		return;
 	}
 	blk_mq_end_request(rq, uloop_status(dev, rq, err));
 }
 
-/* After the cache-file I/O, in process context: the owned blocks' state, or a FUA's flush. */
+/* After the cache-file I/O, in process context: the owned blocks' state. Never waits. */
 static void uloop_done_work(struct work_struct *work)
 {
 	struct uloop_cmd *cmd = container_of(work, struct uloop_cmd, done_work);
@@ -1028,12 +1140,20 @@ static void uloop_done_work(struct work_struct *work)
 	struct uloop_dev *dev = rq->q->queuedata;
 	unsigned int noio = memalloc_noio_save();
 
-	if (cmd->owns_missing) {
-		uloop_owned_done(dev, cmd, cmd->ret);
-		uloop_rw_end(dev, cmd, cmd->ret); /* may queue this work again, for the FUA */
-	} else {
-		blk_mq_end_request(rq, uloop_status(dev, rq, uloop_flush(dev, cmd)));
-	}
+	uloop_owned_done(dev, cmd, cmd->ret);
+	uloop_rw_end(dev, cmd, cmd->ret); /* may queue fua_work */
+	memalloc_noio_restore(noio);
+}
+
+/* A FUA write's flush, on wait_wq: it may wait for a barrier and the daemon. */
+static void uloop_fua_work(struct work_struct *work)
+{
+	struct uloop_cmd *cmd = container_of(work, struct uloop_cmd, fua_work);
+	struct request *rq = blk_mq_rq_from_pdu(cmd);
+	struct uloop_dev *dev = rq->q->queuedata;
+	unsigned int noio = memalloc_noio_save();
+
+	blk_mq_end_request(rq, uloop_status(dev, rq, uloop_flush(dev, cmd)));
 	memalloc_noio_restore(noio);
 }
 
@@ -1142,7 +1262,8 @@ static void uloop_rw(struct uloop_dev *dev, struct uloop_cmd *cmd, struct reques
  * persists it; the FLUSH completes after its answer. The set moves by swapping two preallocated
  * paged bitmaps: nothing is allocated per FLUSH (bar_pending is empty again afterwards).
  * A failed sync sets the sticky error (see CLEAR_ERROR in the uapi header) and keeps the set
- * aside in `lost`; a failed barrier puts the set back for the next FLUSH.
+ * aside in `lost`, with what became pending since the take (its pages were in that sync too);
+ * a failed barrier puts the set back for the next FLUSH.
  */
 static int uloop_flush(struct uloop_dev *dev, struct uloop_cmd *cmd)
 {
@@ -1180,6 +1301,7 @@ static int uloop_flush(struct uloop_dev *dev, struct uloop_cmd *cmd)
 		dev->error = -EIO;
 		swap(dev->lost, dev->bar_pending); /* lost was empty: the error was not set */
 		dev->nr_lost = taken;
+		uloop_pending_lost(dev);
 		err = -EIO;
 		goto out_locked;
 	}
@@ -1221,6 +1343,25 @@ static int uloop_write_zeros(struct uloop_dev *dev, u64 pos, u64 len)
 		len -= n;
 	}
 	return 0;
+}
+
+/*
+ * The daemon answered a ZERO of [b, e) with success (on time, late, or re-issued): it recorded
+ * the blocks as zeros and punched them. They are dirty and not present, and no longer pending
+ * (the daemon's record supersedes) nor lost (a CLEAR_ERROR drop would make them clean). An open
+ * epoch sees them rewritten. dev->lock held; the blocks are busy (the caller's).
+ */
+static void uloop_zero_applied(struct uloop_dev *dev, u64 b, u64 e)
+{
+	u64 zero_before = ubits_count_andnot(&dev->dirty, &dev->present, b, e);
+
+	dev->nr_present -= ubits_clear(&dev->present, b, e);
+	dev->nr_dirty += ubits_set(&dev->dirty, b, e);
+	dev->nr_pending -= ubits_clear(&dev->pending, b, e);
+	dev->nr_lost -= ubits_clear(&dev->lost, b, e);
+	dev->nr_zero += (e - b) - zero_before;
+	if (dev->epoch_open)
+		ubits_set(&dev->rewritten, b, e);
 }
 
 /*
@@ -1292,15 +1433,9 @@ static int uloop_zero_blocks(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 b
 	err = uloop_ask(dev, cmd, &up, ULOOP_MSG_ZERO, flags, b << dev->block_shift,
 			uloop_block_bytes(dev, b, e), 0);
 	mutex_lock(&dev->lock);
-	if (!err) {
-		u64 zero_before = ubits_count_andnot(&dev->dirty, &dev->present, b, e);
-
-		dev->nr_present -= ubits_clear(&dev->present, b, e);
-		dev->nr_dirty += ubits_set(&dev->dirty, b, e);
-		dev->nr_pending -= ubits_clear(&dev->pending, b, e);
-		dev->nr_zero += (e - b) - zero_before;
-	}
-	if (!up.held) /* else dev->expired holds them until the late reply */
+	if (!err)
+		uloop_zero_applied(dev, b, e);
+	if (!up.held) /* else a uloop_hold keeps them until the late reply */
 		uloop_release_busy(dev, b, e);
 	mutex_unlock(&dev->lock);
 	uloop_inflight_del(dev, cmd);
@@ -1311,7 +1446,10 @@ static int uloop_zero_blocks(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 b
 	return err;
 }
 
-/* Part of one block of a DISCARD or WRITE_ZEROES: written with zeros like any write. */
+/*
+ * The part of a DISCARD or WRITE_ZEROES not covering whole blocks (within one block, or straddling
+ * two, e.g. [0.5, 1.5) blocks): written with zeros like any write.
+ */
 static int uloop_zero_part(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 pos, u64 len)
 {
 	int err;
@@ -1424,7 +1562,7 @@ static void uloop_dispatch(struct uloop_dev *dev, struct uloop_cmd *cmd)
 			return;
 		}
 	}
-	queue_work(dev->wq, &cmd->work);
+	queue_work(dev->wait_wq, &cmd->work);
 }
 
 /* Drains dev->rq_list (one work item per device, as loop's per-device worker). */
@@ -1463,6 +1601,7 @@ static blk_status_t uloop_queue_rq(struct blk_mq_hw_ctx *hctx, const struct blk_
 	cmd->ret = 0;
 	INIT_WORK(&cmd->work, uloop_work);
 	INIT_WORK(&cmd->done_work, uloop_done_work);
+	INIT_WORK(&cmd->fua_work, uloop_fua_work);
 	blk_mq_start_request(rq);
 	spin_lock_irqsave(&dev->rq_lock, flags);
 	list_add_tail(&cmd->queue, &dev->rq_list);
@@ -1600,7 +1739,7 @@ static struct gendisk *uloop_alloc_disk(struct uloop_dev *dev)
 		.logical_block_size = dev->lbs,
 		.physical_block_size = dev->pbs,
 		.io_min = dev->block_size,
-		.max_hw_sectors = 2048,
+		.max_hw_sectors = ULOOP_MAX_RQ_SECTORS,
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
 		/* 6.11: the volatile cache and FUA became queue_limits.features */
 		.features = BLK_FEAT_WRITE_CACHE | BLK_FEAT_FUA,
@@ -1622,7 +1761,7 @@ static struct gendisk *uloop_alloc_disk(struct uloop_dev *dev)
 	blk_queue_logical_block_size(disk->queue, dev->lbs);
 	blk_queue_physical_block_size(disk->queue, dev->pbs);
 	blk_queue_io_min(disk->queue, dev->block_size);
-	blk_queue_max_hw_sectors(disk->queue, 2048);
+	blk_queue_max_hw_sectors(disk->queue, ULOOP_MAX_RQ_SECTORS);
 	if (zero) {
 		blk_queue_max_discard_sectors(disk->queue, ULOOP_MAX_ZERO_SECTORS);
 		blk_queue_max_write_zeroes_sectors(disk->queue, ULOOP_MAX_ZERO_SECTORS);
@@ -1728,7 +1867,10 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 		return err;
 	mutex_lock(&conn->lock);
 	if (conn->dev) {
-		err = uloop_refuse(-EISCONN, "ADD refused: this fd is attached to uloop%d already",
+		err = READ_ONCE(conn->dev->dead) ?
+		      uloop_refuse(-ENODEV, "ADD refused: this fd's uloop%d was removed: open a new one",
+				   conn->dev->index) :
+		      uloop_refuse(-EISCONN, "ADD refused: this fd is attached to uloop%d already",
 				   conn->dev->index);
 		goto out_conn;
 	}
@@ -1755,6 +1897,7 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	INIT_LIST_HEAD(&dev->queued);
 	INIT_LIST_HEAD(&dev->sent);
 	INIT_LIST_HEAD(&dev->claims);
+	INIT_LIST_HEAD(&dev->holds);
 	spin_lock_init(&dev->rq_lock);
 	INIT_LIST_HEAD(&dev->rq_list);
 	INIT_WORK(&dev->rq_work, uloop_rq_work);
@@ -1770,7 +1913,7 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	dev->unit_shift = (a.flags & ULOOP_F_ACCESSED) ? a.unit_shift : 0;
 	dev->nr_blocks = uloop_nr_blocks(a.size, a.block_size);
 	dev->nr_units = DIV_ROUND_UP(dev->nr_blocks, 1ULL << dev->unit_shift);
-	dev->io_timeout = io_timeout_s * HZ;
+	dev->io_timeout = min_t(unsigned int, io_timeout_s, INT_MAX / HZ) * HZ;
 	if (uloop_alloc_state(dev))
 		goto out_free;
 	err = ubits_load(&dev->present, a.present_ptr, GFP_KERNEL);
@@ -1816,6 +1959,9 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	dev->wq = alloc_workqueue("uloop%d", WQ_MEM_RECLAIM | WQ_UNBOUND, 0, dev->index);
 	if (!dev->wq)
 		goto out_idr;
+	dev->wait_wq = alloc_workqueue("uloop%d-wait", WQ_MEM_RECLAIM | WQ_UNBOUND, 0, dev->index);
+	if (!dev->wait_wq)
+		goto out_wq;
 
 	dev->tag_set.ops = &uloop_mq_ops;
 	dev->tag_set.nr_hw_queues = 1;
@@ -1871,7 +2017,7 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	mutex_unlock(&conn->lock);
 
 	if (a.flags & ULOOP_F_PARTSCAN)
-		queue_work(dev->wq, &dev->scan_work);
+		queue_work(dev->wait_wq, &dev->scan_work);
 	a.index = dev->index;
 	if (put_user(a.index, &uarg->index))
 		pr_warn("uloop%d: could not return the index to the caller\n", dev->index);
@@ -1883,6 +2029,8 @@ out_disk:
 out_tags:
 	blk_mq_free_tag_set(&dev->tag_set);
 out_wq:
+	if (dev->wait_wq)
+		destroy_workqueue(dev->wait_wq);
 	destroy_workqueue(dev->wq);
 out_idr:
 	mutex_lock(&uloop_ctl_mutex);
@@ -1938,7 +2086,7 @@ static int uloop_remove(u32 index)
 	dev->dead = true;
 	uloop_fail_all(dev);
 	uloop_drop_claims(dev);
-	uloop_expired_release_all(dev);
+	uloop_hold_release_all(dev);
 	mutex_unlock(&dev->lock);
 	wake_up_all(&dev->msg_wait);
 	wake_up_all(&dev->busy_wait);
@@ -1946,6 +2094,7 @@ static int uloop_remove(u32 index)
 	wake_up_all(&dev->inflight_wait);
 
 	del_gendisk(dev->disk);
+	destroy_workqueue(dev->wait_wq); /* del_gendisk ended every request: nothing queues now */
 	destroy_workqueue(dev->wq);
 	WARN_ON_ONCE(!list_empty(&dev->rq_list));
 	blk_mq_free_tag_set(&dev->tag_set);
@@ -2062,7 +2211,10 @@ static int uloop_attach(struct uloop_conn *conn, struct uloop_attach __user *uar
 				    a.version, ULOOP_ABI_VERSION);
 	mutex_lock(&conn->lock);
 	if (conn->dev) {
-		err = uloop_refuse(-EISCONN, "ATTACH refused: this fd is attached to uloop%d already",
+		err = READ_ONCE(conn->dev->dead) ?
+		      uloop_refuse(-ENODEV, "ATTACH refused: this fd's uloop%d was removed: open a new one",
+				   conn->dev->index) :
+		      uloop_refuse(-EISCONN, "ATTACH refused: this fd is attached to uloop%d already",
 				   conn->dev->index);
 		goto out;
 	}
@@ -2258,6 +2410,7 @@ static int uloop_epoch_commit(struct uloop_dev *dev, struct uloop_epoch __user *
 		goto out;
 	}
 	if (dev->error) {
+		uloop_epoch_end(dev); /* else writes keep asking PRESERVEs for it until the next BEGIN */
 		mutex_unlock(&dev->lock);
 		err = uloop_refuse(-EIO, "uloop%d: EPOCH_COMMIT refused: the cache file failed to sync (CLEAR_ERROR)",
 				   dev->index);
@@ -2271,7 +2424,7 @@ static int uloop_epoch_commit(struct uloop_dev *dev, struct uloop_epoch __user *
 		goto out;
 	}
 	for (p = 0; p < flushed.nr_pages; p++) {
-		const unsigned long *f = ubits_ro(&flushed, p), *d, *r, *pr;
+		const unsigned long *f = ubits_ro(&flushed, p), *d, *r, *pr, *pe, *bp;
 		unsigned long *dp;
 		bool any = false;
 		size_t w;
@@ -2287,8 +2440,12 @@ static int uloop_epoch_commit(struct uloop_dev *dev, struct uloop_epoch __user *
 		d = ubits_ro(&dev->dirty, p);
 		r = ubits_ro(&dev->rewritten, p);
 		pr = ubits_ro(&dev->present, p);
+		pe = ubits_ro(&dev->pending, p);
+		bp = ubits_ro(&dev->bar_pending, p);
 		for (w = 0; w < UBITS_PAGE_WORDS; w++) {
-			scratch[w] = f[w] & d[w] & ~r[w];
+			/* not pending ones: the store has not recorded them yet, and their barrier
+			 * will record them dirty (the kernel would then call clean what is dirty) */
+			scratch[w] = f[w] & d[w] & ~r[w] & ~pe[w] & ~bp[w];
 			if (scratch[w]) {
 				any = true;
 				cleared += hweight_long(scratch[w]);
@@ -2330,6 +2487,83 @@ out:
 	return err;
 }
 
+/* A request past its last pass touches a block of `lost`. */
+static bool uloop_inflight_on_lost(struct uloop_dev *dev)
+{
+	struct uloop_cmd *cmd;
+	bool on = false;
+
+	spin_lock_irq(&dev->inflight_lock);
+	list_for_each_entry(cmd, &dev->inflight, inflight) {
+		if (ubits_find(&dev->lost, cmd->first, cmd->last + 1, true) <= cmd->last) {
+			on = true;
+			break;
+		}
+	}
+	spin_unlock_irq(&dev->inflight_lock);
+	return on;
+}
+
+/* CLEAR_ERROR gave up: the lost blocks it took busy are free again. dev->lock not held. */
+static void uloop_lost_unbusy(struct uloop_dev *dev)
+{
+	u64 b, e;
+
+	mutex_lock(&dev->lock);
+	for (b = ubits_find(&dev->lost, 0, dev->nr_blocks, true); b < dev->nr_blocks;
+	     b = ubits_find(&dev->lost, e, dev->nr_blocks, true)) {
+		e = ubits_find(&dev->lost, b, dev->nr_blocks, false);
+		ubits_clear(&dev->busy, b, e);
+	}
+	dev->busy_seq++;
+	mutex_unlock(&dev->lock);
+	wake_up_all(&dev->busy_wait);
+}
+
+/*
+ * Before CLEAR_ERROR drops the lost blocks (present and dirty go): takes them busy, once no one
+ * else has them busy, so that no new request reaches them, then waits for the requests already
+ * past their last pass on them. A write still writing a dropped block, or its completion, must
+ * not meet a MISS filling that block from the source. `lost` is stable: the error is set and
+ * bar_bits_mutex held. Returns 0 with dev->lock held, or -EINTR (a fatal signal) with nothing
+ * changed and dev->lock not held. The wait ends when the requests do: those on the daemon time
+ * out (io_timeout_s) if it does not answer them meanwhile.
+ */
+static int uloop_lost_quiesce(struct uloop_dev *dev)
+{
+	u64 b, e, seq;
+	int err;
+
+	for (;;) {
+		mutex_lock(&dev->lock);
+		for (b = ubits_find(&dev->lost, 0, dev->nr_blocks, true); b < dev->nr_blocks;
+		     b = ubits_find(&dev->lost, e, dev->nr_blocks, true)) {
+			e = ubits_find(&dev->lost, b, dev->nr_blocks, false);
+			if (ubits_find(&dev->busy, b, e, true) < e)
+				break;
+		}
+		if (b >= dev->nr_blocks)
+			break;
+		seq = dev->busy_seq;
+		mutex_unlock(&dev->lock);
+		if (wait_event_killable(dev->busy_wait, READ_ONCE(dev->busy_seq) != seq))
+			return -EINTR;
+	}
+	for (b = ubits_find(&dev->lost, 0, dev->nr_blocks, true); b < dev->nr_blocks;
+	     b = ubits_find(&dev->lost, e, dev->nr_blocks, true)) {
+		e = ubits_find(&dev->lost, b, dev->nr_blocks, false);
+		ubits_set(&dev->busy, b, e);
+	}
+	mutex_unlock(&dev->lock);
+	err = wait_event_killable(dev->inflight_wait, !uloop_inflight_on_lost(dev));
+	if (err) {
+		uloop_lost_unbusy(dev);
+		return -EINTR;
+	}
+	mutex_lock(&dev->lock);
+	return 0;
+}
+
 static int uloop_clear_error(struct uloop_dev *dev, struct uloop_clear_error __user *uarg)
 {
 	struct uloop_clear_error a;
@@ -2361,18 +2595,32 @@ static int uloop_clear_error(struct uloop_dev *dev, struct uloop_clear_error __u
 	err = vfs_fsync(cache, 1);
 	fput(cache);
 	if (err) {
+		/* this sync may have lost what was written whole since the FLUSH's failed (and
+		 * reports it once): a retry must not succeed over it */
+		mutex_lock(&dev->lock);
+		uloop_pending_lost(dev);
+		mutex_unlock(&dev->lock);
 		err = uloop_refuse(-EIO, "uloop%d: CLEAR_ERROR refused: the cache file still fails to sync (%d)",
 				   dev->index, err);
 		goto out;
 	}
+	err = uloop_lost_quiesce(dev);
+	if (err) {
+		err = uloop_refuse(err, "uloop%d: CLEAR_ERROR interrupted; nothing dropped", dev->index);
+		goto out;
+	}
+	mutex_unlock(&dev->lock);
 	if (a.dropped_ptr && ubits_store(&dev->lost, a.dropped_ptr)) {
+		uloop_lost_unbusy(dev);
 		err = uloop_refuse(-EFAULT, "CLEAR_ERROR refused: the buffer is not writable");
 		goto out;
 	}
 	mutex_lock(&dev->lock);
+	/* the lost blocks are busy (ours) and no request is on them */
 	for (b = ubits_find(&dev->lost, 0, dev->nr_blocks, true); b < dev->nr_blocks;
 	     b = ubits_find(&dev->lost, e, dev->nr_blocks, true)) {
 		e = ubits_find(&dev->lost, b, dev->nr_blocks, false);
+		ubits_clear(&dev->busy, b, e);
 		dev->nr_zero -= ubits_count_andnot(&dev->dirty, &dev->present, b, e);
 		dev->nr_present -= ubits_clear(&dev->present, b, e);
 		dev->nr_dirty -= ubits_clear(&dev->dirty, b, e);
@@ -2381,7 +2629,9 @@ static int uloop_clear_error(struct uloop_dev *dev, struct uloop_clear_error __u
 	ubits_zero(&dev->lost);
 	dev->nr_lost = 0;
 	dev->error = 0;
+	dev->busy_seq++;
 	mutex_unlock(&dev->lock);
+	wake_up_all(&dev->busy_wait);
 	pr_info("uloop%d: the daemon cleared the sticky error; %llu blocks written whole before the failed sync were dropped\n",
 		dev->index, a.dropped);
 out:
@@ -2574,8 +2824,11 @@ static int uloop_evict(struct uloop_dev *dev, struct uloop_blocks __user *uarg)
 	for_each_set_bit(i, bits, a.count) {
 		u64 b = a.first + i;
 
+		/* the header's rule: present, clean, not busy, not pending (nor handed over or
+		 * set aside by a barrier: the store is about to record it present) */
 		if (!dev->dead && ubits_test(&dev->present, b) && !ubits_test(&dev->dirty, b) &&
-		    !ubits_test(&dev->busy, b)) {
+		    !ubits_test(&dev->busy, b) && !ubits_test(&dev->pending, b) &&
+		    !ubits_test(&dev->bar_pending, b) && !ubits_test(&dev->lost, b)) {
 			ubits_set(&dev->busy, b, b + 1);
 			n++;
 		} else {
@@ -2763,7 +3016,8 @@ static ssize_t uloop_ctl_read(struct file *file, char __user *buf, size_t count,
 		return -ENOTCONN;
 	if (!max)
 		return -EINVAL;
-	msgs = kmalloc_array(max, sizeof(*msgs), GFP_KERNEL);
+	/* the daemon's receive path: reclaim must not wait for this device's writeback */
+	msgs = kmalloc_array(max, sizeof(*msgs), GFP_NOIO);
 	if (!msgs)
 		return -ENOMEM;
 	for (;;) {
@@ -2824,24 +3078,28 @@ out:
 static int uloop_reply(struct uloop_dev *dev, const struct uloop_reply *r)
 {
 	struct uloop_upcall *up;
+	struct uloop_hold *h;
 	unsigned int i;
 
 	list_for_each_entry(up, &dev->sent, node) {
 		if (up->msg.id == r->id) {
 			up->answered = true;
 			uloop_upcall_finish(up, r->error);
+			if (up->hold) /* re-issued: nobody waits for it */
+				uloop_hold_answered(dev, up->hold, r->error);
+			return 0;
+		}
+	}
+	list_for_each_entry(h, &dev->holds, node) {
+		if (r->id && h->id == r->id) { /* the late work is done */
+			uloop_hold_answered(dev, h, r->error);
+			atomic64_inc(&dev->stats.late_replies);
 			return 0;
 		}
 	}
 	for (i = 0; i < ULOOP_EXPIRED_IDS; i++) {
-		struct uloop_expired *x = &dev->expired[i];
-
-		if (r->id && x->id == r->id) {
-			x->id = 0;
-			if (x->holds) { /* the late fill is done: the blocks stay missing, now free */
-				uloop_expired_release(dev, x);
-				wake_up_all(&dev->busy_wait);
-			}
+		if (r->id && dev->expired[i] == r->id) {
+			dev->expired[i] = 0;
 			atomic64_inc(&dev->stats.late_replies);
 			return 0;
 		}
@@ -2874,6 +3132,8 @@ static ssize_t uloop_ctl_write(struct file *file, const char __user *buf, size_t
 					   dev->index, r.id, r.error);
 			break;
 		}
+		if (r.error == -ETIMEDOUT) /* that errno means "io_timeout_s passed" here */
+			r.error = -EIO;
 		mutex_lock(&dev->lock);
 		err = dev->dead ? -ENODEV : uloop_reply(dev, &r);
 		mutex_unlock(&dev->lock);
@@ -2929,7 +3189,7 @@ static int uloop_ctl_release(struct inode *inode, struct file *file)
 				up->sent = false;
 			list_splice_init(&dev->sent, &dev->queued);
 			uloop_drop_claims(dev);
-			uloop_expired_release_all(dev); /* no late fill can come from it now */
+			uloop_holds_detach(dev); /* no late fill can come from it now */
 		}
 		mutex_unlock(&dev->lock);
 		wake_up_all(&dev->busy_wait);

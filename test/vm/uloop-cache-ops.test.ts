@@ -49,7 +49,8 @@ beforeAll(async () => {
     truncate -s 16M /tmp/h.cache
     H=$($CTL add /tmp/h.cache 16777216 65536 wb none)
     mkfifo /tmp/fh
-    $CTL serve $H /tmp/src /tmp/h.cache --ctl /tmp/fh --flush-delay-ms 20 > /tmp/sh.log & PIDS="$PIDS $!"
+    cp /tmp/src /tmp/h.back # the flush epoch below writes here, not into the source the others share
+    $CTL serve $H /tmp/src /tmp/h.cache --backing /tmp/h.back --ctl /tmp/fh --flush-delay-ms 20 > /tmp/sh.log & PIDS="$PIDS $!"
     waitfor attached /tmp/sh.log
     $W write /dev/uloop$H 65536 10 10 1 7                      # blocks 10..19 pending in the kernel
     $W write /dev/uloop$H 65536 100 40 2 8 0 20000 & WP=$!     # written while the hydration runs
@@ -59,6 +60,13 @@ beforeAll(async () => {
     $W expect /dev/uloop$H 65536 100 40 8 >/dev/null && echo "hydrate: blocks written meanwhile kept"
     range_is_src /dev/uloop$H 0 10 && range_is_src /dev/uloop$H 20 80 && range_is_src /dev/uloop$H 140 116 && echo "hydrate: the rest is the source"
     echo "qh: $($CTL query $H)"
+    # a flush epoch over the kernel's snapshot, which holds blocks 10..19 written whole and not yet
+    # handed over by a barrier: COMMIT leaves them dirty (the store has not recorded them), so
+    # EVICT leaves them alone and their data stays
+    ask /tmp/fh /tmp/sh.log "^committed" flush > /dev/null
+    ask /tmp/fh /tmp/sh.log "^evicted" evict 10 10 | sed 's/^/pending: /'
+    $W expect /dev/uloop$H 65536 10 10 7 >/dev/null && echo "pending: data kept"
+    echo "qh2: $($CTL query $H)"
     # the control: filling the cache file without CLAIM
     truncate -s 16M /tmp/h2.cache
     H2=$($CTL add /tmp/h2.cache 16777216 65536 wb none)
@@ -100,6 +108,13 @@ beforeAll(async () => {
     blkdiscard -o 1048576 -l 1048576 /dev/uloop$Z && echo "zero: discard ok"
     dd if=/dev/zero of=/tmp/zexp bs=1M seek=1 count=1 conv=notrunc status=none
     echo "qz1: $($CTL query $Z)"
+    # a partial write to a zero block: its MISS makes the block present, which the store learns only
+    # from the next FLUSH's barrier (the write needs no INTENT: the block is dirty already)
+    head -c 4096 /dev/urandom > /tmp/zw
+    dd if=/tmp/zw of=/dev/uloop$Z bs=4096 seek=256 oflag=direct conv=notrunc status=none
+    dd if=/tmp/zw of=/tmp/zexp bs=4096 seek=256 conv=notrunc status=none
+    echo "qzp: $($CTL query $Z)"
+    sync /dev/uloop$Z && waitfor "^barrier present=" /tmp/sz.log 50 && grep -a "^barrier present=" /tmp/sz.log | tail -1 | sed 's/^/zero miss: /'
     fallocate --punch-hole --offset $((4194304 + 4096)) --length 262144 /dev/uloop$Z && echo "zero: punch hole ok"
     dd if=/dev/zero of=/tmp/zexp bs=4096 seek=1025 count=64 conv=notrunc status=none
     blkdiscard -z -o $((200 * 65536)) -l 262144 /dev/uloop$Z && echo "zero: zeroout ok"
@@ -107,6 +122,9 @@ beforeAll(async () => {
     grep -a "^zero" /tmp/sz.log
     timeout -s KILL 60 cmp /tmp/zexp /dev/uloop$Z && echo "zero: the device reads zeros there and the rest unchanged" || { echo "zero: cmp failed"; stuck; tail -5 /tmp/sz.log; }
     echo "qz2: $($CTL query $Z)"
+    # the reads above MISSed the zero blocks in: pending until a barrier records them, and COMMIT
+    # leaves pending blocks dirty; a FLUSH first
+    sync /dev/uloop$Z
     ask /tmp/fz /tmp/sz.log "^committed" flush
     cmp /tmp/zexp /tmp/zb && echo "zero: a flush wrote the zeros to the backing file"
     echo "qz3: $($CTL query $Z)"
@@ -149,6 +167,12 @@ describe('uloop.ko mechanism for hydration, budgets, zeroing and real disks', ()
     expect(qh.claimed).toBe(0);
     expect(run.output).toContain('blind hydration: pending blocks overwritten');
   });
+  it('never clears or evicts blocks the store has not recorded yet (pending)', () => {
+    // watched fail without: COMMIT cleared them and EVICT took all 10
+    expect(run.output).toMatch(/^pending: evicted 0$/m);
+    expect(run.output).toContain('pending: data kept');
+    expect(queryAfter(run.output, 'qh2').pending).toBeGreaterThanOrEqual(10);
+  });
   it('reports and clears accessed units', () => {
     expect(run.output).toMatch(/^accessed 3: 0 10 11$/m);
     expect(run.output).toMatch(/^again: accessed 0:$/m);
@@ -166,6 +190,10 @@ describe('uloop.ko mechanism for hydration, budgets, zeroing and real disks', ()
     expect(qz1.zero).toBe(16);
     expect(qz1.present).toBe(240);
     expect(run.output).toMatch(/^zero 1048576\+1048576 discard$/m);
+    // a zero block filled by a MISS is pending until a barrier records it present (watched fail
+    // without: pending=0, no barrier, the store kept it as zeros under flushed data)
+    expect(queryAfter(run.output, 'qzp').pending).toBe(1);
+    expect(run.output).toContain('zero miss: barrier present=1 dirty=1');
     expect(run.output).toMatch(/^zero 4259840\+196608$/m); // the whole blocks of the punched range
     expect(run.output).toMatch(/^zero 13107200\+262144 nounmap$/m);
     expect(run.output).toContain('zero: the device reads zeros there and the rest unchanged');

@@ -212,7 +212,9 @@ enum uloop_msg_type {
 	 * previous barrier), then synced the cache file. Fetch that set with ULOOP_IOC_BARRIER_BITS(id)
 	 * while the barrier is outstanding, persist the blocks present and dirty, answer; the FLUSH
 	 * completes after that. offset = 0, length = the bitmap length in bytes. On an error answer
-	 * the set goes back to pending for the next FLUSH. */
+	 * the set goes back to pending for the next FLUSH; so it does when the barrier times out, and
+	 * a ZERO of one of its blocks may follow: record a block's messages in the order read (this
+	 * barrier's records before a later ZERO's), or the store keeps a present bit over a hole. */
 	ULOOP_MSG_BARRIER = 3,
 	/* ULOOP_F_PRESERVE: the blocks [offset, offset + length), of epoch `epoch`'s snapshot, are about
 	 * to change: copy their current content aside (it is the epoch's version: the flusher must
@@ -245,7 +247,11 @@ struct uloop_msg {
  * first it refuses and returns the bytes of those it took, or, if it took none, fails with:
  * EINVAL (a partial record, or error not in -4095 .. 0), ENOENT (an id never sent, not
  * outstanding or already answered; logged), ENOTCONN (not attached), ENODEV (device removed).
- * A reply to an upcall that has timed out (io_timeout_s) is accepted and ignored (late_replies).
+ * A reply to an upcall that has timed out (io_timeout_s) is accepted (late_replies): a MISS,
+ * ZERO or PRESERVE the daemon had read keeps its blocks busy until then; a successful late ZERO
+ * takes effect (the blocks become zero), other late answers only free the blocks. A ZERO still
+ * unanswered when the daemon detaches is sent again (new id) to the next daemon, whatever the
+ * reattach timeout: its blocks stay busy until that answer (or REMOVE).
  */
 struct uloop_reply {
 	__u64 id;
@@ -271,7 +277,8 @@ struct uloop_barrier_bits {
  * EPOCH_BEGIN / EPOCH_COMMIT: the flusher's snapshot of the dirty set and its commit. BEGIN copies
  * the dirty bitmap to dirty_ptr and starts recording writes; COMMIT takes the blocks the flusher
  * wrote back (dirty_ptr), clears the dirty bit of each that no write touched since BEGIN (writes
- * in flight at BEGIN count as touching) and returns the cleared set in place. BEGIN does not sync
+ * in flight at BEGIN count as touching) and that is not pending (written whole while missing, not
+ * yet recorded through a BARRIER), and returns the cleared set in place. BEGIN does not sync
  * the cache file: the daemon syncs it after BEGIN, before COMMIT, so the content it copied of a
  * block COMMIT clears is durable in the cache. A later write to a cleared block sends an INTENT.
  * A BEGIN while an epoch is open ends that one (it can no longer commit). To end an epoch without
@@ -280,7 +287,7 @@ struct uloop_barrier_bits {
  * they change, until EPOCH_RELEASE or the epoch's end.
  * Refusals: EFAULT, EMSGSIZE (length short), ESTALE (COMMIT: not the open epoch), ECANCELED
  * (COMMIT: a PRESERVE failed in this epoch; nothing is cleared and the epoch ends), EIO (the
- * sticky error is set), ENOMEM.
+ * sticky error is set; COMMIT: nothing is cleared and the epoch ends), ENOMEM.
  */
 struct uloop_epoch {
 	__u64 dirty_ptr;
@@ -336,13 +343,18 @@ struct uloop_blocks {
  * may have lost pages written since the previous sync, and a later sync would report success over
  * them (errseq reports an error once). So the device fails every write, DISCARD/WRITE_ZEROES and
  * FLUSH with EIO from then on, QUERY shows the error, and the blocks that FLUSH's barrier would
- * have handed over (pending: written whole while missing; their data may be gone) are set aside.
+ * have handed over, and every other block written whole while missing and not yet handed over
+ * (pending; their data may be gone), are set aside; so are those pending when a sync in
+ * CLEAR_ERROR fails (a retry's sync would succeed over what that one lost).
  * Reads go on. The daemon, having done what it can (its own state synced again, the cause
  * cleared), calls CLEAR_ERROR: the kernel syncs the cache file again (EIO: still failing, nothing
- * changes), drops the set-aside blocks (not present, not dirty: reads go to the source again,
+ * changes), waits until no request is on the set-aside blocks (new ones wait for the drop; one
+ * waiting for the daemon ends with its answer or io_timeout_s; a fatal signal: EINTR, nothing
+ * dropped), drops them (not present, not dirty: reads go to the source again,
  * as for any write lost before a FLUSH) and returns them in dropped_ptr (if non-zero, `length`
  * bytes), clears the error, and serves writes again. Blocks that were dirty before keep their
- * dirty bit and whatever content the cache file now holds. Refusals: EFAULT, EMSGSIZE, EIO.
+ * dirty bit and whatever content the cache file now holds. Refusals: EFAULT, EMSGSIZE, EIO,
+ * EINTR.
  * With no error set it does nothing and returns 0.
  */
 struct uloop_clear_error {
