@@ -8,7 +8,7 @@ import type { Logger } from 'pino';
 import { DeviceBusyError, FuseError, InvalidArgumentError } from '../errors.js';
 import { exists, isMountpoint, mountsByDevice, readTrim, sleep } from '../sys.js';
 import { run, start } from './programs.js';
-import type { Frontend } from './frontend.js';
+import { ANY_LOOP, type Frontend } from './frontend.js';
 
 export interface LoopAttachOptions {
   /** The loop device, /dev/loopN. */
@@ -41,8 +41,9 @@ export async function assertLoopFree(device: string): Promise<string> {
 }
 
 export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> {
-  const { device, logger } = options;
-  const sys = await assertLoopFree(device);
+  const { logger } = options;
+  const anyLoop = options.device === ANY_LOOP;
+  if (!anyLoop) await assertLoopFree(options.device);
 
   const mountDir = join(options.runDir, 'fuse');
   const file = join(mountDir, 'disk');
@@ -57,34 +58,50 @@ export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> 
   void fuse.exited.then((code) => {
     if (!detaching) logger.error({ code, stderr: fuse.stderr() }, `nbdfuse exited unexpectedly; ${device} now fails I/O`);
   });
+  let device = options.device;
   try {
     await waitForReady(pidfile, fuse.exited, fuse.stderr);
     // Direct I/O: the device's own page cache is the only copy in memory, not also the FUSE file's.
-    await run('losetup', ['--direct-io=on', ...(options.readOnly ? ['-r'] : []), device, file]);
+    // /dev/loop: losetup finds a free device and binds it in one step (no race with another
+    // program taking the same one); the backing file's path names this daemon for udev.
+    const flags = ['--direct-io=on', ...(options.readOnly ? ['-r'] : [])];
+    if (anyLoop) device = (await run('losetup', [...flags, '--find', '--show', file])).trim();
+    else await run('losetup', [...flags, device, file]);
   } catch (err) {
     detaching = true;
     await run('fusermount3', ['-u', mountDir]).catch(() => undefined);
     fuse.child.kill();
     throw err;
   }
+  const sys = `/sys/block/loop${loopIndex(device)}`;
   logger.info({ device, file }, 'loop device bound to the FUSE export');
 
   return {
     kind: 'loop',
     device,
-    async detach(): Promise<void> {
-      const dev = await readTrim(join(sys, 'dev'));
-      const mount = dev ? (await mountsByDevice()).get(dev) : undefined;
-      if (mount) throw new DeviceBusyError(`${device} is mounted on ${mount}; unmount it first`);
-      const holders = await fsp.readdir(join(sys, 'holders')).catch(() => []);
-      if (holders.length > 0) throw new DeviceBusyError(`${device} is held by ${holders.join(', ')}`);
+    async detach(detachOptions: { force?: boolean } = {}): Promise<void> {
+      const force = detachOptions.force ?? false;
+      if (!force) {
+        const dev = await readTrim(join(sys, 'dev'));
+        const mount = dev ? (await mountsByDevice()).get(dev) : undefined;
+        if (mount) throw new DeviceBusyError(`${device} is mounted on ${mount}; unmount it first`);
+        const holders = await fsp.readdir(join(sys, 'holders')).catch(() => []);
+        if (holders.length > 0) throw new DeviceBusyError(`${device} is held by ${holders.join(', ')}`);
+      }
       detaching = true;
-      await run('losetup', ['-d', device]);
+      // In use, losetup -d only marks the device to be cleared at its last close (autoclear).
+      await run('losetup', ['-d', device]).catch((err: unknown) => {
+        if (!force) throw err;
+      });
       // The loop driver lets go of the file only when its last opener closes it.
-      const deadline = Date.now() + 10_000;
+      const deadline = Date.now() + (force ? 1000 : 10_000);
       while ((await readTrim(join(sys, 'loop/backing_file'))) && Date.now() < deadline) await sleep(20);
-      await run('fusermount3', ['-u', mountDir]);
-      const killer = setTimeout(() => fuse.child.kill('SIGKILL'), 5000);
+      // Forced: a lazy unmount, and nbdfuse goes; the loop device's file then fails I/O (ENOTCONN).
+      await run('fusermount3', force ? ['-u', '-z', mountDir] : ['-u', mountDir]).catch((err: unknown) => {
+        if (!force) throw err;
+      });
+      if (force) fuse.child.kill('SIGTERM');
+      const killer = setTimeout(() => fuse.child.kill('SIGKILL'), force ? 2000 : 5000);
       await fuse.exited;
       clearTimeout(killer);
       await fsp.rm(pidfile, { force: true });

@@ -19,7 +19,7 @@ import { exitCodeFor } from './exit-codes.js';
 import { openBacking } from '../source/backing.js';
 import { controlRequest } from '../daemon/control.js';
 import type { FlushResult } from '../writeback/flusher.js';
-import { cachePaths, controlSocket, Daemon, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
+import { cachePaths, controlSocket, Daemon, describeFlush, type DetachResult, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
 import { RUN_DIR } from '../paths.js';
 import { formatBytes, parseSize } from '../units.js';
 import { dirtyLimitBytes, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../writeback/policy.js';
@@ -47,6 +47,7 @@ interface AttachFlags {
   flushOnDetach?: boolean;
   tickMs?: string;
   sampleMs?: string;
+  stopTimeout: string;
 }
 
 /**
@@ -55,8 +56,10 @@ interface AttachFlags {
  */
 async function writebackPolicy(backing: string, flags: AttachFlags): Promise<WritebackPolicy> {
   const policy: WritebackPolicy = {};
-  if (flags.flush !== undefined) policy.flushCron = parseCron(flags.flush);
-  const automatic = flags.flush !== undefined || flags.dirtyMax !== undefined || flags.maxDirtyAge !== undefined || flags.onAc !== undefined;
+  // An empty --flush (FLUSH= in the unit's config) means no schedule: manual flushes only.
+  const flush = flags.flush?.trim() ? flags.flush : undefined;
+  if (flush !== undefined) policy.flushCron = parseCron(flush);
+  const automatic = flush !== undefined || flags.dirtyMax !== undefined || flags.maxDirtyAge !== undefined || flags.onAc !== undefined;
   if (automatic && !flags.writeback) throw new InvalidArgumentError('--flush, --dirty-max, --max-dirty-age and --on-ac need --writeback');
   if (flags.dirtyMax !== undefined) {
     const limit = parseDirtyLimit(flags.dirtyMax);
@@ -96,6 +99,7 @@ function blockSizeArg(value: string): number {
 
 async function attach(device: string, backing: string, flags: AttachFlags): Promise<void> {
   const policy = await writebackPolicy(backing, flags);
+  const stopTimeoutMs = parseDuration(flags.stopTimeout, '--stop-timeout');
   if (flags.daemon) return daemonize(device, { name: flags.name, runDir: flags.runDir });
   // Cache, metadata and sockets hold the disk's data: owner only.
   process.umask(0o077);
@@ -131,12 +135,19 @@ async function attach(device: string, backing: string, flags: AttachFlags): Prom
       `cannot mark the daemon as an I/O flusher (${(ioFlusherError as { code?: string }).code ?? ioFlusherError}): ${device} may stall under memory pressure`,
     );
   }
-  const onSignal = (signal: string) => {
-    logger.info({ signal }, 'detaching');
-    daemon.detach().catch((err: unknown) => logger.error(`cannot detach on ${signal}: ${oneLine(err)}; still serving`));
-  };
-  process.on('SIGTERM', () => onSignal('SIGTERM'));
-  process.on('SIGINT', () => onSignal('SIGINT'));
+  // SIGINT (Ctrl-C) detaches as `ulobdev detach` does: refused while the device is mounted.
+  process.on('SIGINT', () => {
+    logger.info({ signal: 'SIGINT' }, 'detaching');
+    daemon.detach().catch((err: unknown) => logger.error(`cannot detach on SIGINT: ${oneLine(err)}; still serving`));
+  });
+  // SIGTERM (systemd's stop, shutdown) stops within --stop-timeout whatever happens (Daemon.stop).
+  process.once('SIGTERM', () => {
+    logger.info({ signal: 'SIGTERM' }, `stopping within ${formatDurationMs(stopTimeoutMs)}`);
+    daemon.stop(stopTimeoutMs).catch((err: unknown) => {
+      logger.error(`cannot stop cleanly: ${oneLine(err)}; exiting, the next start recovers the cache`);
+      process.exit(exitCodeFor(err));
+    });
+  });
   notifyParent(`READY ${device}`);
   if (!hasWaitingParent()) process.stdout.write(`${device}\n`);
   await daemon.done;
@@ -178,6 +189,10 @@ function when(ms: number | null | undefined): string {
   return `${d.toLocaleString('sv-SE')} (${ago})`;
 }
 
+function formatDurationMs(ms: number): string {
+  return formatDuration(Math.round(ms / 1000));
+}
+
 function formatDuration(seconds: number): string {
   if (seconds < 90) return `${seconds} s`;
   if (seconds < 5400) return `${Math.round(seconds / 60)} min`;
@@ -207,8 +222,9 @@ function formatStatus(s: DeviceStatus): string {
 }
 
 async function detach(device: string, flags: { runDir?: string }): Promise<void> {
-  await controlRequest(controlSocket(device, flags.runDir ?? RUN_DIR), { cmd: 'detach' });
-  process.stdout.write(`${device} detached\n`);
+  // Long enough for the flush a detach runs first.
+  const r = (await controlRequest(controlSocket(device, flags.runDir ?? RUN_DIR), { cmd: 'detach' }, 24 * 3600_000)) as { detach?: DetachResult };
+  process.stdout.write(r.detach ? `${r.detach.device} detached: ${describeFlush(r.detach)}\n` : `${device} detached\n`);
 }
 
 async function flush(device: string, flags: { runDir?: string; json?: boolean; wait?: boolean }): Promise<void> {
@@ -287,7 +303,7 @@ export function buildProgram(): Command {
     .option('--daemon', 'return once DEVICE is ready and keep serving in the background')
     .option('--name <NAME>', 'name of the control socket (default: from DEVICE)')
     .option('--log-level <LEVEL>', 'fatal, error, warn, info, debug', 'info')
-    .option('--flush <CRON>', "write dirty blocks back on this cron schedule, e.g. '*/30 * * * *' (5 fields, or 6 with seconds first)")
+    .option('--flush <CRON>', "write dirty blocks back on this cron schedule, e.g. '*/30 * * * *' (5 fields, or 6 with seconds first; '' for none)")
     .option('--dirty-max <SIZE|PCT>', 'flush at once when dirty data exceeds this (512M, 10%)')
     .option('--max-dirty-age <DURATION>', 'flush once the oldest unflushed write is this old (30m, 2h)')
     .option('--spindown', 'put the disk in standby (STANDBY IMMEDIATE) after each flush')
@@ -295,6 +311,7 @@ export function buildProgram(): Command {
     .option('--on-ac <POLICY>', "on mains power: 'flush' as soon as the device is quiet, or keep the 'schedule'")
     .option('--hydrate [RATE]', 'copy the whole disk into the cache in the background, at RATE per second (50M)')
     .option('--no-flush-on-detach', 'do not flush before detach and shutdown (default: flush when a schedule or limit is set)')
+    .option('--stop-timeout <DURATION>', 'on SIGTERM (systemd stop, shutdown): wait for an unmount, flush and exit within this time', '2m')
     .addOption(hidden('--state-dir <DIR>'))
     .addOption(hidden('--run-dir <DIR>'))
     .addOption(hidden('--tick-ms <MS>'))

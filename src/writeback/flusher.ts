@@ -5,7 +5,8 @@
 // snapshot, so a completed flush leaves the disk a point-in-time image (docs/design.md).
 import type { CacheEngine } from '../cache/engine.js';
 import { isWritable } from '../source/source.js';
-import { ReadOnlyError } from '../errors.js';
+import { FlushStoppedError, ReadOnlyError } from '../errors.js';
+import { formatBytes } from '../units.js';
 
 export interface FlushProgress {
   epoch: number;
@@ -20,6 +21,11 @@ export interface FlushOptions {
   onProgress?: (progress: FlushProgress) => void;
   /** Called once the epoch is taken, before anything is written. */
   onStart?: (progress: FlushProgress) => void;
+  /**
+   * Stops the flush before its next piece (the stop deadline): the epoch is aborted, so every
+   * block stays dirty, and flushDirty rejects with FlushStoppedError.
+   */
+  signal?: AbortSignal;
 }
 
 export interface FlushResult {
@@ -57,6 +63,10 @@ export async function flushDirty(engine: CacheEngine, options: FlushOptions = {}
     let next = pieces.length > 0 ? engine.readEpoch(epoch, pieces[0]![0], pieces[0]![1]) : null;
     for (let i = 0; i < pieces.length; i++) {
       const [start] = pieces[i]!;
+      if (options.signal?.aborted) {
+        next?.catch(() => undefined);
+        throw new FlushStoppedError(`flush stopped after ${formatBytes(progress.doneBytes)} of ${formatBytes(totalBytes)}; every block stays dirty for the next flush`);
+      }
       const buf = await next!;
       next = i + 1 < pieces.length ? engine.readEpoch(epoch, pieces[i + 1]![0], pieces[i + 1]![1]) : null;
       // A rejected read-ahead is reported when awaited; keep it from counting as unhandled meanwhile.

@@ -146,13 +146,13 @@ export class FlushScheduler {
    * Flushes now. While a flush runs, one more is queued behind it (its snapshot may predate the
    * caller's writes); every caller waiting meanwhile shares that one.
    */
-  request(reason: FlushReason): Promise<FlushResult> {
-    if (!this.#running) return this.#start(reason);
+  request(reason: FlushReason, options: { signal?: AbortSignal } = {}): Promise<FlushResult> {
+    if (!this.#running) return this.#start(reason, options);
     this.#queued ??= this.#running
       .catch(() => undefined)
       .then(() => {
         this.#queued = null;
-        return this.request(reason);
+        return this.request(reason, options);
       });
     return this.#queued;
   }
@@ -261,8 +261,8 @@ export class FlushScheduler {
     }
   }
 
-  #start(reason: FlushReason): Promise<FlushResult> {
-    const run = this.#flush(reason);
+  #start(reason: FlushReason, options: { signal?: AbortSignal } = {}): Promise<FlushResult> {
+    const run = this.#flush(reason, options.signal);
     this.#running = run;
     const clear = () => {
       if (this.#running === run) this.#running = null;
@@ -271,7 +271,7 @@ export class FlushScheduler {
     return run;
   }
 
-  async #flush(reason: FlushReason): Promise<FlushResult> {
+  async #flush(reason: FlushReason, signal?: AbortSignal): Promise<FlushResult> {
     this.#reason = reason;
     const startedAt = Date.now();
     const history = this.#o.history;
@@ -295,6 +295,7 @@ export class FlushScheduler {
     try {
       const result = await flushDirty(this.#engine, {
         ...this.#o.flushOptions,
+        signal,
         onStart: (p) => (this.#progress = p),
         onProgress: (p) => (this.#progress = p),
       });
