@@ -18,7 +18,9 @@ losetup     util-linux
 nginx       nginx-light
 mksquashfs  squashfs-tools
 httpdirfs   httpdirfs
-fio         fio
+groff       groff-base
+debootstrap debootstrap
+dpkg-repack dpkg-repack
 '
 
 PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
