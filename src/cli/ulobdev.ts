@@ -211,7 +211,7 @@ function formatStatus(s: DeviceStatus): string {
     lines.push(
       `  at risk ${formatBytes(s.bytesAtRisk)}, oldest dirty ${s.oldestDirtyAgeSeconds === null ? '-' : formatDuration(s.oldestDirtyAgeSeconds)}, schedule ${w.schedule ?? 'manual only'}`,
       `  last flush ${when(w.lastFlushAt)}${w.lastFlushBytes !== null ? ` (${formatBytes(w.lastFlushBytes)})` : ''}, next ${w.nextFlushAt === null ? '-' : when(w.nextFlushAt)}`,
-      `  disk ${w.powerState}${w.powerControl ? ` (via ${w.powerControl})` : ''}, spin-ups today ${w.spinUpsToday}`,
+      `  disk ${w.powerState}${w.powerControl ? ` (via ${w.powerControl}${w.powerQueryWakes ? '; not polled: it spins up to answer CHECK POWER MODE' : ''})` : ''}, spin-ups today ${w.spinUpsToday}`,
     );
     if (w.flushing && w.progress) lines.push(`  flushing (${w.reason}): ${formatBytes(w.progress.doneBytes)} of ${formatBytes(w.progress.totalBytes)}`);
     if (w.lastError) lines.push(`  last flush FAILED (${w.failures}x): ${w.lastError}; retry ${when(w.retryAt)}`);
