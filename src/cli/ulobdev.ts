@@ -148,8 +148,9 @@ async function attach(device: string, backing: string, flags: AttachFlags): Prom
       process.exit(exitCodeFor(err));
     });
   });
-  notifyParent(`READY ${device}`);
-  if (!hasWaitingParent()) process.stdout.write(`${device}\n`);
+  // The device it serves (/dev/loop asked for the first free one: say which).
+  notifyParent(`READY ${daemon.device}`);
+  if (!hasWaitingParent()) process.stdout.write(`${daemon.device}\n`);
   await daemon.done;
 }
 
