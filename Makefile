@@ -24,11 +24,11 @@ $(TS_STAMP): $(NODE_MODULES_STAMP) tsconfig.json $(shell find src -name '*.ts')
 	npx tsc -p tsconfig.json
 	@touch $@
 
-MAN_PAGES := build/man/ulobdev.8 build/man/ulohttp.8
+MAN_PAGES := out/man/ulobdev.8 out/man/ulohttp.8
 
 # ulobdev(8) and ulohttp(8) from the commands' own option definitions (src/cli/man-pages.ts).
 $(MAN_PAGES) &: $(TS_STAMP) scripts/man.mjs package.json
-	node scripts/man.mjs build/man
+	node scripts/man.mjs out/man
 
 build: $(NODE_MODULES_STAMP) $(ADDON) $(TS_STAMP) $(MAN_PAGES)
 
@@ -44,7 +44,7 @@ bench: deps build
 	node bench/engine.js
 
 clean:
-	rm -rf build dist
+	rm -rf build dist out
 
 # --- make install / make deb ---------------------------------------------------------------------
 # A self-contained build under $(LIBDIR) (dist, production node_modules, the addon), the commands
@@ -64,7 +64,7 @@ UDEVLIBDIR ?= $(LIBDIR)
 DKMSDIR ?= /usr/src/uloop-$(VERSION)
 # The node the commands run with; better-sqlite3 is built for its ABI.
 NODE ?= $(shell command -v node)
-PROD := build/prod
+PROD := out/prod
 
 # Production node_modules: the dev tree pruned (no download), better-sqlite3 without its sources
 # and intermediate objects.
@@ -90,7 +90,7 @@ install: build $(PROD)/.done
 	for c in ulobdev ulohttp; do \
 	  printf '#!/bin/sh\nexec %s %s/dist/cli/%s.js "$$@"\n' "$(NODE)" "$(LIBDIR)" $$c >$(DESTDIR)$(SBINDIR)/$$c; \
 	  chmod 755 $(DESTDIR)$(SBINDIR)/$$c; \
-	  gzip -9nc build/man/$$c.8 >$(DESTDIR)$(MANDIR)/man8/$$c.8.gz; \
+	  gzip -9nc out/man/$$c.8 >$(DESTDIR)$(MANDIR)/man8/$$c.8.gz; \
 	done
 	sed 's|/usr/sbin/|$(SBINDIR)/|g' contrib/systemd/ulobdev@.service >$(DESTDIR)$(UNITDIR)/ulobdev@.service
 	sed 's|/usr/lib/ulobdev/|$(UDEVLIBDIR)/|g' contrib/udev/60-ulobdev.rules >$(DESTDIR)$(UDEVRULESDIR)/60-ulobdev.rules
@@ -103,10 +103,14 @@ install: build $(PROD)/.done
 # A Debian package (dpkg-deb) of `make install` with PREFIX=/usr. DEB_VERSION for test builds.
 DEB_VERSION ?= $(VERSION)
 DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null)
-DEB := build/ulobdev_$(DEB_VERSION)_$(DEB_ARCH).deb
-deb: build $(PROD)/.done
-	rm -rf build/deb
-	$(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/build/deb PREFIX=/usr NODE=/usr/bin/node
-	bash contrib/debian/control.sh build/deb "$(DEB_VERSION)" "$(DEB_ARCH)" "$(VERSION)"
-	dpkg-deb --root-owner-group -Zxz --build build/deb $(DEB)
+DEB := out/ulobdev_$(DEB_VERSION)_$(DEB_ARCH).deb
+DEB_INPUTS := $(ADDON) $(TS_STAMP) $(MAN_PAGES) $(PROD)/.done Makefile README.md package.json \
+  $(shell find contrib docs kernel -type f 2>/dev/null)
+$(DEB): $(DEB_INPUTS)
+	rm -rf out/deb
+	$(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/out/deb PREFIX=/usr NODE=/usr/bin/node
+	bash contrib/debian/control.sh out/deb "$(DEB_VERSION)" "$(DEB_ARCH)" "$(VERSION)"
+	dpkg-deb --root-owner-group -Zxz --build out/deb $@
+
+deb: build $(DEB)
 	@echo "$(DEB)"

@@ -1,0 +1,130 @@
+#!/bin/sh
+# The guest side of test/vm/systemd-boot.test.ts: run by ulobvm-step.service once per boot of a
+# Debian 13 VM (systemd as PID 1), from the 9p scratch share. Boot 1 installs the .deb and sets the
+# disk up as docs/laptop.md says, step for step, then reboots; boot 2 checks the mount at boot,
+# the flush at shutdown, kill -9 and the restart, switches to no flush at shutdown and powers off;
+# boot 3 (a second qemu run) checks that the data is on flash and flushes it. Each boot writes
+# boot-N.log (KEY value lines the test reads) and ends the boot itself.
+S=/mnt/scratch
+n=$(($(cat "$S/boots" 2>/dev/null || echo 0) + 1))
+echo "$n" >"$S/boots"
+exec >"$S/boot-$n.log" 2>&1
+set -eu
+ended=
+end() {
+  ended=1
+  sync
+  systemctl --no-block "$1"
+  exit 0
+}
+trap 'rc=$?; if [ -z "$ended" ]; then echo "STEP-FAILED boot $n (exit $rc)"; sync; systemctl --no-block poweroff; fi' EXIT
+
+DISK=/dev/disk/by-id/ata-QEMU_HARDDISK_ULOBHDD1
+echo "BOOT $n"
+echo "KERNEL $(uname -r)"
+echo "PID1 $(cat /proc/1/comm)"
+echo "STARTUP $(systemd-analyze | head -1)"
+
+# Status as one line of JSON.
+status() { ulobdev status --json data | tr -d '\n'; echo; }
+# The previous boot's journal of the unit, between markers.
+journal_before() {
+  echo "JOURNAL-BEGIN $1"
+  journalctl -b -1 -u ulobdev@data -o cat --no-pager || true
+  echo "JOURNAL-END $1"
+}
+# Waits until the unit runs again after $1 restarts, and the cached device answers.
+wait_restarted() {
+  i=0
+  while [ "$i" -lt 120 ]; do
+    if [ "$(systemctl show -p NRestarts --value ulobdev@data)" -ge "$1" ] && [ "$(systemctl is-active ulobdev@data)" = active ] &&
+      ulobdev status data >/dev/null 2>&1; then
+      return 0
+    fi
+    i=$((i + 1))
+    sleep 1
+  done
+  return 1
+}
+
+case $n in
+1)
+  # The user's disk already holds a filesystem and files.
+  udevadm wait --timeout=60 "$DISK"
+  mkfs.ext4 -q -L data "$DISK"
+  mkdir -p /mnt/old && mount "$DISK" /mnt/old
+  head -c 1048576 /dev/urandom >/mnt/old/old.bin
+  (cd /mnt/old && sha256sum old.bin) >"$S/old.sha"
+  umount /mnt/old
+
+  # --- docs/laptop.md, 1. Install ---
+  dpkg -i "$S/ulobdev.deb"
+  echo "INSTALLED $(dpkg-query -W -f='${Version}' ulobdev)"
+  # --- docs/laptop.md, 4. As a service ---
+  mkdir -p /etc/ulobdev
+  install -m 600 /usr/share/doc/ulobdev/example.conf /etc/ulobdev/data.conf
+  sed -i -e "s|^BACKEND=.*|BACKEND=$DISK|" -e "s|^CACHE=.*|CACHE=/var/lib/ulobdev/data.cache|" \
+    -e "s|^FLUSH=.*|FLUSH=0 3 * * *|" -e "s|^OPTIONS=.*|OPTIONS=--spindown|" /etc/ulobdev/data.conf
+  mkdir -p /mnt/data
+  echo "/dev/ulobdev/data  /mnt/data  ext4  noatime,nofail,x-systemd.requires=ulobdev@data.service  0  2" >>/etc/fstab
+  systemctl daemon-reload
+  systemctl enable --now ulobdev@data
+  udevadm wait --timeout=60 /dev/ulobdev/data
+  mount /mnt/data
+  # ---
+  (cd /mnt/data && sha256sum -c "$S/old.sha") && echo "OLD-READ ok"
+  head -c 3145728 /dev/urandom >/mnt/data/a.bin
+  (cd /mnt/data && sha256sum a.bin) >"$S/a.sha"
+  sync
+  echo "STATUS1 $(status)"
+  end reboot
+  ;;
+2)
+  systemctl start mnt-data.mount
+  src=$(findmnt -n -o SOURCE /mnt/data)
+  echo "MOUNT-SOURCE $src"
+  echo "STABLE-NAME $(readlink -f /dev/ulobdev/data)"
+  echo "BACKING $(cat "/sys/block/${src#/dev/}/loop/backing_file")"
+  echo "ACTIVE $(systemctl is-active ulobdev@data) $(systemctl is-active mnt-data.mount)"
+  (cd /mnt/data && sha256sum -c "$S/a.sha") && echo "A-READ ok"
+  journal_before 1
+  echo "STATUS2 $(status)"
+
+  # kill -9: systemd restarts the daemon and the device comes back.
+  kill -9 "$(systemctl show -p MainPID --value ulobdev@data)"
+  if wait_restarted 1; then echo "RESTARTED ok"; else echo "RESTARTED no"; fi
+  echo "RESTARTS $(systemctl show -p NRestarts --value ulobdev@data) $(systemctl is-active ulobdev@data)"
+  journalctl -b -u ulobdev@data -o cat --no-pager | tail -20 | sed 's/^/AFTER-KILL /'
+  echo "STATUS-AFTER-KILL $(status || true)"
+  echo "STABLE-NAME-AFTER-KILL $(readlink -f /dev/ulobdev/data)"
+  # The old mount went with the old device; mount the cached device again.
+  umount /mnt/data 2>/dev/null || umount -l /mnt/data 2>/dev/null || true
+  systemctl reset-failed mnt-data.mount 2>/dev/null || true
+  systemctl start mnt-data.mount
+  (cd /mnt/data && sha256sum -c "$S/a.sha") && echo "A-READ-AFTER-KILL ok"
+
+  # No flush at shutdown from now on: what is written stays on flash only.
+  sed -i 's|^OPTIONS=.*|OPTIONS=--spindown --no-flush-on-detach|' /etc/ulobdev/data.conf
+  systemctl restart ulobdev@data
+  systemctl start mnt-data.mount
+  head -c 2097152 /dev/urandom >/mnt/data/b.bin
+  (cd /mnt/data && sha256sum b.bin) >"$S/b.sha"
+  sync
+  echo "STATUS3 $(status)"
+  end poweroff
+  ;;
+3)
+  systemctl start mnt-data.mount
+  echo "MOUNT-SOURCE $(findmnt -n -o SOURCE /mnt/data)"
+  (cd /mnt/data && sha256sum -c "$S/b.sha" && sha256sum -c "$S/a.sha") && echo "B-READ ok"
+  journal_before 2
+  echo "STATUS4 $(status)"
+  ulobdev flush --wait data
+  echo "STATUS5 $(status)"
+  end poweroff
+  ;;
+*)
+  echo "STEP-FAILED unexpected boot $n"
+  end poweroff
+  ;;
+esac

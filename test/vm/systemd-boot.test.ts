@@ -1,0 +1,138 @@
+// A real Debian 13 boot with systemd as PID 1 (its own root disk, Debian's 6.12 kernel and
+// initramfs; test/support/boot-vm.ts), an emulated ATA disk playing the hard disk, and the .deb
+// set up exactly as docs/laptop.md says (test/vm/systemd-boot.step.sh, once per boot). One qemu
+// run: install and set up, reboot, check the mount at boot and the flush at shutdown, kill -9 the
+// daemon and watch systemd bring it back, then no flush at shutdown and a poweroff; a second run:
+// the data is on flash (dirty) and a flush puts it on the disk. The disk image is read on the host
+// at the end (debugfs): it holds every file.
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { bootMachine, makeBootMachine, removeBootMachine, scratchFile, type BootMachine, type BootRun } from '../support/boot-vm.js';
+import { buildDeb } from '../support/deb.js';
+
+let m: BootMachine | undefined;
+let first: BootRun;
+let second: BootRun;
+const boot: string[] = [];
+
+beforeAll(async () => {
+  const deb = buildDeb();
+  m = makeBootMachine({ hardDiskBytes: 256 << 20 });
+  const step = readFileSync(join(import.meta.dirname, 'systemd-boot.step.sh'));
+  first = await bootMachine(m, { timeoutMs: 900_000, files: { 'ulobdev.deb': readFileSync(deb), 'step.sh': step } });
+  boot[1] = scratchFile(m, 'boot-1.log');
+  boot[2] = scratchFile(m, 'boot-2.log');
+  second = await bootMachine(m, { timeoutMs: 600_000 });
+  boot[3] = scratchFile(m, 'boot-3.log');
+  for (const [i, log] of boot.entries()) if (log !== undefined) process.stderr.write(`--- boot ${i} ---\n${log}\n`);
+  process.stderr.write(`qemu runs: ${first.ms} ms and ${second.ms} ms\n`);
+}, 1_800_000);
+
+afterAll(() => removeBootMachine(m));
+
+/** The value after `KEY ` on its own line of boot N's log. */
+function value(n: number, key: string): string {
+  const line = boot[n]!.split('\n').find((l) => l.startsWith(`${key} `));
+  if (line === undefined) throw new Error(`no ${key} line in boot ${n}'s log:\n${boot[n]}\n--- console ---\n${(n < 3 ? first : second)?.console.slice(-4000)}`);
+  return line.slice(key.length + 1);
+}
+
+function status(n: number, key: string): Record<string, any> {
+  return JSON.parse(value(n, key));
+}
+
+/** The unit's journal lines of the boot before boot N (as the step script printed them). */
+function journal(n: number, of: number): string[] {
+  const log = boot[n]!;
+  const from = log.indexOf(`JOURNAL-BEGIN ${of}\n`);
+  const to = log.indexOf(`JOURNAL-END ${of}`);
+  expect(from, `journal of boot ${of} in boot ${n}'s log`).toBeGreaterThanOrEqual(0);
+  return log.slice(from + `JOURNAL-BEGIN ${of}\n`.length, to).split('\n').filter(Boolean);
+}
+
+/** A log line's message (the daemon logs JSON; systemd's own lines are plain). */
+function message(line: string): string {
+  try {
+    return String((JSON.parse(line) as { msg: unknown }).msg);
+  } catch {
+    return line;
+  }
+}
+
+const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+
+describe('Debian 13 under systemd, set up as docs/laptop.md says', () => {
+  it('boots Debian 13 with systemd as PID 1 on its own disk, three times, and every step ran', () => {
+    expect(first.timedOut, first.console.slice(-3000)).toBe(false);
+    expect(second.timedOut, second.console.slice(-3000)).toBe(false);
+    for (const n of [1, 2, 3]) {
+      expect(boot[n], `boot ${n} log`).toMatch(new RegExp(`^BOOT ${n}$`, 'm'));
+      expect(boot[n]).not.toMatch(/STEP-FAILED/);
+      expect(value(n, 'PID1')).toBe('systemd');
+      expect(value(n, 'KERNEL')).toMatch(/^6\.12\./);
+      expect(value(n, 'STARTUP')).toMatch(/^Startup finished in/);
+    }
+    expect(value(1, 'INSTALLED')).toMatch(/^\d+\.\d+\.\d+/);
+    expect(boot[1]).toMatch(/^OLD-READ ok$/m);
+  });
+
+  it('mounts the filesystem through the cache at boot, by its stable name', () => {
+    const src = value(2, 'MOUNT-SOURCE');
+    expect(src).toMatch(/^\/dev\/loop\d+$/);
+    expect(value(2, 'STABLE-NAME')).toBe(src);
+    expect(value(2, 'BACKING')).toBe('/run/ulobdev/data/fuse/disk');
+    expect(value(2, 'ACTIVE')).toBe('active active');
+    expect(boot[2]).toMatch(/^A-READ ok$/m);
+  });
+
+  it('flushed at the reboot (the schedule implies flush at stop): the disk has the data, nothing dirty', () => {
+    const lines = journal(2, 1).map(message);
+    const detached = lines.find((l) => l.startsWith('detached:'));
+    expect(detached).toMatch(/^detached: wrote \d+(\.\d+)? (KiB|MiB) back; nothing stays dirty$/);
+    expect(status(2, 'STATUS2')).toMatchObject({ dirtyBytes: 0, name: 'data' });
+    expect(status(2, 'STATUS2').writeback.lastFlushBytes).toBeGreaterThan(3 << 20);
+  });
+
+  it('the journal carries one readable line per event', () => {
+    const lines = journal(2, 1);
+    // systemd's own lines and the daemon's: one line each, the daemon's with a message.
+    expect(lines.some((l) => /^Started ulobdev@data\.service/.test(l) || /Started .*ulobdev flash cache data/.test(l))).toBe(true);
+    const msgs = lines.map(message);
+    expect(msgs).toContain('attached');
+    expect(msgs.some((m) => m.startsWith('detached: wrote'))).toBe(true);
+    expect(lines.every((l) => !l.includes('\n'))).toBe(true);
+  });
+
+  it('kill -9 of the daemon: systemd restarts it and the device re-attaches under the same name', () => {
+    expect(value(2, 'RESTARTS')).toBe('1 active');
+    expect(boot[2]).toMatch(/^RESTARTED ok$/m);
+    const after = status(2, 'STATUS-AFTER-KILL');
+    expect(after.name).toBe('data');
+    expect(value(2, 'STABLE-NAME-AFTER-KILL')).toBe(after.device);
+    expect(boot[2]).toMatch(/^A-READ-AFTER-KILL ok$/m);
+  });
+
+  it('data written before a poweroff without a flush is on flash after the next boot, and a flush puts it on the disk', () => {
+    expect(value(3, 'MOUNT-SOURCE')).toMatch(/^\/dev\/loop\d+$/);
+    expect(boot[3]).toMatch(/^B-READ ok$/m);
+    const lines = journal(3, 2).map(message);
+    expect(lines.filter((l) => l.startsWith('detached:')).pop()).toMatch(/^detached: no flush; \d+(\.\d+)? (KiB|MiB) stay dirty in the cache for the next flush$/);
+    expect(status(3, 'STATUS4').dirtyBytes).toBeGreaterThanOrEqual(2 << 20);
+    expect(status(3, 'STATUS5').dirtyBytes).toBe(0);
+  });
+
+  it('the disk image holds every file (read on the host, without the cache)', () => {
+    const dump = (name: string) => {
+      const out = join(m!.dir, name);
+      execFileSync('debugfs', ['-R', `dump /${name} ${out}`, m!.hardDisk], { stdio: 'pipe' });
+      return readFileSync(out);
+    };
+    for (const name of ['old.bin', 'a.bin', 'b.bin']) {
+      const want = scratchFile(m!, `${name.split('.')[0]}.sha`).split(' ')[0];
+      expect(sha(dump(name)), name).toBe(want);
+    }
+  });
+});
