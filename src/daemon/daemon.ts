@@ -316,7 +316,8 @@ export class Daemon {
   /** History for `ulobdev report`: flushes, dirty samples and events since `since`. */
   history(since: number): Record<string, unknown> {
     const h = this.engine.store.history;
-    return { since, now: Date.now(), size: this.engine.size, flushes: h.flushes(since), samples: h.dirtySamples(since), events: h.events(since) };
+    const nextFlushAt = this.#scheduler?.status().nextFlushAt ?? null;
+    return { since, now: Date.now(), size: this.engine.size, flushes: h.flushes(since), samples: h.dirtySamples(since), events: h.events(since), nextFlushAt };
   }
 
   /**

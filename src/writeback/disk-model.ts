@@ -7,6 +7,7 @@
 //   checkWakes      CHECK POWER MODE itself spins the disk up (some USB-SATA bridges read the
 //                   drive's state by waking it) and then answers "active"
 //   standbyIgnored  STANDBY IMMEDIATE is accepted and does nothing
+//   slowAnswerMs    every CHECK POWER MODE takes this long (a busy bus or machine), waking nothing
 // It implements PowerControl, so the real FlushScheduler drives it; a Source wrapped with
 // diskModelSource sends every read and write through it. Timers are setTimeout/Date.now, so a
 // fake clock (vitest's, @sinonjs/fake-timers) runs a simulated day in seconds.
@@ -21,7 +22,7 @@ export interface DiskModelOptions {
   idleAfterMs?: number;
   /** How long a spin-up takes; an access or a waking query waits this long. Default 6 s. */
   spinUpMs?: number;
-  quirks?: { checkWakes?: boolean; standbyIgnored?: boolean };
+  quirks?: { checkWakes?: boolean; standbyIgnored?: boolean; slowAnswerMs?: number };
 }
 
 /** Why the disk spun up: a read or write of ours, a CHECK POWER MODE (quirk), or another program. */
@@ -90,6 +91,7 @@ export class DiskModel implements PowerControl {
   /** CHECK POWER MODE. With the checkWakes quirk a disk in standby spins up first and says active. */
   async state(): Promise<PowerState> {
     this.#checks++;
+    if (this.#o.quirks.slowAnswerMs) await new Promise((r) => setTimeout(r, this.#o.quirks.slowAnswerMs));
     if (this.#state === 'standby' && this.#o.quirks.checkWakes) {
       await this.#wake('check');
       this.#enter('active');

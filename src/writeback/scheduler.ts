@@ -114,6 +114,8 @@ export class FlushScheduler {
   #asleep: { ios: number | null } | null = null;
   /** The disk spins up to answer CHECK POWER MODE: it is never asked again. */
   #queryWakes = false;
+  /** Answers that looked like the query woke the disk (#check). */
+  #wokenByQuery = 0;
 
   constructor(engine: CacheEngine, options: SchedulerOptions) {
     this.#engine = engine;
@@ -299,12 +301,20 @@ export class FlushScheduler {
     const awake = state === 'active' || state === 'idle';
     const ios = await this.#ioCount();
     this.#powerState = state;
-    // A spin-up takes seconds, an answer from a spinning disk milliseconds: a slow "awake" was
-    // asleep until asked. Or it was asleep by our account and nobody has accessed it since.
-    const slow = latency >= (this.#o.selfWakeLatencyMs ?? 1500);
-    // (Not right after our own STANDBY: a disk that ignored it is untouched and awake too.)
-    const untouched = !options.readback && asleep !== null && asleep.ios !== null && ios !== null && ios === asleep.ios;
-    if (awake && (slow || untouched)) {
+    // The question woke it when it answers "awake" slowly (a spin-up takes seconds, an answer from
+    // a spinning disk milliseconds) and at once when asked again (a busy machine or disk makes both
+    // slow); or when it was asleep by our account and nobody has accessed it since (not right
+    // after our own STANDBY: a disk that ignored it is untouched and awake too). Two such answers
+    // are proof; one could be chance.
+    const limit = this.#o.selfWakeLatencyMs ?? 1500;
+    let woke = false;
+    if (awake && latency >= limit) {
+      const t1 = Date.now();
+      const again = await power.state().catch(() => 'unknown' as const);
+      woke = (again === 'active' || again === 'idle') && Date.now() - t1 < limit / 3;
+    }
+    if (!options.readback && awake && asleep !== null && asleep.ios !== null && ios !== null && ios === asleep.ios) woke = true;
+    if (woke && ++this.#wokenByQuery >= 2) {
       this.#asleep = null;
       this.#selfWoken(latency);
       return { state, selfWoken: true };
@@ -374,6 +384,9 @@ export class FlushScheduler {
       }
       this.#asleep = null;
     }
+    // The dirty bytes just before the flush: with samples only every minute and after flushes, a
+    // day's chart would never show how much each flush took away.
+    this.#sample();
     let row: number | undefined;
     try {
       row = history?.flushStarted(this.#engine.store.info.flushEpoch + 1, startedAt);

@@ -54,7 +54,7 @@ export function makeBootMachine(options: { rootBytes?: number; hardDiskBytes: nu
   const hardDisk = join(dir, 'hdd.img');
   const scratch = join(dir, 'scratch');
   mkdirSync(scratch);
-  execFileSync('truncate', ['-s', String(options.rootBytes ?? 3 << 30), rootDisk]);
+  execFileSync('truncate', ['-s', String(options.rootBytes ?? 3 * 2 ** 30), rootDisk]);
   execFileSync('mkfs.ext4', ['-q', '-F', '-L', 'root', '-E', 'root_owner=0:0', '-d', img.ROOTFS, rootDisk], { stdio: 'pipe', timeout: 600_000 });
   execFileSync('truncate', ['-s', String(options.hardDiskBytes), hardDisk]);
   return { dir, rootDisk, hardDisk, scratch, image: img };

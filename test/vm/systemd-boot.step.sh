@@ -23,7 +23,8 @@ DISK=/dev/disk/by-id/ata-QEMU_HARDDISK_ULOBHDD1
 echo "BOOT $n"
 echo "KERNEL $(uname -r)"
 echo "PID1 $(cat /proc/1/comm)"
-echo "STARTUP $(systemd-analyze | head -1)"
+# Seconds from the kernel's start to this step (boot is not "finished" while this unit runs).
+echo "UPTIME $(cut -d' ' -f1 /proc/uptime)"
 
 # Status as one line of JSON.
 status() { ulobdev status --json data | tr -d '\n'; echo; }
@@ -69,7 +70,14 @@ case $n in
   echo "/dev/ulobdev/data  /mnt/data  ext4  noatime,nofail,x-systemd.requires=ulobdev@data.service  0  2" >>/etc/fstab
   systemctl daemon-reload
   systemctl enable --now ulobdev@data
-  udevadm wait --timeout=60 /dev/ulobdev/data
+  udevadm wait --timeout=180 /dev/ulobdev/data || {
+    echo "NO-STABLE-NAME"; ls -la /dev/ulobdev /run/ulobdev 2>&1; losetup -a
+    for l in /sys/block/loop*/loop/backing_file; do echo "$l: $(cat "$l")"; done
+    l=$(losetup -j /run/ulobdev/data/fuse/disk | cut -d: -f1)
+    [ -n "$l" ] && udevadm info "$l" && /usr/lib/ulobdev/ulobdev-name "${l#/dev/}"
+    journalctl -b -u ulobdev@data -u systemd-udevd -o cat --no-pager | tail -30
+    exit 1
+  }
   mount /mnt/data
   # ---
   (cd /mnt/data && sha256sum -c "$S/old.sha") && echo "OLD-READ ok"
