@@ -12,6 +12,7 @@ import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument } from 'commander';
 import { CacheStore } from '../cache/store.js';
+import { Metadata } from '../cache/metadata.js';
 import { InvalidArgumentError, NotAttachedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
 import { attachFailed, daemonize, hasWaitingParent, makeLogger, notifyParent, oneLine } from './background.js';
@@ -20,7 +21,7 @@ import { openBacking } from '../source/backing.js';
 import { controlRequest } from '../daemon/control.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { cachePaths, controlSocket, Daemon, describeFlush, type DetachResult, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
-import { RUN_DIR } from '../paths.js';
+import { CONFIG_DIR, RUN_DIR } from '../paths.js';
 import { formatBytes, parseSize } from '../units.js';
 import { dirtyLimitBytes, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../writeback/policy.js';
 import { renderReportSvg, type ReportData } from '../writeback/report.js';
@@ -261,18 +262,59 @@ async function drawProgress(socket: string): Promise<void> {
   process.stderr.write(`\r[${'#'.repeat(full)}${'.'.repeat(width - full)}] ${(frac * 100).toFixed(0)}% ${formatBytes(p.doneBytes)} / ${formatBytes(p.totalBytes)}\x1b[K`);
 }
 
-async function report(device: string, flags: { runDir?: string; svg?: string; hours?: string; json?: boolean }): Promise<void> {
+interface ReportFlags {
+  runDir?: string;
+  svg?: string;
+  hours?: string;
+  json?: boolean;
+  cache?: string;
+}
+
+async function report(device: string, flags: ReportFlags): Promise<void> {
   const hours = flags.hours === undefined ? 24 : Number(flags.hours);
   if (!(hours > 0)) throw new InvalidArgumentError(`--hours must be a positive number, not ${JSON.stringify(flags.hours)}`);
   if (!flags.svg && !flags.json) throw new InvalidArgumentError('report needs --svg FILE or --json');
-  const { report: data } = (await controlRequest(controlSocket(device, flags.runDir ?? RUN_DIR), { cmd: 'report', since: Date.now() - hours * 3600_000 })) as {
-    report: ReportData;
-  };
+  const since = Date.now() - hours * 3600_000;
+  let data: ReportData;
+  try {
+    ({ report: data } = (await controlRequest(controlSocket(device, flags.runDir ?? RUN_DIR), { cmd: 'report', since })) as { report: ReportData });
+  } catch (err) {
+    // Not attached: the history is in the cache's metadata (given, or from /etc/ulobdev/NAME.conf).
+    if (!(err instanceof NotAttachedError)) throw err;
+    const cache = flags.cache ?? (await cacheFromConfig(device));
+    if (!cache) throw new NotAttachedError(`${oneLine(err)}; to read its history from the cache, add --cache CACHE`);
+    data = historyFromCache(cache, since);
+  }
   if (flags.svg) {
     await fsp.writeFile(flags.svg, renderReportSvg(data, { title: `${device}: dirty data, flushes and spin-ups` }));
     process.stdout.write(`${flags.svg}: ${data.samples.length} samples, ${data.flushes.length} flushes, ${data.events.filter((e) => e.kind.startsWith('spinup')).length} spin-ups over ${hours} h\n`);
   }
   if (flags.json) process.stdout.write(JSON.stringify(data) + '\n');
+}
+
+/** CACHE= of /etc/ulobdev/NAME.conf (ulobdev@NAME.service's settings), if there is one. */
+async function cacheFromConfig(name: string): Promise<string | undefined> {
+  if (!/^[A-Za-z0-9._-]+$/.test(name)) return undefined;
+  const text = await fsp.readFile(join(CONFIG_DIR, `${name}.conf`), 'utf8').catch(() => '');
+  return /^CACHE=(.+)$/m.exec(text)?.[1]?.trim() || undefined;
+}
+
+/** The history in a detached cache's metadata (CACHE.meta), read as `report` answers it. */
+function historyFromCache(cache: string, since: number): ReportData {
+  const meta = Metadata.open(`${cache}.meta`);
+  try {
+    return {
+      since,
+      now: Date.now(),
+      size: meta.info.backingSize,
+      flushes: meta.flushes(since),
+      samples: meta.dirtySamples(since),
+      events: meta.events(since),
+      nextFlushAt: null,
+    };
+  } finally {
+    meta.close();
+  }
 }
 
 async function discard(backing: string, flags: { cache?: string; bitmap?: string; metadata?: string; force?: boolean; stateDir?: string }): Promise<void> {
@@ -350,8 +392,9 @@ export function buildProgram(): Command {
     .option('--svg <FILE>', 'write an SVG chart to FILE')
     .option('--hours <N>', 'how far back (default 24)')
     .option('--json', 'print the history as JSON')
+    .option('-c, --cache <PATH>', 'when DEVICE is not attached: read the history from this cache (default: CACHE of /etc/ulobdev/DEVICE.conf)')
     .addOption(hidden('--run-dir <DIR>'))
-    .action((device: string, flags: { runDir?: string; svg?: string; hours?: string; json?: boolean }) => report(device, flags));
+    .action((device: string, flags: ReportFlags) => report(device, flags));
 
   program
     .command('discard')
