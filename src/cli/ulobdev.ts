@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument } from 'commander';
 import { CacheStore } from '../cache/store.js';
 import { Metadata } from '../cache/metadata.js';
-import { InvalidArgumentError, NotAttachedError } from '../errors.js';
+import { InvalidArgumentError, IOFailedError, NotAttachedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
 import { attachFailed, daemonize, hasWaitingParent, makeLogger, notifyParent, oneLine } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
@@ -25,6 +25,8 @@ import { CONFIG_DIR, RUN_DIR } from '../paths.js';
 import { formatBytes, parseSize } from '../units.js';
 import { dirtyLimitBytes, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../writeback/policy.js';
 import { renderReportSvg, type ReportData } from '../writeback/report.js';
+import type { HydrationProgress } from '../writeback/hydrate.js';
+import { progressBar } from './progress.js';
 
 
 interface AttachFlags {
@@ -238,28 +240,47 @@ async function flush(device: string, flags: { runDir?: string; json?: boolean; w
     return;
   }
   // Progress from status polls while the flush runs, on a TTY only.
-  const bar = process.stderr.isTTY && !flags.json ? setInterval(() => void drawProgress(socket), 250) : null;
+  const bar = flags.json
+    ? null
+    : progressBar('flushing', async () => {
+        const p = ((await controlRequest(socket, { cmd: 'status' }, 5000)).status as DeviceStatus).writeback?.progress;
+        return p ? { done: p.doneBytes, total: p.totalBytes } : null;
+      });
   let result: FlushResult;
   try {
     ({ flush: result } = (await controlRequest(socket, { cmd: 'flush', wait: true }, 24 * 3600_000)) as { flush: FlushResult });
   } finally {
-    if (bar) {
-      clearInterval(bar);
-      process.stderr.write('\r\x1b[K');
-    }
+    bar?.stop();
   }
   if (flags.json) process.stdout.write(JSON.stringify(result) + '\n');
   else process.stdout.write(`${device}: wrote ${formatBytes(result.bytes)} back (${result.cleaned} blocks clean, ${result.kept} rewritten meanwhile and still dirty)\n`);
 }
 
-async function drawProgress(socket: string): Promise<void> {
-  const st = (await controlRequest(socket, { cmd: 'status' }, 5000).catch(() => null))?.status as DeviceStatus | undefined;
-  const p = st?.writeback?.progress;
-  if (!p || p.totalBytes === 0) return;
-  const width = 30;
-  const frac = Math.min(1, p.doneBytes / p.totalBytes);
-  const full = Math.round(frac * width);
-  process.stderr.write(`\r[${'#'.repeat(full)}${'.'.repeat(width - full)}] ${(frac * 100).toFixed(0)}% ${formatBytes(p.doneBytes)} / ${formatBytes(p.totalBytes)}\x1b[K`);
+/**
+ * Starts hydration (copying the whole disk into the cache) if it is not running or done; with
+ * --wait, waits until the disk is in the cache, with a progress bar on a terminal.
+ */
+async function hydrate(device: string, flags: { runDir?: string; wait?: boolean; rate?: string; json?: boolean }): Promise<void> {
+  const socket = controlSocket(device, flags.runDir ?? RUN_DIR);
+  const rate = flags.rate === undefined ? 0 : parseRate(flags.rate);
+  let { hydration: h } = (await controlRequest(socket, { cmd: 'hydrate', rate })) as { hydration: HydrationProgress };
+  if (flags.wait && !h.done) {
+    const bar = flags.json ? null : progressBar('hydrating', async () => ({ done: h.presentBytes, total: h.size }), 500);
+    try {
+      while (!h.done) {
+        await new Promise((r) => setTimeout(r, 500));
+        const st = ((await controlRequest(socket, { cmd: 'status' }, 10_000)).status as DeviceStatus).hydration;
+        if (!st) throw new NotAttachedError(`${device} stopped hydrating`);
+        h = st;
+        if (!h.running && !h.done && h.lastError) throw new IOFailedError(`hydration of ${device} stopped: ${h.lastError}`);
+      }
+    } finally {
+      bar?.stop();
+    }
+  }
+  if (flags.json) process.stdout.write(JSON.stringify(h) + '\n');
+  else if (h.done) process.stdout.write(`${device}: the whole disk is in the cache (${formatBytes(h.size)}); reads no longer reach it\n`);
+  else process.stdout.write(`${device}: hydrating, ${h.percent}% cached (${formatBytes(h.presentBytes)} of ${formatBytes(h.size)}); ulobdev hydrate --wait ${device} to wait\n`);
 }
 
 interface ReportFlags {
@@ -384,6 +405,16 @@ export function buildProgram(): Command {
     .option('--json', 'machine-readable output')
     .addOption(hidden('--run-dir <DIR>'))
     .action((device: string, flags: { runDir?: string; json?: boolean; wait?: boolean }) => flush(device, flags));
+
+  program
+    .command('hydrate')
+    .description('copy the whole disk of DEVICE into the cache in the background, so that no read wakes it')
+    .argument('<DEVICE>', 'the device or the --name given at attach')
+    .option('--wait', 'wait until the whole disk is cached (progress bar on a terminal)')
+    .option('--rate <RATE>', 'at most RATE per second, e.g. 50M (default: as fast as user I/O allows)')
+    .option('--json', 'machine-readable output')
+    .addOption(hidden('--run-dir <DIR>'))
+    .action((device: string, flags: { runDir?: string; wait?: boolean; rate?: string; json?: boolean }) => hydrate(device, flags));
 
   program
     .command('report')

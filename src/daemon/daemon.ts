@@ -5,7 +5,7 @@ import { basename, dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths } from '../cache/store.js';
-import { DeviceBusyError, InvalidArgumentError, NotRootError, ReadOnlyError } from '../errors.js';
+import { DeviceBusyError, InvalidArgumentError, NotAttachedError, NotRootError, ReadOnlyError } from '../errors.js';
 import { exists, sleep } from '../sys.js';
 import { formatBytes } from '../units.js';
 import { run } from '../bdev/programs.js';
@@ -100,7 +100,7 @@ export class Daemon {
   readonly #started = Date.now();
   readonly #runDir: string;
   readonly #scheduler: FlushScheduler | null;
-  readonly #hydrator: Hydrator | null;
+  #hydrator: Hydrator | null;
   readonly #power: DiskPower | null;
   readonly #policy: WritebackPolicy;
   #detaching: Promise<DetachResult> | null = null;
@@ -313,6 +313,26 @@ export class Daemon {
     return this.#scheduler.request('manual');
   }
 
+  /**
+   * Starts copying the whole disk into the cache, if it is not running or done already (at `rate`
+   * bytes per second, 0: as fast as user I/O allows); returns the progress. `ulobdev hydrate`.
+   */
+  hydrate(rate = 0): HydrationProgress {
+    if (this.#detaching) throw new NotAttachedError(`${this.device} is being detached`);
+    if (!this.#hydrator) {
+      this.#hydrator = new Hydrator(this.engine, { rate, onError: (err) => this.#logger.warn(`hydration: ${err.message}; retrying`) });
+    }
+    const h = this.#hydrator;
+    if (!h.progress().running && !h.progress().done) {
+      this.#logger.info({ rate }, 'hydrating: copying the whole disk into the cache');
+      void h.start().then(
+        () => h.progress().done && this.#logger.info('hydrated: the whole disk is in the cache; reads no longer reach it'),
+        (err: Error) => this.#logger.error(`hydration stopped: ${err.message}`),
+      );
+    }
+    return h.progress();
+  }
+
   /** History for `ulobdev report`: flushes, dirty samples and events since `since`. */
   history(since: number): Record<string, unknown> {
     const h = this.engine.store.history;
@@ -427,6 +447,8 @@ export class Daemon {
         }
         return { flush: await this.flush() };
       }
+      case 'hydrate':
+        return { hydration: this.hydrate(typeof request.rate === 'number' ? request.rate : 0) };
       case 'report':
         return { report: this.history(typeof request.since === 'number' ? request.since : Date.now() - 86_400_000) };
       default:
