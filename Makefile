@@ -4,7 +4,7 @@ NODE_MODULES_STAMP := node_modules/.package-lock.json
 ADDON := build/Release/ulob_native.node
 TS_STAMP := dist/.built
 
-.PHONY: all deps build man test demo bench clean install deb
+.PHONY: all deps build man test test-kernels demo bench clean install deb
 
 all: build
 
@@ -34,8 +34,16 @@ build: $(NODE_MODULES_STAMP) $(ADDON) $(TS_STAMP) $(MAN_PAGES)
 
 man: $(MAN_PAGES)
 
+# Every test; the VM suite (test/vm) boots Debian 13's 6.12, and test/vm/kernel-smoke.test.ts runs the
+# module's main path on Debian 12's 6.1 and the newest 7.x as well. Kernels are cached under .vm/.
 test: deps build
 	npx vitest run
+
+# The whole VM suite on each kernel in turn: 6.1, 6.12 and the newest 7.x (ULOBVM_KERNEL, see
+# test/support/vm.ts). KERNELS="6.12 newest" picks fewer.
+KERNELS ?= 6.1 6.12 newest
+test-kernels: deps build
+	@set -e; for k in $(KERNELS); do echo "== VM suite on $$k"; ULOBVM_KERNEL=$$k npx vitest run test/vm; done
 
 demo: deps build
 	bash scripts/demo.sh

@@ -1,27 +1,48 @@
 #!/usr/bin/env node
-// Write-back and hydration against dd on the same backing file, in one run.
+// Write-back and hydration against dd on the same files, side by side in one run.
 //
-//   npx tsc -p tsconfig.json && node bench/flush.js [--size 256M] [--dir /var/tmp] [--json bench/results/flush.json]
+//   npx tsc -p tsconfig.json && sudo node bench/flush.js [--size 256M] [--reps 3] [--dir /var/tmp]
+//                                                      [--blocks 4096] [--json bench/results/flush.json]
 //
-// Rows: flushDirty of contiguous dirty data vs `dd bs=4M conv=fdatasync` of the same bytes; 4 KiB
-// dirty blocks at random offsets flushed sorted and coalesced (flushDirty) vs the same blocks
-// written in random order and synced; hydration (Hydrator, no rate limit) vs `dd` sequential read,
-// both after dropping the page cache (needs root; without it the reads come from memory). Goals:
-// ratio >= 0.9 for flush and hydration. Not a test: no assertions.
+// Rows (each side runs --reps times, interleaved ours, ref, ref, ours, ...; best of each; ratio =
+// ours / ref in MB/s):
+//   flush contiguous  flushDirty of the whole device, every block dirty, vs `dd if=CACHE of=DISK
+//                     bs=4M conv=fdatasync,notrunc`: the same bytes from the same cache file to the
+//                     same backing file.
+//   flush random      --blocks dirty 4 KiB blocks at random offsets, flushed sorted (flushDirty) vs
+//                     the same blocks copied from the cache file to the backing file in random
+//                     order (pread + pwrite each) and one fdatasync.
+//   hydrate           Hydrator (no rate limit) on a fresh cache vs `dd if=DISK of=FRESH bs=1M
+//                     conv=fdatasync,notrunc` into a freshly fallocated file of the same size (the
+//                     same copy), and vs `dd if=DISK of=/dev/null bs=1M` (the disk's read speed);
+//                     the page cache is dropped before each (needs root; without it the disk is read
+//                     from memory and the note says so).
+// The backing file is filled with random data first, so no side writes into holes. The load
+// average goes into the JSON: on a shared machine compare ratios from one run, not runs.
+// Not a test: no assertions; it exits non-zero only when the bench itself breaks.
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync, openSync, closeSync, fdatasyncSync, writeSync } from 'node:fs';
+import { mkdtempSync, rmSync, openSync, closeSync, fdatasyncSync, readSync, writeSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { randomBytes } from 'node:crypto';
+import { cpus, loadavg, release, totalmem } from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { printTable, writeJson } from './lib/table.js';
 
 const { values: opts } = parseArgs({
-  options: { size: { type: 'string', default: '256M' }, dir: { type: 'string', default: '/var/tmp' }, json: { type: 'string', default: new URL('./results/flush.json', import.meta.url).pathname } },
+  options: {
+    size: { type: 'string', default: '256M' },
+    reps: { type: 'string', default: '3' },
+    blocks: { type: 'string', default: '4096' },
+    dir: { type: 'string', default: '/var/tmp' },
+    json: { type: 'string', default: new URL('./results/flush.json', import.meta.url).pathname },
+  },
 });
 const MiB = 1 << 20;
 const SIZE = Number(/^(\d+)M$/i.exec(opts.size)?.[1] ?? 256) * MiB;
-const RANDOM_BLOCKS = 4096;
+const REPS = Math.max(1, Number(opts.reps));
+const RANDOM_BLOCKS = Number(opts.blocks);
+const BLOCK = 4096;
 
 const { CacheEngine } = await import('../dist/cache/engine.js');
 const { CacheStore } = await import('../dist/cache/store.js');
@@ -29,13 +50,22 @@ const { openBacking } = await import('../dist/source/backing.js');
 const { flushDirty } = await import('../dist/writeback/flusher.js');
 const { Hydrator } = await import('../dist/writeback/hydrate.js');
 
+const loadAtStart = loadavg().map((x) => +x.toFixed(2));
 const dir = mkdtempSync(join(opts.dir, 'ulob-bench-flush-'));
+const cleanup = () => rmSync(dir, { recursive: true, force: true });
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.on(sig, () => {
+    cleanup();
+    process.exit(130);
+  });
+}
 const disk = join(dir, 'disk.img');
-writeFileSync(disk, Buffer.alloc(0));
-execFileSync('truncate', ['-s', String(SIZE), disk]);
+const log = (msg) => process.stderr.write(`${msg}\n`);
+const dd = (...args) => execFileSync('dd', [...args, 'status=none']);
 
 function dropCaches() {
   try {
+    execFileSync('sync');
     writeFileSync('/proc/sys/vm/drop_caches', '3');
     return true;
   } catch {
@@ -45,83 +75,162 @@ function dropCaches() {
 
 async function open(name) {
   const source = await openBacking(disk, { writable: true });
-  const store = await CacheStore.open({ paths: { cache: join(dir, `${name}.cache`), bitmap: join(dir, `${name}.bitmap`), metadata: join(dir, `${name}.meta`) }, backing: source, mode: 'writeback' });
-  return { engine: new CacheEngine(store, source, { autoCommitMs: 0 }), source };
+  const store = await CacheStore.open({
+    paths: { cache: join(dir, `${name}.cache`), bitmap: join(dir, `${name}.bitmap`), metadata: join(dir, `${name}.meta`) },
+    backing: source,
+    mode: 'writeback',
+  });
+  return { engine: new CacheEngine(store, source, { autoCommitMs: 0 }), source, cache: join(dir, `${name}.cache`) };
 }
 
-const mbs = (bytes, ms) => Math.round(bytes / MiB / (ms / 1000));
+async function close({ engine, source }) {
+  await engine.close();
+  await source.close();
+}
+
+const time = async (fn) => {
+  const t = performance.now();
+  await fn();
+  return performance.now() - t;
+};
+const mbs = (bytes, ms) => +(bytes / 1e6 / (ms / 1000)).toFixed(1);
+
+/** Runs ours and ref interleaved (ours, ref, ref, ours, ...); `prepare` before each, untimed. */
+async function sideBySide(prepare, ours, ref) {
+  const times = { ours: [], ref: [] };
+  for (let i = 0; i < REPS; i++) {
+    for (const side of i % 2 === 0 ? ['ours', 'ref'] : ['ref', 'ours']) {
+      await prepare(side);
+      times[side].push(await time(side === 'ours' ? ours : ref));
+    }
+  }
+  return { ours: Math.min(...times.ours), ref: Math.min(...times.ref), all: times };
+}
+
 const rows = [];
+function row(workload, bytes, t, refName, extra = {}) {
+  const ours = mbs(bytes, t.ours);
+  const ref = mbs(bytes, t.ref);
+  rows.push({ workload, ours, ref, refName, ratio: +(ours / ref).toFixed(2), msOurs: t.all.ours.map(Math.round), msRef: t.all.ref.map(Math.round), ...extra });
+}
 
-// 1. Contiguous flush vs dd.
-{
-  const { engine, source } = await open('seq');
+try {
+  log(`filling ${SIZE / MiB} MiB backing file with random data`);
+  dd('if=/dev/urandom', `of=${disk}`, 'bs=4M', `count=${SIZE / (4 * MiB)}`, 'conv=fdatasync');
   const chunk = randomBytes(4 * MiB);
-  for (let off = 0; off < SIZE; off += chunk.length) await engine.write(off, chunk);
-  await engine.flush();
-  const t = performance.now();
-  const r = await flushDirty(engine);
-  const ours = performance.now() - t;
-  await engine.close();
-  await source.close();
-  const src = join(dir, 'src.bin');
-  execFileSync('dd', [`if=/dev/urandom`, `of=${src}`, 'bs=4M', `count=${SIZE / (4 * MiB)}`, 'status=none']);
-  const t2 = performance.now();
-  execFileSync('dd', [`if=${src}`, `of=${disk}`, 'bs=4M', 'conv=fdatasync,notrunc', 'status=none']);
-  const dd = performance.now() - t2;
-  rmSync(src);
-  rows.push({ workload: `flush ${r.bytes / MiB} MiB contiguous`, ours: mbs(r.bytes, ours), baseline: mbs(SIZE, dd), baselineName: 'dd bs=4M conv=fdatasync', ratio: +(dd / ours).toFixed(2) });
-}
 
-// 2. Random 4 KiB dirty blocks: sorted+coalesced vs unsorted.
-{
-  const { engine, source } = await open('rnd');
-  const blocks = new Set();
-  while (blocks.size < RANDOM_BLOCKS) blocks.add(Math.floor(Math.random() * (SIZE / 4096)));
-  const list = [...blocks];
-  const data = randomBytes(4096);
-  for (const b of list) await engine.write(b * 4096, data);
-  await engine.flush();
-  const t = performance.now();
-  await flushDirty(engine);
-  const ours = performance.now() - t;
-  await engine.close();
-  await source.close();
-  const fd = openSync(disk, 'r+');
-  const t2 = performance.now();
-  for (const b of list) writeSync(fd, data, 0, 4096, b * 4096);
-  fdatasyncSync(fd);
-  const unsorted = performance.now() - t2;
-  closeSync(fd);
-  rows.push({ workload: `flush ${RANDOM_BLOCKS} random 4 KiB blocks`, ours: mbs(RANDOM_BLOCKS * 4096, ours), baseline: mbs(RANDOM_BLOCKS * 4096, unsorted), baselineName: 'same blocks unsorted + fdatasync', ratio: +(unsorted / ours).toFixed(2) });
-}
+  // 1. Contiguous flush vs dd from the same cache file.
+  {
+    log('flush contiguous');
+    const dev = await open('seq');
+    let result;
+    const t = await sideBySide(
+      async () => {
+        // Both sides start alike: every block written in the cache (dirty) and synced there.
+        for (let off = 0; off < SIZE; off += chunk.length) await dev.engine.write(off, chunk);
+        await dev.engine.flush();
+        if (dev.engine.stats().dirtyBlocks === 0) throw new Error('nothing dirty');
+      },
+      async () => (result = await flushDirty(dev.engine)),
+      async () => {
+        dd(`if=${dev.cache}`, `of=${disk}`, 'bs=4M', `count=${SIZE / (4 * MiB)}`, 'conv=fdatasync,notrunc');
+        // The blocks stay dirty in the cache: the next preparation rewrites them anyway.
+      },
+    );
+    if (result.bytes !== SIZE) throw new Error(`flushed ${result.bytes} of ${SIZE} bytes`);
+    row(`flush ${SIZE / MiB} MiB contiguous`, SIZE, t, 'dd bs=4M conv=fdatasync (cache file → disk)');
+    await close(dev);
+  }
 
-// 3. Hydration vs dd read.
-let dropped = false;
-{
-  const { engine, source } = await open('hyd');
-  dropped = dropCaches();
-  const t = performance.now();
-  await new Hydrator(engine, { quietMs: 0 }).start();
-  const ours = performance.now() - t;
-  await engine.close();
-  await source.close();
-  dropCaches();
-  const t2 = performance.now();
-  execFileSync('dd', [`if=${disk}`, 'of=/dev/null', 'bs=1M', 'status=none']);
-  const dd = performance.now() - t2;
-  rows.push({ workload: `hydrate ${SIZE / MiB} MiB`, ours: mbs(SIZE, ours), baseline: mbs(SIZE, dd), baselineName: 'dd bs=1M read', ratio: +(dd / ours).toFixed(2) });
-}
+  // 2. Random 4 KiB dirty blocks: sorted and pipelined vs the same copy unsorted.
+  {
+    log('flush random blocks');
+    const dev = await open('rnd');
+    const picked = new Set();
+    while (picked.size < RANDOM_BLOCKS) picked.add(Math.floor(Math.random() * (SIZE / BLOCK)));
+    const list = [...picked];
+    const data = randomBytes(BLOCK);
+    const t = await sideBySide(
+      async () => {
+        for (const b of list) await dev.engine.write(b * BLOCK, data);
+        await dev.engine.flush();
+      },
+      () => flushDirty(dev.engine),
+      async () => {
+        const cfd = openSync(dev.cache, 'r');
+        const dfd = openSync(disk, 'r+');
+        const buf = Buffer.allocUnsafe(BLOCK);
+        for (const b of list) {
+          readSync(cfd, buf, 0, BLOCK, b * BLOCK);
+          writeSync(dfd, buf, 0, BLOCK, b * BLOCK);
+        }
+        fdatasyncSync(dfd);
+        closeSync(dfd);
+        closeSync(cfd);
+      },
+    );
+    row(`flush ${RANDOM_BLOCKS} random 4 KiB blocks`, RANDOM_BLOCKS * BLOCK, t, 'same copy unsorted + fdatasync');
+    await close(dev);
+  }
 
-rmSync(dir, { recursive: true, force: true });
-printTable(
-  [
-    { key: 'workload', title: 'workload' },
-    { key: 'ours', title: 'ulobdev MB/s' },
-    { key: 'baseline', title: 'baseline MB/s' },
-    { key: 'baselineName', title: 'baseline' },
-    { key: 'ratio', title: 'ratio' },
-  ],
-  rows,
-  { title: `bench/flush.js, backing file on ${opts.dir}`, notes: [dropped ? 'page cache dropped before each read row' : 'page cache NOT dropped (not root): read rows are memory speed'] },
-);
-writeJson(opts.json, { at: new Date().toISOString(), size: SIZE, rows });
+  // 3. Hydration vs dd copying the disk into a fresh file, and vs dd reading the disk.
+  let dropped = false;
+  {
+    log('hydrate');
+    let dev = null;
+    const fresh = join(dir, 'dd.fresh');
+    const t = await sideBySide(
+      async (side) => {
+        if (dev) await close(dev);
+        dev = null;
+        for (const p of ['hyd.cache', 'hyd.bitmap', 'hyd.meta', 'hyd.meta-wal', 'hyd.meta-shm', 'dd.fresh']) rmSync(join(dir, p), { force: true });
+        if (side === 'ours') dev = await open('hyd');
+        else execFileSync('fallocate', ['-l', String(SIZE), fresh]);
+        dropped = dropCaches();
+      },
+      async () => {
+        await new Hydrator(dev.engine, { quietMs: 0 }).start();
+        if (dev.engine.stats().presentBlocks !== SIZE / BLOCK) throw new Error('hydration incomplete');
+      },
+      async () => dd(`if=${disk}`, `of=${fresh}`, 'bs=1M', 'conv=fdatasync,notrunc'),
+    );
+    if (dev) await close(dev);
+    const read = await sideBySide(
+      async () => {
+        dropCaches();
+      },
+      async () => dd(`if=${disk}`, 'of=/dev/null', 'bs=1M'),
+      async () => dd(`if=${disk}`, 'of=/dev/null', 'bs=1M'),
+    );
+    const readMbs = mbs(SIZE, Math.min(read.ours, read.ref));
+    row(`hydrate ${SIZE / MiB} MiB`, SIZE, t, 'dd bs=1M conv=fdatasync (disk → fresh file)', { diskReadMbs: readMbs });
+    rows.push({ workload: `  (disk read alone)`, ours: mbs(SIZE, t.ours), ref: readMbs, refName: 'dd bs=1M disk → /dev/null', ratio: +(mbs(SIZE, t.ours) / readMbs).toFixed(2) });
+  }
+
+  const loadAtEnd = loadavg().map((x) => +x.toFixed(2));
+  printTable(
+    [
+      { key: 'workload', title: 'workload' },
+      { key: 'ours', title: 'ulobdev MB/s' },
+      { key: 'ref', title: 'reference MB/s' },
+      { key: 'refName', title: 'reference' },
+      { key: 'ratio', title: 'ratio' },
+    ],
+    rows,
+    {
+      title: `bench/flush.js: ${SIZE / MiB} MiB on ${opts.dir}, best of ${REPS} interleaved runs each`,
+      notes: [
+        dropped ? 'page cache dropped before each hydration run' : 'page cache NOT dropped (not root): hydration reads come from memory',
+        `load average ${loadAtStart.join(' ')} at start, ${loadAtEnd.join(' ')} at end (${cpus().length} CPUs)`,
+      ],
+    },
+  );
+  writeJson(opts.json, {
+    at: new Date().toISOString(),
+    machine: { cpus: cpus().length, cpu: cpus()[0]?.model, memory: totalmem(), kernel: release(), node: process.version, loadAverage: { start: loadAtStart, end: loadAtEnd } },
+    params: { size: SIZE, reps: REPS, randomBlocks: RANDOM_BLOCKS, dir: opts.dir, pageCacheDropped: dropped },
+    rows,
+  });
+} finally {
+  cleanup();
+}

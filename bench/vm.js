@@ -1,9 +1,11 @@
 #!/usr/bin/env node
 // The kernel data paths side by side in one guest (qemu, software emulation): fio on /dev/uloop0
-// with every block cached, on the in-tree loop device over the same cache file, on ulobdev's NBD
-// frontend through nbd.ko (same cache), and on dm-writecache over the same backing file.
+// with every block cached, on the in-tree loop device over the same cache file (direct I/O and
+// buffered), on dm-writecache and on bcache (writeback, cache set on a loop over a file of the
+// device's size) over the same kind of backing file, and optionally on ulobdev's NBD frontend
+// through nbd.ko (same cache).
 //
-//   node bench/vm.js [--size 128M] [--seconds 5] [--json bench/results/vm.json] [--keep]
+//   node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--perf] [--json PATH] [--keep]
 //
 // Boots the VM of the tests (scripts/vm/prepare.sh, scripts/vm/init) once. In the guest everything
 // lives on an ext4 filesystem on a brd RAM disk, so the numbers are CPU cost (of an emulated CPU),
@@ -11,7 +13,7 @@
 // exit code 0 unless the bench itself breaks.
 import { execFileSync, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { cpus, loadavg } from 'node:os';
+import { cpus, loadavg, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -33,6 +35,9 @@ try {
       seconds: { type: 'string', default: '5' },
       json: { type: 'string', default: fileURLToPath(new URL('./results/vm.json', import.meta.url)) },
       keep: { type: 'boolean', default: false },
+      kernel: { type: 'string', default: '6.12' },
+      devices: { type: 'string', default: 'loop,loopbuf,uloop,writecache,bcache' },
+      perf: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
     strict: true,
@@ -42,11 +47,15 @@ try {
 }
 if (opts.help) {
   process.stdout.write(
-    'usage: node bench/vm.js [--size 128M] [--seconds 5] [--json PATH] [--keep]\n' +
+    'usage: node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--perf] [--json PATH] [--keep]\n' +
       '  --size     size of the device in MiB (suffix M; 64M to 512M; the guest RAM disk holds 5x)\n' +
       '  --seconds  fio time per workload and device (after 1 s of ramp)\n' +
       '  --json     where the JSON result goes (default bench/results/vm.json)\n' +
-      '  --keep     keep the scratch directory (fio JSON, guest output) and print its path\n',
+      '  --keep     keep the scratch directory (fio JSON, guest output) and print its path\n' +
+      '  --kernel   guest kernel: 6.1, 6.12 (default) or newest (scripts/vm/prepare.sh)\n' +
+      '  --devices  comma-separated rows: loop (dio, the reference, always run), loopbuf, uloop, nbd,\n' +
+      '             writecache, bcache (default: all but nbd)\n' +
+      '  --perf     profile the uloop and loop (dio) runs with perf in the guest (flat profile per workload)\n',
   );
   process.exit(0);
 }
@@ -69,91 +78,142 @@ const WORKLOADS = [
   { key: 'randread', title: 'rand read 4 KiB', rw: 'randread', bs: '4k', unit: 'IOPS' },
   { key: 'randwrite', title: 'rand write 4 KiB', rw: 'randwrite', bs: '4k', unit: 'IOPS' },
 ];
-const DEVICES = [
+const ALL_DEVICES = [
   { key: 'loop', title: 'loop (dio)' },
   { key: 'loopbuf', title: 'loop (buffered)' },
   { key: 'uloop', title: 'uloop' },
   { key: 'nbd', title: 'ulobdev nbd' },
   { key: 'writecache', title: 'dm-writecache' },
+  { key: 'bcache', title: 'bcache' },
 ];
+const wanted = new Set(['loop', ...opts.devices.split(',').map((d) => d.trim()).filter(Boolean)]);
+for (const d of wanted) if (!ALL_DEVICES.some((x) => x.key === d)) fail(`--devices: unknown device ${d} (use ${ALL_DEVICES.map((x) => x.key).join(', ')})`);
+const DEVICES = ALL_DEVICES.filter((d) => wanted.has(d.key));
+if (!['6.1', '6.12', 'newest'].includes(opts.kernel)) fail('--kernel must be 6.1, 6.12 or newest');
 
 // The guest script. $R is an ext4 filesystem on a RAM disk; B the backing file, C the cache file.
 // The uloop and NBD rows run with every block present and dirty (read once, then written once),
 // so reads and writes are all hits and no write needs a dirty intent; the loop rows then run on
 // the very cache file they used; dm-writecache gets its own cache file, written through once so
 // that its reads hit too.
+// With --perf, the uloop and loop (dio) runs are sampled with perf (cpu-clock: TCG has no PMU; the
+// guest's userspace is the host's, so its perf) and a flat profile by symbol goes to
+// /mnt/perf-TAG-WORKLOAD.txt: where the emulated CPU's time goes, kernel and module symbols included.
+const PROFILED = new Set(['uloop', 'loop']);
 const fioJobs = (dev, tag) =>
-  WORKLOADS.map(
-    (w) =>
+  WORKLOADS.map((w) => {
+    const fio =
       `fio --name=${w.key} --filename=${dev} --rw=${w.rw} --bs=${w.bs} --direct=1 --ioengine=libaio --iodepth=${QD} ` +
-      `--time_based --ramp_time=1 --runtime=${SECONDS} --randrepeat=0 --output-format=json --output=/mnt/fio-${tag}-${w.key}.json > /dev/null`,
-  ).join('\n');
+      `--time_based --ramp_time=1 --runtime=${SECONDS} --randrepeat=0 --output-format=json --output=/mnt/fio-${tag}-${w.key}.json > /dev/null`;
+    if (!opts.perf || !PROFILED.has(tag)) return fio;
+    const data = `/tmp/perf-${tag}-${w.key}.data`;
+    return (
+      `$PERF record -q -e cpu-clock -F 499 -a -g -o ${data} -- ${fio}\n` +
+      `$PERF report -i ${data} --stdio --no-children --sort sym --percent-limit 1 2>/dev/null | grep -v '^$' | grep -v '^#' | grep '%' | head -40 > /mnt/perf-${tag}-${w.key}.txt || true\n` +
+      `rm -f ${data}`
+    );
+  }).join('\n');
 
-const script = `
-U="node ${ROOT}/dist/cli/ulobdev.js"
-step() { echo "== $1 $(cut -d' ' -f1 /proc/uptime)"; }
-modprobe brd rd_nr=1 rd_size=$(( ${SIZE_MB} * 1024 * 5 ))
-modprobe crc32c_generic; modprobe ext4; modprobe loop; modprobe nbd; modprobe dm-writecache
-mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/ram0 && mkdir -p /tmp/r && mount /dev/ram0 /tmp/r
-R=/tmp/r; B=$R/disk.img; C=$R/c.cache; W=$R/wc.cache
-dd if=/dev/zero of=$B bs=1M count=${SIZE_MB} conv=fsync status=none
-A="-c $C -b $R/c.bitmap --writeback --daemon"
-fill() { dd if=$1 of=/dev/null bs=1M iflag=direct status=none && dd if=/dev/zero of=$1 bs=1M count=${SIZE_MB} oflag=direct conv=fsync status=none; }
-
+const SECTIONS = {
+  uloop: `
 step uloop
-insmod ${join(ROOT, 'kernel/uloop.ko')}
+insmod $ULOOP_KO
 $U $A /dev/uloop0 $B >/dev/null && fill /dev/uloop0
 $U status /dev/uloop0 | sed -n 2p
 ${fioJobs('/dev/uloop0', 'uloop')}
-$U detach /dev/uloop0 >/dev/null
-
+$U detach /dev/uloop0 >/dev/null`,
+  nbd: `
 step nbd
+modprobe nbd
 $U $A /dev/nbd0 $B >/dev/null && fill /dev/nbd0
 $U status /dev/nbd0 | sed -n 2p
 ${fioJobs('/dev/nbd0', 'nbd')}
-$U detach /dev/nbd0 >/dev/null
-
+$U detach /dev/nbd0 >/dev/null`,
+  loop: `
 step loop
+[ -f $C ] || dd if=/dev/zero of=$C bs=1M count=${SIZE_MB} status=none
 L=$(losetup --direct-io=on -f --show $C)
 grep -q 1 /sys/block/\${L#/dev/}/loop/dio && echo "$L direct-io on"
 ${fioJobs('$L', 'loop')}
-losetup -d $L
-
+losetup -d $L`,
+  loopbuf: `
 step loopbuf
 L=$(losetup -f --show $C)
 ${fioJobs('$L', 'loopbuf')}
-losetup -d $L
-
+losetup -d $L`,
+  writecache: `
 step writecache
+modprobe dm-writecache
 dd if=/dev/zero of=$W bs=1M count=$(( ${SIZE_MB} * 2 )) status=none
 LB=$(losetup --direct-io=on -f --show $B); LW=$(losetup --direct-io=on -f --show $W)
 dmsetup create --noudevsync ulobwc --table "0 $(( ${SIZE_MB} * 2048 )) writecache s $LB $LW 4096 4 high_watermark 90 low_watermark 80" && dmsetup mknodes ulobwc
 fill /dev/mapper/ulobwc
 dmsetup status ulobwc
 ${fioJobs('/dev/mapper/ulobwc', 'writecache')}
-dmsetup remove ulobwc; losetup -d $LW $LB
+dmsetup remove ulobwc; losetup -d $LW $LB`,
+  // bcache in writeback mode with everything through the cache: no sequential bypass, no
+  // congestion bypass; the cache set lives on a loop over a file as large as the device (64 KiB
+  // buckets: with the default 512 KiB a 128 MiB cache has too few and bcache refuses it).
+  bcache: `
+step bcache
+modprobe bcache
+dd if=/dev/zero of=$K bs=1M count=${SIZE_MB} status=none
+LB=$(losetup --direct-io=on -f --show $B); LK=$(losetup --direct-io=on -f --show $K)
+make-bcache --wipe-bcache --writeback --block 4k --bucket 64k -B $LB -C $LK > /dev/null
+echo $LB > /sys/fs/bcache/register; echo $LK > /sys/fs/bcache/register 2>/dev/null || true
+i=0; while [ ! -e /sys/block/bcache0/bcache/cache_mode ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done
+[ -b /dev/bcache0 ] || mknod /dev/bcache0 b $(cut -d: -f1 /sys/block/bcache0/dev) $(cut -d: -f2 /sys/block/bcache0/dev)
+echo writeback > /sys/block/bcache0/bcache/cache_mode
+echo 0 > /sys/block/bcache0/bcache/sequential_cutoff
+CS=$(ls -d /sys/fs/bcache/*-*-*-*-* | head -1)
+echo 0 > $CS/congested_read_threshold_us; echo 0 > $CS/congested_write_threshold_us
+fill /dev/bcache0
+echo "bcache: $(cat /sys/block/bcache0/bcache/cache_mode | tr -d '\n'), dirty $(cat /sys/block/bcache0/bcache/dirty_data), state $(cat /sys/block/bcache0/bcache/state)"
+${fioJobs('/dev/bcache0', 'bcache')}
+echo 1 > /sys/block/bcache0/bcache/stop; echo 1 > $CS/unregister
+i=0; while [ -e $CS ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
+losetup -d $LK $LB`,
+};
+// uloop and nbd first: they fill the cache file $C that the loop rows then run on.
+const ORDER = ['uloop', 'nbd', 'loop', 'loopbuf', 'writecache', 'bcache'];
+
+const script = `
+U="node ${ROOT}/dist/cli/ulobdev.js"
+PERF=$(ls /usr/bin/perf_* 2>/dev/null | tail -1); [ -n "$PERF" ] || PERF=$(command -v perf || true)
+${opts.perf ? '[ -n "$PERF" ] || { echo "no perf on the host (apt install linux-perf)"; exit 1; }' : ''}
+step() { echo "== $1 $(cut -d' ' -f1 /proc/uptime)"; }
+modprobe brd rd_nr=1 rd_size=$(( ${SIZE_MB} * 1024 * 6 ))
+modprobe -q crc32c_generic || true; modprobe ext4; modprobe loop
+mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/ram0 && mkdir -p /tmp/r && mount /dev/ram0 /tmp/r
+R=/tmp/r; B=$R/disk.img; C=$R/c.cache; W=$R/wc.cache; K=$R/bcache.cache
+dd if=/dev/zero of=$B bs=1M count=${SIZE_MB} conv=fsync status=none
+A="-c $C -b $R/c.bitmap --writeback --daemon"
+# read every block once (present), then write every whole MiB once (dirty); bcache0 is 8 KiB short of
+# its backing device (its superblock), so the count comes from the device
+fill() { dd if=$1 of=/dev/null bs=1M iflag=direct status=none && dd if=/dev/zero of=$1 bs=1M count=$(( $(blockdev --getsize64 $1) / 1048576 )) oflag=direct conv=fsync status=none; }
+${ORDER.filter((k) => wanted.has(k)).map((k) => SECTIONS[k]).join('\n')}
 step done
 `;
 
 // ---------------------------------------------------------------------------------------------
-// One boot, as test/vm/vm.ts does it (that file is TypeScript for vitest; these few lines are
+// One boot, as test/support/vm.ts does it (that file is TypeScript for vitest; these few lines are
 // repeated here so that the bench runs on plain node).
 
 process.stderr.write('bench/vm.js: preparing the VM (scripts/vm/prepare.sh)\n');
-const out = execFileSync('bash', [join(ROOT, 'scripts/vm/prepare.sh')], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], timeout: 600_000 });
+const out = execFileSync('bash', [join(ROOT, 'scripts/vm/prepare.sh'), opts.kernel], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], timeout: 900_000 });
 const vm = Object.fromEntries(out.split('\n').filter((l) => l.includes('=')).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
-if (!existsSync(join(ROOT, 'kernel/uloop.ko'))) fail('kernel/uloop.ko is missing after prepare.sh');
+if (wanted.has('uloop') && !existsSync(vm.ULOOP_KO)) fail(`${vm.ULOOP_KO} is missing after prepare.sh`);
 
 const base = join(ROOT, '.vm', 'run');
 mkdirSync(base, { recursive: true });
 const scratch = mkdtempSync(join(base, 'bench-'));
-writeFileSync(join(scratch, 'cmd.sh'), `set -e\n${script}\n`);
-const memoryMb = 1024 + SIZE_MB * 5;
+writeFileSync(join(scratch, 'cmd.sh'), `set -e\nULOOP_KO=${vm.ULOOP_KO}\n${script}\n`);
+const memoryMb = 1024 + SIZE_MB * 6;
 const args = [
   '-accel', 'tcg', '-cpu', 'max', '-smp', '2', '-m', String(memoryMb),
   '-nographic', '-no-reboot', '-monitor', 'none',
   '-kernel', vm.KERNEL, '-initrd', vm.INITRD,
-  '-append', `console=ttyS0 panic=-1 loglevel=4 ulobvm.modules=${vm.MODULES}`,
+  '-append', `console=ttyS0 panic=-1 loglevel=4 ulobvm.modules=${vm.MODULES} ulobvm.project=${ROOT.replace(/\/$/, '')}`,
   '-virtfs', 'local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap',
   '-virtfs', `local,path=${scratch},mount_tag=scratch,security_model=none`,
 ];
@@ -176,6 +236,14 @@ const read = (name) => (existsSync(join(scratch, name)) ? readFileSync(join(scra
 const guestOut = read('out.log');
 if (read('rc').trim() !== '0') {
   process.stderr.write(`--- guest failed (rc ${read('rc').trim() || 'none'}), scratch ${scratch} ---\n${guestOut}\n--- kernel log ---\n${read('dmesg.log') || consoleText}\n`);
+  process.exit(1);
+}
+
+// A kernel splat makes the numbers meaningless (same patterns as test/support/vm.ts findSplats).
+const splat = /\bBUG[: ]|kernel BUG at|\bWARNING:|\bOops\b|general protection fault|\bKASAN\b|\bUBSAN\b|\bKFENCE\b|possible (circular|recursive) locking|list_(add|del) corruption|blocked for more than \d+ seconds|Call Trace:/;
+const splats = `${read('dmesg.log')}\n${consoleText}`.split('\n').filter((l) => splat.test(l));
+if (splats.length) {
+  process.stderr.write(`--- guest kernel splat, scratch ${scratch} ---\n${splats.join('\n')}\n`);
   process.exit(1);
 }
 
@@ -213,19 +281,49 @@ for (const d of DEVICES) {
 }
 const steps = [...guestOut.matchAll(/^== (\S+) ([\d.]+)$/gm)].map((x) => [x[1], Number(x[2])]);
 const info = guestOut.split('\n').filter((l) => l && !l.startsWith('== '));
+// The issue's goals for uloop hits: reads ≥ 0.9× loop dio and ≥ 1.0× bcache; writes to dirty
+// blocks ≥ 0.8× loop dio and ≥ 1.0× dm-writecache.
+const GOALS = [
+  ...['randread', 'seqread'].flatMap((w) => [
+    { workload: w, against: 'loop', min: 0.9 },
+    { workload: w, against: 'bcache', min: 1.0 },
+  ]),
+  ...['randwrite', 'seqwrite'].flatMap((w) => [
+    { workload: w, against: 'loop', min: 0.8 },
+    { workload: w, against: 'writecache', min: 1.0 },
+  ]),
+].filter((g) => wanted.has('uloop') && wanted.has(g.against));
+const goals = GOALS.map((g) => {
+  const ratio = value('uloop', WORKLOADS.find((w) => w.key === g.workload)) / value(g.against, WORKLOADS.find((w) => w.key === g.workload));
+  return { ...g, ratio: Number(ratio.toFixed(3)), met: ratio >= g.min };
+});
 printTable(columns, rows, {
-  title: `In the guest (qemu TCG, 2 vCPUs, ${memoryMb} MiB; Debian ${vm.KVER}); ${SIZE_MB} MiB device on a brd RAM disk; host load ${load.start.map((x) => x.toFixed(1)).join(' ')}`,
-  notes: [`/loop: rate divided by the loop device's with --direct-io=on on the same cache file; goals: uloop ≥ 0.90 reads, ≥ 0.80 writes`, ...info.map((l) => `guest: ${l}`), `wall time ${(wallMs / 1000).toFixed(0)} s`],
+  title: `In the guest (qemu TCG, 2 vCPUs, ${memoryMb} MiB; Debian ${vm.KVER}); ${SIZE_MB} MiB device on a brd RAM disk; host: ${cpus().length} × ${cpus()[0]?.model}, load ${load.start.map((x) => x.toFixed(1)).join(' ')}`,
+  notes: [
+    `/loop: rate divided by the loop device's with --direct-io=on on the same kind of file`,
+    ...goals.map((g) => `goal uloop/${g.against} ${g.workload} ≥ ${g.min.toFixed(2)}: ${g.ratio.toFixed(2)} ${g.met ? 'met' : 'MISSED'}`),
+    ...info.map((l) => `guest: ${l}`),
+    `wall time ${(wallMs / 1000).toFixed(0)} s`,
+  ],
 });
 writeJson(opts.json, {
   bench: 'vm',
   date: new Date().toISOString(),
-  machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, loadAverage: load, guest: { kernel: vm.KVER, memoryMb, vcpus: 2, accel: 'tcg' } },
+  machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryGiB: Math.round(totalmem() / 2 ** 30), loadAverage: load, guest: { kernel: vm.KVER, memoryMb, vcpus: 2, accel: 'tcg' } },
   params: { sizeMiB: SIZE_MB, seconds: SECONDS, rampSeconds: 1, iodepth: QD, ioengine: 'libaio', direct: true },
   results,
+  goals,
   ratiosVsLoop: Object.fromEntries(DEVICES.filter((d) => d.key !== 'loop').map((d) => [d.key, Object.fromEntries(WORKLOADS.map((w) => [w.key, Number((value(d.key, w) / value('loop', w)).toFixed(3))]))])),
   guest: { steps, info },
   wallSeconds: Math.round(wallMs / 1000),
 });
+if (opts.perf) {
+  for (const d of DEVICES.filter((x) => PROFILED.has(x.key))) {
+    for (const w of WORKLOADS) {
+      const text = read(`perf-${d.key}-${w.key}.txt`);
+      if (text) process.stdout.write(`\n--- perf, ${d.title}, ${w.title}: share of samples by symbol (all CPUs) ---\n${text}`);
+    }
+  }
+}
 if (opts.keep) process.stderr.write(`bench/vm.js: scratch kept in ${scratch}\n`);
 else rmSync(scratch, { recursive: true, force: true });

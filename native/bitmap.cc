@@ -15,8 +15,9 @@ namespace {
 // and the memory after it is not ours. memcpy makes the load legal for any
 // alignment of `p` (Uint8Array subarrays start anywhere) and compiles to a
 // single load on x86-64 and arm64.
-inline uint64_t LoadWord(const uint8_t* p, size_t word, size_t nbytes) {
-  size_t b = word * 8;
+inline uint64_t LoadWord(const uint8_t* p, uint64_t word, size_t nbytes) {
+  // Callers only ask for words that start inside the buffer, so this fits size_t.
+  size_t b = static_cast<size_t>(word * 8);
   uint64_t w = 0;
   if (b + 8 <= nbytes) {
     memcpy(&w, p + b, 8);
@@ -29,21 +30,21 @@ inline uint64_t LoadWord(const uint8_t* p, size_t word, size_t nbytes) {
   return w;
 }
 
-inline size_t BytesFor(size_t nbits) { return (nbits + 7) >> 3; }
+inline size_t BytesFor(uint64_t nbits) { return static_cast<size_t>((nbits + 7) >> 3); }
 
 // Bits at and above `bit & 63` within a word.
-inline uint64_t HeadMask(size_t bit) { return ~0ULL << (bit & 63); }
+inline uint64_t HeadMask(uint64_t bit) { return ~0ULL << (bit & 63); }
 // Bits below `end & 63` within a word; all bits if end is word aligned.
-inline uint64_t TailMask(size_t end) {
+inline uint64_t TailMask(uint64_t end) {
   return (end & 63) ? (1ULL << (end & 63)) - 1 : ~0ULL;
 }
 
 template <bool kClear>
-size_t FindNext(const uint8_t* p, size_t nbits, size_t from) {
+uint64_t FindNext(const uint8_t* p, uint64_t nbits, uint64_t from) {
   if (from >= nbits) return nbits;
   size_t nbytes = BytesFor(nbits);
-  size_t last = (nbits - 1) >> 6;
-  size_t i = from >> 6;
+  uint64_t last = (nbits - 1) >> 6;
+  uint64_t i = from >> 6;
   uint64_t flip = kClear ? ~0ULL : 0;
   uint64_t w = (LoadWord(p, i, nbytes) ^ flip) & HeadMask(from);
   while (w == 0) {
@@ -52,39 +53,39 @@ size_t FindNext(const uint8_t* p, size_t nbits, size_t from) {
   }
   // Bits past nbits in the last word may be anything (or zero-padded, which
   // reads as clear); clamp rather than mask.
-  size_t r = i * 64 + static_cast<size_t>(__builtin_ctzll(w));
+  uint64_t r = i * 64 + static_cast<uint64_t>(__builtin_ctzll(w));
   return r < nbits ? r : nbits;
 }
 
 }  // namespace
 
-size_t bit_find_next_set(const uint8_t* p, size_t nbits, size_t from) {
+uint64_t bit_find_next_set(const uint8_t* p, uint64_t nbits, uint64_t from) {
   return FindNext<false>(p, nbits, from);
 }
 
-size_t bit_find_next_clear(const uint8_t* p, size_t nbits, size_t from) {
+uint64_t bit_find_next_clear(const uint8_t* p, uint64_t nbits, uint64_t from) {
   return FindNext<true>(p, nbits, from);
 }
 
-size_t bit_count(const uint8_t* p, size_t from, size_t to) {
+uint64_t bit_count(const uint8_t* p, uint64_t from, uint64_t to) {
   if (from >= to) return 0;
   size_t nbytes = BytesFor(to);
-  size_t i = from >> 6;
-  size_t last = (to - 1) >> 6;
+  uint64_t i = from >> 6;
+  uint64_t last = (to - 1) >> 6;
   uint64_t w = LoadWord(p, i, nbytes) & HeadMask(from);
-  if (i == last) return static_cast<size_t>(__builtin_popcountll(w & TailMask(to)));
-  size_t n = static_cast<size_t>(__builtin_popcountll(w));
-  for (i++; i < last; i++) n += static_cast<size_t>(__builtin_popcountll(LoadWord(p, i, nbytes)));
-  return n + static_cast<size_t>(__builtin_popcountll(LoadWord(p, last, nbytes) & TailMask(to)));
+  if (i == last) return static_cast<uint64_t>(__builtin_popcountll(w & TailMask(to)));
+  uint64_t n = static_cast<uint64_t>(__builtin_popcountll(w));
+  for (i++; i < last; i++) n += static_cast<uint64_t>(__builtin_popcountll(LoadWord(p, i, nbytes)));
+  return n + static_cast<uint64_t>(__builtin_popcountll(LoadWord(p, last, nbytes) & TailMask(to)));
 }
 
 // Writes go byte-wise at the edges and through memset in between: memset is
 // already word-at-a-time and alignment-aware, and byte stores never touch
 // memory outside [from, to)'s bytes.
-void bit_set_range(uint8_t* p, size_t from, size_t to) {
+void bit_set_range(uint8_t* p, uint64_t from, uint64_t to) {
   if (from >= to) return;
-  size_t fb = from >> 3;
-  size_t lb = (to - 1) >> 3;
+  size_t fb = static_cast<size_t>(from >> 3);
+  size_t lb = static_cast<size_t>((to - 1) >> 3);
   uint8_t head = static_cast<uint8_t>(0xFFu << (from & 7));
   uint8_t tail = static_cast<uint8_t>(0xFFu >> (7 - ((to - 1) & 7)));
   if (fb == lb) {
@@ -96,10 +97,10 @@ void bit_set_range(uint8_t* p, size_t from, size_t to) {
   p[lb] |= tail;
 }
 
-void bit_clear_range(uint8_t* p, size_t from, size_t to) {
+void bit_clear_range(uint8_t* p, uint64_t from, uint64_t to) {
   if (from >= to) return;
-  size_t fb = from >> 3;
-  size_t lb = (to - 1) >> 3;
+  size_t fb = static_cast<size_t>(from >> 3);
+  size_t lb = static_cast<size_t>((to - 1) >> 3);
   uint8_t head = static_cast<uint8_t>(0xFFu << (from & 7));
   uint8_t tail = static_cast<uint8_t>(0xFFu >> (7 - ((to - 1) & 7)));
   if (fb == lb) {
@@ -116,7 +117,7 @@ namespace {
 // Reads (buf, a, b) and checks a <= b <= 8 * buf.length. For the finds the
 // pair is (nbits, from) and the order check is from <= nbits, so the callers
 // pass which index is the upper bound.
-bool BitArgs(const Napi::CallbackInfo& info, Bytes* buf, size_t* lo, size_t* hi,
+bool BitArgs(const Napi::CallbackInfo& info, Bytes* buf, uint64_t* lo, uint64_t* hi,
              bool swapped) {
   int64_t a, b;
   if (!ArgBytes(info, 0, buf) || !ArgInt64(info, 1, &a) || !ArgInt64(info, 2, &b)) {
@@ -129,8 +130,8 @@ bool BitArgs(const Napi::CallbackInfo& info, Bytes* buf, size_t* lo, size_t* hi,
         .ThrowAsJavaScriptException();
     return false;
   }
-  *lo = static_cast<size_t>(low);
-  *hi = static_cast<size_t>(high);
+  *lo = static_cast<uint64_t>(low);
+  *hi = static_cast<uint64_t>(high);
   return true;
 }
 
@@ -138,9 +139,9 @@ bool BitArgs(const Napi::CallbackInfo& info, Bytes* buf, size_t* lo, size_t* hi,
 template <bool kClear>
 Napi::Value BitFindNext(const Napi::CallbackInfo& info) {
   Bytes buf;
-  size_t from, nbits;
+  uint64_t from, nbits;
   if (!BitArgs(info, &buf, &from, &nbits, true)) return Napi::Value();
-  size_t r = kClear ? bit_find_next_clear(buf.data, nbits, from)
+  uint64_t r = kClear ? bit_find_next_clear(buf.data, nbits, from)
                     : bit_find_next_set(buf.data, nbits, from);
   return Napi::Number::New(info.Env(), static_cast<double>(r));
 }
@@ -148,7 +149,7 @@ Napi::Value BitFindNext(const Napi::CallbackInfo& info) {
 // bitCount(buf, from, to)
 Napi::Value BitCount(const Napi::CallbackInfo& info) {
   Bytes buf;
-  size_t from, to;
+  uint64_t from, to;
   if (!BitArgs(info, &buf, &from, &to, false)) return Napi::Value();
   return Napi::Number::New(info.Env(),
                            static_cast<double>(bit_count(buf.data, from, to)));
@@ -158,7 +159,7 @@ Napi::Value BitCount(const Napi::CallbackInfo& info) {
 template <bool kClear>
 Napi::Value BitRange(const Napi::CallbackInfo& info) {
   Bytes buf;
-  size_t from, to;
+  uint64_t from, to;
   if (!BitArgs(info, &buf, &from, &to, false)) return Napi::Value();
   if (kClear) {
     bit_clear_range(buf.data, from, to);

@@ -12,13 +12,13 @@
 namespace ulob {
 
 // First set bit in [from, nbits), or nbits if there is none.
-size_t bit_find_next_set(const uint8_t* p, size_t nbits, size_t from);
+uint64_t bit_find_next_set(const uint8_t* p, uint64_t nbits, uint64_t from);
 // First clear bit in [from, nbits), or nbits if there is none.
-size_t bit_find_next_clear(const uint8_t* p, size_t nbits, size_t from);
+uint64_t bit_find_next_clear(const uint8_t* p, uint64_t nbits, uint64_t from);
 // Number of set bits in [from, to).
-size_t bit_count(const uint8_t* p, size_t from, size_t to);
+uint64_t bit_count(const uint8_t* p, uint64_t from, uint64_t to);
 // Sets / clears the bits in [from, to).
-void bit_set_range(uint8_t* p, size_t from, size_t to);
-void bit_clear_range(uint8_t* p, size_t from, size_t to);
+void bit_set_range(uint8_t* p, uint64_t from, uint64_t to);
+void bit_clear_range(uint8_t* p, uint64_t from, uint64_t to);
 
 }  // namespace ulob

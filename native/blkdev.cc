@@ -40,6 +40,20 @@ Napi::Value BlkSectorSize(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, size);
 }
 
+// blkPhysicalSectorSize(fd) -> number (physical block size in bytes: the unit the disk writes
+// without a read-modify-write, 4096 on a 512e disk whose logical sectors are 512)
+Napi::Value BlkPhysicalSectorSize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!ArgFd(info, 0, &fd)) return Napi::Value();
+  unsigned int size = 0;
+  if (ioctl(fd, BLKPBSZGET, &size) < 0) {
+    ThrowErrno(env, errno, "ioctl(BLKPBSZGET)");
+    return Napi::Value();
+  }
+  return Napi::Number::New(env, size);
+}
+
 // blkFlsBuf(fd) -> undefined
 Napi::Value BlkFlsBuf(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -71,13 +85,36 @@ Napi::Value LoopBacking(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// loopClearAutoclear(fd) -> boolean: turns off LO_FLAGS_AUTOCLEAR, which LOOP_CLR_FD sets instead
+// of unbinding while the device is still open; true if it was set. A detach that then finds the
+// device open takes its LOOP_CLR_FD back this way, so the device stays bound.
+Napi::Value LoopClearAutoclear(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!ArgFd(info, 0, &fd)) return Napi::Value();
+  struct loop_info64 li = {};
+  if (ioctl(fd, LOOP_GET_STATUS64, &li) < 0) {
+    ThrowErrno(env, errno, "ioctl(LOOP_GET_STATUS64)");
+    return Napi::Value();
+  }
+  if (!(li.lo_flags & LO_FLAGS_AUTOCLEAR)) return Napi::Boolean::New(env, false);
+  li.lo_flags &= ~static_cast<__u32>(LO_FLAGS_AUTOCLEAR);
+  if (ioctl(fd, LOOP_SET_STATUS64, &li) < 0) {
+    ThrowErrno(env, errno, "ioctl(LOOP_SET_STATUS64)");
+    return Napi::Value();
+  }
+  return Napi::Boolean::New(env, true);
+}
+
 }  // namespace
 
 bool InitBlkdev(Napi::Env env, Napi::Object exports) {
   return Export<BlkGetSize64>(env, exports, "blkGetSize64") &&
          Export<BlkSectorSize>(env, exports, "blkSectorSize") &&
+         Export<BlkPhysicalSectorSize>(env, exports, "blkPhysicalSectorSize") &&
          Export<BlkFlsBuf>(env, exports, "blkFlsBuf") &&
-         Export<LoopBacking>(env, exports, "loopBacking");
+         Export<LoopBacking>(env, exports, "loopBacking") &&
+         Export<LoopClearAutoclear>(env, exports, "loopClearAutoclear");
 }
 
 }  // namespace ulob

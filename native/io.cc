@@ -11,6 +11,10 @@
 
 #include <sys/uio.h>
 
+#include <cmath>
+#include <utility>
+#include <vector>
+
 static_assert(sizeof(off_t) == 8, "build with _FILE_OFFSET_BITS=64");
 
 namespace ulob {
@@ -81,6 +85,61 @@ class PwriteWorker : public PromiseWorker {
   const uint8_t* data_;
   size_t length_;
   off_t pos_;
+};
+
+// Many writes in one trip to the threadpool: the writes a busy event loop issues in one turn (and
+// the flusher's scattered dirty blocks) would otherwise cost a thread hand-off and, on a loaded
+// machine, a wake-up each. Every item is attempted; each gets its own result.
+struct WriteItem {
+  const uint8_t* data;
+  size_t length;
+  off_t pos;
+  int err;  // positive errno, 0 when written in full
+};
+
+class PwriteListWorker : public PromiseWorker {
+ public:
+  PwriteListWorker(Napi::Env env, int fd, std::vector<WriteItem> items)
+      : PromiseWorker(env, "ulob:pwriteList", "pwrite"), fd_(fd), items_(std::move(items)) {}
+
+  // The buffers stay referenced until the worker is deleted (after OnOK).
+  void KeepAll(const Napi::Array& buffers) {
+    refs_.reserve(buffers.Length());
+    for (uint32_t i = 0; i < buffers.Length(); i++) {
+      refs_.push_back(Napi::Persistent(buffers.Get(i).As<Napi::Object>()));
+    }
+  }
+
+  void Execute() override {
+    for (WriteItem& it : items_) {
+      size_t done = 0;
+      while (done < it.length) {
+        ssize_t n = ::pwrite(fd_, it.data + done, it.length - done,
+                             it.pos + static_cast<off_t>(done));
+        if (n < 0) {
+          if (errno == EINTR) continue;
+          it.err = errno;
+          break;
+        }
+        if (n == 0) {
+          it.err = EIO;
+          break;
+        }
+        done += static_cast<size_t>(n);
+      }
+    }
+  }
+
+  Napi::Value Result(Napi::Env env) override {
+    Napi::Int32Array out = Napi::Int32Array::New(env, items_.size());
+    for (size_t i = 0; i < items_.size(); i++) out[i] = items_[i].err;
+    return out;
+  }
+
+ private:
+  int fd_;
+  std::vector<WriteItem> items_;
+  std::vector<Napi::ObjectReference> refs_;
 };
 
 class FdatasyncWorker : public PromiseWorker {
@@ -159,6 +218,60 @@ Napi::Value Transfer(const Napi::CallbackInfo& info) {
     w = new PreadWorker(env, a.fd, a.data, a.length, a.pos);
   }
   if (!env.IsExceptionPending()) w->Keep(0, info[1].As<Napi::Object>());
+  return StartWorker(env, w);
+}
+
+// pwriteList(fd, buffers, positions) -> Promise<Int32Array>: buffers[i] (a Uint8Array) written
+// whole at positions[i] (a Float64Array of the same length), in order, in one threadpool job. The
+// result holds each write's errno, 0 for success.
+Napi::Value PwriteList(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!ArgFd(info, 0, &fd)) return Napi::Value();
+  if (!info[1].IsArray()) {
+    Napi::TypeError::New(env, "expected an array of Uint8Array").ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  Napi::Array buffers = info[1].As<Napi::Array>();
+  napi_typedarray_type type;
+  size_t count = 0;
+  void* raw = nullptr;
+  bool is_typedarray = false;
+  if (napi_is_typedarray(env, info[2], &is_typedarray) != napi_ok || !is_typedarray ||
+      napi_get_typedarray_info(env, info[2], &type, &count, &raw, nullptr, nullptr) != napi_ok ||
+      type != napi_float64_array || count != buffers.Length()) {
+    Napi::TypeError::New(env, "expected a Float64Array of one position per buffer")
+        .ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  const double* positions = static_cast<const double*>(raw);
+  std::vector<WriteItem> items;
+  items.reserve(count);
+  for (uint32_t i = 0; i < count; i++) {
+    Bytes b;
+    napi_value v = buffers.Get(i);
+    if (env.IsExceptionPending()) return Napi::Value();
+    bool is_u8 = false;
+    napi_typedarray_type t;
+    size_t len = 0;
+    void* data = nullptr;
+    if (napi_is_typedarray(env, v, &is_u8) != napi_ok || !is_u8 ||
+        napi_get_typedarray_info(env, v, &t, &len, &data, nullptr, nullptr) != napi_ok ||
+        t != napi_uint8_array) {
+      Napi::TypeError::New(env, "expected an array of Uint8Array").ThrowAsJavaScriptException();
+      return Napi::Value();
+    }
+    b.data = static_cast<uint8_t*>(data);
+    b.length = len;
+    double pos = positions[i];
+    if (!(pos >= 0) || pos + static_cast<double>(len) > 9007199254740991.0 || std::trunc(pos) != pos) {
+      Napi::RangeError::New(env, "position out of range").ThrowAsJavaScriptException();
+      return Napi::Value();
+    }
+    items.push_back({b.data, b.length, static_cast<off_t>(pos), 0});
+  }
+  PwriteListWorker* w = new PwriteListWorker(env, fd, std::move(items));
+  if (!env.IsExceptionPending()) w->KeepAll(buffers);
   return StartWorker(env, w);
 }
 
@@ -248,6 +361,7 @@ bool InitIo(Napi::Env env, Napi::Object exports) {
   return Export<Transfer<false>>(env, exports, "pread") &&
          Export<PreadNowait>(env, exports, "preadNowait") &&
          Export<Transfer<true>>(env, exports, "pwrite") &&
+         Export<PwriteList>(env, exports, "pwriteList") &&
          Export<Fdatasync>(env, exports, "fdatasync") &&
          Export<Fallocate>(env, exports, "fallocate") &&
          Export<AlignedBuffer>(env, exports, "alignedBuffer");

@@ -21,6 +21,11 @@ httpdirfs   httpdirfs
 groff       groff-base
 debootstrap debootstrap
 dpkg-repack dpkg-repack
+mkfs.xfs    xfsprogs
+xfs_repair  xfsprogs
+sgdisk      gdisk
+partx       util-linux
+blkid       util-linux
 '
 
 PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"

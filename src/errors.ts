@@ -118,6 +118,16 @@ export class ModuleMissingError extends UlobError {
   }
 }
 
+/**
+ * The kernel refused to load uloop.ko for its signature: an unsigned module, or one signed with a key
+ * the kernel does not trust, under Secure Boot or module.sig_enforce (EKEYREJECTED), or lockdown (EPERM).
+ */
+export class ModuleRejectedError extends UlobError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ULOB_E_MODULE_REJECTED', message, options);
+  }
+}
+
 /** The loaded uloop module speaks another ABI version than this ulobdev was built for. */
 export class ModuleVersionError extends UlobError {
   constructor(message: string, options?: { cause?: unknown }) {
@@ -298,6 +308,7 @@ export const ERROR_CODES: Readonly<Record<string, { kind: ErrorKind; make: (mess
   ULOB_E_NOT_ATTACHED: { kind: 'refused', make: (m) => new NotAttachedError(m) },
   ULOB_E_NO_MODULE: { kind: 'refused', make: (m) => new ModuleMissingError(m) },
   ULOB_E_MODULE_VERSION: { kind: 'refused', make: (m) => new ModuleVersionError(m) },
+  ULOB_E_MODULE_REJECTED: { kind: 'refused', make: (m) => new ModuleRejectedError(m) },
   ULOB_E_MISSING_PROGRAM: { kind: 'refused', make: (m) => new MissingProgramError(m) },
   ULOB_E_NO_RANGES: { kind: 'refused', make: (m) => new NoRangeSupportError(m) },
   ULOB_E_IMAGE_CHANGED: { kind: 'refused', make: (m) => new ImageChangedError(m) },

@@ -39,6 +39,7 @@ export {
   PermissionDeniedError,
   NotAttachedError,
   ModuleMissingError,
+  ModuleRejectedError,
   ModuleVersionError,
   MissingProgramError,
   NoRangeSupportError,

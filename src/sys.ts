@@ -1,5 +1,6 @@
 // Small readers of /proc and /sys shared by the backing-disk checks and the frontends.
-import { promises as fsp } from 'node:fs';
+import { closeSync, constants as fsc, openSync, promises as fsp } from 'node:fs';
+import { basename, join } from 'node:path';
 
 /** A sysfs/procfs file's trimmed text, or undefined when it is missing or empty. */
 export async function readTrim(path: string): Promise<string | undefined> {
@@ -59,4 +60,112 @@ export function sleep(ms: number): Promise<void> {
 // mountinfo escapes space, tab, newline and backslash as octal.
 function unescapeMount(s: string): string {
   return s.replace(/\\([0-7]{3})/g, (_, oct: string) => String.fromCharCode(parseInt(oct, 8)));
+}
+
+/** A block device or one of its partitions, as sysfs names it. */
+export interface BlockDeviceNode {
+  /** Kernel name: loop3, loop3p1, sdb2. */
+  name: string;
+  /** "maj:min". */
+  dev: string;
+  /** Its sysfs directory (/sys/block/loop3/loop3p1). */
+  sysDir: string;
+}
+
+/** The partitions of the disk whose sysfs directory is `sysDir` (subdirectories with a `partition` file). */
+export async function partitionsOf(sysDir: string): Promise<BlockDeviceNode[]> {
+  const out: BlockDeviceNode[] = [];
+  for (const name of (await listDir(sysDir)).sort()) {
+    const dir = join(sysDir, name);
+    if (!(await exists(join(dir, 'partition')))) continue;
+    const dev = await readTrim(join(dir, 'dev'));
+    if (dev) out.push({ name, dev, sysDir: dir });
+  }
+  return out;
+}
+
+/**
+ * Why a disk cannot be let go now, one reason per user, for the disk and each of its partitions:
+ * mounted (mountinfo), held by device-mapper or md (sysfs holders), claimed exclusively by anything
+ * else (swap, another ulobdev, a filesystem being made: an O_EXCL open fails with EBUSY) or open by
+ * a process (its /proc/PID/fd). Empty when nothing uses it. Reads only kernel state: the disk is
+ * not touched. Processes in `ignorePids` (the caller) and udev's short-lived probes do not count.
+ */
+export async function blockDeviceUsers(sysDir: string, options: { ignorePids?: readonly number[] } = {}): Promise<string[]> {
+  const real = await fsp.realpath(sysDir);
+  const whole: BlockDeviceNode = { name: basename(real), dev: (await readTrim(join(real, 'dev'))) ?? '', sysDir: real };
+  const nodes = [whole, ...(await partitionsOf(real))];
+  const reasons: string[] = [];
+  const mounts = await mountsByDevice();
+  for (const n of nodes) {
+    const mount = mounts.get(n.dev);
+    if (mount) reasons.push(`/dev/${n.name} is mounted on ${mount}`);
+    const holders = await listDir(join(n.sysDir, 'holders'));
+    if (holders.length > 0) reasons.push(`/dev/${n.name} is held by ${holders.join(', ')}`);
+  }
+  if (reasons.length === 0) {
+    // Exclusive claims without a mount or a holder: swap, btrfs, another ulobdev's backing disk.
+    // Claiming the whole disk fails while any partition is claimed, so probe the partitions first
+    // to name the right one.
+    for (const n of [...nodes.slice(1), whole]) {
+      if (exclusivelyClaimed(`/dev/${n.name}`)) {
+        reasons.push(`/dev/${n.name} is claimed by another program (swap, a filesystem or another block device layer)`);
+        break;
+      }
+    }
+  }
+  const ignore = new Set([process.pid, ...(options.ignorePids ?? [])]);
+  for (const [pid, name] of await openersOf(new Set(nodes.map((n) => n.dev)), ignore)) {
+    reasons.push(`/dev/${nodes.find((n) => n.dev === name.dev)!.name} is open by pid ${pid} (${name.comm})`);
+  }
+  return reasons;
+}
+
+function exclusivelyClaimed(path: string): boolean {
+  let fd: number;
+  try {
+    fd = openSync(path, fsc.O_RDONLY | fsc.O_EXCL | fsc.O_NONBLOCK);
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EBUSY';
+  }
+  closeSync(fd);
+  return false;
+}
+
+/** Processes with an open fd on any of the devices ("maj:min"), as pid → which device and the process name. */
+async function openersOf(devs: ReadonlySet<string>, ignore: ReadonlySet<number>): Promise<Map<number, { dev: string; comm: string }>> {
+  const found = new Map<number, { dev: string; comm: string }>();
+  for (const entry of await listDir('/proc')) {
+    if (!/^\d+$/.test(entry) || ignore.has(Number(entry))) continue;
+    const fdDir = `/proc/${entry}/fd`;
+    for (const fd of await listDir(fdDir)) {
+      let st;
+      try {
+        // By the path the link names, and only under /dev: a stat through the fd itself would ask
+        // the file's filesystem, and a FUSE mount that no longer answers would hang it.
+        const target = await fsp.readlink(join(fdDir, fd));
+        if (!target.startsWith('/dev/')) continue;
+        st = await fsp.stat(target);
+      } catch {
+        continue;
+      }
+      if (!st.isBlockDevice()) continue;
+      const dev = majorMinor(st.rdev);
+      if (!devs.has(dev)) continue;
+      const comm = (await readTrim(`/proc/${entry}/comm`)) ?? '?';
+      // udev opens new devices for a moment to probe them; that is no user of the disk.
+      if (comm === 'systemd-udevd' || comm === '(udev-worker)') continue;
+      found.set(Number(entry), { dev, comm });
+      break;
+    }
+  }
+  return found;
+}
+
+/**
+ * For crash tests: SIGKILLs this process at the named point of its work when the environment
+ * variable ULOBDEV_CRASH_AT names it (test/integration/crash-leftovers.test.ts). No-op otherwise.
+ */
+export function crashPoint(name: string): void {
+  if (process.env.ULOBDEV_CRASH_AT === name) process.kill(process.pid, 'SIGKILL');
 }

@@ -8,6 +8,11 @@ export interface BlockBackend {
   readonly readOnly: boolean;
   /** Reads exactly `length` bytes at `offset`; the range lies inside [0, size). */
   read(offset: number, length: number): Promise<Buffer>;
+  /**
+   * Optional: read() into the caller's buffer (buf.byteLength bytes at `offset`). The NBD server
+   * then reads straight into its reply and allocates nothing per request.
+   */
+  readInto?(buf: Buffer, offset: number): Promise<void>;
   /** Writes all of `data` at `offset`. With `fua`, the data is durable when it resolves. */
   write(offset: number, data: Uint8Array, options?: { fua?: boolean }): Promise<void>;
   /** Every write completed before the call, from any caller, is durable when it resolves. */

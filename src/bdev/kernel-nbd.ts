@@ -1,9 +1,11 @@
 // /dev/nbdN frontend: the kernel's NBD client (nbd-client, netlink) connected to our server's
 // private unix socket. Needs the nbd module; without it, one line says so.
 import { join } from 'node:path';
+import type { Logger } from 'pino';
 import { DeviceBusyError, InvalidArgumentError, ModuleMissingError } from '../errors.js';
-import { exists, mountsByDevice, readTrim, sleep } from '../sys.js';
+import { exists, readTrim, sleep } from '../sys.js';
 import type { Frontend } from './frontend.js';
+import { assertReleasable, showPartitions } from './partitions.js';
 import { run } from './programs.js';
 
 export interface NbdAttachOptions {
@@ -13,6 +15,9 @@ export interface NbdAttachOptions {
   readOnly: boolean;
   /** Connections nbd-client opens (the server advertises multi-conn). */
   connections?: number;
+  logger?: Logger;
+  /** Logical sector size of /dev/nbdN (nbd-client -b: 512 to 4096): the disk's. Default 512. */
+  sectorSize?: number;
 }
 
 /** Refuses when the nbd module is missing or the device is connected; returns its sysfs directory. */
@@ -35,17 +40,17 @@ export async function attachNbdDevice(options: NbdAttachOptions): Promise<Fronte
   await run('nbd-client', [
     '-unix', options.socket, device,
     '-N', options.exportName,
-    '-b', '4096',
+    // The kernel client sets the logical and physical block size to this one value.
+    '-b', String(options.sectorSize ?? 512),
     '-connections', String(options.connections ?? 4),
     ...(options.readOnly ? ['-readonly'] : []),
   ]);
+  if (options.logger) await showPartitions(device, sys, options.logger);
   return {
     kind: 'nbd',
     device,
     async detach(): Promise<void> {
-      const dev = await readTrim(join(sys, 'dev'));
-      const mount = dev ? (await mountsByDevice()).get(dev) : undefined;
-      if (mount) throw new DeviceBusyError(`${device} is mounted on ${mount}; unmount it first`);
+      await assertReleasable(device, sys);
       await run('nbd-client', ['-d', device]);
       const deadline = Date.now() + 10_000;
       while ((await readTrim(join(sys, 'pid'))) && Date.now() < deadline) await sleep(20);

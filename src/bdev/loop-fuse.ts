@@ -2,11 +2,13 @@
 // as one file on a private FUSE mount, and the loop device is bound to that file. nbdfuse was
 // chosen over a FUSE binding for Node: it is maintained with libnbd, speaks NBD to our server
 // over multi-conn, and maps fsync to NBD FLUSH, so a filesystem's barriers reach the engine.
-import { promises as fsp } from 'node:fs';
+import { closeSync, constants as fsConstants, openSync, promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { DeviceBusyError, FuseError, InvalidArgumentError } from '../errors.js';
-import { exists, isMountpoint, mountsByDevice, readTrim, sleep } from '../sys.js';
+import { loopClearAutoclear } from '../native/blkdev.js';
+import { blockDeviceUsers, crashPoint, exists, isMountpoint, readTrim, sleep } from '../sys.js';
+import { assertReleasable, showPartitions } from './partitions.js';
 import { run, start } from './programs.js';
 import { ANY_LOOP, type Frontend } from './frontend.js';
 
@@ -19,6 +21,8 @@ export interface LoopAttachOptions {
   runDir: string;
   readOnly: boolean;
   logger: Logger;
+  /** Logical sector size the loop device presents (losetup --sector-size): the disk's. Default 512. */
+  sectorSize?: number;
 }
 
 const READY_TIMEOUT_MS = 15_000;
@@ -61,10 +65,14 @@ export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> 
   let device = options.device;
   try {
     await waitForReady(pidfile, fuse.exited, fuse.stderr);
+    crashPoint('attach:fuse');
     // Direct I/O: the device's own page cache is the only copy in memory, not also the FUSE file's.
+    // The disk's logical sector size, so a filesystem made on the device mounts on the bare disk.
+    // The loop driver sets the physical block size to the same value; it has no separate knob.
+    // --partscan: a disk with a partition table shows /dev/loopNpM, as the bare disk shows sdbM.
+    const flags = ['--direct-io=on', '--partscan', '--sector-size', String(options.sectorSize ?? 512), ...(options.readOnly ? ['-r'] : [])];
     // /dev/loop: losetup finds a free device and binds it in one step (no race with another
     // program taking the same one); the backing file's path names this daemon for udev.
-    const flags = ['--direct-io=on', ...(options.readOnly ? ['-r'] : [])];
     if (anyLoop) device = (await run('losetup', [...flags, '--find', '--show', file])).trim();
     else await run('losetup', [...flags, device, file]);
   } catch (err) {
@@ -75,38 +83,64 @@ export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> 
   }
   const sys = `/sys/block/loop${loopIndex(device)}`;
   logger.info({ device, file }, 'loop device bound to the FUSE export');
+  await showPartitions(device, sys, logger);
 
   return {
     kind: 'loop',
     device,
+    /**
+     * Unbinds the loop device and stops nbdfuse. Refused, changing nothing, while the device or any
+     * partition of it is in use (once unbound, the filesystem on it would only get I/O errors),
+     * unless `force`: the stop deadline passed, so the device is let go of even in use (a lazy
+     * unmount of the FUSE file; its I/O then fails with ENOTCONN).
+     */
     async detach(detachOptions: { force?: boolean } = {}): Promise<void> {
       const force = detachOptions.force ?? false;
-      if (!force) {
-        const dev = await readTrim(join(sys, 'dev'));
-        const mount = dev ? (await mountsByDevice()).get(dev) : undefined;
-        if (mount) throw new DeviceBusyError(`${device} is mounted on ${mount}; unmount it first`);
-        const holders = await fsp.readdir(join(sys, 'holders')).catch(() => []);
-        if (holders.length > 0) throw new DeviceBusyError(`${device} is held by ${holders.join(', ')}`);
+      if (force) {
+        detaching = true;
+        // In use, losetup -d only marks the device to be cleared at its last close (autoclear).
+        await run('losetup', ['-d', device]).catch(() => undefined);
+        const deadline = Date.now() + 1000;
+        while ((await readTrim(join(sys, 'loop/backing_file'))) && Date.now() < deadline) await sleep(20);
+        await run('fusermount3', ['-u', '-z', mountDir]).catch(() => undefined);
+        fuse.child.kill('SIGTERM');
+      } else {
+        await assertReleasable(device, sys);
+        detaching = true;
+        try {
+          await unbindLoop(device, sys);
+        } catch (err) {
+          detaching = false;
+          throw err;
+        }
+        await run('fusermount3', ['-u', mountDir]);
       }
-      detaching = true;
-      // In use, losetup -d only marks the device to be cleared at its last close (autoclear).
-      await run('losetup', ['-d', device]).catch((err: unknown) => {
-        if (!force) throw err;
-      });
-      // The loop driver lets go of the file only when its last opener closes it.
-      const deadline = Date.now() + (force ? 1000 : 10_000);
-      while ((await readTrim(join(sys, 'loop/backing_file'))) && Date.now() < deadline) await sleep(20);
-      // Forced: a lazy unmount, and nbdfuse goes; the loop device's file then fails I/O (ENOTCONN).
-      await run('fusermount3', force ? ['-u', '-z', mountDir] : ['-u', mountDir]).catch((err: unknown) => {
-        if (!force) throw err;
-      });
-      if (force) fuse.child.kill('SIGTERM');
       const killer = setTimeout(() => fuse.child.kill('SIGKILL'), force ? 2000 : 5000);
       await fuse.exited;
       clearTimeout(killer);
       await fsp.rm(pidfile, { force: true });
     },
   };
+}
+
+/**
+ * LOOP_CLR_FD, then waits for the driver to let go of the file. Should something open the device
+ * between the check and the ioctl, the driver only marks it to unbind at the last close
+ * (autoclear): that mark is taken back and the detach refused, so the device stays as it was.
+ */
+async function unbindLoop(device: string, sys: string): Promise<void> {
+  await run('losetup', ['-d', device]);
+  const deadline = Date.now() + 10_000;
+  while ((await readTrim(join(sys, 'loop/backing_file'))) && Date.now() < deadline) await sleep(20);
+  if (!(await readTrim(join(sys, 'loop/backing_file')))) return;
+  const fd = openSync(device, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+  try {
+    loopClearAutoclear(fd);
+  } finally {
+    closeSync(fd);
+  }
+  const users = await blockDeviceUsers(sys);
+  throw new DeviceBusyError(`${device} was opened while detaching${users.length ? ` (${users.join('; ')})` : ''}; it stays attached, try again`);
 }
 
 async function waitForReady(pidfile: string, exited: Promise<number | null>, stderr: () => string): Promise<void> {

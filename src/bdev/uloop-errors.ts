@@ -8,6 +8,7 @@ import {
   InvalidArgumentError,
   ioError,
   ModuleMissingError,
+  ModuleRejectedError,
   ModuleVersionError,
   PermissionDeniedError,
   type UlobError,
@@ -75,7 +76,30 @@ export function uloopError(op: 'open' | 'ADD' | 'ATTACH', err: unknown, req: Ulo
 
 /** /dev/uloop-control is missing: the module is not loaded. `detail` says how we know. */
 export function moduleMissing(device: string, detail?: string, options?: { cause?: unknown }): ModuleMissingError {
-  return new ModuleMissingError(`${device} needs the uloop kernel module${detail ? ` (${detail})` : ''}: build it with make -C kernel, then insmod kernel/uloop.ko`, options);
+  return new ModuleMissingError(
+    `${device} needs the uloop kernel module${detail ? ` (${detail})` : ''}: install it with DKMS or build it (make -C kernel, then insmod kernel/uloop.ko), see docs/laptop.md; /dev/loopN and /dev/nbdN need no module of ours`,
+    options,
+  );
+}
+
+/**
+ * `modprobe uloop` failed with `said` (its last stderr line): the kernel's refusal of the module's
+ * signature as one line that says what happened and what to do, or undefined for any other failure.
+ * "Key was rejected by service" is EKEYREJECTED: Secure Boot (or module.sig_enforce=1) and a module
+ * unsigned or signed with a key not enrolled; "Operation not permitted" under lockdown is EPERM.
+ */
+export function moduleRejected(device: string, said: string, lockedDown: boolean): ModuleRejectedError | undefined {
+  if (/Key was rejected by service/i.test(said)) {
+    return new ModuleRejectedError(
+      `${device}: the kernel refused uloop.ko (Key was rejected by service: Secure Boot loads only modules signed with an enrolled key); enrol the DKMS key with mokutil --import and reboot, see docs/laptop.md "Secure Boot"`,
+    );
+  }
+  if (/Operation not permitted/i.test(said) && lockedDown) {
+    return new ModuleRejectedError(
+      `${device}: the kernel is in lockdown and refused the unsigned uloop.ko (${said}); sign it with the DKMS key and enrol that with mokutil --import, see docs/laptop.md "Secure Boot"`,
+    );
+  }
+  return undefined;
 }
 
 /** The lowest /dev/uloopN not in use, from /sys/block; undefined if that cannot be read. */

@@ -2,7 +2,9 @@
 // frontend is its daemon. It answers misses by filling through the engine, dirty intents with
 // store.markDirty (rule 3), and barriers by recording the bits the kernel reports after it synced
 // the cache file (rules 4-6).
-import { closeSync, existsSync, openSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
+import { release } from 'node:os';
 import { open } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { Bitmap } from '../cache/bitmap.js';
@@ -11,10 +13,34 @@ import { EngineClosedError, InternalError } from '../errors.js';
 import type { Extent } from '../cache/layout.js';
 import * as native from '../native/uloop.js';
 import type { Frontend } from './frontend.js';
-import { moduleMissing, uloopError } from './uloop-errors.js';
+import { moduleMissing, moduleRejected, uloopError } from './uloop-errors.js';
 
+/**
+ * Makes sure /dev/uloop-control exists: when it does not, loads the installed module (DKMS puts it
+ * in /lib/modules/$(uname -r)/updates/dkms) with `modprobe uloop`, as a sysadmin would.
+ * Throws ModuleRejectedError when the kernel refuses the module's signature (Secure Boot), and
+ * ModuleMissingError when no module is installed for the running kernel or modprobe fails otherwise;
+ * each message is one line pointing to docs/laptop.md.
+ */
 export function assertUloopModule(device: string): void {
-  if (!existsSync(native.ULOOP_CONTROL)) throw moduleMissing(device);
+  if (existsSync(native.ULOOP_CONTROL)) return;
+  const path = `${process.env.PATH ?? '/usr/bin:/bin'}:/usr/local/sbin:/usr/sbin:/sbin`;
+  const r = spawnSync('modprobe', ['uloop'], { encoding: 'utf8', env: { ...process.env, PATH: path }, timeout: 60_000 });
+  if (r.status === 0 && existsSync(native.ULOOP_CONTROL)) return;
+  const said = `${r.stderr ?? ''}`.trim().split('\n').pop() ?? '';
+  const rejected = moduleRejected(device, said, lockedDown());
+  if (rejected) throw rejected;
+  if (r.error || /not found/i.test(said) || r.status === 0) throw moduleMissing(device, `not installed for kernel ${release()}`);
+  throw moduleMissing(device, `modprobe uloop: ${said || `exit ${String(r.status)}`}`);
+}
+
+/** True when /sys/kernel/security/lockdown selects integrity or confidentiality. */
+function lockedDown(): boolean {
+  try {
+    return /\[(integrity|confidentiality)\]/.test(readFileSync('/sys/kernel/security/lockdown', 'utf8'));
+  } catch {
+    return false;
+  }
 }
 
 export interface UloopOptions {
@@ -122,6 +148,7 @@ export async function attachUloop(options: UloopOptions): Promise<Frontend> {
         const kernel = Buffer.alloc(flushing.buffer.byteLength);
         kernelEpoch = native.uloopEpochBegin(ctl, kernel);
         for (let i = 0; i < kernel.byteLength; i++) flushing.buffer[i]! &= kernel[i]!;
+        flushing.changed();
       },
       commit(cleaned) {
         const epoch = kernelEpoch;

@@ -1,5 +1,8 @@
-// In-memory bitmap with the on-disk bit order (docs/format.md): bit n lives in byte n >> 3 under
-// mask 1 << (n & 7). Scans run in the native addon, word at a time.
+// In-memory bitmap with the on-disk bit order (docs/format.md): bit n lives in byte ⌊n / 8⌋ under
+// mask 1 << (n % 8). Scans run in the native addon, word at a time.
+//
+// Bit numbers are block numbers, and a disk past 8 TiB has more than 2^31 blocks of 4 KiB: no
+// 32-bit operator (>>, |, <<, ~) may touch a bit number, only the bit's position in its byte.
 import {
   bitClearRange,
   bitCount,
@@ -7,37 +10,60 @@ import {
   bitFindNextSet,
   bitSetRange,
 } from '../native/bitmap.js';
-import type { Extent } from './layout.js';
+import { MAX_BITMAP_BITS, type Extent } from './layout.js';
 
 export class Bitmap {
   readonly bits: number;
+  /**
+   * The bits. Code that writes it directly (a kernel filling it, a file read into it) calls
+   * changed() afterwards, so the cached count is recomputed.
+   */
   readonly buffer: Buffer;
+  /** Set bits in [0, bits), kept up to date by every method that changes a bit; null: unknown. */
+  #ones: number | null = null;
 
   /** `buffer` may be larger than needed (the file is padded to 4 KiB); bits past `bits` are ignored. */
   constructor(bits: number, buffer?: Buffer) {
+    if (!Number.isSafeInteger(bits) || bits < 0 || bits > MAX_BITMAP_BITS) {
+      throw new RangeError(`a bitmap holds 0 to ${MAX_BITMAP_BITS} bits, not ${bits}`);
+    }
     this.bits = bits;
     this.buffer = buffer ?? Buffer.alloc(Math.ceil(bits / 8));
     if (this.buffer.byteLength * 8 < bits) throw new RangeError(`bitmap buffer too small for ${bits} bits`);
+    if (!buffer) this.#ones = 0;
   }
 
   get(n: number): boolean {
-    return (this.buffer[n >> 3]! & (1 << (n & 7))) !== 0;
+    return (this.buffer[Math.floor(n / 8)]! & (1 << n % 8)) !== 0;
   }
 
   set(n: number): void {
-    this.buffer[n >> 3]! |= 1 << (n & 7);
+    if (this.get(n)) return;
+    this.buffer[Math.floor(n / 8)]! |= 1 << n % 8;
+    if (this.#ones !== null && n < this.bits) this.#ones++;
   }
 
   clear(n: number): void {
-    this.buffer[n >> 3]! &= ~(1 << (n & 7));
+    if (!this.get(n)) return;
+    this.buffer[Math.floor(n / 8)]! &= ~(1 << n % 8);
+    if (this.#ones !== null && n < this.bits) this.#ones--;
   }
 
   setRange(from: number, to: number): void {
-    if (to > from) bitSetRange(this.buffer, from, to);
+    if (to <= from) return;
+    if (this.#ones !== null) this.#ones += this.#inside(from, to) - this.#countInside(from, to);
+    bitSetRange(this.buffer, from, to);
   }
 
   clearRange(from: number, to: number): void {
-    if (to > from) bitClearRange(this.buffer, from, to);
+    if (to <= from) return;
+    if (this.#ones !== null) this.#ones -= this.#countInside(from, to);
+    bitClearRange(this.buffer, from, to);
+  }
+
+  /** The buffer was written directly: the next count() counts again. */
+  changed(): void {
+    this.#ones = null;
   }
 
   nextSet(from: number, to = this.bits): number {
@@ -48,8 +74,14 @@ export class Bitmap {
     return from >= to ? to : Math.min(bitFindNextClear(this.buffer, to, from), to);
   }
 
+  /**
+   * Set bits in [from, to). The whole bitmap's count is kept as bits change, so status and the
+   * write-back scheduler's tick cost nothing even on a 64 TiB disk (2^34 bits).
+   */
   count(from = 0, to = this.bits): number {
-    return to > from ? bitCount(this.buffer, from, to) : 0;
+    if (to <= from) return 0;
+    if (from === 0 && to === this.bits) return (this.#ones ??= bitCount(this.buffer, 0, this.bits));
+    return bitCount(this.buffer, from, to);
   }
 
   allSet(from: number, to: number): boolean {
@@ -77,6 +109,17 @@ export class Bitmap {
   }
 
   clone(): Bitmap {
-    return new Bitmap(this.bits, Buffer.from(this.buffer));
+    const copy = new Bitmap(this.bits, Buffer.from(this.buffer));
+    copy.#ones = this.#ones;
+    return copy;
+  }
+
+  // The count covers [0, bits) only; ranges may reach into the padding past it.
+  #inside(from: number, to: number): number {
+    return Math.max(0, Math.min(to, this.bits) - from);
+  }
+
+  #countInside(from: number, to: number): number {
+    return from < this.bits ? bitCount(this.buffer, from, Math.min(to, this.bits)) : 0;
   }
 }

@@ -101,17 +101,37 @@ export class FlushEpoch implements Epoch {
    * The epoch's version of blocks [start, start + count): the cache content as of the snapshot,
    * even for blocks rewritten since (their saved copies). Each block should be read once;
    * afterwards writes to it no longer need a copy. Throws the epoch's failure, if any.
+   * With `into` (at least the extent's bytes long) the blocks are read there and a view of `into`
+   * is returned: the flusher reuses its buffers.
    */
-  async read(start: number, count: number): Promise<Buffer> {
+  async read(start: number, count: number, into?: Buffer): Promise<Buffer> {
+    const bytes = this.#checkPiece(start, count);
+    if (into && into.byteLength < bytes) throw new RangeError(`a buffer of ${into.byteLength} bytes cannot hold blocks ${start}+${count}`);
+    const buf = into ? into.subarray(0, bytes) : Buffer.allocUnsafe(bytes);
+    await this.readInto(buf, [[start, count, 0]]);
+    return buf;
+  }
+
+  /**
+   * read() for many pieces at once, into one buffer: each piece is [first block, blocks, byte
+   * offset in buf]. One pass of bookkeeping for all of them, and their cache reads run together;
+   * the flusher copies scattered dirty blocks this way. Resolves once every read has settled (the
+   * buffer is then the caller's again), rejecting with the first failure.
+   */
+  async readInto(buf: Buffer, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<void> {
     const g = this.#o.geometry;
-    const end = start + count;
-    if (!Number.isSafeInteger(start) || count < 1 || end > g.blockCount) throw new RangeError(`blocks ${start}+${count} outside the disk`);
+    for (const [start, count, at] of pieces) {
+      const bytes = this.#checkPiece(start, count);
+      if (!Number.isSafeInteger(at) || at < 0 || at + bytes > buf.byteLength) throw new RangeError(`blocks ${start}+${count} at byte ${at} do not fit a buffer of ${buf.byteLength} bytes`);
+    }
     for (;;) {
       if (this.failed) throw this.failed;
       const waits = [];
-      for (let b = start; b < end; b++) {
-        const p = this.#preserving.get(b) ?? this.#reading.get(b);
-        if (p) waits.push(p);
+      for (const [start, count] of pieces) {
+        for (let b = start; b < start + count; b++) {
+          const p = this.#preserving.get(b) ?? this.#reading.get(b);
+          if (p) waits.push(p);
+        }
       }
       if (waits.length === 0) break;
       await Promise.all(waits);
@@ -119,33 +139,45 @@ export class FlushEpoch implements Epoch {
     let done!: () => void;
     const reading = new Promise<void>((resolve) => (done = resolve));
     const mine: number[] = [];
-    for (let b = start; b < end; b++) {
-      if (!this.flushing.get(b) || this.#copied.get(b)) continue;
-      this.#reading.set(b, reading);
-      mine.push(b);
+    for (const [start, count] of pieces) {
+      for (let b = start; b < start + count; b++) {
+        if (!this.flushing.get(b) || this.#copied.get(b)) continue;
+        this.#reading.set(b, reading);
+        mine.push(b);
+      }
     }
     try {
-      const buf = Buffer.allocUnsafe(g.extentBytes(start, count));
-      await this.#o.readCache(buf, g.blockOffset(start));
-      for (let b = start; b < end; b++) {
-        const saved = this.#preserved.get(b);
-        if (saved === undefined) continue;
-        const at = g.blockOffset(b) - g.blockOffset(start);
-        if (typeof saved === 'number') {
-          await this.#spill!.handle.read(buf, at, g.blockLength(b), saved * g.blockSize);
-        } else {
-          saved.copy(buf, at);
-          this.#memoryBytes -= saved.byteLength;
+      const reads = await Promise.allSettled(pieces.map(([start, count, at]) => this.#o.readCache(buf.subarray(at, at + g.extentBytes(start, count)), g.blockOffset(start))));
+      for (const r of reads) if (r.status === 'rejected') throw r.reason;
+      for (const [start, count, at] of pieces) {
+        for (let b = start; b < start + count; b++) {
+          const saved = this.#preserved.get(b);
+          if (saved === undefined) continue;
+          const into = at + g.blockOffset(b) - g.blockOffset(start);
+          if (typeof saved === 'number') {
+            await this.#spill!.handle.read(buf, into, g.blockLength(b), saved * g.blockSize);
+          } else {
+            saved.copy(buf, into);
+            this.#memoryBytes -= saved.byteLength;
+          }
+          this.#preserved.delete(b);
         }
-        this.#preserved.delete(b);
       }
       if (this.failed) throw this.failed;
       for (const b of mine) this.#copied.set(b);
-      return buf;
     } finally {
       for (const b of mine) this.#reading.delete(b);
       done();
     }
+  }
+
+  /** Bytes of blocks [start, start + count), which must lie on the disk. */
+  #checkPiece(start: number, count: number): number {
+    const g = this.#o.geometry;
+    if (!Number.isSafeInteger(start) || !Number.isSafeInteger(count) || start < 0 || count < 1 || start + count > g.blockCount) {
+      throw new RangeError(`blocks ${start}+${count} outside the disk`);
+    }
+    return g.extentBytes(start, count);
   }
 
   /** Frees the saved copies (and the spill file) once no save or read is in flight. */

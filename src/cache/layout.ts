@@ -1,4 +1,5 @@
 // Geometry of a cache: how a backing disk of `size` bytes maps to blocks, cache file and bitmap file.
+import { constants as bufferConstants } from 'node:buffer';
 import { InvalidArgumentError } from '../errors.js';
 import { assertSafeInteger, isPowerOfTwo } from '../validate.js';
 
@@ -7,6 +8,12 @@ export const MAX_BLOCK_SIZE = 1 << 20;
 export const DEFAULT_BLOCK_SIZE = 4096;
 /** Cache and bitmap files are sized in whole 4 KiB pages, as the seed's ULOOP did. */
 export const FILE_ALIGN = 4096;
+
+/**
+ * Most blocks a cache can have: each in-memory bitmap is one Buffer, at most
+ * buffer.constants.MAX_LENGTH bytes (4 GiB on Node 20: 2^35 blocks, a 128 TiB disk of 4 KiB blocks).
+ */
+export const MAX_BITMAP_BITS = bufferConstants.MAX_LENGTH * 8;
 
 export function roundUp(n: number, align: number): number {
   return Math.ceil(n / align) * align;
@@ -37,6 +44,12 @@ export class Geometry {
     this.blockSize = blockSize;
     this.blockShift = Math.log2(blockSize);
     this.blockCount = Math.ceil(size / blockSize);
+    if (this.blockCount > MAX_BITMAP_BITS) {
+      const fits = 2 ** Math.ceil(Math.log2(size / MAX_BITMAP_BITS));
+      throw new InvalidArgumentError(
+        `a ${size}-byte disk has ${this.blockCount} blocks of ${blockSize} bytes, more than one bitmap holds (${MAX_BITMAP_BITS}); use --block-size ${fits >= 1 << 20 ? `${fits / (1 << 20)}M` : `${fits / 1024}K`} or larger`,
+      );
+    }
   }
 
   /** Cache file: the backing size rounded up to 4 KiB. */

@@ -1,7 +1,9 @@
 // Cache metadata in SQLite: identity, mode, clean-shutdown flag, flush epoch, the dirty set as block
 // extents, and the history tables. WAL with synchronous=FULL: every transaction that returns is
 // durable, which is what the dirty set needs (docs/design.md, "Durability rules").
+import { closeSync, constants as fsConstants, openSync } from 'node:fs';
 import Database from 'better-sqlite3';
+import { fdatasync } from '../native/io.js';
 import { CacheBusyError, CorruptMetadataError, ioError } from '../errors.js';
 import type { Extent } from './layout.js';
 
@@ -150,12 +152,18 @@ export class Metadata implements HistoryLog {
   #db: Database.Database;
   #info: CacheInfo;
   #insertDirty: Database.Statement<[number, number]>;
+  readonly #syncNormal: Database.Statement;
+  readonly #syncFull: Database.Statement;
+  /** The WAL, opened on the first syncWal() (it exists from the first write on). */
+  #walFd: number | null = null;
 
   private constructor(path: string, db: Database.Database) {
     this.path = path;
     this.#db = db;
     this.#info = readInfo(db, path);
     this.#insertDirty = db.prepare('INSERT INTO dirty (start, count) VALUES (?, ?)');
+    this.#syncNormal = db.prepare('PRAGMA synchronous = NORMAL');
+    this.#syncFull = db.prepare('PRAGMA synchronous = FULL');
   }
 
   /** Creates a new metadata database; fails if `path` exists. */
@@ -216,6 +224,37 @@ export class Metadata implements HistoryLog {
     });
   }
 
+  /**
+   * addDirty() without waiting for the disk: the transaction is committed to the WAL but not
+   * synced (synchronous = NORMAL for this one transaction), so it takes microseconds on the event
+   * loop instead of an fsync. It is durable once a later syncWal() resolves, or any later
+   * transaction of this connection (they are synced, and the WAL is a log: syncing it covers
+   * everything before). A crash before either may lose it, and so may lose no more than that:
+   * SQLite recovers the WAL up to the last frame it can verify.
+   */
+  addDirtyUnsynced(extents: readonly Extent[]): void {
+    this.#syncNormal.run();
+    try {
+      this.addDirty(extents);
+    } finally {
+      this.#syncFull.run();
+    }
+  }
+
+  /**
+   * fdatasync of the WAL on the threadpool: every transaction committed before the call is
+   * durable when it resolves. Checkpoints in between are safe: with synchronous = NORMAL SQLite
+   * syncs the WAL before a checkpoint and the database after it, before reusing the WAL.
+   */
+  async syncWal(): Promise<void> {
+    try {
+      this.#walFd ??= openSync(`${this.path}-wal`, fsConstants.O_RDONLY);
+      await fdatasync(this.#walFd);
+    } catch (err) {
+      throw ioError('sync the metadata journal', `${this.path}-wal`, err);
+    }
+  }
+
   /** Replaces the whole dirty set (after a flush epoch or to compact it); optionally bumps the epoch. */
   replaceDirty(extents: Iterable<Extent>, newEpoch?: number): void {
     this.#run(() => {
@@ -244,6 +283,8 @@ export class Metadata implements HistoryLog {
   }
 
   close(): void {
+    if (this.#walFd !== null) closeSync(this.#walFd);
+    this.#walFd = null;
     if (this.#db.open) this.#db.close();
   }
 

@@ -40,12 +40,26 @@ export async function daemonize(device: string, options: { name?: string; runDir
   closeSync(log);
   const pipe = child.stdio[3] as NodeJS.ReadableStream;
   let text = '';
+  let line = '';
   pipe.setEncoding('utf8');
+  // NOTE lines (what the attach recovered) go to stderr; READY or ERROR ends the wait.
+  const next = () => {
+    for (let nl = text.indexOf('\n'); nl >= 0; nl = text.indexOf('\n')) {
+      const l = text.slice(0, nl);
+      text = text.slice(nl + 1);
+      if (l.startsWith('NOTE ')) process.stderr.write(`ulobdev: ${device}: ${l.slice('NOTE '.length)}\n`);
+      else return l;
+    }
+    return null;
+  };
   for await (const chunk of pipe) {
     text += chunk as string;
-    if (text.includes('\n')) break;
+    const l = next();
+    if (l !== null) {
+      line = l;
+      break;
+    }
   }
-  const line = text.split('\n')[0] ?? '';
   child.unref();
   (pipe as unknown as { destroy(): void }).destroy();
   if (line.startsWith('READY ')) {
@@ -78,6 +92,17 @@ export function notifyParent(message: string): void {
     // The parent is gone; nothing to tell.
   }
   delete process.env[NOTIFY_FD_ENV];
+}
+
+/** In a --daemon child: a line for the waiting parent to print on stderr before READY. */
+export function noteParent(message: string): void {
+  const fd = Number(process.env[NOTIFY_FD_ENV]);
+  if (!Number.isInteger(fd) || fd <= 2) return;
+  try {
+    writeSync(fd, `NOTE ${message}\n`);
+  } catch {
+    // The parent is gone; nothing to tell.
+  }
 }
 
 /** True in a --daemon child that has not reported yet (its stdout is the log, not the user's). */

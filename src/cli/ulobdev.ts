@@ -9,16 +9,17 @@
 //   ulobdev report DEVICE --svg FILE [--hours N]
 //   ulobdev discard [-c CACHE] [-b BITMAP] [--force] BACKEND
 import { promises as fsp } from 'node:fs';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument } from 'commander';
 import { CacheStore } from '../cache/store.js';
 import { Metadata } from '../cache/metadata.js';
-import { InvalidArgumentError, IOFailedError, NotAttachedError } from '../errors.js';
+import { DaemonError, InvalidArgumentError, IOFailedError, NotAttachedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
-import { attachFailed, daemonize, hasWaitingParent, makeLogger, notifyParent, oneLine } from './background.js';
+import { attachFailed, daemonize, hasWaitingParent, makeLogger, noteParent, notifyParent, oneLine } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
 import { openBacking } from '../source/backing.js';
 import { controlRequest } from '../daemon/control.js';
+import { deadRecords, describeRecovery, recoverDeadDaemon } from '../daemon/leftovers.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { cachePaths, controlSocket, Daemon, describeFlush, type DetachResult, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
 import { CONFIG_DIR, RUN_DIR } from '../paths.js';
@@ -51,6 +52,7 @@ interface AttachFlags {
   tickMs?: string;
   sampleMs?: string;
   stopTimeout: string;
+  fstab?: string;
 }
 
 /**
@@ -129,6 +131,8 @@ async function attach(device: string, backing: string, flags: AttachFlags): Prom
       runDir: flags.runDir,
       logger,
       writebackPolicy: policy,
+      onNotice: (line) => noteParent(line),
+      fstab: flags.fstab,
     });
   } catch (err) {
     throw attachFailed(err);
@@ -157,12 +161,27 @@ async function attach(device: string, backing: string, flags: AttachFlags): Prom
   await daemon.done;
 }
 
+/**
+ * When no daemon answers for DEVICE: lets go of what a dead one left (src/daemon/leftovers.ts) and
+ * returns the line saying so, or null (nothing was left, or the daemon lives and is slow).
+ */
+async function recoverIfDead(device: string, runDir: string, err: unknown): Promise<string | null> {
+  if (!(err instanceof NotAttachedError) && !(err instanceof DaemonError)) return null;
+  const recovery = await recoverDeadDaemon(runDir, device, basename(controlSocket(device, runDir), '.sock'));
+  return recovery && describeRecovery(recovery);
+}
+
 async function status(device: string | undefined, flags: { json?: boolean; runDir?: string }): Promise<void> {
   const runDir = flags.runDir ?? RUN_DIR;
   let sockets: string[];
   if (device) {
     sockets = [controlSocket(device, runDir)];
   } else {
+    // Daemons that died: their leftovers are let go first, and said so.
+    for (const dead of await deadRecords(runDir)) {
+      const recovery = await recoverDeadDaemon(runDir, dead.device, dead.name);
+      if (recovery) process.stderr.write(`ulobdev: ${dead.device}: ${describeRecovery(recovery)}\n`);
+    }
     const names = await fsp.readdir(runDir).catch(() => [] as string[]);
     sockets = names.filter((n) => n.endsWith('.sock')).map((n) => join(runDir, n));
   }
@@ -171,6 +190,10 @@ async function status(device: string | undefined, flags: { json?: boolean; runDi
     try {
       statuses.push((await controlRequest(socket, { cmd: 'status' }, 10_000)).status as DeviceStatus);
     } catch (err) {
+      if (device) {
+        const recovered = await recoverIfDead(device, runDir, err);
+        if (recovered) throw new NotAttachedError(`${device} is not attached: ${recovered}; run the attach command again`);
+      }
       if (device || !(err instanceof NotAttachedError)) throw err;
     }
   }
@@ -210,6 +233,11 @@ function formatStatus(s: DeviceStatus): string {
     `  size ${formatBytes(s.size)}, block ${formatBytes(s.blockSize)}, cached ${formatBytes(s.cachedBytes)} (${s.cacheFillPercent}%), dirty ${formatBytes(s.dirtyBytes)}`,
     `  flush epoch ${s.flushEpoch}, up ${s.uptimeSeconds} s, cache ${s.paths.cache}`,
   ];
+  if (s.disk) {
+    const d = s.disk;
+    const last = d.lastError ? `; last error ${when(d.lastErrorAt)}: ${d.lastError}` : '';
+    lines.push(`  backing disk ${d.state === 'ok' ? 'ok' : d.state.toUpperCase()}${last}`);
+  }
   const w = s.writeback;
   if (w) {
     lines.push(
@@ -226,8 +254,17 @@ function formatStatus(s: DeviceStatus): string {
 }
 
 async function detach(device: string, flags: { runDir?: string }): Promise<void> {
-  // Long enough for the flush a detach runs first.
-  const r = (await controlRequest(controlSocket(device, flags.runDir ?? RUN_DIR), { cmd: 'detach' }, 24 * 3600_000)) as { detach?: DetachResult };
+  const runDir = flags.runDir ?? RUN_DIR;
+  let r: { detach?: DetachResult };
+  try {
+    // Long enough for the flush a detach runs first.
+    r = (await controlRequest(controlSocket(device, runDir), { cmd: 'detach' }, 24 * 3600_000)) as { detach?: DetachResult };
+  } catch (err) {
+    const recovered = await recoverIfDead(device, runDir, err);
+    if (!recovered) throw err;
+    process.stdout.write(`${device}: ${recovered}\n${device} detached\n`);
+    return;
+  }
   process.stdout.write(r.detach ? `${r.detach.device} detached: ${describeFlush(r.detach)}\n` : `${device} detached\n`);
 }
 
@@ -380,6 +417,7 @@ export function buildProgram(): Command {
     .addOption(hidden('--run-dir <DIR>'))
     .addOption(hidden('--tick-ms <MS>'))
     .addOption(hidden('--sample-ms <MS>'))
+    .addOption(hidden('--fstab <PATH>'))
     .action((device: string, backing: string, flags: AttachFlags) => attach(device, backing, flags));
 
   program

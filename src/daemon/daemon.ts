@@ -5,12 +5,14 @@ import { basename, dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths } from '../cache/store.js';
+import { DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE } from '../cache/layout.js';
 import { DeviceBusyError, InvalidArgumentError, NotAttachedError, NotRootError, ReadOnlyError } from '../errors.js';
 import { exists, sleep } from '../sys.js';
 import { formatBytes } from '../units.js';
 import { run } from '../bdev/programs.js';
 import { RUN_DIR, STATE_DIR } from '../paths.js';
-import { isWritable, type Source } from '../source/source.js';
+import { isWritable, type SectorSize, type Source } from '../source/source.js';
+import { DiskHealth, type DiskHealthStatus } from '../source/health.js';
 import { ANY_LOOP, defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/kernel-nbd.js';
@@ -21,6 +23,9 @@ import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
 import { DiskPower, onAcPower, standbyTimerCount, standbyTimerSeconds } from '../writeback/power.js';
 import { FlushScheduler, type SchedulerStatus } from '../writeback/scheduler.js';
 import { assertNoDaemon, ControlServer, type ControlRequest } from './control.js';
+import { claimName, describeRecovery, recoverLeftovers, releaseName, updateRecordDevice } from './leftovers.js';
+import { fstabWarnings } from './fstab.js';
+import { crashPoint } from '../sys.js';
 
 export const EXPORT_NAME = 'ulobdev';
 
@@ -39,6 +44,13 @@ export interface AttachOptions {
   logger: Logger;
   /** Write-back policy (src/writeback): all optional; without them flushes are manual only. */
   writebackPolicy?: WritebackPolicy;
+  /**
+   * Told (besides the log) what the user should know of the attach: what it let go of a dead daemon
+   * of the same name, fstab lines that may mount the raw disk.
+   */
+  onNotice?: (line: string) => void;
+  /** The fstab to check for lines that name the filesystem by tag (default /etc/fstab). */
+  fstab?: string;
 }
 
 export interface WritebackPolicy {
@@ -70,6 +82,8 @@ export interface DeviceStatus {
   backing: string;
   mode: string;
   size: number;
+  /** The device's logical and physical sector sizes (the disk's; 512 for files and URLs). */
+  sectorSize: SectorSize;
   blockSize: number;
   cachedBytes: number;
   cacheFillPercent: number;
@@ -80,6 +94,8 @@ export interface DeviceStatus {
   paths: CachePaths;
   /** The source's own counters, if it keeps any. */
   source?: Record<string, number | string | boolean>;
+  /** The backing disk's state (ok, failing, gone) and its last I/O error. */
+  disk: DiskHealthStatus;
   /** Dirty bytes not yet on the disk (dirty minus what a running flush has already written). */
   bytesAtRisk: number;
   oldestDirtyAgeSeconds: number | null;
@@ -103,6 +119,7 @@ export class Daemon {
   #hydrator: Hydrator | null;
   readonly #power: DiskPower | null;
   readonly #policy: WritebackPolicy;
+  readonly #health: DiskHealth;
   #detaching: Promise<DetachResult> | null = null;
   readonly #done: Promise<void>;
   #resolveDone!: () => void;
@@ -121,6 +138,7 @@ export class Daemon {
     hydrator: Hydrator | null;
     power: DiskPower | null;
     policy: WritebackPolicy;
+    health: DiskHealth;
   }) {
     this.name = parts.name;
     this.device = parts.device;
@@ -135,6 +153,7 @@ export class Daemon {
     this.#hydrator = parts.hydrator;
     this.#power = parts.power;
     this.#policy = parts.policy;
+    this.#health = parts.health;
     this.#done = new Promise((r) => (this.#resolveDone = r));
   }
 
@@ -152,15 +171,34 @@ export class Daemon {
     const runBase = options.runDir ?? RUN_DIR;
     const runDir = join(runBase, name);
     const logger = options.logger.child({ device: name });
-    // Everything that can refuse DEVICE is checked before the cache is opened or created.
-    if (kind === 'loop' && options.device !== ANY_LOOP) await assertLoopFree(options.device);
-    if (kind === 'nbd') await assertNbdFree(options.device);
     if (kind === 'serve') parseNbdUrl(options.device);
     await assertNoDaemon(join(runBase, `${name}.sock`));
+    // The name is this process's from here on (RUN_DIR/NAME.json); what a dead daemon of the same
+    // name left (a loop device bound to its FUSE file, nbdfuse, the mount) is let go first.
+    const recovery =
+      (await claimName(runBase, { name, device: options.device, frontend: kind })) ??
+      (await recoverLeftovers(runBase, name, { pid: 0, device: options.device, frontend: kind }).catch(async (err: unknown) => {
+        await releaseName(runBase, name);
+        throw err;
+      }));
+    if (recovery.steps.length > 0) {
+      const line = describeRecovery(recovery);
+      logger.warn(line);
+      options.onNotice?.(line);
+    }
+    crashPoint('attach:claimed');
     const undo: Array<() => Promise<unknown>> = [];
     try {
+      // Everything that can refuse DEVICE is checked before the cache is opened or created.
+      if (kind === 'loop' && options.device !== ANY_LOOP) await assertLoopFree(options.device);
+      if (kind === 'nbd') await assertNbdFree(options.device);
       const source = await options.openSource({ writable: options.writeback });
       undo.push(() => source.close());
+      // Cache blocks are whole sectors of the disk: a new cache on a disk with sectors larger than
+      // 4 KiB gets blocks of one sector; an explicit smaller --block-size is refused here, before
+      // anything is created, and an existing cache's block size after it is opened (below).
+      const sectorSize = source.sectorSize ?? { logical: 512, physical: 512 };
+      assertSectorFits(sectorSize, options.blockSize ?? DEFAULT_BLOCK_SIZE, source.description, options.blockSize === undefined);
       const paths = cachePaths(options, source.id);
       await fsp.mkdir(dirname(paths.cache), { recursive: true, mode: 0o700 });
       await fsp.mkdir(dirname(paths.bitmap), { recursive: true, mode: 0o700 });
@@ -169,12 +207,17 @@ export class Daemon {
         backing: source,
         mode: options.writeback ? 'writeback' : 'readonly',
         blockSize: options.blockSize,
+        defaultBlockSize: Math.max(DEFAULT_BLOCK_SIZE, sectorSize.logical),
       });
       if (store.recoveredFromCrash) logger.warn('the cache was not closed cleanly last time; recovered its dirty set from the metadata');
+      undo.push(() => store.close());
+      assertSectorFits(sectorSize, store.geometry.blockSize, source.description, false);
       const policy = options.writebackPolicy ?? {};
       // Reads of the source (misses, hydration) mean the disk spins: a chance to flush for free.
       let onDiskRead = () => undefined as void;
-      const engine = new CacheEngine(store, observeReads(source, () => onDiskRead()), {
+      // Every I/O that reaches the disk also tells its state (ok, failing, gone) for status.
+      const health = new DiskHealth({ present: source.present ? () => source.present!() : undefined });
+      const engine = new CacheEngine(store, observeReads(health.watch(source), () => onDiskRead()), {
         evictOnDiscard: policy.hydrateRate === undefined,
       });
       undo.push(() => engine.close());
@@ -226,7 +269,16 @@ export class Daemon {
       }
 
       await fsp.mkdir(runDir, { recursive: true, mode: 0o700 });
-      const server = new NbdServer({ backend: engine, exportName: EXPORT_NAME, description: `ulobdev cache of ${source.description}`, logger });
+      // NBD block size constraints: clients align to the disk's logical sector at least, and to its
+      // physical one (never below a page) for speed.
+      const server = new NbdServer({
+        backend: engine,
+        exportName: EXPORT_NAME,
+        description: `ulobdev cache of ${source.description}`,
+        logger,
+        minBlockSize: sectorSize.logical,
+        preferredBlockSize: Math.max(4096, sectorSize.physical),
+      });
       const address = kind === 'serve' ? parseNbdUrl(options.device) : { path: join(runDir, 'nbd.sock') };
       await server.listen(address);
       undo.push(() => server.close());
@@ -240,16 +292,19 @@ export class Daemon {
         await fsp.writeFile(join(runDir, 'device'), `${options.device}\n`);
       }
       let frontend: Frontend;
-      if (kind === 'loop') frontend = await attachLoop({ device: options.device, socket, runDir, readOnly, logger });
-      else if (kind === 'nbd') frontend = await attachNbdDevice({ device: options.device, socket, exportName: EXPORT_NAME, readOnly });
+      if (kind === 'loop') frontend = await attachLoop({ device: options.device, socket, runDir, readOnly, logger, sectorSize: sectorSize.logical });
+      else if (kind === 'nbd') frontend = await attachNbdDevice({ device: options.device, socket, exportName: EXPORT_NAME, readOnly, sectorSize: sectorSize.logical, logger });
       else if (kind === 'uloop') frontend = await attachUloop({ device: options.device, engine, readOnly, logger });
       else frontend = { kind: 'serve', device: options.device, detach: async () => undefined };
       undo.push(() => frontend.detach());
       if (kind === 'nbd' || kind === 'uloop') await announceToUdev(frontend.device);
+      // /dev/loop took the first free loop device: the record names the one it took.
+      if (frontend.device !== options.device) await updateRecordDevice(runBase, name, frontend.device);
+      crashPoint('attach:bound');
 
       let daemon: Daemon | undefined;
       const control = await ControlServer.listen(join(runBase, `${name}.sock`), (req) => daemon!.#handle(req));
-      daemon = new Daemon({ name, device: frontend.device, engine, source, server, frontend, control, logger, runDir, scheduler, hydrator, power, policy });
+      daemon = new Daemon({ name, device: frontend.device, engine, source, server, frontend, control, logger, runDir, scheduler, hydrator, power, policy, health });
       scheduler?.start();
       if (hydrator) {
         const h = hydrator;
@@ -259,10 +314,17 @@ export class Daemon {
         );
       }
       logger.info({ backing: source.description, cache: paths.cache, mode: store.mode, schedule: policy.flushCron ?? null }, 'attached');
+      if (kind !== 'serve') {
+        for (const line of await fstabWarnings(options.device, `/sys/block/${basename(options.device)}`, source.description, options.fstab)) {
+          logger.warn(line);
+          options.onNotice?.(line);
+        }
+      }
       return daemon;
     } catch (err) {
       for (const step of undo.reverse()) await step().catch(() => undefined);
       await fsp.rm(runDir, { recursive: true, force: true }).catch(() => undefined);
+      await releaseName(runBase, name).catch(() => undefined);
       throw err;
     }
   }
@@ -277,6 +339,7 @@ export class Daemon {
       backing: this.#source.description,
       mode: s.mode,
       size: s.size,
+      sectorSize: this.#source.sectorSize ?? { logical: 512, physical: 512 },
       blockSize: s.blockSize,
       cachedBytes,
       cacheFillPercent: Math.round((s.presentBlocks / s.blocks) * 1000) / 10,
@@ -286,6 +349,7 @@ export class Daemon {
       pid: process.pid,
       paths: this.engine.store.paths,
       source: this.#source.stats?.(),
+      disk: this.#health.status(),
       ...this.#writebackStatus(Math.min(s.dirtyBlocks * s.blockSize, s.size)),
       hydration: this.#hydrator?.progress(),
     };
@@ -426,6 +490,7 @@ export class Daemon {
     await this.#source.close();
     await this.#control.close();
     await fsp.rm(this.#runDir, { recursive: true, force: true });
+    await releaseName(dirname(this.#runDir), this.name);
     const result: DetachResult = { device: this.device, flushed, flushError, dirtyBytes };
     this.#logger.info({ dirtyBytes, flushedBytes: flushed?.bytes ?? 0 }, `detached: ${describeFlush(result)}`);
     this.#resolveDone();
@@ -507,17 +572,38 @@ function observeReads(source: Source, onRead: () => void): Source {
     size: source.size,
     id: source.id,
     description: source.description,
+    sectorSize: source.sectorSize,
     readAt: (buf, position) => {
       onRead();
       return source.readAt(buf, position);
     },
     close: () => source.close(),
     stats: source.stats ? () => source.stats!() : undefined,
+    present: source.present ? () => source.present!() : undefined,
   };
   if (isWritable(source)) {
     Object.assign(wrapped, { writeAt: source.writeAt.bind(source), sync: source.sync.bind(source) });
   }
   return wrapped;
+}
+
+/**
+ * Refuses a cache whose blocks are not whole logical sectors of the disk (a disk with 8 KiB
+ * sectors under 4 KiB blocks): direct I/O to it would fail on every block.
+ */
+function assertSectorFits(sectorSize: SectorSize, blockSize: number, description: string, defaulted: boolean): void {
+  const { logical, physical } = sectorSize;
+  const valid = (n: number) => Number.isSafeInteger(n) && n >= 512 && n <= MAX_BLOCK_SIZE && (n & (n - 1)) === 0;
+  if (!valid(logical) || !valid(physical) || physical < logical) {
+    throw new InvalidArgumentError(
+      `${description} reports sectors of ${logical} (logical) and ${physical} (physical) bytes; expected powers of two from 512 to 1 MiB, physical at least logical`,
+    );
+  }
+  if (!defaulted && blockSize % logical !== 0) {
+    throw new InvalidArgumentError(
+      `${description} has ${logical}-byte sectors but the cache has ${blockSize}-byte blocks; a cache block must be whole sectors (a new cache: --block-size ${logical / 1024}K or more)`,
+    );
+  }
 }
 
 /** Any trigger that writes back without `ulobdev flush`: then detach and a spinning disk flush too. */

@@ -4,7 +4,7 @@
 // side, so the C++ side stays mechanism only; its own checks are just a backstop against memory
 // corruption.
 import { createRequire } from 'node:module';
-import { types } from 'node:util';
+import { getSystemErrorMap, types } from 'node:util';
 
 /** A failed system call inside the addon. */
 export class NativeError extends Error {
@@ -26,6 +26,15 @@ export class NativeError extends Error {
   override get name(): string {
     return 'NativeError';
   }
+}
+
+/**
+ * A NativeError for a positive errno, as C++ builds them (`EIO: i/o error, pwrite`): for calls
+ * that report several results at once (pwriteList).
+ */
+export function errnoError(errno: number, syscall: string): NativeError {
+  const [code, description] = getSystemErrorMap().get(-errno) ?? [`Unknown system error ${errno}`, 'unknown error'];
+  return new NativeError(`${code}: ${description}, ${syscall}`, code, errno, syscall);
 }
 
 interface AddonBinding {

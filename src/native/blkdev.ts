@@ -6,7 +6,9 @@ interface BlkdevBinding {
   blkGetSize64(fd: number): number;
   blkFlsBuf(fd: number): void;
   blkSectorSize(fd: number): number;
+  blkPhysicalSectorSize(fd: number): number;
   loopBacking(fd: number): { device: number; inode: number };
+  loopClearAutoclear(fd: number): boolean;
 }
 
 const binding = addon<BlkdevBinding>();
@@ -29,8 +31,23 @@ export function blkSectorSize(fd: number): number {
   return binding.blkSectorSize(fd);
 }
 
+/** BLKPBSZGET: the physical block size in bytes (4096 on a 512e disk, whose logical sectors are 512). */
+export function blkPhysicalSectorSize(fd: number): number {
+  validateFd(fd);
+  return binding.blkPhysicalSectorSize(fd);
+}
+
 /** LOOP_GET_STATUS64: dev_t and inode of a loop device's backing file, without touching it. */
 export function loopBacking(fd: number): { device: number; inode: number } {
   validateFd(fd);
   return binding.loopBacking(fd);
+}
+
+/**
+ * Turns off a loop device's autoclear flag (LOOP_GET/SET_STATUS64), which LOOP_CLR_FD sets instead
+ * of unbinding while the device is open; true if it was set. Needs CAP_SYS_ADMIN.
+ */
+export function loopClearAutoclear(fd: number): boolean {
+  validateFd(fd);
+  return binding.loopClearAutoclear(fd);
 }

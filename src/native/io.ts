@@ -1,12 +1,13 @@
 // Positioned I/O and aligned buffers (native/io.cc). Each transfer runs on the libuv threadpool;
 // the buffer is held until it settles.
 import { constants as bufferConstants } from 'node:buffer';
-import { addon, invalidArgValue, validateBytes, validateFd, validateInteger } from './addon.js';
+import { addon, invalidArgType, invalidArgValue, validateBytes, validateFd, validateInteger } from './addon.js';
 
 interface IoBinding {
   pread(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<number>;
   preadNowait(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): number;
   pwrite(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<void>;
+  pwriteList(fd: number, buffers: Uint8Array[], positions: Float64Array): Promise<Int32Array>;
   fdatasync(fd: number): Promise<void>;
   fallocate(fd: number, offset: number, length: number): Promise<void>;
   alignedBuffer(size: number, alignment: number): Buffer;
@@ -50,6 +51,26 @@ export function pwrite(fd: number, buf: Uint8Array, bufOffset: number, length: n
   return binding.pwrite(fd, buf, bufOffset, length, position);
 }
 
+/**
+ * Writes each of `buffers` whole at the matching entry of `positions` (bytes), in order, in one
+ * threadpool job: one hand-off to the I/O threads instead of one per write. Every write is
+ * attempted; the result holds each one's errno (0: written in full). Rejects only for a failure of
+ * the call itself.
+ */
+export function pwriteList(fd: number, buffers: Uint8Array[], positions: Float64Array): Promise<Int32Array> {
+  validateFd(fd);
+  if (!Array.isArray(buffers)) throw invalidArgType('buffers', 'an array of Uint8Array', buffers);
+  if (!(positions instanceof Float64Array) || positions.length !== buffers.length) {
+    throw invalidArgValue('positions', 'must be a Float64Array with one position per buffer', positions);
+  }
+  for (let i = 0; i < buffers.length; i++) {
+    const buf = buffers[i];
+    validateBytes(buf, 'buffers[i]');
+    validateInteger(positions[i], 'positions[i]', 0, Number.MAX_SAFE_INTEGER - buf.byteLength);
+  }
+  return binding.pwriteList(fd, buffers, positions);
+}
+
 export function fdatasync(fd: number): Promise<void> {
   validateFd(fd);
   return binding.fdatasync(fd);
@@ -67,6 +88,9 @@ export function fallocate(fd: number, offset: number, length: number): Promise<v
   return binding.fallocate(fd, offset, length);
 }
 
+/** Memory made by alignedBuffer(), by its ArrayBuffer, with the alignment of its first byte. */
+const alignedMemory = new WeakMap<ArrayBufferLike, number>();
+
 /**
  * A zero-filled Buffer whose memory starts on an `alignment` boundary, as O_DIRECT wants. The
  * memory is outside V8's heap and freed when the Buffer is collected; subarrays keep it alive.
@@ -75,5 +99,17 @@ export function alignedBuffer(size: number, alignment = 4096): Buffer {
   validateInteger(size, 'size', 0, bufferConstants.MAX_LENGTH);
   validateInteger(alignment, 'alignment', MIN_ALIGNMENT, MAX_ALIGNMENT);
   if ((alignment & (alignment - 1)) !== 0) throw invalidArgValue('alignment', 'must be a power of two', alignment);
-  return binding.alignedBuffer(size, alignment);
+  const buf = binding.alignedBuffer(size, alignment);
+  alignedMemory.set(buf.buffer, alignment);
+  return buf;
+}
+
+/**
+ * True when `buf` lies in memory from alignedBuffer() and starts on an `alignment` boundary (its
+ * offset into that memory a multiple of it): O_DIRECT can then use it without a bounce copy. False
+ * for any other memory, even if it happens to be aligned.
+ */
+export function isAligned(buf: Uint8Array, alignment: number): boolean {
+  const base = alignedMemory.get(buf.buffer);
+  return base !== undefined && base >= alignment && buf.byteOffset % alignment === 0;
 }

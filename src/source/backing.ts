@@ -1,13 +1,14 @@
 // The backing disk: a block device (opened O_EXCL, refused while mounted or held) or a regular file
 // (refused while a loop device is bound to it). Its identity survives reboots and renames.
-import { closeSync, constants as fsConstants, openSync, promises as fsp, type Stats } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { closeSync, constants as fsConstants, existsSync, openSync, promises as fsp, readFileSync, type Stats } from 'node:fs';
+import { basename, dirname, join, resolve } from 'node:path';
 import { DeviceBusyError, InvalidArgumentError, ioError } from '../errors.js';
 import { posixStorage } from '../storage/posix-storage.js';
 import type { Storage } from '../storage/storage.js';
 import { FileSource } from './file-source.js';
-import { loopBacking } from '../native/blkdev.js';
-import { exists, listDir, majorMinor, mountsByDevice, readTrim } from '../sys.js';
+import { blkPhysicalSectorSize, blkSectorSize, loopBacking } from '../native/blkdev.js';
+import { fdOf } from '../storage/posix-storage.js';
+import { listDir, majorMinor, mountsByDevice, partitionsOf, readTrim } from '../sys.js';
 
 export { majorMinor };
 
@@ -40,7 +41,10 @@ export async function openBacking(path: string, options: OpenBackingOptions): Pr
     }
     const size = await file.size();
     const id = await blockDeviceIdentity(majMin);
-    return new FileSource(file, { id, size, direct: true, description: fullPath });
+    const fd = fdOf(file);
+    // Through another Storage (tests) there are no ioctls: the sizes of a plain disk then.
+    const sectorSize = fd === undefined ? { logical: 512, physical: 512 } : { logical: blkSectorSize(fd), physical: blkPhysicalSectorSize(fd) };
+    return new FileSource(file, { id, size, direct: true, description: fullPath, sectorSize, present: devicePresence(majMin) });
   }
   if (st.isFile()) {
     const loop = await loopDeviceBoundTo(fullPath, st);
@@ -57,6 +61,24 @@ export async function openBacking(path: string, options: OpenBackingOptions): Pr
   throw new InvalidArgumentError(`${fullPath} is neither a block device nor a regular file`);
 }
 
+/**
+ * Whether the block device `majMin` is still the one opened now: its sysfs entry exists and has the
+ * same disk sequence number (diskseq, Linux 5.15+: a number given to each disk that appears, so a
+ * disk plugged in later under the same device number is another one). Reads sysfs only.
+ */
+export function devicePresence(majMin: string): () => boolean {
+  const dir = `/sys/dev/block/${majMin}`;
+  const seqOf = () => {
+    try {
+      return readFileSync(`${dir}/diskseq`, 'utf8').trim();
+    } catch {
+      return null;
+    }
+  };
+  const seq = seqOf();
+  return () => existsSync(dir) && seqOf() === seq;
+}
+
 function fileIdentity(st: Stats): string {
   return `file:${majorMinor(st.dev)}:${st.ino}`;
 }
@@ -64,57 +86,51 @@ function fileIdentity(st: Stats): string {
 /** Refuses a disk that is mounted, has a mounted partition, or is held by dm/md (holders). */
 export async function assertBlockDeviceFree(path: string, majMin: string): Promise<void> {
   const sysDir = `/sys/dev/block/${majMin}`;
-  const devices = [majMin, ...(await partitionsOf(sysDir))];
+  const nodes = [{ dev: majMin, sysDir }, ...(await partitionsOf(sysDir))];
   const mounts = await mountsByDevice();
-  for (const dev of devices) {
-    const mount = mounts.get(dev);
+  for (const n of nodes) {
+    const mount = mounts.get(n.dev);
     if (mount) throw new DeviceBusyError(`${path} is mounted on ${mount}; unmount it first`);
   }
-  for (const dir of [sysDir, ...(await partitionDirs(sysDir))]) {
-    const holders = await listDir(join(dir, 'holders'));
+  for (const n of nodes) {
+    const holders = await listDir(join(n.sysDir, 'holders'));
     if (holders.length > 0) throw new DeviceBusyError(`${path} is held by ${holders.join(', ')}`);
   }
 }
 
-async function partitionDirs(sysDir: string): Promise<string[]> {
-  const dirs: string[] = [];
-  for (const name of await listDir(sysDir)) {
-    if (await exists(join(sysDir, name, 'partition'))) dirs.push(join(sysDir, name));
-  }
-  return dirs;
-}
-
-async function partitionsOf(sysDir: string): Promise<string[]> {
-  const devs: string[] = [];
-  for (const dir of await partitionDirs(sysDir)) devs.push((await readTrim(join(dir, 'dev'))) ?? '');
-  return devs.filter(Boolean);
-}
-
 /**
- * WWN or serial from sysfs for real disks (stable across reboots and renames), the partition's
- * parent identity plus its start for partitions, the backing file for loop devices, and the
- * device number only as a last resort.
+ * WWN or serial from sysfs for real disks (stable across reboots and renames), the parent disk's
+ * identity plus the partition's number and start sector for partitions, the backing file for loop
+ * devices, and the device number only as a last resort (docs/format.md, "Backing identity").
  */
 export async function blockDeviceIdentity(majMin: string): Promise<string> {
-  const sysDir = `/sys/dev/block/${majMin}`;
-  if (await exists(join(sysDir, 'partition'))) {
-    const parent = await fsp.realpath(join(sysDir, '..'));
-    const parentDev = await readTrim(join(parent, 'dev'));
+  // /sys/dev/block/M:m is a symlink into the device tree; resolved first, so that its parent
+  // directory is the disk (a path join of ".." would only strip the link's own name).
+  const sysDir = await fsp.realpath(`/sys/dev/block/${majMin}`).catch(() => `/sys/dev/block/${majMin}`);
+  const number = await readTrim(join(sysDir, 'partition'));
+  if (number) {
+    const parentDev = await readTrim(join(dirname(sysDir), 'dev'));
     const start = await readTrim(join(sysDir, 'start'));
-    if (parentDev) return `${await blockDeviceIdentity(parentDev)}:part@${start ?? '?'}`;
+    if (parentDev && start) return `${await blockDeviceIdentity(parentDev)}:part${number}@${start}`;
   }
-  for (const file of ['wwid', 'device/wwid', 'device/serial']) {
+  for (const file of ['wwid', 'device/wwid', 'serial', 'device/serial']) {
     const value = await readTrim(join(sysDir, file));
     if (value) return `${file.endsWith('serial') ? 'serial' : 'wwid'}:${value.replace(/\s+/g, ' ')}`;
   }
-  const loopBacking = await readTrim(join(sysDir, 'loop/backing_file'));
-  if (loopBacking) {
+  const backingFile = await readTrim(join(sysDir, 'loop/backing_file'));
+  if (backingFile) {
     const offset = (await readTrim(join(sysDir, 'loop/offset'))) ?? '0';
+    // From the loop driver (LOOP_GET_STATUS64), not stat() of the path: the file may sit on a
+    // FUSE mount that no longer answers.
+    let fd: number | undefined;
     try {
-      const st = await fsp.stat(loopBacking.replace(/ \(deleted\)$/, ''));
-      return `loop:${fileIdentity(st)}@${offset}`;
+      fd = openSync(`/dev/${basename(sysDir)}`, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+      const bound = loopBacking(fd);
+      return `loop:file:${majorMinor(bound.device)}:${bound.inode}@${offset}`;
     } catch {
-      return `loop:${loopBacking}@${offset}`;
+      return `loop:${backingFile}@${offset}`;
+    } finally {
+      if (fd !== undefined) closeSync(fd);
     }
   }
   const byId = await byIdName(majMin);

@@ -1,23 +1,34 @@
 // A source over any BlockFile: the backing disk or image, or a crashable model of one in tests.
-import { alignedBuffer } from '../native/io.js';
-import { IOFailedError } from '../errors.js';
+import { alignedBuffer, isAligned } from '../native/io.js';
+import { POOL_ALIGNMENT } from '../storage/buffer-pool.js';
+import { InternalError, IOFailedError } from '../errors.js';
 import type { BlockFile } from '../storage/storage.js';
-import type { WritableSource } from './source.js';
+import type { SectorSize, WritableSource } from './source.js';
 
 export interface FileSourceOptions {
   id: string;
   size: number;
-  /** The file was opened O_DIRECT: transfers go through an aligned bounce buffer. */
+  /**
+   * The file was opened O_DIRECT: transfers go through a bounce buffer aligned to a page (and to
+   * the logical sector), and every offset and length must be whole logical sectors.
+   */
   direct?: boolean;
   description?: string;
+  /** A block device's sector sizes (BLKSSZGET, BLKPBSZGET). */
+  sectorSize?: SectorSize;
+  /** Source.present: whether the device still exists. */
+  present?: () => boolean;
 }
 
 export class FileSource implements WritableSource {
   readonly size: number;
   readonly id: string;
   readonly description: string;
+  readonly sectorSize?: SectorSize;
+  readonly present?: () => boolean;
   readonly #file: BlockFile;
   readonly #direct: boolean;
+  readonly #alignment: number;
 
   constructor(file: BlockFile, options: FileSourceOptions) {
     this.#file = file;
@@ -25,23 +36,57 @@ export class FileSource implements WritableSource {
     this.id = options.id;
     this.#direct = options.direct ?? false;
     this.description = options.description ?? file.path;
+    this.sectorSize = options.sectorSize;
+    if (options.present) this.present = options.present;
+    this.#alignment = Math.max(4096, options.sectorSize?.logical ?? 512);
   }
 
   async readAt(buf: Uint8Array, position: number): Promise<void> {
-    if (!this.#direct) {
+    // O_DIRECT wants aligned memory: pooled buffers are (the flusher's, the engine's fills); any
+    // other buffer goes through a bounce copy.
+    if (this.#direct) this.#checkAligned(buf.byteLength, position);
+    if (!this.#direct || isAligned(buf, POOL_ALIGNMENT)) {
       await this.#readFully(buf, position);
       return;
     }
-    const bounce = alignedBuffer(buf.byteLength);
+    const bounce = alignedBuffer(buf.byteLength, this.#alignment);
     await this.#readFully(bounce, position);
     buf.set(bounce);
   }
 
   async writeAt(buf: Uint8Array, position: number): Promise<void> {
     if (!this.#direct) return this.#file.write(buf, position);
-    const bounce = alignedBuffer(buf.byteLength);
+    this.#checkAligned(buf.byteLength, position);
+    if (isAligned(buf, POOL_ALIGNMENT)) return this.#file.write(buf, position);
+    const bounce = alignedBuffer(buf.byteLength, this.#alignment);
     bounce.set(buf);
     return this.#file.write(bounce, position);
+  }
+
+  async writeMany(buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<void> {
+    let data = buf;
+    if (this.#direct) for (const [, length, position] of pieces) this.#checkAligned(length, position);
+    if (this.#direct && !isAligned(buf, POOL_ALIGNMENT)) {
+      data = alignedBuffer(buf.byteLength, this.#alignment);
+      data.set(buf);
+    }
+    if (!this.#file.writeMany) {
+      for (const [at, length, position] of pieces) await this.#file.write(data.subarray(at, at + length), position);
+      return;
+    }
+    return this.#file.writeMany(
+      pieces.map(([at, length]) => data.subarray(at, at + length)),
+      Float64Array.from(pieces, ([, , position]) => position),
+    );
+  }
+
+  // The engine and the flusher move whole cache blocks (a multiple of the logical sector, checked
+  // at attach) and the disk's last bytes; anything else is a bug, and O_DIRECT would answer EINVAL.
+  #checkAligned(length: number, position: number): void {
+    const sector = this.sectorSize?.logical ?? 512;
+    if (position % sector !== 0 || (length % sector !== 0 && position + length !== this.size)) {
+      throw new InternalError(`direct I/O of ${length} bytes at ${position} on ${this.description} is not in whole ${sector}-byte sectors`);
+    }
   }
 
   sync(): Promise<void> {

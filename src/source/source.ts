@@ -1,5 +1,16 @@
 // Where misses come from and where the flusher writes back. A source is a fixed-size array of bytes.
 
+/**
+ * A disk's sector sizes in bytes, as `blockdev --getss` and `--getpbsz` print them: `logical` is
+ * the smallest unit it addresses (512, or 4096 on a 4Kn disk), `physical` the smallest it writes
+ * without a read-modify-write (4096 on 512e and 4Kn disks). Frontends present both, so a
+ * filesystem made through the cache also mounts on the bare disk.
+ */
+export interface SectorSize {
+  logical: number;
+  physical: number;
+}
+
 export interface Source {
   /** Size in bytes; fixed for the life of the source. */
   readonly size: number;
@@ -7,16 +18,29 @@ export interface Source {
   readonly id: string;
   /** What to call it in messages: a path or a URL. */
   readonly description: string;
+  /** The disk's sector sizes; absent for sources without any (files, URLs, callbacks): 512 then. */
+  readonly sectorSize?: SectorSize;
   /** Reads exactly buf.length bytes at `position` (inside [0, size)). */
   readAt(buf: Uint8Array, position: number): Promise<void>;
   close(): Promise<void>;
   /** Counters worth showing in `status` (bytes fetched, requests, errors); plain JSON values. */
   stats?(): Record<string, number | string | boolean>;
+  /**
+   * For a disk that can vanish (a block device): false once it has been removed. Answered from
+   * kernel state (sysfs), never by I/O to the disk, and fast enough to ask at every `status`.
+   */
+  present?(): boolean;
 }
 
 /** A source the flusher can write dirty blocks back to. */
 export interface WritableSource extends Source {
   writeAt(buf: Uint8Array, position: number): Promise<void>;
+  /**
+   * Optional: writes many pieces of one buffer, as writeAt() of each in the given order would;
+   * `pieces` are [offset in buf, length, position] (bytes). The flusher uses it for scattered
+   * dirty blocks, one request instead of one per block.
+   */
+  writeMany?(buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<void>;
   /** Everything written before the call is on stable media (the disk's write cache flushed). */
   sync(): Promise<void>;
 }

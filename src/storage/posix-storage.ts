@@ -2,8 +2,21 @@
 // fdatasync and fallocate on the libuv threadpool.
 import { constants as fsc, promises as fsp } from 'node:fs';
 import { blkGetSize64 } from '../native/blkdev.js';
-import { fallocate, fdatasync, pread, preadNowait, pwrite } from '../native/io.js';
+import { errnoError } from '../native/addon.js';
+import { fallocate, fdatasync, pread, preadNowait, pwrite, pwriteList } from '../native/io.js';
 import type { BlockFile, OpenOptions, Storage } from './storage.js';
+
+/** Writes up to this size are gathered per event-loop turn; larger ones go to the threadpool alone. */
+const GATHER_MAX_WRITE = 64 * 1024;
+/** Bytes per gathered threadpool job at most, so several jobs still share the threads. */
+const GATHER_MAX_JOB = 256 * 1024;
+
+interface QueuedWrite {
+  buf: Uint8Array;
+  position: number;
+  resolve: () => void;
+  reject: (err: Error) => void;
+}
 
 class PosixFile implements BlockFile {
   readonly path: string;
@@ -11,6 +24,8 @@ class PosixFile implements BlockFile {
   #handle: fsp.FileHandle;
 
   readonly #direct: boolean;
+  /** Small writes waiting for the end of this event-loop turn (write()). */
+  #gathered: QueuedWrite[] = [];
 
   constructor(path: string, handle: fsp.FileHandle, direct: boolean) {
     this.path = path;
@@ -31,8 +46,49 @@ class PosixFile implements BlockFile {
     return pread(this.#fd, buf, n, buf.byteLength - n, position + n).then((m) => n + m);
   }
 
+  /**
+   * Small writes to a buffered file are gathered: every one issued in the same turn of the event
+   * loop goes to the threadpool in one job (pwriteList), run in the check phase of that turn. A
+   * busy NBD connection then costs one thread hand-off per turn, not one per request. Each write
+   * still resolves or rejects on its own; none is durable before sync(), as before.
+   */
   write(buf: Uint8Array, position: number): Promise<void> {
-    return pwrite(this.#fd, buf, 0, buf.byteLength, position);
+    if (this.#direct || buf.byteLength > GATHER_MAX_WRITE) return pwrite(this.#fd, buf, 0, buf.byteLength, position);
+    return new Promise<void>((resolve, reject) => {
+      if (this.#gathered.push({ buf, position, resolve, reject }) === 1) setImmediate(this.#issueGathered);
+    });
+  }
+
+  readonly #issueGathered = (): void => {
+    const queue = this.#gathered;
+    this.#gathered = [];
+    for (let i = 0; i < queue.length; ) {
+      let bytes = 0;
+      let j = i;
+      while (j < queue.length && (j === i || bytes + queue[j]!.buf.byteLength <= GATHER_MAX_JOB)) bytes += queue[j++]!.buf.byteLength;
+      const job = queue.slice(i, j);
+      i = j;
+      if (job.length === 1) {
+        const w = job[0]!;
+        // Validation errors (a closed fd) reject the write rather than throw out of setImmediate.
+        Promise.resolve()
+          .then(() => pwrite(this.#fd, w.buf, 0, w.buf.byteLength, w.position))
+          .then(w.resolve, w.reject);
+        continue;
+      }
+      Promise.resolve()
+        .then(() => pwriteList(this.#fd, job.map((w) => w.buf), Float64Array.from(job, (w) => w.position)))
+        .then(
+          (errnos) => job.forEach((w, k) => (errnos[k] === 0 ? w.resolve() : w.reject(errnoError(errnos[k]!, 'pwrite')))),
+          (err: Error) => job.forEach((w) => w.reject(err)),
+        );
+    }
+  };
+
+  async writeMany(buffers: Uint8Array[], positions: Float64Array): Promise<void> {
+    const errnos = await pwriteList(this.#fd, buffers, positions);
+    const failed = errnos.findIndex((e) => e !== 0);
+    if (failed >= 0) throw errnoError(errnos[failed]!, 'pwrite');
   }
 
   sync(): Promise<void> {

@@ -8,6 +8,12 @@ export interface BlockFile {
   read(buf: Uint8Array, position: number): Promise<number>;
   /** Writes all of `buf` at `position`. Not durable until sync(). */
   write(buf: Uint8Array, position: number): Promise<void>;
+  /**
+   * Optional: writes each of `buffers` at the matching entry of `positions`, in order, as write()
+   * of each would, in one request to the I/O threads; rejects with the first failure. Not durable
+   * until sync(). Callers fall back to write() per buffer where it is missing.
+   */
+  writeMany?(buffers: Uint8Array[], positions: Float64Array): Promise<void>;
   /** fdatasync: everything written before the call is durable when it resolves. */
   sync(): Promise<void>;
   /** Reserves space for [0, length) so later writes never meet ENOSPC; extends the size. */

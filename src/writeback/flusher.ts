@@ -7,6 +7,7 @@ import type { CacheEngine } from '../cache/engine.js';
 import { isWritable } from '../source/source.js';
 import { FlushStoppedError, ReadOnlyError } from '../errors.js';
 import { formatBytes } from '../units.js';
+import { BufferPool } from '../storage/buffer-pool.js';
 
 export interface FlushProgress {
   epoch: number;
@@ -15,14 +16,19 @@ export interface FlushProgress {
 }
 
 export interface FlushOptions {
-  /** Largest single write to the backing disk. */
+  /** Largest single write to the backing disk, and the size of each copy buffer. */
   maxIoBytes?: number;
+  /**
+   * Copy buffers in flight: each is being read from the cache or written to the disk, so reads of
+   * the cache overlap writes to the disk and the disk has several writes queued.
+   */
+  depth?: number;
   /** Called after each piece reaches the disk (not yet synced). */
   onProgress?: (progress: FlushProgress) => void;
   /** Called once the epoch is taken, before anything is written. */
   onStart?: (progress: FlushProgress) => void;
   /**
-   * Stops the flush before its next piece (the stop deadline): the epoch is aborted, so every
+   * Stops the flush before its next batch (the stop deadline): the epoch is aborted, so every
    * block stays dirty, and flushDirty rejects with FlushStoppedError.
    */
   signal?: AbortSignal;
@@ -40,45 +46,143 @@ export interface FlushResult {
 }
 
 const DEFAULT_MAX_IO = 4 << 20;
+const DEFAULT_DEPTH = 4;
+/** Copy buffers outlive a flush by this long, so back-to-back flushes reuse them. */
+const POOL_IDLE_MS = 30_000;
 
+/** Copy buffers by size, kept between flushes and dropped after POOL_IDLE_MS without one. */
+const pools = new Map<number, { pool: BufferPool; users: number; timer: NodeJS.Timeout | null }>();
+
+function takePool(bytes: number, keep: number): BufferPool {
+  let entry = pools.get(bytes);
+  if (!entry) pools.set(bytes, (entry = { pool: new BufferPool(bytes, keep), users: 0, timer: null }));
+  if (entry.timer) clearTimeout(entry.timer);
+  entry.timer = null;
+  entry.users++;
+  return entry.pool;
+}
+
+function givePool(bytes: number): void {
+  const entry = pools.get(bytes)!;
+  if (--entry.users > 0) return;
+  entry.timer = setTimeout(() => pools.delete(bytes), POOL_IDLE_MS);
+  entry.timer.unref();
+}
+
+/**
+ * Pieces per batch at most: small enough that the reads of the next batch overlap the writes of
+ * this one, large enough that scattered blocks cost few requests.
+ */
+const MAX_BATCH_PIECES = 256;
+
+/** Pieces (runs of blocks, each one write) that share one copy buffer, in disk order. */
+interface Batch {
+  /** [first block, blocks, byte offset in the buffer] */
+  pieces: Array<[number, number, number]>;
+  bytes: number;
+}
+
+/**
+ * Writes the dirty blocks of one new flush epoch back to the source and commits the epoch.
+ *
+ * The epoch's extents, sorted by block and cut into pieces of at most `maxIoBytes`, are copied in
+ * batches: one batch is one large piece, or as many consecutive small pieces (scattered dirty
+ * blocks) as fit in one buffer. Up to `depth` batches are in flight, each in its own reused,
+ * aligned buffer (no allocation per piece; O_DIRECT sources need no bounce copy): while some are
+ * read from the cache, others are being written. Writes are issued in disk order, so the disk sees
+ * one ascending pass. Throws ReadOnlyError for a source that cannot be written, and whatever a
+ * read, write or sync threw (the epoch is then aborted: every block stays dirty).
+ */
 export async function flushDirty(engine: CacheEngine, options: FlushOptions = {}): Promise<FlushResult> {
   const source = engine.source;
   if (!isWritable(source)) throw new ReadOnlyError(`${source.description} was opened read-only; cannot write back`);
   const g = engine.geometry;
   const maxBlocks = Math.max(1, Math.floor((options.maxIoBytes ?? DEFAULT_MAX_IO) / g.blockSize));
+  const depth = Math.max(1, options.depth ?? DEFAULT_DEPTH);
   const epoch = await engine.beginEpoch();
   // Extents come sorted and maximal from the bitmap: one sequential pass over the disk.
-  const pieces: Array<[number, number]> = [];
+  const bufferBytes = maxBlocks * g.blockSize;
+  const batches: Batch[] = [];
+  let batch: Batch = { pieces: [], bytes: 0 };
+  let totalBytes = 0;
   for (const extent of epoch.extents) {
     for (let start = extent.start; start < extent.start + extent.count; start += maxBlocks) {
-      pieces.push([start, Math.min(maxBlocks, extent.start + extent.count - start)]);
+      const count = Math.min(maxBlocks, extent.start + extent.count - start);
+      const bytes = g.extentBytes(start, count);
+      if (batch.bytes + bytes > bufferBytes || batch.pieces.length === MAX_BATCH_PIECES) {
+        batches.push(batch);
+        batch = { pieces: [], bytes: 0 };
+      }
+      batch.pieces.push([start, count, batch.bytes]);
+      batch.bytes += bytes;
+      totalBytes += bytes;
     }
   }
-  const totalBytes = pieces.reduce((n, [s, c]) => n + g.extentBytes(s, c), 0);
+  if (batch.pieces.length > 0) batches.push(batch);
   const progress: FlushProgress = { epoch: epoch.id, doneBytes: 0, totalBytes };
   options.onStart?.({ ...progress });
-  try {
-    // The next piece is read from flash while the current one is written: the disk never waits
-    // for the cache between pieces.
-    let next = pieces.length > 0 ? engine.readEpoch(epoch, pieces[0]![0], pieces[0]![1]) : null;
-    for (let i = 0; i < pieces.length; i++) {
-      const [start] = pieces[i]!;
-      if (options.signal?.aborted) {
-        next?.catch(() => undefined);
-        throw new FlushStoppedError(`flush stopped after ${formatBytes(progress.doneBytes)} of ${formatBytes(totalBytes)}; every block stays dirty for the next flush`);
+  // One buffer per batch in flight; a flush smaller than one buffer needs no more than it.
+  const poolBytes = Math.min(bufferBytes, Math.ceil(totalBytes / 4096) * 4096 || 4096);
+  const pool = takePool(poolBytes, depth);
+  let failure: { err: unknown } | null = null;
+
+  /**
+   * Copies one batch: `read` settles when its blocks are in the buffer, `done` when they are on
+   * the disk (or failed). Its writes are issued as soon as its read is done.
+   */
+  const copy = (b: Batch) => {
+    const buf = pool.take();
+    const read = engine.readEpochInto(epoch, buf, b.pieces);
+    const done = (async () => {
+      try {
+        await read;
+        if (failure) return;
+        // Scattered blocks go down in one request where the source can take it.
+        const pending =
+          b.pieces.length > 1 && source.writeMany
+            ? [source.writeMany(buf, b.pieces.map(([start, count, at]) => [at, g.extentBytes(start, count), g.blockOffset(start)] as const))]
+            : b.pieces.map(([start, count, at]) => source.writeAt(buf.subarray(at, at + g.extentBytes(start, count)), g.blockOffset(start)));
+        const writes = await Promise.allSettled(pending);
+        for (const w of writes) if (w.status === 'rejected') throw w.reason;
+        progress.doneBytes += b.bytes;
+        options.onProgress?.({ ...progress });
+      } finally {
+        // readEpochInto and allSettled have waited for every transfer of this buffer: reusable.
+        pool.give(buf);
       }
-      const buf = await next!;
-      next = i + 1 < pieces.length ? engine.readEpoch(epoch, pieces[i + 1]![0], pieces[i + 1]![1]) : null;
-      // A rejected read-ahead is reported when awaited; keep it from counting as unhandled meanwhile.
-      next?.catch(() => undefined);
-      await source.writeAt(buf, g.blockOffset(start));
-      progress.doneBytes += buf.byteLength;
-      options.onProgress?.({ ...progress });
+    })();
+    return { read, done };
+  };
+
+  try {
+    const running = new Set<Promise<void>>();
+    for (const b of batches) {
+      while (running.size >= depth && !failure) await Promise.race(running);
+      if (failure) break;
+      if (options.signal?.aborted) {
+        failure ??= { err: new FlushStoppedError(`flush stopped after ${formatBytes(progress.doneBytes)} of ${formatBytes(totalBytes)}; every block stays dirty for the next flush`) };
+        break;
+      }
+      const { read, done } = copy(b);
+      const task: Promise<void> = done
+        .catch((err: unknown) => {
+          failure ??= { err };
+        })
+        .finally(() => running.delete(task));
+      running.add(task);
+      // The next batch is read only once this one is, and this one's writes are issued as its
+      // read settles (its continuation runs before ours): the disk gets the writes in ascending
+      // order, and the reads of the next batch overlap the writes of this one.
+      await read.catch(() => undefined);
     }
+    await Promise.all(running);
+    if (failure) throw (failure as { err: unknown }).err;
     const { cleaned, kept } = await engine.commitEpoch(epoch);
     return { epoch: epoch.id, blocks: epoch.blocks, bytes: progress.doneBytes, cleaned, kept };
   } catch (err) {
     engine.abortEpoch(epoch);
     throw err;
+  } finally {
+    givePool(poolBytes);
   }
 }

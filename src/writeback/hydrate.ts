@@ -9,6 +9,11 @@ export interface HydratorOptions {
   rate?: number;
   /** Largest single fill. */
   chunkBytes?: number;
+  /**
+   * Fills in flight: the source is read ahead while earlier chunks are written to the cache, and
+   * a disk keeps a queue of sequential reads. Default 4.
+   */
+  depth?: number;
   /** Pause while a user request came in this recently (milliseconds). */
   quietMs?: number;
   /** Called with each failure; the hydrator retries the same chunk after `retryMs`. */
@@ -34,6 +39,7 @@ export class Hydrator {
   readonly #engine: CacheEngine;
   readonly #rate: number;
   readonly #chunk: number;
+  readonly #depth: number;
   readonly #quietMs: number;
   readonly #retryMs: number;
   readonly #onError: ((err: Error) => void) | undefined;
@@ -47,6 +53,7 @@ export class Hydrator {
     this.#engine = engine;
     this.#rate = options.rate ?? 0;
     this.#chunk = Math.max(engine.geometry.blockSize, options.chunkBytes ?? 1 << 20);
+    this.#depth = Math.max(1, options.depth ?? 4);
     this.#quietMs = options.quietMs ?? 200;
     this.#retryMs = options.retryMs ?? 30_000;
     this.#onError = options.onError;
@@ -87,34 +94,59 @@ export class Hydrator {
     const started = Date.now();
     let sent = 0;
     let cursor = 0;
+    // Up to `depth` chunks in flight, issued in ascending order. A failed chunk stops issuing; once
+    // the others have settled, the hydrator waits retryMs and resumes from the lowest gap (the
+    // present bits are the progress, so nothing is fetched twice).
+    const running = new Set<Promise<void>>();
+    let failed: Error | null = null;
     while (!this.#stop) {
+      while (running.size >= this.#depth && !failed) await Promise.race(running);
+      if (failed) {
+        await Promise.all(running);
+        const err: Error = failed;
+        failed = null;
+        this.#lastError = err.message;
+        this.#onError?.(err);
+        if (engine.store.failed) throw err;
+        await sleep(this.#retryMs);
+        cursor = 0;
+        continue;
+      }
       const gap = engine.store.present.gaps(cursor, g.blockCount).next();
-      if (gap.done) break;
+      if (gap.done) {
+        // Nothing left to issue: once the chunks in flight settle, done or retry a failed one.
+        if (running.size === 0) break;
+        await Promise.all(running);
+        continue;
+      }
       const start = gap.value.start;
       const count = Math.min(chunkBlocks, gap.value.count);
       // Yield to user I/O: the hydrator's reads queue behind the user's at the disk otherwise.
       while (!this.#stop && Date.now() - engine.lastRequestAt < this.#quietMs) await sleep(this.#quietMs);
       if (this.#stop) break;
-      const offset = g.blockOffset(start);
       const bytes = g.extentBytes(start, count);
-      try {
-        await engine.prefetch(offset, bytes);
-      } catch (err) {
-        this.#lastError = (err as Error).message;
-        this.#onError?.(err as Error);
-        if (engine.store.failed) throw err;
-        await sleep(this.#retryMs);
-        continue;
-      }
-      this.#lastError = null;
-      this.#fetched += bytes;
-      sent += bytes;
       cursor = start + count;
+      const task: Promise<void> = engine
+        .prefetch(g.blockOffset(start), bytes)
+        .then(
+          () => {
+            this.#lastError = null;
+            this.#fetched += bytes;
+          },
+          (err: unknown) => {
+            failed ??= err as Error;
+          },
+        )
+        .finally(() => running.delete(task));
+      running.add(task);
+      sent += bytes;
       if (this.#rate > 0) {
         const ahead = (sent / this.#rate) * 1000 - (Date.now() - started);
         if (ahead > 0) await sleep(ahead);
       }
     }
+    // Stopped: let the chunks in flight finish (a failure among them is for the next start).
+    await Promise.all(running);
     if (!this.#stop) {
       // Make the last fills present (durable) now rather than at the next commit.
       await engine.flush();

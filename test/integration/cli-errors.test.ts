@@ -21,7 +21,7 @@ function loops(): string {
   return sh('losetup', ['-a']).stdout;
 }
 
-async function expectRefused(args: string[], message: RegExp, options: { uid?: number } = {}): Promise<void> {
+async function expectRefused(args: string[], message: RegExp, options: { uid?: number; env?: NodeJS.ProcessEnv } = {}): Promise<void> {
   const before = snapshot(s.dir);
   const loopsBefore = loops();
   const r = await ulobdev([...args, '--run-dir', s.runDir], options);
@@ -129,9 +129,19 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
 
   it('the kernel module frontends without their module', async () => {
     s = scratch('ulob-cli-');
-    await expectRefused([...cacheArgs(), '/dev/uloop0', makeDisk('disk.img')], /needs the uloop kernel module/);
+    await expectRefused([...cacheArgs(), '/dev/uloop0', makeDisk('disk.img')], /needs the uloop kernel module \(not installed for kernel .*\): install it with DKMS.*docs\/laptop\.md/);
     const nbd = sh('sh', ['-c', 'test -e /sys/module/nbd']).status === 0;
     if (!nbd) await expectRefused([...cacheArgs(), '/dev/nbd0', makeDisk('disk.img')], /nbd kernel module is not loaded; run 'modprobe nbd'/);
+  });
+
+  it('uloop.ko refused by Secure Boot: one line naming the cause and the doc', async () => {
+    s = scratch('ulob-cli-');
+    // modprobe as it answers on a Secure Boot machine for an unsigned (or unenrolled-key) module
+    const bin = join(s.dir, 'bin');
+    mkdirSync(bin);
+    writeFileSync(join(bin, 'modprobe'), `#!/bin/sh\necho "modprobe: ERROR: could not insert 'uloop': Key was rejected by service" >&2\nexit 1\n`, { mode: 0o755 });
+    const env = { ...process.env, PATH: `${bin}:${process.env.PATH ?? '/usr/bin:/bin'}` };
+    await expectRefused([...cacheArgs(), '/dev/uloop0', makeDisk('disk.img')], /refused uloop\.ko \(Key was rejected by service.*mokutil --import.*docs\/laptop\.md/, { env });
   });
 
   it('no root for a device frontend', async () => {

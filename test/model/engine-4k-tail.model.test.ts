@@ -25,6 +25,17 @@ const CASES: Record<string, ModelCase> = {
       { crash: 'power', after: 5, op: { kind: 'writeback-racing', sector: 0, count: 1, split: 0, during: false } },
     ],
   },
+  // Planted once: the write into a clean block went ahead once its intent transaction was in the
+  // WAL, without waiting for the WAL's fsync (store.markDirtyDurable). A power loss then drops the
+  // intent but keeps the new bytes: a clean block that differs from the disk (rule 3).
+  'a dirty intent is synced before the write it guards, though its fsync runs off the loop': {
+    seed: 816434649,
+    steps: [
+      { crash: 'power', after: 0, op: { kind: 'write', sector: 0, count: 1, fua: false } },
+      { crash: 'power', after: 0, op: { kind: 'flush' } },
+      { crash: 'power', after: 3, op: { kind: 'writeback-racing', sector: 0, count: 1, split: 0, during: false } },
+    ],
+  },
   // Planted once: commitEpoch cleared the dirty bits of blocks rewritten during the flush too
   // (rule 7), so the rewrite was never written back (invariant 4).
   'a block rewritten during a flush stays dirty after it': {

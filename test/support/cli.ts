@@ -41,10 +41,11 @@ export interface CliResult {
 }
 
 /** Runs ulobdev to completion (attach with --daemon returns once the device is ready). */
-export function ulobdev(args: string[], options: { uid?: number; timeoutMs?: number } = {}): Promise<CliResult> {
+export function ulobdev(args: string[], options: { uid?: number; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<CliResult> {
   const argv = options.uid === undefined ? [process.execPath, CLI, ...args] : ['setpriv', `--reuid=${options.uid}`, `--regid=${options.uid}`, '--clear-groups', process.execPath, CLI, ...args];
   return new Promise((resolvePromise) => {
-    execFile(argv[0]!, argv.slice(1), { timeout: options.timeoutMs ?? 60_000, encoding: 'utf8' }, (err, stdout, stderr) => {
+    const env = options.env ? { ...process.env, ...options.env } : process.env;
+    execFile(argv[0]!, argv.slice(1), { timeout: options.timeoutMs ?? 60_000, encoding: 'utf8', env }, (err, stdout, stderr) => {
       const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : 1) : 0;
       resolvePromise({ code, stdout, stderr });
     });
@@ -77,3 +78,42 @@ export function freeLoop(): string {
 }
 
 export { tmpdir };
+
+/**
+ * Last-resort cleanup after a test whose daemon hung or was killed: SIGKILLs every process whose
+ * command line names `dir` (daemons and nbdfuse started by that test only), then unbinds the loop
+ * devices bound to files under `runDir` and lazily unmounts the FUSE mounts under it.
+ */
+export function killStrays(dir: string, runDir: string): void {
+  for (const pid of readdirSync('/proc').filter((n) => /^\d+$/.test(n))) {
+    let cmdline = '';
+    try {
+      cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+    } catch {
+      continue;
+    }
+    if (Number(pid) !== process.pid && cmdline.includes(dir)) {
+      try {
+        process.kill(Number(pid), 'SIGKILL');
+      } catch {
+        // gone meanwhile
+      }
+    }
+  }
+  for (const name of readdirSync('/sys/block').filter((n) => /^loop\d+$/.test(n))) {
+    let backing = '';
+    try {
+      backing = readFileSync(`/sys/block/${name}/loop/backing_file`, 'utf8').trim();
+    } catch {
+      continue;
+    }
+    if (backing.startsWith(runDir)) sh('losetup', ['-d', `/dev/${name}`]);
+  }
+  const mounts = readFileSync('/proc/self/mountinfo', 'utf8')
+    .split('\n')
+    .filter((l) => / - fuse /.test(l))
+    .map((l) => l.split(' ')[4] ?? '')
+    .filter((m) => m.startsWith(runDir))
+    .sort((a, b) => b.length - a.length);
+  for (const m of mounts) sh('umount', ['-l', m]);
+}

@@ -12,6 +12,7 @@ import { posixStorage } from '../../src/storage/posix-storage.js';
 import type { BlockFile, OpenOptions, Storage } from '../../src/storage/storage.js';
 import { Metadata } from '../../src/cache/metadata.js';
 import type { MetadataFactory } from '../../src/cache/store.js';
+import type { Extent } from '../../src/cache/layout.js';
 
 export const SECTOR = 512;
 
@@ -108,6 +109,14 @@ export class CrashWorld {
   /** Crash when `ops` reaches this number (Infinity: never). */
   crashAt = Infinity;
   crashed = false;
+  /**
+   * Per metadata path, dirty-intent transactions written to the WAL but not synced yet
+   * (Metadata.addDirtyUnsynced), oldest first. The real database has not seen them: a sync, or a
+   * later synced transaction, applies them; a crash keeps a prefix of them (SQLite recovers the
+   * WAL up to the last frame it can verify): all of them for a process crash, a random number for
+   * a power loss.
+   */
+  readonly unsyncedIntents = new Map<string, Extent[][]>();
 
   /** Called before every persistence point; throws once the crash point is reached. */
   point(): void {
@@ -126,6 +135,18 @@ export class CrashWorld {
   /** Loses unsynced data as the kind of crash would, and lets the world run again. */
   crash(kind: CrashKind, rng: Rng): void {
     for (const f of this.files.values()) f.crash(kind, rng);
+    for (const [path, txns] of this.unsyncedIntents) {
+      const kept = kind === 'process' ? txns.length : rng.int(txns.length + 1);
+      if (kept > 0) {
+        const m = Metadata.open(path);
+        try {
+          for (const extents of txns.slice(0, kept)) m.addDirty(extents);
+        } finally {
+          m.close();
+        }
+      }
+    }
+    this.unsyncedIntents.clear();
     this.crashed = false;
     this.crashAt = Infinity;
   }
@@ -163,17 +184,42 @@ export class CrashWorld {
     };
   }
 
-  /** Metadata whose every transaction is a persistence point. */
+  /**
+   * Metadata whose every transaction is a persistence point. Unsynced intent transactions
+   * (addDirtyUnsynced) are held back from the real database until syncWal() or the next synced
+   * transaction, so a crash can lose them as the real WAL could (see unsyncedIntents).
+   */
   metadata(): MetadataFactory {
     const world = this;
     const wrap = (m: Metadata): Metadata => {
+      const addDirty = m.addDirty.bind(m);
+      /** Applies the held-back intents: a synced transaction or a WAL sync makes them durable. */
+      const settle = () => {
+        const txns = world.unsyncedIntents.get(m.path) ?? [];
+        world.unsyncedIntents.delete(m.path);
+        for (const extents of txns) addDirty(extents);
+      };
       for (const name of ['addDirty', 'replaceDirty', 'setState', 'setMode', 'setCleanShutdown'] as const) {
         const original = (m[name] as (...args: unknown[]) => void).bind(m);
         (m as unknown as Record<string, unknown>)[name] = (...args: unknown[]) => {
           world.point();
+          settle();
           original(...args);
         };
       }
+      m.addDirtyUnsynced = (extents) => {
+        world.point();
+        const txns = world.unsyncedIntents.get(m.path) ?? [];
+        txns.push(extents.map((e) => ({ ...e })));
+        world.unsyncedIntents.set(m.path, txns);
+      };
+      m.syncWal = async () => {
+        // The real fsync runs on another thread: whatever the event loop does meanwhile may
+        // reach the files first.
+        await new Promise((resolve) => setImmediate(resolve));
+        world.point();
+        settle();
+      };
       return m;
     };
     return {

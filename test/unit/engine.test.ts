@@ -12,11 +12,13 @@ import { EngineClosedError, InvalidArgumentError, IOFailedError, ReadOnlyError, 
 import { CacheEngine, type EngineOptions } from '../../src/cache/engine.js';
 import { posixStorage } from '../../src/storage/posix-storage.js';
 import type { BlockFile, Storage } from '../../src/storage/storage.js';
-import { CacheStore, type CachePaths } from '../../src/cache/store.js';
+import { CacheStore, type CachePaths, type MetadataFactory } from '../../src/cache/store.js';
+import { Metadata } from '../../src/cache/metadata.js';
 import { openBacking } from '../../src/source/backing.js';
 import type { FileSource } from '../../src/source/file-source.js';
 import type { WritableSource } from '../../src/source/source.js';
 import { flushDirty } from '../../src/writeback/flusher.js';
+import { Hydrator } from '../../src/writeback/hydrate.js';
 
 const KiB = 1024;
 
@@ -630,6 +632,271 @@ describe('concurrency', () => {
     await flushDirty(r.engine);
     expect(diskBytes(r).equals(model)).toBe(true);
     expect(r.engine.stats().dirtyBlocks).toBe(0);
+  });
+});
+
+describe('the flusher', () => {
+  /**
+   * The backing file as the flusher sees it: every write is recorded, and it reaches the file only
+   * after `delayMs`, as a write queued behind others at a disk would (and, like the I/O thread,
+   * reads its buffer only then: a buffer reused too early would put the wrong bytes on the disk).
+   */
+  class SlowDisk implements WritableSource {
+    readonly size: number;
+    readonly id: string;
+    readonly description = 'slow disk';
+    /** [kind, positions of the request] in issue order. */
+    readonly requests: Array<['one' | 'many', number[]]> = [];
+    inflight = 0;
+    maxInflight = 0;
+    /** The n-th request (from 0) fails with EIO; -1: none. */
+    failAt = -1;
+    constructor(
+      readonly inner: FileSource,
+      readonly delayMs: number,
+    ) {
+      this.size = inner.size;
+      this.id = inner.id;
+    }
+    readAt(buf: Uint8Array, position: number): Promise<void> {
+      return this.inner.readAt(buf, position);
+    }
+    async #request(kind: 'one' | 'many', positions: number[], write: () => Promise<void>): Promise<void> {
+      const n = this.requests.push([kind, positions]) - 1;
+      this.maxInflight = Math.max(this.maxInflight, ++this.inflight);
+      try {
+        await new Promise((resolve) => setTimeout(resolve, this.delayMs));
+        if (n === this.failAt) throw Object.assign(new Error('EIO: i/o error, write'), { code: 'EIO', errno: 5, syscall: 'pwrite' });
+        await write();
+      } finally {
+        this.inflight--;
+      }
+    }
+    writeAt(buf: Uint8Array, position: number): Promise<void> {
+      return this.#request('one', [position], () => this.inner.writeAt(Buffer.from(buf), position));
+    }
+    writeMany(buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<void> {
+      const copy = () => this.inner.writeMany(Buffer.from(buf), pieces);
+      return this.#request('many', pieces.map(([, , position]) => position), copy);
+    }
+    sync(): Promise<void> {
+      return this.inner.sync();
+    }
+    close(): Promise<void> {
+      return this.inner.close();
+    }
+  }
+
+  async function slowRig(blocks: number, delayMs: number, storage?: Storage) {
+    const BS = 4 * KiB;
+    const r = await rig({ size: blocks * BS, blockSize: BS });
+    await r.engine.close();
+    const disk = new SlowDisk(r.file, delayMs);
+    r.store = await CacheStore.open({ paths: r.paths, backing: disk, mode: 'writeback', blockSize: BS, storage });
+    r.engine = new CacheEngine(r.store, disk, { autoCommitMs: 0 });
+    const engine = r.engine;
+    cleanups.push(() => engine.close());
+    return { r, disk, BS };
+  }
+
+  it('copies scattered blocks in a few requests, in disk order, each with its own bytes', async () => {
+    const { r, disk, BS } = await slowRig(2048, 2);
+    const model = Buffer.from(r.initial);
+    // Every third block dirty: 683 one-block extents.
+    for (let b = 0; b < 2048; b += 3) {
+      const data = pattern(BS, b + 1);
+      await r.engine.write(b * BS, data);
+      data.copy(model, b * BS);
+    }
+    await r.engine.flush();
+    const result = await flushDirty(r.engine, { depth: 2 });
+    expect(result).toMatchObject({ blocks: 683, cleaned: 683, kept: 0 });
+    expect(disk.requests.every(([kind]) => kind === 'many')).toBe(true);
+    expect(disk.requests.length).toBeLessThanOrEqual(Math.ceil(683 / 256));
+    const positions = disk.requests.flatMap(([, p]) => p);
+    expect(positions).toEqual([...positions].sort((a, b) => a - b));
+    expect(positions.length).toBe(683);
+    expect(diskBytes(r).equals(model)).toBe(true);
+  });
+
+  it('keeps several large writes in flight, issued in disk order, through reused buffers', async () => {
+    // Every other piece is slow to read from the cache: the writes must still go out in order.
+    let slowReads = false;
+    const storage: Storage = {
+      ...posixStorage,
+      async open(path, options) {
+        const file = await posixStorage.open(path, options);
+        if (!path.endsWith('cache')) return file;
+        return Object.assign(Object.create(Object.getPrototypeOf(file) as object) as BlockFile, file, {
+          path: file.path,
+          read: async (buf: Uint8Array, pos: number) => {
+            if (slowReads && pos % (8 * KiB * 4) === 0) await new Promise((resolve) => setTimeout(resolve, 15));
+            return file.read(buf, pos);
+          },
+          write: (buf: Uint8Array, pos: number) => file.write(buf, pos),
+          sync: () => file.sync(),
+          allocate: (length: number) => file.allocate(length),
+          size: () => file.size(),
+          close: () => file.close(),
+        });
+      },
+    };
+    const { r, disk, BS } = await slowRig(256, 5, storage);
+    slowReads = true;
+    const data = pattern(256 * BS, 7);
+    await r.engine.write(0, data);
+    await r.engine.flush();
+    // 64 pieces of 4 blocks through 3 buffers: each buffer is refilled about 21 times.
+    const result = await flushDirty(r.engine, { maxIoBytes: 4 * BS, depth: 3 });
+    expect(result.cleaned).toBe(256);
+    expect(disk.requests.length).toBe(64);
+    expect(disk.maxInflight).toBeGreaterThan(1);
+    const positions = disk.requests.map(([, [p]]) => p!);
+    expect(positions).toEqual(positions.map((_, i) => i * 4 * BS));
+    expect(diskBytes(r).equals(data)).toBe(true);
+  });
+
+  it('a failed write aborts the flush once the writes in flight settle; every block stays dirty', async () => {
+    const { r, disk, BS } = await slowRig(256, 3);
+    const model = Buffer.from(r.initial);
+    const data = pattern(256 * BS, 9);
+    await r.engine.write(0, data);
+    data.copy(model, 0);
+    await r.engine.flush();
+    disk.failAt = 5;
+    const err = await outcome(() => flushDirty(r.engine, { maxIoBytes: 8 * BS, depth: 4 }));
+    expect((err as { code?: string }).code).toBe('EIO');
+    expect(disk.inflight).toBe(0);
+    // No more batches were started after the failure was seen.
+    expect(disk.requests.length).toBeLessThan(32);
+    expect(r.engine.stats().dirtyBlocks).toBe(256);
+    expectDiskLagsOnlyInDirtyBlocks(r, model);
+    disk.failAt = -1;
+    expect((await flushDirty(r.engine)).cleaned).toBe(256);
+    expect(diskBytes(r).equals(model)).toBe(true);
+  });
+});
+
+describe('dirty intents', () => {
+  /** Metadata whose WAL fsyncs (the intents' durability) wait until released. */
+  function gatedMetadata() {
+    const gate = { held: false, waiting: [] as (() => void)[], syncs: 0 };
+    const wrap = (m: Metadata): Metadata => {
+      const syncWal = m.syncWal.bind(m);
+      m.syncWal = async () => {
+        gate.syncs++;
+        if (gate.held) await new Promise<void>((resolve) => gate.waiting.push(resolve));
+        await syncWal();
+      };
+      return m;
+    };
+    const factory: MetadataFactory = { create: (...a) => wrap(Metadata.create(...a)), open: (p) => wrap(Metadata.open(p)) };
+    const release = () => {
+      gate.held = false;
+      for (const go of gate.waiting.splice(0)) go();
+    };
+    return { gate, factory, release };
+  }
+
+  async function gatedRig(blocks: number) {
+    const BS = 4 * KiB;
+    const r = await rig({ size: blocks * BS, blockSize: BS });
+    await r.engine.close();
+    const g = gatedMetadata();
+    r.store = await CacheStore.open({ paths: r.paths, backing: r.source, mode: 'writeback', blockSize: BS, metadata: g.factory });
+    r.engine = new CacheEngine(r.store, r.source, { autoCommitMs: 0 });
+    const engine = r.engine;
+    cleanups.push(() => engine.close());
+    return { r, BS, ...g };
+  }
+
+  it('writes into clean blocks wait for their intent fsync, and share one while it runs', async () => {
+    const { r, BS, gate, release } = await gatedRig(64);
+    await r.engine.read(0, 64 * BS);
+    await r.engine.flush();
+    gate.held = true;
+    // 16 first writes to clean blocks, issued across several turns while the fsync is held.
+    const writes: Promise<void>[] = [];
+    for (let i = 0; i < 16; i++) {
+      writes.push(r.engine.write(i * 4 * BS, pattern(BS, i)));
+      if (i % 4 === 3) await new Promise((resolve) => setImmediate(resolve));
+    }
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    // Nothing is written and nothing counts as dirty before the intent is durable (rule 3).
+    expect(r.engine.stats().dirtyBlocks).toBe(0);
+    for (let i = 0; i < 16; i++) expect(readFileSync(r.paths.cache).subarray(i * 4 * BS, i * 4 * BS + BS).equals(r.initial.subarray(i * 4 * BS, i * 4 * BS + BS))).toBe(true);
+    const held = gate.syncs;
+    release();
+    await Promise.all(writes);
+    expect(r.engine.stats().dirtyBlocks).toBe(16);
+    // Everything that queued behind the held fsync went out in one more.
+    expect(gate.syncs).toBeLessThanOrEqual(held + 1);
+    expect(held).toBeLessThanOrEqual(1);
+  });
+
+  it('an intent still being synced stays in the dirty table a flush epoch rewrites meanwhile', async () => {
+    const { r, BS, gate, release } = await gatedRig(16);
+    await r.engine.read(0, 16 * BS);
+    await r.engine.write(5 * BS, pattern(BS, 1));
+    await r.engine.flush();
+    expect(r.engine.stats().dirtyBlocks).toBe(1);
+    // A first write into clean block 0 waits for its intent's fsync...
+    gate.held = true;
+    const data = pattern(BS, 2);
+    const writing = r.engine.write(0, data);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    // ...while a flush of block 5 commits its epoch and rewrites the whole dirty table.
+    gate.held = false;
+    const flushed = await flushDirty(r.engine);
+    expect(flushed.cleaned).toBe(1);
+    release();
+    await writing;
+    expect(r.store.dirty.get(0)).toBe(true);
+    // A daemon crash now: block 0's new bytes are in the cache file, so it must come back dirty.
+    await reopen(r, 'abandon');
+    expect(r.store.dirty.get(0)).toBe(true);
+    expect((await r.engine.read(0, BS)).equals(data)).toBe(true);
+  });
+});
+
+describe('the hydrator', () => {
+  it('keeps several fills in flight, in ascending order, and fetches a failed chunk again', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 256 * BS, blockSize: BS });
+    let inflight = 0;
+    let maxInflight = 0;
+    let failOnce = 40 * BS;
+    const read = r.source.readAt.bind(r.source);
+    const issued: number[] = [];
+    r.source.readAt = async (buf, position) => {
+      issued.push(position / BS);
+      maxInflight = Math.max(maxInflight, ++inflight);
+      try {
+        await new Promise((resolve) => setTimeout(resolve, 3));
+        if (position === failOnce) {
+          failOnce = -1;
+          throw Object.assign(new Error('EIO: i/o error, read'), { code: 'EIO' });
+        }
+        await read(buf, position);
+      } finally {
+        inflight--;
+      }
+    };
+    const errors: string[] = [];
+    const h = new Hydrator(r.engine, { quietMs: 0, chunkBytes: 8 * BS, depth: 4, retryMs: 1, onError: (e) => errors.push(e.message) });
+    await h.start();
+    expect(errors).toEqual(['EIO: i/o error, read']);
+    expect(h.progress()).toMatchObject({ done: true, percent: 100 });
+    expect(maxInflight).toBe(4);
+    // One pass up the disk, then the failed chunk again; nothing else twice.
+    expect(issued.filter((b) => b === 40)).toHaveLength(2);
+    const firstPass = issued.slice(0, issued.lastIndexOf(40));
+    expect(firstPass).toEqual(Array.from({ length: firstPass.length }, (_, i) => i * 8));
+    expect(issued.length).toBe(256 / 8 + 1);
+    expect(r.source.readBytes).toBe(256 * BS);
+    r.source.reset();
+    expect((await r.engine.read(0, 256 * BS)).equals(r.initial)).toBe(true);
+    expect(r.source.readBytes).toBe(0);
   });
 });
 

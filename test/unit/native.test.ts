@@ -10,8 +10,8 @@ import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { NativeError } from '../../src/native/addon.js';
 import { bitClearRange, bitCount, bitFindNextClear, bitFindNextSet, bitSetRange } from '../../src/native/bitmap.js';
-import { blkFlsBuf, blkGetSize64, blkSectorSize } from '../../src/native/blkdev.js';
-import { alignedBuffer, fallocate, fdatasync, pread, preadNowait, pwrite } from '../../src/native/io.js';
+import { blkFlsBuf, blkGetSize64, blkPhysicalSectorSize, blkSectorSize } from '../../src/native/blkdev.js';
+import { alignedBuffer, fallocate, fdatasync, isAligned, pread, preadNowait, pwrite, pwriteList } from '../../src/native/io.js';
 import {
   ULOOP_ABI_VERSION,
   ULOOP_CONTROL,
@@ -167,6 +167,30 @@ describe('positioned I/O on a regular file', () => {
     await expect(pwrite(fd, Buffer.alloc(4), 4, 0, 0)).resolves.toBeUndefined();
   });
 
+  it('pwriteList writes each buffer at its position, in order, and reports each result', async () => {
+    const buf = randomBytes(3 * 4096);
+    const at = 1 << 20;
+    // The third write overlaps the first: written later, it wins, as in order it must.
+    const errnos = await pwriteList(fd, [buf.subarray(0, 4096), buf.subarray(4096, 4196), buf.subarray(8192)], Float64Array.of(at + 8192, at, at + 8192 + 1000));
+    expect([...errnos]).toEqual([0, 0, 0]);
+    const back = Buffer.alloc(8192 + 5096);
+    fs.readSync(fd, back, 0, back.length, at);
+    expect(back.subarray(0, 100).equals(buf.subarray(4096, 4196))).toBe(true);
+    expect(back.subarray(8192, 8192 + 1000).equals(buf.subarray(0, 1000))).toBe(true);
+    expect(back.subarray(8192 + 1000).equals(buf.subarray(8192))).toBe(true);
+    expect((await pwriteList(fd, [], new Float64Array(0))).length).toBe(0);
+  });
+
+  it('pwriteList on a read-only fd fails each write with EBADF, not the call', async () => {
+    const ro = fs.openSync(file, 'r');
+    try {
+      const errnos = await pwriteList(ro, [Buffer.alloc(10), Buffer.alloc(20)], Float64Array.of(0, 100));
+      expect([...errnos]).toEqual([os.constants.errno.EBADF, os.constants.errno.EBADF]);
+    } finally {
+      fs.closeSync(ro);
+    }
+  });
+
   it('fdatasync resolves on a file', async () => {
     await expect(fdatasync(fd)).resolves.toBeUndefined();
   });
@@ -292,6 +316,16 @@ describe('O_DIRECT with alignedBuffer', () => {
     await expectNativeReject(pwrite(fd, big.subarray(3), 0, 4096, 4096), 'EINVAL', 'pwrite');
   });
 
+  it('isAligned knows alignedBuffer memory and its aligned slices, and nothing else', () => {
+    const b = alignedBuffer(3 * 4096);
+    expect(isAligned(b, 4096)).toBe(true);
+    expect(isAligned(b.subarray(4096), 4096)).toBe(true);
+    expect(isAligned(b.subarray(512), 4096)).toBe(false);
+    expect(isAligned(b.subarray(512), 512)).toBe(true);
+    expect(isAligned(alignedBuffer(4096, 512), 4096)).toBe(false);
+    expect(isAligned(Buffer.alloc(65536), 512)).toBe(false);
+  });
+
   it('survives many short-lived buffers (finalizer frees them)', () => {
     for (let i = 0; i < 2000; i++) alignedBuffer(64 * 1024)[0] = 1;
     expect(alignedBuffer(16)[0]).toBe(0);
@@ -338,6 +372,7 @@ describe('errors from C++ are NativeError', () => {
       expect(e.message).toBe('ENOTTY: inappropriate ioctl for device, ioctl(BLKGETSIZE64)');
       expect(e.errno).toBe(25);
       expectNativeSync(() => blkSectorSize(fd), 'ENOTTY', 'ioctl(BLKSSZGET)');
+      expectNativeSync(() => blkPhysicalSectorSize(fd), 'ENOTTY', 'ioctl(BLKPBSZGET)');
       expectNativeSync(() => blkFlsBuf(fd), 'ENOTTY', 'ioctl(BLKFLSBUF)');
     } finally {
       fs.closeSync(fd);
@@ -363,6 +398,7 @@ describe('argument validation happens in JS, synchronously', () => {
     expectInvalid(() => fdatasync('3' as unknown as number), TypeError, 'ERR_INVALID_ARG_TYPE', 'fd');
     expectInvalid(() => blkGetSize64(NaN), RangeError, 'ERR_OUT_OF_RANGE', 'fd');
     expectInvalid(() => blkSectorSize(-2), RangeError, 'ERR_OUT_OF_RANGE', 'fd');
+    expectInvalid(() => blkPhysicalSectorSize(2 ** 31), RangeError, 'ERR_OUT_OF_RANGE', 'fd');
     expectInvalid(() => blkFlsBuf(undefined as unknown as number), TypeError, 'ERR_INVALID_ARG_TYPE', 'fd');
   });
 
@@ -379,6 +415,16 @@ describe('argument validation happens in JS, synchronously', () => {
     expectInvalid(() => pwrite(fd, buf, 0, 17, 0), RangeError, 'ERR_OUT_OF_RANGE', 'length');
     expectInvalid(() => pwrite(fd, buf.subarray(4), 0, 13, 0), RangeError, 'ERR_OUT_OF_RANGE', 'length');
     expectInvalid(() => pwrite(fd, buf, -1, 1, 0), RangeError, 'ERR_OUT_OF_RANGE', 'bufOffset');
+  });
+
+  it('rejects pwriteList arguments that do not pair a buffer with a position', () => {
+    const buf = Buffer.alloc(4096);
+    expectInvalid(() => pwriteList(0, buf as unknown as Uint8Array[], Float64Array.of(0)), TypeError, 'ERR_INVALID_ARG_TYPE', 'buffers');
+    expect(() => pwriteList(0, [buf], Float64Array.of(0, 1))).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_VALUE' }));
+    expect(() => pwriteList(0, [buf], [0] as unknown as Float64Array)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_VALUE' }));
+    expectInvalid(() => pwriteList(0, [new Uint16Array(2) as unknown as Uint8Array], Float64Array.of(0)), TypeError, 'ERR_INVALID_ARG_TYPE', 'buffers[i]');
+    expectInvalid(() => pwriteList(0, [buf], Float64Array.of(-1)), RangeError, 'ERR_OUT_OF_RANGE', 'positions[i]');
+    expectInvalid(() => pwriteList(0, [buf], Float64Array.of(0.5)), RangeError, 'ERR_OUT_OF_RANGE', 'positions[i]');
   });
 
   it('rejects bad positions and lengths', () => {
@@ -431,6 +477,11 @@ describe('the raw binding', () => {
     expect(() => raw.bitSetRange!(new Uint8Array(1), 5, 4)).toThrow(RangeError);
     expect(() => raw.bitFindNextSet!(new Uint8Array(1), 8, 9)).toThrow(RangeError);
     expect(() => raw.alignedBuffer!(16, 3)).toThrow(RangeError);
+    expect(() => raw.pwriteList!(0, [Buffer.alloc(8)], Float64Array.of(-1))).toThrow(RangeError);
+    expect(() => raw.pwriteList!(0, [Buffer.alloc(8)], Float64Array.of(2 ** 53 - 4))).toThrow(RangeError);
+    expect(() => raw.pwriteList!(0, [Buffer.alloc(8)], Float64Array.of(0, 1))).toThrow(TypeError);
+    expect(() => raw.pwriteList!(0, [new Uint32Array(3)], Float64Array.of(0))).toThrow(TypeError);
+    expect(() => raw.pwriteList!(0, Buffer.alloc(8), Float64Array.of(0))).toThrow(TypeError);
   });
 });
 
@@ -574,9 +625,10 @@ describe.runIf(canLoop)('block device ioctls on a loop device', () => {
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
-  it('reports size and logical sector size', () => {
+  it('reports size and logical and physical sector size', () => {
     expect(blkGetSize64(fd)).toBe(size);
     expect(blkSectorSize(fd)).toBe(4096);
+    expect(blkPhysicalSectorSize(fd)).toBe(4096);
   });
 
   it('flushes buffers and does O_DIRECT I/O that reaches the backing file', async () => {

@@ -1,10 +1,15 @@
-// The VM harness itself: a guest boots, runs a script over the host's root and reports its exit
-// status, and a failing script is reported as failing.
+// The VM harness itself: a guest boots the kernel asked for, runs a script over the host's root and
+// reports its exit status; a failing script is reported as failing; a kernel splat in the guest
+// (here a real hung-task report, and a WARNING line written to the kernel log) fails the run.
 import { describe, expect, it } from 'vitest';
-import { runInVm } from './vm.js';
+import { defaultKernel, findSplats, GuestKernelSplatError, prepareVm, runInVm } from '../support/vm.js';
+
+const SERIES_RE = { '6.1': /^6\.1\.0-\d+-amd64$/m, '6.12': /^6\.12\.\d+\+deb13[.\d]*-amd64$/m, newest: /^[7-9]\.\d+\.\d+\+deb13[.\d]*-amd64$/m };
 
 describe('VM harness', () => {
-  it('boots, runs the host node over 9p, reports the exit status', async () => {
+  it('boots the chosen kernel, runs the host node over 9p, reports the exit status', async () => {
+    const kernel = defaultKernel();
+    const vm = prepareVm(kernel);
     const r = await runInVm(
       `uname -r
       node -e 'console.log("node", process.version)'
@@ -12,9 +17,59 @@ describe('VM harness', () => {
       echo hello > /mnt/written
       exit 3`,
     );
-    console.log(`boot + script + poweroff: ${r.ms} ms`);
+    console.log(`${vm.KVER}: boot + script + poweroff: ${r.ms} ms`);
     expect(r.code).toBe(3);
-    expect(r.output).toMatch(/^6\.1\.0-/m);
+    expect(r.output).toMatch(SERIES_RE[kernel]);
+    expect(r.output).toContain(vm.KVER);
     expect(r.output).toMatch(/^node v20/m);
-  }, 300_000);
+    expect(r.splats).toEqual([]);
+  }, 900_000);
+
+  it('fails a run whose guest kernel logs a splat, unless the test allows that splat', async () => {
+    // A real one: a writer stuck in D state on a frozen ext4 (sb_start_write), with the hung-task
+    // detector at 1 s, gives "INFO: task sh:N blocked for more than 1 seconds." and a Call Trace.
+    // A WARNING written to /dev/kmsg stands for a WARN_ON in the module.
+    const script = `
+      modprobe loop; modprobe ext4
+      echo 1 > /proc/sys/kernel/hung_task_timeout_secs
+      truncate -s 16M /tmp/fs.img && mkfs.ext4 -q /tmp/fs.img && mkdir /tmp/m && mount -o loop /tmp/fs.img /tmp/m
+      fsfreeze -f /tmp/m
+      (echo x > /tmp/m/f) &
+      sleep 4
+      fsfreeze -u /tmp/m; wait; umount /tmp/m
+      echo "WARNING: CPU: 0 PID: 1 at drivers/block/uloop.c:1 harness_test" > /dev/kmsg
+      echo finished`;
+    const err = await runInVm(script).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(GuestKernelSplatError);
+    const { result, lines } = err as GuestKernelSplatError;
+    expect(result.output).toContain('finished');
+    expect(result.code).toBe(0);
+    expect(lines.join('\n')).toMatch(/INFO: task sh:\d+ blocked for more than \d+ seconds/);
+    expect(lines.join('\n')).toMatch(/WARNING: CPU: 0 PID: 1 at drivers\/block\/uloop\.c:1 harness_test/);
+    // the same run with these splats declared as expected passes
+    const ok = await runInVm(script, { allowSplats: /blocked for more than|Call Trace:|harness_test/ });
+    expect(ok.code).toBe(0);
+    expect(ok.splats.length).toBeGreaterThan(0);
+  }, 600_000);
+
+  it('knows a splat from an ordinary log line', () => {
+    const log = [
+      '[    1.0] virtio_blk virtio1: [vda] 2048 512-byte logical blocks',
+      '[    2.0] EXT4-fs (uloop0): mounted filesystem with ordered data mode',
+      '[    3.0] ------------[ cut here ]------------',
+      '[    3.1] WARNING: CPU: 1 PID: 77 at kernel/uloop.c:640 uloop_queue_rq+0x1/0x2 [uloop]',
+      '[    4.0] BUG: KASAN: slab-use-after-free in uloop_rw_done+0x10/0x20 [uloop]',
+      '[    5.0] WARNING: possible circular locking dependency detected',
+      '[    6.0] BUG: unable to handle page fault for address: ffff888',
+      '[    7.0] Oops: 0000 [#1] PREEMPT SMP NOPTI',
+      '[    8.0] UBSAN: array-index-out-of-bounds in drivers/block/uloop.c:12:3',
+      '[    9.0] I/O error, dev uloop0, sector 8 op 0x0:(READ) flags 0x0 phys_seg 1 prio class 0',
+    ].join('\n');
+    const found = findSplats(log);
+    expect(found).toHaveLength(6);
+    expect(found.join('\n')).not.toMatch(/EXT4-fs|I\/O error|virtio_blk|cut here/);
+  });
 });

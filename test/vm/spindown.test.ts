@@ -12,7 +12,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, ROOT, runInVm, type VmResult } from './vm.js';
+import { prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
 
 const DISK_BYTES = 32 << 20;
 const DATA_OFFSET = 3 << 20;
@@ -82,9 +82,9 @@ beforeAll(async () => {
     $U detach /dev/loop0 && echo detached
     cat /run/ulobdev/loop0.log
   `,
-    { ataDisks: [disk], files: { 'power.mjs': powerScript, 'data.bin': data }, timeoutMs: 180_000 },
+    { ataDisks: [disk], files: { 'power.mjs': powerScript, 'data.bin': data }, timeoutMs: 480_000 },
   );
-}, 300_000);
+}, 900_000);
 
 afterAll(() => {
   if (dir) rmSync(dir, { recursive: true, force: true });

@@ -2,7 +2,7 @@
 // Misses fill through the engine, fio writes and verifies patterns, a filesystem is made, written,
 // checked, and the device detaches.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, ROOT, runInVm, type VmPaths, type VmResult } from './vm.js';
+import { prepareVm, ROOT, runInVm, type VmPaths, type VmResult } from '../support/vm.js';
 
 let vm: VmPaths;
 let run: VmResult;
@@ -12,7 +12,7 @@ beforeAll(async () => {
   run = await runInVm(`
     U="node ${ROOT}/dist/cli/ulobdev.js"
     insmod ${vm.ULOOP_KO}
-    modprobe crc32c_generic; modprobe ext4
+    modprobe -q crc32c_generic || true; modprobe ext4
     head -c 8M /dev/urandom > /tmp/disk.img && truncate -s 64M /tmp/disk.img
     $U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --daemon /dev/uloop0 /tmp/disk.img
     dd if=/dev/uloop0 of=/tmp/r bs=1M count=8 iflag=direct status=none

@@ -6,7 +6,7 @@
 // written before that fsync (invariant 3 with 1 and 2: acknowledged + FLUSH survives, and no block
 // is present over data that was not synced).
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, ROOT, runInVm, type VmResult } from './vm.js';
+import { prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
 
 const MARKS = 4;
 let run: VmResult;
@@ -16,7 +16,7 @@ beforeAll(async () => {
   run = await runInVm(`
     U="node ${ROOT}/dist/cli/ulobdev.js"; D=/dev/uloop0; R=${vm.LOG_REPLAY}
     insmod ${vm.ULOOP_KO}
-    modprobe crc32c_generic; modprobe ext4; modprobe loop; modprobe dm-log-writes
+    modprobe -q crc32c_generic || true; modprobe ext4; modprobe loop; modprobe dm-log-writes
     head -c 16M /dev/urandom > /tmp/disk.img && cp /tmp/disk.img /tmp/expect
     truncate -s 64M /tmp/data.img && truncate -s 512M /tmp/log.img
     DD=$(losetup -f --show /tmp/data.img); LD=$(losetup -f --show /tmp/log.img)
@@ -51,8 +51,8 @@ beforeAll(async () => {
       $U detach /dev/uloop1 > /dev/null; umount /tmp/rp; losetup -d $S
       i=$((i+1))
     done
-  `, { memoryMb: 1536, timeoutMs: 180_000 });
-}, 400_000);
+  `, { memoryMb: 1536, timeoutMs: 480_000 });
+}, 900_000);
 
 describe('FLUSH durability on /dev/uloopN (dm-log-writes replay)', () => {
   it('at every fsync mark, the replayed cache holds every write acknowledged before it', () => {

@@ -4,7 +4,7 @@
 // FLUSH); blocks rewritten while a flush runs stay dirty, so a flush after the writes stop leaves
 // the backing file equal to the device again.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, ROOT, runInVm, type VmPaths, type VmResult } from './vm.js';
+import { prepareVm, ROOT, runInVm, type VmPaths, type VmResult } from '../support/vm.js';
 
 let vm: VmPaths;
 let run: VmResult;

@@ -4,6 +4,7 @@ import type { Logger } from 'pino';
 import { InvalidArgumentError } from '../../errors.js';
 import { assertSafeInteger, isPowerOfTwo } from '../../validate.js';
 import type { BlockBackend } from '../backend.js';
+import { IoBuffers } from './buffers.js';
 
 export interface NbdServerOptions {
   backend: BlockBackend;
@@ -36,6 +37,8 @@ export interface ExportConfig {
   preferredBlockSize: number;
   maxInflightRequests: number;
   maxInflightBytes: number;
+  /** Reply and payload memory, shared by the server's connections. */
+  buffers: IoBuffers;
 }
 
 const MiB = 1 << 20;
@@ -75,5 +78,6 @@ export function exportConfig(options: NbdServerOptions): ExportConfig {
     preferredBlockSize,
     maxInflightRequests,
     maxInflightBytes,
+    buffers: new IoBuffers(),
   };
 }

@@ -185,6 +185,28 @@ export class ByteQueue {
     return merged.subarray(0, n);
   }
 
+  /** True when the first `n` bytes lie in one received chunk (take(n) then copies nothing). */
+  contiguous(n: number): boolean {
+    const first = this.#chunks[0];
+    return n === 0 || (first !== undefined && first.byteLength - this.#head >= n);
+  }
+
+  /** Consumes the first target.byteLength bytes into `target` and returns it; nothing is merged. */
+  takeInto(target: Buffer): Buffer {
+    let n = target.byteLength;
+    if (n > this.#length) throw new RangeError(`takeInto(${n}) with only ${this.#length} bytes queued`);
+    let at = 0;
+    while (n > 0) {
+      const first = this.#chunks[0]!;
+      const k = Math.min(n, first.byteLength - this.#head);
+      first.copy(target, at, this.#head, this.#head + k);
+      at += k;
+      n -= k;
+      this.skip(k);
+    }
+    return target;
+  }
+
   /** Consumes and returns the first `n` bytes. */
   take(n: number): Buffer {
     const out = this.peek(n);
@@ -386,13 +408,15 @@ export interface NbdRequest {
   length: number;
   /** The payload of NBD_CMD_WRITE. */
   data?: Buffer;
+  /** `data` came from the decoder's allocator (decodeRequest): hand it back once the write is done. */
+  pooled?: boolean;
 }
 
 /**
  * One request (with its payload for NBD_CMD_WRITE), or null until all of it has arrived. A bad
  * magic, or a write payload over `maxWrite`, throws as soon as the header is there.
  */
-export function decodeRequest(q: ByteQueue, maxWrite: number): NbdRequest | null {
+export function decodeRequest(q: ByteQueue, maxWrite: number, allocPayload?: (length: number) => Buffer): NbdRequest | null {
   if (q.length < REQUEST_HEADER_SIZE) return null;
   const h = q.peek(REQUEST_HEADER_SIZE);
   const magic = h.readUInt32BE(0);
@@ -411,7 +435,15 @@ export function decodeRequest(q: ByteQueue, maxWrite: number): NbdRequest | null
     }
     if (q.length < REQUEST_HEADER_SIZE + req.length) return null;
     q.skip(REQUEST_HEADER_SIZE);
-    req.data = q.take(req.length);
+    // A payload in one received chunk is a view of it; one spread over several is copied, into
+    // memory from `allocPayload` when given (reused: a large fresh buffer per write costs page
+    // faults and garbage collection), else into a new buffer.
+    if (allocPayload && !q.contiguous(req.length)) {
+      req.data = q.takeInto(allocPayload(req.length));
+      req.pooled = true;
+    } else {
+      req.data = q.take(req.length);
+    }
     return req;
   }
   q.skip(REQUEST_HEADER_SIZE);
@@ -420,10 +452,15 @@ export function decodeRequest(q: ByteQueue, maxWrite: number): NbdRequest | null
 
 export function encodeSimpleReply(error: number, handle: bigint): Buffer {
   const b = Buffer.alloc(SIMPLE_REPLY_SIZE);
+  writeSimpleReply(b, error, handle);
+  return b;
+}
+
+/** A simple reply header into the first SIMPLE_REPLY_SIZE bytes of `b`. */
+export function writeSimpleReply(b: Buffer, error: number, handle: bigint): void {
   b.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
   b.writeUInt32BE(error, 4);
   b.writeBigUInt64BE(handle, 8);
-  return b;
 }
 
 export function encodeChunkHeader(flags: number, type: number, handle: bigint, length: number): Buffer {
@@ -434,10 +471,20 @@ export function encodeChunkHeader(flags: number, type: number, handle: bigint, l
 
 /** Chunk header plus offset of an NBD_REPLY_TYPE_OFFSET_DATA chunk; `dataLength` bytes follow it. */
 export function encodeOffsetDataHeader(flags: number, handle: bigint, offset: number, dataLength: number): Buffer {
-  const b = Buffer.alloc(CHUNK_HEADER_SIZE + 8);
-  writeChunkHeader(b, flags, ReplyType.OFFSET_DATA, handle, 8 + dataLength);
-  b.writeBigUInt64BE(BigInt(offset), CHUNK_HEADER_SIZE);
+  const b = Buffer.alloc(OFFSET_DATA_HEADER_SIZE);
+  writeOffsetDataHeader(b, flags, handle, offset, dataLength);
   return b;
+}
+
+/** Bytes of an NBD_REPLY_TYPE_OFFSET_DATA chunk before its data: chunk header and offset. */
+export const OFFSET_DATA_HEADER_SIZE = CHUNK_HEADER_SIZE + 8;
+
+/** encodeOffsetDataHeader into the first OFFSET_DATA_HEADER_SIZE bytes of `b`. */
+export function writeOffsetDataHeader(b: Buffer, flags: number, handle: bigint, offset: number, dataLength: number): void {
+  writeChunkHeader(b, flags, ReplyType.OFFSET_DATA, handle, 8 + dataLength);
+  // The offset as two 32-bit halves: no BigInt per reply (offsets are below 2^53).
+  b.writeUInt32BE(Math.floor(offset / 2 ** 32), CHUNK_HEADER_SIZE);
+  b.writeUInt32BE(offset >>> 0, CHUNK_HEADER_SIZE + 4);
 }
 
 export function encodeNoneChunk(handle: bigint): Buffer {

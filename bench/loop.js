@@ -1,0 +1,245 @@
+#!/usr/bin/env node
+// The module-free /dev/loopN frontend against its limit and against nbdkit, side by side in one run.
+//
+//   npx tsc -p tsconfig.json && sudo node bench/loop.js [--size 256M] [--seconds 5] [--reps 2]
+//        [--rows a,b,...] [--dir /var/tmp] [--json bench/results/loop.json] [--profile]
+//
+// Three loop devices, each fio'd the same way (libaio, direct=1, 1 s ramp, --seconds), one after
+// the other, rotating which goes first, --reps times; the best run of each is kept:
+//   limit    `losetup --direct-io=on` on a plain copy of the backing file: what a loop device
+//            over a local file does, the ceiling for both others.
+//   ulobdev  `ulobdev -c C -b B --writeback --daemon /dev/loopN DISK` as a user runs it (nbdfuse +
+//            loop, our NBD server and engine). Every block is read once first, so reads are hits.
+//   nbdkit   `nbdkit file` on another copy of the backing file, exported by nbdfuse and bound with
+//            `losetup --direct-io=on`: the same transport as ulobdev's, with nbdkit's server.
+// Rows: 4 KiB random read QD16, 1 MiB read QD4, 4 KiB random write QD16 and 1 MiB write QD4 into
+// dirty blocks (a write pass makes every block dirty first), and 4 KiB random write QD16 into clean
+// blocks ("first write": before each ulobdev run `ulobdev flush` cleans every block, so each write
+// records a durable dirty intent first; the others see the same workload). Ratios are ulobdev /
+// limit and ulobdev / nbdkit. With --profile the ulobdev daemon runs under `node --cpu-prof` and the
+// profile is written next to the JSON. Not a test: no assertions; the exit code is 0 unless the
+// bench breaks. Loops, mounts and processes it made are removed on every way out.
+import { execFileSync, spawn } from 'node:child_process';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { cpus, loadavg, release, totalmem } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { printTable, writeJson } from './lib/table.js';
+
+const MiB = 1 << 20;
+const { values: opts } = parseArgs({
+  options: {
+    size: { type: 'string', default: '256M' },
+    seconds: { type: 'string', default: '5' },
+    reps: { type: 'string', default: '2' },
+    rows: { type: 'string', default: '' },
+    dir: { type: 'string', default: '/var/tmp' },
+    json: { type: 'string', default: fileURLToPath(new URL('./results/loop.json', import.meta.url)) },
+    profile: { type: 'boolean', default: false },
+  },
+});
+const SIZE = Number(/^(\d+)M$/i.exec(opts.size)?.[1] ?? NaN) * MiB;
+const SECONDS = Number(opts.seconds);
+const REPS = Number(opts.reps);
+if (!(SIZE >= 64 * MiB)) throw new Error('--size must be like 256M (at least 64M)');
+if (process.getuid?.() !== 0) throw new Error('bench/loop.js needs root (loop devices, FUSE mounts)');
+const root = fileURLToPath(new URL('..', import.meta.url));
+const CLI = join(root, 'dist/cli/ulobdev.js');
+if (!existsSync(CLI)) throw new Error('build first: npx tsc -p tsconfig.json');
+
+const ROWS = [
+  { id: 'randread-4k', workload: '4 KiB random read, QD16', rw: 'randread', bs: '4k', qd: 16, unit: 'IOPS' },
+  { id: 'read-1m', workload: '1 MiB read, QD4', rw: 'read', bs: '1m', qd: 4, unit: 'MB/s' },
+  { id: 'randwrite-4k', workload: '4 KiB random write, QD16 (dirty blocks)', rw: 'randwrite', bs: '4k', qd: 16, unit: 'IOPS' },
+  { id: 'write-1m', workload: '1 MiB write, QD4 (dirty blocks)', rw: 'write', bs: '1m', qd: 4, unit: 'MB/s' },
+  { id: 'firstwrite-4k', workload: '4 KiB random write, QD16 (first write: clean → dirty)', rw: 'randwrite', bs: '4k', qd: 16, unit: 'IOPS', clean: true },
+].filter((r) => !opts.rows || opts.rows.split(',').includes(r.id));
+
+const log = (m) => process.stderr.write(`${m}\n`);
+const run = (cmd, args, o = {}) => execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], ...o });
+const live = { loops: [], mounts: [], children: [], daemon: null, dir: null };
+
+function cleanup() {
+  if (live.daemon && live.profiled) {
+    // The profile is written when the daemon exits by itself: detach, then wait for it.
+    try {
+      run('node', [CLI, 'detach', '--run-dir', live.daemon.runDir, 'benchloop'], { timeout: 120_000 });
+      live.daemon = null;
+      const until = Date.now() + 30_000;
+      const exited = () => {
+        try {
+          const stat = readFileSync(`/proc/${live.profiled.pid}/stat`, 'utf8');
+          return stat.slice(stat.lastIndexOf(')') + 2)[0] === 'Z';
+        } catch {
+          return true;
+        }
+      };
+      while (!exited() && Date.now() < until) execFileSync('sleep', ['0.2']);
+    } catch (err) {
+      log(`ulobdev detach failed: ${String(err.stderr ?? err.message).trim()}`);
+    }
+  }
+  for (const loop of live.loops.splice(0)) {
+    try {
+      run('losetup', ['-d', loop]);
+    } catch {}
+  }
+  if (live.daemon) {
+    try {
+      run('node', [CLI, 'detach', '--run-dir', live.daemon.runDir, 'benchloop'], { timeout: 120_000 });
+    } catch (err) {
+      log(`ulobdev detach failed: ${String(err.stderr ?? err.message).trim()}`);
+    }
+    live.daemon = null;
+  }
+  for (const m of live.mounts.splice(0)) {
+    try {
+      run('fusermount3', ['-u', m]);
+    } catch {}
+  }
+  for (const c of live.children.splice(0)) {
+    if (c.exitCode === null) c.kill('SIGTERM');
+  }
+  try {
+    if (live.dir) rmSync(live.dir, { recursive: true, force: true });
+  } catch (err) {
+    log(`could not remove ${live.dir}: ${err.message}`);
+  }
+  live.dir = null;
+}
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) process.on(sig, () => (cleanup(), process.exit(130)));
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+async function waitFor(cond, what, ms = 20_000) {
+  const until = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
+    await sleep(50);
+  }
+}
+
+function losetup(file) {
+  const dev = run('losetup', ['--direct-io=on', '-f', '--show', file]).trim();
+  live.loops.push(dev);
+  return dev;
+}
+
+function fio(dev, row) {
+  const out = run('fio', [
+    '--name=bench', `--filename=${dev}`, '--ioengine=libaio', '--direct=1', `--rw=${row.rw}`, `--bs=${row.bs}`, `--iodepth=${row.qd}`,
+    '--ramp_time=1', `--runtime=${SECONDS}`, '--time_based', '--norandommap', '--randrepeat=0', '--group_reporting', '--output-format=json',
+  ]);
+  const job = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
+  const side = row.rw.includes('read') ? job.read : job.write;
+  return row.unit === 'IOPS' ? Math.round(side.iops) : +(side.bw_bytes / 1e6).toFixed(0);
+}
+
+const loadAtStart = loadavg().map((x) => +x.toFixed(2));
+const results = Object.fromEntries(ROWS.map((r) => [r.id, { limit: [], ulobdev: [], nbdkit: [] }]));
+try {
+  live.dir = mkdtempSync(join(opts.dir, 'ulobloop-'));
+  const d = live.dir;
+  const disk = join(d, 'disk.img');
+  log(`backing file of ${SIZE / MiB} MiB`);
+  run('dd', ['if=/dev/urandom', `of=${disk}`, 'bs=4M', `count=${SIZE / (4 * MiB)}`, 'conv=fdatasync', 'status=none']);
+  copyFileSync(disk, join(d, 'limit.img'));
+  copyFileSync(disk, join(d, 'nbdkit.img'));
+
+  // limit
+  const limitDev = losetup(join(d, 'limit.img'));
+
+  // nbdkit behind nbdfuse + loop, as ulobdev's own frontend does it
+  const kitSock = join(d, 'kit.sock');
+  const kit = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', kitSock, 'file', join(d, 'nbdkit.img')], { stdio: 'ignore' });
+  live.children.push(kit);
+  await waitFor(() => existsSync(kitSock), 'nbdkit');
+  const kitMount = join(d, 'kitfuse');
+  mkdirSync(kitMount);
+  const fuse = spawn('nbdfuse', [join(kitMount, 'disk'), '--unix', kitSock], { stdio: 'ignore' });
+  live.children.push(fuse);
+  live.mounts.push(kitMount);
+  await waitFor(() => existsSync(join(kitMount, 'disk')), 'nbdfuse');
+  const kitDev = losetup(join(kitMount, 'disk'));
+
+  // ulobdev, as a user starts it
+  const runDir = join(d, 'run');
+  const freeLoop = run('losetup', ['-f']).trim();
+  const args = ['-c', join(d, 'u.cache'), '-b', join(d, 'u.bitmap'), '--writeback', '--name', 'benchloop', '--run-dir', runDir, '--log-level', 'warn', freeLoop, disk];
+  if (opts.profile) {
+    const profDir = dirname(opts.json);
+    mkdirSync(profDir, { recursive: true });
+    const child = spawn('node', ['--cpu-prof', `--cpu-prof-dir=${profDir}`, '--cpu-prof-name=loop-ulobdev.cpuprofile', CLI, ...args], { stdio: 'ignore' });
+    live.children.push(child);
+    live.profiled = child;
+    live.daemon = { runDir, device: freeLoop };
+    await waitFor(() => existsSync(join(runDir, 'benchloop.sock')) && run('losetup', ['-l', '-n', '-O', 'NAME']).includes(freeLoop), 'the ulobdev daemon', 60_000);
+  } else {
+    run('node', [CLI, '--daemon', ...args], { timeout: 60_000 });
+    live.daemon = { runDir, device: freeLoop };
+  }
+  const ulobDev = freeLoop;
+  const flush = () => run('node', [CLI, 'flush', '--run-dir', runDir, 'benchloop'], { timeout: 300_000 });
+  log('reading every block once (ulobdev: all present), then writing every block once (all dirty)');
+  for (const dev of [ulobDev, kitDev, limitDev]) {
+    run('dd', [`if=${dev}`, 'of=/dev/null', 'bs=1M', 'iflag=direct', 'status=none']);
+  }
+  const fill = () => {
+    for (const dev of [ulobDev, kitDev, limitDev]) run('dd', [`if=${disk}`, `of=${dev}`, 'bs=1M', 'oflag=direct', 'status=none']);
+  };
+
+  const targets = { limit: limitDev, ulobdev: ulobDev, nbdkit: kitDev };
+  const order = ['ulobdev', 'nbdkit', 'limit'];
+  let dirty = false;
+  for (let rep = 0; rep < REPS; rep++) {
+    for (const row of ROWS) {
+      if (!row.clean && !dirty) {
+        fill();
+        dirty = true;
+      }
+      const rot = order.map((_, i) => order[(i + rep + ROWS.indexOf(row)) % order.length]);
+      for (const t of rot) {
+        if (row.clean && t === 'ulobdev') {
+          flush();
+          dirty = false;
+        }
+        const v = fio(targets[t], row);
+        results[row.id][t].push(v);
+        log(`rep ${rep + 1} ${row.id} ${t}: ${v} ${row.unit} (load ${loadavg()[0].toFixed(1)})`);
+      }
+    }
+  }
+
+  const loadAtEnd = loadavg().map((x) => +x.toFixed(2));
+  const fmt = (v, unit) => `${v.toLocaleString('en-US')} ${unit}`;
+  const table = ROWS.map((row) => {
+    const best = Object.fromEntries(Object.entries(results[row.id]).map(([k, v]) => [k, Math.max(...v)]));
+    return {
+      workload: row.workload,
+      limit: fmt(best.limit, row.unit),
+      ulobdev: fmt(best.ulobdev, row.unit),
+      nbdkit: fmt(best.nbdkit, row.unit),
+      'ulobdev/limit': (best.ulobdev / best.limit).toFixed(2),
+      'ulobdev/nbdkit': (best.ulobdev / best.nbdkit).toFixed(2),
+      best,
+      runs: results[row.id],
+    };
+  });
+  cleanup();
+  printTable(
+    ['workload', 'limit', 'ulobdev', 'nbdkit', 'ulobdev/limit', 'ulobdev/nbdkit'].map((k) => ({ key: k, title: k, align: k === 'workload' ? 'left' : 'right' })),
+    table,
+    {
+      title: `bench/loop.js: fio libaio direct, ${SECONDS} s, best of ${REPS} interleaved runs; ${SIZE / MiB} MiB on ${opts.dir}`,
+      notes: [`load average ${loadAtStart.join(' ')} at start, ${loadAtEnd.join(' ')} at end (${cpus().length} CPUs)`],
+    },
+  );
+  writeJson(opts.json, {
+    at: new Date().toISOString(),
+    machine: { cpus: cpus().length, cpu: cpus()[0]?.model, memory: totalmem(), kernel: release(), node: process.version, loadAverage: { start: loadAtStart, end: loadAtEnd } },
+    params: { size: SIZE, seconds: SECONDS, reps: REPS, dir: opts.dir },
+    rows: table,
+  });
+} finally {
+  cleanup();
+}

@@ -1,0 +1,35 @@
+// Partitions of a frontend's device: making them appear once it is bound, and the check detach
+// and SIGTERM make on every frontend, before they change anything, that neither the device nor any
+// partition of it is in use.
+import type { Logger } from 'pino';
+import { DeviceBusyError } from '../errors.js';
+import { blockDeviceUsers, partitionsOf } from '../sys.js';
+import { run } from './programs.js';
+
+/**
+ * Makes the partitions of a freshly bound device appear (/dev/loopNpM). The frontend asks the
+ * kernel to scan (loop's --partscan); a kernel built without the table's parser finds none, so
+ * then partx reads the table in userspace and adds them (BLKPG), as it would on the bare disk. A
+ * device without a partition table stays as it is. Never fails the attach.
+ */
+export async function showPartitions(device: string, sys: string, logger: Logger): Promise<void> {
+  if ((await partitionsOf(sys)).length > 0) return;
+  try {
+    await run('partx', ['--add', device]);
+    const found = await partitionsOf(sys);
+    if (found.length > 0) logger.info({ partitions: found.map((p) => `/dev/${p.name}`) }, 'partitions added from the partition table (partx)');
+  } catch {
+    // No partition table (or no partx): a whole-disk filesystem, nothing to show.
+  }
+}
+
+/**
+ * Refuses (DeviceBusyError) while the device or a partition of it is mounted, held, claimed or
+ * open: one line naming each user and what to do.
+ */
+export async function assertReleasable(device: string, sys: string): Promise<void> {
+  const users = await blockDeviceUsers(sys);
+  if (users.length === 0) return;
+  const advice = /mounted on/.test(users[0]!) ? 'unmount it first' : /held by/.test(users[0]!) ? 'remove what is stacked on it first' : 'stop or close it first';
+  throw new DeviceBusyError(`${device} stays attached: ${users.join('; ')}; ${advice}`);
+}

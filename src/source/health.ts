@@ -1,0 +1,94 @@
+// The backing disk's state as `status` shows it: ok, failing (its last I/O failed) or gone (it was
+// removed, or its transport is down), with the last error and when it happened. Learnt from every
+// read (misses, hydration) and write and sync (flushes) that reach the disk, and for a block device
+// from sysfs at each look, so a removed disk shows as gone even while nothing reads it. Nothing here
+// touches the disk: a sleeping disk stays asleep.
+import { isWritable, type SectorSize, type Source } from './source.js';
+
+export type DiskState = 'ok' | 'failing' | 'gone';
+
+export interface DiskHealthStatus {
+  state: DiskState;
+  /** The last I/O error of the disk (kept after it recovers), or null. */
+  lastError: string | null;
+  /** When it happened, ms since the epoch, or null. */
+  lastErrorAt: number | null;
+  /** I/O errors since the daemon started. */
+  errors: number;
+}
+
+/**
+ * errno names meaning the disk (or the transport to it) is no longer there, rather than that one
+ * request failed: the device was removed (ENODEV, ENXIO), its medium taken out (ENOMEDIUM), or its
+ * connection is down (ENOTCONN, ESHUTDOWN: a network or FUSE-backed disk), or a file handle went
+ * stale (ESTALE).
+ */
+const GONE_CODES = new Set(['ENODEV', 'ENXIO', 'ENOMEDIUM', 'ENOTCONN', 'ESHUTDOWN', 'ESTALE']);
+
+export class DiskHealth {
+  #state: DiskState = 'ok';
+  #lastError: string | null = null;
+  #lastErrorAt: number | null = null;
+  #errors = 0;
+  readonly #present: (() => boolean) | undefined;
+
+  /**
+   * `present`, if given, says whether the disk still exists without touching it (Source.present:
+   * a block device's sysfs entry); false makes the state gone.
+   */
+  constructor(options: { present?: () => boolean } = {}) {
+    this.#present = options.present;
+  }
+
+  /** An I/O of the disk succeeded: it is back, whatever failed before. */
+  succeeded(): void {
+    this.#state = 'ok';
+  }
+
+  /** An I/O of the disk failed with `err`. */
+  failed(err: unknown): void {
+    const e = err as { code?: unknown; message?: unknown };
+    const code = typeof e?.code === 'string' ? e.code : '';
+    this.#state = GONE_CODES.has(code) ? 'gone' : 'failing';
+    this.#lastError = typeof e?.message === 'string' ? e.message : String(err);
+    this.#lastErrorAt = Date.now();
+    this.#errors++;
+  }
+
+  status(): DiskHealthStatus {
+    let state = this.#state;
+    if (this.#present && !this.#present()) state = 'gone';
+    return { state, lastError: this.#lastError, lastErrorAt: this.#lastErrorAt, errors: this.#errors };
+  }
+
+  /** `source` with every read, write and sync reported here (the daemon's view of the disk). */
+  watch(source: Source): Source {
+    const track = async <T>(io: Promise<T>): Promise<T> => {
+      try {
+        const r = await io;
+        this.succeeded();
+        return r;
+      } catch (err) {
+        this.failed(err);
+        throw err;
+      }
+    };
+    const wrapped: Source & { sectorSize?: SectorSize } = {
+      size: source.size,
+      id: source.id,
+      description: source.description,
+      sectorSize: source.sectorSize,
+      readAt: (buf, position) => track(source.readAt(buf, position)),
+      close: () => source.close(),
+      stats: source.stats ? () => source.stats!() : undefined,
+      present: source.present ? () => source.present!() : undefined,
+    };
+    if (isWritable(source)) {
+      Object.assign(wrapped, {
+        writeAt: (buf: Uint8Array, position: number) => track(source.writeAt(buf, position)),
+        sync: () => track(source.sync()),
+      });
+    }
+    return wrapped;
+  }
+}

@@ -1,0 +1,84 @@
+// posixStorage's write path: small writes issued in one event-loop turn reach the threadpool as one
+// job (native pwriteList), yet each resolves or rejects on its own; large writes and O_DIRECT files
+// are not gathered.
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+
+const calls = vi.hoisted(() => ({ list: [] as number[], single: 0 }));
+vi.mock('../../src/native/io.js', async (importOriginal) => {
+  const io = await importOriginal<typeof import('../../src/native/io.js')>();
+  return {
+    ...io,
+    pwriteList: (fd: number, buffers: Uint8Array[], positions: Float64Array) => {
+      calls.list.push(buffers.length);
+      return io.pwriteList(fd, buffers, positions);
+    },
+    pwrite: (...args: Parameters<typeof io.pwrite>) => {
+      calls.single++;
+      return io.pwrite(...args);
+    },
+  };
+});
+
+const { posixStorage } = await import('../../src/storage/posix-storage.js');
+const { NativeError } = await import('../../src/native/addon.js');
+
+let dir: string;
+beforeEach(() => {
+  dir = mkdtempSync('/var/tmp/ulob-posix-');
+  calls.list.length = 0;
+  calls.single = 0;
+});
+afterEach(() => rmSync(dir, { recursive: true, force: true }));
+
+describe('posixStorage writes', () => {
+  it('gathers the small writes of one turn into one threadpool job; each lands where it was aimed', async () => {
+    const path = join(dir, 'f');
+    const file = await posixStorage.open(path, { create: true });
+    await file.allocate(1 << 20);
+    const data = randomBytes(1 << 20);
+    const writes = [];
+    for (let i = 0; i < 40; i++) writes.push(file.write(data.subarray(i * 8192, i * 8192 + 4096), i * 8192));
+    await Promise.all(writes);
+    expect(calls.list).toEqual([40]);
+    // The next turn is a new job; a write above 64 KiB goes alone.
+    await Promise.all([file.write(data.subarray(4096, 8192), 4096), file.write(data.subarray(327680, 327680 + 131072), 327680)]);
+    expect(calls.list).toEqual([40]);
+    expect(calls.single).toBe(2);
+    await file.close();
+    const back = readFileSync(path);
+    for (let i = 0; i < 40; i++) expect(back.subarray(i * 8192, i * 8192 + 4096).equals(data.subarray(i * 8192, i * 8192 + 4096))).toBe(true);
+    expect(back.subarray(4096, 8192).equals(data.subarray(4096, 8192))).toBe(true);
+    expect(back.subarray(327680, 327680 + 131072).equals(data.subarray(327680, 327680 + 131072))).toBe(true);
+  });
+
+  it('a write that fails in a gathered job rejects alone, with the errno of its own pwrite', async () => {
+    const path = join(dir, 'g');
+    writeFileSync(path, Buffer.alloc(65536));
+    const file = await posixStorage.open(path, { readOnly: true });
+    const results = await Promise.allSettled([file.write(Buffer.alloc(512), 0), file.write(Buffer.alloc(512), 4096)]);
+    expect(calls.list).toEqual([2]);
+    for (const r of results) {
+      expect(r.status).toBe('rejected');
+      const err = (r as PromiseRejectedResult).reason as InstanceType<typeof NativeError>;
+      expect(err).toBeInstanceOf(NativeError);
+      expect(err).toMatchObject({ code: 'EBADF', syscall: 'pwrite' });
+      expect(err.message).toMatch(/^EBADF: bad file descriptor, pwrite$/);
+    }
+    await file.close();
+  });
+
+  it('does not gather writes to an O_DIRECT file: each keeps its own place in the disk queue', async () => {
+    const path = join(dir, 'h');
+    writeFileSync(path, Buffer.alloc(65536));
+    const file = await posixStorage.open(path, { direct: true });
+    const { alignedBuffer } = await import('../../src/native/io.js');
+    const buf = alignedBuffer(8192);
+    await Promise.all([file.write(buf.subarray(0, 4096), 0), file.write(buf.subarray(4096), 4096)]);
+    expect(calls.list).toEqual([]);
+    expect(calls.single).toBe(2);
+    await file.close();
+  });
+});
