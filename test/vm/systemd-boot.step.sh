@@ -37,7 +37,7 @@ journal_before() {
 # Waits until the unit runs again after $1 restarts, and the cached device answers.
 wait_restarted() {
   i=0
-  while [ "$i" -lt 120 ]; do
+  while [ "$i" -lt 300 ]; do
     if [ "$(systemctl show -p NRestarts --value ulobdev@data)" -ge "$1" ] && [ "$(systemctl is-active ulobdev@data)" = active ] &&
       ulobdev status data >/dev/null 2>&1; then
       return 0
@@ -67,7 +67,7 @@ case $n in
   sed -i -e "s|^BACKEND=.*|BACKEND=$DISK|" -e "s|^CACHE=.*|CACHE=/var/lib/ulobdev/data.cache|" \
     -e "s|^FLUSH=.*|FLUSH=0 3 * * *|" -e "s|^OPTIONS=.*|OPTIONS=--spindown|" /etc/ulobdev/data.conf
   mkdir -p /mnt/data
-  echo "/dev/ulobdev/data  /mnt/data  ext4  noatime,nofail,x-systemd.requires=ulobdev@data.service  0  2" >>/etc/fstab
+  echo "/dev/ulobdev/data  /mnt/data  ext4  noatime,nofail,x-systemd.requires=ulobdev@data.service,x-systemd.device-timeout=5min  0  2" >>/etc/fstab
   systemctl daemon-reload
   systemctl enable --now ulobdev@data
   udevadm wait --timeout=180 /dev/ulobdev/data || {
@@ -101,13 +101,15 @@ case $n in
   # kill -9: systemd restarts the daemon. While the dead device is still mounted each restart
   # refuses, naming it (docs/laptop.md, 4. and 7.); once it is unmounted the next one attaches.
   kill -9 "$(systemctl show -p MainPID --value ulobdev@data)"
+  refused() { journalctl -b -u ulobdev@data -o cat --no-pager | grep -c 'left over from an unclean shutdown' || true; }
   i=0
-  while [ "$i" -lt 120 ] && ! journalctl -b -u ulobdev@data -o cat --no-pager | grep -q 'left over from an unclean shutdown'; do
+  while [ "$i" -lt 300 ] && [ "$(refused)" -eq 0 ] && mountpoint -q /mnt/data; do
     i=$((i + 1))
     sleep 1
   done
-  echo "REFUSED-WHILE-MOUNTED $(journalctl -b -u ulobdev@data -o cat --no-pager | grep -c 'left over from an unclean shutdown')"
-  umount /mnt/data 2>/dev/null || umount -l /mnt/data
+  echo "MOUNTED-AFTER-KILL $(mountpoint -q /mnt/data && echo yes || echo no)"
+  echo "REFUSED-WHILE-MOUNTED $(refused)"
+  if mountpoint -q /mnt/data; then umount /mnt/data 2>/dev/null || umount -l /mnt/data; fi
   if wait_restarted 1; then echo "RESTARTED ok"; else echo "RESTARTED no"; fi
   echo "RESTARTS $(systemctl show -p NRestarts --value ulobdev@data) $(systemctl is-active ulobdev@data)"
   journalctl -b -u ulobdev@data -o cat --no-pager | tail -20 | sed 's/^/AFTER-KILL /'
