@@ -438,8 +438,11 @@ export class Daemon {
         return await this.detach({ deadline });
       } catch (err) {
         if (!isBusy(err)) throw err;
-        if (busy === null) this.#logger.info(`stopping: ${(err as Error).message.split(';')[0]}; waiting up to ${Math.round((waitUntil - started) / 1000)} s for that to end`);
-        busy = (err as Error).message.split(';')[0]!;
+        // "DEVICE stays attached: /dev/loop3 is mounted on /mnt; ...; unmount it first": the first use.
+        const message = (err as Error).message;
+        const use = (/stays attached: ([^;]*)/.exec(message)?.[1] ?? message.split(';')[0])!;
+        if (busy === null) this.#logger.info(`stopping: ${use}; waiting up to ${Math.round((waitUntil - started) / 1000)} s for that to end`);
+        busy = use;
         if (Date.now() >= waitUntil) break;
         await sleep(250);
       }
