@@ -182,7 +182,11 @@ export async function recoverLeftovers(
   }
 
   for (const loop of loops) {
-    await run('losetup', ['-d', `/dev/${loop}`]);
+    // The driver may let go by itself meanwhile (autoclear at the last close: systemd unmounting
+    // the filesystem of the dead device as the daemon restarts); losetup -d then fails with ENXIO.
+    await run('losetup', ['-d', `/dev/${loop}`]).catch(async (err: unknown) => {
+      if (await readTrim(`/sys/block/${loop}/loop/backing_file`)) throw err;
+    });
     const deadline = Date.now() + 10_000;
     while ((await readTrim(`/sys/block/${loop}/loop/backing_file`)) && Date.now() < deadline) await sleep(20);
     steps.push(`unbound /dev/${loop} from the dead FUSE file`);

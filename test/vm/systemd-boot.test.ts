@@ -92,7 +92,8 @@ describe('Debian 13 under systemd, set up as docs/laptop.md says', () => {
     const lines = journal(2, 1).map(message);
     const detached = lines.find((l) => l.startsWith('detached:'));
     expect(detached).toMatch(/^detached: wrote \d+(\.\d+)? (KiB|MiB) back; nothing stays dirty$/);
-    expect(status(2, 'STATUS2')).toMatchObject({ dirtyBytes: 0, name: 'data' });
+    // (STATUS2 is the new boot's daemon: the mount's own writes may be dirty again already.)
+    expect(status(2, 'STATUS2')).toMatchObject({ name: 'data' });
     // QEMU's disk never sleeps, so the daemon also flushes whenever it finds it awake
     // (opportunistic): a.bin may have reached the disk before the reboot; the image is checked at the end.
     expect(lines.filter((l) => l === 'flushed dirty blocks to the backing disk').length).toBeGreaterThanOrEqual(1);
@@ -117,8 +118,10 @@ describe('Debian 13 under systemd, set up as docs/laptop.md says', () => {
     const after = status(2, 'STATUS-AFTER-KILL');
     expect(after.name).toBe('data');
     expect(value(2, 'STABLE-NAME-AFTER-KILL')).toBe(after.device);
+    // The restart took the cache back; no attempt failed on what the dead daemon left.
     const lines = boot[2]!.split('\n').filter((l) => l.startsWith('AFTER-KILL ')).map((l) => message(l.slice('AFTER-KILL '.length)));
-    expect(lines.some((l) => /recovered after an unclean shutdown/.test(l))).toBe(true);
+    expect(lines.some((l) => /not closed cleanly last time; recovered its dirty set/.test(l))).toBe(true);
+    expect(lines.filter((l) => /failed/.test(l) && !/Failed with result 'signal'/.test(l))).toEqual([]);
     expect(boot[2]).toMatch(/^A-READ-AFTER-KILL ok$/m);
   });
 
@@ -126,9 +129,13 @@ describe('Debian 13 under systemd, set up as docs/laptop.md says', () => {
     expect(value(3, 'MOUNT-SOURCE')).toMatch(/^\/dev\/loop\d+$/);
     expect(boot[3]).toMatch(/^B-READ ok$/m);
     const lines = journal(3, 2).map(message);
-    expect(lines.filter((l) => l.startsWith('detached:')).pop()).toMatch(/^detached: no flush; \d+(\.\d+)? (KiB|MiB) stay dirty in the cache for the next flush$/);
-    expect(status(3, 'STATUS4').dirtyBytes).toBeGreaterThanOrEqual(2 << 20);
-    expect(status(3, 'STATUS5').dirtyBytes).toBe(0);
+    // QEMU's disk never sleeps, so most of b.bin went to it opportunistically before the poweroff;
+    // what the stop left dirty is still dirty on flash after the boot, and the flush writes it.
+    const stopped = lines.filter((l) => l.startsWith('detached:')).pop();
+    expect(stopped).toMatch(/^detached: no flush; \d+(\.\d+)? (B|KiB|MiB) stay dirty in the cache for the next flush$/);
+    expect(status(3, 'STATUS4').dirtyBytes).toBeGreaterThan(0);
+    expect(status(3, 'STATUS5').writeback.lastFlushAt).toBeGreaterThan(status(3, 'STATUS4').writeback.lastFlushAt);
+    expect(status(3, 'STATUS5').writeback.lastFlushBytes).toBeGreaterThanOrEqual(status(3, 'STATUS4').dirtyBytes);
   });
 
   it('the disk image holds every file (read on the host, without the cache)', () => {
