@@ -85,6 +85,71 @@ Napi::Value LoopBacking(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// BLKZEROOUT on the threadpool: the device may write the zeros itself (WRITE ZEROES, WRITE SAME)
+// or the block layer writes zero pages; either way it can take a while.
+class ZeroOutWorker : public PromiseWorker {
+ public:
+  ZeroOutWorker(Napi::Env env, int fd, uint64_t offset, uint64_t length)
+      : PromiseWorker(env, "ulob:blkzeroout", "ioctl(BLKZEROOUT)"), fd_(fd) {
+    range_[0] = offset;
+    range_[1] = length;
+  }
+
+  void Execute() override {
+    while (ioctl(fd_, BLKZEROOUT, range_) < 0) {
+      if (errno != EINTR) {
+        err_ = errno;
+        return;
+      }
+    }
+  }
+
+ private:
+  int fd_;
+  uint64_t range_[2];
+};
+
+// blkZeroOut(fd, offset, length) -> Promise<void>: [offset, offset + length) of the device reads
+// as zeros afterwards (not durable before a flush of the device, as any write).
+Napi::Value BlkZeroOut(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  int64_t offset, length;
+  if (!ArgFd(info, 0, &fd) || !ArgInt64(info, 1, &offset) || !ArgInt64(info, 2, &length)) {
+    return Napi::Value();
+  }
+  return StartWorker(env, new ZeroOutWorker(env, fd, static_cast<uint64_t>(offset),
+                                            static_cast<uint64_t>(length)));
+}
+
+// loopCtlAdd(fd, index) -> number: LOOP_CTL_ADD on /dev/loop-control, as losetup does for a
+// /dev/loopN that does not exist yet. Returns the index the kernel made (EEXIST if it exists).
+Napi::Value LoopCtlAdd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  int64_t index;
+  if (!ArgFd(info, 0, &fd) || !ArgInt64(info, 1, &index)) return Napi::Value();
+  int nr = ioctl(fd, LOOP_CTL_ADD, static_cast<long>(index));
+  if (nr < 0) {
+    ThrowErrno(env, errno, "ioctl(LOOP_CTL_ADD)");
+    return Napi::Value();
+  }
+  return Napi::Number::New(env, nr);
+}
+
+// loopCtlRemove(fd, index) -> undefined: LOOP_CTL_REMOVE (EBUSY while bound or open).
+Napi::Value LoopCtlRemove(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  int64_t index;
+  if (!ArgFd(info, 0, &fd) || !ArgInt64(info, 1, &index)) return Napi::Value();
+  if (ioctl(fd, LOOP_CTL_REMOVE, static_cast<long>(index)) < 0) {
+    ThrowErrno(env, errno, "ioctl(LOOP_CTL_REMOVE)");
+    return Napi::Value();
+  }
+  return env.Undefined();
+}
+
 // loopClearAutoclear(fd) -> boolean: turns off LO_FLAGS_AUTOCLEAR, which LOOP_CLR_FD sets instead
 // of unbinding while the device is still open; true if it was set. A detach that then finds the
 // device open takes its LOOP_CLR_FD back this way, so the device stays bound.
@@ -114,6 +179,9 @@ bool InitBlkdev(Napi::Env env, Napi::Object exports) {
          Export<BlkPhysicalSectorSize>(env, exports, "blkPhysicalSectorSize") &&
          Export<BlkFlsBuf>(env, exports, "blkFlsBuf") &&
          Export<LoopBacking>(env, exports, "loopBacking") &&
+         Export<BlkZeroOut>(env, exports, "blkZeroOut") &&
+         Export<LoopCtlAdd>(env, exports, "loopCtlAdd") &&
+         Export<LoopCtlRemove>(env, exports, "loopCtlRemove") &&
          Export<LoopClearAutoclear>(env, exports, "loopClearAutoclear");
 }
 

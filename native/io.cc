@@ -2,6 +2,7 @@
 // O_DIRECT.
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
@@ -162,12 +163,12 @@ class FdatasyncWorker : public PromiseWorker {
 
 class FallocateWorker : public PromiseWorker {
  public:
-  FallocateWorker(Napi::Env env, int fd, off_t offset, off_t length)
+  FallocateWorker(Napi::Env env, int fd, int mode, off_t offset, off_t length)
       : PromiseWorker(env, "ulob:fallocate", "fallocate"),
-        fd_(fd), offset_(offset), length_(length) {}
+        fd_(fd), mode_(mode), offset_(offset), length_(length) {}
 
   void Execute() override {
-    while (::fallocate(fd_, 0, offset_, length_) < 0) {
+    while (::fallocate(fd_, mode_, offset_, length_) < 0) {
       if (errno != EINTR) {
         err_ = errno;
         return;
@@ -177,6 +178,7 @@ class FallocateWorker : public PromiseWorker {
 
  private:
   int fd_;
+  int mode_;
   off_t offset_;
   off_t length_;
 };
@@ -282,16 +284,37 @@ Napi::Value Fdatasync(const Napi::CallbackInfo& info) {
   return StartWorker(env, new FdatasyncWorker(env, fd));
 }
 
+// fallocate(fd, offset, length, mode) -> Promise<void>. mode: 0, or FALLOC_FL_* bits (the JS
+// side allows only KEEP_SIZE, PUNCH_HOLE with KEEP_SIZE, and ZERO_RANGE).
 Napi::Value Fallocate(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd;
-  int64_t offset, length;
+  int64_t offset, length, mode;
   if (!ArgFd(info, 0, &fd) || !ArgInt64(info, 1, &offset) ||
-      !ArgInt64(info, 2, &length)) {
+      !ArgInt64(info, 2, &length) || !ArgInt64(info, 3, &mode)) {
     return Napi::Value();
   }
-  return StartWorker(env, new FallocateWorker(env, fd, static_cast<off_t>(offset),
-                                        static_cast<off_t>(length)));
+  return StartWorker(env, new FallocateWorker(env, fd, static_cast<int>(mode),
+                                              static_cast<off_t>(offset),
+                                              static_cast<off_t>(length)));
+}
+
+// seekData(fd, offset, hole) -> number: lseek(SEEK_DATA), or SEEK_HOLE when `hole`. Returns the
+// offset found, or -1 when there is no data at or after `offset` (ENXIO). Synchronous: it answers
+// from the filesystem's extent tree in memory (and is used only at open and in recovery).
+Napi::Value SeekData(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  int64_t offset;
+  if (!ArgFd(info, 0, &fd) || !ArgInt64(info, 1, &offset)) return Napi::Value();
+  bool hole = info.Length() > 2 && info[2].ToBoolean().Value();
+  off_t r = ::lseek(fd, static_cast<off_t>(offset), hole ? SEEK_HOLE : SEEK_DATA);
+  if (r < 0) {
+    if (errno == ENXIO) return Napi::Number::New(env, -1);
+    ThrowErrno(env, errno, "lseek");
+    return Napi::Value();
+  }
+  return Napi::Number::New(env, static_cast<double>(r));
 }
 
 // preadNowait(fd, buf, bufOffset, length, position) -> number
@@ -358,12 +381,17 @@ Napi::Value AlignedBuffer(const Napi::CallbackInfo& info) {
 }  // namespace
 
 bool InitIo(Napi::Env env, Napi::Object exports) {
+  exports.Set("FALLOC_FL_KEEP_SIZE", Napi::Number::New(env, FALLOC_FL_KEEP_SIZE));
+  exports.Set("FALLOC_FL_PUNCH_HOLE", Napi::Number::New(env, FALLOC_FL_PUNCH_HOLE));
+  exports.Set("FALLOC_FL_ZERO_RANGE", Napi::Number::New(env, FALLOC_FL_ZERO_RANGE));
+  if (env.IsExceptionPending()) return false;
   return Export<Transfer<false>>(env, exports, "pread") &&
          Export<PreadNowait>(env, exports, "preadNowait") &&
          Export<Transfer<true>>(env, exports, "pwrite") &&
          Export<PwriteList>(env, exports, "pwriteList") &&
          Export<Fdatasync>(env, exports, "fdatasync") &&
          Export<Fallocate>(env, exports, "fallocate") &&
+         Export<SeekData>(env, exports, "seekData") &&
          Export<AlignedBuffer>(env, exports, "alignedBuffer");
 }
 

@@ -185,7 +185,9 @@ export class IOFailedError extends UlobError {
 /** Wraps a thrown system error (NativeError or a node fs error) with a path for context. */
 export function ioError(what: string, path: string | undefined, err: unknown): IOFailedError {
   const e = err as { code?: string; syscall?: string; message?: string };
-  const detail = e?.code ? `${e.code}${e.syscall ? ` (${e.syscall})` : ''}` : String(e?.message ?? err);
+  const detail = e?.code
+    ? `${e.code}${e.syscall ? ` (${e.syscall})` : ''}${e.code === 'ENOSPC' ? ': the filesystem holding it is full' : ''}`
+    : String(e?.message ?? err);
   const where = path ? ` ${path}` : '';
   return new IOFailedError(`cannot ${what}${where}: ${detail}`, { cause: err, syscall: e?.syscall, path });
 }
@@ -201,6 +203,16 @@ export class HttpError extends UlobError {
     super('ULOB_E_HTTP', message, { cause: options.cause });
     this.status = options.status;
     this.retryable = options.retryable ?? false;
+  }
+}
+
+/**
+ * A write found no room in the cache: the budget (or the flash filesystem) is full of dirty data
+ * and the flush that would make room failed or cannot run. The NBD client sees ENOSPC.
+ */
+export class CacheFullError extends UlobError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ULOB_E_CACHE_FULL', message, options);
   }
 }
 
@@ -316,6 +328,7 @@ export const ERROR_CODES: Readonly<Record<string, { kind: ErrorKind; make: (mess
   ULOB_E_IO: { kind: 'io', make: (m) => new IOFailedError(m) },
   ULOB_E_HTTP: { kind: 'io', make: (m) => new HttpError(m) },
   ULOB_E_CLOSED: { kind: 'io', make: (m) => new EngineClosedError(m) },
+  ULOB_E_CACHE_FULL: { kind: 'io', make: (m) => new CacheFullError(m) },
   ULOB_E_POWER: { kind: 'io', make: (m) => new DiskPowerError(m) },
   ULOB_E_FLUSH_STOPPED: { kind: 'io', make: (m) => new FlushStoppedError(m) },
   ULOB_E_COMMAND: { kind: 'io', make: (m) => new CommandFailedError(m) },

@@ -17,6 +17,14 @@ export interface BlockBackend {
   write(offset: number, data: Uint8Array, options?: { fua?: boolean }): Promise<void>;
   /** Every write completed before the call, from any caller, is durable when it resolves. */
   flush(): Promise<void>;
-  /** A hint that the range is no longer needed; contents read afterwards are unspecified. */
+  /**
+   * TRIM: the range is no longer needed. The cache engine zeroes it (reads give zeros afterwards,
+   * as the loop driver's punched hole does); other backends may leave any content.
+   */
   discard(offset: number, length: number): Promise<void>;
+  /**
+   * WRITE_ZEROES: the range reads as zeros afterwards; with `fua`, durably. Optional: without it
+   * the frontend writes zero buffers.
+   */
+  zero?(offset: number, length: number, options?: { fua?: boolean }): Promise<void>;
 }

@@ -5,8 +5,8 @@
 import { closeSync, constants as fsConstants, openSync, promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
-import { DeviceBusyError, FuseError, InvalidArgumentError } from '../errors.js';
-import { loopClearAutoclear } from '../native/blkdev.js';
+import { DeviceBusyError, FuseError, InvalidArgumentError, ioError } from '../errors.js';
+import { loopClearAutoclear, loopCtlAdd, loopCtlRemove } from '../native/blkdev.js';
 import { blockDeviceUsers, crashPoint, exists, isMountpoint, readTrim, sleep } from '../sys.js';
 import { assertReleasable, showPartitions } from './partitions.js';
 import { run, start } from './programs.js';
@@ -33,21 +33,76 @@ export function loopIndex(device: string): number {
   return Number(m[1]);
 }
 
-/** Refuses a loop device that does not exist or is bound already; returns its sysfs directory. */
+const LOOP_CONTROL = '/dev/loop-control';
+
+/**
+ * Refuses a loop device that is bound already, or that does not exist and cannot be made (no
+ * loop driver); returns its sysfs directory. A /dev/loopN that does not exist yet is fine:
+ * attachLoop creates it, as losetup does.
+ */
 export async function assertLoopFree(device: string): Promise<string> {
   const sys = `/sys/block/loop${loopIndex(device)}`;
   if (!(await exists(sys))) {
-    throw new InvalidArgumentError(`${device} does not exist (is the loop module loaded? try 'losetup -f')`);
+    if (await exists(LOOP_CONTROL)) return sys;
+    throw new InvalidArgumentError(`${device} does not exist and ${LOOP_CONTROL} is missing: load the loop driver first (modprobe loop)`);
   }
   const bound = await readTrim(join(sys, 'loop/backing_file'));
   if (bound) throw new DeviceBusyError(`${device} is in use (bound to ${bound}); pick a free one with 'losetup -f'`);
   return sys;
 }
 
+/**
+ * Creates /dev/loopN with LOOP_CTL_ADD when the kernel has no such device yet (max_loop devices
+ * exist at boot; losetup makes the others on demand), and waits for its node. Returns true when
+ * it made one: the caller removes it again if the attach fails, so a refused attach leaves none.
+ */
+async function ensureLoopDevice(device: string, sys: string): Promise<boolean> {
+  if (await exists(sys)) return false;
+  const index = loopIndex(device);
+  let fd: number;
+  try {
+    fd = openSync(LOOP_CONTROL, fsConstants.O_RDWR);
+  } catch (err) {
+    throw ioError('open', LOOP_CONTROL, err);
+  }
+  try {
+    loopCtlAdd(fd, index);
+  } catch (err) {
+    // Made by someone else in the meantime: assertLoopFree's checks apply to it as to any other.
+    if ((err as { code?: string }).code !== 'EEXIST') throw ioError(`create ${device} with LOOP_CTL_ADD on`, LOOP_CONTROL, err);
+    return false;
+  } finally {
+    closeSync(fd);
+  }
+  // devtmpfs makes the node before the ioctl returns; udev may still be applying its rules.
+  const deadline = Date.now() + 5000;
+  while (!(await exists(device)) && Date.now() < deadline) await sleep(20);
+  return true;
+}
+
+/** LOOP_CTL_REMOVE of a loop device this attach made; a failure leaves an unbound device, logged. */
+function removeLoopDevice(device: string, logger: Logger): void {
+  try {
+    const fd = openSync(LOOP_CONTROL, fsConstants.O_RDWR);
+    try {
+      loopCtlRemove(fd, loopIndex(device));
+    } finally {
+      closeSync(fd);
+    }
+  } catch (err) {
+    logger.warn(`cannot remove ${device}, made for this attach: ${(err as Error).message}`);
+  }
+}
+
 export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> {
   const { logger } = options;
+  // /dev/loop: losetup --find picks the device below; a named one is checked, and made if missing.
   const anyLoop = options.device === ANY_LOOP;
-  if (!anyLoop) await assertLoopFree(options.device);
+  let created = false;
+  if (!anyLoop) {
+    created = await ensureLoopDevice(options.device, await assertLoopFree(options.device));
+    if (created) await assertLoopFree(options.device);
+  }
 
   const mountDir = join(options.runDir, 'fuse');
   const file = join(mountDir, 'disk');
@@ -79,10 +134,11 @@ export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> 
     detaching = true;
     await run('fusermount3', ['-u', mountDir]).catch(() => undefined);
     fuse.child.kill();
+    if (created) removeLoopDevice(device, logger);
     throw err;
   }
   const sys = `/sys/block/loop${loopIndex(device)}`;
-  logger.info({ device, file }, 'loop device bound to the FUSE export');
+  logger.info({ device, file, ...(created ? { created: true } : {}) }, 'loop device bound to the FUSE export');
   await showPartitions(device, sys, logger);
 
   return {

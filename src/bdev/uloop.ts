@@ -58,6 +58,10 @@ export async function attachUloop(options: UloopOptions): Promise<Frontend> {
   const { blockSize, blockCount } = engine.geometry;
   const want = Number(options.device.slice('/dev/uloop'.length));
   const request = { device: options.device, size: engine.size, blockSize, cache: store.paths.cache };
+  // This module takes every dirty block as present (ABI 1, no ULOOP_F_ZERO): zeroed blocks, which
+  // the cache file does not hold, get their zeros written first.
+  if (store.zeroBlocks() > 0) await engine.materializeZeroed();
+
   let ctl: number;
   try {
     ctl = native.uloopOpen();
@@ -160,7 +164,7 @@ export async function attachUloop(options: UloopOptions): Promise<Frontend> {
     };
   }
 
-  logger.info({ device }, 'uloop device added');
+  logger.info('uloop device added');
   return {
     kind: 'uloop',
     device,

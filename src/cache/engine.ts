@@ -4,14 +4,20 @@
 // Block states, per cache block:
 //   missing      not in the cache; reads fill it from the source
 //   staged       its data is in the cache file but not yet synced; readable, not yet present.
-//                'clean' (a fill) or 'dirty' (a write into a block that was missing or staged clean)
+//                'clean' (a fill) or 'dirty' (a write into a block that was missing, zeroed or
+//                staged clean)
 //   present      durable in the cache and equal to the backing disk      (store.present)
 //   dirty        durable in the cache, newer than the backing disk       (store.dirty)
+//   zeroed       dirty and not present: reads as zeros, the cache file need not hold it
 // A commit (FLUSH, FUA, or the background timer) syncs the cache file, then turns staged blocks
 // into present or dirty ones. A write into a present clean block first makes it durably dirty.
-import { EngineClosedError, ReadOnlyError } from '../errors.js';
+//
+// With a budget (store.budget) every block that takes cache space is reserved first; when the
+// budget is full the engine evicts clean units the clock (cache/clock.ts) picks, and when nothing
+// clean is left it asks for a flush (onSpacePressure) and waits: writes wait, they do not fail.
+import { CacheFullError, EngineClosedError, ReadOnlyError } from '../errors.js';
 import { assertBytes, assertRange } from '../validate.js';
-import type { Bitmap } from './bitmap.js';
+import { Bitmap } from './bitmap.js';
 import { Coalescer } from './coalesce.js';
 import { FlushEpoch, type Epoch } from './epoch.js';
 import type { Extent, Geometry } from './layout.js';
@@ -31,11 +37,6 @@ export interface EngineOptions {
   cowMemoryBytes?: number;
   /** Side file for preserved versions beyond cowMemoryBytes. Default: CACHE.cow next to the cache. */
   cowSpillPath?: string;
-  /**
-   * TRIM evicts clean blocks (default). False keeps them: a hydrated cache (--hydrate) stays a
-   * full mirror, so no later read wakes the disk.
-   */
-  evictOnDiscard?: boolean;
 }
 
 export interface WriteOptions {
@@ -49,11 +50,26 @@ export interface EngineStats {
   size: number;
   blockSize: number;
   blocks: number;
+  /** Blocks the cache file holds (clean or dirty). */
   presentBlocks: number;
+  /** Dirty blocks, zeroed ones included. */
   dirtyBlocks: number;
+  /** Dirty blocks that read as zeros and take no cache space. */
+  zeroBlocks: number;
   stagedBlocks: number;
   mode: CacheStore['mode'];
   flushEpoch: number;
+  /** Bytes of the cache file the cache may use, or null (a full mirror). */
+  budgetBytes: number | null;
+  /** Bytes the cache file holds or is about to: present, reserved, being punched. */
+  usedBytes: number;
+  evictionUnitBytes: number;
+  /** Since the engine started: blocks evicted, reads served without the source, reads that filled. */
+  evictedBlocks: number;
+  readHits: number;
+  readMisses: number;
+  /** Why the last write found no room, while that lasts; null once one finds room again. */
+  spaceError: string | null;
 }
 
 /**
@@ -69,9 +85,15 @@ export interface ExternalEpochs {
   commit(cleaned: Bitmap): void;
 }
 
-type Staged = 'clean' | 'dirty';
+/** Staged entries: bit 0 says dirty (1) or clean (0). */
+const STAGED_CLEAN = 0;
+const STAGED_DIRTY = 1;
 
 const DEFAULT_MAX_FILL = 1 << 20;
+/** Blocks one zeroing step locks and records at a time (a TRIM of the whole disk goes in steps). */
+const ZERO_STEP_BLOCKS = 1 << 16;
+/** Flushes in a row that free nothing before a write waiting for room gives up. */
+const MAX_FUTILE_FLUSHES = 3;
 /** Fill buffers kept for reuse: enough for the hydrator's and a few readers' fills in flight. */
 const FILL_BUFFERS_KEPT = 8;
 
@@ -80,11 +102,20 @@ export class CacheEngine {
   readonly source: Source;
   readonly geometry: Geometry;
 
-  readonly #staged = new Map<number, Staged>();
-  /** Blocks being filled, first-written or evicted; others wait for the promise. */
+  readonly #staged = new Map<number, number>();
+  /** Blocks being filled, first-written, zeroed, materialised or evicted; others wait for the promise. */
   readonly #busy = new Map<number, Promise<void>>();
-  /** In-flight writes by block range, so an epoch can mark them rewritten. */
+  /** In-flight writes and zeroings by block range, so an epoch can mark them rewritten. */
   readonly #writes = new Set<[number, number]>();
+  /**
+   * Blocks a read or write that had to wait needs to stay in the cache until it is done (count of
+   * such requests per block): never evicted meanwhile, or two of its units could push each other
+   * out for ever. Requests that find their blocks ready at once (hits) pin nothing.
+   */
+  readonly #pins = new Map<number, number>();
+  /** Writes past #prepareWrite, writing the cache file now (a zeroing waits for them). */
+  readonly #writing = new Set<[number, number]>();
+  #writingWaiters: (() => void)[] = [];
   readonly #commit: Coalescer;
   /** Clean blocks whose dirty intent is being made durable, and the promise that says it is. */
   readonly #intents = new Map<number, Promise<void>>();
@@ -97,12 +128,38 @@ export class CacheEngine {
   #epoch: FlushEpoch | null = null;
   readonly #cowMemoryBytes: number;
   readonly #cowSpillPath: string;
-  readonly #evictOnDiscard: boolean;
   #closed = false;
+  // Reads of the cache file in flight, in two phases: an eviction flips the phase after clearing
+  // present bits and punches once the old phase has drained (an RCU grace period, no allocation).
+  readonly #readers = [0, 0];
+  #readPhase = 0;
+  #drained: (() => void) | null = null;
+  #evicting: Promise<number> | null = null;
+  /** Epochs between commitEpoch() and the end of their clearFlushed. */
+  #committing = 0;
+  /**
+   * The epoch being committed (taken from #epoch, its source being synced): writes and zeroings
+   * that start now still mark their blocks rewritten in it, or its clearFlushed would clean them.
+   */
+  #closing: FlushEpoch | null = null;
+  /** Largest read or write handled in one piece, in blocks (a budget must hold several at once). */
+  readonly #maxPieceBlocks: number;
+  #evicted = 0;
+  #hits = 0;
+  #misses = 0;
+  #spaceError: string | null = null;
+  /** Requests waiting for room in the budget now (tests watch it). */
+  spaceWaiters = 0;
   /** Time of the last user read or write (not prefetch): background work yields to it. */
   lastRequestAt = 0;
   /** Set while a kernel frontend writes the cache file beside the engine. */
   externalEpochs: ExternalEpochs | null = null;
+  /**
+   * Called when the budget is full of dirty (or busy) blocks and a write must wait for room:
+   * should flush and resolve once the flush is done, or reject if it cannot (the waiting request
+   * then fails with CacheFullError). Without it such a request fails at once.
+   */
+  onSpacePressure: (() => Promise<unknown>) | null = null;
 
   constructor(store: CacheStore, source: Source, options: EngineOptions = {}) {
     this.store = store;
@@ -114,7 +171,8 @@ export class CacheEngine {
     this.#commit = new Coalescer(() => this.#commitStaged());
     this.#cowMemoryBytes = options.cowMemoryBytes ?? 64 << 20;
     this.#cowSpillPath = options.cowSpillPath ?? `${store.paths.cache}.cow`;
-    this.#evictOnDiscard = options.evictOnDiscard ?? true;
+    const budget = store.budgetBlocks;
+    this.#maxPieceBlocks = Number.isFinite(budget) ? Math.max(store.unitBlocks, Math.floor(budget / 4)) : Infinity;
   }
 
   get size(): number {
@@ -126,15 +184,25 @@ export class CacheEngine {
   }
 
   stats(): EngineStats {
+    const space = this.store.space();
+    const bs = this.geometry.blockSize;
     return {
       size: this.geometry.size,
-      blockSize: this.geometry.blockSize,
+      blockSize: bs,
       blocks: this.geometry.blockCount,
-      presentBlocks: this.store.present.count(),
+      presentBlocks: space.presentBlocks,
       dirtyBlocks: this.store.dirty.count(),
+      zeroBlocks: this.store.zeroBlocks(),
       stagedBlocks: this.#staged.size,
       mode: this.store.mode,
       flushEpoch: this.store.info.flushEpoch,
+      budgetBytes: this.store.budget,
+      usedBytes: Math.min(space.usedBlocks * bs, this.geometry.cacheFileSize),
+      evictionUnitBytes: this.store.unitBlocks * bs,
+      evictedBlocks: this.#evicted,
+      readHits: this.#hits,
+      readMisses: this.#misses,
+      spaceError: this.#spaceError,
     };
   }
 
@@ -155,11 +223,20 @@ export class CacheEngine {
     assertBytes(buf, 'buf');
     assertRange(offset, buf.byteLength, this.size);
     this.lastRequestAt = Date.now();
-    if (buf.byteLength === 0) return;
-    const [first, end] = this.geometry.blocksOf(offset, buf.byteLength);
-    // A hit, every block present, has nothing to fill or wait for.
-    if (!this.store.present.allSet(first, end)) await this.#makeReadable(first, end);
-    await this.store.readData(buf, offset);
+    const length = buf.byteLength;
+    if (length === 0) return;
+    const g = this.geometry;
+    const [first, end] = g.blocksOf(offset, length);
+    if (end - first > this.#maxPieceBlocks) {
+      // More than the budget can hold at once: in pieces, each readable by itself.
+      for (let b = first; b < end; b += this.#maxPieceBlocks) {
+        const from = Math.max(offset, g.blockOffset(b));
+        const to = Math.min(offset + length, g.blockOffset(Math.min(end, b + this.#maxPieceBlocks)));
+        await this.#readInto(buf.subarray(from - offset, to - offset), from, b, Math.min(end, b + this.#maxPieceBlocks));
+      }
+      return;
+    }
+    await this.#readInto(buf, offset, first, end);
   }
 
   async write(offset: number, data: Uint8Array, options: WriteOptions = {}): Promise<void> {
@@ -169,21 +246,16 @@ export class CacheEngine {
     if (this.readOnly) throw new ReadOnlyError(`the cache of ${this.source.description} is read-only; attach with --writeback to write`);
     if (data.byteLength === 0) return;
     this.lastRequestAt = Date.now();
-    const range = this.geometry.blocksOf(offset, data.byteLength);
-    this.#writes.add(range);
-    this.#epoch?.markRewritten(range[0], range[1]);
-    try {
-      const release = await this.#prepareWrite(offset, data.byteLength, range[0], range[1]);
-      try {
-        // Point-in-time epochs: the open epoch's version of these blocks is saved aside before it
-        // changes. No await between the last check and the write below.
-        await this.#preserveForEpoch(range[0], range[1]);
-        await this.store.writeData(data, offset);
-      } finally {
-        release();
+    const g = this.geometry;
+    const [first, end] = g.blocksOf(offset, data.byteLength);
+    if (end - first > this.#maxPieceBlocks) {
+      for (let b = first; b < end; b += this.#maxPieceBlocks) {
+        const from = Math.max(offset, g.blockOffset(b));
+        const to = Math.min(offset + data.byteLength, g.blockOffset(Math.min(end, b + this.#maxPieceBlocks)));
+        await this.#writeRange(from, data.subarray(from - offset, to - offset));
       }
-    } finally {
-      this.#writes.delete(range);
+    } else {
+      await this.#writeRange(offset, data);
     }
     if (options.fua) await this.flush();
   }
@@ -203,33 +275,80 @@ export class CacheEngine {
     assertRange(offset, length, this.size);
     if (length === 0) return;
     const [first, end] = this.geometry.blocksOf(offset, length);
-    await this.#makeReadable(first, end);
+    for (let b = first; b < end; b += this.#maxPieceBlocks) {
+      const stop = Math.min(end, b + this.#maxPieceBlocks);
+      for (;;) {
+        const wait = this.#readable(b, stop, false);
+        if (!(wait instanceof Promise)) break;
+        await wait;
+      }
+    }
+  }
+
+  /** TRIM: the range reads as zeros afterwards, and the disk gets zeros at the next flush. */
+  discard(offset: number, length: number): Promise<void> {
+    return this.zero(offset, length);
   }
 
   /**
-   * Drops clean blocks wholly inside the range from the cache (TRIM as eviction). Dirty blocks
-   * stay: they are the only copy. Contents read afterwards are unchanged.
+   * WRITE_ZEROES (and TRIM): [offset, offset + length) reads as zeros when this resolves, and the
+   * disk holds zeros after the next flush. Whole blocks are zeroed durably at once and take no
+   * cache space (CacheStore.zero); the parts of blocks at either end are written with zeros like
+   * any write, durable at the next commit (or now, with `fua`).
    */
-  async discard(offset: number, length: number): Promise<void> {
+  async zero(offset: number, length: number, options: WriteOptions = {}): Promise<void> {
     this.#assertOpen();
     assertRange(offset, length, this.size);
-    if (!this.#evictOnDiscard) return;
+    if (this.readOnly) throw new ReadOnlyError(`the cache of ${this.source.description} is read-only; attach with --writeback to write`);
+    if (length === 0) return;
+    this.lastRequestAt = Date.now();
     const g = this.geometry;
-    const first = Math.ceil(offset / g.blockSize);
-    const end = offset + length === g.size ? g.blockCount : Math.floor((offset + length) / g.blockSize);
-    const victims: number[] = [];
-    for (const run of this.store.present.runs(first, end)) {
-      for (let b = run.start; b < run.start + run.count; b++) {
-        if (!this.store.dirty.get(b) && !this.#staged.has(b) && !this.#busy.has(b) && !this.#intents.has(b)) victims.push(b);
+    const end = offset + length;
+    const wholeFirst = Math.ceil(offset / g.blockSize);
+    const wholeEnd = end === g.size ? g.blockCount : Math.floor(end / g.blockSize);
+    if (wholeFirst >= wholeEnd) {
+      await this.#writeRange(offset, Buffer.alloc(length));
+    } else {
+      const head = g.blockOffset(wholeFirst) - offset;
+      if (head > 0) await this.#writeRange(offset, Buffer.alloc(head));
+      for (let b = wholeFirst; b < wholeEnd; b += ZERO_STEP_BLOCKS) await this.#zeroBlocks(b, Math.min(wholeEnd, b + ZERO_STEP_BLOCKS));
+      const tailFrom = Math.min(end, g.blockOffset(wholeEnd));
+      if (end > tailFrom) await this.#writeRange(tailFrom, Buffer.alloc(end - tailFrom));
+    }
+    if (options.fua) await this.flush();
+  }
+
+  /**
+   * Evicts clean, idle blocks of about `blocks` blocks' worth of units the clock picks (a budget
+   * only). Resolves with the blocks evicted. Evictions run one at a time.
+   */
+  evict(blocks: number): Promise<number> {
+    this.#assertOpen();
+    if (this.#evicting) return this.#evicting.then(() => this.evict(blocks));
+    const run = this.#evictUnits(blocks).finally(() => {
+      if (this.#evicting === run) this.#evicting = null;
+    });
+    this.#evicting = run;
+    return run;
+  }
+
+  /**
+   * Writes zeros into the cache file for every zeroed block and makes them dirty and present
+   * again, durably. For a frontend that cannot serve zeroed blocks itself (a uloop module without
+   * ULOOP_F_ZERO takes dirty as present).
+   */
+  async materializeZeroed(): Promise<void> {
+    this.#assertOpen();
+    const zeroed: Extent[] = [];
+    for (const e of this.store.dirty.runs()) zeroed.push(...this.store.present.gaps(e.start, e.start + e.count));
+    for (const z of zeroed) {
+      for (let b = z.start; b < z.start + z.count; b += this.#maxFillBlocks) {
+        const blocks: number[] = [];
+        for (let x = b; x < Math.min(z.start + z.count, b + this.#maxFillBlocks); x++) if (this.#isZeroed(x) && !this.#busy.has(x)) blocks.push(x);
+        if (blocks.length > 0) await this.#materialize(blocks);
       }
     }
-    if (victims.length === 0) return;
-    const release = this.#lock(victims);
-    try {
-      await this.store.evict(toExtents(victims));
-    } finally {
-      release();
-    }
+    await this.flush();
   }
 
   /**
@@ -241,13 +360,23 @@ export class CacheEngine {
     if (this.#epoch) throw new EngineClosedError('a flush epoch is already open');
     await this.#commit.run();
     const flushing = this.store.dirty.clone();
+    this.externalEpochs?.begin(flushing);
+    // Zeroed at the snapshot: the disk gets zeros for these, whatever happens to them meanwhile.
+    const zeros = new Bitmap(this.geometry.blockCount);
+    for (const e of flushing.runs()) {
+      for (const z of this.store.present.gaps(e.start, e.start + e.count)) zeros.setRange(z.start, z.start + z.count);
+    }
+    // A zeroed block written since the commit above (zeros materialised, then the write: staged
+    // dirty, committed later) holds that write in the cache file: the epoch copies it from there.
+    // Taken as zeros, the disk would get zeros and a commit landing before clearFlushed would
+    // leave the block clean over data the disk never got.
+    for (const b of this.#staged.keys()) if (zeros.get(b)) zeros.clear(b);
     if (this.externalEpochs) {
-      this.externalEpochs.begin(flushing);
       // Writes the engine never saw may not be synced: the copy the flusher reads must be durable
       // in the cache before its dirty bit can go (invariant 2). Later writes count as rewritten.
       await this.store.syncData();
     }
-    const epoch = new FlushEpoch(this.store.info.flushEpoch + 1, flushing, {
+    const epoch = new FlushEpoch(this.store.info.flushEpoch + 1, flushing, zeros, {
       geometry: this.geometry,
       readCache: (buf, position) => this.store.readData(buf, position),
       memoryBytes: this.#cowMemoryBytes,
@@ -267,8 +396,9 @@ export class CacheEngine {
   /**
    * The epoch's version of blocks [start, start + count) (which must lie in one of its extents),
    * for the flusher to write to the disk: the cache content as of beginEpoch(), even for blocks
-   * rewritten since (their saved copies). Each block should be read once; afterwards writes to it
-   * no longer need a copy. With `into`, the blocks are read into it (a view of it is returned).
+   * rewritten since (their saved copies), and zeros for blocks zeroed then. Each block should be
+   * read once; afterwards writes to it no longer need a copy. With `into`, the blocks are read
+   * into it (a view of it is returned).
    */
   async readEpoch(epoch: Epoch, start: number, count: number, into?: Buffer): Promise<Buffer> {
     this.#assertOpen();
@@ -294,12 +424,30 @@ export class CacheEngine {
    */
   async commitEpoch(epoch: Epoch): Promise<{ cleaned: number; kept: number }> {
     const open = this.#takeEpoch(epoch);
+    // Until its blocks are clean, a write waiting for room waits for this commit rather than
+    // starting another flush of the same dirty blocks.
+    this.#committing++;
+    this.#closing = open;
+    // Writes in flight now were marked when they began or at the snapshot; later ones mark it.
+    try {
+      return await this.#commitEpoch(open);
+    } finally {
+      if (this.#closing === open) this.#closing = null;
+      this.#committing--;
+      this.store.notifySpace();
+    }
+  }
+
+  async #commitEpoch(open: FlushEpoch): Promise<{ cleaned: number; kept: number }> {
     // Blocks written since beginEpoch() waited for their copy (readEpoch or preserve) while the
     // epoch was open; with it closed they need none.
     await open.release();
     if (open.failed) throw open.failed;
     const source = this.#writableSource();
     await source.sync();
+    // Zeroed blocks leave the dirty set here and become missing: their present bits must be clear
+    // in the bitmap file first, or a crash would bring back a stale one (durability rule 10).
+    if (open.zeros.nextSet(0) < open.zeros.bits) await this.store.persistBitmap(true);
     // Decided after the sync, so a write that raced with it keeps its block dirty.
     const cleaned = open.flushing;
     for (const b of open.rewritten) cleaned.clear(b);
@@ -309,6 +457,8 @@ export class CacheEngine {
     const extents = [...cleaned.runs()];
     this.store.clearFlushed(extents);
     const count = cleaned.count();
+    // Clean blocks can be evicted: whoever waits for room may find some now.
+    this.store.notifySpace();
     return { cleaned: count, kept: open.blocks - count };
   }
 
@@ -318,6 +468,7 @@ export class CacheEngine {
     const open = this.#epoch;
     this.#epoch = null;
     void open.release();
+    this.store.notifySpace();
   }
 
   /** Bytes of epoch versions saved aside (memory and spill file) for the open epoch. */
@@ -339,52 +490,160 @@ export class CacheEngine {
 
   // --- read path -----------------------------------------------------------------------------
 
-  /** Fills every missing block of [first, end); returns when all are present or staged. */
-  async #makeReadable(first: number, end: number): Promise<void> {
-    for (;;) {
-      const waits: Promise<void>[] = [];
-      let run: number[] = [];
-      const flushRun = () => {
-        if (run.length > 0) waits.push(this.#fill(run));
-        run = [];
-      };
-      for (const gap of this.store.present.gaps(first, end)) {
-        for (let b = gap.start; b < gap.start + gap.count; b++) {
-          const busy = this.#busy.get(b);
-          if (busy) {
-            flushRun();
-            waits.push(busy);
-          } else if (this.#staged.has(b)) {
-            flushRun();
-          } else {
-            run.push(b);
-            if (run.length === this.#maxFillBlocks) flushRun();
+  /** Reads blocks [first, end) ⊇ [offset, offset + buf.length) into buf once they are readable. */
+  async #readInto(buf: Uint8Array, offset: number, first: number, end: number): Promise<void> {
+    const store = this.store;
+    let zeros: Extent[] | null = null;
+    let pinned = false;
+    if (store.present.allSet(first, end)) {
+      // The hit path: no allocation, no syscall but the read itself.
+      this.#hits++;
+      store.clock?.noteAccess(first, end);
+    } else {
+      let filled = false;
+      pinned = true;
+      this.#pin(first, end);
+      try {
+        for (;;) {
+          const ready = this.#readable(first, end, true);
+          if (!(ready instanceof Promise)) {
+            zeros = ready;
+            break;
           }
+          filled = true;
+          await ready;
         }
-        flushRun();
+      } catch (err) {
+        this.#unpin(first, end);
+        throw err;
       }
-      if (waits.length === 0) return;
-      await Promise.all(waits);
+      // A miss is not a use: a unit filled and never hit again goes first (cache/clock.ts).
+      if (filled) this.#misses++;
+      else {
+        this.#hits++;
+        store.clock?.noteAccess(first, end);
+      }
     }
+    // From the check above to the read's start no await: an eviction that clears these present
+    // bits later waits for this read (#readers) before it punches.
+    const phase = this.#readPhase & 1;
+    this.#readers[phase]!++;
+    try {
+      await store.readData(buf, offset);
+    } finally {
+      this.#readDone(phase);
+      if (pinned) this.#unpin(first, end);
+    }
+    if (zeros) {
+      const g = this.geometry;
+      for (const z of zeros) {
+        const from = Math.max(offset, g.blockOffset(z.start));
+        const to = Math.min(offset + buf.byteLength, g.blockOffset(z.start + z.count));
+        if (to > from) buf.fill(0, from - offset, to - offset);
+      }
+    }
+  }
+
+  #readDone(phase: number): void {
+    if (--this.#readers[phase]! === 0 && this.#drained && phase !== (this.#readPhase & 1)) {
+      const drained = this.#drained;
+      this.#drained = null;
+      drained();
+    }
+  }
+
+  /** Resolves once every cache read that began before the call has ended. One caller at a time. */
+  #readGrace(): Promise<void> {
+    const old = this.#readPhase & 1;
+    this.#readPhase++;
+    if (this.#readers[old] === 0) return Promise.resolve();
+    return new Promise((resolve) => (this.#drained = resolve));
+  }
+
+  /**
+   * One synchronous look at blocks [first, end): the zeroed runs among them if every block is
+   * readable now (present, staged or zeroed, none busy), else a promise to wait for (fills it
+   * started for missing blocks, and blocks busy elsewhere) before looking again. With a budget,
+   * and `wholeUnits`, a missing block brings in the missing blocks of its whole unit: the disk
+   * spins for it anyway.
+   */
+  #readable(first: number, end: number, wholeUnits: boolean): Extent[] | Promise<unknown> {
+    const store = this.store;
+    const zeros: Extent[] = [];
+    const waits: Promise<unknown>[] = [];
+    let missing = false;
+    for (const gap of store.present.gaps(first, end)) {
+      for (let b = gap.start; b < gap.start + gap.count; b++) {
+        const busy = this.#busy.get(b);
+        if (busy) waits.push(busy);
+        else if (this.#staged.has(b)) continue;
+        else if (store.dirty.get(b)) {
+          const last = zeros[zeros.length - 1];
+          if (last && last.start + last.count === b) last.count++;
+          else zeros.push({ start: b, count: 1 });
+        } else missing = true;
+      }
+    }
+    if (missing) {
+      let from = first;
+      let to = end;
+      if (wholeUnits && store.clock) {
+        from = Math.floor(first / store.unitBlocks) * store.unitBlocks;
+        to = Math.min(this.geometry.blockCount, Math.ceil(end / store.unitBlocks) * store.unitBlocks);
+      }
+      waits.push(...this.#startFills(from, to));
+    }
+    if (waits.length > 0) return Promise.all(waits);
+    return zeros;
+  }
+
+  /** Starts fills of the missing, idle blocks of [first, end) in runs; returns their promises. */
+  #startFills(first: number, end: number): Promise<void>[] {
+    const store = this.store;
+    const fills: Promise<void>[] = [];
+    let run: number[] = [];
+    const flushRun = () => {
+      if (run.length > 0) fills.push(this.#fill(run));
+      run = [];
+    };
+    for (const gap of store.present.gaps(first, end)) {
+      for (let b = gap.start; b < gap.start + gap.count; b++) {
+        if (this.#busy.has(b) || this.#staged.has(b) || store.dirty.get(b)) {
+          flushRun();
+        } else {
+          run.push(b);
+          if (run.length === this.#maxFillBlocks) flushRun();
+        }
+      }
+      flushRun();
+    }
+    return fills;
   }
 
   /** Copies contiguous missing blocks from the source into the cache and stages them clean. */
   async #fill(blocks: number[]): Promise<void> {
     const release = this.#lock(blocks);
     try {
-      const start = blocks[0]!;
-      const offset = this.geometry.blockOffset(start);
-      // A reused, aligned buffer: no page faults for fresh memory, no bounce copy for O_DIRECT.
-      const whole = this.#fillBuffers.take();
+      await this.#reserve(blocks.length);
       try {
-        const buf = whole.subarray(0, this.geometry.extentBytes(start, blocks.length));
-        await this.source.readAt(buf, offset);
-        await this.store.writeData(buf, offset);
-      } finally {
-        this.#fillBuffers.give(whole);
+        const start = blocks[0]!;
+        const offset = this.geometry.blockOffset(start);
+        // A reused, aligned buffer: no page faults for fresh memory, no bounce copy for O_DIRECT.
+        const whole = this.#fillBuffers.take();
+        try {
+          const buf = whole.subarray(0, this.geometry.extentBytes(start, blocks.length));
+          await this.source.readAt(buf, offset);
+          await this.#writeCache(buf, offset);
+        } finally {
+          this.#fillBuffers.give(whole);
+        }
+      } catch (err) {
+        this.store.release(blocks.length);
+        throw err;
       }
-      for (const b of blocks) this.#staged.set(b, 'clean');
+      for (const b of blocks) this.#staged.set(b, STAGED_CLEAN);
       this.#scheduleCommit();
+      this.store.notifySpace();
     } finally {
       release();
     }
@@ -392,57 +651,218 @@ export class CacheEngine {
 
   // --- write path ----------------------------------------------------------------------------
 
+  async #writeRange(offset: number, data: Uint8Array): Promise<void> {
+    const range = this.geometry.blocksOf(offset, data.byteLength);
+    this.#writes.add(range);
+    this.#markRewritten(range[0], range[1]);
+    let pinned = false;
+    try {
+      const release = await this.#prepareWrite(offset, data.byteLength, range[0], range[1], () => {
+        // The write has to wait (a fill, an intent, room): keep what it prepared from eviction.
+        if (!pinned) this.#pin(range[0], range[1]);
+        pinned = true;
+      });
+      let written = false;
+      try {
+        for (let attempt = 0; ; attempt++) {
+          // Point-in-time epochs: the open epoch's version of these blocks is saved aside before
+          // it changes. No await between the last check and the write below.
+          await this.#preserveForEpoch(range[0], range[1]);
+          this.#writing.add(range);
+          try {
+            await this.store.writeData(data, offset);
+            break;
+          } catch (err) {
+            if (!isNoSpace(err) || attempt >= 3) throw err;
+          } finally {
+            this.#writing.delete(range);
+            this.#wakeWritingWaiters();
+          }
+          await this.#relieveFlash(range[1] - range[0]);
+        }
+        written = true;
+      } finally {
+        release(written);
+      }
+    } finally {
+      this.#writes.delete(range);
+      if (pinned) this.#unpin(range[0], range[1]);
+    }
+  }
+
   /**
    * Brings every block of the write into a state where its data may change: dirty, staged, or
-   * missing but wholly overwritten (locked until the data is written). Returns the unlock.
+   * missing or zeroed but wholly overwritten (reserved and locked until the data is written).
+   * Calls `waiting` before the first time it has to wait. Returns the unlock, told whether the
+   * data was written.
    */
-  async #prepareWrite(offset: number, length: number, first: number, end: number): Promise<() => void> {
+  async #prepareWrite(offset: number, length: number, first: number, end: number, waiting: () => void): Promise<(written: boolean) => void> {
     const g = this.geometry;
-    for (;;) {
+    const store = this.store;
+    for (let pass = 0; ; pass++) {
+      if (pass === 1) waiting();
       const waits: Promise<void>[] = [];
-      const partial: number[] = [];
-      const whole: number[] = [];
-      const intents: number[] = [];
+      let partial: number[] | null = null;
+      let zeroPartial: number[] | null = null;
+      let whole: number[] | null = null;
+      let intents: number[] | null = null;
       for (let b = first; b < end; b++) {
-        if (this.store.dirty.get(b)) continue;
-        const staged = this.#staged.get(b);
-        if (staged) continue;
-        const busy = this.#busy.get(b);
+        const busy = this.#busy.size > 0 ? this.#busy.get(b) : undefined;
         if (busy) {
           waits.push(busy);
-        } else if (this.store.present.get(b)) {
-          intents.push(b);
+          continue;
+        }
+        if (this.#staged.has(b)) continue;
+        if (store.present.get(b)) {
+          if (!store.dirty.get(b)) (intents ??= []).push(b);
         } else if (offset <= g.blockOffset(b) && offset + length >= g.blockOffset(b) + g.blockLength(b)) {
-          whole.push(b);
+          (whole ??= []).push(b);
+        } else if (store.dirty.get(b)) {
+          (zeroPartial ??= []).push(b);
         } else {
-          partial.push(b);
+          (partial ??= []).push(b);
         }
       }
       if (waits.length > 0) {
         await Promise.all(waits);
         continue;
       }
-      if (partial.length > 0) {
+      if (partial) {
         // A partly written block needs its old bytes first, or the rest of it would be garbage.
-        for (const b of partial) await this.#makeReadable(b, b + 1);
+        for (const b of partial) {
+          for (;;) {
+            const wait = this.#readable(b, b + 1, false);
+            if (!(wait instanceof Promise)) break;
+            await wait;
+          }
+        }
+        continue;
+      }
+      if (zeroPartial) {
+        // So does a partly written zeroed block: its old bytes are zeros.
+        await this.#materialize(zeroPartial);
         continue;
       }
       // Invariant 2: a clean block's cache copy may change only once it is durably dirty. Other
       // states may change while the transaction is pending, so look again afterwards.
-      if (intents.length > 0) {
+      if (intents) {
         await this.#markDirtyBatched(intents);
         continue;
       }
       // Staged clean blocks become staged dirty: the next commit records them dirty.
-      for (let b = first; b < end; b++) if (this.#staged.get(b) === 'clean') this.#staged.set(b, 'dirty');
-      if (whole.length === 0) return () => undefined;
-      const release = this.#lock(whole);
-      return () => {
-        for (const b of whole) this.#staged.set(b, 'dirty');
-        this.#scheduleCommit();
+      for (let b = first; b < end; b++) {
+        const s = this.#staged.get(b);
+        if (s === STAGED_CLEAN) this.#staged.set(b, STAGED_DIRTY);
+      }
+      if (!whole) return NO_RELEASE;
+      const blocks = whole;
+      if (!store.reserve(blocks.length)) {
+        await this.#makeRoom(blocks.length);
+        continue;
+      }
+      const release = this.#lock(blocks);
+      return (written) => {
+        if (written) {
+          for (const b of blocks) this.#staged.set(b, STAGED_DIRTY);
+          this.#scheduleCommit();
+          store.notifySpace();
+        } else {
+          // Not written: the blocks stay as they were (missing or zeroed), their bytes ignored.
+          store.release(blocks.length);
+        }
         release();
       };
     }
+  }
+
+  /** Zeroed blocks about to be written in part: zeros into the cache file, staged dirty. */
+  async #materialize(blocks: number[]): Promise<void> {
+    const release = this.#lock(blocks);
+    try {
+      await this.#reserve(blocks.length);
+      try {
+        for (const run of toExtents(blocks)) {
+          const bytes = this.geometry.extentBytes(run.start, run.count);
+          await this.#writeCache(Buffer.alloc(bytes), this.geometry.blockOffset(run.start));
+        }
+      } catch (err) {
+        this.store.release(blocks.length);
+        throw err;
+      }
+      for (const b of blocks) this.#staged.set(b, STAGED_DIRTY);
+      this.#scheduleCommit();
+      this.store.notifySpace();
+    } finally {
+      release();
+    }
+  }
+
+  /** Zeroes whole blocks [first, end): waits for everything on them, then CacheStore.zero. */
+  async #zeroBlocks(first: number, end: number): Promise<void> {
+    const store = this.store;
+    const range: [number, number] = [first, end];
+    this.#writes.add(range);
+    this.#markRewritten(first, end);
+    try {
+      let release: () => void;
+      for (;;) {
+        const waits: Promise<void>[] = [];
+        let staged = false;
+        for (let b = first; b < end; b++) {
+          const busy = this.#busy.get(b) ?? this.#intents.get(b);
+          if (busy) waits.push(busy.catch(() => undefined));
+          else if (this.#staged.has(b)) staged = true;
+        }
+        if (waits.length > 0) {
+          await Promise.all(waits);
+          continue;
+        }
+        // Staged data is committed first: then every block is present, dirty, zeroed or missing,
+        // and the store knows what each holds.
+        if (staged) {
+          await this.#commit.run();
+          continue;
+        }
+        const blocks: number[] = [];
+        for (let b = first; b < end; b++) blocks.push(b);
+        release = this.#lock(blocks);
+        break;
+      }
+      try {
+        // Writes that got past their checks before the lock finish first.
+        await this.#writingDone(first, end);
+        await this.#preserveForEpoch(first, end);
+        const todo: Extent[] = [];
+        for (const e of store.present.runs(first, end)) todo.push(e);
+        for (const e of store.present.gaps(first, end)) {
+          // Already zeroed blocks stay as they are.
+          for (const m of store.dirty.gaps(e.start, e.start + e.count)) todo.push(m);
+        }
+        todo.sort((a, b) => a.start - b.start);
+        await store.zero(todo);
+      } finally {
+        release();
+      }
+    } finally {
+      this.#writes.delete(range);
+    }
+  }
+
+  /** Resolves once no write past its checks touches [first, end). */
+  async #writingDone(first: number, end: number): Promise<void> {
+    for (;;) {
+      let busy = false;
+      for (const [f, e] of this.#writing) if (f < end && e > first) busy = true;
+      if (!busy) return;
+      await new Promise<void>((resolve) => this.#writingWaiters.push(resolve));
+    }
+  }
+
+  #wakeWritingWaiters(): void {
+    if (this.#writingWaiters.length === 0) return;
+    const waiters = this.#writingWaiters;
+    this.#writingWaiters = [];
+    for (const w of waiters) w();
   }
 
   /**
@@ -473,7 +893,11 @@ export class CacheEngine {
       this.#intentBatch = null;
       const sorted = Float64Array.from(blocks).sort();
       try {
-        await this.store.markDirtyDurable(toExtents(sorted.filter((b) => !this.store.dirty.get(b))));
+        // Only blocks still present and clean: one zeroed meanwhile is no longer clean data to
+        // protect, and the write looks at it again. Eviction and zeroing leave blocks alone while
+        // their intent is in #intents, so none turns into a hole before the record is durable.
+        const store = this.store;
+        await store.markDirtyDurable(toExtents(sorted.filter((b) => store.present.get(b) && !store.dirty.get(b) && !this.#busy.has(b))));
       } finally {
         for (const b of blocks) if (this.#intents.get(b) === durable) this.#intents.delete(b);
       }
@@ -494,6 +918,155 @@ export class CacheEngine {
     }
   }
 
+  // --- the budget ----------------------------------------------------------------------------
+
+  /** Reserves `blocks` blocks of cache space, waiting for room as long as it takes. */
+  async #reserve(blocks: number): Promise<void> {
+    while (!this.store.reserve(blocks)) await this.#makeRoom(blocks);
+  }
+
+  /**
+   * Returns when `blocks` more blocks may fit (the caller tries to reserve them again): evicts
+   * clean units; commits staged blocks so they can be evicted; waits for a running flush; and when
+   * nothing else frees room, asks onSpacePressure for a flush. Throws CacheFullError when no flush
+   * can help.
+   */
+  async #makeRoom(blocks: number): Promise<void> {
+    const store = this.store;
+    if (blocks > store.budgetBlocks) {
+      throw new CacheFullError(`a request of ${blocks} blocks is larger than the whole cache budget of ${store.budgetBlocks} blocks`);
+    }
+    this.spaceWaiters++;
+    try {
+      let futile = 0;
+      for (;;) {
+        if (store.usedBlocks + blocks <= store.budgetBlocks) return;
+        const headroom = Math.min(Math.max(store.unitBlocks, Math.floor(store.budgetBlocks / 32)), 64 * store.unitBlocks);
+        const freed = await this.evict(store.usedBlocks + blocks - store.budgetBlocks + headroom);
+        if (freed > 0 || store.usedBlocks + blocks <= store.budgetBlocks) {
+          this.#spaceError = null;
+          return;
+        }
+        const space = store.space();
+        if (this.#staged.size > 0) {
+          // Staged blocks become present at the commit, and so evictable.
+          await this.#commit.run();
+          continue;
+        }
+        if (space.punchingBlocks > 0 || this.#epoch || this.#committing > 0 || space.reservedBlocks > 0) {
+          // Space on its way back (a punch), blocks about to be cleaned (an open or committing epoch) or
+          // to become present (fills in flight): wait for the store to say so.
+          await store.spaceChange();
+          continue;
+        }
+        const dirtyData = space.presentBlocks;
+        if (!this.onSpacePressure) {
+          this.#spaceError = `the cache budget is full of dirty data (${dirtyData} blocks) and nothing flushes it`;
+          throw new CacheFullError(`${this.#spaceError}; attach with a flush policy (--flush, --dirty-max) or run 'ulobdev flush'`);
+        }
+        this.#spaceError = `the cache budget is full of dirty data (${dirtyData} blocks): waiting for a flush to the disk`;
+        try {
+          await this.onSpacePressure();
+        } catch (err) {
+          this.#spaceError = `the cache budget is full of dirty data and the flush failed: ${(err as Error).message}`;
+          throw new CacheFullError(`${this.#spaceError}; writes that need new space fail until a flush succeeds`, { cause: err });
+        }
+        if (++futile > MAX_FUTILE_FLUSHES && store.usedBlocks + blocks > store.budgetBlocks && this.#evictableNone()) {
+          this.#spaceError = 'the cache budget stays full of dirty data: flushes free nothing (every block is rewritten while it flushes)';
+          throw new CacheFullError(this.#spaceError);
+        }
+      }
+    } finally {
+      this.spaceWaiters--;
+    }
+  }
+
+  #evictableNone(): boolean {
+    const store = this.store;
+    for (const e of store.present.runs()) if (store.dirty.nextClear(e.start, e.start + e.count) < e.start + e.count) return false;
+    return true;
+  }
+
+  /**
+   * The flash filesystem said ENOSPC (another program filled it): evict clean blocks whatever the
+   * budget says, or flush to make some clean; CacheFullError if nothing can be freed.
+   */
+  async #relieveFlash(blocks: number): Promise<void> {
+    const store = this.store;
+    if (!store.clock) {
+      throw new CacheFullError(`the filesystem of ${store.paths.cache} is full, though the cache file was preallocated; free some space on it`);
+    }
+    const want = Math.max(blocks, store.unitBlocks, Math.floor(store.usedBlocks / 16));
+    let freed = await this.evict(want);
+    if (freed === 0 && this.#staged.size > 0) {
+      await this.#commit.run();
+      freed = await this.evict(want);
+    }
+    if (freed === 0 && this.onSpacePressure) {
+      await this.onSpacePressure().catch(() => undefined);
+      freed = await this.evict(want);
+    }
+    if (freed === 0) {
+      this.#spaceError = `the filesystem of ${store.paths.cache} is full and the cache holds no clean block to give back`;
+      throw new CacheFullError(`${this.#spaceError}; free some space on it`);
+    }
+    this.#spaceError = `the filesystem of ${store.paths.cache} ran full (another program filled it): evicted ${freed} blocks`;
+  }
+
+  /** Writes the cache file for a fill or a materialisation, making room on ENOSPC. */
+  async #writeCache(buf: Buffer, offset: number): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.store.writeData(buf, offset);
+        return;
+      } catch (err) {
+        if (!isNoSpace(err) || attempt >= 3) throw err;
+      }
+      await this.#relieveFlash(Math.ceil(buf.byteLength / this.geometry.blockSize));
+    }
+  }
+
+  /** One eviction: units the clock picks, their clean idle blocks locked, evicted, unlocked. */
+  async #evictUnits(blocks: number): Promise<number> {
+    const store = this.store;
+    const clock = store.clock;
+    if (!clock || blocks <= 0) return 0;
+    const unitBlocks = store.unitBlocks;
+    const victimsOf = (u: number): Extent[] => {
+      const out: Extent[] = [];
+      for (const e of store.cleanBlocksOf(u)) {
+        let run: Extent | null = null;
+        for (let b = e.start; b < e.start + e.count; b++) {
+          if (this.#busy.has(b) || this.#pins.has(b) || this.#intents.has(b)) run = null;
+          else if (run && run.start + run.count === b) run.count++;
+          else out.push((run = { start: b, count: 1 }));
+        }
+      }
+      return out;
+    };
+    const units = clock.pick(
+      Math.ceil(blocks / unitBlocks),
+      (u) => store.nextUnitWithData(u),
+      (u) => victimsOf(u).length > 0,
+    );
+    const victims: Extent[] = [];
+    for (const u of units) victims.push(...victimsOf(u));
+    if (victims.length === 0) return 0;
+    const locked: number[] = [];
+    for (const e of victims) for (let b = e.start; b < e.start + e.count; b++) locked.push(b);
+    const release = this.#lock(locked);
+    try {
+      // Present bits clear now (new reads see missing blocks and wait for the lock); the punch
+      // waits for reads that began before (the grace period) and for the synced bitmap.
+      await store.evict(victims, { quiesce: () => this.#readGrace() });
+    } finally {
+      release();
+    }
+    for (const u of units) clock.forget(u);
+    this.#evicted += locked.length;
+    return locked.length;
+  }
+
   // --- commit --------------------------------------------------------------------------------
 
   /** Syncs the cache file, then records staged blocks as present (fills) or dirty (writes). */
@@ -506,13 +1079,16 @@ export class CacheEngine {
     // Decided after the sync: a fill rewritten meanwhile must be recorded dirty, not clean.
     const clean: number[] = [];
     const dirty: number[] = [];
-    for (const b of blocks) (this.#staged.get(b) === 'dirty' ? dirty : clean).push(b);
+    for (const b of blocks) (this.#staged.get(b) === STAGED_DIRTY ? dirty : clean).push(b);
     this.store.markPresent(toExtents(clean));
     for (const b of clean) this.#staged.delete(b);
-    // The dirty ones stay staged (readable, writable without an intent) until their record is
-    // durable; its fsync runs off the event loop (store.markDirtyDurable).
+    // Their reservations are now present blocks (and evictable).
+    this.store.release(clean.length);
+    // The dirty ones stay staged (readable, writable without an intent, reserved) until their
+    // record is durable; its fsync runs off the event loop (store.markDirtyDurable).
     await this.store.markDirtyDurable(toExtents(dirty));
     for (const b of dirty) this.#staged.delete(b);
+    this.store.release(dirty.length);
     if (blocks.length > 0) await this.store.persistBitmap(false);
   }
 
@@ -533,6 +1109,29 @@ export class CacheEngine {
   }
 
   // --- helpers -------------------------------------------------------------------------------
+
+  /** Blocks [first, end) are being written or zeroed: they stay dirty after the open or closing epoch. */
+  #markRewritten(first: number, end: number): void {
+    this.#epoch?.markRewritten(first, end);
+    this.#closing?.markRewritten(first, end);
+  }
+
+  #pin(first: number, end: number): void {
+    for (let b = first; b < end; b++) this.#pins.set(b, (this.#pins.get(b) ?? 0) + 1);
+  }
+
+  #unpin(first: number, end: number): void {
+    for (let b = first; b < end; b++) {
+      const n = this.#pins.get(b)! - 1;
+      if (n === 0) this.#pins.delete(b);
+      else this.#pins.set(b, n);
+    }
+  }
+
+  /** Dirty and not present: reads as zeros. */
+  #isZeroed(b: number): boolean {
+    return this.store.dirty.get(b) && !this.store.present.get(b) && !this.#staged.has(b);
+  }
 
   #lock(blocks: readonly number[]): () => void {
     let release!: () => void;
@@ -561,6 +1160,13 @@ export class CacheEngine {
     if (this.#closed) throw new EngineClosedError('the cache engine is closed');
     if (this.store.failed) throw new EngineClosedError(`the cache failed earlier: ${this.store.failed.message}`);
   }
+}
+
+const NO_RELEASE = (): void => undefined;
+
+function isNoSpace(err: unknown): boolean {
+  const code = (err as { code?: string })?.code;
+  return code === 'ENOSPC' || code === 'EDQUOT';
 }
 
 /** Sorted block numbers to extents. */

@@ -4,6 +4,8 @@
 // snapshot that the flusher has not read yet first saves the block's current content aside, in
 // memory up to a budget and beyond it in a spill file; the flusher reads blocks through read(),
 // which returns the saved version, and a write to a block being read waits for the read.
+// Zeroed blocks of the snapshot (dirty, not present) have zeros as their epoch version: nothing is
+// saved for them, and the flusher zeroes them on the disk (zeroRuns) instead of copying.
 import { open as openFile, rm, type FileHandle } from 'node:fs/promises';
 import { EngineClosedError } from '../errors.js';
 import { Bitmap } from './bitmap.js';
@@ -12,9 +14,11 @@ import type { Extent, Geometry } from './layout.js';
 /** A flush epoch as the flusher sees it. */
 export interface Epoch {
   readonly id: number;
-  /** Dirty extents at the snapshot, sorted by start. */
+  /** Dirty extents at the snapshot, sorted by start (zeroed blocks included). */
   readonly extents: readonly Extent[];
   readonly blocks: number;
+  /** Whether block `b` (of the snapshot) was zeroed at the snapshot: the disk gets zeros. */
+  isZero(b: number): boolean;
 }
 
 export interface EpochOptions {
@@ -34,6 +38,8 @@ export class FlushEpoch implements Epoch {
   readonly blocks: number;
   /** The snapshot: dirty blocks the flusher writes back. */
   readonly flushing: Bitmap;
+  /** Blocks of the snapshot that were zeroed at the snapshot. */
+  readonly zeros: Bitmap;
   /** Blocks of the snapshot written since it was taken (or being written then): they stay dirty. */
   readonly rewritten = new Set<number>();
   /** A preservation failed: the epoch cannot be written as a point-in-time image; the flush aborts. */
@@ -52,13 +58,19 @@ export class FlushEpoch implements Epoch {
   #memoryBytes = 0;
   #spill: { handle: FileHandle; path: string; slots: number } | null = null;
 
-  constructor(id: number, flushing: Bitmap, options: EpochOptions) {
+  /** `zeros`: the blocks of `flushing` zeroed at the snapshot (a bitmap of the same size). */
+  constructor(id: number, flushing: Bitmap, zeros: Bitmap, options: EpochOptions) {
     this.id = id;
     this.flushing = flushing;
+    this.zeros = zeros;
     this.extents = [...flushing.runs()];
     this.blocks = this.extents.reduce((n, e) => n + e.count, 0);
     this.#o = options;
     this.#copied = new Bitmap(options.geometry.blockCount);
+  }
+
+  isZero(b: number): boolean {
+    return this.zeros.get(b);
   }
 
   /** Bytes of epoch versions saved aside (memory and spill file). */
@@ -84,7 +96,7 @@ export class FlushEpoch implements Epoch {
     const waits: Promise<void>[] = [];
     const todo: number[] = [];
     for (let b = this.flushing.nextSet(first, end); b < end; b = this.flushing.nextSet(b + 1, end)) {
-      if (this.#copied.get(b) || this.#preserved.has(b)) continue;
+      if (this.#copied.get(b) || this.#preserved.has(b) || this.zeros.get(b)) continue;
       const busy = this.#reading.get(b) ?? this.#preserving.get(b);
       if (busy) waits.push(busy);
       else todo.push(b);
@@ -150,6 +162,11 @@ export class FlushEpoch implements Epoch {
       const reads = await Promise.allSettled(pieces.map(([start, count, at]) => this.#o.readCache(buf.subarray(at, at + g.extentBytes(start, count)), g.blockOffset(start))));
       for (const r of reads) if (r.status === 'rejected') throw r.reason;
       for (const [start, count, at] of pieces) {
+        // Blocks zeroed when the epoch began are holes in the cache file: zeros, whatever is there.
+        for (const z of this.zeros.runs(start, start + count)) {
+          const from = at + g.blockOffset(z.start) - g.blockOffset(start);
+          buf.fill(0, from, from + g.extentBytes(z.start, z.count));
+        }
         for (let b = start; b < start + count; b++) {
           const saved = this.#preserved.get(b);
           if (saved === undefined) continue;

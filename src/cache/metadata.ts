@@ -1,13 +1,16 @@
-// Cache metadata in SQLite: identity, mode, clean-shutdown flag, flush epoch, the dirty set as block
-// extents, and the history tables. WAL with synchronous=FULL: every transaction that returns is
-// durable, which is what the dirty set needs (docs/design.md, "Durability rules").
-import { closeSync, constants as fsConstants, openSync } from 'node:fs';
+// Cache metadata in SQLite: identity, mode, clean-shutdown flag, flush epoch, the cache budget, the
+// dirty set as block extents (zeroed blocks among them), the eviction clock, and the history
+// tables. WAL with synchronous=FULL: every transaction that returns is durable, which is what the
+// dirty set needs (docs/design.md, "Durability rules"). docs/format.md describes every column.
+import { closeSync, constants as fsConstants, existsSync, openSync, rmSync } from 'node:fs';
 import Database from 'better-sqlite3';
 import { fdatasync } from '../native/io.js';
-import { CacheBusyError, CorruptMetadataError, ioError } from '../errors.js';
+import { CacheBusyError, CorruptMetadataError, IOFailedError, ioError } from '../errors.js';
 import type { Extent } from './layout.js';
 
-export const FORMAT_VERSION = 1;
+export const FORMAT_VERSION = 2;
+/** Oldest format open() upgrades in place (upgrade()); anything else is refused. */
+export const OLDEST_FORMAT = 1;
 
 export type CacheMode = 'readonly' | 'writeback';
 
@@ -20,6 +23,7 @@ export interface CacheIdentity {
 }
 
 export interface CacheInfo extends CacheIdentity {
+  /** The format of the file as opened: below FORMAT_VERSION until upgrade(). */
   formatVersion: number;
   mode: CacheMode;
   /** 'creating' until the cache and bitmap files are allocated: a crash before that re-creates. */
@@ -27,7 +31,26 @@ export interface CacheInfo extends CacheIdentity {
   cleanShutdown: boolean;
   flushEpoch: number;
   createdAt: number;
+  /** Bytes of the cache file's space the cache may use, or null: a full, preallocated mirror. */
+  budget: number | null;
+  /** Bytes of an eviction unit (the granule of fills, eviction and the clock). */
+  evictionUnit: number;
 }
+
+/** One row of the dirty table: an extent, and whether it was zeroed (see docs/format.md). */
+export interface DirtyRow extends Extent {
+  zero: boolean;
+}
+
+/** The eviction clock as saved at close: its hand and a use count per unit. */
+export interface ClockState {
+  unitBytes: number;
+  hand: number;
+  counts: Buffer;
+}
+
+/** Eviction unit of caches made by format 1, which had none (and of new caches by default). */
+export const DEFAULT_EVICTION_UNIT = 256 * 1024;
 
 const SCHEMA = `
 CREATE TABLE cache_info (
@@ -41,12 +64,24 @@ CREATE TABLE cache_info (
   state          TEXT    NOT NULL CHECK (state IN ('creating', 'ready')),
   clean_shutdown INTEGER NOT NULL,
   flush_epoch    INTEGER NOT NULL,
-  created_at     INTEGER NOT NULL
+  created_at     INTEGER NOT NULL,
+  budget         INTEGER CHECK (budget IS NULL OR budget > 0),
+  eviction_unit  INTEGER NOT NULL
 );
--- Dirty blocks as extents. Rows may overlap or touch until the next rewrite compacts them.
+-- Dirty blocks as extents. Rows may overlap or touch until the next rewrite compacts them. The
+-- dirty set is their union; a row with zero = 1 says its blocks read as zeros (the cache file does
+-- not hold them), zero = 0 that the cache file holds them; later rows (by rowid) win.
 CREATE TABLE dirty (
   start INTEGER NOT NULL CHECK (start >= 0),
-  count INTEGER NOT NULL CHECK (count > 0)
+  count INTEGER NOT NULL CHECK (count > 0),
+  zero  INTEGER NOT NULL DEFAULT 0 CHECK (zero IN (0, 1))
+);
+-- The eviction clock as of the last clean close: hand (a unit) and a use count (one byte) per unit.
+CREATE TABLE clock (
+  id     INTEGER PRIMARY KEY CHECK (id = 1),
+  unit   INTEGER NOT NULL,
+  hand   INTEGER NOT NULL,
+  counts BLOB    NOT NULL
 );
 CREATE TABLE flush_history (
   id          INTEGER PRIMARY KEY,
@@ -56,7 +91,8 @@ CREATE TABLE flush_history (
   bytes       INTEGER NOT NULL DEFAULT 0,
   blocks      INTEGER NOT NULL DEFAULT 0,
   spun_up     INTEGER NOT NULL DEFAULT 0,
-  error       TEXT
+  error       TEXT,
+  reason      TEXT
 );
 CREATE TABLE dirty_samples (
   at          INTEGER NOT NULL,
@@ -67,6 +103,22 @@ CREATE TABLE events (
   kind   TEXT    NOT NULL,
   detail TEXT
 );
+`;
+
+/** Format 1 to 2: the budget (none), the eviction unit, zeroed rows, the clock. */
+const UPGRADE_1_TO_2 = `
+ALTER TABLE cache_info ADD COLUMN budget INTEGER CHECK (budget IS NULL OR budget > 0);
+ALTER TABLE cache_info ADD COLUMN eviction_unit INTEGER NOT NULL DEFAULT ${DEFAULT_EVICTION_UNIT};
+ALTER TABLE dirty ADD COLUMN zero INTEGER NOT NULL DEFAULT 0 CHECK (zero IN (0, 1));
+CREATE TABLE clock (
+  id     INTEGER PRIMARY KEY CHECK (id = 1),
+  unit   INTEGER NOT NULL,
+  hand   INTEGER NOT NULL,
+  counts BLOB    NOT NULL
+);
+ALTER TABLE flush_history ADD COLUMN reason TEXT;
+UPDATE cache_info SET format_version = 2 WHERE id = 1;
+PRAGMA user_version = 2;
 `;
 
 interface InfoRow {
@@ -80,12 +132,16 @@ interface InfoRow {
   clean_shutdown: number;
   flush_epoch: number;
   created_at: number;
+  budget?: number | null;
+  eviction_unit?: number;
 }
 
 /** One row of flush_history. */
 export interface FlushRecord {
   id: number;
   epoch: number;
+  /** What started it (the scheduler's FlushReason), or null for rows of format 1. */
+  reason: string | null;
   startedAt: number;
   endedAt: number | null;
   bytes: number;
@@ -110,7 +166,7 @@ export interface EventRecord {
  * inserts, not part of the cache's durable state: losing the last rows in a crash costs nothing.
  */
 export interface HistoryLog {
-  flushStarted(epoch: number, at: number): number;
+  flushStarted(epoch: number, at: number, reason?: string): number;
   flushEnded(id: number, result: { endedAt: number; bytes: number; blocks: number; spunUp: boolean; error?: string | null }): void;
   addDirtySample(at: number, dirtyBytes: number): void;
   addEvent(at: number, kind: string, detail?: string | null): void;
@@ -126,6 +182,7 @@ export interface HistoryLog {
 interface FlushRow {
   id: number;
   epoch: number;
+  reason?: string | null;
   started_at: number;
   ended_at: number | null;
   bytes: number;
@@ -138,6 +195,7 @@ function flushRecord(r: FlushRow): FlushRecord {
   return {
     id: r.id,
     epoch: r.epoch,
+    reason: r.reason ?? null,
     startedAt: r.started_at,
     endedAt: r.ended_at,
     bytes: r.bytes,
@@ -151,7 +209,7 @@ export class Metadata implements HistoryLog {
   readonly path: string;
   #db: Database.Database;
   #info: CacheInfo;
-  #insertDirty: Database.Statement<[number, number]>;
+  #insertDirty: Database.Statement<[number, number, number]> | null = null;
   readonly #syncNormal: Database.Statement;
   readonly #syncFull: Database.Statement;
   /** The WAL, opened on the first syncWal() (it exists from the first write on). */
@@ -161,13 +219,21 @@ export class Metadata implements HistoryLog {
     this.path = path;
     this.#db = db;
     this.#info = readInfo(db, path);
-    this.#insertDirty = db.prepare('INSERT INTO dirty (start, count) VALUES (?, ?)');
     this.#syncNormal = db.prepare('PRAGMA synchronous = NORMAL');
     this.#syncFull = db.prepare('PRAGMA synchronous = FULL');
   }
 
-  /** Creates a new metadata database; fails if `path` exists. */
-  static create(path: string, identity: CacheIdentity, mode: CacheMode): Metadata {
+  /**
+   * Creates a new metadata database; fails if `path` exists. `budget` in bytes (null: a full
+   * mirror), `evictionUnit` in bytes.
+   */
+  static create(
+    path: string,
+    identity: CacheIdentity,
+    mode: CacheMode,
+    space: { budget: number | null; evictionUnit: number } = { budget: null, evictionUnit: DEFAULT_EVICTION_UNIT },
+  ): Metadata {
+    const fresh = !existsSync(path);
     const db = openDatabase(path, false);
     try {
       const { n } = db.prepare('SELECT count(*) AS n FROM sqlite_master').get() as { n: number };
@@ -176,25 +242,35 @@ export class Metadata implements HistoryLog {
         db.exec(SCHEMA);
         db.prepare(
           `INSERT INTO cache_info (id, format_version, uuid, block_size, backing_size, backing_id, mode, state,
-             clean_shutdown, flush_epoch, created_at)
-           VALUES (1, ?, ?, ?, ?, ?, ?, 'creating', 1, 0, ?)`,
-        ).run(FORMAT_VERSION, identity.uuid, identity.blockSize, identity.backingSize, identity.backingId, mode, Date.now());
+             clean_shutdown, flush_epoch, created_at, budget, eviction_unit)
+           VALUES (1, ?, ?, ?, ?, ?, ?, 'creating', 1, 0, ?, ?, ?)`,
+        ).run(FORMAT_VERSION, identity.uuid, identity.blockSize, identity.backingSize, identity.backingId, mode, Date.now(), space.budget, space.evictionUnit);
         db.pragma(`user_version = ${FORMAT_VERSION}`);
       })();
       return new Metadata(path, db);
     } catch (err) {
       db.close();
-      throw err;
+      // A database this call made and could not fill (a full filesystem) is removed again.
+      if (fresh) removeDatabase(path);
+      throw (err as { code?: string }).code === 'SQLITE_FULL' ? translate(err, path) : err;
     }
   }
 
-  /** Opens existing metadata, taking the exclusive lock that keeps a second daemon out. */
+  /**
+   * Opens existing metadata, taking the exclusive lock that keeps a second daemon out. A format
+   * from OLDEST_FORMAT up is read as it is (info.formatVersion says which); upgrade() brings it to
+   * FORMAT_VERSION. Any other format is refused, with the way to start over.
+   */
   static open(path: string): Metadata {
     const db = openDatabase(path, true);
     try {
       const version = db.pragma('user_version', { simple: true }) as number;
-      if (version !== FORMAT_VERSION) {
-        throw new CorruptMetadataError(`${path}: metadata format ${version} is not the supported format ${FORMAT_VERSION}`);
+      if (version < OLDEST_FORMAT || version > FORMAT_VERSION) {
+        throw new CorruptMetadataError(
+          `${path}: metadata format ${version} is not a format this ulobdev reads (${OLDEST_FORMAT} to ${FORMAT_VERSION})` +
+            (version > FORMAT_VERSION ? '; a newer ulobdev made it: use that one' : '') +
+            "; or flush with the ulobdev that made it and start over with 'ulobdev discard'",
+        );
       }
       return new Metadata(path, db);
     } catch (err) {
@@ -207,20 +283,50 @@ export class Metadata implements HistoryLog {
     return this.#info;
   }
 
-  dirtyExtents(): Extent[] {
-    const rows = this.#db.prepare('SELECT start, count FROM dirty ORDER BY start').all() as Extent[];
+  /** True when the file is of an older format: upgrade() before any other change. */
+  get needsUpgrade(): boolean {
+    return this.#info.formatVersion < FORMAT_VERSION;
+  }
+
+  /**
+   * Brings an older format to FORMAT_VERSION in place, in one durable transaction. Format 1 had
+   * no budget (a full mirror stays one), no zeroed rows and no clock.
+   */
+  upgrade(): void {
+    if (!this.needsUpgrade) return;
+    this.#run(() => this.#db.exec(UPGRADE_1_TO_2));
+    this.#info = readInfo(this.#db, this.path);
+  }
+
+  /** The dirty rows in the order they were written (later rows win for `zero`). */
+  dirtyRows(): DirtyRow[] {
+    const zero = this.#info.formatVersion >= 2 ? 'zero' : '0 AS zero';
+    const rows = this.#db.prepare(`SELECT start, count, ${zero} FROM dirty ORDER BY rowid`).all() as { start: number; count: number; zero: number }[];
+    const blocks = Math.ceil(this.#info.backingSize / this.#info.blockSize);
     for (const r of rows) {
-      if (!Number.isSafeInteger(r.start) || !Number.isSafeInteger(r.count) || r.start + r.count > Math.ceil(this.#info.backingSize / this.#info.blockSize)) {
+      if (!Number.isSafeInteger(r.start) || !Number.isSafeInteger(r.count) || r.start + r.count > blocks) {
         throw new CorruptMetadataError(`${this.path}: dirty extent ${r.start}+${r.count} lies outside the disk`);
       }
     }
-    return rows;
+    return rows.map((r) => ({ start: r.start, count: r.count, zero: r.zero === 1 }));
   }
 
-  /** Adds dirty extents in one durable transaction. */
-  addDirty(extents: readonly Extent[]): void {
+  /** The dirty extents, zeroed or not, sorted by start (rows as stored: they may overlap). */
+  dirtyExtents(): Extent[] {
+    return this.dirtyRows()
+      .map(({ start, count }) => ({ start, count }))
+      .sort((a, b) => a.start - b.start);
+  }
+
+  /**
+   * Adds dirty extents in one durable transaction. `zero`: the blocks read as zeros from now on
+   * (the cache file need not hold them); otherwise the cache file holds their content, which also
+   * ends an earlier zeroing of them.
+   */
+  addDirty(extents: readonly Extent[], zero = false): void {
     this.#run(() => {
-      for (const e of extents) this.#insertDirty.run(e.start, e.count);
+      const insert = this.#insert();
+      for (const e of extents) insert.run(e.start, e.count, zero ? 1 : 0);
     });
   }
 
@@ -255,16 +361,47 @@ export class Metadata implements HistoryLog {
     }
   }
 
-  /** Replaces the whole dirty set (after a flush epoch or to compact it); optionally bumps the epoch. */
-  replaceDirty(extents: Iterable<Extent>, newEpoch?: number): void {
+  /**
+   * Replaces the whole dirty set (after a flush epoch or to compact it); optionally bumps the
+   * epoch. `zeroed`: extents that read as zeros; `later`: extents whose content the cache file
+   * holds, written after the zeroed rows so that they win over them (intents being synced).
+   */
+  replaceDirty(extents: Iterable<Extent>, newEpoch?: number, zeroed: Iterable<Extent> = [], later: Iterable<Extent> = []): void {
     this.#run(() => {
+      const insert = this.#insert();
       this.#db.exec('DELETE FROM dirty');
-      for (const e of extents) this.#insertDirty.run(e.start, e.count);
+      for (const e of extents) insert.run(e.start, e.count, 0);
+      for (const e of zeroed) insert.run(e.start, e.count, 1);
+      for (const e of later) insert.run(e.start, e.count, 0);
       if (newEpoch !== undefined) {
         this.#db.prepare('UPDATE cache_info SET flush_epoch = ? WHERE id = 1').run(newEpoch);
       }
     });
     if (newEpoch !== undefined) this.#info = { ...this.#info, flushEpoch: newEpoch };
+  }
+
+  /** Sets the budget (bytes; null: none) and the eviction unit (bytes), durably. */
+  setBudget(budget: number | null, evictionUnit: number): void {
+    this.#run(() => {
+      this.#db.prepare('UPDATE cache_info SET budget = ?, eviction_unit = ? WHERE id = 1').run(budget, evictionUnit);
+    });
+    this.#info = { ...this.#info, budget, evictionUnit };
+  }
+
+  /** The clock saved by saveClock(), if any. */
+  loadClock(): ClockState | null {
+    if (this.#info.formatVersion < 2) return null;
+    const row = this.#db.prepare('SELECT unit, hand, counts FROM clock WHERE id = 1').get() as { unit: number; hand: number; counts: Buffer } | undefined;
+    return row ? { unitBytes: row.unit, hand: row.hand, counts: row.counts } : null;
+  }
+
+  /** Saves the eviction clock (soft state: losing it in a crash costs one sweep of the clock). */
+  saveClock(state: ClockState): void {
+    this.#run(() => {
+      this.#db
+        .prepare('INSERT INTO clock (id, unit, hand, counts) VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET unit = excluded.unit, hand = excluded.hand, counts = excluded.counts')
+        .run(state.unitBytes, state.hand, state.counts);
+    });
   }
 
   setState(state: CacheInfo['state']): void {
@@ -290,8 +427,8 @@ export class Metadata implements HistoryLog {
 
   // --- history (HistoryLog) -------------------------------------------------------------------
 
-  flushStarted(epoch: number, at: number): number {
-    const r = this.#db.prepare('INSERT INTO flush_history (epoch, started_at) VALUES (?, ?)').run(epoch, at);
+  flushStarted(epoch: number, at: number, reason: string | null = null): number {
+    const r = this.#db.prepare('INSERT INTO flush_history (epoch, started_at, reason) VALUES (?, ?, ?)').run(epoch, at, reason);
     return Number(r.lastInsertRowid);
   }
 
@@ -356,6 +493,11 @@ export class Metadata implements HistoryLog {
     });
   }
 
+  #insert(): Database.Statement<[number, number, number]> {
+    this.#insertDirty ??= this.#db.prepare('INSERT INTO dirty (start, count, zero) VALUES (?, ?, ?)');
+    return this.#insertDirty;
+  }
+
   #run(fn: () => void): void {
     try {
       this.#db.transaction(fn).immediate();
@@ -366,6 +508,7 @@ export class Metadata implements HistoryLog {
 }
 
 function openDatabase(path: string, mustExist: boolean): Database.Database {
+  const fresh = !mustExist && !existsSync(path);
   let db: Database.Database;
   try {
     db = new Database(path, { fileMustExist: mustExist, timeout: 0 });
@@ -382,8 +525,14 @@ function openDatabase(path: string, mustExist: boolean): Database.Database {
     return db;
   } catch (err) {
     db.close();
+    // A database this call made and could not set up (a full filesystem) is removed again.
+    if (fresh) removeDatabase(path);
     throw translate(err, path);
   }
+}
+
+function removeDatabase(path: string): void {
+  for (const p of [path, `${path}-wal`, `${path}-shm`]) rmSync(p, { force: true });
 }
 
 function readInfo(db: Database.Database, path: string): CacheInfo {
@@ -394,7 +543,9 @@ function readInfo(db: Database.Database, path: string): CacheInfo {
     throw translate(err, path);
   }
   if (!row) throw new CorruptMetadataError(`${path}: metadata has no cache_info row`);
-  const ints = [row.block_size, row.backing_size, row.flush_epoch, row.created_at];
+  const evictionUnit = row.eviction_unit ?? DEFAULT_EVICTION_UNIT;
+  const budget = row.budget ?? null;
+  const ints = [row.block_size, row.backing_size, row.flush_epoch, row.created_at, evictionUnit, budget ?? 1];
   if (!ints.every((n) => Number.isSafeInteger(n) && n >= 0) || typeof row.uuid !== 'string' || typeof row.backing_id !== 'string') {
     throw new CorruptMetadataError(`${path}: cache_info row is malformed`);
   }
@@ -409,6 +560,8 @@ function readInfo(db: Database.Database, path: string): CacheInfo {
     cleanShutdown: row.clean_shutdown === 1,
     flushEpoch: row.flush_epoch,
     createdAt: row.created_at,
+    budget,
+    evictionUnit,
   };
 }
 
@@ -422,5 +575,7 @@ function translate(err: unknown, path: string): Error {
     return new CorruptMetadataError(`${path} is not valid ulobdev metadata (${code})`, { cause: err });
   }
   if (code.startsWith('SQLITE_CANTOPEN')) return ioError('open metadata', path, err);
+  // SQLite says only "database or disk is full": name the file.
+  if (code === 'SQLITE_FULL') return new IOFailedError(`cannot write ${path}: the filesystem holding it is full (SQLITE_FULL); free space on it, then detach and attach again (the cache refuses I/O until then; what was flushed before is kept)`, { cause: err, path });
   return err instanceof Error ? err : new Error(String(err));
 }

@@ -1,7 +1,15 @@
 // The persistence layer shared by every data path (userspace engine and the kernel module's
 // daemon): cache file, present bitmap file, metadata. The durability rules of docs/design.md are
 // enforced here: present bits only after a data sync, dirty bits durable before the data they guard
-// changes, dirty bits cleared only through clearFlushed().
+// changes, dirty bits cleared only through clearFlushed(), present bits cleared durably before the
+// cache file is punched (evict), zeroed blocks recorded before they are punched (zero).
+//
+// Zeroed blocks (TRIM, WRITE_ZEROES) are dirty and not present: they read as zeros, the disk gets
+// zeros at the next flush, and the cache file need not hold them. That is the uloop module's
+// representation too (ULOOP_F_ZERO), so its bitmaps and ours are the same bits.
+//
+// With a budget (--cache-size) the cache file is sparse and the store counts the blocks it holds:
+// present ones, blocks the engine has reserved for data not yet present, and blocks being punched.
 import { randomUUID } from 'node:crypto';
 import { dirname } from 'node:path';
 import {
@@ -13,10 +21,12 @@ import {
   SizeMismatchError,
   ioError,
 } from '../errors.js';
+import { formatBytes } from '../units.js';
 import { Bitmap } from './bitmap.js';
+import { Clock } from './clock.js';
 import { Coalescer } from './coalesce.js';
-import { FILE_ALIGN, Geometry, type Extent } from './layout.js';
-import { Metadata, type CacheInfo, type CacheMode, type HistoryLog } from './metadata.js';
+import { FILE_ALIGN, Geometry, MAX_BLOCK_SIZE, type Extent } from './layout.js';
+import { DEFAULT_EVICTION_UNIT, Metadata, type CacheInfo, type CacheMode, type HistoryLog } from './metadata.js';
 import { posixStorage } from '../storage/posix-storage.js';
 import type { BlockFile, Storage } from '../storage/storage.js';
 
@@ -28,8 +38,26 @@ export interface CachePaths {
 
 /** How the store opens its metadata; tests wrap it to inject crashes at each transaction. */
 export interface MetadataFactory {
-  create(path: string, identity: Parameters<typeof Metadata.create>[1], mode: CacheMode): Metadata;
+  create(path: string, identity: Parameters<typeof Metadata.create>[1], mode: CacheMode, space?: Parameters<typeof Metadata.create>[3]): Metadata;
   open(path: string): Metadata;
+}
+
+/** Smallest and largest eviction unit (bytes); a unit is never smaller than the block. */
+export const MIN_EVICTION_UNIT = 64 * 1024;
+export const MAX_EVICTION_UNIT = MAX_BLOCK_SIZE;
+
+/** Where the space of a budgeted cache goes, in blocks (docs/reference.md, "Status"). */
+export interface SpaceUse {
+  /** Blocks the budget allows; Infinity without a budget. */
+  budgetBlocks: number;
+  /** presentBlocks + reservedBlocks + punchingBlocks: what the cache file may hold. */
+  usedBlocks: number;
+  /** Present blocks (clean or dirty): the cache file holds them. */
+  presentBlocks: number;
+  /** Reserved by the data path for data being written that is not present yet. */
+  reservedBlocks: number;
+  /** Evicted or zeroed, not yet punched. */
+  punchingBlocks: number;
 }
 
 export interface OpenStoreOptions {
@@ -39,6 +67,15 @@ export interface OpenStoreOptions {
   mode: CacheMode;
   /** Block size for a new cache; for an existing one it must match if given. */
   blockSize?: number;
+  /**
+   * Bytes of flash the cache file may take (--cache-size). A new cache without it is a full,
+   * preallocated mirror of the disk; an existing cache without it keeps what it has. Given for an
+   * existing cache it replaces the budget: a smaller one evicts clean blocks before the open
+   * returns; one below the dirty data is refused.
+   */
+  budget?: number;
+  /** Eviction unit in bytes for a new cache (default 256 KiB); an existing cache keeps its own. */
+  evictionUnit?: number;
   /** Block size of a new cache when `blockSize` is not given (default 4 KiB); never checked against an existing one. */
   defaultBlockSize?: number;
   storage?: Storage;
@@ -54,6 +91,10 @@ export class CacheStore {
   readonly dirty: Bitmap;
   /** True when the last shutdown did not close the store cleanly. */
   readonly recoveredFromCrash: boolean;
+  /** Blocks per eviction unit (at least 1). */
+  readonly unitBlocks: number;
+  /** The eviction clock; null without a budget (nothing is ever evicted then). */
+  readonly clock: Clock | null;
 
   readonly #cache: BlockFile;
   readonly #bitmapFile: BlockFile;
@@ -63,11 +104,16 @@ export class CacheStore {
   readonly #walSync: Coalescer;
   /** Extents of markDirtyDurable() calls whose transaction is written but not yet synced. */
   readonly #pendingDirty = new Set<readonly Extent[]>();
+  /** Bitmap pages changed in memory and not yet written. */
   readonly #dirtyPages = new Set<number>();
   #bitmapWrite: Promise<void> = Promise.resolve();
   #mode: CacheMode;
   #failed: Error | null = null;
   #closed = false;
+  #presentCount: number;
+  #reserved = 0;
+  #punching = 0;
+  #spaceListeners: (() => void)[] = [];
 
   private constructor(args: {
     paths: CachePaths;
@@ -88,6 +134,9 @@ export class CacheStore {
     this.#mode = args.meta.info.mode;
     this.recoveredFromCrash = !args.meta.info.cleanShutdown;
     this.#dataSync = new Coalescer(() => this.#syncData());
+    this.#presentCount = args.present.count();
+    this.unitBlocks = Math.max(1, args.meta.info.evictionUnit / args.geometry.blockSize);
+    this.clock = args.meta.info.budget === null ? null : new Clock(args.geometry.blockCount, this.unitBlocks);
     this.#walSync = new Coalescer(() => this.#meta.syncWal());
   }
 
@@ -100,6 +149,10 @@ export class CacheStore {
     const factory = options.metadata ?? Metadata;
     const { paths, backing } = options;
     if (options.blockSize !== undefined) new Geometry(backing.size, options.blockSize);
+    if (options.evictionUnit !== undefined) assertEvictionUnit(options.evictionUnit, 4096);
+    if (options.budget !== undefined && !(Number.isSafeInteger(options.budget) && options.budget > 0)) {
+      throw new InvalidArgumentError(`the cache budget must be a positive number of bytes, got ${String(options.budget)}`);
+    }
 
     let meta: Metadata;
     const metaExists = await storage.exists(paths.metadata);
@@ -118,6 +171,7 @@ export class CacheStore {
         paths.metadata,
         { uuid: randomUUID(), blockSize, backingSize: backing.size, backingId: backing.id },
         options.mode,
+        { budget: options.budget ?? null, evictionUnit: Math.max(options.evictionUnit ?? DEFAULT_EVICTION_UNIT, blockSize) },
       );
     }
 
@@ -126,29 +180,79 @@ export class CacheStore {
       const info = meta.info;
       checkIdentity(info, backing, options.blockSize, paths.metadata);
       const geometry = new Geometry(info.backingSize, info.blockSize);
-      files =
-        info.state === 'creating'
-          ? await createFiles(storage, paths, geometry, meta)
-          : await openFiles(storage, paths, geometry);
+      const budget = options.budget ?? info.budget;
+      const creating = info.state === 'creating';
+      if (budget !== null) checkBudget(budget, Math.max(info.evictionUnit, info.blockSize), paths.cache);
+      if (creating && budget !== null) await checkFreeSpace(storage, paths, budget, geometry, 0);
+      files = creating ? await createFiles(storage, paths, geometry, meta, budget !== null) : await openFiles(storage, paths, geometry, backing.description);
       const { cache, bitmapFile } = files;
       const present = new Bitmap(geometry.blockCount, Buffer.alloc(geometry.bitmapFileSize));
       await readFully(bitmapFile, present.buffer, paths.bitmap);
-      const dirty = new Bitmap(geometry.blockCount);
-      for (const e of meta.dirtyExtents()) dirty.setRange(e.start, e.start + e.count);
       // Bits past the last block are padding; a set one means the bitmap is not ours.
       const padded = new Bitmap(present.buffer.byteLength * 8, present.buffer);
       if (padded.nextSet(geometry.blockCount) < padded.bits) {
         throw new CorruptMetadataError(`${paths.bitmap} has bits set beyond the disk's last block`);
       }
-      // Dirty implies present: a dirty block's only valid copy is in the cache.
-      for (const e of dirty.runs()) present.setRange(e.start, e.start + e.count);
+      // The dirty set is the union of the rows; whether a block is zeroed, the last row naming it.
+      const dirty = new Bitmap(geometry.blockCount);
+      const zeroed = new Bitmap(geometry.blockCount);
+      for (const r of meta.dirtyRows()) {
+        dirty.setRange(r.start, r.start + r.count);
+        if (r.zero) zeroed.setRange(r.start, r.start + r.count);
+        else zeroed.clearRange(r.start, r.start + r.count);
+      }
+      // Dirty implies present, except for zeroed blocks: the cache file does not hold those, and a
+      // present bit the bitmap file may still carry for one is stale (cleared below, durably).
+      const staleBits: Extent[] = [];
+      for (const e of dirty.runs()) {
+        for (const data of zeroed.gaps(e.start, e.start + e.count)) present.setRange(data.start, data.start + data.count);
+      }
+      for (const z of zeroed.runs()) {
+        if (present.nextSet(z.start, z.start + z.count) < z.start + z.count) staleBits.push(z);
+        present.clearRange(z.start, z.start + z.count);
+      }
+      if (budget !== null) {
+        // Checked before anything is written: a refused budget changes nothing.
+        const dirtyData = dirty.count() - zeroed.count();
+        if (dirtyData * geometry.blockSize > budget) {
+          throw new InvalidArgumentError(
+            `a cache budget of ${formatBytes(budget)} is smaller than the ${formatBytes(dirtyData * geometry.blockSize)} of dirty data ${paths.cache} holds; ` +
+              `flush first ('ulobdev flush --wait'), or give at least ${formatBytes(dirtyData * geometry.blockSize)}`,
+          );
+        }
+        if (!creating && budget !== info.budget) await checkFreeSpace(storage, paths, budget, geometry, await cache.allocatedBytes());
+        // The last check: a full mirror getting a budget must be able to punch. A block nothing
+        // holds (not present, not dirty) is punched as the probe: nothing reads its bytes.
+        const free = present.nextClear(0);
+        if (!creating && info.budget === null && free < geometry.blockCount && !dirty.get(free)) {
+          try {
+            await cache.punchHole(geometry.blockOffset(free), geometry.blockLength(free) + (-geometry.blockLength(free) & (FILE_ALIGN - 1)));
+          } catch (err) {
+            const code = (err as { code?: string }).code;
+            if (code !== 'EOPNOTSUPP' && code !== 'ENOTSUP') throw ioError('punch a hole in', paths.cache, err);
+            throw new InvalidArgumentError(
+              `the filesystem of ${paths.cache} cannot punch holes, which a cache budget needs (ext4, XFS, btrfs and tmpfs can); keep it without --cache-size`,
+            );
+          }
+        }
+      }
 
       const store = new CacheStore({ paths, geometry, cache, bitmapFile, meta, present, dirty });
       // From here on the open is accepted: mark the cache in use (unclean until close).
-      meta.replaceDirty(dirty.runs());
+      meta.upgrade();
+      if (budget !== info.budget) meta.setBudget(budget, info.evictionUnit);
+      store.clock?.restore(meta.loadClock(), info.evictionUnit);
+      for (const z of staleBits) store.#touchBitmap(z);
+      if (staleBits.length > 0) await store.persistBitmap(true);
+      meta.replaceDirty(store.#dataRuns(), undefined, store.#zeroRuns());
       if (info.mode !== options.mode) meta.setMode(options.mode);
       store.#mode = options.mode;
       meta.setCleanShutdown(false);
+      if (budget !== null) {
+        const unbudgeted = info.budget === null && !creating;
+        await store.#dropLeftovers(unbudgeted || store.recoveredFromCrash);
+        await store.#shrinkTo(store.budgetBlocks);
+      }
       return store;
     } catch (err) {
       meta.close();
@@ -187,6 +291,7 @@ export class CacheStore {
         throw err;
       }
       try {
+        // Zeroed blocks count too: the disk has not received their zeros.
         const dirty = new Bitmap(new Geometry(meta.info.backingSize, meta.info.blockSize).blockCount);
         for (const e of meta.dirtyExtents()) dirty.setRange(e.start, e.start + e.count);
         dirtyBlocks = dirty.count();
@@ -244,18 +349,22 @@ export class CacheStore {
 
   /**
    * Invariant 1: marks blocks present. The caller must have synced their data (syncData) after
-   * writing it. Persisted lazily: a lost present bit only costs a refetch.
+   * writing it. Persisted lazily: a lost present bit only costs a refetch. Blocks the caller had
+   * reserved (reserve()) stay counted: call release() for them in the same tick.
    */
   markPresent(extents: Iterable<Extent>): void {
     for (const e of extents) {
+      const before = this.present.count(e.start, e.start + e.count);
       this.present.setRange(e.start, e.start + e.count);
+      this.#presentCount += e.count - before;
       this.#touchBitmap(e);
     }
   }
 
   /**
    * Invariant 2: makes blocks dirty (and present) durably, in one metadata transaction. Callers
-   * await this before changing the cache content of a clean block.
+   * await this before changing the cache content of a clean block. For a zeroed block it records
+   * that the cache file holds its content again: the caller has written and synced that content.
    */
   markDirty(extents: readonly Extent[]): void {
     if (extents.length === 0) return;
@@ -268,8 +377,10 @@ export class CacheStore {
   #setDirty(extents: readonly Extent[]): void {
     for (const e of extents) {
       this.dirty.setRange(e.start, e.start + e.count);
-      if (!this.present.allSet(e.start, e.start + e.count)) {
+      const before = this.present.count(e.start, e.start + e.count);
+      if (before < e.count) {
         this.present.setRange(e.start, e.start + e.count);
+        this.#presentCount += e.count - before;
         this.#touchBitmap(e);
       }
     }
@@ -297,35 +408,157 @@ export class CacheStore {
   }
 
   /**
+   * Zeroes whole blocks (TRIM, WRITE_ZEROES): a metadata transaction makes them durably dirty
+   * with all-zero content; then they are not present, so reads give zeros and the flusher writes
+   * zeros. With a budget the bitmap is then written and synced and only then the blocks punched
+   * out of the cache file (as evict: no present bit in the bitmap file ever covers a hole).
+   * Without one the cache file keeps its preallocated space and stale bytes, which nothing reads;
+   * the bitmap page follows lazily (the flush that cleans the blocks syncs it first).
+   * `reserved` of the blocks were reserved by the caller for data it drops now (staged, never
+   * made present): the punch frees their space too. The caller keeps every request off these
+   * blocks until this resolves.
+   */
+  async zero(extents: readonly Extent[], reserved = 0): Promise<void> {
+    if (extents.length === 0) return;
+    this.#assertUsable();
+    this.#guard(() => this.#meta.addDirty(extents, true));
+    let held = 0;
+    for (const e of extents) {
+      held += this.present.count(e.start, e.start + e.count);
+      this.dirty.setRange(e.start, e.start + e.count);
+      this.present.clearRange(e.start, e.start + e.count);
+      this.#touchBitmap(e);
+    }
+    this.#presentCount -= held;
+    this.#reserved -= reserved;
+    const freed = held + reserved;
+    if (this.#meta.info.budget === null) {
+      if (freed > 0) this.#spaceChanged();
+      return;
+    }
+    this.#punching += freed;
+    try {
+      await this.persistBitmap(true);
+    } finally {
+      this.#punching -= freed;
+    }
+    await this.#punch(extents, freed);
+  }
+
+  /**
    * Invariant 4: clears dirty bits of blocks the backing disk has durably received. The caller
-   * must have synced the backing after writing them. Bumps the flush epoch.
+   * must have synced the backing after writing them. Bumps the flush epoch. Zeroed blocks among
+   * them become missing: their present bits must be durably clear in the bitmap file first (the
+   * caller runs persistBitmap(true) after they were zeroed), or a crash would bring back a stale
+   * present bit over content that is not the disk's.
    */
   clearFlushed(extents: readonly Extent[]): void {
     this.#assertUsable();
     // The remaining set is computed from the runs, not a copy of the bitmap: a copy is 512 MiB on
     // a 16 TiB disk of 4 KiB blocks. Intents still being synced stay in the table this rewrites
-    // (their blocks are being written); rows may overlap.
+    // (their blocks are being written; after the zeroed rows, which they end); rows may overlap.
     const pending = [...this.#pendingDirty].flat();
-    const rows = [...subtractExtents(this.dirty.runs(), extents), ...pending];
-    this.#guard(() => this.#meta.replaceDirty(rows, this.#meta.info.flushEpoch + 1));
+    const remaining = [...subtractExtents(this.dirty.runs(), extents)];
+    this.#guard(() => this.#meta.replaceDirty(this.#dataRuns(remaining), this.#meta.info.flushEpoch + 1, this.#zeroRuns(remaining), pending));
     for (const e of extents) this.dirty.clearRange(e.start, e.start + e.count);
   }
 
   /**
-   * Drops clean blocks from the cache. Durable before it resolves, so the freed cache space can be
-   * rewritten without a stale present bit surviving a crash.
+   * Drops clean blocks from the cache (eviction): clears their present bits, writes and
+   * fdatasyncs the bitmap, and only then, with a budget, punches them out of the cache file. The
+   * order is invariant 1: a crash never leaves a present bit over a hole, nor over cache space a
+   * later write (rule 4) filled with uncommitted data. The caller keeps new requests off these
+   * blocks until this resolves; `quiesce`, called once their present bits are clear (in memory),
+   * resolves when no request that began before is still reading them, and the punch waits for it.
    */
-  async evict(extents: readonly Extent[]): Promise<void> {
+  async evict(extents: readonly Extent[], options: { quiesce?: () => Promise<void> } = {}): Promise<void> {
     for (const e of extents) {
       if (this.dirty.nextSet(e.start, e.start + e.count) < e.start + e.count) {
         throw new InvalidArgumentError(`cannot evict dirty blocks in ${e.start}+${e.count}`);
       }
     }
+    let held = 0;
     for (const e of extents) {
+      held += this.present.count(e.start, e.start + e.count);
       this.present.clearRange(e.start, e.start + e.count);
       this.#touchBitmap(e);
     }
-    await this.persistBitmap(true);
+    this.#presentCount -= held;
+    this.#punching += held;
+    try {
+      await Promise.all([this.persistBitmap(true), options.quiesce?.()]);
+    } finally {
+      this.#punching -= held;
+    }
+    await this.#punch(extents, held);
+  }
+
+  // --- space (a budgeted cache) ----------------------------------------------------------------
+
+  /** The budget in bytes, or null: a full, preallocated mirror that never evicts. */
+  get budget(): number | null {
+    return this.#meta.info.budget;
+  }
+
+  /** The budget in blocks (Infinity without one). */
+  get budgetBlocks(): number {
+    const b = this.#meta.info.budget;
+    return b === null ? Infinity : Math.floor(b / this.geometry.blockSize);
+  }
+
+  /** Blocks the cache file may hold now: present, reserved and being punched. */
+  get usedBlocks(): number {
+    return this.#presentCount + this.#reserved + this.#punching;
+  }
+
+  space(): SpaceUse {
+    return {
+      budgetBlocks: this.budgetBlocks,
+      usedBlocks: this.usedBlocks,
+      presentBlocks: this.#presentCount,
+      reservedBlocks: this.#reserved,
+      punchingBlocks: this.#punching,
+    };
+  }
+
+  /**
+   * Reserves room for `blocks` blocks of data about to be written into blocks that hold none
+   * (missing or zeroed). False, reserving nothing, if that would pass the budget. The data path
+   * calls this in the same tick as it takes the blocks, and markPresent/markDirty then release()
+   * when they become present, or release() when it drops them.
+   */
+  reserve(blocks: number): boolean {
+    if (this.usedBlocks + blocks > this.budgetBlocks) return false;
+    this.#reserved += blocks;
+    return true;
+  }
+
+  /** Gives back reserved blocks (they became present, or their data was dropped unwritten). */
+  release(blocks: number): void {
+    this.#reserved -= blocks;
+    if (blocks > 0) this.#spaceChanged();
+  }
+
+  /** Resolves the next time space is freed or blocks become evictable (for waiters on the budget). */
+  spaceChange(): Promise<void> {
+    return new Promise((resolve) => this.#spaceListeners.push(resolve));
+  }
+
+  /** Tells waiters that space may be free (blocks became present and so evictable, or clean). */
+  notifySpace(): void {
+    this.#spaceChanged();
+  }
+
+  /** Zeroed blocks: dirty and not present. */
+  zeroBlocks(): number {
+    let n = 0;
+    for (const e of this.dirty.runs()) n += e.count - this.present.count(e.start, e.start + e.count);
+    return n;
+  }
+
+  /** What the filesystem charges for the cache file now (st_blocks x 512). */
+  allocatedBytes(): Promise<number> {
+    return this.#cache.allocatedBytes();
   }
 
   /** Writes changed bitmap pages; with `sync`, also fdatasyncs the bitmap file. Serialized. */
@@ -355,9 +588,8 @@ export class CacheStore {
         await this.#walSync.idle();
         await this.syncData();
         await this.persistBitmap(true);
-        const dirty = this.dirty.clone();
-        for (const pending of this.#pendingDirty) for (const e of pending) dirty.setRange(e.start, e.start + e.count);
-        this.#meta.replaceDirty(dirty.runs());
+        this.#meta.replaceDirty(this.#dataRuns(), undefined, this.#zeroRuns(), [...this.#pendingDirty].flat());
+        if (this.clock) this.#meta.saveClock(this.clock.state(this.#meta.info.evictionUnit));
         this.#meta.setCleanShutdown(true);
       }
     } finally {
@@ -375,6 +607,114 @@ export class CacheStore {
     this.#meta.close();
     await this.#cache.close().catch(() => undefined);
     await this.#bitmapFile.close().catch(() => undefined);
+    this.#spaceChanged();
+  }
+
+  /** Dirty blocks whose content the cache file holds: dirty and present (of `runs` of dirty blocks). */
+  *#dataRuns(runs: Iterable<Extent> = this.dirty.runs()): Generator<Extent> {
+    for (const e of runs) yield* this.present.runs(e.start, e.start + e.count);
+  }
+
+  /** Zeroed blocks: dirty and not present (of `runs` of dirty blocks). */
+  *#zeroRuns(runs: Iterable<Extent> = this.dirty.runs()): Generator<Extent> {
+    for (const e of runs) yield* this.present.gaps(e.start, e.start + e.count);
+  }
+
+  /**
+   * Punches `extents` out of the cache file (with a budget; without one the space stays
+   * allocated), then gives the `blocks` they held back to the budget. A failed punch is not a
+   * durability problem (nothing present lies there), so the store goes on; the space stays
+   * counted until the next open finds and punches it.
+   */
+  async #punch(extents: readonly Extent[], blocks: number): Promise<void> {
+    if (this.#meta.info.budget === null) {
+      if (blocks > 0) this.#spaceChanged();
+      return;
+    }
+    this.#punching += blocks;
+    let leaked = false;
+    try {
+      const g = this.geometry;
+      for (const e of extents) {
+        const offset = g.blockOffset(e.start);
+        const length = Math.min(g.blockOffset(e.start + e.count), g.cacheFileSize) - offset;
+        if (length > 0) await this.#cache.punchHole(offset, length);
+      }
+    } catch (err) {
+      leaked = true;
+      throw ioError('punch a hole in', this.paths.cache, err);
+    } finally {
+      if (!leaked) this.#punching -= blocks;
+      this.#spaceChanged();
+    }
+  }
+
+  /**
+   * With a budget, after a crash or when a full mirror gets a budget: the cache file may hold data
+   * no present bit covers (fills and writes never committed, evictions that did not punch, the
+   * preallocation). Finds it with SEEK_DATA and punches it. Nothing present is touched.
+   */
+  async #dropLeftovers(always: boolean): Promise<void> {
+    const g = this.geometry;
+    const held = await this.#cache.allocatedBytes();
+    // Filesystem metadata (extent tree blocks) counts in st_blocks too: a little over is no leak.
+    if (!always && held <= this.#presentCount * g.blockSize + this.unitBlocks * g.blockSize) return;
+    const holes: Extent[] = [];
+    for (let pos = 0; pos < g.cacheFileSize; ) {
+      const data = await this.#cache.nextData(pos);
+      if (!data) break;
+      const first = Math.floor(data[0] / g.blockSize);
+      const end = Math.min(g.blockCount, Math.ceil(data[1] / g.blockSize));
+      for (const gap of this.present.gaps(first, end)) holes.push(gap);
+      pos = Math.max(data[1], pos + 1);
+    }
+    await this.#punch(holes, 0);
+  }
+
+  /**
+   * Evicts clean blocks until no more than `blocks` are held (at open, before anything is served:
+   * no request can be in flight). Stops early when only dirty blocks are left.
+   */
+  async #shrinkTo(blocks: number): Promise<void> {
+    const clock = this.clock;
+    if (!clock) return;
+    while (this.usedBlocks > blocks) {
+      const want = Math.ceil((this.usedBlocks - blocks) / this.unitBlocks);
+      const units = clock.pick(
+        want,
+        (u) => this.nextUnitWithData(u),
+        (u) => this.cleanBlocksOf(u).length > 0,
+      );
+      if (units.length === 0) return;
+      const victims: Extent[] = [];
+      for (const u of units) victims.push(...this.cleanBlocksOf(u));
+      await this.evict(victims);
+      for (const u of units) clock.forget(u);
+    }
+  }
+
+  /** The first eviction unit at or after `u` with a present block; the unit count if none. */
+  nextUnitWithData(u: number): number {
+    const b = this.present.nextSet(u * this.unitBlocks);
+    return b >= this.geometry.blockCount ? Math.ceil(this.geometry.blockCount / this.unitBlocks) : Math.floor(b / this.unitBlocks);
+  }
+
+  /** The present, clean blocks of eviction unit `u`, as extents. */
+  cleanBlocksOf(u: number): Extent[] {
+    const first = u * this.unitBlocks;
+    const end = Math.min(first + this.unitBlocks, this.geometry.blockCount);
+    const out: Extent[] = [];
+    for (const run of this.present.runs(first, end)) {
+      for (const clean of this.dirty.gaps(run.start, run.start + run.count)) out.push(clean);
+    }
+    return out;
+  }
+
+  #spaceChanged(): void {
+    if (this.#spaceListeners.length === 0) return;
+    const listeners = this.#spaceListeners;
+    this.#spaceListeners = [];
+    for (const l of listeners) l();
   }
 
   #touchBitmap(e: Extent): void {
@@ -450,7 +790,52 @@ function checkIdentity(info: CacheInfo, backing: OpenStoreOptions['backing'], bl
   }
 }
 
-async function createFiles(storage: Storage, paths: CachePaths, geometry: Geometry, meta: Metadata) {
+/**
+ * An eviction unit: a power of two from `min` (64 KiB on the command line; the library takes
+ * down to 4 KiB, for tests with tiny disks) to 1 MiB. A unit smaller than the block is one block.
+ */
+export function assertEvictionUnit(unit: unknown, min = MIN_EVICTION_UNIT): asserts unit is number {
+  if (typeof unit !== 'number' || !Number.isSafeInteger(unit) || unit < min || unit > MAX_EVICTION_UNIT || (unit & (unit - 1)) !== 0) {
+    throw new InvalidArgumentError(`the eviction unit must be a power of two from ${formatBytes(min)} to 1 MiB, got ${String(unit)}`);
+  }
+}
+
+/** A budget holds at least two eviction units: one being filled while another is evicted. */
+function checkBudget(budget: number, unitBytes: number, cachePath: string): void {
+  if (budget < 2 * unitBytes) {
+    throw new InvalidArgumentError(
+      `a cache budget of ${formatBytes(budget)} for ${cachePath} is less than two eviction units (${formatBytes(2 * unitBytes)}); give at least that`,
+    );
+  }
+}
+
+/**
+ * The flash filesystem must have room for the budget: its free space plus what the cache file
+ * holds already (`heldBytes`). A budget above the disk's size needs only the disk's size.
+ */
+async function checkFreeSpace(storage: Storage, paths: CachePaths, budget: number, geometry: Geometry, heldBytes: number): Promise<void> {
+  const need = Math.min(budget, geometry.cacheFileSize);
+  const dir = dirname(paths.cache);
+  let free: number;
+  try {
+    free = await storage.freeBytes(dir);
+  } catch (err) {
+    throw ioError('read the free space of', dir, err);
+  }
+  if (free + heldBytes < need) {
+    throw new InvalidArgumentError(
+      `a cache budget of ${formatBytes(budget)} does not fit: ${dir} has ${formatBytes(free)} free` +
+        (heldBytes > 0 ? ` and the cache holds ${formatBytes(heldBytes)}` : '') +
+        `; give at most ${formatBytes(Math.floor((free + heldBytes) / (1 << 20)) * (1 << 20))} or free some space`,
+    );
+  }
+}
+
+/**
+ * Creates the cache and bitmap files: the bitmap preallocated; the cache file preallocated (a full
+ * mirror: no write ever meets ENOSPC) or, with a budget, sparse (its space comes as blocks fill).
+ */
+async function createFiles(storage: Storage, paths: CachePaths, geometry: Geometry, meta: Metadata, sparse: boolean) {
   // A previous creation may have crashed midway: its files are ours to replace.
   await storage.remove(paths.cache);
   await storage.remove(paths.bitmap);
@@ -458,7 +843,13 @@ async function createFiles(storage: Storage, paths: CachePaths, geometry: Geomet
   let bitmapFile: BlockFile | undefined;
   try {
     cache = await storage.open(paths.cache, { create: true });
-    await cache.allocate(geometry.cacheFileSize);
+    if (sparse) {
+      await cache.truncate(geometry.cacheFileSize);
+      // A budget works by punching holes: find out now if this filesystem cannot.
+      await cache.punchHole(0, Math.min(FILE_ALIGN, geometry.cacheFileSize));
+    } else {
+      await cache.allocate(geometry.cacheFileSize);
+    }
     bitmapFile = await storage.open(paths.bitmap, { create: true });
     await bitmapFile.allocate(geometry.bitmapFileSize);
     await cache.sync();
@@ -470,30 +861,42 @@ async function createFiles(storage: Storage, paths: CachePaths, geometry: Geomet
     await cache?.close().catch(() => undefined);
     await bitmapFile?.close().catch(() => undefined);
     const code = (err as { code?: string }).code;
+    if (code === 'EOPNOTSUPP' || code === 'ENOTSUP') {
+      throw new InvalidArgumentError(
+        `the filesystem of ${paths.cache} cannot punch holes, which a cache budget needs (ext4, XFS, btrfs and tmpfs can); put the cache there, or drop --cache-size`,
+      );
+    }
     throw code === 'ENOSPC'
-      ? ioError('allocate the cache (not enough space for a cache the size of the disk)', paths.cache, err)
+      ? ioError('allocate the cache (not enough space for a cache the size of the disk; --cache-size sets a smaller budget)', paths.cache, err)
       : ioError('create the cache', (err as { path?: string }).path ?? paths.cache, err);
   }
 }
 
-async function openFiles(storage: Storage, paths: CachePaths, geometry: Geometry) {
+async function openFiles(storage: Storage, paths: CachePaths, geometry: Geometry, disk: string) {
+  // What a user can do about a cache file that is gone or cut short: nothing here repairs it.
+  const startOver = `if the cache is lost, 'ulobdev discard --force ${disk}' (with the same -c and -b) starts over with an empty one, losing any blocks the disk has not received`;
   let cache: BlockFile | undefined;
+  let opening = paths.cache;
   try {
     cache = await storage.open(paths.cache);
     const cacheSize = await cache.size();
     if (cacheSize !== geometry.cacheFileSize) {
-      throw new SizeMismatchError(`${paths.cache} is ${cacheSize} bytes, expected ${geometry.cacheFileSize} for this disk`);
+      throw new SizeMismatchError(`${paths.cache} is ${cacheSize} bytes, not the ${geometry.cacheFileSize} of this cache (truncated or replaced?); ${startOver}`);
     }
+    opening = paths.bitmap;
     const bitmapFile = await storage.open(paths.bitmap);
     const bitmapSize = await bitmapFile.size();
     if (bitmapSize !== geometry.bitmapFileSize) {
       await bitmapFile.close();
-      throw new SizeMismatchError(`${paths.bitmap} is ${bitmapSize} bytes, expected ${geometry.bitmapFileSize} for this disk`);
+      throw new SizeMismatchError(`${paths.bitmap} is ${bitmapSize} bytes, not the ${geometry.bitmapFileSize} of this cache (truncated or replaced?); ${startOver}`);
     }
     return { cache, bitmapFile };
   } catch (err) {
     await cache?.close().catch(() => undefined);
     if (err instanceof SizeMismatchError) throw err;
+    if ((err as { code?: string }).code === 'ENOENT') {
+      throw new SizeMismatchError(`${opening} is missing, but its metadata ${paths.metadata} is there (moved, or the flash not mounted?); ${startOver}`);
+    }
     throw ioError('open the cache', (err as { path?: string }).path ?? paths.cache, err);
   }
 }

@@ -4,7 +4,9 @@
 import { spawn } from 'node:child_process';
 import { closeSync, openSync, promises as fsp, writeSync } from 'node:fs';
 import { join } from 'node:path';
+import type { Command } from 'commander';
 import pino, { type Logger } from 'pino';
+import pretty from 'pino-pretty';
 import { DaemonError, errorFromCode, errorToWire } from '../errors.js';
 import { defaultName } from '../bdev/frontend.js';
 import { RUN_DIR } from '../paths.js';
@@ -12,8 +14,23 @@ import { undone } from './exit-codes.js';
 
 const NOTIFY_FD_ENV = 'ULOBDEV_NOTIFY_FD';
 
-export function makeLogger(level: string): Logger {
+/**
+ * The daemon's logger on stderr: one JSON object per line (for journald, a --daemon log file or a
+ * pipe), or, when `pretty` (a foreground run on a terminal), pino-pretty's human-readable lines.
+ * Both write synchronously, so the last line before an exit is never lost.
+ */
+export function makeLogger(level: string, options: { pretty?: boolean } = {}): Logger {
+  if (options.pretty) {
+    // One daemon, one device, which the user just typed: lines without the device and pid.
+    const stream = pretty({ destination: 2, sync: true, colorize: true, translateTime: 'SYS:HH:MM:ss', ignore: 'pid,hostname,device,name' });
+    return pino({ level, base: { pid: process.pid } }, stream);
+  }
   return pino({ level, base: { pid: process.pid } }, pino.destination({ fd: 2, sync: true }));
+}
+
+/** True when this run's log goes to a person: a foreground run (no --daemon parent) on a terminal. */
+export function logsToTerminal(): boolean {
+  return process.stderr.isTTY === true && !hasWaitingParent();
 }
 
 /** The first line of an error's message: what the CLI prints. */
@@ -22,22 +39,87 @@ export function oneLine(err: unknown): string {
   return message.split('\n')[0]!;
 }
 
+/** A warning on stderr, before the logger exists or where the user reads it: `PROG: warning: ...`. */
+export function warn(program: string, message: string): void {
+  process.stderr.write(`${program}: warning: ${message}\n`);
+}
+
 /**
- * Re-runs this command without --daemon as a detached child whose output goes to
- * RUN_DIR/NAME.log, and waits for its READY or ERROR line on an inherited pipe (fd 3).
+ * The arguments that run `command` again exactly as the user's command line was parsed, for the
+ * --daemon child: the command's name, every option given on the command line (not defaults) as
+ * `--long=VALUE` (so a value that looks like an option stays a value), `--`, then `positional`.
+ * Options whose attribute name is in `omit` stay out: --daemon itself, and secrets, which travel
+ * in the child's environment instead (only its owner can read /proc/PID/environ; anyone can read
+ * /proc/PID/cmdline).
  */
-export async function daemonize(device: string, options: { name?: string; runDir?: string }): Promise<void> {
+export function childArgs(command: Command, positional: readonly string[], omit: readonly string[]): string[] {
+  const args = [command.name()];
+  for (const option of command.options) {
+    const key = option.attributeName();
+    if (omit.includes(key) || command.getOptionValueSource(key) !== 'cli') continue;
+    const value: unknown = command.getOptionValue(key);
+    const long = option.long!;
+    if (option.negate) {
+      if (value === false) args.push(long);
+    } else if (option.isBoolean()) {
+      if (value === true) args.push(long);
+    } else if (Array.isArray(value)) {
+      for (const v of value) args.push(`${long}=${String(v)}`);
+    } else if (value === true) {
+      args.push(long);
+    } else if (value !== undefined) {
+      args.push(`${long}=${String(value)}`);
+    }
+  }
+  return [...args, '--', ...positional];
+}
+
+export interface DaemonizeOptions {
+  name?: string;
+  runDir?: string;
+  /** The child's arguments after its script (childArgs); the script is this process's own. */
+  args: readonly string[];
+  /** Extra environment for the child (secrets kept out of its argv). */
+  env?: Record<string, string>;
+  /** The program and script to run; this process's by default (tests run another). */
+  command?: readonly string[];
+}
+
+/**
+ * Runs the command again in the background (childArgs, without --daemon) as a detached child whose
+ * output goes to RUN_DIR/NAME.log, and waits for its READY or ERROR line on an inherited pipe
+ * (fd 3). READY prints the device and resolves; ERROR CODE MESSAGE throws that error (exit 1: the
+ * child undid its attach). A child that exits without a word throws DaemonError with the last
+ * thing it wrote to its log: the cause, on the user's terminal, not only in the log.
+ */
+export async function daemonize(device: string, options: DaemonizeOptions): Promise<void> {
   const runDir = options.runDir ?? RUN_DIR;
-  await fsp.mkdir(runDir, { recursive: true, mode: 0o700 });
+  const madeRunDir = await fsp.mkdir(runDir, { recursive: true, mode: 0o700 });
   const logPath = join(runDir, `${options.name ?? defaultName(device)}.log`);
+  const logExisted = await fsp.stat(logPath).then(() => true, () => false);
   const log = openSync(logPath, 'a', 0o600);
-  const args = process.argv.slice(1).filter((a) => a !== '--daemon');
-  const child = spawn(process.execPath, args, {
+  const logStart = (await fsp.stat(logPath)).size;
+  const [program, ...pre] = options.command ?? [process.execPath, ...process.execArgv, process.argv[1]!];
+  const child = spawn(program!, [...pre, ...options.args], {
     detached: true,
     stdio: ['ignore', log, log, 'pipe'],
-    env: { ...process.env, [NOTIFY_FD_ENV]: '3' },
+    env: { ...process.env, ...options.env, [NOTIFY_FD_ENV]: '3' },
   });
   closeSync(log);
+  const exited = new Promise<string>((resolve) => {
+    child.once('error', (err) => resolve(err.message));
+    child.once('exit', (code, signal) => resolve(signal ? `was killed by ${signal}` : `exited with status ${code}`));
+  });
+  // How the child ended, or after 5 s that it still runs (it closed the pipe but lives on).
+  const ended = async () => {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<string>((r) => (timer = setTimeout(() => r('closed its pipe'), 5000)));
+    try {
+      return await Promise.race([exited, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  };
   const pipe = child.stdio[3] as NodeJS.ReadableStream;
   let text = '';
   let line = '';
@@ -60,16 +142,52 @@ export async function daemonize(device: string, options: { name?: string; runDir
       break;
     }
   }
-  child.unref();
   (pipe as unknown as { destroy(): void }).destroy();
   if (line.startsWith('READY ')) {
+    child.unref();
     process.stdout.write(`${line.slice('READY '.length)}\n`);
     return;
   }
   const failed = /^ERROR (\S+) (.*)$/.exec(line);
   // The child undid its attach before it said so: as refused as a foreground attach.
-  if (failed) throw undone(errorFromCode(failed[1]!, failed[2]!));
-  throw new DaemonError(`the daemon exited before it was ready; see ${logPath}`);
+  if (failed) {
+    // A refused attach changes nothing, its log included: the error is on the user's terminal.
+    await ended();
+    child.unref();
+    if (logExisted) await fsp.truncate(logPath, logStart).catch(() => undefined);
+    else await fsp.rm(logPath, { force: true });
+    if (madeRunDir) await fsp.rmdir(madeRunDir).catch(() => undefined);
+    throw undone(errorFromCode(failed[1]!, failed[2]!));
+  }
+  // No word on the pipe: the child died (a crash, a signal, an error before it could report).
+  const how = await ended();
+  child.unref();
+  const cause = lastLogMessage((await fsp.readFile(logPath, 'utf8').catch(() => '')).slice(logStart));
+  throw new DaemonError(`the daemon ${how} before it was ready${cause ? `: ${cause}` : ''} (log: ${logPath})`);
+}
+
+/**
+ * The last thing worth showing in a stretch of daemon log: the `msg` (and error message) of the
+ * last JSON line of level warn or above, or else the last plain line (a CLI's `PROG: ...`, a
+ * stack's first line), without its program prefix.
+ */
+export function lastLogMessage(text: string): string | undefined {
+  const lines = text.split('\n').map((l) => l.trim()).filter(Boolean);
+  for (let i = lines.length - 1; i >= 0; i--) {
+    const l = lines[i]!;
+    if (!l.startsWith('{')) {
+      if (/^\s*at /.test(l)) continue;
+      return l.replace(/^(ulobdev|ulohttp): /, '');
+    }
+    try {
+      const entry = JSON.parse(l) as { level?: number; msg?: string; err?: { message?: string } };
+      if ((entry.level ?? 0) < 40) continue;
+      return [entry.msg, entry.err?.message].filter(Boolean).join(': ') || undefined;
+    } catch {
+      return l;
+    }
+  }
+  return undefined;
 }
 
 /**

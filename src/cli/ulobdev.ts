@@ -1,30 +1,34 @@
 #!/usr/bin/env node
 // ulobdev: put a disk behind a flash cache and expose it as DEVICE.
-//   ulobdev [-c CACHE] [-b BITMAP] [--writeback] [--block-size N] [--daemon] [--name NAME]
+//   ulobdev [-c CACHE] [-b BITMAP] [--writeback] [--block-size N] [--cache-size SIZE|PCT]
+//           [--eviction-unit SIZE] [--daemon] [--name NAME]
 //           [--flush CRON] [--dirty-max SIZE|PCT] [--max-dirty-age DURATION] [--spindown]
-//           [--standby-timeout DURATION] [--on-ac flush|schedule] [--hydrate [RATE]] DEVICE BACKEND
-//   ulobdev status [DEVICE] [--json]
-//   ulobdev detach DEVICE
-//   ulobdev flush DEVICE [--wait]
-//   ulobdev report DEVICE --svg FILE [--hours N]
+//           [--standby-timeout DURATION] [--on-ac flush|schedule] [--hydrate] [--hydrate-rate RATE]
+//           [--allow-remote] DEVICE BACKEND
+//   ulobdev status [DEVICE|NAME] [--json]
+//   ulobdev detach DEVICE|NAME
+//   ulobdev flush DEVICE|NAME [--wait]
+//   ulobdev report DEVICE|NAME --svg FILE [--hours N]
 //   ulobdev discard [-c CACHE] [-b BITMAP] [--force] BACKEND
 import { promises as fsp } from 'node:fs';
-import { basename, join } from 'node:path';
-import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument } from 'commander';
+import { join, resolve } from 'node:path';
+import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument, Option } from 'commander';
 import { CacheStore } from '../cache/store.js';
 import { Metadata } from '../cache/metadata.js';
-import { DaemonError, InvalidArgumentError, IOFailedError, NotAttachedError } from '../errors.js';
+import { CacheBusyError, DaemonError, DeviceBusyError, InvalidArgumentError, IOFailedError, NotAttachedError, PermissionDeniedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
-import { attachFailed, daemonize, hasWaitingParent, makeLogger, noteParent, notifyParent, oneLine } from './background.js';
+import { attachFailed, childArgs, daemonize, hasWaitingParent, logsToTerminal, makeLogger, noteParent, notifyParent, oneLine, warn } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
 import { openBacking } from '../source/backing.js';
 import { controlRequest } from '../daemon/control.js';
 import { deadRecords, describeRecovery, recoverDeadDaemon } from '../daemon/leftovers.js';
 import type { FlushResult } from '../writeback/flusher.js';
-import { cachePaths, controlSocket, Daemon, describeFlush, type DetachResult, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
+import { cachePaths, checkDaemonName, Daemon, describeFlush, type DetachResult, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
+import { isDaemonName, listDaemons, resolveDaemon, type DaemonEntry } from '../daemon/resolve.js';
+import { defaultName, frontendKind } from '../bdev/frontend.js';
 import { CONFIG_DIR, RUN_DIR } from '../paths.js';
 import { formatBytes, parseSize } from '../units.js';
-import { dirtyLimitBytes, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../writeback/policy.js';
+import { cronWarning, dirtyLimitBytes, parseCacheSize, parseCron, parseDirtyLimit, parseDuration, parseEvictionUnit, parseRate } from '../writeback/policy.js';
 import { renderReportSvg, type ReportData } from '../writeback/report.js';
 import type { HydrationProgress } from '../writeback/hydrate.js';
 import { progressBar } from './progress.js';
@@ -36,6 +40,8 @@ interface AttachFlags {
   metadata?: string;
   writeback?: boolean;
   blockSize?: number;
+  cacheSize?: string;
+  evictionUnit?: string;
   daemon?: boolean;
   name?: string;
   logLevel: string;
@@ -47,7 +53,9 @@ interface AttachFlags {
   spindown?: boolean;
   standbyTimeout?: string;
   onAc?: string;
-  hydrate?: string | boolean;
+  hydrate?: boolean;
+  hydrateRate?: string;
+  allowRemote?: boolean;
   flushOnDetach?: boolean;
   tickMs?: string;
   sampleMs?: string;
@@ -63,7 +71,11 @@ async function writebackPolicy(backing: string, flags: AttachFlags): Promise<Wri
   const policy: WritebackPolicy = {};
   // An empty --flush (FLUSH= in the unit's config) means no schedule: manual flushes only.
   const flush = flags.flush?.trim() ? flags.flush : undefined;
-  if (flush !== undefined) policy.flushCron = parseCron(flush);
+  if (flush !== undefined) {
+    policy.flushCron = parseCron(flush);
+    const tooOften = cronWarning(policy.flushCron);
+    if (tooOften) warn('ulobdev', tooOften);
+  }
   const automatic = flush !== undefined || flags.dirtyMax !== undefined || flags.maxDirtyAge !== undefined || flags.onAc !== undefined;
   if (automatic && !flags.writeback) throw new InvalidArgumentError('--flush, --dirty-max, --max-dirty-age and --on-ac need --writeback');
   if (flags.dirtyMax !== undefined) {
@@ -82,7 +94,8 @@ async function writebackPolicy(backing: string, flags: AttachFlags): Promise<Wri
     if (flags.onAc !== 'flush' && flags.onAc !== 'schedule') throw new InvalidArgumentError(`--on-ac takes flush or schedule, not ${JSON.stringify(flags.onAc)}`);
     policy.onAc = flags.onAc;
   }
-  if (flags.hydrate !== undefined) policy.hydrateRate = flags.hydrate === true ? 0 : parseRate(String(flags.hydrate));
+  // --hydrate-rate implies --hydrate (commander's implies); without a rate it goes as fast as the disk.
+  if (flags.hydrate) policy.hydrateRate = flags.hydrateRate === undefined ? 0 : parseRate(flags.hydrateRate);
   policy.spindown = flags.spindown ?? false;
   if (flags.flushOnDetach === false) policy.flushOnDetach = false;
   const st = await fsp.stat(backing).catch(() => null);
@@ -102,13 +115,94 @@ function blockSizeArg(value: string): number {
   }
 }
 
-async function attach(device: string, backing: string, flags: AttachFlags): Promise<void> {
+/**
+ * DEVICE then BACKEND, exactly two. The usual slip is the disk first (`ulobdev /dev/sdb
+ * /dev/loop6`) or a value for an option that takes none (`--hydrate 50M`): say which.
+ */
+function checkPositionals(device: string, backing: string, extra: readonly string[], flags: AttachFlags): void {
+  if (extra.length > 0) {
+    const hint = flags.hydrate && /^\d/.test(device) ? `; --hydrate takes no value: the rate is --hydrate-rate ${device}` : '';
+    throw new InvalidArgumentError(`too many arguments: expected DEVICE BACKEND, got ${[device, backing, ...extra].join(' ')}${hint}`);
+  }
+  let deviceError: unknown;
+  try {
+    frontendKind(device);
+    return;
+  } catch (err) {
+    deviceError = err;
+  }
+  let backingIsDevice = false;
+  try {
+    frontendKind(backing);
+    backingIsDevice = true;
+  } catch {
+    // not a device name either
+  }
+  if (backingIsDevice) {
+    throw new InvalidArgumentError(
+      `DEVICE and BACKEND look swapped: the device to create comes first, then the disk to cache: ulobdev ${backing} ${device}`,
+    );
+  }
+  throw deviceError;
+}
+
+/**
+ * Refuses a disk that another ulobdev daemon already caches (two daemons writing one disk would
+ * corrupt it), naming that daemon's device and pid. Block devices are also kept exclusive by
+ * O_EXCL; files are not, so they are compared by device and inode.
+ */
+async function assertNotServed(backing: string, runDir: string): Promise<void> {
+  const mine = await fsp.stat(backing).catch(() => null);
+  if (!mine) return;
+  // Without root the run directory cannot be read; the attach then stops at its own root check.
+  const daemons = await listDaemons(runDir).catch((err: unknown) => {
+    if (err instanceof PermissionDeniedError) return [] as DaemonEntry[];
+    throw err;
+  });
+  for (const d of daemons) {
+    const theirs = await fsp.stat(d.status.backing).catch(() => null);
+    if (!theirs) continue;
+    const same = mine.isBlockDevice() ? theirs.isBlockDevice() && theirs.rdev === mine.rdev : theirs.dev === mine.dev && theirs.ino === mine.ino;
+    if (same) throw new DeviceBusyError(`${backing} is already cached by the ulobdev daemon of ${describeDaemon(d)}; detach it first (ulobdev detach ${d.status.device})`);
+  }
+}
+
+/** A busy cache (its metadata is locked) names the daemon that holds it, when it is one of ours. */
+async function explainBusyCache(err: unknown, runDir: string): Promise<unknown> {
+  if (!(err instanceof CacheBusyError)) return err;
+  const daemons = await listDaemons(runDir).catch(() => [] as DaemonEntry[]);
+  const holder = daemons.find((d) => err.message.includes(d.status.paths.metadata) || err.message.includes(d.status.paths.cache));
+  if (!holder) return err;
+  return new CacheBusyError(`the cache ${holder.status.paths.cache} is in use by the ulobdev daemon of ${describeDaemon(holder)}; detach it first (ulobdev detach ${holder.status.device})`);
+}
+
+/** The name a device gets without --name, or undefined for a device ulobdev would not make. */
+function defaultNameOf(device: string): string | undefined {
+  try {
+    return defaultName(device);
+  } catch {
+    return undefined;
+  }
+}
+
+function describeDaemon(d: DaemonEntry): string {
+  const named = d.name === defaultNameOf(d.status.device) ? '' : `, name ${d.name}`;
+  return `${d.status.device} (pid ${d.status.pid}${named})`;
+}
+
+async function attach(device: string, backing: string, flags: AttachFlags, command: Command): Promise<void> {
+  checkPositionals(device, backing, command.args.slice(2), flags);
+  const runDir = flags.runDir ?? RUN_DIR;
   const policy = await writebackPolicy(backing, flags);
   const stopTimeoutMs = parseDuration(flags.stopTimeout, '--stop-timeout');
-  if (flags.daemon) return daemonize(device, { name: flags.name, runDir: flags.runDir });
+  const cacheSize = flags.cacheSize === undefined ? undefined : parseCacheSize(flags.cacheSize);
+  const evictionUnit = flags.evictionUnit === undefined ? undefined : parseEvictionUnit(flags.evictionUnit);
+  await assertNotServed(resolve(backing), runDir);
+  if (flags.daemon) return daemonize(device, { name: flags.name, runDir: flags.runDir, args: childArgs(command, [device, backing], ['daemon']) });
   // Cache, metadata and sockets hold the disk's data: owner only.
   process.umask(0o077);
-  const logger = makeLogger(flags.logLevel);
+  const onTerminal = logsToTerminal();
+  const logger = makeLogger(flags.logLevel, { pretty: onTerminal });
   let ioFlusherError: unknown;
   try {
     // Before any threadpool or child starts, so they inherit it (see native/process.cc).
@@ -126,16 +220,19 @@ async function attach(device: string, backing: string, flags: AttachFlags): Prom
       metadata: flags.metadata,
       writeback: flags.writeback ?? false,
       blockSize: flags.blockSize,
+      cacheSize,
+      evictionUnit,
       name: flags.name,
       stateDir: flags.stateDir,
       runDir: flags.runDir,
       logger,
       writebackPolicy: policy,
+      allowRemote: flags.allowRemote,
       onNotice: (line) => noteParent(line),
       fstab: flags.fstab,
     });
   } catch (err) {
-    throw attachFailed(err);
+    throw attachFailed(await explainBusyCache(err, runDir));
   }
   if (ioFlusherError && daemon.status().frontend !== 'serve') {
     logger.warn(
@@ -155,9 +252,14 @@ async function attach(device: string, backing: string, flags: AttachFlags): Prom
       process.exit(exitCodeFor(err));
     });
   });
-  // The device it serves (/dev/loop asked for the first free one: say which).
-  notifyParent(`READY ${daemon.device}`);
+  // The device it serves (/dev/loop asked for the first free one: say which). A --daemon parent
+  // prints it itself; the child's stdout is the log.
   if (!hasWaitingParent()) process.stdout.write(`${daemon.device}\n`);
+  notifyParent(`READY ${daemon.device}`);
+  if (onTerminal) {
+    const use = daemon.status().frontend === 'serve' ? `connect to ${daemon.device}` : `mount ${daemon.device}`;
+    process.stderr.write(`${use} from another shell; Ctrl-C detaches\n`);
+  }
   await daemon.done;
 }
 
@@ -167,35 +269,32 @@ async function attach(device: string, backing: string, flags: AttachFlags): Prom
  */
 async function recoverIfDead(device: string, runDir: string, err: unknown): Promise<string | null> {
   if (!(err instanceof NotAttachedError) && !(err instanceof DaemonError)) return null;
-  const recovery = await recoverDeadDaemon(runDir, device, basename(controlSocket(device, runDir), '.sock'));
+  // A name goes into RUN_DIR paths: only a checked one (isDaemonName's, or a device's default).
+  const name = isDaemonName(device) ? device : defaultNameOf(device);
+  if (name === undefined) return null;
+  const recovery = await recoverDeadDaemon(runDir, device, name);
   return recovery && describeRecovery(recovery);
 }
 
 async function status(device: string | undefined, flags: { json?: boolean; runDir?: string }): Promise<void> {
   const runDir = flags.runDir ?? RUN_DIR;
-  let sockets: string[];
+  let statuses: DeviceStatus[];
   if (device) {
-    sockets = [controlSocket(device, runDir)];
+    try {
+      const { socket } = await resolveDaemon(device, runDir);
+      statuses = [(await controlRequest(socket, { cmd: 'status' }, 10_000)).status as DeviceStatus];
+    } catch (err) {
+      const recovered = await recoverIfDead(device, runDir, err);
+      if (recovered) throw new NotAttachedError(`${device} is not attached: ${recovered}; run the attach command again`);
+      throw err;
+    }
   } else {
     // Daemons that died: their leftovers are let go first, and said so.
     for (const dead of await deadRecords(runDir)) {
       const recovery = await recoverDeadDaemon(runDir, dead.device, dead.name);
       if (recovery) process.stderr.write(`ulobdev: ${dead.device}: ${describeRecovery(recovery)}\n`);
     }
-    const names = await fsp.readdir(runDir).catch(() => [] as string[]);
-    sockets = names.filter((n) => n.endsWith('.sock')).map((n) => join(runDir, n));
-  }
-  const statuses: DeviceStatus[] = [];
-  for (const socket of sockets) {
-    try {
-      statuses.push((await controlRequest(socket, { cmd: 'status' }, 10_000)).status as DeviceStatus);
-    } catch (err) {
-      if (device) {
-        const recovered = await recoverIfDead(device, runDir, err);
-        if (recovered) throw new NotAttachedError(`${device} is not attached: ${recovered}; run the attach command again`);
-      }
-      if (device || !(err instanceof NotAttachedError)) throw err;
-    }
+    statuses = (await listDaemons(runDir)).map((d) => d.status);
   }
   if (flags.json) {
     process.stdout.write(JSON.stringify(device ? statuses[0] : statuses, null, 2) + '\n');
@@ -228,11 +327,17 @@ function formatDuration(seconds: number): string {
 }
 
 function formatStatus(s: DeviceStatus): string {
+  const named = s.name && s.name !== defaultNameOf(s.device) ? ` "${s.name}"` : '';
   const lines = [
-    `${s.device}: ${s.mode} cache of ${s.backing} (${s.frontend} frontend, daemon pid ${s.pid})`,
+    `${s.device}${named}: ${s.mode} cache of ${s.backing} (${s.frontend} frontend, daemon pid ${s.pid})`,
     `  size ${formatBytes(s.size)}, block ${formatBytes(s.blockSize)}, cached ${formatBytes(s.cachedBytes)} (${s.cacheFillPercent}%), dirty ${formatBytes(s.dirtyBytes)}`,
     `  flush epoch ${s.flushEpoch}, up ${s.uptimeSeconds} s, cache ${s.paths.cache}`,
+    s.budgetBytes === null
+      ? `  flash: a full mirror of the disk, ${formatBytes(s.allocatedBytes)} held`
+      : `  flash: budget ${formatBytes(s.budgetBytes)}, used ${formatBytes(s.usedBytes)} (${formatBytes(s.allocatedBytes)} held), evicted ${formatBytes(s.evictedBytes)}, unit ${formatBytes(s.evictionUnit)}`,
+    `  reads: ${s.hitRatio === null ? 'none yet' : `hit ratio ${(s.hitRatio * 100).toFixed(1)}% (${s.readHits} hits, ${s.readMisses} misses)`}${s.zeroBytes > 0 ? `, zeroed ${formatBytes(s.zeroBytes)}` : ''}`,
   ];
+  if (s.spaceError) lines.push(`  room: ${s.spaceError}`);
   if (s.disk) {
     const d = s.disk;
     const last = d.lastError ? `; last error ${when(d.lastErrorAt)}: ${d.lastError}` : '';
@@ -243,10 +348,24 @@ function formatStatus(s: DeviceStatus): string {
     lines.push(
       `  at risk ${formatBytes(s.bytesAtRisk)}, oldest dirty ${s.oldestDirtyAgeSeconds === null ? '-' : formatDuration(s.oldestDirtyAgeSeconds)}, schedule ${w.schedule ?? 'manual only'}`,
       `  last flush ${when(w.lastFlushAt)}${w.lastFlushBytes !== null ? ` (${formatBytes(w.lastFlushBytes)})` : ''}, next ${w.nextFlushAt === null ? '-' : when(w.nextFlushAt)}`,
-      `  disk ${w.powerState}${w.powerControl ? ` (via ${w.powerControl}${w.powerQueryWakes ? '; not polled: it spins up to answer CHECK POWER MODE' : ''})` : ''}, spin-ups today ${w.spinUpsToday}`,
+      `  disk ${w.powerState}${w.powerControl ? ` (via ${w.powerControl}${w.powerQueryWakes ? '; not polled: it spins up to answer CHECK POWER MODE' : ''})` : ''}, spin-ups today ${w.spinUpsToday}, by a miss since attach ${w.missSpinUps}`,
     );
     if (w.flushing && w.progress) lines.push(`  flushing (${w.reason}): ${formatBytes(w.progress.doneBytes)} of ${formatBytes(w.progress.totalBytes)}`);
     if (w.lastError) lines.push(`  last flush FAILED (${w.failures}x): ${w.lastError}; retry ${when(w.retryAt)}`);
+  }
+  const p = s.policy;
+  if (p) {
+    const set = [
+      p.flushCron !== null ? `flush '${p.flushCron}'` : null,
+      p.dirtyMaxBytes !== null ? `dirty-max ${formatBytes(p.dirtyMaxBytes)}` : null,
+      p.maxDirtyAgeSeconds !== null ? `max-dirty-age ${formatDuration(p.maxDirtyAgeSeconds)}` : null,
+      p.onAc !== null ? `on-ac ${p.onAc}` : null,
+      p.spindown ? 'spindown' : null,
+      p.standbyTimeoutSeconds !== null ? `standby-timeout ${p.standbyTimeoutSeconds === 0 ? 'off' : formatDuration(p.standbyTimeoutSeconds)}` : null,
+      p.hydrateRate !== null ? `hydrate ${p.hydrateRate === 0 ? 'unlimited' : `${formatBytes(p.hydrateRate)}/s`}` : null,
+      s.writeback ? (p.flushOnDetach ? 'flush on detach' : 'no flush on detach') : null,
+    ].filter(Boolean);
+    lines.push(`  policy: ${set.length > 0 ? set.join(', ') : 'none (manual flushes only)'}`);
   }
   if (s.hydration) lines.push(`  hydration ${s.hydration.percent}%${s.hydration.done ? ' (done)' : s.hydration.running ? ' (running)' : ''}${s.hydration.lastError ? `, error: ${s.hydration.lastError}` : ''}`);
   lines.push('');
@@ -257,8 +376,9 @@ async function detach(device: string, flags: { runDir?: string }): Promise<void>
   const runDir = flags.runDir ?? RUN_DIR;
   let r: { detach?: DetachResult };
   try {
+    const { socket } = await resolveDaemon(device, runDir);
     // Long enough for the flush a detach runs first.
-    r = (await controlRequest(controlSocket(device, runDir), { cmd: 'detach' }, 24 * 3600_000)) as { detach?: DetachResult };
+    r = (await controlRequest(socket, { cmd: 'detach' }, 24 * 3600_000)) as { detach?: DetachResult };
   } catch (err) {
     const recovered = await recoverIfDead(device, runDir, err);
     if (!recovered) throw err;
@@ -269,7 +389,7 @@ async function detach(device: string, flags: { runDir?: string }): Promise<void>
 }
 
 async function flush(device: string, flags: { runDir?: string; json?: boolean; wait?: boolean }): Promise<void> {
-  const socket = controlSocket(device, flags.runDir ?? RUN_DIR);
+  const { socket } = await resolveDaemon(device, flags.runDir ?? RUN_DIR);
   if (!flags.wait) {
     const r = (await controlRequest(socket, { cmd: 'flush', wait: false })) as { started: boolean; dirtyBytes: number };
     if (flags.json) process.stdout.write(JSON.stringify(r) + '\n');
@@ -298,7 +418,7 @@ async function flush(device: string, flags: { runDir?: string; json?: boolean; w
  * --wait, waits until the disk is in the cache, with a progress bar on a terminal.
  */
 async function hydrate(device: string, flags: { runDir?: string; wait?: boolean; rate?: string; json?: boolean }): Promise<void> {
-  const socket = controlSocket(device, flags.runDir ?? RUN_DIR);
+  const { socket } = await resolveDaemon(device, flags.runDir ?? RUN_DIR);
   const rate = flags.rate === undefined ? 0 : parseRate(flags.rate);
   let { hydration: h } = (await controlRequest(socket, { cmd: 'hydrate', rate })) as { hydration: HydrationProgress };
   if (flags.wait && !h.done) {
@@ -335,7 +455,8 @@ async function report(device: string, flags: ReportFlags): Promise<void> {
   const since = Date.now() - hours * 3600_000;
   let data: ReportData;
   try {
-    ({ report: data } = (await controlRequest(controlSocket(device, flags.runDir ?? RUN_DIR), { cmd: 'report', since })) as { report: ReportData });
+    const { socket } = await resolveDaemon(device, flags.runDir ?? RUN_DIR);
+    ({ report: data } = (await controlRequest(socket, { cmd: 'report', since })) as { report: ReportData });
   } catch (err) {
     // Not attached: the history is in the cache's metadata (given, or from /etc/ulobdev/NAME.conf).
     if (!(err instanceof NotAttachedError)) throw err;
@@ -385,32 +506,59 @@ async function discard(backing: string, flags: { cache?: string; bitmap?: string
   );
 }
 
+/** commander's errors as one line, like every other refusal: `ulobdev: WHAT (see ulobdev CMD --help)`. */
+function oneLineErrors(program: Command): Command {
+  return program.configureOutput({
+    outputError: (text, write) => write(`${program.name()}: ${text.replace(/^error: /, '').trim().split('\n')[0]}\n`),
+  });
+}
+
+const EXAMPLES = `
+Examples:
+  ulobdev --writeback --flush '*/30 * * * *' /dev/loop6 /dev/sdb
+      cache the disk /dev/sdb as /dev/loop6; writes land on flash and go to the disk every 30 minutes
+  ulobdev --daemon --writeback --flush '0 3 * * *' --spindown --name data /dev/loop6 /dev/sdb
+      the same in the background, flushing at 03:00 and spinning the disk down after each flush
+  ulobdev status                 every attached device, its cache, dirty data and policy
+  ulobdev flush --wait /dev/loop6
+  ulobdev detach data            by device or by --name
+
+'ulobdev attach --help' lists every option of the attach form.`;
+
+/** The ulobdev command line: attach (the default command), status, detach, flush, report, discard. */
 export function buildProgram(): Command {
-  const program = new Command('ulobdev')
+  const program = oneLineErrors(new Command('ulobdev'))
     .description('a write-back flash cache for spinning disks')
-    .showHelpAfterError()
+    .usage('[attach] [options] DEVICE BACKEND | <command> [options] [DEVICE|NAME]')
+    .addHelpText('after', EXAMPLES)
     .exitOverride();
 
   program
     .command('attach', { isDefault: true })
     .description('put BACKEND behind the cache and expose it as DEVICE')
-    .argument('<DEVICE>', '/dev/loopN, /dev/nbdN, nbd+unix:///?socket=PATH or nbd://HOST:PORT')
+    .usage('[options] DEVICE BACKEND')
+    .argument('<DEVICE>', '/dev/loopN, /dev/nbdN, /dev/uloopN, nbd+unix:///?socket=PATH or nbd://HOST:PORT')
     .argument('<BACKEND>', 'the disk behind the cache: a block device or a file')
-    .option('-c, --cache <PATH>', 'cache file (default: /var/lib/ulobdev/<disk id>.cache)')
+    .allowExcessArguments()
+    .option('-c, --cache <PATH>', 'cache file, in a directory that exists (default: /var/lib/ulobdev/<disk id>.cache)')
     .option('-b, --bitmap <PATH>', 'present bitmap file (default: next to the cache)')
     .option('--metadata <PATH>', 'metadata database (default: CACHE.meta)')
     .option('--writeback', 'accept writes: they land on flash, marked dirty (default: read-only)')
     .option('--block-size <N>', 'cache block size for a new cache, 4K to 1M', blockSizeArg)
+    .option('--cache-size <SIZE|PCT>', 'flash the cache may take (256M, 500G, 25% of the disk); default: a full mirror of the disk')
+    .option('--eviction-unit <SIZE>', 'for a new cache with --cache-size: what is filled and evicted at once, 64K to 1M (default 256K)')
     .option('--daemon', 'return once DEVICE is ready and keep serving in the background')
-    .option('--name <NAME>', 'name of the control socket (default: from DEVICE)')
+    .option('--name <NAME>', 'name for status, flush and detach, and of the control socket (default: from DEVICE)', nameArg)
     .option('--log-level <LEVEL>', 'fatal, error, warn, info, debug', 'info')
-    .option('--flush <CRON>', "write dirty blocks back on this cron schedule, e.g. '*/30 * * * *' (5 fields, or 6 with seconds first; '' for none)")
-    .option('--dirty-max <SIZE|PCT>', 'flush at once when dirty data exceeds this (512M, 10%)')
+    .option('--flush <CRON>', "write dirty blocks back on this cron schedule: 5 fields, minute hour day-of-month month day-of-week, e.g. '*/30 * * * *' ('' for none: manual flushes only)")
+    .option('--dirty-max <SIZE|PCT>', 'flush at once when dirty data exceeds this: a size with its unit (512M, 2G) or a share of the disk (10%)')
     .option('--max-dirty-age <DURATION>', 'flush once the oldest unflushed write is this old (30m, 2h)')
     .option('--spindown', 'put the disk in standby (STANDBY IMMEDIATE) after each flush')
     .option('--standby-timeout <DURATION>', "set the disk's own standby timer like hdparm -S (10m, off)")
     .option('--on-ac <POLICY>', "on mains power: 'flush' as soon as the device is quiet, or keep the 'schedule'")
-    .option('--hydrate [RATE]', 'copy the whole disk into the cache in the background, at RATE per second (50M)')
+    .option('--hydrate', 'copy the whole disk into the cache in the background')
+    .addOption(new Option('--hydrate-rate <RATE>', 'at most RATE per second, e.g. 50M (implies --hydrate; default: as fast as the disk goes)').implies({ hydrate: true }))
+    .option('--allow-remote', 'let an nbd://HOST:PORT DEVICE listen on an address other machines reach (no authentication, no encryption)')
     .option('--no-flush-on-detach', 'do not flush before detach and shutdown (default: flush when a schedule or limit is set)')
     .option('--stop-timeout <DURATION>', 'on SIGTERM (systemd stop, shutdown): wait for an unmount, flush and exit within this time', '2m')
     .addOption(hidden('--state-dir <DIR>'))
@@ -418,12 +566,12 @@ export function buildProgram(): Command {
     .addOption(hidden('--tick-ms <MS>'))
     .addOption(hidden('--sample-ms <MS>'))
     .addOption(hidden('--fstab <PATH>'))
-    .action((device: string, backing: string, flags: AttachFlags) => attach(device, backing, flags));
+    .action((device: string, backing: string, flags: AttachFlags, command: Command) => attach(device, backing, flags, command));
 
   program
     .command('status')
-    .description('show attached devices')
-    .argument('[DEVICE]', 'one device (default: all)')
+    .description('show attached devices: cache, dirty data, flushes, the disk and every policy setting')
+    .argument('[DEVICE|NAME]', 'one device, by device or by --name (default: all)')
     .option('--json', 'machine-readable output')
     .addOption(hidden('--run-dir <DIR>'))
     .action((device: string | undefined, flags: { json?: boolean; runDir?: string }) => status(device, flags));
@@ -431,14 +579,14 @@ export function buildProgram(): Command {
   program
     .command('detach')
     .description('stop serving DEVICE, persist the cache and exit its daemon')
-    .argument('<DEVICE>', 'the device or the --name given at attach')
+    .argument('<DEVICE|NAME>', 'the device or the --name given at attach')
     .addOption(hidden('--run-dir <DIR>'))
     .action((device: string, flags: { runDir?: string }) => detach(device, flags));
 
   program
     .command('flush')
     .description('write the dirty blocks of DEVICE back to its disk now')
-    .argument('<DEVICE>', 'the device or the --name given at attach')
+    .argument('<DEVICE|NAME>', 'the device or the --name given at attach')
     .option('--wait', 'wait until the flush is done (progress bar on a terminal)')
     .option('--json', 'machine-readable output')
     .addOption(hidden('--run-dir <DIR>'))
@@ -457,7 +605,7 @@ export function buildProgram(): Command {
   program
     .command('report')
     .description('draw dirty data over time, flush windows and spin-ups of DEVICE')
-    .argument('<DEVICE>', 'the device or the --name given at attach')
+    .argument('<DEVICE|NAME>', 'the device or the --name given at attach')
     .option('--svg <FILE>', 'write an SVG chart to FILE')
     .option('--hours <N>', 'how far back (default 24)')
     .option('--json', 'print the history as JSON')
@@ -480,6 +628,15 @@ export function buildProgram(): Command {
   return program;
 }
 
+/** --name: checked as the user types it, before anything is started (checkDaemonName). */
+export function nameArg(value: string): string {
+  try {
+    return checkDaemonName(value);
+  } catch (err) {
+    throw new CommanderInvalidArgument((err as Error).message.replace(/^--name \S+: /, ''));
+  }
+}
+
 function hidden(flags: string) {
   return new Command().createOption(flags).hideHelp();
 }
@@ -489,8 +646,11 @@ export async function main(argv: string[]): Promise<number> {
     await buildProgram().parseAsync(argv);
     return 0;
   } catch (err) {
-    // Commander has printed its own usage error (and the help) already.
+    // Commander has printed its own usage error (one line, oneLineErrors) already.
     if (!(err instanceof CommanderError)) process.stderr.write(`ulobdev: ${oneLine(err)}\n`);
+    // A --daemon child that failed before it could start (no-op once it has reported): the
+    // parent shows this as the refusal it is, not as a daemon that died.
+    if (hasWaitingParent()) attachFailed(err instanceof CommanderError ? new InvalidArgumentError(err.message.replace(/^error: /, '')) : err);
     return exitCodeFor(err);
   }
 }

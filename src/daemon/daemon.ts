@@ -5,26 +5,26 @@ import { basename, dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths } from '../cache/store.js';
-import { DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE } from '../cache/layout.js';
-import { DeviceBusyError, InvalidArgumentError, NotAttachedError, NotRootError, ReadOnlyError } from '../errors.js';
+import { assertBlockSize, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE } from '../cache/layout.js';
+import { DeviceBusyError, InvalidArgumentError, IOFailedError, NotAttachedError, NotRootError, ReadOnlyError } from '../errors.js';
 import { exists, sleep } from '../sys.js';
-import { formatBytes } from '../units.js';
 import { run } from '../bdev/programs.js';
 import { RUN_DIR, STATE_DIR } from '../paths.js';
+import { formatBytes } from '../units.js';
 import { isWritable, type SectorSize, type Source } from '../source/source.js';
 import { DiskHealth, type DiskHealthStatus } from '../source/health.js';
 import { ANY_LOOP, defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/kernel-nbd.js';
 import { assertUloopModule, attachUloop } from '../bdev/uloop.js';
-import { NbdServer, parseNbdUrl } from '../bdev/nbd-server/index.js';
+import { assertLocalAddress, NbdServer, parseNbdUrl } from '../bdev/nbd-server/index.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
 import { DiskPower, onAcPower, standbyTimerCount, standbyTimerSeconds } from '../writeback/power.js';
 import { FlushScheduler, type SchedulerStatus } from '../writeback/scheduler.js';
 import { assertNoDaemon, ControlServer, type ControlRequest } from './control.js';
 import { claimName, describeRecovery, recoverLeftovers, releaseName, updateRecordDevice } from './leftovers.js';
-import { fstabWarnings } from './fstab.js';
+import { fstabWarnings, stableLinkFor } from './fstab.js';
 import { crashPoint } from '../sys.js';
 
 export const EXPORT_NAME = 'ulobdev';
@@ -38,12 +38,24 @@ export interface AttachOptions {
   metadata?: string;
   writeback: boolean;
   blockSize?: number;
+  /**
+   * --cache-size: the flash the cache file may take, in bytes or as a percentage of the disk.
+   * Without it a new cache is a full, preallocated mirror and an existing one keeps its budget.
+   */
+  cacheSize?: CacheSize;
+  /** --eviction-unit for a new cache (bytes, 64 KiB to 1 MiB). */
+  evictionUnit?: number;
   name?: string;
   stateDir?: string;
   runDir?: string;
   logger: Logger;
   /** Write-back policy (src/writeback): all optional; without them flushes are manual only. */
   writebackPolicy?: WritebackPolicy;
+  /**
+   * Serve an NBD URL on an address other machines can reach (nbd://0.0.0.0:PORT). Off: such an
+   * address is refused, since NBD has neither authentication nor encryption here.
+   */
+  allowRemote?: boolean;
   /**
    * Told (besides the log) what the user should know of the attach: what it let go of a dead daemon
    * of the same name, fstab lines that may mount the raw disk.
@@ -52,6 +64,9 @@ export interface AttachOptions {
   /** The fstab to check for lines that name the filesystem by tag (default /etc/fstab). */
   fstab?: string;
 }
+
+/** A cache budget as typed: bytes, or a percentage of the disk. */
+export type CacheSize = { bytes: number } | { percent: number };
 
 export interface WritebackPolicy {
   /** Validated cron expression. */
@@ -99,9 +114,41 @@ export interface DeviceStatus {
   /** Dirty bytes not yet on the disk (dirty minus what a running flush has already written). */
   bytesAtRisk: number;
   oldestDirtyAgeSeconds: number | null;
+  /** The cache budget (--cache-size) in bytes, or null: a full, preallocated mirror of the disk. */
+  budgetBytes: number | null;
+  /** Bytes the cache file holds or is about to (present, reserved, being punched). */
+  usedBytes: number;
+  /** What the flash filesystem charges for the cache file now (st_blocks). */
+  allocatedBytes: number;
+  /** Dirty bytes that read as zeros (TRIM, WRITE_ZEROES) and take no flash. */
+  zeroBytes: number;
+  evictionUnit: number;
+  /** Since attach: bytes evicted, reads served from flash (hits) or that read the disk (misses). */
+  evictedBytes: number;
+  readHits: number;
+  readMisses: number;
+  /** readHits / (readHits + readMisses), or null before the first read. */
+  hitRatio: number | null;
+  /** Why writes wait for room, or failed for want of it; null while there is room. */
+  spaceError: string | null;
   /** Write-back state: schedule, last/next flush, errors, power. Absent in read-only mode. */
   writeback?: SchedulerStatus & { schedule: string | null; powerControl: string | null };
+  /** Every policy setting in force (null: not set), so status shows what the daemon was told. */
+  policy: PolicyStatus;
   hydration?: HydrationProgress;
+}
+
+/** The write-back and hydration settings of a daemon, as status shows them; null means not set. */
+export interface PolicyStatus {
+  flushCron: string | null;
+  dirtyMaxBytes: number | null;
+  maxDirtyAgeSeconds: number | null;
+  spindown: boolean;
+  standbyTimeoutSeconds: number | null;
+  onAc: 'flush' | 'schedule' | null;
+  /** Bytes per second; 0 is unlimited; null: no hydration. */
+  hydrateRate: number | null;
+  flushOnDetach: boolean;
 }
 
 export class Daemon {
@@ -121,6 +168,7 @@ export class Daemon {
   readonly #policy: WritebackPolicy;
   readonly #health: DiskHealth;
   #detaching: Promise<DetachResult> | null = null;
+  #allocatedBytes = 0;
   readonly #done: Promise<void>;
   #resolveDone!: () => void;
 
@@ -167,12 +215,21 @@ export class Daemon {
     if (kind === 'uloop') assertUloopModule(options.device);
     if (kind !== 'serve' && process.getuid?.() !== 0) throw new NotRootError(`binding ${options.device} needs root; run ulobdev as root (or serve an NBD URL instead)`);
     const name = options.name ?? defaultName(options.device);
-    if (!/^[A-Za-z0-9._-]+$/.test(name)) throw new InvalidArgumentError(`--name may hold letters, digits, '.', '_' and '-' only`);
+    if (options.name !== undefined) checkDaemonName(options.name);
     const runBase = options.runDir ?? RUN_DIR;
     const runDir = join(runBase, name);
-    const logger = options.logger.child({ device: name });
-    if (kind === 'serve') parseNbdUrl(options.device);
+    // One `device` key per line: the frontends log with this logger and do not repeat it.
+    const logger = options.logger.child(name === defaultName(options.device) ? { device: options.device } : { device: options.device, name });
+    if (kind === 'serve') {
+      const address = parseNbdUrl(options.device);
+      assertLocalAddress(address, { allowRemote: options.allowRemote, what: 'the cached disk', writable: options.writeback });
+      if (options.allowRemote && !('path' in address)) {
+        logger.warn(`${options.device}: serving the cached disk to the network with no authentication and no encryption (--allow-remote)`);
+      }
+    }
     await assertNoDaemon(join(runBase, `${name}.sock`));
+    await assertCacheDirsExist(options);
+    if (kind === 'uloop' && options.cacheSize) throw budgetOnUloop(options.device);
     // The name is this process's from here on (RUN_DIR/NAME.json); what a dead daemon of the same
     // name left (a loop device bound to its FUSE file, nbdfuse, the mount) is let go first.
     const recovery =
@@ -188,18 +245,31 @@ export class Daemon {
     }
     crashPoint('attach:claimed');
     const undo: Array<() => Promise<unknown>> = [];
+    let paths: CachePaths | undefined;
     try {
       // Everything that can refuse DEVICE is checked before the cache is opened or created.
       if (kind === 'loop' && options.device !== ANY_LOOP) await assertLoopFree(options.device);
       if (kind === 'nbd') await assertNbdFree(options.device);
       const source = await options.openSource({ writable: options.writeback });
       undo.push(() => source.close());
+      const policy = options.writebackPolicy ?? {};
+      const budget = options.cacheSize && budgetBytes(options.cacheSize, source.size);
+      if (budget !== undefined && policy.hydrateRate !== undefined && budget < source.size) throw hydrateOverBudget(budget, source.size);
       // Cache blocks are whole sectors of the disk: a new cache on a disk with sectors larger than
       // 4 KiB gets blocks of one sector; an explicit smaller --block-size is refused here, before
       // anything is created, and an existing cache's block size after it is opened (below).
       const sectorSize = source.sectorSize ?? { logical: 512, physical: 512 };
+      // A --block-size that is no block size at all (3000, 2M) is said as such first.
+      if (options.blockSize !== undefined) assertBlockSize(options.blockSize);
       assertSectorFits(sectorSize, options.blockSize ?? DEFAULT_BLOCK_SIZE, source.description, options.blockSize === undefined);
-      const paths = cachePaths(options, source.id);
+      const policyIn = options.writebackPolicy ?? {};
+      if (policyIn.dirtyMaxBytes !== undefined && policyIn.dirtyMaxBytes > source.size) {
+        throw new InvalidArgumentError(
+          `--dirty-max ${formatBytes(policyIn.dirtyMaxBytes)} is more than all of ${source.description} (${formatBytes(source.size)}): it would never start a flush; give a smaller size or a percentage such as 10%`,
+        );
+      }
+      paths = cachePaths(options, source.id);
+      // Only the default state directory is made here; a directory the user named must exist.
       await fsp.mkdir(dirname(paths.cache), { recursive: true, mode: 0o700 });
       await fsp.mkdir(dirname(paths.bitmap), { recursive: true, mode: 0o700 });
       const store = await CacheStore.open({
@@ -207,19 +277,21 @@ export class Daemon {
         backing: source,
         mode: options.writeback ? 'writeback' : 'readonly',
         blockSize: options.blockSize,
+        budget,
+        evictionUnit: options.evictionUnit,
         defaultBlockSize: Math.max(DEFAULT_BLOCK_SIZE, sectorSize.logical),
       });
-      if (store.recoveredFromCrash) logger.warn('the cache was not closed cleanly last time; recovered its dirty set from the metadata');
       undo.push(() => store.close());
+      // The budget the cache already had counts as much as one given now.
+      if (store.budget !== null && kind === 'uloop') throw budgetOnUloop(options.device);
+      if (store.budget !== null && policy.hydrateRate !== undefined && store.budget < source.size) throw hydrateOverBudget(store.budget, source.size);
+      if (store.recoveredFromCrash) logger.warn('the cache was not closed cleanly last time; recovered its dirty set from the metadata');
       assertSectorFits(sectorSize, store.geometry.blockSize, source.description, false);
-      const policy = options.writebackPolicy ?? {};
       // Reads of the source (misses, hydration) mean the disk spins: a chance to flush for free.
       let onDiskRead = () => undefined as void;
       // Every I/O that reaches the disk also tells its state (ok, failing, gone) for status.
       const health = new DiskHealth({ present: source.present ? () => source.present!() : undefined });
-      const engine = new CacheEngine(store, observeReads(health.watch(source), () => onDiskRead()), {
-        evictOnDiscard: policy.hydrateRate === undefined,
-      });
+      const engine = new CacheEngine(store, observeReads(health.watch(source), () => onDiskRead()));
       undo.push(() => engine.close());
 
       let power: DiskPower | null = null;
@@ -251,6 +323,8 @@ export class Daemon {
         });
         const sched = scheduler;
         onDiskRead = () => sched.noteDiskActive();
+        // Writes waiting for room in the budget: a flush makes clean blocks, which can go.
+        engine.onSpacePressure = () => sched.pressure();
         try {
           store.history.prune(Date.now() - 90 * 86_400_000);
         } catch (err) {
@@ -276,6 +350,7 @@ export class Daemon {
         exportName: EXPORT_NAME,
         description: `ulobdev cache of ${source.description}`,
         logger,
+        allowRemote: options.allowRemote,
         minBlockSize: sectorSize.logical,
         preferredBlockSize: Math.max(4096, sectorSize.physical),
       });
@@ -294,7 +369,15 @@ export class Daemon {
       let frontend: Frontend;
       if (kind === 'loop') frontend = await attachLoop({ device: options.device, socket, runDir, readOnly, logger, sectorSize: sectorSize.logical });
       else if (kind === 'nbd') frontend = await attachNbdDevice({ device: options.device, socket, exportName: EXPORT_NAME, readOnly, sectorSize: sectorSize.logical, logger });
-      else if (kind === 'uloop') frontend = await attachUloop({ device: options.device, engine, readOnly, logger });
+      else if (kind === 'uloop') {
+        frontend = await attachUloop({ device: options.device, engine, readOnly, logger });
+        // ABI 1 of uloop.ko has no sector sizes at ADD: /dev/uloopN shows 512 whatever the disk has.
+        if (sectorSize.logical !== 512) {
+          const line = `${options.device} shows 512-byte sectors, the disk ${source.description} has ${sectorSize.logical}: a filesystem made through it may not mount on the bare disk; use /dev/loopN or /dev/nbdN for this disk`;
+          logger.warn(line);
+          options.onNotice?.(line);
+        }
+      }
       else frontend = { kind: 'serve', device: options.device, detach: async () => undefined };
       undo.push(() => frontend.detach());
       if (kind === 'nbd' || kind === 'uloop') await announceToUdev(frontend.device);
@@ -315,7 +398,8 @@ export class Daemon {
       }
       logger.info({ backing: source.description, cache: paths.cache, mode: store.mode, schedule: policy.flushCron ?? null }, 'attached');
       if (kind !== 'serve') {
-        for (const line of await fstabWarnings(options.device, `/sys/block/${basename(options.device)}`, source.description, options.fstab)) {
+        const link = await stableLinkFor(name, runBase === RUN_DIR);
+        for (const line of await fstabWarnings(options.device, `/sys/block/${basename(options.device)}`, source.description, options.fstab, link)) {
           logger.warn(line);
           options.onNotice?.(line);
         }
@@ -325,13 +409,18 @@ export class Daemon {
       for (const step of undo.reverse()) await step().catch(() => undefined);
       await fsp.rm(runDir, { recursive: true, force: true }).catch(() => undefined);
       await releaseName(runBase, name).catch(() => undefined);
-      throw err;
+      throw paths ? explainNoSpace(err, paths) : err;
     }
   }
 
+  /**
+   * The device's state (docs/reference.md, "Status"). `allocatedBytes` is as of the last
+   * refreshStatus() (the control socket's status message refreshes it first).
+   */
   status(): DeviceStatus {
     const s = this.engine.stats();
     const cachedBytes = Math.min(s.presentBlocks * s.blockSize, s.size);
+    const reads = s.readHits + s.readMisses;
     return {
       name: this.name,
       device: this.device,
@@ -351,8 +440,38 @@ export class Daemon {
       source: this.#source.stats?.(),
       disk: this.#health.status(),
       ...this.#writebackStatus(Math.min(s.dirtyBlocks * s.blockSize, s.size)),
+      budgetBytes: s.budgetBytes,
+      usedBytes: s.usedBytes,
+      allocatedBytes: this.#allocatedBytes,
+      zeroBytes: Math.min(s.zeroBlocks * s.blockSize, s.size),
+      evictionUnit: s.evictionUnitBytes,
+      evictedBytes: s.evictedBlocks * s.blockSize,
+      readHits: s.readHits,
+      readMisses: s.readMisses,
+      hitRatio: reads === 0 ? null : Math.round((s.readHits / reads) * 1000) / 1000,
+      spaceError: s.spaceError,
       hydration: this.#hydrator?.progress(),
+      policy: this.#policyStatus(),
     };
+  }
+
+  #policyStatus(): PolicyStatus {
+    const p = this.#policy;
+    return {
+      flushCron: p.flushCron ?? null,
+      dirtyMaxBytes: p.dirtyMaxBytes ?? (p.dirtyMaxPercent !== undefined ? Math.floor((this.engine.size * p.dirtyMaxPercent) / 100) : null),
+      maxDirtyAgeSeconds: p.maxDirtyAgeMs === undefined ? null : p.maxDirtyAgeMs / 1000,
+      spindown: p.spindown ?? false,
+      standbyTimeoutSeconds: p.standbyTimeoutSeconds ?? null,
+      onAc: p.onAc ?? null,
+      hydrateRate: p.hydrateRate ?? null,
+      flushOnDetach: this.#scheduler !== null && (p.flushOnDetach ?? hasAutomaticWriteback(p)),
+    };
+  }
+
+  /** Reads what the flash filesystem charges for the cache file, for status(). */
+  async refreshStatus(): Promise<void> {
+    this.#allocatedBytes = await this.engine.store.allocatedBytes().catch(() => this.#allocatedBytes);
   }
 
   #writebackStatus(dirtyBytes: number): Pick<DeviceStatus, 'bytesAtRisk' | 'oldestDirtyAgeSeconds' | 'writeback'> {
@@ -503,6 +622,7 @@ export class Daemon {
   async #handle(request: ControlRequest): Promise<Record<string, unknown>> {
     switch (request.cmd) {
       case 'status':
+        await this.refreshStatus();
         return { status: this.status() };
       case 'detach':
         return { detach: await this.detach() };
@@ -563,10 +683,59 @@ export function cachePaths(options: Pick<AttachOptions, 'cache' | 'bitmap' | 'me
   };
 }
 
-/** Control socket of an attached device, from its DEVICE argument or --name. */
-export function controlSocket(deviceOrName: string, runDir = RUN_DIR): string {
-  const name = deviceOrName.includes('/') || deviceOrName.includes(':') ? defaultName(deviceOrName) : deviceOrName;
-  return join(runDir, `${name}.sock`);
+/**
+ * A name given with --name: one path component that is neither hidden nor an option. It names the
+ * control socket (RUN_DIR/NAME.sock), the log (NAME.log) and the run directory (RUN_DIR/NAME/,
+ * removed recursively at detach), so `..`, `.` or a slash would put them elsewhere. Returns the
+ * name; InvalidArgumentError otherwise.
+ */
+export function checkDaemonName(name: string): string {
+  if (!/^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$/.test(name)) {
+    throw new InvalidArgumentError(
+      `--name ${JSON.stringify(name)}: a name is one word of letters, digits, '.', '_' and '-' that starts with a letter, digit or '_' (at most 64), e.g. --name data`,
+    );
+  }
+  return name;
+}
+
+/**
+ * Refuses a cache, bitmap or metadata path whose directory does not exist: a typo, or flash that
+ * is not mounted yet, must not become a disk-sized file on the root filesystem. (The default
+ * state directory is ulobdev's own and is created.)
+ */
+async function assertCacheDirsExist(options: Pick<AttachOptions, 'cache' | 'bitmap' | 'metadata'>): Promise<void> {
+  const given: Array<[string, string | undefined]> = [
+    ['-c', options.cache],
+    ['-b', options.bitmap],
+    ['--metadata', options.metadata],
+  ];
+  for (const [flag, path] of given) {
+    if (path === undefined) continue;
+    const dir = dirname(resolve(path));
+    const st = await fsp.stat(dir).catch(() => null);
+    if (!st) throw new InvalidArgumentError(`${flag} ${path}: the directory ${dir} does not exist (a typo, or the flash is not mounted yet?); create it or pick another`);
+    if (!st.isDirectory()) throw new InvalidArgumentError(`${flag} ${path}: ${dir} is not a directory`);
+  }
+}
+
+/**
+ * A full filesystem under the cache, as the user should read it: which file could not grow, and
+ * the way out. SQLite says only "database or disk is full" and a write only ENOSPC.
+ */
+export function explainNoSpace(err: unknown, paths: CachePaths): unknown {
+  const codes: string[] = [];
+  for (let e: unknown = err; e && typeof e === 'object'; e = (e as { cause?: unknown }).cause) {
+    const c = (e as { code?: unknown }).code;
+    if (typeof c === 'string') codes.push(c);
+    if (codes.length > 8) break;
+  }
+  if (!codes.some((c) => c === 'ENOSPC' || c === 'SQLITE_FULL' || c === 'EDQUOT')) return err;
+  const message = err instanceof Error ? err.message : String(err);
+  const file = [paths.metadata, paths.bitmap, paths.cache].find((p) => message.includes(p)) ?? (codes.includes('SQLITE_FULL') ? paths.metadata : paths.cache);
+  return new IOFailedError(
+    `no space left for ${file}: the filesystem holding it is full; free space there, or put the cache on a larger filesystem with -c (and -b, --metadata); nothing was changed`,
+    { cause: err, path: file },
+  );
 }
 
 /** The source with every read reported first (a read means the disk is spinning). */
@@ -586,8 +755,26 @@ function observeReads(source: Source, onRead: () => void): Source {
   };
   if (isWritable(source)) {
     Object.assign(wrapped, { writeAt: source.writeAt.bind(source), sync: source.sync.bind(source) });
+    if (source.zeroAt) Object.assign(wrapped, { zeroAt: source.zeroAt.bind(source) });
   }
   return wrapped;
+}
+
+/** --cache-size in bytes for a disk of `diskSize` bytes. */
+export function budgetBytes(size: CacheSize, diskSize: number): number {
+  return 'bytes' in size ? size.bytes : Math.max(1, Math.floor((diskSize * size.percent) / 100));
+}
+
+function budgetOnUloop(device: string): InvalidArgumentError {
+  return new InvalidArgumentError(
+    `a cache budget (--cache-size) is not wired to ${device} yet (the uloop daemon does not evict); use /dev/loopN or /dev/nbdN for a cache smaller than the disk`,
+  );
+}
+
+function hydrateOverBudget(budget: number, size: number): InvalidArgumentError {
+  return new InvalidArgumentError(
+    `--hydrate copies the whole disk (${formatBytes(size)}) into the cache, but its budget is ${formatBytes(budget)}; drop --hydrate, or give --cache-size 100%`,
+  );
 }
 
 /**

@@ -6,6 +6,7 @@
 // reads through the cache, never the disk directly) and warns once per such line, naming the
 // cached device to use instead (docs/laptop.md, "Naming the device").
 import { promises as fsp } from 'node:fs';
+import { join } from 'node:path';
 import { run } from '../bdev/programs.js';
 import { partitionsOf } from '../sys.js';
 
@@ -56,21 +57,25 @@ export function parseBlkidExport(text: string): DeviceTags {
 
 /**
  * One warning per fstab line that names by tag a filesystem or partition of the cached device:
- * the raw disk `backing` carries the same tag. `devices` maps each cached device node to its tags.
+ * the raw disk `backing` carries the same tag. `devices` maps each cached device node to its tags;
+ * `links` maps a node to its stable udev link (/dev/ulobdev/NAME, NAME-partN), the name the
+ * advice gives when there is one: /dev/loopN may be another number at the next boot.
  */
 export function ambiguousTagWarnings(
   fstabPath: string,
   mounts: readonly TaggedMount[],
   devices: ReadonlyMap<string, DeviceTags>,
   backing: string,
+  links: ReadonlyMap<string, string> = new Map(),
 ): string[] {
   const out: string[] = [];
   for (const m of mounts) {
     for (const [node, tags] of devices) {
       if (tags[m.tag] !== m.value) continue;
+      const link = links.get(node);
       out.push(
         `${fstabPath} line ${m.line} mounts ${m.tag}=${m.value} on ${m.mountPoint}, which the raw disk ${backing} carries as well as ${node}: ` +
-          `that line may mount the disk behind the cache; name ${node} there instead (see docs/laptop.md)`,
+          `that line may mount the disk behind the cache; name ${link ? `${link} (the stable link to ${node})` : node} there instead (see docs/laptop.md)`,
       );
       break;
     }
@@ -78,11 +83,28 @@ export function ambiguousTagWarnings(
   return out;
 }
 
+/** Where `make install` and the Debian package put the udev rule that makes /dev/ulobdev/NAME. */
+export const UDEV_RULE_PATHS = ['/usr/lib/udev/rules.d/60-ulobdev.rules', '/lib/udev/rules.d/60-ulobdev.rules', '/etc/udev/rules.d/60-ulobdev.rules'];
+
+/**
+ * The stable link udev makes for the device served as `name` (`/dev/ulobdev/NAME`), or undefined
+ * when none will exist: the rule is not installed, or the run directory is not the one its helper
+ * reads (`--run-dir`).
+ */
+export async function stableLinkFor(name: string, defaultRunDir: boolean, rulePaths: readonly string[] = UDEV_RULE_PATHS): Promise<string | undefined> {
+  if (!defaultRunDir) return undefined;
+  for (const p of rulePaths) {
+    if (await fsp.access(p).then(() => true, () => false)) return `/dev/ulobdev/${name}`;
+  }
+  return undefined;
+}
+
 /**
  * Reads `fstabPath` and, only if some line names a device by tag, the tags of `device` and its
- * partitions (sysfs directory `sys`). Never throws: a missing fstab or blkid means no warning.
+ * partitions (sysfs directory `sys`). `stableLink` (from stableLinkFor) is the device's udev link;
+ * its partitions' are LINK-partN. Never throws: a missing fstab or blkid means no warning.
  */
-export async function fstabWarnings(device: string, sys: string, backing: string, fstabPath = '/etc/fstab'): Promise<string[]> {
+export async function fstabWarnings(device: string, sys: string, backing: string, fstabPath = '/etc/fstab', stableLink?: string): Promise<string[]> {
   let text: string;
   try {
     text = await fsp.readFile(fstabPath, 'utf8');
@@ -91,12 +113,21 @@ export async function fstabWarnings(device: string, sys: string, backing: string
   }
   const mounts = taggedMounts(text);
   if (mounts.length === 0) return [];
-  const nodes = [device, ...(await partitionsOf(sys)).map((p) => `/dev/${p.name}`)];
+  const partitions = await partitionsOf(sys);
+  const nodes = [device, ...partitions.map((p) => `/dev/${p.name}`)];
+  const links = new Map<string, string>();
+  if (stableLink) {
+    links.set(device, stableLink);
+    for (const p of partitions) {
+      const n = (await fsp.readFile(join(p.sysDir, 'partition'), 'utf8').catch(() => '')).trim();
+      if (/^\d+$/.test(n)) links.set(`/dev/${p.name}`, `${stableLink}-part${n}`);
+    }
+  }
   const devices = new Map<string, DeviceTags>();
   for (const node of nodes) {
     // -p: probe the device itself, not blkid's cache; the reads are served by this daemon.
     const out = await run('blkid', ['-p', '-o', 'export', node]).catch(() => '');
     devices.set(node, parseBlkidExport(out));
   }
-  return ambiguousTagWarnings(fstabPath, mounts, devices, backing);
+  return ambiguousTagWarnings(fstabPath, mounts, devices, backing, links);
 }

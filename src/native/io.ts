@@ -9,7 +9,11 @@ interface IoBinding {
   pwrite(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<void>;
   pwriteList(fd: number, buffers: Uint8Array[], positions: Float64Array): Promise<Int32Array>;
   fdatasync(fd: number): Promise<void>;
-  fallocate(fd: number, offset: number, length: number): Promise<void>;
+  fallocate(fd: number, offset: number, length: number, mode: number): Promise<void>;
+  seekData(fd: number, offset: number, hole: boolean): number;
+  FALLOC_FL_KEEP_SIZE: number;
+  FALLOC_FL_PUNCH_HOLE: number;
+  FALLOC_FL_ZERO_RANGE: number;
   alignedBuffer(size: number, alignment: number): Buffer;
 }
 
@@ -85,7 +89,30 @@ export function fallocate(fd: number, offset: number, length: number): Promise<v
   validateFd(fd);
   validateInteger(offset, 'offset');
   validateInteger(length, 'length', 1, Number.MAX_SAFE_INTEGER - offset);
-  return binding.fallocate(fd, offset, length);
+  return binding.fallocate(fd, offset, length, 0);
+}
+
+/**
+ * fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE): frees the file's blocks in
+ * [offset, offset + length), which then read as zeros; the size stays. Partial filesystem blocks
+ * at either end are zeroed instead. Not durable before an fdatasync. A filesystem without hole
+ * punching rejects with NativeError EOPNOTSUPP.
+ */
+export function punchHole(fd: number, offset: number, length: number): Promise<void> {
+  validateFd(fd);
+  validateInteger(offset, 'offset');
+  validateInteger(length, 'length', 1, Number.MAX_SAFE_INTEGER - offset);
+  return binding.fallocate(fd, offset, length, binding.FALLOC_FL_PUNCH_HOLE | binding.FALLOC_FL_KEEP_SIZE);
+}
+
+/**
+ * lseek(SEEK_DATA), or SEEK_HOLE with `hole`: the first byte at or after `offset` that is data
+ * (or a hole; the end of the file counts as a hole). -1 when no data follows `offset`.
+ */
+export function seekData(fd: number, offset: number, hole = false): number {
+  validateFd(fd);
+  validateInteger(offset, 'offset');
+  return binding.seekData(fd, offset, hole);
 }
 
 /** Memory made by alignedBuffer(), by its ArrayBuffer, with the alignment of its first byte. */

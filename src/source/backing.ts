@@ -40,6 +40,10 @@ export async function openBacking(path: string, options: OpenBackingOptions): Pr
       throw ioError('open backing device', fullPath, err);
     }
     const size = await file.size();
+    if (size === 0) {
+      await file.close().catch(() => undefined);
+      throw new InvalidArgumentError(`${fullPath} is empty (0 bytes): no medium in the drive, or a loop device bound to nothing? name the disk to cache`);
+    }
     const id = await blockDeviceIdentity(majMin);
     const fd = fdOf(file);
     // Through another Storage (tests) there are no ioctls: the sizes of a plain disk then.
@@ -86,15 +90,20 @@ function fileIdentity(st: Stats): string {
 /** Refuses a disk that is mounted, has a mounted partition, or is held by dm/md (holders). */
 export async function assertBlockDeviceFree(path: string, majMin: string): Promise<void> {
   const sysDir = `/sys/dev/block/${majMin}`;
-  const nodes = [{ dev: majMin, sysDir }, ...(await partitionsOf(sysDir))];
+  const parts = await partitionsOf(sysDir);
   const mounts = await mountsByDevice();
-  for (const n of nodes) {
-    const mount = mounts.get(n.dev);
-    if (mount) throw new DeviceBusyError(`${path} is mounted on ${mount}; unmount it first`);
+  const mount = mounts.get(majMin);
+  if (mount) throw new DeviceBusyError(`${path} is mounted on ${mount}; unmount it first`);
+  // A partition is named as the user knows it (/dev/sdb1), not as its whole disk.
+  for (const part of parts) {
+    const partMount = mounts.get(part.dev);
+    if (partMount) throw new DeviceBusyError(`/dev/${part.name}, a partition of ${path}, is mounted on ${partMount}; unmount it first`);
   }
-  for (const n of nodes) {
+  for (const n of [{ name: '', sysDir }, ...parts]) {
     const holders = await listDir(join(n.sysDir, 'holders'));
-    if (holders.length > 0) throw new DeviceBusyError(`${path} is held by ${holders.join(', ')}`);
+    if (holders.length === 0) continue;
+    const what = n.name === '' ? path : `/dev/${n.name}, a partition of ${path},`;
+    throw new DeviceBusyError(`${what} is held by ${holders.join(', ')} (device-mapper, md or a loop device); stop that first`);
   }
 }
 

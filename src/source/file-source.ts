@@ -63,6 +63,11 @@ export class FileSource implements WritableSource {
     return this.#file.write(bounce, position);
   }
 
+  /** BLKZEROOUT on a disk, a punched hole in an image file, written zeros where neither works. */
+  zeroAt(position: number, length: number): Promise<void> {
+    return this.#file.zeroRange(position, length);
+  }
+
   async writeMany(buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<void> {
     let data = buf;
     if (this.#direct) for (const [, length, position] of pieces) this.#checkAligned(length, position);

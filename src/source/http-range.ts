@@ -82,20 +82,48 @@ export function redactUrl(url: string): string {
   }
 }
 
-/** Parses repeated `--header 'Name: value'` arguments. InvalidArgumentError for a malformed one. */
-export function parseHeaders(lines: readonly string[]): Record<string, string> {
+/**
+ * Parses `Name: value` lines (repeated --header arguments, a --header file, $ULOHTTP_HEADERS) into
+ * lower-case names. `where` names the source in errors. InvalidArgumentError for a malformed line
+ * (its value is not shown: it may be a secret) or a header ulohttp sets itself.
+ */
+export function parseHeaders(lines: readonly string[], where = '--header'): Record<string, string> {
   const out: Record<string, string> = {};
   for (const line of lines) {
     const i = line.indexOf(':');
     const name = i > 0 ? line.slice(0, i).trim() : '';
-    if (!/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(name)) throw new InvalidArgumentError(`--header must look like 'Name: value', got ${JSON.stringify(line)}`);
+    if (!/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(name)) {
+      // The value is never shown: it may be a secret.
+      throw new InvalidArgumentError(`${where}: each header must look like 'Name: value', got ${i > 0 ? JSON.stringify(`${line.slice(0, i)}: ...`) : 'a line without a colon'}`);
+    }
+    const value = line.slice(i + 1).trim();
+    if (/[\r\n\0]/.test(value)) throw new InvalidArgumentError(`${where}: the value of ${name} holds a line break`);
     const lower = name.toLowerCase();
     if (['range', 'if-range', 'if-match', 'host', 'content-length', 'connection'].includes(lower)) {
-      throw new InvalidArgumentError(`--header cannot set ${name}: ulohttp manages it`);
+      throw new InvalidArgumentError(`${where} cannot set ${name}: ulohttp manages it`);
     }
-    out[lower] = line.slice(i + 1).trim();
+    out[lower] = value;
   }
   return out;
+}
+
+/** Headers as `Name: value` lines, as parseHeaders reads them. */
+export function formatHeaders(headers: Record<string, string>): string {
+  return Object.entries(headers)
+    .map(([k, v]) => `${k}: ${v}`)
+    .join('\n');
+}
+
+/** The Authorization header for user:password in a URL ({} without them), as the transport sends it. */
+export function credentialsHeader(url: string): Record<string, string> {
+  let u: URL;
+  try {
+    u = new URL(url);
+  } catch {
+    return {};
+  }
+  if (!u.username && !u.password) return {};
+  return { authorization: `Basic ${Buffer.from(`${decodeURIComponent(u.username)}:${decodeURIComponent(u.password)}`).toString('base64')}` };
 }
 
 /** Backoff before retry `attempt` (0-based): exponential with full jitter, capped. */

@@ -11,7 +11,7 @@ import { readFileSync } from 'node:fs';
 import { Agent, type Dispatcher } from 'undici';
 import type { Logger } from 'pino';
 import { HttpError, ImageChangedError, InvalidArgumentError, NoRangeSupportError } from '../errors.js';
-import { backoffMs, checkPart, isStrongEtag, parseContentRange, rangeHeader, redactUrl, type ImageValidators } from './http-range.js';
+import { backoffMs, checkPart, credentialsHeader, isStrongEtag, parseContentRange, rangeHeader, redactUrl, type ImageValidators } from './http-range.js';
 
 export interface HttpSourceOptions {
   /** Extra request headers (auth, cookies), lower-case names. */
@@ -50,7 +50,10 @@ export class HttpTransport {
   readonly stats = { requests: 0, retries: 0, bytesFetched: 0 };
 
   readonly #agent: Agent;
+  /** The user's headers (credentials included): sent to `#origin` only. */
   readonly #headers: Record<string, string>;
+  /** The origin of the URL the user gave: the only one trusted with the user's headers. */
+  readonly #origin: string;
   readonly #opts: Required<Pick<HttpSourceOptions, 'timeoutMs' | 'retries' | 'retryBaseMs' | 'retryCapMs' | 'maxRedirects' | 'connections'>>;
   readonly #logger: HttpSourceOptions['logger'];
   readonly #onChanged: (err: ImageChangedError) => void;
@@ -76,14 +79,13 @@ export class HttpTransport {
       throw new InvalidArgumentError(`${JSON.stringify(url)} is not a URL`);
     }
     if (target.protocol !== 'http:' && target.protocol !== 'https:') throw new InvalidArgumentError(`${redactUrl(url)}: only http:// and https:// URLs are supported`);
-    const headers = { ...(options.headers ?? {}) };
-    if ((target.username || target.password) && !headers.authorization) {
-      headers.authorization = `Basic ${Buffer.from(`${decodeURIComponent(target.username)}:${decodeURIComponent(target.password)}`).toString('base64')}`;
-    }
+    // user:password in the URL is Basic authentication, unless an Authorization header is given.
+    const headers = { ...credentialsHeader(url), ...(options.headers ?? {}) };
     target.username = '';
     target.password = '';
     this.description = redactUrl(url);
     this.#target = target;
+    this.#origin = target.origin;
     this.#headers = headers;
     this.#logger = options.logger;
     this.#onChanged = onChanged;
@@ -212,7 +214,13 @@ export class HttpTransport {
     this.#logger?.error(`${err.message}; every further read fails with EIO (re-attach with --revalidate to start over)`);
   }
 
-  /** One GET with redirects followed; resolves to the final answer. */
+  /**
+   * One GET with redirects followed; resolves to the final answer. `headers` are this request's
+   * own (Range, validators) and go wherever the request goes; the user's headers (Authorization,
+   * Cookie, anything given with --header, user:pass@ of the URL) go only to the origin the user
+   * named, never to one a redirect (or an earlier permanent redirect) points to, as curl does
+   * without --location-trusted.
+   */
   async #request(headers: Record<string, string>): Promise<Dispatcher.ResponseData & { url: URL }> {
     let url = this.#target;
     for (let hops = 0; ; hops++) {
@@ -221,7 +229,7 @@ export class HttpTransport {
         origin: url.origin,
         path: url.pathname + url.search,
         method: 'GET',
-        headers: { ...this.#headers, ...headers },
+        headers: url.origin === this.#origin ? { ...this.#headers, ...headers } : headers,
       });
       if (res.statusCode >= 300 && res.statusCode < 400 && res.statusCode !== 304 && res.headers.location) {
         await res.body.dump().catch(() => undefined);
@@ -229,11 +237,9 @@ export class HttpTransport {
         const next = new URL(String(res.headers.location), url);
         if (next.protocol !== 'http:' && next.protocol !== 'https:') throw new HttpError(`${this.description}: redirect to ${redactUrl(next.href)} is not HTTP`);
         if (url.protocol === 'https:' && next.protocol === 'http:') throw new HttpError(`${this.description}: refusing a redirect from https to ${redactUrl(next.href)}`);
-        if (next.origin !== url.origin) {
-          // Credentials go only to the origin they were given for (as curl does).
-          delete headers.authorization;
-          delete headers.cookie;
-        }
+        // Credentials in a Location (http://user:pass@other/) are not ours to send either.
+        next.username = '';
+        next.password = '';
         url = next;
         // Permanent redirects stick, so later reads skip the hop.
         if (res.statusCode === 301 || res.statusCode === 308) this.#target = next;

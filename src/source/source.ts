@@ -36,6 +36,11 @@ export interface Source {
 export interface WritableSource extends Source {
   writeAt(buf: Uint8Array, position: number): Promise<void>;
   /**
+   * Makes [position, position + length) read as zeros, cheaper than writing them where it can
+   * (BLKZEROOUT, a punched hole). Optional: the flusher writes zeros without it. Durable at sync().
+   */
+  zeroAt?(position: number, length: number): Promise<void>;
+  /**
    * Optional: writes many pieces of one buffer, as writeAt() of each in the given order would;
    * `pieces` are [offset in buf, length, position] (bytes). The flusher uses it for scattered
    * dirty blocks, one request instead of one per block.

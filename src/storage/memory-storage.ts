@@ -41,6 +41,41 @@ class MemoryFile {
     }
     this.size = Math.max(this.size, position + buf.byteLength);
   }
+
+  /** Zeros [offset, offset + length); chunks wholly inside are freed when `free` (a punched hole). */
+  clear(offset: number, length: number, free: boolean): void {
+    const end = Math.min(offset + length, this.size);
+    for (let at = offset; at < end; ) {
+      const index = Math.floor(at / CHUNK);
+      const within = at - index * CHUNK;
+      const len = Math.min(CHUNK - within, end - at);
+      const chunk = this.chunks.get(index);
+      if (chunk) {
+        if (free && len === CHUNK) this.chunks.delete(index);
+        else chunk.fill(0, within, within + len);
+      }
+      at += len;
+    }
+  }
+
+  truncate(length: number): void {
+    if (length < this.size) {
+      this.clear(length, this.size - length, true);
+      for (const index of this.chunks.keys()) if (index * CHUNK >= length) this.chunks.delete(index);
+    }
+    this.size = length;
+  }
+
+  /** The first run of allocated chunks at or after `offset`, as [start, end), like SEEK_DATA/SEEK_HOLE. */
+  nextData(offset: number): [number, number] | null {
+    if (offset >= this.size) return null;
+    let first: number | null = null;
+    for (const index of this.chunks.keys()) if ((index + 1) * CHUNK > offset && (first === null || index < first)) first = index;
+    if (first === null) return null;
+    let last = first;
+    while (this.chunks.has(last + 1)) last++;
+    return [Math.max(offset, first * CHUNK), Math.min(this.size, (last + 1) * CHUNK)];
+  }
 }
 
 function errno(code: string, message: string): Error {
@@ -80,6 +115,8 @@ export class MemoryStorage {
       if (!this.#files.delete(path)) await posixStorage.remove(path);
     },
     syncDir: async (): Promise<void> => undefined,
+    // Memory is not what a simulation runs short of.
+    freeBytes: async (): Promise<number> => Number.MAX_SAFE_INTEGER,
   };
 }
 
@@ -104,6 +141,20 @@ function memoryHandle(path: string, file: MemoryFile, readOnly: boolean): BlockF
       check();
       file.size = Math.max(file.size, length);
     },
+    truncate: async (length) => {
+      check();
+      file.truncate(length);
+    },
+    punchHole: async (offset, length) => {
+      check();
+      file.clear(offset, length, true);
+    },
+    zeroRange: async (offset, length) => {
+      check();
+      file.clear(offset, length, false);
+    },
+    allocatedBytes: async () => file.chunks.size * CHUNK,
+    nextData: async (offset) => file.nextData(offset),
     size: async () => file.size,
     close: async () => {
       closed = true;

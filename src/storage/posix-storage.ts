@@ -1,10 +1,13 @@
 // Storage on real files and block devices: Node opens, the native addon does positioned I/O,
 // fdatasync and fallocate on the libuv threadpool.
 import { constants as fsc, promises as fsp } from 'node:fs';
-import { blkGetSize64 } from '../native/blkdev.js';
+import { blkGetSize64, blkZeroOut } from '../native/blkdev.js';
 import { errnoError } from '../native/addon.js';
-import { fallocate, fdatasync, pread, preadNowait, pwrite, pwriteList } from '../native/io.js';
+import { alignedBuffer, fallocate, fdatasync, pread, preadNowait, punchHole, pwrite, pwriteList, seekData } from '../native/io.js';
 import type { BlockFile, OpenOptions, Storage } from './storage.js';
+
+/** Written zeros go out in pieces this large when the file cannot zero a range itself. */
+const ZERO_CHUNK = 1 << 20;
 
 /** Writes up to this size are gathered per event-loop turn; larger ones go to the threadpool alone. */
 const GATHER_MAX_WRITE = 64 * 1024;
@@ -24,6 +27,7 @@ class PosixFile implements BlockFile {
   #handle: fsp.FileHandle;
 
   readonly #direct: boolean;
+  #blockDevice: boolean | undefined;
   /** Small writes waiting for the end of this event-loop turn (write()). */
   #gathered: QueuedWrite[] = [];
 
@@ -99,6 +103,40 @@ class PosixFile implements BlockFile {
     return fallocate(this.#fd, 0, length);
   }
 
+  truncate(length: number): Promise<void> {
+    return this.#handle.truncate(length);
+  }
+
+  punchHole(offset: number, length: number): Promise<void> {
+    return punchHole(this.#fd, offset, length);
+  }
+
+  async zeroRange(offset: number, length: number): Promise<void> {
+    this.#blockDevice ??= (await this.#handle.stat()).isBlockDevice();
+    try {
+      await (this.#blockDevice ? blkZeroOut(this.#fd, offset, length) : punchHole(this.#fd, offset, length));
+      return;
+    } catch (err) {
+      // No zeroing offload here (an old filesystem, a device or driver without it): write zeros.
+      if (!['EOPNOTSUPP', 'ENOTSUP', 'ENOTTY', 'EINVAL'].includes((err as { code?: string }).code ?? '')) throw err;
+    }
+    const zeros = alignedBuffer(Math.min(length, ZERO_CHUNK));
+    for (let done = 0; done < length; done += zeros.byteLength) {
+      const n = Math.min(zeros.byteLength, length - done);
+      await pwrite(this.#fd, zeros, 0, n, offset + done);
+    }
+  }
+
+  async allocatedBytes(): Promise<number> {
+    return (await this.#handle.stat()).blocks * 512;
+  }
+
+  async nextData(offset: number): Promise<[number, number] | null> {
+    const start = seekData(this.#fd, offset);
+    if (start < 0) return null;
+    return [start, seekData(this.#fd, start, true)];
+  }
+
   async size(): Promise<number> {
     const st = await this.#handle.stat();
     return st.isBlockDevice() ? blkGetSize64(this.#fd) : st.size;
@@ -132,6 +170,11 @@ export const posixStorage: Storage = {
 
   async remove(path: string): Promise<void> {
     await fsp.rm(path, { force: true });
+  },
+
+  async freeBytes(dir: string): Promise<number> {
+    const st = await fsp.statfs(dir);
+    return st.bavail * st.bsize;
   },
 
   async syncDir(dir: string): Promise<void> {

@@ -18,6 +18,26 @@ export interface BlockFile {
   sync(): Promise<void>;
   /** Reserves space for [0, length) so later writes never meet ENOSPC; extends the size. */
   allocate(length: number): Promise<void>;
+  /** Sets the size (ftruncate); growing adds a hole: no space is allocated. */
+  truncate(length: number): Promise<void>;
+  /**
+   * Frees [offset, offset + length), which reads as zeros afterwards; the size stays
+   * (fallocate PUNCH_HOLE | KEEP_SIZE). Like a write, not durable before sync().
+   */
+  punchHole(offset: number, length: number): Promise<void>;
+  /**
+   * Makes [offset, offset + length) read as zeros at the least cost the file allows: BLKZEROOUT on
+   * a block device, a punched hole in a regular file, written zeros where neither works. Like a
+   * write, not durable before sync(). Offsets and lengths are multiples of 512.
+   */
+  zeroRange(offset: number, length: number): Promise<void>;
+  /** Bytes of storage the file holds now (st_blocks x 512): what the filesystem charges for it. */
+  allocatedBytes(): Promise<number>;
+  /**
+   * The first run of allocated bytes at or after `offset`, as [start, end) (lseek SEEK_DATA and
+   * SEEK_HOLE; whole filesystem blocks), or null when only holes follow.
+   */
+  nextData(offset: number): Promise<[number, number] | null>;
   size(): Promise<number>;
   close(): Promise<void>;
 }
@@ -38,4 +58,6 @@ export interface Storage {
   remove(path: string): Promise<void>;
   /** Makes a create or remove in `dir` durable (fsync of the directory). */
   syncDir(dir: string): Promise<void>;
+  /** Bytes an unprivileged file in `dir` may still take on its filesystem (statfs f_bavail). */
+  freeBytes(dir: string): Promise<number>;
 }

@@ -2,9 +2,11 @@
 // and coalesced into large writes, sync the disk, then clear what was flushed (engine.commitEpoch
 // syncs the source before clearing: invariant 4). Each piece is the epoch's version of its blocks
 // (engine.readEpoch): blocks rewritten during the flush reach the disk as they were at the
-// snapshot, so a completed flush leaves the disk a point-in-time image (docs/design.md).
+// snapshot, so a completed flush leaves the disk a point-in-time image (docs/design.md). Blocks
+// zeroed at the snapshot go to the disk as zeros (source.zeroAt: BLKZEROOUT or a punched hole where
+// the disk or image can, written zeros otherwise), never read from the cache.
 import type { CacheEngine } from '../cache/engine.js';
-import { isWritable } from '../source/source.js';
+import { isWritable, type WritableSource } from '../source/source.js';
 import { FlushStoppedError, ReadOnlyError } from '../errors.js';
 import { formatBytes } from '../units.js';
 import { BufferPool } from '../storage/buffer-pool.js';
@@ -75,11 +77,15 @@ function givePool(bytes: number): void {
  */
 const MAX_BATCH_PIECES = 256;
 
-/** Pieces (runs of blocks, each one write) that share one copy buffer, in disk order. */
+/**
+ * Pieces (runs of blocks, each one write) that share one copy buffer, in disk order; or, `zero`,
+ * runs of zeroed blocks that go to the disk as zeros and need no buffer.
+ */
 interface Batch {
   /** [first block, blocks, byte offset in the buffer] */
   pieces: Array<[number, number, number]>;
   bytes: number;
+  zero?: boolean;
 }
 
 /**
@@ -106,9 +112,22 @@ export async function flushDirty(engine: CacheEngine, options: FlushOptions = {}
   let batch: Batch = { pieces: [], bytes: 0 };
   let totalBytes = 0;
   for (const extent of epoch.extents) {
-    for (let start = extent.start; start < extent.start + extent.count; start += maxBlocks) {
-      const count = Math.min(maxBlocks, extent.start + extent.count - start);
+    const end = extent.start + extent.count;
+    for (let start = extent.start; start < end; ) {
+      // A run of blocks of one kind (data or zeroed), at most maxBlocks.
+      const zero = epoch.isZero(start);
+      let stop = start + 1;
+      while (stop < end && stop - start < maxBlocks && epoch.isZero(stop) === zero) stop++;
+      const count = stop - start;
       const bytes = g.extentBytes(start, count);
+      if (zero) {
+        if (batch.pieces.length > 0) batches.push(batch);
+        batches.push({ pieces: [[start, count, 0]], bytes, zero: true });
+        batch = { pieces: [], bytes: 0 };
+        totalBytes += bytes;
+        start = stop;
+        continue;
+      }
       if (batch.bytes + bytes > bufferBytes || batch.pieces.length === MAX_BATCH_PIECES) {
         batches.push(batch);
         batch = { pieces: [], bytes: 0 };
@@ -116,6 +135,7 @@ export async function flushDirty(engine: CacheEngine, options: FlushOptions = {}
       batch.pieces.push([start, count, batch.bytes]);
       batch.bytes += bytes;
       totalBytes += bytes;
+      start = stop;
     }
   }
   if (batch.pieces.length > 0) batches.push(batch);
@@ -131,6 +151,14 @@ export async function flushDirty(engine: CacheEngine, options: FlushOptions = {}
    * the disk (or failed). Its writes are issued as soon as its read is done.
    */
   const copy = (b: Batch) => {
+    if (b.zero) {
+      const [start, count] = b.pieces[0]!;
+      const done = writeZeros(source, g.blockOffset(start), g.extentBytes(start, count)).then(() => {
+        progress.doneBytes += b.bytes;
+        options.onProgress?.({ ...progress });
+      });
+      return { read: Promise.resolve(), done };
+    }
     const buf = pool.take();
     const read = engine.readEpochInto(epoch, buf, b.pieces);
     const done = (async () => {
@@ -184,5 +212,18 @@ export async function flushDirty(engine: CacheEngine, options: FlushOptions = {}
     throw err;
   } finally {
     givePool(poolBytes);
+  }
+}
+
+const ZEROS = Buffer.alloc(1 << 20);
+
+/** Zeros to the disk: the source's own zeroing if it has one, else written zero buffers. */
+async function writeZeros(source: WritableSource, offset: number, bytes: number): Promise<void> {
+  if (source.zeroAt) {
+    await source.zeroAt(offset, bytes);
+    return;
+  }
+  for (let done = 0; done < bytes; done += ZEROS.byteLength) {
+    await source.writeAt(ZEROS.subarray(0, Math.min(ZEROS.byteLength, bytes - done)), offset + done);
   }
 }

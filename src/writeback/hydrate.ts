@@ -74,7 +74,9 @@ export class Hydrator {
 
   progress(): HydrationProgress {
     const g = this.#engine.geometry;
-    const presentBytes = Math.min(this.#engine.store.present.count() * g.blockSize, g.size);
+    // Zeroed blocks (dirty, not present) need nothing from the disk either.
+    const store = this.#engine.store;
+    const presentBytes = Math.min((store.space().presentBlocks + store.zeroBlocks()) * g.blockSize, g.size);
     return {
       running: this.#run !== null,
       done: this.#done || presentBytes === g.size,
@@ -112,7 +114,7 @@ export class Hydrator {
         cursor = 0;
         continue;
       }
-      const gap = engine.store.present.gaps(cursor, g.blockCount).next();
+      const gap = nextMissing(engine, cursor);
       if (gap.done) {
         // Nothing left to issue: once the chunks in flight settle, done or retry a failed one.
         if (running.size === 0) break;
@@ -150,7 +152,20 @@ export class Hydrator {
     if (!this.#stop) {
       // Make the last fills present (durable) now rather than at the next commit.
       await engine.flush();
-      this.#done = engine.store.present.nextClear(0, g.blockCount) >= g.blockCount;
+      this.#done = !hasMissing(engine);
     }
   }
+}
+
+/** The first run of missing blocks (not present, not zeroed) at or after `from`. */
+function nextMissing(engine: CacheEngine, from: number): IteratorResult<{ start: number; count: number }> {
+  const { present, dirty } = engine.store;
+  for (const gap of present.gaps(from)) {
+    for (const missing of dirty.gaps(gap.start, gap.start + gap.count)) return { done: false, value: missing };
+  }
+  return { done: true, value: undefined };
+}
+
+function hasMissing(engine: CacheEngine): boolean {
+  return !nextMissing(engine, 0).done;
 }

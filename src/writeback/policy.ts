@@ -7,30 +7,139 @@ import { parseSize } from '../units.js';
 /** A dirty-data limit: bytes, or a percentage of the disk. */
 export type DirtyLimit = { bytes: number } | { percent: number };
 
-/** Checks a cron expression (5 fields, or 6 with seconds first); returns it trimmed. */
+const CRON_USAGE = "it takes 5 fields (minute hour day-of-month month day-of-week), e.g. '*/30 * * * *' for every 30 minutes";
+
+/** The fields of a 5-field expression, or of a 6-field one (seconds first), with their ranges. */
+const FIELDS_5 = [
+  { name: 'minute', unit: 'minutes', min: 0, max: 59 },
+  { name: 'hour', unit: 'hours', min: 0, max: 23 },
+  { name: 'day-of-month', unit: 'days', min: 1, max: 31 },
+  { name: 'month', unit: 'months', min: 1, max: 12 },
+  { name: 'day-of-week', unit: 'weekdays', min: 0, max: 7 },
+];
+const FIELDS_6 = [{ name: 'second', unit: 'seconds', min: 0, max: 59 }, ...FIELDS_5];
+
+/**
+ * Checks a cron expression (5 fields, or 6 with seconds first, or an @alias) with cron's own
+ * parser, and what that parser lets through: a step larger than its field (`*\/70` in the
+ * minute field fires hourly, at minute 0 only) and an expression that never fires (30 February).
+ * Returns it trimmed; InvalidArgumentError says what is wrong in one line.
+ */
 export function parseCron(text: string): string {
-  const expr = text.trim();
+  const expr = text.trim().replace(/\s+/g, ' ');
+  const fields = expr.split(' ');
+  const quoted = `'${text}'`;
+  if (!expr.startsWith('@') && fields.length !== 5 && fields.length !== 6) {
+    throw new InvalidArgumentError(`--flush ${quoted} is not a cron expression: ${CRON_USAGE}`);
+  }
   const check = validateCronExpression(expr);
   if (!check.valid) {
     const why = check.error instanceof Error ? check.error.message : String(check.error ?? 'invalid');
-    throw new InvalidArgumentError(`--flush ${JSON.stringify(text)} is not a cron expression (${why.split('\n')[0]}); try '*/30 * * * *'`);
+    // Words in place of fields ("every 30 minutes" has 3, "run at 3 am daily" has 5): cron's own
+    // message ("Unknown alias: eve") would not help.
+    if (/Unknown alias/.test(why)) throw new InvalidArgumentError(`--flush ${quoted} is not a cron expression: ${CRON_USAGE}`);
+    throw new InvalidArgumentError(`--flush ${quoted} is not a cron expression (${why.split('\n')[0]}); try '*/30 * * * *'`);
+  }
+  if (!expr.startsWith('@')) {
+    const specs = fields.length === 6 ? FIELDS_6 : FIELDS_5;
+    fields.forEach((field, i) => checkSteps(field, specs[i]!, quoted));
   }
   // An expression that never fires (30 February) is valid syntax but useless.
   try {
     new CronTime(expr).sendAt();
   } catch (err) {
-    throw new InvalidArgumentError(`--flush ${JSON.stringify(text)} never fires (${(err as Error).message.split('\n')[0]})`);
+    throw new InvalidArgumentError(`--flush ${quoted} never fires (${(err as Error).message.split('\n')[0]})`);
   }
   return expr;
 }
 
-/** 512M, 2G, or 10% of the disk. */
+/** Refuses `BASE/STEP` parts whose step leaves only the start of their range. */
+function checkSteps(field: string, spec: (typeof FIELDS_6)[number], quoted: string): void {
+  for (const part of field.split(',')) {
+    const m = /^(\*|(\d+)(?:-(\d+))?)\/(\d+)$/.exec(part);
+    if (!m) continue;
+    const from = m[1] === '*' ? spec.min : Number(m[2]);
+    const to = m[1] === '*' || m[3] === undefined ? spec.max : Number(m[3]);
+    const step = Number(m[4]);
+    if (step > to - from) {
+      throw new InvalidArgumentError(
+        `--flush ${quoted}: the step /${step} in the ${spec.name} field is larger than ${spec.unit} ${from}-${to}, so it fires at ${spec.name} ${from} only; use a step from 1 to ${Math.max(1, to - from)}`,
+      );
+    }
+  }
+}
+
+/** Schedules firing more often than this keep the disk from sleeping: warned about. */
+const MIN_SENSIBLE_INTERVAL_MS = 5 * 60_000;
+
+/**
+ * A warning for a schedule that fires more often than every 5 minutes (the disk spins up at each
+ * flush that finds dirty data, and never sleeps), or undefined. Most often a 6-field expression
+ * read as 5: its first field is seconds. Takes a valid expression (parseCron's).
+ */
+export function cronWarning(expr: string): string | undefined {
+  const times = new CronTime(expr).sendAt(24).map((t) => t.toMillis());
+  let gap = Infinity;
+  for (let i = 1; i < times.length; i++) gap = Math.min(gap, times[i]! - times[i - 1]!);
+  if (!(gap < MIN_SENSIBLE_INTERVAL_MS)) return undefined;
+  const every = gap < 60_000 ? `${Math.round(gap / 1000)} s` : `${Math.round(gap / 60_000)} min`;
+  const fields = expr.split(' ');
+  const hint =
+    fields.length === 6
+      ? ` (6 fields: the first is seconds; '${[fields[0], ...fields.slice(2)].join(' ')}' is every ${fields[0]!.replace(/^\*\//, '')} minutes)`
+      : '';
+  return `--flush '${expr}' fires every ${every}: the disk spins up that often and never sleeps${hint}`;
+}
+
+/**
+ * --cache-size: 256M, 500G, or 25% (of the disk). At least 1 MiB; a percentage above 0 and at
+ * most 100.
+ */
+export function parseCacheSize(text: string): DirtyLimit {
+  const pct = /^\s*(\d+(?:\.\d+)?)\s*%\s*$/.exec(text);
+  if (pct) {
+    const percent = Number(pct[1]);
+    if (!(percent > 0 && percent <= 100)) throw new InvalidArgumentError(`--cache-size ${text}: a percentage must be above 0 and at most 100`);
+    return { percent };
+  }
+  let bytes: number;
+  try {
+    bytes = parseSize(text);
+  } catch {
+    throw new InvalidArgumentError(`--cache-size ${JSON.stringify(text)} is neither a size (256M, 500G) nor a percentage of the disk (25%)`);
+  }
+  if (bytes < 1 << 20) throw new InvalidArgumentError(`--cache-size ${text} is less than 1M; a cache budget needs at least a few eviction units (256K each)`);
+  return { bytes };
+}
+
+/** --eviction-unit: a power of two from 64K to 1M. */
+export function parseEvictionUnit(text: string): number {
+  let bytes: number;
+  try {
+    bytes = parseSize(text);
+  } catch {
+    throw new InvalidArgumentError(`--eviction-unit ${JSON.stringify(text)} is not a size (64K, 256K, 1M)`);
+  }
+  if (bytes < 65536 || bytes > 1 << 20 || (bytes & (bytes - 1)) !== 0) {
+    throw new InvalidArgumentError(`--eviction-unit ${text}: give a power of two from 64K to 1M`);
+  }
+  return bytes;
+}
+
+/**
+ * 512M, 2G, 4096B, or 10% of the disk. A bare number is refused: bcache's writeback_percent has
+ * taught users to mean percent, and as bytes it would flush at every write.
+ */
 export function parseDirtyLimit(text: string): DirtyLimit {
   const pct = /^\s*(\d+(?:\.\d+)?)\s*%\s*$/.exec(text);
   if (pct) {
     const percent = Number(pct[1]);
     if (!(percent > 0 && percent <= 100)) throw new InvalidArgumentError(`--dirty-max ${text}: a percentage must be above 0 and at most 100`);
     return { percent };
+  }
+  const bare = /^\s*(\d+(?:\.\d+)?)\s*$/.exec(text);
+  if (bare && Number(bare[1]) > 0) {
+    throw new InvalidArgumentError(`--dirty-max ${bare[1]} has no unit: write ${bare[1]}% for a share of the disk, or a size such as ${bare[1]}M or ${bare[1]}G`);
   }
   let bytes: number;
   try {
@@ -60,14 +169,14 @@ export function parseDuration(text: string, option: string): number {
   return Math.round(ms);
 }
 
-/** Bytes per second for --hydrate [RATE]: 50M means 50 MiB/s. */
+/** Bytes per second for --hydrate-rate RATE: 50M means 50 MiB/s. */
 export function parseRate(text: string): number {
   let bytes: number;
   try {
     bytes = parseSize(text.replace(/\/s$/i, ''));
   } catch {
-    throw new InvalidArgumentError(`--hydrate ${JSON.stringify(text)} is not a rate (try 50M for 50 MiB/s)`);
+    throw new InvalidArgumentError(`--hydrate-rate ${JSON.stringify(text)} is not a rate (try 50M for 50 MiB/s)`);
   }
-  if (bytes < 4096) throw new InvalidArgumentError('--hydrate rate must be at least 4K per second');
+  if (bytes < 4096) throw new InvalidArgumentError('--hydrate-rate must be at least 4K per second');
   return bytes;
 }

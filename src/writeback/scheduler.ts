@@ -7,6 +7,8 @@
 //   opportunistic  the disk is spinning anyway (a cache miss read it, or it was seen awake)
 //   ac             on mains power with --on-ac flush
 //   retry          after a failed flush, with exponential backoff
+//   budget         dirty data fills 3/4 of the cache budget (--cache-size), or a write waits for
+//                  room that only a flush can make
 // Nothing else makes the daemon touch the disk, so between flushes it can sleep. A failed flush
 // leaves its blocks dirty (engine.abortEpoch); the error shows in status, logs and history.
 import { CronJob } from 'cron';
@@ -15,8 +17,12 @@ import type { CacheEngine } from '../cache/engine.js';
 import type { HistoryLog } from '../cache/metadata.js';
 import { flushDirty, type FlushProgress, type FlushResult } from './flusher.js';
 import type { PowerControl, PowerState } from './power.js';
+import { EngineClosedError } from '../errors.js';
 
-export type FlushReason = 'schedule' | 'threshold' | 'age' | 'manual' | 'detach' | 'opportunistic' | 'ac' | 'retry';
+export type FlushReason = 'schedule' | 'threshold' | 'age' | 'manual' | 'detach' | 'opportunistic' | 'ac' | 'retry' | 'budget';
+
+/** Share of the cache budget dirty data may fill before a 'budget' flush starts. */
+export const BUDGET_FLUSH_SHARE = 0.75;
 
 export interface SchedulerOptions {
   /** Validated cron expression (policy.parseCron). */
@@ -80,6 +86,8 @@ export interface SchedulerStatus {
   /** The disk spins up to answer CHECK POWER MODE (seen once; then never asked again). */
   powerQueryWakes: boolean;
   spinUpsToday: number;
+  /** Spin-ups caused by a cache miss since attach (the disk was last seen in standby). */
+  missSpinUps: number;
 }
 
 // spinup-caused: a flush of ours woke it; spinup-observed: another program did; spinup-self: a
@@ -116,6 +124,7 @@ export class FlushScheduler {
   #queryWakes = false;
   /** Answers that looked like the query woke the disk (#check). */
   #wokenByQuery = 0;
+  #missSpinUps = 0;
 
   constructor(engine: CacheEngine, options: SchedulerOptions) {
     this.#engine = engine;
@@ -180,9 +189,26 @@ export class FlushScheduler {
     return this.#queued;
   }
 
-  /** The disk is awake for another reason (a miss read it): flush dirty data while it spins. */
+  /**
+   * A write waits for room in the cache budget that only a flush can make: flushes now (reason
+   * 'budget'), whatever the schedule and the retry backoff say. Rejects if the flush fails.
+   */
+  pressure(): Promise<FlushResult> {
+    if (this.#stopped) return Promise.reject(new EngineClosedError('the daemon is detaching: no flush will make room'));
+    return this.request('budget');
+  }
+
+  /**
+   * The disk was read (a cache miss): it spins now. If it was last seen in standby the miss woke
+   * it (counted, and an event in the history); then flush dirty data while it spins.
+   */
   noteDiskActive(): void {
     this.#asleep = null;
+    if (this.#powerState === 'standby' || this.#powerState === 'sleep') {
+      this.#missSpinUps++;
+      this.#powerState = 'active';
+      this.#event('spinup-caused', 'miss');
+    }
     if (this.#o.opportunistic === false || this.#stopped || this.#opportunistic || this.#dirtyBytes() === 0) return;
     // Shortly after, so the reads that woke it go first.
     this.#opportunistic = setTimeout(() => {
@@ -209,6 +235,7 @@ export class FlushScheduler {
       powerPolling: Boolean(this.#o.power?.supported) && !this.#queryWakes,
       powerQueryWakes: this.#queryWakes,
       spinUpsToday: this.#o.history?.countEvents(startOfToday(), SPINUP_KINDS) ?? 0,
+      missSpinUps: this.#missSpinUps,
     };
   }
 
@@ -223,6 +250,12 @@ export class FlushScheduler {
   #dirtyBytes(): number {
     const s = this.#engine.store;
     return Math.min(s.dirty.count() * s.geometry.blockSize, s.geometry.size);
+  }
+
+  /** Dirty bytes that take cache space (zeroed blocks take none). */
+  #dirtyDataBytes(): number {
+    const s = this.#engine.store;
+    return (s.dirty.count() - s.zeroBlocks()) * s.geometry.blockSize;
   }
 
   /** Automatic triggers: skipped while nothing is dirty, a flush runs, or a retry is pending. */
@@ -245,7 +278,9 @@ export class FlushScheduler {
       if (now >= this.#retryAt) void this.#auto('retry');
       return;
     }
-    if (this.#o.dirtyMaxBytes !== undefined && dirty >= this.#o.dirtyMaxBytes) void this.#auto('threshold');
+    const budget = this.#engine.store.budget;
+    if (budget !== null && this.#dirtyDataBytes() >= budget * BUDGET_FLUSH_SHARE) void this.#auto('budget');
+    else if (this.#o.dirtyMaxBytes !== undefined && dirty >= this.#o.dirtyMaxBytes) void this.#auto('threshold');
     else if (this.#o.maxDirtyAgeMs !== undefined && now - this.#oldestDirtyAt >= this.#o.maxDirtyAgeMs) void this.#auto('age');
     else if (this.#onAc && now - this.#engine.lastRequestAt >= (this.#o.quietMs ?? 5000)) void this.#auto('ac');
   }
@@ -389,7 +424,7 @@ export class FlushScheduler {
     this.#sample();
     let row: number | undefined;
     try {
-      row = history?.flushStarted(this.#engine.store.info.flushEpoch + 1, startedAt);
+      row = history?.flushStarted(this.#engine.store.info.flushEpoch + 1, startedAt, reason);
     } catch (err) {
       this.#log.warn(`cannot record the flush in the history: ${(err as Error).message}`);
     }

@@ -3,7 +3,7 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { freeLoop, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev } from '../support/cli.js';
+import { loopsUnder, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev, unusedLoop } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 const undo: Array<() => void> = [];
@@ -18,7 +18,7 @@ afterEach(() => {
 });
 
 function loops(): string {
-  return sh('losetup', ['-a']).stdout;
+  return loopsUnder(s.dir);
 }
 
 async function expectRefused(args: string[], message: RegExp, options: { uid?: number; env?: NodeJS.ProcessEnv } = {}): Promise<void> {
@@ -59,9 +59,9 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
 
   it('a BACKEND that does not exist, or is a directory', async () => {
     s = scratch('ulob-cli-');
-    await expectRefused([...cacheArgs(), freeLoop(), join(s.dir, 'missing.img')], /cannot open backing device .*missing\.img: ENOENT/);
+    await expectRefused([...cacheArgs(), unusedLoop(), join(s.dir, 'missing.img')], /cannot open backing device .*missing\.img: ENOENT/);
     mkdirSync(join(s.dir, 'adir'));
-    await expectRefused([...cacheArgs(), freeLoop(), join(s.dir, 'adir')], /neither a block device nor a regular file/);
+    await expectRefused([...cacheArgs(), unusedLoop(), join(s.dir, 'adir')], /neither a block device nor a regular file/);
   });
 
   it('a loop DEVICE that is in use', async () => {
@@ -77,7 +77,7 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     const disk = makeDisk('disk.img', '1M');
     const loop = mustSh('losetup', ['-f', '--show', disk]).trim();
     undo.push(() => sh('losetup', ['-d', loop]));
-    await expectRefused([...cacheArgs(), freeLoop(), disk], new RegExp(`attached to ${loop}`));
+    await expectRefused([...cacheArgs(), unusedLoop(), disk], new RegExp(`attached to ${loop}`));
   });
 
   it('a BACKEND block device that is mounted', async () => {
@@ -90,13 +90,13 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     mkdirSync(mnt);
     mustSh('mount', [loop, mnt]);
     undo.push(() => sh('umount', [mnt]));
-    await expectRefused([...cacheArgs(), freeLoop(), loop], new RegExp(`${loop} is mounted on ${mnt}`));
+    await expectRefused([...cacheArgs(), unusedLoop(), loop], new RegExp(`${loop} is mounted on ${mnt}`));
   });
 
   it('the cache of another disk', async () => {
     s = scratch('ulob-cli-');
     await makeCache(makeDisk('a.img'));
-    await expectRefused([...cacheArgs(), '--writeback', freeLoop(), makeDisk('b.img')], /is the cache of another disk/);
+    await expectRefused([...cacheArgs(), '--writeback', unusedLoop(), makeDisk('b.img')], /is the cache of another disk/);
   });
 
   it('a disk whose size changed since the cache was made', async () => {
@@ -104,7 +104,7 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     const disk = makeDisk('disk.img');
     await makeCache(disk);
     mustSh('truncate', ['-s', '32M', disk]);
-    await expectRefused([...cacheArgs(), freeLoop(), disk], /but its cache was made for 16777216 bytes/);
+    await expectRefused([...cacheArgs(), unusedLoop(), disk], /but its cache was made for 16777216 bytes/);
   });
 
   it('corrupt metadata', async () => {
@@ -112,19 +112,19 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     const disk = makeDisk('disk.img');
     await makeCache(disk);
     writeFileSync(join(s.dir, 'c.cache.meta'), Buffer.alloc(8192, 0x5a));
-    await expectRefused([...cacheArgs(), freeLoop(), disk], /is not valid ulobdev metadata/);
+    await expectRefused([...cacheArgs(), unusedLoop(), disk], /is not valid ulobdev metadata/);
   });
 
   it('a cache file without its metadata', async () => {
     s = scratch('ulob-cli-');
     writeFileSync(join(s.dir, 'c.cache'), 'precious data of some other program');
-    await expectRefused([...cacheArgs(), freeLoop(), makeDisk('disk.img')], /exists but its metadata .* does not/);
+    await expectRefused([...cacheArgs(), unusedLoop(), makeDisk('disk.img')], /exists but its metadata .* does not/);
   });
 
   it('a bad block size', async () => {
     s = scratch('ulob-cli-');
-    await expectRefused([...cacheArgs(), '--block-size', '3000', freeLoop(), makeDisk('disk.img')], /block size must be a power of two/);
-    await expectRefused([...cacheArgs(), '--block-size', '2M', freeLoop(), makeDisk('disk.img')], /block size must be a power of two/);
+    await expectRefused([...cacheArgs(), '--block-size', '3000', unusedLoop(), makeDisk('disk.img')], /block size must be a power of two/);
+    await expectRefused([...cacheArgs(), '--block-size', '2M', unusedLoop(), makeDisk('disk.img')], /block size must be a power of two/);
   });
 
   it('the kernel module frontends without their module', async () => {
@@ -146,12 +146,12 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
 
   it('no root for a device frontend', async () => {
     s = scratch('ulob-cli-');
-    await expectRefused([...cacheArgs(), freeLoop(), makeDisk('disk.img')], /needs root/, { uid: 65534 });
+    await expectRefused([...cacheArgs(), unusedLoop(), makeDisk('disk.img')], /needs root/, { uid: 65534 });
   });
 
   it('detach and status of a device nobody serves', async () => {
     s = scratch('ulob-cli-');
-    await expectRefused(['detach', '/dev/loop7'], /no ulobdev daemon is listening/);
-    await expectRefused(['status', '/dev/loop7'], /no ulobdev daemon is listening/);
+    await expectRefused(['detach', '/dev/loop7'], /\/dev\/loop7 is not attached/);
+    await expectRefused(['status', '/dev/loop7'], /\/dev\/loop7 is not attached/);
   });
 });

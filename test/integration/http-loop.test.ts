@@ -146,7 +146,7 @@ describe('ulohttp over nginx through /dev/loopN', () => {
     const proxy = await startFaultProxy(nginx.port, 1);
     stops.push(() => proxy.stop());
     const url = `http://127.0.0.1:${proxy.port}/disk.sqfs`;
-    const loop = await attach(url, join(s.dir, 'hydrated.cache'), ['--hydrate', '200M']);
+    const loop = await attach(url, join(s.dir, 'hydrated.cache'), ['--hydrate-rate', '200M']);
     const deadline = Date.now() + 30_000;
     let st = await status(loop);
     while (!st.hydration?.done && Date.now() < deadline) {

@@ -3,8 +3,9 @@
 // disk keeps its cache across a re-bind under another device number (its identity is the disk's
 // plus the partition, not the partition's device number).
 import { closeSync, existsSync, openSync, readFileSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { fstabWarnings } from '../../src/daemon/fstab.js';
 import { freeLoop, killStrays, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
@@ -153,14 +154,21 @@ describe('partitions', () => {
     const partUuid = '6f6539ea-4052-4b2a-acde-0a2792298474';
     mustSh('sgdisk', ['-n', '1:2048:+16M', '-u', `1:${partUuid}`, '-n', '2:0:0', image]);
     const fsUuid = '81720442-f1c0-4c71-b2e1-d1b829c08e4e';
+    const fstab = join(s.dir, 'fstab');
     const tmp = mustSh('losetup', ['-f', '--show', '--partscan', image]).trim();
     try {
       if (!existsSync(`${tmp}p2`)) mustSh('partx', ['--add', tmp]);
       mustSh('mkfs.ext4', ['-q', '-L', 'vault', '-U', fsUuid, `${tmp}p2`]);
+      // With the udev rule installed the advice names the stable links, partition numbers from sysfs.
+      writeFileSync(fstab, `LABEL=vault /srv ext4 defaults 0 2\nPARTUUID=${partUuid} /p1 ext4 defaults 0 2\n`);
+      const linked = await fstabWarnings(tmp, `/sys/block/${basename(tmp)}`, image, fstab, '/dev/ulobdev/vault');
+      expect(linked.map((l) => /name (.*) there instead/.exec(l)?.[1])).toEqual([
+        `/dev/ulobdev/vault-part2 (the stable link to ${tmp}p2)`,
+        `/dev/ulobdev/vault-part1 (the stable link to ${tmp}p1)`,
+      ]);
     } finally {
       sh('losetup', ['-d', tmp]);
     }
-    const fstab = join(s.dir, 'fstab');
     writeFileSync(
       fstab,
       [

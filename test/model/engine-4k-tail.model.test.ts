@@ -45,6 +45,29 @@ const CASES: Record<string, ModelCase> = {
       { crash: 'power', after: 7, op: { kind: 'writeback-racing', sector: 0, count: 1, split: 0, during: false } },
     ],
   },
+  // Planted once: a flush cleaned zeroed blocks (TRIM, WRITE_ZEROES) before the bitmap page with
+  // their cleared present bits was synced (rule 10). A power loss then brings back the stale
+  // present bit: a clean block whose cache copy is the old data, not the disk's zeros.
+  'a zeroed block is durably not present before a flush makes it clean': {
+    seed: 1,
+    steps: [
+      { crash: 'power', after: 0, op: { kind: 'read', sector: 0, count: 1 } },
+      { op: { kind: 'zero', sector: 0, count: 8, fua: false } },
+      { crash: 'power', after: 4, op: { kind: 'writeback' } },
+    ],
+  },
+  // Planted once: a partial write into a zeroed block did not write zeros into the rest of the
+  // block first. Without a budget the zeroed block is not punched, so the rest kept the block's
+  // old bytes, and the flush sent them to the disk instead of zeros.
+  'a partial write into a zeroed block materialises zeros first': {
+    seed: 1,
+    steps: [
+      { crash: 'power', after: 0, op: { kind: 'read', sector: 0, count: 1 } },
+      { op: { kind: 'discard', sector: 0, count: 8 } },
+      { op: { kind: 'write', sector: 0, count: 1, fua: false } },
+      { op: { kind: 'writeback-racing', sector: 0, count: 1, split: 0, during: false } },
+    ],
+  },
   // Planted once: no copy-on-write of the epoch's version before a write (rule 7), so a write
   // racing the flush reached the disk inside an epoch that began before it (invariant 7).
   'a flush writes the epoch image, not a write that raced it': {

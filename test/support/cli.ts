@@ -77,6 +77,24 @@ export function freeLoop(): string {
   return mustSh('losetup', ['-f']).trim();
 }
 
+/**
+ * A /dev/loopN the kernel has not made (N from 256 up, at random): for attaches that must be
+ * refused before any device is bound, so that no other test taking a free loop device meanwhile
+ * can turn the expected refusal into "in use". ulobdev would make it with LOOP_CTL_ADD only when
+ * it binds, which a refused attach never reaches.
+ */
+export function unusedLoop(): string {
+  for (;;) {
+    const n = 256 + Math.floor(Math.random() * 768);
+    if (!existsSync(`/sys/block/loop${n}`)) return `/dev/loop${n}`;
+  }
+}
+
+/** `losetup -a` lines of loop devices bound to anything under `dir` (other tests share the machine). */
+export function loopsUnder(dir: string): string {
+  return sh('losetup', ['-a']).stdout.split('\n').filter((l) => l.includes(dir)).join('\n');
+}
+
 export { tmpdir };
 
 /**

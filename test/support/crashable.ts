@@ -6,8 +6,12 @@
 // unsynced writes are lost, kept, or torn at sector granularity. A "process" crash keeps all of
 // them (the kernel's page cache survives a daemon's death).
 //
-// Every write, sync, allocate and metadata transaction is a persistence point: `crashAt` makes the
-// n-th one throw SimulatedCrash before it takes effect, and every later one too.
+// Files are sparse: each sector is allocated or a hole. A punched hole (fallocate PUNCH_HOLE) is
+// one more version of its sectors, as unsynced as a write until the next sync; so is a hole a
+// truncate adds. allocatedBytes() counts the allocated sectors (st_blocks, at sector grain).
+//
+// Every write, sync, allocate, truncate, punch and metadata transaction is a persistence point:
+// `crashAt` makes the n-th one throw SimulatedCrash before it takes effect, and every later one too.
 import { posixStorage } from '../../src/storage/posix-storage.js';
 import type { BlockFile, OpenOptions, Storage } from '../../src/storage/storage.js';
 import { Metadata } from '../../src/cache/metadata.js';
@@ -44,23 +48,40 @@ export class Rng {
   }
 }
 
+/** A version of a sector: its bytes, or null for a hole (reads as zeros, takes no space). */
+type Version = Buffer | null;
+
 export class ModelFile {
   durable: Buffer;
   visible: Buffer;
-  /** Sector index → versions written since the last sync (oldest first). */
-  readonly unsynced = new Map<number, Buffer[]>();
+  /** Per sector: 1 where the durable (or visible) state is a hole. */
+  durableHole: Uint8Array;
+  visibleHole: Uint8Array;
+  /** Sector index → versions written or punched since the last sync (oldest first). */
+  readonly unsynced = new Map<number, Version[]>();
 
   constructor(size = 0) {
     this.durable = Buffer.alloc(size);
     this.visible = Buffer.alloc(size);
+    this.durableHole = new Uint8Array(Math.ceil(size / SECTOR));
+    this.visibleHole = new Uint8Array(Math.ceil(size / SECTOR));
   }
 
   get size(): number {
     return this.visible.byteLength;
   }
 
-  resize(size: number): void {
+  /** Grows the file; the new sectors are allocated zeros, or holes with `sparse`. */
+  resize(size: number, sparse = false): void {
     if (size <= this.visible.byteLength) return;
+    const sectors = Math.ceil(size / SECTOR);
+    const grow = (holes: Uint8Array): Uint8Array => {
+      const out = new Uint8Array(sectors).fill(sparse ? 1 : 0);
+      out.set(holes);
+      return out;
+    };
+    this.visibleHole = grow(this.visibleHole);
+    this.durableHole = grow(this.durableHole);
     this.visible = Buffer.concat([this.visible, Buffer.alloc(size - this.visible.byteLength)]);
     this.durable = Buffer.concat([this.durable, Buffer.alloc(size - this.durable.byteLength)]);
   }
@@ -71,10 +92,24 @@ export class ModelFile {
     const first = Math.floor(position / SECTOR);
     const end = Math.ceil((position + buf.byteLength) / SECTOR);
     for (let s = first; s < end; s++) {
-      const version = Buffer.from(this.visible.subarray(s * SECTOR, (s + 1) * SECTOR));
-      const list = this.unsynced.get(s);
-      if (list) list.push(version);
-      else this.unsynced.set(s, [version]);
+      this.visibleHole[s] = 0;
+      this.#record(s, Buffer.from(this.visible.subarray(s * SECTOR, (s + 1) * SECTOR)));
+    }
+  }
+
+  /** Sectors wholly inside the range become holes; the parts of others are written with zeros. */
+  punch(position: number, length: number): void {
+    const end = Math.min(position + length, this.size);
+    for (let s = Math.floor(position / SECTOR); s * SECTOR < end; s++) {
+      const from = Math.max(position, s * SECTOR);
+      const to = Math.min(end, (s + 1) * SECTOR);
+      this.visible.fill(0, from, to);
+      if (from === s * SECTOR && to === (s + 1) * SECTOR) {
+        this.visibleHole[s] = 1;
+        this.#record(s, null);
+      } else if (!this.visibleHole[s]) {
+        this.#record(s, Buffer.from(this.visible.subarray(s * SECTOR, (s + 1) * SECTOR)));
+      }
     }
   }
 
@@ -87,6 +122,7 @@ export class ModelFile {
   sync(): void {
     for (const s of this.unsynced.keys()) {
       this.visible.copy(this.durable, s * SECTOR, s * SECTOR, (s + 1) * SECTOR);
+      this.durableHole[s] = this.visibleHole[s]!;
     }
     this.unsynced.clear();
   }
@@ -94,10 +130,48 @@ export class ModelFile {
   crash(kind: CrashKind, rng: Rng): void {
     for (const [s, versions] of this.unsynced) {
       const pick = kind === 'process' ? versions.length : rng.int(versions.length + 1);
-      if (pick > 0) versions[pick - 1]!.copy(this.durable, s * SECTOR);
+      if (pick === 0) continue;
+      const v = versions[pick - 1]!;
+      if (v === null) {
+        this.durable.fill(0, s * SECTOR, (s + 1) * SECTOR);
+        this.durableHole[s] = 1;
+      } else {
+        v.copy(this.durable, s * SECTOR);
+        this.durableHole[s] = 0;
+      }
     }
     this.unsynced.clear();
     this.visible = Buffer.from(this.durable);
+    this.visibleHole = Uint8Array.from(this.durableHole);
+  }
+
+  /** Bytes of allocated sectors now. */
+  allocatedBytes(): number {
+    let n = 0;
+    for (let s = 0; s < this.visibleHole.length; s++) if (!this.visibleHole[s]) n++;
+    return n * SECTOR;
+  }
+
+  /** Whether any sector of [position, position + length) is a hole now. */
+  hasHole(position: number, length: number): boolean {
+    for (let s = Math.floor(position / SECTOR); s * SECTOR < Math.min(position + length, this.size); s++) if (this.visibleHole[s]) return true;
+    return false;
+  }
+
+  /** The first allocated run at or after `position`, as [start, end) bytes (SEEK_DATA, SEEK_HOLE). */
+  nextData(position: number): [number, number] | null {
+    let s = Math.floor(position / SECTOR);
+    while (s < this.visibleHole.length && this.visibleHole[s]) s++;
+    if (s >= this.visibleHole.length) return null;
+    let e = s;
+    while (e < this.visibleHole.length && !this.visibleHole[e]) e++;
+    return [Math.max(position, s * SECTOR), Math.min(this.size, e * SECTOR)];
+  }
+
+  #record(s: number, version: Version): void {
+    const list = this.unsynced.get(s);
+    if (list) list.push(version);
+    else this.unsynced.set(s, [version]);
   }
 }
 
@@ -109,6 +183,8 @@ export class CrashWorld {
   /** Crash when `ops` reaches this number (Infinity: never). */
   crashAt = Infinity;
   crashed = false;
+  /** What storage().freeBytes() answers. */
+  freeBytes = 2 ** 40;
   /**
    * Per metadata path, dirty-intent transactions written to the WAL but not synced yet
    * (Metadata.addDirtyUnsynced), oldest first. The real database has not seen them: a sync, or a
@@ -181,6 +257,9 @@ export class CrashWorld {
       async syncDir(): Promise<void> {
         world.point();
       },
+      async freeBytes(): Promise<number> {
+        return world.freeBytes;
+      },
     };
   }
 
@@ -199,7 +278,7 @@ export class CrashWorld {
         world.unsyncedIntents.delete(m.path);
         for (const extents of txns) addDirty(extents);
       };
-      for (const name of ['addDirty', 'replaceDirty', 'setState', 'setMode', 'setCleanShutdown'] as const) {
+      for (const name of ['addDirty', 'replaceDirty', 'setState', 'setMode', 'setCleanShutdown', 'upgrade', 'setBudget', 'saveClock'] as const) {
         const original = (m[name] as (...args: unknown[]) => void).bind(m);
         (m as unknown as Record<string, unknown>)[name] = (...args: unknown[]) => {
           world.point();
@@ -223,7 +302,7 @@ export class CrashWorld {
       return m;
     };
     return {
-      create: (path, identity, mode) => wrap(Metadata.create(path, identity, mode)),
+      create: (path, identity, mode, space) => wrap(Metadata.create(path, identity, mode, space)),
       open: (path) => wrap(Metadata.open(path)),
     };
   }
@@ -266,6 +345,31 @@ class ModelHandle implements BlockFile {
     this.#check();
     this.#world.point();
     this.#file.resize(length);
+  }
+
+  async truncate(length: number): Promise<void> {
+    this.#check();
+    this.#world.point();
+    this.#file.resize(length, true);
+  }
+
+  async punchHole(offset: number, length: number): Promise<void> {
+    this.#check();
+    if (this.#readOnly) throw Object.assign(new Error('EBADF'), { code: 'EBADF' });
+    this.#world.point();
+    this.#file.punch(offset, length);
+  }
+
+  zeroRange(offset: number, length: number): Promise<void> {
+    return this.punchHole(offset, length);
+  }
+
+  async allocatedBytes(): Promise<number> {
+    return this.#file.allocatedBytes();
+  }
+
+  async nextData(offset: number): Promise<[number, number] | null> {
+    return this.#file.nextData(offset);
   }
 
   async size(): Promise<number> {

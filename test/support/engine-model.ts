@@ -20,6 +20,13 @@ export interface ModelConfig {
   blocks: number;
   /** Bytes cut off the last block, so the disk is not a whole number of blocks. */
   tail: number;
+  /**
+   * A cache budget (--cache-size) of this many blocks, with eviction units of `unitBlocks`: the
+   * cache file is sparse, and evictions and punched holes join the persistence points. Without
+   * it the cache is a full, preallocated mirror.
+   */
+  budgetBlocks?: number;
+  unitBlocks?: number;
 }
 
 const BASE_TAG = 1;
@@ -37,9 +44,14 @@ export function sectorBytes(tag: number, sector: number): Buffer {
   return b;
 }
 
+/** Content of a zeroed sector (TRIM, WRITE_ZEROES). */
+export const ZERO_TAG = 0;
+
+/** The write a sector's bytes came from (ZERO_TAG for all zeros), or -1 for garbage. */
 export function decodeSector(buf: Buffer, sector: number): number {
   const tag = buf.readUInt32LE(0);
-  if (tag === 0 || !sectorBytes(tag, sector).equals(buf)) return -1;
+  if (tag === 0) return buf.every((x) => x === 0) ? ZERO_TAG : -1;
+  if (!sectorBytes(tag, sector).equals(buf)) return -1;
   return tag;
 }
 
@@ -60,6 +72,15 @@ interface Model {
   /** The image of the epoch being flushed, from its beginEpoch() until it completes or crashes. */
   flushing: Uint32Array | null;
   /**
+   * Other contents the flushing epoch may hold per sector: those of the request in flight when a
+   * flush started from inside it (the budget was full), whose sectors may be old or new in it.
+   */
+  flushingAlt: Map<number, Set<number>>;
+  /** The write or zeroing being served now: its sectors, its tag, their contents before it. */
+  inflight: { first: number; count: number; tag: number; before: Uint32Array } | null;
+  /** While recovering: sectors not read back yet (their content is one of stable/since). */
+  unverified: Uint8Array | null;
+  /**
    * Sectors a crash left torn between two epochs (old image or the crashed epoch's): allowed on the
    * disk besides `image` until the next completed epoch rewrites them.
    */
@@ -73,7 +94,10 @@ interface Real {
   backingPath: string;
   size: number;
   blockSize: number;
+  budgetBlocks: number | undefined;
+  unitBlocks: number;
   engine: CacheEngine;
+  model?: Model;
 }
 
 async function openEngine(real: Omit<Real, 'engine'>): Promise<CacheEngine> {
@@ -85,11 +109,47 @@ async function openEngine(real: Omit<Real, 'engine'>): Promise<CacheEngine> {
     backing: source,
     mode: 'writeback',
     blockSize: real.blockSize,
+    budget: real.budgetBlocks === undefined ? undefined : real.budgetBlocks * real.blockSize,
+    evictionUnit: real.unitBlocks * real.blockSize,
     storage,
     metadata: real.world.metadata(),
   });
   // One block of copies in memory, the rest in the spill file: both copy-on-write paths run.
-  return new CacheEngine(store, source, { autoCommitMs: 0, cowMemoryBytes: real.blockSize });
+  const engine = new CacheEngine(store, source, { autoCommitMs: 0, cowMemoryBytes: real.blockSize });
+  // The budget full of dirty data: a flush from inside the request that needs room, as the
+  // daemon's scheduler does (reason 'budget').
+  engine.onSpacePressure = () => pressureFlush(real as Real, engine);
+  return engine;
+}
+
+/** A flush started by a request waiting for room; the model learns the image it writes. */
+async function pressureFlush(real: Real, engine: CacheEngine): Promise<void> {
+  const model = real.model!;
+  const image = Uint32Array.from(model.current);
+  const alt = new Map<number, Set<number>>();
+  const allow = (s: number, tag: number) => {
+    let set = alt.get(s);
+    if (!set) alt.set(s, (set = new Set()));
+    set.add(tag);
+  };
+  const f = model.inflight;
+  if (f) {
+    for (let i = 0; i < f.count; i++) {
+      image[f.first + i] = f.before[i]!;
+      allow(f.first + i, f.tag);
+    }
+  }
+  if (model.unverified) {
+    for (let s = 0; s < model.sectors; s++) {
+      if (!model.unverified[s]) continue;
+      image[s] = model.stable[s]!;
+      for (const t of model.since.get(s) ?? []) allow(s, t);
+    }
+  }
+  model.flushing = image;
+  model.flushingAlt = alt;
+  await flushDirty(engine);
+  completeEpoch(model, real);
 }
 
 /**
@@ -107,11 +167,12 @@ function expectDiskIsEpochImage(model: Model, disk: Buffer, what: string): void 
   }
 }
 
-/** An epoch completed: the disk is its image exactly. */
+/** An epoch completed: the disk is its image exactly (or, for sectors of flushingAlt, one of those). */
 function completeEpoch(model: Model, real: Real): void {
   model.image = model.flushing!;
   model.flushing = null;
-  model.torn.clear();
+  model.torn = model.flushingAlt;
+  model.flushingAlt = new Map();
   expectDiskIsEpochImage(model, real.world.file(real.backingPath).visible, 'after a completed flush');
 }
 
@@ -130,21 +191,35 @@ function expectContent(buf: Buffer, firstSector: number, expected: (s: number) =
   }
 }
 
-/** Invariant 2 (and 1, 4): a present block that is not dirty holds exactly the backing disk's bytes. */
+/**
+ * Invariant 2 (and 1, 4): a present block that is not dirty holds exactly the backing disk's bytes.
+ * Invariant 1: no present block lies over a hole of the cache file. The budget: the cache file
+ * holds no more than the budget plus one eviction unit.
+ */
 function expectCleanBlocksMatchBacking(real: Real): void {
   const store = real.engine.store;
-  const cache = real.world.file(real.paths.cache).visible;
+  const cacheFile = real.world.file(real.paths.cache);
+  const cache = cacheFile.visible;
   const backing = real.world.file(real.backingPath).visible;
   for (const run of store.present.runs()) {
     for (let b = run.start; b < run.start + run.count; b++) {
-      if (store.dirty.get(b)) continue;
       const off = b * real.blockSize;
       const len = Math.min(real.blockSize, real.size - off);
+      if (cacheFile.hasHole(off, len)) expect.fail(`block ${b} is present over a hole of the cache file`);
+      if (store.dirty.get(b)) continue;
       if (!cache.subarray(off, off + len).equals(backing.subarray(off, off + len))) {
         expect.fail(`block ${b} is present and clean but its cache copy differs from the backing disk`);
       }
     }
   }
+  expectWithinBudget(real);
+}
+
+function expectWithinBudget(real: Real): void {
+  if (real.budgetBlocks === undefined) return;
+  const held = real.world.file(real.paths.cache).allocatedBytes();
+  const limit = (real.budgetBlocks + real.unitBlocks) * real.blockSize;
+  if (held > limit) expect.fail(`the cache file holds ${held} bytes, over the budget plus one unit (${limit})`);
 }
 
 /** Crash the world, reopen, and check that every sector holds a content the model allows. */
@@ -157,12 +232,15 @@ async function crashAndRecover(model: Model, real: Real, kind: CrashKind): Promi
   // later write), at sector granularity.
   if (model.flushing) {
     for (let s = 0; s < model.sectors; s++) {
-      if (model.flushing[s] === model.image[s]) continue;
+      const also = [...(model.flushingAlt.get(s) ?? [])];
+      if (model.flushing[s] !== model.image[s]) also.push(model.flushing[s]!);
+      if (also.length === 0) continue;
       let set = model.torn.get(s);
       if (!set) model.torn.set(s, (set = new Set()));
-      set.add(model.flushing[s]!);
+      for (const t of also) set.add(t);
     }
   }
+  model.inflight = null;
   expectDiskIsEpochImage(model, real.world.file(real.backingPath).durable, `after a ${kind} crash`);
   for (let attempt = 0; ; attempt++) {
     // Half the time, crash once more in the middle of recovery itself.
@@ -172,27 +250,41 @@ async function crashAndRecover(model: Model, real: Real, kind: CrashKind): Promi
       real.world.crashAt = Infinity;
       break;
     } catch (err) {
-      if (!(err instanceof SimulatedCrash)) throw err;
+      // The store wraps what it was doing around the crash (IOFailedError with the crash as cause).
+      if (!(err instanceof SimulatedCrash) && !real.world.crashed) throw err;
       real.world.crash(kind, real.rng);
     }
   }
   expect(real.engine.store.recoveredFromCrash).toBe(true);
   // The crashed epoch committed (its metadata transaction ran): the disk is its image exactly.
-  if (model.flushing && real.engine.store.info.flushEpoch > epochBefore) completeEpoch(model, real);
-  model.flushing = null;
-  expectCleanBlocksMatchBacking(real);
-  const all = await real.engine.read(0, real.size);
-  for (let s = 0; s < model.sectors; s++) {
-    const got = decodeSector(all.subarray(s * SECTOR, (s + 1) * SECTOR), s);
-    const allowed = model.since.get(s);
-    if (got !== model.stable[s] && !allowed?.has(got)) {
-      expect.fail(
-        `after a ${kind} crash sector ${s} holds ${got === -1 ? 'garbage' : `write ${got}`}; allowed: ${[model.stable[s], ...(allowed ?? [])].join(', ')}`,
-      );
-    }
-    model.current[s] = got;
-    model.stable[s] = got;
+  if (model.flushing && real.engine.store.info.flushEpoch > epochBefore) {
+    completeEpoch(model, real);
   }
+  model.flushing = null;
+  model.flushingAlt = new Map();
+  expectCleanBlocksMatchBacking(real);
+  // Read back block by block (a budget may be smaller than the disk, and a read may flush to
+  // make room: sectors not read yet then count as any of their allowed contents).
+  model.unverified = new Uint8Array(model.sectors).fill(1);
+  const blockSectors = real.blockSize / SECTOR;
+  for (let first = 0; first < model.sectors; first += blockSectors) {
+    const count = Math.min(blockSectors, model.sectors - first);
+    const buf = await real.engine.read(first * SECTOR, count * SECTOR);
+    for (let s = first; s < first + count; s++) {
+      const got = decodeSector(buf.subarray((s - first) * SECTOR, (s - first + 1) * SECTOR), s);
+      const allowed = model.since.get(s);
+      if (got !== model.stable[s] && !allowed?.has(got)) {
+        expect.fail(
+          `after a ${kind} crash sector ${s} holds ${got === -1 ? 'garbage' : `write ${got}`}; allowed: ${[model.stable[s], ...(allowed ?? [])].join(', ')}`,
+        );
+      }
+      model.current[s] = got;
+      model.stable[s] = got;
+      model.since.delete(s);
+      model.unverified[s] = 0;
+    }
+  }
+  model.unverified = null;
   model.since.clear();
   expectCleanBlocksMatchBacking(real);
 }
@@ -204,12 +296,51 @@ export type Op =
   | { kind: 'write'; sector: number; count: number; fua: boolean }
   | { kind: 'flush' }
   | { kind: 'discard'; sector: number; count: number }
+  | { kind: 'zero'; sector: number; count: number; fua: boolean }
+  | { kind: 'evict'; blocks: number }
   | { kind: 'writeback' }
   | { kind: 'writeback-racing'; sector: number; count: number; split: number; during: boolean };
 
 function clip(model: Model, sector: number, count: number): [number, number] {
   const s = sector % model.sectors;
   return [s, Math.max(1, Math.min(count, model.sectors - s))];
+}
+
+/** Sectors [s, s + n) take content `tag`: acknowledged once `run` resolves, stable with `fua`. */
+async function changeSectors(model: Model, s: number, n: number, tag: number, fua: boolean, run: () => Promise<void>): Promise<void> {
+  model.inflight = { first: s, count: n, tag, before: model.current.slice(s, s + n) };
+  for (let x = s; x < s + n; x++) {
+    model.current[x] = tag;
+    let set = model.since.get(x);
+    if (!set) model.since.set(x, (set = new Set()));
+    set.add(tag);
+  }
+  await run();
+  model.inflight = null;
+  if (fua) {
+    for (let x = s; x < s + n; x++) {
+      model.stable[x] = tag;
+      model.since.delete(x);
+    }
+  }
+}
+
+/**
+ * Runs `w` until it settles or waits for room in the budget (a write racing an open flush epoch
+ * may wait for that epoch to end). True if it settled.
+ */
+async function settledOrWaiting(w: Promise<unknown>, engine: CacheEngine): Promise<boolean> {
+  let settled = false;
+  const done = w.then(
+    () => (settled = true),
+    () => (settled = true),
+  );
+  for (let i = 0; i < 100_000 && !settled; i++) {
+    if (engine.spaceWaiters > 0) return false;
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+  await done;
+  return true;
 }
 
 async function runOp(op: Op, model: Model, real: Real): Promise<void> {
@@ -224,19 +355,7 @@ async function runOp(op: Op, model: Model, real: Real): Promise<void> {
     case 'write': {
       const [s, n] = clip(model, op.sector, op.count);
       const tag = model.nextTag++;
-      for (let x = s; x < s + n; x++) {
-        model.current[x] = tag;
-        let set = model.since.get(x);
-        if (!set) model.since.set(x, (set = new Set()));
-        set.add(tag);
-      }
-      await engine.write(s * SECTOR, writeSectors(s, n, tag), { fua: op.fua });
-      if (op.fua) {
-        for (let x = s; x < s + n; x++) {
-          model.stable[x] = tag;
-          model.since.delete(x);
-        }
-      }
+      await changeSectors(model, s, n, tag, op.fua, () => engine.write(s * SECTOR, writeSectors(s, n, tag), { fua: op.fua }));
       return;
     }
     case 'flush':
@@ -245,10 +364,19 @@ async function runOp(op: Op, model: Model, real: Real): Promise<void> {
       model.since.clear();
       return;
     case 'discard': {
+      // TRIM reads back zeros (issue 14, item 4a), durable as a write is: at the next FLUSH.
       const [s, n] = clip(model, op.sector, op.count);
-      await engine.discard(s * SECTOR, n * SECTOR);
+      await changeSectors(model, s, n, ZERO_TAG, false, () => engine.discard(s * SECTOR, n * SECTOR));
       return;
     }
+    case 'zero': {
+      const [s, n] = clip(model, op.sector, op.count);
+      await changeSectors(model, s, n, ZERO_TAG, op.fua, () => engine.zero(s * SECTOR, n * SECTOR, { fua: op.fua }));
+      return;
+    }
+    case 'evict':
+      await engine.evict(op.blocks);
+      return;
     case 'writeback':
       model.flushing = Uint32Array.from(model.current);
       await flushDirty(engine);
@@ -258,6 +386,8 @@ async function runOp(op: Op, model: Model, real: Real): Promise<void> {
     case 'writeback-racing': {
       // A user write lands in the middle of copying the epoch's blocks to the backing disk: between
       // two extents, or while the flusher reads extent `split` (copy-on-write against readEpoch).
+      // With a budget the write may have to wait for room until the epoch ends: then it completes
+      // after the commit.
       model.flushing = Uint32Array.from(model.current);
       const epoch: Epoch = await engine.beginEpoch();
       const g = engine.geometry;
@@ -268,22 +398,38 @@ async function runOp(op: Op, model: Model, real: Real): Promise<void> {
         const buf = await engine.readEpoch(epoch, e.start, e.count);
         await source.writeAt(buf, g.blockOffset(e.start));
       };
-      const write = () => runOp({ kind: 'write', sector: op.sector, count: op.count, fua: false }, model, real);
-      try {
-        for (let i = 0; i < split; i++) await copyOne(i);
-        if (op.during && split < epoch.extents.length) {
-          await Promise.all([copyOne(split), write()]);
-        } else {
-          await write();
-          if (split < epoch.extents.length) await copyOne(split);
+      const zeroOne = async (i: number) => {
+        const e = epoch.extents[i]!;
+        // Blocks zeroed at the snapshot go to the disk as zeros, as flushDirty writes them.
+        for (let b = e.start; b < e.start + e.count; b++) {
+          if (epoch.isZero(b)) await source.writeAt(Buffer.alloc(g.extentBytes(b, 1)), g.blockOffset(b));
         }
-        for (let i = split + 1; i < epoch.extents.length; i++) await copyOne(i);
+      };
+      const copy = async (i: number) => {
+        await copyOne(i);
+        await zeroOne(i);
+      };
+      let write: Promise<void> | null = null;
+      try {
+        for (let i = 0; i < split; i++) await copy(i);
+        if (op.during && split < epoch.extents.length) {
+          write = runOp({ kind: 'write', sector: op.sector, count: op.count, fua: false }, model, real);
+          await copy(split);
+          if (await settledOrWaiting(write, engine)) await write;
+        } else {
+          write = runOp({ kind: 'write', sector: op.sector, count: op.count, fua: false }, model, real);
+          if (await settledOrWaiting(write, engine)) await write;
+          if (split < epoch.extents.length) await copy(split);
+        }
+        for (let i = split + 1; i < epoch.extents.length; i++) await copy(i);
         await engine.commitEpoch(epoch);
       } catch (err) {
         engine.abortEpoch(epoch);
+        await write?.catch(() => undefined);
         throw err;
       }
       completeEpoch(model, real);
+      await write;
       expectCleanBlocksMatchBacking(real);
       return;
     }
@@ -349,7 +495,7 @@ class ReopenCommand implements fc.AsyncCommand<Model, Real> {
   }
 }
 
-function opArb(sectors: number, blockSectors: number): fc.Arbitrary<Op> {
+function opArb(sectors: number, blockSectors: number, budget: boolean): fc.Arbitrary<Op> {
   const sector = fc.nat({ max: sectors - 1 });
   const count = fc.integer({ min: 1, max: blockSectors * 3 });
   return fc.oneof(
@@ -357,6 +503,8 @@ function opArb(sectors: number, blockSectors: number): fc.Arbitrary<Op> {
     { weight: 5, arbitrary: fc.record({ kind: fc.constant('write' as const), sector, count, fua: fc.boolean() }) },
     { weight: 2, arbitrary: fc.constant({ kind: 'flush' as const }) },
     { weight: 1, arbitrary: fc.record({ kind: fc.constant('discard' as const), sector, count }) },
+    { weight: 1, arbitrary: fc.record({ kind: fc.constant('zero' as const), sector, count: fc.integer({ min: 1, max: blockSectors * 4 }), fua: fc.boolean() }) },
+    { weight: budget ? 2 : 0, arbitrary: fc.record({ kind: fc.constant('evict' as const), blocks: fc.integer({ min: 1, max: 4 }) }) },
     { weight: 2, arbitrary: fc.constant({ kind: 'writeback' as const }) },
     {
       weight: 2,
@@ -389,7 +537,7 @@ function commandOf(step: Step): fc.AsyncCommand<Model, Real> {
 
 function stepArb(config: ModelConfig): fc.Arbitrary<Step> {
   const size = config.blocks * config.blockSize - config.tail;
-  const op = opArb(size / SECTOR, config.blockSize / SECTOR);
+  const op = opArb(size / SECTOR, config.blockSize / SECTOR, config.budgetBlocks !== undefined);
   return fc.oneof(
     op.map((o): Step => ({ op: o })),
     fc.tuple(op, fc.nat({ max: 12 }), fc.constantFrom<CrashKind>('power', 'power', 'process')).map(([o, after, crash]): Step => ({ crash, after, op: o })),
@@ -409,7 +557,8 @@ export function engineModelProperty(config: ModelConfig) {
  * ModelCase literal, to be kept as a named case next to the property.
  */
 export async function assertEngineModel(config: ModelConfig, runs: number): Promise<void> {
-  const details = await fc.check(engineModelProperty(config), { numRuns: runs });
+  // A run that hangs (a deadlock) fails after 30 s and is shrunk like any other failure.
+  const details = await fc.check(engineModelProperty(config), { numRuns: runs, timeout: 30_000 });
   if (!details.failed) return;
   const [steps, seed] = details.counterexample ?? [[], 0];
   const found = JSON.stringify({ seed, steps });
@@ -431,15 +580,6 @@ export async function runEngineModel(config: ModelConfig, { steps, seed }: Model
   const backing = world.file(backingPath);
   for (let s = 0; s < sectors; s++) backing.write(sectorBytes(BASE_TAG, s), s * SECTOR);
   backing.sync();
-  const partial: Omit<Real, 'engine'> = {
-    world,
-    rng: new Rng(seed),
-    paths: { cache: join(dir, 'cache'), bitmap: join(dir, 'bitmap'), metadata: join(dir, 'meta.db') },
-    backingPath,
-    size,
-    blockSize: config.blockSize,
-  };
-  const real: Real = { ...partial, engine: await openEngine(partial) };
   const model: Model = {
     sectors,
     current: new Uint32Array(sectors).fill(BASE_TAG),
@@ -448,8 +588,23 @@ export async function runEngineModel(config: ModelConfig, { steps, seed }: Model
     nextTag: BASE_TAG + 1,
     image: new Uint32Array(sectors).fill(BASE_TAG),
     flushing: null,
+    flushingAlt: new Map(),
+    inflight: null,
+    unverified: null,
     torn: new Map(),
   };
+  const partial: Omit<Real, 'engine'> = {
+    world,
+    rng: new Rng(seed),
+    paths: { cache: join(dir, 'cache'), bitmap: join(dir, 'bitmap'), metadata: join(dir, 'meta.db') },
+    backingPath,
+    size,
+    blockSize: config.blockSize,
+    budgetBlocks: config.budgetBlocks,
+    unitBlocks: config.unitBlocks ?? 1,
+    model,
+  };
+  const real: Real = { ...partial, engine: await openEngine(partial) };
   try {
     await fc.asyncModelRun(() => ({ model, real }), steps.map(commandOf));
   } finally {

@@ -3,12 +3,13 @@
 // short last blocks, eviction, concurrency, write-back racing user writes, the commit timer, bad
 // arguments, and the failed state after a failed sync.
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { EngineClosedError, InvalidArgumentError, IOFailedError, ReadOnlyError, UlobError } from '../../src/errors.js';
+import { CacheFullError, EngineClosedError, InvalidArgumentError, IOFailedError, ReadOnlyError, UlobError } from '../../src/errors.js';
 import { CacheEngine, type EngineOptions } from '../../src/cache/engine.js';
 import { posixStorage } from '../../src/storage/posix-storage.js';
 import type { BlockFile, Storage } from '../../src/storage/storage.js';
@@ -94,6 +95,11 @@ function flakyStorage(target: () => string): { storage: Storage; failNextSync: b
           await file.sync();
         },
         allocate: (length) => file.allocate(length),
+        truncate: (length) => file.truncate(length),
+        punchHole: (o, l) => file.punchHole(o, l),
+        zeroRange: (o, l) => file.zeroRange(o, l),
+        allocatedBytes: () => file.allocatedBytes(),
+        nextData: (o) => file.nextData(o),
         size: () => file.size(),
         close: () => file.close(),
       };
@@ -128,6 +134,11 @@ interface RigOptions {
   mode?: 'readonly' | 'writeback';
   engine?: EngineOptions;
   storage?: Storage;
+  /** A cache budget in bytes, and its eviction unit. */
+  budget?: number;
+  evictionUnit?: number;
+  /** Where the cache files go (default: the rig's temp dir). */
+  cacheDir?: string;
 }
 
 interface Rig {
@@ -147,7 +158,8 @@ async function rig(options: RigOptions): Promise<Rig> {
   const disk = join(sub, 'disk.img');
   const initial = randomBytes(options.size);
   writeFileSync(disk, initial);
-  const paths = { cache: join(sub, 'cache'), bitmap: join(sub, 'bitmap'), metadata: join(sub, 'cache.meta') };
+  const at = options.cacheDir ?? sub;
+  const paths = { cache: join(at, 'cache'), bitmap: join(at, 'bitmap'), metadata: join(at, 'cache.meta') };
   const mode = options.mode ?? 'writeback';
   const file = await openBacking(disk, { writable: mode === 'writeback' });
   cleanups.push(() => file.close());
@@ -165,6 +177,8 @@ async function attach(r: Rig, mode = r.options.mode ?? 'writeback', engineOption
     mode,
     blockSize: r.options.blockSize,
     storage: r.options.storage,
+    budget: r.options.budget,
+    evictionUnit: r.options.evictionUnit,
   });
   r.engine = new CacheEngine(r.store, r.source, { autoCommitMs: 0, ...engineOptions });
   const engine = r.engine;
@@ -429,37 +443,288 @@ describe('writes', () => {
   });
 });
 
-// --- discard --------------------------------------------------------------------------------------
+// --- TRIM and WRITE_ZEROES --------------------------------------------------------------------
 
-describe('discard', () => {
-  it('evicts clean blocks only, durably; evicted blocks read back the same bytes', async () => {
+describe('discard (TRIM) and zero (WRITE_ZEROES)', () => {
+  it('read back zeros at once, for clean, dirty and missing blocks and the parts of blocks at the ends; the disk gets zeros at the next flush', async () => {
     const BS = 4 * KiB;
-    const r = await rig({ size: 24 * BS, blockSize: BS });
+    const r = await rig({ size: 24 * BS - 1000, blockSize: BS });
     const model = Buffer.from(r.initial);
-    await r.engine.read(0, r.engine.size);
+    await r.engine.read(0, 8 * BS);
     const d = pattern(2 * BS, 41);
     await r.engine.write(5 * BS, d);
     d.copy(model, 5 * BS);
     await r.engine.flush();
-    expect(r.engine.stats()).toMatchObject({ presentBlocks: 24, dirtyBlocks: 2 });
+    expect(r.engine.stats()).toMatchObject({ presentBlocks: 8, dirtyBlocks: 2, zeroBlocks: 0 });
 
-    // Only blocks wholly inside the range go: 1..2 of [BS - 1, 3 * BS + 1).
-    await r.engine.discard(BS - 1, 2 * BS + 2);
-    expect([...r.store.present.gaps()]).toEqual([{ start: 1, count: 2 }]);
-    await r.engine.discard(0, r.engine.size);
-    expect([...r.store.present.runs()]).toEqual([{ start: 5, count: 2 }]);
-    expect([...r.store.dirty.runs()]).toEqual([{ start: 5, count: 2 }]);
-
-    // Eviction is durable before discard resolves: a crash now does not bring the bits back.
-    await reopen(r, 'abandon');
-    expect([...r.store.present.runs()]).toEqual([{ start: 5, count: 2 }]);
-    r.source.reset();
+    // [BS - 1, 4 * BS + 1): blocks 1..3 whole, a byte of block 0 and of block 4.
+    await r.engine.discard(BS - 1, 3 * BS + 2);
+    model.fill(0, BS - 1, 4 * BS + 1);
+    // Over dirty blocks 5..6 and missing ones up to the short last block.
+    await r.engine.zero(5 * BS + 100, r.engine.size - 5 * BS - 100);
+    model.fill(0, 5 * BS + 100);
     expect((await r.engine.read(0, r.engine.size)).equals(model)).toBe(true);
-    expect(r.source.readBytes).toBe(22 * BS);
-    for (const [pos, len] of r.source.reads) expect(pos + len <= 5 * BS || pos >= 7 * BS).toBe(true);
-    expect(r.source.writes).toEqual([]);
+    // Whole zeroed blocks are dirty, not present; the edges are written (blocks 0, 4, 5 dirty).
+    expect([...r.store.dirty.runs()]).toEqual([{ start: 0, count: 24 }]);
+    expect([...r.store.present.runs()]).toEqual([{ start: 0, count: 1 }, { start: 4, count: 2 }]);
+    expect(r.engine.stats().zeroBlocks).toBe(21);
+
+    // Durable when it resolves (the edges at the FLUSH), without another FLUSH for whole blocks.
+    await r.engine.flush();
+    await reopen(r, 'abandon');
+    expect((await r.engine.read(0, r.engine.size)).equals(model)).toBe(true);
+
+    const { bytes } = await flushDirty(r.engine);
+    expect(bytes).toBe(r.engine.size);
+    expect(diskBytes(r).equals(model)).toBe(true);
+    expect(r.engine.stats()).toMatchObject({ dirtyBlocks: 0, zeroBlocks: 0 });
+    await reopen(r, 'abandon');
+    expect((await r.engine.read(0, r.engine.size)).equals(model)).toBe(true);
+  });
+
+  it('a write into part of a zeroed block keeps zeros around it; a whole-block write replaces them', async () => {
+    const BS = 8 * KiB;
+    const r = await rig({ size: 8 * BS, blockSize: BS });
+    const model = Buffer.from(r.initial);
+    await r.engine.zero(0, 8 * BS);
+    model.fill(0);
+    const a = pattern(100, 7);
+    await r.engine.write(BS + 50, a);
+    a.copy(model, BS + 50);
+    const b = pattern(BS, 8);
+    await r.engine.write(3 * BS, b);
+    b.copy(model, 3 * BS);
+    expect((await r.engine.read(0, 8 * BS)).equals(model)).toBe(true);
+    await r.engine.flush();
+    expect(r.engine.stats()).toMatchObject({ zeroBlocks: 6, presentBlocks: 2, dirtyBlocks: 8 });
+    await reopen(r, 'abandon');
+    expect((await r.engine.read(0, 8 * BS)).equals(model)).toBe(true);
+    await flushDirty(r.engine);
+    expect(diskBytes(r).equals(model)).toBe(true);
+  });
+
+  it('are refused in read-only mode, changing nothing', async () => {
+    const r = await rig({ size: 64 * KiB, blockSize: 4 * KiB, mode: 'readonly' });
+    expectCoded(await outcome(() => r.engine.discard(0, 8 * KiB)), ReadOnlyError, 'ULOB_E_READ_ONLY');
+    expectCoded(await outcome(() => r.engine.zero(0, 8 * KiB)), ReadOnlyError, 'ULOB_E_READ_ONLY');
+    expect((await r.engine.read(0, 64 * KiB)).equals(r.initial)).toBe(true);
   });
 });
+
+// --- the cache budget ----------------------------------------------------------------------------
+
+/** What the filesystem charges for the cache file now. */
+function held(r: Rig): number {
+  return statSync(r.paths.cache).blocks * 512;
+}
+
+describe('a cache budget', () => {
+  const BS = 4 * KiB;
+  const UNIT = 16 * KiB;
+
+  it('holds a disk 4x its size: the cache file never passes the budget plus a unit, every byte read is right, a miss fills its whole unit', async () => {
+    const r = await rig({ size: 256 * BS, blockSize: BS, budget: 64 * BS, evictionUnit: UNIT });
+    let x = 7;
+    for (let i = 0; i < 300; i++) {
+      x = (x * 1103515245 + 12345) >>> 0;
+      const offset = x % (r.engine.size - 3 * BS);
+      const length = 1 + (x % (3 * BS));
+      expect((await r.engine.read(offset, length)).equals(r.initial.subarray(offset, offset + length))).toBe(true);
+      if (i % 10 === 0) await r.engine.flush();
+      expect(held(r)).toBeLessThanOrEqual(64 * BS + UNIT);
+    }
+    // A miss reads its whole unit; only blocks left behind by an eviction (a read in flight pinned
+    // them) make a fill start inside a unit.
+    let inside = 0;
+    for (const [pos, len] of r.source.reads) {
+      if (pos % UNIT !== 0) inside++;
+      expect(len % BS).toBe(0);
+    }
+    expect(inside).toBeLessThanOrEqual(r.source.reads.length / 10);
+    const s = r.engine.stats();
+    expect(s.evictedBlocks).toBeGreaterThan(0);
+    expect(s.readMisses).toBeGreaterThan(0);
+    expect(s.readHits).toBeGreaterThan(0);
+    expect(s.usedBytes).toBeLessThanOrEqual(64 * BS);
+    // A clean close and reopen keeps what is present, within the budget.
+    await reopen(r, 'close');
+    expect(held(r)).toBeLessThanOrEqual(64 * BS + UNIT);
+    expect((await r.engine.read(0, r.engine.size)).equals(r.initial)).toBe(true);
+  });
+
+  it('writes 3x the budget: they wait for a flush (onSpacePressure) and never fail; the disk ends equal to the device', async () => {
+    const r = await rig({ size: 256 * BS, blockSize: BS, budget: 64 * BS, evictionUnit: UNIT });
+    let flushes = 0;
+    r.engine.onSpacePressure = async () => {
+      flushes++;
+      await flushDirty(r.engine);
+    };
+    const model = Buffer.from(r.initial);
+    for (let i = 0; i < 48; i++) {
+      const d = pattern(4 * BS + 100, i);
+      const offset = ((i * 37) % 60) * 4 * BS + 50;
+      await r.engine.write(offset, d);
+      d.copy(model, offset);
+      expect(held(r)).toBeLessThanOrEqual(64 * BS + UNIT);
+    }
+    expect(flushes).toBeGreaterThan(0);
+    expect((await r.engine.read(0, r.engine.size)).equals(model)).toBe(true);
+    await flushDirty(r.engine);
+    expect(diskBytes(r).equals(model)).toBe(true);
+    expect(r.engine.stats().spaceError).toBeNull();
+  });
+
+  it('with nothing to flush it, a write that finds the budget full of dirty data fails with CacheFullError; the engine goes on', async () => {
+    const r = await rig({ size: 256 * BS, blockSize: BS, budget: 64 * BS, evictionUnit: UNIT });
+    await r.engine.write(0, pattern(64 * BS, 1));
+    const err = await outcome(() => r.engine.write(100 * BS, pattern(BS, 2)));
+    expectCoded(err, CacheFullError, 'ULOB_E_CACHE_FULL');
+    expect((err as Error).message).toMatch(/full of dirty data .*--flush/);
+    expect(r.engine.stats().spaceError).toMatch(/full of dirty data/);
+    // Writes into dirty blocks need no room; after a flush there is room again.
+    await r.engine.write(BS, pattern(BS, 3));
+    await flushDirty(r.engine);
+    await r.engine.write(100 * BS, pattern(BS, 2));
+    expect((await r.engine.read(100 * BS, BS)).equals(pattern(BS, 2))).toBe(true);
+  });
+
+  it('a read of a block being evicted gets its data, never the punched hole: the punch waits for reads in flight', async () => {
+    // The cache file's reads wait at a gate while it is closed.
+    let gate: Promise<void> | null = null;
+    let open!: () => void;
+    let readsWaiting = 0;
+    const storage: Storage = {
+      ...posixStorage,
+      async open(path, options) {
+        const file = await posixStorage.open(path, options);
+        if (!path.endsWith('/cache')) return file;
+        return {
+          ...bindFile(file),
+          async read(buf, pos) {
+            if (gate) {
+              readsWaiting++;
+              await gate;
+              readsWaiting--;
+            }
+            return file.read(buf, pos);
+          },
+        };
+      },
+    };
+    const r: Rig = await rig({ size: 64 * BS, blockSize: BS, budget: 16 * BS, evictionUnit: UNIT, storage });
+    await r.engine.read(0, UNIT);
+    await r.engine.flush();
+    gate = new Promise((resolve) => (open = resolve));
+    const reading = r.engine.read(0, BS);
+    await waitFor(() => readsWaiting === 1, 'the read to reach the cache file');
+    const evicting = r.engine.evict(4);
+    // The eviction clears the present bits at once but holds its punch while the read waits.
+    await waitFor(() => !r.store.present.get(0), 'the present bits to clear');
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    gate = null;
+    open();
+    expect((await reading).equals(r.initial.subarray(0, BS))).toBe(true);
+    expect(await evicting).toBe(4);
+    expect(held(r)).toBe(0);
+  });
+
+  it('a smaller budget at the next attach evicts before the open returns; one below the dirty data is refused, changing nothing', async () => {
+    const r = await rig({ size: 256 * BS, blockSize: BS, budget: 64 * BS, evictionUnit: UNIT });
+    await r.engine.read(0, 48 * BS);
+    await r.engine.write(100 * BS, pattern(12 * BS, 4));
+    await r.engine.close();
+    r.options.budget = 32 * BS;
+    await attach(r);
+    expect(r.store.budget).toBe(32 * BS);
+    expect(held(r)).toBeLessThanOrEqual(32 * BS + UNIT);
+    expect(r.engine.stats().dirtyBlocks).toBe(12);
+    await r.engine.close();
+
+    const before = statSync(r.paths.metadata).mtimeMs;
+    r.options.budget = 8 * BS;
+    const err = await outcome(() => attach(r));
+    expectCoded(err, InvalidArgumentError, 'ULOB_E_INVALID_ARG');
+    expect((err as Error).message).toMatch(/smaller than the 48 KiB of dirty data .*flush first/);
+    expect(statSync(r.paths.metadata).mtimeMs).toBe(before);
+    // Without --cache-size the cache keeps its own budget.
+    r.options.budget = undefined;
+    await attach(r);
+    expect(r.store.budget).toBe(32 * BS);
+  });
+
+  it('after a crash, fills that were never committed are punched at the next open', async () => {
+    const r = await rig({ size: 256 * BS, blockSize: BS, budget: 128 * BS, evictionUnit: UNIT });
+    await r.engine.read(0, 32 * BS);
+    await r.engine.flush();
+    await r.engine.read(64 * BS, 64 * BS);
+    expect(held(r)).toBeGreaterThanOrEqual(96 * BS);
+    await reopen(r, 'abandon');
+    expect(r.store.recoveredFromCrash).toBe(true);
+    expect(r.store.space().presentBlocks).toBe(32);
+    expect(held(r)).toBeLessThanOrEqual(32 * BS + UNIT);
+    expect((await r.engine.read(0, r.engine.size)).equals(r.initial)).toBe(true);
+  });
+
+  it.runIf(process.getuid?.() === 0)('ENOSPC from the flash filesystem (another program filled it) evicts clean blocks and retries; with nothing clean left the write fails with CacheFullError', async () => {
+    const mnt = join(dir, 'flash');
+    mkdirSync(mnt);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mnt]);
+    cleanups.push(() => execFileSync('umount', ['-l', mnt]));
+    const r = await rig({ size: 1024 * BS, blockSize: BS, budget: 192 * BS, evictionUnit: UNIT, cacheDir: mnt });
+    await r.engine.read(0, 160 * BS);
+    await r.engine.flush();
+    // Another program takes what is left of the filesystem, and some more once it is freed.
+    const filler = join(mnt, 'filler');
+    try {
+      execFileSync('dd', ['if=/dev/zero', `of=${filler}`, 'bs=4k', 'count=1024'], { stdio: 'ignore' });
+    } catch {
+      // ENOSPC: full, as intended
+    }
+    expect((await r.engine.read(512 * BS, 64 * BS)).equals(r.initial.subarray(512 * BS, 576 * BS))).toBe(true);
+    expect(r.engine.stats().evictedBlocks).toBeGreaterThan(0);
+    expect(r.engine.stats().spaceError).toMatch(/ran full/);
+  });
+
+  it.runIf(process.getuid?.() === 0)('a full flash filesystem and no clean block to evict: the write fails with CacheFullError, saying why', async () => {
+    const mnt = join(dir, 'flash');
+    mkdirSync(mnt);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mnt]);
+    cleanups.push(() => execFileSync('umount', ['-l', mnt]));
+    const r = await rig({ size: 1024 * BS, blockSize: BS, budget: 192 * BS, evictionUnit: UNIT, cacheDir: mnt });
+    await r.engine.write(0, pattern(120 * BS, 9));
+    await r.engine.flush();
+    try {
+      execFileSync('dd', ['if=/dev/zero', `of=${join(mnt, 'filler')}`, 'bs=4k', 'count=1024'], { stdio: 'ignore' });
+    } catch {
+      // ENOSPC: full, as intended
+    }
+    const err = await outcome(() => r.engine.write(600 * BS, pattern(32 * BS, 10)));
+    expectCoded(err, CacheFullError, 'ULOB_E_CACHE_FULL');
+    expect((err as Error).message).toMatch(/is full and the cache holds no clean block to give back; free some space/);
+    expect(r.engine.stats().spaceError).toMatch(/is full/);
+    rmSync(join(mnt, 'filler'));
+    await r.engine.write(600 * BS, pattern(32 * BS, 10));
+    expect((await r.engine.read(0, 120 * BS)).equals(pattern(120 * BS, 9))).toBe(true);
+  });
+});
+
+/** A BlockFile's methods bound to it, to override some. */
+function bindFile(file: BlockFile): BlockFile {
+  return {
+    path: file.path,
+    read: (b, p) => file.read(b, p),
+    write: (b, p) => file.write(b, p),
+    sync: () => file.sync(),
+    allocate: (l) => file.allocate(l),
+    truncate: (l) => file.truncate(l),
+    punchHole: (o, l) => file.punchHole(o, l),
+    zeroRange: (o, l) => file.zeroRange(o, l),
+    allocatedBytes: () => file.allocatedBytes(),
+    nextData: (o) => file.nextData(o),
+    size: () => file.size(),
+    close: () => file.close(),
+  };
+}
 
 // --- concurrency ----------------------------------------------------------------------------------
 
@@ -506,14 +771,18 @@ describe('concurrency', () => {
             } else {
               const offset = Math.min(size - 1, Math.floor(op.x * size));
               const length = Math.min(op.length, size - offset);
-              if (op.kind === 'write' && !written.some(([o, l]) => offset < o + l && o < offset + length)) {
+              // A discard zeroes its range: it changes content as a write does.
+              if ((op.kind === 'write' || op.kind === 'discard') && !written.some(([o, l]) => offset < o + l && o < offset + length)) {
                 written.push([offset, length]);
-                ops.push({ kind: 'write', offset, length, seed: op.seed });
-              } else ops.push({ kind: op.kind === 'discard' ? 'discard' : 'read', offset, length });
+                ops.push(op.kind === 'write' ? { kind: 'write', offset, length, seed: op.seed } : { kind: 'discard', offset, length });
+              } else ops.push({ kind: 'read', offset, length });
             }
           }
           const before = Buffer.from(model);
-          for (const op of ops) if (op.kind === 'write') pattern(op.length, op.seed).copy(model, op.offset);
+          for (const op of ops) {
+            if (op.kind === 'write') pattern(op.length, op.seed).copy(model, op.offset);
+            if (op.kind === 'discard') model.fill(0, op.offset, op.offset + op.length);
+          }
           const results = await Promise.all(
             ops.map(async (op) => {
               switch (op.kind) {

@@ -8,7 +8,7 @@ import Database from 'better-sqlite3';
 import fc from 'fast-check';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { CacheBusyError, CorruptMetadataError } from '../../src/errors.js';
-import { FORMAT_VERSION, Metadata, type CacheIdentity } from '../../src/cache/metadata.js';
+import { DEFAULT_EVICTION_UNIT, FORMAT_VERSION, Metadata, type CacheIdentity } from '../../src/cache/metadata.js';
 import type { Extent } from '../../src/cache/layout.js';
 
 let dir: string;
@@ -23,6 +23,23 @@ const identity: CacheIdentity = {
   backingId: 'file:254:0:123456',
 };
 const BLOCKS = 1000;
+
+/** The schema of format 1, as ulobdev 0.1 made it (docs/format.md before the budget). */
+const FORMAT_1_SCHEMA = `
+CREATE TABLE cache_info (
+  id INTEGER PRIMARY KEY CHECK (id = 1), format_version INTEGER NOT NULL, uuid TEXT NOT NULL,
+  block_size INTEGER NOT NULL, backing_size INTEGER NOT NULL, backing_id TEXT NOT NULL,
+  mode TEXT NOT NULL CHECK (mode IN ('readonly', 'writeback')), state TEXT NOT NULL CHECK (state IN ('creating', 'ready')),
+  clean_shutdown INTEGER NOT NULL, flush_epoch INTEGER NOT NULL, created_at INTEGER NOT NULL
+);
+CREATE TABLE dirty (start INTEGER NOT NULL CHECK (start >= 0), count INTEGER NOT NULL CHECK (count > 0));
+CREATE TABLE flush_history (
+  id INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, started_at INTEGER NOT NULL, ended_at INTEGER,
+  bytes INTEGER NOT NULL DEFAULT 0, blocks INTEGER NOT NULL DEFAULT 0, spun_up INTEGER NOT NULL DEFAULT 0, error TEXT
+);
+CREATE TABLE dirty_samples (at INTEGER NOT NULL, dirty_bytes INTEGER NOT NULL);
+CREATE TABLE events (at INTEGER NOT NULL, kind TEXT NOT NULL, detail TEXT);
+`;
 
 function create(mode: 'readonly' | 'writeback' = 'writeback'): Metadata {
   const m = Metadata.create(path, identity, mode);
@@ -67,6 +84,8 @@ describe('Metadata', () => {
       cleanShutdown: true,
       flushEpoch: 0,
       createdAt: expect.any(Number),
+      budget: null,
+      evictionUnit: DEFAULT_EVICTION_UNIT,
     });
     expect(m.info.createdAt).toBeGreaterThanOrEqual(before);
     expect(m.info.createdAt).toBeLessThanOrEqual(Date.now());
@@ -83,14 +102,17 @@ describe('Metadata', () => {
       cleanShutdown: true,
       flushEpoch: 0,
       createdAt,
+      budget: null,
+      evictionUnit: DEFAULT_EVICTION_UNIT,
     });
     r.setState('ready');
     r.setMode('writeback');
     r.setCleanShutdown(false);
     r.setCleanShutdown(true);
     r.replaceDirty([{ start: 3, count: 2 }], 7);
+    r.setBudget(64 << 20, 1 << 20);
     // The in-memory copy follows every setter.
-    expect(r.info).toMatchObject({ state: 'ready', mode: 'writeback', cleanShutdown: true, flushEpoch: 7 });
+    expect(r.info).toMatchObject({ state: 'ready', mode: 'writeback', cleanShutdown: true, flushEpoch: 7, budget: 64 << 20, evictionUnit: 1 << 20 });
     r.close();
 
     const again = open();
@@ -102,8 +124,76 @@ describe('Metadata', () => {
       cleanShutdown: true,
       flushEpoch: 7,
       createdAt,
+      budget: 64 << 20,
+      evictionUnit: 1 << 20,
     });
     expect(again.dirtyExtents()).toEqual([{ start: 3, count: 2 }]);
+  });
+
+  it('keeps zeroed rows: the dirty set is the union, whether a block is zeroed the last row naming it, also after replaceDirty', () => {
+    const m = create();
+    m.addDirty([{ start: 10, count: 10 }], true);
+    m.addDirty([{ start: 12, count: 2 }]);
+    m.addDirty([{ start: 30, count: 1 }]);
+    m.addDirty([{ start: 13, count: 1 }], true);
+    expect(m.dirtyRows()).toEqual([
+      { start: 10, count: 10, zero: true },
+      { start: 12, count: 2, zero: false },
+      { start: 30, count: 1, zero: false },
+      { start: 13, count: 1, zero: true },
+    ]);
+    m.replaceDirty([{ start: 12, count: 1 }], 1, [{ start: 10, count: 2 }]);
+    m.close();
+    expect(open().dirtyRows()).toEqual([
+      { start: 12, count: 1, zero: false },
+      { start: 10, count: 2, zero: true },
+    ]);
+  });
+
+  it('saves and loads the eviction clock', () => {
+    const m = create();
+    expect(m.loadClock()).toBeNull();
+    m.saveClock({ unitBytes: 1 << 18, hand: 5, counts: Buffer.from([0, 1, 2, 3]) });
+    m.saveClock({ unitBytes: 1 << 18, hand: 6, counts: Buffer.from([3, 2, 1, 0]) });
+    m.close();
+    expect(open().loadClock()).toEqual({ unitBytes: 1 << 18, hand: 6, counts: Buffer.from([3, 2, 1, 0]) });
+  });
+
+  it('opens format 1 as it is and upgrades it in place: its dirty rows, epoch and history kept, no budget (a full mirror)', () => {
+    const db = new Database(path);
+    db.exec(FORMAT_1_SCHEMA);
+    db.prepare(
+      `INSERT INTO cache_info (id, format_version, uuid, block_size, backing_size, backing_id, mode, state, clean_shutdown, flush_epoch, created_at)
+       VALUES (1, 1, ?, ?, ?, ?, 'writeback', 'ready', 1, 4, 1700000000000)`,
+    ).run(identity.uuid, identity.blockSize, identity.backingSize, identity.backingId);
+    db.prepare('INSERT INTO dirty (start, count) VALUES (?, ?)').run(5, 3);
+    db.prepare('INSERT INTO flush_history (epoch, started_at, ended_at, bytes, blocks) VALUES (4, 1, 2, 8192, 1)').run();
+    db.pragma('user_version = 1');
+    db.close();
+
+    const m = open();
+    expect(m.info).toMatchObject({ formatVersion: 1, flushEpoch: 4, budget: null, evictionUnit: DEFAULT_EVICTION_UNIT });
+    expect(m.needsUpgrade).toBe(true);
+    expect(m.dirtyRows()).toEqual([{ start: 5, count: 3, zero: false }]);
+    expect(m.loadClock()).toBeNull();
+    m.upgrade();
+    expect(m.info).toMatchObject({ formatVersion: 2, flushEpoch: 4, budget: null });
+    expect(m.needsUpgrade).toBe(false);
+    m.addDirty([{ start: 6, count: 1 }], true);
+    expect(m.flushes(0)).toEqual([expect.objectContaining({ epoch: 4, bytes: 8192, reason: null })]);
+    m.close();
+
+    const again = open();
+    expect(again.info.formatVersion).toBe(FORMAT_VERSION);
+    expect(again.needsUpgrade).toBe(false);
+    expect(again.dirtyRows()).toEqual([
+      { start: 5, count: 3, zero: false },
+      { start: 6, count: 1, zero: true },
+    ]);
+    again.close();
+    const raw = new Database(path, { readonly: true });
+    expect(raw.pragma('user_version', { simple: true })).toBe(2);
+    raw.close();
   });
 
   it('refuses to create over an existing database', () => {
@@ -273,7 +363,7 @@ describe('Metadata', () => {
     db.pragma('user_version = 99');
     db.close();
     expect(() => Metadata.open(path)).toThrow(CorruptMetadataError);
-    expect(() => Metadata.open(path)).toThrow(`${path}: metadata format 99 is not the supported format ${FORMAT_VERSION}`);
+    expect(() => Metadata.open(path)).toThrow(`${path}: metadata format 99 is not a format this ulobdev reads (1 to ${FORMAT_VERSION}); a newer ulobdev made it`);
 
     const db2 = new Database(path);
     db2.pragma(`user_version = ${FORMAT_VERSION}`);

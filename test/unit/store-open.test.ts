@@ -38,6 +38,7 @@ import {
 import { CacheEngine } from '../../src/cache/engine.js';
 import { CacheStore, type CachePaths } from '../../src/cache/store.js';
 import { openBacking } from '../../src/source/backing.js';
+import { posixStorage } from '../../src/storage/posix-storage.js';
 import type { FileSource } from '../../src/source/file-source.js';
 import { flushDirty } from '../../src/writeback/flusher.js';
 
@@ -319,6 +320,37 @@ describe('CacheStore.open refuses a cache that is not this disk\'s, and changes 
     db.prepare('INSERT INTO dirty (start, count) VALUES (?, ?)').run(BLOCKS - 2, 3);
     db.close();
     await expectRefused(() => openCache(disk), CorruptMetadataError, 'ULOB_E_CORRUPT_METADATA', [paths.metadata, `${BLOCKS - 2}+3`]);
+  });
+
+  it('refuses a budget the flash filesystem cannot hold, saying what is free, and creates nothing', async () => {
+    const source = await openBacking(disk, { writable: true });
+    cleanups.push(() => source.close());
+    const storage = { ...posixStorage, freeBytes: async () => 100 * 1024 };
+    await expectRefused(
+      () => CacheStore.open({ paths, backing: source, mode: 'writeback', budget: 200 * 1024, evictionUnit: 64 * 1024, storage }),
+      InvalidArgumentError,
+      'ULOB_E_INVALID_ARG',
+      ['a cache budget of 200 KiB does not fit', `${dir} has 100 KiB free`],
+    );
+    expect(ls()).toEqual(['disk.img']);
+  });
+
+  it('refuses a budget of less than two eviction units, and an eviction unit that is not a power of two', async () => {
+    const source = await openBacking(disk, { writable: true });
+    cleanups.push(() => source.close());
+    await expectRefused(
+      () => CacheStore.open({ paths, backing: source, mode: 'writeback', budget: 100 * 1024, evictionUnit: 64 * 1024 }),
+      InvalidArgumentError,
+      'ULOB_E_INVALID_ARG',
+      ['less than two eviction units (128 KiB)'],
+    );
+    await expectRefused(
+      () => CacheStore.open({ paths, backing: source, mode: 'writeback', budget: 1 << 20, evictionUnit: 96 * 1024 }),
+      InvalidArgumentError,
+      'ULOB_E_INVALID_ARG',
+      ['eviction unit must be a power of two'],
+    );
+    expect(ls()).toEqual(['disk.img']);
   });
 
   it('refuses a cache file whose metadata is missing', async () => {

@@ -1,6 +1,6 @@
 // The write-back options as parsed (src/writeback/policy.ts) and the report SVG.
 import { describe, expect, it } from 'vitest';
-import { dirtyLimitBytes, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../../src/writeback/policy.js';
+import { cronWarning, dirtyLimitBytes, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../../src/writeback/policy.js';
 import { renderReportSvg } from '../../src/writeback/report.js';
 
 describe('write-back options', () => {
@@ -18,11 +18,50 @@ describe('write-back options', () => {
     }
   });
 
+  it('refuses a step larger than its field, which cron would run at the field\'s start only', () => {
+    // '*/70' in the minute field is accepted by cron and fires hourly, not every 70 minutes.
+    expect(() => parseCron('*/70 * * * *')).toThrow(/^--flush '\*\/70 \* \* \* \*': the step \/70 in the minute field is larger than minutes 0-59/);
+    expect(() => parseCron('0 */25 * * *')).toThrow(/step \/25 in the hour field .*0-23/);
+    expect(() => parseCron('0 0 */40 * *')).toThrow(/day-of-month field/);
+    expect(() => parseCron('*/90 * * * * *')).toThrow(/second field/);
+    expect(() => parseCron('30-50/30 * * * *')).toThrow(/step \/30 .* minutes 30-50/);
+    expect(parseCron('*/59 * * * *')).toBe('*/59 * * * *');
+    expect(parseCron('0 */12 * * *')).toBe('0 */12 * * *');
+    expect(parseCron('5,*/15 * * * mon-fri')).toBe('5,*/15 * * * mon-fri');
+  });
+
+  it('says what a cron expression is when given words', () => {
+    for (const words of ['every 30 minutes', 'hourly', '30m']) {
+      expect(() => parseCron(words)).toThrow(/^--flush .* is not a cron expression: it takes 5 fields \(minute hour day-of-month month day-of-week\), e\.g\. '\*\/30 \* \* \* \*' for every 30 minutes$/);
+    }
+    expect(parseCron('@hourly')).toBe('@hourly');
+  });
+
+  it('warns when a schedule fires more often than every 5 minutes', () => {
+    const six = cronWarning('*/30 * * * * *');
+    expect(six).toMatch(/^--flush '\*\/30 \* \* \* \* \*' fires every 30 s: the disk spins up that often and never sleeps/);
+    expect(six).toMatch(/6 fields: the first is seconds; '\*\/30 \* \* \* \*' is every 30 minutes/);
+    expect(cronWarning('* * * * *')).toMatch(/fires every 1 min/);
+    expect(cronWarning('*/4 * * * *')).toMatch(/fires every 4 min/);
+    expect(cronWarning('*/5 * * * *')).toBeUndefined();
+    expect(cronWarning('*/30 * * * *')).toBeUndefined();
+    expect(cronWarning('0 3 * * *')).toBeUndefined();
+    expect(cronWarning('@hourly')).toBeUndefined();
+  });
+
   it('takes --dirty-max as a size or a percentage of the disk', () => {
     expect(parseDirtyLimit('512M')).toEqual({ bytes: 512 << 20 });
     expect(parseDirtyLimit('10%')).toEqual({ percent: 10 });
     expect(dirtyLimitBytes({ percent: 10 }, 1000)).toBe(100);
     for (const bad of ['0', '0%', '101%', 'lots']) expect(() => parseDirtyLimit(bad)).toThrow(/--dirty-max/);
+  });
+
+  it('refuses a --dirty-max without a unit: bcache users mean percent, the old parser read bytes', () => {
+    expect(() => parseDirtyLimit('10')).toThrow(/^--dirty-max 10 has no unit: write 10% for a share of the disk, or a size such as 10M or 10G$/);
+    expect(() => parseDirtyLimit('4096')).toThrow(/has no unit/);
+    expect(parseDirtyLimit('4096B')).toEqual({ bytes: 4096 });
+    expect(parseDirtyLimit('2G')).toEqual({ bytes: 2 * 2 ** 30 });
+    expect(parseDirtyLimit('1.5GiB')).toEqual({ bytes: 1.5 * 2 ** 30 });
   });
 
   it('takes durations in s, m, h, d and combinations', () => {
@@ -37,6 +76,7 @@ describe('write-back options', () => {
     expect(parseRate('50M')).toBe(50 << 20);
     expect(parseRate('50M/s')).toBe(50 << 20);
     expect(() => parseRate('1')).toThrow(/at least/);
+    expect(() => parseRate('/dev/loop3')).toThrow(/^--hydrate-rate "\/dev\/loop3" is not a rate \(try 50M for 50 MiB\/s\)$/);
   });
 });
 

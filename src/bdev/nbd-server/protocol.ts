@@ -3,7 +3,7 @@
 // incrementally over a ByteQueue, so no assumption is made about how the stream was chunked.
 // Nothing here touches a socket; the server (server.ts, connection.ts, handshake.ts,
 // transmission.ts) is the shell around it. The client side of the codec is in client-codec.ts.
-import { InvalidArgumentError, NbdProtocolError, ReadOnlyError } from '../../errors.js';
+import { CacheFullError, InvalidArgumentError, NbdProtocolError, ReadOnlyError } from '../../errors.js';
 
 // --- constants ---------------------------------------------------------------------------------
 
@@ -592,6 +592,7 @@ export function checkRequest(req: NbdRequest, state: TransmissionState): Request
 export function errnoOf(err: unknown): number {
   if (err instanceof ReadOnlyError) return Errno.EPERM;
   if (err instanceof InvalidArgumentError) return Errno.EINVAL;
+  if (err instanceof CacheFullError) return Errno.ENOSPC;
   let e: unknown = err;
   for (let depth = 0; e && typeof e === 'object' && depth < 8; depth++) {
     switch ((e as { code?: unknown }).code) {

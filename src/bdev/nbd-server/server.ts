@@ -4,6 +4,7 @@
 // (transmission.ts); the codec is in protocol.ts.
 import { promises as fsp } from 'node:fs';
 import * as net from 'node:net';
+import { isIP } from 'node:net';
 import { isMainThread } from 'node:worker_threads';
 import { pino, type Logger } from 'pino';
 import { InvalidArgumentError, IOFailedError, ioError } from '../../errors.js';
@@ -26,10 +27,13 @@ export class NbdServer {
   #address: NbdAddress | null = null;
   #closing: Promise<void> | null = null;
   #nextId = 1;
+  readonly #allowRemote: boolean;
 
-  constructor(options: NbdServerOptions) {
+  /** InvalidArgumentError names the first bad option (exportConfig). */
+  constructor(options: NbdServerOptions & { allowRemote?: boolean }) {
     this.#config = exportConfig(options);
     this.#log = options.logger ?? pino({ enabled: false });
+    this.#allowRemote = options.allowRemote === true;
   }
 
   /** Open connections, counting closed ones whose requests are still running. */
@@ -47,8 +51,14 @@ export class NbdServer {
     return this.#address ? formatNbdUrl(this.#address) : null;
   }
 
+  /**
+   * Listens on a Unix socket (created 0600) or a TCP address (127.0.0.1 unless a host is given).
+   * A TCP address other machines can reach is refused unless the server was made with
+   * `allowRemote` (assertLocalAddress). InvalidArgumentError, IOFailedError when it cannot bind.
+   */
   async listen(address: NbdListenAddress): Promise<void> {
     if (this.#started || this.#closing) throw new InvalidArgumentError('the NBD server was already started or closed');
+    assertLocalAddress(address, { allowRemote: this.#allowRemote, what: 'the export' });
     this.#started = true;
     try {
       await this.#listen(address);
@@ -156,6 +166,35 @@ export function parseNbdUrl(url: string): NbdAddress {
     throw new InvalidArgumentError(`${JSON.stringify(url)}: NBD over TLS is not supported; ${usage}`);
   }
   throw new InvalidArgumentError(`${JSON.stringify(url)} is not an NBD URL (scheme ${u.protocol}); ${usage}`);
+}
+
+/**
+ * True for a host only this machine can reach: 127.0.0.0/8, ::1 (also as ::ffff:127.x.y.z) and
+ * localhost. Any other name or address (0.0.0.0, ::, a LAN address, a host name) is reachable from
+ * elsewhere, or may be.
+ */
+export function isLoopbackHost(host: string): boolean {
+  const h = host.replace(/^\[(.*)\]$/, '$1').toLowerCase();
+  if (h === 'localhost' || h === 'localhost.') return true;
+  if (isIP(h) === 4) return h.startsWith('127.');
+  if (isIP(h) === 6) return h === '::1' || h === '0:0:0:0:0:0:0:1' || /^::ffff:127\./.test(h);
+  return false;
+}
+
+/**
+ * Refuses a TCP address that other machines can reach unless `allowRemote`: NBD has no
+ * authentication and no encryption here, so anyone who reaches the port reads (and in write-back
+ * mode writes) the whole disk. InvalidArgumentError says what would be exposed and the two ways on.
+ */
+export function assertLocalAddress(address: NbdListenAddress, options: { allowRemote?: boolean; what?: string; writable?: boolean } = {}): void {
+  if ('path' in address) return;
+  const host = address.host ?? '127.0.0.1';
+  if (options.allowRemote || isLoopbackHost(host)) return;
+  const shown = formatNbdUrl({ host, port: address.port });
+  const access = options.writable === false ? 'read' : options.writable ? 'read and write' : 'read (and, if writable, write)';
+  throw new InvalidArgumentError(
+    `${shown} would let anyone who can reach port ${address.port} of this machine ${access} ${options.what ?? 'the export'}, with no password and no encryption; listen on 127.0.0.1 or a unix socket, or pass --allow-remote if that is what you want`,
+  );
 }
 
 export function formatNbdUrl(address: NbdAddress): string {

@@ -103,6 +103,10 @@ export class Transmission {
           if (fua) await b.flush();
           break;
         case Cmd.WRITE_ZEROES:
+          if (b.zero) {
+            await b.zero(offset, req.length, { fua });
+            break;
+          }
           for (let done = 0; done < req.length; ) {
             const n = Math.min(WORK_CHUNK, req.length - done);
             await b.write(offset + done, ZEROES.subarray(0, n));
