@@ -5,7 +5,7 @@
 // boot; it may reboot the guest (same qemu process) or power it off (qemu exits). Unlike
 // test/vm's harness, nothing of the host is visible to the guest but the scratch share.
 import { execFileSync, spawn } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 
 export const ROOT = resolve(import.meta.dirname, '../..');
@@ -66,14 +66,28 @@ export interface BootRun {
   /** qemu's exit status; null when killed at the timeout. */
   code: number | null;
   timedOut: boolean;
+  /** Killed because nothing progressed for stallMs (timedOut is then true too). */
+  stalled: boolean;
   ms: number;
 }
 
+/** Bytes in the scratch directory's files: the step's log lines show its progress. */
+function scratchBytes(dir: string): number {
+  let n = 0;
+  for (const name of readdirSync(dir)) n += statSync(join(dir, name)).size;
+  return n;
+}
+
 /**
- * Boots the machine and waits for qemu to exit (a poweroff in the guest), at most `timeoutMs`.
- * Reboots inside the guest stay in this run. `files` are written into the scratch directory first.
+ * Boots the machine and waits for qemu to exit (a poweroff in the guest), at most `timeoutMs`, and
+ * no longer than `stallMs` without progress (console output or a step's log growing in the scratch
+ * directory). Reboots inside the guest stay in this run. `files` are written into the scratch
+ * directory first.
  */
-export async function bootMachine(m: BootMachine, options: { timeoutMs: number; files?: Record<string, string | Uint8Array>; memoryMb?: number }): Promise<BootRun> {
+export async function bootMachine(
+  m: BootMachine,
+  options: { timeoutMs: number; stallMs?: number; files?: Record<string, string | Uint8Array>; memoryMb?: number },
+): Promise<BootRun> {
   for (const [name, data] of Object.entries(options.files ?? {})) writeFileSync(join(m.scratch, name), data);
   const append = ['root=/dev/vda', 'rw', 'console=ttyS0', 'panic=-1', 'quiet', 'systemd.show_status=auto', 'net.ifnames=0'].join(' ');
   // Single-threaded TCG, as test/vm's harness: Debian 13's kernels can Oops at boot in multi-threaded TCG.
@@ -95,13 +109,27 @@ export async function bootMachine(m: BootMachine, options: { timeoutMs: number; 
   qemu.stdout.setEncoding('utf8').on('data', onData);
   qemu.stderr.setEncoding('utf8').on('data', onData);
   let timedOut = false;
+  let stalled = false;
   const timer = setTimeout(() => {
     timedOut = true;
     qemu.kill('SIGKILL');
   }, options.timeoutMs);
+  let seen = -1;
+  let progressAt = Date.now();
+  const watchdog = setInterval(() => {
+    const now = text.length + scratchBytes(m.scratch);
+    if (now !== seen) {
+      seen = now;
+      progressAt = Date.now();
+    } else if (options.stallMs !== undefined && Date.now() - progressAt > options.stallMs) {
+      timedOut = stalled = true;
+      qemu.kill('SIGKILL');
+    }
+  }, 5000);
   const code = await new Promise<number | null>((r) => qemu.on('close', (c) => r(c)));
   clearTimeout(timer);
-  const run = { console: text.replace(/\r/g, ''), code, timedOut, ms: Date.now() - started };
+  clearInterval(watchdog);
+  const run = { console: text.replace(/\r/g, ''), code, timedOut, stalled, ms: Date.now() - started };
   writeFileSync(join(m.dir, `console-${started}.log`), run.console);
   return run;
 }

@@ -1,10 +1,11 @@
 // A real Debian 13 boot with systemd as PID 1 (its own root disk, Debian's 6.12 kernel and
 // initramfs; test/support/boot-vm.ts), an emulated ATA disk playing the hard disk, and the .deb
 // set up exactly as docs/laptop.md says (test/vm/systemd-boot.step.sh, once per boot). One qemu
-// run: install and set up, reboot, check the mount at boot and the flush at shutdown, kill -9 the
-// daemon and watch systemd bring it back, then no flush at shutdown and a poweroff; a second run:
-// the data is on flash (dirty) and a flush puts it on the disk. The disk image is read on the host
-// at the end (debugfs): it holds every file.
+// run of two boots (each boot of Debian under TCG costs over a minute, each start of the daemon
+// half of one): install and set up, write, kill -9 the daemon and watch systemd bring it back,
+// write again, reboot; then check the mount at boot, that the files are read from flash, and the
+// flush at the reboot, and power off. The disk image is read on the host at the end (debugfs): it
+// holds every file.
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -14,29 +15,28 @@ import { bootMachine, makeBootMachine, removeBootMachine, scratchFile, type Boot
 import { buildDeb } from '../support/deb.js';
 
 let m: BootMachine | undefined;
-let first: BootRun;
-let second: BootRun;
+let run: BootRun;
 const boot: string[] = [];
 
 beforeAll(async () => {
   const deb = buildDeb();
   m = makeBootMachine({ hardDiskBytes: 256 << 20 });
   const step = readFileSync(join(import.meta.dirname, 'systemd-boot.step.sh'));
-  first = await bootMachine(m, { timeoutMs: 1_500_000, files: { 'ulobdev.deb': readFileSync(deb), 'step.sh': step } });
+  // A hung step is cut short by the lack of progress (no console output, no step log line for
+  // stallMs), not by the overall limit.
+  run = await bootMachine(m, { timeoutMs: 1_200_000, stallMs: 400_000, files: { 'ulobdev.deb': readFileSync(deb), 'step.sh': step } });
   boot[1] = scratchFile(m, 'boot-1.log');
   boot[2] = scratchFile(m, 'boot-2.log');
-  second = await bootMachine(m, { timeoutMs: 900_000 });
-  boot[3] = scratchFile(m, 'boot-3.log');
   for (const [i, log] of boot.entries()) if (log !== undefined) process.stderr.write(`--- boot ${i} ---\n${log}\n`);
-  process.stderr.write(`qemu runs: ${first.ms} ms and ${second.ms} ms\n`);
-}, 2_700_000);
+  process.stderr.write(`qemu run: ${run.ms} ms${run.stalled ? ' (stalled)' : ''}\n`);
+}, 1_500_000);
 
 afterAll(() => removeBootMachine(m));
 
 /** The value after `KEY ` on its own line of boot N's log. */
 function value(n: number, key: string): string {
   const line = boot[n]!.split('\n').find((l) => l.startsWith(`${key} `));
-  if (line === undefined) throw new Error(`no ${key} line in boot ${n}'s log:\n${boot[n]}\n--- console ---\n${(n < 3 ? first : second)?.console.slice(-4000)}`);
+  if (line === undefined) throw new Error(`no ${key} line in boot ${n}'s log:\n${boot[n]}\n--- console ---\n${run?.console.slice(-4000)}`);
   return line.slice(key.length + 1);
 }
 
@@ -65,10 +65,9 @@ function message(line: string): string {
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 
 describe('Debian 13 under systemd, set up as docs/laptop.md says', () => {
-  it('boots Debian 13 with systemd as PID 1 on its own disk, three times, and every step ran', () => {
-    expect(first.timedOut, first.console.slice(-3000)).toBe(false);
-    expect(second.timedOut, second.console.slice(-3000)).toBe(false);
-    for (const n of [1, 2, 3]) {
+  it('boots Debian 13 with systemd as PID 1 on its own disk, twice, and every step ran', () => {
+    expect(run.timedOut, run.console.slice(-3000)).toBe(false);
+    for (const n of [1, 2]) {
       expect(boot[n], `boot ${n} log`).toMatch(new RegExp(`^BOOT ${n}$`, 'm'));
       expect(boot[n]).not.toMatch(/STEP-FAILED/);
       expect(value(n, 'PID1')).toBe('systemd');
@@ -85,18 +84,21 @@ describe('Debian 13 under systemd, set up as docs/laptop.md says', () => {
     expect(value(2, 'STABLE-NAME')).toBe(src);
     expect(value(2, 'BACKING')).toBe('/run/ulobdev/data/fuse/disk');
     expect(value(2, 'ACTIVE')).toBe('active active');
-    expect(boot[2]).toMatch(/^A-READ ok$/m);
   });
 
-  it('flushed at the reboot (the schedule implies flush at stop): the disk has the data, nothing dirty', () => {
+  it('data written before the reboot is on flash after it: read back without a read of the disk', () => {
+    expect(boot[2]).toMatch(/^FILES-READ ok$/m);
+    expect(Number(value(2, 'DISK-SECTORS-READ'))).toBe(0);
+  });
+
+  it('flushed at the reboot (the schedule implies flush at stop): what was dirty went to the disk', () => {
     const lines = journal(2, 1).map(message);
-    const detached = lines.find((l) => l.startsWith('detached:'));
-    expect(detached).toMatch(/^detached: wrote \d+(\.\d+)? (KiB|MiB) back; nothing stays dirty$/);
-    // (STATUS2 is the new boot's daemon: the mount's own writes may be dirty again already.)
-    expect(status(2, 'STATUS2')).toMatchObject({ name: 'data' });
-    // QEMU's disk never sleeps, so the daemon also flushes whenever it finds it awake
-    // (opportunistic): a.bin may have reached the disk before the reboot; the image is checked at the end.
-    expect(lines.filter((l) => l === 'flushed dirty blocks to the backing disk').length).toBeGreaterThanOrEqual(1);
+    // b.bin was written just before the reboot; QEMU's disk never sleeps, so the daemon may also
+    // have flushed some of it opportunistically first. The stop wrote the rest: nothing stays dirty.
+    const detached = lines.filter((l) => l.startsWith('detached:')).pop();
+    expect(detached).toMatch(/^detached: wrote \d+(\.\d+)? (B|KiB|MiB) back; nothing stays dirty$/);
+    expect(status(1, 'STATUS2')).toMatchObject({ name: 'data' });
+    expect(status(2, 'STATUS3')).toMatchObject({ name: 'data' });
   });
 
   it('the journal carries one readable line per event', () => {
@@ -105,37 +107,24 @@ describe('Debian 13 under systemd, set up as docs/laptop.md says', () => {
     expect(lines.some((l) => /^Started ulobdev@data\.service/.test(l) || /Started .*ulobdev flash cache data/.test(l))).toBe(true);
     const msgs = lines.map(message);
     expect(msgs).toContain('attached');
-    expect(msgs.some((m) => m.startsWith('detached: wrote'))).toBe(true);
+    expect(msgs.some((m) => m.startsWith('detached:'))).toBe(true);
     expect(lines.every((l) => !l.includes('\n'))).toBe(true);
   });
 
   it('kill -9 of the daemon: systemd restarts it, refused while the dead device is mounted, then re-attached under the same name', () => {
     // Still mounted on the dead device: each restart refuses in one line until it is unmounted.
-    if (value(2, 'MOUNTED-AFTER-KILL') === 'yes') expect(Number(value(2, 'REFUSED-WHILE-MOUNTED'))).toBeGreaterThanOrEqual(1);
-    expect(value(2, 'RESTARTS')).toMatch(/^\d+ active$/);
-    expect(Number(value(2, 'RESTARTS').split(' ')[0])).toBeGreaterThanOrEqual(1);
-    expect(boot[2]).toMatch(/^RESTARTED ok$/m);
-    const after = status(2, 'STATUS-AFTER-KILL');
+    if (value(1, 'MOUNTED-AFTER-KILL') === 'yes') expect(Number(value(1, 'REFUSED-WHILE-MOUNTED'))).toBeGreaterThanOrEqual(1);
+    expect(value(1, 'RESTARTS')).toMatch(/^\d+ active$/);
+    expect(Number(value(1, 'RESTARTS').split(' ')[0])).toBeGreaterThanOrEqual(1);
+    expect(boot[1]).toMatch(/^RESTARTED ok$/m);
+    const after = status(1, 'STATUS-AFTER-KILL');
     expect(after.name).toBe('data');
-    expect(value(2, 'STABLE-NAME-AFTER-KILL')).toBe(after.device);
+    expect(value(1, 'STABLE-NAME-AFTER-KILL')).toBe(after.device);
     // The restart took the cache back; no attempt failed on what the dead daemon left.
-    const lines = boot[2]!.split('\n').filter((l) => l.startsWith('AFTER-KILL ')).map((l) => message(l.slice('AFTER-KILL '.length)));
+    const lines = boot[1]!.split('\n').filter((l) => l.startsWith('AFTER-KILL ')).map((l) => message(l.slice('AFTER-KILL '.length)));
     expect(lines.some((l) => /not closed cleanly last time; recovered its dirty set/.test(l))).toBe(true);
     expect(lines.filter((l) => /failed/.test(l) && !/Failed with result 'signal'/.test(l))).toEqual([]);
-    expect(boot[2]).toMatch(/^A-READ-AFTER-KILL ok$/m);
-  });
-
-  it('data written before a poweroff without a flush is on flash after the next boot, and a flush puts it on the disk', () => {
-    expect(value(3, 'MOUNT-SOURCE')).toMatch(/^\/dev\/loop\d+$/);
-    expect(boot[3]).toMatch(/^B-READ ok$/m);
-    const lines = journal(3, 2).map(message);
-    // QEMU's disk never sleeps, so most of b.bin went to it opportunistically before the poweroff;
-    // what the stop left dirty is still dirty on flash after the boot, and the flush writes it.
-    const stopped = lines.filter((l) => l.startsWith('detached:')).pop();
-    expect(stopped).toMatch(/^detached: no flush; \d+(\.\d+)? (B|KiB|MiB) stay dirty in the cache for the next flush$/);
-    expect(status(3, 'STATUS4').dirtyBytes).toBeGreaterThan(0);
-    expect(status(3, 'STATUS5').writeback.lastFlushAt).toBeGreaterThan(status(3, 'STATUS4').writeback.lastFlushAt);
-    expect(status(3, 'STATUS5').writeback.lastFlushBytes).toBeGreaterThanOrEqual(status(3, 'STATUS4').dirtyBytes);
+    expect(boot[1]).toMatch(/^A-READ-AFTER-KILL ok$/m);
   });
 
   it('the disk image holds every file (read on the host, without the cache)', () => {
