@@ -700,8 +700,9 @@ export function checkDaemonName(name: string): string {
 
 /**
  * Refuses a cache, bitmap or metadata path whose directory does not exist: a typo, or flash that
- * is not mounted yet, must not become a disk-sized file on the root filesystem. (The default
- * state directory is ulobdev's own and is created.)
+ * is not mounted yet, must not become a disk-sized file on the root filesystem. The state
+ * directory (/var/lib/ulobdev) is ulobdev's own and is created, also when a path names it (the
+ * unit's CACHE=/var/lib/ulobdev/NAME.cache on a fresh install).
  */
 async function assertCacheDirsExist(options: Pick<AttachOptions, 'cache' | 'bitmap' | 'metadata'>): Promise<void> {
   const given: Array<[string, string | undefined]> = [
@@ -712,6 +713,7 @@ async function assertCacheDirsExist(options: Pick<AttachOptions, 'cache' | 'bitm
   for (const [flag, path] of given) {
     if (path === undefined) continue;
     const dir = dirname(resolve(path));
+    if (dir === STATE_DIR) await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
     const st = await fsp.stat(dir).catch(() => null);
     if (!st) throw new InvalidArgumentError(`${flag} ${path}: the directory ${dir} does not exist (a typo, or the flash is not mounted yet?); create it or pick another`);
     if (!st.isDirectory()) throw new InvalidArgumentError(`${flag} ${path}: ${dir} is not a directory`);
