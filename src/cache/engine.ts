@@ -83,6 +83,10 @@ export interface ExternalEpochs {
   begin(flushing: Bitmap): void;
   /** After the source sync, before clearFlushed: narrows `cleaned` in place to what it cleaned. */
   commit(cleaned: Bitmap): void;
+  /** The flush failed: end the outside epoch without clearing anything. */
+  abort?(): void;
+  /** Blocks dirty there now, the store's dirty ones included (exact: the kernel's count). */
+  dirtyBlocks?(): number | null;
 }
 
 /** Staged entries: bit 0 says dirty (1) or clean (0). */
@@ -204,6 +208,14 @@ export class CacheEngine {
       readMisses: this.#misses,
       spaceError: this.#spaceError,
     };
+  }
+
+  /**
+   * Dirty blocks now: the outside data path's count when there is one (it holds dirty blocks the
+   * store learns of only at its next barrier), else the store's.
+   */
+  dirtyBlocks(): number {
+    return this.externalEpochs?.dirtyBlocks?.() ?? this.store.dirty.count();
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
@@ -371,11 +383,8 @@ export class CacheEngine {
     // Taken as zeros, the disk would get zeros and a commit landing before clearFlushed would
     // leave the block clean over data the disk never got.
     for (const b of this.#staged.keys()) if (zeros.get(b)) zeros.clear(b);
-    if (this.externalEpochs) {
-      // Writes the engine never saw may not be synced: the copy the flusher reads must be durable
-      // in the cache before its dirty bit can go (invariant 2). Later writes count as rewritten.
-      await this.store.syncData();
-    }
+    // Open in the same tick as the outside snapshot: the kernel may ask to preserve blocks
+    // (preserveEpochBlocks) as soon as it has begun its epoch.
     const epoch = new FlushEpoch(this.store.info.flushEpoch + 1, flushing, zeros, {
       geometry: this.geometry,
       readCache: (buf, position) => this.store.readData(buf, position),
@@ -384,7 +393,26 @@ export class CacheEngine {
     });
     this.#epoch = epoch;
     for (const [first, end] of this.#writes) epoch.markRewritten(first, end);
+    if (this.externalEpochs) {
+      // Writes the engine never saw may not be synced: the copy the flusher reads must be durable
+      // in the cache before its dirty bit can go (invariant 2). Later writes count as rewritten.
+      try {
+        await this.store.syncData();
+      } catch (err) {
+        this.abortEpoch(epoch);
+        throw err;
+      }
+    }
     return epoch;
+  }
+
+  /**
+   * Copy-on-write for a kernel frontend (the PRESERVE upcall): returns once the open epoch's
+   * version of every block of [first, end) it flushes is saved aside or already read by the
+   * flusher. Nothing to do without an open epoch. The caller lets the blocks change afterwards.
+   */
+  preserveEpochBlocks(first: number, end: number): Promise<void> {
+    return this.#preserveForEpoch(first, end);
   }
 
   /** Reads cache content for the flusher; never touches the source. */
@@ -442,9 +470,13 @@ export class CacheEngine {
     // Blocks written since beginEpoch() waited for their copy (readEpoch or preserve) while the
     // epoch was open; with it closed they need none.
     await open.release();
-    if (open.failed) throw open.failed;
-    const source = this.#writableSource();
-    await source.sync();
+    try {
+      if (open.failed) throw open.failed;
+      await this.#writableSource().sync();
+    } catch (err) {
+      this.externalEpochs?.abort?.();
+      throw err;
+    }
     // Zeroed blocks leave the dirty set here and become missing: their present bits must be clear
     // in the bitmap file first, or a crash would bring back a stale one (durability rule 10).
     if (open.zeros.nextSet(0) < open.zeros.bits) await this.store.persistBitmap(true);
@@ -467,6 +499,7 @@ export class CacheEngine {
     if (this.#epoch !== epoch) return;
     const open = this.#epoch;
     this.#epoch = null;
+    this.externalEpochs?.abort?.();
     void open.release();
     this.store.notifySpace();
   }
@@ -867,10 +900,11 @@ export class CacheEngine {
 
   /**
    * Group commit of dirty intents (rule 3). Writes prepared in the same turn of the event loop (an
-   * NBD client's queued requests arrive in one socket read) share one metadata transaction, and
-   * transactions written while a WAL fsync runs share the next one (store.markDirtyDurable): the
-   * event loop never waits for the disk, and a busy queue costs one fsync per round, not per
-   * write. A block already on its way waits for the intent that carries it.
+   * NBD client's queued requests arrive in one socket read) go to the store together, and the
+   * store records everything that arrives while one round's WAL fsync runs in the next round, as
+   * one transaction and one fsync (store.markDirtyDurable): the event loop never waits for the
+   * disk, and a busy queue costs one fsync per round, not per write. A block already on its way
+   * waits for the intent that carries it.
    */
   #markDirtyBatched(blocks: readonly number[]): Promise<void> {
     const waits = new Set<Promise<void>>();

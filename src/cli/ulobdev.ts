@@ -353,6 +353,13 @@ function formatStatus(s: DeviceStatus): string {
     if (w.flushing && w.progress) lines.push(`  flushing (${w.reason}): ${formatBytes(w.progress.doneBytes)} of ${formatBytes(w.progress.totalBytes)}`);
     if (w.lastError) lines.push(`  last flush FAILED (${w.failures}x): ${w.lastError}; retry ${when(w.retryAt)}`);
   }
+  if (s.kernel) {
+    const k = s.kernel;
+    lines.push(
+      `  kernel: ${k.attach}, ${k.waiting} requests waiting, ${k.pendingBlocks} blocks pending for the next FLUSH, hits ${k.readHits + k.writeHits}, upcalls ${k.readMisses + k.writeUpcalls} (${k.failedUpcalls} failed)`,
+    );
+    if (k.error) lines.push(`  cache file sync FAILED (${k.error}): writes and FLUSH fail until it syncs again`);
+  }
   const p = s.policy;
   if (p) {
     const set = [

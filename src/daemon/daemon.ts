@@ -16,7 +16,7 @@ import { DiskHealth, type DiskHealthStatus } from '../source/health.js';
 import { ANY_LOOP, defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/kernel-nbd.js';
-import { assertUloopModule, attachUloop } from '../bdev/uloop.js';
+import { assertUloopAvailable, assertUloopModule, attachUloop, type UloopStatus } from '../bdev/uloop.js';
 import { assertLocalAddress, NbdServer, parseNbdUrl } from '../bdev/nbd-server/index.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
@@ -136,6 +136,8 @@ export interface DeviceStatus {
   /** Every policy setting in force (null: not set), so status shows what the daemon was told. */
   policy: PolicyStatus;
   hydration?: HydrationProgress;
+  /** /dev/uloopN: the kernel's exact counts and state (QUERY); cachedBytes and dirtyBytes come from it. */
+  kernel?: UloopStatus;
 }
 
 /** The write-back and hydration settings of a daemon, as status shows them; null means not set. */
@@ -259,6 +261,7 @@ export class Daemon {
       // 4 KiB gets blocks of one sector; an explicit smaller --block-size is refused here, before
       // anything is created, and an existing cache's block size after it is opened (below).
       const sectorSize = source.sectorSize ?? { logical: 512, physical: 512 };
+      if (kind === 'uloop') assertUloopAvailable(options.device, { size: source.size, writeback: options.writeback, logical: sectorSize.logical });
       // A --block-size that is no block size at all (3000, 2M) is said as such first.
       if (options.blockSize !== undefined) assertBlockSize(options.blockSize);
       assertSectorFits(sectorSize, options.blockSize ?? DEFAULT_BLOCK_SIZE, source.description, options.blockSize === undefined);
@@ -370,13 +373,10 @@ export class Daemon {
       if (kind === 'loop') frontend = await attachLoop({ device: options.device, socket, runDir, readOnly, logger, sectorSize: sectorSize.logical });
       else if (kind === 'nbd') frontend = await attachNbdDevice({ device: options.device, socket, exportName: EXPORT_NAME, readOnly, sectorSize: sectorSize.logical, logger });
       else if (kind === 'uloop') {
-        frontend = await attachUloop({ device: options.device, engine, readOnly, logger });
-        // ABI 1 of uloop.ko has no sector sizes at ADD: /dev/uloopN shows 512 whatever the disk has.
-        if (sectorSize.logical !== 512) {
-          const line = `${options.device} shows 512-byte sectors, the disk ${source.description} has ${sectorSize.logical}: a filesystem made through it may not mount on the bare disk; use /dev/loopN or /dev/nbdN for this disk`;
-          logger.warn(line);
-          options.onNotice?.(line);
-        }
+        // ABI 2 takes the disk's sector sizes at ADD: /dev/uloopN shows the disk's.
+        const uloop = await attachUloop({ device: options.device, engine, readOnly, logger, sectorSize });
+        if (hydrator) hydrator.fill = (offset, length) => uloop.hydrateFill(offset, length);
+        frontend = uloop;
       }
       else frontend = { kind: 'serve', device: options.device, detach: async () => undefined };
       undo.push(() => frontend.detach());
@@ -419,6 +419,15 @@ export class Daemon {
    */
   status(): DeviceStatus {
     const s = this.engine.stats();
+    // A kernel frontend serves hits and keeps dirty bits the store learns of only at barriers:
+    // its own counts are the exact ones.
+    const kernel = 'kernelStatus' in this.#frontend ? (this.#frontend as { kernelStatus(): UloopStatus | null }).kernelStatus() ?? undefined : undefined;
+    if (kernel) {
+      s.presentBlocks = kernel.presentBlocks;
+      s.dirtyBlocks = kernel.dirtyBlocks;
+      s.readHits = kernel.readHits;
+      s.readMisses = kernel.readMisses;
+    }
     const cachedBytes = Math.min(s.presentBlocks * s.blockSize, s.size);
     const reads = s.readHits + s.readMisses;
     return {
@@ -452,6 +461,7 @@ export class Daemon {
       spaceError: s.spaceError,
       hydration: this.#hydrator?.progress(),
       policy: this.#policyStatus(),
+      kernel,
     };
   }
 
@@ -587,7 +597,7 @@ export class Daemon {
       scheduler.stop();
       await scheduler.idle();
       const p = this.#policy;
-      if ((p.flushOnDetach ?? hasAutomaticWriteback(p)) && this.engine.store.dirty.count() > 0) {
+      if ((p.flushOnDetach ?? hasAutomaticWriteback(p)) && this.engine.dirtyBlocks() > 0) {
         // Detach and shutdown flush: the disk leaves with everything. A failure (or the stop
         // deadline) keeps the data dirty in the cache (safe), so detaching goes on.
         const controller = new AbortController();
@@ -606,7 +616,7 @@ export class Daemon {
       await this.#frontend.detach({ force: true }).catch((err: Error) => this.#logger.warn(`letting go of ${this.device}: ${err.message}`));
       await this.#server.close();
     }
-    const dirtyBytes = Math.min(this.engine.store.dirty.count() * this.engine.geometry.blockSize, this.engine.size);
+    const dirtyBytes = Math.min(this.engine.dirtyBlocks() * this.engine.geometry.blockSize, this.engine.size);
     await this.engine.close();
     await this.#power?.close();
     await this.#source.close();
@@ -629,7 +639,7 @@ export class Daemon {
       case 'flush': {
         if (request.wait === false) {
           // Started, not awaited: `ulobdev flush` without --wait returns at once.
-          const dirty = this.engine.store.dirty.count();
+          const dirty = this.engine.dirtyBlocks();
           if (dirty > 0 || this.#scheduler?.flushing) this.flush().catch(() => undefined);
           return { started: dirty > 0, dirtyBytes: Math.min(dirty * this.engine.geometry.blockSize, this.engine.size) };
         }

@@ -248,8 +248,8 @@ export class FlushScheduler {
   }
 
   #dirtyBytes(): number {
-    const s = this.#engine.store;
-    return Math.min(s.dirty.count() * s.geometry.blockSize, s.geometry.size);
+    const g = this.#engine.geometry;
+    return Math.min(this.#engine.dirtyBlocks() * g.blockSize, g.size);
   }
 
   /** Dirty bytes that take cache space (zeroed blocks take none). */

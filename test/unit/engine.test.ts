@@ -1049,9 +1049,14 @@ describe('the flusher', () => {
 describe('dirty intents', () => {
   /** Metadata whose WAL fsyncs (the intents' durability) wait until released. */
   function gatedMetadata() {
-    const gate = { held: false, waiting: [] as (() => void)[], syncs: 0 };
+    const gate = { held: false, waiting: [] as (() => void)[], syncs: 0, transactions: [] as number[] };
     const wrap = (m: Metadata): Metadata => {
       const syncWal = m.syncWal.bind(m);
+      const addDirtyUnsynced = m.addDirtyUnsynced.bind(m);
+      m.addDirtyUnsynced = (extents) => {
+        gate.transactions.push(extents.reduce((n, e) => n + e.count, 0));
+        addDirtyUnsynced(extents);
+      };
       m.syncWal = async () => {
         gate.syncs++;
         if (gate.held) await new Promise<void>((resolve) => gate.waiting.push(resolve));
@@ -1101,6 +1106,42 @@ describe('dirty intents', () => {
     // Everything that queued behind the held fsync went out in one more.
     expect(gate.syncs).toBeLessThanOrEqual(held + 1);
     expect(held).toBeLessThanOrEqual(1);
+  });
+
+  it('intents that arrive while a round fsyncs wait for the next round, which records them in one transaction', async () => {
+    const { r, BS, gate, release } = await gatedRig(16);
+    await r.engine.read(0, 16 * BS);
+    await r.engine.flush();
+    const turn = () => new Promise((resolve) => setImmediate(resolve));
+    const unchanged = (b: number) => readFileSync(r.paths.cache).subarray(b * BS, (b + 1) * BS).equals(r.initial.subarray(b * BS, (b + 1) * BS));
+    gate.held = true;
+    const a = r.engine.write(1 * BS, pattern(BS, 1));
+    await turn();
+    expect(gate.syncs).toBe(1);
+    // Two more first writes in two later turns, while round 1's fsync runs: its transaction did
+    // not carry them, so its fsync may not let them go ahead (rule 3).
+    const b = r.engine.write(5 * BS, pattern(BS, 5));
+    await turn();
+    const c = r.engine.write(9 * BS, pattern(BS, 9));
+    await turn();
+    gate.waiting.shift()!();
+    await a;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    expect(r.store.dirty.get(1)).toBe(true);
+    expect(unchanged(1)).toBe(false);
+    expect(gate.syncs).toBe(2);
+    for (const blk of [5, 9]) {
+      expect(r.store.dirty.get(blk)).toBe(false);
+      expect(unchanged(blk)).toBe(true);
+    }
+    release();
+    await Promise.all([b, c]);
+    expect([5, 9].map((blk) => r.store.dirty.get(blk))).toEqual([true, true]);
+    // One transaction per round: block 1 alone, then blocks 5 and 9 together.
+    expect(gate.transactions).toEqual([1, 2]);
+    expect(gate.syncs).toBe(2);
+    await reopen(r, 'abandon');
+    expect([1, 5, 9].map((blk) => r.store.dirty.get(blk))).toEqual([true, true, true]);
   });
 
   it('an intent still being synced stays in the dirty table a flush epoch rewrites meanwhile', async () => {
