@@ -15,6 +15,7 @@ import net from 'node:net';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { loadavg } from 'node:os';
 import { printTable, writeJson } from './lib/table.js';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
@@ -129,7 +130,7 @@ async function startNginx(www) {
   writeFileSync(conf, `daemon off; user root root; worker_processes 1; pid ${dir}/nginx.pid; error_log ${dir}/error.log warn;
 events { worker_connections 1024; }
 http { access_log off; keepalive_requests 1000000; sendfile on; tcp_nopush on;
-  log_format bytes '$body_bytes_sent';
+  log_format bytes '$body_bytes_sent $http_range';
   client_body_temp_path ${dir}/b; proxy_temp_path ${dir}/p; fastcgi_temp_path ${dir}/f; uwsgi_temp_path ${dir}/u; scgi_temp_path ${dir}/s;
   server { listen 127.0.0.1:${port}; root ${www}; autoindex on; access_log ${dir}/access.log bytes; location / { } } }
 `);
@@ -137,7 +138,13 @@ http { access_log off; keepalive_requests 1000000; sendfile on; tcp_nopush on;
   cleanups.push(() => stopChild(child));
   await waitPort(port);
   const logPath = join(dir, 'access.log');
-  return { port, bytesSent: () => (existsSync(logPath) ? readFileSync(logPath, 'utf8').split('\n').reduce((n, l) => n + (Number(l) || 0), 0) : 0) };
+  const lines = () => (existsSync(logPath) ? readFileSync(logPath, 'utf8').split('\n').filter(Boolean) : []);
+  return {
+    port,
+    bytesSent: () => lines().reduce((n, l) => n + (parseInt(l, 10) || 0), 0),
+    /** Requests logged so far: [bytes sent, Range header]. */
+    requests: () => lines().map((l) => [parseInt(l, 10) || 0, l.slice(l.indexOf(' ') + 1)]),
+  };
 }
 
 async function startDelayProxy(port, ms) {
@@ -177,7 +184,15 @@ const contenders = {
     const loop = freeLoop();
     const run = join(dir, 'run');
     sh(process.execPath, [join(ROOT, 'dist/cli/ulohttp.js'), '-c', join(dir, 'c.cache'), '--daemon', '--run-dir', run, '--log-level', 'warn', loop, url]);
-    return { loop, teardown: async () => void sh(process.execPath, [join(ROOT, 'dist/cli/ulohttp.js'), 'detach', loop, '--run-dir', run]) };
+    const sourceStats = () => {
+      try {
+        const st = JSON.parse(sh(process.execPath, [join(ROOT, 'dist/cli/ulohttp.js'), 'status', '--json', '--run-dir', run]));
+        return (Array.isArray(st) ? st[0] : st).source;
+      } catch {
+        return undefined;
+      }
+    };
+    return { loop, sourceStats, teardown: async () => void sh(process.execPath, [join(ROOT, 'dist/cli/ulohttp.js'), 'detach', loop, '--run-dir', run]) };
   },
   async nbdkit(url, dir) {
     const sock = join(dir, 'nbdkit.sock');
@@ -265,10 +280,11 @@ function fio(file) {
 // --- main --------------------------------------------------------------------------------------
 
 async function main() {
+  const loadAtStart = loadavg().map((x) => +x.toFixed(2));
   log(`image: 2 × ${BIG / MiB} MiB files + ${FILES} small files`);
   const img = makeImage();
   const nginx = await startNginx(img.www);
-  const latencies = [0, DELAY];
+  const latencies = [...new Set([0, DELAY])];
   const ports = { 0: nginx.port, [DELAY]: await startDelayProxy(nginx.port, DELAY) };
   const rows = [];
   for (const name of opt.only.split(',')) {
@@ -291,9 +307,27 @@ async function main() {
           let b1 = nginx.bytesSent();
           Object.assign(row, { seqMBps: +(seq.bytes / seq.seconds / 1e6).toFixed(1), seqFetchedPerRead: +((b1 - b0) / seq.bytes).toFixed(2), seqComplete: seq.complete });
           b0 = b1;
+          const r0 = nginx.requests().length;
+          const stats0 = c.sourceStats?.();
           const small = await smallScan(join(mnt, 'small'));
           await sleep(300);
           b1 = nginx.bytesSent();
+          // Where the small-file scan's bytes went: the GETs by size, and the tool's own counters.
+          const sizes = nginx.requests().slice(r0).map(([n]) => n);
+          const bySize = {};
+          for (const n of sizes) {
+            const k = n <= 4096 ? '<=4K' : n <= 65536 ? '<=64K' : n <= MiB ? '<=1M' : '>1M';
+            bySize[k] = (bySize[k] ?? { requests: 0, bytes: 0 });
+            bySize[k].requests++;
+            bySize[k].bytes += n;
+          }
+          row.smallRequests = bySize;
+          const stats1 = c.sourceStats?.();
+          if (stats0 && stats1) {
+            row.smallSourceStats = Object.fromEntries(
+              ['demandRequests', 'prefetchRequests', 'bytesFetched', 'bytesRead', 'readaheadHitBytes', 'readaheadWastedBytes'].map((k) => [k, Number(stats1[k]) - Number(stats0[k])]),
+            );
+          }
           Object.assign(row, { smallSeconds: +small.seconds.toFixed(2), smallFiles: small.files, smallFetchedPerRead: +((b1 - b0) / small.bytes).toFixed(2) });
           b0 = b1;
           const f = fio(join(mnt, 'rand.bin'));
@@ -336,7 +370,7 @@ async function main() {
       notes: [`fetch/read = bytes nginx sent / bytes the workload read. Workloads cut at ${CAP_S} s report what they did until then.`],
     },
   );
-  writeJson(opt.json, { params: { big: BIG, files: FILES, fioSeconds: FIO_S, delayMs: DELAY, capSeconds: CAP_S }, rows, kernel: sh('uname', ['-r']).trim(), nproc: sh('nproc', []).trim() });
+  writeJson(opt.json, { params: { big: BIG, files: FILES, fioSeconds: FIO_S, delayMs: DELAY, capSeconds: CAP_S }, rows, kernel: sh('uname', ['-r']).trim(), nproc: sh('nproc', []).trim(), loadAverage: { start: loadAtStart, end: loadavg().map((x) => +x.toFixed(2)) } });
 }
 
 try {

@@ -125,6 +125,19 @@ function losetup(file) {
   return dev;
 }
 
+/** CPU seconds (user + system, all threads) the processes have used so far. */
+function cpuSeconds(pids) {
+  let ticks = 0;
+  for (const pid of pids) {
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      ticks += Number(f[11]) + Number(f[12]);
+    } catch {}
+  }
+  return ticks / 100;
+}
+
 function fio(dev, row) {
   const out = run('fio', [
     '--name=bench', `--filename=${dev}`, '--ioengine=libaio', '--direct=1', `--rw=${row.rw}`, `--bs=${row.bs}`, `--iodepth=${row.qd}`,
@@ -132,11 +145,13 @@ function fio(dev, row) {
   ]);
   const job = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
   const side = row.rw.includes('read') ? job.read : job.write;
-  return row.unit === 'IOPS' ? Math.round(side.iops) : +(side.bw_bytes / 1e6).toFixed(0);
+  return { value: row.unit === 'IOPS' ? Math.round(side.iops) : +(side.bw_bytes / 1e6).toFixed(0), ios: side.total_ios, seconds: side.runtime / 1000 };
 }
 
 const loadAtStart = loadavg().map((x) => +x.toFixed(2));
 const results = Object.fromEntries(ROWS.map((r) => [r.id, { limit: [], ulobdev: [], nbdkit: [] }]));
+/** CPU µs per request of the userspace side (server + its nbdfuse), per row and target. */
+const cpuPerIo = Object.fromEntries(ROWS.map((r) => [r.id, { ulobdev: [], nbdkit: [] }]));
 try {
   live.dir = mkdtempSync(join(opts.dir, 'ulobloop-'));
   const d = live.dir;
@@ -189,6 +204,10 @@ try {
   };
 
   const targets = { limit: limitDev, ulobdev: ulobDev, nbdkit: kitDev };
+  const st = JSON.parse(run('node', [CLI, 'status', '--json', '--run-dir', runDir, 'benchloop']));
+  const daemonPid = (Array.isArray(st) ? st[0] : st).pid;
+  const ulobFusePid = Number(readFileSync(join(runDir, 'benchloop', 'nbdfuse.pid'), 'utf8'));
+  const pids = { ulobdev: [daemonPid, ulobFusePid], nbdkit: [kit.pid, fuse.pid], limit: [] };
   const order = ['ulobdev', 'nbdkit', 'limit'];
   let dirty = false;
   for (let rep = 0; rep < REPS; rep++) {
@@ -203,9 +222,12 @@ try {
           flush();
           dirty = false;
         }
-        const v = fio(targets[t], row);
-        results[row.id][t].push(v);
-        log(`rep ${rep + 1} ${row.id} ${t}: ${v} ${row.unit} (load ${loadavg()[0].toFixed(1)})`);
+        const cpu0 = cpuSeconds(pids[t]);
+        const r = fio(targets[t], row);
+        const cpu = cpuSeconds(pids[t]) - cpu0;
+        results[row.id][t].push(r.value);
+        if (t !== 'limit') cpuPerIo[row.id][t].push(Math.round((cpu * 1e6) / r.ios));
+        log(`rep ${rep + 1} ${row.id} ${t}: ${r.value} ${row.unit}${t === 'limit' ? '' : `, ${Math.round((cpu * 1e6) / r.ios)} µs CPU per request`} (load ${loadavg()[0].toFixed(1)})`);
       }
     }
   }
@@ -221,17 +243,23 @@ try {
       nbdkit: fmt(best.nbdkit, row.unit),
       'ulobdev/limit': (best.ulobdev / best.limit).toFixed(2),
       'ulobdev/nbdkit': (best.ulobdev / best.nbdkit).toFixed(2),
+      'CPU µs/req ulobdev': Math.min(...cpuPerIo[row.id].ulobdev),
+      'CPU µs/req nbdkit': Math.min(...cpuPerIo[row.id].nbdkit),
       best,
       runs: results[row.id],
+      cpuPerRequest: cpuPerIo[row.id],
     };
   });
   cleanup();
   printTable(
-    ['workload', 'limit', 'ulobdev', 'nbdkit', 'ulobdev/limit', 'ulobdev/nbdkit'].map((k) => ({ key: k, title: k, align: k === 'workload' ? 'left' : 'right' })),
+    ['workload', 'limit', 'ulobdev', 'nbdkit', 'ulobdev/limit', 'ulobdev/nbdkit', 'CPU µs/req ulobdev', 'CPU µs/req nbdkit'].map((k) => ({ key: k, title: k, align: k === 'workload' ? 'left' : 'right' })),
     table,
     {
       title: `bench/loop.js: fio libaio direct, ${SECONDS} s, best of ${REPS} interleaved runs; ${SIZE / MiB} MiB on ${opts.dir}`,
-      notes: [`load average ${loadAtStart.join(' ')} at start, ${loadAtEnd.join(' ')} at end (${cpus().length} CPUs)`],
+      notes: [
+        'CPU µs/req: user + system time of the server and its nbdfuse per request (lowest of the runs); a load-independent measure of the work each request costs',
+        `load average ${loadAtStart.join(' ')} at start, ${loadAtEnd.join(' ')} at end (${cpus().length} CPUs)`,
+      ],
     },
   );
   writeJson(opts.json, {

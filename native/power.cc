@@ -98,15 +98,18 @@ Napi::Value AtaSgIo(const Napi::CallbackInfo& info) {
   return StartWorker(env, w);
 }
 
-// hdioDriveCmd(fd, args: Uint8Array(4) = [command, count, feature, 0]) -> Promise<void>; the
-// kernel writes [status, error, count, ...] back into args.
+// hdioDriveCmd(fd, args: Uint8Array(4 + 512 * args[3]) = [command, count, feature, sectors, data])
+// -> Promise<void>; the kernel writes [status, error, count, ...] and `sectors` sectors of data
+// back into args.
 Napi::Value HdioDriveCmd(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd;
   Bytes args;
   if (!ArgFd(info, 0, &fd) || !ArgBytes(info, 1, &args)) return Napi::Value();
-  if (args.length < 4) {
-    Napi::RangeError::New(env, "hdioDriveCmd: args must hold 4 bytes").ThrowAsJavaScriptException();
+  // The kernel copies 512 bytes per sector of args[3] (a data-in command's sector count) back
+  // after the 4 header bytes: the buffer must hold them all, or it writes past its end.
+  if (args.length < 4 || args.length < 4 + 512 * static_cast<size_t>(args.data[3])) {
+    Napi::RangeError::New(env, "hdioDriveCmd: args must hold 4 + 512 * args[3] bytes").ThrowAsJavaScriptException();
     return Napi::Value();
   }
   auto* w = new DriveCmdWorker(env, fd, args);

@@ -103,7 +103,7 @@ export function moduleRejected(device: string, said: string, lockedDown: boolean
 }
 
 /** The lowest /dev/uloopN not in use, from /sys/block; undefined if that cannot be read. */
-function freeUloop(): string | undefined {
+export function freeUloop(): string | undefined {
   let names: string[];
   try {
     names = readdirSync('/sys/block');

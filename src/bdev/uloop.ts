@@ -1,19 +1,22 @@
 // /dev/uloopN: the kernel module (kernel/uloop.c) serves hits from the cache file itself; this
-// frontend is its daemon. It answers misses by filling through the engine, dirty intents with
-// store.markDirty (rule 3), and barriers by recording the bits the kernel reports after it synced
-// the cache file (rules 4-6).
+// frontend is its daemon. It ADDs the device, or ATTACHes to it when a daemon of the same command
+// died and left it (kill -9, a crash: the kernel keeps the device and re-issues what was not
+// answered), reads the kernel's upcalls and runs them through UpcallHandler (src/bdev/upcalls.ts:
+// misses, intents, barriers, preserves), replies, and watches the device's sticky error.
 import { spawnSync } from 'node:child_process';
 import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
-import { release } from 'node:os';
-import { open } from 'node:fs/promises';
+import { constants as osConstants, release } from 'node:os';
 import type { Logger } from 'pino';
 import { Bitmap } from '../cache/bitmap.js';
-import type { CacheEngine } from '../cache/engine.js';
-import { EngineClosedError, InternalError } from '../errors.js';
-import type { Extent } from '../cache/layout.js';
+import type { CacheEngine, ExternalEpochs } from '../cache/engine.js';
+import { DeviceBusyError, EngineClosedError, ModuleVersionError } from '../errors.js';
+import type { SectorSize } from '../source/source.js';
+import { alignedBuffer } from '../native/io.js';
 import * as native from '../native/uloop.js';
 import type { Frontend } from './frontend.js';
-import { moduleMissing, moduleRejected, uloopError } from './uloop-errors.js';
+import { run } from './programs.js';
+import { UpcallHandler, type Upcall, type UpcallType } from './upcalls.js';
+import { freeUloop, moduleMissing, moduleRejected, uloopError } from './uloop-errors.js';
 
 /**
  * Makes sure /dev/uloop-control exists: when it does not, loads the installed module (DKMS puts it
@@ -48,18 +51,219 @@ export interface UloopOptions {
   engine: CacheEngine;
   readOnly: boolean;
   logger: Logger;
+  /** The backing disk's sectors, given to the device at ADD (default 512/512). */
+  sectorSize?: SectorSize;
+  /** How often the kernel's counters and sticky error are looked at (ms). Default 200. */
+  pollMs?: number;
+  /** How often CLEAR_ERROR is tried while the sticky error lasts (ms). Default 2000. */
+  clearErrorMs?: number;
 }
 
-const EIO = -5;
+/** The kernel's side of a /dev/uloopN as `status` shows it (QUERY, exact running counts). */
+export interface UloopStatus {
+  /** How this daemon got the device: 'added' (ADD) or 'reattached' (ATTACH after a dead daemon). */
+  attach: 'added' | 'reattached';
+  presentBlocks: number;
+  dirtyBlocks: number;
+  pendingBlocks: number;
+  zeroBlocks: number;
+  /** Upcalls queued or sent and not answered. */
+  waiting: number;
+  /** The sticky error of a failed cache-file sync (e.g. 'EIO'), or null. */
+  error: string | null;
+  readHits: number;
+  readMisses: number;
+  writeHits: number;
+  writeUpcalls: number;
+  flushes: number;
+  barriers: number;
+  timeouts: number;
+  ioErrors: number;
+  /** Upcalls this daemon answered with an error. */
+  failedUpcalls: number;
+  /** PRESERVE upcalls answered: blocks' epoch versions kept before the kernel let them change. */
+  preserves: number;
+  /** When the last user request was served, as far as the kernel's counters tell (ms since epoch). */
+  lastRequestAt: number;
+}
 
-export async function attachUloop(options: UloopOptions): Promise<Frontend> {
+/** A frontend of a kernel module that keeps block state itself; status and policy read it. */
+export interface UloopFrontend extends Frontend {
+  readonly kind: 'uloop';
+  /** The kernel's counts now (one QUERY), or null once the device is gone. */
+  kernelStatus(): UloopStatus | null;
+  /**
+   * Hydration of bytes [offset, offset + length) through the kernel: CLAIM the blocks it has
+   * neither present, dirty nor busy (requests touching them wait), fill those from the source,
+   * sync, FILLED (the kernel serves them), record them present. Blocks the kernel holds newer
+   * (written, pending for the next barrier) are never claimed, so never overwritten.
+   */
+  hydrateFill(offset: number, length: number): Promise<void>;
+}
+
+const TYPES: Record<number, UpcallType> = {
+  [native.ULOOP_MSG_MISS]: 'miss',
+  [native.ULOOP_MSG_INTENT]: 'intent',
+  [native.ULOOP_MSG_BARRIER]: 'barrier',
+  [native.ULOOP_MSG_PRESERVE]: 'preserve',
+  [native.ULOOP_MSG_ZERO]: 'zero',
+};
+
+/** QUERY of /dev/uloopN, or null when there is no such device (ENODEV). */
+function queryOrNull(ctl: number, index: number): native.UloopInfo | null {
+  try {
+    return native.uloopQuery(ctl, index);
+  } catch (err) {
+    if ((err as { code?: string }).code === 'ENODEV') return null;
+    throw err;
+  }
+}
+
+/**
+ * Why an existing /dev/uloopN cannot be this cache's device (its size, block size, mode or
+ * sectors differ), or null when it can be taken back.
+ */
+export function uloopMismatch(info: Pick<native.UloopInfo, 'size' | 'blockSize' | 'flags' | 'logicalBlockSize'>, want: { size: number; blockSize: number; writeback: boolean; logical: number }): string | null {
+  const diffs: string[] = [];
+  if (info.size !== want.size) diffs.push(`size ${info.size} bytes, this disk ${want.size}`);
+  if (info.blockSize !== want.blockSize) diffs.push(`block size ${info.blockSize}, this cache ${want.blockSize}`);
+  const wb = (info.flags & native.ULOOP_F_WRITEBACK) !== 0;
+  if (wb !== want.writeback) diffs.push(wb ? 'added with --writeback, asked without' : 'added read-only, asked with --writeback');
+  if (info.logicalBlockSize !== 0 && info.logicalBlockSize !== want.logical) diffs.push(`${info.logicalBlockSize}-byte sectors, this disk ${want.logical}`);
+  return diffs.length ? diffs.join('; ') : null;
+}
+
+/** The flush-epoch ioctls of an attached device, as kernelEpochs() uses them. */
+export interface KernelEpochIoctls {
+  /** EPOCH_BEGIN: the kernel's dirty bitmap into `dirty`; returns the epoch. */
+  begin(dirty: Buffer): number;
+  /** EPOCH_COMMIT: narrows `flushed` in place to what the kernel cleared. Throws ESTALE, ECANCELED, EIO. */
+  commit(epoch: number, flushed: Buffer): void;
+  /** QUERY's dirty count. */
+  dirtyBlocks(): number;
+  /** True once the device is removed. */
+  gone(): boolean;
+  /** For messages: /dev/uloop0. */
+  device: string;
+}
+
+/**
+ * Flush epochs (rule 7) on both sides. The kernel writes hits itself and keeps its own dirty bits:
+ * the flushed set is the store's snapshot narrowed to blocks dirty in the kernel too (a block whose
+ * barrier the store has not recorded yet waits for the next epoch). At commit the kernel clears
+ * first, the store (clearFlushed) right after in the same tick: a write to a cleared block then
+ * waits for an INTENT that is answered only once the store has cleared it too. With
+ * ULOOP_F_PRESERVE the kernel holds the first write to a block of the epoch until the daemon has
+ * kept its epoch version aside: `preserve` runs engine.preserveEpochBlocks (the userspace path's
+ * copy-on-write) for the epoch the engine has open; the engine opens it in the same tick as
+ * EPOCH_BEGIN (beginEpoch), so a PRESERVE never finds it missing. Once the device is removed the
+ * store holds all its bits (detach sends a FLUSH first), but an epoch begun in the kernel cannot
+ * be committed without it: its rewritten blocks are unknown.
+ */
+export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls) {
+  const bytes = Math.ceil(engine.geometry.blockCount / 8);
+  let open = 0; // the kernel epoch the engine's open flush epoch belongs to; 0: none
+  let preserves = 0;
+  /** Ends a kernel epoch, clearing nothing (COMMIT of an empty set, uloop.h). */
+  const end = (epoch: number) => {
+    try {
+      k.commit(epoch, Buffer.alloc(bytes));
+    } catch {
+      // ESTALE: a later BEGIN ended it already; EIO: the sticky error (the next BEGIN ends it).
+    }
+  };
+  const external: ExternalEpochs = {
+    begin(flushing) {
+      open = 0;
+      if (k.gone()) return;
+      const kernel = Buffer.alloc(flushing.buffer.byteLength);
+      open = k.begin(kernel);
+      for (let i = 0; i < kernel.byteLength; i++) flushing.buffer[i]! &= kernel[i]!;
+      flushing.changed();
+    },
+    commit(cleaned) {
+      const epoch = open;
+      open = 0;
+      if (epoch === 0) return;
+      if (k.gone()) throw new EngineClosedError(`${k.device} was removed during the flush; its blocks stay dirty for the next one`);
+      k.commit(epoch, cleaned.buffer);
+    },
+    abort() {
+      const epoch = open;
+      open = 0;
+      if (epoch !== 0 && !k.gone()) end(epoch);
+    },
+    dirtyBlocks() {
+      if (k.gone()) return null;
+      try {
+        return k.dirtyBlocks();
+      } catch {
+        return null;
+      }
+    },
+  };
+  return {
+    external,
+    end,
+    /** PRESERVE of blocks [first, end) for kernel epoch `epoch`; an epoch that has ended needs nothing. */
+    async preserve(epoch: number, first: number, last: number): Promise<void> {
+      if (epoch !== open) return;
+      preserves++;
+      await engine.preserveEpochBlocks(first, last);
+    },
+    preserves: () => preserves,
+  };
+}
+
+/**
+ * Refuses early, before any cache is opened or created (invariant 6), a /dev/uloopN that a live
+ * daemon serves, or one left by a dead daemon whose size, mode or sectors differ from this
+ * command's (the block size is checked again at attach, once the cache is open). A missing device
+ * or module passes: ADD decides then. Throws DeviceBusyError.
+ */
+export function assertUloopAvailable(device: string, want: { size: number; writeback: boolean; logical: number }): void {
+  let ctl: number;
+  try {
+    ctl = native.uloopOpen();
+  } catch {
+    return;
+  }
+  try {
+    const info = queryOrNull(ctl, Number(device.slice('/dev/uloop'.length)));
+    if (!info) return;
+    refuseExisting(device, info, { ...want, blockSize: info.blockSize });
+  } catch (err) {
+    if (err instanceof DeviceBusyError) throw err;
+  } finally {
+    closeSync(ctl);
+  }
+}
+
+function refuseExisting(device: string, info: native.UloopInfo, want: { size: number; blockSize: number; writeback: boolean; logical: number }): void {
+  const free = () => {
+    const f = freeUloop();
+    return f ? `, e.g. ${f}` : '';
+  };
+  if (info.attached) throw new DeviceBusyError(`another daemon serves ${device}; detach it first, or pick a free one${free()}`);
+  const why = uloopMismatch(info, want);
+  if (why) throw new DeviceBusyError(`${device} exists without a daemon but is not this cache's device (${why}); attach it with its own command, or pick a free one${free()}`);
+}
+
+/**
+ * Adds /dev/uloopN over the engine's cache file, or takes it back from a daemon that died (the
+ * same command after kill -9: ATTACH, after checking the device is this cache's), and serves its
+ * upcalls until detach(). Throws the errors of uloopError (module missing or of another ABI, N
+ * taken, ...), DeviceBusyError when a live daemon serves N or N is another cache's device.
+ */
+export async function attachUloop(options: UloopOptions): Promise<UloopFrontend> {
   const { engine, logger } = options;
   const store = engine.store;
   const { blockSize, blockCount } = engine.geometry;
   const want = Number(options.device.slice('/dev/uloop'.length));
   const request = { device: options.device, size: engine.size, blockSize, cache: store.paths.cache };
-  // This module takes every dirty block as present (ABI 1, no ULOOP_F_ZERO): zeroed blocks, which
-  // the cache file does not hold, get their zeros written first.
+  const sector = options.sectorSize ?? { logical: 512, physical: 512 };
+  // Added without ULOOP_F_ZERO, the module takes every dirty block as present: zeroed blocks,
+  // which the cache file does not hold, get their zeros written first.
   if (store.zeroBlocks() > 0) await engine.materializeZeroed();
 
   let ctl: number;
@@ -69,121 +273,285 @@ export async function attachUloop(options: UloopOptions): Promise<Frontend> {
     throw uloopError('open', err, request);
   }
   let cache = -1;
-  let index: number;
+  let index = want;
+  let attach: UloopStatus['attach'] = 'added';
+  let features: native.UloopFeatures;
+  let existing: native.UloopInfo | null;
   try {
-    cache = openSync(store.paths.cache, options.readOnly ? 'r' : 'r+');
-    const flags = options.readOnly ? 0 : native.ULOOP_F_WRITEBACK;
     try {
-      index = native.uloopAdd(ctl, cache, engine.size, blockSize, flags, store.present.buffer, store.dirty.buffer, want);
+      features = native.uloopGetFeatures(ctl);
     } catch (err) {
-      throw uloopError('ADD', err, request);
+      // A module of ABI 1 has no GET_FEATURES (ENOTTY).
+      throw new ModuleVersionError(`the loaded uloop module is older than this ulobdev (no GET_FEATURES: ${(err as Error).message}); rebuild and reload it (make -C kernel, then rmmod uloop and insmod kernel/uloop.ko once no /dev/uloopN is in use)`, { cause: err });
+    }
+    if (features.version !== native.ULOOP_ABI_VERSION) throw uloopError('ADD', Object.assign(new Error('EPROTO'), { code: 'EPROTO' }), request);
+    existing = queryOrNull(ctl, want);
+    if (existing) {
+      // A device of this N survives its daemon: take it back if it is this cache's.
+      refuseExisting(options.device, existing, { size: engine.size, blockSize, writeback: !options.readOnly, logical: sector.logical });
+      try {
+        native.uloopAttach(ctl, want);
+      } catch (err) {
+        throw uloopError('ATTACH', err, request);
+      }
+      attach = 'reattached';
+    } else {
+      cache = openSync(store.paths.cache, options.readOnly ? 'r' : 'r+');
+      let flags = options.readOnly ? 0 : native.ULOOP_F_WRITEBACK;
+      const has = (f: number) => (features.features & f) !== 0;
+      if (has(native.ULOOP_FEAT.PARTITIONS)) flags |= native.ULOOP_F_PARTSCAN;
+      if (!options.readOnly && has(native.ULOOP_FEAT.PRESERVE)) flags |= native.ULOOP_F_PRESERVE;
+      const sectors = has(native.ULOOP_FEAT.SECTOR_SIZE)
+        ? { logicalBlockSize: sector.logical, physicalBlockSize: Math.min(Math.max(sector.physical, sector.logical), blockSize) }
+        : {};
+      try {
+        index = native.uloopAdd(ctl, cache, { size: engine.size, blockSize, flags, index: want, ...sectors }, store.present.buffer, store.dirty.buffer);
+      } catch (err) {
+        throw uloopError('ADD', err, request);
+      }
+      // The kernel holds its own reference to the cache file from here on.
+      closeSync(cache);
+      cache = -1;
     }
   } catch (err) {
     if (cache >= 0) closeSync(cache);
     closeSync(ctl);
     throw err;
   }
+  const device = `/dev/uloop${index}`;
 
-  const blocks = (offset: number, length: number): Extent[] => [
-    { start: Math.floor(offset / blockSize), count: Math.ceil((offset + length) / blockSize) - Math.floor(offset / blockSize) },
-  ];
+  let removed = false;
+  let closed = false;
+  let failedUpcalls = 0;
+  const epochs = kernelEpochs(engine, {
+    begin: (dirty) => native.uloopEpochBegin(ctl, dirty),
+    commit: (epoch, flushed) => native.uloopEpochCommit(ctl, epoch, flushed),
+    dirtyBlocks: () => native.uloopQuery(ctl, index).dirtyBlocks,
+    gone: () => removed,
+    device,
+  });
+  const handler = new UpcallHandler({
+    engine,
+    logger,
+    device,
+    port: {
+      barrierBlocks(id) {
+        const bytes = Math.ceil(blockCount / 8);
+        const present = Buffer.alloc(bytes);
+        const dirty = new Bitmap(blockCount, Buffer.alloc(bytes));
+        native.uloopBarrierBits(ctl, id, present, dirty.buffer);
+        return dirty;
+      },
+      preserve: (epoch, first, end) => epochs.preserve(epoch, first, end),
+    },
+  });
 
-  const handle = async (m: native.UloopMessage): Promise<void> => {
-    switch (m.type) {
-      case native.ULOOP_MSG_MISS:
-        await engine.read(m.offset, m.length); // fills the cache file; the commit records it present
-        return;
-      case native.ULOOP_MSG_INTENT: {
-        const range = blocks(m.offset, m.length);
-        const { start, count } = range[0]!;
-        // The kernel counts a block present once its MISS is answered, but the engine answers
-        // before the fill is synced (rule 1): commit it first, or the dirty bit would be durable
-        // over fill data that a power loss can still take away (invariant 1).
-        if (!store.present.allSet(start, start + count)) await engine.flush();
-        store.markDirty(range);
-        return;
-      }
-      case native.ULOOP_MSG_BARRIER: {
-        const present = new Bitmap(blockCount, Buffer.alloc(m.length));
-        const dirty = new Bitmap(blockCount, Buffer.alloc(m.length));
-        native.uloopBarrierBits(ctl, m.id, present.buffer, dirty.buffer);
-        // The kernel synced the cache file before sending the barrier: these bits may be recorded.
-        store.markDirty([...dirty.runs()]);
-        for (const e of dirty.runs()) present.clearRange(e.start, e.start + e.count);
-        store.markPresent([...present.runs()]);
-        return;
-      }
-      default:
-        throw new InternalError(`unknown uloop message type ${m.type}`);
+  /** Replies unless the channel is closed (the fd may be reused then); logs what the kernel refused. */
+  const reply = (m: native.UloopMessage, error: number) => {
+    if (error < 0) failedUpcalls++;
+    if (closed) return;
+    try {
+      native.uloopReply(ctl, m.id, error);
+    } catch (err) {
+      const code = (err as { code?: string }).code;
+      // ENODEV: the device was removed meanwhile; ENOENT: the kernel no longer waits for it.
+      if (code !== 'ENODEV' || !removed) logger.warn({ err, id: m.id }, `${device}: the kernel refused the reply to upcall ${m.id} (${code ?? 'error'})`);
     }
   };
 
+  let channelFailed = false;
   const watch = new native.UloopWatch(ctl, (err, msgs) => {
     if (err) {
-      logger.error({ err }, 'uloop request channel failed');
+      if (!removed && !channelFailed) logger.error({ err }, `${device}: the request channel failed (${err.code}); requests wait for the next daemon`);
+      channelFailed = true;
       return;
     }
     for (const m of msgs) {
-      handle(m).then(
-        () => native.uloopReply(ctl, m.id, 0),
-        (e: unknown) => {
-          logger.warn({ err: e, type: m.type, offset: m.offset, length: m.length }, 'uloop request failed');
-          native.uloopReply(ctl, m.id, EIO);
-        },
-      );
+      const type = TYPES[m.type];
+      if (!type) {
+        logger.warn(`${device}: upcall ${m.id} of unknown type ${m.type}; answered EOPNOTSUPP`);
+        reply(m, -95);
+        continue;
+      }
+      const u: Upcall = { id: m.id, type, offset: m.offset, length: m.length, epoch: m.epoch };
+      void handler.run(u).then((error) => reply(m, error));
     }
   });
 
-  const device = `/dev/uloop${index}`;
-  // Flush epochs (rule 7) on both sides. The kernel writes hits itself and keeps its own dirty bits:
-  // the flushed set is the store's snapshot narrowed to blocks dirty in the kernel too (a block
-  // whose barrier the store has not recorded yet waits for the next epoch). At commit the kernel
-  // clears first, the store (clearFlushed) right after in the same tick: a write to a cleared block
-  // then waits for an INTENT that is answered only once the store has cleared it too.
-  // Once the device is removed the store holds all its bits (detach sends a FLUSH first), but an
-  // epoch begun in the kernel cannot be committed without it: its rewritten blocks are unknown.
-  let kernelEpoch = 0; // of the open flush epoch; 0: none
-  let removed = false;
-  if (!options.readOnly) {
-    engine.externalEpochs = {
-      begin(flushing) {
-        kernelEpoch = 0;
-        if (removed) return;
-        const kernel = Buffer.alloc(flushing.buffer.byteLength);
-        kernelEpoch = native.uloopEpochBegin(ctl, kernel);
-        for (let i = 0; i < kernel.byteLength; i++) flushing.buffer[i]! &= kernel[i]!;
-        flushing.changed();
-      },
-      commit(cleaned) {
-        const epoch = kernelEpoch;
-        kernelEpoch = 0;
-        if (epoch === 0) return;
-        if (removed) throw new EngineClosedError(`${device} was removed during the flush; its blocks stay dirty for the next one`);
-        native.uloopEpochCommit(ctl, epoch, cleaned.buffer);
-      },
-    };
+  if (!options.readOnly) engine.externalEpochs = epochs.external;
+
+  /**
+   * A FLUSH of the device: the kernel syncs the cache file and hands its pending bits over in a
+   * barrier this process answers. Sent by a child (coreutils `sync DEVICE`, one fsync), not by a
+   * thread of this process: a thread blocked in the kernel on a barrier only this process can
+   * answer would keep a killed daemon (kill -9, OOM) from exiting, so its control fd would stay
+   * open and no restarted daemon could take the device back until io_timeout_s.
+   */
+  const flushDevice = () => run('sync', [device], { timeoutMs: 0 }).then(() => undefined);
+
+  if (attach === 'reattached') {
+    const info = existing!;
+    logger.warn(
+      { device, waiting: info.waiting, pending: info.pendingBlocks },
+      `${device}: taken back from a daemon that died (${info.waiting} requests waiting for it, ${info.pendingBlocks} blocks for the next barrier)`,
+    );
+    // An epoch the dead daemon began cannot be committed: end it, so writes stop asking to preserve.
+    if (info.state & native.ULOOP_STATE.EPOCH_OPEN) epochs.end(info.epoch);
+    // The blocks the kernel held for the next barrier (written whole while missing) are in no
+    // store yet: a FLUSH now hands them over to this daemon, before anything can remove the device.
+    if (!options.readOnly && info.pendingBlocks > 0) {
+      await flushDevice().catch((err: Error) => logger.warn(`${device}: the FLUSH after re-attaching failed (${err.message}); the kernel keeps those blocks for the next one`));
+    }
+  } else {
+    logger.info({ device }, 'uloop device added');
   }
 
-  logger.info('uloop device added');
+  // The kernel's counters, looked at every pollMs: requests it served without the daemon
+  // count as user activity (the hydrator yields to them, the --on-ac flush waits for quiet), and
+  // a failed sync of the cache file (the sticky error) is acted on.
+  let lastRequestAt = 0;
+  let served = -1;
+  let stickyError = 0;
+  let lastClearAt = 0;
+  const poll = () => {
+    if (removed) return;
+    let q: native.UloopInfo;
+    try {
+      q = native.uloopQuery(ctl, index);
+    } catch {
+      return;
+    }
+    const n = q.readHits + q.readMisses + q.writeHits + q.writeUpcalls + q.flushes;
+    if (served >= 0 && n !== served) {
+      lastRequestAt = Date.now();
+      engine.lastRequestAt = Math.max(engine.lastRequestAt, lastRequestAt);
+    }
+    served = n;
+    if (q.error === 0) stickyError = 0;
+    else if (stickyError === 0 || Date.now() - lastClearAt >= clearErrorMs) clearStickyError(q.error);
+  };
+  /**
+   * The sticky error: a sync of the cache file failed at a FLUSH, so pages written since the one
+   * before may be gone; the kernel fails writes and FLUSH until CLEAR_ERROR. The daemon holds no
+   * copy of what the kernel wrote, so there is nothing to write again: it asks the kernel to sync
+   * again (it refuses while the cause lasts; tried again at the next poll), which then drops the
+   * blocks the failed FLUSH would have handed over (the store never had them) and serves writes.
+   * One line when it starts, one when it is cleared.
+   */
+  const clearStickyError = (error: number) => {
+    if (stickyError === 0) {
+      stickyError = error;
+      logger.error(`${device}: a sync of the cache file ${store.paths.cache} failed (${errnoName(-error)}): writes and FLUSH fail with EIO until it syncs again; retrying every ${clearErrorMs / 1000} s`);
+    }
+    lastClearAt = Date.now();
+    const dropped = new Bitmap(blockCount, Buffer.alloc(Math.ceil(blockCount / 8)));
+    let r: { error: number; dropped: number };
+    try {
+      r = native.uloopClearError(ctl, dropped.buffer);
+    } catch {
+      return; // EIO: still failing
+    }
+    stickyError = 0;
+    logger.warn(
+      { dropped: r.dropped },
+      `${device}: the cache file syncs again; writes resume. ${r.dropped} blocks written whole since the last FLUSH were lost with the failed sync and read from the disk again`,
+    );
+  };
+  const pollMs = options.pollMs ?? 200;
+  const clearErrorMs = options.clearErrorMs ?? 2000;
+  const poller = setInterval(poll, pollMs);
+  poller.unref();
+  poll();
+
+  const kernelStatus = (): UloopStatus | null => {
+    if (removed) return null;
+    let q: native.UloopInfo;
+    try {
+      q = native.uloopQuery(ctl, index);
+    } catch {
+      return null;
+    }
+    return {
+      attach,
+      presentBlocks: q.presentBlocks,
+      dirtyBlocks: q.dirtyBlocks,
+      pendingBlocks: q.pendingBlocks,
+      zeroBlocks: q.zeroBlocks,
+      waiting: q.waiting,
+      error: q.error ? errnoName(-q.error) : null,
+      readHits: q.readHits,
+      readMisses: q.readMisses,
+      writeHits: q.writeHits,
+      writeUpcalls: q.writeUpcalls,
+      flushes: q.flushes,
+      barriers: q.barriers,
+      timeouts: q.timeouts,
+      ioErrors: q.ioErrors,
+      failedUpcalls,
+      preserves: epochs.preserves(),
+      lastRequestAt,
+    };
+  };
+
+  const hydrateFill = async (offset: number, length: number) => {
+    if (removed) throw new EngineClosedError(`${device} is detached`);
+    const first = Math.floor(offset / blockSize);
+    const end = Math.min(blockCount, Math.ceil((offset + length) / blockSize));
+    for (let start = first; start < end; start += native.ULOOP_MAX_RANGE_BLOCKS) {
+      const count = Math.min(native.ULOOP_MAX_RANGE_BLOCKS, end - start);
+      const claimed = new Bitmap(count, Buffer.alloc(Math.ceil(count / 8)));
+      const { id } = native.uloopClaim(ctl, start, count, claimed.buffer);
+      if (id === 0) continue;
+      let filled = false;
+      try {
+        const runs = [...claimed.runs()].map((r) => ({ start: start + r.start, count: r.count }));
+        for (const r of runs) {
+          const bytes = engine.geometry.extentBytes(r.start, r.count);
+          const buf = alignedBuffer(Math.ceil(bytes / 4096) * 4096).subarray(0, bytes);
+          await engine.source.readAt(buf, engine.geometry.blockOffset(r.start));
+          await store.writeData(buf, engine.geometry.blockOffset(r.start));
+        }
+        // Synced before either side calls them present (invariant 1).
+        await store.syncData();
+        native.uloopFilled(ctl, id, start, count, claimed.buffer);
+        filled = true;
+        store.markPresent(runs);
+      } finally {
+        // A failed fill lets the claimed blocks go, still missing (FILLED with none set).
+        if (!filled && !removed) {
+          try {
+            native.uloopFilled(ctl, id, start, count, Buffer.alloc(Math.ceil(count / 8)));
+          } catch {
+            // The claim ended with the daemon's fd or the device.
+          }
+        }
+      }
+    }
+  };
+
   return {
     kind: 'uloop',
     device,
+    kernelStatus,
+    hydrateFill,
     async detach() {
       // A FLUSH first, so the bits of writes since the last one reach the store (a barrier this
       // process answers) before the kernel's copy of them goes away with the device.
-      if (!options.readOnly) {
-        const fh = await open(device, 'r');
-        try {
-          await fh.sync();
-        } finally {
-          await fh.close();
-        }
-      }
+      if (!options.readOnly) await flushDevice();
       native.uloopRemove(ctl, index); // refused (EBUSY) while the device is open
       removed = true;
+      clearInterval(poller);
       watch.close();
+      // Upcalls still running reply into a removed device (ENODEV, ignored); the fd is closed
+      // only after the last of them, so no reply can reach a reused fd.
+      await handler.drain();
+      closed = true;
       closeSync(ctl);
-      closeSync(cache);
     },
   };
+}
+
+function errnoName(errno: number): string {
+  for (const [name, n] of Object.entries(osConstants.errno)) if (n === errno) return name;
+  return `errno ${errno}`;
 }

@@ -100,9 +100,11 @@ export class CacheStore {
   readonly #bitmapFile: BlockFile;
   readonly #meta: Metadata;
   readonly #dataSync: Coalescer;
-  /** Group commit of the metadata WAL for markDirtyDurable(). */
-  readonly #walSync: Coalescer;
-  /** Extents of markDirtyDurable() calls whose transaction is written but not yet synced. */
+  /** Group commit of dirty intents for markDirtyDurable(): one transaction and one WAL fsync per round. */
+  readonly #intentRound: Coalescer;
+  /** Extents of markDirtyDurable() calls waiting for the next round (not yet in any transaction). */
+  #gatheredDirty: Extent[] = [];
+  /** Extents of rounds whose transaction is written but not yet synced. */
   readonly #pendingDirty = new Set<readonly Extent[]>();
   /** Bitmap pages changed in memory and not yet written. */
   readonly #dirtyPages = new Set<number>();
@@ -137,7 +139,7 @@ export class CacheStore {
     this.#presentCount = args.present.count();
     this.unitBlocks = Math.max(1, args.meta.info.evictionUnit / args.geometry.blockSize);
     this.clock = args.meta.info.budget === null ? null : new Clock(args.geometry.blockCount, this.unitBlocks);
-    this.#walSync = new Coalescer(() => this.#meta.syncWal());
+    this.#intentRound = new Coalescer(() => this.#recordIntents());
   }
 
   /**
@@ -387,20 +389,33 @@ export class CacheStore {
   }
 
   /**
-   * markDirty() that keeps the event loop free while the disk works (rule 3, as markDirty): the
-   * transaction is written at once (Metadata.addDirtyUnsynced, microseconds), and its WAL fsync
-   * runs on the threadpool, shared with every other intent that arrives meanwhile (group commit).
-   * The blocks turn dirty (`dirty`, `present`) only when it resolves: callers await it before
+   * markDirty() that keeps the event loop free while the disk works (rule 3, as markDirty). Intents
+   * are recorded in rounds (group commit): each round writes everything gathered since the last one
+   * as one transaction (Metadata.addDirtyUnsynced, microseconds, no fsync), then fsyncs the WAL on
+   * the threadpool; callers arriving while a round runs gather for the next, so a busy queue costs
+   * one transaction and one fsync per round, not per caller or per event-loop turn. The blocks turn
+   * dirty (`dirty`, `present`) only when their round's fsync resolves: callers await it before
    * changing the cache content of a clean block. Until then they are pending, and clearFlushed()
-   * and close(), which rewrite the whole dirty table, keep them in it.
+   * and close(), which rewrite the whole dirty table, keep the written ones in it (gathered ones are
+   * not in the table yet; their transaction comes after the rewrite).
    */
   async markDirtyDurable(extents: readonly Extent[]): Promise<void> {
+    if (extents.length === 0) return;
+    this.#assertUsable();
+    for (const e of extents) this.#gatheredDirty.push(e);
+    await this.#intentRound.run();
+  }
+
+  /** One round of markDirtyDurable(): the gathered intents in one transaction, then the WAL fsync. */
+  async #recordIntents(): Promise<void> {
+    const extents = this.#gatheredDirty;
+    this.#gatheredDirty = [];
     if (extents.length === 0) return;
     this.#assertUsable();
     this.#guard(() => this.#meta.addDirtyUnsynced(extents));
     this.#pendingDirty.add(extents);
     try {
-      await this.#io(() => this.#walSync.run(), 'sync the metadata', this.paths.metadata);
+      await this.#io(() => this.#meta.syncWal(), 'sync the metadata', this.paths.metadata);
     } finally {
       this.#pendingDirty.delete(extents);
     }
@@ -584,8 +599,8 @@ export class CacheStore {
     try {
       if (!this.#failed) {
         await this.#dataSync.idle();
-        // No WAL sync may be running on the fd that closing the metadata closes.
-        await this.#walSync.idle();
+        // No intent round may be running on the fd that closing the metadata closes.
+        await this.#intentRound.idle();
         await this.syncData();
         await this.persistBitmap(true);
         this.#meta.replaceDirty(this.#dataRuns(), undefined, this.#zeroRuns(), [...this.#pendingDirty].flat());

@@ -30,10 +30,14 @@ export function ataSgIo(fd: number, cdb: Uint8Array, sense: Uint8Array, timeoutM
   return binding.ataSgIo(fd, cdb, sense, timeoutMs);
 }
 
-/** HDIO_DRIVE_CMD with args [command, count, feature, 0]; the kernel writes [status, error, count] back. */
+/**
+ * HDIO_DRIVE_CMD with args [command, count, feature, sectors] followed by room for `sectors` × 512
+ * bytes of data; the kernel writes [status, error, count] and the data back.
+ */
 export function hdioDriveCmd(fd: number, args: Uint8Array): Promise<void> {
   validateFd(fd);
   validateBytes(args, 'args');
-  if (args.byteLength < 4) throw outOfRange('args.byteLength', '>= 4', args.byteLength);
+  const need = args.byteLength < 4 ? 4 : 4 + 512 * args[3]!;
+  if (args.byteLength < need) throw outOfRange('args.byteLength', `>= ${need} (4 + 512 per sector of args[3])`, args.byteLength);
   return binding.hdioDriveCmd(fd, args);
 }

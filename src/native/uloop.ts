@@ -7,23 +7,72 @@ import { addon, invalidArgType, NativeError, outOfRange, validateBytes, validate
 export interface UloopMessage {
   /** Unique per device while outstanding; the reply carries it back. */
   id: number;
-  /** ULOOP_MSG_MISS, ULOOP_MSG_INTENT or ULOOP_MSG_BARRIER. */
+  /** ULOOP_MSG_MISS, _INTENT, _BARRIER, _PRESERVE or _ZERO. */
   type: number;
+  /** ULOOP_MSG_F_* (ZERO: DISCARD, NOUNMAP). */
+  flags: number;
   /** Bytes into the device (block-aligned). */
   offset: number;
   /** Bytes (block-aligned); for a barrier, the bitmap length. */
   length: number;
+  /** PRESERVE: the flush epoch whose version to keep; else 0. */
+  epoch: number;
 }
 
+/** ULOOP_IOC_GET_FEATURES: what the loaded module can do. */
+export interface UloopFeatures {
+  /** The module's ULOOP_ABI_VERSION. */
+  version: number;
+  /** Partitions per device with their own minor. */
+  maxPart: number;
+  /** ULOOP_FEAT_* bits. */
+  features: number;
+  maxDevices: number;
+  /** The io_timeout_s module parameter now (0: requests wait for ever). */
+  ioTimeoutS: number;
+  maxBlocks: number;
+}
+
+/** ULOOP_IOC_QUERY: struct uloop_info (counts in blocks, sizes in bytes, exact running counts). */
 export interface UloopInfo {
   size: number;
   blockSize: number;
+  /** ULOOP_F_* given at ADD. */
+  flags: number;
   blocks: number;
   presentBlocks: number;
+  /** Including zero blocks and pending ones. */
   dirtyBlocks: number;
+  /** Flush epochs begun so far. */
   epoch: number;
   attached: boolean;
+  /** Upcalls queued for or sent to the daemon, not answered. */
   waiting: number;
+  /** The sticky error (a negative errno) or 0. */
+  error: number;
+  /** ULOOP_STATE_* bits. */
+  state: number;
+  zeroBlocks: number;
+  /** Written whole while missing, not yet handed over by a barrier. */
+  pendingBlocks: number;
+  claimedBlocks: number;
+  readHits: number;
+  readMisses: number;
+  writeHits: number;
+  writeUpcalls: number;
+  readBytes: number;
+  writeBytes: number;
+  zeroBytes: number;
+  flushes: number;
+  barriers: number;
+  timeouts: number;
+  ioErrors: number;
+  lateReplies: number;
+  memBytes: number;
+  inflight: number;
+  logicalBlockSize: number;
+  physicalBlockSize: number;
+  unitShift: number;
 }
 
 /** The #defines and enum values of uloop.h, as the addon was compiled against them. */
@@ -31,10 +80,34 @@ interface UloopAbi {
   ABI_VERSION: number;
   CONTROL_NAME: string;
   INDEX_ANY: number;
+  MAX_BLOCKS: number;
+  MAX_RANGE_BLOCKS: number;
   F_WRITEBACK: number;
+  F_PRESERVE: number;
+  F_ZERO: number;
+  F_ACCESSED: number;
+  F_PARTSCAN: number;
+  FEAT_COUNTERS: number;
+  FEAT_STICKY_ERROR: number;
+  FEAT_IO_TIMEOUT: number;
+  FEAT_PRESERVE: number;
+  FEAT_ZERO: number;
+  FEAT_CLAIM: number;
+  FEAT_EVICT: number;
+  FEAT_ACCESSED: number;
+  FEAT_PARTITIONS: number;
+  FEAT_SECTOR_SIZE: number;
+  FEAT_REPLY_CHECK: number;
+  STATE_EPOCH_OPEN: number;
+  STATE_EPOCH_FAILED: number;
+  STATE_SCANNING: number;
   MSG_MISS: number;
   MSG_INTENT: number;
   MSG_BARRIER: number;
+  MSG_PRESERVE: number;
+  MSG_ZERO: number;
+  MSG_F_DISCARD: number;
+  MSG_F_NOUNMAP: number;
 }
 
 type OnMessages = (err: NativeError | null, msgs: UloopMessage[]) => void;
@@ -42,13 +115,28 @@ type OnMessages = (err: NativeError | null, msgs: UloopMessage[]) => void;
 interface UloopBinding {
   uloopAbi: UloopAbi;
   uloopOpen(): number;
-  uloopAdd(fd: number, cacheFd: number, size: number, blockSize: number, flags: number, present: Uint8Array, dirty: Uint8Array, index: number): number;
+  uloopGetFeatures(fd: number): UloopFeatures;
+  uloopAdd(
+    fd: number,
+    cacheFd: number,
+    size: number,
+    blockSize: number,
+    flags: number,
+    present: Uint8Array,
+    dirty: Uint8Array,
+    index: number,
+    logicalBlockSize: number,
+    physicalBlockSize: number,
+    unitShift: number,
+  ): number;
   uloopRemove(fd: number, index: number): void;
   uloopAttach(fd: number, index: number): void;
   uloopQuery(fd: number, index: number): UloopInfo;
   uloopBarrierBits(fd: number, id: number, present: Uint8Array, dirty: Uint8Array): void;
   uloopEpochBegin(fd: number, dirty: Uint8Array): number;
   uloopEpochCommit(fd: number, epoch: number, flushed: Uint8Array): number;
+  uloopClearError(fd: number, dropped: Uint8Array): { error: number; dropped: number };
+  uloopBlocks(fd: number, op: number, first: number, count: number, bits: Uint8Array, id: number): { done: number; id: number };
   uloopReply(fd: number, id: number, error: number): void;
   uloopWatch(fd: number, cb: OnMessages): object;
   uloopUnwatch(handle: object): void;
@@ -61,36 +149,104 @@ const abi = binding.uloopAbi;
 export const ULOOP_ABI_VERSION = abi.ABI_VERSION;
 /** The control device: /dev/uloop-control. */
 export const ULOOP_CONTROL = `/dev/${abi.CONTROL_NAME}`;
+/** uloop_add.index: any free N. */
+export const ULOOP_INDEX_ANY = abi.INDEX_ANY;
+/** Blocks per CLAIM and EVICT call. */
+export const ULOOP_MAX_RANGE_BLOCKS = abi.MAX_RANGE_BLOCKS;
 /** uloop_add.flags: writes allowed; without it the device is read-only. */
 export const ULOOP_F_WRITEBACK = abi.F_WRITEBACK;
+/** uloop_add.flags: point-in-time flush epochs (PRESERVE upcalls). */
+export const ULOOP_F_PRESERVE = abi.F_PRESERVE;
+/** uloop_add.flags: DISCARD and WRITE_ZEROES as ZERO upcalls; dirty-not-present zero blocks. */
+export const ULOOP_F_ZERO = abi.F_ZERO;
+/** uloop_add.flags: per-unit accessed bits (ACCESSED). */
+export const ULOOP_F_ACCESSED = abi.F_ACCESSED;
+/** uloop_add.flags: scan the partition table after ADD. */
+export const ULOOP_F_PARTSCAN = abi.F_PARTSCAN;
+/** ULOOP_FEAT_* bits of GET_FEATURES. */
+export const ULOOP_FEAT = {
+  COUNTERS: abi.FEAT_COUNTERS,
+  STICKY_ERROR: abi.FEAT_STICKY_ERROR,
+  IO_TIMEOUT: abi.FEAT_IO_TIMEOUT,
+  PRESERVE: abi.FEAT_PRESERVE,
+  ZERO: abi.FEAT_ZERO,
+  CLAIM: abi.FEAT_CLAIM,
+  EVICT: abi.FEAT_EVICT,
+  ACCESSED: abi.FEAT_ACCESSED,
+  PARTITIONS: abi.FEAT_PARTITIONS,
+  SECTOR_SIZE: abi.FEAT_SECTOR_SIZE,
+  REPLY_CHECK: abi.FEAT_REPLY_CHECK,
+} as const;
+/** uloop_info.state bits. */
+export const ULOOP_STATE = { EPOCH_OPEN: abi.STATE_EPOCH_OPEN, EPOCH_FAILED: abi.STATE_EPOCH_FAILED, SCANNING: abi.STATE_SCANNING } as const;
 /** Fill the range from the source (enum uloop_msg_type). */
 export const ULOOP_MSG_MISS = abi.MSG_MISS;
 /** Persist the blocks dirty before the kernel overwrites them. */
 export const ULOOP_MSG_INTENT = abi.MSG_INTENT;
 /** Fetch and persist the bits set since the last barrier. */
 export const ULOOP_MSG_BARRIER = abi.MSG_BARRIER;
+/** Copy the epoch's version of the blocks aside before they change. */
+export const ULOOP_MSG_PRESERVE = abi.MSG_PRESERVE;
+/** Record the blocks durably as dirty zeros. */
+export const ULOOP_MSG_ZERO = abi.MSG_ZERO;
+/** ZERO from a DISCARD (else WRITE_ZEROES) / the caller asked to keep the space. */
+export const ULOOP_MSG_F_DISCARD = abi.MSG_F_DISCARD;
+export const ULOOP_MSG_F_NOUNMAP = abi.MSG_F_NOUNMAP;
 
 const MAX_INDEX = 2 ** 20 - 1;
+const MAX_BLOCK = 2 ** 36;
 
 /** A non-blocking fd of /dev/uloop-control (NativeError ENOENT without the module). */
 export function uloopOpen(): number {
   return binding.uloopOpen();
 }
 
-/** Adds /dev/uloopN over the cache file (index -1: any N) and attaches `fd` to it as its daemon. */
-export function uloopAdd(fd: number, cacheFd: number, size: number, blockSize: number, flags: number, present: Uint8Array, dirty: Uint8Array, index = -1): number {
+/** GET_FEATURES: the module's ABI version and ULOOP_FEAT_* bits (any control fd). */
+export function uloopGetFeatures(fd: number): UloopFeatures {
+  validateFd(fd);
+  return binding.uloopGetFeatures(fd);
+}
+
+/** What ADD takes beyond the cache file and the bitmaps (struct uloop_add). */
+export interface UloopAddOptions {
+  /** Bytes, a multiple of logicalBlockSize. */
+  size: number;
+  /** Cache block size in bytes: a power of two, 4 KiB .. 1 MiB. */
+  blockSize: number;
+  /** ULOOP_F_*. */
+  flags: number;
+  /** The N of /dev/uloopN wanted; ULOOP_INDEX_ANY (default) for any. */
+  index?: number;
+  /** The device's logical sector: 512 (default), 1024, 2048 or 4096. */
+  logicalBlockSize?: number;
+  /** Physical sector; 0 lets the module pick. */
+  physicalBlockSize?: number;
+  /** ULOOP_F_ACCESSED: a unit is 2^unitShift blocks. */
+  unitShift?: number;
+}
+
+/**
+ * ADD: creates /dev/uloopN over the cache file and attaches `fd` to it as its daemon; returns N.
+ * `present` and `dirty` hold the whole-device bitmaps (ceil(blocks / 8) bytes at least).
+ */
+export function uloopAdd(fd: number, cacheFd: number, o: UloopAddOptions, present: Uint8Array, dirty: Uint8Array): number {
   validateFd(fd);
   validateFd(cacheFd);
-  validateInteger(size, 'size', 512);
-  validateInteger(blockSize, 'blockSize', 4096, 2 ** 20);
-  validateInteger(flags, 'flags', 0, 1);
+  validateInteger(o.size, 'size', 512);
+  validateInteger(o.blockSize, 'blockSize', 4096, 2 ** 20);
+  validateInteger(o.flags, 'flags', 0, 0xffffffff);
   validateBytes(present, 'present');
   validateBytes(dirty, 'dirty');
-  const need = Math.ceil(Math.ceil(size / blockSize) / 8);
+  const need = Math.ceil(Math.ceil(o.size / o.blockSize) / 8);
   if (present.byteLength < need) throw outOfRange('present.byteLength', `>= ${need}`, present.byteLength);
   if (dirty.byteLength < need) throw outOfRange('dirty.byteLength', `>= ${need}`, dirty.byteLength);
-  validateInteger(index, 'index', -1, MAX_INDEX);
-  return binding.uloopAdd(fd, cacheFd, size, blockSize, flags, present, dirty, index);
+  const index = o.index ?? ULOOP_INDEX_ANY;
+  if (index !== ULOOP_INDEX_ANY) validateInteger(index, 'index', 0, MAX_INDEX);
+  const lbs = o.logicalBlockSize ?? 512;
+  validateInteger(lbs, 'logicalBlockSize', 512, 4096);
+  validateInteger(o.physicalBlockSize ?? 0, 'physicalBlockSize', 0, 2 ** 20);
+  validateInteger(o.unitShift ?? 0, 'unitShift', 0, 20);
+  return binding.uloopAdd(fd, cacheFd, o.size, o.blockSize, o.flags, present, dirty, index, lbs, o.physicalBlockSize ?? 0, o.unitShift ?? 0);
 }
 
 /** Removes /dev/uloopN (EBUSY while it is open). */
@@ -107,6 +263,7 @@ export function uloopAttach(fd: number, index: number): void {
   binding.uloopAttach(fd, index);
 }
 
+/** QUERY: the state and counters of /dev/uloopN (NativeError ENODEV if there is none). */
 export function uloopQuery(fd: number, index: number): UloopInfo {
   validateFd(fd);
   validateInteger(index, 'index', 0, MAX_INDEX + 1);
@@ -135,6 +292,61 @@ export function uloopEpochCommit(fd: number, epoch: number, flushed: Uint8Array)
   validateInteger(epoch, 'epoch', 1);
   validateBytes(flushed, 'flushed');
   return binding.uloopEpochCommit(fd, epoch, flushed);
+}
+
+/**
+ * CLEAR_ERROR: the kernel syncs the cache file again (NativeError EIO: still failing, nothing
+ * changed), drops the blocks set aside at the failed sync (their bits into `dropped`, a
+ * whole-device bitmap, or an empty buffer) and serves writes again. `error` is the error it
+ * cleared (0: none was set).
+ */
+export function uloopClearError(fd: number, dropped: Uint8Array): { error: number; dropped: number } {
+  validateFd(fd);
+  validateBytes(dropped, 'dropped');
+  return binding.uloopClearError(fd, dropped);
+}
+
+const BLOCK_OPS = { claim: 0, filled: 1, evict: 2, accessed: 3, release: 4 } as const;
+
+function blocksCall(fd: number, op: keyof typeof BLOCK_OPS, first: number, count: number, bits: Uint8Array, id: number): { done: number; id: number } {
+  validateFd(fd);
+  validateInteger(first, 'first', 0, MAX_BLOCK);
+  validateInteger(count, 'count', 1, ULOOP_MAX_RANGE_BLOCKS);
+  validateBytes(bits, 'bits');
+  if (op !== 'release' && bits.byteLength < Math.ceil(count / 8)) throw outOfRange('bits.byteLength', `>= ${Math.ceil(count / 8)}`, bits.byteLength);
+  validateInteger(id, 'id', 0);
+  return binding.uloopBlocks(fd, BLOCK_OPS[op], first, count, bits, id);
+}
+
+/**
+ * CLAIM: of blocks [first, first + count), those neither present, dirty nor busy are claimed for
+ * a fill (requests touching them wait); they are returned in `bits` (bit i: block first + i).
+ * `id` 0 when none was free.
+ */
+export function uloopClaim(fd: number, first: number, count: number, bits: Uint8Array): { id: number; done: number } {
+  return blocksCall(fd, 'claim', first, count, bits, 0);
+}
+
+/** FILLED: ends claim `id`; the blocks set in `bits` become present, the others are let go. */
+export function uloopFilled(fd: number, id: number, first: number, count: number, bits: Uint8Array): number {
+  validateInteger(id, 'id', 1);
+  return blocksCall(fd, 'filled', first, count, bits, id).done;
+}
+
+/** EVICT: of the blocks set in `bits`, those present and clean stop being served; `bits` says which. */
+export function uloopEvict(fd: number, first: number, count: number, bits: Uint8Array): number {
+  return blocksCall(fd, 'evict', first, count, bits, 0).done;
+}
+
+/** ACCESSED: the accessed bits of units [first, first + count) into `bits`, cleared in the kernel. */
+export function uloopAccessed(fd: number, first: number, count: number, bits: Uint8Array): number {
+  return blocksCall(fd, 'accessed', first, count, bits, 0).done;
+}
+
+/** EPOCH_RELEASE: the flusher has read blocks [first, first + count) of `epoch`: no PRESERVE for them. */
+export function uloopEpochRelease(fd: number, epoch: number, first: number, count: number): void {
+  validateInteger(epoch, 'epoch', 1);
+  blocksCall(fd, 'release', first, count, new Uint8Array(0), epoch);
 }
 
 /** Answers message `id`: 0, or a negative errno that fails the request. */

@@ -16,6 +16,13 @@ export interface HydratorOptions {
   depth?: number;
   /** Pause while a user request came in this recently (milliseconds). */
   quietMs?: number;
+  /**
+   * How a chunk is filled: bytes [offset, offset + length), missing blocks only. Default
+   * engine.prefetch. A kernel frontend that writes the cache file itself fills through the
+   * kernel instead (/dev/uloopN: CLAIM, fill, FILLED), so a block it holds newer is never
+   * overwritten with the disk's old content.
+   */
+  fill?: (offset: number, length: number) => Promise<void>;
   /** Called with each failure; the hydrator retries the same chunk after `retryMs`. */
   onError?: (err: Error) => void;
   retryMs?: number;
@@ -43,6 +50,8 @@ export class Hydrator {
   readonly #quietMs: number;
   readonly #retryMs: number;
   readonly #onError: ((err: Error) => void) | undefined;
+  /** Fills one chunk (HydratorOptions.fill); settable until start(). */
+  fill: (offset: number, length: number) => Promise<void>;
   #run: Promise<void> | null = null;
   #stop = false;
   #fetched = 0;
@@ -57,6 +66,7 @@ export class Hydrator {
     this.#quietMs = options.quietMs ?? 200;
     this.#retryMs = options.retryMs ?? 30_000;
     this.#onError = options.onError;
+    this.fill = options.fill ?? ((offset, length) => engine.prefetch(offset, length));
   }
 
   /** Starts in the background; resolves `finished` when every block is present. */
@@ -128,8 +138,7 @@ export class Hydrator {
       if (this.#stop) break;
       const bytes = g.extentBytes(start, count);
       cursor = start + count;
-      const task: Promise<void> = engine
-        .prefetch(g.blockOffset(start), bytes)
+      const task: Promise<void> = this.fill(g.blockOffset(start), bytes)
         .then(
           () => {
             this.#lastError = null;

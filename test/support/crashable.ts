@@ -272,11 +272,15 @@ export class CrashWorld {
     const world = this;
     const wrap = (m: Metadata): Metadata => {
       const addDirty = m.addDirty.bind(m);
-      /** Applies the held-back intents: a synced transaction or a WAL sync makes them durable. */
-      const settle = () => {
+      /**
+       * Applies the first `count` held-back intents (all by default): a synced transaction makes
+       * every earlier one durable, a WAL sync those written before it was called.
+       */
+      const settle = (count = Infinity) => {
         const txns = world.unsyncedIntents.get(m.path) ?? [];
-        world.unsyncedIntents.delete(m.path);
-        for (const extents of txns) addDirty(extents);
+        const settled = txns.splice(0, count);
+        if (txns.length === 0) world.unsyncedIntents.delete(m.path);
+        for (const extents of settled) addDirty(extents);
       };
       for (const name of ['addDirty', 'replaceDirty', 'setState', 'setMode', 'setCleanShutdown', 'upgrade', 'setBudget', 'saveClock'] as const) {
         const original = (m[name] as (...args: unknown[]) => void).bind(m);
@@ -293,11 +297,12 @@ export class CrashWorld {
         world.unsyncedIntents.set(m.path, txns);
       };
       m.syncWal = async () => {
-        // The real fsync runs on another thread: whatever the event loop does meanwhile may
-        // reach the files first.
+        // An fsync covers what was written before it started, not what the event loop writes
+        // while it runs on another thread (that may or may not reach the disk with it).
+        const before = world.unsyncedIntents.get(m.path)?.length ?? 0;
         await new Promise((resolve) => setImmediate(resolve));
         world.point();
-        settle();
+        settle(before);
       };
       return m;
     };

@@ -552,6 +552,23 @@ describe('a cache budget', () => {
     expect((await r.engine.read(0, r.engine.size)).equals(r.initial)).toBe(true);
   });
 
+  it('a miss that finds the disk idle fills its whole unit; misses while it is busy fill their granule', async () => {
+    const unit = 64 * KiB;
+    const r = await rig({ size: 256 * BS, blockSize: BS, budget: 64 * BS, evictionUnit: unit, engine: { fillGranuleBytes: 16 * KiB, diskIdleMs: 1000 } });
+    const readBlock = async (b: number) => expect((await r.engine.read(b * BS + 100, 200)).equals(r.initial.subarray(b * BS + 100, b * BS + 300))).toBe(true);
+    await readBlock(5); // the first miss: the disk was idle
+    await readBlock(37); // right after: busy, the aligned 16 KiB around block 37
+    await readBlock(38); // a hit in that granule
+    await new Promise((resolve) => setTimeout(resolve, 1100));
+    await readBlock(70); // idle again
+    expect(r.source.reads).toEqual([
+      [0, unit],
+      [36 * BS, 16 * KiB],
+      [64 * BS, unit],
+    ]);
+    expect(r.engine.stats()).toMatchObject({ readMisses: 3, readHits: 1 });
+  });
+
   it('writes 3x the budget: they wait for a flush (onSpacePressure) and never fail; the disk ends equal to the device', async () => {
     const r = await rig({ size: 256 * BS, blockSize: BS, budget: 64 * BS, evictionUnit: UNIT });
     let flushes = 0;
@@ -1049,9 +1066,14 @@ describe('the flusher', () => {
 describe('dirty intents', () => {
   /** Metadata whose WAL fsyncs (the intents' durability) wait until released. */
   function gatedMetadata() {
-    const gate = { held: false, waiting: [] as (() => void)[], syncs: 0 };
+    const gate = { held: false, waiting: [] as (() => void)[], syncs: 0, transactions: [] as number[] };
     const wrap = (m: Metadata): Metadata => {
       const syncWal = m.syncWal.bind(m);
+      const addDirtyUnsynced = m.addDirtyUnsynced.bind(m);
+      m.addDirtyUnsynced = (extents) => {
+        gate.transactions.push(extents.reduce((n, e) => n + e.count, 0));
+        addDirtyUnsynced(extents);
+      };
       m.syncWal = async () => {
         gate.syncs++;
         if (gate.held) await new Promise<void>((resolve) => gate.waiting.push(resolve));
@@ -1101,6 +1123,42 @@ describe('dirty intents', () => {
     // Everything that queued behind the held fsync went out in one more.
     expect(gate.syncs).toBeLessThanOrEqual(held + 1);
     expect(held).toBeLessThanOrEqual(1);
+  });
+
+  it('intents that arrive while a round fsyncs wait for the next round, which records them in one transaction', async () => {
+    const { r, BS, gate, release } = await gatedRig(16);
+    await r.engine.read(0, 16 * BS);
+    await r.engine.flush();
+    const turn = () => new Promise((resolve) => setImmediate(resolve));
+    const unchanged = (b: number) => readFileSync(r.paths.cache).subarray(b * BS, (b + 1) * BS).equals(r.initial.subarray(b * BS, (b + 1) * BS));
+    gate.held = true;
+    const a = r.engine.write(1 * BS, pattern(BS, 1));
+    await turn();
+    expect(gate.syncs).toBe(1);
+    // Two more first writes in two later turns, while round 1's fsync runs: its transaction did
+    // not carry them, so its fsync may not let them go ahead (rule 3).
+    const b = r.engine.write(5 * BS, pattern(BS, 5));
+    await turn();
+    const c = r.engine.write(9 * BS, pattern(BS, 9));
+    await turn();
+    gate.waiting.shift()!();
+    await a;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    expect(r.store.dirty.get(1)).toBe(true);
+    expect(unchanged(1)).toBe(false);
+    expect(gate.syncs).toBe(2);
+    for (const blk of [5, 9]) {
+      expect(r.store.dirty.get(blk)).toBe(false);
+      expect(unchanged(blk)).toBe(true);
+    }
+    release();
+    await Promise.all([b, c]);
+    expect([5, 9].map((blk) => r.store.dirty.get(blk))).toEqual([true, true]);
+    // One transaction per round: block 1 alone, then blocks 5 and 9 together.
+    expect(gate.transactions).toEqual([1, 2]);
+    expect(gate.syncs).toBe(2);
+    await reopen(r, 'abandon');
+    expect([1, 5, 9].map((blk) => r.store.dirty.get(blk))).toEqual([true, true, true]);
   });
 
   it('an intent still being synced stays in the dirty table a flush epoch rewrites meanwhile', async () => {

@@ -19,7 +19,9 @@ import {
   ULOOP_MSG_BARRIER,
   ULOOP_MSG_INTENT,
   ULOOP_MSG_MISS,
+  ULOOP_MSG_PRESERVE,
   UloopWatch,
+  uloopReply,
   type UloopMessage,
 } from '../../src/native/uloop.js';
 
@@ -661,13 +663,15 @@ describe('the uloop request channel, on a FIFO (no module needed)', () => {
   });
   afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-  /** A struct uloop_msg as the kernel writes it (little-endian, 32 bytes). */
-  const message = (id: number, type: number, offset: number, length: number): Buffer => {
-    const b = Buffer.alloc(32);
+  /** A struct uloop_msg as the kernel writes it (little-endian, 40 bytes: id, type, flags, offset, length, epoch). */
+  const message = (id: number, type: number, offset: number, length: number, epoch = 0, flags = 0): Buffer => {
+    const b = Buffer.alloc(40);
     b.writeBigUInt64LE(BigInt(id), 0);
     b.writeUInt32LE(type, 8);
+    b.writeUInt32LE(flags, 12);
     b.writeBigUInt64LE(BigInt(offset), 16);
     b.writeBigUInt64LE(BigInt(length), 24);
+    b.writeBigUInt64LE(BigInt(epoch), 32);
     return b;
   };
   const open = () => {
@@ -695,17 +699,18 @@ describe('the uloop request channel, on a FIFO (no module needed)', () => {
       got.push(...msgs);
     });
     try {
-      fs.writeSync(ch.w, Buffer.concat([message(7, ULOOP_MSG_MISS, 4096, 8192), message(2 ** 40, ULOOP_MSG_BARRIER, 0, 512)]));
-      for (let i = 0; i < 100 && got.length < 2; i++) await sleep(5);
+      fs.writeSync(ch.w, Buffer.concat([message(7, ULOOP_MSG_MISS, 4096, 8192), message(2 ** 40, ULOOP_MSG_BARRIER, 0, 512), message(9, ULOOP_MSG_PRESERVE, 65536, 4096, 3, 0)]));
+      for (let i = 0; i < 100 && got.length < 3; i++) await sleep(5);
       expect(got).toEqual([
-        { id: 7, type: ULOOP_MSG_MISS, offset: 4096, length: 8192 },
-        { id: 2 ** 40, type: ULOOP_MSG_BARRIER, offset: 0, length: 512 },
+        { id: 7, type: ULOOP_MSG_MISS, flags: 0, offset: 4096, length: 8192, epoch: 0 },
+        { id: 2 ** 40, type: ULOOP_MSG_BARRIER, flags: 0, offset: 0, length: 512, epoch: 0 },
+        { id: 9, type: ULOOP_MSG_PRESERVE, flags: 0, offset: 65536, length: 4096, epoch: 3 },
       ]);
       watch.close();
       watch.close();
       fs.writeSync(ch.w, message(8, ULOOP_MSG_INTENT, 0, 4096));
       await sleep(50);
-      expect(got).toHaveLength(2);
+      expect(got).toHaveLength(3);
     } finally {
       watch.close();
       ch.close();
@@ -732,6 +737,94 @@ describe('the uloop request channel, on a FIFO (no module needed)', () => {
       expect(stopped).toBe(true);
     } finally {
       ch.close();
+    }
+  });
+});
+
+describe('the raw uloop and power bindings refuse bad input themselves (no module needed)', () => {
+  // Called straight, without src/native's validation: what a bug in a caller would pass.
+  const raw = createRequire(import.meta.url)('../../build/Release/ulob_native.node') as {
+    uloopAdd(...args: unknown[]): number;
+    uloopReply(fd: number, id: number, error: number): void;
+    uloopBlocks(...args: unknown[]): unknown;
+    hdioDriveCmd(fd: number, args: Uint8Array): Promise<void>;
+  };
+  const devNull = () => fs.openSync('/dev/null', 'r+');
+
+  it('uloopAdd: a block size of 0 is refused before anything divides by it', () => {
+    const fd = devNull();
+    try {
+      expect(() => raw.uloopAdd(fd, fd, 1 << 20, 0, 1, Buffer.alloc(64), Buffer.alloc(64), 0, 512, 0, 0)).toThrow(RangeError);
+    } finally {
+      fs.closeSync(fd);
+    }
+  });
+
+  it('uloopAdd: a bitmap one byte short of ceil(blocks / 8) is refused', () => {
+    const fd = devNull();
+    try {
+      // 1 MiB + 4 KiB of 4 KiB blocks: 257 blocks, 33 bytes (the old check took 32 and read 33).
+      const size = (1 << 20) + 4096;
+      for (const [p, d] of [[32, 33], [33, 32]] as const) {
+        expect(() => raw.uloopAdd(fd, fd, size, 4096, 1, Buffer.alloc(p), Buffer.alloc(d), 0, 512, 0, 0)).toThrow(/bitmap too small/);
+      }
+      // The exact length is accepted and reaches the ioctl (ENOTTY on /dev/null).
+      expectNativeSync(() => raw.uloopAdd(fd, fd, size, 4096, 1, Buffer.alloc(33), Buffer.alloc(33), 0, 512, 0, 0), 'ENOTTY', 'ioctl(ULOOP_IOC_ADD)');
+    } finally {
+      fs.closeSync(fd);
+    }
+  });
+
+  it('uloopBlocks: a bits buffer shorter than ceil(count / 8) is refused', () => {
+    const fd = devNull();
+    try {
+      expect(() => raw.uloopBlocks(fd, 0, 0, 65, Buffer.alloc(8), 0)).toThrow(/bits too small/);
+      expect(() => raw.uloopBlocks(fd, 9, 0, 8, Buffer.alloc(1), 0)).toThrow(/unknown block-range op/);
+      expectNativeSync(() => raw.uloopBlocks(fd, 0, 0, 65, Buffer.alloc(9), 0), 'ENOTTY', 'ioctl(ULOOP_IOC_CLAIM)');
+    } finally {
+      fs.closeSync(fd);
+    }
+  });
+
+  it('uloopReply: negative errnos go out as they are; positive or out-of-range ones are refused', () => {
+    const [r, w] = (() => {
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ulob-reply-'));
+      const fifo = path.join(dir, 'f');
+      execFileSync('mkfifo', [fifo]);
+      const rd = fs.openSync(fifo, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+      const wr = fs.openSync(fifo, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK);
+      fs.rmSync(dir, { recursive: true });
+      return [rd, wr];
+    })();
+    try {
+      // The bug of issue 11: -5 was refused by the argument reader, inside a promise handler.
+      raw.uloopReply(w, 42, -5);
+      uloopReply(w, 43, -errno.ENOSPC);
+      raw.uloopReply(w, 44, 0);
+      const got = Buffer.alloc(64);
+      expect(fs.readSync(r, got)).toBe(48);
+      expect([got.readBigUInt64LE(0), got.readInt32LE(8)]).toEqual([42n, -5]);
+      expect([got.readBigUInt64LE(16), got.readInt32LE(24)]).toEqual([43n, -errno.ENOSPC]);
+      expect([got.readBigUInt64LE(32), got.readInt32LE(40)]).toEqual([44n, 0]);
+      for (const bad of [5, -4096, -1.5, Number.NaN]) expect(() => raw.uloopReply(w, 1, bad)).toThrow(RangeError);
+      expect(() => uloopReply(w, 1, 5)).toThrow(RangeError);
+    } finally {
+      fs.closeSync(r);
+      fs.closeSync(w);
+    }
+  });
+
+  it('hdioDriveCmd: a buffer shorter than 4 + 512 × args[3] is refused before the ioctl', async () => {
+    const fd = devNull();
+    try {
+      const args = Buffer.from([0xec, 0, 0, 1]); // IDENTIFY with one sector of data: 516 bytes needed
+      expect(() => raw.hdioDriveCmd(fd, args)).toThrow(RangeError);
+      expect(() => raw.hdioDriveCmd(fd, Buffer.alloc(515, args))).toThrow(RangeError);
+      const whole = Buffer.alloc(516);
+      args.copy(whole);
+      await expect(raw.hdioDriveCmd(fd, whole)).rejects.toMatchObject({ code: 'ENOTTY' });
+    } finally {
+      fs.closeSync(fd);
     }
   });
 });

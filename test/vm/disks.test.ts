@@ -4,8 +4,8 @@
 // through the cache shows /dev/nbd0p1 after a re-attach and holds the detach while mounted; a 512e
 // disk (512 logical, 4096 physical) gives NBD clients 512 as minimum and 4096 as preferred block
 // size, and its partitions show on /dev/loopN by the kernel's own scan; a SCSI disk deleted under
-// the daemon shows as gone in status. On /dev/uloop0 (module ABI 1: no sector sizes at ADD) the attach
-// warns that the device shows 512.
+// the daemon shows as gone in status. /dev/uloop0 (module ABI 2: sector sizes at ADD) shows the
+// disk's 4096 too, with no warning.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
 
@@ -28,10 +28,10 @@ beforeAll(async () => {
 
     modprobe scsi_debug dev_size_mb=64 sector_size=4096 physblk_exp=0
     S=$(sdebug); echo "4Kn disk /dev/$S: $(blockdev --getss --getpbsz /dev/$S | tr '\\n' ' ')"
-    # uloop.ko of ABI 1 takes no sector sizes: the attach says so instead of passing 512 in silence.
+    # uloop.ko of ABI 2 takes the disk's sector sizes at ADD.
     insmod ${vm.ULOOP_KO}
     $U -c /tmp/u.cache -b /tmp/u.bitmap --daemon /dev/uloop0 /dev/$S
-    echo "uloop0 sectors: $(blockdev --getss /dev/uloop0)"
+    echo "uloop0 sectors: $(blockdev --getss --getpbsz /dev/uloop0 | tr '\\n' ' ')"
     $U detach /dev/uloop0 > /dev/null && echo "uloop0 detached"
     A="-c /tmp/n.cache -b /tmp/n.bitmap --writeback --daemon /dev/nbd0 /dev/$S"
     $U $A
@@ -67,8 +67,8 @@ describe('disk shapes in the guest', () => {
   it('4Kn disk: 4096 on /dev/nbd0; kill -9 recovered by the same attach; partitions hold the detach', () => {
     expect(run.output).toContain('4Kn disk /dev/sd');
     expect(run.output).toMatch(/4Kn disk \/dev\/sd\w+: 4096 4096/);
-    expect(run.output).toMatch(/ulobdev: \/dev\/uloop0: \/dev\/uloop0 shows 512-byte sectors, the disk \/dev\/sd\w+ has 4096: a filesystem made through it may not mount on the bare disk; use \/dev\/loopN or \/dev\/nbdN for this disk\n/);
-    expect(run.output).toContain('uloop0 sectors: 512\nuloop0 detached');
+    expect(run.output).not.toContain('shows 512-byte sectors');
+    expect(run.output).toContain('uloop0 sectors: 4096 4096 \nuloop0 detached');
     expect(run.output).toContain('nbd0 sectors: 4096 4096');
     expect(run.output).toMatch(/recovered after an unclean shutdown: the daemon of \/dev\/nbd0 \(pid \d+\) had died; disconnected \/dev\/nbd0/);
     expect(run.output).toContain('after recovery: 4096 2 partitions');

@@ -17,7 +17,7 @@ beforeAll(async () => {
     $U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --daemon /dev/uloop0 /tmp/disk.img
     dd if=/dev/uloop0 of=/tmp/r bs=1M count=8 iflag=direct status=none
     head -c 8M /tmp/disk.img | cmp - /tmp/r && echo "misses through the daemon verified"
-    # A second device on the same N: the kernel's ENOSPC, told as what to do.
+    # A second device on the same N while its daemon lives: refused, told as what to do.
     truncate -s 16M /tmp/disk2.img
     $U -c /tmp/d2.cache -b /tmp/d2.bitmap --name other --daemon /dev/uloop0 /tmp/disk2.img || echo "second attach exit $?"
     # fio verify: cached clean blocks (dirty intents, rule 3), then missing ones written whole (rule 4).
@@ -37,7 +37,7 @@ beforeAll(async () => {
 describe('ulobdev on /dev/uloopN', () => {
   it('attaches, fills misses, carries a filesystem, detaches', () => {
     expect(run.output).toContain('misses through the daemon verified');
-    expect(run.output).toMatch(/ulobdev: \/dev\/uloop0 is taken by another uloop device; pick a free one, e\.g\. \/dev\/uloop1\n/);
+    expect(run.output).toMatch(/ulobdev: another daemon serves \/dev\/uloop0; detach it first, or pick a free one, e\.g\. \/dev\/uloop1\n/);
     expect(run.output).toContain('second attach exit 1');
     expect(run.output).toContain('fio verify passed');
     expect(run.output).toContain('fsck clean');

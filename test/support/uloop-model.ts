@@ -1,0 +1,529 @@
+// Model-based crash test of the uloop protocol's daemon side: fast-check drives a model of the
+// kernel module's block state (kernel/uloop.c as docs/design.md tells it: present, dirty, pending;
+// MISS, INTENT, take-then-sync FLUSH with a BARRIER, epochs with PRESERVE) that writes the cache
+// file itself, and behind it the real UpcallHandler, kernelEpochs wiring, engine, store and
+// metadata over crashable model files (test/support/crashable.ts), against a model disk that
+// knows, per 512-byte sector, which contents a crash may leave (as test/support/engine-model.ts).
+//
+// Crashes: a power loss at the n-th persistence point (cache, bitmap, metadata, backing writes and
+// syncs, the kernel's own writes and syncs, the barrier's and the epochs' transactions) loses the
+// kernel's state with everything unsynced, and the cache is ADDed again from the store's bits; a
+// daemon kill (kill -9) keeps the kernel's state and the page cache, reopens the store and
+// re-attaches the way src/bdev/uloop.ts does (a FLUSH hands the pending blocks over). After a
+// power loss every sector must hold a content the model allows; after a daemon kill, exactly what
+// was acknowledged (the request in flight: old or new); after every completed flush the disk must
+// be the device's image at the flush's start (invariant 7), also with a write racing the copy.
+import { mkdtempSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import fc from 'fast-check';
+import pino from 'pino';
+import { expect } from 'vitest';
+import { Bitmap } from '../../src/cache/bitmap.js';
+import { CacheEngine } from '../../src/cache/engine.js';
+import { CacheStore, type CachePaths } from '../../src/cache/store.js';
+import { FileSource } from '../../src/source/file-source.js';
+import type { BlockFile } from '../../src/storage/storage.js';
+import { flushDirty } from '../../src/writeback/flusher.js';
+import { kernelEpochs } from '../../src/bdev/uloop.js';
+import { UpcallHandler, type Upcall } from '../../src/bdev/upcalls.js';
+import { CrashWorld, Rng, SECTOR, SimulatedCrash, type CrashKind } from './crashable.js';
+import { decodeSector, sectorBytes, type ModelConfig } from './engine-model.js';
+
+const BASE_TAG = 1;
+const silent = pino({ enabled: false });
+
+class KernelError extends Error {
+  constructor(
+    readonly code: string,
+    what: string,
+  ) {
+    super(`${code}: ${what}`);
+  }
+}
+
+/** The kernel module's side, as a model: the block state and the request path of kernel/uloop.c. */
+class KernelModel {
+  readonly present: Bitmap;
+  readonly dirty: Bitmap;
+  pending: Bitmap;
+  #barPending: Bitmap | null = null;
+  #epoch = 0;
+  #open = 0;
+  #snap: Bitmap | null = null;
+  #rewritten: Bitmap | null = null;
+  #preserved: Bitmap | null = null;
+  #epochFailed = false;
+  #nextId = 1;
+  handler: UpcallHandler | null = null;
+
+  constructor(
+    readonly file: BlockFile,
+    readonly blockSize: number,
+    readonly size: number,
+    storePresent: Bitmap,
+    storeDirty: Bitmap,
+  ) {
+    const n = storePresent.bits;
+    this.present = new Bitmap(n);
+    this.dirty = new Bitmap(n);
+    this.pending = new Bitmap(n);
+    // ADD without ULOOP_F_ZERO: present is widened to include dirty.
+    for (const r of storePresent.runs()) this.present.setRange(r.start, r.start + r.count);
+    for (const r of storeDirty.runs()) {
+      this.present.setRange(r.start, r.start + r.count);
+      this.dirty.setRange(r.start, r.start + r.count);
+    }
+  }
+
+  get blocks(): number {
+    return this.present.bits;
+  }
+
+  async #ask(type: Upcall['type'], first: number, end: number, epoch = 0): Promise<void> {
+    if (!this.handler) throw new KernelError('EIO', 'no daemon');
+    const offset = first * this.blockSize;
+    const length = Math.min(end * this.blockSize, this.size) - offset;
+    const err = await this.handler.run({ id: this.#nextId++, type, offset, length, epoch });
+    if (err < 0) throw new KernelError('EIO', `${type} failed (${err})`);
+  }
+
+  async #askRuns(type: Upcall['type'], blocks: number[], epoch = 0): Promise<void> {
+    let i = 0;
+    while (i < blocks.length) {
+      let j = i + 1;
+      while (j < blocks.length && blocks[j] === blocks[j - 1]! + 1) j++;
+      await this.#ask(type, blocks[i]!, blocks[j - 1]! + 1, epoch);
+      i = j;
+    }
+  }
+
+  #range(offset: number, length: number): [number, number] {
+    return [Math.floor(offset / this.blockSize), Math.ceil((offset + length) / this.blockSize)];
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    const [first, end] = this.#range(offset, length);
+    const missing: number[] = [];
+    for (let b = first; b < end; b++) if (!this.present.get(b)) missing.push(b);
+    await this.#askRuns('miss', missing);
+    for (const b of missing) this.present.set(b);
+    const buf = Buffer.alloc(length);
+    await this.file.read(buf, offset);
+    return buf;
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    const [first, end] = this.#range(offset, data.byteLength);
+    const whole = (b: number) => offset <= b * this.blockSize && offset + data.byteLength >= Math.min((b + 1) * this.blockSize, this.size);
+    // Rule 5: a partly written missing block is filled first.
+    const partial: number[] = [];
+    for (let b = first; b < end; b++) if (!this.present.get(b) && !whole(b)) partial.push(b);
+    await this.#askRuns('miss', partial);
+    for (const b of partial) this.present.set(b);
+    // Point-in-time epochs: the first change to a block of the snapshot waits for a PRESERVE.
+    if (this.#open && this.#snap) {
+      const epoch = this.#open;
+      const todo: number[] = [];
+      for (let b = first; b < end; b++) {
+        if (this.#snap.get(b)) this.#rewritten!.set(b);
+        if (this.#snap.get(b) && !this.#preserved!.get(b)) todo.push(b);
+      }
+      try {
+        await this.#askRuns('preserve', todo, epoch);
+      } catch {
+        if (this.#open === epoch) this.#epochFailed = true;
+      }
+      if (this.#open === epoch) for (const b of todo) this.#preserved!.set(b);
+    }
+    // Rule 3: a present clean block is made durably dirty before it changes.
+    const intents: number[] = [];
+    for (let b = first; b < end; b++) if (this.present.get(b) && !this.dirty.get(b)) intents.push(b);
+    await this.#askRuns('intent', intents);
+    for (const b of intents) this.dirty.set(b);
+    const wholeMissing: number[] = [];
+    for (let b = first; b < end; b++) if (!this.present.get(b)) wholeMissing.push(b);
+    await this.file.write(data, offset);
+    // Rule 4: whole missing blocks are written at once and handed over at the next barrier.
+    for (const b of wholeMissing) {
+      this.present.set(b);
+      this.dirty.set(b);
+      this.pending.set(b);
+    }
+  }
+
+  /** FLUSH: take the pending set, then sync (take-then-sync), then a BARRIER if anything was taken. */
+  async flush(): Promise<void> {
+    const taken = this.pending;
+    this.pending = new Bitmap(this.blocks);
+    try {
+      await this.file.sync();
+      if (taken.count() > 0) {
+        this.#barPending = taken;
+        await this.#ask('barrier', 0, 0);
+      }
+    } catch (err) {
+      for (const r of taken.runs()) this.pending.setRange(r.start, r.start + r.count);
+      throw err;
+    } finally {
+      this.#barPending = null;
+    }
+  }
+
+  barrierBlocks(): Bitmap {
+    if (!this.#barPending) throw new KernelError('ENOENT', 'no barrier outstanding');
+    return this.#barPending.clone();
+  }
+
+  epochBegin(dirty: Buffer): number {
+    this.#open = ++this.#epoch;
+    this.#snap = this.dirty.clone();
+    this.#rewritten = new Bitmap(this.blocks);
+    this.#preserved = new Bitmap(this.blocks);
+    this.#epochFailed = false;
+    this.#snap.buffer.copy(dirty, 0, 0, Math.min(dirty.byteLength, this.#snap.buffer.byteLength));
+    return this.#open;
+  }
+
+  epochCommit(epoch: number, flushed: Buffer): void {
+    if (epoch !== this.#open) throw new KernelError('ESTALE', `epoch ${epoch} is not open`);
+    const failed = this.#epochFailed;
+    const cleared = new Bitmap(this.blocks, flushed);
+    for (let b = 0; b < this.blocks; b++) {
+      if (!cleared.get(b)) continue;
+      if (failed || this.#rewritten!.get(b) || !this.dirty.get(b) || this.pending.get(b)) cleared.clear(b);
+      else this.dirty.clear(b);
+    }
+    this.#open = 0;
+    this.#snap = this.#rewritten = this.#preserved = null;
+    if (failed) throw new KernelError('ECANCELED', 'a PRESERVE failed');
+  }
+}
+
+interface Model {
+  sectors: number;
+  current: Uint32Array;
+  stable: Uint32Array;
+  since: Map<number, Set<number>>;
+  nextTag: number;
+  /** The disk's content whenever no flush runs: the last completed flush's image. */
+  image: Uint32Array;
+  /** The image of the flush running now (a crash may leave the disk torn between the two). */
+  flushing: Uint32Array | null;
+}
+
+interface Real {
+  world: CrashWorld;
+  rng: Rng;
+  paths: CachePaths;
+  backingPath: string;
+  size: number;
+  blockSize: number;
+  engine: CacheEngine;
+  kernel: KernelModel;
+}
+
+async function openEngine(real: Omit<Real, 'engine' | 'kernel'>): Promise<CacheEngine> {
+  const storage = real.world.storage();
+  const handle = await storage.open(real.backingPath);
+  const source = new FileSource(handle, { id: 'model-disk', size: real.size, description: 'model disk' });
+  const store = await CacheStore.open({ paths: real.paths, backing: source, mode: 'writeback', blockSize: real.blockSize, storage, metadata: real.world.metadata() });
+  return new CacheEngine(store, source, { autoCommitMs: 0, cowMemoryBytes: real.blockSize });
+}
+
+/** Binds the daemon side (the real handler and epoch wiring) to the kernel model: ADD or ATTACH. */
+function attachDaemon(engine: CacheEngine, kernel: KernelModel): void {
+  const epochs = kernelEpochs(engine, {
+    begin: (dirty) => kernel.epochBegin(dirty),
+    commit: (epoch, flushed) => kernel.epochCommit(epoch, flushed),
+    dirtyBlocks: () => kernel.dirty.count(),
+    gone: () => false,
+    device: '/dev/uloop0',
+  });
+  engine.externalEpochs = epochs.external;
+  kernel.handler = new UpcallHandler({
+    engine,
+    logger: silent,
+    device: '/dev/uloop0',
+    port: { barrierBlocks: () => kernel.barrierBlocks(), preserve: (epoch, first, end) => epochs.preserve(epoch, first, end) },
+  });
+}
+
+async function addDevice(real: Omit<Real, 'kernel'>): Promise<KernelModel> {
+  const file = await real.world.storage().open(real.paths.cache);
+  const kernel = new KernelModel(file, real.blockSize, real.size, real.engine.store.present, real.engine.store.dirty);
+  attachDaemon(real.engine, kernel);
+  return kernel;
+}
+
+function writeSectors(first: number, count: number, tag: number): Buffer {
+  const parts: Buffer[] = [];
+  for (let s = first; s < first + count; s++) parts.push(sectorBytes(tag, s));
+  return Buffer.concat(parts);
+}
+
+function expectDiskIsImage(model: Model, disk: Buffer, what: string): void {
+  for (let s = 0; s < model.sectors; s++) {
+    const got = decodeSector(disk.subarray(s * SECTOR, (s + 1) * SECTOR), s);
+    if (got !== model.image[s]) expect.fail(`${what}: disk sector ${s} holds ${got === -1 ? 'garbage' : `write ${got}`}, the flush's image has write ${model.image[s]}`);
+  }
+}
+
+/** Reads the whole device through the kernel; each sector must be one `allowed` says. */
+async function expectDevice(model: Model, real: Real, allowed: (s: number) => number[], what: string): Promise<void> {
+  const all = await real.kernel.read(0, real.size);
+  for (let s = 0; s < model.sectors; s++) {
+    const got = decodeSector(all.subarray(s * SECTOR, (s + 1) * SECTOR), s);
+    const ok = allowed(s);
+    if (!ok.includes(got)) expect.fail(`${what}: sector ${s} holds ${got === -1 ? 'garbage' : `write ${got}`}; allowed: ${ok.join(', ')}`);
+    model.current[s] = got;
+  }
+}
+
+export type UloopOp =
+  | { kind: 'read'; sector: number; count: number }
+  | { kind: 'write'; sector: number; count: number; fua: boolean }
+  | { kind: 'flush' }
+  | { kind: 'writeback' }
+  | { kind: 'writeback-racing'; sector: number; count: number; split: number };
+
+function clip(model: Model, sector: number, count: number): [number, number] {
+  const s = sector % model.sectors;
+  return [s, Math.max(1, Math.min(count, model.sectors - s))];
+}
+
+/** Sectors the op writes (for a crash in its middle: old or new). */
+function written(model: Model, op: UloopOp): [number, number] | null {
+  return op.kind === 'write' || op.kind === 'writeback-racing' ? clip(model, op.sector, op.count) : null;
+}
+
+async function kernelWrite(model: Model, real: Real, sector: number, count: number, fua: boolean): Promise<void> {
+  const tag = model.nextTag++;
+  for (let x = sector; x < sector + count; x++) {
+    model.current[x] = tag;
+    let set = model.since.get(x);
+    if (!set) model.since.set(x, (set = new Set()));
+    set.add(tag);
+  }
+  await real.kernel.write(sector * SECTOR, writeSectors(sector, count, tag));
+  if (fua) {
+    await real.kernel.flush();
+    for (let x = sector; x < sector + count; x++) {
+      model.stable[x] = tag;
+      model.since.delete(x);
+    }
+  }
+}
+
+async function runOp(op: UloopOp, model: Model, real: Real): Promise<void> {
+  const { engine, kernel } = real;
+  switch (op.kind) {
+    case 'read': {
+      const [s, n] = clip(model, op.sector, op.count);
+      const buf = await kernel.read(s * SECTOR, n * SECTOR);
+      for (let i = 0; i < n; i++) {
+        const got = decodeSector(buf.subarray(i * SECTOR, (i + 1) * SECTOR), s + i);
+        if (got !== model.current[s + i]) expect.fail(`read: sector ${s + i} holds ${got}, expected write ${model.current[s + i]}`);
+      }
+      return;
+    }
+    case 'write': {
+      const [s, n] = clip(model, op.sector, op.count);
+      await kernelWrite(model, real, s, n, op.fua);
+      return;
+    }
+    case 'flush':
+      await kernel.flush();
+      model.stable.set(model.current);
+      model.since.clear();
+      return;
+    case 'writeback': {
+      const image = Uint32Array.from(model.current);
+      const exact = kernel.pending.count() === 0;
+      model.flushing = image;
+      await flushDirty(engine);
+      model.flushing = null;
+      // Only blocks the store had recorded (barrier, intent) are flushed: the rest keep the old image.
+      mergeImage(model, real, image, exact);
+      expectDiskIsImage(model, real.world.file(real.backingPath).visible, 'after a flush');
+      return;
+    }
+    case 'writeback-racing': {
+      // A write to the device while the flusher copies the epoch's blocks: the write waits for a
+      // PRESERVE of each block of the epoch it changes; the disk must get the epoch's version.
+      const image = Uint32Array.from(model.current);
+      const exact = kernel.pending.count() === 0;
+      model.flushing = image;
+      const epoch = await engine.beginEpoch();
+      const source = engine.source as FileSource;
+      const g = engine.geometry;
+      const split = epoch.extents.length === 0 ? 0 : op.split % (epoch.extents.length + 1);
+      const copy = async (i: number) => {
+        const e = epoch.extents[i]!;
+        await source.writeAt(await engine.readEpoch(epoch, e.start, e.count), g.blockOffset(e.start));
+      };
+      const [s, n] = clip(model, op.sector, op.count);
+      try {
+        for (let i = 0; i < split; i++) await copy(i);
+        // Both settle before anything else runs: a crash must not leave one of them in flight.
+        const both = await Promise.allSettled([
+          kernelWrite(model, real, s, n, false),
+          (async () => {
+            for (let i = split; i < epoch.extents.length; i++) await copy(i);
+          })(),
+        ]);
+        for (const r of both) if (r.status === 'rejected') throw r.reason;
+        await engine.commitEpoch(epoch);
+      } catch (err) {
+        engine.abortEpoch(epoch);
+        throw err;
+      }
+      model.flushing = null;
+      mergeImage(model, real, image, exact);
+      expectDiskIsImage(model, real.world.file(real.backingPath).visible, 'after a flush with a racing write');
+      return;
+    }
+  }
+}
+
+/**
+ * The disk after a completed flush: blocks the flush copied hold the image at its start, the
+ * others the previous image (never a later write: expectDiskIsImage catches that). With nothing
+ * pending in the kernel at the start, the store had every dirty block, so the disk must be the
+ * image exactly.
+ */
+function mergeImage(model: Model, real: Real, image: Uint32Array, exact: boolean): void {
+  const disk = real.world.file(real.backingPath).visible;
+  for (let s = 0; s < model.sectors; s++) {
+    const got = decodeSector(disk.subarray(s * SECTOR, (s + 1) * SECTOR), s);
+    if (exact || got === image[s]) model.image[s] = image[s]!;
+  }
+}
+
+type Crash = CrashKind | 'daemon';
+
+async function crashAndRecover(model: Model, real: Real, kind: Crash, op: UloopOp): Promise<void> {
+  await real.engine.store.abandon();
+  await real.engine.source.close();
+  if (kind === 'daemon') {
+    // The flush died with the daemon; the disk may be torn between the two images.
+    if (model.flushing) {
+      const disk = real.world.file(real.backingPath).visible;
+      for (let s = 0; s < model.sectors; s++) if (decodeSector(disk.subarray(s * SECTOR, (s + 1) * SECTOR), s) === model.flushing[s]) model.image[s] = model.flushing[s]!;
+      model.flushing = null;
+    }
+    // kill -9: the kernel keeps its bits and the page cache keeps every write.
+    real.world.crash('process', real.rng);
+    real.engine = await openEngine(real);
+    real.kernel.handler = null;
+    attachDaemon(real.engine, real.kernel);
+    if (real.kernel.pending.count() > 0) await real.kernel.flush();
+    const w = written(model, op);
+    await expectDevice(model, real, (s) => (w && s >= w[0] && s < w[0] + w[1] ? [model.current[s]!, ...(model.since.get(s) ?? []), model.stable[s]!] : [model.current[s]!]), 'after a daemon kill');
+    return;
+  }
+  real.world.crash(kind, real.rng);
+  // The disk: the last flush's image, or (a crash during a flush) per sector that or the running
+  // flush's image, until the next flush rewrites the blocks it left dirty.
+  const disk = real.world.file(real.backingPath).durable;
+  for (let s = 0; s < model.sectors; s++) {
+    const got = decodeSector(disk.subarray(s * SECTOR, (s + 1) * SECTOR), s);
+    if (model.flushing && got === model.flushing[s]) model.image[s] = got;
+  }
+  model.flushing = null;
+  expectDiskIsImage(model, disk, `after a ${kind} crash (the disk)`);
+  real.engine = await openEngine(real);
+  real.kernel = await addDevice(real);
+  await expectDevice(model, real, (s) => [model.stable[s]!, ...(model.since.get(s) ?? [])], `after a ${kind} crash`);
+  model.stable.set(model.current);
+  model.since.clear();
+}
+
+export type UloopStep = { op: UloopOp } | { crash: Crash; after: number; op: UloopOp };
+export interface UloopModelCase {
+  steps: UloopStep[];
+  seed: number;
+}
+
+class StepCommand implements fc.AsyncCommand<Model, Real> {
+  constructor(readonly step: UloopStep) {}
+  check(): boolean {
+    return true;
+  }
+  async run(model: Model, real: Real): Promise<void> {
+    const step = this.step;
+    if (!('crash' in step)) {
+      await runOp(step.op, model, real);
+      return;
+    }
+    real.world.armCrash(step.after);
+    try {
+      await runOp(step.op, model, real);
+    } catch (err) {
+      if (!(err instanceof SimulatedCrash) && !real.world.crashed && !(err instanceof KernelError)) throw err;
+    }
+    await crashAndRecover(model, real, step.crash, step.op);
+  }
+  toString(): string {
+    return JSON.stringify(this.step);
+  }
+}
+
+function stepArb(config: ModelConfig): fc.Arbitrary<UloopStep> {
+  const sectors = (config.blocks * config.blockSize - config.tail) / SECTOR;
+  const sector = fc.nat({ max: sectors - 1 });
+  const count = fc.integer({ min: 1, max: (config.blockSize / SECTOR) * 3 });
+  const op: fc.Arbitrary<UloopOp> = fc.oneof(
+    { weight: 3, arbitrary: fc.record({ kind: fc.constant('read' as const), sector, count }) },
+    { weight: 5, arbitrary: fc.record({ kind: fc.constant('write' as const), sector, count, fua: fc.boolean() }) },
+    { weight: 2, arbitrary: fc.constant({ kind: 'flush' as const }) },
+    { weight: 2, arbitrary: fc.constant({ kind: 'writeback' as const }) },
+    { weight: 2, arbitrary: fc.record({ kind: fc.constant('writeback-racing' as const), sector, count, split: fc.nat({ max: 8 }) }) },
+  );
+  return fc.oneof(
+    { weight: 3, arbitrary: op.map((o): UloopStep => ({ op: o })) },
+    { weight: 2, arbitrary: fc.tuple(op, fc.nat({ max: 12 }), fc.constantFrom<Crash>('power', 'daemon')).map(([o, after, crash]): UloopStep => ({ crash, after, op: o })) },
+  );
+}
+
+/** Replays one run on a fresh model disk and cache; throws at the first broken guarantee. */
+export async function runUloopModel(config: ModelConfig, { steps, seed }: UloopModelCase): Promise<void> {
+  const size = config.blocks * config.blockSize - config.tail;
+  const sectors = size / SECTOR;
+  const dir = mkdtempSync(join('/dev/shm', 'ulob-umodel-'));
+  const world = new CrashWorld();
+  const backingPath = join(dir, 'disk');
+  await world.storage().open(backingPath, { create: true });
+  const backing = world.file(backingPath);
+  for (let s = 0; s < sectors; s++) backing.write(sectorBytes(BASE_TAG, s), s * SECTOR);
+  backing.sync();
+  const partial = { world, rng: new Rng(seed), paths: { cache: join(dir, 'cache'), bitmap: join(dir, 'bitmap'), metadata: join(dir, 'meta.db') }, backingPath, size, blockSize: config.blockSize };
+  const engine = await openEngine(partial);
+  const real: Real = { ...partial, engine, kernel: await addDevice({ ...partial, engine }) };
+  const model: Model = {
+    sectors,
+    current: new Uint32Array(sectors).fill(BASE_TAG),
+    stable: new Uint32Array(sectors).fill(BASE_TAG),
+    since: new Map(),
+    nextTag: BASE_TAG + 1,
+    image: new Uint32Array(sectors).fill(BASE_TAG),
+    flushing: null,
+  };
+  try {
+    await fc.asyncModelRun(() => ({ model, real }), steps.map((s) => new StepCommand(s)));
+  } finally {
+    await real.engine.store.abandon().catch(() => undefined);
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** Runs the property `runs` times; a failure prints its shrunk case, ready to keep as a named one. */
+export async function assertUloopModel(config: ModelConfig, runs: number): Promise<void> {
+  const property = fc.asyncProperty(fc.array(stepArb(config), { maxLength: 20 }), fc.integer({ min: 1, max: 2 ** 31 - 1 }), (steps, seed) => runUloopModel(config, { steps, seed }));
+  const details = await fc.check(property, { numRuns: runs });
+  if (!details.failed) return;
+  const [steps, seed] = details.counterexample ?? [[], 0];
+  throw new Error(
+    `uloop model failed after ${details.numRuns} runs (fast-check seed ${details.seed}); keep the shrunk counterexample as a named case:\n  'WHAT IT SHOWS': ${JSON.stringify({ seed, steps })},\n${details.errorInstance instanceof Error ? details.errorInstance.message : String(details.errorInstance)}`,
+    { cause: details.errorInstance },
+  );
+}

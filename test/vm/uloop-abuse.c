@@ -1,0 +1,384 @@
+// uloop-abuse: bad input for every ioctl of /dev/uloop-control and the request channel, and
+// ADD / REMOVE / ATTACH / QUERY / open racing, run in the test VM against uloop.ko. Each check
+// prints "ok NAME" or "FAIL NAME: got X, want Y"; the last line is "abuse: N checks, M failed".
+//   uloop-abuse CACHE_FILE RACE_SECONDS
+// CACHE_FILE: a regular file of at least 64 MiB. Uses device indexes 5, 6 and 7.
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../../kernel/include/uapi/uloop.h"
+
+static int checks, failed;
+static const char *cache_path;
+
+static int ctl_open(void) {
+  int fd = open("/dev/" ULOOP_CONTROL_NAME, O_RDWR | O_CLOEXEC);
+  if (fd < 0) perror("open /dev/uloop-control"), exit(2);
+  return fd;
+}
+
+// Expects `ret` (an ioctl-like result) to fail with `want` (0: to succeed).
+static void expect(const char *name, long ret, int want) {
+  int got = ret < 0 ? errno : 0;
+  checks++;
+  if (got == want) {
+    printf("ok %s\n", name);
+  } else {
+    failed++;
+    printf("FAIL %s: got %s, want %s\n", name, got ? strerrorname_np(got) : "success", want ? strerrorname_np(want) : "success");
+  }
+}
+
+static uint8_t ones[1 << 16], zeros[1 << 16];
+
+// A valid ADD over the cache file: 64 MiB, 64 KiB blocks, all present, write-back.
+static struct uloop_add good_add(int cache_fd, uint32_t index) {
+  struct uloop_add a = {.version = ULOOP_ABI_VERSION, .cache_fd = cache_fd, .size = 64 << 20, .block_size = 65536,
+                        .flags = ULOOP_F_WRITEBACK, .present_ptr = (uintptr_t)ones, .dirty_ptr = (uintptr_t)zeros,
+                        .index = index};
+  return a;
+}
+
+static void add_refusals(void) {
+  int ctl = ctl_open(), cache = open(cache_path, O_RDWR), ro = open(cache_path, O_RDONLY), wo = open(cache_path, O_WRONLY);
+  int dir = open("/tmp", O_RDONLY | O_DIRECTORY), pipefd[2];
+  if (pipe(pipefd)) exit(2);
+  struct uloop_add a;
+  char name[96];
+
+#define ADD_EXPECT(label, mutate, want)            \
+  do {                                             \
+    a = good_add(cache, 5);                        \
+    mutate;                                        \
+    expect("add: " label, ioctl(ctl, ULOOP_IOC_ADD, &a), want); \
+  } while (0)
+
+  ADD_EXPECT("version 1", a.version = 1, EPROTO);
+  ADD_EXPECT("unknown flag", a.flags |= 1U << 20, EOPNOTSUPP);
+  ADD_EXPECT("reserved field", a.__reserved[1] = 1, EOPNOTSUPP);
+  ADD_EXPECT("zero without writeback", a.flags = ULOOP_F_ZERO, EOPNOTSUPP);
+  ADD_EXPECT("preserve without writeback", a.flags = ULOOP_F_PRESERVE, EOPNOTSUPP);
+  uint32_t bad_bs[] = {0, 1, 512, 2048, 4095, 4097, 6144, 65535, 3 << 16, 2 << 20, 1U << 31, 0xffffffffU};
+  for (size_t i = 0; i < sizeof(bad_bs) / sizeof(bad_bs[0]); i++) {
+    snprintf(name, sizeof(name), "add: block size %u", bad_bs[i]);
+    a = good_add(cache, 5);
+    a.block_size = bad_bs[i];
+    expect(name, ioctl(ctl, ULOOP_IOC_ADD, &a), EDOM);
+  }
+  uint32_t bad_lbs[] = {256, 3000, 8192, 65536};
+  for (size_t i = 0; i < sizeof(bad_lbs) / sizeof(bad_lbs[0]); i++) {
+    snprintf(name, sizeof(name), "add: logical block size %u", bad_lbs[i]);
+    a = good_add(cache, 5);
+    a.logical_block_size = bad_lbs[i];
+    expect(name, ioctl(ctl, ULOOP_IOC_ADD, &a), ERANGE);
+  }
+  ADD_EXPECT("physical above a 4096 block size", (a.block_size = 4096, a.logical_block_size = 4096, a.physical_block_size = 8192), ERANGE);
+  ADD_EXPECT("physical below logical", (a.logical_block_size = 4096, a.physical_block_size = 2048), ERANGE);
+  ADD_EXPECT("physical not a power of two", a.physical_block_size = 12288, ERANGE);
+  ADD_EXPECT("physical above the block size", a.physical_block_size = 131072, ERANGE);
+  ADD_EXPECT("unit shift 21", (a.flags |= ULOOP_F_ACCESSED, a.unit_shift = 21), ERANGE);
+  ADD_EXPECT("size 0", a.size = 0, EINVAL);
+  ADD_EXPECT("size 1000", a.size = 1000, EINVAL);
+  ADD_EXPECT("size not a multiple of a 4096 logical block", (a.logical_block_size = 4096, a.size = (64 << 20) - 512), EINVAL);
+  ADD_EXPECT("size 2^63", a.size = 1ULL << 63, EFBIG);
+  ADD_EXPECT("size 2^64 - 512", a.size = ~0ULL - 511, EFBIG);
+  ADD_EXPECT("size one block past the maximum", (a.block_size = 4096, a.size = (ULOOP_MAX_BLOCKS + 1) * 4096), EFBIG);
+  ADD_EXPECT("bitmaps one byte short", a.bitmap_length = 127, EMSGSIZE);
+  ADD_EXPECT("index 70000", a.index = 70000, ENXIO);
+  ADD_EXPECT("index 0xfffffffe", a.index = 0xfffffffe, ENXIO);
+  ADD_EXPECT("cache fd -1", a.cache_fd = -1, EBADF);
+  ADD_EXPECT("cache fd not open", a.cache_fd = 999, EBADF);
+  ADD_EXPECT("cache a directory", a.cache_fd = dir, EBADFD);
+  ADD_EXPECT("cache a pipe", a.cache_fd = pipefd[0], EBADFD);
+  ADD_EXPECT("cache read-only in writeback", a.cache_fd = ro, EACCES);
+  ADD_EXPECT("cache write-only", (a.cache_fd = wo, a.flags = 0), EACCES);
+  ADD_EXPECT("cache shorter than the size", a.size = 128 << 20, EOVERFLOW);
+  ADD_EXPECT("present bitmap unreadable", a.present_ptr = 1, EFAULT);
+  ADD_EXPECT("dirty bitmap unreadable", a.dirty_ptr = (uintptr_t)-4096, EFAULT);
+  expect("add: argument unreadable", ioctl(ctl, ULOOP_IOC_ADD, (void *)8), EFAULT);
+
+  // nothing of the refused ADDs exists; a good one works, then a second on the same fd is refused
+  struct uloop_info q = {.index = 5};
+  expect("query: index of refused ADDs", ioctl(ctl, ULOOP_IOC_QUERY, &q), ENODEV);
+  a = good_add(cache, 5);
+  expect("add: good", ioctl(ctl, ULOOP_IOC_ADD, &a), 0);
+  a = good_add(cache, 6);
+  expect("add: fd already attached", ioctl(ctl, ULOOP_IOC_ADD, &a), EISCONN);
+  int ctl2 = ctl_open();
+  a = good_add(cache, 5);
+  expect("add: index taken", ioctl(ctl2, ULOOP_IOC_ADD, &a), EEXIST);
+
+  // QUERY / ATTACH / REMOVE
+  q.index = 6;
+  expect("query: no such device", ioctl(ctl2, ULOOP_IOC_QUERY, &q), ENODEV);
+  q.index = 0xffffffff;
+  expect("query: index 0xffffffff", ioctl(ctl2, ULOOP_IOC_QUERY, &q), ENODEV);
+  expect("query: argument unreadable", ioctl(ctl2, ULOOP_IOC_QUERY, (void *)8), EFAULT);
+  struct uloop_attach at = {.version = 1, .index = 5};
+  expect("attach: version 1", ioctl(ctl2, ULOOP_IOC_ATTACH, &at), EPROTO);
+  at.version = ULOOP_ABI_VERSION;
+  expect("attach: device has a daemon", ioctl(ctl2, ULOOP_IOC_ATTACH, &at), EBUSY);
+  at.index = 6;
+  expect("attach: no such device", ioctl(ctl2, ULOOP_IOC_ATTACH, &at), ENODEV);
+  at.index = 5;
+  expect("attach: fd already attached", ioctl(ctl, ULOOP_IOC_ATTACH, &at), EISCONN);
+  expect("attach: argument unreadable", ioctl(ctl2, ULOOP_IOC_ATTACH, (void *)8), EFAULT);
+  at.index = 0xffffffff;
+  expect("attach: index 0xffffffff", ioctl(ctl2, ULOOP_IOC_ATTACH, &at), ENODEV);
+  at.index = 5;
+  uint32_t idx = 6;
+  expect("remove: no such device", ioctl(ctl2, ULOOP_IOC_REMOVE, &idx), ENODEV);
+  expect("remove: argument unreadable", ioctl(ctl2, ULOOP_IOC_REMOVE, (void *)8), EFAULT);
+  int dev = open("/dev/uloop5", O_RDONLY);
+  idx = 5;
+  expect("remove: while open", ioctl(ctl2, ULOOP_IOC_REMOVE, &idx), EBUSY);
+  close(dev);
+
+  // ioctls that need an attached fd, and bad ranges on an attached one
+  struct uloop_blocks r = {.first = 0, .count = 1, .bits_ptr = (uintptr_t)zeros};
+  expect("claim: not attached", ioctl(ctl2, ULOOP_IOC_CLAIM, &r), ENOTCONN);
+  struct uloop_epoch e = {.dirty_ptr = (uintptr_t)zeros, .length = 128};
+  expect("epoch begin: not attached", ioctl(ctl2, ULOOP_IOC_EPOCH_BEGIN, &e), ENOTCONN);
+  expect("unknown ioctl of ours", ioctl(ctl, _IO(ULOOP_IOC_MAGIC, 0x7f)), ENOTTY);
+  expect("foreign ioctl", ioctl(ctl, _IO('T', 1)), ENOTTY);
+  struct uloop_barrier_bits bb = {.id = 12345, .present_ptr = (uintptr_t)zeros, .dirty_ptr = (uintptr_t)zeros, .length = 128};
+  expect("barrier bits: not a barrier", ioctl(ctl, ULOOP_IOC_BARRIER_BITS, &bb), ENOENT);
+  bb.length = 127;
+  expect("barrier bits: buffers short", ioctl(ctl, ULOOP_IOC_BARRIER_BITS, &bb), EMSGSIZE);
+  e.length = 127;
+  expect("epoch begin: buffer short", ioctl(ctl, ULOOP_IOC_EPOCH_BEGIN, &e), EMSGSIZE);
+  e.length = 128;
+  e.epoch = 99;
+  expect("epoch commit: no epoch open", ioctl(ctl, ULOOP_IOC_EPOCH_COMMIT, &e), ESTALE);
+  expect("epoch begin", ioctl(ctl, ULOOP_IOC_EPOCH_BEGIN, &e), 0);
+  uint64_t open_epoch = e.epoch;
+  e.epoch = open_epoch + 1;
+  expect("epoch commit: not the open epoch", ioctl(ctl, ULOOP_IOC_EPOCH_COMMIT, &e), ESTALE);
+  e.epoch = open_epoch;
+  e.dirty_ptr = 1;
+  expect("epoch commit: set unreadable", ioctl(ctl, ULOOP_IOC_EPOCH_COMMIT, &e), EFAULT);
+  e.dirty_ptr = (uintptr_t)zeros;
+  expect("epoch commit: empty set", ioctl(ctl, ULOOP_IOC_EPOCH_COMMIT, &e), 0);
+  struct {
+    const char *name;
+    unsigned long cmd;
+    uint64_t first, count;
+    int want;
+  } ranges[] = {
+      {"claim: count 0", ULOOP_IOC_CLAIM, 0, 0, EINVAL},
+      {"claim: past the end", ULOOP_IOC_CLAIM, 1000, 100, EINVAL},
+      {"claim: first past the end", ULOOP_IOC_CLAIM, 1024, 1, EINVAL},
+      {"claim: first + count overflows", ULOOP_IOC_CLAIM, ~0ULL - 2, 8, EINVAL},
+      {"claim: count over the limit", ULOOP_IOC_CLAIM, 0, ULOOP_MAX_RANGE_BLOCKS + 1, EINVAL},
+      {"evict: count 0", ULOOP_IOC_EVICT, 5, 0, EINVAL},
+      {"evict: past the end", ULOOP_IOC_EVICT, 1023, 2, EINVAL},
+      {"filled: no such claim", ULOOP_IOC_FILLED, 0, 8, ENOENT},
+      {"accessed: not enabled", ULOOP_IOC_ACCESSED, 0, 8, EOPNOTSUPP},
+      {"release: not enabled", ULOOP_IOC_EPOCH_RELEASE, 0, 8, EOPNOTSUPP},
+      {"claim: nothing to claim (all present)", ULOOP_IOC_CLAIM, 0, 1024, 0},
+      {"evict: all present and clean", ULOOP_IOC_EVICT, 0, 16, 0},
+  };
+  for (size_t i = 0; i < sizeof(ranges) / sizeof(ranges[0]); i++) {
+    memset(ones, 0xff, sizeof(ones));
+    r = (struct uloop_blocks){.first = ranges[i].first, .count = ranges[i].count, .bits_ptr = (uintptr_t)ones, .id = 77};
+    expect(ranges[i].name, ioctl(ctl, ranges[i].cmd, &r), ranges[i].want);
+  }
+  memset(ones, 0xff, sizeof(ones));
+  r = (struct uloop_blocks){.first = 0, .count = 8, .bits_ptr = (uintptr_t)ones, .__reserved = 1};
+  expect("evict: reserved field", ioctl(ctl, ULOOP_IOC_EVICT, &r), EOPNOTSUPP);
+  r = (struct uloop_blocks){.first = 0, .count = 8, .bits_ptr = 1};
+  expect("evict: bitmap unreadable", ioctl(ctl, ULOOP_IOC_EVICT, &r), EFAULT);
+  struct uloop_clear_error ce = {0};
+  expect("clear error: none set", ioctl(ctl, ULOOP_IOC_CLEAR_ERROR, &ce), 0);
+  checks++;
+  if (ce.error) failed++, printf("FAIL clear error: error %d reported\n", ce.error);
+  q.index = 5;
+  ioctl(ctl, ULOOP_IOC_QUERY, &q);
+  checks++;
+  if (q.present_blocks != 1008 || q.dirty_blocks) // 16 of 1024 evicted above
+    failed++, printf("FAIL state after the refusals: present=%llu dirty=%llu\n", (unsigned long long)q.present_blocks, (unsigned long long)q.dirty_blocks);
+  else
+    printf("ok state after the refusals: present=1008 dirty=0\n");
+
+  // the request channel
+  char small[16];
+  expect("read: buffer smaller than a message", read(ctl, small, sizeof(small)), EINVAL);
+  expect("read: not attached", read(ctl2, small, sizeof(small)), ENOTCONN);
+  struct uloop_reply rep = {.id = 999999};
+  expect("reply: id never sent", write(ctl, &rep, sizeof(rep)), ENOENT);
+  rep.id = 0;
+  expect("reply: id 0", write(ctl, &rep, sizeof(rep)), ENOENT);
+  expect("reply: partial record", write(ctl, &rep, 8), EINVAL);
+  rep.error = 5;
+  expect("reply: positive error", write(ctl, &rep, sizeof(rep)), EINVAL);
+  rep.error = -5000;
+  expect("reply: error below -4095", write(ctl, &rep, sizeof(rep)), EINVAL);
+  void *volatile unreadable = (void *)8;
+  expect("reply: unreadable", write(ctl, unreadable, sizeof(rep)), EFAULT);
+  expect("reply: not attached", write(ctl2, &rep, sizeof(rep)), ENOTCONN);
+
+  // A message read into an unwritable buffer stays queued: the next read gets it.
+  pid_t reader = fork();
+  if (!reader) { // evict made blocks 0..15 missing: this read sends a MISS
+    void *buf = aligned_alloc(4096, 4096);
+    int d = open("/dev/uloop5", O_RDONLY | O_DIRECT);
+    _exit(buf && d >= 0 && pread(d, buf, 4096, 0) == 4096 ? 0 : 1);
+  }
+  struct pollfd pfd = {.fd = ctl, .events = POLLIN};
+  fcntl(ctl, F_SETFL, O_NONBLOCK); // never hang here: a missing message is a failure below
+  poll(&pfd, 1, 10000);
+  void *ro_page = mmap(0, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  expect("read: into a read-only page", read(ctl, ro_page, 4096), EFAULT);
+  struct uloop_msg m[4];
+  ssize_t n = poll(&pfd, 1, 5000) > 0 ? read(ctl, m, sizeof(m)) : -1;
+  checks++;
+  if (n == sizeof(m[0]) && m[0].type == ULOOP_MSG_MISS && m[0].offset == 0) {
+    printf("ok read: the faulted message is read again\n");
+    struct uloop_reply two[2] = {{.id = m[0].id}, {.id = m[0].id}};
+    // the second, a duplicate, is refused: write returns the bytes of the first only
+    checks++;
+    ssize_t w = write(ctl, two, sizeof(two));
+    if (w == sizeof(two[0])) printf("ok reply: a duplicate after a good one stops the batch\n");
+    else failed++, printf("FAIL reply batch: wrote %zd\n", w);
+  } else {
+    failed++;
+    printf("FAIL read: the faulted message is lost (read %zd: %s)\n", n, strerror(errno));
+  }
+  int st;
+  waitpid(reader, &st, 0);
+  checks++;
+  if (WIFEXITED(st) && !WEXITSTATUS(st)) printf("ok reader served after the fault\n");
+  else failed++, printf("FAIL reader: status %d\n", st);
+
+  // the daemon's fd closes: a new fd takes the device, and a third is refused while it holds it
+  close(ctl);
+  ctl = ctl_open();
+  struct uloop_attach re = {.version = ULOOP_ABI_VERSION, .index = 5};
+  expect("attach: after the daemon closed its fd", ioctl(ctl, ULOOP_IOC_ATTACH, &re), 0);
+  int ctl3 = ctl_open();
+  expect("attach: the re-attached daemon holds it", ioctl(ctl3, ULOOP_IOC_ATTACH, &re), EBUSY);
+  close(ctl3);
+  struct uloop_info q5 = {.index = 5};
+  checks++;
+  if (ioctl(ctl2, ULOOP_IOC_QUERY, &q5) == 0 && q5.attached == 1) printf("ok query: attached after re-attach\n");
+  else failed++, printf("FAIL query after re-attach: attached=%u (%s)\n", q5.attached, strerror(errno));
+  idx = 5;
+  expect("remove: while the daemon is attached and the device closed", ioctl(ctl2, ULOOP_IOC_REMOVE, &idx), 0);
+  expect("attach: device removed", ioctl(ctl3 = ctl_open(), ULOOP_IOC_ATTACH, &re), ENODEV);
+  close(ctl3);
+  expect("query: removed", ioctl(ctl2, ULOOP_IOC_QUERY, &q), ENODEV);
+  expect("claim: device removed", ioctl(ctl, ULOOP_IOC_CLAIM, &r), ENODEV);
+  expect("read: device removed", read(ctl, m, sizeof(m)), ENODEV);
+  close(ctl);
+  close(ctl2);
+  close(cache);
+  close(ro);
+  close(wo);
+  close(dir);
+}
+
+// ---- races ---------------------------------------------------------------------------------------
+
+static volatile int stop;
+static long counts[5][140];
+static const char *role_names[] = {"add", "remove", "attach", "query", "open"};
+static int allowed[5][8] = {
+    {0, EEXIST},                  // add (index 7)
+    {0, ENODEV, EBUSY},           // remove
+    {0, ENODEV, EBUSY},           // attach
+    {0, ENODEV},                  // query
+    {0, ENOENT, ENXIO, ENODEV},   // open /dev/uloop7 (node gone, deleting, or being torn down)
+};
+
+static void *racer(void *arg) {
+  int role = (int)(intptr_t)arg, cache = open(cache_path, O_RDWR);
+  char buf[4096];
+  while (!stop) {
+    int ctl = ctl_open(), err = 0;
+    long ret;
+    if (role == 0) {
+      struct uloop_add a = good_add(cache, 7);
+      ret = ioctl(ctl, ULOOP_IOC_ADD, &a);
+    } else if (role == 1) {
+      uint32_t i = 7;
+      ret = ioctl(ctl, ULOOP_IOC_REMOVE, &i);
+    } else if (role == 2) {
+      struct uloop_attach at = {.version = ULOOP_ABI_VERSION, .index = 7};
+      ret = ioctl(ctl, ULOOP_IOC_ATTACH, &at);
+    } else if (role == 3) {
+      struct uloop_info q = {.index = 7};
+      ret = ioctl(ctl, ULOOP_IOC_QUERY, &q);
+    } else {
+      int d = open("/dev/uloop7", O_RDONLY);
+      ret = d;
+      if (d >= 0) {
+        if (pread(d, buf, sizeof(buf), 4096) < 0) counts[4][139]++; // an I/O error: counted apart
+        close(d);
+      }
+    }
+    err = ret < 0 ? errno : 0;
+    counts[role][err < 139 ? err : 138]++;
+    close(ctl);
+  }
+  close(cache);
+  return 0;
+}
+
+static void races(int seconds) {
+  pthread_t t[5];
+  for (int i = 0; i < 5; i++) pthread_create(&t[i], 0, racer, (void *)(intptr_t)i);
+  sleep(seconds);
+  stop = 1;
+  for (int i = 0; i < 5; i++) pthread_join(t[i], 0);
+  for (int r = 0; r < 5; r++) {
+    char line[512];
+    int len = snprintf(line, sizeof(line), "race %s:", role_names[r]);
+    int bad = 0;
+    for (int e = 0; e < 139; e++) {
+      if (!counts[r][e]) continue;
+      len += snprintf(line + len, sizeof(line) - len, " %s=%ld", e ? strerrorname_np(e) : "ok", counts[r][e]);
+      int ok = 0;
+      for (int k = 0; k < 8 && (k == 0 || allowed[r][k]); k++) ok |= allowed[r][k] == e;
+      bad |= !ok;
+    }
+    if (counts[r][139]) len += snprintf(line + len, sizeof(line) - len, " io_errors=%ld", counts[r][139]);
+    checks++;
+    if (bad) failed++, printf("FAIL %s\n", line);
+    else printf("ok %s\n", line);
+  }
+  int ctl = ctl_open();
+  uint32_t i = 7;
+  for (int k = 0; k < 100 && ioctl(ctl, ULOOP_IOC_REMOVE, &i) && errno == EBUSY; k++) usleep(100000);
+  struct uloop_info q = {.index = 7};
+  expect("race: device 7 gone at the end", ioctl(ctl, ULOOP_IOC_QUERY, &q), ENODEV);
+  close(ctl);
+}
+
+int main(int argc, char **argv) {
+  if (argc != 3) return fprintf(stderr, "usage: uloop-abuse CACHE_FILE RACE_SECONDS\n"), 2;
+  cache_path = argv[1];
+  setvbuf(stdout, 0, _IOLBF, 0);
+  memset(ones, 0xff, sizeof(ones));
+  int ctl = ctl_open();
+  struct uloop_features f;
+  expect("get features", ioctl(ctl, ULOOP_IOC_GET_FEATURES, &f), 0);
+  printf("features version=%u features=%#llx max_part=%u max_devices=%u\n", f.version, (unsigned long long)f.features,
+         f.max_part, f.max_devices);
+  close(ctl);
+  add_refusals();
+  races(atoi(argv[2]));
+  printf("abuse: %d checks, %d failed\n", checks, failed);
+  return failed != 0;
+}

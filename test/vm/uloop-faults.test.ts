@@ -1,0 +1,84 @@
+// The Node daemon of /dev/uloopN when the backing disk fails (issue 11, error injection with
+// device-mapper in the guest): the disk is a dm table over a loop device that the test switches
+// to dm-error and back.
+//  - reads of missing blocks fail with EIO at once, reads and writes of cached blocks go on, the
+//    daemon lives and logs the failure once, status says the disk is failing;
+//  - a flush (writes to the disk) fails: the dirty blocks stay dirty in the kernel and the store,
+//    the kernel's flush epoch is ended (no PRESERVE keeps the writer waiting), status shows the
+//    error; once the disk is back a flush completes and the disk equals the device;
+//  - nothing acknowledged is lost: the device's content is checked after a detach and a fresh ADD.
+import { beforeAll, describe, expect, it } from 'vitest';
+import { prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
+import { expectCleanKernel } from './uloop-tools.js';
+
+let run: VmResult;
+
+beforeAll(async () => {
+  const vm = prepareVm();
+  run = await runInVm(
+    `
+    U="node ${ROOT}/dist/cli/ulobdev.js"; D=/dev/uloop0; LOG=/run/ulobdev/uloop0.log
+    insmod ${vm.ULOOP_KO}
+    modprobe loop; modprobe dm-mod
+    head -c 32M /dev/urandom > /tmp/disk.img
+    L=$(losetup -f --show /tmp/disk.img); SZ=$(blockdev --getsz $L)
+    dmsetup create --noudevsync bk --table "0 $SZ linear $L 0" && dmsetup mknodes bk
+    disk() { dmsetup suspend --noudevsync bk; dmsetup reload bk --table "0 $SZ $1"; dmsetup resume --noudevsync bk; }
+    st() { $U status $D --json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const j=JSON.parse(s);const t=Array.isArray(j)?j[0]:j;console.log("disk="+t.disk.state+" dirty="+t.dirtyBytes+" kernelDirty="+t.kernel.dirtyBlocks+" lastError="+(t.writeback.lastError?"set":"null")+" failedUpcalls="+t.kernel.failedUpcalls)})'; }
+    $U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --block-size 64K --daemon $D /dev/mapper/bk > /dev/null
+    dd if=$D of=/dev/null bs=1M count=8 iflag=direct status=none                 # 0..8M cached
+    head -c 4M /dev/urandom | dd of=$D bs=1M seek=2 iflag=fullblock oflag=direct conv=notrunc,fsync status=none   # dirty (intents)
+    head -c 2M /dev/urandom | dd of=$D bs=1M seek=20 iflag=fullblock oflag=direct conv=notrunc,fsync status=none  # dirty (whole missing blocks)
+    echo "before: $(st)"
+
+    disk error
+    dd if=$D of=/dev/null bs=64k skip=300 count=1 iflag=direct status=none 2>/dev/null && echo "missing read: no error" || echo "missing read failed with EIO"
+    dd if=$D of=/dev/null bs=64k skip=301 count=1 iflag=direct status=none 2>/dev/null || true
+    dd if=$D of=/dev/null bs=1M count=8 iflag=direct status=none && echo "cached reads served"
+    head -c 1M /dev/urandom | dd of=$D bs=1M seek=3 iflag=fullblock oflag=direct conv=notrunc,fsync status=none && echo "cached writes served"
+    $U flush --wait $D > /tmp/f1 2>&1 && echo "flush on the failed disk: succeeded?" || echo "flush on the failed disk failed: $(tail -1 /tmp/f1)"
+    echo "during: $(st)"
+    head -c 64k /dev/urandom | dd of=$D bs=64k seek=4 iflag=fullblock oflag=direct conv=notrunc status=none && echo "a write after the failed flush is not held"
+    echo "miss lines: $(grep -c 'miss of' $LOG)"
+
+    disk "linear $L 0"
+    $U flush --wait $D > /tmp/f2 2>&1 && echo "flush after the disk is back completed" || { echo "flush after recovery failed"; cat /tmp/f2; }
+    echo "after: $(st)"
+    dd if=/dev/mapper/bk bs=1M count=32 iflag=direct status=none | cmp - $D && echo "the disk equals the device"
+    sha256sum < $D > /tmp/sum
+    $U detach $D > /dev/null && echo detached
+    $U -c /tmp/d.cache -b /tmp/d.bitmap --daemon $D /dev/mapper/bk > /dev/null
+    sha256sum < $D | cmp -s - /tmp/sum && echo "re-added: the same device"
+    $U detach $D > /dev/null
+    dmsetup remove bk; losetup -d $L
+    rmmod uloop && echo unloaded
+  `,
+    { memoryMb: 1536 },
+  );
+}, 900_000);
+
+describe('the Node daemon of /dev/uloopN on a failing disk (dm-error)', () => {
+  it('fails reads of missing blocks at once and only those; the daemon lives and logs once', () => {
+    expect(run.output).toMatch(/before: disk=ok dirty=6291456 kernelDirty=96 lastError=null failedUpcalls=0/);
+    expect(run.output).toContain('missing read failed with EIO');
+    expect(run.output).toContain('cached reads served');
+    expect(run.output).toContain('cached writes served');
+    expect(run.output).toContain('miss lines: 1\n');
+  });
+
+  it('a failed flush keeps every block dirty, shows the error, holds no writer', () => {
+    expect(run.output).toMatch(/flush on the failed disk failed: /);
+    expect(run.output).toMatch(/during: disk=failing dirty=6291456 kernelDirty=96 lastError=set failedUpcalls=2/);
+    expect(run.output).toContain('a write after the failed flush is not held');
+  });
+
+  it('once the disk is back a flush completes, and nothing acknowledged was lost', () => {
+    expect(run.output).toContain('flush after the disk is back completed');
+    expect(run.output).toMatch(/after: disk=ok dirty=0 kernelDirty=0 lastError=null/);
+    expect(run.output).toContain('the disk equals the device');
+    expect(run.output).toContain('re-added: the same device');
+    expect(run.output).toContain('unloaded');
+    expectCleanKernel(run);
+    expect(run.code).toBe(0);
+  });
+});

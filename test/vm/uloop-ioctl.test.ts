@@ -1,0 +1,70 @@
+// Bad input for every ioctl of uloop.ko and its request channel (test/vm/uloop-abuse.c): each
+// refusal has its own errno and one line in the kernel log, changes nothing, and leaves no splat;
+// a message read into an unwritable buffer is read again; replies to ids that are not
+// outstanding are refused; REMOVE is refused while the device is open; ADD, REMOVE, ATTACH, QUERY
+// and opens of the device racing for seconds give only the expected errnos.
+import { beforeAll, describe, expect, it } from 'vitest';
+import { prepareVm, runInVm, type VmResult } from '../support/vm.js';
+import { buildTool, expectCleanKernel, TCG_STARVATION } from './uloop-tools.js';
+
+let run: VmResult;
+
+beforeAll(async () => {
+  const vm = prepareVm();
+  const abuse = buildTool('uloop-abuse');
+  run = await runInVm(`
+    insmod ${vm.ULOOP_KO}
+    truncate -s 64M /tmp/cache
+    ${abuse} /tmp/cache 8
+    rmmod uloop && echo unloaded
+  `, { allowSplats: TCG_STARVATION });
+}, 600_000);
+
+describe('uloop.ko ioctls with bad input', () => {
+  it('refuses each with its own errno and changes nothing', () => {
+    const fails = run.output.split('\n').filter((l) => l.startsWith('FAIL'));
+    expect(fails).toEqual([]);
+    expect(run.output).toMatch(/^abuse: \d+ checks, 0 failed$/m);
+    expect(run.output).toContain('ok add: block size 512');
+    expect(run.output).toContain('ok add: size 2^64 - 512');
+    expect(run.output).toContain('ok state after the refusals: present=1008 dirty=0');
+  });
+  it('logs one line per refusal, saying what was wrong', () => {
+    expect(run.dmesg).toContain('uloop: ADD refused: the daemon speaks ABI 1, this module 2');
+    expect(run.dmesg).toMatch(/uloop: ADD refused: block size 512 is not a power of two from 4096 to 1048576 \(-EDOM\)/);
+    expect(run.dmesg).toMatch(/uloop: ADD refused: bitmaps of 127 bytes, 128 needed \(-EMSGSIZE\)/);
+    expect(run.dmesg).toMatch(/uloop: ADD refused: \/dev\/uloop5 exists \(-EEXIST\)/);
+    expect(run.dmesg).toMatch(/uloop: REMOVE refused: uloop5 is open/);
+    expect(run.dmesg).toMatch(/uloop5: reply to 999999, which is not an outstanding message/);
+    expect(run.dmesg).toMatch(/uloop5: read of messages into an unwritable buffer; they stay queued/);
+  });
+  it('ATTACH: refusals, and a new fd takes the device once its daemon closed', () => {
+    for (const l of [
+      'ok attach: version 1',
+      'ok attach: device has a daemon',
+      'ok attach: no such device',
+      'ok attach: fd already attached',
+      'ok attach: argument unreadable',
+      'ok attach: index 0xffffffff',
+      'ok attach: after the daemon closed its fd',
+      'ok attach: the re-attached daemon holds it',
+      'ok query: attached after re-attach',
+      'ok attach: device removed',
+    ])
+      expect(run.output).toContain(l);
+    expect(run.dmesg).toMatch(/uloop: ATTACH refused: uloop5 has a daemon attached \(-EBUSY\)/);
+  });
+  it('serves a request whose message was read into a faulting buffer', () => {
+    expect(run.output).toContain('ok read: the faulted message is read again');
+    expect(run.output).toContain('ok reader served after the fault');
+  });
+  it('survives ADD, REMOVE, ATTACH, QUERY and opens racing', () => {
+    console.log(run.output.split('\n').filter((l) => l.includes('race')).join('\n'));
+    expect(run.output).toMatch(/^ok race add: .*ok=\d+/m);
+    expect(run.output).toMatch(/^ok race remove: .*ok=\d+/m);
+    expect(run.output).toContain('ok race: device 7 gone at the end');
+    expect(run.output).toContain('unloaded');
+    expect(run.code).toBe(0);
+    expectCleanKernel(run);
+  });
+});
