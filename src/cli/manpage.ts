@@ -120,6 +120,13 @@ export function renderManPage(program: Command, info: ManPageInfo): string {
     }
   }
 
+  // The program's own options (--version, --help) when the page lists commands above.
+  const globalOptions = commands.length > 0 ? helper.visibleOptions(program) : [];
+  if (globalOptions.length > 0) {
+    out.push('.SH OPTIONS');
+    for (const option of globalOptions) out.push('.TP', optionTerm(option), roffText(helper.optionDescription(option)));
+  }
+
   out.push('.SH EXIT STATUS');
   for (const e of info.exitCodes) out.push('.TP', `\\fB${e.code}\\fR (${roffText(e.name)})`, roffText(e.meaning));
 
