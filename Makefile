@@ -4,7 +4,7 @@ NODE_MODULES_STAMP := node_modules/.package-lock.json
 ADDON := build/Release/ulob_native.node
 TS_STAMP := dist/.built
 
-.PHONY: all deps build test test-kernels demo bench clean
+.PHONY: all deps build man test test-kernels demo bench clean install deb
 
 all: build
 
@@ -24,7 +24,15 @@ $(TS_STAMP): $(NODE_MODULES_STAMP) tsconfig.json $(shell find src -name '*.ts')
 	npx tsc -p tsconfig.json
 	@touch $@
 
-build: $(NODE_MODULES_STAMP) $(ADDON) $(TS_STAMP)
+MAN_PAGES := out/man/ulobdev.8 out/man/ulohttp.8
+
+# ulobdev(8) and ulohttp(8) from the commands' own option definitions (src/cli/man-pages.ts).
+$(MAN_PAGES) &: $(TS_STAMP) scripts/man.mjs package.json
+	node scripts/man.mjs out/man
+
+build: $(NODE_MODULES_STAMP) $(ADDON) $(TS_STAMP) $(MAN_PAGES)
+
+man: $(MAN_PAGES)
 
 # Every test; the VM suite (test/vm) boots Debian 13's 6.12, and test/vm/kernel-smoke.test.ts runs the
 # module's main path on Debian 12's 6.1 and the newest 7.x as well. Kernels are cached under .vm/.
@@ -44,4 +52,73 @@ bench: deps build
 	node bench/engine.js
 
 clean:
-	rm -rf build dist
+	rm -rf build dist out
+
+# --- make install / make deb ---------------------------------------------------------------------
+# A self-contained build under $(LIBDIR) (dist, production node_modules, the addon), the commands
+# in $(SBINDIR), systemd units, the udev rule, docs, man pages, and the module source for DKMS.
+VERSION := $(shell node -p "require('./package.json').version" 2>/dev/null)
+PREFIX ?= /usr
+DESTDIR ?=
+SBINDIR ?= $(PREFIX)/sbin
+LIBDIR ?= $(PREFIX)/lib/ulobdev
+MANDIR ?= $(PREFIX)/share/man
+DOCDIR ?= $(PREFIX)/share/doc/ulobdev
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+# udev reads /usr/lib/udev and /etc/udev only: a /usr/local install puts its rule in /etc.
+UDEVRULESDIR ?= $(if $(filter /usr,$(PREFIX)),/usr/lib/udev/rules.d,/etc/udev/rules.d)
+UDEVLIBDIR ?= $(LIBDIR)
+# DKMS looks for module sources in /usr/src, whatever the prefix.
+DKMSDIR ?= /usr/src/uloop-$(VERSION)
+# The node the commands run with; better-sqlite3 is built for its ABI.
+NODE ?= $(shell command -v node)
+PROD := out/prod
+
+# Production node_modules: the dev tree pruned (no download), better-sqlite3 without its sources
+# and intermediate objects.
+$(PROD)/.done: $(NODE_MODULES_STAMP) package.json package-lock.json
+	rm -rf $(PROD) && mkdir -p $(PROD)
+	cp package.json package-lock.json $(PROD)/
+	cp -a node_modules $(PROD)/
+	cd $(PROD) && npm prune --omit=dev --no-audit --no-fund --ignore-scripts >/dev/null
+	cd $(PROD)/node_modules/better-sqlite3 && rm -rf deps src build/Release/obj build/Release/obj.target build/Release/.deps \
+	  build/Release/sqlite3.a build/Release/test_extension.node build/deps build/Makefile build/*.mk build/config.gypi
+	find $(PROD)/node_modules -depth -type d -empty -delete
+	@touch $@
+
+install: build $(PROD)/.done
+	@test -n "$(NODE)" || { echo "make install: no node in PATH (set NODE=/usr/bin/node)" >&2; exit 1; }
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(DOCDIR) \
+	  $(DESTDIR)$(UNITDIR) $(DESTDIR)$(UDEVRULESDIR) $(DESTDIR)$(UDEVLIBDIR) $(DESTDIR)$(DKMSDIR)
+	install -m 644 package.json $(DESTDIR)$(LIBDIR)/
+	rm -rf $(DESTDIR)$(LIBDIR)/dist $(DESTDIR)$(LIBDIR)/node_modules $(DESTDIR)$(LIBDIR)/build
+	cp -R dist $(DESTDIR)$(LIBDIR)/dist && rm -f $(DESTDIR)$(LIBDIR)/dist/.built
+	cp -R $(PROD)/node_modules $(DESTDIR)$(LIBDIR)/node_modules
+	install -D -m 644 $(ADDON) $(DESTDIR)$(LIBDIR)/$(ADDON)
+	for c in ulobdev ulohttp; do \
+	  printf '#!/bin/sh\nexec %s %s/dist/cli/%s.js "$$@"\n' "$(NODE)" "$(LIBDIR)" $$c >$(DESTDIR)$(SBINDIR)/$$c; \
+	  chmod 755 $(DESTDIR)$(SBINDIR)/$$c; \
+	  gzip -9nc out/man/$$c.8 >$(DESTDIR)$(MANDIR)/man8/$$c.8.gz; \
+	done
+	sed 's|/usr/sbin/|$(SBINDIR)/|g' contrib/systemd/ulobdev@.service >$(DESTDIR)$(UNITDIR)/ulobdev@.service
+	sed 's|/usr/lib/ulobdev/|$(UDEVLIBDIR)/|g' contrib/udev/60-ulobdev.rules >$(DESTDIR)$(UDEVRULESDIR)/60-ulobdev.rules
+	install -m 755 contrib/udev/ulobdev-name $(DESTDIR)$(UDEVLIBDIR)/ulobdev-name
+	install -m 644 README.md docs/*.md contrib/systemd/example.conf $(DESTDIR)$(DOCDIR)/
+	cd kernel && files=$$(git ls-files . 2>/dev/null | grep -v '^\.'); [ -n "$$files" ] || files="Kbuild Makefile dkms.conf uloop.c include/uapi/uloop.h"; \
+	  for f in $$files; do install -D -m 644 $$f $(DESTDIR)$(DKMSDIR)/$$f; done
+	sed -i 's/^PACKAGE_VERSION=.*/PACKAGE_VERSION="$(VERSION)"/' $(DESTDIR)$(DKMSDIR)/dkms.conf
+
+# A Debian package (dpkg-deb) of `make install` with PREFIX=/usr. DEB_VERSION for test builds.
+DEB_VERSION ?= $(VERSION)
+DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null)
+DEB := out/ulobdev_$(DEB_VERSION)_$(DEB_ARCH).deb
+DEB_INPUTS := $(ADDON) $(TS_STAMP) $(MAN_PAGES) $(PROD)/.done Makefile README.md package.json \
+  $(shell find contrib docs kernel -type f 2>/dev/null)
+$(DEB): $(DEB_INPUTS)
+	rm -rf out/deb
+	$(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/out/deb PREFIX=/usr NODE=/usr/bin/node
+	bash contrib/debian/control.sh out/deb "$(DEB_VERSION)" "$(DEB_ARCH)" "$(VERSION)"
+	dpkg-deb --root-owner-group -Zxz --build out/deb $@
+
+deb: build $(DEB)
+	@echo "$(DEB)"

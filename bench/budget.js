@@ -38,6 +38,8 @@ try {
       delay: { type: 'string', default: '5' },
       json: { type: 'string', default: fileURLToPath(new URL('./results/budget.json', import.meta.url)) },
       keep: { type: 'boolean', default: false },
+      only: { type: 'string', default: 'ulobdev,dmcache,bcache' },
+      'cpu-prof': { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
     strict: true,
@@ -51,7 +53,9 @@ if (opts.help) {
       '  --disk     the disk in MiB (suffix M, 256M to 1024M); every cache gets 1/8 of it\n' +
       '  --warm     seconds of the workload before the measured run\n' +
       '  --seconds  seconds measured\n' +
-      '  --delay    ms dm-delay adds to every read and write of the disk\n',
+      '  --delay    ms dm-delay adds to every read and write of the disk\n' +
+      '  --only     the caches to run, of ulobdev,dmcache,bcache\n' +
+      '  --cpu-prof the ulobdev daemon (and its CLI calls) run with node --cpu-prof (execArgv: NODE_OPTIONS refuses it); profiles are kept in the scratch directory (--keep)\n',
   );
   process.exit(0);
 }
@@ -79,11 +83,13 @@ for (const tool of ['make-bcache', 'fio', 'dmsetup']) {
   }
 }
 
+const ONLY = new Set(opts.only.split(','));
+for (const k of ONLY) if (!['ulobdev', 'dmcache', 'bcache'].includes(k)) fail(`--only takes ulobdev, dmcache and bcache, not ${k}`);
 const CACHES = [
   { key: 'ulobdev', title: 'ulobdev --cache-size (nbd)' },
   { key: 'dmcache', title: 'dm-cache smq' },
   { key: 'bcache', title: 'bcache' },
-];
+].filter((c) => ONLY.has(c.key));
 
 const fio = (dev, tag, seconds) =>
   `fio --name=${tag} --filename=${dev} --rw=randread --random_distribution=zipf:1.1 --bs=4k --direct=1 --ioengine=libaio ` +
@@ -112,12 +118,16 @@ LD=$(losetup --direct-io=on -f --show $R/disk.img)
 dmsetup create --noudevsync hdd --table "0 ${SECTORS} delay $LD 0 ${DELAY}" && dmsetup mknodes hdd
 flash() { truncate -s $2 $R/$1 && losetup --direct-io=on -f --show $R/$1; }
 
+if ${ONLY.has('ulobdev')}; then
 step ulobdev
+${opts['cpu-prof'] ? `U="node --cpu-prof --cpu-prof-dir=/mnt ${ROOT}/dist/cli/ulobdev.js"` : ''}
 $U -c $R/u.cache -b $R/u.bitmap --cache-size ${CACHE_MB}M --daemon /dev/nbd0 /dev/mapper/hdd >/dev/null
 measure /dev/nbd0 ulobdev
 $U status /dev/nbd0 --json > /mnt/ulobdev-status.json
 $U detach /dev/nbd0 >/dev/null
+fi
 
+if ${ONLY.has('dmcache')}; then
 step dmcache
 META=$(flash dmc.meta 16M); CD=$(flash dmc.cache ${CACHE_MB}M)
 dd if=/dev/zero of=$META bs=4k count=1 oflag=direct status=none
@@ -125,7 +135,9 @@ dmsetup create --noudevsync dmc --table "0 ${SECTORS} cache $META $CD /dev/mappe
 measure /dev/mapper/dmc dmcache
 dmsetup status dmc > /mnt/dmcache-status.txt
 dmsetup remove dmc; losetup -d $META $CD
+fi
 
+if ${ONLY.has('bcache')}; then
 step bcache
 BC=$(flash bc.cache ${CACHE_MB}M)
 make-bcache --block 4k --bucket 64k -C $BC -B /dev/mapper/hdd > /dev/null
@@ -135,6 +147,7 @@ echo 0 > /sys/block/bcache0/bcache/sequential_cutoff
 for f in /sys/fs/bcache/*/congested_read_threshold_us /sys/fs/bcache/*/congested_write_threshold_us; do echo 0 > $f; done
 measure /dev/bcache0 bcache
 for f in cache_hits cache_misses cache_bypass_hits cache_bypass_misses; do echo "bcache $f $(cat /sys/block/bcache0/bcache/stats_total/$f)"; done
+fi
 step done
 `;
 
@@ -193,7 +206,7 @@ if (read('rc').trim() !== '0') {
 const hdd = (tag, when) => Number(new RegExp(`^${tag} hdd-${when} (\\d+)$`, 'm').exec(guestOut)?.[1] ?? NaN);
 const own = {};
 {
-  const st = JSON.parse(read('ulobdev-status.json'));
+  const st = ONLY.has('ulobdev') ? JSON.parse(read('ulobdev-status.json')) : {};
   own.ulobdev = { hits: st.readHits, misses: st.readMisses, evictedBytes: st.evictedBytes, usedBytes: st.usedBytes, budgetBytes: st.budgetBytes };
   // dm-cache status: <meta used>/<total> <block size> <used>/<total> <read hits> <read misses> <write hits> <write misses> ...
   const f = read('dmcache-status.txt').trim().split(/\s+/);
@@ -219,13 +232,13 @@ for (const c of CACHES) {
     ...own[c.key],
   };
 }
-const best = Math.max(results.dmcache.hitRatio, results.bcache.hitRatio);
+const best = Math.max(results.dmcache?.hitRatio ?? 0, results.bcache?.hitRatio ?? 0);
 const rows = CACHES.map((c) => ({
   cache: c.title,
   hitRatio: results[c.key].hitRatio.toFixed(3),
   disk: results[c.key].diskBytesPerReadByte.toFixed(3),
   iops: results[c.key].iops.toLocaleString('en-US'),
-  ratio: (results[c.key].iops / results.dmcache.iops).toFixed(2),
+  ratio: results.dmcache ? (results[c.key].iops / results.dmcache.iops).toFixed(2) : '',
   p50: results[c.key].latP50us,
   p99: results[c.key].latP99us,
 }));
@@ -244,9 +257,9 @@ printTable(
     title: `In the guest (qemu TCG, 2 vCPUs, ${memoryMb} MiB; Debian ${vm.KVER}); ${DISK_MB} MiB disk (dm-delay ${DELAY} ms), ${CACHE_MB} MiB of cache each; host load ${load.start.map((x) => x.toFixed(1)).join(' ')}`,
     notes: [
       `hit ratio: each cache's own count of read requests served from flash (warm-up included); goal: ulobdev >= the best of dm-cache and bcache (${best.toFixed(3)})`,
-      `ulobdev: ${results.ulobdev.evictedBytes / 1048576} MiB evicted, ${(results.ulobdev.usedBytes / 1048576).toFixed(1)} of ${results.ulobdev.budgetBytes / 1048576} MiB used`,
+      results.ulobdev && `ulobdev: ${results.ulobdev.evictedBytes / 1048576} MiB evicted, ${(results.ulobdev.usedBytes / 1048576).toFixed(1)} of ${results.ulobdev.budgetBytes / 1048576} MiB used`,
       `wall time ${(wallMs / 1000).toFixed(0)} s`,
-    ],
+    ].filter(Boolean),
   },
 );
 writeJson(opts.json, {

@@ -18,6 +18,9 @@ losetup     util-linux
 nginx       nginx-light
 mksquashfs  squashfs-tools
 httpdirfs   httpdirfs
+groff       groff-base
+debootstrap debootstrap
+dpkg-repack dpkg-repack
 mkfs.xfs    xfsprogs
 xfs_repair  xfsprogs
 sgdisk      gdisk

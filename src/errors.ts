@@ -230,6 +230,13 @@ export class DiskPowerError extends UlobError {
   }
 }
 
+/** A flush was stopped before its end (the stop deadline): every block it had not cleared stays dirty. */
+export class FlushStoppedError extends UlobError {
+  constructor(message: string) {
+    super('ULOB_E_FLUSH_STOPPED', message);
+  }
+}
+
 /** A helper program failed; the message carries the last line of its stderr. */
 export class CommandFailedError extends UlobError {
   readonly command: string | undefined;
@@ -323,6 +330,7 @@ export const ERROR_CODES: Readonly<Record<string, { kind: ErrorKind; make: (mess
   ULOB_E_CLOSED: { kind: 'io', make: (m) => new EngineClosedError(m) },
   ULOB_E_CACHE_FULL: { kind: 'io', make: (m) => new CacheFullError(m) },
   ULOB_E_POWER: { kind: 'io', make: (m) => new DiskPowerError(m) },
+  ULOB_E_FLUSH_STOPPED: { kind: 'io', make: (m) => new FlushStoppedError(m) },
   ULOB_E_COMMAND: { kind: 'io', make: (m) => new CommandFailedError(m) },
   ULOB_E_FUSE: { kind: 'io', make: (m) => new FuseError(m) },
   ULOB_E_DAEMON: { kind: 'daemon', make: (m) => new DaemonError(m) },

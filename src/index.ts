@@ -137,7 +137,7 @@ export async function createDevice(options: CreateDeviceOptions): Promise<Device
     device: daemon.device,
     name: daemon.name,
     status: () => daemon.status(),
-    detach: () => daemon.detach(),
+    detach: async () => void (await daemon.detach()),
     done: daemon.done,
   };
 }

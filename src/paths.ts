@@ -6,3 +6,5 @@
 export const STATE_DIR = '/var/lib/ulobdev';
 /** Default directory of control sockets (NAME.sock), logs (NAME.log) and run directories (NAME/). */
 export const RUN_DIR = '/run/ulobdev';
+/** Settings of ulobdev@NAME.service: NAME.conf (DEVICE, BACKEND, CACHE, FLUSH, OPTIONS). */
+export const CONFIG_DIR = '/etc/ulobdev';

@@ -7,18 +7,26 @@ export type FrontendKind = 'loop' | 'nbd' | 'serve' | 'uloop';
 /** An attached frontend. detach() stops it; the NBD server and engine are closed by the caller. */
 export interface Frontend {
   readonly kind: FrontendKind;
-  /** What the user named: /dev/loop6, /dev/nbd0 or the NBD URL. */
+  /** The device it serves: /dev/loop6 (also when /dev/loop was asked for), /dev/nbd0 or the NBD URL. */
   readonly device: string;
-  detach(): Promise<void>;
+  /**
+   * Unbinds the device; refused (DeviceBusyError) while it is mounted or held, and nothing
+   * changes. With `force` (the daemon is stopping and waited long enough) it lets go anyway: the
+   * device is unbound as far as the kernel allows while it is in use, and further I/O on it fails.
+   */
+  detach(options?: { force?: boolean }): Promise<void>;
 }
 
+/** `/dev/loop` without a number: the first free loop device, as `losetup -f`. */
+export const ANY_LOOP = '/dev/loop';
+
 export function frontendKind(device: string): FrontendKind {
-  if (/^\/dev\/loop\d+$/.test(device)) return 'loop';
+  if (/^\/dev\/loop\d*$/.test(device)) return 'loop';
   if (/^\/dev\/nbd\d+$/.test(device)) return 'nbd';
   if (/^\/dev\/uloop\d+$/.test(device)) return 'uloop';
   if (/^nbd(\+unix)?:\/\//.test(device)) return 'serve';
   throw new InvalidArgumentError(
-    `DEVICE must be /dev/loopN, /dev/nbdN, /dev/uloopN, nbd+unix:///?socket=PATH or nbd://HOST:PORT, got ${JSON.stringify(device)}`,
+    `DEVICE must be /dev/loopN, /dev/loop (the first free one), /dev/nbdN, /dev/uloopN, nbd+unix:///?socket=PATH or nbd://HOST:PORT, got ${JSON.stringify(device)}`,
   );
 }
 

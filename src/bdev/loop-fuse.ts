@@ -10,7 +10,7 @@ import { loopClearAutoclear, loopCtlAdd, loopCtlRemove } from '../native/blkdev.
 import { blockDeviceUsers, crashPoint, exists, isMountpoint, readTrim, sleep } from '../sys.js';
 import { assertReleasable, showPartitions } from './partitions.js';
 import { run, start } from './programs.js';
-import type { Frontend } from './frontend.js';
+import { ANY_LOOP, type Frontend } from './frontend.js';
 
 export interface LoopAttachOptions {
   /** The loop device, /dev/loopN. */
@@ -95,10 +95,14 @@ function removeLoopDevice(device: string, logger: Logger): void {
 }
 
 export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> {
-  const { device, logger } = options;
-  const sys = await assertLoopFree(device);
-  const created = await ensureLoopDevice(device, sys);
-  if (created) await assertLoopFree(device);
+  const { logger } = options;
+  // /dev/loop: losetup --find picks the device below; a named one is checked, and made if missing.
+  const anyLoop = options.device === ANY_LOOP;
+  let created = false;
+  if (!anyLoop) {
+    created = await ensureLoopDevice(options.device, await assertLoopFree(options.device));
+    if (created) await assertLoopFree(options.device);
+  }
 
   const mountDir = join(options.runDir, 'fuse');
   const file = join(mountDir, 'disk');
@@ -113,6 +117,7 @@ export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> 
   void fuse.exited.then((code) => {
     if (!detaching) logger.error({ code, stderr: fuse.stderr() }, `nbdfuse exited unexpectedly; ${device} now fails I/O`);
   });
+  let device = options.device;
   try {
     await waitForReady(pidfile, fuse.exited, fuse.stderr);
     crashPoint('attach:fuse');
@@ -120,7 +125,11 @@ export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> 
     // The disk's logical sector size, so a filesystem made on the device mounts on the bare disk.
     // The loop driver sets the physical block size to the same value; it has no separate knob.
     // --partscan: a disk with a partition table shows /dev/loopNpM, as the bare disk shows sdbM.
-    await run('losetup', ['--direct-io=on', '--partscan', '--sector-size', String(options.sectorSize ?? 512), ...(options.readOnly ? ['-r'] : []), device, file]);
+    const flags = ['--direct-io=on', '--partscan', '--sector-size', String(options.sectorSize ?? 512), ...(options.readOnly ? ['-r'] : [])];
+    // /dev/loop: losetup finds a free device and binds it in one step (no race with another
+    // program taking the same one); the backing file's path names this daemon for udev.
+    if (anyLoop) device = (await run('losetup', [...flags, '--find', '--show', file])).trim();
+    else await run('losetup', [...flags, device, file]);
   } catch (err) {
     detaching = true;
     await run('fusermount3', ['-u', mountDir]).catch(() => undefined);
@@ -128,25 +137,41 @@ export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> 
     if (created) removeLoopDevice(device, logger);
     throw err;
   }
-  logger.info({ file, ...(created ? { created: true } : {}) }, 'loop device bound to the FUSE export');
+  const sys = `/sys/block/loop${loopIndex(device)}`;
+  logger.info({ device, file, ...(created ? { created: true } : {}) }, 'loop device bound to the FUSE export');
   await showPartitions(device, sys, logger);
 
   return {
     kind: 'loop',
     device,
-    async detach(): Promise<void> {
-      // Refused, changing nothing, while the device or any partition of it is in use: once
-      // unbound, the filesystem on it would only get I/O errors.
-      await assertReleasable(device, sys);
-      detaching = true;
-      try {
-        await unbindLoop(device, sys);
-      } catch (err) {
-        detaching = false;
-        throw err;
+    /**
+     * Unbinds the loop device and stops nbdfuse. Refused, changing nothing, while the device or any
+     * partition of it is in use (once unbound, the filesystem on it would only get I/O errors),
+     * unless `force`: the stop deadline passed, so the device is let go of even in use (a lazy
+     * unmount of the FUSE file; its I/O then fails with ENOTCONN).
+     */
+    async detach(detachOptions: { force?: boolean } = {}): Promise<void> {
+      const force = detachOptions.force ?? false;
+      if (force) {
+        detaching = true;
+        // In use, losetup -d only marks the device to be cleared at its last close (autoclear).
+        await run('losetup', ['-d', device]).catch(() => undefined);
+        const deadline = Date.now() + 1000;
+        while ((await readTrim(join(sys, 'loop/backing_file'))) && Date.now() < deadline) await sleep(20);
+        await run('fusermount3', ['-u', '-z', mountDir]).catch(() => undefined);
+        fuse.child.kill('SIGTERM');
+      } else {
+        await assertReleasable(device, sys);
+        detaching = true;
+        try {
+          await unbindLoop(device, sys);
+        } catch (err) {
+          detaching = false;
+          throw err;
+        }
+        await run('fusermount3', ['-u', mountDir]);
       }
-      await run('fusermount3', ['-u', mountDir]);
-      const killer = setTimeout(() => fuse.child.kill('SIGKILL'), 5000);
+      const killer = setTimeout(() => fuse.child.kill('SIGKILL'), force ? 2000 : 5000);
       await fuse.exited;
       clearTimeout(killer);
       await fsp.rm(pidfile, { force: true });

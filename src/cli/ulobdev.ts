@@ -11,10 +11,11 @@
 //   ulobdev report DEVICE|NAME --svg FILE [--hours N]
 //   ulobdev discard [-c CACHE] [-b BITMAP] [--force] BACKEND
 import { promises as fsp } from 'node:fs';
-import { resolve } from 'node:path';
+import { join, resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument, Option } from 'commander';
 import { CacheStore } from '../cache/store.js';
-import { CacheBusyError, DaemonError, DeviceBusyError, InvalidArgumentError, NotAttachedError, PermissionDeniedError } from '../errors.js';
+import { Metadata } from '../cache/metadata.js';
+import { CacheBusyError, DaemonError, DeviceBusyError, InvalidArgumentError, IOFailedError, NotAttachedError, PermissionDeniedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
 import { attachFailed, childArgs, daemonize, hasWaitingParent, logsToTerminal, makeLogger, noteParent, notifyParent, oneLine, warn } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
@@ -22,13 +23,15 @@ import { openBacking } from '../source/backing.js';
 import { controlRequest } from '../daemon/control.js';
 import { deadRecords, describeRecovery, recoverDeadDaemon } from '../daemon/leftovers.js';
 import type { FlushResult } from '../writeback/flusher.js';
-import { cachePaths, checkDaemonName, Daemon, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
+import { cachePaths, checkDaemonName, Daemon, describeFlush, type DetachResult, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
 import { isDaemonName, listDaemons, resolveDaemon, type DaemonEntry } from '../daemon/resolve.js';
 import { defaultName, frontendKind } from '../bdev/frontend.js';
-import { RUN_DIR } from '../paths.js';
+import { CONFIG_DIR, RUN_DIR } from '../paths.js';
 import { formatBytes, parseSize } from '../units.js';
 import { cronWarning, dirtyLimitBytes, parseCacheSize, parseCron, parseDirtyLimit, parseDuration, parseEvictionUnit, parseRate } from '../writeback/policy.js';
 import { renderReportSvg, type ReportData } from '../writeback/report.js';
+import type { HydrationProgress } from '../writeback/hydrate.js';
+import { progressBar } from './progress.js';
 
 
 interface AttachFlags {
@@ -56,6 +59,7 @@ interface AttachFlags {
   flushOnDetach?: boolean;
   tickMs?: string;
   sampleMs?: string;
+  stopTimeout: string;
   fstab?: string;
 }
 
@@ -65,12 +69,14 @@ interface AttachFlags {
  */
 async function writebackPolicy(backing: string, flags: AttachFlags): Promise<WritebackPolicy> {
   const policy: WritebackPolicy = {};
-  if (flags.flush !== undefined) {
-    policy.flushCron = parseCron(flags.flush);
+  // An empty --flush (FLUSH= in the unit's config) means no schedule: manual flushes only.
+  const flush = flags.flush?.trim() ? flags.flush : undefined;
+  if (flush !== undefined) {
+    policy.flushCron = parseCron(flush);
     const tooOften = cronWarning(policy.flushCron);
     if (tooOften) warn('ulobdev', tooOften);
   }
-  const automatic = flags.flush !== undefined || flags.dirtyMax !== undefined || flags.maxDirtyAge !== undefined || flags.onAc !== undefined;
+  const automatic = flush !== undefined || flags.dirtyMax !== undefined || flags.maxDirtyAge !== undefined || flags.onAc !== undefined;
   if (automatic && !flags.writeback) throw new InvalidArgumentError('--flush, --dirty-max, --max-dirty-age and --on-ac need --writeback');
   if (flags.dirtyMax !== undefined) {
     const limit = parseDirtyLimit(flags.dirtyMax);
@@ -188,6 +194,7 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
   checkPositionals(device, backing, command.args.slice(2), flags);
   const runDir = flags.runDir ?? RUN_DIR;
   const policy = await writebackPolicy(backing, flags);
+  const stopTimeoutMs = parseDuration(flags.stopTimeout, '--stop-timeout');
   const cacheSize = flags.cacheSize === undefined ? undefined : parseCacheSize(flags.cacheSize);
   const evictionUnit = flags.evictionUnit === undefined ? undefined : parseEvictionUnit(flags.evictionUnit);
   await assertNotServed(resolve(backing), runDir);
@@ -232,17 +239,25 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
       `cannot mark the daemon as an I/O flusher (${(ioFlusherError as { code?: string }).code ?? ioFlusherError}): ${device} may stall under memory pressure`,
     );
   }
-  const onSignal = (signal: string) => {
-    logger.info({ signal }, 'detaching');
-    daemon.detach().catch((err: unknown) => logger.error(`cannot detach on ${signal}: ${oneLine(err)}; still serving`));
-  };
-  process.on('SIGTERM', () => onSignal('SIGTERM'));
-  process.on('SIGINT', () => onSignal('SIGINT'));
-  // A --daemon parent prints the device itself; the child's stdout is the log.
-  if (!hasWaitingParent()) process.stdout.write(`${device}\n`);
-  notifyParent(`READY ${device}`);
+  // SIGINT (Ctrl-C) detaches as `ulobdev detach` does: refused while the device is mounted.
+  process.on('SIGINT', () => {
+    logger.info({ signal: 'SIGINT' }, 'detaching');
+    daemon.detach().catch((err: unknown) => logger.error(`cannot detach on SIGINT: ${oneLine(err)}; still serving`));
+  });
+  // SIGTERM (systemd's stop, shutdown) stops within --stop-timeout whatever happens (Daemon.stop).
+  process.once('SIGTERM', () => {
+    logger.info({ signal: 'SIGTERM' }, `stopping within ${formatDurationMs(stopTimeoutMs)}`);
+    daemon.stop(stopTimeoutMs).catch((err: unknown) => {
+      logger.error(`cannot stop cleanly: ${oneLine(err)}; exiting, the next start recovers the cache`);
+      process.exit(exitCodeFor(err));
+    });
+  });
+  // The device it serves (/dev/loop asked for the first free one: say which). A --daemon parent
+  // prints it itself; the child's stdout is the log.
+  if (!hasWaitingParent()) process.stdout.write(`${daemon.device}\n`);
+  notifyParent(`READY ${daemon.device}`);
   if (onTerminal) {
-    const use = daemon.status().frontend === 'serve' ? `connect to ${device}` : `mount ${device}`;
+    const use = daemon.status().frontend === 'serve' ? `connect to ${daemon.device}` : `mount ${daemon.device}`;
     process.stderr.write(`${use} from another shell; Ctrl-C detaches\n`);
   }
   await daemon.done;
@@ -300,6 +315,10 @@ function when(ms: number | null | undefined): string {
   return `${d.toLocaleString('sv-SE')} (${ago})`;
 }
 
+function formatDurationMs(ms: number): string {
+  return formatDuration(Math.round(ms / 1000));
+}
+
 function formatDuration(seconds: number): string {
   if (seconds < 90) return `${seconds} s`;
   if (seconds < 5400) return `${Math.round(seconds / 60)} min`;
@@ -329,7 +348,7 @@ function formatStatus(s: DeviceStatus): string {
     lines.push(
       `  at risk ${formatBytes(s.bytesAtRisk)}, oldest dirty ${s.oldestDirtyAgeSeconds === null ? '-' : formatDuration(s.oldestDirtyAgeSeconds)}, schedule ${w.schedule ?? 'manual only'}`,
       `  last flush ${when(w.lastFlushAt)}${w.lastFlushBytes !== null ? ` (${formatBytes(w.lastFlushBytes)})` : ''}, next ${w.nextFlushAt === null ? '-' : when(w.nextFlushAt)}`,
-      `  disk ${w.powerState}${w.powerControl ? ` (via ${w.powerControl})` : ''}, spin-ups today ${w.spinUpsToday}, by a miss since attach ${w.missSpinUps}`,
+      `  disk ${w.powerState}${w.powerControl ? ` (via ${w.powerControl}${w.powerQueryWakes ? '; not polled: it spins up to answer CHECK POWER MODE' : ''})` : ''}, spin-ups today ${w.spinUpsToday}, by a miss since attach ${w.missSpinUps}`,
     );
     if (w.flushing && w.progress) lines.push(`  flushing (${w.reason}): ${formatBytes(w.progress.doneBytes)} of ${formatBytes(w.progress.totalBytes)}`);
     if (w.lastError) lines.push(`  last flush FAILED (${w.failures}x): ${w.lastError}; retry ${when(w.retryAt)}`);
@@ -362,15 +381,18 @@ function formatStatus(s: DeviceStatus): string {
 
 async function detach(device: string, flags: { runDir?: string }): Promise<void> {
   const runDir = flags.runDir ?? RUN_DIR;
+  let r: { detach?: DetachResult };
   try {
     const { socket } = await resolveDaemon(device, runDir);
-    await controlRequest(socket, { cmd: 'detach' });
+    // Long enough for the flush a detach runs first.
+    r = (await controlRequest(socket, { cmd: 'detach' }, 24 * 3600_000)) as { detach?: DetachResult };
   } catch (err) {
     const recovered = await recoverIfDead(device, runDir, err);
     if (!recovered) throw err;
-    process.stdout.write(`${device}: ${recovered}\n`);
+    process.stdout.write(`${device}: ${recovered}\n${device} detached\n`);
+    return;
   }
-  process.stdout.write(`${device} detached\n`);
+  process.stdout.write(r.detach ? `${r.detach.device} detached: ${describeFlush(r.detach)}\n` : `${device} detached\n`);
 }
 
 async function flush(device: string, flags: { runDir?: string; json?: boolean; wait?: boolean }): Promise<void> {
@@ -382,43 +404,103 @@ async function flush(device: string, flags: { runDir?: string; json?: boolean; w
     return;
   }
   // Progress from status polls while the flush runs, on a TTY only.
-  const bar = process.stderr.isTTY && !flags.json ? setInterval(() => void drawProgress(socket), 250) : null;
+  const bar = flags.json
+    ? null
+    : progressBar('flushing', async () => {
+        const p = ((await controlRequest(socket, { cmd: 'status' }, 5000)).status as DeviceStatus).writeback?.progress;
+        return p ? { done: p.doneBytes, total: p.totalBytes } : null;
+      });
   let result: FlushResult;
   try {
     ({ flush: result } = (await controlRequest(socket, { cmd: 'flush', wait: true }, 24 * 3600_000)) as { flush: FlushResult });
   } finally {
-    if (bar) {
-      clearInterval(bar);
-      process.stderr.write('\r\x1b[K');
-    }
+    bar?.stop();
   }
   if (flags.json) process.stdout.write(JSON.stringify(result) + '\n');
   else process.stdout.write(`${device}: wrote ${formatBytes(result.bytes)} back (${result.cleaned} blocks clean, ${result.kept} rewritten meanwhile and still dirty)\n`);
 }
 
-async function drawProgress(socket: string): Promise<void> {
-  const st = (await controlRequest(socket, { cmd: 'status' }, 5000).catch(() => null))?.status as DeviceStatus | undefined;
-  const p = st?.writeback?.progress;
-  if (!p || p.totalBytes === 0) return;
-  const width = 30;
-  const frac = Math.min(1, p.doneBytes / p.totalBytes);
-  const full = Math.round(frac * width);
-  process.stderr.write(`\r[${'#'.repeat(full)}${'.'.repeat(width - full)}] ${(frac * 100).toFixed(0)}% ${formatBytes(p.doneBytes)} / ${formatBytes(p.totalBytes)}\x1b[K`);
+/**
+ * Starts hydration (copying the whole disk into the cache) if it is not running or done; with
+ * --wait, waits until the disk is in the cache, with a progress bar on a terminal.
+ */
+async function hydrate(device: string, flags: { runDir?: string; wait?: boolean; rate?: string; json?: boolean }): Promise<void> {
+  const { socket } = await resolveDaemon(device, flags.runDir ?? RUN_DIR);
+  const rate = flags.rate === undefined ? 0 : parseRate(flags.rate);
+  let { hydration: h } = (await controlRequest(socket, { cmd: 'hydrate', rate })) as { hydration: HydrationProgress };
+  if (flags.wait && !h.done) {
+    const bar = flags.json ? null : progressBar('hydrating', async () => ({ done: h.presentBytes, total: h.size }), 500);
+    try {
+      while (!h.done) {
+        await new Promise((r) => setTimeout(r, 500));
+        const st = ((await controlRequest(socket, { cmd: 'status' }, 10_000)).status as DeviceStatus).hydration;
+        if (!st) throw new NotAttachedError(`${device} stopped hydrating`);
+        h = st;
+        if (!h.running && !h.done && h.lastError) throw new IOFailedError(`hydration of ${device} stopped: ${h.lastError}`);
+      }
+    } finally {
+      bar?.stop();
+    }
+  }
+  if (flags.json) process.stdout.write(JSON.stringify(h) + '\n');
+  else if (h.done) process.stdout.write(`${device}: the whole disk is in the cache (${formatBytes(h.size)}); reads no longer reach it\n`);
+  else process.stdout.write(`${device}: hydrating, ${h.percent}% cached (${formatBytes(h.presentBytes)} of ${formatBytes(h.size)}); ulobdev hydrate --wait ${device} to wait\n`);
 }
 
-async function report(device: string, flags: { runDir?: string; svg?: string; hours?: string; json?: boolean }): Promise<void> {
+interface ReportFlags {
+  runDir?: string;
+  svg?: string;
+  hours?: string;
+  json?: boolean;
+  cache?: string;
+}
+
+async function report(device: string, flags: ReportFlags): Promise<void> {
   const hours = flags.hours === undefined ? 24 : Number(flags.hours);
   if (!(hours > 0)) throw new InvalidArgumentError(`--hours must be a positive number, not ${JSON.stringify(flags.hours)}`);
   if (!flags.svg && !flags.json) throw new InvalidArgumentError('report needs --svg FILE or --json');
-  const { socket } = await resolveDaemon(device, flags.runDir ?? RUN_DIR);
-  const { report: data } = (await controlRequest(socket, { cmd: 'report', since: Date.now() - hours * 3600_000 })) as {
-    report: ReportData;
-  };
+  const since = Date.now() - hours * 3600_000;
+  let data: ReportData;
+  try {
+    const { socket } = await resolveDaemon(device, flags.runDir ?? RUN_DIR);
+    ({ report: data } = (await controlRequest(socket, { cmd: 'report', since })) as { report: ReportData });
+  } catch (err) {
+    // Not attached: the history is in the cache's metadata (given, or from /etc/ulobdev/NAME.conf).
+    if (!(err instanceof NotAttachedError)) throw err;
+    const cache = flags.cache ?? (await cacheFromConfig(device));
+    if (!cache) throw new NotAttachedError(`${oneLine(err)}; to read its history from the cache, add --cache CACHE`);
+    data = historyFromCache(cache, since);
+  }
   if (flags.svg) {
     await fsp.writeFile(flags.svg, renderReportSvg(data, { title: `${device}: dirty data, flushes and spin-ups` }));
     process.stdout.write(`${flags.svg}: ${data.samples.length} samples, ${data.flushes.length} flushes, ${data.events.filter((e) => e.kind.startsWith('spinup')).length} spin-ups over ${hours} h\n`);
   }
   if (flags.json) process.stdout.write(JSON.stringify(data) + '\n');
+}
+
+/** CACHE= of /etc/ulobdev/NAME.conf (ulobdev@NAME.service's settings), if there is one. */
+async function cacheFromConfig(name: string): Promise<string | undefined> {
+  if (!/^[A-Za-z0-9._-]+$/.test(name)) return undefined;
+  const text = await fsp.readFile(join(CONFIG_DIR, `${name}.conf`), 'utf8').catch(() => '');
+  return /^CACHE=(.+)$/m.exec(text)?.[1]?.trim() || undefined;
+}
+
+/** The history in a detached cache's metadata (CACHE.meta), read as `report` answers it. */
+function historyFromCache(cache: string, since: number): ReportData {
+  const meta = Metadata.open(`${cache}.meta`);
+  try {
+    return {
+      since,
+      now: Date.now(),
+      size: meta.info.backingSize,
+      flushes: meta.flushes(since),
+      samples: meta.dirtySamples(since),
+      events: meta.events(since),
+      nextFlushAt: null,
+    };
+  } finally {
+    meta.close();
+  }
 }
 
 async function discard(backing: string, flags: { cache?: string; bitmap?: string; metadata?: string; force?: boolean; stateDir?: string }): Promise<void> {
@@ -475,7 +557,7 @@ export function buildProgram(): Command {
     .option('--daemon', 'return once DEVICE is ready and keep serving in the background')
     .option('--name <NAME>', 'name for status, flush and detach, and of the control socket (default: from DEVICE)', nameArg)
     .option('--log-level <LEVEL>', 'fatal, error, warn, info, debug', 'info')
-    .option('--flush <CRON>', "write dirty blocks back on this cron schedule: 5 fields, minute hour day-of-month month day-of-week, e.g. '*/30 * * * *'")
+    .option('--flush <CRON>', "write dirty blocks back on this cron schedule: 5 fields, minute hour day-of-month month day-of-week, e.g. '*/30 * * * *' ('' for none: manual flushes only)")
     .option('--dirty-max <SIZE|PCT>', 'flush at once when dirty data exceeds this: a size with its unit (512M, 2G) or a share of the disk (10%)')
     .option('--max-dirty-age <DURATION>', 'flush once the oldest unflushed write is this old (30m, 2h)')
     .option('--spindown', 'put the disk in standby (STANDBY IMMEDIATE) after each flush')
@@ -485,6 +567,7 @@ export function buildProgram(): Command {
     .addOption(new Option('--hydrate-rate <RATE>', 'at most RATE per second, e.g. 50M (implies --hydrate; default: as fast as the disk goes)').implies({ hydrate: true }))
     .option('--allow-remote', 'let an nbd://HOST:PORT DEVICE listen on an address other machines reach (no authentication, no encryption)')
     .option('--no-flush-on-detach', 'do not flush before detach and shutdown (default: flush when a schedule or limit is set)')
+    .option('--stop-timeout <DURATION>', 'on SIGTERM (systemd stop, shutdown): wait for an unmount, flush and exit within this time', '2m')
     .addOption(hidden('--state-dir <DIR>'))
     .addOption(hidden('--run-dir <DIR>'))
     .addOption(hidden('--tick-ms <MS>'))
@@ -517,14 +600,25 @@ export function buildProgram(): Command {
     .action((device: string, flags: { runDir?: string; json?: boolean; wait?: boolean }) => flush(device, flags));
 
   program
+    .command('hydrate')
+    .description('copy the whole disk of DEVICE into the cache in the background, so that no read wakes it')
+    .argument('<DEVICE>', 'the device or the --name given at attach')
+    .option('--wait', 'wait until the whole disk is cached (progress bar on a terminal)')
+    .option('--rate <RATE>', 'at most RATE per second, e.g. 50M (default: as fast as user I/O allows)')
+    .option('--json', 'machine-readable output')
+    .addOption(hidden('--run-dir <DIR>'))
+    .action((device: string, flags: { runDir?: string; wait?: boolean; rate?: string; json?: boolean }) => hydrate(device, flags));
+
+  program
     .command('report')
     .description('draw dirty data over time, flush windows and spin-ups of DEVICE')
     .argument('<DEVICE|NAME>', 'the device or the --name given at attach')
     .option('--svg <FILE>', 'write an SVG chart to FILE')
     .option('--hours <N>', 'how far back (default 24)')
     .option('--json', 'print the history as JSON')
+    .option('-c, --cache <PATH>', 'when DEVICE is not attached: read the history from this cache (default: CACHE of /etc/ulobdev/DEVICE.conf)')
     .addOption(hidden('--run-dir <DIR>'))
-    .action((device: string, flags: { runDir?: string; svg?: string; hours?: string; json?: boolean }) => report(device, flags));
+    .action((device: string, flags: ReportFlags) => report(device, flags));
 
   program
     .command('discard')

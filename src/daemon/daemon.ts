@@ -6,12 +6,14 @@ import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths } from '../cache/store.js';
 import { assertBlockSize, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE } from '../cache/layout.js';
-import { InvalidArgumentError, IOFailedError, NotRootError, ReadOnlyError } from '../errors.js';
+import { DeviceBusyError, InvalidArgumentError, IOFailedError, NotAttachedError, NotRootError, ReadOnlyError } from '../errors.js';
+import { exists, sleep } from '../sys.js';
+import { run } from '../bdev/programs.js';
 import { RUN_DIR, STATE_DIR } from '../paths.js';
 import { formatBytes } from '../units.js';
 import { isWritable, type SectorSize, type Source } from '../source/source.js';
 import { DiskHealth, type DiskHealthStatus } from '../source/health.js';
-import { defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
+import { ANY_LOOP, defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/kernel-nbd.js';
 import { assertUloopAvailable, assertUloopModule, attachUloop, type UloopStatus } from '../bdev/uloop.js';
@@ -21,7 +23,7 @@ import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
 import { DiskPower, onAcPower, standbyTimerCount, standbyTimerSeconds } from '../writeback/power.js';
 import { FlushScheduler, type SchedulerStatus } from '../writeback/scheduler.js';
 import { assertNoDaemon, ControlServer, type ControlRequest } from './control.js';
-import { claimName, describeRecovery, recoverLeftovers, releaseName } from './leftovers.js';
+import { claimName, describeRecovery, recoverLeftovers, releaseName, updateRecordDevice } from './leftovers.js';
 import { fstabWarnings, stableLinkFor } from './fstab.js';
 import { crashPoint } from '../sys.js';
 
@@ -163,11 +165,11 @@ export class Daemon {
   readonly #started = Date.now();
   readonly #runDir: string;
   readonly #scheduler: FlushScheduler | null;
-  readonly #hydrator: Hydrator | null;
+  #hydrator: Hydrator | null;
   readonly #power: DiskPower | null;
   readonly #policy: WritebackPolicy;
   readonly #health: DiskHealth;
-  #detaching: Promise<void> | null = null;
+  #detaching: Promise<DetachResult> | null = null;
   #allocatedBytes = 0;
   readonly #done: Promise<void>;
   #resolveDone!: () => void;
@@ -248,7 +250,7 @@ export class Daemon {
     let paths: CachePaths | undefined;
     try {
       // Everything that can refuse DEVICE is checked before the cache is opened or created.
-      if (kind === 'loop') await assertLoopFree(options.device);
+      if (kind === 'loop' && options.device !== ANY_LOOP) await assertLoopFree(options.device);
       if (kind === 'nbd') await assertNbdFree(options.device);
       const source = await options.openSource({ writable: options.writeback });
       undo.push(() => source.close());
@@ -361,6 +363,12 @@ export class Daemon {
 
       const readOnly = !options.writeback;
       const socket = 'path' in address ? address.path : '';
+      // For udev (contrib/udev/ulobdev-name): which /dev/nbdN or /dev/uloopN this daemon serves, so
+      // the device gets its stable name /dev/ulobdev/NAME; a loop device's file path says it already.
+      if (kind === 'nbd' || kind === 'uloop') {
+        await fsp.writeFile(join(runDir, 'pid'), `${process.pid}\n`);
+        await fsp.writeFile(join(runDir, 'device'), `${options.device}\n`);
+      }
       let frontend: Frontend;
       if (kind === 'loop') frontend = await attachLoop({ device: options.device, socket, runDir, readOnly, logger, sectorSize: sectorSize.logical });
       else if (kind === 'nbd') frontend = await attachNbdDevice({ device: options.device, socket, exportName: EXPORT_NAME, readOnly, sectorSize: sectorSize.logical, logger });
@@ -372,11 +380,14 @@ export class Daemon {
       }
       else frontend = { kind: 'serve', device: options.device, detach: async () => undefined };
       undo.push(() => frontend.detach());
+      if (kind === 'nbd' || kind === 'uloop') await announceToUdev(frontend.device);
+      // /dev/loop took the first free loop device: the record names the one it took.
+      if (frontend.device !== options.device) await updateRecordDevice(runBase, name, frontend.device);
       crashPoint('attach:bound');
 
       let daemon: Daemon | undefined;
       const control = await ControlServer.listen(join(runBase, `${name}.sock`), (req) => daemon!.#handle(req));
-      daemon = new Daemon({ name, device: options.device, engine, source, server, frontend, control, logger, runDir, scheduler, hydrator, power, policy, health });
+      daemon = new Daemon({ name, device: frontend.device, engine, source, server, frontend, control, logger, runDir, scheduler, hydrator, power, policy, health });
       scheduler?.start();
       if (hydrator) {
         const h = hydrator;
@@ -495,47 +506,127 @@ export class Daemon {
     return this.#scheduler.request('manual');
   }
 
+  /**
+   * Starts copying the whole disk into the cache, if it is not running or done already (at `rate`
+   * bytes per second, 0: as fast as user I/O allows); returns the progress. `ulobdev hydrate`.
+   */
+  hydrate(rate = 0): HydrationProgress {
+    if (this.#detaching) throw new NotAttachedError(`${this.device} is being detached`);
+    if (!this.#hydrator) {
+      this.#hydrator = new Hydrator(this.engine, { rate, onError: (err) => this.#logger.warn(`hydration: ${err.message}; retrying`) });
+    }
+    const h = this.#hydrator;
+    if (!h.progress().running && !h.progress().done) {
+      this.#logger.info({ rate }, 'hydrating: copying the whole disk into the cache');
+      void h.start().then(
+        () => h.progress().done && this.#logger.info('hydrated: the whole disk is in the cache; reads no longer reach it'),
+        (err: Error) => this.#logger.error(`hydration stopped: ${err.message}`),
+      );
+    }
+    return h.progress();
+  }
+
   /** History for `ulobdev report`: flushes, dirty samples and events since `since`. */
   history(since: number): Record<string, unknown> {
     const h = this.engine.store.history;
-    return { since, now: Date.now(), size: this.engine.size, flushes: h.flushes(since), samples: h.dirtySamples(since), events: h.events(since) };
+    const nextFlushAt = this.#scheduler?.status().nextFlushAt ?? null;
+    return { since, now: Date.now(), size: this.engine.size, flushes: h.flushes(since), samples: h.dirtySamples(since), events: h.events(since), nextFlushAt };
   }
 
   /**
-   * Stops the frontend (refused while the device is mounted), drains in-flight I/O, persists the
-   * metadata and closes everything. Concurrent calls share one detach.
+   * Stops the frontend (refused while the device is mounted: DeviceBusyError, nothing changed),
+   * drains in-flight I/O, flushes if the policy says so, persists the metadata and closes
+   * everything. Concurrent calls share one detach. Resolves with what the flush wrote.
+   *
+   * `force` (stop() only): the flush runs first, while the device still serves, then the frontend
+   * lets go even though the device is in use. `deadline` (ms since the epoch) stops the flush at
+   * that time; what it did not clear stays dirty in the cache.
    */
-  detach(): Promise<void> {
-    this.#detaching ??= this.#detach().catch((err: unknown) => {
+  detach(options: { force?: boolean; deadline?: number } = {}): Promise<DetachResult> {
+    this.#detaching ??= this.#detach(options).catch((err: unknown) => {
       this.#detaching = null;
       throw err;
     });
     return this.#detaching;
   }
 
-  async #detach(): Promise<void> {
-    await this.#frontend.detach();
-    await this.#server.close();
+  /**
+   * SIGTERM (systemd's stop, shutdown): detach within `timeoutMs`. While the device is mounted or
+   * held, waits for that to end, up to half the time (30 s at most): at shutdown systemd unmounts
+   * it meanwhile. Still in use then: flushes as the policy says until the deadline, lets go of
+   * the device anyway (the filesystem on it fails further I/O until it is unmounted) and logs one
+   * line saying so and how to order the mount. Either way the daemon then exits.
+   */
+  async stop(timeoutMs: number): Promise<DetachResult> {
+    const started = Date.now();
+    const deadline = started + timeoutMs;
+    const waitUntil = started + Math.min(30_000, timeoutMs / 2);
+    let busy: string | null = null;
+    for (;;) {
+      try {
+        return await this.detach({ deadline });
+      } catch (err) {
+        if (!isBusy(err)) throw err;
+        // "DEVICE stays attached: /dev/loop3 is mounted on /mnt; ...; unmount it first": the first use.
+        const message = (err as Error).message;
+        const use = (/stays attached: ([^;]*)/.exec(message)?.[1] ?? message.split(';')[0])!;
+        if (busy === null) this.#logger.info(`stopping: ${use}; waiting up to ${Math.round((waitUntil - started) / 1000)} s for that to end`);
+        busy = use;
+        if (Date.now() >= waitUntil) break;
+        await sleep(250);
+      }
+    }
+    const result = await this.detach({ force: true, deadline });
+    this.#logger.error(
+      `stopped while ${busy}: ${describeFlush(result)}; the filesystem on ${this.device} now fails I/O until it is unmounted. ` +
+        `Order its mount after this daemon (fstab: x-systemd.requires=ulobdev@${this.name}.service) so it is unmounted first`,
+    );
+    return result;
+  }
+
+  async #detach(options: { force?: boolean; deadline?: number }): Promise<DetachResult> {
+    if (!options.force) {
+      await this.#frontend.detach();
+      await this.#server.close();
+    }
     await this.#hydrator?.stop();
+    let flushed: FlushResult | null = null;
+    let flushError: string | null = null;
     const scheduler = this.#scheduler;
     if (scheduler) {
       scheduler.stop();
       await scheduler.idle();
       const p = this.#policy;
       if ((p.flushOnDetach ?? hasAutomaticWriteback(p)) && this.engine.dirtyBlocks() > 0) {
-        // Detach and shutdown flush: the disk leaves with everything. A failure keeps the data
-        // dirty in the cache (safe), so detaching goes on.
-        await scheduler.request('detach').catch((err: Error) => this.#logger.error(`flush before detach failed, the dirty blocks stay in the cache: ${err.message}`));
+        // Detach and shutdown flush: the disk leaves with everything. A failure (or the stop
+        // deadline) keeps the data dirty in the cache (safe), so detaching goes on.
+        const controller = new AbortController();
+        const timer = options.deadline === undefined ? null : setTimeout(() => controller.abort(), Math.max(0, options.deadline - Date.now()));
+        try {
+          flushed = await scheduler.request('detach', { signal: controller.signal });
+        } catch (err) {
+          flushError = (err as Error).message;
+          this.#logger.error(`flush before detach failed, the dirty blocks stay in the cache: ${flushError}`);
+        } finally {
+          if (timer) clearTimeout(timer);
+        }
       }
     }
+    if (options.force) {
+      await this.#frontend.detach({ force: true }).catch((err: Error) => this.#logger.warn(`letting go of ${this.device}: ${err.message}`));
+      await this.#server.close();
+    }
+    const dirtyBytes = Math.min(this.engine.dirtyBlocks() * this.engine.geometry.blockSize, this.engine.size);
     await this.engine.close();
     await this.#power?.close();
     await this.#source.close();
     await this.#control.close();
     await fsp.rm(this.#runDir, { recursive: true, force: true });
     await releaseName(dirname(this.#runDir), this.name);
-    this.#logger.info('detached');
+    const result: DetachResult = { device: this.device, flushed, flushError, dirtyBytes };
+    this.#logger.info({ dirtyBytes, flushedBytes: flushed?.bytes ?? 0 }, `detached: ${describeFlush(result)}`);
     this.#resolveDone();
+    return result;
   }
 
   async #handle(request: ControlRequest): Promise<Record<string, unknown>> {
@@ -544,8 +635,7 @@ export class Daemon {
         await this.refreshStatus();
         return { status: this.status() };
       case 'detach':
-        await this.detach();
-        return {};
+        return { detach: await this.detach() };
       case 'flush': {
         if (request.wait === false) {
           // Started, not awaited: `ulobdev flush` without --wait returns at once.
@@ -555,12 +645,41 @@ export class Daemon {
         }
         return { flush: await this.flush() };
       }
+      case 'hydrate':
+        return { hydration: this.hydrate(typeof request.rate === 'number' ? request.rate : 0) };
       case 'report':
         return { report: this.history(typeof request.since === 'number' ? request.since : Date.now() - 86_400_000) };
       default:
         throw new InvalidArgumentError(`unknown control command ${JSON.stringify(request.cmd)}`);
     }
   }
+}
+
+/** What a detach did: the flush it ran (null: none), and what stays dirty in the cache. */
+export interface DetachResult {
+  device: string;
+  flushed: FlushResult | null;
+  /** The flush's error, when it failed or was stopped by the deadline. */
+  flushError: string | null;
+  /** Dirty bytes left in the cache (the disk lacks them until the next flush). */
+  dirtyBytes: number;
+}
+
+/** One phrase for logs and the CLI: "wrote 12 MiB back; nothing stays dirty". */
+export function describeFlush(r: Pick<DetachResult, 'flushed' | 'flushError' | 'dirtyBytes'>): string {
+  const wrote = r.flushed ? `wrote ${formatBytes(r.flushed.bytes)} back` : r.flushError ? `the flush failed (${r.flushError})` : 'no flush';
+  const left = r.dirtyBytes > 0 ? `${formatBytes(r.dirtyBytes)} stay dirty in the cache for the next flush` : 'nothing stays dirty';
+  return `${wrote}; ${left}`;
+}
+
+function isBusy(err: unknown): boolean {
+  return err instanceof DeviceBusyError || (err as { code?: string })?.code === 'EBUSY';
+}
+
+/** Asks udev to look at the device again (a change event), so 60-ulobdev.rules names it. */
+async function announceToUdev(device: string): Promise<void> {
+  if (!(await exists('/run/udev/control'))) return;
+  await run('udevadm', ['trigger', '--action=change', `/sys/class/block/${basename(device)}`]).catch(() => undefined);
 }
 
 /** -c/-b default to files under /var/lib/ulobdev named after the backing identity. */
@@ -591,8 +710,9 @@ export function checkDaemonName(name: string): string {
 
 /**
  * Refuses a cache, bitmap or metadata path whose directory does not exist: a typo, or flash that
- * is not mounted yet, must not become a disk-sized file on the root filesystem. (The default
- * state directory is ulobdev's own and is created.)
+ * is not mounted yet, must not become a disk-sized file on the root filesystem. The state
+ * directory (/var/lib/ulobdev) is ulobdev's own and is created, also when a path names it (the
+ * unit's CACHE=/var/lib/ulobdev/NAME.cache on a fresh install).
  */
 async function assertCacheDirsExist(options: Pick<AttachOptions, 'cache' | 'bitmap' | 'metadata'>): Promise<void> {
   const given: Array<[string, string | undefined]> = [
@@ -603,6 +723,7 @@ async function assertCacheDirsExist(options: Pick<AttachOptions, 'cache' | 'bitm
   for (const [flag, path] of given) {
     if (path === undefined) continue;
     const dir = dirname(resolve(path));
+    if (dir === STATE_DIR) await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
     const st = await fsp.stat(dir).catch(() => null);
     if (!st) throw new InvalidArgumentError(`${flag} ${path}: the directory ${dir} does not exist (a typo, or the flash is not mounted yet?); create it or pick another`);
     if (!st.isDirectory()) throw new InvalidArgumentError(`${flag} ${path}: ${dir} is not a directory`);

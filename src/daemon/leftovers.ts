@@ -119,6 +119,19 @@ export async function claimName(
   throw new DeviceBusyError(`another ulobdev is starting as ${record.name} at the same time; try again`);
 }
 
+/**
+ * Names in this process's record the device its frontend took, when that was chosen at attach
+ * (/dev/loop: the first free loop device), so `detach /dev/loopN` and `status` find it by device.
+ * Written to a temporary file and renamed over the record: a crash leaves the old or the new one.
+ */
+export async function updateRecordDevice(runBase: string, name: string, device: string): Promise<void> {
+  const r = await readRecord(runBase, name);
+  if (!r || r.pid !== process.pid) return;
+  const tmp = `${recordPath(runBase, name)}.${process.pid}.tmp`;
+  await fsp.writeFile(tmp, `${JSON.stringify({ ...r, device })}\n`, { mode: 0o600 });
+  await fsp.rename(tmp, recordPath(runBase, name));
+}
+
 /** Removes this process's record (the last step of a detach, or of an attach that failed). */
 export async function releaseName(runBase: string, name: string): Promise<void> {
   const r = await readRecord(runBase, name);
@@ -169,7 +182,11 @@ export async function recoverLeftovers(
   }
 
   for (const loop of loops) {
-    await run('losetup', ['-d', `/dev/${loop}`]);
+    // The driver may let go by itself meanwhile (autoclear at the last close: systemd unmounting
+    // the filesystem of the dead device as the daemon restarts); losetup -d then fails with ENXIO.
+    await run('losetup', ['-d', `/dev/${loop}`]).catch(async (err: unknown) => {
+      if (await readTrim(`/sys/block/${loop}/loop/backing_file`)) throw err;
+    });
     const deadline = Date.now() + 10_000;
     while ((await readTrim(`/sys/block/${loop}/loop/backing_file`)) && Date.now() < deadline) await sleep(20);
     steps.push(`unbound /dev/${loop} from the dead FUSE file`);

@@ -7,7 +7,8 @@
 // the disk or image can, written zeros otherwise), never read from the cache.
 import type { CacheEngine } from '../cache/engine.js';
 import { isWritable, type WritableSource } from '../source/source.js';
-import { ReadOnlyError } from '../errors.js';
+import { FlushStoppedError, ReadOnlyError } from '../errors.js';
+import { formatBytes } from '../units.js';
 import { BufferPool } from '../storage/buffer-pool.js';
 
 export interface FlushProgress {
@@ -28,6 +29,11 @@ export interface FlushOptions {
   onProgress?: (progress: FlushProgress) => void;
   /** Called once the epoch is taken, before anything is written. */
   onStart?: (progress: FlushProgress) => void;
+  /**
+   * Stops the flush before its next batch (the stop deadline): the epoch is aborted, so every
+   * block stays dirty, and flushDirty rejects with FlushStoppedError.
+   */
+  signal?: AbortSignal;
 }
 
 export interface FlushResult {
@@ -181,6 +187,10 @@ export async function flushDirty(engine: CacheEngine, options: FlushOptions = {}
     for (const b of batches) {
       while (running.size >= depth && !failure) await Promise.race(running);
       if (failure) break;
+      if (options.signal?.aborted) {
+        failure ??= { err: new FlushStoppedError(`flush stopped after ${formatBytes(progress.doneBytes)} of ${formatBytes(totalBytes)}; every block stays dirty for the next flush`) };
+        break;
+      }
       const { read, done } = copy(b);
       const task: Promise<void> = done
         .catch((err: unknown) => {

@@ -19,6 +19,11 @@ export interface PowerControl {
   readonly supported: boolean;
   state(): Promise<PowerState>;
   standby(): Promise<void>;
+  /**
+   * Reads and writes the disk completed so far, anyone's (/proc/diskstats); null when unknown.
+   * Tells whether someone touched a sleeping disk without asking it.
+   */
+  ioCount?(): Promise<number | null>;
 }
 
 export const ATA = {
@@ -175,6 +180,12 @@ export class DiskPower implements PowerControl {
     if (r && r.status & 0x01) throw new DiskPowerError(`${this.path} refused the standby timer (ATA error 0x${r.error.toString(16)})`);
   }
 
+  /** Reads and writes completed on the disk, by anyone (/proc/diskstats); null if not found. */
+  async ioCount(): Promise<number | null> {
+    const name = basename(await fsp.realpath(this.path).catch(() => this.path));
+    return diskIoCount(name);
+  }
+
   async close(): Promise<void> {
     await this.#fd?.close().catch(() => undefined);
   }
@@ -195,6 +206,19 @@ export class DiskPower implements PowerControl {
     await hdioDriveCmd(this.#fd.fd, args);
     return { status: args[0]!, error: args[1]!, count: args[2]! };
   }
+}
+
+/**
+ * Reads plus writes completed on block device `name` (sda), from /proc/diskstats (fields 4 and 8,
+ * Documentation/admin-guide/iostats.rst); null when it is not listed.
+ */
+export async function diskIoCount(name: string, diskstats = '/proc/diskstats'): Promise<number | null> {
+  const text = await fsp.readFile(diskstats, 'utf8').catch(() => '');
+  for (const line of text.split('\n')) {
+    const f = line.trim().split(/\s+/);
+    if (f[2] === name && f.length >= 11) return Number(f[3]) + Number(f[7]);
+  }
+  return null;
 }
 
 /** /dev/NAME of the disk a partition belongs to; undefined for a whole disk. */

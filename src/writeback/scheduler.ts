@@ -44,8 +44,13 @@ export interface SchedulerOptions {
   tickMs?: number;
   /** Period of dirty-bytes samples in the history. */
   sampleMs?: number;
-  /** How often to read the disk's power state (CHECK POWER MODE does not wake it). */
+  /** How often to read the disk's power state (CHECK POWER MODE does not wake a well-behaved disk). */
   powerPollMs?: number;
+  /**
+   * A CHECK POWER MODE that answers "awake" after this long, when the disk was asleep, spun it up
+   * to answer (default 1500 ms; a spin-up takes seconds, an answer from a spinning disk a few ms).
+   */
+  selfWakeLatencyMs?: number;
   /** First retry delay after a failed flush; doubles up to maxBackoffMs. */
   backoffMs?: number;
   maxBackoffMs?: number;
@@ -73,12 +78,21 @@ export interface SchedulerStatus {
   retryAt: number | null;
   failures: number;
   powerState: PowerState;
+  /**
+   * False once the disk proved to wake up to answer CHECK POWER MODE (a USB bridge that does so):
+   * the daemon stops asking, and powerState is then what it presumes from the disk's I/O counters.
+   */
+  powerPolling: boolean;
+  /** The disk spins up to answer CHECK POWER MODE (seen once; then never asked again). */
+  powerQueryWakes: boolean;
   spinUpsToday: number;
   /** Spin-ups caused by a cache miss since attach (the disk was last seen in standby). */
   missSpinUps: number;
 }
 
-const SPINUP_KINDS = ['spinup-caused', 'spinup-observed'] as const;
+// spinup-caused: a flush of ours woke it; spinup-observed: another program did; spinup-self: a
+// CHECK POWER MODE of ours did (once: then polling stops).
+const SPINUP_KINDS = ['spinup-caused', 'spinup-observed', 'spinup-self'] as const;
 
 export class FlushScheduler {
   readonly #engine: CacheEngine;
@@ -101,6 +115,15 @@ export class FlushScheduler {
   #onAc = false;
   #stopped = false;
   #standbyIgnoredWarned = false;
+  /**
+   * Set while the platters are believed stopped (a STANDBY of ours, or the disk said so) and no
+   * access of ours happened since: the disk's I/O count then, to tell whether anyone touched it.
+   */
+  #asleep: { ios: number | null } | null = null;
+  /** The disk spins up to answer CHECK POWER MODE: it is never asked again. */
+  #queryWakes = false;
+  /** Answers that looked like the query woke the disk (#check). */
+  #wokenByQuery = 0;
   #missSpinUps = 0;
 
   constructor(engine: CacheEngine, options: SchedulerOptions) {
@@ -155,13 +178,13 @@ export class FlushScheduler {
    * Flushes now. While a flush runs, one more is queued behind it (its snapshot may predate the
    * caller's writes); every caller waiting meanwhile shares that one.
    */
-  request(reason: FlushReason): Promise<FlushResult> {
-    if (!this.#running) return this.#start(reason);
+  request(reason: FlushReason, options: { signal?: AbortSignal } = {}): Promise<FlushResult> {
+    if (!this.#running) return this.#start(reason, options);
     this.#queued ??= this.#running
       .catch(() => undefined)
       .then(() => {
         this.#queued = null;
-        return this.request(reason);
+        return this.request(reason, options);
       });
     return this.#queued;
   }
@@ -180,6 +203,7 @@ export class FlushScheduler {
    * it (counted, and an event in the history); then flush dirty data while it spins.
    */
   noteDiskActive(): void {
+    this.#asleep = null;
     if (this.#powerState === 'standby' || this.#powerState === 'sleep') {
       this.#missSpinUps++;
       this.#powerState = 'active';
@@ -208,6 +232,8 @@ export class FlushScheduler {
       retryAt: this.#retryAt,
       failures: this.#failures,
       powerState: this.#powerState,
+      powerPolling: Boolean(this.#o.power?.supported) && !this.#queryWakes,
+      powerQueryWakes: this.#queryWakes,
       spinUpsToday: this.#o.history?.countEvents(startOfToday(), SPINUP_KINDS) ?? 0,
       missSpinUps: this.#missSpinUps,
     };
@@ -278,14 +304,13 @@ export class FlushScheduler {
   async #pollPower(): Promise<void> {
     const power = this.#o.power;
     if (!power?.supported || this.#running) return;
-    let state: PowerState;
-    try {
-      state = await power.state();
-    } catch {
-      return;
-    }
+    if (this.#queryWakes) return this.#watchIo();
     const before = this.#powerState;
-    this.#powerState = state;
+    const check = await this.#check().catch(() => null);
+    if (!check) return;
+    // Woken by our own question: it spins now anyway, so dirty data may as well go.
+    if (check.selfWoken) return this.noteDiskActive();
+    const state = check.state;
     const awake = state === 'active' || state === 'idle';
     if (awake && (before === 'standby' || before === 'sleep')) {
       // Someone else woke it (not a flush of ours: those run with polling paused).
@@ -296,8 +321,73 @@ export class FlushScheduler {
     }
   }
 
-  #start(reason: FlushReason): Promise<FlushResult> {
-    const run = this.#flush(reason);
+  /**
+   * CHECK POWER MODE, watched for a disk that wakes up to answer it: asked while it was asleep
+   * (and nobody accessed it since, by its I/O count), it answers "awake", and slowly (a spin-up)
+   * or with its I/O count unchanged. Then the query woke it: counted as a self-caused spin-up,
+   * logged once, and the disk is never asked again (#watchIo instead).
+   */
+  async #check(options: { readback?: boolean } = {}): Promise<{ state: PowerState; selfWoken: boolean }> {
+    const power = this.#o.power!;
+    const asleep = this.#asleep;
+    const t0 = Date.now();
+    const state = await power.state();
+    const latency = Date.now() - t0;
+    const awake = state === 'active' || state === 'idle';
+    const ios = await this.#ioCount();
+    this.#powerState = state;
+    // The question woke it when it answers "awake" slowly (a spin-up takes seconds, an answer from
+    // a spinning disk milliseconds) and at once when asked again (a busy machine or disk makes both
+    // slow); or when it was asleep by our account and nobody has accessed it since (not right
+    // after our own STANDBY: a disk that ignored it is untouched and awake too). Two such answers
+    // are proof; one could be chance.
+    const limit = this.#o.selfWakeLatencyMs ?? 1500;
+    let woke = false;
+    if (awake && latency >= limit) {
+      const t1 = Date.now();
+      const again = await power.state().catch(() => 'unknown' as const);
+      woke = (again === 'active' || again === 'idle') && Date.now() - t1 < limit / 3;
+    }
+    if (!options.readback && awake && asleep !== null && asleep.ios !== null && ios !== null && ios === asleep.ios) woke = true;
+    if (woke && ++this.#wokenByQuery >= 2) {
+      this.#asleep = null;
+      this.#selfWoken(latency);
+      return { state, selfWoken: true };
+    }
+    if (awake) this.#asleep = null;
+    else if (state === 'standby' || state === 'sleep') this.#asleep ??= { ios };
+    return { state, selfWoken: false };
+  }
+
+  #selfWoken(latencyMs: number): void {
+    this.#event('spinup-self', 'CHECK POWER MODE');
+    if (this.#queryWakes) return;
+    this.#queryWakes = true;
+    this.#event('query-wakes', `answered after ${latencyMs} ms`);
+    this.#log.warn(
+      `the disk spun up to answer CHECK POWER MODE (answered after ${(latencyMs / 1000).toFixed(1)} s; a USB bridge that wakes the drive to read its state?): ` +
+        'no longer asking it; its state is presumed from its I/O counters and spin-ups are counted from them',
+    );
+  }
+
+  /** Without queries (#queryWakes): the disk's I/O count tells whether anyone else woke it. */
+  async #watchIo(): Promise<void> {
+    const asleep = this.#asleep;
+    if (!asleep) return;
+    const ios = await this.#ioCount();
+    if (ios === null || asleep.ios === null || ios === asleep.ios) return;
+    this.#asleep = null;
+    this.#powerState = 'active';
+    this.#event('spinup-observed', 'I/O counters');
+    this.noteDiskActive();
+  }
+
+  async #ioCount(): Promise<number | null> {
+    return (await this.#o.power?.ioCount?.().catch(() => null)) ?? null;
+  }
+
+  #start(reason: FlushReason, options: { signal?: AbortSignal } = {}): Promise<FlushResult> {
+    const run = this.#flush(reason, options.signal);
     this.#running = run;
     const clear = () => {
       if (this.#running === run) this.#running = null;
@@ -306,7 +396,7 @@ export class FlushScheduler {
     return run;
   }
 
-  async #flush(reason: FlushReason): Promise<FlushResult> {
+  async #flush(reason: FlushReason, signal?: AbortSignal): Promise<FlushResult> {
     this.#reason = reason;
     const startedAt = Date.now();
     const history = this.#o.history;
@@ -314,13 +404,24 @@ export class FlushScheduler {
     const power = this.#o.power;
     if (power?.supported) {
       try {
-        const state = await power.state();
-        spunUp = state === 'standby' || state === 'sleep';
+        if (this.#queryWakes) {
+          // Never asked: asleep by our account and untouched since (its I/O count) means we wake it.
+          const asleep = this.#asleep;
+          const ios = await this.#ioCount();
+          spunUp = asleep !== null && (asleep.ios === null || ios === null || asleep.ios === ios);
+        } else {
+          const check = await this.#check();
+          spunUp = check.selfWoken || check.state === 'standby' || check.state === 'sleep';
+        }
         if (spunUp) this.#event('spinup-caused', reason);
       } catch {
         // Unknown power state: not counted.
       }
+      this.#asleep = null;
     }
+    // The dirty bytes just before the flush: with samples only every minute and after flushes, a
+    // day's chart would never show how much each flush took away.
+    this.#sample();
     let row: number | undefined;
     try {
       row = history?.flushStarted(this.#engine.store.info.flushEpoch + 1, startedAt, reason);
@@ -330,6 +431,7 @@ export class FlushScheduler {
     try {
       const result = await flushDirty(this.#engine, {
         ...this.#o.flushOptions,
+        signal,
         onStart: (p) => (this.#progress = p),
         onProgress: (p) => (this.#progress = p),
       });
@@ -369,11 +471,20 @@ export class FlushScheduler {
       this.#log.warn(`cannot put the disk in standby: ${(err as Error).message}`);
       return;
     }
+    this.#asleep = { ios: await this.#ioCount() };
+    if (this.#queryWakes) {
+      // Reading the state back would wake it again: take the command's word.
+      this.#powerState = 'standby';
+      this.#event('standby', 'after flush');
+      return;
+    }
     // Believe the disk, not the command: some drives and bridges accept STANDBY IMMEDIATE and stay
-    // up. Reporting standby then would turn the next poll into a false spin-up (and a flush).
-    const state = await this.#o.power!.state().catch(() => 'unknown' as const);
+    // up. Reporting standby then would turn the next poll into a false spin-up (and a flush). But
+    // a disk that answered slowly did spin down: the question woke it (#check says so).
+    const check = await this.#check({ readback: true }).catch(() => ({ state: 'unknown' as PowerState, selfWoken: false }));
+    if (check.selfWoken) return;
+    const state = check.state;
     if (state === 'active' || state === 'idle') {
-      this.#powerState = state;
       if (!this.#standbyIgnoredWarned) {
         this.#standbyIgnoredWarned = true;
         this.#log.warn('the disk accepted STANDBY IMMEDIATE but still reports itself active; it does not spin down on command');

@@ -94,6 +94,19 @@ describe('write-back scheduler', () => {
     const r = await ulobdev(['report', name, '--svg', svg, '--run-dir', s.runDir]);
     expect(r.code, r.stderr).toBe(0);
     expect(readFileSync(svg, 'utf8')).toMatch(/^<svg[\s\S]*class="flush"[\s\S]*<\/svg>\n$/);
+    // A sample just before the flush: the chart shows what each flush took away.
+    const flushed = report.flushes.find((f: { bytes: number }) => f.bytes === 3 << 20);
+    expect(report.samples.some((x: { at: number; dirtyBytes: number }) => x.dirtyBytes === 3 << 20 && Math.abs(x.at - flushed.startedAt) < 1000)).toBe(true);
+
+    // Detached, the history is still there: report reads it from the cache.
+    expect((await ulobdev(['detach', name, '--run-dir', s.runDir])).code).toBe(0);
+    attached = attached.filter((d) => d !== name);
+    const gone = await ulobdev(['report', name, '--json', '--run-dir', s.runDir]);
+    expect(gone.code).toBe(1);
+    expect(gone.stderr).toMatch(/add --cache CACHE/);
+    const offline = await ulobdev(['report', name, '--json', '--cache', join(s.dir, 'c.cache'), '--run-dir', s.runDir]);
+    expect(offline.code, offline.stderr).toBe(0);
+    expect(JSON.parse(offline.stdout).flushes.map((f: { epoch: number }) => f.epoch)).toEqual(report.flushes.map((f: { epoch: number }) => f.epoch));
   });
 
   it('flushes when dirty data passes --dirty-max, and when it is older than --max-dirty-age', async () => {

@@ -4,7 +4,8 @@
 // synced, then the punch) and every zeroing runs between crash points. Besides invariants 1-4 and
 // the point-in-time image, after every step: no present block lies over a hole of the cache
 // file, and the cache file holds no more than the budget plus one unit.
-// ULOB_MODEL_RUNS sets the sequences per file. CASES are shrunk counterexamples the property once
+// ULOB_MODEL_RUNS sets the sequences per file; the time limit grows with it (on 2 shared cores
+// 500 runs took 70 s at load 9 and 371 s at load 15; 2500 did not finish in 900 s at load 15). CASES are shrunk counterexamples the property once
 // found, kept as named regression cases: a failure of the property prints its own.
 import { describe, it } from 'vitest';
 import { assertEngineModel, runEngineModel, type ModelCase } from '../support/engine-model.js';
@@ -49,5 +50,5 @@ describe('engine model: 16 x 4096 B blocks, a budget of 6 blocks in units of 2',
   for (const [name, c] of Object.entries(CASES)) it(name, () => runEngineModel(CONFIG, c), 60_000);
 
   it('keeps invariants 1-4, no present bit over a hole, and the budget, through crashes at every persistence point', () =>
-    assertEngineModel(CONFIG, RUNS), 900_000);
+    assertEngineModel(CONFIG, RUNS), Math.max(900_000, RUNS * 720));
 });

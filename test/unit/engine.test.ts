@@ -552,6 +552,23 @@ describe('a cache budget', () => {
     expect((await r.engine.read(0, r.engine.size)).equals(r.initial)).toBe(true);
   });
 
+  it('a miss that finds the disk idle fills its whole unit; misses while it is busy fill their granule', async () => {
+    const unit = 64 * KiB;
+    const r = await rig({ size: 256 * BS, blockSize: BS, budget: 64 * BS, evictionUnit: unit, engine: { fillGranuleBytes: 16 * KiB, diskIdleMs: 1000 } });
+    const readBlock = async (b: number) => expect((await r.engine.read(b * BS + 100, 200)).equals(r.initial.subarray(b * BS + 100, b * BS + 300))).toBe(true);
+    await readBlock(5); // the first miss: the disk was idle
+    await readBlock(37); // right after: busy, the aligned 16 KiB around block 37
+    await readBlock(38); // a hit in that granule
+    await new Promise((resolve) => setTimeout(resolve, 1100));
+    await readBlock(70); // idle again
+    expect(r.source.reads).toEqual([
+      [0, unit],
+      [36 * BS, 16 * KiB],
+      [64 * BS, unit],
+    ]);
+    expect(r.engine.stats()).toMatchObject({ readMisses: 3, readHits: 1 });
+  });
+
   it('writes 3x the budget: they wait for a flush (onSpacePressure) and never fail; the disk ends equal to the device', async () => {
     const r = await rig({ size: 256 * BS, blockSize: BS, budget: 64 * BS, evictionUnit: UNIT });
     let flushes = 0;

@@ -1,0 +1,151 @@
+// A Debian 13 VM that boots for real: its own root disk (ext4, made from the cached root of
+// scripts/vm/boot-image.sh), Debian's kernel and initramfs, systemd as PID 1, and a second disk on
+// the emulated IDE controller that plays the hard disk. The test's steps run as a oneshot unit
+// (ulobvm-step.service) from a 9p share of a scratch directory: /mnt/scratch/step.sh, run once per
+// boot; it may reboot the guest (same qemu process) or power it off (qemu exits). Unlike
+// test/vm's harness, nothing of the host is visible to the guest but the scratch share.
+import { execFileSync, spawn } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+
+export const ROOT = resolve(import.meta.dirname, '../..');
+
+export interface BootImage {
+  ROOTFS: string;
+  KVER: string;
+  KERNEL: string;
+  INITRD: string;
+}
+
+let image: BootImage | undefined;
+
+/** Makes (once, cached in .vm/trixie-boot) the Debian 13 root with systemd and its kernel. */
+export function prepareBootImage(): BootImage {
+  if (image) return image;
+  const out = execFileSync('bash', [join(ROOT, 'scripts/vm/boot-image.sh')], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], timeout: 1_200_000 });
+  image = Object.fromEntries(out.split('\n').filter((l) => l.includes('=')).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)])) as unknown as BootImage;
+  return image;
+}
+
+/** The machine a test boots, possibly several times: its disks and scratch directory persist. */
+export interface BootMachine {
+  dir: string;
+  /** The root disk image (ext4). */
+  rootDisk: string;
+  /** The "hard disk": a raw image on the IDE controller, /dev/disk/by-id/ata-QEMU_HARDDISK_<HDD_SERIAL>. */
+  hardDisk: string;
+  /** Shared with the guest as /mnt/scratch. */
+  scratch: string;
+  image: BootImage;
+}
+
+export const HDD_SERIAL = 'ULOBHDD1';
+
+/**
+ * A new machine: a root disk of `rootBytes` made from the cached root (mkfs.ext4 -d copies the
+ * tree in, no mount needed) and an empty hard disk of `hardDiskBytes`.
+ */
+export function makeBootMachine(options: { rootBytes?: number; hardDiskBytes: number }): BootMachine {
+  const img = prepareBootImage();
+  const base = join(ROOT, '.vm', 'run');
+  mkdirSync(base, { recursive: true });
+  const dir = mkdtempSync(join(base, 'boot-'));
+  const rootDisk = join(dir, 'root.img');
+  const hardDisk = join(dir, 'hdd.img');
+  const scratch = join(dir, 'scratch');
+  mkdirSync(scratch);
+  execFileSync('truncate', ['-s', String(options.rootBytes ?? 3 * 2 ** 30), rootDisk]);
+  execFileSync('mkfs.ext4', ['-q', '-F', '-L', 'root', '-E', 'root_owner=0:0', '-d', img.ROOTFS, rootDisk], { stdio: 'pipe', timeout: 600_000 });
+  execFileSync('truncate', ['-s', String(options.hardDiskBytes), hardDisk]);
+  return { dir, rootDisk, hardDisk, scratch, image: img };
+}
+
+export interface BootRun {
+  /** The serial console: kernel and systemd messages, and the steps' output (journal+console). */
+  console: string;
+  /** qemu's exit status; null when killed at the timeout. */
+  code: number | null;
+  timedOut: boolean;
+  /** Killed because nothing progressed for stallMs (timedOut is then true too). */
+  stalled: boolean;
+  ms: number;
+}
+
+/** Bytes in the scratch directory's files: the step's log lines show its progress. */
+function scratchBytes(dir: string): number {
+  let n = 0;
+  for (const name of readdirSync(dir)) n += statSync(join(dir, name)).size;
+  return n;
+}
+
+/**
+ * Boots the machine and waits for qemu to exit (a poweroff in the guest), at most `timeoutMs`, and
+ * no longer than `stallMs` without progress (console output or a step's log growing in the scratch
+ * directory). Reboots inside the guest stay in this run. `files` are written into the scratch
+ * directory first.
+ */
+export async function bootMachine(
+  m: BootMachine,
+  options: { timeoutMs: number; stallMs?: number; files?: Record<string, string | Uint8Array>; memoryMb?: number },
+): Promise<BootRun> {
+  for (const [name, data] of Object.entries(options.files ?? {})) writeFileSync(join(m.scratch, name), data);
+  const append = ['root=/dev/vda', 'rw', 'console=ttyS0', 'panic=-1', 'quiet', 'systemd.show_status=auto', 'net.ifnames=0'].join(' ');
+  // Single-threaded TCG, as test/vm's harness: Debian 13's kernels can Oops at boot in multi-threaded TCG.
+  const args = [
+    '-accel', 'tcg,thread=single', '-cpu', 'max', '-smp', '2', '-m', String(options.memoryMb ?? 1536),
+    '-nographic', '-monitor', 'none', '-nic', 'none',
+    '-kernel', m.image.KERNEL, '-initrd', m.image.INITRD, '-append', append,
+    '-drive', `file=${m.rootDisk},if=virtio,format=raw`,
+    '-drive', `file=${m.hardDisk},if=none,id=hdd,format=raw`, '-device', `ide-hd,drive=hdd,bus=ide.0,unit=0,serial=${HDD_SERIAL}`,
+    '-virtfs', `local,path=${m.scratch},mount_tag=scratch,security_model=none`,
+  ];
+  const started = Date.now();
+  const qemu = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let text = '';
+  const onData = (s: string) => {
+    text += s;
+    if (process.env.ULOBVM_VERBOSE) process.stderr.write(s);
+  };
+  qemu.stdout.setEncoding('utf8').on('data', onData);
+  qemu.stderr.setEncoding('utf8').on('data', onData);
+  let timedOut = false;
+  let stalled = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    qemu.kill('SIGKILL');
+  }, options.timeoutMs);
+  let seen = -1;
+  let progressAt = Date.now();
+  const watchdog = setInterval(() => {
+    const now = text.length + scratchBytes(m.scratch);
+    if (now !== seen) {
+      seen = now;
+      progressAt = Date.now();
+    } else if (options.stallMs !== undefined && Date.now() - progressAt > options.stallMs) {
+      timedOut = stalled = true;
+      qemu.kill('SIGKILL');
+    }
+  }, 5000);
+  const code = await new Promise<number | null>((r) => qemu.on('close', (c) => r(c)));
+  clearTimeout(timer);
+  clearInterval(watchdog);
+  const run = { console: text.replace(/\r/g, ''), code, timedOut, stalled, ms: Date.now() - started };
+  writeFileSync(join(m.dir, `console-${started}.log`), run.console);
+  return run;
+}
+
+/** A file the guest wrote into the scratch directory ('' when absent). */
+export function scratchFile(m: BootMachine, name: string): string {
+  const p = join(m.scratch, name);
+  return existsSync(p) ? readFileSync(p, 'utf8') : '';
+}
+
+/** Removes the machine's directory unless ULOBVM_KEEP is set (then says where it is). */
+export function removeBootMachine(m: BootMachine | undefined): void {
+  if (!m) return;
+  if (process.env.ULOBVM_KEEP) {
+    process.stderr.write(`boot VM kept in ${m.dir}: ${readdirSync(m.dir).join(' ')}\n`);
+    return;
+  }
+  rmSync(m.dir, { recursive: true, force: true });
+}
