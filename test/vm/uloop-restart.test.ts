@@ -15,9 +15,18 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
 import { expectCleanKernel } from './uloop-tools.js';
 
-// 100 cycles did not fit the guest's 15 minutes under TCG with fio running beside them (each
-// cycle starts Node, opens and recovers the store, ATTACHes); the time per cycle is printed.
-const CYCLES = 30;
+// The issue asked for 100 cycles; this test runs 6. Under TCG a cycle is one Node start (module
+// load, store open and crash recovery, ATTACH) and took 20-47 s to ATTACH on this 2-core host
+// under load 7-13, with fio unpaced (29-47 s) or paced by --rate_iops (20-42 s): 100 cycles, and
+// 30, ran past the guest's limit without printing a line. 6 cycles took 184-198 s of guest time,
+// about the 3 minutes this test may spend on them. The time is Node's start, not a wait in the
+// kernel; a cheaper start (fewer modules loaded before ATTACH) would buy more cycles. fio is paced
+// so the restarting daemon gets CPU; it keeps requests in flight across every kill. Every
+// cycle's time to ATTACH is printed.
+// io_timeout_s is raised at insmod: here a daemon lives at most 0.5 s after each ATTACH and the
+// next one takes 20-50 s to start, so a request handed to one dead daemon after another waits
+// longer than the default 90 s in total and fails with EIO by design (seen: 4 writes at 300 s).
+const CYCLES = 6;
 let run: VmResult;
 
 beforeAll(async () => {
@@ -25,7 +34,7 @@ beforeAll(async () => {
   run = await runInVm(
     `
     U="node ${ROOT}/dist/cli/ulobdev.js"; CTL=${vm.ULOOPCTL}; D=/dev/uloop0; LOG=/run/ulobdev/uloop0.log
-    insmod ${vm.ULOOP_KO} reattach_timeout_s=120
+    insmod ${vm.ULOOP_KO} reattach_timeout_s=120 io_timeout_s=900
     modprobe -q crc32c_generic || true; modprobe ext4
     head -c 8M /dev/urandom > /tmp/disk.img && truncate -s 256M /tmp/disk.img
     A="$U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --block-size 64K --daemon $D /tmp/disk.img"
@@ -69,25 +78,25 @@ beforeAll(async () => {
     attached() { $CTL query 0 | grep -q ' attached=1 '; }
     touch /tmp/go
     ( n=0; while [ -e /tmp/go ]; do
-        fio --directory=/tmp/m --name=w --numjobs=4 --size=2M --bs=4k --rw=randwrite --ioengine=psync --direct=1 --fsync=16 \
+        fio --directory=/tmp/m --name=w --numjobs=4 --size=2M --bs=4k --rw=randwrite --ioengine=psync --direct=1 --fsync=16 --rate_iops=50 \
             --verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting --output=/tmp/fio.$n > /dev/null 2>&1 \
-          || { echo "fio round $n FAILED"; grep -i -m3 'verify\|error' /tmp/fio.$n; }
+          || { echo "fio round $n FAILED"; grep -i -m3 'verify\|error' /tmp/fio.$n || true; }
         n=$((n+1)); done; echo "fio rounds: $n" ) > /tmp/fio.summary 2>&1 &
     F=$!
     t0=$(date +%s)
     i=0; fails=0
     while [ $i -lt ${CYCLES} ]; do
-      $F1 >> /tmp/fg.log 2>&1 & P=$!
+      c0=$(date +%s%N); $F1 >> /tmp/fg.log 2>&1 & P=$!
       k=0; while ! attached && [ $k -lt 1200 ]; do sleep 0.05; k=$((k+1)); done
       attached || { fails=$((fails+1)); echo "cycle $i: not attached after 60 s"; tail -3 /tmp/fg.log; }
+      echo "cycle $i attached in $(( ($(date +%s%N) - c0) / 1000000 )) ms"
       sleep 0.$(( RANDOM % 6 ))
       kill -9 $P; wait $P 2>/dev/null || true
       i=$((i+1))
-      if [ $((i % 10)) -eq 0 ]; then echo "cycle $i at $(( $(date +%s) - t0 )) s"; fi
     done
     echo "kill -9 cycles: $i, failed attaches: $fails, seconds: $(( $(date +%s) - t0 ))"
     $A > /dev/null && echo "the --daemon command takes it back after the cycles"
-    rm /tmp/go; wait $F; cat /tmp/fio.summary
+    rm /tmp/go; wait $F || echo "fio loop FAILED"; cat /tmp/fio.summary
     echo "take-backs logged: $(grep -c 'taken back from a daemon that died' /tmp/fg.log)"
     umount /tmp/m
     fsck.ext4 -fn $D > /tmp/fsck.out 2>&1 && echo "fsck clean" || { echo "fsck FAILED"; head -20 /tmp/fsck.out; }
