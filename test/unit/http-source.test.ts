@@ -66,11 +66,17 @@ describe('HttpSource', () => {
     expect((s.bytesSent - sent0) / data.length).toBeLessThan(1.05);
   });
 
-  it('a scan of small packed files in directory (hash) order fetches little more than it reads', async () => {
-    // bench/http.js's small-file scan as the source sees it: 2,000 files of 1-16 KiB in whole 4 KiB
-    // blocks, packed 100 to a directory, read in a shuffled order within each directory.
+  // bench/http.js's small-file scan as the source sees it: 2,000 files of 1-16 KiB in whole 4 KiB
+  // blocks, 100 to a directory, read in a shuffled (hash) order within each directory. The
+  // directories' data lie packed one after the other, or apart as ext4 places them (bench/README.md,
+  // "Why small files fetch about twice what they read": 1.04, 1.39 and 2.47 with 1 MiB grid chunks).
+  it.each([
+    ['packed', 0],
+    ['0.4 MB apart', 400_000],
+    ['1.5 MB apart', 1_500_000],
+  ])('a scan of small files in directory (hash) order, directories %s, fetches at most 1.25x what it reads', async (_layout, gap) => {
     const B = 4096;
-    const data = randomBytes(32 * MiB);
+    const data = randomBytes(64 * MiB);
     const s = await server(data);
     const src = await open(s.url);
     let seed = 1;
@@ -84,12 +90,15 @@ describe('HttpSource', () => {
         pos += len;
         return { pos: pos - len, len, key: rnd() };
       });
+      pos = Math.ceil((pos + gap) / B) * B;
       for (const f of files.sort((a, b) => a.key - b.key)) {
         expect((await read(src, f.pos, f.len)).equals(data.subarray(f.pos, f.pos + f.len))).toBe(true);
         readBytes += f.len;
       }
     }
-    expect((s.bytesSent - sent0) / readBytes).toBeLessThan(1.15);
+    const ratio = (s.bytesSent - sent0) / readBytes;
+    console.log(`fetch/read ${_layout}: ${ratio.toFixed(3)}`);
+    expect(ratio).toBeLessThanOrEqual(1.25);
   });
 
   it('retries through drops, stalls, 500s and truncated bodies, and never returns wrong data', async () => {
