@@ -2,19 +2,28 @@
 // buffer where readahead (readahead.ts) fetched ahead of it, and otherwise by a demand fetch; demand
 // misses queued in the same turn of the event loop that touch are merged into one request. No HTTP
 // here: the transport (http-transport.ts) runs the fetches.
+//
+// Every byte asked of the server (by demand or by readahead, in flight or done) is recorded in an
+// interval set, and readahead fetches only the parts of its window that nobody asked for yet: the
+// engine caches what it read, so fetching those bytes again would be waste. Overlapping streams (a
+// directory's files read in hash order make several) then never fetch the same bytes twice, and a
+// window that runs past a stream's data fetches no more than the window itself, not whole grid slots.
 import type { ImageChangedError } from '../errors.js';
 import type { HttpTransport, Task } from './http-transport.js';
+import { IntervalSet } from './intervals.js';
 import { Readahead } from './readahead.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-/** Prefetch grid: readahead fetches aligned pieces of this size. */
-const CHUNK = 1 * MiB;
+/** Largest prefetch GET: a longer part of a window is split into GETs of at most this. */
+const MAX_PREFETCH = 1 * MiB;
+/** Smallest readahead window: the first of a stream of small reads (a directory's files). */
+const MIN_WINDOW = 128 * KiB;
 /** Largest merged demand request. */
 const MAX_REQUEST = 4 * MiB;
 
-interface Chunk {
-  readonly index: number;
+/** A prefetched range of the image, fetched by one GET. Pieces never overlap. */
+interface Piece {
   readonly start: number;
   readonly end: number;
   readonly data: Buffer;
@@ -45,10 +54,12 @@ export class PrefetchBuffer {
   readonly stats = { demandRequests: 0, prefetchRequests: 0, readaheadHitBytes: 0, readaheadWastedBytes: 0 };
 
   readonly #transport: HttpTransport;
-  readonly #size: number;
-  // Readahead buffer, keyed by chunk index; oldest first in insertion order.
   readonly #readahead: Readahead | undefined;
-  readonly #chunks = new Map<number, Chunk>();
+  // Prefetched pieces sorted by start, and the same pieces oldest first (for eviction).
+  #pieces: Piece[] = [];
+  readonly #age = new Set<Piece>();
+  // Bytes asked of the server, by demand or prefetch.
+  readonly #asked = new IntervalSet();
   readonly #budget: number;
   #buffered = 0;
   // Demand misses waiting for this turn of the event loop to be merged.
@@ -57,10 +68,9 @@ export class PrefetchBuffer {
 
   constructor(transport: HttpTransport, options: PrefetchOptions) {
     this.#transport = transport;
-    this.#size = options.size;
     this.#budget = options.budget;
     const max = options.readaheadMax;
-    this.#readahead = max > 0 ? new Readahead({ size: options.size, minWindow: Math.min(max, CHUNK), maxWindow: max }) : undefined;
+    this.#readahead = max > 0 ? new Readahead({ size: options.size, minWindow: Math.min(max, MIN_WINDOW), firstWindow: MAX_PREFETCH, maxWindow: max }) : undefined;
   }
 
   /** Current global readahead cap in bytes (0 without readahead). */
@@ -74,7 +84,7 @@ export class PrefetchBuffer {
   }
 
   /**
-   * Fills buf with [start, start + buf.length) of the image: from prefetched chunks where they
+   * Fills buf with [start, start + buf.length) of the image: from prefetched pieces where they
    * exist, else by demand; first lets readahead see the read and start fetching ahead of it.
    */
   async read(buf: Uint8Array, start: number): Promise<void> {
@@ -85,59 +95,56 @@ export class PrefetchBuffer {
 
   /** The image changed: nothing buffered may be served any more. */
   imageChanged(_err: ImageChangedError): void {
-    this.#chunks.clear();
-    this.#buffered = 0;
+    this.#dropAll();
   }
 
   /** Fails every demand read still waiting to be merged with `err`, and drops the buffer. */
   close(err: Error): void {
     for (const w of this.#pending) w.reject(err);
     this.#pending = [];
-    this.#chunks.clear();
+    this.#dropAll();
   }
 
   // --- serving a read ------------------------------------------------------------------------
 
-  /** Fills buf ([start, end) of the image) from prefetched chunks where they exist, else by demand. */
+  /** Fills buf ([start, end) of the image) from prefetched pieces where they exist, else by demand. */
   async #serve(buf: Uint8Array, start: number, end: number): Promise<void> {
     const parts: Promise<void>[] = [];
-    let missFrom = -1;
     const miss = (from: number, to: number) => parts.push(this.#demand(from, to).then((data) => buf.set(data, from - start)));
-    for (let pos = start; pos < end; ) {
-      const index = Math.floor(pos / CHUNK);
-      const stop = Math.min(end, (index + 1) * CHUNK);
-      const chunk = this.#chunks.get(index);
-      if (chunk) {
-        if (missFrom >= 0) miss(missFrom, pos);
-        missFrom = -1;
-        parts.push(this.#fromChunk(chunk, buf, start, pos, stop));
-      } else if (missFrom < 0) {
-        missFrom = pos;
+    let pos = start;
+    for (let i = this.#firstEndingAfter(start); pos < end; i++) {
+      const piece = this.#pieces[i];
+      if (!piece || piece.start >= end) {
+        miss(pos, end);
+        break;
       }
+      if (piece.start > pos) miss(pos, piece.start);
+      const stop = Math.min(end, piece.end);
+      parts.push(this.#fromPiece(piece, buf, start, Math.max(pos, piece.start), stop));
       pos = stop;
     }
-    if (missFrom >= 0) miss(missFrom, end);
     await Promise.all(parts);
   }
 
-  async #fromChunk(chunk: Chunk, buf: Uint8Array, bufStart: number, from: number, to: number): Promise<void> {
-    if (chunk.task) this.#transport.promote(chunk.task);
-    if (!(await chunk.ready)) {
+  async #fromPiece(piece: Piece, buf: Uint8Array, bufStart: number, from: number, to: number): Promise<void> {
+    if (piece.task) this.#transport.promote(piece.task);
+    if (!(await piece.ready)) {
       // The prefetch failed (it logs nothing: the demand read retries and reports).
       buf.set(await this.#demand(from, to), from - bufStart);
       return;
     }
     const changed = this.#transport.changed;
     if (changed) throw changed;
-    buf.set(chunk.data.subarray(from - chunk.start, to - chunk.start), from - bufStart);
-    chunk.used += to - from;
+    buf.set(piece.data.subarray(from - piece.start, to - piece.start), from - bufStart);
+    piece.used += to - from;
     this.stats.readaheadHitBytes += to - from;
     this.#readahead?.used(to - from);
-    if (chunk.used >= chunk.end - chunk.start) this.#dropChunk(chunk, false);
+    if (piece.used >= piece.end - piece.start) this.#dropPiece(piece, false);
   }
 
   /** Queues a demand fetch of [start, end); misses queued in the same turn that touch are merged. */
   #demand(start: number, end: number): Promise<Buffer> {
+    this.#asked.add(start, end);
     return new Promise((resolve, reject) => {
       this.#pending.push({ start, end, resolve, reject });
       if (!this.#flushScheduled) {
@@ -158,7 +165,8 @@ export class PrefetchBuffer {
       if (group.length === 0) return;
       const members = group;
       const from = gStart;
-      const data = Buffer.allocUnsafe(gEnd - gStart);
+      const to = gEnd;
+      const data = Buffer.allocUnsafe(to - from);
       this.stats.demandRequests++;
       this.#transport
         .fetch(data, from, true)
@@ -166,6 +174,8 @@ export class PrefetchBuffer {
           for (const w of members) w.resolve(data.subarray(w.start - from, w.end - from));
         })
         .catch((err: unknown) => {
+          // Nothing of it arrived: readahead may ask for these bytes again.
+          this.#asked.delete(from, to);
           for (const w of members) w.reject(err);
         });
       group = [];
@@ -186,51 +196,82 @@ export class PrefetchBuffer {
 
   // --- readahead -----------------------------------------------------------------------------
 
+  /** Fetches the parts of [start, end) nobody has asked for, in GETs of at most MAX_PREFETCH. */
   #prefetch(start: number, end: number): void {
-    for (let index = Math.floor(start / CHUNK); index * CHUNK < end; index++) {
-      if (this.#chunks.has(index)) continue;
-      const cStart = index * CHUNK;
-      const cEnd = Math.min(this.#size, cStart + CHUNK);
-      if (!this.#makeRoom(cEnd - cStart)) return;
-      const data = Buffer.allocUnsafe(cEnd - cStart);
-      const chunk: Chunk = { index, start: cStart, end: cEnd, data, ready: Promise.resolve(false), done: false, used: 0, task: undefined };
-      this.stats.prefetchRequests++;
-      chunk.ready = this.#transport.fetch(data, cStart, false, (task) => (chunk.task = task)).then(
-        () => {
-          chunk.done = true;
-          chunk.task = undefined;
-          return true;
-        },
-        () => {
-          chunk.task = undefined;
-          this.#dropChunk(chunk, false);
-          return false;
-        },
-      );
-      this.#chunks.set(index, chunk);
-      this.#buffered += cEnd - cStart;
+    for (const gap of this.#asked.gaps(start, end)) {
+      const len = gap.end - gap.start;
+      const n = Math.ceil(len / MAX_PREFETCH);
+      for (let k = 0; k < n; k++) {
+        const pStart = gap.start + Math.floor((len * k) / n);
+        const pEnd = gap.start + Math.floor((len * (k + 1)) / n);
+        if (!this.#makeRoom(pEnd - pStart)) return;
+        this.#startPiece(pStart, pEnd);
+      }
     }
   }
 
-  /** Evicts finished chunks, oldest first, until `bytes` more fit in the budget. */
+  #startPiece(start: number, end: number): void {
+    const data = Buffer.allocUnsafe(end - start);
+    const piece: Piece = { start, end, data, ready: Promise.resolve(false), done: false, used: 0, task: undefined };
+    this.stats.prefetchRequests++;
+    piece.ready = this.#transport.fetch(data, start, false, (task) => (piece.task = task)).then(
+      () => {
+        piece.done = true;
+        piece.task = undefined;
+        return true;
+      },
+      () => {
+        piece.task = undefined;
+        this.#asked.delete(start, end);
+        this.#dropPiece(piece, false);
+        return false;
+      },
+    );
+    this.#asked.add(start, end);
+    this.#pieces.splice(this.#firstEndingAfter(start), 0, piece);
+    this.#age.add(piece);
+    this.#buffered += end - start;
+  }
+
+  /** Evicts finished pieces, oldest first, until `bytes` more fit in the budget. */
   #makeRoom(bytes: number): boolean {
     if (this.#buffered + bytes <= this.#budget) return true;
-    for (const chunk of this.#chunks.values()) {
-      if (!chunk.done) continue;
-      this.#dropChunk(chunk, true);
+    for (const piece of this.#age) {
+      if (!piece.done) continue;
+      this.#dropPiece(piece, true);
       if (this.#buffered + bytes <= this.#budget) return true;
     }
     return false;
   }
 
-  #dropChunk(chunk: Chunk, evicted: boolean): void {
-    if (this.#chunks.get(chunk.index) !== chunk) return;
-    this.#chunks.delete(chunk.index);
-    this.#buffered -= chunk.end - chunk.start;
-    const unused = chunk.end - chunk.start - chunk.used;
+  #dropPiece(piece: Piece, evicted: boolean): void {
+    if (!this.#age.delete(piece)) return;
+    const i = this.#firstEndingAfter(piece.start);
+    if (this.#pieces[i] === piece) this.#pieces.splice(i, 1);
+    this.#buffered -= piece.end - piece.start;
+    const unused = piece.end - piece.start - piece.used;
     if (evicted && unused > 0) {
       this.stats.readaheadWastedBytes += unused;
       this.#readahead?.wasted(unused);
     }
+  }
+
+  #dropAll(): void {
+    this.#pieces = [];
+    this.#age.clear();
+    this.#asked.clear();
+    this.#buffered = 0;
+  }
+
+  /** Index of the first piece that ends after pos (binary search over the sorted pieces). */
+  #firstEndingAfter(pos: number): number {
+    let lo = 0;
+    let hi = this.#pieces.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.#pieces[mid]!.end <= pos) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
   }
 }

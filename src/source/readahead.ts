@@ -5,10 +5,17 @@
 // Reads are grouped into streams by position: a read that starts near where a stream ended (a
 // little behind, because parallel requests arrive out of order, or a little ahead, because the
 // engine skips blocks it already has) continues that stream. On its third read a stream gets a
-// window of `minWindow` fetched ahead; each time the reader gets within half a window of the end of
-// what was fetched ahead, the window doubles (up to `cap`, and to no more than half what the stream
-// has read so far) and the next part is asked for, as the kernel's async readahead does. So the window grows only as fast as prefetched data is consumed,
-// and a stream that stops has fetched at most one window it did not read. `cap` is global
+// first window fetched ahead: four times its last read, at least `minWindow`, at most
+// `firstWindow` (the kernel's get_init_ra_size does the same: small reads start small). Each time
+// the reader gets within half a window of the end of what was fetched ahead, the window doubles (up
+// to `cap`, and to no more than half the bytes the stream has read so far) and the next part is
+// asked for, as the kernel's async readahead does. So the window grows only as fast as prefetched
+// data is consumed, and a stream that stops has fetched at most one window it did not read.
+//
+// "Read so far" counts the bytes of the stream's reads, not the distance it covered: the files of
+// one directory read in hash order make a stream whose front jumps to the directory's end after a
+// few reads, and a window sized by that distance would fetch far past the directory's data (bench/
+// README.md, "Why small files fetch about twice what they read"). `cap` is global
 // feedback: it halves when prefetched bytes are evicted unused (random access, a scan that jumped)
 // and grows back as prefetched bytes get used, so wasted transfer stays a small multiple of what was
 // read, and memory stays bounded by the caller's buffer budget.
@@ -16,8 +23,10 @@
 export interface ReadaheadOptions {
   /** Size of the image: nothing past it is asked for. */
   size: number;
-  /** First window of a stream that turns sequential. */
+  /** Smallest window: the first one of a stream of small reads, and the floor of `cap`. */
   minWindow: number;
+  /** Largest first window (a stream of large reads). Default min(1 MiB, maxWindow), at least minWindow. */
+  firstWindow?: number;
   /** Largest window (and the starting cap). */
   maxWindow: number;
   /** Streams tracked at once (parallel sequential readers). */
@@ -38,6 +47,8 @@ interface Stream {
   /** Start of its first read, for the backward tolerance. */
   origin: number;
   reads: number;
+  /** Bytes its reads asked for (less than front - origin when it skips or reads out of order). */
+  bytes: number;
   window: number;
   /** End of what was asked for ahead of this stream (0: nothing yet). */
   ahead: number;
@@ -47,6 +58,7 @@ interface Stream {
 export class Readahead {
   readonly #size: number;
   readonly #min: number;
+  readonly #first: number;
   readonly #max: number;
   readonly #maxStreams: number;
   readonly #skip: number;
@@ -59,6 +71,7 @@ export class Readahead {
     this.#size = options.size;
     this.#min = options.minWindow;
     this.#max = options.maxWindow;
+    this.#first = Math.min(this.#max, Math.max(this.#min, options.firstWindow ?? 1024 * 1024));
     this.#cap = options.maxWindow;
     this.#maxStreams = options.streams ?? 16;
     this.#skip = options.skipTolerance ?? 256 * 1024;
@@ -84,18 +97,20 @@ export class Readahead {
     this.#tick++;
     const s = this.#match(pos, end);
     if (!s) {
-      this.#add({ front: end, origin: pos, reads: 1, window: 0, ahead: 0, tick: this.#tick });
+      this.#add({ front: end, origin: pos, reads: 1, bytes: len, window: 0, ahead: 0, tick: this.#tick });
       return undefined;
     }
     s.tick = this.#tick;
     s.reads++;
+    s.bytes += len;
     s.front = Math.max(s.front, end);
     // Two reads in a row can be chance (random reads 4 KiB apart); three make a stream.
     if (s.reads < 3) return undefined;
     if (s.ahead > 0 && s.front + s.window / 2 < s.ahead) return undefined;
     // Never more ahead than half what the stream has read so far: a stream that stops wastes at
     // most half as much as it used.
-    s.window = Math.min(this.#cap, Math.max(this.#min, (s.front - s.origin) / 2), s.window === 0 ? this.#min : s.window * 2);
+    const first = Math.min(this.#first, Math.max(this.#min, 4 * len));
+    s.window = Math.min(this.#cap, Math.max(first, s.bytes / 2), s.window === 0 ? first : s.window * 2);
     const start = Math.max(s.front, s.ahead);
     const stop = Math.min(this.#size, s.front + s.window);
     if (stop <= start) return undefined;
