@@ -7,12 +7,13 @@
 //
 //   node bench/http.js [--big 256M] [--files 2000] [--fio-seconds 10] [--delay 20] [--cap 20]
 //                      [--only ulohttp,nbdkit,httpdirfs] [--json bench/results/http.json]
+//                      [--cpu-prof DIR]   (ulohttp's daemon writes a V8 CPU profile there at detach)
 // Needs root, nginx-light, nbdkit (curl plugin), nbdfuse, httpdirfs, fio, and a built dist/.
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, mkdtempSync, promises as fsp, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
-import { dirname, join, resolve } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { loadavg } from 'node:os';
@@ -29,6 +30,7 @@ const { values: opt } = parseArgs({
     only: { type: 'string', default: 'ulohttp,nbdkit,httpdirfs' },
     json: { type: 'string', default: join(ROOT, 'bench/results/http.json') },
     dir: { type: 'string', default: '/var/tmp' },
+    'cpu-prof': { type: 'string' },
   },
 });
 const MiB = 1 << 20;
@@ -183,7 +185,10 @@ const contenders = {
   async ulohttp(url, dir) {
     const loop = freeLoop();
     const run = join(dir, 'run');
-    sh(process.execPath, [join(ROOT, 'dist/cli/ulohttp.js'), '-c', join(dir, 'c.cache'), '--daemon', '--run-dir', run, '--log-level', 'warn', loop, url]);
+    // --cpu-prof: the daemon (a child of this command) is started with the command's execArgv
+    // (Node refuses --cpu-prof in NODE_OPTIONS); the status and detach commands are not profiled.
+    const prof = opt['cpu-prof'] ? ['--cpu-prof', `--cpu-prof-dir=${resolve(opt['cpu-prof'], `${basename(dir)}`)}`] : [];
+    sh(process.execPath, [...prof, join(ROOT, 'dist/cli/ulohttp.js'), '-c', join(dir, 'c.cache'), '--daemon', '--run-dir', run, '--log-level', 'warn', loop, url]);
     const sourceStats = () => {
       try {
         const st = JSON.parse(sh(process.execPath, [join(ROOT, 'dist/cli/ulohttp.js'), 'status', '--json', '--run-dir', run]));
