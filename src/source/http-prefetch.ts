@@ -204,6 +204,9 @@ export class PrefetchBuffer {
       for (let k = 0; k < n; k++) {
         const pStart = gap.start + Math.floor((len * k) / n);
         const pEnd = gap.start + Math.floor((len * (k + 1)) / n);
+        // A piece still buffered is always asked for, unless the set forgot it (it holds at most
+        // 65,536 ranges): pieces must never overlap.
+        if ((this.#pieces[this.#firstEndingAfter(pStart)]?.start ?? Infinity) < pEnd) continue;
         if (!this.#makeRoom(pEnd - pStart)) return;
         this.#startPiece(pStart, pEnd);
       }
