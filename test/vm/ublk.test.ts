@@ -11,34 +11,39 @@ let run: VmResult;
 beforeAll(async () => {
   run = await runInVm(`
     U="node ${ROOT}/dist/cli/ulobdev.js"; D=/dev/ublkb0; LOG=/run/ulobdev/ublkb0.log
+    T0=$(date +%s%N); at() { echo "[$(( ($(date +%s%N) - T0) / 1000000 )) ms] $1"; }
     modprobe -q crc32c_generic || true; modprobe ext4
-    head -c 8M /dev/urandom > /tmp/disk.img && truncate -s 64M /tmp/disk.img
+    head -c 12M /dev/urandom > /tmp/disk.img && truncate -s 64M /tmp/disk.img
     A="$U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --daemon $D /tmp/disk.img"
-    pid() { node -e 'console.log(JSON.parse(require("fs").readFileSync("/run/ulobdev/ublkb0.json","utf8")).pid)'; }
+    pid() { grep -o '"pid": *[0-9]*' /run/ulobdev/ublkb0.json | grep -o '[0-9]*$'; }
 
     # --- bad input: a kernel without ublk_drv (modprobe finds none): one line, exit 1, nothing made
     mkdir -p /tmp/nomod && printf '#!/bin/sh\\necho "modprobe: FATAL: Module ublk_drv not found in directory /lib/modules/$(uname -r)" >&2\\nexit 1\\n' > /tmp/nomod/modprobe && chmod +x /tmp/nomod/modprobe
     PATH=/tmp/nomod:$PATH $A > /tmp/nomod.out 2>&1 && rc=0 || rc=$?; echo "no driver: exit $rc, $(wc -l < /tmp/nomod.out) line(s): $(cat /tmp/nomod.out)"
     [ ! -e /tmp/d.cache ] && echo "no cache made without the driver"
 
+    at "A > /dev/null && echo attached"
     $A > /dev/null && echo attached
     t0=$(date +%s%N)
     dd if=$D of=/tmp/r bs=1M count=8 iflag=direct status=none
     head -c 8M /tmp/disk.img | cmp - /tmp/r && echo "misses through the daemon verified"
     cat /sys/block/ublkb0/queue/logical_block_size /sys/block/ublkb0/queue/physical_block_size | tr '\\n' ' '; echo "sectors"
 
+    at "# --- fio verify"
     # --- fio verify: two writers (clean cached blocks: intents; missing blocks written whole) and a reader at once
     fio --output=/tmp/fio.out --filename=$D --direct=1 --ioengine=libaio --bs=4k --verify=crc32c --verify_fatal=1 \\
       --name=cached --rw=randwrite --iodepth=16 --offset=0 --size=6M \\
       --name=missing --rw=randwrite --iodepth=16 --offset=16M --size=12M \\
       --name=reader --rw=randread --iodepth=8 --offset=32M --size=16M --verify=0 \\
       && echo "fio verify passed" || { echo "fio failed"; cat /tmp/fio.out; }
-    # partial-block writes into missing blocks (rule 5: filled first): 512-byte writes at odd sectors
+    at "# partial-block"
+    # a write into part of a missing block (rule 5: the block is filled first), in data never read yet
     dd if=/dev/urandom of=/tmp/p bs=512 count=3 status=none
-    dd if=/tmp/p of=$D bs=512 seek=100001 conv=fsync oflag=direct status=none
-    dd if=$D bs=512 skip=100000 count=5 iflag=direct status=none > /tmp/p2
-    { dd if=/tmp/disk.img bs=512 skip=100000 count=1 status=none; cat /tmp/p; dd if=/tmp/disk.img bs=512 skip=100004 count=1 status=none; } | cmp - /tmp/p2 && echo "partial write verified"
+    dd if=/tmp/p of=$D bs=512 seek=20001 conv=fsync oflag=direct status=none
+    dd if=$D bs=512 skip=20000 count=8 iflag=direct status=none > /tmp/p2
+    { dd if=/tmp/disk.img bs=512 skip=20000 count=1 status=none; cat /tmp/p; dd if=/tmp/disk.img bs=512 skip=20004 count=4 status=none; } | cmp - /tmp/p2 && echo "partial write verified"
 
+    at "# --- a filesystem"
     # --- a filesystem, a write-back flush: the disk then equals the device
     mkfs.ext4 -q -b 4096 $D && mkdir -p /tmp/m && mount $D /tmp/m
     head -c 4M /dev/urandom > /tmp/f && cp /tmp/f /tmp/m/f && sync
@@ -46,6 +51,7 @@ beforeAll(async () => {
     fsck.ext4 -fn $D > /dev/null && echo "fsck clean"
     $U flush --wait $D > /dev/null && cmp $D /tmp/disk.img && echo "flushed: disk equals device"
 
+    at "# --- FLUSH durability"
     # --- FLUSH durability and kill -9: fsync'd data survives, the same command takes the device back
     mount $D /tmp/m
     head -c 2M /dev/urandom > /tmp/g && cp /tmp/g /tmp/m/g && sync /tmp/m/g
@@ -58,11 +64,14 @@ beforeAll(async () => {
     cmp /tmp/g /tmp/m/g && cmp /tmp/f /tmp/f.back && echo "files after kill -9 verified"
     head -c 1M /dev/urandom > /tmp/h && cp /tmp/h /tmp/m/h && sync && cmp /tmp/h /tmp/m/h && echo "writes after recovery"
     umount /tmp/m && fsck.ext4 -fn $D > /dev/null && echo "fsck clean after kill -9"
+    at "U status D --json"
     $U status $D --json > /tmp/status.json && node -e 'const j=JSON.parse(require("fs").readFileSync("/tmp/status.json","utf8"));const u=(Array.isArray(j)?j[0]:j).ublk;console.log("ublk status: "+u.attach+" readHits="+u.readHits+" writeHits="+u.writeHits+" failedUpcalls="+u.failedUpcalls)'
     echo "seconds: $(( ($(date +%s%N) - t0) / 1000000000 ))"
+    at "U detach D"
     $U detach $D && echo detached
     [ ! -e $D ] && echo "device gone"
   `);
+  if (process.env.ULOBVM_SHOW) process.stderr.write(run.output);
 }, 600_000);
 
 describe('ulobdev on /dev/ublkbN (6.12)', () => {
