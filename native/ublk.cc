@@ -270,6 +270,9 @@ class Server {
   std::atomic<bool> thread_done{false};
   int thread_error = 0;
   Counters count;
+  // Fault injection for the VM test ($ULOBDEV_UBLK_FAULT, read at create): the n-th fdatasync
+  // fails with EIO without syncing; io_uring_enter fails with ENOMEM once n requests were served.
+  uint64_t fault_fsync_at = 0, fault_enter_at = 0, syncs = 0, served = 0;
 
   // Block state, shared with the JS thread (epoch calls, query): under mu.
   std::mutex mu;
@@ -340,7 +343,7 @@ class Server {
     for (uint16_t t = 0; t < depth; t++) QueueIo(t, kIoFetch, -1);
     ArmEvent();
     while (!stopping.load()) {
-      int e = q.Enter(1);
+      int e = fault_enter_at && served >= fault_enter_at ? ENOMEM : q.Enter(1);
       if (e) {
         thread_error = e;
         break;
@@ -352,7 +355,10 @@ class Server {
           return;
         }
         uint16_t tag = static_cast<uint16_t>(cqe.user_data);
-        if (cqe.res == 0) Handle(tag);                   // UBLK_IO_RES_OK: a request
+        if (cqe.res == 0) {  // UBLK_IO_RES_OK: a request
+          served++;
+          Handle(tag);
+        }
         else if (cqe.res == -ENODEV) aborted++;         // UBLK_IO_RES_ABORT: the device is going
         else if (cqe.res < 0) {
           thread_error = -cqe.res;
@@ -406,6 +412,7 @@ class Server {
 
   int32_t Sync() {
     count.flushes++;
+    if (fault_fsync_at && ++syncs == fault_fsync_at) return -EIO;
     return fdatasync(cache_fd) == 0 ? 0 : -errno;
   }
 
@@ -931,6 +938,10 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
     delete s;
     ThrowErrno(env, e, "eventfd");
     return Napi::Value();
+  }
+  if (const char* f = getenv("ULOBDEV_UBLK_FAULT")) {
+    if (const char* p = strstr(f, "fsync-eio-at=")) s->fault_fsync_at = strtoull(p + 13, nullptr, 10);
+    if (const char* p = strstr(f, "enter-enomem-at=")) s->fault_enter_at = strtoull(p + 16, nullptr, 10);
   }
   FromBytes(s->present, present.data, present.length, blocks);
   FromBytes(s->dirty, dirty.data, dirty.length, blocks);

@@ -18,6 +18,7 @@ import { DeviceBusyError, InternalError, InvalidArgumentError, ModuleMissingErro
 import type { SectorSize } from '../source/source.js';
 import * as native from '../native/ublk.js';
 import type { Frontend } from './frontend.js';
+import { pausePoint } from '../sys.js';
 import { assertReleasable } from './partitions.js';
 import { UpcallHandler, type UpcallType } from './upcalls.js';
 import { kernelEpochs } from './uloop.js';
@@ -124,8 +125,9 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
         server.reply(m.id, -95);
         return;
       }
-      void handler.run({ id: m.id, type, offset: m.offset, length: m.length, epoch: m.epoch }).then((error) => {
+      void handler.run({ id: m.id, type, offset: m.offset, length: m.length, epoch: m.epoch }).then(async (error) => {
         if (error < 0) failedUpcalls++;
+        await pausePoint(`ublk:${type}-reply`);
         server.reply(m.id, error);
       });
     },
