@@ -237,6 +237,8 @@ struct Tag {
   bool waiting = false;  // an upcall is out
   bool holds = false;    // holds busy on [first, end)
   uint64_t up_epoch = 0;
+  uint8_t up_type = 0;               // the upcall out: its type and blocks [up_first, up_end)
+  uint64_t up_first = 0, up_end = 0;
 };
 
 struct Counters {
@@ -251,6 +253,8 @@ class Server {
   int cache_fd = -1;
   int event_fd = -1;
   int dev_id = -1;
+  // This server added the device or took it back: only then may it stop and delete it.
+  std::atomic<bool> owned{false};
   uint16_t depth = 32;
   uint32_t buf_bytes = 256 << 10;
   uint64_t size = 0;
@@ -268,6 +272,11 @@ class Server {
   Napi::ThreadSafeFunction tsfn;
   std::atomic<bool> stopping{false};
   std::atomic<bool> thread_done{false};
+  // The first failed write or fdatasync of the cache file (a positive errno), for good: Linux
+  // reports a writeback error once and then calls the lost pages clean, so a later fdatasync that
+  // succeeds proves nothing. Writes, FUA and FLUSH fail with EIO from then on; the daemon exits
+  // and its restart (the store's dirty set, recorded before every acknowledgement) takes over.
+  std::atomic<int> cache_error{0};
   int thread_error = 0;
   Counters count;
   // Fault injection for the VM test ($ULOBDEV_UBLK_FAULT, read at create): the n-th fdatasync
@@ -289,6 +298,7 @@ class Server {
   Bits busy;
   std::vector<Tag> tags;
   std::deque<uint16_t> parked;
+  std::vector<uint8_t> tag_failures;
   uint64_t event_buf = 0;
   unsigned aborted = 0;
 
@@ -344,6 +354,10 @@ class Server {
     ArmEvent();
     while (!stopping.load()) {
       int e = fault_enter_at && served >= fault_enter_at ? ENOMEM : q.Enter(1);
+      if (e == EAGAIN || e == EBUSY) {  // io_uring_enter(2): transient, try again shortly
+        usleep(1000);
+        continue;
+      }
       if (e) {
         thread_error = e;
         break;
@@ -360,13 +374,20 @@ class Server {
           Handle(tag);
         }
         else if (cqe.res == -ENODEV) aborted++;         // UBLK_IO_RES_ABORT: the device is going
-        else if (cqe.res < 0) {
+        else if (cqe.res < 0 && ++tag_failures[tag] <= 3) {
+          // The driver refused the command: its request (if any) is failed, the tag fetched again.
+          count.errors++;
+          QueueIo(tag, kIoCommitFetch, -EIO);
+        } else if (cqe.res < 0) {
           thread_error = -cqe.res;
-          aborted++;
+          aborted = depth;
         }
       });
       if (aborted >= depth) break;
     }
+    // Unless stopped, this is the end of serving: closing the ring makes the driver cancel the
+    // fetches, so the device quiesces (user recovery) for the next daemon; JS sees thread_done.
+    if (!stopping.load()) q.Close();
     thread_done = true;
   }
 
@@ -404,7 +425,12 @@ class Server {
     while (done < len) {
       ssize_t n = pwrite(cache_fd, src + done, len - done, static_cast<off_t>(off + done));
       if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return n < 0 ? -errno : -EIO;
+      if (n <= 0) {
+        int e = n < 0 ? errno : EIO;
+        int zero = 0;
+        cache_error.compare_exchange_strong(zero, e);
+        return -e;
+      }
       done += static_cast<uint64_t>(n);
     }
     return 0;
@@ -412,8 +438,14 @@ class Server {
 
   int32_t Sync() {
     count.flushes++;
-    if (fault_fsync_at && ++syncs == fault_fsync_at) return -EIO;
-    return fdatasync(cache_fd) == 0 ? 0 : -errno;
+    if (cache_error.load()) return -EIO;
+    int e = fault_fsync_at && ++syncs == fault_fsync_at ? EIO : fdatasync(cache_fd) == 0 ? 0 : errno;
+    if (e) {
+      int zero = 0;
+      cache_error.compare_exchange_strong(zero, e);
+      return -EIO;
+    }
+    return 0;
   }
 
   // A new request on `tag` (FETCH completed): served here, or started on its way through JS.
@@ -445,6 +477,7 @@ class Server {
       return Start(tag);
     }
     if (read_only) return Finish(tag, -EROFS);
+    if (cache_error.load()) return Finish(tag, -EIO);
     // DISCARD and WRITE_ZEROES write zeros: the range then reads as zeros, as the engine's TRIM
     // promises, and reaches the disk at the next flush.
     if (t.op != kOpWrite) memset(bufs[tag], 0, t.len);
@@ -492,6 +525,9 @@ class Server {
     Tag& t = tags[tag];
     t.seq++;
     t.waiting = true;
+    t.up_type = type;
+    t.up_first = first;
+    t.up_end = end;
     auto* m = new UpcallMsg{static_cast<uint32_t>(t.seq) << 16 | tag, type, first * block_size, Bytes(first, end), ep};
     napi_status s = tsfn.NonBlockingCall(m, [](Napi::Env env, Napi::Function fn, UpcallMsg* u) {
       if (env != nullptr && fn != nullptr) {
@@ -522,6 +558,12 @@ class Server {
         Finish(tag, error);
         continue;
       }
+      // A MISS answered: exactly its blocks are in the cache file now. Nothing else sets present
+      // but an answered INTENT (after the data of whole missing blocks was written).
+      if (t.up_type == kUpMiss) {
+        std::lock_guard<std::mutex> g(mu);
+        SetRange(present, t.up_first, t.up_end);
+      }
       Advance(tag);
     }
   }
@@ -539,10 +581,7 @@ class Server {
         case kReadMiss:
           t.step = kReadDone;
           return Upcall(tag, kUpMiss, t.first, t.end, 0);
-        case kReadDone: {
-          std::lock_guard<std::mutex> g(mu);
-          SetRange(present, t.first, t.end);
-        }
+        case kReadDone:
           return Finish(tag, Pread(tag));
         case kWHead: {
           // A block the write covers in part and the cache does not hold is filled first (rule 5).
@@ -561,8 +600,6 @@ class Server {
           bool miss;
           {
             std::lock_guard<std::mutex> g(mu);
-            if (t.first + 1 == t.end) SetRange(present, t.first, t.end);  // the head's fill answered
-            else if (Partial(t.first, t)) Set(present, t.first);
             miss = last != t.first && Partial(last, t) && !Test(present, last);
           }
           if (miss) return Upcall(tag, kUpMiss, last, last + 1, 0);
@@ -573,11 +610,6 @@ class Server {
           // syncs it before it records them dirty (invariant 1), and a crash before the intent
           // leaves them missing, so they read from the disk (an unacknowledged write's right).
           t.step = kWPreserve;
-          {
-            std::lock_guard<std::mutex> g(mu);
-            uint64_t last = t.end - 1;
-            if (last != t.first && Partial(last, t)) Set(present, last);  // the tail's fill answered
-          }
           for (uint64_t b = t.first; b < t.end; b++) {
             bool have;
             {
@@ -643,6 +675,11 @@ class Server {
               t.step = kWPreserve;
               continue;
             }
+            // A flush epoch committed since the intent may have cleaned these blocks: intent again.
+            if (!AllSet(dirty, t.first, t.end)) {
+              t.step = kWIntent;
+              continue;
+            }
             if (epoch_open) SetRange(touched, t.first, t.end);
             writing[tag] = {t.first, t.end};
           }
@@ -685,7 +722,20 @@ int Log2(uint32_t v) {
   return s;
 }
 
-bool PidAlive(int32_t pid) { return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM); }
+// A process that runs (a zombie has let go of its rings and devices: it counts as dead).
+bool PidAlive(int32_t pid) {
+  if (pid <= 0 || (kill(pid, 0) != 0 && errno != EPERM)) return false;
+  char path[64], buf[256];
+  snprintf(path, sizeof path, "/proc/%d/stat", pid);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return true;
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return true;
+  buf[n] = 0;
+  const char* p = strrchr(buf, ')');
+  return !(p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X'));
+}
 
 // Adds (or recovers) the device and starts serving it: runs on the threadpool.
 class StartWorker_ : public PromiseWorker {
@@ -706,6 +756,13 @@ class StartWorker_ : public PromiseWorker {
         // A device of this number exists: take it back from a dead daemon of this cache (user
         // recovery), refuse it otherwise.
         if (PidAlive(info.ublksrv_pid) && info.ublksrv_pid != getpid()) return Fail(EBUSY, "ublk device served by a live process");
+        // Its daemon just died: the driver quiesces the device in a work item after the dead
+        // process's ring is cancelled. Until then it still says LIVE; deciding then would delete it.
+        for (int i = 0; i < 1500 && info.state == kStateLive && (info.flags & kFUserRecovery); i++) {
+          usleep(20000);
+          if (CtrlCmd(s.ctrl_fd, kCmdGetDevInfo, static_cast<uint32_t>(want_), 0, &info, sizeof(info), 0) < 0) break;
+        }
+        if (info.state == kStateLive) return Fail(EBUSY, "ublk device live without its daemon");
         struct ublk_params p = {};
         p.len = sizeof(p);
         if (CtrlCmd(s.ctrl_fd, kCmdGetParams, static_cast<uint32_t>(want_), 0, &p, sizeof(p), 0) < 0 ||
@@ -733,6 +790,7 @@ class StartWorker_ : public PromiseWorker {
     if (r < 0) return Fail(-r, "UBLK_CMD_ADD_DEV");
     s.dev_id = static_cast<int>(info.dev_id);
     added_ = true;
+    s.owned = true;
     struct ublk_params p = {};
     p.len = sizeof(p);
     p.types = UBLK_PARAM_TYPE_BASIC | (s.read_only ? 0 : UBLK_PARAM_TYPE_DISCARD);
@@ -786,6 +844,7 @@ class StartWorker_ : public PromiseWorker {
     if (s.cdev_fd >= 0) close(s.cdev_fd);
     s.cdev_fd = -1;
     if (added_) CtrlCmd(s.ctrl_fd, kCmdDelDev, s.dev_id, 0, nullptr, 0, 0);
+    s.owned = false;
   }
 
   bool OpenQueue() {
@@ -821,8 +880,9 @@ class StartWorker_ : public PromiseWorker {
 
   void Recover(int32_t id, const struct ublksrv_ctrl_dev_info& info) {
     Server& s = *s_;
+    if (info.queue_depth != s.depth || info.nr_hw_queues != 1 || info.max_io_buf_bytes != s.buf_bytes)
+      return Fail(EEXIST, "ublk device of another queue shape");
     s.dev_id = id;
-    if (info.queue_depth != s.depth || info.nr_hw_queues != 1) return Fail(EEXIST, "ublk device of another queue shape");
     // The dead daemon's /dev/ublkcN may still be closing: START_USER_RECOVERY says EBUSY until then.
     int r = -EBUSY;
     for (int i = 0; i < 300 && r == -EBUSY; i++) {
@@ -834,6 +894,7 @@ class StartWorker_ : public PromiseWorker {
     r = CtrlCmd(s.ctrl_fd, kCmdEndRecovery, id, 0, nullptr, 0, static_cast<uint64_t>(getpid()));
     if (r < 0) return Fail(-r, "UBLK_CMD_END_USER_RECOVERY");
     s.recovered = true;
+    s.owned = true;
   }
 };
 
@@ -846,7 +907,8 @@ class StopWorker : public PromiseWorker {
 
   void Execute() override {
     Server& s = *s_;
-    int r = CtrlCmd(s.ctrl_fd, kCmdStopDev, s.dev_id, 0, nullptr, 0, 0);
+    int r = 0;
+    if (s.owned) r = CtrlCmd(s.ctrl_fd, kCmdStopDev, s.dev_id, 0, nullptr, 0, 0);
     if (r < 0 && r != -ENODEV) err_ = -r;
     s.stopping = true;
     uint64_t one = 1;
@@ -857,7 +919,8 @@ class StopWorker : public PromiseWorker {
     s.descs = nullptr;
     if (s.cdev_fd >= 0) close(s.cdev_fd);
     s.cdev_fd = -1;
-    r = CtrlCmd(s.ctrl_fd, kCmdDelDev, s.dev_id, 0, nullptr, 0, 0);
+    r = s.owned ? CtrlCmd(s.ctrl_fd, kCmdDelDev, s.dev_id, 0, nullptr, 0, 0) : 0;
+    s.owned = false;
     if (r < 0 && r != -ENODEV && err_ == 0) {
       err_ = -r;
       syscall_ = "UBLK_CMD_DEL_DEV";
@@ -951,6 +1014,7 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
   s->busy.assign(s->present.size(), 0);
   s->writing.assign(depth, {0, 0});
   s->tags.resize(depth);
+  s->tag_failures.assign(depth, 0);
   for (uint32_t t = 0; t < depth; t++) {
     void* b = nullptr;
     if (posix_memalign(&b, 4096, buf_bytes) != 0) {
@@ -1076,6 +1140,7 @@ Napi::Value Query(const Napi::CallbackInfo& info) {
   n("ioErrors", s->count.errors);
   o.Set("running", Napi::Boolean::New(env, s->thread.joinable() && !s->thread_done.load()));
   o.Set("threadError", Napi::Number::New(env, s->thread_error));
+  o.Set("cacheError", Napi::Number::New(env, s->cache_error.load()));
   return o;
 }
 

@@ -11,7 +11,9 @@
 // I/O wait, and the same command takes it back (START/END_USER_RECOVERY).
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { release } from 'node:os';
+import { readFile, rm, writeFile } from 'node:fs/promises';
+import { constants as osConstants, release } from 'node:os';
+import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type { CacheEngine } from '../cache/engine.js';
 import { DeviceBusyError, InternalError, InvalidArgumentError, ModuleMissingError } from '../errors.js';
@@ -58,6 +60,13 @@ export interface UblkOptions {
   sectorSize?: SectorSize;
   /** How often the counters are looked at for user activity (ms). Default 200. */
   pollMs?: number;
+  /**
+   * Where the record of which cache serves /dev/ublkbN is kept (RUN_DIR): a device a dead daemon
+   * left is taken back only by the same cache's command.
+   */
+  recordDir?: string;
+  /** Called when the queue thread died: the daemon must exit so that its restart takes the device back. Default: exit 70. */
+  onFatal?: (message: string) => void;
 }
 
 /** The ublk server's side of a /dev/ublkbN as status shows it. */
@@ -152,6 +161,14 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
     },
   });
 
+  const recordDir = options.recordDir;
+  try {
+    if (recordDir) await assertUblkAvailable(options.device, store.paths.cache, recordDir);
+  } catch (err) {
+    await server.stop().catch(() => undefined);
+    throw err;
+  }
+
   let started: native.UblkStarted;
   try {
     started = await server.start(want);
@@ -160,6 +177,8 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
     throw ublkError(options.device, err);
   }
   device = `/dev/ublkb${started.devId}`;
+  const owned = recordDir ? join(recordDir, `ublkb${started.devId}.cache`) : null;
+  if (owned) await writeFile(owned, `${store.paths.cache}\n`, { mode: 0o600 });
   if (!options.readOnly) engine.externalEpochs = epochs.external;
   if (started.recovered) logger.warn({ device }, `${device}: taken back from a daemon that died (user recovery: its queued I/O carries on)`);
   else logger.info({ device }, 'ublk device added');
@@ -170,9 +189,29 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
   // The server's counters, looked at every pollMs: requests it served without JS count as user
   // activity (the hydrator and the --on-ac flush wait for quiet).
   let served = -1;
+  let cacheError = 0;
+  const onFatal =
+    options.onFatal ??
+    ((message: string) => {
+      logger.fatal(message);
+      logger.flush?.();
+      // No detach: the device and its queued I/O wait for the restart (user recovery); the store
+      // recovers as after a crash.
+      process.exit(70);
+    });
   const poll = () => {
     if (removed) return;
     const q = server.query();
+    if (q.cacheError !== 0 && cacheError === 0) {
+      cacheError = q.cacheError;
+      logger.error(`${device}: a write or sync of the cache file ${store.paths.cache} failed (${errnoName(q.cacheError)}): writes and FLUSH fail with EIO until the daemon is restarted`);
+    }
+    if (!q.running) {
+      removed = true;
+      clearInterval(poller);
+      onFatal(`${device}: the ublk queue thread stopped (${q.threadError ? errnoName(q.threadError) : 'no error'}); exiting so that a restart of the same command takes the device back`);
+      return;
+    }
     const n = q.readHits + q.readMisses + q.writeHits + q.writeUpcalls + q.flushes;
     if (served >= 0 && n !== served) engine.lastRequestAt = Math.max(engine.lastRequestAt, Date.now());
     served = n;
@@ -210,8 +249,33 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
       // keeps answering until the server is gone.
       await server.stop();
       await handler!.drain();
+      if (owned) await rm(owned, { force: true });
     },
   };
+}
+
+function errnoName(errno: number): string {
+  for (const [name, n] of Object.entries(osConstants.errno)) if (n === errno) return name;
+  return `errno ${errno}`;
+}
+
+/**
+ * Refuses (DeviceBusyError), before any cache is opened or created (invariant 6), a /dev/ublkbN
+ * that exists and was not left by a daemon of this cache: a device a dead daemon left (user
+ * recovery keeps it, with its I/O queued) belongs to the cache that daemon served, whose path
+ * RECORD_DIR/ublkbN.cache holds. Whether its daemon is dead is the driver's to say at start.
+ */
+export async function assertUblkAvailable(device: string, cachePath: string, recordDir: string): Promise<void> {
+  const n = ublkIndex(device);
+  if (n < 0 || !existsSync(`/dev/ublkc${n}`)) return;
+  const owner = await readFile(join(recordDir, `ublkb${n}.cache`), 'utf8').then(
+    (t) => t.trim(),
+    () => null,
+  );
+  if (owner === cachePath) return;
+  throw new DeviceBusyError(
+    `${device} exists and is not this cache's device (${owner ? `it serves ${owner}` : 'no ulobdev record of it'}); attach it with its own command, or pick another N`,
+  );
 }
 
 /** One line for a failed start of /dev/ublkbN. */

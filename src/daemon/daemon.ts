@@ -17,7 +17,7 @@ import { ANY_LOOP, defaultName, frontendKind, type Frontend, type FrontendKind }
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/kernel-nbd.js';
 import { assertUloopAvailable, assertUloopModule, attachUloop, type UloopStatus } from '../bdev/uloop.js';
-import { assertUblkDriver, attachUblk, type UblkStatus } from '../bdev/ublk.js';
+import { assertUblkAvailable, assertUblkDriver, attachUblk, type UblkStatus } from '../bdev/ublk.js';
 import { assertLocalAddress, NbdServer, parseNbdUrl } from '../bdev/nbd-server/index.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
@@ -277,6 +277,7 @@ export class Daemon {
         );
       }
       paths = cachePaths(options, source.id);
+      if (kind === 'ublk') await assertUblkAvailable(options.device, paths.cache, runBase);
       // Only the default state directory is made here; a directory the user named must exist.
       await fsp.mkdir(dirname(paths.cache), { recursive: true, mode: 0o700 });
       await fsp.mkdir(dirname(paths.bitmap), { recursive: true, mode: 0o700 });
@@ -382,7 +383,7 @@ export class Daemon {
         const uloop = await attachUloop({ device: options.device, engine, readOnly, logger, sectorSize });
         if (hydrator) hydrator.fill = (offset, length) => uloop.hydrateFill(offset, length);
         frontend = uloop;
-      } else if (kind === 'ublk') frontend = await attachUblk({ device: options.device, engine, readOnly, logger, sectorSize });
+      } else if (kind === 'ublk') frontend = await attachUblk({ device: options.device, engine, readOnly, logger, sectorSize, recordDir: runBase });
       else frontend = { kind: 'serve', device: options.device, detach: async () => undefined };
       undo.push(() => frontend.detach());
       if (kind === 'nbd' || kind === 'uloop' || kind === 'ublk') await announceToUdev(frontend.device);
@@ -525,6 +526,9 @@ export class Daemon {
    */
   hydrate(rate = 0): HydrationProgress {
     if (this.#detaching) throw new NotAttachedError(`${this.device} is being detached`);
+    // The engine's fills would race the ublk server's writes into missing blocks (the same reason
+    // --hydrate is refused at attach).
+    if (this.#frontend.kind === 'ublk') throw hydrateOnUblk(this.device);
     if (!this.#hydrator) {
       this.#hydrator = new Hydrator(this.engine, { rate, onError: (err) => this.#logger.warn(`hydration: ${err.message}; retrying`) });
     }

@@ -57,6 +57,8 @@ export interface UblkCounts {
   running: boolean;
   /** The errno that stopped the queue thread, or 0. */
   threadError: number;
+  /** The first failed write or fdatasync of the cache file (a positive errno, sticky), or 0. */
+  cacheError: number;
 }
 
 export interface UblkStarted {
@@ -88,6 +90,7 @@ const b = addon<UblkBinding>();
 export class UblkServer {
   readonly #h: Handle;
   #stopped = false;
+  #gone = false;
   #started = false;
 
   constructor(options: UblkServerOptions, present: Uint8Array, dirty: Uint8Array, onUpcall: (u: UblkUpcall) => void) {
@@ -115,12 +118,19 @@ export class UblkServer {
   async stop(): Promise<void> {
     if (this.#stopped) return;
     this.#stopped = true;
-    await b.ublkStop(this.#h);
+    try {
+      await b.ublkStop(this.#h);
+    } finally {
+      this.#gone = true;
+    }
   }
 
-  /** Answers upcall `id` with 0 or a negative errno. */
+  /**
+   * Answers upcall `id` with 0 or a negative errno. Answers keep flowing while stop() runs: STOP_DEV
+   * waits for requests in flight, which may be waiting for exactly this answer.
+   */
   reply(id: number, error: number): void {
-    if (this.#stopped) return;
+    if (this.#gone) return;
     validateInteger(id, 'id', 0, 0xffffffff);
     validateInteger(error, 'error', -4095, 0);
     b.ublkReply(this.#h, id, error);
