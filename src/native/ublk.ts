@@ -1,6 +1,7 @@
 // The ublk server of native/ublk.cc: /dev/ublkbN through the kernel's ublk_drv, one queue thread
 // on io_uring serving hits from the cache file, upcalls to JS for what needs the store. This module
 // validates arguments and owns the handle's lifetime (one stop per server).
+import { InternalError } from '../errors.js';
 import { addon, invalidArgType, validateBytes, validateInteger } from './addon.js';
 
 /** /dev/ublk-control: present when ublk_drv is loaded. */
@@ -109,7 +110,7 @@ export class UblkServer {
   /** Adds /dev/ublkb`devId` (-1: any free N) and serves it. Rejects with a NativeError (ENOENT: no ublk_drv, EBUSY, EEXIST, ...). */
   async start(devId: number): Promise<UblkStarted> {
     validateInteger(devId, 'devId', -1, 1 << 20);
-    if (this.#started) throw new Error('UblkServer.start: already started');
+    if (this.#started) throw new InternalError('UblkServer.start: already started');
     this.#started = true;
     return b.ublkStart(this.#h, devId);
   }
