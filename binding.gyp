@@ -10,7 +10,8 @@
         "native/bitmap.cc",
         "native/process.cc",
         "native/power.cc",
-        "native/uloop.cc"
+        "native/uloop.cc",
+        "native/ublk.cc"
       ],
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")"

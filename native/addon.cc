@@ -146,7 +146,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   if (!Export<SetErrorClass>(env, exports, "setErrorClass") ||
       !InitIo(env, exports) || !InitBlkdev(env, exports) ||
       !InitBitmap(env, exports) || !InitProcess(env, exports) ||
-      !InitPower(env, exports) || !InitUloop(env, exports)) {
+      !InitPower(env, exports) || !InitUloop(env, exports) ||
+      !InitUblk(env, exports)) {
     return Napi::Object();
   }
   return exports;

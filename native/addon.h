@@ -40,9 +40,7 @@ void ThrowErrno(Napi::Env env, int err, const char* syscall);
 class PromiseWorker : public Napi::AsyncWorker {
  public:
   PromiseWorker(Napi::Env env, const char* name, const char* syscall)
-      : Napi::AsyncWorker(env, name),
-        deferred_(Napi::Promise::Deferred::New(env)),
-        syscall_(syscall) {}
+      : Napi::AsyncWorker(env, name), syscall_(syscall), deferred_(Napi::Promise::Deferred::New(env)) {}
 
   void Keep(size_t i, Napi::Object buffer) { keep_[i] = Napi::Persistent(buffer); }
   Napi::Promise Promise() const { return deferred_.Promise(); }
@@ -64,11 +62,11 @@ class PromiseWorker : public Napi::AsyncWorker {
   }
 
   int err_ = 0;  // positive errno, set by Execute() on the worker thread
+  const char* syscall_;  // what failed, for the error's message (Execute may name the step)
 
  private:
   Napi::Promise::Deferred deferred_;
   Napi::ObjectReference keep_[2];
-  const char* syscall_;
 };
 
 // Queues `w` and returns its promise, or an empty value (pending exception).
@@ -100,6 +98,7 @@ bool InitBitmap(Napi::Env env, Napi::Object exports);
 bool InitProcess(Napi::Env env, Napi::Object exports);
 bool InitUloop(Napi::Env env, Napi::Object exports);
 bool InitPower(Napi::Env env, Napi::Object exports);
+bool InitUblk(Napi::Env env, Napi::Object exports);
 
 // Registers `cb` as exports[name]; false with a pending exception on failure.
 template <Napi::Function::Callback cb>

@@ -163,6 +163,23 @@ async function openersOf(devs: ReadonlySet<string>, ignore: ReadonlySet<number>)
 }
 
 /**
+ * For race tests: when $ULOBDEV_PAUSE_FILE names a file that holds `NAME MS`, waits MS ms at the
+ * point named NAME (test/vm/ublk.test.ts writes the file while the daemon runs). No-op otherwise.
+ */
+export async function pausePoint(name: string): Promise<void> {
+  const file = process.env.ULOBDEV_PAUSE_FILE;
+  if (!file) return;
+  let said: string;
+  try {
+    said = (await fsp.readFile(file, 'utf8')).trim();
+  } catch {
+    return;
+  }
+  const [at, ms] = said.split(/\s+/);
+  if (at === name) await new Promise((r) => setTimeout(r, Number(ms) || 3000));
+}
+
+/**
  * For crash tests: SIGKILLs this process at the named point of its work when the environment
  * variable ULOBDEV_CRASH_AT names it (test/integration/crash-leftovers.test.ts). No-op otherwise.
  */

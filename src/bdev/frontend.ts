@@ -1,8 +1,9 @@
 // The DEVICE argument picks the frontend: /dev/loopN (loop over a FUSE-exported file), /dev/nbdN
-// (the kernel NBD client), an NBD URL (serve only), /dev/uloopN (our kernel module, kernel/uloop.c).
+// (the kernel NBD client), an NBD URL (serve only), /dev/uloopN (our kernel module, kernel/uloop.c),
+// /dev/ublkbN (the kernel's ublk driver, served by native/ublk.cc).
 import { InvalidArgumentError } from '../errors.js';
 
-export type FrontendKind = 'loop' | 'nbd' | 'serve' | 'uloop';
+export type FrontendKind = 'loop' | 'nbd' | 'serve' | 'uloop' | 'ublk';
 
 /** An attached frontend. detach() stops it; the NBD server and engine are closed by the caller. */
 export interface Frontend {
@@ -24,9 +25,10 @@ export function frontendKind(device: string): FrontendKind {
   if (/^\/dev\/loop\d*$/.test(device)) return 'loop';
   if (/^\/dev\/nbd\d+$/.test(device)) return 'nbd';
   if (/^\/dev\/uloop\d+$/.test(device)) return 'uloop';
+  if (/^\/dev\/ublkb\d*$/.test(device)) return 'ublk';
   if (/^nbd(\+unix)?:\/\//.test(device)) return 'serve';
   throw new InvalidArgumentError(
-    `DEVICE must be /dev/loopN, /dev/loop (the first free one), /dev/nbdN, /dev/uloopN, nbd+unix:///?socket=PATH or nbd://HOST:PORT, got ${JSON.stringify(device)}`,
+    `DEVICE must be /dev/loopN, /dev/loop (the first free one), /dev/nbdN, /dev/uloopN, /dev/ublkbN (/dev/ublkb: the next free one), nbd+unix:///?socket=PATH or nbd://HOST:PORT, got ${JSON.stringify(device)}`,
   );
 }
 

@@ -17,6 +17,7 @@ import { ANY_LOOP, defaultName, frontendKind, type Frontend, type FrontendKind }
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/kernel-nbd.js';
 import { assertUloopAvailable, assertUloopModule, attachUloop, type UloopStatus } from '../bdev/uloop.js';
+import { assertUblkAvailable, assertUblkDriver, attachUblk, type UblkStatus } from '../bdev/ublk.js';
 import { assertLocalAddress, NbdServer, parseNbdUrl } from '../bdev/nbd-server/index.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
@@ -138,6 +139,8 @@ export interface DeviceStatus {
   hydration?: HydrationProgress;
   /** /dev/uloopN: the kernel's exact counts and state (QUERY); cachedBytes and dirtyBytes come from it. */
   kernel?: UloopStatus;
+  /** /dev/ublkbN: the ublk server's counts (requests it served itself and upcalls). */
+  ublk?: UblkStatus;
 }
 
 /** The write-back and hydration settings of a daemon, as status shows them; null means not set. */
@@ -215,6 +218,7 @@ export class Daemon {
   static async start(options: AttachOptions): Promise<Daemon> {
     const kind = frontendKind(options.device);
     if (kind === 'uloop') assertUloopModule(options.device);
+    if (kind === 'ublk') assertUblkDriver(options.device);
     if (kind !== 'serve' && process.getuid?.() !== 0) throw new NotRootError(`binding ${options.device} needs root; run ulobdev as root (or serve an NBD URL instead)`);
     const name = options.name ?? defaultName(options.device);
     if (options.name !== undefined) checkDaemonName(options.name);
@@ -231,7 +235,8 @@ export class Daemon {
     }
     await assertNoDaemon(join(runBase, `${name}.sock`));
     await assertCacheDirsExist(options);
-    if (kind === 'uloop' && options.cacheSize) throw budgetOnUloop(options.device);
+    if ((kind === 'uloop' || kind === 'ublk') && options.cacheSize) throw budgetOnUloop(options.device);
+    if (kind === 'ublk' && options.writebackPolicy?.hydrateRate !== undefined) throw hydrateOnUblk(options.device);
     // The name is this process's from here on (RUN_DIR/NAME.json); what a dead daemon of the same
     // name left (a loop device bound to its FUSE file, nbdfuse, the mount) is let go first.
     const recovery =
@@ -272,6 +277,7 @@ export class Daemon {
         );
       }
       paths = cachePaths(options, source.id);
+      if (kind === 'ublk') await assertUblkAvailable(options.device, paths.cache, runBase);
       // Only the default state directory is made here; a directory the user named must exist.
       await fsp.mkdir(dirname(paths.cache), { recursive: true, mode: 0o700 });
       await fsp.mkdir(dirname(paths.bitmap), { recursive: true, mode: 0o700 });
@@ -286,7 +292,7 @@ export class Daemon {
       });
       undo.push(() => store.close());
       // The budget the cache already had counts as much as one given now.
-      if (store.budget !== null && kind === 'uloop') throw budgetOnUloop(options.device);
+      if (store.budget !== null && (kind === 'uloop' || kind === 'ublk')) throw budgetOnUloop(options.device);
       if (store.budget !== null && policy.hydrateRate !== undefined && store.budget < source.size) throw hydrateOverBudget(store.budget, source.size);
       if (store.recoveredFromCrash) logger.warn('the cache was not closed cleanly last time; recovered its dirty set from the metadata');
       assertSectorFits(sectorSize, store.geometry.blockSize, source.description, false);
@@ -365,7 +371,7 @@ export class Daemon {
       const socket = 'path' in address ? address.path : '';
       // For udev (contrib/udev/ulobdev-name): which /dev/nbdN or /dev/uloopN this daemon serves, so
       // the device gets its stable name /dev/ulobdev/NAME; a loop device's file path says it already.
-      if (kind === 'nbd' || kind === 'uloop') {
+      if (kind === 'nbd' || kind === 'uloop' || kind === 'ublk') {
         await fsp.writeFile(join(runDir, 'pid'), `${process.pid}\n`);
         await fsp.writeFile(join(runDir, 'device'), `${options.device}\n`);
       }
@@ -377,10 +383,10 @@ export class Daemon {
         const uloop = await attachUloop({ device: options.device, engine, readOnly, logger, sectorSize });
         if (hydrator) hydrator.fill = (offset, length) => uloop.hydrateFill(offset, length);
         frontend = uloop;
-      }
+      } else if (kind === 'ublk') frontend = await attachUblk({ device: options.device, engine, readOnly, logger, sectorSize, recordDir: runBase });
       else frontend = { kind: 'serve', device: options.device, detach: async () => undefined };
       undo.push(() => frontend.detach());
-      if (kind === 'nbd' || kind === 'uloop') await announceToUdev(frontend.device);
+      if (kind === 'nbd' || kind === 'uloop' || kind === 'ublk') await announceToUdev(frontend.device);
       // /dev/loop took the first free loop device: the record names the one it took.
       if (frontend.device !== options.device) await updateRecordDevice(runBase, name, frontend.device);
       crashPoint('attach:bound');
@@ -422,6 +428,13 @@ export class Daemon {
     // A kernel frontend serves hits and keeps dirty bits the store learns of only at barriers:
     // its own counts are the exact ones.
     const kernel = 'kernelStatus' in this.#frontend ? (this.#frontend as { kernelStatus(): UloopStatus | null }).kernelStatus() ?? undefined : undefined;
+    const ublk = 'ublkStatus' in this.#frontend ? (this.#frontend as { ublkStatus(): UblkStatus | null }).ublkStatus() ?? undefined : undefined;
+    if (ublk) {
+      s.presentBlocks = ublk.presentBlocks;
+      s.dirtyBlocks = ublk.dirtyBlocks;
+      s.readHits = ublk.readHits;
+      s.readMisses = ublk.readMisses;
+    }
     if (kernel) {
       s.presentBlocks = kernel.presentBlocks;
       s.dirtyBlocks = kernel.dirtyBlocks;
@@ -462,6 +475,7 @@ export class Daemon {
       hydration: this.#hydrator?.progress(),
       policy: this.#policyStatus(),
       kernel,
+      ublk,
     };
   }
 
@@ -512,6 +526,9 @@ export class Daemon {
    */
   hydrate(rate = 0): HydrationProgress {
     if (this.#detaching) throw new NotAttachedError(`${this.device} is being detached`);
+    // The engine's fills would race the ublk server's writes into missing blocks (the same reason
+    // --hydrate is refused at attach).
+    if (this.#frontend.kind === 'ublk') throw hydrateOnUblk(this.device);
     if (!this.#hydrator) {
       this.#hydrator = new Hydrator(this.engine, { rate, onError: (err) => this.#logger.warn(`hydration: ${err.message}; retrying`) });
     }
@@ -775,6 +792,10 @@ function observeReads(source: Source, onRead: () => void): Source {
 /** --cache-size in bytes for a disk of `diskSize` bytes. */
 export function budgetBytes(size: CacheSize, diskSize: number): number {
   return 'bytes' in size ? size.bytes : Math.max(1, Math.floor((diskSize * size.percent) / 100));
+}
+
+function hydrateOnUblk(device: string): InvalidArgumentError {
+  return new InvalidArgumentError(`--hydrate is not wired to ${device} yet (the ublk server writes missing blocks the hydrator would fill); hydrate through /dev/loopN or /dev/uloopN, or leave it out`);
 }
 
 function budgetOnUloop(device: string): InvalidArgumentError {

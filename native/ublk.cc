@@ -1,0 +1,1156 @@
+// A ublk server (the kernel's ublk_drv, Documentation/block/ublk.rst): /dev/ublkbN served by one
+// queue thread driving its own io_uring (raw syscalls, 128-byte SQEs, IORING_OP_URING_CMD) on
+// /dev/ublkcN. The thread serves hits itself, straight from and to the cache file (reads of present
+// blocks, writes into dirty blocks, FLUSH as fdatasync of the cache file); what needs the daemon's
+// store goes to JS as an upcall through a ThreadSafeFunction, as uloop.ko's messages do (a MISS
+// fills blocks, an INTENT makes them durably dirty, a PRESERVE keeps a flush epoch's version) and
+// the request waits for the reply. The block state it serves from (present, dirty, the epoch's
+// snapshot) mirrors what uloop.ko keeps; the JS side hands it the store's bitmaps at start.
+//
+// Control commands go through a second ring on /dev/ublk-control and block (START_DEV waits for
+// the queue's fetches and scans partitions through it, STOP_DEV waits for I/O in flight): they run
+// on libuv's threadpool so misses can still reach JS meanwhile.
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/io_uring.h>
+#include <linux/ublk_cmd.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "addon.h"
+
+namespace ulob {
+
+namespace {
+
+// ioctl-encoded command opcodes (ublk_cmd.h of 6.5+; Debian 12's header predates them). The
+// driver dispatches on _IOC_NR except GET_FEATURES, which it compares whole.
+constexpr uint32_t kCmdGetDevInfo = _IOR('u', 0x02, struct ublksrv_ctrl_cmd);
+constexpr uint32_t kCmdAddDev = _IOWR('u', 0x04, struct ublksrv_ctrl_cmd);
+constexpr uint32_t kCmdDelDev = _IOWR('u', 0x05, struct ublksrv_ctrl_cmd);
+constexpr uint32_t kCmdStartDev = _IOWR('u', 0x06, struct ublksrv_ctrl_cmd);
+constexpr uint32_t kCmdStopDev = _IOWR('u', 0x07, struct ublksrv_ctrl_cmd);
+constexpr uint32_t kCmdSetParams = _IOWR('u', 0x08, struct ublksrv_ctrl_cmd);
+constexpr uint32_t kCmdGetParams = _IOR('u', 0x09, struct ublksrv_ctrl_cmd);
+constexpr uint32_t kCmdStartRecovery = _IOWR('u', 0x10, struct ublksrv_ctrl_cmd);
+constexpr uint32_t kCmdEndRecovery = _IOWR('u', 0x11, struct ublksrv_ctrl_cmd);
+constexpr uint32_t kCmdGetFeatures = _IOR('u', 0x13, struct ublksrv_ctrl_cmd);
+constexpr uint32_t kIoFetch = _IOWR('u', 0x20, struct ublksrv_io_cmd);
+constexpr uint32_t kIoCommitFetch = _IOWR('u', 0x21, struct ublksrv_io_cmd);
+
+constexpr uint64_t kFUserRecovery = 1ULL << 3;
+constexpr uint64_t kFUserRecoveryReissue = 1ULL << 4;
+constexpr uint64_t kFCmdIoctlEncode = 1ULL << 6;
+
+constexpr uint8_t kOpRead = 0, kOpWrite = 1, kOpFlush = 2, kOpDiscard = 3, kOpWriteZeroes = 5;
+constexpr uint32_t kIoFFua = 1U << 13;  // UBLK_IO_F_FUA, in op_flags >> 8 terms: bit 13 of op_flags
+constexpr int kStateLive = 1, kStateQuiesced = 2;
+
+constexpr uint64_t kEventData = ~0ULL;  // user_data of the eventfd read
+
+// ---- a minimal io_uring (128-byte SQEs) ----
+struct Ring {
+  int fd = -1;
+  unsigned entries = 0;
+  void* sq_ptr = nullptr;
+  size_t sq_len = 0;
+  void* cq_ptr = nullptr;
+  size_t cq_len = 0;
+  uint8_t* sqes = nullptr;
+  size_t sqes_len = 0;
+  unsigned *sq_head, *sq_tail, *sq_mask, *sq_array;
+  unsigned *cq_head, *cq_tail, *cq_mask;
+  struct io_uring_cqe* cqes;
+  unsigned to_submit = 0;
+
+  int Init(unsigned n) {
+    struct io_uring_params p = {};
+    p.flags = IORING_SETUP_SQE128;
+    fd = static_cast<int>(syscall(__NR_io_uring_setup, n, &p));
+    if (fd < 0) return errno;
+    entries = p.sq_entries;
+    sq_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    cq_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    bool single = p.features & IORING_FEAT_SINGLE_MMAP;
+    if (single && cq_len > sq_len) sq_len = cq_len;
+    sq_ptr = mmap(nullptr, sq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQ_RING);
+    if (sq_ptr == MAP_FAILED) return Fail();
+    if (single) {
+      cq_ptr = sq_ptr;
+    } else {
+      cq_ptr = mmap(nullptr, cq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_CQ_RING);
+      if (cq_ptr == MAP_FAILED) return Fail();
+    }
+    sqes_len = p.sq_entries * 128;
+    void* s = mmap(nullptr, sqes_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQES);
+    if (s == MAP_FAILED) return Fail();
+    sqes = static_cast<uint8_t*>(s);
+    auto at = [](void* base, unsigned off) { return reinterpret_cast<unsigned*>(static_cast<uint8_t*>(base) + off); };
+    sq_head = at(sq_ptr, p.sq_off.head);
+    sq_tail = at(sq_ptr, p.sq_off.tail);
+    sq_mask = at(sq_ptr, p.sq_off.ring_mask);
+    sq_array = at(sq_ptr, p.sq_off.array);
+    cq_head = at(cq_ptr, p.cq_off.head);
+    cq_tail = at(cq_ptr, p.cq_off.tail);
+    cq_mask = at(cq_ptr, p.cq_off.ring_mask);
+    cqes = reinterpret_cast<struct io_uring_cqe*>(static_cast<uint8_t*>(cq_ptr) + p.cq_off.cqes);
+    return 0;
+  }
+
+  int Fail() {
+    int e = errno;
+    Close();
+    return e;
+  }
+
+  void Close() {
+    if (sqes && sqes != MAP_FAILED) munmap(sqes, sqes_len);
+    if (cq_ptr && cq_ptr != MAP_FAILED && cq_ptr != sq_ptr) munmap(cq_ptr, cq_len);
+    if (sq_ptr && sq_ptr != MAP_FAILED) munmap(sq_ptr, sq_len);
+    sqes = nullptr;
+    cq_ptr = sq_ptr = nullptr;
+    if (fd >= 0) close(fd);
+    fd = -1;
+  }
+
+  // A zeroed SQE, or null when the ring is full (submit first).
+  struct io_uring_sqe* Get() {
+    unsigned tail = *sq_tail;
+    unsigned head = __atomic_load_n(sq_head, __ATOMIC_ACQUIRE);
+    if (tail - head >= entries) return nullptr;
+    unsigned i = tail & *sq_mask;
+    auto* sqe = reinterpret_cast<struct io_uring_sqe*>(sqes + 128 * i);
+    memset(sqe, 0, 128);
+    sq_array[i] = i;
+    __atomic_store_n(sq_tail, tail + 1, __ATOMIC_RELEASE);
+    to_submit++;
+    return sqe;
+  }
+
+  // Submits what was queued and waits for at least `wait` completions; 0 or a positive errno.
+  int Enter(unsigned wait) {
+    for (;;) {
+      long r = syscall(__NR_io_uring_enter, fd, to_submit, wait, wait ? IORING_ENTER_GETEVENTS : 0, nullptr, 0);
+      if (r >= 0) {
+        to_submit -= static_cast<unsigned>(r) < to_submit ? static_cast<unsigned>(r) : to_submit;
+        return 0;
+      }
+      if (errno == EINTR) continue;
+      return errno;
+    }
+  }
+
+  template <typename F>
+  unsigned Reap(F&& f) {
+    unsigned head = *cq_head, n = 0;
+    unsigned tail = __atomic_load_n(cq_tail, __ATOMIC_ACQUIRE);
+    for (; head != tail; head++, n++) f(cqes[head & *cq_mask]);
+    __atomic_store_n(cq_head, head, __ATOMIC_RELEASE);
+    return n;
+  }
+};
+
+// One control command on its own short-lived ring: result (>= 0) or a negative errno.
+int CtrlCmd(int ctrl_fd, uint32_t op, uint32_t dev_id, uint16_t queue_id, void* addr, uint16_t len, uint64_t data0) {
+  Ring r;
+  int e = r.Init(4);
+  if (e) return -e;
+  auto* sqe = r.Get();
+  sqe->opcode = IORING_OP_URING_CMD;
+  sqe->fd = ctrl_fd;
+  sqe->cmd_op = op;
+  auto* c = reinterpret_cast<struct ublksrv_ctrl_cmd*>(sqe->cmd);
+  c->dev_id = dev_id;
+  c->queue_id = queue_id;
+  c->addr = reinterpret_cast<uintptr_t>(addr);
+  c->len = len;
+  c->data[0] = data0;
+  e = r.Enter(1);
+  int res = -EIO;
+  if (e) res = -e;
+  else r.Reap([&](const struct io_uring_cqe& cqe) { res = cqe.res; });
+  r.Close();
+  return res;
+}
+
+// ---- bitmaps (one bit per block, 64-bit words) ----
+using Bits = std::vector<uint64_t>;
+inline bool Test(const Bits& b, uint64_t i) { return (b[i >> 6] >> (i & 63)) & 1; }
+inline void Set(Bits& b, uint64_t i) { b[i >> 6] |= 1ULL << (i & 63); }
+inline void Clear(Bits& b, uint64_t i) { b[i >> 6] &= ~(1ULL << (i & 63)); }
+bool AllSet(const Bits& b, uint64_t first, uint64_t end) {
+  for (uint64_t i = first; i < end; i++)
+    if (!Test(b, i)) return false;
+  return true;
+}
+bool AnySet(const Bits& b, uint64_t first, uint64_t end) {
+  for (uint64_t i = first; i < end; i++)
+    if (Test(b, i)) return true;
+  return false;
+}
+void SetRange(Bits& b, uint64_t first, uint64_t end) {
+  for (uint64_t i = first; i < end; i++) Set(b, i);
+}
+void FromBytes(Bits& b, const uint8_t* p, size_t n, uint64_t blocks) {
+  b.assign((blocks + 63) / 64, 0);
+  for (uint64_t i = 0; i < blocks && (i >> 3) < n; i++)
+    if ((p[i >> 3] >> (i & 7)) & 1) Set(b, i);
+}
+void ToBytes(const Bits& b, uint8_t* p, size_t n, uint64_t blocks) {
+  memset(p, 0, n);
+  for (uint64_t i = 0; i < blocks && (i >> 3) < n; i++)
+    if (Test(b, i)) p[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
+}
+
+// Upcall types, as src/bdev/ublk.ts names them for UpcallHandler.
+enum : uint8_t { kUpMiss = 0, kUpIntent = 1, kUpPreserve = 2 };
+
+struct UpcallMsg {
+  uint32_t id;
+  uint8_t type;
+  uint64_t offset, length, epoch;
+};
+
+// Steps of a request that needs the daemon (see Advance).
+enum Step : uint8_t { kReadMiss, kReadDone, kWHead, kWTail, kWWhole, kWPreserve, kWPreserved, kWIntent, kWIntented, kWWrite };
+
+struct Tag {
+  uint8_t op = 0;
+  bool fua = false;
+  uint64_t off = 0, len = 0, first = 0, end = 0;
+  Step step = kReadMiss;
+  uint16_t seq = 0;
+  bool waiting = false;  // an upcall is out
+  bool holds = false;    // holds busy on [first, end)
+  uint64_t up_epoch = 0;
+  uint8_t up_type = 0;               // the upcall out: its type and blocks [up_first, up_end)
+  uint64_t up_first = 0, up_end = 0;
+};
+
+struct Counters {
+  std::atomic<uint64_t> read_hits{0}, read_misses{0}, write_hits{0}, write_upcalls{0}, flushes{0}, errors{0};
+};
+
+class Server {
+ public:
+  // Set up by Start (worker thread), read-only afterwards.
+  int ctrl_fd = -1;
+  int cdev_fd = -1;
+  int cache_fd = -1;
+  int event_fd = -1;
+  int dev_id = -1;
+  // This server added the device or took it back: only then may it stop and delete it.
+  std::atomic<bool> owned{false};
+  uint16_t depth = 32;
+  uint32_t buf_bytes = 256 << 10;
+  uint64_t size = 0;
+  uint32_t block_size = 4096;
+  uint64_t blocks = 0;
+  uint32_t lbs = 512, pbs = 4096;
+  bool read_only = false;
+  bool recovered = false;
+  uint64_t features = 0;
+  struct ublksrv_io_desc* descs = nullptr;
+  size_t descs_len = 0;
+  std::vector<uint8_t*> bufs;
+  Ring q;
+  std::thread thread;
+  Napi::ThreadSafeFunction tsfn;
+  std::atomic<bool> stopping{false};
+  std::atomic<bool> thread_done{false};
+  // The first failed write or fdatasync of the cache file (a positive errno), for good: Linux
+  // reports a writeback error once and then calls the lost pages clean, so a later fdatasync that
+  // succeeds proves nothing. Writes, FUA and FLUSH fail with EIO from then on; the daemon exits
+  // and its restart (the store's dirty set, recorded before every acknowledgement) takes over.
+  std::atomic<int> cache_error{0};
+  int thread_error = 0;
+  Counters count;
+  // Fault injection for the VM test ($ULOBDEV_UBLK_FAULT, read at create): the n-th fdatasync
+  // fails with EIO without syncing; io_uring_enter fails with ENOMEM once n requests were served.
+  uint64_t fault_fsync_at = 0, fault_enter_at = 0, syncs = 0, served = 0;
+
+  // Block state, shared with the JS thread (epoch calls, query): under mu.
+  std::mutex mu;
+  Bits present, dirty, snap, touched;
+  bool epoch_open = false;
+  uint64_t epoch = 0;
+  std::vector<std::pair<uint64_t, uint64_t>> writing;  // per tag: native write in flight [first, end)
+
+  // Replies from JS, handed to the queue thread through event_fd.
+  std::mutex reply_mu;
+  std::vector<std::pair<uint32_t, int32_t>> replies;
+
+  // Queue thread only.
+  Bits busy;
+  std::vector<Tag> tags;
+  std::deque<uint16_t> parked;
+  std::vector<uint8_t> tag_failures;
+  uint64_t event_buf = 0;
+  unsigned aborted = 0;
+
+  ~Server() {
+    for (auto* b : bufs) free(b);
+    if (descs) munmap(descs, descs_len);
+    q.Close();
+    if (cdev_fd >= 0) close(cdev_fd);
+    if (cache_fd >= 0) close(cache_fd);
+    if (event_fd >= 0) close(event_fd);
+    if (ctrl_fd >= 0) close(ctrl_fd);
+  }
+
+  uint64_t BlockEnd(uint64_t off, uint64_t len) const { return (off + len + block_size - 1) / block_size; }
+  uint64_t Bytes(uint64_t first, uint64_t end) const {
+    uint64_t e = end * block_size;
+    return (e > size ? size : e) - first * block_size;
+  }
+
+  // ---- the queue thread ----
+  void QueueIo(uint16_t tag, uint32_t op, int32_t result) {
+    auto* sqe = q.Get();
+    if (!sqe) {  // full: push what is queued and retry (depth + 1 entries, so rare)
+      q.Enter(0);
+      sqe = q.Get();
+    }
+    sqe->opcode = IORING_OP_URING_CMD;
+    sqe->fd = cdev_fd;
+    sqe->cmd_op = op;
+    sqe->user_data = tag;
+    auto* c = reinterpret_cast<struct ublksrv_io_cmd*>(sqe->cmd);
+    c->q_id = 0;
+    c->tag = tag;
+    c->result = result;
+    c->addr = reinterpret_cast<uintptr_t>(bufs[tag]);
+  }
+
+  void ArmEvent() {
+    auto* sqe = q.Get();
+    if (!sqe) {
+      q.Enter(0);
+      sqe = q.Get();
+    }
+    sqe->opcode = IORING_OP_READ;
+    sqe->fd = event_fd;
+    sqe->addr = reinterpret_cast<uintptr_t>(&event_buf);
+    sqe->len = sizeof(event_buf);
+    sqe->user_data = kEventData;
+  }
+
+  void Run() {
+    for (uint16_t t = 0; t < depth; t++) QueueIo(t, kIoFetch, -1);
+    ArmEvent();
+    while (!stopping.load()) {
+      int e = fault_enter_at && served >= fault_enter_at ? ENOMEM : q.Enter(1);
+      if (e == EAGAIN || e == EBUSY) {  // io_uring_enter(2): transient, try again shortly
+        usleep(1000);
+        continue;
+      }
+      if (e) {
+        thread_error = e;
+        break;
+      }
+      q.Reap([&](const struct io_uring_cqe& cqe) {
+        if (cqe.user_data == kEventData) {
+          TakeReplies();
+          if (!stopping.load()) ArmEvent();
+          return;
+        }
+        uint16_t tag = static_cast<uint16_t>(cqe.user_data);
+        if (cqe.res == 0) {  // UBLK_IO_RES_OK: a request
+          served++;
+          Handle(tag);
+        }
+        else if (cqe.res == -ENODEV) aborted++;         // UBLK_IO_RES_ABORT: the device is going
+        else if (cqe.res < 0 && ++tag_failures[tag] <= 3) {
+          // The driver refused the command: its request (if any) is failed, the tag fetched again.
+          count.errors++;
+          QueueIo(tag, kIoCommitFetch, -EIO);
+        } else if (cqe.res < 0) {
+          thread_error = -cqe.res;
+          aborted = depth;
+        }
+      });
+      if (aborted >= depth) break;
+    }
+    // Unless stopped, this is the end of serving: closing the ring makes the driver cancel the
+    // fetches, so the device quiesces (user recovery) for the next daemon; JS sees thread_done.
+    if (!stopping.load()) q.Close();
+    thread_done = true;
+  }
+
+  void Finish(uint16_t tag, int32_t result) {
+    Tag& t = tags[tag];
+    if (result < 0) count.errors++;
+    if (t.holds) {
+      for (uint64_t i = t.first; i < t.end; i++) Clear(busy, i);
+      t.holds = false;
+      // Requests that waited for these blocks try again.
+      std::deque<uint16_t> again;
+      again.swap(parked);
+      for (uint16_t p : again) Start(p);
+    }
+    t.waiting = false;
+    QueueIo(tag, kIoCommitFetch, result);
+  }
+
+  int32_t Pread(uint16_t tag) {
+    Tag& t = tags[tag];
+    uint64_t done = 0;
+    while (done < t.len) {
+      ssize_t n = pread(cache_fd, bufs[tag] + done, t.len - done, static_cast<off_t>(t.off + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return n < 0 ? -errno : -EIO;
+      done += static_cast<uint64_t>(n);
+    }
+    return static_cast<int32_t>(t.len);
+  }
+
+  int32_t Pwrite(uint16_t tag, uint64_t off, uint64_t len) {
+    Tag& t = tags[tag];
+    uint64_t done = 0;
+    const uint8_t* src = bufs[tag] + (off - t.off);
+    while (done < len) {
+      ssize_t n = pwrite(cache_fd, src + done, len - done, static_cast<off_t>(off + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        int e = n < 0 ? errno : EIO;
+        int zero = 0;
+        cache_error.compare_exchange_strong(zero, e);
+        return -e;
+      }
+      done += static_cast<uint64_t>(n);
+    }
+    return 0;
+  }
+
+  int32_t Sync() {
+    count.flushes++;
+    if (cache_error.load()) return -EIO;
+    int e = fault_fsync_at && ++syncs == fault_fsync_at ? EIO : fdatasync(cache_fd) == 0 ? 0 : errno;
+    if (e) {
+      int zero = 0;
+      cache_error.compare_exchange_strong(zero, e);
+      return -EIO;
+    }
+    return 0;
+  }
+
+  // A new request on `tag` (FETCH completed): served here, or started on its way through JS.
+  void Handle(uint16_t tag) {
+    const struct ublksrv_io_desc& d = descs[tag];
+    Tag& t = tags[tag];
+    t.op = static_cast<uint8_t>(d.op_flags & 0xff);
+    t.fua = (d.op_flags & kIoFFua) != 0;
+    t.off = d.start_sector << 9;
+    t.len = static_cast<uint64_t>(d.nr_sectors) << 9;
+    t.first = t.off / block_size;
+    t.end = BlockEnd(t.off, t.len);
+    t.holds = t.waiting = false;
+    if (t.op == kOpFlush) return Finish(tag, Sync());
+    if (t.op != kOpRead && t.op != kOpWrite && t.op != kOpDiscard && t.op != kOpWriteZeroes) return Finish(tag, -EOPNOTSUPP);
+    if (t.off + t.len > size || t.len > buf_bytes) return Finish(tag, -EIO);
+    if (t.op == kOpRead) {
+      bool hit;
+      {
+        std::lock_guard<std::mutex> g(mu);
+        hit = AllSet(present, t.first, t.end);
+      }
+      if (hit) {
+        count.read_hits++;
+        return Finish(tag, Pread(tag));
+      }
+      count.read_misses++;
+      t.step = kReadMiss;
+      return Start(tag);
+    }
+    if (read_only) return Finish(tag, -EROFS);
+    if (cache_error.load()) return Finish(tag, -EIO);
+    // DISCARD and WRITE_ZEROES write zeros: the range then reads as zeros, as the engine's TRIM
+    // promises, and reaches the disk at the next flush.
+    if (t.op != kOpWrite) memset(bufs[tag], 0, t.len);
+    if (FastWrite(tag)) return;
+    count.write_upcalls++;
+    t.step = kWHead;
+    Start(tag);
+  }
+
+  // A write into blocks that are all dirty, outside a flush epoch's unpreserved snapshot: written
+  // here. False when it needs the daemon.
+  bool FastWrite(uint16_t tag) {
+    Tag& t = tags[tag];
+    {
+      std::lock_guard<std::mutex> g(mu);
+      if (!AllSet(dirty, t.first, t.end)) return false;
+      if (epoch_open && AnySet(snap, t.first, t.end)) return false;
+      if (epoch_open) SetRange(touched, t.first, t.end);
+      writing[tag] = {t.first, t.end};
+    }
+    count.write_hits++;
+    int32_t r = Pwrite(tag, t.off, t.len);
+    {
+      std::lock_guard<std::mutex> g(mu);
+      writing[tag] = {0, 0};
+    }
+    if (r == 0 && t.fua) r = Sync();
+    Finish(tag, r == 0 ? static_cast<int32_t>(t.len) : r);
+    return true;
+  }
+
+  // Takes the request's blocks (or parks it behind another request holding some) and advances it.
+  void Start(uint16_t tag) {
+    Tag& t = tags[tag];
+    if (AnySet(busy, t.first, t.end)) {
+      parked.push_back(tag);
+      return;
+    }
+    SetRange(busy, t.first, t.end);
+    t.holds = true;
+    Advance(tag);
+  }
+
+  void Upcall(uint16_t tag, uint8_t type, uint64_t first, uint64_t end, uint64_t ep) {
+    Tag& t = tags[tag];
+    t.seq++;
+    t.waiting = true;
+    t.up_type = type;
+    t.up_first = first;
+    t.up_end = end;
+    auto* m = new UpcallMsg{static_cast<uint32_t>(t.seq) << 16 | tag, type, first * block_size, Bytes(first, end), ep};
+    napi_status s = tsfn.NonBlockingCall(m, [](Napi::Env env, Napi::Function fn, UpcallMsg* u) {
+      if (env != nullptr && fn != nullptr) {
+        fn.Call({Napi::Number::New(env, u->id), Napi::Number::New(env, u->type), Napi::Number::New(env, static_cast<double>(u->offset)),
+                 Napi::Number::New(env, static_cast<double>(u->length)), Napi::Number::New(env, static_cast<double>(u->epoch))});
+      }
+      delete u;
+    });
+    if (s != napi_ok) {
+      delete m;
+      Finish(tag, -EIO);
+    }
+  }
+
+  void TakeReplies() {
+    std::vector<std::pair<uint32_t, int32_t>> got;
+    {
+      std::lock_guard<std::mutex> g(reply_mu);
+      got.swap(replies);
+    }
+    for (auto [id, error] : got) {
+      uint16_t tag = id & 0xffff;
+      if (tag >= depth) continue;
+      Tag& t = tags[tag];
+      if (!t.waiting || t.seq != (id >> 16)) continue;
+      t.waiting = false;
+      if (error < 0) {
+        Finish(tag, error);
+        continue;
+      }
+      // A MISS answered: exactly its blocks are in the cache file now. Nothing else sets present
+      // but an answered INTENT (after the data of whole missing blocks was written).
+      if (t.up_type == kUpMiss) {
+        std::lock_guard<std::mutex> g(mu);
+        SetRange(present, t.up_first, t.up_end);
+      }
+      Advance(tag);
+    }
+  }
+
+  bool Partial(uint64_t block, const Tag& t) const {
+    uint64_t b0 = block * block_size, b1 = b0 + block_size > size ? size : b0 + block_size;
+    return t.off > b0 || t.off + t.len < b1;
+  }
+
+  // The steps of a request that holds its blocks: each upcall returns, and its reply resumes here.
+  void Advance(uint16_t tag) {
+    Tag& t = tags[tag];
+    for (;;) {
+      switch (t.step) {
+        case kReadMiss:
+          t.step = kReadDone;
+          return Upcall(tag, kUpMiss, t.first, t.end, 0);
+        case kReadDone:
+          return Finish(tag, Pread(tag));
+        case kWHead: {
+          // A block the write covers in part and the cache does not hold is filled first (rule 5).
+          t.step = kWTail;
+          bool miss;
+          {
+            std::lock_guard<std::mutex> g(mu);
+            miss = Partial(t.first, t) && !Test(present, t.first);
+          }
+          if (miss) return Upcall(tag, kUpMiss, t.first, t.first + 1, 0);
+          break;
+        }
+        case kWTail: {
+          t.step = kWWhole;
+          uint64_t last = t.end - 1;
+          bool miss;
+          {
+            std::lock_guard<std::mutex> g(mu);
+            miss = last != t.first && Partial(last, t) && !Test(present, last);
+          }
+          if (miss) return Upcall(tag, kUpMiss, last, last + 1, 0);
+          break;
+        }
+        case kWWhole: {
+          // Whole blocks the cache does not hold get their data before the intent: the intent
+          // syncs it before it records them dirty (invariant 1), and a crash before the intent
+          // leaves them missing, so they read from the disk (an unacknowledged write's right).
+          t.step = kWPreserve;
+          for (uint64_t b = t.first; b < t.end; b++) {
+            bool have;
+            {
+              std::lock_guard<std::mutex> g(mu);
+              have = Test(present, b);
+            }
+            if (have) continue;
+            uint64_t b0 = b * block_size, b1 = b0 + block_size;
+            uint64_t s = t.off > b0 ? t.off : b0, e = t.off + t.len < b1 ? t.off + t.len : b1;
+            int32_t r = Pwrite(tag, s, e - s);
+            if (r < 0) return Finish(tag, r);
+          }
+          break;
+        }
+        case kWPreserve: {
+          uint64_t ep = 0;
+          {
+            std::lock_guard<std::mutex> g(mu);
+            if (epoch_open && AnySet(snap, t.first, t.end)) ep = epoch;
+          }
+          t.step = kWIntent;
+          if (ep) {
+            t.up_epoch = ep;
+            t.step = kWPreserved;
+            return Upcall(tag, kUpPreserve, t.first, t.end, ep);
+          }
+          break;
+        }
+        case kWPreserved: {
+          std::lock_guard<std::mutex> g(mu);
+          if (epoch_open && epoch == t.up_epoch) {
+            for (uint64_t i = t.first; i < t.end; i++) Clear(snap, i);
+            SetRange(touched, t.first, t.end);
+          }
+          t.step = kWIntent;
+          break;
+        }
+        case kWIntent: {
+          bool need;
+          {
+            std::lock_guard<std::mutex> g(mu);
+            need = !AllSet(dirty, t.first, t.end);
+          }
+          t.step = kWWrite;
+          if (need) {
+            t.step = kWIntented;
+            return Upcall(tag, kUpIntent, t.first, t.end, 0);
+          }
+          break;
+        }
+        case kWIntented: {
+          std::lock_guard<std::mutex> g(mu);
+          SetRange(dirty, t.first, t.end);
+          SetRange(present, t.first, t.end);
+          t.step = kWWrite;
+          break;
+        }
+        case kWWrite: {
+          {
+            std::lock_guard<std::mutex> g(mu);
+            // An epoch begun since the preserve step: its version of these blocks first.
+            if (epoch_open && AnySet(snap, t.first, t.end)) {
+              t.step = kWPreserve;
+              continue;
+            }
+            // A flush epoch committed since the intent may have cleaned these blocks: intent again.
+            if (!AllSet(dirty, t.first, t.end)) {
+              t.step = kWIntent;
+              continue;
+            }
+            if (epoch_open) SetRange(touched, t.first, t.end);
+            writing[tag] = {t.first, t.end};
+          }
+          int32_t r = Pwrite(tag, t.off, t.len);
+          {
+            std::lock_guard<std::mutex> g(mu);
+            writing[tag] = {0, 0};
+          }
+          if (r == 0 && t.fua) r = Sync();
+          return Finish(tag, r == 0 ? static_cast<int32_t>(t.len) : r);
+        }
+      }
+    }
+  }
+};
+
+// JS holds the server as an External; the finalizer deletes it once stopped (or never started).
+struct Handle {
+  Server* s;
+};
+
+bool ReadU32(Napi::Object o, const char* k, uint32_t* out) {
+  Napi::Value v = o.Get(k);
+  if (!v.IsNumber()) {
+    Napi::TypeError::New(o.Env(), std::string("options.") + k).ThrowAsJavaScriptException();
+    return false;
+  }
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (!(d >= 0 && d <= 4294967295.0) || static_cast<double>(static_cast<uint32_t>(d)) != d) {
+    Napi::RangeError::New(o.Env(), std::string("options.") + k).ThrowAsJavaScriptException();
+    return false;
+  }
+  *out = static_cast<uint32_t>(d);
+  return true;
+}
+
+int Log2(uint32_t v) {
+  int s = 0;
+  while ((1u << s) < v) s++;
+  return s;
+}
+
+// A process that runs (a zombie has let go of its rings and devices: it counts as dead).
+bool PidAlive(int32_t pid) {
+  if (pid <= 0 || (kill(pid, 0) != 0 && errno != EPERM)) return false;
+  char path[64], buf[256];
+  snprintf(path, sizeof path, "/proc/%d/stat", pid);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return true;
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return true;
+  buf[n] = 0;
+  const char* p = strrchr(buf, ')');
+  return !(p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X'));
+}
+
+// Adds (or recovers) the device and starts serving it: runs on the threadpool.
+class StartWorker_ : public PromiseWorker {
+ public:
+  StartWorker_(Napi::Env env, Server* s, int32_t want) : PromiseWorker(env, "ulob:ublkStart", "ublk start"), s_(s), want_(want) {}
+
+  void Execute() override {
+    Server& s = *s_;
+    s.ctrl_fd = open("/dev/ublk-control", O_RDWR | O_CLOEXEC);
+    if (s.ctrl_fd < 0) return Fail(errno, "open(/dev/ublk-control)");
+    uint64_t feats = 0;
+    int r = CtrlCmd(s.ctrl_fd, kCmdGetFeatures, 0, 0, &feats, sizeof(feats), 0);
+    s.features = r == 0 ? feats : 0;
+    struct ublksrv_ctrl_dev_info info = {};
+    if (want_ >= 0) {
+      r = CtrlCmd(s.ctrl_fd, kCmdGetDevInfo, static_cast<uint32_t>(want_), 0, &info, sizeof(info), 0);
+      if (r == 0) {
+        // A device of this number exists: take it back from a dead daemon of this cache (user
+        // recovery), refuse it otherwise.
+        if (PidAlive(info.ublksrv_pid) && info.ublksrv_pid != getpid()) return Fail(EBUSY, "ublk device served by a live process");
+        // Its daemon just died: the driver quiesces the device in a work item after the dead
+        // process's ring is cancelled. Until then it still says LIVE; deciding then would delete it.
+        for (int i = 0; i < 1500 && info.state == kStateLive && (info.flags & kFUserRecovery); i++) {
+          usleep(20000);
+          if (CtrlCmd(s.ctrl_fd, kCmdGetDevInfo, static_cast<uint32_t>(want_), 0, &info, sizeof(info), 0) < 0) break;
+        }
+        if (info.state == kStateLive) return Fail(EBUSY, "ublk device live without its daemon");
+        struct ublk_params p = {};
+        p.len = sizeof(p);
+        if (CtrlCmd(s.ctrl_fd, kCmdGetParams, static_cast<uint32_t>(want_), 0, &p, sizeof(p), 0) < 0 ||
+            p.basic.dev_sectors != s.size >> 9)
+          return Fail(EEXIST, "ublk device of another size");
+        if (info.state == kStateQuiesced && (info.flags & kFUserRecovery)) {
+          return Recover(want_, info);
+        }
+        // Dead, without recovery: what is left of it goes, and it is added again.
+        r = CtrlCmd(s.ctrl_fd, kCmdDelDev, static_cast<uint32_t>(want_), 0, nullptr, 0, 0);
+        if (r < 0) return Fail(-r, "UBLK_CMD_DEL_DEV (leftover)");
+      } else if (r != -ENODEV) {
+        return Fail(-r, "UBLK_CMD_GET_DEV_INFO");
+      }
+    }
+    info = {};
+    info.nr_hw_queues = 1;
+    info.queue_depth = s.depth;
+    info.max_io_buf_bytes = s.buf_bytes;
+    info.dev_id = want_ >= 0 ? static_cast<uint32_t>(want_) : ~0u;
+    info.ublksrv_pid = getpid();
+    info.flags = kFCmdIoctlEncode;
+    if (s.features & kFUserRecovery) info.flags |= kFUserRecovery | (s.features & kFUserRecoveryReissue);
+    r = CtrlCmd(s.ctrl_fd, kCmdAddDev, info.dev_id, 0xffff, &info, sizeof(info), 0);
+    if (r < 0) return Fail(-r, "UBLK_CMD_ADD_DEV");
+    s.dev_id = static_cast<int>(info.dev_id);
+    added_ = true;
+    s.owned = true;
+    struct ublk_params p = {};
+    p.len = sizeof(p);
+    p.types = UBLK_PARAM_TYPE_BASIC | (s.read_only ? 0 : UBLK_PARAM_TYPE_DISCARD);
+    p.basic.attrs = UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA | (s.read_only ? UBLK_ATTR_READ_ONLY : 0);
+    p.basic.logical_bs_shift = static_cast<uint8_t>(Log2(s.lbs));
+    p.basic.physical_bs_shift = static_cast<uint8_t>(Log2(s.pbs));
+    p.basic.io_min_shift = p.basic.physical_bs_shift;
+    p.basic.io_opt_shift = p.basic.physical_bs_shift;
+    p.basic.max_sectors = s.buf_bytes >> 9;
+    p.basic.dev_sectors = s.size >> 9;
+    p.discard.discard_granularity = s.block_size;
+    p.discard.max_discard_sectors = s.buf_bytes >> 9;
+    p.discard.max_write_zeroes_sectors = s.buf_bytes >> 9;
+    p.discard.max_discard_segments = 1;
+    r = CtrlCmd(s.ctrl_fd, kCmdSetParams, s.dev_id, 0, &p, sizeof(p), 0);
+    if (r < 0) return Undo(-r, "UBLK_CMD_SET_PARAMS");
+    if (!OpenQueue()) return;
+    r = CtrlCmd(s.ctrl_fd, kCmdStartDev, s.dev_id, 0, nullptr, 0, static_cast<uint64_t>(getpid()));
+    if (r < 0) return Undo(-r, "UBLK_CMD_START_DEV");
+  }
+
+  Napi::Value Result(Napi::Env env) override {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("devId", Napi::Number::New(env, s_->dev_id));
+    o.Set("recovered", Napi::Boolean::New(env, s_->recovered));
+    o.Set("features", Napi::Number::New(env, static_cast<double>(s_->features & ((1ULL << 53) - 1))));
+    return o;
+  }
+
+ private:
+  Server* s_;
+  int32_t want_;
+  bool added_ = false;
+
+  void Fail(int e, const char* what) {
+    err_ = e;
+    syscall_ = what;
+  }
+
+  // A failure after ADD_DEV: the device goes again (the queue thread, if started, with it).
+  void Undo(int e, const char* what) {
+    Fail(e, what);
+    Server& s = *s_;
+    if (s.thread.joinable()) {
+      s.stopping = true;
+      uint64_t one = 1;
+      (void)!write(s.event_fd, &one, sizeof(one));
+      s.thread.join();
+    }
+    s.q.Close();
+    if (s.cdev_fd >= 0) close(s.cdev_fd);
+    s.cdev_fd = -1;
+    if (added_) CtrlCmd(s.ctrl_fd, kCmdDelDev, s.dev_id, 0, nullptr, 0, 0);
+    s.owned = false;
+  }
+
+  bool OpenQueue() {
+    Server& s = *s_;
+    std::string cdev = "/dev/ublkc" + std::to_string(s.dev_id);
+    // devtmpfs makes the node with the device; udev may still be changing its mode.
+    for (int i = 0; i < 200; i++) {
+      s.cdev_fd = open(cdev.c_str(), O_RDWR | O_CLOEXEC);
+      if (s.cdev_fd >= 0 || (errno != ENOENT && errno != EACCES)) break;
+      usleep(10000);
+    }
+    if (s.cdev_fd < 0) {
+      Undo(errno, "open(/dev/ublkcN)");
+      return false;
+    }
+    long page = sysconf(_SC_PAGESIZE);
+    s.descs_len = (s.depth * sizeof(struct ublksrv_io_desc) + page - 1) / page * page;
+    void* m = mmap(nullptr, s.descs_len, PROT_READ, MAP_SHARED | MAP_POPULATE, s.cdev_fd, UBLKSRV_CMD_BUF_OFFSET);
+    if (m == MAP_FAILED) {
+      s.descs = nullptr;
+      Undo(errno, "mmap(/dev/ublkcN)");
+      return false;
+    }
+    s.descs = static_cast<struct ublksrv_io_desc*>(m);
+    int e = s.q.Init(s.depth + 2);
+    if (e) {
+      Undo(e, "io_uring_setup");
+      return false;
+    }
+    s.thread = std::thread([&s] { s.Run(); });
+    return true;
+  }
+
+  void Recover(int32_t id, const struct ublksrv_ctrl_dev_info& info) {
+    Server& s = *s_;
+    if (info.queue_depth != s.depth || info.nr_hw_queues != 1 || info.max_io_buf_bytes != s.buf_bytes)
+      return Fail(EEXIST, "ublk device of another queue shape");
+    s.dev_id = id;
+    // The dead daemon's /dev/ublkcN may still be closing: START_USER_RECOVERY says EBUSY until then.
+    int r = -EBUSY;
+    for (int i = 0; i < 300 && r == -EBUSY; i++) {
+      r = CtrlCmd(s.ctrl_fd, kCmdStartRecovery, id, 0, nullptr, 0, 0);
+      if (r == -EBUSY) usleep(20000);
+    }
+    if (r < 0) return Fail(-r, "UBLK_CMD_START_USER_RECOVERY");
+    if (!OpenQueue()) return;
+    r = CtrlCmd(s.ctrl_fd, kCmdEndRecovery, id, 0, nullptr, 0, static_cast<uint64_t>(getpid()));
+    if (r < 0) return Fail(-r, "UBLK_CMD_END_USER_RECOVERY");
+    s.recovered = true;
+    s.owned = true;
+  }
+};
+
+// Stops and deletes the device: STOP_DEV (the disk goes once I/O in flight is served), the queue
+// thread and its ring, /dev/ublkcN, DEL_DEV. On the threadpool: STOP_DEV waits for requests that
+// may need JS.
+class StopWorker : public PromiseWorker {
+ public:
+  StopWorker(Napi::Env env, Server* s) : PromiseWorker(env, "ulob:ublkStop", "UBLK_CMD_STOP_DEV"), s_(s) {}
+
+  void Execute() override {
+    Server& s = *s_;
+    int r = 0;
+    if (s.owned) r = CtrlCmd(s.ctrl_fd, kCmdStopDev, s.dev_id, 0, nullptr, 0, 0);
+    if (r < 0 && r != -ENODEV) err_ = -r;
+    s.stopping = true;
+    uint64_t one = 1;
+    (void)!write(s.event_fd, &one, sizeof(one));
+    if (s.thread.joinable()) s.thread.join();
+    s.q.Close();
+    if (s.descs) munmap(s.descs, s.descs_len);
+    s.descs = nullptr;
+    if (s.cdev_fd >= 0) close(s.cdev_fd);
+    s.cdev_fd = -1;
+    r = s.owned ? CtrlCmd(s.ctrl_fd, kCmdDelDev, s.dev_id, 0, nullptr, 0, 0) : 0;
+    s.owned = false;
+    if (r < 0 && r != -ENODEV && err_ == 0) {
+      err_ = -r;
+      syscall_ = "UBLK_CMD_DEL_DEV";
+    }
+  }
+
+  void OnOK() override {
+    s_->tsfn.Release();
+    PromiseWorker::OnOK();
+  }
+
+ private:
+  Server* s_;
+};
+
+Server* ServerOf(const Napi::CallbackInfo& info) {
+  if (!info[0].IsExternal()) {
+    Napi::TypeError::New(info.Env(), "handle").ThrowAsJavaScriptException();
+    return nullptr;
+  }
+  return info[0].As<Napi::External<Server>>().Data();
+}
+
+// ublkCreate({ cachePath, size, blockSize, logical, physical, depth, bufBytes, readOnly }, present,
+//            dirty, onUpcall) -> handle. The bitmaps are the store's (bit per block, LSB first):
+// the blocks served here from the start. onUpcall(id, type, offset, length, epoch) on the JS thread.
+Napi::Value Create(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsObject() || !info[3].IsFunction()) {
+    Napi::TypeError::New(env, "ublkCreate(options, present, dirty, onUpcall)").ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  Napi::Object o = info[0].As<Napi::Object>();
+  uint32_t block_size, lbs, pbs, depth, buf_bytes;
+  int64_t size;
+  Bytes present, dirty;
+  if (!ReadU32(o, "blockSize", &block_size) || !ReadU32(o, "logical", &lbs) || !ReadU32(o, "physical", &pbs) ||
+      !ReadU32(o, "depth", &depth) || !ReadU32(o, "bufBytes", &buf_bytes) || !ArgBytes(info, 1, &present) || !ArgBytes(info, 2, &dirty))
+    return Napi::Value();
+  Napi::Value sv = o.Get("size");
+  double sd = sv.IsNumber() ? sv.As<Napi::Number>().DoubleValue() : -1;
+  if (!(sd > 0 && sd <= 9007199254740991.0) || static_cast<double>(static_cast<int64_t>(sd)) != sd) {
+    Napi::RangeError::New(env, "options.size").ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  size = static_cast<int64_t>(sd);
+  if (block_size < 512 || (block_size & (block_size - 1)) || size % 512 || lbs < 512 || lbs > 4096 || (lbs & (lbs - 1)) ||
+      pbs < lbs || (pbs & (pbs - 1)) || depth < 1 || depth > 4096 || buf_bytes < 4096 || buf_bytes % 4096) {
+    Napi::RangeError::New(env, "bad geometry").ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  uint64_t blocks = (static_cast<uint64_t>(size) + block_size - 1) / block_size;
+  if (present.length < (blocks + 7) / 8 || dirty.length < (blocks + 7) / 8) {
+    Napi::RangeError::New(env, "bitmap too small").ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  std::string path = o.Get("cachePath").ToString().Utf8Value();
+  bool read_only = o.Get("readOnly").ToBoolean().Value();
+  auto* s = new Server();
+  s->size = static_cast<uint64_t>(size);
+  s->block_size = block_size;
+  s->blocks = blocks;
+  s->lbs = lbs;
+  s->pbs = pbs;
+  s->depth = static_cast<uint16_t>(depth);
+  s->buf_bytes = buf_bytes;
+  s->read_only = read_only;
+  s->cache_fd = open(path.c_str(), (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  if (s->cache_fd < 0) {
+    int e = errno;
+    delete s;
+    ThrowErrno(env, e, "open(cache file)");
+    return Napi::Value();
+  }
+  s->event_fd = eventfd(0, EFD_CLOEXEC);
+  if (s->event_fd < 0) {
+    int e = errno;
+    delete s;
+    ThrowErrno(env, e, "eventfd");
+    return Napi::Value();
+  }
+  if (const char* f = getenv("ULOBDEV_UBLK_FAULT")) {
+    if (const char* p = strstr(f, "fsync-eio-at=")) s->fault_fsync_at = strtoull(p + 13, nullptr, 10);
+    if (const char* p = strstr(f, "enter-enomem-at=")) s->fault_enter_at = strtoull(p + 16, nullptr, 10);
+  }
+  FromBytes(s->present, present.data, present.length, blocks);
+  FromBytes(s->dirty, dirty.data, dirty.length, blocks);
+  for (size_t i = 0; i < s->dirty.size(); i++) s->present[i] |= s->dirty[i];  // dirty data is in the cache
+  s->snap.assign(s->present.size(), 0);
+  s->touched.assign(s->present.size(), 0);
+  s->busy.assign(s->present.size(), 0);
+  s->writing.assign(depth, {0, 0});
+  s->tags.resize(depth);
+  s->tag_failures.assign(depth, 0);
+  for (uint32_t t = 0; t < depth; t++) {
+    void* b = nullptr;
+    if (posix_memalign(&b, 4096, buf_bytes) != 0) {
+      delete s;
+      ThrowErrno(env, ENOMEM, "posix_memalign");
+      return Napi::Value();
+    }
+    s->bufs.push_back(static_cast<uint8_t*>(b));
+  }
+  s->tsfn = Napi::ThreadSafeFunction::New(env, info[3].As<Napi::Function>(), "ulob:ublk", 0, 1);
+  if (env.IsExceptionPending()) {
+    delete s;
+    return Napi::Value();
+  }
+  // Never freed while the queue thread may run: stop() ends it first, and a handle dropped
+  // without stop() belongs to a process that is exiting.
+  return Napi::External<Server>::New(env, s);
+}
+
+// ublkStart(handle, devId) -> Promise<{ devId, recovered, features }>; devId -1: any free N.
+Napi::Value Start(const Napi::CallbackInfo& info) {
+  Server* s = ServerOf(info);
+  if (!s) return Napi::Value();
+  double d = info[1].IsNumber() ? info[1].As<Napi::Number>().DoubleValue() : -2;
+  if (!(d >= -1 && d < 1048576) || static_cast<double>(static_cast<int32_t>(d)) != d) {
+    Napi::RangeError::New(info.Env(), "devId").ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  return StartWorker(info.Env(), new StartWorker_(info.Env(), s, static_cast<int32_t>(d)));
+}
+
+// ublkStop(handle) -> Promise<void>.
+Napi::Value Stop(const Napi::CallbackInfo& info) {
+  Server* s = ServerOf(info);
+  if (!s) return Napi::Value();
+  return StartWorker(info.Env(), new StopWorker(info.Env(), s));
+}
+
+// ublkReply(handle, id, error): error 0 or a negative errno.
+Napi::Value Reply(const Napi::CallbackInfo& info) {
+  Server* s = ServerOf(info);
+  if (!s) return Napi::Value();
+  int64_t id;
+  if (!ArgInt64(info, 1, &id)) return Napi::Value();
+  double e = info[2].IsNumber() ? info[2].As<Napi::Number>().DoubleValue() : 1;
+  if (!(e >= -4095 && e <= 0) || static_cast<double>(static_cast<int32_t>(e)) != e) {
+    Napi::RangeError::New(info.Env(), "expected 0 or a negative errno").ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  {
+    std::lock_guard<std::mutex> g(s->reply_mu);
+    s->replies.emplace_back(static_cast<uint32_t>(id), static_cast<int32_t>(e));
+  }
+  uint64_t one = 1;
+  (void)!write(s->event_fd, &one, sizeof(one));
+  return info.Env().Undefined();
+}
+
+// ublkEpochBegin(handle, dirty) -> epoch: the dirty blocks now, into `dirty` (a whole-device
+// bitmap); until the commit a write to one of them first asks to PRESERVE it, and every block
+// written since (writes in flight included) is remembered.
+Napi::Value EpochBegin(const Napi::CallbackInfo& info) {
+  Server* s = ServerOf(info);
+  Bytes out;
+  if (!s || !ArgBytes(info, 1, &out)) return Napi::Value();
+  std::lock_guard<std::mutex> g(s->mu);
+  s->snap = s->dirty;
+  s->touched.assign(s->dirty.size(), 0);
+  for (auto [first, end] : s->writing) SetRange(s->touched, first, end);
+  s->epoch_open = true;
+  s->epoch++;
+  ToBytes(s->dirty, out.data, out.length, s->blocks);
+  return Napi::Number::New(info.Env(), static_cast<double>(s->epoch));
+}
+
+// ublkEpochCommit(handle, epoch, flushed) -> cleared. `flushed` (written back to the disk) is
+// narrowed in place to the blocks not written since the begin, whose dirty bits are cleared.
+// Throws ESTALE for an epoch that is not the open one (an empty `flushed` just ends it).
+Napi::Value EpochCommit(const Napi::CallbackInfo& info) {
+  Server* s = ServerOf(info);
+  int64_t epoch;
+  Bytes flushed;
+  if (!s || !ArgInt64(info, 1, &epoch) || !ArgBytes(info, 2, &flushed)) return Napi::Value();
+  std::lock_guard<std::mutex> g(s->mu);
+  if (!s->epoch_open || static_cast<uint64_t>(epoch) != s->epoch) {
+    ThrowErrno(info.Env(), ESTALE, "ublk epoch commit");
+    return Napi::Value();
+  }
+  Bits f;
+  FromBytes(f, flushed.data, flushed.length, s->blocks);
+  uint64_t cleared = 0;
+  for (size_t i = 0; i < f.size(); i++) {
+    f[i] &= ~s->touched[i] & s->dirty[i];
+    s->dirty[i] &= ~f[i];
+    cleared += static_cast<uint64_t>(__builtin_popcountll(f[i]));
+  }
+  ToBytes(f, flushed.data, flushed.length, s->blocks);
+  s->epoch_open = false;
+  std::fill(s->snap.begin(), s->snap.end(), 0);
+  return Napi::Number::New(info.Env(), static_cast<double>(cleared));
+}
+
+// ublkQuery(handle) -> counts: blocks present and dirty, requests by kind.
+Napi::Value Query(const Napi::CallbackInfo& info) {
+  Server* s = ServerOf(info);
+  if (!s) return Napi::Value();
+  Napi::Env env = info.Env();
+  uint64_t present = 0, dirty = 0;
+  {
+    std::lock_guard<std::mutex> g(s->mu);
+    for (auto w : s->present) present += static_cast<uint64_t>(__builtin_popcountll(w));
+    for (auto w : s->dirty) dirty += static_cast<uint64_t>(__builtin_popcountll(w));
+  }
+  Napi::Object o = Napi::Object::New(env);
+  auto n = [&](const char* k, uint64_t v) { o.Set(k, Napi::Number::New(env, static_cast<double>(v))); };
+  n("presentBlocks", present);
+  n("dirtyBlocks", dirty);
+  n("readHits", s->count.read_hits);
+  n("readMisses", s->count.read_misses);
+  n("writeHits", s->count.write_hits);
+  n("writeUpcalls", s->count.write_upcalls);
+  n("flushes", s->count.flushes);
+  n("ioErrors", s->count.errors);
+  o.Set("running", Napi::Boolean::New(env, s->thread.joinable() && !s->thread_done.load()));
+  o.Set("threadError", Napi::Number::New(env, s->thread_error));
+  o.Set("cacheError", Napi::Number::New(env, s->cache_error.load()));
+  return o;
+}
+
+}  // namespace
+
+bool InitUblk(Napi::Env env, Napi::Object exports) {
+  return Export<Create>(env, exports, "ublkCreate") && Export<Start>(env, exports, "ublkStart") &&
+         Export<Stop>(env, exports, "ublkStop") && Export<Reply>(env, exports, "ublkReply") &&
+         Export<EpochBegin>(env, exports, "ublkEpochBegin") && Export<EpochCommit>(env, exports, "ublkEpochCommit") &&
+         Export<Query>(env, exports, "ublkQuery");
+}
+
+}  // namespace ulob

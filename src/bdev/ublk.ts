@@ -1,0 +1,290 @@
+// /dev/ublkbN: the kernel's in-tree ublk driver (ublk_drv, Linux 6.0+; no module of ours, so it
+// also works under Secure Boot) with the server in the addon (native/ublk.cc): one queue thread on
+// io_uring serves hits straight from the cache file (reads of present blocks, writes into dirty
+// blocks, FLUSH as an fdatasync of the cache file) and sends the rest here as upcalls, which
+// UpcallHandler runs exactly as for /dev/uloopN: a MISS fills blocks, an INTENT makes blocks
+// durably dirty before the thread overwrites them (or, for blocks written whole while missing,
+// after it wrote them and before the write is acknowledged), a PRESERVE keeps a flush epoch's
+// version. Every first write is recorded dirty before its acknowledgement, so a FLUSH needs no
+// barrier: the cache file's fdatasync makes every acknowledged write durable (invariant 3).
+// Added with UBLK_F_USER_RECOVERY when the kernel has it: after kill -9 the device and its queued
+// I/O wait, and the same command takes it back (START/END_USER_RECOVERY).
+import { spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { readFile, rm, writeFile } from 'node:fs/promises';
+import { constants as osConstants, release } from 'node:os';
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import type { CacheEngine } from '../cache/engine.js';
+import { DeviceBusyError, InternalError, InvalidArgumentError, ModuleMissingError } from '../errors.js';
+import type { SectorSize } from '../source/source.js';
+import * as native from '../native/ublk.js';
+import type { Frontend } from './frontend.js';
+import { pausePoint } from '../sys.js';
+import { assertReleasable } from './partitions.js';
+import { UpcallHandler, type UpcallType } from './upcalls.js';
+import { kernelEpochs } from './uloop.js';
+
+/** Requests in flight on the one queue, and the largest request (bytes; bigger ones are split by the block layer). */
+const QUEUE_DEPTH = 32;
+const MAX_IO_BYTES = 256 << 10;
+
+/** The number N of /dev/ublkbN, or -1 for `/dev/ublkb` (the next free one). */
+export function ublkIndex(device: string): number {
+  const m = /^\/dev\/ublkb(\d*)$/.exec(device);
+  if (!m) throw new InvalidArgumentError(`${JSON.stringify(device)} is not /dev/ublkbN`);
+  return m[1] === '' ? -1 : Number(m[1]);
+}
+
+/**
+ * Makes sure /dev/ublk-control exists: `modprobe ublk_drv` when it does not (Debian, Ubuntu and
+ * Fedora build it as a module). Throws ModuleMissingError with one line when the kernel has none.
+ */
+export function assertUblkDriver(device: string): void {
+  if (existsSync(native.UBLK_CONTROL)) return;
+  const path = `${process.env.PATH ?? '/usr/bin:/bin'}:/usr/local/sbin:/usr/sbin:/sbin`;
+  const r = spawnSync('modprobe', ['ublk_drv'], { encoding: 'utf8', env: { ...process.env, PATH: path }, timeout: 60_000 });
+  if (r.status === 0 && existsSync(native.UBLK_CONTROL)) return;
+  const said = `${r.stderr ?? ''}`.trim().split('\n').pop() ?? '';
+  throw new ModuleMissingError(
+    `${device} needs the kernel's ublk driver, which kernel ${release()} does not have (modprobe ublk_drv: ${said || (r.error ? r.error.message : `exit ${String(r.status)}`)}); it is in Linux 6.0 and later (CONFIG_BLK_DEV_UBLK, Debian 13's kernel has it); use /dev/loopN or /dev/nbdN here`,
+  );
+}
+
+export interface UblkOptions {
+  device: string;
+  engine: CacheEngine;
+  readOnly: boolean;
+  logger: Logger;
+  /** The backing disk's sectors, which the device presents (default 512/512). */
+  sectorSize?: SectorSize;
+  /** How often the counters are looked at for user activity (ms). Default 200. */
+  pollMs?: number;
+  /**
+   * Where the record of which cache serves /dev/ublkbN is kept (RUN_DIR): a device a dead daemon
+   * left is taken back only by the same cache's command.
+   */
+  recordDir?: string;
+  /** Called when the queue thread died: the daemon must exit so that its restart takes the device back. Default: exit 70. */
+  onFatal?: (message: string) => void;
+}
+
+/** The ublk server's side of a /dev/ublkbN as status shows it. */
+export interface UblkStatus {
+  attach: 'added' | 'recovered';
+  presentBlocks: number;
+  dirtyBlocks: number;
+  readHits: number;
+  readMisses: number;
+  writeHits: number;
+  writeUpcalls: number;
+  flushes: number;
+  ioErrors: number;
+  failedUpcalls: number;
+  preserves: number;
+}
+
+export interface UblkFrontend extends Frontend {
+  readonly kind: 'ublk';
+  /** The server's counts now, or null once the device is gone. */
+  ublkStatus(): UblkStatus | null;
+}
+
+const TYPES: Record<number, UpcallType> = {
+  [native.UBLK_UP_MISS]: 'miss',
+  [native.UBLK_UP_INTENT]: 'intent',
+  [native.UBLK_UP_PRESERVE]: 'preserve',
+};
+
+/**
+ * Adds /dev/ublkbN over the engine's cache file (or takes it back from a dead daemon of the same
+ * command) and serves it until detach(). Throws ModuleMissingError (no ublk_drv), DeviceBusyError
+ * (N served by a live process, or of another size), or the NativeError of the control command.
+ */
+export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
+  const { engine, logger } = options;
+  const store = engine.store;
+  const { blockSize } = engine.geometry;
+  const want = ublkIndex(options.device);
+  const sector = options.sectorSize ?? { logical: 512, physical: 512 };
+  // The server takes dirty blocks as present: zeroed blocks, which the cache file does not hold,
+  // get their zeros written first (as for /dev/uloopN).
+  if (store.zeroBlocks() > 0) await engine.materializeZeroed();
+
+  let removed = false;
+  let failedUpcalls = 0;
+  // Created before the handler it calls; upcalls only arrive once start() runs.
+  let handler: UpcallHandler | undefined;
+  const server: native.UblkServer = new native.UblkServer(
+    {
+      cachePath: store.paths.cache,
+      size: engine.size,
+      blockSize,
+      logical: sector.logical,
+      physical: Math.min(Math.max(sector.physical, sector.logical), blockSize),
+      depth: QUEUE_DEPTH,
+      bufBytes: MAX_IO_BYTES,
+      readOnly: options.readOnly,
+    },
+    store.present.buffer,
+    store.dirty.buffer,
+    (m) => {
+      const type = TYPES[m.type];
+      if (!type || !handler) {
+        server.reply(m.id, -95);
+        return;
+      }
+      void handler.run({ id: m.id, type, offset: m.offset, length: m.length, epoch: m.epoch }).then(async (error) => {
+        if (error < 0) failedUpcalls++;
+        await pausePoint(`ublk:${type}-reply`);
+        server.reply(m.id, error);
+      });
+    },
+  );
+  let device = options.device;
+  const epochs = kernelEpochs(engine, {
+    begin: (dirty) => server.epochBegin(dirty),
+    commit: (epoch, flushed) => void server.epochCommit(epoch, flushed),
+    dirtyBlocks: () => server.query().dirtyBlocks,
+    gone: () => removed,
+    device,
+  });
+  handler = new UpcallHandler({
+    engine,
+    logger,
+    device,
+    port: {
+      barrierBlocks() {
+        throw new InternalError('the ublk server sends no barrier: its first writes are recorded before they are acknowledged');
+      },
+      preserve: (epoch, first, end) => epochs.preserve(epoch, first, end),
+    },
+  });
+
+  const recordDir = options.recordDir;
+  try {
+    if (recordDir) await assertUblkAvailable(options.device, store.paths.cache, recordDir);
+  } catch (err) {
+    await server.stop().catch(() => undefined);
+    throw err;
+  }
+
+  let started: native.UblkStarted;
+  try {
+    started = await server.start(want);
+  } catch (err) {
+    await server.stop().catch(() => undefined);
+    throw ublkError(options.device, err);
+  }
+  device = `/dev/ublkb${started.devId}`;
+  const owned = recordDir ? join(recordDir, `ublkb${started.devId}.cache`) : null;
+  if (owned) await writeFile(owned, `${store.paths.cache}\n`, { mode: 0o600 });
+  if (!options.readOnly) engine.externalEpochs = epochs.external;
+  if (started.recovered) logger.warn({ device }, `${device}: taken back from a daemon that died (user recovery: its queued I/O carries on)`);
+  else logger.info({ device }, 'ublk device added');
+  if (started.features !== 0 && (started.features & native.UBLK_F_USER_RECOVERY) === 0) {
+    logger.warn(`${device}: this kernel's ublk has no UBLK_F_USER_RECOVERY: after a crash of the daemon the device fails its I/O and is added again by the next start`);
+  }
+
+  // The server's counters, looked at every pollMs: requests it served without JS count as user
+  // activity (the hydrator and the --on-ac flush wait for quiet).
+  let served = -1;
+  let cacheError = 0;
+  const onFatal =
+    options.onFatal ??
+    ((message: string) => {
+      logger.fatal(message);
+      logger.flush?.();
+      // No detach: the device and its queued I/O wait for the restart (user recovery); the store
+      // recovers as after a crash.
+      process.exit(70);
+    });
+  const poll = () => {
+    if (removed) return;
+    const q = server.query();
+    if (q.cacheError !== 0 && cacheError === 0) {
+      cacheError = q.cacheError;
+      logger.error(`${device}: a write or sync of the cache file ${store.paths.cache} failed (${errnoName(q.cacheError)}): writes and FLUSH fail with EIO until the daemon is restarted`);
+    }
+    if (!q.running) {
+      removed = true;
+      clearInterval(poller);
+      onFatal(`${device}: the ublk queue thread stopped (${q.threadError ? errnoName(q.threadError) : 'no error'}); exiting so that a restart of the same command takes the device back`);
+      return;
+    }
+    const n = q.readHits + q.readMisses + q.writeHits + q.writeUpcalls + q.flushes;
+    if (served >= 0 && n !== served) engine.lastRequestAt = Math.max(engine.lastRequestAt, Date.now());
+    served = n;
+  };
+  const poller = setInterval(poll, options.pollMs ?? 200);
+  poller.unref();
+
+  return {
+    kind: 'ublk',
+    device,
+    ublkStatus() {
+      if (removed) return null;
+      const q = server.query();
+      return {
+        attach: started.recovered ? 'recovered' : 'added',
+        presentBlocks: q.presentBlocks,
+        dirtyBlocks: q.dirtyBlocks,
+        readHits: q.readHits,
+        readMisses: q.readMisses,
+        writeHits: q.writeHits,
+        writeUpcalls: q.writeUpcalls,
+        flushes: q.flushes,
+        ioErrors: q.ioErrors,
+        failedUpcalls,
+        preserves: epochs.preserves(),
+      };
+    },
+    async detach(opts) {
+      if (removed) return;
+      if (!opts?.force) await assertReleasable(device, `/sys/block/${device.slice('/dev/'.length)}`);
+      removed = true;
+      clearInterval(poller);
+      engine.externalEpochs = null;
+      // STOP_DEV waits for requests in flight, some of which may wait for upcalls: the handler
+      // keeps answering until the server is gone.
+      await server.stop();
+      await handler!.drain();
+      if (owned) await rm(owned, { force: true });
+    },
+  };
+}
+
+function errnoName(errno: number): string {
+  for (const [name, n] of Object.entries(osConstants.errno)) if (n === errno) return name;
+  return `errno ${errno}`;
+}
+
+/**
+ * Refuses (DeviceBusyError), before any cache is opened or created (invariant 6), a /dev/ublkbN
+ * that exists and was not left by a daemon of this cache: a device a dead daemon left (user
+ * recovery keeps it, with its I/O queued) belongs to the cache that daemon served, whose path
+ * RECORD_DIR/ublkbN.cache holds. Whether its daemon is dead is the driver's to say at start.
+ */
+export async function assertUblkAvailable(device: string, cachePath: string, recordDir: string): Promise<void> {
+  const n = ublkIndex(device);
+  if (n < 0 || !existsSync(`/dev/ublkc${n}`)) return;
+  const owner = await readFile(join(recordDir, `ublkb${n}.cache`), 'utf8').then(
+    (t) => t.trim(),
+    () => null,
+  );
+  if (owner === cachePath) return;
+  throw new DeviceBusyError(
+    `${device} exists and is not this cache's device (${owner ? `it serves ${owner}` : 'no ulobdev record of it'}); attach it with its own command, or pick another N`,
+  );
+}
+
+/** One line for a failed start of /dev/ublkbN. */
+function ublkError(device: string, err: unknown): Error {
+  const code = (err as { code?: string }).code;
+  const msg = (err as Error)?.message ?? String(err);
+  if (code === 'EBUSY') return new DeviceBusyError(`${device} is served by another process; stop it first, or use /dev/ublkb for the next free one`);
+  if (code === 'EEXIST') return new DeviceBusyError(`${device} exists and is not this cache's device (${msg}); delete it (ublk del) or pick another N`);
+  if (code === 'ENOENT' || code === 'ENODEV') return new ModuleMissingError(`${device}: the kernel's ublk driver is not there (${msg}); modprobe ublk_drv`, { cause: err });
+  if (code === 'EPERM' || code === 'EACCES') return new DeviceBusyError(`${device}: the ublk driver refused (${msg}); run ulobdev as root`);
+  return err as Error;
+}

@@ -1,0 +1,156 @@
+// The ublk server of native/ublk.cc: /dev/ublkbN through the kernel's ublk_drv, one queue thread
+// on io_uring serving hits from the cache file, upcalls to JS for what needs the store. This module
+// validates arguments and owns the handle's lifetime (one stop per server).
+import { InternalError } from '../errors.js';
+import { addon, invalidArgType, validateBytes, validateInteger } from './addon.js';
+
+/** /dev/ublk-control: present when ublk_drv is loaded. */
+export const UBLK_CONTROL = '/dev/ublk-control';
+
+/** UBLK_F_* bits of GET_FEATURES the server looks at. */
+export const UBLK_F_USER_RECOVERY = 1 << 3;
+export const UBLK_F_USER_RECOVERY_REISSUE = 1 << 4;
+export const UBLK_F_CMD_IOCTL_ENCODE = 1 << 6;
+
+/** Upcall types the queue thread sends (native/ublk.cc kUp*). */
+export const UBLK_UP_MISS = 0;
+export const UBLK_UP_INTENT = 1;
+export const UBLK_UP_PRESERVE = 2;
+
+export interface UblkServerOptions {
+  /** The cache file; served at the same offsets (the identity mapping). */
+  cachePath: string;
+  /** Device size in bytes, a multiple of 512. */
+  size: number;
+  /** Cache block size in bytes (a power of two ≥ 512). */
+  blockSize: number;
+  /** The disk's logical and physical sector sizes (bytes) the device presents. */
+  logical: number;
+  physical: number;
+  /** Tags (requests in flight) of the one queue. */
+  depth: number;
+  /** Largest request in bytes (per-tag buffer), a multiple of 4096. */
+  bufBytes: number;
+  readOnly: boolean;
+}
+
+/** One upcall: blocks [offset, offset + length) (bytes), an id to reply with. */
+export interface UblkUpcall {
+  id: number;
+  /** UBLK_UP_MISS, _INTENT or _PRESERVE. */
+  type: number;
+  offset: number;
+  length: number;
+  /** PRESERVE: the epoch whose version to keep. */
+  epoch: number;
+}
+
+export interface UblkCounts {
+  presentBlocks: number;
+  dirtyBlocks: number;
+  readHits: number;
+  readMisses: number;
+  writeHits: number;
+  writeUpcalls: number;
+  flushes: number;
+  ioErrors: number;
+  /** The queue thread is serving. */
+  running: boolean;
+  /** The errno that stopped the queue thread, or 0. */
+  threadError: number;
+  /** The first failed write or fdatasync of the cache file (a positive errno, sticky), or 0. */
+  cacheError: number;
+}
+
+export interface UblkStarted {
+  devId: number;
+  /** Taken back from a dead daemon with UBLK_F_USER_RECOVERY (its queued I/O carried on). */
+  recovered: boolean;
+  /** UBLK_CMD_GET_FEATURES of the running kernel (0: the command is older than this kernel). */
+  features: number;
+}
+
+type Handle = object;
+interface UblkBinding {
+  ublkCreate(o: UblkServerOptions, present: Uint8Array, dirty: Uint8Array, onUpcall: (id: number, type: number, offset: number, length: number, epoch: number) => void): Handle;
+  ublkStart(h: Handle, devId: number): Promise<UblkStarted>;
+  ublkStop(h: Handle): Promise<void>;
+  ublkReply(h: Handle, id: number, error: number): void;
+  ublkEpochBegin(h: Handle, dirty: Uint8Array): number;
+  ublkEpochCommit(h: Handle, epoch: number, flushed: Uint8Array): number;
+  ublkQuery(h: Handle): UblkCounts;
+}
+const b = addon<UblkBinding>();
+
+/**
+ * A ublk server over a cache file. `present` and `dirty` (the store's bitmaps, one bit per block)
+ * say which blocks the queue thread may serve from the start; it keeps its own copy from then on.
+ * start() adds /dev/ublkbN (or recovers it from a dead daemon) and serves it; stop() stops and
+ * deletes it. Upcalls arrive on the event loop; each must be answered with reply().
+ */
+export class UblkServer {
+  readonly #h: Handle;
+  #stopped = false;
+  #gone = false;
+  #started = false;
+
+  constructor(options: UblkServerOptions, present: Uint8Array, dirty: Uint8Array, onUpcall: (u: UblkUpcall) => void) {
+    if (typeof options.cachePath !== 'string' || options.cachePath === '') throw invalidArgType('options.cachePath', 'a non-empty string', options.cachePath);
+    validateInteger(options.size, 'options.size', 512);
+    validateInteger(options.blockSize, 'options.blockSize', 512, 1 << 30);
+    validateInteger(options.logical, 'options.logical', 512, 4096);
+    validateInteger(options.physical, 'options.physical', 512, 1 << 30);
+    validateInteger(options.depth, 'options.depth', 1, 4096);
+    validateInteger(options.bufBytes, 'options.bufBytes', 4096, 1 << 30);
+    validateBytes(present, 'present');
+    validateBytes(dirty, 'dirty');
+    this.#h = b.ublkCreate(options, present, dirty, (id, type, offset, length, epoch) => onUpcall({ id, type, offset, length, epoch }));
+  }
+
+  /** Adds /dev/ublkb`devId` (-1: any free N) and serves it. Rejects with a NativeError (ENOENT: no ublk_drv, EBUSY, EEXIST, ...). */
+  async start(devId: number): Promise<UblkStarted> {
+    validateInteger(devId, 'devId', -1, 1 << 20);
+    if (this.#started) throw new InternalError('UblkServer.start: already started');
+    this.#started = true;
+    return b.ublkStart(this.#h, devId);
+  }
+
+  /** Stops the device (waits for I/O in flight), the queue thread, and deletes the device. Once. */
+  async stop(): Promise<void> {
+    if (this.#stopped) return;
+    this.#stopped = true;
+    try {
+      await b.ublkStop(this.#h);
+    } finally {
+      this.#gone = true;
+    }
+  }
+
+  /**
+   * Answers upcall `id` with 0 or a negative errno. Answers keep flowing while stop() runs: STOP_DEV
+   * waits for requests in flight, which may be waiting for exactly this answer.
+   */
+  reply(id: number, error: number): void {
+    if (this.#gone) return;
+    validateInteger(id, 'id', 0, 0xffffffff);
+    validateInteger(error, 'error', -4095, 0);
+    b.ublkReply(this.#h, id, error);
+  }
+
+  /** Opens a flush epoch: the dirty blocks now into `dirty`; returns the epoch. */
+  epochBegin(dirty: Uint8Array): number {
+    validateBytes(dirty, 'dirty');
+    return b.ublkEpochBegin(this.#h, dirty);
+  }
+
+  /** Ends epoch `epoch`: narrows `flushed` to blocks not written since the begin and clears their dirty bits. Throws ESTALE. */
+  epochCommit(epoch: number, flushed: Uint8Array): number {
+    validateInteger(epoch, 'epoch', 1);
+    validateBytes(flushed, 'flushed');
+    return b.ublkEpochCommit(this.#h, epoch, flushed);
+  }
+
+  query(): UblkCounts {
+    return b.ublkQuery(this.#h);
+  }
+}

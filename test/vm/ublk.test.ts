@@ -1,0 +1,177 @@
+// `ulobdev --writeback /dev/ublkb0 disk.img` in the 6.12 guest: the kernel's ublk driver with the
+// addon's io_uring server (native/ublk.cc). One guest boot: bad input (no ublk_drv), misses
+// through the daemon, fio --verify with writers and readers at once, mkfs + fsck, a write-back
+// flush that leaves the disk equal to the device, FLUSH durability across kill -9 (user recovery:
+// the same command takes the device back and the mounted filesystem carries on), detach.
+import { beforeAll, describe, expect, it } from 'vitest';
+import { ROOT, runInVm, type VmResult } from '../support/vm.js';
+
+let run: VmResult;
+
+beforeAll(async () => {
+  run = await runInVm(`
+    U="node ${ROOT}/dist/cli/ulobdev.js"; D=/dev/ublkb0; LOG=/run/ulobdev/ublkb0.log
+    T0=$(date +%s%N); at() { echo "[$(( ($(date +%s%N) - T0) / 1000000 )) ms] $1"; }
+    modprobe -q crc32c_generic || true; modprobe ext4
+    head -c 12M /dev/urandom > /tmp/disk.img && truncate -s 64M /tmp/disk.img
+    A="$U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --daemon $D /tmp/disk.img"
+    # race hooks: the daemon waits at the point this file names (src/sys.ts pausePoint)
+    export ULOBDEV_PAUSE_FILE=/tmp/pause
+    waitgone() { k=0; while kill -0 $1 2>/dev/null && [ $k -lt 600 ]; do sleep 0.1; k=$((k+1)); done; ! kill -0 $1 2>/dev/null; }
+    pid() { grep -o '"pid": *[0-9]*' /run/ulobdev/ublkb0.json | grep -o '[0-9]*$'; }
+
+    # --- bad input: a kernel without ublk_drv (modprobe finds none): one line, exit 1, nothing made
+    mkdir -p /tmp/nomod && printf '#!/bin/sh\\necho "modprobe: FATAL: Module ublk_drv not found in directory /lib/modules/$(uname -r)" >&2\\nexit 1\\n' > /tmp/nomod/modprobe && chmod +x /tmp/nomod/modprobe
+    PATH=/tmp/nomod:$PATH $A > /tmp/nomod.out 2>&1 && rc=0 || rc=$?; echo "no driver: exit $rc, $(wc -l < /tmp/nomod.out) line(s): $(cat /tmp/nomod.out)"
+    [ ! -e /tmp/d.cache ] && echo "no cache made without the driver"
+
+    at "A > /dev/null && echo attached"
+    $A > /dev/null && echo attached
+    t0=$(date +%s%N)
+    dd if=$D of=/tmp/r bs=1M count=8 iflag=direct status=none
+    head -c 8M /tmp/disk.img | cmp - /tmp/r && echo "misses through the daemon verified"
+    cat /sys/block/ublkb0/queue/logical_block_size /sys/block/ublkb0/queue/physical_block_size | tr '\\n' ' '; echo "sectors"
+
+    at "# --- fio verify"
+    # --- fio verify: two writers (clean cached blocks: intents; missing blocks written whole) and a reader at once
+    fio --output=/tmp/fio.out --filename=$D --direct=1 --ioengine=libaio --bs=4k --verify=crc32c --verify_fatal=1 \\
+      --name=cached --rw=randwrite --iodepth=16 --offset=0 --size=2M \\
+      --name=missing --rw=randwrite --iodepth=16 --offset=16M --size=2M \\
+      --name=reader --rw=randread --iodepth=8 --offset=32M --size=4M --verify=0 \\
+      && echo "fio verify passed" || { echo "fio failed"; cat /tmp/fio.out; }
+    at "# partial-block"
+    # a write into part of a missing block (rule 5: the block is filled first), in data never read yet
+    dd if=/dev/urandom of=/tmp/p bs=512 count=3 status=none
+    dd if=/tmp/p of=$D bs=512 seek=20001 conv=fsync oflag=direct status=none
+    dd if=$D bs=512 skip=20000 count=8 iflag=direct status=none > /tmp/p2
+    { dd if=/tmp/disk.img bs=512 skip=20000 count=1 status=none; cat /tmp/p; dd if=/tmp/disk.img bs=512 skip=20004 count=4 status=none; } | cmp - /tmp/p2 && echo "partial write verified"
+    # a read racing the first write of a whole missing block (its intent held back 4 s) gets the old or the new data
+    dd if=/dev/urandom of=/tmp/w bs=4k count=1 status=none
+    dd if=/tmp/disk.img of=/tmp/w0 bs=4k skip=2600 count=1 status=none
+    echo "ublk:intent-reply 4000" > /tmp/pause
+    dd if=/tmp/w of=$D bs=4k seek=2600 oflag=direct status=none &
+    W=$!
+    sleep 1.5
+    dd if=$D of=/tmp/w2 bs=4k skip=2600 count=1 iflag=direct status=none
+    wait $W || true; rm -f /tmp/pause
+    if cmp -s /tmp/w2 /tmp/w0; then echo "racing read: old data"; elif cmp -s /tmp/w2 /tmp/w; then echo "racing read: new data"; else echo "racing read: neither"; fi
+    # hydration at run time would race the server's writes into missing blocks: refused
+    $U hydrate $D > /tmp/hy.out 2>&1 && rc=0 || rc=$?; echo "hydrate: exit $rc, $(wc -l < /tmp/hy.out) line(s): $(head -1 /tmp/hy.out)"
+
+    at "# --- a filesystem"
+    # --- a filesystem, a write-back flush: the disk then equals the device
+    mkfs.ext4 -q -b 4096 $D && mkdir -p /tmp/m && mount $D /tmp/m
+    head -c 4M /dev/urandom > /tmp/f && cp /tmp/f /tmp/m/f && sync
+    umount /tmp/m
+    fsck.ext4 -fn $D > /dev/null && echo "fsck clean"
+    $U flush --wait $D > /dev/null && cmp $D /tmp/disk.img && echo "flushed: disk equals device"
+
+    at "# --- FLUSH durability"
+    # --- FLUSH durability and kill -9: fsync'd data survives, the same command takes the device back
+    mount $D /tmp/m
+    head -c 2M /dev/urandom > /tmp/g && cp /tmp/g /tmp/m/g && sync /tmp/m/g
+    kill -9 $(pid)
+    ( sleep 1; cat /tmp/m/f > /tmp/f.back && echo "read while no daemon ran: served" ) &
+    R=$!
+    # another cache of the same size must not take the device (nor delete it)
+    truncate -s 64M /tmp/other.img
+    $U -c /tmp/o.cache -b /tmp/o.bitmap --writeback --name other --daemon $D /tmp/other.img > /tmp/other.out 2>&1 && echo "foreign cache took the device" || echo "foreign cache refused: $(tail -1 /tmp/other.out)"
+    [ -e /sys/block/ublkb0 ] && echo "device kept after the refusal"
+    $A > /tmp/again.out 2>&1 && echo "restarted" || { echo "restart failed:"; cat /tmp/again.out; }
+    wait $R || true
+    grep -q 'taken back from a daemon that died' $LOG && echo "recovered the device"
+    cmp /tmp/g /tmp/m/g && cmp /tmp/f /tmp/f.back && echo "files after kill -9 verified"
+    head -c 1M /dev/urandom > /tmp/h && cp /tmp/h /tmp/m/h && sync && cmp /tmp/h /tmp/m/h && echo "writes after recovery"
+    umount /tmp/m && fsck.ext4 -fn $D > /dev/null && echo "fsck clean after kill -9"
+    at "U status D --json"
+    $U status $D --json > /tmp/status.json && node -e 'const j=JSON.parse(require("fs").readFileSync("/tmp/status.json","utf8"));const u=(Array.isArray(j)?j[0]:j).ublk;console.log("ublk status: "+u.attach+" readHits="+u.readHits+" writeHits="+u.writeHits+" failedUpcalls="+u.failedUpcalls)'
+    echo "seconds: $(( ($(date +%s%N) - t0) / 1000000000 ))"
+    at "U detach D"
+    $U detach $D && echo detached
+    [ ! -e $D ] && echo "device gone"
+
+    # --- a failed fdatasync of the cache file stays failed (Linux reports it once): FLUSH keeps failing
+    ULOBDEV_UBLK_FAULT=fsync-eio-at=1 $A > /dev/null
+    dd if=/tmp/w of=$D bs=4k seek=10 oflag=direct conv=fsync status=none 2>/dev/null && echo "first sync: passed" || echo "first sync: failed"
+    dd if=/tmp/w of=$D bs=4k seek=10 oflag=direct conv=fsync status=none 2>/dev/null && echo "second sync: passed" || echo "second sync: failed"
+    grep -q 'sync of the cache file' $LOG && echo "logged the sync error"
+    $U detach $D > /dev/null 2>&1 || true
+
+    # --- the queue thread dies (io_uring_enter fails): the daemon exits, the same command takes the device back
+    at "thread death"
+    ULOBDEV_UBLK_FAULT=enter-enomem-at=40 $A > /dev/null
+    P=$(pid)
+    dd if=$D of=/tmp/t bs=4k count=200 iflag=direct status=none &
+    T=$!
+    waitgone $P && echo "daemon exited after its queue thread died" || echo "daemon still running after its queue thread died"
+    grep -q 'queue thread' $LOG && echo "logged the queue thread's death"
+    $A > /tmp/again2.out 2>&1 && echo "restarted after the queue thread died" || echo "restart after thread death failed: $(tail -1 /tmp/again2.out)"
+    waitgone $T && echo "reads served after the queue thread died"
+
+    # --- SIGTERM with a miss in flight (its reply held back 5 s): the daemon stops, the read is served
+    at "stop with a miss in flight"
+    echo "ublk:miss-reply 5000" > /tmp/pause
+    ( dd if=$D of=/dev/null bs=64k skip=900 count=1 iflag=direct status=none && echo "miss in flight at stop: served" ) &
+    sleep 1.5
+    P=$(pid); kill -TERM $P
+    waitgone $P && echo "stopped with a miss in flight" || echo "daemon still running 60 s after SIGTERM"
+    rm -f /tmp/pause
+  `, { timeoutMs: 900_000 });
+  if (process.env.ULOBVM_SHOW) process.stderr.write(run.output);
+}, 1_000_000);
+
+describe('ulobdev on /dev/ublkbN (6.12)', () => {
+  it('without ublk_drv: one line, exit 1, nothing made', () => {
+    expect(run.output).toMatch(/no driver: exit 1, 1 line\(s\): ulobdev: \/dev\/ublkb0 needs the kernel's ublk driver/);
+    expect(run.output).toContain('no cache made without the driver');
+  });
+  it('fills misses, passes fio --verify with readers and writers at once, partial writes', () => {
+    expect(run.output).toContain('attached');
+    expect(run.output).toContain('misses through the daemon verified');
+    expect(run.output).toContain('fio verify passed');
+    expect(run.output).toContain('partial write verified');
+  });
+  it('carries ext4; a flush leaves the disk equal to the device', () => {
+    expect(run.output).toContain('fsck clean');
+    expect(run.output).toContain('flushed: disk equals device');
+  });
+  it('kill -9: the same command takes the device back, fsync-ed data and the mounted filesystem survive', () => {
+    expect(run.output).toContain('restarted');
+    expect(run.output).toContain('recovered the device');
+    expect(run.output).toContain('read while no daemon ran: served');
+    expect(run.output).toContain('files after kill -9 verified');
+    expect(run.output).toContain('writes after recovery');
+    expect(run.output).toContain('fsck clean after kill -9');
+    expect(run.output).toMatch(/ublk status: recovered readHits=\d+ writeHits=\d+ failedUpcalls=0/);
+  });
+  it('a read racing the first write of a missing block gets old or new data, never the cache file\'s', () => {
+    expect(run.output).toMatch(/racing read: (old|new) data/);
+  });
+  it('hydrate at run time is refused with one line', () => {
+    expect(run.output).toMatch(/hydrate: exit 1, 1 line\(s\): ulobdev: --hydrate is not wired to \/dev\/ublkb0/);
+  });
+  it('a foreign cache of the same size neither takes nor deletes a device left by kill -9', () => {
+    expect(run.output).toMatch(/foreign cache refused: ulobdev: \/dev\/ublkb0 /);
+    expect(run.output).toContain('device kept after the refusal');
+  });
+  it('a failed sync of the cache file keeps FLUSH failing', () => {
+    expect(run.output).toContain('first sync: failed');
+    expect(run.output).toContain('second sync: failed');
+    expect(run.output).toContain('logged the sync error');
+  });
+  it('a dead queue thread ends the daemon; the same command takes the device back', () => {
+    expect(run.output).toContain('daemon exited after its queue thread died');
+    expect(run.output).toContain("logged the queue thread's death");
+    expect(run.output).toContain('restarted after the queue thread died');
+    expect(run.output).toContain('reads served after the queue thread died');
+  });
+  it('SIGTERM with a miss in flight stops the daemon and serves the miss', () => {
+    expect(run.output).toContain('stopped with a miss in flight');
+    expect(run.output).toContain('miss in flight at stop: served');
+  });
+  it('detaches', () => {
+    expect(run.output).toContain('detached');
+    expect(run.output).toContain('device gone');
+    expect(run.code).toBe(0);
+  });
+});
