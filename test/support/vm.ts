@@ -115,6 +115,14 @@ export function findSplats(log: string): string[] {
   return out;
 }
 
+/**
+ * The splat lines of a run that `allowSplats` (RunOptions.allowSplats) does not declare: runInVm
+ * rejects with GuestKernelSplatError when there is any. Exported for the harness's own test.
+ */
+export function unexpectedSplats(result: Pick<VmResult, 'splats'>, allowSplats?: RegExp): string[] {
+  return result.splats.filter((l) => !allowSplats?.test(l));
+}
+
 const prepared = new Map<KernelSeries, VmPaths>();
 
 /**
@@ -195,7 +203,7 @@ export async function runInVm(script: string, options: RunOptions = {}): Promise
     ms,
     timedOut,
   };
-  const unexpected = result.splats.filter((l) => !options.allowSplats?.test(l));
+  const unexpected = unexpectedSplats(result, options.allowSplats);
   if (result.code !== 0 || unexpected.length > 0) {
     process.stderr.write(
       `--- VM run on ${paths.KVER} failed (exit ${String(result.code)}${timedOut ? ', timed out' : ''}${unexpected.length ? `, ${unexpected.length} kernel splat line(s)` : ''}, ${ms} ms, scratch ${scratch}) ---\n` +
