@@ -7,7 +7,8 @@
 #   scripts/test.sh [VITEST_ARGS...]   extra arguments go to both vitest runs (a file filter, -t NAME,
 #                                      --bail=1); with any, a lane that has no matching file passes
 # ULOB_TEST_SCALE (test/support/scale.ts) scales the model and fuzz repetitions; `make test-long`
-# sets 1, the full counts. ULOB_TEST_LOGS=DIR keeps each lane's log (DIR/vm.log, DIR/host.log).
+# sets 1, the full counts. ULOB_TEST_LOGS=DIR keeps each lane's log (DIR/vm.log, DIR/host.log) and
+# vitest's JSON report with every file's and test's duration (DIR/vm.json, DIR/host.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +25,9 @@ lane() {
   tag=$(printf '%-4s |' "$name")
   {
     local t0=$SECONDS
-    npx vitest run --project "$name" "${extra[@]}" "$@" 2>&1
+    local json=()
+    [ -n "${ULOB_TEST_LOGS:-}" ] && json=(--reporter=default --reporter=json --outputFile.json="$logs/$name.json")
+    npx vitest run --project "$name" "${json[@]}" "${extra[@]}" "$@" 2>&1
     echo "$? $((SECONDS - t0))" >"$logs/$name.rc"
   } | tee "$logs/$name.log" | sed -u "s/^/$tag /"
 }
