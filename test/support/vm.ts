@@ -174,7 +174,9 @@ export async function runInVm(script: string, options: RunOptions = {}): Promise
     args.push('-drive', `file=${file},if=none,id=ata${i},format=raw`, '-device', `ide-hd,drive=ata${i},bus=ide.0,unit=${i}`);
   });
   const started = Date.now();
-  const qemu = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  // setpriv --pdeathsig: the guest dies with the test process, however that ends (a vitest time
+  // limit, Ctrl-C, a killed run), instead of running on as an orphan on a shared machine.
+  const qemu = spawn('setpriv', ['--pdeathsig', 'KILL', 'qemu-system-x86_64', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let consoleText = '';
   qemu.stdout.setEncoding('utf8').on('data', (s: string) => {
     consoleText += s;
