@@ -4,7 +4,7 @@ NODE_MODULES_STAMP := node_modules/.package-lock.json
 ADDON := build/Release/ulob_native.node
 TS_STAMP := dist/.built
 
-.PHONY: all deps build man test test-kernels demo bench clean install deb
+.PHONY: all deps build man test test-long test-kernels demo bench clean install deb
 
 all: build
 
@@ -34,16 +34,23 @@ build: $(NODE_MODULES_STAMP) $(ADDON) $(TS_STAMP) $(MAN_PAGES)
 
 man: $(MAN_PAGES)
 
-# Every test; the VM suite (test/vm) boots Debian 13's 6.12, and test/vm/kernel-smoke.test.ts runs the
-# module's main path on Debian 12's 6.1 and the newest 7.x as well. Kernels are cached under .vm/.
+# Every test, in two lanes side by side (scripts/test.sh): the VM suite (test/vm, Debian 13's 6.12;
+# test/vm/kernel-smoke.test.ts runs the module's main path on Debian 12's 6.1 and the newest 7.x as
+# well; kernels are cached under .vm/) and the host tests (unit, model, integration). The model and
+# fuzz tests run ULOB_TEST_SCALE's share of their full repetition counts (test/support/scale.ts:
+# 0.4 by default, which keeps the suite under 30 min on 2 cores); `make test-long` runs them all.
 test: deps build
-	npx vitest run
+	bash scripts/test.sh
+
+# make test with the full repetition counts of the model and fuzz tests (ULOB_TEST_SCALE=1).
+test-long: deps build
+	ULOB_TEST_SCALE=1 bash scripts/test.sh
 
 # The whole VM suite on each kernel in turn: 6.1, 6.12 and the newest 7.x (ULOBVM_KERNEL, see
 # test/support/vm.ts). KERNELS="6.12 newest" picks fewer.
 KERNELS ?= 6.1 6.12 newest
 test-kernels: deps build
-	@set -e; for k in $(KERNELS); do echo "== VM suite on $$k"; ULOBVM_KERNEL=$$k npx vitest run test/vm; done
+	@set -e; for k in $(KERNELS); do echo "== VM suite on $$k"; ULOBVM_KERNEL=$$k npx vitest run --project vm; done
 
 demo: deps build
 	bash scripts/demo.sh

@@ -1,10 +1,23 @@
 import { defineConfig } from 'vitest/config';
 
+// Two projects, which scripts/test.sh (`make test`) runs as two vitest processes side by side:
+//  - vm:   test/vm, every file boots qemu guests (single-threaded TCG: one core each);
+//  - host: everything else (unit, model, integration): CPU in the models, mostly waiting on
+//          fsync, loop devices and child processes in the integration files.
+// `npx vitest run` alone still runs both, one file at a time on 2 cores; `--project vm` picks one.
 export default defineConfig({
   test: {
-    include: ['test/**/*.test.ts'],
     testTimeout: 60_000,
     hookTimeout: 60_000,
     pool: 'forks',
+    projects: [
+      { extends: true, test: { name: 'vm', include: ['test/vm/**/*.test.ts'] } },
+      // The host lane shares the machine with a guest now: a default time limit of 180 s, not 60 s
+      // (limits are for hangs; no test asserts on speed).
+      {
+        extends: true,
+        test: { name: 'host', include: ['test/**/*.test.ts'], exclude: ['test/vm/**', '**/node_modules/**'], testTimeout: 180_000, hookTimeout: 180_000 },
+      },
+    ],
   },
 });

@@ -142,7 +142,17 @@ fi
 # The module, for the guest's kernel, built from a copy of kernel/ (mtimes kept, so make rebuilds only
 # what changed). Any compiler warning is an error here: the module must build clean on every kernel.
 BUILD="$KDIR/uloop"
-if [ -z "${ULOOP_VM_NO_MODULE:-}" ] && [ -f "$ROOT/kernel/uloop.c" ]; then
+# Kbuild's own "nothing to do" runs the compiler about 40 times (its cc-option probes): 5-20 s per
+# call, and every VM test file calls this. So make runs only when a source in kernel/ (or the
+# kernel's headers) is newer than the uloop.ko it built last; a build with warnings deletes its .ko.
+module_current() {
+  local hdr=/usr/src/linux-headers-$KVER
+  [ "$SERIES" = 6.1 ] || hdr=$VM/trixie-build$hdr
+  [ -f "$BUILD/uloop.ko" ] && [ -f "$hdr/.config" ] && [ ! "$hdr/.config" -nt "$BUILD/uloop.ko" ] &&
+    [ -z "$(find "$ROOT/kernel" \( -name '*.o' -o -name '*.ko' -o -name '*.mod' -o -name '*.mod.c' -o -name '.*.cmd' \
+      -o -name Module.symvers -o -name modules.order \) -prune -o -newer "$BUILD/uloop.ko" -print -quit)" ]
+}
+if [ -z "${ULOOP_VM_NO_MODULE:-}" ] && [ -f "$ROOT/kernel/uloop.c" ] && ! module_current; then
   mkdir -p "$BUILD"
   cp -a "$ROOT/kernel/." "$BUILD/"
   rm -f "$BUILD"/*.ko.tmp

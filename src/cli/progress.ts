@@ -1,8 +1,12 @@
 // A progress bar for long work the daemon does (a flush, hydration), drawn with cli-progress on
 // stderr and only when stderr is a terminal: rate and time left from the daemon's own counters,
 // polled over the control socket. Off a terminal nothing is drawn (logs and pipes stay clean).
-import cliProgress from 'cli-progress';
+import { createRequire } from 'node:module';
+import type CliProgress from 'cli-progress';
 import { formatBytes } from '../units.js';
+
+// cli-progress is loaded only when a bar is drawn (a command on a terminal), not by every start.
+const requireCjs = createRequire(import.meta.url);
 
 export interface ProgressSample {
   done: number;
@@ -16,6 +20,7 @@ export interface ProgressSample {
  */
 export function progressBar(label: string, sample: () => Promise<ProgressSample | null>, everyMs = 500): { stop(): void } | null {
   if (!process.stderr.isTTY) return null;
+  const cliProgress = requireCjs('cli-progress') as typeof CliProgress;
   const bar = new cliProgress.SingleBar(
     {
       stream: process.stderr,

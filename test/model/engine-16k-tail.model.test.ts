@@ -1,11 +1,12 @@
 // Model-based crash test: 4 blocks of 16384 bytes, the last one 3584 bytes short.
-// ULOB_MODEL_RUNS sets the sequences per file (four files: 10,000 per make test by default).
+// 2,500 sequences in full (make test-long); make test runs ULOB_TEST_SCALE's share (test/support/scale.ts).
 // CASES are shrunk counterexamples the property once found, kept as named regression cases: a
 // failure of the property prints its own, ready to paste here.
 import { describe, it } from 'vitest';
 import { assertEngineModel, runEngineModel, type ModelCase } from '../support/engine-model.js';
+import { scaledRuns } from '../support/scale.js';
 
-const RUNS = Number(process.env.ULOB_MODEL_RUNS ?? 2500);
+const RUNS = scaledRuns(2500);
 const CONFIG = { blockSize: 16384, blocks: 4, tail: 3584 };
 
 const CASES: Record<string, ModelCase> = {};

@@ -4,13 +4,16 @@
 // synced, then the punch) and every zeroing runs between crash points. Besides invariants 1-4 and
 // the point-in-time image, after every step: no present block lies over a hole of the cache
 // file, and the cache file holds no more than the budget plus one unit.
-// ULOB_MODEL_RUNS sets the sequences per file; the time limit grows with it (on 2 shared cores
-// 500 runs took 70 s at load 9 and 371 s at load 15; 2500 did not finish in 900 s at load 15). CASES are shrunk counterexamples the property once
-// found, kept as named regression cases: a failure of the property prints its own.
+// 2,500 sequences in full (make test-long); make test runs ULOB_TEST_SCALE's share
+// (test/support/scale.ts). The time limit grows with the count (on 2 shared cores 500 runs took
+// 70 s at load 9 and 371 s at load 15; 2500 did not finish in 900 s at load 15). CASES are shrunk
+// counterexamples the property once found, kept as named regression cases: a failure of the
+// property prints its own.
 import { describe, it } from 'vitest';
 import { assertEngineModel, runEngineModel, type ModelCase } from '../support/engine-model.js';
+import { scaledRuns } from '../support/scale.js';
 
-const RUNS = Number(process.env.ULOB_MODEL_RUNS ?? 2500);
+const RUNS = scaledRuns(2500);
 const CONFIG = { blockSize: 4096, blocks: 16, tail: 0, budgetBlocks: 6, unitBlocks: 2 };
 
 const CASES: Record<string, ModelCase> = {

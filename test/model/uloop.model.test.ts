@@ -1,11 +1,12 @@
 // Model-based crash test of the uloop protocol (test/support/uloop-model.ts): a model of the
 // kernel's block state drives the real upcall handler, epoch wiring, engine and store, with power
 // losses and daemon kills at every persistence point, barrier and epoch transactions included.
-// ULOB_MODEL_RUNS sets the sequences (default 1000, about a minute).
+// 1,000 sequences in full (make test-long); make test runs ULOB_TEST_SCALE's share (test/support/scale.ts).
 import { describe, it } from 'vitest';
 import { assertUloopModel, runUloopModel, type UloopModelCase } from '../support/uloop-model.js';
+import { scaledRuns } from '../support/scale.js';
 
-const RUNS = Number(process.env.ULOB_MODEL_RUNS ?? 1000);
+const RUNS = scaledRuns(1000);
 const CONFIG = { blockSize: 4096, blocks: 6, tail: 0 };
 
 // Shrunk counterexamples the property found with a bug planted, kept as regression cases.

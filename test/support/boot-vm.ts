@@ -100,7 +100,9 @@ export async function bootMachine(
     '-virtfs', `local,path=${m.scratch},mount_tag=scratch,security_model=none`,
   ];
   const started = Date.now();
-  const qemu = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  // setpriv --pdeathsig: the guest dies with the test process, however that ends (a vitest time
+  // limit, Ctrl-C, a killed run), instead of running on as an orphan on a shared machine.
+  const qemu = spawn('setpriv', ['--pdeathsig', 'KILL', 'qemu-system-x86_64', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let text = '';
   const onData = (s: string) => {
     text += s;

@@ -10,8 +10,8 @@
 // the sync (the order before this fix) about a hundred per barrier are; with the fix, none. Every block
 // written is then read back through the device.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, runInVm, type VmResult } from '../support/vm.js';
-import { buildTool, expectCleanKernel, TCG_STARVATION } from './uloop-tools.js';
+import { expectCleanKernel, prepareVm, runInVm, TCG_STARVATION, type VmResult } from '../support/vm.js';
+import { buildTool } from './uloop-tools.js';
 
 let run: VmResult;
 const BLOCKS = 4096; // 16 MiB at 4 KiB

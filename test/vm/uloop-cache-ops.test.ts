@@ -12,8 +12,8 @@
 //    physical sectors, ULOOP_F_PARTSCAN shows /dev/uloopNp1 (its own minor), the filesystem on it
 //    mounts, REMOVE is refused while it is mounted; without the flag BLKRRPART finds it.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, runInVm, type VmResult } from '../support/vm.js';
-import { buildTool, expectCleanKernel, queryAfter, TCG_STARVATION } from './uloop-tools.js';
+import { expectCleanKernel, prepareVm, runInVm, TCG_STARVATION, type VmResult } from '../support/vm.js';
+import { buildTool, queryAfter } from './uloop-tools.js';
 
 let run: VmResult;
 

@@ -10,8 +10,8 @@
 // an epoch stay dirty; once the writer stops, one more flush makes the backing file equal the
 // device.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, runInVm, type VmResult } from '../support/vm.js';
-import { buildTool, expectCleanKernel, TCG_STARVATION } from './uloop-tools.js';
+import { expectCleanKernel, prepareVm, runInVm, TCG_STARVATION, type VmResult } from '../support/vm.js';
+import { buildTool } from './uloop-tools.js';
 
 let run: VmResult;
 

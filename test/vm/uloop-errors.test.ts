@@ -12,8 +12,8 @@
 //  - more than 256 timed-out misses all keep their blocks until their late answers; a late ZERO
 //    success takes effect, and a ZERO its daemon left unanswered goes to the next daemon.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, runInVm, type VmResult } from '../support/vm.js';
-import { expectCleanKernel, queryAfter, TCG_STARVATION } from './uloop-tools.js';
+import { expectCleanKernel, prepareVm, runInVm, TCG_STARVATION, type VmResult } from '../support/vm.js';
+import { queryAfter } from './uloop-tools.js';
 
 let run: VmResult;
 

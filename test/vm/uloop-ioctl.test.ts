@@ -4,8 +4,8 @@
 // outstanding are refused; REMOVE is refused while the device is open; ADD, REMOVE, ATTACH, QUERY
 // and opens of the device racing for seconds give only the expected errnos.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, runInVm, type VmResult } from '../support/vm.js';
-import { buildTool, expectCleanKernel, TCG_STARVATION } from './uloop-tools.js';
+import { expectCleanKernel, prepareVm, runInVm, TCG_STARVATION, type VmResult } from '../support/vm.js';
+import { buildTool } from './uloop-tools.js';
 
 let run: VmResult;
 

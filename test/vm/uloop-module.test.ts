@@ -2,8 +2,7 @@
 // blocks are all present (every read and write is a hit), a filesystem on it, data verified
 // through the device and in the cache file (all blocks present and dirty: no intents either), unload refused while a device exists.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, runInVm, type VmPaths, type VmResult } from '../support/vm.js';
-import { TCG_STARVATION } from './uloop-tools.js';
+import { prepareVm, runInVm, TCG_STARVATION, type VmPaths, type VmResult } from '../support/vm.js';
 
 let vm: VmPaths;
 let run: VmResult;

@@ -9,8 +9,8 @@
 // more flush makes the backing file equal the device. Without PRESERVE (planted: the flag left out
 // at ADD) epoch 1 already differs.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
-import { buildTool, expectCleanKernel } from './uloop-tools.js';
+import { expectCleanKernel, prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
+import { buildTool } from './uloop-tools.js';
 
 const EPOCHS = 3;
 let run: VmResult;

@@ -3,8 +3,7 @@
 // whole-block writes to missing blocks, partial writes to missing blocks filled first, a daemon
 // killed with I/O in flight and re-attached, and EIO once no daemon returns in time.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { prepareVm, runInVm, type VmPaths, type VmResult } from '../support/vm.js';
-import { TCG_STARVATION } from './uloop-tools.js';
+import { prepareVm, runInVm, TCG_STARVATION, type VmPaths, type VmResult } from '../support/vm.js';
 
 let vm: VmPaths;
 let run: VmResult;
