@@ -15,6 +15,7 @@ import { alignedBuffer } from '../native/io.js';
 import * as native from '../native/uloop.js';
 import type { Frontend } from './frontend.js';
 import { run } from './programs.js';
+import { markStart } from '../sys.js';
 import { UpcallHandler, type Upcall, type UpcallType } from './upcalls.js';
 import { freeUloop, moduleMissing, moduleRejected, uloopError } from './uloop-errors.js';
 
@@ -295,6 +296,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
         throw uloopError('ATTACH', err, request);
       }
       attach = 'reattached';
+      markStart('ioctl');
     } else {
       cache = openSync(store.paths.cache, options.readOnly ? 'r' : 'r+');
       let flags = options.readOnly ? 0 : native.ULOOP_F_WRITEBACK;
@@ -309,6 +311,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       } catch (err) {
         throw uloopError('ADD', err, request);
       }
+      markStart('ioctl');
       // The kernel holds its own reference to the cache file from here on.
       closeSync(cache);
       cache = -1;

@@ -1,7 +1,8 @@
 // A progress bar for long work the daemon does (a flush, hydration), drawn with cli-progress on
 // stderr and only when stderr is a terminal: rate and time left from the daemon's own counters,
 // polled over the control socket. Off a terminal nothing is drawn (logs and pipes stay clean).
-import cliProgress from 'cli-progress';
+import { createRequire } from 'node:module';
+import type cliProgressModule from 'cli-progress';
 import { formatBytes } from '../units.js';
 
 export interface ProgressSample {
@@ -16,6 +17,8 @@ export interface ProgressSample {
  */
 export function progressBar(label: string, sample: () => Promise<ProgressSample | null>, everyMs = 500): { stop(): void } | null {
   if (!process.stderr.isTTY) return null;
+  // Loaded only when a bar is drawn: the attach command (a restart) never draws one.
+  const cliProgress = createRequire(import.meta.url)('cli-progress') as typeof cliProgressModule;
   const bar = new cliProgress.SingleBar(
     {
       stream: process.stderr,
