@@ -15,8 +15,8 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
 import { expectCleanKernel } from './uloop-tools.js';
 
-// The issue asks for 100 cycles: ULOB_RESTART_CYCLES=100 (make test-long) runs them; `make test`
-// runs DEFAULT_CYCLES, what fits this file's 4 minutes. A cycle is one Node start (module load, store
+// The issue asks for 100 cycles: `make test-long` (ULOB_TEST_SCALE=1) runs them, ULOB_RESTART_CYCLES=N
+// runs N; `make test` runs DEFAULT_CYCLES, what fits this file's 4 minutes. A cycle is one Node start (module load, store
 // open and crash recovery, ATTACH). Under TCG that took 20-47 s when ulobdev loaded ~210 modules
 // over the guest's 9p root; the daemon now runs as one bundled file (dist/cli/ulobdev.bundle.js, what
 // `make install` puts behind /usr/sbin/ulobdev) and loads pino-pretty, cli-progress and cron only
@@ -28,7 +28,8 @@ import { expectCleanKernel } from './uloop-tools.js';
 // next one takes seconds to start, so a request handed to one dead daemon after another waits
 // longer than the default 90 s in total and fails with EIO by design (seen: 4 writes at 300 s).
 const DEFAULT_CYCLES = 10;
-const CYCLES = Number(process.env.ULOB_RESTART_CYCLES ?? DEFAULT_CYCLES);
+const FULL_CYCLES = 100;
+const CYCLES = Number(process.env.ULOB_RESTART_CYCLES || (Number(process.env.ULOB_TEST_SCALE) >= 1 ? FULL_CYCLES : DEFAULT_CYCLES));
 if (!Number.isInteger(CYCLES) || CYCLES < 1) throw new Error(`ULOB_RESTART_CYCLES=${process.env.ULOB_RESTART_CYCLES}: give a whole number of cycles, at least 1`);
 // Guest time: about 3 minutes for the rest, and up to 60 s a cycle on a loaded host.
 const GUEST_MS = 600_000 + CYCLES * 60_000;
