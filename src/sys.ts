@@ -186,3 +186,19 @@ export async function pausePoint(name: string): Promise<void> {
 export function crashPoint(name: string): void {
   if (process.env.ULOBDEV_CRASH_AT === name) process.kill(process.pid, 'SIGKILL');
 }
+
+const startPhases: Record<string, number> = {};
+
+/**
+ * Records when this process's start first reached `phase`, in ms since the process began
+ * (performance.now(): node's own start included). The attach line logs them (`startMs`): where a
+ * restart's time goes (module loading, checks, store open, the ATTACH ioctl).
+ */
+export function markStart(phase: string): void {
+  startPhases[phase] ??= Math.round(performance.now());
+}
+
+/** The phases markStart recorded so far, in the order reached. */
+export function startTimes(): Readonly<Record<string, number>> {
+  return startPhases;
+}

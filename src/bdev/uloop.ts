@@ -15,6 +15,7 @@ import { alignedBuffer } from '../native/io.js';
 import * as native from '../native/uloop.js';
 import type { Frontend } from './frontend.js';
 import { run } from './programs.js';
+import { markStart } from '../sys.js';
 import { UpcallHandler, type Upcall, type UpcallType } from './upcalls.js';
 import { freeUloop, moduleMissing, moduleRejected, uloopError } from './uloop-errors.js';
 
@@ -295,6 +296,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
         throw uloopError('ATTACH', err, request);
       }
       attach = 'reattached';
+      markStart('ioctl');
     } else {
       cache = openSync(store.paths.cache, options.readOnly ? 'r' : 'r+');
       let flags = options.readOnly ? 0 : native.ULOOP_F_WRITEBACK;
@@ -309,6 +311,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       } catch (err) {
         throw uloopError('ADD', err, request);
       }
+      markStart('ioctl');
       // The kernel holds its own reference to the cache file from here on.
       closeSync(cache);
       cache = -1;
@@ -429,6 +432,13 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
     served = n;
     if (q.error === 0) stickyError = 0;
     else if (stickyError === 0 || Date.now() - lastClearAt >= clearErrorMs) clearStickyError(q.error);
+    if (q.error === 0 && store.dataSyncFailed && !recovering && Date.now() - lastClearAt >= clearErrorMs) {
+      lastClearAt = Date.now();
+      recovering = true;
+      void recoverStore().finally(() => {
+        recovering = false;
+      });
+    }
   };
   /**
    * The sticky error: a sync of the cache file failed at a FLUSH, so pages written since the one
@@ -444,19 +454,61 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       logger.error(`${device}: a sync of the cache file ${store.paths.cache} failed (${errnoName(-error)}): writes and FLUSH fail with EIO until it syncs again; retrying every ${clearErrorMs / 1000} s`);
     }
     lastClearAt = Date.now();
-    const dropped = new Bitmap(blockCount, Buffer.alloc(Math.ceil(blockCount / 8)));
-    let r: { error: number; dropped: number };
-    try {
-      r = native.uloopClearError(ctl, dropped.buffer);
-    } catch {
-      return; // EIO: still failing
-    }
-    stickyError = 0;
-    logger.warn(
-      { dropped: r.dropped },
-      `${device}: the cache file syncs again; writes resume. ${r.dropped} blocks written whole since the last FLUSH were lost with the failed sync and read from the disk again`,
-    );
+    if (recovering) return;
+    recovering = true;
+    void (async () => {
+      // The store's own fd sees the failed writeback once too (errseq): a sync now, while the
+      // kernel refuses writes, so the fills it may have lost are dropped before writes resume.
+      if (!store.failed) await store.syncData().catch(() => undefined);
+      if (store.failed && !(await recoverStore())) return; // still failing: the next poll tries again
+      const dropped = new Bitmap(blockCount, Buffer.alloc(Math.ceil(blockCount / 8)));
+      let r: { error: number; dropped: number };
+      try {
+        r = native.uloopClearError(ctl, dropped.buffer);
+      } catch {
+        return; // EIO: still failing
+      }
+      stickyError = 0;
+      logger.warn(
+        { dropped: r.dropped },
+        `${device}: the cache file syncs again; writes resume. ${r.dropped} blocks written whole since the last FLUSH were lost with the failed sync and read from the disk again`,
+      );
+    })().finally(() => {
+      recovering = false;
+    });
   };
+  /**
+   * The store failed on a sync of the cache file (its commit, an intent): engine.recoverSyncError
+   * drops the fills staged since its last commit, whose pages may be gone, after the kernel stops
+   * serving them (EVICT: the kernel marked them present when their MISS was answered; it keeps
+   * blocks a write has made dirty or pending since, which its own sticky error sets aside), and
+   * syncs the cache file again. One line when it recovers. False while the sync still fails.
+   */
+  let recovering = false;
+  const recoverStore = async (): Promise<boolean> => {
+    let dropped = 0;
+    let ok: boolean;
+    try {
+      ok = await engine.recoverSyncError(async (extents) => {
+        for (const e of extents) {
+          for (let start = e.start; start < e.start + e.count; start += native.ULOOP_MAX_RANGE_BLOCKS) {
+            const count = Math.min(native.ULOOP_MAX_RANGE_BLOCKS, e.start + e.count - start);
+            const bits = new Bitmap(count, Buffer.alloc(Math.ceil(count / 8)));
+            bits.setRange(0, count);
+            native.uloopEvict(ctl, start, count, bits.buffer);
+          }
+          dropped += e.count;
+        }
+      });
+    } catch (err) {
+      if (!storeFatalLogged) logger.error(`${device}: the cache store cannot recover (${(err as Error).message}); restart the daemon`);
+      storeFatalLogged = true;
+      return false;
+    }
+    if (ok) logger.warn({ dropped }, `${device}: the cache store syncs again after a failed sync of ${store.paths.cache}; ${dropped} blocks filled since its last commit were dropped and are read from the disk again`);
+    return ok;
+  };
+  let storeFatalLogged = false;
   const pollMs = options.pollMs ?? 200;
   const clearErrorMs = options.clearErrorMs ?? 2000;
   const poller = setInterval(poll, pollMs);

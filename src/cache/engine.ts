@@ -528,6 +528,31 @@ export class CacheEngine {
     return this.#epoch?.preservedBytes ?? 0;
   }
 
+  /**
+   * Recovery after a failed fdatasync of the cache file (`store.dataSyncFailed`), without a
+   * restart. The pages written since the last good sync may be gone, and the next sync would not
+   * say so (errseq reports an error once per open file), so every staged block is dropped: a fill
+   * turns missing again (the next read fetches it from the source: invariant 1 never saw it
+   * present), a write staged since the last commit is lost, as the FLUSH or FUA that failed
+   * reported. Present and dirty blocks keep their bits: a dirty block's rewrite since the last
+   * FLUSH may be lost, not its dirty bit (invariant 2). `dropping` runs first with the dropped
+   * blocks (the uloop frontend has the kernel stop serving them: EVICT). Then the cache file is
+   * synced again (store.recoverDataSync). Resolves true when the store serves I/O again, false
+   * while the sync still fails (call again later); throws EngineClosedError when the store failed
+   * otherwise (metadata, bitmap) or is closed.
+   */
+  async recoverSyncError(dropping?: (blocks: Extent[]) => Promise<void>): Promise<boolean> {
+    if (!this.store.dataSyncFailed) return this.store.recoverDataSync();
+    // Requests are refused while the store is failed; a commit still running ends first.
+    await this.#commit.idle();
+    const blocks = Float64Array.from(this.#staged.keys()).sort();
+    if (blocks.length > 0 && dropping) await dropping([...toExtents(blocks)]);
+    for (const b of blocks) this.#staged.delete(b);
+    this.store.release(blocks.length);
+    this.#cancelAutoCommit();
+    return this.store.recoverDataSync();
+  }
+
   /** Commits everything and closes the store cleanly. The source stays open (the caller owns it). */
   async close(): Promise<void> {
     if (this.#closed) return;

@@ -111,6 +111,8 @@ export class CacheStore {
   #bitmapWrite: Promise<void> = Promise.resolve();
   #mode: CacheMode;
   #failed: Error | null = null;
+  /** True while #failed is a failed fdatasync of the cache file and nothing worse (recoverDataSync). */
+  #dataSyncFailed = false;
   #closed = false;
   #presentCount: number;
   #reserved = 0;
@@ -740,7 +742,43 @@ export class CacheStore {
 
   async #syncData(): Promise<void> {
     this.#assertUsable();
-    await this.#io(() => this.#cache.sync(), 'sync the cache');
+    try {
+      await this.#io(() => this.#cache.sync(), 'sync the cache');
+    } catch (err) {
+      // Recoverable only when this sync failure is the store's first one (recoverDataSync).
+      if (this.#failed === err) this.#dataSyncFailed = true;
+      throw err;
+    }
+  }
+
+  /** True when the store failed on an fdatasync of the cache file alone: recoverDataSync may bring it back. */
+  get dataSyncFailed(): boolean {
+    return this.#failed !== null && this.#dataSyncFailed && !this.#closed;
+  }
+
+  /**
+   * Brings the store back after a failed fdatasync of the cache file. Pages written since the last
+   * good sync may be gone, and a new sync would not say so (errseq reports an error once per open
+   * file), so the caller must first have dropped every block whose data only such a page held
+   * (the engine's staged blocks: CacheEngine.recoverSyncError); present and dirty blocks keep
+   * their bits (a dirty block's unflushed rewrite may be lost, as the failed FLUSH said). Syncs the
+   * cache file again: when that works the store serves I/O again and this returns true; when it
+   * fails (the cause lasts) the store stays failed and this returns false. Throws
+   * EngineClosedError when the store failed otherwise (a metadata or bitmap write) or is closed.
+   */
+  async recoverDataSync(): Promise<boolean> {
+    if (!this.dataSyncFailed) {
+      if (this.#failed === null && !this.#closed) return true;
+      throw new EngineClosedError(`cache ${this.paths.cache} cannot recover: ${this.#failed?.message ?? 'closed'}`);
+    }
+    try {
+      await this.#cache.sync();
+    } catch {
+      return false;
+    }
+    this.#failed = null;
+    this.#dataSyncFailed = false;
+    return true;
   }
 
   #assertUsable(): void {
@@ -757,7 +795,8 @@ export class CacheStore {
       await fn();
     } catch (err) {
       const wrapped = ioError(what, path, err);
-      this.#failed ??= wrapped;
+      if (this.#failed === null) this.#failed = wrapped;
+      else this.#dataSyncFailed = false; // a second failure: not only the data sync
       throw wrapped;
     }
   }
@@ -766,7 +805,8 @@ export class CacheStore {
     try {
       fn();
     } catch (err) {
-      this.#failed ??= err as Error;
+      if (this.#failed === null) this.#failed = err as Error;
+      this.#dataSyncFailed = false;
       throw err;
     }
   }

@@ -29,6 +29,7 @@ import { isDaemonName, listDaemons, resolveDaemon, type DaemonEntry } from '../d
 import { defaultName, frontendKind } from '../bdev/frontend.js';
 import { CONFIG_DIR, RUN_DIR } from '../paths.js';
 import { formatBytes, parseSize } from '../units.js';
+import { markStart } from '../sys.js';
 import { cronWarning, dirtyLimitBytes, parseCacheSize, parseCron, parseDirtyLimit, parseDuration, parseEvictionUnit, parseRate } from '../writeback/policy.js';
 import { renderReportSvg, type ReportData } from '../writeback/report.js';
 import type { HydrationProgress } from '../writeback/hydrate.js';
@@ -674,6 +675,7 @@ function hidden(flags: string) {
 }
 
 export async function main(argv: string[]): Promise<number> {
+  markStart('loaded');
   try {
     await buildProgram().parseAsync(argv);
     return 0;

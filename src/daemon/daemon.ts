@@ -26,7 +26,7 @@ import { FlushScheduler, type SchedulerStatus } from '../writeback/scheduler.js'
 import { assertNoDaemon, ControlServer, type ControlRequest } from './control.js';
 import { claimName, describeRecovery, recoverLeftovers, releaseName, updateRecordDevice } from './leftovers.js';
 import { fstabWarnings, stableLinkFor } from './fstab.js';
-import { crashPoint } from '../sys.js';
+import { crashPoint, markStart, startTimes } from '../sys.js';
 
 export const EXPORT_NAME = 'ulobdev';
 
@@ -216,6 +216,7 @@ export class Daemon {
   }
 
   static async start(options: AttachOptions): Promise<Daemon> {
+    markStart('checked');
     const kind = frontendKind(options.device);
     if (kind === 'uloop') assertUloopModule(options.device);
     if (kind === 'ublk') assertUblkDriver(options.device);
@@ -291,6 +292,7 @@ export class Daemon {
         defaultBlockSize: Math.max(DEFAULT_BLOCK_SIZE, sectorSize.logical),
       });
       undo.push(() => store.close());
+      markStart('store');
       // The budget the cache already had counts as much as one given now.
       if (store.budget !== null && (kind === 'uloop' || kind === 'ublk')) throw budgetOnUloop(options.device);
       if (store.budget !== null && policy.hydrateRate !== undefined && store.budget < source.size) throw hydrateOverBudget(store.budget, source.size);
@@ -402,7 +404,8 @@ export class Daemon {
           (err: Error) => logger.error(`hydration stopped: ${err.message}`),
         );
       }
-      logger.info({ backing: source.description, cache: paths.cache, mode: store.mode, schedule: policy.flushCron ?? null }, 'attached');
+      markStart('attached');
+      logger.info({ backing: source.description, cache: paths.cache, mode: store.mode, schedule: policy.flushCron ?? null, startMs: startTimes() }, 'attached');
       if (kind !== 'serve') {
         const link = await stableLinkFor(name, runBase === RUN_DIR);
         for (const line of await fstabWarnings(options.device, `/sys/block/${basename(options.device)}`, source.description, options.fstab, link)) {

@@ -1,8 +1,17 @@
 // The write-back options as typed on the command line, parsed and validated before anything is
 // opened: a bad value is one line and changes nothing.
-import { CronTime, validateCronExpression } from 'cron';
+import { createRequire } from 'node:module';
+import type * as CronModule from 'cron';
 import { InvalidArgumentError } from '../errors.js';
 import { parseSize } from '../units.js';
+
+/**
+ * The cron package, loaded on first use: an attach without --flush (a restart of a daemon
+ * with no schedule) does not pay for it and luxon.
+ */
+export function cronModule(): typeof CronModule {
+  return createRequire(import.meta.url)('cron') as typeof CronModule;
+}
 
 /** A dirty-data limit: bytes, or a percentage of the disk. */
 export type DirtyLimit = { bytes: number } | { percent: number };
@@ -32,6 +41,7 @@ export function parseCron(text: string): string {
   if (!expr.startsWith('@') && fields.length !== 5 && fields.length !== 6) {
     throw new InvalidArgumentError(`--flush ${quoted} is not a cron expression: ${CRON_USAGE}`);
   }
+  const { CronTime, validateCronExpression } = cronModule();
   const check = validateCronExpression(expr);
   if (!check.valid) {
     const why = check.error instanceof Error ? check.error.message : String(check.error ?? 'invalid');
@@ -106,7 +116,7 @@ const MIN_SENSIBLE_INTERVAL_MS = 5 * 60_000;
  * read as 5: its first field is seconds. Takes a valid expression (parseCron's).
  */
 export function cronWarning(expr: string): string | undefined {
-  const times = new CronTime(expr).sendAt(24).map((t) => t.toMillis());
+  const times = new (cronModule().CronTime)(expr).sendAt(24).map((t) => t.toMillis());
   let gap = Infinity;
   for (let i = 1; i < times.length; i++) gap = Math.min(gap, times[i]! - times[i - 1]!);
   if (!(gap < MIN_SENSIBLE_INTERVAL_MS)) return undefined;

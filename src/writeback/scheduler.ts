@@ -11,13 +11,14 @@
 //                  room that only a flush can make
 // Nothing else makes the daemon touch the disk, so between flushes it can sleep. A failed flush
 // leaves its blocks dirty (engine.abortEpoch); the error shows in status, logs and history.
-import { CronJob } from 'cron';
+import type { CronJob } from 'cron';
 import type { Logger } from 'pino';
 import type { CacheEngine } from '../cache/engine.js';
 import type { HistoryLog } from '../cache/metadata.js';
 import { flushDirty, type FlushProgress, type FlushResult } from './flusher.js';
 import type { PowerControl, PowerState } from './power.js';
 import { EngineClosedError } from '../errors.js';
+import { cronModule } from './policy.js';
 
 export type FlushReason = 'schedule' | 'threshold' | 'age' | 'manual' | 'detach' | 'opportunistic' | 'ac' | 'retry' | 'budget';
 
@@ -132,7 +133,7 @@ export class FlushScheduler {
     this.#log = options.logger;
     if (options.cron) {
       // Constructed here so a bad expression throws before start() (parseCron checked it already).
-      this.#job = CronJob.from({ cronTime: options.cron, onTick: () => void this.#auto('schedule'), start: false });
+      this.#job = cronModule().CronJob.from({ cronTime: options.cron, onTick: () => void this.#auto('schedule'), start: false });
     }
   }
 

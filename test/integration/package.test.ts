@@ -62,6 +62,12 @@ describe('make install', () => {
     const r = spawnSync(process.execPath, [installed, '--help'], { encoding: 'utf8', cwd: '/' });
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/^Usage: ulobdev/m);
+    // /usr/local/sbin/ulobdev runs the bundle (one file: a restart's start time), which must find
+    // better-sqlite3 and the addon in the installed tree too.
+    expect(readFileSync(p('usr/local/sbin/ulobdev'), 'utf8')).toContain('/usr/local/lib/ulobdev/dist/cli/ulobdev.bundle.js');
+    const bundled = spawnSync(process.execPath, [p('usr/local/lib/ulobdev/dist/cli/ulobdev.bundle.js'), '--help'], { encoding: 'utf8', cwd: '/' });
+    expect(bundled.status, bundled.stderr).toBe(0);
+    expect(bundled.stdout).toMatch(/^Usage: ulobdev/m);
     const addon = spawnSync(process.execPath, ['-e', `require(${JSON.stringify(p('usr/local/lib/ulobdev/build/Release/ulob_native.node'))})`], { encoding: 'utf8', cwd: '/' });
     expect(addon.status, addon.stderr).toBe(0);
   }, 600_000);

@@ -1349,6 +1349,62 @@ describe('refusals', () => {
     expect(r.store.dirty.get(0)).toBe(true);
   });
 
+  it('recovers from a failed cache sync without a restart: staged blocks dropped, the cache synced again', async () => {
+    const BS = 4 * KiB;
+    let cachePath = '';
+    const flaky = flakyStorage(() => cachePath);
+    const r = await rig({ size: 16 * BS, blockSize: BS });
+    await r.engine.close();
+    cachePath = r.paths.cache;
+    r.options.storage = flaky.storage;
+    await attach(r);
+    // Block 0: dirty and flushed before the fault. Block 2: a whole-block write staged (rule 4),
+    // block 4: a fill staged (rule 1); both only in pages the failed sync may have lost.
+    await r.engine.write(0, pattern(BS, 1));
+    await r.engine.flush();
+    await r.engine.write(0, pattern(BS, 2)); // a rewrite of a dirty block, not flushed
+    await r.engine.write(2 * BS, pattern(BS, 3));
+    await r.engine.read(4 * BS, BS);
+    flaky.failNextSync = true;
+    await expect(r.engine.flush()).rejects.toMatchObject({ code: 'ULOB_E_IO' });
+    expect(r.store.dataSyncFailed).toBe(true);
+    await expect(r.engine.read(8 * BS, 1)).rejects.toMatchObject({ code: 'ULOB_E_CLOSED' });
+    // The sync fails again: still failed, nothing dropped twice.
+    flaky.failNextSync = true;
+    let dropped: unknown[] = [];
+    expect(await r.engine.recoverSyncError(async (e) => void (dropped = e))).toBe(false);
+    expect(dropped).toEqual([{ start: 2, count: 1 }, { start: 4, count: 1 }]);
+    expect(r.store.failed).not.toBeNull();
+    // The cause is gone: the store serves again.
+    expect(await r.engine.recoverSyncError()).toBe(true);
+    expect(r.store.failed).toBeNull();
+    // Neither dropped block is present or dirty (never recorded over a page that may be lost);
+    // block 0 stays dirty.
+    for (const b of [2, 4]) expect([r.store.present.get(b), r.store.dirty.get(b)], `block ${b}`).toEqual([false, false]);
+    expect(r.store.dirty.get(0)).toBe(true);
+    // Requests work again; the dropped fill is fetched from the source anew.
+    r.source.reset();
+    await r.engine.read(4 * BS, BS);
+    expect(r.source.reads.length).toBe(1);
+    await r.engine.write(6 * BS, pattern(BS, 4));
+    await r.engine.flush();
+    expect(r.store.dirty.get(6)).toBe(true);
+    await r.engine.close();
+    r.options.storage = undefined;
+    await attach(r);
+    expect(r.store.recoveredFromCrash).toBe(false);
+    expect(r.store.dirty.get(6)).toBe(true);
+  });
+
+  it('does not recover when more than the data sync failed', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 16 * BS, blockSize: BS });
+    await r.engine.write(0, pattern(BS, 1));
+    await r.store.abandon();
+    expect(r.store.dataSyncFailed).toBe(false);
+    await expect(r.engine.recoverSyncError()).rejects.toMatchObject({ code: 'ULOB_E_CLOSED' });
+  });
+
   it('after a failed cache sync the engine refuses everything with EngineClosedError', async () => {
     const BS = 4 * KiB;
     let cachePath = '';

@@ -6,7 +6,11 @@
 //  - a flush (writes to the disk) fails: the dirty blocks stay dirty in the kernel and the store,
 //    the kernel's flush epoch is ended (no PRESERVE keeps the writer waiting), status shows the
 //    error; once the disk is back a flush completes and the disk equals the device;
-//  - nothing acknowledged is lost: the device's content is checked after a detach and a fresh ADD.
+//  - nothing acknowledged is lost: the device's content is checked after a detach and a fresh ADD;
+//  - the cache file's filesystem on dm-flakey (writes fail): the store's sync of fresh fills and the
+//    kernel's FLUSH fail; once the writes work again the same daemon recovers without a restart
+//    (the store drops the fills it may have lost, the kernel's sticky error is cleared), logs it,
+//    and serves reads (the dropped fills read from the disk again) and writes.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
 import { expectCleanKernel } from './uloop-tools.js';
@@ -17,7 +21,7 @@ beforeAll(async () => {
   const vm = prepareVm();
   run = await runInVm(
     `
-    U="node ${ROOT}/dist/cli/ulobdev.js"; D=/dev/uloop0; LOG=/run/ulobdev/uloop0.log
+    U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; D=/dev/uloop0; LOG=/run/ulobdev/uloop0.log
     insmod ${vm.ULOOP_KO}
     modprobe loop; modprobe dm-mod
     head -c 32M /dev/urandom > /tmp/disk.img
@@ -51,9 +55,42 @@ beforeAll(async () => {
     sha256sum < $D | cmp -s - /tmp/sum && echo "re-added: the same device"
     $U detach $D > /dev/null
     dmsetup remove bk; losetup -d $L
+
+    # --- the cache file's filesystem on dm-flakey. No journal (errors=continue): a failed journal
+    # write would abort ext4, and the fault is meant for the cache file's data.
+    modprobe dm-flakey; modprobe ext4
+    truncate -s 64M /tmp/cfs.img; L2=$(losetup -f --show /tmp/cfs.img)
+    dmsetup create --noudevsync cfk --table "0 131072 linear $L2 0" && dmsetup mknodes cfk
+    mkfs.ext4 -q -O ^has_journal /dev/mapper/cfk && mkdir -p /tmp/cf && mount -o noatime,lazytime,errors=continue /dev/mapper/cfk /tmp/cf
+    cfk() { dmsetup suspend --nolockfs --noflush cfk; dmsetup reload cfk --table "0 131072 $1"; dmsetup resume cfk; }
+    head -c 16M /dev/urandom > /tmp/disk2.img
+    D2=/dev/uloop1; LOG2=/run/ulobdev/uloop1.log
+    $U -c /tmp/cf/c2.cache -b /tmp/c2.bitmap --metadata /tmp/c2.meta --writeback --block-size 64K --daemon $D2 /tmp/disk2.img > /dev/null
+    P2=$(cat /run/ulobdev/uloop1/pid)
+    dd if=$D2 of=/dev/null bs=1M count=4 iflag=direct status=none; sleep 3      # 0..4M filled and committed
+    head -c 1M /dev/urandom > /tmp/w8; dd if=/tmp/w8 of=$D2 bs=1M seek=8 oflag=direct conv=notrunc,fsync status=none
+    cfk "flakey $L2 0 0 3600 1 error_writes"
+    dd if=$D2 of=/dev/null bs=1M skip=4 count=2 iflag=direct status=none && echo "flakey: fills answered"
+    head -c 1M /dev/urandom | dd of=$D2 bs=1M seek=10 iflag=fullblock oflag=direct conv=notrunc status=none
+    sync $D2 2>/dev/null && echo "flakey: the failing FLUSH succeeded" || echo "flakey: the failing FLUSH EIO"
+    sleep 3
+    $U status $D2 --json > /tmp/st2 && node -e 'const t=JSON.parse(require("fs").readFileSync("/tmp/st2","utf8"));console.log("flakey: during kernel.error="+t.kernel.error)'
+    dd if=$D2 of=/dev/null bs=1M count=4 iflag=direct status=none && echo "flakey: cached reads served during the fault"
+    cfk "linear $L2 0"
+    k=0; until grep -q 'the cache file syncs again' $LOG2 || [ $k -ge 120 ]; do sleep 0.5; k=$((k+1)); done
+    grep -q 'cache store syncs again' $LOG2 && echo "flakey: store recovered: $(grep -o '[0-9]* blocks filled since its last commit were dropped' $LOG2 | head -1)"
+    grep -q 'the cache file syncs again' $LOG2 && echo "flakey: sticky error cleared"
+    echo "flakey: store lines: $(grep -c 'cache store syncs again' $LOG2), sticky lines: $(grep -c 'a sync of the cache file' $LOG2)"
+    [ "$(cat /run/ulobdev/uloop1/pid)" = "$P2" ] && kill -0 $P2 && echo "flakey: the same daemon serves"
+    head -c 8M /tmp/disk2.img > /tmp/e8; dd if=$D2 bs=1M count=8 iflag=direct status=none | cmp - /tmp/e8 && echo "flakey: 0..8M read back as the disk"
+    dd if=$D2 bs=1M skip=8 count=1 iflag=direct status=none | cmp - /tmp/w8 && echo "flakey: the write flushed before the fault is intact"
+    head -c 1M /dev/urandom > /tmp/w12; dd if=/tmp/w12 of=$D2 bs=1M seek=12 oflag=direct conv=notrunc,fsync status=none && echo "flakey: write and FLUSH after recovery ok"
+    dd if=$D2 bs=1M skip=12 count=1 iflag=direct status=none | cmp - /tmp/w12 && echo "flakey: it reads back"
+    $U detach $D2 > /dev/null && echo "flakey: detached"
+    umount /tmp/cf; dmsetup remove cfk; losetup -d $L2
     rmmod uloop && echo unloaded
   `,
-    { memoryMb: 1536 },
+    { memoryMb: 1536, timeoutMs: 720_000 },
   );
 }, 900_000);
 
@@ -70,6 +107,22 @@ describe('the Node daemon of /dev/uloopN on a failing disk (dm-error)', () => {
     expect(run.output).toMatch(/flush on the failed disk failed: /);
     expect(run.output).toMatch(/during: disk=failing dirty=6291456 kernelDirty=96 lastError=set failedUpcalls=2/);
     expect(run.output).toContain('a write after the failed flush is not held');
+  });
+
+  it('the cache filesystem failing writes (dm-flakey): the same daemon recovers without a restart', () => {
+    expect(run.output).toContain('flakey: fills answered');
+    expect(run.output).toContain('flakey: the failing FLUSH EIO');
+    expect(run.output).toContain('flakey: during kernel.error=EIO');
+    expect(run.output).toContain('flakey: cached reads served during the fault');
+    expect(run.output).toMatch(/flakey: store recovered: \d+ blocks filled/);
+    expect(run.output).toContain('flakey: sticky error cleared');
+    expect(run.output).toContain('flakey: store lines: 1, sticky lines: 1');
+    expect(run.output).toContain('flakey: the same daemon serves');
+    expect(run.output).toContain('flakey: 0..8M read back as the disk');
+    expect(run.output).toContain('flakey: the write flushed before the fault is intact');
+    expect(run.output).toContain('flakey: write and FLUSH after recovery ok');
+    expect(run.output).toContain('flakey: it reads back');
+    expect(run.output).toContain('flakey: detached');
   });
 
   it('once the disk is back a flush completes, and nothing acknowledged was lost', () => {

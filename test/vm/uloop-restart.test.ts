@@ -15,25 +15,31 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
 import { expectCleanKernel } from './uloop-tools.js';
 
-// The issue asked for 100 cycles; this test runs 6. Under TCG a cycle is one Node start (module
-// load, store open and crash recovery, ATTACH) and took 20-47 s to ATTACH on this 2-core host
-// under load 7-13, with fio unpaced (29-47 s) or paced by --rate_iops (20-42 s): 100 cycles, and
-// 30, ran past the guest's limit without printing a line. 6 cycles took 184-198 s of guest time,
-// about the 3 minutes this test may spend on them. The time is Node's start, not a wait in the
-// kernel; a cheaper start (fewer modules loaded before ATTACH) would buy more cycles. fio is paced
-// so the restarting daemon gets CPU; it keeps requests in flight across every kill. Every
-// cycle's time to ATTACH is printed.
+// The issue asks for 100 cycles: `make test-long` (ULOB_TEST_SCALE=1) runs them, ULOB_RESTART_CYCLES=N
+// runs N; `make test` runs DEFAULT_CYCLES, what fits this file's 4 minutes. A cycle is one Node start (module load, store
+// open and crash recovery, ATTACH). Under TCG that took 20-47 s when ulobdev loaded ~210 modules
+// over the guest's 9p root; the daemon now runs as one bundled file (dist/cli/ulobdev.bundle.js, what
+// `make install` puts behind /usr/sbin/ulobdev) and loads pino-pretty, cli-progress and cron only
+// when used (docs/design.md, "Start time"). Each cycle's time to ATTACH is printed, and the phases
+// of the starts that lived long enough to log them (startMs: loaded, checked, store, ioctl, attached,
+// ms since the process began). fio is paced so the restarting daemon gets CPU; it keeps requests in
+// flight across every kill.
 // io_timeout_s is raised at insmod: here a daemon lives at most 0.5 s after each ATTACH and the
-// next one takes 20-50 s to start, so a request handed to one dead daemon after another waits
+// next one takes seconds to start, so a request handed to one dead daemon after another waits
 // longer than the default 90 s in total and fails with EIO by design (seen: 4 writes at 300 s).
-const CYCLES = 6;
+const DEFAULT_CYCLES = 10;
+const FULL_CYCLES = 100;
+const CYCLES = Number(process.env.ULOB_RESTART_CYCLES || (Number(process.env.ULOB_TEST_SCALE) >= 1 ? FULL_CYCLES : DEFAULT_CYCLES));
+if (!Number.isInteger(CYCLES) || CYCLES < 1) throw new Error(`ULOB_RESTART_CYCLES=${process.env.ULOB_RESTART_CYCLES}: give a whole number of cycles, at least 1`);
+// Guest time: about 3 minutes for the rest, and up to 60 s a cycle on a loaded host.
+const GUEST_MS = 600_000 + CYCLES * 60_000;
 let run: VmResult;
 
 beforeAll(async () => {
   const vm = prepareVm();
   run = await runInVm(
     `
-    U="node ${ROOT}/dist/cli/ulobdev.js"; CTL=${vm.ULOOPCTL}; D=/dev/uloop0; LOG=/run/ulobdev/uloop0.log
+    U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; CTL=${vm.ULOOPCTL}; D=/dev/uloop0; LOG=/run/ulobdev/uloop0.log
     insmod ${vm.ULOOP_KO} reattach_timeout_s=120 io_timeout_s=900
     modprobe -q crc32c_generic || true; modprobe ext4
     head -c 8M /dev/urandom > /tmp/disk.img && truncate -s 256M /tmp/disk.img
@@ -98,6 +104,7 @@ beforeAll(async () => {
     $A > /dev/null && echo "the --daemon command takes it back after the cycles"
     rm /tmp/go; wait $F || echo "fio loop FAILED"; cat /tmp/fio.summary
     echo "take-backs logged: $(grep -c 'taken back from a daemon that died' /tmp/fg.log)"
+    echo "start phases (ms since the process began):"; grep -o '"startMs":{[^}]*}' /tmp/fg.log || true
     umount /tmp/m
     fsck.ext4 -fn $D > /tmp/fsck.out 2>&1 && echo "fsck clean" || { echo "fsck FAILED"; head -20 /tmp/fsck.out; }
     sha256sum < $D > /tmp/sum.dev
@@ -109,9 +116,9 @@ beforeAll(async () => {
     $U detach $D > /dev/null
     rmmod uloop && echo unloaded
   `,
-    { memoryMb: 1536, timeoutMs: 900_000 },
+    { memoryMb: 1536, timeoutMs: GUEST_MS },
   );
-}, 1_000_000);
+}, GUEST_MS + 120_000);
 
 describe('the Node daemon of /dev/uloopN when things fail', () => {
   it('a failed miss fails that read at once, and the daemon lives and logs it once', () => {
