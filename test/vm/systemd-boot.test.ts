@@ -130,7 +130,8 @@ describe('Debian 13 under systemd, set up as docs/laptop.md says', () => {
     expect(before).toMatchObject({ name: 'data2', device: '/dev/uloop0' });
     // a2.bin and b2.bin (5 MiB) were written through the cache and never flushed.
     expect(before.dirtyBytes).toBeGreaterThanOrEqual(5 * MiB);
-    expect(status(2, 'STATUS3-U').dirtyBytes).toBe(before.dirtyBytes);
+    // (The mount at boot may dirty a superblock block more; nothing flushed them.)
+    expect(status(2, 'STATUS3-U').dirtyBytes).toBeGreaterThanOrEqual(before.dirtyBytes);
     const detached = journal(2, 1, 'data2').map(message).filter((l) => l.startsWith('detached:'));
     expect(detached).toEqual([expect.stringMatching(/^detached: no flush; \d+(\.\d+)? MiB stay dirty in the cache for the next flush$/)]);
   });
