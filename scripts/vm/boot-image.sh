@@ -1,10 +1,13 @@
 #!/bin/bash
-# A Debian 13 that boots with systemd as PID 1, for test/vm/systemd-boot.test.ts (and the Debian 13
-# root of the package test): a debootstrapped trixie root with systemd, udev, Debian's own kernel
-# and initramfs, and what ulobdev's package depends on (nodejs, fuse3, libnbd-bin), cached under
-# .vm/trixie-boot. Prints the paths the harness needs as KEY=VALUE lines; logs go to stderr.
-#   boot-image.sh            make the root (once) and print ROOTFS, KERNEL, INITRD, KVER
-# A run makes its own ext4 disk image from ROOTFS (mkfs.ext4 -d), so the cached root stays clean.
+# A Debian 13 that boots with systemd as PID 1, for test/vm/systemd-boot.test.ts: a debootstrapped
+# trixie root with systemd, udev, Debian's own kernel (the 6.12 that scripts/vm/prepare.sh pinned,
+# so the uloop.ko it builds loads here) and a small initramfs-tools initramfs, and what ulobdev's
+# package depends on (nodejs, fuse3, libnbd-bin). Made once and cached under .vm/, keyed by its
+# inputs (this script, the kernel version): the root tree .vm/trixie-boot and, made from it, the
+# root disk image .vm/trixie-boot.img (ext4, mkfs.ext4 -d). A run boots a qcow2 overlay of that
+# image, so the cached image stays clean and a run copies nothing.
+#   BOOT_KVER=6.12.118+deb13-amd64 boot-image.sh     prints ROOTFS, IMAGE, KERNEL, INITRD, KVER
+# The kernel's .deb must be in .vm/debs (prepare.sh 6.12 puts it there). Logs go to stderr.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 VM=${ULOOP_VM_DIR:-$ROOT/.vm}
@@ -12,12 +15,15 @@ PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 mkdir -p "$VM"
 # shellcheck source=scripts/vm/debian.sh
 . "$ROOT/scripts/vm/debian.sh"
+KVER=${BOOT_KVER:-$(cat "$VM/kernels/6.12" 2>/dev/null || true)}
+[ -n "$KVER" ] || { echo "boot-image: no kernel version (run scripts/vm/prepare.sh 6.12 first, or set BOOT_KVER)" >&2; exit 1; }
 
 exec 9>"$VM/.lock"
 flock 9
 
 need=''
 command -v qemu-system-x86_64 >/dev/null || need="$need qemu-system-x86"
+command -v qemu-img >/dev/null || need="$need qemu-utils"
 command -v debootstrap >/dev/null || need="$need debootstrap"
 command -v mkfs.ext4 >/dev/null || need="$need e2fsprogs"
 if [ -n "$need" ]; then
@@ -26,12 +32,25 @@ if [ -n "$need" ]; then
 fi
 
 R="$VM/trixie-boot"
-# Bump when the configuration below changes: the cached root is then made again.
-CONFIG=3
-PACKAGES=systemd-sysv,udev,kmod,linux-image-amd64,e2fsprogs,nodejs,fuse3,libnbd-bin,util-linux,procps,zstd
-if [ "$(cat "$R/.ulob-boot" 2>/dev/null)" != "$CONFIG $PACKAGES" ]; then
-  rm -f "$R/.ulob-root"
+IMG="$VM/trixie-boot.img"
+PACKAGES=systemd-sysv,udev,kmod,initramfs-tools,linux-base,e2fsprogs,nodejs,fuse3,libnbd-bin,util-linux,procps,zstd
+# The cache key: everything the image is made from.
+KEY="$(sha256sum <"$0" | cut -c1-16) $KVER $PACKAGES"
+if [ "$(cat "$R/.ulob-boot" 2>/dev/null)" != "$KEY" ]; then
+  rm -f "$IMG"
+  # The debootstrapped tree is kept while PACKAGES stay the same (trixie_root's own key); every
+  # step below is idempotent, so a change here re-runs them on it.
   trixie_root "$R" "$PACKAGES"
+  # Debian's kernel, the version prepare.sh pinned (trixie-security's point release may be newer
+  # than what debootstrap's trixie suite has).
+  deb_update
+  deb_download "$VM/debs" "linux-image-$KVER"
+  cp "$(compgen -G "$VM/debs/linux-image-${KVER}_*.deb" | sort -V | tail -1)" "$R/tmp/linux-image.deb"
+  # A small initramfs: what mounts /dev/vda (virtio, ext4), not every driver (MODULES=most).
+  sed -i 's/^MODULES=.*/MODULES=list/' "$R/etc/initramfs-tools/initramfs.conf"
+  printf 'virtio_pci\nvirtio_blk\next4\n' >"$R/etc/initramfs-tools/modules"
+  in_root "$R" dpkg -i /tmp/linux-image.deb >&2
+  rm -f "$R/tmp/linux-image.deb"
   # The root disk is virtio /dev/vda (one partitionless ext4); the test's exchange directory is a
   # 9p share of the host's scratch directory.
   cat >"$R/etc/fstab" <<'FSTAB'
@@ -42,9 +61,27 @@ FSTAB
   echo ulobvm >"$R/etc/hostname"
   printf '127.0.0.1 localhost\n127.0.1.1 ulobvm\n' >"$R/etc/hosts"
   # No password login is needed: the test's steps run as a oneshot unit (ulobvm-step.service).
-  : >"$R/etc/machine-id"
-  # Timers that would start package or filesystem maintenance in the middle of a test.
-  for u in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer fstrim.timer getty@tty1.service; do
+  # A fixed machine id: not a first boot (no first-boot units), and one journal directory for all
+  # boots (journalctl -b -1).
+  echo 0123456789abcdef0123456789abcdef >"$R/etc/machine-id"
+  # What the first boot would do under TCG at a cost of 30-60 s (systemd-analyze blame in the guest):
+  # done here once. The .updated stamps tell ldconfig.service, systemd-update-done and
+  # journal-catalog-update (ConditionNeedsUpdate) there is nothing to do.
+  in_root "$R" ldconfig
+  in_root "$R" journalctl --update-catalog
+  in_root "$R" systemd-sysusers >&2
+  mkdir -p "$R/var/log/journal"
+  touch "$R/etc/.updated" "$R/var/.updated"
+  # Units the test does not need (systemd-analyze blame/critical-chain in the guest): timers that
+  # would start package or filesystem maintenance in the middle of a test, logins on the consoles,
+  # pseudo-filesystems and modules nothing here uses, the random seed.
+  for u in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer e2scrub_reap.service \
+    fstrim.timer man-db.timer getty@tty1.service serial-getty@ttyS0.service getty-static.service \
+    systemd-tmpfiles-clean.timer modprobe@drm.service modprobe@efi_pstore.service modprobe@configfs.service \
+    sys-kernel-debug.mount sys-kernel-tracing.mount sys-kernel-config.mount dev-hugepages.mount dev-mqueue.mount \
+    systemd-random-seed.service systemd-pstore.service systemd-firstboot.service systemd-hwdb-update.service \
+    systemd-udev-load-credentials.service systemd-journal-catalog-update.service ldconfig.service \
+    systemd-update-done.service systemd-sysusers.service; do
     ln -sf /dev/null "$R/etc/systemd/system/$u"
   done
   cat >"$R/etc/systemd/system/ulobvm-step.service" <<'UNIT'
@@ -64,15 +101,30 @@ StandardError=journal+console
 WantedBy=multi-user.target
 UNIT
   ln -sf /etc/systemd/system/ulobvm-step.service "$R/etc/systemd/system/multi-user.target.wants/ulobvm-step.service"
+  # Node under TCG: `node -e 0` takes 25 s with V8's JIT and 10 s without (measured in this guest),
+  # and every daemon start and every ulobdev command is a Node start. The daemon's data path is
+  # native (the addon), so the test runs Node jitless. (Node then warns once per start that it
+  # disabled WebAssembly: only ulohttp's HTTP client would use it, and this test does not run it.)
+  mkdir -p "$R/etc/systemd/system.conf.d"
+  printf '[Manager]\nDefaultEnvironment=NODE_OPTIONS=--jitless\n' >"$R/etc/systemd/system.conf.d/ulobvm-node.conf"
   # The 9p modules must load before mnt-scratch.mount: systemd-modules-load.
   printf '9pnet_virtio\n9p\n' >"$R/etc/modules-load.d/ulobvm.conf"
-  echo "$CONFIG $PACKAGES" >"$R/.ulob-boot"
+  echo "$KEY" >"$R/.ulob-boot"
 fi
-
-KVER=$(ls "$R/lib/modules" | sort -V | tail -1)
 [ -f "$R/boot/vmlinuz-$KVER" ] && [ -f "$R/boot/initrd.img-$KVER" ] ||
   { echo "boot-image: no kernel or initramfs for $KVER in $R/boot" >&2; exit 1; }
+
+# The root disk image, made from the tree once (3 GiB, sparse).
+if [ ! -f "$IMG" ] || [ "$(cat "$IMG.key" 2>/dev/null)" != "$KEY" ]; then
+  rm -f "$IMG" "$IMG.tmp"
+  truncate -s 3G "$IMG.tmp"
+  mkfs.ext4 -q -F -L root -E root_owner=0:0 -d "$R" "$IMG.tmp"
+  echo "$KEY" >"$IMG.key"
+  mv "$IMG.tmp" "$IMG"
+fi
+
 echo "ROOTFS=$R"
+echo "IMAGE=$IMG"
 echo "KVER=$KVER"
 echo "KERNEL=$R/boot/vmlinuz-$KVER"
 echo "INITRD=$R/boot/initrd.img-$KVER"

@@ -131,19 +131,20 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
         const e = o.trace[next++]!;
         if (e.op === 'write') {
           pending.push(Date.now());
-          await engine.write(e.offset, Buffer.alloc(e.bytes, 0x5a));
-          await engine.flush();
+          // A write into a block not cached whole reads the rest of it from the disk first.
+          await untilDone(engine.write(e.offset, Buffer.alloc(e.bytes, 0x5a)).then(() => engine!.flush()), o.advance);
         } else if (e.op === 'external') {
           void disk.access('read', e.bytes, 'external');
         } else {
           // A read that misses waits for the disk: the clock must run meanwhile.
-          const read = engine.read(e.offset, e.bytes);
-          while (!(await Promise.race([read.then(() => true), Promise.resolve(false)]))) await o.advance(100);
+          await untilDone(engine.read(e.offset, e.bytes), o.advance);
         }
       }
+      // The clock may have run on while a request waited for the disk: go by the clock.
+      t = Date.now() - start;
       const until = Math.min(o.durationMs, t + step, next < o.trace.length ? o.trace[next]!.at : Infinity);
-      await o.advance(until - t);
-      t = until;
+      if (until > t) await o.advance(until - t);
+      t = Math.max(until, Date.now() - start);
       observe();
     }
     scheduler.stop();
@@ -170,6 +171,19 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
     await engine?.close().catch(() => undefined);
     rmSync(dir, { recursive: true, force: true });
   }
+}
+
+/**
+ * Waits for `work`, moving the clock 100 ms at a time while it waits (for the disk's spin-up, say).
+ * (A race of work.then(() => true) against Promise.resolve(false) never sees the work end: the
+ * settled false wins by one microtask every time, and the clock runs on forever.)
+ */
+async function untilDone(work: Promise<unknown>, advance: (ms: number) => Promise<unknown>): Promise<void> {
+  let done = false;
+  const settled = work.finally(() => (done = true));
+  await advance(0); // a hit ends without the clock
+  while (!done) await advance(100);
+  await settled;
 }
 
 /** Lets a flush that is still running finish, moving the clock as it waits for the disk. */
