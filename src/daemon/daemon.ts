@@ -534,6 +534,10 @@ export class Daemon {
     if (this.#frontend.kind === 'ublk') throw hydrateOnUblk(this.device);
     if (!this.#hydrator) {
       this.#hydrator = new Hydrator(this.engine, { rate, onError: (err) => this.#logger.warn(`hydration: ${err.message}; retrying`) });
+      // On /dev/uloopN the kernel may hold newer whole blocks the store has not seen yet: fills go
+      // through its CLAIM/FILLED path (as --hydrate's do), never straight into the cache file.
+      const f = this.#frontend;
+      if ('hydrateFill' in f) this.#hydrator.fill = (offset, length) => (f as { hydrateFill(o: number, l: number): Promise<void> }).hydrateFill(offset, length);
     }
     const h = this.#hydrator;
     if (!h.progress().running && !h.progress().done) {

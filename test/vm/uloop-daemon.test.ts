@@ -23,6 +23,12 @@ beforeAll(async () => {
     # fio verify: cached clean blocks (dirty intents, rule 3), then missing ones written whole (rule 4).
     F="fio --filename=/dev/uloop0 --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw=randwrite --verify=crc32c --verify_fatal=1 --do_verify=1 --output=/tmp/fio.out"
     $F --name=cached --offset=0 --size=8M && $F --name=missing --offset=32M --size=16M && echo "fio verify passed" || cat /tmp/fio.out
+    # \`ulobdev hydrate\` at run time: a whole block written into never-read data (the kernel holds it
+    # until the next barrier) must survive the hydrator's fill of that block (issue 11 item 3).
+    head -c 4096 /dev/urandom > /tmp/blk && dd if=/tmp/blk of=/dev/uloop0 bs=4096 seek=15000 oflag=direct status=none
+    $U hydrate --wait /dev/uloop0 > /dev/null && echo "hydrated at run time"
+    dd if=/dev/uloop0 of=/tmp/blk2 bs=4096 skip=15000 count=1 iflag=direct status=none
+    cmp /tmp/blk /tmp/blk2 && echo "hydrate kept the newer block"
     mkfs.ext4 -q -b 4096 /dev/uloop0 && mkdir -p /tmp/m && mount /dev/uloop0 /tmp/m
     head -c 4M /dev/urandom > /tmp/f && cp /tmp/f /tmp/m/f && sync
     umount /tmp/m
@@ -40,6 +46,8 @@ describe('ulobdev on /dev/uloopN', () => {
     expect(run.output).toMatch(/ulobdev: another daemon serves \/dev\/uloop0; detach it first, or pick a free one, e\.g\. \/dev\/uloop1\n/);
     expect(run.output).toContain('second attach exit 1');
     expect(run.output).toContain('fio verify passed');
+    expect(run.output).toContain('hydrated at run time');
+    expect(run.output).toContain('hydrate kept the newer block');
     expect(run.output).toContain('fsck clean');
     expect(run.output).toContain('file verified');
     expect(run.output).toContain('detached');
