@@ -9,6 +9,7 @@ import { constants as osConstants, release } from 'node:os';
 import type { Logger } from 'pino';
 import { Bitmap } from '../cache/bitmap.js';
 import type { CacheEngine, ExternalEpochs } from '../cache/engine.js';
+import type { Extent } from '../cache/layout.js';
 import { DeviceBusyError, EngineClosedError, ModuleVersionError } from '../errors.js';
 import type { SectorSize } from '../source/source.js';
 import { alignedBuffer } from '../native/io.js';
@@ -123,8 +124,16 @@ function queryOrNull(ctl: number, index: number): native.UloopInfo | null {
  * Why an existing /dev/uloopN cannot be this cache's device (its size, block size, mode or
  * sectors differ), or null when it can be taken back.
  */
-export function uloopMismatch(info: Pick<native.UloopInfo, 'size' | 'blockSize' | 'flags' | 'logicalBlockSize'>, want: { size: number; blockSize: number; writeback: boolean; logical: number }): string | null {
+export function uloopMismatch(
+  info: Pick<native.UloopInfo, 'size' | 'blockSize' | 'flags' | 'logicalBlockSize'> & Partial<Pick<native.UloopInfo, 'unitShift'>>,
+  want: { size: number; blockSize: number; writeback: boolean; logical: number; unitShift?: number | null },
+): string | null {
   const diffs: string[] = [];
+  // A budget needs the kernel's accessed bits per eviction unit (ULOOP_F_ACCESSED at ADD).
+  if (want.unitShift !== undefined && want.unitShift !== null) {
+    if ((info.flags & native.ULOOP_F_ACCESSED) === 0) diffs.push('added without a cache budget, asked with one');
+    else if (info.unitShift !== undefined && info.unitShift !== want.unitShift) diffs.push(`eviction unit of ${2 ** info.unitShift} blocks, this cache ${2 ** want.unitShift}`);
+  }
   if (info.size !== want.size) diffs.push(`size ${info.size} bytes, this disk ${want.size}`);
   if (info.blockSize !== want.blockSize) diffs.push(`block size ${info.blockSize}, this cache ${want.blockSize}`);
   const wb = (info.flags & native.ULOOP_F_WRITEBACK) !== 0;
@@ -239,7 +248,7 @@ export function assertUloopAvailable(device: string, want: { size: number; write
   }
 }
 
-function refuseExisting(device: string, info: native.UloopInfo, want: { size: number; blockSize: number; writeback: boolean; logical: number }): void {
+function refuseExisting(device: string, info: native.UloopInfo, want: Parameters<typeof uloopMismatch>[1]): void {
   const free = () => {
     const f = freeUloop();
     return f ? `, e.g. ${f}` : '';
@@ -262,9 +271,9 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
   const want = Number(options.device.slice('/dev/uloop'.length));
   const request = { device: options.device, size: engine.size, blockSize, cache: store.paths.cache };
   const sector = options.sectorSize ?? { logical: 512, physical: 512 };
-  // Added without ULOOP_F_ZERO, the module takes every dirty block as present: zeroed blocks,
-  // which the cache file does not hold, get their zeros written first.
-  if (store.zeroBlocks() > 0) await engine.materializeZeroed();
+  // A budget: the kernel sets an accessed bit per eviction unit (2^unitShift blocks) on each hit.
+  const budgeted = store.budget !== null;
+  const unitShift = budgeted ? Math.log2(store.unitBlocks) : null;
 
   let ctl: number;
   try {
@@ -285,10 +294,20 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       throw new ModuleVersionError(`the loaded uloop module is older than this ulobdev (no GET_FEATURES: ${(err as Error).message}); rebuild and reload it (make -C kernel, then rmmod uloop and insmod kernel/uloop.ko once no /dev/uloopN is in use)`, { cause: err });
     }
     if (features.version !== native.ULOOP_ABI_VERSION) throw uloopError('ADD', Object.assign(new Error('EPROTO'), { code: 'EPROTO' }), request);
+    const has = (f: number) => (features.features & f) !== 0;
+    if (budgeted && !(has(native.ULOOP_FEAT.EVICT) && has(native.ULOOP_FEAT.ACCESSED))) {
+      throw new ModuleVersionError(
+        `the loaded uloop module cannot evict (no EVICT/ACCESSED), which a cache budget (--cache-size) on ${options.device} needs; rebuild and reload it (make -C kernel), or use /dev/loopN`,
+      );
+    }
     existing = queryOrNull(ctl, want);
+    // Zeroed blocks (dirty, not present) are the kernel's own with ULOOP_F_ZERO; added without it,
+    // the module takes every dirty block as present: their zeros are written into the cache file first.
+    const zeroInKernel = existing ? (existing.flags & native.ULOOP_F_ZERO) !== 0 : !options.readOnly && has(native.ULOOP_FEAT.ZERO);
+    if (!zeroInKernel && store.zeroBlocks() > 0) await engine.materializeZeroed();
     if (existing) {
       // A device of this N survives its daemon: take it back if it is this cache's.
-      refuseExisting(options.device, existing, { size: engine.size, blockSize, writeback: !options.readOnly, logical: sector.logical });
+      refuseExisting(options.device, existing, { size: engine.size, blockSize, writeback: !options.readOnly, logical: sector.logical, unitShift });
       try {
         native.uloopAttach(ctl, want);
       } catch (err) {
@@ -298,14 +317,16 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
     } else {
       cache = openSync(store.paths.cache, options.readOnly ? 'r' : 'r+');
       let flags = options.readOnly ? 0 : native.ULOOP_F_WRITEBACK;
-      const has = (f: number) => (features.features & f) !== 0;
       if (has(native.ULOOP_FEAT.PARTITIONS)) flags |= native.ULOOP_F_PARTSCAN;
       if (!options.readOnly && has(native.ULOOP_FEAT.PRESERVE)) flags |= native.ULOOP_F_PRESERVE;
+      // DISCARD and WRITE_ZEROES become ZERO upcalls: the store's zeroed blocks, the same bits.
+      if (zeroInKernel) flags |= native.ULOOP_F_ZERO;
+      if (budgeted) flags |= native.ULOOP_F_ACCESSED;
       const sectors = has(native.ULOOP_FEAT.SECTOR_SIZE)
         ? { logicalBlockSize: sector.logical, physicalBlockSize: Math.min(Math.max(sector.physical, sector.logical), blockSize) }
         : {};
       try {
-        index = native.uloopAdd(ctl, cache, { size: engine.size, blockSize, flags, index: want, ...sectors }, store.present.buffer, store.dirty.buffer);
+        index = native.uloopAdd(ctl, cache, { size: engine.size, blockSize, flags, index: want, unitShift: unitShift ?? 0, ...sectors }, store.present.buffer, store.dirty.buffer);
       } catch (err) {
         throw uloopError('ADD', err, request);
       }
@@ -389,6 +410,69 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
    */
   const flushDevice = () => run('sync', [device], { timeoutMs: 0 }).then(() => undefined);
 
+  if (!options.readOnly) {
+    // A flush epoch first takes the kernel's pending blocks (written whole while missing) into the
+    // store with a FLUSH, so the flush writes them back and a budget flush makes them evictable.
+    epochs.external.beforeEpoch = async () => {
+      if (removed) return;
+      if (native.uloopQuery(ctl, index).pendingBlocks > 0) await flushDevice();
+    };
+    epochs.external.dirtyDataBlocks = () => {
+      if (removed) return null;
+      try {
+        const q = native.uloopQuery(ctl, index);
+        return q.dirtyBlocks - q.zeroBlocks;
+      } catch {
+        return null;
+      }
+    };
+  }
+  if (budgeted) {
+    const clock = store.clock!;
+    // The hand harvests the kernel's accessed bits (hits it served) as it moves (cache/clock.ts).
+    epochs.external.harvestAccessed = () => {
+      if (removed) return;
+      for (let first = 0; first < clock.units; first += native.ULOOP_MAX_RANGE_BLOCKS) {
+        const count = Math.min(native.ULOOP_MAX_RANGE_BLOCKS, clock.units - first);
+        const bits = Buffer.alloc(Math.ceil(count / 8));
+        if (native.uloopAccessed(ctl, first, count, bits) > 0) clock.mergeAccessed(bits, first);
+      }
+    };
+    epochs.external.evict = (victims) => uloopEvict(victims);
+  }
+  /**
+   * EVICT of the clock's victims, in ranges of at most ULOOP_MAX_RANGE_BLOCKS: the kernel stops
+   * serving those present, clean, idle and not pending, waits until no request is in flight on
+   * them, and returns them; only those are evicted from the store (then cleared durably, then
+   * punched: invariant 1). A failure evicts nothing of that range.
+   */
+  const uloopEvict = (victims: readonly Extent[]) => {
+    const gone: Extent[] = [];
+    if (removed) return gone;
+    const max = native.ULOOP_MAX_RANGE_BLOCKS;
+    // Pieces of at most one range each (victims lie within eviction units, so they always fit).
+    const pieces: Extent[] = [];
+    for (const e of victims) for (let b = e.start; b < e.start + e.count; b += max) pieces.push({ start: b, count: Math.min(max, e.start + e.count - b) });
+    pieces.sort((x, y) => x.start - y.start);
+    for (let i = 0; i < pieces.length; ) {
+      const first = pieces[i]!.start;
+      let j = i + 1;
+      while (j < pieces.length && pieces[j]!.start + pieces[j]!.count - first <= max) j++;
+      const end = pieces[j - 1]!.start + pieces[j - 1]!.count;
+      const bits = new Bitmap(end - first, Buffer.alloc(Math.ceil((end - first) / 8)));
+      for (let k = i; k < j; k++) bits.setRange(pieces[k]!.start - first, pieces[k]!.start + pieces[k]!.count - first);
+      try {
+        if (native.uloopEvict(ctl, first, end - first, bits.buffer) > 0) {
+          for (const r of bits.runs()) gone.push({ start: first + r.start, count: r.count });
+        }
+      } catch (err) {
+        logger.warn({ err }, `${device}: EVICT of blocks ${first}..${end - 1} failed (${(err as { code?: string }).code ?? 'error'}); nothing evicted there`);
+      }
+      i = j;
+    }
+    return gone;
+  };
+
   if (attach === 'reattached') {
     const info = existing!;
     logger.warn(
@@ -427,6 +511,12 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       engine.lastRequestAt = Math.max(engine.lastRequestAt, lastRequestAt);
     }
     served = n;
+    if (budgeted) {
+      // Whole blocks the kernel wrote while missing take cache space the store learns of only at
+      // the next barrier: counted now, and room is made ahead of the next ones.
+      store.outsideBlocks = q.pendingBlocks;
+      if (!store.failed) engine.evictAhead();
+    }
     if (q.error === 0) stickyError = 0;
     else if (stickyError === 0 || Date.now() - lastClearAt >= clearErrorMs) clearStickyError(q.error);
   };

@@ -58,6 +58,8 @@ export interface SpaceUse {
   reservedBlocks: number;
   /** Evicted or zeroed, not yet punched. */
   punchingBlocks: number;
+  /** Held in the cache file by a kernel frontend and not recorded here yet (see outsideBlocks). */
+  outsideBlocks: number;
 }
 
 export interface OpenStoreOptions {
@@ -115,6 +117,7 @@ export class CacheStore {
   #presentCount: number;
   #reserved = 0;
   #punching = 0;
+  #outside = 0;
   #spaceListeners: (() => void)[] = [];
 
   private constructor(args: {
@@ -521,9 +524,25 @@ export class CacheStore {
     return b === null ? Infinity : Math.floor(b / this.geometry.blockSize);
   }
 
-  /** Blocks the cache file may hold now: present, reserved and being punched. */
+  /** Blocks the cache file may hold now: present, reserved, being punched and held outside. */
   get usedBlocks(): number {
-    return this.#presentCount + this.#reserved + this.#punching;
+    return this.#presentCount + this.#reserved + this.#punching + this.#outside;
+  }
+
+  /**
+   * Blocks a kernel frontend wrote into the cache file that the store learns of only later (on
+   * /dev/uloopN, whole blocks written while missing: pending until the next barrier). The frontend
+   * sets it from the kernel's exact count; it counts toward usedBlocks, so eviction keeps room for
+   * them. A barrier recording them may count them twice until the next update: on the safe side.
+   */
+  get outsideBlocks(): number {
+    return this.#outside;
+  }
+
+  set outsideBlocks(blocks: number) {
+    const was = this.#outside;
+    this.#outside = Math.max(0, blocks);
+    if (this.#outside < was) this.#spaceChanged();
   }
 
   space(): SpaceUse {
@@ -533,6 +552,7 @@ export class CacheStore {
       presentBlocks: this.#presentCount,
       reservedBlocks: this.#reserved,
       punchingBlocks: this.#punching,
+      outsideBlocks: this.#outside,
     };
   }
 

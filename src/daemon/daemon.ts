@@ -231,7 +231,6 @@ export class Daemon {
     }
     await assertNoDaemon(join(runBase, `${name}.sock`));
     await assertCacheDirsExist(options);
-    if (kind === 'uloop' && options.cacheSize) throw budgetOnUloop(options.device);
     // The name is this process's from here on (RUN_DIR/NAME.json); what a dead daemon of the same
     // name left (a loop device bound to its FUSE file, nbdfuse, the mount) is let go first.
     const recovery =
@@ -285,8 +284,6 @@ export class Daemon {
         defaultBlockSize: Math.max(DEFAULT_BLOCK_SIZE, sectorSize.logical),
       });
       undo.push(() => store.close());
-      // The budget the cache already had counts as much as one given now.
-      if (store.budget !== null && kind === 'uloop') throw budgetOnUloop(options.device);
       if (store.budget !== null && policy.hydrateRate !== undefined && store.budget < source.size) throw hydrateOverBudget(store.budget, source.size);
       if (store.recoveredFromCrash) logger.warn('the cache was not closed cleanly last time; recovered its dirty set from the metadata');
       assertSectorFits(sectorSize, store.geometry.blockSize, source.description, false);
@@ -775,12 +772,6 @@ function observeReads(source: Source, onRead: () => void): Source {
 /** --cache-size in bytes for a disk of `diskSize` bytes. */
 export function budgetBytes(size: CacheSize, diskSize: number): number {
   return 'bytes' in size ? size.bytes : Math.max(1, Math.floor((diskSize * size.percent) / 100));
-}
-
-function budgetOnUloop(device: string): InvalidArgumentError {
-  return new InvalidArgumentError(
-    `a cache budget (--cache-size) is not wired to ${device} yet (the uloop daemon does not evict); use /dev/loopN or /dev/nbdN for a cache smaller than the disk`,
-  );
 }
 
 function hydrateOverBudget(budget: number, size: number): InvalidArgumentError {
