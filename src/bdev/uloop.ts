@@ -154,6 +154,14 @@ export interface KernelEpochIoctls {
   gone(): boolean;
   /** For messages: /dev/uloop0. */
   device: string;
+  /** QUERY's zero and pending counts (with dirtyBlocks: the budget flush's dirty data). */
+  zeroAndPending?(): { zeroBlocks: number; pendingBlocks: number };
+  /** A FLUSH of the device: the kernel's pending blocks reach the store in its barrier. */
+  flush?(): Promise<void>;
+  /** EVICT of the blocks set in `bits` (bit i: block first + i), narrowed in place; returns their count. */
+  evict?(first: number, count: number, bits: Buffer): number;
+  /** ACCESSED of units [first, first + count) into `bits`, cleared in the kernel; returns the count set. */
+  accessed?(first: number, count: number, bits: Buffer): number;
 }
 
 /**
@@ -169,7 +177,7 @@ export interface KernelEpochIoctls {
  * store holds all its bits (detach sends a FLUSH first), but an epoch begun in the kernel cannot
  * be committed without it: its rewritten blocks are unknown.
  */
-export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls) {
+export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (line: string, err: unknown) => void) {
   const bytes = Math.ceil(engine.geometry.blockCount / 8);
   let open = 0; // the kernel epoch the engine's open flush epoch belongs to; 0: none
   let preserves = 0;
@@ -211,6 +219,66 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls) {
       }
     },
   };
+  if (k.flush && k.zeroAndPending) {
+    const { flush, zeroAndPending } = k;
+    // A flush epoch first takes the kernel's pending blocks (written whole while missing) into the
+    // store with a FLUSH, so the flush writes them back and a budget flush makes them evictable.
+    external.beforeEpoch = async () => {
+      if (!k.gone() && zeroAndPending().pendingBlocks > 0) await flush();
+    };
+    external.dirtyDataBlocks = () => {
+      if (k.gone()) return null;
+      try {
+        const dirty = k.dirtyBlocks();
+        return dirty - zeroAndPending().zeroBlocks;
+      } catch {
+        return null;
+      }
+    };
+  }
+  const clock = engine.store.clock;
+  if (clock && k.evict && k.accessed) {
+    const { evict, accessed } = k;
+    const max = native.ULOOP_MAX_RANGE_BLOCKS;
+    // The hand harvests the kernel's accessed bits (hits it served) as it moves (cache/clock.ts).
+    external.harvestAccessed = () => {
+      if (k.gone()) return;
+      for (let first = 0; first < clock.units; first += max) {
+        const count = Math.min(max, clock.units - first);
+        const bits = Buffer.alloc(Math.ceil(count / 8));
+        if (accessed(first, count, bits) > 0) clock.mergeAccessed(bits, first);
+      }
+    };
+    /**
+     * EVICT of the clock's victims, in ranges of at most ULOOP_MAX_RANGE_BLOCKS: the kernel stops
+     * serving those present, clean, idle and not pending, waits until no request is in flight on
+     * them, and returns them; only those are evicted from the store (then cleared durably, then
+     * punched: invariant 1). A failed call evicts nothing of its range.
+     */
+    external.evict = (victims) => {
+      const gone: Extent[] = [];
+      if (k.gone()) return gone;
+      // Pieces of at most one range each (victims lie within eviction units, so they always fit).
+      const pieces: Extent[] = [];
+      for (const e of victims) for (let b = e.start; b < e.start + e.count; b += max) pieces.push({ start: b, count: Math.min(max, e.start + e.count - b) });
+      pieces.sort((x, y) => x.start - y.start);
+      for (let i = 0; i < pieces.length; ) {
+        const first = pieces[i]!.start;
+        let j = i + 1;
+        while (j < pieces.length && pieces[j]!.start + pieces[j]!.count - first <= max) j++;
+        const end = pieces[j - 1]!.start + pieces[j - 1]!.count;
+        const bits = new Bitmap(end - first, Buffer.alloc(Math.ceil((end - first) / 8)));
+        for (let x = i; x < j; x++) bits.setRange(pieces[x]!.start - first, pieces[x]!.start + pieces[x]!.count - first);
+        try {
+          if (evict(first, end - first, bits.buffer) > 0) for (const r of bits.runs()) gone.push({ start: first + r.start, count: r.count });
+        } catch (err) {
+          log?.(`${k.device}: EVICT of blocks ${first}..${end - 1} failed (${(err as { code?: string }).code ?? 'error'}); nothing evicted there`, err);
+        }
+        i = j;
+      }
+      return gone;
+    };
+  }
   return {
     external,
     end,
@@ -243,6 +311,27 @@ export function assertUloopAvailable(device: string, want: { size: number; write
     refuseExisting(device, info, { ...want, blockSize: info.blockSize });
   } catch (err) {
     if (err instanceof DeviceBusyError) throw err;
+  } finally {
+    closeSync(ctl);
+  }
+}
+
+/**
+ * True when /dev/uloopN exists with no daemon attached (one died): the next attach takes it back,
+ * and the kernel still serves the cache file meanwhile (CacheStore.open's servedByKernel).
+ */
+export function uloopAwaitsDaemon(device: string): boolean {
+  let ctl: number;
+  try {
+    ctl = native.uloopOpen();
+  } catch {
+    return false;
+  }
+  try {
+    const info = queryOrNull(ctl, Number(device.slice('/dev/uloop'.length)));
+    return info !== null && !info.attached;
+  } catch {
+    return false;
   } finally {
     closeSync(ctl);
   }
@@ -344,13 +433,30 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
   let removed = false;
   let closed = false;
   let failedUpcalls = 0;
-  const epochs = kernelEpochs(engine, {
-    begin: (dirty) => native.uloopEpochBegin(ctl, dirty),
-    commit: (epoch, flushed) => native.uloopEpochCommit(ctl, epoch, flushed),
-    dirtyBlocks: () => native.uloopQuery(ctl, index).dirtyBlocks,
-    gone: () => removed,
-    device,
-  });
+  /**
+   * A FLUSH of the device: the kernel syncs the cache file and hands its pending bits over in a
+   * barrier this process answers. Sent by a child (coreutils `sync DEVICE`, one fsync), not by a
+   * thread of this process: a thread blocked in the kernel on a barrier only this process can
+   * answer would keep a killed daemon (kill -9, OOM) from exiting, so its control fd would stay
+   * open and no restarted daemon could take the device back until io_timeout_s.
+   */
+  const flushDevice = () => run('sync', [device], { timeoutMs: 0 }).then(() => undefined);
+
+  const epochs = kernelEpochs(
+    engine,
+    {
+      begin: (dirty) => native.uloopEpochBegin(ctl, dirty),
+      commit: (epoch, flushed) => native.uloopEpochCommit(ctl, epoch, flushed),
+      dirtyBlocks: () => native.uloopQuery(ctl, index).dirtyBlocks,
+      gone: () => removed,
+      device,
+      ...(options.readOnly ? {} : { zeroAndPending: () => native.uloopQuery(ctl, index), flush: () => flushDevice() }),
+      ...(budgeted
+        ? { evict: (first: number, count: number, bits: Buffer) => native.uloopEvict(ctl, first, count, bits), accessed: (first: number, count: number, bits: Buffer) => native.uloopAccessed(ctl, first, count, bits) }
+        : {}),
+    },
+    (line, err) => logger.warn({ err }, line),
+  );
   const handler = new UpcallHandler({
     engine,
     logger,
@@ -399,79 +505,9 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
     }
   });
 
-  if (!options.readOnly) engine.externalEpochs = epochs.external;
+  // Read-only too: with a budget the engine evicts through the kernel (EVICT) there as well.
+  engine.externalEpochs = epochs.external;
 
-  /**
-   * A FLUSH of the device: the kernel syncs the cache file and hands its pending bits over in a
-   * barrier this process answers. Sent by a child (coreutils `sync DEVICE`, one fsync), not by a
-   * thread of this process: a thread blocked in the kernel on a barrier only this process can
-   * answer would keep a killed daemon (kill -9, OOM) from exiting, so its control fd would stay
-   * open and no restarted daemon could take the device back until io_timeout_s.
-   */
-  const flushDevice = () => run('sync', [device], { timeoutMs: 0 }).then(() => undefined);
-
-  if (!options.readOnly) {
-    // A flush epoch first takes the kernel's pending blocks (written whole while missing) into the
-    // store with a FLUSH, so the flush writes them back and a budget flush makes them evictable.
-    epochs.external.beforeEpoch = async () => {
-      if (removed) return;
-      if (native.uloopQuery(ctl, index).pendingBlocks > 0) await flushDevice();
-    };
-    epochs.external.dirtyDataBlocks = () => {
-      if (removed) return null;
-      try {
-        const q = native.uloopQuery(ctl, index);
-        return q.dirtyBlocks - q.zeroBlocks;
-      } catch {
-        return null;
-      }
-    };
-  }
-  if (budgeted) {
-    const clock = store.clock!;
-    // The hand harvests the kernel's accessed bits (hits it served) as it moves (cache/clock.ts).
-    epochs.external.harvestAccessed = () => {
-      if (removed) return;
-      for (let first = 0; first < clock.units; first += native.ULOOP_MAX_RANGE_BLOCKS) {
-        const count = Math.min(native.ULOOP_MAX_RANGE_BLOCKS, clock.units - first);
-        const bits = Buffer.alloc(Math.ceil(count / 8));
-        if (native.uloopAccessed(ctl, first, count, bits) > 0) clock.mergeAccessed(bits, first);
-      }
-    };
-    epochs.external.evict = (victims) => uloopEvict(victims);
-  }
-  /**
-   * EVICT of the clock's victims, in ranges of at most ULOOP_MAX_RANGE_BLOCKS: the kernel stops
-   * serving those present, clean, idle and not pending, waits until no request is in flight on
-   * them, and returns them; only those are evicted from the store (then cleared durably, then
-   * punched: invariant 1). A failure evicts nothing of that range.
-   */
-  const uloopEvict = (victims: readonly Extent[]) => {
-    const gone: Extent[] = [];
-    if (removed) return gone;
-    const max = native.ULOOP_MAX_RANGE_BLOCKS;
-    // Pieces of at most one range each (victims lie within eviction units, so they always fit).
-    const pieces: Extent[] = [];
-    for (const e of victims) for (let b = e.start; b < e.start + e.count; b += max) pieces.push({ start: b, count: Math.min(max, e.start + e.count - b) });
-    pieces.sort((x, y) => x.start - y.start);
-    for (let i = 0; i < pieces.length; ) {
-      const first = pieces[i]!.start;
-      let j = i + 1;
-      while (j < pieces.length && pieces[j]!.start + pieces[j]!.count - first <= max) j++;
-      const end = pieces[j - 1]!.start + pieces[j - 1]!.count;
-      const bits = new Bitmap(end - first, Buffer.alloc(Math.ceil((end - first) / 8)));
-      for (let k = i; k < j; k++) bits.setRange(pieces[k]!.start - first, pieces[k]!.start + pieces[k]!.count - first);
-      try {
-        if (native.uloopEvict(ctl, first, end - first, bits.buffer) > 0) {
-          for (const r of bits.runs()) gone.push({ start: first + r.start, count: r.count });
-        }
-      } catch (err) {
-        logger.warn({ err }, `${device}: EVICT of blocks ${first}..${end - 1} failed (${(err as { code?: string }).code ?? 'error'}); nothing evicted there`);
-      }
-      i = j;
-    }
-    return gone;
-  };
 
   if (attach === 'reattached') {
     const info = existing!;

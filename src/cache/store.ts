@@ -78,6 +78,14 @@ export interface OpenStoreOptions {
   budget?: number;
   /** Eviction unit in bytes for a new cache (default 256 KiB); an existing cache keeps its own. */
   evictionUnit?: number;
+  /**
+   * A kernel device still serves this cache file (a /dev/uloopN whose daemon died, about to be
+   * taken back): it may serve blocks the store never recorded (fills answered, not committed), so
+   * the open punches no leftovers and evicts nothing (a smaller budget is reached later, through
+   * the kernel's EVICT). Such blocks stay in the cache file, uncounted, until the device is added
+   * afresh.
+   */
+  servedByKernel?: boolean;
   /** Block size of a new cache when `blockSize` is not given (default 4 KiB); never checked against an existing one. */
   defaultBlockSize?: number;
   storage?: Storage;
@@ -253,7 +261,7 @@ export class CacheStore {
       if (info.mode !== options.mode) meta.setMode(options.mode);
       store.#mode = options.mode;
       meta.setCleanShutdown(false);
-      if (budget !== null) {
+      if (budget !== null && !options.servedByKernel) {
         const unbudgeted = info.budget === null && !creating;
         await store.#dropLeftovers(unbudgeted || store.recoveredFromCrash);
         await store.#shrinkTo(store.budgetBlocks);

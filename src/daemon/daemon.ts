@@ -16,7 +16,7 @@ import { DiskHealth, type DiskHealthStatus } from '../source/health.js';
 import { ANY_LOOP, defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/kernel-nbd.js';
-import { assertUloopAvailable, assertUloopModule, attachUloop, type UloopStatus } from '../bdev/uloop.js';
+import { assertUloopAvailable, uloopAwaitsDaemon, assertUloopModule, attachUloop, type UloopStatus } from '../bdev/uloop.js';
 import { assertLocalAddress, NbdServer, parseNbdUrl } from '../bdev/nbd-server/index.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
@@ -282,6 +282,8 @@ export class Daemon {
         budget,
         evictionUnit: options.evictionUnit,
         defaultBlockSize: Math.max(DEFAULT_BLOCK_SIZE, sectorSize.logical),
+        // A /dev/uloopN left by a dead daemon still serves the cache file: nothing is punched now.
+        servedByKernel: kind === 'uloop' && uloopAwaitsDaemon(options.device),
       });
       undo.push(() => store.close());
       if (store.budget !== null && policy.hydrateRate !== undefined && store.budget < source.size) throw hydrateOverBudget(store.budget, source.size);

@@ -65,7 +65,10 @@ beforeAll(async () => {
 
     # --- the budget under load: writers (verify) on [32M, 96M), readers (verify) on [96M, 192M)
     touch /tmp/go
-    ( while [ -e /tmp/go ]; do stat -c %b /tmp/d.cache; sleep 0.5; done | sort -n | tail -1 > /tmp/maxblocks ) &
+    # st_blocks every 0.5 s, tagged by phase: 'live' while a daemon runs, 'dead' from the kill to
+    # the re-attach (the kernel then writes whole missing blocks with nobody to evict).
+    echo live > /tmp/phase
+    ( while [ -e /tmp/go ]; do echo "$(cat /tmp/phase) $(stat -c %b /tmp/d.cache)"; sleep 0.5; done > /tmp/blocks ) &
     S=$!
     fio --filename=$D --direct=1 --ioengine=libaio --group_reporting --output=/tmp/fio.out \\
         --name=w --offset=32M --size=64M --bs=4k --rw=randwrite --iodepth=8 --rate=3m \\
@@ -75,12 +78,14 @@ beforeAll(async () => {
     pid() { node -e 'console.log(JSON.parse(require("fs").readFileSync("/run/ulobdev/uloop0.json","utf8")).pid)'; }
     sleep 12
     echo "before kill: $(q)"
-    kill -9 $(pid)
+    echo dead > /tmp/phase; kill -9 $(pid)
     k=0; while q | grep -q ' attached=1 ' && [ $k -lt 600 ]; do sleep 0.05; k=$((k+1)); done
     $A > /tmp/reattach.out 2>&1 && echo "re-attached after kill -9" || { echo "re-attach FAILED"; cat /tmp/reattach.out; }
+    echo live > /tmp/phase
     wait $F || true
     rm /tmp/go; wait $S || true
-    echo "max st_blocks: $(cat /tmp/maxblocks)"
+    echo "max st_blocks live: $(sed -n 's/^live //p' /tmp/blocks | sort -n | tail -1) dead: $(sed -n 's/^dead //p' /tmp/blocks | sort -n | tail -1) samples: $(wc -l < /tmp/blocks)"
+    echo "st_blocks over time: $(awk '{printf "%s:%d ", substr($1,1,1), $2*512/1048576}' /tmp/blocks)"
     echo "after fio: $(q)"
     grep -q '"reason":"budget"' $LOG && echo "a budget flush ran"
     $U flush --wait $D > /dev/null && echo "flushed after fio"
@@ -125,13 +130,15 @@ describe('zeroes and a cache budget on /dev/uloopN', () => {
     expect(run.output).toContain('fio verify passed');
     expect(run.output).not.toContain('FAILED');
     expect(run.output).toContain('a budget flush ran');
-    const maxBytes = Number(/max st_blocks: (\d+)/.exec(run.output)?.[1]) * 512;
+    const m = /max st_blocks live: (\d+) dead: (\d*)/.exec(run.output);
+    const live = Number(m?.[1]) * 512;
     // The kernel writes whole missing blocks without asking the daemon: between two looks (200 ms)
     // and while a budget flush runs they take room the daemon can only give back afterwards. The
     // slack is one eviction batch (1/32 of the budget) plus what the paced writer (3 MiB/s) adds
-    // in 2 s.
-    expect(maxBytes).toBeGreaterThan(0);
-    expect(maxBytes).toBeLessThanOrEqual(BUDGET + BUDGET / 32 + 6 * MiB);
+    // in 2 s. While no daemon runs (kill -9 to re-attach) nothing is evicted: not bounded here,
+    // the run prints it.
+    expect(live).toBeGreaterThan(0);
+    expect(live).toBeLessThanOrEqual(BUDGET + BUDGET / 32 + 6 * MiB);
     const st = Object.fromEntries(
       (/status: (.*)/.exec(run.output)?.[1] ?? '').split(' ').map((kv) => [kv.split('=')[0], Number(kv.split('=')[1])]),
     );
