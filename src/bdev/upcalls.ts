@@ -191,6 +191,9 @@ export class UpcallHandler {
         const blocks = this.#port.barrierBlocks(u.id);
         const runs = [...blocks.runs()];
         await store.markDirtyDurable(runs);
+        // Counted as held outside the store (the kernel's pending count) until now: present here
+        // from now on. The frontend's next look sets the exact count again.
+        if (store.outsideBlocks > 0) store.outsideBlocks -= runs.reduce((n, e) => n + e.count, 0);
         return;
       }
       case 'preserve': {

@@ -30,7 +30,7 @@ import { CrashWorld, Rng, SECTOR, SimulatedCrash, type CrashKind } from './crash
 import { decodeSector, sectorBytes, ZERO_TAG, type ModelConfig } from './engine-model.js';
 
 const BASE_TAG = 1;
-const silent = pino({ enabled: false });
+const silent = pino({ enabled: !!process.env.ULOB_MODEL_DEBUG });
 
 class KernelError extends Error {
   constructor(
@@ -628,6 +628,7 @@ class StepCommand implements fc.AsyncCommand<Model, Real> {
     const step = this.step;
     if (!('crash' in step)) {
       await runOp(step.op, model, real);
+      if (real.budgetBlocks !== undefined) real.engine.store.outsideBlocks = real.kernel.pending.count();
       expectNoPresentOverHole(real);
       return;
     }
@@ -700,7 +701,9 @@ export async function runUloopModel(config: UloopModelConfig, { steps, seed }: U
     flushing: null,
     pressure: false,
   };
+  // The first engine's pressure flush looks the model up on the object it was opened with.
   real.model = model;
+  (partial as { model?: Model }).model = model;
   try {
     await fc.asyncModelRun(() => ({ model, real }), steps.map((s) => new StepCommand(s)));
   } finally {
@@ -712,7 +715,7 @@ export async function runUloopModel(config: UloopModelConfig, { steps, seed }: U
 /** Runs the property `runs` times; a failure prints its shrunk case, ready to keep as a named one. */
 export async function assertUloopModel(config: UloopModelConfig, runs: number): Promise<void> {
   const property = fc.asyncProperty(fc.array(stepArb(config), { maxLength: 20 }), fc.integer({ min: 1, max: 2 ** 31 - 1 }), (steps, seed) => runUloopModel(config, { steps, seed }));
-  const details = await fc.check(property, { numRuns: runs });
+  const details = await fc.check(property, { numRuns: runs, timeout: 20_000, endOnFailure: !!process.env.ULOB_MODEL_NO_SHRINK });
   if (!details.failed) return;
   const [steps, seed] = details.counterexample ?? [[], 0];
   throw new Error(

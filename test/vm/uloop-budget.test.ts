@@ -65,8 +65,8 @@ beforeAll(async () => {
 
     # --- the budget under load: writers (verify) on [32M, 96M), readers (verify) on [96M, 192M)
     touch /tmp/go
-    # st_blocks every 0.5 s, tagged by phase: 'live' while a daemon runs, 'dead' from the kill to
-    # the re-attach (the kernel then writes whole missing blocks with nobody to evict).
+    # st_blocks every 0.5 s, tagged by phase: 'live' until the kill, 'dead' from the kill to the
+    # re-attach (the kernel then writes whole missing blocks with nobody to evict), 'after' from then.
     echo live > /tmp/phase
     ( while [ -e /tmp/go ]; do echo "$(cat /tmp/phase) $(stat -c %b /tmp/d.cache)"; sleep 0.5; done > /tmp/blocks ) &
     S=$!
@@ -81,10 +81,10 @@ beforeAll(async () => {
     echo dead > /tmp/phase; kill -9 $(pid)
     k=0; while q | grep -q ' attached=1 ' && [ $k -lt 600 ]; do sleep 0.05; k=$((k+1)); done
     $A > /tmp/reattach.out 2>&1 && echo "re-attached after kill -9" || { echo "re-attach FAILED"; cat /tmp/reattach.out; }
-    echo live > /tmp/phase
+    echo after > /tmp/phase
     wait $F || true
     rm /tmp/go; wait $S || true
-    echo "max st_blocks live: $(sed -n 's/^live //p' /tmp/blocks | sort -n | tail -1) dead: $(sed -n 's/^dead //p' /tmp/blocks | sort -n | tail -1) samples: $(wc -l < /tmp/blocks)"
+    echo "max st_blocks live: $(sed -n 's/^live //p' /tmp/blocks | sort -n | tail -1) dead: $(sed -n 's/^dead //p' /tmp/blocks | sort -n | tail -1) after: $(sed -n 's/^after //p' /tmp/blocks | sort -n | tail -1) samples: $(wc -l < /tmp/blocks)"
     echo "st_blocks over time: $(awk '{printf "%s:%d ", substr($1,1,1), $2*512/1048576}' /tmp/blocks)"
     echo "after fio: $(q)"
     grep -q '"reason":"budget"' $LOG && echo "a budget flush ran"
@@ -137,8 +137,11 @@ describe('zeroes and a cache budget on /dev/uloopN', () => {
     // slack is one eviction batch (1/32 of the budget) plus what the paced writer (3 MiB/s) adds
     // in 2 s. While no daemon runs (kill -9 to re-attach) nothing is evicted: not bounded here,
     // the run prints it.
-    expect(live).toBeGreaterThan(0);
-    expect(live).toBeLessThanOrEqual(BUDGET + BUDGET / 32 + 6 * MiB);
+    // After the re-attach the new daemon first takes over what the kernel wrote meanwhile (a FLUSH),
+    // then a budget flush and evictions bring it back: not bounded either; printed.
+    const timeline = /st_blocks over time: (.*)/.exec(run.output)?.[1] ?? '';
+    expect(live, timeline).toBeGreaterThan(0);
+    expect(live, timeline).toBeLessThanOrEqual(BUDGET + BUDGET / 32 + 6 * MiB);
     const st = Object.fromEntries(
       (/status: (.*)/.exec(run.output)?.[1] ?? '').split(' ').map((kv) => [kv.split('=')[0], Number(kv.split('=')[1])]),
     );
