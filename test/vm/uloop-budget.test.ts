@@ -71,12 +71,12 @@ beforeAll(async () => {
     ( while [ -e /tmp/go ]; do echo "$(cat /tmp/phase) $(stat -c %b /tmp/d.cache)"; sleep 0.5; done > /tmp/blocks ) &
     S=$!
     fio --filename=$D --direct=1 --ioengine=libaio --group_reporting --output=/tmp/fio.out \\
-        --name=w --offset=32M --size=64M --bs=4k --rw=randwrite --iodepth=8 --rate=3m \\
+        --name=w --offset=32M --size=64M --bs=4k --rw=randwrite --iodepth=8 --rate=2m \\
           --verify=crc32c --verify_fatal=1 --do_verify=1 \\
         --name=r $R --verify_only --loops=2 --iodepth=4 > /dev/null 2>&1 && echo "fio verify passed" || { echo "fio FAILED"; grep -i -m5 'verify\\|error\\|err=' /tmp/fio.out; } &
     F=$!
     pid() { node -e 'console.log(JSON.parse(require("fs").readFileSync("/run/ulobdev/uloop0.json","utf8")).pid)'; }
-    sleep 12
+    sleep 20
     echo "before kill: $(q)"
     echo dead > /tmp/phase; kill -9 $(pid)
     k=0; while q | grep -q ' attached=1 ' && [ $k -lt 600 ]; do sleep 0.05; k=$((k+1)); done
@@ -134,7 +134,7 @@ describe('zeroes and a cache budget on /dev/uloopN', () => {
     const live = Number(m?.[1]) * 512;
     // The kernel writes whole missing blocks without asking the daemon: between two looks (200 ms)
     // and while a budget flush runs they take room the daemon can only give back afterwards. The
-    // slack is one eviction batch (1/32 of the budget) plus what the paced writer (3 MiB/s) adds
+    // slack is one eviction batch (1/32 of the budget) plus what the paced writer (2 MiB/s) adds
     // in 2 s. While no daemon runs (kill -9 to re-attach) nothing is evicted: not bounded here,
     // the run prints it.
     // After the re-attach the new daemon first takes over what the kernel wrote meanwhile (a FLUSH),
