@@ -1076,7 +1076,9 @@ export class CacheEngine {
           this.#spaceError = `the cache budget is full of dirty data and the flush failed: ${(err as Error).message}`;
           throw new CacheFullError(`${this.#spaceError}; writes that need new space fail until a flush succeeds`, { cause: err });
         }
-        if (++futile > MAX_FUTILE_FLUSHES && store.usedBlocks + blocks > store.budgetBlocks && this.#evictableNone()) {
+        // With a kernel frontend the store may count blocks clean and present that the kernel
+        // will not give up (it no longer serves them, or holds them busy): never spin on those.
+        if (++futile > MAX_FUTILE_FLUSHES && store.usedBlocks + blocks > store.budgetBlocks && (this.externalEpochs?.evict !== undefined || this.#evictableNone())) {
           this.#spaceError = 'the cache budget stays full of dirty data: flushes free nothing (every block is rewritten while it flushes)';
           throw new CacheFullError(this.#spaceError);
         }
