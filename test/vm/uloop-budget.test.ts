@@ -143,7 +143,7 @@ describe('zeroes and a cache budget on /dev/uloopN', () => {
     expect(live, timeline).toBeGreaterThan(0);
     expect(live, timeline).toBeLessThanOrEqual(BUDGET + BUDGET / 32 + 6 * MiB);
     const st = Object.fromEntries(
-      (/status: (.*)/.exec(run.output)?.[1] ?? '').split(' ').map((kv) => [kv.split('=')[0], Number(kv.split('=')[1])]),
+      (/^status: (.*)$/m.exec(run.output)?.[1] ?? '').split(' ').map((kv) => [kv.split('=')[0], Number(kv.split('=')[1])]),
     );
     expect(st.budgetBytes).toBe(BUDGET);
     expect(st.evictedBytes).toBeGreaterThan(0);
