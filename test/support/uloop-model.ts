@@ -54,6 +54,8 @@ class KernelModel {
   #preserved: Bitmap | null = null;
   #epochFailed = false;
   #nextId = 1;
+  /** Requests in flight per block (past their last prepare pass): EVICT leaves these blocks. */
+  #inflight: Uint16Array;
   handler: UpcallHandler | null = null;
 
   /** ULOOP_F_ACCESSED: one bit per unit, set on every request served. */
@@ -73,6 +75,7 @@ class KernelModel {
     this.present = new Bitmap(n);
     this.dirty = new Bitmap(n);
     this.pending = new Bitmap(n);
+    this.#inflight = new Uint16Array(n);
     this.accessedBits = unitBlocks > 0 ? new Bitmap(Math.ceil(n / unitBlocks)) : null;
     for (const r of storePresent.runs()) this.present.setRange(r.start, r.start + r.count);
     for (const r of storeDirty.runs()) {
@@ -102,7 +105,8 @@ class KernelModel {
     for (let i = 0; i < count; i++) {
       if (!set.get(i)) continue;
       const b = first + i;
-      if (this.present.get(b) && !this.dirty.get(b) && !this.pending.get(b)) {
+      // (The kernel waits for the requests in flight on them; refusing is the same to the store.)
+      if (this.present.get(b) && !this.dirty.get(b) && !this.pending.get(b) && this.#inflight[b] === 0) {
         this.present.clear(b);
         n++;
       } else set.clear(i);
@@ -197,37 +201,60 @@ class KernelModel {
     return [Math.floor(offset / this.blockSize), Math.ceil((offset + length) / this.blockSize)];
   }
 
+  /** Runs `io` with blocks [first, end) in flight (after the request's last prepare pass). */
+  async #inFlight<T>(first: number, end: number, io: () => Promise<T>): Promise<T> {
+    for (let b = first; b < end; b++) this.#inflight[b]!++;
+    try {
+      return await io();
+    } finally {
+      for (let b = first; b < end; b++) this.#inflight[b]!--;
+    }
+  }
+
   async read(offset: number, length: number): Promise<Buffer> {
     const [first, end] = this.#range(offset, length);
-    const missing: number[] = [];
-    for (let b = first; b < end; b++) if (!this.present.get(b)) missing.push(b);
-    await this.#askRuns('miss', missing);
-    this.#missDone(missing);
+    // uloop_prepare loops until a pass finds nothing to ask: a block filled by this request may
+    // have been evicted while it asked for another (it is not in flight until the last pass).
+    for (;;) {
+      const missing: number[] = [];
+      for (let b = first; b < end; b++) if (!this.present.get(b)) missing.push(b);
+      if (missing.length === 0) break;
+      await this.#askRuns('miss', missing);
+      this.#missDone(missing);
+    }
     this.#touch(first, end);
     const buf = Buffer.alloc(length);
-    await this.file.read(buf, offset);
+    await this.#inFlight(first, end, () => this.file.read(buf, offset));
     return buf;
   }
 
   async write(offset: number, data: Buffer): Promise<void> {
     const [first, end] = this.#range(offset, data.byteLength);
     const whole = (b: number) => offset <= b * this.blockSize && offset + data.byteLength >= Math.min((b + 1) * this.blockSize, this.size);
-    // Rule 5: a partly written missing block is filled first.
-    const partial: number[] = [];
-    for (let b = first; b < end; b++) if (!this.present.get(b) && !whole(b)) partial.push(b);
-    await this.#askRuns('miss', partial);
-    this.#missDone(partial);
+    // uloop_prepare's passes, until one finds nothing to ask (a block filled or found present in
+    // one pass may be evicted while a later upcall waits: the next pass sees it missing again).
+    for (;;) {
+      // Rule 5: a partly written missing block is filled first.
+      const partial: number[] = [];
+      for (let b = first; b < end; b++) if (!this.present.get(b) && !whole(b)) partial.push(b);
+      if (partial.length > 0) {
+        await this.#askRuns('miss', partial);
+        this.#missDone(partial);
+        continue;
+      }
+      // Point-in-time epochs: the first change to a block of the snapshot waits for a PRESERVE.
+      await this.#preserve(first, end);
+      // Rule 3: a present clean block is made durably dirty before it changes.
+      const intents: number[] = [];
+      for (let b = first; b < end; b++) if (this.present.get(b) && !this.dirty.get(b)) intents.push(b);
+      if (intents.length === 0) break;
+      await this.#askRuns('intent', intents);
+      for (const b of intents) this.dirty.set(b);
+    }
     this.#touch(first, end);
-    // Point-in-time epochs: the first change to a block of the snapshot waits for a PRESERVE.
-    await this.#preserve(first, end);
-    // Rule 3: a present clean block is made durably dirty before it changes.
-    const intents: number[] = [];
-    for (let b = first; b < end; b++) if (this.present.get(b) && !this.dirty.get(b)) intents.push(b);
-    await this.#askRuns('intent', intents);
-    for (const b of intents) this.dirty.set(b);
     const wholeMissing: number[] = [];
     for (let b = first; b < end; b++) if (!this.present.get(b)) wholeMissing.push(b);
-    await this.file.write(data, offset);
+    await this.#inFlight(first, end, () => this.file.write(data, offset));
     // Rule 4: whole missing blocks are written at once and handed over at the next barrier.
     for (const b of wholeMissing) {
       this.present.set(b);
@@ -403,7 +430,12 @@ function expectDiskIsImage(model: Model, disk: Buffer, what: string): void {
 
 /** Reads the whole device through the kernel; each sector must be one `allowed` says. */
 async function expectDevice(model: Model, real: Real, allowed: (s: number) => number[], what: string): Promise<void> {
-  const all = await real.kernel.read(0, real.size);
+  // The kernel's requests are bounded (1 MiB) and a budget holds more than one: with a budget the
+  // device is read a block per request, never in one miss larger than the whole budget.
+  const step = real.budgetBlocks === undefined ? real.size : real.blockSize;
+  const parts: Buffer[] = [];
+  for (let off = 0; off < real.size; off += step) parts.push(await real.kernel.read(off, Math.min(step, real.size - off)));
+  const all = Buffer.concat(parts);
   for (let s = 0; s < model.sectors; s++) {
     const got = decodeSector(all.subarray(s * SECTOR, (s + 1) * SECTOR), s);
     const ok = allowed(s);
@@ -514,19 +546,23 @@ async function runOp(op: UloopOp, model: Model, real: Real): Promise<void> {
         await source.writeAt(await engine.readEpoch(epoch, e.start, e.count), g.blockOffset(e.start));
       };
       const [s, n] = clip(model, op.sector, op.count);
+      let committed = false;
       try {
         for (let i = 0; i < split; i++) await copy(i);
         // Both settle before anything else runs: a crash must not leave one of them in flight.
+        // The flusher commits without waiting for the write, as the daemon's does: with a budget
+        // the write's fill may wait for room that only the commit (clean blocks) makes.
         const both = await Promise.allSettled([
           kernelWrite(model, real, s, n, false),
           (async () => {
             for (let i = split; i < epoch.extents.length; i++) await copy(i);
+            await engine.commitEpoch(epoch);
+            committed = true;
           })(),
         ]);
         for (const r of both) if (r.status === 'rejected') throw r.reason;
-        await engine.commitEpoch(epoch);
       } catch (err) {
-        engine.abortEpoch(epoch);
+        if (!committed) engine.abortEpoch(epoch);
         throw err;
       }
       model.flushing = null;
