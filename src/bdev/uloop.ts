@@ -9,6 +9,7 @@ import { constants as osConstants, release } from 'node:os';
 import type { Logger } from 'pino';
 import { Bitmap } from '../cache/bitmap.js';
 import type { CacheEngine, ExternalEpochs } from '../cache/engine.js';
+import type { Extent } from '../cache/layout.js';
 import { DeviceBusyError, EngineClosedError, ModuleVersionError } from '../errors.js';
 import type { SectorSize } from '../source/source.js';
 import { alignedBuffer } from '../native/io.js';
@@ -124,8 +125,16 @@ function queryOrNull(ctl: number, index: number): native.UloopInfo | null {
  * Why an existing /dev/uloopN cannot be this cache's device (its size, block size, mode or
  * sectors differ), or null when it can be taken back.
  */
-export function uloopMismatch(info: Pick<native.UloopInfo, 'size' | 'blockSize' | 'flags' | 'logicalBlockSize'>, want: { size: number; blockSize: number; writeback: boolean; logical: number }): string | null {
+export function uloopMismatch(
+  info: Pick<native.UloopInfo, 'size' | 'blockSize' | 'flags' | 'logicalBlockSize'> & Partial<Pick<native.UloopInfo, 'unitShift'>>,
+  want: { size: number; blockSize: number; writeback: boolean; logical: number; unitShift?: number | null },
+): string | null {
   const diffs: string[] = [];
+  // A budget needs the kernel's accessed bits per eviction unit (ULOOP_F_ACCESSED at ADD).
+  if (want.unitShift !== undefined && want.unitShift !== null) {
+    if ((info.flags & native.ULOOP_F_ACCESSED) === 0) diffs.push('added without a cache budget, asked with one');
+    else if (info.unitShift !== undefined && info.unitShift !== want.unitShift) diffs.push(`eviction unit of ${2 ** info.unitShift} blocks, this cache ${2 ** want.unitShift}`);
+  }
   if (info.size !== want.size) diffs.push(`size ${info.size} bytes, this disk ${want.size}`);
   if (info.blockSize !== want.blockSize) diffs.push(`block size ${info.blockSize}, this cache ${want.blockSize}`);
   const wb = (info.flags & native.ULOOP_F_WRITEBACK) !== 0;
@@ -146,6 +155,14 @@ export interface KernelEpochIoctls {
   gone(): boolean;
   /** For messages: /dev/uloop0. */
   device: string;
+  /** QUERY's zero and pending counts (with dirtyBlocks: the budget flush's dirty data). */
+  zeroAndPending?(): { zeroBlocks: number; pendingBlocks: number };
+  /** A FLUSH of the device: the kernel's pending blocks reach the store in its barrier. */
+  flush?(): Promise<void>;
+  /** EVICT of the blocks set in `bits` (bit i: block first + i), narrowed in place; returns their count. */
+  evict?(first: number, count: number, bits: Buffer): number;
+  /** ACCESSED of units [first, first + count) into `bits`, cleared in the kernel; returns the count set. */
+  accessed?(first: number, count: number, bits: Buffer): number;
 }
 
 /**
@@ -161,7 +178,7 @@ export interface KernelEpochIoctls {
  * store holds all its bits (detach sends a FLUSH first), but an epoch begun in the kernel cannot
  * be committed without it: its rewritten blocks are unknown.
  */
-export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls) {
+export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (line: string, err: unknown) => void) {
   const bytes = Math.ceil(engine.geometry.blockCount / 8);
   let open = 0; // the kernel epoch the engine's open flush epoch belongs to; 0: none
   let preserves = 0;
@@ -203,6 +220,66 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls) {
       }
     },
   };
+  if (k.flush && k.zeroAndPending) {
+    const { flush, zeroAndPending } = k;
+    // A flush epoch first takes the kernel's pending blocks (written whole while missing) into the
+    // store with a FLUSH, so the flush writes them back and a budget flush makes them evictable.
+    external.beforeEpoch = async () => {
+      if (!k.gone() && zeroAndPending().pendingBlocks > 0) await flush();
+    };
+    external.dirtyDataBlocks = () => {
+      if (k.gone()) return null;
+      try {
+        const dirty = k.dirtyBlocks();
+        return dirty - zeroAndPending().zeroBlocks;
+      } catch {
+        return null;
+      }
+    };
+  }
+  const clock = engine.store.clock;
+  if (clock && k.evict && k.accessed) {
+    const { evict, accessed } = k;
+    const max = native.ULOOP_MAX_RANGE_BLOCKS;
+    // The hand harvests the kernel's accessed bits (hits it served) as it moves (cache/clock.ts).
+    external.harvestAccessed = () => {
+      if (k.gone()) return;
+      for (let first = 0; first < clock.units; first += max) {
+        const count = Math.min(max, clock.units - first);
+        const bits = Buffer.alloc(Math.ceil(count / 8));
+        if (accessed(first, count, bits) > 0) clock.mergeAccessed(bits, first);
+      }
+    };
+    /**
+     * EVICT of the clock's victims, in ranges of at most ULOOP_MAX_RANGE_BLOCKS: the kernel stops
+     * serving those present, clean, idle and not pending, waits until no request is in flight on
+     * them, and returns them; only those are evicted from the store (then cleared durably, then
+     * punched: invariant 1). A failed call evicts nothing of its range.
+     */
+    external.evict = (victims) => {
+      const gone: Extent[] = [];
+      if (k.gone()) return gone;
+      // Pieces of at most one range each (victims lie within eviction units, so they always fit).
+      const pieces: Extent[] = [];
+      for (const e of victims) for (let b = e.start; b < e.start + e.count; b += max) pieces.push({ start: b, count: Math.min(max, e.start + e.count - b) });
+      pieces.sort((x, y) => x.start - y.start);
+      for (let i = 0; i < pieces.length; ) {
+        const first = pieces[i]!.start;
+        let j = i + 1;
+        while (j < pieces.length && pieces[j]!.start + pieces[j]!.count - first <= max) j++;
+        const end = pieces[j - 1]!.start + pieces[j - 1]!.count;
+        const bits = new Bitmap(end - first, Buffer.alloc(Math.ceil((end - first) / 8)));
+        for (let x = i; x < j; x++) bits.setRange(pieces[x]!.start - first, pieces[x]!.start + pieces[x]!.count - first);
+        try {
+          if (evict(first, end - first, bits.buffer) > 0) for (const r of bits.runs()) gone.push({ start: first + r.start, count: r.count });
+        } catch (err) {
+          log?.(`${k.device}: EVICT of blocks ${first}..${end - 1} failed (${(err as { code?: string }).code ?? 'error'}); nothing evicted there`, err);
+        }
+        i = j;
+      }
+      return gone;
+    };
+  }
   return {
     external,
     end,
@@ -240,7 +317,28 @@ export function assertUloopAvailable(device: string, want: { size: number; write
   }
 }
 
-function refuseExisting(device: string, info: native.UloopInfo, want: { size: number; blockSize: number; writeback: boolean; logical: number }): void {
+/**
+ * True when /dev/uloopN exists with no daemon attached (one died): the next attach takes it back,
+ * and the kernel still serves the cache file meanwhile (CacheStore.open's servedByKernel).
+ */
+export function uloopAwaitsDaemon(device: string): boolean {
+  let ctl: number;
+  try {
+    ctl = native.uloopOpen();
+  } catch {
+    return false;
+  }
+  try {
+    const info = queryOrNull(ctl, Number(device.slice('/dev/uloop'.length)));
+    return info !== null && !info.attached;
+  } catch {
+    return false;
+  } finally {
+    closeSync(ctl);
+  }
+}
+
+function refuseExisting(device: string, info: native.UloopInfo, want: Parameters<typeof uloopMismatch>[1]): void {
   const free = () => {
     const f = freeUloop();
     return f ? `, e.g. ${f}` : '';
@@ -263,9 +361,9 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
   const want = Number(options.device.slice('/dev/uloop'.length));
   const request = { device: options.device, size: engine.size, blockSize, cache: store.paths.cache };
   const sector = options.sectorSize ?? { logical: 512, physical: 512 };
-  // Added without ULOOP_F_ZERO, the module takes every dirty block as present: zeroed blocks,
-  // which the cache file does not hold, get their zeros written first.
-  if (store.zeroBlocks() > 0) await engine.materializeZeroed();
+  // A budget: the kernel sets an accessed bit per eviction unit (2^unitShift blocks) on each hit.
+  const budgeted = store.budget !== null;
+  const unitShift = budgeted ? Math.log2(store.unitBlocks) : null;
 
   let ctl: number;
   try {
@@ -286,10 +384,20 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       throw new ModuleVersionError(`the loaded uloop module is older than this ulobdev (no GET_FEATURES: ${(err as Error).message}); rebuild and reload it (make -C kernel, then rmmod uloop and insmod kernel/uloop.ko once no /dev/uloopN is in use)`, { cause: err });
     }
     if (features.version !== native.ULOOP_ABI_VERSION) throw uloopError('ADD', Object.assign(new Error('EPROTO'), { code: 'EPROTO' }), request);
+    const has = (f: number) => (features.features & f) !== 0;
+    if (budgeted && !(has(native.ULOOP_FEAT.EVICT) && has(native.ULOOP_FEAT.ACCESSED))) {
+      throw new ModuleVersionError(
+        `the loaded uloop module cannot evict (no EVICT/ACCESSED), which a cache budget (--cache-size) on ${options.device} needs; rebuild and reload it (make -C kernel), or use /dev/loopN`,
+      );
+    }
     existing = queryOrNull(ctl, want);
+    // Zeroed blocks (dirty, not present) are the kernel's own with ULOOP_F_ZERO; added without it,
+    // the module takes every dirty block as present: their zeros are written into the cache file first.
+    const zeroInKernel = existing ? (existing.flags & native.ULOOP_F_ZERO) !== 0 : !options.readOnly && has(native.ULOOP_FEAT.ZERO);
+    if (!zeroInKernel && store.zeroBlocks() > 0) await engine.materializeZeroed();
     if (existing) {
       // A device of this N survives its daemon: take it back if it is this cache's.
-      refuseExisting(options.device, existing, { size: engine.size, blockSize, writeback: !options.readOnly, logical: sector.logical });
+      refuseExisting(options.device, existing, { size: engine.size, blockSize, writeback: !options.readOnly, logical: sector.logical, unitShift });
       try {
         native.uloopAttach(ctl, want);
       } catch (err) {
@@ -300,14 +408,16 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
     } else {
       cache = openSync(store.paths.cache, options.readOnly ? 'r' : 'r+');
       let flags = options.readOnly ? 0 : native.ULOOP_F_WRITEBACK;
-      const has = (f: number) => (features.features & f) !== 0;
       if (has(native.ULOOP_FEAT.PARTITIONS)) flags |= native.ULOOP_F_PARTSCAN;
       if (!options.readOnly && has(native.ULOOP_FEAT.PRESERVE)) flags |= native.ULOOP_F_PRESERVE;
+      // DISCARD and WRITE_ZEROES become ZERO upcalls: the store's zeroed blocks, the same bits.
+      if (zeroInKernel) flags |= native.ULOOP_F_ZERO;
+      if (budgeted) flags |= native.ULOOP_F_ACCESSED;
       const sectors = has(native.ULOOP_FEAT.SECTOR_SIZE)
         ? { logicalBlockSize: sector.logical, physicalBlockSize: Math.min(Math.max(sector.physical, sector.logical), blockSize) }
         : {};
       try {
-        index = native.uloopAdd(ctl, cache, { size: engine.size, blockSize, flags, index: want, ...sectors }, store.present.buffer, store.dirty.buffer);
+        index = native.uloopAdd(ctl, cache, { size: engine.size, blockSize, flags, index: want, unitShift: unitShift ?? 0, ...sectors }, store.present.buffer, store.dirty.buffer);
       } catch (err) {
         throw uloopError('ADD', err, request);
       }
@@ -326,13 +436,30 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
   let removed = false;
   let closed = false;
   let failedUpcalls = 0;
-  const epochs = kernelEpochs(engine, {
-    begin: (dirty) => native.uloopEpochBegin(ctl, dirty),
-    commit: (epoch, flushed) => native.uloopEpochCommit(ctl, epoch, flushed),
-    dirtyBlocks: () => native.uloopQuery(ctl, index).dirtyBlocks,
-    gone: () => removed,
-    device,
-  });
+  /**
+   * A FLUSH of the device: the kernel syncs the cache file and hands its pending bits over in a
+   * barrier this process answers. Sent by a child (coreutils `sync DEVICE`, one fsync), not by a
+   * thread of this process: a thread blocked in the kernel on a barrier only this process can
+   * answer would keep a killed daemon (kill -9, OOM) from exiting, so its control fd would stay
+   * open and no restarted daemon could take the device back until io_timeout_s.
+   */
+  const flushDevice = () => run('sync', [device], { timeoutMs: 0 }).then(() => undefined);
+
+  const epochs = kernelEpochs(
+    engine,
+    {
+      begin: (dirty) => native.uloopEpochBegin(ctl, dirty),
+      commit: (epoch, flushed) => native.uloopEpochCommit(ctl, epoch, flushed),
+      dirtyBlocks: () => native.uloopQuery(ctl, index).dirtyBlocks,
+      gone: () => removed,
+      device,
+      ...(options.readOnly ? {} : { zeroAndPending: () => native.uloopQuery(ctl, index), flush: () => flushDevice() }),
+      ...(budgeted
+        ? { evict: (first: number, count: number, bits: Buffer) => native.uloopEvict(ctl, first, count, bits), accessed: (first: number, count: number, bits: Buffer) => native.uloopAccessed(ctl, first, count, bits) }
+        : {}),
+    },
+    (line, err) => logger.warn({ err }, line),
+  );
   const handler = new UpcallHandler({
     engine,
     logger,
@@ -381,16 +508,9 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
     }
   });
 
-  if (!options.readOnly) engine.externalEpochs = epochs.external;
+  // Read-only too: with a budget the engine evicts through the kernel (EVICT) there as well.
+  engine.externalEpochs = epochs.external;
 
-  /**
-   * A FLUSH of the device: the kernel syncs the cache file and hands its pending bits over in a
-   * barrier this process answers. Sent by a child (coreutils `sync DEVICE`, one fsync), not by a
-   * thread of this process: a thread blocked in the kernel on a barrier only this process can
-   * answer would keep a killed daemon (kill -9, OOM) from exiting, so its control fd would stay
-   * open and no restarted daemon could take the device back until io_timeout_s.
-   */
-  const flushDevice = () => run('sync', [device], { timeoutMs: 0 }).then(() => undefined);
 
   if (attach === 'reattached') {
     const info = existing!;
@@ -430,6 +550,12 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       engine.lastRequestAt = Math.max(engine.lastRequestAt, lastRequestAt);
     }
     served = n;
+    if (budgeted) {
+      // Whole blocks the kernel wrote while missing take cache space the store learns of only at
+      // the next barrier: counted now, and room is made ahead of the next ones.
+      store.outsideBlocks = q.pendingBlocks;
+      if (!store.failed) engine.evictAhead();
+    }
     if (q.error === 0) stickyError = 0;
     else if (stickyError === 0 || Date.now() - lastClearAt >= clearErrorMs) clearStickyError(q.error);
     if (q.error === 0 && store.dataSyncFailed && !recovering && Date.now() - lastClearAt >= clearErrorMs) {

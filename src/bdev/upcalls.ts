@@ -106,6 +106,8 @@ export class UpcallHandler {
   readonly #failures: FailureLog;
   readonly #device: string;
   readonly #inFlight = new Set<Promise<number>>();
+  /** Barriers being recorded: a ZERO read after one waits for it (uloop.h, ULOOP_MSG_BARRIER). */
+  readonly #barriers = new Set<Promise<unknown>>();
 
   constructor(options: UpcallHandlerOptions) {
     this.#engine = options.engine;
@@ -121,7 +123,16 @@ export class UpcallHandler {
 
   /** Runs one upcall: resolves with 0 or a negative errno for the reply; never rejects. */
   run(u: Upcall): Promise<number> {
-    const p: Promise<number> = this.#run(u).then(
+    // Records of a block in message order: a barrier's markPresent before a later ZERO's punch
+    // (a barrier that timed out in the kernel puts its blocks back, and a ZERO of one may follow).
+    const before = u.type === 'zero' && this.#barriers.size > 0 ? Promise.allSettled([...this.#barriers]) : null;
+    const work = before ? before.then(() => this.#run(u)) : this.#run(u);
+    if (u.type === 'barrier') {
+      const done = work.catch(() => undefined);
+      this.#barriers.add(done);
+      void done.finally(() => this.#barriers.delete(done));
+    }
+    const p: Promise<number> = work.then(
       () => 0,
       (err: unknown) => {
         const errno = replyErrno(err);
@@ -154,6 +165,11 @@ export class UpcallHandler {
     const range: Extent[] = [{ start: first, count: end - first }];
     switch (u.type) {
       case 'miss':
+        // A zeroed block (ULOOP_F_ZERO: dirty, not present) gets its zeros written into the cache
+        // file, synced and recorded present before the answer: the kernel reads the file from then
+        // on, and the store must never hold it zero while the kernel serves it (a partial write
+        // plus FLUSH would be lost in a crash; uapi-changes, CLEAR_ERROR's known gap).
+        if (store.dirty.nextSet(first, end) < end && store.present.nextClear(first, end) < end) await engine.materializeZeroed(first, end);
         // Fills the cache file and answers before the sync (rule 1): the kernel sets its present
         // bit now, the store's only after the engine's commit synced the fill.
         await engine.prefetch(u.offset, u.length);
@@ -175,6 +191,9 @@ export class UpcallHandler {
         const blocks = this.#port.barrierBlocks(u.id);
         const runs = [...blocks.runs()];
         await store.markDirtyDurable(runs);
+        // Counted as held outside the store (the kernel's pending count) until now: present here
+        // from now on. The frontend's next look sets the exact count again.
+        if (store.outsideBlocks > 0) store.outsideBlocks -= runs.reduce((n, e) => n + e.count, 0);
         return;
       }
       case 'preserve': {
@@ -183,7 +202,14 @@ export class UpcallHandler {
         return;
       }
       case 'zero':
-        throw new InternalError('a ZERO upcall from a device added without ULOOP_F_ZERO');
+        // DISCARD or WRITE_ZEROES of whole blocks (ULOOP_F_ZERO): the store's zeroed blocks, the
+        // same bits as the kernel's (dirty, not present). engine.zero commits staged fills of
+        // them first, records them durably, and with a budget syncs the bitmap and punches;
+        // the kernel then serves them as zeros and the flusher writes zeros to the disk. A ZERO
+        // sent again after a re-attach (its outcome unknown to the kernel) does the same again.
+        if (engine.readOnly) throw new ReadOnlyError(`${this.#device} is attached read-only: a ZERO upcall cannot be recorded`);
+        await engine.zero(u.offset, u.length);
+        return;
     }
   }
 }

@@ -45,6 +45,16 @@ export class Clock {
 
   /** Merges accessed bits harvested elsewhere (the kernel's), one bit per unit, same order. */
   mergeAccessed(bits: Uint8Array, firstUnit = 0): void {
+    if ((firstUnit & 7) === 0) {
+      // Byte-aligned (the kernel's chunks are): whole bytes at a time, zero bytes skipped.
+      const base = firstUnit >> 3;
+      const bytes = Math.min(bits.byteLength, this.accessed.byteLength - base);
+      for (let i = 0; i < bytes; i++) if (bits[i]) this.accessed[base + i]! |= bits[i]!;
+      // Bits past the last unit in the last byte are the kernel's padding: never set there.
+      const tail = this.units & 7;
+      if (tail && base + bytes === this.accessed.byteLength) this.accessed[this.accessed.byteLength - 1]! &= (1 << tail) - 1;
+      return;
+    }
     for (let i = 0; i < bits.byteLength * 8 && firstUnit + i < this.units; i++) {
       if (bits[i >> 3]! & (1 << (i & 7))) {
         const u = firstUnit + i;

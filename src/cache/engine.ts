@@ -95,6 +95,22 @@ export interface ExternalEpochs {
   abort?(): void;
   /** Blocks dirty there now, the store's dirty ones included (exact: the kernel's count). */
   dirtyBlocks?(): number | null;
+  /** Of those, the ones that hold data (dirty and not zeroed; exact), for the budget flush. */
+  dirtyDataBlocks?(): number | null;
+  /**
+   * With a budget: the outside path stops serving `victims` (clean blocks the clock picked) and
+   * returns those it stopped serving, with no request in flight on them (ULOOP_IOC_EVICT); only
+   * those are evicted from the store. Runs before the store clears anything (invariant 1).
+   */
+  evict?(victims: readonly Extent[]): Extent[];
+  /** With a budget: merges the outside path's accessed bits into store.clock before the hand moves. */
+  harvestAccessed?(): void;
+  /**
+   * Before a flush epoch begins: hands the blocks the outside path holds dirty and the store does
+   * not know of yet over to the store (on uloop, a FLUSH of the device: its barrier), so the
+   * flush writes them back too, and a budget flush can make them evictable.
+   */
+  beforeEpoch?(): Promise<void>;
 }
 
 /** Staged entries: bit 0 says dirty (1) or clean (0). */
@@ -237,6 +253,20 @@ export class CacheEngine {
     return this.externalEpochs?.dirtyBlocks?.() ?? this.store.dirty.count();
   }
 
+  /** Dirty blocks that hold data (zeroed ones take no cache space), exact as dirtyBlocks(). */
+  dirtyDataBlocks(): number {
+    return this.externalEpochs?.dirtyDataBlocks?.() ?? this.store.dirty.count() - this.store.zeroBlocks();
+  }
+
+  /**
+   * With a budget: starts a background eviction when less than one eviction batch is free. The
+   * engine calls it after each fill; a kernel frontend, whose writes take space without asking,
+   * calls it when its counts change.
+   */
+  evictAhead(): void {
+    this.#evictAhead();
+  }
+
   async read(offset: number, length: number): Promise<Buffer> {
     this.#assertOpen();
     assertRange(offset, length, this.size);
@@ -364,14 +394,16 @@ export class CacheEngine {
   }
 
   /**
-   * Writes zeros into the cache file for every zeroed block and makes them dirty and present
-   * again, durably. For a frontend that cannot serve zeroed blocks itself (a uloop module without
-   * ULOOP_F_ZERO takes dirty as present).
+   * Writes zeros into the cache file for every zeroed block of blocks [first, end) (default: the
+   * whole disk) and makes them dirty and present again, durably (synced and recorded when this
+   * resolves). For a frontend that cannot serve zeroed blocks itself (a uloop module without
+   * ULOOP_F_ZERO takes dirty as present), and for a uloop MISS on a zeroed block (the kernel
+   * reads the cache file once it is answered).
    */
-  async materializeZeroed(): Promise<void> {
+  async materializeZeroed(first = 0, end = this.geometry.blockCount): Promise<void> {
     this.#assertOpen();
     const zeroed: Extent[] = [];
-    for (const e of this.store.dirty.runs()) zeroed.push(...this.store.present.gaps(e.start, e.start + e.count));
+    for (const e of this.store.dirty.runs(first, end)) zeroed.push(...this.store.present.gaps(e.start, e.start + e.count));
     for (const z of zeroed) {
       for (let b = z.start; b < z.start + z.count; b += this.#maxFillBlocks) {
         const blocks: number[] = [];
@@ -388,6 +420,8 @@ export class CacheEngine {
    */
   async beginEpoch(): Promise<Epoch> {
     this.#assertOpen();
+    if (this.#epoch) throw new EngineClosedError('a flush epoch is already open');
+    await this.externalEpochs?.beforeEpoch?.();
     if (this.#epoch) throw new EngineClosedError('a flush epoch is already open');
     await this.#commit.run();
     const flushing = this.store.dirty.clone();
@@ -1067,7 +1101,9 @@ export class CacheEngine {
           this.#spaceError = `the cache budget is full of dirty data and the flush failed: ${(err as Error).message}`;
           throw new CacheFullError(`${this.#spaceError}; writes that need new space fail until a flush succeeds`, { cause: err });
         }
-        if (++futile > MAX_FUTILE_FLUSHES && store.usedBlocks + blocks > store.budgetBlocks && this.#evictableNone()) {
+        // With a kernel frontend the store may count blocks clean and present that the kernel
+        // will not give up (it no longer serves them, or holds them busy): never spin on those.
+        if (++futile > MAX_FUTILE_FLUSHES && store.usedBlocks + blocks > store.budgetBlocks && (this.externalEpochs?.evict !== undefined || this.#evictableNone())) {
           this.#spaceError = 'the cache budget stays full of dirty data: flushes free nothing (every block is rewritten while it flushes)';
           throw new CacheFullError(this.#spaceError);
         }
@@ -1157,6 +1193,8 @@ export class CacheEngine {
     const store = this.store;
     const clock = store.clock;
     if (!clock || blocks <= 0) return 0;
+    // The kernel's accessed bits (hits it served) count as the hand passes.
+    this.externalEpochs?.harvestAccessed?.();
     const unitBlocks = store.unitBlocks;
     const victimsOf = (u: number): Extent[] => {
       const out: Extent[] = [];
@@ -1197,16 +1235,22 @@ export class CacheEngine {
     const locked: number[] = [];
     for (const e of victims) for (let b = e.start; b < e.start + e.count; b++) locked.push(b);
     const release = this.#lock(locked);
+    let evicted = locked.length;
     try {
+      // A kernel frontend serves hits itself: it stops serving them first (and drains its
+      // requests on them), and only what it let go is evicted here (invariant 1).
+      const outside = this.externalEpochs?.evict;
+      const gone = outside ? outside(victims) : victims;
+      if (outside) evicted = gone.reduce((n, e) => n + e.count, 0);
       // Present bits clear now (new reads see missing blocks and wait for the lock); the punch
       // waits for reads that began before (the grace period) and for the synced bitmap.
-      await store.evict(victims, { quiesce: () => this.#readGrace() });
+      if (gone.length > 0) await store.evict(gone, { quiesce: () => this.#readGrace() });
     } finally {
       release();
     }
     for (const u of units) clock.forget(u);
-    this.#evicted += locked.length;
-    return locked.length;
+    this.#evicted += evicted;
+    return evicted;
   }
 
   // --- commit --------------------------------------------------------------------------------

@@ -58,6 +58,8 @@ export interface SpaceUse {
   reservedBlocks: number;
   /** Evicted or zeroed, not yet punched. */
   punchingBlocks: number;
+  /** Held in the cache file by a kernel frontend and not recorded here yet (see outsideBlocks). */
+  outsideBlocks: number;
 }
 
 export interface OpenStoreOptions {
@@ -76,6 +78,14 @@ export interface OpenStoreOptions {
   budget?: number;
   /** Eviction unit in bytes for a new cache (default 256 KiB); an existing cache keeps its own. */
   evictionUnit?: number;
+  /**
+   * A kernel device still serves this cache file (a /dev/uloopN whose daemon died, about to be
+   * taken back): it may serve blocks the store never recorded (fills answered, not committed), so
+   * the open punches no leftovers and evicts nothing (a smaller budget is reached later, through
+   * the kernel's EVICT). Such blocks stay in the cache file, uncounted, until the device is added
+   * afresh.
+   */
+  servedByKernel?: boolean;
   /** Block size of a new cache when `blockSize` is not given (default 4 KiB); never checked against an existing one. */
   defaultBlockSize?: number;
   storage?: Storage;
@@ -117,6 +127,7 @@ export class CacheStore {
   #presentCount: number;
   #reserved = 0;
   #punching = 0;
+  #outside = 0;
   #spaceListeners: (() => void)[] = [];
 
   private constructor(args: {
@@ -252,7 +263,7 @@ export class CacheStore {
       if (info.mode !== options.mode) meta.setMode(options.mode);
       store.#mode = options.mode;
       meta.setCleanShutdown(false);
-      if (budget !== null) {
+      if (budget !== null && !options.servedByKernel) {
         const unbudgeted = info.budget === null && !creating;
         await store.#dropLeftovers(unbudgeted || store.recoveredFromCrash);
         await store.#shrinkTo(store.budgetBlocks);
@@ -523,9 +534,25 @@ export class CacheStore {
     return b === null ? Infinity : Math.floor(b / this.geometry.blockSize);
   }
 
-  /** Blocks the cache file may hold now: present, reserved and being punched. */
+  /** Blocks the cache file may hold now: present, reserved, being punched and held outside. */
   get usedBlocks(): number {
-    return this.#presentCount + this.#reserved + this.#punching;
+    return this.#presentCount + this.#reserved + this.#punching + this.#outside;
+  }
+
+  /**
+   * Blocks a kernel frontend wrote into the cache file that the store learns of only later (on
+   * /dev/uloopN, whole blocks written while missing: pending until the next barrier). The frontend
+   * sets it from the kernel's exact count; it counts toward usedBlocks, so eviction keeps room for
+   * them. A barrier recording them may count them twice until the next update: on the safe side.
+   */
+  get outsideBlocks(): number {
+    return this.#outside;
+  }
+
+  set outsideBlocks(blocks: number) {
+    const was = this.#outside;
+    this.#outside = Math.max(0, blocks);
+    if (this.#outside < was) this.#spaceChanged();
   }
 
   space(): SpaceUse {
@@ -535,6 +562,7 @@ export class CacheStore {
       presentBlocks: this.#presentCount,
       reservedBlocks: this.#reserved,
       punchingBlocks: this.#punching,
+      outsideBlocks: this.#outside,
     };
   }
 

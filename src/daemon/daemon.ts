@@ -16,7 +16,7 @@ import { DiskHealth, type DiskHealthStatus } from '../source/health.js';
 import { ANY_LOOP, defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/kernel-nbd.js';
-import { assertUloopAvailable, assertUloopModule, attachUloop, type UloopStatus } from '../bdev/uloop.js';
+import { assertUloopAvailable, uloopAwaitsDaemon, assertUloopModule, attachUloop, type UloopStatus } from '../bdev/uloop.js';
 import { assertUblkAvailable, assertUblkDriver, attachUblk, type UblkStatus } from '../bdev/ublk.js';
 import { assertLocalAddress, NbdServer, parseNbdUrl } from '../bdev/nbd-server/index.js';
 import type { FlushResult } from '../writeback/flusher.js';
@@ -290,6 +290,8 @@ export class Daemon {
         budget,
         evictionUnit: options.evictionUnit,
         defaultBlockSize: Math.max(DEFAULT_BLOCK_SIZE, sectorSize.logical),
+        // A /dev/uloopN left by a dead daemon still serves the cache file: nothing is punched now.
+        servedByKernel: kind === 'uloop' && uloopAwaitsDaemon(options.device),
       });
       undo.push(() => store.close());
       markStart('store');
@@ -805,9 +807,16 @@ function hydrateOnUblk(device: string): InvalidArgumentError {
   return new InvalidArgumentError(`--hydrate is not wired to ${device} yet (the ublk server writes missing blocks the hydrator would fill); hydrate through /dev/loopN or /dev/uloopN, or leave it out`);
 }
 
+/**
+ * --cache-size on /dev/uloopN is refused: a daemon killed between the kernel's epoch commit and
+ * the store's leaves blocks the store keeps dirty and the kernel clean; no flush cleans them and
+ * they are never evicted, so the budget fills and misses fail with EIO (the uloop model with a
+ * budget finds it). The eviction path stays wired for when that is reconciled. /dev/ublkbN has no
+ * eviction path at all.
+ */
 function budgetOnUloop(device: string): InvalidArgumentError {
   return new InvalidArgumentError(
-    `a cache budget (--cache-size) is not wired to ${device} yet (the uloop daemon does not evict); use /dev/loopN or /dev/nbdN for a cache smaller than the disk`,
+    `a cache budget (--cache-size) is not supported on ${device} yet (${device.includes('ublkb') ? 'the ublk server does not evict' : 'a daemon restart can leave blocks no flush cleans'}); use /dev/loopN or /dev/nbdN for a cache smaller than the disk`,
   );
 }
 

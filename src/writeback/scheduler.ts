@@ -255,8 +255,9 @@ export class FlushScheduler {
 
   /** Dirty bytes that take cache space (zeroed blocks take none). */
   #dirtyDataBytes(): number {
-    const s = this.#engine.store;
-    return (s.dirty.count() - s.zeroBlocks()) * s.geometry.blockSize;
+    // The engine's count: on /dev/uloopN the kernel's exact one (it holds dirty blocks the store
+    // learns of only at the next barrier).
+    return this.#engine.dirtyDataBlocks() * this.#engine.geometry.blockSize;
   }
 
   /** Automatic triggers: skipped while nothing is dirty, a flush runs, or a retry is pending. */

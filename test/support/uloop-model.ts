@@ -27,10 +27,10 @@ import { flushDirty } from '../../src/writeback/flusher.js';
 import { kernelEpochs } from '../../src/bdev/uloop.js';
 import { UpcallHandler, type Upcall } from '../../src/bdev/upcalls.js';
 import { CrashWorld, Rng, SECTOR, SimulatedCrash, type CrashKind } from './crashable.js';
-import { decodeSector, sectorBytes, type ModelConfig } from './engine-model.js';
+import { decodeSector, sectorBytes, ZERO_TAG, type ModelConfig } from './engine-model.js';
 
 const BASE_TAG = 1;
-const silent = pino({ enabled: false });
+const silent = pino({ enabled: !!process.env.ULOB_MODEL_DEBUG });
 
 class KernelError extends Error {
   constructor(
@@ -54,7 +54,12 @@ class KernelModel {
   #preserved: Bitmap | null = null;
   #epochFailed = false;
   #nextId = 1;
+  /** Requests in flight per block (past their last prepare pass): EVICT leaves these blocks. */
+  #inflight: Uint16Array;
   handler: UpcallHandler | null = null;
+
+  /** ULOOP_F_ACCESSED: one bit per unit, set on every request served. */
+  readonly accessedBits: Bitmap | null;
 
   constructor(
     readonly file: BlockFile,
@@ -62,17 +67,112 @@ class KernelModel {
     readonly size: number,
     storePresent: Bitmap,
     storeDirty: Bitmap,
+    /** ULOOP_F_ZERO: the present bitmap is taken as is (dirty without present: a zero block). */
+    readonly zeroFlag = false,
+    readonly unitBlocks = 0,
   ) {
     const n = storePresent.bits;
     this.present = new Bitmap(n);
     this.dirty = new Bitmap(n);
     this.pending = new Bitmap(n);
-    // ADD without ULOOP_F_ZERO: present is widened to include dirty.
+    this.#inflight = new Uint16Array(n);
+    this.accessedBits = unitBlocks > 0 ? new Bitmap(Math.ceil(n / unitBlocks)) : null;
     for (const r of storePresent.runs()) this.present.setRange(r.start, r.start + r.count);
     for (const r of storeDirty.runs()) {
-      this.present.setRange(r.start, r.start + r.count);
+      // ADD without ULOOP_F_ZERO: present is widened to include dirty.
+      if (!zeroFlag) this.present.setRange(r.start, r.start + r.count);
       this.dirty.setRange(r.start, r.start + r.count);
     }
+  }
+
+  #touch(first: number, end: number): void {
+    if (!this.accessedBits) return;
+    for (let u = Math.floor(first / this.unitBlocks); u <= Math.floor((end - 1) / this.unitBlocks); u++) this.accessedBits.set(u);
+  }
+
+  /** A MISS answered: present; a zero block (dirty, not present) also pending (review finding 2). */
+  #missDone(blocks: number[]): void {
+    for (const b of blocks) {
+      if (this.dirty.get(b)) this.pending.set(b);
+      this.present.set(b);
+    }
+  }
+
+  /** EVICT: of the blocks set in `bits`, those present, clean and not pending stop being served. */
+  evict(first: number, count: number, bits: Buffer): number {
+    const set = new Bitmap(count, bits);
+    let n = 0;
+    for (let i = 0; i < count; i++) {
+      if (!set.get(i)) continue;
+      const b = first + i;
+      // (The kernel waits for the requests in flight on them; refusing is the same to the store.)
+      if (this.present.get(b) && !this.dirty.get(b) && !this.pending.get(b) && this.#inflight[b] === 0) {
+        this.present.clear(b);
+        n++;
+      } else set.clear(i);
+    }
+    return n;
+  }
+
+  /** ACCESSED: units [first, first + count) into `bits`, cleared. */
+  accessed(first: number, count: number, bits: Buffer): number {
+    const out = new Bitmap(count, bits);
+    let n = 0;
+    for (let i = 0; i < count; i++) {
+      if (this.accessedBits!.get(first + i)) {
+        out.set(i);
+        this.accessedBits!.clear(first + i);
+        n++;
+      }
+    }
+    return n;
+  }
+
+  /** Blocks dirty and not present. */
+  zeroBlocks(): number {
+    let n = 0;
+    for (const r of this.dirty.runs()) n += r.count - this.present.count(r.start, r.start + r.count);
+    return n;
+  }
+
+  /**
+   * DISCARD / WRITE_ZEROES of [offset, offset + length) (ULOOP_F_ZERO): the parts of blocks at
+   * either end are written with zeros; whole blocks are preserved for an open epoch first, then a
+   * ZERO upcall, then they are dirty and not present.
+   */
+  async zero(offset: number, length: number): Promise<void> {
+    const bs = this.blockSize;
+    const end = offset + length;
+    const wf = Math.ceil(offset / bs);
+    const we = end === this.size ? Math.ceil(this.size / bs) : Math.floor(end / bs);
+    if (wf >= we) return this.write(offset, Buffer.alloc(length));
+    if (wf * bs > offset) await this.write(offset, Buffer.alloc(wf * bs - offset));
+    await this.#preserve(wf, we);
+    this.#touch(wf, we);
+    await this.#ask('zero', wf, we);
+    for (let b = wf; b < we; b++) {
+      this.present.clear(b);
+      this.dirty.set(b);
+      this.pending.clear(b);
+    }
+    const tail = Math.min(end, we * bs);
+    if (end > tail) await this.write(tail, Buffer.alloc(end - tail));
+  }
+
+  async #preserve(first: number, end: number): Promise<void> {
+    if (!this.#open || !this.#snap) return;
+    const epoch = this.#open;
+    const todo: number[] = [];
+    for (let b = first; b < end; b++) {
+      if (this.#snap.get(b)) this.#rewritten!.set(b);
+      if (this.#snap.get(b) && !this.#preserved!.get(b)) todo.push(b);
+    }
+    try {
+      await this.#askRuns('preserve', todo, epoch);
+    } catch {
+      if (this.#open === epoch) this.#epochFailed = true;
+    }
+    if (this.#open === epoch) for (const b of todo) this.#preserved!.set(b);
   }
 
   get blocks(): number {
@@ -101,48 +201,60 @@ class KernelModel {
     return [Math.floor(offset / this.blockSize), Math.ceil((offset + length) / this.blockSize)];
   }
 
+  /** Runs `io` with blocks [first, end) in flight (after the request's last prepare pass). */
+  async #inFlight<T>(first: number, end: number, io: () => Promise<T>): Promise<T> {
+    for (let b = first; b < end; b++) this.#inflight[b]!++;
+    try {
+      return await io();
+    } finally {
+      for (let b = first; b < end; b++) this.#inflight[b]!--;
+    }
+  }
+
   async read(offset: number, length: number): Promise<Buffer> {
     const [first, end] = this.#range(offset, length);
-    const missing: number[] = [];
-    for (let b = first; b < end; b++) if (!this.present.get(b)) missing.push(b);
-    await this.#askRuns('miss', missing);
-    for (const b of missing) this.present.set(b);
+    // uloop_prepare loops until a pass finds nothing to ask: a block filled by this request may
+    // have been evicted while it asked for another (it is not in flight until the last pass).
+    for (;;) {
+      const missing: number[] = [];
+      for (let b = first; b < end; b++) if (!this.present.get(b)) missing.push(b);
+      if (missing.length === 0) break;
+      await this.#askRuns('miss', missing);
+      this.#missDone(missing);
+    }
+    this.#touch(first, end);
     const buf = Buffer.alloc(length);
-    await this.file.read(buf, offset);
+    await this.#inFlight(first, end, () => this.file.read(buf, offset));
     return buf;
   }
 
   async write(offset: number, data: Buffer): Promise<void> {
     const [first, end] = this.#range(offset, data.byteLength);
     const whole = (b: number) => offset <= b * this.blockSize && offset + data.byteLength >= Math.min((b + 1) * this.blockSize, this.size);
-    // Rule 5: a partly written missing block is filled first.
-    const partial: number[] = [];
-    for (let b = first; b < end; b++) if (!this.present.get(b) && !whole(b)) partial.push(b);
-    await this.#askRuns('miss', partial);
-    for (const b of partial) this.present.set(b);
-    // Point-in-time epochs: the first change to a block of the snapshot waits for a PRESERVE.
-    if (this.#open && this.#snap) {
-      const epoch = this.#open;
-      const todo: number[] = [];
-      for (let b = first; b < end; b++) {
-        if (this.#snap.get(b)) this.#rewritten!.set(b);
-        if (this.#snap.get(b) && !this.#preserved!.get(b)) todo.push(b);
+    // uloop_prepare's passes, until one finds nothing to ask (a block filled or found present in
+    // one pass may be evicted while a later upcall waits: the next pass sees it missing again).
+    for (;;) {
+      // Rule 5: a partly written missing block is filled first.
+      const partial: number[] = [];
+      for (let b = first; b < end; b++) if (!this.present.get(b) && !whole(b)) partial.push(b);
+      if (partial.length > 0) {
+        await this.#askRuns('miss', partial);
+        this.#missDone(partial);
+        continue;
       }
-      try {
-        await this.#askRuns('preserve', todo, epoch);
-      } catch {
-        if (this.#open === epoch) this.#epochFailed = true;
-      }
-      if (this.#open === epoch) for (const b of todo) this.#preserved!.set(b);
+      // Point-in-time epochs: the first change to a block of the snapshot waits for a PRESERVE.
+      await this.#preserve(first, end);
+      // Rule 3: a present clean block is made durably dirty before it changes.
+      const intents: number[] = [];
+      for (let b = first; b < end; b++) if (this.present.get(b) && !this.dirty.get(b)) intents.push(b);
+      if (intents.length === 0) break;
+      await this.#askRuns('intent', intents);
+      for (const b of intents) this.dirty.set(b);
     }
-    // Rule 3: a present clean block is made durably dirty before it changes.
-    const intents: number[] = [];
-    for (let b = first; b < end; b++) if (this.present.get(b) && !this.dirty.get(b)) intents.push(b);
-    await this.#askRuns('intent', intents);
-    for (const b of intents) this.dirty.set(b);
+    this.#touch(first, end);
     const wholeMissing: number[] = [];
     for (let b = first; b < end; b++) if (!this.present.get(b)) wholeMissing.push(b);
-    await this.file.write(data, offset);
+    await this.#inFlight(first, end, () => this.file.write(data, offset));
     // Rule 4: whole missing blocks are written at once and handed over at the next barrier.
     for (const b of wholeMissing) {
       this.present.set(b);
@@ -209,6 +321,11 @@ interface Model {
   image: Uint32Array;
   /** The image of the flush running now (a crash may leave the disk torn between the two). */
   flushing: Uint32Array | null;
+  /**
+   * A flush started by a fill waiting for room in the budget runs now: the disk may take, per
+   * sector, any content the device held since the last flush (checked by expectPressureImage).
+   */
+  pressure: boolean;
 }
 
 interface Real {
@@ -220,14 +337,54 @@ interface Real {
   blockSize: number;
   engine: CacheEngine;
   kernel: KernelModel;
+  /** ULOOP_F_ZERO, and a budget of budgetBlocks in units of unitBlocks (ULOOP_F_ACCESSED, EVICT). */
+  zero: boolean;
+  budgetBlocks?: number;
+  unitBlocks: number;
+  model?: Model;
 }
 
-async function openEngine(real: Omit<Real, 'engine' | 'kernel'>): Promise<CacheEngine> {
+async function openEngine(real: Omit<Real, 'engine' | 'kernel'>, servedByKernel = false): Promise<CacheEngine> {
   const storage = real.world.storage();
   const handle = await storage.open(real.backingPath);
   const source = new FileSource(handle, { id: 'model-disk', size: real.size, description: 'model disk' });
-  const store = await CacheStore.open({ paths: real.paths, backing: source, mode: 'writeback', blockSize: real.blockSize, storage, metadata: real.world.metadata() });
-  return new CacheEngine(store, source, { autoCommitMs: 0, cowMemoryBytes: real.blockSize });
+  const store = await CacheStore.open({
+    paths: real.paths,
+    backing: source,
+    mode: 'writeback',
+    blockSize: real.blockSize,
+    budget: real.budgetBlocks === undefined ? undefined : real.budgetBlocks * real.blockSize,
+    evictionUnit: real.unitBlocks * real.blockSize,
+    servedByKernel,
+    storage,
+    metadata: real.world.metadata(),
+  });
+  const engine = new CacheEngine(store, source, { autoCommitMs: 0, cowMemoryBytes: real.blockSize });
+  // A fill waiting for room in a budget full of dirty data: a flush, as the scheduler's 'budget'.
+  engine.onSpacePressure = () => pressureFlush(real as Real, engine);
+  return engine;
+}
+
+/**
+ * A flush started by a fill that waits for room. The disk may then hold, per sector, any content
+ * the device held since the last flush (the write in flight among them); whatever it holds
+ * becomes the image the next checks compare with.
+ */
+async function pressureFlush(real: Real, engine: CacheEngine): Promise<void> {
+  const model = real.model!;
+  model.pressure = true;
+  await flushDirty(engine);
+  model.pressure = false;
+  expectPressureImage(model, real.world.file(real.backingPath).visible, 'after a budget flush');
+}
+
+function expectPressureImage(model: Model, disk: Buffer, what: string): void {
+  for (let s = 0; s < model.sectors; s++) {
+    const got = decodeSector(disk.subarray(s * SECTOR, (s + 1) * SECTOR), s);
+    const ok = [model.image[s]!, model.current[s]!, model.stable[s]!, ...(model.since.get(s) ?? []), ...(model.flushing ? [model.flushing[s]!] : [])];
+    if (!ok.includes(got)) expect.fail(`${what}: disk sector ${s} holds ${got === -1 ? 'garbage' : `write ${got}`}; allowed: ${ok.join(', ')}`);
+    model.image[s] = got;
+  }
 }
 
 /** Binds the daemon side (the real handler and epoch wiring) to the kernel model: ADD or ATTACH. */
@@ -238,6 +395,9 @@ function attachDaemon(engine: CacheEngine, kernel: KernelModel): void {
     dirtyBlocks: () => kernel.dirty.count(),
     gone: () => false,
     device: '/dev/uloop0',
+    zeroAndPending: () => ({ zeroBlocks: kernel.zeroBlocks(), pendingBlocks: kernel.pending.count() }),
+    flush: () => kernel.flush(),
+    ...(kernel.accessedBits ? { evict: (f: number, c: number, bits: Buffer) => kernel.evict(f, c, bits), accessed: (f: number, c: number, bits: Buffer) => kernel.accessed(f, c, bits) } : {}),
   });
   engine.externalEpochs = epochs.external;
   kernel.handler = new UpcallHandler({
@@ -250,7 +410,7 @@ function attachDaemon(engine: CacheEngine, kernel: KernelModel): void {
 
 async function addDevice(real: Omit<Real, 'kernel'>): Promise<KernelModel> {
   const file = await real.world.storage().open(real.paths.cache);
-  const kernel = new KernelModel(file, real.blockSize, real.size, real.engine.store.present, real.engine.store.dirty);
+  const kernel = new KernelModel(file, real.blockSize, real.size, real.engine.store.present, real.engine.store.dirty, real.zero, real.budgetBlocks === undefined ? 0 : real.unitBlocks);
   attachDaemon(real.engine, kernel);
   return kernel;
 }
@@ -270,7 +430,12 @@ function expectDiskIsImage(model: Model, disk: Buffer, what: string): void {
 
 /** Reads the whole device through the kernel; each sector must be one `allowed` says. */
 async function expectDevice(model: Model, real: Real, allowed: (s: number) => number[], what: string): Promise<void> {
-  const all = await real.kernel.read(0, real.size);
+  // The kernel's requests are bounded (1 MiB) and a budget holds more than one: with a budget the
+  // device is read a block per request, never in one miss larger than the whole budget.
+  const step = real.budgetBlocks === undefined ? real.size : real.blockSize;
+  const parts: Buffer[] = [];
+  for (let off = 0; off < real.size; off += step) parts.push(await real.kernel.read(off, Math.min(step, real.size - off)));
+  const all = Buffer.concat(parts);
   for (let s = 0; s < model.sectors; s++) {
     const got = decodeSector(all.subarray(s * SECTOR, (s + 1) * SECTOR), s);
     const ok = allowed(s);
@@ -284,7 +449,9 @@ export type UloopOp =
   | { kind: 'write'; sector: number; count: number; fua: boolean }
   | { kind: 'flush' }
   | { kind: 'writeback' }
-  | { kind: 'writeback-racing'; sector: number; count: number; split: number };
+  | { kind: 'writeback-racing'; sector: number; count: number; split: number }
+  | { kind: 'zero'; sector: number; count: number }
+  | { kind: 'evict'; blocks: number };
 
 function clip(model: Model, sector: number, count: number): [number, number] {
   const s = sector % model.sectors;
@@ -293,17 +460,22 @@ function clip(model: Model, sector: number, count: number): [number, number] {
 
 /** Sectors the op writes (for a crash in its middle: old or new). */
 function written(model: Model, op: UloopOp): [number, number] | null {
-  return op.kind === 'write' || op.kind === 'writeback-racing' ? clip(model, op.sector, op.count) : null;
+  return op.kind === 'write' || op.kind === 'writeback-racing' || op.kind === 'zero' ? clip(model, op.sector, op.count) : null;
 }
 
-async function kernelWrite(model: Model, real: Real, sector: number, count: number, fua: boolean): Promise<void> {
-  const tag = model.nextTag++;
+/** The model's side of a write of `tag` (0: zeros) to sectors [sector, sector + count). */
+function noteWrite(model: Model, sector: number, count: number, tag: number): void {
   for (let x = sector; x < sector + count; x++) {
     model.current[x] = tag;
     let set = model.since.get(x);
     if (!set) model.since.set(x, (set = new Set()));
     set.add(tag);
   }
+}
+
+async function kernelWrite(model: Model, real: Real, sector: number, count: number, fua: boolean): Promise<void> {
+  const tag = model.nextTag++;
+  noteWrite(model, sector, count, tag);
   await real.kernel.write(sector * SECTOR, writeSectors(sector, count, tag));
   if (fua) {
     await real.kernel.flush();
@@ -329,6 +501,18 @@ async function runOp(op: UloopOp, model: Model, real: Real): Promise<void> {
     case 'write': {
       const [s, n] = clip(model, op.sector, op.count);
       await kernelWrite(model, real, s, n, op.fua);
+      return;
+    }
+    case 'zero': {
+      const [s, n] = clip(model, op.sector, op.count);
+      noteWrite(model, s, n, ZERO_TAG);
+      await kernel.zero(s * SECTOR, n * SECTOR);
+      return;
+    }
+    case 'evict': {
+      // What the daemon's poll does: the kernel's pending blocks count as used; evict ahead.
+      engine.store.outsideBlocks = kernel.pending.count();
+      await engine.evict(op.blocks);
       return;
     }
     case 'flush':
@@ -362,19 +546,23 @@ async function runOp(op: UloopOp, model: Model, real: Real): Promise<void> {
         await source.writeAt(await engine.readEpoch(epoch, e.start, e.count), g.blockOffset(e.start));
       };
       const [s, n] = clip(model, op.sector, op.count);
+      let committed = false;
       try {
         for (let i = 0; i < split; i++) await copy(i);
         // Both settle before anything else runs: a crash must not leave one of them in flight.
+        // The flusher commits without waiting for the write, as the daemon's does: with a budget
+        // the write's fill may wait for room that only the commit (clean blocks) makes.
         const both = await Promise.allSettled([
           kernelWrite(model, real, s, n, false),
           (async () => {
             for (let i = split; i < epoch.extents.length; i++) await copy(i);
+            await engine.commitEpoch(epoch);
+            committed = true;
           })(),
         ]);
         for (const r of both) if (r.status === 'rejected') throw r.reason;
-        await engine.commitEpoch(epoch);
       } catch (err) {
-        engine.abortEpoch(epoch);
+        if (!committed) engine.abortEpoch(epoch);
         throw err;
       }
       model.flushing = null;
@@ -399,12 +587,30 @@ function mergeImage(model: Model, real: Real, image: Uint32Array, exact: boolean
   }
 }
 
+/** Invariant 1: no block the store or the kernel holds present lies over a hole of the cache file. */
+function expectNoPresentOverHole(real: Real): void {
+  const file = real.world.file(real.paths.cache);
+  for (const [who, bits] of [['store', real.engine.store.present], ['kernel', real.kernel.present]] as const) {
+    for (const run of bits.runs()) {
+      for (let b = run.start; b < run.start + run.count; b++) {
+        const off = b * real.blockSize;
+        if (file.hasHole(off, Math.min(real.blockSize, real.size - off))) expect.fail(`block ${b} is present in the ${who} over a hole of the cache file`);
+      }
+    }
+  }
+}
+
 type Crash = CrashKind | 'daemon';
 
 async function crashAndRecover(model: Model, real: Real, kind: Crash, op: UloopOp): Promise<void> {
   await real.engine.store.abandon();
   await real.engine.source.close();
   if (kind === 'daemon') {
+    // A budget flush died with the daemon: the disk holds, per sector, one of the contents since.
+    if (model.pressure) {
+      model.pressure = false;
+      expectPressureImage(model, real.world.file(real.backingPath).visible, 'a budget flush cut by a daemon kill');
+    }
     // The flush died with the daemon; the disk may be torn between the two images.
     if (model.flushing) {
       const disk = real.world.file(real.backingPath).visible;
@@ -413,7 +619,8 @@ async function crashAndRecover(model: Model, real: Real, kind: Crash, op: UloopO
     }
     // kill -9: the kernel keeps its bits and the page cache keeps every write.
     real.world.crash('process', real.rng);
-    real.engine = await openEngine(real);
+    // The kernel kept the device: the daemon's attach opens the store as uloop.ts's caller does.
+    real.engine = await openEngine(real, true);
     real.kernel.handler = null;
     attachDaemon(real.engine, real.kernel);
     if (real.kernel.pending.count() > 0) await real.kernel.flush();
@@ -425,6 +632,10 @@ async function crashAndRecover(model: Model, real: Real, kind: Crash, op: UloopO
   // The disk: the last flush's image, or (a crash during a flush) per sector that or the running
   // flush's image, until the next flush rewrites the blocks it left dirty.
   const disk = real.world.file(real.backingPath).durable;
+  if (model.pressure) {
+    model.pressure = false;
+    expectPressureImage(model, disk, `a budget flush cut by a ${kind} crash`);
+  }
   for (let s = 0; s < model.sectors; s++) {
     const got = decodeSector(disk.subarray(s * SECTOR, (s + 1) * SECTOR), s);
     if (model.flushing && got === model.flushing[s]) model.image[s] = got;
@@ -453,6 +664,8 @@ class StepCommand implements fc.AsyncCommand<Model, Real> {
     const step = this.step;
     if (!('crash' in step)) {
       await runOp(step.op, model, real);
+      if (real.budgetBlocks !== undefined) real.engine.store.outsideBlocks = real.kernel.pending.count();
+      expectNoPresentOverHole(real);
       return;
     }
     real.world.armCrash(step.after);
@@ -462,13 +675,16 @@ class StepCommand implements fc.AsyncCommand<Model, Real> {
       if (!(err instanceof SimulatedCrash) && !real.world.crashed && !(err instanceof KernelError)) throw err;
     }
     await crashAndRecover(model, real, step.crash, step.op);
+    expectNoPresentOverHole(real);
   }
   toString(): string {
     return JSON.stringify(this.step);
   }
 }
 
-function stepArb(config: ModelConfig): fc.Arbitrary<UloopStep> {
+export type UloopModelConfig = ModelConfig & { zero?: boolean };
+
+function stepArb(config: UloopModelConfig): fc.Arbitrary<UloopStep> {
   const sectors = (config.blocks * config.blockSize - config.tail) / SECTOR;
   const sector = fc.nat({ max: sectors - 1 });
   const count = fc.integer({ min: 1, max: (config.blockSize / SECTOR) * 3 });
@@ -478,6 +694,8 @@ function stepArb(config: ModelConfig): fc.Arbitrary<UloopStep> {
     { weight: 2, arbitrary: fc.constant({ kind: 'flush' as const }) },
     { weight: 2, arbitrary: fc.constant({ kind: 'writeback' as const }) },
     { weight: 2, arbitrary: fc.record({ kind: fc.constant('writeback-racing' as const), sector, count, split: fc.nat({ max: 8 }) }) },
+    { weight: config.zero ? 3 : 0, arbitrary: fc.record({ kind: fc.constant('zero' as const), sector, count }) },
+    { weight: config.budgetBlocks !== undefined ? 2 : 0, arbitrary: fc.record({ kind: fc.constant('evict' as const), blocks: fc.integer({ min: 1, max: 4 }) }) },
   );
   return fc.oneof(
     { weight: 3, arbitrary: op.map((o): UloopStep => ({ op: o })) },
@@ -486,7 +704,7 @@ function stepArb(config: ModelConfig): fc.Arbitrary<UloopStep> {
 }
 
 /** Replays one run on a fresh model disk and cache; throws at the first broken guarantee. */
-export async function runUloopModel(config: ModelConfig, { steps, seed }: UloopModelCase): Promise<void> {
+export async function runUloopModel(config: UloopModelConfig, { steps, seed }: UloopModelCase): Promise<void> {
   const size = config.blocks * config.blockSize - config.tail;
   const sectors = size / SECTOR;
   const dir = mkdtempSync(join('/dev/shm', 'ulob-umodel-'));
@@ -496,7 +714,17 @@ export async function runUloopModel(config: ModelConfig, { steps, seed }: UloopM
   const backing = world.file(backingPath);
   for (let s = 0; s < sectors; s++) backing.write(sectorBytes(BASE_TAG, s), s * SECTOR);
   backing.sync();
-  const partial = { world, rng: new Rng(seed), paths: { cache: join(dir, 'cache'), bitmap: join(dir, 'bitmap'), metadata: join(dir, 'meta.db') }, backingPath, size, blockSize: config.blockSize };
+  const partial = {
+    world,
+    rng: new Rng(seed),
+    paths: { cache: join(dir, 'cache'), bitmap: join(dir, 'bitmap'), metadata: join(dir, 'meta.db') },
+    backingPath,
+    size,
+    blockSize: config.blockSize,
+    zero: config.zero ?? false,
+    budgetBlocks: config.budgetBlocks,
+    unitBlocks: config.unitBlocks ?? 1,
+  };
   const engine = await openEngine(partial);
   const real: Real = { ...partial, engine, kernel: await addDevice({ ...partial, engine }) };
   const model: Model = {
@@ -507,7 +735,11 @@ export async function runUloopModel(config: ModelConfig, { steps, seed }: UloopM
     nextTag: BASE_TAG + 1,
     image: new Uint32Array(sectors).fill(BASE_TAG),
     flushing: null,
+    pressure: false,
   };
+  // The first engine's pressure flush looks the model up on the object it was opened with.
+  real.model = model;
+  (partial as { model?: Model }).model = model;
   try {
     await fc.asyncModelRun(() => ({ model, real }), steps.map((s) => new StepCommand(s)));
   } finally {
@@ -517,9 +749,9 @@ export async function runUloopModel(config: ModelConfig, { steps, seed }: UloopM
 }
 
 /** Runs the property `runs` times; a failure prints its shrunk case, ready to keep as a named one. */
-export async function assertUloopModel(config: ModelConfig, runs: number): Promise<void> {
+export async function assertUloopModel(config: UloopModelConfig, runs: number): Promise<void> {
   const property = fc.asyncProperty(fc.array(stepArb(config), { maxLength: 20 }), fc.integer({ min: 1, max: 2 ** 31 - 1 }), (steps, seed) => runUloopModel(config, { steps, seed }));
-  const details = await fc.check(property, { numRuns: runs });
+  const details = await fc.check(property, { numRuns: runs, timeout: 20_000, endOnFailure: !!process.env.ULOB_MODEL_NO_SHRINK });
   if (!details.failed) return;
   const [steps, seed] = details.counterexample ?? [[], 0];
   throw new Error(
