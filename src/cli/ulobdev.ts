@@ -586,7 +586,7 @@ export function buildProgram(): Command {
     .option('--flush <CRON>', "write dirty blocks back on this cron schedule: 5 fields, minute hour day-of-month month day-of-week, e.g. '*/30 * * * *' ('' for none: manual flushes only)")
     .option('--dirty-max <SIZE|PCT>', 'flush at once when dirty data exceeds this: a size with its unit (512M, 2G) or a share of the disk (10%)')
     .option('--max-dirty-age <DURATION>', 'flush once the oldest unflushed write is this old (30m, 2h)')
-    .option('--spindown', 'put the disk in standby (STANDBY IMMEDIATE) after each flush')
+    .option('--spindown', 'put the disk in standby (STANDBY IMMEDIATE) after each flush; after a flush made while a cache miss had woken it, once no miss has reached it for 10 minutes')
     .option('--standby-timeout <DURATION>', "set the disk's own standby timer like hdparm -S (10m, off)")
     .option('--on-ac <POLICY>', "on mains power: 'flush' as soon as the device is quiet, or keep the 'schedule'")
     .option('--hydrate', 'copy the whole disk into the cache in the background')

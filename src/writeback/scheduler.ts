@@ -32,8 +32,15 @@ export interface SchedulerOptions {
   dirtyMaxBytes?: number;
   /** Flush once the oldest unflushed write is this old. */
   maxDirtyAgeMs?: number;
-  /** Put the disk in standby after each flush. */
+  /** Put the disk in standby after each flush (see spindownIdleMs for a flush the disk was awake for). */
   spindown?: boolean;
+  /**
+   * With spindown: after an opportunistic flush (a miss or another program had woken the disk),
+   * STANDBY waits until no miss has reached the disk for this long (default 10 min), so the next
+   * misses of the same session find it spinning instead of waking it again; after a flush that
+   * woke the disk itself, STANDBY follows at once. 0: always at once.
+   */
+  spindownIdleMs?: number;
   /** On mains power: flush as soon as the device is quiet ('flush') or keep the schedule. */
   onAc?: 'flush' | 'schedule';
   /** Reads whether the machine runs on mains power (policy: power.onAcPower). */
@@ -113,6 +120,8 @@ export class FlushScheduler {
   #failures = 0;
   #powerState: PowerState = 'unknown';
   #opportunistic: NodeJS.Timeout | null = null;
+  /** Armed after an opportunistic flush with spindown: STANDBY once the disk has been quiet. */
+  #idleSpindown: NodeJS.Timeout | null = null;
   #onAc = false;
   #stopped = false;
   #standbyIgnoredWarned = false;
@@ -165,6 +174,7 @@ export class FlushScheduler {
     for (const t of this.#timers) clearInterval(t);
     this.#timers = [];
     if (this.#opportunistic) clearTimeout(this.#opportunistic);
+    this.#cancelIdleSpindown();
   }
 
   async idle(): Promise<void> {
@@ -205,6 +215,8 @@ export class FlushScheduler {
    */
   noteDiskActive(): void {
     this.#asleep = null;
+    // The session that woke the disk goes on: its quiet time starts again.
+    if (this.#idleSpindown) this.#armIdleSpindown();
     if (this.#powerState === 'standby' || this.#powerState === 'sleep') {
       this.#missSpinUps++;
       this.#powerState = 'active';
@@ -448,7 +460,11 @@ export class FlushScheduler {
       if (row !== undefined) this.#safe(() => history!.flushEnded(row!, { endedAt, bytes: result.bytes, blocks: result.blocks, spunUp }));
       this.#log.info({ reason, ...result, ms: endedAt - startedAt, spunUp }, 'flushed dirty blocks to the backing disk');
       if (power?.supported) this.#powerState = 'active';
-      if (this.#o.spindown && power?.supported) await this.#spindown();
+      if (this.#o.spindown && power?.supported) {
+        const idleMs = this.#o.spindownIdleMs ?? 10 * 60_000;
+        if (reason === 'opportunistic' && !spunUp && idleMs > 0) this.#armIdleSpindown();
+        else await this.#spindown();
+      }
       this.#sample();
       return result;
     } catch (err) {
@@ -466,7 +482,25 @@ export class FlushScheduler {
     }
   }
 
+  /** (Re)starts the quiet-time countdown to STANDBY after an opportunistic flush. */
+  #armIdleSpindown(): void {
+    this.#cancelIdleSpindown();
+    if (this.#stopped) return;
+    this.#idleSpindown = setTimeout(() => {
+      this.#idleSpindown = null;
+      // A flush running now ends with its own decision.
+      if (!this.#stopped && !this.#running) void this.#spindown();
+    }, this.#o.spindownIdleMs ?? 10 * 60_000);
+    this.#idleSpindown.unref();
+  }
+
+  #cancelIdleSpindown(): void {
+    if (this.#idleSpindown) clearTimeout(this.#idleSpindown);
+    this.#idleSpindown = null;
+  }
+
   async #spindown(): Promise<void> {
+    this.#cancelIdleSpindown();
     try {
       await this.#o.power!.standby();
     } catch (err) {

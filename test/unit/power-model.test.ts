@@ -126,6 +126,33 @@ describe('FlushScheduler on the disk model', () => {
     expect(r.maxUnflushedMs).toBeLessThanOrEqual(30 * MIN);
   });
 
+  it('after a flush a miss made possible, STANDBY waits for 10 quiet minutes: the next miss of the session finds the disk spinning', async () => {
+    const session = (spindownIdleMs?: number) =>
+      run({
+        disk: { standbyTimeoutMs: 0 },
+        trace: [
+          { at: 1 * MIN, op: 'write', offset: 0, bytes: 65536 },
+          { at: 35 * MIN, op: 'write', offset: 65536, bytes: 65536 },
+          // Two reads of files not cached, 5 minutes apart; the first wakes the disk.
+          { at: 40 * MIN, op: 'read', offset: 512 << 20, bytes: 65536 },
+          { at: 45 * MIN, op: 'read', offset: 600 << 20, bytes: 65536 },
+        ],
+        durationMs: 1 * HOUR,
+        policy: { cron: '*/30 * * * *', spindown: true, opportunistic: true, ...(spindownIdleMs === undefined ? {} : { spindownIdleMs }) },
+      });
+    const r = await session();
+    expect(r.flushReasons).toMatchObject({ schedule: 1, opportunistic: 1 });
+    expect(r.disk.spinUpsBy.read).toBe(1);
+    expect(r.diskState).toBe('standby');
+    // In standby 09:30-09:40 (after the scheduled flush, at once) and from 09:55, 10 minutes after
+    // the last miss (not at once after the 09:41 flush).
+    expect(r.disk.ms.standby).toBeGreaterThanOrEqual(14 * MIN);
+    expect(r.disk.ms.standby).toBeLessThanOrEqual(16 * MIN);
+    // STANDBY at once after every flush (the old policy): the second miss wakes the disk again.
+    const eager = await session(0);
+    expect(eager.disk.spinUpsBy.read).toBe(2);
+  });
+
   it('a disk that ignores STANDBY: warned once, reported as active, no false spin-ups', async () => {
     const r = await run({ disk: { quirks: { standbyIgnored: true } }, trace: writes(10 * MIN, 1 * MIN, 2 * HOUR), durationMs: 2 * HOUR });
     expect(r.events['standby-ignored']).toBe(r.flushes);
