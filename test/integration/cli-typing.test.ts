@@ -80,7 +80,7 @@ describe('every command takes the device or the --name (item 9)', () => {
       loop = freeLoop();
       const r = await ulobdev([...cacheArgs(), '--writeback', '--name', 'data', '--daemon', '--run-dir', s.runDir, loop, disk]);
       if (r.code === 0) break;
-      if (!/in use/.test(r.stderr) || attempt === 3) throw new Error(r.stderr);
+      if (!/in use|Device or resource busy/.test(r.stderr) || attempt === 3) throw new Error(r.stderr);
     }
     undo.push(() => ulobdev(['detach', 'data', '--run-dir', s.runDir]));
     const byDevice = await statusJson(loop);

@@ -81,7 +81,7 @@ async function device(): Promise<{ dev: string; args: string[] }> {
     args = ['--writeback', '-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--run-dir', s.runDir, '--daemon', dev, disk];
     const r = await ulobdev(args);
     if (r.code === 0) break;
-    if (!/in use/.test(r.stderr) || attempt === 3) throw new Error(`attach failed: ${r.stderr}`);
+    if (!/in use|Device or resource busy/.test(r.stderr) || attempt === 3) throw new Error(`attach failed: ${r.stderr}`);
   }
   expect((await ulobdev(['detach', dev, '--run-dir', s.runDir])).code).toBe(0);
   undo.push(async () => {

@@ -108,7 +108,7 @@ describe('disks past 8 TiB', () => {
           });
           return dev;
         }
-        if (!/in use/.test(r.stderr) || attempt === 3) throw new Error(`attach failed: ${r.stderr}`);
+        if (!/in use|Device or resource busy/.test(r.stderr) || attempt === 3) throw new Error(`attach failed: ${r.stderr}`);
       }
     };
     const dev = await attach();

@@ -36,7 +36,7 @@ async function attach(args: string[]): Promise<string> {
       attached.push(loop);
       return loop;
     }
-    if (!/in use/.test(r.stderr) || attempt === 3) throw new Error(`attach failed: ${r.stderr}`);
+    if (!/in use|Device or resource busy/.test(r.stderr) || attempt === 3) throw new Error(`attach failed: ${r.stderr}`);
   }
 }
 

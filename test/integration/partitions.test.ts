@@ -39,7 +39,7 @@ async function attach(args: string[], backing: string): Promise<string> {
       });
       return dev;
     }
-    if (!/in use/.test(r.stderr) || attempt === 3) throw new Error(`attach failed: ${r.stderr}`);
+    if (!/in use|Device or resource busy/.test(r.stderr) || attempt === 3) throw new Error(`attach failed: ${r.stderr}`);
   }
 }
 

@@ -85,7 +85,7 @@ describe('consistent backing image (write-back over ext4 through /dev/loopN)', (
           undo.push(() => existsSync(`/proc/${dev.pid}`) && ulobdev(['detach', name, '--run-dir', s.runDir]));
           return dev;
         }
-        if (!/in use/.test(r.stderr) || attempt === 3) throw new Error(r.stderr);
+        if (!/in use|Device or resource busy/.test(r.stderr) || attempt === 3) throw new Error(r.stderr);
       }
     };
     const ctl = (dev: Attached, request: { cmd: string; [k: string]: unknown }, timeoutMs?: number) => controlRequest(join(s.runDir, `${dev.name}.sock`), request, timeoutMs);

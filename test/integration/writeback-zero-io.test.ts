@@ -44,7 +44,7 @@ describe('zero backing I/O between flushes', () => {
       front = freeLoop();
       const r = await ulobdev(['--writeback', '--hydrate', '-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--name', 'z', '--daemon', '--run-dir', s.runDir, front, backing]);
       if (r.code === 0) break;
-      if (!/in use/.test(r.stderr) || attempt === 3) throw new Error(r.stderr);
+      if (!/in use|Device or resource busy/.test(r.stderr) || attempt === 3) throw new Error(r.stderr);
     }
     undo.push(() => ulobdev(['detach', 'z', '--run-dir', s.runDir]));
     const status = async () => JSON.parse((await ulobdev(['status', 'z', '--json', '--run-dir', s.runDir])).stdout);
