@@ -679,7 +679,11 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       const count = Math.min(native.ULOOP_MAX_RANGE_BLOCKS, end - start);
       const claimed = new Bitmap(count, Buffer.alloc(Math.ceil(count / 8)));
       const { id } = native.uloopClaim(ctl, start, count, claimed.buffer);
-      if (id === 0) continue;
+      if (id === 0) {
+        // Nothing claimed: the kernel holds every block of the range (see below).
+        await flushDevice();
+        continue;
+      }
       let filled = false;
       try {
         const runs = [...claimed.runs()].map((r) => ({ start: start + r.start, count: r.count }));
@@ -694,6 +698,10 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
         native.uloopFilled(ctl, id, start, count, claimed.buffer);
         filled = true;
         store.markPresent(runs);
+        // Blocks the kernel would not let go of are cached there already (written whole since the
+        // last barrier, or being filled): a FLUSH hands their bits to the store, or the hydrator
+        // would count them missing for ever.
+        if (claimed.count() < count) await flushDevice();
       } finally {
         // A failed fill lets the claimed blocks go, still missing (FILLED with none set).
         if (!filled && !removed) {
