@@ -1,3 +1,4 @@
+import { spawnSync } from 'node:child_process';
 // Small readers of /proc and /sys shared by the backing-disk checks and the frontends.
 import { closeSync, constants as fsc, openSync, promises as fsp } from 'node:fs';
 import { basename, join } from 'node:path';
@@ -201,4 +202,15 @@ export function markStart(phase: string): void {
 /** The phases markStart recorded so far, in the order reached. */
 export function startTimes(): Readonly<Record<string, number>> {
   return startPhases;
+}
+
+/**
+ * Runs `modprobe NAME` as a sysadmin would (sbin directories on PATH, at most 60 s). Returns
+ * whether it exited 0 and its last line of stderr (or why it did not run) for the caller's message.
+ */
+export function modprobe(name: string): { ok: boolean; said: string; ran: boolean; status: number | null } {
+  const path = `${process.env.PATH ?? '/usr/bin:/bin'}:/usr/local/sbin:/usr/sbin:/sbin`;
+  const r = spawnSync('modprobe', [name], { encoding: 'utf8', env: { ...process.env, PATH: path }, timeout: 60_000 });
+  const said = `${r.stderr ?? ''}`.trim().split('\n').pop() ?? '';
+  return { ok: r.status === 0, said: said || (r.error ? r.error.message : ''), ran: !r.error, status: r.status };
 }

@@ -9,7 +9,6 @@
 // barrier: the cache file's fdatasync makes every acknowledged write durable (invariant 3).
 // Added with UBLK_F_USER_RECOVERY when the kernel has it: after kill -9 the device and its queued
 // I/O wait, and the same command takes it back (START/END_USER_RECOVERY).
-import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { readFile, rm, writeFile } from 'node:fs/promises';
 import { constants as osConstants, release } from 'node:os';
@@ -20,7 +19,7 @@ import { DeviceBusyError, InternalError, InvalidArgumentError, ModuleMissingErro
 import type { SectorSize } from '../source/source.js';
 import * as native from '../native/ublk.js';
 import type { Frontend } from './frontend.js';
-import { pausePoint } from '../sys.js';
+import { modprobe, pausePoint } from '../sys.js';
 import { assertReleasable } from './partitions.js';
 import { UpcallHandler, type UpcallType } from './upcalls.js';
 import { kernelEpochs } from './uloop.js';
@@ -42,12 +41,10 @@ export function ublkIndex(device: string): number {
  */
 export function assertUblkDriver(device: string): void {
   if (existsSync(native.UBLK_CONTROL)) return;
-  const path = `${process.env.PATH ?? '/usr/bin:/bin'}:/usr/local/sbin:/usr/sbin:/sbin`;
-  const r = spawnSync('modprobe', ['ublk_drv'], { encoding: 'utf8', env: { ...process.env, PATH: path }, timeout: 60_000 });
-  if (r.status === 0 && existsSync(native.UBLK_CONTROL)) return;
-  const said = `${r.stderr ?? ''}`.trim().split('\n').pop() ?? '';
+  const r = modprobe('ublk_drv');
+  if (r.ok && existsSync(native.UBLK_CONTROL)) return;
   throw new ModuleMissingError(
-    `${device} needs the kernel's ublk driver, which kernel ${release()} does not have (modprobe ublk_drv: ${said || (r.error ? r.error.message : `exit ${String(r.status)}`)}); it is in Linux 6.0 and later (CONFIG_BLK_DEV_UBLK, Debian 13's kernel has it); use /dev/loopN or /dev/nbdN here`,
+    `${device} needs the kernel's ublk driver, which kernel ${release()} does not have (modprobe ublk_drv: ${r.said || `exit ${String(r.status)}`}); it is in Linux 6.0 and later (CONFIG_BLK_DEV_UBLK, Debian 13's kernel has it); use /dev/loopN or /dev/nbdN here`,
   );
 }
 
@@ -70,16 +67,8 @@ export interface UblkOptions {
 }
 
 /** The ublk server's side of a /dev/ublkbN as status shows it. */
-export interface UblkStatus {
+export interface UblkStatus extends Omit<native.UblkCounts, 'running' | 'threadError' | 'cacheError'> {
   attach: 'added' | 'recovered';
-  presentBlocks: number;
-  dirtyBlocks: number;
-  readHits: number;
-  readMisses: number;
-  writeHits: number;
-  writeUpcalls: number;
-  flushes: number;
-  ioErrors: number;
   failedUpcalls: number;
   preserves: number;
 }

@@ -3,7 +3,6 @@
 // died and left it (kill -9, a crash: the kernel keeps the device and re-issues what was not
 // answered), reads the kernel's upcalls and runs them through UpcallHandler (src/bdev/upcalls.ts:
 // misses, intents, barriers, preserves), replies, and watches the device's sticky error.
-import { spawnSync } from 'node:child_process';
 import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
 import { constants as osConstants, release } from 'node:os';
 import type { Logger } from 'pino';
@@ -16,7 +15,7 @@ import { alignedBuffer } from '../native/io.js';
 import * as native from '../native/uloop.js';
 import type { Frontend } from './frontend.js';
 import { run } from './programs.js';
-import { markStart } from '../sys.js';
+import { markStart, modprobe } from '../sys.js';
 import { UpcallHandler, type Upcall, type UpcallType } from './upcalls.js';
 import { freeUloop, moduleMissing, moduleRejected, uloopError } from './uloop-errors.js';
 
@@ -29,13 +28,12 @@ import { freeUloop, moduleMissing, moduleRejected, uloopError } from './uloop-er
  */
 export function assertUloopModule(device: string): void {
   if (existsSync(native.ULOOP_CONTROL)) return;
-  const path = `${process.env.PATH ?? '/usr/bin:/bin'}:/usr/local/sbin:/usr/sbin:/sbin`;
-  const r = spawnSync('modprobe', ['uloop'], { encoding: 'utf8', env: { ...process.env, PATH: path }, timeout: 60_000 });
-  if (r.status === 0 && existsSync(native.ULOOP_CONTROL)) return;
-  const said = `${r.stderr ?? ''}`.trim().split('\n').pop() ?? '';
+  const r = modprobe('uloop');
+  if (r.ok && existsSync(native.ULOOP_CONTROL)) return;
+  const said = r.ran ? r.said : '';
   const rejected = moduleRejected(device, said, lockedDown());
   if (rejected) throw rejected;
-  if (r.error || /not found/i.test(said) || r.status === 0) throw moduleMissing(device, `not installed for kernel ${release()}`);
+  if (!r.ran || /not found/i.test(said) || r.ok) throw moduleMissing(device, `not installed for kernel ${release()}`);
   throw moduleMissing(device, `modprobe uloop: ${said || `exit ${String(r.status)}`}`);
 }
 
