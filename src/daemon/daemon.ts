@@ -794,6 +794,7 @@ function observeReads(source: Source, onRead: () => void): Source {
   if (isWritable(source)) {
     Object.assign(wrapped, { writeAt: source.writeAt.bind(source), sync: source.sync.bind(source) });
     if (source.zeroAt) Object.assign(wrapped, { zeroAt: source.zeroAt.bind(source) });
+    if (source.writeMany) Object.assign(wrapped, { writeMany: source.writeMany.bind(source) });
   }
   return wrapped;
 }

@@ -88,6 +88,15 @@ export class DiskHealth {
         writeAt: (buf: Uint8Array, position: number) => track(source.writeAt(buf, position)),
         sync: () => track(source.sync()),
       });
+      // The flusher's fast paths (scattered blocks in one request, zeroing offload) must survive
+      // the wrapping: without them every piece is its own threadpool trip and zeros are written.
+      const { writeMany, zeroAt } = source;
+      if (writeMany) {
+        Object.assign(wrapped, {
+          writeMany: (buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>) => track(writeMany.call(source, buf, pieces)),
+        });
+      }
+      if (zeroAt) Object.assign(wrapped, { zeroAt: (position: number, length: number) => track(zeroAt.call(source, position, length)) });
     }
     return wrapped;
   }

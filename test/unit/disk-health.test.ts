@@ -44,6 +44,34 @@ describe('DiskHealth', () => {
     expect(health.status()).toMatchObject({ state: 'ok', lastError: 'EIO: i/o error, fdatasync', errors: 2 });
   });
 
+  it("keeps the flusher's fast paths (writeMany, zeroAt) of the disk it watches, and counts their errors", async () => {
+    const health = new DiskHealth();
+    const src = flakySource();
+    const calls: string[] = [];
+    const disk = Object.assign(src, {
+      writeMany: async (_buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>) => {
+        calls.push(`many ${pieces.length}`);
+        await src.writeAt();
+      },
+      zeroAt: async (position: number, length: number) => {
+        calls.push(`zero ${position}+${length}`);
+        await src.writeAt();
+      },
+    });
+    const watched = health.watch(disk) as WritableSource;
+    expect(typeof watched.writeMany).toBe('function');
+    expect(typeof watched.zeroAt).toBe('function');
+    await watched.writeMany!(Buffer.alloc(8192), [
+      [0, 4096, 0],
+      [4096, 4096, 8192],
+    ]);
+    await watched.zeroAt!(4096, 4096);
+    expect(calls).toEqual(['many 2', 'zero 4096+4096']);
+    src.fail.push(errno('EIO', 'EIO: i/o error, pwrite'));
+    await expect(watched.writeMany!(Buffer.alloc(4096), [[0, 4096, 0]])).rejects.toThrow(/EIO/);
+    expect(health.status()).toMatchObject({ state: 'failing', errors: 1 });
+  });
+
   it.each(['ENODEV', 'ENXIO', 'ENOMEDIUM', 'ENOTCONN', 'ESHUTDOWN', 'ESTALE'])('calls %s gone', async (code) => {
     const health = new DiskHealth();
     const src = flakySource();
