@@ -754,8 +754,7 @@ export class CacheEngine {
         const whole = this.#fillBuffers.take();
         try {
           const buf = whole.subarray(0, this.geometry.extentBytes(start, blocks.length));
-          await this.source.readAt(buf, offset);
-          await this.#writeCache(buf, offset);
+          await this.#fillCache(buf, offset);
         } finally {
           this.#fillBuffers.give(whole);
         }
@@ -1180,6 +1179,28 @@ export class CacheEngine {
     for (let attempt = 0; ; attempt++) {
       try {
         await this.store.writeData(buf, offset);
+        return;
+      } catch (err) {
+        if (!isNoSpace(err) || attempt >= 3) throw err;
+      }
+      await this.#relieveFlash(Math.ceil(buf.byteLength / this.geometry.blockSize));
+    }
+  }
+
+  /**
+   * Copies the source's bytes at `offset` into the cache file there: one request to the I/O
+   * threads where the source can (store.fillFrom), read and write otherwise. Makes room on
+   * ENOSPC and tries again (the read is repeated: the buffer may hold a partial copy).
+   */
+  async #fillCache(buf: Buffer, offset: number): Promise<void> {
+    if (!this.source.copyInto) {
+      await this.source.readAt(buf, offset);
+      await this.#writeCache(buf, offset);
+      return;
+    }
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.store.fillFrom(this.source, buf, offset);
         return;
       } catch (err) {
         if (!isNoSpace(err) || attempt >= 3) throw err;

@@ -29,6 +29,7 @@ import { FILE_ALIGN, Geometry, MAX_BLOCK_SIZE, type Extent } from './layout.js';
 import { DEFAULT_EVICTION_UNIT, Metadata, type CacheInfo, type CacheMode, type HistoryLog } from './metadata.js';
 import { posixStorage } from '../storage/posix-storage.js';
 import type { BlockFile, Storage } from '../storage/storage.js';
+import type { Source } from '../source/source.js';
 
 export interface CachePaths {
   cache: string;
@@ -354,6 +355,19 @@ export class CacheStore {
   async writeData(buf: Uint8Array, position: number): Promise<void> {
     this.#assertUsable();
     await this.#cache.write(buf, position);
+  }
+
+  /**
+   * A fill: `source`'s bytes [position, position + buf.length) into the cache file at the same
+   * offset, through `buf`, in one request where the source can (Source.copyInto), else readAt and
+   * writeData. Not durable until syncData(). Rejects with the source's error, or the cache
+   * write's (`syscall: 'pwrite'`, ENOSPC included).
+   */
+  async fillFrom(source: Source, buf: Uint8Array, position: number): Promise<void> {
+    this.#assertUsable();
+    if (source.copyInto) return source.copyInto(this.#cache, buf, position, position);
+    await source.readAt(buf, position);
+    await this.writeData(buf, position);
   }
 
   /** Makes every cache write that completed before the call durable (one fdatasync, shared). */

@@ -787,6 +787,12 @@ function observeReads(source: Source, onRead: () => void): Source {
       onRead();
       return source.readAt(buf, position);
     },
+    copyInto: source.copyInto
+      ? (into, buf, position, intoPosition) => {
+          onRead();
+          return source.copyInto!(into, buf, position, intoPosition);
+        }
+      : undefined,
     close: () => source.close(),
     stats: source.stats ? () => source.stats!() : undefined,
     present: source.present ? () => source.present!() : undefined,

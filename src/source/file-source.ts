@@ -54,6 +54,18 @@ export class FileSource implements WritableSource {
     buf.set(bounce);
   }
 
+  async copyInto(into: BlockFile, buf: Uint8Array, position: number, intoPosition: number): Promise<void> {
+    // Unaligned memory on an O_DIRECT disk needs the bounce copy of readAt.
+    if (!into.copyFrom || (this.#direct && !isAligned(buf, POOL_ALIGNMENT))) {
+      await this.readAt(buf, position);
+      await into.write(buf, intoPosition);
+      return;
+    }
+    if (this.#direct) this.#checkAligned(buf.byteLength, position);
+    const n = await into.copyFrom(this.#file, buf, position, intoPosition);
+    if (n !== buf.byteLength) throw this.#short(position, n, buf.byteLength);
+  }
+
   async writeAt(buf: Uint8Array, position: number): Promise<void> {
     if (!this.#direct) return this.#file.write(buf, position);
     this.#checkAligned(buf.byteLength, position);
@@ -104,8 +116,10 @@ export class FileSource implements WritableSource {
 
   async #readFully(buf: Uint8Array, position: number): Promise<void> {
     const n = await this.#file.read(buf, position);
-    if (n !== buf.byteLength) {
-      throw new IOFailedError(`short read from ${this.description} at ${position}: ${n} of ${buf.byteLength} bytes (did the disk shrink?)`, { path: this.description, syscall: 'pread' });
-    }
+    if (n !== buf.byteLength) throw this.#short(position, n, buf.byteLength);
+  }
+
+  #short(position: number, n: number, length: number): IOFailedError {
+    return new IOFailedError(`short read from ${this.description} at ${position}: ${n} of ${length} bytes (did the disk shrink?)`, { path: this.description, syscall: 'pread' });
   }
 }

@@ -80,6 +80,18 @@ export class DiskHealth {
       sectorSize: source.sectorSize,
       readAt: (buf, position) => track(source.readAt(buf, position)),
       close: () => source.close(),
+      // A fill's read and cache write in one request: only the read side is the disk's.
+      copyInto: source.copyInto
+        ? async (into, buf, position, intoPosition) => {
+            try {
+              await source.copyInto!(into, buf, position, intoPosition);
+              this.succeeded();
+            } catch (err) {
+              if ((err as { syscall?: string }).syscall !== 'pwrite') this.failed(err);
+              throw err;
+            }
+          }
+        : undefined,
       stats: source.stats ? () => source.stats!() : undefined,
       present: source.present ? () => source.present!() : undefined,
     };

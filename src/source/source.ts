@@ -6,6 +6,8 @@
  * without a read-modify-write (4096 on 512e and 4Kn disks). Frontends present both, so a
  * filesystem made through the cache also mounts on the bare disk.
  */
+import type { BlockFile } from '../storage/storage.js';
+
 export interface SectorSize {
   logical: number;
   physical: number;
@@ -22,6 +24,13 @@ export interface Source {
   readonly sectorSize?: SectorSize;
   /** Reads exactly buf.length bytes at `position` (inside [0, size)). */
   readAt(buf: Uint8Array, position: number): Promise<void>;
+  /**
+   * Optional: readAt(buf, position) and then `into`.write(buf, intoPosition), in one request where
+   * the source and `into` can (a cache fill of a local disk: BlockFile.copyFrom). Rejects like
+   * readAt for the source's failures; a failure of the write carries `syscall: 'pwrite'` (it is
+   * the cache's, not the disk's). Callers fall back to readAt and write where it is missing.
+   */
+  copyInto?(into: BlockFile, buf: Uint8Array, position: number, intoPosition: number): Promise<void>;
   close(): Promise<void>;
   /** Counters worth showing in `status` (bytes fetched, requests, errors); plain JSON values. */
   stats?(): Record<string, number | string | boolean>;

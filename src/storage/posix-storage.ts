@@ -3,7 +3,7 @@
 import { constants as fsc, promises as fsp } from 'node:fs';
 import { blkGetSize64, blkZeroOut } from '../native/blkdev.js';
 import { errnoError } from '../native/addon.js';
-import { alignedBuffer, fallocate, fdatasync, pread, preadNowait, punchHole, pwrite, pwriteList, seekData } from '../native/io.js';
+import { alignedBuffer, copyRange, fallocate, fdatasync, pread, preadNowait, punchHole, pwrite, pwriteList, seekData } from '../native/io.js';
 import type { BlockFile, OpenOptions, Storage } from './storage.js';
 
 /** Written zeros go out in pieces this large when the file cannot zero a range itself. */
@@ -93,6 +93,13 @@ class PosixFile implements BlockFile {
     const errnos = await pwriteList(this.#fd, buffers, positions);
     const failed = errnos.findIndex((e) => e !== 0);
     if (failed >= 0) throw errnoError(errnos[failed]!, 'pwrite');
+  }
+
+  async copyFrom(src: BlockFile, buf: Uint8Array, srcPosition: number, position: number): Promise<number> {
+    if (src instanceof PosixFile) return copyRange(src.#fd, srcPosition, this.#fd, position, buf, 0, buf.byteLength);
+    const n = await src.read(buf, srcPosition);
+    await this.write(buf.subarray(0, n), position);
+    return n;
   }
 
   sync(): Promise<void> {

@@ -14,6 +14,14 @@ export interface BlockFile {
    * until sync(). Callers fall back to write() per buffer where it is missing.
    */
   writeMany?(buffers: Uint8Array[], positions: Float64Array): Promise<void>;
+  /**
+   * Optional: reads buf.length bytes of `src` at `srcPosition` into `buf` and writes the bytes read
+   * here at `position`, as src.read() then write() would, but in one request to the I/O threads
+   * where both are files of this storage (a cache fill). Resolves with the bytes read (fewer only
+   * at src's end of file). A failure's `syscall` says the side: 'pread' src, 'pwrite' this file.
+   * Not durable until sync().
+   */
+  copyFrom?(src: BlockFile, buf: Uint8Array, srcPosition: number, position: number): Promise<number>;
   /** fdatasync: everything written before the call is durable when it resolves. */
   sync(): Promise<void>;
   /** Reserves space for [0, length) so later writes never meet ENOSPC; extends the size. */

@@ -20,6 +20,7 @@ import type { FileSource } from '../../src/source/file-source.js';
 import type { WritableSource } from '../../src/source/source.js';
 import { flushDirty } from '../../src/writeback/flusher.js';
 import { Hydrator } from '../../src/writeback/hydrate.js';
+import { DiskHealth } from '../../src/source/health.js';
 
 const KiB = 1024;
 
@@ -1228,6 +1229,96 @@ describe('the hydrator', () => {
     r.source.reset();
     expect((await r.engine.read(0, 256 * BS)).equals(r.initial)).toBe(true);
     expect(r.source.readBytes).toBe(0);
+  });
+});
+
+describe('fills in one request (Source.copyInto)', () => {
+  it('hydrate a file-backed disk through copyInto; a failed cache write leaves its blocks missing, is retried, and is not the disk failing', async () => {
+    const BS = 4 * KiB;
+    const failAt = 40 * BS;
+    let failures = 1;
+    const copies: number[] = [];
+    // The cache file's copyFrom fails once at failAt after writing garbage there, as a write that
+    // reached part of the file before its error would.
+    const storage: Storage = {
+      ...posixStorage,
+      async open(path, options) {
+        const file = await posixStorage.open(path, options);
+        if (!path.endsWith('cache')) return file;
+        const copyFrom = file.copyFrom!.bind(file);
+        return Object.assign(file, {
+          copyFrom: async (src: BlockFile, buf: Uint8Array, srcPosition: number, position: number) => {
+            copies.push(position / BS);
+            if (position === failAt && failures-- > 0) {
+              await file.write(Buffer.alloc(buf.byteLength, 0x5a), position);
+              throw Object.assign(new Error('EIO: i/o error, pwrite'), { code: 'EIO', errno: 5, syscall: 'pwrite' });
+            }
+            return copyFrom(src, buf, srcPosition, position);
+          },
+        });
+      },
+    };
+    const r = await rig({ size: 256 * BS, blockSize: BS, storage });
+    await r.engine.close();
+    const health = new DiskHealth();
+    const disk = health.watch(r.file);
+    r.store = await CacheStore.open({ paths: r.paths, backing: disk, mode: 'writeback', blockSize: BS, storage });
+    const engine = new CacheEngine(r.store, disk, { autoCommitMs: 0 });
+    cleanups.push(() => engine.close());
+    const errors: string[] = [];
+    const presentAtError: boolean[] = [];
+    const h = new Hydrator(engine, {
+      quietMs: 0,
+      chunkBytes: 8 * BS,
+      retryMs: 1,
+      onError: (e) => {
+        errors.push(e.message);
+        // Invariant 1: the chunk whose cache write failed is not present, even after a commit.
+        void engine.flush().then(() => presentAtError.push(r.store.present.get(40), r.store.present.get(47)));
+      },
+    });
+    await h.start();
+    expect(errors).toEqual(['EIO: i/o error, pwrite']);
+    expect(presentAtError).toEqual([false, false]);
+    expect(health.status()).toMatchObject({ state: 'ok', errors: 0 });
+    // One request per chunk, the failed one twice.
+    expect(copies.filter((b) => b === 40)).toHaveLength(2);
+    expect(copies).toHaveLength(256 / 8 + 1);
+    expect(h.progress()).toMatchObject({ done: true, percent: 100 });
+    expect(readFileSync(r.paths.cache).subarray(0, 256 * BS).equals(r.initial)).toBe(true);
+    expect((await engine.read(0, 256 * BS)).equals(r.initial)).toBe(true);
+  });
+
+  it('a read failure of the disk during a copy fails the fill and counts against the disk', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 64 * BS, blockSize: BS });
+    await r.engine.close();
+    const health = new DiskHealth();
+    const inner = r.file;
+    // The disk's reads fail from block 32 on, for copies as for plain reads.
+    const disk = health.watch({
+      ...({ size: inner.size, id: inner.id, description: inner.description } as const),
+      readAt: async (buf: Uint8Array, position: number) => {
+        if (position >= 32 * BS) throw Object.assign(new Error('EIO: i/o error, pread'), { code: 'EIO', syscall: 'pread' });
+        return inner.readAt(buf, position);
+      },
+      copyInto: async (into: BlockFile, buf: Uint8Array, position: number, intoPosition: number) => {
+        if (position >= 32 * BS) throw Object.assign(new Error('EIO: i/o error, pread'), { code: 'EIO', syscall: 'pread' });
+        return inner.copyInto(into, buf, position, intoPosition);
+      },
+      writeAt: (buf: Uint8Array, position: number) => inner.writeAt(buf, position),
+      sync: () => inner.sync(),
+      close: async () => undefined,
+    } as WritableSource);
+    r.store = await CacheStore.open({ paths: r.paths, backing: disk, mode: 'writeback', blockSize: BS });
+    const engine = new CacheEngine(r.store, disk, { autoCommitMs: 0 });
+    cleanups.push(() => engine.close());
+    expect((await engine.read(0, 8 * BS)).equals(r.initial.subarray(0, 8 * BS))).toBe(true);
+    await expect(engine.read(32 * BS, 8 * BS)).rejects.toThrow(/EIO/);
+    await engine.flush();
+    expect(r.store.present.get(0)).toBe(true);
+    expect(r.store.present.get(32)).toBe(false);
+    expect(health.status()).toMatchObject({ state: 'failing', errors: 1 });
   });
 });
 

@@ -11,7 +11,7 @@ import { runInNewContext } from 'node:vm';
 import { NativeError } from '../../src/native/addon.js';
 import { bitClearRange, bitCount, bitFindNextClear, bitFindNextSet, bitSetRange } from '../../src/native/bitmap.js';
 import { blkFlsBuf, blkGetSize64, blkPhysicalSectorSize, blkSectorSize } from '../../src/native/blkdev.js';
-import { alignedBuffer, fallocate, fdatasync, isAligned, pread, preadNowait, pwrite, pwriteList } from '../../src/native/io.js';
+import { alignedBuffer, copyRange, fallocate, fdatasync, isAligned, pread, preadNowait, pwrite, pwriteList } from '../../src/native/io.js';
 import {
   ULOOP_ABI_VERSION,
   ULOOP_CONTROL,
@@ -190,6 +190,44 @@ describe('positioned I/O on a regular file', () => {
       expect([...errnos]).toEqual([os.constants.errno.EBADF, os.constants.errno.EBADF]);
     } finally {
       fs.closeSync(ro);
+    }
+  });
+
+  it('copyRange reads one file and writes what it read to another in one job; short at EOF, each side named on failure', async () => {
+    const src = path.join(dir, 'copy-src');
+    const dst = path.join(dir, 'copy-dst');
+    const data = randomBytes(3 * 4096 + 100);
+    fs.writeFileSync(src, data);
+    fs.writeFileSync(dst, Buffer.alloc(64 * 1024, 0xee));
+    const s = fs.openSync(src, 'r');
+    const d = fs.openSync(dst, 'r+');
+    try {
+      const buf = Buffer.alloc(8192 + 10);
+      // From src 4096 into dst 40000, through buf[10..].
+      expect(await copyRange(s, 4096, d, 40_000, buf, 10, 8192)).toBe(8192);
+      const back = fs.readFileSync(dst);
+      expect(back.subarray(40_000, 48_192).equals(data.subarray(4096, 12_288))).toBe(true);
+      expect(back[39_999]).toBe(0xee);
+      expect(back[48_192]).toBe(0xee);
+      // At the end of src: the bytes read are written, no more.
+      expect(await copyRange(s, 3 * 4096, d, 0, buf, 0, 4096)).toBe(100);
+      const tail = fs.readFileSync(dst);
+      expect(tail.subarray(0, 100).equals(data.subarray(3 * 4096))).toBe(true);
+      expect(tail[100]).toBe(0xee);
+      // A destination that cannot be written fails as pwrite, a source that cannot be read as pread.
+      const ro = fs.openSync(dst, 'r');
+      const wo = fs.openSync(src, 'a');
+      try {
+        await expect(copyRange(s, 0, ro, 0, buf, 0, 4096)).rejects.toMatchObject({ code: 'EBADF', syscall: 'pwrite' });
+        await expect(copyRange(wo, 0, d, 0, buf, 0, 4096)).rejects.toMatchObject({ code: 'EBADF', syscall: 'pread' });
+      } finally {
+        fs.closeSync(ro);
+        fs.closeSync(wo);
+      }
+      expect(() => copyRange(s, 0, d, 0, buf, 1, buf.length)).toThrow(RangeError);
+    } finally {
+      fs.closeSync(s);
+      fs.closeSync(d);
     }
   });
 
