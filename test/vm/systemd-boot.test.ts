@@ -174,6 +174,17 @@ describe('Debian 13 under systemd, set up as docs/laptop.md says', () => {
     expect(status(2, 'STATUS3')).toMatchObject({ name: 'data' });
   });
 
+  it('at shutdown systemd unmounts the daemon\'s FUSE mount only after the unit stopped (the stop needs it until it has let go)', () => {
+    const lines = journal(2, 1, 'fuse-order');
+    const stopped = lines.findLastIndex((l) => /^Stopped ulobdev@data\.service/.test(l));
+    expect(stopped, lines.join('\n')).toBeGreaterThanOrEqual(0);
+    // Before the fix systemd stopped the mount at the same time as the unit: "Unmounting
+    // run-ulobdev-data-fuse.mount", then "Failed unmounting" (busy) or, when it came just after the
+    // loop device let go, an unmount under the daemon that made its stop fail (stop 18's CI).
+    const unmounts = lines.map((l, i) => [l, i] as const).filter(([l]) => /^(Unmounting|Failed unmounting) run-ulobdev-data-fuse\.mount/.test(l));
+    expect(unmounts.filter(([, i]) => i < stopped).map(([l]) => l), lines.join('\n')).toEqual([]);
+  });
+
   it('the journal carries one readable line per event', () => {
     const lines = journal(2, 1);
     // systemd's own lines and the daemon's: one line each, the daemon's with a message.
