@@ -135,4 +135,20 @@ describe('SIGTERM while the device is mounted', () => {
     mustSh('umount', [mnt]);
     mounts.length = 0;
   });
+
+  it('the FUSE mount behind the loop device unmounted by someone else first (systemd at shutdown): still flushes, detaches and exits 0', async () => {
+    const { mnt, disk, data } = await setUp('20s');
+    mustSh('umount', [mnt]);
+    mounts.length = 0;
+    // Lazily, as an unmount that comes while the loop device still holds the file: the mount is
+    // gone from the namespace at once, the file lives until the loop device lets go. The daemon's
+    // own unmount then finds nothing to unmount (fusermount3: Invalid argument), as it did at
+    // stop 18's CI when systemd unmounted it just after the loop device let go.
+    mustSh('umount', ['-l', join(s.runDir, 'st', 'fuse')]);
+    daemon!.child.kill('SIGTERM');
+    expect(await daemon!.exited, daemon!.stderr()).toBe(0);
+    const msgs = logLines().map((l) => l.msg);
+    expect(msgs.find((m) => m.startsWith('detached:')), msgs.join('\n')).toMatch(/^detached: wrote \d+(\.\d+)? (B|KiB|MiB) back; nothing stays dirty$/);
+    expect(onDisk(disk, 'data.bin').equals(data)).toBe(true);
+  });
 });

@@ -190,9 +190,6 @@ case $n in
   journalctl -b -1 -u ulobdev@data.service -u run-ulobdev-data-fuse.mount -o cat --no-pager |
     grep -E '^(Stopping|Stopped|Unmounting|Unmounted|Failed unmounting) ' || true
   echo "JOURNAL-END 1 fuse-order"
-  # DIAG (temporary): boot 1's shutdown and this boot's start, every unit.
-  journalctl -b -1 -o short-monotonic --no-pager 2>&1 | tail -250 >"$S/diag-journal-1-tail.log" || true
-  journalctl -b -o short-monotonic --no-pager >"$S/diag-journal-2.log" 2>&1 || true
   echo "STATUS3 $(status)"
   t checked
 
