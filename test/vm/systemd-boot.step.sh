@@ -74,7 +74,8 @@ wait_restarted() {
 case $n in
 1)
   # The user's disks already hold a filesystem and files.
-  udevadm wait --timeout=60 "$DISK" "$DISK2"
+  # (A poll: at load 17 on the shared 2 cores udev's coldplug took more than 60 s.)
+  udevadm wait --timeout=300 "$DISK" "$DISK2"
   mkfs.ext4 -q -L data "$DISK"
   mkfs.ext4 -q -L data2 "$DISK2"
   mkdir -p /mnt/old
