@@ -46,7 +46,8 @@ async function start(args: string[]): Promise<string> {
   child.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d));
   const exited = new Promise<number | null>((r) => child.on('exit', (code) => r(code)));
   daemon = { child, stderr: () => err, exited };
-  const deadline = Date.now() + 30_000;
+  // A poll: a start takes seconds, and over a minute at load 15 on the shared 2 cores.
+  const deadline = Date.now() + 120_000;
   while (!/^\/dev\/loop\d+$/m.test(out)) {
     if (Date.now() > deadline || child.exitCode !== null) throw new Error(`the daemon did not start: ${err}`);
     await new Promise((r) => setTimeout(r, 50));
