@@ -169,7 +169,15 @@ export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> 
           detaching = false;
           throw err;
         }
-        await run('fusermount3', ['-u', mountDir]);
+        // The device has let go: from here on nothing can be refused, what is left is tidying up,
+        // and a failure of it must not stop the detach (the flush and the clean close come after).
+        // At shutdown systemd unmounts every mount it sees; ulobdev@.service orders this one after
+        // the daemon, but one unmounted first by someone else is just as good.
+        await run('fusermount3', ['-u', mountDir]).catch(async (err: unknown) => {
+          if (!(await isMountpoint(mountDir))) return;
+          logger.warn(`${(err as Error).message}; unmounting ${mountDir} lazily`);
+          await run('fusermount3', ['-u', '-z', mountDir]).catch(() => undefined);
+        });
       }
       const killer = setTimeout(() => fuse.child.kill('SIGKILL'), force ? 2000 : 5000);
       await fuse.exited;

@@ -38,6 +38,8 @@ echo "PID1 $(cat /proc/1/comm)"
 # Seconds from the kernel's start to this step (boot is not "finished" while this unit runs).
 echo "UPTIME $(cut -d' ' -f1 /proc/uptime)"
 
+# Where a boot's time goes: "T LABEL SECONDS-SINCE-KERNEL-START" (read by nobody but people).
+t() { echo "T $1 $(cut -d' ' -f1 /proc/uptime)"; }
 # Status as one line of JSON (of data, or of the name given).
 status() { ulobdev status --json "${1:-data}" | tr -d '\n'; echo; }
 # The previous boot's journal of a unit (default ulobdev@data), between markers.
@@ -72,7 +74,8 @@ wait_restarted() {
 case $n in
 1)
   # The user's disks already hold a filesystem and files.
-  udevadm wait --timeout=60 "$DISK" "$DISK2"
+  # (A poll: at load 17 on the shared 2 cores udev's coldplug took more than 60 s.)
+  udevadm wait --timeout=300 "$DISK" "$DISK2"
   mkfs.ext4 -q -L data "$DISK"
   mkfs.ext4 -q -L data2 "$DISK2"
   mkdir -p /mnt/old
@@ -83,6 +86,7 @@ case $n in
     umount /mnt/old
   done
 
+  t mkfs-done
   # --- docs/laptop.md, 1. Install ---
   dpkg -i "$S/ulobdev.deb"
   echo "INSTALLED $(dpkg-query -W -f='${Version}' ulobdev)"
@@ -91,6 +95,7 @@ case $n in
   install -D -m 644 "$S/uloop.ko" "/lib/modules/$(uname -r)/updates/dkms/uloop.ko"
   depmod -a
   echo "MODULE $(modinfo -n uloop)"
+  t installed
   # --- docs/laptop.md, 4. As a service, once per disk ---
   mkdir -p /etc/ulobdev
   install -m 600 /usr/share/doc/ulobdev/example.conf /etc/ulobdev/data.conf
@@ -111,6 +116,7 @@ case $n in
     journalctl -b -u ulobdev@data -u ulobdev@data2 -u systemd-udevd -o cat --no-pager | tail -30
     exit 1
   }
+  t enabled
   mount /mnt/data
   mount /mnt/data2
   # ---
@@ -124,6 +130,7 @@ case $n in
 
   # kill -9: systemd restarts the daemon. While the dead device is still mounted each restart
   # refuses, naming it (docs/laptop.md, 4. and 7.); once it is unmounted the next one attaches.
+  t kill
   kill -9 "$(systemctl show -p MainPID --value ulobdev@data)"
   refused() { journalctl -b -u ulobdev@data -o cat --no-pager | grep -c 'left over from an unclean shutdown' || true; }
   i=0
@@ -142,6 +149,7 @@ case $n in
   systemctl reset-failed mnt-data.mount 2>/dev/null || true
   systemctl start mnt-data.mount
   (cd /mnt/data && sha256sum -c "$S/a.sha") && echo "A-READ-AFTER-KILL ok"
+  t restarted
 
   # Written just before the reboot: dirty at the stop. data's schedule implies a flush at stop;
   # data2 (manual only) keeps it dirty.
@@ -152,6 +160,7 @@ case $n in
   sync
   echo "STATUS2 $(status)"
   echo "STATUS2-U $(status data2)"
+  t end
   end reboot
   ;;
 2)
@@ -176,7 +185,14 @@ case $n in
   echo "DISK-SECTORS-READ $((r1 - r0))"
   journal_before 1
   journal_before 1 data2
+  # systemd's own lines about the unit and the daemon's FUSE mount (the loop device's backing
+  # file), in the order they happened: at shutdown the mount must go after the unit has stopped.
+  echo "JOURNAL-BEGIN 1 fuse-order"
+  journalctl -b -1 -u ulobdev@data.service -u run-ulobdev-data-fuse.mount -o cat --no-pager |
+    grep -E '^(Stopping|Stopped|Unmounting|Unmounted|Failed unmounting) ' || true
+  echo "JOURNAL-END 1 fuse-order"
   echo "STATUS3 $(status)"
+  t checked
 
   # kill -9 of data2's daemon: systemd starts it again, it takes /dev/uloop0 back from the kernel.
   before=$(cat /sys/block/uloop0/dev)
@@ -195,6 +211,7 @@ case $n in
   (cd /tmp && sha256sum c2.bin) >"$S/c2.sha"
   dd if=/tmp/c2.bin of=/mnt/data2/c2.bin bs=1M conv=fsync status=none
   ended=1
+  t end
   echo "RESET"
   save_dmesg
   sync
@@ -218,12 +235,14 @@ case $n in
   # data2 gets a schedule: the restart's stop (manual flushes only) must leave its data dirty, and
   # the stop after it (a schedule implies flush at stop) must write it all back.
   sed -i -e "s|^FLUSH=.*|FLUSH=0 3 * * *|" /etc/ulobdev/data2.conf
+  t checked
   echo "MARK restart"
   systemctl restart ulobdev@data2
   systemctl start mnt-data2.mount
   echo "MARK stop"
   systemctl stop mnt-data2.mount ulobdev@data2
   journal_now data2 STOP3
+  t end
   end poweroff
   ;;
 *)
