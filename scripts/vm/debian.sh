@@ -103,7 +103,9 @@ deb_unpack() {
 
 # Makes a Debian 13 root in DIR with `debootstrap --variant=minbase trixie`, including the
 # comma-separated packages $2; cached: a finished root (DIR/.ulob-root naming what it includes) is
-# reused. The debootstrap download cache lives in $VM/apt/debootstrap so a re-made root is offline.
+# reused. The debootstrap download cache lives in $DEB_BOOTSTRAP_CACHE (default $VM/apt/debootstrap)
+# so a re-made root is offline; debootstrap's log in $VM/debootstrap-NAME.log (NAME: DIR's name).
+# Two callers that do not share one lock must not share one cache directory either.
 trixie_root() {
   local dir=$1 include=${2:-}
   if [ -f "$dir/.ulob-root" ] && [ "$(cat "$dir/.ulob-root")" = "$include" ]; then return 0; fi
@@ -114,11 +116,13 @@ trixie_root() {
     return 1
   fi
   rm -rf --one-file-system "$dir" "$dir.tmp"
-  mkdir -p "$DEB_APT/debootstrap"
+  local cache=${DEB_BOOTSTRAP_CACHE:-$DEB_APT/debootstrap} log
+  log="$VM/debootstrap-$(basename "$dir").log"
+  mkdir -p "$cache"
   echo "debian.sh: debootstrap trixie into $dir (+ $include)" >&2
   debootstrap --variant=minbase ${include:+--include="$include"} \
-    --cache-dir="$DEB_APT/debootstrap" trixie "$dir.tmp" "$DEB_MIRROR" >"$VM/debootstrap.log" 2>&1 ||
-    { echo "debian.sh: debootstrap trixie failed; see $VM/debootstrap.log" >&2; return 1; }
+    --cache-dir="$cache" trixie "$dir.tmp" "$DEB_MIRROR" >"$log" 2>&1 ||
+    { echo "debian.sh: debootstrap trixie failed; see $log" >&2; return 1; }
   echo "$include" >"$dir.tmp/.ulob-root"
   mv "$dir.tmp" "$dir"
 }
