@@ -32,7 +32,7 @@ mkdir -p "$DEB_BOOTSTRAP_CACHE"
         command -v dpkg-repack >/dev/null || { echo "package-test: dpkg-repack is missing (apt-get install dpkg-repack)" >&2; exit 1; }
         rm -rf --one-file-system "$R" "$R.tmp"
         echo "package-test: debootstrap bookworm into $R" >&2
-        debootstrap --variant=minbase --include=fuse3,libnbd-bin,util-linux,python3,ca-certificates \
+        deb_bootstrap --variant=minbase --include=fuse3,libnbd-bin,util-linux,python3,ca-certificates \
           --cache-dir="$DEB_BOOTSTRAP_CACHE" bookworm "$R.tmp" "$DEB_MIRROR" >"$VM/debootstrap-pkg-bookworm.log" 2>&1 ||
           { echo "package-test: debootstrap bookworm failed; see $VM/debootstrap-pkg-bookworm.log" >&2; exit 1; }
         host_node=$(dpkg-query -W -f='${Version}' nodejs)
