@@ -26,6 +26,9 @@ mkdir -p "$logs/vm"
 [ -t 1 ] && export FORCE_COLOR=1
 
 start=$(date +%s)
+# vitest itself, not through npx: npm's own start costs seconds per VM file under load.
+vitest=(node_modules/.bin/vitest)
+[ -x "${vitest[0]}" ] || vitest=(npx vitest)
 prefix() { sed -u "s/^/$(printf '%-4s |' "$1") /"; }
 
 # One vitest run of a whole project (the host lane; with arguments, the vm lane too).
@@ -39,7 +42,7 @@ lane() {
   # hung-task and soft-lockup watchdogs), so their single TCG thread goes first when the lanes
   # want more than the machine has; the host tests only wait longer.
   [ "$project" = host ] && nice=(nice -n 10)
-  "${nice[@]}" npx vitest run --project "$project" "${json[@]}" "${extra[@]}" "$@" 2>&1 | tee "$logs/$name.log" | prefix "$name"
+  "${nice[@]}" "${vitest[@]}" run --project "$project" "${json[@]}" "${extra[@]}" "$@" 2>&1 | tee "$logs/$name.log" | prefix "$name"
   echo "${PIPESTATUS[0]} $((SECONDS - t0))" >"$logs/$name.rc"
 }
 
@@ -77,7 +80,7 @@ vm_worker() {
     [ -n "${ULOB_TEST_LOGS:-}" ] && json=(--reporter=default --reporter=json --outputFile.json="$logs/vm/$base.json")
     echo "== $f (queue: $(cat "$logs/vm.next") of $(wc -l <"$logs/vm.queue"))" | tee -a "$logs/$name.log" | prefix "$name"
     # A path under test/vm/ names one file only: every file name ends in .test.ts.
-    npx vitest run --project vm "${json[@]}" "$f" 2>&1 | tee "$logs/vm/$base.log" | tee -a "$logs/$name.log" | prefix "$name"
+    "${vitest[@]}" run --project vm "${json[@]}" "$f" 2>&1 | tee "$logs/vm/$base.log" | tee -a "$logs/$name.log" | prefix "$name"
     rc=${PIPESTATUS[0]}
     echo "$rc $((SECONDS - t0)) $f $name" >>"$logs/vm.results"
   done
