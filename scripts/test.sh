@@ -79,8 +79,10 @@ vm_worker() {
     json=()
     [ -n "${ULOB_TEST_LOGS:-}" ] && json=(--reporter=default --reporter=json --outputFile.json="$logs/vm/$base.json")
     echo "== $f (queue: $(cat "$logs/vm.next") of $(wc -l <"$logs/vm.queue"))" | tee -a "$logs/$name.log" | prefix "$name"
-    # A path under test/vm/ names one file only: every file name ends in .test.ts.
-    "${vitest[@]}" run --project vm "${json[@]}" "$f" 2>&1 | tee "$logs/vm/$base.log" | tee -a "$logs/$name.log" | prefix "$name"
+    # A path under test/vm/ names one file only: every file name ends in .test.ts. --no-cache:
+    # vitest's results cache (only its own file order) is one file that every run rewrites at its
+    # end without a rename; a run starting meanwhile may read it empty and die.
+    "${vitest[@]}" run --project vm --no-cache "${json[@]}" "$f" 2>&1 | tee "$logs/vm/$base.log" | tee -a "$logs/$name.log" | prefix "$name"
     rc=${PIPESTATUS[0]}
     echo "$rc $((SECONDS - t0)) $f $name" >>"$logs/vm.results"
   done
