@@ -1,68 +1,151 @@
 #!/usr/bin/env bash
-# `make test`'s runner: the two vitest projects of vitest.config.ts as two processes side by side,
-# so the guests of test/vm (single-threaded TCG: one core) run while the host tests (mostly waiting
-# on fsync, loop devices and child processes) use the other core. Each line of output is prefixed
-# with its lane ("vm   |", "host |"); at the end each lane's result, and the failures of a failed
-# lane once more, unmixed. Exit status: 0 when both lanes passed, else 1.
-#   scripts/test.sh [VITEST_ARGS...]   extra arguments go to both vitest runs (a file filter, -t NAME,
-#                                      --bail=1); with any, a lane that has no matching file passes
+# `make test`'s runner: both cores busy from start to end.
+# - host: the host project of vitest.config.ts (unit, model, integration) in one vitest process at
+#   nice 10, beside
+# - vm1: a worker that takes test/vm files one at a time from a queue, longest first (the measured
+#   seconds in scripts/test-times.txt; a file not listed there counts as long, so it starts early),
+#   each in its own `vitest run --project vm FILE`: one guest (single-threaded TCG, one core).
+# - When the host lane is done, its process becomes a second VM worker (vm2) on the same queue, so
+#   two guests run side by side for the rest of the run instead of one core idling.
+# Each line of output is prefixed with its lane ("host |", "vm1  |", "vm2  |"); at the end each
+# lane's result, every VM file's time, and the failures of whatever failed once more, unmixed.
+# Exit status: 0 when every file passed, else 1.
+#   scripts/test.sh [VITEST_ARGS...]   with arguments (a file filter, -t NAME, --bail=1): the two
+#                                      projects as two plain vitest runs with those arguments, no
+#                                      queue; a lane that has no matching file passes
 # ULOB_TEST_SCALE (test/support/scale.ts) scales the model and fuzz repetitions; `make test-long`
-# sets 1, the full counts. ULOB_TEST_LOGS=DIR keeps each lane's log (DIR/vm.log, DIR/host.log) and
-# vitest's JSON report with every file's and test's duration (DIR/vm.json, DIR/host.json).
+# sets 1, the full counts. ULOB_TEST_LOGS=DIR keeps the logs: DIR/host.log, DIR/vm1.log, DIR/vm2.log,
+# one DIR/vm/NAME.log per VM file, DIR/vm-times.txt (each VM file's seconds, in the format of
+# scripts/test-times.txt: copy it there after a clean-clone run to refresh the order) and vitest's
+# JSON reports with every test's duration (DIR/host.json, DIR/vm/NAME.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 logs=${ULOB_TEST_LOGS:-$(mktemp -d "${TMPDIR:-/tmp}/ulob-test.XXXXXX")}
-mkdir -p "$logs"
+mkdir -p "$logs/vm"
 [ -t 1 ] && export FORCE_COLOR=1
 
 start=$(date +%s)
-extra=()
-[ $# -gt 0 ] && extra=(--passWithNoTests)
+# vitest itself, not through npx: npm's own start costs seconds per VM file under load.
+vitest=(node_modules/.bin/vitest)
+[ -x "${vitest[0]}" ] || vitest=(npx vitest)
+prefix() { sed -u "s/^/$(printf '%-4s |' "$1") /"; }
+
+# One vitest run of a whole project (the host lane; with arguments, the vm lane too).
 lane() {
-  local name=$1 tag
-  shift
-  tag=$(printf '%-4s |' "$name")
-  {
-    local t0=$SECONDS
-    local json=()
-    [ -n "${ULOB_TEST_LOGS:-}" ] && json=(--reporter=default --reporter=json --outputFile.json="$logs/$name.json")
-    # The host lane at nice 10: the guests' checks count seconds of guest time (io_timeout_s,
-    # hung-task and soft-lockup watchdogs), so their single TCG thread goes first when the two lanes
-    # want more than the machine has; the host tests only wait longer.
-    local nice=()
-    [ "$name" = host ] && nice=(nice -n 10)
-    "${nice[@]}" npx vitest run --project "$name" "${json[@]}" "${extra[@]}" "$@" 2>&1
-    echo "$? $((SECONDS - t0))" >"$logs/$name.rc"
-  } | tee "$logs/$name.log" | sed -u "s/^/$tag /"
+  local name=$1 project=$2
+  shift 2
+  local t0=$SECONDS json=() nice=() extra=()
+  [ -n "${ULOB_TEST_LOGS:-}" ] && json=(--reporter=default --reporter=json --outputFile.json="$logs/$name.json")
+  [ $# -gt 0 ] && extra=(--passWithNoTests)
+  # The host lane at nice 10: the guests' checks count seconds of guest time (io_timeout_s,
+  # hung-task and soft-lockup watchdogs), so their single TCG thread goes first when the lanes
+  # want more than the machine has; the host tests only wait longer.
+  [ "$project" = host ] && nice=(nice -n 10)
+  "${nice[@]}" "${vitest[@]}" run --project "$project" "${json[@]}" "${extra[@]}" "$@" 2>&1 | tee "$logs/$name.log" | prefix "$name"
+  echo "${PIPESTATUS[0]} $((SECONDS - t0))" >"$logs/$name.rc"
+}
+
+# The VM queue: every test/vm file (vitest.config.ts's vm include), longest first by
+# scripts/test-times.txt ("SECONDS PATH" lines); unlisted files first of all (a new file's time is
+# unknown: starting it early cannot leave it as the last long file of the run).
+make_queue() {
+  find test/vm -name '*.test.ts' | sort | awk -v unknown=100000 '
+    NR == FNR { if ($1 ~ /^[0-9]+$/) t[$2] = $1; next }
+    { print (($0 in t) ? t[$0] : unknown), $0 }' scripts/test-times.txt - |
+    sort -k1,1nr -k2 | awk '{ print $2 }' >"$logs/vm.queue"
+  echo 0 >"$logs/vm.next"
+}
+
+# Prints the next file of the queue (nothing when it is empty); the workers share it under a lock.
+next_vm_file() {
+  (
+    flock 8
+    local n f
+    n=$(cat "$logs/vm.next")
+    f=$(sed -n "$((n + 1))p" "$logs/vm.queue")
+    [ -n "$f" ] && echo $((n + 1)) >"$logs/vm.next"
+    echo "$f"
+  ) 8>"$logs/vm.lock"
+}
+
+# A VM worker: runs queue files one by one, each in its own vitest process, until the queue is empty.
+# Appends "RC SECONDS FILE WORKER" to $logs/vm.results for each file.
+vm_worker() {
+  local name=$1 f base t0 rc json
+  while f=$(next_vm_file) && [ -n "$f" ]; do
+    base=$(basename "$f" .test.ts)
+    t0=$SECONDS
+    json=()
+    [ -n "${ULOB_TEST_LOGS:-}" ] && json=(--reporter=default --reporter=json --outputFile.json="$logs/vm/$base.json")
+    echo "== $f (queue: $(cat "$logs/vm.next") of $(wc -l <"$logs/vm.queue"))" | tee -a "$logs/$name.log" | prefix "$name"
+    # A path under test/vm/ names one file only: every file name ends in .test.ts. --no-cache:
+    # vitest's results cache (only its own file order) is one file that every run rewrites at its
+    # end without a rename; a run starting meanwhile may read it empty and die.
+    "${vitest[@]}" run --project vm --no-cache "${json[@]}" "$f" 2>&1 | tee "$logs/vm/$base.log" | tee -a "$logs/$name.log" | prefix "$name"
+    rc=${PIPESTATUS[0]}
+    echo "$rc $((SECONDS - t0)) $f $name" >>"$logs/vm.results"
+  done
 }
 
 # Each lane in its own process group, so that Ctrl-C or a CI timeout stops all of it.
 set -m
-trap 'kill -TERM -- -$vm -$host 2>/dev/null; wait; exit 130' INT TERM
-lane vm "$@" &
-vm=$!
-lane host "$@" &
-host=$!
-wait $vm $host
+if [ $# -gt 0 ]; then
+  trap 'kill -TERM -- -$vm -$host 2>/dev/null; wait; exit 130' INT TERM
+  lane vm vm "$@" &
+  vm=$!
+  lane host host "$@" &
+  host=$!
+  wait $vm $host
+  lanes=(vm host)
+else
+  make_queue
+  : >"$logs/vm.results"
+  trap 'kill -TERM -- -$vm1 -$host 2>/dev/null; wait; exit 130' INT TERM
+  vm_worker vm1 &
+  vm1=$!
+  { lane host host; vm_worker vm2; } &
+  host=$!
+  wait $vm1 $host
+  lanes=(host)
+fi
 set +m
+
+# From vitest's failure report to the end (its summary), without colour codes; when vitest itself
+# died before it reported, the log's last lines.
+failures() {
+  local report
+  report=$(sed 's/\x1b\[[0-9;]*m//g' "$1" | awk '/(Failed Tests|Failed Suites|Unhandled Errors?) [0-9]+|Unhandled Rejection/ { on = 1 } on')
+  [ -n "$report" ] || report=$(sed 's/\x1b\[[0-9;]*m//g' "$1" | tail -40)
+  printf '%s\n' "$report"
+}
 
 status=0
 echo
-echo "== make test: both lanes done in $(($(date +%s) - start)) s (logs in $logs)"
-for name in vm host; do
+echo "== make test: done in $(($(date +%s) - start)) s (logs in $logs)"
+for name in "${lanes[@]}"; do
   read -r rc secs <"$logs/$name.rc" 2>/dev/null || { rc=1; secs='?'; }
   if [ "$rc" = 0 ]; then
     echo "== $name lane: passed in $secs s"
   else
     status=1
     echo "== $name lane: FAILED (vitest exit $rc) after $secs s; its failures:"
-    # From vitest's failure report to the end (its summary), without colour codes; when vitest
-    # itself died before it reported, the lane's last lines.
-    report=$(sed 's/\x1b\[[0-9;]*m//g' "$logs/$name.log" | awk '/(Failed Tests|Failed Suites|Unhandled Errors?) [0-9]+|Unhandled Rejection/ { on = 1 } on')
-    [ -n "$report" ] || report=$(sed 's/\x1b\[[0-9;]*m//g' "$logs/$name.log" | tail -40)
-    printf '%s\n' "$report" | sed "s/^/$name | /"
+    failures "$logs/$name.log" | sed "s/^/$name | /"
   fi
 done
+if [ $# -eq 0 ]; then
+  queued=$(wc -l <"$logs/vm.queue")
+  ran=$(wc -l <"$logs/vm.results")
+  failed=$(awk '$1 != 0' "$logs/vm.results" | wc -l)
+  echo "== vm queue: $ran of $queued files run, $failed failed; seconds per file (worker):"
+  sort -k2,2nr "$logs/vm.results" | awk '{ printf "   %5d  %s  %s  (%s)\n", $2, ($1 == 0 ? "ok    " : "FAILED"), $3, $4 }'
+  awk '{ print $2, $3 }' "$logs/vm.results" | sort -k1,1nr >"$logs/vm-times.txt"
+  [ "$ran" = "$queued" ] && [ "$failed" = 0 ] || status=1
+  while read -r rc secs f worker; do
+    [ "$rc" = 0 ] && continue
+    echo "== $f: FAILED (vitest exit $rc, $worker) after $secs s; its failures:"
+    failures "$logs/vm/$(basename "$f" .test.ts).log" | sed "s/^/vm   | /"
+  done <"$logs/vm.results"
+fi
 [ -n "${ULOB_TEST_LOGS:-}" ] || [ $status != 0 ] || rm -rf "$logs"
 exit $status

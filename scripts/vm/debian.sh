@@ -10,6 +10,7 @@
 #   deb_download DIR pkg...            # .debs into DIR (kept: a second call downloads nothing)
 #   deb_unpack DIR DEST pkg...         # download + dpkg-deb -x each into DEST
 #   trixie_root DIR pkg,pkg,...        # debootstrap --variant=minbase trixie DIR (cached by DIR)
+#   deb_bootstrap ARGS...              # debootstrap without its machine-wide closing sync
 #   in_root DIR cmd...                 # chroot with /proc, /sys, /dev (CHROOT_BINDS for more)
 #
 # Or run it as a command (VM defaults to the project's .vm/; takes .vm/.lock as prepare.sh does):
@@ -101,9 +102,24 @@ deb_unpack() {
   done
 }
 
+# debootstrap ARGS... without its closing `sync`: that one flushes every program's dirty pages on
+# the machine, not the root's (the pkg-trixie debootstrap sat in it for over 6 minutes at load 12,
+# holding its lock). The roots made here are caches with a marker file written last; after a power
+# loss right after a debootstrap, delete the root and it is made again.
+deb_bootstrap() {
+  local shim rc=0
+  shim=$(mktemp -d)
+  printf '#!/bin/sh\nexit 0\n' >"$shim/sync" && chmod 755 "$shim/sync"
+  PATH="$shim:$PATH" debootstrap "$@" || rc=$?
+  rm -rf "$shim"
+  return $rc
+}
+
 # Makes a Debian 13 root in DIR with `debootstrap --variant=minbase trixie`, including the
 # comma-separated packages $2; cached: a finished root (DIR/.ulob-root naming what it includes) is
-# reused. The debootstrap download cache lives in $VM/apt/debootstrap so a re-made root is offline.
+# reused. The debootstrap download cache lives in $DEB_BOOTSTRAP_CACHE (default $VM/apt/debootstrap)
+# so a re-made root is offline; debootstrap's log in $VM/debootstrap-NAME.log (NAME: DIR's name).
+# Two callers that do not share one lock must not share one cache directory either.
 trixie_root() {
   local dir=$1 include=${2:-}
   if [ -f "$dir/.ulob-root" ] && [ "$(cat "$dir/.ulob-root")" = "$include" ]; then return 0; fi
@@ -114,11 +130,13 @@ trixie_root() {
     return 1
   fi
   rm -rf --one-file-system "$dir" "$dir.tmp"
-  mkdir -p "$DEB_APT/debootstrap"
+  local cache=${DEB_BOOTSTRAP_CACHE:-$DEB_APT/debootstrap} log
+  log="$VM/debootstrap-$(basename "$dir").log"
+  mkdir -p "$cache"
   echo "debian.sh: debootstrap trixie into $dir (+ $include)" >&2
-  debootstrap --variant=minbase ${include:+--include="$include"} \
-    --cache-dir="$DEB_APT/debootstrap" trixie "$dir.tmp" "$DEB_MIRROR" >"$VM/debootstrap.log" 2>&1 ||
-    { echo "debian.sh: debootstrap trixie failed; see $VM/debootstrap.log" >&2; return 1; }
+  deb_bootstrap --variant=minbase ${include:+--include="$include"} \
+    --cache-dir="$cache" trixie "$dir.tmp" "$DEB_MIRROR" >"$log" 2>&1 ||
+    { echo "debian.sh: debootstrap trixie failed; see $log" >&2; return 1; }
   echo "$include" >"$dir.tmp/.ulob-root"
   mv "$dir.tmp" "$dir"
 }

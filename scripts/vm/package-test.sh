@@ -17,8 +17,12 @@ PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 . "$ROOT/scripts/vm/debian.sh"
 DEPS=nodejs,fuse3,libnbd-bin,util-linux
 
-# The cached roots (under the .vm lock: prepare.sh and others debootstrap too).
+# The cached roots, each under its own lock and with its own debootstrap cache, not .vm/.lock: the
+# VM tests' prepare.sh, boot-image.sh and dkms.sh hold that one for minutes on a clean clone, and
+# make test runs this beside them (waiting for each other, one core idled).
 R="$VM/pkg-$SUITE"
+export DEB_BOOTSTRAP_CACHE="$DEB_APT/debootstrap-pkg-$SUITE"
+mkdir -p "$DEB_BOOTSTRAP_CACHE"
 (
   flock 9
   case $SUITE in
@@ -28,9 +32,9 @@ R="$VM/pkg-$SUITE"
         command -v dpkg-repack >/dev/null || { echo "package-test: dpkg-repack is missing (apt-get install dpkg-repack)" >&2; exit 1; }
         rm -rf --one-file-system "$R" "$R.tmp"
         echo "package-test: debootstrap bookworm into $R" >&2
-        debootstrap --variant=minbase --include=fuse3,libnbd-bin,util-linux,python3,ca-certificates \
-          --cache-dir="$DEB_APT/debootstrap" bookworm "$R.tmp" "$DEB_MIRROR" >"$VM/debootstrap-bookworm.log" 2>&1 ||
-          { echo "package-test: debootstrap bookworm failed; see $VM/debootstrap-bookworm.log" >&2; exit 1; }
+        deb_bootstrap --variant=minbase --include=fuse3,libnbd-bin,util-linux,python3,ca-certificates \
+          --cache-dir="$DEB_BOOTSTRAP_CACHE" bookworm "$R.tmp" "$DEB_MIRROR" >"$VM/debootstrap-pkg-bookworm.log" 2>&1 ||
+          { echo "package-test: debootstrap bookworm failed; see $VM/debootstrap-pkg-bookworm.log" >&2; exit 1; }
         host_node=$(dpkg-query -W -f='${Version}' nodejs)
         dpkg --compare-versions "$host_node" ge 20.19 || { echo "package-test: the host's nodejs $host_node is older than 20.19" >&2; exit 1; }
         mkdir -p "$VM/host-debs" && (cd "$VM/host-debs" && rm -f nodejs_*.deb && dpkg-repack nodejs >&2)
@@ -42,7 +46,7 @@ R="$VM/pkg-$SUITE"
       ;;
     *) echo "package-test: SUITE is trixie or bookworm, not $SUITE" >&2; exit 1 ;;
   esac
-) 9>"$VM/.lock"
+) 9>"$R.lock"
 
 # A throwaway root: overlay over the cached one.
 work=$(mktemp -d "$VM/pkg-run.XXXXXX")

@@ -10,7 +10,7 @@ import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, readSync, stat
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { freeLoop, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
+import { attachFreeLoop, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
 
 const MiB = 1 << 20;
 const BUDGET = 256 * MiB;
@@ -53,15 +53,9 @@ function shaOf(path: string): string {
 }
 
 async function attach(args: string[], disk: string): Promise<string> {
-  for (let attempt = 0; ; attempt++) {
-    const loop = freeLoop();
-    const r = await ulobdev([...args, '--daemon', '--run-dir', s.runDir, '--state-dir', s.stateDir, loop, disk], { timeoutMs: 120_000 });
-    if (r.code === 0) {
-      attached.push(loop);
-      return loop;
-    }
-    if (!/in use|Device or resource busy/.test(r.stderr) || attempt === 3) throw new Error(`attach failed: ${r.stderr}`);
-  }
+  const { loop } = await attachFreeLoop((dev) => ulobdev([...args, '--daemon', '--run-dir', s.runDir, '--state-dir', s.stateDir, dev, disk], { timeoutMs: 120_000 }));
+  attached.push(loop);
+  return loop;
 }
 
 async function detach(loop: string): Promise<void> {

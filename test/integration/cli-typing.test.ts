@@ -8,7 +8,7 @@ import { closeSync, existsSync, mkdirSync, openSync, readFileSync, truncateSync,
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { loopCtlAdd, loopCtlRemove } from '../../src/native/blkdev.js';
-import { CLI, freeLoop, loopsUnder, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev, unusedLoop, type CliResult } from '../support/cli.js';
+import { attachFreeLoop, CLI, loopsUnder, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev, unusedLoop, type CliResult } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 const undo: Array<() => unknown> = [];
@@ -75,13 +75,7 @@ describe('every command takes the device or the --name (item 9)', () => {
   it('status, flush and detach of a loop device attached with --name data', async () => {
     s = scratch('ulob-typing-');
     const disk = makeDisk('disk.img');
-    let loop = '';
-    for (let attempt = 0; ; attempt++) {
-      loop = freeLoop();
-      const r = await ulobdev([...cacheArgs(), '--writeback', '--name', 'data', '--daemon', '--run-dir', s.runDir, loop, disk]);
-      if (r.code === 0) break;
-      if (!/in use|Device or resource busy/.test(r.stderr) || attempt === 3) throw new Error(r.stderr);
-    }
+    const { loop } = await attachFreeLoop((dev) => ulobdev([...cacheArgs(), '--writeback', '--name', 'data', '--daemon', '--run-dir', s.runDir, dev, disk]));
     undo.push(() => ulobdev(['detach', 'data', '--run-dir', s.runDir]));
     const byDevice = await statusJson(loop);
     expect(byDevice.name).toBe('data');

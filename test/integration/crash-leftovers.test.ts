@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { freeLoop, killStrays, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
+import { attachFreeLoop, killStrays, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 const undo: Array<() => Promise<unknown> | unknown> = [];
@@ -74,15 +74,9 @@ async function waitGone(pid: number): Promise<void> {
 async function device(): Promise<{ dev: string; args: string[] }> {
   const disk = join(s.dir, 'disk.img');
   mustSh('truncate', ['-s', '64M', disk]);
-  let dev = '';
-  let args: string[] = [];
-  for (let attempt = 0; ; attempt++) {
-    dev = freeLoop();
-    args = ['--writeback', '-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--run-dir', s.runDir, '--daemon', dev, disk];
-    const r = await ulobdev(args);
-    if (r.code === 0) break;
-    if (!/in use|Device or resource busy/.test(r.stderr) || attempt === 3) throw new Error(`attach failed: ${r.stderr}`);
-  }
+  const argsFor = (loop: string) => ['--writeback', '-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--run-dir', s.runDir, '--daemon', loop, disk];
+  const { loop: dev } = await attachFreeLoop((loop) => ulobdev(argsFor(loop)));
+  const args = argsFor(dev);
   expect((await ulobdev(['detach', dev, '--run-dir', s.runDir])).code).toBe(0);
   undo.push(async () => {
     const d = await ulobdev(['detach', dev, '--run-dir', s.runDir]);

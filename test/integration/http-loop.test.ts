@@ -6,7 +6,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { copyFileSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join, relative } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { freeLoop, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
+import { attachFreeLoop, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
 import { startFaultProxy, startNginx, startRangeServer, ulohttp, type Nginx } from '../support/http-env.js';
 
 let s: ReturnType<typeof scratch>;
@@ -60,16 +60,10 @@ afterAll(async () => {
 });
 
 async function attach(url: string, cache: string, extra: string[] = []): Promise<string> {
-  for (let attempt = 0; ; attempt++) {
-    const loop = freeLoop();
-    const r = await ulohttp(['-c', cache, '--daemon', '--run-dir', s.runDir, ...extra, loop, url]);
-    if (r.code === 0) {
-      expect(r.stdout.trim()).toBe(loop);
-      attached.push(loop);
-      return loop;
-    }
-    if (!/in use|busy/.test(r.stderr) || attempt === 3) throw new Error(`ulohttp failed (${r.code}): ${r.stderr}`);
-  }
+  const { loop, result } = await attachFreeLoop((dev) => ulohttp(['-c', cache, '--daemon', '--run-dir', s.runDir, ...extra, dev, url]), 'ulohttp failed');
+  expect(result.stdout.trim()).toBe(loop);
+  attached.push(loop);
+  return loop;
 }
 
 async function detach(loop: string): Promise<void> {

@@ -11,7 +11,7 @@ import { randomBytes } from 'node:crypto';
 import { closeSync, fsyncSync, openSync, readFileSync, readSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { freeLoop, killStrays, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
+import { attachFreeLoop, killStrays, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
 import { thinXfs } from '../support/thin-xfs.js';
 
 const TiB = 2 ** 40;
@@ -97,19 +97,13 @@ describe('disks past 8 TiB', () => {
     ];
     const args = ['--writeback', '-c', join(big.dir, 'c.cache'), '-b', join(big.dir, 'c.bitmap'), '--block-size', String(blockSize), '--run-dir', s.runDir];
     const attach = async () => {
-      for (let attempt = 0; ; attempt++) {
-        const dev = freeLoop();
-        const r = await ulobdev([...args, '--daemon', dev, backing], { timeoutMs: 120_000 });
-        if (r.code === 0) {
-          undo.push(async () => {
-            const d = await ulobdev(['detach', dev, '--run-dir', s.runDir], { timeoutMs: 20_000 });
-            // A daemon that hangs cannot detach: do not leave it running.
-            if (d.code !== 0) killStrays(s.dir, s.runDir);
-          });
-          return dev;
-        }
-        if (!/in use|Device or resource busy/.test(r.stderr) || attempt === 3) throw new Error(`attach failed: ${r.stderr}`);
-      }
+      const { loop: dev } = await attachFreeLoop((loop) => ulobdev([...args, '--daemon', loop, backing], { timeoutMs: 120_000 }));
+      undo.push(async () => {
+        const d = await ulobdev(['detach', dev, '--run-dir', s.runDir], { timeoutMs: 20_000 });
+        // A daemon that hangs cannot detach: do not leave it running.
+        if (d.code !== 0) killStrays(s.dir, s.runDir);
+      });
+      return dev;
     };
     const dev = await attach();
     expect(mustSh('blockdev', ['--getsize64', dev]).trim()).toBe(String(size));

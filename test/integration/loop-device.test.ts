@@ -6,7 +6,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, freeLoop, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
+import { attachFreeLoop, CLI, freeLoop, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 let attached: string[] = [];
@@ -27,17 +27,10 @@ function sha(path: string): string {
 }
 
 async function attach(args: string[]): Promise<string> {
-  // Another test may take the free loop device between `losetup -f` and the attach: try again.
-  for (let attempt = 0; ; attempt++) {
-    const loop = freeLoop();
-    const r = await ulobdev([...args, '--daemon', '--run-dir', s.runDir, '--state-dir', s.stateDir, loop, join(s.dir, 'disk.img')]);
-    if (r.code === 0) {
-      expect(r.stdout.trim()).toBe(loop);
-      attached.push(loop);
-      return loop;
-    }
-    if (!/in use|Device or resource busy/.test(r.stderr) || attempt === 3) throw new Error(`attach failed: ${r.stderr}`);
-  }
+  const { loop, result } = await attachFreeLoop((dev) => ulobdev([...args, '--daemon', '--run-dir', s.runDir, '--state-dir', s.stateDir, dev, join(s.dir, 'disk.img')]));
+  expect(result.stdout.trim()).toBe(loop);
+  attached.push(loop);
+  return loop;
 }
 
 async function detach(loop: string): Promise<void> {

@@ -15,10 +15,13 @@ import { buildDeb, repackAs, ROOT } from '../support/deb.js';
 const VERSION = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).version as string;
 let dir: string;
 let deb: string;
+/** The same package with a higher version: the upgrade both dpkg runs install (made once). */
+let next: string;
 
 beforeAll(() => {
   dir = mkdtempSync(join(tmpdir(), 'ulob-pkg-'));
   deb = buildDeb();
+  next = repackAs(deb, `${VERSION}+upgrade1`, dir);
 }, 900_000);
 
 afterAll(() => {
@@ -75,7 +78,6 @@ describe('make install', () => {
 
 /** Runs package-test.sh; returns its step outputs as { step: { KEY: value }, rc: { step: code } }. */
 function packageTest(suite: 'trixie' | 'bookworm'): { out: string; keys: Record<string, Record<string, string>>; rc: Record<string, number> } {
-  const next = repackAs(deb, `${VERSION}+upgrade1`, dir);
   const r = spawnSync('bash', [join(ROOT, 'scripts/vm/package-test.sh'), suite, deb, next], { encoding: 'utf8', timeout: 1_200_000 });
   const out = `${r.stdout}\n${r.stderr}`;
   expect(r.status, out).toBe(0);

@@ -6,7 +6,7 @@ import { closeSync, existsSync, openSync, readFileSync, writeFileSync } from 'no
 import { basename, join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { fstabWarnings } from '../../src/daemon/fstab.js';
-import { freeLoop, killStrays, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
+import { attachFreeLoop, killStrays, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 const undo: Array<() => Promise<unknown> | unknown> = [];
@@ -29,18 +29,12 @@ function partitionedImage(name: string, size: string, first: string): string {
 }
 
 async function attach(args: string[], backing: string): Promise<string> {
-  for (let attempt = 0; ; attempt++) {
-    const dev = freeLoop();
-    const r = await ulobdev([...args, '--daemon', '--run-dir', s.runDir, '--state-dir', s.stateDir, dev, backing]);
-    if (r.code === 0) {
-      undo.push(async () => {
-        const d = await ulobdev(['detach', dev, '--run-dir', s.runDir]);
-        if (d.code !== 0) killStrays(s.dir, s.runDir);
-      });
-      return dev;
-    }
-    if (!/in use|Device or resource busy/.test(r.stderr) || attempt === 3) throw new Error(`attach failed: ${r.stderr}`);
-  }
+  const { loop: dev } = await attachFreeLoop((loop) => ulobdev([...args, '--daemon', '--run-dir', s.runDir, '--state-dir', s.stateDir, loop, backing]));
+  undo.push(async () => {
+    const d = await ulobdev(['detach', dev, '--run-dir', s.runDir]);
+    if (d.code !== 0) killStrays(s.dir, s.runDir);
+  });
+  return dev;
 }
 
 async function status(dev: string): Promise<Record<string, any>> {
@@ -187,14 +181,9 @@ describe('partitions', () => {
         '',
       ].join('\n'),
     );
-    let dev = '';
-    let r = { code: 1, stdout: '', stderr: '' };
-    for (let attempt = 0; attempt < 4; attempt++) {
-      dev = freeLoop();
-      r = await ulobdev(['-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--fstab', fstab, '--daemon', '--run-dir', s.runDir, dev, image]);
-      if (r.code === 0 || !/in use/.test(r.stderr)) break;
-    }
-    expect(r.code, r.stderr).toBe(0);
+    const { loop: dev, result: r } = await attachFreeLoop((loop) =>
+      ulobdev(['-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--fstab', fstab, '--daemon', '--run-dir', s.runDir, loop, image]),
+    );
     undo.push(() => ulobdev(['detach', dev, '--run-dir', s.runDir]));
     const warn = (line: number, spec: string, mnt: string, node: string) =>
       `ulobdev: ${dev}: ${fstab} line ${line} mounts ${spec} on ${mnt}, which the raw disk ${image} carries as well as ${node}: that line may mount the disk behind the cache; name ${node} there instead (see docs/laptop.md)`;

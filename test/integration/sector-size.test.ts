@@ -7,7 +7,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { freeLoop, killStrays, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev } from '../support/cli.js';
+import { attachFreeLoop, freeLoop, killStrays, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 const undo: Array<() => Promise<unknown> | unknown> = [];
@@ -31,18 +31,12 @@ function sectorDisk(name: string, size: string, sector: number): { image: string
 }
 
 async function attach(args: string[], backing: string): Promise<string> {
-  for (let attempt = 0; ; attempt++) {
-    const dev = freeLoop();
-    const r = await ulobdev([...args, '--daemon', '--run-dir', s.runDir, dev, backing]);
-    if (r.code === 0) {
-      undo.push(async () => {
-        const d = await ulobdev(['detach', dev, '--run-dir', s.runDir]);
-        if (d.code !== 0) killStrays(s.dir, s.runDir);
-      });
-      return dev;
-    }
-    if (!/in use|Device or resource busy/.test(r.stderr) || attempt === 3) throw new Error(`attach failed: ${r.stderr}`);
-  }
+  const { loop: dev } = await attachFreeLoop((loop) => ulobdev([...args, '--daemon', '--run-dir', s.runDir, loop, backing]));
+  undo.push(async () => {
+    const d = await ulobdev(['detach', dev, '--run-dir', s.runDir]);
+    if (d.code !== 0) killStrays(s.dir, s.runDir);
+  });
+  return dev;
 }
 
 async function detach(dev: string): Promise<void> {

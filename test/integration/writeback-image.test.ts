@@ -18,7 +18,7 @@ import { existsSync, mkdirSync, openSync, readFileSync, readdirSync, rmSync, wri
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { controlRequest } from '../../src/daemon/control.js';
-import { freeLoop, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
+import { attachFreeLoop, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
 
 const SIZE = 256 << 20;
 const SECTOR = 512;
@@ -76,17 +76,13 @@ describe('consistent backing image (write-back over ext4 through /dev/loopN)', (
     let seq = 0;
     const attach = async (cache: string): Promise<Attached> => {
       const name = `img${++seq}`;
-      for (let attempt = 0; ; attempt++) {
-        const loop = freeLoop();
-        const r = await ulobdev(['--writeback', '-c', join(s.dir, `${cache}.cache`), '-b', join(s.dir, `${cache}.bitmap`), '--name', name, '--daemon', '--run-dir', s.runDir, loop, backing]);
-        if (r.code === 0) {
-          const dev: Attached = { name, loop, pid: 0 };
-          dev.pid = (await status(dev)).pid;
-          undo.push(() => existsSync(`/proc/${dev.pid}`) && ulobdev(['detach', name, '--run-dir', s.runDir]));
-          return dev;
-        }
-        if (!/in use|Device or resource busy/.test(r.stderr) || attempt === 3) throw new Error(r.stderr);
-      }
+      const { loop } = await attachFreeLoop((free) =>
+        ulobdev(['--writeback', '-c', join(s.dir, `${cache}.cache`), '-b', join(s.dir, `${cache}.bitmap`), '--name', name, '--daemon', '--run-dir', s.runDir, free, backing]),
+      );
+      const dev: Attached = { name, loop, pid: 0 };
+      dev.pid = (await status(dev)).pid;
+      undo.push(() => existsSync(`/proc/${dev.pid}`) && ulobdev(['detach', name, '--run-dir', s.runDir]));
+      return dev;
     };
     const ctl = (dev: Attached, request: { cmd: string; [k: string]: unknown }, timeoutMs?: number) => controlRequest(join(s.runDir, `${dev.name}.sock`), request, timeoutMs);
     const status = async (dev: Attached) => (await ctl(dev, { cmd: 'status' })).status as Record<string, any>;

@@ -77,6 +77,25 @@ export function freeLoop(): string {
   return mustSh('losetup', ['-f']).trim();
 }
 
+/** What an attach on a free loop device refuses with when another test took the device first. */
+const LOOP_TAKEN = /in use|Device or resource busy/;
+
+/**
+ * Attaches on a free /dev/loopN: `attach(loop)` runs the command (ulobdev or ulohttp, with that
+ * device among its arguments). Another test on the machine may take the device between `losetup -f`
+ * and the attach (refused with "in use" or EBUSY): then it tries the next free one, `attempts` times
+ * in all. Resolves with the device and the attach's result; throws `failed` with the exit code and
+ * stderr when an attempt fails for any other reason, or the last attempt fails.
+ */
+export async function attachFreeLoop(attach: (loop: string) => Promise<CliResult>, failed = 'attach failed', attempts = 4): Promise<{ loop: string; result: CliResult }> {
+  for (let attempt = 1; ; attempt++) {
+    const loop = freeLoop();
+    const result = await attach(loop);
+    if (result.code === 0) return { loop, result };
+    if (!LOOP_TAKEN.test(result.stderr) || attempt >= attempts) throw new Error(`${failed} (${loop}, exit ${result.code}): ${result.stderr}`);
+  }
+}
+
 /**
  * A /dev/loopN the kernel has not made (N from 256 up, at random): for attaches that must be
  * refused before any device is bound, so that no other test taking a free loop device meanwhile

@@ -19,14 +19,18 @@ export function buildDeb(): string {
   return deb;
 }
 
-/** The same package as `version` (dpkg-deb -R, control edited, rebuilt): an upgrade to test. */
+/**
+ * The same package as `version` (dpkg-deb -R, control edited, rebuilt): an upgrade to test. Rebuilt
+ * with gzip: what is tested is the version, and dpkg reads any of its compressions (xz: 38 s at load
+ * 9 on 2 cores, gzip: 4 s; `make deb` itself still builds with xz).
+ */
 export function repackAs(deb: string, version: string, dir: string): string {
   const tree = join(dir, `repack-${version}`);
   const out = join(dir, `ulobdev_${version}.deb`);
   rmSync(tree, { recursive: true, force: true });
   execFileSync('dpkg-deb', ['-R', deb, tree]);
   execFileSync('sed', ['-i', `s/^Version: .*/Version: ${version}/`, join(tree, 'DEBIAN', 'control')]);
-  execFileSync('dpkg-deb', ['--root-owner-group', '-Zxz', '--build', tree, out], { stdio: 'pipe' });
+  execFileSync('dpkg-deb', ['--root-owner-group', '-Zgzip', '--build', tree, out], { stdio: 'pipe' });
   rmSync(tree, { recursive: true, force: true });
   return out;
 }

@@ -1,7 +1,7 @@
 // Shared by the VM tests that drive uloop.ko with C clients: building those clients (test/vm/*.c,
 // compiled on the host, run in the guest over the host's root) and reading their query lines.
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, renameSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { ROOT } from '../support/vm.js';
 
@@ -17,7 +17,11 @@ export function buildTool(name: string): string {
   mkdirSync(dir, { recursive: true });
   const mtime = (p: string): number => statSync(p).mtimeMs;
   if (!existsSync(bin) || mtime(bin) < Math.max(mtime(src), mtime(uapi))) {
-    execFileSync('gcc', ['-O2', '-Wall', '-Wextra', '-Werror', '-o', bin, src, '-lpthread'], { stdio: 'inherit' });
+    // Built beside and renamed into place: two VM files run at once (scripts/test.sh) and one may
+    // start the binary while the other's gcc is still writing it.
+    const tmp = `${bin}.${process.pid}.tmp`;
+    execFileSync('gcc', ['-O2', '-Wall', '-Wextra', '-Werror', '-o', tmp, src, '-lpthread'], { stdio: 'inherit' });
+    renameSync(tmp, bin);
   }
   return bin;
 }
