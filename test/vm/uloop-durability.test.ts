@@ -12,7 +12,7 @@
 // sync began (invariant 3), and nothing a sync did not cover (invariant 1: no present bit over
 // data that never reached flash). The kernel's order in uloop_flush (take the pending set, then
 // sync) is what this guards: syncing first hands over blocks written during the sync as present
-// (issue 11 item 1).
+// (issue 11 item 1). One run with that order planted (ULOB_TEST_KO) still PASSED: the race is not hit yet.
 // One daemon start on the last mark's replay checks that the device the checker computes is the
 // device the daemon serves. ULOB_TEST_KO=PATH runs it on another build of uloop.ko (that is how the
 // planted order was run, without touching kernel/).
