@@ -347,6 +347,9 @@ class Server {
       if (!Test(present, b)) Set(present, b), n++;
     present_count += n;
   }
+  // Only the blocks this call makes dirty are touched and listed as late: a block already dirty
+  // when the epoch opened stays in its snapshot until a PRESERVE (an INTENT answered after an
+  // epoch opened must not let the write skip it).
   void MarkDirty(uint64_t first, uint64_t end) {
     uint64_t n = 0;
     for (uint64_t b = first; b < end; b++) {
@@ -354,10 +357,13 @@ class Server {
       // A relaxed store: EpochBegin may be reading this word outside the lock.
       __atomic_store_n(&dirty[b >> 6], dirty[b >> 6] | 1ULL << (b & 63), __ATOMIC_RELAXED);
       n++;
+      if (copying) {
+        if (!late_dirty.empty() && late_dirty.back().second == b) late_dirty.back().second = b + 1;
+        else late_dirty.emplace_back(b, b + 1);
+      }
+      if (epoch_open) Touch(b, b + 1);
     }
     dirty_count += n;
-    if (copying) late_dirty.emplace_back(first, end);
-    if (epoch_open) Touch(first, end);
   }
   bool Held(uint64_t first, uint64_t end) const {
     for (auto [f, e] : held)
