@@ -197,7 +197,7 @@ PERF=$(ls /usr/bin/perf_* 2>/dev/null | tail -1); [ -n "$PERF" ] || PERF=$(comma
 ${opts.perf ? '[ -n "$PERF" ] || { echo "no perf on the host (apt install linux-perf)"; exit 1; }' : ''}
 step() { echo "== $1 $(cut -d' ' -f1 /proc/uptime)"; }
 modprobe brd rd_nr=1 rd_size=$(( ${SIZE_MB} * 1024 * 6 ))
-modprobe -q crc32c_generic || true; modprobe ext4; modprobe loop
+modprobe -q crc32c_generic || true; modprobe ext4; modprobe loop; modprobe fuse
 mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/ram0 && mkdir -p /tmp/r && mount /dev/ram0 /tmp/r
 R=/tmp/r; B=$R/disk.img; C=$R/c.cache; W=$R/wc.cache; K=$R/bcache.cache
 dd if=/dev/zero of=$B bs=1M count=${SIZE_MB} conv=fsync status=none
