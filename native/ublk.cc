@@ -306,6 +306,9 @@ class Server {
   // the copy may have caught and the epoch must not hold.
   bool copying = false;
   std::vector<std::pair<uint64_t, uint64_t>> late_dirty;
+  // Native writes in flight when the epoch opened: they count as written since (the commit keeps
+  // their blocks dirty), yet their blocks stay in the snapshot (a later write preserves first).
+  std::vector<std::pair<uint64_t, uint64_t>> begin_writing;
   // Per (queue, tag), index q * depth + tag: a native write in flight [first, end) (folded into
   // `touched` when an epoch opens), and the blocks a request needing the daemon holds busy (at
   // most one range per tag: a short list, not a bitmap).
@@ -1250,8 +1253,9 @@ Napi::Value EpochBegin(const Napi::CallbackInfo& info) {
     s->epoch_open = true;
     s->copying = true;
     s->late_dirty.clear();
+    s->begin_writing.clear();
     for (auto [first, end] : s->writing)
-      if (first < end) s->Touch(first, end);
+      if (first < end) s->begin_writing.emplace_back(first, end);
     ep = s->epoch;
   }
   // Only the commit (this thread) clears dirty bits: meanwhile bits are only set, and those set
@@ -1286,6 +1290,9 @@ Napi::Value EpochCommit(const Napi::CallbackInfo& info) {
       ThrowErrno(info.Env(), ESTALE, "ublk epoch commit");
       return Napi::Value();
     }
+    // The writeback has read the snapshot: from here on only what the commit clears matters.
+    for (auto [first, end] : s->begin_writing) s->Touch(first, end);
+    s->begin_writing.clear();
   }
   uint64_t cleared = 0, words = s->dirty.size();
   for (uint64_t w0 = 0; w0 < words; w0 += kCommitSliceWords) {
