@@ -250,7 +250,9 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
       if (!opts?.force) await assertReleasable(device, `/sys/block/${device.slice('/dev/'.length)}`);
       removed = true;
       clearInterval(poller);
-      engine.externalEpochs = null;
+      // externalEpochs stays: with the server gone (removed), a flush epoch begun before the detach
+      // refuses to commit (its blocks stay dirty: the server's writes since its begin are unknown to
+      // the engine), and later epochs run on the store alone, which holds every dirty bit.
       // STOP_DEV waits for requests in flight, some of which may wait for upcalls: the handler
       // keeps answering until the server is gone.
       await server.stop();
