@@ -248,6 +248,7 @@ struct Counters {
 
 // An upcall's id: the tag's sequence number (a stale reply is dropped), its queue and the tag.
 constexpr unsigned kMaxQueues = 16;
+static_assert(kMaxQueues <= 16 && UBLK_MAX_QUEUE_DEPTH <= 4096, "an upcall id has 4 bits of queue and 12 of tag");
 inline uint32_t UpcallId(uint16_t seq, uint16_t q, uint16_t tag) { return static_cast<uint32_t>(seq) << 16 | static_cast<uint32_t>(q) << 12 | tag; }
 
 // The touched bitmap is cleared lazily, a chunk at a time: a chunk whose generation is not the
@@ -309,6 +310,9 @@ class Server {
   // Native writes in flight when the epoch opened: they count as written since (the commit keeps
   // their blocks dirty), yet their blocks stay in the snapshot (a later write preserves first).
   std::vector<std::pair<uint64_t, uint64_t>> begin_writing;
+  // Test only (ublkTestHook "dirty-mid-copy"): blocks an INTENT reply marks dirty while EpochBegin
+  // copies, to pin that interleaving down without a device.
+  std::pair<uint64_t, uint64_t> test_mid_copy{0, 0};
   // Per (queue, tag), index q * depth + tag: a native write in flight [first, end) (folded into
   // `touched` when an epoch opens), and the blocks a request needing the daemon holds busy (at
   // most one range per tag: a short list, not a bitmap).
@@ -1258,6 +1262,11 @@ Napi::Value EpochBegin(const Napi::CallbackInfo& info) {
       if (first < end) s->begin_writing.emplace_back(first, end);
     ep = s->epoch;
   }
+  if (s->test_mid_copy.first < s->test_mid_copy.second) {
+    std::lock_guard<std::mutex> g(s->mu);
+    s->MarkDirty(s->test_mid_copy.first, s->test_mid_copy.second);
+    s->test_mid_copy = {0, 0};
+  }
   // Only the commit (this thread) clears dirty bits: meanwhile bits are only set, and those set
   // since the epoch opened are in late_dirty (and touched), so the copy is the dirty set at the
   // begin once they are taken out.
@@ -1351,13 +1360,45 @@ Napi::Value Query(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// ublkTestHook(handle, op, first, end) -> boolean: the block-state steps the queue threads take,
+// under the lock, for unit tests without a device. "dirty": an answered INTENT (MarkDirty);
+// "needs-preserve": would a write to [first, end) preserve first (InSnapshot); "write-begin" and
+// "write-end": a native write in flight on slot 0; "dirty-mid-copy": the next EpochBegin runs
+// "dirty" between opening the epoch and copying the dirty bitmap.
+Napi::Value TestHook(const Napi::CallbackInfo& info) {
+  Server* s = ServerOf(info);
+  int64_t first, end;
+  if (!s || !info[1].IsString() || !ArgInt64(info, 2, &first) || !ArgInt64(info, 3, &end)) return Napi::Value();
+  if (first < 0 || end < first || static_cast<uint64_t>(end) > s->blocks) {
+    Napi::RangeError::New(info.Env(), "blocks").ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  std::string op = info[1].As<Napi::String>().Utf8Value();
+  uint64_t f = static_cast<uint64_t>(first), e = static_cast<uint64_t>(end);
+  std::lock_guard<std::mutex> g(s->mu);
+  bool r = false;
+  if (s->writing.empty()) s->writing.assign(1, {0, 0});
+  if (op == "dirty") s->MarkDirty(f, e);
+  else if (op == "needs-preserve") r = s->InSnapshot(f, e);
+  else if (op == "write-begin") {
+    if (s->epoch_open) s->Touch(f, e);
+    s->writing[0] = {f, e};
+  } else if (op == "write-end") s->writing[0] = {0, 0};
+  else if (op == "dirty-mid-copy") s->test_mid_copy = {f, e};
+  else {
+    Napi::RangeError::New(info.Env(), "op").ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  return Napi::Boolean::New(info.Env(), r);
+}
+
 }  // namespace
 
 bool InitUblk(Napi::Env env, Napi::Object exports) {
   return Export<Create>(env, exports, "ublkCreate") && Export<Start>(env, exports, "ublkStart") &&
          Export<Stop>(env, exports, "ublkStop") && Export<Reply>(env, exports, "ublkReply") &&
          Export<EpochBegin>(env, exports, "ublkEpochBegin") && Export<EpochCommit>(env, exports, "ublkEpochCommit") &&
-         Export<Query>(env, exports, "ublkQuery");
+         Export<Query>(env, exports, "ublkQuery") && Export<TestHook>(env, exports, "ublkTestHook");
 }
 
 }  // namespace ulob

@@ -83,6 +83,7 @@ interface UblkBinding {
   ublkEpochBegin(h: Handle, dirty: Uint8Array): number;
   ublkEpochCommit(h: Handle, epoch: number, flushed: Uint8Array): number;
   ublkQuery(h: Handle): UblkCounts;
+  ublkTestHook(h: Handle, op: string, first: number, end: number): boolean;
 }
 const b = addon<UblkBinding>();
 
@@ -157,5 +158,15 @@ export class UblkServer {
 
   query(): UblkCounts {
     return b.ublkQuery(this.#h);
+  }
+
+  /**
+   * Tests only: one block-state step a queue thread takes, on blocks [first, end), without a device
+   * ('dirty': an answered INTENT; 'needs-preserve': whether a write there preserves first;
+   * 'write-begin'/'write-end': a native write in flight; 'dirty-mid-copy': 'dirty' inside the next
+   * epochBegin's copy). Returns the answer of 'needs-preserve', else false.
+   */
+  testHook(op: 'dirty' | 'needs-preserve' | 'write-begin' | 'write-end' | 'dirty-mid-copy', first: number, end: number): boolean {
+    return b.ublkTestHook(this.#h, op, first, end);
   }
 }

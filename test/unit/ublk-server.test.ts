@@ -63,4 +63,39 @@ describe('ublk server block state', () => {
     expect(s.epochCommit(ep, out)).toBe(dirty.length);
     expect(s.query().dirtyBlocks).toBe(0);
   });
+
+  // review-ublk4 finding 1: "written since the begin" must not take a block out of the snapshot
+  // unless its epoch version was kept (a PRESERVE) or it became dirty only after the begin.
+  it('an INTENT answered after the begin leaves the blocks that were dirty at the begin in the snapshot', () => {
+    const s = server(64, [], [5]);
+    const out = new Uint8Array(8);
+    s.epochBegin(out);
+    expect(s.testHook('needs-preserve', 5, 6)).toBe(true);
+    s.testHook('dirty', 5, 7); // a write over [5, 7): 6 was clean, its INTENT answered now
+    expect(s.testHook('needs-preserve', 5, 6)).toBe(true);
+    expect(s.testHook('needs-preserve', 6, 7)).toBe(false); // dirty only since the begin
+  });
+
+  it('a write in flight at the begin leaves its blocks in the snapshot, and the commit keeps them dirty', () => {
+    const s = server(64, [], [5]);
+    s.testHook('write-begin', 5, 6);
+    const out = new Uint8Array(8);
+    const ep = s.epochBegin(out);
+    s.testHook('write-end', 5, 6);
+    expect(s.testHook('needs-preserve', 5, 6)).toBe(true); // a second write keeps the epoch's version first
+    const flushed = Uint8Array.from(out);
+    expect(s.epochCommit(ep, flushed)).toBe(0); // written since the begin: stays dirty
+    expect(s.query().dirtyBlocks).toBe(1);
+  });
+
+  // review-ublk4 finding 2: the blocks an INTENT makes dirty during the begin's copy come out of the
+  // copy, and only those.
+  it('an INTENT answered during the begin\'s copy takes out only the blocks it made dirty', () => {
+    const s = server(64, [], [5]);
+    s.testHook('dirty-mid-copy', 5, 7);
+    const out = new Uint8Array(8);
+    s.epochBegin(out);
+    expect(bits(out)).toEqual([5]);
+    expect(s.query().dirtyBlocks).toBe(2);
+  });
 });
