@@ -2,8 +2,9 @@
 // The kernel data paths side by side in one guest (qemu, software emulation): fio on /dev/uloop0
 // with every block cached, on the in-tree loop device over the same cache file (direct I/O and
 // buffered), on dm-writecache and on bcache (writeback, cache set on a loop over a file of the
-// device's size) over the same kind of backing file, and optionally on ulobdev's NBD frontend
-// through nbd.ko (same cache).
+// device's size) over the same kind of backing file, on ulobdev's ublk frontend (/dev/ublkb0, the
+// kernel's ublk_drv and the addon's io_uring server) and its /dev/loopN frontend (FUSE + loop), and
+// optionally on ulobdev's NBD frontend through nbd.ko (same cache).
 //
 //   node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--perf] [--json PATH] [--keep]
 //
@@ -36,7 +37,7 @@ try {
       json: { type: 'string', default: fileURLToPath(new URL('./results/vm.json', import.meta.url)) },
       keep: { type: 'boolean', default: false },
       kernel: { type: 'string', default: '6.12' },
-      devices: { type: 'string', default: 'loop,loopbuf,uloop,writecache,bcache' },
+      devices: { type: 'string', default: 'loop,loopbuf,uloop,ublk,ulobloop,writecache,bcache' },
       perf: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -53,8 +54,8 @@ if (opts.help) {
       '  --json     where the JSON result goes (default bench/results/vm.json)\n' +
       '  --keep     keep the scratch directory (fio JSON, guest output) and print its path\n' +
       '  --kernel   guest kernel: 6.1, 6.12 (default) or newest (scripts/vm/prepare.sh)\n' +
-      '  --devices  comma-separated rows: loop (dio, the reference, always run), loopbuf, uloop, nbd,\n' +
-      '             writecache, bcache (default: all but nbd)\n' +
+      '  --devices  comma-separated rows: loop (dio, the reference, always run), loopbuf, uloop, ublk,\n' +
+      '             ulobloop (ulobdev on /dev/loopN), nbd, writecache, bcache (default: all but nbd)\n' +
       '  --perf     profile the uloop and loop (dio) runs with perf in the guest (flat profile per workload)\n',
   );
   process.exit(0);
@@ -82,6 +83,8 @@ const ALL_DEVICES = [
   { key: 'loop', title: 'loop (dio)' },
   { key: 'loopbuf', title: 'loop (buffered)' },
   { key: 'uloop', title: 'uloop' },
+  { key: 'ublk', title: 'ublk' },
+  { key: 'ulobloop', title: 'ulobdev loopN' },
   { key: 'nbd', title: 'ulobdev nbd' },
   { key: 'writecache', title: 'dm-writecache' },
   { key: 'bcache', title: 'bcache' },
@@ -129,6 +132,17 @@ $U $A /dev/nbd0 $B >/dev/null && fill /dev/nbd0
 $U status /dev/nbd0 | sed -n 2p
 ${fioJobs('/dev/nbd0', 'nbd')}
 $U detach /dev/nbd0 >/dev/null`,
+  ublk: `
+step ublk
+$U $A /dev/ublkb0 $B >/dev/null && fill /dev/ublkb0
+echo "ublk: $(ls /sys/block/ublkb0/mq | wc -l) hardware queues"
+${fioJobs('/dev/ublkb0', 'ublk')}
+$U detach /dev/ublkb0 >/dev/null`,
+  ulobloop: `
+step ulobloop
+$U $A /dev/loop7 $B >/dev/null && fill /dev/loop7
+${fioJobs('/dev/loop7', 'ulobloop')}
+$U detach /dev/loop7 >/dev/null`,
   loop: `
 step loop
 [ -f $C ] || dd if=/dev/zero of=$C bs=1M count=${SIZE_MB} status=none
@@ -174,8 +188,8 @@ echo 1 > /sys/block/bcache0/bcache/stop; echo 1 > $CS/unregister
 i=0; while [ -e $CS ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
 losetup -d $LK $LB`,
 };
-// uloop and nbd first: they fill the cache file $C that the loop rows then run on.
-const ORDER = ['uloop', 'nbd', 'loop', 'loopbuf', 'writecache', 'bcache'];
+// uloop, nbd, ublk and ulobloop first: they fill the cache file $C that the loop rows then run on.
+const ORDER = ['uloop', 'nbd', 'ublk', 'ulobloop', 'loop', 'loopbuf', 'writecache', 'bcache'];
 
 const script = `
 U="node ${ROOT}/dist/cli/ulobdev.js"
@@ -183,7 +197,7 @@ PERF=$(ls /usr/bin/perf_* 2>/dev/null | tail -1); [ -n "$PERF" ] || PERF=$(comma
 ${opts.perf ? '[ -n "$PERF" ] || { echo "no perf on the host (apt install linux-perf)"; exit 1; }' : ''}
 step() { echo "== $1 $(cut -d' ' -f1 /proc/uptime)"; }
 modprobe brd rd_nr=1 rd_size=$(( ${SIZE_MB} * 1024 * 6 ))
-modprobe -q crc32c_generic || true; modprobe ext4; modprobe loop
+modprobe -q crc32c_generic || true; modprobe ext4; modprobe loop; modprobe fuse
 mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/ram0 && mkdir -p /tmp/r && mount /dev/ram0 /tmp/r
 R=/tmp/r; B=$R/disk.img; C=$R/c.cache; W=$R/wc.cache; K=$R/bcache.cache
 dd if=/dev/zero of=$B bs=1M count=${SIZE_MB} conv=fsync status=none
@@ -292,16 +306,22 @@ const GOALS = [
     { workload: w, against: 'loop', min: 0.8 },
     { workload: w, against: 'writecache', min: 1.0 },
   ]),
-].filter((g) => wanted.has('uloop') && wanted.has(g.against));
+].filter((g) => wanted.has('uloop') && wanted.has(g.against)).map((g) => ({ device: 'uloop', ...g }));
+// Issue 15's goals for ublk: 4 KiB random reads ≥ 0.8× loop dio; every row ≥ 2× ulobdev's /dev/loopN frontend.
+GOALS.push(
+  ...[{ workload: 'randread', against: 'loop', min: 0.8 }, ...WORKLOADS.map((w) => ({ workload: w.key, against: 'ulobloop', min: 2.0 }))]
+    .filter((g) => wanted.has('ublk') && wanted.has(g.against))
+    .map((g) => ({ device: 'ublk', ...g })),
+);
 const goals = GOALS.map((g) => {
-  const ratio = value('uloop', WORKLOADS.find((w) => w.key === g.workload)) / value(g.against, WORKLOADS.find((w) => w.key === g.workload));
+  const ratio = value(g.device, WORKLOADS.find((w) => w.key === g.workload)) / value(g.against, WORKLOADS.find((w) => w.key === g.workload));
   return { ...g, ratio: Number(ratio.toFixed(3)), met: ratio >= g.min };
 });
 printTable(columns, rows, {
   title: `In the guest (qemu TCG, 2 vCPUs, ${memoryMb} MiB; Debian ${vm.KVER}); ${SIZE_MB} MiB device on a brd RAM disk; host: ${cpus().length} × ${cpus()[0]?.model}, load ${load.start.map((x) => x.toFixed(1)).join(' ')}`,
   notes: [
     `/loop: rate divided by the loop device's with --direct-io=on on the same kind of file`,
-    ...goals.map((g) => `goal uloop/${g.against} ${g.workload} ≥ ${g.min.toFixed(2)}: ${g.ratio.toFixed(2)} ${g.met ? 'met' : 'MISSED'}`),
+    ...goals.map((g) => `goal ${g.device}/${g.against} ${g.workload} ≥ ${g.min.toFixed(2)}: ${g.ratio.toFixed(2)} ${g.met ? 'met' : 'MISSED'}`),
     ...info.map((l) => `guest: ${l}`),
     `wall time ${(wallMs / 1000).toFixed(0)} s`,
   ],

@@ -1,6 +1,6 @@
 // /dev/ublkbN: the kernel's in-tree ublk driver (ublk_drv, Linux 6.0+; no module of ours, so it
-// also works under Secure Boot) with the server in the addon (native/ublk.cc): one queue thread on
-// io_uring serves hits straight from the cache file (reads of present blocks, writes into dirty
+// also works under Secure Boot) with the server in the addon (native/ublk.cc): one thread per hardware
+// queue, each on its own io_uring, serves hits straight from the cache file (reads of present blocks, writes into dirty
 // blocks, FLUSH as an fdatasync of the cache file) and sends the rest here as upcalls, which
 // UpcallHandler runs exactly as for /dev/uloopN: a MISS fills blocks, an INTENT makes blocks
 // durably dirty before the thread overwrites them (or, for blocks written whole while missing,
@@ -11,7 +11,7 @@
 // I/O wait, and the same command takes it back (START/END_USER_RECOVERY).
 import { existsSync } from 'node:fs';
 import { readFile, rm, writeFile } from 'node:fs/promises';
-import { constants as osConstants, release } from 'node:os';
+import { availableParallelism, constants as osConstants, release } from 'node:os';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type { CacheEngine } from '../cache/engine.js';
@@ -24,8 +24,22 @@ import { assertReleasable } from './partitions.js';
 import { UpcallHandler, type UpcallType } from './upcalls.js';
 import { kernelEpochs } from './uloop.js';
 
-/** Requests in flight on the one queue, and the largest request (bytes; bigger ones are split by the block layer). */
+/** Requests in flight per queue, and the largest request (bytes; bigger ones are split by the block layer). */
 const QUEUE_DEPTH = 32;
+/** Hardware queues by default: one per online CPU, at most this many (each a thread with its own io_uring). */
+const MAX_DEFAULT_QUEUES = 4;
+
+/**
+ * The number of hardware queues: `$ULOBDEV_UBLK_QUEUES` (1-16) when set, else min(online CPUs, 4).
+ * A device taken back by user recovery keeps the queues it was added with. Throws
+ * InvalidArgumentError for a bad value.
+ */
+export function ublkQueues(env: NodeJS.ProcessEnv = process.env): number {
+  const v = env.ULOBDEV_UBLK_QUEUES;
+  if (v === undefined || v === '') return Math.max(1, Math.min(availableParallelism(), MAX_DEFAULT_QUEUES));
+  if (!/^\d+$/.test(v) || Number(v) < 1 || Number(v) > 16) throw new InvalidArgumentError(`ULOBDEV_UBLK_QUEUES=${v} is not a number of queues from 1 to 16; unset it for one per CPU (at most 4)`);
+  return Number(v);
+}
 const MAX_IO_BYTES = 256 << 10;
 
 /** The number N of /dev/ublkbN, or -1 for `/dev/ublkb` (the next free one). */
@@ -96,6 +110,7 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
   const { blockSize } = engine.geometry;
   const want = ublkIndex(options.device);
   const sector = options.sectorSize ?? { logical: 512, physical: 512 };
+  const queues = ublkQueues();
   // The server takes dirty blocks as present: zeroed blocks, which the cache file does not hold,
   // get their zeros written first (as for /dev/uloopN).
   if (store.zeroBlocks() > 0) await engine.materializeZeroed();
@@ -111,6 +126,7 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
       blockSize,
       logical: sector.logical,
       physical: Math.min(Math.max(sector.physical, sector.logical), blockSize),
+      queues,
       depth: QUEUE_DEPTH,
       bufBytes: MAX_IO_BYTES,
       readOnly: options.readOnly,
@@ -224,6 +240,7 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
         writeUpcalls: q.writeUpcalls,
         flushes: q.flushes,
         ioErrors: q.ioErrors,
+        queueRequests: q.queueRequests,
         failedUpcalls,
         preserves: epochs.preserves(),
       };
@@ -233,7 +250,9 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
       if (!opts?.force) await assertReleasable(device, `/sys/block/${device.slice('/dev/'.length)}`);
       removed = true;
       clearInterval(poller);
-      engine.externalEpochs = null;
+      // externalEpochs stays: with the server gone (removed), a flush epoch begun before the detach
+      // refuses to commit (its blocks stay dirty: the server's writes since its begin are unknown to
+      // the engine), and later epochs run on the store alone, which holds every dirty bit.
       // STOP_DEV waits for requests in flight, some of which may wait for upcalls: the handler
       // keeps answering until the server is gone.
       await server.stop();

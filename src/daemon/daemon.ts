@@ -17,7 +17,7 @@ import { ANY_LOOP, defaultName, frontendKind, type Frontend, type FrontendKind }
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
 import { assertNbdFree, attachNbdDevice } from '../bdev/kernel-nbd.js';
 import { assertUloopAvailable, uloopAwaitsDaemon, assertUloopModule, attachUloop, type UloopStatus } from '../bdev/uloop.js';
-import { assertUblkAvailable, assertUblkDriver, attachUblk, type UblkStatus } from '../bdev/ublk.js';
+import { assertUblkAvailable, assertUblkDriver, attachUblk, ublkQueues, type UblkStatus } from '../bdev/ublk.js';
 import { assertLocalAddress, NbdServer, parseNbdUrl } from '../bdev/nbd-server/index.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
@@ -219,7 +219,10 @@ export class Daemon {
     markStart('checked');
     const kind = frontendKind(options.device);
     if (kind === 'uloop') assertUloopModule(options.device);
-    if (kind === 'ublk') assertUblkDriver(options.device);
+    if (kind === 'ublk') {
+      assertUblkDriver(options.device);
+      ublkQueues();
+    }
     if (kind !== 'serve' && process.getuid?.() !== 0) throw new NotRootError(`binding ${options.device} needs root; run ulobdev as root (or serve an NBD URL instead)`);
     const name = options.name ?? defaultName(options.device);
     if (options.name !== undefined) checkDaemonName(options.name);

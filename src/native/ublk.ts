@@ -1,5 +1,5 @@
-// The ublk server of native/ublk.cc: /dev/ublkbN through the kernel's ublk_drv, one queue thread
-// on io_uring serving hits from the cache file, upcalls to JS for what needs the store. This module
+// The ublk server of native/ublk.cc: /dev/ublkbN through the kernel's ublk_drv, one thread per hardware
+// queue on its own io_uring serving hits from the cache file, upcalls to JS for what needs the store. This module
 // validates arguments and owns the handle's lifetime (one stop per server).
 import { InternalError } from '../errors.js';
 import { addon, invalidArgType, validateBytes, validateInteger } from './addon.js';
@@ -27,7 +27,9 @@ export interface UblkServerOptions {
   /** The disk's logical and physical sector sizes (bytes) the device presents. */
   logical: number;
   physical: number;
-  /** Tags (requests in flight) of the one queue. */
+  /** Hardware queues, each with its own thread, io_uring, tags and buffers (1-16; the driver may give fewer). */
+  queues: number;
+  /** Tags (requests in flight) per queue. */
   depth: number;
   /** Largest request in bytes (per-tag buffer), a multiple of 4096. */
   bufBytes: number;
@@ -54,9 +56,11 @@ export interface UblkCounts {
   writeUpcalls: number;
   flushes: number;
   ioErrors: number;
-  /** The queue thread is serving. */
+  /** Requests served by each hardware queue (FETCHes that brought one). */
+  queueRequests: number[];
+  /** Every queue thread is serving. */
   running: boolean;
-  /** The errno that stopped the queue thread, or 0. */
+  /** The errno that stopped a queue thread, or 0. */
   threadError: number;
   /** The first failed write or fdatasync of the cache file (a positive errno, sticky), or 0. */
   cacheError: number;
@@ -79,6 +83,7 @@ interface UblkBinding {
   ublkEpochBegin(h: Handle, dirty: Uint8Array): number;
   ublkEpochCommit(h: Handle, epoch: number, flushed: Uint8Array): number;
   ublkQuery(h: Handle): UblkCounts;
+  ublkTestHook(h: Handle, op: string, first: number, end: number): boolean;
 }
 const b = addon<UblkBinding>();
 
@@ -100,6 +105,7 @@ export class UblkServer {
     validateInteger(options.blockSize, 'options.blockSize', 512, 1 << 30);
     validateInteger(options.logical, 'options.logical', 512, 4096);
     validateInteger(options.physical, 'options.physical', 512, 1 << 30);
+    validateInteger(options.queues, 'options.queues', 1, 16);
     validateInteger(options.depth, 'options.depth', 1, 4096);
     validateInteger(options.bufBytes, 'options.bufBytes', 4096, 1 << 30);
     validateBytes(present, 'present');
@@ -152,5 +158,15 @@ export class UblkServer {
 
   query(): UblkCounts {
     return b.ublkQuery(this.#h);
+  }
+
+  /**
+   * Tests only: one block-state step a queue thread takes, on blocks [first, end), without a device
+   * ('dirty': an answered INTENT; 'needs-preserve': whether a write there preserves first;
+   * 'write-begin'/'write-end': a native write in flight; 'dirty-mid-copy': 'dirty' inside the next
+   * epochBegin's copy). Returns the answer of 'needs-preserve', else false.
+   */
+  testHook(op: 'dirty' | 'needs-preserve' | 'write-begin' | 'write-end' | 'dirty-mid-copy', first: number, end: number): boolean {
+    return b.ublkTestHook(this.#h, op, first, end);
   }
 }

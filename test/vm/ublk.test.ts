@@ -34,11 +34,21 @@ beforeAll(async () => {
 
     at "# --- fio verify"
     # --- fio verify: two writers (clean cached blocks: intents; missing blocks written whole) and a reader at once
+    # each job pinned to a CPU: the block layer maps each vCPU to its own hardware queue, so the
+    # writers' blocks are served by two queue threads at once (two writers over the same blocks
+    # too: intents, dirty checks and busy ranges across queues)
+    echo "hardware queues: $(ls /sys/block/ublkb0/mq | wc -l)"
     fio --output=/tmp/fio.out --filename=$D --direct=1 --ioengine=libaio --bs=4k --verify=crc32c --verify_fatal=1 \\
-      --name=cached --rw=randwrite --iodepth=16 --offset=0 --size=2M \\
-      --name=missing --rw=randwrite --iodepth=16 --offset=16M --size=2M \\
-      --name=reader --rw=randread --iodepth=8 --offset=32M --size=4M --verify=0 \\
+      --name=cached --rw=randwrite --iodepth=16 --offset=0 --size=2M --cpus_allowed=0 \\
+      --name=missing --rw=randwrite --iodepth=16 --offset=16M --size=2M --cpus_allowed=1 \\
+      --name=reader --rw=randread --iodepth=8 --offset=32M --size=4M --verify=0 --cpus_allowed=1 \\
+      --name=shared0 --rw=randwrite --bs=64k --iodepth=8 --offset=40M --size=4M --verify=0 --cpus_allowed=0 \\
+      --name=shared1 --rw=randwrite --bs=4k --iodepth=8 --offset=40M --size=4M --verify=0 --cpus_allowed=1 \\
       && echo "fio verify passed" || { echo "fio failed"; cat /tmp/fio.out; }
+    $U status $D --json | node -e 'const j=JSON.parse(require("fs").readFileSync(0,"utf8"));const u=(Array.isArray(j)?j[0]:j).ublk;console.log("requests per queue: "+u.queueRequests.join(" "))' || true
+    # the two writers over the same blocks leave them equal to what the device reads, after a flush
+    dd if=$D of=/tmp/s.dev bs=1M skip=40 count=4 iflag=direct status=none
+    $U flush --wait $D > /dev/null && dd if=/tmp/disk.img bs=1M skip=40 count=4 status=none | cmp - /tmp/s.dev && echo "shared blocks flushed: disk equals device"
     at "# partial-block"
     # a write into part of a missing block (rule 5: the block is filled first), in data never read yet
     dd if=/dev/urandom of=/tmp/p bs=512 count=3 status=none
@@ -130,6 +140,14 @@ describe('ulobdev on /dev/ublkbN (6.12)', () => {
     expect(run.output).toContain('misses through the daemon verified');
     expect(run.output).toContain('fio verify passed');
     expect(run.output).toContain('partial write verified');
+  });
+  it('serves on one queue thread per vCPU: both queues serve requests, writers on both agree with the disk after a flush', () => {
+    expect(run.output).toContain('hardware queues: 2');
+    const per = /requests per queue: (\d+) (\d+)\n/.exec(run.output);
+    expect(per, 'two queues in status').not.toBeNull();
+    expect(Number(per![1])).toBeGreaterThan(100);
+    expect(Number(per![2])).toBeGreaterThan(100);
+    expect(run.output).toContain('shared blocks flushed: disk equals device');
   });
   it('carries ext4; a flush leaves the disk equal to the device', () => {
     expect(run.output).toContain('fsck clean');
