@@ -56,6 +56,23 @@ disk_reads() {
   for d in "$DISK" "$DISK2"; do t=$((t + $(awk '{print $3}' "/sys/block/$(basename "$(readlink -f "$d")")/stat"))); done
   echo "$t"
 }
+# Block requests issued to either disk between trace_on and trace_off ("READ-TRACE LABEL ..."
+# lines: device, op, sector + count, and the task that issued them), so a read of a disk in a
+# check that expects none says who read what. Best effort: tracefs may be missing.
+TR=/sys/kernel/tracing
+trace_on() {
+  mountpoint -q $TR || mount -t tracefs tracefs $TR || return 0
+  echo 0 >$TR/tracing_on && : >$TR/trace || return 0
+  echo 1 >$TR/events/block/block_rq_issue/enable && echo 1 >$TR/tracing_on || true
+} 2>/dev/null
+trace_off() {
+  [ -w $TR/tracing_on ] || return 0
+  echo 0 >$TR/tracing_on || return 0
+  local devs=() d
+  for d in "$DISK" "$DISK2"; do devs+=("$(tr ':' ',' <"/sys/block/$(basename "$(readlink -f "$d")")/dev")") || return 0; done
+  { grep -E "block_rq_issue: (${devs[0]}|${devs[1]}) " $TR/trace | head -40 | sed "s/^/READ-TRACE $1 /"; } || true
+  echo 0 >$TR/events/block/block_rq_issue/enable || true
+} 2>/dev/null
 # Waits until ulobdev@$2 (default data) runs again after $1 restarts, and its device answers.
 wait_restarted() {
   u=${2:-data}
@@ -178,10 +195,12 @@ case $n in
   # On flash: reading every file back from a cold page cache reads nothing from either disk.
   sync
   echo 3 >/proc/sys/vm/drop_caches
+  trace_on
   r0=$(disk_reads)
   (cd /mnt/data && sha256sum -c "$S/old.sha" "$S/a.sha" "$S/b.sha") && echo "FILES-READ ok"
   (cd /mnt/data2 && sha256sum -c "$S/old2.sha" "$S/a2.sha" "$S/b2.sha") && echo "FILES2-READ ok"
   r1=$(disk_reads)
+  trace_off 2
   echo "DISK-SECTORS-READ $((r1 - r0))"
   journal_before 1
   journal_before 1 data2
@@ -227,10 +246,12 @@ case $n in
   echo "STATUS5-U $(status data2)"
   sync
   echo 3 >/proc/sys/vm/drop_caches
+  trace_on
   r0=$(disk_reads)
   (cd /mnt/data2 && sha256sum -c "$S/old2.sha" "$S/a2.sha" "$S/b2.sha" "$S/c2.sha") && echo "FILES2-READ-3 ok"
   (cd /mnt/data && sha256sum -c "$S/old.sha" "$S/a.sha" "$S/b.sha") && echo "FILES-READ-3 ok"
   r1=$(disk_reads)
+  trace_off 3
   echo "DISK-SECTORS-READ-3 $((r1 - r0))"
   # data2 gets a schedule: the restart's stop (manual flushes only) must leave its data dirty, and
   # the stop after it (a schedule implies flush at stop) must write it all back.
