@@ -14,7 +14,7 @@ import { VERSION } from './version.js';
 import { promises as fsp } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument, Option } from 'commander';
-import { CacheStore } from '../cache/store.js';
+import { assertCachePathsApart, CacheStore } from '../cache/store.js';
 import { Metadata } from '../cache/metadata.js';
 import { CacheBusyError, DaemonError, DeviceBusyError, InvalidArgumentError, IOFailedError, NotAttachedError, PermissionDeniedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
@@ -216,6 +216,11 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
   const cacheSize = flags.cacheSize === undefined ? undefined : parseCacheSize(flags.cacheSize);
   const evictionUnit = flags.evictionUnit === undefined ? undefined : parseEvictionUnit(flags.evictionUnit);
   await assertNotServed(resolve(backing), runDir);
+  // The disk given as -c (or -b, --metadata) is refused before anything opens it. Without any of
+  // them the cache lives in the state directory, named after the disk's identity.
+  if (flags.cache !== undefined || flags.bitmap !== undefined || flags.metadata !== undefined) {
+    await assertCachePathsApart(cachePaths(flags, 'unused'), backing);
+  }
   if (flags.daemon) return daemonize(device, { name: flags.name, runDir: flags.runDir, args: childArgs(command, [device, backing], ['daemon']) });
   // Cache, metadata and sockets hold the disk's data: owner only.
   process.umask(0o077);
@@ -525,7 +530,7 @@ async function discard(backing: string, flags: { cache?: string; bitmap?: string
   const source = await openBacking(backing, { writable: false });
   const paths = cachePaths(flags, source.id);
   await source.close();
-  const { dirtyBlocks } = await CacheStore.discard(paths, { force: flags.force });
+  const { dirtyBlocks } = await CacheStore.discard(paths, { force: flags.force, backing });
   process.stdout.write(
     `removed the cache ${paths.cache}${dirtyBlocks ? ` and ${dirtyBlocks} dirty blocks` : ''}; the next attach re-creates it\n`,
   );
