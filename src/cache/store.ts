@@ -139,6 +139,8 @@ export class CacheStore {
     meta: Metadata;
     present: Bitmap;
     dirty: Bitmap;
+    /** The budget this open serves with (a full mirror getting one has none in its metadata yet). */
+    budget: number | null;
   }) {
     this.paths = args.paths;
     this.geometry = args.geometry;
@@ -152,7 +154,7 @@ export class CacheStore {
     this.#dataSync = new Coalescer(() => this.#syncData());
     this.#presentCount = args.present.count();
     this.unitBlocks = Math.max(1, args.meta.info.evictionUnit / args.geometry.blockSize);
-    this.clock = args.meta.info.budget === null ? null : new Clock(args.geometry.blockCount, this.unitBlocks);
+    this.clock = args.budget === null ? null : new Clock(args.geometry.blockCount, this.unitBlocks);
     this.#intentRound = new Coalescer(() => this.#recordIntents());
   }
 
@@ -255,7 +257,10 @@ export class CacheStore {
         }
       }
 
-      const store = new CacheStore({ paths, geometry, cache, bitmapFile, meta, present, dirty });
+      // The clock from the budget of this open, not the metadata's: a full mirror given a budget
+      // (--cache-size again) has none recorded yet, and without a clock nothing is ever evicted
+      // (writes then waited for ever on a budget full of clean blocks).
+      const store = new CacheStore({ paths, geometry, cache, bitmapFile, meta, present, dirty, budget });
       // From here on the open is accepted: mark the cache in use (unclean until close).
       meta.upgrade();
       if (budget !== info.budget) meta.setBudget(budget, info.evictionUnit);
