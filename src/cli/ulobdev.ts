@@ -18,7 +18,7 @@ import { assertCachePathsApart, CacheStore } from '../cache/store.js';
 import { Metadata } from '../cache/metadata.js';
 import { CacheBusyError, DaemonError, DeviceBusyError, InvalidArgumentError, IOFailedError, NotAttachedError, PermissionDeniedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
-import { attachFailed, childArgs, daemonize, hasWaitingParent, logsToTerminal, makeLogger, noteParent, notifyParent, oneLine, warn } from './background.js';
+import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logsToTerminal, makeLogger, noteParent, notifyParent, oneLine, warn } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
 import { openBacking } from '../source/backing.js';
 import { controlRequest } from '../daemon/control.js';
@@ -587,7 +587,7 @@ export function buildProgram(): Command {
     .option('--eviction-unit <SIZE>', 'for a new cache with --cache-size: what is filled and evicted at once, 64K to 1M (default 256K)')
     .option('--daemon', 'return once DEVICE is ready and keep serving in the background')
     .option('--name <NAME>', 'name for status, flush and detach, and of the control socket (default: from DEVICE)', nameArg)
-    .option('--log-level <LEVEL>', 'fatal, error, warn, info, debug', 'info')
+    .addOption(new Option('--log-level <LEVEL>', 'how much the log says').choices(LOG_LEVELS).default('info'))
     .option('--flush <CRON>', "write dirty blocks back on this cron schedule: 5 fields, minute hour day-of-month month day-of-week, e.g. '*/30 * * * *' ('' for none: manual flushes only)")
     .option('--dirty-max <SIZE|PCT>', 'flush at once when dirty data exceeds this: a size with its unit (512M, 2G) or a share of the disk (10%)')
     .option('--max-dirty-age <DURATION>', 'flush once the oldest unflushed write is this old (30m, 2h)')
@@ -679,10 +679,41 @@ function hidden(flags: string) {
   return new Command().createOption(flags).hideHelp();
 }
 
+/**
+ * A first word that is no command, no option and no path (`ulobdev statsu`) would be taken as the
+ * DEVICE of an attach and refused for a missing BACKEND. When commander finds a command close to
+ * it, returns its own one line for it, "unknown command 'statsu' (Did you mean status?)"; else null
+ * (the attach form then says what is wrong with its arguments).
+ */
+export function mistypedCommand(program: Command, args: string[]): string | null {
+  const word = args[0];
+  if (word === undefined || !/^[A-Za-z][\w-]*$/.test(word)) return null;
+  if (program.commands.some((c) => c.name() === word || c.aliases().includes(word))) return null;
+  // A program without a default command, with the same command names: commander's unknown-command
+  // error and its suggestion (the one misspelt options get), captured instead of printed.
+  const probe = new Command(program.name()).exitOverride();
+  let said: string | null = null;
+  oneLineErrors(probe).configureOutput({ writeErr: (text) => void (said = text.trim()), writeOut: () => undefined });
+  for (const c of program.commands) probe.command(c.name());
+  try {
+    probe.parse([word], { from: 'user' });
+  } catch {
+    // the unknown command: `said` has its line
+  }
+  const line = said as string | null;
+  return line !== null && line.includes('(Did you mean') ? line : null;
+}
+
 export async function main(argv: string[]): Promise<number> {
   markStart('loaded');
   try {
-    await buildProgram().parseAsync(argv);
+    const program = buildProgram();
+    const typo = mistypedCommand(program, argv.slice(2));
+    if (typo) {
+      process.stderr.write(`${typo}\n`);
+      return exitCodeFor(new InvalidArgumentError(typo));
+    }
+    await program.parseAsync(argv);
     return 0;
   } catch (err) {
     // Commander has printed its own usage error (one line, oneLineErrors) already.
