@@ -8,6 +8,7 @@
 //   ulobdev status [DEVICE|NAME] [--json]
 //   ulobdev detach DEVICE|NAME
 //   ulobdev flush DEVICE|NAME [--wait]
+//   ulobdev hydrate DEVICE|NAME [--wait] [--rate RATE]
 //   ulobdev report DEVICE|NAME --svg FILE [--hours N]
 //   ulobdev discard [-c CACHE] [-b BITMAP] [--force] BACKEND
 import { VERSION } from './version.js';
@@ -575,7 +576,7 @@ export function buildProgram(): Command {
     .command('attach', { isDefault: true })
     .description('put BACKEND behind the cache and expose it as DEVICE')
     .usage('[options] DEVICE BACKEND')
-    .argument('<DEVICE>', '/dev/loopN, /dev/nbdN, /dev/uloopN, nbd+unix:///?socket=PATH or nbd://HOST:PORT')
+    .argument('<DEVICE>', '/dev/loopN (/dev/loop: the first free one), /dev/nbdN, /dev/uloopN, /dev/ublkbN (/dev/ublkb: the next free one), nbd+unix:///?socket=PATH or nbd://HOST:PORT')
     .argument('<BACKEND>', 'the disk behind the cache: a block device or a file')
     .allowExcessArguments()
     .option('-c, --cache <PATH>', 'cache file, in a directory that exists (default: /var/lib/ulobdev/<disk id>.cache)')
@@ -633,7 +634,7 @@ export function buildProgram(): Command {
   program
     .command('hydrate')
     .description('copy the whole disk of DEVICE into the cache in the background, so that no read wakes it')
-    .argument('<DEVICE>', 'the device or the --name given at attach')
+    .argument('<DEVICE|NAME>', 'the device or the --name given at attach')
     .option('--wait', 'wait until the whole disk is cached (progress bar on a terminal)')
     .option('--rate <RATE>', 'at most RATE per second, e.g. 50M (default: as fast as user I/O allows)')
     .option('--json', 'machine-readable output')

@@ -53,6 +53,19 @@ describe('command-line parsing', () => {
     }
   });
 
+  it('--help, attach --help and hydrate --help name every DEVICE form README lists, and DEVICE|NAME', async () => {
+    const attach = await run(ulobdev, ['attach', '--help']);
+    expect(attach.code).toBe(0);
+    // commander wraps the argument's text to the terminal: compare it as one line.
+    attach.stdout = attach.stdout.replace(/\s+/g, ' ');
+    expect(attach.stdout).toMatch(/\/dev\/loop: the first free one/);
+    expect(attach.stdout).toMatch(/\/dev\/ublkbN \(\/dev\/ublkb: the next free one\)/);
+    const hydrate = await run(ulobdev, ['hydrate', '--help']);
+    expect(hydrate.stdout).toMatch(/hydrate \[options\] <DEVICE\|NAME>/);
+    const man = readFileSync(new URL('../../src/cli/man-pages.ts', import.meta.url), 'utf8');
+    expect(man).toMatch(/\/dev\/ublkbN/);
+  });
+
   it('prints the version from package.json', async () => {
     for (const [main, name] of [[ulobdev, 'ulobdev'], [ulohttp, 'ulohttp']] as const) {
       for (const flag of ['--version', '-V']) {
