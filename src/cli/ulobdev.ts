@@ -331,6 +331,16 @@ async function status(device: string | undefined, flags: { json?: boolean; runDi
   for (const s of statuses) process.stdout.write(formatStatus(s));
 }
 
+/**
+ * What detach does with dirty data, worded so the default (no schedule or limit: detach does not
+ * flush) does not read as if --no-flush-on-detach had been given.
+ */
+function detachPolicy(p: NonNullable<DeviceStatus['policy']>): string {
+  if (p.flushOnDetach) return 'flush on detach';
+  const automatic = p.flushCron !== null || p.dirtyMaxBytes !== null || p.maxDirtyAgeSeconds !== null || p.onAc !== null;
+  return automatic ? 'no flush on detach' : 'detach does not flush (the default without a schedule or limit)';
+}
+
 function when(ms: number | null | undefined): string {
   if (ms === null || ms === undefined) return 'never';
   const d = new Date(ms);
@@ -394,7 +404,7 @@ function formatStatus(s: DeviceStatus): string {
       p.spindown ? 'spindown' : null,
       p.standbyTimeoutSeconds !== null ? `standby-timeout ${p.standbyTimeoutSeconds === 0 ? 'off' : formatDuration(p.standbyTimeoutSeconds)}` : null,
       p.hydrateRate !== null ? `hydrate ${p.hydrateRate === 0 ? 'unlimited' : `${formatBytes(p.hydrateRate)}/s`}` : null,
-      s.writeback ? (p.flushOnDetach ? 'flush on detach' : 'no flush on detach') : null,
+      s.writeback ? detachPolicy(p) : null,
     ].filter(Boolean);
     lines.push(`  policy: ${set.length > 0 ? set.join(', ') : 'none (manual flushes only)'}`);
   }
