@@ -692,9 +692,12 @@ describe('a cache budget', () => {
     expect(r.store.usedBlocks).toBeLessThanOrEqual(BUDGET);
     expect(held(r)).toBeLessThanOrEqual(BUDGET * BS + MIRROR_UNIT);
     let flushes = 0;
-    r.engine.onSpacePressure = async () => {
+    // One flush at a time, a second caller joining the running one, as the daemon's scheduler does.
+    let running: Promise<unknown> | null = null;
+    r.engine.onSpacePressure = () => {
       flushes++;
-      await flushDirty(r.engine);
+      running ??= flushDirty(r.engine).finally(() => (running = null));
+      return running;
     };
     // Twice the budget of new writes: they evict clean blocks and wait for flushes, never for ever.
     for (let i = 0; i < 32; i++) {
