@@ -138,7 +138,8 @@ export async function attachLoop(options: LoopAttachOptions): Promise<Frontend> 
     throw err;
   }
   const sys = `/sys/block/loop${loopIndex(device)}`;
-  logger.info({ device, file, ...(created ? { created: true } : {}) }, 'loop device bound to the FUSE export');
+  // `bound`, not `device`: the daemon's logger carries the device asked for (/dev/loop) already.
+  logger.info({ bound: device, file, ...(created ? { created: true } : {}) }, 'loop device bound to the FUSE export');
   await showPartitions(device, sys, logger);
 
   return {

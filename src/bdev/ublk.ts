@@ -185,8 +185,9 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
   const owned = recordDir ? join(recordDir, `ublkb${started.devId}.cache`) : null;
   if (owned) await writeFile(owned, `${store.paths.cache}\n`, { mode: 0o600 });
   if (!options.readOnly) engine.externalEpochs = epochs.external;
-  if (started.recovered) logger.warn({ device }, `${device}: taken back from a daemon that died (user recovery: its queued I/O carries on)`);
-  else logger.info({ device }, 'ublk device added');
+  // `bound`, not `device`: the daemon's logger carries the device asked for (/dev/ublkb) already.
+  if (started.recovered) logger.warn({ bound: device }, `${device}: taken back from a daemon that died (user recovery: its queued I/O carries on)`);
+  else logger.info({ bound: device }, 'ublk device added');
   if (started.features !== 0 && (started.features & native.UBLK_F_USER_RECOVERY) === 0) {
     logger.warn(`${device}: this kernel's ublk has no UBLK_F_USER_RECOVERY: after a crash of the daemon the device fails its I/O and is added again by the next start`);
   }

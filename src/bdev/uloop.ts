@@ -513,7 +513,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
   if (attach === 'reattached') {
     const info = existing!;
     logger.warn(
-      { device, waiting: info.waiting, pending: info.pendingBlocks },
+      { waiting: info.waiting, pending: info.pendingBlocks },
       `${device}: taken back from a daemon that died (${info.waiting} requests waiting for it, ${info.pendingBlocks} blocks for the next barrier)`,
     );
     // An epoch the dead daemon began cannot be committed: end it, so writes stop asking to preserve.
@@ -524,7 +524,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       await flushDevice().catch((err: Error) => logger.warn(`${device}: the FLUSH after re-attaching failed (${err.message}); the kernel keeps those blocks for the next one`));
     }
   } else {
-    logger.info({ device }, 'uloop device added');
+    logger.info('uloop device added');
   }
 
   // The kernel's counters, looked at every pollMs: requests it served without the daemon

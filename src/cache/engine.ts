@@ -1088,7 +1088,8 @@ export class CacheEngine {
           await store.spaceChange();
           continue;
         }
-        const dirtyData = space.presentBlocks;
+        // Dirty blocks, not present ones: a budget full of clean blocks is not "full of dirty data".
+        const dirtyData = store.dirty.count();
         if (!this.onSpacePressure) {
           this.#spaceError = `the cache budget is full of dirty data (${dirtyData} blocks) and nothing flushes it`;
           throw new CacheFullError(`${this.#spaceError}; attach with a flush policy (--flush, --dirty-max) or run 'ulobdev flush'`);
@@ -1102,7 +1103,12 @@ export class CacheEngine {
         }
         // With a kernel frontend the store may count blocks clean and present that the kernel
         // will not give up (it no longer serves them, or holds them busy): never spin on those.
-        if (++futile > MAX_FUTILE_FLUSHES && store.usedBlocks + blocks > store.budgetBlocks && (this.externalEpochs?.evict !== undefined || this.#evictableNone())) {
+        // Nor without a clock: nothing is ever evicted then, so no flush can make room.
+        if (
+          ++futile > MAX_FUTILE_FLUSHES &&
+          store.usedBlocks + blocks > store.budgetBlocks &&
+          (this.externalEpochs?.evict !== undefined || !store.clock || this.#evictableNone())
+        ) {
           this.#spaceError = 'the cache budget stays full of dirty data: flushes free nothing (every block is rewritten while it flushes)';
           throw new CacheFullError(this.#spaceError);
         }

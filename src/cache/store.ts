@@ -11,6 +11,7 @@
 // With a budget (--cache-size) the cache file is sparse and the store counts the blocks it holds:
 // present ones, blocks the engine has reserved for data not yet present, and blocks being punched.
 import { randomUUID } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
 import { dirname } from 'node:path';
 import {
   CorruptMetadataError,
@@ -139,6 +140,8 @@ export class CacheStore {
     meta: Metadata;
     present: Bitmap;
     dirty: Bitmap;
+    /** The budget this open serves with (a full mirror getting one has none in its metadata yet). */
+    budget: number | null;
   }) {
     this.paths = args.paths;
     this.geometry = args.geometry;
@@ -152,7 +155,7 @@ export class CacheStore {
     this.#dataSync = new Coalescer(() => this.#syncData());
     this.#presentCount = args.present.count();
     this.unitBlocks = Math.max(1, args.meta.info.evictionUnit / args.geometry.blockSize);
-    this.clock = args.meta.info.budget === null ? null : new Clock(args.geometry.blockCount, this.unitBlocks);
+    this.clock = args.budget === null ? null : new Clock(args.geometry.blockCount, this.unitBlocks);
     this.#intentRound = new Coalescer(() => this.#recordIntents());
   }
 
@@ -177,8 +180,10 @@ export class CacheStore {
     } else {
       for (const p of [paths.cache, paths.bitmap]) {
         if (await storage.exists(p)) {
+          // Not a cache we can prove is ours (it may be the disk, or another program's file): never
+          // point at 'discard', which would remove it.
           throw new CorruptMetadataError(
-            `${p} exists but its metadata ${paths.metadata} does not; move it away or re-create the cache with 'ulobdev discard --force'`,
+            `${p} exists but its metadata ${paths.metadata} does not, so it is not a ulobdev cache; give -c and -b paths that do not exist yet (a new cache is made there)`,
           );
         }
       }
@@ -253,7 +258,10 @@ export class CacheStore {
         }
       }
 
-      const store = new CacheStore({ paths, geometry, cache, bitmapFile, meta, present, dirty });
+      // The clock from the budget of this open, not the metadata's: a full mirror given a budget
+      // (--cache-size again) has none recorded yet, and without a clock nothing is ever evicted
+      // (writes then waited for ever on a budget full of clean blocks).
+      const store = new CacheStore({ paths, geometry, cache, bitmapFile, meta, present, dirty, budget });
       // From here on the open is accepted: mark the cache in use (unclean until close).
       meta.upgrade();
       if (budget !== info.budget) meta.setBudget(budget, info.evictionUnit);
@@ -288,10 +296,26 @@ export class CacheStore {
    * Removes a cache (cache file, bitmap, metadata) so the next open re-creates it. Refused while
    * dirty blocks exist, unless `force`: they are the only copy of data the disk has not received.
    */
-  static async discard(paths: CachePaths, options: { force?: boolean; storage?: Storage; metadata?: MetadataFactory } = {}): Promise<{ dirtyBlocks: number }> {
+  static async discard(
+    paths: CachePaths,
+    options: { force?: boolean; storage?: Storage; metadata?: MetadataFactory; backing?: string } = {},
+  ): Promise<{ dirtyBlocks: number }> {
     const storage = options.storage ?? posixStorage;
+    await assertCachePathsApart(paths, options.backing);
     let dirtyBlocks = 0;
-    if (await storage.exists(paths.metadata)) {
+    const metaExists = await storage.exists(paths.metadata);
+    if (!metaExists) {
+      // Without metadata nothing says these files are a cache: they may be the disk or another
+      // program's data. Removing them is the user's call, made by hand.
+      for (const p of [paths.cache, paths.bitmap]) {
+        if (await storage.exists(p)) {
+          throw new InvalidArgumentError(
+            `${p} is not a ulobdev cache (its metadata ${paths.metadata} does not exist); discard removes nothing: check what it is and move it away yourself`,
+          );
+        }
+      }
+    }
+    if (metaExists) {
       let meta: Metadata;
       try {
         meta = (options.metadata ?? Metadata).open(paths.metadata);
@@ -1008,3 +1032,30 @@ async function readFully(file: BlockFile, buf: Buffer, path: string): Promise<vo
   if (n !== buf.byteLength) throw new SizeMismatchError(`${path}: short read (${n} of ${buf.byteLength} bytes)`);
 }
 
+
+/**
+ * Refuses cache paths (cache file, bitmap, metadata) that are not files of their own: a block
+ * device, a directory, or the disk `backing` itself (same inode, or for a block device the same
+ * device number; also a cache file on a filesystem that lives on that block device). Attach runs
+ * it before anything is opened, discard before anything is removed: the one slip that turns a
+ * cache command into the loss of the disk (`-c disk.img ... disk.img`).
+ * @throws InvalidArgumentError naming the path and what it is.
+ */
+export async function assertCachePathsApart(paths: CachePaths, backing?: string): Promise<void> {
+  const disk = backing === undefined ? null : await fsp.stat(backing).catch(() => null);
+  for (const [what, p] of [['cache', paths.cache], ['bitmap', paths.bitmap], ['metadata', paths.metadata]] as const) {
+    const st = await fsp.stat(p).catch(() => null);
+    if (disk && st && (disk.isBlockDevice() ? st.isBlockDevice() && st.rdev === disk.rdev : st.dev === disk.dev && st.ino === disk.ino)) {
+      throw new InvalidArgumentError(`the ${what} ${p} is the disk itself (BACKEND ${backing}); give -c a file on flash, not the disk`);
+    }
+    if (st && !st.isFile()) {
+      const kind = st.isBlockDevice() ? 'a block device' : st.isDirectory() ? 'a directory' : 'not a regular file';
+      throw new InvalidArgumentError(`the ${what} ${p} is ${kind}, not a ulobdev cache file; give -c a file on flash (a path that does not exist yet makes a new cache)`);
+    }
+    // A cache file on a filesystem of the disk would write the disk on every cache write.
+    const home = st ?? (await fsp.stat(dirname(p)).catch(() => null));
+    if (disk?.isBlockDevice() && home && home.dev === disk.rdev) {
+      throw new InvalidArgumentError(`the ${what} ${p} is on a filesystem of the disk ${backing} itself; give -c a file on flash, not on the disk`);
+    }
+  }
+}

@@ -23,6 +23,9 @@ const requireCjs = createRequire(import.meta.url);
  * pipe), or, when `pretty` (a foreground run on a terminal), pino-pretty's human-readable lines.
  * Both write synchronously, so the last line before an exit is never lost.
  */
+/** The --log-level values, most severe first (pino's levels a user would pick). */
+export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug'] as const;
+
 export function makeLogger(level: string, options: { pretty?: boolean } = {}): Logger {
   if (options.pretty) {
     // One daemon, one device, which the user just typed: lines without the device and pid.

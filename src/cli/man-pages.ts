@@ -26,7 +26,7 @@ export function ulobdevManPage(meta: { date: string; version: string }): string 
     exitCodes: EXIT_CODES,
     description: [
       'ulobdev puts a spinning disk (BACKEND) behind a cache file on flash and exposes the cached disk as DEVICE. Reads are served from flash once a block was read, writes land on flash marked dirty, and the disk can sleep until a flush writes the dirty blocks back in one sorted pass: on the --flush schedule, above --dirty-max, past --max-dirty-age, on ulobdev flush, or at detach.',
-      'DEVICE is /dev/loopN (a loop device over a FUSE file: no module of ours), /dev/loop (the first free loop device, as losetup -f), /dev/nbdN (the kernel NBD client), /dev/uloopN (the uloop module), or an NBD URL to serve only.',
+      'DEVICE is /dev/loopN (a loop device over a FUSE file: no module of ours), /dev/loop (the first free loop device, as losetup -f), /dev/nbdN (the kernel NBD client), /dev/uloopN (the uloop module), /dev/ublkbN (the kernel\'s ublk driver; /dev/ublkb, the next free one), or an NBD URL to serve only.',
       'Every write acknowledged and followed by a FLUSH (fsync) survives a crash of the daemon or a power loss: it is on flash, and the cache remembers which blocks the disk lacks. A cache made for one disk is refused for any other.',
       'Run in the foreground (as ulobdev@.service does), SIGTERM stops the daemon: it waits up to --stop-timeout for DEVICE to be unmounted, flushes if the policy says so, and exits; a device still mounted then is left to fail further I/O, with one line in the log saying so.',
     ],

@@ -8,17 +8,18 @@
 //   ulobdev status [DEVICE|NAME] [--json]
 //   ulobdev detach DEVICE|NAME
 //   ulobdev flush DEVICE|NAME [--wait]
+//   ulobdev hydrate DEVICE|NAME [--wait] [--rate RATE]
 //   ulobdev report DEVICE|NAME --svg FILE [--hours N]
 //   ulobdev discard [-c CACHE] [-b BITMAP] [--force] BACKEND
 import { VERSION } from './version.js';
 import { promises as fsp } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument, Option } from 'commander';
-import { CacheStore } from '../cache/store.js';
+import { assertCachePathsApart, CacheStore } from '../cache/store.js';
 import { Metadata } from '../cache/metadata.js';
 import { CacheBusyError, DaemonError, DeviceBusyError, InvalidArgumentError, IOFailedError, NotAttachedError, PermissionDeniedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
-import { attachFailed, childArgs, daemonize, hasWaitingParent, logsToTerminal, makeLogger, noteParent, notifyParent, oneLine, warn } from './background.js';
+import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logsToTerminal, makeLogger, noteParent, notifyParent, oneLine, warn } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
 import { openBacking } from '../source/backing.js';
 import { controlRequest } from '../daemon/control.js';
@@ -216,6 +217,11 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
   const cacheSize = flags.cacheSize === undefined ? undefined : parseCacheSize(flags.cacheSize);
   const evictionUnit = flags.evictionUnit === undefined ? undefined : parseEvictionUnit(flags.evictionUnit);
   await assertNotServed(resolve(backing), runDir);
+  // The disk given as -c (or -b, --metadata) is refused before anything opens it. Without any of
+  // them the cache lives in the state directory, named after the disk's identity.
+  if (flags.cache !== undefined || flags.bitmap !== undefined || flags.metadata !== undefined) {
+    await assertCachePathsApart(cachePaths(flags, 'unused'), backing);
+  }
   if (flags.daemon) return daemonize(device, { name: flags.name, runDir: flags.runDir, args: childArgs(command, [device, backing], ['daemon']) });
   // Cache, metadata and sockets hold the disk's data: owner only.
   process.umask(0o077);
@@ -325,6 +331,16 @@ async function status(device: string | undefined, flags: { json?: boolean; runDi
   for (const s of statuses) process.stdout.write(formatStatus(s));
 }
 
+/**
+ * What detach does with dirty data, worded so the default (no schedule or limit: detach does not
+ * flush) does not read as if --no-flush-on-detach had been given.
+ */
+function detachPolicy(p: NonNullable<DeviceStatus['policy']>): string {
+  if (p.flushOnDetach) return 'flush on detach';
+  const automatic = p.flushCron !== null || p.dirtyMaxBytes !== null || p.maxDirtyAgeSeconds !== null || p.onAc !== null;
+  return automatic ? 'no flush on detach' : 'detach does not flush (the default without a schedule or limit)';
+}
+
 function when(ms: number | null | undefined): string {
   if (ms === null || ms === undefined) return 'never';
   const d = new Date(ms);
@@ -388,7 +404,7 @@ function formatStatus(s: DeviceStatus): string {
       p.spindown ? 'spindown' : null,
       p.standbyTimeoutSeconds !== null ? `standby-timeout ${p.standbyTimeoutSeconds === 0 ? 'off' : formatDuration(p.standbyTimeoutSeconds)}` : null,
       p.hydrateRate !== null ? `hydrate ${p.hydrateRate === 0 ? 'unlimited' : `${formatBytes(p.hydrateRate)}/s`}` : null,
-      s.writeback ? (p.flushOnDetach ? 'flush on detach' : 'no flush on detach') : null,
+      s.writeback ? detachPolicy(p) : null,
     ].filter(Boolean);
     lines.push(`  policy: ${set.length > 0 ? set.join(', ') : 'none (manual flushes only)'}`);
   }
@@ -525,7 +541,7 @@ async function discard(backing: string, flags: { cache?: string; bitmap?: string
   const source = await openBacking(backing, { writable: false });
   const paths = cachePaths(flags, source.id);
   await source.close();
-  const { dirtyBlocks } = await CacheStore.discard(paths, { force: flags.force });
+  const { dirtyBlocks } = await CacheStore.discard(paths, { force: flags.force, backing });
   process.stdout.write(
     `removed the cache ${paths.cache}${dirtyBlocks ? ` and ${dirtyBlocks} dirty blocks` : ''}; the next attach re-creates it\n`,
   );
@@ -570,7 +586,7 @@ export function buildProgram(): Command {
     .command('attach', { isDefault: true })
     .description('put BACKEND behind the cache and expose it as DEVICE')
     .usage('[options] DEVICE BACKEND')
-    .argument('<DEVICE>', '/dev/loopN, /dev/nbdN, /dev/uloopN, nbd+unix:///?socket=PATH or nbd://HOST:PORT')
+    .argument('<DEVICE>', '/dev/loopN (/dev/loop: the first free one), /dev/nbdN, /dev/uloopN, /dev/ublkbN (/dev/ublkb: the next free one), nbd+unix:///?socket=PATH or nbd://HOST:PORT')
     .argument('<BACKEND>', 'the disk behind the cache: a block device or a file')
     .allowExcessArguments()
     .option('-c, --cache <PATH>', 'cache file, in a directory that exists (default: /var/lib/ulobdev/<disk id>.cache)')
@@ -582,7 +598,7 @@ export function buildProgram(): Command {
     .option('--eviction-unit <SIZE>', 'for a new cache with --cache-size: what is filled and evicted at once, 64K to 1M (default 256K)')
     .option('--daemon', 'return once DEVICE is ready and keep serving in the background')
     .option('--name <NAME>', 'name for status, flush and detach, and of the control socket (default: from DEVICE)', nameArg)
-    .option('--log-level <LEVEL>', 'fatal, error, warn, info, debug', 'info')
+    .addOption(new Option('--log-level <LEVEL>', 'how much the log says').choices(LOG_LEVELS).default('info'))
     .option('--flush <CRON>', "write dirty blocks back on this cron schedule: 5 fields, minute hour day-of-month month day-of-week, e.g. '*/30 * * * *' ('' for none: manual flushes only)")
     .option('--dirty-max <SIZE|PCT>', 'flush at once when dirty data exceeds this: a size with its unit (512M, 2G) or a share of the disk (10%)')
     .option('--max-dirty-age <DURATION>', 'flush once the oldest unflushed write is this old (30m, 2h)')
@@ -628,7 +644,7 @@ export function buildProgram(): Command {
   program
     .command('hydrate')
     .description('copy the whole disk of DEVICE into the cache in the background, so that no read wakes it')
-    .argument('<DEVICE>', 'the device or the --name given at attach')
+    .argument('<DEVICE|NAME>', 'the device or the --name given at attach')
     .option('--wait', 'wait until the whole disk is cached (progress bar on a terminal)')
     .option('--rate <RATE>', 'at most RATE per second, e.g. 50M (default: as fast as user I/O allows)')
     .option('--json', 'machine-readable output')
@@ -674,10 +690,41 @@ function hidden(flags: string) {
   return new Command().createOption(flags).hideHelp();
 }
 
+/**
+ * A first word that is no command, no option and no path (`ulobdev statsu`) would be taken as the
+ * DEVICE of an attach and refused for a missing BACKEND. When commander finds a command close to
+ * it, returns its own one line for it, "unknown command 'statsu' (Did you mean status?)"; else null
+ * (the attach form then says what is wrong with its arguments).
+ */
+export function mistypedCommand(program: Command, args: string[]): string | null {
+  const word = args[0];
+  if (word === undefined || !/^[A-Za-z][\w-]*$/.test(word)) return null;
+  if (program.commands.some((c) => c.name() === word || c.aliases().includes(word))) return null;
+  // A program without a default command, with the same command names: commander's unknown-command
+  // error and its suggestion (the one misspelt options get), captured instead of printed.
+  const probe = new Command(program.name()).exitOverride();
+  let said: string | null = null;
+  oneLineErrors(probe).configureOutput({ writeErr: (text) => void (said = text.trim()), writeOut: () => undefined });
+  for (const c of program.commands) probe.command(c.name());
+  try {
+    probe.parse([word], { from: 'user' });
+  } catch {
+    // the unknown command: `said` has its line
+  }
+  const line = said as string | null;
+  return line !== null && line.includes('(Did you mean') ? line : null;
+}
+
 export async function main(argv: string[]): Promise<number> {
   markStart('loaded');
   try {
-    await buildProgram().parseAsync(argv);
+    const program = buildProgram();
+    const typo = mistypedCommand(program, argv.slice(2));
+    if (typo) {
+      process.stderr.write(`${typo}\n`);
+      return exitCodeFor(new InvalidArgumentError(typo));
+    }
+    await program.parseAsync(argv);
     return 0;
   } catch (err) {
     // Commander has printed its own usage error (one line, oneLineErrors) already.

@@ -14,7 +14,7 @@ import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgume
 import { CacheStore } from '../cache/store.js';
 import { ForeignCacheError, ImageChangedError, InvalidArgumentError, SizeMismatchError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
-import { attachFailed, childArgs, daemonize, hasWaitingParent, logsToTerminal, makeLogger, notifyParent, oneLine, warn } from './background.js';
+import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logsToTerminal, makeLogger, notifyParent, oneLine, warn } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
 import { openHttpSource, type HttpSource } from '../source/http.js';
 import { credentialsHeader, formatHeaders, parseHeaders, redactUrl } from '../source/http-range.js';
@@ -241,7 +241,7 @@ Examples:
     .option('--allow-remote', 'let an nbd://HOST:PORT DEVICE listen on an address other machines reach (no authentication, no encryption)')
     .option('--daemon', 'return once DEVICE is ready and keep serving in the background')
     .option('--name <NAME>', 'name for status and detach, and of the control socket (default: from DEVICE)', nameArg)
-    .option('--log-level <LEVEL>', 'fatal, error, warn, info, debug', 'info')
+    .addOption(new Option('--log-level <LEVEL>', 'how much the log says').choices(LOG_LEVELS).default('info'))
     .addOption(hidden('--state-dir <DIR>'))
     .addOption(hidden('--run-dir <DIR>'))
     .action((device: string, url: string, flags: Flags, command: Command) => attach(device, url, flags, command));

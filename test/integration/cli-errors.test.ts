@@ -1,6 +1,6 @@
 // Invariant 6 at the command line: each bad input gets one line on stderr, a non-zero exit, and
 // changes nothing (no file created or modified, no loop device bound).
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { loopsUnder, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev, unusedLoop } from '../support/cli.js';
@@ -31,6 +31,17 @@ async function expectRefused(args: string[], message: RegExp, options: { uid?: n
   expect(r.stderr).toMatch(message);
   expect(snapshot(s.dir)).toEqual(before);
   expect(loops()).toBe(loopsBefore);
+}
+
+/** `ulobdev discard ARGS` refused: one line, exit 1, nothing in the scratch dir changed. */
+async function expectDiscardRefused(args: string[], message: RegExp): Promise<void> {
+  const before = snapshot(s.dir);
+  const r = await ulobdev(['discard', ...args]);
+  expect(r.code, r.stderr).toBe(1);
+  expect(r.stdout).toBe('');
+  expect(r.stderr).toMatch(/^ulobdev: [^\n]+\n$/);
+  expect(r.stderr).toMatch(message);
+  expect(snapshot(s.dir)).toEqual(before);
 }
 
 function makeDisk(name: string, size = '16M'): string {
@@ -118,7 +129,32 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
   it('a cache file without its metadata', async () => {
     s = scratch('ulob-cli-');
     writeFileSync(join(s.dir, 'c.cache'), 'precious data of some other program');
-    await expectRefused([...cacheArgs(), unusedLoop(), makeDisk('disk.img')], /exists but its metadata .* does not/);
+    // Not a cache we know: the line must not point at 'discard', which would remove it.
+    await expectRefused(
+      [...cacheArgs(), unusedLoop(), makeDisk('disk.img')],
+      /exists but its metadata .* does not, so it is not a ulobdev cache; give -c and -b paths that do not exist yet \(a new cache is made there\)\n$/,
+    );
+  });
+
+  it('the disk itself as the cache (-c disk.img ... disk.img, a block device too): attach and discard refuse, the disk stays', async () => {
+    s = scratch('ulob-cli-');
+    const disk = makeDisk('disk.img');
+    writeFileSync(disk, 'an ext4 filesystem, say', { flag: 'r+' });
+    await expectRefused(['-c', disk, '--writeback', unusedLoop(), disk], /the cache \S*disk\.img is the disk itself \(BACKEND \S*disk\.img\); give -c a file on flash/);
+    // `ulobdev discard -c disk.img --force disk.img` deleted the disk image.
+    await expectDiscardRefused(['-c', disk, '--force', disk], /the cache \S*disk\.img is the disk itself/);
+    const loop = mustSh('losetup', ['-f', '--show', makeDisk('disk2.img')]).trim();
+    undo.push(() => sh('losetup', ['-d', loop]));
+    await expectRefused(['-c', loop, '--writeback', unusedLoop(), loop], new RegExp(`the cache ${loop} is the disk itself`));
+    await expectDiscardRefused(['-c', loop, '--force', loop], new RegExp(`the cache ${loop} is the disk itself`));
+    // A block device that is not the disk is no cache file either.
+    await expectRefused(['-c', loop, '--writeback', unusedLoop(), disk], new RegExp(`the cache ${loop} is a block device, not a ulobdev cache file`));
+    await expectDiscardRefused(['-c', loop, '--force', disk], new RegExp(`the cache ${loop} is a block device`));
+    // Any file with no metadata next to it is not a cache: discard leaves it alone.
+    const other = join(s.dir, 'other.img');
+    writeFileSync(other, 'precious data of some other program');
+    await expectDiscardRefused(['-c', other, '--force', disk], /other\.img is not a ulobdev cache \(its metadata \S+ does not exist\); discard removes nothing/);
+    expect(existsSync(disk) && existsSync(other)).toBe(true);
   });
 
   it('a bad block size', async () => {

@@ -32,6 +32,40 @@ describe('command-line parsing', () => {
     expect(h.stderr).toBe("ulohttp: unknown option '--hydrat' (Did you mean --hydrate?)\n");
   });
 
+  it('names the command meant for a misspelt one instead of taking it as an attach DEVICE', async () => {
+    for (const [typo, meant] of [['statsu', 'status'], ['detatch', 'detach'], ['flsuh', 'flush'], ['hydrat', 'hydrate']]) {
+      const r = await run(ulobdev, [typo!, ...(typo === 'statsu' ? [] : ['data'])]);
+      expect(r.code, typo).toBe(1);
+      expect(r.stdout).toBe('');
+      expect(r.stderr).toBe(`ulobdev: unknown command '${typo}' (Did you mean ${meant}?)\n`);
+    }
+    // A word close to no command is left to the attach form, which names what is wrong.
+    const far = await run(ulobdev, ['xyzzy']);
+    expect(far.code).toBe(1);
+    expect(far.stderr).toBe("ulobdev: missing required argument 'BACKEND'\n");
+  });
+
+  it('refuses an unknown --log-level in one line naming the levels, exit 1', async () => {
+    for (const main of [ulobdev, ulohttp]) {
+      const r = await run(main, ['--log-level', 'bogus', '/dev/loop6', '/tmp/disk.img']);
+      expect(r.code).toBe(1);
+      expect(r.stderr).toMatch(/^ul\w+: option '--log-level <LEVEL>' argument 'bogus' is invalid\. Allowed choices are fatal, error, warn, info, debug\.\n$/);
+    }
+  });
+
+  it('--help, attach --help and hydrate --help name every DEVICE form README lists, and DEVICE|NAME', async () => {
+    const attach = await run(ulobdev, ['attach', '--help']);
+    expect(attach.code).toBe(0);
+    // commander wraps the argument's text to the terminal: compare it as one line.
+    attach.stdout = attach.stdout.replace(/\s+/g, ' ');
+    expect(attach.stdout).toMatch(/\/dev\/loop: the first free one/);
+    expect(attach.stdout).toMatch(/\/dev\/ublkbN \(\/dev\/ublkb: the next free one\)/);
+    const hydrate = await run(ulobdev, ['hydrate', '--help']);
+    expect(hydrate.stdout).toMatch(/hydrate \[options\] <DEVICE\|NAME>/);
+    const man = readFileSync(new URL('../../src/cli/man-pages.ts', import.meta.url), 'utf8');
+    expect(man).toMatch(/\/dev\/ublkbN/);
+  });
+
   it('prints the version from package.json', async () => {
     for (const [main, name] of [[ulobdev, 'ulobdev'], [ulohttp, 'ulohttp']] as const) {
       for (const flag of ['--version', '-V']) {

@@ -670,6 +670,51 @@ describe('a cache budget', () => {
     expect(r.store.budget).toBe(32 * BS);
   });
 
+  it('a full mirror given a budget at the next attach (README: --cache-size again) evicts to it at open, gives the flash back, and writes past the budget finish', async () => {
+    // No budget: a full, preallocated mirror. The whole disk is read into it, some of it written.
+    // The mirror's eviction unit is the default 256 KiB (64 blocks); the budget is 4 of them.
+    const BLOCKS = 1024;
+    const BUDGET = 256;
+    const MIRROR_UNIT = 256 * KiB;
+    const r = await rig({ size: BLOCKS * BS, blockSize: BS });
+    expect((await r.engine.read(0, r.engine.size)).equals(r.initial)).toBe(true);
+    const model = Buffer.from(r.initial);
+    const first = pattern(4 * BS, 9);
+    await r.engine.write(8 * BS, first);
+    first.copy(model, 8 * BS);
+    await flushDirty(r.engine);
+    await r.engine.close();
+    expect(held(r)).toBeGreaterThanOrEqual(BLOCKS * BS);
+
+    r.options.budget = BUDGET * BS;
+    await attach(r);
+    expect(r.store.budget).toBe(BUDGET * BS);
+    // The mirror is evicted down to the budget before the device is served, and its flash given back.
+    expect(r.store.usedBlocks).toBeLessThanOrEqual(BUDGET);
+    expect(held(r)).toBeLessThanOrEqual(BUDGET * BS + MIRROR_UNIT);
+    let flushes = 0;
+    // One flush at a time, a second caller joining the running one, as the daemon's scheduler does.
+    let running: Promise<unknown> | null = null;
+    r.engine.onSpacePressure = () => {
+      flushes++;
+      running ??= flushDirty(r.engine).finally(() => (running = null));
+      return running;
+    };
+    // Twice the budget of new writes: they evict clean blocks and wait for flushes, never for ever.
+    for (let i = 0; i < 32; i++) {
+      const d = pattern(16 * BS, 100 + i);
+      const offset = ((i * 37) % 63) * 16 * BS;
+      await r.engine.write(offset, d);
+      d.copy(model, offset);
+      expect(held(r)).toBeLessThanOrEqual(BUDGET * BS + MIRROR_UNIT);
+    }
+    expect(flushes).toBeLessThan(100);
+    expect((await r.engine.read(0, r.engine.size)).equals(model)).toBe(true);
+    await flushDirty(r.engine);
+    expect(diskBytes(r).equals(model)).toBe(true);
+    expect(r.engine.stats().spaceError).toBeNull();
+  }, 20_000);
+
   it('after a crash, fills that were never committed are punched at the next open', async () => {
     const r = await rig({ size: 256 * BS, blockSize: BS, budget: 128 * BS, evictionUnit: UNIT });
     await r.engine.read(0, 32 * BS);

@@ -611,6 +611,42 @@ describe('CacheStore.discard', () => {
     expect(ls()).toEqual(['disk.img']);
   });
 
+  it('refuses to remove the disk itself given as the cache, even with force, and removes nothing', async () => {
+    // `ulobdev discard -c disk.img --force disk.img`: the disk has no metadata next to it.
+    const onDisk = { cache: disk, bitmap: join(dir, 'bitmap'), metadata: `${disk}.meta` };
+    await expectRefused(() => CacheStore.discard(onDisk, { force: true, backing: disk }), InvalidArgumentError, 'ULOB_E_INVALID_ARG', [
+      disk,
+      'is the disk itself',
+    ]);
+    // Even with metadata there (a cache once made at that path): the disk is never a cache.
+    await makeCache();
+    writeFileSync(onDisk.metadata, readFileSync(paths.metadata));
+    await expectRefused(() => CacheStore.discard(onDisk, { force: true, backing: disk }), InvalidArgumentError, 'ULOB_E_INVALID_ARG', [disk]);
+    expect(ls()).toContain('disk.img');
+  });
+
+  it('refuses a file with no metadata next to it (not a cache), even with force, and removes nothing', async () => {
+    const other = join(dir, 'precious.img');
+    writeFileSync(other, 'data of some other program');
+    const notCache = { cache: other, bitmap: join(dir, 'bitmap'), metadata: `${other}.meta` };
+    await expectRefused(() => CacheStore.discard(notCache, { force: true }), InvalidArgumentError, 'ULOB_E_INVALID_ARG', [
+      other,
+      'is not a ulobdev cache',
+    ]);
+    expect(readFileSync(other, 'utf8')).toBe('data of some other program');
+  });
+
+  it('refuses a directory or device as a cache path, even with force', async () => {
+    await expectRefused(() => CacheStore.discard({ ...paths, bitmap: '/dev/null' }, { force: true }), InvalidArgumentError, 'ULOB_E_INVALID_ARG', [
+      '/dev/null',
+      'not a regular file',
+    ]);
+    mkdirSync(join(dir, 'adir'));
+    await expectRefused(() => CacheStore.discard({ ...paths, cache: join(dir, 'adir') }, { force: true }), InvalidArgumentError, 'ULOB_E_INVALID_ARG', [
+      'is a directory',
+    ]);
+  });
+
   it('of a cache that does not exist removes nothing', async () => {
     expect(await CacheStore.discard(paths)).toEqual({ dirtyBlocks: 0 });
     expect(ls()).toEqual(['disk.img']);
