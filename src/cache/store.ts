@@ -263,6 +263,9 @@ export class CacheStore {
       if (info.mode !== options.mode) meta.setMode(options.mode);
       store.#mode = options.mode;
       meta.setCleanShutdown(false);
+      // A kernel commit record is only good with the kernel that committed (a daemon killed, the
+      // device kept): without one the kernel's bits are gone and the store's dirty bits stand.
+      if (!options.servedByKernel && meta.kernelCommit() !== null) meta.dropKernelCommit();
       if (budget !== null && !options.servedByKernel) {
         const unbudgeted = info.budget === null && !creating;
         await store.#dropLeftovers(unbudgeted || store.recoveredFromCrash);
@@ -489,6 +492,28 @@ export class CacheStore {
     const remaining = [...subtractExtents(this.dirty.runs(), extents)];
     this.#guard(() => this.#meta.replaceDirty(this.#dataRuns(remaining), this.#meta.info.flushEpoch + 1, this.#zeroRuns(remaining), pending));
     for (const e of extents) this.dirty.clearRange(e.start, e.start + e.count);
+  }
+
+  /**
+   * Phase one of a kernel frontend's epoch commit (src/bdev/uloop.ts, kernelEpochs): records that
+   * the disk has durably received `extents` of kernel epoch `epoch`, before the kernel clears its
+   * dirty bits. clearFlushed() ends the record in its transaction; a record found at the next
+   * attach (kernelCommit()) says the daemon died between the two commits.
+   */
+  recordKernelCommit(epoch: number, extents: Iterable<Extent>): void {
+    this.#assertUsable();
+    this.#guard(() => this.#meta.recordKernelCommit(epoch, extents));
+  }
+
+  /** The record recordKernelCommit() left, if a daemon died between the two commits; else null. */
+  kernelCommit(): { epoch: number; extents: Extent[] } | null {
+    return this.#meta.kernelCommit();
+  }
+
+  /** Forgets the kernel commit record without clearing anything (its blocks stay dirty). */
+  dropKernelCommit(): void {
+    this.#assertUsable();
+    this.#guard(() => this.#meta.dropKernelCommit());
   }
 
   /**
