@@ -227,9 +227,12 @@ export class CacheStore {
         present.clearRange(z.start, z.start + z.count);
       }
       if (budget !== null) {
-        // Checked before anything is written: a refused budget changes nothing.
+        // Checked before anything is written: a refused budget changes nothing. The budget the
+        // cache already has is taken even below its dirty data: a kernel frontend writes whole
+        // missing blocks without asking (/dev/uloopN), so a crash may leave more dirty data than the
+        // budget, and only a running daemon can flush it (a budget flush starts at the first fill).
         const dirtyData = dirty.count() - zeroed.count();
-        if (dirtyData * geometry.blockSize > budget) {
+        if (budget !== info.budget && dirtyData * geometry.blockSize > budget) {
           throw new InvalidArgumentError(
             `a cache budget of ${formatBytes(budget)} is smaller than the ${formatBytes(dirtyData * geometry.blockSize)} of dirty data ${paths.cache} holds; ` +
               `flush first ('ulobdev flush --wait'), or give at least ${formatBytes(dirtyData * geometry.blockSize)}`,
