@@ -13,7 +13,7 @@
 // power loss every sector must hold a content the model allows; after a daemon kill, exactly what
 // was acknowledged (the request in flight: old or new); after every completed flush the disk must
 // be the device's image at the flush's start (invariant 7), also with a write racing the copy.
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import pino from 'pino';
@@ -712,6 +712,8 @@ function stepArb(config: UloopModelConfig): fc.Arbitrary<UloopStep> {
 
 /** Replays one run on a fresh model disk and cache; throws at the first broken guarantee. */
 export async function runUloopModel(config: UloopModelConfig, { steps, seed }: UloopModelCase): Promise<void> {
+  // ULOB_MODEL_TRACE=FILE: each run's case is written there before it runs (to find one that hangs).
+  if (process.env.ULOB_MODEL_TRACE) writeFileSync(process.env.ULOB_MODEL_TRACE, JSON.stringify({ seed, steps }) + '\n');
   const size = config.blocks * config.blockSize - config.tail;
   const sectors = size / SECTOR;
   const dir = mkdtempSync(join('/dev/shm', 'ulob-umodel-'));
