@@ -81,9 +81,16 @@ const BUDGET_ZERO_OPEN: Record<string, UloopModelCase> = {
   },
 };
 
+// Open bug, failing on main b2c7de2 too: this run never ends (the model's I/O is all in memory, so
+// a loop of upcalls that never waits starves the event loop and even the test's timeout). Until
+// it is found, the budget property below runs only with ULOB_MODEL_BUDGET=1: it finds this case
+// within about 100 runs and would hang \`make test\`.
+const BUDGET_HANG: UloopModelCase = {"seed": 25, "steps": [{"op": {"kind": "writeback"}}, {"crash": "power", "after": 12, "op": {"kind": "read", "sector": 29, "count": 22}}, {"op": {"kind": "writeback-racing", "sector": 3, "count": 9, "split": 8}}, {"op": {"kind": "write", "sector": 34, "count": 20, "fua": true}}, {"op": {"kind": "writeback"}}, {"crash": "daemon", "after": 1, "op": {"kind": "writeback-racing", "sector": 37, "count": 23, "split": 2}}, {"op": {"kind": "evict", "blocks": 1}}, {"op": {"kind": "writeback"}}, {"op": {"kind": "flush"}}]};
+
 describe('uloop protocol model with a cache budget: 8 x 4096 B blocks, budget 4', () => {
   for (const [name, c] of Object.entries(BUDGET_CASES)) it(name, () => runUloopModel(BUDGET_CONFIG, c), 60_000);
   for (const [name, c] of Object.entries(BUDGET_ZERO_OPEN)) it.fails(`${name} (open bug: EIO)`, () => runUloopModel(BUDGET_ZERO_CONFIG, c), 60_000);
 
-  it('keeps invariants 1-4 and 7, no present bit over a hole, and misses served, through evictions, power losses and daemon kills', () => assertUloopModel(BUDGET_CONFIG, RUNS), 900_000);
+  it.skip('a daemon kill during a racing flush, then an eviction and a flush (open bug: never ends)', () => runUloopModel(BUDGET_CONFIG, BUDGET_HANG), 60_000);
+  it.runIf(process.env.ULOB_MODEL_BUDGET === '1')('keeps invariants 1-4 and 7, no present bit over a hole, and misses served, through evictions, power losses and daemon kills', () => assertUloopModel(BUDGET_CONFIG, RUNS), 900_000);
 });
