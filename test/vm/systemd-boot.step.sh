@@ -56,7 +56,7 @@ disk_reads() {
   for d in "$DISK" "$DISK2"; do t=$((t + $(awk '{print $3}' "/sys/block/$(basename "$(readlink -f "$d")")/stat"))); done
   echo "$t"
 }
-# Block requests issued to either disk between trace_on and trace_off ("READ-TRACE LABEL ..."
+# (POSIX sh: the step runs under dash.) Block requests issued to either disk between trace_on and trace_off ("READ-TRACE LABEL ..."
 # lines: device, op, sector + count, and the task that issued them), so a read of a disk in a
 # check that expects none says who read what. Best effort: tracefs may be missing.
 TR=/sys/kernel/tracing
@@ -68,9 +68,9 @@ trace_on() {
 trace_off() {
   [ -w $TR/tracing_on ] || return 0
   echo 0 >$TR/tracing_on || return 0
-  local devs=() d
-  for d in "$DISK" "$DISK2"; do devs+=("$(tr ':' ',' <"/sys/block/$(basename "$(readlink -f "$d")")/dev")") || return 0; done
-  { grep -E "block_rq_issue: (${devs[0]}|${devs[1]}) " $TR/trace | head -40 | sed "s/^/READ-TRACE $1 /"; } || true
+  d1=$(tr ':' ',' <"/sys/block/$(basename "$(readlink -f "$DISK")")/dev") || return 0
+  d2=$(tr ':' ',' <"/sys/block/$(basename "$(readlink -f "$DISK2")")/dev") || return 0
+  { grep -E "block_rq_issue: ($d1|$d2) " $TR/trace | head -40 | sed "s/^/READ-TRACE $1 /"; } || true
   echo 0 >$TR/events/block/block_rq_issue/enable || true
 } 2>/dev/null
 # Waits until ulobdev@$2 (default data) runs again after $1 restarts, and its device answers.
