@@ -202,10 +202,6 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
       open = 0;
       if (epoch === 0) return;
       if (k.gone()) throw new EngineClosedError(`${k.device} was removed during the flush; its blocks stay dirty for the next one`);
-      // Two phases: the store records what the disk has (phase one), the kernel clears (COMMIT),
-      // the store clears in clearFlushed, which ends the record. A daemon killed in between leaves
-      // the record; the next one finishes the commit from it (reconcile).
-      engine.store.recordKernelCommit(epoch, cleaned.runs());
       k.commit(epoch, cleaned.buffer);
     },
     abort() {
@@ -282,59 +278,9 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
       return gone;
     };
   }
-  /**
-   * After ATTACH to a device a dead daemon served: makes the store and the kernel agree on the
-   * dirty set and ends the dead daemon's epoch. `state` is the kernel's (QUERY): the epochs begun
-   * so far and whether one is open. With no kernel commit record in the store the dead daemon
-   * never reached EPOCH_COMMIT: an open epoch is ended and nothing changes. With one (the disk
-   * durably has those blocks), the commit is finished: if the kernel's epoch is still open, COMMIT
-   * it now (the kernel keeps every block written since BEGIN dirty); if it committed already, the
-   * record's blocks the kernel holds clean are the ones it cleared. The store clears exactly those
-   * (clearFlushed, which ends the record): no block stays dirty in the store and clean in the
-   * kernel, where no epoch would take it and nothing could evict it. Synchronous: no upcall runs
-   * in between. Returns the blocks cleared, or null without a record.
-   */
-  const reconcile = (state: { epoch: number; open: boolean }): { epoch: number; cleared: number; kept: number } | null => {
-    const record = engine.store.kernelCommit();
-    if (!record) {
-      if (state.open) end(state.epoch);
-      return null;
-    }
-    const cleared = new Bitmap(engine.geometry.blockCount, Buffer.alloc(bytes));
-    for (const e of record.extents) cleared.setRange(e.start, e.start + e.count);
-    const recorded = cleared.count();
-    if (k.gone()) {
-      engine.store.dropKernelCommit();
-      return { epoch: record.epoch, cleared: 0, kept: recorded };
-    }
-    if (state.open && state.epoch === record.epoch) {
-      try {
-        k.commit(record.epoch, cleared.buffer);
-        cleared.changed();
-      } catch {
-        // ECANCELED, EIO: the kernel cleared nothing and ended the epoch.
-        cleared.buffer.fill(0);
-        cleared.changed();
-      }
-    } else {
-      if (state.open) end(state.epoch);
-      // The kernel's dirty bits, read through an epoch that is ended at once (BEGIN copies them).
-      const kernel = Buffer.alloc(bytes);
-      const probe = k.begin(kernel);
-      end(probe);
-      for (let i = 0; i < bytes; i++) cleared.buffer[i]! &= ~kernel[i]!;
-      cleared.changed();
-    }
-    const extents = [...cleared.runs()];
-    engine.store.clearFlushed(extents);
-    const n = cleared.count();
-    engine.store.notifySpace();
-    return { epoch: record.epoch, cleared: n, kept: recorded - n };
-  };
   return {
     external,
     end,
-    reconcile,
     /** PRESERVE of blocks [first, end) for kernel epoch `epoch`; an epoch that has ended needs nothing. */
     async preserve(epoch: number, first: number, last: number): Promise<void> {
       if (epoch !== open) return;
@@ -570,12 +516,8 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       { waiting: info.waiting, pending: info.pendingBlocks },
       `${device}: taken back from a daemon that died (${info.waiting} requests waiting for it, ${info.pendingBlocks} blocks for the next barrier)`,
     );
-    // The dead daemon's epoch: finished if it had reached its commit (the store's record), else
-    // ended, so writes stop asking to preserve.
-    if (!options.readOnly) {
-      const done = epochs.reconcile({ epoch: info.epoch, open: (info.state & native.ULOOP_STATE.EPOCH_OPEN) !== 0 });
-      if (done) logger.warn({ device, epoch: done.epoch, cleared: done.cleared, kept: done.kept }, `${device}: finished flush epoch ${done.epoch}'s commit the dead daemon left half done (${done.cleared} blocks clean, ${done.kept} still dirty)`);
-    } else if (info.state & native.ULOOP_STATE.EPOCH_OPEN) epochs.end(info.epoch);
+    // An epoch the dead daemon began cannot be committed: end it, so writes stop asking to preserve.
+    if (info.state & native.ULOOP_STATE.EPOCH_OPEN) epochs.end(info.epoch);
     // The blocks the kernel held for the next barrier (written whole while missing) are in no
     // store yet: a FLUSH now hands them over to this daemon, before anything can remove the device.
     if (!options.readOnly && info.pendingBlocks > 0) {

@@ -52,19 +52,6 @@ export interface ClockState {
 /** Eviction unit of caches made by format 1, which had none (and of new caches by default). */
 export const DEFAULT_EVICTION_UNIT = 256 * 1024;
 
-/** Added to format 2 without a new version: older readers ignore it (docs/format.md). */
-const KERNEL_COMMIT_TABLE = `
--- The kernel frontend's two-phase epoch commit (/dev/uloopN): the blocks of kernel epoch "epoch"
--- the disk has durably received, written just before the kernel's EPOCH_COMMIT and deleted with
--- the store's commit (the flush's replaceDirty). Rows left here mean a daemon died between the
--- two; the next daemon finishes the store's side from the kernel's bits (src/bdev/uloop.ts).
-CREATE TABLE IF NOT EXISTS kernel_commit (
-  epoch INTEGER NOT NULL,
-  start INTEGER NOT NULL CHECK (start >= 0),
-  count INTEGER NOT NULL CHECK (count > 0)
-);
-`;
-
 const SCHEMA = `
 CREATE TABLE cache_info (
   id             INTEGER PRIMARY KEY CHECK (id = 1),
@@ -116,7 +103,7 @@ CREATE TABLE events (
   kind   TEXT    NOT NULL,
   detail TEXT
 );
-${KERNEL_COMMIT_TABLE}`;
+`;
 
 /** Format 1 to 2: the budget (none), the eviction unit, zeroed rows, the clock. */
 const UPGRADE_1_TO_2 = `
@@ -130,7 +117,7 @@ CREATE TABLE clock (
   counts BLOB    NOT NULL
 );
 ALTER TABLE flush_history ADD COLUMN reason TEXT;
-${KERNEL_COMMIT_TABLE}UPDATE cache_info SET format_version = 2 WHERE id = 1;
+UPDATE cache_info SET format_version = 2 WHERE id = 1;
 PRAGMA user_version = 2;
 `;
 
@@ -285,7 +272,6 @@ export class Metadata implements HistoryLog {
             "; or flush with the ulobdev that made it and start over with 'ulobdev discard'",
         );
       }
-      if (version >= 2) db.exec(KERNEL_COMMIT_TABLE);
       return new Metadata(path, db);
     } catch (err) {
       db.close();
@@ -389,49 +375,9 @@ export class Metadata implements HistoryLog {
       for (const e of later) insert.run(e.start, e.count, 0);
       if (newEpoch !== undefined) {
         this.#db.prepare('UPDATE cache_info SET flush_epoch = ? WHERE id = 1').run(newEpoch);
-        // A flush's commit ends the kernel's two-phase commit record, if any, in the same transaction.
-        this.#db.exec('DELETE FROM kernel_commit');
       }
     });
     if (newEpoch !== undefined) this.#info = { ...this.#info, flushEpoch: newEpoch };
-  }
-
-  /**
-   * Phase one of a kernel frontend's epoch commit: the blocks of kernel epoch `epoch` the disk
-   * has durably received, recorded before the kernel clears its dirty bits (EPOCH_COMMIT). The
-   * flush's replaceDirty(…, newEpoch) deletes them. Written without waiting for the disk (as
-   * addDirtyUnsynced): it must survive a killed daemon, whose writes the page cache keeps; after a
-   * power loss the kernel's bits are gone too and the store's dirty bits stand (dropKernelCommit).
-   */
-  recordKernelCommit(epoch: number, extents: Iterable<Extent>): void {
-    this.#syncNormal.run();
-    try {
-      this.#run(() => {
-        this.#db.exec('DELETE FROM kernel_commit');
-        const insert = this.#db.prepare('INSERT INTO kernel_commit (epoch, start, count) VALUES (?, ?, ?)');
-        for (const e of extents) insert.run(epoch, e.start, e.count);
-      });
-    } finally {
-      this.#syncFull.run();
-    }
-  }
-
-  /** The record recordKernelCommit() left (a daemon died between the two commits), or null. */
-  kernelCommit(): { epoch: number; extents: Extent[] } | null {
-    const rows = this.#db.prepare('SELECT epoch, start, count FROM kernel_commit ORDER BY start').all() as { epoch: number; start: number; count: number }[];
-    if (rows.length === 0) return null;
-    const blocks = Math.ceil(this.#info.backingSize / this.#info.blockSize);
-    for (const r of rows) {
-      if (!Number.isSafeInteger(r.start) || !Number.isSafeInteger(r.count) || r.start + r.count > blocks || r.epoch !== rows[0]!.epoch) {
-        throw new CorruptMetadataError(`${this.path}: kernel commit record ${r.epoch}:${r.start}+${r.count} does not fit the disk or the record`);
-      }
-    }
-    return { epoch: rows[0]!.epoch, extents: rows.map(({ start, count }) => ({ start, count })) };
-  }
-
-  /** Forgets a kernel commit record: its blocks stay dirty (the safe side: the next flush rewrites them). */
-  dropKernelCommit(): void {
-    this.#run(() => this.#db.exec('DELETE FROM kernel_commit'));
   }
 
   /** Sets the budget (bytes; null: none) and the eviction unit (bytes), durably. */

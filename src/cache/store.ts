@@ -233,12 +233,9 @@ export class CacheStore {
         present.clearRange(z.start, z.start + z.count);
       }
       if (budget !== null) {
-        // Checked before anything is written: a refused budget changes nothing. The budget the
-        // cache already has is taken even below its dirty data: a kernel frontend writes whole
-        // missing blocks without asking (/dev/uloopN), so a crash may leave more dirty data than the
-        // budget, and only a running daemon can flush it (a budget flush starts at the first fill).
+        // Checked before anything is written: a refused budget changes nothing.
         const dirtyData = dirty.count() - zeroed.count();
-        if (budget !== info.budget && dirtyData * geometry.blockSize > budget) {
+        if (dirtyData * geometry.blockSize > budget) {
           throw new InvalidArgumentError(
             `a cache budget of ${formatBytes(budget)} is smaller than the ${formatBytes(dirtyData * geometry.blockSize)} of dirty data ${paths.cache} holds; ` +
               `flush first ('ulobdev flush --wait'), or give at least ${formatBytes(dirtyData * geometry.blockSize)}`,
@@ -275,9 +272,6 @@ export class CacheStore {
       if (info.mode !== options.mode) meta.setMode(options.mode);
       store.#mode = options.mode;
       meta.setCleanShutdown(false);
-      // A kernel commit record is only good with the kernel that committed (a daemon killed, the
-      // device kept): without one the kernel's bits are gone and the store's dirty bits stand.
-      if (!options.servedByKernel && meta.kernelCommit() !== null) meta.dropKernelCommit();
       if (budget !== null && !options.servedByKernel) {
         const unbudgeted = info.budget === null && !creating;
         await store.#dropLeftovers(unbudgeted || store.recoveredFromCrash);
@@ -533,28 +527,6 @@ export class CacheStore {
     const remaining = [...subtractExtents(this.dirty.runs(), extents)];
     this.#guard(() => this.#meta.replaceDirty(this.#dataRuns(remaining), this.#meta.info.flushEpoch + 1, this.#zeroRuns(remaining), pending));
     for (const e of extents) this.dirty.clearRange(e.start, e.start + e.count);
-  }
-
-  /**
-   * Phase one of a kernel frontend's epoch commit (src/bdev/uloop.ts, kernelEpochs): records that
-   * the disk has durably received `extents` of kernel epoch `epoch`, before the kernel clears its
-   * dirty bits. clearFlushed() ends the record in its transaction; a record found at the next
-   * attach (kernelCommit()) says the daemon died between the two commits.
-   */
-  recordKernelCommit(epoch: number, extents: Iterable<Extent>): void {
-    this.#assertUsable();
-    this.#guard(() => this.#meta.recordKernelCommit(epoch, extents));
-  }
-
-  /** The record recordKernelCommit() left, if a daemon died between the two commits; else null. */
-  kernelCommit(): { epoch: number; extents: Extent[] } | null {
-    return this.#meta.kernelCommit();
-  }
-
-  /** Forgets the kernel commit record without clearing anything (its blocks stay dirty). */
-  dropKernelCommit(): void {
-    this.#assertUsable();
-    this.#guard(() => this.#meta.dropKernelCommit());
   }
 
   /**

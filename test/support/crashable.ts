@@ -282,7 +282,7 @@ export class CrashWorld {
         if (txns.length === 0) world.unsyncedIntents.delete(m.path);
         for (const extents of settled) addDirty(extents);
       };
-      for (const name of ['addDirty', 'replaceDirty', 'setState', 'setMode', 'setCleanShutdown', 'upgrade', 'setBudget', 'saveClock', 'recordKernelCommit', 'dropKernelCommit'] as const) {
+      for (const name of ['addDirty', 'replaceDirty', 'setState', 'setMode', 'setCleanShutdown', 'upgrade', 'setBudget', 'saveClock'] as const) {
         const original = (m[name] as (...args: unknown[]) => void).bind(m);
         (m as unknown as Record<string, unknown>)[name] = (...args: unknown[]) => {
           world.point();

@@ -13,7 +13,7 @@
 // power loss every sector must hold a content the model allows; after a daemon kill, exactly what
 // was acknowledged (the request in flight: old or new); after every completed flush the disk must
 // be the device's image at the flush's start (invariant 7), also with a write racing the copy.
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import pino from 'pino';
@@ -286,11 +286,6 @@ class KernelModel {
     return this.#barPending.clone();
   }
 
-  /** QUERY's epoch state: epochs begun so far, and whether one is open. */
-  epochState(): { epoch: number; open: boolean } {
-    return { epoch: this.#epoch, open: this.#open !== 0 };
-  }
-
   epochBegin(dirty: Buffer): number {
     this.#open = ++this.#epoch;
     this.#snap = this.dirty.clone();
@@ -393,7 +388,7 @@ function expectPressureImage(model: Model, disk: Buffer, what: string): void {
 }
 
 /** Binds the daemon side (the real handler and epoch wiring) to the kernel model: ADD or ATTACH. */
-function attachDaemon(engine: CacheEngine, kernel: KernelModel): ReturnType<typeof kernelEpochs> {
+function attachDaemon(engine: CacheEngine, kernel: KernelModel): void {
   const epochs = kernelEpochs(engine, {
     begin: (dirty) => kernel.epochBegin(dirty),
     commit: (epoch, flushed) => kernel.epochCommit(epoch, flushed),
@@ -411,7 +406,6 @@ function attachDaemon(engine: CacheEngine, kernel: KernelModel): ReturnType<type
     device: '/dev/uloop0',
     port: { barrierBlocks: () => kernel.barrierBlocks(), preserve: (epoch, first, end) => epochs.preserve(epoch, first, end) },
   });
-  return epochs;
 }
 
 async function addDevice(real: Omit<Real, 'kernel'>): Promise<KernelModel> {
@@ -628,8 +622,7 @@ async function crashAndRecover(model: Model, real: Real, kind: Crash, op: UloopO
     // The kernel kept the device: the daemon's attach opens the store as uloop.ts's caller does.
     real.engine = await openEngine(real, true);
     real.kernel.handler = null;
-    // As uloop.ts after ATTACH: the dead daemon's epoch is finished (a kernel commit record) or ended.
-    attachDaemon(real.engine, real.kernel).reconcile(real.kernel.epochState());
+    attachDaemon(real.engine, real.kernel);
     if (real.kernel.pending.count() > 0) await real.kernel.flush();
     const w = written(model, op);
     await expectDevice(model, real, (s) => (w && s >= w[0] && s < w[0] + w[1] ? [model.current[s]!, ...(model.since.get(s) ?? []), model.stable[s]!] : [model.current[s]!]), 'after a daemon kill');
@@ -712,8 +705,6 @@ function stepArb(config: UloopModelConfig): fc.Arbitrary<UloopStep> {
 
 /** Replays one run on a fresh model disk and cache; throws at the first broken guarantee. */
 export async function runUloopModel(config: UloopModelConfig, { steps, seed }: UloopModelCase): Promise<void> {
-  // ULOB_MODEL_TRACE=FILE: each run's case is written there before it runs (to find one that hangs).
-  if (process.env.ULOB_MODEL_TRACE) writeFileSync(process.env.ULOB_MODEL_TRACE, JSON.stringify({ seed, steps }) + '\n');
   const size = config.blocks * config.blockSize - config.tail;
   const sectors = size / SECTOR;
   const dir = mkdtempSync(join('/dev/shm', 'ulob-umodel-'));
