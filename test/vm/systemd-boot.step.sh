@@ -93,8 +93,11 @@ case $n in
   # The user's disks already hold a filesystem and files.
   # (A poll: at load 17 on the shared 2 cores udev's coldplug took more than 60 s.)
   udevadm wait --timeout=300 "$DISK" "$DISK2"
-  mkfs.ext4 -q -L data "$DISK"
-  mkfs.ext4 -q -L data2 "$DISK2"
+  # Inode tables and journal written now, not by ext4lazyinit in the background over the next
+  # boots: its steps read blocks the cache never saw, and the read checks below (boots 2 and 3)
+  # traced exactly those reads (docs/laptop.md says what lazy init costs a sleeping disk).
+  mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 -L data "$DISK"
+  mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 -L data2 "$DISK2"
   mkdir -p /mnt/old
   for d in "$DISK:old" "$DISK2:old2"; do
     mount "${d%:*}" /mnt/old
