@@ -131,7 +131,8 @@ DEB_VERSION ?= $(VERSION)
 DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null)
 DEB := out/ulobdev_$(DEB_VERSION)_$(DEB_ARCH).deb
 DEB_INPUTS := $(ADDON) $(TS_STAMP) $(BUNDLE) $(MAN_PAGES) $(PROD)/.done Makefile README.md package.json \
-  $(shell find contrib docs kernel -type f 2>/dev/null)
+  $(shell find contrib docs kernel -type f -not -name '.*' -not -name '*.o' -not -name '*.ko' \
+    -not -name '*.mod' -not -name '*.mod.c' -not -name modules.order -not -name Module.symvers 2>/dev/null)
 $(DEB): $(DEB_INPUTS)
 	rm -rf out/deb
 	$(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/out/deb PREFIX=/usr NODE=/usr/bin/node
