@@ -22,27 +22,44 @@ namespace ulob {
 
 namespace {
 
+// Reads up to `length` bytes at `pos` into `data`, looping over short reads (signals, >2 GiB
+// requests, pipes); only EOF (0) ends it early. *done gets the bytes read. Returns 0 or an errno.
+int ReadFull(int fd, uint8_t* data, size_t length, off_t pos, size_t* done) {
+  while (*done < length) {
+    ssize_t n = ::pread(fd, data + *done, length - *done, pos + static_cast<off_t>(*done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) return 0;
+    *done += static_cast<size_t>(n);
+  }
+  return 0;
+}
+
+// Writes all `length` bytes of `data` at `pos`, looping over short writes. Returns 0 or an errno
+// (EIO for a write that makes no progress and sets none: retrying could spin forever).
+int WriteFull(int fd, const uint8_t* data, size_t length, off_t pos) {
+  size_t done = 0;
+  while (done < length) {
+    ssize_t n = ::pwrite(fd, data + done, length - done, pos + static_cast<off_t>(done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) return EIO;
+    done += static_cast<size_t>(n);
+  }
+  return 0;
+}
+
 class PreadWorker : public PromiseWorker {
  public:
   PreadWorker(Napi::Env env, int fd, uint8_t* data, size_t length, off_t pos)
       : PromiseWorker(env, "ulob:pread", "pread"),
         fd_(fd), data_(data), length_(length), pos_(pos) {}
 
-  void Execute() override {
-    // Loop: the kernel may return short (signals, >2 GiB requests, pipes);
-    // only EOF (0) ends the read early.
-    while (done_ < length_) {
-      ssize_t n = ::pread(fd_, data_ + done_, length_ - done_,
-                          pos_ + static_cast<off_t>(done_));
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        err_ = errno;
-        return;
-      }
-      if (n == 0) return;
-      done_ += static_cast<size_t>(n);
-    }
-  }
+  void Execute() override { err_ = ReadFull(fd_, data_, length_, pos_, &done_); }
 
   Napi::Value Result(Napi::Env env) override {
     return Napi::Number::New(env, static_cast<double>(done_));
@@ -62,24 +79,7 @@ class PwriteWorker : public PromiseWorker {
       : PromiseWorker(env, "ulob:pwrite", "pwrite"),
         fd_(fd), data_(data), length_(length), pos_(pos) {}
 
-  void Execute() override {
-    size_t done = 0;
-    while (done < length_) {
-      ssize_t n = ::pwrite(fd_, data_ + done, length_ - done,
-                           pos_ + static_cast<off_t>(done));
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        err_ = errno;
-        return;
-      }
-      if (n == 0) {
-        // No progress and no errno: retrying could spin forever.
-        err_ = EIO;
-        return;
-      }
-      done += static_cast<size_t>(n);
-    }
-  }
+  void Execute() override { err_ = WriteFull(fd_, data_, length_, pos_); }
 
  private:
   int fd_;
@@ -112,23 +112,7 @@ class PwriteListWorker : public PromiseWorker {
   }
 
   void Execute() override {
-    for (WriteItem& it : items_) {
-      size_t done = 0;
-      while (done < it.length) {
-        ssize_t n = ::pwrite(fd_, it.data + done, it.length - done,
-                             it.pos + static_cast<off_t>(done));
-        if (n < 0) {
-          if (errno == EINTR) continue;
-          it.err = errno;
-          break;
-        }
-        if (n == 0) {
-          it.err = EIO;
-          break;
-        }
-        done += static_cast<size_t>(n);
-      }
-    }
+    for (WriteItem& it : items_) it.err = WriteFull(fd_, it.data, it.length, it.pos);
   }
 
   Napi::Value Result(Napi::Env env) override {
@@ -154,31 +138,10 @@ class CopyWorker : public PromiseWorker {
         src_(src), dst_(dst), src_pos_(src_pos), dst_pos_(dst_pos), data_(data), length_(length) {}
 
   void Execute() override {
-    while (done_ < length_) {
-      ssize_t n = ::pread(src_, data_ + done_, length_ - done_, src_pos_ + static_cast<off_t>(done_));
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        err_ = errno;
-        return;
-      }
-      if (n == 0) break;
-      done_ += static_cast<size_t>(n);
-    }
+    err_ = ReadFull(src_, data_, length_, src_pos_, &done_);
+    if (err_ != 0) return;
     syscall_ = "pwrite";
-    size_t written = 0;
-    while (written < done_) {
-      ssize_t n = ::pwrite(dst_, data_ + written, done_ - written, dst_pos_ + static_cast<off_t>(written));
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        err_ = errno;
-        return;
-      }
-      if (n == 0) {
-        err_ = EIO;
-        return;
-      }
-      written += static_cast<size_t>(n);
-    }
+    err_ = WriteFull(dst_, data_, done_, dst_pos_);
   }
 
   Napi::Value Result(Napi::Env env) override {
