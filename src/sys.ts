@@ -1,5 +1,5 @@
-import { spawnSync } from 'node:child_process';
 // Small readers of /proc and /sys shared by the backing-disk checks and the frontends.
+import { spawnSync } from 'node:child_process';
 import { closeSync, constants as fsc, openSync, promises as fsp } from 'node:fs';
 import { basename, join } from 'node:path';
 
