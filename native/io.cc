@@ -127,35 +127,50 @@ class PwriteListWorker : public PromiseWorker {
   std::vector<Napi::ObjectReference> refs_;
 };
 
-// A read from one file and a write of what it read to another, in one threadpool job: a cache fill
-// (disk -> cache file) costs one hand-off to the I/O threads and one wake-up of the event loop
-// instead of two of each, which on a loaded machine is most of a fill's time. The bytes read (short
-// only at the source's end) are written in full; syscall_ names the step that failed.
+// Reads from one file and writes of what they read to another, in one threadpool job. A cache fill
+// (disk -> cache file, one range) costs one hand-off to the I/O threads and one wake-up of the event
+// loop instead of two of each, which on a loaded machine is most of a fill's time; the flusher's
+// batch (cache file -> disk, one large range or many scattered blocks) does its reads here too,
+// off the event loop, and several batches run at once on the pool. Every range is read first, then
+// every range is written, in order: a short read (only at the source's end) writes the bytes read.
+// syscall_ names the step that failed.
+struct CopyItem {
+  off_t src_pos;
+  off_t dst_pos;
+  uint8_t* data;
+  size_t length;
+};
+
 class CopyWorker : public PromiseWorker {
  public:
-  CopyWorker(Napi::Env env, int src, off_t src_pos, int dst, off_t dst_pos, uint8_t* data, size_t length)
-      : PromiseWorker(env, "ulob:copyRange", "pread"),
-        src_(src), dst_(dst), src_pos_(src_pos), dst_pos_(dst_pos), data_(data), length_(length) {}
+  CopyWorker(Napi::Env env, int src, int dst, std::vector<CopyItem> items)
+      : PromiseWorker(env, "ulob:copyRange", "pread"), src_(src), dst_(dst), items_(std::move(items)),
+        done_(items_.size(), 0) {}
 
   void Execute() override {
-    err_ = ReadFull(src_, data_, length_, src_pos_, &done_);
-    if (err_ != 0) return;
+    for (size_t i = 0; i < items_.size(); i++) {
+      err_ = ReadFull(src_, items_[i].data, items_[i].length, items_[i].src_pos, &done_[i]);
+      if (err_ != 0) return;
+    }
     syscall_ = "pwrite";
-    err_ = WriteFull(dst_, data_, done_, dst_pos_);
+    for (size_t i = 0; i < items_.size(); i++) {
+      err_ = WriteFull(dst_, items_[i].data, done_[i], items_[i].dst_pos);
+      if (err_ != 0) return;
+    }
   }
 
+  // The bytes read (and written) over all ranges.
   Napi::Value Result(Napi::Env env) override {
-    return Napi::Number::New(env, static_cast<double>(done_));
+    double total = 0;
+    for (size_t n : done_) total += static_cast<double>(n);
+    return Napi::Number::New(env, total);
   }
 
  private:
   int src_;
   int dst_;
-  off_t src_pos_;
-  off_t dst_pos_;
-  uint8_t* data_;
-  size_t length_;
-  size_t done_ = 0;
+  std::vector<CopyItem> items_;
+  std::vector<size_t> done_;
 };
 
 class FdatasyncWorker : public PromiseWorker {
@@ -309,9 +324,51 @@ Napi::Value CopyRange(const Napi::CallbackInfo& info) {
     Napi::RangeError::New(env, "position out of range").ThrowAsJavaScriptException();
     return Napi::Value();
   }
-  PromiseWorker* w = new CopyWorker(env, src, static_cast<off_t>(src_pos), dst, static_cast<off_t>(dst_pos),
-                                    buf.data + off, static_cast<size_t>(len));
+  std::vector<CopyItem> items{{static_cast<off_t>(src_pos), static_cast<off_t>(dst_pos), buf.data + off,
+                               static_cast<size_t>(len)}};
+  PromiseWorker* w = new CopyWorker(env, src, dst, std::move(items));
   if (!env.IsExceptionPending()) w->Keep(0, info[4].As<Napi::Object>());
+  return StartWorker(env, w);
+}
+
+// copyRanges(srcFd, dstFd, buf, ranges) -> Promise<number>: ranges is a Float64Array of
+// [bufOffset, length, srcPosition, dstPosition] quadruples; each range is read from srcFd into
+// buf[bufOffset..] and then written to dstFd, all in one threadpool job (CopyWorker). Resolves with
+// the bytes read (and written) over all ranges.
+Napi::Value CopyRanges(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int src, dst;
+  Bytes buf;
+  if (!ArgFd(info, 0, &src) || !ArgFd(info, 1, &dst) || !ArgBytes(info, 2, &buf)) return Napi::Value();
+  napi_typedarray_type type;
+  size_t count = 0;
+  void* raw = nullptr;
+  bool is_typedarray = false;
+  if (napi_is_typedarray(env, info[3], &is_typedarray) != napi_ok || !is_typedarray ||
+      napi_get_typedarray_info(env, info[3], &type, &count, &raw, nullptr, nullptr) != napi_ok ||
+      type != napi_float64_array || count % 4 != 0) {
+    Napi::TypeError::New(env, "expected a Float64Array of [bufOffset, length, srcPosition, dstPosition] quadruples")
+        .ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  const double* r = static_cast<const double*>(raw);
+  const double kMaxSafe = 9007199254740991.0;
+  std::vector<CopyItem> items;
+  items.reserve(count / 4);
+  for (size_t i = 0; i < count; i += 4) {
+    double off = r[i], len = r[i + 1], src_pos = r[i + 2], dst_pos = r[i + 3];
+    bool whole = std::trunc(off) == off && std::trunc(len) == len && std::trunc(src_pos) == src_pos &&
+                 std::trunc(dst_pos) == dst_pos;
+    if (!whole || !(off >= 0) || !(len >= 0) || off + len > static_cast<double>(buf.length) ||
+        !(src_pos >= 0) || src_pos + len > kMaxSafe || !(dst_pos >= 0) || dst_pos + len > kMaxSafe) {
+      Napi::RangeError::New(env, "range out of bounds").ThrowAsJavaScriptException();
+      return Napi::Value();
+    }
+    items.push_back({static_cast<off_t>(src_pos), static_cast<off_t>(dst_pos), buf.data + static_cast<size_t>(off),
+                     static_cast<size_t>(len)});
+  }
+  PromiseWorker* w = new CopyWorker(env, src, dst, std::move(items));
+  if (!env.IsExceptionPending()) w->Keep(0, info[2].As<Napi::Object>());
   return StartWorker(env, w);
 }
 
@@ -428,6 +485,7 @@ bool InitIo(Napi::Env env, Napi::Object exports) {
          Export<Transfer<true>>(env, exports, "pwrite") &&
          Export<PwriteList>(env, exports, "pwriteList") &&
          Export<CopyRange>(env, exports, "copyRange") &&
+         Export<CopyRanges>(env, exports, "copyRanges") &&
          Export<Fdatasync>(env, exports, "fdatasync") &&
          Export<Fallocate>(env, exports, "fallocate") &&
          Export<SeekData>(env, exports, "seekData") &&

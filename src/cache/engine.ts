@@ -500,6 +500,32 @@ export class CacheEngine {
   }
 
   /**
+   * The flusher's batch (FlushEpoch.copyOut): the epoch's version of the pieces ([first block,
+   * blocks, byte offset in buf]) to the source. Pieces whose cache content is the epoch's version
+   * go from the cache file to the source in one request where the source can take it
+   * (WritableSource.writeManyFrom: the reads run off the event loop); the others are read into
+   * `buf` here. `write(pieces)` sends those pieces of `buf` to the source; `read` is called once
+   * the batch's reads are done or handed over. Resolves once the source has them (not synced).
+   */
+  async copyEpochOut(
+    epoch: Epoch,
+    buf: Buffer,
+    pieces: ReadonlyArray<readonly [number, number, number]>,
+    write: (pieces: ReadonlyArray<readonly [number, number, number]>) => Promise<void>,
+    read?: () => void,
+  ): Promise<void> {
+    this.#assertOpen();
+    const open = this.#epoch;
+    if (!open || open !== epoch) throw new EngineClosedError(`flush epoch ${epoch.id} is not the open epoch`);
+    const source = this.#writableSource();
+    const g = this.geometry;
+    const copy = source.writeManyFrom
+      ? () => this.store.copyTo(source, buf, pieces.map(([start, count, at]) => [at, g.extentBytes(start, count), g.blockOffset(start)] as const))
+      : undefined;
+    return open.copyOut(buf, pieces, { copy, write, read });
+  }
+
+  /**
    * Ends a flush epoch whose blocks the flusher has written to the source: syncs the source, then
    * clears the dirty bits of the blocks not rewritten meanwhile (invariant 4).
    */

@@ -131,33 +131,80 @@ export class FlushEpoch implements Epoch {
    * buffer is then the caller's again), rejecting with the first failure.
    */
   async readInto(buf: Buffer, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<void> {
+    await this.copyOut(buf, pieces, { write: async () => undefined });
+  }
+
+  /**
+   * The flusher's batch: the epoch's version of the pieces ([first block, blocks, byte offset in
+   * buf]) sent to the disk through `buf`.
+   *
+   * Where none of their blocks has a saved version or was zeroed at the snapshot, the cache file
+   * holds the epoch's version and `io.copy` (if given) reads it and writes it to the disk in one
+   * request. Writes to these blocks are not held up meanwhile: they save the epoch's version first
+   * as they would before any read (copyBeforeWrite), so `io.copy` may read their new content; once
+   * it has settled, those saved versions are written over it (`io.write` of those blocks), before
+   * the flush's closing sync. Otherwise the pieces are read into `buf` here (writes to them wait for
+   * the read), saved versions and zeros put in, and `io.write` writes them.
+   *
+   * `io.write(pieces)` writes those pieces of `buf` to the disk; `io.read`, if given, is called once
+   * the batch's reads are done or handed to `io.copy` (the flusher then starts the next batch).
+   * Resolves once everything has settled (the buffer is the caller's again), rejecting with the
+   * first failure.
+   */
+  async copyOut(
+    buf: Buffer,
+    pieces: ReadonlyArray<readonly [number, number, number]>,
+    io: { copy?: () => Promise<void>; write: (pieces: ReadonlyArray<readonly [number, number, number]>) => Promise<void>; read?: () => void },
+  ): Promise<void> {
     const g = this.#o.geometry;
     for (const [start, count, at] of pieces) {
       const bytes = this.#checkPiece(start, count);
       if (!Number.isSafeInteger(at) || at < 0 || at + bytes > buf.byteLength) throw new RangeError(`blocks ${start}+${count} at byte ${at} do not fit a buffer of ${buf.byteLength} bytes`);
     }
-    for (;;) {
+    await this.#settle(pieces);
+    // From here to the first await, no save of these blocks starts.
+    const mine: number[] = [];
+    let plain = io.copy !== undefined;
+    for (const [start, count] of pieces) {
+      for (let b = start; b < start + count; b++) if (this.flushing.get(b) && !this.#copied.get(b)) mine.push(b);
+      if (plain && (this.zeros.nextSet(start, start + count) < start + count || this.#hasSaved(start, count))) plain = false;
+    }
+    if (plain) {
+      const copying = io.copy!();
+      io.read?.();
+      await copying;
+      // Blocks written during the copy saved their epoch version first: it goes over what the copy
+      // may have read of the new content.
+      for (;;) {
+        const waits = mine.flatMap((b) => this.#preserving.get(b) ?? []);
+        if (waits.length === 0) break;
+        await Promise.all(waits);
+      }
       if (this.failed) throw this.failed;
-      const waits = [];
-      for (const [start, count] of pieces) {
+      const fix: Array<[number, number, number]> = [];
+      const saved: Array<[number, Buffer | number]> = [];
+      for (const [start, count, at] of pieces) {
+        if (!this.#hasSaved(start, count)) continue;
         for (let b = start; b < start + count; b++) {
-          const p = this.#preserving.get(b) ?? this.#reading.get(b);
-          if (p) waits.push(p);
+          const v = this.#preserved.get(b);
+          if (v === undefined) continue;
+          fix.push([b, 1, at + g.blockOffset(b) - g.blockOffset(start)]);
+          saved.push([b, v]);
         }
       }
-      if (waits.length === 0) break;
-      await Promise.all(waits);
+      // Copied from here on: later writes need no save (the versions taken above are ours).
+      for (const b of mine) this.#copied.set(b);
+      if (fix.length === 0) return;
+      for (let i = 0; i < fix.length; i++) {
+        const [b, v] = saved[i]!;
+        await this.#takeSaved(buf, fix[i]![2], b, v);
+      }
+      await io.write(fix);
+      return;
     }
     let done!: () => void;
     const reading = new Promise<void>((resolve) => (done = resolve));
-    const mine: number[] = [];
-    for (const [start, count] of pieces) {
-      for (let b = start; b < start + count; b++) {
-        if (!this.flushing.get(b) || this.#copied.get(b)) continue;
-        this.#reading.set(b, reading);
-        mine.push(b);
-      }
-    }
+    for (const b of mine) this.#reading.set(b, reading);
     try {
       const reads = await Promise.allSettled(pieces.map(([start, count, at]) => this.#o.readCache(buf.subarray(at, at + g.extentBytes(start, count)), g.blockOffset(start))));
       for (const r of reads) if (r.status === 'rejected') throw r.reason;
@@ -167,17 +214,10 @@ export class FlushEpoch implements Epoch {
           const from = at + g.blockOffset(z.start) - g.blockOffset(start);
           buf.fill(0, from, from + g.extentBytes(z.start, z.count));
         }
+        if (!this.#hasSaved(start, count)) continue;
         for (let b = start; b < start + count; b++) {
-          const saved = this.#preserved.get(b);
-          if (saved === undefined) continue;
-          const into = at + g.blockOffset(b) - g.blockOffset(start);
-          if (typeof saved === 'number') {
-            await this.#spill!.handle.read(buf, into, g.blockLength(b), saved * g.blockSize);
-          } else {
-            saved.copy(buf, into);
-            this.#memoryBytes -= saved.byteLength;
-          }
-          this.#preserved.delete(b);
+          const v = this.#preserved.get(b);
+          if (v !== undefined) await this.#takeSaved(buf, at + g.blockOffset(b) - g.blockOffset(start), b, v);
         }
       }
       if (this.failed) throw this.failed;
@@ -185,7 +225,45 @@ export class FlushEpoch implements Epoch {
     } finally {
       for (const b of mine) this.#reading.delete(b);
       done();
+      io.read?.();
     }
+    await io.write(pieces);
+  }
+
+  /** Waits until no block of the pieces is being saved or read. Throws the epoch's failure. */
+  async #settle(pieces: ReadonlyArray<readonly [number, number, number]>): Promise<void> {
+    for (;;) {
+      if (this.failed) throw this.failed;
+      if (this.#preserving.size === 0 && this.#reading.size === 0) return;
+      const waits = [];
+      for (const [start, count] of pieces) {
+        for (let b = start; b < start + count; b++) {
+          const p = this.#preserving.get(b) ?? this.#reading.get(b);
+          if (p) waits.push(p);
+        }
+      }
+      if (waits.length === 0) return;
+      await Promise.all(waits);
+    }
+  }
+
+  /** Puts block b's saved version `v` into buf at `into` and forgets it. */
+  async #takeSaved(buf: Buffer, into: number, b: number, v: Buffer | number): Promise<void> {
+    const g = this.#o.geometry;
+    this.#preserved.delete(b);
+    if (typeof v === 'number') {
+      await this.#spill!.handle.read(buf, into, g.blockLength(b), v * g.blockSize);
+    } else {
+      v.copy(buf, into);
+      this.#memoryBytes -= v.byteLength;
+    }
+  }
+
+  /** Whether a block of [start, start + count) has a saved epoch version. */
+  #hasSaved(start: number, count: number): boolean {
+    if (this.#preserved.size === 0) return false;
+    for (let b = start; b < start + count; b++) if (this.#preserved.has(b)) return true;
+    return false;
   }
 
   /** Bytes of blocks [start, start + count), which must lie on the disk. */

@@ -30,7 +30,7 @@ import { FILE_ALIGN, Geometry, MAX_BLOCK_SIZE, type Extent } from './layout.js';
 import { DEFAULT_EVICTION_UNIT, Metadata, type CacheInfo, type CacheMode, type HistoryLog } from './metadata.js';
 import { posixStorage } from '../storage/posix-storage.js';
 import type { BlockFile, Storage } from '../storage/storage.js';
-import type { Source } from '../source/source.js';
+import type { Source, WritableSource } from '../source/source.js';
 
 export interface CachePaths {
   cache: string;
@@ -379,6 +379,17 @@ export class CacheStore {
   async writeData(buf: Uint8Array, position: number): Promise<void> {
     this.#assertUsable();
     await this.#cache.write(buf, position);
+  }
+
+  /**
+   * The flusher's batch, the other way round from fillFrom: `pieces` ([offset in buf, length,
+   * position], bytes) read from the cache file into `buf` and written to `source` at the same
+   * positions, in one request (WritableSource.writeManyFrom, which the caller checked is there).
+   * Rejects with the source's error, or the cache read's (`syscall: 'pread'`).
+   */
+  async copyTo(source: WritableSource, buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<void> {
+    this.#assertUsable();
+    await source.writeManyFrom!(this.#cache, buf, pieces);
   }
 
   /**

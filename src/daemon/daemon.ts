@@ -804,6 +804,7 @@ function observeReads(source: Source, onRead: () => void): Source {
     Object.assign(wrapped, { writeAt: source.writeAt.bind(source), sync: source.sync.bind(source) });
     if (source.zeroAt) Object.assign(wrapped, { zeroAt: source.zeroAt.bind(source) });
     if (source.writeMany) Object.assign(wrapped, { writeMany: source.writeMany.bind(source) });
+    if (source.writeManyFrom) Object.assign(wrapped, { writeManyFrom: source.writeManyFrom.bind(source) });
   }
   return wrapped;
 }

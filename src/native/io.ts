@@ -9,6 +9,7 @@ interface IoBinding {
   pwrite(fd: number, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<void>;
   pwriteList(fd: number, buffers: Uint8Array[], positions: Float64Array): Promise<Int32Array>;
   copyRange(srcFd: number, srcPosition: number, dstFd: number, dstPosition: number, buf: Uint8Array, bufOffset: number, length: number): Promise<number>;
+  copyRanges(srcFd: number, dstFd: number, buf: Uint8Array, ranges: Float64Array): Promise<number>;
   fdatasync(fd: number): Promise<void>;
   fallocate(fd: number, offset: number, length: number, mode: number): Promise<void>;
   seekData(fd: number, offset: number, hole: boolean): number;
@@ -88,6 +89,32 @@ export function copyRange(srcFd: number, srcPosition: number, dstFd: number, dst
   validateFd(dstFd);
   validateInteger(dstPosition, 'dstPosition', 0, Number.MAX_SAFE_INTEGER - length);
   return binding.copyRange(srcFd, srcPosition, dstFd, dstPosition, buf, bufOffset, length);
+}
+
+/**
+ * copyRange() of many ranges through one buffer, in one threadpool job: `ranges` holds
+ * [bufOffset, length, srcPosition, dstPosition] quadruples (bytes; the buffer slices must not
+ * overlap). Every range is read from srcFd into buf first, then every range is written to dstFd,
+ * in order (the flusher's batch: cache file -> disk). Resolves with the bytes read over all ranges,
+ * less than their sum only at srcFd's end of file; those are all written. A failure rejects with
+ * the errno and its step ('pread' for srcFd, 'pwrite' for dstFd) as `syscall`; ranges after it are
+ * not copied.
+ */
+export function copyRanges(srcFd: number, dstFd: number, buf: Uint8Array, ranges: Float64Array): Promise<number> {
+  validateFd(srcFd);
+  validateFd(dstFd);
+  validateBytes(buf, 'buf');
+  if (!(ranges instanceof Float64Array) || ranges.length % 4 !== 0) {
+    throw invalidArgValue('ranges', 'must be a Float64Array of [bufOffset, length, srcPosition, dstPosition] quadruples', ranges);
+  }
+  for (let i = 0; i < ranges.length; i += 4) {
+    const length = ranges[i + 1]!;
+    validateInteger(length, 'ranges length', 0, buf.byteLength);
+    validateInteger(ranges[i], 'ranges bufOffset', 0, buf.byteLength - length);
+    validateInteger(ranges[i + 2], 'ranges srcPosition', 0, Number.MAX_SAFE_INTEGER - length);
+    validateInteger(ranges[i + 3], 'ranges dstPosition', 0, Number.MAX_SAFE_INTEGER - length);
+  }
+  return binding.copyRanges(srcFd, dstFd, buf, ranges);
 }
 
 export function fdatasync(fd: number): Promise<void> {

@@ -97,6 +97,21 @@ export class FileSource implements WritableSource {
     );
   }
 
+  async writeManyFrom(from: BlockFile, buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<void> {
+    if (this.#direct) for (const [, length, position] of pieces) this.#checkAligned(length, position);
+    // Unaligned memory on an O_DIRECT disk needs writeMany's bounce copy.
+    if (!this.#file.copyManyFrom || (this.#direct && !isAligned(buf, POOL_ALIGNMENT))) {
+      for (const [at, length, position] of pieces) {
+        const n = await from.read(buf.subarray(at, at + length), position);
+        if (n !== length) throw this.#shortCache(from, position, n, length);
+      }
+      return this.writeMany(buf, pieces);
+    }
+    const n = await this.#file.copyManyFrom(from, buf, pieces);
+    const want = pieces.reduce((sum, [, length]) => sum + length, 0);
+    if (n !== want) throw this.#shortCache(from, pieces[0]?.[2] ?? 0, n, want);
+  }
+
   // The engine and the flusher move whole cache blocks (a multiple of the logical sector, checked
   // at attach) and the disk's last bytes; anything else is a bug, and O_DIRECT would answer EINVAL.
   #checkAligned(length: number, position: number): void {
@@ -121,5 +136,10 @@ export class FileSource implements WritableSource {
 
   #short(position: number, n: number, length: number): IOFailedError {
     return new IOFailedError(`short read from ${this.description} at ${position}: ${n} of ${length} bytes (did the disk shrink?)`, { path: this.description, syscall: 'pread' });
+  }
+
+  /** The cache file ended early under a flush: the cache's failure, not the disk's. */
+  #shortCache(from: BlockFile, position: number, n: number, length: number): IOFailedError {
+    return new IOFailedError(`short read from the cache file ${from.path} at ${position}: ${n} of ${length} bytes (was it truncated?)`, { path: from.path, syscall: 'pread' });
   }
 }

@@ -4,6 +4,7 @@
 // from sysfs at each look, so a removed disk shows as gone even while nothing reads it. Nothing here
 // touches the disk: a sleeping disk stays asleep.
 import { isWritable, type SectorSize, type Source } from './source.js';
+import type { BlockFile } from '../storage/storage.js';
 
 export type DiskState = 'ok' | 'failing' | 'gone';
 
@@ -102,7 +103,21 @@ export class DiskHealth {
       });
       // The flusher's fast paths (scattered blocks in one request, zeroing offload) must survive
       // the wrapping: without them every piece is its own threadpool trip and zeros are written.
-      const { writeMany, zeroAt } = source;
+      const { writeMany, writeManyFrom, zeroAt } = source;
+      // A flush batch's cache reads and disk writes in one request: only the write side is the disk's.
+      if (writeManyFrom) {
+        Object.assign(wrapped, {
+          writeManyFrom: async (from: BlockFile, buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>) => {
+            try {
+              await writeManyFrom.call(source, from, buf, pieces);
+              this.succeeded();
+            } catch (err) {
+              if ((err as { syscall?: string }).syscall !== 'pread') this.failed(err);
+              throw err;
+            }
+          },
+        });
+      }
       if (writeMany) {
         Object.assign(wrapped, {
           writeMany: (buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>) => track(writeMany.call(source, buf, pieces)),

@@ -55,6 +55,14 @@ export interface WritableSource extends Source {
    * dirty blocks, one request instead of one per block.
    */
   writeMany?(buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<void>;
+  /**
+   * Optional: writeMany(buf, pieces) of pieces first read from `from` (the cache file, which
+   * mirrors the disk: same positions) into buf, in one request where the source and `from` can
+   * (BlockFile.copyManyFrom): the flusher's batch then costs the event loop no read and one
+   * hand-off. Rejects like writeMany for the source's failures; a failure to read `from` carries
+   * `syscall: 'pread'` (it is the cache's, not the disk's).
+   */
+  writeManyFrom?(from: BlockFile, buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<void>;
   /** Everything written before the call is on stable media (the disk's write cache flushed). */
   sync(): Promise<void>;
 }

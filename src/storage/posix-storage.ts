@@ -3,7 +3,7 @@
 import { constants as fsc, promises as fsp } from 'node:fs';
 import { blkGetSize64, blkZeroOut } from '../native/blkdev.js';
 import { errnoError } from '../native/addon.js';
-import { alignedBuffer, copyRange, fallocate, fdatasync, pread, preadNowait, punchHole, pwrite, pwriteList, seekData } from '../native/io.js';
+import { alignedBuffer, copyRange, copyRanges, fallocate, fdatasync, pread, preadNowait, punchHole, pwrite, pwriteList, seekData } from '../native/io.js';
 import type { BlockFile, OpenOptions, Storage } from './storage.js';
 
 /** Written zeros go out in pieces this large when the file cannot zero a range itself. */
@@ -100,6 +100,18 @@ class PosixFile implements BlockFile {
     const n = await src.read(buf, srcPosition);
     await this.write(buf.subarray(0, n), position);
     return n;
+  }
+
+  async copyManyFrom(src: BlockFile, buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<number> {
+    if (src instanceof PosixFile) {
+      const ranges = new Float64Array(pieces.length * 4);
+      pieces.forEach(([at, length, position], i) => ranges.set([at, length, position, position], i * 4));
+      return copyRanges(src.#fd, this.#fd, buf, ranges);
+    }
+    let total = 0;
+    for (const [at, length, position] of pieces) total += await src.read(buf.subarray(at, at + length), position);
+    await Promise.all(pieces.map(([at, length, position]) => this.write(buf.subarray(at, at + length), position)));
+    return total;
   }
 
   sync(): Promise<void> {

@@ -22,6 +22,15 @@ export interface BlockFile {
    * Not durable until sync().
    */
   copyFrom?(src: BlockFile, buf: Uint8Array, srcPosition: number, position: number): Promise<number>;
+  /**
+   * Optional: copyFrom() of many pieces through one buffer: `pieces` are [offset in buf, length,
+   * position] (bytes), each read from `src` at `position` into buf and then written here at the same
+   * position (the cache file mirrors the disk), in one request to the I/O threads where both are
+   * files of this storage (the flusher's batch). Every piece is read before any is written. Resolves
+   * with the bytes read (fewer than the pieces' sum only at src's end of file). A failure's `syscall`
+   * says the side: 'pread' src, 'pwrite' this file. Not durable until sync().
+   */
+  copyManyFrom?(src: BlockFile, buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<number>;
   /** fdatasync: everything written before the call is durable when it resolves. */
   sync(): Promise<void>;
   /** Reserves space for [0, length) so later writes never meet ENOSPC; extends the size. */

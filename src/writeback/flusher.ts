@@ -147,8 +147,9 @@ export async function flushDirty(engine: CacheEngine, options: FlushOptions = {}
   let failure: { err: unknown } | null = null;
 
   /**
-   * Copies one batch: `read` settles when its blocks are in the buffer, `done` when they are on
-   * the disk (or failed). Its writes are issued as soon as its read is done.
+   * Copies one batch: `read` settles when its cache reads are done or handed to the I/O threads
+   * (one request with the disk write, engine.copyEpochOut), `done` when it is on the disk (not
+   * synced) or failed.
    */
   const copy = (b: Batch) => {
     if (b.zero) {
@@ -160,22 +161,25 @@ export async function flushDirty(engine: CacheEngine, options: FlushOptions = {}
       return { read: Promise.resolve(), done };
     }
     const buf = pool.take();
-    const read = engine.readEpochInto(epoch, buf, b.pieces);
+    let readDone!: () => void;
+    const read = new Promise<void>((resolve) => (readDone = resolve));
+    // Scattered blocks go down in one request where the source can take it.
+    const write = async (pieces: ReadonlyArray<readonly [number, number, number]>) => {
+      const pending =
+        pieces.length > 1 && source.writeMany
+          ? [source.writeMany(buf, pieces.map(([start, count, at]) => [at, g.extentBytes(start, count), g.blockOffset(start)] as const))]
+          : pieces.map(([start, count, at]) => source.writeAt(buf.subarray(at, at + g.extentBytes(start, count)), g.blockOffset(start)));
+      const writes = await Promise.allSettled(pending);
+      for (const w of writes) if (w.status === 'rejected') throw w.reason;
+    };
     const done = (async () => {
       try {
-        await read;
-        if (failure) return;
-        // Scattered blocks go down in one request where the source can take it.
-        const pending =
-          b.pieces.length > 1 && source.writeMany
-            ? [source.writeMany(buf, b.pieces.map(([start, count, at]) => [at, g.extentBytes(start, count), g.blockOffset(start)] as const))]
-            : b.pieces.map(([start, count, at]) => source.writeAt(buf.subarray(at, at + g.extentBytes(start, count)), g.blockOffset(start)));
-        const writes = await Promise.allSettled(pending);
-        for (const w of writes) if (w.status === 'rejected') throw w.reason;
+        await engine.copyEpochOut(epoch, buf, b.pieces, write, readDone);
         progress.doneBytes += b.bytes;
         options.onProgress?.({ ...progress });
       } finally {
-        // readEpochInto and allSettled have waited for every transfer of this buffer: reusable.
+        readDone();
+        // copyEpochOut has waited for every transfer of this buffer: reusable.
         pool.give(buf);
       }
     })();
@@ -198,10 +202,10 @@ export async function flushDirty(engine: CacheEngine, options: FlushOptions = {}
         })
         .finally(() => running.delete(task));
       running.add(task);
-      // The next batch is read only once this one is, and this one's writes are issued as its
-      // read settles (its continuation runs before ours): the disk gets the writes in ascending
-      // order, and the reads of the next batch overlap the writes of this one.
-      await read.catch(() => undefined);
+      // The next batch starts only once this one's reads are done (or handed with its write to the
+      // I/O threads, which take jobs in order): the disk gets the writes in ascending order, and
+      // the reads of the next batch overlap the writes of this one.
+      await read;
     }
     await Promise.all(running);
     if (failure) throw (failure as { err: unknown }).err;

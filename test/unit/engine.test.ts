@@ -939,6 +939,62 @@ describe('concurrency', () => {
     expect(r.engine.stats().dirtyBlocks).toBe(0);
   });
 
+  it('a write during a batch copied cache→disk in one request goes ahead, and the disk still gets the epoch version', async () => {
+    // A real FileSource has writeManyFrom: the batch's cache read and disk write are one native
+    // job. Hold that job before it starts, write into its blocks (the write must not wait for the
+    // job), then let it read the new content: the saved epoch version must end up on the disk.
+    const BS = 4 * KiB;
+    const r = await rig({ size: 16 * BS, blockSize: BS });
+    const model = Buffer.from(r.initial);
+    const first = pattern(8 * BS, 61);
+    await r.engine.write(0, first);
+    first.copy(model, 0);
+    await r.engine.flush();
+    await r.engine.close();
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    let reached!: () => void;
+    const atCopy = new Promise<void>((resolve) => (reached = resolve));
+    let copies = 0;
+    const file = r.file;
+    const gated: WritableSource = {
+      size: file.size,
+      id: file.id,
+      description: file.description,
+      readAt: (buf, position) => file.readAt(buf, position),
+      writeAt: (buf, position) => file.writeAt(buf, position),
+      writeMany: (buf, pieces) => file.writeMany(buf, pieces),
+      sync: () => file.sync(),
+      close: async () => undefined,
+      writeManyFrom: async (from, buf, pieces) => {
+        copies++;
+        reached();
+        await gate;
+        return file.writeManyFrom(from, buf, pieces);
+      },
+    };
+    r.store = await CacheStore.open({ paths: r.paths, backing: gated, mode: 'writeback', blockSize: BS });
+    r.engine = new CacheEngine(r.store, gated, { autoCommitMs: 0 });
+    const engine = r.engine;
+    cleanups.push(() => engine.close());
+    const flushing = flushDirty(r.engine, { maxIoBytes: 8 * BS });
+    await atCopy;
+    const a = pattern(BS, 62);
+    await r.engine.write(2 * BS, a);
+    a.copy(model, 2 * BS);
+    release();
+    const result = await flushing;
+    expect(copies).toBe(1);
+    expect(result).toMatchObject({ blocks: 8, cleaned: 7, kept: 1 });
+    expect(r.store.dirty.get(2)).toBe(true);
+    // The disk is the image at the flush's start: block 2 as it was, not `a`.
+    expect(diskBytes(r).subarray(0, 8 * BS).equals(first)).toBe(true);
+    await r.engine.flush();
+    expectDiskLagsOnlyInDirtyBlocks(r, model);
+    await flushDirty(r.engine);
+    expect(diskBytes(r).equals(model)).toBe(true);
+  });
+
   it('writes issued right after flushDirty starts are never lost, whatever the interleaving', async () => {
     const BS = 4 * KiB;
     const r = await rig({ size: 32 * BS, blockSize: BS });
