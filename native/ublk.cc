@@ -15,6 +15,7 @@
 #include <linux/io_uring.h>
 #include <linux/ublk_cmd.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +27,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -291,9 +293,33 @@ class Server {
   std::atomic<int> cache_error{0};
   Counters count;
   // Fault injection for the VM test ($ULOBDEV_UBLK_FAULT, read at create): the n-th fdatasync
-  // fails with EIO without syncing; io_uring_enter fails with ENOMEM once n requests were served.
+  // fails with EIO without syncing; io_uring_enter fails with ENOMEM once n requests were served
+  // (`served` counts every queue's, so every queue fails at its next Enter); with
+  // enter-enomem-at-start=q, queue q's first Enter (its FETCHes) fails (fault_start_queue = q + 1).
   uint64_t fault_fsync_at = 0, fault_enter_at = 0;
+  unsigned fault_start_queue = 0;
   std::atomic<uint64_t> syncs{0}, served{0};
+
+  // The start latch: START_DEV and END_USER_RECOVERY wait (uninterruptibly, on a threadpool thread)
+  // until every tag of every queue is fetched, so OpenQueues first waits here for each queue
+  // thread to say its FETCHes are in (started_ok) or that it failed (start_error, the first errno).
+  std::mutex start_mu;
+  std::condition_variable start_cv;
+  unsigned started_ok = 0;
+  int start_error = 0;
+  uint16_t start_error_queue = 0;
+
+  // Called once by each queue thread when its FETCHes are submitted (e == 0) or cannot be.
+  void QueueStarted(uint16_t q, int e) {
+    std::lock_guard<std::mutex> g(start_mu);
+    if (e == 0) {
+      started_ok++;
+    } else if (start_error == 0) {
+      start_error = e;
+      start_error_queue = q;
+    }
+    start_cv.notify_all();
+  }
 
   // Block state, shared by the queue threads and the JS thread (epoch calls): under mu. The
   // counts are kept where bits change, so status never scans a bitmap.
@@ -401,7 +427,10 @@ struct HwQueue {
   Server* s = nullptr;
   uint16_t id = 0;
   Ring ring;
-  std::thread thread;
+  // pthread, not std::thread: the addon is built without C++ exceptions, so a failed std::thread
+  // would terminate the daemon instead of failing the attach.
+  pthread_t thread{};
+  bool running_thread = false;
   int event_fd = -1;  // replies from JS and wake-ups from other queues
   struct ublksrv_io_desc* descs = nullptr;
   size_t descs_len = 0;
@@ -410,6 +439,7 @@ struct HwQueue {
   std::deque<uint16_t> parked;  // requests waiting for blocks another request holds
   unsigned nparked = 0;         // under Server::mu: parked is not empty, for the other queues to see
   std::vector<uint8_t> tag_failures;
+  std::vector<uint8_t> fetching;  // the tag's last command was a FETCH (its refusal is fatal)
   uint64_t event_buf = 0;
   unsigned aborted = 0;
   std::atomic<int> thread_error{0};
@@ -442,6 +472,7 @@ struct HwQueue {
     sqe->fd = s->cdev_fd;
     sqe->cmd_op = op;
     sqe->user_data = tag;
+    fetching[tag] = op == kIoFetch;
     auto* c = reinterpret_cast<struct ublksrv_io_cmd*>(sqe->cmd);
     c->q_id = id;
     c->tag = tag;
@@ -465,45 +496,62 @@ struct HwQueue {
   void Run() {
     for (uint16_t t = 0; t < s->depth; t++) QueueIo(t, kIoFetch, -1);
     ArmEvent();
-    while (!s->stopping.load()) {
-      int e = s->fault_enter_at && s->served.load() >= s->fault_enter_at ? ENOMEM : ring.Enter(1);
+    // The FETCHes go in without waiting, and a refusal comes back at once: only then may
+    // START_DEV (or END_USER_RECOVERY) be asked, which waits until every queue has fetched all.
+    int e = s->fault_start_queue == id + 1u ? ENOMEM : ring.Enter(0);
+    if (e == 0) {
+      ring.Reap([&](const struct io_uring_cqe& cqe) { OnCqe(cqe); });
+      e = thread_error.load();
+    }
+    if (e) thread_error = e;
+    s->QueueStarted(id, e);
+    while (!e && !s->stopping.load()) {
+      e = s->fault_enter_at && s->served.load() >= s->fault_enter_at ? ENOMEM : ring.Enter(1);
       if (e == EAGAIN || e == EBUSY) {  // io_uring_enter(2): transient, try again shortly
         usleep(1000);
+        e = 0;
         continue;
       }
       if (e) {
         thread_error = e;
         break;
       }
-      ring.Reap([&](const struct io_uring_cqe& cqe) {
-        if (cqe.user_data == kEventData) {
-          TakeReplies();
-          RetryParked();
-          if (!s->stopping.load()) ArmEvent();
-          return;
-        }
-        uint16_t tag = static_cast<uint16_t>(cqe.user_data);
-        if (cqe.res == 0) {  // UBLK_IO_RES_OK: a request
-          s->served++;
-          requests++;
-          Handle(tag);
-        }
-        else if (cqe.res == -ENODEV) aborted++;         // UBLK_IO_RES_ABORT: the device is going
-        else if (cqe.res < 0 && ++tag_failures[tag] <= 3) {
-          // The driver refused the command: its request (if any) is failed, the tag fetched again.
-          s->count.errors++;
-          QueueIo(tag, kIoCommitFetch, -EIO);
-        } else if (cqe.res < 0) {
-          thread_error = -cqe.res;
-          aborted = s->depth;
-        }
-      });
+      ring.Reap([&](const struct io_uring_cqe& cqe) { OnCqe(cqe); });
       if (aborted >= s->depth) break;
     }
     // Unless stopped, this is the end of serving: closing the ring makes the driver cancel the
     // fetches, so the device quiesces (user recovery) for the next daemon; JS sees done.
     if (!s->stopping.load()) ring.Close();
     done = true;
+  }
+
+  void OnCqe(const struct io_uring_cqe& cqe) {
+    if (cqe.user_data == kEventData) {
+      TakeReplies();
+      RetryParked();
+      if (!s->stopping.load()) ArmEvent();
+      return;
+    }
+    uint16_t tag = static_cast<uint16_t>(cqe.user_data);
+    if (cqe.res == 0) {  // UBLK_IO_RES_OK: a request
+      s->served++;
+      requests++;
+      Handle(tag);
+    } else if (cqe.res == -ENODEV) {  // UBLK_IO_RES_ABORT: the device is going
+      aborted++;
+    } else if (cqe.res < 0 && fetching[tag]) {
+      // A refused FETCH leaves the tag unfetched: the device would never be ready (START_DEV
+      // waits for ever) or would lose a tag. Fatal at once.
+      thread_error = -cqe.res;
+      aborted = s->depth;
+    } else if (cqe.res < 0 && ++tag_failures[tag] <= 3) {
+      // The driver refused the commit: its request is failed, the tag fetched again.
+      s->count.errors++;
+      QueueIo(tag, kIoCommitFetch, -EIO);
+    } else if (cqe.res < 0) {
+      thread_error = -cqe.res;
+      aborted = s->depth;
+    }
   }
 
   void Finish(uint16_t tag, int32_t result) {
@@ -881,10 +929,15 @@ void EndQueues(Server& s) {
   s.stopping = true;
   s.WakeAll();
   for (auto& q : s.queues) {
-    if (q->thread.joinable()) q->thread.join();
+    if (q->running_thread) pthread_join(q->thread, nullptr);
+    q->running_thread = false;
     q->ring.Close();
     if (q->descs) munmap(q->descs, q->descs_len);
     q->descs = nullptr;
+    // The tags' buffers (depth x bufBytes per queue) are the thread's alone; replies need only
+    // the tags and the eventfd.
+    for (auto* b : q->bufs) free(b);
+    q->bufs.clear();
   }
 }
 
@@ -977,6 +1030,7 @@ class StartWorker_ : public PromiseWorker {
   Server* s_;
   int32_t want_;
   bool added_ = false;
+  std::string start_what_;  // syscall_ points into it
 
   void Fail(int e, const char* what) {
     err_ = e;
@@ -1024,6 +1078,7 @@ class StartWorker_ : public PromiseWorker {
       q->id = qi;
       q->tags.resize(s.depth);
       q->tag_failures.assign(s.depth, 0);
+      q->fetching.assign(s.depth, 0);
       q->event_fd = eventfd(0, EFD_CLOEXEC);
       if (q->event_fd < 0) {
         Undo(errno, "eventfd");
@@ -1051,10 +1106,37 @@ class StartWorker_ : public PromiseWorker {
       }
       s.queues.push_back(std::move(q));
     }
-    // Every queue's FETCHes must be in before START_DEV (or END_USER_RECOVERY) returns.
+    // Every queue's FETCHes must be in before START_DEV (or END_USER_RECOVERY) is asked: it waits
+    // for them uninterruptibly. Each thread says when they are, or that it failed.
+    {
+      std::lock_guard<std::mutex> g(s.start_mu);
+      s.started_ok = 0;
+      s.start_error = 0;
+    }
     for (auto& q : s.queues) {
       HwQueue* qp = q.get();
-      qp->thread = std::thread([qp] { qp->Run(); });
+      int e = pthread_create(&qp->thread, nullptr, [](void* q) -> void* {
+        static_cast<HwQueue*>(q)->Run();
+        return nullptr;
+      }, qp);
+      if (e) {
+        Undo(e, "pthread_create (a queue thread)");
+        return false;
+      }
+      qp->running_thread = true;
+    }
+    int e;
+    uint16_t failed_queue;
+    {
+      std::unique_lock<std::mutex> g(s.start_mu);
+      s.start_cv.wait(g, [&] { return s.start_error != 0 || s.started_ok == s.queues.size(); });
+      e = s.start_error;
+      failed_queue = s.start_error_queue;
+    }
+    if (e) {
+      start_what_ = "io_uring_enter (FETCH, queue " + std::to_string(failed_queue) + ")";
+      Undo(e, start_what_.c_str());
+      return false;
     }
     s.serving = true;
     return true;
@@ -1148,7 +1230,8 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
   }
   size = static_cast<int64_t>(sd);
   if (block_size < 512 || (block_size & (block_size - 1)) || size % 512 || lbs < 512 || lbs > 4096 || (lbs & (lbs - 1)) ||
-      pbs < lbs || (pbs & (pbs - 1)) || depth < 1 || depth > 4096 || queues < 1 || queues > kMaxQueues || buf_bytes < 4096 || buf_bytes % 4096) {
+      pbs < lbs || (pbs & (pbs - 1)) || depth < 1 || depth > 4096 || queues < 1 || queues > kMaxQueues || buf_bytes < 4096 || buf_bytes % 4096 ||
+      buf_bytes > (1u << 30)) {  // results are int32 byte counts: at most 1 GiB a request
     Napi::RangeError::New(env, "bad geometry").ThrowAsJavaScriptException();
     return Napi::Value();
   }
@@ -1179,6 +1262,7 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
   if (const char* f = getenv("ULOBDEV_UBLK_FAULT")) {
     if (const char* p = strstr(f, "fsync-eio-at=")) s->fault_fsync_at = strtoull(p + 13, nullptr, 10);
     if (const char* p = strstr(f, "enter-enomem-at=")) s->fault_enter_at = strtoull(p + 16, nullptr, 10);
+    if (const char* p = strstr(f, "enter-enomem-at-start=")) s->fault_start_queue = static_cast<unsigned>(strtoul(p + 22, nullptr, 10)) + 1;
   }
   FromBytes(s->present, present.data, present.length, blocks);
   FromBytes(s->dirty, dirty.data, dirty.length, blocks);
