@@ -115,13 +115,6 @@ deb_bootstrap() {
   return $rc
 }
 
-# While a root is made, dpkg inside it skips its fsync per unpacked file (force-unsafe-io, what
-# mmdebstrap does by default): a root is a cache whose marker is written last, remade when it is
-# missing, and dpkg's fsyncs cost minutes when the machine's disk is busy. root_unsafe_io DIR puts
-# the setting in before debootstrap; root_safe_io DIR takes it out again before the root is used.
-root_unsafe_io() { mkdir -p "$1/etc/dpkg/dpkg.cfg.d" && echo force-unsafe-io >"$1/etc/dpkg/dpkg.cfg.d/ulob-unsafe-io"; }
-root_safe_io() { rm -f "$1/etc/dpkg/dpkg.cfg.d/ulob-unsafe-io"; }
-
 # Makes a Debian 13 root in DIR with `debootstrap --variant=minbase trixie`, including the
 # comma-separated packages $2; cached: a finished root (DIR/.ulob-root naming what it includes) is
 # reused. The debootstrap download cache lives in $DEB_BOOTSTRAP_CACHE (default $VM/apt/debootstrap)
@@ -141,11 +134,9 @@ trixie_root() {
   log="$VM/debootstrap-$(basename "$dir").log"
   mkdir -p "$cache"
   echo "debian.sh: debootstrap trixie into $dir (+ $include)" >&2
-  root_unsafe_io "$dir.tmp"
   deb_bootstrap --variant=minbase ${include:+--include="$include"} \
     --cache-dir="$cache" trixie "$dir.tmp" "$DEB_MIRROR" >"$log" 2>&1 ||
     { echo "debian.sh: debootstrap trixie failed; see $log" >&2; return 1; }
-  root_safe_io "$dir.tmp"
   echo "$include" >"$dir.tmp/.ulob-root"
   mv "$dir.tmp" "$dir"
 }

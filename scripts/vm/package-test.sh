@@ -58,7 +58,6 @@ mkdir -p "$DEB_BOOTSTRAP_CACHE"
       if [ ! -f "$R/.ulob-root" ]; then
         rm -rf --one-file-system "$R" "$R.tmp"
         echo "package-test: debootstrap bookworm into $R" >&2
-        root_unsafe_io "$R.tmp"
         deb_bootstrap --variant=minbase --include=fuse3,libnbd-bin,util-linux,python3,ca-certificates \
           --cache-dir="$DEB_BOOTSTRAP_CACHE" bookworm "$R.tmp" "$DEB_MIRROR" >"$VM/debootstrap-pkg-bookworm.log" 2>&1 ||
           { echo "package-test: debootstrap bookworm failed; see $VM/debootstrap-pkg-bookworm.log" >&2; exit 1; }
@@ -69,7 +68,6 @@ mkdir -p "$DEB_BOOTSTRAP_CACHE"
         phase repack-nodejs
         in_root "$R.tmp" sh -c 'dpkg -i /tmp/nodejs.deb && rm /tmp/nodejs.deb' >&2
         phase install-nodejs
-        root_safe_io "$R.tmp"
         echo "bookworm $host_node" >"$R.tmp/.ulob-root"
         mv "$R.tmp" "$R"
       fi
