@@ -20,7 +20,6 @@ mksquashfs  squashfs-tools
 httpdirfs   httpdirfs
 groff       groff-base
 debootstrap debootstrap
-dpkg-repack dpkg-repack
 mkfs.xfs    xfsprogs
 xfs_repair  xfsprogs
 sgdisk      gdisk

@@ -80,6 +80,8 @@ describe('make install', () => {
 function packageTest(suite: 'trixie' | 'bookworm'): { out: string; keys: Record<string, Record<string, string>>; rc: Record<string, number> } {
   const r = spawnSync('bash', [join(ROOT, 'scripts/vm/package-test.sh'), suite, deb, next], { encoding: 'utf8', timeout: 1_200_000 });
   const out = `${r.stdout}\n${r.stderr}`;
+  // Where the time went (package-test.sh's phase lines), in the run's log.
+  console.log(r.stderr.split('\n').filter((l) => l.startsWith('package-test: TIME')).join('\n'));
   expect(r.status, out).toBe(0);
   const keys: Record<string, Record<string, string>> = {};
   const rc: Record<string, number> = {};
