@@ -86,8 +86,8 @@ beforeAll(async () => {
     same 5
     $U detach $D > /dev/null
     rmmod uloop && echo unloaded
-  `);
-}, 600_000);
+  `, { timeoutMs: 720_000 });
+}, 900_000);
 
 describe('ulobdev flush on /dev/uloopN', () => {
   it('writes the dirty blocks back and clears the dirty bits in the kernel and the store', () => {
