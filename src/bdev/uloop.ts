@@ -482,8 +482,10 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       native.uloopReply(ctl, m.id, error);
     } catch (err) {
       const code = (err as { code?: string }).code;
-      // ENODEV: the device was removed meanwhile; ENOENT: the kernel no longer waits for it.
-      if (code !== 'ENODEV' || !removed) logger.warn({ err, id: m.id }, `${device}: the kernel refused the reply to upcall ${m.id} (${code ?? 'error'})`);
+      // ENODEV: the device was removed meanwhile (detach REMOVEs, then waits for the upcalls
+      // still running before it closes the fd); ENOENT: the kernel no longer waits for it.
+      if (code === 'ENODEV' && removed) logger.debug({ id: m.id }, `${device}: reply to upcall ${m.id} after the device was removed: dropped`);
+      else logger.warn({ err, id: m.id }, `${device}: the kernel refused the reply to upcall ${m.id} (${code ?? 'error'})`);
     }
   };
 

@@ -12,7 +12,12 @@
 // sync began (invariant 3), and nothing a sync did not cover (invariant 1: no present bit over
 // data that never reached flash). The kernel's order in uloop_flush (take the pending set, then
 // sync) is what this guards: syncing first hands over blocks written during the sync as present
-// (issue 11 item 1). One run with that order planted (ULOB_TEST_KO) still PASSED: the race is not hit yet.
+// (issue 11 item 1). For the window to be hit, the cache filesystem's device is slow (dm-delay
+// under dm-log-writes, as uloop-barrier.test.ts does: each sync takes hundreds of ms, and the
+// other writers' whole-block writes to missing blocks land in it) and ext4 runs data=writeback
+// (the daemon's own metadata fsync, a journal commit, then writes no cache-file pages out before
+// the mark). Without these, one run on the planted order passed; with them the planted order
+// fails at some mark with "wrong" units (a block recorded present over an unwritten extent).
 // One daemon start on the last mark's replay checks that the device the checker computes is the
 // device the daemon serves. ULOB_TEST_KO=PATH runs it on another build of uloop.ko (that is how the
 // planted order was run, without touching kernel/).
@@ -23,6 +28,7 @@ import { buildTool } from './uloop-tools.js';
 const WRITERS = 4;
 const OPS = 40; // writes per writer; about one in eight is followed by a sync and a mark
 const BLOCKS = 256; // 16 MiB of 64 KiB blocks; the first 64 are read (present, clean) before the writers start
+const DELAY_MS = 100; // dm-delay on the cache filesystem's writes
 let run: VmResult;
 
 // The checker: one Node process for every mark (a Node start costs 10-20 s under TCG).
@@ -74,12 +80,15 @@ beforeAll(async () => {
     `
     U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; D=/dev/uloop0; R=${vm.LOG_REPLAY}; X=${race}
     insmod ${process.env.ULOB_TEST_KO || vm.ULOOP_KO}
-    modprobe -q crc32c_generic || true; modprobe ext4; modprobe loop; modprobe dm-log-writes
+    modprobe -q crc32c_generic || true; modprobe ext4; modprobe loop; modprobe dm-log-writes; modprobe dm-delay
     $X init /tmp/disk.img ${(BLOCKS * 65536) / 4096}
     truncate -s 64M /tmp/data.img && truncate -s 512M /tmp/log.img
     DD=$(losetup -f --show /tmp/data.img); LD=$(losetup -f --show /tmp/log.img)
-    dmsetup create --noudevsync lw --table "0 $(blockdev --getsz $DD) log-writes $DD $LD" && dmsetup mknodes lw
-    mkfs.ext4 -q /dev/mapper/lw && mkdir -p /tmp/c /tmp/rp /tmp/wl && mount /dev/mapper/lw /tmp/c
+    # writes (and flushes) to the cache filesystem take ${DELAY_MS} ms more: a sync lasts long enough for writes to land in it
+    dmsetup create --noudevsync slow --table "0 $(blockdev --getsz $DD) delay $DD 0 0 $DD 0 ${DELAY_MS}" && dmsetup mknodes slow
+    dmsetup create --noudevsync lw --table "0 $(blockdev --getsz $DD) log-writes /dev/mapper/slow $LD" && dmsetup mknodes lw
+    mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/mapper/lw && mkdir -p /tmp/c /tmp/rp /tmp/wl
+    mount -o data=writeback /dev/mapper/lw /tmp/c
     $U -c /tmp/c/d.cache -b /tmp/c/d.bitmap --writeback --block-size 64K --daemon $D /tmp/disk.img > /dev/null
     dd if=$D of=/dev/null bs=1M count=4 iflag=direct status=none
     t0=$(date +%s)
@@ -87,7 +96,7 @@ beforeAll(async () => {
     MARKS=$(cat /tmp/wl/w*.log | awk '$1 == "F" { print $2 }' | tr '\\n' ' ')
     echo "marks: $(echo $MARKS | wc -w)"
     $U status $D | grep -i -m3 'dirty\\|present' || true
-    $U detach $D > /dev/null && umount /tmp/c && dmsetup remove lw && losetup -d $DD && echo "log complete"
+    $U detach $D > /dev/null && umount /tmp/c && dmsetup remove lw && dmsetup remove slow && losetup -d $DD && echo "log complete"
     t0=$(date +%s)
     CHECKED=0; node /mnt/check.mjs $R $X $MARKS || CHECKED=1
     echo "checked in $(( $(date +%s) - t0 )) s"

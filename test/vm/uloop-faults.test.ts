@@ -54,6 +54,36 @@ beforeAll(async () => {
     $U -c /tmp/d.cache -b /tmp/d.bitmap --daemon $D /dev/mapper/bk > /dev/null
     sha256sum < $D | cmp -s - /tmp/sum && echo "re-added: the same device"
     $U detach $D > /dev/null
+
+    # --- replies racing detach (issue 11 item 8): the disk answers reads after 5 s (dm-delay), the
+    # kernel fails a request after 1 s (io_timeout_s, taken at ADD). Misses of 6 readers time out
+    # (EIO) while the daemon still reads the disk for them; SIGTERM then detaches: FLUSH, REMOVE
+    # (nothing holds the device open), and the late replies reach the removed device (ENODEV,
+    # logged at debug level) only because the control fd is still open: detach waits for every
+    # upcall before it closes it. Closed early, a reply fails with EBADF or lands in whatever fd
+    # took the number.
+    modprobe dm-delay
+    echo 1 > /sys/module/uloop/parameters/io_timeout_s
+    disk "delay $L 0 5000"
+    rm -f $LOG; t0=$(date +%s)
+    $U -c /tmp/r.cache -b /tmp/r.bitmap --writeback --block-size 64K --daemon $D /dev/mapper/bk --log-level debug > /dev/null
+    echo 90 > /sys/module/uloop/parameters/io_timeout_s
+    RP=$(cat /run/ulobdev/uloop0/pid)
+    pids=""; for i in 1 2 3 4 5 6; do dd if=$D of=/dev/null bs=64k skip=$((i * 40)) count=1 iflag=direct status=none 2>/dev/null & pids="$pids $!"; done
+    fails=0; for j in $pids; do wait $j || fails=$((fails+1)); done
+    echo "race: reads failed by the timeout: $fails (attach and reads $(( $(date +%s) - t0 )) s)"; t0=$(date +%s)
+    kill -TERM $RP
+    k=0; while kill -0 $RP 2>/dev/null && [ $k -lt 120 ]; do sleep 0.5; k=$((k+1)); done
+    kill -0 $RP 2>/dev/null && echo "race: the daemon did not exit"
+    echo "race: SIGTERM to exit $(( $(date +%s) - t0 )) s, replies dropped after REMOVE: $(grep -c 'after the device was removed: dropped' $LOG)"
+    echo "race: replies refused in the daemon: $(grep -c 'refused the reply' $LOG) detached: $(grep -c 'detached:' $LOG)"
+    grep 'refused the reply' $LOG | head -2
+    disk "linear $L 0"
+    $U -c /tmp/r.cache -b /tmp/r.bitmap --writeback --block-size 64K --daemon $D /dev/mapper/bk > /dev/null
+    ok=0; for i in 1 2 3 4 5 6; do dd if=/dev/mapper/bk of=/tmp/rb bs=64k skip=$((i * 40)) count=1 iflag=direct status=none
+      dd if=$D bs=64k skip=$((i * 40)) count=1 iflag=direct status=none | cmp -s - /tmp/rb && ok=$((ok+1)); done
+    echo "race: blocks read back as the disk after a restart: $ok"
+    $U detach $D > /dev/null
     dmsetup remove bk; losetup -d $L
 
     # --- the cache file's filesystem on dm-flakey. No journal (errors=continue): a failed journal
@@ -125,6 +155,16 @@ describe('the Node daemon of /dev/uloopN on a failing disk (dm-error)', () => {
     expect(run.output).toContain('flakey: write and FLUSH after recovery ok');
     expect(run.output).toContain('flakey: it reads back');
     expect(run.output).toContain('flakey: detached');
+  });
+
+  it('replies racing detach: the control fd stays open until the last upcall answered (no EBADF, nothing lost)', () => {
+    console.log(run.output.split('\n').filter((l) => l.startsWith('race: ') || l.includes('refused the reply')).join('\n'));
+    expect(run.output).toContain('race: reads failed by the timeout: 6 ');
+    expect(run.output).not.toContain('race: the daemon did not exit');
+    // the race was run: late replies reached the removed device through the still-open fd
+    expect(Number(/race: SIGTERM to exit \d+ s, replies dropped after REMOVE: (\d+)/.exec(run.output)?.[1])).toBeGreaterThan(0);
+    expect(run.output).toContain('race: replies refused in the daemon: 0 detached: 1');
+    expect(run.output).toContain('race: blocks read back as the disk after a restart: 6');
   });
 
   it('once the disk is back a flush completes, and nothing acknowledged was lost', () => {
