@@ -11,7 +11,7 @@ import { exists, sleep } from '../sys.js';
 import { run } from '../bdev/programs.js';
 import { RUN_DIR, STATE_DIR } from '../paths.js';
 import { formatBytes } from '../units.js';
-import { isWritable, type SectorSize, type Source } from '../source/source.js';
+import { isWritable, observeReads, type SectorSize, type Source } from '../source/source.js';
 import { DiskHealth, type DiskHealthStatus } from '../source/health.js';
 import { ANY_LOOP, defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
@@ -777,35 +777,6 @@ export function explainNoSpace(err: unknown, paths: CachePaths): unknown {
     `no space left for ${file}: the filesystem holding it is full; free space there, or put the cache on a larger filesystem with -c (and -b, --metadata); nothing was changed`,
     { cause: err, path: file },
   );
-}
-
-/** The source with every read reported first (a read means the disk is spinning). */
-function observeReads(source: Source, onRead: () => void): Source {
-  const wrapped: Source = {
-    size: source.size,
-    id: source.id,
-    description: source.description,
-    sectorSize: source.sectorSize,
-    readAt: (buf, position) => {
-      onRead();
-      return source.readAt(buf, position);
-    },
-    copyInto: source.copyInto
-      ? (into, buf, position, intoPosition) => {
-          onRead();
-          return source.copyInto!(into, buf, position, intoPosition);
-        }
-      : undefined,
-    close: () => source.close(),
-    stats: source.stats ? () => source.stats!() : undefined,
-    present: source.present ? () => source.present!() : undefined,
-  };
-  if (isWritable(source)) {
-    Object.assign(wrapped, { writeAt: source.writeAt.bind(source), sync: source.sync.bind(source) });
-    if (source.zeroAt) Object.assign(wrapped, { zeroAt: source.zeroAt.bind(source) });
-    if (source.writeMany) Object.assign(wrapped, { writeMany: source.writeMany.bind(source) });
-  }
-  return wrapped;
 }
 
 /** --cache-size in bytes for a disk of `diskSize` bytes. */
