@@ -584,7 +584,8 @@ export class Daemon {
    * held, waits for that to end, up to half the time (30 s at most): at shutdown systemd unmounts
    * it meanwhile. Still in use then: flushes as the policy says until the deadline, lets go of
    * the device anyway (the filesystem on it fails further I/O until it is unmounted) and logs one
-   * line saying so and how to order the mount. Either way the daemon then exits.
+   * line saying so and how to order the mount. A release that fails for another reason still
+   * flushes first (#stopAfterFailedRelease). Either way the daemon then exits.
    */
   async stop(timeoutMs: number): Promise<DetachResult> {
     const started = Date.now();
@@ -595,7 +596,7 @@ export class Daemon {
       try {
         return await this.detach({ deadline });
       } catch (err) {
-        if (!isBusy(err)) throw err;
+        if (!isBusy(err)) return this.#stopAfterFailedRelease(err, deadline);
         // "DEVICE stays attached: /dev/loop3 is mounted on /mnt; ...; unmount it first": the first use.
         const message = (err as Error).message;
         const use = (/stays attached: ([^;]*)/.exec(message)?.[1] ?? message.split(';')[0])!;
@@ -610,6 +611,23 @@ export class Daemon {
       `stopped while ${busy}: ${describeFlush(result)}; the filesystem on ${this.device} now fails I/O until it is unmounted. ` +
         `Order its mount after this daemon (fstab: x-systemd.requires=ulobdev@${this.name}.service) so it is unmounted first`,
     );
+    return result;
+  }
+
+  /**
+   * The stop's release of the device failed for a reason other than its use (losetup -d or the
+   * NBD disconnect erred, a helper died): the daemon exits all the same, so it must not leave
+   * without the flush the policy asks for. It flushes while the device may still serve (the
+   * flush is a point-in-time image of its start, invariant 7; later writes stay dirty), then
+   * lets go of the device by force, and logs one error line naming the failure. A failure of
+   * the close itself after that (the cache's metadata) is thrown: the daemon exits non-zero and
+   * the next start recovers.
+   */
+  async #stopAfterFailedRelease(err: unknown, deadline: number): Promise<DetachResult> {
+    const reason = (err as Error)?.message ?? String(err);
+    this.#logger.warn(`stopping: releasing ${this.device} failed (${reason}); flushing, then letting go of it anyway`);
+    const result = await this.detach({ force: true, deadline });
+    this.#logger.error(`stopped after releasing ${this.device} failed (${reason}): ${describeFlush(result)}; check that ${this.device} is gone (losetup -a, nbd-client -c) before reusing it`);
     return result;
   }
 
