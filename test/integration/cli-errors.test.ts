@@ -157,6 +157,20 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     expect(existsSync(disk) && existsSync(other)).toBe(true);
   });
 
+  it('a cache on a filesystem of a partition of the disk (BACKEND /dev/loopN, -c under a mount of /dev/loopNp1): attach refuses, the disk stays', async () => {
+    s = scratch('ulob-cli-');
+    const image = makeDisk('parted.img', '24M');
+    mustSh('sgdisk', ['-n', '1:2048:+8M', '-n', '2:0:0', image]);
+    const loop = mustSh('losetup', ['-f', '--show', '--partscan', image]).trim();
+    undo.push(() => sh('losetup', ['-d', loop]));
+    mustSh('mkfs.ext4', ['-q', `${loop}p1`]);
+    const mnt = join(s.dir, 'flash');
+    mkdirSync(mnt);
+    mustSh('mount', [`${loop}p1`, mnt]);
+    undo.push(() => sh('umount', [mnt]));
+    await expectRefused(['-c', join(mnt, 'c.cache'), '--writeback', unusedLoop(), loop], new RegExp(`^ulobdev: the cache ${mnt}/c\\.cache is on a filesystem of /dev/${loop.slice(5)}p1, a partition of the disk ${loop} itself; give -c a file on flash, not on the disk\\n$`));
+  });
+
   it('a bad block size', async () => {
     s = scratch('ulob-cli-');
     await expectRefused([...cacheArgs(), '--block-size', '3000', unusedLoop(), makeDisk('disk.img')], /block size must be a power of two/);
