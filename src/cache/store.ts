@@ -12,7 +12,8 @@
 // present ones, blocks the engine has reserved for data not yet present, and blocks being punched.
 import { randomUUID } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
-import { dirname } from 'node:path';
+import { basename, dirname, join } from 'node:path';
+import { majorMinor } from '../sys.js';
 import {
   CorruptMetadataError,
   DirtyDataError,
@@ -1068,5 +1069,24 @@ export async function assertCachePathsApart(paths: CachePaths, backing?: string)
     if (disk?.isBlockDevice() && home && home.dev === disk.rdev) {
       throw new InvalidArgumentError(`the ${what} ${p} is on a filesystem of the disk ${backing} itself; give -c a file on flash, not on the disk`);
     }
+    // Or on a filesystem of one of its partitions (BACKEND /dev/sdb, -c under a mount of /dev/sdb1).
+    const partition = disk?.isBlockDevice() && home ? await partitionOf(home.dev, disk.rdev) : null;
+    if (partition) {
+      throw new InvalidArgumentError(`the ${what} ${p} is on a filesystem of /dev/${partition}, a partition of the disk ${backing} itself; give -c a file on flash, not on the disk`);
+    }
   }
+}
+
+/**
+ * The name (sdb1, loop5p1) of the block device `dev` (a dev_t, as stat's st_dev) when it is a
+ * partition of the whole disk `disk` (a dev_t, st_rdev), else null. From sysfs: a partition's
+ * /sys/dev/block/MAJ:MIN has a `partition` file and sits in its disk's directory.
+ */
+async function partitionOf(dev: number, disk: number): Promise<string | null> {
+  const sys = `/sys/dev/block/${majorMinor(dev)}`;
+  if (!(await fsp.stat(join(sys, 'partition')).catch(() => null))) return null;
+  const real = await fsp.realpath(sys).catch(() => null);
+  if (!real) return null;
+  const parentDev = (await fsp.readFile(join(dirname(real), 'dev'), 'utf8').catch(() => '')).trim();
+  return parentDev === majorMinor(disk) ? basename(real) : null;
 }

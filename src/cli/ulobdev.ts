@@ -12,7 +12,7 @@
 //   ulobdev report DEVICE|NAME --svg FILE [--hours N]
 //   ulobdev discard [-c CACHE] [-b BITMAP] [--force] BACKEND
 import { VERSION } from './version.js';
-import { promises as fsp } from 'node:fs';
+import { existsSync, promises as fsp, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument, Option } from 'commander';
 import { assertCachePathsApart, CacheStore } from '../cache/store.js';
@@ -131,7 +131,9 @@ function checkPositionals(device: string, backing: string, flags: AttachFlags, c
   let deviceError: unknown;
   try {
     frontendKind(device);
-    return;
+    // Both name block devices (`ulobdev /dev/loop2 /dev/loop`, the disk first): swapped when
+    // BACKEND can only be a device of ours and DEVICE could be a disk.
+    if (!onlyADevice(backing) || onlyADevice(device)) return;
   } catch (err) {
     deviceError = err;
   }
@@ -148,6 +150,28 @@ function checkPositionals(device: string, backing: string, flags: AttachFlags, c
     );
   }
   throw deviceError;
+}
+
+/**
+ * Whether `name` can only be a DEVICE to create, never a disk to cache: /dev/loop (the next free
+ * one), /dev/uloopN, /dev/ublkbN, an nbd URL, or a /dev/loopN or /dev/nbdN that holds nothing
+ * (not there, or 0 bytes in sysfs: a loop device bound to no file, an NBD device not connected).
+ * A bound loop device or a connected NBD device can be a disk. Reads sysfs only.
+ */
+function onlyADevice(name: string): boolean {
+  let kind: string;
+  try {
+    kind = frontendKind(name);
+  } catch {
+    return false;
+  }
+  const numbered = /^\/dev\/(loop|nbd)\d+$/.test(name);
+  if (!numbered) return true;
+  try {
+    return Number(readFileSync(`/sys/class/block/${name.slice('/dev/'.length)}/size`, 'utf8').trim()) === 0;
+  } catch {
+    return kind !== 'loop' || !existsSync(name); // no sysfs entry: nothing there to cache
+  }
 }
 
 /**

@@ -11,7 +11,7 @@ import { exists, sleep } from '../sys.js';
 import { run } from '../bdev/programs.js';
 import { RUN_DIR, STATE_DIR } from '../paths.js';
 import { formatBytes } from '../units.js';
-import { isWritable, type SectorSize, type Source } from '../source/source.js';
+import { isWritable, observeReads, type SectorSize, type Source } from '../source/source.js';
 import { DiskHealth, type DiskHealthStatus } from '../source/health.js';
 import { ANY_LOOP, defaultName, frontendKind, type Frontend, type FrontendKind } from '../bdev/frontend.js';
 import { assertLoopFree, attachLoop } from '../bdev/loop-fuse.js';
@@ -584,7 +584,8 @@ export class Daemon {
    * held, waits for that to end, up to half the time (30 s at most): at shutdown systemd unmounts
    * it meanwhile. Still in use then: flushes as the policy says until the deadline, lets go of
    * the device anyway (the filesystem on it fails further I/O until it is unmounted) and logs one
-   * line saying so and how to order the mount. Either way the daemon then exits.
+   * line saying so and how to order the mount. A release that fails for another reason still
+   * flushes first (#stopAfterFailedRelease). Either way the daemon then exits.
    */
   async stop(timeoutMs: number): Promise<DetachResult> {
     const started = Date.now();
@@ -595,7 +596,7 @@ export class Daemon {
       try {
         return await this.detach({ deadline });
       } catch (err) {
-        if (!isBusy(err)) throw err;
+        if (!isBusy(err)) return this.#stopAfterFailedRelease(err, deadline);
         // "DEVICE stays attached: /dev/loop3 is mounted on /mnt; ...; unmount it first": the first use.
         const message = (err as Error).message;
         const use = (/stays attached: ([^;]*)/.exec(message)?.[1] ?? message.split(';')[0])!;
@@ -610,6 +611,23 @@ export class Daemon {
       `stopped while ${busy}: ${describeFlush(result)}; the filesystem on ${this.device} now fails I/O until it is unmounted. ` +
         `Order its mount after this daemon (fstab: x-systemd.requires=ulobdev@${this.name}.service) so it is unmounted first`,
     );
+    return result;
+  }
+
+  /**
+   * The stop's release of the device failed for a reason other than its use (losetup -d or the
+   * NBD disconnect erred, a helper died): the daemon exits all the same, so it must not leave
+   * without the flush the policy asks for. It flushes while the device may still serve (the
+   * flush is a point-in-time image of its start, invariant 7; later writes stay dirty), then
+   * lets go of the device by force, and logs one error line naming the failure. A failure of
+   * the close itself after that (the cache's metadata) is thrown: the daemon exits non-zero and
+   * the next start recovers.
+   */
+  async #stopAfterFailedRelease(err: unknown, deadline: number): Promise<DetachResult> {
+    const reason = (err as Error)?.message ?? String(err);
+    this.#logger.warn(`stopping: releasing ${this.device} failed (${reason}); flushing, then letting go of it anyway`);
+    const result = await this.detach({ force: true, deadline });
+    this.#logger.error(`stopped after releasing ${this.device} failed (${reason}): ${describeFlush(result)}; check that ${this.device} is gone (losetup -a, nbd-client -c) before reusing it`);
     return result;
   }
 
@@ -777,36 +795,6 @@ export function explainNoSpace(err: unknown, paths: CachePaths): unknown {
     `no space left for ${file}: the filesystem holding it is full; free space there, or put the cache on a larger filesystem with -c (and -b, --metadata); nothing was changed`,
     { cause: err, path: file },
   );
-}
-
-/** The source with every read reported first (a read means the disk is spinning). */
-function observeReads(source: Source, onRead: () => void): Source {
-  const wrapped: Source = {
-    size: source.size,
-    id: source.id,
-    description: source.description,
-    sectorSize: source.sectorSize,
-    readAt: (buf, position) => {
-      onRead();
-      return source.readAt(buf, position);
-    },
-    copyInto: source.copyInto
-      ? (into, buf, position, intoPosition) => {
-          onRead();
-          return source.copyInto!(into, buf, position, intoPosition);
-        }
-      : undefined,
-    close: () => source.close(),
-    stats: source.stats ? () => source.stats!() : undefined,
-    present: source.present ? () => source.present!() : undefined,
-  };
-  if (isWritable(source)) {
-    Object.assign(wrapped, { writeAt: source.writeAt.bind(source), sync: source.sync.bind(source) });
-    if (source.zeroAt) Object.assign(wrapped, { zeroAt: source.zeroAt.bind(source) });
-    if (source.writeMany) Object.assign(wrapped, { writeMany: source.writeMany.bind(source) });
-    if (source.writeManyFrom) Object.assign(wrapped, { writeManyFrom: source.writeManyFrom.bind(source) });
-  }
-  return wrapped;
 }
 
 /** --cache-size in bytes for a disk of `diskSize` bytes. */

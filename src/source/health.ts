@@ -3,7 +3,7 @@
 // read (misses, hydration) and write and sync (flushes) that reach the disk, and for a block device
 // from sysfs at each look, so a removed disk shows as gone even while nothing reads it. Nothing here
 // touches the disk: a sleeping disk stays asleep.
-import { isWritable, type SectorSize, type Source } from './source.js';
+import { wrapSource, type Source, type WritableSource } from './source.js';
 import type { BlockFile } from '../storage/storage.js';
 
 export type DiskState = 'ok' | 'failing' | 'gone';
@@ -62,8 +62,11 @@ export class DiskHealth {
     return { state, lastError: this.#lastError, lastErrorAt: this.#lastErrorAt, errors: this.#errors };
   }
 
-  /** `source` with every read, write and sync reported here (the daemon's view of the disk). */
-  watch(source: Source): Source {
+  /**
+   * `source` with every read, write, zero and sync that reaches the disk reported here (the
+   * daemon's view of the disk); every other method is the source's own (wrapSource).
+   */
+  watch<S extends Source>(source: S): S {
     const track = async <T>(io: Promise<T>): Promise<T> => {
       try {
         const r = await io;
@@ -74,57 +77,33 @@ export class DiskHealth {
         throw err;
       }
     };
-    const wrapped: Source & { sectorSize?: SectorSize } = {
-      size: source.size,
-      id: source.id,
-      description: source.description,
-      sectorSize: source.sectorSize,
+    const w = source as unknown as WritableSource; // its write methods are overridden only where it has them
+    return wrapSource(source, {
       readAt: (buf, position) => track(source.readAt(buf, position)),
-      close: () => source.close(),
       // A fill's read and cache write in one request: only the read side is the disk's.
-      copyInto: source.copyInto
-        ? async (into, buf, position, intoPosition) => {
-            try {
-              await source.copyInto!(into, buf, position, intoPosition);
-              this.succeeded();
-            } catch (err) {
-              if ((err as { syscall?: string }).syscall !== 'pwrite') this.failed(err);
-              throw err;
-            }
-          }
-        : undefined,
-      stats: source.stats ? () => source.stats!() : undefined,
-      present: source.present ? () => source.present!() : undefined,
-    };
-    if (isWritable(source)) {
-      Object.assign(wrapped, {
-        writeAt: (buf: Uint8Array, position: number) => track(source.writeAt(buf, position)),
-        sync: () => track(source.sync()),
-      });
-      // The flusher's fast paths (scattered blocks in one request, zeroing offload) must survive
-      // the wrapping: without them every piece is its own threadpool trip and zeros are written.
-      const { writeMany, writeManyFrom, zeroAt } = source;
+      copyInto: async (into, buf, position, intoPosition) => {
+        try {
+          await source.copyInto!(into, buf, position, intoPosition);
+          this.succeeded();
+        } catch (err) {
+          if ((err as { syscall?: string }).syscall !== 'pwrite') this.failed(err);
+          throw err;
+        }
+      },
+      writeAt: (buf, position) => track(w.writeAt(buf, position)),
+      writeMany: (buf, pieces) => track(w.writeMany!(buf, pieces)),
       // A flush batch's cache reads and disk writes in one request: only the write side is the disk's.
-      if (writeManyFrom) {
-        Object.assign(wrapped, {
-          writeManyFrom: async (from: BlockFile, buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>) => {
-            try {
-              await writeManyFrom.call(source, from, buf, pieces);
-              this.succeeded();
-            } catch (err) {
-              if ((err as { syscall?: string }).syscall !== 'pread') this.failed(err);
-              throw err;
-            }
-          },
-        });
-      }
-      if (writeMany) {
-        Object.assign(wrapped, {
-          writeMany: (buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>) => track(writeMany.call(source, buf, pieces)),
-        });
-      }
-      if (zeroAt) Object.assign(wrapped, { zeroAt: (position: number, length: number) => track(zeroAt.call(source, position, length)) });
-    }
-    return wrapped;
+      writeManyFrom: async (from: BlockFile, buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>) => {
+        try {
+          await w.writeManyFrom!(from, buf, pieces);
+          this.succeeded();
+        } catch (err) {
+          if ((err as { syscall?: string }).syscall !== 'pread') this.failed(err);
+          throw err;
+        }
+      },
+      zeroAt: (position, length) => track(w.zeroAt!(position, length)),
+      sync: () => track(w.sync()),
+    });
   }
 }

@@ -70,3 +70,44 @@ export interface WritableSource extends Source {
 export function isWritable(source: Source): source is WritableSource {
   return typeof (source as WritableSource).writeAt === 'function' && typeof (source as WritableSource).sync === 'function';
 }
+
+/**
+ * `source` seen through `overrides`: each override replaces the source's method of that name, and
+ * only where the source has one (an absent optional method stays absent, so callers still pick
+ * their fallback by it); every other property and method, including ones added to Source later,
+ * is the source's own, called with the source as `this` (class sources keep private fields). An
+ * override calls the original itself, through `source`. Used by every wrapper of a disk's source,
+ * so none of them can drop a method by forgetting to list it.
+ */
+export function wrapSource<S extends Source>(source: S, overrides: Partial<WritableSource>): S {
+  type Fn = (...args: unknown[]) => unknown;
+  const bound = new Map<PropertyKey, { fn: Fn; bound: Fn }>();
+  return new Proxy(source, {
+    get(target, prop) {
+      const value: unknown = Reflect.get(target, prop, target);
+      if (typeof value !== 'function') return value;
+      const override = (overrides as Record<PropertyKey, unknown>)[prop];
+      if (typeof override === 'function') return override;
+      // Bound once per method, not per call: these sit on the flusher's and misses' hot paths.
+      const hit = bound.get(prop);
+      if (hit?.fn === value) return hit.bound;
+      const b = (value as Fn).bind(target);
+      bound.set(prop, { fn: value as Fn, bound: b });
+      return b;
+    },
+  });
+}
+
+/** The source with every read of the disk reported first (a read means the disk is spinning). */
+export function observeReads<S extends Source>(source: S, onRead: () => void): S {
+  return wrapSource(source, {
+    readAt: (buf, position) => {
+      onRead();
+      return source.readAt(buf, position);
+    },
+    copyInto: (into, buf, position, intoPosition) => {
+      onRead();
+      return source.copyInto!(into, buf, position, intoPosition);
+    },
+  });
+}

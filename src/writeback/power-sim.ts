@@ -11,7 +11,7 @@ import pino, { type Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore } from '../cache/store.js';
 import { FileSource } from '../source/file-source.js';
-import type { Source } from '../source/source.js';
+import { observeReads, type Source } from '../source/source.js';
 import { MemoryStorage } from '../storage/memory-storage.js';
 import { DiskModel, diskModelSource, type DiskModelOptions, type DiskModelReport } from './disk-model.js';
 import { FlushScheduler, type SchedulerOptions, type SchedulerStatus } from './scheduler.js';
@@ -88,14 +88,8 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   try {
     const handle = await mem.storage.open('/sim/disk');
     const modelled = diskModelSource(new FileSource(handle, { id: 'sim-disk', size: o.diskBytes, description: 'simulated disk' }), disk);
-    // As the daemon's observeReads: a read of the disk means it spins, a chance to flush.
-    const source: Source = {
-      ...modelled,
-      readAt: (buf, position) => {
-        scheduler?.noteDiskActive();
-        return modelled.readAt(buf, position);
-      },
-    };
+    // As the daemon: a read of the disk means it spins, a chance to flush.
+    const source: Source = observeReads(modelled, () => scheduler?.noteDiskActive());
     const store = await CacheStore.open({
       paths: { cache: '/sim/cache', bitmap: '/sim/bitmap', metadata: join(dir, 'cache.meta') },
       backing: source,

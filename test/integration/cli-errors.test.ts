@@ -1,6 +1,6 @@
 // Invariant 6 at the command line: each bad input gets one line on stderr, a non-zero exit, and
 // changes nothing (no file created or modified, no loop device bound).
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { loopsUnder, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev, unusedLoop } from '../support/cli.js';
@@ -155,6 +155,28 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     writeFileSync(other, 'precious data of some other program');
     await expectDiscardRefused(['-c', other, '--force', disk], /other\.img is not a ulobdev cache \(its metadata \S+ does not exist\); discard removes nothing/);
     expect(existsSync(disk) && existsSync(other)).toBe(true);
+  });
+
+  it('a cache on a filesystem of a partition of the disk (BACKEND /dev/loopN, -c under a mount of /dev/loopNp1): attach refuses, the disk stays', async () => {
+    s = scratch('ulob-cli-');
+    const image = makeDisk('parted.img', '24M');
+    mustSh('sgdisk', ['-n', '1:2048:+8M', '-n', '2:0:0', image]);
+    const loop = mustSh('losetup', ['-f', '--show', '--partscan', image]).trim();
+    undo.push(() => sh('losetup', ['-d', loop]));
+    // No udev here: make the partition's node from sysfs if it is not there.
+    const part = `${loop}p1`;
+    if (!existsSync(`/sys/class/block/${part.slice(5)}`)) mustSh('partx', ['-a', loop]); // --partscan may not scan in a container
+    if (!existsSync(part)) {
+      const [major, minor] = readFileSync(`/sys/class/block/${part.slice(5)}/dev`, 'utf8').trim().split(':');
+      mustSh('mknod', [part, 'b', major!, minor!]);
+      undo.push(() => sh('rm', ['-f', part]));
+    }
+    mustSh('mkfs.ext4', ['-q', part]);
+    const mnt = join(s.dir, 'flash');
+    mkdirSync(mnt);
+    mustSh('mount', [`${loop}p1`, mnt]);
+    undo.push(() => sh('umount', [mnt]));
+    await expectRefused(['-c', join(mnt, 'c.cache'), '--writeback', unusedLoop(), loop], new RegExp(`^ulobdev: the cache ${mnt}/c\\.cache is on a filesystem of /dev/${loop.slice(5)}p1, a partition of the disk ${loop} itself; give -c a file on flash, not on the disk\\n$`));
   });
 
   it('a bad block size', async () => {

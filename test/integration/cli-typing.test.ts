@@ -239,6 +239,14 @@ describe('what else users get wrong (item 14)', () => {
     // The hint is the whole command with the two swapped back: options kept.
     await expectRefused([...cacheArgs(), disk, '/dev/loop6'], new RegExp(`^ulobdev: DEVICE and BACKEND look swapped: the device to create comes first, then the disk to cache: ulobdev ${cacheArgs().join(' ')} /dev/loop6 ${disk} --run-dir ${s.runDir}\\n$`));
     await expectRefused([...cacheArgs(), '/dev/sdb', '/dev/loop6'], new RegExp(`look swapped: .*: ulobdev ${cacheArgs().join(' ')} /dev/loop6 /dev/sdb --run-dir ${s.runDir}\\n$`));
+    // Two block devices (newuser4 #5): the disk a bound loop device, BACKEND a form that can only be
+    // a device of ours. Not "in use": the bound loop device is the disk here.
+    const bound = mustSh('losetup', ['-f', '--show', disk]).trim();
+    undo.push(() => sh('losetup', ['-d', bound]));
+    // /dev/uloopN and /dev/ublkbN take /dev/loop's path (a name that is never a disk); /dev/nbd15 the sysfs one.
+    for (const only of ['/dev/loop', '/dev/nbd15']) {
+      await expectRefused([...cacheArgs(), bound, only], new RegExp(`^ulobdev: DEVICE and BACKEND look swapped: .*: ulobdev ${cacheArgs().join(' ')} ${only} ${bound} --run-dir ${s.runDir}\\n$`));
+    }
   });
 
   it('an empty disk: a block device of 0 bytes', async () => {

@@ -4,7 +4,7 @@
 // and how to order the mount. Never the 30 minutes of TimeoutStopSec. Real loop devices, ext4.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { CLI, mustSh, prepareCliTests, scratch, sh } from '../support/cli.js';
@@ -38,8 +38,8 @@ afterEach(async () => {
 });
 
 /** Starts `ulobdev ... /dev/loop DISK` in the foreground; resolves with the device once it serves. */
-async function start(args: string[]): Promise<string> {
-  const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+async function start(args: string[], env: NodeJS.ProcessEnv = process.env): Promise<string> {
+  const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env });
   let out = '';
   let err = '';
   child.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d));
@@ -64,14 +64,31 @@ function logLines(): Array<{ level: number; msg: string }> {
     .map((l) => JSON.parse(l) as { level: number; msg: string });
 }
 
-async function setUp(stopTimeout: string): Promise<{ device: string; mnt: string; disk: string; data: Buffer }> {
+/**
+ * A losetup first in the daemon's PATH that fails the next `losetup -d` once `failNext` exists
+ * (not for "in use": as an I/O error of the ioctl would), and is the real one otherwise.
+ */
+function failingLosetup(dir: string): { env: NodeJS.ProcessEnv; failNext: string } {
+  const bin = join(dir, 'bin');
+  const failNext = join(bin, 'fail-next-detach');
+  const real = mustSh('sh', ['-c', 'command -v losetup']).trim();
+  mustSh('mkdir', ['-p', bin]);
+  writeFileSync(
+    join(bin, 'losetup'),
+    `#!/bin/sh\nif [ "$1" = -d ] && rm "${failNext}" 2>/dev/null; then echo "losetup: $2: detach failed: Input/output error" >&2; exit 1; fi\nexec ${real} "$@"\n`,
+    { mode: 0o755 },
+  );
+  return { env: { ...process.env, PATH: `${bin}:${process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin'}` }, failNext };
+}
+
+async function setUp(stopTimeout: string, env?: (dir: string) => NodeJS.ProcessEnv): Promise<{ device: string; mnt: string; disk: string; data: Buffer }> {
   s = scratch('ulob-stop-');
   const disk = join(s.dir, 'disk.img');
   mustSh('truncate', ['-s', '64M', disk]);
   const device = await start([
     '--writeback', '--flush', '0 3 * * *', '-c', join(s.dir, 'c.cache'), '--name', 'st', '--run-dir', s.runDir,
     '--stop-timeout', stopTimeout, '/dev/loop', disk,
-  ]);
+  ], env?.(s.dir));
   mustSh('mkfs.ext4', ['-q', '-F', device]);
   const mnt = join(s.dir, 'mnt');
   mustSh('mkdir', ['-p', mnt]);
@@ -151,5 +168,26 @@ describe('SIGTERM while the device is mounted', () => {
     const msgs = logLines().map((l) => l.msg);
     expect(msgs.find((m) => m.startsWith('detached:')), msgs.join('\n')).toMatch(/^detached: wrote \d+(\.\d+)? (B|KiB|MiB) back; nothing stays dirty$/);
     expect(onDisk(disk, 'data.bin').equals(data)).toBe(true);
+  });
+
+  it('releasing the device fails for another reason than its use: still flushes, lets go, one error line, exits 0', async () => {
+    let failNext = '';
+    const { device, mnt, disk, data } = await setUp('20s', (dir) => {
+      const f = failingLosetup(dir);
+      failNext = f.failNext;
+      return f.env;
+    });
+    mustSh('umount', [mnt]);
+    mounts.length = 0;
+    writeFileSync(failNext, '');
+    daemon!.child.kill('SIGTERM');
+    expect(await daemon!.exited, daemon!.stderr()).toBe(0);
+    expect(existsSync(failNext)).toBe(false); // the release did fail once
+    const msgs = logLines().map((l) => l.msg);
+    const errors = logLines().filter((l) => l.level >= 50).map((l) => l.msg);
+    expect(errors, msgs.join('\n')).toHaveLength(1);
+    expect(errors[0]).toMatch(new RegExp(`^stopped after releasing ${device} failed \\(losetup -d ${device} failed: losetup: ${device}: detach failed: Input/output error\\): wrote \\d+(\\.\\d+)? (B|KiB|MiB) back; nothing stays dirty; check that`));
+    expect(onDisk(disk, 'data.bin').equals(data)).toBe(true);
+    expect(existsSync(`/sys/block/${device.slice(5)}/loop/backing_file`)).toBe(false); // let go of
   });
 });
