@@ -183,6 +183,8 @@ export class CrashWorld {
   /** Crash when `ops` reaches this number (Infinity: never). */
   crashAt = Infinity;
   crashed = false;
+  /** Crashes so far: I/O a process began before one of them belongs to that dead process. */
+  generation = 0;
   /** What storage().freeBytes() answers. */
   freeBytes = 2 ** 40;
   /**
@@ -223,6 +225,7 @@ export class CrashWorld {
       }
     }
     this.unsyncedIntents.clear();
+    this.generation++;
     this.crashed = false;
     this.crashAt = Infinity;
   }
@@ -300,7 +303,13 @@ export class CrashWorld {
         // An fsync covers what was written before it started, not what the event loop writes
         // while it runs on another thread (that may or may not reach the disk with it).
         const before = world.unsyncedIntents.get(m.path)?.length ?? 0;
+        const generation = world.generation;
         await new Promise((resolve) => setImmediate(resolve));
+        // A sync of the crashed process (its store abandoned, its connection closed) resuming
+        // after the crash: the crash already decided which of its transactions survived, and the
+        // intents held back now are the next process's (settling them through this closed
+        // connection lost them). It never returns.
+        if (world.generation !== generation) throw new SimulatedCrash();
         world.point();
         settle(before);
       };
