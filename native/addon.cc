@@ -102,7 +102,7 @@ bool ArgInt64(const Napi::CallbackInfo& info, size_t i, int64_t* out) {
   // Read as double first: napi_get_value_int64 would silently truncate
   // fractions and clamp non-finite values.
   if (napi_get_value_double(env, v, &d) != napi_ok || !(d >= 0) ||
-      d > 9007199254740991.0 || std::trunc(d) != d) {
+      d > kMaxSafeInteger || std::trunc(d) != d) {
     Napi::RangeError::New(env, "expected a non-negative safe integer")
         .ThrowAsJavaScriptException();
     return false;
@@ -119,6 +119,19 @@ bool ArgFd(const Napi::CallbackInfo& info, size_t i, int* out) {
     return false;
   }
   *out = static_cast<int>(fd);
+  return true;
+}
+
+bool Float64Elements(napi_env env, napi_value value, const double** out, size_t* count) {
+  bool is_typedarray = false;
+  napi_typedarray_type type;
+  void* raw = nullptr;
+  if (napi_is_typedarray(env, value, &is_typedarray) != napi_ok || !is_typedarray ||
+      napi_get_typedarray_info(env, value, &type, count, &raw, nullptr, nullptr) != napi_ok ||
+      type != napi_float64_array) {
+    return false;
+  }
+  *out = static_cast<const double*>(raw);
   return true;
 }
 

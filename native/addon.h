@@ -84,10 +84,16 @@ inline Napi::Value StartWorker(Napi::Env env, PromiseWorker* w) {
   return promise;
 }
 
+// Number.MAX_SAFE_INTEGER: the largest byte count or position a JS number carries exactly.
+constexpr double kMaxSafeInteger = 9007199254740991.0;
+
 // Argument readers: each returns false with a pending exception on failure.
 bool ArgBytes(const Napi::CallbackInfo& info, size_t i, Bytes* out);
 bool ArgInt64(const Napi::CallbackInfo& info, size_t i, int64_t* out);
 bool ArgFd(const Napi::CallbackInfo& info, size_t i, int* out);
+// The elements of `value` if it is a Float64Array; false (no exception: the caller names what it
+// expected) otherwise.
+bool Float64Elements(napi_env env, napi_value value, const double** out, size_t* count);
 // Checks [offset, offset + length) lies within `bytes`.
 bool CheckSlice(Napi::Env env, const Bytes& bytes, int64_t offset, int64_t length);
 

@@ -265,18 +265,13 @@ Napi::Value PwriteList(const Napi::CallbackInfo& info) {
     return Napi::Value();
   }
   Napi::Array buffers = info[1].As<Napi::Array>();
-  napi_typedarray_type type;
+  const double* positions = nullptr;
   size_t count = 0;
-  void* raw = nullptr;
-  bool is_typedarray = false;
-  if (napi_is_typedarray(env, info[2], &is_typedarray) != napi_ok || !is_typedarray ||
-      napi_get_typedarray_info(env, info[2], &type, &count, &raw, nullptr, nullptr) != napi_ok ||
-      type != napi_float64_array || count != buffers.Length()) {
+  if (!Float64Elements(env, info[2], &positions, &count) || count != buffers.Length()) {
     Napi::TypeError::New(env, "expected a Float64Array of one position per buffer")
         .ThrowAsJavaScriptException();
     return Napi::Value();
   }
-  const double* positions = static_cast<const double*>(raw);
   std::vector<WriteItem> items;
   items.reserve(count);
   for (uint32_t i = 0; i < count; i++) {
@@ -296,7 +291,7 @@ Napi::Value PwriteList(const Napi::CallbackInfo& info) {
     b.data = static_cast<uint8_t*>(data);
     b.length = len;
     double pos = positions[i];
-    if (!(pos >= 0) || pos + static_cast<double>(len) > 9007199254740991.0 || std::trunc(pos) != pos) {
+    if (!(pos >= 0) || pos + static_cast<double>(len) > kMaxSafeInteger || std::trunc(pos) != pos) {
       Napi::RangeError::New(env, "position out of range").ThrowAsJavaScriptException();
       return Napi::Value();
     }
@@ -340,19 +335,13 @@ Napi::Value CopyRanges(const Napi::CallbackInfo& info) {
   int src, dst;
   Bytes buf;
   if (!ArgFd(info, 0, &src) || !ArgFd(info, 1, &dst) || !ArgBytes(info, 2, &buf)) return Napi::Value();
-  napi_typedarray_type type;
+  const double* r = nullptr;
   size_t count = 0;
-  void* raw = nullptr;
-  bool is_typedarray = false;
-  if (napi_is_typedarray(env, info[3], &is_typedarray) != napi_ok || !is_typedarray ||
-      napi_get_typedarray_info(env, info[3], &type, &count, &raw, nullptr, nullptr) != napi_ok ||
-      type != napi_float64_array || count % 4 != 0) {
+  if (!Float64Elements(env, info[3], &r, &count) || count % 4 != 0) {
     Napi::TypeError::New(env, "expected a Float64Array of [bufOffset, length, srcPosition, dstPosition] quadruples")
         .ThrowAsJavaScriptException();
     return Napi::Value();
   }
-  const double* r = static_cast<const double*>(raw);
-  const double kMaxSafe = 9007199254740991.0;
   std::vector<CopyItem> items;
   items.reserve(count / 4);
   for (size_t i = 0; i < count; i += 4) {
@@ -360,7 +349,7 @@ Napi::Value CopyRanges(const Napi::CallbackInfo& info) {
     bool whole = std::trunc(off) == off && std::trunc(len) == len && std::trunc(src_pos) == src_pos &&
                  std::trunc(dst_pos) == dst_pos;
     if (!whole || !(off >= 0) || !(len >= 0) || off + len > static_cast<double>(buf.length) ||
-        !(src_pos >= 0) || src_pos + len > kMaxSafe || !(dst_pos >= 0) || dst_pos + len > kMaxSafe) {
+        !(src_pos >= 0) || src_pos + len > kMaxSafeInteger || !(dst_pos >= 0) || dst_pos + len > kMaxSafeInteger) {
       Napi::RangeError::New(env, "range out of bounds").ThrowAsJavaScriptException();
       return Napi::Value();
     }

@@ -1224,7 +1224,7 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
     return Napi::Value();
   Napi::Value sv = o.Get("size");
   double sd = sv.IsNumber() ? sv.As<Napi::Number>().DoubleValue() : -1;
-  if (!(sd > 0 && sd <= 9007199254740991.0) || static_cast<double>(static_cast<int64_t>(sd)) != sd) {
+  if (!(sd > 0 && sd <= kMaxSafeInteger) || static_cast<double>(static_cast<int64_t>(sd)) != sd) {
     Napi::RangeError::New(env, "options.size").ThrowAsJavaScriptException();
     return Napi::Value();
   }

@@ -482,21 +482,7 @@ export class CacheEngine {
    * into it (a view of it is returned).
    */
   async readEpoch(epoch: Epoch, start: number, count: number, into?: Buffer): Promise<Buffer> {
-    this.#assertOpen();
-    const open = this.#epoch;
-    if (!open || open !== epoch) throw new EngineClosedError(`flush epoch ${epoch.id} is not the open epoch`);
-    return open.read(start, count, into);
-  }
-
-  /**
-   * readEpoch() of many pieces into one buffer (FlushEpoch.readInto): each piece is [first block,
-   * blocks, byte offset in buf]. Resolves once every read has settled.
-   */
-  async readEpochInto(epoch: Epoch, buf: Buffer, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<void> {
-    this.#assertOpen();
-    const open = this.#epoch;
-    if (!open || open !== epoch) throw new EngineClosedError(`flush epoch ${epoch.id} is not the open epoch`);
-    return open.readInto(buf, pieces);
+    return this.#openEpoch(epoch).read(start, count, into);
   }
 
   /**
@@ -514,9 +500,7 @@ export class CacheEngine {
     write: (pieces: ReadonlyArray<readonly [number, number, number]>) => Promise<void>,
     read?: () => void,
   ): Promise<void> {
-    this.#assertOpen();
-    const open = this.#epoch;
-    if (!open || open !== epoch) throw new EngineClosedError(`flush epoch ${epoch.id} is not the open epoch`);
+    const open = this.#openEpoch(epoch);
     const source = this.#writableSource();
     const g = this.geometry;
     const copy = source.writeManyFrom
@@ -1382,10 +1366,16 @@ export class CacheEngine {
     };
   }
 
-  #takeEpoch(epoch: Epoch): FlushEpoch {
+  /** The open epoch, which `epoch` must be. Throws EngineClosedError otherwise. */
+  #openEpoch(epoch: Epoch): FlushEpoch {
     this.#assertOpen();
     const open = this.#epoch;
     if (!open || open !== epoch) throw new EngineClosedError(`flush epoch ${epoch.id} is not the open epoch`);
+    return open;
+  }
+
+  #takeEpoch(epoch: Epoch): FlushEpoch {
+    const open = this.#openEpoch(epoch);
     this.#epoch = null;
     return open;
   }
