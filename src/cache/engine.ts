@@ -446,15 +446,15 @@ export class CacheEngine {
     });
     this.#epoch = epoch;
     for (const [first, end] of this.#writes) epoch.markRewritten(first, end);
-    if (this.externalEpochs) {
-      // Writes the engine never saw may not be synced: the copy the flusher reads must be durable
-      // in the cache before its dirty bit can go (invariant 2). Later writes count as rewritten.
-      try {
-        await this.store.syncData();
-      } catch (err) {
-        this.abortEpoch(epoch);
-        throw err;
-      }
+    // The copy the flusher reads must be durable in the cache before its dirty bit can go
+    // (invariant 2). Not yet for writes the engine never saw (a kernel frontend's), nor for a write
+    // into a dirty block that completed after the commit's sync above but before the snapshot (it
+    // is neither in #writes nor rewritten). Writes from now on count as rewritten.
+    try {
+      await this.store.syncData();
+    } catch (err) {
+      this.abortEpoch(epoch);
+      throw err;
     }
     return epoch;
   }
