@@ -48,6 +48,38 @@ export async function isMountpoint(dir: string): Promise<boolean> {
 }
 
 /** glibc's gnu_dev_major/minor encoding of a dev_t, as "maj:min". */
+/**
+ * The block devices `dev` ("maj:min") is built on, itself first, from sysfs: a partition's whole
+ * disk, and the devices in a device-mapper or md device's `slaves/`, recursively (dm-crypt on md
+ * RAID on partitions gives all of them). Each as "maj:min" → kernel name (dm-0, md0, sdb1, sdb).
+ * A loop device's backing file is not a block device and is not followed. `sys` is the sysfs root
+ * (tests pass a fake tree). Missing entries end the walk there; never throws.
+ */
+export async function blockStack(dev: string, sys = '/sys'): Promise<Map<string, string>> {
+  const found = new Map<string, string>();
+  const todo = [dev];
+  while (todo.length > 0 && found.size < 256) {
+    const mm = todo.shift()!;
+    if (found.has(mm)) continue;
+    let real: string;
+    try {
+      real = await fsp.realpath(join(sys, 'dev/block', mm));
+    } catch {
+      continue;
+    }
+    found.set(mm, basename(real));
+    if (await exists(join(real, 'partition'))) {
+      const parent = await readTrim(join(real, '..', 'dev'));
+      if (parent) todo.push(parent);
+    }
+    for (const s of await listDir(join(real, 'slaves'))) {
+      const below = await readTrim(join(real, 'slaves', s, 'dev'));
+      if (below) todo.push(below);
+    }
+  }
+  return found;
+}
+
 export function majorMinor(rdev: number): string {
   const major = ((rdev >>> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
   const minor = (rdev & 0xff) | ((rdev >>> 12) & ~0xff);

@@ -13,7 +13,7 @@
 import { randomUUID } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
-import { majorMinor } from '../sys.js';
+import { blockStack, majorMinor } from '../sys.js';
 import {
   CorruptMetadataError,
   DirtyDataError,
@@ -1073,6 +1073,16 @@ export async function assertCachePathsApart(paths: CachePaths, backing?: string)
     const partition = disk?.isBlockDevice() && home ? await partitionOf(home.dev, disk.rdev) : null;
     if (partition) {
       throw new InvalidArgumentError(`the ${what} ${p} is on a filesystem of /dev/${partition}, a partition of the disk ${backing} itself; give -c a file on flash, not on the disk`);
+    }
+    // Or on anything stacked on the same physical disk: LVM or dm-crypt over it or one of its
+    // partitions, md RAID with a member on it, a sibling partition when BACKEND is a partition.
+    if (disk?.isBlockDevice() && home) {
+      const under = await blockStack(majorMinor(home.dev));
+      const shared = [...(await blockStack(majorMinor(disk.rdev))).entries()].find(([mm]) => under.has(mm));
+      if (shared) {
+        const fs = under.values().next().value;
+        throw new InvalidArgumentError(`the ${what} ${p} is on a filesystem of /dev/${fs}, which is built on /dev/${shared[1]} as the disk ${backing} is: every cache write would spin the disk up; give -c a file on flash, not on the disk`);
+      }
     }
   }
 }

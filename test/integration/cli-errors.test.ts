@@ -157,7 +157,7 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     expect(existsSync(disk) && existsSync(other)).toBe(true);
   });
 
-  it('a cache on a filesystem of a partition of the disk (BACKEND /dev/loopN, -c under a mount of /dev/loopNp1): attach refuses, the disk stays', async () => {
+  it('a cache on a filesystem of a partition of the disk (BACKEND /dev/loopN or its sibling partition /dev/loopNp2, -c under a mount of /dev/loopNp1): attach refuses, the disk stays', async () => {
     s = scratch('ulob-cli-');
     const image = makeDisk('parted.img', '24M');
     mustSh('sgdisk', ['-n', '1:2048:+8M', '-n', '2:0:0', image]);
@@ -179,6 +179,14 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     mustSh('mount', [`${loop}p1`, mnt]);
     undo.push(() => sh('umount', [mnt]));
     await expectRefused(['-c', join(mnt, 'c.cache'), '--writeback', unusedLoop(), loop], new RegExp(`^ulobdev: the cache ${mnt}/c\\.cache is on a filesystem of /dev/${loop.slice(5)}p1, a partition of the disk ${loop} itself; give -c a file on flash, not on the disk\\n$`));
+    // BACKEND the second partition, the cache on the first: the same disk spins for every cache write.
+    const sibling = `${loop}p2`;
+    if (!existsSync(sibling)) {
+      const [major, minor] = readFileSync(`/sys/class/block/${sibling.slice(5)}/dev`, 'utf8').trim().split(':');
+      mustSh('mknod', [sibling, 'b', major!, minor!]);
+      undo.push(() => sh('rm', ['-f', sibling]));
+    }
+    await expectRefused(['-c', join(mnt, 'c.cache'), '--writeback', unusedLoop(), sibling], new RegExp(`^ulobdev: the cache ${mnt}/c\\.cache is on a filesystem of /dev/${loop.slice(5)}p1, which is built on /dev/${loop.slice(5)} as the disk ${sibling} is: every cache write would spin the disk up; give -c a file on flash, not on the disk\\n$`));
   });
 
   it('a bad block size', async () => {
