@@ -152,6 +152,8 @@ const loadAtStart = loadavg().map((x) => +x.toFixed(2));
 const results = Object.fromEntries(ROWS.map((r) => [r.id, { limit: [], ulobdev: [], nbdkit: [] }]));
 /** CPU µs per request of the userspace side (server + its nbdfuse), per row and target. */
 const cpuPerIo = Object.fromEntries(ROWS.map((r) => [r.id, { ulobdev: [], nbdkit: [] }]));
+/** The ulobdev daemon's dirty-intent rounds in each run (status `intents`, before and after). */
+const intentRounds = Object.fromEntries(ROWS.map((r) => [r.id, []]));
 try {
   live.dir = mkdtempSync(join(opts.dir, 'ulobloop-'));
   const d = live.dir;
@@ -204,8 +206,12 @@ try {
   };
 
   const targets = { limit: limitDev, ulobdev: ulobDev, nbdkit: kitDev };
-  const st = JSON.parse(run('node', [CLI, 'status', '--json', '--run-dir', runDir, 'benchloop']));
-  const daemonPid = (Array.isArray(st) ? st[0] : st).pid;
+  const status = () => {
+    const st = JSON.parse(run('node', [CLI, 'status', '--json', '--run-dir', runDir, 'benchloop']));
+    return Array.isArray(st) ? st[0] : st;
+  };
+  const intentsNow = () => status().intents;
+  const daemonPid = status().pid;
   const ulobFusePid = Number(readFileSync(join(runDir, 'benchloop', 'nbdfuse.pid'), 'utf8'));
   const pids = { ulobdev: [daemonPid, ulobFusePid], nbdkit: [kit.pid, fuse.pid], limit: [] };
   const order = ['ulobdev', 'nbdkit', 'limit'];
@@ -222,12 +228,23 @@ try {
           flush();
           dirty = false;
         }
+        const intents0 = t === 'ulobdev' ? intentsNow() : null;
         const cpu0 = cpuSeconds(pids[t]);
         const r = fio(targets[t], row);
         const cpu = cpuSeconds(pids[t]) - cpu0;
         results[row.id][t].push(r.value);
         if (t !== 'limit') cpuPerIo[row.id][t].push(Math.round((cpu * 1e6) / r.ios));
-        log(`rep ${rep + 1} ${row.id} ${t}: ${r.value} ${row.unit}${t === 'limit' ? '' : `, ${Math.round((cpu * 1e6) / r.ios)} µs CPU per request`} (load ${loadavg()[0].toFixed(1)})`);
+        let rounds = '';
+        if (intents0) {
+          // The daemon's intent rounds during this run (ramp included): first writes per WAL fsync.
+          const i = intentsNow();
+          const d = { rounds: i.rounds - intents0.rounds, blocks: i.blocks - intents0.blocks, syncMs: +(i.syncMs - intents0.syncMs).toFixed(1) };
+          if (d.rounds > 0) {
+            intentRounds[row.id].push({ ...d, blocksPerRound: +(d.blocks / d.rounds).toFixed(2), msPerSync: +(d.syncMs / d.rounds).toFixed(2) });
+            rounds = `; ${d.rounds} intent rounds, ${(d.blocks / d.rounds).toFixed(2)} blocks and ${(d.syncMs / d.rounds).toFixed(2)} ms of WAL fsync each`;
+          }
+        }
+        log(`rep ${rep + 1} ${row.id} ${t}: ${r.value} ${row.unit}${t === 'limit' ? '' : `, ${Math.round((cpu * 1e6) / r.ios)} µs CPU per request`}${rounds} (load ${loadavg()[0].toFixed(1)})`);
       }
     }
   }
@@ -248,6 +265,7 @@ try {
       best,
       runs: results[row.id],
       cpuPerRequest: cpuPerIo[row.id],
+      ...(intentRounds[row.id].length > 0 ? { intentRounds: intentRounds[row.id] } : {}),
     };
   });
   cleanup();
@@ -259,6 +277,10 @@ try {
       notes: [
         'CPU µs/req: user + system time of the server and its nbdfuse per request (lowest of the runs); a load-independent measure of the work each request costs',
         `load average ${loadAtStart.join(' ')} at start, ${loadAtEnd.join(' ')} at end (${cpus().length} CPUs)`,
+        ...ROWS.filter((row) => intentRounds[row.id].length > 0).map(
+          (row) =>
+            `${row.id}, ulobdev's dirty-intent rounds per run: ${intentRounds[row.id].map((x) => `${x.rounds} rounds of ${x.blocksPerRound} blocks, ${x.msPerSync} ms WAL fsync each`).join('; ')}`,
+        ),
       ],
     },
   );

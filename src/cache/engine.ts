@@ -21,7 +21,7 @@ import { Bitmap } from './bitmap.js';
 import { Coalescer } from './coalesce.js';
 import { FlushEpoch, type Epoch } from './epoch.js';
 import type { Extent, Geometry } from './layout.js';
-import type { CacheStore } from './store.js';
+import type { CacheStore, IntentStats } from './store.js';
 import { isWritable, type Source, type WritableSource } from '../source/source.js';
 import { BufferPool } from '../storage/buffer-pool.js';
 
@@ -78,6 +78,8 @@ export interface EngineStats {
   readMisses: number;
   /** Why the last write found no room, while that lasts; null once one finds room again. */
   spaceError: string | null;
+  /** Dirty-intent rounds since the store opened (first writes into clean blocks). */
+  intents: IntentStats;
 }
 
 /**
@@ -242,6 +244,7 @@ export class CacheEngine {
       readHits: this.#hits,
       readMisses: this.#misses,
       spaceError: this.#spaceError,
+      intents: this.store.intentStats(),
     };
   }
 

@@ -4,7 +4,7 @@ import { promises as fsp } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
-import { CacheStore, type CachePaths } from '../cache/store.js';
+import { CacheStore, type CachePaths, type IntentStats } from '../cache/store.js';
 import { assertBlockSize, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE } from '../cache/layout.js';
 import { DeviceBusyError, InvalidArgumentError, IOFailedError, NotAttachedError, NotRootError, ReadOnlyError } from '../errors.js';
 import { exists, sleep } from '../sys.js';
@@ -132,6 +132,8 @@ export interface DeviceStatus {
   hitRatio: number | null;
   /** Why writes wait for room, or failed for want of it; null while there is room. */
   spaceError: string | null;
+  /** Dirty-intent rounds since attach: how many first writes share one transaction and WAL fsync. */
+  intents: IntentStats;
   /** Write-back state: schedule, last/next flush, errors, power. Absent in read-only mode. */
   writeback?: SchedulerStatus & { schedule: string | null; powerControl: string | null };
   /** Every policy setting in force (null: not set), so status shows what the daemon was told. */
@@ -480,6 +482,7 @@ export class Daemon {
       readMisses: s.readMisses,
       hitRatio: reads === 0 ? null : Math.round((s.readHits / reads) * 1000) / 1000,
       spaceError: s.spaceError,
+      intents: s.intents,
       hydration: this.#hydrator?.progress(),
       policy: this.#policyStatus(),
       kernel,

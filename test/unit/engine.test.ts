@@ -1263,8 +1263,25 @@ describe('dirty intents', () => {
     // One transaction per round: block 1 alone, then blocks 5 and 9 together.
     expect(gate.transactions).toEqual([1, 2]);
     expect(gate.syncs).toBe(2);
+    // status `intents` counts the same: 2 rounds, 3 blocks, and the 20 ms round 2's fsync was held.
+    const intents = r.engine.stats().intents;
+    expect({ rounds: intents.rounds, blocks: intents.blocks }).toEqual({ rounds: 2, blocks: 3 });
+    expect(intents.syncMs).toBeGreaterThanOrEqual(19);
     await reopen(r, 'abandon');
     expect([1, 5, 9].map((blk) => r.store.dirty.get(blk))).toEqual([true, true, true]);
+  });
+
+  it('status intents counts rounds, the blocks they made dirty (not extents) and their fsync time', async () => {
+    const { r, BS } = await gatedRig(16);
+    await r.engine.read(0, 16 * BS);
+    await r.engine.flush();
+    expect(r.engine.stats().intents).toEqual({ rounds: 0, blocks: 0, syncMs: 0 });
+    // One write over three clean blocks (one extent), then a rewrite of one of them (no intent).
+    await r.engine.write(2 * BS, pattern(3 * BS, 1));
+    await r.engine.write(3 * BS, pattern(BS, 2));
+    const intents = r.engine.stats().intents;
+    expect({ rounds: intents.rounds, blocks: intents.blocks }).toEqual({ rounds: 1, blocks: 3 });
+    expect(intents.syncMs).toBeGreaterThan(0);
   });
 
   it('an intent still being synced stays in the dirty table a flush epoch rewrites meanwhile', async () => {
