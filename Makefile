@@ -17,7 +17,10 @@ $(NODE_MODULES_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund
 	@touch $@
 
-$(ADDON): $(NODE_MODULES_STAMP) binding.gyp $(wildcard native/*.cc native/*.h kernel/include/uapi/*.h)
+# npm ci builds the addon already (npm runs `node-gyp rebuild` for a package with a binding.gyp and
+# no install script), so node_modules is only an order-only prerequisite: a fresh install does not
+# make it build a second time; a change to its sources does.
+$(ADDON): binding.gyp $(wildcard native/*.cc native/*.h kernel/include/uapi/*.h) | $(NODE_MODULES_STAMP)
 	npx node-gyp rebuild
 	@touch $@
 
