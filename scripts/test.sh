@@ -31,8 +31,9 @@ mkdir -p "$logs/vm"
 
 start=$(date +%s)
 # Host files that mostly wait (downloads, debootstrap, dpkg in a chroot) and take long: package.test
-# was 1531 s of the host lane's 2432 s in a clean-clone run, and the second VM worker starts only
-# when the host lane ends. Beside it in a lane of their own they cost the host lane little CPU.
+# was 1531 s of the host lane's 2432 s in a clean-clone run. Beside it in a lane of their own they
+# cost the host lane little CPU (267 CPU s of a 1203 s lane at load 6-12), and that lane is the
+# first to end (~630 s in on a quiet machine): it becomes the second VM worker.
 SIDE_FILES=(test/integration/package.test.ts)
 # vitest itself, not through npx: npm's own start costs seconds per VM file under load.
 vitest=(node_modules/.bin/vitest)
