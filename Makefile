@@ -17,7 +17,10 @@ $(NODE_MODULES_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund
 	@touch $@
 
-$(ADDON): $(NODE_MODULES_STAMP) binding.gyp $(wildcard native/*.cc native/*.h kernel/include/uapi/*.h)
+# npm ci builds the addon already (npm runs `node-gyp rebuild` for a package with a binding.gyp and
+# no install script), so node_modules is only an order-only prerequisite: a fresh install does not
+# make it build a second time; a change to its sources does.
+$(ADDON): binding.gyp $(wildcard native/*.cc native/*.h kernel/include/uapi/*.h) | $(NODE_MODULES_STAMP)
 	npx node-gyp rebuild
 	@touch $@
 
@@ -46,7 +49,7 @@ man: $(MAN_PAGES)
 # Every test, both cores busy (scripts/test.sh): the host tests (unit, model, integration) in one
 # lane, the VM files (test/vm, Debian 13's 6.12; test/vm/kernel-smoke.test.ts runs the module's
 # main path on Debian 12's 6.1 and the newest 7.x as well; kernels are cached under .vm/) from a
-# longest-first queue, one guest at a time, two once the host lane is done; package.test (debootstrap
+# longest-first queue, one guest at a time, two once package.test is done; package.test (debootstrap
 # and dpkg in Debian 12 and 13 roots, mostly waiting) in a lane of its own beside them. The model and
 # fuzz tests run ULOB_TEST_SCALE's share of their full repetition counts (test/support/scale.ts:
 # 0.4 by default, which keeps the suite under 30 min on 2 cores); `make test-long` runs them all.

@@ -2,8 +2,8 @@ import { defineConfig } from 'vitest/config';
 
 // Two projects, which scripts/test.sh (`make test`) runs side by side:
 //  - vm:   test/vm, every file boots qemu guests (single-threaded TCG: one core each); one vitest
-//          process per file, from a longest-first queue that one worker (two once the host lane
-//          is done) takes files from;
+//          process per file, from a longest-first queue that one worker (two once package.test's
+//          lane is done) takes files from;
 //  - host: everything else (unit, model, integration) in one vitest process: CPU in the models,
 //          mostly waiting on fsync, loop devices and child processes in the integration files.
 // `npx vitest run` alone still runs both, one file at a time on 2 cores; `--project vm` picks one.

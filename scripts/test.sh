@@ -7,8 +7,10 @@
 #   each in its own `vitest run --project vm FILE`: one guest (single-threaded TCG, one core).
 # - pkg: the host files of SIDE_FILES (below) in a vitest of their own, also at nice 10, from the
 #   start beside the other two; the host lane runs without them.
-# - When the host lane is done, its process becomes a second VM worker (vm2) on the same queue, so
-#   two guests run side by side for the rest of the run instead of one core idling.
+# - When the first of the pkg and host lanes is done (pkg, ~630 s in), its process becomes a second
+#   VM worker (vm2) on the same queue, so two guests run side by side for the rest of the run; the
+#   other lane just ends. Never more than two guests: each is one single-threaded TCG core, and the
+#   guests' checks count seconds of guest time, which a third guest on 2 cores would stretch.
 # Each line of output is prefixed with its lane ("host |", "pkg  |", "vm1  |", "vm2  |"); at the end each
 # lane's result, every VM file's time, and the failures of whatever failed once more, unmixed.
 # Exit status: 0 when every file passed, else 1.
@@ -29,8 +31,9 @@ mkdir -p "$logs/vm"
 
 start=$(date +%s)
 # Host files that mostly wait (downloads, debootstrap, dpkg in a chroot) and take long: package.test
-# was 1531 s of the host lane's 2432 s in a clean-clone run, and the second VM worker starts only
-# when the host lane ends. Beside it in a lane of their own they cost the host lane little CPU.
+# was 1531 s of the host lane's 2432 s in a clean-clone run. Beside it in a lane of their own they
+# cost the host lane little CPU (267 CPU s of a 1203 s lane at load 6-12), and that lane is the
+# first to end (~630 s in on a quiet machine): it becomes the second VM worker.
 SIDE_FILES=(test/integration/package.test.ts)
 # vitest itself, not through npx: npm's own start costs seconds per VM file under load.
 vitest=(node_modules/.bin/vitest)
@@ -49,8 +52,14 @@ lane() {
   # hung-task and soft-lockup watchdogs), so their single TCG thread goes first when the lanes
   # want more than the machine has; the host tests only wait longer.
   [ "$project" = host ] && nice=(nice -n 10)
+  local cpu cpu0
+  cpu_now
+  cpu0=$cpu
   "${nice[@]}" "${vitest[@]}" run --project "$project" "${json[@]}" "${extra[@]}" "$@" 2>&1 | tee "$logs/$name.log" | prefix "$name"
-  echo "${PIPESTATUS[0]} $((SECONDS - t0))" >"$logs/$name.rc"
+  local rc=${PIPESTATUS[0]} load
+  cpu_now
+  read -r load _ </proc/loadavg
+  echo "$rc $((SECONDS - t0)) $((cpu - cpu0)) $load" >"$logs/$name.rc"
 }
 
 # The VM queue: every test/vm file (vitest.config.ts's vm include), longest first by
@@ -76,13 +85,25 @@ next_vm_file() {
   ) 8>"$logs/vm.lock"
 }
 
+# CPU seconds (user + system) of this shell's waited-for children so far, in $cpu (clock ticks / 100:
+# /proc/PID/stat's cutime and cstime; the comm field of a shell has no space). Daemons that detach
+# from the test's process tree are not counted.
+cpu_now() {
+  local st
+  read -r -a st <"/proc/$BASHPID/stat"
+  cpu=$(((st[15] + st[16]) / 100))
+}
+
 # A VM worker: runs queue files one by one, each in its own vitest process, until the queue is empty.
-# Appends "RC SECONDS FILE WORKER" to $logs/vm.results for each file.
+# Appends "RC SECONDS FILE WORKER CPU LOAD" to $logs/vm.results for each file (CPU: seconds of CPU
+# the file's processes used; LOAD: the 1-minute load average when it ended).
 vm_worker() {
-  local name=$1 f base t0 rc json
+  local name=$1 f base t0 rc json cpu cpu0 load
   while f=$(next_vm_file) && [ -n "$f" ]; do
     base=$(basename "$f" .test.ts)
     t0=$SECONDS
+    cpu_now
+    cpu0=$cpu
     json=()
     [ -n "${ULOB_TEST_LOGS:-}" ] && json=(--reporter=default --reporter=json --outputFile.json="$logs/vm/$base.json")
     echo "== $f (queue: $(cat "$logs/vm.next") of $(wc -l <"$logs/vm.queue"))" | tee -a "$logs/$name.log" | prefix "$name"
@@ -91,8 +112,20 @@ vm_worker() {
     # end without a rename; a run starting meanwhile may read it empty and die.
     "${vitest[@]}" run --project vm --no-cache "${json[@]}" "$f" 2>&1 | tee "$logs/vm/$base.log" | tee -a "$logs/$name.log" | prefix "$name"
     rc=${PIPESTATUS[0]}
-    echo "$rc $((SECONDS - t0)) $f $name" >>"$logs/vm.results"
+    cpu_now
+    read -r load _ </proc/loadavg
+    echo "$rc $((SECONDS - t0)) $f $name $((cpu - cpu0)) $load" >>"$logs/vm.results"
   done
+}
+
+# Called by the pkg and the host lane when they end: the first becomes the second VM worker (vm2).
+second_vm_worker() {
+  local first
+  first=$( (
+    flock 8
+    [ -e "$logs/vm2.started" ] || { echo "$1" >"$logs/vm2.started"; echo yes; }
+  ) 8>"$logs/vm.lock")
+  [ "$first" = yes ] && vm_worker vm2
 }
 
 # Each lane in its own process group, so that Ctrl-C or a CI timeout stops all of it.
@@ -112,9 +145,9 @@ else
   trap 'kill -TERM -- -$vm1 -$host -$pkg 2>/dev/null; wait; exit 130' INT TERM
   vm_worker vm1 &
   vm1=$!
-  lane pkg host "${SIDE_FILES[@]}" &
+  { lane pkg host "${SIDE_FILES[@]}"; second_vm_worker pkg; } &
   pkg=$!
-  { ULOB_HOST_EXCLUDE=$(IFS=,; echo "${SIDE_FILES[*]}") lane host host; vm_worker vm2; } &
+  { ULOB_HOST_EXCLUDE=$(IFS=,; echo "${SIDE_FILES[*]}") lane host host; second_vm_worker host; } &
   host=$!
   wait $vm1 $host $pkg
   lanes=(host pkg)
@@ -134,12 +167,12 @@ status=0
 echo
 echo "== make test: done in $(($(date +%s) - start)) s (logs in $logs)"
 for name in "${lanes[@]}"; do
-  read -r rc secs <"$logs/$name.rc" 2>/dev/null || { rc=1; secs='?'; }
+  read -r rc secs cpu load <"$logs/$name.rc" 2>/dev/null || { rc=1; secs='?'; }
   if [ "$rc" = 0 ]; then
-    echo "== $name lane: passed in $secs s"
+    echo "== $name lane: passed in $secs s (CPU ${cpu:-?} s, load ${load:-?} at its end)"
   else
     status=1
-    echo "== $name lane: FAILED (vitest exit $rc) after $secs s; its failures:"
+    echo "== $name lane: FAILED (vitest exit $rc) after $secs s (CPU ${cpu:-?} s, load ${load:-?}); its failures:"
     failures "$logs/$name.log" | sed "s/^/$name | /"
   fi
 done
@@ -147,11 +180,12 @@ if [ $# -eq 0 ]; then
   queued=$(wc -l <"$logs/vm.queue")
   ran=$(wc -l <"$logs/vm.results")
   failed=$(awk '$1 != 0' "$logs/vm.results" | wc -l)
-  echo "== vm queue: $ran of $queued files run, $failed failed; seconds per file (worker):"
-  sort -k2,2nr "$logs/vm.results" | awk '{ printf "   %5d  %s  %s  (%s)\n", $2, ($1 == 0 ? "ok    " : "FAILED"), $3, $4 }'
+  [ -e "$logs/vm2.started" ] && vm2from="; vm2 is the $(cat "$logs/vm2.started") lane's process from its end on"
+  echo "== vm queue: $ran of $queued files run, $failed failed; seconds per file (worker, CPU s, 1-min load at its end)${vm2from:-}:"
+  sort -k2,2nr "$logs/vm.results" | awk '{ printf "   %5d  %s  %s  (%s, CPU %s, load %s)\n", $2, ($1 == 0 ? "ok    " : "FAILED"), $3, $4, $5, $6 }'
   awk '{ print $2, $3 }' "$logs/vm.results" | sort -k1,1nr >"$logs/vm-times.txt"
   [ "$ran" = "$queued" ] && [ "$failed" = 0 ] || status=1
-  while read -r rc secs f worker; do
+  while read -r rc secs f worker _; do
     [ "$rc" = 0 ] && continue
     echo "== $f: FAILED (vitest exit $rc, $worker) after $secs s; its failures:"
     failures "$logs/vm/$(basename "$f" .test.ts).log" | sed "s/^/vm   | /"

@@ -9,6 +9,7 @@
 //   io        an I/O error of the disk, the cache, the network or a helper program.
 //   daemon    the daemon did not answer: it exited, or stopped answering.
 //   internal  a bug, or an answer this version does not understand.
+import { systemErrorCode } from './errno.js';
 
 export type ErrorKind = 'refused' | 'io' | 'daemon' | 'internal';
 
@@ -185,8 +186,9 @@ export class IOFailedError extends UlobError {
 /** Wraps a thrown system error (NativeError or a node fs error) with a path for context. */
 export function ioError(what: string, path: string | undefined, err: unknown): IOFailedError {
   const e = err as { code?: string; syscall?: string; message?: string };
-  const detail = e?.code
-    ? `${e.code}${e.syscall ? ` (${e.syscall})` : ''}${e.code === 'ENOSPC' ? ': the filesystem holding it is full' : ''}`
+  const code = systemErrorCode(err) ?? e?.code;
+  const detail = code
+    ? `${code}${e.syscall ? ` (${e.syscall})` : ''}${code === 'ENOSPC' ? ': the filesystem holding it is full' : ''}`
     : String(e?.message ?? err);
   const where = path ? ` ${path}` : '';
   return new IOFailedError(`cannot ${what}${where}: ${detail}`, { cause: err, syscall: e?.syscall, path });

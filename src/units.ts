@@ -11,14 +11,21 @@ export function parseSize(text: string): number {
   return value;
 }
 
+/**
+ * A byte count as people read it: '1023 B', '1.5 KiB', '2 GiB', '256 MiB' (powers of 1024; one
+ * decimal below 100 units, none from 100 on). A value prints the same however many bytes beyond
+ * its rounding it has: 2 GiB and 2 GiB + 4 KiB are both '2 GiB', never '2.0 GiB' (a trailing .0
+ * is dropped), and what rounds to 1024 of a unit is 1 of the next.
+ */
 export function formatBytes(n: number): string {
   if (n < 1024) return `${n} B`;
   const units = ['KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  const shown = (v: number) => (v >= 99.95 ? v.toFixed(0) : v.toFixed(1).replace(/\.0$/, ''));
   let v = n / 1024;
   let i = 0;
-  while (v >= 1024 && i < units.length - 1) {
+  while (Number(shown(v)) >= 1024 && i < units.length - 1) {
     v /= 1024;
     i++;
   }
-  return `${v >= 100 || Number.isInteger(v) ? v.toFixed(0) : v.toFixed(1)} ${units[i]}`;
+  return `${shown(v)} ${units[i]}`;
 }

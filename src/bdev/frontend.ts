@@ -18,6 +18,10 @@ export interface Frontend {
   detach(options?: { force?: boolean }): Promise<void>;
 }
 
+/** Every form DEVICE takes, for help texts and the refusal of any other: one list for both commands. */
+export const DEVICE_FORMS =
+  '/dev/loopN (/dev/loop: the first free one), /dev/nbdN, /dev/uloopN, /dev/ublkbN (/dev/ublkb: the next free one), nbd+unix:///?socket=PATH or nbd://HOST:PORT';
+
 /** `/dev/loop` without a number: the first free loop device, as `losetup -f`. */
 export const ANY_LOOP = '/dev/loop';
 
@@ -27,9 +31,7 @@ export function frontendKind(device: string): FrontendKind {
   if (/^\/dev\/uloop\d+$/.test(device)) return 'uloop';
   if (/^\/dev\/ublkb\d*$/.test(device)) return 'ublk';
   if (/^nbd(\+unix)?:\/\//.test(device)) return 'serve';
-  throw new InvalidArgumentError(
-    `DEVICE must be /dev/loopN, /dev/loop (the first free one), /dev/nbdN, /dev/uloopN, /dev/ublkbN (/dev/ublkb: the next free one), nbd+unix:///?socket=PATH or nbd://HOST:PORT, got ${JSON.stringify(device)}`,
-  );
+  throw new InvalidArgumentError(`DEVICE must be ${DEVICE_FORMS}, got ${JSON.stringify(device)}`);
 }
 
 /** Short name for the daemon's run directory and control socket: loop6, nbd0, or the URL's socket/port. */

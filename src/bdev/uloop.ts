@@ -4,7 +4,8 @@
 // answered), reads the kernel's upcalls and runs them through UpcallHandler (src/bdev/upcalls.ts:
 // misses, intents, barriers, preserves), replies, and watches the device's sticky error.
 import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
-import { constants as osConstants, release } from 'node:os';
+import { release } from 'node:os';
+import { errnoInfo } from '../errno.js';
 import type { Logger } from 'pino';
 import { Bitmap } from '../cache/bitmap.js';
 import type { CacheEngine, ExternalEpochs } from '../cache/engine.js';
@@ -738,6 +739,5 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
 }
 
 function errnoName(errno: number): string {
-  for (const [name, n] of Object.entries(osConstants.errno)) if (n === errno) return name;
-  return `errno ${errno}`;
+  return errnoInfo(errno)[0];
 }

@@ -11,6 +11,7 @@ import type PinoPretty from 'pino-pretty';
 import { DaemonError, errorFromCode, errorToWire } from '../errors.js';
 import { defaultName } from '../bdev/frontend.js';
 import { RUN_DIR } from '../paths.js';
+import { nameUnknownErrno } from '../errno.js';
 import { undone } from './exit-codes.js';
 
 const NOTIFY_FD_ENV = 'ULOBDEV_NOTIFY_FD';
@@ -41,10 +42,14 @@ export function logsToTerminal(): boolean {
   return process.stderr.isTTY === true && !hasWaitingParent();
 }
 
-/** The first line of an error's message: what the CLI prints. */
+/**
+ * The first line of an error's message: what the CLI prints. A system error libuv has no name for
+ * ("Unknown system error -116") is put as its errno's name and description ("ESTALE: stale file
+ * handle").
+ */
 export function oneLine(err: unknown): string {
   const message = err instanceof Error ? err.message : String(err);
-  return message.split('\n')[0]!;
+  return nameUnknownErrno(message.split('\n')[0]!, err);
 }
 
 /** A warning on stderr, before the logger exists or where the user reads it: `PROG: warning: ...`. */

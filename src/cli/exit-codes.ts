@@ -3,6 +3,7 @@
 // every refusal exits 1 and changes nothing. The other codes are sysexits.h's.
 import { CommanderError } from 'commander';
 import { UlobError, type ErrorKind } from '../errors.js';
+import { systemErrorCode } from '../errno.js';
 
 export interface ExitCode {
   /** Short name, as in the tables. */
@@ -56,8 +57,7 @@ export function undone(err: unknown): unknown {
 /** The kind of any thrown value: ours by code, a system error (errno name) as I/O, else internal. */
 export function kindOf(err: unknown): ErrorKind {
   if (err instanceof UlobError) return err.kind;
-  const code = (err as { code?: unknown })?.code;
-  if (typeof code === 'string' && /^E[A-Z0-9]+$/.test(code)) return 'io';
+  if (systemErrorCode(err) !== undefined) return 'io';
   return 'internal';
 }
 

@@ -14,7 +14,7 @@ export interface ProgressSample {
 }
 
 /**
- * Polls `sample` every `everyMs` and draws `label [bar] 42% | 1.2 GiB of 3.0 GiB | 85 MiB/s |
+ * Polls `sample` every `everyMs` and draws `label [bar] 42% | 1.2 GiB of 3 GiB | 85 MiB/s |
  * 23 s left` until stop() is called. A sample of null (nothing running yet) draws nothing.
  * Returns null when stderr is not a terminal.
  */

@@ -27,7 +27,7 @@ import { deadRecords, describeRecovery, recoverDeadDaemon } from '../daemon/left
 import type { FlushResult } from '../writeback/flusher.js';
 import { cachePaths, checkDaemonName, Daemon, describeFlush, type DetachResult, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
 import { isDaemonName, listDaemons, resolveDaemon, type DaemonEntry } from '../daemon/resolve.js';
-import { defaultName, frontendKind } from '../bdev/frontend.js';
+import { defaultName, DEVICE_FORMS, frontendKind } from '../bdev/frontend.js';
 import { CONFIG_DIR, RUN_DIR } from '../paths.js';
 import { formatBytes, parseSize } from '../units.js';
 import { markStart } from '../sys.js';
@@ -595,7 +595,7 @@ Examples:
   ulobdev flush --wait /dev/loop6
   ulobdev detach data            by device or by --name
 
-'ulobdev attach --help' lists every option of the attach form.`;
+'ulobdev attach --help' lists every DEVICE form and every option of the attach form.`;
 
 /** The ulobdev command line: attach (the default command), status, detach, flush, report, discard. */
 export function buildProgram(): Command {
@@ -610,7 +610,7 @@ export function buildProgram(): Command {
     .command('attach', { isDefault: true })
     .description('put BACKEND behind the cache and expose it as DEVICE')
     .usage('[options] DEVICE BACKEND')
-    .argument('<DEVICE>', '/dev/loopN (/dev/loop: the first free one), /dev/nbdN, /dev/uloopN, /dev/ublkbN (/dev/ublkb: the next free one), nbd+unix:///?socket=PATH or nbd://HOST:PORT')
+    .argument('<DEVICE>', DEVICE_FORMS)
     .argument('<BACKEND>', 'the disk behind the cache: a block device or a file')
     .allowExcessArguments()
     .option('-c, --cache <PATH>', 'cache file, in a directory that exists (default: /var/lib/ulobdev/<disk id>.cache)')

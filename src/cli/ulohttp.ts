@@ -19,6 +19,7 @@ import { exitCodeFor } from './exit-codes.js';
 import { openHttpSource, type HttpSource } from '../source/http.js';
 import { credentialsHeader, formatHeaders, parseHeaders, redactUrl } from '../source/http-range.js';
 import { cachePaths, Daemon } from '../daemon/daemon.js';
+import { DEVICE_FORMS } from '../bdev/frontend.js';
 import { STATE_DIR } from '../paths.js';
 import { main as ulobdevMain, nameArg, oneLineErrors } from './ulobdev.js';
 import { parseSize } from '../units.js';
@@ -218,13 +219,15 @@ Examples:
   ULOHTTP_HEADERS='Authorization: Bearer TOKEN' ulohttp --daemon /dev/loop7 https://example.org/disk.img
       the image as /dev/loop7, its blocks fetched when first read; the token stays out of ps
   ulohttp --hydrate-rate 20M --header-file /etc/ulobdev/image.headers /dev/loop7 https://example.org/disk.img
-  ulohttp detach /dev/loop7`,
+  ulohttp detach /dev/loop7
+
+'ulohttp attach --help' lists every DEVICE form and every option of the attach form.`,
     )
     .exitOverride();
   program
     .command('attach', { isDefault: true })
     .description('expose the image at URL as DEVICE')
-    .argument('<DEVICE>', '/dev/loopN, /dev/nbdN, nbd+unix:///?socket=PATH or nbd://HOST:PORT')
+    .argument('<DEVICE>', DEVICE_FORMS)
     .argument('<URL>', 'http:// or https:// URL of a disk or filesystem image (the server must serve byte ranges)')
     .option('-c, --cache <PATH>', 'cache file (default: /var/lib/ulobdev/http-<name>-<hash of URL>.cache)')
     .option('-b, --bitmap <PATH>', 'present bitmap file (default: CACHE.bitmap)')

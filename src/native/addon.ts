@@ -4,7 +4,8 @@
 // side, so the C++ side stays mechanism only; its own checks are just a backstop against memory
 // corruption.
 import { createRequire } from 'node:module';
-import { getSystemErrorMap, types } from 'node:util';
+import { types } from 'node:util';
+import { errnoInfo, nameUnknownErrno, systemErrorCode } from '../errno.js';
 
 /** A failed system call inside the addon. */
 export class NativeError extends Error {
@@ -15,10 +16,12 @@ export class NativeError extends Error {
   /** The call that failed: 'pread', 'fallocate', 'ioctl(BLKGETSIZE64)', ... */
   readonly syscall: string;
 
-  // Called from C++ with a Node-style message: `${code}: ${description}, ${syscall}`.
+  // Called from C++ with a Node-style message: `${code}: ${description}, ${syscall}`. An errno
+  // libuv has no name for (ESTALE, EUCLEAN, ENOMEDIUM) comes as "Unknown system error -116": named
+  // here (src/errno.ts), so the code is the errno's name everywhere it is read.
   constructor(message: string, code: string, errno: number, syscall: string) {
-    super(message);
-    this.code = code;
+    super(nameUnknownErrno(message));
+    this.code = systemErrorCode({ code }) ?? code;
     this.errno = errno;
     this.syscall = syscall;
   }
@@ -33,7 +36,7 @@ export class NativeError extends Error {
  * that report several results at once (pwriteList).
  */
 export function errnoError(errno: number, syscall: string): NativeError {
-  const [code, description] = getSystemErrorMap().get(-errno) ?? [`Unknown system error ${errno}`, 'unknown error'];
+  const [code, description] = errnoInfo(errno);
   return new NativeError(`${code}: ${description}, ${syscall}`, code, errno, syscall);
 }
 

@@ -5,6 +5,7 @@
 // touches the disk: a sleeping disk stays asleep.
 import { wrapSource, type Source, type WritableSource } from './source.js';
 import type { BlockFile } from '../storage/storage.js';
+import { nameUnknownErrno, systemErrorCode } from '../errno.js';
 
 export type DiskState = 'ok' | 'failing' | 'gone';
 
@@ -49,9 +50,8 @@ export class DiskHealth {
   /** An I/O of the disk failed with `err`. */
   failed(err: unknown): void {
     const e = err as { code?: unknown; message?: unknown };
-    const code = typeof e?.code === 'string' ? e.code : '';
-    this.#state = GONE_CODES.has(code) ? 'gone' : 'failing';
-    this.#lastError = typeof e?.message === 'string' ? e.message : String(err);
+    this.#state = GONE_CODES.has(systemErrorCode(err) ?? '') ? 'gone' : 'failing';
+    this.#lastError = nameUnknownErrno(typeof e?.message === 'string' ? e.message : String(err), err);
     this.#lastErrorAt = Date.now();
     this.#errors++;
   }

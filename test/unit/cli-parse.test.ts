@@ -66,6 +66,20 @@ describe('command-line parsing', () => {
     expect(man).toMatch(/\/dev\/ublkbN/);
   });
 
+  it('ulohttp attach --help names the same DEVICE forms as ulobdev attach --help, and ulohttp --help says where they are', async () => {
+    const oneLine = (s: string) => s.replace(/\s+/g, ' ');
+    const forms = (help: string) => oneLine(help).match(/DEVICE (\/dev\/loopN.*?nbd:\/\/HOST:PORT)/)?.[1];
+    const ulob = await run(ulobdev, ['attach', '--help']);
+    const http = await run(ulohttp, ['attach', '--help']);
+    expect(http.code).toBe(0);
+    expect(forms(ulob.stdout)).toMatch(/\/dev\/uloopN/);
+    expect(forms(http.stdout)).toBe(forms(ulob.stdout));
+    const top = await run(ulohttp, ['--help']);
+    expect(top.code).toBe(0);
+    expect(oneLine(top.stdout)).toMatch(/'ulohttp attach --help' lists every DEVICE form and every option of the attach form\./);
+    expect(oneLine((await run(ulobdev, ['--help'])).stdout)).toMatch(/'ulobdev attach --help' lists every DEVICE form and every option of the attach form\./);
+  });
+
   it('prints the version from package.json', async () => {
     for (const [main, name] of [[ulobdev, 'ulobdev'], [ulohttp, 'ulohttp']] as const) {
       for (const flag of ['--version', '-V']) {
