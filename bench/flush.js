@@ -4,11 +4,13 @@
 //   npx tsc -p tsconfig.json && sudo node bench/flush.js [--size 256M] [--reps 3] [--dir /var/tmp]
 //                                                      [--blocks 4096] [--json bench/results/flush.json]
 //
-// Rows (each side runs --reps times, interleaved ours, ref, ref, ours, ...; best of each; ratio =
-// ours / ref in MB/s):
+// Rows (each side runs --reps times, interleaved ours, ref, ref, ours, ...; best and median of
+// each, and a ratio of each: ours / ref in MB/s):
 //   flush contiguous  flushDirty of the whole device, every block dirty, vs `dd if=CACHE of=DISK
 //                     bs=4M conv=fdatasync,notrunc`: the same bytes from the same cache file to the
-//                     same backing file.
+//                     same backing file. Before each run of either side (root only): sync, drop the
+//                     page cache, read the cache file back in: both sides copy from a resident
+//                     cache file into a disk file with no pages in memory.
 //   flush random      --blocks dirty 4 KiB blocks at random offsets, flushed sorted (flushDirty) vs
 //                     the same blocks copied from the cache file to the backing file in random
 //                     order (pread + pwrite each) and one fdatasync.
@@ -32,14 +34,24 @@ import { printTable, writeJson } from './lib/table.js';
 const { values: opts } = parseArgs({
   options: {
     size: { type: 'string', default: '256M' },
-    reps: { type: 'string', default: '3' },
+    reps: { type: 'string', default: '5' },
     blocks: { type: 'string', default: '4096' },
     dir: { type: 'string', default: '/var/tmp' },
     json: { type: 'string', default: new URL('./results/flush.json', import.meta.url).pathname },
   },
 });
 const MiB = 1 << 20;
-const SIZE = Number(/^(\d+)M$/i.exec(opts.size)?.[1] ?? 256) * MiB;
+/** --size: a whole number of MiB, given as 256M, 1G or 1024M (4 MiB multiples: the fill is in 4 MiB pieces). */
+function parseSize(text) {
+  const m = /^(\d+)([MG])i?B?$/i.exec(text);
+  const bytes = m ? Number(m[1]) * (m[2].toUpperCase() === 'G' ? 1024 * MiB : MiB) : NaN;
+  if (!(bytes >= 4 * MiB) || bytes % (4 * MiB) !== 0) {
+    process.stderr.write(`bench/flush.js: --size ${text} is not a multiple of 4 MiB written like 256M or 1G\n`);
+    process.exit(1);
+  }
+  return bytes;
+}
+const SIZE = parseSize(opts.size);
 const REPS = Math.max(1, Number(opts.reps));
 const RANDOM_BLOCKS = Number(opts.blocks);
 const BLOCK = 4096;
@@ -104,14 +116,37 @@ async function sideBySide(prepare, ours, ref) {
       times[side].push(await time(side === 'ours' ? ours : ref));
     }
   }
-  return { ours: Math.min(...times.ours), ref: Math.min(...times.ref), all: times };
+  return { ours: Math.min(...times.ours), ref: Math.min(...times.ref), oursMedian: median(times.ours), refMedian: median(times.ref), all: times };
+}
+
+function median(xs) {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+}
+
+/**
+ * The same page-cache state before either side of a flush run: dirty data synced, every page
+ * dropped, the cache file read back in. Both then read a resident cache file and write a disk
+ * file with no pages in memory. False without root (nothing dropped).
+ */
+function samePageCache(cacheFile) {
+  if (!dropCaches()) return false;
+  dd(`if=${cacheFile}`, 'of=/dev/null', 'bs=4M');
+  return true;
 }
 
 const rows = [];
+let flushPages = false;
 function row(workload, bytes, t, refName, extra = {}) {
   const ours = mbs(bytes, t.ours);
   const ref = mbs(bytes, t.ref);
-  rows.push({ workload, ours, ref, refName, ratio: +(ours / ref).toFixed(2), msOurs: t.all.ours.map(Math.round), msRef: t.all.ref.map(Math.round), ...extra });
+  const oursMedian = mbs(bytes, t.oursMedian);
+  const refMedian = mbs(bytes, t.refMedian);
+  rows.push({
+    workload, ours, ref, refName, ratio: +(ours / ref).toFixed(2),
+    oursMedian, refMedian, ratioMedian: +(oursMedian / refMedian).toFixed(2),
+    msOurs: t.all.ours.map(Math.round), msRef: t.all.ref.map(Math.round), ...extra,
+  });
 }
 
 try {
@@ -130,6 +165,7 @@ try {
         for (let off = 0; off < SIZE; off += chunk.length) await dev.engine.write(off, chunk);
         await dev.engine.flush();
         if (dev.engine.stats().dirtyBlocks === 0) throw new Error('nothing dirty');
+        flushPages = samePageCache(dev.cache);
       },
       async () => (result = await flushDirty(dev.engine)),
       async () => {
@@ -154,6 +190,7 @@ try {
       async () => {
         for (const b of list) await dev.engine.write(b * BLOCK, data);
         await dev.engine.flush();
+        flushPages = samePageCache(dev.cache);
       },
       () => flushDirty(dev.engine),
       async () => {
@@ -204,22 +241,33 @@ try {
     );
     const readMbs = mbs(SIZE, Math.min(read.ours, read.ref));
     row(`hydrate ${SIZE / MiB} MiB`, SIZE, t, 'dd bs=1M conv=fdatasync (disk → fresh file)', { diskReadMbs: readMbs });
-    rows.push({ workload: `  (disk read alone)`, ours: mbs(SIZE, t.ours), ref: readMbs, refName: 'dd bs=1M disk → /dev/null', ratio: +(mbs(SIZE, t.ours) / readMbs).toFixed(2) });
+    rows.push({
+      workload: `  (disk read alone)`, ours: mbs(SIZE, t.ours), ref: readMbs, refName: 'dd bs=1M disk → /dev/null', ratio: +(mbs(SIZE, t.ours) / readMbs).toFixed(2),
+      oursMedian: mbs(SIZE, t.oursMedian), refMedian: mbs(SIZE, median([...read.all.ours, ...read.all.ref])),
+      msRef: [...read.all.ours, ...read.all.ref].map(Math.round),
+    });
+    const last = rows[rows.length - 1];
+    last.ratioMedian = +(last.oursMedian / last.refMedian).toFixed(2);
   }
 
   const loadAtEnd = loadavg().map((x) => +x.toFixed(2));
   printTable(
     [
       { key: 'workload', title: 'workload' },
-      { key: 'ours', title: 'ulobdev MB/s' },
-      { key: 'ref', title: 'reference MB/s' },
+      { key: 'ours', title: 'ulobdev best' },
+      { key: 'ref', title: 'ref best' },
+      { key: 'ratio', title: 'ratio best' },
+      { key: 'oursMedian', title: 'ulobdev median' },
+      { key: 'refMedian', title: 'ref median' },
+      { key: 'ratioMedian', title: 'ratio median' },
       { key: 'refName', title: 'reference' },
-      { key: 'ratio', title: 'ratio' },
     ],
     rows,
     {
-      title: `bench/flush.js: ${SIZE / MiB} MiB on ${opts.dir}, best of ${REPS} interleaved runs each`,
+      title: `bench/flush.js: ${SIZE / MiB} MiB on ${opts.dir}, MB/s, best and median of ${REPS} interleaved runs each`,
       notes: [
+        ...rows.filter((r) => r.msOurs).map((r) => `${r.workload.trim()}: ms ulobdev ${r.msOurs.join(' ')} / ref ${r.msRef.join(' ')}`),
+        flushPages ? 'flush runs: synced, page cache dropped, cache file read back in before each run of either side' : 'flush runs: page cache NOT dropped (not root): the state left by the run before',
         dropped ? 'page cache dropped before each hydration run' : 'page cache NOT dropped (not root): hydration reads come from memory',
         `load average ${loadAtStart.join(' ')} at start, ${loadAtEnd.join(' ')} at end (${cpus().length} CPUs)`,
       ],
@@ -228,7 +276,7 @@ try {
   writeJson(opts.json, {
     at: new Date().toISOString(),
     machine: { cpus: cpus().length, cpu: cpus()[0]?.model, memory: totalmem(), kernel: release(), node: process.version, loadAverage: { start: loadAtStart, end: loadAtEnd } },
-    params: { size: SIZE, reps: REPS, randomBlocks: RANDOM_BLOCKS, dir: opts.dir, pageCacheDropped: dropped },
+    params: { size: SIZE, reps: REPS, randomBlocks: RANDOM_BLOCKS, dir: opts.dir, pageCacheDropped: dropped, flushPageCacheSame: flushPages },
     rows,
   });
 } finally {

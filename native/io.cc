@@ -132,8 +132,10 @@ class PwriteListWorker : public PromiseWorker {
 // loop instead of two of each, which on a loaded machine is most of a fill's time; the flusher's
 // batch (cache file -> disk, one large range or many scattered blocks) does its reads here too,
 // off the event loop, and several batches run at once on the pool. Every range is read first, then
-// every range is written, in order: a short read (only at the source's end) writes the bytes read.
-// syscall_ names the step that failed.
+// every range is written, in order. A short read (the source ended early: a disk that shrank, a
+// truncated cache file) stops the job before anything is written: the result, the bytes read up to
+// there, is less than asked, and the caller fails the whole fill or batch (a partial copy written
+// to the destination would be a piece of data nobody asked for). syscall_ names the step that failed.
 struct CopyItem {
   off_t src_pos;
   off_t dst_pos;
@@ -150,7 +152,7 @@ class CopyWorker : public PromiseWorker {
   void Execute() override {
     for (size_t i = 0; i < items_.size(); i++) {
       err_ = ReadFull(src_, items_[i].data, items_[i].length, items_[i].src_pos, &done_[i]);
-      if (err_ != 0) return;
+      if (err_ != 0 || done_[i] < items_[i].length) return;
     }
     syscall_ = "pwrite";
     for (size_t i = 0; i < items_.size(); i++) {
@@ -159,7 +161,8 @@ class CopyWorker : public PromiseWorker {
     }
   }
 
-  // The bytes read (and written) over all ranges.
+  // The bytes read over all ranges: all of them, also written, or fewer after a short read (then
+  // nothing was written).
   Napi::Value Result(Napi::Env env) override {
     double total = 0;
     for (size_t n : done_) total += static_cast<double>(n);
@@ -304,7 +307,8 @@ Napi::Value PwriteList(const Napi::CallbackInfo& info) {
 
 // copyRange(srcFd, srcPosition, dstFd, dstPosition, buf, bufOffset, length) -> Promise<number>:
 // reads `length` bytes of srcFd at srcPosition into buf[bufOffset..] and writes the bytes read to
-// dstFd at dstPosition, in one threadpool job. Resolves with the bytes read (and written).
+// dstFd at dstPosition, in one threadpool job. Resolves with the bytes read: `length`, all written;
+// fewer when srcFd ended early, and then nothing is written.
 Napi::Value CopyRange(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int src, dst;
@@ -329,7 +333,8 @@ Napi::Value CopyRange(const Napi::CallbackInfo& info) {
 // copyRanges(srcFd, dstFd, buf, ranges) -> Promise<number>: ranges is a Float64Array of
 // [bufOffset, length, srcPosition, dstPosition] quadruples; each range is read from srcFd into
 // buf[bufOffset..] and then written to dstFd, all in one threadpool job (CopyWorker). Resolves with
-// the bytes read (and written) over all ranges.
+// the bytes read over all ranges: their total length, all written; less when a read came up short
+// (the job stops there and writes nothing).
 Napi::Value CopyRanges(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int src, dst;

@@ -1298,16 +1298,34 @@ export class CacheEngine {
   /** Syncs the cache file, then records staged blocks as present (fills) or dirty (writes). */
   async #commitStaged(): Promise<void> {
     this.#cancelAutoCommit();
-    // A typed array sorts numerically without a comparator call per step: a hydration stages
-    // every block of the disk between two commits.
-    const blocks = Float64Array.from(this.#staged.keys()).sort();
+    // Per-block work here is a hydration's main-thread cost: it stages every block of the disk
+    // between two commits (65,536 per 256 MiB). A typed array filled by hand (Float64Array.from
+    // of an iterator is twice as slow) sorts numerically without a comparator call per step.
+    const staged = this.#staged;
+    const blocks = new Float64Array(staged.size);
+    let i = 0;
+    for (const b of staged.keys()) blocks[i++] = b;
+    blocks.sort();
     await this.store.syncData();
     // Decided after the sync: a fill rewritten meanwhile must be recorded dirty, not clean.
     const clean: number[] = [];
     const dirty: number[] = [];
-    for (const b of blocks) (this.#staged.get(b) === STAGED_DIRTY ? dirty : clean).push(b);
+    let stagedClean = 0;
+    for (let j = 0; j < blocks.length; j++) {
+      const b = blocks[j]!;
+      const state = staged.get(b);
+      if (state === STAGED_DIRTY) dirty.push(b);
+      else {
+        clean.push(b);
+        if (state !== undefined) stagedClean++;
+      }
+    }
     this.store.markPresent(toExtents(clean));
-    for (const b of clean) this.#staged.delete(b);
+    // When every block still staged is one of these clean ones (as many of them are staged as the
+    // map holds): one clear() instead of a delete per block. Otherwise fills staged during the
+    // sync stay, for the next commit.
+    if (stagedClean === staged.size) staged.clear();
+    else for (const b of clean) staged.delete(b);
     // Their reservations are now present blocks (and evictable).
     this.store.release(clean.length);
     // The dirty ones stay staged (readable, writable without an intent, reserved) until their

@@ -80,8 +80,8 @@ export function pwriteList(fd: number, buffers: Uint8Array[], positions: Float64
 /**
  * Reads `length` bytes of srcFd at srcPosition into buf[bufOffset..] and writes the bytes read to
  * dstFd at dstPosition, in one threadpool job (one hand-off and one wake-up instead of two of
- * each: a cache fill). Resolves with the bytes read, less than `length` only at srcFd's end of
- * file; those are all written. A failure rejects with the errno and its step ('pread' for the
+ * each: a cache fill). Resolves with the bytes read: `length`, all written; less only when srcFd
+ * ended early, and then nothing is written (a partial copy is no copy). A failure rejects with the errno and its step ('pread' for the
  * source, 'pwrite' for the destination) as `syscall`.
  */
 export function copyRange(srcFd: number, srcPosition: number, dstFd: number, dstPosition: number, buf: Uint8Array, bufOffset: number, length: number): Promise<number> {
@@ -95,8 +95,9 @@ export function copyRange(srcFd: number, srcPosition: number, dstFd: number, dst
  * copyRange() of many ranges through one buffer, in one threadpool job: `ranges` holds
  * [bufOffset, length, srcPosition, dstPosition] quadruples (bytes; the buffer slices must not
  * overlap). Every range is read from srcFd into buf first, then every range is written to dstFd,
- * in order (the flusher's batch: cache file -> disk). Resolves with the bytes read over all ranges,
- * less than their sum only at srcFd's end of file; those are all written. A failure rejects with
+ * in order (the flusher's batch: cache file -> disk). Resolves with the bytes read over all ranges:
+ * their sum, all written; less when srcFd ended early, and then the job stopped at that range and
+ * wrote nothing (the caller fails the whole batch). A failure rejects with
  * the errno and its step ('pread' for srcFd, 'pwrite' for dstFd) as `syscall`; ranges after it are
  * not copied.
  */

@@ -109,7 +109,14 @@ export class FileSource implements WritableSource {
     }
     const n = await this.#file.copyManyFrom(from, buf, pieces);
     const want = pieces.reduce((sum, [, length]) => sum + length, 0);
-    if (n !== want) throw this.#shortCache(from, pieces[0]?.[2] ?? 0, n, want);
+    if (n !== want) {
+      // The copy stopped at the first short piece and wrote nothing: name that piece.
+      let before = 0;
+      for (const [, length, position] of pieces) {
+        if (before + length > n) throw this.#shortCache(from, position, n - before, length);
+        before += length;
+      }
+    }
   }
 
   // The engine and the flusher move whole cache blocks (a multiple of the logical sector, checked

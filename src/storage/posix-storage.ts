@@ -98,7 +98,8 @@ class PosixFile implements BlockFile {
   async copyFrom(src: BlockFile, buf: Uint8Array, srcPosition: number, position: number): Promise<number> {
     if (src instanceof PosixFile) return copyRange(src.#fd, srcPosition, this.#fd, position, buf, 0, buf.byteLength);
     const n = await src.read(buf, srcPosition);
-    await this.write(buf.subarray(0, n), position);
+    // Short: nothing written, as the native copy.
+    if (n === buf.byteLength) await this.write(buf, position);
     return n;
   }
 
@@ -109,7 +110,12 @@ class PosixFile implements BlockFile {
       return copyRanges(src.#fd, this.#fd, buf, ranges);
     }
     let total = 0;
-    for (const [at, length, position] of pieces) total += await src.read(buf.subarray(at, at + length), position);
+    for (const [at, length, position] of pieces) {
+      const n = await src.read(buf.subarray(at, at + length), position);
+      total += n;
+      // Short: stop, nothing written, as the native copy.
+      if (n < length) return total;
+    }
     await Promise.all(pieces.map(([at, length, position]) => this.write(buf.subarray(at, at + length), position)));
     return total;
   }

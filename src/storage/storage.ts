@@ -17,8 +17,8 @@ export interface BlockFile {
   /**
    * Optional: reads buf.length bytes of `src` at `srcPosition` into `buf` and writes the bytes read
    * here at `position`, as src.read() then write() would, but in one request to the I/O threads
-   * where both are files of this storage (a cache fill). Resolves with the bytes read (fewer only
-   * at src's end of file). A failure's `syscall` says the side: 'pread' src, 'pwrite' this file.
+   * where both are files of this storage (a cache fill). Resolves with the bytes read: all, and
+   * written; fewer only at src's end of file, and then nothing is written. A failure's `syscall` says the side: 'pread' src, 'pwrite' this file.
    * Not durable until sync().
    */
   copyFrom?(src: BlockFile, buf: Uint8Array, srcPosition: number, position: number): Promise<number>;
@@ -27,7 +27,8 @@ export interface BlockFile {
    * position] (bytes), each read from `src` at `position` into buf and then written here at the same
    * position (the cache file mirrors the disk), in one request to the I/O threads where both are
    * files of this storage (the flusher's batch). Every piece is read before any is written. Resolves
-   * with the bytes read (fewer than the pieces' sum only at src's end of file). A failure's `syscall`
+   * with the bytes read: the pieces' sum, all written; fewer when src ended early, and then the
+   * copy stopped at that piece and wrote nothing. A failure's `syscall`
    * says the side: 'pread' src, 'pwrite' this file. Not durable until sync().
    */
   copyManyFrom?(src: BlockFile, buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<number>;

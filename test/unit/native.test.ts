@@ -11,7 +11,7 @@ import { runInNewContext } from 'node:vm';
 import { NativeError } from '../../src/native/addon.js';
 import { bitClearRange, bitCount, bitFindNextClear, bitFindNextSet, bitSetRange } from '../../src/native/bitmap.js';
 import { blkFlsBuf, blkGetSize64, blkPhysicalSectorSize, blkSectorSize } from '../../src/native/blkdev.js';
-import { alignedBuffer, copyRange, fallocate, fdatasync, isAligned, pread, preadNowait, pwrite, pwriteList } from '../../src/native/io.js';
+import { alignedBuffer, copyRange, copyRanges, fallocate, fdatasync, isAligned, pread, preadNowait, pwrite, pwriteList } from '../../src/native/io.js';
 import {
   ULOOP_ABI_VERSION,
   ULOOP_CONTROL,
@@ -209,11 +209,15 @@ describe('positioned I/O on a regular file', () => {
       expect(back.subarray(40_000, 48_192).equals(data.subarray(4096, 12_288))).toBe(true);
       expect(back[39_999]).toBe(0xee);
       expect(back[48_192]).toBe(0xee);
-      // At the end of src: the bytes read are written, no more.
+      // At the end of src: the count says short, and a partial copy writes nothing.
       expect(await copyRange(s, 3 * 4096, d, 0, buf, 0, 4096)).toBe(100);
-      const tail = fs.readFileSync(dst);
-      expect(tail.subarray(0, 100).equals(data.subarray(3 * 4096))).toBe(true);
-      expect(tail[100]).toBe(0xee);
+      expect(fs.readFileSync(dst).subarray(0, 4096).equals(Buffer.alloc(4096, 0xee))).toBe(true);
+      // copyRanges stops at the first short range: nothing of the batch is written, not the ranges
+      // read before it, not the short one, not the ones after.
+      const two = Buffer.alloc(3 * 4096);
+      const ranges = Float64Array.from([0, 4096, 0, 0, 4096, 4096, 3 * 4096, 4096, 8192, 4096, 4096, 8192]);
+      expect(await copyRanges(s, d, two, ranges)).toBe(4096 + 100);
+      expect(fs.readFileSync(dst).subarray(0, 3 * 4096).equals(Buffer.alloc(3 * 4096, 0xee))).toBe(true);
       // A destination that cannot be written fails as pwrite, a source that cannot be read as pread.
       const ro = fs.openSync(dst, 'r');
       const wo = fs.openSync(src, 'a');
