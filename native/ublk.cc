@@ -286,8 +286,10 @@ class Server {
   std::vector<std::unique_ptr<HwQueue>> queues;
   std::atomic<bool> serving{false};  // every queue thread was started
   // START_DEV or END_USER_RECOVERY has returned: until then a queue thread must not end on a
-  // failed io_uring_enter, since that command may wait for a request only this queue can serve.
+  // failed io_uring_enter, since START_DEV (add_disk's partition scan) may wait for a request only
+  // this queue can serve (6.12's END_USER_RECOVERY waits for no request; the flag costs nothing there).
   std::atomic<bool> control_done{false};
+  bool start_recovering = false;  // the queues start inside a user recovery (longer start retries)
   Napi::ThreadSafeFunction tsfn;
   std::atomic<bool> stopping{false};
   // The first failed write or fdatasync of the cache file (a positive errno), for good: Linux
@@ -500,15 +502,17 @@ struct HwQueue {
 
   // Submits the FETCHes (and the eventfd read) queued by Run; 0 or a positive errno. A transient
   // refusal (ENOMEM, EAGAIN, EBUSY: io_uring_enter(2)) or a partial submit is tried again after
-  // 1, 2, 4 ... 256 ms (about 0.5 s in all): a queue that fails here fails the whole attach, and
-  // inside a user recovery that costs the device (Recover).
+  // 1, 2, 4 ... 256 ms (about 0.5 s in all) on a new device; inside a user recovery, where a
+  // failure costs the device and its queued I/O (Recover) while waiting costs nothing (the device
+  // is quiesced), for about 10 s (then every 500 ms).
   int SubmitFetches() {
+    const unsigned tries = s->start_recovering ? 27 : 8;
     for (unsigned i = 0;; i++) {
       int e = s->fault_start_queue == id + 1u ? ENOMEM : ring.Enter(0);
       if (e == 0 && ring.to_submit == 0) return 0;
       if (e != 0 && e != ENOMEM && e != EAGAIN && e != EBUSY) return e;
-      if (i == 8 || s->stopping.load()) return e ? e : EAGAIN;
-      usleep(1000u << i);
+      if (i == tries || s->stopping.load()) return e ? e : EAGAIN;
+      usleep(i < 9 ? 1000u << i : 500000u);
     }
   }
 
@@ -537,9 +541,9 @@ struct HwQueue {
         continue;
       }
       if (e && !s->control_done.load()) {
-        // START_DEV (its partition scan) or END_USER_RECOVERY (requeued requests) may be waiting
-        // for a request this queue holds or its reply, uninterruptibly: ending the queue now would
-        // hang that command for good. Keep trying until it has returned (or the attach is undone).
+        // START_DEV (its partition scan) may be waiting for a request this queue holds or its
+        // reply: ending the queue now would hang that command for good. Keep trying until it has
+        // returned (or the attach is undone).
         usleep(backoff_us);
         backoff_us = backoff_us < 100000 ? backoff_us * 2 : 100000;
         e = 0;
@@ -1091,9 +1095,11 @@ class StartWorker_ : public PromiseWorker {
       // fetched it refuses for good (nr_queues_ready 0). So the half-recovered device goes: its
       // queued requests fail with EIO (every acknowledged write is in the cache and the store's
       // dirty set), and the next attach adds it again. Without waiting: a filesystem still
-      // mounted on it holds its number until unmounted, and DEL_DEV would wait for that.
+      // mounted on it holds its number until unmounted, and DEL_DEV would wait for that. Before 6.9
+      // (no DEL_DEV_ASYNC) STOP_DEV: the device is then dead, never again QUIESCED, and no
+      // START_USER_RECOVERY reaches it (the next attach deletes the leftover).
       if (CtrlCmd(s.ctrl_fd, kCmdDelDevAsync, s.dev_id, 0, nullptr, 0, 0) == -EOPNOTSUPP)
-        CtrlCmd(s.ctrl_fd, kCmdDelDev, s.dev_id, 0, nullptr, 0, 0);
+        CtrlCmd(s.ctrl_fd, kCmdStopDev, s.dev_id, 0, nullptr, 0, 0);
     }
     s.owned = false;
   }
@@ -1209,9 +1215,11 @@ class StartWorker_ : public PromiseWorker {
     }
     if (r < 0) return Fail(-r, "UBLK_CMD_START_USER_RECOVERY");
     recovering_ = true;
+    s.start_recovering = true;
     if (!OpenQueues()) return;  // Undo deletes the half-recovered device
     r = CtrlCmd(s.ctrl_fd, kCmdEndRecovery, id, 0, nullptr, 0, static_cast<uint64_t>(getpid()));
     s.control_done = true;
+    s.start_recovering = false;
     // Every queue has a live daemon again (its FETCHes are in): a failure here leaves a device the
     // next attach can recover once this process is gone.
     if (r < 0) return Fail(-r, "UBLK_CMD_END_USER_RECOVERY");
