@@ -53,6 +53,7 @@ constexpr uint32_t kCmdGetParams = _IOR('u', 0x09, struct ublksrv_ctrl_cmd);
 constexpr uint32_t kCmdStartRecovery = _IOWR('u', 0x10, struct ublksrv_ctrl_cmd);
 constexpr uint32_t kCmdEndRecovery = _IOWR('u', 0x11, struct ublksrv_ctrl_cmd);
 constexpr uint32_t kCmdGetFeatures = _IOR('u', 0x13, struct ublksrv_ctrl_cmd);
+constexpr uint32_t kCmdDelDevAsync = _IOR('u', 0x14, struct ublksrv_ctrl_cmd);  // 6.9+: EOPNOTSUPP before
 constexpr uint32_t kIoFetch = _IOWR('u', 0x20, struct ublksrv_io_cmd);
 constexpr uint32_t kIoCommitFetch = _IOWR('u', 0x21, struct ublksrv_io_cmd);
 
@@ -284,6 +285,11 @@ class Server {
   // One per hardware queue, made by Start and kept until the process exits (replies may name them).
   std::vector<std::unique_ptr<HwQueue>> queues;
   std::atomic<bool> serving{false};  // every queue thread was started
+  // START_DEV or END_USER_RECOVERY has returned: until then a queue thread must not end on a
+  // failed io_uring_enter, since START_DEV (add_disk's partition scan) may wait for a request only
+  // this queue can serve (6.12's END_USER_RECOVERY waits for no request; the flag costs nothing there).
+  std::atomic<bool> control_done{false};
+  bool start_recovering = false;  // the queues start inside a user recovery (longer start retries)
   Napi::ThreadSafeFunction tsfn;
   std::atomic<bool> stopping{false};
   // The first failed write or fdatasync of the cache file (a positive errno), for good: Linux
@@ -294,11 +300,12 @@ class Server {
   Counters count;
   // Fault injection for the VM test ($ULOBDEV_UBLK_FAULT, read at create): the n-th fdatasync
   // fails with EIO without syncing; io_uring_enter fails with ENOMEM once n requests were served
-  // (`served` counts every queue's, so every queue fails at its next Enter); with
-  // enter-enomem-at-start=q, queue q's first Enter (its FETCHes) fails (fault_start_queue = q + 1).
-  uint64_t fault_fsync_at = 0, fault_enter_at = 0;
+  // (`served` counts every queue's, so every queue fails at its next Enter), for good or, with
+  // enter-enomem-times=k, k times in all; with enter-enomem-at-start=q, every try of queue q's
+  // first Enter (its FETCHes) fails (fault_start_queue = q + 1).
+  uint64_t fault_fsync_at = 0, fault_enter_at = 0, fault_enter_times = 0;
   unsigned fault_start_queue = 0;
-  std::atomic<uint64_t> syncs{0}, served{0};
+  std::atomic<uint64_t> syncs{0}, served{0}, enter_faults{0};
 
   // The start latch: START_DEV and END_USER_RECOVERY wait (uninterruptibly, on a threadpool thread)
   // until every tag of every queue is fetched, so OpenQueues first waits here for each queue
@@ -493,22 +500,52 @@ struct HwQueue {
     sqe->user_data = kEventData;
   }
 
+  // Submits the FETCHes (and the eventfd read) queued by Run; 0 or a positive errno. A transient
+  // refusal (ENOMEM, EAGAIN, EBUSY: io_uring_enter(2)) or a partial submit is tried again after
+  // 1, 2, 4 ... 256 ms (about 0.5 s in all) on a new device; inside a user recovery, where a
+  // failure costs the device and its queued I/O (Recover) while waiting costs nothing (the device
+  // is quiesced), for about 10 s (then every 500 ms).
+  int SubmitFetches() {
+    const unsigned tries = s->start_recovering ? 27 : 8;
+    for (unsigned i = 0;; i++) {
+      int e = s->fault_start_queue == id + 1u ? ENOMEM : ring.Enter(0);
+      if (e == 0 && ring.to_submit == 0) return 0;
+      if (e != 0 && e != ENOMEM && e != EAGAIN && e != EBUSY) return e;
+      if (i == tries || s->stopping.load()) return e ? e : EAGAIN;
+      usleep(i < 9 ? 1000u << i : 500000u);
+    }
+  }
+
   void Run() {
     for (uint16_t t = 0; t < s->depth; t++) QueueIo(t, kIoFetch, -1);
     ArmEvent();
     // The FETCHes go in without waiting, and a refusal comes back at once: only then may
     // START_DEV (or END_USER_RECOVERY) be asked, which waits until every queue has fetched all.
-    int e = s->fault_start_queue == id + 1u ? ENOMEM : ring.Enter(0);
+    int e = SubmitFetches();
     if (e == 0) {
       ring.Reap([&](const struct io_uring_cqe& cqe) { OnCqe(cqe); });
       e = thread_error.load();
+      if (e == 0 && aborted) e = ENODEV;  // a FETCH answered "device going": that tag is not fetched
     }
     if (e) thread_error = e;
     s->QueueStarted(id, e);
+    unsigned backoff_us = 1000;
     while (!e && !s->stopping.load()) {
-      e = s->fault_enter_at && s->served.load() >= s->fault_enter_at ? ENOMEM : ring.Enter(1);
+      e = s->fault_enter_at && s->served.load() >= s->fault_enter_at &&
+              (s->fault_enter_times == 0 || s->enter_faults.fetch_add(1) < s->fault_enter_times)
+          ? ENOMEM
+          : ring.Enter(1);
       if (e == EAGAIN || e == EBUSY) {  // io_uring_enter(2): transient, try again shortly
         usleep(1000);
+        e = 0;
+        continue;
+      }
+      if (e && !s->control_done.load()) {
+        // START_DEV (its partition scan) may be waiting for a request this queue holds or its
+        // reply: ending the queue now would hang that command for good. Keep trying until it has
+        // returned (or the attach is undone).
+        usleep(backoff_us);
+        backoff_us = backoff_us < 100000 ? backoff_us * 2 : 100000;
         e = 0;
         continue;
       }
@@ -516,6 +553,7 @@ struct HwQueue {
         thread_error = e;
         break;
       }
+      backoff_us = 1000;
       ring.Reap([&](const struct io_uring_cqe& cqe) { OnCqe(cqe); });
       if (aborted >= s->depth) break;
     }
@@ -1015,6 +1053,7 @@ class StartWorker_ : public PromiseWorker {
     if (r < 0) return Undo(-r, "UBLK_CMD_SET_PARAMS");
     if (!OpenQueues()) return;
     r = CtrlCmd(s.ctrl_fd, kCmdStartDev, s.dev_id, 0, nullptr, 0, static_cast<uint64_t>(getpid()));
+    s.control_done = true;
     if (r < 0) return Undo(-r, "UBLK_CMD_START_DEV");
   }
 
@@ -1030,6 +1069,7 @@ class StartWorker_ : public PromiseWorker {
   Server* s_;
   int32_t want_;
   bool added_ = false;
+  bool recovering_ = false;  // START_USER_RECOVERY succeeded: every queue's old daemon was dropped
   std::string start_what_;  // syscall_ points into it
 
   void Fail(int e, const char* what) {
@@ -1037,14 +1077,30 @@ class StartWorker_ : public PromiseWorker {
     syscall_ = what;
   }
 
-  // A failure after ADD_DEV: the device goes again (the queue threads, if started, with it).
+  // A failure after ADD_DEV or START_USER_RECOVERY: the device goes (the queue threads, if
+  // started, with it).
   void Undo(int e, const char* what) {
     Fail(e, what);
     Server& s = *s_;
     EndQueues(s);
+    s.serving = false;
     if (s.cdev_fd >= 0) close(s.cdev_fd);
     s.cdev_fd = -1;
-    if (added_) CtrlCmd(s.ctrl_fd, kCmdDelDev, s.dev_id, 0, nullptr, 0, 0);
+    if (added_) {
+      CtrlCmd(s.ctrl_fd, kCmdDelDev, s.dev_id, 0, nullptr, 0, 0);
+    } else if (recovering_) {
+      // START_USER_RECOVERY dropped every queue's daemon task; the queues that did not FETCH now
+      // have none, and on 6.12 the next START_USER_RECOVERY puts that NULL task (ublk_queue_reinit:
+      // WARN_ON_ONCE, then put_task_struct(NULL), an oops under ub->mutex); with no queue
+      // fetched it refuses for good (nr_queues_ready 0). So the half-recovered device goes: its
+      // queued requests fail with EIO (every acknowledged write is in the cache and the store's
+      // dirty set), and the next attach adds it again. Without waiting: a filesystem still
+      // mounted on it holds its number until unmounted, and DEL_DEV would wait for that. Before 6.9
+      // (no DEL_DEV_ASYNC) STOP_DEV: the device is then dead, never again QUIESCED, and no
+      // START_USER_RECOVERY reaches it (the next attach deletes the leftover).
+      if (CtrlCmd(s.ctrl_fd, kCmdDelDevAsync, s.dev_id, 0, nullptr, 0, 0) == -EOPNOTSUPP)
+        CtrlCmd(s.ctrl_fd, kCmdStopDev, s.dev_id, 0, nullptr, 0, 0);
+    }
     s.owned = false;
   }
 
@@ -1108,6 +1164,7 @@ class StartWorker_ : public PromiseWorker {
     }
     // Every queue's FETCHes must be in before START_DEV (or END_USER_RECOVERY) is asked: it waits
     // for them uninterruptibly. Each thread says when they are, or that it failed.
+    s.control_done = false;
     {
       std::lock_guard<std::mutex> g(s.start_mu);
       s.started_ok = 0;
@@ -1157,8 +1214,14 @@ class StartWorker_ : public PromiseWorker {
       if (r == -EBUSY) usleep(20000);
     }
     if (r < 0) return Fail(-r, "UBLK_CMD_START_USER_RECOVERY");
-    if (!OpenQueues()) return;
+    recovering_ = true;
+    s.start_recovering = true;
+    if (!OpenQueues()) return;  // Undo deletes the half-recovered device
     r = CtrlCmd(s.ctrl_fd, kCmdEndRecovery, id, 0, nullptr, 0, static_cast<uint64_t>(getpid()));
+    s.control_done = true;
+    s.start_recovering = false;
+    // Every queue has a live daemon again (its FETCHes are in): a failure here leaves a device the
+    // next attach can recover once this process is gone.
     if (r < 0) return Fail(-r, "UBLK_CMD_END_USER_RECOVERY");
     s.recovered = true;
     s.owned = true;
@@ -1262,6 +1325,7 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
   if (const char* f = getenv("ULOBDEV_UBLK_FAULT")) {
     if (const char* p = strstr(f, "fsync-eio-at=")) s->fault_fsync_at = strtoull(p + 13, nullptr, 10);
     if (const char* p = strstr(f, "enter-enomem-at=")) s->fault_enter_at = strtoull(p + 16, nullptr, 10);
+    if (const char* p = strstr(f, "enter-enomem-times=")) s->fault_enter_times = strtoull(p + 19, nullptr, 10);
     if (const char* p = strstr(f, "enter-enomem-at-start=")) s->fault_start_queue = static_cast<unsigned>(strtoul(p + 22, nullptr, 10)) + 1;
   }
   FromBytes(s->present, present.data, present.length, blocks);

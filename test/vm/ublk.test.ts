@@ -126,6 +126,34 @@ beforeAll(async () => {
     P=$(pid); kill -TERM $P
     waitgone $P && echo "stopped with a miss in flight" || echo "daemon still running 60 s after SIGTERM"
     rm -f /tmp/pause
+
+    # --- queues that cannot start (they need queue 1: 'hardware queues: 2' above). Every step is
+    # bounded (timeout -k): a planted bug makes a step time out (124) instead of hanging the run.
+    # (a) on a fresh device, queue 1's FETCHes fail (every try): without the start latch
+    # START_DEV would wait for ever; the attach fails with one line and leaves no device
+    at "queue start failure"
+    timeout -k 5 60 $U detach $D > /dev/null 2>&1 || true
+    [ -e /sys/block/ublkb0 ] && echo "before the failed start: ublkb0 still there"
+    s0=$(date +%s)
+    ULOBDEV_UBLK_FAULT=enter-enomem-at-start=1 timeout -k 5 120 $A > /tmp/qs.out 2>&1 && rc=0 || rc=$?
+    echo "queue start failure: exit $rc after $(( $(date +%s) - s0 )) s, $(wc -l < /tmp/qs.out) line(s): $(head -1 /tmp/qs.out)"
+    if [ -e /sys/block/ublkb0 ]; then echo "after the failed start: ublkb0 present"; else echo "after the failed start: no ublkb0"; fi
+    # (b) the next attach, whose queue thread's io_uring_enter fails 3 times right after the
+    # partition scan's first read (review-ublk5 #2): it must retry, not end, while START_DEV waits
+    ULOBDEV_UBLK_FAULT=enter-enomem-at=1,enter-enomem-times=3 timeout -k 5 120 $A > /tmp/qs2.out 2>&1 && rc=0 || rc=$?
+    echo "attach with failing enters: exit $rc"
+    # (c) kill -9, then a recovery whose queue 1 cannot FETCH (review-ublk5 #1): it must not leave
+    # a half-recovered device (on 6.12 the next START_USER_RECOVERY would oops in put_task_struct)
+    at "recovery failure"
+    P=$(pid) && kill -9 $P && waitgone $P
+    ULOBDEV_UBLK_FAULT=enter-enomem-at-start=1 timeout -k 5 120 $A > /tmp/rf.out 2>&1 && rc=0 || rc=$?
+    echo "failed recovery: exit $rc, last line: $(tail -1 /tmp/rf.out)"
+    if [ -e /sys/block/ublkb0 ]; then echo "after the failed recovery: ublkb0 present"; else echo "after the failed recovery: ublkb0 deleted"; fi
+    timeout -k 5 120 $A > /tmp/rf2.out 2>&1 && rc=0 || rc=$?
+    echo "attach after the failed recovery: exit $rc $(tail -1 /tmp/rf2.out)"
+    dd if=$D of=/dev/null bs=1M count=8 iflag=direct status=none && echo "reads after the failed recovery"
+    [ $rc -eq 0 ] && timeout -k 5 60 $U detach $D > /dev/null && echo "detached after the failed recovery"
+    at "end"
   `, { timeoutMs: 900_000 });
   if (process.env.ULOBVM_SHOW) process.stderr.write(run.output);
 }, 1_000_000);
@@ -186,6 +214,34 @@ describe('ulobdev on /dev/ublkbN (6.12)', () => {
   it('SIGTERM with a miss in flight stops the daemon and serves the miss', () => {
     expect(run.output).toContain('stopped with a miss in flight');
     expect(run.output).toContain('miss in flight at stop: served');
+  });
+  it('a queue whose FETCHes fail makes the attach fail with one line, not hang (review-ublk4 #4)', () => {
+    // the fault is in queue 1: without a second queue it would never fire
+    expect(run.output).toContain('hardware queues: 2');
+    expect(run.output).not.toContain('before the failed start: ublkb0 still there');
+    const m = /queue start failure: exit (\d+) after (\d+) s, (\d+) line\(s\): (.*)/.exec(run.output);
+    expect(m, 'the queue start failure case ran').not.toBeNull();
+    // 124/137: timeout(1) ended an attach that hung in START_DEV (the bound, 120 s, is 4x a
+    // loaded TCG attach)
+    expect([0, 124, 137]).not.toContain(Number(m![1]));
+    expect(Number(m![3])).toBe(1);
+    expect(m![4]).toMatch(/queue 1/);
+    expect(run.output).toContain('after the failed start: no ublkb0');
+  });
+  it('a queue whose io_uring_enter fails while START_DEV waits retries instead of ending (review-ublk5 #2)', () => {
+    expect(run.output).toContain('attach with failing enters: exit 0');
+  });
+  it('a recovery that fails part-way deletes the device; the next attach adds it again, no oops (review-ublk5 #1)', () => {
+    // runInVm already failed the run on a WARNING/BUG from the driver (the put of a NULL task)
+    // (its first line says the dead daemon's leftovers were removed; the last names the queue)
+    const m = /failed recovery: exit (\d+), last line: (.*)/.exec(run.output);
+    expect(m, 'the failed recovery case ran').not.toBeNull();
+    expect([0, 124, 137]).not.toContain(Number(m![1]));
+    expect(m![2]).toMatch(/queue 1/);
+    expect(run.output).toContain('after the failed recovery: ublkb0 deleted');
+    expect(run.output).toContain('attach after the failed recovery: exit 0');
+    expect(run.output).toContain('reads after the failed recovery');
+    expect(run.output).toContain('detached after the failed recovery');
   });
   it('detaches', () => {
     expect(run.output).toContain('detached');
