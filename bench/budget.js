@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 // A cache smaller than the disk (issue 12): hit ratio and throughput of a skewed read workload
 // (fio random_distribution=zipf:1.1, 4 KiB, QD16, direct) over a disk 8x the cache, for ulobdev
-// (--cache-size, twice: through /dev/nbd0, the kernel NBD client on ulobdev's NBD server, and on
-// /dev/uloop0, where uloop.ko serves hits in the kernel and the daemon evicts), dm-cache (the smq policy lvmcache uses, 64 KiB cache blocks as lvmcache's default
+// (--cache-size, through /dev/nbd0: the kernel NBD client on ulobdev's NBD server; /dev/uloopN takes
+// no budget yet), dm-cache (the smq policy lvmcache uses, 64 KiB cache blocks as lvmcache's default
 // chunk) and bcache (writethrough, 64 KiB buckets: a small cache set has too few 512 KiB ones;
 // sequential cutoff and congestion bypass off), each with the same
 // cache size, in one guest.
@@ -38,7 +38,7 @@ try {
       delay: { type: 'string', default: '5' },
       json: { type: 'string', default: fileURLToPath(new URL('./results/budget.json', import.meta.url)) },
       keep: { type: 'boolean', default: false },
-      only: { type: 'string', default: 'ulobdev,uloop,dmcache,bcache' },
+      only: { type: 'string', default: 'ulobdev,dmcache,bcache' },
       'cpu-prof': { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -54,7 +54,7 @@ if (opts.help) {
       '  --warm     seconds of the workload before the measured run\n' +
       '  --seconds  seconds measured\n' +
       '  --delay    ms dm-delay adds to every read and write of the disk\n' +
-      '  --only     the caches to run, of ulobdev (NBD), uloop, dmcache, bcache\n' +
+      '  --only     the caches to run, of ulobdev,dmcache,bcache\n' +
       '  --cpu-prof the ulobdev daemon (and its CLI calls) run with node --cpu-prof (execArgv: NODE_OPTIONS refuses it); profiles are kept in the scratch directory (--keep)\n',
   );
   process.exit(0);
@@ -84,10 +84,9 @@ for (const tool of ['make-bcache', 'fio', 'dmsetup']) {
 }
 
 const ONLY = new Set(opts.only.split(','));
-for (const k of ONLY) if (!['ulobdev', 'uloop', 'dmcache', 'bcache'].includes(k)) fail(`--only takes ulobdev, uloop, dmcache and bcache, not ${k}`);
+for (const k of ONLY) if (!['ulobdev', 'dmcache', 'bcache'].includes(k)) fail(`--only takes ulobdev, dmcache and bcache, not ${k}`);
 const CACHES = [
   { key: 'ulobdev', title: 'ulobdev --cache-size (nbd)' },
-  { key: 'uloop', title: 'ulobdev --cache-size (uloop)' },
   { key: 'dmcache', title: 'dm-cache smq' },
   { key: 'bcache', title: 'bcache' },
 ].filter((c) => ONLY.has(c.key));
@@ -109,7 +108,7 @@ measure() { # DEV TAG: warm up, then a measured run, with the disk's bytes read 
   ${fio('$1', '$2', SECONDS)}
   echo "$2 hdd-after $(hddread)"
 }
-modprobe brd rd_nr=1 rd_size=$(( (${DISK_MB} + ${CACHE_MB} * 4 + 256) * 1024 ))
+modprobe brd rd_nr=1 rd_size=$(( (${DISK_MB} + ${CACHE_MB} * 3 + 256) * 1024 ))
 modprobe crc32c_generic; modprobe ext4; modprobe loop; modprobe nbd
 modprobe dm-delay; modprobe dm-cache; modprobe dm-cache-smq; modprobe bcache
 mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/ram0 && mkdir -p /tmp/r && mount /dev/ram0 /tmp/r
@@ -126,15 +125,6 @@ $U -c $R/u.cache -b $R/u.bitmap --cache-size ${CACHE_MB}M --daemon /dev/nbd0 /de
 measure /dev/nbd0 ulobdev
 $U status /dev/nbd0 --json > /mnt/ulobdev-status.json
 $U detach /dev/nbd0 >/dev/null
-fi
-
-if ${ONLY.has('uloop')}; then
-step uloop
-insmod ${'${ULOOP_KO}'}
-$U -c $R/k.cache -b $R/k.bitmap --cache-size ${CACHE_MB}M --daemon /dev/uloop0 /dev/mapper/hdd >/dev/null
-measure /dev/uloop0 uloop
-$U status /dev/uloop0 --json > /mnt/uloop-status.json
-$U detach /dev/uloop0 >/dev/null
 fi
 
 if ${ONLY.has('dmcache')}; then
@@ -166,15 +156,15 @@ const out = execFileSync('bash', [join(ROOT, 'scripts/vm/prepare.sh')], {
   encoding: 'utf8',
   stdio: ['ignore', 'pipe', 'inherit'],
   timeout: 900_000,
-  env: { ...process.env, ...(ONLY.has('uloop') ? {} : { ULOOP_VM_NO_MODULE: '1' }) },
+  env: { ...process.env, ULOOP_VM_NO_MODULE: '1' },
 });
 const vm = Object.fromEntries(out.split('\n').filter((l) => l.includes('=')).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
 
 const base = join(ROOT, '.vm', 'run');
 mkdirSync(base, { recursive: true });
 const scratch = mkdtempSync(join(base, 'budget-'));
-writeFileSync(join(scratch, 'cmd.sh'), `set -e\nULOOP_KO=${vm.ULOOP_KO ?? ''}\n${script}\n`);
-const memoryMb = 1024 + DISK_MB + CACHE_MB * 4 + 256;
+writeFileSync(join(scratch, 'cmd.sh'), `set -e\n${script}\n`);
+const memoryMb = 1024 + DISK_MB + CACHE_MB * 3 + 256;
 const args = [
   '-accel', 'tcg', '-cpu', 'max', '-smp', '2', '-m', String(memoryMb),
   '-nographic', '-no-reboot', '-monitor', 'none',
@@ -216,11 +206,8 @@ if (read('rc').trim() !== '0') {
 const hdd = (tag, when) => Number(new RegExp(`^${tag} hdd-${when} (\\d+)$`, 'm').exec(guestOut)?.[1] ?? NaN);
 const own = {};
 {
-  for (const key of ['ulobdev', 'uloop']) {
-    // On uloop the counts are the kernel's (hits it served itself plus the misses it sent up).
-    const st = ONLY.has(key) ? JSON.parse(read(`${key}-status.json`)) : {};
-    own[key] = { hits: st.readHits, misses: st.readMisses, evictedBytes: st.evictedBytes, usedBytes: st.usedBytes, budgetBytes: st.budgetBytes };
-  }
+  const st = ONLY.has('ulobdev') ? JSON.parse(read('ulobdev-status.json')) : {};
+  own.ulobdev = { hits: st.readHits, misses: st.readMisses, evictedBytes: st.evictedBytes, usedBytes: st.usedBytes, budgetBytes: st.budgetBytes };
   // dm-cache status: <meta used>/<total> <block size> <used>/<total> <read hits> <read misses> <write hits> <write misses> ...
   const f = read('dmcache-status.txt').trim().split(/\s+/);
   own.dmcache = { hits: Number(f[7]), misses: Number(f[8]) };
@@ -270,9 +257,7 @@ printTable(
     title: `In the guest (qemu TCG, 2 vCPUs, ${memoryMb} MiB; Debian ${vm.KVER}); ${DISK_MB} MiB disk (dm-delay ${DELAY} ms), ${CACHE_MB} MiB of cache each; host load ${load.start.map((x) => x.toFixed(1)).join(' ')}`,
     notes: [
       `hit ratio: each cache's own count of read requests served from flash (warm-up included); goal: ulobdev >= the best of dm-cache and bcache (${best.toFixed(3)})`,
-      ...['ulobdev', 'uloop'].map(
-        (k) => results[k] && `${k === 'uloop' ? 'ulobdev (uloop)' : 'ulobdev (nbd)'}: ${(results[k].evictedBytes / 1048576).toFixed(1)} MiB evicted, ${(results[k].usedBytes / 1048576).toFixed(1)} of ${results[k].budgetBytes / 1048576} MiB used`,
-      ),
+      results.ulobdev && `ulobdev: ${results.ulobdev.evictedBytes / 1048576} MiB evicted, ${(results.ulobdev.usedBytes / 1048576).toFixed(1)} of ${results.ulobdev.budgetBytes / 1048576} MiB used`,
       `wall time ${(wallMs / 1000).toFixed(0)} s`,
     ].filter(Boolean),
   },
