@@ -181,9 +181,10 @@ async function attach(device: string, url: string, flags: Flags, command: Comman
   const source = (daemon.engine.source as HttpSource).stats();
   logger.info({ url: source.url, size: daemon.engine.size, etag: source.etag, lastModified: source.lastModified }, 'serving the image');
   // A --daemon parent prints the device itself; the child's stdout is the log.
-  if (!hasWaitingParent()) process.stdout.write(`${device}\n`);
-  notifyParent(`READY ${device}`);
-  if (onTerminal) process.stderr.write(`${daemon.status().frontend === 'serve' ? `connect to ${device}` : `mount ${device}`} from another shell; Ctrl-C detaches\n`);
+  // The device it bound: DEVICE may have been `/dev/loop` (take the next free one).
+  if (!hasWaitingParent()) process.stdout.write(`${daemon.device}\n`);
+  notifyParent(`READY ${daemon.device}`);
+  if (onTerminal) process.stderr.write(`${daemon.status().frontend === 'serve' ? `connect to ${daemon.device}` : `mount ${daemon.device}`} from another shell; Ctrl-C detaches\n`);
   await daemon.done;
 }
 

@@ -136,6 +136,20 @@ describe('ulohttp over nginx through /dev/loopN', () => {
     });
   }
 
+  it("--daemon /dev/loop prints the loop device it bound, as losetup --find --show does", async () => {
+    const url = `http://127.0.0.1:${nginx.port}/disk.sqfs`;
+    const r = await ulohttp(['-c', join(s.dir, 'any-loop.cache'), '--daemon', '--run-dir', s.runDir, '/dev/loop', url]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/^\/dev\/loop\d+\n$/);
+    const loop = r.stdout.trim();
+    attached.push(loop);
+    expect((await status(loop)).device).toBe(loop);
+    const dir = mount(loop, 'mnt-any-loop', 'squashfs');
+    checkTree(dir);
+    umount(dir);
+    await detach(loop);
+  });
+
   it('--hydrate pulls the whole image; afterwards reads need no server at all', async () => {
     const proxy = await startFaultProxy(nginx.port, 1);
     stops.push(() => proxy.stop());
