@@ -48,6 +48,12 @@ export async function isMountpoint(dir: string): Promise<boolean> {
 }
 
 /** glibc's gnu_dev_major/minor encoding of a dev_t, as "maj:min". */
+export function majorMinor(rdev: number): string {
+  const major = ((rdev >>> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
+  const minor = (rdev & 0xff) | ((rdev >>> 12) & ~0xff);
+  return `${major}:${minor}`;
+}
+
 /**
  * The block devices `dev` ("maj:min") is built on, itself first, from sysfs: a partition's whole
  * disk, and the devices in a device-mapper or md device's `slaves/`, recursively (dm-crypt on md
@@ -78,12 +84,6 @@ export async function blockStack(dev: string, sys = '/sys'): Promise<Map<string,
     }
   }
   return found;
-}
-
-export function majorMinor(rdev: number): string {
-  const major = ((rdev >>> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
-  const minor = (rdev & 0xff) | ((rdev >>> 12) & ~0xff);
-  return `${major}:${minor}`;
 }
 
 export function sleep(ms: number): Promise<void> {

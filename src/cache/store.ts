@@ -1082,6 +1082,8 @@ async function readFully(file: BlockFile, buf: Buffer, path: string): Promise<vo
  */
 export async function assertCachePathsApart(paths: CachePaths, backing?: string): Promise<void> {
   const disk = backing === undefined ? null : await fsp.stat(backing).catch(() => null);
+  // What the disk is built on (itself, its whole disk if a partition, dm/md members): read once.
+  const diskStack = disk?.isBlockDevice() ? await blockStack(majorMinor(disk.rdev)) : null;
   for (const [what, p] of [['cache', paths.cache], ['bitmap', paths.bitmap], ['metadata', paths.metadata]] as const) {
     const st = await fsp.stat(p).catch(() => null);
     if (disk && st && (disk.isBlockDevice() ? st.isBlockDevice() && st.rdev === disk.rdev : st.dev === disk.dev && st.ino === disk.ino)) {
@@ -1103,9 +1105,9 @@ export async function assertCachePathsApart(paths: CachePaths, backing?: string)
     }
     // Or on anything stacked on the same physical disk: LVM or dm-crypt over it or one of its
     // partitions, md RAID with a member on it, a sibling partition when BACKEND is a partition.
-    if (disk?.isBlockDevice() && home) {
+    if (diskStack && home) {
       const under = await blockStack(majorMinor(home.dev));
-      const shared = [...(await blockStack(majorMinor(disk.rdev))).entries()].find(([mm]) => under.has(mm));
+      const shared = [...diskStack.entries()].find(([mm]) => under.has(mm));
       if (shared) {
         const fs = under.values().next().value;
         throw new InvalidArgumentError(`the ${what} ${p} is on a filesystem of /dev/${fs}, which is built on /dev/${shared[1]} as the disk ${backing} is: every cache write would spin the disk up; give -c a file on flash, not on the disk`);
