@@ -5,7 +5,7 @@
 // debootstrapped roots), with test/support/package-check.sh inside after each step: the commands,
 // the man page, the unit, the udev rule, the DKMS source, and a daemon that caches, flushes and
 // detaches with the installed files.
-import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -76,41 +76,27 @@ describe('make install', () => {
   }, 600_000);
 });
 
-/**
- * Runs package-test.sh (asynchronously: the two suites run at once); resolves with its exit
- * status, its output and its step outputs as { step: { KEY: value } } and { step: code }.
- */
-async function packageTest(suite: 'trixie' | 'bookworm'): Promise<{ status: number | null; out: string; keys: Record<string, Record<string, string>>; rc: Record<string, number> }> {
-  const child = spawn('bash', [join(ROOT, 'scripts/vm/package-test.sh'), suite, deb, next], { stdio: ['ignore', 'pipe', 'pipe'], timeout: 1_200_000 });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-  child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-  const status = await new Promise<number | null>((resolve, reject) => {
-    child.on('error', reject);
-    child.on('close', (code) => resolve(code));
-  });
-  const out = `${stdout}\n${stderr}`;
+/** Runs package-test.sh; returns its step outputs as { step: { KEY: value }, rc: { step: code } }. */
+function packageTest(suite: 'trixie' | 'bookworm'): { out: string; keys: Record<string, Record<string, string>>; rc: Record<string, number> } {
+  const r = spawnSync('bash', [join(ROOT, 'scripts/vm/package-test.sh'), suite, deb, next], { encoding: 'utf8', timeout: 1_200_000 });
+  const out = `${r.stdout}\n${r.stderr}`;
   // Where the time went (package-test.sh's phase lines), in the run's log.
-  console.log(stderr.split('\n').filter((l) => l.startsWith('package-test: TIME')).map((l) => l.replace('package-test:', `package-test ${suite}:`)).join('\n'));
+  console.log(r.stderr.split('\n').filter((l) => l.startsWith('package-test: TIME')).join('\n'));
+  expect(r.status, out).toBe(0);
   const keys: Record<string, Record<string, string>> = {};
   const rc: Record<string, number> = {};
-  for (const line of stdout.split('\n')) {
+  for (const line of r.stdout.split('\n')) {
     const step = /^STEP (\S+) rc=(\d+)$/.exec(line);
     if (step) rc[step[1]!] = Number(step[2]);
     const kv = /^([a-z-]+)\| ([A-Z_]+)=(.*)$/.exec(line);
     if (kv) (keys[kv[1]!] ??= {})[kv[2]!] = kv[3]!;
   }
-  return { status, out, keys, rc };
+  return { out, keys, rc };
 }
 
-// Both suites at once: each has its own cached root, lock and debootstrap cache (package-test.sh),
-// and each mostly waits (downloads, debootstrap, dpkg): one after the other they were 452 s of the
-// pkg lane, whose end starts make test's second VM worker.
-describe.concurrent('the .deb with dpkg', () => {
-  it.for(['trixie', 'bookworm'] as const)('on %s: installs, upgrades, removes, reinstalls and purges cleanly, and works after each install', { timeout: 1_500_000 }, async (suite, { expect }) => {
-    const { status, out, keys, rc } = await packageTest(suite);
-    expect(status, out).toBe(0);
+describe.each(['trixie', 'bookworm'] as const)('the .deb with dpkg on %s', (suite) => {
+  it('installs, upgrades, removes, reinstalls and purges cleanly, and works after each install', () => {
+    const { out, keys, rc } = packageTest(suite);
     for (const step of ['install', 'after-install', 'upgrade', 'after-upgrade', 'remove', 'after-remove', 'reinstall', 'purge', 'after-purge']) {
       expect(rc[step], `${step}\n${out}`).toBe(0);
     }
@@ -131,5 +117,5 @@ describe.concurrent('the .deb with dpkg', () => {
     expect(keys['after-remove']!.DPKG_STATE, out).toBe('rc');
     expect(keys['after-purge']!.DPKG_STATE ?? '', out).toBe('');
     expect(keys['after-purge']!.FILES!.trim(), out).toBe('');
-  });
+  }, 1_500_000);
 });
