@@ -47,7 +47,7 @@ build: $(NODE_MODULES_STAMP) $(ADDON) $(TS_STAMP) $(BUNDLE) $(MAN_PAGES)
 man: $(MAN_PAGES)
 
 # Every test, both cores busy (scripts/test.sh): the host tests (unit, model, integration) in one
-# lane, the VM files (test/vm, Debian 13's 6.12; test/vm/kernel-smoke.test.ts runs the module's
+# lane (two files at a time, longest first), the VM files (test/vm, Debian 13's 6.12; test/vm/kernel-smoke.test.ts runs the module's
 # main path on Debian 12's 6.1 and the newest 7.x as well; kernels are cached under .vm/) from a
 # longest-first queue, one guest at a time, two once package.test is done; package.test (debootstrap
 # and dpkg in Debian 12 and 13 roots, mostly waiting) in a lane of its own beside them. The model and

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make test`'s runner: both cores busy from start to end.
 # - host: the host project of vitest.config.ts (unit, model, integration) in one vitest process at
-#   nice 10, beside
+#   nice 10, two files at a time (ULOB_HOST_WORKERS, default 2), longest first by
+#   scripts/test-times.txt (vitest.config.ts's sequencer), beside
 # - vm1: a worker that takes test/vm files one at a time from a queue, longest first (the measured
 #   seconds in scripts/test-times.txt; a file not listed there counts as long, so it starts early),
 #   each in its own `vitest run --project vm FILE`: one guest (single-threaded TCG, one core).
@@ -19,9 +20,9 @@
 #                                      queue; a lane that has no matching file passes
 # ULOB_TEST_SCALE (test/support/scale.ts) scales the model and fuzz repetitions; `make test-long`
 # sets 1, the full counts. ULOB_TEST_LOGS=DIR keeps the logs: DIR/host.log, DIR/vm1.log, DIR/vm2.log,
-# one DIR/vm/NAME.log per VM file, DIR/vm-times.txt (each VM file's seconds, in the format of
-# scripts/test-times.txt: copy it there after a clean-clone run to refresh the order) and vitest's
-# JSON reports with every test's duration (DIR/host.json, DIR/vm/NAME.json).
+# one DIR/vm/NAME.log per VM file, DIR/vm-times.txt and DIR/host-times.txt (each file's seconds, in
+# the format of scripts/test-times.txt: copy them there after a clean-clone run to refresh the
+# order) and vitest's JSON reports with every test's duration (DIR/host.json, DIR/vm/NAME.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,6 +53,11 @@ lane() {
   # hung-task and soft-lockup watchdogs), so their single TCG thread goes first when the lanes
   # want more than the machine has; the host tests only wait longer.
   [ "$project" = host ] && nice=(nice -n 10)
+  # Two host files at a time: most of the integration files wait (fsync, loop devices, child
+  # processes), and the lane was the run's long pole at one file at a time (1943 s of a 1991 s
+  # clean-clone run, 655 s of it CPU). Each file keeps to its own scratch, run directory, loop
+  # devices and ports (test/support/cli.ts), as on a machine shared with other runs of the suite.
+  [ "$name" = host ] && extra+=(--maxWorkers="${ULOB_HOST_WORKERS:-2}")
   local cpu cpu0
   cpu_now
   cpu0=$cpu
@@ -184,6 +190,11 @@ if [ $# -eq 0 ]; then
   echo "== vm queue: $ran of $queued files run, $failed failed; seconds per file (worker, CPU s, 1-min load at its end)${vm2from:-}:"
   sort -k2,2nr "$logs/vm.results" | awk '{ printf "   %5d  %s  %s  (%s, CPU %s, load %s)\n", $2, ($1 == 0 ? "ok    " : "FAILED"), $3, $4, $5, $6 }'
   awk '{ print $2, $3 }' "$logs/vm.results" | sort -k1,1nr >"$logs/vm-times.txt"
+  # Each host file's seconds from vitest's JSON report (the pkg lane's files too).
+  for j in "$logs/host.json" "$logs/pkg.json"; do
+    [ -s "$j" ] && node -e 'const r = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
+      for (const f of r.testResults) console.log(Math.round((f.endTime - f.startTime) / 1000), require("path").relative(process.cwd(), f.name));' "$j"
+  done | sort -k1,1nr >"$logs/host-times.txt"
   [ "$ran" = "$queued" ] && [ "$failed" = 0 ] || status=1
   while read -r rc secs f worker _; do
     [ "$rc" = 0 ] && continue

@@ -92,6 +92,12 @@ fi
 KDIR="$VM/k/$KVER"
 TREE="$KDIR/tree"
 mkdir -p "$KDIR"
+# The guest's init binds this kernel's module tree onto /lib/modules of the host's root, which it
+# sees read-only: the directory must exist on the host. A container or microVM host with no kernel
+# package of its own has none until some package makes it (linux-headers-6.1 for the 6.1 kernel,
+# dkms): in a clean-clone make test every guest that booted before that failed with
+# "ULOBVM_INIT_FAILED: bind .../tree/lib/modules" (five VM files, 2026-12-01 06:15-06:17).
+mkdir -p /lib/modules
 
 # The guest kernel: downloaded and unpacked, not installed. 6.12 ships /boot/vmlinuz-KVER and
 # /usr/lib/modules; 7.x splits the image into linux-binary (vmlinuz in the module dir) and

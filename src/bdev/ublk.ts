@@ -57,9 +57,30 @@ export function assertUblkDriver(device: string): void {
   if (existsSync(native.UBLK_CONTROL)) return;
   const r = modprobe('ublk_drv');
   if (r.ok && existsSync(native.UBLK_CONTROL)) return;
-  throw new ModuleMissingError(
-    `${device} needs the kernel's ublk driver, which kernel ${release()} does not have (modprobe ublk_drv: ${r.said || `exit ${String(r.status)}`}); it is in Linux 6.0 and later (CONFIG_BLK_DEV_UBLK, Debian 13's kernel has it); use /dev/loopN or /dev/nbdN here`,
-  );
+  throw new ModuleMissingError(ublkDriverMissing(device, release(), r));
+}
+
+/**
+ * The one line assertUblkDriver refuses with, for DEVICE on kernel `kernel` (`uname -r`) after
+ * `modprobe ublk_drv` answered `r` (its last line of stderr in `said`): what is missing and what
+ * to do: a kernel before 6.0 has no ublk at all; a newer one lacks the module when its
+ * distribution ships it in a separate package (Ubuntu's linux-modules-extra) or was built without
+ * CONFIG_BLK_DEV_UBLK; any other modprobe failure is shown as it said it.
+ */
+export function ublkDriverMissing(device: string, kernel: string, r: { ok: boolean; said: string; status: number | null }): string {
+  const needs = `${device} needs the kernel's ublk driver (ublk_drv)`;
+  const instead = 'use /dev/loopN or /dev/nbdN instead';
+  const [major = 0] = kernel.split('.').map((n) => parseInt(n, 10));
+  if (major > 0 && major < 6) return `${needs}, which Linux added in 6.0; kernel ${kernel} is older: ${instead}`;
+  if (r.ok) return `${needs}: 'modprobe ublk_drv' loaded it but ${native.UBLK_CONTROL} did not appear (see dmesg); ${instead}`;
+  const said = r.said || `exit ${String(r.status)}`;
+  if (/not found/i.test(said)) {
+    return (
+      `${needs}, which kernel ${kernel} does not have as a module (${said}): install its extra modules if the distribution ships them apart ` +
+      `(Ubuntu: linux-modules-extra-${kernel}) and run 'modprobe ublk_drv'; a kernel built without CONFIG_BLK_DEV_UBLK has no ublk: ${instead}`
+    );
+  }
+  return `${needs}, and 'modprobe ublk_drv' failed (${said}): fix what it says and try again, or ${instead}`;
 }
 
 export interface UblkOptions {

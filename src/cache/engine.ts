@@ -58,12 +58,18 @@ export interface EngineStats {
   size: number;
   blockSize: number;
   blocks: number;
-  /** Blocks the cache file holds (clean or dirty). */
+  /** Blocks the cache file holds durably (clean or dirty): the store's present bits. */
   presentBlocks: number;
-  /** Dirty blocks, zeroed ones included. */
+  /**
+   * Blocks whose data the cache file holds: presentBlocks plus staged blocks (fills and writes
+   * waiting for their commit, which reads and writes already use).
+   */
+  cachedBlocks: number;
+  /** Dirty blocks: the store's (zeroed ones included) and staged writes it has not recorded yet. */
   dirtyBlocks: number;
-  /** Dirty blocks that read as zeros and take no cache space. */
+  /** Dirty blocks that read as zeros and take no cache space (not those a staged write replaced). */
   zeroBlocks: number;
+  /** Blocks waiting for the next commit (fills and writes). */
   stagedBlocks: number;
   mode: CacheStore['mode'];
   flushEpoch: number;
@@ -227,13 +233,15 @@ export class CacheEngine {
   stats(): EngineStats {
     const space = this.store.space();
     const bs = this.geometry.blockSize;
+    const staged = this.#stagedCounts();
     return {
       size: this.geometry.size,
       blockSize: bs,
       blocks: this.geometry.blockCount,
       presentBlocks: space.presentBlocks,
-      dirtyBlocks: this.store.dirty.count(),
-      zeroBlocks: this.store.zeroBlocks(),
+      cachedBlocks: space.presentBlocks + staged.notPresent,
+      dirtyBlocks: this.store.dirty.count() + staged.newlyDirty,
+      zeroBlocks: this.store.zeroBlocks() - staged.overZeroed,
       stagedBlocks: this.#staged.size,
       mode: this.store.mode,
       flushEpoch: this.store.info.flushEpoch,
@@ -250,15 +258,44 @@ export class CacheEngine {
 
   /**
    * Dirty blocks now: the outside data path's count when there is one (it holds dirty blocks the
-   * store learns of only at its next barrier), else the store's.
+   * store learns of only at its next barrier), else the store's plus the writes staged for the
+   * next commit that the store does not count yet (a write into a missing block is recorded
+   * dirty only by the commit, up to autoCommitMs later: detach, flush and --dirty-max must see it).
    */
   dirtyBlocks(): number {
-    return this.externalEpochs?.dirtyBlocks?.() ?? this.store.dirty.count();
+    return this.externalEpochs?.dirtyBlocks?.() ?? this.store.dirty.count() + this.#stagedCounts().newlyDirty;
   }
 
   /** Dirty blocks that hold data (zeroed ones take no cache space), exact as dirtyBlocks(). */
   dirtyDataBlocks(): number {
-    return this.externalEpochs?.dirtyDataBlocks?.() ?? this.store.dirty.count() - this.store.zeroBlocks();
+    const external = this.externalEpochs?.dirtyDataBlocks?.();
+    if (external !== undefined && external !== null) return external;
+    const staged = this.#stagedCounts();
+    return this.store.dirty.count() + staged.newlyDirty - (this.store.zeroBlocks() - staged.overZeroed);
+  }
+
+  /**
+   * What the staged blocks add to the store's counts, in one pass over them: `notPresent` staged
+   * blocks the store does not count present yet (their data is in the cache file: cached),
+   * `newlyDirty` staged writes into blocks the store does not count dirty (missing ones, and fills
+   * written since), `overZeroed` staged writes into zeroed blocks (dirty in the store but counted
+   * as zeroed there, while they hold data now). A staged write stays staged until its dirty record
+   * is durable, so during that wait it is present and dirty in the store and counts in none.
+   */
+  #stagedCounts(): { notPresent: number; newlyDirty: number; overZeroed: number } {
+    let notPresent = 0;
+    let newlyDirty = 0;
+    let overZeroed = 0;
+    if (this.#staged.size === 0) return { notPresent, newlyDirty, overZeroed };
+    const { present, dirty } = this.store;
+    for (const [b, state] of this.#staged) {
+      const isPresent = present.get(b);
+      if (!isPresent) notPresent++;
+      if (state !== STAGED_DIRTY) continue;
+      if (!dirty.get(b)) newlyDirty++;
+      else if (!isPresent) overZeroed++;
+    }
+    return { notPresent, newlyDirty, overZeroed };
   }
 
   /**

@@ -171,7 +171,11 @@ export interface HistoryLog {
   addDirtySample(at: number, dirtyBytes: number): void;
   addEvent(at: number, kind: string, detail?: string | null): void;
   flushes(since: number): FlushRecord[];
-  lastFlush(): FlushRecord | undefined;
+  /**
+   * The last flush that completed without error, or undefined; with `wrote`, the last of those
+   * that wrote at least one block (a flush that found nothing dirty is skipped).
+   */
+  lastFlush(options?: { wrote?: boolean }): FlushRecord | undefined;
   dirtySamples(since: number): DirtySample[];
   events(since: number, kind?: string): EventRecord[];
   countEvents(since: number, kinds: readonly string[]): number;
@@ -451,8 +455,9 @@ export class Metadata implements HistoryLog {
     return rows.map(flushRecord);
   }
 
-  lastFlush(): FlushRecord | undefined {
-    const row = this.#db.prepare('SELECT * FROM flush_history WHERE ended_at IS NOT NULL AND error IS NULL ORDER BY ended_at DESC, id DESC LIMIT 1').get() as
+  lastFlush(options: { wrote?: boolean } = {}): FlushRecord | undefined {
+    const wrote = options.wrote ? ' AND blocks > 0' : '';
+    const row = this.#db.prepare(`SELECT * FROM flush_history WHERE ended_at IS NOT NULL AND error IS NULL${wrote} ORDER BY ended_at DESC, id DESC LIMIT 1`).get() as
       | FlushRow
       | undefined;
     return row && flushRecord(row);

@@ -384,28 +384,41 @@ function formatDuration(seconds: number): string {
   return `${Math.round(seconds / 86400)} d`;
 }
 
-function formatStatus(s: DeviceStatus): string {
+/**
+ * The dirty part of status's second line. Zeroed blocks (TRIM, discard, WRITE_ZEROES) are dirty
+ * but hold no data in the cache: shown apart, so that the dirty data is part of what is cached.
+ */
+function formatDirty(s: Pick<DeviceStatus, 'dirtyBytes' | 'zeroBytes'>): string {
+  if (s.zeroBytes <= 0) return `dirty ${formatBytes(s.dirtyBytes)}`;
+  const data = Math.max(0, s.dirtyBytes - s.zeroBytes);
+  return `dirty ${data > 0 ? `${formatBytes(data)} + ` : ''}${formatBytes(s.zeroBytes)} zeroed (discarded ranges: they read as zeros, take no flash, and the next flush writes zeros to the disk)`;
+}
+
+/** `ulobdev status` without --json: a device's status (Daemon.status()) as lines of text, each ending in a newline. */
+export function formatStatus(s: DeviceStatus): string {
   const named = s.name && s.name !== defaultNameOf(s.device) ? ` "${s.name}"` : '';
+  // An image on an HTTP server (ulohttp) is no disk: it never takes writes, has no platters.
+  const http = typeof s.source?.url === 'string';
   const lines = [
     `${s.device}${named}: ${s.mode} cache of ${s.backing} (${s.frontend} frontend, daemon pid ${s.pid})`,
-    `  size ${formatBytes(s.size)}, block ${formatBytes(s.blockSize)}, cached ${formatBytes(s.cachedBytes)} (${s.cacheFillPercent}%), dirty ${formatBytes(s.dirtyBytes)}`,
+    `  size ${formatBytes(s.size)}, block ${formatBytes(s.blockSize)}, cached ${formatBytes(s.cachedBytes)} (${s.cacheFillPercent}%)${http && s.dirtyBytes === 0 ? '' : `, ${formatDirty(s)}`}`,
     `  flush epoch ${s.flushEpoch}, up ${s.uptimeSeconds} s, cache ${s.paths.cache}`,
     s.budgetBytes === null
-      ? `  flash: a full mirror of the disk, ${formatBytes(s.allocatedBytes)} held`
+      ? `  flash: a full mirror of the ${http ? 'image' : 'disk'}, ${formatBytes(s.allocatedBytes)} held`
       : `  flash: budget ${formatBytes(s.budgetBytes)}, used ${formatBytes(s.usedBytes)} (${formatBytes(s.allocatedBytes)} held), evicted ${formatBytes(s.evictedBytes)}, unit ${formatBytes(s.evictionUnit)}`,
-    `  reads: ${s.hitRatio === null ? 'none yet' : `hit ratio ${(s.hitRatio * 100).toFixed(1)}% (${s.readHits} hits, ${s.readMisses} misses)`}${s.zeroBytes > 0 ? `, zeroed ${formatBytes(s.zeroBytes)}` : ''}`,
+    `  reads: ${s.hitRatio === null ? 'none yet' : `hit ratio ${(s.hitRatio * 100).toFixed(1)}% (${s.readHits} hits, ${s.readMisses} misses)`}`,
   ];
   if (s.spaceError) lines.push(`  room: ${s.spaceError}`);
   if (s.disk) {
     const d = s.disk;
     const last = d.lastError ? `; last error ${when(d.lastErrorAt)}: ${d.lastError}` : '';
-    lines.push(`  backing disk ${d.state === 'ok' ? 'ok' : d.state.toUpperCase()}${last}`);
+    lines.push(`  ${http ? 'HTTP server' : 'backing disk'} ${d.state === 'ok' ? 'ok' : d.state.toUpperCase()}${last}`);
   }
   const w = s.writeback;
   if (w) {
     lines.push(
       `  at risk ${formatBytes(s.bytesAtRisk)}, oldest dirty ${s.oldestDirtyAgeSeconds === null ? '-' : formatDuration(s.oldestDirtyAgeSeconds)}, schedule ${w.schedule ?? 'manual only'}`,
-      `  last flush ${when(w.lastFlushAt)}${w.lastFlushBytes !== null ? ` (${formatBytes(w.lastFlushBytes)})` : ''}, next ${w.nextFlushAt === null ? '-' : when(w.nextFlushAt)}`,
+      `  last flush ${when(w.lastFlushAt)}${w.lastFlushBytes !== null ? ` (${formatBytes(w.lastFlushBytes)})` : ''}${w.lastEmptyFlushAt ? `, a later one ${when(w.lastEmptyFlushAt)} found nothing dirty` : ''}, next ${w.nextFlushAt === null ? '-' : when(w.nextFlushAt)}`,
       `  disk ${w.powerState}${w.powerControl ? ` (via ${w.powerControl}${w.powerQueryWakes ? '; not polled: it spins up to answer CHECK POWER MODE' : ''})` : ''}, spin-ups today ${w.spinUpsToday}, by a miss since attach ${w.missSpinUps}`,
     );
     if (w.flushing && w.progress) lines.push(`  flushing (${w.reason}): ${formatBytes(w.progress.doneBytes)} of ${formatBytes(w.progress.totalBytes)}`);
@@ -475,6 +488,7 @@ async function flush(device: string, flags: { runDir?: string; json?: boolean; w
     bar?.stop();
   }
   if (flags.json) process.stdout.write(JSON.stringify(result) + '\n');
+  else if (result.blocks === 0) process.stdout.write(`${device}: nothing dirty to flush\n`);
   else process.stdout.write(`${device}: wrote ${formatBytes(result.bytes)} back (${result.cleaned} blocks clean, ${result.kept} rewritten meanwhile and still dirty)\n`);
 }
 

@@ -24,7 +24,7 @@ import { Hydrator, type HydrationProgress } from '../writeback/hydrate.js';
 import { DiskPower, onAcPower, standbyTimerCount, standbyTimerSeconds } from '../writeback/power.js';
 import { FlushScheduler, type SchedulerStatus } from '../writeback/scheduler.js';
 import { assertNoDaemon, ControlServer, type ControlRequest } from './control.js';
-import { claimName, describeRecovery, recoverLeftovers, releaseName, updateRecordDevice } from './leftovers.js';
+import { claimName, describeRecovery, nameTaken, readRecord, recoverLeftovers, releaseName, updateRecordDevice } from './leftovers.js';
 import { fstabWarnings, stableLinkFor } from './fstab.js';
 import { crashPoint, markStart, startTimes } from '../sys.js';
 
@@ -239,14 +239,17 @@ export class Daemon {
         logger.warn(`${options.device}: serving the cached disk to the network with no authentication and no encryption (--allow-remote)`);
       }
     }
-    await assertNoDaemon(join(runBase, `${name}.sock`));
+    const explicitName = options.name !== undefined;
+    await assertNoDaemon(join(runBase, `${name}.sock`)).catch(async (err: unknown) => {
+      throw err instanceof DeviceBusyError ? nameTaken(name, await readRecord(runBase, name), options.device, explicitName) : err;
+    });
     await assertCacheDirsExist(options);
     if ((kind === 'uloop' || kind === 'ublk') && options.cacheSize) throw budgetOnUloop(options.device);
     if (kind === 'ublk' && options.writebackPolicy?.hydrateRate !== undefined) throw hydrateOnUblk(options.device);
     // The name is this process's from here on (RUN_DIR/NAME.json); what a dead daemon of the same
     // name left (a loop device bound to its FUSE file, nbdfuse, the mount) is let go first.
     const recovery =
-      (await claimName(runBase, { name, device: options.device, frontend: kind })) ??
+      (await claimName(runBase, { name, device: options.device, frontend: kind }, explicitName)) ??
       (await recoverLeftovers(runBase, name, { pid: 0, device: options.device, frontend: kind }).catch(async (err: unknown) => {
         await releaseName(runBase, name);
         throw err;
@@ -440,18 +443,19 @@ export class Daemon {
     const kernel = 'kernelStatus' in this.#frontend ? (this.#frontend as { kernelStatus(): UloopStatus | null }).kernelStatus() ?? undefined : undefined;
     const ublk = 'ublkStatus' in this.#frontend ? (this.#frontend as { ublkStatus(): UblkStatus | null }).ublkStatus() ?? undefined : undefined;
     if (ublk) {
-      s.presentBlocks = ublk.presentBlocks;
+      s.cachedBlocks = ublk.presentBlocks;
       s.dirtyBlocks = ublk.dirtyBlocks;
       s.readHits = ublk.readHits;
       s.readMisses = ublk.readMisses;
     }
     if (kernel) {
-      s.presentBlocks = kernel.presentBlocks;
+      s.cachedBlocks = kernel.presentBlocks;
       s.dirtyBlocks = kernel.dirtyBlocks;
+      s.zeroBlocks = kernel.zeroBlocks;
       s.readHits = kernel.readHits;
       s.readMisses = kernel.readMisses;
     }
-    const cachedBytes = Math.min(s.presentBlocks * s.blockSize, s.size);
+    const cachedBytes = Math.min(s.cachedBlocks * s.blockSize, s.size);
     const reads = s.readHits + s.readMisses;
     return {
       name: this.name,
@@ -463,7 +467,7 @@ export class Daemon {
       sectorSize: this.#source.sectorSize ?? { logical: 512, physical: 512 },
       blockSize: s.blockSize,
       cachedBytes,
-      cacheFillPercent: Math.round((s.presentBlocks / s.blocks) * 1000) / 10,
+      cacheFillPercent: Math.round((s.cachedBlocks / s.blocks) * 1000) / 10,
       dirtyBytes: Math.min(s.dirtyBlocks * s.blockSize, s.size),
       flushEpoch: s.flushEpoch,
       uptimeSeconds: Math.round((Date.now() - this.#started) / 1000),
@@ -525,10 +529,26 @@ export class Daemon {
 
   /** Writes the dirty blocks back to the backing disk now, in one sorted pass (one at a time). */
   async flush(): Promise<FlushResult> {
-    if (!this.#scheduler) {
-      throw new ReadOnlyError(`${this.device} is attached read-only (or its disk was opened read-only): nothing to write back`);
-    }
+    if (!this.#scheduler) throw this.#cannotFlush();
     return this.#scheduler.request('manual');
+  }
+
+  /**
+   * Why this daemon has no write-back (read-only mode, or a source that cannot be written: an
+   * HTTP image, a library source without writeAt), and what to do about its dirty data, if any.
+   */
+  #cannotFlush(): ReadOnlyError {
+    const dirty = Math.min(this.engine.dirtyBlocks() * this.engine.geometry.blockSize, this.engine.size);
+    if (!isWritable(this.#source)) {
+      return new ReadOnlyError(`${this.device} caches ${this.#source.description}, which cannot be written: there is nothing to flush`);
+    }
+    if (dirty === 0) {
+      return new ReadOnlyError(`${this.device} is attached read-only and nothing is dirty: there is nothing to flush (attach it with --writeback to cache writes)`);
+    }
+    return new ReadOnlyError(
+      `${this.device} is attached read-only, so it cannot flush its ${formatBytes(dirty)} of dirty data (written during an earlier --writeback attach; it stays in the cache, safe): ` +
+        `detach it, attach it again with --writeback, then run ulobdev flush`,
+    );
   }
 
   /**
@@ -689,8 +709,9 @@ export class Daemon {
       case 'flush': {
         if (request.wait === false) {
           // Started, not awaited: `ulobdev flush` without --wait returns at once.
+          if (!this.#scheduler) throw this.#cannotFlush();
           const dirty = this.engine.dirtyBlocks();
-          if (dirty > 0 || this.#scheduler?.flushing) this.flush().catch(() => undefined);
+          if (dirty > 0 || this.#scheduler.flushing) this.flush().catch(() => undefined);
           return { started: dirty > 0, dirtyBytes: Math.min(dirty * this.engine.geometry.blockSize, this.engine.size) };
         }
         return { flush: await this.flush() };

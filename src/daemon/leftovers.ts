@@ -84,6 +84,21 @@ export async function findRecord(runBase: string, deviceOrName: string, name: st
 }
 
 /**
+ * The refusal of an attach whose name a live daemon holds: names that daemon's device and pid
+ * (from `other`, its record, when there is one) and what to do. `device` is this attach's DEVICE;
+ * `explicit` says the name was given with --name (else it is DEVICE's default name: /dev/loop,
+ * whichever loop device it binds, is always "loop").
+ */
+export function nameTaken(name: string, other: Pick<DaemonRecord, 'pid' | 'device'> | null, device: string, explicit: boolean): DeviceBusyError {
+  const holder = other ? `the ulobdev daemon of ${other.device} (pid ${other.pid})` : 'a running ulobdev daemon';
+  if (!explicit && other?.device === device) {
+    return new DeviceBusyError(`${device} is already served by ${holder}, named "${name}"; detach it first (ulobdev detach ${name})`);
+  }
+  const which = explicit ? `the name "${name}"` : `${device}'s default name "${name}"`;
+  return new DeviceBusyError(`${which} is taken by ${holder}: give this attach ${explicit ? 'another' : 'its own'} --name, or detach that one first (ulobdev detach ${name})`);
+}
+
+/**
  * Claims NAME for this process: writes the record, exclusively. A record of a live daemon refuses
  * (DeviceBusyError); one of a dead daemon is recovered first (recoverLeftovers), and what that did
  * is returned. Called before anything else of the attach exists.
@@ -91,6 +106,7 @@ export async function findRecord(runBase: string, deviceOrName: string, name: st
 export async function claimName(
   runBase: string,
   record: Omit<DaemonRecord, 'pid' | 'startTime' | 'startedAt'>,
+  explicit = true,
 ): Promise<Recovery | null> {
   await fsp.mkdir(runBase, { recursive: true, mode: 0o700 });
   const startTime = await processStartTime(process.pid);
@@ -111,7 +127,7 @@ export async function claimName(
     }
     const other = await readRecord(runBase, record.name);
     if (other && (await isAlive(other))) {
-      throw new DeviceBusyError(`a ulobdev daemon (pid ${other.pid}) is already running as ${record.name} for ${other.device}; detach it first`);
+      throw nameTaken(record.name, other, record.device, explicit);
     }
     recovery = await recoverLeftovers(runBase, record.name, other ?? { ...record, pid: 0 });
     await fsp.rm(recordPath(runBase, record.name), { force: true });

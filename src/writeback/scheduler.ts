@@ -76,9 +76,14 @@ export interface SchedulerStatus {
   flushing: boolean;
   reason: FlushReason | null;
   progress: FlushProgress | null;
-  /** Milliseconds since the epoch, or null. */
+  /** End (milliseconds since the epoch) and size of the last flush that wrote something, or null. */
   lastFlushAt: number | null;
   lastFlushBytes: number | null;
+  /**
+   * End of the last flush that found nothing dirty, when it came after lastFlushAt (a `ulobdev
+   * flush` with nothing to write); else null. Such a flush does not replace the last one.
+   */
+  lastEmptyFlushAt: number | null;
   nextFlushAt: number | null;
   /** Time of the oldest write not yet on the disk (coarse: the start of the flush that missed it). */
   oldestDirtyAt: number | null;
@@ -114,6 +119,7 @@ export class FlushScheduler {
   #progress: FlushProgress | null = null;
   #lastFlushAt: number | null = null;
   #lastFlushBytes: number | null = null;
+  #lastEmptyFlushAt: number | null = null;
   #oldestDirtyAt: number | null = null;
   #lastError: string | null = null;
   #retryAt: number | null = null;
@@ -148,8 +154,10 @@ export class FlushScheduler {
 
   start(): void {
     const last = this.#o.history?.lastFlush();
-    this.#lastFlushAt = last?.endedAt ?? null;
-    this.#lastFlushBytes = last?.bytes ?? null;
+    const wrote = last && last.blocks > 0 ? last : this.#o.history?.lastFlush({ wrote: true });
+    this.#lastFlushAt = wrote?.endedAt ?? null;
+    this.#lastFlushBytes = wrote?.bytes ?? null;
+    this.#lastEmptyFlushAt = last && last !== wrote ? last.endedAt : null;
     // Dirty blocks from an earlier run are at least as old as the last flush that left them.
     if (this.#dirtyBytes() > 0) this.#oldestDirtyAt = last?.startedAt ?? Date.now();
     this.#job?.start();
@@ -239,6 +247,7 @@ export class FlushScheduler {
       progress: this.#progress,
       lastFlushAt: this.#lastFlushAt,
       lastFlushBytes: this.#lastFlushBytes,
+      lastEmptyFlushAt: this.#lastEmptyFlushAt,
       nextFlushAt: next ? next.toMillis() : null,
       oldestDirtyAt: this.#dirtyBytes() > 0 ? (this.#oldestDirtyAt ?? Date.now()) : null,
       lastError: this.#lastError,
@@ -450,8 +459,14 @@ export class FlushScheduler {
         onProgress: (p) => (this.#progress = p),
       });
       const endedAt = Date.now();
-      this.#lastFlushAt = endedAt;
-      this.#lastFlushBytes = result.bytes;
+      if (result.blocks > 0) {
+        this.#lastFlushAt = endedAt;
+        this.#lastFlushBytes = result.bytes;
+        this.#lastEmptyFlushAt = null;
+      } else {
+        // Nothing was dirty: status keeps showing the last flush that wrote something.
+        this.#lastEmptyFlushAt = endedAt;
+      }
       this.#lastError = null;
       this.#retryAt = null;
       this.#failures = 0;

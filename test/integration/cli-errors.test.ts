@@ -178,6 +178,11 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     mkdirSync(mnt);
     mustSh('mount', [`${loop}p1`, mnt]);
     undo.push(() => sh('umount', [mnt]));
+    // The mount's own superblock update reaches the image through the loop device at ext4's next
+    // journal commit (5 s) or writeback: on a loaded machine that landed inside the refused attach
+    // below and changed parted.img ("changes nothing" failed, make test of 2026-12-01 at load 10-16).
+    // Written now, before the snapshot; an attach that writes anything still changes the image.
+    mustSh('sync', ['-f', mnt]);
     await expectRefused(['-c', join(mnt, 'c.cache'), '--writeback', unusedLoop(), loop], new RegExp(`^ulobdev: the cache ${mnt}/c\\.cache is on a filesystem of /dev/${loop.slice(5)}p1, a partition of the disk ${loop} itself; give -c a file on flash, not on the disk\\n$`));
     // BACKEND the second partition, the cache on the first: the same disk spins for every cache write.
     const sibling = `${loop}p2`;

@@ -1,7 +1,9 @@
 // The uloop control device's errnos (kernel/uloop.c) as errors that say what to do: each errno of
-// open, ULOOP_IOC_ADD and ULOOP_IOC_ATTACH, as the addon throws it (NativeError).
+// open, ULOOP_IOC_ADD and ULOOP_IOC_ATTACH, as the addon throws it (NativeError); and the one line for
+// /dev/ublkbN when the kernel's own ublk driver is missing.
 import { constants } from 'node:os';
 import { describe, expect, it } from 'vitest';
+import { ublkDriverMissing } from '../../src/bdev/ublk.js';
 import { uloopError } from '../../src/bdev/uloop-errors.js';
 import { exitCodeFor } from '../../src/cli/exit-codes.js';
 import {
@@ -69,5 +71,35 @@ describe('uloop errnos a user can act on', () => {
     for (const code of ['EPROTO', 'ENOSPC', 'EINVAL', 'EPERM'] as const) expect(exitCodeFor(uloopError('ADD', errno(code, 'ioctl'), req))).toBe(1);
     const plain = new TypeError('not from the kernel');
     expect(uloopError('ADD', plain, req)).toBe(plain);
+  });
+});
+
+describe('/dev/ublkbN without the kernel ublk driver', () => {
+  const notFound = { ok: false, status: 1, said: 'modprobe: FATAL: Module ublk_drv not found in directory /lib/modules/6.18.4-amd64' };
+
+  it('on a kernel of 6.0 or later: the module to install and load, and what a kernel without CONFIG_BLK_DEV_UBLK means', () => {
+    for (const kernel of ['6.18.4-amd64', '7.3.4+deb13-amd64', '6.0.0']) {
+      const msg = ublkDriverMissing('/dev/ublkb0', kernel, notFound);
+      expect(msg).not.toMatch(/\n/);
+      expect(msg).toMatch(/^\/dev\/ublkb0 needs the kernel's ublk driver \(ublk_drv\), which kernel \S+ does not have as a module \(modprobe: FATAL: Module ublk_drv not found/);
+      expect(msg).toContain(`linux-modules-extra-${kernel}`);
+      expect(msg).toMatch(/run 'modprobe ublk_drv'; a kernel built without CONFIG_BLK_DEV_UBLK has no ublk: use \/dev\/loopN or \/dev\/nbdN instead$/);
+      // Not the old "it is in Linux 6.0 and later", which read as "upgrade" on a 6.18 kernel.
+      expect(msg).not.toMatch(/6\.0 and later/);
+    }
+  });
+
+  it('on a kernel before 6.0: it has no ublk at all', () => {
+    expect(ublkDriverMissing('/dev/ublkb1', '5.15.0-91-generic', notFound)).toBe(
+      "/dev/ublkb1 needs the kernel's ublk driver (ublk_drv), which Linux added in 6.0; kernel 5.15.0-91-generic is older: use /dev/loopN or /dev/nbdN instead",
+    );
+  });
+
+  it('a modprobe that fails otherwise is quoted; one that loads it without /dev/ublk-control says so', () => {
+    const refused = ublkDriverMissing('/dev/ublkb0', '6.12.1', { ok: false, status: 1, said: "modprobe: ERROR: could not insert 'ublk_drv': Operation not permitted" });
+    expect(refused).toBe(
+      "/dev/ublkb0 needs the kernel's ublk driver (ublk_drv), and 'modprobe ublk_drv' failed (modprobe: ERROR: could not insert 'ublk_drv': Operation not permitted): fix what it says and try again, or use /dev/loopN or /dev/nbdN instead",
+    );
+    expect(ublkDriverMissing('/dev/ublkb0', '6.12.1', { ok: true, status: 0, said: '' })).toMatch(/'modprobe ublk_drv' loaded it but \/dev\/ublk-control did not appear \(see dmesg\)/);
   });
 });
