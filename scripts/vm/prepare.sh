@@ -68,12 +68,6 @@ if [ -n "$need" ]; then
   apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends $need >&2
 fi
 
-# The guest binds its kernel's module tree over the host's /lib/modules (scripts/vm/init), so that
-# directory must exist. A fresh host with no kernel package has none until linux-headers-6.1 comes
-# with the 6.1 kernel's prepare: on a fresh machine every 6.12 VM file that started before it failed
-# at boot with "bind .../tree/lib/modules" (dkms, uloop-flush, uloop-restart, ublk, uloop-durability).
-mkdir -p /lib/modules
-
 # Debian 13 kernels: pinned from the linux-image-amd64 metapackage of trixie (6.12, with its point
 # releases from trixie-security) or trixie-backports (newest), through the private lists.
 if [ "$SERIES" != 6.1 ]; then
