@@ -120,6 +120,12 @@ const STAGED_CLEAN = 0;
 const STAGED_DIRTY = 1;
 
 const DEFAULT_MAX_FILL = 1 << 20;
+/**
+ * Largest prefetch fill (a hydration chunk) copied as one stream through one fill buffer where the
+ * source can (Source.streamInto). Its blocks stay locked until the whole run is copied: a user
+ * request on one of them waits that long (32 MiB: ~0.2 s at a spinning disk's 150 MB/s).
+ */
+const MAX_STREAM_FILL = 32 << 20;
 /** Blocks one zeroing step locks and records at a time (a TRIM of the whole disk goes in steps). */
 const ZERO_STEP_BLOCKS = 1 << 16;
 /** Flushes in a row that free nothing before a write waiting for room gives up. */
@@ -342,7 +348,8 @@ export class CacheEngine {
     for (let b = first; b < end; b += this.#maxPieceBlocks) {
       const stop = Math.min(end, b + this.#maxPieceBlocks);
       for (;;) {
-        const wait = this.#readable(b, stop, false);
+        // Runs longer than one fill buffer go as one stream each (#fill), where the source can.
+        const wait = this.#readable(b, stop, false, true);
         if (!(wait instanceof Promise)) break;
         await wait;
       }
@@ -691,9 +698,10 @@ export class CacheEngine {
    * readable now (present, staged or zeroed, none busy), else a promise to wait for (fills it
    * started for missing blocks, and blocks busy elsewhere) before looking again. With a budget,
    * and `wholeUnits`, a missing block brings in the missing blocks of its whole unit: the disk
-   * spins for it anyway.
+   * spins for it anyway. With `stream` (prefetch), missing runs are filled in pieces of up to
+   * MAX_STREAM_FILL where the source can stream (Source.streamInto), not one fill buffer's worth.
    */
-  #readable(first: number, end: number, wholeUnits: boolean): Extent[] | Promise<unknown> {
+  #readable(first: number, end: number, wholeUnits: boolean, stream = false): Extent[] | Promise<unknown> {
     const store = this.store;
     const zeros: Extent[] = [];
     const waits: Promise<unknown>[] = [];
@@ -726,14 +734,16 @@ export class CacheEngine {
         from = Math.floor(first / span) * span;
         to = Math.min(this.geometry.blockCount, Math.ceil(end / span) * span);
       }
-      waits.push(...this.#startFills(from, to));
+      const streamBlocks = Math.floor(MAX_STREAM_FILL / this.geometry.blockSize);
+      const maxRun = stream && this.source.streamInto ? Math.max(this.#maxFillBlocks, streamBlocks) : this.#maxFillBlocks;
+      waits.push(...this.#startFills(from, to, maxRun));
     }
     if (waits.length > 0) return Promise.all(waits);
     return zeros;
   }
 
-  /** Starts fills of the missing, idle blocks of [first, end) in runs; returns their promises. */
-  #startFills(first: number, end: number): Promise<void>[] {
+  /** Starts fills of the missing, idle blocks of [first, end) in runs of up to `maxRun` blocks; returns their promises. */
+  #startFills(first: number, end: number, maxRun: number): Promise<void>[] {
     const store = this.store;
     const fills: Promise<void>[] = [];
     let run: number[] = [];
@@ -747,7 +757,7 @@ export class CacheEngine {
           flushRun();
         } else {
           run.push(b);
-          if (run.length === this.#maxFillBlocks) flushRun();
+          if (run.length === maxRun) flushRun();
         }
       }
       flushRun();
@@ -755,7 +765,11 @@ export class CacheEngine {
     return fills;
   }
 
-  /** Copies contiguous missing blocks from the source into the cache and stages them clean. */
+  /**
+   * Copies contiguous missing blocks from the source into the cache and stages them clean. A run
+   * longer than one fill buffer (a prefetch's, #readable) goes through the buffer piece after
+   * piece in one request (store.fillStream).
+   */
   async #fill(blocks: number[]): Promise<void> {
     const release = this.#lock(blocks);
     try {
@@ -766,8 +780,9 @@ export class CacheEngine {
         // A reused, aligned buffer: no page faults for fresh memory, no bounce copy for O_DIRECT.
         const whole = this.#fillBuffers.take();
         try {
-          const buf = whole.subarray(0, this.geometry.extentBytes(start, blocks.length));
-          await this.#fillCache(buf, offset);
+          const bytes = this.geometry.extentBytes(start, blocks.length);
+          if (bytes <= whole.byteLength) await this.#fillCache(whole.subarray(0, bytes), offset);
+          else await this.#streamCache(whole, offset, bytes);
         } finally {
           this.#fillBuffers.give(whole);
         }
@@ -1225,6 +1240,19 @@ export class CacheEngine {
         if (!isNoSpace(err) || attempt >= 3) throw err;
       }
       await this.#relieveFlash(Math.ceil(buf.byteLength / this.geometry.blockSize));
+    }
+  }
+
+  /** #fillCache() of `length` bytes (more than buf holds) as one stream through buf (store.fillStream). */
+  async #streamCache(buf: Buffer, offset: number, length: number): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.store.fillStream(this.source, buf, offset, length);
+        return;
+      } catch (err) {
+        if (!isNoSpace(err) || attempt >= 3) throw err;
+      }
+      await this.#relieveFlash(Math.ceil(length / this.geometry.blockSize));
     }
   }
 

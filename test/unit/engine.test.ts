@@ -1407,6 +1407,65 @@ describe('fills in one request (Source.copyInto)', () => {
     expect((await engine.read(0, 256 * BS)).equals(r.initial)).toBe(true);
   });
 
+  it('a hydration chunk larger than a fill buffer is one stream through it (Source.streamInto); a stream failing halfway leaves the whole chunk missing and is retried', async () => {
+    const BS = 4 * KiB;
+    const failAt = 64 * BS;
+    let failures = 1;
+    const streams: Array<[number, number, number]> = [];
+    // The cache file's copyStreamFrom copies the first half of the chunk at failAt, then fails
+    // after writing garbage into the second half, as a stream whose cache write broke would.
+    const storage: Storage = {
+      ...posixStorage,
+      async open(path, options) {
+        const file = await posixStorage.open(path, options);
+        if (!path.endsWith('cache')) return file;
+        const copyStreamFrom = file.copyStreamFrom!.bind(file);
+        return Object.assign(file, {
+          copyStreamFrom: async (src: BlockFile, buf: Uint8Array, srcPosition: number, position: number, length: number, sequential?: boolean) => {
+            streams.push([position / BS, length / BS, buf.byteLength / BS]);
+            if (position === failAt && failures-- > 0) {
+              await copyStreamFrom(src, buf, srcPosition, position, length / 2, sequential);
+              await file.write(Buffer.alloc(length / 2, 0x5a), position + length / 2);
+              throw Object.assign(new Error('EIO: i/o error, pwrite'), { code: 'EIO', errno: 5, syscall: 'pwrite' });
+            }
+            return copyStreamFrom(src, buf, srcPosition, position, length, sequential);
+          },
+        });
+      },
+    };
+    const r = await rig({ size: 256 * BS, blockSize: BS, storage });
+    await r.engine.close();
+    const health = new DiskHealth();
+    const disk = health.watch(r.file);
+    r.store = await CacheStore.open({ paths: r.paths, backing: disk, mode: 'writeback', blockSize: BS, storage });
+    // Fill buffers of 4 blocks, chunks of 32: each chunk streams through one buffer in 8 pieces.
+    const engine = new CacheEngine(r.store, disk, { autoCommitMs: 0, maxFillBytes: 4 * BS });
+    cleanups.push(() => engine.close());
+    const errors: string[] = [];
+    const presentAtError: boolean[] = [];
+    const h = new Hydrator(engine, {
+      quietMs: 0,
+      chunkBytes: 32 * BS,
+      retryMs: 1,
+      onError: (e) => {
+        errors.push(e.message);
+        // Invariant 1: no block of the chunk is present, the half copied well included.
+        void engine.flush().then(() => presentAtError.push(r.store.present.get(64), r.store.present.get(80), r.store.present.get(95)));
+      },
+    });
+    await h.start();
+    expect(errors).toEqual(['EIO: i/o error, pwrite']);
+    expect(presentAtError).toEqual([false, false, false]);
+    expect(health.status()).toMatchObject({ state: 'ok', errors: 0 });
+    // One stream per chunk through a 4-block buffer, the failed one twice.
+    expect(streams.every(([, count, bufBlocks]) => count === 32 && bufBlocks === 4)).toBe(true);
+    expect(streams.filter(([b]) => b === 64)).toHaveLength(2);
+    expect(streams).toHaveLength(256 / 32 + 1);
+    expect(h.progress()).toMatchObject({ done: true, percent: 100 });
+    expect(readFileSync(r.paths.cache).subarray(0, 256 * BS).equals(r.initial)).toBe(true);
+    expect((await engine.read(0, 256 * BS)).equals(r.initial)).toBe(true);
+  });
+
   it('a read failure of the disk during a copy fails the fill and counts against the disk', async () => {
     const BS = 4 * KiB;
     const r = await rig({ size: 64 * BS, blockSize: BS });
