@@ -1350,6 +1350,68 @@ describe('the hydrator', () => {
   });
 });
 
+describe('long fills staged and locked as ranges (rangeFillBlocks)', () => {
+  it('a write into a block of a long fill in flight waits for the fill, then wins over it', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 256 * BS, blockSize: BS });
+    const data = randomBytes(BS);
+    // 128 blocks: one range-locked fill, its disk read held back while the write to its block 10
+    // goes as far as it can.
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => (open = resolve));
+    const readAt = r.source.readAt.bind(r.source);
+    r.source.readAt = async (buf, position) => {
+      await gate;
+      return readAt(buf, position);
+    };
+    const fill = r.engine.prefetch(0, 128 * BS);
+    const write = r.engine.write(10 * BS, data);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    open();
+    await Promise.all([fill, write]);
+    await r.engine.flush();
+    expect(r.store.dirty.get(10)).toBe(true);
+    expect(r.store.present.count(0, 128)).toBe(128);
+    expect(r.store.dirty.count()).toBe(1);
+    expect(r.engine.stats().stagedBlocks).toBe(0);
+    const model = Buffer.from(r.initial);
+    data.copy(model, 10 * BS);
+    expect((await r.engine.read(0, 256 * BS)).equals(model)).toBe(true);
+  });
+
+  it("a write into a long fill's block while the commit syncs leaves it out of that commit: staged dirty, never present clean", async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 256 * BS, blockSize: BS });
+    await r.engine.prefetch(0, 128 * BS);
+    expect(r.engine.stats().stagedBlocks).toBe(128);
+    const data = randomBytes(BS);
+    let during: (() => Promise<void>) | null = () => r.engine.write(20 * BS, data);
+    const store = r.store;
+    const syncData = store.syncData.bind(store);
+    store.syncData = async () => {
+      const synced = syncData();
+      const hook = during;
+      during = null;
+      if (hook) await hook();
+      return synced;
+    };
+    await r.engine.flush();
+    expect(during).toBeNull();
+    // The commit's snapshot held block 20 clean; the write made it dirty during the sync: it must
+    // not come out present and clean (the cache holds data the disk does not).
+    expect(store.present.get(20) && !store.dirty.get(20)).toBe(false);
+    expect(store.present.count(0, 128)).toBe(127);
+    expect(r.engine.stats().stagedBlocks).toBe(1);
+    await r.engine.flush();
+    expect(store.present.get(20)).toBe(true);
+    expect(store.dirty.get(20)).toBe(true);
+    expect(r.engine.stats().stagedBlocks).toBe(0);
+    const model = Buffer.from(r.initial);
+    data.copy(model, 20 * BS);
+    expect((await r.engine.read(0, 256 * BS)).equals(model)).toBe(true);
+  });
+});
+
 describe('fills in one request (Source.copyInto)', () => {
   it('hydrate a file-backed disk through copyInto; a failed cache write leaves its blocks missing, is retried, and is not the disk failing', async () => {
     const BS = 4 * KiB;
