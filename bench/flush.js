@@ -20,10 +20,13 @@
 //                     the page cache is dropped before each (needs root; without it the disk is read
 //                     from memory and the note says so).
 // The backing file is filled with random data first, so no side writes into holes. The load
-// average goes into the JSON: on a shared machine compare ratios from one run, not runs.
+// average goes into the JSON: on a shared machine compare ratios from one run, not runs. Each
+// row's note also gives the median CPU time (user + system, ms) of each side's runs: ours is this
+// process (event loop and I/O threads), dd's its child's. Under load it moves far less than wall
+// time and says what each side costs the machine.
 // Not a test: no assertions; it exits non-zero only when the bench itself breaks.
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync, openSync, closeSync, fdatasyncSync, readSync, writeSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, openSync, closeSync, fdatasyncSync, readFileSync, readSync, writeSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { randomBytes } from 'node:crypto';
@@ -100,23 +103,40 @@ async function close({ engine, source }) {
   await source.close();
 }
 
+/**
+ * CPU milliseconds (user + system) this process and its waited-for children (dd) have used so far:
+ * /proc/self/stat utime, stime, cutime, cstime. A run's share is a difference of two readings. On a
+ * loaded machine wall times spread by 2-5x while CPU time moves little: it says what each side costs.
+ */
+function cpuMs() {
+  const f = readFileSync('/proc/self/stat', 'utf8').split(') ')[1].split(' ');
+  const tick = 1000 / 100; // USER_HZ
+  return (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) * tick;
+}
+
+let lastCpu = 0;
 const time = async (fn) => {
+  const c = cpuMs();
   const t = performance.now();
   await fn();
-  return performance.now() - t;
+  const ms = performance.now() - t;
+  lastCpu = cpuMs() - c;
+  return ms;
 };
 const mbs = (bytes, ms) => +(bytes / 1e6 / (ms / 1000)).toFixed(1);
 
 /** Runs ours and ref interleaved (ours, ref, ref, ours, ...); `prepare` before each, untimed. */
 async function sideBySide(prepare, ours, ref) {
   const times = { ours: [], ref: [] };
+  const cpu = { ours: [], ref: [] };
   for (let i = 0; i < REPS; i++) {
     for (const side of i % 2 === 0 ? ['ours', 'ref'] : ['ref', 'ours']) {
       await prepare(side);
       times[side].push(await time(side === 'ours' ? ours : ref));
+      cpu[side].push(lastCpu);
     }
   }
-  return { ours: Math.min(...times.ours), ref: Math.min(...times.ref), oursMedian: median(times.ours), refMedian: median(times.ref), all: times };
+  return { ours: Math.min(...times.ours), ref: Math.min(...times.ref), oursMedian: median(times.ours), refMedian: median(times.ref), all: times, cpu };
 }
 
 function median(xs) {
@@ -145,7 +165,8 @@ function row(workload, bytes, t, refName, extra = {}) {
   rows.push({
     workload, ours, ref, refName, ratio: +(ours / ref).toFixed(2),
     oursMedian, refMedian, ratioMedian: +(oursMedian / refMedian).toFixed(2),
-    msOurs: t.all.ours.map(Math.round), msRef: t.all.ref.map(Math.round), ...extra,
+    msOurs: t.all.ours.map(Math.round), msRef: t.all.ref.map(Math.round),
+    cpuOurs: median(t.cpu.ours), cpuRef: median(t.cpu.ref), ...extra,
   });
 }
 
@@ -266,7 +287,7 @@ try {
     {
       title: `bench/flush.js: ${SIZE / MiB} MiB on ${opts.dir}, MB/s, best and median of ${REPS} interleaved runs each`,
       notes: [
-        ...rows.filter((r) => r.msOurs).map((r) => `${r.workload.trim()}: ms ulobdev ${r.msOurs.join(' ')} / ref ${r.msRef.join(' ')}`),
+        ...rows.filter((r) => r.msOurs).map((r) => `${r.workload.trim()}: ms ulobdev ${r.msOurs.join(' ')} / ref ${r.msRef.join(' ')}; CPU ms (user+sys, median) ulobdev ${r.cpuOurs} / ref ${r.cpuRef}`),
         flushPages ? 'flush runs: synced, page cache dropped, cache file read back in before each run of either side' : 'flush runs: page cache NOT dropped (not root): the state left by the run before',
         dropped ? 'page cache dropped before each hydration run' : 'page cache NOT dropped (not root): hydration reads come from memory',
         `load average ${loadAtStart.join(' ')} at start, ${loadAtEnd.join(' ')} at end (${cpus().length} CPUs)`,

@@ -176,6 +176,54 @@ class CopyWorker : public PromiseWorker {
   std::vector<size_t> done_;
 };
 
+// A long sequential copy in one threadpool job, through one buffer: `length` bytes of src from
+// src_pos go to dst at dst_pos in pieces of the buffer's size, each piece read whole and then
+// written, before the next is read (one reading stream, as `dd` does: a hydration reads the disk
+// in order instead of several buffer-sized reads in flight on the pool). With `sequential`, the
+// job first tells the kernel the source is read in order (posix_fadvise SEQUENTIAL: a larger
+// readahead for a buffered file; nothing for O_DIRECT). A short read (src ended early) stops the
+// job before that piece is written: the pieces before it are written, and the result, the bytes
+// copied (read and written), is less than asked. An error stops it the same way; syscall_ names
+// the step ('pread' src, 'pwrite' dst).
+class StreamCopyWorker : public PromiseWorker {
+ public:
+  StreamCopyWorker(Napi::Env env, int src, off_t src_pos, int dst, off_t dst_pos, uint8_t* data, size_t piece,
+                   size_t length, bool sequential)
+      : PromiseWorker(env, "ulob:copyStream", "pread"), src_(src), src_pos_(src_pos), dst_(dst),
+        dst_pos_(dst_pos), data_(data), piece_(piece), length_(length), sequential_(sequential) {}
+
+  void Execute() override {
+    if (sequential_) {
+      // Advice only: a failure (ESPIPE on a pipe, EINVAL) changes nothing about the copy.
+      (void)::posix_fadvise(src_, src_pos_, static_cast<off_t>(length_), POSIX_FADV_SEQUENTIAL);
+    }
+    while (done_ < length_) {
+      size_t want = length_ - done_ < piece_ ? length_ - done_ : piece_;
+      size_t got = 0;
+      syscall_ = "pread";
+      err_ = ReadFull(src_, data_, want, src_pos_ + static_cast<off_t>(done_), &got);
+      if (err_ != 0 || got < want) return;
+      syscall_ = "pwrite";
+      err_ = WriteFull(dst_, data_, want, dst_pos_ + static_cast<off_t>(done_));
+      if (err_ != 0) return;
+      done_ += want;
+    }
+  }
+
+  Napi::Value Result(Napi::Env env) override { return Napi::Number::New(env, static_cast<double>(done_)); }
+
+ private:
+  int src_;
+  off_t src_pos_;
+  int dst_;
+  off_t dst_pos_;
+  uint8_t* data_;
+  size_t piece_;
+  size_t length_;
+  bool sequential_;
+  size_t done_ = 0;
+};
+
 class FdatasyncWorker : public PromiseWorker {
  public:
   FdatasyncWorker(Napi::Env env, int fd)
@@ -366,6 +414,37 @@ Napi::Value CopyRanges(const Napi::CallbackInfo& info) {
   return StartWorker(env, w);
 }
 
+// copyStream(srcFd, srcPosition, dstFd, dstPosition, buf, bufOffset, pieceLength, length, sequential)
+// -> Promise<number>: copies `length` bytes of srcFd at srcPosition to dstFd at dstPosition through
+// buf[bufOffset, bufOffset + pieceLength), one piece after the other, in one threadpool job
+// (StreamCopyWorker). Resolves with the bytes copied: `length`, or fewer when srcFd ended early
+// (the pieces before the short one are written, the short one is not).
+Napi::Value CopyStream(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int src, dst;
+  int64_t src_pos, dst_pos, off, piece, len;
+  Bytes buf;
+  if (!ArgFd(info, 0, &src) || !ArgInt64(info, 1, &src_pos) || !ArgFd(info, 2, &dst) ||
+      !ArgInt64(info, 3, &dst_pos) || !ArgBytes(info, 4, &buf) || !ArgInt64(info, 5, &off) ||
+      !ArgInt64(info, 6, &piece) || !ArgInt64(info, 7, &len) || !CheckSlice(env, buf, off, piece)) {
+    return Napi::Value();
+  }
+  if (src_pos < 0 || dst_pos < 0 || len < 0 || static_cast<double>(src_pos) + static_cast<double>(len) > kMaxSafeInteger ||
+      static_cast<double>(dst_pos) + static_cast<double>(len) > kMaxSafeInteger) {
+    Napi::RangeError::New(env, "position out of range").ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  if (piece <= 0 && len > 0) {
+    Napi::RangeError::New(env, "the piece must be at least one byte").ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  bool sequential = info.Length() > 8 && info[8].ToBoolean().Value();
+  PromiseWorker* w = new StreamCopyWorker(env, src, static_cast<off_t>(src_pos), dst, static_cast<off_t>(dst_pos),
+                                          buf.data + off, static_cast<size_t>(piece), static_cast<size_t>(len), sequential);
+  if (!env.IsExceptionPending()) w->Keep(0, info[4].As<Napi::Object>());
+  return StartWorker(env, w);
+}
+
 Napi::Value Fdatasync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd;
@@ -480,6 +559,7 @@ bool InitIo(Napi::Env env, Napi::Object exports) {
          Export<PwriteList>(env, exports, "pwriteList") &&
          Export<CopyRange>(env, exports, "copyRange") &&
          Export<CopyRanges>(env, exports, "copyRanges") &&
+         Export<CopyStream>(env, exports, "copyStream") &&
          Export<Fdatasync>(env, exports, "fdatasync") &&
          Export<Fallocate>(env, exports, "fallocate") &&
          Export<SeekData>(env, exports, "seekData") &&

@@ -20,6 +20,7 @@ import { assertBytes, assertRange } from '../validate.js';
 import { Bitmap } from './bitmap.js';
 import { Coalescer } from './coalesce.js';
 import { FlushEpoch, type Epoch } from './epoch.js';
+import { BlockRuns } from './runs.js';
 import type { Extent, Geometry } from './layout.js';
 import type { CacheStore, IntentStats } from './store.js';
 import { isWritable, type Source, type WritableSource } from '../source/source.js';
@@ -30,6 +31,11 @@ export interface EngineOptions {
   autoCommitMs?: number;
   /** Largest single read from the source when filling a run of missing blocks. */
   maxFillBytes?: number;
+  /**
+   * Fills of this many blocks or more are locked and staged as one range (a hydration's chunks),
+   * shorter ones block by block. Default 64. The engine models set 2, so both ways are tested.
+   */
+  rangeFillBlocks?: number;
   /**
    * With a budget: bytes a miss fills around what was asked (aligned) while the disk is busy with
    * misses; a miss after 5 s without one fills its whole eviction unit. Default 64 KiB, at most
@@ -126,6 +132,14 @@ const STAGED_CLEAN = 0;
 const STAGED_DIRTY = 1;
 
 const DEFAULT_MAX_FILL = 1 << 20;
+/**
+ * Largest prefetch fill (a hydration chunk) copied as one stream through one fill buffer where the
+ * source can (Source.streamInto). Its blocks stay locked until the whole run is copied: a user
+ * request on one of them waits that long (32 MiB: ~0.2 s at a spinning disk's 150 MB/s).
+ */
+const MAX_STREAM_FILL = 32 << 20;
+/** Fills of this many blocks or more are locked and staged by range, not block by block (EngineOptions.rangeFillBlocks). */
+const RANGE_FILL_BLOCKS = 64;
 /** Blocks one zeroing step locks and records at a time (a TRIM of the whole disk goes in steps). */
 const ZERO_STEP_BLOCKS = 1 << 16;
 /** Flushes in a row that free nothing before a write waiting for room gives up. */
@@ -142,9 +156,20 @@ export class CacheEngine {
   readonly source: Source;
   readonly geometry: Geometry;
 
+  /** Staged blocks one by one: writes (dirty), and fills shorter than rangeFillBlocks (clean). */
   readonly #staged = new Map<number, number>();
+  /**
+   * Staged clean blocks of long fills (EngineOptions.rangeFillBlocks or more: a hydration's
+   * chunks), as runs rather than a Map entry per block; disjoint from #staged's keys. A write into
+   * one of them moves the block to #staged as dirty (#stageDirty).
+   */
+  readonly #stagedRuns = new BlockRuns();
+  /** The runs a commit took before its sync: still staged, present once that sync has returned. */
+  readonly #committingRuns = new BlockRuns();
   /** Blocks being filled, first-written, zeroed, materialised or evicted; others wait for the promise. */
   readonly #busy = new Map<number, Promise<void>>();
+  /** Long fills' locks (rangeFillBlocks or more blocks), by range: #busyAt consults both. */
+  readonly #rangeLocks: { start: number; end: number; done: Promise<void> }[] = [];
   /** In-flight writes and zeroings by block range, so an epoch can mark them rewritten. */
   readonly #writes = new Set<[number, number]>();
   /**
@@ -163,6 +188,7 @@ export class CacheEngine {
   #intentBatch: { blocks: number[]; durable: Promise<void> } | null = null;
   readonly #autoCommitMs: number;
   readonly #maxFillBlocks: number;
+  readonly #rangeFillBlocks: number;
   /** Blocks a miss fills around what was asked while the disk is busy (a budget only). */
   readonly #fillGranuleBlocks: number;
   /** Date.now() of the last miss that started fills; a disk idle for DISK_IDLE_MS gets whole units. */
@@ -212,6 +238,7 @@ export class CacheEngine {
     this.geometry = store.geometry;
     this.#autoCommitMs = options.autoCommitMs ?? 1000;
     this.#maxFillBlocks = Math.max(1, Math.floor((options.maxFillBytes ?? DEFAULT_MAX_FILL) / this.geometry.blockSize));
+    this.#rangeFillBlocks = Math.max(1, options.rangeFillBlocks ?? RANGE_FILL_BLOCKS);
     this.#diskIdleMs = options.diskIdleMs ?? DISK_IDLE_MS;
     this.#fillGranuleBlocks = Math.max(1, Math.floor((options.fillGranuleBytes ?? DEFAULT_FILL_GRANULE) / this.geometry.blockSize));
     this.#fillBuffers = new BufferPool(this.#maxFillBlocks * this.geometry.blockSize, FILL_BUFFERS_KEPT);
@@ -239,10 +266,11 @@ export class CacheEngine {
       blockSize: bs,
       blocks: this.geometry.blockCount,
       presentBlocks: space.presentBlocks,
-      cachedBlocks: space.presentBlocks + staged.notPresent,
+      // Runs (long fills staged by range) are fills of missing blocks: cached, not present yet.
+      cachedBlocks: space.presentBlocks + staged.notPresent + this.#stagedRuns.blocks + this.#committingRuns.blocks,
       dirtyBlocks: this.store.dirty.count() + staged.newlyDirty,
       zeroBlocks: this.store.zeroBlocks() - staged.overZeroed,
-      stagedBlocks: this.#staged.size,
+      stagedBlocks: this.#stagedCount(),
       mode: this.store.mode,
       flushEpoch: this.store.info.flushEpoch,
       budgetBytes: this.store.budget,
@@ -379,7 +407,8 @@ export class CacheEngine {
     for (let b = first; b < end; b += this.#maxPieceBlocks) {
       const stop = Math.min(end, b + this.#maxPieceBlocks);
       for (;;) {
-        const wait = this.#readable(b, stop, false);
+        // Runs longer than one fill buffer go as one stream each (#fill), where the source can.
+        const wait = this.#readable(b, stop, false, true);
         if (!(wait instanceof Promise)) break;
         await wait;
       }
@@ -447,7 +476,7 @@ export class CacheEngine {
     for (const z of zeroed) {
       for (let b = z.start; b < z.start + z.count; b += this.#maxFillBlocks) {
         const blocks: number[] = [];
-        for (let x = b; x < Math.min(z.start + z.count, b + this.#maxFillBlocks); x++) if (this.#isZeroed(x) && !this.#busy.has(x)) blocks.push(x);
+        for (let x = b; x < Math.min(z.start + z.count, b + this.#maxFillBlocks); x++) if (this.#isZeroed(x) && !this.#busyAt(x)) blocks.push(x);
         if (blocks.length > 0) await this.#materialize(blocks);
       }
     }
@@ -475,6 +504,7 @@ export class CacheEngine {
     // dirty, committed later) holds that write in the cache file: the epoch copies it from there.
     // Taken as zeros, the disk would get zeros and a commit landing before clearFlushed would
     // leave the block clean over data the disk never got.
+    // (Only #staged can hold one: runs are fills, of blocks that were missing and not dirty.)
     for (const b of this.#staged.keys()) if (zeros.get(b)) zeros.clear(b);
     // Open in the same tick as the outside snapshot: the kernel may ask to preserve blocks
     // (preserveEpochBlocks) as soon as it has begun its epoch.
@@ -630,9 +660,14 @@ export class CacheEngine {
     // Requests are refused while the store is failed; a commit still running ends first.
     await this.#commit.idle();
     const blocks = Float64Array.from(this.#staged.keys()).sort();
-    if (blocks.length > 0 && dropping) await dropping([...toExtents(blocks)]);
+    const runs = [...this.#stagedRuns.extents(), ...this.#committingRuns.extents()];
+    const dropped = [...toExtents(blocks), ...runs].sort((a, b) => a.start - b.start);
+    if (dropped.length > 0 && dropping) await dropping(dropped);
     for (const b of blocks) this.#staged.delete(b);
-    this.store.release(blocks.length);
+    const runBlocks = this.#stagedRuns.blocks + this.#committingRuns.blocks;
+    this.#stagedRuns.clear();
+    this.#committingRuns.clear();
+    this.store.release(blocks.length + runBlocks);
     this.#cancelAutoCommit();
     return this.store.recoverDataSync();
   }
@@ -728,18 +763,19 @@ export class CacheEngine {
    * readable now (present, staged or zeroed, none busy), else a promise to wait for (fills it
    * started for missing blocks, and blocks busy elsewhere) before looking again. With a budget,
    * and `wholeUnits`, a missing block brings in the missing blocks of its whole unit: the disk
-   * spins for it anyway.
+   * spins for it anyway. With `stream` (prefetch), missing runs are filled in pieces of up to
+   * MAX_STREAM_FILL where the source can stream (Source.streamInto), not one fill buffer's worth.
    */
-  #readable(first: number, end: number, wholeUnits: boolean): Extent[] | Promise<unknown> {
+  #readable(first: number, end: number, wholeUnits: boolean, stream = false): Extent[] | Promise<unknown> {
     const store = this.store;
     const zeros: Extent[] = [];
     const waits: Promise<unknown>[] = [];
     let missing = false;
     for (const gap of store.present.gaps(first, end)) {
       for (let b = gap.start; b < gap.start + gap.count; b++) {
-        const busy = this.#busy.get(b);
+        const busy = this.#busyAt(b);
         if (busy) waits.push(busy);
-        else if (this.#staged.has(b)) continue;
+        else if (this.#isStaged(b)) continue;
         else if (store.dirty.get(b)) {
           const last = zeros[zeros.length - 1];
           if (last && last.start + last.count === b) last.count++;
@@ -763,28 +799,31 @@ export class CacheEngine {
         from = Math.floor(first / span) * span;
         to = Math.min(this.geometry.blockCount, Math.ceil(end / span) * span);
       }
-      waits.push(...this.#startFills(from, to));
+      const streamBlocks = Math.floor(MAX_STREAM_FILL / this.geometry.blockSize);
+      const maxRun = stream && this.source.streamInto ? Math.max(this.#maxFillBlocks, streamBlocks) : this.#maxFillBlocks;
+      waits.push(...this.#startFills(from, to, maxRun));
     }
     if (waits.length > 0) return Promise.all(waits);
     return zeros;
   }
 
-  /** Starts fills of the missing, idle blocks of [first, end) in runs; returns their promises. */
-  #startFills(first: number, end: number): Promise<void>[] {
+  /** Starts fills of the missing, idle blocks of [first, end) in runs of up to `maxRun` blocks; returns their promises. */
+  #startFills(first: number, end: number, maxRun: number): Promise<void>[] {
     const store = this.store;
     const fills: Promise<void>[] = [];
-    let run: number[] = [];
+    let start = 0;
+    let count = 0;
     const flushRun = () => {
-      if (run.length > 0) fills.push(this.#fill(run));
-      run = [];
+      if (count > 0) fills.push(this.#fill(start, count));
+      count = 0;
     };
     for (const gap of store.present.gaps(first, end)) {
       for (let b = gap.start; b < gap.start + gap.count; b++) {
-        if (this.#busy.has(b) || this.#staged.has(b) || store.dirty.get(b)) {
+        if (this.#busyAt(b) || this.#isStaged(b) || store.dirty.get(b)) {
           flushRun();
         } else {
-          run.push(b);
-          if (run.length === this.#maxFillBlocks) flushRun();
+          if (count === 0) start = b;
+          if (++count === maxRun) flushRun();
         }
       }
       flushRun();
@@ -792,27 +831,39 @@ export class CacheEngine {
     return fills;
   }
 
-  /** Copies contiguous missing blocks from the source into the cache and stages them clean. */
-  async #fill(blocks: number[]): Promise<void> {
-    const release = this.#lock(blocks);
+  /**
+   * Copies contiguous missing blocks from the source into the cache and stages them clean. A run
+   * longer than one fill buffer (a prefetch's, #readable) goes through the buffer piece after
+   * piece in one request (store.fillStream).
+   */
+  async #fill(start: number, count: number): Promise<void> {
+    // Long runs (a hydration's) by range: a Map entry per block cost more than their copy.
+    const byRange = count >= this.#rangeFillBlocks;
+    let blocks: number[] | null = null;
+    if (!byRange) {
+      blocks = [];
+      for (let b = start; b < start + count; b++) blocks.push(b);
+    }
+    const release = blocks ? this.#lock(blocks) : this.#lockRange(start, start + count);
     try {
-      await this.#reserve(blocks.length);
+      await this.#reserve(count);
       try {
-        const start = blocks[0]!;
         const offset = this.geometry.blockOffset(start);
         // A reused, aligned buffer: no page faults for fresh memory, no bounce copy for O_DIRECT.
         const whole = this.#fillBuffers.take();
         try {
-          const buf = whole.subarray(0, this.geometry.extentBytes(start, blocks.length));
-          await this.#fillCache(buf, offset);
+          const bytes = this.geometry.extentBytes(start, count);
+          if (bytes <= whole.byteLength) await this.#fillCache(whole.subarray(0, bytes), offset);
+          else await this.#streamCache(whole, offset, bytes);
         } finally {
           this.#fillBuffers.give(whole);
         }
       } catch (err) {
-        this.store.release(blocks.length);
+        this.store.release(count);
         throw err;
       }
-      for (const b of blocks) this.#staged.set(b, STAGED_CLEAN);
+      if (blocks) for (const b of blocks) this.#staged.set(b, STAGED_CLEAN);
+      else this.#stagedRuns.add(start, start + count);
       this.#scheduleCommit();
       this.store.notifySpace();
       this.#evictAhead();
@@ -879,12 +930,12 @@ export class CacheEngine {
       let whole: number[] | null = null;
       let intents: number[] | null = null;
       for (let b = first; b < end; b++) {
-        const busy = this.#busy.size > 0 ? this.#busy.get(b) : undefined;
+        const busy = this.#busyAt(b);
         if (busy) {
           waits.push(busy);
           continue;
         }
-        if (this.#staged.has(b)) continue;
+        if (this.#isStaged(b)) continue;
         if (store.present.get(b)) {
           if (!store.dirty.get(b)) (intents ??= []).push(b);
         } else if (offset <= g.blockOffset(b) && offset + length >= g.blockOffset(b) + g.blockLength(b)) {
@@ -922,10 +973,7 @@ export class CacheEngine {
         continue;
       }
       // Staged clean blocks become staged dirty: the next commit records them dirty.
-      for (let b = first; b < end; b++) {
-        const s = this.#staged.get(b);
-        if (s === STAGED_CLEAN) this.#staged.set(b, STAGED_DIRTY);
-      }
+      for (let b = first; b < end; b++) this.#stageDirty(b);
       if (!whole) return NO_RELEASE;
       const blocks = whole;
       if (!store.reserve(blocks.length)) {
@@ -981,9 +1029,9 @@ export class CacheEngine {
         const waits: Promise<void>[] = [];
         let staged = false;
         for (let b = first; b < end; b++) {
-          const busy = this.#busy.get(b) ?? this.#intents.get(b);
+          const busy = this.#busyAt(b) ?? this.#intents.get(b);
           if (busy) waits.push(busy.catch(() => undefined));
-          else if (this.#staged.has(b)) staged = true;
+          else if (this.#isStaged(b)) staged = true;
         }
         if (waits.length > 0) {
           await Promise.all(waits);
@@ -1070,7 +1118,7 @@ export class CacheEngine {
         // protect, and the write looks at it again. Eviction and zeroing leave blocks alone while
         // their intent is in #intents, so none turns into a hole before the record is durable.
         const store = this.store;
-        await store.markDirtyDurable(toExtents(sorted.filter((b) => store.present.get(b) && !store.dirty.get(b) && !this.#busy.has(b))));
+        await store.markDirtyDurable(toExtents(sorted.filter((b) => store.present.get(b) && !store.dirty.get(b) && !this.#busyAt(b))));
       } finally {
         for (const b of blocks) if (this.#intents.get(b) === durable) this.#intents.delete(b);
       }
@@ -1127,7 +1175,7 @@ export class CacheEngine {
           return;
         }
         const space = store.space();
-        if (this.#staged.size > 0) {
+        if (this.#stagedCount() > 0) {
           // Staged blocks become present at the commit, and so evictable.
           await this.#commit.run();
           continue;
@@ -1184,7 +1232,7 @@ export class CacheEngine {
     if (!store.clock || this.#closed || store.failed) return;
     // Staged fills take budget but cannot be evicted before their commit: with a quarter of the
     // budget staged, commit now rather than at the timer (the clock had only the rest to choose from).
-    if (this.#staged.size >= store.budgetBlocks / 4) {
+    if (this.#stagedCount() >= store.budgetBlocks / 4) {
       this.#commit.run().catch(() => {
         // A failed store: the next request reports it.
       });
@@ -1215,7 +1263,7 @@ export class CacheEngine {
     }
     const want = Math.max(blocks, store.unitBlocks, Math.floor(store.usedBlocks / 16));
     let freed = await this.evict(want);
-    if (freed === 0 && this.#staged.size > 0) {
+    if (freed === 0 && this.#stagedCount() > 0) {
       await this.#commit.run();
       freed = await this.evict(want);
     }
@@ -1265,6 +1313,19 @@ export class CacheEngine {
     }
   }
 
+  /** #fillCache() of `length` bytes (more than buf holds) as one stream through buf (store.fillStream). */
+  async #streamCache(buf: Buffer, offset: number, length: number): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.store.fillStream(this.source, buf, offset, length);
+        return;
+      } catch (err) {
+        if (!isNoSpace(err) || attempt >= 3) throw err;
+      }
+      await this.#relieveFlash(Math.ceil(length / this.geometry.blockSize));
+    }
+  }
+
   /** One eviction: units the clock picks, their clean idle blocks locked, evicted, unlocked. */
   async #evictUnits(blocks: number): Promise<number> {
     const store = this.store;
@@ -1278,7 +1339,7 @@ export class CacheEngine {
       for (const e of store.cleanBlocksOf(u)) {
         let run: Extent | null = null;
         for (let b = e.start; b < e.start + e.count; b++) {
-          if (this.#busy.has(b) || this.#pins.has(b) || this.#intents.has(b)) run = null;
+          if (this.#busyAt(b) || this.#pins.has(b) || this.#intents.has(b)) run = null;
           else if (run && run.start + run.count === b) run.count++;
           else out.push((run = { start: b, count: 1 }));
         }
@@ -1343,7 +1404,18 @@ export class CacheEngine {
     let i = 0;
     for (const b of staged.keys()) blocks[i++] = b;
     blocks.sort();
+    // Long fills' runs staged so far are this commit's; runs staged during the sync wait for the
+    // next one. (Runs left by a commit whose sync failed stay in #committingRuns: the store is
+    // failed then, and recoverSyncError drops them.)
+    for (const e of this.#stagedRuns.extents()) this.#committingRuns.add(e.start, e.start + e.count);
+    this.#stagedRuns.clear();
     await this.store.syncData();
+    // The runs as they are after the sync: a block written meanwhile left them (#stageDirty).
+    const runs = this.#committingRuns.extents();
+    const runBlocks = this.#committingRuns.blocks;
+    this.#committingRuns.clear();
+    this.store.markPresent(runs);
+    this.store.release(runBlocks);
     // Decided after the sync: a fill rewritten meanwhile must be recorded dirty, not clean.
     const clean: number[] = [];
     const dirty: number[] = [];
@@ -1370,7 +1442,7 @@ export class CacheEngine {
     await this.store.markDirtyDurable(toExtents(dirty));
     for (const b of dirty) this.#staged.delete(b);
     this.store.release(dirty.length);
-    if (blocks.length > 0) await this.store.persistBitmap(false);
+    if (blocks.length > 0 || runBlocks > 0) await this.store.persistBitmap(false);
   }
 
   #scheduleCommit(): void {
@@ -1411,7 +1483,47 @@ export class CacheEngine {
 
   /** Dirty and not present: reads as zeros. */
   #isZeroed(b: number): boolean {
-    return this.store.dirty.get(b) && !this.store.present.get(b) && !this.#staged.has(b);
+    return this.store.dirty.get(b) && !this.store.present.get(b) && !this.#isStaged(b);
+  }
+
+  /** Staged (readable from the cache file, not yet present): in #staged or in a run. */
+  #isStaged(b: number): boolean {
+    return (this.#staged.size > 0 && this.#staged.has(b)) || this.#stagedRuns.has(b) || this.#committingRuns.has(b);
+  }
+
+  #stagedCount(): number {
+    return this.#staged.size + this.#stagedRuns.blocks + this.#committingRuns.blocks;
+  }
+
+  /** A staged clean block (a fill) is being written: staged dirty from now on (in #staged). */
+  #stageDirty(b: number): void {
+    if (this.#staged.size > 0 && this.#staged.get(b) === STAGED_CLEAN) this.#staged.set(b, STAGED_DIRTY);
+    else if (this.#stagedRuns.delete(b) || this.#committingRuns.delete(b)) {
+      // Out of a run: a commit already past its snapshot leaves it for the next one.
+      this.#staged.set(b, STAGED_DIRTY);
+      this.#scheduleCommit();
+    }
+  }
+
+  /** What block `b` waits for: a lock by block (#lock) or by range (#lockRange), or undefined. */
+  #busyAt(b: number): Promise<void> | undefined {
+    const busy = this.#busy.size > 0 ? this.#busy.get(b) : undefined;
+    if (busy || this.#rangeLocks.length === 0) return busy;
+    for (const l of this.#rangeLocks) if (b >= l.start && b < l.end) return l.done;
+    return undefined;
+  }
+
+  /** #lock() of blocks [start, end) as one range, for long fills. */
+  #lockRange(start: number, end: number): () => void {
+    let release!: () => void;
+    const done = new Promise<void>((resolve) => (release = resolve));
+    const lock = { start, end, done };
+    this.#rangeLocks.push(lock);
+    return () => {
+      const i = this.#rangeLocks.indexOf(lock);
+      if (i >= 0) this.#rangeLocks.splice(i, 1);
+      release();
+    };
   }
 
   #lock(blocks: readonly number[]): () => void {

@@ -163,20 +163,26 @@ export class FlushEpoch implements Epoch {
     }
     await this.#settle(pieces);
     // From here to the first await, no save of these blocks starts.
-    const mine: number[] = [];
     let plain = io.copy !== undefined;
     for (const [start, count] of pieces) {
-      for (let b = start; b < start + count; b++) if (this.flushing.get(b) && !this.#copied.get(b)) mine.push(b);
       if (plain && (this.zeros.nextSet(start, start + count) < start + count || this.#hasSaved(start, count))) plain = false;
     }
     if (plain) {
+      // No per-block work on this path (a contiguous flush's every batch): 65,536 blocks per 256 MiB.
       const copying = io.copy!();
       io.read?.();
       await copying;
       // Blocks written during the copy saved their epoch version first: it goes over what the copy
-      // may have read of the new content.
-      for (;;) {
-        const waits = mine.flatMap((b) => this.#preserving.get(b) ?? []);
+      // may have read of the new content. (Only saves that started after #settle can be in
+      // #preserving for these blocks: the ones of writes during the copy.)
+      while (this.#preserving.size > 0) {
+        const waits: Promise<void>[] = [];
+        for (const [start, count] of pieces) {
+          for (let b = start; b < start + count; b++) {
+            const p = this.#preserving.get(b);
+            if (p) waits.push(p);
+          }
+        }
         if (waits.length === 0) break;
         await Promise.all(waits);
       }
@@ -192,8 +198,9 @@ export class FlushEpoch implements Epoch {
           saved.push([b, v]);
         }
       }
-      // Copied from here on: later writes need no save (the versions taken above are ours).
-      for (const b of mine) this.#copied.set(b);
+      // Copied from here on: later writes need no save (the versions taken above are ours). Only
+      // flushing blocks' bits are ever looked at (copyBeforeWrite), so whole pieces are marked.
+      for (const [start, count] of pieces) this.#copied.setRange(start, start + count);
       if (fix.length === 0) return;
       for (let i = 0; i < fix.length; i++) {
         const [b, v] = saved[i]!;
@@ -201,6 +208,10 @@ export class FlushEpoch implements Epoch {
       }
       await io.write(fix);
       return;
+    }
+    const mine: number[] = [];
+    for (const [start, count] of pieces) {
+      for (let b = start; b < start + count; b++) if (this.flushing.get(b) && !this.#copied.get(b)) mine.push(b);
     }
     let done!: () => void;
     const reading = new Promise<void>((resolve) => (done = resolve));

@@ -418,6 +418,21 @@ export class CacheStore {
     await this.writeData(buf, position);
   }
 
+  /**
+   * A long fill through a smaller buffer (a hydration chunk): `source`'s bytes [position, position +
+   * length) into the cache file at the same offset, piece after piece of buf.length, in one request
+   * where the source can (Source.streamInto: one sequential reading stream), else fillFrom per
+   * piece. Not durable until syncData(). Rejects like fillFrom; leading pieces may have been
+   * written then (the blocks stay missing: the caller marks nothing present).
+   */
+  async fillStream(source: Source, buf: Uint8Array, position: number, length: number): Promise<void> {
+    this.#assertUsable();
+    if (source.streamInto) return source.streamInto(this.#cache, buf, position, position, length);
+    for (let done = 0; done < length; done += buf.byteLength) {
+      await this.fillFrom(source, buf.subarray(0, Math.min(buf.byteLength, length - done)), position + done);
+    }
+  }
+
   /** Makes every cache write that completed before the call durable (one fdatasync, shared). */
   syncData(): Promise<void> {
     this.#assertUsable();

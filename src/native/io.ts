@@ -10,6 +10,10 @@ interface IoBinding {
   pwriteList(fd: number, buffers: Uint8Array[], positions: Float64Array): Promise<Int32Array>;
   copyRange(srcFd: number, srcPosition: number, dstFd: number, dstPosition: number, buf: Uint8Array, bufOffset: number, length: number): Promise<number>;
   copyRanges(srcFd: number, dstFd: number, buf: Uint8Array, ranges: Float64Array): Promise<number>;
+  copyStream(
+    srcFd: number, srcPosition: number, dstFd: number, dstPosition: number, buf: Uint8Array, bufOffset: number,
+    pieceLength: number, length: number, sequential: boolean,
+  ): Promise<number>;
   fdatasync(fd: number): Promise<void>;
   fallocate(fd: number, offset: number, length: number, mode: number): Promise<void>;
   seekData(fd: number, offset: number, hole: boolean): number;
@@ -116,6 +120,32 @@ export function copyRanges(srcFd: number, dstFd: number, buf: Uint8Array, ranges
     validateInteger(ranges[i + 3], 'ranges dstPosition', 0, Number.MAX_SAFE_INTEGER - length);
   }
   return binding.copyRanges(srcFd, dstFd, buf, ranges);
+}
+
+/**
+ * A long sequential copy in one threadpool job: `length` bytes of srcFd at srcPosition to dstFd at
+ * dstPosition, through buf[bufOffset, bufOffset + pieceLength) one piece after the other (each
+ * piece read whole, then written, then the next read: one reading stream, as `dd bs=PIECE` does;
+ * a hydration chunk of several MiB costs one hand-off to the I/O threads, not one per piece).
+ * With `sequential`, posix_fadvise(POSIX_FADV_SEQUENTIAL) on srcFd first (a larger readahead for a
+ * buffered file; no effect on O_DIRECT). Resolves with the bytes copied, read and written:
+ * `length`, or fewer only when srcFd ended early; then the pieces before the short one are
+ * written and the short one is not. A failure rejects with the errno and its step ('pread' for
+ * srcFd, 'pwrite' for dstFd) as `syscall`; pieces before it are written, none after.
+ */
+export function copyStream(
+  srcFd: number, srcPosition: number, dstFd: number, dstPosition: number, buf: Uint8Array, bufOffset: number,
+  pieceLength: number, length: number, sequential = false,
+): Promise<number> {
+  validateFd(srcFd);
+  validateFd(dstFd);
+  validateBytes(buf, 'buf');
+  validateInteger(bufOffset, 'bufOffset', 0, buf.byteLength);
+  validateInteger(pieceLength, 'pieceLength', 1, buf.byteLength - bufOffset);
+  validateInteger(length, 'length', 0, Number.MAX_SAFE_INTEGER);
+  validateInteger(srcPosition, 'srcPosition', 0, Number.MAX_SAFE_INTEGER - length);
+  validateInteger(dstPosition, 'dstPosition', 0, Number.MAX_SAFE_INTEGER - length);
+  return binding.copyStream(srcFd, srcPosition, dstFd, dstPosition, buf, bufOffset, pieceLength, length, sequential);
 }
 
 export function fdatasync(fd: number): Promise<void> {

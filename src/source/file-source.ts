@@ -66,6 +66,25 @@ export class FileSource implements WritableSource {
     if (n !== buf.byteLength) throw this.#short(position, n, buf.byteLength);
   }
 
+  async streamInto(into: BlockFile, buf: Uint8Array, position: number, intoPosition: number, length: number): Promise<void> {
+    if (!into.copyStreamFrom || (this.#direct && !isAligned(buf, POOL_ALIGNMENT))) {
+      // Piece after piece through copyInto (its own fallbacks included).
+      for (let done = 0; done < length; done += buf.byteLength) {
+        const piece = buf.subarray(0, Math.min(buf.byteLength, length - done));
+        await this.copyInto(into, piece, position + done, intoPosition + done);
+      }
+      return;
+    }
+    if (this.#direct) {
+      this.#checkAligned(buf.byteLength, position);
+      this.#checkAligned(length, position);
+    }
+    // A buffered file (an image) gets a larger readahead for the stream; O_DIRECT has none.
+    const n = await into.copyStreamFrom(this.#file, buf, position, intoPosition, length, !this.#direct);
+    // The copy stopped at a short piece (the pieces before it are written: the caller fails the range).
+    if (n !== length) throw this.#short(position, n, length);
+  }
+
   async writeAt(buf: Uint8Array, position: number): Promise<void> {
     if (!this.#direct) return this.#file.write(buf, position);
     this.#checkAligned(buf.byteLength, position);

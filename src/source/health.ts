@@ -90,6 +90,15 @@ export class DiskHealth {
           throw err;
         }
       },
+      streamInto: async (into, buf, position, intoPosition, length) => {
+        try {
+          await source.streamInto!(into, buf, position, intoPosition, length);
+          this.succeeded();
+        } catch (err) {
+          if ((err as { syscall?: string }).syscall !== 'pwrite') this.failed(err);
+          throw err;
+        }
+      },
       writeAt: (buf, position) => track(w.writeAt(buf, position)),
       writeMany: (buf, pieces) => track(w.writeMany!(buf, pieces)),
       // A flush batch's cache reads and disk writes in one request: only the write side is the disk's.

@@ -31,6 +31,13 @@ export interface Source {
    * the cache's, not the disk's). Callers fall back to readAt and write where it is missing.
    */
   copyInto?(into: BlockFile, buf: Uint8Array, position: number, intoPosition: number): Promise<void>;
+  /**
+   * Optional: copyInto() of `length` bytes (more than buf holds) through `buf`, piece after piece,
+   * in one request where the source and `into` can (a hydration chunk: BlockFile.copyStreamFrom,
+   * one sequential reading stream). Rejects like copyInto; after a failure some leading pieces
+   * may be written to `into` (the caller treats the whole range as not copied).
+   */
+  streamInto?(into: BlockFile, buf: Uint8Array, position: number, intoPosition: number, length: number): Promise<void>;
   close(): Promise<void>;
   /** Counters worth showing in `status` (bytes fetched, requests, errors); plain JSON values. */
   stats?(): Record<string, number | string | boolean>;
@@ -108,6 +115,10 @@ export function observeReads<S extends Source>(source: S, onRead: () => void): S
     copyInto: (into, buf, position, intoPosition) => {
       onRead();
       return source.copyInto!(into, buf, position, intoPosition);
+    },
+    streamInto: (into, buf, position, intoPosition, length) => {
+      onRead();
+      return source.streamInto!(into, buf, position, intoPosition, length);
     },
   });
 }

@@ -3,7 +3,7 @@
 import { constants as fsc, promises as fsp } from 'node:fs';
 import { blkGetSize64, blkZeroOut } from '../native/blkdev.js';
 import { errnoError } from '../native/addon.js';
-import { alignedBuffer, copyRange, copyRanges, fallocate, fdatasync, pread, preadNowait, punchHole, pwrite, pwriteList, seekData } from '../native/io.js';
+import { alignedBuffer, copyRange, copyRanges, copyStream, fallocate, fdatasync, pread, preadNowait, punchHole, pwrite, pwriteList, seekData } from '../native/io.js';
 import type { BlockFile, OpenOptions, Storage } from './storage.js';
 
 /** Written zeros go out in pieces this large when the file cannot zero a range itself. */
@@ -101,6 +101,21 @@ class PosixFile implements BlockFile {
     // Short: nothing written, as the native copy.
     if (n === buf.byteLength) await this.write(buf, position);
     return n;
+  }
+
+  async copyStreamFrom(src: BlockFile, buf: Uint8Array, srcPosition: number, position: number, length: number, sequential = false): Promise<number> {
+    if (src instanceof PosixFile) return copyStream(src.#fd, srcPosition, this.#fd, position, buf, 0, buf.byteLength, length, sequential);
+    if (buf.byteLength === 0 && length > 0) throw new RangeError('copyStreamFrom needs a buffer of at least one byte');
+    let done = 0;
+    while (done < length) {
+      const piece = buf.subarray(0, Math.min(buf.byteLength, length - done));
+      const n = await src.read(piece, srcPosition + done);
+      // Short: this piece is not written, as the native copy.
+      if (n < piece.byteLength) return done;
+      await this.write(piece, position + done);
+      done += n;
+    }
+    return done;
   }
 
   async copyManyFrom(src: BlockFile, buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>): Promise<number> {

@@ -23,6 +23,16 @@ export interface BlockFile {
    */
   copyFrom?(src: BlockFile, buf: Uint8Array, srcPosition: number, position: number): Promise<number>;
   /**
+   * Optional: a long copyFrom() through a smaller buffer: `length` bytes of `src` at `srcPosition`
+   * written here at `position`, in pieces of buf.length, each read whole and then written before the
+   * next is read (one sequential reading stream), in one request to the I/O threads where both are
+   * files of this storage (a hydration chunk). With `sequential`, src is advised it is read in order
+   * (posix_fadvise SEQUENTIAL). Resolves with the bytes copied (read and written): `length`, or
+   * fewer when src ended early; then the pieces before the short one are written, not it. A
+   * failure's `syscall` says the side: 'pread' src, 'pwrite' this file. Not durable until sync().
+   */
+  copyStreamFrom?(src: BlockFile, buf: Uint8Array, srcPosition: number, position: number, length: number, sequential?: boolean): Promise<number>;
+  /**
    * Optional: copyFrom() of many pieces through one buffer: `pieces` are [offset in buf, length,
    * position] (bytes), each read from `src` at `position` into buf and then written here at the same
    * position (the cache file mirrors the disk), in one request to the I/O threads where both are

@@ -7,11 +7,16 @@ import type { CacheEngine } from '../cache/engine.js';
 export interface HydratorOptions {
   /** Bytes per second at most; 0 or undefined: as fast as the source goes. */
   rate?: number;
-  /** Largest single fill. */
+  /**
+   * Largest single fill. Default 8 MiB where the engine's source streams (Source.streamInto, a
+   * local disk: a chunk is one sequential stream through one fill buffer in one request to the I/O
+   * threads, engine.prefetch), else 1 MiB.
+   */
   chunkBytes?: number;
   /**
-   * Fills in flight: the source is read ahead while earlier chunks are written to the cache, and
-   * a disk keeps a queue of sequential reads. Default 4.
+   * Fills in flight: the source is read ahead while earlier chunks are written to the cache.
+   * Default 2 where the source streams (while one chunk's request returns to the event loop and
+   * the next is queued, the other keeps the disk reading), else 4.
    */
   depth?: number;
   /** Pause while a user request came in this recently (milliseconds). */
@@ -40,6 +45,10 @@ export interface HydrationProgress {
   lastError: string | null;
 }
 
+/** Chunk and chunks in flight where the source streams (bench/README.md, session 7). */
+const STREAM_CHUNK = 8 << 20;
+const STREAM_DEPTH = 2;
+
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms).unref());
 
 export class Hydrator {
@@ -61,8 +70,9 @@ export class Hydrator {
   constructor(engine: CacheEngine, options: HydratorOptions = {}) {
     this.#engine = engine;
     this.#rate = options.rate ?? 0;
-    this.#chunk = Math.max(engine.geometry.blockSize, options.chunkBytes ?? 1 << 20);
-    this.#depth = Math.max(1, options.depth ?? 4);
+    const streams = typeof engine.source.streamInto === 'function';
+    this.#chunk = Math.max(engine.geometry.blockSize, options.chunkBytes ?? (streams ? STREAM_CHUNK : 1 << 20));
+    this.#depth = Math.max(1, options.depth ?? (streams ? STREAM_DEPTH : 4));
     this.#quietMs = options.quietMs ?? 200;
     this.#retryMs = options.retryMs ?? 30_000;
     this.#onError = options.onError;

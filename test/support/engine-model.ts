@@ -115,7 +115,8 @@ async function openEngine(real: Omit<Real, 'engine'>): Promise<CacheEngine> {
     metadata: real.world.metadata(),
   });
   // One block of copies in memory, the rest in the spill file: both copy-on-write paths run.
-  const engine = new CacheEngine(store, source, { autoCommitMs: 0, cowMemoryBytes: real.blockSize });
+  // Fills of 2 blocks or more are staged and locked as ranges, single blocks one by one: both run.
+  const engine = new CacheEngine(store, source, { autoCommitMs: 0, cowMemoryBytes: real.blockSize, rangeFillBlocks: 2 });
   // The budget full of dirty data: a flush from inside the request that needs room, as the
   // daemon's scheduler does (reason 'budget').
   engine.onSpacePressure = () => pressureFlush(real as Real, engine);

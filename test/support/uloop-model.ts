@@ -359,7 +359,8 @@ async function openEngine(real: Omit<Real, 'engine' | 'kernel'>, servedByKernel 
     storage,
     metadata: real.world.metadata(),
   });
-  const engine = new CacheEngine(store, source, { autoCommitMs: 0, cowMemoryBytes: real.blockSize });
+  // Fills of 2 blocks or more are staged and locked as ranges, single blocks one by one: both run.
+  const engine = new CacheEngine(store, source, { autoCommitMs: 0, cowMemoryBytes: real.blockSize, rangeFillBlocks: 2 });
   // A fill waiting for room in a budget full of dirty data: a flush, as the scheduler's 'budget'.
   engine.onSpacePressure = () => pressureFlush(real as Real, engine);
   return engine;

@@ -72,6 +72,29 @@ describe('DiskHealth', () => {
     expect(health.status()).toMatchObject({ state: 'failing', errors: 1 });
   });
 
+  it("counts a hydration stream's disk-side failures (pread), not its cache-side ones (pwrite), and a success after", async () => {
+    const health = new DiskHealth();
+    const src = flakySource();
+    const calls: string[] = [];
+    const disk = Object.assign(src, {
+      streamInto: async (_into: unknown, _buf: Uint8Array, position: number, _intoPosition: number, length: number) => {
+        calls.push(`stream ${position}+${length}`);
+        await src.readAt();
+      },
+    });
+    const watched = health.watch(disk) as WritableSource;
+    const cache = {} as never;
+    src.fail.push(Object.assign(errno('ENOSPC', 'ENOSPC: no space left on device, pwrite'), { syscall: 'pwrite' }));
+    await expect(watched.streamInto!(cache, Buffer.alloc(4096), 0, 0, 1 << 20)).rejects.toThrow(/ENOSPC/);
+    expect(health.status()).toMatchObject({ state: 'ok', errors: 0 });
+    src.fail.push(Object.assign(errno('EIO', 'EIO: i/o error, pread'), { syscall: 'pread' }));
+    await expect(watched.streamInto!(cache, Buffer.alloc(4096), 1 << 20, 1 << 20, 1 << 20)).rejects.toThrow(/EIO/);
+    expect(health.status()).toMatchObject({ state: 'failing', errors: 1, lastError: 'EIO: i/o error, pread' });
+    await watched.streamInto!(cache, Buffer.alloc(4096), 2 << 20, 2 << 20, 1 << 20);
+    expect(health.status()).toMatchObject({ state: 'ok', errors: 1 });
+    expect(calls).toEqual(['stream 0+1048576', 'stream 1048576+1048576', 'stream 2097152+1048576']);
+  });
+
   it.each(['ENODEV', 'ENXIO', 'ENOMEDIUM', 'ENOTCONN', 'ESHUTDOWN', 'ESTALE'])('calls %s gone', async (code) => {
     const health = new DiskHealth();
     const src = flakySource();

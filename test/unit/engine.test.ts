@@ -1389,6 +1389,68 @@ describe('the hydrator', () => {
   });
 });
 
+describe('long fills staged and locked as ranges (rangeFillBlocks)', () => {
+  it('a write into a block of a long fill in flight waits for the fill, then wins over it', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 256 * BS, blockSize: BS });
+    const data = randomBytes(BS);
+    // 128 blocks: one range-locked fill, its disk read held back while the write to its block 10
+    // goes as far as it can.
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => (open = resolve));
+    const readAt = r.source.readAt.bind(r.source);
+    r.source.readAt = async (buf, position) => {
+      await gate;
+      return readAt(buf, position);
+    };
+    const fill = r.engine.prefetch(0, 128 * BS);
+    const write = r.engine.write(10 * BS, data);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    open();
+    await Promise.all([fill, write]);
+    await r.engine.flush();
+    expect(r.store.dirty.get(10)).toBe(true);
+    expect(r.store.present.count(0, 128)).toBe(128);
+    expect(r.store.dirty.count()).toBe(1);
+    expect(r.engine.stats().stagedBlocks).toBe(0);
+    const model = Buffer.from(r.initial);
+    data.copy(model, 10 * BS);
+    expect((await r.engine.read(0, 256 * BS)).equals(model)).toBe(true);
+  });
+
+  it("a write into a long fill's block while the commit syncs leaves it out of that commit: staged dirty, never present clean", async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 256 * BS, blockSize: BS });
+    await r.engine.prefetch(0, 128 * BS);
+    expect(r.engine.stats().stagedBlocks).toBe(128);
+    const data = randomBytes(BS);
+    let during: (() => Promise<void>) | null = () => r.engine.write(20 * BS, data);
+    const store = r.store;
+    const syncData = store.syncData.bind(store);
+    store.syncData = async () => {
+      const synced = syncData();
+      const hook = during;
+      during = null;
+      if (hook) await hook();
+      return synced;
+    };
+    await r.engine.flush();
+    expect(during).toBeNull();
+    // The commit's snapshot held block 20 clean; the write made it dirty during the sync: it must
+    // not come out present and clean (the cache holds data the disk does not).
+    expect(store.present.get(20) && !store.dirty.get(20)).toBe(false);
+    expect(store.present.count(0, 128)).toBe(127);
+    expect(r.engine.stats().stagedBlocks).toBe(1);
+    await r.engine.flush();
+    expect(store.present.get(20)).toBe(true);
+    expect(store.dirty.get(20)).toBe(true);
+    expect(r.engine.stats().stagedBlocks).toBe(0);
+    const model = Buffer.from(r.initial);
+    data.copy(model, 20 * BS);
+    expect((await r.engine.read(0, 256 * BS)).equals(model)).toBe(true);
+  });
+});
+
 describe('fills in one request (Source.copyInto)', () => {
   it('hydrate a file-backed disk through copyInto; a failed cache write leaves its blocks missing, is retried, and is not the disk failing', async () => {
     const BS = 4 * KiB;
@@ -1441,6 +1503,65 @@ describe('fills in one request (Source.copyInto)', () => {
     // One request per chunk, the failed one twice.
     expect(copies.filter((b) => b === 40)).toHaveLength(2);
     expect(copies).toHaveLength(256 / 8 + 1);
+    expect(h.progress()).toMatchObject({ done: true, percent: 100 });
+    expect(readFileSync(r.paths.cache).subarray(0, 256 * BS).equals(r.initial)).toBe(true);
+    expect((await engine.read(0, 256 * BS)).equals(r.initial)).toBe(true);
+  });
+
+  it('a hydration chunk larger than a fill buffer is one stream through it (Source.streamInto); a stream failing halfway leaves the whole chunk missing and is retried', async () => {
+    const BS = 4 * KiB;
+    const failAt = 64 * BS;
+    let failures = 1;
+    const streams: Array<[number, number, number]> = [];
+    // The cache file's copyStreamFrom copies the first half of the chunk at failAt, then fails
+    // after writing garbage into the second half, as a stream whose cache write broke would.
+    const storage: Storage = {
+      ...posixStorage,
+      async open(path, options) {
+        const file = await posixStorage.open(path, options);
+        if (!path.endsWith('cache')) return file;
+        const copyStreamFrom = file.copyStreamFrom!.bind(file);
+        return Object.assign(file, {
+          copyStreamFrom: async (src: BlockFile, buf: Uint8Array, srcPosition: number, position: number, length: number, sequential?: boolean) => {
+            streams.push([position / BS, length / BS, buf.byteLength / BS]);
+            if (position === failAt && failures-- > 0) {
+              await copyStreamFrom(src, buf, srcPosition, position, length / 2, sequential);
+              await file.write(Buffer.alloc(length / 2, 0x5a), position + length / 2);
+              throw Object.assign(new Error('EIO: i/o error, pwrite'), { code: 'EIO', errno: 5, syscall: 'pwrite' });
+            }
+            return copyStreamFrom(src, buf, srcPosition, position, length, sequential);
+          },
+        });
+      },
+    };
+    const r = await rig({ size: 256 * BS, blockSize: BS, storage });
+    await r.engine.close();
+    const health = new DiskHealth();
+    const disk = health.watch(r.file);
+    r.store = await CacheStore.open({ paths: r.paths, backing: disk, mode: 'writeback', blockSize: BS, storage });
+    // Fill buffers of 4 blocks, chunks of 32: each chunk streams through one buffer in 8 pieces.
+    const engine = new CacheEngine(r.store, disk, { autoCommitMs: 0, maxFillBytes: 4 * BS });
+    cleanups.push(() => engine.close());
+    const errors: string[] = [];
+    const presentAtError: boolean[] = [];
+    const h = new Hydrator(engine, {
+      quietMs: 0,
+      chunkBytes: 32 * BS,
+      retryMs: 1,
+      onError: (e) => {
+        errors.push(e.message);
+        // Invariant 1: no block of the chunk is present, the half copied well included.
+        void engine.flush().then(() => presentAtError.push(r.store.present.get(64), r.store.present.get(80), r.store.present.get(95)));
+      },
+    });
+    await h.start();
+    expect(errors).toEqual(['EIO: i/o error, pwrite']);
+    expect(presentAtError).toEqual([false, false, false]);
+    expect(health.status()).toMatchObject({ state: 'ok', errors: 0 });
+    // One stream per chunk through a 4-block buffer, the failed one twice.
+    expect(streams.every(([, count, bufBlocks]) => count === 32 && bufBlocks === 4)).toBe(true);
+    expect(streams.filter(([b]) => b === 64)).toHaveLength(2);
+    expect(streams).toHaveLength(256 / 32 + 1);
     expect(h.progress()).toMatchObject({ done: true, percent: 100 });
     expect(readFileSync(r.paths.cache).subarray(0, 256 * BS).equals(r.initial)).toBe(true);
     expect((await engine.read(0, 256 * BS)).equals(r.initial)).toBe(true);

@@ -11,7 +11,7 @@ import { runInNewContext } from 'node:vm';
 import { NativeError } from '../../src/native/addon.js';
 import { bitClearRange, bitCount, bitFindNextClear, bitFindNextSet, bitSetRange } from '../../src/native/bitmap.js';
 import { blkFlsBuf, blkGetSize64, blkPhysicalSectorSize, blkSectorSize } from '../../src/native/blkdev.js';
-import { alignedBuffer, copyRange, copyRanges, fallocate, fdatasync, isAligned, pread, preadNowait, pwrite, pwriteList } from '../../src/native/io.js';
+import { alignedBuffer, copyRange, copyRanges, copyStream, fallocate, fdatasync, isAligned, pread, preadNowait, pwrite, pwriteList } from '../../src/native/io.js';
 import {
   ULOOP_ABI_VERSION,
   ULOOP_CONTROL,
@@ -229,6 +229,64 @@ describe('positioned I/O on a regular file', () => {
         fs.closeSync(wo);
       }
       expect(() => copyRange(s, 0, d, 0, buf, 1, buf.length)).toThrow(RangeError);
+    } finally {
+      fs.closeSync(s);
+      fs.closeSync(d);
+    }
+  });
+
+  it('copyStream copies a long range through a smaller buffer in one job; a short piece and what follows are not written; EIO and EBADF name their side', async () => {
+    const src = path.join(dir, 'stream-src');
+    const dst = path.join(dir, 'stream-dst');
+    const data = randomBytes(5 * 4096 + 100);
+    fs.writeFileSync(src, data);
+    fs.writeFileSync(dst, Buffer.alloc(64 * 1024, 0xee));
+    const s = fs.openSync(src, 'r');
+    const d = fs.openSync(dst, 'r+');
+    try {
+      // 5 pieces of 4096 bytes and one of 100 through buf[7..4103), from src 0 to dst 8192, with the
+      // sequential advice on.
+      const buf = Buffer.alloc(4096 + 7);
+      expect(await copyStream(s, 0, d, 8192, buf, 7, 4096, data.length, true)).toBe(data.length);
+      let back = fs.readFileSync(dst);
+      expect(back.subarray(8192, 8192 + data.length).equals(data)).toBe(true);
+      expect(back[8191]).toBe(0xee);
+      expect(back[8192 + data.length]).toBe(0xee);
+      // The last piece went through the buffer last; the 7 bytes before the slice were never touched.
+      expect(buf.subarray(7, 107).equals(data.subarray(5 * 4096))).toBe(true);
+      expect(buf.subarray(0, 7).equals(Buffer.alloc(7))).toBe(true);
+      // A zero length copies nothing.
+      expect(await copyStream(s, 0, d, 0, buf, 0, 4096, 0)).toBe(0);
+      // Src ends inside the fifth piece: the four whole pieces before it are copied, the short
+      // one is not written (dst keeps 0xee there), and the count says how far the copy got.
+      fs.writeFileSync(dst, Buffer.alloc(64 * 1024, 0xee));
+      expect(await copyStream(s, 4096, d, 0, buf, 0, 4096, 5 * 4096)).toBe(4 * 4096);
+      back = fs.readFileSync(dst);
+      expect(back.subarray(0, 4 * 4096).equals(data.subarray(4096, 5 * 4096))).toBe(true);
+      expect(back.subarray(4 * 4096, 5 * 4096).equals(Buffer.alloc(4096, 0xee))).toBe(true);
+      // A read that fails with EIO (this process's memory at address 0, which is never mapped)
+      // fails the copy as pread, and nothing is written.
+      fs.writeFileSync(dst, Buffer.alloc(64 * 1024, 0xee));
+      const mem = fs.openSync('/proc/self/mem', 'r');
+      try {
+        await expectNativeReject(copyStream(mem, 0, d, 0, buf, 0, 4096, 8192), 'EIO', 'pread');
+      } finally {
+        fs.closeSync(mem);
+      }
+      expect(fs.readFileSync(dst).equals(Buffer.alloc(64 * 1024, 0xee))).toBe(true);
+      // A destination that cannot be written fails as pwrite, a source that cannot be read as pread.
+      const ro = fs.openSync(dst, 'r');
+      const wo = fs.openSync(src, 'a');
+      try {
+        await expectNativeReject(copyStream(s, 0, ro, 0, buf, 0, 4096, 8192), 'EBADF', 'pwrite');
+        await expectNativeReject(copyStream(wo, 0, d, 0, buf, 0, 4096, 8192), 'EBADF', 'pread');
+      } finally {
+        fs.closeSync(ro);
+        fs.closeSync(wo);
+      }
+      // The piece must fit the buffer and hold at least a byte.
+      expectInvalid(() => copyStream(s, 0, d, 0, buf, 8, 4096, 8192), RangeError, 'ERR_OUT_OF_RANGE', 'pieceLength');
+      expectInvalid(() => copyStream(s, 0, d, 0, buf, 0, 0, 8192), RangeError, 'ERR_OUT_OF_RANGE', 'pieceLength');
     } finally {
       fs.closeSync(s);
       fs.closeSync(d);

@@ -20,6 +20,7 @@ class FullSource implements WritableSource {
   }
   readAt(): Promise<void> { return this.#io('readAt'); }
   copyInto(): Promise<void> { return this.#io('copyInto'); }
+  streamInto(): Promise<void> { return this.#io('streamInto'); }
   writeAt(): Promise<void> { return this.#io('writeAt'); }
   writeMany(): Promise<void> { return this.#io('writeMany'); }
   zeroAt(): Promise<void> { return this.#io('zeroAt'); }
@@ -52,7 +53,7 @@ describe.each(wrappers)('%s', (_name, wrap) => {
     const src = new FullSource();
     const wrapped = wrap(src) as unknown as Record<string, unknown>;
     const names = methodNames(src);
-    expect(names.length).toBe(10);
+    expect(names.length).toBe(11);
     expect(methodNames(wrapped)).toEqual(names);
     for (const name of names) {
       src.calls.length = 0;
@@ -66,7 +67,7 @@ describe.each(wrappers)('%s', (_name, wrap) => {
     const io = async () => undefined;
     const bare: WritableSource = { size: 4096, id: 'bare', description: 'bare', readAt: io, writeAt: io, sync: io, close: io };
     const wrapped = wrap(bare);
-    for (const name of ['copyInto', 'writeMany', 'zeroAt', 'stats', 'present', 'sectorSize']) {
+    for (const name of ['copyInto', 'streamInto', 'writeMany', 'zeroAt', 'stats', 'present', 'sectorSize']) {
       expect(name in wrapped, name).toBe(false);
       expect((wrapped as unknown as Record<string, unknown>)[name], name).toBeUndefined();
     }
