@@ -467,6 +467,18 @@ describe('dirty and cached counts of blocks staged for the next commit', () => {
     expect(r.engine.dirtyDataBlocks()).toBe(5);
   });
 
+  it('a long fill staged by range counts as cached before its commit, and a block written out of it as dirty', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 256 * BS, blockSize: BS });
+    // 128 blocks: a range-staged fill (rangeFillBlocks), not 128 Map entries.
+    await r.engine.prefetch(0, 128 * BS);
+    expect(r.engine.stats()).toMatchObject({ stagedBlocks: 128, presentBlocks: 0, cachedBlocks: 128, dirtyBlocks: 0 });
+    await r.engine.write(3 * BS + 1, pattern(10, 4));
+    expect(r.engine.stats()).toMatchObject({ stagedBlocks: 128, presentBlocks: 0, cachedBlocks: 128, dirtyBlocks: 1 });
+    await r.engine.flush();
+    expect(r.engine.stats()).toMatchObject({ stagedBlocks: 0, presentBlocks: 128, cachedBlocks: 128, dirtyBlocks: 1 });
+  });
+
   it('a whole-block write into zeroed blocks holds data before its commit: dirty as before, zeroed no more', async () => {
     const BS = 4 * KiB;
     const r = await rig({ size: 16 * BS, blockSize: BS });
