@@ -1151,6 +1151,7 @@ class StartWorker_ : public PromiseWorker {
     if (fd < 0) return errno;
     std::string text = "pid " + std::to_string(getpid()) + " recovering /dev/ublkb" + std::to_string(s.dev_id) + " of " + s.cache_path + "\n";
     int e = 0;
+    errno = 0;  // a short write sets none
     if (write(fd, text.data(), text.size()) != static_cast<ssize_t>(text.size())) e = errno ? errno : EIO;
     if (e == 0 && fsync(fd) != 0) e = errno;
     close(fd);
