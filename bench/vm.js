@@ -6,7 +6,7 @@
 // kernel's ublk_drv and the addon's io_uring server) and its /dev/loopN frontend (FUSE + loop), and
 // optionally on ulobdev's NBD frontend through nbd.ko (same cache).
 //
-//   node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--perf] [--json PATH] [--keep]
+//   node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--workloads LIST] [--perf | --perf-stat] [--json PATH] [--keep]
 //
 // Boots the VM of the tests (scripts/vm/prepare.sh, scripts/vm/init) once. In the guest everything
 // lives on an ext4 filesystem on a brd RAM disk, so the numbers are CPU cost (of an emulated CPU),
@@ -50,7 +50,7 @@ try {
 }
 if (opts.help) {
   process.stdout.write(
-    'usage: node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--perf] [--json PATH] [--keep]\n' +
+    'usage: node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--workloads LIST] [--perf | --perf-stat] [--json PATH] [--keep]\n' +
       '  --size     size of the device in MiB (suffix M; 64M to 512M; the guest RAM disk holds 5x)\n' +
       '  --seconds  fio time per workload and device (after 1 s of ramp)\n' +
       '  --json     where the JSON result goes (default bench/results/vm.json)\n' +
