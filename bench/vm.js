@@ -6,7 +6,7 @@
 // kernel's ublk_drv and the addon's io_uring server) and its /dev/loopN frontend (FUSE + loop), and
 // optionally on ulobdev's NBD frontend through nbd.ko (same cache).
 //
-//   node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--perf] [--json PATH] [--keep]
+//   node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--workloads LIST] [--perf | --perf-stat] [--json PATH] [--keep]
 //
 // Boots the VM of the tests (scripts/vm/prepare.sh, scripts/vm/init) once. In the guest everything
 // lives on an ext4 filesystem on a brd RAM disk, so the numbers are CPU cost (of an emulated CPU),
@@ -39,6 +39,8 @@ try {
       kernel: { type: 'string', default: '6.12' },
       devices: { type: 'string', default: 'loop,loopbuf,uloop,ublk,ulobloop,writecache,bcache' },
       perf: { type: 'boolean', default: false },
+      'perf-stat': { type: 'boolean', default: false },
+      workloads: { type: 'string', default: 'seqread,seqwrite,randread,randwrite' },
       help: { type: 'boolean', short: 'h', default: false },
     },
     strict: true,
@@ -48,7 +50,7 @@ try {
 }
 if (opts.help) {
   process.stdout.write(
-    'usage: node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--perf] [--json PATH] [--keep]\n' +
+    'usage: node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--workloads LIST] [--perf | --perf-stat] [--json PATH] [--keep]\n' +
       '  --size     size of the device in MiB (suffix M; 64M to 512M; the guest RAM disk holds 5x)\n' +
       '  --seconds  fio time per workload and device (after 1 s of ramp)\n' +
       '  --json     where the JSON result goes (default bench/results/vm.json)\n' +
@@ -56,7 +58,11 @@ if (opts.help) {
       '  --kernel   guest kernel: 6.1, 6.12 (default) or newest (scripts/vm/prepare.sh)\n' +
       '  --devices  comma-separated rows: loop (dio, the reference, always run), loopbuf, uloop, ublk,\n' +
       '             ulobloop (ulobdev on /dev/loopN), nbd, writecache, bcache (default: all but nbd)\n' +
-      '  --perf     profile the uloop and loop (dio) runs with perf in the guest (flat profile per workload)\n',
+      '  --perf     profile the uloop, ublk and loop (dio) runs with perf in the guest (flat profile per workload;\n' +
+      '             ublk also by thread, and its system calls and context switches per request)\n' +
+      '  --perf-stat  only the ublk counts of --perf (system calls and context switches per request): no\n' +
+      '             sampling, whose start-up takes minutes in a loaded TCG guest\n' +
+      '  --workloads  comma-separated: seqread, seqwrite, randread, randwrite (default: all)\n',
   );
   process.exit(0);
 }
@@ -73,12 +79,18 @@ for (const f of ['dist/cli/ulobdev.js', 'build/Release/ulob_native.node']) {
 }
 if (process.getuid?.() !== 0) fail('needs root (scripts/vm/prepare.sh installs packages)');
 
-const WORKLOADS = [
+const ALL_WORKLOADS = [
   { key: 'seqread', title: 'seq read 1 MiB', rw: 'read', bs: '1M', unit: 'MB/s' },
   { key: 'seqwrite', title: 'seq write 1 MiB', rw: 'write', bs: '1M', unit: 'MB/s' },
   { key: 'randread', title: 'rand read 4 KiB', rw: 'randread', bs: '4k', unit: 'IOPS' },
   { key: 'randwrite', title: 'rand write 4 KiB', rw: 'randwrite', bs: '4k', unit: 'IOPS' },
 ];
+const wantedWorkloads = new Set(opts.workloads.split(',').map((w) => w.trim()).filter(Boolean));
+for (const w of wantedWorkloads) if (!ALL_WORKLOADS.some((x) => x.key === w)) fail(`--workloads: unknown workload ${w} (use ${ALL_WORKLOADS.map((x) => x.key).join(', ')})`);
+const WORKLOADS = ALL_WORKLOADS.filter((w) => wantedWorkloads.has(w.key));
+if (WORKLOADS.length === 0) fail('--workloads: name at least one');
+// --perf-stat: the ublk counts alone (implies nothing is sampled)
+const PERF = opts.perf || opts['perf-stat'];
 const ALL_DEVICES = [
   { key: 'loop', title: 'loop (dio)' },
   { key: 'loopbuf', title: 'loop (buffered)' },
@@ -102,17 +114,26 @@ if (!['6.1', '6.12', 'newest'].includes(opts.kernel)) fail('--kernel must be 6.1
 // With --perf, the uloop and loop (dio) runs are sampled with perf (cpu-clock: TCG has no PMU; the
 // guest's userspace is the host's, so its perf) and a flat profile by symbol goes to
 // /mnt/perf-TAG-WORKLOAD.txt: where the emulated CPU's time goes, kernel and module symbols included.
-const PROFILED = new Set(['uloop', 'loop']);
+// The ublk run is also sorted by thread name (fio, the server's queue threads, node) and counted
+// (perf stat -a: io_uring_enter, pread64, pwrite64, futex system calls, context switches) into
+// /mnt/perfstat-ublk-WORKLOAD.txt, beside the server's request count before and after
+// (/mnt/reqs-ublk-WORKLOAD.txt: `ulobdev status` queueRequests summed), for calls per request.
+const PROFILED = new Set(['uloop', 'loop', 'ublk']);
+const UBLK_STAT = ['io_uring_enter', 'pread64', 'pwrite64', 'futex'].map((c) => `syscalls:sys_enter_${c}`).concat('context-switches').join(',');
 const fioJobs = (dev, tag) =>
   WORKLOADS.map((w) => {
     const fio =
       `fio --name=${w.key} --filename=${dev} --rw=${w.rw} --bs=${w.bs} --direct=1 --ioengine=libaio --iodepth=${QD} ` +
       `--time_based --ramp_time=1 --runtime=${SECONDS} --randrepeat=0 --output-format=json --output=/mnt/fio-${tag}-${w.key}.json > /dev/null`;
-    if (!opts.perf || !PROFILED.has(tag)) return fio;
+    if (!PERF || !PROFILED.has(tag)) return fio;
     const data = `/tmp/perf-${tag}-${w.key}.data`;
+    const ublk = tag === 'ublk';
+    if (!opts.perf && !ublk) return fio;
+    if (!opts.perf) return `ublkreqs > /mnt/reqs-ublk-${w.key}.txt\n$PERF stat -a -x, -o /mnt/perfstat-ublk-${w.key}.txt -e ${UBLK_STAT} -- ${fio}\nublkreqs >> /mnt/reqs-ublk-${w.key}.txt`;
+    const record = `$PERF record -q -e cpu-clock -F 499 -a -g -o ${data} -- ${fio}`;
     return (
-      `$PERF record -q -e cpu-clock -F 499 -a -g -o ${data} -- ${fio}\n` +
-      `$PERF report -i ${data} --stdio --no-children --sort sym --percent-limit 1 2>/dev/null | grep -v '^$' | grep -v '^#' | grep '%' | head -40 > /mnt/perf-${tag}-${w.key}.txt || true\n` +
+      (ublk ? `ublkreqs > /mnt/reqs-ublk-${w.key}.txt\n$PERF stat -a -x, -o /mnt/perfstat-ublk-${w.key}.txt -e ${UBLK_STAT} -- ${record}\nublkreqs >> /mnt/reqs-ublk-${w.key}.txt\n` : `${record}\n`) +
+      `$PERF report -i ${data} --stdio --no-children --sort ${ublk ? 'comm,sym' : 'sym'} --percent-limit 1 2>/dev/null | grep -v '^$' | grep -v '^#' | grep '%' | head -40 > /mnt/perf-${tag}-${w.key}.txt || true\n` +
       `rm -f ${data}`
     );
   }).join('\n');
@@ -194,8 +215,11 @@ const ORDER = ['uloop', 'nbd', 'ublk', 'ulobloop', 'loop', 'loopbuf', 'writecach
 const script = `
 U="node ${ROOT}/dist/cli/ulobdev.js"
 PERF=$(ls /usr/bin/perf_* 2>/dev/null | tail -1); [ -n "$PERF" ] || PERF=$(command -v perf || true)
-${opts.perf ? '[ -n "$PERF" ] || { echo "no perf on the host (apt install linux-perf)"; exit 1; }' : ''}
+${PERF ? '[ -n "$PERF" ] || { echo "no perf on the host (apt install linux-perf)"; exit 1; }' : ''}
 step() { echo "== $1 $(cut -d' ' -f1 /proc/uptime)"; }
+${PERF ? 'mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true' : ''}
+# requests the ublk server has been handed so far (all queues)
+ublkreqs() { $U status /dev/ublkb0 --json | node -e 'const j=JSON.parse(require("fs").readFileSync(0,"utf8"));const u=(Array.isArray(j)?j[0]:j).ublk;console.log(u.queueRequests.reduce((a,b)=>a+b,0))'; }
 modprobe brd rd_nr=1 rd_size=$(( ${SIZE_MB} * 1024 * 6 ))
 modprobe -q crc32c_generic || true; modprobe ext4; modprobe loop; modprobe fuse
 mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/ram0 && mkdir -p /tmp/r && mount /dev/ram0 /tmp/r
@@ -306,11 +330,11 @@ const GOALS = [
     { workload: w, against: 'loop', min: 0.8 },
     { workload: w, against: 'writecache', min: 1.0 },
   ]),
-].filter((g) => wanted.has('uloop') && wanted.has(g.against)).map((g) => ({ device: 'uloop', ...g }));
+].filter((g) => wanted.has('uloop') && wanted.has(g.against) && wantedWorkloads.has(g.workload)).map((g) => ({ device: 'uloop', ...g }));
 // Issue 15's goals for ublk: 4 KiB random reads ≥ 0.8× loop dio; every row ≥ 2× ulobdev's /dev/loopN frontend.
 GOALS.push(
   ...[{ workload: 'randread', against: 'loop', min: 0.8 }, ...WORKLOADS.map((w) => ({ workload: w.key, against: 'ulobloop', min: 2.0 }))]
-    .filter((g) => wanted.has('ublk') && wanted.has(g.against))
+    .filter((g) => wanted.has('ublk') && wanted.has(g.against) && wantedWorkloads.has(g.workload))
     .map((g) => ({ device: 'ublk', ...g })),
 );
 const goals = GOALS.map((g) => {
@@ -337,11 +361,23 @@ writeJson(opts.json, {
   guest: { steps, info },
   wallSeconds: Math.round(wallMs / 1000),
 });
-if (opts.perf) {
+if (PERF) {
   for (const d of DEVICES.filter((x) => PROFILED.has(x.key))) {
     for (const w of WORKLOADS) {
       const text = read(`perf-${d.key}-${w.key}.txt`);
-      if (text) process.stdout.write(`\n--- perf, ${d.title}, ${w.title}: share of samples by symbol (all CPUs) ---\n${text}`);
+      if (text) process.stdout.write(`\n--- perf, ${d.title}, ${w.title}: share of samples by ${d.key === 'ublk' ? 'thread and ' : ''}symbol (all CPUs) ---\n${text}`);
+      if (d.key !== 'ublk') continue;
+      // perf stat -x, lines: value,unit,event,...; the server's requests over the same span
+      const counts = read(`perfstat-ublk-${w.key}.txt`)
+        .split('\n')
+        .map((l) => l.split(','))
+        .filter((f) => f.length > 2 && /^\d+$/.test(f[0]));
+      const [before, after] = read(`reqs-ublk-${w.key}.txt`).trim().split('\n').map(Number);
+      const reqs = after - before;
+      if (counts.length && reqs > 0) {
+        const per = counts.map((f) => `${f[2].replace('syscalls:sys_enter_', '')} ${fmt(Number(f[0]))} (${(Number(f[0]) / reqs).toFixed(2)}/request)`);
+        process.stdout.write(`--- perf stat, ${d.title}, ${w.title}: ${fmt(reqs)} requests served; system-wide: ${per.join(', ')} ---\n`);
+      }
     }
   }
 }

@@ -281,6 +281,8 @@ class Server {
   uint32_t lbs = 512, pbs = 4096;
   bool read_only = false;
   bool recovered = false;
+  // The device of this number was left dead or half-recovered: deleted and added again.
+  bool replaced = false;
   uint64_t features = 0;
   // One per hardware queue, made by Start and kept until the process exits (replies may name them).
   std::vector<std::unique_ptr<HwQueue>> queues;
@@ -305,6 +307,13 @@ class Server {
   // first Enter (its FETCHes) fails (fault_start_queue = q + 1).
   uint64_t fault_fsync_at = 0, fault_enter_at = 0, fault_enter_times = 0;
   unsigned fault_start_queue = 0;
+  // recovery-stall-queue=q: inside a user recovery, queue q's thread waits (up to 120 s, or until
+  // stopped) before its FETCHes, so that a test can kill -9 the daemon between
+  // START_USER_RECOVERY and the last queue's FETCH (fault_stall_queue = q + 1).
+  unsigned fault_stall_queue = 0;
+  // The cache file's path (for the marker's text) and the durable "recovering" marker
+  // (RUN_DIR/ublkbN.recovering; empty: none): see StartWorker_::Recover.
+  std::string cache_path, marker;
   std::atomic<uint64_t> syncs{0}, served{0}, enter_faults{0};
 
   // The start latch: START_DEV and END_USER_RECOVERY wait (uninterruptibly, on a threadpool thread)
@@ -517,6 +526,8 @@ struct HwQueue {
   }
 
   void Run() {
+    if (s->start_recovering && s->fault_stall_queue == id + 1u)
+      for (int i = 0; i < 1200 && !s->stopping.load(); i++) usleep(100000);
     for (uint16_t t = 0; t < s->depth; t++) QueueIo(t, kIoFetch, -1);
     ArmEvent();
     // The FETCHes go in without waiting, and a refusal comes back at once: only then may
@@ -1011,13 +1022,19 @@ class StartWorker_ : public PromiseWorker {
             p.basic.dev_sectors != s.size >> 9)
           return Fail(EEXIST, "ublk device of another size");
         if (info.state == kStateQuiesced && (info.flags & kFUserRecovery)) {
-          return Recover(want_, info);
+          // A marker left by a recovery that died part-way: that START_USER_RECOVERY dropped every
+          // queue's daemon task and some queue may have none now, which the next START would put
+          // (6.12: an oops). The device goes and is added again instead.
+          if (!MarkerExists() && Recover(want_, info)) return;
+          if (err_) return;
         }
-        // Dead, without recovery: what is left of it goes, and it is added again.
-        r = CtrlCmd(s.ctrl_fd, kCmdDelDev, static_cast<uint32_t>(want_), 0, nullptr, 0, 0);
-        if (r < 0) return Fail(-r, "UBLK_CMD_DEL_DEV (leftover)");
+        // Dead without recovery, or half-recovered: what is left of it goes, and it is added again.
+        s.replaced = true;
+        if (!DeleteLeftover(want_)) return;
       } else if (r != -ENODEV) {
         return Fail(-r, "UBLK_CMD_GET_DEV_INFO");
+      } else {
+        RemoveMarker();  // no device: a marker a reboot or a delete left says nothing
       }
     }
     info = {};
@@ -1051,7 +1068,7 @@ class StartWorker_ : public PromiseWorker {
     p.discard.max_discard_segments = 1;
     r = CtrlCmd(s.ctrl_fd, kCmdSetParams, s.dev_id, 0, &p, sizeof(p), 0);
     if (r < 0) return Undo(-r, "UBLK_CMD_SET_PARAMS");
-    if (!OpenQueues()) return;
+    if (!PrepareQueues() || !StartQueues()) return;
     r = CtrlCmd(s.ctrl_fd, kCmdStartDev, s.dev_id, 0, nullptr, 0, static_cast<uint64_t>(getpid()));
     s.control_done = true;
     if (r < 0) return Undo(-r, "UBLK_CMD_START_DEV");
@@ -1061,6 +1078,7 @@ class StartWorker_ : public PromiseWorker {
     Napi::Object o = Napi::Object::New(env);
     o.Set("devId", Napi::Number::New(env, s_->dev_id));
     o.Set("recovered", Napi::Boolean::New(env, s_->recovered));
+    o.Set("replaced", Napi::Boolean::New(env, s_->replaced));
     o.Set("features", Napi::Number::New(env, static_cast<double>(s_->features & ((1ULL << 53) - 1))));
     return o;
   }
@@ -1078,7 +1096,7 @@ class StartWorker_ : public PromiseWorker {
   }
 
   // A failure after ADD_DEV or START_USER_RECOVERY: the device goes (the queue threads, if
-  // started, with it).
+  // started, with it). Before either, EndQueues alone lets go of what PrepareQueues made.
   void Undo(int e, const char* what) {
     Fail(e, what);
     Server& s = *s_;
@@ -1097,16 +1115,130 @@ class StartWorker_ : public PromiseWorker {
       // dirty set), and the next attach adds it again. Without waiting: a filesystem still
       // mounted on it holds its number until unmounted, and DEL_DEV would wait for that. Before 6.9
       // (no DEL_DEV_ASYNC) STOP_DEV: the device is then dead, never again QUIESCED, and no
-      // START_USER_RECOVERY reaches it (the next attach deletes the leftover).
-      if (CtrlCmd(s.ctrl_fd, kCmdDelDevAsync, s.dev_id, 0, nullptr, 0, 0) == -EOPNOTSUPP)
-        CtrlCmd(s.ctrl_fd, kCmdStopDev, s.dev_id, 0, nullptr, 0, 0);
+      // START_USER_RECOVERY reaches it (the next attach deletes the leftover). Once it is gone
+      // (or dead) the marker has said what it had to; if the command failed, the marker makes the
+      // next attach delete it.
+      int r = CtrlCmd(s.ctrl_fd, kCmdDelDevAsync, s.dev_id, 0, nullptr, 0, 0);
+      if (r == -EOPNOTSUPP) r = CtrlCmd(s.ctrl_fd, kCmdStopDev, s.dev_id, 0, nullptr, 0, 0);
+      if (r == 0 || r == -ENODEV) RemoveMarker();
     }
     s.owned = false;
   }
 
-  // Opens /dev/ublkcN and starts one thread per hardware queue, each with its own ring, its
-  // descriptor array (mmap at its queue's offset), tags and buffers.
-  bool OpenQueues() {
+  // ---- the durable "recovering" marker (Server::marker, RUN_DIR/ublkbN.recovering) ----
+  // Written (and fsynced, with its directory) before START_USER_RECOVERY and removed once every
+  // queue has fetched: a daemon killed in between leaves it, and the next attach deletes the
+  // device and adds it again instead of recovering it (see Recover). RUN_DIR is usually a tmpfs,
+  // as volatile as the device itself; the fsyncs keep it true on a persistent one.
+  bool MarkerExists() const { return !s_->marker.empty() && access(s_->marker.c_str(), F_OK) == 0; }
+
+  int SyncMarkerDir() const {
+    const std::string& m = s_->marker;
+    size_t slash = m.rfind('/');
+    std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : m.substr(0, slash);
+    int d = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (d < 0) return errno;
+    int e = fsync(d) == 0 ? 0 : errno;
+    close(d);
+    return e;
+  }
+
+  // 0 or a positive errno.
+  int WriteMarker() const {
+    Server& s = *s_;
+    if (s.marker.empty()) return 0;
+    int fd = open(s.marker.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) return errno;
+    std::string text = "pid " + std::to_string(getpid()) + " recovering /dev/ublkb" + std::to_string(s.dev_id) + " of " + s.cache_path + "\n";
+    int e = 0;
+    errno = 0;  // a short write sets none
+    if (write(fd, text.data(), text.size()) != static_cast<ssize_t>(text.size())) e = errno ? errno : EIO;
+    if (e == 0 && fsync(fd) != 0) e = errno;
+    close(fd);
+    return e ? e : SyncMarkerDir();
+  }
+
+  void RemoveMarker() const {
+    if (!s_->marker.empty() && unlink(s_->marker.c_str()) == 0) SyncMarkerDir();
+  }
+
+  // Deletes what is left of device `id` (dead, or half-recovered) so that it can be added again:
+  // DEL_DEV_ASYNC (6.9+; before it DEL_DEV, which waits until the old disk is closed). The number
+  // is free once the old disk's last opener lets go: at once, unless a filesystem is still
+  // mounted on it. Then the attach fails with EADDRINUSE after about 5 s (JS says: unmount it,
+  // run the same command again) instead of waiting in DEL_DEV until the unmount (review-ublk6).
+  // The delete comes first: unmounting a filesystem from a quiesced device would wait for ever
+  // on its writeback, from a deleted one it fails fast.
+  bool DeleteLeftover(int32_t id) {
+    Server& s = *s_;
+    int r = CtrlCmd(s.ctrl_fd, kCmdDelDevAsync, static_cast<uint32_t>(id), 0, nullptr, 0, 0);
+    if (r == -EOPNOTSUPP) r = CtrlCmd(s.ctrl_fd, kCmdDelDev, static_cast<uint32_t>(id), 0, nullptr, 0, 0);
+    if (r < 0 && r != -ENODEV) {
+      Fail(-r, "UBLK_CMD_DEL_DEV (leftover)");
+      return false;
+    }
+    RemoveMarker();
+    for (int i = 0; i < 250; i++) {
+      struct ublksrv_ctrl_dev_info info = {};
+      r = CtrlCmd(s.ctrl_fd, kCmdGetDevInfo, static_cast<uint32_t>(id), 0, &info, sizeof(info), 0);
+      if (r == -ENODEV) return true;
+      if (r < 0) {
+        Fail(-r, "UBLK_CMD_GET_DEV_INFO (leftover)");
+        return false;
+      }
+      usleep(20000);
+    }
+    Fail(EADDRINUSE, "UBLK_CMD_DEL_DEV (leftover): the old disk is still open, its number held");
+    return false;
+  }
+
+  // Makes one HwQueue per hardware queue with what needs no device: tags, eventfd, buffers, ring.
+  // For a recovery this runs before START_USER_RECOVERY, so that what can fail for want of memory
+  // or descriptors fails while the device still has its old daemon tasks. False: Fail was called
+  // and what was made is let go.
+  bool PrepareQueues() {
+    Server& s = *s_;
+    s.stopping = false;
+    {
+      std::lock_guard<std::mutex> g(s.mu);
+      s.writing.assign(static_cast<size_t>(s.nr_queues) * s.depth, {0, 0});
+      s.held.assign(static_cast<size_t>(s.nr_queues) * s.depth, {0, 0});
+    }
+    s.queues.clear();
+    auto fail = [&](int e, const char* what) {
+      if (added_ || recovering_) {
+        Undo(e, what);
+      } else {
+        Fail(e, what);
+        EndQueues(s);
+      }
+      return false;
+    };
+    for (uint16_t qi = 0; qi < s.nr_queues; qi++) {
+      auto q = std::make_unique<HwQueue>();
+      q->s = &s;
+      q->id = qi;
+      q->tags.resize(s.depth);
+      q->tag_failures.assign(s.depth, 0);
+      q->fetching.assign(s.depth, 0);
+      q->event_fd = eventfd(0, EFD_CLOEXEC);
+      if (q->event_fd < 0) return fail(errno, "eventfd");
+      for (uint32_t t = 0; t < s.depth; t++) {
+        void* b = nullptr;
+        if (posix_memalign(&b, 4096, s.buf_bytes) != 0) return fail(ENOMEM, "posix_memalign");
+        q->bufs.push_back(static_cast<uint8_t*>(b));
+      }
+      int e = q->ring.Init(s.depth + 2);
+      if (e) return fail(e, "io_uring_setup");
+      s.queues.push_back(std::move(q));
+    }
+    return true;
+  }
+
+  // Opens /dev/ublkcN, maps each queue's descriptor array (mmap at its queue's offset) and starts
+  // one thread per hardware queue. Needs the device (and, for a recovery, START_USER_RECOVERY:
+  // the driver refuses a second open of /dev/ublkcN and maps only for the recovering process).
+  bool StartQueues() {
     Server& s = *s_;
     std::string cdev = "/dev/ublkc" + std::to_string(s.dev_id);
     // devtmpfs makes the node with the device; udev may still be changing its mode.
@@ -1122,45 +1254,14 @@ class StartWorker_ : public PromiseWorker {
     size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     // ublk_ch_mmap: queue q's descriptors sit at UBLKSRV_CMD_BUF_OFFSET + q * (the largest array, page-rounded).
     size_t stride = (UBLK_MAX_QUEUE_DEPTH * sizeof(struct ublksrv_io_desc) + page - 1) / page * page;
-    {
-      std::lock_guard<std::mutex> g(s.mu);
-      s.writing.assign(static_cast<size_t>(s.nr_queues) * s.depth, {0, 0});
-      s.held.assign(static_cast<size_t>(s.nr_queues) * s.depth, {0, 0});
-    }
-    s.queues.clear();
-    for (uint16_t qi = 0; qi < s.nr_queues; qi++) {
-      auto q = std::make_unique<HwQueue>();
-      q->s = &s;
-      q->id = qi;
-      q->tags.resize(s.depth);
-      q->tag_failures.assign(s.depth, 0);
-      q->fetching.assign(s.depth, 0);
-      q->event_fd = eventfd(0, EFD_CLOEXEC);
-      if (q->event_fd < 0) {
-        Undo(errno, "eventfd");
-        return false;
-      }
-      for (uint32_t t = 0; t < s.depth; t++) {
-        void* b = nullptr;
-        if (posix_memalign(&b, 4096, s.buf_bytes) != 0) {
-          Undo(ENOMEM, "posix_memalign");
-          return false;
-        }
-        q->bufs.push_back(static_cast<uint8_t*>(b));
-      }
+    for (auto& q : s.queues) {
       q->descs_len = (s.depth * sizeof(struct ublksrv_io_desc) + page - 1) / page * page;
-      void* m = mmap(nullptr, q->descs_len, PROT_READ, MAP_SHARED | MAP_POPULATE, s.cdev_fd, static_cast<off_t>(UBLKSRV_CMD_BUF_OFFSET + qi * stride));
+      void* m = mmap(nullptr, q->descs_len, PROT_READ, MAP_SHARED | MAP_POPULATE, s.cdev_fd, static_cast<off_t>(UBLKSRV_CMD_BUF_OFFSET + q->id * stride));
       if (m == MAP_FAILED) {
         Undo(errno, "mmap(/dev/ublkcN)");
         return false;
       }
       q->descs = static_cast<struct ublksrv_io_desc*>(m);
-      int e = q->ring.Init(s.depth + 2);
-      if (e) {
-        Undo(e, "io_uring_setup");
-        return false;
-      }
-      s.queues.push_back(std::move(q));
     }
     // Every queue's FETCHes must be in before START_DEV (or END_USER_RECOVERY) is asked: it waits
     // for them uninterruptibly. Each thread says when they are, or that it failed.
@@ -1199,35 +1300,73 @@ class StartWorker_ : public PromiseWorker {
     return true;
   }
 
-  void Recover(int32_t id, const struct ublksrv_ctrl_dev_info& info) {
+  // Takes device `id` back from a dead daemon: true when done (taken back, or failed: err_ set),
+  // false when it can never be (START_USER_RECOVERY refuses for good: a recovery that died before
+  // any queue fetched, by a daemon that left no marker): the caller deletes it and adds it again.
+  bool Recover(int32_t id, const struct ublksrv_ctrl_dev_info& info) {
     Server& s = *s_;
     // The queues are the device's (a daemon started with another count, or on a machine with
     // other CPUs, takes them as they are); the tags' depth and buffers must be ours.
-    if (info.queue_depth != s.depth || info.nr_hw_queues < 1 || info.nr_hw_queues > kMaxQueues || info.max_io_buf_bytes != s.buf_bytes)
-      return Fail(EEXIST, "ublk device of another queue shape");
+    if (info.queue_depth != s.depth || info.nr_hw_queues < 1 || info.nr_hw_queues > kMaxQueues || info.max_io_buf_bytes != s.buf_bytes) {
+      Fail(EEXIST, "ublk device of another queue shape");
+      return true;
+    }
     s.nr_queues = info.nr_hw_queues;
     s.dev_id = id;
-    // The dead daemon's /dev/ublkcN may still be closing: START_USER_RECOVERY says EBUSY until then.
+    // What can fail without the device fails here, while every queue still has its old daemon.
+    if (!PrepareQueues()) return true;
+    // The dead daemon's /dev/ublkcN may still be closing (START_USER_RECOVERY says EBUSY until
+    // then): an open of ours fails with EBUSY while it is, and is closed at once. Waiting here
+    // rather than in START's retries keeps the marker's window short.
+    std::string cdev = "/dev/ublkc" + std::to_string(id);
+    for (int i = 0; i < 300; i++) {
+      int fd = open(cdev.c_str(), O_RDWR | O_CLOEXEC);
+      if (fd >= 0) close(fd);
+      if (fd >= 0 || errno != EBUSY) break;
+      usleep(20000);
+    }
+    int e = WriteMarker();
+    if (e) {
+      Fail(e, "write(RUN_DIR/ublkbN.recovering)");
+      EndQueues(s);
+      return true;
+    }
     int r = -EBUSY;
     for (int i = 0; i < 300 && r == -EBUSY; i++) {
       r = CtrlCmd(s.ctrl_fd, kCmdStartRecovery, id, 0, nullptr, 0, 0);
       if (r == -EBUSY) usleep(20000);
     }
-    if (r < 0) return Fail(-r, "UBLK_CMD_START_USER_RECOVERY");
+    if (r == -EINVAL) {
+      // 6.12: no queue has a daemon (nr_queues_ready 0), for good. The marker stays until the
+      // delete is done.
+      EndQueues(s);
+      return false;
+    }
+    if (r < 0) {
+      RemoveMarker();  // refused: no daemon task was dropped
+      EndQueues(s);
+      Fail(-r, "UBLK_CMD_START_USER_RECOVERY");
+      return true;
+    }
     recovering_ = true;
     s.start_recovering = true;
-    if (!OpenQueues()) return;  // Undo deletes the half-recovered device
+    if (!StartQueues()) return true;  // Undo deletes the half-recovered device
+    // Every queue has fetched: each has a daemon task (this process) again, which a kill from here
+    // on leaves dying, as the next START_USER_RECOVERY expects.
+    RemoveMarker();
     r = CtrlCmd(s.ctrl_fd, kCmdEndRecovery, id, 0, nullptr, 0, static_cast<uint64_t>(getpid()));
     s.control_done = true;
     s.start_recovering = false;
-    // Every queue has a live daemon again (its FETCHes are in): a failure here leaves a device the
-    // next attach can recover once this process is gone.
-    if (r < 0) return Fail(-r, "UBLK_CMD_END_USER_RECOVERY");
+    // A failure here leaves a device the next attach can recover once this process is gone.
+    if (r < 0) {
+      Fail(-r, "UBLK_CMD_END_USER_RECOVERY");
+      return true;
+    }
     s.recovered = true;
     s.owned = true;
+    return true;
   }
 };
-
 // Stops and deletes the device: STOP_DEV (the disk goes once I/O in flight is served), the queue
 // thread and its ring, /dev/ublkcN, DEL_DEV. On the threadpool: STOP_DEV waits for requests that
 // may need JS.
@@ -1305,7 +1444,11 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
   }
   std::string path = o.Get("cachePath").ToString().Utf8Value();
   bool read_only = o.Get("readOnly").ToBoolean().Value();
+  Napi::Value mv = o.Get("recoveryMarker");
+  std::string marker = mv.IsString() ? mv.As<Napi::String>().Utf8Value() : "";
   auto* s = new Server();
+  s->cache_path = path;
+  s->marker = marker;
   s->size = static_cast<uint64_t>(size);
   s->block_size = block_size;
   s->blocks = blocks;
@@ -1327,6 +1470,7 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
     if (const char* p = strstr(f, "enter-enomem-at=")) s->fault_enter_at = strtoull(p + 16, nullptr, 10);
     if (const char* p = strstr(f, "enter-enomem-times=")) s->fault_enter_times = strtoull(p + 19, nullptr, 10);
     if (const char* p = strstr(f, "enter-enomem-at-start=")) s->fault_start_queue = static_cast<unsigned>(strtoul(p + 22, nullptr, 10)) + 1;
+    if (const char* p = strstr(f, "recovery-stall-queue=")) s->fault_stall_queue = static_cast<unsigned>(strtoul(p + 21, nullptr, 10)) + 1;
   }
   FromBytes(s->present, present.data, present.length, blocks);
   FromBytes(s->dirty, dirty.data, dirty.length, blocks);

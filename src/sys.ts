@@ -41,6 +41,25 @@ export async function mountsByDevice(): Promise<Map<string, string>> {
   return mounts;
 }
 
+/**
+ * Mount points whose mount source (mountinfo's field after the filesystem type) is `device` or a
+ * partition of it (`${device}p1`, ...), in mountinfo order: for a disk deleted while mounted, which
+ * sysfs no longer lists and whose maj:min no longer names it. `mountinfo`: its text (tests);
+ * default /proc/self/mountinfo. Never throws for a missing file (returns []).
+ */
+export async function mountsOfSource(device: string, mountinfo?: string): Promise<string[]> {
+  const text = mountinfo ?? (await fsp.readFile('/proc/self/mountinfo', 'utf8').catch(() => ''));
+  const out: string[] = [];
+  for (const line of text.split('\n')) {
+    const dash = line.indexOf(' - ');
+    if (dash < 0) continue;
+    const source = unescapeMount(line.slice(dash + 3).split(' ')[1] ?? '');
+    const point = line.slice(0, dash).split(' ')[4];
+    if (point !== undefined && (source === device || (source.startsWith(`${device}p`) && /^\d+$/.test(source.slice(device.length + 1))))) out.push(unescapeMount(point));
+  }
+  return out;
+}
+
 /** True when `dir` is a mount point. */
 export async function isMountpoint(dir: string): Promise<boolean> {
   const text = await fsp.readFile('/proc/self/mountinfo', 'utf8');

@@ -19,7 +19,7 @@ import { DeviceBusyError, InternalError, InvalidArgumentError, ModuleMissingErro
 import type { SectorSize } from '../source/source.js';
 import * as native from '../native/ublk.js';
 import type { Frontend } from './frontend.js';
-import { modprobe, pausePoint } from '../sys.js';
+import { modprobe, mountsOfSource, pausePoint } from '../sys.js';
 import { assertReleasable } from './partitions.js';
 import { UpcallHandler, type UpcallType } from './upcalls.js';
 import { kernelEpochs } from './uloop.js';
@@ -151,6 +151,9 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
       depth: QUEUE_DEPTH,
       bufBytes: MAX_IO_BYTES,
       readOnly: options.readOnly,
+      // A recovery killed part-way leaves it behind: the next start deletes the device and adds it
+      // again instead of recovering it (native/ublk.cc StartWorker_::Recover).
+      recoveryMarker: options.recordDir && want >= 0 ? ublkRecoveryMarker(options.recordDir, want) : undefined,
     },
     store.present.buffer,
     store.dirty.buffer,
@@ -200,7 +203,7 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
     started = await server.start(want);
   } catch (err) {
     await server.stop().catch(() => undefined);
-    throw ublkError(options.device, err);
+    throw await ublkError(options.device, err);
   }
   device = `/dev/ublkb${started.devId}`;
   const owned = recordDir ? join(recordDir, `ublkb${started.devId}.cache`) : null;
@@ -208,7 +211,12 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
   if (!options.readOnly) engine.externalEpochs = epochs.external;
   // `bound`, not `device`: the daemon's logger carries the device asked for (/dev/ublkb) already.
   if (started.recovered) logger.warn({ bound: device }, `${device}: taken back from a daemon that died (user recovery: its queued I/O carries on)`);
-  else logger.info({ bound: device }, 'ublk device added');
+  else if (started.replaced) {
+    logger.warn(
+      { bound: device },
+      `${device}: the device a dead daemon left could not be taken back (no user recovery, or a recovery that died part-way): deleted and added again; its queued I/O failed, every acknowledged write is in the cache`,
+    );
+  } else logger.info({ bound: device }, 'ublk device added');
   if (started.features !== 0 && (started.features & native.UBLK_F_USER_RECOVERY) === 0) {
     logger.warn(`${device}: this kernel's ublk has no UBLK_F_USER_RECOVERY: after a crash of the daemon the device fails its I/O and is added again by the next start`);
   }
@@ -289,15 +297,27 @@ function errnoName(errno: number): string {
   return `errno ${errno}`;
 }
 
+/** RECORD_DIR/ublkbN.recovering: present while a user recovery of /dev/ublkbN is part-way (native/ublk.cc). */
+export function ublkRecoveryMarker(recordDir: string, n: number): string {
+  return join(recordDir, `ublkb${n}.recovering`);
+}
+
 /**
  * Refuses (DeviceBusyError), before any cache is opened or created (invariant 6), a /dev/ublkbN
  * that exists and was not left by a daemon of this cache: a device a dead daemon left (user
  * recovery keeps it, with its I/O queued) belongs to the cache that daemon served, whose path
  * RECORD_DIR/ublkbN.cache holds. Whether its daemon is dead is the driver's to say at start.
+ * Also refuses a /dev/ublkbN deleted while a filesystem was still mounted on it (a recovery that
+ * failed): its number stays taken until the unmount, so it could not be added again.
  */
 export async function assertUblkAvailable(device: string, cachePath: string, recordDir: string): Promise<void> {
   const n = ublkIndex(device);
-  if (n < 0 || !existsSync(`/dev/ublkc${n}`)) return;
+  if (n < 0) return;
+  if (!existsSync(`/sys/block/ublkb${n}`)) {
+    const mounted = await mountsOfSource(device);
+    if (mounted.length > 0) throw staleMount(device, mounted[0]!);
+  }
+  if (!existsSync(`/dev/ublkc${n}`)) return;
   const owner = await readFile(join(recordDir, `ublkb${n}.cache`), 'utf8').then(
     (t) => t.trim(),
     () => null,
@@ -308,10 +328,25 @@ export async function assertUblkAvailable(device: string, cachePath: string, rec
   );
 }
 
+/**
+ * /dev/ublkbN was deleted (its daemon died part-way through a recovery) while a filesystem stayed
+ * mounted on it: the number is taken until the unmount. The old mount fails every I/O; every
+ * acknowledged write is in the cache. Refused rather than served under another number: the
+ * sysadmin's fstab, scripts and the record name this one, and the dead mount must go anyway.
+ */
+function staleMount(device: string, mountpoint: string): DeviceBusyError {
+  return new DeviceBusyError(`${device} is still mounted at ${mountpoint} (its old device was deleted after its daemon died during a recovery; every acknowledged write is in the cache); unmount it, then run the same command again`);
+}
+
 /** One line for a failed start of /dev/ublkbN. */
-function ublkError(device: string, err: unknown): Error {
+async function ublkError(device: string, err: unknown): Promise<Error> {
   const code = (err as { code?: string }).code;
   const msg = (err as Error)?.message ?? String(err);
+  if (code === 'EADDRINUSE') {
+    const mounted = await mountsOfSource(device);
+    if (mounted.length > 0) return staleMount(device, mounted[0]!);
+    return new DeviceBusyError(`${device}: its old device was deleted but is still open (a filesystem mounted under another name, or a process holding it: see lsof or fuser); close it, then run the same command again`);
+  }
   if (code === 'EBUSY') return new DeviceBusyError(`${device} is served by another process; stop it first, or use /dev/ublkb for the next free one`);
   if (code === 'EEXIST') return new DeviceBusyError(`${device} exists and is not this cache's device (${msg}); delete it (ublk del) or pick another N`);
   if (code === 'ENOENT' || code === 'ENODEV') return new ModuleMissingError(`${device}: the kernel's ublk driver is not there (${msg}); modprobe ublk_drv`, { cause: err });

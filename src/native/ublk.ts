@@ -34,6 +34,12 @@ export interface UblkServerOptions {
   /** Largest request in bytes (per-tag buffer), a multiple of 4096. */
   bufBytes: number;
   readOnly: boolean;
+  /**
+   * RUN_DIR/ublkbN.recovering, written (fsynced) before START_USER_RECOVERY and removed once every
+   * queue has fetched; a start that finds it deletes the device and adds it again instead of
+   * recovering it. Omitted: no marker (a recovery killed part-way then needs `ublk del`).
+   */
+  recoveryMarker?: string;
 }
 
 /** One upcall: blocks [offset, offset + length) (bytes), an id to reply with. */
@@ -70,6 +76,8 @@ export interface UblkStarted {
   devId: number;
   /** Taken back from a dead daemon with UBLK_F_USER_RECOVERY (its queued I/O carried on). */
   recovered: boolean;
+  /** A device of this number was left dead or half-recovered: deleted and added again (its queued I/O failed). */
+  replaced: boolean;
   /** UBLK_CMD_GET_FEATURES of the running kernel (0: the command is older than this kernel). */
   features: number;
 }
@@ -101,6 +109,9 @@ export class UblkServer {
 
   constructor(options: UblkServerOptions, present: Uint8Array, dirty: Uint8Array, onUpcall: (u: UblkUpcall) => void) {
     if (typeof options.cachePath !== 'string' || options.cachePath === '') throw invalidArgType('options.cachePath', 'a non-empty string', options.cachePath);
+    if (options.recoveryMarker !== undefined && (typeof options.recoveryMarker !== 'string' || options.recoveryMarker === '')) {
+      throw invalidArgType('options.recoveryMarker', 'a non-empty string', options.recoveryMarker);
+    }
     validateInteger(options.size, 'options.size', 512);
     validateInteger(options.blockSize, 'options.blockSize', 512, 1 << 30);
     validateInteger(options.logical, 'options.logical', 512, 4096);
@@ -113,7 +124,10 @@ export class UblkServer {
     this.#h = b.ublkCreate(options, present, dirty, (id, type, offset, length, epoch) => onUpcall({ id, type, offset, length, epoch }));
   }
 
-  /** Adds /dev/ublkb`devId` (-1: any free N) and serves it. Rejects with a NativeError (ENOENT: no ublk_drv, EBUSY, EEXIST, ...). */
+  /**
+   * Adds /dev/ublkb`devId` (-1: any free N) and serves it. Rejects with a NativeError (ENOENT: no
+   * ublk_drv, EBUSY, EEXIST, EADDRINUSE: a leftover deleted but still open, ...).
+   */
   async start(devId: number): Promise<UblkStarted> {
     validateInteger(devId, 'devId', -1, 1 << 20);
     if (this.#started) throw new InternalError('UblkServer.start: already started');

@@ -49,3 +49,18 @@ it('follows partitions to their disk and dm/md slaves down to the disks, itself 
   // Unknown devices end the walk quietly.
   expect((await blockStack('1:99', sys)).size).toBe(0);
 });
+
+// mountsOfSource: the mounts of a disk deleted while mounted (a ublk device whose recovery failed),
+// found by the source mount(8) recorded, since sysfs no longer lists it.
+it('mountsOfSource finds a device and its partitions by mount source, unescaping the mount point', async () => {
+  const mountinfo = [
+    '22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw',
+    '90 22 259:3 / /tmp/m rw,relatime - ext4 /dev/ublkb0 rw',
+    '91 22 259:4 / /srv/with\\040space rw - xfs /dev/ublkb0p2 rw',
+    '92 22 259:5 / /other rw - ext4 /dev/ublkb01 rw',
+    '93 22 259:6 / /x rw - ext4 /dev/ublkb0px rw',
+  ].join('\n');
+  const { mountsOfSource } = await import('../../src/sys.js');
+  expect(await mountsOfSource('/dev/ublkb0', mountinfo)).toEqual(['/tmp/m', '/srv/with space']);
+  expect(await mountsOfSource('/dev/ublkb1', mountinfo)).toEqual([]);
+});

@@ -153,6 +153,41 @@ beforeAll(async () => {
     echo "attach after the failed recovery: exit $rc $(tail -1 /tmp/rf2.out)"
     dd if=$D of=/dev/null bs=1M count=8 iflag=direct status=none && echo "reads after the failed recovery"
     [ $rc -eq 0 ] && timeout -k 5 60 $U detach $D > /dev/null && echo "detached after the failed recovery"
+    # (d) kill -9 inside a recovery, between START_USER_RECOVERY and queue 1's FETCHes (the test
+    # hook recovery-stall-queue=1 holds queue 1 back; queue 0 fetches), with ext4 mounted: the
+    # marker RUN_DIR/ublkb0.recovering makes the next start delete the half-recovered device
+    # instead of recovering it (6.12's START_USER_RECOVERY would put queue 1's NULL task: an oops,
+    # which fails the run). The deleted device's number stays taken while ext4 is mounted on it:
+    # that start, and the next (refused before the cache is opened), say so in one line, without
+    # waiting; after the unmount the same command adds it again, the synced file intact.
+    at "kill inside a recovery"
+    MK=/run/ulobdev/ublkb0.recovering
+    timeout -k 5 120 $A > /dev/null && mkfs.ext4 -q -F -b 4096 $D && mount $D /tmp/m && echo "mounted for the recovery kill"
+    head -c 1M /dev/urandom > /tmp/k && cp /tmp/k /tmp/m/k && sync /tmp/m/k && sync
+    P=$(pid) && kill -9 $P && waitgone $P
+    ULOBDEV_UBLK_FAULT=recovery-stall-queue=1 timeout -k 5 120 $A > /tmp/kr.out 2>&1 &
+    K=$!
+    k=0; while [ ! -s $MK ] && [ $k -lt 600 ]; do sleep 0.1; k=$((k+1)); done
+    KP=$(awk '{print $2}' $MK 2>/dev/null)
+    [ -n "$KP" ] && echo "marker written by the recovering daemon"
+    sleep 5  # START_USER_RECOVERY returns and queue 0 fetches; queue 1 waits (120 s)
+    [ -n "$KP" ] && kill -9 $KP && waitgone $KP && echo "killed inside the recovery"
+    wait $K || true
+    [ -e $MK ] && echo "marker left by the killed recovery"
+    s0=$(date +%s)
+    timeout -k 5 120 $A > /tmp/km.out 2>&1 && rc=0 || rc=$?
+    # (its first line, as after any kill -9, says the dead daemon's leftovers were removed)
+    echo "start after the killed recovery: exit $rc after $(( $(date +%s) - s0 )) s, $(grep -c 'still mounted' /tmp/km.out) line(s) saying so, last: $(tail -1 /tmp/km.out)"
+    [ -e $MK ] || echo "marker gone after the delete"
+    s0=$(date +%s)
+    timeout -k 5 120 $A > /tmp/km2.out 2>&1 && rc=0 || rc=$?
+    echo "start again while mounted: exit $rc after $(( $(date +%s) - s0 )) s, $(wc -l < /tmp/km2.out) line(s), last: $(tail -1 /tmp/km2.out)"
+    umount /tmp/m 2>/dev/null || umount -l /tmp/m
+    timeout -k 5 120 $A > /tmp/km3.out 2>&1 && rc=0 || rc=$?
+    echo "start after the unmount: exit $rc $(tail -1 /tmp/km3.out)"
+    mount $D /tmp/m && cmp /tmp/k /tmp/m/k && echo "synced files intact after the killed recovery"
+    umount /tmp/m && fsck.ext4 -fn $D > /dev/null && echo "fsck clean after the killed recovery"
+    timeout -k 5 60 $U detach $D > /dev/null && echo "detached after the killed recovery"
     at "end"
   `, { timeoutMs: 900_000 });
   if (process.env.ULOBVM_SHOW) process.stderr.write(run.output);
@@ -242,6 +277,30 @@ describe('ulobdev on /dev/ublkbN (6.12)', () => {
     expect(run.output).toContain('attach after the failed recovery: exit 0');
     expect(run.output).toContain('reads after the failed recovery');
     expect(run.output).toContain('detached after the failed recovery');
+  });
+  it('a daemon killed inside a recovery: the next start deletes the half-recovered device instead of recovering it (no oops); a filesystem still mounted on it gets one line, not a hang; after the unmount the same command serves the synced data (F5, F1)', () => {
+    // runInVm already failed the run on a WARNING/BUG (6.12's put_task_struct(NULL) in START_USER_RECOVERY)
+    expect(run.output).toContain('mounted for the recovery kill');
+    expect(run.output).toContain('marker written by the recovering daemon');
+    expect(run.output).toContain('killed inside the recovery');
+    expect(run.output).toContain('marker left by the killed recovery');
+    const first = /start after the killed recovery: exit (\d+) after (\d+) s, (\d+) line\(s\) saying so, last: (.*)/.exec(run.output);
+    expect(first, 'the start after the killed recovery ran').not.toBeNull();
+    expect(Number(first![1])).toBe(1);
+    expect(Number(first![3])).toBe(1);
+    expect(first![4]).toMatch(/^ulobdev: \/dev\/ublkb0 is still mounted at \/tmp\/m .*unmount it, then run the same command again$/);
+    expect(run.output).toContain('marker gone after the delete');
+    const again = /start again while mounted: exit (\d+) after (\d+) s, (\d+) line\(s\), last: (.*)/.exec(run.output);
+    expect(again, 'the second start ran').not.toBeNull();
+    expect(Number(again![1])).toBe(1);
+    expect(Number(again![3])).toBe(1);
+    expect(again![4]).toMatch(/^ulobdev: \/dev\/ublkb0 is still mounted at \/tmp\/m /);
+    // refused before anything is opened: no wait in a DEL_DEV (the old code waited until the unmount)
+    expect(Number(again![2])).toBeLessThan(30);
+    expect(run.output).toMatch(/start after the unmount: exit 0/);
+    expect(run.output).toContain('synced files intact after the killed recovery');
+    expect(run.output).toContain('fsck clean after the killed recovery');
+    expect(run.output).toContain('detached after the killed recovery');
   });
   it('detaches', () => {
     expect(run.output).toContain('detached');
