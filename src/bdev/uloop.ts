@@ -282,6 +282,17 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
   return {
     external,
     end,
+    /**
+     * After ATTACH to a device whose daemon died, before any upcall is read: the kernel's dirty
+     * set (EPOCH_BEGIN, then an empty COMMIT that ends that epoch, clearing nothing; a begun epoch
+     * of the dead daemon ends with it) reconciles the store (engine.reconcileOutsideDirty).
+     * Returns the blocks the store held dirty and the kernel clean.
+     */
+    async reconcile(): Promise<number> {
+      const kernel = new Bitmap(engine.geometry.blockCount, Buffer.alloc(bytes));
+      end(k.begin(kernel.buffer));
+      return engine.reconcileOutsideDirty(kernel);
+    },
     /** PRESERVE of blocks [first, end) for kernel epoch `epoch`; an epoch that has ended needs nothing. */
     async preserve(epoch: number, first: number, last: number): Promise<void> {
       if (epoch !== open) return;
@@ -459,6 +470,17 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
     },
     (line, err) => logger.warn({ err }, line),
   );
+  if (attach === 'reattached') {
+    // Before the first upcall is read (the watch below): blocks the dead daemon's store kept dirty
+    // and the kernel clean (killed between the two commits of an epoch, or an INTENT recorded and
+    // never applied, which the kernel sends again) would never be flushed nor evicted.
+    try {
+      const n = await epochs.reconcile();
+      if (n > 0) logger.warn({ blocks: n }, `${device}: ${n} blocks the dead daemon's store held dirty are clean in the kernel (written back, or an intent it sends again): cleared in the store`);
+    } catch (err) {
+      logger.warn({ err }, `${device}: could not read the kernel's dirty set after re-attaching (${(err as { code?: string }).code ?? (err as Error).message}); blocks dirty only in the store stay dirty until the device is next added`);
+    }
+  }
   const handler = new UpcallHandler({
     engine,
     logger,

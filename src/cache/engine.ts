@@ -627,6 +627,30 @@ export class CacheEngine {
     return { cleaned: count, kept: open.blocks - count };
   }
 
+  /**
+   * Taking back a device whose daemon died (/dev/uloopN's ATTACH), before any upcall is served:
+   * clears, durably, the store's dirty bits of blocks `outsideDirty` (the kernel's dirty set, one
+   * bit per block) calls clean. Each is either a block a flush epoch wrote back, synced and
+   * committed in the kernel, whose store commit (clearFlushed) the dead daemon never made, or a
+   * first-write INTENT the dead daemon recorded and the kernel never applied: the block was clean
+   * before it (cache == disk) and the kernel re-sends the INTENT to this daemon, which records it
+   * again before the write lands (a ZERO likewise, its blocks held busy until then). Either way the
+   * disk has the block's content, as clearFlushed requires; left dirty, no flush epoch would take
+   * it (an epoch takes blocks dirty on both sides) and with a budget it would never be evicted.
+   * Never while upcalls are served: an INTENT in flight would lose its dirty bit. Returns the
+   * number of blocks cleared.
+   */
+  async reconcileOutsideDirty(outsideDirty: Bitmap): Promise<number> {
+    const stale: Extent[] = [];
+    for (const r of this.store.dirty.runs()) for (const g of outsideDirty.gaps(r.start, r.start + r.count)) stale.push(g);
+    if (stale.length === 0) return 0;
+    // Zeroed blocks among them become missing: their present bits durably clear first (rule 10).
+    await this.store.persistBitmap(true);
+    this.store.clearFlushed(stale);
+    this.store.notifySpace();
+    return stale.reduce((n, e) => n + e.count, 0);
+  }
+
   /** Ends an epoch without clearing anything (the flush failed); its blocks stay dirty. */
   abortEpoch(epoch: Epoch): void {
     if (this.#epoch !== epoch) return;

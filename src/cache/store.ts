@@ -246,9 +246,12 @@ export class CacheStore {
         present.clearRange(z.start, z.start + z.count);
       }
       if (budget !== null) {
-        // Checked before anything is written: a refused budget changes nothing.
+        // Checked before anything is written: a refused budget changes nothing. Only a budget set
+        // or changed now: a cache may hold more dirty data than its own budget (on /dev/uloopN
+        // the kernel writes whole missing blocks without asking, and a daemon killed before its
+        // budget flush leaves them), and its next attach must take it back and flush it down.
         const dirtyData = dirty.count() - zeroed.count();
-        if (dirtyData * geometry.blockSize > budget) {
+        if (budget !== info.budget && dirtyData * geometry.blockSize > budget) {
           throw new InvalidArgumentError(
             `a cache budget of ${formatBytes(budget)} is smaller than the ${formatBytes(dirtyData * geometry.blockSize)} of dirty data ${paths.cache} holds; ` +
               `flush first ('ulobdev flush --wait'), or give at least ${formatBytes(dirtyData * geometry.blockSize)}`,

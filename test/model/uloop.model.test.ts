@@ -35,16 +35,40 @@ describe('uloop protocol model: 6 x 4096 B blocks', () => {
 
 // ULOOP_F_ZERO: ZERO upcalls (DISCARD, WRITE_ZEROES, and the zeros of partial blocks) and misses
 // on zeroed blocks, with power losses and daemon kills at every persistence point; after every
-// step no block present in the store or the kernel lies over a hole. (A budget in this model,
-// with EVICT, is not here: with budgetBlocks 4 the property finds a daemon killed between the
-// kernel's epoch commit and the store's leaving blocks dirty in the store and clean in the kernel;
-// no later flush takes them (an epoch takes blocks dirty in both), they are never evicted, and
-// misses fail with EIO ('cache full'). A real bug, so the daemon refuses --cache-size on
-// /dev/uloopN. Shrunk case: {"seed":1,"steps":[{"op":{"kind":"write","sector":10,"count":15,
-// "fua":false}},{"op":{"kind":"write","sector":40,"count":1,"fua":false}},{"op":{"kind":"flush"}},
-// {"crash":"daemon","after":6,"op":{"kind":"writeback-racing","sector":0,"count":8,"split":0}}]}.)
+// step no block present in the store or the kernel lies over a hole.
 const ZERO_CONFIG = { blockSize: 4096, blocks: 8, tail: 0, zero: true };
 
 describe('uloop protocol model with ULOOP_F_ZERO: 8 x 4096 B blocks', () => {
   it('keeps invariants 1-4 and 7, and no present bit over a hole, through power losses and daemon kills', () => assertUloopModel(ZERO_CONFIG, RUNS), 900_000);
+});
+
+// A cache budget (--cache-size) on /dev/uloopN: 4 blocks of budget in units of 1 over an 8-block
+// disk, with ULOOP_F_ZERO, ULOOP_F_ACCESSED and EVICT, evictions interleaved with everything else,
+// power losses and daemon kills at every persistence point. After every step: no present bit over
+// a hole, and no block dirty in the store and clean in the kernel (expectStoreDirtyInKernel).
+const BUDGET_CONFIG = { blockSize: 4096, blocks: 8, tail: 0, zero: true, budgetBlocks: 4, unitBlocks: 1 };
+
+const BUDGET_CASES: Record<string, UloopModelCase> = {
+  // A daemon killed between the kernel's epoch commit and the store's left blocks dirty in the
+  // store and clean in the kernel: no flush took them again, and once they filled the budget every
+  // miss failed with EIO ('cache full'). The re-attach reconciles them (ExternalEpochs.reconcile).
+  'a daemon killed between the kernel\'s epoch commit and the store\'s leaves no block dirty only in the store': {
+    seed: 1,
+    steps: [
+      { op: { kind: 'write', sector: 10, count: 15, fua: false } },
+      { op: { kind: 'write', sector: 40, count: 1, fua: false } },
+      { op: { kind: 'flush' } },
+      { crash: 'daemon', after: 6, op: { kind: 'writeback-racing', sector: 0, count: 8, split: 0 } },
+    ],
+  },
+};
+
+describe('uloop protocol model with a cache budget: 4 of 8 x 4096 B blocks', () => {
+  for (const [name, c] of Object.entries(BUDGET_CASES)) it(name, () => runUloopModel(BUDGET_CONFIG, c), 60_000);
+
+  // Skipped: the property hangs (the event loop stays busy, so no timeout fires) within its first
+  // runs on a case that hangs the same way without this branch's changes (ubudget7, 07:17; also
+  // with the old refusal of a budget below the dirty data): the run below. Unskip once found.
+  //   {"seed": 994401209, "steps": [{"op": {"kind": "flush"}}, {"crash": "power", "after": 6, "op": {"kind": "write", "sector": 28, "count": 16, "fua": true}}, {"op": {"kind": "write", "sector": 2, "count": 20, "fua": false}}, {"crash": "daemon", "after": 1, "op": {"kind": "read", "sector": 29, "count": 4}}, {"op": {"kind": "read", "sector": 21, "count": 9}}, {"op": {"kind": "read", "sector": 21, "count": 24}}, {"op": {"kind": "flush"}}, {"op": {"kind": "zero", "sector": 4, "count": 16}}, {"op": {"kind": "read", "sector": 3, "count": 12}}, {"crash": "daemon", "after": 6, "op": {"kind": "write", "sector": 56, "count": 22, "fua": true}}]}
+  it.skip('keeps invariants 1-4 and 7, and no block dirty only in the store, through evictions, power losses and daemon kills', () => assertUloopModel(BUDGET_CONFIG, RUNS), 900_000);
 });

@@ -389,7 +389,7 @@ function expectPressureImage(model: Model, disk: Buffer, what: string): void {
 }
 
 /** Binds the daemon side (the real handler and epoch wiring) to the kernel model: ADD or ATTACH. */
-function attachDaemon(engine: CacheEngine, kernel: KernelModel): void {
+function attachDaemon(engine: CacheEngine, kernel: KernelModel): ReturnType<typeof kernelEpochs> {
   const epochs = kernelEpochs(engine, {
     begin: (dirty) => kernel.epochBegin(dirty),
     commit: (epoch, flushed) => kernel.epochCommit(epoch, flushed),
@@ -407,6 +407,7 @@ function attachDaemon(engine: CacheEngine, kernel: KernelModel): void {
     device: '/dev/uloop0',
     port: { barrierBlocks: () => kernel.barrierBlocks(), preserve: (epoch, first, end) => epochs.preserve(epoch, first, end) },
   });
+  return epochs;
 }
 
 async function addDevice(real: Omit<Real, 'kernel'>): Promise<KernelModel> {
@@ -601,6 +602,21 @@ function expectNoPresentOverHole(real: Real): void {
   }
 }
 
+/**
+ * Between steps every block the store holds dirty is dirty in the kernel too: a block dirty only
+ * in the store is taken by no flush epoch (an epoch takes blocks dirty on both sides) and, with a
+ * budget, never evicted.
+ */
+function expectStoreDirtyInKernel(real: Real): void {
+  const kdirty = real.kernel.dirty;
+  for (const r of real.engine.store.dirty.runs()) {
+    for (const g of kdirty.gaps(r.start, r.start + r.count)) expect.fail(`blocks ${g.start}..${g.start + g.count - 1} are dirty in the store and clean in the kernel`);
+  }
+  // (No bound on the cache file's allocated bytes here: on uloop the kernel writes whole missing
+  // blocks without asking, and a bound of budget + one unit + pending + dirty beyond the budget
+  // was passed by one block in a 10-step run; open.)
+}
+
 type Crash = CrashKind | 'daemon';
 
 async function crashAndRecover(model: Model, real: Real, kind: Crash, op: UloopOp): Promise<void> {
@@ -623,7 +639,10 @@ async function crashAndRecover(model: Model, real: Real, kind: Crash, op: UloopO
     // The kernel kept the device: the daemon's attach opens the store as uloop.ts's caller does.
     real.engine = await openEngine(real, true);
     real.kernel.handler = null;
-    attachDaemon(real.engine, real.kernel);
+    const epochs = attachDaemon(real.engine, real.kernel);
+    // As src/bdev/uloop.ts after ATTACH, before it reads an upcall: blocks dirty in the store and
+    // clean in the kernel are cleared in the store (ULOB_MODEL_NO_RECONCILE: the bug it fixes).
+    if (!process.env.ULOB_MODEL_NO_RECONCILE) await epochs.reconcile();
     if (real.kernel.pending.count() > 0) await real.kernel.flush();
     const w = written(model, op);
     await expectDevice(model, real, (s) => (w && s >= w[0] && s < w[0] + w[1] ? [model.current[s]!, ...(model.since.get(s) ?? []), model.stable[s]!] : [model.current[s]!]), 'after a daemon kill');
@@ -667,6 +686,7 @@ class StepCommand implements fc.AsyncCommand<Model, Real> {
       await runOp(step.op, model, real);
       if (real.budgetBlocks !== undefined) real.engine.store.outsideBlocks = real.kernel.pending.count();
       expectNoPresentOverHole(real);
+      expectStoreDirtyInKernel(real);
       return;
     }
     real.world.armCrash(step.after);
@@ -677,6 +697,7 @@ class StepCommand implements fc.AsyncCommand<Model, Real> {
     }
     await crashAndRecover(model, real, step.crash, step.op);
     expectNoPresentOverHole(real);
+    expectStoreDirtyInKernel(real);
   }
   toString(): string {
     return JSON.stringify(this.step);
