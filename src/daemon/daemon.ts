@@ -244,7 +244,7 @@ export class Daemon {
       throw err instanceof DeviceBusyError ? nameTaken(name, await readRecord(runBase, name), options.device, explicitName) : err;
     });
     await assertCacheDirsExist(options);
-    if ((kind === 'uloop' || kind === 'ublk') && options.cacheSize) throw budgetOnUloop(options.device);
+    if (kind === 'ublk' && options.cacheSize) throw budgetOnUblk(options.device);
     if (kind === 'ublk' && options.writebackPolicy?.hydrateRate !== undefined) throw hydrateOnUblk(options.device);
     // The name is this process's from here on (RUN_DIR/NAME.json); what a dead daemon of the same
     // name left (a loop device bound to its FUSE file, nbdfuse, the mount) is let go first.
@@ -304,7 +304,7 @@ export class Daemon {
       undo.push(() => store.close());
       markStart('store');
       // The budget the cache already had counts as much as one given now.
-      if (store.budget !== null && (kind === 'uloop' || kind === 'ublk')) throw budgetOnUloop(options.device);
+      if (store.budget !== null && kind === 'ublk') throw budgetOnUblk(options.device);
       if (store.budget !== null && policy.hydrateRate !== undefined && store.budget < source.size) throw hydrateOverBudget(store.budget, source.size);
       if (store.recoveredFromCrash) logger.warn('the cache was not closed cleanly last time; recovered its dirty set from the metadata');
       assertSectorFits(sectorSize, store.geometry.blockSize, source.description, false);
@@ -830,16 +830,10 @@ function hydrateOnUblk(device: string): InvalidArgumentError {
   return new InvalidArgumentError(`--hydrate is not wired to ${device} yet (the ublk server writes missing blocks the hydrator would fill); hydrate through /dev/loopN or /dev/uloopN, or leave it out`);
 }
 
-/**
- * --cache-size on /dev/uloopN is refused: a daemon killed between the kernel's epoch commit and
- * the store's leaves blocks the store keeps dirty and the kernel clean; no flush cleans them and
- * they are never evicted, so the budget fills and misses fail with EIO (the uloop model with a
- * budget finds it). The eviction path stays wired for when that is reconciled. /dev/ublkbN has no
- * eviction path at all.
- */
-function budgetOnUloop(device: string): InvalidArgumentError {
+/** --cache-size on /dev/ublkbN is refused: the ublk server has no eviction path. */
+function budgetOnUblk(device: string): InvalidArgumentError {
   return new InvalidArgumentError(
-    `a cache budget (--cache-size) is not supported on ${device} yet (${device.includes('ublkb') ? 'the ublk server does not evict' : 'a daemon restart can leave blocks no flush cleans'}); use /dev/loopN or /dev/nbdN for a cache smaller than the disk`,
+    `a cache budget (--cache-size) is not supported on ${device} yet (the ublk server does not evict); use /dev/loopN, /dev/nbdN or /dev/uloopN for a cache smaller than the disk`,
   );
 }
 
