@@ -245,6 +245,7 @@ export class Daemon {
     });
     await assertCacheDirsExist(options);
     if (kind === 'ublk' && options.cacheSize) throw budgetOnUblk(options.device);
+    if (kind === 'uloop' && options.cacheSize && !uloopBudgetUnlocked()) throw budgetOnUloop(options.device);
     if (kind === 'ublk' && options.writebackPolicy?.hydrateRate !== undefined) throw hydrateOnUblk(options.device);
     // The name is this process's from here on (RUN_DIR/NAME.json); what a dead daemon of the same
     // name left (a loop device bound to its FUSE file, nbdfuse, the mount) is let go first.
@@ -305,6 +306,7 @@ export class Daemon {
       markStart('store');
       // The budget the cache already had counts as much as one given now.
       if (store.budget !== null && kind === 'ublk') throw budgetOnUblk(options.device);
+      if (store.budget !== null && kind === 'uloop' && !uloopBudgetUnlocked()) throw budgetOnUloop(options.device);
       if (store.budget !== null && policy.hydrateRate !== undefined && store.budget < source.size) throw hydrateOverBudget(store.budget, source.size);
       if (store.recoveredFromCrash) logger.warn('the cache was not closed cleanly last time; recovered its dirty set from the metadata');
       assertSectorFits(sectorSize, store.geometry.blockSize, source.description, false);
@@ -830,10 +832,30 @@ function hydrateOnUblk(device: string): InvalidArgumentError {
   return new InvalidArgumentError(`--hydrate is not wired to ${device} yet (the ublk server writes missing blocks the hydrator would fill); hydrate through /dev/loopN or /dev/uloopN, or leave it out`);
 }
 
+/**
+ * --cache-size on /dev/uloopN is refused: the kernel writes whole missing blocks without asking the
+ * daemon, so nothing holds the cache file to the budget while a writer is faster than the budget
+ * flush (test/vm/uloop-budget.test.ts: a 48 MiB cp took a 16 MiB budget's cache file to 55 MiB; on
+ * a nearly full flash filesystem those writes would fail with ENOSPC instead of waiting), and the
+ * uloop model's budget property hangs on a case not understood yet (test/model/uloop.model.test.ts).
+ * The eviction path and the re-attach's reconcile are wired and tested with
+ * ULOB_UNSAFE_ULOOP_BUDGET=1, for development only (uloop-budget's VM run).
+ */
+function budgetOnUloop(device: string): InvalidArgumentError {
+  return new InvalidArgumentError(
+    `a cache budget (--cache-size) is not supported on ${device} yet (the kernel can write new blocks past the budget); use /dev/loopN or /dev/nbdN for a cache smaller than the disk`,
+  );
+}
+
+/** ULOB_UNSAFE_ULOOP_BUDGET=1: lets a budget on /dev/uloopN through, for its development tests only. */
+function uloopBudgetUnlocked(): boolean {
+  return process.env.ULOB_UNSAFE_ULOOP_BUDGET === '1';
+}
+
 /** --cache-size on /dev/ublkbN is refused: the ublk server has no eviction path. */
 function budgetOnUblk(device: string): InvalidArgumentError {
   return new InvalidArgumentError(
-    `a cache budget (--cache-size) is not supported on ${device} yet (the ublk server does not evict); use /dev/loopN, /dev/nbdN or /dev/uloopN for a cache smaller than the disk`,
+    `a cache budget (--cache-size) is not supported on ${device} yet (the ublk server does not evict); use /dev/loopN or /dev/nbdN for a cache smaller than the disk`,
   );
 }
 

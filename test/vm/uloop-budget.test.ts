@@ -4,7 +4,11 @@
 //    once, its neighbours keep their bytes, and after `flush --wait` the disk holds zeros there;
 //  - ext4's zeroout: mkfs with lazy inode-table init and a mount with init_itable=0 send
 //    WRITE_ZEROES (ZERO upcalls); fsck is clean;
-//  - --cache-size 16M over a 128 MiB disk: ext4 on /dev/uloop0, a 48 MiB file copied in (cp, sync)
+//  - --cache-size on /dev/uloopN is refused to users (one line, exit 1, nothing added, no cache
+//    file): the kernel writes new blocks past the budget (see below) and the uloop model's budget
+//    property hangs on a case not understood yet;
+//  - with ULOB_UNSAFE_ULOOP_BUDGET=1 (development only) --cache-size 16M over a 128 MiB disk:
+//    ext4 on /dev/uloop0, a 48 MiB file copied in (cp, sync)
 //    and 4 files of 4 MiB written with fsync; all read back equal (sha256) after drop_caches, and
 //    again after kill -9 of the daemon, the same command (re-attach) and drop_caches; fio verify
 //    writes a file while the files are read back at the same time; the cache file's st_blocks,
@@ -31,6 +35,11 @@ beforeAll(async () => {
     modprobe -q crc32c_generic || true; modprobe ext4
     head -c 64M /dev/urandom > /tmp/disk.img
     cp /tmp/disk.img /tmp/orig.img
+    # --cache-size is refused on /dev/uloopN: one line, exit 1, no device, no cache file.
+    rc=0; $U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --cache-size 32M --daemon $D /tmp/disk.img > /tmp/refused.out 2>&1 || rc=$?
+    echo "budget attach exit: $rc"
+    echo "budget refusal: $(cat /tmp/refused.out) lines=$(wc -l < /tmp/refused.out)"
+    [ ! -e /tmp/d.cache ] && ! $CTL query 0 > /dev/null 2>&1 && echo "the refusal changed nothing"
     A="$U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --daemon $D /tmp/disk.img"
     $A > /dev/null || echo "attach FAILED"
     q() { $CTL query 0; }
@@ -71,7 +80,9 @@ beforeAll(async () => {
     fsck.ext4 -fn $D > /tmp/fsck.out 2>&1 && echo "fsck clean" || { echo "fsck FAILED"; head -20 /tmp/fsck.out; }
     $U detach $D > /dev/null && echo detached
 
-    # --- a cache budget: 16 MiB over a 128 MiB disk, ext4 on the device
+    # --- a cache budget: 16 MiB over a 128 MiB disk, ext4 on the device. Refused to users (above);
+    # the mechanism runs here for its development (src/daemon/daemon.ts, budgetOnUloop).
+    export ULOB_UNSAFE_ULOOP_BUDGET=1
     truncate -s 128M /tmp/bd.img
     B="$U -c /tmp/b.cache -b /tmp/b.bitmap --writeback --cache-size 16M --daemon $D /tmp/bd.img"
     $B > /dev/null || echo "budget attach FAILED"
@@ -170,6 +181,12 @@ describe('zeroes and a cache budget on /dev/uloopN', () => {
     expect(Number(/st_blocks at the end: (\d+)/.exec(run.output)?.[1]) * 512).toBeLessThanOrEqual(BUDGET + BUDGET / 32);
     expect(run.output).toContain('budget detached');
     expect(run.output, run.output).toContain('bare disk fsck clean');
+  });
+
+  it('--cache-size is refused on /dev/uloopN with one line, exit 1, and nothing changed', () => {
+    expect(run.output).toContain('budget attach exit: 1');
+    expect(run.output).toMatch(/budget refusal: .*a cache budget \(--cache-size\) is not supported on \/dev\/uloop0 yet.* lines=1/);
+    expect(run.output).toContain('the refusal changed nothing');
   });
 
   it("ext4's zeroout sends WRITE_ZEROES and the filesystem checks clean", () => {
