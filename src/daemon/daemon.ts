@@ -562,6 +562,10 @@ export class Daemon {
     // The engine's fills would race the ublk server's writes into missing blocks (the same reason
     // --hydrate is refused at attach).
     if (this.#frontend.kind === 'ublk') throw hydrateOnUblk(this.device);
+    // As --hydrate at attach: a budget smaller than the disk would evict what the hydration just
+    // copied, for ever (a new user saw 616 MiB evicted in 15 s and the progress going backwards).
+    const budget = this.engine.store.budget;
+    if (!this.#hydrator && budget !== null && budget < this.engine.size) throw hydrateCommandOverBudget(budget, this.engine.size);
     if (!this.#hydrator) {
       this.#hydrator = new Hydrator(this.engine, { rate, onError: (err) => this.#logger.warn(`hydration: ${err.message}; retrying`) });
       // On /dev/uloopN the kernel may hold newer whole blocks the store has not seen yet: fills go
@@ -856,6 +860,13 @@ function uloopBudgetUnlocked(): boolean {
 function budgetOnUblk(device: string): InvalidArgumentError {
   return new InvalidArgumentError(
     `a cache budget (--cache-size) is not supported on ${device} yet (the ublk server does not evict); use /dev/loopN or /dev/nbdN for a cache smaller than the disk`,
+  );
+}
+
+/** `ulobdev hydrate` on a cache whose budget is smaller than the disk (hydrateOverBudget's run-time twin). */
+function hydrateCommandOverBudget(budget: number, size: number): InvalidArgumentError {
+  return new InvalidArgumentError(
+    `hydrate copies the whole disk (${formatBytes(size)}) into the cache, but its budget is ${formatBytes(budget)}: it would evict what it copies; detach and attach again with --cache-size 100% to hydrate`,
   );
 }
 

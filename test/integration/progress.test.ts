@@ -54,6 +54,18 @@ describe('progress and results of long work', () => {
     expect(status.cachedBytes).toBe(32 << 20);
   });
 
+  it('hydrate on a cache with a budget smaller than the disk: one line, exit 1, nothing started', async () => {
+    s = scratch('ulob-progress-');
+    await serve('hb', ['--cache-size', '8M']);
+    const r = await ulobdev(['hydrate', 'hb', '--run-dir', s.runDir]);
+    expect(r.code).toBe(1);
+    expect(r.stdout).toBe('');
+    expect(r.stderr).toMatch(/^ulobdev: hydrate copies the whole disk \(32 MiB\) into the cache, but its budget is 8 MiB: it would evict what it copies; detach and attach again with --cache-size 100% to hydrate\n$/);
+    const status = JSON.parse((await ulobdev(['status', 'hb', '--json', '--run-dir', s.runDir])).stdout);
+    expect(status.hydration ?? null).toBeNull();
+    expect(status.cachedBytes).toBe(0);
+  });
+
   it('detach says what it flushed and what stays dirty', async () => {
     s = scratch('ulob-progress-');
     const url = await serve('dt', ['--flush', '0 3 * * *']);
