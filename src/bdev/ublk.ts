@@ -357,7 +357,7 @@ export async function ublkError(device: string, err: unknown, mountinfo?: string
     if (mounted.length > 0) return staleMount(device, mounted);
     const name = device.slice('/dev/'.length);
     return new DeviceBusyError(
-      `${device}: its old device was deleted but something still holds it, so the number cannot be used again; release the holder, then run the same command again: a filesystem mounted in another namespace or under another name (grep ${name} /proc/*/mountinfo), device-mapper/LVM on top (dmsetup ls --tree), swap (swapon --show), or a process (ls -l /proc/*/fd | grep ${name})`,
+      `${device}: its old device was deleted but something still holds it, so the number cannot be used again; release the holder, then run the same command again: a filesystem mounted in another namespace or under another name (grep ${name} /proc/*/mountinfo), device-mapper/LVM on top (dmsetup ls --tree, then dmsetup remove), swap (swapon --show; swapoff by name fails once the node is gone, a reboot frees it), or a process (ls -l /proc/*/fd | grep ${name})`,
     );
   }
   if (code === 'EBUSY') return new DeviceBusyError(`${device} is served by another process; stop it first, or use /dev/ublkb for the next free one`);
