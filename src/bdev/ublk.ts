@@ -315,7 +315,7 @@ export async function assertUblkAvailable(device: string, cachePath: string, rec
   if (n < 0) return;
   if (!existsSync(`/sys/block/ublkb${n}`)) {
     const mounted = await mountsOfSource(device);
-    if (mounted.length > 0) throw staleMount(device, mounted[0]!);
+    if (mounted.length > 0) throw staleMount(device, mounted);
   }
   if (!existsSync(`/dev/ublkc${n}`)) return;
   const owner = await readFile(join(recordDir, `ublkb${n}.cache`), 'utf8').then(
@@ -333,19 +333,32 @@ export async function assertUblkAvailable(device: string, cachePath: string, rec
  * mounted on it: the number is taken until the unmount. The old mount fails every I/O; every
  * acknowledged write is in the cache. Refused rather than served under another number: the
  * sysadmin's fstab, scripts and the record name this one, and the dead mount must go anyway.
+ * `mountpoints`: every mount of the device and its partitions (bind mounts included), all named so
+ * that one round of unmounts is enough.
  */
-function staleMount(device: string, mountpoint: string): DeviceBusyError {
-  return new DeviceBusyError(`${device} is still mounted at ${mountpoint} (its old device was deleted after its daemon died during a recovery; every acknowledged write is in the cache); unmount it, then run the same command again`);
+export function staleMount(device: string, mountpoints: readonly string[]): DeviceBusyError {
+  const each = mountpoints.length > 1 ? 'each' : 'it';
+  return new DeviceBusyError(`${device} is still mounted at ${mountpoints.join(', ')} (its old device was deleted after its daemon died during a recovery; every acknowledged write is in the cache); unmount ${each}, then run the same command again`);
 }
 
-/** One line for a failed start of /dev/ublkbN. */
-async function ublkError(device: string, err: unknown): Promise<Error> {
+/**
+ * One line for a failed start of /dev/ublkbN (`err`: the addon's error, with its errno `code`).
+ * EADDRINUSE: the old device was deleted but something still holds it. A mount of it in this
+ * namespace is named (staleMount, from `mountinfo`: its text in tests, default
+ * /proc/self/mountinfo); otherwise the line names every other kind of holder and the command that
+ * shows it (a mount elsewhere, device-mapper/LVM, swap, a process: the device node is gone, so
+ * fuser/lsof on it cannot work). Other codes get their own lines; anything else is returned as is.
+ */
+export async function ublkError(device: string, err: unknown, mountinfo?: string): Promise<Error> {
   const code = (err as { code?: string }).code;
   const msg = (err as Error)?.message ?? String(err);
   if (code === 'EADDRINUSE') {
-    const mounted = await mountsOfSource(device);
-    if (mounted.length > 0) return staleMount(device, mounted[0]!);
-    return new DeviceBusyError(`${device}: its old device was deleted but is still open (a filesystem mounted under another name, or a process holding it: see lsof or fuser); close it, then run the same command again`);
+    const mounted = await mountsOfSource(device, mountinfo);
+    if (mounted.length > 0) return staleMount(device, mounted);
+    const name = device.slice('/dev/'.length);
+    return new DeviceBusyError(
+      `${device}: its old device was deleted but something still holds it, so the number cannot be used again; release the holder, then run the same command again: a filesystem mounted in another namespace or under another name (grep ${name} /proc/*/mountinfo), device-mapper/LVM on top (dmsetup ls --tree, then dmsetup remove), swap (swapon --show; swapoff by name fails once the node is gone, a reboot frees it), or a process (ls -l /proc/*/fd | grep ${name})`,
+    );
   }
   if (code === 'EBUSY') return new DeviceBusyError(`${device} is served by another process; stop it first, or use /dev/ublkb for the next free one`);
   if (code === 'EEXIST') return new DeviceBusyError(`${device} exists and is not this cache's device (${msg}); delete it (ublk del) or pick another N`);

@@ -174,7 +174,10 @@ export class FlushEpoch implements Epoch {
       await copying;
       // Blocks written during the copy saved their epoch version first: it goes over what the copy
       // may have read of the new content. (Only saves that started after #settle can be in
-      // #preserving for these blocks: the ones of writes during the copy.)
+      // #preserving for these blocks: the ones of writes during the copy.) The wait is not what
+      // keeps the disk right: a save still in flight means its write has not landed, so the copy
+      // read the epoch's version there. It settles the batch with its saves: a failed save fails
+      // the batch here rather than only at the commit, and no saved version comes in unused.
       while (this.#preserving.size > 0) {
         const waits: Promise<void>[] = [];
         for (const [start, count] of pieces) {

@@ -78,6 +78,17 @@ const CASES: Record<string, ModelCase> = {
       { op: { kind: 'writeback-racing', sector: 0, count: 1, split: 0, during: false } },
     ],
   },
+  // Planted once (review7 P6): a write during a commit's fdatasync took its block out of the runs
+  // staged since (#stagedRuns) but not out of the run being committed (#committingRuns). The commit
+  // then recorded the block present and clean over the write's data (invariant 2).
+  'a write into a range-staged block during the commit sync leaves that commit': {
+    seed: 1,
+    steps: [{ crash: 'power', after: 4, op: { kind: 'write-during-commit', sector: 0, count: 9, at: 0, wcount: 1 } }],
+  },
+  'a write into a range-staged block during the commit sync leaves that commit (no crash)': {
+    seed: 1,
+    steps: [{ op: { kind: 'write-during-commit', sector: 0, count: 9, at: 0, wcount: 1 } }],
+  },
 };
 
 describe('engine model: 12 x 4096 B blocks, short last block', () => {

@@ -300,7 +300,8 @@ export type Op =
   | { kind: 'zero'; sector: number; count: number; fua: boolean }
   | { kind: 'evict'; blocks: number }
   | { kind: 'writeback' }
-  | { kind: 'writeback-racing'; sector: number; count: number; split: number; during: boolean };
+  | { kind: 'writeback-racing'; sector: number; count: number; split: number; during: boolean }
+  | { kind: 'write-during-commit'; sector: number; count: number; at: number; wcount: number };
 
 function clip(model: Model, sector: number, count: number): [number, number] {
   const s = sector % model.sectors;
@@ -434,6 +435,56 @@ async function runOp(op: Op, model: Model, real: Real): Promise<void> {
       expectCleanBlocksMatchBacking(real);
       return;
     }
+    case 'write-during-commit': {
+      // A read of sectors [s, s + n) fills the missing blocks there (2 or more: one run staged as a
+      // range, rangeFillBlocks 2), then a FLUSH commits them, and while the commit's fdatasync runs
+      // a write lands at sector s + at: a block of that run must leave the commit (staged dirty),
+      // never come out present and clean over data the disk does not have (invariant 2).
+      const [s, n] = clip(model, op.sector, op.count);
+      const buf = await engine.read(s * SECTOR, n * SECTOR);
+      expectContent(buf, s, (x) => model.current[x]!, 'read before the commit');
+      const [ws, wn] = clip(model, s + (op.at % n), op.wcount);
+      const tag = model.nextTag++;
+      const store = engine.store;
+      const syncData = store.syncData;
+      let write: Promise<void> | null = null;
+      let settled = false;
+      // The flush's first cache sync (the commit's): the write starts once it is under way and is
+      // awaited inside it, unless it has to wait for room (the budget full: it then waits for this
+      // very commit, and completes after it).
+      store.syncData = function (this: CacheStore): Promise<void> {
+        store.syncData = syncData;
+        const synced = syncData.call(store);
+        // A crash at the sync rejects it while the write runs: handled here, returned below.
+        synced.catch(() => undefined);
+        write = changeSectors(model, ws, wn, tag, false, () => engine.write(ws * SECTOR, writeSectors(ws, wn, tag)));
+        return (async () => {
+          settled = await settledOrWaiting(write!, engine);
+          if (settled) await write!.catch(() => undefined);
+          return synced;
+        })();
+      };
+      const before = Uint32Array.from(model.current);
+      try {
+        await engine.flush();
+      } finally {
+        store.syncData = syncData;
+        if (write && !settled) await (write as Promise<void>).catch(() => undefined);
+      }
+      if (write) await write;
+      // The FLUSH made durable what was acknowledged before it; the write during it is not covered.
+      for (let x = 0; x < model.sectors; x++) {
+        if (write && x >= ws && x < ws + wn) {
+          model.stable[x] = before[x]!;
+          model.since.set(x, new Set([tag]));
+        } else {
+          model.stable[x] = model.current[x]!;
+          model.since.delete(x);
+        }
+      }
+      expectCleanBlocksMatchBacking(real);
+      return;
+    }
   }
 }
 
@@ -515,6 +566,16 @@ function opArb(sectors: number, blockSectors: number, budget: boolean): fc.Arbit
         count,
         split: fc.nat({ max: 8 }),
         during: fc.boolean(),
+      }),
+    },
+    {
+      weight: 2,
+      arbitrary: fc.record({
+        kind: fc.constant('write-during-commit' as const),
+        sector,
+        count: fc.integer({ min: blockSectors + 1, max: blockSectors * 4 }),
+        at: fc.nat({ max: blockSectors * 4 }),
+        wcount: fc.integer({ min: 1, max: blockSectors * 2 }),
       }),
     },
   );

@@ -1046,6 +1046,101 @@ describe('concurrency', () => {
     expect(diskBytes(r).equals(model)).toBe(true);
   });
 
+  it('a save still running when a batch copied cache→disk in one request ends: the disk gets the epoch version, the block stays dirty', async () => {
+    // The one-request path (FlushEpoch.copyOut with io.copy) with a write's save of the epoch
+    // version still in flight when the copy resolves, and a second write into the same block
+    // queued behind that save. Held: the batch's copy (writeManyFrom) until both writes are under
+    // way, and the save's cache read until the copy has resolved.
+    const BS = 4 * KiB;
+    const r = await rig({ size: 16 * BS, blockSize: BS });
+    const model = Buffer.from(r.initial);
+    const first = pattern(8 * BS, 71);
+    await r.engine.write(0, first);
+    first.copy(model, 0);
+    await r.engine.flush();
+    await r.engine.close();
+    let releaseCopy!: () => void;
+    const copyGate = new Promise<void>((resolve) => (releaseCopy = resolve));
+    let copyReached!: () => void;
+    const atCopy = new Promise<void>((resolve) => (copyReached = resolve));
+    let copyEnded!: () => void;
+    const copied = new Promise<void>((resolve) => (copyEnded = resolve));
+    const file = r.file;
+    const gated: WritableSource = {
+      size: file.size,
+      id: file.id,
+      description: file.description,
+      readAt: (buf, position) => file.readAt(buf, position),
+      writeAt: (buf, position) => file.writeAt(buf, position),
+      writeMany: (buf, pieces) => file.writeMany(buf, pieces),
+      sync: () => file.sync(),
+      close: async () => undefined,
+      writeManyFrom: async (from, buf, pieces) => {
+        copyReached();
+        await copyGate;
+        await file.writeManyFrom(from, buf, pieces);
+        copyEnded();
+      },
+    };
+    r.store = await CacheStore.open({ paths: r.paths, backing: gated, mode: 'writeback', blockSize: BS });
+    r.engine = new CacheEngine(r.store, gated, { autoCommitMs: 0 });
+    const engine = r.engine;
+    cleanups.push(() => engine.close());
+    // The epoch's saves read the cache through store.readData (the copy reads the cache file
+    // itself): hold the first read of block 2 made while `holdSave` is set.
+    const store = r.store;
+    const readData = store.readData.bind(store);
+    let holdSave = false;
+    let releaseSave!: () => void;
+    const saveGate = new Promise<void>((resolve) => (releaseSave = resolve));
+    let saveReached!: () => void;
+    const atSave = new Promise<void>((resolve) => (saveReached = resolve));
+    store.readData = async (buf, position) => {
+      if (holdSave && position === 2 * BS) {
+        holdSave = false;
+        saveReached();
+        await saveGate;
+      }
+      return readData(buf, position);
+    };
+    let progressed = 0;
+    const flushing = flushDirty(r.engine, { maxIoBytes: 8 * BS, onProgress: () => progressed++ });
+    await atCopy;
+    holdSave = true;
+    const a = pattern(BS, 72);
+    const b = pattern(200, 73);
+    const writingA = r.engine.write(2 * BS, a);
+    await atSave;
+    // Queued behind the save in flight: it must not land before the save has read the block.
+    const writingB = r.engine.write(2 * BS + 1000, b);
+    let landed = false;
+    void Promise.all([writingA, writingB]).then(() => (landed = true));
+    releaseCopy();
+    await copied;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    expect(landed).toBe(false);
+    // copyOut settles with the saves of its blocks (a failed save fails the batch, not only the
+    // commit): the batch is not done while one is in flight.
+    expect(progressed).toBe(0);
+    releaseSave();
+    await Promise.all([writingA, writingB]);
+    a.copy(model, 2 * BS);
+    b.copy(model, 2 * BS + 1000);
+    const result = await flushing;
+    expect(progressed).toBe(1);
+    expect(result).toMatchObject({ blocks: 8, cleaned: 7, kept: 1 });
+    // Invariant 7: the disk is the image at the flush's start (block 2 as it was, not a or b) ...
+    expect(diskBytes(r).subarray(0, 8 * BS).equals(first)).toBe(true);
+    // ... and the rewritten block stays dirty, with both writes in the cache.
+    expect(r.store.dirty.get(2)).toBe(true);
+    expect((await r.engine.read(2 * BS, BS)).equals(model.subarray(2 * BS, 3 * BS))).toBe(true);
+    await r.engine.flush();
+    expectDiskLagsOnlyInDirtyBlocks(r, model);
+    await flushDirty(r.engine);
+    expect(diskBytes(r).equals(model)).toBe(true);
+    expect(r.engine.stats().dirtyBlocks).toBe(0);
+  });
+
   it('writes issued right after flushDirty starts are never lost, whatever the interleaving', async () => {
     const BS = 4 * KiB;
     const r = await rig({ size: 32 * BS, blockSize: BS });

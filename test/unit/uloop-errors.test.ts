@@ -3,7 +3,7 @@
 // /dev/ublkbN when the kernel's own ublk driver is missing.
 import { constants } from 'node:os';
 import { describe, expect, it } from 'vitest';
-import { ublkDriverMissing } from '../../src/bdev/ublk.js';
+import { staleMount, ublkDriverMissing, ublkError } from '../../src/bdev/ublk.js';
 import { uloopError } from '../../src/bdev/uloop-errors.js';
 import { exitCodeFor } from '../../src/cli/exit-codes.js';
 import {
@@ -101,5 +101,37 @@ describe('/dev/ublkbN without the kernel ublk driver', () => {
       "/dev/ublkb0 needs the kernel's ublk driver (ublk_drv), and 'modprobe ublk_drv' failed (modprobe: ERROR: could not insert 'ublk_drv': Operation not permitted): fix what it says and try again, or use /dev/loopN or /dev/nbdN instead",
     );
     expect(ublkDriverMissing('/dev/ublkb0', '6.12.1', { ok: true, status: 0, said: '' })).toMatch(/'modprobe ublk_drv' loaded it but \/dev\/ublk-control did not appear \(see dmesg\)/);
+  });
+});
+
+describe('/dev/ublkbN whose old device was deleted but is still held (EADDRINUSE at start)', () => {
+  const inUse = Object.assign(new Error('EADDRINUSE: address already in use, ublk add'), { code: 'EADDRINUSE', errno: 98 });
+
+  it('names every mount point of the device and its partitions, bind mounts included, in one line', async () => {
+    const mountinfo = [
+      '22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw',
+      '90 22 259:3 / /a rw,relatime - ext4 /dev/ublkb0 rw',
+      '91 22 259:3 / /b rw,relatime - ext4 /dev/ublkb0 rw',
+      '92 22 259:4 / /c rw - xfs /dev/ublkb0p2 rw',
+    ].join('\n');
+    const err = await ublkError('/dev/ublkb0', inUse, mountinfo);
+    expect(err).toBeInstanceOf(DeviceBusyError);
+    expect(err.message).not.toMatch(/\n/);
+    expect(err.message).toMatch(/^\/dev\/ublkb0 is still mounted at \/a, \/b, \/c \(.*\); unmount each, then run the same command again$/);
+    // The preflight's refusal is the same line; one mount reads "unmount it".
+    expect(staleMount('/dev/ublkb0', ['/tmp/m']).message).toMatch(/^\/dev\/ublkb0 is still mounted at \/tmp\/m \(.*\); unmount it, then run the same command again$/);
+  });
+
+  it('without a mount here, names the holders a sysadmin can check and the command that shows each', async () => {
+    const err = await ublkError('/dev/ublkb3', inUse, '22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n');
+    expect(err).toBeInstanceOf(DeviceBusyError);
+    const msg = err.message;
+    expect(msg).not.toMatch(/\n/);
+    expect(msg).toMatch(/^\/dev\/ublkb3: its old device was deleted but something still holds it/);
+    expect(msg).toContain('grep ublkb3 /proc/*/mountinfo');
+    expect(msg).toContain('dmsetup ls --tree');
+    expect(msg).toContain('swapon --show');
+    expect(msg).toContain('ls -l /proc/*/fd | grep ublkb3');
+    expect(msg).toMatch(/then run the same command again/);
   });
 });
