@@ -30,14 +30,34 @@ export async function exists(path: string): Promise<boolean> {
   }
 }
 
+/** One line of /proc/self/mountinfo: the device ("maj:min"), the mount point and the mount source. */
+interface MountEntry {
+  majMin: string;
+  point: string;
+  source: string;
+}
+
+/** The lines of mountinfo `text` (proc(5)), in order; escapes (\040) undone. */
+function parseMountinfo(text: string): MountEntry[] {
+  const out: MountEntry[] = [];
+  for (const line of text.split('\n')) {
+    const fields = line.split(' ');
+    if (fields.length <= 4) continue;
+    const dash = line.indexOf(' - ');
+    const source = dash < 0 ? '' : unescapeMount(line.slice(dash + 3).split(' ')[1] ?? '');
+    out.push({ majMin: fields[2]!, point: unescapeMount(fields[4]!), source });
+  }
+  return out;
+}
+
+async function readMountinfo(): Promise<MountEntry[]> {
+  return parseMountinfo(await fsp.readFile('/proc/self/mountinfo', 'utf8'));
+}
+
 /** Mounted block devices: "maj:min" → first mount point (from /proc/self/mountinfo). */
 export async function mountsByDevice(): Promise<Map<string, string>> {
   const mounts = new Map<string, string>();
-  const text = await fsp.readFile('/proc/self/mountinfo', 'utf8');
-  for (const line of text.split('\n')) {
-    const fields = line.split(' ');
-    if (fields.length > 4 && !mounts.has(fields[2]!)) mounts.set(fields[2]!, unescapeMount(fields[4]!));
-  }
+  for (const m of await readMountinfo()) if (!mounts.has(m.majMin)) mounts.set(m.majMin, m.point);
   return mounts;
 }
 
@@ -49,21 +69,15 @@ export async function mountsByDevice(): Promise<Map<string, string>> {
  */
 export async function mountsOfSource(device: string, mountinfo?: string): Promise<string[]> {
   const text = mountinfo ?? (await fsp.readFile('/proc/self/mountinfo', 'utf8').catch(() => ''));
-  const out: string[] = [];
-  for (const line of text.split('\n')) {
-    const dash = line.indexOf(' - ');
-    if (dash < 0) continue;
-    const source = unescapeMount(line.slice(dash + 3).split(' ')[1] ?? '');
-    const point = line.slice(0, dash).split(' ')[4];
-    if (point !== undefined && (source === device || (source.startsWith(`${device}p`) && /^\d+$/.test(source.slice(device.length + 1))))) out.push(unescapeMount(point));
-  }
-  return out;
+  const isPartition = (source: string) => source.startsWith(`${device}p`) && /^\d+$/.test(source.slice(device.length + 1));
+  return parseMountinfo(text)
+    .filter((m) => m.source === device || isPartition(m.source))
+    .map((m) => m.point);
 }
 
 /** True when `dir` is a mount point. */
 export async function isMountpoint(dir: string): Promise<boolean> {
-  const text = await fsp.readFile('/proc/self/mountinfo', 'utf8');
-  return text.split('\n').some((line) => unescapeMount(line.split(' ')[4] ?? '') === dir);
+  return (await readMountinfo()).some((m) => m.point === dir);
 }
 
 /** glibc's gnu_dev_major/minor encoding of a dev_t, as "maj:min". */

@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { attachFreeLoop, killStrays, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
+import { killStrays, mustSh, prepareCliTests, scratch, sh, ulobdev, unusedLoop } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 const undo: Array<() => Promise<unknown> | unknown> = [];
@@ -75,8 +75,15 @@ async function device(): Promise<{ dev: string; args: string[] }> {
   const disk = join(s.dir, 'disk.img');
   mustSh('truncate', ['-s', '64M', disk]);
   const argsFor = (loop: string) => ['--writeback', '-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--run-dir', s.runDir, '--daemon', loop, disk];
-  const { loop: dev } = await attachFreeLoop((loop) => ulobdev(argsFor(loop)));
+  // The tests run "the same command" on this device again after it is detached below, so it must
+  // stay free meanwhile: a number the kernel has not made (unusedLoop, from 256 up; ulobdev makes
+  // it), which `losetup -f` in a test running beside this one never hands out. A free low number
+  // was taken there between the detach and the same command (make test, two host files at once:
+  // "/dev/loop0 is in use (bound to .../parted.img)", cli-errors' disk).
+  const dev = unusedLoop();
   const args = argsFor(dev);
+  const first = await ulobdev(args);
+  expect(first.code, first.stderr).toBe(0);
   expect((await ulobdev(['detach', dev, '--run-dir', s.runDir])).code).toBe(0);
   undo.push(async () => {
     const d = await ulobdev(['detach', dev, '--run-dir', s.runDir]);
@@ -134,8 +141,14 @@ describe('kill -9 of a /dev/loopN daemon', () => {
     const job = ['--name=crash', `--filename=${dev}`, '--direct=1', '--sync=1', '--rw=randwrite', '--bs=4k', '--numjobs=4', '--size=8M', '--offset_increment=12M', '--group_reporting', '--ioengine=psync', '--verify=crc32c', `--aux-path=${s.dir}`];
     const fio = spawn('fio', [...job, '--do_verify=0', '--verify_state_save=1', `--output=${join(s.dir, 'fio.out')}`], { stdio: 'ignore' });
     const fioExit = new Promise<number | null>((resolve) => fio.once('exit', resolve));
-    // Kill the daemon once fio has written for a while.
-    await new Promise((r) => setTimeout(r, 3000));
+    // Kill the daemon once fio has written for a while: its first writes seen dirty (at load fio
+    // took over 3 s to start, and a fixed 3 s sleep killed the daemon before any write), then 2 s.
+    for (let i = 0; i < 300; i++) {
+      const st = await ulobdev(['status', dev, '--json', '--run-dir', s.runDir]);
+      if (st.code === 0 && JSON.parse(st.stdout).dirtyBytes > 0) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await new Promise((r) => setTimeout(r, 2000));
     process.kill(pid, 'SIGKILL');
     await waitGone(pid);
     expect(await fioExit).not.toBe(0);

@@ -7,7 +7,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { attachFreeLoop, freeLoop, killStrays, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev } from '../support/cli.js';
+import { attachFreeLoop, killStrays, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev, unusedLoop } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 const undo: Array<() => Promise<unknown> | unknown> = [];
@@ -122,7 +122,7 @@ describe('sector sizes of the backing disk', () => {
     // Only this test's loop devices: other tests bind theirs meanwhile.
     const mine = () => sh('losetup', ['-a']).stdout.split('\n').filter((l) => l.includes(s.dir)).sort().join('\n');
     const loopsBefore = mine();
-    const r = await ulobdev([...cache, '--block-size', '4K', '--run-dir', s.runDir, freeLoop(), disk.dev]);
+    const r = await ulobdev([...cache, '--block-size', '4K', '--run-dir', s.runDir, unusedLoop(), disk.dev]);
     expect(r.code).toBe(1);
     expect(r.stderr).toMatch(/^ulobdev: .* has 8192-byte sectors but the cache has 4096-byte blocks; .*--block-size 8K or more.*\n$/);
     expect(snapshot(s.dir)).toEqual(before);

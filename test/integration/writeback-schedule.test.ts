@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { freeLoop, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev } from '../support/cli.js';
+import { mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev, unusedLoop } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 let attached: string[] = [];
@@ -57,7 +57,7 @@ describe('write-back scheduler', () => {
     mustSh('truncate', ['-s', '16M', join(s.dir, 'disk.img')]);
     const before = snapshot(s.dir);
     for (const expr of ['61 * * * *', 'every hour', '0 0 30 2 *']) {
-      const r = await ulobdev(['--writeback', '--flush', expr, '-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--daemon', '--run-dir', s.runDir, freeLoop(), join(s.dir, 'disk.img')]);
+      const r = await ulobdev(['--writeback', '--flush', expr, '-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--daemon', '--run-dir', s.runDir, unusedLoop(), join(s.dir, 'disk.img')]);
       expect(r.code).toBe(1);
       expect(r.stdout).toBe('');
       expect(r.stderr).toMatch(/^ulobdev: --flush '[^']+' (is not a cron expression|never fires)[^\n]*\n$/);

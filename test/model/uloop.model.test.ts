@@ -66,14 +66,14 @@ const BUDGET_CASES: Record<string, UloopModelCase> = {
 describe('uloop protocol model with a cache budget: 4 of 8 x 4096 B blocks', () => {
   for (const [name, c] of Object.entries(BUDGET_CASES)) it(name, () => runUloopModel(BUDGET_CONFIG, c), 60_000);
 
-  // Skipped: the property hangs (the event loop stays busy, so no timeout fires) within its first
-  // runs on a case that hangs the same way without this branch's changes (ubudget7, 07:17; also
+  // No property test here yet: the budget property (assertUloopModel(BUDGET_CONFIG, RUNS)) hangs
+  // (the event loop stays busy, so no timeout fires) within its first runs on a case that hangs the same way without this branch's changes (ubudget7, 07:17; also
   // with the old refusal of a budget below the dirty data): the run below. It hangs in its 6th step,
   // a read of blocks 2..5 (the whole budget of 4) with blocks 0..2 dirty: the model kernel's
   // prepare loop fills one block, the fill of the next evicts it, and so on (a request is not in
   // flight, so not safe from EVICT, until its last pass), all in microtasks. The real kernel's
   // uloop_prepare has the same loop: a request needing more blocks than the budget less the dirty
-  // data can livelock until a flush cleans some. Unskip once that is settled.
+  // data can livelock until a flush cleans some. Add the property once that is settled (the budget
+  // on /dev/uloopN stays refused until then: docs/design.md).
   //   {"seed": 994401209, "steps": [{"op": {"kind": "flush"}}, {"crash": "power", "after": 6, "op": {"kind": "write", "sector": 28, "count": 16, "fua": true}}, {"op": {"kind": "write", "sector": 2, "count": 20, "fua": false}}, {"crash": "daemon", "after": 1, "op": {"kind": "read", "sector": 29, "count": 4}}, {"op": {"kind": "read", "sector": 21, "count": 9}}, {"op": {"kind": "read", "sector": 21, "count": 24}}, {"op": {"kind": "flush"}}, {"op": {"kind": "zero", "sector": 4, "count": 16}}, {"op": {"kind": "read", "sector": 3, "count": 12}}, {"crash": "daemon", "after": 6, "op": {"kind": "write", "sector": 56, "count": 22, "fua": true}}]}
-  it.skip('keeps invariants 1-4 and 7, and no block dirty only in the store, through evictions, power losses and daemon kills', () => assertUloopModel(BUDGET_CONFIG, RUNS), 900_000);
 });

@@ -100,7 +100,8 @@ export async function attachFreeLoop(attach: (loop: string) => Promise<CliResult
  * A /dev/loopN the kernel has not made (N from 256 up, at random): for attaches that must be
  * refused before any device is bound, so that no other test taking a free loop device meanwhile
  * can turn the expected refusal into "in use". ulobdev would make it with LOOP_CTL_ADD only when
- * it binds, which a refused attach never reaches.
+ * it binds, which a refused attach never reaches. Also for a device a test detaches and binds again
+ * with the same command: `losetup -f` (the lowest free number) in a test beside it never takes it.
  */
 export function unusedLoop(): string {
   for (;;) {

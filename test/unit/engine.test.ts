@@ -193,6 +193,31 @@ async function reopen(r: Rig, how: 'close' | 'abandon', engineOptions?: EngineOp
   await attach(r, r.options.mode, engineOptions);
 }
 
+/**
+ * Reopens the rig's cache over its disk file with the flush batch's one-request copy
+ * (writeManyFrom: cache read and disk write in one native job) passed through `hook`, which gets
+ * the real copy to run when it lets the batch go on. The tests hold a batch's copy there.
+ */
+async function reopenWithCopyHook(r: Rig, hook: (copy: () => Promise<void>) => Promise<void>): Promise<void> {
+  await r.engine.close();
+  const file = r.file;
+  const gated: WritableSource = {
+    size: file.size,
+    id: file.id,
+    description: file.description,
+    readAt: (buf, position) => file.readAt(buf, position),
+    writeAt: (buf, position) => file.writeAt(buf, position),
+    writeMany: (buf, pieces) => file.writeMany(buf, pieces),
+    sync: () => file.sync(),
+    close: async () => undefined,
+    writeManyFrom: (from, buf, pieces) => hook(() => file.writeManyFrom(from, buf, pieces)),
+  };
+  r.store = await CacheStore.open({ paths: r.paths, backing: gated, mode: 'writeback', blockSize: r.options.blockSize });
+  r.engine = new CacheEngine(r.store, gated, { autoCommitMs: 0 });
+  const engine = r.engine;
+  cleanups.push(() => engine.close());
+}
+
 function diskBytes(r: Rig): Buffer {
   return readFileSync(r.disk);
 }
@@ -1001,33 +1026,17 @@ describe('concurrency', () => {
     await r.engine.write(0, first);
     first.copy(model, 0);
     await r.engine.flush();
-    await r.engine.close();
     let release!: () => void;
     const gate = new Promise<void>((resolve) => (release = resolve));
     let reached!: () => void;
     const atCopy = new Promise<void>((resolve) => (reached = resolve));
     let copies = 0;
-    const file = r.file;
-    const gated: WritableSource = {
-      size: file.size,
-      id: file.id,
-      description: file.description,
-      readAt: (buf, position) => file.readAt(buf, position),
-      writeAt: (buf, position) => file.writeAt(buf, position),
-      writeMany: (buf, pieces) => file.writeMany(buf, pieces),
-      sync: () => file.sync(),
-      close: async () => undefined,
-      writeManyFrom: async (from, buf, pieces) => {
-        copies++;
-        reached();
-        await gate;
-        return file.writeManyFrom(from, buf, pieces);
-      },
-    };
-    r.store = await CacheStore.open({ paths: r.paths, backing: gated, mode: 'writeback', blockSize: BS });
-    r.engine = new CacheEngine(r.store, gated, { autoCommitMs: 0 });
-    const engine = r.engine;
-    cleanups.push(() => engine.close());
+    await reopenWithCopyHook(r, async (copy) => {
+      copies++;
+      reached();
+      await gate;
+      return copy();
+    });
     const flushing = flushDirty(r.engine, { maxIoBytes: 8 * BS });
     await atCopy;
     const a = pattern(BS, 62);
@@ -1058,34 +1067,18 @@ describe('concurrency', () => {
     await r.engine.write(0, first);
     first.copy(model, 0);
     await r.engine.flush();
-    await r.engine.close();
     let releaseCopy!: () => void;
     const copyGate = new Promise<void>((resolve) => (releaseCopy = resolve));
     let copyReached!: () => void;
     const atCopy = new Promise<void>((resolve) => (copyReached = resolve));
     let copyEnded!: () => void;
     const copied = new Promise<void>((resolve) => (copyEnded = resolve));
-    const file = r.file;
-    const gated: WritableSource = {
-      size: file.size,
-      id: file.id,
-      description: file.description,
-      readAt: (buf, position) => file.readAt(buf, position),
-      writeAt: (buf, position) => file.writeAt(buf, position),
-      writeMany: (buf, pieces) => file.writeMany(buf, pieces),
-      sync: () => file.sync(),
-      close: async () => undefined,
-      writeManyFrom: async (from, buf, pieces) => {
-        copyReached();
-        await copyGate;
-        await file.writeManyFrom(from, buf, pieces);
-        copyEnded();
-      },
-    };
-    r.store = await CacheStore.open({ paths: r.paths, backing: gated, mode: 'writeback', blockSize: BS });
-    r.engine = new CacheEngine(r.store, gated, { autoCommitMs: 0 });
-    const engine = r.engine;
-    cleanups.push(() => engine.close());
+    await reopenWithCopyHook(r, async (copy) => {
+      copyReached();
+      await copyGate;
+      await copy();
+      copyEnded();
+    });
     // The epoch's saves read the cache through store.readData (the copy reads the cache file
     // itself): hold the first read of block 2 made while `holdSave` is set.
     const store = r.store;
