@@ -230,7 +230,9 @@ async function openersOf(devs: ReadonlySet<string>, ignore: ReadonlySet<number>)
 
 /**
  * For race tests: when $ULOBDEV_PAUSE_FILE names a file that holds `NAME MS`, waits MS ms at the
- * point named NAME (test/vm/ublk.test.ts writes the file while the daemon runs). No-op otherwise.
+ * point named NAME (test/vm/ublk.test.ts writes the file while the daemon runs); with `NAME PATH`
+ * (an absolute path) it waits until PATH exists, a gate the test opens once what it needs has
+ * happened (test/vm/uloop-pit.test.ts), at most 10 minutes. No-op otherwise.
  */
 export async function pausePoint(name: string): Promise<void> {
   const file = process.env.ULOBDEV_PAUSE_FILE;
@@ -241,8 +243,15 @@ export async function pausePoint(name: string): Promise<void> {
   } catch {
     return;
   }
-  const [at, ms] = said.split(/\s+/);
-  if (at === name) await new Promise((r) => setTimeout(r, Number(ms) || 3000));
+  const [at, arg] = said.split(/\s+/);
+  if (at !== name) return;
+  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+  if (arg?.startsWith('/')) {
+    const end = Date.now() + 600_000;
+    while (Date.now() < end && !(await fsp.access(arg).then(() => true, () => false))) await sleep(20);
+    return;
+  }
+  await sleep(Number(arg) || 3000);
 }
 
 /**

@@ -57,6 +57,8 @@ export class FlushEpoch implements Epoch {
   readonly #preserved = new Map<number, Buffer | number>();
   #memoryBytes = 0;
   #spill: { handle: FileHandle; path: string; slots: number } | null = null;
+  /** The spill file's open while it is under way (#openSpill). */
+  #spillOpening: Promise<{ handle: FileHandle; path: string; slots: number }> | null = null;
 
   /** `zeros`: the blocks of `flushing` zeroed at the snapshot (a bitmap of the same size). */
   constructor(id: number, flushing: Bitmap, zeros: Bitmap, options: EpochOptions) {
@@ -296,10 +298,28 @@ export class FlushEpoch implements Epoch {
     this.#memoryBytes = 0;
     const spill = this.#spill;
     this.#spill = null;
+    this.#spillOpening = null;
     if (spill) {
       await spill.handle.close().catch(() => undefined);
       await rm(spill.path, { force: true }).catch(() => undefined);
     }
+  }
+
+  /**
+   * The spill file, opened once however many saves need it at the same time: each save that found
+   * it not open yet used to open it itself ('w+' truncates) and number its slots from 0 again, so
+   * two blocks shared a slot and one's epoch version was the other's (invariant 7).
+   */
+  #openSpill(): Promise<{ handle: FileHandle; path: string; slots: number }> {
+    if (this.#spill) return Promise.resolve(this.#spill);
+    this.#spillOpening ??= openFile(this.#o.spillPath, 'w+', 0o600).then(
+      (handle) => (this.#spill = { handle, path: this.#o.spillPath, slots: 0 }),
+      (err: unknown) => {
+        this.#spillOpening = null;
+        throw err;
+      },
+    );
+    return this.#spillOpening;
   }
 
   /** Saves the current cache content of `blocks` as the epoch's version. Never rejects. */
@@ -313,9 +333,10 @@ export class FlushEpoch implements Epoch {
           this.#preserved.set(b, buf);
           this.#memoryBytes += buf.byteLength;
         } else {
-          this.#spill ??= { handle: await openFile(this.#o.spillPath, 'w+', 0o600), path: this.#o.spillPath, slots: 0 };
-          const slot = this.#spill.slots++;
-          await this.#spill.handle.write(buf, 0, buf.byteLength, slot * g.blockSize);
+          const spill = await this.#openSpill();
+          // Taken in the same turn as the open's answer: saves running at once get their own slots.
+          const slot = spill.slots++;
+          await spill.handle.write(buf, 0, buf.byteLength, slot * g.blockSize);
           this.#preserved.set(b, slot);
         }
       }

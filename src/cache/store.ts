@@ -89,6 +89,11 @@ export interface OpenStoreOptions {
    * returns; one below the dirty data is refused.
    */
   budget?: number;
+  /**
+   * The command's option for a budget ('--cache-size'), named when a new full mirror does not fit
+   * on its filesystem; without it the refusal names only a larger filesystem.
+   */
+  budgetOption?: string;
   /** Eviction unit in bytes for a new cache (default 256 KiB); an existing cache keeps its own. */
   evictionUnit?: number;
   /**
@@ -218,6 +223,7 @@ export class CacheStore {
       const creating = info.state === 'creating';
       if (budget !== null) checkBudget(budget, Math.max(info.evictionUnit, info.blockSize), paths.cache);
       if (creating && budget !== null) await checkFreeSpace(storage, paths, budget, geometry, 0);
+      if (creating && budget === null) await checkMirrorSpace(storage, paths, geometry, backing.description, options.budgetOption);
       files = creating ? await createFiles(storage, paths, geometry, meta, budget !== null) : await openFiles(storage, paths, geometry, backing.description);
       const { cache, bitmapFile } = files;
       const present = new Bitmap(geometry.blockCount, Buffer.alloc(geometry.bitmapFileSize));
@@ -1007,6 +1013,29 @@ async function checkFreeSpace(storage: Storage, paths: CachePaths, budget: numbe
         `; give at most ${formatBytes(Math.floor((free + heldBytes) / (1 << 20)) * (1 << 20))} or free some space`,
     );
   }
+}
+
+/**
+ * A new full mirror preallocates a cache file the size of the disk: refused, before anything is
+ * written, when the flash filesystem has less room than that (and the bitmap). InvalidArgumentError
+ * saying how much it needs and has, and the way out (`budgetOption` for a smaller cache, -c).
+ */
+async function checkMirrorSpace(storage: Storage, paths: CachePaths, geometry: Geometry, disk: string, budgetOption: string | undefined): Promise<void> {
+  const need = geometry.cacheFileSize + (dirname(paths.bitmap) === dirname(paths.cache) ? geometry.bitmapFileSize : 0);
+  const dir = dirname(paths.cache);
+  let free: number;
+  try {
+    free = await storage.freeBytes(dir);
+  } catch (err) {
+    throw ioError('read the free space of', dir, err);
+  }
+  if (free >= need) return;
+  // The most checkFreeSpace takes for a budget here.
+  const most = Math.floor(free / (1 << 20)) * (1 << 20);
+  const smaller = budgetOption && most >= 1 << 20 ? `give ${budgetOption} (at most ${formatBytes(most)}) for a cache smaller than the disk, or ` : '';
+  throw new InvalidArgumentError(
+    `a full mirror of ${disk} needs ${formatBytes(need)} for ${paths.cache}, but ${dir} has ${formatBytes(free)} free; ${smaller}put the cache on a larger filesystem with -c`,
+  );
 }
 
 /**

@@ -12,7 +12,7 @@
 //   ulobdev report DEVICE|NAME --svg FILE [--hours N]
 //   ulobdev discard [-c CACHE] [-b BITMAP] [--force] BACKEND
 import { VERSION } from './version.js';
-import { existsSync, promises as fsp, readFileSync } from 'node:fs';
+import { existsSync, promises as fsp, readFileSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument, Option } from 'commander';
 import { assertCachePathsApart, CacheStore } from '../cache/store.js';
@@ -26,7 +26,7 @@ import { controlRequest } from '../daemon/control.js';
 import { deadRecords, describeRecovery, recoverDeadDaemon } from '../daemon/leftovers.js';
 import type { FlushResult } from '../writeback/flusher.js';
 import { cachePaths, checkDaemonName, Daemon, describeFlush, type DetachResult, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
-import { isDaemonName, listDaemons, resolveDaemon, type DaemonEntry } from '../daemon/resolve.js';
+import { isDaemonName, listDaemons, resolveDaemon, surveyDaemons, type DaemonEntry } from '../daemon/resolve.js';
 import { defaultName, DEVICE_FORMS, frontendKind } from '../bdev/frontend.js';
 import { CONFIG_DIR, RUN_DIR } from '../paths.js';
 import { formatBytes, parseSize } from '../units.js';
@@ -144,12 +144,24 @@ function checkPositionals(device: string, backing: string, flags: AttachFlags, c
   } catch {
     // not a device name either
   }
-  if (backingIsDevice) {
+  // Swapped only when BACKEND can be nothing but a device of ours, or DEVICE could be a disk:
+  // `ulobdev /tmp /dev/loop0` (a directory, /dev/loop0 a bound disk) is a bad DEVICE, not a swap.
+  if (backingIsDevice && (onlyADevice(backing) || couldBeDisk(device))) {
     throw new InvalidArgumentError(
       `DEVICE and BACKEND look swapped: the device to create comes first, then the disk to cache: ${swappedCommand(command, device, backing)}`,
     );
   }
   throw deviceError;
+}
+
+/** Whether `path` is there as something a disk can be: a block device or a regular file. */
+function couldBeDisk(path: string): boolean {
+  try {
+    const st = statSync(path);
+    return st.isBlockDevice() || st.isFile();
+  } catch {
+    return false;
+  }
 }
 
 /**
@@ -191,10 +203,15 @@ function swappedCommand(command: Command, device: string, backing: string): stri
 
 /**
  * Refuses a disk that another ulobdev daemon already caches (two daemons writing one disk would
- * corrupt it), naming that daemon's device and pid. Block devices are also kept exclusive by
- * O_EXCL; files are not, so they are compared by device and inode.
+ * corrupt it), naming that daemon's device and pid (`refusal` words the line: attach and discard
+ * say different things). Block devices are also kept exclusive by O_EXCL; files are not, so they
+ * are compared by device and inode. Throws DeviceBusyError.
  */
-async function assertNotServed(backing: string, runDir: string): Promise<void> {
+async function assertNotServed(
+  backing: string,
+  runDir: string,
+  refusal: (d: DaemonEntry) => string = (d) => `${backing} is already cached by the ulobdev daemon of ${describeDaemon(d)}; detach it first (ulobdev detach ${d.status.device})`,
+): Promise<void> {
   const mine = await fsp.stat(backing).catch(() => null);
   if (!mine) return;
   // Without root the run directory cannot be read; the attach then stops at its own root check.
@@ -206,7 +223,7 @@ async function assertNotServed(backing: string, runDir: string): Promise<void> {
     const theirs = await fsp.stat(d.status.backing).catch(() => null);
     if (!theirs) continue;
     const same = mine.isBlockDevice() ? theirs.isBlockDevice() && theirs.rdev === mine.rdev : theirs.dev === mine.dev && theirs.ino === mine.ino;
-    if (same) throw new DeviceBusyError(`${backing} is already cached by the ulobdev daemon of ${describeDaemon(d)}; detach it first (ulobdev detach ${d.status.device})`);
+    if (same) throw new DeviceBusyError(refusal(d));
   }
 }
 
@@ -269,6 +286,7 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
       writeback: flags.writeback ?? false,
       blockSize: flags.blockSize,
       cacheSize,
+      budgetOption: '--cache-size',
       evictionUnit,
       name: flags.name,
       stateDir: flags.stateDir,
@@ -327,6 +345,10 @@ async function recoverIfDead(device: string, runDir: string, err: unknown): Prom
 async function status(device: string | undefined, flags: { json?: boolean; runDir?: string }): Promise<void> {
   const runDir = flags.runDir ?? RUN_DIR;
   let statuses: DeviceStatus[];
+  // Devices shown as marked lines, not as a status (all devices only): a dead daemon whose
+  // leftovers could not be let go, a daemon that listens but does not answer. Each error is one
+  // line on stderr; the exit code is the last one's.
+  const troubles: { mark: string; error: unknown }[] = [];
   if (device) {
     try {
       const { socket } = await resolveDaemon(device, runDir);
@@ -337,22 +359,32 @@ async function status(device: string | undefined, flags: { json?: boolean; runDi
       throw err;
     }
   } else {
-    // Daemons that died: their leftovers are let go first, and said so.
+    // Daemons that died: their leftovers are let go first, and said so. One that cannot be let go
+    // (a filesystem still mounted on it) is marked, and the others are listed all the same.
     for (const dead of await deadRecords(runDir)) {
-      const recovery = await recoverDeadDaemon(runDir, dead.device, dead.name);
-      if (recovery) process.stderr.write(`ulobdev: ${dead.device}: ${describeRecovery(recovery)}\n`);
+      try {
+        const recovery = await recoverDeadDaemon(runDir, dead.device, dead.name);
+        if (recovery) process.stderr.write(`ulobdev: ${dead.device}: ${describeRecovery(recovery)}\n`);
+      } catch (err) {
+        const named = dead.name !== defaultNameOf(dead.device) ? ` "${dead.name}"` : '';
+        troubles.push({ mark: `${dead.device}${named}: DEAD (its daemon, pid ${dead.pid}, died; see the error below)`, error: err });
+      }
     }
-    statuses = (await listDaemons(runDir)).map((d) => d.status);
+    const survey = await surveyDaemons(runDir);
+    statuses = survey.entries.map((d) => d.status);
+    for (const f of survey.failures) troubles.push({ mark: `${f.name}: NOT ANSWERING (control socket ${f.socket}; see the error below)`, error: f.error });
   }
   if (flags.json) {
     process.stdout.write(JSON.stringify(device ? statuses[0] : statuses, null, 2) + '\n');
-    return;
-  }
-  if (statuses.length === 0) {
+  } else if (statuses.length === 0 && troubles.length === 0) {
     process.stdout.write('no ulobdev devices attached\n');
-    return;
+  } else {
+    for (const s of statuses) process.stdout.write(formatStatus(s));
+    for (const t of troubles) process.stdout.write(`${t.mark}\n`);
   }
-  for (const s of statuses) process.stdout.write(formatStatus(s));
+  const last = troubles.pop();
+  for (const t of troubles) process.stderr.write(`ulobdev: ${oneLine(t.error)}\n`);
+  if (last) throw last.error;
 }
 
 /**
@@ -575,11 +607,18 @@ function historyFromCache(cache: string, since: number): ReportData {
   }
 }
 
-async function discard(backing: string, flags: { cache?: string; bitmap?: string; metadata?: string; force?: boolean; stateDir?: string }): Promise<void> {
+async function discard(backing: string, flags: { cache?: string; bitmap?: string; metadata?: string; force?: boolean; stateDir?: string; runDir?: string }): Promise<void> {
+  const runDir = flags.runDir ?? RUN_DIR;
+  // A disk a daemon caches is held open by it (O_EXCL): say which daemon, not "in use".
+  await assertNotServed(resolve(backing), runDir, (d) =>
+    `${backing} is attached as ${describeDaemon(d)} with the cache ${d.status.paths.cache}; detach it first (ulobdev detach ${d.status.device}), then discard`,
+  );
   const source = await openBacking(backing, { writable: false });
   const paths = cachePaths(flags, source.id);
   await source.close();
-  const { dirtyBlocks } = await CacheStore.discard(paths, { force: flags.force, backing });
+  const { dirtyBlocks } = await CacheStore.discard(paths, { force: flags.force, backing }).catch(async (err: unknown) => {
+    throw await explainBusyCache(err, runDir);
+  });
   process.stdout.write(
     `removed the cache ${paths.cache}${dirtyBlocks ? ` and ${dirtyBlocks} dirty blocks` : ''}; the next attach re-creates it\n`,
   );
@@ -637,7 +676,7 @@ export function buildProgram(): Command {
     .option('--daemon', 'return once DEVICE is ready and keep serving in the background')
     .option('--name <NAME>', 'name for status, flush and detach, and of the control socket (default: from DEVICE)', nameArg)
     .addOption(new Option('--log-level <LEVEL>', 'how much the log says').choices(LOG_LEVELS).default('info'))
-    .option('--flush <CRON>', "write dirty blocks back on this cron schedule: 5 fields, minute hour day-of-month month day-of-week, e.g. '*/30 * * * *' ('' for none: manual flushes only)")
+    .option('--flush <CRON>', "write dirty blocks back on this cron schedule: 5 fields, minute hour day-of-month month day-of-week, e.g. '*/30 * * * *' ('' for none: manual flushes only; 6 fields take seconds first)")
     .option('--dirty-max <SIZE|PCT>', 'flush at once when dirty data exceeds this: a size with its unit (512M, 2G) or a share of the disk (10%)')
     .option('--max-dirty-age <DURATION>', 'flush once the oldest unflushed write is this old (30m, 2h)')
     .option('--spindown', 'put the disk in standby (STANDBY IMMEDIATE) after each flush; after a flush made while a cache miss had woken it, once no miss has reached it for 10 minutes')
@@ -709,7 +748,8 @@ export function buildProgram(): Command {
     .option('--metadata <PATH>', 'metadata database')
     .option('--force', 'also when dirty blocks would be lost')
     .addOption(hidden('--state-dir <DIR>'))
-    .action((backing: string, flags: { cache?: string; bitmap?: string; metadata?: string; force?: boolean }) =>
+    .addOption(hidden('--run-dir <DIR>'))
+    .action((backing: string, flags: { cache?: string; bitmap?: string; metadata?: string; force?: boolean; runDir?: string }) =>
       discard(backing, flags),
     );
   return program;

@@ -44,6 +44,12 @@ export interface AttachOptions {
    * Without it a new cache is a full, preallocated mirror and an existing one keeps its budget.
    */
   cacheSize?: CacheSize;
+  /**
+   * The option of this command that gives a cache smaller than the disk ('--cache-size' for
+   * ulobdev), named when a full mirror does not fit on the flash filesystem. Not named for
+   * /dev/uloopN and /dev/ublkbN, which refuse a budget.
+   */
+  budgetOption?: string;
   /** --eviction-unit for a new cache (bytes, 64 KiB to 1 MiB). */
   evictionUnit?: number;
   name?: string;
@@ -301,6 +307,7 @@ export class Daemon {
         defaultBlockSize: Math.max(DEFAULT_BLOCK_SIZE, sectorSize.logical),
         // A /dev/uloopN left by a dead daemon still serves the cache file: nothing is punched now.
         servedByKernel: kind === 'uloop' && uloopAwaitsDaemon(options.device),
+        budgetOption: kind === 'uloop' || kind === 'ublk' ? undefined : options.budgetOption,
       });
       undo.push(() => store.close());
       markStart('store');

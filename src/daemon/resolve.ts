@@ -29,38 +29,66 @@ export function isDaemonName(deviceOrName: string): boolean {
 /**
  * Every daemon answering on a control socket in `runDir`, with its status, in name order. Sockets
  * nobody listens on (a daemon that crashed) are skipped. PermissionDeniedError when `runDir`
- * cannot be read (it is root's, mode 0700).
+ * cannot be read (it is root's, mode 0700); a daemon that listens but does not answer (stopped,
+ * hung: DaemonTimeoutError, DaemonError) throws its error, as surveyDaemons' first failure.
  */
 export async function listDaemons(runDir = RUN_DIR): Promise<DaemonEntry[]> {
+  const { entries, failures } = await surveyDaemons(runDir);
+  if (failures.length > 0) throw failures[0]!.error;
+  return entries;
+}
+
+/** A daemon whose socket is there but which did not answer `status`. */
+export interface DaemonFailure {
+  name: string;
+  socket: string;
+  error: unknown;
+}
+
+/**
+ * listDaemons that does not stop at the first daemon that fails to answer: the ones that answered
+ * (`entries`, in name order), and those that listen but did not answer (`failures`), so `ulobdev
+ * status` can show every device and mark the one that is stuck. PermissionDeniedError as listDaemons.
+ */
+export async function surveyDaemons(runDir = RUN_DIR): Promise<{ entries: DaemonEntry[]; failures: DaemonFailure[] }> {
   let names: string[];
   try {
     names = await fsp.readdir(runDir);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT') return [];
+    if (code === 'ENOENT') return { entries: [], failures: [] };
     if (code === 'EACCES' || code === 'EPERM') throw new PermissionDeniedError(`cannot read ${runDir}: ${code} (run as root)`, { cause: err });
     throw err;
   }
   const sockets = names.filter((n) => n.endsWith('.sock')).sort();
-  const entries = await Promise.all(
-    sockets.map(async (file) => {
+  const answers = await Promise.all(
+    sockets.map(async (file): Promise<{ entry: DaemonEntry } | { failure: DaemonFailure } | null> => {
       const socket = join(runDir, file);
+      const name = file.slice(0, -'.sock'.length);
       try {
         const { status } = (await controlRequest(socket, { cmd: 'status' }, STATUS_TIMEOUT_MS)) as { status: DeviceStatus };
-        return { name: file.slice(0, -'.sock'.length), socket, status };
+        return { entry: { name, socket, status } };
       } catch (err) {
         if (err instanceof NotAttachedError) return null;
-        throw err;
+        return { failure: { name, socket, error: err } };
       }
     }),
   );
-  return entries.filter((e): e is DaemonEntry => e !== null);
+  const entries: DaemonEntry[] = [];
+  const failures: DaemonFailure[] = [];
+  for (const a of answers) {
+    if (a === null) continue;
+    if ('entry' in a) entries.push(a.entry);
+    else failures.push(a.failure);
+  }
+  return { entries, failures };
 }
 
 /**
  * The control socket of the daemon that `deviceOrName` means: a name's own socket, or for a device
  * the daemon whose status says it serves that device (its default name first, then every daemon,
- * so `--name data` is found from /dev/loop3 too). NotAttachedError when none does.
+ * so `--name data` is found from /dev/loop3 too). A device's short name nobody has taken (loop3)
+ * means that device. NotAttachedError when none does.
  */
 export async function resolveDaemon(deviceOrName: string, runDir = RUN_DIR): Promise<{ name: string; socket: string }> {
   const notAttached = () =>
@@ -72,8 +100,15 @@ export async function resolveDaemon(deviceOrName: string, runDir = RUN_DIR): Pro
   if (isDaemonName(deviceOrName)) {
     checkNameArgument(deviceOrName);
     const socket = join(runDir, `${deviceOrName}.sock`);
-    if (!(await fsp.lstat(socket).catch(() => null))) throw notAttached();
-    return { name: deviceOrName, socket };
+    if (await fsp.lstat(socket).catch(() => null)) return { name: deviceOrName, socket };
+    // A device's short name (loop2) also finds the daemon serving /dev/loop2 under another name:
+    // plain /dev/loop is named "loop" whichever loop device it binds.
+    if (/^(loop|nbd|uloop|ublkb)\d+$/.test(deviceOrName)) {
+      return resolveDaemon(`/dev/${deviceOrName}`, runDir).catch((err: unknown) => {
+        throw err instanceof NotAttachedError ? notAttached() : err;
+      });
+    }
+    throw notAttached();
   }
   // The common case first: no --name, so the socket is the device's default name.
   let guess: string | undefined;

@@ -18,6 +18,11 @@ export interface OpenBackingOptions {
   storage?: Storage;
 }
 
+/**
+ * Opens BACKEND, the disk to cache: a block device (O_EXCL, O_DIRECT) or a regular file.
+ * InvalidArgumentError when it does not exist, is empty or is neither; DeviceBusyError when it is
+ * mounted, held or bound to a loop device; IOFailedError for another failure of stat or open.
+ */
 export async function openBacking(path: string, options: OpenBackingOptions): Promise<FileSource> {
   const storage = options.storage ?? posixStorage;
   const fullPath = resolve(path);
@@ -25,6 +30,9 @@ export async function openBacking(path: string, options: OpenBackingOptions): Pr
   try {
     st = await fsp.stat(fullPath);
   } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+      throw new InvalidArgumentError(`BACKEND ${fullPath} does not exist (a typo, or the disk not plugged in?); 'lsblk' lists the disks`);
+    }
     throw ioError('open backing device', fullPath, err);
   }
   if (st.isBlockDevice()) {

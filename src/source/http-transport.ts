@@ -195,6 +195,9 @@ export class HttpTransport {
           this.#imageChanged(err);
           throw err;
         }
+        // A TLS failure that another attempt cannot mend: said at once, in words, not OpenSSL's.
+        const tls = tlsProblem(err, this.#target);
+        if (tls) throw new HttpError(`${this.description}: ${tls}`, { cause: err });
         const retryable = !(err instanceof NoRangeSupportError) && (!(err instanceof HttpError) || err.retryable);
         if (!retryable || attempt >= this.#opts.retries || this.#closed) {
           if (err instanceof HttpError || err instanceof NoRangeSupportError) throw err;
@@ -362,6 +365,40 @@ function describeValidators(v: ImageValidators): string {
   if (v.etag) return `ETag ${v.etag}`;
   if (v.lastModified) return `Last-Modified ${v.lastModified}`;
   return 'no validator';
+}
+
+/** Certificate checks that fail the same way on every attempt (Node's and OpenSSL's codes). */
+const UNTRUSTED_CERT = new Set([
+  'DEPTH_ZERO_SELF_SIGNED_CERT',
+  'SELF_SIGNED_CERT_IN_CHAIN',
+  'UNABLE_TO_VERIFY_LEAF_SIGNATURE',
+  'UNABLE_TO_GET_ISSUER_CERT',
+  'UNABLE_TO_GET_ISSUER_CERT_LOCALLY',
+  'CERT_HAS_EXPIRED',
+  'CERT_NOT_YET_VALID',
+]);
+
+/**
+ * What a TLS failure that retrying cannot mend means, in one clause, or undefined for any other
+ * error: an https:// URL whose server answers plain HTTP (OpenSSL's "wrong version number"), or
+ * a certificate the system (or --cacert) does not trust.
+ */
+export function tlsProblem(err: unknown, target: URL): string | undefined {
+  if (target.protocol !== 'https:') return undefined;
+  const e = err as { code?: unknown; message?: unknown };
+  const code = typeof e?.code === 'string' ? e.code : '';
+  const message = typeof e?.message === 'string' ? e.message : '';
+  const hostPort = `${target.hostname}:${target.port || '443'}`;
+  if (code === 'ERR_SSL_WRONG_VERSION_NUMBER' || /wrong version number/.test(message)) {
+    return `${hostPort} does not speak TLS (an http:// server?); use an http:// URL for it, or the server's https port`;
+  }
+  if (UNTRUSTED_CERT.has(code)) {
+    return `the TLS certificate of ${hostPort} is not trusted (${code}); give --cacert FILE with the CA that signed it, or fix the server's certificate`;
+  }
+  if (code === 'ERR_TLS_CERT_ALTNAME_INVALID') {
+    return `the TLS certificate of ${hostPort} is not issued for ${target.hostname} (${code}); use a name it is issued for in the URL`;
+  }
+  return undefined;
 }
 
 function describe(err: unknown): string {

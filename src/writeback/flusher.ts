@@ -10,6 +10,7 @@ import { isWritable, type WritableSource } from '../source/source.js';
 import { FlushStoppedError, ReadOnlyError } from '../errors.js';
 import { formatBytes } from '../units.js';
 import { BufferPool } from '../storage/buffer-pool.js';
+import { pausePoint } from '../sys.js';
 
 export interface FlushProgress {
   epoch: number;
@@ -187,6 +188,9 @@ export async function flushDirty(engine: CacheEngine, options: FlushOptions = {}
   };
 
   try {
+    // Race tests hold the copy here, its epoch begun (test/vm/uloop-pit.test.ts): writes meanwhile
+    // must keep the epoch's version aside. A no-op unless $ULOBDEV_PAUSE_FILE names this point.
+    await pausePoint('flush:copy');
     const running = new Set<Promise<void>>();
     for (const b of batches) {
       while (running.size >= depth && !failure) await Promise.race(running);

@@ -41,29 +41,77 @@ export function parseCron(text: string): string {
   if (!expr.startsWith('@') && fields.length !== 5 && fields.length !== 6) {
     throw new InvalidArgumentError(`--flush ${quoted} is not a cron expression: ${CRON_USAGE}`);
   }
-  const { CronTime, validateCronExpression } = cronModule();
-  const check = validateCronExpression(expr);
-  if (!check.valid) {
-    const why = check.error instanceof Error ? check.error.message : String(check.error ?? 'invalid');
-    // Words in place of fields ("every 30 minutes" has 3, "run at 3 am daily" has 5): cron's own
-    // message ("Unknown alias: eve") would not help.
-    if (/Unknown alias/.test(why)) {
-      const typo = fields.length === 5 || fields.length === 6 ? nameTypo(fields, fields.length === 6 ? FIELDS_6 : FIELDS_5) : undefined;
-      throw new InvalidArgumentError(typo ? `--flush ${quoted}: ${typo}` : `--flush ${quoted} is not a cron expression: ${CRON_USAGE}`);
+  if (!expr.startsWith('@')) {
+    // Our own reading of each field first: cron's messages ("Field value (25) is out of range",
+    // "Unknown alias: o") name no field and say nothing of what would work.
+    const specs = fields.length === 6 ? FIELDS_6 : FIELDS_5;
+    const problems = fields.map((field, i) => fieldProblem(field, specs[i]!)).filter((p) => p !== undefined);
+    // Words in place of fields ("run at 3 am daily" has 5): more than one field is no cron field.
+    const wordy = fields.filter((f, i) => /[a-z]/i.test(f) && fieldProblem(f, specs[i]!) !== undefined);
+    if (wordy.length > 1) {
+      throw new InvalidArgumentError(`--flush ${quoted} is not a cron expression: ${CRON_USAGE}`);
     }
-    throw new InvalidArgumentError(`--flush ${quoted} is not a cron expression (${why.split('\n')[0]}); try '*/30 * * * *'`);
+    if (problems.length > 0) throw new InvalidArgumentError(`--flush ${quoted}: ${problems[0]}; ${CRON_EXAMPLE}`);
+  }
+  const { CronTime, validateCronExpression } = cronModule();
+  if (!validateCronExpression(expr).valid) {
+    // What cron refuses beyond fieldProblem (an unknown @alias): the usage, not cron's text.
+    throw new InvalidArgumentError(`--flush ${quoted} is not a cron expression: ${CRON_USAGE}`);
   }
   if (!expr.startsWith('@')) {
     const specs = fields.length === 6 ? FIELDS_6 : FIELDS_5;
     fields.forEach((field, i) => checkSteps(field, specs[i]!, quoted));
   }
-  // An expression that never fires (30 February) is valid syntax but useless.
+  // An expression that never fires (30 February) is valid syntax but useless; cron's message
+  // ("Something went wrong. No execution date was found in the next 8 years") is not ours to show.
   try {
     new CronTime(expr).sendAt();
-  } catch (err) {
-    throw new InvalidArgumentError(`--flush ${quoted} never fires (${(err as Error).message.split('\n')[0]})`);
+  } catch {
+    throw new InvalidArgumentError(`--flush ${quoted} never fires: no date has that day-of-month in that month; ${CRON_EXAMPLE}`);
   }
   return expr;
+}
+
+/** A schedule that works, for the end of a refusal. */
+const CRON_EXAMPLE = "e.g. '0 3 * * *' flushes at 03:00 every day, '*/30 * * * *' every 30 minutes";
+
+/**
+ * What is wrong with one field of a 5- or 6-field expression (`hour 25 is out of range 0-23`,
+ * `minute 'O' is not a number (0-59)`), or undefined when cron can read it: lists of `*`, a
+ * number or a name (month and day-of-week only), or a range of them, each with an optional /step.
+ */
+function fieldProblem(field: string, spec: (typeof FIELDS_6)[number]): string | undefined {
+  const names = FIELD_NAMES[spec.name];
+  const what = names ? names.what : `a number (${spec.min}-${spec.max})`;
+  const value = (token: string): number | string => {
+    if (/^\d+$/.test(token)) {
+      const n = Number(token);
+      return n < spec.min || n > spec.max ? `${spec.name} ${token} is out of range ${spec.min}-${spec.max}` : n;
+    }
+    const i = names ? names.names.indexOf(token.toLowerCase()) : -1;
+    if (i >= 0) return spec.name === 'month' ? i + 1 : i;
+    return `${spec.name} '${token}' is not ${what}`;
+  };
+  for (const part of field.split(',')) {
+    const m = /^([^/]*)(?:\/(.*))?$/.exec(part)!;
+    const [base, step] = [m[1]!, m[2]];
+    if (step !== undefined && !/^[1-9]\d*$/.test(step)) return `the step /${step} in the ${spec.name} field must be a whole number from 1`;
+    if (base === '*') continue;
+    const ends = base.split('-');
+    if (ends.length > 2 || ends.some((e) => e === '')) {
+      return `${spec.name} '${part}' is not ${what}, a range (1-5), a list (1,15) or a step (*/10)`;
+    }
+    const values: number[] = [];
+    for (const end of ends) {
+      const v = value(end);
+      if (typeof v === 'string') return v;
+      values.push(v);
+    }
+    if (values.length === 2 && values[0]! > values[1]!) {
+      return `the ${spec.name} range ${base} runs backwards (cron does not wrap around): write ${ends[0]}-${spec.max},${spec.min}-${ends[1]}`;
+    }
+  }
+  return undefined;
 }
 
 /** The names cron takes in the month and day-of-week fields (any case), as a user would type them. */
@@ -71,25 +119,6 @@ const FIELD_NAMES: Record<string, { names: readonly string[]; what: string }> = 
   month: { names: ['jan', 'feb', 'mar', 'apr', 'may', 'jun', 'jul', 'aug', 'sep', 'oct', 'nov', 'dec'], what: 'a month (jan-dec or 1-12)' },
   'day-of-week': { names: ['sun', 'mon', 'tue', 'wed', 'thu', 'fri', 'sat'], what: 'a day (mon-sun or 0-7)' },
 };
-
-/**
- * For an expression cron refused with "Unknown alias": the misspelt month or weekday name
- * (`day-of-week 'fry' is not a day (mon-sun or 0-7)`), or undefined when a field that takes no
- * names holds letters (words in place of fields: the usage says more then).
- */
-function nameTypo(fields: readonly string[], specs: readonly (typeof FIELDS_6)[number][]): string | undefined {
-  let typo: string | undefined;
-  for (const [i, field] of fields.entries()) {
-    const spec = specs[i]!;
-    const words = field.match(/[a-z]+/gi) ?? [];
-    if (words.length === 0) continue;
-    const names = FIELD_NAMES[spec.name];
-    if (!names) return undefined;
-    const bad = words.find((w) => !names.names.includes(w.toLowerCase()));
-    if (bad !== undefined) typo ??= `${spec.name} '${bad}' is not ${names.what}`;
-  }
-  return typo;
-}
 
 /** Refuses `BASE/STEP` parts whose step leaves only the start of their range. */
 function checkSteps(field: string, spec: (typeof FIELDS_6)[number], quoted: string): void {

@@ -70,7 +70,8 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
 
   it('a BACKEND that does not exist, or is a directory', async () => {
     s = scratch('ulob-cli-');
-    await expectRefused([...cacheArgs(), unusedLoop(), join(s.dir, 'missing.img')], /cannot open backing device .*missing\.img: ENOENT/);
+    // Not an errno (newuser7 item 8: "cannot open backing device /dev/nosuchdisk: ENOENT (stat)").
+    await expectRefused([...cacheArgs(), unusedLoop(), join(s.dir, 'missing.img')], new RegExp(`^ulobdev: BACKEND ${s.dir}/missing\\.img does not exist \\(a typo, or the disk not plugged in\\?\\); 'lsblk' lists the disks\n$`));
     mkdirSync(join(s.dir, 'adir'));
     await expectRefused([...cacheArgs(), unusedLoop(), join(s.dir, 'adir')], /neither a block device nor a regular file/);
   });
@@ -124,6 +125,29 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     await makeCache(disk);
     writeFileSync(join(s.dir, 'c.cache.meta'), Buffer.alloc(8192, 0x5a));
     await expectRefused([...cacheArgs(), unusedLoop(), disk], /is not valid ulobdev metadata/);
+  });
+
+  it('discard of an attached cache names the daemon holding it, even with --force (newuser7 item 28)', async () => {
+    s = scratch('ulob-cli-');
+    const disk = makeDisk('disk.img');
+    const url = `nbd+unix:///?socket=${join(s.dir, 'held.sock')}`;
+    const r = await ulobdev([...cacheArgs(), '--writeback', '--daemon', '--run-dir', s.runDir, '--name', 'held', url, disk]);
+    expect(r.code, r.stderr).toBe(0);
+    const re = (text: string) => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+    try {
+      for (const force of [[], ['--force']]) {
+        const d = await ulobdev(['discard', ...cacheArgs(), ...force, '--run-dir', s.runDir, disk]);
+        expect(d.code, d.stderr).toBe(1);
+        expect(d.stdout).toBe('');
+        // Was: "... is in use (mounted, or held by another program or device-mapper)" for a disk.
+        expect(d.stderr).toMatch(
+          new RegExp(`^ulobdev: ${re(disk)} is attached as ${re(url)} \\(pid \\d+, name held\\) with the cache ${re(s.dir)}/c\\.cache; detach it first \\(ulobdev detach ${re(url)}\\), then discard\\n$`),
+        );
+        for (const f of ['c.cache', 'c.bitmap', 'c.cache.meta']) expect(existsSync(join(s.dir, f)), f).toBe(true);
+      }
+    } finally {
+      expect((await ulobdev(['detach', 'held', '--run-dir', s.runDir])).code).toBe(0);
+    }
   });
 
   it('a cache file without its metadata', async () => {

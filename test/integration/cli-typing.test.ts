@@ -247,6 +247,12 @@ describe('what else users get wrong (item 14)', () => {
     for (const only of ['/dev/loop', '/dev/nbd15']) {
       await expectRefused([...cacheArgs(), bound, only], new RegExp(`^ulobdev: DEVICE and BACKEND look swapped: .*: ulobdev ${cacheArgs().join(' ')} ${only} ${bound} --run-dir ${s.runDir}\\n$`));
     }
+    // A DEVICE that is no disk either (a directory, a device node that is not there) with a bound
+    // loop device as BACKEND: a bad DEVICE, not a swap (newuser7 item 9: the swapped command
+    // suggested '/dev/loop0 /tmp').
+    for (const bad of ['/tmp', '/dev/sdq9']) {
+      await expectRefused([...cacheArgs(), bad, bound], new RegExp(`^ulobdev: DEVICE must be /dev/loopN .*, got "${bad}"\\n$`));
+    }
   });
 
   it('an empty disk: a block device of 0 bytes', async () => {
@@ -318,6 +324,24 @@ describe('what else users get wrong (item 14)', () => {
     await attachDaemon([...cacheArgs()], serveUrl(), disk);
   });
 
+  it('a full mirror larger than the flash filesystem says how much it needs and has, and the budget that fits', async () => {
+    s = scratch('ulob-typing-');
+    const disk = makeDisk('disk.img', '64M');
+    const flash = join(s.dir, 'flash');
+    mkdirSync(flash);
+    mustSh('mount', ['-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', flash]);
+    undo.push(() => sh('umount', [flash]));
+    const args = ['-c', join(flash, 'c.cache')];
+    const r = await expectRefused(
+      [...args, serveUrl(), disk],
+      new RegExp(`^ulobdev: a full mirror of ${disk} needs 64 MiB for ${flash}/c\\.cache, but ${flash} has \\d+(\\.\\d+)? MiB free; give --cache-size \\(at most (\\d+) MiB\\) for a cache smaller than the disk, or put the cache on a larger filesystem with -c\\n$`),
+    );
+    // The budget it names is taken.
+    const most = /at most (\d+) MiB/.exec(r.stderr)![1]!;
+    expect(Number(most)).toBeGreaterThanOrEqual(6);
+    await attachDaemon([...args, '--cache-size', `${most}M`], serveUrl(), disk);
+  });
+
   it('a full flash filesystem names the file and the way out', async () => {
     s = scratch('ulob-typing-');
     const disk = makeDisk('disk.img', '64M');
@@ -327,10 +351,12 @@ describe('what else users get wrong (item 14)', () => {
     mustSh('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', flash]);
     undo.push(() => sh('umount', [flash]));
     const args = ['-c', join(flash, 'c.cache')];
-    await expectRefused([...args, serveUrl(), disk], new RegExp(`^ulobdev: no space left for ${flash}/c\\.cache: the filesystem holding it is full; free space there, or put the cache on a larger filesystem with -c \\(and -b, --metadata\\); nothing was changed\\n$`));
+    // The full mirror is refused before it is allocated (newuser7 item 27: "the filesystem holding
+    // it is full" when it was not; the mirror was larger than the whole filesystem).
+    await expectRefused([...args, serveUrl(), disk], new RegExp(`^ulobdev: a full mirror of ${disk} needs 64 MiB for ${flash}/c\\.cache, but ${flash} has \\d+(\\.\\d+)? (KiB|MiB) free; put the cache on a larger filesystem with -c\\n$`));
     // Metadata first: SQLite's "database or disk is full" names its file too.
     writeFileSync(join(flash, 'filler'), Buffer.alloc(1024 * 1024 - 4096));
-    await expectRefused([...args, serveUrl(), disk], new RegExp(`^ulobdev: no space left for ${flash}/c\\.cache(\\.meta)?: the filesystem holding it is full`));
+    await expectRefused([...args, serveUrl(), disk], new RegExp(`^ulobdev: (no space left for ${flash}/c\\.cache\\.meta: the filesystem holding it is full|a full mirror of ${disk} needs 64 MiB)`));
     // A filesystem that fills up while the daemon runs: the next metadata transaction fails, and
     // what the user sees names the file and the way out, not SQLite's "database or disk is full".
     sh('rm', ['-f', join(flash, 'filler')]);

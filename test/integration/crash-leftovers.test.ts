@@ -180,9 +180,29 @@ describe('kill -9 of a /dev/loopN daemon', () => {
     const data = randomBytes(300_000);
     writeFileSync(join(mnt, 'kept'), data);
     mustSh('sync', ['-f', join(mnt, 'kept')]);
+    // A second device, alive: `status` of all lists it, and marks the dead one (newuser7 item 1:
+    // one dead daemon whose leftovers cannot go made status print only that one's error).
+    const other = unusedLoop();
+    const otherDisk = join(s.dir, 'other.img');
+    mustSh('truncate', ['-s', '16M', otherDisk]);
+    const o = await ulobdev(['-c', join(s.dir, 'o.cache'), '-b', join(s.dir, 'o.bitmap'), '--run-dir', s.runDir, '--daemon', other, otherDisk]);
+    expect(o.code, o.stderr).toBe(0);
+    undo.push(() => ulobdev(['detach', other, '--run-dir', s.runDir]));
     const pid = pidOf(dev);
     process.kill(pid, 'SIGKILL');
     await waitGone(pid);
+
+    const all = await ulobdev(['status', '--run-dir', s.runDir]);
+    expect(all.code).toBe(1);
+    expect(all.stdout).toMatch(new RegExp(`^${other}: readonly cache of ${otherDisk} \\(loop frontend, daemon pid \\d+\\)\n`));
+    expect(all.stdout).toMatch(new RegExp(`\n${dev}: DEAD \\(its daemon, pid ${pid}, died; see the error below\\)\n$`));
+    expect(all.stderr).toMatch(new RegExp(`^ulobdev: ${dev} is left over from an unclean shutdown .* but ${dev} is mounted on ${mnt}; let go of it \\(umount\\) and run the command again\n$`));
+    const allJson = await ulobdev(['status', '--json', '--run-dir', s.runDir]);
+    expect(allJson.code).toBe(1);
+    expect(JSON.parse(allJson.stdout).map((st: { device: string }) => st.device)).toEqual([other]);
+    expect(allJson.stderr).toMatch(/is left over from an unclean shutdown/);
+    expect((await ulobdev(['detach', other, '--run-dir', s.runDir])).code).toBe(0);
+    undo.pop();
 
     const fuseFile = bound(dev);
     for (const command of [args, ['detach', dev, '--run-dir', s.runDir]]) {

@@ -144,6 +144,11 @@ describe('ulohttp over nginx through /dev/loopN', () => {
     const loop = r.stdout.trim();
     attached.push(loop);
     expect((await status(loop)).device).toBe(loop);
+    // Its name is "loop" whichever device it bound (README); the device's short name finds it too
+    // (newuser7 F24: 'status loop2' said no device was named so).
+    const short = loop.slice('/dev/'.length);
+    expect((await status(short)).device).toBe(loop);
+    expect((await status(short)).name).toBe('loop');
     const dir = mount(loop, 'mnt-any-loop', 'squashfs');
     checkTree(dir);
     umount(dir);

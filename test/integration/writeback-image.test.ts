@@ -4,8 +4,11 @@
 // it is clean) is saved with the list of files and hashes.
 //   - A flush with writes racing it leaves the backing file equal to the epoch's image, not to
 //     anything later: O_DIRECT overwrites of the epoch's own blocks wait on the frozen filesystem
-//     and run the moment it is thawed, right after the epoch is taken, while ~100 MiB are flushed
-//     (the run fails if no write overlapped a flush; without the engine's copy-on-write it fails).
+//     and run the moment it is thawed, right after the epoch is taken, while the flush's copy waits
+//     at a gate (the daemon's pausePoint 'flush:copy') until they are done: every racing round
+//     rewrites blocks before the copy reads them (kept > 0 is checked per round; it was a race the
+//     writes could lose once the flush became one fast copy). Without the engine's copy-on-write
+//     it fails.
 //   - Losing the flash between flushes (SIGKILL of the daemon at a random moment while a writer
 //     runs, cache files deleted) leaves a backing file that fsck finds clean and that equals the
 //     last epoch's image byte for byte; a fresh cache over it shows that epoch's files.
@@ -73,11 +76,17 @@ describe('consistent backing image (write-back over ext4 through /dev/loopN)', (
     mustSh('truncate', ['-s', String(SIZE), backing]);
     mustSh('mkfs.ext4', ['-q', '-b', '4096', '-E', 'lazy_itable_init=0,lazy_journal_init=0', backing]);
 
+    // A racing flush holds its copy at this gate until the overwrites are done (src/sys.ts
+    // pausePoint 'flush:copy'): they rewrite the epoch's blocks before it reads them, every time.
+    const pauseFile = join(s.dir, 'pause');
+    const gate = join(s.dir, 'gate');
     let seq = 0;
     const attach = async (cache: string): Promise<Attached> => {
       const name = `img${++seq}`;
       const { loop } = await attachFreeLoop((free) =>
-        ulobdev(['--writeback', '-c', join(s.dir, `${cache}.cache`), '-b', join(s.dir, `${cache}.bitmap`), '--name', name, '--daemon', '--run-dir', s.runDir, free, backing]),
+        ulobdev(['--writeback', '-c', join(s.dir, `${cache}.cache`), '-b', join(s.dir, `${cache}.bitmap`), '--name', name, '--daemon', '--run-dir', s.runDir, free, backing], {
+          env: { ULOBDEV_PAUSE_FILE: pauseFile },
+        }),
       );
       const dev: Attached = { name, loop, pid: 0 };
       dev.pid = (await status(dev)).pid;
@@ -153,7 +162,6 @@ describe('consistent backing image (write-back over ext4 through /dev/loopN)', (
      * is thawed as soon as the epoch is taken and the round's big file is overwritten in place
      * (the epoch's own blocks) and new files are written while the flush runs.
      */
-    let keptTotal = 0;
     const flushEpoch = async (round: number, race: boolean): Promise<void> => {
       const big = `r${round}-big`;
       const raceData = join(s.dir, 'race.bin');
@@ -176,6 +184,10 @@ describe('consistent backing image (write-back over ext4 through /dev/loopN)', (
         thaw = spawn('sh', ['-c', `read go && exec fsfreeze -u ${mnt}`], { stdio: ['pipe', 'ignore', 'ignore'] });
         thawed = new Promise((resolve) => thaw!.on('close', (code) => resolve(code)));
       }
+      if (race) {
+        rmSync(gate, { force: true });
+        writeFileSync(pauseFile, `flush:copy ${gate}\n`);
+      }
       const before = await status(current);
       const flushing = ctl(current, { cmd: 'flush', wait: true });
       let kept = 0;
@@ -188,11 +200,14 @@ describe('consistent backing image (write-back over ext4 through /dev/loopN)', (
         expect(await thawed).toBe(0);
         frozen = false;
         for (const w of overwrite) expect(await w).toBe(0);
+        writeFileSync(gate, '');
+        rmSync(pauseFile);
         files.set(big, sha(readFileSync(raceData)));
         put(`r${round}-during`, randomBytes(1 << 20));
         mustSh('sync', ['-f', mnt]);
         kept = ((await flushing).flush as { kept: number }).kept;
-        keptTotal += kept;
+        // The overwrites ran while the copy waited at the gate: their blocks stay dirty.
+        expect(kept, `round ${round}: blocks rewritten during the flush`).toBeGreaterThan(0);
       } else {
         await flushing;
         freeze(false);
@@ -262,8 +277,6 @@ describe('consistent backing image (write-back over ext4 through /dev/loopN)', (
     writeRound(4, 4 << 20);
     await loseFlashBetweenFlushes(3);
     console.log(`epochs and losses: ${Date.now() - t0} ms`);
-    // Otherwise no write overlapped a flush and the rounds above proved nothing about the race.
-    expect(keptTotal, 'blocks rewritten during the racing flushes').toBeGreaterThan(0);
 
     // SIGKILL during a flush. The filesystem is unmounted first (its image on the device is then
     // clean), so only the daemon dies mid-flush.

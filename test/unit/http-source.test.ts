@@ -152,6 +152,17 @@ describe('HttpSource', () => {
     await expect(src.readAt(Buffer.alloc(4096), 8192)).rejects.toThrow(/HTTP 503/);
   });
 
+  it('says at once, without retries, that an https URL points at a plain HTTP server (newuser7 item 19)', async () => {
+    const s = await server(randomBytes(MiB));
+    const url = s.url.replace(/^http:/, 'https:');
+    const port = new URL(s.url).port;
+    const started = Date.now();
+    // With retries: 7 and retryBaseMs 200, seven attempts would take seconds; one takes milliseconds.
+    const failure = HttpSource.open(url, { retries: 7, retryBaseMs: 200, retryCapMs: 2000, timeoutMs: 2000 });
+    await expect(failure).rejects.toThrow(new RegExp(`^https://127\\.0\\.0\\.1:${port}/disk\\.img: 127\\.0\\.0\\.1:${port} does not speak TLS \\(an http:// server\\?\\); use an http:// URL for it, or the server's https port$`));
+    expect(Date.now() - started).toBeLessThan(1000);
+  });
+
   it('refuses a part that is not the range asked for, and never returns its bytes', async () => {
     const data = randomBytes(MiB);
     const s = await server(data, {

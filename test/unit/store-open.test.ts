@@ -436,13 +436,14 @@ describe('a creation that fails midway leaves nothing behind', () => {
     expect(ls()).toEqual(['disk.img']);
   });
 
-  it('removes everything when the cache does not fit (ENOSPC on a small filesystem)', async () => {
+  it('refuses a full mirror larger than its filesystem before allocating it, and removes everything', async () => {
     const mnt = mkdtempSync(join(tmpdir(), 'ulob-store-open-tmpfs-'));
     cleanups.push(() => rmSync(mnt, { recursive: true, force: true }));
     execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=128k', 'tmpfs', mnt]);
     try {
       paths = { cache: join(mnt, 'cache'), bitmap: join(mnt, 'bitmap'), metadata: join(mnt, 'cache.meta') };
-      await expectRefused(() => openCache(disk, { blockSize: BS }), IOFailedError, 'ULOB_E_IO', [paths.cache, 'not enough space', 'ENOSPC'], [mnt]);
+      // Was ENOSPC from the allocation ("the filesystem holding it is full", newuser7 item 27).
+      await expectRefused(() => openCache(disk, { blockSize: BS }), InvalidArgumentError, 'ULOB_E_INVALID_ARG', [paths.cache, 'a full mirror of', 'KiB free', 'a larger filesystem'], [mnt]);
       expect(readdirSync(mnt)).toEqual([]);
     } finally {
       execFileSync('umount', [mnt]);
@@ -461,8 +462,8 @@ describe('openBacking refuses what is not a free disk or file', () => {
 
   it('refuses a missing path', async () => {
     const missing = join(dir, 'no-such-disk');
-    const err = await expectRefused(() => openBacking(missing, { writable: true }), IOFailedError, 'ULOB_E_IO', [missing, 'ENOENT']);
-    expect((err as IOFailedError).path).toBe(missing);
+    // Words, not an errno (newuser7 item 8: "cannot open backing device ...: ENOENT (stat)").
+    await expectRefused(() => openBacking(missing, { writable: true }), InvalidArgumentError, 'ULOB_E_INVALID_ARG', [missing, 'does not exist', 'lsblk']);
     expect(ls()).toEqual(['disk.img']);
   });
 

@@ -3,12 +3,22 @@ import { describe, expect, it } from 'vitest';
 import { cronWarning, dirtyLimitBytes, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../../src/writeback/policy.js';
 import { renderReportSvg } from '../../src/writeback/report.js';
 
+/** The message `f` throws (it must throw). */
+function refusal(f: () => unknown): string {
+  try {
+    f();
+  } catch (err) {
+    return (err as Error).message;
+  }
+  throw new Error('no refusal');
+}
+
 describe('write-back options', () => {
   it('accepts 5- and 6-field cron expressions and refuses bad ones in one line', () => {
     expect(parseCron(' */30 * * * * ')).toBe('*/30 * * * *');
     expect(parseCron('*/2 * * * * *')).toBe('*/2 * * * * *');
     for (const bad of ['61 * * * *', 'bogus', '* * *', '0 0 30 2 *']) {
-      expect(() => parseCron(bad)).toThrow(/^--flush .*(not a cron expression|never fires)/);
+      expect(() => parseCron(bad)).toThrow(/^--flush '[^']*'(: | is not a cron expression| never fires)/);
       try {
         parseCron(bad);
       } catch (err) {
@@ -38,11 +48,42 @@ describe('write-back options', () => {
   });
 
   it('names the field whose name is a typo, in an expression of 5 fields', () => {
-    expect(() => parseCron('*/30 * * * mon-fry')).toThrow(/^--flush '\*\/30 \* \* \* mon-fry': day-of-week 'fry' is not a day \(mon-sun or 0-7\)$/);
-    expect(() => parseCron('0 3 * jna *')).toThrow(/^--flush '0 3 \* jna \*': month 'jna' is not a month \(jan-dec or 1-12\)$/);
+    expect(() => parseCron('*/30 * * * mon-fry')).toThrow(/^--flush '\*\/30 \* \* \* mon-fry': day-of-week 'fry' is not a day \(mon-sun or 0-7\); e\.g\. '0 3 \* \* \*' flushes at 03:00 every day, '\*\/30 \* \* \* \*' every 30 minutes$/);
+    expect(() => parseCron('0 3 * jna *')).toThrow(/^--flush '0 3 \* jna \*': month 'jna' is not a month \(jan-dec or 1-12\); e\.g\./);
     expect(() => parseCron('0 0 * * 1,fry')).toThrow(/day-of-week 'fry' is not a day/);
     // Words in place of fields stay a usage message, whatever their count.
     expect(() => parseCron('run at 3 am daily')).toThrow(/it takes 5 fields/);
+  });
+
+  // newuser7 items 13-15: cron's own text ("Field value (25) is out of range", "Something went
+  // wrong. No execution date was found...", "Unknown alias: o") named no field and no way out.
+  it('names the field that is wrong and what it takes, and gives a schedule that works', () => {
+    const example = "; e.g. '0 3 * * *' flushes at 03:00 every day, '*/30 * * * *' every 30 minutes";
+    const cases: Array<[string, string]> = [
+      ['O 3 * * *', "minute 'O' is not a number (0-59)"],
+      ['0 25 * * *', 'hour 25 is out of range 0-23'],
+      ['0 3 * * 8', 'day-of-week 8 is out of range 0-7'],
+      ['0 3 32 * *', 'day-of-month 32 is out of range 1-31'],
+      ['0 3 * 13 *', 'month 13 is out of range 1-12'],
+      ['61 * * * *', 'minute 61 is out of range 0-59'],
+      ['mon * * * *', "minute 'mon' is not a number (0-59)"],
+      ['0 22-2 * * *', 'the hour range 22-2 runs backwards (cron does not wrap around): write 22-23,0-2'],
+      ['*/0 * * * *', 'the step /0 in the minute field must be a whole number from 1'],
+      ['? * * * *', "minute '?' is not a number (0-59)"],
+      ['1-2-3 * * * *', "minute '1-2-3' is not a number (0-59), a range (1-5), a list (1,15) or a step (*/10)"],
+      ['70 * * * * *', 'second 70 is out of range 0-59'],
+    ];
+    for (const [expr, why] of cases) {
+      expect(refusal(() => parseCron(expr)), expr).toBe(`--flush '${expr}': ${why}${example}`);
+    }
+    expect(refusal(() => parseCron('0 3 31 2 *'))).toBe(`--flush '0 3 31 2 *' never fires: no date has that day-of-month in that month${example}`);
+    for (const expr of ['0 25 * * *', '0 3 31 2 *', 'O 3 * * *', '@bogus']) {
+      expect(() => parseCron(expr)).not.toThrow(/Field value|out of range\)|Something went wrong|Unknown alias|cannot be parsed/);
+    }
+    // What cron takes stays taken.
+    for (const ok of ['0 3 * * 7', '0 3 * * sun', '0 3 * * mon-fri', '0 0 1 jan *', '0 8-18/2 * * 1-5', '0,30 * * * *', '*/30 * * * * *', '@daily']) {
+      expect(parseCron(ok), ok).toBe(ok);
+    }
   });
 
   it('warns when a schedule fires more often than every 5 minutes', () => {
