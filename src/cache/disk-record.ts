@@ -44,6 +44,8 @@ export interface DiskRecord {
   generation: number;
   /** uuid of the cache whose flush made `generation`, or null (none yet). */
   writer: string | null;
+  /** The flush epoch that flush was to commit in the writer's metadata (its flush_epoch + 1), or null. */
+  writerEpoch: number | null;
   owner: DiskOwner | null;
   /** Milliseconds since the epoch of the last write of the record. */
   updatedAt: number;
@@ -61,6 +63,8 @@ export interface GuardedCache {
   created: boolean;
   /** Dirty bytes it holds (zeroed blocks included). */
   dirtyBytes: number;
+  /** Its flush epoch (cache_info.flush_epoch): a copy restored from an older backup has an older one. */
+  flushEpoch: number;
   /** The disk as the user named it, for messages. */
   description: string;
 }
@@ -106,6 +110,7 @@ export class DiskRecords {
       Number.isSafeInteger(r.generation) &&
       r.generation >= 0 &&
       (r.writer === null || typeof r.writer === 'string') &&
+      (r.writerEpoch === null || Number.isSafeInteger(r.writerEpoch)) &&
       (owner === null ||
         (typeof owner === 'object' &&
           typeof owner.cache === 'string' &&
@@ -249,7 +254,14 @@ export function checkDiskRecord(records: DiskRecords, disk: string, self: Guarde
   const seen = self.diskGeneration;
   // Its own flush whose record write went through and whose metadata commit did not (a crash or
   // a failed flush in between): the disk has part of this cache's own data, nothing of another's.
-  if (seen !== null && seen < record.generation && record.writer === self.uuid && record.owner?.uuid === self.uuid) {
+  // The epoch tells it from an older copy of the same cache (a backup put back): that one is stale.
+  if (
+    seen !== null &&
+    seen < record.generation &&
+    record.writer === self.uuid &&
+    record.owner?.uuid === self.uuid &&
+    record.writerEpoch === self.flushEpoch + 1
+  ) {
     return { generation: record.generation, record };
   }
   // A cache from before disk records (seen null) is taken as it is while no flush has bumped the

@@ -302,6 +302,7 @@ export class CacheStore {
           diskGeneration: info.diskGeneration,
           created: creating,
           dirtyBytes: dirty.count() * geometry.blockSize,
+          flushEpoch: info.flushEpoch,
           description: backing.description,
         }).generation;
       }
@@ -463,6 +464,7 @@ export class CacheStore {
       disk,
       generation,
       writer: uuid,
+      writerEpoch: this.#meta.info.flushEpoch + 1,
       owner: ownerEntry({ cache: this.paths.cache, metadata: this.paths.metadata, uuid }, true, 0),
       updatedAt: Date.now(),
     });
@@ -484,6 +486,7 @@ export class CacheStore {
       disk,
       generation: Math.max(generation, record?.generation ?? 0),
       writer: record?.writer ?? null,
+      writerEpoch: record?.writerEpoch ?? null,
       owner: ownerEntry({ cache: this.paths.cache, metadata: this.paths.metadata, uuid }, true, 0),
       updatedAt: Date.now(),
     });

@@ -2,7 +2,7 @@
 // in each cache's metadata, at the store's level with a file as the disk. The end-to-end repro on
 // /dev/loopN with ext4 is test/integration/two-caches.test.ts.
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -202,6 +202,28 @@ describe('disk records: one disk, two caches', () => {
     expect(await refused(b)).toBeInstanceOf(StaleCacheError);
   });
 
+  it('an older copy of the same cache put back (a backup) after its flushes is not taken for its own cut flush: refused, never flushed', async () => {
+    const a = pathsOf('a');
+    const a1 = await attach(a);
+    await a1.engine.write(0, randomBytes(BS));
+    await a1.close();
+    cpSync(join(dir, 'a'), join(dir, 'a-backup'), { recursive: true });
+    // The cache goes on: one flush commits (generation 1), the next one is cut by a kill.
+    const a2 = await attach(a);
+    await flushDirty(a2.engine);
+    await a2.engine.write(BS, randomBytes(BS));
+    await a2.engine.beginEpoch();
+    await a2.crash();
+    expect(records.read(diskId)).toMatchObject({ generation: 2, writer: a2.store.info.uuid, writerEpoch: 2 });
+    rmSync(join(dir, 'a'), { recursive: true });
+    renameSync(join(dir, 'a-backup'), join(dir, 'a'));
+    const before = readFileSync(disk);
+    const err = await refused(a);
+    expect(err).toBeInstanceOf(DiskConflictError);
+    expect(err.message).toMatch(/holds 4 KiB of dirty data .* since this cache last saw it \(generation 0, the disk is at 2\): flushing it would overwrite newer data/);
+    expect(readFileSync(disk).equals(before)).toBe(true);
+  });
+
   it('upgrade: a cache from before disk records (no generation) is adopted when the disk has no record; once another cache flushed, it is stale', async () => {
     const a = pathsOf('a');
     const b = pathsOf('b');
@@ -311,7 +333,7 @@ describe('disk records: one disk, two caches', () => {
   it('a record that is not one is refused with what to do', () => {
     mkdirSync(records.dir, { recursive: true });
     writeFileSync(records.pathOf('x'), '{"version": 1, "disk": "y"}');
-    expect(() => checkDiskRecord(records, 'x', { uuid: 'u', cache: '/c', metadata: '/c.meta', diskGeneration: 0, created: false, dirtyBytes: 0, description: 'd' })).toThrow(
+    expect(() => checkDiskRecord(records, 'x', { uuid: 'u', cache: '/c', metadata: '/c.meta', diskGeneration: 0, created: false, dirtyBytes: 0, flushEpoch: 0, description: 'd' })).toThrow(
       `${records.pathOf('x')} is not a valid ulobdev disk record for x; if no cache of this disk holds dirty data, remove it (the next attach writes a new one)`,
     );
   });
