@@ -243,7 +243,9 @@ export function checkDiskRecord(records: DiskRecords, disk: string, self: Guarde
   // Another cache (of this id, or of the whole disk / a partition: they share blocks) with dirty data.
   for (const [id, r] of [[disk, record] as const, ...related.map((id) => [id, records.read(id)] as const)]) {
     const owner = r?.owner;
-    if (!owner || owner.uuid === self.uuid) continue;
+    // The owner's path holding this cache now: the owner was replaced (discarded, and this cache
+    // made there since) without its record being told, e.g. discarded with another state dir.
+    if (!owner || owner.uuid === self.uuid || owner.metadata === self.metadata) continue;
     const st = ownerState(owner);
     if (st.state === 'replaced' || st.dirtyBytes === 0) continue;
     const relation = id === disk ? '' : ` (the cache of ${id === wholeDiskOf(disk) ? 'its whole disk' : 'one of its partitions'})`;

@@ -330,6 +330,20 @@ describe('disk records: one disk, two caches', () => {
     expect(err2.message).toContain(`in ${q.cache} (the cache of one of its partitions)`);
   });
 
+  it('a cache made again at the path of the owner (the record not told of the discard) is the cache of that path now, not a conflict', async () => {
+    const a = pathsOf('a');
+    const a1 = await attach(a);
+    await a1.engine.write(0, randomBytes(BS));
+    await a1.close();
+    // Discarded with another state directory: this one still names the old cache as dirty.
+    await CacheStore.discard(a, { force: true, backing: disk, backingId: diskId, records: new DiskRecords(join(dir, 'other-state')) });
+    expect(records.read(diskId)?.owner).toMatchObject({ metadata: a.metadata, mayBeDirty: true });
+    const a2 = await attach(a);
+    expect(a2.store.info.uuid).not.toBe(a1.store.info.uuid);
+    await a2.close();
+    expect(records.read(diskId)?.owner).toMatchObject({ uuid: a2.store.info.uuid, mayBeDirty: false });
+  });
+
   it('a record that is not one is refused with what to do', () => {
     mkdirSync(records.dir, { recursive: true });
     writeFileSync(records.pathOf('x'), '{"version": 1, "disk": "y"}');
