@@ -151,7 +151,9 @@ export class DiskRecords {
       }
     } catch (err) {
       rmSync(tmp, { force: true });
-      throw ioError('write the disk record', path, err);
+      const e = ioError('write the disk record', path, err);
+      e.message += `; ulobdev keeps a record of each disk it caches in ${this.dir} (docs/format.md, "Disk records"): the directory must be writable`;
+      throw e;
     }
   }
 

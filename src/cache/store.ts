@@ -308,15 +308,16 @@ export class CacheStore {
       }
       const records = options.records && { records: options.records, disk: backing.id };
       const store = new CacheStore({ paths, geometry, cache, bitmapFile, meta, present, dirty, budget, records });
+      // A write-back open takes the disk first: its record names this cache, which may hold dirty
+      // data until a close says otherwise. A record that cannot be written fails the open before
+      // the cache is changed. A read-only one writes nothing of the disk's.
+      if (generation !== undefined && options.mode === 'writeback') store.#takeRecord(generation);
       // From here on the open is accepted: mark the cache in use (unclean until close).
       meta.upgrade();
       // The flushes a killed daemon left running in the history are over.
       meta.endInterruptedFlushes();
       if (generation !== undefined) {
         meta.setDiskState(generation, resolve(paths.bitmap));
-        // A write-back open takes the disk: its record names this cache, which may hold dirty
-        // data until a close says otherwise. A read-only one writes nothing of the disk's.
-        if (options.mode === 'writeback') store.#takeRecord(generation);
       } else if (meta.info.bitmapPath !== resolve(paths.bitmap)) {
         meta.setDiskState(meta.info.diskGeneration, resolve(paths.bitmap));
       }
