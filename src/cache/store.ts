@@ -288,9 +288,6 @@ export class CacheStore {
         }
       }
 
-      // The clock from the budget of this open, not the metadata's: a full mirror given a budget
-      // (--cache-size again) has none recorded yet, and without a clock nothing is ever evicted
-      // (writes then waited for ever on a budget full of clean blocks).
       // The last refusal: another cache of this disk with dirty data, or a disk written past this
       // cache (src/cache/disk-record.ts). Nothing is written before it.
       let generation: number | undefined;
@@ -307,6 +304,9 @@ export class CacheStore {
         }).generation;
       }
       const records = options.records && { records: options.records, disk: backing.id };
+      // The clock from the budget of this open, not the metadata's: a full mirror given a budget
+      // (--cache-size again) has none recorded yet, and without a clock nothing is ever evicted
+      // (writes then waited for ever on a budget full of clean blocks).
       const store = new CacheStore({ paths, geometry, cache, bitmapFile, meta, present, dirty, budget, records });
       // A write-back open takes the disk first: its record names this cache, which may hold dirty
       // data until a close says otherwise. A record that cannot be written fails the open before
@@ -472,7 +472,7 @@ export class CacheStore {
     for (const id of [wholeDiskOf(disk), ...records.partitionsOf(disk)]) {
       if (id === undefined) continue;
       const other = records.read(id);
-      if (other) records.write({ ...other, generation: other.generation + 1, writer: uuid, updatedAt: Date.now() });
+      if (other) records.write({ ...other, generation: other.generation + 1, writer: uuid, writerEpoch: null, updatedAt: Date.now() });
     }
     this.#pendingGeneration = generation;
   }
