@@ -77,6 +77,23 @@ export class DeviceBusyError extends UlobError {
   }
 }
 
+/**
+ * Another cache holds dirty data of the disk (the disk record names it, docs/format.md "Disk
+ * records"): a second cache would show and then flush an older disk.
+ */
+export class DiskConflictError extends UlobError {
+  constructor(message: string) {
+    super('ULOB_E_DISK_CONFLICT', message);
+  }
+}
+
+/** The disk was written through another cache since this cache last saw it: its clean blocks may be stale. */
+export class StaleCacheError extends UlobError {
+  constructor(message: string) {
+    super('ULOB_E_STALE_CACHE', message);
+  }
+}
+
 /** An operation is refused because dirty data would be lost. */
 export class DirtyDataError extends UlobError {
   constructor(message: string) {
@@ -316,6 +333,8 @@ export const ERROR_CODES: Readonly<Record<string, { kind: ErrorKind; make: (mess
   ULOB_E_CACHE_BUSY: { kind: 'refused', make: (m) => new CacheBusyError(m) },
   ULOB_E_DEVICE_BUSY: { kind: 'refused', make: (m) => new DeviceBusyError(m) },
   ULOB_E_DIRTY: { kind: 'refused', make: (m) => new DirtyDataError(m) },
+  ULOB_E_DISK_CONFLICT: { kind: 'refused', make: (m) => new DiskConflictError(m) },
+  ULOB_E_STALE_CACHE: { kind: 'refused', make: (m) => new StaleCacheError(m) },
   ULOB_E_READ_ONLY: { kind: 'refused', make: (m) => new ReadOnlyError(m) },
   ULOB_E_NOT_ROOT: { kind: 'refused', make: (m) => new NotRootError(m) },
   ULOB_E_PERMISSION: { kind: 'refused', make: (m) => new PermissionDeniedError(m) },

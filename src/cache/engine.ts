@@ -522,6 +522,9 @@ export class CacheEngine {
     // is neither in #writes nor rewritten). Writes from now on count as rewritten.
     try {
       await this.store.syncData();
+      // The disk's record says a flush of this cache writes the disk, before it does (disk
+      // records: a cache the disk is written past is refused at its next attach).
+      if (flushing.nextSet(0) < flushing.bits) this.store.prepareDiskWrite();
     } catch (err) {
       this.abortEpoch(epoch);
       throw err;

@@ -8,7 +8,7 @@ import { fdatasync } from '../native/io.js';
 import { CacheBusyError, CorruptMetadataError, IOFailedError, ioError } from '../errors.js';
 import type { Extent } from './layout.js';
 
-export const FORMAT_VERSION = 2;
+export const FORMAT_VERSION = 3;
 /** Oldest format open() upgrades in place (upgrade()); anything else is refused. */
 export const OLDEST_FORMAT = 1;
 
@@ -35,6 +35,14 @@ export interface CacheInfo extends CacheIdentity {
   budget: number | null;
   /** Bytes of an eviction unit (the granule of fills, eviction and the clock). */
   evictionUnit: number;
+  /**
+   * The disk's flush generation this cache last saw or wrote (its disk record, docs/format.md
+   * "Disk records"), or null: made before disk records existed (format 2 and older) and not
+   * attached since.
+   */
+  diskGeneration: number | null;
+  /** The bitmap path of the last attach (absolute), or null (format 2 and older): what discard removes. */
+  bitmapPath: string | null;
 }
 
 /** One row of the dirty table: an extent, and whether it was zeroed (see docs/format.md). */
@@ -66,7 +74,9 @@ CREATE TABLE cache_info (
   flush_epoch    INTEGER NOT NULL,
   created_at     INTEGER NOT NULL,
   budget         INTEGER CHECK (budget IS NULL OR budget > 0),
-  eviction_unit  INTEGER NOT NULL
+  eviction_unit  INTEGER NOT NULL,
+  disk_generation INTEGER CHECK (disk_generation IS NULL OR disk_generation >= 0),
+  bitmap_path    TEXT
 );
 -- Dirty blocks as extents. Rows may overlap or touch until the next rewrite compacts them. The
 -- dirty set is their union; a row with zero = 1 says its blocks read as zeros (the cache file does
@@ -121,6 +131,14 @@ UPDATE cache_info SET format_version = 2 WHERE id = 1;
 PRAGMA user_version = 2;
 `;
 
+/** Format 2 to 3: the disk generation (none yet: adopted at the next attach) and the bitmap path. */
+const UPGRADE_2_TO_3 = `
+ALTER TABLE cache_info ADD COLUMN disk_generation INTEGER CHECK (disk_generation IS NULL OR disk_generation >= 0);
+ALTER TABLE cache_info ADD COLUMN bitmap_path TEXT;
+UPDATE cache_info SET format_version = 3 WHERE id = 1;
+PRAGMA user_version = 3;
+`;
+
 interface InfoRow {
   format_version: number;
   uuid: string;
@@ -134,6 +152,8 @@ interface InfoRow {
   created_at: number;
   budget?: number | null;
   eviction_unit?: number;
+  disk_generation?: number | null;
+  bitmap_path?: string | null;
 }
 
 /** One row of flush_history. */
@@ -294,11 +314,16 @@ export class Metadata implements HistoryLog {
 
   /**
    * Brings an older format to FORMAT_VERSION in place, in one durable transaction. Format 1 had
-   * no budget (a full mirror stays one), no zeroed rows and no clock.
+   * no budget (a full mirror stays one), no zeroed rows and no clock; format 2 no disk generation
+   * (null until the attach adopts one) and no bitmap path.
    */
   upgrade(): void {
     if (!this.needsUpgrade) return;
-    this.#run(() => this.#db.exec(UPGRADE_1_TO_2));
+    const from = this.#info.formatVersion;
+    this.#run(() => {
+      if (from < 2) this.#db.exec(UPGRADE_1_TO_2);
+      this.#db.exec(UPGRADE_2_TO_3);
+    });
     this.#info = readInfo(this.#db, this.path);
   }
 
@@ -370,7 +395,13 @@ export class Metadata implements HistoryLog {
    * epoch. `zeroed`: extents that read as zeros; `later`: extents whose content the cache file
    * holds, written after the zeroed rows so that they win over them (intents being synced).
    */
-  replaceDirty(extents: Iterable<Extent>, newEpoch?: number, zeroed: Iterable<Extent> = [], later: Iterable<Extent> = []): void {
+  replaceDirty(
+    extents: Iterable<Extent>,
+    newEpoch?: number,
+    zeroed: Iterable<Extent> = [],
+    later: Iterable<Extent> = [],
+    diskGeneration?: number,
+  ): void {
     this.#run(() => {
       const insert = this.#insert();
       this.#db.exec('DELETE FROM dirty');
@@ -380,8 +411,30 @@ export class Metadata implements HistoryLog {
       if (newEpoch !== undefined) {
         this.#db.prepare('UPDATE cache_info SET flush_epoch = ? WHERE id = 1').run(newEpoch);
       }
+      if (diskGeneration !== undefined) this.#db.prepare('UPDATE cache_info SET disk_generation = ? WHERE id = 1').run(diskGeneration);
     });
     if (newEpoch !== undefined) this.#info = { ...this.#info, flushEpoch: newEpoch };
+    if (diskGeneration !== undefined) this.#info = { ...this.#info, diskGeneration };
+  }
+
+  /** Sets the disk generation this cache has seen (an integer >= 0, or null: none yet) and the bitmap path, durably. Format 3 only. */
+  setDiskState(diskGeneration: number | null, bitmapPath: string): void {
+    this.#run(() => {
+      this.#db.prepare('UPDATE cache_info SET disk_generation = ?, bitmap_path = ? WHERE id = 1').run(diskGeneration, bitmapPath);
+    });
+    this.#info = { ...this.#info, diskGeneration, bitmapPath };
+  }
+
+  /**
+   * Ends the flush_history rows a dead daemon left running (ended_at NULL): ended at their start,
+   * with the error "interrupted". Only the process holding the metadata's exclusive lock (no
+   * flush of another is running) may call it. Returns how many rows it ended.
+   */
+  endInterruptedFlushes(): number {
+    const r = this.#db
+      .prepare("UPDATE flush_history SET ended_at = started_at, error = 'interrupted: the daemon stopped during this flush (its blocks stayed dirty for the next one)' WHERE ended_at IS NULL")
+      .run();
+    return r.changes;
   }
 
   /** Sets the budget (bytes; null: none) and the eviction unit (bytes), durably. */
@@ -554,6 +607,10 @@ function readInfo(db: Database.Database, path: string): CacheInfo {
   if (!ints.every((n) => Number.isSafeInteger(n) && n >= 0) || typeof row.uuid !== 'string' || typeof row.backing_id !== 'string') {
     throw new CorruptMetadataError(`${path}: cache_info row is malformed`);
   }
+  const diskGeneration = row.disk_generation ?? null;
+  if (diskGeneration !== null && !(Number.isSafeInteger(diskGeneration) && diskGeneration >= 0)) {
+    throw new CorruptMetadataError(`${path}: cache_info row is malformed`);
+  }
   return {
     formatVersion: row.format_version,
     uuid: row.uuid,
@@ -567,6 +624,8 @@ function readInfo(db: Database.Database, path: string): CacheInfo {
     createdAt: row.created_at,
     budget,
     evictionUnit,
+    diskGeneration,
+    bitmapPath: row.bitmap_path ?? null,
   };
 }
 

@@ -12,7 +12,7 @@
 // present ones, blocks the engine has reserved for data not yet present, and blocks being punched.
 import { randomUUID } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
-import { basename, dirname, join } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { blockStack, majorMinor } from '../sys.js';
 import {
   CorruptMetadataError,
@@ -27,6 +27,7 @@ import { formatBytes } from '../units.js';
 import { Bitmap } from './bitmap.js';
 import { Clock } from './clock.js';
 import { Coalescer } from './coalesce.js';
+import { checkDiskRecord, ownerEntry, wholeDiskOf, type DiskRecord, type DiskRecords } from './disk-record.js';
 import { FILE_ALIGN, Geometry, MAX_BLOCK_SIZE, type Extent } from './layout.js';
 import { DEFAULT_EVICTION_UNIT, Metadata, type CacheInfo, type CacheMode, type HistoryLog } from './metadata.js';
 import { posixStorage } from '../storage/posix-storage.js';
@@ -108,6 +109,13 @@ export interface OpenStoreOptions {
   defaultBlockSize?: number;
   storage?: Storage;
   metadata?: MetadataFactory;
+  /**
+   * The host's disk records (src/cache/disk-record.ts): with them the open refuses a second cache
+   * of a disk whose cache holds dirty data and a cache the disk was written past; a write-back open
+   * takes the disk's record, and every flush bumps its generation before it writes the disk.
+   * Without them (an HTTP image, tests) none of this happens.
+   */
+  records?: DiskRecords;
 }
 
 export class CacheStore {
@@ -123,6 +131,10 @@ export class CacheStore {
   readonly unitBlocks: number;
   /** The eviction clock; null without a budget (nothing is ever evicted then). */
   readonly clock: Clock | null;
+  /** The host's disk records and this disk's id, when the open was given them. */
+  readonly #records: { records: DiskRecords; disk: string } | null;
+  /** The generation the running flush took (prepareDiskWrite), written with its clearFlushed. */
+  #pendingGeneration: number | undefined;
 
   readonly #cache: BlockFile;
   readonly #bitmapFile: BlockFile;
@@ -160,7 +172,9 @@ export class CacheStore {
     dirty: Bitmap;
     /** The budget this open serves with (a full mirror getting one has none in its metadata yet). */
     budget: number | null;
+    records?: { records: DiskRecords; disk: string };
   }) {
+    this.#records = args.records ?? null;
     this.paths = args.paths;
     this.geometry = args.geometry;
     this.#cache = args.cache;
@@ -280,12 +294,39 @@ export class CacheStore {
         }
       }
 
+      // The last refusal: another cache of this disk with dirty data, or a disk written past this
+      // cache (src/cache/disk-record.ts). Nothing is written before it.
+      let generation: number | undefined;
+      if (options.records) {
+        generation = checkDiskRecord(options.records, backing.id, {
+          uuid: info.uuid,
+          cache: resolve(paths.cache),
+          metadata: resolve(paths.metadata),
+          diskGeneration: info.diskGeneration,
+          created: creating,
+          dirtyBytes: dirty.count() * geometry.blockSize,
+          flushEpoch: info.flushEpoch,
+          description: backing.description,
+        }).generation;
+      }
+      const records = options.records && { records: options.records, disk: backing.id };
       // The clock from the budget of this open, not the metadata's: a full mirror given a budget
       // (--cache-size again) has none recorded yet, and without a clock nothing is ever evicted
       // (writes then waited for ever on a budget full of clean blocks).
-      const store = new CacheStore({ paths, geometry, cache, bitmapFile, meta, present, dirty, budget });
+      const store = new CacheStore({ paths, geometry, cache, bitmapFile, meta, present, dirty, budget, records });
+      // A write-back open takes the disk first: its record names this cache, which may hold dirty
+      // data until a close says otherwise. A record that cannot be written fails the open before
+      // the cache is changed. A read-only one writes nothing of the disk's.
+      if (generation !== undefined && options.mode === 'writeback') store.#takeRecord(generation);
       // From here on the open is accepted: mark the cache in use (unclean until close).
       meta.upgrade();
+      // The flushes a killed daemon left running in the history are over.
+      meta.endInterruptedFlushes();
+      if (generation !== undefined) {
+        meta.setDiskState(generation, resolve(paths.bitmap));
+      } else if (meta.info.bitmapPath !== resolve(paths.bitmap)) {
+        meta.setDiskState(meta.info.diskGeneration, resolve(paths.bitmap));
+      }
       if (budget !== info.budget) meta.setBudget(budget, info.evictionUnit);
       store.clock?.restore(meta.loadClock(), info.evictionUnit);
       for (const z of staleBits) store.#touchBitmap(z);
@@ -320,11 +361,24 @@ export class CacheStore {
    */
   static async discard(
     paths: CachePaths,
-    options: { force?: boolean; storage?: Storage; metadata?: MetadataFactory; backing?: string } = {},
-  ): Promise<{ dirtyBlocks: number }> {
+    options: {
+      force?: boolean;
+      storage?: Storage;
+      metadata?: MetadataFactory;
+      /** The disk as the user named it (for the path checks and messages). */
+      backing?: string;
+      /** The disk's identity: a cache made for another disk is refused (ForeignCacheError). */
+      backingId?: string;
+      /** The host's disk records: the disk's record stops naming the removed cache. */
+      records?: DiskRecords;
+    } = {},
+  ): Promise<{ dirtyBlocks: number; bitmap?: string }> {
     const storage = options.storage ?? posixStorage;
     await assertCachePathsApart(paths, options.backing);
     let dirtyBlocks = 0;
+    let uuid: string | undefined;
+    // The bitmap of the last attach, if it was given elsewhere (-b) and is still a bitmap of this cache's size.
+    let otherBitmap: string | undefined;
     const metaExists = await storage.exists(paths.metadata);
     if (!metaExists) {
       // Without metadata nothing says these files are a cache: they may be the disk or another
@@ -335,6 +389,13 @@ export class CacheStore {
             `${p} is not a ulobdev cache (its metadata ${paths.metadata} does not exist); discard removes nothing: check what it is and move it away yourself`,
           );
         }
+      }
+      // A cache the disk's record says held dirty data, not there now: its flash may only be unmounted.
+      const owner = options.records && options.backingId !== undefined ? options.records.read(options.backingId)?.owner : undefined;
+      if (owner && owner.mayBeDirty && owner.metadata === resolve(paths.metadata) && !options.force) {
+        throw new DirtyDataError(
+          `${paths.cache} is not there, but it held ${formatBytes(owner.dirtyBytes)} of dirty data at its last detach (flash not mounted?); mount it, or pass --force if it is gone for good`,
+        );
       }
     }
     if (metaExists) {
@@ -348,13 +409,26 @@ export class CacheStore {
           for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, paths.bitmap, paths.cache]) {
             await storage.remove(p);
           }
+          if (options.records && options.backingId !== undefined) releaseDisk(options.records, options.backingId, resolve(paths.metadata), undefined);
           return { dirtyBlocks: 0 };
         }
         throw err;
       }
       try {
+        if (options.backingId !== undefined && meta.info.backingId !== options.backingId) {
+          throw new ForeignCacheError(
+            `${paths.cache} is the cache of another disk (${meta.info.backingId}), not of ${options.backing ?? 'this disk'} (${options.backingId}); discard removes nothing: name the disk it was made for`,
+          );
+        }
+        uuid = meta.info.uuid;
+        const geometry = new Geometry(meta.info.backingSize, meta.info.blockSize);
+        const recorded = meta.info.bitmapPath;
+        if (recorded !== null && resolve(recorded) !== resolve(paths.bitmap) && (await storage.exists(recorded))) {
+          const st = await fsp.stat(recorded).catch(() => undefined);
+          if (st?.isFile() && st.size === geometry.bitmapFileSize) otherBitmap = recorded;
+        }
         // Zeroed blocks count too: the disk has not received their zeros.
-        const dirty = new Bitmap(new Geometry(meta.info.backingSize, meta.info.blockSize).blockCount);
+        const dirty = new Bitmap(geometry.blockCount);
         for (const e of meta.dirtyExtents()) dirty.setRange(e.start, e.start + e.count);
         dirtyBlocks = dirty.count();
         if (dirtyBlocks > 0 && !options.force) {
@@ -366,14 +440,82 @@ export class CacheStore {
         meta.close();
       }
     }
-    for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, paths.bitmap, paths.cache]) {
+    for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, paths.bitmap, ...(otherBitmap ? [otherBitmap] : []), paths.cache]) {
       await storage.remove(p);
     }
-    return { dirtyBlocks };
+    if (options.records && options.backingId !== undefined) releaseDisk(options.records, options.backingId, resolve(paths.metadata), uuid);
+    return { dirtyBlocks, bitmap: otherBitmap };
   }
 
   get info(): Readonly<CacheInfo> {
     return this.#meta.info;
+  }
+
+  /**
+   * Called by a flush before it writes the disk (engine.beginEpoch, once its snapshot holds
+   * dirty blocks): bumps the disk's generation in its record, durably, naming this cache as the
+   * writer; the records of its whole disk and partitions too (their blocks change with it). The
+   * flush's clearFlushed records the generation in the cache's metadata. A crash in between
+   * leaves the record one ahead of this cache, which the next open of this cache adopts
+   * (checkDiskRecord). Without records it does nothing. Throws IOFailedError: the flush must not
+   * write the disk then.
+   */
+  prepareDiskWrite(): void {
+    if (!this.#records) return;
+    const { records, disk } = this.#records;
+    const record = records.read(disk);
+    const generation = Math.max(record?.generation ?? 0, this.#pendingGeneration ?? 0, this.#meta.info.diskGeneration ?? 0) + 1;
+    const uuid = this.#meta.info.uuid;
+    records.write({
+      version: 1,
+      disk,
+      generation,
+      writer: uuid,
+      writerEpoch: this.#meta.info.flushEpoch + 1,
+      owner: ownerEntry({ cache: this.paths.cache, metadata: this.paths.metadata, uuid }, true, 0),
+      updatedAt: Date.now(),
+    });
+    for (const id of [wholeDiskOf(disk), ...records.partitionsOf(disk)]) {
+      if (id === undefined) continue;
+      const other = records.read(id);
+      if (other) records.write({ ...other, generation: other.generation + 1, writer: uuid, writerEpoch: null, updatedAt: Date.now() });
+    }
+    this.#pendingGeneration = generation;
+  }
+
+  /** The write-back open's record: this cache owns the disk and may hold dirty data. */
+  #takeRecord(generation: number): void {
+    const { records, disk } = this.#records!;
+    const record: DiskRecord | null = records.read(disk);
+    const uuid = this.#meta.info.uuid;
+    records.write({
+      version: 1,
+      disk,
+      generation: Math.max(generation, record?.generation ?? 0),
+      writer: record?.writer ?? null,
+      writerEpoch: record?.writerEpoch ?? null,
+      owner: ownerEntry({ cache: this.paths.cache, metadata: this.paths.metadata, uuid }, true, 0),
+      updatedAt: Date.now(),
+    });
+  }
+
+  /**
+   * At a clean close: the record says whether this cache still holds dirty data (and how much,
+   * for a refusal while its flash is not mounted). Left as it was (may be dirty) if another cache
+   * took the record meanwhile or it cannot be written: the safe side.
+   */
+  #releaseRecord(): void {
+    if (!this.#records) return;
+    const { records, disk } = this.#records;
+    try {
+      const record = records.read(disk);
+      const uuid = this.#meta.info.uuid;
+      if (!record || record.owner?.uuid !== uuid) return;
+      const dirtyBytes = this.dirty.count() * this.geometry.blockSize;
+      records.write({ ...record, owner: ownerEntry(record.owner, dirtyBytes > 0, dirtyBytes), updatedAt: Date.now() });
+    } catch {
+      // The record keeps "may be dirty": a later attach reads this cache's metadata for the truth.
+    }
   }
 
   /**
@@ -588,7 +730,9 @@ export class CacheStore {
     // (their blocks are being written; after the zeroed rows, which they end); rows may overlap.
     const pending = [...this.#pendingDirty].flat();
     const remaining = [...subtractExtents(this.dirty.runs(), extents)];
-    this.#guard(() => this.#meta.replaceDirty(this.#dataRuns(remaining), this.#meta.info.flushEpoch + 1, this.#zeroRuns(remaining), pending));
+    this.#guard(() =>
+      this.#meta.replaceDirty(this.#dataRuns(remaining), this.#meta.info.flushEpoch + 1, this.#zeroRuns(remaining), pending, this.#pendingGeneration),
+    );
     for (const e of extents) this.dirty.clearRange(e.start, e.start + e.count);
   }
 
@@ -737,6 +881,7 @@ export class CacheStore {
         this.#meta.replaceDirty(this.#dataRuns(), undefined, this.#zeroRuns(), [...this.#pendingDirty].flat());
         if (this.clock) this.#meta.saveClock(this.clock.state(this.#meta.info.evictionUnit));
         this.#meta.setCleanShutdown(true);
+        if (this.#mode === 'writeback') this.#releaseRecord();
       }
     } finally {
       this.#closed = true;
@@ -939,6 +1084,18 @@ export class CacheStore {
       throw err;
     }
   }
+}
+
+/**
+ * After a discard: the disk's record stops naming the removed cache (by uuid, or by metadata path
+ * when the metadata was unreadable or missing), so the next attach of another cache is not refused
+ * for it. The generation stays: caches the disk was written past stay refused.
+ */
+function releaseDisk(records: DiskRecords, disk: string, metadata: string, uuid: string | undefined): void {
+  const record = records.read(disk);
+  if (!record?.owner) return;
+  if (uuid !== undefined ? record.owner.uuid !== uuid : record.owner.metadata !== metadata) return;
+  records.write({ ...record, owner: null, updatedAt: Date.now() });
 }
 
 /** The parts of sorted, disjoint `runs` outside `remove` (any order, may overlap). */

@@ -28,7 +28,8 @@ import type { FlushResult } from '../writeback/flusher.js';
 import { cachePaths, checkDaemonName, Daemon, describeFlush, type DetachResult, type DeviceStatus, type WritebackPolicy } from '../daemon/daemon.js';
 import { isDaemonName, listDaemons, resolveDaemon, surveyDaemons, type DaemonEntry } from '../daemon/resolve.js';
 import { defaultName, DEVICE_FORMS, frontendKind } from '../bdev/frontend.js';
-import { CONFIG_DIR, RUN_DIR } from '../paths.js';
+import { CONFIG_DIR, RUN_DIR, STATE_DIR } from '../paths.js';
+import { DiskRecords } from '../cache/disk-record.js';
 import { formatBytes, parseSize } from '../units.js';
 import { markStart } from '../sys.js';
 import { cronWarning, dirtyLimitBytes, parseCacheSize, parseCron, parseDirtyLimit, parseDuration, parseEvictionUnit, parseRate } from '../writeback/policy.js';
@@ -289,7 +290,8 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
       budgetOption: '--cache-size',
       evictionUnit,
       name: flags.name,
-      stateDir: flags.stateDir,
+      stateDir: stateDirOf(flags),
+      diskRecords: true,
       runDir: flags.runDir,
       logger,
       writebackPolicy: policy,
@@ -582,6 +584,14 @@ async function report(device: string, flags: ReportFlags): Promise<void> {
   if (flags.json) process.stdout.write(JSON.stringify(data) + '\n');
 }
 
+/**
+ * The state directory: --state-dir, else $ULOBDEV_STATE_DIR, else /var/lib/ulobdev. Both overrides
+ * are for tests (each keeps its default caches and disk records in its own scratch directory).
+ */
+function stateDirOf(flags: { stateDir?: string }): string {
+  return flags.stateDir ?? (process.env.ULOBDEV_STATE_DIR || STATE_DIR);
+}
+
 /** CACHE= of /etc/ulobdev/NAME.conf (ulobdev@NAME.service's settings), if there is one. */
 async function cacheFromConfig(name: string): Promise<string | undefined> {
   if (!/^[A-Za-z0-9._-]+$/.test(name)) return undefined;
@@ -591,6 +601,8 @@ async function cacheFromConfig(name: string): Promise<string | undefined> {
 
 /** The history in a detached cache's metadata (CACHE.meta), read as `report` answers it. */
 function historyFromCache(cache: string, since: number): ReportData {
+  // A wrong path is bad input (exit 1), not an I/O error of a cache.
+  if (!existsSync(`${cache}.meta`)) throw new InvalidArgumentError(`no cache at ${cache} (no ${cache}.meta); give the -c path the device was attached with`);
   const meta = Metadata.open(`${cache}.meta`);
   try {
     return {
@@ -614,13 +626,16 @@ async function discard(backing: string, flags: { cache?: string; bitmap?: string
     `${backing} is attached as ${describeDaemon(d)} with the cache ${d.status.paths.cache}; detach it first (ulobdev detach ${d.status.device}), then discard`,
   );
   const source = await openBacking(backing, { writable: false });
-  const paths = cachePaths(flags, source.id);
+  const paths = cachePaths({ ...flags, stateDir: stateDirOf(flags) }, source.id);
   await source.close();
-  const { dirtyBlocks } = await CacheStore.discard(paths, { force: flags.force, backing }).catch(async (err: unknown) => {
-    throw await explainBusyCache(err, runDir);
-  });
+  const records = new DiskRecords(stateDirOf(flags));
+  const { dirtyBlocks, bitmap } = await CacheStore.discard(paths, { force: flags.force, backing, backingId: source.id, records }).catch(
+    async (err: unknown) => {
+      throw await explainBusyCache(err, runDir);
+    },
+  );
   process.stdout.write(
-    `removed the cache ${paths.cache}${dirtyBlocks ? ` and ${dirtyBlocks} dirty blocks` : ''}; the next attach re-creates it\n`,
+    `removed the cache ${paths.cache}${bitmap ? ` and its bitmap ${bitmap}` : ''}${dirtyBlocks ? ` and ${dirtyBlocks} dirty blocks` : ''}; the next attach re-creates it\n`,
   );
 }
 

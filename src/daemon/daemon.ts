@@ -10,6 +10,7 @@ import { DeviceBusyError, InvalidArgumentError, IOFailedError, NotAttachedError,
 import { exists, sleep } from '../sys.js';
 import { run } from '../bdev/programs.js';
 import { RUN_DIR, STATE_DIR } from '../paths.js';
+import { DiskRecords } from '../cache/disk-record.js';
 import { formatBytes } from '../units.js';
 import { isWritable, observeReads, type SectorSize, type Source } from '../source/source.js';
 import { DiskHealth, type DiskHealthStatus } from '../source/health.js';
@@ -54,6 +55,12 @@ export interface AttachOptions {
   evictionUnit?: number;
   name?: string;
   stateDir?: string;
+  /**
+   * Keep the disk's record in STATE_DIR/disks (src/cache/disk-record.ts): refuse a second cache of
+   * a disk whose cache holds dirty data, and a cache the disk was written past. ulobdev's disks:
+   * on; ulohttp's images and createDevice()'s sources, which nothing ulobdev runs writes: off.
+   */
+  diskRecords?: boolean;
   runDir?: string;
   logger: Logger;
   /** Write-back policy (src/writeback): all optional; without them flushes are manual only. */
@@ -308,6 +315,7 @@ export class Daemon {
         // A /dev/uloopN left by a dead daemon still serves the cache file: nothing is punched now.
         servedByKernel: kind === 'uloop' && uloopAwaitsDaemon(options.device),
         budgetOption: kind === 'uloop' || kind === 'ublk' ? undefined : options.budgetOption,
+        records: options.diskRecords ? new DiskRecords(options.stateDir ?? STATE_DIR) : undefined,
       });
       undo.push(() => store.close());
       markStart('store');

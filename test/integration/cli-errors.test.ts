@@ -111,6 +111,17 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     await expectRefused([...cacheArgs(), '--writeback', unusedLoop(), makeDisk('b.img')], /is the cache of another disk/);
   });
 
+  it('discard of the cache of another disk (newuser7 F18): refused, nothing removed', async () => {
+    s = scratch('ulob-cli-');
+    await makeCache(makeDisk('a.img'));
+    await expectDiscardRefused([...cacheArgs(), '--force', makeDisk('b.img')], /c\.cache is the cache of another disk \(.*\), not of \S*b\.img \(.*\); discard removes nothing: name the disk it was made for\n$/);
+  });
+
+  it('report -c of a cache that is not there (newuser7 F29): one plain line, exit 1', async () => {
+    s = scratch('ulob-cli-');
+    await expectRefused(['report', 'nosuch', '--json', '-c', join(s.dir, 'nosuch.cache')], new RegExp(`^ulobdev: no cache at ${s.dir}/nosuch\\.cache \\(no ${s.dir}/nosuch\\.cache\\.meta\\); give the -c path the device was attached with\n$`));
+  });
+
   it('a disk whose size changed since the cache was made', async () => {
     s = scratch('ulob-cli-');
     const disk = makeDisk('disk.img');

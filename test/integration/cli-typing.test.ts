@@ -8,7 +8,7 @@ import { closeSync, existsSync, mkdirSync, openSync, readFileSync, truncateSync,
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { loopCtlAdd, loopCtlRemove } from '../../src/native/blkdev.js';
-import { attachFreeLoop, CLI, loopsUnder, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev, unusedLoop, type CliResult } from '../support/cli.js';
+import { attachFreeLoop, CLI, testEnv, loopsUnder, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev, unusedLoop, type CliResult } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 const undo: Array<() => unknown> = [];
@@ -438,7 +438,7 @@ describe('the log and the help (item 16)', () => {
     const url = serveUrl();
     // script(1) gives the foreground run a pseudo-terminal.
     const cmd = [process.execPath, CLI, ...cacheArgs(), '--run-dir', s.runDir, url, disk].map((a) => `'${a}'`).join(' ');
-    const child = spawn('script', ['-qefc', cmd, '/dev/null'], { stdio: ['pipe', 'pipe', 'pipe'] });
+    const child = spawn('script', ['-qefc', cmd, '/dev/null'], { stdio: ['pipe', 'pipe', 'pipe'], env: testEnv(['--run-dir', s.runDir]) });
     let out = '';
     child.stdout.on('data', (c: Buffer) => (out += c.toString()));
     const exited = new Promise<number | null>((r) => child.once('exit', r));

@@ -6,7 +6,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { attachFreeLoop, CLI, freeLoop, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
+import { attachFreeLoop, CLI, freeLoop, mustSh, prepareCliTests, scratch, sh, testEnv, ulobdev } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 let attached: string[] = [];
@@ -124,9 +124,8 @@ describe('/dev/loopN frontend', () => {
     s = scratch('ulob-loop-fg-');
     mustSh('truncate', ['-s', '32M', join(s.dir, 'disk.img')]);
     const loop = freeLoop();
-    const child = spawn(process.execPath, [CLI, '-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--run-dir', s.runDir, loop, join(s.dir, 'disk.img')], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
+    const args = ['-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--run-dir', s.runDir, loop, join(s.dir, 'disk.img')];
+    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: testEnv(args) });
     let out = '';
     child.stdout.setEncoding('utf8');
     await new Promise<void>((resolve, reject) => {

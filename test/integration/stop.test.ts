@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, mustSh, prepareCliTests, scratch, sh } from '../support/cli.js';
+import { CLI, mustSh, prepareCliTests, scratch, sh, testEnv } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 let daemon: { child: ChildProcess; stderr: () => string; exited: Promise<number | null> } | null = null;
@@ -39,7 +39,7 @@ afterEach(async () => {
 
 /** Starts `ulobdev ... /dev/loop DISK` in the foreground; resolves with the device once it serves. */
 async function start(args: string[], env: NodeJS.ProcessEnv = process.env): Promise<string> {
-  const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env });
+  const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: testEnv(args, env) });
   let out = '';
   let err = '';
   child.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d));

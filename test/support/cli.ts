@@ -40,11 +40,23 @@ export interface CliResult {
   stderr: string;
 }
 
+/**
+ * The environment of a ulobdev run from a test: with `--run-dir DIR` among the arguments (every
+ * attach of a test has one), ULOBDEV_STATE_DIR is DIR's sibling `state` (scratch().stateDir), so
+ * default caches and disk records stay in the test's scratch directory, never /var/lib/ulobdev.
+ */
+export function testEnv(args: string[], env?: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  const out = { ...process.env, ...env };
+  const i = args.indexOf('--run-dir');
+  if (out.ULOBDEV_STATE_DIR === undefined && i >= 0 && args[i + 1]) out.ULOBDEV_STATE_DIR = join(dirname(args[i + 1]!), 'state');
+  return out;
+}
+
 /** Runs ulobdev to completion (attach with --daemon returns once the device is ready). */
 export function ulobdev(args: string[], options: { uid?: number; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<CliResult> {
   const argv = options.uid === undefined ? [process.execPath, CLI, ...args] : ['setpriv', `--reuid=${options.uid}`, `--regid=${options.uid}`, '--clear-groups', process.execPath, CLI, ...args];
   return new Promise((resolvePromise) => {
-    const env = options.env ? { ...process.env, ...options.env } : process.env;
+    const env = testEnv(args, options.env);
     execFile(argv[0]!, argv.slice(1), { timeout: options.timeoutMs ?? 60_000, encoding: 'utf8', env }, (err, stdout, stderr) => {
       const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : 1) : 0;
       resolvePromise({ code, stdout, stderr });

@@ -151,7 +151,9 @@ export async function runInVm(script: string, options: RunOptions = {}): Promise
   const base = join(ROOT, '.vm', 'run');
   mkdirSync(base, { recursive: true });
   const scratch = mkdtempSync(join(base, 'r-'));
-  writeFileSync(join(scratch, 'cmd.sh'), `set -e\n${script}\n`);
+  // The guest's / is the host's, read-only over 9p: /var/lib/ulobdev/disks (the disk records,
+  // written at every write-back attach) cannot be made there; the guest's /tmp is its own tmpfs.
+  writeFileSync(join(scratch, 'cmd.sh'), `set -e\nexport ULOBDEV_STATE_DIR=/tmp/ulobdev-state\n${script}\n`);
   for (const [name, data] of Object.entries(options.files ?? {})) writeFileSync(join(scratch, name), data);
 
   // kfence.sample_interval: Debian 13 builds KFENCE in but off (interval 0); a sampled guard-page

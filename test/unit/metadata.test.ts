@@ -86,6 +86,8 @@ describe('Metadata', () => {
       createdAt: expect.any(Number),
       budget: null,
       evictionUnit: DEFAULT_EVICTION_UNIT,
+      diskGeneration: null,
+      bitmapPath: null,
     });
     expect(m.info.createdAt).toBeGreaterThanOrEqual(before);
     expect(m.info.createdAt).toBeLessThanOrEqual(Date.now());
@@ -104,6 +106,8 @@ describe('Metadata', () => {
       createdAt,
       budget: null,
       evictionUnit: DEFAULT_EVICTION_UNIT,
+      diskGeneration: null,
+      bitmapPath: null,
     });
     r.setState('ready');
     r.setMode('writeback');
@@ -111,8 +115,10 @@ describe('Metadata', () => {
     r.setCleanShutdown(true);
     r.replaceDirty([{ start: 3, count: 2 }], 7);
     r.setBudget(64 << 20, 1 << 20);
+    r.setDiskState(4, '/flash/c.bitmap');
+    r.replaceDirty([{ start: 3, count: 2 }], undefined, [], [], 5);
     // The in-memory copy follows every setter.
-    expect(r.info).toMatchObject({ state: 'ready', mode: 'writeback', cleanShutdown: true, flushEpoch: 7, budget: 64 << 20, evictionUnit: 1 << 20 });
+    expect(r.info).toMatchObject({ state: 'ready', mode: 'writeback', cleanShutdown: true, flushEpoch: 7, budget: 64 << 20, evictionUnit: 1 << 20, diskGeneration: 5 });
     r.close();
 
     const again = open();
@@ -126,6 +132,8 @@ describe('Metadata', () => {
       createdAt,
       budget: 64 << 20,
       evictionUnit: 1 << 20,
+      diskGeneration: 5,
+      bitmapPath: '/flash/c.bitmap',
     });
     expect(again.dirtyExtents()).toEqual([{ start: 3, count: 2 }]);
   });
@@ -177,7 +185,7 @@ describe('Metadata', () => {
     expect(m.dirtyRows()).toEqual([{ start: 5, count: 3, zero: false }]);
     expect(m.loadClock()).toBeNull();
     m.upgrade();
-    expect(m.info).toMatchObject({ formatVersion: 2, flushEpoch: 4, budget: null });
+    expect(m.info).toMatchObject({ formatVersion: FORMAT_VERSION, flushEpoch: 4, budget: null, diskGeneration: null, bitmapPath: null });
     expect(m.needsUpgrade).toBe(false);
     m.addDirty([{ start: 6, count: 1 }], true);
     expect(m.flushes(0)).toEqual([expect.objectContaining({ epoch: 4, bytes: 8192, reason: null })]);
@@ -192,8 +200,31 @@ describe('Metadata', () => {
     ]);
     again.close();
     const raw = new Database(path, { readonly: true });
-    expect(raw.pragma('user_version', { simple: true })).toBe(2);
+    expect(raw.pragma('user_version', { simple: true })).toBe(3);
     raw.close();
+  });
+
+  it('upgrades format 2 to 3: no disk generation yet (null, adopted at the next attach), no bitmap path; a flush left running ends as interrupted', () => {
+    const m = create('writeback');
+    m.close();
+    // Format 2 as session 7 wrote it: no disk_generation, no bitmap_path.
+    const db = new Database(path);
+    db.exec('ALTER TABLE cache_info DROP COLUMN disk_generation; ALTER TABLE cache_info DROP COLUMN bitmap_path; UPDATE cache_info SET format_version = 2');
+    db.pragma('user_version = 2');
+    db.prepare('INSERT INTO flush_history (epoch, started_at) VALUES (1, 1000)').run();
+    db.close();
+    const r = open();
+    expect(r.info).toMatchObject({ formatVersion: 2, diskGeneration: null, bitmapPath: null });
+    r.upgrade();
+    expect(r.info).toMatchObject({ formatVersion: 3, diskGeneration: null, bitmapPath: null });
+    // F30: the flush a kill -9 cut stays "running" (ended_at NULL) until the next open ends it.
+    expect(r.flushes(0)).toEqual([expect.objectContaining({ endedAt: null, error: null })]);
+    expect(r.endInterruptedFlushes()).toBe(1);
+    expect(r.flushes(0)).toEqual([expect.objectContaining({ endedAt: 1000, error: expect.stringMatching(/^interrupted/) })]);
+    expect(r.endInterruptedFlushes()).toBe(0);
+    r.setDiskState(2, '/flash/c.bitmap');
+    r.close();
+    expect(open().info).toMatchObject({ formatVersion: 3, diskGeneration: 2, bitmapPath: '/flash/c.bitmap' });
   });
 
   it('refuses to create over an existing database', () => {

@@ -51,6 +51,10 @@ beforeAll(async () => {
 
     modprobe scsi_debug dev_size_mb=64 sector_size=512 physblk_exp=3
     S=$(sdebug); echo "512e disk /dev/$S: $(blockdev --getss --getpbsz /dev/$S | tr '\\n' ' ')"
+    # scsi_debug gives this disk the deleted one's WWN: to ulobdev it is the same disk, whose n.cache
+    # still holds the dirty GPT and ext4 (the disk went away under it), and its disk record would
+    # refuse l.cache for it. The user's way out, taken here:
+    $U discard --force -c /tmp/n.cache -b /tmp/n.bitmap /dev/$S
     sgdisk -n 1:2048:+16M -n 2:0:0 /dev/$S > /dev/null
     L=$(losetup -f); N=\${L#/dev/}
     $U -c /tmp/l.cache -b /tmp/l.bitmap --daemon $L /dev/$S
