@@ -57,6 +57,7 @@ if (opts.help) {
       '  --keep     keep the scratch directory (fio JSON, guest output) and print its path\n' +
       '  --kernel   guest kernel: 6.1, 6.12 (default) or newest (scripts/vm/prepare.sh)\n' +
       '  --devices  comma-separated rows: loop (dio, the reference, always run), loopbuf, uloop, ublk,\n' +
+      '             ublkcopy (ublk with ULOBDEV_UBLK_COPY=1: the copy path where zero copy exists),\n' +
       '             ulobloop (ulobdev on /dev/loopN), nbd, writecache, bcache (default: all but nbd)\n' +
       '  --perf     profile the uloop, ublk and loop (dio) runs with perf in the guest (flat profile per workload;\n' +
       '             ublk also by thread, and its system calls and context switches per request)\n' +
@@ -96,6 +97,7 @@ const ALL_DEVICES = [
   { key: 'loopbuf', title: 'loop (buffered)' },
   { key: 'uloop', title: 'uloop' },
   { key: 'ublk', title: 'ublk' },
+  { key: 'ublkcopy', title: 'ublk (copy path)' },
   { key: 'ulobloop', title: 'ulobdev loopN' },
   { key: 'nbd', title: 'ulobdev nbd' },
   { key: 'writecache', title: 'dm-writecache' },
@@ -159,6 +161,13 @@ $U $A /dev/ublkb0 $B >/dev/null && fill /dev/ublkb0
 echo "ublk: $(ls /sys/block/ublkb0/mq | wc -l) hardware queues"
 ${fioJobs('/dev/ublkb0', 'ublk')}
 $U detach /dev/ublkb0 >/dev/null`,
+  // the same with ULOBDEV_UBLK_COPY=1: the copy path on a kernel that has zero copy (the two
+  // compared in one guest; on 6.12 both rows are the copy path)
+  ublkcopy: `
+step ublkcopy
+ULOBDEV_UBLK_COPY=1 $U $A /dev/ublkb0 $B >/dev/null && fill /dev/ublkb0
+${fioJobs('/dev/ublkb0', 'ublkcopy')}
+$U detach /dev/ublkb0 >/dev/null`,
   ulobloop: `
 step ulobloop
 $U $A /dev/loop7 $B >/dev/null && fill /dev/loop7
@@ -210,7 +219,7 @@ i=0; while [ -e $CS ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
 losetup -d $LK $LB`,
 };
 // uloop, nbd, ublk and ulobloop first: they fill the cache file $C that the loop rows then run on.
-const ORDER = ['uloop', 'nbd', 'ublk', 'ulobloop', 'loop', 'loopbuf', 'writecache', 'bcache'];
+const ORDER = ['uloop', 'nbd', 'ublk', 'ublkcopy', 'ulobloop', 'loop', 'loopbuf', 'writecache', 'bcache'];
 
 const script = `
 U="node ${ROOT}/dist/cli/ulobdev.js"

@@ -60,12 +60,20 @@ constexpr uint32_t kIoCommitFetch = _IOWR('u', 0x21, struct ublksrv_io_cmd);
 constexpr uint64_t kFUserRecovery = 1ULL << 3;
 constexpr uint64_t kFUserRecoveryReissue = 1ULL << 4;
 constexpr uint64_t kFCmdIoctlEncode = 1ULL << 6;
+constexpr uint64_t kFUserCopy = 1ULL << 7;     // 6.5+: the request's data read and written through /dev/ublkcN
+constexpr uint64_t kFAutoBufReg = 1ULL << 11;  // 6.16+: the request's pages are a fixed buffer of the queue's ring
+constexpr uint64_t kFZeroCopyPath = kFUserCopy | kFAutoBufReg;
+// USER_COPY: a request's data is at this offset of /dev/ublkcN (ublk_cmd.h of 6.5+: the queue's
+// id from bit 41, the tag's from bit 25, the byte within the request below).
+constexpr uint64_t kUserCopyBase = 0x80000000ULL;
+constexpr unsigned kUserCopyTagShift = 25, kUserCopyQueueShift = 41;
 
 constexpr uint8_t kOpRead = 0, kOpWrite = 1, kOpFlush = 2, kOpDiscard = 3, kOpWriteZeroes = 5;
 constexpr uint32_t kIoFFua = 1U << 13;  // UBLK_IO_F_FUA, in op_flags >> 8 terms: bit 13 of op_flags
 constexpr int kStateLive = 1, kStateQuiesced = 2;
 
-constexpr uint64_t kEventData = ~0ULL;  // user_data of the eventfd read
+constexpr uint64_t kEventData = ~0ULL;        // user_data of the eventfd read
+constexpr uint64_t kReadData = 1ULL << 32;  // user_data of a read of the cache file: this bit | the tag
 
 // ---- a minimal io_uring (128-byte SQEs) ----
 struct Ring {
@@ -243,10 +251,12 @@ struct Tag {
   uint64_t up_epoch = 0;
   uint8_t up_type = 0;               // the upcall out: its type and blocks [up_first, up_end)
   uint64_t up_first = 0, up_end = 0;
+  uint64_t read_done = 0;  // zero-copy read: bytes READ_FIXED has put into the request so far
 };
 
 struct Counters {
   std::atomic<uint64_t> read_hits{0}, read_misses{0}, write_hits{0}, write_upcalls{0}, flushes{0}, errors{0};
+  std::atomic<uint64_t> zero_copy_reads{0};  // reads put into the request's pages by READ_FIXED
 };
 
 // An upcall's id: the tag's sequence number (a stale reply is dropped), its queue and the tag.
@@ -284,6 +294,17 @@ class Server {
   // The device of this number was left dead or half-recovered: deleted and added again.
   bool replaced = false;
   uint64_t features = 0;
+  // The device's data path (set before the queues are made): with UBLK_F_AUTO_BUF_REG and
+  // UBLK_F_USER_COPY the driver copies nothing. A request's pages are registered as fixed buffer
+  // `tag` of its queue's ring before its FETCH completes (and unregistered by its COMMIT): reads
+  // go from the cache file straight into them (IORING_OP_READ_FIXED); a write's data is read
+  // from /dev/ublkcN into the tag's buffer (pread, user copy) before it is served as before.
+  // Without: the driver copies a write's data into the tag's buffer before the FETCH completes
+  // and the buffer into a read's pages at its COMMIT, and reads are pread into the buffer.
+  bool zero_copy = false;
+  // $ULOBDEV_UBLK_COPY=1 (read at create): a device this daemon adds takes the copy path even
+  // where the kernel has zero copy (to compare the two, or to step around a driver bug).
+  bool force_copy = false;
   // One per hardware queue, made by Start and kept until the process exits (replies may name them).
   std::vector<std::unique_ptr<HwQueue>> queues;
   std::atomic<bool> serving{false};  // every queue thread was started
@@ -458,6 +479,7 @@ struct HwQueue {
   std::vector<uint8_t> fetching;  // the tag's last command was a FETCH (its refusal is fatal)
   uint64_t event_buf = 0;
   unsigned aborted = 0;
+  unsigned reads_in_flight = 0;  // QueueRead's reads not yet completed
   std::atomic<int> thread_error{0};
   std::atomic<bool> done{false};
   std::atomic<uint64_t> requests{0};
@@ -493,7 +515,70 @@ struct HwQueue {
     c->q_id = id;
     c->tag = tag;
     c->result = result;
-    c->addr = reinterpret_cast<uintptr_t>(bufs[tag]);
+    // Zero copy: the command's addr stays 0 (user copy), and struct ublk_auto_buf_reg goes in the
+    // SQE's own addr: the fixed-buffer index (the tag) in its low 16 bits, no flags (no
+    // fallback: a failed registration fails the request).
+    if (s->zero_copy) sqe->addr = tag;
+    else c->addr = reinterpret_cast<uintptr_t>(bufs[tag]);
+  }
+
+  // Reads the cache file at the request's offset, from byte t.read_done on, on this queue's ring:
+  // zero copy into the request's pages (IORING_OP_READ_FIXED, fixed buffer `tag`), else into the
+  // tag's buffer (IORING_OP_READ), which its COMMIT copies. OnRead continues a short read and
+  // finishes the request. No system call of its own: it goes in with the next io_uring_enter
+  // (with the COMMITs of other tags), and several are in flight per queue.
+  void QueueRead(uint16_t tag) {
+    Tag& t = tags[tag];
+    auto* sqe = ring.Get();
+    if (!sqe) {
+      ring.Enter(0);
+      sqe = ring.Get();
+    }
+    sqe->fd = s->cache_fd;
+    if (s->zero_copy) {
+      sqe->opcode = IORING_OP_READ_FIXED;
+      sqe->addr = t.read_done;  // an offset into the registered request pages (their base is 0)
+      sqe->buf_index = tag;
+    } else {
+      sqe->opcode = IORING_OP_READ;
+      sqe->addr = reinterpret_cast<uintptr_t>(bufs[tag] + t.read_done);
+    }
+    sqe->len = static_cast<uint32_t>(t.len - t.read_done);
+    sqe->off = t.off + t.read_done;
+    sqe->user_data = kReadData | tag;
+    reads_in_flight++;
+  }
+
+  void OnRead(uint16_t tag, int32_t res) {
+    Tag& t = tags[tag];
+    reads_in_flight--;
+    if (res < 0) return Finish(tag, res);
+    if (res == 0) return Finish(tag, -EIO);  // the cache file ends before the device: never, but no loop
+    t.read_done += static_cast<uint64_t>(res);
+    if (t.read_done < t.len) return QueueRead(tag);
+    if (s->zero_copy) s->count.zero_copy_reads++;
+    Finish(tag, static_cast<int32_t>(t.len));
+  }
+
+  // A read whose blocks are all present (a hit, or a miss once its blocks are in): served from
+  // the cache file by a read on the ring.
+  void ServeRead(uint16_t tag) {
+    tags[tag].read_done = 0;
+    QueueRead(tag);
+  }
+
+  // Zero copy: the write's data, from the request's pages into the tag's buffer (user copy).
+  int32_t CopyWriteIn(uint16_t tag) {
+    Tag& t = tags[tag];
+    const uint64_t base = kUserCopyBase | static_cast<uint64_t>(id) << kUserCopyQueueShift | static_cast<uint64_t>(tag) << kUserCopyTagShift;
+    uint64_t done = 0;
+    while (done < t.len) {
+      ssize_t n = pread(s->cdev_fd, bufs[tag] + done, t.len - done, static_cast<off_t>(base + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return n < 0 ? -errno : -EIO;
+      done += static_cast<uint64_t>(n);
+    }
+    return 0;
   }
 
   void ArmEvent() {
@@ -568,6 +653,12 @@ struct HwQueue {
       ring.Reap([&](const struct io_uring_cqe& cqe) { OnCqe(cqe); });
       if (aborted >= s->depth) break;
     }
+    // A read still in flight writes into the tag's buffer (copy path), which EndQueues frees:
+    // its completion is waited for (bounded, and not on a ring that fails).
+    for (int i = 0; reads_in_flight > 0 && i < 1000; i++) {
+      if (ring.Enter(1) != 0) break;
+      ring.Reap([&](const struct io_uring_cqe& cqe) { OnCqe(cqe); });
+    }
     // Unless stopped, this is the end of serving: closing the ring makes the driver cancel the
     // fetches, so the device quiesces (user recovery) for the next daemon; JS sees done.
     if (!s->stopping.load()) ring.Close();
@@ -581,6 +672,7 @@ struct HwQueue {
       if (!s->stopping.load()) ArmEvent();
       return;
     }
+    if (cqe.user_data & kReadData) return OnRead(static_cast<uint16_t>(cqe.user_data), cqe.res);
     uint16_t tag = static_cast<uint16_t>(cqe.user_data);
     if (cqe.res == 0) {  // UBLK_IO_RES_OK: a request
       s->served++;
@@ -632,18 +724,6 @@ struct HwQueue {
     for (uint16_t p : again) Start(p);
   }
 
-  int32_t Pread(uint16_t tag) {
-    Tag& t = tags[tag];
-    uint64_t done = 0;
-    while (done < t.len) {
-      ssize_t n = pread(s->cache_fd, bufs[tag] + done, t.len - done, static_cast<off_t>(t.off + done));
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return n < 0 ? -errno : -EIO;
-      done += static_cast<uint64_t>(n);
-    }
-    return static_cast<int32_t>(t.len);
-  }
-
   int32_t Pwrite(uint16_t tag, uint64_t off, uint64_t len) {
     Tag& t = tags[tag];
     uint64_t done = 0;
@@ -687,7 +767,7 @@ struct HwQueue {
       }
       if (hit) {
         s->count.read_hits++;
-        return Finish(tag, Pread(tag));
+        return ServeRead(tag);
       }
       s->count.read_misses++;
       t.step = kReadMiss;
@@ -695,6 +775,10 @@ struct HwQueue {
     }
     if (s->read_only) return Finish(tag, -EROFS);
     if (s->cache_error.load()) return Finish(tag, -EIO);
+    if (s->zero_copy && t.op == kOpWrite) {
+      int32_t r = CopyWriteIn(tag);
+      if (r < 0) return Finish(tag, r);
+    }
     // DISCARD and WRITE_ZEROES write zeros: the range then reads as zeros, as the engine's TRIM
     // promises, and reaches the disk at the next flush.
     if (t.op != kOpWrite) memset(bufs[tag], 0, t.len);
@@ -806,7 +890,7 @@ struct HwQueue {
           t.step = kReadDone;
           return Upcall(tag, kUpMiss, t.first, t.end, 0);
         case kReadDone:
-          return Finish(tag, Pread(tag));
+          return ServeRead(tag);
         case kWHead: {
           // A block the write covers in part and the cache does not hold is filled first (rule 5).
           t.step = kWTail;
@@ -1045,8 +1129,10 @@ class StartWorker_ : public PromiseWorker {
     info.ublksrv_pid = getpid();
     info.flags = kFCmdIoctlEncode;
     if (s.features & kFUserRecovery) info.flags |= kFUserRecovery | (s.features & kFUserRecoveryReissue);
+    if ((s.features & kFZeroCopyPath) == kFZeroCopyPath && !s.force_copy) info.flags |= kFZeroCopyPath;
     r = CtrlCmd(s.ctrl_fd, kCmdAddDev, info.dev_id, 0xffff, &info, sizeof(info), 0);
     if (r < 0) return Fail(-r, "UBLK_CMD_ADD_DEV");
+    s.zero_copy = (info.flags & kFZeroCopyPath) == kFZeroCopyPath;
     s.dev_id = static_cast<int>(info.dev_id);
     // The driver gives at most one queue per possible CPU.
     s.nr_queues = info.nr_hw_queues;
@@ -1080,6 +1166,7 @@ class StartWorker_ : public PromiseWorker {
     o.Set("recovered", Napi::Boolean::New(env, s_->recovered));
     o.Set("replaced", Napi::Boolean::New(env, s_->replaced));
     o.Set("features", Napi::Number::New(env, static_cast<double>(s_->features & ((1ULL << 53) - 1))));
+    o.Set("zeroCopy", Napi::Boolean::New(env, s_->zero_copy));
     return o;
   }
 
@@ -1228,8 +1315,19 @@ class StartWorker_ : public PromiseWorker {
         if (posix_memalign(&b, 4096, s.buf_bytes) != 0) return fail(ENOMEM, "posix_memalign");
         q->bufs.push_back(static_cast<uint8_t*>(b));
       }
-      int e = q->ring.Init(s.depth + 2);
+      // Room for every tag's command and, zero copy, its READ_FIXED, and the eventfd read.
+      int e = q->ring.Init(2 * s.depth + 2);
       if (e) return fail(e, "io_uring_setup");
+      if (s.zero_copy) {
+        // An empty fixed-buffer table, one slot per tag: the driver fills slot `tag` with the
+        // request's pages before each FETCH completes.
+        struct io_uring_rsrc_register rr = {};
+        rr.nr = s.depth;
+        rr.flags = IORING_RSRC_REGISTER_SPARSE;
+        if (syscall(__NR_io_uring_register, q->ring.fd, IORING_REGISTER_BUFFERS2, &rr, sizeof(rr)) < 0) {
+          return fail(errno, "io_uring_register(IORING_REGISTER_BUFFERS2)");
+        }
+      }
       s.queues.push_back(std::move(q));
     }
     return true;
@@ -1311,6 +1409,14 @@ class StartWorker_ : public PromiseWorker {
       Fail(EEXIST, "ublk device of another queue shape");
       return true;
     }
+    // The data path is the device's too: a device added with both flags is served zero copy (the
+    // driver copies nothing for it), one added with neither through the buffers.
+    uint64_t path = info.flags & kFZeroCopyPath;
+    if (path != 0 && path != kFZeroCopyPath) {
+      Fail(EEXIST, "ublk device of another data path");
+      return true;
+    }
+    s.zero_copy = path == kFZeroCopyPath;
     s.nr_queues = info.nr_hw_queues;
     s.dev_id = id;
     // What can fail without the device fails here, while every queue still has its old daemon.
@@ -1465,6 +1571,7 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
     ThrowErrno(env, e, "open(cache file)");
     return Napi::Value();
   }
+  if (const char* c = getenv("ULOBDEV_UBLK_COPY")) s->force_copy = strcmp(c, "1") == 0;
   if (const char* f = getenv("ULOBDEV_UBLK_FAULT")) {
     if (const char* p = strstr(f, "fsync-eio-at=")) s->fault_fsync_at = strtoull(p + 13, nullptr, 10);
     if (const char* p = strstr(f, "enter-enomem-at=")) s->fault_enter_at = strtoull(p + 16, nullptr, 10);
@@ -1630,6 +1737,7 @@ Napi::Value Query(const Napi::CallbackInfo& info) {
   n("dirtyBlocks", s->dirty_count.load());
   n("readHits", s->count.read_hits);
   n("readMisses", s->count.read_misses);
+  n("zeroCopyReads", s->count.zero_copy_reads);
   n("writeHits", s->count.write_hits);
   n("writeUpcalls", s->count.write_upcalls);
   n("flushes", s->count.flushes);

@@ -104,6 +104,8 @@ export interface UblkOptions {
 /** The ublk server's side of a /dev/ublkbN as status shows it. */
 export interface UblkStatus extends Omit<native.UblkCounts, 'running' | 'threadError' | 'cacheError'> {
   attach: 'added' | 'recovered';
+  /** Served zero copy (UblkStarted.zeroCopy): reads straight into the request's pages. */
+  zeroCopy: boolean;
   failedUpcalls: number;
   preserves: number;
 }
@@ -220,6 +222,18 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
   if (started.features !== 0 && (started.features & native.UBLK_F_USER_RECOVERY) === 0) {
     logger.warn(`${device}: this kernel's ublk has no UBLK_F_USER_RECOVERY: after a crash of the daemon the device fails its I/O and is added again by the next start`);
   }
+  if (!started.zeroCopy && started.features !== 0) {
+    const missing = [
+      ['UBLK_F_AUTO_BUF_REG', native.UBLK_F_AUTO_BUF_REG],
+      ['UBLK_F_USER_COPY', native.UBLK_F_USER_COPY],
+    ].filter(([, bit]) => (started.features & (bit as number)) === 0);
+    logger.info(
+      { bound: device },
+      missing.length > 0
+        ? `${device}: this kernel's ublk has no ${missing.map(([name]) => name).join(' or ')} (Linux 6.16+): reads are copied through the server's buffers, not read into the request's pages`
+        : `${device}: taken back from a daemon that added it without zero copy: reads are copied through the server's buffers until it is added again`,
+    );
+  }
 
   // The server's counters, looked at every pollMs: requests it served without JS count as user
   // activity (the hydrator and the --on-ac flush wait for quiet).
@@ -262,10 +276,12 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
       const q = server.query();
       return {
         attach: started.recovered ? 'recovered' : 'added',
+        zeroCopy: started.zeroCopy,
         presentBlocks: q.presentBlocks,
         dirtyBlocks: q.dirtyBlocks,
         readHits: q.readHits,
         readMisses: q.readMisses,
+        zeroCopyReads: q.zeroCopyReads,
         writeHits: q.writeHits,
         writeUpcalls: q.writeUpcalls,
         flushes: q.flushes,

@@ -10,6 +10,8 @@ export const UBLK_CONTROL = '/dev/ublk-control';
 /** UBLK_F_* bits of GET_FEATURES the server looks at. */
 export const UBLK_F_USER_RECOVERY = 1 << 3;
 export const UBLK_F_USER_RECOVERY_REISSUE = 1 << 4;
+export const UBLK_F_USER_COPY = 1 << 7;
+export const UBLK_F_AUTO_BUF_REG = 1 << 11;
 export const UBLK_F_CMD_IOCTL_ENCODE = 1 << 6;
 
 /** Upcall types the queue thread sends (native/ublk.cc kUp*). */
@@ -58,6 +60,8 @@ export interface UblkCounts {
   dirtyBlocks: number;
   readHits: number;
   readMisses: number;
+  /** Reads put straight into the request's pages by IORING_OP_READ_FIXED (the zero-copy path), hits and filled misses. */
+  zeroCopyReads: number;
   writeHits: number;
   writeUpcalls: number;
   flushes: number;
@@ -80,6 +84,13 @@ export interface UblkStarted {
   replaced: boolean;
   /** UBLK_CMD_GET_FEATURES of the running kernel (0: the command is older than this kernel). */
   features: number;
+  /**
+   * The device is served zero copy (added with UBLK_F_AUTO_BUF_REG and UBLK_F_USER_COPY, Linux
+   * 6.16+): reads go from the cache file straight into the request's pages, the driver copies
+   * nothing. False: through the server's buffers, which the driver copies (also a device taken
+   * back from a daemon that added it without).
+   */
+  zeroCopy: boolean;
 }
 
 type Handle = object;
