@@ -335,6 +335,19 @@ export class CacheEngine {
     this.#evictAhead();
   }
 
+  /**
+   * With a budget: reserves room for `blocks` blocks (an integer, at most the budget) that a
+   * kernel frontend is about to let its kernel write itself, waiting for room as a fill does
+   * (evicting clean units, committing staged fills, asking onSpacePressure for a flush). The
+   * caller gives them back with store.release() in the tick it counts them otherwise (as
+   * store.outsideBlocks). Throws CacheFullError when no flush can make room, EngineClosedError
+   * once closed.
+   */
+  async reserveSpace(blocks: number): Promise<void> {
+    this.#assertOpen();
+    await this.#reserve(blocks);
+  }
+
   async read(offset: number, length: number): Promise<Buffer> {
     this.#assertOpen();
     assertRange(offset, length, this.size);
@@ -621,6 +634,11 @@ export class CacheEngine {
     this.externalEpochs?.commit(cleaned);
     const extents = [...cleaned.runs()];
     this.store.clearFlushed(extents);
+    // A zeroed block materialised during the epoch (a uloop MISS on it: zeros into the cache file,
+    // staged dirty) and not rewritten holds the zeros the disk just got: staged clean now, or its
+    // commit would record it dirty in the store after the kernel cleared it (a block dirty only in
+    // the store: no flush takes it, a budget never evicts it; the uloop model's budget property).
+    if (this.#staged.size > 0) for (const [b, state] of this.#staged) if (state === STAGED_DIRTY && cleaned.get(b)) this.#staged.set(b, STAGED_CLEAN);
     const count = cleaned.count();
     // Clean blocks can be evicted: whoever waits for room may find some now.
     this.store.notifySpace();
@@ -1036,7 +1054,9 @@ export class CacheEngine {
         this.store.release(blocks.length);
         throw err;
       }
-      for (const b of blocks) this.#staged.set(b, STAGED_DIRTY);
+      // Still zeroed: staged dirty. One a flush epoch cleaned while this waited for room (its
+      // zeros are on the disk, the kernel's bit went with it) is a fill of what the disk holds.
+      for (const b of blocks) this.#staged.set(b, this.store.dirty.get(b) ? STAGED_DIRTY : STAGED_CLEAN);
       this.#scheduleCommit();
       this.store.notifySpace();
     } finally {
