@@ -321,16 +321,16 @@ Napi::Value Blocks(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// uloopCredit(fd, limit) -> { limit, unasked }: CREDIT on the attached fd. limit: blocks the kernel
-// may write whole while missing without a ROOM upcall, or -1 for none (ULOOP_CREDIT_NONE). Returns
-// the limit now set (-1: none) and the kernel's unasked blocks. Throws a NativeError with the
-// errno (EINVAL: a limit above the device's blocks).
+// uloopCredit(fd, limit, on) -> { limit, unasked }: CREDIT on the attached fd. on: a limit of
+// `limit` blocks the kernel may write whole while missing without a ROOM upcall; off (limit 0): no
+// limit (ULOOP_CREDIT_NONE). Returns the limit now set (-1: none) and the kernel's unasked blocks.
+// Throws a NativeError with the errno (EINVAL: a limit above the device's blocks).
 Napi::Value Credit(const Napi::CallbackInfo& info) {
   int fd;
   int64_t limit;
   if (!ArgFd(info, 0, &fd) || !ArgInt64(info, 1, &limit)) return Napi::Value();
   struct uloop_credit c = {};
-  if (limit >= 0) {
+  if (info[2].ToBoolean().Value()) {
     c.flags = ULOOP_CREDIT_F_LIMIT;
     c.limit = static_cast<uint64_t>(limit);
   }

@@ -145,7 +145,7 @@ interface UloopBinding {
   uloopClearError(fd: number, dropped: Uint8Array): { error: number; dropped: number };
   uloopBlocks(fd: number, op: number, first: number, count: number, bits: Uint8Array, id: number): { done: number; id: number };
   uloopReply(fd: number, id: number, error: number): void;
-  uloopCredit(fd: number, limit: number): { limit: number; unasked: number };
+  uloopCredit(fd: number, limit: number, on: boolean): { limit: number; unasked: number };
   uloopWatch(fd: number, cb: OnMessages): object;
   uloopUnwatch(handle: object): void;
 }
@@ -290,7 +290,7 @@ export function uloopQuery(fd: number, index: number): UloopInfo {
 export function uloopCredit(fd: number, limit: number): { limit: number; unasked: number } {
   validateFd(fd);
   validateInteger(limit, 'limit', -1, MAX_BLOCK);
-  return binding.uloopCredit(fd, limit);
+  return binding.uloopCredit(fd, Math.max(0, limit), limit >= 0);
 }
 
 /** BARRIER_BITS: the present and dirty bits barrier `id` carries, into the two buffers. */
