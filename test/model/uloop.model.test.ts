@@ -134,12 +134,13 @@ describe('uloop protocol model with a cache budget: 4 of 8 x 4096 B blocks', () 
   // The property (assertUloopModel(BUDGET_CONFIG, RUNS), with the space bound of the budget plus
   // one unit after every step) is not in the suite yet. With this branch it passed at
   // ULOB_TEST_SCALE's default share (one run, 8 s) and found the four cases above (three of them
-  // on main as well), then, in a run of 1000, a run that never ends (the event loop busy, so the
-  // 20 s property timeout fires only between steps): a daemon killed at the first persistence
-  // point of a FLUSH, then a read of blocks 0..2 with 4..7 present over a budget of 4 (and the
-  // credit, the EVICT rule for preparing requests and the present reconcile each planted off, it
-  // still hangs: none of them is the cause). Its last upcall is the MISS of blocks 0..2; makeRoom
-  // is not the loop. Open (room8's report); the budget on /dev/uloopN stays refused until it is
-  // understood (docs/design.md):
+  // on main as well), then, in a run of 1000, a run that never ends: a daemon killed at the first
+  // persistence point of a FLUSH, then a read of blocks 0..2 with 4..7 present over a budget of 4
+  // (with the credit, the EVICT rule for preparing requests and the present reconcile each planted
+  // off it still hangs: none of them is the cause). It is a wait that never ends, not a busy loop
+  // (the property's 20 s timeout fires; node diagnostic reports taken during it show no JavaScript
+  // on the stack). Its last upcall is the MISS of blocks 0..2, and the engine's last makeRoom saw
+  // one block being punched (so it waits for store.spaceChange()). Open (room8's report); the
+  // budget on /dev/uloopN stays refused until it is understood (docs/design.md):
   //   {"seed": 1, "steps": [{"op": {"kind": "read", "sector": 20, "count": 5}}, {"crash": "daemon", "after": 0, "op": {"kind": "flush"}}, {"crash": "power", "after": 11, "op": {"kind": "read", "sector": 5, "count": 12}}]}
 });
