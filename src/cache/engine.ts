@@ -1374,7 +1374,7 @@ export class CacheEngine {
   }
 
   /** One eviction: units the clock picks, their clean idle blocks locked, evicted, unlocked. */
-  async #evictUnits(blocks: number): Promise<number> {
+  async #evictUnits(blocks: number, chosen = new Set<number>()): Promise<number> {
     const store = this.store;
     const clock = store.clock;
     if (!clock || blocks <= 0) return 0;
@@ -1398,7 +1398,6 @@ export class CacheEngine {
     // eviction costs would be paid that many more times).
     const units: number[] = [];
     const victims: Extent[] = [];
-    const chosen = new Set<number>();
     let covered = 0;
     while (covered < blocks) {
       const more = clock.pick(
@@ -1435,6 +1434,9 @@ export class CacheEngine {
     }
     for (const u of units) clock.forget(u);
     this.#evicted += evicted;
+    // A kernel frontend kept some (busy, or in a request still preparing: a fill for it would be
+    // undone): other units, not these again, for the rest.
+    if (this.externalEpochs?.evict && evicted < locked.length && evicted < blocks) return evicted + (await this.#evictUnits(blocks - evicted, chosen));
     return evicted;
   }
 
