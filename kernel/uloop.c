@@ -476,6 +476,12 @@ struct uloop_dev {
 	struct ubits snap;          /* ULOOP_F_PRESERVE: dirty at EPOCH_BEGIN */
 	struct ubits done;          /* ULOOP_F_PRESERVE: snapshot blocks preserved or released */
 	u64 nr_present, nr_dirty, nr_zero, nr_pending, nr_lost, nr_claimed;
+	u64 nr_bar_pending;         /* bits of bar_pending */
+	u64 nr_owned;               /* blocks owned by writes in flight (cmd->owned, rule 4) */
+	u64 nr_granted;             /* ROOM answers not yet used (the sum of cmd->room) */
+	struct list_head preparing; /* uloop_cmd in uloop_prepare's passes (not nowait): EVICT
+				     * leaves their blocks */
+	u64 credit;                 /* CREDIT's limit on uloop_unasked(), ULOOP_CREDIT_NONE: none */
 	u64 busy_seq;               /* bumped whenever busy bits clear: waiters re-check */
 	wait_queue_head_t busy_wait;
 	u64 epoch;
@@ -542,6 +548,9 @@ struct uloop_cmd {
 	struct list_head inflight; /* on dev->inflight while on_inflight */
 	u64 first, last;           /* blocks touched, inclusive */
 	bool write, owns_missing, on_inflight, upcalled, timed_out;
+	u64 room;                  /* missing blocks a ROOM answer let it take over the credit */
+	struct list_head preparing; /* on dev->preparing during uloop_prepare (dev->lock) */
+	u64 pfirst, plast;         /* the blocks it prepares, inclusive */
 	/* owns_missing: the blocks first + i it took busy, covering them whole while missing */
 	DECLARE_BITMAP(owned, ULOOP_MAX_RQ_BLOCKS);
 	struct uloop_upcall *upcall; /* listed upcall serving this request (dev->lock) */
@@ -878,8 +887,39 @@ static int uloop_wait_barrier(struct uloop_dev *dev, struct uloop_cmd *cmd)
 
 static const char *const uloop_msg_names[] = {
 	[ULOOP_MSG_MISS] = "miss", [ULOOP_MSG_INTENT] = "intent", [ULOOP_MSG_BARRIER] = "barrier",
-	[ULOOP_MSG_PRESERVE] = "preserve", [ULOOP_MSG_ZERO] = "zero",
+	[ULOOP_MSG_PRESERVE] = "preserve", [ULOOP_MSG_ZERO] = "zero", [ULOOP_MSG_ROOM] = "room",
 };
+
+/*
+ * The blocks the kernel writes whole while missing without asking the daemon (rule 4) and that
+ * no barrier has handed over yet, and those ROOM answers granted and no write has taken yet:
+ * what CREDIT limits. dev->lock held.
+ */
+static u64 uloop_unasked(struct uloop_dev *dev)
+{
+	return dev->nr_pending + dev->nr_bar_pending + dev->nr_owned + dev->nr_lost + dev->nr_granted;
+}
+
+/*
+ * ROOM (ULOOP_FEAT_CREDIT): the write cmd would take the missing blocks of [b, e) whole past the
+ * credit; asks the daemon to make room for e - b blocks. Its answer grants the request up to that
+ * many missing blocks over the limit (cmd->room, counted in nr_granted by uloop_reply, under the
+ * same lock as the reply: a CREDIT or QUERY right after the answer counts the grant), taken on
+ * its next pass. The blocks are not made busy: the daemon does nothing to them, and the next
+ * pass looks at them again.
+ */
+static int uloop_ask_room(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 b, u64 e)
+{
+	struct uloop_upcall up = {};
+	u64 off = b << dev->block_shift, len = uloop_block_bytes(dev, b, e);
+	int err;
+
+	err = uloop_ask(dev, cmd, &up, ULOOP_MSG_ROOM, 0, off, len, 0);
+	/* on success uloop_reply set the grant (cmd->room) */
+	if (err && err != -ETIMEDOUT)
+		pr_warn_ratelimited("uloop%d: room at %llu+%llu failed: %d\n", dev->index, off, len, err);
+	return err;
+}
 
 /*
  * Asks the daemon about blocks [b, e), which the caller marked busy, and applies the answer: MISS
@@ -979,8 +1019,8 @@ static u32 uloop_write_needs(struct uloop_dev *dev, u64 pos, u64 len, u64 first,
  * must not block the requests behind it) only one pass runs: if it finds busy blocks or anything to
  * ask it returns -EAGAIN having changed nothing, and the request goes to its own work item.
  */
-static int uloop_prepare(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 pos, u64 len,
-			 bool nowait)
+static int uloop_prepare_passes(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 pos, u64 len,
+				bool nowait)
 {
 	u64 first = pos >> dev->block_shift, last = (pos + len - 1) >> dev->block_shift;
 
@@ -1027,6 +1067,25 @@ static int uloop_prepare(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 pos, 
 				return err;
 			continue;
 		}
+		if (cmd->write && dev->credit != ULOOP_CREDIT_NONE) {
+			/* the credit: missing blocks this write would take whole, unasked */
+			u64 n = last + 1 - first - ubits_count(&dev->present, first, last + 1);
+
+			if (n > cmd->room && uloop_unasked(dev) + n > dev->credit) {
+				/* ask for the span from its first missing block to its last */
+				b = ubits_find(&dev->present, first, last + 1, false);
+				for (e = last + 1; ubits_test(&dev->present, e - 1); e--)
+					;
+				mutex_unlock(&dev->lock);
+				if (nowait)
+					return -EAGAIN;
+				cmd->upcalled = true;
+				err = uloop_ask_room(dev, cmd, b, e);
+				if (err)
+					return err;
+				continue;
+			}
+		}
 		if (cmd->write) {
 			gfp_t gfp = nowait ? GFP_NOWAIT | __GFP_NOWARN : GFP_NOIO;
 
@@ -1051,8 +1110,11 @@ static int uloop_prepare(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 pos, 
 				e = ubits_find(&dev->present, b, last + 1, true);
 				ubits_set(&dev->busy, b, e);
 				bitmap_set(cmd->owned, b - first, e - b);
+				dev->nr_owned += e - b;
 				cmd->owns_missing = true;
 			}
+			dev->nr_granted -= cmd->room; /* used, or not needed */
+			cmd->room = 0;
 			if (dev->epoch_open)
 				ubits_set(&dev->rewritten, first, last + 1);
 		}
@@ -1061,6 +1123,36 @@ static int uloop_prepare(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 pos, 
 		mutex_unlock(&dev->lock);
 		return 0;
 	}
+}
+
+/*
+ * uloop_prepare_passes, and while they run (not nowait: those change nothing and never wait) the
+ * request is on dev->preparing: EVICT leaves its blocks, so a block filled for it cannot be
+ * evicted before its last pass by a fill it asks for next (with a budget smaller than the request
+ * plus the dirty data, fill and eviction took turns for ever; the daemon flushes instead when
+ * nothing else is evictable). A request that fails gives back its unused ROOM grant.
+ */
+static int uloop_prepare(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 pos, u64 len,
+			 bool nowait)
+{
+	int err;
+
+	if (nowait)
+		return uloop_prepare_passes(dev, cmd, pos, len, true);
+	mutex_lock(&dev->lock);
+	cmd->pfirst = pos >> dev->block_shift;
+	cmd->plast = (pos + len - 1) >> dev->block_shift;
+	list_add_tail(&cmd->preparing, &dev->preparing);
+	mutex_unlock(&dev->lock);
+	err = uloop_prepare_passes(dev, cmd, pos, len, false);
+	mutex_lock(&dev->lock);
+	list_del(&cmd->preparing);
+	if (err) {
+		dev->nr_granted -= cmd->room;
+		cmd->room = 0;
+	}
+	mutex_unlock(&dev->lock);
+	return err;
 }
 
 static int uloop_flush(struct uloop_dev *dev, struct uloop_cmd *cmd);
@@ -1100,6 +1192,7 @@ static void uloop_owned_done(struct uloop_dev *dev, struct uloop_cmd *cmd, int e
 			dev->nr_pending += ubits_set(&dev->pending, b, b + 1);
 		}
 		ubits_clear(&dev->busy, b, b + 1);
+		dev->nr_owned--;
 	}
 	dev->busy_seq++;
 	cmd->owns_missing = false;
@@ -1288,6 +1381,7 @@ static int uloop_flush(struct uloop_dev *dev, struct uloop_cmd *cmd)
 	swap(dev->pending, dev->bar_pending);
 	taken = dev->nr_pending;
 	dev->nr_pending = 0;
+	dev->nr_bar_pending = taken;
 	mutex_unlock(&dev->lock);
 
 	/* datasync: the data and what is needed to read it back (allocation, size), as the
@@ -1301,6 +1395,7 @@ static int uloop_flush(struct uloop_dev *dev, struct uloop_cmd *cmd)
 		dev->error = -EIO;
 		swap(dev->lost, dev->bar_pending); /* lost was empty: the error was not set */
 		dev->nr_lost = taken;
+		dev->nr_bar_pending = 0;
 		uloop_pending_lost(dev);
 		err = -EIO;
 		goto out_locked;
@@ -1310,6 +1405,7 @@ static int uloop_flush(struct uloop_dev *dev, struct uloop_cmd *cmd)
 				DIV_ROUND_UP(dev->nr_blocks, 8), 0);
 	mutex_lock(&dev->bar_bits_mutex); /* no BARRIER_BITS is reading bar_pending */
 	mutex_lock(&dev->lock);
+	dev->nr_bar_pending = 0;
 	if (err) {
 		dev->nr_pending += ubits_merge(&dev->pending, &dev->bar_pending);
 		if (err != -ETIMEDOUT)
@@ -1597,6 +1693,7 @@ static blk_status_t uloop_queue_rq(struct blk_mq_hw_ctx *hctx, const struct blk_
 	unsigned long flags;
 
 	cmd->owns_missing = cmd->on_inflight = cmd->upcalled = cmd->timed_out = false;
+	cmd->room = 0;
 	cmd->upcall = NULL;
 	cmd->ret = 0;
 	INIT_WORK(&cmd->work, uloop_work);
@@ -1885,6 +1982,7 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	if (!dev)
 		goto out_fput;
 	kref_init(&dev->kref);
+	dev->credit = ULOOP_CREDIT_NONE;
 	mutex_init(&dev->lock);
 	mutex_init(&dev->epoch_mutex);
 	mutex_init(&dev->bar_bits_mutex);
@@ -1897,6 +1995,7 @@ static int uloop_add(struct uloop_conn *conn, struct uloop_add __user *uarg)
 	INIT_LIST_HEAD(&dev->queued);
 	INIT_LIST_HEAD(&dev->sent);
 	INIT_LIST_HEAD(&dev->claims);
+	INIT_LIST_HEAD(&dev->preparing);
 	INIT_LIST_HEAD(&dev->holds);
 	spin_lock_init(&dev->rq_lock);
 	INIT_LIST_HEAD(&dev->rq_list);
@@ -2131,7 +2230,7 @@ static int uloop_get_features(struct uloop_features __user *uarg)
 		.features = ULOOP_FEAT_COUNTERS | ULOOP_FEAT_STICKY_ERROR | ULOOP_FEAT_IO_TIMEOUT |
 			    ULOOP_FEAT_PRESERVE | ULOOP_FEAT_ZERO | ULOOP_FEAT_CLAIM |
 			    ULOOP_FEAT_EVICT | ULOOP_FEAT_ACCESSED | ULOOP_FEAT_PARTITIONS |
-			    ULOOP_FEAT_SECTOR_SIZE | ULOOP_FEAT_REPLY_CHECK,
+			    ULOOP_FEAT_SECTOR_SIZE | ULOOP_FEAT_REPLY_CHECK | ULOOP_FEAT_CREDIT,
 		.max_devices = uloop_max_devices(),
 		.io_timeout_s = io_timeout_s,
 		.max_blocks = ULOOP_MAX_BLOCKS,
@@ -2167,6 +2266,8 @@ static int uloop_query(struct uloop_info __user *uarg)
 	info.dirty_blocks = dev->nr_dirty;
 	info.zero_blocks = dev->nr_zero;
 	info.pending_blocks = dev->nr_pending;
+	info.unasked_blocks = uloop_unasked(dev);
+	info.credit_limit = dev->credit;
 	info.claimed_blocks = dev->nr_claimed;
 	info.epoch = dev->epoch;
 	info.attached = dev->daemon != NULL;
@@ -2229,6 +2330,7 @@ static int uloop_attach(struct uloop_conn *conn, struct uloop_attach __user *uar
 	} else {
 		dev->daemon = conn;
 		conn->dev = dev; /* keeps the reference uloop_get took */
+		dev->credit = ULOOP_CREDIT_NONE; /* the new daemon sets its own (CREDIT) */
 	}
 	mutex_unlock(&dev->lock);
 	if (err) {
@@ -2803,6 +2905,7 @@ static bool uloop_inflight_on(struct uloop_dev *dev, const unsigned long *bits, 
 
 static int uloop_evict(struct uloop_dev *dev, struct uloop_blocks __user *uarg)
 {
+	struct uloop_cmd *c;
 	struct uloop_blocks a;
 	unsigned long *bits;
 	u64 i, n = 0;
@@ -2821,6 +2924,14 @@ static int uloop_evict(struct uloop_dev *dev, struct uloop_blocks __user *uarg)
 		return uloop_refuse(-EFAULT, "EVICT refused: the bitmap is not readable");
 	}
 	mutex_lock(&dev->lock);
+	/* not the blocks of a request between its first and last prepare pass: it may have had
+	 * them filled, and would have them filled again */
+	list_for_each_entry(c, &dev->preparing, preparing) {
+		u64 s = max(c->pfirst, a.first), e = min(c->plast + 1, a.first + a.count);
+
+		if (s < e)
+			bitmap_clear(bits, s - a.first, e - s);
+	}
 	for_each_set_bit(i, bits, a.count) {
 		u64 b = a.first + i;
 
@@ -2944,6 +3055,40 @@ static int uloop_epoch_release(struct uloop_dev *dev, struct uloop_blocks __user
 	return 0;
 }
 
+/*
+ * CREDIT: sets (or lifts) the limit on the blocks written whole while missing without asking;
+ * returns the limit and the unasked count. Lowering it below the count is allowed (later writes
+ * ask); raising it wakes nobody: a write waits only on a ROOM answer, which the daemon sends.
+ */
+static int uloop_credit(struct uloop_dev *dev, struct uloop_credit __user *uarg)
+{
+	struct uloop_credit a;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return uloop_refuse(-EFAULT, "uloop%d: CREDIT refused: its argument is not readable",
+				    dev->index);
+	if (a.__pad || a.__reserved[0] || a.__reserved[1])
+		return uloop_refuse(-EOPNOTSUPP, "uloop%d: CREDIT refused: reserved fields set",
+				    dev->index);
+	if (a.flags & ~ULOOP_CREDIT_F_LIMIT)
+		return uloop_refuse(-EINVAL, "uloop%d: CREDIT refused: unknown flags %#x",
+				    dev->index, a.flags);
+	if (!(a.flags & ULOOP_CREDIT_F_LIMIT) && a.limit)
+		return uloop_refuse(-EINVAL, "uloop%d: CREDIT refused: a limit (%llu) without ULOOP_CREDIT_F_LIMIT",
+				    dev->index, a.limit);
+	if ((a.flags & ULOOP_CREDIT_F_LIMIT) && a.limit > dev->nr_blocks)
+		return uloop_refuse(-EINVAL, "uloop%d: CREDIT refused: limit %llu is above the device's %llu blocks",
+				    dev->index, a.limit, dev->nr_blocks);
+	mutex_lock(&dev->lock);
+	dev->credit = (a.flags & ULOOP_CREDIT_F_LIMIT) ? a.limit : ULOOP_CREDIT_NONE;
+	a.limit = dev->credit;
+	a.unasked = uloop_unasked(dev);
+	mutex_unlock(&dev->lock);
+	return copy_to_user(uarg, &a, sizeof(a)) ?
+	       uloop_refuse(-EFAULT, "uloop%d: CREDIT: the limit is set, but its argument is not writable",
+			    dev->index) : 0;
+}
+
 static long uloop_dev_ioctl(struct uloop_dev *dev, unsigned int cmd, void __user *uarg)
 {
 	if (READ_ONCE(dev->dead))
@@ -2967,6 +3112,8 @@ static long uloop_dev_ioctl(struct uloop_dev *dev, unsigned int cmd, void __user
 		return uloop_accessed(dev, uarg);
 	case ULOOP_IOC_EPOCH_RELEASE:
 		return uloop_epoch_release(dev, uarg);
+	case ULOOP_IOC_CREDIT:
+		return uloop_credit(dev, uarg);
 	}
 	return uloop_refuse(-ENOTTY, "unknown ioctl %#x", cmd);
 }
@@ -3084,6 +3231,14 @@ static int uloop_reply(struct uloop_dev *dev, const struct uloop_reply *r)
 	list_for_each_entry(up, &dev->sent, node) {
 		if (up->msg.id == r->id) {
 			up->answered = true;
+			if (up->msg.type == ULOOP_MSG_ROOM && !r->error && up->cmd) {
+				/* the grant, replacing the request's unused one (uloop_ask_room) */
+				u64 g = ((up->msg.offset + up->msg.length - 1) >> dev->block_shift) + 1 -
+					(up->msg.offset >> dev->block_shift);
+
+				dev->nr_granted += g - up->cmd->room;
+				up->cmd->room = g;
+			}
 			uloop_upcall_finish(up, r->error);
 			if (up->hold) /* re-issued: nobody waits for it */
 				uloop_hold_answered(dev, up->hold, r->error);

@@ -191,6 +191,9 @@ Napi::Value Query(const Napi::CallbackInfo& info) {
   u64("logicalBlockSize", q.logical_block_size);
   u64("physicalBlockSize", q.physical_block_size);
   u64("unitShift", q.unit_shift);
+  u64("unaskedBlocks", q.unasked_blocks);
+  // ULOOP_CREDIT_NONE (2^64 - 1) as -1: no limit (a double cannot hold it exactly)
+  o.Set("creditLimit", Napi::Number::New(env, q.credit_limit == ULOOP_CREDIT_NONE ? -1.0 : static_cast<double>(q.credit_limit)));
   return o;
 }
 
@@ -315,6 +318,30 @@ Napi::Value Blocks(const Napi::CallbackInfo& info) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("done", Napi::Number::New(env, static_cast<double>(b.done)));
   o.Set("id", Napi::Number::New(env, static_cast<double>(b.id)));
+  return o;
+}
+
+// uloopCredit(fd, limit, on) -> { limit, unasked }: CREDIT on the attached fd. on: a limit of
+// `limit` blocks the kernel may write whole while missing without a ROOM upcall; off (limit 0): no
+// limit (ULOOP_CREDIT_NONE). Returns the limit now set (-1: none) and the kernel's unasked blocks.
+// Throws a NativeError with the errno (EINVAL: a limit above the device's blocks).
+Napi::Value Credit(const Napi::CallbackInfo& info) {
+  int fd;
+  int64_t limit;
+  if (!ArgFd(info, 0, &fd) || !ArgInt64(info, 1, &limit)) return Napi::Value();
+  struct uloop_credit c = {};
+  if (info[2].ToBoolean().Value()) {
+    c.flags = ULOOP_CREDIT_F_LIMIT;
+    c.limit = static_cast<uint64_t>(limit);
+  }
+  if (ioctl(fd, ULOOP_IOC_CREDIT, &c) != 0) {
+    ThrowErrno(info.Env(), errno, "ioctl(ULOOP_IOC_CREDIT)");
+    return Napi::Value();
+  }
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("limit", Napi::Number::New(env, c.limit == ULOOP_CREDIT_NONE ? -1.0 : static_cast<double>(c.limit)));
+  o.Set("unasked", Napi::Number::New(env, static_cast<double>(c.unasked)));
   return o;
 }
 
@@ -462,6 +489,7 @@ bool ExportAbi(Napi::Env env, Napi::Object exports) {
   num("FEAT_PARTITIONS", static_cast<double>(ULOOP_FEAT_PARTITIONS));
   num("FEAT_SECTOR_SIZE", static_cast<double>(ULOOP_FEAT_SECTOR_SIZE));
   num("FEAT_REPLY_CHECK", static_cast<double>(ULOOP_FEAT_REPLY_CHECK));
+  num("FEAT_CREDIT", static_cast<double>(ULOOP_FEAT_CREDIT));
   num("STATE_EPOCH_OPEN", ULOOP_STATE_EPOCH_OPEN);
   num("STATE_EPOCH_FAILED", ULOOP_STATE_EPOCH_FAILED);
   num("STATE_SCANNING", ULOOP_STATE_SCANNING);
@@ -470,6 +498,7 @@ bool ExportAbi(Napi::Env env, Napi::Object exports) {
   num("MSG_BARRIER", ULOOP_MSG_BARRIER);
   num("MSG_PRESERVE", ULOOP_MSG_PRESERVE);
   num("MSG_ZERO", ULOOP_MSG_ZERO);
+  num("MSG_ROOM", ULOOP_MSG_ROOM);
   num("MSG_F_DISCARD", ULOOP_MSG_F_DISCARD);
   num("MSG_F_NOUNMAP", ULOOP_MSG_F_NOUNMAP);
   if (env.IsExceptionPending()) return false;
@@ -491,7 +520,7 @@ bool InitUloop(Napi::Env env, Napi::Object exports) {
          Export<BarrierBits>(env, exports, "uloopBarrierBits") &&
          Export<EpochBegin>(env, exports, "uloopEpochBegin") &&
          Export<EpochCommit>(env, exports, "uloopEpochCommit") &&
-         Export<Reply>(env, exports, "uloopReply") && Export<WatchFd>(env, exports, "uloopWatch") &&
+         Export<Reply>(env, exports, "uloopReply") && Export<Credit>(env, exports, "uloopCredit") && Export<WatchFd>(env, exports, "uloopWatch") &&
          Export<Unwatch>(env, exports, "uloopUnwatch");
 }
 

@@ -108,6 +108,7 @@ const TYPES: Record<number, UpcallType> = {
   [native.ULOOP_MSG_BARRIER]: 'barrier',
   [native.ULOOP_MSG_PRESERVE]: 'preserve',
   [native.ULOOP_MSG_ZERO]: 'zero',
+  [native.ULOOP_MSG_ROOM]: 'room',
 };
 
 /** QUERY of /dev/uloopN, or null when there is no such device (ENODEV). */
@@ -162,6 +163,13 @@ export interface KernelEpochIoctls {
   evict?(first: number, count: number, bits: Buffer): number;
   /** ACCESSED of units [first, first + count) into `bits`, cleared in the kernel; returns the count set. */
   accessed?(first: number, count: number, bits: Buffer): number;
+  /**
+   * CLAIM of blocks [first, first + count): those the kernel holds neither present, dirty nor busy
+   * into `bits` (requests touching them wait); returns the claim's id, 0 when none.
+   */
+  claim?(first: number, count: number, bits: Buffer): number;
+  /** FILLED of claim `id` with no block set: the claimed blocks are let go, still missing. */
+  letGo?(id: number, first: number, count: number): void;
 }
 
 /**
@@ -286,12 +294,47 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
      * After ATTACH to a device whose daemon died, before any upcall is read: the kernel's dirty
      * set (EPOCH_BEGIN, then an empty COMMIT that ends that epoch, clearing nothing; a begun epoch
      * of the dead daemon ends with it) reconciles the store (engine.reconcileOutsideDirty).
-     * Returns the blocks the store held dirty and the kernel clean.
+     * Then blocks the store holds present and the kernel missing (a daemon killed between the
+     * kernel's EVICT and the store's, or during a recovery's drop) are evicted from the store:
+     * CLAIM finds them (and holds requests off them meanwhile), store.evict clears them durably
+     * and punches, FILLED with none set lets them go. Left present, the store counts them, the
+     * kernel refuses to EVICT them, and a budget full of them fails every miss ('flushes free
+     * nothing'; the uloop model's budget property). Their cache content is the disk's (clean), and
+     * the kernel reads none of it (a MISS comes first). Returns both counts.
      */
-    async reconcile(): Promise<number> {
+    async reconcile(): Promise<{ cleared: number; dropped: number }> {
       const kernel = new Bitmap(engine.geometry.blockCount, Buffer.alloc(bytes));
       end(k.begin(kernel.buffer));
-      return engine.reconcileOutsideDirty(kernel);
+      const cleared = await engine.reconcileOutsideDirty(kernel);
+      let dropped = 0;
+      const { claim, letGo } = k;
+      if (!claim || !letGo) return { cleared, dropped };
+      const store = engine.store;
+      const blocks = engine.geometry.blockCount;
+      const max = native.ULOOP_MAX_RANGE_BLOCKS;
+      for (let first = 0; first < blocks; first += max) {
+        const count = Math.min(max, blocks - first);
+        if (store.present.nextSet(first, first + count) >= first + count) continue;
+        const bits = new Bitmap(count, Buffer.alloc(Math.ceil(count / 8)));
+        const id = claim(first, count, bits.buffer);
+        if (id === 0) continue;
+        try {
+          const stale: Extent[] = [];
+          for (const r of bits.runs()) {
+            for (const p of store.present.runs(first + r.start, first + r.start + r.count)) {
+              for (const c of store.dirty.gaps(p.start, p.start + p.count)) stale.push(c);
+            }
+          }
+          if (stale.length > 0) {
+            await store.evict(stale);
+            dropped += stale.reduce((n, e) => n + e.count, 0);
+          }
+        } finally {
+          letGo(id, first, count);
+        }
+      }
+      if (dropped > 0) store.notifySpace();
+      return { cleared, dropped };
     },
     /** PRESERVE of blocks [first, end) for kernel epoch `epoch`; an epoch that has ended needs nothing. */
     async preserve(epoch: number, first: number, last: number): Promise<void> {
@@ -300,6 +343,82 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
       await engine.preserveEpochBlocks(first, last);
     },
     preserves: () => preserves,
+  };
+}
+
+/** CREDIT of an attached device, as kernelCredit() uses it. */
+export interface KernelCreditIoctl {
+  /** CREDIT: sets the limit in blocks (-1: none); returns it and the kernel's unasked blocks. */
+  credit(limit: number): { limit: number; unasked: number };
+  /** True once the device is removed. */
+  gone(): boolean;
+}
+
+/**
+ * The budget's policy for what the kernel writes without asking (ULOOP_FEAT_CREDIT). The kernel
+ * writes missing blocks a write covers whole itself (rule 4); they reach the store only at the
+ * next barrier. Its credit bounds them: the blocks pending, handed to a barrier in flight, owned
+ * by writes in flight, lost, or granted by ROOM and not yet taken ("unasked", U) stay within the
+ * limit L, and a write that would pass it sends ROOM and waits.
+ * The store counts U as used (store.outsideBlocks, exact at each CREDIT call, which returns it),
+ * so what the kernel can hold beyond the store's count is L - U. L is a consumable credit of at
+ * most one eviction unit: update() (every look at the kernel) raises it back to one unit only
+ * while the store's count leaves that much room in the budget, and a barrier that records n of the
+ * kernel's blocks present lowers it by n before it is answered (handedOver: U drops by n only at
+ * the answer, so a barrier gives the kernel no room by itself). So the cache file holds at most
+ * the budget plus one unit. Past that a write sends ROOM: room() reserves its blocks as a fill
+ * would (engine.reserveSpace: evict, commit, flush; the write waits meanwhile, back-pressure) and
+ * in one tick raises L by them and counts them as outside as store.release gives the reservation
+ * back (nothing counted twice; the grant is inside the kernel's limit). update() gives back what
+ * L holds beyond max(one unit, U). Without a budget the limit stays off (what ATTACH leaves). The
+ * only other excess: a single write larger than the whole budget (room() grants it the budget's
+ * worth and the kernel takes the rest: requests are bounded).
+ */
+export function kernelCredit(engine: CacheEngine, k: KernelCreditIoctl) {
+  const store = engine.store;
+  const blocks = engine.geometry.blockCount;
+  const share = Math.min(blocks, store.unitBlocks);
+  let limit = 0;
+  /** CREDIT to `want`; the store counts what the kernel holds unasked (+ `extra` about to be granted, - `gone` just recorded). Returns U. */
+  const set = (want: number, extra = 0, gone = 0) => {
+    limit = Math.max(0, Math.min(want, blocks));
+    const r = k.credit(limit);
+    store.outsideBlocks = Math.max(0, r.unasked + extra - gone);
+    return r.unasked;
+  };
+  return {
+    /** The limit now (blocks). */
+    limit: () => limit,
+    /** At attach and at each look at the kernel: the count exact; the limit back to one unit if the budget has room for it, or down to max(one unit, U). */
+    update(): void {
+      if (k.gone()) return;
+      const unasked = set(limit);
+      if (limit < share) {
+        // What the caller's evictAhead frees lets it grow at a later look.
+        const room = store.budgetBlocks - store.usedBlocks - (limit - unasked);
+        if (room > 0) set(limit + Math.min(share - limit, room));
+      } else if (limit > Math.max(share, unasked)) {
+        set(Math.max(share, unasked));
+      }
+    },
+    /** ROOM for `n` blocks: resolves once the budget has room for them and the kernel's limit includes them. */
+    async room(n: number): Promise<void> {
+      const want = Math.min(n, store.budgetBlocks);
+      await engine.reserveSpace(want);
+      try {
+        if (!k.gone()) set(limit + want, want);
+      } finally {
+        store.release(want);
+      }
+    },
+    /** A barrier recorded `n` of the kernel's blocks present (not answered yet): they used up that much of the limit. */
+    handedOver(n: number): void {
+      if (k.gone()) {
+        store.outsideBlocks = Math.max(0, store.outsideBlocks - n);
+        return;
+      }
+      set(limit - n, 0, n);
+    },
   };
 }
 
@@ -395,9 +514,9 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
     }
     if (features.version !== native.ULOOP_ABI_VERSION) throw uloopError('ADD', Object.assign(new Error('EPROTO'), { code: 'EPROTO' }), request);
     const has = (f: number) => (features.features & f) !== 0;
-    if (budgeted && !(has(native.ULOOP_FEAT.EVICT) && has(native.ULOOP_FEAT.ACCESSED))) {
+    if (budgeted && !(has(native.ULOOP_FEAT.EVICT) && has(native.ULOOP_FEAT.ACCESSED) && has(native.ULOOP_FEAT.CREDIT))) {
       throw new ModuleVersionError(
-        `the loaded uloop module cannot evict (no EVICT/ACCESSED), which a cache budget (--cache-size) on ${options.device} needs; rebuild and reload it (make -C kernel), or use /dev/loopN`,
+        `the loaded uloop module cannot keep the cache file within a budget (no EVICT/ACCESSED/CREDIT), which --cache-size on ${options.device} needs; rebuild and reload it (make -C kernel), or use /dev/loopN`,
       );
     }
     existing = queryOrNull(ctl, want);
@@ -467,6 +586,12 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       ...(budgeted
         ? { evict: (first: number, count: number, bits: Buffer) => native.uloopEvict(ctl, first, count, bits), accessed: (first: number, count: number, bits: Buffer) => native.uloopAccessed(ctl, first, count, bits) }
         : {}),
+      ...((features.features & native.ULOOP_FEAT.CLAIM) !== 0
+        ? {
+            claim: (first: number, count: number, bits: Buffer) => native.uloopClaim(ctl, first, count, bits).id,
+            letGo: (id: number, first: number, count: number) => void native.uloopFilled(ctl, id, first, count, Buffer.alloc(Math.ceil(count / 8))),
+          }
+        : {}),
     },
     (line, err) => logger.warn({ err }, line),
   );
@@ -475,17 +600,23 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
     // and the kernel clean (killed between the two commits of an epoch, or an INTENT recorded and
     // never applied, which the kernel sends again) would never be flushed nor evicted.
     try {
-      const n = await epochs.reconcile();
+      const { cleared: n, dropped } = await epochs.reconcile();
       if (n > 0) logger.warn({ blocks: n }, `${device}: ${n} blocks the dead daemon's store held dirty are clean in the kernel (written back, or an intent it sends again): cleared in the store`);
+      if (dropped > 0) logger.warn({ blocks: dropped }, `${device}: ${dropped} blocks the dead daemon's store held present the kernel no longer serves (evicted there): evicted in the store`);
     } catch (err) {
       logger.warn({ err }, `${device}: could not read the kernel's dirty set after re-attaching (${(err as { code?: string }).code ?? (err as Error).message}); blocks dirty only in the store stay dirty until the device is next added`);
     }
   }
+  // With a budget the kernel's unasked whole-block writes are held to a credit (kernelCredit),
+  // set before the first upcall is read (ATTACH lifted the dead daemon's).
+  const credit = budgeted && !options.readOnly ? kernelCredit(engine, { credit: (limit) => native.uloopCredit(ctl, limit), gone: () => removed }) : null;
+  credit?.update();
   const handler = new UpcallHandler({
     engine,
     logger,
     device,
     port: {
+      ...(credit ? { room: (n: number) => credit.room(n), handedOver: (n: number) => credit.handedOver(n) } : {}),
       barrierBlocks(id) {
         const bytes = Math.ceil(blockCount / 8);
         const present = Buffer.alloc(bytes);
@@ -574,9 +705,12 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
     }
     served = n;
     if (budgeted) {
-      // Whole blocks the kernel wrote while missing take cache space the store learns of only at
-      // the next barrier: counted now, and room is made ahead of the next ones.
-      store.outsideBlocks = q.pendingBlocks;
+      // Whole blocks the kernel writes while missing take cache space the store learns of only at
+      // the next barrier: the credit's limit (or what the kernel holds, if more) counts as used,
+      // and room is made ahead. Read-only: nothing is written, pending counts what a dead
+      // writable daemon's kernel still held.
+      if (credit) credit.update();
+      else store.outsideBlocks = q.unaskedBlocks;
       if (!store.failed) engine.evictAhead();
     }
     if (q.error === 0) stickyError = 0;

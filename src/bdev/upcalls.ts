@@ -14,7 +14,7 @@ import type { Extent } from '../cache/layout.js';
 import { InternalError, InvalidArgumentError, ReadOnlyError } from '../errors.js';
 
 /** The kinds of upcall, as the frontend decoded them from its kernel's messages. */
-export type UpcallType = 'miss' | 'intent' | 'barrier' | 'preserve' | 'zero';
+export type UpcallType = 'miss' | 'intent' | 'barrier' | 'preserve' | 'zero' | 'room';
 
 /** One upcall: bytes [offset, offset + length) of the device, block-aligned (the last block may end at the device's end). */
 export interface Upcall {
@@ -39,6 +39,18 @@ export interface UpcallPort {
    * them change. Resolves when the copy is taken (or not needed: the epoch has ended).
    */
   preserve?(epoch: number, first: number, end: number): Promise<void>;
+  /**
+   * room: makes room in the budget for `blocks` more blocks the kernel will write whole while
+   * missing, and raises its credit by them (kernelCredit's room). Absent without a budget: the
+   * answer is then immediate (there is no limit to raise).
+   */
+  room?(blocks: number): Promise<void>;
+  /**
+   * barrier: `blocks` blocks the kernel wrote unasked are recorded in the store now (kernelCredit's
+   * handedOver: they used up that much of its credit). Absent: they are taken off
+   * store.outsideBlocks (the frontend's next look sets the exact count).
+   */
+  handedOver?(blocks: number): void;
 }
 
 export interface UpcallHandlerOptions {
@@ -193,9 +205,16 @@ export class UpcallHandler {
         await store.markDirtyDurable(runs);
         // Counted as held outside the store (the kernel's pending count) until now: present here
         // from now on. The frontend's next look sets the exact count again.
-        if (store.outsideBlocks > 0) store.outsideBlocks -= runs.reduce((n, e) => n + e.count, 0);
+        const handed = runs.reduce((n, e) => n + e.count, 0);
+        if (this.#port.handedOver) this.#port.handedOver(handed);
+        else if (store.outsideBlocks > 0) store.outsideBlocks -= handed;
         return;
       }
+      case 'room':
+        // A write covers missing blocks whole past the kernel's credit (ULOOP_MSG_ROOM): it waits
+        // until the budget has room for them, as a fill waits (evicting, flushing: back-pressure).
+        if (this.#port.room) await this.#port.room(end - first);
+        return;
       case 'preserve': {
         if (!this.#port.preserve) throw new InternalError('a PRESERVE upcall from a device added without ULOOP_F_PRESERVE');
         await this.#port.preserve(u.epoch ?? 0, first, end);

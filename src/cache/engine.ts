@@ -335,6 +335,19 @@ export class CacheEngine {
     this.#evictAhead();
   }
 
+  /**
+   * With a budget: reserves room for `blocks` blocks (an integer, at most the budget) that a
+   * kernel frontend is about to let its kernel write itself, waiting for room as a fill does
+   * (evicting clean units, committing staged fills, asking onSpacePressure for a flush). The
+   * caller gives them back with store.release() in the tick it counts them otherwise (as
+   * store.outsideBlocks). Throws CacheFullError when no flush can make room, EngineClosedError
+   * once closed.
+   */
+  async reserveSpace(blocks: number): Promise<void> {
+    this.#assertOpen();
+    await this.#reserve(blocks);
+  }
+
   async read(offset: number, length: number): Promise<Buffer> {
     this.#assertOpen();
     assertRange(offset, length, this.size);
@@ -624,6 +637,11 @@ export class CacheEngine {
     this.externalEpochs?.commit(cleaned);
     const extents = [...cleaned.runs()];
     this.store.clearFlushed(extents);
+    // A zeroed block materialised during the epoch (a uloop MISS on it: zeros into the cache file,
+    // staged dirty) and not rewritten holds the zeros the disk just got: staged clean now, or its
+    // commit would record it dirty in the store after the kernel cleared it (a block dirty only in
+    // the store: no flush takes it, a budget never evicts it; the uloop model's budget property).
+    if (this.#staged.size > 0) for (const [b, state] of this.#staged) if (state === STAGED_DIRTY && cleaned.get(b)) this.#staged.set(b, STAGED_CLEAN);
     const count = cleaned.count();
     // Clean blocks can be evicted: whoever waits for room may find some now.
     this.store.notifySpace();
@@ -1039,7 +1057,9 @@ export class CacheEngine {
         this.store.release(blocks.length);
         throw err;
       }
-      for (const b of blocks) this.#staged.set(b, STAGED_DIRTY);
+      // Still zeroed: staged dirty. One a flush epoch cleaned while this waited for room (its
+      // zeros are on the disk, the kernel's bit went with it) is a fill of what the disk holds.
+      for (const b of blocks) this.#staged.set(b, this.store.dirty.get(b) ? STAGED_DIRTY : STAGED_CLEAN);
       this.#scheduleCommit();
       this.store.notifySpace();
     } finally {
@@ -1357,7 +1377,7 @@ export class CacheEngine {
   }
 
   /** One eviction: units the clock picks, their clean idle blocks locked, evicted, unlocked. */
-  async #evictUnits(blocks: number): Promise<number> {
+  async #evictUnits(blocks: number, chosen = new Set<number>()): Promise<number> {
     const store = this.store;
     const clock = store.clock;
     if (!clock || blocks <= 0) return 0;
@@ -1381,7 +1401,6 @@ export class CacheEngine {
     // eviction costs would be paid that many more times).
     const units: number[] = [];
     const victims: Extent[] = [];
-    const chosen = new Set<number>();
     let covered = 0;
     while (covered < blocks) {
       const more = clock.pick(
@@ -1418,6 +1437,9 @@ export class CacheEngine {
     }
     for (const u of units) clock.forget(u);
     this.#evicted += evicted;
+    // A kernel frontend kept some (busy, or in a request still preparing: a fill for it would be
+    // undone): other units, not these again, for the rest.
+    if (this.externalEpochs?.evict && evicted < locked.length && evicted < blocks) return evicted + (await this.#evictUnits(blocks - evicted, chosen));
     return evicted;
   }
 

@@ -159,6 +159,12 @@ export class CacheStore {
   #presentCount: number;
   #reserved = 0;
   #punching = 0;
+  /**
+   * Blocks a failed punch left allocated: still held in the cache file (counted as used) but no
+   * longer on their way back, so a wait for room does not wait for them (it would never end).
+   * The next open's leftover punch frees them.
+   */
+  #leaked = 0;
   #outside = 0;
   #spaceListeners: (() => void)[] = [];
 
@@ -781,7 +787,7 @@ export class CacheStore {
 
   /** Blocks the cache file may hold now: present, reserved, being punched and held outside. */
   get usedBlocks(): number {
-    return this.#presentCount + this.#reserved + this.#punching + this.#outside;
+    return this.#presentCount + this.#reserved + this.#punching + this.#leaked + this.#outside;
   }
 
   /**
@@ -935,7 +941,8 @@ export class CacheStore {
       leaked = true;
       throw ioError('punch a hole in', this.paths.cache, err);
     } finally {
-      if (!leaked) this.#punching -= blocks;
+      this.#punching -= blocks;
+      if (leaked) this.#leaked += blocks;
       this.#spaceChanged();
     }
   }

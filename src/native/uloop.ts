@@ -73,6 +73,11 @@ export interface UloopInfo {
   logicalBlockSize: number;
   physicalBlockSize: number;
   unitShift: number;
+  /** ULOOP_FEAT_CREDIT: blocks written whole while missing that no barrier handed over yet
+   * (pending, taken by the barrier in flight, owned by writes in flight, lost). */
+  unaskedBlocks: number;
+  /** ULOOP_FEAT_CREDIT: CREDIT's limit in blocks, -1 when none is set. */
+  creditLimit: number;
 }
 
 /** The #defines and enum values of uloop.h, as the addon was compiled against them. */
@@ -98,6 +103,7 @@ interface UloopAbi {
   FEAT_PARTITIONS: number;
   FEAT_SECTOR_SIZE: number;
   FEAT_REPLY_CHECK: number;
+  FEAT_CREDIT: number;
   STATE_EPOCH_OPEN: number;
   STATE_EPOCH_FAILED: number;
   STATE_SCANNING: number;
@@ -106,6 +112,7 @@ interface UloopAbi {
   MSG_BARRIER: number;
   MSG_PRESERVE: number;
   MSG_ZERO: number;
+  MSG_ROOM: number;
   MSG_F_DISCARD: number;
   MSG_F_NOUNMAP: number;
 }
@@ -138,6 +145,7 @@ interface UloopBinding {
   uloopClearError(fd: number, dropped: Uint8Array): { error: number; dropped: number };
   uloopBlocks(fd: number, op: number, first: number, count: number, bits: Uint8Array, id: number): { done: number; id: number };
   uloopReply(fd: number, id: number, error: number): void;
+  uloopCredit(fd: number, limit: number, on: boolean): { limit: number; unasked: number };
   uloopWatch(fd: number, cb: OnMessages): object;
   uloopUnwatch(handle: object): void;
 }
@@ -176,6 +184,7 @@ export const ULOOP_FEAT = {
   PARTITIONS: abi.FEAT_PARTITIONS,
   SECTOR_SIZE: abi.FEAT_SECTOR_SIZE,
   REPLY_CHECK: abi.FEAT_REPLY_CHECK,
+  CREDIT: abi.FEAT_CREDIT,
 } as const;
 /** uloop_info.state bits. */
 export const ULOOP_STATE = { EPOCH_OPEN: abi.STATE_EPOCH_OPEN, EPOCH_FAILED: abi.STATE_EPOCH_FAILED, SCANNING: abi.STATE_SCANNING } as const;
@@ -189,6 +198,8 @@ export const ULOOP_MSG_BARRIER = abi.MSG_BARRIER;
 export const ULOOP_MSG_PRESERVE = abi.MSG_PRESERVE;
 /** Record the blocks durably as dirty zeros. */
 export const ULOOP_MSG_ZERO = abi.MSG_ZERO;
+/** Make room for the missing blocks a write covers whole past CREDIT's limit. */
+export const ULOOP_MSG_ROOM = abi.MSG_ROOM;
 /** ZERO from a DISCARD (else WRITE_ZEROES) / the caller asked to keep the space. */
 export const ULOOP_MSG_F_DISCARD = abi.MSG_F_DISCARD;
 export const ULOOP_MSG_F_NOUNMAP = abi.MSG_F_NOUNMAP;
@@ -268,6 +279,18 @@ export function uloopQuery(fd: number, index: number): UloopInfo {
   validateFd(fd);
   validateInteger(index, 'index', 0, MAX_INDEX + 1);
   return binding.uloopQuery(fd, index);
+}
+
+/**
+ * CREDIT (ULOOP_FEAT_CREDIT): at most `limit` blocks (an integer >= 0) written whole while missing
+ * without asking; past it a write sends a ROOM upcall first. `limit` -1 lifts the limit. Returns
+ * the limit now set (-1: none) and the kernel's unasked blocks. NativeError EINVAL: a limit above
+ * the device's blocks.
+ */
+export function uloopCredit(fd: number, limit: number): { limit: number; unasked: number } {
+  validateFd(fd);
+  validateInteger(limit, 'limit', -1, MAX_BLOCK);
+  return binding.uloopCredit(fd, Math.max(0, limit), limit >= 0);
 }
 
 /** BARRIER_BITS: the present and dirty bits barrier `id` carries, into the two buffers. */

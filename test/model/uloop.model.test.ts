@@ -45,7 +45,8 @@ describe('uloop protocol model with ULOOP_F_ZERO: 8 x 4096 B blocks', () => {
 // A cache budget (--cache-size) on /dev/uloopN: 4 blocks of budget in units of 1 over an 8-block
 // disk, with ULOOP_F_ZERO, ULOOP_F_ACCESSED and EVICT, evictions interleaved with everything else,
 // power losses and daemon kills at every persistence point. After every step: no present bit over
-// a hole, and no block dirty in the store and clean in the kernel (expectStoreDirtyInKernel).
+// a hole, no block dirty in the store and clean in the kernel (expectStoreDirtyInKernel), and the
+// cache file within the budget plus one unit (expectSpaceBound: the kernel's credit, ROOM).
 const BUDGET_CONFIG = { blockSize: 4096, blocks: 8, tail: 0, zero: true, budgetBlocks: 4, unitBlocks: 1 };
 
 const BUDGET_CASES: Record<string, UloopModelCase> = {
@@ -61,19 +62,100 @@ const BUDGET_CASES: Record<string, UloopModelCase> = {
       { crash: 'daemon', after: 6, op: { kind: 'writeback-racing', sector: 0, count: 8, split: 0 } },
     ],
   },
+  // A read of blocks 2..5 (the whole budget) with blocks 0..2 dirty (step 6): each fill evicted the
+  // block the previous fill had made present for the same read, which was not yet in flight, and
+  // the read asked again, for ever (the event loop busy, no timeout fired). EVICT now leaves the
+  // blocks of a request still preparing (uloop_prepare; the model kernel the same), so the daemon
+  // finds nothing to evict, flushes (budget), and evicts the cleaned blocks. Planted
+  // (ULOB_MODEL_EVICT_PREPARING=1): hangs again.
+  'a read as large as the budget less the dirty data flushes instead of evicting its own fills': {
+    seed: 994401209,
+    steps: [
+      { op: { kind: 'flush' } },
+      { crash: 'power', after: 6, op: { kind: 'write', sector: 28, count: 16, fua: true } },
+      { op: { kind: 'write', sector: 2, count: 20, fua: false } },
+      { crash: 'daemon', after: 1, op: { kind: 'read', sector: 29, count: 4 } },
+      { op: { kind: 'read', sector: 21, count: 9 } },
+      { op: { kind: 'read', sector: 21, count: 24 } },
+      { op: { kind: 'flush' } },
+      { op: { kind: 'zero', sector: 4, count: 16 } },
+      { op: { kind: 'read', sector: 3, count: 12 } },
+      { crash: 'daemon', after: 6, op: { kind: 'write', sector: 56, count: 22, fua: true } },
+    ],
+  },
+  // A daemon killed inside an eviction, after the kernel's EVICT and before the store's: the
+  // store kept the blocks present, the kernel refused to EVICT them again (not present there),
+  // and every miss failed ('flushes free nothing', EIO). The re-attach's reconcile finds them
+  // with CLAIM and evicts them in the store. Planted (ULOB_MODEL_NO_PRESENT_RECONCILE=1): 'EIO:
+  // miss failed (-5)'.
+  'a daemon killed inside an eviction leaves no block present only in the store': {
+    seed: 1,
+    steps: [
+      { crash: 'power', after: 0, op: { kind: 'read', sector: 0, count: 1 } },
+      { crash: 'daemon', after: 0, op: { kind: 'evict', blocks: 3 } },
+    ],
+  },
+  // A MISS on a zeroed block waited for room while a budget flush wrote its zeros and cleaned it
+  // on both sides; its materialised zeros were then committed dirty in the store only (dirty in
+  // the store and clean in the kernel). engine.#materialize stages such a block clean now.
+  'a zeroed block materialised while a budget flush cleans it is not left dirty in the store only': {
+    seed: 1,
+    steps: [
+      { op: { kind: 'zero', sector: 14, count: 19 } },
+      { op: { kind: 'write', sector: 0, count: 1, fua: false } },
+      { crash: 'power', after: 0, op: { kind: 'write', sector: 0, count: 1, fua: false } },
+    ],
+  },
+  // Whole missing blocks written by the kernel without asking (rule 4) past the budget: the
+  // kernel's credit (CREDIT, ROOM; kernelCredit's policy) keeps the cache file within the budget
+  // plus one unit. Planted (ULOB_MODEL_NO_CREDIT=1, or the daemon never setting the limit): 'the
+  // cache file holds 6 blocks, over the budget of 4 plus one unit of 1'.
+  'whole-block writes past the budget wait for ROOM: the cache file stays within the budget plus one unit': {
+    seed: 1,
+    steps: [
+      { crash: 'power', after: 0, op: { kind: 'evict', blocks: 1 } },
+      { op: { kind: 'write', sector: 7, count: 18, fua: false } },
+    ],
+  },
+  // A punch that failed (a power crash at it) left its blocks counted as being punched for ever:
+  // the MISS of blocks 0..2 waited for room on them, and the run never ended (the property's 20 s
+  // timeout). Planted (store.#punch keeping failed blocks in #punching): times out.
+  'a failed punch does not leave a fill waiting for room for ever': {
+    seed: 1,
+    steps: [
+      { op: { kind: 'read', sector: 20, count: 5 } },
+      { crash: 'daemon', after: 0, op: { kind: 'flush' } },
+      { crash: 'power', after: 11, op: { kind: 'read', sector: 5, count: 12 } },
+    ],
+  },
+  // The kernel refused to EVICT the clock's victims (in a request still preparing) and the engine
+  // tried no other unit: the write's ROOM found 'flushes free nothing' and failed (EIO). An
+  // eviction the kernel cut short now goes on with other units. Planted (no retry): 'EIO: room
+  // failed (-5)'.
+  'an eviction the kernel refuses in part goes on with other units': {
+    seed: 1,
+    steps: [
+      { op: { kind: 'writeback-racing', sector: 30, count: 18, split: 0 } },
+      { op: { kind: 'write', sector: 9, count: 16, fua: false } },
+    ],
+  },
+  // A ZERO the killed daemon never answered: the kernel holds its blocks and sends it to the next
+  // daemon (the model kernel now does: reissueZero), so they are not served over the punched hole.
+  'a ZERO cut by a daemon kill is sent again to the next daemon': {
+    seed: 1,
+    steps: [
+      { op: { kind: 'write', sector: 8, count: 1, fua: false } },
+      { crash: 'daemon', after: 5, op: { kind: 'zero', sector: 0, count: 24 } },
+    ],
+  },
 };
 
 describe('uloop protocol model with a cache budget: 4 of 8 x 4096 B blocks', () => {
   for (const [name, c] of Object.entries(BUDGET_CASES)) it(name, () => runUloopModel(BUDGET_CONFIG, c), 60_000);
 
-  // No property test here yet: the budget property (assertUloopModel(BUDGET_CONFIG, RUNS)) hangs
-  // (the event loop stays busy, so no timeout fires) within its first runs on a case that hangs the same way without this branch's changes (ubudget7, 07:17; also
-  // with the old refusal of a budget below the dirty data): the run below. It hangs in its 6th step,
-  // a read of blocks 2..5 (the whole budget of 4) with blocks 0..2 dirty: the model kernel's
-  // prepare loop fills one block, the fill of the next evicts it, and so on (a request is not in
-  // flight, so not safe from EVICT, until its last pass), all in microtasks. The real kernel's
-  // uloop_prepare has the same loop: a request needing more blocks than the budget less the dirty
-  // data can livelock until a flush cleans some. Add the property once that is settled (the budget
-  // on /dev/uloopN stays refused until then: docs/design.md).
-  //   {"seed": 994401209, "steps": [{"op": {"kind": "flush"}}, {"crash": "power", "after": 6, "op": {"kind": "write", "sector": 28, "count": 16, "fua": true}}, {"op": {"kind": "write", "sector": 2, "count": 20, "fua": false}}, {"crash": "daemon", "after": 1, "op": {"kind": "read", "sector": 29, "count": 4}}, {"op": {"kind": "read", "sector": 21, "count": 9}}, {"op": {"kind": "read", "sector": 21, "count": 24}}, {"op": {"kind": "flush"}}, {"op": {"kind": "zero", "sector": 4, "count": 16}}, {"op": {"kind": "read", "sector": 3, "count": 12}}, {"crash": "daemon", "after": 6, "op": {"kind": "write", "sector": 56, "count": 22, "fua": true}}]}
+  // The property (assertUloopModel(BUDGET_CONFIG, RUNS): invariants 1-4 and 7, no present bit over
+  // a hole, the cache file within the budget plus one unit after every step) found every named
+  // case above, and passes at ULOB_TEST_SCALE's default share (8 s, 15 s). Not in the suite yet:
+  // a run of 1000 at ULOB_TEST_SCALE=1 (room8, 11:54) went idle for minutes (4 % CPU), so it found
+  // another wait that never ends, not yet known. Add it once a full run passes.
 });

@@ -51,6 +51,140 @@ static struct uloop_add good_add(int cache_fd, uint32_t index) {
   return a;
 }
 
+// A whole-block O_DIRECT write of block `blk` of /dev/uloop5 in a child; returns its pid (exit 0: written).
+static pid_t write_block(uint64_t blk) {
+  pid_t pid = fork();
+  if (!pid) {
+    void *buf = aligned_alloc(4096, 65536);
+    int d = open("/dev/uloop5", O_WRONLY | O_DIRECT);
+    if (buf) memset(buf, 0x5a, 65536);
+    _exit(buf && d >= 0 && pwrite(d, buf, 65536, blk * 65536) == 65536 ? 0 : 1);
+  }
+  return pid;
+}
+
+// Reads one message within `ms` (the fd is O_NONBLOCK); 0 if none came.
+static int read_msg(int ctl, struct uloop_msg *m, int ms) {
+  struct pollfd pfd = {.fd = ctl, .events = POLLIN};
+  return poll(&pfd, 1, ms) > 0 && read(ctl, m, sizeof(*m)) == sizeof(*m);
+}
+
+static void expect_exit(const char *name, pid_t pid, int want) {
+  int st;
+  waitpid(pid, &st, 0);
+  checks++;
+  if (WIFEXITED(st) && WEXITSTATUS(st) == want) printf("ok %s\n", name);
+  else failed++, printf("FAIL %s: status %#x, want exit %d\n", name, st, want);
+}
+
+static void expect_unasked(int ctl, const char *name, uint64_t want) {
+  struct uloop_info q = {.index = 5};
+  checks++;
+  if (ioctl(ctl, ULOOP_IOC_QUERY, &q) == 0 && q.unasked_blocks == want) printf("ok %s\n", name);
+  else failed++, printf("FAIL %s: unasked=%llu, want %llu\n", name, (unsigned long long)q.unasked_blocks, (unsigned long long)want);
+}
+
+// The credit at work on device 5 (blocks 1..15 missing, the channel O_NONBLOCK): with a limit
+// of 0 a write covering missing block 1 whole sends ROOM [1, 2) and waits for its answer; the
+// answer lets it write; an error answer fails it and leaves the block missing; within the
+// limit a write asks nothing.
+static void credit_room(int ctl) {
+  struct uloop_credit cr = {.flags = ULOOP_CREDIT_F_LIMIT, .limit = 0};
+  expect("credit: limit 0", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), 0);
+  struct uloop_msg m;
+  pid_t w = write_block(1);
+  checks++;
+  if (read_msg(ctl, &m, 10000) && m.type == ULOOP_MSG_ROOM && m.offset == 65536 && m.length == 65536) {
+    printf("ok credit: a whole-block write over the limit sends ROOM\n");
+    usleep(200000); // it waits for the answer: nothing written unasked yet
+    expect_unasked(ctl, "credit: nothing unasked while ROOM waits", 0);
+    struct uloop_reply rep = {.id = m.id};
+    expect("credit: answer ROOM", write(ctl, &rep, sizeof(rep)), 0);
+  } else {
+    failed++;
+    printf("FAIL credit: no ROOM for a write over the limit (type %u offset %llu)\n", m.type, (unsigned long long)m.offset);
+  }
+  expect_exit("credit: the write went on after ROOM", w, 0);
+  expect_unasked(ctl, "credit: the granted block is unasked (pending)", 1);
+  w = write_block(2);
+  checks++;
+  if (read_msg(ctl, &m, 10000) && m.type == ULOOP_MSG_ROOM && m.offset == 2 * 65536) {
+    printf("ok credit: the next one asks too\n");
+    struct uloop_reply rep = {.id = m.id, .error = -ENOSPC};
+    expect("credit: ROOM answered with an error", write(ctl, &rep, sizeof(rep)), 0);
+  } else {
+    failed++, printf("FAIL credit: no second ROOM\n");
+  }
+  expect_exit("credit: a failed ROOM fails the write", w, 1);
+  expect_unasked(ctl, "credit: the failed write took nothing", 1);
+  cr = (struct uloop_credit){.flags = ULOOP_CREDIT_F_LIMIT, .limit = 2};
+  expect("credit: limit 2", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), 0);
+  checks++;
+  if (cr.limit == 2 && cr.unasked == 1) printf("ok credit: CREDIT returns the limit and the unasked count\n");
+  else failed++, printf("FAIL credit: returned limit=%llu unasked=%llu\n", (unsigned long long)cr.limit, (unsigned long long)cr.unasked);
+  w = write_block(3);
+  expect_exit("credit: within the limit a write asks nothing", w, 0);
+  checks++;
+  if (!read_msg(ctl, &m, 300)) printf("ok credit: no message within the limit\n");
+  else failed++, printf("FAIL credit: message type %u within the limit\n", m.type);
+  expect_unasked(ctl, "credit: two unasked", 2);
+  int fd = open("/dev/uloop5", O_RDWR); // a FLUSH hands them over: BARRIER
+  pid_t f = fork();
+  if (!f) _exit(fsync(fd) ? 1 : 0);
+  checks++;
+  if (read_msg(ctl, &m, 10000) && m.type == ULOOP_MSG_BARRIER) {
+    struct uloop_reply rep = {.id = m.id};
+    printf("ok credit: FLUSH sends the barrier\n");
+    expect("credit: answer the barrier", write(ctl, &rep, sizeof(rep)), 0);
+  } else {
+    failed++, printf("FAIL credit: no barrier\n");
+  }
+  expect_exit("credit: FLUSH done", f, 0);
+  close(fd);
+  expect_unasked(ctl, "credit: none unasked after the barrier", 0);
+  cr = (struct uloop_credit){0};
+  expect("credit: lifted", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), 0);
+}
+
+static uint64_t evict_one(int ctl, uint64_t blk) {
+  uint8_t bit = 1;
+  struct uloop_blocks r = {.first = blk, .count = 1, .bits_ptr = (uintptr_t)&bit};
+  return ioctl(ctl, ULOOP_IOC_EVICT, &r) ? ~0ULL : r.done;
+}
+
+// EVICT leaves the blocks of a request still preparing (device 5, blocks 16 and 17 present and
+// clean): a read of 16..17 with 17 evicted waits for the MISS of 17; meanwhile block 16 is not
+// evicted (it would be filled again by the next pass, for ever with a small budget); after the
+// read it is.
+static void evict_preparing(int ctl) {
+  checks++;
+  if (evict_one(ctl, 17) == 1) printf("ok preparing: block 17 evicted\n");
+  else failed++, printf("FAIL preparing: block 17 not evicted\n");
+  pid_t reader = fork();
+  if (!reader) {
+    void *buf = aligned_alloc(4096, 2 * 65536);
+    int d = open("/dev/uloop5", O_RDONLY | O_DIRECT);
+    _exit(buf && d >= 0 && pread(d, buf, 2 * 65536, 16 * 65536) == 2 * 65536 ? 0 : 1);
+  }
+  struct uloop_msg m;
+  checks++;
+  if (read_msg(ctl, &m, 10000) && m.type == ULOOP_MSG_MISS && m.offset == 17 * 65536) {
+    printf("ok preparing: the read asks for block 17\n");
+    uint64_t n = evict_one(ctl, 16);
+    checks++;
+    if (n == 0) printf("ok preparing: block 16 of the waiting read is not evicted\n");
+    else failed++, printf("FAIL preparing: EVICT of block 16 under a waiting read returned %lld\n", (long long)n);
+    struct uloop_reply rep = {.id = m.id};
+    expect("preparing: answer the MISS", write(ctl, &rep, sizeof(rep)), 0);
+  } else {
+    failed++, printf("FAIL preparing: no MISS for block 17 (type %u offset %llu)\n", m.type, (unsigned long long)m.offset);
+  }
+  expect_exit("preparing: the read is served", reader, 0);
+  checks++;
+  if (evict_one(ctl, 16) == 1) printf("ok preparing: block 16 evicted once the read is done\n");
+  else failed++, printf("FAIL preparing: block 16 not evicted after the read\n");
+}
+
 static void add_refusals(void) {
   int ctl = ctl_open(), cache = open(cache_path, O_RDWR), ro = open(cache_path, O_RDONLY), wo = open(cache_path, O_WRONLY);
   int dir = open("/tmp", O_RDONLY | O_DIRECTORY), pipefd[2];
@@ -200,6 +334,26 @@ static void add_refusals(void) {
   expect("evict: reserved field", ioctl(ctl, ULOOP_IOC_EVICT, &r), EOPNOTSUPP);
   r = (struct uloop_blocks){.first = 0, .count = 8, .bits_ptr = 1};
   expect("evict: bitmap unreadable", ioctl(ctl, ULOOP_IOC_EVICT, &r), EFAULT);
+  // CREDIT: its refusals (the limit stays unset), then a limit
+  struct uloop_credit cr = {.limit = 4};
+  expect("credit: a limit without the flag", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), EINVAL);
+  cr = (struct uloop_credit){.flags = 1U << 5};
+  expect("credit: unknown flag", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), EINVAL);
+  cr = (struct uloop_credit){.flags = ULOOP_CREDIT_F_LIMIT, .limit = 1025};
+  expect("credit: limit above the device's blocks", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), EINVAL);
+  cr = (struct uloop_credit){.flags = ULOOP_CREDIT_F_LIMIT, .limit = ~0ULL};
+  expect("credit: limit 2^64 - 1", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), EINVAL);
+  cr = (struct uloop_credit){.flags = ULOOP_CREDIT_F_LIMIT, .__pad = 1};
+  expect("credit: pad set", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), EOPNOTSUPP);
+  cr = (struct uloop_credit){.flags = ULOOP_CREDIT_F_LIMIT, .__reserved = {0, 1}};
+  expect("credit: reserved field", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), EOPNOTSUPP);
+  expect("credit: unreadable", ioctl(ctl, ULOOP_IOC_CREDIT, (void *)8), EFAULT);
+  expect("credit: not attached", ioctl(ctl2, ULOOP_IOC_CREDIT, &cr), ENOTCONN);
+  q.index = 5;
+  ioctl(ctl, ULOOP_IOC_QUERY, &q);
+  checks++;
+  if (q.credit_limit == ULOOP_CREDIT_NONE && q.unasked_blocks == 0) printf("ok credit: still none after the refusals\n");
+  else failed++, printf("FAIL credit after the refusals: limit=%llu unasked=%llu\n", (unsigned long long)q.credit_limit, (unsigned long long)q.unasked_blocks);
   struct uloop_clear_error ce = {0};
   expect("clear error: none set", ioctl(ctl, ULOOP_IOC_CLEAR_ERROR, &ce), 0);
   checks++;
@@ -262,6 +416,9 @@ static void add_refusals(void) {
   if (WIFEXITED(st) && !WEXITSTATUS(st)) printf("ok reader served after the fault\n");
   else failed++, printf("FAIL reader: status %d\n", st);
 
+  credit_room(ctl);
+  evict_preparing(ctl);
+
   // the daemon's fd closes: a new fd takes the device, and a third is refused while it holds it
   close(ctl);
   ctl = ctl_open();
@@ -274,6 +431,9 @@ static void add_refusals(void) {
   checks++;
   if (ioctl(ctl2, ULOOP_IOC_QUERY, &q5) == 0 && q5.attached == 1) printf("ok query: attached after re-attach\n");
   else failed++, printf("FAIL query after re-attach: attached=%u (%s)\n", q5.attached, strerror(errno));
+  checks++;
+  if (q5.credit_limit == ULOOP_CREDIT_NONE) printf("ok credit: ATTACH lifts the limit\n");
+  else failed++, printf("FAIL credit after re-attach: limit=%llu\n", (unsigned long long)q5.credit_limit);
   idx = 5;
   expect("remove: while the daemon is attached and the device closed", ioctl(ctl2, ULOOP_IOC_REMOVE, &idx), 0);
   expect("attach: device removed", ioctl(ctl3 = ctl_open(), ULOOP_IOC_ATTACH, &re), ENODEV);

@@ -5,14 +5,14 @@
 //  - ext4's zeroout: mkfs with lazy inode-table init and a mount with init_itable=0 send
 //    WRITE_ZEROES (ZERO upcalls); fsck is clean;
 //  - --cache-size on /dev/uloopN is refused to users (one line, exit 1, nothing added, no cache
-//    file): the kernel writes new blocks past the budget (see below) and the uloop model's budget
-//    property hangs on a case not understood yet;
+//    file): the uloop model's budget property still finds a run that never ends (docs/design.md);
 //  - with ULOB_UNSAFE_ULOOP_BUDGET=1 (development only) --cache-size 16M over a 128 MiB disk:
 //    ext4 on /dev/uloop0, a 48 MiB file copied in (cp, sync)
 //    and 4 files of 4 MiB written with fsync; all read back equal (sha256) after drop_caches, and
 //    again after kill -9 of the daemon, the same command (re-attach) and drop_caches; fio verify
 //    writes a file while the files are read back at the same time; the cache file's st_blocks,
-//    sampled every 0.5 s while a daemon runs, stays within the budget plus slack; a budget flush
+//    sampled every 0.5 s while a daemon runs (before the kill and after the re-attach), never
+//    passes the budget plus 512 KiB (the kernel's credit: CREDIT, ROOM); a budget flush
 //    ran and blocks were evicted; after unmount and flush the device equals the disk, detach, and
 //    fsck of the bare disk is clean.
 // A planted bug each of these caught is named in the report of the branch that added the test.
@@ -22,14 +22,12 @@ import { expectCleanKernel } from './uloop-tools.js';
 
 const MiB = 1 << 20;
 const BUDGET = 16 * MiB;
-/** The largest write burst of the budget run: cp of a 48 MiB file. */
-const BURST = 48 * MiB;
 let run: VmResult;
 /**
  * The budget run is development only, like the budget on /dev/uloopN itself (refused to users,
- * docs/design.md): it needs ULOB_UNSAFE_ULOOP_BUDGET=1 in the test's environment. In make test it
- * failed on the overshoot that keeps the refusal (clean-clone run cc7b: 16.56 MiB left in the cache
- * file over a 16 MiB budget + 64 KiB), so it does not run there.
+ * docs/design.md): it needs ULOB_UNSAFE_ULOOP_BUDGET=1 in the test's environment. (Before the
+ * kernel's credit it failed in make test on the overshoot: clean-clone run cc7b, 16.56 MiB left in
+ * the cache file over a 16 MiB budget + 64 KiB.)
  */
 const DEV_BUDGET = process.env.ULOB_UNSAFE_ULOOP_BUDGET === '1';
 const BUDGET_RUN = `
@@ -41,7 +39,8 @@ const BUDGET_RUN = `
     $B > /dev/null || echo "budget attach FAILED"
     mkfs.ext4 -q -b 4096 -E nodiscard $D && mount $D /tmp/m || echo "budget mkfs/mount FAILED"
     touch /tmp/go
-    # st_blocks every 0.5 s, tagged 'live' while a daemon runs, 'dead' from the kill to the re-attach.
+    # st_blocks every 0.5 s, tagged 'live' while the first daemon runs, 'dead' from the kill to the
+    # re-attach, 'again' once the second daemon runs.
     echo live > /tmp/phase
     ( while [ -e /tmp/go ]; do echo "$(cat /tmp/phase) $(stat -c %b /tmp/b.cache)"; sleep 0.5; done > /tmp/blocks ) &
     S=$!
@@ -56,7 +55,7 @@ const BUDGET_RUN = `
     echo dead > /tmp/phase; kill -9 $(pid)
     k=0; while q | grep -q ' attached=1 ' && [ $k -lt 600 ]; do sleep 0.05; k=$((k+1)); done
     $B > /tmp/reattach.out 2>&1 && echo "re-attached after kill -9" || { echo "re-attach FAILED"; cat /tmp/reattach.out; }
-    echo live > /tmp/phase
+    echo again > /tmp/phase
     echo 3 > /proc/sys/vm/drop_caches
     (cd /tmp/m && sha256sum -c --quiet /tmp/sums) && echo "checksums equal after kill -9 and re-attach" || echo "checksums FAILED after re-attach"
     # fio verify writes while the files are read back (misses, evictions and hits racing writes).
@@ -66,7 +65,7 @@ const BUDGET_RUN = `
         --verify=crc32c --verify_fatal=1 --do_verify=1 --output=/tmp/fio.out > /dev/null 2>&1 && echo "fio verify passed" || { echo "fio FAILED"; grep -i -m5 'verify\|error\|err=' /tmp/fio.out; }
     wait $RD && echo "concurrent readers equal" || { echo "concurrent readers FAILED"; head -5 /tmp/readers.out; }
     rm /tmp/go; wait $S || true
-    echo "max st_blocks live: $(sed -n 's/^live //p' /tmp/blocks | sort -n | tail -1) dead: $(sed -n 's/^dead //p' /tmp/blocks | sort -n | tail -1) samples: $(wc -l < /tmp/blocks)"
+    echo "max st_blocks live: $(sed -n 's/^live //p' /tmp/blocks | sort -n | tail -1) dead: $(sed -n 's/^dead //p' /tmp/blocks | sort -n | tail -1) again: $(sed -n 's/^again //p' /tmp/blocks | sort -n | tail -1) samples: $(wc -l < /tmp/blocks)"
     echo "st_blocks over time: $(awk '{printf "%s:%d ", substr($1,1,1), $2*512/1048576}' /tmp/blocks)"
     grep -q '"reason":"budget"' $LOG && echo "a budget flush ran"
     umount /tmp/m && echo "budget fs unmounted"
@@ -164,23 +163,17 @@ describe('zeroes and a cache budget on /dev/uloopN', () => {
     // The numbers for the record (the run's output is dropped when it passes).
     console.log(run.output.split('\n').filter((l) => /^(max st_blocks|st_blocks|status:)/.test(l)).join('\n'), `\nguest run ${run.ms} ms`);
     const live = Number(/max st_blocks live: (\d+)/.exec(run.output)?.[1]) * 512;
+    const again = Number(/max st_blocks .* again: (\d+)/.exec(run.output)?.[1]) * 512;
     expect(live, timeline).toBeGreaterThan(0);
     // The kernel writes whole missing blocks without asking the daemon (rule 4: cp's 48 MiB of new
-    // blocks, ext4's journal): the daemon counts them at its next look (200 ms) and can give the
-    // room back only once a FLUSH hands them over and a budget flush cleans them. Nothing bounds
-    // that burst but the writer (the first run: 55 MiB at the peak over a 16 MiB budget, back at
-    // 16 MiB 3 s later). So: the peak within the budget plus the largest burst (the cp) plus slack,
-    // and never more than 15 s (30 samples) in a row above the budget plus slack.
-    const slack = BUDGET / 32 + 6 * MiB;
-    expect(live, `${timeline}\n${run.output}`).toBeLessThanOrEqual(BUDGET + BURST + slack);
-    let run0 = 0;
-    let longest = 0;
-    for (const t of timeline.trim().split(' ')) {
-      const [phase, mib] = t.split(':');
-      run0 = phase === 'l' && Number(mib) * MiB > BUDGET + slack ? run0 + 1 : 0;
-      longest = Math.max(longest, run0);
-    }
-    expect(longest, timeline).toBeLessThanOrEqual(30);
+    // blocks, ext4's journal) only within its credit (CREDIT, kernelCredit in src/bdev/uloop.ts):
+    // past it each write waits for ROOM, which the daemon answers once it has made room (the first
+    // run without the credit saw 55 MiB over the 16 MiB budget). So the cache file stays within the
+    // budget plus one eviction unit (256 KiB) at every sample while a daemon runs, before the kill
+    // and after the re-attach; slack for the sampling: BUDGET / 32 (512 KiB).
+    const slack = BUDGET / 32;
+    expect(live, `${timeline}\n${run.output}`).toBeLessThanOrEqual(BUDGET + slack);
+    expect(again, `${timeline}\n${run.output}`).toBeLessThanOrEqual(BUDGET + slack);
     const st = Object.fromEntries((/^status: (.*)$/m.exec(run.output)?.[1] ?? '').split(' ').map((kv) => [kv.split('=')[0], Number(kv.split('=')[1])]));
     expect(st.budgetBytes).toBe(BUDGET);
     expect(st.evictedBytes).toBeGreaterThan(0);

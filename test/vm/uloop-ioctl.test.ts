@@ -2,7 +2,9 @@
 // refusal has its own errno and one line in the kernel log, changes nothing, and leaves no splat;
 // a message read into an unwritable buffer is read again; replies to ids that are not
 // outstanding are refused; REMOVE is refused while the device is open; ADD, REMOVE, ATTACH, QUERY
-// and opens of the device racing for seconds give only the expected errnos.
+// and opens of the device racing for seconds give only the expected errnos. CREDIT: its refusals,
+// and a limit at work (ROOM before a whole-block write past it, nothing asked within it); EVICT
+// leaves the blocks of a request still preparing.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { expectCleanKernel, prepareVm, runInVm, TCG_STARVATION, type VmResult } from '../support/vm.js';
 import { buildTool } from './uloop-tools.js';
@@ -53,6 +55,43 @@ describe('uloop.ko ioctls with bad input', () => {
     ])
       expect(run.output).toContain(l);
     expect(run.dmesg).toMatch(/uloop: ATTACH refused: uloop5 has a daemon attached \(-EBUSY\)/);
+  });
+  it('CREDIT: refusals, then a limit that makes whole-block writes over it ask ROOM first', () => {
+    for (const l of [
+      'ok credit: a limit without the flag',
+      'ok credit: unknown flag',
+      'ok credit: limit above the device\'s blocks',
+      'ok credit: limit 2^64 - 1',
+      'ok credit: pad set',
+      'ok credit: reserved field',
+      'ok credit: unreadable',
+      'ok credit: not attached',
+      'ok credit: still none after the refusals',
+      'ok credit: a whole-block write over the limit sends ROOM',
+      'ok credit: nothing unasked while ROOM waits',
+      'ok credit: the write went on after ROOM',
+      'ok credit: the granted block is unasked (pending)',
+      'ok credit: a failed ROOM fails the write',
+      'ok credit: the failed write took nothing',
+      'ok credit: CREDIT returns the limit and the unasked count',
+      'ok credit: within the limit a write asks nothing',
+      'ok credit: no message within the limit',
+      'ok credit: none unasked after the barrier',
+      'ok credit: ATTACH lifts the limit',
+    ])
+      expect(run.output).toContain(l);
+    expect(run.dmesg).toMatch(/uloop5: CREDIT refused: limit 1025 is above the device's 1024 blocks \(-EINVAL\)/);
+    expect(run.dmesg).toMatch(/uloop5: room at 131072\+65536 failed: -28/);
+  });
+  it('EVICT leaves the blocks of a request still preparing', () => {
+    for (const l of [
+      'ok preparing: block 17 evicted',
+      'ok preparing: the read asks for block 17',
+      'ok preparing: block 16 of the waiting read is not evicted',
+      'ok preparing: the read is served',
+      'ok preparing: block 16 evicted once the read is done',
+    ])
+      expect(run.output).toContain(l);
   });
   it('serves a request whose message was read into a faulting buffer', () => {
     expect(run.output).toContain('ok read: the faulted message is read again');

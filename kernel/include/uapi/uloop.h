@@ -60,6 +60,7 @@
 #define ULOOP_FEAT_PARTITIONS    (1ULL << 8)  /* /dev/uloopNpM; ULOOP_F_PARTSCAN */
 #define ULOOP_FEAT_SECTOR_SIZE   (1ULL << 9)  /* logical_block_size / physical_block_size at ADD */
 #define ULOOP_FEAT_REPLY_CHECK   (1ULL << 10) /* replies to unknown ids fail (ENOENT) */
+#define ULOOP_FEAT_CREDIT        (1ULL << 11) /* CREDIT, ROOM upcalls, QUERY's unasked_blocks */
 
 struct uloop_features {
 	__u32 version;       /* out: the module's ULOOP_ABI_VERSION */
@@ -180,7 +181,13 @@ struct uloop_info {
 	__u32 logical_block_size;
 	__u32 physical_block_size;
 	__u32 unit_shift;
-	__u64 __reserved[6];
+	/* ULOOP_FEAT_CREDIT */
+	__u64 unasked_blocks; /* blocks written (or being written) whole while missing that no
+			       * barrier has handed over yet: pending + taken by the barrier in
+			       * flight + owned by writes in flight + lost, and granted by ROOM
+			       * answers not yet taken; what CREDIT limits */
+	__u64 credit_limit;   /* CREDIT's limit, ULOOP_CREDIT_NONE when none is set */
+	__u64 __reserved[4];
 };
 
 /* ---- ULOOP_IOC_ATTACH ---------------------------------------------------------------------------- */
@@ -228,6 +235,16 @@ enum uloop_msg_type {
 	 * zeros into the cache file), a later whole-block write makes them pending. flags: DISCARD
 	 * or NOUNMAP tell which request it was. */
 	ULOOP_MSG_ZERO = 5,
+	/* ULOOP_FEAT_CREDIT, while a CREDIT limit is set: a write covers the missing blocks of
+	 * [offset, offset + length) whole (rule 4: the kernel writes them without a MISS) and the
+	 * blocks the kernel writes so without asking (QUERY's unasked_blocks) plus these would pass
+	 * the limit. Make room in the cache file for length / block_size more blocks (evict, flush:
+	 * the write waits meanwhile) and answer: the kernel then writes up to that many missing blocks
+	 * of this request whole, over the limit if need be (the grant is the request's, once). Raise
+	 * the limit by that much before answering, so that they are inside it while they stay
+	 * unasked. Nothing is written to the cache file for it; the blocks are not busy while it
+	 * waits (the request's next pass looks at them again). An error answer fails the write. */
+	ULOOP_MSG_ROOM = 6,
 };
 
 #define ULOOP_MSG_F_DISCARD (1U << 0) /* ZERO: from a DISCARD (else WRITE_ZEROES) */
@@ -321,7 +338,9 @@ struct uloop_blocks {
  * still missing. Refusals: ENOENT (no such claim). Claims end when the daemon detaches.
  */
 /*
- * EVICT: of the blocks set in bits_ptr, those present, clean, not busy and not pending stop being
+ * EVICT: of the blocks set in bits_ptr, those present, clean, not busy, not pending and not in the
+ * range of a request still preparing (waiting for an upcall or for busy blocks: it may have had
+ * them filled, and would have them filled again) stop being
  * served: the call marks them busy, waits (killable) until no request is in flight on them, clears
  * their present bits, and returns them in bits_ptr (done = their count). Only then may the daemon
  * clear their present bits durably and punch the cache file there (a later read sends a MISS).
@@ -365,6 +384,31 @@ struct uloop_clear_error {
 	__u64 length;
 };
 
+/* ---- ULOOP_IOC_CREDIT (ULOOP_FEAT_CREDIT) ---------------------------------------------------------- */
+
+/*
+ * CREDIT: how many blocks the kernel may write whole while missing without asking (rule 4), so
+ * that a daemon with a budget bounds the cache file. The kernel counts its unasked blocks:
+ * pending (written whole while missing, for the next BARRIER), taken by the barrier in flight,
+ * owned by writes in flight, lost (a failed sync's, until CLEAR_ERROR), and granted by ROOM
+ * answers to writes that have not taken them yet. With ULOOP_CREDIT_F_LIMIT
+ * a write whose missing blocks would take that count past `limit` sends a ROOM upcall first;
+ * without it there is no limit (the default, and what ATTACH resets to: a daemon that sets a
+ * limit sets it after each ATTACH). Lowering the limit below the count changes nothing already
+ * written: later writes ask until barriers bring the count down. On the attached fd only.
+ * Refusals: EFAULT, EINVAL (unknown flags, a limit above the device's blocks, a limit without
+ * ULOOP_CREDIT_F_LIMIT), EOPNOTSUPP (reserved fields set), ENOTCONN (not attached).
+ */
+#define ULOOP_CREDIT_F_LIMIT (1U << 0)
+#define ULOOP_CREDIT_NONE (~0ULL)
+struct uloop_credit {
+	__u64 limit;     /* in: blocks (ULOOP_CREDIT_F_LIMIT); out: the limit now set */
+	__u32 flags;     /* in: ULOOP_CREDIT_F_* */
+	__u32 __pad;
+	__u64 unasked;   /* out: the unasked blocks now (as QUERY's unasked_blocks) */
+	__u64 __reserved[2];
+};
+
 #define ULOOP_IOC_MAGIC 0x75 /* 'u' */
 #define ULOOP_IOC_ADD           _IOWR(ULOOP_IOC_MAGIC, 0x00, struct uloop_add)
 /* REMOVE: refusals ENODEV (no such device, or being added/removed), EBUSY (open, or its open
@@ -382,5 +426,6 @@ struct uloop_clear_error {
 #define ULOOP_IOC_EVICT         _IOWR(ULOOP_IOC_MAGIC, 0x0b, struct uloop_blocks)
 #define ULOOP_IOC_ACCESSED      _IOWR(ULOOP_IOC_MAGIC, 0x0c, struct uloop_blocks)
 #define ULOOP_IOC_EPOCH_RELEASE _IOW(ULOOP_IOC_MAGIC, 0x0d, struct uloop_blocks)
+#define ULOOP_IOC_CREDIT        _IOWR(ULOOP_IOC_MAGIC, 0x0e, struct uloop_credit)
 
 #endif /* _UAPI_ULOOP_H */
