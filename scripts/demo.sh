@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 
 ULOBDEV=(node "$PWD/dist/cli/ulobdev.js")
 DEMO=${ULOBDEV_DEMO_DIR:-$PWD/.demo}
+# The disk records (one per cached disk, STATE_DIR/disks) of the demo's throw-away disk stay in the
+# demo's directory, not in the host's /var/lib/ulobdev: `rm -rf .demo` removes everything.
+export ULOBDEV_STATE_DIR=$DEMO/state
 DISK=$DEMO/disk.img
 MNT=$DEMO/mnt
 LOOP=""
