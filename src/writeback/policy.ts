@@ -16,7 +16,7 @@ export function cronModule(): typeof CronModule {
 /** A dirty-data limit: bytes, or a percentage of the disk. */
 export type DirtyLimit = { bytes: number } | { percent: number };
 
-const CRON_USAGE = "it takes 5 fields (minute hour day-of-month month day-of-week), e.g. '*/30 * * * *' for every 30 minutes";
+const CRON_USAGE = "it takes 5 fields (minute hour day-of-month month day-of-week; or 6, seconds first), e.g. '*/30 * * * *' for every 30 minutes";
 
 /** The fields of a 5-field expression, or of a 6-field one (seconds first), with their ranges. */
 const FIELDS_5 = [

@@ -42,7 +42,7 @@ describe('write-back options', () => {
 
   it('says what a cron expression is when given words', () => {
     for (const words of ['every 30 minutes', 'hourly', '30m']) {
-      expect(() => parseCron(words)).toThrow(/^--flush .* is not a cron expression: it takes 5 fields \(minute hour day-of-month month day-of-week\), e\.g\. '\*\/30 \* \* \* \*' for every 30 minutes$/);
+      expect(() => parseCron(words)).toThrow(/^--flush .* is not a cron expression: it takes 5 fields \(minute hour day-of-month month day-of-week; or 6, seconds first\), e\.g\. '\*\/30 \* \* \* \*' for every 30 minutes$/);
     }
     expect(parseCron('@hourly')).toBe('@hourly');
   });
