@@ -27,7 +27,7 @@ import { formatBytes } from '../units.js';
 import { Bitmap } from './bitmap.js';
 import { Clock } from './clock.js';
 import { Coalescer } from './coalesce.js';
-import { checkDiskRecord, ownerEntry, wholeDiskOf, type DiskRecord, type DiskRecords } from './disk-record.js';
+import { checkDiskRecord, ownerEntry, type DiskRecord, type DiskRecords } from './disk-record.js';
 import { FILE_ALIGN, Geometry, MAX_BLOCK_SIZE, type Extent } from './layout.js';
 import { DEFAULT_EVICTION_UNIT, Metadata, type CacheInfo, type CacheMode, type HistoryLog } from './metadata.js';
 import { posixStorage } from '../storage/posix-storage.js';
@@ -481,8 +481,7 @@ export class CacheStore {
       owner: ownerEntry({ cache: this.paths.cache, metadata: this.paths.metadata, uuid }, true, 0),
       updatedAt: Date.now(),
     });
-    for (const id of [wholeDiskOf(disk), ...records.partitionsOf(disk)]) {
-      if (id === undefined) continue;
+    for (const id of records.relatedOf(disk)) {
       const other = records.read(id);
       if (other) records.write({ ...other, generation: other.generation + 1, writer: uuid, writerEpoch: null, updatedAt: Date.now() });
     }

@@ -330,6 +330,56 @@ describe('disk records: one disk, two caches', () => {
     expect(err2.message).toContain(`in ${q.cache} (the cache of one of its partitions)`);
   });
 
+  it('newuser8 F1: an image file and a loop device over it are one disk to the records (offset 0, partitions too) or related (another offset), both ways', async () => {
+    // The backing ids the loop driver gives (src/source/backing.ts): unchanged, only the records' keys relate them.
+    const loop0 = `loop:${diskId}@0`;
+    const loopPart = `${loop0}:part1@2048`;
+    const loopOff = `loop:${diskId}@1048576`;
+    const f = pathsOf('f');
+    const l = pathsOf('l');
+    // A clean cache of the file, from before.
+    const f0 = pathsOf('f0');
+    const f01 = await attach(f0);
+    await f01.close();
+    // The loop device's partition (/dev/loop0p1) holds dirty data: the file itself is refused.
+    const p1 = await attach(l, { id: loopPart });
+    await p1.engine.write(0, randomBytes(BS));
+    await p1.close();
+    const err = await refused(f);
+    expect(err).toBeInstanceOf(DiskConflictError);
+    expect(err.message).toContain(`in ${l.cache} (the cache of one of its partitions)`);
+    // Flushed through the partition, the file's record moved on with it: the file's cache made
+    // before is stale.
+    const p2 = await attach(l, { id: loopPart });
+    await flushDirty(p2.engine);
+    await p2.close();
+    expect(await refused(f0)).toBeInstanceOf(StaleCacheError);
+    // The other direction: the file's cache dirty, a loop device at offset 0 over it refused.
+    const f1 = await attach(f);
+    await f1.engine.write(0, randomBytes(BS));
+    await f1.close();
+    const err2 = await refused(pathsOf('l0'), { id: loop0 });
+    expect(err2).toBeInstanceOf(DiskConflictError);
+    expect(err2.message).toContain(`in ${f.cache} that a new cache`);
+    expect(await refused(pathsOf('l1'), { id: loopPart })).toBeInstanceOf(DiskConflictError);
+    // A loop device at another offset shares blocks with the file: refused too, and the other way round.
+    const err3 = await refused(pathsOf('lo'), { id: loopOff });
+    expect(err3.message).toContain(`in ${f.cache} (the cache of the same image file at another offset, which shares its blocks)`);
+    const f2 = await attach(f);
+    await flushDirty(f2.engine);
+    await f2.close();
+    const o = pathsOf('o');
+    const o1 = await attach(o, { id: loopOff });
+    await o1.engine.write(0, randomBytes(BS));
+    await o1.close();
+    expect(await refused(pathsOf('f3'))).toBeInstanceOf(DiskConflictError);
+    // Its flush bumps the file's record: the file's cache is stale after it.
+    const o2 = await attach(o, { id: loopOff });
+    await flushDirty(o2.engine);
+    await o2.close();
+    expect(await refused(f)).toBeInstanceOf(StaleCacheError);
+  });
+
   it('a cache made again at the path of the owner (the record not told of the discard) is the cache of that path now, not a conflict', async () => {
     const a = pathsOf('a');
     const a1 = await attach(a);
