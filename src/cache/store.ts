@@ -244,7 +244,7 @@ export class CacheStore {
       if (budget !== null) checkBudget(budget, Math.max(info.evictionUnit, info.blockSize), paths.cache);
       if (creating && budget !== null) await checkFreeSpace(storage, paths, budget, geometry, 0);
       if (creating && budget === null) await checkMirrorSpace(storage, paths, geometry, backing.description, options.budgetOption);
-      files = creating ? await createFiles(storage, paths, geometry, meta, budget !== null) : await openFiles(storage, paths, geometry, backing.description);
+      files = creating ? await createFiles(storage, paths, geometry, meta, budget !== null) : await openFiles(storage, paths, geometry, backing.description, info.bitmapPath);
       const { cache, bitmapFile } = files;
       const present = new Bitmap(geometry.blockCount, Buffer.alloc(geometry.bitmapFileSize));
       await readFully(bitmapFile, present.buffer, paths.bitmap);
@@ -364,6 +364,8 @@ export class CacheStore {
   /**
    * Removes a cache (cache file, bitmap, metadata) so the next open re-creates it. Refused while
    * dirty blocks exist, unless `force`: they are the only copy of data the disk has not received.
+   * The bitmap removed is the cache's own only (see `bitmap` below); returns the dirty blocks lost,
+   * the bitmap removed, and why a bitmap path was left alone (`keptBitmap`, one clause).
    */
   static async discard(
     paths: CachePaths,
@@ -378,13 +380,18 @@ export class CacheStore {
       /** The host's disk records: the disk's record stops naming the removed cache. */
       records?: DiskRecords;
     } = {},
-  ): Promise<{ dirtyBlocks: number; bitmap?: string }> {
+  ): Promise<{ dirtyBlocks: number; bitmap?: string; keptBitmap?: string }> {
     const storage = options.storage ?? posixStorage;
     await assertCachePathsApart(paths, options.backing);
     let dirtyBlocks = 0;
     let uuid: string | undefined;
-    // The bitmap of the last attach, if it was given elsewhere (-b) and is still a bitmap of this cache's size.
-    let otherBitmap: string | undefined;
+    // This cache's bitmap, removed with it: the one its metadata records (bitmap_path, the last
+    // attach's -b), or for a cache from before that the given one, and either only while it is a
+    // file of exactly this cache's bitmap size. Never another (newuser8 F2: a -b typo naming
+    // another cache's bitmap deleted it, and with it that cache's dirty data).
+    let bitmap: string | undefined;
+    /** Why a bitmap path given or recorded was left alone, for the output. */
+    let keptBitmap: string | undefined;
     const metaExists = await storage.exists(paths.metadata);
     if (!metaExists) {
       // Without metadata nothing says these files are a cache: they may be the disk or another
@@ -428,10 +435,14 @@ export class CacheStore {
         }
         uuid = meta.info.uuid;
         const geometry = new Geometry(meta.info.backingSize, meta.info.blockSize);
-        const recorded = meta.info.bitmapPath;
-        if (recorded !== null && resolve(recorded) !== resolve(paths.bitmap) && (await storage.exists(recorded))) {
-          const st = await fsp.stat(recorded).catch(() => undefined);
-          if (st?.isFile() && st.size === geometry.bitmapFileSize) otherBitmap = recorded;
+        const recorded = meta.info.bitmapPath === null ? null : resolve(meta.info.bitmapPath);
+        const given = resolve(paths.bitmap);
+        const own = recorded ?? given;
+        const st = await fsp.stat(own).catch(() => undefined);
+        if (st?.isFile() && st.size === geometry.bitmapFileSize) bitmap = own;
+        else if (st) keptBitmap = `left ${own} alone: it is ${st.isFile() ? `${st.size} bytes` : 'not a file'}, not this cache's bitmap of ${geometry.bitmapFileSize} bytes`;
+        if (recorded !== null && given !== recorded && (await fsp.stat(given).catch(() => undefined))) {
+          keptBitmap = `left ${paths.bitmap} alone: it is not this cache's bitmap, which is ${recorded} (is -b another cache's?)`;
         }
         // Zeroed blocks count too: the disk has not received their zeros.
         const dirty = new Bitmap(geometry.blockCount);
@@ -446,11 +457,12 @@ export class CacheStore {
         meta.close();
       }
     }
-    for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, paths.bitmap, ...(otherBitmap ? [otherBitmap] : []), paths.cache]) {
+    // Without metadata nothing above found a file at paths.bitmap (it would have refused).
+    for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, ...(bitmap ? [bitmap] : []), paths.cache]) {
       await storage.remove(p);
     }
     if (options.records && options.backingId !== undefined) releaseDisk(options.records, options.backingId, resolve(paths.metadata), uuid);
-    return { dirtyBlocks, bitmap: otherBitmap };
+    return { dirtyBlocks, ...(bitmap ? { bitmap } : {}), ...(keptBitmap ? { keptBitmap } : {}) };
   }
 
   get info(): Readonly<CacheInfo> {
@@ -1242,9 +1254,10 @@ async function createFiles(storage: Storage, paths: CachePaths, geometry: Geomet
   }
 }
 
-async function openFiles(storage: Storage, paths: CachePaths, geometry: Geometry, disk: string) {
+async function openFiles(storage: Storage, paths: CachePaths, geometry: Geometry, disk: string, recordedBitmap: string | null) {
   // What a user can do about a cache file that is gone or cut short: nothing here repairs it.
-  const startOver = `if the cache is lost, 'ulobdev discard --force ${disk}' (with the same -c and -b) starts over with an empty one, losing any blocks the disk has not received`;
+  // discard removes only this cache's own bitmap (the recorded one), never a -b of another's.
+  const startOver = `if the cache is lost, 'ulobdev discard --force -c ${paths.cache} ${disk}' starts over with an empty one, losing any blocks the disk has not received`;
   let cache: BlockFile | undefined;
   let opening = paths.cache;
   try {
@@ -1258,7 +1271,15 @@ async function openFiles(storage: Storage, paths: CachePaths, geometry: Geometry
     const bitmapSize = await bitmapFile.size();
     if (bitmapSize !== geometry.bitmapFileSize) {
       await bitmapFile.close();
-      throw new SizeMismatchError(`${paths.bitmap} is ${bitmapSize} bytes, not the ${geometry.bitmapFileSize} of this cache (truncated or replaced?); ${startOver}`);
+      // The likely cause is a -b naming another cache's bitmap (newuser8 F2): say so before any
+      // discard, and name the bitmap this cache was last attached with.
+      const other =
+        recordedBitmap !== null && recordedBitmap !== resolve(paths.bitmap)
+          ? `this cache was last attached with -b ${recordedBitmap}: give that one (is ${paths.bitmap} the bitmap of another cache?)`
+          : `is -b the bitmap of another cache? give this cache's own`;
+      throw new SizeMismatchError(
+        `${paths.bitmap} is ${bitmapSize} bytes, not the ${geometry.bitmapFileSize} of this cache's bitmap; ${other}; only ${startOver}`,
+      );
     }
     return { cache, bitmapFile };
   } catch (err) {

@@ -629,13 +629,13 @@ async function discard(backing: string, flags: { cache?: string; bitmap?: string
   const paths = cachePaths({ ...flags, stateDir: stateDirOf(flags) }, source.id);
   await source.close();
   const records = new DiskRecords(stateDirOf(flags));
-  const { dirtyBlocks, bitmap } = await CacheStore.discard(paths, { force: flags.force, backing, backingId: source.id, records }).catch(
+  const { dirtyBlocks, bitmap, keptBitmap } = await CacheStore.discard(paths, { force: flags.force, backing, backingId: source.id, records }).catch(
     async (err: unknown) => {
       throw await explainBusyCache(err, runDir);
     },
   );
   process.stdout.write(
-    `removed the cache ${paths.cache}${bitmap ? ` and its bitmap ${bitmap}` : ''}${dirtyBlocks ? ` and ${dirtyBlocks} dirty blocks` : ''}; the next attach re-creates it\n`,
+    `removed the cache ${paths.cache}${bitmap ? ` and its bitmap ${bitmap}` : ''}${dirtyBlocks ? ` and ${dirtyBlocks} dirty blocks` : ''}; the next attach re-creates it${keptBitmap ? `; ${keptBitmap}` : ''}\n`,
   );
 }
 

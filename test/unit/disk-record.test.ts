@@ -2,6 +2,7 @@
 // in each cache's metadata, at the store's level with a file as the disk. The end-to-end repro on
 // /dev/loopN with ext4 is test/integration/two-caches.test.ts.
 import { randomBytes } from 'node:crypto';
+import Database from 'better-sqlite3';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -301,6 +302,45 @@ describe('disk records: one disk, two caches', () => {
     expect(records.read(diskId)).toMatchObject({ owner: null });
     const b1 = await attach(pathsOf('b'));
     await b1.close();
+  });
+
+  it('newuser8 F2: discard --force removes only the cache\'s own bitmap, never a -b naming another cache\'s, and says which it left alone and why', async () => {
+    const a = pathsOf('a');
+    const a1 = await attach(a);
+    await a1.engine.write(0, randomBytes(BS));
+    await a1.close();
+    // B: another cache (of another disk) whose bitmap the typo names.
+    const other = join(dir, 'other.img');
+    writeFileSync(other, randomBytes(SIZE));
+    const otherSource = await openBacking(other, { writable: false });
+    const b = pathsOf('b');
+    const bStore = await CacheStore.open({ paths: b, backing: otherSource, mode: 'writeback', blockSize: BS, records });
+    const bEngine = new CacheEngine(bStore, otherSource, { autoCommitMs: 0 });
+    await bEngine.write(0, randomBytes(BS));
+    await bEngine.close();
+    await otherSource.close();
+    const bBitmap = readFileSync(b.bitmap);
+    // An attach of A with a -b of the wrong size: the advice names A's own bitmap before any discard.
+    const stray = join(dir, 'stray.bitmap');
+    writeFileSync(stray, Buffer.alloc(100, 7));
+    const wrong = await refused({ ...a, bitmap: stray });
+    expect(wrong.message).toContain(`this cache was last attached with -b ${a.bitmap}: give that one (is ${stray} the bitmap of another cache?)`);
+    // The typo names B's bitmap (the same size as A's: both disks are SIZE): left alone.
+    const result = await CacheStore.discard({ ...a, bitmap: b.bitmap }, { force: true, backing: disk, backingId: diskId, records });
+    expect(result).toEqual({ dirtyBlocks: 1, bitmap: a.bitmap, keptBitmap: `left ${b.bitmap} alone: it is not this cache's bitmap, which is ${a.bitmap} (is -b another cache's?)` });
+    expect(existsSync(a.bitmap) || existsSync(a.metadata) || existsSync(a.cache)).toBe(false);
+    expect(readFileSync(b.bitmap).equals(bBitmap)).toBe(true);
+    // A cache whose metadata records no bitmap (from before bitmap_path): the given -b goes only at exactly its bitmap size.
+    const c = pathsOf('c');
+    const c1 = await attach(c);
+    await c1.close();
+    const db = new Database(c.metadata);
+    db.exec('UPDATE cache_info SET bitmap_path = NULL');
+    db.close();
+    const r2 = await CacheStore.discard({ ...c, bitmap: stray }, { force: true, backing: disk, backingId: diskId, records });
+    expect(r2.keptBitmap).toMatch(new RegExp(`^left ${stray} alone: it is 100 bytes, not this cache's bitmap of \\d+ bytes$`));
+    expect(existsSync(stray) && existsSync(c.bitmap)).toBe(true);
+    expect(existsSync(c.metadata)).toBe(false);
   });
 
   it('partitions: a dirty cache of the whole disk refuses a cache of a partition and the other way round; a flush through one makes the other stale', async () => {

@@ -571,7 +571,7 @@ describe('CacheStore.discard', () => {
   it('removes a dirty cache with force, reporting what was lost, and leaves the disk alone', async () => {
     await makeCache({ dirtyBlocks: 3 });
     const diskHash = hashFile(disk);
-    expect(await CacheStore.discard(paths, { force: true })).toEqual({ dirtyBlocks: 3 });
+    expect(await CacheStore.discard(paths, { force: true })).toEqual({ dirtyBlocks: 3, bitmap: paths.bitmap });
     expect(ls()).toEqual(['disk.img']);
     expect(hashFile(disk)).toBe(diskHash);
   });
@@ -582,7 +582,7 @@ describe('CacheStore.discard', () => {
     const engine = new CacheEngine(store, source, { autoCommitMs: 0 });
     await flushDirty(engine);
     await engine.close();
-    expect(await CacheStore.discard(paths)).toEqual({ dirtyBlocks: 0 });
+    expect(await CacheStore.discard(paths)).toEqual({ dirtyBlocks: 0, bitmap: paths.bitmap });
     expect(ls()).toEqual(['disk.img']);
   });
 
