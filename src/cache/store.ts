@@ -365,7 +365,9 @@ export class CacheStore {
    * Removes a cache (cache file, bitmap, metadata) so the next open re-creates it. Refused while
    * dirty blocks exist, unless `force`: they are the only copy of data the disk has not received.
    * The bitmap removed is the cache's own only (see `bitmap` below); returns the dirty blocks lost,
-   * the bitmap removed, and why a bitmap path was left alone (`keptBitmap`, one clause).
+   * the bitmap removed, and why a bitmap path was left alone (`keptBitmap`, one clause); for a
+   * cache not there that the disk's record names, `forgotten` (only the record changed). Throws
+   * InvalidArgumentError when no cache is at the path and no record names it.
    */
   static async discard(
     paths: CachePaths,
@@ -380,7 +382,7 @@ export class CacheStore {
       /** The host's disk records: the disk's record stops naming the removed cache. */
       records?: DiskRecords;
     } = {},
-  ): Promise<{ dirtyBlocks: number; bitmap?: string; keptBitmap?: string }> {
+  ): Promise<{ dirtyBlocks: number; bitmap?: string; keptBitmap?: string; forgotten?: boolean }> {
     const storage = options.storage ?? posixStorage;
     await assertCachePathsApart(paths, options.backing);
     let dirtyBlocks = 0;
@@ -405,11 +407,21 @@ export class CacheStore {
       }
       // A cache the disk's record says held dirty data, not there now: its flash may only be unmounted.
       const owner = options.records && options.backingId !== undefined ? options.records.read(options.backingId)?.owner : undefined;
-      if (owner && owner.mayBeDirty && owner.metadata === resolve(paths.metadata) && !options.force) {
+      const recorded = owner !== undefined && owner !== null && owner.metadata === resolve(paths.metadata);
+      if (recorded && owner.mayBeDirty && !options.force) {
         throw new DirtyDataError(
           `${paths.cache} is not there, but it held ${formatBytes(owner.dirtyBytes)} of dirty data at its last detach (flash not mounted?); mount it, or pass --force if it is gone for good`,
         );
       }
+      // Nothing there and nothing to forget: a typo'd -c, or no default cache (newuser8 item 3).
+      if (!recorded) {
+        throw new InvalidArgumentError(
+          `no cache at ${paths.cache} (no ${paths.metadata}); discard removes nothing: give the -c path the disk was attached with`,
+        );
+      }
+      // The record names it: forget it (below), the only thing left to do.
+      if (options.records && options.backingId !== undefined) releaseDisk(options.records, options.backingId, resolve(paths.metadata), undefined);
+      return { dirtyBlocks: 0, forgotten: true };
     }
     if (metaExists) {
       let meta: Metadata;
@@ -457,7 +469,6 @@ export class CacheStore {
         meta.close();
       }
     }
-    // Without metadata nothing above found a file at paths.bitmap (it would have refused).
     for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, ...(bitmap ? [bitmap] : []), paths.cache]) {
       await storage.remove(p);
     }

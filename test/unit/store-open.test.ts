@@ -648,8 +648,12 @@ describe('CacheStore.discard', () => {
     ]);
   });
 
-  it('of a cache that does not exist removes nothing', async () => {
-    expect(await CacheStore.discard(paths)).toEqual({ dirtyBlocks: 0 });
+  it('of a cache that does not exist (a typo, no default cache) is refused, with or without force, and removes nothing (newuser8 item 3)', async () => {
+    for (const force of [false, true]) {
+      await expectRefused(() => CacheStore.discard(paths, { force }), InvalidArgumentError, 'ULOB_E_INVALID_ARG', [
+        `no cache at ${paths.cache} (no ${paths.metadata}); discard removes nothing`,
+      ]);
+    }
     expect(ls()).toEqual(['disk.img']);
   });
 });
