@@ -33,6 +33,12 @@ export interface DiskOwner {
   mayBeDirty: boolean;
   /** Dirty bytes at its last close (0 while attached: see mayBeDirty). */
   dirtyBytes: number;
+  /**
+   * The disk as the user named it when this cache took it (a relative file path made absolute),
+   * for the commands a refusal suggests: a partition's cache must be named with the partition
+   * (newuser8 item 4). Absent in records written before it.
+   */
+  device?: string;
 }
 
 /** One disk record (STATE_DIR/disks/ID.json). */
@@ -120,7 +126,8 @@ export class DiskRecords {
           typeof owner.metadata === 'string' &&
           typeof owner.uuid === 'string' &&
           typeof owner.mayBeDirty === 'boolean' &&
-          Number.isSafeInteger(owner.dirtyBytes)));
+          Number.isSafeInteger(owner.dirtyBytes) &&
+          (owner.device === undefined || typeof owner.device === 'string')));
     if (!ok) {
       throw new CorruptMetadataError(
         `${path} is not a valid ulobdev disk record for ${disk}; if no cache of this disk holds dirty data, remove it (the next attach writes a new one)`,
@@ -260,13 +267,16 @@ function ownerState(owner: DiskOwner): OwnerState {
 function conflict(description: string, owner: DiskOwner, st: OwnerState, self: GuardedCache, relation: string): DiskConflictError {
   const where = st.state === 'missing' ? `${owner.cache}, which is not there now (flash not mounted?)` : owner.cache;
   const size = st.state === 'missing' ? `${formatBytes(st.dirtyBytes)} (at its last detach)` : formatBytes(st.dirtyBytes);
+  // The owner's own disk (a partition's cache is attached and discarded with the partition), as
+  // its user named it; records from before `device` fall back to this disk.
+  const its = owner.device ?? description;
   const forget =
     st.state === 'missing'
-      ? `if it is gone for good, 'ulobdev discard --force -c ${owner.cache} ${description}' forgets it (losing that data)`
-      : `or 'ulobdev discard --force -c ${owner.cache} ${description}' to lose that data`;
+      ? `if it is gone for good, 'ulobdev discard --force -c ${owner.cache} ${its}' forgets it (losing that data)`
+      : `or 'ulobdev discard --force -c ${owner.cache} ${its}' to lose that data`;
   return new DiskConflictError(
     `${description} has ${size} of dirty data in ${where}${relation} that ${self.created ? 'a new cache' : self.cache} would not show and a flush of either would undo: ` +
-      `attach with -c ${owner.cache} and flush it, ${forget}; nothing was changed`,
+      `attach ${its} with -c ${owner.cache} and flush it, ${forget}; nothing was changed`,
   );
 }
 
@@ -336,8 +346,9 @@ export function checkDiskRecord(records: DiskRecords, disk: string, self: Guarde
 }
 
 /** The owner entry of `self` (absolute paths). */
-export function ownerEntry(self: { cache: string; metadata: string; uuid: string }, mayBeDirty: boolean, dirtyBytes: number): DiskOwner {
-  return { cache: absolute(self.cache), metadata: absolute(self.metadata), uuid: self.uuid, mayBeDirty, dirtyBytes };
+export function ownerEntry(self: { cache: string; metadata: string; uuid: string; device?: string }, mayBeDirty: boolean, dirtyBytes: number): DiskOwner {
+  const device = self.device === undefined || self.device.includes('://') ? self.device : absolute(self.device);
+  return { cache: absolute(self.cache), metadata: absolute(self.metadata), uuid: self.uuid, mayBeDirty, dirtyBytes, ...(device !== undefined ? { device } : {}) };
 }
 
 function absolute(p: string): string {

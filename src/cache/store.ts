@@ -132,7 +132,7 @@ export class CacheStore {
   /** The eviction clock; null without a budget (nothing is ever evicted then). */
   readonly clock: Clock | null;
   /** The host's disk records and this disk's id, when the open was given them. */
-  readonly #records: { records: DiskRecords; disk: string } | null;
+  readonly #records: { records: DiskRecords; disk: string; device: string } | null;
   /** The generation the running flush took (prepareDiskWrite), written with its clearFlushed. */
   #pendingGeneration: number | undefined;
 
@@ -178,7 +178,7 @@ export class CacheStore {
     dirty: Bitmap;
     /** The budget this open serves with (a full mirror getting one has none in its metadata yet). */
     budget: number | null;
-    records?: { records: DiskRecords; disk: string };
+    records?: { records: DiskRecords; disk: string; device: string };
   }) {
     this.#records = args.records ?? null;
     this.paths = args.paths;
@@ -315,7 +315,7 @@ export class CacheStore {
           description: backing.description,
         }).generation;
       }
-      const records = options.records && { records: options.records, disk: backing.id };
+      const records = options.records && { records: options.records, disk: backing.id, device: backing.description };
       // The clock from the budget of this open, not the metadata's: a full mirror given a budget
       // (--cache-size again) has none recorded yet, and without a clock nothing is ever evicted
       // (writes then waited for ever on a budget full of clean blocks).
@@ -491,7 +491,7 @@ export class CacheStore {
    */
   prepareDiskWrite(): void {
     if (!this.#records) return;
-    const { records, disk } = this.#records;
+    const { records, disk, device } = this.#records;
     const record = records.read(disk);
     const generation = Math.max(record?.generation ?? 0, this.#pendingGeneration ?? 0, this.#meta.info.diskGeneration ?? 0) + 1;
     const uuid = this.#meta.info.uuid;
@@ -501,7 +501,7 @@ export class CacheStore {
       generation,
       writer: uuid,
       writerEpoch: this.#meta.info.flushEpoch + 1,
-      owner: ownerEntry({ cache: this.paths.cache, metadata: this.paths.metadata, uuid }, true, 0),
+      owner: ownerEntry({ cache: this.paths.cache, metadata: this.paths.metadata, uuid, device }, true, 0),
       updatedAt: Date.now(),
     });
     for (const id of records.relatedOf(disk)) {
@@ -513,7 +513,7 @@ export class CacheStore {
 
   /** The write-back open's record: this cache owns the disk and may hold dirty data. */
   #takeRecord(generation: number): void {
-    const { records, disk } = this.#records!;
+    const { records, disk, device } = this.#records!;
     const record: DiskRecord | null = records.read(disk);
     const uuid = this.#meta.info.uuid;
     records.write({
@@ -522,7 +522,7 @@ export class CacheStore {
       generation: Math.max(generation, record?.generation ?? 0),
       writer: record?.writer ?? null,
       writerEpoch: record?.writerEpoch ?? null,
-      owner: ownerEntry({ cache: this.paths.cache, metadata: this.paths.metadata, uuid }, true, 0),
+      owner: ownerEntry({ cache: this.paths.cache, metadata: this.paths.metadata, uuid, device }, true, 0),
       updatedAt: Date.now(),
     });
   }

@@ -57,10 +57,10 @@ interface Open {
 }
 
 /** Opens `paths` for the disk as the daemon does, with the records unless `noRecords` (a cache made before they existed). */
-async function attach(paths: CachePaths, options: { mode?: 'readonly' | 'writeback'; noRecords?: boolean; id?: string } = {}): Promise<Open> {
+async function attach(paths: CachePaths, options: { mode?: 'readonly' | 'writeback'; noRecords?: boolean; id?: string; description?: string } = {}): Promise<Open> {
   const mode = options.mode ?? 'writeback';
   const source = await openBacking(disk, { writable: mode === 'writeback' });
-  const backing = options.id ? { size: source.size, id: options.id, description: disk } : source;
+  const backing = options.id ? { size: source.size, id: options.id, description: options.description ?? disk } : source;
   let store: CacheStore;
   try {
     store = await CacheStore.open({ paths, backing, mode, blockSize: BS, records: options.noRecords ? undefined : records });
@@ -122,7 +122,7 @@ describe('disk records: one disk, two caches', () => {
       const err = await refused(paths, { mode });
       expect(err).toBeInstanceOf(DiskConflictError);
       expect(err.message).toContain(`${disk} has 12 KiB of dirty data in ${a.cache}`);
-      expect(err.message).toContain(`attach with -c ${a.cache} and flush it`);
+      expect(err.message).toContain(`attach ${disk} with -c ${a.cache} and flush it`);
       expect(err.message).toContain(`'ulobdev discard --force -c ${a.cache} ${disk}'`);
     }
 
@@ -363,11 +363,13 @@ describe('disk records: one disk, two caches', () => {
     expect(await refused(p, { id: part })).toBeInstanceOf(StaleCacheError);
     // And a dirty partition cache refuses the whole disk's.
     const q = pathsOf('q');
-    const q1 = await attach(q, { id: `${whole}:part2@4096` });
+    const q1 = await attach(q, { id: `${whole}:part2@4096`, description: '/dev/fake0p2' });
     await q1.engine.write(0, randomBytes(BS));
     await q1.close();
-    const err2 = await refused(w, { id: whole });
-    expect(err2.message).toContain(`in ${q.cache} (the cache of one of its partitions)`);
+    const err2 = await refused(w, { id: whole, description: '/dev/fake0' });
+    expect(err2.message).toContain(`/dev/fake0 has 4 KiB of dirty data in ${q.cache} (the cache of one of its partitions)`);
+    // newuser8 item 4: both ways out name the disk that cache belongs to, the partition, not /dev/fake0.
+    expect(err2.message).toContain(`attach /dev/fake0p2 with -c ${q.cache} and flush it, or 'ulobdev discard --force -c ${q.cache} /dev/fake0p2' to lose that data`);
   });
 
   it('newuser8 F1: an image file and a loop device over it are one disk to the records (offset 0, partitions too) or related (another offset), both ways', async () => {
