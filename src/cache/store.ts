@@ -11,7 +11,7 @@
 // With a budget (--cache-size) the cache file is sparse and the store counts the blocks it holds:
 // present ones, blocks the engine has reserved for data not yet present, and blocks being punched.
 import { randomUUID } from 'node:crypto';
-import { promises as fsp } from 'node:fs';
+import { existsSync, promises as fsp } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { blockStack, majorMinor } from '../sys.js';
 import {
@@ -1278,6 +1278,15 @@ async function openFiles(storage: Storage, paths: CachePaths, geometry: Geometry
       throw new SizeMismatchError(`${paths.cache} is ${cacheSize} bytes, not the ${geometry.cacheFileSize} of this cache (truncated or replaced?); ${startOver}`);
     }
     opening = paths.bitmap;
+    // A -b other than the bitmap this cache was last attached with, while that one is still there,
+    // is most likely another cache's (of the same size, or the size check below would say so): its
+    // bits would say which blocks this cache holds, and reads would return wrong data. A bitmap
+    // moved on purpose leaves nothing at the old path and is taken.
+    if (recordedBitmap !== null && recordedBitmap !== resolve(paths.bitmap) && existsSync(recordedBitmap)) {
+      throw new SizeMismatchError(
+        `this cache was last attached with -b ${recordedBitmap}, which is still there: give that one (is ${paths.bitmap} the bitmap of another cache?); to use ${paths.bitmap} instead, move it over ${recordedBitmap}'s path or remove the old one first; nothing was changed`,
+      );
+    }
     const bitmapFile = await storage.open(paths.bitmap);
     const bitmapSize = await bitmapFile.size();
     if (bitmapSize !== geometry.bitmapFileSize) {
@@ -1286,7 +1295,7 @@ async function openFiles(storage: Storage, paths: CachePaths, geometry: Geometry
       // discard, and name the bitmap this cache was last attached with.
       const other =
         recordedBitmap !== null && recordedBitmap !== resolve(paths.bitmap)
-          ? `this cache was last attached with -b ${recordedBitmap}: give that one (is ${paths.bitmap} the bitmap of another cache?)`
+          ? `this cache was last attached with -b ${recordedBitmap}, which is not there now (moved?); is ${paths.bitmap} the bitmap of another cache?`
           : `is -b the bitmap of another cache? give this cache's own`;
       throw new SizeMismatchError(
         `${paths.bitmap} is ${bitmapSize} bytes, not the ${geometry.bitmapFileSize} of this cache's bitmap; ${other}; only ${startOver}`,

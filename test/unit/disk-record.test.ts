@@ -324,7 +324,13 @@ describe('disk records: one disk, two caches', () => {
     const stray = join(dir, 'stray.bitmap');
     writeFileSync(stray, Buffer.alloc(100, 7));
     const wrong = await refused({ ...a, bitmap: stray });
-    expect(wrong.message).toContain(`this cache was last attached with -b ${a.bitmap}: give that one (is ${stray} the bitmap of another cache?)`);
+    expect(wrong.message).toContain(`this cache was last attached with -b ${a.bitmap}, which is still there: give that one (is ${stray} the bitmap of another cache?)`);
+    // With its own bitmap gone (moved?), the size check names it and asks about the -b given.
+    renameSync(a.bitmap, `${a.bitmap}.away`);
+    const gone = await refused({ ...a, bitmap: stray });
+    expect(gone.message).toContain(`is 100 bytes, not the`);
+    expect(gone.message).toContain(`this cache was last attached with -b ${a.bitmap}, which is not there now (moved?); is ${stray} the bitmap of another cache?`);
+    renameSync(`${a.bitmap}.away`, a.bitmap);
     // The typo names B's bitmap (the same size as A's: both disks are SIZE): left alone.
     const result = await CacheStore.discard({ ...a, bitmap: b.bitmap }, { force: true, backing: disk, backingId: diskId, records });
     expect(result).toEqual({ dirtyBlocks: 1, bitmap: a.bitmap, keptBitmap: `left ${b.bitmap} alone: it is not this cache's bitmap, which is ${a.bitmap} (is -b another cache's?)` });
@@ -341,6 +347,34 @@ describe('disk records: one disk, two caches', () => {
     expect(r2.keptBitmap).toMatch(new RegExp(`^left ${stray} alone: it is 100 bytes, not this cache's bitmap of \\d+ bytes$`));
     expect(existsSync(stray) && existsSync(c.bitmap)).toBe(true);
     expect(existsSync(c.metadata)).toBe(false);
+  });
+
+  it('an attach with -b naming another cache\'s bitmap of the same size is refused while its own is there (its bits would serve wrong blocks)', async () => {
+    const a = pathsOf('a');
+    const a1 = await attach(a);
+    await a1.engine.write(0, randomBytes(BS));
+    await a1.close();
+    // B: a cache of another disk of the same size, so its bitmap is A's size.
+    const other = join(dir, 'other.img');
+    writeFileSync(other, randomBytes(SIZE));
+    const otherSource = await openBacking(other, { writable: false });
+    const b = pathsOf('b');
+    const bStore = await CacheStore.open({ paths: b, backing: otherSource, mode: 'writeback', blockSize: BS, records });
+    const bEngine = new CacheEngine(bStore, otherSource, { autoCommitMs: 0 });
+    await bEngine.read(0, SIZE);
+    await bEngine.close();
+    await otherSource.close();
+    const aMeta = readFileSync(a.metadata);
+    const bBitmap = readFileSync(b.bitmap);
+    const wrong = await refused({ ...a, bitmap: b.bitmap });
+    expect(wrong.message).toContain(`this cache was last attached with -b ${a.bitmap}, which is still there: give that one (is ${b.bitmap} the bitmap of another cache?)`);
+    expect(readFileSync(b.bitmap).equals(bBitmap)).toBe(true);
+    expect(readFileSync(a.metadata).equals(aMeta)).toBe(true);
+    // Moved on purpose: nothing left at the recorded path, the new one is taken (and recorded).
+    const moved = join(dir, 'a-moved.bitmap');
+    renameSync(a.bitmap, moved);
+    const a2 = await attach({ ...a, bitmap: moved });
+    await a2.close();
   });
 
   it('partitions: a dirty cache of the whole disk refuses a cache of a partition and the other way round; a flush through one makes the other stale', async () => {
