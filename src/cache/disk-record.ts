@@ -33,6 +33,12 @@ export interface DiskOwner {
   mayBeDirty: boolean;
   /** Dirty bytes at its last close (0 while attached: see mayBeDirty). */
   dirtyBytes: number;
+  /**
+   * The disk as the user named it when this cache took it (a relative file path made absolute),
+   * for the commands a refusal suggests: a partition's cache must be named with the partition
+   * (newuser8 item 4). Absent in records written before it.
+   */
+  device?: string;
 }
 
 /** One disk record (STATE_DIR/disks/ID.json). */
@@ -78,17 +84,20 @@ export class DiskRecords {
     this.dir = join(resolve(stateDir), DISK_RECORD_DIR);
   }
 
-  /** The file of `disk`'s record: its id made safe for a file name, with a hash that keeps ids apart. */
-  pathOf(disk: string): string {
+  /** The file of `disk`'s record (any backing id: kept under its diskKey), made safe for a file name, with a hash that keeps keys apart. */
+  pathOf(id: string): string {
+    const disk = diskKey(id);
     const stem = disk.replace(/[^A-Za-z0-9._-]+/g, '_').slice(0, 120);
     return join(this.dir, `${stem}-${createHash('sha256').update(disk).digest('hex').slice(0, 12)}.json`);
   }
 
   /**
-   * The record of `disk`, or null when there is none. Throws CorruptMetadataError for a file that
+   * The record of `id` (any backing id: the record of its diskKey, whose `disk` is that key), or
+   * null when there is none. Throws CorruptMetadataError for a file that
    * is not a record of this disk (with what to do), IOFailedError when it cannot be read.
    */
-  read(disk: string): DiskRecord | null {
+  read(id: string): DiskRecord | null {
+    const disk = diskKey(id);
     const path = this.pathOf(disk);
     let text: string;
     try {
@@ -117,7 +126,8 @@ export class DiskRecords {
           typeof owner.metadata === 'string' &&
           typeof owner.uuid === 'string' &&
           typeof owner.mayBeDirty === 'boolean' &&
-          Number.isSafeInteger(owner.dirtyBytes)));
+          Number.isSafeInteger(owner.dirtyBytes) &&
+          (owner.device === undefined || typeof owner.device === 'string')));
     if (!ok) {
       throw new CorruptMetadataError(
         `${path} is not a valid ulobdev disk record for ${disk}; if no cache of this disk holds dirty data, remove it (the next attach writes a new one)`,
@@ -128,9 +138,11 @@ export class DiskRecords {
 
   /**
    * Writes `record` atomically and durably: a temporary file, fsync, rename over the record,
-   * fsync of the directory. Returns once it is on the host's disk. Throws IOFailedError.
+   * fsync of the directory, under the diskKey of `record.disk` (which it stores). Returns once it
+   * is on the host's disk. Throws IOFailedError.
    */
-  write(record: DiskRecord): void {
+  write(given: DiskRecord): void {
+    const record = { ...given, disk: diskKey(given.disk) };
     const path = this.pathOf(record.disk);
     const tmp = `${path}.tmp-${process.pid}`;
     try {
@@ -157,8 +169,13 @@ export class DiskRecords {
     }
   }
 
-  /** The ids of every record of a partition of `disk` (ids `${disk}:partN@START`, docs/format.md). */
-  partitionsOf(disk: string): string[] {
+  /**
+   * The keys of every record that shares blocks with `disk` (any backing id; docs/format.md, "Disk
+   * records"): its whole disk, its partitions, and for a disk over an image file every other view
+   * of that file at another offset (relatedDisks). Unreadable files are skipped.
+   */
+  relatedOf(disk: string): string[] {
+    const key = diskKey(disk);
     let names: string[];
     try {
       names = readdirSync(this.dir);
@@ -170,13 +187,45 @@ export class DiskRecords {
       if (!name.endsWith('.json')) continue;
       try {
         const r = JSON.parse(readFileSync(join(this.dir, name), 'utf8')) as { disk?: unknown };
-        if (typeof r.disk === 'string' && r.disk.startsWith(`${disk}:part`)) ids.push(r.disk);
+        if (typeof r.disk === 'string' && relatedDisks(key, r.disk)) ids.push(r.disk);
       } catch {
         // not a record (a temporary file of a crashed write): skip
       }
     }
     return ids;
   }
+}
+
+/**
+ * The key a disk's record is kept under, for a backing id (src/source/backing.ts). A loop device
+ * at offset 0 over an image file shows the file's blocks at the same addresses, so it is the same
+ * disk as the file: `loop:file:DEV:INO@0` is keyed `file:DEV:INO`, and its partitions
+ * `loop:file:DEV:INO@0:partN@START` as `file:DEV:INO:partN@START` (newuser8 F1: a cache of the file
+ * and one of /dev/loop0p1 over it were two disks to the records). The backing ids themselves are
+ * unchanged (cache metadata stores them). Records are never written under the old key outside
+ * this unreleased session's builds (main has no disk records yet), so there is no migration.
+ */
+export function diskKey(id: string): string {
+  const m = /^loop:(file:\d+:\d+:\d+)@0(?=$|:part\d+@\d+$)/.exec(id);
+  return m ? m[1]! + id.slice(m[0].length) : id;
+}
+
+/** The image file (`file:DEV:INO`) under a record key: the file, a loop device over it at any offset, or a partition of either. */
+function imageFileOf(key: string): string | undefined {
+  return /^(?:loop:)?(file:\d+:\d+:\d+)(?:@\d+)?(?::part\d+@\d+)?$/.exec(key)?.[1];
+}
+
+/**
+ * Whether two record keys (diskKey) are different disks that share blocks: a whole disk and one of
+ * its partitions, or two views of one image file at different offsets (the file and a loop device
+ * at offset 1 MiB over it, or their partitions: which blocks overlap is not worked out, so any two
+ * are related, the safe side). Two partitions of one disk are not.
+ */
+export function relatedDisks(a: string, b: string): boolean {
+  if (a === b) return false;
+  if (wholeDiskOf(a) === b || wholeDiskOf(b) === a) return true;
+  const file = imageFileOf(a);
+  return file !== undefined && file === imageFileOf(b) && (wholeDiskOf(a) ?? a) !== (wholeDiskOf(b) ?? b);
 }
 
 /** The whole disk of a partition's id (`${disk}:partN@START`), or undefined for a whole disk. */
@@ -218,13 +267,16 @@ function ownerState(owner: DiskOwner): OwnerState {
 function conflict(description: string, owner: DiskOwner, st: OwnerState, self: GuardedCache, relation: string): DiskConflictError {
   const where = st.state === 'missing' ? `${owner.cache}, which is not there now (flash not mounted?)` : owner.cache;
   const size = st.state === 'missing' ? `${formatBytes(st.dirtyBytes)} (at its last detach)` : formatBytes(st.dirtyBytes);
+  // The owner's own disk (a partition's cache is attached and discarded with the partition), as
+  // its user named it; records from before `device` fall back to this disk.
+  const its = owner.device ?? description;
   const forget =
     st.state === 'missing'
-      ? `if it is gone for good, 'ulobdev discard --force -c ${owner.cache} ${description}' forgets it (losing that data)`
-      : `or 'ulobdev discard --force -c ${owner.cache} ${description}' to lose that data`;
+      ? `if it is gone for good, 'ulobdev discard --force -c ${owner.cache} ${its}' forgets it (losing that data)`
+      : `or 'ulobdev discard --force -c ${owner.cache} ${its}' to lose that data`;
   return new DiskConflictError(
     `${description} has ${size} of dirty data in ${where}${relation} that ${self.created ? 'a new cache' : self.cache} would not show and a flush of either would undo: ` +
-      `attach with -c ${owner.cache} and flush it, ${forget}; nothing was changed`,
+      `attach ${its} with -c ${owner.cache} and flush it, ${forget}; nothing was changed`,
   );
 }
 
@@ -241,16 +293,21 @@ function conflict(description: string, owner: DiskOwner, st: OwnerState, self: G
  */
 export function checkDiskRecord(records: DiskRecords, disk: string, self: GuardedCache): { generation: number; record: DiskRecord | null } {
   const record = records.read(disk);
-  const related = [wholeDiskOf(disk), ...records.partitionsOf(disk)].filter((id): id is string => id !== undefined);
-  // Another cache (of this id, or of the whole disk / a partition: they share blocks) with dirty data.
-  for (const [id, r] of [[disk, record] as const, ...related.map((id) => [id, records.read(id)] as const)]) {
+  const key = diskKey(disk);
+  const related = records.relatedOf(key);
+  // Another cache (of this disk, or of one sharing its blocks: its whole disk, a partition, the
+  // same image file at another offset) with dirty data.
+  for (const [id, r] of [[key, record] as const, ...related.map((id) => [id, records.read(id)] as const)]) {
     const owner = r?.owner;
     // The owner's path holding this cache now: the owner was replaced (discarded, and this cache
     // made there since) without its record being told, e.g. discarded with another state dir.
     if (!owner || owner.uuid === self.uuid || owner.metadata === self.metadata) continue;
     const st = ownerState(owner);
     if (st.state === 'replaced' || st.dirtyBytes === 0) continue;
-    const relation = id === disk ? '' : ` (the cache of ${id === wholeDiskOf(disk) ? 'its whole disk' : 'one of its partitions'})`;
+    const relation =
+      id === key
+        ? ''
+        : ` (the cache of ${id === wholeDiskOf(key) ? 'its whole disk' : wholeDiskOf(id) === key ? 'one of its partitions' : 'the same image file at another offset, which shares its blocks'})`;
     throw conflict(self.description, owner, st, self, relation);
   }
   if (!record) return { generation: self.diskGeneration ?? 0, record: null };
@@ -289,8 +346,9 @@ export function checkDiskRecord(records: DiskRecords, disk: string, self: Guarde
 }
 
 /** The owner entry of `self` (absolute paths). */
-export function ownerEntry(self: { cache: string; metadata: string; uuid: string }, mayBeDirty: boolean, dirtyBytes: number): DiskOwner {
-  return { cache: absolute(self.cache), metadata: absolute(self.metadata), uuid: self.uuid, mayBeDirty, dirtyBytes };
+export function ownerEntry(self: { cache: string; metadata: string; uuid: string; device?: string }, mayBeDirty: boolean, dirtyBytes: number): DiskOwner {
+  const device = self.device === undefined || self.device.includes('://') ? self.device : absolute(self.device);
+  return { cache: absolute(self.cache), metadata: absolute(self.metadata), uuid: self.uuid, mayBeDirty, dirtyBytes, ...(device !== undefined ? { device } : {}) };
 }
 
 function absolute(p: string): string {

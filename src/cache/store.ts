@@ -11,7 +11,7 @@
 // With a budget (--cache-size) the cache file is sparse and the store counts the blocks it holds:
 // present ones, blocks the engine has reserved for data not yet present, and blocks being punched.
 import { randomUUID } from 'node:crypto';
-import { promises as fsp } from 'node:fs';
+import { existsSync, promises as fsp } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { blockStack, majorMinor } from '../sys.js';
 import {
@@ -27,7 +27,7 @@ import { formatBytes } from '../units.js';
 import { Bitmap } from './bitmap.js';
 import { Clock } from './clock.js';
 import { Coalescer } from './coalesce.js';
-import { checkDiskRecord, ownerEntry, wholeDiskOf, type DiskRecord, type DiskRecords } from './disk-record.js';
+import { checkDiskRecord, ownerEntry, type DiskRecord, type DiskRecords } from './disk-record.js';
 import { FILE_ALIGN, Geometry, MAX_BLOCK_SIZE, type Extent } from './layout.js';
 import { DEFAULT_EVICTION_UNIT, Metadata, type CacheInfo, type CacheMode, type HistoryLog } from './metadata.js';
 import { posixStorage } from '../storage/posix-storage.js';
@@ -132,7 +132,7 @@ export class CacheStore {
   /** The eviction clock; null without a budget (nothing is ever evicted then). */
   readonly clock: Clock | null;
   /** The host's disk records and this disk's id, when the open was given them. */
-  readonly #records: { records: DiskRecords; disk: string } | null;
+  readonly #records: { records: DiskRecords; disk: string; device: string } | null;
   /** The generation the running flush took (prepareDiskWrite), written with its clearFlushed. */
   #pendingGeneration: number | undefined;
 
@@ -178,7 +178,7 @@ export class CacheStore {
     dirty: Bitmap;
     /** The budget this open serves with (a full mirror getting one has none in its metadata yet). */
     budget: number | null;
-    records?: { records: DiskRecords; disk: string };
+    records?: { records: DiskRecords; disk: string; device: string };
   }) {
     this.#records = args.records ?? null;
     this.paths = args.paths;
@@ -244,7 +244,7 @@ export class CacheStore {
       if (budget !== null) checkBudget(budget, Math.max(info.evictionUnit, info.blockSize), paths.cache);
       if (creating && budget !== null) await checkFreeSpace(storage, paths, budget, geometry, 0);
       if (creating && budget === null) await checkMirrorSpace(storage, paths, geometry, backing.description, options.budgetOption);
-      files = creating ? await createFiles(storage, paths, geometry, meta, budget !== null) : await openFiles(storage, paths, geometry, backing.description);
+      files = creating ? await createFiles(storage, paths, geometry, meta, budget !== null) : await openFiles(storage, paths, geometry, backing.description, info.bitmapPath);
       const { cache, bitmapFile } = files;
       const present = new Bitmap(geometry.blockCount, Buffer.alloc(geometry.bitmapFileSize));
       await readFully(bitmapFile, present.buffer, paths.bitmap);
@@ -315,7 +315,7 @@ export class CacheStore {
           description: backing.description,
         }).generation;
       }
-      const records = options.records && { records: options.records, disk: backing.id };
+      const records = options.records && { records: options.records, disk: backing.id, device: backing.description };
       // The clock from the budget of this open, not the metadata's: a full mirror given a budget
       // (--cache-size again) has none recorded yet, and without a clock nothing is ever evicted
       // (writes then waited for ever on a budget full of clean blocks).
@@ -364,6 +364,10 @@ export class CacheStore {
   /**
    * Removes a cache (cache file, bitmap, metadata) so the next open re-creates it. Refused while
    * dirty blocks exist, unless `force`: they are the only copy of data the disk has not received.
+   * The bitmap removed is the cache's own only (see `bitmap` below); returns the dirty blocks lost,
+   * the bitmap removed, and why a bitmap path was left alone (`keptBitmap`, one clause); for a
+   * cache not there that the disk's record names, `forgotten` (only the record changed). Throws
+   * InvalidArgumentError when no cache is at the path and no record names it.
    */
   static async discard(
     paths: CachePaths,
@@ -378,13 +382,18 @@ export class CacheStore {
       /** The host's disk records: the disk's record stops naming the removed cache. */
       records?: DiskRecords;
     } = {},
-  ): Promise<{ dirtyBlocks: number; bitmap?: string }> {
+  ): Promise<{ dirtyBlocks: number; bitmap?: string; keptBitmap?: string; forgotten?: boolean }> {
     const storage = options.storage ?? posixStorage;
     await assertCachePathsApart(paths, options.backing);
     let dirtyBlocks = 0;
     let uuid: string | undefined;
-    // The bitmap of the last attach, if it was given elsewhere (-b) and is still a bitmap of this cache's size.
-    let otherBitmap: string | undefined;
+    // This cache's bitmap, removed with it: the one its metadata records (bitmap_path, the last
+    // attach's -b), or for a cache from before that the given one, and either only while it is a
+    // file of exactly this cache's bitmap size. Never another (newuser8 F2: a -b typo naming
+    // another cache's bitmap deleted it, and with it that cache's dirty data).
+    let bitmap: string | undefined;
+    /** Why a bitmap path given or recorded was left alone, for the output. */
+    let keptBitmap: string | undefined;
     const metaExists = await storage.exists(paths.metadata);
     if (!metaExists) {
       // Without metadata nothing says these files are a cache: they may be the disk or another
@@ -398,11 +407,21 @@ export class CacheStore {
       }
       // A cache the disk's record says held dirty data, not there now: its flash may only be unmounted.
       const owner = options.records && options.backingId !== undefined ? options.records.read(options.backingId)?.owner : undefined;
-      if (owner && owner.mayBeDirty && owner.metadata === resolve(paths.metadata) && !options.force) {
+      const recorded = owner !== undefined && owner !== null && owner.metadata === resolve(paths.metadata);
+      if (recorded && owner.mayBeDirty && !options.force) {
         throw new DirtyDataError(
           `${paths.cache} is not there, but it held ${formatBytes(owner.dirtyBytes)} of dirty data at its last detach (flash not mounted?); mount it, or pass --force if it is gone for good`,
         );
       }
+      // Nothing there and nothing to forget: a typo'd -c, or no default cache (newuser8 item 3).
+      if (!recorded) {
+        throw new InvalidArgumentError(
+          `no cache at ${paths.cache} (no ${paths.metadata}); discard removes nothing: give the -c path the disk was attached with`,
+        );
+      }
+      // The record names it: forget it (below), the only thing left to do.
+      if (options.records && options.backingId !== undefined) releaseDisk(options.records, options.backingId, resolve(paths.metadata), undefined);
+      return { dirtyBlocks: 0, forgotten: true };
     }
     if (metaExists) {
       let meta: Metadata;
@@ -428,10 +447,14 @@ export class CacheStore {
         }
         uuid = meta.info.uuid;
         const geometry = new Geometry(meta.info.backingSize, meta.info.blockSize);
-        const recorded = meta.info.bitmapPath;
-        if (recorded !== null && resolve(recorded) !== resolve(paths.bitmap) && (await storage.exists(recorded))) {
-          const st = await fsp.stat(recorded).catch(() => undefined);
-          if (st?.isFile() && st.size === geometry.bitmapFileSize) otherBitmap = recorded;
+        const recorded = meta.info.bitmapPath === null ? null : resolve(meta.info.bitmapPath);
+        const given = resolve(paths.bitmap);
+        const own = recorded ?? given;
+        const st = await fsp.stat(own).catch(() => undefined);
+        if (st?.isFile() && st.size === geometry.bitmapFileSize) bitmap = own;
+        else if (st) keptBitmap = `left ${own} alone: it is ${st.isFile() ? `${st.size} bytes` : 'not a file'}, not this cache's bitmap of ${geometry.bitmapFileSize} bytes`;
+        if (recorded !== null && given !== recorded && (await fsp.stat(given).catch(() => undefined))) {
+          keptBitmap = `left ${paths.bitmap} alone: it is not this cache's bitmap, which is ${recorded} (is -b another cache's?)`;
         }
         // Zeroed blocks count too: the disk has not received their zeros.
         const dirty = new Bitmap(geometry.blockCount);
@@ -446,11 +469,11 @@ export class CacheStore {
         meta.close();
       }
     }
-    for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, paths.bitmap, ...(otherBitmap ? [otherBitmap] : []), paths.cache]) {
+    for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, ...(bitmap ? [bitmap] : []), paths.cache]) {
       await storage.remove(p);
     }
     if (options.records && options.backingId !== undefined) releaseDisk(options.records, options.backingId, resolve(paths.metadata), uuid);
-    return { dirtyBlocks, bitmap: otherBitmap };
+    return { dirtyBlocks, ...(bitmap ? { bitmap } : {}), ...(keptBitmap ? { keptBitmap } : {}) };
   }
 
   get info(): Readonly<CacheInfo> {
@@ -468,7 +491,7 @@ export class CacheStore {
    */
   prepareDiskWrite(): void {
     if (!this.#records) return;
-    const { records, disk } = this.#records;
+    const { records, disk, device } = this.#records;
     const record = records.read(disk);
     const generation = Math.max(record?.generation ?? 0, this.#pendingGeneration ?? 0, this.#meta.info.diskGeneration ?? 0) + 1;
     const uuid = this.#meta.info.uuid;
@@ -478,11 +501,10 @@ export class CacheStore {
       generation,
       writer: uuid,
       writerEpoch: this.#meta.info.flushEpoch + 1,
-      owner: ownerEntry({ cache: this.paths.cache, metadata: this.paths.metadata, uuid }, true, 0),
+      owner: ownerEntry({ cache: this.paths.cache, metadata: this.paths.metadata, uuid, device }, true, 0),
       updatedAt: Date.now(),
     });
-    for (const id of [wholeDiskOf(disk), ...records.partitionsOf(disk)]) {
-      if (id === undefined) continue;
+    for (const id of records.relatedOf(disk)) {
       const other = records.read(id);
       if (other) records.write({ ...other, generation: other.generation + 1, writer: uuid, writerEpoch: null, updatedAt: Date.now() });
     }
@@ -491,7 +513,7 @@ export class CacheStore {
 
   /** The write-back open's record: this cache owns the disk and may hold dirty data. */
   #takeRecord(generation: number): void {
-    const { records, disk } = this.#records!;
+    const { records, disk, device } = this.#records!;
     const record: DiskRecord | null = records.read(disk);
     const uuid = this.#meta.info.uuid;
     records.write({
@@ -500,7 +522,7 @@ export class CacheStore {
       generation: Math.max(generation, record?.generation ?? 0),
       writer: record?.writer ?? null,
       writerEpoch: record?.writerEpoch ?? null,
-      owner: ownerEntry({ cache: this.paths.cache, metadata: this.paths.metadata, uuid }, true, 0),
+      owner: ownerEntry({ cache: this.paths.cache, metadata: this.paths.metadata, uuid, device }, true, 0),
       updatedAt: Date.now(),
     });
   }
@@ -1243,9 +1265,10 @@ async function createFiles(storage: Storage, paths: CachePaths, geometry: Geomet
   }
 }
 
-async function openFiles(storage: Storage, paths: CachePaths, geometry: Geometry, disk: string) {
+async function openFiles(storage: Storage, paths: CachePaths, geometry: Geometry, disk: string, recordedBitmap: string | null) {
   // What a user can do about a cache file that is gone or cut short: nothing here repairs it.
-  const startOver = `if the cache is lost, 'ulobdev discard --force ${disk}' (with the same -c and -b) starts over with an empty one, losing any blocks the disk has not received`;
+  // discard removes only this cache's own bitmap (the recorded one), never a -b of another's.
+  const startOver = `if the cache is lost, 'ulobdev discard --force -c ${paths.cache} ${disk}' starts over with an empty one, losing any blocks the disk has not received`;
   let cache: BlockFile | undefined;
   let opening = paths.cache;
   try {
@@ -1255,11 +1278,28 @@ async function openFiles(storage: Storage, paths: CachePaths, geometry: Geometry
       throw new SizeMismatchError(`${paths.cache} is ${cacheSize} bytes, not the ${geometry.cacheFileSize} of this cache (truncated or replaced?); ${startOver}`);
     }
     opening = paths.bitmap;
+    // A -b other than the bitmap this cache was last attached with, while that one is still there,
+    // is most likely another cache's (of the same size, or the size check below would say so): its
+    // bits would say which blocks this cache holds, and reads would return wrong data. A bitmap
+    // moved on purpose leaves nothing at the old path and is taken.
+    if (recordedBitmap !== null && recordedBitmap !== resolve(paths.bitmap) && existsSync(recordedBitmap)) {
+      throw new SizeMismatchError(
+        `this cache was last attached with -b ${recordedBitmap}, which is still there: give that one (is ${paths.bitmap} the bitmap of another cache?); to use ${paths.bitmap} instead, move it over ${recordedBitmap}'s path or remove the old one first; nothing was changed`,
+      );
+    }
     const bitmapFile = await storage.open(paths.bitmap);
     const bitmapSize = await bitmapFile.size();
     if (bitmapSize !== geometry.bitmapFileSize) {
       await bitmapFile.close();
-      throw new SizeMismatchError(`${paths.bitmap} is ${bitmapSize} bytes, not the ${geometry.bitmapFileSize} of this cache (truncated or replaced?); ${startOver}`);
+      // The likely cause is a -b naming another cache's bitmap (newuser8 F2): say so before any
+      // discard, and name the bitmap this cache was last attached with.
+      const other =
+        recordedBitmap !== null && recordedBitmap !== resolve(paths.bitmap)
+          ? `this cache was last attached with -b ${recordedBitmap}, which is not there now (moved?); is ${paths.bitmap} the bitmap of another cache?`
+          : `is -b the bitmap of another cache? give this cache's own`;
+      throw new SizeMismatchError(
+        `${paths.bitmap} is ${bitmapSize} bytes, not the ${geometry.bitmapFileSize} of this cache's bitmap; ${other}; only ${startOver}`,
+      );
     }
     return { cache, bitmapFile };
   } catch (err) {

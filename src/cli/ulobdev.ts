@@ -629,13 +629,17 @@ async function discard(backing: string, flags: { cache?: string; bitmap?: string
   const paths = cachePaths({ ...flags, stateDir: stateDirOf(flags) }, source.id);
   await source.close();
   const records = new DiskRecords(stateDirOf(flags));
-  const { dirtyBlocks, bitmap } = await CacheStore.discard(paths, { force: flags.force, backing, backingId: source.id, records }).catch(
+  const { dirtyBlocks, bitmap, keptBitmap, forgotten } = await CacheStore.discard(paths, { force: flags.force, backing, backingId: source.id, records }).catch(
     async (err: unknown) => {
       throw await explainBusyCache(err, runDir);
     },
   );
+  if (forgotten) {
+    process.stdout.write(`${paths.cache} is not there: the disk's record no longer names it (any dirty data it held is lost); the next attach makes a new cache\n`);
+    return;
+  }
   process.stdout.write(
-    `removed the cache ${paths.cache}${bitmap ? ` and its bitmap ${bitmap}` : ''}${dirtyBlocks ? ` and ${dirtyBlocks} dirty blocks` : ''}; the next attach re-creates it\n`,
+    `removed the cache ${paths.cache}${bitmap ? ` and its bitmap ${bitmap}` : ''}${dirtyBlocks ? ` and ${dirtyBlocks} dirty blocks` : ''}; the next attach re-creates it${keptBitmap ? `; ${keptBitmap}` : ''}\n`,
   );
 }
 

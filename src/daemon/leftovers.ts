@@ -75,10 +75,14 @@ export async function readRecord(runBase: string, name: string): Promise<DaemonR
 export async function findRecord(runBase: string, deviceOrName: string, name: string): Promise<DaemonRecord | null> {
   const byName = await readRecord(runBase, name);
   if (byName) return byName;
+  // A device's short name (loop3) means /dev/loop3, as resolveDaemon reads it: a daemon named
+  // otherwise ("loop" for plain /dev/loop, or --name) that died is found by it too (newuser8 item
+  // 5: 'status loop3' said "no attached device is named loop3" while 'status' listed it DEAD).
+  const device = /^(loop|nbd|uloop|ublkb)\d+$/.test(deviceOrName) ? `/dev/${deviceOrName}` : deviceOrName;
   for (const file of await listDir(runBase)) {
     if (!file.endsWith('.json')) continue;
     const r = await readRecord(runBase, file.slice(0, -'.json'.length));
-    if (r && r.device === deviceOrName) return r;
+    if (r && r.device === device) return r;
   }
   return null;
 }

@@ -117,6 +117,16 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     await expectDiscardRefused([...cacheArgs(), '--force', makeDisk('b.img')], /c\.cache is the cache of another disk \(.*\), not of \S*b\.img \(.*\); discard removes nothing: name the disk it was made for\n$/);
   });
 
+  it('discard of a cache that is not there (a typo, no default cache; newuser8 item 3): one line, exit 1, nothing removed', async () => {
+    s = scratch('ulob-cli-');
+    const disk = makeDisk('a.img');
+    await makeCache(disk);
+    for (const force of [[], ['--force']]) {
+      await expectDiscardRefused(['-c', join(s.dir, 'typo.cache'), ...force, '--state-dir', join(s.dir, 'state'), disk], new RegExp(`^ulobdev: no cache at ${s.dir}/typo\\.cache \\(no ${s.dir}/typo\\.cache\\.meta\\); discard removes nothing: give the -c path the disk was attached with\n$`));
+      await expectDiscardRefused([...force, '--state-dir', join(s.dir, 'state'), disk], /^ulobdev: no cache at \S+\.cache \(no \S+\.cache\.meta\); discard removes nothing/);
+    }
+  });
+
   it('report -c of a cache that is not there (newuser7 F29): one plain line, exit 1', async () => {
     s = scratch('ulob-cli-');
     await expectRefused(['report', 'nosuch', '--json', '-c', join(s.dir, 'nosuch.cache')], new RegExp(`^ulobdev: no cache at ${s.dir}/nosuch\\.cache \\(no ${s.dir}/nosuch\\.cache\\.meta\\); give the -c path the device was attached with\n$`));

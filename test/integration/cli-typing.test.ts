@@ -315,7 +315,7 @@ describe('what else users get wrong (item 14)', () => {
     expect((await ulobdev(['detach', serveUrl(), '--run-dir', s.runDir])).code).toBe(0);
     undo.pop();
     truncateSync(join(s.dir, 'c.cache'), 4096);
-    await expectRefused([...cacheArgs(), serveUrl(), disk], new RegExp(`^ulobdev: ${s.dir}/c\\.cache is 4096 bytes, not the \\d+ of this cache \\(truncated or replaced\\?\\); if the cache is lost, 'ulobdev discard --force ${disk}' \\(with the same -c and -b\\) starts over`));
+    await expectRefused([...cacheArgs(), serveUrl(), disk], new RegExp(`^ulobdev: ${s.dir}/c\\.cache is 4096 bytes, not the \\d+ of this cache \\(truncated or replaced\\?\\); if the cache is lost, 'ulobdev discard --force -c ${s.dir}/c\\.cache ${disk}' starts over`));
     mustSh('rm', [join(s.dir, 'c.cache')]);
     await expectRefused([...cacheArgs(), serveUrl(), disk], new RegExp(`^ulobdev: ${s.dir}/c\\.cache is missing, but its metadata .*c\\.cache\\.meta is there \\(moved, or the flash not mounted\\?\\); if the cache is lost, 'ulobdev discard --force`));
     // And that is the way out.

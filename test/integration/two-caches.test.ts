@@ -104,7 +104,7 @@ describe('two caches for one disk (newuser7 F4)', () => {
     const diskBefore = sha(disk);
 
     // F4: b.cache, a new c.cache, and the state directory's default cache are all refused.
-    const conflict = new RegExp(`^ulobdev: ${disk} has [0-9.]+ [KM]iB of dirty data in ${s.dir}/a\\.cache that .* would not show and a flush of either would undo: attach with -c ${s.dir}/a\\.cache and flush it, or 'ulobdev discard --force -c ${s.dir}/a\\.cache ${disk}' to lose that data; nothing was changed\\n$`);
+    const conflict = new RegExp(`^ulobdev: ${disk} has [0-9.]+ [KM]iB of dirty data in ${s.dir}/a\\.cache that .* would not show and a flush of either would undo: attach ${disk} with -c ${s.dir}/a\\.cache and flush it, or 'ulobdev discard --force -c ${s.dir}/a\\.cache ${disk}' to lose that data; nothing was changed\\n$`);
     await expectRefused(b, conflict);
     await expectRefused(cacheArgs('c'), conflict);
     await expectRefused([], conflict);

@@ -2,6 +2,7 @@
 // in each cache's metadata, at the store's level with a file as the disk. The end-to-end repro on
 // /dev/loopN with ext4 is test/integration/two-caches.test.ts.
 import { randomBytes } from 'node:crypto';
+import Database from 'better-sqlite3';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -56,10 +57,10 @@ interface Open {
 }
 
 /** Opens `paths` for the disk as the daemon does, with the records unless `noRecords` (a cache made before they existed). */
-async function attach(paths: CachePaths, options: { mode?: 'readonly' | 'writeback'; noRecords?: boolean; id?: string } = {}): Promise<Open> {
+async function attach(paths: CachePaths, options: { mode?: 'readonly' | 'writeback'; noRecords?: boolean; id?: string; description?: string } = {}): Promise<Open> {
   const mode = options.mode ?? 'writeback';
   const source = await openBacking(disk, { writable: mode === 'writeback' });
-  const backing = options.id ? { size: source.size, id: options.id, description: disk } : source;
+  const backing = options.id ? { size: source.size, id: options.id, description: options.description ?? disk } : source;
   let store: CacheStore;
   try {
     store = await CacheStore.open({ paths, backing, mode, blockSize: BS, records: options.noRecords ? undefined : records });
@@ -121,7 +122,7 @@ describe('disk records: one disk, two caches', () => {
       const err = await refused(paths, { mode });
       expect(err).toBeInstanceOf(DiskConflictError);
       expect(err.message).toContain(`${disk} has 12 KiB of dirty data in ${a.cache}`);
-      expect(err.message).toContain(`attach with -c ${a.cache} and flush it`);
+      expect(err.message).toContain(`attach ${disk} with -c ${a.cache} and flush it`);
       expect(err.message).toContain(`'ulobdev discard --force -c ${a.cache} ${disk}'`);
     }
 
@@ -303,6 +304,79 @@ describe('disk records: one disk, two caches', () => {
     await b1.close();
   });
 
+  it('newuser8 F2: discard --force removes only the cache\'s own bitmap, never a -b naming another cache\'s, and says which it left alone and why', async () => {
+    const a = pathsOf('a');
+    const a1 = await attach(a);
+    await a1.engine.write(0, randomBytes(BS));
+    await a1.close();
+    // B: another cache (of another disk) whose bitmap the typo names.
+    const other = join(dir, 'other.img');
+    writeFileSync(other, randomBytes(SIZE));
+    const otherSource = await openBacking(other, { writable: false });
+    const b = pathsOf('b');
+    const bStore = await CacheStore.open({ paths: b, backing: otherSource, mode: 'writeback', blockSize: BS, records });
+    const bEngine = new CacheEngine(bStore, otherSource, { autoCommitMs: 0 });
+    await bEngine.write(0, randomBytes(BS));
+    await bEngine.close();
+    await otherSource.close();
+    const bBitmap = readFileSync(b.bitmap);
+    // An attach of A with a -b of the wrong size: the advice names A's own bitmap before any discard.
+    const stray = join(dir, 'stray.bitmap');
+    writeFileSync(stray, Buffer.alloc(100, 7));
+    const wrong = await refused({ ...a, bitmap: stray });
+    expect(wrong.message).toContain(`this cache was last attached with -b ${a.bitmap}, which is still there: give that one (is ${stray} the bitmap of another cache?)`);
+    // With its own bitmap gone (moved?), the size check names it and asks about the -b given.
+    renameSync(a.bitmap, `${a.bitmap}.away`);
+    const gone = await refused({ ...a, bitmap: stray });
+    expect(gone.message).toContain(`is 100 bytes, not the`);
+    expect(gone.message).toContain(`this cache was last attached with -b ${a.bitmap}, which is not there now (moved?); is ${stray} the bitmap of another cache?`);
+    renameSync(`${a.bitmap}.away`, a.bitmap);
+    // The typo names B's bitmap (the same size as A's: both disks are SIZE): left alone.
+    const result = await CacheStore.discard({ ...a, bitmap: b.bitmap }, { force: true, backing: disk, backingId: diskId, records });
+    expect(result).toEqual({ dirtyBlocks: 1, bitmap: a.bitmap, keptBitmap: `left ${b.bitmap} alone: it is not this cache's bitmap, which is ${a.bitmap} (is -b another cache's?)` });
+    expect(existsSync(a.bitmap) || existsSync(a.metadata) || existsSync(a.cache)).toBe(false);
+    expect(readFileSync(b.bitmap).equals(bBitmap)).toBe(true);
+    // A cache whose metadata records no bitmap (from before bitmap_path): the given -b goes only at exactly its bitmap size.
+    const c = pathsOf('c');
+    const c1 = await attach(c);
+    await c1.close();
+    const db = new Database(c.metadata);
+    db.exec('UPDATE cache_info SET bitmap_path = NULL');
+    db.close();
+    const r2 = await CacheStore.discard({ ...c, bitmap: stray }, { force: true, backing: disk, backingId: diskId, records });
+    expect(r2.keptBitmap).toMatch(new RegExp(`^left ${stray} alone: it is 100 bytes, not this cache's bitmap of \\d+ bytes$`));
+    expect(existsSync(stray) && existsSync(c.bitmap)).toBe(true);
+    expect(existsSync(c.metadata)).toBe(false);
+  });
+
+  it('an attach with -b naming another cache\'s bitmap of the same size is refused while its own is there (its bits would serve wrong blocks)', async () => {
+    const a = pathsOf('a');
+    const a1 = await attach(a);
+    await a1.engine.write(0, randomBytes(BS));
+    await a1.close();
+    // B: a cache of another disk of the same size, so its bitmap is A's size.
+    const other = join(dir, 'other.img');
+    writeFileSync(other, randomBytes(SIZE));
+    const otherSource = await openBacking(other, { writable: false });
+    const b = pathsOf('b');
+    const bStore = await CacheStore.open({ paths: b, backing: otherSource, mode: 'writeback', blockSize: BS, records });
+    const bEngine = new CacheEngine(bStore, otherSource, { autoCommitMs: 0 });
+    await bEngine.read(0, SIZE);
+    await bEngine.close();
+    await otherSource.close();
+    const aMeta = readFileSync(a.metadata);
+    const bBitmap = readFileSync(b.bitmap);
+    const wrong = await refused({ ...a, bitmap: b.bitmap });
+    expect(wrong.message).toContain(`this cache was last attached with -b ${a.bitmap}, which is still there: give that one (is ${b.bitmap} the bitmap of another cache?)`);
+    expect(readFileSync(b.bitmap).equals(bBitmap)).toBe(true);
+    expect(readFileSync(a.metadata).equals(aMeta)).toBe(true);
+    // Moved on purpose: nothing left at the recorded path, the new one is taken (and recorded).
+    const moved = join(dir, 'a-moved.bitmap');
+    renameSync(a.bitmap, moved);
+    const a2 = await attach({ ...a, bitmap: moved });
+    await a2.close();
+  });
+
   it('partitions: a dirty cache of the whole disk refuses a cache of a partition and the other way round; a flush through one makes the other stale', async () => {
     const whole = 'wwid:test-disk';
     const part = `${whole}:part1@2048`;
@@ -323,11 +397,63 @@ describe('disk records: one disk, two caches', () => {
     expect(await refused(p, { id: part })).toBeInstanceOf(StaleCacheError);
     // And a dirty partition cache refuses the whole disk's.
     const q = pathsOf('q');
-    const q1 = await attach(q, { id: `${whole}:part2@4096` });
+    const q1 = await attach(q, { id: `${whole}:part2@4096`, description: '/dev/fake0p2' });
     await q1.engine.write(0, randomBytes(BS));
     await q1.close();
-    const err2 = await refused(w, { id: whole });
-    expect(err2.message).toContain(`in ${q.cache} (the cache of one of its partitions)`);
+    const err2 = await refused(w, { id: whole, description: '/dev/fake0' });
+    expect(err2.message).toContain(`/dev/fake0 has 4 KiB of dirty data in ${q.cache} (the cache of one of its partitions)`);
+    // newuser8 item 4: both ways out name the disk that cache belongs to, the partition, not /dev/fake0.
+    expect(err2.message).toContain(`attach /dev/fake0p2 with -c ${q.cache} and flush it, or 'ulobdev discard --force -c ${q.cache} /dev/fake0p2' to lose that data`);
+  });
+
+  it('newuser8 F1: an image file and a loop device over it are one disk to the records (offset 0, partitions too) or related (another offset), both ways', async () => {
+    // The backing ids the loop driver gives (src/source/backing.ts): unchanged, only the records' keys relate them.
+    const loop0 = `loop:${diskId}@0`;
+    const loopPart = `${loop0}:part1@2048`;
+    const loopOff = `loop:${diskId}@1048576`;
+    const f = pathsOf('f');
+    const l = pathsOf('l');
+    // A clean cache of the file, from before.
+    const f0 = pathsOf('f0');
+    const f01 = await attach(f0);
+    await f01.close();
+    // The loop device's partition (/dev/loop0p1) holds dirty data: the file itself is refused.
+    const p1 = await attach(l, { id: loopPart });
+    await p1.engine.write(0, randomBytes(BS));
+    await p1.close();
+    const err = await refused(f);
+    expect(err).toBeInstanceOf(DiskConflictError);
+    expect(err.message).toContain(`in ${l.cache} (the cache of one of its partitions)`);
+    // Flushed through the partition, the file's record moved on with it: the file's cache made
+    // before is stale.
+    const p2 = await attach(l, { id: loopPart });
+    await flushDirty(p2.engine);
+    await p2.close();
+    expect(await refused(f0)).toBeInstanceOf(StaleCacheError);
+    // The other direction: the file's cache dirty, a loop device at offset 0 over it refused.
+    const f1 = await attach(f);
+    await f1.engine.write(0, randomBytes(BS));
+    await f1.close();
+    const err2 = await refused(pathsOf('l0'), { id: loop0 });
+    expect(err2).toBeInstanceOf(DiskConflictError);
+    expect(err2.message).toContain(`in ${f.cache} that a new cache`);
+    expect(await refused(pathsOf('l1'), { id: loopPart })).toBeInstanceOf(DiskConflictError);
+    // A loop device at another offset shares blocks with the file: refused too, and the other way round.
+    const err3 = await refused(pathsOf('lo'), { id: loopOff });
+    expect(err3.message).toContain(`in ${f.cache} (the cache of the same image file at another offset, which shares its blocks)`);
+    const f2 = await attach(f);
+    await flushDirty(f2.engine);
+    await f2.close();
+    const o = pathsOf('o');
+    const o1 = await attach(o, { id: loopOff });
+    await o1.engine.write(0, randomBytes(BS));
+    await o1.close();
+    expect(await refused(pathsOf('f3'))).toBeInstanceOf(DiskConflictError);
+    // Its flush bumps the file's record: the file's cache is stale after it.
+    const o2 = await attach(o, { id: loopOff });
+    await flushDirty(o2.engine);
+    await o2.close();
+    expect(await refused(f)).toBeInstanceOf(StaleCacheError);
   });
 
   it('a cache made again at the path of the owner (the record not told of the discard) is the cache of that path now, not a conflict', async () => {

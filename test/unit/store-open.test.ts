@@ -571,7 +571,7 @@ describe('CacheStore.discard', () => {
   it('removes a dirty cache with force, reporting what was lost, and leaves the disk alone', async () => {
     await makeCache({ dirtyBlocks: 3 });
     const diskHash = hashFile(disk);
-    expect(await CacheStore.discard(paths, { force: true })).toEqual({ dirtyBlocks: 3 });
+    expect(await CacheStore.discard(paths, { force: true })).toEqual({ dirtyBlocks: 3, bitmap: paths.bitmap });
     expect(ls()).toEqual(['disk.img']);
     expect(hashFile(disk)).toBe(diskHash);
   });
@@ -582,7 +582,7 @@ describe('CacheStore.discard', () => {
     const engine = new CacheEngine(store, source, { autoCommitMs: 0 });
     await flushDirty(engine);
     await engine.close();
-    expect(await CacheStore.discard(paths)).toEqual({ dirtyBlocks: 0 });
+    expect(await CacheStore.discard(paths)).toEqual({ dirtyBlocks: 0, bitmap: paths.bitmap });
     expect(ls()).toEqual(['disk.img']);
   });
 
@@ -648,8 +648,12 @@ describe('CacheStore.discard', () => {
     ]);
   });
 
-  it('of a cache that does not exist removes nothing', async () => {
-    expect(await CacheStore.discard(paths)).toEqual({ dirtyBlocks: 0 });
+  it('of a cache that does not exist (a typo, no default cache) is refused, with or without force, and removes nothing (newuser8 item 3)', async () => {
+    for (const force of [false, true]) {
+      await expectRefused(() => CacheStore.discard(paths, { force }), InvalidArgumentError, 'ULOB_E_INVALID_ARG', [
+        `no cache at ${paths.cache} (no ${paths.metadata}); discard removes nothing`,
+      ]);
+    }
     expect(ls()).toEqual(['disk.img']);
   });
 });
