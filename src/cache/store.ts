@@ -1179,6 +1179,15 @@ function checkBudget(budget: number, unitBytes: number, cachePath: string): void
   }
 }
 
+/** Free bytes of the filesystem holding `dir`; IOFailedError when they cannot be read. */
+async function freeBytesOf(storage: Storage, dir: string): Promise<number> {
+  try {
+    return await storage.freeBytes(dir);
+  } catch (err) {
+    throw ioError('read the free space of', dir, err);
+  }
+}
+
 /**
  * The flash filesystem must have room for the budget: its free space plus what the cache file
  * holds already (`heldBytes`). A budget above the disk's size needs only the disk's size.
@@ -1186,12 +1195,7 @@ function checkBudget(budget: number, unitBytes: number, cachePath: string): void
 async function checkFreeSpace(storage: Storage, paths: CachePaths, budget: number, geometry: Geometry, heldBytes: number): Promise<void> {
   const need = Math.min(budget, geometry.cacheFileSize);
   const dir = dirname(paths.cache);
-  let free: number;
-  try {
-    free = await storage.freeBytes(dir);
-  } catch (err) {
-    throw ioError('read the free space of', dir, err);
-  }
+  const free = await freeBytesOf(storage, dir);
   if (free + heldBytes < need) {
     throw new InvalidArgumentError(
       `a cache budget of ${formatBytes(budget)} does not fit: ${dir} has ${formatBytes(free)} free` +
@@ -1209,12 +1213,7 @@ async function checkFreeSpace(storage: Storage, paths: CachePaths, budget: numbe
 async function checkMirrorSpace(storage: Storage, paths: CachePaths, geometry: Geometry, disk: string, budgetOption: string | undefined): Promise<void> {
   const need = geometry.cacheFileSize + (dirname(paths.bitmap) === dirname(paths.cache) ? geometry.bitmapFileSize : 0);
   const dir = dirname(paths.cache);
-  let free: number;
-  try {
-    free = await storage.freeBytes(dir);
-  } catch (err) {
-    throw ioError('read the free space of', dir, err);
-  }
+  const free = await freeBytesOf(storage, dir);
   if (free >= need) return;
   // The most checkFreeSpace takes for a budget here.
   const most = Math.floor(free / (1 << 20)) * (1 << 20);

@@ -46,6 +46,19 @@ function pathsOf(name: string): CachePaths {
   return { cache: join(dir, name, 'c.cache'), bitmap: join(dir, name, 'c.bitmap'), metadata: join(dir, name, 'c.cache.meta') };
 }
 
+/** A write-back cache `name` of another disk of the same size (other.img), used by `use` and closed. */
+async function otherDiskCache(name: string, use: (engine: CacheEngine) => Promise<void>): Promise<CachePaths> {
+  const other = join(dir, 'other.img');
+  writeFileSync(other, randomBytes(SIZE));
+  const source = await openBacking(other, { writable: false });
+  const paths = pathsOf(name);
+  const engine = new CacheEngine(await CacheStore.open({ paths, backing: source, mode: 'writeback', blockSize: BS, records }), source, { autoCommitMs: 0 });
+  await use(engine);
+  await engine.close();
+  await source.close();
+  return paths;
+}
+
 interface Open {
   store: CacheStore;
   engine: CacheEngine;
@@ -310,15 +323,7 @@ describe('disk records: one disk, two caches', () => {
     await a1.engine.write(0, randomBytes(BS));
     await a1.close();
     // B: another cache (of another disk) whose bitmap the typo names.
-    const other = join(dir, 'other.img');
-    writeFileSync(other, randomBytes(SIZE));
-    const otherSource = await openBacking(other, { writable: false });
-    const b = pathsOf('b');
-    const bStore = await CacheStore.open({ paths: b, backing: otherSource, mode: 'writeback', blockSize: BS, records });
-    const bEngine = new CacheEngine(bStore, otherSource, { autoCommitMs: 0 });
-    await bEngine.write(0, randomBytes(BS));
-    await bEngine.close();
-    await otherSource.close();
+    const b = await otherDiskCache('b', (engine) => engine.write(0, randomBytes(BS)));
     const bBitmap = readFileSync(b.bitmap);
     // An attach of A with a -b of the wrong size: the advice names A's own bitmap before any discard.
     const stray = join(dir, 'stray.bitmap');
@@ -355,15 +360,7 @@ describe('disk records: one disk, two caches', () => {
     await a1.engine.write(0, randomBytes(BS));
     await a1.close();
     // B: a cache of another disk of the same size, so its bitmap is A's size.
-    const other = join(dir, 'other.img');
-    writeFileSync(other, randomBytes(SIZE));
-    const otherSource = await openBacking(other, { writable: false });
-    const b = pathsOf('b');
-    const bStore = await CacheStore.open({ paths: b, backing: otherSource, mode: 'writeback', blockSize: BS, records });
-    const bEngine = new CacheEngine(bStore, otherSource, { autoCommitMs: 0 });
-    await bEngine.read(0, SIZE);
-    await bEngine.close();
-    await otherSource.close();
+    const b = await otherDiskCache('b', (engine) => engine.read(0, SIZE).then(() => undefined));
     const aMeta = readFileSync(a.metadata);
     const bBitmap = readFileSync(b.bitmap);
     const wrong = await refused({ ...a, bitmap: b.bitmap });
