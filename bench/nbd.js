@@ -732,6 +732,8 @@ async function main() {
   const fsType = FS_MAGIC[Number(statfsSync(dir).type)] ?? `0x${Number(statfsSync(dir).type).toString(16)}`;
   if (fsType === 'tmpfs') process.stderr.write(`warning: ${dir} is tmpfs; fdatasync is free there and the write rows mean little\n`);
   scratch = live.scratch = mkdtempSync(join(dir, 'ulobnbd-'));
+  // Disk records of the bench's throw-away disks stay in the scratch directory (see bench/loop.js).
+  process.env.ULOBDEV_STATE_DIR = join(scratch, 'state');
   const loadStart = loadavg().map((x) => round(x, 2));
   const t00 = performance.now();
   process.stderr.write(`bench/nbd.js: ${SIZE / MiB} MiB backing file, ${SECONDS} s per random-read row and side, ${REPS} reps, scratch ${scratch} (${fsType})\n`);

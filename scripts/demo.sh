@@ -71,6 +71,9 @@ say "Write the dirty blocks back to the disk in one sorted pass"
 run "${ULOBDEV[@]}" flush --wait "$LOOP"
 run "${ULOBDEV[@]}" status "$LOOP"
 run "${ULOBDEV[@]}" detach "$LOOP"
+# The daemon logged to /run/ulobdev/NAME.log (--daemon); the demo is over, so its log goes too
+# (kept when the demo fails: it says why).
+rm -f "/run/ulobdev/$(basename "$LOOP").log"
 LOOP=""
 
 say "The disk on its own now holds the same filesystem, clean"
