@@ -446,7 +446,8 @@ export function formatStatus(s: DeviceStatus): string {
   if (s.disk) {
     const d = s.disk;
     const last = d.lastError ? `; last error ${when(d.lastErrorAt)}: ${d.lastError}` : '';
-    lines.push(`  ${http ? 'HTTP server' : 'backing disk'} ${d.state === 'ok' ? 'ok' : d.state.toUpperCase()}${last}`);
+    const state = d.state === 'ok' ? 'ok' : d.state === 'stuck' ? `NOT ANSWERING (an I/O has waited ${formatDuration(d.waitingSeconds ?? 0)})` : d.state.toUpperCase();
+    lines.push(`  ${http ? 'HTTP server' : 'backing disk'} ${state}${last}`);
   }
   const w = s.writeback;
   if (w) {
@@ -657,6 +658,13 @@ export function oneLineErrors(program: Command): Command {
   });
 }
 
+/**
+ * Threads of libuv's pool in a ulobdev process unless $UV_THREADPOOL_SIZE says otherwise: the
+ * flusher's copies (4) and the misses in flight to a disk that stops answering may each hold one,
+ * and the cache's own reads and writes (hits, fills, status) must still find one free.
+ */
+const THREADPOOL_SIZE = 16;
+
 const EXAMPLES = `
 Examples:
   ulobdev --writeback --flush '*/30 * * * *' /dev/loop6 /dev/sdb
@@ -833,5 +841,10 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
+// libuv's threadpool (default 4 threads) serves the cache's file I/O and the backing disk's alike:
+// with 4, a hung disk held every thread with the flusher's 4 copies (FlushOptions.depth) and hits
+// and status waited behind them (invariant 8). Read once, when the pool starts: set here, before
+// the first fs call of this process (the realpath below); a daemon child inherits it.
+process.env.UV_THREADPOOL_SIZE ??= String(THREADPOOL_SIZE);
 const isEntry = process.argv[1] && import.meta.url === new URL(`file://${await fsp.realpath(process.argv[1]).catch(() => process.argv[1])}`).href;
 if (isEntry) process.exitCode = await main(process.argv);

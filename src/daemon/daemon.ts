@@ -30,6 +30,8 @@ import { fstabWarnings, stableLinkFor } from './fstab.js';
 import { crashPoint, markStart, startTimes } from '../sys.js';
 
 export const EXPORT_NAME = 'ulobdev';
+/** How long a status request waits for the cache file's allocated size before answering with the last one. */
+const REFRESH_WAIT_MS = 500;
 
 export interface AttachOptions {
   device: string;
@@ -525,9 +527,20 @@ export class Daemon {
     };
   }
 
-  /** Reads what the flash filesystem charges for the cache file, for status(). */
+  /**
+   * Reads what the flash filesystem charges for the cache file, for status(). Waits at most
+   * REFRESH_WAIT_MS (the last value stays): the stat runs on the libuv threadpool, which a hung
+   * backing disk can keep busy (the flusher's copies waiting in its writes), and status must answer
+   * exactly then (invariant 8).
+   */
   async refreshStatus(): Promise<void> {
-    this.#allocatedBytes = await this.engine.store.allocatedBytes().catch(() => this.#allocatedBytes);
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<void>((resolve) => (timer = setTimeout(resolve, REFRESH_WAIT_MS)));
+    const read = this.engine.store.allocatedBytes().then(
+      (bytes) => void (this.#allocatedBytes = bytes),
+      () => undefined,
+    );
+    await Promise.race([read, late]).finally(() => clearTimeout(timer));
   }
 
   #writebackStatus(dirtyBytes: number): Pick<DeviceStatus, 'bytesAtRisk' | 'oldestDirtyAgeSeconds' | 'writeback'> {
