@@ -715,6 +715,7 @@ export class Daemon {
           if (timer) clearTimeout(timer);
         }
       }
+      scheduler.sampleNow();
     }
     if (options.force) {
       await this.#frontend.detach({ force: true }).catch((err: Error) => this.#logger.warn(`letting go of ${this.device}: ${err.message}`));
