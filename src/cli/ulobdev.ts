@@ -645,17 +645,32 @@ async function discard(backing: string, flags: { cache?: string; bitmap?: string
 }
 
 /**
- * commander's errors as one line, like every other refusal: `ulobdev: WHAT`, with its "(Did you
- * mean --writeback?)" for a misspelt option or command kept on that line.
+ * commander's errors as one line, like every other refusal: `NAME: WHAT`, with its "(Did you
+ * mean --writeback?)" for a misspelt option or command kept on that line, and for a missing
+ * argument `(usage: USAGE)` when `usage` is given. `name` defaults to the program's.
  */
-export function oneLineErrors(program: Command): Command {
+export function oneLineErrors(program: Command, usage?: string, name = program.name()): Command {
   return program.configureOutput({
     outputError: (text, write) => {
       const [what, ...more] = text.replace(/^error: /, '').trim().split('\n');
       const suggestion = more.map((l) => l.trim()).find((l) => l.startsWith('(Did you mean'));
-      write(`${program.name()}: ${what}${suggestion ? ` ${suggestion}` : ''}\n`);
+      // A missing argument: the command's usage, on the same line.
+      const hint = usage && what?.startsWith('missing required argument') ? ` (usage: ${usage})` : '';
+      write(`${name}: ${what}${hint}${suggestion ? ` ${suggestion}` : ''}\n`);
     },
   });
+}
+
+/**
+ * Each command's usage errors name the command's usage ("missing required argument 'BACKEND'
+ * (usage: ulobdev [options] DEVICE BACKEND, ...)"); the attach form with an example.
+ */
+function usageHints(program: Command): void {
+  for (const c of program.commands) {
+    const isAttach = c.name() === 'attach';
+    const usage = `${program.name()} ${isAttach ? '' : `${c.name()} `}${c.usage()}${isAttach ? `, e.g. 'ulobdev --writeback /dev/loop6 /dev/sdb'` : ''}; '${program.name()} ${c.name()} --help' says more`;
+    oneLineErrors(c, usage, program.name());
+  }
 }
 
 /**
@@ -779,6 +794,7 @@ export function buildProgram(): Command {
     .action((backing: string, flags: { cache?: string; bitmap?: string; metadata?: string; force?: boolean; runDir?: string }) =>
       discard(backing, flags),
     );
+  usageHints(program);
   return program;
 }
 
