@@ -127,6 +127,11 @@ export class CacheStore {
   readonly dirty: Bitmap;
   /** True when the last shutdown did not close the store cleanly. */
   readonly recoveredFromCrash: boolean;
+  /**
+   * Clean blocks evicted at open to fit a budget smaller than what the cache held (a full mirror
+   * given --cache-size, or a smaller budget than before); 0 when nothing had to go.
+   */
+  shrunkBlocks = 0;
   /** Blocks per eviction unit (at least 1). */
   readonly unitBlocks: number;
   /** The eviction clock; null without a budget (nothing is ever evicted then). */
@@ -1009,6 +1014,7 @@ export class CacheStore {
       const victims: Extent[] = [];
       for (const u of units) victims.push(...this.cleanBlocksOf(u));
       await this.evict(victims);
+      for (const v of victims) this.shrunkBlocks += v.count;
       for (const u of units) clock.forget(u);
     }
   }

@@ -439,7 +439,7 @@ export function formatStatus(s: DeviceStatus): string {
     `  flush epoch ${s.flushEpoch}, up ${s.uptimeSeconds} s, cache ${s.paths.cache}`,
     s.budgetBytes === null
       ? `  flash: a full mirror of the ${http ? 'image' : 'disk'}, ${formatBytes(s.allocatedBytes)} held`
-      : `  flash: budget ${formatBytes(s.budgetBytes)}, used ${formatBytes(s.usedBytes)} (${formatBytes(s.allocatedBytes)} held), evicted ${formatBytes(s.evictedBytes)}, unit ${formatBytes(s.evictionUnit)}`,
+      : `  flash: budget ${formatBytes(s.budgetBytes)}, used ${formatBytes(s.usedBytes)} (${formatBytes(s.allocatedBytes)} held), evicted ${formatBytes(s.evictedBytes)} since attach, unit ${formatBytes(s.evictionUnit)}`,
     `  reads: ${s.hitRatio === null ? 'none yet' : `hit ratio ${(s.hitRatio * 100).toFixed(1)}% (${s.readHits} hits, ${s.readMisses} misses)`}`,
   ];
   if (s.spaceError) lines.push(`  room: ${s.spaceError}`);

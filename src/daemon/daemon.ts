@@ -326,6 +326,12 @@ export class Daemon {
       if (store.budget !== null && kind === 'uloop' && !uloopBudgetUnlocked()) throw budgetOnUloop(options.device);
       if (store.budget !== null && policy.hydrateRate !== undefined && store.budget < source.size) throw hydrateOverBudget(store.budget, source.size);
       if (store.recoveredFromCrash) logger.warn('the cache was not closed cleanly last time; recovered its dirty set from the metadata');
+      if (store.shrunkBlocks > 0 && store.budget !== null) {
+        // Said once, here: status's "evicted" counts what eviction lets go while the device serves.
+        const line = `let go of ${formatBytes(store.shrunkBlocks * store.geometry.blockSize)} of clean cached blocks to fit the cache in its budget of ${formatBytes(store.budget)} (reads of them go to the disk again; no data is lost)`;
+        logger.info(line);
+        options.onNotice?.(line);
+      }
       assertSectorFits(sectorSize, store.geometry.blockSize, source.description, false);
       // Reads of the source (misses, hydration) mean the disk spins: a chance to flush for free.
       let onDiskRead = () => undefined as void;
