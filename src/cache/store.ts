@@ -242,7 +242,7 @@ export class CacheStore {
     let files: { cache: BlockFile; bitmapFile: BlockFile } | undefined;
     try {
       const info = meta.info;
-      checkIdentity(info, backing, options.blockSize, paths.metadata);
+      checkIdentity(info, backing, options.blockSize, paths.metadata, () => madeFor(options.records, info));
       const geometry = new Geometry(info.backingSize, info.blockSize);
       const budget = options.budget ?? info.budget;
       const creating = info.state === 'creating';
@@ -1150,10 +1150,26 @@ export function* subtractExtents(runs: Iterable<Extent>, remove: readonly Extent
   }
 }
 
-function checkIdentity(info: CacheInfo, backing: OpenStoreOptions['backing'], blockSize: number | undefined, metaPath: string): void {
+/**
+ * The disk a cache was made for as the user named it (its disk record's owner, when that is this
+ * cache), or undefined: no records, no record, or the record names another cache now. Only reads.
+ */
+function madeFor(records: DiskRecords | undefined, info: CacheInfo): string | undefined {
+  try {
+    const owner = records?.read(info.backingId)?.owner;
+    return owner && owner.uuid === info.uuid ? owner.device : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function checkIdentity(info: CacheInfo, backing: OpenStoreOptions['backing'], blockSize: number | undefined, metaPath: string, madeForDisk: () => string | undefined = () => undefined): void {
   if (info.backingId !== backing.id) {
+    // The user knows disks by path, not by id (newuser8 item 7): the path the cache was made for
+    // when the disk records know it; what to do either way.
+    const other = madeForDisk();
     throw new ForeignCacheError(
-      `${metaPath} is the cache of another disk (${info.backingId}), not of ${backing.description} (${backing.id})`,
+      `${metaPath} is the cache of another disk (${other ?? `id ${info.backingId}`}), not of ${backing.description}: give -c the cache of ${backing.description}, or a path where no cache is yet for a new one${other ? `; this cache goes with ${other}` : ''}`,
     );
   }
   if (info.backingSize !== backing.size) {
