@@ -105,16 +105,15 @@ describe('a backing disk that does not answer', () => {
     const flush = await ulobdev(['flush', 'h', '--run-dir', s.runDir]);
     expect(flush.code, flush.stderr).toBe(0);
 
-    // Every status answers within 3 s (the CLI itself gives up at 10 s), while the copies hang;
+    // Every status answers while the copies hang (the CLI gives up after 10 s with "no answer from
+    // the daemon": what it did before; no bound on speed here, a loaded machine starts node slowly);
     // within 30 s the disk shows as not answering.
     let text = '';
     const until = Date.now() + 30_000;
     for (;;) {
-      const t0 = Date.now();
       const st = await ulobdev(['status', 'h', '--run-dir', s.runDir], { timeoutMs: 20_000 });
-      const took = Date.now() - t0;
       expect(st.stderr).toBe('');
-      expect(took, `status took ${took} ms`).toBeLessThan(3000);
+      expect(st.code).toBe(0);
       text = st.stdout;
       if (/backing disk NOT ANSWERING/.test(text) || Date.now() > until) break;
       await new Promise((r) => setTimeout(r, 1000));
@@ -125,11 +124,10 @@ describe('a backing disk that does not answer', () => {
     expect(json.disk.state).toBe('stuck');
     expect(json.disk.waitingSeconds).toBeGreaterThanOrEqual(10);
 
-    // Hits: blocks in the cache are read without the disk, while it hangs.
-    const t0 = Date.now();
-    const hit = sh('timeout', ['10', 'qemu-io', '-f', 'raw', '-c', 'read -P 0x5a 0 8M', '-c', 'read -P 0x5a 24M 8M', url]);
+    // Hits: blocks in the cache are read without the disk, while it hangs (it is paused for certain:
+    // without the fix this read never ends, and `timeout` stops it after 20 s).
+    const hit = sh('timeout', ['20', 'qemu-io', '-f', 'raw', '-c', 'read -P 0x5a 0 8M', '-c', 'read -P 0x5a 24M 8M', url]);
     expect(hit.status, hit.stdout + hit.stderr).toBe(0);
-    expect(Date.now() - t0).toBeLessThan(5000);
 
     await disk.resume();
     const done = await ulobdev(['flush', 'h', '--wait', '--run-dir', s.runDir], { timeoutMs: 60_000 });
