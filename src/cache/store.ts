@@ -127,6 +127,11 @@ export class CacheStore {
   readonly dirty: Bitmap;
   /** True when the last shutdown did not close the store cleanly. */
   readonly recoveredFromCrash: boolean;
+  /**
+   * Clean blocks evicted at open to fit a budget smaller than what the cache held (a full mirror
+   * given --cache-size, or a smaller budget than before); 0 when nothing had to go.
+   */
+  shrunkBlocks = 0;
   /** Blocks per eviction unit (at least 1). */
   readonly unitBlocks: number;
   /** The eviction clock; null without a budget (nothing is ever evicted then). */
@@ -237,7 +242,7 @@ export class CacheStore {
     let files: { cache: BlockFile; bitmapFile: BlockFile } | undefined;
     try {
       const info = meta.info;
-      checkIdentity(info, backing, options.blockSize, paths.metadata);
+      checkIdentity(info, backing, options.blockSize, paths.metadata, () => madeFor(options.records, info));
       const geometry = new Geometry(info.backingSize, info.blockSize);
       const budget = options.budget ?? info.budget;
       const creating = info.state === 'creating';
@@ -1009,6 +1014,7 @@ export class CacheStore {
       const victims: Extent[] = [];
       for (const u of units) victims.push(...this.cleanBlocksOf(u));
       await this.evict(victims);
+      for (const v of victims) this.shrunkBlocks += v.count;
       for (const u of units) clock.forget(u);
     }
   }
@@ -1144,10 +1150,26 @@ export function* subtractExtents(runs: Iterable<Extent>, remove: readonly Extent
   }
 }
 
-function checkIdentity(info: CacheInfo, backing: OpenStoreOptions['backing'], blockSize: number | undefined, metaPath: string): void {
+/**
+ * The disk a cache was made for as the user named it (its disk record's owner, when that is this
+ * cache), or undefined: no records, no record, or the record names another cache now. Only reads.
+ */
+function madeFor(records: DiskRecords | undefined, info: CacheInfo): string | undefined {
+  try {
+    const owner = records?.read(info.backingId)?.owner;
+    return owner && owner.uuid === info.uuid ? owner.device : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function checkIdentity(info: CacheInfo, backing: OpenStoreOptions['backing'], blockSize: number | undefined, metaPath: string, madeForDisk: () => string | undefined = () => undefined): void {
   if (info.backingId !== backing.id) {
+    // The user knows disks by path, not by id (newuser8 item 7): the path the cache was made for
+    // when the disk records know it; what to do either way.
+    const other = madeForDisk();
     throw new ForeignCacheError(
-      `${metaPath} is the cache of another disk (${info.backingId}), not of ${backing.description} (${backing.id})`,
+      `${metaPath} is the cache of another disk (${other ?? `id ${info.backingId}`}), not of ${backing.description}: give -c the cache of ${backing.description}, or a path where no cache is yet for a new one${other ? `; this cache goes with ${other}` : ''}`,
     );
   }
   if (info.backingSize !== backing.size) {

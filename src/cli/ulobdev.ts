@@ -439,14 +439,15 @@ export function formatStatus(s: DeviceStatus): string {
     `  flush epoch ${s.flushEpoch}, up ${s.uptimeSeconds} s, cache ${s.paths.cache}`,
     s.budgetBytes === null
       ? `  flash: a full mirror of the ${http ? 'image' : 'disk'}, ${formatBytes(s.allocatedBytes)} held`
-      : `  flash: budget ${formatBytes(s.budgetBytes)}, used ${formatBytes(s.usedBytes)} (${formatBytes(s.allocatedBytes)} held), evicted ${formatBytes(s.evictedBytes)}, unit ${formatBytes(s.evictionUnit)}`,
+      : `  flash: budget ${formatBytes(s.budgetBytes)}, used ${formatBytes(s.usedBytes)} (${formatBytes(s.allocatedBytes)} held), evicted ${formatBytes(s.evictedBytes)} since attach, unit ${formatBytes(s.evictionUnit)}`,
     `  reads: ${s.hitRatio === null ? 'none yet' : `hit ratio ${(s.hitRatio * 100).toFixed(1)}% (${s.readHits} hits, ${s.readMisses} misses)`}`,
   ];
   if (s.spaceError) lines.push(`  room: ${s.spaceError}`);
   if (s.disk) {
     const d = s.disk;
     const last = d.lastError ? `; last error ${when(d.lastErrorAt)}: ${d.lastError}` : '';
-    lines.push(`  ${http ? 'HTTP server' : 'backing disk'} ${d.state === 'ok' ? 'ok' : d.state.toUpperCase()}${last}`);
+    const state = d.state === 'ok' ? 'ok' : d.state === 'stuck' ? `NOT ANSWERING (an I/O has waited ${formatDuration(d.waitingSeconds ?? 0)})` : d.state.toUpperCase();
+    lines.push(`  ${http ? 'HTTP server' : 'backing disk'} ${state}${last}`);
   }
   const w = s.writeback;
   if (w) {
@@ -644,18 +645,40 @@ async function discard(backing: string, flags: { cache?: string; bitmap?: string
 }
 
 /**
- * commander's errors as one line, like every other refusal: `ulobdev: WHAT`, with its "(Did you
- * mean --writeback?)" for a misspelt option or command kept on that line.
+ * commander's errors as one line, like every other refusal: `NAME: WHAT`, with its "(Did you
+ * mean --writeback?)" for a misspelt option or command kept on that line, and for a missing
+ * argument `(usage: USAGE)` when `usage` is given. `name` defaults to the program's.
  */
-export function oneLineErrors(program: Command): Command {
+export function oneLineErrors(program: Command, usage?: string, name = program.name()): Command {
   return program.configureOutput({
     outputError: (text, write) => {
       const [what, ...more] = text.replace(/^error: /, '').trim().split('\n');
       const suggestion = more.map((l) => l.trim()).find((l) => l.startsWith('(Did you mean'));
-      write(`${program.name()}: ${what}${suggestion ? ` ${suggestion}` : ''}\n`);
+      // A missing argument: the command's usage, on the same line.
+      const hint = usage && what?.startsWith('missing required argument') ? ` (usage: ${usage})` : '';
+      write(`${name}: ${what}${hint}${suggestion ? ` ${suggestion}` : ''}\n`);
     },
   });
 }
+
+/**
+ * Each command's usage errors name the command's usage ("missing required argument 'BACKEND'
+ * (usage: ulobdev [options] DEVICE BACKEND, ...)"); the attach form with an example.
+ */
+function usageHints(program: Command): void {
+  for (const c of program.commands) {
+    const isAttach = c.name() === 'attach';
+    const usage = `${program.name()} ${isAttach ? '' : `${c.name()} `}${c.usage()}${isAttach ? `, e.g. 'ulobdev --writeback /dev/loop6 /dev/sdb'` : ''}; '${program.name()} ${c.name()} --help' says more`;
+    oneLineErrors(c, usage, program.name());
+  }
+}
+
+/**
+ * Threads of libuv's pool in a ulobdev process unless $UV_THREADPOOL_SIZE says otherwise: the
+ * flusher's copies (4) and the misses in flight to a disk that stops answering may each hold one,
+ * and the cache's own reads and writes (hits, fills, status) must still find one free.
+ */
+const THREADPOOL_SIZE = 16;
 
 const EXAMPLES = `
 Examples:
@@ -771,6 +794,7 @@ export function buildProgram(): Command {
     .action((backing: string, flags: { cache?: string; bitmap?: string; metadata?: string; force?: boolean; runDir?: string }) =>
       discard(backing, flags),
     );
+  usageHints(program);
   return program;
 }
 
@@ -833,5 +857,10 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
+// libuv's threadpool (default 4 threads) serves the cache's file I/O and the backing disk's alike:
+// with 4, a hung disk held every thread with the flusher's 4 copies (FlushOptions.depth) and hits
+// and status waited behind them (invariant 8). Read once, when the pool starts: set here, before
+// the first fs call of this process (the realpath below); a daemon child inherits it.
+process.env.UV_THREADPOOL_SIZE ??= String(THREADPOOL_SIZE);
 const isEntry = process.argv[1] && import.meta.url === new URL(`file://${await fsp.realpath(process.argv[1]).catch(() => process.argv[1])}`).href;
 if (isEntry) process.exitCode = await main(process.argv);

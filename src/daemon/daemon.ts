@@ -30,6 +30,8 @@ import { fstabWarnings, stableLinkFor } from './fstab.js';
 import { crashPoint, markStart, startTimes } from '../sys.js';
 
 export const EXPORT_NAME = 'ulobdev';
+/** How long a status request waits for the cache file's allocated size before answering with the last one. */
+const REFRESH_WAIT_MS = 500;
 
 export interface AttachOptions {
   device: string;
@@ -324,6 +326,12 @@ export class Daemon {
       if (store.budget !== null && kind === 'uloop' && !uloopBudgetUnlocked()) throw budgetOnUloop(options.device);
       if (store.budget !== null && policy.hydrateRate !== undefined && store.budget < source.size) throw hydrateOverBudget(store.budget, source.size);
       if (store.recoveredFromCrash) logger.warn('the cache was not closed cleanly last time; recovered its dirty set from the metadata');
+      if (store.shrunkBlocks > 0 && store.budget !== null) {
+        // Said once, here: status's "evicted" counts what eviction lets go while the device serves.
+        const line = `let go of ${formatBytes(store.shrunkBlocks * store.geometry.blockSize)} of clean cached blocks to fit the cache in its budget of ${formatBytes(store.budget)} (reads of them go to the disk again; no data is lost)`;
+        logger.info(line);
+        options.onNotice?.(line);
+      }
       assertSectorFits(sectorSize, store.geometry.blockSize, source.description, false);
       // Reads of the source (misses, hydration) mean the disk spins: a chance to flush for free.
       let onDiskRead = () => undefined as void;
@@ -525,9 +533,20 @@ export class Daemon {
     };
   }
 
-  /** Reads what the flash filesystem charges for the cache file, for status(). */
+  /**
+   * Reads what the flash filesystem charges for the cache file, for status(). Waits at most
+   * REFRESH_WAIT_MS (the last value stays): the stat runs on the libuv threadpool, which a hung
+   * backing disk can keep busy (the flusher's copies waiting in its writes), and status must answer
+   * exactly then (invariant 8).
+   */
   async refreshStatus(): Promise<void> {
-    this.#allocatedBytes = await this.engine.store.allocatedBytes().catch(() => this.#allocatedBytes);
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<void>((resolve) => (timer = setTimeout(resolve, REFRESH_WAIT_MS)));
+    const read = this.engine.store.allocatedBytes().then(
+      (bytes) => void (this.#allocatedBytes = bytes),
+      () => undefined,
+    );
+    await Promise.race([read, late]).finally(() => clearTimeout(timer));
   }
 
   #writebackStatus(dirtyBytes: number): Pick<DeviceStatus, 'bytesAtRisk' | 'oldestDirtyAgeSeconds' | 'writeback'> {
@@ -702,6 +721,7 @@ export class Daemon {
           if (timer) clearTimeout(timer);
         }
       }
+      scheduler.sampleNow();
     }
     if (options.force) {
       await this.#frontend.detach({ force: true }).catch((err: Error) => this.#logger.warn(`letting go of ${this.device}: ${err.message}`));

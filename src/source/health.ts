@@ -1,5 +1,6 @@
-// The backing disk's state as `status` shows it: ok, failing (its last I/O failed) or gone (it was
-// removed, or its transport is down), with the last error and when it happened. Learnt from every
+// The backing disk's state as `status` shows it: ok, failing (its last I/O failed), gone (it was
+// removed, or its transport is down) or stuck (an I/O sent to it has not come back for
+// STUCK_AFTER_MS: a hung disk or transport), with the last error and when it happened. Learnt from every
 // read (misses, hydration) and write and sync (flushes) that reach the disk, and for a block device
 // from sysfs at each look, so a removed disk shows as gone even while nothing reads it. Nothing here
 // touches the disk: a sleeping disk stays asleep.
@@ -7,7 +8,7 @@ import { wrapSource, type Source, type WritableSource } from './source.js';
 import type { BlockFile } from '../storage/storage.js';
 import { nameUnknownErrno, systemErrorCode } from '../errno.js';
 
-export type DiskState = 'ok' | 'failing' | 'gone';
+export type DiskState = 'ok' | 'failing' | 'gone' | 'stuck';
 
 export interface DiskHealthStatus {
   state: DiskState;
@@ -17,7 +18,16 @@ export interface DiskHealthStatus {
   lastErrorAt: number | null;
   /** I/O errors since the daemon started. */
   errors: number;
+  /** Seconds the oldest I/O still waiting on the disk has waited, or null when none waits. */
+  waitingSeconds: number | null;
 }
+
+/**
+ * An I/O of the disk still waiting after this long makes the state `stuck`. Longer than a spin-up
+ * from standby (up to about 10 s for a 3.5" disk), so a sleeping disk woken by a miss is not
+ * called stuck.
+ */
+export const STUCK_AFTER_MS = 15_000;
 
 /**
  * errno names meaning the disk (or the transport to it) is no longer there, rather than that one
@@ -32,6 +42,8 @@ export class DiskHealth {
   #lastError: string | null = null;
   #lastErrorAt: number | null = null;
   #errors = 0;
+  /** Start times (ms) of the I/Os sent to the disk and not yet returned, by a token each. */
+  readonly #waiting = new Map<symbol, number>();
   readonly #present: (() => boolean) | undefined;
 
   /**
@@ -56,10 +68,32 @@ export class DiskHealth {
     this.#errors++;
   }
 
-  status(): DiskHealthStatus {
+  /**
+   * The state now. Never waits for the disk: an I/O that has not returned for STUCK_AFTER_MS makes
+   * it `stuck` (learnt from the I/Os in flight, not from asking the disk).
+   */
+  status(now = Date.now()): DiskHealthStatus {
     let state = this.#state;
+    let oldest = Infinity;
+    for (const t of this.#waiting.values()) oldest = Math.min(oldest, t);
+    const waitedMs = oldest === Infinity ? null : Math.max(0, now - oldest);
+    if (waitedMs !== null && waitedMs >= STUCK_AFTER_MS) state = 'stuck';
     if (this.#present && !this.#present()) state = 'gone';
-    return { state, lastError: this.#lastError, lastErrorAt: this.#lastErrorAt, errors: this.#errors };
+    return { state, lastError: this.#lastError, lastErrorAt: this.#lastErrorAt, errors: this.#errors, waitingSeconds: waitedMs === null ? null : Math.floor(waitedMs / 1000) };
+  }
+
+  /** `io`, counted as waiting on the disk from now until it settles. */
+  #timed<T>(io: () => Promise<T>): Promise<T> {
+    const token = Symbol('io');
+    this.#waiting.set(token, Date.now());
+    let p: Promise<T>;
+    try {
+      p = io();
+    } catch (err) {
+      this.#waiting.delete(token);
+      throw err;
+    }
+    return p.finally(() => this.#waiting.delete(token));
   }
 
   /**
@@ -67,9 +101,9 @@ export class DiskHealth {
    * daemon's view of the disk); every other method is the source's own (wrapSource).
    */
   watch<S extends Source>(source: S): S {
-    const track = async <T>(io: Promise<T>): Promise<T> => {
+    const track = async <T>(io: () => Promise<T>): Promise<T> => {
       try {
-        const r = await io;
+        const r = await this.#timed(io);
         this.succeeded();
         return r;
       } catch (err) {
@@ -79,11 +113,11 @@ export class DiskHealth {
     };
     const w = source as unknown as WritableSource; // its write methods are overridden only where it has them
     return wrapSource(source, {
-      readAt: (buf, position) => track(source.readAt(buf, position)),
+      readAt: (buf, position) => track(() => source.readAt(buf, position)),
       // A fill's read and cache write in one request: only the read side is the disk's.
       copyInto: async (into, buf, position, intoPosition) => {
         try {
-          await source.copyInto!(into, buf, position, intoPosition);
+          await this.#timed(() => source.copyInto!(into, buf, position, intoPosition));
           this.succeeded();
         } catch (err) {
           if ((err as { syscall?: string }).syscall !== 'pwrite') this.failed(err);
@@ -92,27 +126,27 @@ export class DiskHealth {
       },
       streamInto: async (into, buf, position, intoPosition, length) => {
         try {
-          await source.streamInto!(into, buf, position, intoPosition, length);
+          await this.#timed(() => source.streamInto!(into, buf, position, intoPosition, length));
           this.succeeded();
         } catch (err) {
           if ((err as { syscall?: string }).syscall !== 'pwrite') this.failed(err);
           throw err;
         }
       },
-      writeAt: (buf, position) => track(w.writeAt(buf, position)),
-      writeMany: (buf, pieces) => track(w.writeMany!(buf, pieces)),
+      writeAt: (buf, position) => track(() => w.writeAt(buf, position)),
+      writeMany: (buf, pieces) => track(() => w.writeMany!(buf, pieces)),
       // A flush batch's cache reads and disk writes in one request: only the write side is the disk's.
       writeManyFrom: async (from: BlockFile, buf: Uint8Array, pieces: ReadonlyArray<readonly [number, number, number]>) => {
         try {
-          await w.writeManyFrom!(from, buf, pieces);
+          await this.#timed(() => w.writeManyFrom!(from, buf, pieces));
           this.succeeded();
         } catch (err) {
           if ((err as { syscall?: string }).syscall !== 'pread') this.failed(err);
           throw err;
         }
       },
-      zeroAt: (position, length) => track(w.zeroAt!(position, length)),
-      sync: () => track(w.sync()),
+      zeroAt: (position, length) => track(() => w.zeroAt!(position, length)),
+      sync: () => track(() => w.sync()),
     });
   }
 }

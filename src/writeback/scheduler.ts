@@ -185,6 +185,15 @@ export class FlushScheduler {
     this.#cancelIdleSpindown();
   }
 
+  /**
+   * Records the dirty bytes now in the history (a sample, as the minute's ones). The daemon calls
+   * it last thing at detach: a cache detached with dirty data shows it in its report, where the
+   * last sample was otherwise the one taken at attach or the last whole minute.
+   */
+  sampleNow(): void {
+    this.#sample();
+  }
+
   async idle(): Promise<void> {
     while (this.#running || this.#queued) await (this.#queued ?? this.#running)!.catch(() => undefined);
   }

@@ -6,55 +6,32 @@
 // device (issue 14, item 4a): the range reads zeros at once, costs no flash, and the disk holds
 // zeros after the next flush.
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, readSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, fsyncSync, openSync, readFileSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
-import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { attachFreeLoop, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { shaOf, useLoopFixture, type Scratch } from '../support/loop-fixture.js';
+import { attachFreeLoop, mustSh, prepareCliTests, sh, ulobdev } from '../support/cli.js';
 
 const MiB = 1 << 20;
 const BUDGET = 256 * MiB;
 /** What the flash filesystem may charge beyond the budget: a unit being punched, extent-tree blocks. */
 const SLACK = 8 * MiB;
 
-let s: ReturnType<typeof scratch>;
-let attached: string[] = [];
-const mounts: string[] = [];
+const fx = useLoopFixture();
+let s: Scratch;
 
 beforeAll(() => {
   prepareCliTests();
-});
-
-afterEach(async () => {
-  for (const m of mounts.splice(0)) sh('umount', [m]);
-  for (const dev of attached.splice(0)) await ulobdev(['detach', dev, '--run-dir', s.runDir]);
-  s?.cleanup();
 });
 
 function sha(data: Uint8Array): string {
   return createHash('sha256').update(data).digest('hex');
 }
 
-/** sha256 of a file or device, read in pieces. */
-function shaOf(path: string): string {
-  const h = createHash('sha256');
-  const fd = openSync(path, 'r');
-  const buf = Buffer.allocUnsafe(8 * MiB);
-  try {
-    for (;;) {
-      const n = readSync(fd, buf, 0, buf.byteLength, null);
-      if (n === 0) break;
-      h.update(buf.subarray(0, n));
-    }
-  } finally {
-    closeSync(fd);
-  }
-  return h.digest('hex');
-}
-
 async function attach(args: string[], disk: string): Promise<string> {
   const { loop } = await attachFreeLoop((dev) => ulobdev([...args, '--daemon', '--run-dir', s.runDir, '--state-dir', s.stateDir, dev, disk], { timeoutMs: 120_000 }));
-  attached.push(loop);
+  fx.attached(loop);
   return loop;
 }
 
@@ -62,7 +39,7 @@ async function detach(loop: string): Promise<void> {
   const r = await ulobdev(['detach', loop, '--run-dir', s.runDir], { timeoutMs: 600_000 });
   expect(r.stderr).toBe('');
   expect(r.code).toBe(0);
-  attached = attached.filter((d) => d !== loop);
+  fx.detached(loop);
 }
 
 async function status(loop: string): Promise<Record<string, any>> {
@@ -71,16 +48,8 @@ async function status(loop: string): Promise<Record<string, any>> {
   return JSON.parse(r.stdout);
 }
 
-function mount(dev: string, dir: string): void {
-  mkdirSync(dir, { recursive: true });
-  mustSh('mount', [dev, dir]);
-  mounts.push(dir);
-}
-
-function umount(dir: string): void {
-  mustSh('umount', [dir]);
-  mounts.splice(mounts.indexOf(dir), 1);
-}
+const mount = (dev: string, dir: string) => fx.mount(dev, dir);
+const umount = fx.umount;
 
 function dropCaches(): void {
   writeFileSync('/proc/sys/vm/drop_caches', '3');
@@ -88,7 +57,7 @@ function dropCaches(): void {
 
 describe('a cache budget on /dev/loopN', () => {
   it('holds 1.5 GiB of files on a 2 GiB disk in 256M of flash: within the budget, all read back, the disk equal to the device after flush and detach', async () => {
-    s = scratch('ulob-budget-');
+    s = fx.scratch('ulob-budget-');
     const disk = join(s.dir, 'disk.img');
     const cache = join(s.dir, 'c.cache');
     mustSh('truncate', ['-s', '2G', disk]);
@@ -145,7 +114,7 @@ describe('a cache budget on /dev/loopN', () => {
   }, 1_800_000);
 
   it('a punched hole on /dev/loopN reads zeros at once, frees its flash, and reaches the disk as zeros at the flush', async () => {
-    s = scratch('ulob-budget-');
+    s = fx.scratch('ulob-budget-');
     const disk = join(s.dir, 'disk.img');
     const cache = join(s.dir, 'c.cache');
     const content = randomBytes(64 * MiB);

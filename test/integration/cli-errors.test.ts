@@ -110,8 +110,14 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
 
   it('the cache of another disk', async () => {
     s = scratch('ulob-cli-');
-    await makeCache(makeDisk('a.img'));
-    await expectRefused([...cacheArgs(), '--writeback', unusedLoop(), makeDisk('b.img')], /is the cache of another disk/);
+    const a = makeDisk('a.img');
+    await makeCache(a);
+    const b = makeDisk('b.img');
+    // Named by the path it was made for (newuser8: an id like file:254:0:5513997), and what to do.
+    await expectRefused(
+      [...cacheArgs(), '--writeback', unusedLoop(), b],
+      new RegExp(`^ulobdev: ${s.dir}/c\\.cache\\.meta is the cache of another disk \\(${a}\\), not of ${b}: give -c the cache of ${b}, or a path where no cache is yet for a new one; this cache goes with ${a}\n$`),
+    );
   });
 
   it('discard of the cache of another disk (newuser7 F18): refused, nothing removed', async () => {

@@ -415,7 +415,9 @@ describe('the log and the help (item 16)', () => {
 
   it('a usage error is one line, not the help', async () => {
     s = scratch('ulob-typing-');
-    await expectRefused(['/dev/loop3'], /^ulobdev: missing required argument 'BACKEND'\n$/);
+    await expectRefused(['/dev/loop3'], /^ulobdev: missing required argument 'BACKEND' \(usage: ulobdev \[options\] DEVICE BACKEND, e\.g\. 'ulobdev --writeback \/dev\/loop6 \/dev\/sdb'; 'ulobdev attach --help' says more\)\n$/);
+    // Another command's: its own usage.
+    await expectRefused(['discard'], /^ulobdev: missing required argument 'BACKEND' \(usage: ulobdev discard \[options\] <BACKEND>; 'ulobdev discard --help' says more\)\n$/);
   });
 
   it('JSON lines with one device key when not on a terminal', async () => {

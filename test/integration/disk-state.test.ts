@@ -68,7 +68,7 @@ describe('the backing disk state in status', () => {
     const read = (mib: number) => sh('qemu-io', ['-f', 'raw', '-c', `read ${mib}M 4k`, `nbd+unix:///ulobdev?socket=${sock}`]);
 
     read(1);
-    expect((await status()).disk).toEqual({ state: 'ok', lastError: null, lastErrorAt: null, errors: 0 });
+    expect((await status()).disk).toEqual({ state: 'ok', lastError: null, lastErrorAt: null, errors: 0, waitingSeconds: null });
     expect(await text()).toMatch(/\n {2}backing disk ok\n/);
 
     writeFileSync(disk.trigger, '');

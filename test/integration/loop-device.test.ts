@@ -3,33 +3,25 @@
 // detach, SIGTERM).
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { attachFreeLoop, CLI, freeLoop, mustSh, prepareCliTests, scratch, sh, testEnv, ulobdev } from '../support/cli.js';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { shaOf, useLoopFixture, type Scratch } from '../support/loop-fixture.js';
+import { attachFreeLoop, CLI, freeLoop, mustSh, prepareCliTests, sh, testEnv, ulobdev } from '../support/cli.js';
 
-let s: ReturnType<typeof scratch>;
-let attached: string[] = [];
-const mounts: string[] = [];
+const fx = useLoopFixture();
+let s: Scratch;
 
 beforeAll(() => {
   prepareCliTests();
 });
 
-afterEach(async () => {
-  for (const m of mounts.splice(0)) sh('umount', [m]);
-  for (const dev of attached.splice(0)) await ulobdev(['detach', dev, '--run-dir', s.runDir]);
-  s?.cleanup();
-});
-
-function sha(path: string): string {
-  return createHash('sha256').update(readFileSync(path)).digest('hex');
-}
+const sha = shaOf;
 
 async function attach(args: string[]): Promise<string> {
   const { loop, result } = await attachFreeLoop((dev) => ulobdev([...args, '--daemon', '--run-dir', s.runDir, '--state-dir', s.stateDir, dev, join(s.dir, 'disk.img')]));
   expect(result.stdout.trim()).toBe(loop);
-  attached.push(loop);
+  fx.attached(loop);
   return loop;
 }
 
@@ -37,23 +29,14 @@ async function detach(loop: string): Promise<void> {
   const r = await ulobdev(['detach', loop, '--run-dir', s.runDir]);
   expect(r.stderr).toBe('');
   expect(r.code).toBe(0);
-  attached = attached.filter((d) => d !== loop);
+  fx.detached(loop);
 }
 
-function mount(dev: string, dir: string, opts: string[] = []): void {
-  mkdirSync(dir, { recursive: true });
-  mustSh('mount', [...opts, dev, dir]);
-  mounts.push(dir);
-}
-
-function umount(dir: string): void {
-  mustSh('umount', [dir]);
-  mounts.splice(mounts.indexOf(dir), 1);
-}
+const { mount, umount } = fx;
 
 describe('/dev/loopN frontend', () => {
   it('carries an ext4 filesystem in write-back mode across detach and re-attach', async () => {
-    s = scratch('ulob-loop-');
+    s = fx.scratch('ulob-loop-');
     const disk = join(s.dir, 'disk.img');
     mustSh('truncate', ['-s', '128M', disk]);
     const diskBefore = sha(disk);
@@ -88,7 +71,7 @@ describe('/dev/loopN frontend', () => {
   });
 
   it('is read-only without --writeback: writes fail, reads work', async () => {
-    s = scratch('ulob-loop-ro-');
+    s = fx.scratch('ulob-loop-ro-');
     const disk = join(s.dir, 'disk.img');
     mustSh('truncate', ['-s', '64M', disk]);
     mustSh('mkfs.ext4', ['-q', disk]);
@@ -106,7 +89,7 @@ describe('/dev/loopN frontend', () => {
   });
 
   it('refuses to detach while mounted, and keeps serving', async () => {
-    s = scratch('ulob-loop-busy-');
+    s = fx.scratch('ulob-loop-busy-');
     mustSh('truncate', ['-s', '64M', join(s.dir, 'disk.img')]);
     mustSh('mkfs.ext4', ['-q', join(s.dir, 'disk.img')]);
     const loop = await attach(['-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--writeback']);
@@ -121,7 +104,7 @@ describe('/dev/loopN frontend', () => {
   });
 
   it('runs in the foreground and detaches on SIGTERM', async () => {
-    s = scratch('ulob-loop-fg-');
+    s = fx.scratch('ulob-loop-fg-');
     mustSh('truncate', ['-s', '32M', join(s.dir, 'disk.img')]);
     const loop = freeLoop();
     const args = ['-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--run-dir', s.runDir, loop, join(s.dir, 'disk.img')];

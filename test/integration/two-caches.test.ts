@@ -3,29 +3,21 @@
 // and flushing the first afterwards silently overwrote files written and flushed through the
 // second; the second, re-attached, served blocks older than the disk. Now each of those attaches
 // is refused with one line (exit 1, nothing changed) and the way out works.
-import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { attachFreeLoop, loopsUnder, mustSh, prepareCliTests, scratch, sh, snapshot, ulobdev, unusedLoop } from '../support/cli.js';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { shaOf, useLoopFixture, type Scratch } from '../support/loop-fixture.js';
+import { attachFreeLoop, loopsUnder, mustSh, prepareCliTests, sh, snapshot, ulobdev, unusedLoop } from '../support/cli.js';
 
-let s: ReturnType<typeof scratch>;
-let attached: string[] = [];
-const mounts: string[] = [];
+const fx = useLoopFixture();
+let s: Scratch;
 
 beforeAll(() => {
   prepareCliTests();
 });
 
-afterEach(async () => {
-  for (const m of mounts.splice(0)) sh('umount', [m]);
-  for (const dev of attached.splice(0)) await ulobdev(['detach', dev, '--run-dir', s.runDir]);
-  s?.cleanup();
-});
-
-function sha(path: string): string {
-  return createHash('sha256').update(readFileSync(path)).digest('hex');
-}
+const sha = shaOf;
 
 function cacheArgs(name: string): string[] {
   return ['-c', join(s.dir, `${name}.cache`), '-b', join(s.dir, `${name}.bitmap`)];
@@ -34,14 +26,14 @@ function cacheArgs(name: string): string[] {
 async function attach(cache: string[]): Promise<string> {
   const { loop, result } = await attachFreeLoop((dev) => ulobdev([...cache, '--writeback', '--daemon', '--run-dir', s.runDir, dev, join(s.dir, 'disk.img')]));
   expect(result.stdout.trim()).toBe(loop);
-  attached.push(loop);
+  fx.attached(loop);
   return loop;
 }
 
 async function detach(loop: string): Promise<string> {
   const r = await ulobdev(['detach', loop, '--run-dir', s.runDir]);
   expect(r.code, r.stderr).toBe(0);
-  attached = attached.filter((d) => d !== loop);
+  fx.detached(loop);
   return r.stdout;
 }
 
@@ -52,23 +44,18 @@ async function flush(loop: string): Promise<void> {
 
 function mount(dev: string): string {
   const dir = join(s.dir, 'mnt');
-  mkdirSync(dir, { recursive: true });
-  mustSh('mount', [dev, dir]);
-  mounts.push(dir);
+  fx.mount(dev, dir);
   return dir;
 }
 
-function umount(dir: string): void {
-  mustSh('umount', [dir]);
-  mounts.splice(mounts.indexOf(dir), 1);
-}
+const umount = fx.umount;
 
 /** The attach is refused: exit 1, one line matching `message`, no file changed, no loop device bound. */
 async function expectRefused(cache: string[], message: RegExp): Promise<void> {
   const before = snapshot(s.dir);
   const loopsBefore = loopsUnder(s.dir);
   const r = await ulobdev([...cache, '--writeback', '--daemon', '--run-dir', s.runDir, unusedLoop(), join(s.dir, 'disk.img')]);
-  if (r.code === 0) attached.push(r.stdout.trim());
+  if (r.code === 0) fx.attached(r.stdout.trim());
   expect(r.code, r.stdout + r.stderr).toBe(1);
   expect(r.stderr).toMatch(/^ulobdev: [^\n]+\n$/);
   expect(r.stderr).toMatch(message);
@@ -78,7 +65,7 @@ async function expectRefused(cache: string[], message: RegExp): Promise<void> {
 
 describe('two caches for one disk (newuser7 F4)', () => {
   it('a second cache is refused while the first holds dirty data, and a cache the disk was written past is refused as stale; flush, discard and re-attach bring the files back', async () => {
-    s = scratch('ulob-two-caches-');
+    s = fx.scratch('ulob-two-caches-');
     const disk = join(s.dir, 'disk.img');
     mustSh('truncate', ['-s', '64M', disk]);
     mustSh('mkfs.ext4', ['-q', '-E', 'lazy_itable_init=0,lazy_journal_init=0', disk]);

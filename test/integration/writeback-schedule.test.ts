@@ -109,6 +109,20 @@ describe('write-back scheduler', () => {
     expect(JSON.parse(offline.stdout).flushes.map((f: { epoch: number }) => f.epoch)).toEqual(report.flushes.map((f: { epoch: number }) => f.epoch));
   });
 
+  it('a cache detached with dirty data has them in its last sample (newuser8: its report showed 0)', async () => {
+    s = scratch('ulob-detach-sample-');
+    const { url, name } = await serve([]);
+    const file = join(s.dir, 'data.bin');
+    writeFileSync(file, randomBytes(2 << 20));
+    qemuWrite(url, 0, file);
+    const d = await ulobdev(['detach', name, '--run-dir', s.runDir]);
+    expect(d.code, d.stderr).toBe(0);
+    attached = attached.filter((x) => x !== name);
+    const r = await ulobdev(['report', name, '--json', '--cache', join(s.dir, 'c.cache'), '--run-dir', s.runDir]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout).samples.at(-1).dirtyBytes).toBe(2 << 20);
+  });
+
   it('flushes when dirty data passes --dirty-max, and when it is older than --max-dirty-age', async () => {
     s = scratch('ulob-threshold-');
     const { url, name, disk } = await serve(['--dirty-max', '2M', '--max-dirty-age', '3s', '--tick-ms', '200']);

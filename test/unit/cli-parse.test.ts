@@ -42,7 +42,7 @@ describe('command-line parsing', () => {
     // A word close to no command is left to the attach form, which names what is wrong.
     const far = await run(ulobdev, ['xyzzy']);
     expect(far.code).toBe(1);
-    expect(far.stderr).toBe("ulobdev: missing required argument 'BACKEND'\n");
+    expect(far.stderr).toBe("ulobdev: missing required argument 'BACKEND' (usage: ulobdev [options] DEVICE BACKEND, e.g. 'ulobdev --writeback /dev/loop6 /dev/sdb'; 'ulobdev attach --help' says more)\n");
   });
 
   it('refuses an unknown --log-level in one line naming the levels, exit 1', async () => {

@@ -7,7 +7,7 @@ import { mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { devicePresence } from '../../src/source/backing.js';
-import { DiskHealth } from '../../src/source/health.js';
+import { DiskHealth, STUCK_AFTER_MS } from '../../src/source/health.js';
 import { majorMinor } from '../../src/sys.js';
 import type { WritableSource } from '../../src/source/source.js';
 
@@ -30,7 +30,7 @@ describe('DiskHealth', () => {
     const health = new DiskHealth();
     const src = flakySource();
     const watched = health.watch(src) as WritableSource;
-    expect(health.status()).toEqual({ state: 'ok', lastError: null, lastErrorAt: null, errors: 0 });
+    expect(health.status()).toEqual({ state: 'ok', lastError: null, lastErrorAt: null, errors: 0, waitingSeconds: null });
     src.fail.push(errno('EIO', 'EIO: i/o error, pread'));
     await expect(watched.readAt(Buffer.alloc(8), 0)).rejects.toThrow(/EIO/);
     const failing = health.status();
@@ -113,12 +113,29 @@ describe('DiskHealth', () => {
     }
   });
 
+  it('is stuck while an I/O has waited STUCK_AFTER_MS without an answer, and ok once it returns', async () => {
+    const health = new DiskHealth();
+    let answer!: () => void;
+    const src = flakySource();
+    src.writeAt = () => new Promise<void>((resolve) => (answer = resolve));
+    const write = (health.watch(src) as WritableSource).writeAt(Buffer.alloc(8), 0);
+    const t0 = Date.now();
+    expect(health.status(t0 + STUCK_AFTER_MS - 1000)).toMatchObject({ state: 'ok', waitingSeconds: STUCK_AFTER_MS / 1000 - 1 });
+    expect(health.status(t0 + STUCK_AFTER_MS + 2000)).toMatchObject({ state: 'stuck', waitingSeconds: STUCK_AFTER_MS / 1000 + 2 });
+    // Another I/O that comes back meanwhile does not hide the one still waiting.
+    await health.watch(flakySource()).readAt(Buffer.alloc(8), 0);
+    expect(health.status(t0 + STUCK_AFTER_MS + 2000).state).toBe('stuck');
+    answer();
+    await write;
+    expect(health.status(t0 + STUCK_AFTER_MS + 2000)).toEqual({ state: 'ok', lastError: null, lastErrorAt: null, errors: 0, waitingSeconds: null });
+  });
+
   it('is gone as soon as the device has left, without any I/O', () => {
     let present = true;
     const health = new DiskHealth({ present: () => present });
     expect(health.status().state).toBe('ok');
     present = false;
-    expect(health.status()).toEqual({ state: 'gone', lastError: null, lastErrorAt: null, errors: 0 });
+    expect(health.status()).toEqual({ state: 'gone', lastError: null, lastErrorAt: null, errors: 0, waitingSeconds: null });
   });
 });
 
