@@ -303,9 +303,11 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
     throw attachFailed(await explainBusyCache(err, runDir));
   }
   if (ioFlusherError && daemon.status().frontend !== 'serve') {
-    logger.warn(
-      `cannot mark the daemon as an I/O flusher (${(ioFlusherError as { code?: string }).code ?? ioFlusherError}): ${device} may stall under memory pressure`,
-    );
+    const code = (ioFlusherError as { code?: string }).code;
+    // PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE: root in a container, or a unit whose
+    // CapabilityBoundingSet leaves it out, gets EPERM. Say which capability, so the fix is clear.
+    const why = code === 'EPERM' ? 'EPERM: the daemon lacks CAP_SYS_RESOURCE (a container, or a unit that drops it)' : (code ?? String(ioFlusherError));
+    logger.warn(`cannot mark the daemon as an I/O flusher (${why}): ${device} may stall under memory pressure`);
   }
   // SIGINT (Ctrl-C) detaches as `ulobdev detach` does: refused while the device is mounted.
   process.on('SIGINT', () => {
