@@ -493,8 +493,8 @@ describe('protocol details with a raw client', () => {
     const c = await client();
     await c.handshake();
     const model = Buffer.from(mem.data);
-    // Payloads around the sizes that matter: the slab (16 KiB) and the read buffer (256 KiB).
-    const sizes = [1, 511, 4096, 16 * KiB + 1, 300 * KiB, 256 * KiB - 28, 280 * KiB + 3, 4096, 2];
+    // Payloads around the sizes that matter: the slab (16 KiB) and the read buffer (64 KiB), and larger.
+    const sizes = [1, 511, 4096, 16 * KiB + 1, 64 * KiB - 28, 64 * KiB + 1, 300 * KiB, 256 * KiB - 28, 280 * KiB + 3, 4096, 2];
     const parts: Buffer[] = [];
     // Where the stream is cut: inside the header of every other request, and pseudo-random
     // pieces of 1 B to 200 KiB (several small requests then arrive in one read).
