@@ -211,7 +211,10 @@ try {
   // ulobdev, as a user starts it
   const runDir = join(d, 'run');
   const freeLoop = run('losetup', ['-f']).trim();
-  const args = ['-c', join(d, 'u.cache'), '-b', join(d, 'u.bitmap'), '--writeback', '--name', 'benchloop', '--run-dir', runDir, '--log-level', 'warn', freeLoop, disk];
+  // Its disk record goes to the bench's temp dir too: in /var/lib/ulobdev it would outlive the
+  // disk file, whose inode a later run's disk.img may get, and that run's attach would be
+  // refused for 256 MiB of dirty data in a cache that is gone (seen in session 9).
+  const args = ['-c', join(d, 'u.cache'), '-b', join(d, 'u.bitmap'), '--writeback', '--name', 'benchloop', '--run-dir', runDir, '--state-dir', join(d, 'state'), '--log-level', 'warn', freeLoop, disk];
   if (opts.profile) {
     const profDir = dirname(opts.json);
     mkdirSync(profDir, { recursive: true });
