@@ -183,12 +183,23 @@ async function waitFile(path, proc, ms = 20_000) {
 
 const contenders = {
   async ulohttp(url, dir) {
-    const loop = freeLoop();
+    let loop;
     const run = join(dir, 'run');
     // --cpu-prof: the daemon (a child of this command) is started with the command's execArgv
     // (Node refuses --cpu-prof in NODE_OPTIONS); the status and detach commands are not profiled.
     const prof = opt['cpu-prof'] ? ['--cpu-prof', `--cpu-prof-dir=${resolve(opt['cpu-prof'], `${basename(dir)}`)}`] : [];
-    sh(process.execPath, [...prof, join(ROOT, 'dist/cli/ulohttp.js'), '-c', join(dir, 'c.cache'), '--daemon', '--run-dir', run, '--log-level', 'warn', loop, url]);
+    // The free loop device `losetup -f` named may be taken by another program before ulohttp
+    // binds it (tests running beside the bench): then ask again.
+    for (let attempt = 1; ; attempt++) {
+      loop = freeLoop();
+      try {
+        sh(process.execPath, [...prof, join(ROOT, 'dist/cli/ulohttp.js'), '-c', join(dir, 'c.cache'), '--daemon', '--run-dir', run, '--log-level', 'warn', loop, url]);
+        break;
+      } catch (err) {
+        if (attempt >= 5 || !/is in use/.test(String(err.message))) throw err;
+        log(`${loop} was taken before ulohttp bound it; trying another`);
+      }
+    }
     const sourceStats = () => {
       try {
         const st = JSON.parse(sh(process.execPath, [join(ROOT, 'dist/cli/ulohttp.js'), 'status', '--json', '--run-dir', run]));

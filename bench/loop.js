@@ -138,6 +138,33 @@ function cpuSeconds(pids) {
   return ticks / 100;
 }
 
+/**
+ * The same CPU time split by where it is spent, in seconds: per process (`server`, `nbdfuse`) its
+ * user and system time, and for the server also its main thread's (the event loop) apart from
+ * its other threads (libuv's threadpool, V8's GC and compiler threads).
+ */
+function cpuSplit(pids) {
+  const ticks = (path) => {
+    try {
+      const stat = readFileSync(path, 'utf8');
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      return [Number(f[11]) / 100, Number(f[12]) / 100];
+    } catch {
+      return [0, 0];
+    }
+  };
+  const [server, nbdfuse] = pids;
+  const [su, ss] = ticks(`/proc/${server}/stat`);
+  const [mu, ms] = ticks(`/proc/${server}/task/${server}/stat`);
+  const [fu, fs] = ticks(`/proc/${nbdfuse}/stat`);
+  return { serverMainUser: mu, serverMainSys: ms, serverOtherUser: su - mu, serverOtherSys: ss - ms, nbdfuseUser: fu, nbdfuseSys: fs };
+}
+
+/** cpuSplit(after) - cpuSplit(before), in µs per request. */
+function splitPerIo(before, after, ios) {
+  return Object.fromEntries(Object.keys(after).map((k) => [k, Math.round(((after[k] - before[k]) * 1e6) / ios)]));
+}
+
 function fio(dev, row) {
   const out = run('fio', [
     '--name=bench', `--filename=${dev}`, '--ioengine=libaio', '--direct=1', `--rw=${row.rw}`, `--bs=${row.bs}`, `--iodepth=${row.qd}`,
@@ -152,6 +179,8 @@ const loadAtStart = loadavg().map((x) => +x.toFixed(2));
 const results = Object.fromEntries(ROWS.map((r) => [r.id, { limit: [], ulobdev: [], nbdkit: [] }]));
 /** CPU µs per request of the userspace side (server + its nbdfuse), per row and target. */
 const cpuPerIo = Object.fromEntries(ROWS.map((r) => [r.id, { ulobdev: [], nbdkit: [] }]));
+/** The same split by process, thread and user/system time (cpuSplit), per row and target. */
+const cpuSplits = Object.fromEntries(ROWS.map((r) => [r.id, { ulobdev: [], nbdkit: [] }]));
 /** The ulobdev daemon's dirty-intent rounds in each run (status `intents`, before and after). */
 const intentRounds = Object.fromEntries(ROWS.map((r) => [r.id, []]));
 try {
@@ -185,7 +214,10 @@ try {
   // ulobdev, as a user starts it
   const runDir = join(d, 'run');
   const freeLoop = run('losetup', ['-f']).trim();
-  const args = ['-c', join(d, 'u.cache'), '-b', join(d, 'u.bitmap'), '--writeback', '--name', 'benchloop', '--run-dir', runDir, '--log-level', 'warn', freeLoop, disk];
+  // Its disk record goes to the bench's temp dir too: in /var/lib/ulobdev it would outlive the
+  // disk file, whose inode a later run's disk.img may get, and that run's attach would be
+  // refused for 256 MiB of dirty data in a cache that is gone (seen in session 9).
+  const args = ['-c', join(d, 'u.cache'), '-b', join(d, 'u.bitmap'), '--writeback', '--name', 'benchloop', '--run-dir', runDir, '--state-dir', join(d, 'state'), '--log-level', 'warn', freeLoop, disk];
   if (opts.profile) {
     const profDir = dirname(opts.json);
     mkdirSync(profDir, { recursive: true });
@@ -233,10 +265,17 @@ try {
         }
         const intents0 = t === 'ulobdev' ? intentsNow() : null;
         const cpu0 = cpuSeconds(pids[t]);
+        const split0 = t === 'limit' ? null : cpuSplit(pids[t]);
         const r = fio(targets[t], row);
         const cpu = cpuSeconds(pids[t]) - cpu0;
         results[row.id][t].push(r.value);
-        if (t !== 'limit') cpuPerIo[row.id][t].push(Math.round((cpu * 1e6) / r.ios));
+        let split = '';
+        if (t !== 'limit') {
+          cpuPerIo[row.id][t].push(Math.round((cpu * 1e6) / r.ios));
+          const sp = splitPerIo(split0, cpuSplit(pids[t]), r.ios);
+          cpuSplits[row.id][t].push(sp);
+          split = ` [µs/req: server main ${sp.serverMainUser} usr + ${sp.serverMainSys} sys, other threads ${sp.serverOtherUser} + ${sp.serverOtherSys}; nbdfuse ${sp.nbdfuseUser} + ${sp.nbdfuseSys}]`;
+        }
         let rounds = '';
         if (intents0) {
           // The daemon's intent rounds during this run (ramp included): first writes per WAL fsync.
@@ -247,7 +286,7 @@ try {
             rounds = `; ${d.rounds} intent rounds, ${(d.blocks / d.rounds).toFixed(2)} blocks and ${(d.syncMs / d.rounds).toFixed(2)} ms of WAL fsync each`;
           }
         }
-        log(`rep ${rep + 1} ${row.id} ${t}: ${r.value} ${row.unit}${t === 'limit' ? '' : `, ${Math.round((cpu * 1e6) / r.ios)} µs CPU per request`}${rounds} (load ${loadavg()[0].toFixed(1)})`);
+        log(`rep ${rep + 1} ${row.id} ${t}: ${r.value} ${row.unit}${t === 'limit' ? '' : `, ${Math.round((cpu * 1e6) / r.ios)} µs CPU per request${split}`}${rounds} (load ${loadavg()[0].toFixed(1)})`);
       }
     }
   }
@@ -268,6 +307,7 @@ try {
       best,
       runs: results[row.id],
       cpuPerRequest: cpuPerIo[row.id],
+      cpuSplitPerRequest: cpuSplits[row.id],
       ...(intentRounds[row.id].length > 0 ? { intentRounds: intentRounds[row.id] } : {}),
     };
   });

@@ -191,6 +191,8 @@ export class CacheEngine {
   readonly #rangeFillBlocks: number;
   /** Blocks a miss fills around what was asked while the disk is busy (a budget only). */
   readonly #fillGranuleBlocks: number;
+  /** Without a budget: blocks a miss fills around what was asked (Source.missGranule); 1 = none. */
+  readonly #missGranuleBlocks: number;
   /** Date.now() of the last miss that started fills; a disk idle for DISK_IDLE_MS gets whole units. */
   #lastFillAt = -Infinity;
   readonly #diskIdleMs: number;
@@ -241,6 +243,7 @@ export class CacheEngine {
     this.#rangeFillBlocks = Math.max(1, options.rangeFillBlocks ?? RANGE_FILL_BLOCKS);
     this.#diskIdleMs = options.diskIdleMs ?? DISK_IDLE_MS;
     this.#fillGranuleBlocks = Math.max(1, Math.floor((options.fillGranuleBytes ?? DEFAULT_FILL_GRANULE) / this.geometry.blockSize));
+    this.#missGranuleBlocks = Math.max(1, Math.floor((source.missGranule ?? 0) / this.geometry.blockSize));
     this.#fillBuffers = new BufferPool(this.#maxFillBlocks * this.geometry.blockSize, FILL_BUFFERS_KEPT);
     this.#commit = new Coalescer(() => this.#commitStaged());
     this.#cowMemoryBytes = options.cowMemoryBytes ?? 64 << 20;
@@ -844,6 +847,12 @@ export class CacheEngine {
         const idle = now - this.#lastFillAt >= this.#diskIdleMs;
         this.#lastFillAt = now;
         const span = idle ? store.unitBlocks : Math.min(store.unitBlocks, this.#fillGranuleBlocks);
+        from = Math.floor(first / span) * span;
+        to = Math.min(this.geometry.blockCount, Math.ceil(end / span) * span);
+      } else if (wholeUnits && this.#missGranuleBlocks > 1) {
+        // A source that prefers larger fetches (HTTP: a round trip costs far more than the bytes)
+        // gets the aligned granule around the miss; its blocks already here are skipped below.
+        const span = this.#missGranuleBlocks;
         from = Math.floor(first / span) * span;
         to = Math.min(this.geometry.blockCount, Math.ceil(end / span) * span);
       }

@@ -32,6 +32,12 @@ export interface HttpSourceOptions {
   readaheadMax?: number;
   /** Memory for prefetched data not yet read. Default 64 MiB. */
   readaheadBudget?: number;
+  /**
+   * Bytes a read miss in the cache fills around what was asked, aligned (Source.missGranule):
+   * a random 4 KiB miss costs one round trip either way, and its neighbours then hit. Default
+   * 16 KiB (a random reader's fetch/read stays at most 4); 0 fetches exactly what is asked.
+   */
+  missGranule?: number;
   logger?: Pick<Logger, 'warn' | 'error' | 'info' | 'debug'>;
 }
 

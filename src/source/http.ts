@@ -12,6 +12,8 @@ import { HttpTransport, type HttpSourceOptions } from './http-transport.js';
 export type { HttpSourceOptions } from './http-transport.js';
 
 const MiB = 1024 * 1024;
+/** HttpSourceOptions.missGranule's default. */
+export const DEFAULT_MISS_GRANULE = 16 * 1024;
 
 export interface HttpSourceStats {
   [key: string]: number | string | boolean;
@@ -23,14 +25,17 @@ export class HttpSource implements Source {
   readonly description: string;
   readonly url: string;
   readonly validators: Readonly<ImageValidators>;
+  /** Source.missGranule: bytes a cache miss fills around what was asked (HttpSourceOptions.missGranule). */
+  readonly missGranule: number;
 
   readonly #transport: HttpTransport;
   readonly #prefetch: PrefetchBuffer;
   #closed = false;
   readonly #stats = { bytesRead: 0, failedReads: 0 };
 
-  private constructor(url: string, transport: HttpTransport, prefetch: PrefetchBuffer) {
+  private constructor(url: string, transport: HttpTransport, prefetch: PrefetchBuffer, missGranule: number) {
     this.url = url;
+    this.missGranule = missGranule;
     this.size = transport.size;
     this.validators = transport.validators;
     this.id = imageIdentity(url, transport.size, transport.validators);
@@ -54,7 +59,7 @@ export class HttpSource implements Source {
       throw err;
     }
     prefetch = new PrefetchBuffer(transport, { size: transport.size, readaheadMax: options.readaheadMax ?? 32 * MiB, budget: options.readaheadBudget ?? 64 * MiB });
-    const source = new HttpSource(url, transport, prefetch);
+    const source = new HttpSource(url, transport, prefetch, options.missGranule ?? DEFAULT_MISS_GRANULE);
     if (!transport.validators.etag && !transport.validators.lastModified) {
       options.logger?.warn(`${source.description} has neither ETag nor Last-Modified: a change of the image on the server can only be detected by its size`);
     }

@@ -22,6 +22,15 @@ export interface Source {
   readonly description: string;
   /** The disk's sector sizes; absent for sources without any (files, URLs, callbacks): 512 then. */
   readonly sectorSize?: SectorSize;
+  /**
+   * Optional: bytes (a power of two, at least the cache's block size to have any effect) that a
+   * read miss in the cache fills around what was asked, aligned to this size, when the cache has
+   * no budget of its own (with one, EngineOptions.fillGranuleBytes decides). For a source whose
+   * round trip costs far more than its bytes (HTTP): a random 4 KiB miss then brings its
+   * neighbours along, as nbdkit's cache filter does with its 64 KiB blocks. Absent or 0: a miss
+   * fills exactly the blocks asked.
+   */
+  readonly missGranule?: number;
   /** Reads exactly buf.length bytes at `position` (inside [0, size)). */
   readAt(buf: Uint8Array, position: number): Promise<void>;
   /**

@@ -6,10 +6,13 @@ import { lstatSync, readFileSync, writeFileSync } from 'node:fs';
 import * as net from 'node:net';
 import { join } from 'node:path';
 import { NbdServer } from '../../src/bdev/nbd-server/index.js';
+import { Connection } from '../../src/bdev/nbd-server/connection.js';
+import { exportConfig } from '../../src/bdev/nbd-server/export.js';
 import {
   encodeInfoRequest,
   encodeMetaContextRequest,
   encodeOption,
+  encodeRequest,
   decodeOptionReply,
   type Reply,
 } from '../../src/bdev/nbd-server/client-codec.js';
@@ -28,6 +31,7 @@ import {
 import { IOFailedError, ReadOnlyError } from '../../src/errors.js';
 import {
   MemoryBackend,
+  captureLogger,
   RawClient,
   ensureTestDeps,
   gate,
@@ -482,6 +486,66 @@ describe('protocol details with a raw client', () => {
     expect((await d.reply()).handle).toBe(1n);
     expect(await d.closedWithin(2000)).toBe(true);
     expect(mem.data[0]).toBe(9);
+  });
+
+  it('writes split anywhere across reads land byte for byte (headers, payloads read straight into their buffers, many requests per read)', async () => {
+    await start();
+    const c = await client();
+    await c.handshake();
+    const model = Buffer.from(mem.data);
+    // Payloads around the sizes that matter: the slab (16 KiB) and the read buffer (64 KiB), and larger.
+    const sizes = [1, 511, 4096, 16 * KiB + 1, 64 * KiB - 28, 64 * KiB + 1, 300 * KiB, 256 * KiB - 28, 280 * KiB + 3, 4096, 2];
+    const parts: Buffer[] = [];
+    // Where the stream is cut: inside the header of every other request, and pseudo-random
+    // pieces of 1 B to 200 KiB (several small requests then arrive in one read).
+    const cuts = new Set<number>();
+    let at = 0;
+    let offset = 3;
+    for (const [i, n] of sizes.entries()) {
+      const data = randomBytes(n);
+      parts.push(encodeRequest({ type: Cmd.WRITE, flags: 0, handle: BigInt(i), offset: BigInt(offset), length: n, data }));
+      data.copy(model, offset);
+      offset += n + 1; // apart: the writes run concurrently
+      if (i % 2 === 0) [5, 18].forEach((k) => cuts.add(at + k));
+      at += 28 + n;
+    }
+    expect(offset).toBeLessThan(size);
+    const stream = Buffer.concat(parts);
+    let x = 12345;
+    for (let p = 0; p < stream.length; ) {
+      x = (x * 1103515245 + 12345) >>> 0;
+      p += [1, 7, 27, 29, 4096, 65536, 200 * KiB][(x >>> 8) % 7]!;
+      cuts.add(p);
+    }
+    // Each piece sent after the server had time to read the one before.
+    let from = 0;
+    for (const cut of [...cuts, stream.length].filter((k) => k > 0 && k <= stream.length).sort((a, b) => a - b)) {
+      if (cut === from) continue;
+      c.send(stream.subarray(from, cut));
+      from = cut;
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    for (let i = 0; i < sizes.length; i++) expect(errorOf(await c.reply())).toBe(0);
+    expect(mem.data.equals(model)).toBe(true);
+  });
+
+  it("reads a connection's socket into its own buffers on this Node (not Node's per-read buffers)", async () => {
+    await start();
+    const path = join(dir, `own-${Math.random().toString(36).slice(2)}.sock`);
+    const made: Connection[] = [];
+    const srv = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (socket) => made.push(new Connection(socket, exportConfig({ backend: mem }), captureLogger().logger)));
+    await new Promise<void>((resolve) => srv.listen(path, resolve));
+    const c = await RawClient.connect(path);
+    clients.push(c);
+    await c.handshake();
+    c.request({ type: Cmd.WRITE, handle: 1n, offset: 0n, data: Buffer.alloc(300 * KiB, 5) });
+    expect(errorOf(await c.reply())).toBe(0);
+    expect(made.length).toBe(1);
+    expect(made[0]!.ownReads).toBe(true);
+    expect(mem.data.subarray(0, 300 * KiB).equals(Buffer.alloc(300 * KiB, 5))).toBe(true);
+    c.close();
+    await made[0]!.done;
+    await new Promise((resolve) => srv.close(resolve));
   });
 
   it('limits the requests in flight per connection and still answers them all', async () => {

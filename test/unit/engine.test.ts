@@ -32,6 +32,8 @@ class CountingSource implements WritableSource {
   readonly reads: [number, number][] = [];
   readonly writes: [number, number][] = [];
   syncs = 0;
+  /** Source.missGranule, when the rig asks for one. */
+  missGranule?: number;
   /** Called as each writeAt starts, before the gate. */
   onWrite: (() => void) | null = null;
   /** While set, every writeAt waits for it before writing. */
@@ -140,6 +142,8 @@ interface RigOptions {
   evictionUnit?: number;
   /** Where the cache files go (default: the rig's temp dir). */
   cacheDir?: string;
+  /** The source's missGranule (bytes), as an HTTP source declares one. */
+  missGranule?: number;
 }
 
 interface Rig {
@@ -172,6 +176,7 @@ async function rig(options: RigOptions): Promise<Rig> {
 /** (Re)opens the store and engine over the rig's files, with a fresh counting source. */
 async function attach(r: Rig, mode = r.options.mode ?? 'writeback', engineOptions = r.options.engine): Promise<void> {
   r.source = new CountingSource(r.file);
+  if (r.options.missGranule !== undefined) r.source.missGranule = r.options.missGranule;
   r.store = await CacheStore.open({
     paths: r.paths,
     backing: r.source,
@@ -287,6 +292,26 @@ describe('reads', () => {
     expect(r.source.readBytes).toBe(26 * BS);
     for (const [pos, len] of r.source.reads) expect(pos >= 7 * BS || pos + len <= BS).toBe(true);
     expect(r.source.writes).toEqual([]);
+  });
+
+  it("without a budget, a source's missGranule makes a miss fill its aligned granule, and only the blocks of it still missing", async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 62 * BS, blockSize: BS, missGranule: 16 * KiB });
+    const expectRead = async (offset: number, length: number) =>
+      expect((await r.engine.read(offset, length)).equals(r.initial.subarray(offset, offset + length))).toBe(true);
+    await expectRead(37 * BS + 100, 200); // a miss in block 37: blocks 36-39 come in one read
+    await expectRead(38 * BS, 2 * BS); // hits in that granule
+    await r.engine.write(41 * BS, Buffer.alloc(BS, 7)); // block 41 dirty (wholly written, never read)
+    await expectRead(42 * BS, 10); // granule 40-43: 40 and 42-43 fetched, dirty 41 left alone
+    await expectRead(59 * BS, 2 * BS); // across two granules: 56-61, the second cut at the disk's end
+    expect(r.source.reads).toEqual([
+      [36 * BS, 4 * BS],
+      [40 * BS, BS],
+      [42 * BS, 2 * BS],
+      [56 * BS, 6 * BS],
+    ]);
+    expect((await r.engine.read(41 * BS, BS)).equals(Buffer.alloc(BS, 7))).toBe(true);
+    expect(r.engine.stats()).toMatchObject({ readMisses: 3 });
   });
 
   it('keep present blocks across a clean close and reopen: no backing reads for them', async () => {

@@ -207,6 +207,27 @@ export class ByteQueue {
     return target;
   }
 
+  /**
+   * Copies every queued byte into memory of the queue's own (one buffer). For chunks pushed as
+   * views of memory their owner reuses (a socket's read buffer): call it before that memory is
+   * overwritten.
+   */
+  own(): void {
+    if (this.#length === 0) {
+      this.#chunks = [];
+      this.#head = 0;
+      return;
+    }
+    const copy = Buffer.allocUnsafe(this.#length);
+    let at = 0;
+    for (let k = 0; k < this.#chunks.length; k++) {
+      const c = this.#chunks[k]!;
+      at += c.copy(copy, at, k === 0 ? this.#head : 0);
+    }
+    this.#chunks = [copy];
+    this.#head = 0;
+  }
+
   /** Consumes and returns the first `n` bytes. */
   take(n: number): Buffer {
     const out = this.peek(n);
@@ -448,6 +469,45 @@ export function decodeRequest(q: ByteQueue, maxWrite: number, allocPayload?: (le
   }
   q.skip(REQUEST_HEADER_SIZE);
   return req;
+}
+
+/** A request whose header is decoded; for NBD_CMD_WRITE, `have` bytes of its payload are in req.data. */
+export interface RequestStart {
+  req: NbdRequest;
+  /** Payload bytes already in req.data (from its start): req.length when complete; 0 for commands without a payload. */
+  have: number;
+}
+
+/**
+ * One request, as soon as its header is queued: unlike decodeRequest it does not wait for a
+ * write's payload. The payload goes into memory from `allocPayload` (req.pooled), with as much of
+ * it as is queued copied in; the caller reads the rest straight into req.data.subarray(have), so
+ * a payload is copied at most once however it arrives. Null until a whole header is queued.
+ * Throws NbdProtocolError for a bad magic or a write payload over `maxWrite`.
+ */
+export function decodeRequestStart(q: ByteQueue, maxWrite: number, allocPayload: (length: number) => Buffer): RequestStart | null {
+  if (q.length < REQUEST_HEADER_SIZE) return null;
+  const h = q.peek(REQUEST_HEADER_SIZE);
+  const magic = h.readUInt32BE(0);
+  if (magic !== REQUEST_MAGIC) throw new NbdProtocolError(`bad request magic 0x${magic.toString(16)}`);
+  const req: NbdRequest = {
+    flags: h.readUInt16BE(4),
+    type: h.readUInt16BE(6),
+    handle: h.readBigUInt64BE(8),
+    offset: h.readBigUInt64BE(16),
+    length: h.readUInt32BE(24),
+  };
+  if (req.type === Cmd.WRITE && req.length > maxWrite) {
+    throw new NbdProtocolError(`NBD_CMD_WRITE of ${req.length} bytes exceeds the maximum payload of ${maxWrite}`);
+  }
+  q.skip(REQUEST_HEADER_SIZE);
+  if (req.type !== Cmd.WRITE) return { req, have: 0 };
+  const data = allocPayload(req.length);
+  const have = Math.min(q.length, req.length);
+  if (have > 0) q.takeInto(data.subarray(0, have));
+  req.data = data;
+  req.pooled = true;
+  return { req, have };
 }
 
 export function encodeSimpleReply(error: number, handle: bigint): Buffer {

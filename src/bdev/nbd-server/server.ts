@@ -13,6 +13,9 @@ import { Connection } from './connection.js';
 import { exportConfig, type ExportConfig, type NbdServerOptions } from './export.js';
 import { DEFAULT_PORT } from './protocol.js';
 
+/** Connections served at once; more are closed as they come. */
+const MAX_CONNECTIONS = 1024;
+
 export type { NbdServerOptions } from './export.js';
 
 export type NbdAddress = { path: string } | { host: string; port: number };
@@ -69,8 +72,8 @@ export class NbdServer {
   }
 
   async #listen(address: NbdListenAddress): Promise<void> {
-    const server = net.createServer({ allowHalfOpen: true, noDelay: true }, (socket) => this.#accept(socket));
-    server.maxConnections = 1024;
+    // Paused: each Connection takes its socket over before anything is read (connection.ts).
+    const server = net.createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: true }, (socket) => this.#accept(socket));
     if ('path' in address) {
       assertString(address.path, 'socket path');
       await removeStaleSocket(address.path);
@@ -124,6 +127,13 @@ export class NbdServer {
 
   #accept(socket: net.Socket): void {
     if (this.#closing) {
+      socket.destroy();
+      return;
+    }
+    // Counted here, not by net.Server's maxConnections: a connection that reads into its own
+    // buffers has moved its socket off the server's count.
+    if (this.#conns.size >= MAX_CONNECTIONS) {
+      this.#log.warn({ connections: this.#conns.size }, 'NBD connection refused: too many connections');
       socket.destroy();
       return;
     }

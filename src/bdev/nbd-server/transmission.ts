@@ -16,7 +16,7 @@ import {
   commandName,
   OFFSET_DATA_HEADER_SIZE,
   SIMPLE_REPLY_SIZE,
-  decodeRequest,
+  decodeRequestStart,
   encodeBlockStatusChunk,
   encodeErrorChunk,
   encodeNoneChunk,
@@ -27,6 +27,7 @@ import {
   writeOffsetDataHeader,
   writeSimpleReply,
   type NbdRequest,
+  type RequestStart,
 } from './protocol.js';
 
 const MiB = 1 << 20;
@@ -53,11 +54,13 @@ export class Transmission {
   }
 
   /**
-   * One request (with its payload), or null until all of it has arrived. Throws NbdProtocolError
-   * for a bad magic or a write payload over the maximum: the connection is then dropped.
+   * One request once its header has arrived, with as much of a write's payload as is queued
+   * (decodeRequestStart: the caller reads the rest into req.data), or null until then. Throws
+   * NbdProtocolError for a bad magic or a write payload over the maximum: the connection is then
+   * dropped.
    */
-  decode(q: ByteQueue): NbdRequest | null {
-    return decodeRequest(q, this.#config.maxPayload, this.#allocPayload);
+  decode(q: ByteQueue): RequestStart | null {
+    return decodeRequestStart(q, this.#config.maxPayload, this.#allocPayload);
   }
 
   /** Runs one request (never NBD_CMD_DISC: the connection ends on it) and answers it. Never rejects. */
