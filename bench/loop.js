@@ -186,9 +186,6 @@ const intentRounds = Object.fromEntries(ROWS.map((r) => [r.id, []]));
 try {
   live.dir = mkdtempSync(join(opts.dir, 'ulobloop-'));
   const d = live.dir;
-  // The daemons' disk records (STATE_DIR/disks) stay in the scratch directory, not the host's
-  // /var/lib/ulobdev: the bench's throw-away disks must leave nothing behind.
-  process.env.ULOBDEV_STATE_DIR = join(d, 'state');
   const disk = join(d, 'disk.img');
   log(`backing file of ${SIZE / MiB} MiB`);
   run('dd', ['if=/dev/urandom', `of=${disk}`, 'bs=4M', `count=${SIZE / (4 * MiB)}`, 'conv=fdatasync', 'status=none']);
