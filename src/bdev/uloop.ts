@@ -159,8 +159,11 @@ export interface KernelEpochIoctls {
   zeroAndPending?(): { zeroBlocks: number; pendingBlocks: number };
   /** A FLUSH of the device: the kernel's pending blocks reach the store in its barrier. */
   flush?(): Promise<void>;
-  /** EVICT of the blocks set in `bits` (bit i: block first + i), narrowed in place; returns their count. */
-  evict?(first: number, count: number, bits: Buffer): number;
+  /**
+   * EVICT of the blocks set in `bits` (bit i: block first + i), narrowed in place; returns their
+   * count. `pinned`: also those of requests still preparing (ULOOP_EVICT_F_PINNED, a last resort).
+   */
+  evict?(first: number, count: number, bits: Buffer, pinned?: boolean): number;
   /** ACCESSED of units [first, first + count) into `bits`, cleared in the kernel; returns the count set. */
   accessed?(first: number, count: number, bits: Buffer): number;
   /**
@@ -263,7 +266,7 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
      * them, and returns them; only those are evicted from the store (then cleared durably, then
      * punched: invariant 1). A failed call evicts nothing of its range.
      */
-    external.evict = (victims) => {
+    external.evict = (victims, pinned = false) => {
       const gone: Extent[] = [];
       if (k.gone()) return gone;
       // Pieces of at most one range each (victims lie within eviction units, so they always fit).
@@ -278,7 +281,7 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
         const bits = new Bitmap(end - first, Buffer.alloc(Math.ceil((end - first) / 8)));
         for (let x = i; x < j; x++) bits.setRange(pieces[x]!.start - first, pieces[x]!.start + pieces[x]!.count - first);
         try {
-          if (evict(first, end - first, bits.buffer) > 0) for (const r of bits.runs()) gone.push({ start: first + r.start, count: r.count });
+          if (evict(first, end - first, bits.buffer, pinned) > 0) for (const r of bits.runs()) gone.push({ start: first + r.start, count: r.count });
         } catch (err) {
           log?.(`${k.device}: EVICT of blocks ${first}..${end - 1} failed (${(err as { code?: string }).code ?? 'error'}); nothing evicted there`, err);
         }
@@ -514,9 +517,9 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
     }
     if (features.version !== native.ULOOP_ABI_VERSION) throw uloopError('ADD', Object.assign(new Error('EPROTO'), { code: 'EPROTO' }), request);
     const has = (f: number) => (features.features & f) !== 0;
-    if (budgeted && !(has(native.ULOOP_FEAT.EVICT) && has(native.ULOOP_FEAT.ACCESSED) && has(native.ULOOP_FEAT.CREDIT))) {
+    if (budgeted && !(has(native.ULOOP_FEAT.EVICT) && has(native.ULOOP_FEAT.ACCESSED) && has(native.ULOOP_FEAT.CREDIT) && has(native.ULOOP_FEAT.BARRIER))) {
       throw new ModuleVersionError(
-        `the loaded uloop module cannot keep the cache file within a budget (no EVICT/ACCESSED/CREDIT), which --cache-size on ${options.device} needs; rebuild and reload it (make -C kernel), or use /dev/loopN`,
+        `the loaded uloop module cannot keep the cache file within a budget (no EVICT/ACCESSED/CREDIT/BARRIER), which --cache-size on ${options.device} needs; rebuild and reload it (make -C kernel), or use /dev/loopN`,
       );
     }
     existing = queryOrNull(ctl, want);
@@ -566,13 +569,17 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
   let closed = false;
   let failedUpcalls = 0;
   /**
-   * A FLUSH of the device: the kernel syncs the cache file and hands its pending bits over in a
-   * barrier this process answers. Sent by a child (coreutils `sync DEVICE`, one fsync), not by a
-   * thread of this process: a thread blocked in the kernel on a barrier only this process can
-   * answer would keep a killed daemon (kill -9, OOM) from exiting, so its control fd would stay
-   * open and no restarted daemon could take the device back until io_timeout_s.
+   * The kernel syncs the cache file and hands its pending bits over in a barrier this process
+   * answers. ULOOP_FEAT_BARRIER: the BARRIER ioctl on a worker thread, which touches no page
+   * cache; its wait is killable, so a daemon killed meanwhile (kill -9, OOM) still exits and its
+   * fd's release re-queues the upcall. A FLUSH of the device (coreutils `sync DEVICE`, in a
+   * child, for an older module) writes back the device's page cache first: with a budget those
+   * writes wait for a ROOM that this process answers only after this barrier (a cycle, broken
+   * by io_timeout_s with lost writes), so a budget needs the ioctl (checked above).
    */
-  const flushDevice = () => run('sync', [device], { timeoutMs: 0 }).then(() => undefined);
+  const flushDevice = (features.features & native.ULOOP_FEAT.BARRIER) !== 0
+    ? () => native.uloopBarrier(ctl).then(() => undefined)
+    : () => run('sync', [device], { timeoutMs: 0 }).then(() => undefined);
 
   const epochs = kernelEpochs(
     engine,
@@ -584,7 +591,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       device,
       ...(options.readOnly ? {} : { zeroAndPending: () => native.uloopQuery(ctl, index), flush: () => flushDevice() }),
       ...(budgeted
-        ? { evict: (first: number, count: number, bits: Buffer) => native.uloopEvict(ctl, first, count, bits), accessed: (first: number, count: number, bits: Buffer) => native.uloopAccessed(ctl, first, count, bits) }
+        ? { evict: (first: number, count: number, bits: Buffer, pinned?: boolean) => native.uloopEvict(ctl, first, count, bits, pinned === true), accessed: (first: number, count: number, bits: Buffer) => native.uloopAccessed(ctl, first, count, bits) }
         : {}),
       ...((features.features & native.ULOOP_FEAT.CLAIM) !== 0
         ? {
