@@ -852,12 +852,13 @@ function hydrateOnUblk(device: string): InvalidArgumentError {
 }
 
 /**
- * --cache-size on /dev/uloopN is refused. The kernel's whole-block writes are now held to a
- * credit (CREDIT, ROOM: src/bdev/uloop.ts kernelCredit; test/vm/uloop-budget.test.ts keeps the
- * cache file within the budget plus 512 KiB, where it reached 55 MiB for 16 MiB before), but the
- * uloop model's budget property still finds a run that never ends after a daemon kill
- * (test/model/uloop.model.test.ts). The whole path is wired and tested with
- * ULOB_UNSAFE_ULOOP_BUDGET=1, for development only (uloop-budget's VM run).
+ * --cache-size on /dev/uloopN is refused. The kernel's whole-block writes are held to a credit
+ * (CREDIT, ROOM: src/bdev/uloop.ts kernelCredit), the daemon's barrier never waits on a write
+ * (BARRIER) and concurrent requests cannot keep every clean block (EVICT's PINNED flag), but a
+ * buffered writer onto the raw device still takes the cache file 4-5 MiB past a 16 MiB budget
+ * (test/vm/uloop-budget-load.test.ts), and an EVICT's blocks can be written whole before the
+ * store punches them (docs/design.md, /dev/uloopN). The whole path is wired and tested with
+ * ULOB_UNSAFE_ULOOP_BUDGET=1, for development only (uloop-budget and uloop-budget-load's VM runs).
  */
 function budgetOnUloop(device: string): InvalidArgumentError {
   return new InvalidArgumentError(
