@@ -2948,10 +2948,12 @@ static bool uloop_inflight_on(struct uloop_dev *dev, const unsigned long *bits, 
 
 static int uloop_evict(struct uloop_dev *dev, struct uloop_blocks __user *uarg)
 {
+	struct uloop_claim *cl = NULL;
 	struct uloop_cmd *c;
 	struct uloop_blocks a;
 	unsigned long *bits;
 	u64 i, n = 0;
+	bool hold;
 	int err;
 
 	if (copy_from_user(&a, uarg, sizeof(a)))
@@ -2959,16 +2961,34 @@ static int uloop_evict(struct uloop_dev *dev, struct uloop_blocks __user *uarg)
 	err = uloop_blocks_check(dev, "EVICT", &a, dev->nr_blocks, ULOOP_MAX_RANGE_BLOCKS);
 	if (err)
 		return err;
-	if (a.id & ~ULOOP_EVICT_F_PINNED)
+	if (a.id & ~(ULOOP_EVICT_F_PINNED | ULOOP_EVICT_F_HOLD))
 		return uloop_refuse(-EINVAL, "uloop%d: EVICT refused: unknown flags %#llx", dev->index, a.id);
+	if (a.id & ULOOP_EVICT_F_HOLD) {
+		/* the evicted blocks become a claim: allocated now, listed below */
+		cl = kvzalloc(struct_size(cl, bits, BITS_TO_LONGS(a.count)), GFP_KERNEL);
+		if (!cl)
+			return -ENOMEM;
+		cl->first = a.first;
+		cl->count = a.count;
+	}
 	bits = uloop_bits_alloc(a.count);
-	if (!bits)
+	if (!bits) {
+		kvfree(cl);
 		return -ENOMEM;
+	}
 	if (uloop_bits_in(bits, a.bits_ptr, a.count)) {
 		kvfree(bits);
+		kvfree(cl);
 		return uloop_refuse(-EFAULT, "EVICT refused: the bitmap is not readable");
 	}
 	mutex_lock(&dev->lock);
+	if (cl && dev->nr_claims >= ULOOP_MAX_CLAIMS) {
+		mutex_unlock(&dev->lock);
+		kvfree(bits);
+		kvfree(cl);
+		return uloop_refuse(-EAGAIN, "uloop%d: EVICT refused: ULOOP_EVICT_F_HOLD with 64 claims outstanding",
+				    dev->index);
+	}
 	/* not the blocks of a request between its first and last prepare pass: it may have had
 	 * them filled, and would have them filled again. ULOOP_EVICT_F_PINNED (the daemon found
 	 * nothing else to free: requests in flight together can hold every clean block between
@@ -3001,13 +3021,28 @@ static int uloop_evict(struct uloop_dev *dev, struct uloop_blocks __user *uarg)
 	err = n ? wait_event_killable(dev->inflight_wait, !uloop_inflight_on(dev, bits, a.first, a.count))
 		: 0;
 	mutex_lock(&dev->lock);
+	/* ULOOP_EVICT_F_HOLD: they stay busy, as a claim, until the daemon's FILLED lets them go
+	 * after its punch (a write covering one whole would otherwise be written by the kernel
+	 * without asking, rule 4, and then punched away); a detach drops the claim */
+	hold = cl && !err && n && !dev->dead && dev->nr_claims < ULOOP_MAX_CLAIMS;
 	for_each_set_bit(i, bits, a.count) {
 		if (!err)
 			dev->nr_present -= ubits_clear(&dev->present, a.first + i, a.first + i + 1);
-		ubits_clear(&dev->busy, a.first + i, a.first + i + 1);
+		if (!hold)
+			ubits_clear(&dev->busy, a.first + i, a.first + i + 1);
+	}
+	a.id = 0;
+	if (hold) {
+		bitmap_copy(cl->bits, bits, a.count);
+		cl->id = a.id = ++dev->next_claim_id;
+		dev->nr_claims++;
+		dev->nr_claimed += n;
+		list_add_tail(&cl->node, &dev->claims);
+		cl = NULL;
 	}
 	dev->busy_seq++;
 	mutex_unlock(&dev->lock);
+	kvfree(cl);
 	wake_up_all(&dev->busy_wait);
 	if (err) {
 		kvfree(bits);

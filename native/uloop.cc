@@ -533,6 +533,7 @@ bool ExportAbi(Napi::Env env, Napi::Object exports) {
   num("FEAT_CREDIT", static_cast<double>(ULOOP_FEAT_CREDIT));
   num("FEAT_BARRIER", static_cast<double>(ULOOP_FEAT_BARRIER));
   num("EVICT_F_PINNED", static_cast<double>(ULOOP_EVICT_F_PINNED));
+  num("EVICT_F_HOLD", static_cast<double>(ULOOP_EVICT_F_HOLD));
   num("STATE_EPOCH_OPEN", ULOOP_STATE_EPOCH_OPEN);
   num("STATE_EPOCH_FAILED", ULOOP_STATE_EPOCH_FAILED);
   num("STATE_SCANNING", ULOOP_STATE_SCANNING);

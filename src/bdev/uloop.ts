@@ -164,6 +164,11 @@ export interface KernelEpochIoctls {
    * count. `pinned`: also those of requests still preparing (ULOOP_EVICT_F_PINNED, a last resort).
    */
   evict?(first: number, count: number, bits: Buffer, pinned?: boolean): number;
+  /**
+   * EVICT with ULOOP_EVICT_F_HOLD: as evict, and the evicted blocks stay busy as claim `id` (0:
+   * none) until letGo(id, first, count) after the punch.
+   */
+  evictHeld?(first: number, count: number, bits: Buffer, pinned?: boolean): { done: number; id: number };
   /** ACCESSED of units [first, first + count) into `bits`, cleared in the kernel; returns the count set. */
   accessed?(first: number, count: number, bits: Buffer): number;
   /**
@@ -266,6 +271,9 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
      * them, and returns them; only those are evicted from the store (then cleared durably, then
      * punched: invariant 1). A failed call evicts nothing of its range.
      */
+    // ULOOP_EVICT_F_HOLD: claims holding what the last evict let go, until the store has punched.
+    const held: Array<{ id: number; first: number; count: number }> = [];
+    const { evictHeld, letGo } = k;
     external.evict = (victims, pinned = false) => {
       const gone: Extent[] = [];
       if (k.gone()) return gone;
@@ -281,13 +289,33 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
         const bits = new Bitmap(end - first, Buffer.alloc(Math.ceil((end - first) / 8)));
         for (let x = i; x < j; x++) bits.setRange(pieces[x]!.start - first, pieces[x]!.start + pieces[x]!.count - first);
         try {
-          if (evict(first, end - first, bits.buffer, pinned) > 0) for (const r of bits.runs()) gone.push({ start: first + r.start, count: r.count });
+          let done: number;
+          if (evictHeld && letGo) {
+            const r = evictHeld(first, end - first, bits.buffer, pinned);
+            done = r.done;
+            if (r.id > 0) held.push({ id: r.id, first, count: end - first });
+          } else {
+            done = evict(first, end - first, bits.buffer, pinned);
+          }
+          if (done > 0) for (const r of bits.runs()) gone.push({ start: first + r.start, count: r.count });
         } catch (err) {
           log?.(`${k.device}: EVICT of blocks ${first}..${end - 1} failed (${(err as { code?: string }).code ?? 'error'}); nothing evicted there`, err);
         }
         i = j;
       }
       return gone;
+    };
+    // After the store's punch (or its failure): the held blocks go back to the kernel, missing.
+    external.evicted = () => {
+      for (const h of held.splice(0)) {
+        if (k.gone()) continue;
+        try {
+          letGo?.(h.id, h.first, h.count);
+        } catch (err) {
+          // ENOENT: the claim ended already (a detach); nothing is held.
+          log?.(`${k.device}: letting go of evicted blocks ${h.first}..${h.first + h.count - 1} failed (${(err as { code?: string }).code ?? 'error'})`, err);
+        }
+      }
     };
   }
   return {
@@ -591,7 +619,12 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       device,
       ...(options.readOnly ? {} : { zeroAndPending: () => native.uloopQuery(ctl, index), flush: () => flushDevice() }),
       ...(budgeted
-        ? { evict: (first: number, count: number, bits: Buffer, pinned?: boolean) => native.uloopEvict(ctl, first, count, bits, pinned === true), accessed: (first: number, count: number, bits: Buffer) => native.uloopAccessed(ctl, first, count, bits) }
+        ? {
+            evict: (first: number, count: number, bits: Buffer, pinned?: boolean) => native.uloopEvict(ctl, first, count, bits, pinned === true),
+            ...((features.features & native.ULOOP_FEAT.BARRIER) !== 0
+              ? { evictHeld: (first: number, count: number, bits: Buffer, pinned?: boolean) => native.uloopEvictHeld(ctl, first, count, bits, pinned === true) }
+              : {}),
+            accessed: (first: number, count: number, bits: Buffer) => native.uloopAccessed(ctl, first, count, bits) }
         : {}),
       ...((features.features & native.ULOOP_FEAT.CLAIM) !== 0
         ? {

@@ -119,6 +119,12 @@ export interface ExternalEpochs {
    * resort, once nothing else freed room: concurrent requests can hold every clean block).
    */
   evict?(victims: readonly Extent[], pinned?: boolean): Extent[];
+  /**
+   * After store.evict of what evict returned has punched (or failed): the outside path may serve
+   * those blocks again (on uloop, ULOOP_EVICT_F_HOLD kept them busy until now, so that no write
+   * lands in them before the punch: invariant 1).
+   */
+  evicted?(): void;
   /** With a budget: merges the outside path's accessed bits into store.clock before the hand moves. */
   harvestAccessed?(): void;
   /**
@@ -1456,6 +1462,7 @@ export class CacheEngine {
       // waits for reads that began before (the grace period) and for the synced bitmap.
       if (gone.length > 0) await store.evict(gone, { quiesce: () => this.#readGrace() });
     } finally {
+      this.externalEpochs?.evicted?.();
       release();
     }
     for (const u of units) clock.forget(u);

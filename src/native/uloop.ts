@@ -106,6 +106,7 @@ interface UloopAbi {
   FEAT_CREDIT: number;
   FEAT_BARRIER: number;
   EVICT_F_PINNED: number;
+  EVICT_F_HOLD: number;
   STATE_EPOCH_OPEN: number;
   STATE_EPOCH_FAILED: number;
   STATE_SCANNING: number;
@@ -380,6 +381,15 @@ export function uloopFilled(fd: number, id: number, first: number, count: number
  */
 export function uloopEvict(fd: number, first: number, count: number, bits: Uint8Array, pinned = false): number {
   return blocksCall(fd, 'evict', first, count, bits, pinned ? abi.EVICT_F_PINNED : 0).done;
+}
+
+/**
+ * uloopEvict with ULOOP_EVICT_F_HOLD (ULOOP_FEAT_BARRIER): the evicted blocks stay busy as a claim
+ * until uloopFilled(fd, id, first, count, none set) lets them go, after the punch. Returns their
+ * count and the claim's id (0: none evicted). NativeError EAGAIN: 64 claims outstanding.
+ */
+export function uloopEvictHeld(fd: number, first: number, count: number, bits: Uint8Array, pinned = false): { done: number; id: number } {
+  return blocksCall(fd, 'evict', first, count, bits, (pinned ? abi.EVICT_F_PINNED : 0) | abi.EVICT_F_HOLD);
 }
 
 /** ACCESSED: the accessed bits of units [first, first + count) into `bits`, cleared in the kernel. */

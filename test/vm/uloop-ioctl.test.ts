@@ -43,6 +43,8 @@ describe('uloop.ko ioctls with bad input', () => {
       'ok room at attach: the new daemon reads no ROOM',
       'ok preparing: with ULOOP_EVICT_F_PINNED the oldest read keeps block 16',
       'ok preparing: the pinned block 18 of the younger read is evicted with the flag',
+      'ok hold: a whole-block write waits while the evicted block is held',
+      'ok hold: then the write goes on',
     ])
       expect(run.output).toContain(line);
   });

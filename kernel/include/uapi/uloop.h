@@ -331,7 +331,7 @@ struct uloop_blocks {
 	__u64 count;     /* in: blocks (units) in the range */
 	__u64 bits_ptr;  /* in/out, as each ioctl says */
 	__u64 done;      /* out: bits set in the result */
-	__u64 id;        /* CLAIM: out, FILLED: in; EPOCH_RELEASE: in, the epoch; EVICT: in, ULOOP_EVICT_F_* */
+	__u64 id;        /* CLAIM: out, FILLED: in; EPOCH_RELEASE: in, the epoch; EVICT: in ULOOP_EVICT_F_*, out a claim id */
 	__u64 __reserved;
 };
 
@@ -354,6 +354,10 @@ struct uloop_blocks {
  * served: the call marks them busy, waits (killable) until no request is in flight on them, clears
  * their present bits, and returns them in bits_ptr (done = their count). Only then may the daemon
  * clear their present bits durably and punch the cache file there (a later read sends a MISS).
+ * With ULOOP_EVICT_F_HOLD (ULOOP_FEAT_BARRIER) they stay busy as a claim (its id in `id`, 0 if
+ * none was evicted) until FILLED with none set lets them go, after the punch: a write covering
+ * one whole would otherwise be written without asking (rule 4) and then punched away. The claim
+ * ends with the daemon (detach) as any other; EAGAIN with 64 claims outstanding (nothing evicted).
  * count <= ULOOP_MAX_RANGE_BLOCKS. Refusals: EINTR (fatal signal while waiting; nothing evicted).
  */
 /*
@@ -442,6 +446,7 @@ struct uloop_barrier {
 };
 
 #define ULOOP_EVICT_F_PINNED (1ULL << 0) /* EVICT (in `id`): also blocks of requests preparing */
+#define ULOOP_EVICT_F_HOLD   (1ULL << 1) /* EVICT (in `id`): the evicted blocks stay busy as a claim */
 
 #define ULOOP_IOC_MAGIC 0x75 /* 'u' */
 #define ULOOP_IOC_ADD           _IOWR(ULOOP_IOC_MAGIC, 0x00, struct uloop_add)
