@@ -3359,11 +3359,17 @@ static int uloop_reply(struct uloop_dev *dev, const struct uloop_reply *r)
 			up->answered = true;
 			if (up->msg.type == ULOOP_MSG_ROOM && !r->error && up->cmd) {
 				/* the grant (the missing count asked), replacing the request's unused
-				 * one (uloop_ask_room) */
-				u64 g = up->msg.epoch;
+				 * one (uloop_ask_room); the limit goes up by as much in the same step.
+				 * A daemon raising it first (the old protocol) let other writes take
+				 * that room before the grant was counted, and the grant was then taken
+				 * over the limit as well: the cache file passed a 16 MiB budget by 4-5
+				 * MiB under a buffered writer (review8 K1's load). */
+				u64 g = up->msg.epoch, more = g - up->cmd->room;
 
-				dev->nr_granted += g - up->cmd->room;
+				dev->nr_granted += more;
 				up->cmd->room = g;
+				if (dev->credit != ULOOP_CREDIT_NONE)
+					dev->credit = min(dev->credit + more, dev->nr_blocks);
 			}
 			uloop_upcall_finish(up, r->error);
 			if (up->hold) /* re-issued: nobody waits for it */

@@ -432,15 +432,21 @@ export function kernelCredit(engine: CacheEngine, k: KernelCreditIoctl) {
         set(Math.max(share, unasked));
       }
     },
-    /** ROOM for `n` blocks: resolves once the budget has room for them and the kernel's limit includes them. */
+    /**
+     * ROOM for `n` blocks: resolves once the budget has room for them. The kernel raises its limit
+     * by the grant when it takes the answer (ULOOP_FEAT_BARRIER), in the same step as it counts
+     * the grant: raised here first, other writes could take that room before the grant was
+     * counted (a 16 MiB budget's cache file at 20-21 MiB under review8 K1's buffered writer).
+     * This side keeps its `limit` in step and counts the grant as outside the store now.
+     */
     async room(n: number): Promise<void> {
       const want = Math.min(n, store.budgetBlocks);
       await engine.reserveSpace(want);
-      try {
-        if (!k.gone()) set(limit + want, want);
-      } finally {
-        store.release(want);
+      if (!k.gone()) {
+        limit = Math.min(limit + n, blocks);
+        store.outsideBlocks += want;
       }
+      store.release(want);
     },
     /** A barrier recorded `n` of the kernel's blocks present (not answered yet): they used up that much of the limit. */
     handedOver(n: number): void {

@@ -343,7 +343,9 @@ class KernelModel {
           const n = wholeMissing.length;
           if (this.credit !== null && !process.env.ULOB_MODEL_NO_CREDIT && n > room && this.unasked() - room + n > this.credit) {
             await this.#ask('room', wholeMissing[0]!, wholeMissing[n - 1]! + 1, n);
+            // The answer grants n and raises the limit by as much, in one step (uloop_reply).
             this.#granted += n - room;
+            if (this.credit !== null) this.credit = Math.min(this.credit + (n - room), this.blocks);
             room = n;
             continue;
           }

@@ -241,16 +241,16 @@ enum uloop_msg_type {
 	 * blocks the kernel writes so without asking (QUERY's unasked_blocks) plus these would pass
 	 * the limit. Make room in the cache file for length / block_size more blocks (evict, flush:
 	 * the write waits meanwhile) and answer: the kernel then writes up to that many missing blocks
-	 * of this request whole, over the limit if need be (the grant is the request's, once). Raise
-	 * the limit by that much before answering, so that they are inside it while they stay
-	 * unasked. Nothing is written to the cache file for it; the blocks are not busy while it
-	 * waits (the request's next pass looks at them again). An error answer fails the write.
-	 * ULOOP_FEAT_BARRIER: `epoch` carries the count of missing blocks (what the grant is; the
-	 * range is their span and may hold present blocks), and the answer grants exactly that many.
-	 * A ROOM still queued (not read) when the limit is lifted (ATTACH, CREDIT without a limit)
-	 * ends at once with no grant and its write goes on; raising the limit ends none. The
-	 * limit to raise is capped at the device's blocks (CREDIT refuses more): a daemon raising it
-	 * by the grant near the top sets nr_blocks. */
+	 * of this request whole, over the limit if need be (the grant is the request's, once).
+	 * Nothing is written to the cache file for it; the blocks are not busy while it waits (the
+	 * request's next pass looks at them again). An error answer fails the write.
+	 * ULOOP_FEAT_BARRIER: `epoch` carries the count of missing blocks (the range is their span
+	 * and may hold present blocks); the answer grants exactly that many and raises the limit by
+	 * as much in the same step (capped at the device's blocks), so that they are inside it while
+	 * they stay unasked: the daemon does not raise it itself (raising it before answering let
+	 * other writes take that room before the grant was counted). A ROOM still queued (not read)
+	 * when the limit is lifted (ATTACH, CREDIT without a limit) ends at once with no grant and its
+	 * write goes on; raising the limit ends none. */
 	ULOOP_MSG_ROOM = 6,
 };
 
