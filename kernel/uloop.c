@@ -2946,10 +2946,33 @@ static bool uloop_inflight_on(struct uloop_dev *dev, const unsigned long *bits, 
 	return on;
 }
 
+/* Ends claim `id` with none of its blocks filled: they stay missing and are no longer busy. */
+static void uloop_claim_drop(struct uloop_dev *dev, u64 id)
+{
+	struct uloop_claim *cl;
+	u64 i;
+
+	mutex_lock(&dev->lock);
+	list_for_each_entry(cl, &dev->claims, node) {
+		if (cl->id != id)
+			continue;
+		for_each_set_bit(i, cl->bits, cl->count)
+			ubits_clear(&dev->busy, cl->first + i, cl->first + i + 1);
+		dev->nr_claimed -= bitmap_weight(cl->bits, cl->count);
+		dev->nr_claims--;
+		list_del(&cl->node);
+		kvfree(cl);
+		dev->busy_seq++;
+		break;
+	}
+	mutex_unlock(&dev->lock);
+	wake_up_all(&dev->busy_wait);
+}
+
 static int uloop_evict(struct uloop_dev *dev, struct uloop_blocks __user *uarg)
 {
 	struct uloop_claim *cl = NULL;
-	struct uloop_cmd *c;
+	struct uloop_cmd *c, *first;
 	struct uloop_blocks a;
 	unsigned long *bits;
 	u64 i, n = 0;
@@ -2989,16 +3012,21 @@ static int uloop_evict(struct uloop_dev *dev, struct uloop_blocks __user *uarg)
 		return uloop_refuse(-EAGAIN, "uloop%d: EVICT refused: ULOOP_EVICT_F_HOLD with 64 claims outstanding",
 				    dev->index);
 	}
+	/* the hold's claim slot, taken now: a CLAIM during the wait below cannot leave the evicted
+	 * blocks un-held (given back below if nothing is held) */
+	if (cl)
+		dev->nr_claims++;
+	first = list_first_entry_or_null(&dev->preparing, struct uloop_cmd, preparing);
 	/* not the blocks of a request between its first and last prepare pass: it may have had
 	 * them filled, and would have them filled again. ULOOP_EVICT_F_PINNED (the daemon found
 	 * nothing else to free: requests in flight together can hold every clean block between
 	 * them, each waiting for room the others hold): only the oldest request keeps its blocks,
 	 * so it gets all it needs and ends, and then the next oldest; the others fill again. */
 	list_for_each_entry(c, &dev->preparing, preparing) {
-		if ((a.id & ULOOP_EVICT_F_PINNED) && c != list_first_entry(&dev->preparing, struct uloop_cmd, preparing))
-			break;
 		u64 s = max(c->pfirst, a.first), e = min(c->plast + 1, a.first + a.count);
 
+		if ((a.id & ULOOP_EVICT_F_PINNED) && c != first)
+			break;
 		if (s < e)
 			bitmap_clear(bits, s - a.first, e - s);
 	}
@@ -3024,7 +3052,7 @@ static int uloop_evict(struct uloop_dev *dev, struct uloop_blocks __user *uarg)
 	/* ULOOP_EVICT_F_HOLD: they stay busy, as a claim, until the daemon's FILLED lets them go
 	 * after its punch (a write covering one whole would otherwise be written by the kernel
 	 * without asking, rule 4, and then punched away); a detach drops the claim */
-	hold = cl && !err && n && !dev->dead && dev->nr_claims < ULOOP_MAX_CLAIMS;
+	hold = cl && !err && n && !dev->dead;
 	for_each_set_bit(i, bits, a.count) {
 		if (!err)
 			dev->nr_present -= ubits_clear(&dev->present, a.first + i, a.first + i + 1);
@@ -3035,10 +3063,11 @@ static int uloop_evict(struct uloop_dev *dev, struct uloop_blocks __user *uarg)
 	if (hold) {
 		bitmap_copy(cl->bits, bits, a.count);
 		cl->id = a.id = ++dev->next_claim_id;
-		dev->nr_claims++;
-		dev->nr_claimed += n;
+		dev->nr_claimed += n; /* nr_claims: its slot was taken above */
 		list_add_tail(&cl->node, &dev->claims);
 		cl = NULL;
+	} else if (cl && !dev->dead) { /* dead: REMOVE dropped every claim, the count is 0 */
+		dev->nr_claims--;
 	}
 	dev->busy_seq++;
 	mutex_unlock(&dev->lock);
@@ -3050,8 +3079,11 @@ static int uloop_evict(struct uloop_dev *dev, struct uloop_blocks __user *uarg)
 	}
 	a.done = n;
 	if (copy_to_user(u64_to_user_ptr(a.bits_ptr), bits, DIV_ROUND_UP(a.count, 8)) ||
-	    copy_to_user(uarg, &a, sizeof(a)))
+	    copy_to_user(uarg, &a, sizeof(a))) {
 		err = uloop_refuse(-EFAULT, "EVICT: the bitmap is not writable (%llu blocks were evicted)", n);
+		if (a.id) /* the daemon never learns the hold's id: let the blocks go now */
+			uloop_claim_drop(dev, a.id);
+	}
 	kvfree(bits);
 	return err;
 }

@@ -611,8 +611,15 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
    * writes wait for a ROOM that this process answers only after this barrier (a cycle, broken
    * by io_timeout_s with lost writes), so a budget needs the ioctl (checked above).
    */
+  // One BARRIER ioctl in flight at a time (later callers queue behind it): each blocks a libuv
+  // pool thread until this process answers, and the answer needs pool threads too (review9 K-B).
+  let barriers: Promise<void> = Promise.resolve();
   const flushDevice = (features.features & native.ULOOP_FEAT.BARRIER) !== 0
-    ? () => native.uloopBarrier(ctl).then(() => undefined)
+    ? () => {
+        const next = barriers.catch(() => undefined).then(() => native.uloopBarrier(ctl).then(() => undefined));
+        barriers = next;
+        return next;
+      }
     : () => run('sync', [device], { timeoutMs: 0 }).then(() => undefined);
 
   const epochs = kernelEpochs(
