@@ -853,11 +853,12 @@ function hydrateOnUblk(device: string): InvalidArgumentError {
 
 /**
  * --cache-size on /dev/uloopN is refused. The kernel's whole-block writes are held to a credit
- * (CREDIT, ROOM: src/bdev/uloop.ts kernelCredit), the daemon's barrier never waits on a write
- * (BARRIER) and concurrent requests cannot keep every clean block (EVICT's PINNED flag), but a
- * buffered writer onto the raw device still takes the cache file 4-5 MiB past a 16 MiB budget
- * (test/vm/uloop-budget-load.test.ts), and an EVICT's blocks can be written whole before the
- * store punches them (docs/design.md, /dev/uloopN). The whole path is wired and tested with
+ * (CREDIT, ROOM: src/bdev/uloop.ts kernelCredit; a ROOM's answer raises the limit in the kernel),
+ * the daemon's barrier never waits on a write (BARRIER), concurrent requests cannot keep every
+ * clean block (EVICT's PINNED flag) and evicted blocks stay busy until punched (EVICT's HOLD flag):
+ * test/vm/uloop-budget-load.test.ts passes. But after kill -9 and a re-attach the cache file
+ * passes the budget plus 512 KiB (16.77 MiB for 16: the dead daemon's answered fills are not
+ * counted; test/vm/uloop-budget.test.ts, docs/design.md). The whole path is wired and tested with
  * ULOB_UNSAFE_ULOOP_BUDGET=1, for development only (uloop-budget and uloop-budget-load's VM runs).
  */
 function budgetOnUloop(device: string): InvalidArgumentError {
