@@ -518,7 +518,7 @@ static void add_refusals(void) {
   expect("evict: reserved field", ioctl(ctl, ULOOP_IOC_EVICT, &r), EOPNOTSUPP);
   r = (struct uloop_blocks){.first = 0, .count = 8, .bits_ptr = 1};
   expect("evict: bitmap unreadable", ioctl(ctl, ULOOP_IOC_EVICT, &r), EFAULT);
-  r = (struct uloop_blocks){.first = 0, .count = 8, .bits_ptr = (uintptr_t)ones, .id = 1ULL << 1};
+  r = (struct uloop_blocks){.first = 0, .count = 8, .bits_ptr = (uintptr_t)ones, .id = 1ULL << 2};
   expect("evict: unknown flag", ioctl(ctl, ULOOP_IOC_EVICT, &r), EINVAL);
   r = (struct uloop_blocks){.first = 0, .count = 8, .bits_ptr = (uintptr_t)ones, .id = 77};
   expect("evict: a claim id where the flags go", ioctl(ctl, ULOOP_IOC_EVICT, &r), EINVAL);

@@ -103,10 +103,11 @@ describe('uloop.ko ioctls with bad input', () => {
   });
   it('EVICT leaves the blocks of a request still preparing', () => {
     for (const l of [
-      'ok preparing: block 17 evicted',
+      'ok preparing: blocks 17 and 19 evicted',
       'ok preparing: the read asks for block 17',
-      'ok preparing: block 16 of the waiting read is not evicted',
-      'ok preparing: the read is served',
+      'ok preparing: blocks 16 and 18 of the waiting reads are not evicted',
+      'ok preparing: the oldest read is served',
+      'ok preparing: the younger read is served',
       'ok preparing: block 16 evicted once the read is done',
     ])
       expect(run.output).toContain(l);
