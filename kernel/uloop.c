@@ -548,6 +548,7 @@ struct uloop_cmd {
 	struct list_head inflight; /* on dev->inflight while on_inflight */
 	u64 first, last;           /* blocks touched, inclusive */
 	bool write, owns_missing, on_inflight, upcalled, timed_out;
+	bool ioctl;                /* not a request: BARRIER's context (killable waits, no timeout) */
 	u64 room;                  /* missing blocks a ROOM answer let it take over the credit */
 	struct list_head preparing; /* on dev->preparing during uloop_prepare (dev->lock) */
 	u64 pfirst, plast;         /* the blocks it prepares, inclusive */
@@ -745,6 +746,16 @@ static int uloop_ask(struct uloop_dev *dev, struct uloop_cmd *cmd, struct uloop_
 	wake_up_interruptible(&dev->msg_wait);
 
 	while (!wait_for_completion_timeout(&up->done, HZ)) {
+		if (cmd->ioctl && fatal_signal_pending(current)) {
+			/* the daemon itself is dying: nobody will answer; a late reply is accepted */
+			mutex_lock(&dev->lock);
+			WRITE_ONCE(cmd->timed_out, true);
+			if (up->listed)
+				uloop_upcall_expire(dev, up);
+			mutex_unlock(&dev->lock);
+			wait_for_completion(&up->done);
+			break;
+		}
 		mutex_lock(&dev->lock);
 		if (up->listed && !dev->daemon &&
 		    time_after(jiffies, dev->detached_at +
@@ -881,6 +892,8 @@ static int uloop_wait_busy(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 seq
 /* Waits for the barrier in flight to end; dev->lock not held. */
 static int uloop_wait_barrier(struct uloop_dev *dev, struct uloop_cmd *cmd)
 {
+	if (cmd->ioctl)
+		return wait_event_killable(dev->bar_wait, !READ_ONCE(dev->bar_busy)) ? -EINTR : 0;
 	wait_event_idle(dev->bar_wait, !READ_ONCE(dev->bar_busy) || READ_ONCE(cmd->timed_out));
 	return READ_ONCE(cmd->timed_out) ? -ETIMEDOUT : 0;
 }
@@ -901,20 +914,37 @@ static u64 uloop_unasked(struct uloop_dev *dev)
 }
 
 /*
- * ROOM (ULOOP_FEAT_CREDIT): the write cmd would take the missing blocks of [b, e) whole past the
- * credit; asks the daemon to make room for e - b blocks. Its answer grants the request up to that
- * many missing blocks over the limit (cmd->room, counted in nr_granted by uloop_reply, under the
+ * The limit went away (ATTACH, CREDIT without a limit): every ROOM the daemon has not read yet
+ * ends with no grant, and its write goes on (no limit now). A daemon then never reads a ROOM sent
+ * under a limit it no longer has (an older daemon fails what it does not know: review8 K4). Not
+ * when the limit is only raised: the protocol raises it by a ROOM's grant before answering that
+ * ROOM, and the others, let go, would take that room too (the cache file passed the budget by
+ * megabytes in the VM when a raise ended them). dev->lock held.
+ */
+static void uloop_rooms_end(struct uloop_dev *dev)
+{
+	struct uloop_upcall *up, *n;
+
+	list_for_each_entry_safe(up, n, &dev->queued, node)
+		if (up->msg.type == ULOOP_MSG_ROOM)
+			uloop_upcall_finish(up, 0);
+}
+
+/*
+ * ROOM (ULOOP_FEAT_CREDIT): the write cmd would take the n missing blocks of [b, e) whole past the
+ * credit; asks the daemon to make room for n blocks (in the message's `epoch`; [b, e) is their
+ * span). Its answer grants the request up to n missing blocks over the limit (cmd->room, counted in nr_granted by uloop_reply, under the
  * same lock as the reply: a CREDIT or QUERY right after the answer counts the grant), taken on
  * its next pass. The blocks are not made busy: the daemon does nothing to them, and the next
  * pass looks at them again.
  */
-static int uloop_ask_room(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 b, u64 e)
+static int uloop_ask_room(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 b, u64 e, u64 n)
 {
 	struct uloop_upcall up = {};
 	u64 off = b << dev->block_shift, len = uloop_block_bytes(dev, b, e);
 	int err;
 
-	err = uloop_ask(dev, cmd, &up, ULOOP_MSG_ROOM, 0, off, len, 0);
+	err = uloop_ask(dev, cmd, &up, ULOOP_MSG_ROOM, 0, off, len, n);
 	/* on success uloop_reply set the grant (cmd->room) */
 	if (err && err != -ETIMEDOUT)
 		pr_warn_ratelimited("uloop%d: room at %llu+%llu failed: %d\n", dev->index, off, len, err);
@@ -1071,8 +1101,9 @@ static int uloop_prepare_passes(struct uloop_dev *dev, struct uloop_cmd *cmd, u6
 			/* the credit: missing blocks this write would take whole, unasked */
 			u64 n = last + 1 - first - ubits_count(&dev->present, first, last + 1);
 
-			if (n > cmd->room && uloop_unasked(dev) + n > dev->credit) {
-				/* ask for the span from its first missing block to its last */
+			/* its own unused grant is in nr_granted: not counted twice */
+			if (n > cmd->room && uloop_unasked(dev) - cmd->room + n > dev->credit) {
+				/* the count, and the span from its first missing block to its last */
 				b = ubits_find(&dev->present, first, last + 1, false);
 				for (e = last + 1; ubits_test(&dev->present, e - 1); e--)
 					;
@@ -1080,7 +1111,7 @@ static int uloop_prepare_passes(struct uloop_dev *dev, struct uloop_cmd *cmd, u6
 				if (nowait)
 					return -EAGAIN;
 				cmd->upcalled = true;
-				err = uloop_ask_room(dev, cmd, b, e);
+				err = uloop_ask_room(dev, cmd, b, e, n);
 				if (err)
 					return err;
 				continue;
@@ -1358,10 +1389,10 @@ static void uloop_rw(struct uloop_dev *dev, struct uloop_cmd *cmd, struct reques
  * aside in `lost`, with what became pending since the take (its pages were in that sync too);
  * a failed barrier puts the set back for the next FLUSH.
  */
-static int uloop_flush(struct uloop_dev *dev, struct uloop_cmd *cmd)
+static int uloop_barrier_run(struct uloop_dev *dev, struct uloop_cmd *cmd, u64 *handed)
 {
 	struct uloop_upcall up = {};
-	u64 taken;
+	u64 taken = 0;
 	int err;
 
 	for (;;) {
@@ -1420,6 +1451,16 @@ out_locked:
 	dev->bar_busy = false;
 	mutex_unlock(&dev->lock);
 	wake_up_all(&dev->bar_wait);
+	if (!err && handed)
+		*handed = taken;
+	return err;
+}
+
+/* A FLUSH request (or a FUA write's): the barrier, counted in `flushes`. */
+static int uloop_flush(struct uloop_dev *dev, struct uloop_cmd *cmd)
+{
+	int err = uloop_barrier_run(dev, cmd, NULL);
+
 	if (!err)
 		atomic64_inc(&dev->stats.flushes);
 	return err;
@@ -2230,7 +2271,8 @@ static int uloop_get_features(struct uloop_features __user *uarg)
 		.features = ULOOP_FEAT_COUNTERS | ULOOP_FEAT_STICKY_ERROR | ULOOP_FEAT_IO_TIMEOUT |
 			    ULOOP_FEAT_PRESERVE | ULOOP_FEAT_ZERO | ULOOP_FEAT_CLAIM |
 			    ULOOP_FEAT_EVICT | ULOOP_FEAT_ACCESSED | ULOOP_FEAT_PARTITIONS |
-			    ULOOP_FEAT_SECTOR_SIZE | ULOOP_FEAT_REPLY_CHECK | ULOOP_FEAT_CREDIT,
+			    ULOOP_FEAT_SECTOR_SIZE | ULOOP_FEAT_REPLY_CHECK | ULOOP_FEAT_CREDIT |
+			    ULOOP_FEAT_BARRIER,
 		.max_devices = uloop_max_devices(),
 		.io_timeout_s = io_timeout_s,
 		.max_blocks = ULOOP_MAX_BLOCKS,
@@ -2331,6 +2373,7 @@ static int uloop_attach(struct uloop_conn *conn, struct uloop_attach __user *uar
 		dev->daemon = conn;
 		conn->dev = dev; /* keeps the reference uloop_get took */
 		dev->credit = ULOOP_CREDIT_NONE; /* the new daemon sets its own (CREDIT) */
+		uloop_rooms_end(dev); /* the dead daemon's ROOMs: no limit now */
 	}
 	mutex_unlock(&dev->lock);
 	if (err) {
@@ -2903,12 +2946,37 @@ static bool uloop_inflight_on(struct uloop_dev *dev, const unsigned long *bits, 
 	return on;
 }
 
+/* Ends claim `id` with none of its blocks filled: they stay missing and are no longer busy. */
+static void uloop_claim_drop(struct uloop_dev *dev, u64 id)
+{
+	struct uloop_claim *cl;
+	u64 i;
+
+	mutex_lock(&dev->lock);
+	list_for_each_entry(cl, &dev->claims, node) {
+		if (cl->id != id)
+			continue;
+		for_each_set_bit(i, cl->bits, cl->count)
+			ubits_clear(&dev->busy, cl->first + i, cl->first + i + 1);
+		dev->nr_claimed -= bitmap_weight(cl->bits, cl->count);
+		dev->nr_claims--;
+		list_del(&cl->node);
+		kvfree(cl);
+		dev->busy_seq++;
+		break;
+	}
+	mutex_unlock(&dev->lock);
+	wake_up_all(&dev->busy_wait);
+}
+
 static int uloop_evict(struct uloop_dev *dev, struct uloop_blocks __user *uarg)
 {
-	struct uloop_cmd *c;
+	struct uloop_claim *cl = NULL;
+	struct uloop_cmd *c, *first;
 	struct uloop_blocks a;
 	unsigned long *bits;
 	u64 i, n = 0;
+	bool hold;
 	int err;
 
 	if (copy_from_user(&a, uarg, sizeof(a)))
@@ -2916,19 +2984,49 @@ static int uloop_evict(struct uloop_dev *dev, struct uloop_blocks __user *uarg)
 	err = uloop_blocks_check(dev, "EVICT", &a, dev->nr_blocks, ULOOP_MAX_RANGE_BLOCKS);
 	if (err)
 		return err;
+	if (a.id & ~(ULOOP_EVICT_F_PINNED | ULOOP_EVICT_F_HOLD))
+		return uloop_refuse(-EINVAL, "uloop%d: EVICT refused: unknown flags %#llx", dev->index, a.id);
+	if (a.id & ULOOP_EVICT_F_HOLD) {
+		/* the evicted blocks become a claim: allocated now, listed below */
+		cl = kvzalloc(struct_size(cl, bits, BITS_TO_LONGS(a.count)), GFP_KERNEL);
+		if (!cl)
+			return -ENOMEM;
+		cl->first = a.first;
+		cl->count = a.count;
+	}
 	bits = uloop_bits_alloc(a.count);
-	if (!bits)
+	if (!bits) {
+		kvfree(cl);
 		return -ENOMEM;
+	}
 	if (uloop_bits_in(bits, a.bits_ptr, a.count)) {
 		kvfree(bits);
+		kvfree(cl);
 		return uloop_refuse(-EFAULT, "EVICT refused: the bitmap is not readable");
 	}
 	mutex_lock(&dev->lock);
+	if (cl && dev->nr_claims >= ULOOP_MAX_CLAIMS) {
+		mutex_unlock(&dev->lock);
+		kvfree(bits);
+		kvfree(cl);
+		return uloop_refuse(-EAGAIN, "uloop%d: EVICT refused: ULOOP_EVICT_F_HOLD with 64 claims outstanding",
+				    dev->index);
+	}
+	/* the hold's claim slot, taken now: a CLAIM during the wait below cannot leave the evicted
+	 * blocks un-held (given back below if nothing is held) */
+	if (cl)
+		dev->nr_claims++;
+	first = list_first_entry_or_null(&dev->preparing, struct uloop_cmd, preparing);
 	/* not the blocks of a request between its first and last prepare pass: it may have had
-	 * them filled, and would have them filled again */
+	 * them filled, and would have them filled again. ULOOP_EVICT_F_PINNED (the daemon found
+	 * nothing else to free: requests in flight together can hold every clean block between
+	 * them, each waiting for room the others hold): only the oldest request keeps its blocks,
+	 * so it gets all it needs and ends, and then the next oldest; the others fill again. */
 	list_for_each_entry(c, &dev->preparing, preparing) {
 		u64 s = max(c->pfirst, a.first), e = min(c->plast + 1, a.first + a.count);
 
+		if ((a.id & ULOOP_EVICT_F_PINNED) && c != first)
+			break;
 		if (s < e)
 			bitmap_clear(bits, s - a.first, e - s);
 	}
@@ -2951,13 +3049,29 @@ static int uloop_evict(struct uloop_dev *dev, struct uloop_blocks __user *uarg)
 	err = n ? wait_event_killable(dev->inflight_wait, !uloop_inflight_on(dev, bits, a.first, a.count))
 		: 0;
 	mutex_lock(&dev->lock);
+	/* ULOOP_EVICT_F_HOLD: they stay busy, as a claim, until the daemon's FILLED lets them go
+	 * after its punch (a write covering one whole would otherwise be written by the kernel
+	 * without asking, rule 4, and then punched away); a detach drops the claim */
+	hold = cl && !err && n && !dev->dead;
 	for_each_set_bit(i, bits, a.count) {
 		if (!err)
 			dev->nr_present -= ubits_clear(&dev->present, a.first + i, a.first + i + 1);
-		ubits_clear(&dev->busy, a.first + i, a.first + i + 1);
+		if (!hold)
+			ubits_clear(&dev->busy, a.first + i, a.first + i + 1);
+	}
+	a.id = 0;
+	if (hold) {
+		bitmap_copy(cl->bits, bits, a.count);
+		cl->id = a.id = ++dev->next_claim_id;
+		dev->nr_claimed += n; /* nr_claims: its slot was taken above */
+		list_add_tail(&cl->node, &dev->claims);
+		cl = NULL;
+	} else if (cl && !dev->dead) { /* dead: REMOVE dropped every claim, the count is 0 */
+		dev->nr_claims--;
 	}
 	dev->busy_seq++;
 	mutex_unlock(&dev->lock);
+	kvfree(cl);
 	wake_up_all(&dev->busy_wait);
 	if (err) {
 		kvfree(bits);
@@ -2965,8 +3079,11 @@ static int uloop_evict(struct uloop_dev *dev, struct uloop_blocks __user *uarg)
 	}
 	a.done = n;
 	if (copy_to_user(u64_to_user_ptr(a.bits_ptr), bits, DIV_ROUND_UP(a.count, 8)) ||
-	    copy_to_user(uarg, &a, sizeof(a)))
+	    copy_to_user(uarg, &a, sizeof(a))) {
 		err = uloop_refuse(-EFAULT, "EVICT: the bitmap is not writable (%llu blocks were evicted)", n);
+		if (a.id) /* the daemon never learns the hold's id: let the blocks go now */
+			uloop_claim_drop(dev, a.id);
+	}
 	kvfree(bits);
 	return err;
 }
@@ -3056,6 +3173,41 @@ static int uloop_epoch_release(struct uloop_dev *dev, struct uloop_blocks __user
 }
 
 /*
+ * BARRIER (ULOOP_FEAT_BARRIER): the daemon's own barrier, in its own context: no request, so no
+ * page cache written back first and no io_timeout; the waits are killable instead (a daemon
+ * killed in this call exits, and its fd's release sends what it never answered to the next one).
+ */
+static int uloop_barrier_ioctl(struct uloop_dev *dev, struct uloop_barrier __user *uarg)
+{
+	struct uloop_barrier a;
+	struct uloop_cmd *cmd;
+	u64 taken = 0;
+	int err;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return uloop_refuse(-EFAULT, "uloop%d: BARRIER refused: its argument is not readable",
+				    dev->index);
+	if (a.__pad || a.__reserved[0] || a.__reserved[1])
+		return uloop_refuse(-EOPNOTSUPP, "uloop%d: BARRIER refused: reserved fields set",
+				    dev->index);
+	if (a.flags)
+		return uloop_refuse(-EINVAL, "uloop%d: BARRIER refused: unknown flags %#x",
+				    dev->index, a.flags);
+	cmd = kzalloc(sizeof(*cmd), GFP_KERNEL);
+	if (!cmd)
+		return -ENOMEM;
+	cmd->ioctl = true;
+	err = uloop_barrier_run(dev, cmd, &taken);
+	kfree(cmd);
+	if (err)
+		return fatal_signal_pending(current) ? -EINTR : -EIO;
+	a.taken = taken;
+	return copy_to_user(uarg, &a, sizeof(a)) ?
+	       uloop_refuse(-EFAULT, "uloop%d: BARRIER: %llu blocks handed over, but its argument is not writable",
+			    dev->index, taken) : 0;
+}
+
+/*
  * CREDIT: sets (or lifts) the limit on the blocks written whole while missing without asking;
  * returns the limit and the unasked count. Lowering it below the count is allowed (later writes
  * ask); raising it wakes nobody: a write waits only on a ROOM answer, which the daemon sends.
@@ -3063,6 +3215,7 @@ static int uloop_epoch_release(struct uloop_dev *dev, struct uloop_blocks __user
 static int uloop_credit(struct uloop_dev *dev, struct uloop_credit __user *uarg)
 {
 	struct uloop_credit a;
+	u64 want;
 
 	if (copy_from_user(&a, uarg, sizeof(a)))
 		return uloop_refuse(-EFAULT, "uloop%d: CREDIT refused: its argument is not readable",
@@ -3080,7 +3233,10 @@ static int uloop_credit(struct uloop_dev *dev, struct uloop_credit __user *uarg)
 		return uloop_refuse(-EINVAL, "uloop%d: CREDIT refused: limit %llu is above the device's %llu blocks",
 				    dev->index, a.limit, dev->nr_blocks);
 	mutex_lock(&dev->lock);
-	dev->credit = (a.flags & ULOOP_CREDIT_F_LIMIT) ? a.limit : ULOOP_CREDIT_NONE;
+	want = (a.flags & ULOOP_CREDIT_F_LIMIT) ? a.limit : ULOOP_CREDIT_NONE;
+	if (want == ULOOP_CREDIT_NONE)
+		uloop_rooms_end(dev);
+	dev->credit = want;
 	a.limit = dev->credit;
 	a.unasked = uloop_unasked(dev);
 	mutex_unlock(&dev->lock);
@@ -3114,6 +3270,8 @@ static long uloop_dev_ioctl(struct uloop_dev *dev, unsigned int cmd, void __user
 		return uloop_epoch_release(dev, uarg);
 	case ULOOP_IOC_CREDIT:
 		return uloop_credit(dev, uarg);
+	case ULOOP_IOC_BARRIER:
+		return uloop_barrier_ioctl(dev, uarg);
 	}
 	return uloop_refuse(-ENOTTY, "unknown ioctl %#x", cmd);
 }
@@ -3232,12 +3390,18 @@ static int uloop_reply(struct uloop_dev *dev, const struct uloop_reply *r)
 		if (up->msg.id == r->id) {
 			up->answered = true;
 			if (up->msg.type == ULOOP_MSG_ROOM && !r->error && up->cmd) {
-				/* the grant, replacing the request's unused one (uloop_ask_room) */
-				u64 g = ((up->msg.offset + up->msg.length - 1) >> dev->block_shift) + 1 -
-					(up->msg.offset >> dev->block_shift);
+				/* the grant (the missing count asked), replacing the request's unused
+				 * one (uloop_ask_room); the limit goes up by as much in the same step.
+				 * A daemon raising it first (the old protocol) let other writes take
+				 * that room before the grant was counted, and the grant was then taken
+				 * over the limit as well: the cache file passed a 16 MiB budget by 4-5
+				 * MiB under a buffered writer (review8 K1's load). */
+				u64 g = up->msg.epoch, more = g - up->cmd->room;
 
-				dev->nr_granted += g - up->cmd->room;
+				dev->nr_granted += more;
 				up->cmd->room = g;
+				if (dev->credit != ULOOP_CREDIT_NONE)
+					dev->credit = min(dev->credit + more, dev->nr_blocks);
 			}
 			uloop_upcall_finish(up, r->error);
 			if (up->hold) /* re-issued: nobody waits for it */

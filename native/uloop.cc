@@ -345,6 +345,47 @@ Napi::Value Credit(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// BARRIER (ULOOP_FEAT_BARRIER) on a worker thread: the call waits until this process's own event
+// loop has answered the BARRIER upcall it sends, so it must not run on the loop's thread. The
+// kernel's wait is killable: a daemon killed meanwhile exits (its fd's release re-queues the
+// upcall for the next daemon). Resolves with the blocks handed over.
+class BarrierWorker : public PromiseWorker {
+ public:
+  BarrierWorker(Napi::Env env, int fd, uint32_t flags)
+      : PromiseWorker(env, "ulob:uloopBarrier", "ioctl(ULOOP_IOC_BARRIER)"), fd_(fd), flags_(flags) {}
+
+  void Execute() override {
+    struct uloop_barrier b = {};
+    b.flags = flags_;
+    if (ioctl(fd_, ULOOP_IOC_BARRIER, &b) != 0) {
+      err_ = errno;
+      return;
+    }
+    taken_ = b.taken;
+  }
+
+ protected:
+  Napi::Value Result(Napi::Env env) override { return Napi::Number::New(env, static_cast<double>(taken_)); }
+
+ private:
+  int fd_;
+  uint32_t flags_;
+  uint64_t taken_ = 0;
+};
+
+// uloopBarrier(fd, flags) -> Promise<number>: the blocks the barrier handed over (0: none were
+// pending). Rejects with a NativeError carrying the errno (EINVAL: flags set; EIO: the sticky
+// error, a failed sync or an error answer; EINTR; ENOTTY: a module without BARRIER).
+Napi::Value Barrier(const Napi::CallbackInfo& info) {
+  int fd;
+  uint32_t flags;
+  if (!ArgFd(info, 0, &fd) || !ArgU32(info, 1, &flags)) return Napi::Value();
+  BarrierWorker* w = new BarrierWorker(info.Env(), fd, flags);
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
 // uloopReply(fd, id, error): error 0 or a negative errno. The kernel refuses an id that is not
 // outstanding (ENOENT) and a record it cannot take (EINVAL); both are thrown as NativeErrors.
 Napi::Value Reply(const Napi::CallbackInfo& info) {
@@ -490,6 +531,9 @@ bool ExportAbi(Napi::Env env, Napi::Object exports) {
   num("FEAT_SECTOR_SIZE", static_cast<double>(ULOOP_FEAT_SECTOR_SIZE));
   num("FEAT_REPLY_CHECK", static_cast<double>(ULOOP_FEAT_REPLY_CHECK));
   num("FEAT_CREDIT", static_cast<double>(ULOOP_FEAT_CREDIT));
+  num("FEAT_BARRIER", static_cast<double>(ULOOP_FEAT_BARRIER));
+  num("EVICT_F_PINNED", static_cast<double>(ULOOP_EVICT_F_PINNED));
+  num("EVICT_F_HOLD", static_cast<double>(ULOOP_EVICT_F_HOLD));
   num("STATE_EPOCH_OPEN", ULOOP_STATE_EPOCH_OPEN);
   num("STATE_EPOCH_FAILED", ULOOP_STATE_EPOCH_FAILED);
   num("STATE_SCANNING", ULOOP_STATE_SCANNING);
@@ -520,7 +564,7 @@ bool InitUloop(Napi::Env env, Napi::Object exports) {
          Export<BarrierBits>(env, exports, "uloopBarrierBits") &&
          Export<EpochBegin>(env, exports, "uloopEpochBegin") &&
          Export<EpochCommit>(env, exports, "uloopEpochCommit") &&
-         Export<Reply>(env, exports, "uloopReply") && Export<Credit>(env, exports, "uloopCredit") && Export<WatchFd>(env, exports, "uloopWatch") &&
+         Export<Reply>(env, exports, "uloopReply") && Export<Credit>(env, exports, "uloopCredit") && Export<Barrier>(env, exports, "uloopBarrier") && Export<WatchFd>(env, exports, "uloopWatch") &&
          Export<Unwatch>(env, exports, "uloopUnwatch");
 }
 

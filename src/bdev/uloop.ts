@@ -159,8 +159,16 @@ export interface KernelEpochIoctls {
   zeroAndPending?(): { zeroBlocks: number; pendingBlocks: number };
   /** A FLUSH of the device: the kernel's pending blocks reach the store in its barrier. */
   flush?(): Promise<void>;
-  /** EVICT of the blocks set in `bits` (bit i: block first + i), narrowed in place; returns their count. */
-  evict?(first: number, count: number, bits: Buffer): number;
+  /**
+   * EVICT of the blocks set in `bits` (bit i: block first + i), narrowed in place; returns their
+   * count. `pinned`: also those of requests still preparing (ULOOP_EVICT_F_PINNED, a last resort).
+   */
+  evict?(first: number, count: number, bits: Buffer, pinned?: boolean): number;
+  /**
+   * EVICT with ULOOP_EVICT_F_HOLD: as evict, and the evicted blocks stay busy as claim `id` (0:
+   * none) until letGo(id, first, count) after the punch.
+   */
+  evictHeld?(first: number, count: number, bits: Buffer, pinned?: boolean): { done: number; id: number };
   /** ACCESSED of units [first, first + count) into `bits`, cleared in the kernel; returns the count set. */
   accessed?(first: number, count: number, bits: Buffer): number;
   /**
@@ -263,7 +271,10 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
      * them, and returns them; only those are evicted from the store (then cleared durably, then
      * punched: invariant 1). A failed call evicts nothing of its range.
      */
-    external.evict = (victims) => {
+    // ULOOP_EVICT_F_HOLD: claims holding what the last evict let go, until the store has punched.
+    const held: Array<{ id: number; first: number; count: number }> = [];
+    const { evictHeld, letGo } = k;
+    external.evict = (victims, pinned = false) => {
       const gone: Extent[] = [];
       if (k.gone()) return gone;
       // Pieces of at most one range each (victims lie within eviction units, so they always fit).
@@ -278,13 +289,33 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
         const bits = new Bitmap(end - first, Buffer.alloc(Math.ceil((end - first) / 8)));
         for (let x = i; x < j; x++) bits.setRange(pieces[x]!.start - first, pieces[x]!.start + pieces[x]!.count - first);
         try {
-          if (evict(first, end - first, bits.buffer) > 0) for (const r of bits.runs()) gone.push({ start: first + r.start, count: r.count });
+          let done: number;
+          if (evictHeld && letGo) {
+            const r = evictHeld(first, end - first, bits.buffer, pinned);
+            done = r.done;
+            if (r.id > 0) held.push({ id: r.id, first, count: end - first });
+          } else {
+            done = evict(first, end - first, bits.buffer, pinned);
+          }
+          if (done > 0) for (const r of bits.runs()) gone.push({ start: first + r.start, count: r.count });
         } catch (err) {
           log?.(`${k.device}: EVICT of blocks ${first}..${end - 1} failed (${(err as { code?: string }).code ?? 'error'}); nothing evicted there`, err);
         }
         i = j;
       }
       return gone;
+    };
+    // After the store's punch (or its failure): the held blocks go back to the kernel, missing.
+    external.evicted = () => {
+      for (const h of held.splice(0)) {
+        if (k.gone()) continue;
+        try {
+          letGo?.(h.id, h.first, h.count);
+        } catch (err) {
+          // ENOENT: the claim ended already (a detach); nothing is held.
+          log?.(`${k.device}: letting go of evicted blocks ${h.first}..${h.first + h.count - 1} failed (${(err as { code?: string }).code ?? 'error'})`, err);
+        }
+      }
     };
   }
   return {
@@ -401,15 +432,21 @@ export function kernelCredit(engine: CacheEngine, k: KernelCreditIoctl) {
         set(Math.max(share, unasked));
       }
     },
-    /** ROOM for `n` blocks: resolves once the budget has room for them and the kernel's limit includes them. */
+    /**
+     * ROOM for `n` blocks: resolves once the budget has room for them. The kernel raises its limit
+     * by the grant when it takes the answer (ULOOP_FEAT_BARRIER), in the same step as it counts
+     * the grant: raised here first, other writes could take that room before the grant was
+     * counted (a 16 MiB budget's cache file at 20-21 MiB under review8 K1's buffered writer).
+     * This side keeps its `limit` in step and counts the grant as outside the store now.
+     */
     async room(n: number): Promise<void> {
       const want = Math.min(n, store.budgetBlocks);
       await engine.reserveSpace(want);
-      try {
-        if (!k.gone()) set(limit + want, want);
-      } finally {
-        store.release(want);
+      if (!k.gone()) {
+        limit = Math.min(limit + n, blocks);
+        store.outsideBlocks += want;
       }
+      store.release(want);
     },
     /** A barrier recorded `n` of the kernel's blocks present (not answered yet): they used up that much of the limit. */
     handedOver(n: number): void {
@@ -514,9 +551,9 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
     }
     if (features.version !== native.ULOOP_ABI_VERSION) throw uloopError('ADD', Object.assign(new Error('EPROTO'), { code: 'EPROTO' }), request);
     const has = (f: number) => (features.features & f) !== 0;
-    if (budgeted && !(has(native.ULOOP_FEAT.EVICT) && has(native.ULOOP_FEAT.ACCESSED) && has(native.ULOOP_FEAT.CREDIT))) {
+    if (budgeted && !(has(native.ULOOP_FEAT.EVICT) && has(native.ULOOP_FEAT.ACCESSED) && has(native.ULOOP_FEAT.CREDIT) && has(native.ULOOP_FEAT.BARRIER))) {
       throw new ModuleVersionError(
-        `the loaded uloop module cannot keep the cache file within a budget (no EVICT/ACCESSED/CREDIT), which --cache-size on ${options.device} needs; rebuild and reload it (make -C kernel), or use /dev/loopN`,
+        `the loaded uloop module cannot keep the cache file within a budget (no EVICT/ACCESSED/CREDIT/BARRIER), which --cache-size on ${options.device} needs; rebuild and reload it (make -C kernel), or use /dev/loopN`,
       );
     }
     existing = queryOrNull(ctl, want);
@@ -566,13 +603,24 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
   let closed = false;
   let failedUpcalls = 0;
   /**
-   * A FLUSH of the device: the kernel syncs the cache file and hands its pending bits over in a
-   * barrier this process answers. Sent by a child (coreutils `sync DEVICE`, one fsync), not by a
-   * thread of this process: a thread blocked in the kernel on a barrier only this process can
-   * answer would keep a killed daemon (kill -9, OOM) from exiting, so its control fd would stay
-   * open and no restarted daemon could take the device back until io_timeout_s.
+   * The kernel syncs the cache file and hands its pending bits over in a barrier this process
+   * answers. ULOOP_FEAT_BARRIER: the BARRIER ioctl on a worker thread, which touches no page
+   * cache; its wait is killable, so a daemon killed meanwhile (kill -9, OOM) still exits and its
+   * fd's release re-queues the upcall. A FLUSH of the device (coreutils `sync DEVICE`, in a
+   * child, for an older module) writes back the device's page cache first: with a budget those
+   * writes wait for a ROOM that this process answers only after this barrier (a cycle, broken
+   * by io_timeout_s with lost writes), so a budget needs the ioctl (checked above).
    */
-  const flushDevice = () => run('sync', [device], { timeoutMs: 0 }).then(() => undefined);
+  // One BARRIER ioctl in flight at a time (later callers queue behind it): each blocks a libuv
+  // pool thread until this process answers, and the answer needs pool threads too (review9 K-B).
+  let barriers: Promise<void> = Promise.resolve();
+  const flushDevice = (features.features & native.ULOOP_FEAT.BARRIER) !== 0
+    ? () => {
+        const next = barriers.catch(() => undefined).then(() => native.uloopBarrier(ctl).then(() => undefined));
+        barriers = next;
+        return next;
+      }
+    : () => run('sync', [device], { timeoutMs: 0 }).then(() => undefined);
 
   const epochs = kernelEpochs(
     engine,
@@ -584,7 +632,12 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       device,
       ...(options.readOnly ? {} : { zeroAndPending: () => native.uloopQuery(ctl, index), flush: () => flushDevice() }),
       ...(budgeted
-        ? { evict: (first: number, count: number, bits: Buffer) => native.uloopEvict(ctl, first, count, bits), accessed: (first: number, count: number, bits: Buffer) => native.uloopAccessed(ctl, first, count, bits) }
+        ? {
+            evict: (first: number, count: number, bits: Buffer, pinned?: boolean) => native.uloopEvict(ctl, first, count, bits, pinned === true),
+            ...((features.features & native.ULOOP_FEAT.BARRIER) !== 0
+              ? { evictHeld: (first: number, count: number, bits: Buffer, pinned?: boolean) => native.uloopEvictHeld(ctl, first, count, bits, pinned === true) }
+              : {}),
+            accessed: (first: number, count: number, bits: Buffer) => native.uloopAccessed(ctl, first, count, bits) }
         : {}),
       ...((features.features & native.ULOOP_FEAT.CLAIM) !== 0
         ? {

@@ -213,7 +213,9 @@ export class UpcallHandler {
       case 'room':
         // A write covers missing blocks whole past the kernel's credit (ULOOP_MSG_ROOM): it waits
         // until the budget has room for them, as a fill waits (evicting, flushing: back-pressure).
-        if (this.#port.room) await this.#port.room(end - first);
+        // ULOOP_FEAT_BARRIER: `epoch` carries their count (the range is their span, and the
+        // kernel grants exactly the count); an older module sends the span alone.
+        if (this.#port.room) await this.#port.room(u.epoch && u.epoch > 0 ? Math.min(u.epoch, end - first) : end - first);
         return;
       case 'preserve': {
         if (!this.#port.preserve) throw new InternalError('a PRESERVE upcall from a device added without ULOOP_F_PRESERVE');

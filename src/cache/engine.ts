@@ -115,13 +115,21 @@ export interface ExternalEpochs {
    * With a budget: the outside path stops serving `victims` (clean blocks the clock picked) and
    * returns those it stopped serving, with no request in flight on them (ULOOP_IOC_EVICT); only
    * those are evicted from the store. Runs before the store clears anything (invariant 1).
+   * `pinned`: also blocks the outside path keeps for requests it is still preparing (a last
+   * resort, once nothing else freed room: concurrent requests can hold every clean block).
    */
-  evict?(victims: readonly Extent[]): Extent[];
+  evict?(victims: readonly Extent[], pinned?: boolean): Extent[];
+  /**
+   * After store.evict of what evict returned has punched (or failed): the outside path may serve
+   * those blocks again (on uloop, ULOOP_EVICT_F_HOLD kept them busy until now, so that no write
+   * lands in them before the punch: invariant 1).
+   */
+  evicted?(): void;
   /** With a budget: merges the outside path's accessed bits into store.clock before the hand moves. */
   harvestAccessed?(): void;
   /**
    * Before a flush epoch begins: hands the blocks the outside path holds dirty and the store does
-   * not know of yet over to the store (on uloop, a FLUSH of the device: its barrier), so the
+   * not know of yet over to the store (on uloop, the BARRIER ioctl: never waits on a write), so the
    * flush writes them back too, and a budget flush can make them evictable.
    */
   beforeEpoch?(): Promise<void>;
@@ -466,12 +474,13 @@ export class CacheEngine {
 
   /**
    * Evicts clean, idle blocks of about `blocks` blocks' worth of units the clock picks (a budget
-   * only). Resolves with the blocks evicted. Evictions run one at a time.
+   * only). Resolves with the blocks evicted. Evictions run one at a time. `pinned`: a kernel
+   * frontend gives up blocks it keeps for requests still preparing too (ExternalEpochs.evict).
    */
-  evict(blocks: number): Promise<number> {
+  evict(blocks: number, options: { pinned?: boolean } = {}): Promise<number> {
     this.#assertOpen();
-    if (this.#evicting) return this.#evicting.then(() => this.evict(blocks));
-    const run = this.#evictUnits(blocks).finally(() => {
+    if (this.#evicting) return this.#evicting.then(() => this.evict(blocks, options));
+    const run = this.#evictUnits(blocks, new Set(), options.pinned === true).finally(() => {
       if (this.#evicting === run) this.#evicting = null;
     });
     this.#evicting = run;
@@ -1228,7 +1237,18 @@ export class CacheEngine {
           continue;
         }
         const headroom = this.#evictionBatch();
-        const freed = await this.evict(store.usedBlocks + blocks - store.budgetBlocks + headroom);
+        // After a flush freed nothing: a kernel frontend's blocks kept for requests still
+        // preparing go as well, all but the oldest request's (ULOOP_EVICT_F_PINNED). Requests
+        // in flight together can keep every clean block between them, each waiting for room the
+        // others keep (review8 K2: 1 MiB reads at depth 32 failed with EIO); the oldest keeps
+        // its blocks, gets all it needs and ends, then the next. Not before a flush: the others
+        // then fill again what was taken from them.
+        const want = store.usedBlocks + blocks - store.budgetBlocks + headroom;
+        let freed = await this.evict(want, { pinned: futile > 0 });
+        // Nothing dirty: no flush can free anything; the last resort at once (review8 K2's reads).
+        if (freed === 0 && futile === 0 && this.externalEpochs?.evict && store.usedBlocks + blocks > store.budgetBlocks && this.#dirtyDataNow() === 0) {
+          freed = await this.evict(want, { pinned: true });
+        }
         if (freed > 0 || store.usedBlocks + blocks <= store.budgetBlocks) {
           this.#spaceError = null;
           return;
@@ -1266,13 +1286,22 @@ export class CacheEngine {
           store.usedBlocks + blocks > store.budgetBlocks &&
           (this.externalEpochs?.evict !== undefined || !store.clock || this.#evictableNone())
         ) {
-          this.#spaceError = 'the cache budget stays full of dirty data: flushes free nothing (every block is rewritten while it flushes)';
+          const dirtyNow = store.dirty.count();
+          this.#spaceError =
+            dirtyNow + blocks > store.budgetBlocks / 2
+              ? `the cache budget stays full of dirty data (${dirtyNow} blocks): flushes free nothing (every block is rewritten while it flushes)`
+              : `the cache budget is held by blocks in use (${dirtyNow} of ${store.budgetBlocks} dirty; the rest busy, or kept for requests being served): neither evictions nor flushes free room`;
           throw new CacheFullError(this.#spaceError);
         }
       }
     } finally {
       this.spaceWaiters--;
     }
+  }
+
+  /** Dirty blocks holding data now: the outside path's exact count where it has one, else the store's. */
+  #dirtyDataNow(): number {
+    return this.externalEpochs?.dirtyDataBlocks?.() ?? this.store.dirty.count();
   }
 
   /** Blocks one eviction frees beyond what is asked: 1/32 of the budget, 1 to 64 units. */
@@ -1386,7 +1415,7 @@ export class CacheEngine {
   }
 
   /** One eviction: units the clock picks, their clean idle blocks locked, evicted, unlocked. */
-  async #evictUnits(blocks: number, chosen = new Set<number>()): Promise<number> {
+  async #evictUnits(blocks: number, chosen = new Set<number>(), pinned = false): Promise<number> {
     const store = this.store;
     const clock = store.clock;
     if (!clock || blocks <= 0) return 0;
@@ -1436,19 +1465,20 @@ export class CacheEngine {
       // A kernel frontend serves hits itself: it stops serving them first (and drains its
       // requests on them), and only what it let go is evicted here (invariant 1).
       const outside = this.externalEpochs?.evict;
-      const gone = outside ? outside(victims) : victims;
+      const gone = outside ? outside(victims, pinned) : victims;
       if (outside) evicted = gone.reduce((n, e) => n + e.count, 0);
       // Present bits clear now (new reads see missing blocks and wait for the lock); the punch
       // waits for reads that began before (the grace period) and for the synced bitmap.
       if (gone.length > 0) await store.evict(gone, { quiesce: () => this.#readGrace() });
     } finally {
+      this.externalEpochs?.evicted?.();
       release();
     }
     for (const u of units) clock.forget(u);
     this.#evicted += evicted;
     // A kernel frontend kept some (busy, or in a request still preparing: a fill for it would be
     // undone): other units, not these again, for the rest.
-    if (this.externalEpochs?.evict && evicted < locked.length && evicted < blocks) return evicted + (await this.#evictUnits(blocks - evicted, chosen));
+    if (this.externalEpochs?.evict && evicted < locked.length && evicted < blocks) return evicted + (await this.#evictUnits(blocks - evicted, chosen, pinned));
     return evicted;
   }
 

@@ -872,12 +872,14 @@ function hydrateOnUblk(device: string): InvalidArgumentError {
 }
 
 /**
- * --cache-size on /dev/uloopN is refused. The kernel's whole-block writes are now held to a
- * credit (CREDIT, ROOM: src/bdev/uloop.ts kernelCredit; test/vm/uloop-budget.test.ts keeps the
- * cache file within the budget plus 512 KiB, where it reached 55 MiB for 16 MiB before), but the
- * uloop model's budget property still finds a run that never ends after a daemon kill
- * (test/model/uloop.model.test.ts). The whole path is wired and tested with
- * ULOB_UNSAFE_ULOOP_BUDGET=1, for development only (uloop-budget's VM run).
+ * --cache-size on /dev/uloopN is refused. The kernel's whole-block writes are held to a credit
+ * (CREDIT, ROOM: src/bdev/uloop.ts kernelCredit; a ROOM's answer raises the limit in the kernel),
+ * the daemon's barrier never waits on a write (BARRIER), concurrent requests cannot keep every
+ * clean block (EVICT's PINNED flag) and evicted blocks stay busy until punched (EVICT's HOLD flag):
+ * test/vm/uloop-budget-load.test.ts passes. But after kill -9 and a re-attach the cache file
+ * passes the budget plus 512 KiB (16.77 MiB for 16: the dead daemon's answered fills are not
+ * counted; test/vm/uloop-budget.test.ts, docs/design.md). The whole path is wired and tested with
+ * ULOB_UNSAFE_ULOOP_BUDGET=1, for development only (uloop-budget and uloop-budget-load's VM runs).
  */
 function budgetOnUloop(device: string): InvalidArgumentError {
   return new InvalidArgumentError(

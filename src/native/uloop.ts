@@ -15,7 +15,7 @@ export interface UloopMessage {
   offset: number;
   /** Bytes (block-aligned); for a barrier, the bitmap length. */
   length: number;
-  /** PRESERVE: the flush epoch whose version to keep; else 0. */
+  /** PRESERVE: the flush epoch whose version to keep; ROOM (ULOOP_FEAT_BARRIER): the missing blocks; else 0. */
   epoch: number;
 }
 
@@ -104,6 +104,9 @@ interface UloopAbi {
   FEAT_SECTOR_SIZE: number;
   FEAT_REPLY_CHECK: number;
   FEAT_CREDIT: number;
+  FEAT_BARRIER: number;
+  EVICT_F_PINNED: number;
+  EVICT_F_HOLD: number;
   STATE_EPOCH_OPEN: number;
   STATE_EPOCH_FAILED: number;
   STATE_SCANNING: number;
@@ -146,6 +149,7 @@ interface UloopBinding {
   uloopBlocks(fd: number, op: number, first: number, count: number, bits: Uint8Array, id: number): { done: number; id: number };
   uloopReply(fd: number, id: number, error: number): void;
   uloopCredit(fd: number, limit: number, on: boolean): { limit: number; unasked: number };
+  uloopBarrier(fd: number, flags: number): Promise<number>;
   uloopWatch(fd: number, cb: OnMessages): object;
   uloopUnwatch(handle: object): void;
 }
@@ -185,6 +189,7 @@ export const ULOOP_FEAT = {
   SECTOR_SIZE: abi.FEAT_SECTOR_SIZE,
   REPLY_CHECK: abi.FEAT_REPLY_CHECK,
   CREDIT: abi.FEAT_CREDIT,
+  BARRIER: abi.FEAT_BARRIER,
 } as const;
 /** uloop_info.state bits. */
 export const ULOOP_STATE = { EPOCH_OPEN: abi.STATE_EPOCH_OPEN, EPOCH_FAILED: abi.STATE_EPOCH_FAILED, SCANNING: abi.STATE_SCANNING } as const;
@@ -293,6 +298,19 @@ export function uloopCredit(fd: number, limit: number): { limit: number; unasked
   return binding.uloopCredit(fd, Math.max(0, limit), limit >= 0);
 }
 
+/**
+ * BARRIER (ULOOP_FEAT_BARRIER): the kernel takes its pending blocks, syncs the cache file and, if
+ * it took any, sends a BARRIER upcall that this process's event loop answers; resolves with the
+ * blocks handed over (0: none). Runs on a worker thread; touches no page cache (a FLUSH of the
+ * device writes its page cache back first). `flags` must be 0 (the kernel refuses others:
+ * EINVAL). Rejects with a NativeError: EIO (sticky error, failed sync, error answer), EINTR.
+ */
+export function uloopBarrier(fd: number, flags = 0): Promise<number> {
+  validateFd(fd);
+  validateInteger(flags, 'flags', 0, 0xffffffff);
+  return binding.uloopBarrier(fd, flags);
+}
+
 /** BARRIER_BITS: the present and dirty bits barrier `id` carries, into the two buffers. */
 export function uloopBarrierBits(fd: number, id: number, present: Uint8Array, dirty: Uint8Array): void {
   validateFd(fd);
@@ -356,9 +374,22 @@ export function uloopFilled(fd: number, id: number, first: number, count: number
   return blocksCall(fd, 'filled', first, count, bits, id).done;
 }
 
-/** EVICT: of the blocks set in `bits`, those present and clean stop being served; `bits` says which. */
-export function uloopEvict(fd: number, first: number, count: number, bits: Uint8Array): number {
-  return blocksCall(fd, 'evict', first, count, bits, 0).done;
+/**
+ * EVICT: of the blocks set in `bits`, those present and clean stop being served; `bits` says which.
+ * `pinned` (ULOOP_FEAT_BARRIER): also blocks in the range of requests still preparing (a last
+ * resort: they may have been filled for that request).
+ */
+export function uloopEvict(fd: number, first: number, count: number, bits: Uint8Array, pinned = false): number {
+  return blocksCall(fd, 'evict', first, count, bits, pinned ? abi.EVICT_F_PINNED : 0).done;
+}
+
+/**
+ * uloopEvict with ULOOP_EVICT_F_HOLD (ULOOP_FEAT_BARRIER): the evicted blocks stay busy as a claim
+ * until uloopFilled(fd, id, first, count, none set) lets them go, after the punch. Returns their
+ * count and the claim's id (0: none evicted). NativeError EAGAIN: 64 claims outstanding.
+ */
+export function uloopEvictHeld(fd: number, first: number, count: number, bits: Uint8Array, pinned = false): { done: number; id: number } {
+  return blocksCall(fd, 'evict', first, count, bits, (pinned ? abi.EVICT_F_PINNED : 0) | abi.EVICT_F_HOLD);
 }
 
 /** ACCESSED: the accessed bits of units [first, first + count) into `bits`, cleared in the kernel. */

@@ -58,6 +58,8 @@ class KernelModel {
   #inflight: Uint16Array;
   /** Requests between their first and last prepare pass per block: EVICT leaves these too. */
   #preparing: Uint16Array;
+  /** Those requests' ranges in arrival order (dev->preparing): a pinned EVICT leaves the oldest's. */
+  readonly #preparingList: [number, number][] = [];
   /** CREDIT's limit on unasked(), null: none (ADD, ATTACH). ULOB_MODEL_NO_CREDIT: ignored. */
   credit: number | null = null;
   /** Blocks written whole while missing by writes in flight; ROOM grants not yet taken. */
@@ -108,15 +110,22 @@ class KernelModel {
     }
   }
 
-  /** EVICT: of the blocks set in `bits`, those present, clean and not pending stop being served. */
-  evict(first: number, count: number, bits: Buffer): number {
+  /**
+   * EVICT: of the blocks set in `bits`, those present, clean, not pending, not in flight and not in
+   * a request still preparing (`pinned`, ULOOP_EVICT_F_PINNED: not in the oldest such request)
+   * stop being served.
+   */
+  evict(first: number, count: number, bits: Buffer, pinned = false): number {
     const set = new Bitmap(count, bits);
+    const oldest = this.#preparingList[0];
+    // ULOB_MODEL_PINNED_ALL (a planted bug): a pinned EVICT leaves no request's blocks.
+    const kept = (b: number) => (pinned ? !process.env.ULOB_MODEL_PINNED_ALL && oldest !== undefined && b >= oldest[0] && b < oldest[1] : this.#preparing[b] !== 0);
     let n = 0;
     for (let i = 0; i < count; i++) {
       if (!set.get(i)) continue;
       const b = first + i;
       // (The kernel waits for the requests in flight on them; refusing is the same to the store.)
-      if (this.present.get(b) && !this.dirty.get(b) && !this.pending.get(b) && this.#inflight[b] === 0 && (this.#preparing[b] === 0 || !!process.env.ULOB_MODEL_EVICT_PREPARING)) {
+      if (this.present.get(b) && !this.dirty.get(b) && !this.pending.get(b) && this.#inflight[b] === 0 && (!kept(b) || !!process.env.ULOB_MODEL_EVICT_PREPARING)) {
         this.present.clear(b);
         n++;
       } else set.clear(i);
@@ -167,10 +176,13 @@ class KernelModel {
   /** Runs uloop_prepare's passes with blocks [first, end) preparing (EVICT leaves them). */
   async #preparingRange<T>(first: number, end: number, passes: () => Promise<T>): Promise<T> {
     for (let b = first; b < end; b++) this.#preparing[b]!++;
+    const entry: [number, number] = [first, end];
+    this.#preparingList.push(entry);
     try {
       return await passes();
     } finally {
       for (let b = first; b < end; b++) this.#preparing[b]!--;
+      this.#preparingList.splice(this.#preparingList.indexOf(entry), 1);
     }
   }
 
@@ -324,15 +336,17 @@ class KernelModel {
             for (const b of intents) this.dirty.set(b);
             continue;
           }
-          // The credit: whole missing blocks past the limit wait for ROOM (its span: first to last missing).
+          // The credit: whole missing blocks past the limit wait for ROOM (the range is their span,
+          // `epoch` their count n, and the grant is n; its own unused grant is not counted twice).
           wholeMissing = [];
           for (let b = first; b < end; b++) if (!this.present.get(b)) wholeMissing.push(b);
           const n = wholeMissing.length;
-          if (this.credit !== null && !process.env.ULOB_MODEL_NO_CREDIT && n > room && this.unasked() + n > this.credit) {
-            const span = wholeMissing[n - 1]! + 1 - wholeMissing[0]!;
-            await this.#ask('room', wholeMissing[0]!, wholeMissing[n - 1]! + 1);
-            this.#granted += span - room;
-            room = span;
+          if (this.credit !== null && !process.env.ULOB_MODEL_NO_CREDIT && n > room && this.unasked() - room + n > this.credit) {
+            await this.#ask('room', wholeMissing[0]!, wholeMissing[n - 1]! + 1, n);
+            // The answer grants n and raises the limit by as much, in one step (uloop_reply).
+            this.#granted += n - room;
+            if (this.credit !== null) this.credit = Math.min(this.credit + (n - room), this.blocks);
+            room = n;
             continue;
           }
           break;
@@ -361,6 +375,17 @@ class KernelModel {
         }
       }
     }
+  }
+
+  /**
+   * BARRIER (ULOOP_IOC_BARRIER, the daemon's own): what a FLUSH does to the pending set, with no
+   * page cache written back first (the model has none: a FLUSH of the device is the same here).
+   * Resolves with the blocks handed over.
+   */
+  async barrier(): Promise<number> {
+    const n = this.pending.count();
+    await this.flush();
+    return n;
   }
 
   /** FLUSH: take the pending set, then sync (take-then-sync), then a BARRIER if anything was taken. */
@@ -508,8 +533,9 @@ function attachDaemon(engine: CacheEngine, kernel: KernelModel): ReturnType<type
     gone: () => false,
     device: '/dev/uloop0',
     zeroAndPending: () => ({ zeroBlocks: kernel.zeroBlocks(), pendingBlocks: kernel.pending.count() }),
-    flush: () => kernel.flush(),
-    ...(kernel.accessedBits ? { evict: (f: number, c: number, bits: Buffer) => kernel.evict(f, c, bits), accessed: (f: number, c: number, bits: Buffer) => kernel.accessed(f, c, bits) } : {}),
+    // The daemon takes the pending set with BARRIER (src/bdev/uloop.ts flushDevice).
+    flush: () => kernel.barrier().then(() => undefined),
+    ...(kernel.accessedBits ? { evict: (f: number, c: number, bits: Buffer, pinned?: boolean) => kernel.evict(f, c, bits, pinned === true), accessed: (f: number, c: number, bits: Buffer) => kernel.accessed(f, c, bits) } : {}),
     // FILLED with none set changes nothing in the model (no request waits on a claim here).
     ...(process.env.ULOB_MODEL_NO_PRESENT_RECONCILE ? {} : { claim: (f: number, c: number, bits: Buffer) => kernel.claim(f, c, bits), letGo: () => undefined }),
   });
@@ -671,12 +697,20 @@ async function runOp(op: UloopOp, model: Model, real: Real): Promise<void> {
         // Both settle before anything else runs: a crash must not leave one of them in flight.
         // The flusher commits without waiting for the write, as the daemon's does: with a budget
         // the write's fill may wait for room that only the commit (clean blocks) makes.
+        // A copy that fails (a crash) ends the epoch at once, as the daemon's flusher does: the
+        // write may be waiting for room that only the end of the epoch gives back (awaiting both
+        // first hung for ever; the budget property's idle run at full scale, session 9).
         const both = await Promise.allSettled([
           kernelWrite(model, real, s, n, false),
           (async () => {
-            for (let i = split; i < epoch.extents.length; i++) await copy(i);
-            await engine.commitEpoch(epoch);
-            committed = true;
+            try {
+              for (let i = split; i < epoch.extents.length; i++) await copy(i);
+              await engine.commitEpoch(epoch);
+              committed = true;
+            } catch (err) {
+              if (!committed && !process.env.ULOB_MODEL_LATE_ABORT) engine.abortEpoch(epoch);
+              throw err;
+            }
           })(),
         ]);
         for (const r of both) if (r.status === 'rejected') throw r.reason;

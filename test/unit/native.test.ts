@@ -847,6 +847,7 @@ describe('the raw uloop and power bindings refuse bad input themselves (no modul
     uloopAdd(...args: unknown[]): number;
     uloopReply(fd: number, id: number, error: number): void;
     uloopBlocks(...args: unknown[]): unknown;
+    uloopBarrier(...args: unknown[]): Promise<number>;
     hdioDriveCmd(fd: number, args: Uint8Array): Promise<void>;
   };
   const devNull = () => fs.openSync('/dev/null', 'r+');
@@ -881,6 +882,18 @@ describe('the raw uloop and power bindings refuse bad input themselves (no modul
       expect(() => raw.uloopBlocks(fd, 0, 0, 65, Buffer.alloc(8), 0)).toThrow(/bits too small/);
       expect(() => raw.uloopBlocks(fd, 9, 0, 8, Buffer.alloc(1), 0)).toThrow(/unknown block-range op/);
       expectNativeSync(() => raw.uloopBlocks(fd, 0, 0, 65, Buffer.alloc(9), 0), 'ENOTTY', 'ioctl(ULOOP_IOC_CLAIM)');
+    } finally {
+      fs.closeSync(fd);
+    }
+  });
+
+  it('uloopBarrier: flags outside 32 bits are refused; the call runs off the event loop and rejects with the errno', async () => {
+    const fd = devNull();
+    try {
+      expect(() => raw.uloopBarrier(fd, 2 ** 32)).toThrow(RangeError);
+      expect(() => raw.uloopBarrier(fd, -1)).toThrow();
+      // /dev/null has no such ioctl: the worker's ENOTTY comes back as a rejection, not a throw.
+      await expect(raw.uloopBarrier(fd, 0)).rejects.toMatchObject({ code: 'ENOTTY', syscall: 'ioctl(ULOOP_IOC_BARRIER)' });
     } finally {
       fs.closeSync(fd);
     }

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -55,10 +56,24 @@ static struct uloop_add good_add(int cache_fd, uint32_t index) {
 static pid_t write_block(uint64_t blk) {
   pid_t pid = fork();
   if (!pid) {
+    for (int fd = 3; fd < 256; fd++) close(fd); // a copy of the daemon's fd would keep it attached
     void *buf = aligned_alloc(4096, 65536);
     int d = open("/dev/uloop5", O_WRONLY | O_DIRECT);
     if (buf) memset(buf, 0x5a, 65536);
     _exit(buf && d >= 0 && pwrite(d, buf, 65536, blk * 65536) == 65536 ? 0 : 1);
+  }
+  return pid;
+}
+
+// An O_DIRECT write of blocks [blk, blk + n) of /dev/uloop5 in a child; returns its pid (exit 0: written).
+static pid_t write_blocks(uint64_t blk, uint64_t n) {
+  pid_t pid = fork();
+  if (!pid) {
+    for (int fd = 3; fd < 256; fd++) close(fd);
+    void *buf = aligned_alloc(4096, n * 65536);
+    int d = open("/dev/uloop5", O_WRONLY | O_DIRECT);
+    if (buf) memset(buf, 0x5a, n * 65536);
+    _exit(buf && d >= 0 && pwrite(d, buf, n * 65536, blk * 65536) == (ssize_t)(n * 65536) ? 0 : 1);
   }
   return pid;
 }
@@ -142,8 +157,113 @@ static void credit_room(int ctl) {
   expect_exit("credit: FLUSH done", f, 0);
   close(fd);
   expect_unasked(ctl, "credit: none unasked after the barrier", 0);
+
+  // ROOM carries the missing count (K3): blocks 1 and 3 are present and dirty, 2 and 4 missing;
+  // a write over [1, 5) with the limit at 0 asks for 2 blocks, its span being [2, 5).
+  cr = (struct uloop_credit){.flags = ULOOP_CREDIT_F_LIMIT, .limit = 0};
+  expect("room count: limit 0", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), 0);
+  w = write_blocks(1, 4);
+  checks++;
+  if (read_msg(ctl, &m, 10000) && m.type == ULOOP_MSG_ROOM && m.offset == 2 * 65536 && m.length == 3 * 65536 &&
+      m.epoch == 2) {
+    printf("ok room count: ROOM asks for the 2 missing blocks of its span [2, 5)\n");
+    struct uloop_reply rep = {.id = m.id}; // the answer raises the limit by the grant itself
+    expect("room count: answer", write(ctl, &rep, sizeof(rep)), 0);
+  } else {
+    failed++, printf("FAIL room count: type %u offset %llu length %llu count %llu, want ROOM 131072 196608 2\n", m.type,
+                     (unsigned long long)m.offset, (unsigned long long)m.length, (unsigned long long)m.epoch);
+  }
+  expect_exit("room count: the write went on", w, 0);
+  checks++;
+  if (!read_msg(ctl, &m, 300)) printf("ok room count: within the grant nothing more is asked\n");
+  else failed++, printf("FAIL room count: message type %u after the grant\n", m.type);
+  expect_unasked(ctl, "room count: the 2 blocks taken are unasked, no grant left", 2);
+  struct uloop_info qc = {.index = 5};
+  checks++;
+  if (ioctl(ctl, ULOOP_IOC_QUERY, &qc) == 0 && qc.credit_limit == 2) printf("ok room count: the answer raised the limit by the grant\n");
+  else failed++, printf("FAIL room count: limit %lld after the answer, want 2\n", (long long)qc.credit_limit);
+
+  // BARRIER: the daemon's own barrier takes them (no FLUSH, no page cache): a caller on another
+  // thread (here a child sharing the fd) waits for the BARRIER upcall's answer.
+  pid_t b = fork();
+  if (!b) {
+    struct uloop_barrier ba = {0};
+    _exit(ioctl(ctl, ULOOP_IOC_BARRIER, &ba) ? 100 : (int)ba.taken);
+  }
+  checks++;
+  if (read_msg(ctl, &m, 10000) && m.type == ULOOP_MSG_BARRIER) {
+    printf("ok barrier: the ioctl sends the barrier\n");
+    expect_unasked(ctl, "barrier: unasked until the answer", 2);
+    struct uloop_reply rep = {.id = m.id};
+    expect("barrier: answer", write(ctl, &rep, sizeof(rep)), 0);
+  } else {
+    failed++, printf("FAIL barrier: no BARRIER upcall (type %u)\n", m.type);
+  }
+  expect_exit("barrier: returns the 2 blocks handed over", b, 2);
+  expect_unasked(ctl, "barrier: none unasked after it", 0);
+  struct uloop_barrier ba = {0};
+  expect("barrier: nothing pending", ioctl(ctl, ULOOP_IOC_BARRIER, &ba), 0);
+  checks++;
+  if (ba.taken == 0 && !read_msg(ctl, &m, 300)) printf("ok barrier: nothing pending, no upcall, taken 0\n");
+  else failed++, printf("FAIL barrier: taken=%llu with nothing pending\n", (unsigned long long)ba.taken);
+
+  // A caller killed while it waits for the answer exits (the wait is killable); the set stays
+  // pending; the late answer is accepted.
   cr = (struct uloop_credit){0};
-  expect("credit: lifted", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), 0);
+  ioctl(ctl, ULOOP_IOC_CREDIT, &cr);
+  expect_exit("barrier kill: a whole-block write", write_block(5), 0);
+  b = fork();
+  if (!b) {
+    struct uloop_barrier kb = {0};
+    ioctl(ctl, ULOOP_IOC_BARRIER, &kb);
+    _exit(0);
+  }
+  checks++;
+  if (read_msg(ctl, &m, 10000) && m.type == ULOOP_MSG_BARRIER) {
+    kill(b, SIGKILL);
+    int st, k;
+    for (k = 0; k < 100 && waitpid(b, &st, WNOHANG) == 0; k++)
+      usleep(50000);
+    if (k < 100 && WIFSIGNALED(st)) printf("ok barrier kill: the killed caller exits\n");
+    else failed++, printf("FAIL barrier kill: the caller did not exit in 5 s\n");
+    expect_unasked(ctl, "barrier kill: the block stays pending", 1);
+    struct uloop_reply rep = {.id = m.id};
+    expect("barrier kill: the late answer is accepted", write(ctl, &rep, sizeof(rep)), 0);
+  } else {
+    failed++, printf("FAIL barrier kill: no BARRIER upcall (type %u)\n", m.type);
+  }
+
+  // A ROOM not read yet when the limit is lifted ends with no grant (K4): the write goes on and
+  // the daemon never reads it. Raising the limit ends none (the daemon answers each ROOM after
+  // raising the limit by its grant: the others would take that room too).
+  cr = (struct uloop_credit){.flags = ULOOP_CREDIT_F_LIMIT, .limit = 0};
+  expect("room end: limit 0", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), 0);
+  w = write_block(6);
+  usleep(500000); // it sends its ROOM
+  cr = (struct uloop_credit){.flags = ULOOP_CREDIT_F_LIMIT, .limit = 8};
+  expect("room end: limit raised", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), 0);
+  checks++;
+  if (read_msg(ctl, &m, 10000) && m.type == ULOOP_MSG_ROOM && m.offset == 6 * 65536) {
+    printf("ok room end: a raised limit leaves the ROOM to the daemon\n");
+    usleep(200000);
+    cr = (struct uloop_credit){0};
+    expect("credit: lifted", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), 0);
+    struct uloop_reply rep = {.id = m.id};
+    expect("room end: answer the ROOM read before the lift", write(ctl, &rep, sizeof(rep)), 0);
+  } else {
+    failed++, printf("FAIL room end: no ROOM after the limit was raised (type %u)\n", m.type);
+  }
+  expect_exit("room end: that write went on", w, 0);
+  cr = (struct uloop_credit){.flags = ULOOP_CREDIT_F_LIMIT, .limit = 0};
+  expect("room end: limit 0 again", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), 0);
+  w = write_block(8);
+  usleep(500000); // it sends its ROOM, not read
+  cr = (struct uloop_credit){0};
+  expect("room end: limit lifted", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), 0);
+  expect_exit("room end: the write went on without an answer", w, 0);
+  checks++;
+  if (!read_msg(ctl, &m, 300)) printf("ok room end: no ROOM left to read\n");
+  else failed++, printf("FAIL room end: read type %u (offset %llu) after the limit was lifted\n", m.type, (unsigned long long)m.offset);
 }
 
 static uint64_t evict_one(int ctl, uint64_t blk) {
@@ -152,37 +272,100 @@ static uint64_t evict_one(int ctl, uint64_t blk) {
   return ioctl(ctl, ULOOP_IOC_EVICT, &r) ? ~0ULL : r.done;
 }
 
-// EVICT leaves the blocks of a request still preparing (device 5, blocks 16 and 17 present and
-// clean): a read of 16..17 with 17 evicted waits for the MISS of 17; meanwhile block 16 is not
-// evicted (it would be filled again by the next pass, for ever with a small budget); after the
-// read it is.
-static void evict_preparing(int ctl) {
-  checks++;
-  if (evict_one(ctl, 17) == 1) printf("ok preparing: block 17 evicted\n");
-  else failed++, printf("FAIL preparing: block 17 not evicted\n");
-  pid_t reader = fork();
-  if (!reader) {
+// A read of blocks [blk, blk + 2) of /dev/uloop5 in a child (exit 0: read).
+static pid_t read_two(uint64_t blk) {
+  pid_t pid = fork();
+  if (!pid) {
+    for (int fd = 3; fd < 256; fd++) close(fd);
     void *buf = aligned_alloc(4096, 2 * 65536);
     int d = open("/dev/uloop5", O_RDONLY | O_DIRECT);
-    _exit(buf && d >= 0 && pread(d, buf, 2 * 65536, 16 * 65536) == 2 * 65536 ? 0 : 1);
+    _exit(buf && d >= 0 && pread(d, buf, 2 * 65536, blk * 65536) == 2 * 65536 ? 0 : 1);
   }
-  struct uloop_msg m;
+  return pid;
+}
+
+static uint64_t evict_pinned(int ctl, uint64_t blk) {
+  uint8_t bit = 1;
+  struct uloop_blocks r = {.first = blk, .count = 1, .bits_ptr = (uintptr_t)&bit, .id = ULOOP_EVICT_F_PINNED};
+  return ioctl(ctl, ULOOP_IOC_EVICT, &r) ? ~0ULL : r.done;
+}
+
+// EVICT leaves the blocks of a request still preparing (device 5, blocks 16..19 present and
+// clean): a read A of 16..17 with 17 evicted waits for the MISS of 17, then a read B of 18..19
+// with 19 evicted for the MISS of 19; meanwhile blocks 16 and 18 are not evicted (they would be
+// filled again by the next pass, for ever with a small budget). ULOOP_EVICT_F_PINNED takes
+// B's block 18 but not A's 16: the oldest request keeps its blocks (so it ends, then the next).
+// After the reads block 16 is evicted as any other.
+static void evict_preparing(int ctl) {
   checks++;
-  if (read_msg(ctl, &m, 10000) && m.type == ULOOP_MSG_MISS && m.offset == 17 * 65536) {
-    printf("ok preparing: the read asks for block 17\n");
-    uint64_t n = evict_one(ctl, 16);
-    checks++;
-    if (n == 0) printf("ok preparing: block 16 of the waiting read is not evicted\n");
-    else failed++, printf("FAIL preparing: EVICT of block 16 under a waiting read returned %lld\n", (long long)n);
-    struct uloop_reply rep = {.id = m.id};
-    expect("preparing: answer the MISS", write(ctl, &rep, sizeof(rep)), 0);
-  } else {
+  if (evict_one(ctl, 17) == 1 && evict_one(ctl, 19) == 1) printf("ok preparing: blocks 17 and 19 evicted\n");
+  else failed++, printf("FAIL preparing: blocks 17 and 19 not evicted\n");
+  pid_t a = read_two(16);
+  struct uloop_msg m, mb;
+  checks++;
+  if (!(read_msg(ctl, &m, 10000) && m.type == ULOOP_MSG_MISS && m.offset == 17 * 65536)) {
     failed++, printf("FAIL preparing: no MISS for block 17 (type %u offset %llu)\n", m.type, (unsigned long long)m.offset);
+    return;
   }
-  expect_exit("preparing: the read is served", reader, 0);
+  printf("ok preparing: the read asks for block 17\n");
+  pid_t b = read_two(18);
+  checks++;
+  if (!(read_msg(ctl, &mb, 10000) && mb.type == ULOOP_MSG_MISS && mb.offset == 19 * 65536)) {
+    failed++, printf("FAIL preparing: no MISS for block 19 (type %u offset %llu)\n", mb.type, (unsigned long long)mb.offset);
+    return;
+  }
+  printf("ok preparing: the second read asks for block 19\n");
+  uint64_t n = evict_one(ctl, 16), n18 = evict_one(ctl, 18);
+  checks++;
+  if (n == 0 && n18 == 0) printf("ok preparing: blocks 16 and 18 of the waiting reads are not evicted\n");
+  else failed++, printf("FAIL preparing: EVICT of blocks 16 and 18 under waiting reads returned %lld and %lld\n", (long long)n, (long long)n18);
+  n = evict_pinned(ctl, 16);
+  checks++;
+  if (n == 0) printf("ok preparing: with ULOOP_EVICT_F_PINNED the oldest read keeps block 16\n");
+  else failed++, printf("FAIL preparing: EVICT with ULOOP_EVICT_F_PINNED of the oldest read's block 16 returned %lld\n", (long long)n);
+  n18 = evict_pinned(ctl, 18);
+  checks++;
+  if (n18 == 1) printf("ok preparing: the pinned block 18 of the younger read is evicted with the flag\n");
+  else failed++, printf("FAIL preparing: EVICT with ULOOP_EVICT_F_PINNED of block 18 returned %lld\n", (long long)n18);
+  struct uloop_reply rep = {.id = m.id};
+  expect("preparing: answer the MISS of 17", write(ctl, &rep, sizeof(rep)), 0);
+  expect_exit("preparing: the oldest read is served", a, 0);
+  rep = (struct uloop_reply){.id = mb.id};
+  expect("preparing: answer the MISS of 19", write(ctl, &rep, sizeof(rep)), 0);
+  checks++;
+  if (read_msg(ctl, &m, 10000) && m.type == ULOOP_MSG_MISS && m.offset == 18 * 65536) {
+    printf("ok preparing: the younger read asks for block 18 again\n");
+    rep = (struct uloop_reply){.id = m.id};
+    expect("preparing: answer the MISS of 18", write(ctl, &rep, sizeof(rep)), 0);
+  } else {
+    failed++, printf("FAIL preparing: no MISS for block 18 after the pinned EVICT (type %u offset %llu)\n", m.type,
+                     (unsigned long long)m.offset);
+  }
+  expect_exit("preparing: the younger read is served", b, 0);
   checks++;
   if (evict_one(ctl, 16) == 1) printf("ok preparing: block 16 evicted once the read is done\n");
   else failed++, printf("FAIL preparing: block 16 not evicted after the read\n");
+
+  // ULOOP_EVICT_F_HOLD: the evicted block 18 stays busy as a claim; a write covering it whole
+  // waits (else the kernel writes it without asking and the daemon's punch, later, drops it);
+  // FILLED with none set lets it go and the write goes on.
+  uint8_t bit = 1;
+  struct uloop_blocks h = {.first = 18, .count = 1, .bits_ptr = (uintptr_t)&bit, .id = ULOOP_EVICT_F_HOLD};
+  expect("hold: EVICT with ULOOP_EVICT_F_HOLD", ioctl(ctl, ULOOP_IOC_EVICT, &h), 0);
+  checks++;
+  if (h.done == 1 && h.id > 0) printf("ok hold: block 18 evicted and held as a claim\n");
+  else failed++, printf("FAIL hold: done=%llu id=%llu\n", (unsigned long long)h.done, (unsigned long long)h.id);
+  pid_t w = write_block(18);
+  usleep(500000);
+  int st;
+  checks++;
+  if (waitpid(w, &st, WNOHANG) == 0) printf("ok hold: a whole-block write waits while the evicted block is held\n");
+  else failed++, printf("FAIL hold: the write over the held block completed (status %#x)\n", st);
+  uint8_t none = 0;
+  struct uloop_blocks f = {.first = 18, .count = 1, .bits_ptr = (uintptr_t)&none, .id = h.id};
+  expect("hold: FILLED with none set lets it go", ioctl(ctl, ULOOP_IOC_FILLED, &f), 0);
+  if (h.id) expect_exit("hold: then the write goes on", w, 0);
+  else kill(w, SIGKILL), waitpid(w, &st, 0);
 }
 
 static void add_refusals(void) {
@@ -326,7 +509,8 @@ static void add_refusals(void) {
   };
   for (size_t i = 0; i < sizeof(ranges) / sizeof(ranges[0]); i++) {
     memset(ones, 0xff, sizeof(ones));
-    r = (struct uloop_blocks){.first = ranges[i].first, .count = ranges[i].count, .bits_ptr = (uintptr_t)ones, .id = 77};
+    r = (struct uloop_blocks){.first = ranges[i].first, .count = ranges[i].count, .bits_ptr = (uintptr_t)ones,
+                              .id = ranges[i].cmd == ULOOP_IOC_EVICT ? 0 : 77}; // EVICT: id holds flags
     expect(ranges[i].name, ioctl(ctl, ranges[i].cmd, &r), ranges[i].want);
   }
   memset(ones, 0xff, sizeof(ones));
@@ -334,6 +518,22 @@ static void add_refusals(void) {
   expect("evict: reserved field", ioctl(ctl, ULOOP_IOC_EVICT, &r), EOPNOTSUPP);
   r = (struct uloop_blocks){.first = 0, .count = 8, .bits_ptr = 1};
   expect("evict: bitmap unreadable", ioctl(ctl, ULOOP_IOC_EVICT, &r), EFAULT);
+  r = (struct uloop_blocks){.first = 0, .count = 8, .bits_ptr = (uintptr_t)ones, .id = 1ULL << 2};
+  expect("evict: unknown flag", ioctl(ctl, ULOOP_IOC_EVICT, &r), EINVAL);
+  r = (struct uloop_blocks){.first = 0, .count = 8, .bits_ptr = (uintptr_t)ones, .id = 77};
+  expect("evict: a claim id where the flags go", ioctl(ctl, ULOOP_IOC_EVICT, &r), EINVAL);
+  // BARRIER: its refusals
+  struct uloop_barrier bq = {.flags = 1};
+  expect("barrier: unknown flag", ioctl(ctl, ULOOP_IOC_BARRIER, &bq), EINVAL);
+  bq = (struct uloop_barrier){.flags = 1U << 31};
+  expect("barrier: high flag", ioctl(ctl, ULOOP_IOC_BARRIER, &bq), EINVAL);
+  bq = (struct uloop_barrier){.__pad = 1};
+  expect("barrier: pad set", ioctl(ctl, ULOOP_IOC_BARRIER, &bq), EOPNOTSUPP);
+  bq = (struct uloop_barrier){.__reserved = {0, 1}};
+  expect("barrier: reserved field", ioctl(ctl, ULOOP_IOC_BARRIER, &bq), EOPNOTSUPP);
+  expect("barrier: unreadable", ioctl(ctl, ULOOP_IOC_BARRIER, (void *)8), EFAULT);
+  bq = (struct uloop_barrier){0};
+  expect("barrier: not attached", ioctl(ctl2, ULOOP_IOC_BARRIER, &bq), ENOTCONN);
   // CREDIT: its refusals (the limit stays unset), then a limit
   struct uloop_credit cr = {.limit = 4};
   expect("credit: a limit without the flag", ioctl(ctl, ULOOP_IOC_CREDIT, &cr), EINVAL);
@@ -419,11 +619,24 @@ static void add_refusals(void) {
   credit_room(ctl);
   evict_preparing(ctl);
 
-  // the daemon's fd closes: a new fd takes the device, and a third is refused while it holds it
+  // the daemon's fd closes (a ROOM it read unanswered): a new fd takes the device, and a third is
+  // refused while it holds it. ATTACH lifts the limit and ends that ROOM with no grant (K4): the
+  // write goes on, and the new daemon never reads it.
+  struct uloop_credit c0 = {.flags = ULOOP_CREDIT_F_LIMIT, .limit = 0};
+  expect("room at attach: limit 0", ioctl(ctl, ULOOP_IOC_CREDIT, &c0), 0);
+  pid_t rw = write_block(7);
+  checks++;
+  if (read_msg(ctl, m, 10000) && m[0].type == ULOOP_MSG_ROOM && m[0].offset == 7 * 65536) printf("ok room at attach: the dying daemon read a ROOM\n");
+  else failed++, printf("FAIL room at attach: no ROOM for block 7 (type %u)\n", m[0].type);
   close(ctl);
   ctl = ctl_open();
+  fcntl(ctl, F_SETFL, O_NONBLOCK);
   struct uloop_attach re = {.version = ULOOP_ABI_VERSION, .index = 5};
   expect("attach: after the daemon closed its fd", ioctl(ctl, ULOOP_IOC_ATTACH, &re), 0);
+  expect_exit("room at attach: the write went on under no limit", rw, 0);
+  checks++;
+  if (!read_msg(ctl, m, 300)) printf("ok room at attach: the new daemon reads no ROOM\n");
+  else failed++, printf("FAIL room at attach: the new daemon read type %u (offset %llu)\n", m[0].type, (unsigned long long)m[0].offset);
   int ctl3 = ctl_open();
   expect("attach: the re-attached daemon holds it", ioctl(ctl3, ULOOP_IOC_ATTACH, &re), EBUSY);
   close(ctl3);

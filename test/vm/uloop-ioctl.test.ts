@@ -3,8 +3,10 @@
 // a message read into an unwritable buffer is read again; replies to ids that are not
 // outstanding are refused; REMOVE is refused while the device is open; ADD, REMOVE, ATTACH, QUERY
 // and opens of the device racing for seconds give only the expected errnos. CREDIT: its refusals,
-// and a limit at work (ROOM before a whole-block write past it, nothing asked within it); EVICT
-// leaves the blocks of a request still preparing.
+// and a limit at work (ROOM before a whole-block write past it, nothing asked within it, ROOM's
+// missing count, a ROOM not read ending when the limit is raised or at ATTACH); EVICT leaves the
+// blocks of a request still preparing, unless ULOOP_EVICT_F_PINNED; BARRIER: its refusals, the
+// barrier it sends and waits for, a killed caller exits.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { expectCleanKernel, prepareVm, runInVm, TCG_STARVATION, type VmResult } from '../support/vm.js';
 import { buildTool } from './uloop-tools.js';
@@ -30,6 +32,22 @@ describe('uloop.ko ioctls with bad input', () => {
     expect(run.output).toContain('ok add: block size 512');
     expect(run.output).toContain('ok add: size 2^64 - 512');
     expect(run.output).toContain('ok state after the refusals: present=1008 dirty=0');
+    // ULOOP_FEAT_BARRIER: the BARRIER ioctl, EVICT's pinned flag, ROOM's count, ROOMs ended
+    // when the limit is raised or lifted (review8 K1-K4).
+    for (const line of [
+      'ok barrier: unknown flag',
+      'ok room count: ROOM asks for the 2 missing blocks of its span [2, 5)',
+      'ok room count: the answer raised the limit by the grant',
+      'ok barrier: returns the 2 blocks handed over',
+      'ok barrier kill: the killed caller exits',
+      'ok room end: no ROOM left to read',
+      'ok room at attach: the new daemon reads no ROOM',
+      'ok preparing: with ULOOP_EVICT_F_PINNED the oldest read keeps block 16',
+      'ok preparing: the pinned block 18 of the younger read is evicted with the flag',
+      'ok hold: a whole-block write waits while the evicted block is held',
+      'ok hold: then the write goes on',
+    ])
+      expect(run.output).toContain(line);
   });
   it('logs one line per refusal, saying what was wrong', () => {
     expect(run.dmesg).toContain('uloop: ADD refused: the daemon speaks ABI 1, this module 2');
@@ -85,10 +103,11 @@ describe('uloop.ko ioctls with bad input', () => {
   });
   it('EVICT leaves the blocks of a request still preparing', () => {
     for (const l of [
-      'ok preparing: block 17 evicted',
+      'ok preparing: blocks 17 and 19 evicted',
       'ok preparing: the read asks for block 17',
-      'ok preparing: block 16 of the waiting read is not evicted',
-      'ok preparing: the read is served',
+      'ok preparing: blocks 16 and 18 of the waiting reads are not evicted',
+      'ok preparing: the oldest read is served',
+      'ok preparing: the younger read is served',
       'ok preparing: block 16 evicted once the read is done',
     ])
       expect(run.output).toContain(l);

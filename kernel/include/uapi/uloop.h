@@ -61,6 +61,7 @@
 #define ULOOP_FEAT_SECTOR_SIZE   (1ULL << 9)  /* logical_block_size / physical_block_size at ADD */
 #define ULOOP_FEAT_REPLY_CHECK   (1ULL << 10) /* replies to unknown ids fail (ENOENT) */
 #define ULOOP_FEAT_CREDIT        (1ULL << 11) /* CREDIT, ROOM upcalls, QUERY's unasked_blocks */
+#define ULOOP_FEAT_BARRIER       (1ULL << 12) /* BARRIER; EVICT's ULOOP_EVICT_F_PINNED; ROOM's count */
 
 struct uloop_features {
 	__u32 version;       /* out: the module's ULOOP_ABI_VERSION */
@@ -240,10 +241,16 @@ enum uloop_msg_type {
 	 * blocks the kernel writes so without asking (QUERY's unasked_blocks) plus these would pass
 	 * the limit. Make room in the cache file for length / block_size more blocks (evict, flush:
 	 * the write waits meanwhile) and answer: the kernel then writes up to that many missing blocks
-	 * of this request whole, over the limit if need be (the grant is the request's, once). Raise
-	 * the limit by that much before answering, so that they are inside it while they stay
-	 * unasked. Nothing is written to the cache file for it; the blocks are not busy while it
-	 * waits (the request's next pass looks at them again). An error answer fails the write. */
+	 * of this request whole, over the limit if need be (the grant is the request's, once).
+	 * Nothing is written to the cache file for it; the blocks are not busy while it waits (the
+	 * request's next pass looks at them again). An error answer fails the write.
+	 * ULOOP_FEAT_BARRIER: `epoch` carries the count of missing blocks (the range is their span
+	 * and may hold present blocks); the answer grants exactly that many and raises the limit by
+	 * as much in the same step (capped at the device's blocks), so that they are inside it while
+	 * they stay unasked: the daemon does not raise it itself (raising it before answering let
+	 * other writes take that room before the grant was counted). A ROOM still queued (not read)
+	 * when the limit is lifted (ATTACH, CREDIT without a limit) ends at once with no grant and its
+	 * write goes on; raising the limit ends none. */
 	ULOOP_MSG_ROOM = 6,
 };
 
@@ -256,7 +263,7 @@ struct uloop_msg {
 	__u32 flags;  /* ULOOP_MSG_F_* */
 	__u64 offset; /* bytes */
 	__u64 length; /* bytes */
-	__u64 epoch;  /* PRESERVE: the epoch whose version to keep; else 0 */
+	__u64 epoch;  /* PRESERVE: the epoch whose version to keep; ROOM: the missing blocks; else 0 */
 };
 
 /*
@@ -324,7 +331,7 @@ struct uloop_blocks {
 	__u64 count;     /* in: blocks (units) in the range */
 	__u64 bits_ptr;  /* in/out, as each ioctl says */
 	__u64 done;      /* out: bits set in the result */
-	__u64 id;        /* CLAIM: out, FILLED: in; EPOCH_RELEASE: in, the epoch */
+	__u64 id;        /* CLAIM: out, FILLED: in; EPOCH_RELEASE: in, the epoch; EVICT: in ULOOP_EVICT_F_*, out a claim id */
 	__u64 __reserved;
 };
 
@@ -340,10 +347,17 @@ struct uloop_blocks {
 /*
  * EVICT: of the blocks set in bits_ptr, those present, clean, not busy, not pending and not in the
  * range of a request still preparing (waiting for an upcall or for busy blocks: it may have had
- * them filled, and would have them filled again) stop being
+ * them filled, and would have them filled again; with ULOOP_EVICT_F_PINNED in `id`
+ * (ULOOP_FEAT_BARRIER) only those of the oldest such request: a last resort when nothing else
+ * frees room, since concurrent requests can hold every clean block between them, each waiting
+ * for room the others hold; the oldest then gets what it needs and ends, then the next) stop being
  * served: the call marks them busy, waits (killable) until no request is in flight on them, clears
  * their present bits, and returns them in bits_ptr (done = their count). Only then may the daemon
  * clear their present bits durably and punch the cache file there (a later read sends a MISS).
+ * With ULOOP_EVICT_F_HOLD (ULOOP_FEAT_BARRIER) they stay busy as a claim (its id in `id`, 0 if
+ * none was evicted) until FILLED with none set lets them go, after the punch: a write covering
+ * one whole would otherwise be written without asking (rule 4) and then punched away. The claim
+ * ends with the daemon (detach) as any other; EAGAIN with 64 claims outstanding (nothing evicted).
  * count <= ULOOP_MAX_RANGE_BLOCKS. Refusals: EINTR (fatal signal while waiting; nothing evicted).
  */
 /*
@@ -409,6 +423,31 @@ struct uloop_credit {
 	__u64 __reserved[2];
 };
 
+/* ---- ULOOP_IOC_BARRIER (ULOOP_FEAT_BARRIER) ---------------------------------------------------- */
+
+/*
+ * BARRIER: what a FLUSH does to the blocks written whole while missing (pending), asked by the
+ * daemon and without any page cache: takes the pending set, syncs the cache file, and if it took
+ * anything sends a BARRIER upcall and waits for its answer (the daemon must answer it from
+ * another thread than the one in this call); one barrier at a time with FLUSHes. A FLUSH of the
+ * device (fsync of /dev/uloopN) writes back the device's page cache first, and with a CREDIT
+ * limit those writes can wait for a ROOM the daemon answers only after its barrier: this call
+ * never waits on a write. Returns the blocks handed over in `taken` (0: nothing was pending).
+ * The wait is killable (EINTR: the set stays pending). On the attached fd only.
+ * Refusals: EFAULT, EINVAL (flags set: none are defined), EOPNOTSUPP (reserved fields set),
+ * ENOTCONN, EIO (the sticky error, a failed sync of the cache file, or the daemon answered the
+ * barrier with an error: the set stays pending), EINTR.
+ */
+struct uloop_barrier {
+	__u32 flags;     /* in: 0 */
+	__u32 __pad;
+	__u64 taken;     /* out: blocks handed over */
+	__u64 __reserved[2];
+};
+
+#define ULOOP_EVICT_F_PINNED (1ULL << 0) /* EVICT (in `id`): also blocks of requests preparing */
+#define ULOOP_EVICT_F_HOLD   (1ULL << 1) /* EVICT (in `id`): the evicted blocks stay busy as a claim */
+
 #define ULOOP_IOC_MAGIC 0x75 /* 'u' */
 #define ULOOP_IOC_ADD           _IOWR(ULOOP_IOC_MAGIC, 0x00, struct uloop_add)
 /* REMOVE: refusals ENODEV (no such device, or being added/removed), EBUSY (open, or its open
@@ -427,5 +466,6 @@ struct uloop_credit {
 #define ULOOP_IOC_ACCESSED      _IOWR(ULOOP_IOC_MAGIC, 0x0c, struct uloop_blocks)
 #define ULOOP_IOC_EPOCH_RELEASE _IOW(ULOOP_IOC_MAGIC, 0x0d, struct uloop_blocks)
 #define ULOOP_IOC_CREDIT        _IOWR(ULOOP_IOC_MAGIC, 0x0e, struct uloop_credit)
+#define ULOOP_IOC_BARRIER       _IOWR(ULOOP_IOC_MAGIC, 0x0f, struct uloop_barrier)
 
 #endif /* _UAPI_ULOOP_H */
