@@ -418,6 +418,11 @@ class Server {
   bool budget = false;
   uint32_t unit_shift = 0;
   Bits accessed;
+  // Blocks Evict returned until the daemon says it has punched them (EvictDone): a request on
+  // them waits (parks) as behind a held range, so a whole-block write cannot put data there that
+  // the punch would then remove (the engine's own eviction lock does the same for its requests).
+  Bits evicting;
+  uint64_t evicting_count = 0;
   uint8_t read_phase = 0;
   HitReads hit_reads[kMaxQueues];
   // The credit (as uloop.ko's ULOOP_IOC_CREDIT): blocks written whole while missing and not yet
@@ -512,6 +517,12 @@ class Server {
     if (!budget || fault_no_accessed) return;
     for (uint64_t u = first >> unit_shift, ue = ((end - 1) >> unit_shift) + 1; u < ue; u++) Set(accessed, u);
   }
+  bool Evicting(uint64_t first, uint64_t end) const {
+    if (!evicting_count) return false;
+    for (uint64_t b = first; b < end; b++)
+      if (Test(evicting, b)) return true;
+    return false;
+  }
   bool Held(uint64_t first, uint64_t end) const {
     for (auto [f, e] : held)
       if (f < e && f < end && first < e) return true;
@@ -585,6 +596,7 @@ class Server {
           Clear(present, b);
           present_count--;
         }
+        if (!Test(evicting, b)) Set(evicting, b), evicting_count++;
         n++;
       }
       old = read_phase;
@@ -603,6 +615,17 @@ class Server {
     }
     evicted += n;
     return n;
+  }
+
+  // The daemon has cleared (durably) and punched blocks [first, first + count) that Evict
+  // returned, or given up on them: requests parked on them try again (they miss).
+  void EvictDone(uint64_t first, uint64_t count) {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      for (uint64_t b = first; b < first + count; b++)
+        if (Test(evicting, b)) Clear(evicting, b), evicting_count--;
+    }
+    WakeAll();
   }
 
   // CREDIT: sets the limit (blocks; -1: none) and returns the blocks counted against it now.
@@ -988,7 +1011,7 @@ struct HwQueue {
     Tag& t = tags[tag];
     {
       std::lock_guard<std::mutex> g(s->mu);
-      if (s->Held(t.first, t.end)) {
+      if (s->Held(t.first, t.end) || s->Evicting(t.first, t.end)) {
         parked.push_back(tag);
         nparked = 1;
         return;
@@ -1799,6 +1822,7 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
     s->unit_shift = static_cast<uint32_t>(u);
     s->accessed.assign(((((blocks + (1ULL << s->unit_shift) - 1) >> s->unit_shift)) + 63) / 64, 0);
     s->credit_limit = 0;
+    s->evicting.assign(s->present.size(), 0);
   }
   s->touched.assign(s->present.size(), 0);
   s->touched_gen.assign((s->touched.size() + kTouchChunkWords - 1) / kTouchChunkWords, 0);
@@ -2013,6 +2037,23 @@ Napi::Value Evict(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(s->Evict(first, count, bits.data)));
 }
 
+// ublkEvictDone(handle, first, count): Server::EvictDone.
+Napi::Value EvictDone(const Napi::CallbackInfo& info) {
+  Server* s = ServerOf(info);
+  int64_t first, count;
+  if (!s || !ArgInt64(info, 1, &first) || !ArgInt64(info, 2, &count)) return Napi::Value();
+  if (!s->budget) {
+    ThrowErrno(info.Env(), EOPNOTSUPP, "ublk server without a budget");
+    return Napi::Value();
+  }
+  if (static_cast<uint64_t>(first + count) > s->blocks) {
+    Napi::RangeError::New(info.Env(), "range").ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  s->EvictDone(static_cast<uint64_t>(first), static_cast<uint64_t>(count));
+  return info.Env().Undefined();
+}
+
 // ublkCredit(handle, limit) -> { limit, unasked }: Server::Credit; limit -1: none.
 Napi::Value Credit(const Napi::CallbackInfo& info) {
   Server* s = ServerOf(info);
@@ -2058,6 +2099,7 @@ Napi::Value TestHook(const Napi::CallbackInfo& info) {
   else if (op == "dirty-mid-copy") s->test_mid_copy = {f, e};
   else if (op == "hold") s->held[0] = {f, e};
   else if (op == "unhold") s->held[0] = {0, 0};
+  else if (op == "parks") r = s->Held(f, e) || s->Evicting(f, e);  // would a request on [first, end) wait (Start)
   else if (op == "hit") {
     // A read hit as queue 0 begins it (BeginHit); it ends with "hit-end-in".
     bool counted = false;
@@ -2097,7 +2139,8 @@ bool InitUblk(Napi::Env env, Napi::Object exports) {
          Export<Stop>(env, exports, "ublkStop") && Export<Reply>(env, exports, "ublkReply") &&
          Export<EpochBegin>(env, exports, "ublkEpochBegin") && Export<EpochCommit>(env, exports, "ublkEpochCommit") &&
          Export<Query>(env, exports, "ublkQuery") && Export<TestHook>(env, exports, "ublkTestHook") &&
-         Export<Accessed>(env, exports, "ublkAccessed") && Export<Evict>(env, exports, "ublkEvict") && Export<Credit>(env, exports, "ublkCredit");
+         Export<Accessed>(env, exports, "ublkAccessed") && Export<Evict>(env, exports, "ublkEvict") && Export<Credit>(env, exports, "ublkCredit") &&
+         Export<EvictDone>(env, exports, "ublkEvictDone");
 }
 
 }  // namespace ulob

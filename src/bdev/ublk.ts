@@ -231,6 +231,14 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
   device = `/dev/ublkb${started.devId}`;
   const owned = recordDir ? join(recordDir, `ublkb${started.devId}.cache`) : null;
   if (owned) await writeFile(owned, `${store.paths.cache}\n`, { mode: 0o600 });
+  // What EVICT returned stays off limits in the server (requests on it wait) until the store has
+  // punched it: a whole-block write landing between the two would be punched away.
+  if (budgeted) {
+    epochs.external.evicted = (gone) => {
+      if (removed) return;
+      for (const e of gone) server.evictDone(e.start, e.count);
+    };
+  }
   // Read-only too with a budget: the engine evicts through the server there as well.
   if (!options.readOnly || budgeted) engine.externalEpochs = epochs.external;
   credit?.update();

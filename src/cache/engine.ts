@@ -117,6 +117,12 @@ export interface ExternalEpochs {
    * those are evicted from the store. Runs before the store clears anything (invariant 1).
    */
   evict?(victims: readonly Extent[]): Extent[];
+  /**
+   * With a budget: what evict() returned is now cleared durably and punched in the store (or the
+   * store's eviction failed): the outside path may serve requests on those blocks again (as
+   * misses). Optional: a path whose own writes cannot land there in between needs none.
+   */
+  evicted?(gone: readonly Extent[]): void;
   /** With a budget: merges the outside path's accessed bits into store.clock before the hand moves. */
   harvestAccessed?(): void;
   /**
@@ -1423,16 +1429,18 @@ export class CacheEngine {
     for (const e of victims) for (let b = e.start; b < e.start + e.count; b++) locked.push(b);
     const release = this.#lock(locked);
     let evicted = locked.length;
+    const outside = this.externalEpochs?.evict;
+    let gone: Extent[] = [];
     try {
       // A kernel frontend serves hits itself: it stops serving them first (and drains its
       // requests on them), and only what it let go is evicted here (invariant 1).
-      const outside = this.externalEpochs?.evict;
-      const gone = outside ? outside(victims) : victims;
+      gone = outside ? outside(victims) : victims;
       if (outside) evicted = gone.reduce((n, e) => n + e.count, 0);
       // Present bits clear now (new reads see missing blocks and wait for the lock); the punch
       // waits for reads that began before (the grace period) and for the synced bitmap.
       if (gone.length > 0) await store.evict(gone, { quiesce: () => this.#readGrace() });
     } finally {
+      if (outside && gone.length > 0) this.externalEpochs?.evicted?.(gone);
       release();
     }
     for (const u of units) clock.forget(u);

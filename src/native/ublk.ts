@@ -119,6 +119,7 @@ interface UblkBinding {
   ublkAccessed(h: Handle, first: number, count: number, bits: Uint8Array): number;
   ublkEvict(h: Handle, first: number, count: number, bits: Uint8Array): number;
   ublkCredit(h: Handle, limit: number): { limit: number; unasked: number };
+  ublkEvictDone(h: Handle, first: number, count: number): void;
 }
 const b = addon<UblkBinding>();
 
@@ -226,6 +227,18 @@ export class UblkServer {
   }
 
   /**
+   * A budget: blocks [first, first + count), which evict() returned, are cleared durably and
+   * punched in the store (or it gave up on them): requests that waited on them go on (as misses).
+   * Until then a request touching them waits: a whole-block write must not put data there that
+   * the punch would remove.
+   */
+  evictDone(first: number, count: number): void {
+    validateInteger(first, 'first', 0);
+    validateInteger(count, 'count', 0);
+    b.ublkEvictDone(this.#h, first, count);
+  }
+
+  /**
    * A budget: sets the credit's limit (blocks; -1: none) for blocks written whole while missing
    * before the store records them; returns it and the blocks counted against it now (`unasked`:
    * written or granted and not yet recorded, plus those of writes that failed after writing them).
@@ -243,14 +256,15 @@ export class UblkServer {
    * Tests only: one block-state step a queue thread takes, on blocks [first, end), without a device
    * ('dirty': an answered INTENT; 'needs-preserve': whether a write there preserves first;
    * 'write-begin'/'write-end': a native write in flight; 'dirty-mid-copy': 'dirty' inside the next
-   * epochBegin's copy; 'hold'/'unhold': a request holds [first, end) busy; 'hit': a read hit of
+   * epochBegin's copy; 'hold'/'unhold': a request holds [first, end) busy; 'parks': would a
+   * request on [first, end) wait (held, or evicted and not yet punched); 'hit': a read hit of
    * queue 0 begins (true if present; counted for evict's wait), 'hit-end-in': it completes `end`
    * ms later on another thread; 'take-credit': a write's credit step, true when it needs ROOM;
    * 'intent-answered': end - first blocks leave the credit). Returns the answer of
-   * 'needs-preserve', 'hit' or 'take-credit', else false.
+   * 'needs-preserve', 'parks', 'hit' or 'take-credit', else false.
    */
   testHook(
-    op: 'dirty' | 'needs-preserve' | 'write-begin' | 'write-end' | 'dirty-mid-copy' | 'hold' | 'unhold' | 'hit' | 'hit-end-in' | 'take-credit' | 'intent-answered',
+    op: 'dirty' | 'needs-preserve' | 'write-begin' | 'write-end' | 'dirty-mid-copy' | 'hold' | 'unhold' | 'parks' | 'hit' | 'hit-end-in' | 'take-credit' | 'intent-answered',
     first: number,
     end: number,
   ): boolean {

@@ -146,6 +146,21 @@ describe('ublk server with a cache budget (the mechanism: native/ublk.cc Evict, 
     expect(s.evict(0, 8, later)).toBe(2);
   });
 
+  it('blocks an eviction returned stay off limits (requests wait) until the daemon has punched them', () => {
+    const s = server(64, [0, 1, 2, 3], [], 2);
+    expect(s.testHook('parks', 0, 4)).toBe(false);
+    expect(s.evict(0, 4, set(4, [1, 2]))).toBe(2);
+    // a whole-block write into 1 (missing now) must not write the cache file before the punch
+    expect(s.testHook('parks', 1, 2)).toBe(true);
+    expect(s.testHook('parks', 0, 1)).toBe(false);
+    expect(s.testHook('parks', 3, 8)).toBe(false);
+    s.evictDone(1, 1);
+    expect(s.testHook('parks', 1, 2)).toBe(false);
+    expect(s.testHook('parks', 0, 4)).toBe(true); // 2 still
+    s.evictDone(0, 64);
+    expect(s.testHook('parks', 0, 64)).toBe(false);
+  });
+
   it('an eviction returns only once the hit reads that found its blocks present have completed', () => {
     const s = server(4096, [0, 1, 2, 3, 40], [], 2); // hit-end-in takes its ms where a block number goes
     expect(s.testHook('hit', 0, 4)).toBe(true);
