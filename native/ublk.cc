@@ -261,6 +261,7 @@ struct Tag {
   // until its INTENT is answered; `granted`: a ROOM for them was answered.
   uint64_t unasked = 0;
   bool granted = false;
+  uint64_t room = 0;  // the blocks its ROOM asked for (the daemon's Grant counted them already)
 };
 
 // Hit reads in flight of one queue, by the eviction phase they began in (Server::Evict): written
@@ -504,11 +505,13 @@ class Server {
   // The credit step of a write about to put data into the blocks of [first, end) the cache does
   // not hold (a budget): 0 when they fit (or a ROOM for them was answered: `granted`) and are now
   // counted in `unasked` (*n of them), else how many a ROOM must ask for (nothing counted).
-  uint64_t TakeCredit(uint64_t first, uint64_t end, bool granted, uint64_t* n) {
+  // `granted`: blocks a ROOM answer counted for this write already (Grant), which take the place
+  // of these: a grant is this write's alone, never consumable by another write's check.
+  uint64_t TakeCredit(uint64_t first, uint64_t end, uint64_t granted, uint64_t* n) {
     uint64_t m = 0;
     for (uint64_t b = first; b < end; b++) m += !Test(present, b);
     if (m && !granted && credit_limit >= 0 && unasked + m > static_cast<uint64_t>(credit_limit)) return m;
-    unasked += m;
+    unasked = unasked - std::min(unasked, granted) + m;
     *n = m;
     return 0;
   }
@@ -626,6 +629,14 @@ class Server {
         if (Test(evicting, b)) Clear(evicting, b), evicting_count--;
     }
     WakeAll();
+  }
+
+  // ROOM answered for n blocks (before the reply is sent): counted now, outside the limit, for
+  // the write that asked (TakeCredit then swaps them for its blocks). Returns the count.
+  uint64_t Grant(uint64_t n) {
+    std::lock_guard<std::mutex> g(mu);
+    unasked += n;
+    return unasked;
   }
 
   // CREDIT: sets the limit (blocks; -1: none) and returns the blocks counted against it now.
@@ -886,8 +897,11 @@ struct HwQueue {
     }
     // Blocks this write put into the cache file whose INTENT was never answered stay counted
     // (unasked, as lost): the store does not hold them, the next attach punches them.
+    // A grant never used (a failure between ROOM and the write) stays counted too: rare, and on
+    // the safe side.
     t.unasked = 0;
     t.granted = false;
+    t.room = 0;
     if (t.holds) {
       t.holds = false;
       bool others = false;
@@ -1127,12 +1141,13 @@ struct HwQueue {
             uint64_t room = 0;
             {
               std::lock_guard<std::mutex> g(s->mu);
-              room = s->TakeCredit(t.first, t.end, t.granted, &t.unasked);
+              room = s->TakeCredit(t.first, t.end, t.granted ? t.room : 0, &t.unasked);
             }
             if (room) {
               s->rooms++;
               // The upcall's length says how many blocks (the handler needs the count only);
               // the reply comes back to this step with `granted` set.
+              t.room = room;
               return Upcall(tag, kUpRoom, t.first, t.end, 0, room * s->block_size);
             }
           }
@@ -2054,6 +2069,18 @@ Napi::Value EvictDone(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// ublkGrant(handle, n) -> unasked: Server::Grant.
+Napi::Value Grant(const Napi::CallbackInfo& info) {
+  Server* s = ServerOf(info);
+  int64_t n;
+  if (!s || !ArgInt64(info, 1, &n)) return Napi::Value();
+  if (!s->budget) {
+    ThrowErrno(info.Env(), EOPNOTSUPP, "ublk server without a budget");
+    return Napi::Value();
+  }
+  return Napi::Number::New(info.Env(), static_cast<double>(s->Grant(static_cast<uint64_t>(n))));
+}
+
 // ublkCredit(handle, limit) -> { limit, unasked }: Server::Credit; limit -1: none.
 Napi::Value Credit(const Napi::CallbackInfo& info) {
   Server* s = ServerOf(info);
@@ -2121,7 +2148,11 @@ Napi::Value TestHook(const Napi::CallbackInfo& info) {
   } else if (op == "take-credit") {
     // A write's credit step over [first, end) (TakeCredit): true when it must ask for ROOM.
     uint64_t n = 0;
-    r = s->TakeCredit(f, e, false, &n) != 0;
+    r = s->TakeCredit(f, e, 0, &n) != 0;
+  } else if (op == "take-credit-granted") {
+    // The same step of a write whose ROOM for end - first blocks was granted (Grant).
+    uint64_t n = 0;
+    r = s->TakeCredit(f, e, e - f, &n) != 0;
   } else if (op == "intent-answered") {
     // The INTENT of a write that counted end - first blocks in the credit was answered.
     s->unasked -= std::min<uint64_t>(s->unasked, e - f);
@@ -2140,7 +2171,7 @@ bool InitUblk(Napi::Env env, Napi::Object exports) {
          Export<EpochBegin>(env, exports, "ublkEpochBegin") && Export<EpochCommit>(env, exports, "ublkEpochCommit") &&
          Export<Query>(env, exports, "ublkQuery") && Export<TestHook>(env, exports, "ublkTestHook") &&
          Export<Accessed>(env, exports, "ublkAccessed") && Export<Evict>(env, exports, "ublkEvict") && Export<Credit>(env, exports, "ublkCredit") &&
-         Export<EvictDone>(env, exports, "ublkEvictDone");
+         Export<EvictDone>(env, exports, "ublkEvictDone") && Export<Grant>(env, exports, "ublkGrant");
 }
 
 }  // namespace ulob

@@ -209,7 +209,24 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
         throw new InternalError('the ublk server sends no barrier: its first writes are recorded before they are acknowledged');
       },
       preserve: (epoch, first, end) => epochs.preserve(epoch, first, end),
-      ...(credit ? { room: (n: number) => credit.room(n), intentRecorded: (n: number) => credit.handedOver(n) } : {}),
+      ...(credit
+        ? {
+            // ROOM: reserved as a fill would (evict, commit, flush: the write waits), then counted in
+            // the server for that write alone (grant) and as outside in the store in one tick; the
+            // limit stays (kernelCredit.room raises it, which on uloop.ko is taken under the
+            // reply's lock; here another queue's write could take the raise before this one).
+            room: async (n: number) => {
+              const want = Math.min(n, store.budgetBlocks);
+              await engine.reserveSpace(want);
+              try {
+                if (!removed) store.outsideBlocks = server.grant(n);
+              } finally {
+                store.release(want);
+              }
+            },
+            intentRecorded: (n: number) => credit.handedOver(n),
+          }
+        : {}),
     },
   });
 

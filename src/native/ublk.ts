@@ -120,6 +120,7 @@ interface UblkBinding {
   ublkEvict(h: Handle, first: number, count: number, bits: Uint8Array): number;
   ublkCredit(h: Handle, limit: number): { limit: number; unasked: number };
   ublkEvictDone(h: Handle, first: number, count: number): void;
+  ublkGrant(h: Handle, n: number): number;
 }
 const b = addon<UblkBinding>();
 
@@ -239,6 +240,16 @@ export class UblkServer {
   }
 
   /**
+   * A budget: a ROOM for `n` blocks is answered (call it before the reply): they are counted in
+   * the credit now, outside its limit, for the write that asked alone (a raised limit could be
+   * taken by another write first). Returns the blocks counted (`unasked`).
+   */
+  grant(n: number): number {
+    validateInteger(n, 'n', 0);
+    return b.ublkGrant(this.#h, n);
+  }
+
+  /**
    * A budget: sets the credit's limit (blocks; -1: none) for blocks written whole while missing
    * before the store records them; returns it and the blocks counted against it now (`unasked`:
    * written or granted and not yet recorded, plus those of writes that failed after writing them).
@@ -260,11 +271,12 @@ export class UblkServer {
    * request on [first, end) wait (held, or evicted and not yet punched); 'hit': a read hit of
    * queue 0 begins (true if present; counted for evict's wait), 'hit-end-in': it completes `end`
    * ms later on another thread; 'take-credit': a write's credit step, true when it needs ROOM;
+   * 'take-credit-granted': the same after its ROOM for end - first blocks was granted;
    * 'intent-answered': end - first blocks leave the credit). Returns the answer of
    * 'needs-preserve', 'parks', 'hit' or 'take-credit', else false.
    */
   testHook(
-    op: 'dirty' | 'needs-preserve' | 'write-begin' | 'write-end' | 'dirty-mid-copy' | 'hold' | 'unhold' | 'parks' | 'hit' | 'hit-end-in' | 'take-credit' | 'intent-answered',
+    op: 'dirty' | 'needs-preserve' | 'write-begin' | 'write-end' | 'dirty-mid-copy' | 'hold' | 'unhold' | 'parks' | 'hit' | 'hit-end-in' | 'take-credit' | 'take-credit-granted' | 'intent-answered',
     first: number,
     end: number,
   ): boolean {

@@ -200,6 +200,17 @@ describe('ublk server with a cache budget (the mechanism: native/ublk.cc Evict, 
     expect(s.testHook('take-credit', 20, 40)).toBe(false); // no limit
   });
 
+  it("a ROOM's grant is the asking write's alone: another write cannot take it", () => {
+    const s = server(64, [], [], 2);
+    expect(s.credit(4).unasked).toBe(0);
+    expect(s.testHook('take-credit', 0, 4)).toBe(false); // 4 of 4
+    expect(s.testHook('take-credit', 4, 8)).toBe(true); // past the limit: ROOM for 4
+    expect(s.grant(4)).toBe(8); // the daemon made room and answers: counted now, limit unchanged
+    expect(s.testHook('take-credit', 8, 9)).toBe(true); // another write still finds no room
+    expect(s.testHook('take-credit-granted', 4, 8)).toBe(false); // the asker swaps its grant for its blocks
+    expect(s.credit(4).unasked).toBe(8);
+  });
+
   it('without a budget the calls are refused (EOPNOTSUPP)', () => {
     const s = server(64, [], []);
     expect(() => s.evict(0, 8, new Uint8Array(1))).toThrow(expect.objectContaining({ errno: 95 }));
