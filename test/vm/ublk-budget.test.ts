@@ -1,9 +1,10 @@
 // A cache budget on /dev/ublkbN (issue 12): `--cache-size 16M` over a 128 MiB disk, in one guest
 // boot (the server's mechanism in native/ublk.cc: accessed bits per unit, EVICT with a grace
 // period over hit reads in flight, the credit with ROOM; the policy in the daemon's engine):
-//  - a hit read held in flight (ULOBDEV_UBLK_FAULT hit-delay: 20 s on its queue thread, after it
-//    was counted and before its read is queued) while misses on the other CPU's queue push its
-//    blocks out: it still reads the disk's data (EVICT waits for it before the daemon punches);
+//  - a hit read held in flight (ULOBDEV_UBLK_FAULT hit-delay: 45 s on its queue thread, after it
+//    was counted and before its read is queued) while misses on the other CPU's queue make the
+//    clock's hand wrap past its unit 4 times: it still reads the disk's data (EVICT waits for it
+//    before the daemon punches);
 //  - a hot 1 MiB read again between the 2 MiB pieces of a 24 MiB scan (one and a half budgets) is
 //    all hits: the server's accessed bits reach the clock (GCLOCK's second chance);
 //  - ext4 on the device, a 48 MiB file copied in (cp, sync) and 4 files of 4 MiB written with
@@ -20,9 +21,15 @@ import { expectCleanKernel, ROOT, runInVm, type VmResult } from '../support/vm.j
 
 const MiB = 1 << 20;
 const BUDGET = 16 * MiB;
-/** The delayed hit: 64 KiB at 100 MiB of the raw device (before mkfs). */
-const HIT_AT = 100 * MiB;
-const HIT_DELAY_MS = 20_000;
+/**
+ * The delayed hit: 64 KiB at 2 MiB of the raw device (before mkfs; below the misses, read by no
+ * one else), in unit 8, which the clock's hand passes each time it wraps. Its hit sets the unit's
+ * accessed bit, so the hand takes three wraps to evict it (harvest, lower, evict): misses over a
+ * 20 MiB region (1.25 budgets) make one wrap a pass, and 4 passes (80 MiB) are read while the
+ * hit is held (45 s).
+ */
+const HIT_AT = 2 * MiB;
+const HIT_DELAY_MS = 45_000;
 let run: VmResult;
 
 beforeAll(async () => {
@@ -54,8 +61,8 @@ beforeAll(async () => {
     X=$!
     sleep 1
     e0=$(field evictedBlocks)
-    # 48 MiB of misses on the other CPU (its own hardware queue): three budgets
-    taskset -c 1 dd if=$D of=/dev/null bs=1M count=48 iflag=direct status=none
+    # 4 passes of misses over 4-24 MiB on the other CPU (its own hardware queue)
+    for p in 1 2 3 4; do taskset -c 1 dd if=$D of=/dev/null bs=1M skip=4 count=20 iflag=direct status=none; done
     e1=$(field evictedBlocks)
     wait $X
     echo "evicted while the hit was held: $((e1 - e0)) blocks"
