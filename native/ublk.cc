@@ -288,6 +288,9 @@ constexpr uint64_t kTouchChunkWords = 1024;  // 65,536 blocks, 8 KiB
 constexpr uint64_t kCommitSliceWords = 1 << 14;  // 1 Mi blocks, 128 KiB per bitmap
 
 struct HwQueue;
+// The longest an eviction waits for hit reads in flight before it gives up (undone): a read of
+// the cache file that takes this long is a sick flash device.
+constexpr uint64_t kEvictWaitUs = 60ULL * 1000 * 1000;
 
 class Server {
  public:
@@ -424,6 +427,15 @@ class Server {
   // the punch would then remove (the engine's own eviction lock does the same for its requests).
   Bits evicting;
   uint64_t evicting_count = 0;
+  // Per slot (as `held`): a read waiting for its MISS (the sequence number it was sent with, 0:
+  // none), and whether an eviction took present blocks of its held range meanwhile (stale: its
+  // answer marks nothing present and the read misses again). A read waiting for the daemon would
+  // otherwise pin the present blocks of its whole range: concurrent large reads over a small
+  // budget pinned every clean block, and the fills failed ('full') with nothing dirty (review9
+  // U-A; review8 K2 on uloop). The oldest waiting read keeps its range, so it always completes.
+  std::vector<uint64_t> miss_wait;
+  std::vector<uint8_t> miss_stale;
+  uint64_t miss_seq = 0;
   uint8_t read_phase = 0;
   HitReads hit_reads[kMaxQueues];
   // The credit (as uloop.ko's ULOOP_IOC_CREDIT): blocks written whole while missing and not yet
@@ -545,6 +557,7 @@ class Server {
   }
 
   void WakeAll();
+  bool QueueEnded(unsigned q) const;
 
   // ---- a cache budget: the calls the daemon makes (JS thread) ----
 
@@ -569,7 +582,7 @@ class Server {
   }
 
   // Evicts the blocks set in `bits` (bit i: block first + i), narrowing `bits` in place to those
-  // it evicted, and returns their count. Refused (bit cleared): dirty blocks, and blocks a
+  // it evicted, and returns their count (~0 when the wait timed out: nothing evicted). Refused (bit cleared): dirty blocks, and blocks a
   // request holds busy (a miss being filled, a first write, its whole-block data, its read after
   // the fill) or writes. The rest stop being served (present bits cleared under mu: a read of
   // them from now on is a miss, which the daemon's eviction lock holds back), and the call
@@ -579,13 +592,30 @@ class Server {
   uint64_t Evict(uint64_t first, uint64_t count, uint8_t* bits) {
     uint64_t end = first + count, n = 0;
     uint8_t old;
+    Bits was_present((count + 63) / 64, 0);  // bit i: block first + i was present (a timeout puts it back)
     {
       std::lock_guard<std::mutex> g(mu);
       auto refuse = [&](uint64_t f, uint64_t e) {
         for (uint64_t b = std::max(f, first); b < std::min(e, end); b++) bits[(b - first) >> 3] &= static_cast<uint8_t>(~(1u << ((b - first) & 7)));
       };
-      for (auto [f, e] : held)
-        if (f < e) refuse(f, e);
+      // A read waiting for its MISS (not the oldest) gives up the present blocks of its range:
+      // it is marked stale where it loses one, and misses again once answered.
+      uint64_t oldest = 0;
+      for (uint64_t w : miss_wait)
+        if (w && (!oldest || w < oldest)) oldest = w;
+      std::vector<size_t> yielding;
+      for (size_t k = 0; k < held.size(); k++) {
+        auto [f, e] = held[k];
+        if (f >= e) continue;
+        if (k < miss_wait.size() && miss_wait[k] && miss_wait[k] != oldest && f < end && first < e) {
+          // its blocks not present (being filled) stay refused
+          for (uint64_t b = std::max(f, first); b < std::min(e, end); b++)
+            if (!Test(present, b)) bits[(b - first) >> 3] &= static_cast<uint8_t>(~(1u << ((b - first) & 7)));
+          yielding.push_back(k);
+          continue;
+        }
+        refuse(f, e);
+      }
       for (auto [f, e] : writing)
         if (f < e) refuse(f, e);
       for (uint64_t i = 0; i < count; i++) {
@@ -595,9 +625,12 @@ class Server {
           bits[i >> 3] &= static_cast<uint8_t>(~(1u << (i & 7)));
           continue;
         }
+        for (size_t k : yielding)
+          if (held[k].first <= b && b < held[k].second) miss_stale[k] = 1;
         if (Test(present, b)) {
           Clear(present, b);
           present_count--;
+          Set(was_present, i);
         }
         if (!Test(evicting, b)) Set(evicting, b), evicting_count++;
         n++;
@@ -608,12 +641,33 @@ class Server {
     // Hits that began before the clear are counted in phase `old`; every later one in the other.
     // Evictions come from the JS thread only, one at a time, and each waits for its old phase to
     // drain before it returns, so a phase is empty again by the time the next flip reuses it.
+    // A queue whose thread has ended counts nothing in flight: its ring was closed (or its
+    // reads reaped) before `done`, so nothing can still read into a request. The wait is
+    // bounded (kEvictWaitUs): past it the eviction is undone (present bits back, nothing
+    // returned, ETIMEDOUT) rather than freezing the event loop.
     if (!fault_evict_nowait) {
+      uint64_t waited = 0;
       for (unsigned i = 0;; i++) {
         bool busy = false;
-        for (unsigned q = 0; q < kMaxQueues; q++) busy |= hit_reads[q].n[old].load(std::memory_order_acquire) != 0;
+        for (unsigned q = 0; q < kMaxQueues; q++) {
+          if (q < queues.size() && QueueEnded(q)) continue;
+          busy |= hit_reads[q].n[old].load(std::memory_order_acquire) != 0;
+        }
         if (!busy) break;
-        usleep(i < 10 ? 20 : 200);
+        if (waited >= kEvictWaitUs) {
+          std::lock_guard<std::mutex> g(mu);
+          for (uint64_t j = 0; j < count; j++) {
+            if (!(bits[j >> 3] >> (j & 7) & 1)) continue;
+            uint64_t b = first + j;
+            if (Test(was_present, j) && !Test(present, b)) Set(present, b), present_count++;
+            if (Test(evicting, b)) Clear(evicting, b), evicting_count--;
+          }
+          memset(bits, 0, (count + 7) / 8);
+          return ~0ULL;
+        }
+        unsigned us = i < 10 ? 20 : 200;
+        usleep(us);
+        waited += us;
       }
     }
     evicted += n;
@@ -908,6 +962,7 @@ struct HwQueue {
       {
         std::lock_guard<std::mutex> g(s->mu);
         s->held[Slot(tag)] = {0, 0};
+        if (!s->miss_wait.empty()) s->miss_wait[Slot(tag)] = 0, s->miss_stale[Slot(tag)] = 0;
         for (auto& q : s->queues) others |= q.get() != this && q->nparked;
       }
       // Requests that waited for these blocks try again, here and on the other queues.
@@ -1078,7 +1133,16 @@ struct HwQueue {
       // but an answered INTENT (after the data of whole missing blocks was written).
       if (t.up_type == kUpMiss) {
         std::lock_guard<std::mutex> g(s->mu);
-        s->MarkPresent(t.up_first, t.up_end);
+        bool stale = false;
+        if (s->budget && t.step == kReadDone) {
+          stale = s->miss_stale[Slot(tag)];
+          s->miss_wait[Slot(tag)] = 0;
+          s->miss_stale[Slot(tag)] = 0;
+        }
+        // An eviction took present blocks of this read's range while it waited: its fill says
+        // nothing about them; the read looks again (and misses again).
+        if (stale) t.step = kReadMiss;
+        else s->MarkPresent(t.up_first, t.up_end);
       }
       if (t.up_type == kUpRoom) t.granted = true;
       // The store holds the blocks this write put there while missing from the INTENT's answer on
@@ -1104,6 +1168,11 @@ struct HwQueue {
       switch (t.step) {
         case kReadMiss:
           t.step = kReadDone;
+          if (s->budget) {
+            std::lock_guard<std::mutex> g(s->mu);
+            s->miss_wait[Slot(tag)] = ++s->miss_seq;
+            s->miss_stale[Slot(tag)] = 0;
+          }
           return Upcall(tag, kUpMiss, t.first, t.end, 0);
         case kReadDone:
           return ServeRead(tag);
@@ -1242,6 +1311,8 @@ Server::~Server() {
   if (cache_fd >= 0) close(cache_fd);
   if (ctrl_fd >= 0) close(ctrl_fd);
 }
+
+bool Server::QueueEnded(unsigned q) const { return queues[q]->done.load(); }
 
 void Server::WakeAll() {
   for (auto& q : queues) q->Wake();
@@ -1522,6 +1593,8 @@ class StartWorker_ : public PromiseWorker {
       std::lock_guard<std::mutex> g(s.mu);
       s.writing.assign(static_cast<size_t>(s.nr_queues) * s.depth, {0, 0});
       s.held.assign(static_cast<size_t>(s.nr_queues) * s.depth, {0, 0});
+      s.miss_wait.assign(s.held.size(), 0);
+      s.miss_stale.assign(s.held.size(), 0);
     }
     s.queues.clear();
     auto fail = [&](int e, const char* what) {
@@ -2049,7 +2122,12 @@ Napi::Value Evict(const Napi::CallbackInfo& info) {
   uint64_t first, count;
   Bytes bits;
   if (!s || !RangeArgs(info, s, s->blocks, &first, &count, &bits)) return Napi::Value();
-  return Napi::Number::New(info.Env(), static_cast<double>(s->Evict(first, count, bits.data)));
+  uint64_t n = s->Evict(first, count, bits.data);
+  if (n == ~0ULL) {
+    ThrowErrno(info.Env(), ETIMEDOUT, "ublk evict: hit reads still in flight after 60 s; nothing evicted");
+    return Napi::Value();
+  }
+  return Napi::Number::New(info.Env(), static_cast<double>(n));
 }
 
 // ublkEvictDone(handle, first, count): Server::EvictDone.
@@ -2116,7 +2194,8 @@ Napi::Value TestHook(const Napi::CallbackInfo& info) {
   std::lock_guard<std::mutex> g(s->mu);
   bool r = false;
   if (s->writing.empty()) s->writing.assign(1, {0, 0});
-  if (s->held.empty()) s->held.assign(1, {0, 0});
+  if (s->held.size() < 2) s->held.assign(2, {0, 0});
+  if (s->miss_wait.size() < 2) s->miss_wait.assign(2, 0), s->miss_stale.assign(2, 0);
   if (op == "dirty") s->MarkDirty(f, e);
   else if (op == "needs-preserve") r = s->InSnapshot(f, e);
   else if (op == "write-begin") {
@@ -2126,6 +2205,20 @@ Napi::Value TestHook(const Napi::CallbackInfo& info) {
   else if (op == "dirty-mid-copy") s->test_mid_copy = {f, e};
   else if (op == "hold") s->held[0] = {f, e};
   else if (op == "unhold") s->held[0] = {0, 0};
+  else if (op == "miss-wait0" || op == "miss-wait1") {
+    // A read of slot 0 or 1 holds [first, end) and waits for its MISS (kReadMiss).
+    size_t k = op == "miss-wait1";
+    s->held[k] = {f, e};
+    s->miss_wait[k] = ++s->miss_seq;
+    s->miss_stale[k] = 0;
+  } else if (op == "miss-answer0" || op == "miss-answer1") {
+    // Its MISS is answered: true if it must miss again (stale); the slot lets go.
+    size_t k = op == "miss-answer1";
+    r = s->miss_stale[k];
+    s->held[k] = {0, 0};
+    s->miss_wait[k] = 0;
+    s->miss_stale[k] = 0;
+  }
   else if (op == "parks") r = s->Held(f, e) || s->Evicting(f, e);  // would a request on [first, end) wait (Start)
   else if (op == "hit") {
     // A read hit as queue 0 begins it (BeginHit); it ends with "hit-end-in".

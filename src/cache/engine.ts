@@ -119,8 +119,9 @@ export interface ExternalEpochs {
   evict?(victims: readonly Extent[]): Extent[];
   /**
    * With a budget: what evict() returned is now cleared durably and punched in the store (or the
-   * store's eviction failed): the outside path may serve requests on those blocks again (as
-   * misses). Optional: a path whose own writes cannot land there in between needs none.
+   * store's eviction failed; called after every eviction, `gone` empty when nothing went): the
+   * outside path may serve requests on those blocks again (as misses). Optional: a path whose
+   * own writes cannot land there in between needs none.
    */
   evicted?(gone: readonly Extent[]): void;
   /** With a budget: merges the outside path's accessed bits into store.clock before the hand moves. */
@@ -1440,7 +1441,7 @@ export class CacheEngine {
       // waits for reads that began before (the grace period) and for the synced bitmap.
       if (gone.length > 0) await store.evict(gone, { quiesce: () => this.#readGrace() });
     } finally {
-      if (outside && gone.length > 0) this.externalEpochs?.evicted?.(gone);
+      this.externalEpochs?.evicted?.(gone);
       release();
     }
     for (const u of units) clock.forget(u);

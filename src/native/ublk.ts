@@ -218,7 +218,9 @@ export class UblkServer {
    * to those evicted; returns their count. Dirty blocks and blocks a request holds (a miss being
    * filled, a first write) or writes are refused; the rest stop being served, and the call returns
    * once no hit read of them is in flight (it blocks the event loop that long: reads of the cache
-   * file). Only then may the store clear and punch them. Throws RangeError, EOPNOTSUPP.
+   * file). Only then may the store clear and punch them. The present blocks of a read waiting
+   * for its MISS (not the oldest such read) are taken too: that read misses again. Throws
+   * RangeError, EOPNOTSUPP, ETIMEDOUT (reads still in flight after 60 s: nothing evicted).
    */
   evict(first: number, count: number, bits: Uint8Array): number {
     validateInteger(first, 'first', 0);
@@ -268,15 +270,17 @@ export class UblkServer {
    * ('dirty': an answered INTENT; 'needs-preserve': whether a write there preserves first;
    * 'write-begin'/'write-end': a native write in flight; 'dirty-mid-copy': 'dirty' inside the next
    * epochBegin's copy; 'hold'/'unhold': a request holds [first, end) busy; 'parks': would a
-   * request on [first, end) wait (held, or evicted and not yet punched); 'hit': a read hit of
+   * request on [first, end) wait (held, or evicted and not yet punched); 'miss-waitK': a read
+   * on slot K (0, 1) holds [first, end) waiting for its MISS; 'miss-answerK': its MISS is
+   * answered, true when it must miss again (an eviction took blocks of its range); 'hit': a read hit of
    * queue 0 begins (true if present; counted for evict's wait), 'hit-end-in': it completes `end`
    * ms later on another thread; 'take-credit': a write's credit step, true when it needs ROOM;
    * 'take-credit-granted': the same after its ROOM for end - first blocks was granted;
    * 'intent-answered': end - first blocks leave the credit). Returns the answer of
-   * 'needs-preserve', 'parks', 'hit' or 'take-credit', else false.
+   * 'needs-preserve', 'parks', 'miss-answerK', 'hit' or 'take-credit', else false.
    */
   testHook(
-    op: 'dirty' | 'needs-preserve' | 'write-begin' | 'write-end' | 'dirty-mid-copy' | 'hold' | 'unhold' | 'parks' | 'hit' | 'hit-end-in' | 'take-credit' | 'take-credit-granted' | 'intent-answered',
+    op: 'dirty' | 'needs-preserve' | 'write-begin' | 'write-end' | 'dirty-mid-copy' | 'hold' | 'unhold' | 'miss-wait0' | 'miss-wait1' | 'miss-answer0' | 'miss-answer1' | 'parks' | 'hit' | 'hit-end-in' | 'take-credit' | 'take-credit-granted' | 'intent-answered',
     first: number,
     end: number,
   ): boolean {

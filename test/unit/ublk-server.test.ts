@@ -146,6 +146,22 @@ describe('ublk server with a cache budget (the mechanism: native/ublk.cc Evict, 
     expect(s.evict(0, 8, later)).toBe(2);
   });
 
+  it('a read waiting for its MISS gives up the present blocks of its range, except the oldest such read (review9 U-A)', () => {
+    const s = server(64, [0, 1, 2, 3, 8, 9, 10, 11], [], 2);
+    s.testHook('miss-wait0', 0, 6); // oldest: 0-3 present, 4-5 being filled
+    s.testHook('miss-wait1', 8, 14); // younger: 8-11 present, 12-13 being filled
+    const want = set(16, [0, 1, 2, 3, 8, 9, 10, 11, 12, 13]);
+    expect(s.evict(0, 16, want)).toBe(4);
+    expect(bits(want)).toEqual([8, 9, 10, 11]); // the oldest keeps its range; no block being filled goes
+    expect(s.testHook('miss-answer1', 0, 0)).toBe(true); // stale: it misses again
+    expect(s.testHook('miss-answer0', 0, 0)).toBe(false);
+    // a read that lost nothing is not stale
+    s.testHook('miss-wait0', 20, 24);
+    s.testHook('miss-wait1', 30, 34);
+    expect(s.evict(0, 16, set(16, [0]))).toBe(1);
+    expect(s.testHook('miss-answer1', 0, 0)).toBe(false);
+  });
+
   it('blocks an eviction returned stay off limits (requests wait) until the daemon has punched them', () => {
     const s = server(64, [0, 1, 2, 3], [], 2);
     expect(s.testHook('parks', 0, 4)).toBe(false);
