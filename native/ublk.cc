@@ -655,14 +655,17 @@ class Server {
         }
         if (!busy) break;
         if (waited >= kEvictWaitUs) {
-          std::lock_guard<std::mutex> g(mu);
-          for (uint64_t j = 0; j < count; j++) {
-            if (!(bits[j >> 3] >> (j & 7) & 1)) continue;
-            uint64_t b = first + j;
-            if (Test(was_present, j) && !Test(present, b)) Set(present, b), present_count++;
-            if (Test(evicting, b)) Clear(evicting, b), evicting_count--;
+          {
+            std::lock_guard<std::mutex> g(mu);
+            for (uint64_t j = 0; j < count; j++) {
+              if (!(bits[j >> 3] >> (j & 7) & 1)) continue;
+              uint64_t b = first + j;
+              if (Test(was_present, j) && !Test(present, b)) Set(present, b), present_count++;
+              if (Test(evicting, b)) Clear(evicting, b), evicting_count--;
+            }
           }
           memset(bits, 0, (count + 7) / 8);
+          WakeAll();  // requests that parked on them meanwhile go on (review9 U-B)
           return ~0ULL;
         }
         unsigned us = i < 10 ? 20 : 200;
