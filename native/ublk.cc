@@ -229,7 +229,9 @@ void StoreWord(uint8_t* p, size_t n, uint64_t w, uint64_t v) {
 }
 
 // Upcall types, as src/bdev/ublk.ts names them for UpcallHandler.
-enum : uint8_t { kUpMiss = 0, kUpIntent = 1, kUpPreserve = 2 };
+// kUpRoom (a cache budget only): a write is about to put data into `length / block size` blocks
+// the cache does not hold (written whole while missing) past the credit: room for them first.
+enum : uint8_t { kUpMiss = 0, kUpIntent = 1, kUpPreserve = 2, kUpRoom = 3 };
 
 struct UpcallMsg {
   uint32_t id;
@@ -252,6 +254,20 @@ struct Tag {
   uint8_t up_type = 0;               // the upcall out: its type and blocks [up_first, up_end)
   uint64_t up_first = 0, up_end = 0;
   uint64_t read_done = 0;  // zero-copy read: bytes READ_FIXED has put into the request so far
+  // A budget: a hit read counted in its queue's hit_reads[read_phase] (an eviction waits for it).
+  bool hit_counted = false;
+  uint8_t read_phase = 0;
+  // A budget: blocks this write put into the cache file while missing and counted in `unasked`
+  // until its INTENT is answered; `granted`: a ROOM for them was answered.
+  uint64_t unasked = 0;
+  bool granted = false;
+  uint64_t room = 0;  // the blocks its ROOM asked for (the daemon's Grant counted them already)
+};
+
+// Hit reads in flight of one queue, by the eviction phase they began in (Server::Evict): written
+// by the queue thread, read by the evicting thread. One cache line per queue.
+struct alignas(64) HitReads {
+  std::atomic<uint32_t> n[2] = {0, 0};
 };
 
 struct Counters {
@@ -272,6 +288,9 @@ constexpr uint64_t kTouchChunkWords = 1024;  // 65,536 blocks, 8 KiB
 constexpr uint64_t kCommitSliceWords = 1 << 14;  // 1 Mi blocks, 128 KiB per bitmap
 
 struct HwQueue;
+// The longest an eviction waits for hit reads in flight before it gives up (undone): a read of
+// the cache file that takes this long is a sick flash device.
+constexpr uint64_t kEvictWaitUs = 60ULL * 1000 * 1000;
 
 class Server {
  public:
@@ -332,6 +351,16 @@ class Server {
   // stopped) before its FETCHes, so that a test can kill -9 the daemon between
   // START_USER_RECOVERY and the last queue's FETCH (fault_stall_queue = q + 1).
   unsigned fault_stall_queue = 0;
+  // evict-nowait (a planted bug, for the tests that guard the grace period): an eviction clears
+  // present bits but does not wait for hit reads in flight.
+  bool fault_evict_nowait = false;
+  // no-accessed (a planted bug): hits never set their unit's accessed bit.
+  bool fault_no_accessed = false;
+  // hit-delay-at=BYTE,hit-delay-ms=MS: the first read hit covering byte BYTE of the device waits
+  // MS ms on its queue thread after it was counted and before its read of the cache file is
+  // queued, so that a VM test can evict its blocks while it is in flight.
+  uint64_t fault_hit_at = ~0ULL, fault_hit_ms = 0;
+  std::atomic<bool> fault_hit_done{false};
   // The cache file's path (for the marker's text) and the durable "recovering" marker
   // (RUN_DIR/ublkbN.recovering; empty: none): see StartWorker_::Recover.
   std::string cache_path, marker;
@@ -376,10 +405,46 @@ class Server {
   // Test only (ublkTestHook "dirty-mid-copy"): blocks an INTENT reply marks dirty while EpochBegin
   // copies, to pin that interleaving down without a device.
   std::pair<uint64_t, uint64_t> test_mid_copy{0, 0};
+  uint8_t test_hit_phase = 0;  // the eviction phase of the last test 'hit'
   // Per (queue, tag), index q * depth + tag: a native write in flight [first, end) (folded into
   // `touched` when an epoch opens), and the blocks a request needing the daemon holds busy (at
   // most one range per tag: a short list, not a bitmap).
   std::vector<std::pair<uint64_t, uint64_t>> writing, held;
+
+  // ---- a cache budget (unitShift given at create; everything below is unused without) ----
+  // The mechanism only; the daemon decides (src/bdev/ublk.ts, the engine's clock). `accessed`:
+  // one bit per eviction unit (2^unit_shift blocks), set under mu by every hit the queue threads
+  // serve (read hits, writes into dirty blocks), taken and cleared by Accessed(). An eviction
+  // (Evict) clears present bits under mu, so no new hit starts on those blocks, flips
+  // `read_phase`, and waits until no hit read of the old phase is in flight on any queue (a grace
+  // period: a hit costs one atomic add and one sub, no lock of its own: it is counted inside the
+  // critical section that found its blocks present).
+  bool budget = false;
+  uint32_t unit_shift = 0;
+  Bits accessed;
+  // Blocks Evict returned until the daemon says it has punched them (EvictDone): a request on
+  // them waits (parks) as behind a held range, so a whole-block write cannot put data there that
+  // the punch would then remove (the engine's own eviction lock does the same for its requests).
+  Bits evicting;
+  uint64_t evicting_count = 0;
+  // Per slot (as `held`): a read waiting for its MISS (the sequence number it was sent with, 0:
+  // none), and whether an eviction took present blocks of its held range meanwhile (stale: its
+  // answer marks nothing present and the read misses again). A read waiting for the daemon would
+  // otherwise pin the present blocks of its whole range: concurrent large reads over a small
+  // budget pinned every clean block, and the fills failed ('full') with nothing dirty (review9
+  // U-A; review8 K2 on uloop). The oldest waiting read keeps its range, so it always completes.
+  std::vector<uint64_t> miss_wait;
+  std::vector<uint8_t> miss_stale;
+  uint64_t miss_seq = 0;
+  uint8_t read_phase = 0;
+  HitReads hit_reads[kMaxQueues];
+  // The credit (as uloop.ko's ULOOP_IOC_CREDIT): blocks written whole while missing and not yet
+  // recorded by the store (their INTENT unanswered, or the request failed after writing them:
+  // lost until the next attach punches them), plus ROOM grants not yet used, stay within
+  // credit_limit; a write that would pass it asks for ROOM first. -1: no limit. Under mu.
+  int64_t credit_limit = -1;
+  uint64_t unasked = 0;
+  std::atomic<uint64_t> evicted{0}, rooms{0};
 
   ~Server();
 
@@ -435,6 +500,44 @@ class Server {
     }
     dirty_count += n;
   }
+  // Is [first, end) present (a read hit)? With a budget the hit is counted on queue q in the
+  // eviction phase now (*counted set, *phase), in this critical section that found it present: an
+  // eviction clears present bits under the same lock, so it either stops this hit or waits for it
+  // (Evict); and its units are marked accessed.
+  bool BeginHit(uint16_t q, uint64_t first, uint64_t end, uint8_t* phase, bool* counted) {
+    if (!AllSet(present, first, end)) return false;
+    if (budget) {
+      Access(first, end);
+      *phase = read_phase;
+      *counted = true;
+      hit_reads[q].n[*phase].fetch_add(1, std::memory_order_relaxed);
+    }
+    return true;
+  }
+  // The credit step of a write about to put data into the blocks of [first, end) the cache does
+  // not hold (a budget): 0 when they fit (or a ROOM for them was answered: `granted`) and are now
+  // counted in `unasked` (*n of them), else how many a ROOM must ask for (nothing counted).
+  // `granted`: blocks a ROOM answer counted for this write already (Grant), which take the place
+  // of these: a grant is this write's alone, never consumable by another write's check.
+  uint64_t TakeCredit(uint64_t first, uint64_t end, uint64_t granted, uint64_t* n) {
+    uint64_t m = 0;
+    for (uint64_t b = first; b < end; b++) m += !Test(present, b);
+    if (m && !granted && credit_limit >= 0 && unasked + m > static_cast<uint64_t>(credit_limit)) return m;
+    unasked = unasked - std::min(unasked, granted) + m;
+    *n = m;
+    return 0;
+  }
+  // A hit (budget): its units were used.
+  void Access(uint64_t first, uint64_t end) {
+    if (!budget || fault_no_accessed) return;
+    for (uint64_t u = first >> unit_shift, ue = ((end - 1) >> unit_shift) + 1; u < ue; u++) Set(accessed, u);
+  }
+  bool Evicting(uint64_t first, uint64_t end) const {
+    if (!evicting_count) return false;
+    for (uint64_t b = first; b < end; b++)
+      if (Test(evicting, b)) return true;
+    return false;
+  }
   bool Held(uint64_t first, uint64_t end) const {
     for (auto [f, e] : held)
       if (f < e && f < end && first < e) return true;
@@ -454,6 +557,151 @@ class Server {
   }
 
   void WakeAll();
+  bool QueueEnded(unsigned q) const;
+
+  // ---- a cache budget: the calls the daemon makes (JS thread) ----
+
+  // Takes the accessed bits of units [first, first + count) into `out` (bit i: unit first + i)
+  // and clears them here; returns how many were set.
+  uint64_t TakeAccessed(uint64_t first, uint64_t count, uint8_t* out) {
+    uint64_t n = 0;
+    std::lock_guard<std::mutex> g(mu);
+    for (uint64_t i = 0; i < count; i++) {
+      uint64_t u = first + i;
+      if ((u & 63) == 0 && i + 64 <= count && accessed[u >> 6] == 0) {  // a word of nothing
+        i += 63;
+        continue;
+      }
+      if (Test(accessed, u)) {
+        Clear(accessed, u);
+        out[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
+        n++;
+      }
+    }
+    return n;
+  }
+
+  // Evicts the blocks set in `bits` (bit i: block first + i), narrowing `bits` in place to those
+  // it evicted, and returns their count (~0 when the wait timed out: nothing evicted). Refused (bit cleared): dirty blocks, and blocks a
+  // request holds busy (a miss being filled, a first write, its whole-block data, its read after
+  // the fill) or writes. The rest stop being served (present bits cleared under mu: a read of
+  // them from now on is a miss, which the daemon's eviction lock holds back), and the call
+  // returns only once no hit read that found them present is still in flight on any queue: the
+  // daemon may then clear them durably and punch (invariant 1). The wait is on the queue threads'
+  // reads of the cache file only (never on the JS thread), so it is short and cannot deadlock.
+  uint64_t Evict(uint64_t first, uint64_t count, uint8_t* bits) {
+    uint64_t end = first + count, n = 0;
+    uint8_t old;
+    Bits was_present((count + 63) / 64, 0);  // bit i: block first + i was present (a timeout puts it back)
+    {
+      std::lock_guard<std::mutex> g(mu);
+      auto refuse = [&](uint64_t f, uint64_t e) {
+        for (uint64_t b = std::max(f, first); b < std::min(e, end); b++) bits[(b - first) >> 3] &= static_cast<uint8_t>(~(1u << ((b - first) & 7)));
+      };
+      // A read waiting for its MISS (not the oldest) gives up the present blocks of its range:
+      // it is marked stale where it loses one, and misses again once answered.
+      uint64_t oldest = 0;
+      for (uint64_t w : miss_wait)
+        if (w && (!oldest || w < oldest)) oldest = w;
+      std::vector<size_t> yielding;
+      for (size_t k = 0; k < held.size(); k++) {
+        auto [f, e] = held[k];
+        if (f >= e) continue;
+        if (k < miss_wait.size() && miss_wait[k] && miss_wait[k] != oldest && f < end && first < e) {
+          // its blocks not present (being filled) stay refused
+          for (uint64_t b = std::max(f, first); b < std::min(e, end); b++)
+            if (!Test(present, b)) bits[(b - first) >> 3] &= static_cast<uint8_t>(~(1u << ((b - first) & 7)));
+          yielding.push_back(k);
+          continue;
+        }
+        refuse(f, e);
+      }
+      for (auto [f, e] : writing)
+        if (f < e) refuse(f, e);
+      for (uint64_t i = 0; i < count; i++) {
+        if (!(bits[i >> 3] >> (i & 7) & 1)) continue;
+        uint64_t b = first + i;
+        if (Test(dirty, b)) {
+          bits[i >> 3] &= static_cast<uint8_t>(~(1u << (i & 7)));
+          continue;
+        }
+        for (size_t k : yielding)
+          if (held[k].first <= b && b < held[k].second) miss_stale[k] = 1;
+        if (Test(present, b)) {
+          Clear(present, b);
+          present_count--;
+          Set(was_present, i);
+        }
+        if (!Test(evicting, b)) Set(evicting, b), evicting_count++;
+        n++;
+      }
+      old = read_phase;
+      if (!fault_evict_nowait) read_phase ^= 1;
+    }
+    // Hits that began before the clear are counted in phase `old`; every later one in the other.
+    // Evictions come from the JS thread only, one at a time, and each waits for its old phase to
+    // drain before it returns, so a phase is empty again by the time the next flip reuses it.
+    // A queue whose thread has ended counts nothing in flight: its ring was closed (or its
+    // reads reaped) before `done`, so nothing can still read into a request. The wait is
+    // bounded (kEvictWaitUs): past it the eviction is undone (present bits back, nothing
+    // returned, ETIMEDOUT) rather than freezing the event loop.
+    if (!fault_evict_nowait) {
+      uint64_t waited = 0;
+      for (unsigned i = 0;; i++) {
+        bool busy = false;
+        for (unsigned q = 0; q < kMaxQueues; q++) {
+          if (q < queues.size() && QueueEnded(q)) continue;
+          busy |= hit_reads[q].n[old].load(std::memory_order_acquire) != 0;
+        }
+        if (!busy) break;
+        if (waited >= kEvictWaitUs) {
+          {
+            std::lock_guard<std::mutex> g(mu);
+            for (uint64_t j = 0; j < count; j++) {
+              if (!(bits[j >> 3] >> (j & 7) & 1)) continue;
+              uint64_t b = first + j;
+              if (Test(was_present, j) && !Test(present, b)) Set(present, b), present_count++;
+              if (Test(evicting, b)) Clear(evicting, b), evicting_count--;
+            }
+          }
+          memset(bits, 0, (count + 7) / 8);
+          WakeAll();  // requests that parked on them meanwhile go on (review9 U-B)
+          return ~0ULL;
+        }
+        unsigned us = i < 10 ? 20 : 200;
+        usleep(us);
+        waited += us;
+      }
+    }
+    evicted += n;
+    return n;
+  }
+
+  // The daemon has cleared (durably) and punched blocks [first, first + count) that Evict
+  // returned, or given up on them: requests parked on them try again (they miss).
+  void EvictDone(uint64_t first, uint64_t count) {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      for (uint64_t b = first; b < first + count; b++)
+        if (Test(evicting, b)) Clear(evicting, b), evicting_count--;
+    }
+    WakeAll();
+  }
+
+  // ROOM answered for n blocks (before the reply is sent): counted now, outside the limit, for
+  // the write that asked (TakeCredit then swaps them for its blocks). Returns the count.
+  uint64_t Grant(uint64_t n) {
+    std::lock_guard<std::mutex> g(mu);
+    unasked += n;
+    return unasked;
+  }
+
+  // CREDIT: sets the limit (blocks; -1: none) and returns the blocks counted against it now.
+  uint64_t Credit(int64_t limit) {
+    std::lock_guard<std::mutex> g(mu);
+    credit_limit = limit;
+    return unasked;
+  }
 };
 
 // One hardware queue: its ring, its thread, its tags with their buffers. A request is served on
@@ -698,12 +946,26 @@ struct HwQueue {
   void Finish(uint16_t tag, int32_t result) {
     Tag& t = tags[tag];
     if (result < 0) s->count.errors++;
+    if (t.hit_counted) {
+      // The read is complete (in the request's pages or the tag's buffer): the cache file may
+      // be punched under it from now on.
+      t.hit_counted = false;
+      s->hit_reads[id].n[t.read_phase].fetch_sub(1, std::memory_order_release);
+    }
+    // Blocks this write put into the cache file whose INTENT was never answered stay counted
+    // (unasked, as lost): the store does not hold them, the next attach punches them.
+    // A grant never used (a failure between ROOM and the write) stays counted too: rare, and on
+    // the safe side.
+    t.unasked = 0;
+    t.granted = false;
+    t.room = 0;
     if (t.holds) {
       t.holds = false;
       bool others = false;
       {
         std::lock_guard<std::mutex> g(s->mu);
         s->held[Slot(tag)] = {0, 0};
+        if (!s->miss_wait.empty()) s->miss_wait[Slot(tag)] = 0, s->miss_stale[Slot(tag)] = 0;
         for (auto& q : s->queues) others |= q.get() != this && q->nparked;
       }
       // Requests that waited for these blocks try again, here and on the other queues.
@@ -763,8 +1025,10 @@ struct HwQueue {
       bool hit;
       {
         std::lock_guard<std::mutex> g(s->mu);
-        hit = AllSet(s->present, t.first, t.end);
+        hit = s->BeginHit(id, t.first, t.end, &t.read_phase, &t.hit_counted);
       }
+      if (hit && s->fault_hit_ms && t.off <= s->fault_hit_at && s->fault_hit_at < t.off + t.len && !s->fault_hit_done.exchange(true))
+        usleep(static_cast<useconds_t>(s->fault_hit_ms * 1000));
       if (hit) {
         s->count.read_hits++;
         return ServeRead(tag);
@@ -800,6 +1064,7 @@ struct HwQueue {
       if (s->InSnapshot(t.first, t.end)) return false;
       if (s->epoch_open) s->Touch(t.first, t.end);
       s->writing[Slot(tag)] = {t.first, t.end};
+      s->Access(t.first, t.end);
     }
     s->count.write_hits++;
     int32_t r = Pwrite(tag, t.off, t.len);
@@ -818,7 +1083,7 @@ struct HwQueue {
     Tag& t = tags[tag];
     {
       std::lock_guard<std::mutex> g(s->mu);
-      if (s->Held(t.first, t.end)) {
+      if (s->Held(t.first, t.end) || s->Evicting(t.first, t.end)) {
         parked.push_back(tag);
         nparked = 1;
         return;
@@ -829,14 +1094,15 @@ struct HwQueue {
     Advance(tag);
   }
 
-  void Upcall(uint16_t tag, uint8_t type, uint64_t first, uint64_t end, uint64_t ep) {
+  // `bytes`: the upcall's length when it is not the blocks' (ROOM: the count of blocks it asks for).
+  void Upcall(uint16_t tag, uint8_t type, uint64_t first, uint64_t end, uint64_t ep, uint64_t bytes = ~0ULL) {
     Tag& t = tags[tag];
     t.seq++;
     t.waiting = true;
     t.up_type = type;
     t.up_first = first;
     t.up_end = end;
-    auto* m = new UpcallMsg{UpcallId(t.seq, id, tag), type, first * s->block_size, s->Bytes(first, end), ep};
+    auto* m = new UpcallMsg{UpcallId(t.seq, id, tag), type, first * s->block_size, bytes != ~0ULL ? bytes : s->Bytes(first, end), ep};
     napi_status st = s->tsfn.NonBlockingCall(m, [](Napi::Env env, Napi::Function fn, UpcallMsg* u) {
       if (env != nullptr && fn != nullptr) {
         fn.Call({Napi::Number::New(env, u->id), Napi::Number::New(env, u->type), Napi::Number::New(env, static_cast<double>(u->offset)),
@@ -870,7 +1136,24 @@ struct HwQueue {
       // but an answered INTENT (after the data of whole missing blocks was written).
       if (t.up_type == kUpMiss) {
         std::lock_guard<std::mutex> g(s->mu);
-        s->MarkPresent(t.up_first, t.up_end);
+        bool stale = false;
+        if (s->budget && t.step == kReadDone) {
+          stale = s->miss_stale[Slot(tag)];
+          s->miss_wait[Slot(tag)] = 0;
+          s->miss_stale[Slot(tag)] = 0;
+        }
+        // An eviction took present blocks of this read's range while it waited: its fill says
+        // nothing about them; the read looks again (and misses again).
+        if (stale) t.step = kReadMiss;
+        else s->MarkPresent(t.up_first, t.up_end);
+      }
+      if (t.up_type == kUpRoom) t.granted = true;
+      // The store holds the blocks this write put there while missing from the INTENT's answer on
+      // (present and dirty), so they leave the credit's count (kWIntented marks them present).
+      if (t.up_type == kUpIntent && t.unasked) {
+        std::lock_guard<std::mutex> g(s->mu);
+        s->unasked -= std::min(s->unasked, t.unasked);
+        t.unasked = 0;
       }
       Advance(tag);
     }
@@ -888,6 +1171,11 @@ struct HwQueue {
       switch (t.step) {
         case kReadMiss:
           t.step = kReadDone;
+          if (s->budget) {
+            std::lock_guard<std::mutex> g(s->mu);
+            s->miss_wait[Slot(tag)] = ++s->miss_seq;
+            s->miss_stale[Slot(tag)] = 0;
+          }
           return Upcall(tag, kUpMiss, t.first, t.end, 0);
         case kReadDone:
           return ServeRead(tag);
@@ -919,6 +1207,22 @@ struct HwQueue {
           // leaves them missing, so they read from the disk (an unacknowledged write's right).
           // No other request touches them meanwhile: they are held, and not present, so reads
           // of them miss and park behind this one.
+          // With a budget they are counted first (the credit), and past the limit the daemon makes
+          // room for them (ROOM: evicts, flushes; this request waits) before any is written.
+          if (s->budget && !t.unasked) {
+            uint64_t room = 0;
+            {
+              std::lock_guard<std::mutex> g(s->mu);
+              room = s->TakeCredit(t.first, t.end, t.granted ? t.room : 0, &t.unasked);
+            }
+            if (room) {
+              s->rooms++;
+              // The upcall's length says how many blocks (the handler needs the count only);
+              // the reply comes back to this step with `granted` set.
+              t.room = room;
+              return Upcall(tag, kUpRoom, t.first, t.end, 0, room * s->block_size);
+            }
+          }
           t.step = kWPreserve;
           for (uint64_t b = t.first; b < t.end; b++) {
             bool have;
@@ -1010,6 +1314,8 @@ Server::~Server() {
   if (cache_fd >= 0) close(cache_fd);
   if (ctrl_fd >= 0) close(ctrl_fd);
 }
+
+bool Server::QueueEnded(unsigned q) const { return queues[q]->done.load(); }
 
 void Server::WakeAll() {
   for (auto& q : queues) q->Wake();
@@ -1290,6 +1596,8 @@ class StartWorker_ : public PromiseWorker {
       std::lock_guard<std::mutex> g(s.mu);
       s.writing.assign(static_cast<size_t>(s.nr_queues) * s.depth, {0, 0});
       s.held.assign(static_cast<size_t>(s.nr_queues) * s.depth, {0, 0});
+      s.miss_wait.assign(s.held.size(), 0);
+      s.miss_stale.assign(s.held.size(), 0);
     }
     s.queues.clear();
     auto fail = [&](int e, const char* what) {
@@ -1578,6 +1886,10 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
     if (const char* p = strstr(f, "enter-enomem-times=")) s->fault_enter_times = strtoull(p + 19, nullptr, 10);
     if (const char* p = strstr(f, "enter-enomem-at-start=")) s->fault_start_queue = static_cast<unsigned>(strtoul(p + 22, nullptr, 10)) + 1;
     if (const char* p = strstr(f, "recovery-stall-queue=")) s->fault_stall_queue = static_cast<unsigned>(strtoul(p + 21, nullptr, 10)) + 1;
+    s->fault_evict_nowait = strstr(f, "evict-nowait") != nullptr;
+    s->fault_no_accessed = strstr(f, "no-accessed") != nullptr;
+    if (const char* p = strstr(f, "hit-delay-at=")) s->fault_hit_at = strtoull(p + 13, nullptr, 10);
+    if (const char* p = strstr(f, "hit-delay-ms=")) s->fault_hit_ms = strtoull(p + 13, nullptr, 10);
   }
   FromBytes(s->present, present.data, present.length, blocks);
   FromBytes(s->dirty, dirty.data, dirty.length, blocks);
@@ -1587,6 +1899,22 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
   for (auto w : s->dirty) nd += static_cast<uint64_t>(__builtin_popcountll(w));
   s->present_count = np;
   s->dirty_count = nd;
+  Napi::Value us = o.Get("unitShift");
+  if (us.IsNumber()) {
+    double u = us.As<Napi::Number>().DoubleValue();
+    if (!(u >= 0 && u <= 20) || static_cast<double>(static_cast<int>(u)) != u) {
+      delete s;
+      Napi::RangeError::New(env, "options.unitShift").ThrowAsJavaScriptException();
+      return Napi::Value();
+    }
+    // A budget: accessed bits per unit, and whole-block writes into missing blocks within a
+    // credit that starts at 0 (a write before the daemon's first CREDIT asks for ROOM).
+    s->budget = true;
+    s->unit_shift = static_cast<uint32_t>(u);
+    s->accessed.assign(((((blocks + (1ULL << s->unit_shift) - 1) >> s->unit_shift)) + 63) / 64, 0);
+    s->credit_limit = 0;
+    s->evicting.assign(s->present.size(), 0);
+  }
   s->touched.assign(s->present.size(), 0);
   s->touched_gen.assign((s->touched.size() + kTouchChunkWords - 1) / kTouchChunkWords, 0);
   s->tsfn = Napi::ThreadSafeFunction::New(env, info[3].As<Napi::Function>(), "ulob:ublk", 0, 1);
@@ -1742,6 +2070,8 @@ Napi::Value Query(const Napi::CallbackInfo& info) {
   n("writeUpcalls", s->count.write_upcalls);
   n("flushes", s->count.flushes);
   n("ioErrors", s->count.errors);
+  n("evictedBlocks", s->evicted.load());
+  n("rooms", s->rooms.load());
   bool serving = s->serving.load(), running = serving;
   int thread_error = 0;
   Napi::Array per = Napi::Array::New(env);
@@ -1757,6 +2087,95 @@ Napi::Value Query(const Napi::CallbackInfo& info) {
   o.Set("running", Napi::Boolean::New(env, running));
   o.Set("threadError", Napi::Number::New(env, thread_error));
   o.Set("cacheError", Napi::Number::New(env, s->cache_error.load()));
+  return o;
+}
+
+// Arguments (handle, first, count, bits) of ublkAccessed / ublkEvict: a range and its bitmap (at
+// least count bits), checked against `limit` (units or blocks).
+bool RangeArgs(const Napi::CallbackInfo& info, Server* s, uint64_t limit, uint64_t* first, uint64_t* count, Bytes* bits) {
+  int64_t f, c;
+  if (!ArgInt64(info, 1, &f) || !ArgInt64(info, 2, &c) || !ArgBytes(info, 3, bits)) return false;
+  if (!s->budget) {
+    ThrowErrno(info.Env(), EOPNOTSUPP, "ublk server without a budget");
+    return false;
+  }
+  if (f < 0 || c < 0 || static_cast<uint64_t>(f + c) > limit || bits->length * 8 < static_cast<uint64_t>(c)) {
+    Napi::RangeError::New(info.Env(), "range").ThrowAsJavaScriptException();
+    return false;
+  }
+  *first = static_cast<uint64_t>(f);
+  *count = static_cast<uint64_t>(c);
+  return true;
+}
+
+// ublkAccessed(handle, first, count, bits) -> set: the accessed bits of units [first, first +
+// count) into `bits` (ORed in), cleared in the server. EOPNOTSUPP without a budget.
+Napi::Value Accessed(const Napi::CallbackInfo& info) {
+  Server* s = ServerOf(info);
+  uint64_t first, count;
+  Bytes bits;
+  if (!s || !RangeArgs(info, s, s->accessed.size() * 64, &first, &count, &bits)) return Napi::Value();
+  return Napi::Number::New(info.Env(), static_cast<double>(s->TakeAccessed(first, count, bits.data)));
+}
+
+// ublkEvict(handle, first, count, bits) -> evicted: Server::Evict (blocks the JS thread until no
+// hit read is in flight on the evicted blocks: the queue threads' reads of the cache file).
+Napi::Value Evict(const Napi::CallbackInfo& info) {
+  Server* s = ServerOf(info);
+  uint64_t first, count;
+  Bytes bits;
+  if (!s || !RangeArgs(info, s, s->blocks, &first, &count, &bits)) return Napi::Value();
+  uint64_t n = s->Evict(first, count, bits.data);
+  if (n == ~0ULL) {
+    ThrowErrno(info.Env(), ETIMEDOUT, "ublk evict: hit reads still in flight after 60 s; nothing evicted");
+    return Napi::Value();
+  }
+  return Napi::Number::New(info.Env(), static_cast<double>(n));
+}
+
+// ublkEvictDone(handle, first, count): Server::EvictDone.
+Napi::Value EvictDone(const Napi::CallbackInfo& info) {
+  Server* s = ServerOf(info);
+  int64_t first, count;
+  if (!s || !ArgInt64(info, 1, &first) || !ArgInt64(info, 2, &count)) return Napi::Value();
+  if (!s->budget) {
+    ThrowErrno(info.Env(), EOPNOTSUPP, "ublk server without a budget");
+    return Napi::Value();
+  }
+  if (static_cast<uint64_t>(first + count) > s->blocks) {
+    Napi::RangeError::New(info.Env(), "range").ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  s->EvictDone(static_cast<uint64_t>(first), static_cast<uint64_t>(count));
+  return info.Env().Undefined();
+}
+
+// ublkGrant(handle, n) -> unasked: Server::Grant.
+Napi::Value Grant(const Napi::CallbackInfo& info) {
+  Server* s = ServerOf(info);
+  int64_t n;
+  if (!s || !ArgInt64(info, 1, &n)) return Napi::Value();
+  if (!s->budget) {
+    ThrowErrno(info.Env(), EOPNOTSUPP, "ublk server without a budget");
+    return Napi::Value();
+  }
+  return Napi::Number::New(info.Env(), static_cast<double>(s->Grant(static_cast<uint64_t>(n))));
+}
+
+// ublkCredit(handle, limit) -> { limit, unasked }: Server::Credit; limit -1: none.
+Napi::Value Credit(const Napi::CallbackInfo& info) {
+  Server* s = ServerOf(info);
+  if (!s) return Napi::Value();
+  double d = info[1].IsNumber() ? info[1].As<Napi::Number>().DoubleValue() : -2;
+  int64_t limit = static_cast<int64_t>(d);
+  if (!(d >= -1 && d <= kMaxSafeInteger) || static_cast<double>(limit) != d) {
+    Napi::RangeError::New(info.Env(), "limit").ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  uint64_t unasked = s->Credit(limit);
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("limit", Napi::Number::New(info.Env(), static_cast<double>(limit)));
+  o.Set("unasked", Napi::Number::New(info.Env(), static_cast<double>(unasked)));
   return o;
 }
 
@@ -1778,6 +2197,8 @@ Napi::Value TestHook(const Napi::CallbackInfo& info) {
   std::lock_guard<std::mutex> g(s->mu);
   bool r = false;
   if (s->writing.empty()) s->writing.assign(1, {0, 0});
+  if (s->held.size() < 2) s->held.assign(2, {0, 0});
+  if (s->miss_wait.size() < 2) s->miss_wait.assign(2, 0), s->miss_stale.assign(2, 0);
   if (op == "dirty") s->MarkDirty(f, e);
   else if (op == "needs-preserve") r = s->InSnapshot(f, e);
   else if (op == "write-begin") {
@@ -1785,7 +2206,53 @@ Napi::Value TestHook(const Napi::CallbackInfo& info) {
     s->writing[0] = {f, e};
   } else if (op == "write-end") s->writing[0] = {0, 0};
   else if (op == "dirty-mid-copy") s->test_mid_copy = {f, e};
-  else {
+  else if (op == "hold") s->held[0] = {f, e};
+  else if (op == "unhold") s->held[0] = {0, 0};
+  else if (op == "miss-wait0" || op == "miss-wait1") {
+    // A read of slot 0 or 1 holds [first, end) and waits for its MISS (kReadMiss).
+    size_t k = op == "miss-wait1";
+    s->held[k] = {f, e};
+    s->miss_wait[k] = ++s->miss_seq;
+    s->miss_stale[k] = 0;
+  } else if (op == "miss-answer0" || op == "miss-answer1") {
+    // Its MISS is answered: true if it must miss again (stale); the slot lets go.
+    size_t k = op == "miss-answer1";
+    r = s->miss_stale[k];
+    s->held[k] = {0, 0};
+    s->miss_wait[k] = 0;
+    s->miss_stale[k] = 0;
+  }
+  else if (op == "parks") r = s->Held(f, e) || s->Evicting(f, e);  // would a request on [first, end) wait (Start)
+  else if (op == "hit") {
+    // A read hit as queue 0 begins it (BeginHit); it ends with "hit-end-in".
+    bool counted = false;
+    r = s->BeginHit(0, f, e, &s->test_hit_phase, &counted);
+  } else if (op == "hit-end-in") {
+    // The last "hit" completes `end` ms from now, on another thread (as a queue thread would).
+    auto* a = new std::pair<Server*, uint64_t>(s, e << 8 | s->test_hit_phase);
+    pthread_t th;
+    if (pthread_create(&th, nullptr, [](void* p) -> void* {
+          auto* x = static_cast<std::pair<Server*, uint64_t>*>(p);
+          usleep(static_cast<useconds_t>((x->second >> 8) * 1000));
+          x->first->hit_reads[0].n[x->second & 1].fetch_sub(1, std::memory_order_release);
+          delete x;
+          return nullptr;
+        }, a) == 0)
+      pthread_detach(th);
+    else
+      delete a;
+  } else if (op == "take-credit") {
+    // A write's credit step over [first, end) (TakeCredit): true when it must ask for ROOM.
+    uint64_t n = 0;
+    r = s->TakeCredit(f, e, 0, &n) != 0;
+  } else if (op == "take-credit-granted") {
+    // The same step of a write whose ROOM for end - first blocks was granted (Grant).
+    uint64_t n = 0;
+    r = s->TakeCredit(f, e, e - f, &n) != 0;
+  } else if (op == "intent-answered") {
+    // The INTENT of a write that counted end - first blocks in the credit was answered.
+    s->unasked -= std::min<uint64_t>(s->unasked, e - f);
+  } else {
     Napi::RangeError::New(info.Env(), "op").ThrowAsJavaScriptException();
     return Napi::Value();
   }
@@ -1798,7 +2265,9 @@ bool InitUblk(Napi::Env env, Napi::Object exports) {
   return Export<Create>(env, exports, "ublkCreate") && Export<Start>(env, exports, "ublkStart") &&
          Export<Stop>(env, exports, "ublkStop") && Export<Reply>(env, exports, "ublkReply") &&
          Export<EpochBegin>(env, exports, "ublkEpochBegin") && Export<EpochCommit>(env, exports, "ublkEpochCommit") &&
-         Export<Query>(env, exports, "ublkQuery") && Export<TestHook>(env, exports, "ublkTestHook");
+         Export<Query>(env, exports, "ublkQuery") && Export<TestHook>(env, exports, "ublkTestHook") &&
+         Export<Accessed>(env, exports, "ublkAccessed") && Export<Evict>(env, exports, "ublkEvict") && Export<Credit>(env, exports, "ublkCredit") &&
+         Export<EvictDone>(env, exports, "ublkEvictDone") && Export<Grant>(env, exports, "ublkGrant");
 }
 
 }  // namespace ulob

@@ -22,7 +22,7 @@ import type { Frontend } from './frontend.js';
 import { modprobe, mountsOfSource, pausePoint } from '../sys.js';
 import { assertReleasable } from './partitions.js';
 import { UpcallHandler, type UpcallType } from './upcalls.js';
-import { kernelEpochs } from './uloop.js';
+import { kernelCredit, kernelEpochs } from './uloop.js';
 
 /** Requests in flight per queue, and the largest request (bytes; bigger ones are split by the block layer). */
 const QUEUE_DEPTH = 32;
@@ -120,6 +120,7 @@ const TYPES: Record<number, UpcallType> = {
   [native.UBLK_UP_MISS]: 'miss',
   [native.UBLK_UP_INTENT]: 'intent',
   [native.UBLK_UP_PRESERVE]: 'preserve',
+  [native.UBLK_UP_ROOM]: 'room',
 };
 
 /**
@@ -137,6 +138,11 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
   // The server takes dirty blocks as present: zeroed blocks, which the cache file does not hold,
   // get their zeros written first (as for /dev/uloopN).
   if (store.zeroBlocks() > 0) await engine.materializeZeroed();
+  // A budget (--cache-size): the server keeps an accessed bit per eviction unit for the clock,
+  // evicts on the engine's word (EVICT: stops serving, waits for its hit reads in flight), and
+  // holds its whole-block writes into missing blocks to a credit (ROOM past it): the same
+  // mechanism as uloop.ko's, and the same daemon code (kernelEpochs, kernelCredit) drives it.
+  const budgeted = store.budget !== null;
 
   let removed = false;
   let failedUpcalls = 0;
@@ -156,6 +162,7 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
       // A recovery killed part-way leaves it behind: the next start deletes the device and adds it
       // again instead of recovering it (native/ublk.cc StartWorker_::Recover).
       recoveryMarker: options.recordDir && want >= 0 ? ublkRecoveryMarker(options.recordDir, want) : undefined,
+      ...(budgeted ? { unitShift: Math.log2(store.unitBlocks) } : {}),
     },
     store.present.buffer,
     store.dirty.buffer,
@@ -173,13 +180,26 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
     },
   );
   let device = options.device;
-  const epochs = kernelEpochs(engine, {
-    begin: (dirty) => server.epochBegin(dirty),
-    commit: (epoch, flushed) => void server.epochCommit(epoch, flushed),
-    dirtyBlocks: () => server.query().dirtyBlocks,
-    gone: () => removed,
-    device,
-  });
+  const epochs = kernelEpochs(
+    engine,
+    {
+      begin: (dirty) => server.epochBegin(dirty),
+      commit: (epoch, flushed) => void server.epochCommit(epoch, flushed),
+      dirtyBlocks: () => server.query().dirtyBlocks,
+      gone: () => removed,
+      device,
+      ...(budgeted
+        ? {
+            evict: (first: number, count: number, bits: Buffer) => server.evict(first, count, bits),
+            accessed: (first: number, count: number, bits: Buffer) => server.accessed(first, count, bits),
+          }
+        : {}),
+    },
+    (line, err) => logger.warn({ err }, line),
+  );
+  // Whole blocks the server writes while missing take cache space before their INTENT records
+  // them: a credit of about one eviction unit bounds them (ROOM past it). Read-only: none.
+  const credit = budgeted && !options.readOnly ? kernelCredit(engine, { credit: (limit) => server.credit(limit), gone: () => removed }) : null;
   handler = new UpcallHandler({
     engine,
     logger,
@@ -189,6 +209,24 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
         throw new InternalError('the ublk server sends no barrier: its first writes are recorded before they are acknowledged');
       },
       preserve: (epoch, first, end) => epochs.preserve(epoch, first, end),
+      ...(credit
+        ? {
+            // ROOM: reserved as a fill would (evict, commit, flush: the write waits), then counted in
+            // the server for that write alone (grant) and as outside in the store in one tick; the
+            // limit stays (kernelCredit.room raises it, which on uloop.ko is taken under the
+            // reply's lock; here another queue's write could take the raise before this one).
+            room: async (n: number) => {
+              const want = Math.min(n, store.budgetBlocks);
+              await engine.reserveSpace(want);
+              try {
+                if (!removed) store.outsideBlocks = server.grant(n);
+              } finally {
+                store.release(want);
+              }
+            },
+            intentRecorded: (n: number) => credit.handedOver(n),
+          }
+        : {}),
     },
   });
 
@@ -210,7 +248,17 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
   device = `/dev/ublkb${started.devId}`;
   const owned = recordDir ? join(recordDir, `ublkb${started.devId}.cache`) : null;
   if (owned) await writeFile(owned, `${store.paths.cache}\n`, { mode: 0o600 });
-  if (!options.readOnly) engine.externalEpochs = epochs.external;
+  // What EVICT returned stays off limits in the server (requests on it wait) until the store has
+  // punched it: a whole-block write landing between the two would be punched away.
+  if (budgeted) {
+    epochs.external.evicted = (gone) => {
+      if (removed) return;
+      for (const e of gone) server.evictDone(e.start, e.count);
+    };
+  }
+  // Read-only too with a budget: the engine evicts through the server there as well.
+  if (!options.readOnly || budgeted) engine.externalEpochs = epochs.external;
+  credit?.update();
   // `bound`, not `device`: the daemon's logger carries the device asked for (/dev/ublkb) already.
   if (started.recovered) logger.warn({ bound: device }, `${device}: taken back from a daemon that died (user recovery: its queued I/O carries on)`);
   else if (started.replaced) {
@@ -264,6 +312,12 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
     const n = q.readHits + q.readMisses + q.writeHits + q.writeUpcalls + q.flushes;
     if (served >= 0 && n !== served) engine.lastRequestAt = Math.max(engine.lastRequestAt, Date.now());
     served = n;
+    if (budgeted) {
+      // The credit's count exact again (store.outsideBlocks), its limit back to one unit if the
+      // budget has room; room made ahead for the next misses.
+      credit?.update();
+      if (!store.failed) engine.evictAhead();
+    }
   };
   const poller = setInterval(poll, options.pollMs ?? 200);
   poller.unref();
@@ -286,6 +340,8 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
         writeUpcalls: q.writeUpcalls,
         flushes: q.flushes,
         ioErrors: q.ioErrors,
+        evictedBlocks: q.evictedBlocks,
+        rooms: q.rooms,
         queueRequests: q.queueRequests,
         failedUpcalls,
         preserves: epochs.preserves(),

@@ -51,6 +51,12 @@ export interface UpcallPort {
    * store.outsideBlocks (the frontend's next look sets the exact count).
    */
   handedOver?(blocks: number): void;
+  /**
+   * intent (/dev/ublkbN with a budget): `blocks` blocks of the INTENT that the store did not hold
+   * (the frontend wrote them whole while missing, within its credit) are recorded present and
+   * dirty now, before the answer (kernelCredit's handedOver). Absent: nothing is told.
+   */
+  intentRecorded?(blocks: number): void;
 }
 
 export interface UpcallHandlerOptions {
@@ -191,11 +197,16 @@ export class UpcallHandler {
         // the commit that synced the fill (and not at all if the daemon that filled it died
         // before that commit): a dirty bit must never be durable over unsynced fill data
         // (invariant 1), so the fill is synced first.
+        let unheld = 0;
         if (!store.present.allSet(first, end)) {
           await engine.flush();
-          if (!store.present.allSet(first, end)) await store.syncData();
+          if (!store.present.allSet(first, end)) {
+            unheld = end - first - store.present.count(first, end);
+            await store.syncData();
+          }
         }
         await store.markDirtyDurable(range.filter((e) => !store.dirty.allSet(e.start, e.start + e.count)));
+        if (unheld > 0) this.#port.intentRecorded?.(unheld);
         return;
       }
       case 'barrier': {

@@ -120,11 +120,14 @@ export interface ExternalEpochs {
    */
   evict?(victims: readonly Extent[], pinned?: boolean): Extent[];
   /**
-   * After store.evict of what evict returned has punched (or failed): the outside path may serve
-   * those blocks again (on uloop, ULOOP_EVICT_F_HOLD kept them busy until now, so that no write
-   * lands in them before the punch: invariant 1).
+   * With a budget: what evict() returned is now cleared durably and punched in the store (or the
+   * store's eviction failed; called after every eviction, `gone` empty when nothing went): the
+   * outside path may serve requests on those blocks again (as misses). On uloop,
+   * ULOOP_EVICT_F_HOLD kept them busy until now and on ublk the server parks requests on them, so
+   * that no write lands in them before the punch (invariant 1). Optional: a path whose own writes
+   * cannot land there in between needs none.
    */
-  evicted?(): void;
+  evicted?(gone: readonly Extent[]): void;
   /** With a budget: merges the outside path's accessed bits into store.clock before the hand moves. */
   harvestAccessed?(): void;
   /**
@@ -1461,17 +1464,18 @@ export class CacheEngine {
     for (const e of victims) for (let b = e.start; b < e.start + e.count; b++) locked.push(b);
     const release = this.#lock(locked);
     let evicted = locked.length;
+    const outside = this.externalEpochs?.evict;
+    let gone: Extent[] = [];
     try {
       // A kernel frontend serves hits itself: it stops serving them first (and drains its
       // requests on them), and only what it let go is evicted here (invariant 1).
-      const outside = this.externalEpochs?.evict;
-      const gone = outside ? outside(victims, pinned) : victims;
+      gone = outside ? outside(victims, pinned) : victims;
       if (outside) evicted = gone.reduce((n, e) => n + e.count, 0);
       // Present bits clear now (new reads see missing blocks and wait for the lock); the punch
       // waits for reads that began before (the grace period) and for the synced bitmap.
       if (gone.length > 0) await store.evict(gone, { quiesce: () => this.#readGrace() });
     } finally {
-      this.externalEpochs?.evicted?.();
+      this.externalEpochs?.evicted?.(gone);
       release();
     }
     for (const u of units) clock.forget(u);

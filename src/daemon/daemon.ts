@@ -50,7 +50,7 @@ export interface AttachOptions {
   /**
    * The option of this command that gives a cache smaller than the disk ('--cache-size' for
    * ulobdev), named when a full mirror does not fit on the flash filesystem. Not named for
-   * /dev/uloopN and /dev/ublkbN, which refuse a budget.
+   * /dev/uloopN, which refuses a budget.
    */
   budgetOption?: string;
   /** --eviction-unit for a new cache (bytes, 64 KiB to 1 MiB). */
@@ -259,7 +259,6 @@ export class Daemon {
       throw err instanceof DeviceBusyError ? nameTaken(name, await readRecord(runBase, name), options.device, explicitName) : err;
     });
     await assertCacheDirsExist(options);
-    if (kind === 'ublk' && options.cacheSize) throw budgetOnUblk(options.device);
     if (kind === 'uloop' && options.cacheSize && !uloopBudgetUnlocked()) throw budgetOnUloop(options.device);
     if (kind === 'ublk' && options.writebackPolicy?.hydrateRate !== undefined) throw hydrateOnUblk(options.device);
     // The name is this process's from here on (RUN_DIR/NAME.json); what a dead daemon of the same
@@ -316,13 +315,12 @@ export class Daemon {
         defaultBlockSize: Math.max(DEFAULT_BLOCK_SIZE, sectorSize.logical),
         // A /dev/uloopN left by a dead daemon still serves the cache file: nothing is punched now.
         servedByKernel: kind === 'uloop' && uloopAwaitsDaemon(options.device),
-        budgetOption: kind === 'uloop' || kind === 'ublk' ? undefined : options.budgetOption,
+        budgetOption: kind === 'uloop' ? undefined : options.budgetOption,
         records: options.diskRecords ? new DiskRecords(options.stateDir ?? STATE_DIR) : undefined,
       });
       undo.push(() => store.close());
       markStart('store');
       // The budget the cache already had counts as much as one given now.
-      if (store.budget !== null && kind === 'ublk') throw budgetOnUblk(options.device);
       if (store.budget !== null && kind === 'uloop' && !uloopBudgetUnlocked()) throw budgetOnUloop(options.device);
       if (store.budget !== null && policy.hydrateRate !== undefined && store.budget < source.size) throw hydrateOverBudget(store.budget, source.size);
       if (store.recoveredFromCrash) logger.warn('the cache was not closed cleanly last time; recovered its dirty set from the metadata');
@@ -892,12 +890,6 @@ function uloopBudgetUnlocked(): boolean {
   return process.env.ULOB_UNSAFE_ULOOP_BUDGET === '1';
 }
 
-/** --cache-size on /dev/ublkbN is refused: the ublk server has no eviction path. */
-function budgetOnUblk(device: string): InvalidArgumentError {
-  return new InvalidArgumentError(
-    `a cache budget (--cache-size) is not supported on ${device} yet (the ublk server does not evict); use /dev/loopN or /dev/nbdN for a cache smaller than the disk`,
-  );
-}
 
 /** `ulobdev hydrate` on a cache whose budget is smaller than the disk (hydrateOverBudget's run-time twin). */
 function hydrateCommandOverBudget(budget: number, size: number): InvalidArgumentError {

@@ -18,6 +18,8 @@ export const UBLK_F_CMD_IOCTL_ENCODE = 1 << 6;
 export const UBLK_UP_MISS = 0;
 export const UBLK_UP_INTENT = 1;
 export const UBLK_UP_PRESERVE = 2;
+/** A cache budget: a write needs room for `length / blockSize` blocks it writes whole while missing. */
+export const UBLK_UP_ROOM = 3;
 
 export interface UblkServerOptions {
   /** The cache file; served at the same offsets (the identity mapping). */
@@ -42,12 +44,19 @@ export interface UblkServerOptions {
    * recovering it. Omitted: no marker (a recovery killed part-way then needs `ublk del`).
    */
   recoveryMarker?: string;
+  /**
+   * A cache budget: log2 of the eviction unit in blocks (0-20). The server then keeps an accessed
+   * bit per unit (accessed()), can evict (evict()), and holds its whole-block writes into missing
+   * blocks to a credit (credit(), starting at 0: such a write asks for ROOM until the first call).
+   * Omitted: none of it (evict, accessed and credit throw EOPNOTSUPP).
+   */
+  unitShift?: number;
 }
 
 /** One upcall: blocks [offset, offset + length) (bytes), an id to reply with. */
 export interface UblkUpcall {
   id: number;
-  /** UBLK_UP_MISS, _INTENT or _PRESERVE. */
+  /** UBLK_UP_MISS, _INTENT, _PRESERVE or _ROOM. */
   type: number;
   offset: number;
   length: number;
@@ -66,6 +75,10 @@ export interface UblkCounts {
   writeUpcalls: number;
   flushes: number;
   ioErrors: number;
+  /** Blocks evict() let go since create. */
+  evictedBlocks: number;
+  /** ROOM upcalls sent since create. */
+  rooms: number;
   /** Requests served by each hardware queue (FETCHes that brought one). */
   queueRequests: number[];
   /** Every queue thread is serving. */
@@ -103,6 +116,11 @@ interface UblkBinding {
   ublkEpochCommit(h: Handle, epoch: number, flushed: Uint8Array): number;
   ublkQuery(h: Handle): UblkCounts;
   ublkTestHook(h: Handle, op: string, first: number, end: number): boolean;
+  ublkAccessed(h: Handle, first: number, count: number, bits: Uint8Array): number;
+  ublkEvict(h: Handle, first: number, count: number, bits: Uint8Array): number;
+  ublkCredit(h: Handle, limit: number): { limit: number; unasked: number };
+  ublkEvictDone(h: Handle, first: number, count: number): void;
+  ublkGrant(h: Handle, n: number): number;
 }
 const b = addon<UblkBinding>();
 
@@ -130,6 +148,7 @@ export class UblkServer {
     validateInteger(options.queues, 'options.queues', 1, 16);
     validateInteger(options.depth, 'options.depth', 1, 4096);
     validateInteger(options.bufBytes, 'options.bufBytes', 4096, 1 << 30);
+    if (options.unitShift !== undefined) validateInteger(options.unitShift, 'options.unitShift', 0, 20);
     validateBytes(present, 'present');
     validateBytes(dirty, 'dirty');
     this.#h = b.ublkCreate(options, present, dirty, (id, type, offset, length, epoch) => onUpcall({ id, type, offset, length, epoch }));
@@ -181,6 +200,67 @@ export class UblkServer {
     return b.ublkEpochCommit(this.#h, epoch, flushed);
   }
 
+  /**
+   * A budget: the accessed bits of eviction units [first, first + count) ORed into `bits` (bit i:
+   * unit first + i; at least count bits) and cleared in the server; returns how many were set. A
+   * unit is accessed when a hit the server served (a read of present blocks, a write into dirty
+   * ones) touched it. Throws RangeError past the last unit, EOPNOTSUPP without a budget.
+   */
+  accessed(first: number, count: number, bits: Uint8Array): number {
+    validateInteger(first, 'first', 0);
+    validateInteger(count, 'count', 0);
+    validateBytes(bits, 'bits');
+    return b.ublkAccessed(this.#h, first, count, bits);
+  }
+
+  /**
+   * A budget: evicts the blocks set in `bits` (bit i: block first + i), narrowing `bits` in place
+   * to those evicted; returns their count. Dirty blocks and blocks a request holds (a miss being
+   * filled, a first write) or writes are refused; the rest stop being served, and the call returns
+   * once no hit read of them is in flight (it blocks the event loop that long: reads of the cache
+   * file). Only then may the store clear and punch them. The present blocks of a read waiting
+   * for its MISS (not the oldest such read) are taken too: that read misses again. Throws
+   * RangeError, EOPNOTSUPP, ETIMEDOUT (reads still in flight after 60 s: nothing evicted).
+   */
+  evict(first: number, count: number, bits: Uint8Array): number {
+    validateInteger(first, 'first', 0);
+    validateInteger(count, 'count', 0);
+    validateBytes(bits, 'bits');
+    return b.ublkEvict(this.#h, first, count, bits);
+  }
+
+  /**
+   * A budget: blocks [first, first + count), which evict() returned, are cleared durably and
+   * punched in the store (or it gave up on them): requests that waited on them go on (as misses).
+   * Until then a request touching them waits: a whole-block write must not put data there that
+   * the punch would remove.
+   */
+  evictDone(first: number, count: number): void {
+    validateInteger(first, 'first', 0);
+    validateInteger(count, 'count', 0);
+    b.ublkEvictDone(this.#h, first, count);
+  }
+
+  /**
+   * A budget: a ROOM for `n` blocks is answered (call it before the reply): they are counted in
+   * the credit now, outside its limit, for the write that asked alone (a raised limit could be
+   * taken by another write first). Returns the blocks counted (`unasked`).
+   */
+  grant(n: number): number {
+    validateInteger(n, 'n', 0);
+    return b.ublkGrant(this.#h, n);
+  }
+
+  /**
+   * A budget: sets the credit's limit (blocks; -1: none) for blocks written whole while missing
+   * before the store records them; returns it and the blocks counted against it now (`unasked`:
+   * written or granted and not yet recorded, plus those of writes that failed after writing them).
+   */
+  credit(limit: number): { limit: number; unasked: number } {
+    validateInteger(limit, 'limit', -1);
+    return b.ublkCredit(this.#h, limit);
+  }
+
   query(): UblkCounts {
     return b.ublkQuery(this.#h);
   }
@@ -189,9 +269,21 @@ export class UblkServer {
    * Tests only: one block-state step a queue thread takes, on blocks [first, end), without a device
    * ('dirty': an answered INTENT; 'needs-preserve': whether a write there preserves first;
    * 'write-begin'/'write-end': a native write in flight; 'dirty-mid-copy': 'dirty' inside the next
-   * epochBegin's copy). Returns the answer of 'needs-preserve', else false.
+   * epochBegin's copy; 'hold'/'unhold': a request holds [first, end) busy; 'parks': would a
+   * request on [first, end) wait (held, or evicted and not yet punched); 'miss-waitK': a read
+   * on slot K (0, 1) holds [first, end) waiting for its MISS; 'miss-answerK': its MISS is
+   * answered, true when it must miss again (an eviction took blocks of its range); 'hit': a read hit of
+   * queue 0 begins (true if present; counted for evict's wait), 'hit-end-in': it completes `end`
+   * ms later on another thread; 'take-credit': a write's credit step, true when it needs ROOM;
+   * 'take-credit-granted': the same after its ROOM for end - first blocks was granted;
+   * 'intent-answered': end - first blocks leave the credit). Returns the answer of
+   * 'needs-preserve', 'parks', 'miss-answerK', 'hit' or 'take-credit', else false.
    */
-  testHook(op: 'dirty' | 'needs-preserve' | 'write-begin' | 'write-end' | 'dirty-mid-copy', first: number, end: number): boolean {
+  testHook(
+    op: 'dirty' | 'needs-preserve' | 'write-begin' | 'write-end' | 'dirty-mid-copy' | 'hold' | 'unhold' | 'miss-wait0' | 'miss-wait1' | 'miss-answer0' | 'miss-answer1' | 'parks' | 'hit' | 'hit-end-in' | 'take-credit' | 'take-credit-granted' | 'intent-answered',
+    first: number,
+    end: number,
+  ): boolean {
     return b.ublkTestHook(this.#h, op, first, end);
   }
 }

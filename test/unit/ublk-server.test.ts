@@ -1,6 +1,8 @@
 // The ublk server's block state without a device (no ublk_drv on the host): the store's bitmaps
 // in and out word by word (memcpy on little-endian; a disk whose block count is no multiple of 64),
-// the running present/dirty counts status reads, and an epoch's begin and commit.
+// the running present/dirty counts status reads, and an epoch's begin and commit; with a cache
+// budget, the mechanism the daemon's clock and eviction drive: accessed bits per unit set by hits,
+// an eviction that refuses dirty and busy blocks and waits for hit reads in flight, the credit.
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -11,7 +13,7 @@ const dir = mkdtempSync(join(tmpdir(), 'ublk-server-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 /** A server over a sparse cache file of `blocks` 4 KiB blocks with the given bits set. */
-function server(blocks: number, present: number[], dirty: number[]): UblkServer {
+function server(blocks: number, present: number[], dirty: number[], unitShift?: number): UblkServer {
   const cachePath = join(dir, `c${blocks}`);
   writeFileSync(cachePath, '');
   const bytes = Math.ceil(blocks / 8);
@@ -19,7 +21,7 @@ function server(blocks: number, present: number[], dirty: number[]): UblkServer 
   const d = new Uint8Array(bytes);
   for (const b of present) p[b >> 3]! |= 1 << (b & 7);
   for (const b of dirty) d[b >> 3]! |= 1 << (b & 7);
-  return new UblkServer({ cachePath, size: blocks * 4096, blockSize: 4096, logical: 512, physical: 4096, queues: 2, depth: 4, bufBytes: 65536, readOnly: false }, p, d, () => undefined);
+  return new UblkServer({ cachePath, size: blocks * 4096, blockSize: 4096, logical: 512, physical: 4096, queues: 2, depth: 4, bufBytes: 65536, readOnly: false, unitShift }, p, d, () => undefined);
 }
 const bits = (a: Uint8Array) => [...a.keys()].flatMap((i) => [0, 1, 2, 3, 4, 5, 6, 7].filter((k) => (a[i]! >> k) & 1).map((k) => i * 8 + k));
 
@@ -97,5 +99,137 @@ describe('ublk server block state', () => {
     s.epochBegin(out);
     expect(bits(out)).toEqual([5]);
     expect(s.query().dirtyBlocks).toBe(2);
+  });
+});
+
+describe('ublk server with a cache budget (the mechanism: native/ublk.cc Evict, TakeAccessed, TakeCredit)', () => {
+  const set = (n: number, list: number[]) => {
+    const a = new Uint8Array(Math.ceil(n / 8));
+    for (const b of list) a[b >> 3]! |= 1 << (b & 7);
+    return a;
+  };
+
+  it('a hit marks its units accessed; a harvest takes and clears them', () => {
+    const s = server(256, [5, 6, 7, 8, 200], [], 2); // units of 4 blocks
+    expect(s.testHook('hit', 5, 9)).toBe(true); // units 1 and 2
+    expect(s.testHook('hit', 9, 10)).toBe(false); // a miss counts nothing
+    s.testHook('hit-end-in', 0, 0);
+    expect(s.testHook('hit', 200, 201)).toBe(true); // unit 50
+    s.testHook('hit-end-in', 0, 0);
+    const out = new Uint8Array(8);
+    expect(s.accessed(0, 64, out)).toBe(3);
+    expect(bits(out)).toEqual([1, 2, 50]);
+    const again = new Uint8Array(8);
+    expect(s.accessed(0, 64, again)).toBe(0);
+    // a range that does not start at unit 0: bit i is unit first + i
+    s.testHook('hit', 200, 201);
+    s.testHook('hit-end-in', 0, 0);
+    const part = new Uint8Array(2);
+    expect(s.accessed(48, 16, part)).toBe(1);
+    expect(bits(part)).toEqual([2]);
+    expect(() => s.accessed(60, 8, new Uint8Array(1))).toThrow(RangeError); // 64 units
+  });
+
+  it('an eviction refuses dirty and held blocks, stops serving the rest, and returns them', () => {
+    const s = server(64, [0, 1, 2, 3, 4, 5, 6, 7], [2], 2);
+    s.testHook('hold', 4, 6); // a request holds 4 and 5 (a miss being filled, a first write)
+    const want = set(16, [0, 1, 2, 3, 4, 5, 6, 9]); // 9 is not present: nothing serves it, it may go
+    expect(s.evict(0, 16, want)).toBe(5);
+    expect(bits(want)).toEqual([0, 1, 3, 6, 9]);
+    expect(s.query().presentBlocks).toBe(4); // 2 (dirty), 4, 5 (held), 7
+    expect(s.query().evictedBlocks).toBe(5);
+    expect(s.testHook('hit', 0, 1)).toBe(false); // no new hit on an evicted block
+    expect(s.testHook('hit', 7, 8)).toBe(true);
+    s.testHook('hit-end-in', 0, 0);
+    s.testHook('unhold', 0, 0);
+    const later = set(8, [4, 5]);
+    expect(s.evict(0, 8, later)).toBe(2);
+  });
+
+  it('a read waiting for its MISS gives up the present blocks of its range, except the oldest such read (review9 U-A)', () => {
+    const s = server(64, [0, 1, 2, 3, 8, 9, 10, 11], [], 2);
+    s.testHook('miss-wait0', 0, 6); // oldest: 0-3 present, 4-5 being filled
+    s.testHook('miss-wait1', 8, 14); // younger: 8-11 present, 12-13 being filled
+    const want = set(16, [0, 1, 2, 3, 8, 9, 10, 11, 12, 13]);
+    expect(s.evict(0, 16, want)).toBe(4);
+    expect(bits(want)).toEqual([8, 9, 10, 11]); // the oldest keeps its range; no block being filled goes
+    expect(s.testHook('miss-answer1', 0, 0)).toBe(true); // stale: it misses again
+    expect(s.testHook('miss-answer0', 0, 0)).toBe(false);
+    // a read that lost nothing is not stale
+    s.testHook('miss-wait0', 20, 24);
+    s.testHook('miss-wait1', 30, 34);
+    expect(s.evict(0, 16, set(16, [0]))).toBe(1);
+    expect(s.testHook('miss-answer1', 0, 0)).toBe(false);
+  });
+
+  it('blocks an eviction returned stay off limits (requests wait) until the daemon has punched them', () => {
+    const s = server(64, [0, 1, 2, 3], [], 2);
+    expect(s.testHook('parks', 0, 4)).toBe(false);
+    expect(s.evict(0, 4, set(4, [1, 2]))).toBe(2);
+    // a whole-block write into 1 (missing now) must not write the cache file before the punch
+    expect(s.testHook('parks', 1, 2)).toBe(true);
+    expect(s.testHook('parks', 0, 1)).toBe(false);
+    expect(s.testHook('parks', 3, 8)).toBe(false);
+    s.evictDone(1, 1);
+    expect(s.testHook('parks', 1, 2)).toBe(false);
+    expect(s.testHook('parks', 0, 4)).toBe(true); // 2 still
+    s.evictDone(0, 64);
+    expect(s.testHook('parks', 0, 64)).toBe(false);
+  });
+
+  it('an eviction returns only once the hit reads that found its blocks present have completed', () => {
+    const s = server(4096, [0, 1, 2, 3, 40], [], 2); // hit-end-in takes its ms where a block number goes
+    expect(s.testHook('hit', 0, 4)).toBe(true);
+    s.testHook('hit-end-in', 0, 150); // its read of the cache file completes 150 ms from now
+    const t0 = performance.now();
+    expect(s.evict(0, 4, set(4, [0, 1, 2, 3]))).toBe(4);
+    const waited = performance.now() - t0;
+    expect(waited).toBeGreaterThanOrEqual(140);
+    // A hit that begins after the eviction (a later phase) does not hold up the next one.
+    expect(s.testHook('hit', 40, 41)).toBe(true);
+    s.testHook('hit-end-in', 0, 300);
+    const t1 = performance.now();
+    expect(s.evict(0, 1, set(1, [0]))).toBe(1); // not present any more: nothing to wait for here...
+    // ...yet the hit on 40 began before this eviction: it is waited for too (a grace period over
+    // every hit in flight, not per block: one counter per queue, no lookup on the hit path).
+    expect(performance.now() - t1).toBeGreaterThanOrEqual(250);
+    // ... and a hit begun after it is not
+    expect(s.testHook('hit', 40, 41)).toBe(true);
+    s.testHook('hit-end-in', 0, 2000);
+    const t2 = performance.now();
+    expect(s.evict(40, 1, set(1, [0]))).toBe(1);
+    expect(performance.now() - t2).toBeGreaterThanOrEqual(1900);
+  }, 10_000);
+
+  it('whole-block writes into missing blocks stay within the credit, and past it need ROOM', () => {
+    const s = server(64, [0, 1], [], 2);
+    expect(s.testHook('take-credit', 0, 4)).toBe(true); // the limit is 0 until the daemon's first CREDIT
+    expect(s.credit(4)).toEqual({ limit: 4, unasked: 0 });
+    expect(s.testHook('take-credit', 0, 4)).toBe(false); // 2 missing blocks: counted
+    expect(s.credit(4).unasked).toBe(2);
+    expect(s.testHook('take-credit', 10, 13)).toBe(true); // 3 more would pass 4: ROOM, nothing counted
+    expect(s.credit(4).unasked).toBe(2);
+    expect(s.testHook('take-credit', 10, 12)).toBe(false);
+    expect(s.credit(4).unasked).toBe(4);
+    s.testHook('intent-answered', 0, 2); // the store holds the first write's blocks now
+    expect(s.credit(-1)).toEqual({ limit: -1, unasked: 2 });
+    expect(s.testHook('take-credit', 20, 40)).toBe(false); // no limit
+  });
+
+  it("a ROOM's grant is the asking write's alone: another write cannot take it", () => {
+    const s = server(64, [], [], 2);
+    expect(s.credit(4).unasked).toBe(0);
+    expect(s.testHook('take-credit', 0, 4)).toBe(false); // 4 of 4
+    expect(s.testHook('take-credit', 4, 8)).toBe(true); // past the limit: ROOM for 4
+    expect(s.grant(4)).toBe(8); // the daemon made room and answers: counted now, limit unchanged
+    expect(s.testHook('take-credit', 8, 9)).toBe(true); // another write still finds no room
+    expect(s.testHook('take-credit-granted', 4, 8)).toBe(false); // the asker swaps its grant for its blocks
+    expect(s.credit(4).unasked).toBe(8);
+  });
+
+  it('without a budget the calls are refused (EOPNOTSUPP)', () => {
+    const s = server(64, [], []);
+    expect(() => s.evict(0, 8, new Uint8Array(1))).toThrow(expect.objectContaining({ errno: 95 }));
+    expect(() => s.accessed(0, 8, new Uint8Array(1))).toThrow(expect.objectContaining({ errno: 95 }));
   });
 });
