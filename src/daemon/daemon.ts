@@ -881,7 +881,7 @@ function hydrateOnUblk(device: string): InvalidArgumentError {
  */
 function budgetOnUloop(device: string): InvalidArgumentError {
   return new InvalidArgumentError(
-    `a cache budget (--cache-size) is not supported on ${device} yet (not finished: docs/design.md, /dev/uloopN); use /dev/loopN or /dev/nbdN for a cache smaller than the disk`,
+    `a cache budget (--cache-size) is not supported on ${device} yet (not finished: docs/design.md, /dev/uloopN); use /dev/ublkbN, /dev/loopN or /dev/nbdN for a cache smaller than the disk`,
   );
 }
 
