@@ -11,6 +11,7 @@ import { exists, sleep } from '../sys.js';
 import { run } from '../bdev/programs.js';
 import { RUN_DIR, STATE_DIR } from '../paths.js';
 import { DiskRecords } from '../cache/disk-record.js';
+import { diskFingerprint } from '../cache/fingerprint.js';
 import { formatBytes } from '../units.js';
 import { isWritable, observeReads, type SectorSize, type Source } from '../source/source.js';
 import { DiskHealth, type DiskHealthStatus } from '../source/health.js';
@@ -316,6 +317,9 @@ export class Daemon {
         servedByKernel: kind === 'uloop' && uloopAwaitsDaemon(options.device),
         budgetOption: kind === 'uloop' || kind === 'ublk' ? undefined : options.budgetOption,
         records: options.diskRecords ? new DiskRecords(options.stateDir ?? STATE_DIR) : undefined,
+        // A disk written without ulobdev since this cache last left it (the disk, not its wrappers:
+        // these few reads are not misses and start no flush).
+        fingerprint: options.diskRecords ? () => diskFingerprint(source) : undefined,
       });
       undo.push(() => store.close());
       markStart('store');
@@ -324,6 +328,11 @@ export class Daemon {
       if (store.budget !== null && kind === 'uloop' && !uloopBudgetUnlocked()) throw budgetOnUloop(options.device);
       if (store.budget !== null && policy.hydrateRate !== undefined && store.budget < source.size) throw hydrateOverBudget(store.budget, source.size);
       if (store.recoveredFromCrash) logger.warn('the cache was not closed cleanly last time; recovered its dirty set from the metadata');
+      if (store.diskChanged) {
+        const line = `${source.description} was written without ulobdev since ${paths.cache} last left it (mounted directly?): the cache held no dirty data, so its clean blocks were dropped and it starts cold`;
+        logger.warn(line);
+        options.onNotice?.(line);
+      }
       assertSectorFits(sectorSize, store.geometry.blockSize, source.description, false);
       // Reads of the source (misses, hydration) mean the disk spins: a chance to flush for free.
       let onDiskRead = () => undefined as void;

@@ -6,6 +6,7 @@ import { DeviceBusyError, InvalidArgumentError, ioError } from '../errors.js';
 import { posixStorage } from '../storage/posix-storage.js';
 import type { Storage } from '../storage/storage.js';
 import { FileSource } from './file-source.js';
+import { sysfsPartitionStarts } from '../cache/fingerprint.js';
 import { blkPhysicalSectorSize, blkSectorSize, loopBacking } from '../native/blkdev.js';
 import { fdOf } from '../storage/posix-storage.js';
 import { listDir, majorMinor, mountsByDevice, partitionsOf, readTrim } from '../sys.js';
@@ -56,7 +57,15 @@ export async function openBacking(path: string, options: OpenBackingOptions): Pr
     const fd = fdOf(file);
     // Through another Storage (tests) there are no ioctls: the sizes of a plain disk then.
     const sectorSize = fd === undefined ? { logical: 512, physical: 512 } : { logical: blkSectorSize(fd), physical: blkPhysicalSectorSize(fd) };
-    return new FileSource(file, { id, size, direct: true, description: fullPath, sectorSize, present: devicePresence(majMin) });
+    return new FileSource(file, {
+      id,
+      size,
+      direct: true,
+      description: fullPath,
+      sectorSize,
+      present: devicePresence(majMin),
+      partitionStarts: () => sysfsPartitionStarts(`/sys/dev/block/${majMin}`),
+    });
   }
   if (st.isFile()) {
     const loop = await loopDeviceBoundTo(fullPath, st);
