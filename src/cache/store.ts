@@ -504,7 +504,7 @@ export class CacheStore {
         dirtyBlocks = dirty.count();
         if (dirtyBlocks > 0 && !options.force) {
           throw new DirtyDataError(
-            `${paths.cache} holds ${dirtyBlocks} dirty blocks the disk has not received; flush first, or pass --force to lose them`,
+            `${paths.cache} holds ${formatBytes(dirtyBlocks * meta.info.blockSize)} of dirty data the disk has not received; flush first, or pass --force to lose it`,
           );
         }
       } finally {

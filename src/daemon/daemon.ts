@@ -284,7 +284,15 @@ export class Daemon {
       const source = await options.openSource({ writable: options.writeback });
       undo.push(() => source.close());
       const policy = options.writebackPolicy ?? {};
-      const budget = options.cacheSize && budgetBytes(options.cacheSize, source.size);
+      let budget = options.cacheSize && budgetBytes(options.cacheSize, source.size);
+      // More than the disk is the whole disk (lvmcache takes a cache pool larger than its origin
+      // too): the budget is clamped, and said once (newuser9: "budget 1 TiB" for a 211 MiB disk).
+      if (budget !== undefined && budget > source.size) {
+        const line = `--cache-size ${formatBytes(budget)} is more than all of ${source.description} (${formatBytes(source.size)}): the cache holds at most the whole disk, so its budget is ${formatBytes(source.size)}`;
+        logger.warn(line);
+        options.onNotice?.(line);
+        budget = source.size;
+      }
       if (budget !== undefined && policy.hydrateRate !== undefined && budget < source.size) throw hydrateOverBudget(budget, source.size);
       // Cache blocks are whole sectors of the disk: a new cache on a disk with sectors larger than
       // 4 KiB gets blocks of one sector; an explicit smaller --block-size is refused here, before
