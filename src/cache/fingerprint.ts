@@ -6,10 +6,7 @@
 // the cache's clean blocks may be older than the disk's. docs/design.md, "A disk written without
 // ulobdev", has the reasoning (when it is taken, what it cannot see).
 import { createHash } from 'node:crypto';
-import { promises as fsp } from 'node:fs';
-import { join } from 'node:path';
 import { alignedBuffer } from '../native/io.js';
-import { partitionsOf } from '../sys.js';
 
 /** Bytes hashed at each region's start: 1 MiB. */
 export const FINGERPRINT_REGION = 1024 * 1024;
@@ -51,20 +48,4 @@ export async function diskFingerprint(disk: FingerprintDisk): Promise<string> {
     hash.update(view);
   }
   return `sha256:${hash.digest('hex')}`;
-}
-
-/**
- * The partitions' start offsets (bytes) of the whole disk whose sysfs directory is `sysDir`
- * (/sys/dev/block/MAJ:MIN), as the kernel read its partition table; empty for a partition or a
- * disk without partitions. Reads sysfs only.
- */
-export async function sysfsPartitionStarts(sysDir: string): Promise<number[]> {
-  const starts: number[] = [];
-  for (const p of await partitionsOf(sysDir)) {
-    const text = await fsp.readFile(join(p.sysDir, 'start'), 'utf8').catch(() => '');
-    const sectors = Number.parseInt(text.trim(), 10);
-    // sysfs counts 512-byte sectors whatever the disk's sector size.
-    if (Number.isSafeInteger(sectors) && sectors >= 0) starts.push(sectors * 512);
-  }
-  return starts;
 }

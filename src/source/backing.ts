@@ -6,7 +6,6 @@ import { DeviceBusyError, InvalidArgumentError, ioError } from '../errors.js';
 import { posixStorage } from '../storage/posix-storage.js';
 import type { Storage } from '../storage/storage.js';
 import { FileSource } from './file-source.js';
-import { sysfsPartitionStarts } from '../cache/fingerprint.js';
 import { blkPhysicalSectorSize, blkSectorSize, loopBacking } from '../native/blkdev.js';
 import { fdOf } from '../storage/posix-storage.js';
 import { listDir, majorMinor, mountsByDevice, partitionsOf, readTrim } from '../sys.js';
@@ -202,4 +201,17 @@ export async function loopDeviceBoundTo(path: string, st: Stats): Promise<string
   return undefined;
 }
 
-
+/**
+ * The partitions' start offsets (bytes) of the whole disk whose sysfs directory is `sysDir`
+ * (/sys/dev/block/MAJ:MIN), as the kernel read its partition table; empty for a partition or a
+ * disk without partitions. Reads sysfs only. For the disk fingerprint (src/cache/fingerprint.ts).
+ */
+export async function sysfsPartitionStarts(sysDir: string): Promise<number[]> {
+  const starts: number[] = [];
+  for (const p of await partitionsOf(sysDir)) {
+    const sectors = Number.parseInt((await readTrim(join(p.sysDir, 'start'))) ?? '', 10);
+    // sysfs counts 512-byte sectors whatever the disk's sector size.
+    if (Number.isSafeInteger(sectors) && sectors >= 0) starts.push(sectors * 512);
+  }
+  return starts;
+}
