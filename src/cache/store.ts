@@ -152,6 +152,8 @@ export class CacheStore {
   /** A flush wrote the disk since the fingerprint was last taken (it is null in the metadata). */
   #fingerprintDue = false;
   #diskChanged = false;
+  /** The refreshDiskFingerprint running now, which close() waits for (a detach right after a flush). */
+  #refreshing: Promise<void> | null = null;
 
   readonly #cache: BlockFile;
   readonly #bitmapFile: BlockFile;
@@ -580,10 +582,20 @@ export class CacheStore {
    */
   async refreshDiskFingerprint(): Promise<void> {
     if (!this.#fingerprint || !this.#fingerprintDue || this.#closed) return;
+    const run = this.#refreshFingerprint(this.#fingerprint);
+    this.#refreshing = run;
+    try {
+      await run;
+    } finally {
+      if (this.#refreshing === run) this.#refreshing = null;
+    }
+  }
+
+  async #refreshFingerprint(read: () => Promise<string>): Promise<void> {
     const writes = this.#diskWrites;
     let fingerprint: string;
     try {
-      fingerprint = await this.#fingerprint();
+      fingerprint = await read();
     } catch {
       // The flush itself is done and synced; only the check of the next attach is lost.
       return;
@@ -992,6 +1004,8 @@ export class CacheStore {
   /** Persists everything and marks the shutdown clean. */
   async close(): Promise<void> {
     if (this.#closed) return;
+    // A fingerprint being read after a flush is kept first: closed under it, it would stay unknown.
+    await this.#refreshing?.catch(() => undefined);
     try {
       if (!this.#failed) {
         await this.#dataSync.idle();
