@@ -152,6 +152,8 @@ export class CacheStore {
   /** A flush wrote the disk since the fingerprint was last taken (it is null in the metadata). */
   #fingerprintDue = false;
   #diskChanged = false;
+  /** CacheStore.fingerprintError. */
+  #fingerprintError: unknown = null;
   /** The refreshDiskFingerprint running now, which close() waits for (a detach right after a flush). */
   #refreshing: Promise<void> | null = null;
 
@@ -341,10 +343,17 @@ export class CacheStore {
       // a flush was cut, an older format, a new cache) is taken as it is.
       let fingerprint: string | undefined;
       let diskChanged = false;
+      let fingerprintError: unknown = null;
       if (options.fingerprint) {
-        fingerprint = await options.fingerprint();
+        // A disk that cannot be read there (a bad sector in its first or last MiB) loses the check
+        // of this attach, not the attach: the stored fingerprint stays for the next one.
+        try {
+          fingerprint = await options.fingerprint();
+        } catch (err) {
+          fingerprintError = err;
+        }
         const known = creating ? null : info.diskFingerprint;
-        if (known !== null && known !== fingerprint) {
+        if (fingerprint !== undefined && known !== null && known !== fingerprint) {
           if (dirty.count() > 0) throw diskChangedDirty(paths.cache, backing.description, dirty.count() * geometry.blockSize);
           if (options.servedByKernel) {
             throw new DiskChangedError(
@@ -360,6 +369,7 @@ export class CacheStore {
       // (--cache-size again) has none recorded yet, and without a clock nothing is ever evicted
       // (writes then waited for ever on a budget full of clean blocks).
       const store = new CacheStore({ paths, geometry, cache, bitmapFile, meta, present, dirty, budget, records, fingerprint: options.fingerprint });
+      store.#fingerprintError = fingerprintError;
       // A write-back open takes the disk first: its record names this cache, which may hold dirty
       // data until a close says otherwise. A record that cannot be written fails the open before
       // the cache is changed. A read-only one writes nothing of the disk's.
@@ -568,6 +578,14 @@ export class CacheStore {
    * fingerprint changed) and so dropped every present bit: the cache starts cold. The open wrote
    * a `disk-changed` event in the history; the caller says so in one warning line.
    */
+  /**
+   * Why the open could not read the disk's fingerprint (an I/O error of the disk), or null: that
+   * attach could not check for writes made without ulobdev (the daemon says so in one line).
+   */
+  get fingerprintError(): unknown {
+    return this.#fingerprintError;
+  }
+
   get diskChanged(): boolean {
     return this.#diskChanged;
   }
@@ -1007,6 +1025,10 @@ export class CacheStore {
     // A fingerprint being read after a flush is kept first: closed under it, it would stay unknown.
     await this.#refreshing?.catch(() => undefined);
     try {
+      // A flush wrote the disk and its fingerprint was not taken again (the flush was cut: a
+      // detach, an error): the disk is final now (the flusher has stopped), so take it here, or
+      // the next attach would not check (a raw mount after this detach would go unseen).
+      if (!this.#failed && this.#fingerprint && this.#fingerprintDue) await this.#refreshFingerprint(this.#fingerprint);
       if (!this.#failed) {
         await this.#dataSync.idle();
         // No intent round may be running on the fd that closing the metadata closes.

@@ -336,6 +336,12 @@ export class Daemon {
       if (store.budget !== null && kind === 'uloop' && !uloopBudgetUnlocked()) throw budgetOnUloop(options.device);
       if (store.budget !== null && policy.hydrateRate !== undefined && store.budget < source.size) throw hydrateOverBudget(store.budget, source.size);
       if (store.recoveredFromCrash) logger.warn('the cache was not closed cleanly last time; recovered its dirty set from the metadata');
+      if (store.fingerprintError) {
+        logger.warn(
+          { err: store.fingerprintError },
+          `cannot read ${source.description}'s fingerprint (${(store.fingerprintError as Error).message ?? String(store.fingerprintError)}): this attach cannot tell whether the disk was written without ulobdev since ${paths.cache} last left it; going on`,
+        );
+      }
       if (store.diskChanged) {
         const line = `${source.description} was written without ulobdev since ${paths.cache} last left it (mounted directly?): the cache held no dirty data, so its clean blocks were dropped and it starts cold`;
         logger.warn(line);

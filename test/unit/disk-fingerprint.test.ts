@@ -237,4 +237,51 @@ describe('the store and the fingerprint', () => {
       await s.close();
     }
   });
+  it('a fingerprint the open cannot read (an I/O error there): the open goes on, says why, and keeps the stored one for the next attach', async () => {
+    let source = await openBacking(disk, { writable: true });
+    let store = await open(source);
+    await store.close();
+    await source.close();
+    const stored = info().fingerprint;
+    expect(stored).toMatch(/^sha256:/);
+    source = await openBacking(disk, { writable: true });
+    store = await open(source, {
+      fingerprint: async () => {
+        throw Object.assign(new Error('read of disk.img failed: EIO'), { code: 'EIO' });
+      },
+    });
+    try {
+      expect((store.fingerprintError as Error).message).toMatch(/EIO/);
+      expect(store.diskChanged).toBe(false);
+    } finally {
+      await store.close();
+      await source.close();
+    }
+    expect(info().fingerprint).toBe(stored);
+  });
+
+  it('a flush whose fingerprint could not be taken again (cut, or the read failed) leaves it unknown until the close, which takes it: the next attach checks again', async () => {
+    const source = await openBacking(disk, { writable: true });
+    let failing = false;
+    const store = await open(source, {
+      fingerprint: async () => {
+        if (failing) throw Object.assign(new Error('EIO'), { code: 'EIO' });
+        return diskFingerprint(source);
+      },
+    });
+    const engine = new CacheEngine(store, source, { autoCommitMs: 0 });
+    await engine.write(0, randomBytes(BS));
+    failing = true;
+    await flushDirty(engine, source);
+    expect(store.info.diskFingerprint).toBeNull();
+    failing = false;
+    await engine.close();
+    await source.close();
+    const s = await openBacking(disk, { writable: false });
+    try {
+      expect(info().fingerprint).toBe(await diskFingerprint(s));
+    } finally {
+      await s.close();
+    }
+  });
 });
