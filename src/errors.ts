@@ -94,6 +94,16 @@ export class StaleCacheError extends UlobError {
   }
 }
 
+/**
+ * The disk was written outside ulobdev (mounted directly, a rescue boot) since this cache last
+ * saw it, and the cache holds dirty data: flushing it would overwrite the newer data.
+ */
+export class DiskChangedError extends UlobError {
+  constructor(message: string) {
+    super('ULOB_E_DISK_CHANGED', message);
+  }
+}
+
 /** An operation is refused because dirty data would be lost. */
 export class DirtyDataError extends UlobError {
   constructor(message: string) {
@@ -335,6 +345,7 @@ export const ERROR_CODES: Readonly<Record<string, { kind: ErrorKind; make: (mess
   ULOB_E_DIRTY: { kind: 'refused', make: (m) => new DirtyDataError(m) },
   ULOB_E_DISK_CONFLICT: { kind: 'refused', make: (m) => new DiskConflictError(m) },
   ULOB_E_STALE_CACHE: { kind: 'refused', make: (m) => new StaleCacheError(m) },
+  ULOB_E_DISK_CHANGED: { kind: 'refused', make: (m) => new DiskChangedError(m) },
   ULOB_E_READ_ONLY: { kind: 'refused', make: (m) => new ReadOnlyError(m) },
   ULOB_E_NOT_ROOT: { kind: 'refused', make: (m) => new NotRootError(m) },
   ULOB_E_PERMISSION: { kind: 'refused', make: (m) => new PermissionDeniedError(m) },

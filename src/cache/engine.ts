@@ -660,6 +660,8 @@ export class CacheEngine {
     const count = cleaned.count();
     // Clean blocks can be evicted: whoever waits for room may find some now.
     this.store.notifySpace();
+    // A disk written without ulobdev: the disk as this flush left it, for the next attach to compare.
+    await this.store.refreshDiskFingerprint();
     return { cleaned: count, kept: open.blocks - count };
   }
 

@@ -8,7 +8,7 @@ import { fdatasync } from '../native/io.js';
 import { CacheBusyError, CorruptMetadataError, IOFailedError, ioError } from '../errors.js';
 import type { Extent } from './layout.js';
 
-export const FORMAT_VERSION = 3;
+export const FORMAT_VERSION = 4;
 /** Oldest format open() upgrades in place (upgrade()); anything else is refused. */
 export const OLDEST_FORMAT = 1;
 
@@ -43,6 +43,12 @@ export interface CacheInfo extends CacheIdentity {
   diskGeneration: number | null;
   /** The bitmap path of the last attach (absolute), or null (format 2 and older): what discard removes. */
   bitmapPath: string | null;
+  /**
+   * The fingerprint of the disk's regions every filesystem rewrites when mounted (src/cache/fingerprint.ts)
+   * as this cache last left the disk: taken at attach and at the end of each flush that wrote it,
+   * cleared before a flush writes it. Null: unknown (a flush was cut, format 3 and older, or an HTTP image).
+   */
+  diskFingerprint: string | null;
 }
 
 /** One row of the dirty table: an extent, and whether it was zeroed (see docs/format.md). */
@@ -76,7 +82,8 @@ CREATE TABLE cache_info (
   budget         INTEGER CHECK (budget IS NULL OR budget > 0),
   eviction_unit  INTEGER NOT NULL,
   disk_generation INTEGER CHECK (disk_generation IS NULL OR disk_generation >= 0),
-  bitmap_path    TEXT
+  bitmap_path    TEXT,
+  disk_fingerprint TEXT
 );
 -- Dirty blocks as extents. Rows may overlap or touch until the next rewrite compacts them. The
 -- dirty set is their union; a row with zero = 1 says its blocks read as zeros (the cache file does
@@ -139,6 +146,13 @@ UPDATE cache_info SET format_version = 3 WHERE id = 1;
 PRAGMA user_version = 3;
 `;
 
+/** Format 3 to 4: the disk fingerprint (unknown: taken at the attach that upgrades). */
+const UPGRADE_3_TO_4 = `
+ALTER TABLE cache_info ADD COLUMN disk_fingerprint TEXT;
+UPDATE cache_info SET format_version = 4 WHERE id = 1;
+PRAGMA user_version = 4;
+`;
+
 interface InfoRow {
   format_version: number;
   uuid: string;
@@ -154,6 +168,7 @@ interface InfoRow {
   eviction_unit?: number;
   disk_generation?: number | null;
   bitmap_path?: string | null;
+  disk_fingerprint?: string | null;
 }
 
 /** One row of flush_history. */
@@ -315,14 +330,15 @@ export class Metadata implements HistoryLog {
   /**
    * Brings an older format to FORMAT_VERSION in place, in one durable transaction. Format 1 had
    * no budget (a full mirror stays one), no zeroed rows and no clock; format 2 no disk generation
-   * (null until the attach adopts one) and no bitmap path.
+   * (null until the attach adopts one) and no bitmap path; format 3 no disk fingerprint (null: unknown).
    */
   upgrade(): void {
     if (!this.needsUpgrade) return;
     const from = this.#info.formatVersion;
     this.#run(() => {
       if (from < 2) this.#db.exec(UPGRADE_1_TO_2);
-      this.#db.exec(UPGRADE_2_TO_3);
+      if (from < 3) this.#db.exec(UPGRADE_2_TO_3);
+      this.#db.exec(UPGRADE_3_TO_4);
     });
     this.#info = readInfo(this.#db, this.path);
   }
@@ -423,6 +439,14 @@ export class Metadata implements HistoryLog {
       this.#db.prepare('UPDATE cache_info SET disk_generation = ?, bitmap_path = ? WHERE id = 1').run(diskGeneration, bitmapPath);
     });
     this.#info = { ...this.#info, diskGeneration, bitmapPath };
+  }
+
+  /** Sets the disk fingerprint (a string, or null: unknown), durably. Format 4 only. */
+  setDiskFingerprint(fingerprint: string | null): void {
+    this.#run(() => {
+      this.#db.prepare('UPDATE cache_info SET disk_fingerprint = ? WHERE id = 1').run(fingerprint);
+    });
+    this.#info = { ...this.#info, diskFingerprint: fingerprint };
   }
 
   /**
@@ -626,6 +650,7 @@ function readInfo(db: Database.Database, path: string): CacheInfo {
     evictionUnit,
     diskGeneration,
     bitmapPath: row.bitmap_path ?? null,
+    diskFingerprint: typeof row.disk_fingerprint === 'string' ? row.disk_fingerprint : null,
   };
 }
 

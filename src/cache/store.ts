@@ -17,6 +17,7 @@ import { blockStack, majorMinor } from '../sys.js';
 import {
   CorruptMetadataError,
   DirtyDataError,
+  DiskChangedError,
   EngineClosedError,
   ForeignCacheError,
   InvalidArgumentError,
@@ -116,6 +117,15 @@ export interface OpenStoreOptions {
    * Without them (an HTTP image, tests) none of this happens.
    */
   records?: DiskRecords;
+  /**
+   * Reads the disk's fingerprint (src/cache/fingerprint.ts: a few MiB where filesystems write at
+   * mount). With it the open compares it with the one the cache kept, and a disk written without
+   * ulobdev since is found: a cache without dirty data starts cold (diskChanged), one with dirty
+   * data is refused (DiskChangedError). The store keeps it current: cleared before a flush writes
+   * the disk, taken again once that flush is synced (refreshDiskFingerprint). Without it (an HTTP
+   * image, tests) none of this happens.
+   */
+  fingerprint?: () => Promise<string>;
 }
 
 export class CacheStore {
@@ -140,6 +150,17 @@ export class CacheStore {
   readonly #records: { records: DiskRecords; disk: string; device: string } | null;
   /** The generation the running flush took (prepareDiskWrite), written with its clearFlushed. */
   #pendingGeneration: number | undefined;
+  /** OpenStoreOptions.fingerprint. */
+  readonly #fingerprint: (() => Promise<string>) | null;
+  /** prepareDiskWrite calls so far: a fingerprint read across one is of a disk being written. */
+  #diskWrites = 0;
+  /** A flush wrote the disk since the fingerprint was last taken (it is null in the metadata). */
+  #fingerprintDue = false;
+  #diskChanged = false;
+  /** CacheStore.fingerprintError. */
+  #fingerprintError: unknown = null;
+  /** The refreshDiskFingerprint running now, which close() waits for (a detach right after a flush). */
+  #refreshing: Promise<void> | null = null;
 
   readonly #cache: BlockFile;
   readonly #bitmapFile: BlockFile;
@@ -184,8 +205,10 @@ export class CacheStore {
     /** The budget this open serves with (a full mirror getting one has none in its metadata yet). */
     budget: number | null;
     records?: { records: DiskRecords; disk: string; device: string };
+    fingerprint?: () => Promise<string>;
   }) {
     this.#records = args.records ?? null;
+    this.#fingerprint = args.fingerprint ?? null;
     this.paths = args.paths;
     this.geometry = args.geometry;
     this.#cache = args.cache;
@@ -320,11 +343,38 @@ export class CacheStore {
           description: backing.description,
         }).generation;
       }
+      // A disk written without ulobdev since this cache last left it (docs/design.md, "A disk
+      // written without ulobdev"): its clean blocks may be older than the disk's. Unknown (null:
+      // a flush was cut, an older format, a new cache) is taken as it is.
+      let fingerprint: string | undefined;
+      let diskChanged = false;
+      let fingerprintError: unknown = null;
+      if (options.fingerprint) {
+        // A disk that cannot be read there (a bad sector in its first or last MiB) loses the check
+        // of this attach, not the attach: the stored fingerprint stays for the next one.
+        try {
+          fingerprint = await options.fingerprint();
+        } catch (err) {
+          fingerprintError = err;
+        }
+        const known = creating ? null : info.diskFingerprint;
+        if (fingerprint !== undefined && known !== null && known !== fingerprint) {
+          if (dirty.count() > 0) throw diskChangedDirty(paths.cache, backing.description, dirty.count() * geometry.blockSize);
+          if (options.servedByKernel) {
+            throw new DiskChangedError(
+              `${backing.description} was written without ulobdev while its device waited for the daemon that died, and that device still serves ${paths.cache}'s older blocks: ` +
+                `detach it, then attach again (the cache holds no dirty data and starts cold); nothing was changed`,
+            );
+          }
+          diskChanged = true;
+        }
+      }
       const records = options.records && { records: options.records, disk: backing.id, device: backing.description };
       // The clock from the budget of this open, not the metadata's: a full mirror given a budget
       // (--cache-size again) has none recorded yet, and without a clock nothing is ever evicted
       // (writes then waited for ever on a budget full of clean blocks).
-      const store = new CacheStore({ paths, geometry, cache, bitmapFile, meta, present, dirty, budget, records });
+      const store = new CacheStore({ paths, geometry, cache, bitmapFile, meta, present, dirty, budget, records, fingerprint: options.fingerprint });
+      store.#fingerprintError = fingerprintError;
       // A write-back open takes the disk first: its record names this cache, which may hold dirty
       // data until a close says otherwise. A record that cannot be written fails the open before
       // the cache is changed. A read-only one writes nothing of the disk's.
@@ -342,13 +392,17 @@ export class CacheStore {
       store.clock?.restore(meta.loadClock(), info.evictionUnit);
       for (const z of staleBits) store.#touchBitmap(z);
       if (staleBits.length > 0) await store.persistBitmap(true);
+      // The disk changed outside: every present bit goes, durably, before the new fingerprint is
+      // kept (a crash in between finds the old one again, and drops them again).
+      if (diskChanged) await store.#dropAllPresent();
+      if (fingerprint !== undefined && fingerprint !== meta.info.diskFingerprint) meta.setDiskFingerprint(fingerprint);
       meta.replaceDirty(store.#dataRuns(), undefined, store.#zeroRuns());
       if (info.mode !== options.mode) meta.setMode(options.mode);
       store.#mode = options.mode;
       meta.setCleanShutdown(false);
       if (budget !== null && !options.servedByKernel) {
         const unbudgeted = info.budget === null && !creating;
-        await store.#dropLeftovers(unbudgeted || store.recoveredFromCrash);
+        await store.#dropLeftovers(unbudgeted || store.recoveredFromCrash || diskChanged);
         await store.#shrinkTo(store.budgetBlocks);
       }
       return store;
@@ -467,7 +521,7 @@ export class CacheStore {
         dirtyBlocks = dirty.count();
         if (dirtyBlocks > 0 && !options.force) {
           throw new DirtyDataError(
-            `${paths.cache} holds ${dirtyBlocks} dirty blocks the disk has not received; flush first, or pass --force to lose them`,
+            `${paths.cache} holds ${formatBytes(dirtyBlocks * meta.info.blockSize)} of dirty data the disk has not received; flush first, or pass --force to lose it`,
           );
         }
       } finally {
@@ -495,6 +549,14 @@ export class CacheStore {
    * write the disk then.
    */
   prepareDiskWrite(): void {
+    // The disk is about to change: its fingerprint is unknown until this flush is synced
+    // (refreshDiskFingerprint), durably so, before the disk is written: a flush cut here leaves
+    // "unknown" (no check at the next attach), never a fingerprint the disk no longer has.
+    this.#diskWrites++;
+    if (this.#fingerprint) {
+      this.#fingerprintDue = true;
+      if (this.#meta.info.diskFingerprint !== null) this.#guard(() => this.#meta.setDiskFingerprint(null));
+    }
     if (!this.#records) return;
     const { records, disk, device } = this.#records;
     const record = records.read(disk);
@@ -514,6 +576,67 @@ export class CacheStore {
       if (other) records.write({ ...other, generation: other.generation + 1, writer: uuid, writerEpoch: null, updatedAt: Date.now() });
     }
     this.#pendingGeneration = generation;
+  }
+
+  /**
+   * Whether this open found the disk written without ulobdev since the cache last left it (its
+   * fingerprint changed) and so dropped every present bit: the cache starts cold. The open wrote
+   * a `disk-changed` event in the history; the caller says so in one warning line.
+   */
+  /**
+   * Why the open could not read the disk's fingerprint (an I/O error of the disk), or null: that
+   * attach could not check for writes made without ulobdev (the daemon says so in one line).
+   */
+  get fingerprintError(): unknown {
+    return this.#fingerprintError;
+  }
+
+  get diskChanged(): boolean {
+    return this.#diskChanged;
+  }
+
+  /**
+   * Takes the disk's fingerprint again after a flush that wrote the disk (prepareDiskWrite) has
+   * synced it (engine.commitEpoch), and keeps it, durably, in the metadata: the disk is as this
+   * cache left it. Does nothing when no flush wrote the disk since the last one, or without
+   * OpenStoreOptions.fingerprint. A read that fails, or a flush begun meanwhile, leaves the
+   * fingerprint unknown (no check at the next attach): never throws for the disk's sake;
+   * throws IOFailedError when the metadata cannot be written.
+   */
+  async refreshDiskFingerprint(): Promise<void> {
+    if (!this.#fingerprint || !this.#fingerprintDue || this.#closed) return;
+    const run = this.#refreshFingerprint(this.#fingerprint);
+    this.#refreshing = run;
+    try {
+      await run;
+    } finally {
+      if (this.#refreshing === run) this.#refreshing = null;
+    }
+  }
+
+  async #refreshFingerprint(read: () => Promise<string>): Promise<void> {
+    const writes = this.#diskWrites;
+    let fingerprint: string;
+    try {
+      fingerprint = await read();
+    } catch {
+      // The flush itself is done and synced; only the check of the next attach is lost.
+      return;
+    }
+    if (writes !== this.#diskWrites || this.#closed || this.#failed) return;
+    this.#fingerprintDue = false;
+    this.#guard(() => this.#meta.setDiskFingerprint(fingerprint));
+  }
+
+  /** The open's answer to a disk changed outside: no present bit (durably), a history event, and diskChanged. */
+  async #dropAllPresent(): Promise<void> {
+    const held = this.present.count();
+    for (const r of this.present.runs()) this.#touchBitmap(r);
+    this.present.clearRange(0, this.present.bits);
+    this.#presentCount = 0;
+    await this.persistBitmap(true);
+    this.#meta.addEvent(Date.now(), 'disk-changed', `the disk was written without ulobdev; ${formatBytes(held * this.geometry.blockSize)} of clean blocks dropped`);
+    this.#diskChanged = true;
   }
 
   /** The write-back open's record: this cache owns the disk and may hold dirty data. */
@@ -904,7 +1027,13 @@ export class CacheStore {
   /** Persists everything and marks the shutdown clean. */
   async close(): Promise<void> {
     if (this.#closed) return;
+    // A fingerprint being read after a flush is kept first: closed under it, it would stay unknown.
+    await this.#refreshing?.catch(() => undefined);
     try {
+      // A flush wrote the disk and its fingerprint was not taken again (the flush was cut: a
+      // detach, an error): the disk is final now (the flusher has stopped), so take it here, or
+      // the next attach would not check (a raw mount after this detach would go unseen).
+      if (!this.#failed && this.#fingerprint && this.#fingerprintDue) await this.#refreshFingerprint(this.#fingerprint);
       if (!this.#failed) {
         await this.#dataSync.idle();
         // No intent round may be running on the fd that closing the metadata closes.
@@ -1126,6 +1255,14 @@ export class CacheStore {
  * when the metadata was unreadable or missing), so the next attach of another cache is not refused
  * for it. The generation stays: caches the disk was written past stay refused.
  */
+/** The refusal of a disk changed outside under a cache holding `bytes` of dirty data. */
+function diskChangedDirty(cache: string, disk: string, bytes: number): DiskChangedError {
+  return new DiskChangedError(
+    `${disk} was written without ulobdev (mounted directly?) since ${cache} last left it, and the cache holds ${formatBytes(bytes)} of dirty data that a flush would write over the newer data: ` +
+      `to keep the disk as it is now, 'ulobdev discard --force -c ${cache} ${disk}' (losing the cache's changes); to keep the cache's, restore the disk as ulobdev left it; nothing was changed`,
+  );
+}
+
 function releaseDisk(records: DiskRecords, disk: string, metadata: string, uuid: string | undefined): void {
   const record = records.read(disk);
   if (!record?.owner) return;

@@ -13,11 +13,11 @@
 //   ulobdev discard [-c CACHE] [-b BITMAP] [--force] BACKEND
 import { VERSION } from './version.js';
 import { existsSync, promises as fsp, readFileSync, statSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument, Option } from 'commander';
 import { assertCachePathsApart, CacheStore } from '../cache/store.js';
 import { Metadata } from '../cache/metadata.js';
-import { CacheBusyError, DaemonError, DeviceBusyError, InvalidArgumentError, IOFailedError, NotAttachedError, PermissionDeniedError } from '../errors.js';
+import { CacheBusyError, DaemonError, DeviceBusyError, errorToWire, InvalidArgumentError, IOFailedError, NotAttachedError, PermissionDeniedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
 import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logsToTerminal, makeLogger, noteParent, notifyParent, oneLine, warn } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
@@ -359,8 +359,10 @@ async function status(device: string | undefined, flags: { json?: boolean; runDi
       statuses = [(await controlRequest(socket, { cmd: 'status' }, 10_000)).status as DeviceStatus];
     } catch (err) {
       const recovered = await recoverIfDead(device, runDir, err);
-      if (recovered) throw new NotAttachedError(`${device} is not attached: ${recovered}; run the attach command again`);
-      throw err;
+      const error = recovered ? new NotAttachedError(`${device} is not attached: ${recovered}; run the attach command again`) : err;
+      // --json answers in JSON even when there is no status: the error as { error: { code, message } } (newuser9).
+      if (flags.json) process.stdout.write(JSON.stringify({ error: errorToWire(error) }, null, 2) + '\n');
+      throw error;
     }
   } else {
     // Daemons that died: their leftovers are let go first, and said so. One that cannot be let go
@@ -568,6 +570,14 @@ async function report(device: string, flags: ReportFlags): Promise<void> {
   const hours = flags.hours === undefined ? 24 : Number(flags.hours);
   if (!(hours > 0)) throw new InvalidArgumentError(`--hours must be a positive number, not ${JSON.stringify(flags.hours)}`);
   if (!flags.svg && !flags.json) throw new InvalidArgumentError('report needs --svg FILE or --json');
+  // A directory that is not there is a typo, said in one line before anything is read (newuser9
+  // finding 2: a raw ENOENT and exit 74, "an I/O error stopped work").
+  if (flags.svg) {
+    const dir = dirname(resolve(flags.svg));
+    if (!(await fsp.stat(dir).catch(() => undefined))?.isDirectory()) {
+      throw new InvalidArgumentError(`--svg ${flags.svg}: the directory ${dir} does not exist; create it or pick another`);
+    }
+  }
   const since = Date.now() - hours * 3600_000;
   let data: ReportData;
   try {

@@ -11,6 +11,7 @@ import { exists, sleep } from '../sys.js';
 import { run } from '../bdev/programs.js';
 import { RUN_DIR, STATE_DIR } from '../paths.js';
 import { DiskRecords } from '../cache/disk-record.js';
+import { diskFingerprint } from '../cache/fingerprint.js';
 import { formatBytes } from '../units.js';
 import { isWritable, observeReads, type SectorSize, type Source } from '../source/source.js';
 import { DiskHealth, type DiskHealthStatus } from '../source/health.js';
@@ -284,7 +285,15 @@ export class Daemon {
       const source = await options.openSource({ writable: options.writeback });
       undo.push(() => source.close());
       const policy = options.writebackPolicy ?? {};
-      const budget = options.cacheSize && budgetBytes(options.cacheSize, source.size);
+      let budget = options.cacheSize && budgetBytes(options.cacheSize, source.size);
+      // More than the disk is the whole disk (lvmcache takes a cache pool larger than its origin
+      // too): the budget is clamped, and said once (newuser9: "budget 1 TiB" for a 211 MiB disk).
+      if (budget !== undefined && budget > source.size) {
+        const line = `--cache-size ${formatBytes(budget)} is more than all of ${source.description} (${formatBytes(source.size)}): the cache holds at most the whole disk, so its budget is ${formatBytes(source.size)}`;
+        logger.warn(line);
+        options.onNotice?.(line);
+        budget = source.size;
+      }
       if (budget !== undefined && policy.hydrateRate !== undefined && budget < source.size) throw hydrateOverBudget(budget, source.size);
       // Cache blocks are whole sectors of the disk: a new cache on a disk with sectors larger than
       // 4 KiB gets blocks of one sector; an explicit smaller --block-size is refused here, before
@@ -317,6 +326,9 @@ export class Daemon {
         servedByKernel: kind === 'uloop' && uloopAwaitsDaemon(options.device),
         budgetOption: kind === 'uloop' ? undefined : options.budgetOption,
         records: options.diskRecords ? new DiskRecords(options.stateDir ?? STATE_DIR) : undefined,
+        // A disk written without ulobdev since this cache last left it (the disk, not its wrappers:
+        // these few reads are not misses and start no flush).
+        fingerprint: options.diskRecords ? () => diskFingerprint(source) : undefined,
       });
       undo.push(() => store.close());
       markStart('store');
@@ -328,6 +340,17 @@ export class Daemon {
         // Said once, here: status's "evicted" counts what eviction lets go while the device serves.
         const line = `let go of ${formatBytes(store.shrunkBlocks * store.geometry.blockSize)} of clean cached blocks to fit the cache in its budget of ${formatBytes(store.budget)} (reads of them go to the disk again; no data is lost)`;
         logger.info(line);
+        options.onNotice?.(line);
+      }
+      if (store.fingerprintError) {
+        logger.warn(
+          { err: store.fingerprintError },
+          `cannot read ${source.description}'s fingerprint (${(store.fingerprintError as Error).message ?? String(store.fingerprintError)}): this attach cannot tell whether the disk was written without ulobdev since ${paths.cache} last left it; going on`,
+        );
+      }
+      if (store.diskChanged) {
+        const line = `${source.description} was written without ulobdev since ${paths.cache} last left it (mounted directly?): the cache held no dirty data, so its clean blocks were dropped and it starts cold`;
+        logger.warn(line);
         options.onNotice?.(line);
       }
       assertSectorFits(sectorSize, store.geometry.blockSize, source.description, false);

@@ -56,7 +56,15 @@ export async function openBacking(path: string, options: OpenBackingOptions): Pr
     const fd = fdOf(file);
     // Through another Storage (tests) there are no ioctls: the sizes of a plain disk then.
     const sectorSize = fd === undefined ? { logical: 512, physical: 512 } : { logical: blkSectorSize(fd), physical: blkPhysicalSectorSize(fd) };
-    return new FileSource(file, { id, size, direct: true, description: fullPath, sectorSize, present: devicePresence(majMin) });
+    return new FileSource(file, {
+      id,
+      size,
+      direct: true,
+      description: fullPath,
+      sectorSize,
+      present: devicePresence(majMin),
+      partitionStarts: () => sysfsPartitionStarts(`/sys/dev/block/${majMin}`),
+    });
   }
   if (st.isFile()) {
     const loop = await loopDeviceBoundTo(fullPath, st);
@@ -193,4 +201,17 @@ export async function loopDeviceBoundTo(path: string, st: Stats): Promise<string
   return undefined;
 }
 
-
+/**
+ * The partitions' start offsets (bytes) of the whole disk whose sysfs directory is `sysDir`
+ * (/sys/dev/block/MAJ:MIN), as the kernel read its partition table; empty for a partition or a
+ * disk without partitions. Reads sysfs only. For the disk fingerprint (src/cache/fingerprint.ts).
+ */
+export async function sysfsPartitionStarts(sysDir: string): Promise<number[]> {
+  const starts: number[] = [];
+  for (const p of await partitionsOf(sysDir)) {
+    const sectors = Number.parseInt((await readTrim(join(p.sysDir, 'start'))) ?? '', 10);
+    // sysfs counts 512-byte sectors whatever the disk's sector size.
+    if (Number.isSafeInteger(sectors) && sectors >= 0) starts.push(sectors * 512);
+  }
+  return starts;
+}

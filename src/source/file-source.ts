@@ -18,6 +18,8 @@ export interface FileSourceOptions {
   sectorSize?: SectorSize;
   /** Source.present: whether the device still exists. */
   present?: () => boolean;
+  /** A whole disk's partitions' start offsets in bytes (the disk fingerprint hashes each one's first MiB). */
+  partitionStarts?: () => Promise<number[]>;
 }
 
 export class FileSource implements WritableSource {
@@ -26,6 +28,8 @@ export class FileSource implements WritableSource {
   readonly description: string;
   readonly sectorSize?: SectorSize;
   readonly present?: () => boolean;
+  /** FileSourceOptions.partitionStarts (absent for a file or a test's model: no partitions). */
+  readonly partitionStarts?: () => Promise<number[]>;
   readonly #file: BlockFile;
   readonly #direct: boolean;
   readonly #alignment: number;
@@ -38,6 +42,7 @@ export class FileSource implements WritableSource {
     this.description = options.description ?? file.path;
     this.sectorSize = options.sectorSize;
     if (options.present) this.present = options.present;
+    if (options.partitionStarts) this.partitionStarts = options.partitionStarts;
     this.#alignment = Math.max(4096, options.sectorSize?.logical ?? 512);
   }
 

@@ -10,7 +10,7 @@ import { isWritable, type WritableSource } from '../source/source.js';
 import { FlushStoppedError, ReadOnlyError } from '../errors.js';
 import { formatBytes } from '../units.js';
 import { BufferPool } from '../storage/buffer-pool.js';
-import { pausePoint } from '../sys.js';
+import { crashPoint, pausePoint } from '../sys.js';
 
 export interface FlushProgress {
   epoch: number;
@@ -176,6 +176,8 @@ export async function flushDirty(engine: CacheEngine, options: FlushOptions = {}
     const done = (async () => {
       try {
         await engine.copyEpochOut(epoch, buf, b.pieces, write, readDone);
+        // kill -9 with part of a flush on the disk, not synced (test/integration/disk-changed.test.ts).
+        crashPoint('flush:wrote');
         progress.doneBytes += b.bytes;
         options.onProgress?.({ ...progress });
       } finally {

@@ -206,7 +206,9 @@ export function parseDirtyLimit(text: string): DirtyLimit {
   }
   const bare = /^\s*(\d+(?:\.\d+)?)\s*$/.exec(text);
   if (bare && Number(bare[1]) > 0) {
-    throw new InvalidArgumentError(`--dirty-max ${bare[1]} has no unit: write ${bare[1]}% for a share of the disk, or a size such as ${bare[1]}M or ${bare[1]}G`);
+    // Only a number a percentage can be is suggested as one (newuser9: "512%" was suggested, then refused).
+    const share = Number(bare[1]) <= 100 ? `${bare[1]}% for a share of the disk, or ` : '';
+    throw new InvalidArgumentError(`--dirty-max ${bare[1]} has no unit: write ${share}a size such as ${bare[1]}M or ${bare[1]}G`);
   }
   let bytes: number;
   try {

@@ -141,6 +141,24 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     await expectRefused(['report', 'nosuch', '--json', '-c', join(s.dir, 'nosuch.cache')], new RegExp(`^ulobdev: no cache at ${s.dir}/nosuch\\.cache \\(no ${s.dir}/nosuch\\.cache\\.meta\\); give the -c path the device was attached with\n$`));
   });
 
+  it('report --svg into a directory that does not exist (newuser9 finding 2): one line, exit 1, not a raw ENOENT and exit 74', async () => {
+    s = scratch('ulob-cli-');
+    const disk = makeDisk('a.img');
+    await makeCache(disk);
+    await expectRefused(
+      ['report', 'x', '--svg', join(s.dir, 'nodir', 'r.svg'), '-c', join(s.dir, 'c.cache')],
+      new RegExp(`^ulobdev: --svg ${s.dir}/nodir/r\\.svg: the directory ${s.dir}/nodir does not exist; create it or pick another\n$`),
+    );
+  });
+
+  it('status --json of a device nobody serves (newuser9): the error as JSON on stdout too, one line on stderr, exit 1', async () => {
+    s = scratch('ulob-cli-');
+    const r = await ulobdev(['status', 'nosuch', '--json', '--run-dir', s.runDir]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/^ulobdev: [^\n]*nosuch[^\n]*\n$/);
+    expect(JSON.parse(r.stdout)).toEqual({ error: { code: 'ULOB_E_NOT_ATTACHED', message: r.stderr.slice('ulobdev: '.length, -1) } });
+  });
+
   it('a disk whose size changed since the cache was made', async () => {
     s = scratch('ulob-cli-');
     const disk = makeDisk('disk.img');

@@ -71,6 +71,15 @@ async function statusJson(deviceOrName: string): Promise<Record<string, any>> {
   return JSON.parse(r.stdout);
 }
 
+describe('--cache-size larger than the disk (newuser9)', () => {
+  it('is the whole disk: clamped to the disk with one notice line, and status says so', async () => {
+    s = scratch('ulob-typing-');
+    const r = await attachDaemon([...cacheArgs(), '--cache-size', '1T'], serveUrl(), makeDisk('disk.img'));
+    expect(r.stderr).toMatch(new RegExp(`^ulobdev: [^\\n]*--cache-size 1 TiB is more than all of ${s.dir}/disk\\.img \\(16 MiB\\): the cache holds at most the whole disk, so its budget is 16 MiB\\n`, 'm'));
+    expect((await statusJson(serveUrl())).budgetBytes).toBe(16 << 20);
+  });
+});
+
 describe('every command takes the device or the --name (item 9)', () => {
   it('status, flush and detach of a loop device attached with --name data', async () => {
     s = scratch('ulob-typing-');

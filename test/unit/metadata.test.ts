@@ -88,6 +88,7 @@ describe('Metadata', () => {
       evictionUnit: DEFAULT_EVICTION_UNIT,
       diskGeneration: null,
       bitmapPath: null,
+      diskFingerprint: null,
     });
     expect(m.info.createdAt).toBeGreaterThanOrEqual(before);
     expect(m.info.createdAt).toBeLessThanOrEqual(Date.now());
@@ -108,6 +109,7 @@ describe('Metadata', () => {
       evictionUnit: DEFAULT_EVICTION_UNIT,
       diskGeneration: null,
       bitmapPath: null,
+      diskFingerprint: null,
     });
     r.setState('ready');
     r.setMode('writeback');
@@ -117,8 +119,9 @@ describe('Metadata', () => {
     r.setBudget(64 << 20, 1 << 20);
     r.setDiskState(4, '/flash/c.bitmap');
     r.replaceDirty([{ start: 3, count: 2 }], undefined, [], [], 5);
+    r.setDiskFingerprint('sha256:00ff');
     // The in-memory copy follows every setter.
-    expect(r.info).toMatchObject({ state: 'ready', mode: 'writeback', cleanShutdown: true, flushEpoch: 7, budget: 64 << 20, evictionUnit: 1 << 20, diskGeneration: 5 });
+    expect(r.info).toMatchObject({ state: 'ready', mode: 'writeback', cleanShutdown: true, flushEpoch: 7, budget: 64 << 20, evictionUnit: 1 << 20, diskGeneration: 5, diskFingerprint: 'sha256:00ff' });
     r.close();
 
     const again = open();
@@ -134,8 +137,14 @@ describe('Metadata', () => {
       evictionUnit: 1 << 20,
       diskGeneration: 5,
       bitmapPath: '/flash/c.bitmap',
+      diskFingerprint: 'sha256:00ff',
     });
     expect(again.dirtyExtents()).toEqual([{ start: 3, count: 2 }]);
+    // Cleared (unknown), durably: what a flush does before it writes the disk.
+    again.setDiskFingerprint(null);
+    expect(again.info.diskFingerprint).toBeNull();
+    again.close();
+    expect(open().info.diskFingerprint).toBeNull();
   });
 
   it('keeps zeroed rows: the dirty set is the union, whether a block is zeroed the last row naming it, also after replaceDirty', () => {
@@ -200,23 +209,25 @@ describe('Metadata', () => {
     ]);
     again.close();
     const raw = new Database(path, { readonly: true });
-    expect(raw.pragma('user_version', { simple: true })).toBe(3);
+    expect(raw.pragma('user_version', { simple: true })).toBe(FORMAT_VERSION);
     raw.close();
   });
 
-  it('upgrades format 2 to 3: no disk generation yet (null, adopted at the next attach), no bitmap path; a flush left running ends as interrupted', () => {
+  it('upgrades format 2 to 4: no disk generation yet (null, adopted at the next attach), no bitmap path, no fingerprint; a flush left running ends as interrupted', () => {
     const m = create('writeback');
     m.close();
-    // Format 2 as session 7 wrote it: no disk_generation, no bitmap_path.
+    // Format 2 as session 7 wrote it: no disk_generation, no bitmap_path (nor format 4's disk_fingerprint).
     const db = new Database(path);
-    db.exec('ALTER TABLE cache_info DROP COLUMN disk_generation; ALTER TABLE cache_info DROP COLUMN bitmap_path; UPDATE cache_info SET format_version = 2');
+    db.exec(
+      'ALTER TABLE cache_info DROP COLUMN disk_fingerprint; ALTER TABLE cache_info DROP COLUMN disk_generation; ALTER TABLE cache_info DROP COLUMN bitmap_path; UPDATE cache_info SET format_version = 2',
+    );
     db.pragma('user_version = 2');
     db.prepare('INSERT INTO flush_history (epoch, started_at) VALUES (1, 1000)').run();
     db.close();
     const r = open();
     expect(r.info).toMatchObject({ formatVersion: 2, diskGeneration: null, bitmapPath: null });
     r.upgrade();
-    expect(r.info).toMatchObject({ formatVersion: 3, diskGeneration: null, bitmapPath: null });
+    expect(r.info).toMatchObject({ formatVersion: 4, diskGeneration: null, bitmapPath: null, diskFingerprint: null });
     // F30: the flush a kill -9 cut stays "running" (ended_at NULL) until the next open ends it.
     expect(r.flushes(0)).toEqual([expect.objectContaining({ endedAt: null, error: null })]);
     expect(r.endInterruptedFlushes()).toBe(1);
@@ -224,7 +235,31 @@ describe('Metadata', () => {
     expect(r.endInterruptedFlushes()).toBe(0);
     r.setDiskState(2, '/flash/c.bitmap');
     r.close();
-    expect(open().info).toMatchObject({ formatVersion: 3, diskGeneration: 2, bitmapPath: '/flash/c.bitmap' });
+    expect(open().info).toMatchObject({ formatVersion: 4, diskGeneration: 2, bitmapPath: '/flash/c.bitmap' });
+  });
+
+  it('upgrades format 3 to 4 in place: its disk generation and bitmap path kept, the disk fingerprint unknown (null) until an attach takes it', () => {
+    const m = create('writeback');
+    m.setDiskState(6, '/flash/c.bitmap');
+    m.close();
+    // Format 3 as session 8 wrote it: no disk_fingerprint.
+    const db = new Database(path);
+    db.exec('ALTER TABLE cache_info DROP COLUMN disk_fingerprint; UPDATE cache_info SET format_version = 3');
+    db.pragma('user_version = 3');
+    db.close();
+    const r = open();
+    expect(r.info).toMatchObject({ formatVersion: 3, diskGeneration: 6, bitmapPath: '/flash/c.bitmap', diskFingerprint: null });
+    expect(r.needsUpgrade).toBe(true);
+    r.upgrade();
+    expect(r.info).toMatchObject({ formatVersion: 4, diskGeneration: 6, bitmapPath: '/flash/c.bitmap', diskFingerprint: null });
+    r.setDiskFingerprint('sha256:01');
+    r.close();
+    const again = open();
+    expect(again.info).toMatchObject({ formatVersion: 4, diskGeneration: 6, diskFingerprint: 'sha256:01' });
+    again.close();
+    const raw = new Database(path, { readonly: true });
+    expect(raw.pragma('user_version', { simple: true })).toBe(4);
+    raw.close();
   });
 
   it('refuses to create over an existing database', () => {

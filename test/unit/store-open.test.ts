@@ -558,7 +558,7 @@ describe('openBacking refuses what is not a free disk or file', () => {
 describe('CacheStore.discard', () => {
   it('refuses while dirty blocks exist and removes nothing', async () => {
     await makeCache({ dirtyBlocks: 3 });
-    await expectRefused(() => CacheStore.discard(paths), DirtyDataError, 'ULOB_E_DIRTY', [paths.cache, '3 dirty blocks', '--force']);
+    await expectRefused(() => CacheStore.discard(paths), DirtyDataError, 'ULOB_E_DIRTY', [paths.cache, '12 KiB of dirty data', '--force']);
     expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'disk.img']);
   });
 

@@ -108,6 +108,8 @@ describe('write-back options', () => {
   it('refuses a --dirty-max without a unit: bcache users mean percent, the old parser read bytes', () => {
     expect(() => parseDirtyLimit('10')).toThrow(/^--dirty-max 10 has no unit: write 10% for a share of the disk, or a size such as 10M or 10G$/);
     expect(() => parseDirtyLimit('4096')).toThrow(/has no unit/);
+    // A number no percentage can be is not suggested as one (newuser9: '512%' was refused in turn).
+    expect(() => parseDirtyLimit('512')).toThrow(/^--dirty-max 512 has no unit: write a size such as 512M or 512G$/);
     expect(parseDirtyLimit('4096B')).toEqual({ bytes: 4096 });
     expect(parseDirtyLimit('2G')).toEqual({ bytes: 2 * 2 ** 30 });
     expect(parseDirtyLimit('1.5GiB')).toEqual({ bytes: 1.5 * 2 ** 30 });
