@@ -38,9 +38,14 @@ export function fingerprintRegions(size: number, partitionStarts: readonly numbe
  * what disk.readAt throws (IOFailedError for a failing disk).
  */
 export async function diskFingerprint(disk: FingerprintDisk): Promise<string> {
-  const regions = fingerprintRegions(disk.size, (await disk.partitionStarts?.()) ?? []);
-  const hash = createHash('sha256');
   const buf = alignedBuffer(FINGERPRINT_REGION, 4096);
+  // The partitions are also read from the disk's own table (in its first MiB, read here first):
+  // an image file has no sysfs partitions, yet a loop device with -P mounts them (newuser9b).
+  const head = buf.subarray(0, Math.min(FINGERPRINT_REGION, disk.size));
+  await disk.readAt(head, 0);
+  const starts = [...((await disk.partitionStarts?.()) ?? []), ...tablePartitionStarts(head)];
+  const regions = fingerprintRegions(disk.size, starts);
+  const hash = createHash('sha256');
   for (const [at, length] of regions) {
     const view = buf.subarray(0, length);
     await disk.readAt(view, at);
@@ -48,4 +53,44 @@ export async function diskFingerprint(disk: FingerprintDisk): Promise<string> {
     hash.update(view);
   }
   return `sha256:${hash.digest('hex')}`;
+}
+
+/**
+ * Byte offsets where the partitions of a GPT or MBR partition table start, read from `head` (the
+ * disk's first bytes; entries beyond it are not seen). GPT (UEFI spec, "GUID Partition Table"):
+ * the header ("EFI PART") at LBA 1, tried for 512- and 4096-byte sectors, its entry array (LBA at
+ * byte 72, count at 80, size at 84), each used entry's first LBA at byte 32. Without a GPT, MBR:
+ * the 0x55AA signature and four entries at byte 446, each start (LBA at byte 8 of the entry) taken
+ * in 512- and in 4096-byte sectors (the disk's sector size is not known here; an offset too many
+ * is only hashed too). Extended partitions' chains are not followed. Never throws.
+ */
+export function tablePartitionStarts(head: Uint8Array): number[] {
+  const view = Buffer.from(head.buffer, head.byteOffset, head.byteLength);
+  const out: number[] = [];
+  for (const sector of [512, 4096]) {
+    const h = sector;
+    if (view.length < h + 92 || view.toString('latin1', h, h + 8) !== 'EFI PART') continue;
+    const entriesLba = Number(view.readBigUInt64LE(h + 72));
+    const count = view.readUInt32LE(h + 80);
+    const size = view.readUInt32LE(h + 84);
+    if (size < 128 || count > 4096) continue;
+    for (let i = 0; i < count; i++) {
+      const e = entriesLba * sector + i * size;
+      if (!Number.isSafeInteger(e) || e + 48 > view.length) break;
+      if (view.subarray(e, e + 16).every((b) => b === 0)) continue; // unused entry: no type GUID
+      const first = Number(view.readBigUInt64LE(e + 32));
+      if (Number.isSafeInteger(first * sector)) out.push(first * sector);
+    }
+    if (out.length > 0) return out;
+  }
+  if (view.length >= 512 && view[510] === 0x55 && view[511] === 0xaa) {
+    for (let i = 0; i < 4; i++) {
+      const e = 446 + i * 16;
+      const type = view[e + 4];
+      if (type === 0 || type === 0xee) continue; // empty, or GPT's protective entry
+      const lba = view.readUInt32LE(e + 8);
+      if (lba > 0) out.push(lba * 512, lba * 4096);
+    }
+  }
+  return out;
 }

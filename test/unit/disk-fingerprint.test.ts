@@ -9,7 +9,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { CacheEngine } from '../../src/cache/engine.js';
-import { diskFingerprint, fingerprintRegions, FINGERPRINT_REGION } from '../../src/cache/fingerprint.js';
+import { diskFingerprint, fingerprintRegions, FINGERPRINT_REGION, tablePartitionStarts } from '../../src/cache/fingerprint.js';
+import { execFileSync } from 'node:child_process';
 import { Metadata } from '../../src/cache/metadata.js';
 import { CacheStore, type CachePaths } from '../../src/cache/store.js';
 import { DiskChangedError } from '../../src/errors.js';
@@ -102,6 +103,50 @@ describe('diskFingerprint', () => {
       expect(await changedAt(3 * MiB + 1024)).toBe(true);
       expect(await changedAt(3 * MiB + FINGERPRINT_REGION + 4096)).toBe(false);
       expect(await changedAt(5 * MiB)).toBe(false);
+    } finally {
+      await source.close();
+    }
+  });
+});
+
+describe('partitions read from the disk\'s own table', () => {
+  /** A minimal GPT in the first 64 KiB: header at LBA 1, entries at LBA 2, used entries starting at `firsts` (LBAs). */
+  function gpt(sector: number, firsts: number[]): Buffer {
+    const head = Buffer.alloc(64 * 1024);
+    head.write('EFI PART', sector, 'latin1');
+    head.writeBigUInt64LE(2n, sector + 72);
+    head.writeUInt32LE(128, sector + 80);
+    head.writeUInt32LE(128, sector + 84);
+    firsts.forEach((lba, i) => {
+      const e = 2 * sector + i * 128;
+      head.fill(0xaa, e, e + 16); // a type GUID: the entry is used
+      head.writeBigUInt64LE(BigInt(lba), e + 32);
+    });
+    return head;
+  }
+
+  it('GPT with 512- and 4096-byte sectors, MBR in both sector sizes, nothing from a table-less disk', () => {
+    expect(tablePartitionStarts(gpt(512, [2048, 6144]))).toEqual([2048 * 512, 6144 * 512]);
+    expect(tablePartitionStarts(gpt(4096, [256, 768]))).toEqual([256 * 4096, 768 * 4096]);
+    const mbr = Buffer.alloc(4096);
+    mbr[510] = 0x55;
+    mbr[511] = 0xaa;
+    mbr[446 + 4] = 0x83;
+    mbr.writeUInt32LE(2048, 446 + 8);
+    mbr[446 + 16 + 4] = 0xee; // a protective entry is no partition
+    mbr.writeUInt32LE(1, 446 + 16 + 8);
+    expect(tablePartitionStarts(mbr)).toEqual([2048 * 512, 2048 * 4096]);
+    expect(tablePartitionStarts(randomBytes(4096).fill(0, 510, 512))).toEqual([]);
+  });
+
+  it('an image file with a GPT (no sysfs partitions): a change at a partition\'s start changes the fingerprint (newuser9b F1)', async () => {
+    // sgdisk (gdisk: a test dependency, scripts/install-test-deps.sh) writes a real table.
+    execFileSync('sgdisk', ['-n1:2048:+2M', '-n2:8192:0', disk], { stdio: 'ignore' });
+    const source = await openBacking(disk, { writable: false });
+    try {
+      const base = await diskFingerprint(source);
+      poke(8192 * 512 + 1024);
+      expect(await diskFingerprint(source)).not.toBe(base);
     } finally {
       await source.close();
     }
