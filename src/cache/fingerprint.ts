@@ -6,6 +6,7 @@
 // the cache's clean blocks may be older than the disk's. docs/design.md, "A disk written without
 // ulobdev", has the reasoning (when it is taken, what it cannot see).
 import { createHash } from 'node:crypto';
+import { constants, promises as fsp } from 'node:fs';
 import { alignedBuffer } from '../native/io.js';
 
 /** Bytes hashed at each region's start: 1 MiB. */
@@ -19,18 +20,44 @@ export interface FingerprintDisk {
   readAt(buf: Uint8Array, position: number): Promise<void>;
   /** Byte offsets where the disk's partitions start (empty for a partition or a disk without any). */
   partitionStarts?(): Promise<number[]>;
+  /**
+   * The disk's path: when given, the regions are read through a descriptor of its own opened with
+   * O_DIRECT, past every page cache. A block device's page cache is not its partitions': pages a
+   * holder of the whole disk kept stay stale after a write through /dev/sdb1 (a raw mount), and a
+   * fingerprint read from them would miss that write. Where O_DIRECT is refused (tmpfs), readAt.
+   */
+  readonly path?: string;
 }
 
 /**
  * The regions hashed, as [offset, length] in bytes, sorted and without repeats: the first and last
  * FINGERPRINT_REGION bytes of a disk of `size` bytes and the first FINGERPRINT_REGION (or to the
- * end of the disk) at each of `partitionStarts` that lies inside it.
+ * end of the disk) at each of `partitionStarts` that lies inside it, and one 4 KiB probe at 1, 2,
+ * 16 and 17 MiB past the disk's and each partition's start that fits (LVM's and LUKS's default
+ * data offsets, where a filesystem inside them keeps its superblock).
  */
 export function fingerprintRegions(size: number, partitionStarts: readonly number[] = []): [number, number][] {
   const starts = new Set<number>([0, Math.max(0, size - FINGERPRINT_REGION)]);
   for (const p of partitionStarts) if (Number.isSafeInteger(p) && p >= 0 && p < size) starts.add(p);
-  return [...starts].sort((a, b) => a - b).map((at) => [at, Math.min(FINGERPRINT_REGION, size - at)]);
+  const regions = new Map<number, number>();
+  for (const at of starts) regions.set(at, Math.min(FINGERPRINT_REGION, size - at));
+  // Where a filesystem's superblock lies behind a container's header at its default layout: LVM's
+  // first extent (1 MiB), LUKS1's payload (2 MiB), LUKS2's (16 MiB), LUKS2 on LVM (17 MiB). One
+  // block each, from the disk's and each partition's start.
+  for (const p of [0, ...partitionStarts]) {
+    if (!Number.isSafeInteger(p) || p < 0) continue;
+    for (const off of CONTAINER_PROBES) {
+      const at = p + off;
+      if (at + PROBE <= size && !regions.has(at)) regions.set(at, PROBE);
+    }
+  }
+  return [...regions.entries()].sort((a, b) => a[0] - b[0]);
 }
+
+/** Offsets (bytes, from a disk's or partition's start) of the container probes: fingerprintRegions. */
+const CONTAINER_PROBES = [1, 2, 16, 17].map((m) => m * 1024 * 1024);
+/** Bytes of one container probe: the first block behind the header, where ext4's superblock (at 1 KiB), XFS's and btrfs's (at 64 KiB: not covered) lie. */
+const PROBE = 4096;
 
 /**
  * Reads the regions of `disk` (fingerprintRegions; at most a few MiB, one read each) and returns
@@ -38,21 +65,42 @@ export function fingerprintRegions(size: number, partitionStarts: readonly numbe
  * what disk.readAt throws (IOFailedError for a failing disk).
  */
 export async function diskFingerprint(disk: FingerprintDisk): Promise<string> {
-  const buf = alignedBuffer(FINGERPRINT_REGION, 4096);
-  // The partitions are also read from the disk's own table (in its first MiB, read here first):
-  // an image file has no sysfs partitions, yet a loop device with -P mounts them (newuser9b).
-  const head = buf.subarray(0, Math.min(FINGERPRINT_REGION, disk.size));
-  await disk.readAt(head, 0);
-  const starts = [...((await disk.partitionStarts?.()) ?? []), ...tablePartitionStarts(head)];
-  const regions = fingerprintRegions(disk.size, starts);
-  const hash = createHash('sha256');
-  for (const [at, length] of regions) {
-    const view = buf.subarray(0, length);
-    await disk.readAt(view, at);
-    hash.update(`${at}+${length}:`);
-    hash.update(view);
+  const direct = disk.path ? await fsp.open(disk.path, constants.O_RDONLY | constants.O_DIRECT).catch(() => null) : null;
+  try {
+    const readAt = async (view: Buffer, at: number): Promise<void> => {
+      if (direct) {
+        try {
+          for (let done = 0; done < view.length; ) {
+            const { bytesRead } = await direct.read(view, done, view.length - done, at + done);
+            if (bytesRead === 0) throw Object.assign(new Error(`${disk.path} ended at byte ${at + done}`), { code: 'EIO' });
+            done += bytesRead;
+          }
+          return;
+        } catch (err) {
+          // EINVAL: this read's size or place does not suit O_DIRECT here; the disk's own read then.
+          if ((err as { code?: string }).code !== 'EINVAL') throw err;
+        }
+      }
+      await disk.readAt(view, at);
+    };
+    const buf = alignedBuffer(FINGERPRINT_REGION, 4096);
+    // The partitions are also read from the disk's own table (in its first MiB, read here first):
+    // an image file has no sysfs partitions, yet a loop device with -P mounts them (newuser9b).
+    const head = buf.subarray(0, Math.min(FINGERPRINT_REGION, disk.size));
+    await readAt(head, 0);
+    const starts = [...((await disk.partitionStarts?.()) ?? []), ...tablePartitionStarts(head)];
+    const regions = fingerprintRegions(disk.size, starts);
+    const hash = createHash('sha256');
+    for (const [at, length] of regions) {
+      const view = buf.subarray(0, length);
+      await readAt(view, at);
+      hash.update(`${at}+${length}:`);
+      hash.update(view);
+    }
+    return `sha256:${hash.digest('hex')}`;
+  } finally {
+    await direct?.close().catch(() => undefined);
   }
-  return `sha256:${hash.digest('hex')}`;
 }
 
 /**

@@ -11,7 +11,7 @@ import { exists, sleep } from '../sys.js';
 import { run } from '../bdev/programs.js';
 import { RUN_DIR, STATE_DIR } from '../paths.js';
 import { DiskRecords } from '../cache/disk-record.js';
-import { diskFingerprint } from '../cache/fingerprint.js';
+import { diskFingerprint, type FingerprintDisk } from '../cache/fingerprint.js';
 import { formatBytes } from '../units.js';
 import { isWritable, observeReads, type SectorSize, type Source } from '../source/source.js';
 import { DiskHealth, type DiskHealthStatus } from '../source/health.js';
@@ -328,7 +328,13 @@ export class Daemon {
         records: options.diskRecords ? new DiskRecords(options.stateDir ?? STATE_DIR) : undefined,
         // A disk written without ulobdev since this cache last left it (the disk, not its wrappers:
         // these few reads are not misses and start no flush).
-        fingerprint: options.diskRecords ? () => diskFingerprint(source) : undefined,
+        fingerprint: options.diskRecords
+          ? () => {
+              // Read past every page cache (its own O_DIRECT descriptor of the disk's path).
+              const starts = (source as FingerprintDisk).partitionStarts;
+              return diskFingerprint({ size: source.size, readAt: (b, p) => source.readAt(b, p), partitionStarts: starts && (() => starts.call(source)), path: source.description });
+            }
+          : undefined,
       });
       undo.push(() => store.close());
       markStart('store');

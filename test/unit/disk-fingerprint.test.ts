@@ -4,7 +4,7 @@
 // clears it before it writes the disk and takes it again once the disk is synced, and that a
 // flush begun while it is being read leaves it unknown. Image files in a temp dir.
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, constants, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -61,22 +61,34 @@ function info() {
 }
 
 describe('fingerprintRegions', () => {
-  it('the first and last MiB and each partition start inside the disk, sorted, each once, cut at the end', () => {
+  it('the first and last MiB and each partition start inside the disk, sorted, each once, cut at the end; a 4 KiB probe at 1, 2, 16 and 17 MiB past each start that fits', () => {
     expect(fingerprintRegions(SIZE)).toEqual([
       [0, MiB],
+      [MiB, 4096],
+      [2 * MiB, 4096],
       [SIZE - MiB, MiB],
     ]);
     expect(fingerprintRegions(SIZE, [2 * MiB, 1 * MiB, 2 * MiB, SIZE - 4096, SIZE, -1])).toEqual([
       [0, MiB],
       [MiB, MiB],
       [2 * MiB, MiB],
+      [3 * MiB, 4096],
+      [4 * MiB, 4096],
       [SIZE - MiB, MiB],
       [SIZE - 4096, 4096],
+    ]);
+    // LUKS2's payload (16 MiB) and LUKS2 on LVM (17 MiB), on a larger disk.
+    expect(fingerprintRegions(64 * MiB).filter(([, len]) => len === 4096)).toEqual([
+      [MiB, 4096],
+      [2 * MiB, 4096],
+      [16 * MiB, 4096],
+      [17 * MiB, 4096],
     ]);
     // A disk smaller than two regions: they overlap, none reaches past the end.
     expect(fingerprintRegions(MiB + MiB / 2)).toEqual([
       [0, MiB],
       [MiB / 2, MiB],
+      [MiB, 4096],
     ]);
     expect(fingerprintRegions(4096)).toEqual([[0, 4096]]);
   });
@@ -102,7 +114,10 @@ describe('diskFingerprint', () => {
       expect(await changedAt(SIZE - 16)).toBe(true);
       expect(await changedAt(3 * MiB + 1024)).toBe(true);
       expect(await changedAt(3 * MiB + FINGERPRINT_REGION + 4096)).toBe(false);
-      expect(await changedAt(5 * MiB)).toBe(false);
+      // The container probes: LVM's first extent behind the disk's start, LUKS1's payload behind the partition's.
+      expect(await changedAt(MiB + 1024)).toBe(true);
+      expect(await changedAt(5 * MiB + 1024)).toBe(true);
+      expect(await changedAt(6 * MiB)).toBe(false);
     } finally {
       await source.close();
     }
@@ -147,6 +162,28 @@ describe('partitions read from the disk\'s own table', () => {
       const base = await diskFingerprint(source);
       poke(8192 * 512 + 1024);
       expect(await diskFingerprint(source)).not.toBe(base);
+    } finally {
+      await source.close();
+    }
+  });
+});
+
+describe('diskFingerprint with the disk\'s path', () => {
+  it('reads through its own O_DIRECT descriptor (past the page cache of whoever holds the disk), the same hash as through the disk', async () => {
+    const source = await openBacking(disk, { writable: false });
+    try {
+      const viaDisk = await diskFingerprint(source);
+      let direct = true;
+      try {
+        closeSync(openSync(disk, constants.O_RDONLY | constants.O_DIRECT));
+      } catch {
+        direct = false; // tmpfs: the disk's own reads are the fallback
+      }
+      const never = async () => {
+        throw new Error('read through the disk');
+      };
+      const viaPath = diskFingerprint({ size: source.size, readAt: direct ? never : (b, p) => source.readAt(b, p), path: disk });
+      expect(await viaPath).toBe(viaDisk);
     } finally {
       await source.close();
     }
