@@ -577,6 +577,9 @@ async function report(device: string, flags: ReportFlags): Promise<void> {
     if (!(await fsp.stat(dir).catch(() => undefined))?.isDirectory()) {
       throw new InvalidArgumentError(`--svg ${flags.svg}: the directory ${dir} does not exist; create it or pick another`);
     }
+    if ((await fsp.stat(flags.svg).catch(() => undefined))?.isDirectory()) {
+      throw new InvalidArgumentError(`--svg ${flags.svg} is a directory; give a file name in it, e.g. ${join(flags.svg, `${device}.svg`)}`);
+    }
   }
   const since = Date.now() - hours * 3600_000;
   let data: ReportData;
@@ -591,7 +594,11 @@ async function report(device: string, flags: ReportFlags): Promise<void> {
     data = historyFromCache(cache, since);
   }
   if (flags.svg) {
-    await fsp.writeFile(flags.svg, renderReportSvg(data, { title: `${device}: dirty data, flushes and spin-ups` }));
+    // A file that cannot be made there (/proc, a read-only mount, no permission): one line, exit 1.
+    const svg = renderReportSvg(data, { title: `${device}: dirty data, flushes and spin-ups` });
+    await fsp.writeFile(flags.svg, svg).catch((err: unknown) => {
+      throw new InvalidArgumentError(`--svg ${flags.svg}: cannot write it (${(err as { code?: string }).code ?? oneLine(err)}); pick a file you can write`);
+    });
     process.stdout.write(`${flags.svg}: ${data.samples.length} samples, ${data.flushes.length} flushes, ${data.events.filter((e) => e.kind.startsWith('spinup')).length} spin-ups over ${hours} h\n`);
   }
   if (flags.json) process.stdout.write(JSON.stringify(data) + '\n');

@@ -151,6 +151,17 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     );
   });
 
+  it('report --svg to a directory or a place no file can be made (newuser9b): one line, exit 1', async () => {
+    s = scratch('ulob-cli-');
+    const disk = makeDisk('a.img');
+    await makeCache(disk);
+    await expectRefused(
+      ['report', 'x', '--svg', s.dir, '-c', join(s.dir, 'c.cache')],
+      new RegExp(`^ulobdev: --svg ${s.dir} is a directory; give a file name in it, e\\.g\\. ${s.dir}/x\\.svg\n$`),
+    );
+    await expectRefused(['report', 'x', '--svg', '/proc/r.svg', '-c', join(s.dir, 'c.cache')], /^ulobdev: --svg \/proc\/r\.svg: cannot write it \(E[A-Z]+\); pick a file you can write\n$/);
+  });
+
   it('status --json of a device nobody serves (newuser9): the error as JSON on stdout too, one line on stderr, exit 1', async () => {
     s = scratch('ulob-cli-');
     const r = await ulobdev(['status', 'nosuch', '--json', '--run-dir', s.runDir]);
