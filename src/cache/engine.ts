@@ -1251,7 +1251,7 @@ export class CacheEngine {
         const want = store.usedBlocks + blocks - store.budgetBlocks + headroom;
         let freed = await this.evict(want, { pinned: futile > 0 });
         // Nothing dirty: no flush can free anything; the last resort at once (review8 K2's reads).
-        if (freed === 0 && futile === 0 && this.externalEpochs?.evict && store.usedBlocks + blocks > store.budgetBlocks && this.#dirtyDataNow() === 0) {
+        if (freed === 0 && futile === 0 && this.externalEpochs?.evict && store.usedBlocks + blocks > store.budgetBlocks && this.dirtyDataBlocks() === 0) {
           freed = await this.evict(want, { pinned: true });
         }
         if (freed > 0 || store.usedBlocks + blocks <= store.budgetBlocks) {
@@ -1302,11 +1302,6 @@ export class CacheEngine {
     } finally {
       this.spaceWaiters--;
     }
-  }
-
-  /** Dirty blocks holding data now: the outside path's exact count where it has one, else the store's. */
-  #dirtyDataNow(): number {
-    return this.externalEpochs?.dirtyDataBlocks?.() ?? this.store.dirty.count();
   }
 
   /** Blocks one eviction frees beyond what is asked: 1/32 of the budget, 1 to 64 units. */

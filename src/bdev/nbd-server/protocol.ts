@@ -429,15 +429,16 @@ export interface NbdRequest {
   length: number;
   /** The payload of NBD_CMD_WRITE. */
   data?: Buffer;
-  /** `data` came from the decoder's allocator (decodeRequest): hand it back once the write is done. */
+  /** `data` came from the decoder's allocator (decodeRequest, decodeRequestStart): hand it back once the write is done. */
   pooled?: boolean;
 }
 
 /**
- * One request (with its payload for NBD_CMD_WRITE), or null until all of it has arrived. A bad
- * magic, or a write payload over `maxWrite`, throws as soon as the header is there.
+ * The header of the next request, still queued (the caller skips it), or null until all of it has
+ * arrived. Throws NbdProtocolError for a bad magic, or a write payload over `maxWrite` (it has to
+ * be read to stay in step with the stream; one too big to buffer ends it).
  */
-export function decodeRequest(q: ByteQueue, maxWrite: number, allocPayload?: (length: number) => Buffer): NbdRequest | null {
+function peekRequestHeader(q: ByteQueue, maxWrite: number): NbdRequest | null {
   if (q.length < REQUEST_HEADER_SIZE) return null;
   const h = q.peek(REQUEST_HEADER_SIZE);
   const magic = h.readUInt32BE(0);
@@ -449,11 +450,20 @@ export function decodeRequest(q: ByteQueue, maxWrite: number, allocPayload?: (le
     offset: h.readBigUInt64BE(16),
     length: h.readUInt32BE(24),
   };
+  if (req.type === Cmd.WRITE && req.length > maxWrite) {
+    throw new NbdProtocolError(`NBD_CMD_WRITE of ${req.length} bytes exceeds the maximum payload of ${maxWrite}`);
+  }
+  return req;
+}
+
+/**
+ * One request (with its payload for NBD_CMD_WRITE), or null until all of it has arrived. A bad
+ * magic, or a write payload over `maxWrite`, throws as soon as the header is there.
+ */
+export function decodeRequest(q: ByteQueue, maxWrite: number, allocPayload?: (length: number) => Buffer): NbdRequest | null {
+  const req = peekRequestHeader(q, maxWrite);
+  if (!req) return null;
   if (req.type === Cmd.WRITE) {
-    // The payload has to be read to stay in step with the stream; one too big to buffer ends it.
-    if (req.length > maxWrite) {
-      throw new NbdProtocolError(`NBD_CMD_WRITE of ${req.length} bytes exceeds the maximum payload of ${maxWrite}`);
-    }
     if (q.length < REQUEST_HEADER_SIZE + req.length) return null;
     q.skip(REQUEST_HEADER_SIZE);
     // A payload in one received chunk is a view of it; one spread over several is copied, into
@@ -486,20 +496,8 @@ export interface RequestStart {
  * Throws NbdProtocolError for a bad magic or a write payload over `maxWrite`.
  */
 export function decodeRequestStart(q: ByteQueue, maxWrite: number, allocPayload: (length: number) => Buffer): RequestStart | null {
-  if (q.length < REQUEST_HEADER_SIZE) return null;
-  const h = q.peek(REQUEST_HEADER_SIZE);
-  const magic = h.readUInt32BE(0);
-  if (magic !== REQUEST_MAGIC) throw new NbdProtocolError(`bad request magic 0x${magic.toString(16)}`);
-  const req: NbdRequest = {
-    flags: h.readUInt16BE(4),
-    type: h.readUInt16BE(6),
-    handle: h.readBigUInt64BE(8),
-    offset: h.readBigUInt64BE(16),
-    length: h.readUInt32BE(24),
-  };
-  if (req.type === Cmd.WRITE && req.length > maxWrite) {
-    throw new NbdProtocolError(`NBD_CMD_WRITE of ${req.length} bytes exceeds the maximum payload of ${maxWrite}`);
-  }
+  const req = peekRequestHeader(q, maxWrite);
+  if (!req) return null;
   q.skip(REQUEST_HEADER_SIZE);
   if (req.type !== Cmd.WRITE) return { req, have: 0 };
   const data = allocPayload(req.length);
