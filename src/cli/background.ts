@@ -137,12 +137,15 @@ export async function daemonize(device: string, options: DaemonizeOptions): Prom
   let text = '';
   let line = '';
   pipe.setEncoding('utf8');
-  // NOTE lines (what the attach recovered) go to stderr; READY or ERROR ends the wait.
+  // NOTE lines (what the attach recovered) go to stderr; READY or ERROR ends the wait. A notice
+  // names the device only when DEVICE named one: `/dev/loop` is not the device it got (newuser9b),
+  // and each notice names the disk itself.
+  const where = /^\/dev\/(loop|ublkb)$/.test(device) ? '' : `${device}: `;
   const next = () => {
     for (let nl = text.indexOf('\n'); nl >= 0; nl = text.indexOf('\n')) {
       const l = text.slice(0, nl);
       text = text.slice(nl + 1);
-      if (l.startsWith('NOTE ')) process.stderr.write(`ulobdev: ${device}: ${l.slice('NOTE '.length)}\n`);
+      if (l.startsWith('NOTE ')) process.stderr.write(`ulobdev: ${where}${l.slice('NOTE '.length)}\n`);
       else return l;
     }
     return null;

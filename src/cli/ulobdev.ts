@@ -732,7 +732,7 @@ export function buildProgram(): Command {
     .option('--metadata <PATH>', 'metadata database (default: CACHE.meta)')
     .option('--writeback', 'accept writes: they land on flash, marked dirty (default: read-only)')
     .option('--block-size <N>', 'cache block size for a new cache, 4K to 1M', blockSizeArg)
-    .option('--cache-size <SIZE|PCT>', 'flash the cache may take (256M, 500G, 25% of the disk); default: a full mirror of the disk')
+    .option('--cache-size <SIZE|PCT>', 'flash the cache may take (256M, 500G, 25% of the disk); more than the disk is the whole disk; default: a full mirror of the disk')
     .option('--eviction-unit <SIZE>', 'for a new cache with --cache-size: what is filled and evicted at once, 64K to 1M (default 256K)')
     .option('--daemon', 'return once DEVICE is ready and keep serving in the background')
     .option('--name <NAME>', 'name for status, flush and detach, and of the control socket (default: from DEVICE)', nameArg)

@@ -78,6 +78,16 @@ describe('--cache-size larger than the disk (newuser9)', () => {
     expect(r.stderr).toMatch(new RegExp(`^ulobdev: [^\\n]*--cache-size 1 TiB is more than all of ${s.dir}/disk\\.img \\(16 MiB\\): the cache holds at most the whole disk, so its budget is 16 MiB\\n`, 'm'));
     expect((await statusJson(serveUrl())).budgetBytes).toBe(16 << 20);
   });
+
+  it('names no device in the notice when DEVICE is /dev/loop: not the device it got (newuser9b)', async () => {
+    s = scratch('ulob-typing-');
+    const r = await ulobdev([...cacheArgs(), '--cache-size', '1T', '--daemon', '--run-dir', s.runDir, '/dev/loop', makeDisk('disk.img')]);
+    expect(r.code, r.stderr).toBe(0);
+    const got = r.stdout.trim();
+    undo.push(() => ulobdev(['detach', got, '--run-dir', s.runDir]));
+    expect(got).toMatch(/^\/dev\/loop\d+$/);
+    expect(r.stderr).toMatch(new RegExp(`^ulobdev: --cache-size 1 TiB is more than all of ${s.dir}/disk\\.img \\(16 MiB\\)`, 'm'));
+  });
 });
 
 describe('every command takes the device or the --name (item 9)', () => {
