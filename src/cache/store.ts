@@ -265,7 +265,7 @@ export class CacheStore {
     let files: { cache: BlockFile; bitmapFile: BlockFile } | undefined;
     try {
       const info = meta.info;
-      checkIdentity(info, backing, options.blockSize, paths.metadata, () => madeFor(options.records, info));
+      checkIdentity(info, backing, options.blockSize, paths.metadata, () => madeFor(options.records, info), () => dirtyBytesOf(meta!, info.blockSize), paths.cache);
       const geometry = new Geometry(info.backingSize, info.blockSize);
       const budget = options.budget ?? info.budget;
       const creating = info.state === 'creating';
@@ -1300,7 +1300,22 @@ function madeFor(records: DiskRecords | undefined, info: CacheInfo): string | un
   }
 }
 
-function checkIdentity(info: CacheInfo, backing: OpenStoreOptions['backing'], blockSize: number | undefined, metaPath: string, madeForDisk: () => string | undefined = () => undefined): void {
+/** Bytes of dirty data (zeroed ranges included) a cache's metadata records. */
+function dirtyBytesOf(meta: Metadata, blockSize: number): number {
+  let blocks = 0;
+  for (const e of meta.dirtyExtents()) blocks += e.count;
+  return blocks * blockSize;
+}
+
+function checkIdentity(
+  info: CacheInfo,
+  backing: OpenStoreOptions['backing'],
+  blockSize: number | undefined,
+  metaPath: string,
+  madeForDisk: () => string | undefined = () => undefined,
+  dirtyBytes: () => number = () => 0,
+  cachePath = metaPath,
+): void {
   if (info.backingId !== backing.id) {
     // The user knows disks by path, not by id (newuser8 item 7): the path the cache was made for
     // when the disk records know it; what to do either way.
@@ -1310,9 +1325,16 @@ function checkIdentity(info: CacheInfo, backing: OpenStoreOptions['backing'], bl
     );
   }
   if (info.backingSize !== backing.size) {
-    throw new SizeMismatchError(
-      `${backing.description} is ${backing.size} bytes but its cache was made for ${info.backingSize} bytes; re-create it with 'ulobdev discard'`,
-    );
+    // The cache maps block n to offset n of the disk it was made for: a disk that grew or shrank
+    // (lvextend, a grown image, a moved partition end) needs a new cache. What to do depends on
+    // whether the old one still holds data the disk has not received (newuser10).
+    const how = backing.size > info.backingSize ? 'grew' : 'shrank';
+    const dirty = dirtyBytes();
+    const wayOut =
+      dirty === 0
+        ? `it holds no dirty data: 'ulobdev discard -c ${cachePath} ${backing.description}', then attach again for a new cache of the whole disk`
+        : `it still holds ${formatBytes(dirty)} of dirty data for the old size: give the disk its old size back (lvreduce, truncate, the partition's old end), attach, 'ulobdev flush --wait', detach, then resize, discard and attach again; or 'ulobdev discard --force' to lose it`;
+    throw new SizeMismatchError(`${backing.description} is ${backing.size} bytes but its cache was made for ${info.backingSize} bytes (the disk ${how}); ${wayOut}`);
   }
   if (blockSize !== undefined && blockSize !== info.blockSize) {
     throw new SizeMismatchError(`${metaPath}: the cache uses ${info.blockSize}-byte blocks, not ${blockSize}; omit --block-size or re-create it`);

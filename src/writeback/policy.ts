@@ -169,10 +169,20 @@ export function parseCacheSize(text: string): DirtyLimit {
     if (!(percent > 0 && percent <= 100)) throw new InvalidArgumentError(`--cache-size ${text}: a percentage must be above 0 and at most 100`);
     return { percent };
   }
+  // A bare number (newuser10: "64" was "less than 1M") and a size past any disk (10000000T was
+  // "neither a size nor a percentage") get their own lines.
+  const bare = /^\s*(\d+(?:\.\d+)?)\s*$/.exec(text);
+  if (bare) {
+    const share = Number(bare[1]) > 0 && Number(bare[1]) <= 100 ? `${bare[1]}% for a share of the disk, or ` : '';
+    throw new InvalidArgumentError(`--cache-size ${bare[1]} has no unit: write ${share}a size such as ${bare[1]}M or ${bare[1]}G`);
+  }
   let bytes: number;
   try {
     bytes = parseSize(text);
   } catch {
+    if (/^\s*\d+(?:\.\d+)?\s*[kmgt]?(?:i?b)?\s*$/i.test(text)) {
+      throw new InvalidArgumentError(`--cache-size ${text.trim()} is larger than any disk: give the flash the cache may take, such as 500G, or a percentage of the disk (25%)`);
+    }
     throw new InvalidArgumentError(`--cache-size ${JSON.stringify(text)} is neither a size (256M, 500G) nor a percentage of the disk (25%)`);
   }
   if (bytes < 1 << 20) throw new InvalidArgumentError(`--cache-size ${text} is less than 1M; a cache budget needs at least a few eviction units (256K each)`);

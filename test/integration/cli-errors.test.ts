@@ -175,7 +175,28 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     const disk = makeDisk('disk.img');
     await makeCache(disk);
     mustSh('truncate', ['-s', '32M', disk]);
-    await expectRefused([...cacheArgs(), unusedLoop(), disk], /but its cache was made for 16777216 bytes/);
+    await expectRefused(
+      [...cacheArgs(), unusedLoop(), disk],
+      new RegExp(`but its cache was made for 16777216 bytes \\(the disk grew\\); it holds no dirty data: 'ulobdev discard -c ${s.dir}/c\\.cache ${s.dir}/disk\\.img', then attach`),
+    );
+  });
+
+  it('a disk whose size changed under a cache holding dirty data (newuser10): the way out keeps the data', async () => {
+    s = scratch('ulob-cli-');
+    const disk = makeDisk('disk.img');
+    const url = `nbd+unix:///?socket=${join(s.dir, 'dirty.sock')}`;
+    const r = await ulobdev([...cacheArgs(), '--writeback', '--daemon', '--run-dir', s.runDir, url, disk]);
+    expect(r.code, r.stderr).toBe(0);
+    mustSh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 64k', url]);
+    const st = await ulobdev(['status', url, '--json', '--run-dir', s.runDir]);
+    const pid = JSON.parse(st.stdout).pid as number;
+    process.kill(pid, 'SIGKILL');
+    await new Promise((done) => setTimeout(done, 300));
+    mustSh('truncate', ['-s', '8M', disk]);
+    // The first attempt after the kill recovers the dead daemon's leftovers (its socket, the WAL
+    // folded into the metadata); the refusal under test is the second, which changes nothing.
+    expect((await ulobdev([...cacheArgs(), unusedLoop(), disk, '--run-dir', s.runDir])).code).toBe(1);
+    await expectRefused([...cacheArgs(), unusedLoop(), disk], /made for 16777216 bytes \(the disk shrank\); it still holds 64 KiB of dirty data for the old size: give the disk its old size back/);
   });
 
   it('corrupt metadata', async () => {

@@ -1,6 +1,6 @@
 // The write-back options as parsed (src/writeback/policy.ts) and the report SVG.
 import { describe, expect, it } from 'vitest';
-import { cronWarning, dirtyLimitBytes, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../../src/writeback/policy.js';
+import { cronWarning, dirtyLimitBytes, parseCacheSize, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../../src/writeback/policy.js';
 import { renderReportSvg } from '../../src/writeback/report.js';
 
 /** The message `f` throws (it must throw). */
@@ -113,6 +113,16 @@ describe('write-back options', () => {
     expect(parseDirtyLimit('4096B')).toEqual({ bytes: 4096 });
     expect(parseDirtyLimit('2G')).toEqual({ bytes: 2 * 2 ** 30 });
     expect(parseDirtyLimit('1.5GiB')).toEqual({ bytes: 1.5 * 2 ** 30 });
+  });
+
+  it('says what is wrong with a --cache-size: no unit, larger than any disk, not a size (newuser10)', () => {
+    expect(parseCacheSize('256M')).toEqual({ bytes: 256 << 20 });
+    expect(parseCacheSize('25%')).toEqual({ percent: 25 });
+    expect(() => parseCacheSize('64')).toThrow(/^--cache-size 64 has no unit: write 64% for a share of the disk, or a size such as 64M or 64G$/);
+    expect(() => parseCacheSize('4096')).toThrow(/^--cache-size 4096 has no unit: write a size such as 4096M or 4096G$/);
+    expect(() => parseCacheSize('10000000T')).toThrow(/^--cache-size 10000000T is larger than any disk: give the flash the cache may take/);
+    expect(() => parseCacheSize('lots')).toThrow(/^--cache-size "lots" is neither a size \(256M, 500G\) nor a percentage of the disk \(25%\)$/);
+    expect(() => parseCacheSize('512K')).toThrow(/is less than 1M/);
   });
 
   it('takes durations in s, m, h, d and combinations', () => {
