@@ -1,6 +1,7 @@
 // Storage on real files and block devices: Node opens, the native addon does positioned I/O,
 // fdatasync and fallocate on the libuv threadpool.
-import { constants as fsc, promises as fsp } from 'node:fs';
+import { constants as fsc, promises as fsp, writeSync } from 'node:fs';
+import { performance } from 'node:perf_hooks';
 import { blkGetSize64, blkZeroOut } from '../native/blkdev.js';
 import { errnoError } from '../native/addon.js';
 import { alignedBuffer, copyRange, copyRanges, copyStream, fallocate, fdatasync, pread, preadNowait, punchHole, pwrite, pwriteList, seekData } from '../native/io.js';
@@ -13,6 +14,15 @@ const ZERO_CHUNK = 1 << 20;
 const GATHER_MAX_WRITE = 64 * 1024;
 /** Bytes per gathered threadpool job at most, so several jobs still share the threads. */
 const GATHER_MAX_JOB = 256 * 1024;
+/** writeNow() takes writes up to this size (a few page copies); larger ones go to the threadpool. */
+const NOW_MAX_WRITE = 64 * 1024;
+/**
+ * A writeNow() that took longer than this (ms) held the event loop for a wait (dirty-page
+ * throttling, a journal commit, a page to read in): writeNow() then declines for NOW_BACKOFF_MS, so
+ * writes go to the threadpool while the file is slow.
+ */
+const NOW_STALL_MS = 1;
+const NOW_BACKOFF_MS = 1000;
 
 interface QueuedWrite {
   buf: Uint8Array;
@@ -30,6 +40,8 @@ class PosixFile implements BlockFile {
   #blockDevice: boolean | undefined;
   /** Small writes waiting for the end of this event-loop turn (write()). */
   #gathered: QueuedWrite[] = [];
+  /** performance.now() before which writeNow() declines (a slow one was seen: NOW_STALL_MS). */
+  #nowWritesFrom = 0;
 
   constructor(path: string, handle: fsp.FileHandle, direct: boolean) {
     this.path = path;
@@ -48,6 +60,40 @@ class PosixFile implements BlockFile {
     if (n === buf.byteLength || n === 0) return Promise.resolve(n);
     if (n < 0) return pread(this.#fd, buf, 0, buf.byteLength, position);
     return pread(this.#fd, buf, n, buf.byteLength - n, position + n).then((m) => n + m);
+  }
+
+  /** BlockFile.readNow: preadv2(RWF_NOWAIT), so only page-cache hits; never on an O_DIRECT file. */
+  readNow(buf: Uint8Array, position: number): boolean {
+    if (this.#direct || buf.byteLength === 0) return false;
+    try {
+      return preadNowait(this.#fd, buf, 0, buf.byteLength, position) === buf.byteLength;
+    } catch {
+      return false;
+    }
+  }
+
+  /**
+   * BlockFile.writeNow: a plain pwrite on the calling thread (the event loop) for writes of up to
+   * NOW_MAX_WRITE bytes to a buffered file, as nbdkit's file plugin writes on the thread that read
+   * the request: no threadpool hand-off, and the reply can leave in the same turn. Buffered
+   * writes cannot ask not to wait (ext4 refuses RWF_NOWAIT for them), so a write that took over
+   * NOW_STALL_MS makes this decline for NOW_BACKOFF_MS: while the page cache throttles or the
+   * journal commits, writes wait on the threadpool, not on the event loop.
+   */
+  writeNow(buf: Uint8Array, position: number): boolean {
+    const length = buf.byteLength;
+    if (this.#direct || length === 0 || length > NOW_MAX_WRITE) return false;
+    const started = performance.now();
+    if (started < this.#nowWritesFrom) return false;
+    let n: number;
+    try {
+      n = writeSync(this.#fd, buf, 0, length, position);
+    } catch {
+      return false;
+    }
+    const ended = performance.now();
+    if (ended - started > NOW_STALL_MS) this.#nowWritesFrom = ended + NOW_BACKOFF_MS;
+    return n === length;
   }
 
   /**

@@ -82,3 +82,66 @@ describe('posixStorage writes', () => {
     await file.close();
   });
 });
+
+describe('posixStorage reads and writes done now (readNow, writeNow)', () => {
+  it('writeNow writes small buffered writes on the calling thread; large ones, O_DIRECT files and failures are declined, never thrown', async () => {
+    const path = join(dir, 'n');
+    const file = await posixStorage.open(path, { create: true });
+    await file.allocate(1 << 20);
+    const data = randomBytes(1 << 20);
+    expect(file.writeNow!(data.subarray(0, 4096), 8192)).toBe(true);
+    expect(file.writeNow!(data.subarray(0, 64 * 1024), 65536)).toBe(true);
+    // Over 64 KiB: the threadpool's.
+    expect(file.writeNow!(data.subarray(0, 64 * 1024 + 1), 262144)).toBe(false);
+    expect(file.writeNow!(Buffer.alloc(0), 0)).toBe(false);
+    expect(calls.list).toEqual([]);
+    expect(calls.single).toBe(0);
+    const back = readFileSync(path);
+    expect(back.subarray(8192, 12288).equals(data.subarray(0, 4096))).toBe(true);
+    expect(back.subarray(65536, 131072).equals(data.subarray(0, 65536))).toBe(true);
+    expect(back.subarray(262144, 262145)[0]).toBe(0);
+    // readNow: what the page cache holds (all of it, just written).
+    const got = Buffer.alloc(4096);
+    expect(file.readNow!(got, 8192)).toBe(true);
+    expect(got.equals(data.subarray(0, 4096))).toBe(true);
+    // Past the end of the file: short, declined.
+    expect(file.readNow!(got, (1 << 20) - 100)).toBe(false);
+    await file.close();
+
+    // A read-only file: the pwrite fails (EBADF); declined, for write() to report.
+    const ro = await posixStorage.open(path, { readOnly: true });
+    expect(ro.writeNow!(Buffer.alloc(512), 0)).toBe(false);
+    await ro.close();
+    const direct = await posixStorage.open(path, { direct: true });
+    const { alignedBuffer } = await import('../../src/native/io.js');
+    const buf = alignedBuffer(4096);
+    expect(direct.writeNow!(buf, 0)).toBe(false);
+    expect(direct.readNow!(buf, 0)).toBe(false);
+    await direct.close();
+  });
+
+  it('after a writeNow that held the thread over 1 ms, writeNow declines for a second, then writes on the thread again', async () => {
+    const path = join(dir, 's');
+    const file = await posixStorage.open(path, { create: true });
+    await file.allocate(65536);
+    let t = 1000;
+    const now = vi.spyOn(performance, 'now').mockImplementation(() => t);
+    try {
+      // A write seen to take 0.5 ms: fine. One of 2 ms (a throttled page cache, a journal commit): back off.
+      now.mockImplementationOnce(() => t).mockImplementationOnce(() => t + 0.5);
+      expect(file.writeNow!(Buffer.alloc(4096, 1), 0)).toBe(true);
+      t = 2000;
+      now.mockImplementationOnce(() => t).mockImplementationOnce(() => t + 2);
+      expect(file.writeNow!(Buffer.alloc(4096, 2), 0)).toBe(true);
+      t = 2500;
+      expect(file.writeNow!(Buffer.alloc(4096, 3), 4096)).toBe(false);
+      t = 3003;
+      expect(file.writeNow!(Buffer.alloc(4096, 4), 4096)).toBe(true);
+    } finally {
+      now.mockRestore();
+    }
+    const back = readFileSync(path);
+    expect([back[0], back[4096]]).toEqual([2, 4]);
+    await file.close();
+  });
+});
