@@ -18,11 +18,14 @@ const GATHER_MAX_JOB = 256 * 1024;
 const NOW_MAX_WRITE = 64 * 1024;
 /**
  * A writeNow() that took longer than this (ms) held the event loop for a wait (dirty-page
- * throttling, a journal commit, a page to read in): writeNow() then declines for NOW_BACKOFF_MS, so
- * writes go to the threadpool while the file is slow.
+ * throttling, a journal commit, a page to read in) or was preempted (a loaded machine): writeNow()
+ * then declines for a while, so writes go to the threadpool while the file is slow. The while
+ * starts at NOW_BACKOFF_MIN_MS (a preemption costs little) and doubles with each slow write in a
+ * row up to NOW_BACKOFF_MAX_MS (a throttled page cache stalls the loop rarely); a fast one resets it.
  */
 const NOW_STALL_MS = 1;
-const NOW_BACKOFF_MS = 1000;
+const NOW_BACKOFF_MIN_MS = 20;
+const NOW_BACKOFF_MAX_MS = 2000;
 
 interface QueuedWrite {
   buf: Uint8Array;
@@ -42,6 +45,8 @@ class PosixFile implements BlockFile {
   #gathered: QueuedWrite[] = [];
   /** performance.now() before which writeNow() declines (a slow one was seen: NOW_STALL_MS). */
   #nowWritesFrom = 0;
+  /** How long the next slow writeNow() makes it decline (ms). */
+  #nowBackoffMs = NOW_BACKOFF_MIN_MS;
 
   constructor(path: string, handle: fsp.FileHandle, direct: boolean) {
     this.path = path;
@@ -92,7 +97,12 @@ class PosixFile implements BlockFile {
       return false;
     }
     const ended = performance.now();
-    if (ended - started > NOW_STALL_MS) this.#nowWritesFrom = ended + NOW_BACKOFF_MS;
+    if (ended - started > NOW_STALL_MS) {
+      this.#nowWritesFrom = ended + this.#nowBackoffMs;
+      this.#nowBackoffMs = Math.min(NOW_BACKOFF_MAX_MS, this.#nowBackoffMs * 2);
+    } else {
+      this.#nowBackoffMs = NOW_BACKOFF_MIN_MS;
+    }
     return n === length;
   }
 

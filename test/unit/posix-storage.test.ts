@@ -120,28 +120,44 @@ describe('posixStorage reads and writes done now (readNow, writeNow)', () => {
     await direct.close();
   });
 
-  it('after a writeNow that held the thread over 1 ms, writeNow declines for a second, then writes on the thread again', async () => {
+  it('a writeNow that held the thread over 1 ms makes it decline for 20 ms, doubling while writes stay slow; a fast one resets it', async () => {
     const path = join(dir, 's');
     const file = await posixStorage.open(path, { create: true });
     await file.allocate(65536);
-    let t = 1000;
-    const now = vi.spyOn(performance, 'now').mockImplementation(() => t);
+    /** What performance.now() says next: the start and the end of a write. */
+    let clock: number[] = [];
+    const now = vi.spyOn(performance, 'now').mockImplementation(() => clock.shift() ?? NaN);
+    /** writeNow at time `at`, seen to take `took` ms. */
+    const write = (at: number, took: number, fill: number) => {
+      clock = [at, at + took];
+      return file.writeNow!(Buffer.alloc(4096, fill), 0);
+    };
     try {
-      // A write seen to take 0.5 ms: fine. One of 2 ms (a throttled page cache, a journal commit): back off.
-      now.mockImplementationOnce(() => t).mockImplementationOnce(() => t + 0.5);
-      expect(file.writeNow!(Buffer.alloc(4096, 1), 0)).toBe(true);
-      t = 2000;
-      now.mockImplementationOnce(() => t).mockImplementationOnce(() => t + 2);
-      expect(file.writeNow!(Buffer.alloc(4096, 2), 0)).toBe(true);
-      t = 2500;
-      expect(file.writeNow!(Buffer.alloc(4096, 3), 4096)).toBe(false);
-      t = 3003;
-      expect(file.writeNow!(Buffer.alloc(4096, 4), 4096)).toBe(true);
+      expect(write(1000, 0.5, 1)).toBe(true);
+      // 2 ms (a throttled page cache, a journal commit, a preemption): 20 ms off the thread.
+      expect(write(2000, 2, 2)).toBe(true);
+      expect(write(2021, 0, 3)).toBe(false);
+      // Slow again: 40 ms, then 80.
+      expect(write(2023, 2, 4)).toBe(true);
+      expect(write(2064, 0, 5)).toBe(false);
+      expect(write(2066, 2, 6)).toBe(true);
+      expect(write(2146, 0, 7)).toBe(false);
+      // Fast once more: back to 20 ms after the next slow one.
+      expect(write(2149, 0.1, 8)).toBe(true);
+      expect(write(3000, 2, 9)).toBe(true);
+      expect(write(3021, 0, 10)).toBe(false);
+      expect(write(3023, 0.1, 11)).toBe(true);
+      // Never off for more than 2 s, however long it stays slow.
+      let at = 4000;
+      for (let i = 0; i < 12; i++) {
+        expect(write(at, 2, 12)).toBe(true);
+        at += 2 + Math.min(2000, 20 * 2 ** i) + 0.5;
+      }
+      expect(write(at - 1, 0, 13)).toBe(false);
     } finally {
       now.mockRestore();
     }
-    const back = readFileSync(path);
-    expect([back[0], back[4096]]).toEqual([2, 4]);
+    expect(readFileSync(path)[0]).toBe(12);
     await file.close();
   });
 });
