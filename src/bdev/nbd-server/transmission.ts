@@ -44,6 +44,8 @@ export class Transmission {
   #corked = false;
   /** Open beginBatch() calls: while above 0 the socket is corked until endBatch(). */
   #batch = 0;
+  /** The outermost beginBatch() corked the socket (it was writable then): endBatch() uncorks it. */
+  #batchCorked = false;
   readonly #allocPayload: (length: number) => Buffer;
 
   constructor(socket: net.Socket, config: ExportConfig, negotiated: Negotiated, log: Logger) {
@@ -136,13 +138,18 @@ export class Transmission {
    * of it. Batches nest.
    */
   beginBatch(): void {
-    if (this.#batch++ === 0 && writable(this.#socket)) this.#socket.cork();
+    if (this.#batch++ === 0 && writable(this.#socket)) {
+      this.#batchCorked = true;
+      this.#socket.cork();
+    }
   }
 
   /** Ends beginBatch()'s batch: the outermost one sends what it gathered. */
   endBatch(): void {
+    if (--this.#batch > 0 || !this.#batchCorked) return;
+    this.#batchCorked = false;
     // uncork() of a socket ended or destroyed meanwhile does nothing harmful.
-    if (--this.#batch === 0) this.#socket.uncork();
+    this.#socket.uncork();
   }
 
   async #execute(req: NbdRequest): Promise<void> {
