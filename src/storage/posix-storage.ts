@@ -14,6 +14,13 @@ const ZERO_CHUNK = 1 << 20;
 const GATHER_MAX_WRITE = 64 * 1024;
 /** Bytes per gathered threadpool job at most, so several jobs still share the threads. */
 const GATHER_MAX_JOB = 256 * 1024;
+/**
+ * Reads up to this size are copied from the page cache on the calling thread (preadNowait);
+ * longer ones go to the threadpool even when cached: a 1 MiB copy on the event loop is ~250 us of
+ * its time (bench/README.md, "Session 10"), and on the threadpool it runs beside the event loop's
+ * socket writes.
+ */
+const NOWAIT_MAX_READ = 128 * 1024;
 /** writeNow() takes writes up to this size (a few page copies); larger ones go to the threadpool. */
 const NOW_MAX_WRITE = 64 * 1024;
 /**
@@ -60,16 +67,17 @@ class PosixFile implements BlockFile {
   }
 
   read(buf: Uint8Array, position: number): Promise<number> {
-    // Page-cache hits are copied right here; only what is not cached goes to the threadpool.
-    const n = this.#direct ? -1 : preadNowait(this.#fd, buf, 0, buf.byteLength, position);
+    // Page-cache hits of up to NOWAIT_MAX_READ are copied right here; what is not cached, and
+    // longer reads, go to the threadpool.
+    const n = this.#direct || buf.byteLength > NOWAIT_MAX_READ ? -1 : preadNowait(this.#fd, buf, 0, buf.byteLength, position);
     if (n === buf.byteLength || n === 0) return Promise.resolve(n);
     if (n < 0) return pread(this.#fd, buf, 0, buf.byteLength, position);
     return pread(this.#fd, buf, n, buf.byteLength - n, position + n).then((m) => n + m);
   }
 
-  /** BlockFile.readNow: preadv2(RWF_NOWAIT), so only page-cache hits; never on an O_DIRECT file. */
+  /** BlockFile.readNow: preadv2(RWF_NOWAIT) of up to NOWAIT_MAX_READ, so only page-cache hits; never on an O_DIRECT file. */
   readNow(buf: Uint8Array, position: number): boolean {
-    if (this.#direct || buf.byteLength === 0) return false;
+    if (this.#direct || buf.byteLength === 0 || buf.byteLength > NOWAIT_MAX_READ) return false;
     try {
       return preadNowait(this.#fd, buf, 0, buf.byteLength, position) === buf.byteLength;
     } catch {

@@ -6,7 +6,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 
-const calls = vi.hoisted(() => ({ list: [] as number[], single: 0 }));
+const calls = vi.hoisted(() => ({ list: [] as number[], single: 0, preads: 0 }));
 vi.mock('../../src/native/io.js', async (importOriginal) => {
   const io = await importOriginal<typeof import('../../src/native/io.js')>();
   return {
@@ -14,6 +14,10 @@ vi.mock('../../src/native/io.js', async (importOriginal) => {
     pwriteList: (fd: number, buffers: Uint8Array[], positions: Float64Array) => {
       calls.list.push(buffers.length);
       return io.pwriteList(fd, buffers, positions);
+    },
+    pread: (...args: Parameters<typeof io.pread>) => {
+      calls.preads++;
+      return io.pread(...args);
     },
     pwrite: (...args: Parameters<typeof io.pwrite>) => {
       calls.single++;
@@ -30,6 +34,7 @@ beforeEach(() => {
   dir = mkdtempSync('/var/tmp/ulob-posix-');
   calls.list.length = 0;
   calls.single = 0;
+  calls.preads = 0;
 });
 afterEach(() => rmSync(dir, { recursive: true, force: true }));
 
@@ -158,6 +163,27 @@ describe('posixStorage reads and writes done now (readNow, writeNow)', () => {
       now.mockRestore();
     }
     expect(readFileSync(path)[0]).toBe(12);
+    await file.close();
+  });
+});
+
+describe('posixStorage reads', () => {
+  it('copies cached reads of up to 128 KiB on the calling thread; longer ones, cached or not, go to the threadpool', async () => {
+    const path = join(dir, 'r');
+    const data = randomBytes(1 << 20);
+    writeFileSync(path, data);
+    const file = await posixStorage.open(path);
+    readFileSync(path); // in the page cache
+    const small = Buffer.alloc(128 * 1024);
+    expect(await file.read(small, 4096)).toBe(small.byteLength);
+    expect(small.equals(data.subarray(4096, 4096 + small.byteLength))).toBe(true);
+    expect(file.readNow!(small, 8192)).toBe(true);
+    expect(calls.preads).toBe(0);
+    const large = Buffer.alloc(128 * 1024 + 512);
+    expect(file.readNow!(large, 0)).toBe(false);
+    expect(await file.read(large, 512)).toBe(large.byteLength);
+    expect(large.equals(data.subarray(512, 512 + large.byteLength))).toBe(true);
+    expect(calls.preads).toBe(1);
     await file.close();
   });
 });
