@@ -2,7 +2,7 @@
 // The module-free /dev/loopN frontend against its limit and against nbdkit, side by side in one run.
 //
 //   npx tsc -p tsconfig.json && sudo node bench/loop.js [--size 256M] [--seconds 5] [--reps 2]
-//        [--rows a,b,...] [--dir /var/tmp] [--json bench/results/loop.json] [--profile]
+//        [--rows a,b,...] [--dir /var/tmp] [--json bench/results/loop.json] [--profile] [--strace]
 //
 // Three loop devices, each fio'd the same way (libaio, direct=1, 1 s ramp, --seconds), one after
 // the other, rotating which goes first, --reps times; the best run of each is kept:
@@ -17,7 +17,9 @@
 // blocks ("first write": before each ulobdev run `ulobdev flush` cleans every block, so each write
 // records a durable dirty intent first; the others see the same workload). Ratios are ulobdev /
 // limit and ulobdev / nbdkit. With --profile the ulobdev daemon runs under `node --cpu-prof` and the
-// profile is written next to the JSON. Not a test: no assertions; the exit code is 0 unless the
+// profile is written next to the JSON. With --strace each server (all its threads) runs under
+// `strace -c -f` during its fio runs and the syscalls per request are printed (the rates of such
+// runs are not comparable: strace slows every syscall). Not a test: no assertions; the exit code is 0 unless the
 // bench breaks. Loops, mounts and processes it made are removed on every way out.
 import { execFileSync, spawn } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -37,6 +39,7 @@ const { values: opts } = parseArgs({
     dir: { type: 'string', default: '/var/tmp' },
     json: { type: 'string', default: fileURLToPath(new URL('./results/loop.json', import.meta.url)) },
     profile: { type: 'boolean', default: false },
+    strace: { type: 'boolean', default: false },
   },
 });
 const SIZE = Number(/^(\d+)M$/i.exec(opts.size)?.[1] ?? NaN) * MiB;
@@ -165,6 +168,28 @@ function splitPerIo(before, after, ios) {
   return Object.fromEntries(Object.keys(after).map((k) => [k, Math.round(((after[k] - before[k]) * 1e6) / ios)]));
 }
 
+/**
+ * --strace: `strace -c -f` attached to the server (all its threads) for one fio run. Returns the stop
+ * function, which detaches it and gives the calls of each syscall (errors included) from its
+ * summary. strace slows every syscall, so a run's rate is not comparable; the counts are.
+ */
+function straceStart(pid, file) {
+  const child = spawn('strace', ['-c', '-f', '-o', file, '-p', String(pid)], { stdio: 'ignore' });
+  live.children.push(child);
+  execFileSync('sleep', ['0.5']);
+  return async () => {
+    const exited = new Promise((r) => child.once('exit', r));
+    child.kill('SIGINT');
+    await exited;
+    const calls = {};
+    for (const line of readFileSync(file, 'utf8').split('\n')) {
+      const m = /^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:(\d+)\s+)?(\w+)\s*$/.exec(line);
+      if (m && m[3] !== 'total') calls[m[3]] = Number(m[1]);
+    }
+    return calls;
+  };
+}
+
 function fio(dev, row) {
   const out = run('fio', [
     '--name=bench', `--filename=${dev}`, '--ioengine=libaio', '--direct=1', `--rw=${row.rw}`, `--bs=${row.bs}`, `--iodepth=${row.qd}`,
@@ -183,6 +208,8 @@ const cpuPerIo = Object.fromEntries(ROWS.map((r) => [r.id, { ulobdev: [], nbdkit
 const cpuSplits = Object.fromEntries(ROWS.map((r) => [r.id, { ulobdev: [], nbdkit: [] }]));
 /** The ulobdev daemon's dirty-intent rounds in each run (status `intents`, before and after). */
 const intentRounds = Object.fromEntries(ROWS.map((r) => [r.id, []]));
+/** --strace: the server's syscalls per request, per row and target. */
+const syscalls = {};
 try {
   live.dir = mkdtempSync(join(opts.dir, 'ulobloop-'));
   const d = live.dir;
@@ -263,8 +290,18 @@ try {
         const intents0 = t === 'ulobdev' ? intentsNow() : null;
         const cpu0 = cpuSeconds(pids[t]);
         const split0 = t === 'limit' ? null : cpuSplit(pids[t]);
+        const stopStrace = opts.strace && t !== 'limit' ? straceStart(pids[t][0], join(d, `strace-${t}.txt`)) : null;
         const r = fio(targets[t], row);
         const cpu = cpuSeconds(pids[t]) - cpu0;
+        if (stopStrace) {
+          const calls = await stopStrace();
+          const perReq = Object.entries(calls)
+            .map(([k, v]) => [k, +(v / r.ios).toFixed(2)])
+            .filter(([, v]) => v >= 0.01)
+            .sort((a, b) => b[1] - a[1]);
+          (syscalls[row.id] ??= {})[t] = Object.fromEntries(perReq);
+          log(`  ${t} syscalls per request (strace -c -f, ${r.ios} requests): ${perReq.map(([k, v]) => `${k} ${v}`).join(', ')}`);
+        }
         results[row.id][t].push(r.value);
         let split = '';
         if (t !== 'limit') {
@@ -305,6 +342,7 @@ try {
       runs: results[row.id],
       cpuPerRequest: cpuPerIo[row.id],
       cpuSplitPerRequest: cpuSplits[row.id],
+      ...(syscalls[row.id] ? { syscallsPerRequest: syscalls[row.id] } : {}),
       ...(intentRounds[row.id].length > 0 ? { intentRounds: intentRounds[row.id] } : {}),
     };
   });

@@ -13,6 +13,18 @@ export interface BlockBackend {
    * then reads straight into its reply and allocates nothing per request.
    */
   readInto?(buf: Buffer, offset: number): Promise<void>;
+  /**
+   * Optional: readInto() done now, with no promise, where that is cheap (a cache hit in memory).
+   * True: buf holds the bytes. False: not done (buf's content undefined); call readInto() or
+   * read(). Never throws. The NBD server then answers the read in the turn it arrived.
+   */
+  readNow?(buf: Buffer, offset: number): boolean;
+  /**
+   * Optional: write() without FUA done now, with no promise, where that is cheap and allowed (a
+   * rewrite of durably dirty blocks). True: written, as a resolved write() would have it. False:
+   * not done (maybe partly: the same bytes); call write(). Never throws.
+   */
+  writeNow?(offset: number, data: Uint8Array): boolean;
   /** Writes all of `data` at `offset`. With `fua`, the data is durable when it resolves. */
   write(offset: number, data: Uint8Array, options?: { fua?: boolean }): Promise<void>;
   /** Every write completed before the call, from any caller, is durable when it resolves. */

@@ -395,6 +395,58 @@ export class CacheEngine {
     await this.#readInto(buf, offset, first, end);
   }
 
+  /**
+   * readInto()'s hit path done now, with no promise: true when every block of the range is present
+   * and the cache file's bytes were in the page cache (CacheStore.readDataNow), and then `buf`
+   * holds the buf.byteLength bytes at `offset` (bytes) and the hit is counted as readInto() counts
+   * it. False otherwise (a miss, a bad range, an empty buffer, a range read in pieces, a closed
+   * engine, bytes not in memory): nothing is counted, buf's content is undefined, and the caller
+   * calls readInto(), which does it all and throws what it throws. Never throws.
+   */
+  readNow(buf: Uint8Array, offset: number): boolean {
+    if (this.#closed || !(buf instanceof Uint8Array)) return false;
+    const length = buf.byteLength;
+    if (length === 0 || !Number.isSafeInteger(offset) || offset < 0 || offset + length > this.size) return false;
+    const [first, end] = this.geometry.blocksOf(offset, length);
+    if (end - first > this.#maxPieceBlocks) return false;
+    const store = this.store;
+    if (!store.present.allSet(first, end)) return false;
+    // No await from the check to the read's end: an eviction clears present bits before (this
+    // read sees them clear) or after it (its punch comes later still), never during, so unlike
+    // #readInto this read needs no place in #readers.
+    if (!store.readDataNow(buf, offset)) return false;
+    this.lastRequestAt = Date.now();
+    this.#hits++;
+    store.clock?.noteAccess(first, end);
+    return true;
+  }
+
+  /**
+   * write()'s path for a rewrite of dirty blocks, done now with no promise: true when every block
+   * of the range is present and durably dirty (so no intent, fill, reservation or lock is needed,
+   * as #prepareWrite would find), none is busy or staged, no open epoch needs a block's old version
+   * saved first, and the cache file took the bytes synchronously (CacheStore.writeDataNow: a small
+   * buffered write). Then the bytes are written exactly as a resolved write() without FUA leaves
+   * them (not durable until flush()). False otherwise: the caller calls write() with the same bytes
+   * (some may already be in the cache file: the same bytes, in dirty blocks). Never throws.
+   */
+  writeNow(offset: number, data: Uint8Array): boolean {
+    if (this.#closed || this.readOnly || !(data instanceof Uint8Array)) return false;
+    const length = data.byteLength;
+    if (length === 0 || !Number.isSafeInteger(offset) || offset < 0 || offset + length > this.size) return false;
+    const [first, end] = this.geometry.blocksOf(offset, length);
+    if (end - first > this.#maxPieceBlocks) return false;
+    const store = this.store;
+    // Invariant 2: only blocks whose dirty intent is durable (dirty is set once its round synced).
+    if (!store.dirty.allSet(first, end) || !store.present.allSet(first, end)) return false;
+    for (let b = first; b < end; b++) if (this.#busyAt(b) || this.#isStaged(b)) return false;
+    this.#markRewritten(first, end);
+    if (this.#epoch && this.#epoch.copyBeforeWrite(first, end).length > 0) return false;
+    if (!store.writeDataNow(data, offset)) return false;
+    this.lastRequestAt = Date.now();
+    return true;
+  }
+
   async write(offset: number, data: Uint8Array, options: WriteOptions = {}): Promise<void> {
     this.#assertOpen();
     assertBytes(data, 'data');

@@ -702,6 +702,27 @@ export class CacheStore {
   }
 
   /**
+   * readData() done now where the cache file can (BlockFile.readNow: bytes in the page cache).
+   * True: buf holds buf.length bytes at `position`. False (also on a failed or closed store, or a
+   * file without readNow): buf's content is undefined; call readData(). Never throws.
+   */
+  readDataNow(buf: Uint8Array, position: number): boolean {
+    if (this.#failed || this.#closed || !this.#cache.readNow) return false;
+    return this.#cache.readNow(buf, position);
+  }
+
+  /**
+   * writeData() done now where the cache file can (BlockFile.writeNow: a small buffered write).
+   * True: buf is written at `position`, as a resolved writeData() would have it. False (also on a
+   * failed or closed store): not done, maybe part of it; call writeData() with the same bytes.
+   * Never throws.
+   */
+  writeDataNow(buf: Uint8Array, position: number): boolean {
+    if (this.#failed || this.#closed || !this.#cache.writeNow) return false;
+    return this.#cache.writeNow(buf, position);
+  }
+
+  /**
    * The flusher's batch, the other way round from fillFrom: `pieces` ([offset in buf, length,
    * position], bytes) read from the cache file into `buf` and written to `source` at the same
    * positions, in one request (WritableSource.writeManyFrom, which the caller checked is there).

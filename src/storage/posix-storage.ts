@@ -1,6 +1,7 @@
 // Storage on real files and block devices: Node opens, the native addon does positioned I/O,
 // fdatasync and fallocate on the libuv threadpool.
-import { constants as fsc, promises as fsp } from 'node:fs';
+import { constants as fsc, promises as fsp, writeSync } from 'node:fs';
+import { performance } from 'node:perf_hooks';
 import { blkGetSize64, blkZeroOut } from '../native/blkdev.js';
 import { errnoError } from '../native/addon.js';
 import { alignedBuffer, copyRange, copyRanges, copyStream, fallocate, fdatasync, pread, preadNowait, punchHole, pwrite, pwriteList, seekData } from '../native/io.js';
@@ -13,6 +14,25 @@ const ZERO_CHUNK = 1 << 20;
 const GATHER_MAX_WRITE = 64 * 1024;
 /** Bytes per gathered threadpool job at most, so several jobs still share the threads. */
 const GATHER_MAX_JOB = 256 * 1024;
+/**
+ * Reads up to this size are copied from the page cache on the calling thread (preadNowait);
+ * longer ones go to the threadpool even when cached: a 1 MiB copy on the event loop is ~250 us of
+ * its time (bench/README.md, "Session 10"), and on the threadpool it runs beside the event loop's
+ * socket writes.
+ */
+const NOWAIT_MAX_READ = 128 * 1024;
+/** writeNow() takes writes up to this size (a few page copies); larger ones go to the threadpool. */
+const NOW_MAX_WRITE = 64 * 1024;
+/**
+ * A writeNow() that took longer than this (ms) held the event loop for a wait (dirty-page
+ * throttling, a journal commit, a page to read in) or was preempted (a loaded machine): writeNow()
+ * then declines for a while, so writes go to the threadpool while the file is slow. The while
+ * starts at NOW_BACKOFF_MIN_MS (a preemption costs little) and doubles with each slow write in a
+ * row up to NOW_BACKOFF_MAX_MS (a throttled page cache stalls the loop rarely); a fast one resets it.
+ */
+const NOW_STALL_MS = 1;
+const NOW_BACKOFF_MIN_MS = 20;
+const NOW_BACKOFF_MAX_MS = 2000;
 
 interface QueuedWrite {
   buf: Uint8Array;
@@ -30,6 +50,10 @@ class PosixFile implements BlockFile {
   #blockDevice: boolean | undefined;
   /** Small writes waiting for the end of this event-loop turn (write()). */
   #gathered: QueuedWrite[] = [];
+  /** performance.now() before which writeNow() declines (a slow one was seen: NOW_STALL_MS). */
+  #nowWritesFrom = 0;
+  /** How long the next slow writeNow() makes it decline (ms). */
+  #nowBackoffMs = NOW_BACKOFF_MIN_MS;
 
   constructor(path: string, handle: fsp.FileHandle, direct: boolean) {
     this.path = path;
@@ -43,11 +67,51 @@ class PosixFile implements BlockFile {
   }
 
   read(buf: Uint8Array, position: number): Promise<number> {
-    // Page-cache hits are copied right here; only what is not cached goes to the threadpool.
-    const n = this.#direct ? -1 : preadNowait(this.#fd, buf, 0, buf.byteLength, position);
+    // Page-cache hits of up to NOWAIT_MAX_READ are copied right here; what is not cached, and
+    // longer reads, go to the threadpool.
+    const n = this.#direct || buf.byteLength > NOWAIT_MAX_READ ? -1 : preadNowait(this.#fd, buf, 0, buf.byteLength, position);
     if (n === buf.byteLength || n === 0) return Promise.resolve(n);
     if (n < 0) return pread(this.#fd, buf, 0, buf.byteLength, position);
     return pread(this.#fd, buf, n, buf.byteLength - n, position + n).then((m) => n + m);
+  }
+
+  /** BlockFile.readNow: preadv2(RWF_NOWAIT) of up to NOWAIT_MAX_READ, so only page-cache hits; never on an O_DIRECT file. */
+  readNow(buf: Uint8Array, position: number): boolean {
+    if (this.#direct || buf.byteLength === 0 || buf.byteLength > NOWAIT_MAX_READ) return false;
+    try {
+      return preadNowait(this.#fd, buf, 0, buf.byteLength, position) === buf.byteLength;
+    } catch {
+      return false;
+    }
+  }
+
+  /**
+   * BlockFile.writeNow: a plain pwrite on the calling thread (the event loop) for writes of up to
+   * NOW_MAX_WRITE bytes to a buffered file, as nbdkit's file plugin writes on the thread that read
+   * the request: no threadpool hand-off, and the reply can leave in the same turn. Buffered
+   * writes cannot ask not to wait (ext4 refuses RWF_NOWAIT for them), so a write that took over
+   * NOW_STALL_MS makes this decline for NOW_BACKOFF_MS: while the page cache throttles or the
+   * journal commits, writes wait on the threadpool, not on the event loop.
+   */
+  writeNow(buf: Uint8Array, position: number): boolean {
+    const length = buf.byteLength;
+    if (this.#direct || length === 0 || length > NOW_MAX_WRITE) return false;
+    const started = performance.now();
+    if (started < this.#nowWritesFrom) return false;
+    let n: number;
+    try {
+      n = writeSync(this.#fd, buf, 0, length, position);
+    } catch {
+      return false;
+    }
+    const ended = performance.now();
+    if (ended - started > NOW_STALL_MS) {
+      this.#nowWritesFrom = ended + this.#nowBackoffMs;
+      this.#nowBackoffMs = Math.min(NOW_BACKOFF_MAX_MS, this.#nowBackoffMs * 2);
+    } else {
+      this.#nowBackoffMs = NOW_BACKOFF_MIN_MS;
+    }
+    return n === length;
   }
 
   /**

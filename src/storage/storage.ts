@@ -9,6 +9,21 @@ export interface BlockFile {
   /** Writes all of `buf` at `position`. Not durable until sync(). */
   write(buf: Uint8Array, position: number): Promise<void>;
   /**
+   * Optional: read() done now on the calling thread, where the bytes need no wait for a disk (a
+   * buffered file's page cache). True: all of buf.length bytes at `position` are in `buf`. False:
+   * not done (buf's content is then undefined, the file unchanged); the caller calls read(). Never
+   * throws for an I/O error: that is read()'s to report.
+   */
+  readNow?(buf: Uint8Array, position: number): boolean;
+  /**
+   * Optional: write() done now on the calling thread, where that is cheap (a small write into a
+   * buffered file's page cache). True: all of `buf` is written at `position`, as a resolved
+   * write() would have it (not durable until sync()). False: not done; some of the bytes may have
+   * reached the file, and the caller calls write() with the same bytes. Never throws for an I/O
+   * error: that is write()'s to report.
+   */
+  writeNow?(buf: Uint8Array, position: number): boolean;
+  /**
    * Optional: writes each of `buffers` at the matching entry of `positions`, in order, as write()
    * of each would, in one request to the I/O threads; rejects with the first failure. Not durable
    * until sync(). Callers fall back to write() per buffer where it is missing.

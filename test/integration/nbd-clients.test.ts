@@ -529,6 +529,78 @@ describe('protocol details with a raw client', () => {
     expect(mem.data.equals(model)).toBe(true);
   });
 
+  it('answers reads and writes the backend does now (readNow, writeNow) at once; FUA, declined and bad requests go the usual way', async () => {
+    /** MemoryBackend that also does reads and non-FUA writes now, unless `decline` says no. */
+    class NowBackend extends MemoryBackend {
+      nowReads = 0;
+      nowWrites = 0;
+      decline = new Set<number>();
+      readNow(buf: Buffer, offset: number): boolean {
+        if (this.decline.has(offset)) return false;
+        this.nowReads++;
+        buf.set(this.data.subarray(offset, offset + buf.byteLength));
+        return true;
+      }
+      writeNow(offset: number, data: Uint8Array): boolean {
+        if (this.decline.has(offset)) return false;
+        this.nowWrites++;
+        this.data.set(data, offset);
+        return true;
+      }
+    }
+    for (const structured of [true, false]) {
+      const now = new NowBackend(size, { fill: (i) => (i * 13) & 0xff });
+      mem = now;
+      sock = join(dir, `now-${Math.random().toString(36).slice(2)}.sock`);
+      server = new NbdServer({ backend: now });
+      await server.listen({ path: sock });
+      const c = await client();
+      await c.handshake({ structured });
+      const model = Buffer.from(now.data);
+      now.decline.add(0x30000).add(0x31000);
+      // One stream, so the server reads many requests at once: reads (8 done now, one declined, one
+      // past the end), writes (8 done now, one declined, one FUA), each at its own place.
+      const parts: Buffer[] = [];
+      const reads = new Map<bigint, [number, number]>();
+      let handle = 0n;
+      for (const offset of [0, 4096, 8192, 20000, 65536, 100000, 300000, 0x30000]) {
+        reads.set(++handle, [offset, 4096]);
+        parts.push(encodeRequest({ type: Cmd.READ, flags: 0, handle, offset: BigInt(offset), length: 4096 }));
+      }
+      const past = ++handle;
+      parts.push(encodeRequest({ type: Cmd.READ, flags: 0, handle: past, offset: BigInt(size - 512), length: 1024 }));
+      const fua = 0x40000;
+      for (const offset of [0x20000, 0x21000, 0x22000, 0x23000, 0x24000, 0x25000, 0x26000, 0x27000, 0x31000, fua]) {
+        const data = randomBytes(offset === fua ? 512 : 4096);
+        data.copy(model, offset);
+        parts.push(encodeRequest({ type: Cmd.WRITE, flags: offset === fua ? CmdFlag.FUA : 0, handle: ++handle, offset: BigInt(offset), length: data.byteLength, data }));
+      }
+      c.send(Buffer.concat(parts));
+      const seen = new Set<bigint>();
+      for (let i = 0n; i < handle; i++) {
+        const r = await c.reply();
+        expect(seen.has(r.handle), `handle ${r.handle} answered twice`).toBe(false);
+        seen.add(r.handle);
+        if (r.handle === past) {
+          expect(errorOf(r)).toBe(Errno.EINVAL);
+          continue;
+        }
+        expect(errorOf(r), `handle ${r.handle}`).toBe(0);
+        const read = reads.get(r.handle);
+        if (!read) continue;
+        const data = structured ? (r.kind === 'chunk' ? r.payload.subarray(8) : Buffer.alloc(0)) : await c.bytes(read[1]);
+        expect(data.equals(model.subarray(read[0], read[0] + read[1])), `read ${r.handle}`).toBe(true);
+      }
+      expect(seen.size).toBe(Number(handle));
+      expect(now.data.equals(model)).toBe(true);
+      // Done now: 7 reads and 8 writes; the declined read and write, the FUA write and nothing
+      // else went to read() and write() (the read past the end reached neither).
+      expect([now.nowReads, now.nowWrites, now.reads, now.writes, now.flushes]).toEqual([7, 8, 1, 2, 0]);
+      c.close();
+      await server.close();
+    }
+  });
+
   it("reads a connection's socket into its own buffers on this Node (not Node's per-read buffers)", async () => {
     await start();
     const path = join(dir, `own-${Math.random().toString(36).slice(2)}.sock`);

@@ -1193,6 +1193,125 @@ describe('concurrency', () => {
   });
 });
 
+describe('requests done now (readNow, writeNow: the NBD server answers them in the turn they arrive)', () => {
+  it('readNow serves present blocks with their bytes and counts the hit; a miss, a bad range or a closed engine is declined, changing nothing', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 16 * BS, blockSize: BS });
+    const buf = Buffer.alloc(2 * BS);
+    // Missing: declined, no fill started, no hit or miss counted.
+    expect(r.engine.readNow(buf, 3 * BS)).toBe(false);
+    expect(r.source.reads).toEqual([]);
+    expect(r.engine.stats()).toMatchObject({ readHits: 0, readMisses: 0, presentBlocks: 0 });
+    await r.engine.read(0, 4 * BS);
+    // The fills are committed (present) by the next commit; until then readInto reads them.
+    await r.engine.flush();
+    // Block 4 is still missing: a read across it is declined as a whole.
+    expect(r.engine.readNow(buf, 3 * BS)).toBe(false);
+    const hits = r.engine.stats().readHits;
+    expect(r.engine.readNow(buf, BS + 100)).toBe(true);
+    expect(buf.equals(r.initial.subarray(BS + 100, 3 * BS + 100))).toBe(true);
+    expect(r.engine.stats().readHits).toBe(hits + 1);
+    // A rewritten dirty block reads back its new bytes.
+    const w = pattern(BS, 61);
+    await r.engine.write(2 * BS, w);
+    expect(r.engine.readNow(buf.subarray(0, BS), 2 * BS)).toBe(true);
+    expect(buf.subarray(0, BS).equals(w)).toBe(true);
+    // Zeroed blocks (dirty, not present) are left to readInto.
+    await r.engine.discard(0, BS);
+    expect(r.engine.readNow(buf.subarray(0, BS), 0)).toBe(false);
+    expect(r.engine.readNow(buf, 15 * BS)).toBe(false);
+    expect(r.engine.readNow(buf, -1)).toBe(false);
+    expect(r.engine.readNow(Buffer.alloc(0), 0)).toBe(false);
+    expect(r.source.reads.length).toBe(1);
+    await r.engine.close();
+    expect(r.engine.readNow(buf.subarray(0, BS), BS)).toBe(false);
+  });
+
+  it('writeNow rewrites only durably dirty blocks; a clean, missing, staged, zeroed or locked block is declined and left as it was', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 16 * BS, blockSize: BS });
+    const cacheAt = (blk: number) => readFileSync(r.paths.cache).subarray(blk * BS, (blk + 1) * BS);
+    await r.engine.read(0, 8 * BS);
+    await r.engine.flush();
+    // Clean and present: its first write needs a durable intent first (invariant 2).
+    expect(r.engine.writeNow(BS, pattern(BS, 71))).toBe(false);
+    expect(cacheAt(1).equals(r.initial.subarray(BS, 2 * BS))).toBe(true);
+    expect(r.engine.stats().dirtyBlocks).toBe(0);
+    // Missing.
+    expect(r.engine.writeNow(12 * BS, pattern(BS, 72))).toBe(false);
+    // Written whole while missing: staged dirty until the next commit.
+    await r.engine.write(10 * BS, pattern(BS, 73));
+    expect(r.engine.writeNow(10 * BS, pattern(BS, 74))).toBe(false);
+    // Durably dirty (and present): done now, and reads give the new bytes.
+    await r.engine.write(2 * BS, pattern(2 * BS, 75));
+    await r.engine.flush();
+    const w = pattern(BS + 300, 76);
+    expect(r.engine.writeNow(2 * BS + 100, w)).toBe(true);
+    expect((await r.engine.read(2 * BS + 100, w.byteLength)).equals(w)).toBe(true);
+    // A range reaching a clean block is declined as a whole.
+    expect(r.engine.writeNow(3 * BS, pattern(2 * BS, 77))).toBe(false);
+    expect(cacheAt(4).equals(r.initial.subarray(4 * BS, 5 * BS))).toBe(true);
+    // A dirty block being zeroed (locked by a discard under way) is the discard's until it ends.
+    await r.engine.write(6 * BS, pattern(BS, 80));
+    await r.engine.flush();
+    const zeroing = r.engine.discard(6 * BS, BS);
+    expect(r.engine.writeNow(6 * BS, pattern(BS, 81))).toBe(false);
+    await zeroing;
+    expect((await r.engine.read(6 * BS, BS)).equals(Buffer.alloc(BS))).toBe(true);
+    // Zeroed blocks: dirty, not present.
+    await r.engine.discard(2 * BS, BS);
+    expect(r.engine.writeNow(2 * BS, pattern(BS, 78))).toBe(false);
+    expect((await r.engine.read(2 * BS, BS)).equals(Buffer.alloc(BS))).toBe(true);
+    // FUA-free rewrites are not durable until flush(), as write(): a crash may lose them, but a
+    // clean close keeps them.
+    await r.engine.close();
+    await attach(r);
+    expect((await r.engine.read(3 * BS, 300)).equals(w.subarray(BS - 100, BS + 200))).toBe(true);
+    await r.engine.close();
+    expect(r.engine.writeNow(3 * BS, pattern(BS, 79))).toBe(false);
+  });
+
+  it('a rewrite done now during a flush keeps its block dirty, and the disk still gets the version of the flush', async () => {
+    const BS = 4 * KiB;
+    const r = await rig({ size: 16 * BS, blockSize: BS });
+    const model = Buffer.from(r.initial);
+    const first = pattern(8 * BS, 81);
+    await r.engine.write(0, first);
+    first.copy(model, 0);
+    await r.engine.flush();
+    // Hold the flusher at its first backing write (block 0, one block per write).
+    let release!: () => void;
+    r.source.writeGate = new Promise<void>((resolve) => (release = resolve));
+    let copying!: () => void;
+    const atFirstWrite = new Promise<void>((resolve) => (copying = resolve));
+    r.source.onWrite = () => copying();
+    const flushing = flushDirty(r.engine, { maxIoBytes: BS });
+    await atFirstWrite;
+    // Block 0 is being copied, block 5 not yet: each written now where the engine can, else as write().
+    let now = 0;
+    for (const [at, seed] of [[0, 82], [5 * BS + 7, 83]] as const) {
+      const data = pattern(at === 0 ? BS : 100, seed);
+      if (r.engine.writeNow(at, data)) now++;
+      else await r.engine.write(at, data);
+      data.copy(model, at);
+    }
+    r.source.writeGate = null;
+    r.source.onWrite = null;
+    release();
+    await flushing;
+    // Block 0 was saved by the copy under way (done now); block 5 needs its epoch version saved first.
+    expect(now).toBeGreaterThanOrEqual(1);
+    expect(r.store.dirty.get(0)).toBe(true);
+    expect(r.store.dirty.get(5)).toBe(true);
+    // The disk holds the flush's version of both: the point-in-time epoch was kept.
+    expect(diskBytes(r).subarray(0, 8 * BS).equals(first)).toBe(true);
+    await r.engine.flush();
+    expectDiskLagsOnlyInDirtyBlocks(r, model);
+    await flushDirty(r.engine);
+    expect(diskBytes(r).equals(model)).toBe(true);
+  });
+});
+
 describe('the flusher', () => {
   /**
    * The backing file as the flusher sees it: every write is recorded, and it reaches the file only

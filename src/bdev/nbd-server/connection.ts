@@ -119,22 +119,29 @@ export class Connection {
    */
   #onBytes(chunk: Buffer | null, transient: boolean, direct = 0): void {
     if (this.#phase === 'ending' || this.#phase === 'closed') return;
-    let used = direct;
-    const p = this.#payload;
-    if (p) {
-      if (chunk) {
-        used = Math.min(chunk.byteLength, p.req.length - p.have);
-        chunk.copy(p.req.data!, p.have, 0, used);
+    // A write completed by these bytes and the requests behind it: their replies leave together.
+    const batch = this.#transmission;
+    batch?.beginBatch();
+    try {
+      let used = direct;
+      const p = this.#payload;
+      if (p) {
+        if (chunk) {
+          used = Math.min(chunk.byteLength, p.req.length - p.have);
+          chunk.copy(p.req.data!, p.have, 0, used);
+        }
+        p.have += used;
+        if (p.have === p.req.length) {
+          this.#payload = null;
+          this.#onRequest(p.req);
+        }
       }
-      p.have += used;
-      if (p.have === p.req.length) {
-        this.#payload = null;
-        this.#onRequest(p.req);
-      }
+      if (chunk && used < chunk.byteLength) this.#queue.push(used === 0 ? chunk : chunk.subarray(used));
+      this.#pump();
+      if (transient) this.#queue.own();
+    } finally {
+      batch?.endBatch();
     }
-    if (chunk && used < chunk.byteLength) this.#queue.push(used === 0 ? chunk : chunk.subarray(used));
-    this.#pump();
-    if (transient) this.#queue.own();
   }
 
   /**
@@ -149,6 +156,9 @@ export class Connection {
   #pump(): void {
     if (this.#pumping) return;
     this.#pumping = true;
+    // The replies of requests done at once (a hit) leave together when this pump ends.
+    const batch = this.#transmission;
+    batch?.beginBatch();
     try {
       for (;;) {
         if (this.#phase === 'handshake') {
@@ -183,6 +193,7 @@ export class Connection {
       this.#abort(err);
     } finally {
       this.#pumping = false;
+      batch?.endBatch();
     }
   }
 
@@ -208,10 +219,13 @@ export class Connection {
       this.#finish('client sent NBD_CMD_DISC');
       return;
     }
+    const running = this.#transmission!.execute(req);
+    // Done and answered already (a hit): nothing in flight to count.
+    if (!running) return;
     const cost = req.type === Cmd.READ || req.type === Cmd.WRITE ? req.length : 0;
     this.#inflight++;
     this.#inflightBytes += cost;
-    void this.#transmission!.execute(req).finally(() => {
+    void running.finally(() => {
       this.#inflight--;
       this.#inflightBytes -= cost;
       if (this.#phase === 'transmission') this.#pump();

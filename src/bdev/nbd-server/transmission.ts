@@ -42,6 +42,10 @@ export class Transmission {
   readonly #log: Logger;
   /** The socket is corked until the end of this event-loop turn (#send). */
   #corked = false;
+  /** Open beginBatch() calls: while above 0 the socket is corked until endBatch(). */
+  #batch = 0;
+  /** The outermost beginBatch() corked the socket (it was writable then): endBatch() uncorks it. */
+  #batchCorked = false;
   readonly #allocPayload: (length: number) => Buffer;
 
   constructor(socket: net.Socket, config: ExportConfig, negotiated: Negotiated, log: Logger) {
@@ -63,14 +67,89 @@ export class Transmission {
     return decodeRequestStart(q, this.#config.maxPayload, this.#allocPayload);
   }
 
-  /** Runs one request (never NBD_CMD_DISC: the connection ends on it) and answers it. Never rejects. */
-  async execute(req: NbdRequest): Promise<void> {
+  /**
+   * Runs one request (never NBD_CMD_DISC: the connection ends on it) and answers it. Returns null
+   * when it was done and answered now (#executeNow: a read hit, a rewrite of dirty blocks), else a
+   * promise of the same, which never rejects.
+   */
+  execute(req: NbdRequest): Promise<void> | null {
+    if (this.#executeNow(req)) return null;
+    return this.#executeLater(req);
+  }
+
+  async #executeLater(req: NbdRequest): Promise<void> {
     try {
       await this.#execute(req);
     } finally {
       // The backend is done with the payload (its write has completed or failed).
       if (req.pooled) this.#config.buffers.release(req.data!);
     }
+  }
+
+  /**
+   * A READ or WRITE (no FUA) the backend can do now (BlockBackend.readNow, writeNow), answered at
+   * once: no promise, no turn of the event loop between the request and its reply. False: nothing
+   * was sent; the request goes the usual way (#execute), which checks it again and reports errors.
+   */
+  #executeNow(req: NbdRequest): boolean {
+    const c = this.#config;
+    const b = c.backend;
+    if (req.type === Cmd.READ) {
+      if (!b.readNow || req.length === 0) return false;
+    } else if (req.type === Cmd.WRITE) {
+      if (!b.writeNow || (req.flags & CmdFlag.FUA) !== 0) return false;
+    } else {
+      return false;
+    }
+    const rejection = checkRequest(req, {
+      size: b.size,
+      transmissionFlags: this.#negotiated.transmissionFlags,
+      metaContext: this.#negotiated.metaContext,
+      maxPayload: c.maxPayload,
+    });
+    if (rejection) return false;
+    const offset = Number(req.offset);
+    const buffers = c.buffers;
+    if (req.type === Cmd.WRITE) {
+      if (!b.writeNow!(offset, req.data!)) return false;
+      if (req.pooled) buffers.release(req.data!);
+      const reply = buffers.take(SIMPLE_REPLY_SIZE);
+      writeSimpleReply(reply, 0, req.handle);
+      this.#send(reply);
+      return true;
+    }
+    const structured = this.#negotiated.structured;
+    const header = structured ? OFFSET_DATA_HEADER_SIZE : SIMPLE_REPLY_SIZE;
+    const reply = buffers.take(header + req.length);
+    if (!b.readNow!(reply.subarray(header), offset)) {
+      buffers.release(reply);
+      return false;
+    }
+    if (structured) writeOffsetDataHeader(reply, ReplyFlag.DONE, req.handle, offset, req.length);
+    else writeSimpleReply(reply, 0, req.handle);
+    this.#send(reply, () => buffers.release(reply));
+    return true;
+  }
+
+  /**
+   * Replies sent until endBatch() leave together, when it is called, in one write: the
+   * connection opens a batch around the requests it decodes from one read of its socket, so the
+   * replies of those done at once (#executeNow) go out in the same turn, with no wait for the end
+   * of it. Batches nest.
+   */
+  beginBatch(): void {
+    if (this.#batch++ === 0 && writable(this.#socket)) {
+      this.#batchCorked = true;
+      this.#socket.cork();
+    }
+  }
+
+  /** Ends beginBatch()'s batch: the outermost one sends what it gathered. */
+  endBatch(): void {
+    if (--this.#batch > 0 || !this.#batchCorked) return;
+    this.#batchCorked = false;
+    // uncork() of a socket ended or destroyed meanwhile does nothing harmful.
+    this.#socket.uncork();
   }
 
   async #execute(req: NbdRequest): Promise<void> {
@@ -187,8 +266,9 @@ export class Transmission {
   }
 
   /**
-   * Queues a reply. The socket stays corked until the end of this event-loop turn (setImmediate),
-   * so every reply finished in one turn leaves in one writev instead of one syscall each. `done`
+   * Queues a reply. Inside a batch (beginBatch) it leaves with the batch's end; otherwise the
+   * socket stays corked until the end of this event-loop turn (setImmediate), so every reply
+   * finished in one turn leaves in one writev instead of one syscall each. `done`
    * runs once the socket is finished with `buf` (sent, or the socket is gone).
    */
   #send(buf: Buffer, done?: () => void): void {
@@ -197,7 +277,7 @@ export class Transmission {
       done?.();
       return;
     }
-    if (!this.#corked) {
+    if (this.#batch === 0 && !this.#corked) {
       this.#corked = true;
       s.cork();
       setImmediate(this.#uncork);
