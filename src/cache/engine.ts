@@ -15,7 +15,7 @@
 // With a budget (store.budget) every block that takes cache space is reserved first; when the
 // budget is full the engine evicts clean units the clock (cache/clock.ts) picks, and when nothing
 // clean is left it asks for a flush (onSpacePressure) and waits: writes wait, they do not fail.
-import { CacheFullError, EngineClosedError, ReadOnlyError } from '../errors.js';
+import { CacheFullError, EngineClosedError, MetadataFullError, ReadOnlyError } from '../errors.js';
 import { assertBytes, assertRange } from '../validate.js';
 import { Bitmap } from './bitmap.js';
 import { Coalescer } from './coalesce.js';
@@ -232,6 +232,8 @@ export class CacheEngine {
   #hits = 0;
   #misses = 0;
   #spaceError: string | null = null;
+  /** Requests failed since the engine started because the metadata's filesystem was full and nothing could be freed. */
+  #metadataFullFailures = 0;
   /** Requests waiting for room in the budget now (tests watch it). */
   spaceWaiters = 0;
   /** Time of the last user read or write (not prefetch): background work yields to it. */
@@ -419,7 +421,9 @@ export class CacheEngine {
   /** FLUSH: every write completed before the call is durable when it resolves. */
   async flush(): Promise<void> {
     this.#assertOpen();
-    await this.#commit.run();
+    // Staged writes become dirty in the metadata here: a full flash filesystem frees clean blocks
+    // and commits again, or fails this FLUSH alone (the writes stay staged for the next one).
+    await this.#withMetadataRoom(() => this.#commit.run());
   }
 
   /**
@@ -651,7 +655,17 @@ export class CacheEngine {
     // which is recorded only after clearFlushed below (same tick).
     this.externalEpochs?.commit(cleaned);
     const extents = [...cleaned.runs()];
-    this.store.clearFlushed(extents);
+    try {
+      this.store.clearFlushed(extents);
+    } catch (err) {
+      // A full flash filesystem: nothing was cleared in the store (its transaction rolled back),
+      // so the blocks stay dirty and the next flush writes them again (invariant 4). Clean blocks
+      // are given back first, so that its commit finds room. (A kernel frontend has cleared its own
+      // bits already: there they stay dirty in the store alone, a superset, until the next attach
+      // reconciles them, reconcileOutsideDirty.)
+      if (err instanceof MetadataFullError) throw await this.#metadataFull(err);
+      throw err;
+    }
     // A zeroed block materialised during the epoch (a uloop MISS on it: zeros into the cache file,
     // staged dirty) and not rewritten holds the zeros the disk just got: staged clean now, or its
     // commit would record it dirty in the store after the kernel cleared it (a block dirty only in
@@ -1132,7 +1146,7 @@ export class CacheEngine {
           for (const m of store.dirty.gaps(e.start, e.start + e.count)) todo.push(m);
         }
         todo.sort((a, b) => a.start - b.start);
-        await store.zero(todo);
+        await this.#withMetadataRoom(() => store.zero(todo));
       } finally {
         release();
       }
@@ -1191,7 +1205,7 @@ export class CacheEngine {
         // protect, and the write looks at it again. Eviction and zeroing leave blocks alone while
         // their intent is in #intents, so none turns into a hole before the record is durable.
         const store = this.store;
-        await store.markDirtyDurable(toExtents(sorted.filter((b) => store.present.get(b) && !store.dirty.get(b) && !this.#busyAt(b))));
+        await this.#withMetadataRoom(() => store.markDirtyDurable(toExtents(sorted.filter((b) => store.present.get(b) && !store.dirty.get(b) && !this.#busyAt(b)))));
       } finally {
         for (const b of blocks) if (this.#intents.get(b) === durable) this.#intents.delete(b);
       }
@@ -1338,6 +1352,60 @@ export class CacheEngine {
     const store = this.store;
     for (const e of store.present.runs()) if (store.dirty.nextClear(e.start, e.start + e.count) < e.start + e.count) return false;
     return true;
+  }
+
+  /**
+   * Runs `write` (a metadata write: a dirty intent, a zeroing, a commit) and, while the metadata's
+   * filesystem is full (MetadataFullError: the transaction rolled back, nothing changed), gives
+   * clean blocks back to that filesystem and runs it again, up to 3 times. Throws the
+   * MetadataFullError (a CacheFullError: the request fails with ENOSPC, alone) when nothing can
+   * be freed; `spaceError` then says so, with the count of requests failed.
+   */
+  async #withMetadataRoom<T>(write: () => Promise<T>): Promise<T> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const result = await write();
+        if (attempt > 0 || this.#metadataFullFailures > 0) this.#metadataRoomBack();
+        return result;
+      } catch (err) {
+        if (!(err instanceof MetadataFullError)) throw err;
+        if (attempt >= 3) throw await this.#metadataFull(err, true);
+        // Throws the request's error when nothing could be freed.
+        await this.#metadataFull(err);
+      }
+    }
+  }
+
+  /**
+   * The metadata could not be written for want of room: evicts clean blocks (their space goes
+   * back to the flash filesystem by the punch) and returns the error to rethrow, or, when nothing
+   * can be freed (or `failed`: the retries are used up), counts the failed request, says why in
+   * `spaceError` and throws. Only evicts: it may run inside the commit, which a flush or
+   * another commit would wait for.
+   */
+  async #metadataFull(err: MetadataFullError, failed = false): Promise<MetadataFullError> {
+    const store = this.store;
+    let freed = 0;
+    if (!failed && store.clock && !this.#closed && !store.failed) {
+      const want = Math.max(store.unitBlocks, Math.floor(store.usedBlocks / 16));
+      freed = await this.evict(want).catch(() => 0);
+    }
+    if (freed > 0) {
+      this.#spaceError = `the filesystem of ${err.path} ran full (another program filled it): evicted ${freed} blocks`;
+      return err;
+    }
+    this.#metadataFullFailures++;
+    this.#spaceError =
+      `the flash filesystem is full: ${this.#metadataFullFailures} requests failed; free space on it ` +
+      `(${err.path} cannot grow${store.clock ? ' and the cache holds no clean block to give back' : ''})`;
+    throw new MetadataFullError(`${err.message} (the cache holds no clean block to give back; this request failed, the others go on)`, { cause: err, path: err.path });
+  }
+
+  /** A metadata write went through after the filesystem was full: say it has room again. */
+  #metadataRoomBack(): void {
+    if (this.#spaceError?.startsWith('the flash filesystem is full')) {
+      this.#spaceError = `the flash filesystem was full (${this.#metadataFullFailures} requests failed) and has room again`;
+    }
   }
 
   /**

@@ -878,6 +878,121 @@ describe('a cache budget', () => {
   });
 });
 
+
+// --- a full filesystem under the metadata ----------------------------------------------------------
+
+describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
+  const BS = 4 * KiB;
+
+  /** A 1 MiB tmpfs holding the rig's cache files, and a filler that takes every page left of it. */
+  function flash(): { mnt: string; fill: () => void; free: () => void } {
+    const mnt = join(dir, 'flash');
+    mkdirSync(mnt);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mnt]);
+    cleanups.push(() => execFileSync('umount', ['-l', mnt]));
+    const filler = join(mnt, 'filler');
+    return {
+      mnt,
+      fill: () => {
+        try {
+          execFileSync('dd', ['if=/dev/zero', `of=${filler}`, 'bs=4k', 'count=1024'], { stdio: 'ignore' });
+        } catch {
+          // ENOSPC: full, as intended
+        }
+      },
+      free: () => rmSync(filler),
+    };
+  }
+
+  it.runIf(process.getuid?.() === 0)(
+    'with nothing clean to give back, only the write that needs a dirty intent fails (ENOSPC); acked data stays readable, and once space returns writes work again without a re-attach',
+    async () => {
+      const f = flash();
+      const r = await rig({ size: 256 * BS, blockSize: BS, budget: 128 * BS, evictionUnit: BS, cacheDir: f.mnt });
+      // Acked, durable dirty data (a FLUSH went through), and one clean present block X.
+      const acked = pattern(8 * BS, 21);
+      await r.engine.write(0, acked);
+      await r.engine.flush();
+      const X = 100;
+      await r.engine.read(X * BS, BS);
+      await r.engine.flush();
+      expect(r.engine.stats()).toMatchObject({ dirtyBlocks: 8, presentBlocks: 9 });
+      f.fill();
+      // The first write into X needs its dirty intent in the metadata, which cannot grow; X itself
+      // cannot be given back (its intent is on the way), and every other block is dirty.
+      const err = await outcome(() => r.engine.write(X * BS, pattern(BS, 22)));
+      expectCoded(err, CacheFullError, 'ULOB_E_METADATA_FULL');
+      expect((err as Error).message).toMatch(/cache\.meta: the filesystem holding it is full \(SQLITE_FULL\)/);
+      expect(r.engine.stats().spaceError).toMatch(/^the flash filesystem is full: 1 requests failed; free space on it/);
+      // Nothing else stopped: acked data reads back, a dirty block takes a rewrite (no intent).
+      expect((await r.engine.read(0, 8 * BS)).equals(acked)).toBe(true);
+      expect(r.store.failed).toBeNull();
+      const rewrite = pattern(BS, 23);
+      await r.engine.write(0, rewrite);
+      expect((await r.engine.read(X * BS, BS)).equals(r.initial.subarray(X * BS, (X + 1) * BS))).toBe(true);
+      // Space comes back: the same write just works, durably.
+      f.free();
+      const x = pattern(BS, 24);
+      await r.engine.write(X * BS, x);
+      await r.engine.flush();
+      expect(r.engine.stats().spaceError).toMatch(/was full \(1 requests failed\) and has room again/);
+      const model = Buffer.from(r.initial);
+      acked.copy(model, 0);
+      rewrite.copy(model, 0);
+      x.copy(model, X * BS);
+      await reopen(r, 'close');
+      expect(r.store.recoveredFromCrash).toBe(false);
+      expect(sha(await r.engine.read(0, r.engine.size))).toBe(sha(model));
+      await flushDirty(r.engine);
+      expect(sha(diskBytes(r))).toBe(sha(model));
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)('clean blocks are given back to the filesystem and the metadata write tried again: the write succeeds', async () => {
+    const f = flash();
+    const r = await rig({ size: 256 * BS, blockSize: BS, budget: 128 * BS, evictionUnit: BS, cacheDir: f.mnt });
+    await r.engine.read(32 * BS, 64 * BS);
+    await r.engine.flush();
+    f.fill();
+    const model = Buffer.from(r.initial);
+    // A first write into a clean block: its dirty intent is a transaction the WAL must grow for.
+    const first = pattern(BS, 29);
+    await r.engine.write(32 * BS, first);
+    first.copy(model, 32 * BS);
+    expect(r.engine.stats().spaceError).toMatch(/cache\.meta ran full \(another program filled it\): evicted \d+ blocks/);
+    expect(r.engine.stats().evictedBlocks).toBeGreaterThan(0);
+    // More of them (some into blocks just given back: the cache file's own ENOSPC path then).
+    for (let i = 1; i < 16; i++) {
+      const data = pattern(BS, 30 + i);
+      await r.engine.write((32 + i) * BS, data);
+      data.copy(model, (32 + i) * BS);
+    }
+    await r.engine.flush();
+    expect(sha(await r.engine.read(0, r.engine.size))).toBe(sha(model));
+    f.free();
+    await reopen(r, 'close');
+    expect(sha(await r.engine.read(0, r.engine.size))).toBe(sha(model));
+  });
+
+  it.runIf(process.getuid?.() === 0)('a flush whose commit cannot be written fails and keeps its blocks dirty; the next one, with room, cleans them', async () => {
+    const f = flash();
+    const r = await rig({ size: 256 * BS, blockSize: BS, budget: 128 * BS, evictionUnit: BS, cacheDir: f.mnt });
+    const data = pattern(16 * BS, 40);
+    await r.engine.write(0, data);
+    await r.engine.flush();
+    f.fill();
+    const err = await outcome(() => flushDirty(r.engine));
+    expectCoded(err, CacheFullError, 'ULOB_E_METADATA_FULL');
+    expect(r.engine.stats().dirtyBlocks).toBe(16);
+    expect(r.store.failed).toBeNull();
+    expect((await r.engine.read(0, 16 * BS)).equals(data)).toBe(true);
+    f.free();
+    await flushDirty(r.engine);
+    expect(r.engine.stats().dirtyBlocks).toBe(0);
+    expect(diskBytes(r).subarray(0, 16 * BS).equals(data)).toBe(true);
+  });
+});
+
 /** A BlockFile's methods bound to it, to override some. */
 function bindFile(file: BlockFile): BlockFile {
   return {
