@@ -791,8 +791,16 @@ export class CacheEngine {
           await ready;
         }
       } catch (err) {
-        this.#unpin(first, end);
-        throw err;
+        try {
+          // No room for the fill (the flash filesystem is full and holds no clean block to give
+          // back, or the budget is full of dirty data): the read still gets its data, uncached.
+          if (!(err instanceof CacheFullError) || this.#closed) throw err;
+          this.#misses++;
+          await this.#readAround(buf, offset, first, end);
+          return;
+        } finally {
+          this.#unpin(first, end);
+        }
       }
       // A miss is not a use: a unit filled and never hit again goes first (cache/clock.ts).
       if (filled) this.#misses++;
@@ -818,6 +826,41 @@ export class CacheEngine {
         const to = Math.min(offset + buf.byteLength, g.blockOffset(z.start + z.count));
         if (to > from) buf.fill(0, from - offset, to - offset);
       }
+    }
+  }
+
+  /**
+   * A read that cannot be cached: blocks of [first, end) the cache holds (present or staged) from
+   * the cache file, zeroed ones as zeros, the rest from the source, into buf (the bytes at
+   * `offset`). Each block's place is decided before any read starts, as a reader of the current
+   * phase: an eviction that clears a present bit afterwards waits for this read before its punch,
+   * and a block missing then is clean, so the source has its content.
+   */
+  async #readAround(buf: Uint8Array, offset: number, first: number, end: number): Promise<void> {
+    const g = this.geometry;
+    const store = this.store;
+    const phase = this.#readPhase & 1;
+    this.#readers[phase]!++;
+    try {
+      const runs: { from: number; to: number; where: 'cache' | 'zero' | 'source' }[] = [];
+      for (let b = first; b < end; b++) {
+        const where = store.present.get(b) || this.#isStaged(b) ? 'cache' : store.dirty.get(b) ? 'zero' : 'source';
+        const from = Math.max(offset, g.blockOffset(b));
+        const to = Math.min(offset + buf.byteLength, g.blockOffset(b + 1));
+        const last = runs[runs.length - 1];
+        if (last && last.where === where && last.to === from) last.to = to;
+        else runs.push({ from, to, where });
+      }
+      await Promise.all(
+        runs.map(async ({ from, to, where }) => {
+          const part = buf.subarray(from - offset, to - offset);
+          if (where === 'zero') part.fill(0);
+          else if (where === 'cache') await store.readData(part, from);
+          else await this.source.readAt(part, from);
+        }),
+      );
+    } finally {
+      this.#readDone(phase);
     }
   }
 

@@ -974,7 +974,7 @@ describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
     expect(sha(await r.engine.read(0, r.engine.size))).toBe(sha(model));
   });
 
-  it.runIf(process.getuid?.() === 0)('a flush whose commit cannot be written fails and keeps its blocks dirty; the next one, with room, cleans them', async () => {
+  it.runIf(process.getuid?.() === 0)('a flush whose commit cannot be written fails and keeps its blocks dirty, reads with no room to cache come from the disk; the next flush, with room, cleans them', async () => {
     const f = flash();
     const r = await rig({ size: 256 * BS, blockSize: BS, budget: 128 * BS, evictionUnit: BS, cacheDir: f.mnt });
     const data = pattern(16 * BS, 40);
@@ -986,6 +986,11 @@ describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
     expect(r.engine.stats().dirtyBlocks).toBe(16);
     expect(r.store.failed).toBeNull();
     expect((await r.engine.read(0, 16 * BS)).equals(data)).toBe(true);
+    // Reads of blocks with no room to cache them come from the disk, uncached: alone, and mixed
+    // with cached (dirty) blocks in one request.
+    expect((await r.engine.read(100 * BS + 512, 8 * BS)).equals(r.initial.subarray(100 * BS + 512, 108 * BS + 512))).toBe(true);
+    expect((await r.engine.read(8 * BS, 16 * BS)).equals(Buffer.concat([data.subarray(8 * BS), r.initial.subarray(16 * BS, 24 * BS)]))).toBe(true);
+    expect(r.engine.stats()).toMatchObject({ presentBlocks: 16, stagedBlocks: 0 });
     f.free();
     await flushDirty(r.engine);
     expect(r.engine.stats().dirtyBlocks).toBe(0);
