@@ -885,10 +885,10 @@ describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
   const BS = 4 * KiB;
 
   /** A 1 MiB tmpfs holding the rig's cache files, and a filler that takes every page left of it. */
-  function flash(): { mnt: string; fill: () => void; free: () => void } {
+  function flash(size = '1m'): { mnt: string; fill: () => void; free: () => void } {
     const mnt = join(dir, 'flash');
     mkdirSync(mnt);
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mnt]);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', mnt]);
     cleanups.push(() => execFileSync('umount', ['-l', mnt]));
     const filler = join(mnt, 'filler');
     return {
@@ -945,6 +945,31 @@ describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
       expect(sha(await r.engine.read(0, r.engine.size))).toBe(sha(model));
       await flushDirty(r.engine);
       expect(sha(diskBytes(r))).toBe(sha(model));
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)(
+    'a write whose FLUSH could not be recorded and a detach while still full: the next attach keeps every flushed write and drops only that one (newuser10: dirty went down across the re-attach)',
+    async () => {
+      const f = flash('2m');
+      // A full mirror: the cache file is preallocated, so the write itself needs no room.
+      const r = await rig({ size: 128 * BS, blockSize: BS, cacheDir: f.mnt });
+      const a = pattern(8 * BS, 50);
+      await r.engine.write(0, a);
+      await r.engine.flush();
+      f.fill();
+      const b = pattern(8 * BS, 51);
+      await r.engine.write(64 * BS, b);
+      expectCoded(await outcome(() => r.engine.flush()), CacheFullError, 'ULOB_E_METADATA_FULL');
+      // status counts the staged write as dirty, though no FLUSH made it durable.
+      expect(r.engine.stats().dirtyBlocks).toBe(16);
+      expect((await r.engine.read(64 * BS, 8 * BS)).equals(b)).toBe(true);
+      await outcome(() => r.engine.close());
+      f.free();
+      await attach(r);
+      expect(r.engine.stats().dirtyBlocks).toBe(8);
+      expect((await r.engine.read(0, 8 * BS)).equals(a)).toBe(true);
+      expect((await r.engine.read(64 * BS, 8 * BS)).equals(r.initial.subarray(64 * BS, 72 * BS))).toBe(true);
     },
   );
 
