@@ -446,6 +446,18 @@ export class CacheEngine {
     }
   }
 
+  /**
+   * store.markDirtyDurable() for a frontend that records dirty bits itself (a kernel's INTENT or
+   * BARRIER, src/bdev/upcalls.ts), with the engine's answer to a full flash filesystem: clean
+   * blocks are given back and the transaction tried again (#withMetadataRoom). `extents` is asked
+   * again for each try (the blocks still to record). Throws MetadataFullError when nothing could
+   * be freed (that request fails alone), EngineClosedError when the store failed.
+   */
+  recordDirty(extents: () => readonly Extent[]): Promise<void> {
+    this.#assertOpen();
+    return this.#withMetadataRoom(() => this.store.markDirtyDurable(extents()));
+  }
+
   /** TRIM: the range reads as zeros afterwards, and the disk gets zeros at the next flush. */
   discard(offset: number, length: number): Promise<void> {
     return this.zero(offset, length);
