@@ -22,7 +22,7 @@ import { Coalescer } from './coalesce.js';
 import { FlushEpoch, type Epoch } from './epoch.js';
 import { BlockRuns } from './runs.js';
 import type { Extent, Geometry } from './layout.js';
-import type { CacheStore, IntentStats } from './store.js';
+import { subtractExtents, type CacheStore, type IntentStats } from './store.js';
 import { isWritable, type Source, type WritableSource } from '../source/source.js';
 import { BufferPool } from '../storage/buffer-pool.js';
 
@@ -234,6 +234,14 @@ export class CacheEngine {
   #spaceError: string | null = null;
   /** Requests failed since the engine started because the metadata's filesystem was full and nothing could be freed. */
   #metadataFullFailures = 0;
+  /**
+   * A kernel frontend's blocks a flush cleaned there (externalEpochs.commit) but whose clearFlushed
+   * could not be written (a full flash filesystem): dirty in the store alone, so no epoch takes them
+   * (sorted, disjoint). The next commit clears them with its own, in the same tick as the kernel's,
+   * unless an INTENT or ZERO for them came first (recordDirty, zero: they leave this list as they
+   * arrive, before anything is recorded, so the kernel has them clean whenever they are here).
+   */
+  #stranded: Extent[] = [];
   /** Requests waiting for room in the budget now (tests watch it). */
   spaceWaiters = 0;
   /** Time of the last user read or write (not prefetch): background work yields to it. */
@@ -449,13 +457,20 @@ export class CacheEngine {
   /**
    * store.markDirtyDurable() for a frontend that records dirty bits itself (a kernel's INTENT or
    * BARRIER, src/bdev/upcalls.ts), with the engine's answer to a full flash filesystem: clean
-   * blocks are given back and the transaction tried again (#withMetadataRoom). `extents` is asked
-   * again for each try (the blocks still to record). Throws MetadataFullError when nothing could
+   * blocks are given back and the transaction tried again (#withMetadataRoom). `skipDirty`: leave
+   * out extents already all dirty in the store, looked at again for each try. Throws MetadataFullError when nothing could
    * be freed (that request fails alone), EngineClosedError when the store failed.
    */
-  recordDirty(extents: () => readonly Extent[]): Promise<void> {
+  recordDirty(extents: readonly Extent[], options: { skipDirty?: boolean } = {}): Promise<void> {
     this.#assertOpen();
-    return this.#withMetadataRoom(() => this.store.markDirtyDurable(extents()));
+    this.#unstrand(extents);
+    const store = this.store;
+    return this.#withMetadataRoom(() => store.markDirtyDurable(options.skipDirty ? extents.filter((e) => !store.dirty.allSet(e.start, e.start + e.count)) : extents));
+  }
+
+  /** Blocks about to turn dirty in the kernel again (an INTENT, a ZERO) leave #stranded, synchronously. */
+  #unstrand(extents: readonly Extent[]): void {
+    if (this.#stranded.length > 0) this.#stranded = [...subtractExtents(this.#stranded, extents)];
   }
 
   /** TRIM: the range reads as zeros afterwards, and the disk gets zeros at the next flush. */
@@ -472,6 +487,10 @@ export class CacheEngine {
   async zero(offset: number, length: number, options: WriteOptions = {}): Promise<void> {
     this.#assertOpen();
     assertRange(offset, length, this.size);
+    if (this.#stranded.length > 0) {
+      const [first, end] = this.geometry.blocksOf(offset, length);
+      this.#unstrand([{ start: first, count: end - first }]);
+    }
     if (this.readOnly) throw new ReadOnlyError(`the cache of ${this.source.description} is read-only; attach with --writeback to write`);
     if (length === 0) return;
     this.lastRequestAt = Date.now();
@@ -666,16 +685,24 @@ export class CacheEngine {
     // The outside dirty bits go first: a write to a block cleared there asks for a fresh intent,
     // which is recorded only after clearFlushed below (same tick).
     this.externalEpochs?.commit(cleaned);
-    const extents = [...cleaned.runs()];
+    const own = [...cleaned.runs()];
+    // A kernel frontend's blocks stranded by an earlier failed clear: still clean there (no INTENT
+    // or ZERO since, #stranded), cleared here in the same tick as this epoch's.
+    const stranded = this.externalEpochs ? this.#stranded : [];
+    const extents = stranded.length > 0 ? mergeExtents([...own, ...stranded]) : own;
     try {
       this.store.clearFlushed(extents);
+      if (stranded.length > 0) this.#stranded = [];
     } catch (err) {
       // A full flash filesystem: nothing was cleared in the store (its transaction rolled back),
-      // so the blocks stay dirty and the next flush writes them again (invariant 4). Clean blocks
-      // are given back first, so that its commit finds room. (A kernel frontend has cleared its own
-      // bits already: there they stay dirty in the store alone, a superset, until the next attach
-      // reconciles them, reconcileOutsideDirty.)
-      if (err instanceof MetadataFullError) throw await this.#metadataFull(err);
+      // so the blocks stay dirty (invariant 4). Without a kernel frontend the next flush writes
+      // them again. A kernel frontend has cleared its own bits already (same tick, above): no
+      // epoch takes them again, so they wait in #stranded for the next commit. Clean blocks are
+      // given back first, so that it finds room.
+      if (err instanceof MetadataFullError) {
+        if (this.externalEpochs) this.#stranded = mergeExtents([...this.#stranded, ...own]);
+        throw await this.#metadataFull(err);
+      }
       throw err;
     }
     // A zeroed block materialised during the epoch (a uloop MISS on it: zeros into the cache file,
@@ -1781,6 +1808,17 @@ const NO_RELEASE = (): void => undefined;
 function isNoSpace(err: unknown): boolean {
   const code = (err as { code?: string })?.code;
   return code === 'ENOSPC' || code === 'EDQUOT';
+}
+
+/** Extents (any order, may overlap or touch) as sorted, disjoint ones. */
+function mergeExtents(extents: readonly Extent[]): Extent[] {
+  const out: Extent[] = [];
+  for (const e of [...extents].sort((a, b) => a.start - b.start)) {
+    const last = out[out.length - 1];
+    if (last && last.start + last.count >= e.start) last.count = Math.max(last.count, e.start + e.count - last.start);
+    else if (e.count > 0) out.push({ start: e.start, count: e.count });
+  }
+  return out;
 }
 
 /** Sorted block numbers to extents. */

@@ -9,12 +9,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { CacheFullError, EngineClosedError, InvalidArgumentError, IOFailedError, ReadOnlyError, UlobError } from '../../src/errors.js';
+import { CacheFullError, EngineClosedError, InvalidArgumentError, IOFailedError, MetadataFullError, ReadOnlyError, UlobError } from '../../src/errors.js';
 import { CacheEngine, type EngineOptions } from '../../src/cache/engine.js';
 import { posixStorage } from '../../src/storage/posix-storage.js';
 import type { BlockFile, Storage } from '../../src/storage/storage.js';
 import { CacheStore, type CachePaths, type MetadataFactory } from '../../src/cache/store.js';
 import { Metadata } from '../../src/cache/metadata.js';
+import { Bitmap } from '../../src/cache/bitmap.js';
 import { openBacking } from '../../src/source/backing.js';
 import type { FileSource } from '../../src/source/file-source.js';
 import type { WritableSource } from '../../src/source/source.js';
@@ -972,6 +973,53 @@ describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
       expect((await r.engine.read(64 * BS, 8 * BS)).equals(r.initial.subarray(64 * BS, 72 * BS))).toBe(true);
     },
   );
+
+  it('a kernel frontend: blocks whose clear could not be written after the kernel cleared them are cleared by the next commit (review10 F-1), unless an INTENT took them back first', async () => {
+    const r = await rig({ size: 64 * BS, blockSize: BS, budget: 16 * BS, evictionUnit: BS });
+    // The "kernel": its own dirty bits; an epoch takes blocks dirty on both sides.
+    const kernel = new Bitmap(64);
+    let onBegin: (() => void) | null = null;
+    r.engine.externalEpochs = {
+      begin(flushing) {
+        for (let b = 0; b < 64; b++) if (!kernel.get(b)) flushing.clear(b);
+        onBegin?.();
+        onBegin = null;
+      },
+      commit(cleaned) {
+        for (const run of cleaned.runs()) kernel.clearRange(run.start, run.start + run.count);
+      },
+    };
+    const data = pattern(8 * BS, 60);
+    await r.engine.write(0, data);
+    kernel.setRange(0, 8);
+    await r.engine.flush();
+    const clear = r.store.clearFlushed.bind(r.store);
+    let calls = 0;
+    r.store.clearFlushed = (extents) => {
+      if (calls++ === 0) throw new MetadataFullError('cannot write cache.meta: the filesystem holding it is full (SQLITE_FULL); free space on it', { path: 'cache.meta' });
+      clear(extents);
+    };
+    expectCoded(await outcome(() => flushDirty(r.engine)), CacheFullError, 'ULOB_E_METADATA_FULL');
+    expect(r.store.dirty.count()).toBe(8);
+    expect(kernel.count()).toBe(0);
+    // The next flush (room back) takes none of them (the kernel has them clean), and its commit
+    // clears them. An INTENT for block 3 arrives after its snapshot (the kernel writes block 3 once
+    // answered): block 3 must stay dirty in the store, the other 7 are cleared.
+    let intent: Promise<void> | null = null;
+    onBegin = () => {
+      intent = r.engine.recordDirty([{ start: 3, count: 1 }], { skipDirty: true }).then(() => kernel.set(3));
+    };
+    await flushDirty(r.engine);
+    await intent;
+    expect(kernel.get(3)).toBe(true);
+    expect([...r.store.dirty.runs()]).toEqual([{ start: 3, count: 1 }]);
+    // And the flush after that takes block 3 as usual.
+    await flushDirty(r.engine);
+    expect(r.store.dirty.count()).toBe(0);
+    expect(diskBytes(r).subarray(0, 8 * BS).equals(data)).toBe(true);
+    await reopen(r, 'close');
+    expect(r.engine.stats().dirtyBlocks).toBe(0);
+  });
 
   it.runIf(process.getuid?.() === 0)('clean blocks are given back to the filesystem and the metadata write tried again: the write succeeds', async () => {
     const f = flash();
