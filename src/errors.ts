@@ -240,8 +240,28 @@ export class HttpError extends UlobError {
  * and the flush that would make room failed or cannot run. The NBD client sees ENOSPC.
  */
 export class CacheFullError extends UlobError {
+  /** The code of the class constructed (MetadataFullError names its own). */
+  protected static readonly errorCode: string = 'ULOB_E_CACHE_FULL';
+
   constructor(message: string, options?: { cause?: unknown }) {
-    super('ULOB_E_CACHE_FULL', message, options);
+    super(new.target.errorCode, message, options);
+  }
+}
+
+/**
+ * The metadata (SQLite) could not be written: the filesystem holding it is full (SQLITE_FULL).
+ * The transaction was rolled back (SQLite may roll it back itself on SQLITE_FULL; better-sqlite3's
+ * transaction wrapper issues the ROLLBACK when one is still open), so the metadata is as before
+ * it and the connection stays usable: the caller may free space and try again. A CacheFullError
+ * to a client (an NBD write that gets it sees ENOSPC). `path`: the metadata file.
+ */
+export class MetadataFullError extends CacheFullError {
+  protected static override readonly errorCode: string = 'ULOB_E_METADATA_FULL';
+  readonly path: string | undefined;
+
+  constructor(message: string, options: { cause?: unknown; path?: string } = {}) {
+    super(message, { cause: options.cause });
+    this.path = options.path;
   }
 }
 
@@ -361,6 +381,7 @@ export const ERROR_CODES: Readonly<Record<string, { kind: ErrorKind; make: (mess
   ULOB_E_HTTP: { kind: 'io', make: (m) => new HttpError(m) },
   ULOB_E_CLOSED: { kind: 'io', make: (m) => new EngineClosedError(m) },
   ULOB_E_CACHE_FULL: { kind: 'io', make: (m) => new CacheFullError(m) },
+  ULOB_E_METADATA_FULL: { kind: 'io', make: (m) => new MetadataFullError(m) },
   ULOB_E_POWER: { kind: 'io', make: (m) => new DiskPowerError(m) },
   ULOB_E_FLUSH_STOPPED: { kind: 'io', make: (m) => new FlushStoppedError(m) },
   ULOB_E_COMMAND: { kind: 'io', make: (m) => new CommandFailedError(m) },

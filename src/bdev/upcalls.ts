@@ -205,7 +205,7 @@ export class UpcallHandler {
             await store.syncData();
           }
         }
-        await store.markDirtyDurable(range.filter((e) => !store.dirty.allSet(e.start, e.start + e.count)));
+        await engine.recordDirty(range, { skipDirty: true });
         if (unheld > 0) this.#port.intentRecorded?.(unheld);
         return;
       }
@@ -213,7 +213,7 @@ export class UpcallHandler {
         // The kernel synced the cache file before it asked: these blocks may be recorded.
         const blocks = this.#port.barrierBlocks(u.id);
         const runs = [...blocks.runs()];
-        await store.markDirtyDurable(runs);
+        await engine.recordDirty(runs);
         // Counted as held outside the store (the kernel's pending count) until now: present here
         // from now on. The frontend's next look sets the exact count again.
         const handed = runs.reduce((n, e) => n + e.count, 0);

@@ -15,14 +15,14 @@
 // With a budget (store.budget) every block that takes cache space is reserved first; when the
 // budget is full the engine evicts clean units the clock (cache/clock.ts) picks, and when nothing
 // clean is left it asks for a flush (onSpacePressure) and waits: writes wait, they do not fail.
-import { CacheFullError, EngineClosedError, ReadOnlyError } from '../errors.js';
+import { CacheFullError, EngineClosedError, MetadataFullError, ReadOnlyError } from '../errors.js';
 import { assertBytes, assertRange } from '../validate.js';
 import { Bitmap } from './bitmap.js';
 import { Coalescer } from './coalesce.js';
 import { FlushEpoch, type Epoch } from './epoch.js';
 import { BlockRuns } from './runs.js';
 import type { Extent, Geometry } from './layout.js';
-import type { CacheStore, IntentStats } from './store.js';
+import { subtractExtents, type CacheStore, type IntentStats } from './store.js';
 import { isWritable, type Source, type WritableSource } from '../source/source.js';
 import { BufferPool } from '../storage/buffer-pool.js';
 
@@ -232,6 +232,16 @@ export class CacheEngine {
   #hits = 0;
   #misses = 0;
   #spaceError: string | null = null;
+  /** Requests failed since the engine started because the metadata's filesystem was full and nothing could be freed. */
+  #metadataFullFailures = 0;
+  /**
+   * A kernel frontend's blocks a flush cleaned there (externalEpochs.commit) but whose clearFlushed
+   * could not be written (a full flash filesystem): dirty in the store alone, so no epoch takes them
+   * (sorted, disjoint). The next commit clears them with its own, in the same tick as the kernel's,
+   * unless an INTENT or ZERO for them came first (recordDirty, zero: they leave this list as they
+   * arrive, before anything is recorded, so the kernel has them clean whenever they are here).
+   */
+  #stranded: Extent[] = [];
   /** Requests waiting for room in the budget now (tests watch it). */
   spaceWaiters = 0;
   /** Time of the last user read or write (not prefetch): background work yields to it. */
@@ -471,7 +481,9 @@ export class CacheEngine {
   /** FLUSH: every write completed before the call is durable when it resolves. */
   async flush(): Promise<void> {
     this.#assertOpen();
-    await this.#commit.run();
+    // Staged writes become dirty in the metadata here: a full flash filesystem frees clean blocks
+    // and commits again, or fails this FLUSH alone (the writes stay staged for the next one).
+    await this.#withMetadataRoom(() => this.#commit.run());
   }
 
   /**
@@ -494,6 +506,25 @@ export class CacheEngine {
     }
   }
 
+  /**
+   * store.markDirtyDurable() for a frontend that records dirty bits itself (a kernel's INTENT or
+   * BARRIER, src/bdev/upcalls.ts), with the engine's answer to a full flash filesystem: clean
+   * blocks are given back and the transaction tried again (#withMetadataRoom). `skipDirty`: leave
+   * out extents already all dirty in the store, looked at again for each try. Throws MetadataFullError when nothing could
+   * be freed (that request fails alone), EngineClosedError when the store failed.
+   */
+  recordDirty(extents: readonly Extent[], options: { skipDirty?: boolean } = {}): Promise<void> {
+    this.#assertOpen();
+    this.#unstrand(extents);
+    const store = this.store;
+    return this.#withMetadataRoom(() => store.markDirtyDurable(options.skipDirty ? extents.filter((e) => !store.dirty.allSet(e.start, e.start + e.count)) : extents));
+  }
+
+  /** Blocks about to turn dirty in the kernel again (an INTENT, a ZERO) leave #stranded, synchronously. */
+  #unstrand(extents: readonly Extent[]): void {
+    if (this.#stranded.length > 0) this.#stranded = [...subtractExtents(this.#stranded, extents)];
+  }
+
   /** TRIM: the range reads as zeros afterwards, and the disk gets zeros at the next flush. */
   discard(offset: number, length: number): Promise<void> {
     return this.zero(offset, length);
@@ -508,6 +539,10 @@ export class CacheEngine {
   async zero(offset: number, length: number, options: WriteOptions = {}): Promise<void> {
     this.#assertOpen();
     assertRange(offset, length, this.size);
+    if (this.#stranded.length > 0) {
+      const [first, end] = this.geometry.blocksOf(offset, length);
+      this.#unstrand([{ start: first, count: end - first }]);
+    }
     if (this.readOnly) throw new ReadOnlyError(`the cache of ${this.source.description} is read-only; attach with --writeback to write`);
     if (length === 0) return;
     this.lastRequestAt = Date.now();
@@ -702,8 +737,26 @@ export class CacheEngine {
     // The outside dirty bits go first: a write to a block cleared there asks for a fresh intent,
     // which is recorded only after clearFlushed below (same tick).
     this.externalEpochs?.commit(cleaned);
-    const extents = [...cleaned.runs()];
-    this.store.clearFlushed(extents);
+    const own = [...cleaned.runs()];
+    // A kernel frontend's blocks stranded by an earlier failed clear: still clean there (no INTENT
+    // or ZERO since, #stranded), cleared here in the same tick as this epoch's.
+    const stranded = this.externalEpochs ? this.#stranded : [];
+    const extents = stranded.length > 0 ? mergeExtents([...own, ...stranded]) : own;
+    try {
+      this.store.clearFlushed(extents);
+      if (stranded.length > 0) this.#stranded = [];
+    } catch (err) {
+      // A full flash filesystem: nothing was cleared in the store (its transaction rolled back),
+      // so the blocks stay dirty (invariant 4). Without a kernel frontend the next flush writes
+      // them again. A kernel frontend has cleared its own bits already (same tick, above): no
+      // epoch takes them again, so they wait in #stranded for the next commit. Clean blocks are
+      // given back first, so that it finds room.
+      if (err instanceof MetadataFullError) {
+        if (this.externalEpochs) this.#stranded = mergeExtents([...this.#stranded, ...own]);
+        throw await this.#metadataFull(err);
+      }
+      throw err;
+    }
     // A zeroed block materialised during the epoch (a uloop MISS on it: zeros into the cache file,
     // staged dirty) and not rewritten holds the zeros the disk just got: staged clean now, or its
     // commit would record it dirty in the store after the kernel cleared it (a block dirty only in
@@ -829,8 +882,16 @@ export class CacheEngine {
           await ready;
         }
       } catch (err) {
-        this.#unpin(first, end);
-        throw err;
+        try {
+          // No room for the fill (the flash filesystem is full and holds no clean block to give
+          // back, or the budget is full of dirty data): the read still gets its data, uncached.
+          if (!(err instanceof CacheFullError) || this.#closed) throw err;
+          this.#misses++;
+          await this.#readAround(buf, offset, first, end);
+          return;
+        } finally {
+          this.#unpin(first, end);
+        }
       }
       // A miss is not a use: a unit filled and never hit again goes first (cache/clock.ts).
       if (filled) this.#misses++;
@@ -856,6 +917,41 @@ export class CacheEngine {
         const to = Math.min(offset + buf.byteLength, g.blockOffset(z.start + z.count));
         if (to > from) buf.fill(0, from - offset, to - offset);
       }
+    }
+  }
+
+  /**
+   * A read that cannot be cached: blocks of [first, end) the cache holds (present or staged) from
+   * the cache file, zeroed ones as zeros, the rest from the source, into buf (the bytes at
+   * `offset`). Each block's place is decided before any read starts, as a reader of the current
+   * phase: an eviction that clears a present bit afterwards waits for this read before its punch,
+   * and a block missing then is clean, so the source has its content.
+   */
+  async #readAround(buf: Uint8Array, offset: number, first: number, end: number): Promise<void> {
+    const g = this.geometry;
+    const store = this.store;
+    const phase = this.#readPhase & 1;
+    this.#readers[phase]!++;
+    try {
+      const runs: { from: number; to: number; where: 'cache' | 'zero' | 'source' }[] = [];
+      for (let b = first; b < end; b++) {
+        const where = store.present.get(b) || this.#isStaged(b) ? 'cache' : store.dirty.get(b) ? 'zero' : 'source';
+        const from = Math.max(offset, g.blockOffset(b));
+        const to = Math.min(offset + buf.byteLength, g.blockOffset(b + 1));
+        const last = runs[runs.length - 1];
+        if (last && last.where === where && last.to === from) last.to = to;
+        else runs.push({ from, to, where });
+      }
+      await Promise.all(
+        runs.map(async ({ from, to, where }) => {
+          const part = buf.subarray(from - offset, to - offset);
+          if (where === 'zero') part.fill(0);
+          else if (where === 'cache') await store.readData(part, from);
+          else await this.source.readAt(part, from);
+        }),
+      );
+    } finally {
+      this.#readDone(phase);
     }
   }
 
@@ -1184,7 +1280,7 @@ export class CacheEngine {
           for (const m of store.dirty.gaps(e.start, e.start + e.count)) todo.push(m);
         }
         todo.sort((a, b) => a.start - b.start);
-        await store.zero(todo);
+        await this.#withMetadataRoom(() => store.zero(todo));
       } finally {
         release();
       }
@@ -1243,7 +1339,7 @@ export class CacheEngine {
         // protect, and the write looks at it again. Eviction and zeroing leave blocks alone while
         // their intent is in #intents, so none turns into a hole before the record is durable.
         const store = this.store;
-        await store.markDirtyDurable(toExtents(sorted.filter((b) => store.present.get(b) && !store.dirty.get(b) && !this.#busyAt(b))));
+        await this.#withMetadataRoom(() => store.markDirtyDurable(toExtents(sorted.filter((b) => store.present.get(b) && !store.dirty.get(b) && !this.#busyAt(b)))));
       } finally {
         for (const b of blocks) if (this.#intents.get(b) === durable) this.#intents.delete(b);
       }
@@ -1390,6 +1486,60 @@ export class CacheEngine {
     const store = this.store;
     for (const e of store.present.runs()) if (store.dirty.nextClear(e.start, e.start + e.count) < e.start + e.count) return false;
     return true;
+  }
+
+  /**
+   * Runs `write` (a metadata write: a dirty intent, a zeroing, a commit) and, while the metadata's
+   * filesystem is full (MetadataFullError: the transaction rolled back, nothing changed), gives
+   * clean blocks back to that filesystem and runs it again, up to 3 times. Throws the
+   * MetadataFullError (a CacheFullError: the request fails with ENOSPC, alone) when nothing can
+   * be freed; `spaceError` then says so, with the count of requests failed.
+   */
+  async #withMetadataRoom<T>(write: () => Promise<T>): Promise<T> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const result = await write();
+        if (attempt > 0 || this.#metadataFullFailures > 0) this.#metadataRoomBack();
+        return result;
+      } catch (err) {
+        if (!(err instanceof MetadataFullError)) throw err;
+        if (attempt >= 3) throw await this.#metadataFull(err, true);
+        // Throws the request's error when nothing could be freed.
+        await this.#metadataFull(err);
+      }
+    }
+  }
+
+  /**
+   * The metadata could not be written for want of room: evicts clean blocks (their space goes
+   * back to the flash filesystem by the punch) and returns the error to rethrow, or, when nothing
+   * can be freed (or `failed`: the retries are used up), counts the failed request, says why in
+   * `spaceError` and throws. Only evicts: it may run inside the commit, which a flush or
+   * another commit would wait for.
+   */
+  async #metadataFull(err: MetadataFullError, failed = false): Promise<MetadataFullError> {
+    const store = this.store;
+    let freed = 0;
+    if (!failed && store.clock && !this.#closed && !store.failed) {
+      const want = Math.max(store.unitBlocks, Math.floor(store.usedBlocks / 16));
+      freed = await this.evict(want).catch(() => 0);
+    }
+    if (freed > 0) {
+      this.#spaceError = `the filesystem of ${err.path} ran full (another program filled it): evicted ${freed} blocks`;
+      return err;
+    }
+    this.#metadataFullFailures++;
+    this.#spaceError =
+      `the flash filesystem is full: ${this.#metadataFullFailures} requests failed; free space on it ` +
+      `(${err.path} cannot grow${store.clock ? ' and the cache holds no clean block to give back' : ''})`;
+    throw new MetadataFullError(`${err.message} (the cache holds no clean block to give back; this request failed, the others go on)`, { cause: err, path: err.path });
+  }
+
+  /** A metadata write went through after the filesystem was full: say it has room again. */
+  #metadataRoomBack(): void {
+    if (this.#spaceError?.startsWith('the flash filesystem is full')) {
+      this.#spaceError = `the flash filesystem was full (${this.#metadataFullFailures} requests failed) and has room again`;
+    }
   }
 
   /**
@@ -1710,6 +1860,17 @@ const NO_RELEASE = (): void => undefined;
 function isNoSpace(err: unknown): boolean {
   const code = (err as { code?: string })?.code;
   return code === 'ENOSPC' || code === 'EDQUOT';
+}
+
+/** Extents (any order, may overlap or touch) as sorted, disjoint ones. */
+function mergeExtents(extents: readonly Extent[]): Extent[] {
+  const out: Extent[] = [];
+  for (const e of [...extents].sort((a, b) => a.start - b.start)) {
+    const last = out[out.length - 1];
+    if (last && last.start + last.count >= e.start) last.count = Math.max(last.count, e.start + e.count - last.start);
+    else if (e.count > 0) out.push({ start: e.start, count: e.count });
+  }
+  return out;
 }
 
 /** Sorted block numbers to extents. */

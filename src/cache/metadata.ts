@@ -5,7 +5,7 @@
 import { closeSync, constants as fsConstants, existsSync, openSync, rmSync } from 'node:fs';
 import Database from 'better-sqlite3';
 import { fdatasync } from '../native/io.js';
-import { CacheBusyError, CorruptMetadataError, IOFailedError, ioError } from '../errors.js';
+import { CacheBusyError, CorruptMetadataError, ioError, MetadataFullError } from '../errors.js';
 import type { Extent } from './layout.js';
 
 export const FORMAT_VERSION = 4;
@@ -665,6 +665,8 @@ function translate(err: unknown, path: string): Error {
   }
   if (code.startsWith('SQLITE_CANTOPEN')) return ioError('open metadata', path, err);
   // SQLite says only "database or disk is full": name the file.
-  if (code === 'SQLITE_FULL') return new IOFailedError(`cannot write ${path}: the filesystem holding it is full (SQLITE_FULL); free space on it, then detach and attach again (the cache refuses I/O until then; what was flushed before is kept)`, { cause: err, path });
+  // The transaction is rolled back and the connection usable (MetadataFullError): the cache
+  // frees room and tries again, or fails the one request.
+  if (code === 'SQLITE_FULL') return new MetadataFullError(`cannot write ${path}: the filesystem holding it is full (SQLITE_FULL); free space on it`, { cause: err, path });
   return err instanceof Error ? err : new Error(String(err));
 }

@@ -21,6 +21,7 @@ import {
   EngineClosedError,
   ForeignCacheError,
   InvalidArgumentError,
+  MetadataFullError,
   SizeMismatchError,
   ioError,
 } from '../errors.js';
@@ -625,7 +626,13 @@ export class CacheStore {
     }
     if (writes !== this.#diskWrites || this.#closed || this.#failed) return;
     this.#fingerprintDue = false;
-    this.#guard(() => this.#meta.setDiskFingerprint(fingerprint));
+    try {
+      this.#guard(() => this.#meta.setDiskFingerprint(fingerprint));
+    } catch (err) {
+      // A full flash filesystem: the fingerprint stays unknown (null since prepareDiskWrite), so
+      // the next attach does not check; the flush itself is done and synced.
+      if (!(err instanceof MetadataFullError)) throw err;
+    }
   }
 
   /** The open's answer to a disk changed outside: no present bit (durably), a history event, and diskChanged. */
@@ -1260,10 +1267,17 @@ export class CacheStore {
     }
   }
 
+  /**
+   * A metadata write (one transaction). A full filesystem (MetadataFullError) leaves the metadata
+   * as it was, and every caller changes its in-memory state only after the write: the store stays
+   * usable and the caller frees room and tries again, or fails its one request. Any other
+   * failure fails the store, as #io.
+   */
   #guard(fn: () => void): void {
     try {
       fn();
     } catch (err) {
+      if (err instanceof MetadataFullError) throw err;
       if (this.#failed === null) this.#failed = err as Error;
       this.#dataSyncFailed = false;
       throw err;

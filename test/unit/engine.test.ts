@@ -9,12 +9,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { CacheFullError, EngineClosedError, InvalidArgumentError, IOFailedError, ReadOnlyError, UlobError } from '../../src/errors.js';
+import { CacheFullError, EngineClosedError, InvalidArgumentError, IOFailedError, MetadataFullError, ReadOnlyError, UlobError } from '../../src/errors.js';
 import { CacheEngine, type EngineOptions } from '../../src/cache/engine.js';
 import { posixStorage } from '../../src/storage/posix-storage.js';
 import type { BlockFile, Storage } from '../../src/storage/storage.js';
 import { CacheStore, type CachePaths, type MetadataFactory } from '../../src/cache/store.js';
 import { Metadata } from '../../src/cache/metadata.js';
+import { Bitmap } from '../../src/cache/bitmap.js';
 import { openBacking } from '../../src/source/backing.js';
 import type { FileSource } from '../../src/source/file-source.js';
 import type { WritableSource } from '../../src/source/source.js';
@@ -875,6 +876,198 @@ describe('a cache budget', () => {
     rmSync(join(mnt, 'filler'));
     await r.engine.write(600 * BS, pattern(32 * BS, 10));
     expect((await r.engine.read(0, 120 * BS)).equals(pattern(120 * BS, 9))).toBe(true);
+  });
+});
+
+
+// --- a full filesystem under the metadata ----------------------------------------------------------
+
+describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
+  const BS = 4 * KiB;
+
+  /** A 1 MiB tmpfs holding the rig's cache files, and a filler that takes every page left of it. */
+  function flash(size = '1m'): { mnt: string; fill: () => void; free: () => void } {
+    const mnt = join(dir, 'flash');
+    mkdirSync(mnt);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', mnt]);
+    cleanups.push(() => execFileSync('umount', ['-l', mnt]));
+    const filler = join(mnt, 'filler');
+    return {
+      mnt,
+      fill: () => {
+        try {
+          execFileSync('dd', ['if=/dev/zero', `of=${filler}`, 'bs=4k', 'count=1024'], { stdio: 'ignore' });
+        } catch {
+          // ENOSPC: full, as intended
+        }
+      },
+      free: () => rmSync(filler),
+    };
+  }
+
+  it.runIf(process.getuid?.() === 0)(
+    'with nothing clean to give back, only the write that needs a dirty intent fails (ENOSPC); acked data stays readable, and once space returns writes work again without a re-attach',
+    async () => {
+      const f = flash();
+      const r = await rig({ size: 256 * BS, blockSize: BS, budget: 128 * BS, evictionUnit: BS, cacheDir: f.mnt });
+      // Acked, durable dirty data (a FLUSH went through), and one clean present block X.
+      const acked = pattern(8 * BS, 21);
+      await r.engine.write(0, acked);
+      await r.engine.flush();
+      const X = 100;
+      await r.engine.read(X * BS, BS);
+      await r.engine.flush();
+      expect(r.engine.stats()).toMatchObject({ dirtyBlocks: 8, presentBlocks: 9 });
+      f.fill();
+      // The first write into X needs its dirty intent in the metadata, which cannot grow; X itself
+      // cannot be given back (its intent is on the way), and every other block is dirty.
+      const err = await outcome(() => r.engine.write(X * BS, pattern(BS, 22)));
+      expectCoded(err, CacheFullError, 'ULOB_E_METADATA_FULL');
+      expect((err as Error).message).toMatch(/cache\.meta: the filesystem holding it is full \(SQLITE_FULL\)/);
+      expect(r.engine.stats().spaceError).toMatch(/^the flash filesystem is full: 1 requests failed; free space on it/);
+      // Nothing else stopped: acked data reads back, a dirty block takes a rewrite (no intent).
+      expect((await r.engine.read(0, 8 * BS)).equals(acked)).toBe(true);
+      expect(r.store.failed).toBeNull();
+      const rewrite = pattern(BS, 23);
+      await r.engine.write(0, rewrite);
+      expect((await r.engine.read(X * BS, BS)).equals(r.initial.subarray(X * BS, (X + 1) * BS))).toBe(true);
+      // Space comes back: the same write just works, durably.
+      f.free();
+      const x = pattern(BS, 24);
+      await r.engine.write(X * BS, x);
+      await r.engine.flush();
+      expect(r.engine.stats().spaceError).toMatch(/was full \(1 requests failed\) and has room again/);
+      const model = Buffer.from(r.initial);
+      acked.copy(model, 0);
+      rewrite.copy(model, 0);
+      x.copy(model, X * BS);
+      await reopen(r, 'close');
+      expect(r.store.recoveredFromCrash).toBe(false);
+      expect(sha(await r.engine.read(0, r.engine.size))).toBe(sha(model));
+      await flushDirty(r.engine);
+      expect(sha(diskBytes(r))).toBe(sha(model));
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)(
+    'a write whose FLUSH could not be recorded and a detach while still full: the next attach keeps every flushed write and drops only that one (newuser10: dirty went down across the re-attach)',
+    async () => {
+      const f = flash('2m');
+      // A full mirror: the cache file is preallocated, so the write itself needs no room.
+      const r = await rig({ size: 128 * BS, blockSize: BS, cacheDir: f.mnt });
+      const a = pattern(8 * BS, 50);
+      await r.engine.write(0, a);
+      await r.engine.flush();
+      f.fill();
+      const b = pattern(8 * BS, 51);
+      await r.engine.write(64 * BS, b);
+      expectCoded(await outcome(() => r.engine.flush()), CacheFullError, 'ULOB_E_METADATA_FULL');
+      // status counts the staged write as dirty, though no FLUSH made it durable.
+      expect(r.engine.stats().dirtyBlocks).toBe(16);
+      expect((await r.engine.read(64 * BS, 8 * BS)).equals(b)).toBe(true);
+      await outcome(() => r.engine.close());
+      f.free();
+      await attach(r);
+      expect(r.engine.stats().dirtyBlocks).toBe(8);
+      expect((await r.engine.read(0, 8 * BS)).equals(a)).toBe(true);
+      expect((await r.engine.read(64 * BS, 8 * BS)).equals(r.initial.subarray(64 * BS, 72 * BS))).toBe(true);
+    },
+  );
+
+  it('a kernel frontend: blocks whose clear could not be written after the kernel cleared them are cleared by the next commit (review10 F-1), unless an INTENT took them back first', async () => {
+    const r = await rig({ size: 64 * BS, blockSize: BS, budget: 16 * BS, evictionUnit: BS });
+    // The "kernel": its own dirty bits; an epoch takes blocks dirty on both sides.
+    const kernel = new Bitmap(64);
+    let onBegin: (() => void) | null = null;
+    r.engine.externalEpochs = {
+      begin(flushing) {
+        for (let b = 0; b < 64; b++) if (!kernel.get(b)) flushing.clear(b);
+        onBegin?.();
+        onBegin = null;
+      },
+      commit(cleaned) {
+        for (const run of cleaned.runs()) kernel.clearRange(run.start, run.start + run.count);
+      },
+    };
+    const data = pattern(8 * BS, 60);
+    await r.engine.write(0, data);
+    kernel.setRange(0, 8);
+    await r.engine.flush();
+    const clear = r.store.clearFlushed.bind(r.store);
+    let calls = 0;
+    r.store.clearFlushed = (extents) => {
+      if (calls++ === 0) throw new MetadataFullError('cannot write cache.meta: the filesystem holding it is full (SQLITE_FULL); free space on it', { path: 'cache.meta' });
+      clear(extents);
+    };
+    expectCoded(await outcome(() => flushDirty(r.engine)), CacheFullError, 'ULOB_E_METADATA_FULL');
+    expect(r.store.dirty.count()).toBe(8);
+    expect(kernel.count()).toBe(0);
+    // The next flush (room back) takes none of them (the kernel has them clean), and its commit
+    // clears them. An INTENT for block 3 arrives after its snapshot (the kernel writes block 3 once
+    // answered): block 3 must stay dirty in the store, the other 7 are cleared.
+    let intent: Promise<void> | null = null;
+    onBegin = () => {
+      intent = r.engine.recordDirty([{ start: 3, count: 1 }], { skipDirty: true }).then(() => kernel.set(3));
+    };
+    await flushDirty(r.engine);
+    await intent;
+    expect(kernel.get(3)).toBe(true);
+    expect([...r.store.dirty.runs()]).toEqual([{ start: 3, count: 1 }]);
+    // And the flush after that takes block 3 as usual.
+    await flushDirty(r.engine);
+    expect(r.store.dirty.count()).toBe(0);
+    expect(diskBytes(r).subarray(0, 8 * BS).equals(data)).toBe(true);
+    await reopen(r, 'close');
+    expect(r.engine.stats().dirtyBlocks).toBe(0);
+  });
+
+  it.runIf(process.getuid?.() === 0)('clean blocks are given back to the filesystem and the metadata write tried again: the write succeeds', async () => {
+    const f = flash();
+    const r = await rig({ size: 256 * BS, blockSize: BS, budget: 128 * BS, evictionUnit: BS, cacheDir: f.mnt });
+    await r.engine.read(32 * BS, 64 * BS);
+    await r.engine.flush();
+    f.fill();
+    const model = Buffer.from(r.initial);
+    // A first write into a clean block: its dirty intent is a transaction the WAL must grow for.
+    const first = pattern(BS, 29);
+    await r.engine.write(32 * BS, first);
+    first.copy(model, 32 * BS);
+    expect(r.engine.stats().spaceError).toMatch(/cache\.meta ran full \(another program filled it\): evicted \d+ blocks/);
+    expect(r.engine.stats().evictedBlocks).toBeGreaterThan(0);
+    // More of them (some into blocks just given back: the cache file's own ENOSPC path then).
+    for (let i = 1; i < 16; i++) {
+      const data = pattern(BS, 30 + i);
+      await r.engine.write((32 + i) * BS, data);
+      data.copy(model, (32 + i) * BS);
+    }
+    await r.engine.flush();
+    expect(sha(await r.engine.read(0, r.engine.size))).toBe(sha(model));
+    f.free();
+    await reopen(r, 'close');
+    expect(sha(await r.engine.read(0, r.engine.size))).toBe(sha(model));
+  });
+
+  it.runIf(process.getuid?.() === 0)('a flush whose commit cannot be written fails and keeps its blocks dirty, reads with no room to cache come from the disk; the next flush, with room, cleans them', async () => {
+    const f = flash();
+    const r = await rig({ size: 256 * BS, blockSize: BS, budget: 128 * BS, evictionUnit: BS, cacheDir: f.mnt });
+    const data = pattern(16 * BS, 40);
+    await r.engine.write(0, data);
+    await r.engine.flush();
+    f.fill();
+    const err = await outcome(() => flushDirty(r.engine));
+    expectCoded(err, CacheFullError, 'ULOB_E_METADATA_FULL');
+    expect(r.engine.stats().dirtyBlocks).toBe(16);
+    expect(r.store.failed).toBeNull();
+    expect((await r.engine.read(0, 16 * BS)).equals(data)).toBe(true);
+    // Reads of blocks with no room to cache them come from the disk, uncached: alone, and mixed
+    // with cached (dirty) blocks in one request.
+    expect((await r.engine.read(100 * BS + 512, 8 * BS)).equals(r.initial.subarray(100 * BS + 512, 108 * BS + 512))).toBe(true);
+    expect((await r.engine.read(8 * BS, 16 * BS)).equals(Buffer.concat([data.subarray(8 * BS), r.initial.subarray(16 * BS, 24 * BS)]))).toBe(true);
+    expect(r.engine.stats()).toMatchObject({ presentBlocks: 16, stagedBlocks: 0 });
+    f.free();
+    await flushDirty(r.engine);
+    expect(r.engine.stats().dirtyBlocks).toBe(0);
+    expect(diskBytes(r).subarray(0, 16 * BS).equals(data)).toBe(true);
   });
 });
 
