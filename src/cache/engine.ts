@@ -24,7 +24,7 @@ import { BlockRuns } from './runs.js';
 import type { Extent, Geometry } from './layout.js';
 import { subtractExtents, type CacheStore, type IntentStats } from './store.js';
 import { isWritable, type Source, type WritableSource } from '../source/source.js';
-import { BufferPool } from '../storage/buffer-pool.js';
+import { BufferPool, SizedBufferPool } from '../storage/buffer-pool.js';
 
 export interface EngineOptions {
   /** Commit staged blocks this long after the first one appears; 0 commits only on flush. */
@@ -207,7 +207,15 @@ export class CacheEngine {
   /** Date.now() of the last miss that started fills; a disk idle for DISK_IDLE_MS gets whole units. */
   #lastFillAt = -Infinity;
   readonly #diskIdleMs: number;
+  /** Whole fill buffers (maxFillBytes): the pieces of a fill streamed through one buffer. */
   readonly #fillBuffers: BufferPool;
+  /**
+   * Fills that fit one fill buffer take a buffer of their own size class: a 4 KiB miss a 4 KiB
+   * buffer. With more fills in flight than FILL_BUFFERS_KEPT (16 misses at QD16 on /dev/uloopN
+   * or /dev/ublkbN), each took a fresh 1 MiB buffer, zeroed by the addon on the event loop:
+   * 16-19 % of the daemon's CPU in bench/budget.js under TCG (--cpu-prof).
+   */
+  readonly #sizedFillBuffers: SizedBufferPool;
   #commitTimer: NodeJS.Timeout | null = null;
   #epoch: FlushEpoch | null = null;
   readonly #cowMemoryBytes: number;
@@ -266,6 +274,7 @@ export class CacheEngine {
     this.#fillGranuleBlocks = Math.max(1, Math.floor((options.fillGranuleBytes ?? DEFAULT_FILL_GRANULE) / this.geometry.blockSize));
     this.#missGranuleBlocks = Math.max(1, Math.floor((source.missGranule ?? 0) / this.geometry.blockSize));
     this.#fillBuffers = new BufferPool(this.#maxFillBlocks * this.geometry.blockSize, FILL_BUFFERS_KEPT);
+    this.#sizedFillBuffers = new SizedBufferPool(this.geometry.blockSize, FILL_BUFFERS_KEPT * this.#fillBuffers.bufferBytes);
     this.#commit = new Coalescer(() => this.#commitStaged());
     this.#cowMemoryBytes = options.cowMemoryBytes ?? 64 << 20;
     this.#cowSpillPath = options.cowSpillPath ?? `${store.paths.cache}.cow`;
@@ -1069,13 +1078,21 @@ export class CacheEngine {
       try {
         const offset = this.geometry.blockOffset(start);
         // A reused, aligned buffer: no page faults for fresh memory, no bounce copy for O_DIRECT.
-        const whole = this.#fillBuffers.take();
-        try {
-          const bytes = this.geometry.extentBytes(start, count);
-          if (bytes <= whole.byteLength) await this.#fillCache(whole.subarray(0, bytes), offset);
-          else await this.#streamCache(whole, offset, bytes);
-        } finally {
-          this.#fillBuffers.give(whole);
+        const bytes = this.geometry.extentBytes(start, count);
+        if (bytes <= this.#fillBuffers.bufferBytes) {
+          const buf = this.#sizedFillBuffers.take(bytes);
+          try {
+            await this.#fillCache(buf, offset);
+          } finally {
+            this.#sizedFillBuffers.give(buf);
+          }
+        } else {
+          const whole = this.#fillBuffers.take();
+          try {
+            await this.#streamCache(whole, offset, bytes);
+          } finally {
+            this.#fillBuffers.give(whole);
+          }
         }
       } catch (err) {
         this.store.release(count);
