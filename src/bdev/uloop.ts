@@ -272,6 +272,7 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
      * punched: invariant 1). A failed call evicts nothing of its range.
      */
     // ULOOP_EVICT_F_HOLD: claims holding what the last evict let go, until the store has punched.
+    const MAX_HELD = 32;
     const held: Array<{ id: number; first: number; count: number }> = [];
     const { evictHeld, letGo } = k;
     external.evict = (victims, pinned = false) => {
@@ -282,6 +283,10 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
       for (const e of victims) for (let b = e.start; b < e.start + e.count; b += max) pieces.push({ start: b, count: Math.min(max, e.start + e.count - b) });
       pieces.sort((x, y) => x.start - y.start);
       for (let i = 0; i < pieces.length; ) {
+        // review9 K-A2: each held EVICT is a claim until the punch, and the kernel allows 64
+        // outstanding (hydration's CLAIMs among them): past MAX_HELD ranges the rest of the
+        // victims stay (as if refused), and the engine picks other units in its next call.
+        if (evictHeld && letGo && held.length >= MAX_HELD) break;
         const first = pieces[i]!.start;
         let j = i + 1;
         while (j < pieces.length && pieces[j]!.start + pieces[j]!.count - first <= max) j++;
@@ -437,6 +442,8 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
 export interface KernelCreditIoctl {
   /** CREDIT: sets the limit in blocks (-1: none); returns it and the kernel's unasked blocks. */
   credit(limit: number): { limit: number; unasked: number };
+  /** QUERY's credit_limit: the limit the kernel holds now (-1: none). */
+  limit?(): number;
   /** True once the device is removed. */
   gone(): boolean;
 }
@@ -466,6 +473,18 @@ export function kernelCredit(engine: CacheEngine, k: KernelCreditIoctl) {
   const blocks = engine.geometry.blockCount;
   const share = Math.min(blocks, store.unitBlocks);
   let limit = 0;
+  /**
+   * Takes the kernel's own limit (QUERY) into `limit` (review9 K-E): a request's second ROOM
+   * raises the kernel's limit by the new grant less the one it had, this side's copy by the whole
+   * grant; written back, the copy would raise the kernel's limit past the credit. Nothing else
+   * changes the kernel's limit between this and the CREDIT that follows: the answers and CREDIT
+   * both run on this thread.
+   */
+  const mirror = () => {
+    if (!k.limit) return;
+    const now = k.limit();
+    if (now >= 0) limit = now;
+  };
   /** CREDIT to `want`; the store counts what the kernel holds unasked (+ `extra` about to be granted, - `gone` just recorded). Returns U. */
   const set = (want: number, extra = 0, gone = 0) => {
     limit = Math.max(0, Math.min(want, blocks));
@@ -479,6 +498,7 @@ export function kernelCredit(engine: CacheEngine, k: KernelCreditIoctl) {
     /** At attach and at each look at the kernel: the count exact; the limit back to one unit if the budget has room for it, or down to max(one unit, U). */
     update(): void {
       if (k.gone()) return;
+      mirror();
       const unasked = set(limit);
       if (limit < share) {
         // What the caller's evictAhead frees lets it grow at a later look.
@@ -510,6 +530,7 @@ export function kernelCredit(engine: CacheEngine, k: KernelCreditIoctl) {
         store.outsideBlocks = Math.max(0, store.outsideBlocks - n);
         return;
       }
+      mirror();
       set(limit - n, 0, n);
     },
   };
@@ -721,7 +742,10 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
   }
   // With a budget the kernel's unasked whole-block writes are held to a credit (kernelCredit),
   // set before the first upcall is read (ATTACH lifted the dead daemon's).
-  const credit = budgeted && !options.readOnly ? kernelCredit(engine, { credit: (limit) => native.uloopCredit(ctl, limit), gone: () => removed }) : null;
+  const credit =
+    budgeted && !options.readOnly
+      ? kernelCredit(engine, { credit: (limit) => native.uloopCredit(ctl, limit), limit: () => native.uloopQuery(ctl, index).creditLimit, gone: () => removed })
+      : null;
   credit?.update();
   const handler = new UpcallHandler({
     engine,

@@ -527,7 +527,7 @@ function expectPressureImage(model: Model, disk: Buffer, what: string): void {
 function attachDaemon(engine: CacheEngine, kernel: KernelModel): ReturnType<typeof kernelEpochs> {
   // ATTACH (and ADD) leave no limit; with a budget the daemon sets its credit before any upcall.
   kernel.credit = null;
-  const credit = engine.store.budget !== null ? kernelCredit(engine, { credit: (limit) => kernel.setCredit(limit), gone: () => false }) : null;
+  const credit = engine.store.budget !== null ? kernelCredit(engine, { credit: (limit) => kernel.setCredit(limit), limit: () => kernel.credit ?? -1, gone: () => false }) : null;
   kernel.creditPolicy = credit;
   credit?.update();
   const epochs = kernelEpochs(engine, {
