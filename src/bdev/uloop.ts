@@ -398,9 +398,14 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
           for (const r of kernel.runs(first, last)) ask.clearRange(r.start - first, r.start - first + r.count);
           let evicted: Bitmap | null = null;
           if (ask.nextSet(0) < count) {
-            const r = evictHeld!(first, count, ask.buffer, true);
-            heldId = r.id;
-            if (r.done > 0) evicted = ask;
+            try {
+              const r = evictHeld!(first, count, ask.buffer, true);
+              heldId = r.id;
+              if (r.done > 0) evicted = ask;
+            } catch (err) {
+              // EINTR, EAGAIN: nothing evicted there; those blocks stay uncounted (`remaining`).
+              log?.(`${k.device}: EVICT of blocks ${first}..${last - 1} at re-attach failed (${(err as { code?: string }).code ?? 'error'}); what the dead daemon filled there stays uncounted`, err);
+            }
           }
           const punch: Extent[] = [];
           let n = 0;
