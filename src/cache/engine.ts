@@ -25,6 +25,7 @@ import type { Extent, Geometry } from './layout.js';
 import { subtractExtents, type CacheStore, type IntentStats } from './store.js';
 import { isWritable, type Source, type WritableSource } from '../source/source.js';
 import { BufferPool, SizedBufferPool } from '../storage/buffer-pool.js';
+import { pausePoint } from '../sys.js';
 
 export interface EngineOptions {
   /** Commit staged blocks this long after the first one appears; 0 commits only on flush. */
@@ -1720,6 +1721,9 @@ export class CacheEngine {
     // failed then, and recoverSyncError drops them.)
     for (const e of this.#stagedRuns.extents()) this.#committingRuns.add(e.start, e.start + e.count);
     this.#stagedRuns.clear();
+    // For tests only (ULOBDEV_PAUSE_FILE): hold fills answered and not recorded, as a daemon
+    // killed before this commit leaves them (test/vm/uloop-budget.test.ts). Unset, no await.
+    if (process.env.ULOBDEV_PAUSE_FILE) await pausePoint('engine:commit-staged');
     await this.store.syncData();
     // The runs as they are after the sync: a block written meanwhile left them (#stageDirty).
     const runs = this.#committingRuns.extents();

@@ -1141,16 +1141,44 @@ export class CacheStore {
     const held = await this.#cache.allocatedBytes();
     // Filesystem metadata (extent tree blocks) counts in st_blocks too: a little over is no leak.
     if (!always && held <= this.#presentCount * g.blockSize + this.unitBlocks * g.blockSize) return;
-    const holes: Extent[] = [];
+    await this.#punch(await this.uncountedData(), 0);
+  }
+
+  /**
+   * The blocks the cache file holds data in (SEEK_DATA / SEEK_HOLE) that no present bit covers:
+   * what st_blocks charges beyond the store's count (fills and writes never committed, an
+   * eviction cut between its bitmap sync and its punch, on /dev/uloopN a kernel's pending
+   * blocks). Ascending, disjoint block extents; none present.
+   */
+  async uncountedData(): Promise<Extent[]> {
+    const g = this.geometry;
+    const out: Extent[] = [];
     for (let pos = 0; pos < g.cacheFileSize; ) {
       const data = await this.#cache.nextData(pos);
       if (!data) break;
       const first = Math.floor(data[0] / g.blockSize);
       const end = Math.min(g.blockCount, Math.ceil(data[1] / g.blockSize));
-      for (const gap of this.present.gaps(first, end)) holes.push(gap);
+      for (const gap of this.present.gaps(first, end)) out.push(gap);
       pos = Math.max(data[1], pos + 1);
     }
-    await this.#punch(holes, 0);
+    return out;
+  }
+
+  /**
+   * Punches blocks no present bit covers out of the cache file (with a budget; without one it
+   * does nothing): data the store never counted, which nobody may read any more. The caller
+   * keeps every reader and writer off them until this resolves (on /dev/uloopN: a CLAIM, or an
+   * EVICT with ULOOP_EVICT_F_HOLD). Throws InvalidArgumentError if one is present (invariant 1:
+   * a present bit never covers a hole), and the punch's I/O error.
+   */
+  async punchUncounted(extents: readonly Extent[]): Promise<void> {
+    this.#assertUsable();
+    for (const e of extents) {
+      if (this.present.nextSet(e.start, e.start + e.count) < e.start + e.count) {
+        throw new InvalidArgumentError(`cannot punch present blocks in ${e.start}+${e.count}`);
+      }
+    }
+    if (extents.length > 0) await this.#punch(extents, 0);
   }
 
   /**

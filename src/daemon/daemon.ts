@@ -50,8 +50,7 @@ export interface AttachOptions {
   cacheSize?: CacheSize;
   /**
    * The option of this command that gives a cache smaller than the disk ('--cache-size' for
-   * ulobdev), named when a full mirror does not fit on the flash filesystem. Not named for
-   * /dev/uloopN, which refuses a budget.
+   * ulobdev), named when a full mirror does not fit on the flash filesystem.
    */
   budgetOption?: string;
   /** --eviction-unit for a new cache (bytes, 64 KiB to 1 MiB). */
@@ -260,7 +259,6 @@ export class Daemon {
       throw err instanceof DeviceBusyError ? nameTaken(name, await readRecord(runBase, name), options.device, explicitName) : err;
     });
     await assertCacheDirsExist(options);
-    if (kind === 'uloop' && options.cacheSize && !uloopBudgetUnlocked()) throw budgetOnUloop(options.device);
     if (kind === 'ublk' && options.writebackPolicy?.hydrateRate !== undefined) throw hydrateOnUblk(options.device);
     // The name is this process's from here on (RUN_DIR/NAME.json); what a dead daemon of the same
     // name left (a loop device bound to its FUSE file, nbdfuse, the mount) is let go first.
@@ -324,7 +322,7 @@ export class Daemon {
         defaultBlockSize: Math.max(DEFAULT_BLOCK_SIZE, sectorSize.logical),
         // A /dev/uloopN left by a dead daemon still serves the cache file: nothing is punched now.
         servedByKernel: kind === 'uloop' && uloopAwaitsDaemon(options.device),
-        budgetOption: kind === 'uloop' ? undefined : options.budgetOption,
+        budgetOption: options.budgetOption,
         records: options.diskRecords ? new DiskRecords(options.stateDir ?? STATE_DIR) : undefined,
         // A disk written without ulobdev since this cache last left it (the disk, not its wrappers:
         // these few reads are not misses and start no flush).
@@ -339,7 +337,6 @@ export class Daemon {
       undo.push(() => store.close());
       markStart('store');
       // The budget the cache already had counts as much as one given now.
-      if (store.budget !== null && kind === 'uloop' && !uloopBudgetUnlocked()) throw budgetOnUloop(options.device);
       if (store.budget !== null && policy.hydrateRate !== undefined && store.budget < source.size) throw hydrateOverBudget(store.budget, source.size);
       if (store.recoveredFromCrash) logger.warn('the cache was not closed cleanly last time; recovered its dirty set from the metadata');
       if (store.shrunkBlocks > 0 && store.budget !== null) {
@@ -897,28 +894,6 @@ export function budgetBytes(size: CacheSize, diskSize: number): number {
 function hydrateOnUblk(device: string): InvalidArgumentError {
   return new InvalidArgumentError(`--hydrate is not wired to ${device} yet (the ublk server writes missing blocks the hydrator would fill); hydrate through /dev/loopN or /dev/uloopN, or leave it out`);
 }
-
-/**
- * --cache-size on /dev/uloopN is refused. The kernel's whole-block writes are held to a credit
- * (CREDIT, ROOM: src/bdev/uloop.ts kernelCredit; a ROOM's answer raises the limit in the kernel),
- * the daemon's barrier never waits on a write (BARRIER), concurrent requests cannot keep every
- * clean block (EVICT's PINNED flag) and evicted blocks stay busy until punched (EVICT's HOLD flag):
- * test/vm/uloop-budget-load.test.ts passes. But after kill -9 and a re-attach the cache file
- * passes the budget plus 512 KiB (16.77 MiB for 16: the dead daemon's answered fills are not
- * counted; test/vm/uloop-budget.test.ts, docs/design.md). The whole path is wired and tested with
- * ULOB_UNSAFE_ULOOP_BUDGET=1, for development only (uloop-budget and uloop-budget-load's VM runs).
- */
-function budgetOnUloop(device: string): InvalidArgumentError {
-  return new InvalidArgumentError(
-    `a cache budget (--cache-size) is not supported on ${device} yet (not finished: docs/design.md, /dev/uloopN); use /dev/ublkbN, /dev/loopN or /dev/nbdN for a cache smaller than the disk`,
-  );
-}
-
-/** ULOB_UNSAFE_ULOOP_BUDGET=1: lets a budget on /dev/uloopN through, for its development tests only. */
-function uloopBudgetUnlocked(): boolean {
-  return process.env.ULOB_UNSAFE_ULOOP_BUDGET === '1';
-}
-
 
 /** `ulobdev hydrate` on a cache whose budget is smaller than the disk (hydrateOverBudget's run-time twin). */
 function hydrateCommandOverBudget(budget: number, size: number): InvalidArgumentError {

@@ -14,9 +14,8 @@
 //    the whole range of every request still preparing let the requests keep every clean block
 //    between them, and reads failed with EIO after 8 s ("full of dirty data" with nothing dirty).
 //    Now fio exits 0 with no error, and the region reads back equal to the disk.
-// Development only, like the budget on /dev/uloopN itself (refused to users: docs/design.md):
-// runs with ULOB_UNSAFE_ULOOP_BUDGET=1 in the test's environment, which the guest script passes to
-// the daemon. K1's peak was 20-21 MiB for 16 MiB (three runs) until a ROOM's answer raised the
+// (Development only, behind ULOB_UNSAFE_ULOOP_BUDGET=1, until session 10 lifted the refusal.)
+// K1's peak was 20-21 MiB for 16 MiB (three runs) until a ROOM's answer raised the
 // limit in the kernel (the daemon raised it first and other writes took that room); then 16.0.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { expectCleanKernel, prepareVm, ROOT, runInVm, TCG_STARVATION, type VmResult } from '../support/vm.js';
@@ -24,17 +23,14 @@ import { expectCleanKernel, prepareVm, ROOT, runInVm, TCG_STARVATION, type VmRes
 const MiB = 1 << 20;
 const BUDGET = 16 * MiB;
 const SLACK = 512 * 1024;
-const DEV_BUDGET = process.env.ULOB_UNSAFE_ULOOP_BUDGET === '1';
 let run: VmResult;
 
 beforeAll(async () => {
-  if (!DEV_BUDGET) return;
   const vm = prepareVm();
   run = await runInVm(
     `
     U="node ${ROOT}/dist/cli/ulobdev.js"; CTL=${vm.ULOOPCTL}; D=/dev/uloop0; LOG=/run/ulobdev/uloop0.log
     insmod ${vm.ULOOP_KO} io_timeout_s=60 reattach_timeout_s=300
-    export ULOB_UNSAFE_ULOOP_BUDGET=1
     field() { $CTL query 0 | tr ' ' '\\n' | sed -n "s/^$1=//p"; }
     # st_blocks of the cache file, and the kernel's present and pending blocks, every 0.2 s
     sample() { ( while [ -e /tmp/go ]; do echo "$(stat -c %b $1) $(field present) $(field pending)"; sleep 0.2; done > /tmp/blocks.$2 ) & }
@@ -86,7 +82,7 @@ beforeAll(async () => {
   console.log(run.output.split('\n').filter((l) => /^k[12] /.test(l)).join('\n'), `\nguest run ${run.ms} ms`);
 }, 1_300_000);
 
-describe.runIf(DEV_BUDGET)('a cache budget on /dev/uloopN under review8 K1 and K2', () => {
+describe('a cache budget on /dev/uloopN under review8 K1 and K2', () => {
   it('K1: a buffered writer onto the raw device, then sync: no EIO, no request timed out, data equal, within the budget', () => {
     expect(run.output, run.output).not.toContain('FAILED');
     expect(run.output).toContain('k1 dd rc=0');
