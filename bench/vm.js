@@ -58,6 +58,8 @@ if (opts.help) {
       '  --kernel   guest kernel: 6.1, 6.12 (default) or newest (scripts/vm/prepare.sh)\n' +
       '  --devices  comma-separated rows: loop (dio, the reference, always run), loopbuf, uloop, ublk,\n' +
       '             ublkcopy (ublk with ULOBDEV_UBLK_COPY=1: the copy path where zero copy exists),\n' +
+      '             ublknolink (ublk with ULOBDEV_UBLK_LINK=0: a hit\'s COMMIT after its read, not linked to it),\n' +
+      '             ublknocoop (ublk with ULOBDEV_UBLK_TASKRUN=0: rings without IORING_SETUP_COOP_TASKRUN),\n' +
       '             ulobloop (ulobdev on /dev/loopN), nbd, writecache, bcache (default: all but nbd)\n' +
       '  --perf     profile the uloop, ublk and loop (dio) runs with perf in the guest (flat profile per workload;\n' +
       '             ublk also by thread, and its system calls and context switches per request)\n' +
@@ -98,6 +100,8 @@ const ALL_DEVICES = [
   { key: 'uloop', title: 'uloop' },
   { key: 'ublk', title: 'ublk' },
   { key: 'ublkcopy', title: 'ublk (copy path)' },
+  { key: 'ublknolink', title: 'ublk (COMMIT not linked)' },
+  { key: 'ublknocoop', title: 'ublk (no COOP_TASKRUN)' },
   { key: 'ulobloop', title: 'ulobdev loopN' },
   { key: 'nbd', title: 'ulobdev nbd' },
   { key: 'writecache', title: 'dm-writecache' },
@@ -168,6 +172,18 @@ step ublkcopy
 ULOBDEV_UBLK_COPY=1 $U $A /dev/ublkb0 $B >/dev/null && fill /dev/ublkb0
 ${fioJobs('/dev/ublkb0', 'ublkcopy')}
 $U detach /dev/ublkb0 >/dev/null`,
+  // the same with ULOBDEV_UBLK_LINK=0: a hit's COMMIT_AND_FETCH queued after its read completed
+  ublknolink: `
+step ublknolink
+ULOBDEV_UBLK_LINK=0 $U $A /dev/ublkb0 $B >/dev/null && fill /dev/ublkb0
+${fioJobs('/dev/ublkb0', 'ublknolink')}
+$U detach /dev/ublkb0 >/dev/null`,
+  // the same with ULOBDEV_UBLK_TASKRUN=0: the queues' rings without IORING_SETUP_COOP_TASKRUN
+  ublknocoop: `
+step ublknocoop
+ULOBDEV_UBLK_TASKRUN=0 $U $A /dev/ublkb0 $B >/dev/null && fill /dev/ublkb0
+${fioJobs('/dev/ublkb0', 'ublknocoop')}
+$U detach /dev/ublkb0 >/dev/null`,
   ulobloop: `
 step ulobloop
 $U $A /dev/loop7 $B >/dev/null && fill /dev/loop7
@@ -219,7 +235,7 @@ i=0; while [ -e $CS ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
 losetup -d $LK $LB`,
 };
 // uloop, nbd, ublk and ulobloop first: they fill the cache file $C that the loop rows then run on.
-const ORDER = ['uloop', 'nbd', 'ublk', 'ublkcopy', 'ulobloop', 'loop', 'loopbuf', 'writecache', 'bcache'];
+const ORDER = ['uloop', 'nbd', 'ublk', 'ublkcopy', 'ublknolink', 'ublknocoop', 'ulobloop', 'loop', 'loopbuf', 'writecache', 'bcache'];
 
 const script = `
 U="node ${ROOT}/dist/cli/ulobdev.js"
@@ -233,6 +249,8 @@ modprobe brd rd_nr=1 rd_size=$(( ${SIZE_MB} * 1024 * 6 ))
 modprobe -q crc32c_generic || true; modprobe ext4; modprobe loop; modprobe fuse
 mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/ram0 && mkdir -p /tmp/r && mount /dev/ram0 /tmp/r
 R=/tmp/r; B=$R/disk.img; C=$R/c.cache; W=$R/wc.cache; K=$R/bcache.cache
+# the guest's root is read-only: ulobdev's disk records (and default caches) go to the RAM disk
+export ULOBDEV_STATE_DIR=$R/state
 dd if=/dev/zero of=$B bs=1M count=${SIZE_MB} conv=fsync status=none
 A="-c $C -b $R/c.bitmap --writeback --daemon"
 # read every block once (present), then write every whole MiB once (dirty); bcache0 is 8 KiB short of
