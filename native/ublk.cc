@@ -77,6 +77,9 @@ constexpr uint64_t kReadData = 1ULL << 32;  // user_data of a read of the cache 
 // user_data of a hit's COMMIT_AND_FETCH linked behind its read (ServeHit): this bit | the tag. Only
 // its -ECANCELED (the read fell short or failed, OnRead goes on) is told apart from a plain one.
 constexpr uint64_t kLinkedCommit = 1ULL << 33;
+// user_data of a NOP that took the place of a linked COMMIT cut off from its read (UnlinkCut):
+// its completion is dropped.
+constexpr uint64_t kDropData = 1ULL << 34;
 
 // ---- a minimal io_uring (128-byte SQEs) ----
 struct Ring {
@@ -169,10 +172,12 @@ struct Ring {
     return sqe;
   }
 
-  // Submits what was queued and waits for at least `wait` completions; 0 or a positive errno.
-  int Enter(unsigned wait) {
+  // Submits what was queued (at most `limit` SQEs: a test hook's partial submission) and waits
+  // for at least `wait` completions; 0 or a positive errno. The kernel may take fewer than asked
+  // (it stops at a failed request allocation): the rest stays queued (`to_submit`).
+  int Enter(unsigned wait, unsigned limit = ~0u) {
     for (;;) {
-      long r = syscall(__NR_io_uring_enter, fd, to_submit, wait, wait ? IORING_ENTER_GETEVENTS : 0, nullptr, 0);
+      long r = syscall(__NR_io_uring_enter, fd, to_submit < limit ? to_submit : limit, wait, wait ? IORING_ENTER_GETEVENTS : 0, nullptr, 0);
       if (r >= 0) {
         to_submit -= static_cast<unsigned>(r) < to_submit ? static_cast<unsigned>(r) : to_submit;
         return 0;
@@ -393,6 +398,10 @@ class Server {
   // ring-einval: the queues' rings are asked for a setup flag no kernel has (EINVAL, as a kernel
   // before 5.19 refuses COOP_TASKRUN): they are made without the optional flags.
   bool fault_ring_einval = false;
+  // cut-pair-at=BYTE: the first linked hit covering byte BYTE is submitted cut in two: its read
+  // alone, its COMMIT left queued (UnlinkCut must turn it into a NOP and commit after the read).
+  uint64_t fault_cut_at = ~0ULL;
+  std::atomic<bool> fault_cut_done{false};
   // The cache file's path (for the marker's text) and the durable "recovering" marker
   // (RUN_DIR/ublkbN.recovering; empty: none): see StartWorker_::Recover.
   std::string cache_path, marker;
@@ -775,6 +784,33 @@ struct HwQueue {
 
   size_t Slot(uint16_t tag) const { return static_cast<size_t>(id) * s->depth + tag; }
 
+  // ring.Enter, then UnlinkCut: every io_uring_enter of the queue thread goes through here.
+  int Enter(unsigned wait, unsigned limit = ~0u) {
+    int e = ring.Enter(wait, limit);
+    if (ring.to_submit) UnlinkCut();
+    return e;
+  }
+
+  // The kernel took part of what was queued, and the first SQE it did not take is a linked
+  // COMMIT: its read went in alone (io_submit_sqes queues an unterminated link head as it is) and
+  // the COMMIT would go in with the next enter, unlinked, answering the request before the read
+  // has filled it. The COMMIT's SQE (not yet read by the kernel: it is at the SQ head) becomes a
+  // NOP whose completion is dropped, and the hit goes on unlinked: OnRead commits it.
+  void UnlinkCut() {
+    unsigned head = __atomic_load_n(ring.sq_head, __ATOMIC_ACQUIRE);
+    if (head == *ring.sq_tail) return;
+    auto* sqe = reinterpret_cast<struct io_uring_sqe*>(ring.sqes + 128 * ring.sq_array[head & *ring.sq_mask]);
+    if (sqe->opcode != IORING_OP_URING_CMD || sqe->user_data == kEventData || !(sqe->user_data & kLinkedCommit)) return;
+    uint16_t tag = static_cast<uint16_t>(sqe->user_data);
+    memset(sqe, 0, 128);
+    sqe->opcode = IORING_OP_NOP;
+    sqe->user_data = kDropData | tag;
+    if (tags[tag].linked) {
+      tags[tag].linked = false;
+      s->count.unlinked_hits++;
+    }
+  }
+
   void Wake() {
     uint64_t one = 1;
     (void)!write(event_fd, &one, sizeof(one));
@@ -783,7 +819,7 @@ struct HwQueue {
   void QueueIo(uint16_t tag, uint32_t op, int32_t result) {
     auto* sqe = ring.Get();
     if (!sqe) {  // full: push what is queued and retry (depth + 1 entries, so rare)
-      ring.Enter(0);
+      Enter(0);
       sqe = ring.Get();
     }
     sqe->opcode = IORING_OP_URING_CMD;
@@ -811,7 +847,7 @@ struct HwQueue {
     Tag& t = tags[tag];
     auto* sqe = ring.Get();
     if (!sqe) {
-      ring.Enter(0);
+      Enter(0);
       sqe = ring.Get();
     }
     sqe->fd = s->cache_fd;
@@ -871,11 +907,12 @@ struct HwQueue {
   // through the ring; a read that falls short or fails cancels the COMMIT (OnRead). The pair must
   // go to the kernel in one submission (a chain cut at a submission's end runs unlinked, and the
   // COMMIT would race the read): both SQEs are taken together, after a submit if the ring has no
-  // room for two (never, with 2 x depth + 2 entries; a guard).
+  // room for two (never, with 2 x depth + 2 entries; a guard), and a submission the kernel ends
+  // between the two is mended by UnlinkCut.
   void ServeHit(uint16_t tag) {
     Tag& t = tags[tag];
     if (s->no_link) return ServeRead(tag);
-    if (ring.Free() < 2) ring.Enter(0);
+    if (ring.Free() < 2) Enter(0);
     if (ring.Free() < 2) return ServeRead(tag);  // the kernel took nothing: unlinked, as before
     t.read_done = 0;
     t.linked = true;
@@ -887,6 +924,10 @@ struct HwQueue {
     // QueueIo's SQE is the ring's last: it carries the linked mark in its user_data.
     auto* c = reinterpret_cast<struct io_uring_sqe*>(ring.sqes + 128 * ((*ring.sq_tail - 1) & *ring.sq_mask));
     c->user_data = kLinkedCommit | tag;
+    // cut-pair-at (test hook): the kernel is handed everything but this COMMIT, as when it stops
+    // part-way through a submission.
+    if (s->fault_cut_at <= t.off + t.len - 1 && t.off <= s->fault_cut_at && !s->fault_cut_done.exchange(true))
+      Enter(0, ring.to_submit - 1);
   }
 
   // Zero copy: the write's data, from the request's pages into the tag's buffer (user copy).
@@ -906,7 +947,7 @@ struct HwQueue {
   void ArmEvent() {
     auto* sqe = ring.Get();
     if (!sqe) {
-      ring.Enter(0);
+      Enter(0);
       sqe = ring.Get();
     }
     sqe->opcode = IORING_OP_READ;
@@ -924,7 +965,7 @@ struct HwQueue {
   int SubmitFetches() {
     const unsigned tries = s->start_recovering ? 27 : 8;
     for (unsigned i = 0;; i++) {
-      int e = s->fault_start_queue == id + 1u ? ENOMEM : ring.Enter(0);
+      int e = s->fault_start_queue == id + 1u ? ENOMEM : Enter(0);
       if (e == 0 && ring.to_submit == 0) return 0;
       if (e != 0 && e != ENOMEM && e != EAGAIN && e != EBUSY) return e;
       if (i == tries || s->stopping.load()) return e ? e : EAGAIN;
@@ -952,7 +993,7 @@ struct HwQueue {
       e = s->fault_enter_at && s->served.load() >= s->fault_enter_at &&
               (s->fault_enter_times == 0 || s->enter_faults.fetch_add(1) < s->fault_enter_times)
           ? ENOMEM
-          : ring.Enter(1);
+          : Enter(1);
       if (e == EAGAIN || e == EBUSY) {  // io_uring_enter(2): transient, try again shortly
         usleep(1000);
         e = 0;
@@ -978,7 +1019,7 @@ struct HwQueue {
     // A read still in flight writes into the tag's buffer (copy path), which EndQueues frees:
     // its completion is waited for (bounded, and not on a ring that fails).
     for (int i = 0; reads_in_flight > 0 && i < 1000; i++) {
-      if (ring.Enter(1) != 0) break;
+      if (Enter(1) != 0) break;
       ring.Reap([&](const struct io_uring_cqe& cqe) { OnCqe(cqe); });
     }
     // Unless stopped, this is the end of serving: closing the ring makes the driver cancel the
@@ -994,6 +1035,7 @@ struct HwQueue {
       if (!s->stopping.load()) ArmEvent();
       return;
     }
+    if (cqe.user_data & kDropData) return;  // UnlinkCut's NOP
     if (cqe.user_data & kReadData) return OnRead(static_cast<uint16_t>(cqe.user_data), cqe.res);
     // A linked COMMIT cancelled with its read: OnRead has served or failed the request unlinked.
     if ((cqe.user_data & kLinkedCommit) && cqe.res == -ECANCELED) return;
@@ -1979,6 +2021,7 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
     if (const char* p = strstr(f, "hit-delay-ms=")) s->fault_hit_ms = strtoull(p + 13, nullptr, 10);
     if (const char* p = strstr(f, "hit-ebadf-at=")) s->fault_ebadf_at = strtoull(p + 13, nullptr, 10);
     s->fault_ring_einval = strstr(f, "ring-einval") != nullptr;
+    if (const char* p = strstr(f, "cut-pair-at=")) s->fault_cut_at = strtoull(p + 12, nullptr, 10);
   }
   FromBytes(s->present, present.data, present.length, blocks);
   FromBytes(s->dirty, dirty.data, dirty.length, blocks);

@@ -5,7 +5,8 @@
 // hand the request the tag's buffer (or, zero copy, end the request) before the read has filled
 // it. And a hit whose read fails (ULOBDEV_UBLK_FAULT hit-ebadf-at: descriptor -1) fails that
 // request alone: the kernel cancels the linked COMMIT, the server drops that completion and
-// commits the tag once itself, and the tag serves on.
+// commits the tag once itself, and the tag serves on. And a pair the kernel took only in part
+// (cut-pair-at: the read alone) is finished unlinked (native/ublk.cc UnlinkCut).
 import { beforeAll, describe, expect, it } from 'vitest';
 import { ROOT, runInVm, type VmResult } from '../support/vm.js';
 
@@ -13,6 +14,9 @@ let run: VmResult;
 const MiB = 1024 * 1024;
 // the planted failed read: the first linked hit over this byte of the device
 const EBADF_BLOCK = 3073; // 4 KiB blocks: 12 MiB + 4 KiB
+// the planted cut submission: the first linked hit over this block goes to the kernel without
+// its COMMIT (as when io_uring_enter stops part-way), which must then not run unlinked
+const CUT_BLOCK = 3500;
 
 beforeAll(async () => {
   run = await runInVm(`
@@ -22,7 +26,7 @@ beforeAll(async () => {
     truncate -s 96M /tmp/lo.img && LO=$(losetup -f --show /tmp/lo.img) && mkfs.ext4 -q $LO && mkdir -p /tmp/lm && mount $LO /tmp/lm
     head -c 16M /dev/urandom > /tmp/ldisk.img
     LA="$U -c /tmp/lm/l.cache -b /tmp/lm/l.bitmap --writeback --daemon $D /tmp/ldisk.img"
-    ULOBDEV_UBLK_FAULT=hit-ebadf-at=${EBADF_BLOCK * 4096} timeout -k 5 120 $LA > /dev/null && echo "attached"
+    ULOBDEV_UBLK_FAULT=hit-ebadf-at=${EBADF_BLOCK * 4096},cut-pair-at=${CUT_BLOCK * 4096} timeout -k 5 120 $LA > /dev/null && echo "attached"
     echo "kernel $(uname -r)"
     # every block read once (misses: the daemon fills the cache file), then out of the page cache
     dd if=$D of=/dev/null bs=1M count=16 iflag=direct status=none
@@ -30,6 +34,9 @@ beforeAll(async () => {
     # 2,048 hits whose reads of the cache file go to the loop device
     timeout -k 5 120 dd if=$D of=/tmp/l1 bs=4k count=2048 iflag=direct status=none
     head -c 8M /tmp/ldisk.img | cmp - /tmp/l1 && echo "cold hits verified"
+    # the cut pair, on a block out of the page cache (its read completes later)
+    sync; echo 3 > /proc/sys/vm/drop_caches
+    timeout -k 5 60 dd if=$D of=/tmp/lc bs=4k skip=${CUT_BLOCK} count=1 iflag=direct status=none && dd if=/tmp/ldisk.img bs=4k skip=${CUT_BLOCK} count=1 status=none | cmp - /tmp/lc && echo "cut pair verified"
     # the planted failed read: that request fails, the next read of the block is served
     timeout -k 5 60 dd if=$D of=/dev/null bs=4k skip=${EBADF_BLOCK} count=1 iflag=direct status=none 2>/dev/null && echo "failed hit read: served" || echo "failed hit read: I/O error"
     timeout -k 5 60 dd if=$D of=/tmp/l2 bs=4k skip=${EBADF_BLOCK} count=1 iflag=direct status=none && dd if=/tmp/ldisk.img bs=4k skip=${EBADF_BLOCK} count=1 status=none | cmp - /tmp/l2 && echo "read after the failed hit verified"
@@ -53,6 +60,9 @@ describe('ublk: a hit\'s COMMIT linked behind its read of the cache file', () =>
     expect(run.output).toContain('attached');
     expect(run.output).toContain('cold hits verified');
   });
+  it('a pair the kernel took only in part (the read alone): the COMMIT left queued becomes a NOP and the hit is committed after its read', () => {
+    expect(run.output).toContain('cut pair verified');
+  });
   it('a hit whose read fails fails that request alone; its cancelled COMMIT is dropped, the tag serves on', () => {
     expect(run.output).toContain('failed hit read: I/O error');
     expect(run.output).toContain('read after the failed hit verified');
@@ -60,13 +70,14 @@ describe('ublk: a hit\'s COMMIT linked behind its read of the cache file', () =>
     expect(run.output).toContain('daemon alive');
     expect(run.output).toContain('detached');
   });
-  it('every hit went linked; exactly the planted failed read came back unlinked', () => {
+  it('every hit went linked; exactly the cut pair and the planted failed read came back unlinked', () => {
     const m = /counts: linkedHits=(\d+) unlinkedHits=(\d+) ioErrors=(\d+) readHits=(\d+) coopTaskrun=(true|false)/.exec(run.output);
     expect(m, 'the counts in status').not.toBeNull();
-    // the cold pass (2,048 blocks), the failed read and its retry, the last pass (16 MiB)
-    expect(Number(m![1])).toBeGreaterThanOrEqual(2048 + 2 + (16 * MiB) / 4096);
+    // the cold pass (2,048 blocks), the cut pair, the failed read and its retry, the last pass (16 MiB)
+    expect(Number(m![1])).toBeGreaterThanOrEqual(2048 + 1 + 2 + (16 * MiB) / 4096);
     expect(Number(m![1])).toBeLessThanOrEqual(Number(m![4]));
-    expect(Number(m![2])).toBe(1);
+    // the cut pair and the planted failed read
+    expect(Number(m![2])).toBe(2);
     expect(Number(m![3])).toBe(1);
     expect(run.code).toBe(0);
   });
