@@ -6,7 +6,7 @@
 // kernel's ublk_drv and the addon's io_uring server) and its /dev/loopN frontend (FUSE + loop), and
 // optionally on ulobdev's NBD frontend through nbd.ko (same cache).
 //
-//   node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--workloads LIST] [--perf | --perf-stat] [--json PATH] [--keep]
+//   node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--workloads LIST] [--rounds N] [--perf | --perf-stat] [--json PATH] [--keep]
 //
 // Boots the VM of the tests (scripts/vm/prepare.sh, scripts/vm/init) once. In the guest everything
 // lives on an ext4 filesystem on a brd RAM disk, so the numbers are CPU cost (of an emulated CPU),
@@ -34,6 +34,7 @@ try {
     options: {
       size: { type: 'string', default: '128M' },
       seconds: { type: 'string', default: '5' },
+      rounds: { type: 'string', default: '1' },
       json: { type: 'string', default: fileURLToPath(new URL('./results/vm.json', import.meta.url)) },
       keep: { type: 'boolean', default: false },
       kernel: { type: 'string', default: '6.12' },
@@ -50,18 +51,22 @@ try {
 }
 if (opts.help) {
   process.stdout.write(
-    'usage: node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--workloads LIST] [--perf | --perf-stat] [--json PATH] [--keep]\n' +
+    'usage: node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--workloads LIST] [--rounds N] [--perf | --perf-stat] [--json PATH] [--keep]\n' +
       '  --size     size of the device in MiB (suffix M; 64M to 512M; the guest RAM disk holds 5x)\n' +
       '  --seconds  fio time per workload and device (after 1 s of ramp)\n' +
+      '  --rounds   run every row this many times, the rows interleaved (A B C, A B C), and report each\n' +
+      '             row\'s best round (default 1; not with --perf / --perf-stat)\n' +
       '  --json     where the JSON result goes (default bench/results/vm.json)\n' +
       '  --keep     keep the scratch directory (fio JSON, guest output) and print its path\n' +
       '  --kernel   guest kernel: 6.1, 6.12 (default) or newest (scripts/vm/prepare.sh)\n' +
       '  --devices  comma-separated rows: loop (dio, the reference, always run), loopbuf, uloop, ublk,\n' +
       '             ublkcopy (ublk with ULOBDEV_UBLK_COPY=1: the copy path where zero copy exists),\n' +
+      '             ublknolink (ublk with ULOBDEV_UBLK_LINK=0: a hit\'s COMMIT after its read, not linked to it),\n' +
+      '             ublknocoop (ublk with ULOBDEV_UBLK_TASKRUN=0: rings without IORING_SETUP_COOP_TASKRUN),\n' +
       '             ulobloop (ulobdev on /dev/loopN), nbd, writecache, bcache (default: all but nbd)\n' +
-      '  --perf     profile the uloop, ublk and loop (dio) runs with perf in the guest (flat profile per workload;\n' +
+      '  --perf     profile the uloop, ublk* and loop (dio) runs with perf in the guest (flat profile per workload;\n' +
       '             ublk also by thread, and its system calls and context switches per request)\n' +
-      '  --perf-stat  only the ublk counts of --perf (system calls and context switches per request): no\n' +
+      '  --perf-stat  only the counts of --perf, for every ublk row (system calls and context switches per request): no\n' +
       '             sampling, whose start-up takes minutes in a loaded TCG guest\n' +
       '  --workloads  comma-separated: seqread, seqwrite, randread, randwrite (default: all)\n',
   );
@@ -73,6 +78,9 @@ const SIZE_MB = Number(m[1]);
 if (SIZE_MB < 64 || SIZE_MB > 512) fail('--size must be from 64M to 512M');
 const SECONDS = Number(opts.seconds);
 if (!(Number.isInteger(SECONDS) && SECONDS >= 1 && SECONDS <= 60)) fail('--seconds must be a whole number from 1 to 60');
+const ROUNDS = Number(opts.rounds);
+if (!(Number.isInteger(ROUNDS) && ROUNDS >= 1 && ROUNDS <= 5)) fail('--rounds must be a whole number from 1 to 5');
+if (ROUNDS > 1 && (opts.perf || opts['perf-stat'])) fail('--rounds above 1 does not go with --perf or --perf-stat');
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 for (const f of ['dist/cli/ulobdev.js', 'build/Release/ulob_native.node']) {
@@ -98,6 +106,8 @@ const ALL_DEVICES = [
   { key: 'uloop', title: 'uloop' },
   { key: 'ublk', title: 'ublk' },
   { key: 'ublkcopy', title: 'ublk (copy path)' },
+  { key: 'ublknolink', title: 'ublk (COMMIT not linked)' },
+  { key: 'ublknocoop', title: 'ublk (no COOP_TASKRUN)' },
   { key: 'ulobloop', title: 'ulobdev loopN' },
   { key: 'nbd', title: 'ulobdev nbd' },
   { key: 'writecache', title: 'dm-writecache' },
@@ -116,11 +126,12 @@ if (!['6.1', '6.12', 'newest'].includes(opts.kernel)) fail('--kernel must be 6.1
 // With --perf, the uloop and loop (dio) runs are sampled with perf (cpu-clock: TCG has no PMU; the
 // guest's userspace is the host's, so its perf) and a flat profile by symbol goes to
 // /mnt/perf-TAG-WORKLOAD.txt: where the emulated CPU's time goes, kernel and module symbols included.
-// The ublk run is also sorted by thread name (fio, the server's queue threads, node) and counted
+// Each ublk run (ublk, ublkcopy, ublknolink, ublknocoop) is also sorted by thread name (fio, the server's queue threads, node) and counted
 // (perf stat -a: io_uring_enter, pread64, pwrite64, futex system calls, context switches) into
-// /mnt/perfstat-ublk-WORKLOAD.txt, beside the server's request count before and after
-// (/mnt/reqs-ublk-WORKLOAD.txt: `ulobdev status` queueRequests summed), for calls per request.
-const PROFILED = new Set(['uloop', 'loop', 'ublk']);
+// /mnt/perfstat-TAG-WORKLOAD.txt, beside the server's request count before and after
+// (/mnt/reqs-TAG-WORKLOAD.txt: `ulobdev status` queueRequests summed), for calls per request.
+// (every ublk row is counted: ublk, ublkcopy, ublknolink, ublknocoop, each into its own files)
+const PROFILED = new Set(['uloop', 'loop', 'ublk', 'ublkcopy', 'ublknolink', 'ublknocoop']);
 const UBLK_STAT = ['io_uring_enter', 'pread64', 'pwrite64', 'futex'].map((c) => `syscalls:sys_enter_${c}`).concat('context-switches').join(',');
 const fioJobs = (dev, tag) =>
   WORKLOADS.map((w) => {
@@ -129,12 +140,12 @@ const fioJobs = (dev, tag) =>
       `--time_based --ramp_time=1 --runtime=${SECONDS} --randrepeat=0 --output-format=json --output=/mnt/fio-${tag}-${w.key}.json > /dev/null`;
     if (!PERF || !PROFILED.has(tag)) return fio;
     const data = `/tmp/perf-${tag}-${w.key}.data`;
-    const ublk = tag === 'ublk';
+    const ublk = tag.startsWith('ublk');
     if (!opts.perf && !ublk) return fio;
-    if (!opts.perf) return `ublkreqs > /mnt/reqs-ublk-${w.key}.txt\n$PERF stat -a -x, -o /mnt/perfstat-ublk-${w.key}.txt -e ${UBLK_STAT} -- ${fio}\nublkreqs >> /mnt/reqs-ublk-${w.key}.txt`;
+    if (!opts.perf) return `ublkreqs > /mnt/reqs-${tag}-${w.key}.txt\n$PERF stat -a -x, -o /mnt/perfstat-${tag}-${w.key}.txt -e ${UBLK_STAT} -- ${fio}\nublkreqs >> /mnt/reqs-${tag}-${w.key}.txt`;
     const record = `$PERF record -q -e cpu-clock -F 499 -a -g -o ${data} -- ${fio}`;
     return (
-      (ublk ? `ublkreqs > /mnt/reqs-ublk-${w.key}.txt\n$PERF stat -a -x, -o /mnt/perfstat-ublk-${w.key}.txt -e ${UBLK_STAT} -- ${record}\nublkreqs >> /mnt/reqs-ublk-${w.key}.txt\n` : `${record}\n`) +
+      (ublk ? `ublkreqs > /mnt/reqs-${tag}-${w.key}.txt\n$PERF stat -a -x, -o /mnt/perfstat-${tag}-${w.key}.txt -e ${UBLK_STAT} -- ${record}\nublkreqs >> /mnt/reqs-${tag}-${w.key}.txt\n` : `${record}\n`) +
       `$PERF report -i ${data} --stdio --no-children --sort ${ublk ? 'comm,sym' : 'sym'} --percent-limit 1 2>/dev/null | grep -v '^$' | grep -v '^#' | grep '%' | head -40 > /mnt/perf-${tag}-${w.key}.txt || true\n` +
       `rm -f ${data}`
     );
@@ -167,6 +178,18 @@ $U detach /dev/ublkb0 >/dev/null`,
 step ublkcopy
 ULOBDEV_UBLK_COPY=1 $U $A /dev/ublkb0 $B >/dev/null && fill /dev/ublkb0
 ${fioJobs('/dev/ublkb0', 'ublkcopy')}
+$U detach /dev/ublkb0 >/dev/null`,
+  // the same with ULOBDEV_UBLK_LINK=0: a hit's COMMIT_AND_FETCH queued after its read completed
+  ublknolink: `
+step ublknolink
+ULOBDEV_UBLK_LINK=0 $U $A /dev/ublkb0 $B >/dev/null && fill /dev/ublkb0
+${fioJobs('/dev/ublkb0', 'ublknolink')}
+$U detach /dev/ublkb0 >/dev/null`,
+  // the same with ULOBDEV_UBLK_TASKRUN=0: the queues' rings without IORING_SETUP_COOP_TASKRUN
+  ublknocoop: `
+step ublknocoop
+ULOBDEV_UBLK_TASKRUN=0 $U $A /dev/ublkb0 $B >/dev/null && fill /dev/ublkb0
+${fioJobs('/dev/ublkb0', 'ublknocoop')}
 $U detach /dev/ublkb0 >/dev/null`,
   ulobloop: `
 step ulobloop
@@ -219,7 +242,7 @@ i=0; while [ -e $CS ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
 losetup -d $LK $LB`,
 };
 // uloop, nbd, ublk and ulobloop first: they fill the cache file $C that the loop rows then run on.
-const ORDER = ['uloop', 'nbd', 'ublk', 'ublkcopy', 'ulobloop', 'loop', 'loopbuf', 'writecache', 'bcache'];
+const ORDER = ['uloop', 'nbd', 'ublk', 'ublkcopy', 'ublknolink', 'ublknocoop', 'ulobloop', 'loop', 'loopbuf', 'writecache', 'bcache'];
 
 const script = `
 U="node ${ROOT}/dist/cli/ulobdev.js"
@@ -233,12 +256,18 @@ modprobe brd rd_nr=1 rd_size=$(( ${SIZE_MB} * 1024 * 6 ))
 modprobe -q crc32c_generic || true; modprobe ext4; modprobe loop; modprobe fuse
 mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/ram0 && mkdir -p /tmp/r && mount /dev/ram0 /tmp/r
 R=/tmp/r; B=$R/disk.img; C=$R/c.cache; W=$R/wc.cache; K=$R/bcache.cache
+# the guest's root is read-only: ulobdev's disk records (and default caches) go to the RAM disk
+export ULOBDEV_STATE_DIR=$R/state
 dd if=/dev/zero of=$B bs=1M count=${SIZE_MB} conv=fsync status=none
 A="-c $C -b $R/c.bitmap --writeback --daemon"
 # read every block once (present), then write every whole MiB once (dirty); bcache0 is 8 KiB short of
 # its backing device (its superblock), so the count comes from the device
 fill() { dd if=$1 of=/dev/null bs=1M iflag=direct status=none && dd if=/dev/zero of=$1 bs=1M count=$(( $(blockdev --getsize64 $1) / 1048576 )) oflag=direct conv=fsync status=none; }
-${ORDER.filter((k) => wanted.has(k)).map((k) => SECTIONS[k]).join('\n')}
+${Array.from({ length: ROUNDS }, (_, r) => {
+  // round 1 writes /mnt/fio-TAG-WORKLOAD.json, round N (2+) /mnt/fio-rN-TAG-WORKLOAD.json
+  const text = ORDER.filter((k) => wanted.has(k)).map((k) => SECTIONS[k]).join('\n');
+  return r === 0 ? text : text.replaceAll('/mnt/fio-', `/mnt/fio-r${r + 1}-`).replaceAll('\nstep ', `\nstep r${r + 1}-`);
+}).join('\n')}
 step done
 `;
 
@@ -301,14 +330,19 @@ const results = {};
 for (const d of DEVICES) {
   results[d.key] = {};
   for (const w of WORKLOADS) {
-    const j = JSON.parse(read(`fio-${d.key}-${w.key}.json`)).jobs[0];
-    const side = w.rw.includes('read') ? j.read : j.write;
-    results[d.key][w.key] = {
-      iops: Math.round(side.iops),
-      mbps: Math.round(side.bw_bytes / 1e6),
-      latP50us: Math.round(side.clat_ns.percentile['50.000000'] / 1000),
-      latP99us: Math.round(side.clat_ns.percentile['99.000000'] / 1000),
-    };
+    // each round's numbers; the row reports its best round (by bandwidth, the same order as IOPS)
+    const rounds = Array.from({ length: ROUNDS }, (_, r) => {
+      const j = JSON.parse(read(`fio-${r ? `r${r + 1}-` : ''}${d.key}-${w.key}.json`)).jobs[0];
+      const side = w.rw.includes('read') ? j.read : j.write;
+      return {
+        iops: Math.round(side.iops),
+        mbps: Math.round(side.bw_bytes / 1e6),
+        latP50us: Math.round(side.clat_ns.percentile['50.000000'] / 1000),
+        latP99us: Math.round(side.clat_ns.percentile['99.000000'] / 1000),
+      };
+    });
+    const best = rounds.reduce((a, b) => (b.mbps > a.mbps || (b.mbps === a.mbps && b.iops > a.iops) ? b : a));
+    results[d.key][w.key] = ROUNDS > 1 ? { ...best, rounds: rounds.map((x) => x.iops) } : best;
   }
 }
 const value = (d, w) => (w.unit === 'IOPS' ? results[d][w.key].iops : results[d][w.key].mbps);
@@ -354,6 +388,9 @@ printTable(columns, rows, {
   title: `In the guest (qemu TCG, 2 vCPUs, ${memoryMb} MiB; Debian ${vm.KVER}); ${SIZE_MB} MiB device on a brd RAM disk; host: ${cpus().length} × ${cpus()[0]?.model}, load ${load.start.map((x) => x.toFixed(1)).join(' ')}`,
   notes: [
     `/loop: rate divided by the loop device's with --direct-io=on on the same kind of file`,
+    ...(ROUNDS > 1
+      ? [`each row: the best of ${ROUNDS} rounds, the rows interleaved; every round's IOPS:`, ...DEVICES.flatMap((d) => WORKLOADS.map((w) => `  ${d.title}, ${w.title}: ${results[d.key][w.key].rounds.map(fmt).join(' / ')}`))]
+      : []),
     ...goals.map((g) => `goal ${g.device}/${g.against} ${g.workload} ≥ ${g.min.toFixed(2)}: ${g.ratio.toFixed(2)} ${g.met ? 'met' : 'MISSED'}`),
     ...info.map((l) => `guest: ${l}`),
     `wall time ${(wallMs / 1000).toFixed(0)} s`,
@@ -363,7 +400,7 @@ writeJson(opts.json, {
   bench: 'vm',
   date: new Date().toISOString(),
   machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryGiB: Math.round(totalmem() / 2 ** 30), loadAverage: load, guest: { kernel: vm.KVER, memoryMb, vcpus: 2, accel: 'tcg' } },
-  params: { sizeMiB: SIZE_MB, seconds: SECONDS, rampSeconds: 1, iodepth: QD, ioengine: 'libaio', direct: true },
+  params: { sizeMiB: SIZE_MB, seconds: SECONDS, rounds: ROUNDS, rampSeconds: 1, iodepth: QD, ioengine: 'libaio', direct: true },
   results,
   goals,
   ratiosVsLoop: Object.fromEntries(DEVICES.filter((d) => d.key !== 'loop').map((d) => [d.key, Object.fromEntries(WORKLOADS.map((w) => [w.key, Number((value(d.key, w) / value('loop', w)).toFixed(3))]))])),
@@ -374,14 +411,14 @@ if (PERF) {
   for (const d of DEVICES.filter((x) => PROFILED.has(x.key))) {
     for (const w of WORKLOADS) {
       const text = read(`perf-${d.key}-${w.key}.txt`);
-      if (text) process.stdout.write(`\n--- perf, ${d.title}, ${w.title}: share of samples by ${d.key === 'ublk' ? 'thread and ' : ''}symbol (all CPUs) ---\n${text}`);
-      if (d.key !== 'ublk') continue;
+      if (text) process.stdout.write(`\n--- perf, ${d.title}, ${w.title}: share of samples by ${d.key.startsWith('ublk') ? 'thread and ' : ''}symbol (all CPUs) ---\n${text}`);
+      if (!d.key.startsWith('ublk')) continue;
       // perf stat -x, lines: value,unit,event,...; the server's requests over the same span
-      const counts = read(`perfstat-ublk-${w.key}.txt`)
+      const counts = read(`perfstat-${d.key}-${w.key}.txt`)
         .split('\n')
         .map((l) => l.split(','))
         .filter((f) => f.length > 2 && /^\d+$/.test(f[0]));
-      const [before, after] = read(`reqs-ublk-${w.key}.txt`).trim().split('\n').map(Number);
+      const [before, after] = read(`reqs-${d.key}-${w.key}.txt`).trim().split('\n').map(Number);
       const reqs = after - before;
       if (counts.length && reqs > 0) {
         const per = counts.map((f) => `${f[2].replace('syscalls:sys_enter_', '')} ${fmt(Number(f[0]))} (${(Number(f[0]) / reqs).toFixed(2)}/request)`);

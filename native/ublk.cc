@@ -74,6 +74,12 @@ constexpr int kStateLive = 1, kStateQuiesced = 2;
 
 constexpr uint64_t kEventData = ~0ULL;        // user_data of the eventfd read
 constexpr uint64_t kReadData = 1ULL << 32;  // user_data of a read of the cache file: this bit | the tag
+// user_data of a hit's COMMIT_AND_FETCH linked behind its read (ServeHit): this bit | the tag. Only
+// its -ECANCELED (the read fell short or failed, OnRead goes on) is told apart from a plain one.
+constexpr uint64_t kLinkedCommit = 1ULL << 33;
+// user_data of a NOP that took the place of a linked COMMIT cut off from its read (UnlinkCut):
+// its completion is dropped.
+constexpr uint64_t kDropData = 1ULL << 34;
 
 // ---- a minimal io_uring (128-byte SQEs) ----
 struct Ring {
@@ -89,12 +95,21 @@ struct Ring {
   unsigned *cq_head, *cq_tail, *cq_mask;
   struct io_uring_cqe* cqes;
   unsigned to_submit = 0;
+  unsigned flags = 0;  // the setup flags the kernel took
 
-  int Init(unsigned n) {
+  // `extra`: setup flags beyond SQE128 that the ring can do without: a kernel that refuses them
+  // (EINVAL: older than the flag) gets a ring without them (`flags` says which).
+  int Init(unsigned n, unsigned extra = 0) {
     struct io_uring_params p = {};
-    p.flags = IORING_SETUP_SQE128;
+    p.flags = IORING_SETUP_SQE128 | extra;
     fd = static_cast<int>(syscall(__NR_io_uring_setup, n, &p));
+    if (fd < 0 && errno == EINVAL && extra) {
+      p = {};
+      p.flags = IORING_SETUP_SQE128;
+      fd = static_cast<int>(syscall(__NR_io_uring_setup, n, &p));
+    }
     if (fd < 0) return errno;
+    flags = p.flags;
     entries = p.sq_entries;
     sq_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
     cq_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
@@ -140,6 +155,9 @@ struct Ring {
     fd = -1;
   }
 
+  // Free SQ entries (queued or not yet consumed by the kernel count as used).
+  unsigned Free() const { return entries - (*sq_tail - __atomic_load_n(sq_head, __ATOMIC_ACQUIRE)); }
+
   // A zeroed SQE, or null when the ring is full (submit first).
   struct io_uring_sqe* Get() {
     unsigned tail = *sq_tail;
@@ -154,10 +172,12 @@ struct Ring {
     return sqe;
   }
 
-  // Submits what was queued and waits for at least `wait` completions; 0 or a positive errno.
-  int Enter(unsigned wait) {
+  // Submits what was queued (at most `limit` SQEs: a test hook's partial submission) and waits
+  // for at least `wait` completions; 0 or a positive errno. The kernel may take fewer than asked
+  // (it stops at a failed request allocation): the rest stays queued (`to_submit`).
+  int Enter(unsigned wait, unsigned limit = ~0u) {
     for (;;) {
-      long r = syscall(__NR_io_uring_enter, fd, to_submit, wait, wait ? IORING_ENTER_GETEVENTS : 0, nullptr, 0);
+      long r = syscall(__NR_io_uring_enter, fd, to_submit < limit ? to_submit : limit, wait, wait ? IORING_ENTER_GETEVENTS : 0, nullptr, 0);
       if (r >= 0) {
         to_submit -= static_cast<unsigned>(r) < to_submit ? static_cast<unsigned>(r) : to_submit;
         return 0;
@@ -254,6 +274,8 @@ struct Tag {
   uint8_t up_type = 0;               // the upcall out: its type and blocks [up_first, up_end)
   uint64_t up_first = 0, up_end = 0;
   uint64_t read_done = 0;  // zero-copy read: bytes READ_FIXED has put into the request so far
+  // A hit whose COMMIT_AND_FETCH went in linked behind its read (ServeHit), not yet completed.
+  bool linked = false;
   // A budget: a hit read counted in its queue's hit_reads[read_phase] (an eviction waits for it).
   bool hit_counted = false;
   uint8_t read_phase = 0;
@@ -273,6 +295,8 @@ struct alignas(64) HitReads {
 struct Counters {
   std::atomic<uint64_t> read_hits{0}, read_misses{0}, write_hits{0}, write_upcalls{0}, flushes{0}, errors{0};
   std::atomic<uint64_t> zero_copy_reads{0};  // reads put into the request's pages by READ_FIXED
+  std::atomic<uint64_t> linked_hits{0};      // hits whose COMMIT went in linked behind the read
+  std::atomic<uint64_t> unlinked_hits{0};    // linked hits whose read fell short or failed (COMMIT cancelled)
 };
 
 // An upcall's id: the tag's sequence number (a stale reply is dropped), its queue and the tag.
@@ -324,6 +348,11 @@ class Server {
   // $ULOBDEV_UBLK_COPY=1 (read at create): a device this daemon adds takes the copy path even
   // where the kernel has zero copy (to compare the two, or to step around a driver bug).
   bool force_copy = false;
+  // $ULOBDEV_UBLK_LINK=0 (read at create): a hit's COMMIT_AND_FETCH is queued after its read has
+  // completed, as before the linked pair (ServeHit), to compare the two in one bench run.
+  bool no_link = false;
+  // $ULOBDEV_UBLK_TASKRUN=0 (read at create): the queues' rings without IORING_SETUP_COOP_TASKRUN.
+  bool coop_taskrun = true;
   // One per hardware queue, made by Start and kept until the process exits (replies may name them).
   std::vector<std::unique_ptr<HwQueue>> queues;
   std::atomic<bool> serving{false};  // every queue thread was started
@@ -361,6 +390,18 @@ class Server {
   // queued, so that a VM test can evict its blocks while it is in flight.
   uint64_t fault_hit_at = ~0ULL, fault_hit_ms = 0;
   std::atomic<bool> fault_hit_done{false};
+  // hit-ebadf-at=BYTE: the first linked read hit covering byte BYTE of the device reads from
+  // descriptor -1 (EBADF, a failed read of the cache file): the request fails with the error,
+  // its linked COMMIT is cancelled by the kernel and the tag is committed by OnRead instead.
+  uint64_t fault_ebadf_at = ~0ULL;
+  std::atomic<bool> fault_ebadf_done{false};
+  // ring-einval: the queues' rings are asked for a setup flag no kernel has (EINVAL, as a kernel
+  // before 5.19 refuses COOP_TASKRUN): they are made without the optional flags.
+  bool fault_ring_einval = false;
+  // cut-pair-at=BYTE: the first linked hit covering byte BYTE is submitted cut in two: its read
+  // alone, its COMMIT left queued (UnlinkCut must turn it into a NOP and commit after the read).
+  uint64_t fault_cut_at = ~0ULL;
+  std::atomic<bool> fault_cut_done{false};
   // The cache file's path (for the marker's text) and the durable "recovering" marker
   // (RUN_DIR/ublkbN.recovering; empty: none): see StartWorker_::Recover.
   std::string cache_path, marker;
@@ -743,6 +784,33 @@ struct HwQueue {
 
   size_t Slot(uint16_t tag) const { return static_cast<size_t>(id) * s->depth + tag; }
 
+  // ring.Enter, then UnlinkCut: every io_uring_enter of the queue thread goes through here.
+  int Enter(unsigned wait, unsigned limit = ~0u) {
+    int e = ring.Enter(wait, limit);
+    if (ring.to_submit) UnlinkCut();
+    return e;
+  }
+
+  // The kernel took part of what was queued, and the first SQE it did not take is a linked
+  // COMMIT: its read went in alone (io_submit_sqes queues an unterminated link head as it is) and
+  // the COMMIT would go in with the next enter, unlinked, answering the request before the read
+  // has filled it. The COMMIT's SQE (not yet read by the kernel: it is at the SQ head) becomes a
+  // NOP whose completion is dropped, and the hit goes on unlinked: OnRead commits it.
+  void UnlinkCut() {
+    unsigned head = __atomic_load_n(ring.sq_head, __ATOMIC_ACQUIRE);
+    if (head == *ring.sq_tail) return;
+    auto* sqe = reinterpret_cast<struct io_uring_sqe*>(ring.sqes + 128 * ring.sq_array[head & *ring.sq_mask]);
+    if (sqe->opcode != IORING_OP_URING_CMD || sqe->user_data == kEventData || !(sqe->user_data & kLinkedCommit)) return;
+    uint16_t tag = static_cast<uint16_t>(sqe->user_data);
+    memset(sqe, 0, 128);
+    sqe->opcode = IORING_OP_NOP;
+    sqe->user_data = kDropData | tag;
+    if (tags[tag].linked) {
+      tags[tag].linked = false;
+      s->count.unlinked_hits++;
+    }
+  }
+
   void Wake() {
     uint64_t one = 1;
     (void)!write(event_fd, &one, sizeof(one));
@@ -751,7 +819,7 @@ struct HwQueue {
   void QueueIo(uint16_t tag, uint32_t op, int32_t result) {
     auto* sqe = ring.Get();
     if (!sqe) {  // full: push what is queued and retry (depth + 1 entries, so rare)
-      ring.Enter(0);
+      Enter(0);
       sqe = ring.Get();
     }
     sqe->opcode = IORING_OP_URING_CMD;
@@ -775,11 +843,11 @@ struct HwQueue {
   // tag's buffer (IORING_OP_READ), which its COMMIT copies. OnRead continues a short read and
   // finishes the request. No system call of its own: it goes in with the next io_uring_enter
   // (with the COMMITs of other tags), and several are in flight per queue.
-  void QueueRead(uint16_t tag) {
+  struct io_uring_sqe* QueueRead(uint16_t tag) {
     Tag& t = tags[tag];
     auto* sqe = ring.Get();
     if (!sqe) {
-      ring.Enter(0);
+      Enter(0);
       sqe = ring.Get();
     }
     sqe->fd = s->cache_fd;
@@ -795,15 +863,32 @@ struct HwQueue {
     sqe->off = t.off + t.read_done;
     sqe->user_data = kReadData | tag;
     reads_in_flight++;
+    return sqe;
   }
 
   void OnRead(uint16_t tag, int32_t res) {
     Tag& t = tags[tag];
     reads_in_flight--;
+    if (t.linked) {
+      t.linked = false;
+      if (res >= 0 && static_cast<uint64_t>(res) == t.len) {
+        // The whole request is in the tag's buffer (or its pages): the kernel issues the linked
+        // COMMIT_AND_FETCH by itself; what is left here is Finish's bookkeeping for a hit.
+        if (s->zero_copy) s->count.zero_copy_reads++;
+        EndHitRead(tag);
+        return;
+      }
+      // Short or failed: io_uring broke the link and cancels the COMMIT (its CQE, -ECANCELED, is
+      // dropped by OnCqe); the read goes on, or the request fails, unlinked, and Finish commits.
+      s->count.unlinked_hits++;
+    }
     if (res < 0) return Finish(tag, res);
     if (res == 0) return Finish(tag, -EIO);  // the cache file ends before the device: never, but no loop
     t.read_done += static_cast<uint64_t>(res);
-    if (t.read_done < t.len) return QueueRead(tag);
+    if (t.read_done < t.len) {
+      QueueRead(tag);
+      return;
+    }
     if (s->zero_copy) s->count.zero_copy_reads++;
     Finish(tag, static_cast<int32_t>(t.len));
   }
@@ -813,6 +898,36 @@ struct HwQueue {
   void ServeRead(uint16_t tag) {
     tags[tag].read_done = 0;
     QueueRead(tag);
+  }
+
+  // A read hit: its read of the cache file and its COMMIT_AND_FETCH (result: the whole length) go
+  // in as one linked pair (IOSQE_IO_LINK). The kernel issues the COMMIT once the read has put all
+  // of the request into the tag's buffer (or, zero copy, its pages), in the same io_uring_enter
+  // when the read completes there (a page-cache hit), so a hit costs this thread no second pass
+  // through the ring; a read that falls short or fails cancels the COMMIT (OnRead). The pair must
+  // go to the kernel in one submission (a chain cut at a submission's end runs unlinked, and the
+  // COMMIT would race the read): both SQEs are taken together, after a submit if the ring has no
+  // room for two (never, with 2 x depth + 2 entries; a guard), and a submission the kernel ends
+  // between the two is mended by UnlinkCut.
+  void ServeHit(uint16_t tag) {
+    Tag& t = tags[tag];
+    if (s->no_link) return ServeRead(tag);
+    if (ring.Free() < 2) Enter(0);
+    if (ring.Free() < 2) return ServeRead(tag);  // the kernel took nothing: unlinked, as before
+    t.read_done = 0;
+    t.linked = true;
+    auto* rd = QueueRead(tag);
+    rd->flags |= IOSQE_IO_LINK;
+    if (s->fault_ebadf_at <= t.off + t.len - 1 && t.off <= s->fault_ebadf_at && !s->fault_ebadf_done.exchange(true)) rd->fd = -1;
+    s->count.linked_hits++;
+    QueueIo(tag, kIoCommitFetch, static_cast<int32_t>(t.len));
+    // QueueIo's SQE is the ring's last: it carries the linked mark in its user_data.
+    auto* c = reinterpret_cast<struct io_uring_sqe*>(ring.sqes + 128 * ((*ring.sq_tail - 1) & *ring.sq_mask));
+    c->user_data = kLinkedCommit | tag;
+    // cut-pair-at (test hook): the kernel is handed everything but this COMMIT, as when it stops
+    // part-way through a submission.
+    if (s->fault_cut_at <= t.off + t.len - 1 && t.off <= s->fault_cut_at && !s->fault_cut_done.exchange(true))
+      Enter(0, ring.to_submit - 1);
   }
 
   // Zero copy: the write's data, from the request's pages into the tag's buffer (user copy).
@@ -832,7 +947,7 @@ struct HwQueue {
   void ArmEvent() {
     auto* sqe = ring.Get();
     if (!sqe) {
-      ring.Enter(0);
+      Enter(0);
       sqe = ring.Get();
     }
     sqe->opcode = IORING_OP_READ;
@@ -850,7 +965,7 @@ struct HwQueue {
   int SubmitFetches() {
     const unsigned tries = s->start_recovering ? 27 : 8;
     for (unsigned i = 0;; i++) {
-      int e = s->fault_start_queue == id + 1u ? ENOMEM : ring.Enter(0);
+      int e = s->fault_start_queue == id + 1u ? ENOMEM : Enter(0);
       if (e == 0 && ring.to_submit == 0) return 0;
       if (e != 0 && e != ENOMEM && e != EAGAIN && e != EBUSY) return e;
       if (i == tries || s->stopping.load()) return e ? e : EAGAIN;
@@ -878,7 +993,7 @@ struct HwQueue {
       e = s->fault_enter_at && s->served.load() >= s->fault_enter_at &&
               (s->fault_enter_times == 0 || s->enter_faults.fetch_add(1) < s->fault_enter_times)
           ? ENOMEM
-          : ring.Enter(1);
+          : Enter(1);
       if (e == EAGAIN || e == EBUSY) {  // io_uring_enter(2): transient, try again shortly
         usleep(1000);
         e = 0;
@@ -904,7 +1019,7 @@ struct HwQueue {
     // A read still in flight writes into the tag's buffer (copy path), which EndQueues frees:
     // its completion is waited for (bounded, and not on a ring that fails).
     for (int i = 0; reads_in_flight > 0 && i < 1000; i++) {
-      if (ring.Enter(1) != 0) break;
+      if (Enter(1) != 0) break;
       ring.Reap([&](const struct io_uring_cqe& cqe) { OnCqe(cqe); });
     }
     // Unless stopped, this is the end of serving: closing the ring makes the driver cancel the
@@ -920,7 +1035,10 @@ struct HwQueue {
       if (!s->stopping.load()) ArmEvent();
       return;
     }
+    if (cqe.user_data & kDropData) return;  // UnlinkCut's NOP
     if (cqe.user_data & kReadData) return OnRead(static_cast<uint16_t>(cqe.user_data), cqe.res);
+    // A linked COMMIT cancelled with its read: OnRead has served or failed the request unlinked.
+    if ((cqe.user_data & kLinkedCommit) && cqe.res == -ECANCELED) return;
     uint16_t tag = static_cast<uint16_t>(cqe.user_data);
     if (cqe.res == 0) {  // UBLK_IO_RES_OK: a request
       s->served++;
@@ -943,15 +1061,20 @@ struct HwQueue {
     }
   }
 
-  void Finish(uint16_t tag, int32_t result) {
+  // A hit's read is over (complete in the request's pages or the tag's buffer, or failed): the
+  // cache file may be punched under it from now on (Server::Evict waits for the count).
+  void EndHitRead(uint16_t tag) {
     Tag& t = tags[tag];
-    if (result < 0) s->count.errors++;
     if (t.hit_counted) {
-      // The read is complete (in the request's pages or the tag's buffer): the cache file may
-      // be punched under it from now on.
       t.hit_counted = false;
       s->hit_reads[id].n[t.read_phase].fetch_sub(1, std::memory_order_release);
     }
+  }
+
+  void Finish(uint16_t tag, int32_t result) {
+    Tag& t = tags[tag];
+    if (result < 0) s->count.errors++;
+    EndHitRead(tag);
     // Blocks this write put into the cache file whose INTENT was never answered stay counted
     // (unasked, as lost): the store does not hold them, the next attach punches them.
     // A grant never used (a failure between ROOM and the write) stays counted too: rare, and on
@@ -1031,7 +1154,7 @@ struct HwQueue {
         usleep(static_cast<useconds_t>(s->fault_hit_ms * 1000));
       if (hit) {
         s->count.read_hits++;
-        return ServeRead(tag);
+        return ServeHit(tag);
       }
       s->count.read_misses++;
       t.step = kReadMiss;
@@ -1624,7 +1747,11 @@ class StartWorker_ : public PromiseWorker {
         q->bufs.push_back(static_cast<uint8_t*>(b));
       }
       // Room for every tag's command and, zero copy, its READ_FIXED, and the eventfd read.
-      int e = q->ring.Init(2 * s.depth + 2);
+      // COOP_TASKRUN (5.19+): the driver's task work (a new request, a COMMIT's next FETCH) and
+      // the reads' completions reach the queue thread without an interrupt of its own; they run
+      // when it enters the ring, which it does to wait for them (or after each batch) anyway.
+      // (ring-einval, a test hook: a flag no kernel has, refused with EINVAL as on a kernel before 5.19)
+      int e = q->ring.Init(2 * s.depth + 2, (s.coop_taskrun ? IORING_SETUP_COOP_TASKRUN : 0) | (s.fault_ring_einval ? 1U << 31 : 0));
       if (e) return fail(e, "io_uring_setup");
       if (s.zero_copy) {
         // An empty fixed-buffer table, one slot per tag: the driver fills slot `tag` with the
@@ -1880,6 +2007,8 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
     return Napi::Value();
   }
   if (const char* c = getenv("ULOBDEV_UBLK_COPY")) s->force_copy = strcmp(c, "1") == 0;
+  if (const char* c = getenv("ULOBDEV_UBLK_LINK")) s->no_link = strcmp(c, "0") == 0;
+  if (const char* c = getenv("ULOBDEV_UBLK_TASKRUN")) s->coop_taskrun = strcmp(c, "0") != 0;
   if (const char* f = getenv("ULOBDEV_UBLK_FAULT")) {
     if (const char* p = strstr(f, "fsync-eio-at=")) s->fault_fsync_at = strtoull(p + 13, nullptr, 10);
     if (const char* p = strstr(f, "enter-enomem-at=")) s->fault_enter_at = strtoull(p + 16, nullptr, 10);
@@ -1890,6 +2019,9 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
     s->fault_no_accessed = strstr(f, "no-accessed") != nullptr;
     if (const char* p = strstr(f, "hit-delay-at=")) s->fault_hit_at = strtoull(p + 13, nullptr, 10);
     if (const char* p = strstr(f, "hit-delay-ms=")) s->fault_hit_ms = strtoull(p + 13, nullptr, 10);
+    if (const char* p = strstr(f, "hit-ebadf-at=")) s->fault_ebadf_at = strtoull(p + 13, nullptr, 10);
+    s->fault_ring_einval = strstr(f, "ring-einval") != nullptr;
+    if (const char* p = strstr(f, "cut-pair-at=")) s->fault_cut_at = strtoull(p + 12, nullptr, 10);
   }
   FromBytes(s->present, present.data, present.length, blocks);
   FromBytes(s->dirty, dirty.data, dirty.length, blocks);
@@ -2066,6 +2198,8 @@ Napi::Value Query(const Napi::CallbackInfo& info) {
   n("readHits", s->count.read_hits);
   n("readMisses", s->count.read_misses);
   n("zeroCopyReads", s->count.zero_copy_reads);
+  n("linkedHits", s->count.linked_hits);
+  n("unlinkedHits", s->count.unlinked_hits);
   n("writeHits", s->count.write_hits);
   n("writeUpcalls", s->count.write_upcalls);
   n("flushes", s->count.flushes);
@@ -2074,16 +2208,19 @@ Napi::Value Query(const Napi::CallbackInfo& info) {
   n("rooms", s->rooms.load());
   bool serving = s->serving.load(), running = serving;
   int thread_error = 0;
+  bool coop = serving;
   Napi::Array per = Napi::Array::New(env);
   if (serving) {
     for (size_t i = 0; i < s->queues.size(); i++) {
       HwQueue& q = *s->queues[i];
       running = running && !q.done.load();
+      coop = coop && (q.ring.flags & IORING_SETUP_COOP_TASKRUN);
       if (!thread_error) thread_error = q.thread_error.load();
       per.Set(static_cast<uint32_t>(i), Napi::Number::New(env, static_cast<double>(q.requests.load())));
     }
   }
   o.Set("queueRequests", per);
+  o.Set("coopTaskrun", Napi::Boolean::New(env, coop));
   o.Set("running", Napi::Boolean::New(env, running));
   o.Set("threadError", Napi::Number::New(env, thread_error));
   o.Set("cacheError", Napi::Number::New(env, s->cache_error.load()));

@@ -336,6 +336,8 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
         readHits: q.readHits,
         readMisses: q.readMisses,
         zeroCopyReads: q.zeroCopyReads,
+        linkedHits: q.linkedHits,
+        unlinkedHits: q.unlinkedHits,
         writeHits: q.writeHits,
         writeUpcalls: q.writeUpcalls,
         flushes: q.flushes,
@@ -343,6 +345,7 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
         evictedBlocks: q.evictedBlocks,
         rooms: q.rooms,
         queueRequests: q.queueRequests,
+        coopTaskrun: q.coopTaskrun,
         failedUpcalls,
         preserves: epochs.preserves(),
       };

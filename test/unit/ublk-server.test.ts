@@ -34,6 +34,10 @@ describe('ublk server block state', () => {
     expect(q.dirtyBlocks).toBe(3);
     expect(q.running).toBe(false);
     expect(q.queueRequests).toEqual([]);
+    // the hit-path counts exist from create on; no ring yet, so no COOP_TASKRUN to report
+    expect(q.linkedHits).toBe(0);
+    expect(q.unlinkedHits).toBe(0);
+    expect(q.coopTaskrun).toBe(false);
   });
 
   it('an epoch hands out the dirty set and its commit clears exactly the flushed blocks', () => {
