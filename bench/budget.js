@@ -12,14 +12,15 @@
 // so a 32 MiB cache needs 32 KiB buckets), each with the same cache size, in one guest, in the order
 // --only gives (run it twice with the order reversed to see what order does).
 //
-//   node bench/budget.js [--disk 256M] [--warm 30] [--seconds 30] [--only nbd,uloop,ublk,dmcache,bcache] [--json bench/results/budget.json] [--keep]
+//   node bench/budget.js [--disk 256M] [--warm 30] [--seconds 30] [--only nbd,uloop,ublk,dmcache,bcache] [--bcache-bucket K] [--json bench/results/budget.json] [--keep]
 //
 // The "disk" is a file on a RAM disk behind dm-delay (5 ms per read and write), so a miss costs
 // what a seek does and hits are CPU-bound (an emulated CPU: only the ratios mean something). Each
 // cache first runs the workload for --warm seconds, then for --seconds measured. Rows: the cache's
 // own hit ratio (ulobdev status, dm-cache status, bcache stats_total), the bytes read from the disk
-// per byte fio read (unit fills and promotions read more than asked), IOPS and latency. Not a
-// test: exit code 0 unless the bench itself breaks.
+// per byte fio read (unit fills and promotions read more than asked), IOPS and latency; then the
+// hits phase (uniform reads over 4 MiB, brought in first: the throughput of hits, with the disk's
+// bytes to show they were hits). Not a test: exit code 0 unless the bench itself breaks.
 import { execFileSync, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
@@ -40,7 +41,6 @@ try {
       disk: { type: 'string', default: '256M' },
       warm: { type: 'string', default: '30' },
       seconds: { type: 'string', default: '30' },
-      ios: { type: 'string' },
       delay: { type: 'string', default: '5' },
       json: { type: 'string', default: fileURLToPath(new URL('./results/budget.json', import.meta.url)) },
       keep: { type: 'boolean', default: false },
@@ -60,8 +60,6 @@ if (opts.help) {
       '  --disk     the disk in MiB (suffix M, 256M to 1024M); every cache gets 1/8 of it\n' +
       '  --warm     seconds of the workload before the measured run\n' +
       '  --seconds  seconds measured\n' +
-      '  --ios N    instead of --warm and --seconds: N requests of warm-up and N measured, for every cache the same\n' +
-      '             requests (fio number_ios; each run stops after 600 s all the same)\n' +
       '  --delay    ms dm-delay adds to every read and write of the disk\n' +
       '  --only     the caches to run, in this order, of nbd,uloop,ublk (ulobdev on /dev/nbd0, /dev/uloop0, /dev/ublkb0),dmcache,bcache\n' +
       '  --bcache-bucket  bcache bucket size in KiB (default: the cache / 1024, at most 512; bcache needs more than 512 buckets)\n' +
@@ -78,8 +76,6 @@ const WARM = Number(opts.warm);
 const SECONDS = Number(opts.seconds);
 const DELAY = Number(opts.delay);
 for (const [name, v] of [['--warm', WARM], ['--seconds', SECONDS]]) if (!(Number.isInteger(v) && v >= 1 && v <= 600)) fail(`${name} must be a whole number from 1 to 600`);
-const IOS = opts.ios === undefined ? null : Number(opts.ios);
-if (IOS !== null && !(Number.isInteger(IOS) && IOS >= 100 && IOS <= 1_000_000)) fail('--ios must be a whole number from 100 to 1000000');
 if (!(Number.isInteger(DELAY) && DELAY >= 0 && DELAY <= 100)) fail('--delay must be a whole number of ms from 0 to 100');
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -116,10 +112,10 @@ const CACHES = ORDER.map((key) => ({ key, title: TITLES[key] }));
 const BUCKET_KB = opts['bcache-bucket'] === undefined ? Math.min(512, 2 ** Math.floor(Math.log2(CACHE_MB))) : Number(opts['bcache-bucket']);
 if (!(Number.isInteger(BUCKET_KB) && BUCKET_KB >= 4 && BUCKET_KB <= 2048 && (BUCKET_KB & (BUCKET_KB - 1)) === 0)) fail('--bcache-bucket must be a power of two KiB from 4 to 2048');
 
-/** A fio run: `seconds` long, or with `ios` that many requests (at most 600 s). */
-const fio = (dev, tag, seconds, extra = '--random_distribution=zipf:1.1', ios = null) =>
+/** A fio run of `seconds`: 4 KiB random reads at QD16, zipf:1.1 unless `extra` says otherwise. */
+const fio = (dev, tag, seconds, extra = '--random_distribution=zipf:1.1') =>
   `fio --name=${tag} --filename=${dev} --rw=randread ${extra} --bs=4k --direct=1 --ioengine=libaio ` +
-  `--iodepth=16 ${ios ? `--number_ios=${ios} --runtime=600` : `--time_based --runtime=${seconds}`} --randseed=42 --output-format=json --output=/mnt/fio-${tag}.json > /dev/null`;
+  `--iodepth=16 --time_based --runtime=${seconds} --randseed=42 --output-format=json --output=/mnt/fio-${tag}.json > /dev/null`;
 /**
  * The hits phase: uniform 4 KiB random reads over 4 MiB in the middle of the disk (an eighth of
  * the smallest budget), HOT_SECONDS to bring it in (dm-cache's smq promotes a block only after
@@ -174,9 +170,9 @@ U="node ${ROOT}/dist/cli/ulobdev.js"
 step() { echo "== $1 $(cut -d' ' -f1 /proc/uptime)"; }
 hddread() { awk '{print $3 * 512}' /sys/block/dm-$(dmsetup info -c --noheadings -o minor hdd | tr -d ' ')/stat; }
 measure() { # DEV TAG: warm up, then a measured run, with the disk's bytes read around it
-  ${fio('$1', '$2-warm', WARM, undefined, IOS)}
+  ${fio('$1', '$2-warm', WARM)}
   echo "$2 hdd-before $(hddread)"
-  ${fio('$1', '$2', SECONDS, undefined, IOS)}
+  ${fio('$1', '$2', SECONDS)}
   echo "$2 hdd-after $(hddread)"
 }
 hot() { # DEV TAG: the hits phase (after the cache's counters were taken)
@@ -255,7 +251,7 @@ for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
 let consoleText = '';
 qemu.stdout.setEncoding('utf8').on('data', (s) => (consoleText += s));
 qemu.stderr.setEncoding('utf8').on('data', (s) => (consoleText += s));
-const timer = setTimeout(stop, 900_000 + CACHES.length * ((IOS ? 1200 : WARM + SECONDS) + 2 * HOT_SECONDS + 15) * 3000);
+const timer = setTimeout(stop, 900_000 + CACHES.length * (WARM + SECONDS + 2 * HOT_SECONDS + 15) * 3000);
 await new Promise((r) => qemu.on('close', r));
 clearTimeout(timer);
 load.end = loadavg();
@@ -334,7 +330,7 @@ const rows = CACHES.map((c) => ({
 }));
 printTable(
   [
-    { key: 'cache', title: IOS ? `zipf:1.1 4 KiB randread QD16, ${IOS} reads after ${IOS}` : `zipf:1.1 4 KiB randread QD16, ${SECONDS} s after ${WARM} s` },
+    { key: 'cache', title: `zipf:1.1 4 KiB randread QD16, ${SECONDS} s after ${WARM} s` },
     { key: 'hitRatio', title: 'hit ratio', align: 'right' },
     { key: 'disk', title: 'disk B/read B', align: 'right' },
     { key: 'iops', title: 'IOPS', align: 'right' },
@@ -370,7 +366,7 @@ writeJson(opts.json, {
   bench: 'budget',
   date: new Date().toISOString(),
   machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, loadAverage: load, guest: { kernel: vm.KVER, memoryMb, vcpus: 2, accel: 'tcg,thread=single' } },
-  params: { diskMiB: DISK_MB, cacheMiB: CACHE_MB, warmSeconds: IOS ? undefined : WARM, seconds: IOS ? undefined : SECONDS, ios: IOS ?? undefined, delayMs: DELAY, bs: 4096, iodepth: 16, distribution: 'zipf:1.1', order: ORDER, bcacheBucketKiB: ONLY.has('bcache') ? BUCKET_KB : undefined, uloopBudgetEnv: ONLY.has('uloop') ? 'ULOB_UNSAFE_ULOOP_BUDGET=1' : undefined },
+  params: { diskMiB: DISK_MB, cacheMiB: CACHE_MB, warmSeconds: WARM, seconds: SECONDS, delayMs: DELAY, bs: 4096, iodepth: 16, distribution: 'zipf:1.1', order: ORDER, bcacheBucketKiB: ONLY.has('bcache') ? BUCKET_KB : undefined, uloopBudgetEnv: ONLY.has('uloop') ? 'ULOB_UNSAFE_ULOOP_BUDGET=1' : undefined },
   results,
   goal: { bestOtherHitRatio: best, met: Object.fromEntries(Object.keys(ULOB).filter((k) => results[k]).map((k) => [k, best > 0 && results[k].hitRatio >= best])) },
   guest: { steps: [...guestOut.matchAll(/^== (\S+) ([\d.]+)$/gm)].map((x) => [x[1], Number(x[2])]) },
