@@ -345,7 +345,7 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
      *    would stay over the budget (uloop-budget: 16.77 MiB for 16 MiB). EVICT (PINNED: requests
      *    waiting for this daemon keep none but the oldest's; HOLD: they stay busy until the
      *    punch) takes them from the kernel, and they are punched: the next read fills them
-     *    again. Not adopted: see docs/design.md ("/dev/uloopN and a budget", re-attach).
+     *    again. Not adopted: docs/design.md, "Re-attach and the budget".
      *  - With a budget, `leftover`: data in the cache file that neither side holds (an eviction
      *    cut between its bitmap sync and its punch, a fill written and never answered): CLAIM
      *    holds them and they are punched.
@@ -365,13 +365,13 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
       const max = native.ULOOP_MAX_RANGE_BLOCKS;
       // With a budget: the cache file's data no present bit of the store covers (SEEK_DATA).
       const budgeted = store.budget !== null && evictHeld !== undefined;
-      const uncounted = new Bitmap(blocks, Buffer.alloc(bytes));
-      if (budgeted) for (const e of await store.uncountedData()) uncounted.setRange(e.start, e.start + e.count);
+      const uncounted = budgeted ? new Bitmap(blocks, Buffer.alloc(bytes)) : null;
+      if (uncounted) for (const e of await store.uncountedData()) uncounted.setRange(e.start, e.start + e.count);
       for (let first = 0; first < blocks; first += max) {
         const count = Math.min(max, blocks - first);
         const last = first + count;
         const hasPresent = store.present.nextSet(first, last) < last;
-        const hasUncounted = uncounted.nextSet(first, last) < last;
+        const hasUncounted = uncounted !== null && uncounted.nextSet(first, last) < last;
         if (!hasPresent && !hasUncounted) continue;
         const bits = new Bitmap(count, Buffer.alloc(Math.ceil(count / 8)));
         const id = claim(first, count, bits.buffer);
@@ -387,7 +387,7 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
             await store.evict(stale);
             counts.dropped += stale.reduce((n, e) => n + e.count, 0);
           }
-          if (!hasUncounted) continue;
+          if (!uncounted || !hasUncounted) continue;
           // Data the store does not count: claimed (the kernel holds it neither present, dirty
           // nor busy) is a leftover; the rest the kernel may serve: EVICT those present and clean.
           const ask = new Bitmap(count, Buffer.alloc(Math.ceil(count / 8)));
@@ -633,9 +633,10 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
     }
     if (features.version !== native.ULOOP_ABI_VERSION) throw uloopError('ADD', Object.assign(new Error('EPROTO'), { code: 'EPROTO' }), request);
     const has = (f: number) => (features.features & f) !== 0;
-    if (budgeted && !(has(native.ULOOP_FEAT.EVICT) && has(native.ULOOP_FEAT.ACCESSED) && has(native.ULOOP_FEAT.CREDIT) && has(native.ULOOP_FEAT.BARRIER))) {
+    // CLAIM too: the re-attach's reconcile needs it (every module with BARRIER has it; review10 K-1).
+    if (budgeted && !(has(native.ULOOP_FEAT.EVICT) && has(native.ULOOP_FEAT.ACCESSED) && has(native.ULOOP_FEAT.CREDIT) && has(native.ULOOP_FEAT.BARRIER) && has(native.ULOOP_FEAT.CLAIM))) {
       throw new ModuleVersionError(
-        `the loaded uloop module cannot keep the cache file within a budget (no EVICT/ACCESSED/CREDIT/BARRIER), which --cache-size on ${options.device} needs; rebuild and reload it (make -C kernel), or use /dev/loopN`,
+        `the loaded uloop module cannot keep the cache file within a budget (no EVICT/ACCESSED/CREDIT/BARRIER/CLAIM), which --cache-size on ${options.device} needs; rebuild and reload it (make -C kernel), or use /dev/loopN`,
       );
     }
     existing = queryOrNull(ctl, want);
