@@ -3,8 +3,7 @@
 // (fio random_distribution=zipf:1.1, 4 KiB, QD16, direct) over a disk 8x the cache, for ulobdev
 // (--cache-size) on each of its three paths: /dev/nbd0 (the kernel NBD client on the daemon's NBD
 // server: every request through the daemon), /dev/uloop0 (uloop.ko serves hits in the kernel, the
-// daemon fills misses and evicts; its budget still needs ULOB_UNSAFE_ULOOP_BUDGET=1, which the guest
-// exports: harmless once the daemon takes a budget on uloop without it) and /dev/ublkb0 (the ublk
+// daemon fills misses and evicts) and /dev/ublkb0 (the ublk
 // server in native code serves hits, the daemon's engine misses and evictions; ublk_drv, 6.0+);
 // against dm-cache (the smq policy lvmcache uses, 64 KiB cache blocks as lvmcache's default chunk)
 // and bcache (writethrough; sequential cutoff and congestion bypass off; buckets of cache/1024, at
@@ -192,9 +191,6 @@ dmsetup create --noudevsync hdd --table "0 ${SECTORS} delay $LD 0 ${DELAY}" && d
 flash() { truncate -s $2 $R/$1 && losetup --direct-io=on -f --show $R/$1; }
 
 ${opts['cpu-prof'] ? `U="node --cpu-prof --cpu-prof-dir=/mnt/prof ${ROOT}/dist/cli/ulobdev.js"; mkdir -p /mnt/prof` : ''}
-# The budget on /dev/uloopN is refused unless this is set (development only, src/daemon/daemon.ts);
-# once the daemon takes it without, the variable changes nothing.
-export ULOB_UNSAFE_ULOOP_BUDGET=1
 ulob() { # KEY DEV: ulobdev --cache-size on DEV, measured, status kept, detached
   $U -c $R/$1.cache -b $R/$1.bitmap --cache-size ${CACHE_MB}M --daemon $2 /dev/mapper/hdd >/dev/null
   measure $2 $1
@@ -356,7 +352,6 @@ printTable(
           const goal = best === 0 ? 'no dm-cache or bcache row to compare' : r.hitRatio >= best ? `goal met (${r.hitRatio.toFixed(3)} >= ${best.toFixed(3)})` : `goal NOT met (${r.hitRatio.toFixed(3)} < ${best.toFixed(3)})`;
           return `${TITLES[k]}: ${goal}; ${(r.evictedBytes / 1048576).toFixed(1)} MiB evicted, ${(r.usedBytes / 1048576).toFixed(1)} of ${r.budgetBytes / 1048576} MiB used`;
         }),
-      ONLY.has('uloop') && 'uloop: the budget runs with ULOB_UNSAFE_ULOOP_BUDGET=1 (the daemon refuses a budget on /dev/uloopN without it this session)',
       ONLY.has('bcache') && `bcache: ${BUCKET_KB} KiB buckets (${(CACHE_MB * 1024) / BUCKET_KB} of them; make-bcache's default 512 KiB leaves too few)`,
       `order in the guest: ${ORDER.join(', ')}; wall time ${(wallMs / 1000).toFixed(0)} s; host load at the end ${load.end.map((x) => x.toFixed(1)).join(' ')}`,
     ].filter(Boolean),
@@ -366,7 +361,7 @@ writeJson(opts.json, {
   bench: 'budget',
   date: new Date().toISOString(),
   machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, loadAverage: load, guest: { kernel: vm.KVER, memoryMb, vcpus: 2, accel: 'tcg,thread=single' } },
-  params: { diskMiB: DISK_MB, cacheMiB: CACHE_MB, warmSeconds: WARM, seconds: SECONDS, delayMs: DELAY, bs: 4096, iodepth: 16, distribution: 'zipf:1.1', order: ORDER, bcacheBucketKiB: ONLY.has('bcache') ? BUCKET_KB : undefined, uloopBudgetEnv: ONLY.has('uloop') ? 'ULOB_UNSAFE_ULOOP_BUDGET=1' : undefined },
+  params: { diskMiB: DISK_MB, cacheMiB: CACHE_MB, warmSeconds: WARM, seconds: SECONDS, delayMs: DELAY, bs: 4096, iodepth: 16, distribution: 'zipf:1.1', order: ORDER, bcacheBucketKiB: ONLY.has('bcache') ? BUCKET_KB : undefined },
   results,
   goal: { bestOtherHitRatio: best, met: Object.fromEntries(Object.keys(ULOB).filter((k) => results[k]).map((k) => [k, best > 0 && results[k].hitRatio >= best])) },
   guest: { steps: [...guestOut.matchAll(/^== (\S+) ([\d.]+)$/gm)].map((x) => [x[1], Number(x[2])]) },
