@@ -176,22 +176,34 @@ export async function runInVm(script: string, options: RunOptions = {}): Promise
     args.push('-drive', `file=${file},if=none,id=ata${i},format=raw`, '-device', `ide-hd,drive=ata${i},bus=ide.0,unit=${i}`);
   });
   const started = Date.now();
-  // setpriv --pdeathsig: the guest dies with the test process, however that ends (a vitest time
-  // limit, Ctrl-C, a killed run), instead of running on as an orphan on a shared machine.
-  const qemu = spawn('setpriv', ['--pdeathsig', 'KILL', 'qemu-system-x86_64', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let consoleText = '';
-  qemu.stdout.setEncoding('utf8').on('data', (s: string) => {
-    consoleText += s;
-    if (process.env.ULOBVM_VERBOSE) process.stderr.write(s);
-  });
-  qemu.stderr.setEncoding('utf8').on('data', (s: string) => (consoleText += s));
-  let timedOut = false;
-  const timer = setTimeout(() => {
-    timedOut = true;
-    qemu.kill('SIGKILL');
-  }, options.timeoutMs ?? 480_000);
-  await new Promise<void>((r) => qemu.on('close', () => r()));
-  clearTimeout(timer);
+  const boot = async (): Promise<{ consoleText: string; timedOut: boolean }> => {
+    // setpriv --pdeathsig: the guest dies with the test process, however that ends (a vitest time
+    // limit, Ctrl-C, a killed run), instead of running on as an orphan on a shared machine.
+    const qemu = spawn('setpriv', ['--pdeathsig', 'KILL', 'qemu-system-x86_64', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let consoleText = '';
+    qemu.stdout.setEncoding('utf8').on('data', (s: string) => {
+      consoleText += s;
+      if (process.env.ULOBVM_VERBOSE) process.stderr.write(s);
+    });
+    qemu.stderr.setEncoding('utf8').on('data', (s: string) => (consoleText += s));
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      qemu.kill('SIGKILL');
+    }, options.timeoutMs ?? 480_000);
+    await new Promise<void>((r) => qemu.on('close', () => r()));
+    clearTimeout(timer);
+    return { consoleText, timedOut };
+  };
+  let { consoleText, timedOut } = await boot();
+  // A guest that died before init printed ULOBVM_READY never ran the test's script: nothing of
+  // ours was loaded (only the kernel and its virtio/9p modules). TCG under load has shown such
+  // boot-time deaths (a double fault in proc_caches_init at 0.56 s, kbud10 in session 10), so
+  // that boot is said on stderr and the guest booted once more; a second such death fails.
+  if (!timedOut && !consoleText.includes('ULOBVM_READY') && !existsSync(join(scratch, 'rc'))) {
+    process.stderr.write(`--- VM boot on ${paths.KVER} died before the test's script ran; booting once more. Its console: ---\n${consoleText.replace(/\r/g, '').slice(-4000)}\n`);
+    ({ consoleText, timedOut } = await boot());
+  }
   const ms = Date.now() - started;
 
   const read = (name: string): string => (existsSync(join(scratch, name)) ? readFileSync(join(scratch, name), 'utf8') : '');

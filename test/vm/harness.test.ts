@@ -3,7 +3,7 @@
 // line written to the kernel log) fails the run, unless the test declares it. One guest does all
 // of it: the script runs the host's node, provokes both splats and exits 3.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { defaultKernel, findSplats, GuestKernelSplatError, prepareVm, runInVm, unexpectedSplats, type VmPaths } from '../support/vm.js';
+import { defaultKernel, findSplats, GuestKernelSplatError, prepareVm, runInVm, unexpectedSplats, type VmPaths, type VmResult } from '../support/vm.js';
 
 const SERIES_RE = { '6.1': /^6\.1\.0-\d+-amd64$/m, '6.12': /^6\.12\.\d+\+deb13[.\d]*-amd64$/m, newest: /^[7-9]\.\d+\.\d+\+deb13[.\d]*-amd64$/m };
 // The splats the script provokes, as a test that means them would declare them.
@@ -63,6 +63,29 @@ describe('VM harness', () => {
     expect(unexpectedSplats(result, PLANTED)).toEqual([]);
     expect(unexpectedSplats(result, /harness_test/).join('\n')).toMatch(/blocked for more than/);
   });
+
+  it('boots a guest that died before the script ran once more, then reports the second death', async () => {
+    // No init to run (rdinit and root name nothing): the kernel panics at the end of its boot,
+    // before init would print ULOBVM_READY, as the TCG boot-time deaths did.
+    const notes: string[] = [];
+    const write = process.stderr.write.bind(process.stderr);
+    process.stderr.write = ((chunk: string | Uint8Array, ...rest: never[]) => {
+      notes.push(String(chunk));
+      return write(chunk, ...rest);
+    }) as typeof process.stderr.write;
+    let result: VmResult;
+    try {
+      result = await runInVm('echo never', { append: 'rdinit=/nonexistent root=/dev/nonexistent', timeoutMs: 120_000 }).catch((err: unknown) => {
+        if (err instanceof GuestKernelSplatError) return err.result;
+        throw err;
+      });
+    } finally {
+      process.stderr.write = write;
+    }
+    expect(result.code).toBeNull();
+    expect(result.console).toMatch(/Kernel panic/);
+    expect(notes.filter((n) => n.includes("died before the test's script ran; booting once more")).length).toBe(1);
+  }, 300_000);
 
   it('knows a splat from an ordinary log line', () => {
     const log = [
