@@ -16,6 +16,7 @@
 // budget is full the engine evicts clean units the clock (cache/clock.ts) picks, and when nothing
 // clean is left it asks for a flush (onSpacePressure) and waits: writes wait, they do not fail.
 import { CacheFullError, EngineClosedError, MetadataFullError, ReadOnlyError } from '../errors.js';
+import { formatBytes } from '../units.js';
 import { assertBytes, assertRange } from '../validate.js';
 import { Bitmap } from './bitmap.js';
 import { Coalescer } from './coalesce.js';
@@ -617,7 +618,7 @@ export class CacheEngine {
     if (this.#epoch) throw new EngineClosedError('a flush epoch is already open');
     await this.externalEpochs?.beforeEpoch?.();
     if (this.#epoch) throw new EngineClosedError('a flush epoch is already open');
-    await this.#commit.run();
+    await this.#withMetadataRoom(() => this.#commit.run());
     const flushing = this.store.dirty.clone();
     this.externalEpochs?.begin(flushing);
     // Zeroed at the snapshot: the disk gets zeros for these, whatever happens to them meanwhile.
@@ -1279,7 +1280,9 @@ export class CacheEngine {
         // Staged data is committed first: then every block is present, dirty, zeroed or missing,
         // and the store knows what each holds.
         if (staged) {
-          await this.#commit.run();
+          // A full flash filesystem: give clean blocks back and commit again, or fail this write
+          // alone, counted in spaceError (it failed uncounted, with the bare SQLITE_FULL: newuser10b).
+          await this.#withMetadataRoom(() => this.#commit.run());
           continue;
         }
         const blocks: number[] = [];
@@ -1427,7 +1430,7 @@ export class CacheEngine {
         const space = store.space();
         if (this.#stagedCount() > 0) {
           // Staged blocks become present at the commit, and so evictable.
-          await this.#commit.run();
+          await this.#withMetadataRoom(() => this.#commit.run());
           continue;
         }
         if (space.punchingBlocks > 0 || this.#epoch || this.#committing > 0 || space.reservedBlocks > 0) {
@@ -1543,7 +1546,7 @@ export class CacheEngine {
       freed = await this.evict(want).catch(() => 0);
     }
     if (freed > 0) {
-      this.#spaceError = `the filesystem of ${err.path} ran full (another program filled it): evicted ${freed} blocks`;
+      this.#spaceError = `the filesystem of ${err.path} ran full (another program filled it): evicted ${formatBytes(freed * this.geometry.blockSize)}`;
       return err;
     }
     this.#metadataFullFailures++;
@@ -1583,7 +1586,7 @@ export class CacheEngine {
       this.#spaceError = `the filesystem of ${store.paths.cache} is full and the cache holds no clean block to give back`;
       throw new CacheFullError(`${this.#spaceError}; free some space on it`);
     }
-    this.#spaceError = `the filesystem of ${store.paths.cache} ran full (another program filled it): evicted ${freed} blocks`;
+    this.#spaceError = `the filesystem of ${store.paths.cache} ran full (another program filled it): evicted ${formatBytes(freed * this.geometry.blockSize)}`;
   }
 
   /** Writes the cache file for a fill or a materialisation, making room on ENOSPC. */

@@ -141,11 +141,17 @@ export async function daemonize(device: string, options: DaemonizeOptions): Prom
   // names the device only when DEVICE named one: `/dev/loop` is not the device it got (newuser9b),
   // and each notice names the disk itself.
   const where = /^\/dev\/(loop|ublkb)$/.test(device) ? '' : `${device}: `;
+  // Held until the child says READY: a refused attach prints its one line and nothing else (a
+  // clamp notice before a refusal read like an acceptance: newuser10b).
+  const notes: string[] = [];
+  const printNotes = () => {
+    for (const n of notes) process.stderr.write(`ulobdev: ${where}${n}\n`);
+  };
   const next = () => {
     for (let nl = text.indexOf('\n'); nl >= 0; nl = text.indexOf('\n')) {
       const l = text.slice(0, nl);
       text = text.slice(nl + 1);
-      if (l.startsWith('NOTE ')) process.stderr.write(`ulobdev: ${where}${l.slice('NOTE '.length)}\n`);
+      if (l.startsWith('NOTE ')) notes.push(l.slice('NOTE '.length));
       else return l;
     }
     return null;
@@ -160,6 +166,7 @@ export async function daemonize(device: string, options: DaemonizeOptions): Prom
   }
   (pipe as unknown as { destroy(): void }).destroy();
   if (line.startsWith('READY ')) {
+    printNotes();
     child.unref();
     process.stdout.write(`${line.slice('READY '.length)}\n`);
     return;
@@ -176,6 +183,7 @@ export async function daemonize(device: string, options: DaemonizeOptions): Prom
     throw undone(errorFromCode(failed[1]!, failed[2]!));
   }
   // No word on the pipe: the child died (a crash, a signal, an error before it could report).
+  printNotes();
   const how = await ended();
   child.unref();
   const cause = lastLogMessage((await fsp.readFile(logPath, 'utf8').catch(() => '')).slice(logStart));

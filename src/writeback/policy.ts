@@ -172,6 +172,9 @@ export function parseCacheSize(text: string): DirtyLimit {
   // A bare number (newuser10: "64" was "less than 1M") and a size past any disk (10000000T was
   // "neither a size nor a percentage") get their own lines.
   const bare = /^\s*(\d+(?:\.\d+)?)\s*$/.exec(text);
+  if (bare && Number(bare[1]) === 0) {
+    throw new InvalidArgumentError('--cache-size 0 is no cache: give the flash the cache may take, such as 256M or 25%, or leave --cache-size out for a full mirror of the disk');
+  }
   if (bare) {
     const share = Number(bare[1]) > 0 && Number(bare[1]) <= 100 ? `${bare[1]}% for a share of the disk, or ` : '';
     throw new InvalidArgumentError(`--cache-size ${bare[1]} has no unit: write ${share}a size such as ${bare[1]}M or ${bare[1]}G`);

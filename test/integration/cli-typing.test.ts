@@ -79,6 +79,18 @@ describe('--cache-size larger than the disk (newuser9)', () => {
     expect((await statusJson(serveUrl())).budgetBytes).toBe(16 << 20);
   });
 
+  it('a clamp notice followed by a refusal: one line, the refusal (newuser10b)', async () => {
+    s = scratch('ulob-typing-');
+    const flash = join(s.dir, 'flash');
+    mkdirSync(flash);
+    mustSh('mount', ['-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', flash]);
+    undo.push(() => sh('umount', ['-l', flash]));
+    // 1 TiB is clamped to the 16 MiB disk, which then does not fit on 8 MiB of flash.
+    const disk = makeDisk('disk.img');
+    const r = await expectRefused(['-c', join(flash, 'c.cache'), '-b', join(flash, 'c.bitmap'), '--cache-size', '1T', '--daemon', serveUrl(), disk], /a cache budget of 16 MiB does not fit/);
+    expect(r.stderr).not.toMatch(/is more than all of/);
+  });
+
   it('names no device in the notice when DEVICE is /dev/loop: not the device it got (newuser9b)', async () => {
     s = scratch('ulob-typing-');
     const r = await ulobdev([...cacheArgs(), '--cache-size', '1T', '--daemon', '--run-dir', s.runDir, '/dev/loop', makeDisk('disk.img')]);

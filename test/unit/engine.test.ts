@@ -1021,6 +1021,32 @@ describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
     expect(r.engine.stats().dirtyBlocks).toBe(0);
   });
 
+  it('a TRIM or a flush epoch that waits for the commit of staged blocks fails alone, counted in spaceError, when that commit cannot be written (newuser10b N2)', async () => {
+    const r = await rig({ size: 64 * BS, blockSize: BS, budget: 16 * BS, evictionUnit: BS, autoCommitMs: 0 });
+    // Block 5 written whole while missing: staged dirty, recorded at the next commit.
+    await r.engine.write(5 * BS, pattern(BS, 70));
+    const mark = r.store.markDirtyDurable.bind(r.store);
+    let calls = 0;
+    r.store.markDirtyDurable = (extents) => {
+      if (calls++ === 0) return Promise.reject(new MetadataFullError('cannot write cache.meta: the filesystem holding it is full (SQLITE_FULL); free space on it', { path: 'cache.meta' }));
+      return mark(extents);
+    };
+    // A TRIM of block 5 waits for that commit first.
+    const err = await outcome(() => r.engine.zero(5 * BS, BS));
+    expectCoded(err, CacheFullError, 'ULOB_E_METADATA_FULL');
+    expect((err as Error).message).toMatch(/this request failed, the others go on/);
+    expect(r.engine.stats().spaceError).toMatch(/^the flash filesystem is full: 1 requests failed/);
+    expect((await r.engine.read(5 * BS, BS)).equals(pattern(BS, 70))).toBe(true);
+    // So does a flush epoch's start.
+    calls = 0;
+    expectCoded(await outcome(() => r.engine.beginEpoch()), CacheFullError, 'ULOB_E_METADATA_FULL');
+    expect(r.engine.stats().spaceError).toMatch(/^the flash filesystem is full: 2 requests failed/);
+    // Room again: the TRIM goes through.
+    await r.engine.zero(5 * BS, BS);
+    await r.engine.flush();
+    expect((await r.engine.read(5 * BS, BS)).equals(Buffer.alloc(BS))).toBe(true);
+  });
+
   it.runIf(process.getuid?.() === 0)('clean blocks are given back to the filesystem and the metadata write tried again: the write succeeds', async () => {
     const f = flash();
     const r = await rig({ size: 256 * BS, blockSize: BS, budget: 128 * BS, evictionUnit: BS, cacheDir: f.mnt });
@@ -1032,7 +1058,7 @@ describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
     const first = pattern(BS, 29);
     await r.engine.write(32 * BS, first);
     first.copy(model, 32 * BS);
-    expect(r.engine.stats().spaceError).toMatch(/cache\.meta ran full \(another program filled it\): evicted \d+ blocks/);
+    expect(r.engine.stats().spaceError).toMatch(/cache\.meta ran full \(another program filled it\): evicted [0-9.]+ [KM]iB/);
     expect(r.engine.stats().evictedBlocks).toBeGreaterThan(0);
     // More of them (some into blocks just given back: the cache file's own ENOSPC path then).
     for (let i = 1; i < 16; i++) {

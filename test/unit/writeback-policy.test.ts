@@ -123,6 +123,7 @@ describe('write-back options', () => {
     expect(() => parseCacheSize('10000000T')).toThrow(/^--cache-size 10000000T is larger than any disk: give the flash the cache may take/);
     expect(() => parseCacheSize('lots')).toThrow(/^--cache-size "lots" is neither a size \(256M, 500G\) nor a percentage of the disk \(25%\)$/);
     expect(() => parseCacheSize('512K')).toThrow(/is less than 1M/);
+    expect(() => parseCacheSize('0')).toThrow(/^--cache-size 0 is no cache: give the flash the cache may take, such as 256M or 25%, or leave --cache-size out/);
   });
 
   it('takes durations in s, m, h, d and combinations', () => {
