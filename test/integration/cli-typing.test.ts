@@ -267,9 +267,14 @@ describe('what else users get wrong (item 14)', () => {
   it('DEVICE and BACKEND swapped', async () => {
     s = scratch('ulob-typing-');
     const disk = makeDisk('disk.img');
-    // The hint is the whole command with the two swapped back: options kept.
-    await expectRefused([...cacheArgs(), disk, '/dev/loop6'], new RegExp(`^ulobdev: DEVICE and BACKEND look swapped: the device to create comes first, then the disk to cache: ulobdev ${cacheArgs().join(' ')} /dev/loop6 ${disk} --run-dir ${s.runDir}\\n$`));
-    await expectRefused([...cacheArgs(), '/dev/sdb', '/dev/loop6'], new RegExp(`look swapped: .*: ulobdev ${cacheArgs().join(' ')} /dev/loop6 /dev/sdb --run-dir ${s.runDir}\\n$`));
+    // The hint is the whole command with the two swapped back: options kept. A loop device no
+    // one has (not /dev/loop6: a bound loop device can be a disk, and another test file running
+    // beside this one may have bound it: the cc10 clean-clone run).
+    let n = 4000;
+    while (existsSync(`/dev/loop${n}`) || existsSync(`/sys/class/block/loop${n}`)) n++;
+    const free = `/dev/loop${n}`;
+    await expectRefused([...cacheArgs(), disk, free], new RegExp(`^ulobdev: DEVICE and BACKEND look swapped: the device to create comes first, then the disk to cache: ulobdev ${cacheArgs().join(' ')} ${free} ${disk} --run-dir ${s.runDir}\\n$`));
+    await expectRefused([...cacheArgs(), '/dev/sdb', free], new RegExp(`look swapped: .*: ulobdev ${cacheArgs().join(' ')} ${free} /dev/sdb --run-dir ${s.runDir}\\n$`));
     // Two block devices (newuser4 #5): the disk a bound loop device, BACKEND a form that can only be
     // a device of ours. Not "in use": the bound loop device is the disk here.
     const bound = mustSh('losetup', ['-f', '--show', disk]).trim();
