@@ -425,11 +425,9 @@ export class CacheEngine {
    * calls readInto(), which does it all and throws what it throws. Never throws.
    */
   readNow(buf: Uint8Array, offset: number): boolean {
-    if (this.#closed || !(buf instanceof Uint8Array)) return false;
-    const length = buf.byteLength;
-    if (length === 0 || !Number.isSafeInteger(offset) || offset < 0 || offset + length > this.size) return false;
-    const [first, end] = this.geometry.blocksOf(offset, length);
-    if (end - first > this.#maxPieceBlocks) return false;
+    const blocks = this.#nowBlocks(buf, offset);
+    if (!blocks) return false;
+    const [first, end] = blocks;
     const store = this.store;
     if (!store.present.allSet(first, end)) return false;
     // No await from the check to the read's end: an eviction clears present bits before (this
@@ -452,11 +450,9 @@ export class CacheEngine {
    * (some may already be in the cache file: the same bytes, in dirty blocks). Never throws.
    */
   writeNow(offset: number, data: Uint8Array): boolean {
-    if (this.#closed || this.readOnly || !(data instanceof Uint8Array)) return false;
-    const length = data.byteLength;
-    if (length === 0 || !Number.isSafeInteger(offset) || offset < 0 || offset + length > this.size) return false;
-    const [first, end] = this.geometry.blocksOf(offset, length);
-    if (end - first > this.#maxPieceBlocks) return false;
+    const blocks = this.readOnly ? null : this.#nowBlocks(data, offset);
+    if (!blocks) return false;
+    const [first, end] = blocks;
     const store = this.store;
     // Invariant 2: only blocks whose dirty intent is durable (dirty is set once its round synced).
     if (!store.dirty.allSet(first, end) || !store.present.allSet(first, end)) return false;
@@ -466,6 +462,19 @@ export class CacheEngine {
     if (!store.writeDataNow(data, offset)) return false;
     this.lastRequestAt = Date.now();
     return true;
+  }
+
+  /**
+   * The blocks [first, end) of a request readNow()/writeNow() may take: a non-empty Uint8Array
+   * within the device, in one piece, on an open engine; null for anything else (the usual path
+   * then checks it again and says what is wrong).
+   */
+  #nowBlocks(buf: Uint8Array, offset: number): [number, number] | null {
+    if (this.#closed || !(buf instanceof Uint8Array)) return null;
+    const length = buf.byteLength;
+    if (length === 0 || !Number.isSafeInteger(offset) || offset < 0 || offset + length > this.size) return null;
+    const [first, end] = this.geometry.blocksOf(offset, length);
+    return end - first > this.#maxPieceBlocks ? null : [first, end];
   }
 
   async write(offset: number, data: Uint8Array, options: WriteOptions = {}): Promise<void> {
@@ -1541,12 +1550,9 @@ export class CacheEngine {
   async #metadataFull(err: MetadataFullError, failed = false): Promise<MetadataFullError> {
     const store = this.store;
     let freed = 0;
-    if (!failed && store.clock && !this.#closed && !store.failed) {
-      const want = Math.max(store.unitBlocks, Math.floor(store.usedBlocks / 16));
-      freed = await this.evict(want).catch(() => 0);
-    }
+    if (!failed && store.clock && !this.#closed && !store.failed) freed = await this.evict(this.#flashWant(0)).catch(() => 0);
     if (freed > 0) {
-      this.#spaceError = `the filesystem of ${err.path} ran full (another program filled it): evicted ${formatBytes(freed * this.geometry.blockSize)}`;
+      this.#flashRanFull(err.path, freed);
       return err;
     }
     this.#metadataFullFailures++;
@@ -1572,7 +1578,7 @@ export class CacheEngine {
     if (!store.clock) {
       throw new CacheFullError(`the filesystem of ${store.paths.cache} is full, though the cache file was preallocated; free some space on it`);
     }
-    const want = Math.max(blocks, store.unitBlocks, Math.floor(store.usedBlocks / 16));
+    const want = this.#flashWant(blocks);
     let freed = await this.evict(want);
     if (freed === 0 && this.#stagedCount() > 0) {
       await this.#commit.run();
@@ -1586,7 +1592,18 @@ export class CacheEngine {
       this.#spaceError = `the filesystem of ${store.paths.cache} is full and the cache holds no clean block to give back`;
       throw new CacheFullError(`${this.#spaceError}; free some space on it`);
     }
-    this.#spaceError = `the filesystem of ${store.paths.cache} ran full (another program filled it): evicted ${formatBytes(freed * this.geometry.blockSize)}`;
+    this.#flashRanFull(store.paths.cache, freed);
+  }
+
+  /** Blocks to evict when the flash filesystem is full: `blocks`, at least a unit and 1/16 of what the cache holds. */
+  #flashWant(blocks: number): number {
+    const store = this.store;
+    return Math.max(blocks, store.unitBlocks, Math.floor(store.usedBlocks / 16));
+  }
+
+  /** spaceError after clean blocks were given back to a full flash filesystem (`path`: the file that hit it). */
+  #flashRanFull(path: string | undefined, freed: number): void {
+    this.#spaceError = `the filesystem of ${path} ran full (another program filled it): evicted ${formatBytes(freed * this.geometry.blockSize)}`;
   }
 
   /** Writes the cache file for a fill or a materialisation, making room on ENOSPC. */
