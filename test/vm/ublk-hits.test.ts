@@ -18,7 +18,7 @@ import { ROOT, runInVm, type VmResult } from '../support/vm.js';
 let run: VmResult;
 // the planted failed read: the first hit over this 4 KiB block of the device
 const EBADF_BLOCK = 3073; // 12 MiB + 4 KiB
-const ROUNDS = Number(process.env.ULOBVM_KILL_ROUNDS ?? 4);
+const ROUNDS = Number(process.env.ULOBVM_KILL_ROUNDS ?? 3);
 
 beforeAll(async () => {
   run = await runInVm(`
