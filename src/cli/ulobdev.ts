@@ -19,7 +19,7 @@ import { assertCachePathsApart, CacheStore } from '../cache/store.js';
 import { Metadata } from '../cache/metadata.js';
 import { CacheBusyError, DaemonError, DeviceBusyError, errorToWire, InvalidArgumentError, IOFailedError, NotAttachedError, PermissionDeniedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
-import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logsToTerminal, makeLogger, noteParent, notifyParent, oneLine, warn } from './background.js';
+import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logsToJournal, logsToTerminal, makeLogger, noteParent, notifyParent, oneLine, warn } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
 import { openBacking } from '../source/backing.js';
 import { controlRequest } from '../daemon/control.js';
@@ -268,7 +268,7 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
   // Cache, metadata and sockets hold the disk's data: owner only.
   process.umask(0o077);
   const onTerminal = logsToTerminal();
-  const logger = makeLogger(flags.logLevel, { pretty: onTerminal });
+  const logger = makeLogger(flags.logLevel, { pretty: onTerminal, journal: !onTerminal && logsToJournal() });
   let ioFlusherError: unknown;
   try {
     // Before any threadpool or child starts, so they inherit it (see native/process.cc).
