@@ -1140,7 +1140,9 @@ export class CacheEngine {
           await this.#preserveForEpoch(range[0], range[1]);
           this.#writing.add(range);
           try {
-            await this.store.writeData(data, offset);
+            // Small buffered writes are done right here (no threadpool hand-off); else, or when
+            // the file is slow, on the threadpool.
+            if (!this.store.writeDataNow(data, offset)) await this.store.writeData(data, offset);
             break;
           } catch (err) {
             if (!isNoSpace(err) || attempt >= 3) throw err;

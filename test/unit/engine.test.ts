@@ -1630,6 +1630,7 @@ describe('the flusher', () => {
             return file.read(buf, pos);
           },
           write: (buf: Uint8Array, pos: number) => file.write(buf, pos),
+          writeNow: (buf: Uint8Array, pos: number) => file.writeNow?.(buf, pos) ?? false,
           sync: () => file.sync(),
           allocate: (length: number) => file.allocate(length),
           size: () => file.size(),
@@ -1773,6 +1774,36 @@ describe('dirty intents', () => {
     expect(intents.syncMs).toBeGreaterThanOrEqual(19);
     await reopen(r, 'abandon');
     expect([1, 5, 9].map((blk) => r.store.dirty.get(blk))).toEqual([true, true, true]);
+  });
+
+  it('a first write\'s data is written at once when its intent is durable (writeDataNow), not before', async () => {
+    const { r, BS, gate, release } = await gatedRig(16);
+    await r.engine.read(0, 16 * BS);
+    await r.engine.flush();
+    const calls: string[] = [];
+    const store = r.store;
+    const writeDataNow = store.writeDataNow.bind(store);
+    const writeData = store.writeData.bind(store);
+    store.writeDataNow = (buf, position) => {
+      const done = writeDataNow(buf, position);
+      calls.push(`now ${position / BS} ${done}`);
+      return done;
+    };
+    store.writeData = (buf, position) => {
+      calls.push(`threadpool ${position / BS}`);
+      return writeData(buf, position);
+    };
+    gate.held = true;
+    const data = pattern(BS, 3);
+    const writing = r.engine.write(3 * BS, data);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    expect(calls).toEqual([]);
+    release();
+    await writing;
+    // One buffered pwrite on the event loop, no threadpool job.
+    expect(calls).toEqual(['now 3 true']);
+    expect(readFileSync(r.paths.cache).subarray(3 * BS, 4 * BS).equals(data)).toBe(true);
+    expect(r.store.dirty.get(3)).toBe(true);
   });
 
   it('status intents counts rounds, the blocks they made dirty (not extents) and their fsync time', async () => {
