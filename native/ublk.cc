@@ -149,8 +149,6 @@ struct Ring {
     fd = -1;
   }
 
-  // Free SQ entries (queued or not yet consumed by the kernel count as used).
-
   // A zeroed SQE, or null when the ring is full (submit first).
   struct io_uring_sqe* Get() {
     unsigned tail = *sq_tail;
@@ -849,7 +847,7 @@ struct HwQueue {
   // 10): a COMMIT the kernel issues by itself can run after the server has died and 6.12's
   // ublk_abort_queue has requeued the request (UBLK_F_USER_RECOVERY_REISSUE); that COMMIT then ends
   // the request while it sits on the requeue list, and the next requeue work oopses on it
-  // (test/vm/ublk-kill-hits.test.ts). Linking had bought no throughput (bench/README.md).
+  // (test/vm/ublk-hits.test.ts). Linking had bought no throughput (bench/README.md).
   void ServeHit(uint16_t tag) {
     Tag& t = tags[tag];
     t.read_done = 0;
