@@ -16,8 +16,8 @@
 // measured) through the engine's clock over a 32 MiB budget on a 256 MiB disk, 256 KiB units (a
 // trace model of the engine's fills and evictions; bench/README.md): hit ratio over the measured
 // requests 0.685 with the granule always, 0.852 asking only, 0.849 with this rule; with 64 KiB
-// files read whole 4 KiB at a time (zipf over files) 0.985, 0.770 and 0.985; zipf then files
-// 0.980, 0.683 and 0.973.
+// files read whole 4 KiB at a time (zipf over files) 0.984, 0.757 and 0.984; zipf then files
+// 0.979, 0.670 and 0.972 (bench/budget-model.js).
 //
 // Only reads the engine serves count: on /dev/uloopN and /dev/ublkbN hits are served in the
 // kernel or the native server, which report an accessed bit per unit, not per block.
@@ -33,7 +33,7 @@ export class NeighbourFeedback {
   /** The last RING watched blocks (-1: an empty slot). */
   readonly #ring = new Float64Array(RING).fill(-1);
   #head = 0;
-  /** Watched blocks not read yet: block -> how many ring slots hold it. */
+  /** Watched blocks not read yet: block -> the ring slot of its latest watch (older slots holding it count nothing). */
   readonly #pending = new Map<number, number>();
   #useful = 0;
   #wasted = 0;
@@ -50,19 +50,17 @@ export class NeighbourFeedback {
   /** Blocks [first, end) are neighbours of a miss (not asked by it), filled now or not. */
   watch(first: number, end: number): void {
     for (let b = first; b < end; b++) {
-      const old = this.#ring[this.#head]!;
-      if (old >= 0) {
-        const n = this.#pending.get(old);
-        if (n !== undefined) {
-          // Pushed out unread.
-          if (n <= 1) this.#pending.delete(old);
-          else this.#pending.set(old, n - 1);
-          this.#count(false);
-        }
+      const slot = this.#head;
+      const old = this.#ring[slot]!;
+      // Pushed out unread, if this slot holds its latest watch (a block read, or watched again
+      // since, left this slot behind: review11 B-1).
+      if (old >= 0 && this.#pending.get(old) === slot) {
+        this.#pending.delete(old);
+        this.#count(false);
       }
-      this.#ring[this.#head] = b;
-      this.#head = (this.#head + 1) % RING;
-      this.#pending.set(b, (this.#pending.get(b) ?? 0) + 1);
+      this.#ring[slot] = b;
+      this.#head = (slot + 1) % RING;
+      this.#pending.set(b, slot);
     }
   }
 
@@ -77,7 +75,7 @@ export class NeighbourFeedback {
     } else {
       for (const b of [...this.#pending.keys()]) if (b >= first && b < end && this.#pending.delete(b)) this.#count(true);
     }
-    // A block read leaves its ring slots in place: when they come round it is not pending and counts nothing.
+    // A block read leaves its ring slots in place: when they come round they are not its latest watch and count nothing.
   }
 
   /** Useful and wasted watched blocks counted so far (after decay), for tests. */

@@ -28,6 +28,24 @@ describe('NeighbourFeedback', () => {
     expect(f.counts()).toEqual({ useful: 2, wasted: 2 });
   });
 
+  it('a block read and watched again waits its full turn: the older slot that held it counts nothing (review11 B-1)', () => {
+    const f = new NeighbourFeedback();
+    f.watch(42, 43); // slot 0
+    f.read(42, 43); // useful
+    f.watch(1000, 1000 + RING - 1); // slots 1..RING-1
+    f.watch(42, 43); // slot 0 again? no: the ring wrapped, so this overwrites slot 0 itself
+    expect(f.counts()).toEqual({ useful: 1, wasted: 0 });
+    const g = new NeighbourFeedback();
+    g.watch(42, 43); // slot 0
+    g.read(42, 43); // useful
+    g.watch(42, 43); // slot 1: watched again
+    g.watch(1000, 1000 + RING - 2); // slots 2..RING-1
+    g.watch(2000, 2001); // overwrites slot 0, which held 42's older watch: nothing counted
+    expect(g.counts()).toEqual({ useful: 1, wasted: 0 });
+    g.read(42, 43); // the newer watch is still pending: useful
+    expect(g.counts()).toEqual({ useful: 2, wasted: 0 });
+  });
+
   it('a long read over few watched blocks looks them up, not every block of the read', () => {
     const f = new NeighbourFeedback();
     f.watch(7, 8);
