@@ -21,6 +21,7 @@ import { assertBytes, assertRange } from '../validate.js';
 import { Bitmap } from './bitmap.js';
 import { Coalescer } from './coalesce.js';
 import { FlushEpoch, type Epoch } from './epoch.js';
+import { NeighbourFeedback } from './fill-feedback.js';
 import { BlockRuns } from './runs.js';
 import type { Extent, Geometry } from './layout.js';
 import { subtractExtents, type CacheStore, type IntentStats } from './store.js';
@@ -209,6 +210,8 @@ export class CacheEngine {
   /** Date.now() of the last miss that started fills; a disk idle for DISK_IDLE_MS gets whole units. */
   #lastFillAt = -Infinity;
   readonly #diskIdleMs: number;
+  /** Whether a busy-disk miss fills its granule or only what it asked (cache/fill-feedback.ts). */
+  readonly #neighbours = new NeighbourFeedback();
   /** Whole fill buffers (maxFillBytes): the pieces of a fill streamed through one buffer. */
   readonly #fillBuffers: BufferPool;
   /**
@@ -437,6 +440,7 @@ export class CacheEngine {
     this.lastRequestAt = Date.now();
     this.#hits++;
     store.clock?.noteAccess(first, end);
+    this.#neighbours.read(first, end);
     return true;
   }
 
@@ -883,6 +887,8 @@ export class CacheEngine {
     const store = this.store;
     let zeros: Extent[] | null = null;
     let pinned = false;
+    // Before a miss watches its own neighbours (#readable): a read of one watched earlier is the evidence.
+    this.#neighbours.read(first, end);
     if (store.present.allSet(first, end)) {
       // The hit path: no allocation, no syscall but the read itself.
       this.#hits++;
@@ -1024,11 +1030,17 @@ export class CacheEngine {
         // unit, so the disk wakes less often. While misses keep it busy it is awake anyway: a
         // whole unit per 4 KiB miss would read and write 64 times the data and fill the budget
         // with the cold neighbours of scattered hot blocks (bench/budget.js: hit ratio 0.55,
-        // 23 IOPS); those read aligned granules only.
+        // 23 IOPS); those read aligned granules only, and only while the neighbours watched lately
+        // were read (cache/fill-feedback.ts: scattered hot blocks fill only what was asked).
         const now = Date.now();
         const idle = now - this.#lastFillAt >= this.#diskIdleMs;
         this.#lastFillAt = now;
-        const span = idle ? store.unitBlocks : Math.min(store.unitBlocks, this.#fillGranuleBlocks);
+        const granule = Math.min(store.unitBlocks, this.#fillGranuleBlocks);
+        const gFrom = Math.floor(first / granule) * granule;
+        const gTo = Math.min(this.geometry.blockCount, Math.ceil(end / granule) * granule);
+        const span = idle ? store.unitBlocks : this.#neighbours.wantGranule() ? granule : 1;
+        // The granule's missing neighbours are watched whether they are filled or not.
+        for (const [a, b] of [[gFrom, first], [end, gTo]] as const) for (const gap of store.present.gaps(a, b)) this.#neighbours.watch(gap.start, gap.start + gap.count);
         from = Math.floor(first / span) * span;
         to = Math.min(this.geometry.blockCount, Math.ceil(end / span) * span);
       } else if (wholeUnits && this.#missGranuleBlocks > 1) {

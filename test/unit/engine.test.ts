@@ -672,6 +672,34 @@ describe('a cache budget', () => {
     expect(r.engine.stats()).toMatchObject({ readMisses: 3, readHits: 1 });
   });
 
+  it('busy misses whose neighbours go unread fill only what they ask; once neighbours are read again, the granule comes back', async () => {
+    // 4096 blocks of 4 KiB, a 16 KiB granule (3 neighbours a miss), the disk never idle.
+    const r = await rig({ size: 4096 * BS, blockSize: BS, budget: 2048 * BS, evictionUnit: 64 * KiB, engine: { fillGranuleBytes: 16 * KiB, diskIdleMs: 3_600_000 } });
+    const readBlock = async (b: number) => expect((await r.engine.read(b * BS, BS)).equals(r.initial.subarray(b * BS, (b + 1) * BS))).toBe(true);
+    await readBlock(4095); // the first miss of a rig counts as idle: a whole unit, out of the way
+    r.source.reads.length = 0;
+    // Scattered: one block in every other granule; no neighbour is ever read.
+    for (let i = 0; i < 500; i++) await readBlock(i * 8);
+    const sizes = r.source.reads.map(([, len]) => len);
+    // At first (no evidence) the granule; once 512 neighbours went unread (171 misses), 4 KiB alone.
+    expect(sizes.slice(0, 100).every((len) => len === 16 * KiB)).toBe(true);
+    expect(sizes.slice(200).every((len) => len === BS)).toBe(true);
+    // Local again: blocks read in order from block 4001 on, 4 per granule (a different phase
+    // from the scattered reads' granules). The first misses ask alone; their neighbours' misses
+    // are the evidence, and whole granules come back.
+    r.source.reads.length = 0;
+    const hitsBefore = r.engine.stats().readHits;
+    for (let b = 2049; b < 2049 + 4 * 200; b++) await readBlock(b);
+    const local = r.source.reads.map(([, len]) => len);
+    // (Every 8th block is here from the scattered reads: a granule fill then reads 3 blocks, not 4.)
+    expect(local.slice(-100).every((len) => len > BS)).toBe(true);
+    // 800 blocks in 200 granules: at most 200 misses of one block before the granule came back
+    // (it took 184: the ring still held the scattered reads' unread neighbours, which count).
+    expect(local.length).toBeLessThan(200 + 200);
+    // Every local read that did not go to the disk was a hit.
+    expect(r.engine.stats().readHits - hitsBefore).toBe(800 - local.length);
+  });
+
   it('writes 3x the budget: they wait for a flush (onSpacePressure) and never fail; the disk ends equal to the device', async () => {
     const r = await rig({ size: 256 * BS, blockSize: BS, budget: 64 * BS, evictionUnit: UNIT });
     let flushes = 0;
