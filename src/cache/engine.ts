@@ -1746,7 +1746,12 @@ export class CacheEngine {
   #metadataRoomBack(): void {
     void this.#retakeReserve();
     if (this.#spaceError?.startsWith('the flash filesystem is full')) {
-      this.#spaceError = `the flash filesystem was full (${this.#metadataFullFailures} requests failed) and has room again`;
+      // Room the released flash reserve left is no room come back.
+      const reserve = this.store.flashReserve;
+      this.#spaceError =
+        reserve && reserve.heldBytes < reserve.bytes
+          ? `the flash filesystem is full: ${this.#metadataFullFailures} requests failed; free space on it (the flash reserve is in use: ${formatBytes(reserve.heldBytes)} of ${formatBytes(reserve.bytes)} held)`
+          : `the flash filesystem was full (${this.#metadataFullFailures} requests failed) and has room again`;
     }
   }
 

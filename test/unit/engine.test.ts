@@ -1170,6 +1170,45 @@ describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
   );
 
   it.runIf(process.getuid?.() === 0)(
+    "full flash, only dirty blocks cached: a flush asked for by hand ('flush --wait', newuser10b: rc 74 on SQLITE_FULL) commits on the flash reserve, and the reserve is taken back from the blocks it cleaned",
+    async () => {
+      const { r, model, go } = await allDirtyFull();
+      go();
+      const result = await flushDirty(r.engine);
+      expect(result.blocks).toBe(128);
+      expect(r.engine.stats()).toMatchObject({ dirtyBlocks: 0, failedRequests: 0 });
+      expect(r.store.flashReserve!.status().releases).toBe(1);
+      await waitFor(() => r.store.flashReserve!.heldBytes === 256 * KiB, 'the reserve to be taken back');
+      expect(sha(diskBytes(r))).toBe(sha(model));
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)(
+    'a block rewritten while the flush commit waits for the flash reserve stays dirty (invariant 4): the retried commit leaves it out',
+    async () => {
+      const { r, model, go } = await allDirtyFull();
+      go();
+      const reserve = r.store.flashReserve!;
+      const release = reserve.release.bind(reserve);
+      const newer = pattern(BS, 78);
+      // The commit's clearFlushed found the flash full and releases the reserve: a write lands now.
+      reserve.release = async () => {
+        await r.engine.write(3 * BS, newer);
+        return release();
+      };
+      const result = await flushDirty(r.engine);
+      expect(result.blocks).toBe(128);
+      expect(r.store.flashReserve!.status().releases).toBe(1);
+      expect(r.engine.stats().dirtyBlocks).toBe(1);
+      expect(r.store.dirty.get(3)).toBe(true);
+      newer.copy(model, 3 * BS);
+      expect((await r.engine.read(0, 128 * BS)).equals(model.subarray(0, 128 * BS))).toBe(true);
+      await flushDirty(r.engine);
+      expect(sha(diskBytes(r))).toBe(sha(model));
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)(
     'full flash, only dirty blocks cached, and the disk unreachable: the flush cannot help, so each request that needs room fails with one clear line, counted, and the cache goes on',
     async () => {
       const { r, f, model, go } = await allDirtyFull();
