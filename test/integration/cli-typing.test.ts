@@ -4,7 +4,7 @@
 // and the right forms work: commands by device or by --name, --hydrate, the policy in status,
 // a /dev/loopN that does not exist yet, the log on a terminal, --help.
 import { spawn } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { loopCtlAdd, loopCtlRemove } from '../../src/native/blkdev.js';
@@ -428,6 +428,40 @@ describe('what else users get wrong (item 14)', () => {
     const after = sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x66 8M 1M', '-c', 'flush', '-c', 'read -P 0x55 0 1M', serveUrl()]);
     expect(after.status, after.stdout + after.stderr).toBe(0);
     expect(after.stdout + after.stderr).not.toMatch(/failed|Pattern verification/);
+  });
+
+  it('a full flash filesystem with only dirty blocks cached (newuser10b N1): writes wait for a flush with reason room, then go through; nothing fails', async () => {
+    s = scratch('ulob-typing-');
+    const flash = join(s.dir, 'flash');
+    mkdirSync(flash);
+    mustSh('mount', ['-t', 'tmpfs', '-o', 'size=24m', 'tmpfs', flash]);
+    undo.push(() => sh('umount', [flash]));
+    const disk = makeDisk('disk.img', '16M');
+    await attachDaemon(['-c', join(flash, 'c.cache'), '--writeback', '--cache-size', '8M', '--eviction-unit', '64K'], serveUrl(), disk);
+    // 4 MiB written and flushed (durable, dirty): every cached block is dirty.
+    const dirty = sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x33 0 4M', '-c', 'flush', serveUrl()]);
+    expect(dirty.status, dirty.stderr).toBe(0);
+    expect(await statusJson(serveUrl())).toMatchObject({ dirtyBytes: 4 << 20, usedBytes: 4 << 20 });
+    // Another program takes every byte left.
+    const avail = Number(mustSh('df', ['-B1', '--output=avail', flash]).split('\n')[1]);
+    writeFileSync(join(flash, 'filler'), Buffer.alloc(avail));
+    // New blocks need room in the cache file, their FLUSH room in the metadata.
+    const more = sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x55 8M 2M', '-c', 'flush', '-c', 'read -P 0x55 8M 2M', '-c', 'read -P 0x33 0 4M', serveUrl()]);
+    expect(more.status, more.stdout + more.stderr).toBe(0);
+    expect(more.stdout + more.stderr).not.toMatch(/failed|Pattern verification/);
+    const st = await statusJson(serveUrl());
+    expect(st.failedRequests).toBe(0);
+    expect(st.roomFlushes).toBeGreaterThan(0);
+    expect(st.flashReserve.releases).toBeGreaterThan(0);
+    // The last word on room: the room flush, or an eviction after it (the flash is still full).
+    expect(st.spaceError).toMatch(/ran full with only dirty blocks cached: flushed them to the disk \(reason room\)|ran full \(another program filled it\): evicted/);
+    const log = readdirSync(s.runDir)
+      .filter((f) => f.endsWith('.log'))
+      .map((f) => readFileSync(join(s.runDir, f), 'utf8'))
+      .join('');
+    expect(log).toMatch(/"reason":"room"[^\n]*flushed dirty blocks to the backing disk/);
+    // The room flush wrote the first 4 MiB to the disk.
+    expect(readFileSync(disk).subarray(0, 4 << 20).equals(Buffer.alloc(4 << 20, 0x33))).toBe(true);
   });
 });
 
