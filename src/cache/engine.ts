@@ -576,9 +576,10 @@ export class CacheEngine {
     this.#assertOpen();
     this.#unstrand(extents);
     const store = this.store;
-    return this.#withMetadataRoom(() => store.markDirtyDurable(options.skipDirty ? extents.filter((e) => !store.dirty.allSet(e.start, e.start + e.count)) : extents)).catch(
-      (err) => this.#failed(err),
-    );
+    // 'kernel': never waits for a room flush, which may itself wait for this BARRIER (uloop's
+    // beforeEpoch sends the kernel a FLUSH): evicts, else fails as before.
+    const record = () => store.markDirtyDurable(options.skipDirty ? extents.filter((e) => !store.dirty.allSet(e.start, e.start + e.count)) : extents);
+    return this.#withMetadataRoom(record, 'kernel').catch((err) => this.#failed(err));
   }
 
   /** Blocks about to turn dirty in the kernel again (an INTENT, a ZERO) leave #stranded, synchronously. */
@@ -1590,12 +1591,13 @@ export class CacheEngine {
    * give back: a request (`mode` 'request') waits for a `room` flush (#flushForRoom: the flash
    * reserve released for the flush's own commit, then the blocks it cleaned evicted) when one can
    * help, up to MAX_ROOM_FLUSHES times; the flush's own writes (`mode` 'flush': beginEpoch's
-   * commit) release the flash reserve instead, never waiting for a flush (they are one). Throws
+   * commit) release the flash reserve instead, never waiting for a flush (they are one); a kernel
+   * frontend's INTENT or BARRIER (`mode` 'kernel') only evicts, as the flush may wait for it. Throws
    * the MetadataFullError (a CacheFullError: the request fails with ENOSPC, alone) when nothing
    * can be freed, CacheFullError when the `room` flush failed; `spaceError` then says so, with the
    * count of requests failed.
    */
-  async #withMetadataRoom<T>(write: () => Promise<T>, mode: 'request' | 'flush' = 'request'): Promise<T> {
+  async #withMetadataRoom<T>(write: () => Promise<T>, mode: 'request' | 'flush' | 'kernel' = 'request'): Promise<T> {
     let flushes = 0;
     let onReserve = false;
     for (let attempt = 0; ; attempt++) {
@@ -1615,7 +1617,7 @@ export class CacheEngine {
             onReserve = true;
             continue;
           }
-        } else if (flushes < MAX_ROOM_FLUSHES && this.#roomFlushCanHelp()) {
+        } else if (mode === 'request' && flushes < MAX_ROOM_FLUSHES && this.#roomFlushCanHelp()) {
           flushes++;
           await this.#waitRoomFlush(err.path);
           continue;
