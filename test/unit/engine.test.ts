@@ -1105,8 +1105,8 @@ describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
    * daemon's scheduler does (recording the reason). The flush is held at its first disk write
    * until `go()`.
    */
-  async function allDirtyFull(): Promise<{ r: Rig; f: ReturnType<typeof flash>; model: Buffer; reasons: (string | undefined)[]; go: () => void }> {
-    const f = flash('4m');
+  async function allDirtyFull(fs: 'tmpfs' | 'ext4' = 'tmpfs'): Promise<{ r: Rig; f: ReturnType<typeof flash>; model: Buffer; reasons: (string | undefined)[]; go: () => void }> {
+    const f = fs === 'tmpfs' ? flash('4m') : ext4Flash();
     const r = await rig({ size: 1024 * BS, blockSize: BS, budget: 512 * BS, evictionUnit: 4 * BS, cacheDir: f.mnt, flashReserve: 256 * KiB });
     expect(r.store.flashReserve!.status()).toEqual({ bytes: 256 * KiB, heldBytes: 256 * KiB, releases: 0 });
     const model = Buffer.from(r.initial);
@@ -1126,10 +1126,34 @@ describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
     return { r, f, model, reasons, go };
   }
 
-  it.runIf(process.getuid?.() === 0)(
-    'full flash, only dirty blocks cached (newuser10b N1): writes wait while a flush runs on the flash reserve, reads go on, then every write completes and nothing fails',
-    async () => {
-      const { r, f, model, reasons, go } = await allDirtyFull();
+  /** An 8 MiB ext4 (4 KiB blocks, loop-mounted) for the rig's cache files, and a filler that takes every block left (root: the reserved ones too). */
+  function ext4Flash(): ReturnType<typeof flash> {
+    const mnt = join(dir, 'flash');
+    const img = join(dir, 'flash.img');
+    mkdirSync(mnt);
+    writeFileSync(img, Buffer.alloc(0));
+    execFileSync('truncate', ['-s', '8M', img]);
+    execFileSync('mkfs.ext4', ['-q', '-F', '-b', '4096', '-E', 'nodiscard', img]);
+    execFileSync('mount', ['-o', 'loop', img, mnt]);
+    cleanups.push(() => execFileSync('umount', [mnt]));
+    const filler = join(mnt, 'filler');
+    return {
+      mnt,
+      fill: () => {
+        try {
+          execFileSync('dd', ['if=/dev/zero', `of=${filler}`, 'bs=4k', 'count=4096', 'conv=fsync'], { stdio: 'ignore' });
+        } catch {
+          // ENOSPC: full, as intended
+        }
+      },
+      free: () => rmSync(filler),
+    };
+  }
+
+  it.runIf(process.getuid?.() === 0).each(['tmpfs', 'ext4'] as const)(
+    'full flash (%s), only dirty blocks cached (newuser10b N1): writes wait while a flush runs on the flash reserve, reads go on, then every write completes and nothing fails',
+    async (fs) => {
+      const { r, f, model, reasons, go } = await allDirtyFull(fs);
       // New blocks need room in the cache file, a FLUSH needs room in the metadata: neither has any.
       const fresh = pattern(32 * BS, 71);
       const rewrite = pattern(BS, 72);
