@@ -1105,9 +1105,12 @@ describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
    * daemon's scheduler does (recording the reason). The flush is held at its first disk write
    * until `go()`.
    */
-  async function allDirtyFull(fs: 'tmpfs' | 'ext4' = 'tmpfs'): Promise<{ r: Rig; f: ReturnType<typeof flash>; model: Buffer; reasons: (string | undefined)[]; go: () => void }> {
+  async function allDirtyFull(
+    fs: 'tmpfs' | 'ext4' = 'tmpfs',
+    engine?: EngineOptions,
+  ): Promise<{ r: Rig; f: ReturnType<typeof flash>; model: Buffer; reasons: (string | undefined)[]; go: () => void }> {
     const f = fs === 'tmpfs' ? flash('4m') : ext4Flash();
-    const r = await rig({ size: 1024 * BS, blockSize: BS, budget: 512 * BS, evictionUnit: 4 * BS, cacheDir: f.mnt, flashReserve: 256 * KiB });
+    const r = await rig({ size: 1024 * BS, blockSize: BS, budget: 512 * BS, evictionUnit: 4 * BS, cacheDir: f.mnt, flashReserve: 256 * KiB, engine });
     expect(r.store.flashReserve!.status()).toEqual({ bytes: 256 * KiB, heldBytes: 256 * KiB, releases: 0 });
     const model = Buffer.from(r.initial);
     const acked = pattern(128 * BS, 70);
@@ -1229,6 +1232,25 @@ describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
       expect((await r.engine.read(0, 128 * BS)).equals(model.subarray(0, 128 * BS))).toBe(true);
       await flushDirty(r.engine);
       expect(sha(diskBytes(r))).toBe(sha(model));
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)(
+    'a room flush that takes longer than roomFlushWaitMs fails the waiting request with one line, counted; the flush goes on and the next write finds room',
+    async () => {
+      const { r, model, go } = await allDirtyFull('tmpfs', { roomFlushWaitMs: 300 });
+      const err = await outcome(() => r.engine.write(512 * BS, pattern(8 * BS, 79)));
+      expectCoded(err, CacheFullError, 'ULOB_E_CACHE_FULL');
+      expect((err as Error).message).toMatch(/^waited 0\.3 s for the flush that makes room on the full flash filesystem of .*; free space on it$/);
+      expect(r.engine.stats()).toMatchObject({ failedRequests: 1, roomFlushes: 1 });
+      go();
+      await waitFor(() => r.engine.stats().dirtyBlocks === 0, 'the room flush to end');
+      const later = pattern(8 * BS, 80);
+      await r.engine.write(512 * BS, later);
+      await r.engine.flush();
+      later.copy(model, 512 * BS);
+      expect((await r.engine.read(0, r.engine.size)).equals(model)).toBe(true);
+      expect(r.engine.stats().failedRequests).toBe(1);
     },
   );
 
