@@ -1680,10 +1680,10 @@ export class CacheEngine {
     const flush = (this.#roomFlush ??= this.#flushForRoom(path).finally(() => (this.#roomFlush = null)));
     let timer: NodeJS.Timeout | undefined;
     const late = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () => reject(new CacheFullError(`waited ${Math.round(this.#roomFlushWaitMs / 1000)} s for the flush that makes room on the full flash filesystem of ${path}; free space on it`)),
-        this.#roomFlushWaitMs,
-      );
+      timer = setTimeout(() => {
+        this.#spaceError = `the flash filesystem of ${path} is full and the flush that would free room has run ${this.#roomFlushWaitMs / 1000} s: requests that need room fail until it ends`;
+        reject(new CacheFullError(`waited ${this.#roomFlushWaitMs / 1000} s for the flush that makes room on the full flash filesystem of ${path}; free space on it`));
+      }, this.#roomFlushWaitMs);
     });
     this.#roomFlushWaiters++;
     try {
