@@ -1621,6 +1621,11 @@ export class CacheEngine {
           flushes++;
           await this.#waitRoomFlush(err.path);
           continue;
+        } else if (mode === 'kernel' && this.#roomFlushCanHelp()) {
+          // This request fails (it may be what the flush waits for), but a room flush starts so
+          // that the next ones find room (review11 R-5).
+          this.#roomFlush ??= this.#flushForRoom(err.path).finally(() => (this.#roomFlush = null));
+          this.#roomFlush.catch(() => undefined);
         }
         throw this.#metadataFailed(err);
       }
@@ -1659,13 +1664,26 @@ export class CacheEngine {
     return this.onSpacePressure !== null && this.store.clock !== null && !this.#closed && this.dirtyDataBlocks() > 0;
   }
 
-  /** Resolves once no `room` flush runs (its outcome is the waiting requests' business, not this caller's). */
+  /**
+   * Resolves once no `room` flush runs (its outcome is the waiting requests' business, not this
+   * caller's). Throws CacheFullError after roomFlushWaitMs (review11 R-3: the bound is every
+   * waiter's, not only the request's that started the flush).
+   */
   async #afterRoomFlush(): Promise<void> {
+    if (!this.#roomFlush) return;
+    const until = Date.now() + this.#roomFlushWaitMs;
     while (this.#roomFlush) {
+      const left = until - Date.now();
+      let timer: NodeJS.Timeout | undefined;
+      const late = new Promise<'late'>((resolve) => (timer = setTimeout(() => resolve('late'), Math.max(0, left))));
       this.#roomFlushWaiters++;
       try {
-        await this.#roomFlush.catch(() => undefined);
+        const outcome = await Promise.race([this.#roomFlush.then(() => 'done' as const, () => 'done' as const), late]);
+        if (outcome === 'late') {
+          throw new CacheFullError(`waited ${this.#roomFlushWaitMs / 1000} s for the flush that makes room on the full flash filesystem; free space on it`);
+        }
       } finally {
+        clearTimeout(timer);
         this.#roomFlushWaiters--;
       }
     }

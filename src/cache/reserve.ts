@@ -43,6 +43,8 @@ export class FlashReserve {
   #held: number;
   #releases = 0;
   #taking: Promise<boolean> | null = null;
+  /** Bumped by release(): a take() running across it stops and gives back what it took (review11 R-4). */
+  #generation = 0;
 
   private constructor(path: string, bytes: number, fd: number, held: number) {
     this.path = path;
@@ -104,6 +106,7 @@ export class FlashReserve {
     }
     this.#held = 0;
     this.#releases++;
+    this.#generation++;
     // ext4 in data=ordered mode lets freed blocks be allocated only once the transaction that
     // freed them commits; the sync commits it now.
     await fdatasync(fd).catch(() => undefined);
@@ -122,6 +125,7 @@ export class FlashReserve {
 
   async #take(): Promise<boolean> {
     const step = 64 << 10;
+    const generation = this.#generation;
     while (this.#held < this.bytes && this.#fd !== null) {
       const length = Math.min(step, this.bytes - this.#held);
       try {
@@ -129,6 +133,17 @@ export class FlashReserve {
       } catch {
         // ENOSPC (or a filesystem without fallocate): keep what it holds, try again later.
         break;
+      }
+      if (generation !== this.#generation) {
+        // Released meanwhile: that room is the flush's. Give back the step just taken.
+        if (this.#fd !== null) {
+          try {
+            ftruncateSync(this.#fd, this.#held);
+          } catch {
+            // the next release truncates it
+          }
+        }
+        return false;
       }
       this.#held += length;
     }

@@ -419,7 +419,9 @@ export class CacheStore {
       }
       // Last, once the open is accepted: a refused open leaves no reserve behind.
       const reserveBytes = options.flashReserve ?? DEFAULT_FLASH_RESERVE;
-      if (reserveBytes > 0) store.flashReserve = await FlashReserve.open(reservePath(paths.metadata), reserveBytes);
+      // Best effort (review11 R-2): a reserve that cannot be opened holds no data and must not
+      // refuse the cache; it is then none.
+      if (reserveBytes > 0) store.flashReserve = await FlashReserve.open(reservePath(paths.metadata), reserveBytes).catch(() => null);
       return store;
     } catch (err) {
       meta.close();
