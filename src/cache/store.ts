@@ -32,6 +32,7 @@ import { Coalescer } from './coalesce.js';
 import { checkDiskRecord, ownerEntry, type DiskRecord, type DiskRecords } from './disk-record.js';
 import { FILE_ALIGN, Geometry, MAX_BLOCK_SIZE, type Extent } from './layout.js';
 import { DEFAULT_EVICTION_UNIT, Metadata, type CacheInfo, type CacheMode, type HistoryLog } from './metadata.js';
+import { DEFAULT_FLASH_RESERVE, FlashReserve, reservePath } from './reserve.js';
 import { posixStorage } from '../storage/posix-storage.js';
 import type { BlockFile, Storage } from '../storage/storage.js';
 import type { Source, WritableSource } from '../source/source.js';
@@ -109,6 +110,11 @@ export interface OpenStoreOptions {
   servedByKernel?: boolean;
   /** Block size of a new cache when `blockSize` is not given (default 4 KiB); never checked against an existing one. */
   defaultBlockSize?: number;
+  /**
+   * Bytes of the flash reserve (src/cache/reserve.ts: METADATA-reserve, released so a flush can
+   * commit on a full flash filesystem). Default DEFAULT_FLASH_RESERVE (1 MiB); 0: none.
+   */
+  flashReserve?: number;
   storage?: Storage;
   metadata?: MetadataFactory;
   /**
@@ -194,6 +200,11 @@ export class CacheStore {
   #leaked = 0;
   #outside = 0;
   #spaceListeners: (() => void)[] = [];
+  /**
+   * The flash reserve (src/cache/reserve.ts), or null (OpenStoreOptions.flashReserve 0): room on
+   * the flash filesystem the engine releases so that a flush can commit when it is full.
+   */
+  flashReserve: FlashReserve | null = null;
 
   private constructor(args: {
     paths: CachePaths;
@@ -406,6 +417,11 @@ export class CacheStore {
         await store.#dropLeftovers(unbudgeted || store.recoveredFromCrash || diskChanged);
         await store.#shrinkTo(store.budgetBlocks);
       }
+      // Last, once the open is accepted: a refused open leaves no reserve behind.
+      const reserveBytes = options.flashReserve ?? DEFAULT_FLASH_RESERVE;
+      // Best effort (review11 R-2): a reserve that cannot be opened holds no data and must not
+      // refuse the cache; it is then none.
+      if (reserveBytes > 0) store.flashReserve = await FlashReserve.open(reservePath(paths.metadata), reserveBytes).catch(() => null);
       return store;
     } catch (err) {
       meta.close();
@@ -413,7 +429,7 @@ export class CacheStore {
       await files?.bitmapFile.close().catch(() => undefined);
       // A cache this call began to create is removed again: a refused open leaves nothing behind.
       if (!metaExists) {
-        for (const p of [paths.cache, paths.bitmap, paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`]) {
+        for (const p of [paths.cache, paths.bitmap, paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, reservePath(paths.metadata)]) {
           await storage.remove(p).catch(() => undefined);
         }
       }
@@ -491,7 +507,7 @@ export class CacheStore {
         // Unreadable metadata cannot say what is dirty: only --force may throw such a cache away.
         // A cache in use (CacheBusyError) is never removed.
         if (err instanceof CorruptMetadataError && options.force) {
-          for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, paths.bitmap, paths.cache]) {
+          for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, reservePath(paths.metadata), paths.bitmap, paths.cache]) {
             await storage.remove(p);
           }
           if (options.records && options.backingId !== undefined) releaseDisk(options.records, options.backingId, resolve(paths.metadata), undefined);
@@ -529,7 +545,7 @@ export class CacheStore {
         meta.close();
       }
     }
-    for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, ...(bitmap ? [bitmap] : []), paths.cache]) {
+    for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, reservePath(paths.metadata), ...(bitmap ? [bitmap] : []), paths.cache]) {
       await storage.remove(p);
     }
     if (options.records && options.backingId !== undefined) releaseDisk(options.records, options.backingId, resolve(paths.metadata), uuid);
@@ -1068,21 +1084,40 @@ export class CacheStore {
         await this.#intentRound.idle();
         await this.syncData();
         await this.persistBitmap(true);
-        this.#meta.replaceDirty(this.#dataRuns(), undefined, this.#zeroRuns(), [...this.#pendingDirty].flat());
-        if (this.clock) this.#meta.saveClock(this.clock.state(this.#meta.info.evictionUnit));
-        this.#meta.setCleanShutdown(true);
+        // A full flash filesystem: the reserve gives the close's transactions their room.
+        await this.#withReserve(() => {
+          this.#meta.replaceDirty(this.#dataRuns(), undefined, this.#zeroRuns(), [...this.#pendingDirty].flat());
+          if (this.clock) this.#meta.saveClock(this.clock.state(this.#meta.info.evictionUnit));
+          this.#meta.setCleanShutdown(true);
+        });
         if (this.#mode === 'writeback') this.#releaseRecord();
       }
     } finally {
       this.#closed = true;
+      this.flashReserve?.close();
       this.#meta.close();
       await this.#cache.close().catch(() => undefined);
       await this.#bitmapFile.close().catch(() => undefined);
     }
   }
 
+  /**
+   * Runs `write` (metadata transactions, each all or nothing); when the flash filesystem is full
+   * (MetadataFullError) releases the flash reserve and runs it once more. Throws what `write`
+   * throws otherwise.
+   */
+  async #withReserve(write: () => void): Promise<void> {
+    try {
+      write();
+    } catch (err) {
+      if (!(err instanceof MetadataFullError) || !this.flashReserve || (await this.flashReserve.release()) === 0) throw err;
+      write();
+    }
+  }
+
   /** Drops the store as a crash would: no syncs, no clean flag. For tests and fatal errors. */
   async abandon(): Promise<void> {
+    this.flashReserve?.close();
     this.#closed = true;
     this.#failed ??= new EngineClosedError('cache store abandoned');
     this.#meta.close();

@@ -447,6 +447,15 @@ export function formatStatus(s: DeviceStatus): string {
     `  reads: ${s.hitRatio === null ? 'none yet' : `hit ratio ${(s.hitRatio * 100).toFixed(1)}% (${s.readHits} hits, ${s.readMisses} misses)`}`,
   ];
   if (s.spaceError) lines.push(`  room: ${s.spaceError}`);
+  const r = s.flashReserve;
+  if (r && (r.heldBytes < r.bytes || r.releases > 0 || s.roomWaiters > 0 || s.failedRequests > 0)) {
+    const held = r.heldBytes >= r.bytes ? `${formatBytes(r.bytes)} held` : r.heldBytes === 0 ? `${formatBytes(r.bytes)} RELEASED (in use by a flush, or no room to take it back)` : `${formatBytes(r.heldBytes)} of ${formatBytes(r.bytes)} held`;
+    lines.push(
+      `  flash reserve: ${held}; released ${r.releases}x, ${s.roomFlushes} flushes for room since attach; ${s.roomWaiters} requests waiting for room, ${s.failedRequests} failed for want of room`,
+    );
+  } else if (s.failedRequests > 0 || s.roomWaiters > 0) {
+    lines.push(`  requests: ${s.roomWaiters} waiting for room, ${s.failedRequests} failed for want of room since attach`);
+  }
   if (s.disk) {
     const d = s.disk;
     const last = d.lastError ? `; last error ${when(d.lastErrorAt)}: ${d.lastError}` : '';

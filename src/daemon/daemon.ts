@@ -5,6 +5,7 @@ import { basename, dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths, type IntentStats } from '../cache/store.js';
+import type { FlashReserveStatus } from '../cache/reserve.js';
 import { assertBlockSize, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE } from '../cache/layout.js';
 import { DeviceBusyError, InvalidArgumentError, IOFailedError, NotAttachedError, NotRootError, ReadOnlyError } from '../errors.js';
 import { exists, sleep } from '../sys.js';
@@ -149,6 +150,12 @@ export interface DeviceStatus {
   spaceError: string | null;
   /** Dirty-intent rounds since attach: how many first writes share one transaction and WAL fsync. */
   intents: IntentStats;
+  /** The flash reserve (room released so a flush can commit on a full flash filesystem), or null: none. */
+  flashReserve: FlashReserveStatus | null;
+  /** Requests waiting for room now (budget or a `room` flush), `room` flushes and requests failed for want of room since attach. */
+  roomWaiters: number;
+  roomFlushes: number;
+  failedRequests: number;
   /** Write-back state: schedule, last/next flush, errors, power. Absent in read-only mode. */
   writeback?: SchedulerStatus & { schedule: string | null; powerControl: string | null };
   /** Every policy setting in force (null: not set), so status shows what the daemon was told. */
@@ -394,7 +401,7 @@ export class Daemon {
         const sched = scheduler;
         onDiskRead = () => sched.noteDiskActive();
         // Writes waiting for room in the budget: a flush makes clean blocks, which can go.
-        engine.onSpacePressure = () => sched.pressure();
+        engine.onSpacePressure = (reason) => sched.pressure(reason);
         try {
           store.history.prune(Date.now() - 90 * 86_400_000);
         } catch (err) {
@@ -536,6 +543,10 @@ export class Daemon {
       hitRatio: reads === 0 ? null : Math.round((s.readHits / reads) * 1000) / 1000,
       spaceError: s.spaceError,
       intents: s.intents,
+      flashReserve: s.flashReserve,
+      roomWaiters: s.roomWaiters,
+      roomFlushes: s.roomFlushes,
+      failedRequests: s.failedRequests,
       hydration: this.#hydrator?.progress(),
       policy: this.#policyStatus(),
       kernel,

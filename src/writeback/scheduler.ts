@@ -9,6 +9,8 @@
 //   retry          after a failed flush, with exponential backoff
 //   budget         dirty data fills 3/4 of the cache budget (--cache-size), or a write waits for
 //                  room that only a flush can make
+//   room           the flash filesystem is full (another program filled it) and the cache holds
+//                  only dirty blocks: a write waits while this flush runs on the flash reserve
 // Nothing else makes the daemon touch the disk, so between flushes it can sleep. A failed flush
 // leaves its blocks dirty (engine.abortEpoch); the error shows in status, logs and history.
 import type { CronJob } from 'cron';
@@ -20,7 +22,7 @@ import type { PowerControl, PowerState } from './power.js';
 import { EngineClosedError } from '../errors.js';
 import { cronModule } from './policy.js';
 
-export type FlushReason = 'schedule' | 'threshold' | 'age' | 'manual' | 'detach' | 'opportunistic' | 'ac' | 'retry' | 'budget';
+export type FlushReason = 'schedule' | 'threshold' | 'age' | 'manual' | 'detach' | 'opportunistic' | 'ac' | 'retry' | 'budget' | 'room';
 
 /** Share of the cache budget dirty data may fill before a 'budget' flush starts. */
 export const BUDGET_FLUSH_SHARE = 0.75;
@@ -219,11 +221,12 @@ export class FlushScheduler {
 
   /**
    * A write waits for room in the cache budget that only a flush can make: flushes now (reason
-   * 'budget'), whatever the schedule and the retry backoff say. Rejects if the flush fails.
+   * 'budget', or 'room': the flash filesystem is full and the cache holds only dirty blocks),
+   * whatever the schedule and the retry backoff say. Rejects if the flush fails.
    */
-  pressure(): Promise<FlushResult> {
+  pressure(reason: 'budget' | 'room' = 'budget'): Promise<FlushResult> {
     if (this.#stopped) return Promise.reject(new EngineClosedError('the daemon is detaching: no flush will make room'));
-    return this.request('budget');
+    return this.request(reason);
   }
 
   /**

@@ -145,6 +145,8 @@ interface RigOptions {
   cacheDir?: string;
   /** The source's missGranule (bytes), as an HTTP source declares one. */
   missGranule?: number;
+  /** Bytes of the flash reserve (OpenStoreOptions.flashReserve); default 0, none: the rigs' flash is tiny. */
+  flashReserve?: number;
 }
 
 interface Rig {
@@ -186,6 +188,7 @@ async function attach(r: Rig, mode = r.options.mode ?? 'writeback', engineOption
     storage: r.options.storage,
     budget: r.options.budget,
     evictionUnit: r.options.evictionUnit,
+    flashReserve: r.options.flashReserve ?? 0,
   });
   r.engine = new CacheEngine(r.store, r.source, { autoCommitMs: 0, ...engineOptions });
   const engine = r.engine;
@@ -1123,7 +1126,228 @@ describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
     expect(r.engine.stats().dirtyBlocks).toBe(0);
     expect(diskBytes(r).subarray(0, 16 * BS).equals(data)).toBe(true);
   });
+
+  /**
+   * newuser10b N1: a 4 MiB flash filesystem another program filled, a cache holding only dirty
+   * blocks (acked by a FLUSH), a flash reserve of 256 KiB, and onSpacePressure flushing as the
+   * daemon's scheduler does (recording the reason). The flush is held at its first disk write
+   * until `go()`.
+   */
+  async function allDirtyFull(
+    fs: 'tmpfs' | 'ext4' = 'tmpfs',
+    engine?: EngineOptions,
+  ): Promise<{ r: Rig; f: ReturnType<typeof flash>; model: Buffer; reasons: (string | undefined)[]; go: () => void }> {
+    const f = fs === 'tmpfs' ? flash('4m') : ext4Flash();
+    const r = await rig({ size: 1024 * BS, blockSize: BS, budget: 512 * BS, evictionUnit: 4 * BS, cacheDir: f.mnt, flashReserve: 256 * KiB, engine });
+    expect(r.store.flashReserve!.status()).toEqual({ bytes: 256 * KiB, heldBytes: 256 * KiB, releases: 0 });
+    const model = Buffer.from(r.initial);
+    const acked = pattern(128 * BS, 70);
+    await r.engine.write(0, acked);
+    await r.engine.flush();
+    acked.copy(model, 0);
+    expect(r.engine.stats()).toMatchObject({ dirtyBlocks: 128, presentBlocks: 128 });
+    const reasons: (string | undefined)[] = [];
+    let go!: () => void;
+    r.source.writeGate = new Promise<void>((resolve) => (go = resolve));
+    r.engine.onSpacePressure = (reason) => {
+      reasons.push(reason);
+      return flushDirty(r.engine);
+    };
+    f.fill();
+    return { r, f, model, reasons, go };
+  }
+
+  /** An 8 MiB ext4 (4 KiB blocks, loop-mounted) for the rig's cache files, and a filler that takes every block left (root: the reserved ones too). */
+  function ext4Flash(): ReturnType<typeof flash> {
+    const mnt = join(dir, 'flash');
+    const img = join(dir, 'flash.img');
+    mkdirSync(mnt);
+    writeFileSync(img, Buffer.alloc(0));
+    execFileSync('truncate', ['-s', '8M', img]);
+    execFileSync('mkfs.ext4', ['-q', '-F', '-b', '4096', '-E', 'nodiscard', img]);
+    execFileSync('mount', ['-o', 'loop', img, mnt]);
+    cleanups.push(() => execFileSync('umount', [mnt]));
+    const filler = join(mnt, 'filler');
+    return {
+      mnt,
+      fill: () => {
+        try {
+          execFileSync('dd', ['if=/dev/zero', `of=${filler}`, 'bs=4k', 'count=4096', 'conv=fsync'], { stdio: 'ignore' });
+        } catch {
+          // ENOSPC: full, as intended
+        }
+      },
+      free: () => rmSync(filler),
+    };
+  }
+
+  it.runIf(process.getuid?.() === 0).each(['tmpfs', 'ext4'] as const)(
+    'full flash (%s), only dirty blocks cached (newuser10b N1): writes wait while a flush runs on the flash reserve, reads go on, then every write completes and nothing fails',
+    async (fs) => {
+      const { r, f, model, reasons, go } = await allDirtyFull(fs);
+      // New blocks need room in the cache file, a FLUSH needs room in the metadata: neither has any.
+      const fresh = pattern(32 * BS, 71);
+      const rewrite = pattern(BS, 72);
+      const requests = [
+        r.engine.write(512 * BS, fresh).then(() => r.engine.flush()),
+        r.engine.write(700 * BS, pattern(BS, 73)),
+        r.engine.write(3 * BS, rewrite),
+      ];
+      const settled = Promise.allSettled(requests);
+      await waitFor(() => r.engine.stats().roomFlushes === 1 && r.source.writes.length > 0, 'the room flush to reach the disk');
+      // The reserve is released for the flush; the writes wait (back-pressure), reads go on.
+      const during = r.engine.stats();
+      expect(during.flashReserve).toMatchObject({ heldBytes: 0, releases: 1 });
+      expect(during.roomWaiters).toBeGreaterThan(0);
+      expect(during.spaceError).toMatch(/is full and the cache holds only dirty blocks \(.*\): flushing them to the disk \(reason room\) on the flash reserve; writes that need room wait$/);
+      expect((await r.engine.read(64 * BS, 64 * BS)).equals(model.subarray(64 * BS, 128 * BS))).toBe(true);
+      go();
+      const outcomes = await settled;
+      expect(outcomes.map((o) => (o.status === 'rejected' ? String(o.reason) : 'ok'))).toEqual(['ok', 'ok', 'ok']);
+      fresh.copy(model, 512 * BS);
+      pattern(BS, 73).copy(model, 700 * BS);
+      rewrite.copy(model, 3 * BS);
+      await r.engine.flush();
+      const after = r.engine.stats();
+      expect(reasons).toContain('room');
+      expect(after.failedRequests).toBe(0);
+      expect(after.roomWaiters).toBe(0);
+      expect(after.spaceError).toMatch(/ran full with only dirty blocks cached: flushed them to the disk \(reason room\) and evicted/);
+      // The reserve is taken back from what the flush made clean, with the flash still full.
+      await waitFor(() => r.store.flashReserve!.heldBytes === 256 * KiB, 'the reserve to be taken back');
+      expect((await r.engine.read(0, r.engine.size)).equals(model)).toBe(true);
+      f.free();
+      await reopen(r, 'close');
+      expect(sha(await r.engine.read(0, r.engine.size))).toBe(sha(model));
+      await flushDirty(r.engine);
+      expect(sha(diskBytes(r))).toBe(sha(model));
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)(
+    "full flash, only dirty blocks cached: a flush asked for by hand ('flush --wait', newuser10b: rc 74 on SQLITE_FULL) commits on the flash reserve, and the reserve is taken back from the blocks it cleaned",
+    async () => {
+      const { r, model, go } = await allDirtyFull();
+      go();
+      const result = await flushDirty(r.engine);
+      expect(result.blocks).toBe(128);
+      expect(r.engine.stats()).toMatchObject({ dirtyBlocks: 0, failedRequests: 0 });
+      expect(r.store.flashReserve!.status().releases).toBe(1);
+      await waitFor(() => r.store.flashReserve!.heldBytes === 256 * KiB, 'the reserve to be taken back');
+      expect(sha(diskBytes(r))).toBe(sha(model));
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)(
+    'a block rewritten while the flush commit waits for the flash reserve stays dirty (invariant 4): the retried commit leaves it out',
+    async () => {
+      const { r, model, go } = await allDirtyFull();
+      go();
+      const reserve = r.store.flashReserve!;
+      const release = reserve.release.bind(reserve);
+      const newer = pattern(BS, 78);
+      // The commit's clearFlushed found the flash full and releases the reserve: a write lands now.
+      reserve.release = async () => {
+        await r.engine.write(3 * BS, newer);
+        return release();
+      };
+      const result = await flushDirty(r.engine);
+      expect(result.blocks).toBe(128);
+      expect(r.store.flashReserve!.status().releases).toBe(1);
+      expect(r.engine.stats().dirtyBlocks).toBe(1);
+      expect(r.store.dirty.get(3)).toBe(true);
+      newer.copy(model, 3 * BS);
+      expect((await r.engine.read(0, 128 * BS)).equals(model.subarray(0, 128 * BS))).toBe(true);
+      await flushDirty(r.engine);
+      expect(sha(diskBytes(r))).toBe(sha(model));
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)(
+    'a room flush that takes longer than roomFlushWaitMs fails the waiting request with one line, counted; the flush goes on and the next write finds room',
+    async () => {
+      const { r, model, go } = await allDirtyFull('tmpfs', { roomFlushWaitMs: 300 });
+      const first = outcome(() => r.engine.write(512 * BS, pattern(8 * BS, 79)));
+      await waitFor(() => r.engine.stats().roomFlushes === 1, 'the room flush');
+      // A write arriving while it runs waits for it too, with the same bound (review11 R-3).
+      const second = outcome(() => r.engine.write(600 * BS, pattern(BS, 81)));
+      for (const err of [await first, await second]) {
+        expectCoded(err, CacheFullError, 'ULOB_E_CACHE_FULL');
+        expect((err as Error).message).toMatch(/^waited 0\.3 s for the flush that makes room on the full flash filesystem( of .*)?; free space on it$/);
+      }
+      expect(r.engine.stats()).toMatchObject({ failedRequests: 2, roomFlushes: 1 });
+      go();
+      await waitFor(() => r.engine.stats().dirtyBlocks === 0, 'the room flush to end');
+      const later = pattern(8 * BS, 80);
+      await r.engine.write(512 * BS, later);
+      await r.engine.flush();
+      later.copy(model, 512 * BS);
+      expect((await r.engine.read(0, r.engine.size)).equals(model)).toBe(true);
+      expect(r.engine.stats().failedRequests).toBe(2);
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)(
+    'full flash, only dirty blocks cached, and the disk unreachable: the flush cannot help, so each request that needs room fails with one clear line, counted, and the cache goes on',
+    async () => {
+      const { r, f, model, go } = await allDirtyFull();
+      go();
+      const eio = () => Promise.reject(Object.assign(new Error('EIO: i/o error, write'), { code: 'EIO', errno: 5, syscall: 'write' }));
+      r.source.writeAt = eio;
+      r.file.writeMany = eio;
+      r.file.writeManyFrom = eio;
+      const errors = await Promise.all([outcome(() => r.engine.write(512 * BS, pattern(8 * BS, 74))), outcome(() => r.engine.write(800 * BS, pattern(BS, 75)))]);
+      for (const err of errors) {
+        expectCoded(err, CacheFullError, 'ULOB_E_CACHE_FULL');
+        expect((err as Error).message).toMatch(/is full, the cache holds only dirty blocks, and the flush that would free room failed: .*; free space on it, or bring the disk back$/);
+      }
+      const st = r.engine.stats();
+      expect(st.failedRequests).toBe(2);
+      expect(st.spaceError).toMatch(/the flush that would free room failed/);
+      // Nothing else stopped: acked data reads, a dirty block takes a rewrite in place.
+      expect(r.store.failed).toBeNull();
+      expect((await r.engine.read(0, 128 * BS)).equals(model.subarray(0, 128 * BS))).toBe(true);
+      await r.engine.write(5 * BS, pattern(BS, 76));
+      pattern(BS, 76).copy(model, 5 * BS);
+      // The disk back and space freed: everything works again.
+      await reopenAfter(r, f);
+      expect(sha(await r.engine.read(0, r.engine.size))).toBe(sha(model));
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)(
+    'a crash after the flash reserve was released and before the flush commit loses nothing (invariant 2): every acked write is there and still dirty, and the next open takes the reserve again',
+    async () => {
+      const { r, f, model, go } = await allDirtyFull();
+      const pending = outcome(() => r.engine.write(512 * BS, pattern(16 * BS, 77)));
+      // The flush has taken the reserve and is writing the disk: its commit is not made.
+      await waitFor(() => r.store.flashReserve!.heldBytes === 0 && r.source.writes.length > 0, 'the room flush to write the disk');
+      await r.store.abandon();
+      go();
+      await pending;
+      f.free();
+      await attach(r);
+      expect(r.store.recoveredFromCrash).toBe(true);
+      expect(r.store.flashReserve!.status()).toMatchObject({ bytes: 256 * KiB, heldBytes: 256 * KiB });
+      expect(r.engine.stats().dirtyBlocks).toBe(128);
+      expect((await r.engine.read(0, 128 * BS)).equals(model.subarray(0, 128 * BS))).toBe(true);
+      await flushDirty(r.engine);
+      // The write in flight at the crash was never acked: either version of its blocks may be there.
+      const disk = diskBytes(r);
+      expect(disk.subarray(0, 128 * BS).equals(model.subarray(0, 128 * BS))).toBe(true);
+    },
+  );
 });
+
+/** Frees the rig's flash, gives the disk back (writes as before) and reopens the cache. */
+async function reopenAfter(r: Rig, f: { free: () => void }): Promise<void> {
+  f.free();
+  await r.engine.close();
+  r.file = await openBacking(r.disk, { writable: true });
+  const file = r.file;
+  cleanups.push(() => file.close());
+  await attach(r);
+}
 
 /** A BlockFile's methods bound to it, to override some. */
 function bindFile(file: BlockFile): BlockFile {

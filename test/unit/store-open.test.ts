@@ -233,12 +233,12 @@ describe('CacheStore.open refuses a cache that is not this disk\'s, and changes 
   it('creates a cache when none exists, and reopens it (positive control)', async () => {
     expect(ls()).toEqual(['disk.img']);
     const { store } = await openCache(disk, { blockSize: BS });
-    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'cache.meta-wal', 'disk.img']);
+    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'cache.meta-reserve', 'cache.meta-wal', 'disk.img']);
     expect(statSync(paths.cache).size).toBe(BLOCKS * BS);
     expect(statSync(paths.bitmap).size).toBe(4096);
     const uuid = store.info.uuid;
     await store.close();
-    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'disk.img']);
+    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'cache.meta-reserve', 'disk.img']);
     const again = await openCache(disk);
     expect(again.store.info.uuid).toBe(uuid);
     expect(again.store.recoveredFromCrash).toBe(false);
@@ -559,7 +559,7 @@ describe('CacheStore.discard', () => {
   it('refuses while dirty blocks exist and removes nothing', async () => {
     await makeCache({ dirtyBlocks: 3 });
     await expectRefused(() => CacheStore.discard(paths), DirtyDataError, 'ULOB_E_DIRTY', [paths.cache, '12 KiB of dirty data', '--force']);
-    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'disk.img']);
+    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'cache.meta-reserve', 'disk.img']);
   });
 
   it('refuses while the cache is open, and removes nothing', async () => {
@@ -607,7 +607,7 @@ describe('CacheStore.discard', () => {
     await makeCache({ dirtyBlocks: 1 });
     writeFileSync(paths.metadata, Buffer.alloc(8192, 0x5a));
     await expectRefused(() => CacheStore.discard(paths), CorruptMetadataError, 'ULOB_E_CORRUPT_METADATA', [paths.metadata]);
-    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'disk.img']);
+    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'cache.meta-reserve', 'disk.img']);
     expect(await CacheStore.discard(paths, { force: true })).toEqual({ dirtyBlocks: 0 });
     expect(ls()).toEqual(['disk.img']);
   });
