@@ -395,11 +395,6 @@ export class Daemon {
         onDiskRead = () => sched.noteDiskActive();
         // Writes waiting for room in the budget: a flush makes clean blocks, which can go.
         engine.onSpacePressure = () => sched.pressure();
-        try {
-          store.history.prune(Date.now() - 90 * 86_400_000);
-        } catch (err) {
-          logger.warn(`cannot prune the history: ${(err as Error).message}`);
-        }
         undo.push(async () => sched.stop());
       }
       let hydrator: Hydrator | null = null;
