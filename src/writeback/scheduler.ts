@@ -206,8 +206,17 @@ export class FlushScheduler {
     this.#sample();
   }
 
-  async idle(): Promise<void> {
-    while (this.#running || this.#queued) await (this.#queued ?? this.#running)!.catch(() => undefined);
+  /**
+   * Waits until no flush runs or is queued; returns the flushes it waited for that completed
+   * (a failed one is left out: its error is in status and the history).
+   */
+  async idle(): Promise<FlushResult[]> {
+    const done: FlushResult[] = [];
+    while (this.#running || this.#queued) {
+      const r = await (this.#queued ?? this.#running)!.catch(() => null);
+      if (r) done.push(r);
+    }
+    return done;
   }
 
   get flushing(): boolean {

@@ -121,7 +121,7 @@ describe('every command takes the device or the --name (item 9)', () => {
     const detached = await ulobdev(['detach', loop, '--run-dir', s.runDir]);
     expect(detached.stderr).toBe('');
     // It says what it wrote back (issue 13): nothing here, the flush above took it all.
-    expect(detached.stdout).toBe(`${loop} detached: no flush; nothing stays dirty\n`);
+    expect(detached.stdout).toBe(`${loop} detached: nothing to write back: the disk has everything\n`);
     expect(loops()).not.toContain(`${loop}:`);
   });
 
