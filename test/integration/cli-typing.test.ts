@@ -322,8 +322,11 @@ describe('what else users get wrong (item 14)', () => {
     const holder = new RegExp(`^ulobdev: ${disk} is already cached by the ulobdev daemon of nbd\\+unix:///\\?socket=.*first\\.sock \\(pid ${pid}\\); detach it first \\(ulobdev detach nbd`);
     // Another cache: two daemons would write the one disk.
     await expectRefused([...cacheArgs('b'), '--writeback', '--daemon', serveUrl('second'), disk], holder);
-    // The same cache.
-    await expectRefused([...cacheArgs('a'), '--writeback', serveUrl('second'), disk], holder);
+    // The same cache: the same attach run again (newuser11 finding 7), said as such.
+    await expectRefused(
+      [...cacheArgs('a'), '--writeback', serveUrl('second'), disk],
+      new RegExp(`^ulobdev: ${disk} is already attached with this cache, as nbd\\+unix:///\\?socket=.*first\\.sock \\(pid ${pid}\\): nothing to do \\('ulobdev status nbd`),
+    );
   });
 
   it('a mounted partition is named as the partition, not as the whole disk', async () => {
