@@ -253,6 +253,12 @@ function describeDaemon(d: DaemonEntry): string {
 
 async function attach(device: string, backing: string, flags: AttachFlags, command: Command): Promise<void> {
   checkPositionals(device, backing, flags, command);
+  // An empty path resolves to the working directory ("/ is a directory" under systemd): say what it is.
+  for (const [option, value] of [['-c/--cache', flags.cache], ['-b/--bitmap', flags.bitmap], ['--metadata', flags.metadata]] as const) {
+    if (value !== undefined && value.trim() === '') {
+      throw new InvalidArgumentError(`${option} is empty (CACHE= in /etc/ulobdev/NAME.conf?): give the file's path, or leave the option out for the default`);
+    }
+  }
   const runDir = flags.runDir ?? RUN_DIR;
   const policy = await writebackPolicy(backing, flags);
   const stopTimeoutMs = parseDuration(flags.stopTimeout, '--stop-timeout');
