@@ -267,6 +267,12 @@ export class CacheStore {
     try {
       const info = meta.info;
       checkIdentity(info, backing, options.blockSize, paths.metadata, () => madeFor(options.records, info), () => dirtyBytesOf(meta!, info.blockSize), paths.cache);
+      // Fixed at creation like the block size, and refused alike rather than ignored (newuser11 finding 8).
+      if (options.evictionUnit !== undefined && info.state === 'ready' && Math.max(options.evictionUnit, info.blockSize) !== info.evictionUnit) {
+        throw new SizeMismatchError(
+          `${paths.metadata}: the cache uses ${formatBytes(info.evictionUnit)} eviction units, not ${formatBytes(options.evictionUnit)}; omit --eviction-unit or re-create it`,
+        );
+      }
       const geometry = new Geometry(info.backingSize, info.blockSize);
       const budget = options.budget ?? info.budget;
       const creating = info.state === 'creating';
