@@ -559,8 +559,10 @@ export class Metadata implements HistoryLog {
     this.#run(() => {
       this.#db.prepare('UPDATE cache_info SET journal_open = 1 WHERE id = 1').run();
     });
-    checkpoint(this.#db, this.path);
+    // Committed: from here close() must clear it, even if the checkpoint below fails (else
+    // SQLite's checkpoint at close would leave a main file marked open with no WAL beside it).
     this.#journalOpen = true;
+    checkpoint(this.#db, this.path);
   }
 
   /**
@@ -576,6 +578,8 @@ export class Metadata implements HistoryLog {
       try {
         checkpoint(this.#db, this.path);
         this.#db.transaction(() => this.#db.prepare('UPDATE cache_info SET journal_open = 0 WHERE id = 1').run()).immediate();
+        // The 0 in the main file now, not only through SQLite's own checkpoint at close (review11 M-1).
+        checkpoint(this.#db, this.path);
         this.#journalOpen = false;
       } catch {
         // The mark stays: the next open finds the WAL beside it (SQLite keeps it when its own
