@@ -657,7 +657,8 @@ export class CacheEngine {
   async materializeZeroed(first = 0, end = this.geometry.blockCount): Promise<void> {
     this.#assertOpen();
     const zeroed: Extent[] = [];
-    for (const e of this.store.dirty.runs(first, end)) zeroed.push(...this.store.present.gaps(e.start, e.start + e.count));
+    // Appended one by one: a long dirty run may have more gaps than a call takes arguments.
+    for (const e of this.store.dirty.runs(first, end)) for (const g of this.store.present.gaps(e.start, e.start + e.count)) zeroed.push(g);
     for (const z of zeroed) {
       for (let b = z.start; b < z.start + z.count; b += this.#maxFillBlocks) {
         const blocks: number[] = [];

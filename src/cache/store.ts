@@ -278,6 +278,12 @@ export class CacheStore {
     try {
       const info = meta.info;
       checkIdentity(info, backing, options.blockSize, paths.metadata, () => madeFor(options.records, info), () => dirtyBytesOf(meta!, info.blockSize), paths.cache);
+      // Fixed at creation like the block size, and refused alike rather than ignored (newuser11 finding 8).
+      if (options.evictionUnit !== undefined && info.state === 'ready' && Math.max(options.evictionUnit, info.blockSize) !== info.evictionUnit) {
+        throw new SizeMismatchError(
+          `${paths.metadata}: the cache uses ${formatBytes(info.evictionUnit)} eviction units, not ${formatBytes(options.evictionUnit)}; omit --eviction-unit or re-create it`,
+        );
+      }
       const geometry = new Geometry(info.backingSize, info.blockSize);
       const budget = options.budget ?? info.budget;
       const creating = info.state === 'creating';
@@ -371,7 +377,7 @@ export class CacheStore {
         }
         const known = creating ? null : info.diskFingerprint;
         if (fingerprint !== undefined && known !== null && known !== fingerprint) {
-          if (dirty.count() > 0) throw diskChangedDirty(paths.cache, backing.description, dirty.count() * geometry.blockSize);
+          if (dirty.count() > 0) throw diskChangedDirty(paths.cache, backing.description, dirty.count() * geometry.blockSize, meta.journalMaybeMissing ? paths.metadata : undefined);
           if (options.servedByKernel) {
             throw new DiskChangedError(
               `${backing.description} was written without ulobdev while its device waited for the daemon that died, and that device still serves ${paths.cache}'s older blocks: ` +
@@ -393,6 +399,10 @@ export class CacheStore {
       if (generation !== undefined && options.mode === 'writeback') store.#takeRecord(generation);
       // From here on the open is accepted: mark the cache in use (unclean until close).
       meta.upgrade();
+      // Before anything else is written: the main file says it may need its WAL from now on, so
+      // a copy of the cache without CACHE.meta-wal is refused (Metadata.open) instead of losing
+      // the last dirty records.
+      meta.markOpen();
       // The flushes a killed daemon left running in the history are over.
       meta.endInterruptedFlushes();
       if (generation !== undefined) {
@@ -1354,7 +1364,14 @@ export class CacheStore {
  * for it. The generation stays: caches the disk was written past stay refused.
  */
 /** The refusal of a disk changed outside under a cache holding `bytes` of dirty data. */
-function diskChangedDirty(cache: string, disk: string, bytes: number): DiskChangedError {
+/** `journalMissing`: the metadata path, when its WAL is missing after a crash (the likelier cause then). */
+function diskChangedDirty(cache: string, disk: string, bytes: number, journalMissing?: string): DiskChangedError {
+  if (journalMissing !== undefined) {
+    return new DiskChangedError(
+      `${cache}'s metadata is behind ${disk}: the daemon stopped without closing it and its journal ${journalMissing}-wal is missing, which holds the last flush and writes: ` +
+        `copy ${journalMissing}-wal from where the cache was (every file of the cache: CACHE*) and attach again; if it is lost for good, 'ulobdev discard --force -c ${cache} ${disk}' drops the cache and what only it held; nothing was changed`,
+    );
+  }
   return new DiskChangedError(
     `${disk} was written without ulobdev (mounted directly?) since ${cache} last left it, and the cache holds ${formatBytes(bytes)} of dirty data that a flush would write over the newer data: ` +
       `to keep the disk as it is now, 'ulobdev discard --force -c ${cache} ${disk}' (losing the cache's changes); to keep the cache's, restore the disk as ulobdev left it; nothing was changed`,

@@ -253,12 +253,24 @@ function describeDaemon(d: DaemonEntry): string {
 
 async function attach(device: string, backing: string, flags: AttachFlags, command: Command): Promise<void> {
   checkPositionals(device, backing, flags, command);
+  // An empty path resolves to the working directory ("/ is a directory" under systemd): say what it is.
+  for (const [option, value] of [['-c/--cache', flags.cache], ['-b/--bitmap', flags.bitmap], ['--metadata', flags.metadata]] as const) {
+    if (value !== undefined && value.trim() === '') {
+      throw new InvalidArgumentError(`${option} is empty (CACHE= in /etc/ulobdev/NAME.conf?): give the file's path, or leave the option out for the default`);
+    }
+  }
   const runDir = flags.runDir ?? RUN_DIR;
   const policy = await writebackPolicy(backing, flags);
   const stopTimeoutMs = parseDuration(flags.stopTimeout, '--stop-timeout');
   const cacheSize = flags.cacheSize === undefined ? undefined : parseCacheSize(flags.cacheSize);
   const evictionUnit = flags.evictionUnit === undefined ? undefined : parseEvictionUnit(flags.evictionUnit);
-  await assertNotServed(resolve(backing), runDir);
+  // The very same attach run again (newuser11 finding 7): say it is attached, as mount says "already mounted".
+  const cacheGiven = flags.cache === undefined ? undefined : resolve(flags.cache);
+  await assertNotServed(resolve(backing), runDir, (d) =>
+    cacheGiven !== undefined && resolve(d.status.paths.cache) === cacheGiven
+      ? `${backing} is already attached with this cache, as ${describeDaemon(d)}: nothing to do ('ulobdev status ${d.status.device}' shows it; to attach it otherwise, 'ulobdev detach ${d.status.device}' first)`
+      : `${backing} is already cached by the ulobdev daemon of ${describeDaemon(d)}; detach it first (ulobdev detach ${d.status.device})`,
+  );
   // The disk given as -c (or -b, --metadata) is refused before anything opens it. Without any of
   // them the cache lives in the state directory, named after the disk's identity.
   if (flags.cache !== undefined || flags.bitmap !== undefined || flags.metadata !== undefined) {

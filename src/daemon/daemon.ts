@@ -402,11 +402,6 @@ export class Daemon {
         onDiskRead = () => sched.noteDiskActive();
         // Writes waiting for room in the budget: a flush makes clean blocks, which can go.
         engine.onSpacePressure = (reason) => sched.pressure(reason);
-        try {
-          store.history.prune(Date.now() - 90 * 86_400_000);
-        } catch (err) {
-          logger.warn(`cannot prune the history: ${(err as Error).message}`);
-        }
         undo.push(async () => sched.stop());
       }
       let hydrator: Hydrator | null = null;
@@ -737,10 +732,14 @@ export class Daemon {
     await this.#hydrator?.stop();
     let flushed: FlushResult | null = null;
     let flushError: string | null = null;
+    let waitedBytes = 0;
     const scheduler = this.#scheduler;
     if (scheduler) {
       scheduler.stop();
-      await scheduler.idle();
+      // A flush already running (`ulobdev flush`, a schedule, an opportunistic one) ends first:
+      // what it wrote is part of what this detach says (newuser11 finding 6: "no flush" after
+      // waiting for 149 MiB).
+      for (const r of await scheduler.idle()) waitedBytes += r.bytes;
       const p = this.#policy;
       if ((p.flushOnDetach ?? hasAutomaticWriteback(p)) && this.engine.dirtyBlocks() > 0) {
         // Detach and shutdown flush: the disk leaves with everything. A failure (or the stop
@@ -769,7 +768,7 @@ export class Daemon {
     await this.#control.close();
     await fsp.rm(this.#runDir, { recursive: true, force: true });
     await releaseName(dirname(this.#runDir), this.name);
-    const result: DetachResult = { device: this.device, flushed, flushError, dirtyBytes };
+    const result: DetachResult = { device: this.device, flushed, flushError, dirtyBytes, waitedBytes };
     this.#logger.info({ dirtyBytes, flushedBytes: flushed?.bytes ?? 0 }, `detached: ${describeFlush(result)}`);
     this.#resolveDone();
     return result;
@@ -810,13 +809,27 @@ export interface DetachResult {
   flushError: string | null;
   /** Dirty bytes left in the cache (the disk lacks them until the next flush). */
   dirtyBytes: number;
+  /**
+   * Bytes written back by flushes that were running when the detach began and that it waited for
+   * (absent from a daemon before it: 0).
+   */
+  waitedBytes?: number;
 }
 
-/** One phrase for logs and the CLI: "wrote 12 MiB back; nothing stays dirty". */
-export function describeFlush(r: Pick<DetachResult, 'flushed' | 'flushError' | 'dirtyBytes'>): string {
-  const wrote = r.flushed ? `wrote ${formatBytes(r.flushed.bytes)} back` : r.flushError ? `the flush failed (${r.flushError})` : 'no flush';
+/**
+ * One phrase for logs and the CLI: "wrote 12 MiB back; nothing stays dirty", or "waited for a
+ * running flush that wrote 149 MiB back; …" when the detach's only flush was one already under way.
+ */
+export function describeFlush(r: Pick<DetachResult, 'flushed' | 'flushError' | 'dirtyBytes' | 'waitedBytes'>): string {
+  const waited = r.waitedBytes ?? 0;
+  const before = waited > 0 ? `waited for a running flush that wrote ${formatBytes(waited)} back` : '';
+  const then = before ? `${before}, then ` : '';
+  const wrote = r.flushed ? `${then}wrote ${formatBytes(r.flushed.bytes)} back` : r.flushError ? `${then}the flush failed (${r.flushError})` : before;
+  // Nothing written by or for this detach and nothing dirty: not "no flush", which read as "the
+  // data was not written back" (newuser11 finding 6).
+  if (!wrote && r.dirtyBytes === 0) return 'nothing to write back: the disk has everything';
   const left = r.dirtyBytes > 0 ? `${formatBytes(r.dirtyBytes)} stay dirty in the cache for the next flush` : 'nothing stays dirty';
-  return `${wrote}; ${left}`;
+  return `${wrote || 'no flush'}; ${left}`;
 }
 
 function isBusy(err: unknown): boolean {

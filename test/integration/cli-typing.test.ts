@@ -121,7 +121,7 @@ describe('every command takes the device or the --name (item 9)', () => {
     const detached = await ulobdev(['detach', loop, '--run-dir', s.runDir]);
     expect(detached.stderr).toBe('');
     // It says what it wrote back (issue 13): nothing here, the flush above took it all.
-    expect(detached.stdout).toBe(`${loop} detached: no flush; nothing stays dirty\n`);
+    expect(detached.stdout).toBe(`${loop} detached: nothing to write back: the disk has everything\n`);
     expect(loops()).not.toContain(`${loop}:`);
   });
 
@@ -322,8 +322,11 @@ describe('what else users get wrong (item 14)', () => {
     const holder = new RegExp(`^ulobdev: ${disk} is already cached by the ulobdev daemon of nbd\\+unix:///\\?socket=.*first\\.sock \\(pid ${pid}\\); detach it first \\(ulobdev detach nbd`);
     // Another cache: two daemons would write the one disk.
     await expectRefused([...cacheArgs('b'), '--writeback', '--daemon', serveUrl('second'), disk], holder);
-    // The same cache.
-    await expectRefused([...cacheArgs('a'), '--writeback', serveUrl('second'), disk], holder);
+    // The same cache: the same attach run again (newuser11 finding 7), said as such.
+    await expectRefused(
+      [...cacheArgs('a'), '--writeback', serveUrl('second'), disk],
+      new RegExp(`^ulobdev: ${disk} is already attached with this cache, as nbd\\+unix:///\\?socket=.*first\\.sock \\(pid ${pid}\\): nothing to do \\('ulobdev status nbd`),
+    );
   });
 
   it('a mounted partition is named as the partition, not as the whole disk', async () => {

@@ -266,6 +266,21 @@ describe('CacheStore.open refuses a cache that is not this disk\'s, and changes 
     ]);
   });
 
+  it('refuses an eviction unit other than the cache\'s, as a block size (newuser11 finding 8: it was ignored), and takes the same one', async () => {
+    await makeCache({ blockSize: BS });
+    const open = (evictionUnit: number) => async () => {
+      const source = await openBacking(disk, { writable: true });
+      try {
+        const store = await CacheStore.open({ paths, backing: source, mode: 'writeback', evictionUnit });
+        await store.close();
+      } finally {
+        await source.close();
+      }
+    };
+    await expectRefused(open(1 << 20), SizeMismatchError, 'ULOB_E_SIZE_MISMATCH', [paths.metadata, '256 KiB eviction units, not 1 MiB', 'omit --eviction-unit']);
+    await open(256 * 1024)();
+  });
+
   it('refuses a cache file of the wrong size, smaller or larger', async () => {
     await makeCache();
     truncateSync(paths.cache, BLOCKS * BS - 4096);
