@@ -103,7 +103,7 @@ describe('a cache copied after a crash (newuser11 finding 1)', () => {
   it('without its CACHE.meta-wal is refused in one line naming the missing file, and nothing changes', async () => {
     const { gone } = await dirtyCache();
     // The crash image: the daemon still has the files (the WAL is there, the main file marked open).
-    expect(readdirSync(join(dir, 'old')).sort()).toEqual(['c', 'c.bitmap', 'c.meta', 'c.meta-wal']);
+    expect(readdirSync(join(dir, 'old')).sort()).toEqual(['c', 'c.bitmap', 'c.meta', 'c.meta-reserve', 'c.meta-wal']);
     copy(['c', 'c.bitmap', 'c.meta']);
     await gone();
     const before = hashes(join(dir, 'new'));
@@ -136,7 +136,7 @@ describe('a cache copied after a crash (newuser11 finding 1)', () => {
     const { engine, source } = await dirtyCache();
     await engine.close();
     await source.close();
-    expect(readdirSync(join(dir, 'old')).sort()).toEqual(['c', 'c.bitmap', 'c.meta']);
+    expect(readdirSync(join(dir, 'old')).sort()).toEqual(['c', 'c.bitmap', 'c.meta', 'c.meta-reserve']);
     copy(['c', 'c.bitmap', 'c.meta']);
     rmSync(join(dir, 'old'), { recursive: true });
     const a = await open(newSsd);
