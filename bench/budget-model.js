@@ -16,12 +16,12 @@
 // measured requests, after the warm-up ones. Workloads: fio's zipf:1.1 (hot blocks scattered),
 // and two with locality for the fill rule: 64 KiB files picked by zipf:1.1 and read whole 4 KiB at a
 // time, and the zipf warm-up followed by those files (the workload changing). Not a test.
-import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { printTable, writeJson } from './lib/table.js';
+import { drawZipfReads } from './lib/zipf-draw.js';
 
 const { values: opts } = parseArgs({
   options: {
@@ -46,12 +46,7 @@ const GRANULE = 16; // engine DEFAULT_FILL_GRANULE, 64 KiB
 function fioSequence() {
   const dir = mkdtempSync(join(tmpdir(), 'budget-model-'));
   try {
-    const img = join(dir, 'seq.img');
-    execFileSync('truncate', ['-s', `${DISK_MB}M`, img]);
-    execFileSync('fio', ['--name=seq', `--filename=${img}`, '--rw=randread', '--random_distribution=zipf:1.1', '--bs=4k', '--ioengine=null',
-      `--size=${DISK_MB}M`, `--io_size=${Math.ceil(((WARM + IOS) * 4) / 1024) + DISK_MB}M`, `--number_ios=${WARM + IOS}`, '--randseed=42', `--write_iolog=${join(dir, 'log')}`, '--output=/dev/null']);
-    const reads = readFileSync(join(dir, 'log'), 'utf8').split('\n').filter((l) => / read \d+ \d+$/.test(l)).map((l) => Number(l.split(' ').at(-2)) / 4096);
-    return reads.slice(0, WARM + IOS);
+    return drawZipfReads(dir, DISK_MB, WARM + IOS).map((r) => Number(r.split(' ')[0]) / 4096);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

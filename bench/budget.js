@@ -27,6 +27,7 @@
 // fills and promotions read more than asked), IOPS and latency; then the
 // hits phase (uniform reads over 4 MiB, brought in first: the throughput of hits, with the disk's
 // bytes to show they were hits). Not a test: exit code 0 unless the bench itself breaks.
+import { drawZipfReads } from './lib/zipf-draw.js';
 import { execFileSync, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
@@ -272,16 +273,7 @@ const memoryMb = 1024 + RAMDISK_MB;
  * name "disk" that each replay redirects to its device. Returns { distinctWarm, distinctMeasured, ... }.
  */
 function drawSequence(dir) {
-  const img = join(dir, 'seq.img');
-  const log = join(dir, 'seq.iolog');
-  writeFileSync(img, '');
-  execFileSync('truncate', ['-s', `${DISK_MB}M`, img]);
-  execFileSync('fio', ['--name=seq', `--filename=${img}`, '--rw=randread', '--random_distribution=zipf:1.1', '--bs=4k', '--ioengine=null',
-    `--size=${DISK_MB}M`, `--io_size=${Math.ceil(((WARM_IOS + IOS) * 4) / 1024) + DISK_MB}M`, `--number_ios=${WARM_IOS + IOS}`, '--randseed=42', `--write_iolog=${log}`, '--output=/dev/null']);
-  // fio version 3 iolog: "<ms> <file> read <offset> <length>"
-  const reads = readFileSync(log, 'utf8').split('\n').filter((l) => / read \d+ \d+$/.test(l)).map((l) => l.split(' ').slice(-2).join(' '));
-  rmSync(img);
-  rmSync(log);
+  const reads = drawZipfReads(dir, DISK_MB, WARM_IOS + IOS);
   if (reads.length < WARM_IOS + IOS) fail(`fio drew ${reads.length} requests, not ${WARM_IOS + IOS}`);
   const write = (name, part) => writeFileSync(join(dir, name), ['fio version 2 iolog', 'disk add', 'disk open', ...part.map((r) => `disk read ${r}`), 'disk close', ''].join('\n'));
   const warm = reads.slice(0, WARM_IOS);

@@ -1639,8 +1639,7 @@ export class CacheEngine {
         } else if (mode === 'kernel' && this.#roomFlushCanHelp()) {
           // This request fails (it may be what the flush waits for), but a room flush starts so
           // that the next ones find room (review11 R-5).
-          this.#roomFlush ??= this.#flushForRoom(err.path).finally(() => (this.#roomFlush = null));
-          this.#roomFlush.catch(() => undefined);
+          this.#startRoomFlush(err.path).catch(() => undefined);
         }
         throw this.#metadataFailed(err);
       }
@@ -1685,22 +1684,13 @@ export class CacheEngine {
    * waiter's, not only the request's that started the flush).
    */
   async #afterRoomFlush(): Promise<void> {
-    if (!this.#roomFlush) return;
     const until = Date.now() + this.#roomFlushWaitMs;
     while (this.#roomFlush) {
-      const left = until - Date.now();
-      let timer: NodeJS.Timeout | undefined;
-      const late = new Promise<'late'>((resolve) => (timer = setTimeout(() => resolve('late'), Math.max(0, left))));
-      this.#roomFlushWaiters++;
-      try {
-        const outcome = await Promise.race([this.#roomFlush.then(() => 'done' as const, () => 'done' as const), late]);
-        if (outcome === 'late') {
-          throw new CacheFullError(`waited ${this.#roomFlushWaitMs / 1000} s for the flush that makes room on the full flash filesystem; free space on it`);
-        }
-      } finally {
-        clearTimeout(timer);
-        this.#roomFlushWaiters--;
-      }
+      await this.#raceRoomFlush(
+        this.#roomFlush.catch(() => undefined),
+        until,
+        () => new CacheFullError(`waited ${this.#roomFlushWaitMs / 1000} s for the flush that makes room on the full flash filesystem; free space on it`),
+      );
     }
   }
 
@@ -1710,17 +1700,27 @@ export class CacheEngine {
    * disk is gone, the daemon detaches), or took too long.
    */
   async #waitRoomFlush(path: string | undefined): Promise<void> {
-    const flush = (this.#roomFlush ??= this.#flushForRoom(path).finally(() => (this.#roomFlush = null)));
-    let timer: NodeJS.Timeout | undefined;
-    const late = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        this.#spaceError = `the flash filesystem of ${path} is full and the flush that would free room has run ${this.#roomFlushWaitMs / 1000} s: requests that need room fail until it ends`;
-        reject(new CacheFullError(`waited ${this.#roomFlushWaitMs / 1000} s for the flush that makes room on the full flash filesystem of ${path}; free space on it`));
-      }, this.#roomFlushWaitMs);
+    await this.#raceRoomFlush(this.#startRoomFlush(path), Date.now() + this.#roomFlushWaitMs, () => {
+      this.#spaceError = `the flash filesystem of ${path} is full and the flush that would free room has run ${this.#roomFlushWaitMs / 1000} s: requests that need room fail until it ends`;
+      return new CacheFullError(`waited ${this.#roomFlushWaitMs / 1000} s for the flush that makes room on the full flash filesystem of ${path}; free space on it`);
     });
+  }
+
+  /** The `room` flush running now, or a new one (#flushForRoom) for `path`; #roomFlush until it settles. */
+  #startRoomFlush(path: string | undefined): Promise<void> {
+    return (this.#roomFlush ??= this.#flushForRoom(path).finally(() => (this.#roomFlush = null)));
+  }
+
+  /**
+   * Waits for `flush` (counted in roomWaiters) until Date.now() reaches `until`, then throws what
+   * `late` returns; rethrows the flush's own failure.
+   */
+  async #raceRoomFlush(flush: Promise<void>, until: number, late: () => Error): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(late()), Math.max(0, until - Date.now()))));
     this.#roomFlushWaiters++;
     try {
-      await Promise.race([flush, late]);
+      await Promise.race([flush, timeout]);
     } finally {
       clearTimeout(timer);
       this.#roomFlushWaiters--;

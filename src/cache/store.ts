@@ -439,7 +439,7 @@ export class CacheStore {
       await files?.bitmapFile.close().catch(() => undefined);
       // A cache this call began to create is removed again: a refused open leaves nothing behind.
       if (!metaExists) {
-        for (const p of [paths.cache, paths.bitmap, paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, reservePath(paths.metadata)]) {
+        for (const p of [paths.cache, paths.bitmap, ...metadataFiles(paths.metadata)]) {
           await storage.remove(p).catch(() => undefined);
         }
       }
@@ -517,7 +517,7 @@ export class CacheStore {
         // Unreadable metadata cannot say what is dirty: only --force may throw such a cache away.
         // A cache in use (CacheBusyError) is never removed.
         if (err instanceof CorruptMetadataError && options.force) {
-          for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, reservePath(paths.metadata), paths.bitmap, paths.cache]) {
+          for (const p of [...metadataFiles(paths.metadata), paths.bitmap, paths.cache]) {
             await storage.remove(p);
           }
           if (options.records && options.backingId !== undefined) releaseDisk(options.records, options.backingId, resolve(paths.metadata), undefined);
@@ -555,7 +555,7 @@ export class CacheStore {
         meta.close();
       }
     }
-    for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, reservePath(paths.metadata), ...(bitmap ? [bitmap] : []), paths.cache]) {
+    for (const p of [...metadataFiles(paths.metadata), ...(bitmap ? [bitmap] : []), paths.cache]) {
       await storage.remove(p);
     }
     if (options.records && options.backingId !== undefined) releaseDisk(options.records, options.backingId, resolve(paths.metadata), uuid);
@@ -1358,13 +1358,20 @@ export class CacheStore {
   }
 }
 
+/** The files of the metadata at `metadata`: the database, its SQLite WAL and shared memory, the flash reserve. */
+function metadataFiles(metadata: string): string[] {
+  return [metadata, `${metadata}-wal`, `${metadata}-shm`, reservePath(metadata)];
+}
+
 /**
  * After a discard: the disk's record stops naming the removed cache (by uuid, or by metadata path
  * when the metadata was unreadable or missing), so the next attach of another cache is not refused
  * for it. The generation stays: caches the disk was written past stay refused.
  */
-/** The refusal of a disk changed outside under a cache holding `bytes` of dirty data. */
-/** `journalMissing`: the metadata path, when its WAL is missing after a crash (the likelier cause then). */
+/**
+ * The refusal of a disk changed outside under a cache holding `bytes` of dirty data;
+ * `journalMissing`: the metadata path, when its WAL is missing after a crash (the likelier cause then).
+ */
 function diskChangedDirty(cache: string, disk: string, bytes: number, journalMissing?: string): DiskChangedError {
   if (journalMissing !== undefined) {
     return new DiskChangedError(

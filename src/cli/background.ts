@@ -19,17 +19,25 @@ const NOTIFY_FD_ENV = 'ULOBDEV_NOTIFY_FD';
 // detach, a --daemon start) about a fifth of its start-up time.
 const requireCjs = createRequire(import.meta.url);
 
-/**
- * The daemon's logger on stderr: one JSON object per line (a --daemon log file or a pipe); when
- * `journal` (stderr is systemd's journal), the message alone with its syslog priority prefix; when
- * `pretty` (a foreground run on a terminal), pino-pretty's human-readable lines.
- * Both write synchronously, so the last line before an exit is never lost.
- */
 /** The --log-level values, most severe first (pino's levels a user would pick). */
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug'] as const;
 
-export function makeLogger(level: string, options: { pretty?: boolean; journal?: boolean } = {}): Logger {
-  if (options.journal) {
+/** Where a daemon's log goes: a person's terminal (pretty lines), systemd's journal, or JSON lines. */
+export type LogTarget = 'terminal' | 'journal' | 'json';
+
+/** This run's LogTarget: a foreground run on a terminal, stderr that is the journal, or anything else. */
+export function logTarget(): LogTarget {
+  return logsToTerminal() ? 'terminal' : logsToJournal() ? 'journal' : 'json';
+}
+
+/**
+ * The daemon's logger on stderr, by `target` (logTarget()): one JSON object per line ('json': a
+ * --daemon log file or a pipe); the message alone with its syslog priority prefix ('journal');
+ * pino-pretty's human-readable lines ('terminal': a foreground run on a terminal).
+ * Both write synchronously, so the last line before an exit is never lost.
+ */
+export function makeLogger(level: string, target: LogTarget = 'json'): Logger {
+  if (target === 'journal') {
     // systemd's journal stamps time, pid and unit itself: the message alone, one line per event,
     // led by its syslog priority (sd-daemon(3) SD_ERR..SD_DEBUG prefixes, which journald reads on
     // stderr by default: SyslogLevelPrefix=yes). Fields stay out; an error's stack still follows.
@@ -44,7 +52,7 @@ export function makeLogger(level: string, options: { pretty?: boolean; journal?:
     });
     return pino({ level, base: { pid: process.pid } }, stream);
   }
-  if (options.pretty) {
+  if (target === 'terminal') {
     // One daemon, one device, which the user just typed: lines without the device and pid.
     const pretty = requireCjs('pino-pretty') as typeof PinoPretty;
     const stream = pretty({ destination: 2, sync: true, colorize: true, translateTime: 'SYS:HH:MM:ss', ignore: 'pid,hostname,device,name' });

@@ -19,7 +19,7 @@ import { assertCachePathsApart, CacheStore } from '../cache/store.js';
 import { Metadata } from '../cache/metadata.js';
 import { CacheBusyError, DaemonError, DeviceBusyError, errorToWire, InvalidArgumentError, IOFailedError, NotAttachedError, PermissionDeniedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
-import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logsToJournal, logsToTerminal, makeLogger, noteParent, notifyParent, oneLine, warn } from './background.js';
+import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logTarget, makeLogger, noteParent, notifyParent, oneLine, warn } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
 import { openBacking } from '../source/backing.js';
 import { controlRequest } from '../daemon/control.js';
@@ -279,8 +279,9 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
   if (flags.daemon) return daemonize(device, { name: flags.name, runDir: flags.runDir, args: childArgs(command, [device, backing], ['daemon']) });
   // Cache, metadata and sockets hold the disk's data: owner only.
   process.umask(0o077);
-  const onTerminal = logsToTerminal();
-  const logger = makeLogger(flags.logLevel, { pretty: onTerminal, journal: !onTerminal && logsToJournal() });
+  const target = logTarget();
+  const onTerminal = target === 'terminal';
+  const logger = makeLogger(flags.logLevel, target);
   let ioFlusherError: unknown;
   try {
     // Before any threadpool or child starts, so they inherit it (see native/process.cc).

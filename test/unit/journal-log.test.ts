@@ -26,8 +26,8 @@ function logTo(name: string, stream: 'same' | 'other' | 'none'): string[] {
   else if (stream === 'other') env['JOURNAL_STREAM'] = `${st.dev}:${st.ino + 1}`;
   else delete env['JOURNAL_STREAM'];
   const script = `
-    import { logsToJournal, makeLogger } from ${JSON.stringify(join(ROOT, 'dist/cli/background.js'))};
-    const log = makeLogger('info', { journal: logsToJournal() });
+    import { logTarget, makeLogger } from ${JSON.stringify(join(ROOT, 'dist/cli/background.js'))};
+    const log = makeLogger('info', logTarget());
     log.info({ device: '/dev/loop6', dirtyBytes: 0 }, 'detached: wrote 3 MiB back; nothing stays dirty');
     log.warn('the disk did not spin down');
     log.error({ code: 'ULOB_E_X' }, 'flush failed: the disk is gone');
