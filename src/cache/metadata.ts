@@ -351,7 +351,9 @@ export class Metadata implements HistoryLog {
       if (!walFound && journalMark(db)) {
         throw new CorruptMetadataError(
           `${path} was left open by a daemon that stopped without closing it, and its journal ${path}-wal is missing: it holds the last writes (dirty data); ` +
-            `copy ${path}-wal from where the cache was (every file of the cache: CACHE*) and attach again; if it is lost for good, 'ulobdev discard --force' drops the cache and what only it held; nothing was changed`,
+            `copy ${path}-wal from where the cache was (every file of the cache: CACHE*) and attach again; ` +
+            `only if another SQLite program (the sqlite3 shell) opened this file since the crash did it move the journal in: then 'touch ${path}-wal' and attach again; ` +
+            `if it is lost for good, 'ulobdev discard --force' drops the cache and what only it held; nothing was changed`,
         );
       }
       return new Metadata(path, db, walFound);

@@ -132,6 +132,32 @@ describe('a cache copied after a crash (newuser11 finding 1)', () => {
     expect(dirtyBlocks(store)).toEqual(DIRTY);
   });
 
+  it('opened by another SQLite program after the crash (its close moves the WAL in and removes it): refused with the touch hint, which then opens it with every dirty block', async () => {
+    const { gone } = await dirtyCache();
+    copy(['c', 'c.bitmap', 'c.meta', 'c.meta-wal']);
+    await gone();
+    // What `sqlite3 c.meta .tables` does: read, then, as the last connection, checkpoint and delete the WAL.
+    const shell = new Database(newSsd.metadata);
+    shell.prepare('SELECT count(*) FROM dirty').get();
+    shell.close();
+    expect(existsSync(`${newSsd.metadata}-wal`)).toBe(false);
+    const err = await open(newSsd).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(CorruptMetadataError);
+    const msg = (err as Error).message;
+    expect(msg).not.toMatch(/[\r\n]/);
+    expect(msg).toContain(`'touch ${newSsd.metadata}-wal'`);
+    // The hint, followed: the main file already holds every transaction.
+    writeFileSync(`${newSsd.metadata}-wal`, '');
+    const { store, source } = await open(newSsd);
+    cleanups.push(() => source.close());
+    cleanups.push(() => store.close());
+    expect(store.recoveredFromCrash).toBe(true);
+    expect(dirtyBlocks(store)).toEqual(DIRTY);
+  });
+
   it('after a clean close the three files are the whole cache: accepted, every dirty block dirty, and the copy closes cleanly again', async () => {
     const { engine, source } = await dirtyCache();
     await engine.close();
