@@ -482,6 +482,9 @@ export function formatStatus(s: DeviceStatus): string {
       `  last flush ${when(w.lastFlushAt)}${w.lastFlushBytes !== null ? ` (${formatBytes(w.lastFlushBytes)})` : ''}${w.lastEmptyFlushAt ? `, a later one ${when(w.lastEmptyFlushAt)} found nothing dirty` : ''}, next ${w.nextFlushAt === null ? '-' : when(w.nextFlushAt)}`,
       `  disk ${w.powerState}${w.powerControl ? ` (via ${w.powerControl}${w.powerQueryWakes ? '; not polled: it spins up to answer CHECK POWER MODE' : ''})` : ''}, spin-ups today ${w.spinUpsToday}, by a miss since attach ${w.missSpinUps}`,
     );
+    if (w.powerControlOff && (s.policy?.spindown || s.policy?.standbyTimeoutSeconds != null)) {
+      lines.push(`  disk power control OFF: ${w.powerControlOff}; --spindown and --standby-timeout do nothing here`);
+    }
     if (w.flushing && w.progress) lines.push(`  flushing (${w.reason}): ${formatBytes(w.progress.doneBytes)} of ${formatBytes(w.progress.totalBytes)}`);
     if (w.lastError) lines.push(`  last flush FAILED (${w.failures}x): ${w.lastError}; retry ${when(w.retryAt)}`);
   }

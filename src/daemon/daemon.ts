@@ -157,7 +157,7 @@ export interface DeviceStatus {
   roomFlushes: number;
   failedRequests: number;
   /** Write-back state: schedule, last/next flush, errors, power. Absent in read-only mode. */
-  writeback?: SchedulerStatus & { schedule: string | null; powerControl: string | null };
+  writeback?: SchedulerStatus & { schedule: string | null; powerControl: string | null; powerControlOff: string | null };
   /** Every policy setting in force (null: not set), so status shows what the daemon was told. */
   policy: PolicyStatus;
   hydration?: HydrationProgress;
@@ -375,6 +375,10 @@ export class Daemon {
       if (policy.powerDevice) {
         power = await DiskPower.open(policy.powerDevice, logger);
         undo.push(() => power!.close());
+        // Asked for and impossible (newuser12 F1): said where the user looks, not only in the log.
+        if (!power.supported && (policy.spindown || policy.standbyTimeoutSeconds !== undefined)) {
+          options.onNotice?.(`disk power control is off for ${policy.powerDevice}: ${power.offReason}; --spindown and --standby-timeout do nothing here`);
+        }
         if (power.supported && policy.standbyTimeoutSeconds !== undefined) {
           await power.setStandbyTimer(policy.standbyTimeoutSeconds).then(
             () => logger.info(`standby timer of ${power!.path} set to ${standbyTimerSeconds(standbyTimerCount(policy.standbyTimeoutSeconds!))} s`),
@@ -589,6 +593,7 @@ export class Daemon {
         ...w,
         schedule: this.#policy.flushCron ?? null,
         powerControl: this.#power?.transport ?? null,
+        powerControlOff: this.#power?.offReason ?? null,
       },
     };
   }

@@ -129,20 +129,23 @@ export class DiskPower implements PowerControl {
   readonly path: string;
   readonly supported: boolean;
   readonly transport: Transport | null;
+  /** Why power commands cannot reach the disk (one clause, for status and the attach's notice); null when they can. */
+  readonly offReason: string | null;
   readonly #fd: fsp.FileHandle | null;
 
-  private constructor(path: string, fd: fsp.FileHandle | null, transport: Transport | null) {
+  private constructor(path: string, fd: fsp.FileHandle | null, transport: Transport | null, offReason: string | null = null) {
     this.path = path;
     this.#fd = fd;
     this.transport = transport;
     this.supported = transport !== null;
+    this.offReason = transport === null ? offReason : null;
   }
 
   /** Probes the disk behind `path` (its whole disk if a partition). Never throws: unsupported instead. */
   static async open(path: string, logger: Logger): Promise<DiskPower> {
     const off = (why: string) => {
       logger.warn(`disk power control is off for ${path}: ${why}; --spindown, --standby-timeout and spin-up counts do nothing`);
-      return new DiskPower(path, null, null);
+      return new DiskPower(path, null, null, why);
     };
     const st = await fsp.stat(path).catch(() => null);
     if (!st?.isBlockDevice()) return off('it is not a block device');

@@ -170,3 +170,24 @@ describe('an HTTP image', () => {
     expect(text).not.toMatch(/\bdisk\b/);
   });
 });
+
+describe('disk power control on a disk that takes no power commands (newuser12 F1)', () => {
+  it('--spindown and --standby-timeout asked for: one notice at the attach, and status says it is off', async () => {
+    const notices: string[] = [];
+    // An image file takes no ATA commands: DiskPower.open says why (not a block device).
+    const d = await start({ writebackPolicy: { spindown: true, standbyTimeoutSeconds: 600, powerDevice: disk }, onNotice: (l) => notices.push(l) });
+    const off = notices.filter((l) => l.startsWith('disk power control is off'));
+    expect(off).toEqual([`disk power control is off for ${disk}: it is not a block device; --spindown and --standby-timeout do nothing here`]);
+    const st = d.status();
+    expect(st.writeback?.powerControl).toBeNull();
+    expect(st.writeback?.powerControlOff).toBe('it is not a block device');
+    expect(formatStatus(st)).toMatch(/^ {2}disk power control OFF: it is not a block device; --spindown and --standby-timeout do nothing here$/m);
+  });
+
+  it('not asked for: no notice and no OFF line (a file disk is the demo, not a mistake)', async () => {
+    const notices: string[] = [];
+    const d = await start({ writebackPolicy: { powerDevice: disk }, onNotice: (l) => notices.push(l) });
+    expect(notices.filter((l) => l.includes('power control'))).toEqual([]);
+    expect(formatStatus(d.status())).not.toMatch(/power control OFF/);
+  });
+});
