@@ -562,7 +562,7 @@ async function flush(device: string, flags: { runDir?: string; json?: boolean; w
  */
 async function hydrate(device: string, flags: { runDir?: string; wait?: boolean; rate?: string; json?: boolean }): Promise<void> {
   const { socket } = await resolveDaemon(device, flags.runDir ?? RUN_DIR);
-  const rate = flags.rate === undefined ? 0 : parseRate(flags.rate);
+  const rate = flags.rate === undefined ? 0 : parseRate(flags.rate, '--rate');
   let { hydration: h } = (await controlRequest(socket, { cmd: 'hydrate', rate })) as { hydration: HydrationProgress };
   if (flags.wait && !h.done) {
     const bar = flags.json ? null : progressBar('hydrating', async () => ({ done: h.presentBytes, total: h.size }), 500);
@@ -768,8 +768,8 @@ export function buildProgram(): Command {
     .option('--spindown', 'put the disk in standby (STANDBY IMMEDIATE) after each flush; after a flush made while a cache miss had woken it, once no miss has reached it for 10 minutes')
     .option('--standby-timeout <DURATION>', "set the disk's own standby timer like hdparm -S (10m, off)")
     .option('--on-ac <POLICY>', "on mains power: 'flush' as soon as the device is quiet, or keep the 'schedule'")
-    .option('--hydrate', 'copy the whole disk into the cache in the background')
-    .addOption(new Option('--hydrate-rate <RATE>', 'at most RATE per second, e.g. 50M (implies --hydrate; default: as fast as the disk goes)').implies({ hydrate: true }))
+    .option('--hydrate', 'copy the whole disk into the cache in the background (refused with a --cache-size smaller than the disk)')
+    .addOption(new Option('--hydrate-rate <RATE>', 'at most RATE per second, e.g. 50M, 0 for no limit (implies --hydrate; default: as fast as the disk goes)').implies({ hydrate: true }))
     .option('--allow-remote', 'let an nbd://HOST:PORT DEVICE listen on an address other machines reach (no authentication, no encryption)')
     .option('--no-flush-on-detach', 'do not flush before detach and shutdown (default: flush when a schedule or limit is set)')
     .option('--stop-timeout <DURATION>', 'on SIGTERM (systemd stop, shutdown): wait for an unmount, flush and exit within this time', '2m')
@@ -809,7 +809,7 @@ export function buildProgram(): Command {
     .description('copy the whole disk of DEVICE into the cache in the background, so that no read wakes it')
     .argument('<DEVICE|NAME>', 'the device or the --name given at attach')
     .option('--wait', 'wait until the whole disk is cached (progress bar on a terminal)')
-    .option('--rate <RATE>', 'at most RATE per second, e.g. 50M (default: as fast as user I/O allows)')
+    .option('--rate <RATE>', 'at most RATE per second, e.g. 50M; 0 or none: as fast as user I/O allows')
     .option('--json', 'machine-readable output')
     .addOption(hidden('--run-dir <DIR>'))
     .action((device: string, flags: { runDir?: string; wait?: boolean; rate?: string; json?: boolean }) => hydrate(device, flags));

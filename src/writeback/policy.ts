@@ -251,14 +251,18 @@ export function parseDuration(text: string, option: string): number {
   return Math.round(ms);
 }
 
-/** Bytes per second for --hydrate-rate RATE: 50M means 50 MiB/s. */
-export function parseRate(text: string): number {
+/**
+ * Bytes per second for a hydration rate (`--hydrate-rate RATE` at attach, `hydrate --rate RATE`):
+ * 50M means 50 MiB/s; 0 means no limit (as fast as user I/O allows, what the control socket's
+ * rate 0 means). `option` names the option in the error. Throws InvalidArgumentError.
+ */
+export function parseRate(text: string, option = '--hydrate-rate'): number {
   let bytes: number;
   try {
     bytes = parseSize(text.replace(/\/s$/i, ''));
   } catch {
-    throw new InvalidArgumentError(`--hydrate-rate ${JSON.stringify(text)} is not a rate (try 50M for 50 MiB/s)`);
+    throw new InvalidArgumentError(`${option} ${JSON.stringify(text)} is not a rate (try 50M for 50 MiB/s, or 0 for no limit)`);
   }
-  if (bytes < 4096) throw new InvalidArgumentError('--hydrate-rate must be at least 4K per second');
+  if (bytes !== 0 && bytes < 4096) throw new InvalidArgumentError(`${option} must be at least 4K per second (or 0 for no limit)`);
   return bytes;
 }

@@ -138,7 +138,10 @@ describe('write-back options', () => {
     expect(parseRate('50M')).toBe(50 << 20);
     expect(parseRate('50M/s')).toBe(50 << 20);
     expect(() => parseRate('1')).toThrow(/at least/);
-    expect(() => parseRate('/dev/loop3')).toThrow(/^--hydrate-rate "\/dev\/loop3" is not a rate \(try 50M for 50 MiB\/s\)$/);
+    expect(() => parseRate('/dev/loop3')).toThrow(/^--hydrate-rate "\/dev\/loop3" is not a rate \(try 50M for 50 MiB\/s, or 0 for no limit\)$/);
+    // 0 is no limit, as the control socket's rate 0 (newuser12 F3); the message names the option used.
+    expect(parseRate('0')).toBe(0);
+    expect(() => parseRate('1', '--rate')).toThrow(/^--rate must be at least 4K per second \(or 0 for no limit\)$/);
   });
 });
 
