@@ -12,7 +12,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, promises as fsp, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createDevice } from '../dist/index.js';
+import { createDevice } from 'ulobdev'; // the package's own name (package.json "exports"); see docs/library.md
 
 const BLOCK = 4096;
 const SIZE = 1 << 30;

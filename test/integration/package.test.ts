@@ -108,6 +108,7 @@ describe.each(['trixie', 'bookworm'] as const)('the .deb with dpkg on %s', (suit
       expect(k.DKMS_SOURCE, out).toBe('ok');
       expect(k.UNIT, out).toBe('ok');
       expect(k.UDEV, out).toBe('ok');
+      expect(k.LIB, out).toBe('ok');
       expect(k.DAEMON, out).toMatch(/^ok /);
       expect(k.NODE, out).toMatch(/^v(2[1-9]|20\.(19|[2-9]\d))\./);
     }
