@@ -21,6 +21,8 @@ export class Bitmap {
   readonly buffer: Buffer;
   /** Set bits in [0, bits), kept up to date by every method that changes a bit; null: unknown. */
   #ones: number | null = null;
+  /** Bumped by changed(): counts others keep over this bitmap (CacheStore's zeroed blocks) are stale then. */
+  #generation = 0;
 
   /** `buffer` may be larger than needed (the file is padded to 4 KiB); bits past `bits` are ignored. */
   constructor(bits: number, buffer?: Buffer) {
@@ -64,6 +66,15 @@ export class Bitmap {
   /** The buffer was written directly: the next count() counts again. */
   changed(): void {
     this.#ones = null;
+    this.#generation++;
+  }
+
+  /**
+   * How many times changed() was called: a count kept outside over this bitmap's bits (updated
+   * where the bits change through the methods above) is stale once this moves.
+   */
+  get generation(): number {
+    return this.#generation;
   }
 
   nextSet(from: number, to = this.bits): number {

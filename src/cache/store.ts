@@ -190,6 +190,14 @@ export class CacheStore {
   #dataSyncFailed = false;
   #closed = false;
   #presentCount: number;
+  /**
+   * Zeroed blocks (dirty and not present), kept where the bits change (markPresent, #setDirty,
+   * zero, clearFlushed) so that zeroBlocks(), which status and the write-back scheduler's tick
+   * call, does not walk every dirty run; null: count again on the next zeroBlocks().
+   */
+  #zeroCount: number | null = null;
+  /** The bitmaps' generations #zeroCount was counted at (a direct write of a buffer makes it stale). */
+  #zeroAt = { dirty: -1, present: -1 };
   #reserved = 0;
   #punching = 0;
   /**
@@ -667,6 +675,7 @@ export class CacheStore {
     for (const r of this.present.runs()) this.#touchBitmap(r);
     this.present.clearRange(0, this.present.bits);
     this.#presentCount = 0;
+    this.#zeroCount = null;
     await this.persistBitmap(true);
     this.#meta.addEvent(Date.now(), 'disk-changed', `the disk was written without ulobdev; ${formatBytes(held * this.geometry.blockSize)} of clean blocks dropped`);
     this.#diskChanged = true;
@@ -807,6 +816,7 @@ export class CacheStore {
    */
   markPresent(extents: Iterable<Extent>): void {
     for (const e of extents) {
+      this.#lessZero(e);
       const before = this.present.count(e.start, e.start + e.count);
       this.present.setRange(e.start, e.start + e.count);
       this.#presentCount += e.count - before;
@@ -829,6 +839,7 @@ export class CacheStore {
   /** The in-memory side of markDirty: dirty implies present. */
   #setDirty(extents: readonly Extent[]): void {
     for (const e of extents) {
+      this.#lessZero(e);
       this.dirty.setRange(e.start, e.start + e.count);
       const before = this.present.count(e.start, e.start + e.count);
       if (before < e.count) {
@@ -905,6 +916,8 @@ export class CacheStore {
     this.#guard(() => this.#meta.addDirty(extents, true));
     let held = 0;
     for (const e of extents) {
+      // Every block of e is zeroed after this: the count gains those that were not.
+      if (this.#zeroCount !== null) this.#zeroCount += e.count - this.#zeroIn(e.start, e.start + e.count);
       held += this.present.count(e.start, e.start + e.count);
       this.dirty.setRange(e.start, e.start + e.count);
       this.present.clearRange(e.start, e.start + e.count);
@@ -943,7 +956,10 @@ export class CacheStore {
     this.#guard(() =>
       this.#meta.replaceDirty(this.#dataRuns(remaining), this.#meta.info.flushEpoch + 1, this.#zeroRuns(remaining), pending, this.#pendingGeneration),
     );
-    for (const e of extents) this.dirty.clearRange(e.start, e.start + e.count);
+    for (const e of extents) {
+      this.#lessZero(e);
+      this.dirty.clearRange(e.start, e.start + e.count);
+    }
   }
 
   /**
@@ -1049,11 +1065,33 @@ export class CacheStore {
     this.#spaceChanged();
   }
 
-  /** Zeroed blocks: dirty and not present. */
+  /**
+   * Zeroed blocks: dirty and not present. Kept as the bits change, so a call costs nothing however
+   * many dirty runs there are; counted over every dirty run only on the first call and after a
+   * bitmap's buffer was written directly (Bitmap.changed()).
+   */
   zeroBlocks(): number {
+    if (this.#zeroCount === null || this.#zeroAt.dirty !== this.dirty.generation || this.#zeroAt.present !== this.present.generation) {
+      this.#zeroCount = this.#zeroIn(0, this.dirty.bits);
+      this.#zeroAt = { dirty: this.dirty.generation, present: this.present.generation };
+    }
+    return this.#zeroCount;
+  }
+
+  /** Zeroed blocks in [start, end): dirty runs there less their present blocks. */
+  #zeroIn(start: number, end: number): number {
     let n = 0;
-    for (const e of this.dirty.runs()) n += e.count - this.present.count(e.start, e.start + e.count);
+    for (const e of this.dirty.runs(start, end)) n += e.count - this.present.count(e.start, e.start + e.count);
     return n;
+  }
+
+  /**
+   * Before e's blocks turn present or clean (markPresent, #setDirty, clearFlushed): none of them
+   * is zeroed after, so the count loses those that were. Nothing to do while the count is 0 (the
+   * usual case: no TRIM since open) or not kept.
+   */
+  #lessZero(e: Extent): void {
+    if (this.#zeroCount) this.#zeroCount -= this.#zeroIn(e.start, e.start + e.count);
   }
 
   /** What the filesystem charges for the cache file now (st_blocks x 512). */
