@@ -110,6 +110,47 @@ describe('HttpSource prefetch', () => {
     }
   });
 
+  it.each([
+    ['retried', 6],
+    ['not retried (the readers of the missing half then ask by demand)', 0],
+  ])("a prefetch GET cut off halfway, %s: readers of either half get exactly the image's bytes", async (_how, retries) => {
+    const data = randomBytes(8 * MiB);
+    let piece: { start: number; end: number } | undefined;
+    let cut = 0;
+    let etag = '';
+    const s = await server(data, {
+      // The first prefetch GET: headers and half its body, then the connection is closed.
+      intercept: async (req, res) => {
+        const m = /bytes=(\d+)-(\d+)/.exec(String(req.headers.range));
+        if (!m || cut > 0 || Number(m[2]) + 1 - Number(m[1]) <= 128 * KiB) return false;
+        cut++;
+        const start = Number(m[1]);
+        const end = Number(m[2]) + 1;
+        piece = { start, end };
+        res.writeHead(206, { 'Content-Range': `bytes ${start}-${end - 1}/${data.length}`, 'Content-Length': end - start, ETag: etag });
+        res.write(data.subarray(start, start + Math.floor((end - start) / 2)));
+        await new Promise((r) => setTimeout(r, 200));
+        res.socket?.destroy();
+        return true;
+      },
+    });
+    const src = await open(s.url, { retries });
+    etag = src.validators.etag ?? '';
+    const read = async (pos: number, len: number) => {
+      const buf = Buffer.alloc(len);
+      await src.readAt(buf, pos);
+      return buf;
+    };
+    for (let pos = 0; pos < 3 * 128 * KiB; pos += 128 * KiB) await read(pos, 128 * KiB);
+    for (let i = 0; i < 50 && !piece; i++) await new Promise((r) => setTimeout(r, 10));
+    expect(piece, 'a prefetch GET was sent').toBeDefined();
+    const { start, end } = piece!;
+    const [first, last] = await Promise.all([read(start, 64 * KiB), read(end - 64 * KiB, 64 * KiB)]);
+    expect(first.equals(data.subarray(start, start + 64 * KiB))).toBe(true);
+    expect(last.equals(data.subarray(end - 64 * KiB, end))).toBe(true);
+    expect(Number(src.stats().retries)).toBe(retries > 0 ? 1 : 0);
+  });
+
   it('a random reader fetches about what it reads: no readahead for scattered 4 KiB reads', async () => {
     const data = randomBytes(64 * MiB);
     const s = await server(data);
