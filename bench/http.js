@@ -132,7 +132,7 @@ async function startNginx(www) {
   writeFileSync(conf, `daemon off; user root root; worker_processes 1; pid ${dir}/nginx.pid; error_log ${dir}/error.log warn;
 events { worker_connections 1024; }
 http { access_log off; keepalive_requests 1000000; sendfile on; tcp_nopush on;
-  log_format bytes '$body_bytes_sent $http_range';
+  log_format bytes '$body_bytes_sent $connection $http_range';
   client_body_temp_path ${dir}/b; proxy_temp_path ${dir}/p; fastcgi_temp_path ${dir}/f; uwsgi_temp_path ${dir}/u; scgi_temp_path ${dir}/s;
   server { listen 127.0.0.1:${port}; root ${www}; autoindex on; access_log ${dir}/access.log bytes; location / { } } }
 `);
@@ -144,8 +144,12 @@ http { access_log off; keepalive_requests 1000000; sendfile on; tcp_nopush on;
   return {
     port,
     bytesSent: () => lines().reduce((n, l) => n + (parseInt(l, 10) || 0), 0),
-    /** Requests logged so far: [bytes sent, Range header]. */
-    requests: () => lines().map((l) => [parseInt(l, 10) || 0, l.slice(l.indexOf(' ') + 1)]),
+    /** Requests logged so far: [bytes sent, Range header, nginx's connection serial number]. */
+    requests: () =>
+      lines().map((l) => {
+        const [bytes, conn, ...range] = l.split(' ');
+        return [parseInt(bytes, 10) || 0, range.join(' '), Number(conn)];
+      }),
   };
 }
 
@@ -318,9 +322,14 @@ async function main() {
         sh('mount', ['-t', 'ext4', '-o', 'ro,noload', c.loop, mnt]);
         try {
           let b0 = nginx.bytesSent();
+          const q0 = nginx.requests().length;
           const seq = await seqRead(join(mnt, 'big.bin'));
           await sleep(300);
           let b1 = nginx.bytesSent();
+          // Connection reuse: the GETs of the sequential read and the connections they came on.
+          const seqGets = nginx.requests().slice(q0);
+          row.seqRequests = seqGets.length;
+          row.seqConnections = new Set(seqGets.map(([, , conn]) => conn)).size;
           Object.assign(row, { seqMBps: +(seq.bytes / seq.seconds / 1e6).toFixed(1), seqFetchedPerRead: +((b1 - b0) / seq.bytes).toFixed(2), seqComplete: seq.complete });
           b0 = b1;
           const r0 = nginx.requests().length;
@@ -329,7 +338,9 @@ async function main() {
           await sleep(300);
           b1 = nginx.bytesSent();
           // Where the small-file scan's bytes went: the GETs by size, and the tool's own counters.
-          const sizes = nginx.requests().slice(r0).map(([n]) => n);
+          const smallGets = nginx.requests().slice(r0);
+          const sizes = smallGets.map(([n]) => n);
+          row.smallConnections = new Set(smallGets.map(([, , conn]) => conn)).size;
           const bySize = {};
           for (const n of sizes) {
             const k = n <= 4096 ? '<=4K' : n <= 65536 ? '<=64K' : n <= MiB ? '<=1M' : '>1M';

@@ -30,6 +30,10 @@ interface Piece {
   /** Resolves true when fetched, false when the fetch failed (the reader then asks itself). */
   ready: Promise<boolean>;
   done: boolean;
+  /** Bytes of data from its start that have arrived (the body streams in; readers need not wait for all of it). */
+  received: number;
+  /** Readers waiting for data[0, upTo) to arrive: resolved true then, false if the fetch fails first. */
+  waiters: Array<{ upTo: number; resolve: (ok: boolean) => void }>;
   used: number;
   task: Task | undefined;
 }
@@ -111,6 +115,9 @@ export class PrefetchBuffer {
   async #serve(buf: Uint8Array, start: number, end: number): Promise<void> {
     const parts: Promise<void>[] = [];
     const miss = (from: number, to: number) => parts.push(this.#demand(from, to).then((data) => buf.set(data, from - start)));
+    // The pieces are served after the walk: serving one whose bytes have all arrived may drop it
+    // from the list at once, which would shift the walk's index.
+    const hits: Array<[Piece, number, number]> = [];
     let pos = start;
     for (let i = this.#firstEndingAfter(start); pos < end; i++) {
       const piece = this.#pieces[i];
@@ -120,15 +127,19 @@ export class PrefetchBuffer {
       }
       if (piece.start > pos) miss(pos, piece.start);
       const stop = Math.min(end, piece.end);
-      parts.push(this.#fromPiece(piece, buf, start, Math.max(pos, piece.start), stop));
+      hits.push([piece, Math.max(pos, piece.start), stop]);
       pos = stop;
     }
+    for (const [piece, from, to] of hits) parts.push(this.#fromPiece(piece, buf, start, from, to));
     await Promise.all(parts);
   }
 
   async #fromPiece(piece: Piece, buf: Uint8Array, bufStart: number, from: number, to: number): Promise<void> {
     if (piece.task) this.#transport.promote(piece.task);
-    if (!(await piece.ready)) {
+    // Served as soon as its own bytes have arrived, not when the whole piece has: a sequential
+    // reader follows the body of a 1 MiB GET instead of waiting for its end.
+    const arrived = piece.received >= to - piece.start || (await this.#arrival(piece, to - piece.start));
+    if (!arrived) {
       // The prefetch failed (it logs nothing: the demand read retries and reports).
       buf.set(await this.#demand(from, to), from - bufStart);
       return;
@@ -140,6 +151,26 @@ export class PrefetchBuffer {
     this.stats.readaheadHitBytes += to - from;
     this.#readahead?.used(to - from);
     if (piece.used >= piece.end - piece.start) this.#dropPiece(piece, false);
+  }
+
+  /** Resolves true once piece.data[0, upTo) has arrived, false if the fetch fails before. */
+  #arrival(piece: Piece, upTo: number): Promise<boolean> {
+    if (piece.done) return Promise.resolve(true);
+    // A piece still listed has not failed (failure drops it and wakes its waiters in one step), so
+    // every waiter is woken by progress, by the end of the fetch, or by its failure.
+    return new Promise((resolve) => piece.waiters.push({ upTo, resolve }));
+  }
+
+  #progress(piece: Piece, bytes: number): void {
+    if (bytes <= piece.received) return;
+    piece.received = bytes;
+    if (piece.waiters.length === 0) return;
+    const still: Piece['waiters'] = [];
+    for (const w of piece.waiters) {
+      if (w.upTo <= bytes) w.resolve(true);
+      else still.push(w);
+    }
+    piece.waiters = still;
   }
 
   /** Queues a demand fetch of [start, end); misses queued in the same turn that touch are merged. */
@@ -215,21 +246,33 @@ export class PrefetchBuffer {
 
   #startPiece(start: number, end: number): void {
     const data = Buffer.allocUnsafe(end - start);
-    const piece: Piece = { start, end, data, ready: Promise.resolve(false), done: false, used: 0, task: undefined };
+    const piece: Piece = { start, end, data, ready: Promise.resolve(false), done: false, received: 0, waiters: [], used: 0, task: undefined };
     this.stats.prefetchRequests++;
-    piece.ready = this.#transport.fetch(data, start, false, (task) => (piece.task = task)).then(
-      () => {
-        piece.done = true;
-        piece.task = undefined;
-        return true;
-      },
-      () => {
-        piece.task = undefined;
-        this.#asked.delete(start, end);
-        this.#dropPiece(piece, false);
-        return false;
-      },
-    );
+    piece.ready = this.#transport
+      .fetch(
+        data,
+        start,
+        false,
+        (task) => (piece.task = task),
+        (bytes) => this.#progress(piece, bytes),
+      )
+      .then(
+        () => {
+          piece.done = true;
+          piece.task = undefined;
+          this.#progress(piece, end - start);
+          return true;
+        },
+        () => {
+          piece.task = undefined;
+          // Readers of bytes that had arrived were served; the others ask by demand.
+          for (const w of piece.waiters) w.resolve(false);
+          piece.waiters = [];
+          this.#asked.delete(start, end);
+          this.#dropPiece(piece, false);
+          return false;
+        },
+      );
     this.#asked.add(start, end);
     this.#pieces.splice(this.#firstEndingAfter(start), 0, piece);
     this.#age.add(piece);

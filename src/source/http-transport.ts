@@ -136,10 +136,12 @@ export class HttpTransport {
   /**
    * Fetches exactly [position, position + data.length) of the image into data, with retries,
    * in a connection slot: urgent (demand) fetches go first. `onTask` receives the queued task, so
-   * a prefetch can be promoted once someone waits for it.
+   * a prefetch can be promoted once someone waits for it. `onProgress(bytes)` hears, as the body
+   * arrives, that data[0, bytes) holds the image's bytes (validated answer of this image's
+   * version; a retry rewrites the same bytes, so a caller keeps the highest count it heard).
    */
-  fetch(data: Buffer, position: number, urgent: boolean, onTask?: (task: Task) => void): Promise<void> {
-    return this.#schedule(urgent, () => this.#withRetries(`read of ${data.length} bytes at ${position}`, () => this.#get(data, position)), onTask);
+  fetch(data: Buffer, position: number, urgent: boolean, onTask?: (task: Task) => void, onProgress?: (bytes: number) => void): Promise<void> {
+    return this.#schedule(urgent, () => this.#withRetries(`read of ${data.length} bytes at ${position}`, () => this.#get(data, position, onProgress)), onTask);
   }
 
   /** A queued prefetch that a reader now waits for goes ahead of the other prefetches. */
@@ -283,7 +285,7 @@ export class HttpTransport {
     this.validators = { ...(etag ? { etag } : {}), ...(lastModified ? { lastModified } : {}) };
   }
 
-  async #get(data: Buffer, position: number): Promise<void> {
+  async #get(data: Buffer, position: number, onProgress?: (bytes: number) => void): Promise<void> {
     const end = position + data.length;
     const headers: Record<string, string> = { range: rangeHeader(position, end) };
     const { etag, lastModified } = this.validators;
@@ -327,6 +329,7 @@ export class HttpTransport {
         if (off + piece.length > data.length) throw new HttpError(`${where}: the server sent more bytes than asked for`, { retryable: true });
         piece.copy(data, off);
         off += piece.length;
+        onProgress?.(off);
       }
     } catch (err) {
       discardBody(res.body);
