@@ -125,10 +125,18 @@ export class UnitFiller {
     const store = engine.store;
     if (process.env.ULOBDEV_PAUSE_FILE) await pausePoint('uloop:unit-claim');
     if (this.#closed || this.#port.gone() || store.failed) return;
-    // Candidates: missing in the store, not zeroed, not asked. The kernel narrows them (CLAIM).
+    // Candidates: missing in the store, not zeroed, not asked; reserved for now. The kernel
+    // narrows them (CLAIM); none is added later (a block evicted meanwhile is not reserved).
     const want = (b: number) => (b < askFirst || b >= askEnd) && !store.present.get(b) && !store.dirty.get(b);
+    const bytes = Math.ceil(count / 8);
+    const candidates = new Bitmap(count, Buffer.alloc(bytes));
     let reserved = 0;
-    for (let b = start; b < start + count; b++) if (want(b)) reserved++;
+    for (let b = start; b < start + count; b++) {
+      if (want(b)) {
+        candidates.set(b - start);
+        reserved++;
+      }
+    }
     if (reserved === 0) return;
     if (!store.reserve(reserved)) {
       // Room by eviction only (clean units the clock picks); a budget full of dirty data gets no
@@ -141,24 +149,22 @@ export class UnitFiller {
     }
     let id = 0;
     let filled = false;
-    const bytes = Math.ceil(count / 8);
     try {
       const claimed = new Bitmap(count, Buffer.alloc(bytes));
       id = this.#port.claim(start, count, claimed.buffer);
       if (id === 0) return;
-      // What the kernel let us have and the store holds missing (looked at again: a commit or a
-      // ZERO may have changed the store since the reservation).
+      // What the kernel let us have among the candidates, still missing in the store (looked at
+      // again: a commit may have changed it while eviction made room).
       const take = new Bitmap(count, Buffer.alloc(bytes));
       let n = 0;
       for (const r of claimed.runs()) {
         for (let i = r.start; i < r.start + r.count; i++) {
-          if (want(start + i)) {
+          if (candidates.get(i) && want(start + i)) {
             take.set(i);
             n++;
           }
         }
       }
-      if (n > reserved) n = reserved; // cannot happen: take ⊆ the candidates counted above
       store.release(reserved - n);
       reserved = n;
       if (n === 0) return;
