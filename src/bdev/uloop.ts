@@ -88,9 +88,9 @@ export interface UloopStatus {
   /** When the last user request was served, as far as the kernel's counters tell (ms since epoch). */
   lastRequestAt: number;
   /**
-   * Fills around answered MISSes (src/bdev/unit-fill.ts): the rest of the eviction unit (disk
-   * idle) or fill granule (disk busy) made present in the same spin. Zeros with a module without
-   * CLAIM, and without a budget on a disk that takes no larger fetches.
+   * Fills around answered MISSes (src/bdev/unit-fill.ts): the rest of the eviction unit made
+   * present in the same spin, for a miss that found the disk idle or continued a recent one.
+   * Zeros without a budget and with a module without CLAIM.
    */
   unitFills: UnitFillStats['unitFills'];
   unitFillBlocks: UnitFillStats['unitFillBlocks'];

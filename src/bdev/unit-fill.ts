@@ -1,8 +1,13 @@
-// The unit fill of a kernel frontend (issue 12, power): after a MISS is answered, the rest of the
-// span the engine's own reads would fill (engine.missSpan: the whole eviction unit when the disk
-// was idle, an aligned fill granule while misses keep it busy) is fetched from the disk in the
-// same spin and made present in the kernel, so the disk wakes less often. The asked request never
-// waits for it: it starts after the reply.
+// The unit fill of a kernel frontend (issue 12, power): after a MISS is answered, the rest of its
+// eviction unit(s) is fetched from the disk in the same spin and made present in the kernel, so
+// the disk wakes less often. The asked request never waits for it: it starts after the reply.
+// Which misses get it: one that finds the disk idle (no miss for 5 s, engine.noteMiss: it may have
+// spun up for this one), and one that continues a recent miss (it starts where one of the last 16
+// misses or fills ended: a sequential reader, which then misses once per unit, not per block).
+// Other misses while the disk is busy fill only what they asked: scattered hot blocks with a
+// granule or a unit each filled the budget with cold neighbours (bench/budget.js on the engine's
+// path: hit ratio 0.55 with whole units), and the kernel serves the hits that would tell useful
+// neighbours from cold ones without the daemon seeing them.
 //
 // The kernel decides which blocks may be filled, atomically: CLAIM returns the blocks it holds
 // neither present, dirty nor busy, and keeps them busy (a request touching one waits) until
@@ -19,6 +24,9 @@ import type { Extent } from '../cache/layout.js';
 import { alignedBuffer } from '../native/io.js';
 import { pausePoint } from '../sys.js';
 import { FailureLog } from './upcalls.js';
+
+/** Misses remembered to tell a sequential reader (one starting where a recent one ended). */
+const RECENT = 16;
 
 /** The kernel's claim ioctls, as a unit fill uses them (uloop.h: CLAIM, FILLED). */
 export interface ClaimPort {
@@ -79,14 +87,25 @@ export class UnitFiller {
   }
 
   /**
-   * A MISS of blocks [first, end) was answered (successfully): fills the rest of its span in the
-   * background. Call it for every answered MISS: each one restarts the engine's idle clock.
-   * Never throws; a failure is logged (once a minute per kind) and counted as skipped.
+   * A MISS of blocks [first, end) was answered (successfully): with a budget, fills the rest of
+   * its eviction unit(s) in the background when the disk was idle or the miss continues a recent
+   * one (see the top of this file). Call it for every answered MISS: each one restarts the
+   * engine's idle clock. Never throws; a failure is logged (once a minute per kind) and counted
+   * as skipped.
    */
   afterMiss(first: number, end: number): void {
     if (this.#closed) return;
-    const span = this.#engine.missSpan(first, end);
-    if (!span || (span.start === first && span.count === end - first)) return;
+    const store = this.#engine.store;
+    if (!store.clock) return; // no budget: no eviction units (a miss fills what it asked)
+    const idle = this.#engine.noteMiss();
+    const stream = this.#ends.has(first);
+    const unit = store.unitBlocks;
+    const from = Math.floor(first / unit) * unit;
+    const to = Math.min(this.#engine.geometry.blockCount, Math.ceil(end / unit) * unit);
+    this.#remember(idle || stream ? to : end);
+    if (!idle && !stream) return;
+    const span = { start: from, count: to - from };
+    if (span.start === first && span.count === end - first) return;
     if (this.#inFlight.size >= this.#maxInFlight) {
       this.#stats.unitFillsSkipped++;
       return;
@@ -101,6 +120,15 @@ export class UnitFiller {
     });
     this.#inFlight.add(p);
     void p.finally(() => this.#inFlight.delete(p));
+  }
+
+  /** Where the last RECENT misses (or their fills) ended, oldest first: a miss starting at one continues it. */
+  readonly #ends = new Set<number>();
+
+  #remember(end: number): void {
+    this.#ends.delete(end);
+    this.#ends.add(end);
+    if (this.#ends.size > RECENT) this.#ends.delete(this.#ends.values().next().value!);
   }
 
   /** Counts since attach. */

@@ -1019,10 +1019,24 @@ export class CacheEngine {
     if (missing) {
       let from = first;
       let to = end;
-      const span = wholeUnits ? this.missSpan(first, end) : null;
-      if (span) {
-        from = span.start;
-        to = span.start + span.count;
+      if (wholeUnits && store.clock) {
+        // A miss that finds the disk idle (maybe asleep: it spins up for this) reads the whole
+        // unit, so the disk wakes less often. While misses keep it busy it is awake anyway: a
+        // whole unit per 4 KiB miss would read and write 64 times the data and fill the budget
+        // with the cold neighbours of scattered hot blocks (bench/budget.js: hit ratio 0.55,
+        // 23 IOPS); those read aligned granules only.
+        const now = Date.now();
+        const idle = now - this.#lastFillAt >= this.#diskIdleMs;
+        this.#lastFillAt = now;
+        const span = idle ? store.unitBlocks : Math.min(store.unitBlocks, this.#fillGranuleBlocks);
+        from = Math.floor(first / span) * span;
+        to = Math.min(this.geometry.blockCount, Math.ceil(end / span) * span);
+      } else if (wholeUnits && this.#missGranuleBlocks > 1) {
+        // A source that prefers larger fetches (HTTP: a round trip costs far more than the bytes)
+        // gets the aligned granule around the miss; its blocks already here are skipped below.
+        const span = this.#missGranuleBlocks;
+        from = Math.floor(first / span) * span;
+        to = Math.min(this.geometry.blockCount, Math.ceil(end / span) * span);
       }
       const streamBlocks = Math.floor(MAX_STREAM_FILL / this.geometry.blockSize);
       const maxRun = stream && this.source.streamInto ? Math.max(this.#maxFillBlocks, streamBlocks) : this.#maxFillBlocks;
@@ -1033,33 +1047,16 @@ export class CacheEngine {
   }
 
   /**
-   * What a miss of blocks [first, end) fills while the disk spins for it, as an aligned extent
-   * ⊇ [first, end) (clipped to the device), or null for the asked blocks alone. With a budget: a
-   * miss that finds the disk idle (no miss for diskIdleMs; maybe asleep: it spins up for this)
-   * gets its whole eviction unit(s), so the disk wakes less often; while misses keep it busy it is
-   * awake anyway: a whole unit per 4 KiB miss would read and write 64 times the data and fill the
-   * budget with the cold neighbours of scattered hot blocks (bench/budget.js: hit ratio 0.55,
-   * 23 IOPS), so those get aligned fill granules (fillGranuleBytes). Each call is a miss: it
-   * restarts the idle clock. Without a budget, a source that prefers larger fetches
-   * (Source.missGranule: HTTP, where a round trip costs far more than the bytes) gets the aligned
-   * granule. Used by the engine's own reads and by kernel frontends that fill around a MISS
-   * themselves (src/bdev/unit-fill.ts). Blocks already present in the span are the caller's to skip.
+   * A miss a kernel frontend fills around itself (src/bdev/unit-fill.ts): restarts the disk's idle
+   * clock, as the engine's own misses with a budget do (#readable), and says whether the disk was
+   * idle before it (no miss for diskIdleMs: it may have spun up for this one, so a whole unit is
+   * worth reading while it spins).
    */
-  missSpan(first: number, end: number): Extent | null {
-    const store = this.store;
-    let span = 1;
-    if (store.clock) {
-      const now = Date.now();
-      const idle = now - this.#lastFillAt >= this.#diskIdleMs;
-      this.#lastFillAt = now;
-      span = idle ? store.unitBlocks : Math.min(store.unitBlocks, this.#fillGranuleBlocks);
-    } else {
-      span = this.#missGranuleBlocks;
-    }
-    if (span <= 1) return null;
-    const from = Math.floor(first / span) * span;
-    const to = Math.min(this.geometry.blockCount, Math.ceil(end / span) * span);
-    return { start: from, count: to - from };
+  noteMiss(): boolean {
+    const now = Date.now();
+    const idle = now - this.#lastFillAt >= this.#diskIdleMs;
+    this.#lastFillAt = now;
+    return idle;
   }
 
   /** Starts fills of the missing, idle blocks of [first, end) in runs of up to `maxRun` blocks; returns their promises. */

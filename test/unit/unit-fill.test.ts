@@ -93,7 +93,7 @@ async function setup(options: { budget?: number; failReads?: () => boolean } = {
   };
   const paths = { cache: join(dir, 'cache'), bitmap: join(dir, 'bitmap'), metadata: join(dir, 'cache.meta') };
   const store = await CacheStore.open({ paths, backing: source, mode: 'writeback', budget: options.budget ?? SIZE / 4, evictionUnit: UNIT * BS });
-  const engine = new CacheEngine(store, source, { autoCommitMs: 0 });
+  const engine = new CacheEngine(store, source, { autoCommitMs: 0, diskIdleMs: 60_000 });
   const kernel = fakeKernel(SIZE / BS);
   const filler = new UnitFiller({ engine, port: kernel.port, logger: pino({ level: 'silent' }), device: '/dev/uloop9' });
   /** A MISS of block n answered: the engine filled it, the kernel serves it, then afterMiss. */
@@ -127,6 +127,26 @@ describe('UnitFiller', () => {
       expect(t.store.usedBlocks).toBeLessThanOrEqual(t.store.budgetBlocks);
       expect(t.store.space().reservedBlocks).toBe(0);
       expect(t.kernel.busy.size).toBe(0);
+    } finally {
+      await t.close();
+    }
+  });
+
+  // Planted (stream always false): 'expected 1 to be 64' (unit 4 after the miss at its start);
+  // planted (every busy miss filled): 'expected 64 to be 1' (unit 9 after a scattered miss).
+  it('while the disk is busy, a miss that continues a recent one (a sequential reader) gets its unit; a scattered one only what it asked', async () => {
+    const t = await setup();
+    try {
+      const inUnit = (u: number) => [...t.kernel.present].filter((n) => n >= u * UNIT && n < (u + 1) * UNIT).length;
+      await t.miss(UNIT * 3 + 5); // the disk idle: unit 3
+      expect(inUnit(3)).toBe(UNIT);
+      await t.miss(UNIT * 4); // busy, where the fill of unit 3 ended: unit 4
+      expect(inUnit(4)).toBe(UNIT);
+      await t.miss(UNIT * 9 + 17); // busy, scattered: block 593 alone
+      expect(inUnit(9)).toBe(1);
+      await t.miss(UNIT * 9 + 18); // busy, where that miss ended: a reader going on, unit 9
+      expect(inUnit(9)).toBe(UNIT);
+      expect(t.filler.stats()).toEqual({ unitFills: 3, unitFillBlocks: 3 * UNIT - 4, unitFillsSkipped: 0 });
     } finally {
       await t.close();
     }
