@@ -24,7 +24,7 @@ beforeAll(async () => {
     head -c 64M /dev/urandom > /tmp/disk.img
     cp /tmp/disk.img /tmp/orig.img
     : > /tmp/pause
-    ULOBDEV_PAUSE_FILE=/tmp/pause $U -c /tmp/c.cache -b /tmp/c.bitmap --writeback --cache-size 16M --daemon $D /tmp/disk.img > /dev/null || echo "attach FAILED"
+    ULOBDEV_UNIT_FILL=1 ULOBDEV_PAUSE_FILE=/tmp/pause $U -c /tmp/c.cache -b /tmp/c.bitmap --writeback --cache-size 16M --daemon $D /tmp/disk.img > /dev/null || echo "attach FAILED"
     q() { $CTL query 0; }
     field() { q | tr ' ' '\\n' | sed -n "s/^$1=//p"; }
     # blk N: block N of the device (direct) equals block N of FILE
