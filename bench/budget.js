@@ -11,15 +11,23 @@
 // so a 32 MiB cache needs 32 KiB buckets), each with the same cache size, in one guest, in the order
 // --only gives (run it twice with the order reversed to see what order does).
 //
-//   node bench/budget.js [--disk 256M] [--warm 30] [--seconds 30] [--only nbd,uloop,ublk,dmcache,bcache] [--bcache-bucket K] [--json bench/results/budget.json] [--keep]
+//   node bench/budget.js [--disk 256M] [--warm-ios 40000] [--ios 20000] [--only nbd,uloop,ublk,dmcache,bcache] [--bcache-bucket K] [--eviction-unit K] [--json bench/results/budget.json] [--keep]
+//   node bench/budget.js --time [--warm 30] [--seconds 30] ...   (the old mode: phases of a time)
 //
 // The "disk" is a file on a RAM disk behind dm-delay (5 ms per read and write), so a miss costs
-// what a seek does and hits are CPU-bound (an emulated CPU: only the ratios mean something). Each
-// cache first runs the workload for --warm seconds, then for --seconds measured. Rows: the cache's
-// own hit ratio (ulobdev status, dm-cache status, bcache stats_total), the bytes read from the disk
-// per byte fio read (unit fills and promotions read more than asked), IOPS and latency; then the
+// what a seek does and hits are CPU-bound (an emulated CPU: only the ratios mean something).
+// By default every cache sees the same requests: one zipf:1.1 offsets sequence is drawn once on the
+// host (fio, ioengine=null, randseed 42, --write_iolog) and split in two; each cache replays the first
+// --warm-ios requests (warm-up), then, after a pause of PAUSE_SECONDS, the next --ios (measured),
+// with fio --read_iolog at QD16. So a slow cache is not behind a fast one for having seen fewer
+// requests. The counters are taken after each pause, and the hit ratio is over the measured phase
+// alone. (--time runs each phase for a time instead, as before: a faster cache sees more requests.)
+// Rows: the cache's own hit ratio (ulobdev status, dm-cache status, bcache stats_total), the
+// requests it counted in the measured phase, the bytes read from the disk per byte fio read (unit
+// fills and promotions read more than asked), IOPS and latency; then the
 // hits phase (uniform reads over 4 MiB, brought in first: the throughput of hits, with the disk's
 // bytes to show they were hits). Not a test: exit code 0 unless the bench itself breaks.
+import { drawZipfReads } from './lib/zipf-draw.js';
 import { execFileSync, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
@@ -38,14 +46,19 @@ try {
   ({ values: opts } = parseArgs({
     options: {
       disk: { type: 'string', default: '256M' },
+      time: { type: 'boolean', default: false },
       warm: { type: 'string', default: '30' },
       seconds: { type: 'string', default: '30' },
+      'warm-ios': { type: 'string', default: '40000' },
+      ios: { type: 'string', default: '20000' },
+      'eviction-unit': { type: 'string' },
       delay: { type: 'string', default: '5' },
       json: { type: 'string', default: fileURLToPath(new URL('./results/budget.json', import.meta.url)) },
       keep: { type: 'boolean', default: false },
       only: { type: 'string', default: 'nbd,uloop,ublk,dmcache,bcache' },
       'bcache-bucket': { type: 'string' },
       'cpu-prof': { type: 'boolean', default: false },
+      perf: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
     strict: true,
@@ -55,13 +68,18 @@ try {
 }
 if (opts.help) {
   process.stdout.write(
-    'usage: node bench/budget.js [--disk 256M] [--warm 30] [--seconds 30] [--delay 5] [--only LIST] [--bcache-bucket K] [--json PATH] [--keep]\n' +
+    'usage: node bench/budget.js [--disk 256M] [--warm-ios 40000] [--ios 20000] [--time --warm 30 --seconds 30] [--delay 5] [--only LIST] [--bcache-bucket K] [--eviction-unit K] [--json PATH] [--keep]\n' +
       '  --disk     the disk in MiB (suffix M, 256M to 1024M); every cache gets 1/8 of it\n' +
-      '  --warm     seconds of the workload before the measured run\n' +
-      '  --seconds  seconds measured\n' +
+      '  --warm-ios requests of the warm-up (the same sequence for every cache)\n' +
+      '  --ios      requests measured (the sequence continued); the hit ratio is over these\n' +
+      '  --time     phases of a time instead of a number of requests (--warm, --seconds)\n' +
+      '  --warm     with --time: seconds of the workload before the measured run\n' +
+      '  --seconds  with --time: seconds measured\n' +
+      '  --eviction-unit  ulobdev --eviction-unit in KiB (default: ulobdev\'s own, 256)\n' +
       '  --delay    ms dm-delay adds to every read and write of the disk\n' +
       '  --only     the caches to run, in this order, of nbd,uloop,ublk (ulobdev on /dev/nbd0, /dev/uloop0, /dev/ublkb0),dmcache,bcache\n' +
       '  --bcache-bucket  bcache bucket size in KiB (default: the cache / 1024, at most 512; bcache needs more than 512 buckets)\n' +
+      '  --perf     the guest\'s CPU profile over each measured hits phase (perf record -a, cpu-clock: TCG has no PMU), kept as perf-KEY.txt in the scratch directory (--keep) and summed up in the JSON\n' +
       '  --cpu-prof the ulobdev daemon (and its CLI calls) run with node --cpu-prof (execArgv: NODE_OPTIONS refuses it); profiles are kept in the scratch directory (--keep)\n',
   );
   process.exit(0);
@@ -75,6 +93,15 @@ const WARM = Number(opts.warm);
 const SECONDS = Number(opts.seconds);
 const DELAY = Number(opts.delay);
 for (const [name, v] of [['--warm', WARM], ['--seconds', SECONDS]]) if (!(Number.isInteger(v) && v >= 1 && v <= 600)) fail(`${name} must be a whole number from 1 to 600`);
+const TIMED = opts.time;
+const WARM_IOS = Number(opts['warm-ios']);
+const IOS = Number(opts.ios);
+for (const [name, v] of [['--warm-ios', WARM_IOS], ['--ios', IOS]]) if (!(Number.isInteger(v) && v >= 1 && v <= 1_000_000)) fail(`${name} must be a whole number from 1 to 1000000`);
+const UNIT_KB = opts['eviction-unit'] === undefined ? undefined : Number(opts['eviction-unit']);
+if (UNIT_KB !== undefined && !(Number.isInteger(UNIT_KB) && UNIT_KB >= 64 && UNIT_KB <= 1024 && (UNIT_KB & (UNIT_KB - 1)) === 0)) fail('--eviction-unit must be a power of two KiB from 64 to 1024');
+/** Seconds between the warm-up and the measured phase, and after it, before the counters are read:
+ * bcache folds its counters into stats_total every accounting_delay (300/22 s, drivers/md/bcache/stats.c). */
+const PAUSE_SECONDS = 15;
 if (!(Number.isInteger(DELAY) && DELAY >= 0 && DELAY <= 100)) fail('--delay must be a whole number of ms from 0 to 100');
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -111,14 +138,20 @@ const CACHES = ORDER.map((key) => ({ key, title: TITLES[key] }));
 const BUCKET_KB = opts['bcache-bucket'] === undefined ? Math.min(512, 2 ** Math.floor(Math.log2(CACHE_MB))) : Number(opts['bcache-bucket']);
 if (!(Number.isInteger(BUCKET_KB) && BUCKET_KB >= 4 && BUCKET_KB <= 2048 && (BUCKET_KB & (BUCKET_KB - 1)) === 0)) fail('--bcache-bucket must be a power of two KiB from 4 to 2048');
 
+/** A fio replay of the iolog `log` (in the guest's scratch mount) onto `dev`, QD16, direct. */
+const replay = (dev, tag, log) =>
+  `fio --name=${tag} --read_iolog=/mnt/${log} --replay_redirect=${dev} --replay_no_stall=1 --direct=1 --ioengine=libaio ` +
+  `--iodepth=16 --output-format=json --output=/mnt/fio-${tag}.json > /dev/null`;
 /** A fio run of `seconds`: 4 KiB random reads at QD16, zipf:1.1 unless `extra` says otherwise. */
 const fio = (dev, tag, seconds, extra = '--random_distribution=zipf:1.1') =>
   `fio --name=${tag} --filename=${dev} --rw=randread ${extra} --bs=4k --direct=1 --ioengine=libaio ` +
   `--iodepth=16 --time_based --runtime=${seconds} --randseed=42 --output-format=json --output=/mnt/fio-${tag}.json > /dev/null`;
 /**
  * The hits phase: uniform 4 KiB random reads over 4 MiB in the middle of the disk (an eighth of
- * the smallest budget), HOT_SECONDS to bring it in (dm-cache's smq promotes a block only after
- * several hits), then HOT_SECONDS measured: the throughput of hits, with the disk's read bytes
+ * the smallest budget), brought in by one sequential pass of 4 KiB reads (the same 1,024 requests
+ * for every cache: a cache that fills only what is asked needs some 7,000 random reads to touch
+ * all 1,024 blocks, which a slow path does not make in 10 s), then HOT_SECONDS of the uniform
+ * reads (dm-cache's smq promotes a block only after several hits), then HOT_SECONDS measured: the throughput of hits, with the disk's read bytes
  * around it to show they were hits.
  */
 const HOT_SECONDS = 10;
@@ -141,8 +174,7 @@ const SECTIONS = {
 META=$(flash dmc.meta 16M); CD=$(flash dmc.cache ${CACHE_MB}M)
 dd if=/dev/zero of=$META bs=4k count=1 oflag=direct status=none
 dmsetup create --noudevsync dmc --table "0 ${SECTORS} cache $META $CD /dev/mapper/hdd 128 1 writethrough smq 0" && dmsetup mknodes dmc
-measure /dev/mapper/dmc dmcache
-dmsetup status dmc > /mnt/dmcache-status.txt
+measure /dev/mapper/dmc dmcache snap_dmc
 hot /dev/mapper/dmc dmcache
 dmsetup remove dmc; losetup -d $META $CD; rm -f $R/dmc.meta $R/dmc.cache`,
   // Stopped and unregistered at the end so that a cache after it can open the disk (its bcache
@@ -154,10 +186,7 @@ echo $BC > /sys/fs/bcache/register; echo /dev/mapper/hdd > /sys/fs/bcache/regist
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/bcache0 ] && break; sleep 1; done
 echo 0 > /sys/block/bcache0/bcache/sequential_cutoff
 for f in /sys/fs/bcache/*/congested_read_threshold_us /sys/fs/bcache/*/congested_write_threshold_us; do echo 0 > $f; done
-measure /dev/bcache0 bcache
-# stats_total takes the counters in every accounting_delay (300/22 s, drivers/md/bcache/stats.c)
-sleep 15
-for f in cache_hits cache_misses cache_bypass_hits cache_bypass_misses; do echo "bcache $f $(cat /sys/block/bcache0/bcache/stats_total/$f)"; done
+measure /dev/bcache0 bcache snap_bc
 hot /dev/bcache0 bcache
 echo 1 > /sys/block/bcache0/bcache/stop
 for d in /sys/fs/bcache/*-*-*; do echo 1 > $d/unregister; done
@@ -168,17 +197,31 @@ const script = `
 U="node ${ROOT}/dist/cli/ulobdev.js"
 step() { echo "== $1 $(cut -d' ' -f1 /proc/uptime)"; }
 hddread() { awk '{print $3 * 512}' /sys/block/dm-$(dmsetup info -c --noheadings -o minor hdd | tr -d ' ')/stat; }
-measure() { # DEV TAG: warm up, then a measured run, with the disk's bytes read around it
-  ${fio('$1', '$2-warm', WARM)}
+measure() { # DEV TAG SNAP: warm-up, pause, counters, measured run (the disk's bytes read around it), pause, counters
+  ${TIMED ? fio('$1', '$2-warm', WARM) : replay('$1', '$2-warm', 'warm.iolog')}
+  sleep ${PAUSE_SECONDS}; $3 $2 warm
   echo "$2 hdd-before $(hddread)"
-  ${fio('$1', '$2', SECONDS)}
+  ${TIMED ? fio('$1', '$2', SECONDS) : replay('$1', '$2', 'measured.iolog')}
   echo "$2 hdd-after $(hddread)"
+  sleep ${PAUSE_SECONDS}; $3 $2 measured
 }
+# The caches' own counters, TAG PHASE (after the pause: bcache's stats_total lags by up to 13.6 s)
+snap_ulob() { $U status $UDEV --json > /mnt/$1-status-$2.json; }
+snap_dmc() { dmsetup status dmc > /mnt/dmcache-status-$2.txt; }
+snap_bc() { for f in cache_hits cache_misses cache_bypass_hits cache_bypass_misses; do echo "bcache $2 $f $(cat /sys/block/bcache0/bcache/stats_total/$f)"; done; }
 hot() { # DEV TAG: the hits phase (after the cache's counters were taken)
+  fio --name=$2-hotseq --filename=$1 --rw=read --bs=4k --direct=1 --ioengine=libaio --iodepth=16 ${HOT} --output=/dev/null > /dev/null
   ${fio('$1', '$2-hotwarm', HOT_SECONDS, HOT)}
   echo "$2 hdd-hot-before $(hddread)"
-  ${fio('$1', '$2-hot', HOT_SECONDS, HOT)}
-  echo "$2 hdd-hot-after $(hddread)"
+  ${opts.perf ? `perf record -q -a -e cpu-clock -F 997 -o /tmp/perf-$2.data -- ` : ''}${fio('$1', '$2-hot', HOT_SECONDS, HOT)}
+  echo "$2 hdd-hot-after $(hddread)"${
+    opts.perf
+      ? `
+  perf report -q -i /tmp/perf-$2.data --stdio --no-children --sort comm,dso --percent-limit 0.3 > /mnt/perf-$2-comm.txt 2>/dev/null || true
+  perf report -q -i /tmp/perf-$2.data --stdio --no-children --sort sym --percent-limit 0.3 > /mnt/perf-$2.txt 2>/dev/null || true
+  rm -f /tmp/perf-$2.data`
+      : ''
+  }
 }
 modprobe brd rd_nr=1 rd_size=${RAMDISK_MB * 1024}
 modprobe crc32c_generic; modprobe ext4; modprobe loop; modprobe nbd
@@ -192,9 +235,8 @@ flash() { truncate -s $2 $R/$1 && losetup --direct-io=on -f --show $R/$1; }
 
 ${opts['cpu-prof'] ? `U="node --cpu-prof --cpu-prof-dir=/mnt/prof ${ROOT}/dist/cli/ulobdev.js"; mkdir -p /mnt/prof` : ''}
 ulob() { # KEY DEV: ulobdev --cache-size on DEV, measured, status kept, detached
-  $U -c $R/$1.cache -b $R/$1.bitmap --cache-size ${CACHE_MB}M --daemon $2 /dev/mapper/hdd >/dev/null
-  measure $2 $1
-  $U status $2 --json > /mnt/$1-status.json
+  $U -c $R/$1.cache -b $R/$1.bitmap --cache-size ${CACHE_MB}M${UNIT_KB ? ` --eviction-unit ${UNIT_KB}K` : ''} --daemon $2 /dev/mapper/hdd >/dev/null
+  UDEV=$2; measure $2 $1 snap_ulob
   hot $2 $1
   $U detach $2 >/dev/null
   cp /run/ulobdev/$(basename $2).log /mnt/$1-daemon.log 2>/dev/null || true
@@ -220,7 +262,26 @@ const base = join(ROOT, '.vm', 'run');
 mkdirSync(base, { recursive: true });
 const scratch = mkdtempSync(join(base, 'budget-'));
 writeFileSync(join(scratch, 'cmd.sh'), `set -e\nULOOP_KO=${vm.ULOOP_KO ?? ''}\n${script}\n`);
+let sequence;
+if (!TIMED) sequence = drawSequence(scratch);
 const memoryMb = 1024 + RAMDISK_MB;
+
+/**
+ * Draws the requests every cache replays: fio's own zipf:1.1 (randseed 42) over a sparse file of the
+ * disk's size, ioengine=null (nothing read), --write_iolog; the first WARM_IOS reads go to
+ * warm.iolog, the next IOS to measured.iolog, in fio's version 2 iolog (no timestamps), on the file
+ * name "disk" that each replay redirects to its device. Returns { distinctWarm, distinctMeasured, ... }.
+ */
+function drawSequence(dir) {
+  const reads = drawZipfReads(dir, DISK_MB, WARM_IOS + IOS);
+  if (reads.length < WARM_IOS + IOS) fail(`fio drew ${reads.length} requests, not ${WARM_IOS + IOS}`);
+  const write = (name, part) => writeFileSync(join(dir, name), ['fio version 2 iolog', 'disk add', 'disk open', ...part.map((r) => `disk read ${r}`), 'disk close', ''].join('\n'));
+  const warm = reads.slice(0, WARM_IOS);
+  const measured = reads.slice(WARM_IOS, WARM_IOS + IOS);
+  write('warm.iolog', warm);
+  write('measured.iolog', measured);
+  return { distinctWarm: new Set(warm).size, distinctMeasured: new Set(measured).size, distinctAll: new Set([...warm, ...measured]).size };
+}
 // Single-threaded TCG, as test/support/vm.ts runs it: with a host thread per vCPU Debian 13's
 // kernels sometimes die at boot ("Oops: int3" in sched_clock_cpu, about 1 boot in 15).
 const args = [
@@ -233,7 +294,7 @@ const args = [
 ];
 const load = { start: loadavg() };
 const started = Date.now();
-process.stderr.write(`bench/budget.js: booting (${memoryMb} MiB, 2 vCPUs); ${CACHES.length} caches x ${WARM + SECONDS + 2 * HOT_SECONDS} s\n`);
+process.stderr.write(`bench/budget.js: booting (${memoryMb} MiB, 2 vCPUs); ${CACHES.length} caches x ${TIMED ? `${WARM + SECONDS} s` : `${WARM_IOS} + ${IOS} requests`} + ${2 * HOT_SECONDS + 2 * PAUSE_SECONDS} s\n`);
 // setpriv --pdeathsig: the guest dies with this process however it ends (as test/support/vm.ts).
 const qemu = spawn('setpriv', ['--pdeathsig', 'KILL', 'qemu-system-x86_64', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
 const stop = () => qemu.kill('SIGKILL');
@@ -247,7 +308,9 @@ for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
 let consoleText = '';
 qemu.stdout.setEncoding('utf8').on('data', (s) => (consoleText += s));
 qemu.stderr.setEncoding('utf8').on('data', (s) => (consoleText += s));
-const timer = setTimeout(stop, 900_000 + CACHES.length * (WARM + SECONDS + 2 * HOT_SECONDS + 15) * 3000);
+// Replays as slow as 20 requests a second (nbd under load ran 56-379 IOPS) still finish.
+const perCacheSeconds = (TIMED ? WARM + SECONDS : (WARM_IOS + IOS) / 20) + 2 * HOT_SECONDS + 2 * PAUSE_SECONDS;
+const timer = setTimeout(stop, 900_000 + CACHES.length * perCacheSeconds * 3000);
 await new Promise((r) => qemu.on('close', r));
 clearTimeout(timer);
 load.end = loadavg();
@@ -263,19 +326,24 @@ if (read('rc').trim() !== '0') {
 // Results -------------------------------------------------------------------------------------
 
 const hdd = (tag, when) => Number(new RegExp(`^${tag} hdd-${when} (\\d+)$`, 'm').exec(guestOut)?.[1] ?? NaN);
-const own = {};
-{
-  for (const key of Object.keys(ULOB)) {
+/**
+ * Each cache's own read counters after the warm-up and after the measured phase ({ hits, misses },
+ * counted from its start: nothing ran on it before the warm-up), and for ulobdev its space.
+ */
+function counters(key, phase) {
+  if (key in ULOB) {
     // On uloop and ublk the counts are the kernel's or the ublk server's: the hits they served
     // themselves and the misses they sent to the daemon (src/daemon/daemon.ts, status()).
-    const st = ONLY.has(key) ? JSON.parse(read(`${key}-status.json`)) : {};
-    own[key] = { hits: st.readHits, misses: st.readMisses, evictedBytes: st.evictedBytes, usedBytes: st.usedBytes, budgetBytes: st.budgetBytes };
+    const st = JSON.parse(read(`${key}-status-${phase}.json`));
+    return { hits: st.readHits, misses: st.readMisses, evictedBytes: st.evictedBytes, usedBytes: st.usedBytes, budgetBytes: st.budgetBytes };
   }
-  // dm-cache status: <meta used>/<total> <block size> <used>/<total> <read hits> <read misses> <write hits> <write misses> ...
-  const f = read('dmcache-status.txt').trim().split(/\s+/);
-  own.dmcache = { hits: Number(f[7]), misses: Number(f[8]) };
-  const b = (k) => Number(new RegExp(`^bcache ${k} (\\d+)$`, 'm').exec(guestOut)?.[1] ?? NaN);
-  own.bcache = { hits: b('cache_hits') + b('cache_bypass_hits'), misses: b('cache_misses') + b('cache_bypass_misses') };
+  if (key === 'dmcache') {
+    // dm-cache status: <meta used>/<total> <block size> <used>/<total> <read hits> <read misses> <write hits> <write misses> ...
+    const f = read(`dmcache-status-${phase}.txt`).trim().split(/\s+/);
+    return { hits: Number(f[7]), misses: Number(f[8]) };
+  }
+  const b = (k) => Number(new RegExp(`^bcache ${phase} ${k} (\\d+)$`, 'm').exec(guestOut)?.[1] ?? NaN);
+  return { hits: b('cache_hits') + b('cache_bypass_hits'), misses: b('cache_misses') + b('cache_bypass_misses') };
 }
 /** The hits phase of `key`: IOPS, latency, and the disk's bytes read per byte read (0 when all were hits). */
 function hotResult(key) {
@@ -288,31 +356,51 @@ function hotResult(key) {
     latP50us: Math.round(j.clat_ns.percentile['50.000000'] / 1000),
     latP99us: Math.round(j.clat_ns.percentile['99.000000'] / 1000),
     diskBytesPerReadByte: Number((disk / j.io_bytes).toFixed(3)),
+    // --perf: the guest's samples by command and object, and by symbol (the top lines, "12.34% fio [kernel.kallsyms]").
+    ...(opts.perf ? { perfByComm: perfLines(`perf-${key}-comm.txt`, 25), perfBySymbol: perfLines(`perf-${key}.txt`, 40) } : {}),
   };
+}
+/** The first `n` lines of a perf report kept in the scratch directory, whitespace squeezed. */
+function perfLines(name, n) {
+  return read(name).split('\n').map((l) => l.trim().replace(/\s+/g, ' ')).filter(Boolean).slice(0, n);
 }
 const results = {};
 for (const c of CACHES) {
   const j = JSON.parse(read(`fio-${c.key}.json`)).jobs[0].read;
   const warm = JSON.parse(read(`fio-${c.key}-warm.json`)).jobs[0].read;
   const diskBytes = hdd(c.key, 'after') - hdd(c.key, 'before');
+  const w = counters(c.key, 'warm');
+  const e = counters(c.key, 'measured');
+  const hits = e.hits - w.hits;
+  const misses = e.misses - w.misses;
   results[c.key] = {
+    // The measured phase alone: the counters after it less those after the warm-up.
+    hitRatio: Number((hits / (hits + misses)).toFixed(3)),
+    hits,
+    misses,
+    requests: hits + misses,
+    warmHitRatio: Number((w.hits / (w.hits + w.misses)).toFixed(3)),
+    warmRequests: w.hits + w.misses,
+    fioRequests: j.total_ios,
+    seconds: Number((j.runtime / 1000).toFixed(1)),
     iops: Math.round(j.iops),
     latP50us: Math.round(j.clat_ns.percentile['50.000000'] / 1000),
     latP99us: Math.round(j.clat_ns.percentile['99.000000'] / 1000),
     readBytes: j.io_bytes,
     warmReadBytes: warm.io_bytes,
     diskReadBytes: diskBytes,
-    // Counted over warm-up and measured run together (the caches' counters cannot be reset).
-    hitRatio: Number((own[c.key].hits / (own[c.key].hits + own[c.key].misses)).toFixed(3)),
     diskBytesPerReadByte: Number((diskBytes / j.io_bytes).toFixed(3)),
     hot: hotResult(c.key),
-    ...own[c.key],
+    ...(c.key in ULOB ? { evictedBytes: e.evictedBytes, measuredEvictedBytes: e.evictedBytes - w.evictedBytes, usedBytes: e.usedBytes, warmUsedBytes: w.usedBytes, budgetBytes: e.budgetBytes } : {}),
   };
 }
 const best = Math.max(results.dmcache?.hitRatio ?? 0, results.bcache?.hitRatio ?? 0);
 const rows = CACHES.map((c) => ({
   cache: c.title,
   hitRatio: results[c.key].hitRatio.toFixed(3),
+  requests: results[c.key].requests.toLocaleString('en-US'),
+  warmHitRatio: results[c.key].warmHitRatio.toFixed(3),
+  seconds: results[c.key].seconds,
   disk: results[c.key].diskBytesPerReadByte.toFixed(3),
   iops: results[c.key].iops.toLocaleString('en-US'),
   ratio: results.dmcache ? (results[c.key].iops / results.dmcache.iops).toFixed(2) : '',
@@ -326,8 +414,11 @@ const rows = CACHES.map((c) => ({
 }));
 printTable(
   [
-    { key: 'cache', title: `zipf:1.1 4 KiB randread QD16, ${SECONDS} s after ${WARM} s` },
+    { key: 'cache', title: TIMED ? `zipf:1.1 4 KiB randread QD16, ${SECONDS} s after ${WARM} s` : `zipf:1.1 4 KiB QD16, ${IOS} requests after ${WARM_IOS}` },
     { key: 'hitRatio', title: 'hit ratio', align: 'right' },
+    { key: 'requests', title: 'requests', align: 'right' },
+    { key: 'warmHitRatio', title: 'warm-up', align: 'right' },
+    { key: 'seconds', title: 's', align: 'right' },
     { key: 'disk', title: 'disk B/read B', align: 'right' },
     { key: 'iops', title: 'IOPS', align: 'right' },
     { key: 'ratio', title: '/dm-cache', align: 'right' },
@@ -344,13 +435,15 @@ printTable(
     title: `In the guest (qemu TCG, 2 vCPUs, ${memoryMb} MiB; Debian ${vm.KVER}); ${DISK_MB} MiB disk (dm-delay ${DELAY} ms), ${CACHE_MB} MiB of cache each; host load ${load.start.map((x) => x.toFixed(1)).join(' ')}`,
     notes: [
       `hits IOPS: uniform 4 KiB random reads QD16 over 4 MiB at ${DISK_MB / 2} MiB, ${HOT_SECONDS} s after ${HOT_SECONDS} s of the same (disk B/B 0: every read a hit)`,
-      `hit ratio: each cache's own count of read requests served from flash (warm-up included); goal: ulobdev >= the best of dm-cache and bcache (${best.toFixed(3)})`,
+      TIMED
+        ? `hit ratio: each cache's own count of read requests served from flash in the ${SECONDS} s measured (requests: what it counted; warm-up: its ratio over the ${WARM} s before); goal: ulobdev >= the best of dm-cache and bcache (${best.toFixed(3)})`
+        : `hit ratio: each cache's own count of read requests served from flash over the same ${IOS} requests (fio zipf:1.1 randseed 42, replayed; requests: what the cache counted), after the same ${WARM_IOS} (warm-up: its ratio there); ${sequence.distinctWarm} distinct 4 KiB blocks in the warm-up, ${sequence.distinctMeasured} in the measured phase, ${sequence.distinctAll} in both (the cache holds ${CACHE_MB * 256}); goal: ulobdev >= the best of dm-cache and bcache (${best.toFixed(3)})`,
       ...Object.keys(ULOB)
         .filter((k) => results[k])
         .map((k) => {
           const r = results[k];
           const goal = best === 0 ? 'no dm-cache or bcache row to compare' : r.hitRatio >= best ? `goal met (${r.hitRatio.toFixed(3)} >= ${best.toFixed(3)})` : `goal NOT met (${r.hitRatio.toFixed(3)} < ${best.toFixed(3)})`;
-          return `${TITLES[k]}: ${goal}; ${(r.evictedBytes / 1048576).toFixed(1)} MiB evicted, ${(r.usedBytes / 1048576).toFixed(1)} of ${r.budgetBytes / 1048576} MiB used`;
+          return `${TITLES[k]}: ${goal}; ${(r.evictedBytes / 1048576).toFixed(1)} MiB evicted (${(r.measuredEvictedBytes / 1048576).toFixed(1)} in the measured phase), ${(r.warmUsedBytes / 1048576).toFixed(1)} of ${r.budgetBytes / 1048576} MiB used after the warm-up, ${(r.usedBytes / 1048576).toFixed(1)} after`;
         }),
       ONLY.has('bcache') && `bcache: ${BUCKET_KB} KiB buckets (${(CACHE_MB * 1024) / BUCKET_KB} of them; make-bcache's default 512 KiB leaves too few)`,
       `order in the guest: ${ORDER.join(', ')}; wall time ${(wallMs / 1000).toFixed(0)} s; host load at the end ${load.end.map((x) => x.toFixed(1)).join(' ')}`,
@@ -361,7 +454,7 @@ writeJson(opts.json, {
   bench: 'budget',
   date: new Date().toISOString(),
   machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, loadAverage: load, guest: { kernel: vm.KVER, memoryMb, vcpus: 2, accel: 'tcg,thread=single' } },
-  params: { diskMiB: DISK_MB, cacheMiB: CACHE_MB, warmSeconds: WARM, seconds: SECONDS, delayMs: DELAY, bs: 4096, iodepth: 16, distribution: 'zipf:1.1', order: ORDER, bcacheBucketKiB: ONLY.has('bcache') ? BUCKET_KB : undefined },
+  params: { diskMiB: DISK_MB, cacheMiB: CACHE_MB, mode: TIMED ? 'time' : 'ios', ...(TIMED ? { warmSeconds: WARM, seconds: SECONDS } : { warmIos: WARM_IOS, ios: IOS, randseed: 42, sequence }), pauseSeconds: PAUSE_SECONDS, evictionUnitKiB: UNIT_KB ?? 256, delayMs: DELAY, bs: 4096, iodepth: 16, distribution: 'zipf:1.1', order: ORDER, bcacheBucketKiB: ONLY.has('bcache') ? BUCKET_KB : undefined },
   results,
   goal: { bestOtherHitRatio: best, met: Object.fromEntries(Object.keys(ULOB).filter((k) => results[k]).map((k) => [k, best > 0 && results[k].hitRatio >= best])) },
   guest: { steps: [...guestOut.matchAll(/^== (\S+) ([\d.]+)$/gm)].map((x) => [x[1], Number(x[2])]) },

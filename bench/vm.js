@@ -61,7 +61,6 @@ if (opts.help) {
       '  --kernel   guest kernel: 6.1, 6.12 (default) or newest (scripts/vm/prepare.sh)\n' +
       '  --devices  comma-separated rows: loop (dio, the reference, always run), loopbuf, uloop, ublk,\n' +
       '             ublkcopy (ublk with ULOBDEV_UBLK_COPY=1: the copy path where zero copy exists),\n' +
-      '             ublknolink (ublk with ULOBDEV_UBLK_LINK=0: a hit\'s COMMIT after its read, not linked to it),\n' +
       '             ublknocoop (ublk with ULOBDEV_UBLK_TASKRUN=0: rings without IORING_SETUP_COOP_TASKRUN),\n' +
       '             ulobloop (ulobdev on /dev/loopN), nbd, writecache, bcache (default: all but nbd)\n' +
       '  --perf     profile the uloop, ublk* and loop (dio) runs with perf in the guest (flat profile per workload;\n' +
@@ -106,7 +105,6 @@ const ALL_DEVICES = [
   { key: 'uloop', title: 'uloop' },
   { key: 'ublk', title: 'ublk' },
   { key: 'ublkcopy', title: 'ublk (copy path)' },
-  { key: 'ublknolink', title: 'ublk (COMMIT not linked)' },
   { key: 'ublknocoop', title: 'ublk (no COOP_TASKRUN)' },
   { key: 'ulobloop', title: 'ulobdev loopN' },
   { key: 'nbd', title: 'ulobdev nbd' },
@@ -126,12 +124,12 @@ if (!['6.1', '6.12', 'newest'].includes(opts.kernel)) fail('--kernel must be 6.1
 // With --perf, the uloop and loop (dio) runs are sampled with perf (cpu-clock: TCG has no PMU; the
 // guest's userspace is the host's, so its perf) and a flat profile by symbol goes to
 // /mnt/perf-TAG-WORKLOAD.txt: where the emulated CPU's time goes, kernel and module symbols included.
-// Each ublk run (ublk, ublkcopy, ublknolink, ublknocoop) is also sorted by thread name (fio, the server's queue threads, node) and counted
+// Each ublk run (ublk, ublkcopy, ublknocoop) is also sorted by thread name (fio, the server's queue threads, node) and counted
 // (perf stat -a: io_uring_enter, pread64, pwrite64, futex system calls, context switches) into
 // /mnt/perfstat-TAG-WORKLOAD.txt, beside the server's request count before and after
 // (/mnt/reqs-TAG-WORKLOAD.txt: `ulobdev status` queueRequests summed), for calls per request.
-// (every ublk row is counted: ublk, ublkcopy, ublknolink, ublknocoop, each into its own files)
-const PROFILED = new Set(['uloop', 'loop', 'ublk', 'ublkcopy', 'ublknolink', 'ublknocoop']);
+// (every ublk row is counted: ublk, ublkcopy, ublknocoop, each into its own files)
+const PROFILED = new Set(['uloop', 'loop', 'ublk', 'ublkcopy', 'ublknocoop']);
 const UBLK_STAT = ['io_uring_enter', 'pread64', 'pwrite64', 'futex'].map((c) => `syscalls:sys_enter_${c}`).concat('context-switches').join(',');
 const fioJobs = (dev, tag) =>
   WORKLOADS.map((w) => {
@@ -178,12 +176,6 @@ $U detach /dev/ublkb0 >/dev/null`,
 step ublkcopy
 ULOBDEV_UBLK_COPY=1 $U $A /dev/ublkb0 $B >/dev/null && fill /dev/ublkb0
 ${fioJobs('/dev/ublkb0', 'ublkcopy')}
-$U detach /dev/ublkb0 >/dev/null`,
-  // the same with ULOBDEV_UBLK_LINK=0: a hit's COMMIT_AND_FETCH queued after its read completed
-  ublknolink: `
-step ublknolink
-ULOBDEV_UBLK_LINK=0 $U $A /dev/ublkb0 $B >/dev/null && fill /dev/ublkb0
-${fioJobs('/dev/ublkb0', 'ublknolink')}
 $U detach /dev/ublkb0 >/dev/null`,
   // the same with ULOBDEV_UBLK_TASKRUN=0: the queues' rings without IORING_SETUP_COOP_TASKRUN
   ublknocoop: `
@@ -242,7 +234,7 @@ i=0; while [ -e $CS ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
 losetup -d $LK $LB`,
 };
 // uloop, nbd, ublk and ulobloop first: they fill the cache file $C that the loop rows then run on.
-const ORDER = ['uloop', 'nbd', 'ublk', 'ublkcopy', 'ublknolink', 'ublknocoop', 'ulobloop', 'loop', 'loopbuf', 'writecache', 'bcache'];
+const ORDER = ['uloop', 'nbd', 'ublk', 'ublkcopy', 'ublknocoop', 'ulobloop', 'loop', 'loopbuf', 'writecache', 'bcache'];
 
 const script = `
 U="node ${ROOT}/dist/cli/ulobdev.js"

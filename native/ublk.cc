@@ -74,12 +74,6 @@ constexpr int kStateLive = 1, kStateQuiesced = 2;
 
 constexpr uint64_t kEventData = ~0ULL;        // user_data of the eventfd read
 constexpr uint64_t kReadData = 1ULL << 32;  // user_data of a read of the cache file: this bit | the tag
-// user_data of a hit's COMMIT_AND_FETCH linked behind its read (ServeHit): this bit | the tag. Only
-// its -ECANCELED (the read fell short or failed, OnRead goes on) is told apart from a plain one.
-constexpr uint64_t kLinkedCommit = 1ULL << 33;
-// user_data of a NOP that took the place of a linked COMMIT cut off from its read (UnlinkCut):
-// its completion is dropped.
-constexpr uint64_t kDropData = 1ULL << 34;
 
 // ---- a minimal io_uring (128-byte SQEs) ----
 struct Ring {
@@ -154,9 +148,6 @@ struct Ring {
     if (fd >= 0) close(fd);
     fd = -1;
   }
-
-  // Free SQ entries (queued or not yet consumed by the kernel count as used).
-  unsigned Free() const { return entries - (*sq_tail - __atomic_load_n(sq_head, __ATOMIC_ACQUIRE)); }
 
   // A zeroed SQE, or null when the ring is full (submit first).
   struct io_uring_sqe* Get() {
@@ -274,8 +265,6 @@ struct Tag {
   uint8_t up_type = 0;               // the upcall out: its type and blocks [up_first, up_end)
   uint64_t up_first = 0, up_end = 0;
   uint64_t read_done = 0;  // zero-copy read: bytes READ_FIXED has put into the request so far
-  // A hit whose COMMIT_AND_FETCH went in linked behind its read (ServeHit), not yet completed.
-  bool linked = false;
   // A budget: a hit read counted in its queue's hit_reads[read_phase] (an eviction waits for it).
   bool hit_counted = false;
   uint8_t read_phase = 0;
@@ -295,8 +284,6 @@ struct alignas(64) HitReads {
 struct Counters {
   std::atomic<uint64_t> read_hits{0}, read_misses{0}, write_hits{0}, write_upcalls{0}, flushes{0}, errors{0};
   std::atomic<uint64_t> zero_copy_reads{0};  // reads put into the request's pages by READ_FIXED
-  std::atomic<uint64_t> linked_hits{0};      // hits whose COMMIT went in linked behind the read
-  std::atomic<uint64_t> unlinked_hits{0};    // linked hits whose read fell short or failed (COMMIT cancelled)
 };
 
 // An upcall's id: the tag's sequence number (a stale reply is dropped), its queue and the tag.
@@ -348,9 +335,6 @@ class Server {
   // $ULOBDEV_UBLK_COPY=1 (read at create): a device this daemon adds takes the copy path even
   // where the kernel has zero copy (to compare the two, or to step around a driver bug).
   bool force_copy = false;
-  // $ULOBDEV_UBLK_LINK=0 (read at create): a hit's COMMIT_AND_FETCH is queued after its read has
-  // completed, as before the linked pair (ServeHit), to compare the two in one bench run.
-  bool no_link = false;
   // $ULOBDEV_UBLK_TASKRUN=0 (read at create): the queues' rings without IORING_SETUP_COOP_TASKRUN.
   bool coop_taskrun = true;
   // One per hardware queue, made by Start and kept until the process exits (replies may name them).
@@ -390,18 +374,13 @@ class Server {
   // queued, so that a VM test can evict its blocks while it is in flight.
   uint64_t fault_hit_at = ~0ULL, fault_hit_ms = 0;
   std::atomic<bool> fault_hit_done{false};
-  // hit-ebadf-at=BYTE: the first linked read hit covering byte BYTE of the device reads from
-  // descriptor -1 (EBADF, a failed read of the cache file): the request fails with the error,
-  // its linked COMMIT is cancelled by the kernel and the tag is committed by OnRead instead.
+  // hit-ebadf-at=BYTE: the first read hit covering byte BYTE of the device reads from descriptor
+  // -1 (EBADF, a failed read of the cache file): that request fails with the error, committed once.
   uint64_t fault_ebadf_at = ~0ULL;
   std::atomic<bool> fault_ebadf_done{false};
   // ring-einval: the queues' rings are asked for a setup flag no kernel has (EINVAL, as a kernel
   // before 5.19 refuses COOP_TASKRUN): they are made without the optional flags.
   bool fault_ring_einval = false;
-  // cut-pair-at=BYTE: the first linked hit covering byte BYTE is submitted cut in two: its read
-  // alone, its COMMIT left queued (UnlinkCut must turn it into a NOP and commit after the read).
-  uint64_t fault_cut_at = ~0ULL;
-  std::atomic<bool> fault_cut_done{false};
   // The cache file's path (for the marker's text) and the durable "recovering" marker
   // (RUN_DIR/ublkbN.recovering; empty: none): see StartWorker_::Recover.
   std::string cache_path, marker;
@@ -784,32 +763,8 @@ struct HwQueue {
 
   size_t Slot(uint16_t tag) const { return static_cast<size_t>(id) * s->depth + tag; }
 
-  // ring.Enter, then UnlinkCut: every io_uring_enter of the queue thread goes through here.
-  int Enter(unsigned wait, unsigned limit = ~0u) {
-    int e = ring.Enter(wait, limit);
-    if (ring.to_submit) UnlinkCut();
-    return e;
-  }
-
-  // The kernel took part of what was queued, and the first SQE it did not take is a linked
-  // COMMIT: its read went in alone (io_submit_sqes queues an unterminated link head as it is) and
-  // the COMMIT would go in with the next enter, unlinked, answering the request before the read
-  // has filled it. The COMMIT's SQE (not yet read by the kernel: it is at the SQ head) becomes a
-  // NOP whose completion is dropped, and the hit goes on unlinked: OnRead commits it.
-  void UnlinkCut() {
-    unsigned head = __atomic_load_n(ring.sq_head, __ATOMIC_ACQUIRE);
-    if (head == *ring.sq_tail) return;
-    auto* sqe = reinterpret_cast<struct io_uring_sqe*>(ring.sqes + 128 * ring.sq_array[head & *ring.sq_mask]);
-    if (sqe->opcode != IORING_OP_URING_CMD || sqe->user_data == kEventData || !(sqe->user_data & kLinkedCommit)) return;
-    uint16_t tag = static_cast<uint16_t>(sqe->user_data);
-    memset(sqe, 0, 128);
-    sqe->opcode = IORING_OP_NOP;
-    sqe->user_data = kDropData | tag;
-    if (tags[tag].linked) {
-      tags[tag].linked = false;
-      s->count.unlinked_hits++;
-    }
-  }
+  // Every io_uring_enter of the queue thread.
+  int Enter(unsigned wait, unsigned limit = ~0u) { return ring.Enter(wait, limit); }
 
   void Wake() {
     uint64_t one = 1;
@@ -869,19 +824,6 @@ struct HwQueue {
   void OnRead(uint16_t tag, int32_t res) {
     Tag& t = tags[tag];
     reads_in_flight--;
-    if (t.linked) {
-      t.linked = false;
-      if (res >= 0 && static_cast<uint64_t>(res) == t.len) {
-        // The whole request is in the tag's buffer (or its pages): the kernel issues the linked
-        // COMMIT_AND_FETCH by itself; what is left here is Finish's bookkeeping for a hit.
-        if (s->zero_copy) s->count.zero_copy_reads++;
-        EndHitRead(tag);
-        return;
-      }
-      // Short or failed: io_uring broke the link and cancels the COMMIT (its CQE, -ECANCELED, is
-      // dropped by OnCqe); the read goes on, or the request fails, unlinked, and Finish commits.
-      s->count.unlinked_hits++;
-    }
     if (res < 0) return Finish(tag, res);
     if (res == 0) return Finish(tag, -EIO);  // the cache file ends before the device: never, but no loop
     t.read_done += static_cast<uint64_t>(res);
@@ -900,34 +842,17 @@ struct HwQueue {
     QueueRead(tag);
   }
 
-  // A read hit: its read of the cache file and its COMMIT_AND_FETCH (result: the whole length) go
-  // in as one linked pair (IOSQE_IO_LINK). The kernel issues the COMMIT once the read has put all
-  // of the request into the tag's buffer (or, zero copy, its pages), in the same io_uring_enter
-  // when the read completes there (a page-cache hit), so a hit costs this thread no second pass
-  // through the ring; a read that falls short or fails cancels the COMMIT (OnRead). The pair must
-  // go to the kernel in one submission (a chain cut at a submission's end runs unlinked, and the
-  // COMMIT would race the read): both SQEs are taken together, after a submit if the ring has no
-  // room for two (never, with 2 x depth + 2 entries; a guard), and a submission the kernel ends
-  // between the two is mended by UnlinkCut.
+  // A read hit: served like any read whose blocks are present, its COMMIT_AND_FETCH queued by
+  // OnRead once the read has completed. Not linked behind the read (IOSQE_IO_LINK, tried in session
+  // 10): a COMMIT the kernel issues by itself can run after the server has died and 6.12's
+  // ublk_abort_queue has requeued the request (UBLK_F_USER_RECOVERY_REISSUE); that COMMIT then ends
+  // the request while it sits on the requeue list, and the next requeue work oopses on it
+  // (test/vm/ublk-hits.test.ts). Linking had bought no throughput (bench/README.md).
   void ServeHit(uint16_t tag) {
     Tag& t = tags[tag];
-    if (s->no_link) return ServeRead(tag);
-    if (ring.Free() < 2) Enter(0);
-    if (ring.Free() < 2) return ServeRead(tag);  // the kernel took nothing: unlinked, as before
     t.read_done = 0;
-    t.linked = true;
     auto* rd = QueueRead(tag);
-    rd->flags |= IOSQE_IO_LINK;
     if (s->fault_ebadf_at <= t.off + t.len - 1 && t.off <= s->fault_ebadf_at && !s->fault_ebadf_done.exchange(true)) rd->fd = -1;
-    s->count.linked_hits++;
-    QueueIo(tag, kIoCommitFetch, static_cast<int32_t>(t.len));
-    // QueueIo's SQE is the ring's last: it carries the linked mark in its user_data.
-    auto* c = reinterpret_cast<struct io_uring_sqe*>(ring.sqes + 128 * ((*ring.sq_tail - 1) & *ring.sq_mask));
-    c->user_data = kLinkedCommit | tag;
-    // cut-pair-at (test hook): the kernel is handed everything but this COMMIT, as when it stops
-    // part-way through a submission.
-    if (s->fault_cut_at <= t.off + t.len - 1 && t.off <= s->fault_cut_at && !s->fault_cut_done.exchange(true))
-      Enter(0, ring.to_submit - 1);
   }
 
   // Zero copy: the write's data, from the request's pages into the tag's buffer (user copy).
@@ -1035,10 +960,7 @@ struct HwQueue {
       if (!s->stopping.load()) ArmEvent();
       return;
     }
-    if (cqe.user_data & kDropData) return;  // UnlinkCut's NOP
     if (cqe.user_data & kReadData) return OnRead(static_cast<uint16_t>(cqe.user_data), cqe.res);
-    // A linked COMMIT cancelled with its read: OnRead has served or failed the request unlinked.
-    if ((cqe.user_data & kLinkedCommit) && cqe.res == -ECANCELED) return;
     uint16_t tag = static_cast<uint16_t>(cqe.user_data);
     if (cqe.res == 0) {  // UBLK_IO_RES_OK: a request
       s->served++;
@@ -2007,7 +1929,6 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
     return Napi::Value();
   }
   if (const char* c = getenv("ULOBDEV_UBLK_COPY")) s->force_copy = strcmp(c, "1") == 0;
-  if (const char* c = getenv("ULOBDEV_UBLK_LINK")) s->no_link = strcmp(c, "0") == 0;
   if (const char* c = getenv("ULOBDEV_UBLK_TASKRUN")) s->coop_taskrun = strcmp(c, "0") != 0;
   if (const char* f = getenv("ULOBDEV_UBLK_FAULT")) {
     if (const char* p = strstr(f, "fsync-eio-at=")) s->fault_fsync_at = strtoull(p + 13, nullptr, 10);
@@ -2021,7 +1942,6 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
     if (const char* p = strstr(f, "hit-delay-ms=")) s->fault_hit_ms = strtoull(p + 13, nullptr, 10);
     if (const char* p = strstr(f, "hit-ebadf-at=")) s->fault_ebadf_at = strtoull(p + 13, nullptr, 10);
     s->fault_ring_einval = strstr(f, "ring-einval") != nullptr;
-    if (const char* p = strstr(f, "cut-pair-at=")) s->fault_cut_at = strtoull(p + 12, nullptr, 10);
   }
   FromBytes(s->present, present.data, present.length, blocks);
   FromBytes(s->dirty, dirty.data, dirty.length, blocks);
@@ -2198,8 +2118,6 @@ Napi::Value Query(const Napi::CallbackInfo& info) {
   n("readHits", s->count.read_hits);
   n("readMisses", s->count.read_misses);
   n("zeroCopyReads", s->count.zero_copy_reads);
-  n("linkedHits", s->count.linked_hits);
-  n("unlinkedHits", s->count.unlinked_hits);
   n("writeHits", s->count.write_hits);
   n("writeUpcalls", s->count.write_upcalls);
   n("flushes", s->count.flushes);

@@ -30,6 +30,14 @@ export async function showPartitions(device: string, sys: string, logger: Logger
 export async function assertReleasable(device: string, sys: string): Promise<void> {
   const users = await blockDeviceUsers(sys);
   if (users.length === 0) return;
-  const advice = /mounted on/.test(users[0]!) ? 'unmount it first' : /held by/.test(users[0]!) ? 'remove what is stacked on it first' : 'stop or close it first';
-  throw new DeviceBusyError(`${device} stays attached: ${users.join('; ')}; ${advice}`);
+  throw new DeviceBusyError(`${device} stays attached: ${users.join('; ')}; ${releaseAdvice(users)}`);
+}
+
+/**
+ * What to do about the users blockDeviceUsers() listed (at least one), by the first one's kind:
+ * "unmount it first", or "them" for several (newuser11: two partitions mounted).
+ */
+export function releaseAdvice(users: readonly string[]): string {
+  const it = users.length > 1 ? 'them' : 'it';
+  return /mounted on/.test(users[0]!) ? `unmount ${it} first` : /held by/.test(users[0]!) ? `remove what is stacked on ${it} first` : `stop or close ${it} first`;
 }

@@ -336,8 +336,6 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
         readHits: q.readHits,
         readMisses: q.readMisses,
         zeroCopyReads: q.zeroCopyReads,
-        linkedHits: q.linkedHits,
-        unlinkedHits: q.unlinkedHits,
         writeHits: q.writeHits,
         writeUpcalls: q.writeUpcalls,
         flushes: q.flushes,

@@ -16,11 +16,13 @@
 // budget is full the engine evicts clean units the clock (cache/clock.ts) picks, and when nothing
 // clean is left it asks for a flush (onSpacePressure) and waits: writes wait, they do not fail.
 import { CacheFullError, EngineClosedError, MetadataFullError, ReadOnlyError } from '../errors.js';
+import type { FlashReserveStatus } from './reserve.js';
 import { formatBytes } from '../units.js';
 import { assertBytes, assertRange } from '../validate.js';
 import { Bitmap } from './bitmap.js';
 import { Coalescer } from './coalesce.js';
 import { FlushEpoch, type Epoch } from './epoch.js';
+import { NeighbourFeedback } from './fill-feedback.js';
 import { BlockRuns } from './runs.js';
 import type { Extent, Geometry } from './layout.js';
 import { subtractExtents, type CacheStore, type IntentStats } from './store.js';
@@ -44,6 +46,11 @@ export interface EngineOptions {
    * the unit.
    */
   fillGranuleBytes?: number;
+  /**
+   * How long (ms) a request waits for a `room` flush (a full flash filesystem, only dirty blocks
+   * cached) before it fails with ULOB_E_CACHE_FULL; the flush goes on. Default 60000.
+   */
+  roomFlushWaitMs?: number;
   /** With a budget: ms without a miss after which the disk counts as idle (whole-unit fill). Default 5000. */
   diskIdleMs?: number;
   /**
@@ -94,6 +101,14 @@ export interface EngineStats {
   spaceError: string | null;
   /** Dirty-intent rounds since the store opened (first writes into clean blocks). */
   intents: IntentStats;
+  /** The flash reserve (src/cache/reserve.ts), or null: none. */
+  flashReserve: FlashReserveStatus | null;
+  /** Flushes a full flash filesystem with only dirty blocks cached asked for (reason `room`) since the engine started. */
+  roomFlushes: number;
+  /** Requests waiting for room now: in the budget, or for a `room` flush. */
+  roomWaiters: number;
+  /** Requests failed for want of room (ULOB_E_CACHE_FULL, ULOB_E_METADATA_FULL) since the engine started. */
+  failedRequests: number;
 }
 
 /**
@@ -155,6 +170,10 @@ const MAX_STREAM_FILL = 32 << 20;
 const RANGE_FILL_BLOCKS = 64;
 /** Blocks one zeroing step locks and records at a time (a TRIM of the whole disk goes in steps). */
 const ZERO_STEP_BLOCKS = 1 << 16;
+/** EngineOptions.roomFlushWaitMs by default: a wait that stays finite (nbd-client as attached sets no I/O timeout; uloop's io_timeout_s may). */
+const ROOM_FLUSH_WAIT_MS = 60_000;
+/** `room` flushes one request may wait for before it fails (each frees clean blocks, or fails). */
+const MAX_ROOM_FLUSHES = 3;
 /** Flushes in a row that free nothing before a write waiting for room gives up. */
 const MAX_FUTILE_FLUSHES = 3;
 /** Fill buffers kept for reuse: enough for the hydrator's and a few readers' fills in flight. */
@@ -209,6 +228,8 @@ export class CacheEngine {
   /** Date.now() of the last miss that started fills; a disk idle for DISK_IDLE_MS gets whole units. */
   #lastFillAt = -Infinity;
   readonly #diskIdleMs: number;
+  /** Whether a busy-disk miss fills its granule or only what it asked (cache/fill-feedback.ts). */
+  readonly #neighbours = new NeighbourFeedback();
   /** Whole fill buffers (maxFillBytes): the pieces of a fill streamed through one buffer. */
   readonly #fillBuffers: BufferPool;
   /**
@@ -254,6 +275,17 @@ export class CacheEngine {
   #stranded: Extent[] = [];
   /** Requests waiting for room in the budget now (tests watch it). */
   spaceWaiters = 0;
+  /**
+   * The `room` flush running now (#flushForRoom): the flash filesystem is full, nothing clean is
+   * left to give back, and the flash reserve was released for the flush's own metadata commit.
+   * Requests that need new room wait for it instead of taking that room.
+   */
+  #roomFlush: Promise<void> | null = null;
+  #roomFlushes = 0;
+  #roomFlushWaiters = 0;
+  #failedRequests = 0;
+  /** How long a request waits for a `room` flush before it fails (ms). */
+  readonly #roomFlushWaitMs: number;
   /** Time of the last user read or write (not prefetch): background work yields to it. */
   lastRequestAt = 0;
   /** Set while a kernel frontend writes the cache file beside the engine. */
@@ -261,9 +293,10 @@ export class CacheEngine {
   /**
    * Called when the budget is full of dirty (or busy) blocks and a write must wait for room:
    * should flush and resolve once the flush is done, or reject if it cannot (the waiting request
-   * then fails with CacheFullError). Without it such a request fails at once.
+   * then fails with CacheFullError). Without it such a request fails at once. `reason` 'room':
+   * the flash filesystem is full and the cache holds only dirty blocks (status and history say so).
    */
-  onSpacePressure: (() => Promise<unknown>) | null = null;
+  onSpacePressure: ((reason?: 'room') => Promise<unknown>) | null = null;
 
   constructor(store: CacheStore, source: Source, options: EngineOptions = {}) {
     this.store = store;
@@ -273,6 +306,7 @@ export class CacheEngine {
     this.#maxFillBlocks = Math.max(1, Math.floor((options.maxFillBytes ?? DEFAULT_MAX_FILL) / this.geometry.blockSize));
     this.#rangeFillBlocks = Math.max(1, options.rangeFillBlocks ?? RANGE_FILL_BLOCKS);
     this.#diskIdleMs = options.diskIdleMs ?? DISK_IDLE_MS;
+    this.#roomFlushWaitMs = options.roomFlushWaitMs ?? ROOM_FLUSH_WAIT_MS;
     this.#fillGranuleBlocks = Math.max(1, Math.floor((options.fillGranuleBytes ?? DEFAULT_FILL_GRANULE) / this.geometry.blockSize));
     this.#missGranuleBlocks = Math.max(1, Math.floor((source.missGranule ?? 0) / this.geometry.blockSize));
     this.#fillBuffers = new BufferPool(this.#maxFillBlocks * this.geometry.blockSize, FILL_BUFFERS_KEPT);
@@ -316,6 +350,10 @@ export class CacheEngine {
       readMisses: this.#misses,
       spaceError: this.#spaceError,
       intents: this.store.intentStats(),
+      flashReserve: this.store.flashReserve?.status() ?? null,
+      roomFlushes: this.#roomFlushes,
+      roomWaiters: this.spaceWaiters + this.#roomFlushWaiters,
+      failedRequests: this.#failedRequests,
     };
   }
 
@@ -437,6 +475,7 @@ export class CacheEngine {
     this.lastRequestAt = Date.now();
     this.#hits++;
     store.clock?.noteAccess(first, end);
+    this.#neighbours.read(first, end);
     return true;
   }
 
@@ -486,14 +525,18 @@ export class CacheEngine {
     this.lastRequestAt = Date.now();
     const g = this.geometry;
     const [first, end] = g.blocksOf(offset, data.byteLength);
-    if (end - first > this.#maxPieceBlocks) {
-      for (let b = first; b < end; b += this.#maxPieceBlocks) {
-        const from = Math.max(offset, g.blockOffset(b));
-        const to = Math.min(offset + data.byteLength, g.blockOffset(Math.min(end, b + this.#maxPieceBlocks)));
-        await this.#writeRange(from, data.subarray(from - offset, to - offset));
+    try {
+      if (end - first > this.#maxPieceBlocks) {
+        for (let b = first; b < end; b += this.#maxPieceBlocks) {
+          const from = Math.max(offset, g.blockOffset(b));
+          const to = Math.min(offset + data.byteLength, g.blockOffset(Math.min(end, b + this.#maxPieceBlocks)));
+          await this.#writeRange(from, data.subarray(from - offset, to - offset));
+        }
+      } else {
+        await this.#writeRange(offset, data);
       }
-    } else {
-      await this.#writeRange(offset, data);
+    } catch (err) {
+      this.#failed(err);
     }
     if (options.fua) await this.flush();
   }
@@ -503,7 +546,7 @@ export class CacheEngine {
     this.#assertOpen();
     // Staged writes become dirty in the metadata here: a full flash filesystem frees clean blocks
     // and commits again, or fails this FLUSH alone (the writes stay staged for the next one).
-    await this.#withMetadataRoom(() => this.#commit.run());
+    await this.#withMetadataRoom(() => this.#commit.run()).catch((err) => this.#failed(err));
   }
 
   /**
@@ -537,7 +580,10 @@ export class CacheEngine {
     this.#assertOpen();
     this.#unstrand(extents);
     const store = this.store;
-    return this.#withMetadataRoom(() => store.markDirtyDurable(options.skipDirty ? extents.filter((e) => !store.dirty.allSet(e.start, e.start + e.count)) : extents));
+    // 'kernel': never waits for a room flush, which may itself wait for this BARRIER (uloop's
+    // beforeEpoch sends the kernel a FLUSH): evicts, else fails as before.
+    const record = () => store.markDirtyDurable(options.skipDirty ? extents.filter((e) => !store.dirty.allSet(e.start, e.start + e.count)) : extents);
+    return this.#withMetadataRoom(record, 'kernel').catch((err) => this.#failed(err));
   }
 
   /** Blocks about to turn dirty in the kernel again (an INTENT, a ZERO) leave #stranded, synchronously. */
@@ -570,14 +616,18 @@ export class CacheEngine {
     const end = offset + length;
     const wholeFirst = Math.ceil(offset / g.blockSize);
     const wholeEnd = end === g.size ? g.blockCount : Math.floor(end / g.blockSize);
-    if (wholeFirst >= wholeEnd) {
-      await this.#writeRange(offset, Buffer.alloc(length));
-    } else {
-      const head = g.blockOffset(wholeFirst) - offset;
-      if (head > 0) await this.#writeRange(offset, Buffer.alloc(head));
-      for (let b = wholeFirst; b < wholeEnd; b += ZERO_STEP_BLOCKS) await this.#zeroBlocks(b, Math.min(wholeEnd, b + ZERO_STEP_BLOCKS));
-      const tailFrom = Math.min(end, g.blockOffset(wholeEnd));
-      if (end > tailFrom) await this.#writeRange(tailFrom, Buffer.alloc(end - tailFrom));
+    try {
+      if (wholeFirst >= wholeEnd) {
+        await this.#writeRange(offset, Buffer.alloc(length));
+      } else {
+        const head = g.blockOffset(wholeFirst) - offset;
+        if (head > 0) await this.#writeRange(offset, Buffer.alloc(head));
+        for (let b = wholeFirst; b < wholeEnd; b += ZERO_STEP_BLOCKS) await this.#zeroBlocks(b, Math.min(wholeEnd, b + ZERO_STEP_BLOCKS));
+        const tailFrom = Math.min(end, g.blockOffset(wholeEnd));
+        if (end > tailFrom) await this.#writeRange(tailFrom, Buffer.alloc(end - tailFrom));
+      }
+    } catch (err) {
+      this.#failed(err);
     }
     if (options.fua) await this.flush();
   }
@@ -607,7 +657,8 @@ export class CacheEngine {
   async materializeZeroed(first = 0, end = this.geometry.blockCount): Promise<void> {
     this.#assertOpen();
     const zeroed: Extent[] = [];
-    for (const e of this.store.dirty.runs(first, end)) zeroed.push(...this.store.present.gaps(e.start, e.start + e.count));
+    // Appended one by one: a long dirty run may have more gaps than a call takes arguments.
+    for (const e of this.store.dirty.runs(first, end)) for (const g of this.store.present.gaps(e.start, e.start + e.count)) zeroed.push(g);
     for (const z of zeroed) {
       for (let b = z.start; b < z.start + z.count; b += this.#maxFillBlocks) {
         const blocks: number[] = [];
@@ -627,7 +678,9 @@ export class CacheEngine {
     if (this.#epoch) throw new EngineClosedError('a flush epoch is already open');
     await this.externalEpochs?.beforeEpoch?.();
     if (this.#epoch) throw new EngineClosedError('a flush epoch is already open');
-    await this.#withMetadataRoom(() => this.#commit.run());
+    // The flush's own commit: on a full flash filesystem it takes the flash reserve, never waits
+    // for a flush (it is one).
+    await this.#withMetadataRoom(() => this.#commit.run(), 'flush');
     const flushing = this.store.dirty.clone();
     this.externalEpochs?.begin(flushing);
     // Zeroed at the snapshot: the disk gets zeros for these, whatever happens to them meanwhile.
@@ -757,25 +810,38 @@ export class CacheEngine {
     // The outside dirty bits go first: a write to a block cleared there asks for a fresh intent,
     // which is recorded only after clearFlushed below (same tick).
     this.externalEpochs?.commit(cleaned);
-    const own = [...cleaned.runs()];
-    // A kernel frontend's blocks stranded by an earlier failed clear: still clean there (no INTENT
-    // or ZERO since, #stranded), cleared here in the same tick as this epoch's.
-    const stranded = this.externalEpochs ? this.#stranded : [];
-    const extents = stranded.length > 0 ? mergeExtents([...own, ...stranded]) : own;
-    try {
-      this.store.clearFlushed(extents);
-      if (stranded.length > 0) this.#stranded = [];
-    } catch (err) {
-      // A full flash filesystem: nothing was cleared in the store (its transaction rolled back),
-      // so the blocks stay dirty (invariant 4). Without a kernel frontend the next flush writes
-      // them again. A kernel frontend has cleared its own bits already (same tick, above): no
-      // epoch takes them again, so they wait in #stranded for the next commit. Clean blocks are
-      // given back first, so that it finds room.
-      if (err instanceof MetadataFullError) {
-        if (this.externalEpochs) this.#stranded = mergeExtents([...this.#stranded, ...own]);
-        throw await this.#metadataFull(err);
+    let own = [...cleaned.runs()];
+    for (let attempt = 0; ; attempt++) {
+      // A kernel frontend's blocks stranded by an earlier failed clear: still clean there (no INTENT
+      // or ZERO since, #stranded), cleared here in the same tick as this epoch's.
+      const stranded = this.externalEpochs ? this.#stranded : [];
+      const extents = stranded.length > 0 ? mergeExtents([...own, ...stranded]) : own;
+      try {
+        this.store.clearFlushed(extents);
+        if (stranded.length > 0) this.#stranded = [];
+        break;
+      } catch (err) {
+        // A full flash filesystem: nothing was cleared in the store (its transaction rolled back),
+        // so the blocks stay dirty (invariant 4). A kernel frontend has cleared its own bits
+        // already (same tick, above): no epoch takes them again, so they wait in #stranded (an
+        // INTENT or ZERO takes them off it) for the retry below or the next commit.
+        if (!(err instanceof MetadataFullError)) throw err;
+        if (this.externalEpochs) {
+          this.#stranded = mergeExtents([...this.#stranded, ...own]);
+          own = [];
+        }
+        // Room for the commit: clean blocks given back, else the flash reserve. Then once more;
+        // without a kernel frontend the blocks written meanwhile (rewritten: #closing) stay dirty.
+        if (attempt < 3 && ((await this.#metadataEvict(err)) || (await this.#releaseReserve()))) {
+          if (!this.externalEpochs) {
+            for (const b of open.rewritten) cleaned.clear(b);
+            own = [...cleaned.runs()];
+          }
+          continue;
+        }
+        // Otherwise the flush fails; without a kernel frontend the next one writes them again.
+        throw this.#metadataFailed(err);
       }
-      throw err;
     }
     // A zeroed block materialised during the epoch (a uloop MISS on it: zeros into the cache file,
     // staged dirty) and not rewritten holds the zeros the disk just got: staged clean now, or its
@@ -785,6 +851,8 @@ export class CacheEngine {
     const count = cleaned.count();
     // Clean blocks can be evicted: whoever waits for room may find some now.
     this.store.notifySpace();
+    // A flush that ran on the flash reserve: clean blocks give it back its room.
+    void this.#retakeReserve();
     // A disk written without ulobdev: the disk as this flush left it, for the next attach to compare.
     await this.store.refreshDiskFingerprint();
     return { cleaned: count, kept: open.blocks - count };
@@ -883,6 +951,8 @@ export class CacheEngine {
     const store = this.store;
     let zeros: Extent[] | null = null;
     let pinned = false;
+    // Before a miss watches its own neighbours (#readable): a read of one watched earlier is the evidence.
+    this.#neighbours.read(first, end);
     if (store.present.allSet(first, end)) {
       // The hit path: no allocation, no syscall but the read itself.
       this.#hits++;
@@ -1024,11 +1094,17 @@ export class CacheEngine {
         // unit, so the disk wakes less often. While misses keep it busy it is awake anyway: a
         // whole unit per 4 KiB miss would read and write 64 times the data and fill the budget
         // with the cold neighbours of scattered hot blocks (bench/budget.js: hit ratio 0.55,
-        // 23 IOPS); those read aligned granules only.
+        // 23 IOPS); those read aligned granules only, and only while the neighbours watched lately
+        // were read (cache/fill-feedback.ts: scattered hot blocks fill only what was asked).
         const now = Date.now();
         const idle = now - this.#lastFillAt >= this.#diskIdleMs;
         this.#lastFillAt = now;
-        const span = idle ? store.unitBlocks : Math.min(store.unitBlocks, this.#fillGranuleBlocks);
+        const granule = Math.min(store.unitBlocks, this.#fillGranuleBlocks);
+        const gFrom = Math.floor(first / granule) * granule;
+        const gTo = Math.min(this.geometry.blockCount, Math.ceil(end / granule) * granule);
+        const span = idle ? store.unitBlocks : this.#neighbours.wantGranule() ? granule : 1;
+        // The granule's missing neighbours are watched whether they are filled or not.
+        for (const [a, b] of [[gFrom, first], [end, gTo]] as const) for (const gap of store.present.gaps(a, b)) this.#neighbours.watch(gap.start, gap.start + gap.count);
         from = Math.floor(first / span) * span;
         to = Math.min(this.geometry.blockCount, Math.ceil(end / span) * span);
       } else if (wholeUnits && this.#missGranuleBlocks > 1) {
@@ -1148,12 +1224,17 @@ export class CacheEngine {
       let written = false;
       try {
         for (let attempt = 0; ; attempt++) {
+          // A `room` flush runs on the released flash reserve: a write that may need new room in
+          // the cache file (a block not present) waits for it rather than take that room.
+          if (this.#roomFlush && this.store.present.nextClear(range[0], range[1]) < range[1]) await this.#afterRoomFlush();
           // Point-in-time epochs: the open epoch's version of these blocks is saved aside before
           // it changes. No await between the last check and the write below.
           await this.#preserveForEpoch(range[0], range[1]);
           this.#writing.add(range);
           try {
-            await this.store.writeData(data, offset);
+            // Small buffered writes are done right here (no threadpool hand-off); else, or when
+            // the file is slow, on the threadpool.
+            if (!this.store.writeDataNow(data, offset)) await this.store.writeData(data, offset);
             break;
           } catch (err) {
             if (!isNoSpace(err) || attempt >= 3) throw err;
@@ -1534,51 +1615,191 @@ export class CacheEngine {
   /**
    * Runs `write` (a metadata write: a dirty intent, a zeroing, a commit) and, while the metadata's
    * filesystem is full (MetadataFullError: the transaction rolled back, nothing changed), gives
-   * clean blocks back to that filesystem and runs it again, up to 3 times. Throws the
-   * MetadataFullError (a CacheFullError: the request fails with ENOSPC, alone) when nothing can
-   * be freed; `spaceError` then says so, with the count of requests failed.
+   * clean blocks back to that filesystem and runs it again, up to 3 times. With nothing clean to
+   * give back: a request (`mode` 'request') waits for a `room` flush (#flushForRoom: the flash
+   * reserve released for the flush's own commit, then the blocks it cleaned evicted) when one can
+   * help, up to MAX_ROOM_FLUSHES times; the flush's own writes (`mode` 'flush': beginEpoch's
+   * commit) release the flash reserve instead, never waiting for a flush (they are one); a kernel
+   * frontend's INTENT or BARRIER (`mode` 'kernel') only evicts, as the flush may wait for it. Throws
+   * the MetadataFullError (a CacheFullError: the request fails with ENOSPC, alone) when nothing
+   * can be freed, CacheFullError when the `room` flush failed; `spaceError` then says so, with the
+   * count of requests failed.
    */
-  async #withMetadataRoom<T>(write: () => Promise<T>): Promise<T> {
+  async #withMetadataRoom<T>(write: () => Promise<T>, mode: 'request' | 'flush' | 'kernel' = 'request'): Promise<T> {
+    let flushes = 0;
+    let onReserve = false;
     for (let attempt = 0; ; attempt++) {
+      // The room a `room` flush runs on (the released reserve) is the flush's: wait for it to end.
+      if (mode === 'request') await this.#afterRoomFlush();
       try {
         const result = await write();
-        if (attempt > 0 || this.#metadataFullFailures > 0) this.#metadataRoomBack();
+        // Room taken from the reserve is no room come back.
+        if (!onReserve && (attempt > 0 || this.#metadataFullFailures > 0)) this.#metadataRoomBack();
         return result;
       } catch (err) {
         if (!(err instanceof MetadataFullError)) throw err;
-        if (attempt >= 3) throw await this.#metadataFull(err, true);
-        // Throws the request's error when nothing could be freed.
-        await this.#metadataFull(err);
+        if (attempt >= 3 + flushes) throw this.#metadataFailed(err);
+        if (await this.#metadataEvict(err)) continue;
+        if (mode === 'flush') {
+          if (await this.#releaseReserve()) {
+            onReserve = true;
+            continue;
+          }
+        } else if (mode === 'request' && flushes < MAX_ROOM_FLUSHES && this.#roomFlushCanHelp()) {
+          flushes++;
+          await this.#waitRoomFlush(err.path);
+          continue;
+        } else if (mode === 'kernel' && this.#roomFlushCanHelp()) {
+          // This request fails (it may be what the flush waits for), but a room flush starts so
+          // that the next ones find room (review11 R-5).
+          this.#startRoomFlush(err.path).catch(() => undefined);
+        }
+        throw this.#metadataFailed(err);
       }
     }
   }
 
   /**
    * The metadata could not be written for want of room: evicts clean blocks (their space goes
-   * back to the flash filesystem by the punch) and returns the error to rethrow, or, when nothing
-   * can be freed (or `failed`: the retries are used up), counts the failed request, says why in
-   * `spaceError` and throws. Only evicts: it may run inside the commit, which a flush or
-   * another commit would wait for.
+   * back to the flash filesystem by the punch). Resolves true if it freed any. Only evicts: it may
+   * run inside the commit, which a flush or another commit would wait for.
    */
-  async #metadataFull(err: MetadataFullError, failed = false): Promise<MetadataFullError> {
+  async #metadataEvict(err: MetadataFullError): Promise<boolean> {
     const store = this.store;
-    let freed = 0;
-    if (!failed && store.clock && !this.#closed && !store.failed) freed = await this.evict(this.#flashWant(0)).catch(() => 0);
-    if (freed > 0) {
-      this.#flashRanFull(err.path, freed);
-      return err;
-    }
+    if (!store.clock || this.#closed || store.failed) return false;
+    const freed = await this.evict(this.#flashWant(0)).catch(() => 0);
+    if (freed > 0) this.#flashRanFull(err.path, freed);
+    return freed > 0;
+  }
+
+  /** A request failed for want of metadata room: counts it, says why in `spaceError`, returns the error to throw. */
+  #metadataFailed(err: MetadataFullError): MetadataFullError {
     this.#metadataFullFailures++;
     this.#spaceError =
       `the flash filesystem is full: ${this.#metadataFullFailures} requests failed; free space on it ` +
-      `(${err.path} cannot grow${store.clock ? ' and the cache holds no clean block to give back' : ''})`;
-    throw new MetadataFullError(`${err.message} (the cache holds no clean block to give back; this request failed, the others go on)`, { cause: err, path: err.path });
+      `(${err.path} cannot grow${this.store.clock ? ' and the cache holds no clean block to give back' : ''})`;
+    return new MetadataFullError(`${err.message} (the cache holds no clean block to give back; this request failed, the others go on)`, { cause: err, path: err.path });
+  }
+
+  /** The flush's own metadata write found the flash full: releases the flash reserve. Resolves true if that freed room. */
+  async #releaseReserve(): Promise<boolean> {
+    return ((await this.store.flashReserve?.release()) ?? 0) > 0;
+  }
+
+  /** A `room` flush can free room: a flush runs on request, a clock can evict what it cleans, and some dirty block holds data. */
+  #roomFlushCanHelp(): boolean {
+    return this.onSpacePressure !== null && this.store.clock !== null && !this.#closed && this.dirtyDataBlocks() > 0;
+  }
+
+  /**
+   * Resolves once no `room` flush runs (its outcome is the waiting requests' business, not this
+   * caller's). Throws CacheFullError after roomFlushWaitMs (review11 R-3: the bound is every
+   * waiter's, not only the request's that started the flush).
+   */
+  async #afterRoomFlush(): Promise<void> {
+    const until = Date.now() + this.#roomFlushWaitMs;
+    while (this.#roomFlush) {
+      await this.#raceRoomFlush(
+        this.#roomFlush.catch(() => undefined),
+        until,
+        () => new CacheFullError(`waited ${this.#roomFlushWaitMs / 1000} s for the flush that makes room on the full flash filesystem; free space on it`),
+      );
+    }
+  }
+
+  /**
+   * A request waits for the `room` flush (starting it if none runs), at most roomFlushWaitMs.
+   * Throws CacheFullError (counted, in `spaceError`) when it failed: the flush cannot help (the
+   * disk is gone, the daemon detaches), or took too long.
+   */
+  async #waitRoomFlush(path: string | undefined): Promise<void> {
+    await this.#raceRoomFlush(this.#startRoomFlush(path), Date.now() + this.#roomFlushWaitMs, () => {
+      this.#spaceError = `the flash filesystem of ${path} is full and the flush that would free room has run ${this.#roomFlushWaitMs / 1000} s: requests that need room fail until it ends`;
+      return new CacheFullError(`waited ${this.#roomFlushWaitMs / 1000} s for the flush that makes room on the full flash filesystem of ${path}; free space on it`);
+    });
+  }
+
+  /** The `room` flush running now, or a new one (#flushForRoom) for `path`; #roomFlush until it settles. */
+  #startRoomFlush(path: string | undefined): Promise<void> {
+    return (this.#roomFlush ??= this.#flushForRoom(path).finally(() => (this.#roomFlush = null)));
+  }
+
+  /**
+   * Waits for `flush` (counted in roomWaiters) until Date.now() reaches `until`, then throws what
+   * `late` returns; rethrows the flush's own failure.
+   */
+  async #raceRoomFlush(flush: Promise<void>, until: number, late: () => Error): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(late()), Math.max(0, until - Date.now()))));
+    this.#roomFlushWaiters++;
+    try {
+      await Promise.race([flush, timeout]);
+    } finally {
+      clearTimeout(timer);
+      this.#roomFlushWaiters--;
+    }
+  }
+
+  /**
+   * The `room` flush: the flash filesystem (`path` ran full) is full and the cache holds no clean
+   * block to give back, only dirty ones. Releases the flash reserve (room for the flush's
+   * metadata: its history row, its commit), flushes through onSpacePressure('room'), evicts what
+   * it cleaned (enough for the reserve and the waiting request) and takes the reserve back.
+   * Throws CacheFullError when the flush failed.
+   */
+  async #flushForRoom(path: string | undefined): Promise<void> {
+    const store = this.store;
+    const bs = this.geometry.blockSize;
+    this.#roomFlushes++;
+    this.#spaceError =
+      `the flash filesystem of ${path} is full and the cache holds only dirty blocks (${formatBytes(this.dirtyDataBlocks() * bs)}): ` +
+      `flushing them to the disk (reason room) on the flash reserve; writes that need room wait`;
+    await store.flashReserve?.release();
+    try {
+      await this.onSpacePressure!('room');
+    } catch (err) {
+      // The reserve's room, not used by the flush, goes back to the reserve, not to the writes.
+      await store.flashReserve?.take();
+      this.#spaceError = `the flash filesystem of ${path} is full, the cache holds only dirty blocks, and the flush that would free room failed: ${(err as Error).message}`;
+      throw new CacheFullError(`${this.#spaceError}; free space on it, or bring the disk back`, { cause: err });
+    }
+    const reserveBlocks = Math.ceil((store.flashReserve?.bytes ?? 0) / bs);
+    const freed = store.clock && !this.#closed ? await this.evict(this.#flashWant(reserveBlocks)).catch(() => 0) : 0;
+    const whole = (await store.flashReserve?.take()) ?? true;
+    this.#spaceError =
+      `the flash filesystem of ${path} ran full with only dirty blocks cached: flushed them to the disk (reason room) and evicted ${formatBytes(freed * bs)}` +
+      (whole ? '' : '; the flash reserve is not back yet (no room for it): free space on it');
+  }
+
+  /** Counts a request that failed for want of room (status failedRequests) and rethrows `err`. */
+  #failed(err: unknown): never {
+    if (err instanceof CacheFullError) this.#failedRequests++;
+    throw err;
+  }
+
+  /**
+   * Takes the flash reserve back where it lacks room (released for a flush, or the filesystem
+   * was full at open): as it is, else after evicting clean blocks worth what it lacks. Never throws.
+   */
+  async #retakeReserve(): Promise<void> {
+    const reserve = this.store.flashReserve;
+    if (!reserve || reserve.heldBytes >= reserve.bytes || this.#closed || this.#roomFlush) return;
+    if (await reserve.take()) return;
+    if (!this.store.clock || this.#closed || this.store.failed) return;
+    await this.evict(Math.ceil((reserve.bytes - reserve.heldBytes) / this.geometry.blockSize)).catch(() => 0);
+    await reserve.take();
   }
 
   /** A metadata write went through after the filesystem was full: say it has room again. */
   #metadataRoomBack(): void {
+    void this.#retakeReserve();
     if (this.#spaceError?.startsWith('the flash filesystem is full')) {
-      this.#spaceError = `the flash filesystem was full (${this.#metadataFullFailures} requests failed) and has room again`;
+      // Room the released flash reserve left is no room come back.
+      const reserve = this.store.flashReserve;
+      this.#spaceError =
+        reserve && reserve.heldBytes < reserve.bytes
+          ? `the flash filesystem is full: ${this.#metadataFullFailures} requests failed; free space on it (the flash reserve is in use: ${formatBytes(reserve.heldBytes)} of ${formatBytes(reserve.bytes)} held)`
+          : `the flash filesystem was full (${this.#metadataFullFailures} requests failed) and has room again`;
     }
   }
 
@@ -1594,12 +1815,20 @@ export class CacheEngine {
     const want = this.#flashWant(blocks);
     let freed = await this.evict(want);
     if (freed === 0 && this.#stagedCount() > 0) {
-      await this.#commit.run();
+      // Staged blocks become present (evictable) at the commit, which needs metadata room itself.
+      await this.#withMetadataRoom(() => this.#commit.run());
       freed = await this.evict(want);
     }
-    if (freed === 0 && this.onSpacePressure) {
-      await this.onSpacePressure().catch(() => undefined);
-      freed = await this.evict(want);
+    if (freed === 0 && this.#roomFlush) {
+      // A `room` flush is running: what it cleans and evicts may be enough.
+      await this.#afterRoomFlush();
+      return;
+    }
+    if (freed === 0 && this.#roomFlushCanHelp()) {
+      // Only dirty blocks: flush them on the flash reserve (their commit needs room too), then
+      // the flush evicts what it cleaned. Throws CacheFullError when the flush failed.
+      await this.#waitRoomFlush(store.paths.cache);
+      return;
     }
     if (freed === 0) {
       this.#spaceError = `the filesystem of ${store.paths.cache} is full and the cache holds no clean block to give back`;

@@ -8,7 +8,7 @@ import { fdatasync } from '../native/io.js';
 import { CacheBusyError, CorruptMetadataError, ioError, MetadataFullError } from '../errors.js';
 import type { Extent } from './layout.js';
 
-export const FORMAT_VERSION = 4;
+export const FORMAT_VERSION = 5;
 /** Oldest format open() upgrades in place (upgrade()); anything else is refused. */
 export const OLDEST_FORMAT = 1;
 
@@ -83,7 +83,8 @@ CREATE TABLE cache_info (
   eviction_unit  INTEGER NOT NULL,
   disk_generation INTEGER CHECK (disk_generation IS NULL OR disk_generation >= 0),
   bitmap_path    TEXT,
-  disk_fingerprint TEXT
+  disk_fingerprint TEXT,
+  journal_open   INTEGER NOT NULL DEFAULT 0 CHECK (journal_open IN (0, 1))
 );
 -- Dirty blocks as extents. Rows may overlap or touch until the next rewrite compacts them. The
 -- dirty set is their union; a row with zero = 1 says its blocks read as zeros (the cache file does
@@ -153,6 +154,16 @@ UPDATE cache_info SET format_version = 4 WHERE id = 1;
 PRAGMA user_version = 4;
 `;
 
+/**
+ * Format 4 to 5: the journal mark (journal_open: 0, as a closed file; the attach that upgrades
+ * sets it, markOpen()).
+ */
+const UPGRADE_4_TO_5 = `
+ALTER TABLE cache_info ADD COLUMN journal_open INTEGER NOT NULL DEFAULT 0 CHECK (journal_open IN (0, 1));
+UPDATE cache_info SET format_version = 5 WHERE id = 1;
+PRAGMA user_version = 5;
+`;
+
 interface InfoRow {
   format_version: number;
   uuid: string;
@@ -169,6 +180,7 @@ interface InfoRow {
   disk_generation?: number | null;
   bitmap_path?: string | null;
   disk_fingerprint?: string | null;
+  journal_open?: number;
 }
 
 /** One row of flush_history. */
@@ -253,11 +265,24 @@ export class Metadata implements HistoryLog {
   readonly #syncFull: Database.Statement;
   /** The WAL, opened on the first syncWal() (it exists from the first write on). */
   #walFd: number | null = null;
+  /**
+   * The main file says "open, possibly with a WAL" (journal_open = 1, format 5): close() clears
+   * it once a checkpoint has put everything into the main file.
+   */
+  #journalOpen = false;
+  /**
+   * A file of format 4 or older (no journal mark) left by a daemon that did not close it
+   * (clean_shutdown 0) found with no WAL beside it: its last transactions may be lost with a WAL
+   * not copied along. Only a hint for refusals that follow (the mark decides from format 5 on).
+   */
+  readonly journalMaybeMissing: boolean;
 
-  private constructor(path: string, db: Database.Database) {
+  private constructor(path: string, db: Database.Database, walFound = true) {
     this.path = path;
     this.#db = db;
     this.#info = readInfo(db, path);
+    this.#journalOpen = journalMark(db);
+    this.journalMaybeMissing = !walFound && this.#info.formatVersion < 5 && !this.#info.cleanShutdown;
     this.#syncNormal = db.prepare('PRAGMA synchronous = NORMAL');
     this.#syncFull = db.prepare('PRAGMA synchronous = FULL');
   }
@@ -281,11 +306,13 @@ export class Metadata implements HistoryLog {
         db.exec(SCHEMA);
         db.prepare(
           `INSERT INTO cache_info (id, format_version, uuid, block_size, backing_size, backing_id, mode, state,
-             clean_shutdown, flush_epoch, created_at, budget, eviction_unit)
-           VALUES (1, ?, ?, ?, ?, ?, ?, 'creating', 1, 0, ?, ?, ?)`,
+             clean_shutdown, flush_epoch, created_at, budget, eviction_unit, journal_open)
+           VALUES (1, ?, ?, ?, ?, ?, ?, 'creating', 1, 0, ?, ?, ?, 1)`,
         ).run(FORMAT_VERSION, identity.uuid, identity.blockSize, identity.backingSize, identity.backingId, mode, Date.now(), space.budget, space.evictionUnit);
         db.pragma(`user_version = ${FORMAT_VERSION}`);
       })();
+      // The mark in the main file before anything else is written (markOpen()).
+      checkpoint(db, path);
       return new Metadata(path, db);
     } catch (err) {
       db.close();
@@ -301,9 +328,17 @@ export class Metadata implements HistoryLog {
    * FORMAT_VERSION. Any other format is refused, with the way to start over.
    */
   static open(path: string): Metadata {
+    // Before SQLite opens it: opening makes an empty WAL.
+    const walFound = existsSync(`${path}-wal`);
     const db = openDatabase(path, true);
     try {
       const version = db.pragma('user_version', { simple: true }) as number;
+      if (version === 0 && !walFound) {
+        // A cache never checkpointed (made by ulobdev before format 5) has all of it in the WAL.
+        throw new CorruptMetadataError(
+          `${path} holds no metadata and its journal ${path}-wal is missing: if the cache was copied or moved after a crash, copy ${path}-wal too (every file of the cache: CACHE*) and attach again`,
+        );
+      }
       if (version < OLDEST_FORMAT || version > FORMAT_VERSION) {
         throw new CorruptMetadataError(
           `${path}: metadata format ${version} is not a format this ulobdev reads (${OLDEST_FORMAT} to ${FORMAT_VERSION})` +
@@ -311,7 +346,15 @@ export class Metadata implements HistoryLog {
             "; or flush with the ulobdev that made it and start over with 'ulobdev discard'",
         );
       }
-      return new Metadata(path, db);
+      // A crash always leaves the WAL (SQLite removes it only at a clean close), and a main file
+      // marked open may lack the transactions in it: the last dirty records (invariant 1).
+      if (!walFound && journalMark(db)) {
+        throw new CorruptMetadataError(
+          `${path} was left open by a daemon that stopped without closing it, and its journal ${path}-wal is missing: it holds the last writes (dirty data); ` +
+            `copy ${path}-wal from where the cache was (every file of the cache: CACHE*) and attach again; if it is lost for good, 'ulobdev discard --force' drops the cache and what only it held; nothing was changed`,
+        );
+      }
+      return new Metadata(path, db, walFound);
     } catch (err) {
       db.close();
       throw translate(err, path);
@@ -338,7 +381,8 @@ export class Metadata implements HistoryLog {
     this.#run(() => {
       if (from < 2) this.#db.exec(UPGRADE_1_TO_2);
       if (from < 3) this.#db.exec(UPGRADE_2_TO_3);
-      this.#db.exec(UPGRADE_3_TO_4);
+      if (from < 4) this.#db.exec(UPGRADE_3_TO_4);
+      this.#db.exec(UPGRADE_4_TO_5);
     });
     this.#info = readInfo(this.#db, this.path);
   }
@@ -500,10 +544,49 @@ export class Metadata implements HistoryLog {
     this.#info = { ...this.#info, cleanShutdown: clean };
   }
 
+  /**
+   * Marks the main file "open, possibly with a WAL" (journal_open = 1) and checkpoints the mark
+   * into it, durably, so that a copy of the cache without CACHE.meta-wal is refused at open
+   * instead of losing the transactions only the WAL holds (docs/format.md, "The journal"). The
+   * attach calls it once the open is accepted, after upgrade(), before anything else is written.
+   * Throws IOFailedError or MetadataFullError.
+   */
+  markOpen(): void {
+    if (this.#journalOpen) {
+      checkpoint(this.#db, this.path);
+      return;
+    }
+    this.#run(() => {
+      this.#db.prepare('UPDATE cache_info SET journal_open = 1 WHERE id = 1').run();
+    });
+    // Committed: from here close() must clear it, even if the checkpoint below fails (else
+    // SQLite's checkpoint at close would leave a main file marked open with no WAL beside it).
+    this.#journalOpen = true;
+    checkpoint(this.#db, this.path);
+  }
+
+  /**
+   * Closes the database. A file marked open gets, after a final checkpoint put everything in the
+   * main file, journal_open = 0 (a small transaction SQLite's own checkpoint at close moves there
+   * before it removes the WAL). A failure on the way leaves the mark and the WAL: both are right.
+   */
   close(): void {
     if (this.#walFd !== null) closeSync(this.#walFd);
     this.#walFd = null;
-    if (this.#db.open) this.#db.close();
+    if (!this.#db.open) return;
+    if (this.#journalOpen) {
+      try {
+        checkpoint(this.#db, this.path);
+        this.#db.transaction(() => this.#db.prepare('UPDATE cache_info SET journal_open = 0 WHERE id = 1').run()).immediate();
+        // The 0 in the main file now, not only through SQLite's own checkpoint at close (review11 M-1).
+        checkpoint(this.#db, this.path);
+        this.#journalOpen = false;
+      } catch {
+        // The mark stays: the next open finds the WAL beside it (SQLite keeps it when its own
+        // checkpoint at close fails too) and takes it.
+      }
+    }
+    this.#db.close();
   }
 
   // --- history (HistoryLog) -------------------------------------------------------------------
@@ -611,6 +694,31 @@ function openDatabase(path: string, mustExist: boolean): Database.Database {
     if (fresh) removeDatabase(path);
     throw translate(err, path);
   }
+}
+
+/** journal_open of the file as opened (false for formats without it). */
+function journalMark(db: Database.Database): boolean {
+  try {
+    const row = db.prepare('SELECT * FROM cache_info WHERE id = 1').get() as InfoRow | undefined;
+    return row?.journal_open === 1;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Copies every WAL frame into the main file and syncs it (synchronous = FULL), leaving an empty
+ * WAL (TRUNCATE: a zero-length file, which still exists). Throws IOFailedError when SQLite could
+ * not checkpoint it all.
+ */
+function checkpoint(db: Database.Database, path: string): void {
+  let r: { busy: number; log: number; checkpointed: number } | undefined;
+  try {
+    r = (db.pragma('wal_checkpoint(TRUNCATE)') as { busy: number; log: number; checkpointed: number }[])[0];
+  } catch (err) {
+    throw translate(err, path);
+  }
+  if (!r || r.busy !== 0) throw ioError('checkpoint the metadata journal into', path, new Error('the checkpoint was incomplete (SQLITE_BUSY)'));
 }
 
 function removeDatabase(path: string): void {

@@ -32,6 +32,7 @@ import { Coalescer } from './coalesce.js';
 import { checkDiskRecord, ownerEntry, type DiskRecord, type DiskRecords } from './disk-record.js';
 import { FILE_ALIGN, Geometry, MAX_BLOCK_SIZE, type Extent } from './layout.js';
 import { DEFAULT_EVICTION_UNIT, Metadata, type CacheInfo, type CacheMode, type HistoryLog } from './metadata.js';
+import { DEFAULT_FLASH_RESERVE, FlashReserve, reservePath } from './reserve.js';
 import { posixStorage } from '../storage/posix-storage.js';
 import type { BlockFile, Storage } from '../storage/storage.js';
 import type { Source, WritableSource } from '../source/source.js';
@@ -109,6 +110,11 @@ export interface OpenStoreOptions {
   servedByKernel?: boolean;
   /** Block size of a new cache when `blockSize` is not given (default 4 KiB); never checked against an existing one. */
   defaultBlockSize?: number;
+  /**
+   * Bytes of the flash reserve (src/cache/reserve.ts: METADATA-reserve, released so a flush can
+   * commit on a full flash filesystem). Default DEFAULT_FLASH_RESERVE (1 MiB); 0: none.
+   */
+  flashReserve?: number;
   storage?: Storage;
   metadata?: MetadataFactory;
   /**
@@ -194,6 +200,11 @@ export class CacheStore {
   #leaked = 0;
   #outside = 0;
   #spaceListeners: (() => void)[] = [];
+  /**
+   * The flash reserve (src/cache/reserve.ts), or null (OpenStoreOptions.flashReserve 0): room on
+   * the flash filesystem the engine releases so that a flush can commit when it is full.
+   */
+  flashReserve: FlashReserve | null = null;
 
   private constructor(args: {
     paths: CachePaths;
@@ -267,6 +278,12 @@ export class CacheStore {
     try {
       const info = meta.info;
       checkIdentity(info, backing, options.blockSize, paths.metadata, () => madeFor(options.records, info), () => dirtyBytesOf(meta!, info.blockSize), paths.cache);
+      // Fixed at creation like the block size, and refused alike rather than ignored (newuser11 finding 8).
+      if (options.evictionUnit !== undefined && info.state === 'ready' && Math.max(options.evictionUnit, info.blockSize) !== info.evictionUnit) {
+        throw new SizeMismatchError(
+          `${paths.metadata}: the cache uses ${formatBytes(info.evictionUnit)} eviction units, not ${formatBytes(options.evictionUnit)}; omit --eviction-unit or re-create it`,
+        );
+      }
       const geometry = new Geometry(info.backingSize, info.blockSize);
       const budget = options.budget ?? info.budget;
       const creating = info.state === 'creating';
@@ -360,7 +377,7 @@ export class CacheStore {
         }
         const known = creating ? null : info.diskFingerprint;
         if (fingerprint !== undefined && known !== null && known !== fingerprint) {
-          if (dirty.count() > 0) throw diskChangedDirty(paths.cache, backing.description, dirty.count() * geometry.blockSize);
+          if (dirty.count() > 0) throw diskChangedDirty(paths.cache, backing.description, dirty.count() * geometry.blockSize, meta.journalMaybeMissing ? paths.metadata : undefined);
           if (options.servedByKernel) {
             throw new DiskChangedError(
               `${backing.description} was written without ulobdev while its device waited for the daemon that died, and that device still serves ${paths.cache}'s older blocks: ` +
@@ -382,6 +399,10 @@ export class CacheStore {
       if (generation !== undefined && options.mode === 'writeback') store.#takeRecord(generation);
       // From here on the open is accepted: mark the cache in use (unclean until close).
       meta.upgrade();
+      // Before anything else is written: the main file says it may need its WAL from now on, so
+      // a copy of the cache without CACHE.meta-wal is refused (Metadata.open) instead of losing
+      // the last dirty records.
+      meta.markOpen();
       // The flushes a killed daemon left running in the history are over.
       meta.endInterruptedFlushes();
       if (generation !== undefined) {
@@ -406,6 +427,11 @@ export class CacheStore {
         await store.#dropLeftovers(unbudgeted || store.recoveredFromCrash || diskChanged);
         await store.#shrinkTo(store.budgetBlocks);
       }
+      // Last, once the open is accepted: a refused open leaves no reserve behind.
+      const reserveBytes = options.flashReserve ?? DEFAULT_FLASH_RESERVE;
+      // Best effort (review11 R-2): a reserve that cannot be opened holds no data and must not
+      // refuse the cache; it is then none.
+      if (reserveBytes > 0) store.flashReserve = await FlashReserve.open(reservePath(paths.metadata), reserveBytes).catch(() => null);
       return store;
     } catch (err) {
       meta.close();
@@ -413,7 +439,7 @@ export class CacheStore {
       await files?.bitmapFile.close().catch(() => undefined);
       // A cache this call began to create is removed again: a refused open leaves nothing behind.
       if (!metaExists) {
-        for (const p of [paths.cache, paths.bitmap, paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`]) {
+        for (const p of [paths.cache, paths.bitmap, ...metadataFiles(paths.metadata)]) {
           await storage.remove(p).catch(() => undefined);
         }
       }
@@ -491,7 +517,7 @@ export class CacheStore {
         // Unreadable metadata cannot say what is dirty: only --force may throw such a cache away.
         // A cache in use (CacheBusyError) is never removed.
         if (err instanceof CorruptMetadataError && options.force) {
-          for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, paths.bitmap, paths.cache]) {
+          for (const p of [...metadataFiles(paths.metadata), paths.bitmap, paths.cache]) {
             await storage.remove(p);
           }
           if (options.records && options.backingId !== undefined) releaseDisk(options.records, options.backingId, resolve(paths.metadata), undefined);
@@ -529,7 +555,7 @@ export class CacheStore {
         meta.close();
       }
     }
-    for (const p of [paths.metadata, `${paths.metadata}-wal`, `${paths.metadata}-shm`, ...(bitmap ? [bitmap] : []), paths.cache]) {
+    for (const p of [...metadataFiles(paths.metadata), ...(bitmap ? [bitmap] : []), paths.cache]) {
       await storage.remove(p);
     }
     if (options.records && options.backingId !== undefined) releaseDisk(options.records, options.backingId, resolve(paths.metadata), uuid);
@@ -1068,21 +1094,40 @@ export class CacheStore {
         await this.#intentRound.idle();
         await this.syncData();
         await this.persistBitmap(true);
-        this.#meta.replaceDirty(this.#dataRuns(), undefined, this.#zeroRuns(), [...this.#pendingDirty].flat());
-        if (this.clock) this.#meta.saveClock(this.clock.state(this.#meta.info.evictionUnit));
-        this.#meta.setCleanShutdown(true);
+        // A full flash filesystem: the reserve gives the close's transactions their room.
+        await this.#withReserve(() => {
+          this.#meta.replaceDirty(this.#dataRuns(), undefined, this.#zeroRuns(), [...this.#pendingDirty].flat());
+          if (this.clock) this.#meta.saveClock(this.clock.state(this.#meta.info.evictionUnit));
+          this.#meta.setCleanShutdown(true);
+        });
         if (this.#mode === 'writeback') this.#releaseRecord();
       }
     } finally {
       this.#closed = true;
+      this.flashReserve?.close();
       this.#meta.close();
       await this.#cache.close().catch(() => undefined);
       await this.#bitmapFile.close().catch(() => undefined);
     }
   }
 
+  /**
+   * Runs `write` (metadata transactions, each all or nothing); when the flash filesystem is full
+   * (MetadataFullError) releases the flash reserve and runs it once more. Throws what `write`
+   * throws otherwise.
+   */
+  async #withReserve(write: () => void): Promise<void> {
+    try {
+      write();
+    } catch (err) {
+      if (!(err instanceof MetadataFullError) || !this.flashReserve || (await this.flashReserve.release()) === 0) throw err;
+      write();
+    }
+  }
+
   /** Drops the store as a crash would: no syncs, no clean flag. For tests and fatal errors. */
   async abandon(): Promise<void> {
+    this.flashReserve?.close();
     this.#closed = true;
     this.#failed ??= new EngineClosedError('cache store abandoned');
     this.#meta.close();
@@ -1313,13 +1358,27 @@ export class CacheStore {
   }
 }
 
+/** The files of the metadata at `metadata`: the database, its SQLite WAL and shared memory, the flash reserve. */
+function metadataFiles(metadata: string): string[] {
+  return [metadata, `${metadata}-wal`, `${metadata}-shm`, reservePath(metadata)];
+}
+
 /**
  * After a discard: the disk's record stops naming the removed cache (by uuid, or by metadata path
  * when the metadata was unreadable or missing), so the next attach of another cache is not refused
  * for it. The generation stays: caches the disk was written past stay refused.
  */
-/** The refusal of a disk changed outside under a cache holding `bytes` of dirty data. */
-function diskChangedDirty(cache: string, disk: string, bytes: number): DiskChangedError {
+/**
+ * The refusal of a disk changed outside under a cache holding `bytes` of dirty data;
+ * `journalMissing`: the metadata path, when its WAL is missing after a crash (the likelier cause then).
+ */
+function diskChangedDirty(cache: string, disk: string, bytes: number, journalMissing?: string): DiskChangedError {
+  if (journalMissing !== undefined) {
+    return new DiskChangedError(
+      `${cache}'s metadata is behind ${disk}: the daemon stopped without closing it and its journal ${journalMissing}-wal is missing, which holds the last flush and writes: ` +
+        `copy ${journalMissing}-wal from where the cache was (every file of the cache: CACHE*) and attach again; if it is lost for good, 'ulobdev discard --force -c ${cache} ${disk}' drops the cache and what only it held; nothing was changed`,
+    );
+  }
   return new DiskChangedError(
     `${disk} was written without ulobdev (mounted directly?) since ${cache} last left it, and the cache holds ${formatBytes(bytes)} of dirty data that a flush would write over the newer data: ` +
       `to keep the disk as it is now, 'ulobdev discard --force -c ${cache} ${disk}' (losing the cache's changes); to keep the cache's, restore the disk as ulobdev left it; nothing was changed`,

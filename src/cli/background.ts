@@ -2,7 +2,7 @@
 // return once the device is ready, as losetup does) and the READY or ERROR CODE line the child
 // sends back.
 import { spawn } from 'node:child_process';
-import { closeSync, openSync, promises as fsp, writeSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, promises as fsp, writeSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import type { Command } from 'commander';
@@ -19,22 +19,70 @@ const NOTIFY_FD_ENV = 'ULOBDEV_NOTIFY_FD';
 // detach, a --daemon start) about a fifth of its start-up time.
 const requireCjs = createRequire(import.meta.url);
 
-/**
- * The daemon's logger on stderr: one JSON object per line (for journald, a --daemon log file or a
- * pipe), or, when `pretty` (a foreground run on a terminal), pino-pretty's human-readable lines.
- * Both write synchronously, so the last line before an exit is never lost.
- */
 /** The --log-level values, most severe first (pino's levels a user would pick). */
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug'] as const;
 
-export function makeLogger(level: string, options: { pretty?: boolean } = {}): Logger {
-  if (options.pretty) {
+/** Where a daemon's log goes: a person's terminal (pretty lines), systemd's journal, or JSON lines. */
+export type LogTarget = 'terminal' | 'journal' | 'json';
+
+/** This run's LogTarget: a foreground run on a terminal, stderr that is the journal, or anything else. */
+export function logTarget(): LogTarget {
+  return logsToTerminal() ? 'terminal' : logsToJournal() ? 'journal' : 'json';
+}
+
+/**
+ * The daemon's logger on stderr, by `target` (logTarget()): one JSON object per line ('json': a
+ * --daemon log file or a pipe); the message alone with its syslog priority prefix ('journal');
+ * pino-pretty's human-readable lines ('terminal': a foreground run on a terminal).
+ * Both write synchronously, so the last line before an exit is never lost.
+ */
+export function makeLogger(level: string, target: LogTarget = 'json'): Logger {
+  if (target === 'journal') {
+    // systemd's journal stamps time, pid and unit itself: the message alone, one line per event,
+    // led by its syslog priority (sd-daemon(3) SD_ERR..SD_DEBUG prefixes, which journald reads on
+    // stderr by default: SyslogLevelPrefix=yes). Fields stay out; an error's stack still follows.
+    const pretty = requireCjs('pino-pretty') as typeof PinoPretty;
+    const stream = pretty({
+      destination: 2,
+      sync: true,
+      colorize: false,
+      hideObject: true,
+      ignore: 'pid,hostname,time,level,device,name',
+      messageFormat: (log, key) => `<${journalPriority(Number(log['level']))}>${String(log[key] ?? '')}`,
+    });
+    return pino({ level, base: { pid: process.pid } }, stream);
+  }
+  if (target === 'terminal') {
     // One daemon, one device, which the user just typed: lines without the device and pid.
     const pretty = requireCjs('pino-pretty') as typeof PinoPretty;
     const stream = pretty({ destination: 2, sync: true, colorize: true, translateTime: 'SYS:HH:MM:ss', ignore: 'pid,hostname,device,name' });
     return pino({ level, base: { pid: process.pid } }, stream);
   }
   return pino({ level, base: { pid: process.pid } }, pino.destination({ fd: 2, sync: true }));
+}
+
+/** pino's numeric level as a syslog priority (3 err, 4 warning, 6 info, 7 debug; fatal is 2, crit). */
+export function journalPriority(level: number): number {
+  if (level >= 60) return 2;
+  if (level >= 50) return 3;
+  if (level >= 40) return 4;
+  if (level >= 30) return 6;
+  return 7;
+}
+
+/**
+ * True when stderr is systemd's journal: $JOURNAL_STREAM ("DEVICE:INODE", systemd.exec(5)) names
+ * the file stderr is. A --daemon child (its stderr is the log file) and a pipe say false.
+ */
+export function logsToJournal(): boolean {
+  const stream = process.env['JOURNAL_STREAM'];
+  if (!stream || hasWaitingParent()) return false;
+  try {
+    const st = fstatSync(2);
+    return stream === `${st.dev}:${st.ino}`;
+  } catch {
+    return false;
+  }
 }
 
 /** True when this run's log goes to a person: a foreground run (no --daemon parent) on a terminal. */

@@ -19,7 +19,7 @@ import { assertCachePathsApart, CacheStore } from '../cache/store.js';
 import { Metadata } from '../cache/metadata.js';
 import { CacheBusyError, DaemonError, DeviceBusyError, errorToWire, InvalidArgumentError, IOFailedError, NotAttachedError, PermissionDeniedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
-import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logsToTerminal, makeLogger, noteParent, notifyParent, oneLine, warn } from './background.js';
+import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logTarget, makeLogger, noteParent, notifyParent, oneLine, warn } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
 import { openBacking } from '../source/backing.js';
 import { controlRequest } from '../daemon/control.js';
@@ -253,12 +253,24 @@ function describeDaemon(d: DaemonEntry): string {
 
 async function attach(device: string, backing: string, flags: AttachFlags, command: Command): Promise<void> {
   checkPositionals(device, backing, flags, command);
+  // An empty path resolves to the working directory ("/ is a directory" under systemd): say what it is.
+  for (const [option, value] of [['-c/--cache', flags.cache], ['-b/--bitmap', flags.bitmap], ['--metadata', flags.metadata]] as const) {
+    if (value !== undefined && value.trim() === '') {
+      throw new InvalidArgumentError(`${option} is empty (CACHE= in /etc/ulobdev/NAME.conf?): give the file's path, or leave the option out for the default`);
+    }
+  }
   const runDir = flags.runDir ?? RUN_DIR;
   const policy = await writebackPolicy(backing, flags);
   const stopTimeoutMs = parseDuration(flags.stopTimeout, '--stop-timeout');
   const cacheSize = flags.cacheSize === undefined ? undefined : parseCacheSize(flags.cacheSize);
   const evictionUnit = flags.evictionUnit === undefined ? undefined : parseEvictionUnit(flags.evictionUnit);
-  await assertNotServed(resolve(backing), runDir);
+  // The very same attach run again (newuser11 finding 7): say it is attached, as mount says "already mounted".
+  const cacheGiven = flags.cache === undefined ? undefined : resolve(flags.cache);
+  await assertNotServed(resolve(backing), runDir, (d) =>
+    cacheGiven !== undefined && resolve(d.status.paths.cache) === cacheGiven
+      ? `${backing} is already attached with this cache, as ${describeDaemon(d)}: nothing to do ('ulobdev status ${d.status.device}' shows it; to attach it otherwise, 'ulobdev detach ${d.status.device}' first)`
+      : `${backing} is already cached by the ulobdev daemon of ${describeDaemon(d)}; detach it first (ulobdev detach ${d.status.device})`,
+  );
   // The disk given as -c (or -b, --metadata) is refused before anything opens it. Without any of
   // them the cache lives in the state directory, named after the disk's identity.
   if (flags.cache !== undefined || flags.bitmap !== undefined || flags.metadata !== undefined) {
@@ -267,8 +279,9 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
   if (flags.daemon) return daemonize(device, { name: flags.name, runDir: flags.runDir, args: childArgs(command, [device, backing], ['daemon']) });
   // Cache, metadata and sockets hold the disk's data: owner only.
   process.umask(0o077);
-  const onTerminal = logsToTerminal();
-  const logger = makeLogger(flags.logLevel, { pretty: onTerminal });
+  const target = logTarget();
+  const onTerminal = target === 'terminal';
+  const logger = makeLogger(flags.logLevel, target);
   let ioFlusherError: unknown;
   try {
     // Before any threadpool or child starts, so they inherit it (see native/process.cc).
@@ -447,6 +460,15 @@ export function formatStatus(s: DeviceStatus): string {
     `  reads: ${s.hitRatio === null ? 'none yet' : `hit ratio ${(s.hitRatio * 100).toFixed(1)}% (${s.readHits} hits, ${s.readMisses} misses)`}`,
   ];
   if (s.spaceError) lines.push(`  room: ${s.spaceError}`);
+  const r = s.flashReserve;
+  if (r && (r.heldBytes < r.bytes || r.releases > 0 || s.roomWaiters > 0 || s.failedRequests > 0)) {
+    const held = r.heldBytes >= r.bytes ? `${formatBytes(r.bytes)} held` : r.heldBytes === 0 ? `${formatBytes(r.bytes)} RELEASED (in use by a flush, or no room to take it back)` : `${formatBytes(r.heldBytes)} of ${formatBytes(r.bytes)} held`;
+    lines.push(
+      `  flash reserve: ${held}; released ${r.releases}x, ${s.roomFlushes} flushes for room since attach; ${s.roomWaiters} requests waiting for room, ${s.failedRequests} failed for want of room`,
+    );
+  } else if (s.failedRequests > 0 || s.roomWaiters > 0) {
+    lines.push(`  requests: ${s.roomWaiters} waiting for room, ${s.failedRequests} failed for want of room since attach`);
+  }
   if (s.disk) {
     const d = s.disk;
     const last = d.lastError ? `; last error ${when(d.lastErrorAt)}: ${d.lastError}` : '';

@@ -14,7 +14,7 @@ import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgume
 import { CacheStore } from '../cache/store.js';
 import { ForeignCacheError, ImageChangedError, InvalidArgumentError, SizeMismatchError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
-import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logsToTerminal, makeLogger, notifyParent, oneLine, warn } from './background.js';
+import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logTarget, makeLogger, notifyParent, oneLine, warn } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
 import { openHttpSource, type HttpSource } from '../source/http.js';
 import { credentialsHeader, formatHeaders, parseHeaders, redactUrl } from '../source/http-range.js';
@@ -120,8 +120,9 @@ async function attach(device: string, url: string, flags: Flags, command: Comman
     });
   }
   process.umask(0o077);
-  const onTerminal = logsToTerminal();
-  const logger = makeLogger(flags.logLevel, { pretty: onTerminal });
+  const target = logTarget();
+  const onTerminal = target === 'terminal';
+  const logger = makeLogger(flags.logLevel, target);
   try {
     setIoFlusher();
   } catch {

@@ -5,6 +5,7 @@ import { basename, dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths, type IntentStats } from '../cache/store.js';
+import type { FlashReserveStatus } from '../cache/reserve.js';
 import { assertBlockSize, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE } from '../cache/layout.js';
 import { DeviceBusyError, InvalidArgumentError, IOFailedError, NotAttachedError, NotRootError, ReadOnlyError } from '../errors.js';
 import { exists, sleep } from '../sys.js';
@@ -149,6 +150,12 @@ export interface DeviceStatus {
   spaceError: string | null;
   /** Dirty-intent rounds since attach: how many first writes share one transaction and WAL fsync. */
   intents: IntentStats;
+  /** The flash reserve (room released so a flush can commit on a full flash filesystem), or null: none. */
+  flashReserve: FlashReserveStatus | null;
+  /** Requests waiting for room now (budget or a `room` flush), `room` flushes and requests failed for want of room since attach. */
+  roomWaiters: number;
+  roomFlushes: number;
+  failedRequests: number;
   /** Write-back state: schedule, last/next flush, errors, power. Absent in read-only mode. */
   writeback?: SchedulerStatus & { schedule: string | null; powerControl: string | null };
   /** Every policy setting in force (null: not set), so status shows what the daemon was told. */
@@ -394,12 +401,7 @@ export class Daemon {
         const sched = scheduler;
         onDiskRead = () => sched.noteDiskActive();
         // Writes waiting for room in the budget: a flush makes clean blocks, which can go.
-        engine.onSpacePressure = () => sched.pressure();
-        try {
-          store.history.prune(Date.now() - 90 * 86_400_000);
-        } catch (err) {
-          logger.warn(`cannot prune the history: ${(err as Error).message}`);
-        }
+        engine.onSpacePressure = (reason) => sched.pressure(reason);
         undo.push(async () => sched.stop());
       }
       let hydrator: Hydrator | null = null;
@@ -536,6 +538,10 @@ export class Daemon {
       hitRatio: reads === 0 ? null : Math.round((s.readHits / reads) * 1000) / 1000,
       spaceError: s.spaceError,
       intents: s.intents,
+      flashReserve: s.flashReserve,
+      roomWaiters: s.roomWaiters,
+      roomFlushes: s.roomFlushes,
+      failedRequests: s.failedRequests,
       hydration: this.#hydrator?.progress(),
       policy: this.#policyStatus(),
       kernel,
@@ -726,10 +732,14 @@ export class Daemon {
     await this.#hydrator?.stop();
     let flushed: FlushResult | null = null;
     let flushError: string | null = null;
+    let waitedBytes = 0;
     const scheduler = this.#scheduler;
     if (scheduler) {
       scheduler.stop();
-      await scheduler.idle();
+      // A flush already running (`ulobdev flush`, a schedule, an opportunistic one) ends first:
+      // what it wrote is part of what this detach says (newuser11 finding 6: "no flush" after
+      // waiting for 149 MiB).
+      for (const r of await scheduler.idle()) waitedBytes += r.bytes;
       const p = this.#policy;
       if ((p.flushOnDetach ?? hasAutomaticWriteback(p)) && this.engine.dirtyBlocks() > 0) {
         // Detach and shutdown flush: the disk leaves with everything. A failure (or the stop
@@ -758,7 +768,7 @@ export class Daemon {
     await this.#control.close();
     await fsp.rm(this.#runDir, { recursive: true, force: true });
     await releaseName(dirname(this.#runDir), this.name);
-    const result: DetachResult = { device: this.device, flushed, flushError, dirtyBytes };
+    const result: DetachResult = { device: this.device, flushed, flushError, dirtyBytes, waitedBytes };
     this.#logger.info({ dirtyBytes, flushedBytes: flushed?.bytes ?? 0 }, `detached: ${describeFlush(result)}`);
     this.#resolveDone();
     return result;
@@ -799,13 +809,27 @@ export interface DetachResult {
   flushError: string | null;
   /** Dirty bytes left in the cache (the disk lacks them until the next flush). */
   dirtyBytes: number;
+  /**
+   * Bytes written back by flushes that were running when the detach began and that it waited for
+   * (absent from a daemon before it: 0).
+   */
+  waitedBytes?: number;
 }
 
-/** One phrase for logs and the CLI: "wrote 12 MiB back; nothing stays dirty". */
-export function describeFlush(r: Pick<DetachResult, 'flushed' | 'flushError' | 'dirtyBytes'>): string {
-  const wrote = r.flushed ? `wrote ${formatBytes(r.flushed.bytes)} back` : r.flushError ? `the flush failed (${r.flushError})` : 'no flush';
+/**
+ * One phrase for logs and the CLI: "wrote 12 MiB back; nothing stays dirty", or "waited for a
+ * running flush that wrote 149 MiB back; …" when the detach's only flush was one already under way.
+ */
+export function describeFlush(r: Pick<DetachResult, 'flushed' | 'flushError' | 'dirtyBytes' | 'waitedBytes'>): string {
+  const waited = r.waitedBytes ?? 0;
+  const before = waited > 0 ? `waited for a running flush that wrote ${formatBytes(waited)} back` : '';
+  const then = before ? `${before}, then ` : '';
+  const wrote = r.flushed ? `${then}wrote ${formatBytes(r.flushed.bytes)} back` : r.flushError ? `${then}the flush failed (${r.flushError})` : before;
+  // Nothing written by or for this detach and nothing dirty: not "no flush", which read as "the
+  // data was not written back" (newuser11 finding 6).
+  if (!wrote && r.dirtyBytes === 0) return 'nothing to write back: the disk has everything';
   const left = r.dirtyBytes > 0 ? `${formatBytes(r.dirtyBytes)} stay dirty in the cache for the next flush` : 'nothing stays dirty';
-  return `${wrote}; ${left}`;
+  return `${wrote || 'no flush'}; ${left}`;
 }
 
 function isBusy(err: unknown): boolean {

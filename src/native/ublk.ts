@@ -71,10 +71,6 @@ export interface UblkCounts {
   readMisses: number;
   /** Reads put straight into the request's pages by IORING_OP_READ_FIXED (the zero-copy path), hits and filled misses. */
   zeroCopyReads: number;
-  /** Read hits whose COMMIT_AND_FETCH went to the kernel linked behind the read of the cache file (IOSQE_IO_LINK): one pass through the ring per hit. */
-  linkedHits: number;
-  /** Linked hits whose read fell short or failed: the kernel cancelled the linked COMMIT and the request was finished unlinked. */
-  unlinkedHits: number;
   writeHits: number;
   writeUpcalls: number;
   flushes: number;

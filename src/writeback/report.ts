@@ -53,7 +53,9 @@ export function renderReportSvg(data: ReportData, options: { title?: string } = 
   const next = data.nextFlushAt ?? null;
   const span0 = Math.max(data.now - t0, 1);
   const t1 = next !== null && next > data.now && next - data.now <= span0 / 4 ? next + span0 / 50 : Math.max(data.now, t0 + 1);
-  const maxDirty = Math.max(1, ...data.samples.map((s) => s.dirtyBytes));
+  // A loop, not Math.max(...samples): 90 days of samples (~130k) overflow the call stack as arguments.
+  let maxDirty = 1;
+  for (const s of data.samples) if (s.dirtyBytes > maxDirty) maxDirty = s.dirtyBytes;
   const pw = W - M.left - M.right;
   const ph = H - M.top - M.bottom;
   const x = (t: number) => M.left + ((Math.min(Math.max(t, t0), t1) - t0) / (t1 - t0)) * pw;

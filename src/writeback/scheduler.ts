@@ -9,6 +9,8 @@
 //   retry          after a failed flush, with exponential backoff
 //   budget         dirty data fills 3/4 of the cache budget (--cache-size), or a write waits for
 //                  room that only a flush can make
+//   room           the flash filesystem is full (another program filled it) and the cache holds
+//                  only dirty blocks: a write waits while this flush runs on the flash reserve
 // Nothing else makes the daemon touch the disk, so between flushes it can sleep. A failed flush
 // leaves its blocks dirty (engine.abortEpoch); the error shows in status, logs and history.
 import type { CronJob } from 'cron';
@@ -20,7 +22,10 @@ import type { PowerControl, PowerState } from './power.js';
 import { EngineClosedError } from '../errors.js';
 import { cronModule } from './policy.js';
 
-export type FlushReason = 'schedule' | 'threshold' | 'age' | 'manual' | 'detach' | 'opportunistic' | 'ac' | 'retry' | 'budget';
+/** How long the history keeps flushes, samples and events (docs/reference.md, "report"). */
+export const HISTORY_KEEP_MS = 90 * 86_400_000;
+
+export type FlushReason = 'schedule' | 'threshold' | 'age' | 'manual' | 'detach' | 'opportunistic' | 'ac' | 'retry' | 'budget' | 'room';
 
 /** Share of the cache budget dirty data may fill before a 'budget' flush starts. */
 export const BUDGET_FLUSH_SHARE = 0.75;
@@ -52,6 +57,11 @@ export interface SchedulerOptions {
   tickMs?: number;
   /** Period of dirty-bytes samples in the history. */
   sampleMs?: number;
+  /**
+   * Period of the history's pruning (default daily): rows older than HISTORY_KEEP_MS go, at
+   * start() and then every pruneMs, so a daemon that runs for years keeps 90 days, not all.
+   */
+  pruneMs?: number;
   /** How often to read the disk's power state (CHECK POWER MODE does not wake a well-behaved disk). */
   powerPollMs?: number;
   /**
@@ -162,7 +172,11 @@ export class FlushScheduler {
     if (this.#dirtyBytes() > 0) this.#oldestDirtyAt = last?.startedAt ?? Date.now();
     this.#job?.start();
     this.#every(this.#o.tickMs ?? 1000, () => this.#tick());
-    if (this.#o.history) this.#every(this.#o.sampleMs ?? 60_000, () => this.#sample());
+    if (this.#o.history) {
+      this.#prune();
+      this.#every(this.#o.sampleMs ?? 60_000, () => this.#sample());
+      this.#every(this.#o.pruneMs ?? 86_400_000, () => this.#prune());
+    }
     if (this.#o.power?.supported) {
       void this.#pollPower();
       this.#every(this.#o.powerPollMs ?? 60_000, () => void this.#pollPower());
@@ -194,8 +208,17 @@ export class FlushScheduler {
     this.#sample();
   }
 
-  async idle(): Promise<void> {
-    while (this.#running || this.#queued) await (this.#queued ?? this.#running)!.catch(() => undefined);
+  /**
+   * Waits until no flush runs or is queued; returns the flushes it waited for that completed
+   * (a failed one is left out: its error is in status and the history).
+   */
+  async idle(): Promise<FlushResult[]> {
+    const done: FlushResult[] = [];
+    while (this.#running || this.#queued) {
+      const r = await (this.#queued ?? this.#running)!.catch(() => null);
+      if (r) done.push(r);
+    }
+    return done;
   }
 
   get flushing(): boolean {
@@ -219,11 +242,12 @@ export class FlushScheduler {
 
   /**
    * A write waits for room in the cache budget that only a flush can make: flushes now (reason
-   * 'budget'), whatever the schedule and the retry backoff say. Rejects if the flush fails.
+   * 'budget', or 'room': the flash filesystem is full and the cache holds only dirty blocks),
+   * whatever the schedule and the retry backoff say. Rejects if the flush fails.
    */
-  pressure(): Promise<FlushResult> {
+  pressure(reason: 'budget' | 'room' = 'budget'): Promise<FlushResult> {
     if (this.#stopped) return Promise.reject(new EngineClosedError('the daemon is detaching: no flush will make room'));
-    return this.request('budget');
+    return this.request(reason);
   }
 
   /**
@@ -315,6 +339,14 @@ export class FlushScheduler {
     else if (this.#o.dirtyMaxBytes !== undefined && dirty >= this.#o.dirtyMaxBytes) void this.#auto('threshold');
     else if (this.#o.maxDirtyAgeMs !== undefined && now - this.#oldestDirtyAt >= this.#o.maxDirtyAgeMs) void this.#auto('age');
     else if (this.#onAc && now - this.#engine.lastRequestAt >= (this.#o.quietMs ?? 5000)) void this.#auto('ac');
+  }
+
+  #prune(): void {
+    try {
+      this.#o.history?.prune(Date.now() - HISTORY_KEEP_MS);
+    } catch (err) {
+      this.#log.warn(`cannot prune the history: ${(err as Error).message}`);
+    }
   }
 
   #sample(): void {

@@ -76,6 +76,14 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     await expectRefused([...cacheArgs(), unusedLoop(), join(s.dir, 'adir')], /neither a block device nor a regular file/);
   });
 
+  it('an empty -c, -b or --metadata (an empty CACHE= in NAME.conf; newuser11 finding 9): says it is empty, not "/ is a directory"', async () => {
+    s = scratch('ulob-cli-');
+    const disk = makeDisk('disk.img');
+    await expectRefused(['-c', '', unusedLoop(), disk], /^ulobdev: -c\/--cache is empty \(CACHE= in \/etc\/ulobdev\/NAME\.conf\?\): give the file's path/);
+    await expectRefused([...cacheArgs(), '-b', ' ', unusedLoop(), disk], /^ulobdev: -b\/--bitmap is empty/);
+    await expectRefused([...cacheArgs(), '--metadata', '', unusedLoop(), disk], /^ulobdev: --metadata is empty/);
+  });
+
   it('a loop DEVICE that is in use', async () => {
     s = scratch('ulob-cli-');
     const other = makeDisk('other.img', '1M');

@@ -2,6 +2,7 @@
 // cli-progress bar with size, rate and time left on a terminal (run under script(1) for a pty),
 // prints only its result line off a terminal; `detach` says what it flushed.
 import { spawnSync } from 'node:child_process';
+import { existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { CLI, mustSh, prepareCliTests, scratch, ulobdev } from '../support/cli.js';
@@ -18,11 +19,11 @@ afterEach(async () => {
   s?.cleanup();
 });
 
-async function serve(name: string, extra: string[] = []): Promise<string> {
+async function serve(name: string, extra: string[] = [], env?: NodeJS.ProcessEnv): Promise<string> {
   const disk = join(s.dir, 'disk.img');
   mustSh('truncate', ['-s', '32M', disk]);
   const url = `nbd+unix:///?socket=${join(s.dir, `${name}.sock`)}`;
-  const r = await ulobdev(['--writeback', '-c', join(s.dir, `${name}.cache`), '--name', name, '--daemon', '--run-dir', s.runDir, ...extra, url, disk]);
+  const r = await ulobdev(['--writeback', '-c', join(s.dir, `${name}.cache`), '--name', name, '--daemon', '--run-dir', s.runDir, ...extra, url, disk], env ? { env } : {});
   expect(r.code, r.stderr).toBe(0);
   attached.push(name);
   return url;
@@ -74,5 +75,28 @@ describe('progress and results of long work', () => {
     attached = [];
     expect(r.code, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/^nbd\+unix:\S+ detached: wrote 3(\.0)? MiB back; nothing stays dirty\n$/);
+  });
+
+  it('detach right after a background flush says it waited for that flush, not "no flush" (newuser11 finding 6)', async () => {
+    s = scratch('ulob-progress-');
+    // The flush holds at its copy until the gate file exists: still running when the detach begins.
+    const gate = join(s.dir, 'gate');
+    const pauseFile = join(s.dir, 'pause');
+    writeFileSync(pauseFile, `flush:copy ${gate}\n`);
+    const url = await serve('dw', ['--flush', '0 3 * * *'], { ULOBDEV_PAUSE_FILE: pauseFile });
+    mustSh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 3M', '-c', 'flush', url.replace('///?', '///ulobdev?')]);
+    const started = await ulobdev(['flush', 'dw', '--run-dir', s.runDir]);
+    expect(started.code, started.stderr).toBe(0);
+    const detach = ulobdev(['detach', 'dw', '--run-dir', s.runDir]);
+    // The detach has closed the NBD server (its socket is gone) before it waits for the flush.
+    const sock = join(s.dir, 'dw.sock');
+    for (let i = 0; i < 500 && existsSync(sock); i++) await new Promise((r) => setTimeout(r, 20));
+    expect(existsSync(sock)).toBe(false);
+    await new Promise((r) => setTimeout(r, 300));
+    writeFileSync(gate, '');
+    const r = await detach;
+    attached = [];
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/^nbd\+unix:\S+ detached: waited for a running flush that wrote 3(\.0)? MiB back; nothing stays dirty\n$/);
   });
 });

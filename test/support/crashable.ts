@@ -349,6 +349,19 @@ class ModelHandle implements BlockFile {
     this.#file.write(Buffer.from(buf), position);
   }
 
+  /**
+   * BlockFile.writeNow: write() done in the calling turn, one persistence point as write() is.
+   * Declines (false, nothing written) on a closed or read-only handle and at or after the crash
+   * point, so the caller's write() meets the crash there.
+   */
+  writeNow(buf: Uint8Array, position: number): boolean {
+    const world = this.#world;
+    if (this.#closed || this.#readOnly || world.crashed || world.ops >= world.crashAt) return false;
+    world.point();
+    this.#file.write(Buffer.from(buf), position);
+    return true;
+  }
+
   async sync(): Promise<void> {
     this.#check();
     this.#world.point();

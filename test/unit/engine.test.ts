@@ -145,6 +145,8 @@ interface RigOptions {
   cacheDir?: string;
   /** The source's missGranule (bytes), as an HTTP source declares one. */
   missGranule?: number;
+  /** Bytes of the flash reserve (OpenStoreOptions.flashReserve); default 0, none: the rigs' flash is tiny. */
+  flashReserve?: number;
 }
 
 interface Rig {
@@ -186,6 +188,7 @@ async function attach(r: Rig, mode = r.options.mode ?? 'writeback', engineOption
     storage: r.options.storage,
     budget: r.options.budget,
     evictionUnit: r.options.evictionUnit,
+    flashReserve: r.options.flashReserve ?? 0,
   });
   r.engine = new CacheEngine(r.store, r.source, { autoCommitMs: 0, ...engineOptions });
   const engine = r.engine;
@@ -672,6 +675,34 @@ describe('a cache budget', () => {
     expect(r.engine.stats()).toMatchObject({ readMisses: 3, readHits: 1 });
   });
 
+  it('busy misses whose neighbours go unread fill only what they ask; once neighbours are read again, the granule comes back', async () => {
+    // 4096 blocks of 4 KiB, a 16 KiB granule (3 neighbours a miss), the disk never idle.
+    const r = await rig({ size: 4096 * BS, blockSize: BS, budget: 2048 * BS, evictionUnit: 64 * KiB, engine: { fillGranuleBytes: 16 * KiB, diskIdleMs: 3_600_000 } });
+    const readBlock = async (b: number) => expect((await r.engine.read(b * BS, BS)).equals(r.initial.subarray(b * BS, (b + 1) * BS))).toBe(true);
+    await readBlock(4095); // the first miss of a rig counts as idle: a whole unit, out of the way
+    r.source.reads.length = 0;
+    // Scattered: one block in every other granule; no neighbour is ever read.
+    for (let i = 0; i < 500; i++) await readBlock(i * 8);
+    const sizes = r.source.reads.map(([, len]) => len);
+    // At first (no evidence) the granule; once 512 neighbours went unread (171 misses), 4 KiB alone.
+    expect(sizes.slice(0, 100).every((len) => len === 16 * KiB)).toBe(true);
+    expect(sizes.slice(200).every((len) => len === BS)).toBe(true);
+    // Local again: blocks read in order from block 4001 on, 4 per granule (a different phase
+    // from the scattered reads' granules). The first misses ask alone; their neighbours' misses
+    // are the evidence, and whole granules come back.
+    r.source.reads.length = 0;
+    const hitsBefore = r.engine.stats().readHits;
+    for (let b = 2049; b < 2049 + 4 * 200; b++) await readBlock(b);
+    const local = r.source.reads.map(([, len]) => len);
+    // (Every 8th block is here from the scattered reads: a granule fill then reads 3 blocks, not 4.)
+    expect(local.slice(-100).every((len) => len > BS)).toBe(true);
+    // 800 blocks in 200 granules: at most 200 misses of one block before the granule came back
+    // (it took 184: the ring still held the scattered reads' unread neighbours, which count).
+    expect(local.length).toBeLessThan(200 + 200);
+    // Every local read that did not go to the disk was a hit.
+    expect(r.engine.stats().readHits - hitsBefore).toBe(800 - local.length);
+  });
+
   it('writes 3x the budget: they wait for a flush (onSpacePressure) and never fail; the disk ends equal to the device', async () => {
     const r = await rig({ size: 256 * BS, blockSize: BS, budget: 64 * BS, evictionUnit: UNIT });
     let flushes = 0;
@@ -1095,7 +1126,230 @@ describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
     expect(r.engine.stats().dirtyBlocks).toBe(0);
     expect(diskBytes(r).subarray(0, 16 * BS).equals(data)).toBe(true);
   });
+
+  /**
+   * newuser10b N1: a 4 MiB flash filesystem another program filled, a cache holding only dirty
+   * blocks (acked by a FLUSH), a flash reserve of 256 KiB, and onSpacePressure flushing as the
+   * daemon's scheduler does (recording the reason). The flush is held at its first disk write
+   * until `go()`.
+   */
+  async function allDirtyFull(
+    fs: 'tmpfs' | 'ext4' = 'tmpfs',
+    engine?: EngineOptions,
+  ): Promise<{ r: Rig; f: ReturnType<typeof flash>; model: Buffer; reasons: (string | undefined)[]; go: () => void }> {
+    const f = fs === 'tmpfs' ? flash('4m') : ext4Flash();
+    const r = await rig({ size: 1024 * BS, blockSize: BS, budget: 512 * BS, evictionUnit: 4 * BS, cacheDir: f.mnt, flashReserve: 256 * KiB, engine });
+    expect(r.store.flashReserve!.status()).toEqual({ bytes: 256 * KiB, heldBytes: 256 * KiB, releases: 0 });
+    const model = Buffer.from(r.initial);
+    const acked = pattern(128 * BS, 70);
+    await r.engine.write(0, acked);
+    await r.engine.flush();
+    acked.copy(model, 0);
+    expect(r.engine.stats()).toMatchObject({ dirtyBlocks: 128, presentBlocks: 128 });
+    const reasons: (string | undefined)[] = [];
+    let go!: () => void;
+    r.source.writeGate = new Promise<void>((resolve) => (go = resolve));
+    r.engine.onSpacePressure = (reason) => {
+      reasons.push(reason);
+      return flushDirty(r.engine);
+    };
+    f.fill();
+    return { r, f, model, reasons, go };
+  }
+
+  /** An 8 MiB ext4 (4 KiB blocks, loop-mounted) for the rig's cache files, and a filler that takes every block left (root: the reserved ones too). */
+  function ext4Flash(): ReturnType<typeof flash> {
+    const mnt = join(dir, 'flash');
+    const img = join(dir, 'flash.img');
+    mkdirSync(mnt);
+    writeFileSync(img, Buffer.alloc(0));
+    execFileSync('truncate', ['-s', '8M', img]);
+    execFileSync('mkfs.ext4', ['-q', '-F', '-b', '4096', '-E', 'nodiscard', img]);
+    execFileSync('mount', ['-o', 'loop', img, mnt]);
+    cleanups.push(() => execFileSync('umount', [mnt]));
+    const filler = join(mnt, 'filler');
+    return {
+      mnt,
+      fill: () => {
+        try {
+          execFileSync('dd', ['if=/dev/zero', `of=${filler}`, 'bs=4k', 'count=4096', 'conv=fsync'], { stdio: 'ignore' });
+        } catch {
+          // ENOSPC: full, as intended
+        }
+      },
+      free: () => rmSync(filler),
+    };
+  }
+
+  it.runIf(process.getuid?.() === 0).each(['tmpfs', 'ext4'] as const)(
+    'full flash (%s), only dirty blocks cached (newuser10b N1): writes wait while a flush runs on the flash reserve, reads go on, then every write completes and nothing fails',
+    async (fs) => {
+      const { r, f, model, reasons, go } = await allDirtyFull(fs);
+      // New blocks need room in the cache file, a FLUSH needs room in the metadata: neither has any.
+      const fresh = pattern(32 * BS, 71);
+      const rewrite = pattern(BS, 72);
+      const requests = [
+        r.engine.write(512 * BS, fresh).then(() => r.engine.flush()),
+        r.engine.write(700 * BS, pattern(BS, 73)),
+        r.engine.write(3 * BS, rewrite),
+      ];
+      const settled = Promise.allSettled(requests);
+      await waitFor(() => r.engine.stats().roomFlushes === 1 && r.source.writes.length > 0, 'the room flush to reach the disk');
+      // The reserve is released for the flush; the writes wait (back-pressure), reads go on.
+      const during = r.engine.stats();
+      expect(during.flashReserve).toMatchObject({ heldBytes: 0, releases: 1 });
+      expect(during.roomWaiters).toBeGreaterThan(0);
+      expect(during.spaceError).toMatch(/is full and the cache holds only dirty blocks \(.*\): flushing them to the disk \(reason room\) on the flash reserve; writes that need room wait$/);
+      expect((await r.engine.read(64 * BS, 64 * BS)).equals(model.subarray(64 * BS, 128 * BS))).toBe(true);
+      go();
+      const outcomes = await settled;
+      expect(outcomes.map((o) => (o.status === 'rejected' ? String(o.reason) : 'ok'))).toEqual(['ok', 'ok', 'ok']);
+      fresh.copy(model, 512 * BS);
+      pattern(BS, 73).copy(model, 700 * BS);
+      rewrite.copy(model, 3 * BS);
+      await r.engine.flush();
+      const after = r.engine.stats();
+      expect(reasons).toContain('room');
+      expect(after.failedRequests).toBe(0);
+      expect(after.roomWaiters).toBe(0);
+      // The room flush's line, or, when a later write met the still-full flash and evicted what
+      // that flush made clean (timing: the writes retry while it commits), the eviction's line.
+      expect(after.spaceError).toMatch(/ran full (with only dirty blocks cached: flushed them to the disk \(reason room\) and evicted|\(another program filled it\): evicted)/);
+      // The reserve is taken back from what the flush made clean, with the flash still full.
+      await waitFor(() => r.store.flashReserve!.heldBytes === 256 * KiB, 'the reserve to be taken back');
+      expect((await r.engine.read(0, r.engine.size)).equals(model)).toBe(true);
+      f.free();
+      await reopen(r, 'close');
+      expect(sha(await r.engine.read(0, r.engine.size))).toBe(sha(model));
+      await flushDirty(r.engine);
+      expect(sha(diskBytes(r))).toBe(sha(model));
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)(
+    "full flash, only dirty blocks cached: a flush asked for by hand ('flush --wait', newuser10b: rc 74 on SQLITE_FULL) commits on the flash reserve, and the reserve is taken back from the blocks it cleaned",
+    async () => {
+      const { r, model, go } = await allDirtyFull();
+      go();
+      const result = await flushDirty(r.engine);
+      expect(result.blocks).toBe(128);
+      expect(r.engine.stats()).toMatchObject({ dirtyBlocks: 0, failedRequests: 0 });
+      expect(r.store.flashReserve!.status().releases).toBe(1);
+      await waitFor(() => r.store.flashReserve!.heldBytes === 256 * KiB, 'the reserve to be taken back');
+      expect(sha(diskBytes(r))).toBe(sha(model));
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)(
+    'a block rewritten while the flush commit waits for the flash reserve stays dirty (invariant 4): the retried commit leaves it out',
+    async () => {
+      const { r, model, go } = await allDirtyFull();
+      go();
+      const reserve = r.store.flashReserve!;
+      const release = reserve.release.bind(reserve);
+      const newer = pattern(BS, 78);
+      // The commit's clearFlushed found the flash full and releases the reserve: a write lands now.
+      reserve.release = async () => {
+        await r.engine.write(3 * BS, newer);
+        return release();
+      };
+      const result = await flushDirty(r.engine);
+      expect(result.blocks).toBe(128);
+      expect(r.store.flashReserve!.status().releases).toBe(1);
+      expect(r.engine.stats().dirtyBlocks).toBe(1);
+      expect(r.store.dirty.get(3)).toBe(true);
+      newer.copy(model, 3 * BS);
+      expect((await r.engine.read(0, 128 * BS)).equals(model.subarray(0, 128 * BS))).toBe(true);
+      await flushDirty(r.engine);
+      expect(sha(diskBytes(r))).toBe(sha(model));
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)(
+    'a room flush that takes longer than roomFlushWaitMs fails the waiting request with one line, counted; the flush goes on and the next write finds room',
+    async () => {
+      const { r, model, go } = await allDirtyFull('tmpfs', { roomFlushWaitMs: 300 });
+      const first = outcome(() => r.engine.write(512 * BS, pattern(8 * BS, 79)));
+      await waitFor(() => r.engine.stats().roomFlushes === 1, 'the room flush');
+      // A write arriving while it runs waits for it too, with the same bound (review11 R-3).
+      const second = outcome(() => r.engine.write(600 * BS, pattern(BS, 81)));
+      for (const err of [await first, await second]) {
+        expectCoded(err, CacheFullError, 'ULOB_E_CACHE_FULL');
+        expect((err as Error).message).toMatch(/^waited 0\.3 s for the flush that makes room on the full flash filesystem( of .*)?; free space on it$/);
+      }
+      expect(r.engine.stats()).toMatchObject({ failedRequests: 2, roomFlushes: 1 });
+      go();
+      await waitFor(() => r.engine.stats().dirtyBlocks === 0, 'the room flush to end');
+      const later = pattern(8 * BS, 80);
+      await r.engine.write(512 * BS, later);
+      await r.engine.flush();
+      later.copy(model, 512 * BS);
+      expect((await r.engine.read(0, r.engine.size)).equals(model)).toBe(true);
+      expect(r.engine.stats().failedRequests).toBe(2);
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)(
+    'full flash, only dirty blocks cached, and the disk unreachable: the flush cannot help, so each request that needs room fails with one clear line, counted, and the cache goes on',
+    async () => {
+      const { r, f, model, go } = await allDirtyFull();
+      go();
+      const eio = () => Promise.reject(Object.assign(new Error('EIO: i/o error, write'), { code: 'EIO', errno: 5, syscall: 'write' }));
+      r.source.writeAt = eio;
+      r.file.writeMany = eio;
+      r.file.writeManyFrom = eio;
+      const errors = await Promise.all([outcome(() => r.engine.write(512 * BS, pattern(8 * BS, 74))), outcome(() => r.engine.write(800 * BS, pattern(BS, 75)))]);
+      for (const err of errors) {
+        expectCoded(err, CacheFullError, 'ULOB_E_CACHE_FULL');
+        expect((err as Error).message).toMatch(/is full, the cache holds only dirty blocks, and the flush that would free room failed: .*; free space on it, or bring the disk back$/);
+      }
+      const st = r.engine.stats();
+      expect(st.failedRequests).toBe(2);
+      expect(st.spaceError).toMatch(/the flush that would free room failed/);
+      // Nothing else stopped: acked data reads, a dirty block takes a rewrite in place.
+      expect(r.store.failed).toBeNull();
+      expect((await r.engine.read(0, 128 * BS)).equals(model.subarray(0, 128 * BS))).toBe(true);
+      await r.engine.write(5 * BS, pattern(BS, 76));
+      pattern(BS, 76).copy(model, 5 * BS);
+      // The disk back and space freed: everything works again.
+      await reopenAfter(r, f);
+      expect(sha(await r.engine.read(0, r.engine.size))).toBe(sha(model));
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)(
+    'a crash after the flash reserve was released and before the flush commit loses nothing (invariant 2): every acked write is there and still dirty, and the next open takes the reserve again',
+    async () => {
+      const { r, f, model, go } = await allDirtyFull();
+      const pending = outcome(() => r.engine.write(512 * BS, pattern(16 * BS, 77)));
+      // The flush has taken the reserve and is writing the disk: its commit is not made.
+      await waitFor(() => r.store.flashReserve!.heldBytes === 0 && r.source.writes.length > 0, 'the room flush to write the disk');
+      await r.store.abandon();
+      go();
+      await pending;
+      f.free();
+      await attach(r);
+      expect(r.store.recoveredFromCrash).toBe(true);
+      expect(r.store.flashReserve!.status()).toMatchObject({ bytes: 256 * KiB, heldBytes: 256 * KiB });
+      expect(r.engine.stats().dirtyBlocks).toBe(128);
+      expect((await r.engine.read(0, 128 * BS)).equals(model.subarray(0, 128 * BS))).toBe(true);
+      await flushDirty(r.engine);
+      // The write in flight at the crash was never acked: either version of its blocks may be there.
+      const disk = diskBytes(r);
+      expect(disk.subarray(0, 128 * BS).equals(model.subarray(0, 128 * BS))).toBe(true);
+    },
+  );
 });
+
+/** Frees the rig's flash, gives the disk back (writes as before) and reopens the cache. */
+async function reopenAfter(r: Rig, f: { free: () => void }): Promise<void> {
+  f.free();
+  await r.engine.close();
+  r.file = await openBacking(r.disk, { writable: true });
+  const file = r.file;
+  cleanups.push(() => file.close());
+  await attach(r);
+}
 
 /** A BlockFile's methods bound to it, to override some. */
 function bindFile(file: BlockFile): BlockFile {
@@ -1630,6 +1884,7 @@ describe('the flusher', () => {
             return file.read(buf, pos);
           },
           write: (buf: Uint8Array, pos: number) => file.write(buf, pos),
+          writeNow: (buf: Uint8Array, pos: number) => file.writeNow?.(buf, pos) ?? false,
           sync: () => file.sync(),
           allocate: (length: number) => file.allocate(length),
           size: () => file.size(),
@@ -1773,6 +2028,36 @@ describe('dirty intents', () => {
     expect(intents.syncMs).toBeGreaterThanOrEqual(19);
     await reopen(r, 'abandon');
     expect([1, 5, 9].map((blk) => r.store.dirty.get(blk))).toEqual([true, true, true]);
+  });
+
+  it('a first write\'s data is written at once when its intent is durable (writeDataNow), not before', async () => {
+    const { r, BS, gate, release } = await gatedRig(16);
+    await r.engine.read(0, 16 * BS);
+    await r.engine.flush();
+    const calls: string[] = [];
+    const store = r.store;
+    const writeDataNow = store.writeDataNow.bind(store);
+    const writeData = store.writeData.bind(store);
+    store.writeDataNow = (buf, position) => {
+      const done = writeDataNow(buf, position);
+      calls.push(`now ${position / BS} ${done}`);
+      return done;
+    };
+    store.writeData = (buf, position) => {
+      calls.push(`threadpool ${position / BS}`);
+      return writeData(buf, position);
+    };
+    gate.held = true;
+    const data = pattern(BS, 3);
+    const writing = r.engine.write(3 * BS, data);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    expect(calls).toEqual([]);
+    release();
+    await writing;
+    // One buffered pwrite on the event loop, no threadpool job.
+    expect(calls).toEqual(['now 3 true']);
+    expect(readFileSync(r.paths.cache).subarray(3 * BS, 4 * BS).equals(data)).toBe(true);
+    expect(r.store.dirty.get(3)).toBe(true);
   });
 
   it('status intents counts rounds, the blocks they made dirty (not extents) and their fsync time', async () => {

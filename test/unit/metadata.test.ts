@@ -213,13 +213,13 @@ describe('Metadata', () => {
     raw.close();
   });
 
-  it('upgrades format 2 to 4: no disk generation yet (null, adopted at the next attach), no bitmap path, no fingerprint; a flush left running ends as interrupted', () => {
+  it('upgrades format 2 to 5: no disk generation yet (null, adopted at the next attach), no bitmap path, no fingerprint; a flush left running ends as interrupted', () => {
     const m = create('writeback');
     m.close();
     // Format 2 as session 7 wrote it: no disk_generation, no bitmap_path (nor format 4's disk_fingerprint).
     const db = new Database(path);
     db.exec(
-      'ALTER TABLE cache_info DROP COLUMN disk_fingerprint; ALTER TABLE cache_info DROP COLUMN disk_generation; ALTER TABLE cache_info DROP COLUMN bitmap_path; UPDATE cache_info SET format_version = 2',
+      'ALTER TABLE cache_info DROP COLUMN journal_open; ALTER TABLE cache_info DROP COLUMN disk_fingerprint; ALTER TABLE cache_info DROP COLUMN disk_generation; ALTER TABLE cache_info DROP COLUMN bitmap_path; UPDATE cache_info SET format_version = 2',
     );
     db.pragma('user_version = 2');
     db.prepare('INSERT INTO flush_history (epoch, started_at) VALUES (1, 1000)').run();
@@ -227,7 +227,7 @@ describe('Metadata', () => {
     const r = open();
     expect(r.info).toMatchObject({ formatVersion: 2, diskGeneration: null, bitmapPath: null });
     r.upgrade();
-    expect(r.info).toMatchObject({ formatVersion: 4, diskGeneration: null, bitmapPath: null, diskFingerprint: null });
+    expect(r.info).toMatchObject({ formatVersion: 5, diskGeneration: null, bitmapPath: null, diskFingerprint: null });
     // F30: the flush a kill -9 cut stays "running" (ended_at NULL) until the next open ends it.
     expect(r.flushes(0)).toEqual([expect.objectContaining({ endedAt: null, error: null })]);
     expect(r.endInterruptedFlushes()).toBe(1);
@@ -235,30 +235,30 @@ describe('Metadata', () => {
     expect(r.endInterruptedFlushes()).toBe(0);
     r.setDiskState(2, '/flash/c.bitmap');
     r.close();
-    expect(open().info).toMatchObject({ formatVersion: 4, diskGeneration: 2, bitmapPath: '/flash/c.bitmap' });
+    expect(open().info).toMatchObject({ formatVersion: 5, diskGeneration: 2, bitmapPath: '/flash/c.bitmap' });
   });
 
-  it('upgrades format 3 to 4 in place: its disk generation and bitmap path kept, the disk fingerprint unknown (null) until an attach takes it', () => {
+  it('upgrades format 3 to 5 in place: its disk generation and bitmap path kept, the disk fingerprint unknown (null) until an attach takes it', () => {
     const m = create('writeback');
     m.setDiskState(6, '/flash/c.bitmap');
     m.close();
     // Format 3 as session 8 wrote it: no disk_fingerprint.
     const db = new Database(path);
-    db.exec('ALTER TABLE cache_info DROP COLUMN disk_fingerprint; UPDATE cache_info SET format_version = 3');
+    db.exec('ALTER TABLE cache_info DROP COLUMN journal_open; ALTER TABLE cache_info DROP COLUMN disk_fingerprint; UPDATE cache_info SET format_version = 3');
     db.pragma('user_version = 3');
     db.close();
     const r = open();
     expect(r.info).toMatchObject({ formatVersion: 3, diskGeneration: 6, bitmapPath: '/flash/c.bitmap', diskFingerprint: null });
     expect(r.needsUpgrade).toBe(true);
     r.upgrade();
-    expect(r.info).toMatchObject({ formatVersion: 4, diskGeneration: 6, bitmapPath: '/flash/c.bitmap', diskFingerprint: null });
+    expect(r.info).toMatchObject({ formatVersion: 5, diskGeneration: 6, bitmapPath: '/flash/c.bitmap', diskFingerprint: null });
     r.setDiskFingerprint('sha256:01');
     r.close();
     const again = open();
-    expect(again.info).toMatchObject({ formatVersion: 4, diskGeneration: 6, diskFingerprint: 'sha256:01' });
+    expect(again.info).toMatchObject({ formatVersion: 5, diskGeneration: 6, diskFingerprint: 'sha256:01' });
     again.close();
     const raw = new Database(path, { readonly: true });
-    expect(raw.pragma('user_version', { simple: true })).toBe(4);
+    expect(raw.pragma('user_version', { simple: true })).toBe(5);
     raw.close();
   });
 

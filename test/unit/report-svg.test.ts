@@ -69,4 +69,15 @@ describe('report --svg', () => {
     const two = renderReportSvg({ ...d, since: at(20), now: at(20) + 24 * 60 * MIN, samples: [], flushes: [], events: [], nextFlushAt: null });
     expect([...two.matchAll(/<text class="date"[^>]*>([^<]*)</g)].map((m) => m[1])).toEqual(['Mon 2 Mar 2026', 'Tue 3 Mar 2026']);
   });
+
+  it('draws 90 days and more of samples (200k, one a minute): no "Maximum call stack size exceeded" (newuser11 finding 2)', () => {
+    const n = 200_000;
+    const since = at(0) - n * MIN;
+    const samples = Array.from({ length: n }, (_, i) => ({ at: since + i * MIN, dirtyBytes: (i % 1000) * MiB }));
+    // The peak, once, in the middle: the y axis reaches it.
+    samples[n / 2]!.dirtyBytes = 4096 * MiB;
+    const big = renderReportSvg({ since, now: at(0), size: 1 << 40, samples, flushes: [], events: [], nextFlushAt: null });
+    expect(big).toContain('>4 GiB</text>');
+    expect(big).toContain('class="dirty"');
+  });
 });

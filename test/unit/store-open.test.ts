@@ -233,12 +233,12 @@ describe('CacheStore.open refuses a cache that is not this disk\'s, and changes 
   it('creates a cache when none exists, and reopens it (positive control)', async () => {
     expect(ls()).toEqual(['disk.img']);
     const { store } = await openCache(disk, { blockSize: BS });
-    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'cache.meta-wal', 'disk.img']);
+    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'cache.meta-reserve', 'cache.meta-wal', 'disk.img']);
     expect(statSync(paths.cache).size).toBe(BLOCKS * BS);
     expect(statSync(paths.bitmap).size).toBe(4096);
     const uuid = store.info.uuid;
     await store.close();
-    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'disk.img']);
+    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'cache.meta-reserve', 'disk.img']);
     const again = await openCache(disk);
     expect(again.store.info.uuid).toBe(uuid);
     expect(again.store.recoveredFromCrash).toBe(false);
@@ -264,6 +264,21 @@ describe('CacheStore.open refuses a cache that is not this disk\'s, and changes 
       String(BS),
       String(2 * BS),
     ]);
+  });
+
+  it('refuses an eviction unit other than the cache\'s, as a block size (newuser11 finding 8: it was ignored), and takes the same one', async () => {
+    await makeCache({ blockSize: BS });
+    const open = (evictionUnit: number) => async () => {
+      const source = await openBacking(disk, { writable: true });
+      try {
+        const store = await CacheStore.open({ paths, backing: source, mode: 'writeback', evictionUnit });
+        await store.close();
+      } finally {
+        await source.close();
+      }
+    };
+    await expectRefused(open(1 << 20), SizeMismatchError, 'ULOB_E_SIZE_MISMATCH', [paths.metadata, '256 KiB eviction units, not 1 MiB', 'omit --eviction-unit']);
+    await open(256 * 1024)();
   });
 
   it('refuses a cache file of the wrong size, smaller or larger', async () => {
@@ -559,7 +574,7 @@ describe('CacheStore.discard', () => {
   it('refuses while dirty blocks exist and removes nothing', async () => {
     await makeCache({ dirtyBlocks: 3 });
     await expectRefused(() => CacheStore.discard(paths), DirtyDataError, 'ULOB_E_DIRTY', [paths.cache, '12 KiB of dirty data', '--force']);
-    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'disk.img']);
+    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'cache.meta-reserve', 'disk.img']);
   });
 
   it('refuses while the cache is open, and removes nothing', async () => {
@@ -607,7 +622,7 @@ describe('CacheStore.discard', () => {
     await makeCache({ dirtyBlocks: 1 });
     writeFileSync(paths.metadata, Buffer.alloc(8192, 0x5a));
     await expectRefused(() => CacheStore.discard(paths), CorruptMetadataError, 'ULOB_E_CORRUPT_METADATA', [paths.metadata]);
-    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'disk.img']);
+    expect(ls()).toEqual(['bitmap', 'cache', 'cache.meta', 'cache.meta-reserve', 'disk.img']);
     expect(await CacheStore.discard(paths, { force: true })).toEqual({ dirtyBlocks: 0 });
     expect(ls()).toEqual(['disk.img']);
   });

@@ -34,9 +34,7 @@ describe('ublk server block state', () => {
     expect(q.dirtyBlocks).toBe(3);
     expect(q.running).toBe(false);
     expect(q.queueRequests).toEqual([]);
-    // the hit-path counts exist from create on; no ring yet, so no COOP_TASKRUN to report
-    expect(q.linkedHits).toBe(0);
-    expect(q.unlinkedHits).toBe(0);
+    // no ring yet, so no COOP_TASKRUN to report
     expect(q.coopTaskrun).toBe(false);
   });
 

@@ -172,7 +172,12 @@ describe('Debian 13 under systemd, set up as docs/laptop.md says', () => {
   });
 
   it('flushed at the reboot (the schedule implies flush at stop): what was dirty went to the disk', () => {
-    const lines = journal(2, 1).map(message);
+    // The daemon's lines reach the journal as plain messages (docs/laptop.md: one line per
+    // event), not pino's JSON: stderr is the journal ($JOURNAL_STREAM).
+    const raw = journal(2, 1);
+    expect(raw.find((l) => l.startsWith('detached:')), raw.join('\n')).toBeDefined();
+    expect(raw.filter((l) => l.startsWith('{"level"')), 'JSON lines in the journal').toEqual([]);
+    const lines = raw.map(message);
     // b.bin was written just before the reboot; QEMU's disk never sleeps, so the daemon may also
     // have flushed some of it opportunistically first. The stop wrote the rest: nothing stays dirty.
     const detached = lines.filter((l) => l.startsWith('detached:')).pop();

@@ -27,6 +27,7 @@ import {
   writeOffsetDataHeader,
   writeSimpleReply,
   type NbdRequest,
+  type RequestRejection,
   type RequestStart,
 } from './protocol.js';
 
@@ -73,13 +74,27 @@ export class Transmission {
    * promise of the same, which never rejects.
    */
   execute(req: NbdRequest): Promise<void> | null {
-    if (this.#executeNow(req)) return null;
-    return this.#executeLater(req);
+    const rejection = this.#check(req);
+    if (!rejection && this.#executeNow(req)) return null;
+    return this.#executeLater(req, rejection);
   }
 
-  async #executeLater(req: NbdRequest): Promise<void> {
+  /**
+   * Why `req` must be answered with an error (checkRequest against what this connection
+   * negotiated and the backend's current size), or null when it may run. Called once per request.
+   */
+  #check(req: NbdRequest): RequestRejection | null {
+    return checkRequest(req, {
+      size: this.#config.backend.size,
+      transmissionFlags: this.#negotiated.transmissionFlags,
+      metaContext: this.#negotiated.metaContext,
+      maxPayload: this.#config.maxPayload,
+    });
+  }
+
+  async #executeLater(req: NbdRequest, rejection: RequestRejection | null): Promise<void> {
     try {
-      await this.#execute(req);
+      await this.#execute(req, rejection);
     } finally {
       // The backend is done with the payload (its write has completed or failed).
       if (req.pooled) this.#config.buffers.release(req.data!);
@@ -88,8 +103,8 @@ export class Transmission {
 
   /**
    * A READ or WRITE (no FUA) the backend can do now (BlockBackend.readNow, writeNow), answered at
-   * once: no promise, no turn of the event loop between the request and its reply. False: nothing
-   * was sent; the request goes the usual way (#execute), which checks it again and reports errors.
+   * once: no promise, no turn of the event loop between the request and its reply. Only for a
+   * request #check() passed. False: nothing was sent; the request goes the usual way (#execute).
    */
   #executeNow(req: NbdRequest): boolean {
     const c = this.#config;
@@ -101,13 +116,6 @@ export class Transmission {
     } else {
       return false;
     }
-    const rejection = checkRequest(req, {
-      size: b.size,
-      transmissionFlags: this.#negotiated.transmissionFlags,
-      metaContext: this.#negotiated.metaContext,
-      maxPayload: c.maxPayload,
-    });
-    if (rejection) return false;
     const offset = Number(req.offset);
     const buffers = c.buffers;
     if (req.type === Cmd.WRITE) {
@@ -152,15 +160,9 @@ export class Transmission {
     this.#socket.uncork();
   }
 
-  async #execute(req: NbdRequest): Promise<void> {
-    const c = this.#config;
-    const b = c.backend;
-    const rejection = checkRequest(req, {
-      size: b.size,
-      transmissionFlags: this.#negotiated.transmissionFlags,
-      metaContext: this.#negotiated.metaContext,
-      maxPayload: c.maxPayload,
-    });
+  /** Runs `req` the usual way; `rejection` is #check()'s verdict on it (answered as an error). */
+  async #execute(req: NbdRequest, rejection: RequestRejection | null): Promise<void> {
+    const b = this.#config.backend;
     if (rejection) {
       this.#log.debug({ cmd: commandName(req.type), errno: errnoName(rejection.errno) }, rejection.message);
       this.#replyError(req, rejection.errno, rejection.message);
