@@ -90,7 +90,7 @@ export interface UloopStatus {
   /**
    * Fills around answered MISSes (src/bdev/unit-fill.ts): the rest of the eviction unit made
    * present in the same spin, for a miss that found the disk idle or continued a recent one.
-   * Zeros without a budget, with a module without CLAIM, and unless ULOBDEV_UNIT_FILL=1.
+   * Zeros without a budget, with a module without CLAIM, and with ULOBDEV_UNIT_FILL=0.
    */
   unitFills: UnitFillStats['unitFills'];
   unitFillBlocks: UnitFillStats['unitFillBlocks'];
@@ -780,11 +780,11 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
   });
 
   // Fills around a MISS (issue 12, power) through CLAIM/FILLED, so no block a writer touched is
-  // overwritten: src/bdev/unit-fill.ts. Off unless ULOBDEV_UNIT_FILL=1: with it on,
-  // test/vm/uloop-budget.test.ts hit a guest Oops in uloop.ko (session 11, not understood yet:
-  // a corrupted dev->lock wait list in a reply's mutex_unlock after a kill -9 and re-attach).
+  // overwritten: src/bdev/unit-fill.ts. On unless ULOBDEV_UNIT_FILL=0 (session 11 kept it off
+  // after a guest Oops in uloop.ko; that was a reply reading a ROOM upcall after completing it,
+  // fixed in session 12: test/vm/uloop-room-race.test.ts).
   const filler =
-    (features.features & native.ULOOP_FEAT.CLAIM) !== 0 && process.env.ULOBDEV_UNIT_FILL === '1'
+    (features.features & native.ULOOP_FEAT.CLAIM) !== 0 && process.env.ULOBDEV_UNIT_FILL !== '0'
       ? new UnitFiller({
           engine,
           logger,

@@ -1,5 +1,6 @@
 // The unit fill on /dev/uloopN (issue 12, power; src/bdev/unit-fill.ts), in one guest boot, with
-// --cache-size 16M (eviction unit 256 KiB: 64 blocks of 4 KiB) over a 64 MiB disk of random bytes:
+// --cache-size 16M (eviction unit 256 KiB: 64 blocks of 4 KiB) over a 64 MiB disk of random bytes,
+// the daemon started without ULOBDEV_UNIT_FILL (the fill is on by default with a budget):
 //  - a 4 KiB read miss with the disk idle makes its whole unit present in the kernel (QUERY's
 //    present, status's kernel.unitFillBlocks), equal to the disk, and the rest of the unit then
 //    reads as hits (read_misses does not move);
@@ -24,7 +25,7 @@ beforeAll(async () => {
     head -c 64M /dev/urandom > /tmp/disk.img
     cp /tmp/disk.img /tmp/orig.img
     : > /tmp/pause
-    ULOBDEV_UNIT_FILL=1 ULOBDEV_PAUSE_FILE=/tmp/pause $U -c /tmp/c.cache -b /tmp/c.bitmap --writeback --cache-size 16M --daemon $D /tmp/disk.img > /dev/null || echo "attach FAILED"
+    ULOBDEV_PAUSE_FILE=/tmp/pause $U -c /tmp/c.cache -b /tmp/c.bitmap --writeback --cache-size 16M --daemon $D /tmp/disk.img > /dev/null || echo "attach FAILED"
     q() { $CTL query 0; }
     field() { q | tr ' ' '\\n' | sed -n "s/^$1=//p"; }
     # blk N: block N of the device (direct) equals block N of FILE
