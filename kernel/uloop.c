@@ -615,7 +615,11 @@ static u64 uloop_block_bytes(struct uloop_dev *dev, u64 b, u64 e)
 
 /* ---- the daemon channel ------------------------------------------------------------------------ */
 
-/* Takes a listed upcall off its list and completes it. dev->lock held. */
+/*
+ * Takes a listed upcall off its list and completes it. dev->lock held. The caller must not touch
+ * `up` afterwards: its waiter may return at once without dev->lock (uloop_ask_room) and reuse the
+ * stack it lived on.
+ */
 static void uloop_upcall_finish(struct uloop_upcall *up, int error)
 {
 	list_del(&up->node);
@@ -3388,6 +3392,18 @@ static int uloop_reply(struct uloop_dev *dev, const struct uloop_reply *r)
 
 	list_for_each_entry(up, &dev->sent, node) {
 		if (up->msg.id == r->id) {
+			/*
+			 * Read before uloop_upcall_finish: once completed, `up` may be gone. It lives
+			 * on the stack of the uloop_ask() caller, and a ROOM's caller returns without
+			 * taking dev->lock: its frame is reused at once, e.g. by the mutex_waiter of
+			 * its next mutex_lock(&dev->lock), contended by this very reply. Reading
+			 * up->hold afterwards took that waiter's list pointer, &dev->lock.wait_list,
+			 * for a hold and list_del()ed it (a valid one-entry list: DEBUG_LIST saw
+			 * nothing): LIST_POISON1 in the mutex's wait list, and the GPF at
+			 * 0xdead000000000110 in __mutex_unlock_slowpath (review11 F-1).
+			 */
+			struct uloop_hold *hold = up->hold;
+
 			up->answered = true;
 			if (up->msg.type == ULOOP_MSG_ROOM && !r->error && up->cmd) {
 				/* the grant (the missing count asked), replacing the request's unused
@@ -3403,9 +3419,9 @@ static int uloop_reply(struct uloop_dev *dev, const struct uloop_reply *r)
 				if (dev->credit != ULOOP_CREDIT_NONE)
 					dev->credit = min(dev->credit + more, dev->nr_blocks);
 			}
-			uloop_upcall_finish(up, r->error);
-			if (up->hold) /* re-issued: nobody waits for it */
-				uloop_hold_answered(dev, up->hold, r->error);
+			uloop_upcall_finish(up, r->error); /* `up` is not touched after this */
+			if (hold) /* re-issued: nobody waits for it (up is the hold's, freed here) */
+				uloop_hold_answered(dev, hold, r->error);
 			return 0;
 		}
 	}

@@ -17,6 +17,7 @@ import * as native from '../native/uloop.js';
 import type { Frontend } from './frontend.js';
 import { run } from './programs.js';
 import { markStart, modprobe } from '../sys.js';
+import { UnitFiller, type UnitFillStats } from './unit-fill.js';
 import { UpcallHandler, type Upcall, type UpcallType } from './upcalls.js';
 import { freeUloop, moduleMissing, moduleRejected, uloopError } from './uloop-errors.js';
 
@@ -86,6 +87,14 @@ export interface UloopStatus {
   preserves: number;
   /** When the last user request was served, as far as the kernel's counters tell (ms since epoch). */
   lastRequestAt: number;
+  /**
+   * Fills around answered MISSes (src/bdev/unit-fill.ts): the rest of the eviction unit made
+   * present in the same spin, for a miss that found the disk idle or continued a recent one.
+   * Zeros without a budget, with a module without CLAIM, and with ULOBDEV_UNIT_FILL=0.
+   */
+  unitFills: UnitFillStats['unitFills'];
+  unitFillBlocks: UnitFillStats['unitFillBlocks'];
+  unitFillsSkipped: UnitFillStats['unitFillsSkipped'];
 }
 
 /** A frontend of a kernel module that keeps block state itself; status and policy read it. */
@@ -770,6 +779,25 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
     },
   });
 
+  // Fills around a MISS (issue 12, power) through CLAIM/FILLED, so no block a writer touched is
+  // overwritten: src/bdev/unit-fill.ts. On unless ULOBDEV_UNIT_FILL=0 (session 11 kept it off
+  // after a guest Oops in uloop.ko; that was a reply reading a ROOM upcall after completing it,
+  // fixed in session 12: test/vm/uloop-room-race.test.ts).
+  const filler =
+    (features.features & native.ULOOP_FEAT.CLAIM) !== 0 && process.env.ULOBDEV_UNIT_FILL !== '0'
+      ? new UnitFiller({
+          engine,
+          logger,
+          device,
+          port: {
+            claim: (first, count, bits) => native.uloopClaim(ctl, first, count, bits).id,
+            filled: (id, first, count, bits) => void native.uloopFilled(ctl, id, first, count, bits),
+            maxBlocks: native.ULOOP_MAX_RANGE_BLOCKS,
+            gone: () => removed || closed,
+          },
+        })
+      : null;
+
   /** Replies unless the channel is closed (the fd may be reused then); logs what the kernel refused. */
   const reply = (m: native.UloopMessage, error: number) => {
     if (error < 0) failedUpcalls++;
@@ -800,7 +828,12 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
         continue;
       }
       const u: Upcall = { id: m.id, type, offset: m.offset, length: m.length, epoch: m.epoch };
-      void handler.run(u).then((error) => reply(m, error));
+      void handler.run(u).then((error) => {
+        reply(m, error);
+        // The rest of the miss's unit (or granule) while the disk spins, after the answer: the
+        // request that asked does not wait for it.
+        if (type === 'miss' && error === 0 && filler && !closed) filler.afterMiss(Math.floor(m.offset / blockSize), Math.min(blockCount, Math.ceil((m.offset + m.length) / blockSize)));
+      });
     }
   });
 
@@ -967,6 +1000,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       failedUpcalls,
       preserves: epochs.preserves(),
       lastRequestAt,
+      ...(filler?.stats() ?? { unitFills: 0, unitFillBlocks: 0, unitFillsSkipped: 0 }),
     };
   };
 
@@ -1023,13 +1057,16 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       // A FLUSH first, so the bits of writes since the last one reach the store (a barrier this
       // process answers) before the kernel's copy of them goes away with the device.
       if (!options.readOnly) await flushDevice();
+      // Fills around misses end first: their FILLED needs the device (one started after this
+      // finds it gone and lets its data go uncounted: the next open punches it).
+      await filler?.drain();
       native.uloopRemove(ctl, index); // refused (EBUSY) while the device is open
       removed = true;
       clearInterval(poller);
       watch.close();
       // Upcalls still running reply into a removed device (ENODEV, ignored); the fd is closed
       // only after the last of them, so no reply can reach a reused fd.
-      await handler.drain();
+      await Promise.all([handler.drain(), filler?.close()]);
       closed = true;
       closeSync(ctl);
     },

@@ -205,7 +205,8 @@ export class UpcallHandler {
             await store.syncData();
           }
         }
-        await engine.recordDirty(range, { skipDirty: true });
+        // Waits for a room flush on a full flash (bounded), as the engine's own first writes do.
+        await engine.recordDirty(range, { skipDirty: true, waitForRoom: true });
         if (unheld > 0) this.#port.intentRecorded?.(unheld);
         return;
       }

@@ -573,17 +573,23 @@ export class CacheEngine {
    * store.markDirtyDurable() for a frontend that records dirty bits itself (a kernel's INTENT or
    * BARRIER, src/bdev/upcalls.ts), with the engine's answer to a full flash filesystem: clean
    * blocks are given back and the transaction tried again (#withMetadataRoom). `skipDirty`: leave
-   * out extents already all dirty in the store, looked at again for each try. Throws MetadataFullError when nothing could
-   * be freed (that request fails alone), EngineClosedError when the store failed.
+   * out extents already all dirty in the store, looked at again for each try. `waitForRoom` (a
+   * kernel's INTENT): with nothing clean to give back, wait for a `room` flush (bounded by
+   * roomFlushWaitMs) as the engine's own writes do. Throws MetadataFullError when nothing could
+   * be freed (that request fails alone), CacheFullError when the room flush failed or took too
+   * long, EngineClosedError when the store failed.
    */
-  recordDirty(extents: readonly Extent[], options: { skipDirty?: boolean } = {}): Promise<void> {
+  recordDirty(extents: readonly Extent[], options: { skipDirty?: boolean; waitForRoom?: boolean } = {}): Promise<void> {
     this.#assertOpen();
     this.#unstrand(extents);
     const store = this.store;
-    // 'kernel': never waits for a room flush, which may itself wait for this BARRIER (uloop's
-    // beforeEpoch sends the kernel a FLUSH): evicts, else fails as before.
+    // A BARRIER's record ('kernel') never waits for a room flush, which may itself wait for that
+    // BARRIER (uloop's beforeEpoch sends the kernel a FLUSH): evicts, else fails (review11 R-1).
+    // An INTENT may wait ('request'): nothing in a flush waits for one (the kernel's barrier
+    // takes only the pending set; EVICT skips the INTENT's blocks, busy in the kernel), so a
+    // first write on a full flash waits for the room instead of failing (review11 R-5 a).
     const record = () => store.markDirtyDurable(options.skipDirty ? extents.filter((e) => !store.dirty.allSet(e.start, e.start + e.count)) : extents);
-    return this.#withMetadataRoom(record, 'kernel').catch((err) => this.#failed(err));
+    return this.#withMetadataRoom(record, options.waitForRoom ? 'request' : 'kernel').catch((err) => this.#failed(err));
   }
 
   /** Blocks about to turn dirty in the kernel again (an INTENT, a ZERO) leave #stranded, synchronously. */
@@ -1122,6 +1128,19 @@ export class CacheEngine {
     return zeros;
   }
 
+  /**
+   * A miss a kernel frontend fills around itself (src/bdev/unit-fill.ts): restarts the disk's idle
+   * clock, as the engine's own misses with a budget do (#readable), and says whether the disk was
+   * idle before it (no miss for diskIdleMs: it may have spun up for this one, so a whole unit is
+   * worth reading while it spins).
+   */
+  noteMiss(): boolean {
+    const now = Date.now();
+    const idle = now - this.#lastFillAt >= this.#diskIdleMs;
+    this.#lastFillAt = now;
+    return idle;
+  }
+
   /** Starts fills of the missing, idle blocks of [first, end) in runs of up to `maxRun` blocks; returns their promises. */
   #startFills(first: number, end: number, maxRun: number): Promise<void>[] {
     const store = this.store;
@@ -1607,7 +1626,8 @@ export class CacheEngine {
    * reserve released for the flush's own commit, then the blocks it cleaned evicted) when one can
    * help, up to MAX_ROOM_FLUSHES times; the flush's own writes (`mode` 'flush': beginEpoch's
    * commit) release the flash reserve instead, never waiting for a flush (they are one); a kernel
-   * frontend's INTENT or BARRIER (`mode` 'kernel') only evicts, as the flush may wait for it. Throws
+   * frontend's BARRIER record (`mode` 'kernel') only evicts, as the flush may wait for it, and
+   * starts a room flush for the next ones (its INTENTs are requests: recordDirty). Throws
    * the MetadataFullError (a CacheFullError: the request fails with ENOSPC, alone) when nothing
    * can be freed, CacheFullError when the `room` flush failed; `spaceError` then says so, with the
    * count of requests failed.

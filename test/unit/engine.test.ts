@@ -1290,6 +1290,28 @@ describe('a full filesystem under the metadata (SQLITE_FULL)', () => {
   );
 
   it.runIf(process.getuid?.() === 0)(
+    "full flash, only dirty blocks cached: a kernel's INTENT (/dev/uloopN's first write) waits for the room flush and is recorded, while a BARRIER's record does not wait (review11 R-5 a, R-1)",
+    async () => {
+      const { r, go } = await allDirtyFull();
+      // The INTENT handler's record (src/bdev/upcalls.ts): block 300 is not dirty in the store.
+      let recorded = false;
+      const intent = outcome(() => r.engine.recordDirty([{ start: 300, count: 1 }], { skipDirty: true, waitForRoom: true }).then(() => (recorded = true)));
+      await waitFor(() => r.engine.stats().roomFlushes === 1 && r.source.writes.length > 0, 'the room flush to reach the disk');
+      expect(recorded).toBe(false);
+      // A BARRIER's record meanwhile: never waits for the flush (it may be what the flush waits
+      // for: uloop's beforeEpoch): it is written on the released reserve, or fails, at once.
+      const barrier = await Promise.race([outcome(() => r.engine.recordDirty([{ start: 301, count: 1 }])).then(() => 'settled'), new Promise((resolve) => setTimeout(() => resolve('waited'), 3000))]);
+      expect(barrier).toBe('settled');
+      expect(recorded).toBe(false);
+      go();
+      expect(await intent).toBeUndefined();
+      expect(recorded).toBe(true);
+      expect(r.store.dirty.get(300)).toBe(true);
+      expect(r.engine.stats().roomWaiters).toBe(0);
+    },
+  );
+
+  it.runIf(process.getuid?.() === 0)(
     'full flash, only dirty blocks cached, and the disk unreachable: the flush cannot help, so each request that needs room fails with one clear line, counted, and the cache goes on',
     async () => {
       const { r, f, model, go } = await allDirtyFull();
