@@ -5,7 +5,7 @@
 // hung task, ...) in the guest's kernel log: a test that passes its own assertions over a warning
 // in the module is not passing.
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync, existsSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { expect } from 'vitest';
 
@@ -124,6 +124,40 @@ export function unexpectedSplats(result: Pick<VmResult, 'splats'>, allowSplats?:
   return result.splats.filter((l) => !allowSplats?.test(l));
 }
 
+/**
+ * Thrown by runInVm (checkBundleFresh) when a script runs dist/cli/ulobdev.bundle.js and that is
+ * missing or older than the compiled modules it bundles.
+ */
+export class StaleBundleError extends Error {
+  readonly code = 'ESTALEBUNDLE';
+  constructor(detail: string) {
+    super(`${detail}: run \`make build\` (it bundles dist/cli/ulobdev.js into dist/cli/ulobdev.bundle.js) before the VM tests`);
+  }
+}
+
+/** The newest mtime (ms) of the .js files under dir (recursively), but `skip`. */
+function newestJs(dir: string, skip: string): number {
+  let newest = 0;
+  for (const e of readdirSync(dir, { withFileTypes: true })) {
+    const p = join(dir, e.name);
+    if (e.isDirectory()) newest = Math.max(newest, newestJs(p, skip));
+    else if (e.name.endsWith('.js') && p !== skip) newest = Math.max(newest, statSync(p).mtimeMs);
+  }
+  return newest;
+}
+
+/**
+ * Throws StaleBundleError when ROOT/dist/cli/ulobdev.bundle.js is missing or older than any other
+ * .js file under ROOT/dist/ (a `tsc` without `make build`): the VM files run the bundle (one file a
+ * Node start loads instead of ~210 over the guest's 9p root: docs/design.md, "Start time"), and a
+ * stale one would test old code. `root`: the project directory (default ROOT; the unit test's own).
+ */
+export function checkBundleFresh(root: string = ROOT): void {
+  const bundle = join(root, 'dist/cli/ulobdev.bundle.js');
+  if (!existsSync(bundle)) throw new StaleBundleError(`${bundle} is missing`);
+  if (newestJs(join(root, 'dist'), bundle) > statSync(bundle).mtimeMs) throw new StaleBundleError(`${bundle} is older than the compiled modules under dist/`);
+}
+
 const prepared = new Map<KernelSeries, VmPaths>();
 
 /**
@@ -147,6 +181,7 @@ export function prepareVm(kernel: KernelSeries = defaultKernel()): VmPaths {
  * status: the caller asserts on that); rejects with GuestKernelSplatError otherwise.
  */
 export async function runInVm(script: string, options: RunOptions = {}): Promise<VmResult> {
+  if (script.includes('dist/cli/ulobdev.bundle.js')) checkBundleFresh();
   const paths = prepareVm(options.kernel ?? defaultKernel());
   const base = join(ROOT, '.vm', 'run');
   mkdirSync(base, { recursive: true });

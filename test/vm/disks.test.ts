@@ -15,7 +15,7 @@ beforeAll(async () => {
   const vm = prepareVm();
   run = await runInVm(
     `
-    U="node ${ROOT}/dist/cli/ulobdev.js"
+    U="node ${ROOT}/dist/cli/ulobdev.bundle.js"
     modprobe loop; modprobe nbd max_part=15; modprobe fuse; modprobe crc32c_generic; modprobe ext4; modprobe sd_mod
     sdebug() {
       for i in $(seq 100); do

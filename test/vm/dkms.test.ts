@@ -29,7 +29,7 @@ describe.skipIf(kernel === '6.1')(`DKMS and modprobe on ${kernel}`, () => {
     expect(status).toContain(`uloop/0.1.0, ${vm.KVER}, x86_64: installed`);
     expect(status).toContain(`uloop/0.1.0, ${other.KVER}, x86_64: installed`);
     run = await runInVm(`
-      U="node ${ROOT}/dist/cli/ulobdev.js"; K=$(uname -r); D=/dev/uloop0
+      U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; K=$(uname -r); D=/dev/uloop0
       modprobe overlay; mkdir -p /tmp/mu /tmp/mw && mount -t overlay -o lowerdir=/lib/modules,upperdir=/tmp/mu,workdir=/tmp/mw overlay /lib/modules
       mkdir -p /lib/modules/$K/updates/dkms && cp ${dkms.DKMS_KO} /lib/modules/$K/updates/dkms/ && depmod -a $K
       echo "signer: $(modinfo -F signer uloop)"

@@ -16,7 +16,7 @@ describe.each(kernels.filter((k) => KERNEL_SERIES.includes(k)))('uloop.ko smoke 
     const vm = prepareVm(kernel);
     run = await runInVm(
       `
-      U="node ${ROOT}/dist/cli/ulobdev.js"; D=/dev/uloop0
+      U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; D=/dev/uloop0
       uname -r
       modprobe -q crc32c_generic || true; modprobe ext4
       insmod ${vm.ULOOP_KO} && echo "insmod ok"

@@ -9,7 +9,7 @@ let run: VmResult;
 beforeAll(async () => {
   prepareVm();
   run = await runInVm(`
-    U="node ${ROOT}/dist/cli/ulobdev.js"; D=/dev/nbd0
+    U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; D=/dev/nbd0
     A="-c /tmp/d.cache -b /tmp/d.bitmap --writeback --daemon $D /tmp/disk.img"
     modprobe nbd; modprobe -q crc32c_generic || true; modprobe ext4
     head -c 4M /dev/urandom > /tmp/disk.img && truncate -s 32M /tmp/disk.img

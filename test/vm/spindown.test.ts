@@ -58,7 +58,7 @@ beforeAll(async () => {
   data = randomBytes(2 << 20);
   run = await runInVm(
     `
-    U="node ${ROOT}/dist/cli/ulobdev.js"
+    U="node ${ROOT}/dist/cli/ulobdev.bundle.js"
     modprobe ata_piix; modprobe sd_mod; modprobe loop; modprobe fuse
     D=
     for i in 1 2 3 4 5 6 7 8 9 10; do

@@ -35,7 +35,7 @@ let run: VmResult;
 beforeAll(async () => {
   run = await runInVm(
     `
-    U="node ${ROOT}/dist/cli/ulobdev.js"; D=/dev/ublkb0; LOG=/run/ulobdev/ublkb0.log; M=1048576
+    U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; D=/dev/ublkb0; LOG=/run/ulobdev/ublkb0.log; M=1048576
     T0=$(date +%s%N); at() { echo "[$(( ($(date +%s%N) - T0) / 1000000 )) ms] $1"; }
     modprobe -q crc32c_generic || true; modprobe ext4
     echo "kernel $(uname -r)"

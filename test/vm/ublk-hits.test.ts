@@ -22,7 +22,7 @@ const ROUNDS = Number(process.env.ULOBVM_KILL_ROUNDS ?? 3);
 
 beforeAll(async () => {
   run = await runInVm(`
-    U="node ${ROOT}/dist/cli/ulobdev.js"; D=/dev/ublkb0
+    U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; D=/dev/ublkb0
     pid() { grep -o '"pid": *[0-9]*' /run/ulobdev/ublkb0.json | grep -o '[0-9]*$'; }
     waitgone() { k=0; while kill -0 $1 2>/dev/null && [ $k -lt 600 ]; do sleep 0.1; k=$((k+1)); done; ! kill -0 $1 2>/dev/null; }
     counts() { $U status $D --json | node -e 'const j=JSON.parse(require("fs").readFileSync(0,"utf8"));const u=(Array.isArray(j)?j[0]:j).ublk;console.log("'"$1"': ioErrors="+u.ioErrors+" readHits="+u.readHits+" coopTaskrun="+u.coopTaskrun)' || true; }

@@ -10,7 +10,7 @@ let run: VmResult;
 
 beforeAll(async () => {
   run = await runInVm(`
-    U="node ${ROOT}/dist/cli/ulobdev.js"; D=/dev/ublkb0; LOG=/run/ulobdev/ublkb0.log
+    U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; D=/dev/ublkb0; LOG=/run/ulobdev/ublkb0.log
     T0=$(date +%s%N); at() { echo "[$(( ($(date +%s%N) - T0) / 1000000 )) ms] $1"; }
     modprobe -q crc32c_generic || true; modprobe ext4
     head -c 12M /dev/urandom > /tmp/disk.img && truncate -s 64M /tmp/disk.img

@@ -29,7 +29,7 @@ beforeAll(async () => {
   const vm = prepareVm();
   run = await runInVm(
     `
-    U="node ${ROOT}/dist/cli/ulobdev.js"; CTL=${vm.ULOOPCTL}; D=/dev/uloop0; LOG=/run/ulobdev/uloop0.log
+    U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; CTL=${vm.ULOOPCTL}; D=/dev/uloop0; LOG=/run/ulobdev/uloop0.log
     insmod ${vm.ULOOP_KO} io_timeout_s=60 reattach_timeout_s=300
     field() { $CTL query 0 | tr ' ' '\\n' | sed -n "s/^$1=//p"; }
     # st_blocks of the cache file, and the kernel's present and pending blocks, every 0.2 s

@@ -80,7 +80,7 @@ beforeAll(async () => {
   const vm = prepareVm();
   run = await runInVm(
     `
-    U="node ${ROOT}/dist/cli/ulobdev.js"; CTL=${vm.ULOOPCTL}; D=/dev/uloop0; LOG=/run/ulobdev/uloop0.log; M=1048576
+    U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; CTL=${vm.ULOOPCTL}; D=/dev/uloop0; LOG=/run/ulobdev/uloop0.log; M=1048576
     insmod ${vm.ULOOP_KO} io_timeout_s=600 reattach_timeout_s=300
     modprobe -q crc32c_generic || true; modprobe ext4
     head -c 64M /dev/urandom > /tmp/disk.img

@@ -10,7 +10,7 @@ let run: VmResult;
 beforeAll(async () => {
   vm = prepareVm();
   run = await runInVm(`
-    U="node ${ROOT}/dist/cli/ulobdev.js"
+    U="node ${ROOT}/dist/cli/ulobdev.bundle.js"
     insmod ${vm.ULOOP_KO}
     modprobe -q crc32c_generic || true; modprobe ext4
     head -c 8M /dev/urandom > /tmp/disk.img && truncate -s 64M /tmp/disk.img

@@ -14,7 +14,7 @@ let run: VmResult;
 beforeAll(async () => {
   vm = prepareVm();
   run = await runInVm(`
-    U="node ${ROOT}/dist/cli/ulobdev.js"; CTL=${vm.ULOOPCTL}; D=/dev/uloop0
+    U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; CTL=${vm.ULOOPCTL}; D=/dev/uloop0
     insmod ${vm.ULOOP_KO}
     head -c 8M /dev/urandom > /tmp/disk.img && truncate -s 32M /tmp/disk.img
     $U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --block-size 64K --daemon $D /tmp/disk.img --log-level info

@@ -29,7 +29,7 @@ beforeAll(async () => {
   const writer = buildTool('uloop-writer');
   run = await runInVm(
     `
-    U="node ${ROOT}/dist/cli/ulobdev.js"; CTL=${vm.ULOOPCTL}; W=${writer}; D=/dev/uloop0
+    U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; CTL=${vm.ULOOPCTL}; W=${writer}; D=/dev/uloop0
     insmod ${vm.ULOOP_KO}
     kepoch() { $CTL query 0 | sed 's/.* epoch=\\([0-9]*\\).*/\\1/'; }
     kfield() { $U status $D --json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const j=JSON.parse(s);console.log((Array.isArray(j)?j[0]:j).kernel[process.argv[1]])})' "$1"; }
