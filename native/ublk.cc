@@ -2205,6 +2205,10 @@ Napi::Value Query(const Napi::CallbackInfo& info) {
   n("flushes", s->count.flushes);
   n("ioErrors", s->count.errors);
   n("evictedBlocks", s->evicted.load());
+  {
+    std::lock_guard<std::mutex> g(s->mu);
+    n("claimedBlocks", s->claimed_count);
+  }
   n("rooms", s->rooms.load());
   bool serving = s->serving.load(), running = serving;
   int thread_error = 0;

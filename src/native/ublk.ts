@@ -82,6 +82,8 @@ export interface UblkCounts {
   evictedBlocks: number;
   /** ROOM upcalls sent since create. */
   rooms: number;
+  /** Blocks claimed now by unit fills (claim() until filled()). */
+  claimedBlocks: number;
   /** Requests served by each hardware queue (FETCHes that brought one). */
   queueRequests: number[];
   /** Every queue's ring was made with IORING_SETUP_COOP_TASKRUN (5.19+; without it on a kernel that refuses it). False until serving. */

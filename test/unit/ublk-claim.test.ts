@@ -44,6 +44,7 @@ describe('ublk server claims (the unit fill)', () => {
     const id = s.claim(0, 16, got);
     expect(id).toBeGreaterThan(0);
     expect(bits(got)).toEqual([0, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
+    expect(s.query().claimedBlocks).toBe(11);
     // nothing is claimed twice
     const again = new Uint8Array(2);
     expect(s.claim(0, 16, again)).toBe(0);
@@ -63,6 +64,7 @@ describe('ublk server claims (the unit fill)', () => {
     s.filled(id, 0, 16, set(16, [0, 6, 7, 8, 9]));
     expect(s.query().presentBlocks).toBe(before + 5);
     expect(s.testHook('parks', 6, 16)).toBe(false);
+    expect(s.query().claimedBlocks).toBe(0);
     expect(s.testHook('hit', 6, 10)).toBe(true);
     expect(s.testHook('hit', 10, 11)).toBe(false);
     // what was let go can be claimed again (and 1 and 5, evicted and punched now); what was filled cannot
