@@ -1295,14 +1295,19 @@ struct HwQueue {
     Tag& t = tags[tag];
     for (;;) {
       switch (t.step) {
-        case kReadMiss:
+        case kReadMiss: {
           t.step = kReadDone;
+          std::unique_lock<std::mutex> g(s->mu);
+          // Parked behind a unit fill's claim (or another request), its blocks were made present
+          // meanwhile: read them now, held (no eviction takes them), without a MISS (review12 U-1).
+          if (AllSet(s->present, t.first, t.end)) break;
           if (s->budget) {
-            std::lock_guard<std::mutex> g(s->mu);
             s->miss_wait[Slot(tag)] = ++s->miss_seq;
             s->miss_stale[Slot(tag)] = 0;
           }
+          g.unlock();
           return Upcall(tag, kUpMiss, t.first, t.end, 0);
+        }
         case kReadDone:
           return ServeRead(tag);
         case kWHead: {
