@@ -465,6 +465,21 @@ class Server {
   int64_t credit_limit = -1;
   uint64_t unasked = 0;
   std::atomic<uint64_t> evicted{0}, rooms{0};
+  // The unit fill (issue 12, power; src/bdev/unit-fill.ts), as uloop.ko's CLAIM/FILLED: the
+  // daemon claims missing blocks it will fill from the disk after a MISS. A claimed block is
+  // neither present, dirty, held, written nor evicting when claimed, and until FILLED a request
+  // touching it parks (Held), an eviction refuses it, and nothing else claims it: no write lands
+  // on it before the fill's data, so the fill never overwrites a writer's bytes. FILLED (after
+  // the daemon synced the data) makes the blocks it names present and lets the rest go. Under mu.
+  struct ClaimRange {
+    uint64_t id, first, count;
+    Bits bits;  // bit i: block first + i is claimed by this claim
+  };
+  static constexpr size_t kMaxClaims = 64;
+  static constexpr uint64_t kMaxClaimBlocks = 8192;
+  std::vector<ClaimRange> claims;
+  Bits claimed;  // the union of the claims' bits (a budget: sized as present)
+  uint64_t claimed_count = 0, claim_seq = 0;
 
   ~Server();
 
@@ -558,9 +573,17 @@ class Server {
       if (Test(evicting, b)) return true;
     return false;
   }
+  // Does a request hold a block of [first, end) busy, or a unit fill's claim? A request on such
+  // blocks parks until they are let go (Start).
   bool Held(uint64_t first, uint64_t end) const {
     for (auto [f, e] : held)
       if (f < e && f < end && first < e) return true;
+    return Claimed(first, end);
+  }
+  bool Claimed(uint64_t first, uint64_t end) const {
+    if (!claimed_count) return false;
+    for (uint64_t b = first; b < end; b++)
+      if (Test(claimed, b)) return true;
     return false;
   }
 
@@ -641,7 +664,7 @@ class Server {
       for (uint64_t i = 0; i < count; i++) {
         if (!(bits[i >> 3] >> (i & 7) & 1)) continue;
         uint64_t b = first + i;
-        if (Test(dirty, b)) {
+        if (Test(dirty, b) || (claimed_count && Test(claimed, b))) {
           bits[i >> 3] &= static_cast<uint8_t>(~(1u << (i & 7)));
           continue;
         }
@@ -721,6 +744,64 @@ class Server {
     std::lock_guard<std::mutex> g(mu);
     credit_limit = limit;
     return unasked;
+  }
+
+  // CLAIM of blocks [first, first + count) (count <= kMaxClaimBlocks): the blocks neither present,
+  // dirty, held by a request, written, evicting nor claimed already are set in `out` (bit i:
+  // block first + i; the caller zeroed it) and kept claimed until Filled. Returns the claim's id
+  // (> 0), 0 when no block was free, or -EAGAIN when kMaxClaims claims are outstanding.
+  int64_t Claim(uint64_t first, uint64_t count, uint8_t* out) {
+    std::lock_guard<std::mutex> g(mu);
+    if (claims.size() >= kMaxClaims) return -EAGAIN;
+    uint64_t end = first + count;
+    Bits mine((count + 63) / 64, 0);
+    uint64_t n = 0;
+    for (uint64_t b = first; b < end; b++) {
+      if (Test(present, b) || Test(dirty, b) || Test(claimed, b) || (evicting_count && Test(evicting, b))) continue;
+      bool busy = false;
+      for (auto [f, e] : held) busy |= f < e && f <= b && b < e;
+      for (auto [f, e] : writing) busy |= f < e && f <= b && b < e;
+      if (busy) continue;
+      Set(mine, b - first);
+      n++;
+    }
+    if (!n) return 0;
+    for (uint64_t i = 0; i < count; i++) {
+      if (!Test(mine, i)) continue;
+      Set(claimed, first + i);
+      out[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
+    }
+    claimed_count += n;
+    claims.push_back(ClaimRange{++claim_seq, first, count, std::move(mine)});
+    return static_cast<int64_t>(claim_seq);
+  }
+
+  // FILLED of claim `id` over its range [first, first + count): the claimed blocks set in `bits`
+  // become present (their data is in the cache file, synced: the daemon's word), the other
+  // claimed ones are let go, still missing; requests parked on them go on. -ENOENT: no such
+  // claim; -EINVAL: another range, or a bit set on a block the claim does not hold (nothing
+  // changes).
+  int Filled(uint64_t id, uint64_t first, uint64_t count, const uint8_t* bits) {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      auto it = std::find_if(claims.begin(), claims.end(), [&](const ClaimRange& c) { return c.id == id; });
+      if (it == claims.end()) return -ENOENT;
+      if (it->first != first || it->count != count) return -EINVAL;
+      for (uint64_t i = 0; i < count; i++)
+        if ((bits[i >> 3] >> (i & 7) & 1) && !Test(it->bits, i)) return -EINVAL;
+      uint64_t made = 0;
+      for (uint64_t i = 0; i < count; i++) {
+        if (!Test(it->bits, i)) continue;
+        uint64_t b = first + i;
+        Clear(claimed, b);
+        claimed_count--;
+        if ((bits[i >> 3] >> (i & 7) & 1) && !Test(present, b)) Set(present, b), made++;
+      }
+      present_count += made;
+      claims.erase(it);
+    }
+    WakeAll();
+    return 0;
   }
 };
 
@@ -1214,14 +1295,19 @@ struct HwQueue {
     Tag& t = tags[tag];
     for (;;) {
       switch (t.step) {
-        case kReadMiss:
+        case kReadMiss: {
           t.step = kReadDone;
+          std::unique_lock<std::mutex> g(s->mu);
+          // Parked behind a unit fill's claim (or another request), its blocks were made present
+          // meanwhile: read them now, held (no eviction takes them), without a MISS (review12 U-1).
+          if (AllSet(s->present, t.first, t.end)) break;
           if (s->budget) {
-            std::lock_guard<std::mutex> g(s->mu);
             s->miss_wait[Slot(tag)] = ++s->miss_seq;
             s->miss_stale[Slot(tag)] = 0;
           }
+          g.unlock();
           return Upcall(tag, kUpMiss, t.first, t.end, 0);
+        }
         case kReadDone:
           return ServeRead(tag);
         case kWHead: {
@@ -1966,6 +2052,7 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
     s->accessed.assign(((((blocks + (1ULL << s->unit_shift) - 1) >> s->unit_shift)) + 63) / 64, 0);
     s->credit_limit = 0;
     s->evicting.assign(s->present.size(), 0);
+    s->claimed.assign(s->present.size(), 0);
   }
   s->touched.assign(s->present.size(), 0);
   s->touched_gen.assign((s->touched.size() + kTouchChunkWords - 1) / kTouchChunkWords, 0);
@@ -2123,6 +2210,10 @@ Napi::Value Query(const Napi::CallbackInfo& info) {
   n("flushes", s->count.flushes);
   n("ioErrors", s->count.errors);
   n("evictedBlocks", s->evicted.load());
+  {
+    std::lock_guard<std::mutex> g(s->mu);
+    n("claimedBlocks", s->claimed_count);
+  }
   n("rooms", s->rooms.load());
   bool serving = s->serving.load(), running = serving;
   int thread_error = 0;
@@ -2186,6 +2277,41 @@ Napi::Value Evict(const Napi::CallbackInfo& info) {
     return Napi::Value();
   }
   return Napi::Number::New(info.Env(), static_cast<double>(n));
+}
+
+// ublkClaim(handle, first, count, bits) -> id: Server::Claim (the claimed blocks set in `bits`,
+// which the caller zeroed; 0: none free). EAGAIN: 64 claims outstanding; EOPNOTSUPP without a
+// budget; RangeError past the last block or past 8192 blocks.
+Napi::Value ClaimBlocks(const Napi::CallbackInfo& info) {
+  Server* s = ServerOf(info);
+  uint64_t first, count;
+  Bytes bits;
+  if (!s || !RangeArgs(info, s, s->blocks, &first, &count, &bits)) return Napi::Value();
+  if (count > Server::kMaxClaimBlocks) {
+    Napi::RangeError::New(info.Env(), "count").ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  int64_t id = s->Claim(first, count, bits.data);
+  if (id < 0) {
+    ThrowErrno(info.Env(), static_cast<int>(-id), "ublk claim: 64 claims outstanding");
+    return Napi::Value();
+  }
+  return Napi::Number::New(info.Env(), static_cast<double>(id));
+}
+
+// ublkFilled(handle, id, first, count, bits): Server::Filled. ENOENT, EINVAL as it says.
+Napi::Value FilledBlocks(const Napi::CallbackInfo& info) {
+  Server* s = ServerOf(info);
+  int64_t id, f, c;
+  Bytes bits;
+  if (!s || !ArgInt64(info, 1, &id) || !ArgInt64(info, 2, &f) || !ArgInt64(info, 3, &c) || !ArgBytes(info, 4, &bits)) return Napi::Value();
+  if (id <= 0 || f < 0 || c < 0 || bits.length * 8 < static_cast<uint64_t>(c)) {
+    Napi::RangeError::New(info.Env(), "range").ThrowAsJavaScriptException();
+    return Napi::Value();
+  }
+  int e = s->Filled(static_cast<uint64_t>(id), static_cast<uint64_t>(f), static_cast<uint64_t>(c), bits.data);
+  if (e < 0) ThrowErrno(info.Env(), -e, e == -ENOENT ? "ublk filled: no such claim" : "ublk filled: not the claim's range or blocks");
+  return Napi::Value();
 }
 
 // ublkEvictDone(handle, first, count): Server::EvictDone.
@@ -2322,7 +2448,8 @@ bool InitUblk(Napi::Env env, Napi::Object exports) {
          Export<EpochBegin>(env, exports, "ublkEpochBegin") && Export<EpochCommit>(env, exports, "ublkEpochCommit") &&
          Export<Query>(env, exports, "ublkQuery") && Export<TestHook>(env, exports, "ublkTestHook") &&
          Export<Accessed>(env, exports, "ublkAccessed") && Export<Evict>(env, exports, "ublkEvict") && Export<Credit>(env, exports, "ublkCredit") &&
-         Export<EvictDone>(env, exports, "ublkEvictDone") && Export<Grant>(env, exports, "ublkGrant");
+         Export<EvictDone>(env, exports, "ublkEvictDone") && Export<Grant>(env, exports, "ublkGrant") &&
+         Export<ClaimBlocks>(env, exports, "ublkClaim") && Export<FilledBlocks>(env, exports, "ublkFilled");
 }
 
 }  // namespace ulob

@@ -21,6 +21,7 @@ import * as native from '../native/ublk.js';
 import type { Frontend } from './frontend.js';
 import { modprobe, mountsOfSource, pausePoint } from '../sys.js';
 import { assertReleasable } from './partitions.js';
+import { UnitFiller, type UnitFillStats } from './unit-fill.js';
 import { UpcallHandler, type UpcallType } from './upcalls.js';
 import { kernelCredit, kernelEpochs } from './uloop.js';
 
@@ -108,6 +109,10 @@ export interface UblkStatus extends Omit<native.UblkCounts, 'running' | 'threadE
   zeroCopy: boolean;
   failedUpcalls: number;
   preserves: number;
+  /** The unit fill (src/bdev/unit-fill.ts): zeros without a budget or with ULOBDEV_UNIT_FILL=0. */
+  unitFills: UnitFillStats['unitFills'];
+  unitFillBlocks: UnitFillStats['unitFillBlocks'];
+  unitFillsSkipped: UnitFillStats['unitFillsSkipped'];
 }
 
 export interface UblkFrontend extends Frontend {
@@ -145,7 +150,11 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
   const budgeted = store.budget !== null;
 
   let removed = false;
+  // The server stopped (stop() returned): no claim is made or answered after it.
+  let stopped = false;
   let failedUpcalls = 0;
+  // The unit fill (made once the device is up; the partition scan's misses at START get none).
+  let filler: UnitFiller | null = null;
   // Created before the handler it calls; upcalls only arrive once start() runs.
   let handler: UpcallHandler | undefined;
   const server: native.UblkServer = new native.UblkServer(
@@ -176,6 +185,8 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
         if (error < 0) failedUpcalls++;
         await pausePoint(`ublk:${type}-reply`);
         server.reply(m.id, error);
+        // After the reply: the asked read never waits for its neighbours.
+        if (type === 'miss' && error === 0 && filler) filler.afterMiss(Math.floor(m.offset / blockSize), Math.ceil((m.offset + m.length) / blockSize));
       });
     },
   );
@@ -259,6 +270,23 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
   // Read-only too with a budget: the engine evicts through the server there as well.
   if (!options.readOnly || budgeted) engine.externalEpochs = epochs.external;
   credit?.update();
+  // Fills around a MISS (issue 12, power), through the server's CLAIM/FILLED so that no block a
+  // writer touched is overwritten: src/bdev/unit-fill.ts. With a budget, on unless
+  // ULOBDEV_UNIT_FILL=0 (the server is userspace: its claims end with the process).
+  if (budgeted && process.env.ULOBDEV_UNIT_FILL !== '0') {
+    filler = new UnitFiller({
+      engine,
+      logger,
+      device,
+      pauseTag: 'ublk',
+      port: {
+        claim: (first, count, bits) => server.claim(first, count, bits),
+        filled: (id, first, count, bits) => server.filled(id, first, count, bits),
+        maxBlocks: native.UBLK_MAX_CLAIM_BLOCKS,
+        gone: () => stopped,
+      },
+    });
+  }
   // `bound`, not `device`: the daemon's logger carries the device asked for (/dev/ublkb) already.
   if (started.recovered) logger.warn({ bound: device }, `${device}: taken back from a daemon that died (user recovery: its queued I/O carries on)`);
   else if (started.replaced) {
@@ -342,10 +370,12 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
         ioErrors: q.ioErrors,
         evictedBlocks: q.evictedBlocks,
         rooms: q.rooms,
+        claimedBlocks: q.claimedBlocks,
         queueRequests: q.queueRequests,
         coopTaskrun: q.coopTaskrun,
         failedUpcalls,
         preserves: epochs.preserves(),
+        ...(filler?.stats() ?? { unitFills: 0, unitFillBlocks: 0, unitFillsSkipped: 0 }),
       };
     },
     async detach(opts) {
@@ -356,9 +386,12 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
       // externalEpochs stays: with the server gone (removed), a flush epoch begun before the detach
       // refuses to commit (its blocks stay dirty: the server's writes since its begin are unknown to
       // the engine), and later epochs run on the store alone, which holds every dirty bit.
+      // Fills running end first (their claims hold requests that STOP_DEV would wait for).
+      await filler?.close();
       // STOP_DEV waits for requests in flight, some of which may wait for upcalls: the handler
       // keeps answering until the server is gone.
       await server.stop();
+      stopped = true;
       await handler!.drain();
       if (owned) await rm(owned, { force: true });
     },

@@ -65,6 +65,8 @@ export interface UnitFillerOptions {
   device: string;
   /** Fills running at once; a MISS past that fills only what it asked. Default 8. */
   maxInFlight?: number;
+  /** The frontend's name in the fill's pause points (`uloop:unit-claim`, `ublk:unit-claim`...). Default 'uloop'. */
+  pauseTag?: string;
 }
 
 /** Fills around answered MISSes through a ClaimPort; one per device. */
@@ -74,6 +76,7 @@ export class UnitFiller {
   readonly #failures: FailureLog;
   readonly #device: string;
   readonly #maxInFlight: number;
+  readonly #pauseTag: string;
   readonly #inFlight = new Set<Promise<void>>();
   #closed = false;
   readonly #stats: UnitFillStats = { unitFills: 0, unitFillBlocks: 0, unitFillsSkipped: 0 };
@@ -84,6 +87,7 @@ export class UnitFiller {
     this.#failures = new FailureLog(options.logger);
     this.#device = options.device;
     this.#maxInFlight = options.maxInFlight ?? 8;
+    this.#pauseTag = options.pauseTag ?? 'uloop';
   }
 
   /**
@@ -151,7 +155,7 @@ export class UnitFiller {
   async #fill(start: number, count: number, askFirst: number, askEnd: number): Promise<void> {
     const engine = this.#engine;
     const store = engine.store;
-    if (process.env.ULOBDEV_PAUSE_FILE) await pausePoint('uloop:unit-claim');
+    if (process.env.ULOBDEV_PAUSE_FILE) await pausePoint(`${this.#pauseTag}:unit-claim`);
     if (this.#closed || this.#port.gone() || store.failed) return;
     // Candidates: missing in the store, not zeroed, not asked; reserved for now. The kernel
     // narrows them (CLAIM); none is added later (a block evicted meanwhile is not reserved).
@@ -196,7 +200,7 @@ export class UnitFiller {
       store.release(reserved - n);
       reserved = n;
       if (n === 0) return;
-      if (process.env.ULOBDEV_PAUSE_FILE) await pausePoint('uloop:unit-write');
+      if (process.env.ULOBDEV_PAUSE_FILE) await pausePoint(`${this.#pauseTag}:unit-write`);
       const runs: Extent[] = [...take.runs()].map((r) => ({ start: start + r.start, count: r.count }));
       // One read of the disk from the first block taken to the last (one seek), written where taken.
       const g = engine.geometry;

@@ -14,6 +14,9 @@ export const UBLK_F_USER_COPY = 1 << 7;
 export const UBLK_F_AUTO_BUF_REG = 1 << 11;
 export const UBLK_F_CMD_IOCTL_ENCODE = 1 << 6;
 
+/** The largest range one claim() takes (native/ublk.cc Server::kMaxClaimBlocks). */
+export const UBLK_MAX_CLAIM_BLOCKS = 8192;
+
 /** Upcall types the queue thread sends (native/ublk.cc kUp*). */
 export const UBLK_UP_MISS = 0;
 export const UBLK_UP_INTENT = 1;
@@ -79,6 +82,8 @@ export interface UblkCounts {
   evictedBlocks: number;
   /** ROOM upcalls sent since create. */
   rooms: number;
+  /** Blocks claimed now by unit fills (claim() until filled()). */
+  claimedBlocks: number;
   /** Requests served by each hardware queue (FETCHes that brought one). */
   queueRequests: number[];
   /** Every queue's ring was made with IORING_SETUP_COOP_TASKRUN (5.19+; without it on a kernel that refuses it). False until serving. */
@@ -123,6 +128,8 @@ interface UblkBinding {
   ublkCredit(h: Handle, limit: number): { limit: number; unasked: number };
   ublkEvictDone(h: Handle, first: number, count: number): void;
   ublkGrant(h: Handle, n: number): number;
+  ublkClaim(h: Handle, first: number, count: number, bits: Uint8Array): number;
+  ublkFilled(h: Handle, id: number, first: number, count: number, bits: Uint8Array): void;
 }
 const b = addon<UblkBinding>();
 
@@ -263,6 +270,35 @@ export class UblkServer {
     return b.ublkCredit(this.#h, limit);
   }
 
+  /**
+   * A budget, the unit fill: CLAIM of blocks [first, first + count) (count at most
+   * UBLK_MAX_CLAIM_BLOCKS). The blocks neither present, dirty, busy in a request (held, written,
+   * evicting) nor claimed already are set in `bits` (bit i: block first + i; pass it zeroed) and
+   * stay claimed until filled(): a request touching one waits, evict() refuses it. Returns the
+   * claim's id (> 0), or 0 when no block was free. Throws EAGAIN (64 claims outstanding),
+   * EOPNOTSUPP (no budget), RangeError.
+   */
+  claim(first: number, count: number, bits: Uint8Array): number {
+    validateInteger(first, 'first', 0);
+    validateInteger(count, 'count', 0, UBLK_MAX_CLAIM_BLOCKS);
+    validateBytes(bits, 'bits');
+    return b.ublkClaim(this.#h, first, count, bits);
+  }
+
+  /**
+   * FILLED of claim `id` over its range: the claimed blocks set in `bits` become present (call it
+   * only once their data is in the cache file and synced: invariant 1), the other claimed blocks
+   * are let go, still missing; requests waiting on them go on. Throws ENOENT (no such claim),
+   * EINVAL (not the claim's range, or a bit on a block it does not hold: nothing changes).
+   */
+  filled(id: number, first: number, count: number, bits: Uint8Array): void {
+    validateInteger(id, 'id', 1);
+    validateInteger(first, 'first', 0);
+    validateInteger(count, 'count', 0);
+    validateBytes(bits, 'bits');
+    b.ublkFilled(this.#h, id, first, count, bits);
+  }
+
   query(): UblkCounts {
     return b.ublkQuery(this.#h);
   }
@@ -272,7 +308,7 @@ export class UblkServer {
    * ('dirty': an answered INTENT; 'needs-preserve': whether a write there preserves first;
    * 'write-begin'/'write-end': a native write in flight; 'dirty-mid-copy': 'dirty' inside the next
    * epochBegin's copy; 'hold'/'unhold': a request holds [first, end) busy; 'parks': would a
-   * request on [first, end) wait (held, or evicted and not yet punched); 'miss-waitK': a read
+   * request on [first, end) wait (held, claimed, or evicted and not yet punched); 'miss-waitK': a read
    * on slot K (0, 1) holds [first, end) waiting for its MISS; 'miss-answerK': its MISS is
    * answered, true when it must miss again (an eviction took blocks of its range); 'hit': a read hit of
    * queue 0 begins (true if present; counted for evict's wait), 'hit-end-in': it completes `end`
