@@ -1153,7 +1153,13 @@ static int uloop_prepare_passes(struct uloop_dev *dev, struct uloop_cmd *cmd, u6
 			if (dev->epoch_open)
 				ubits_set(&dev->rewritten, first, last + 1);
 		}
-		uloop_set_accessed(dev, first, last);
+		/*
+		 * A read that missed is not a use (cache/clock.ts, GCLOCK's probation): a unit filled
+		 * once and never hit again goes first, as on /dev/ublkbN and the NBD path. Writes mark
+		 * their units as before.
+		 */
+		if (cmd->write || !cmd->upcalled)
+			uloop_set_accessed(dev, first, last);
 		uloop_inflight_add(dev, cmd, first, last);
 		mutex_unlock(&dev->lock);
 		return 0;

@@ -303,16 +303,19 @@ class KernelModel {
     const [first, end] = this.#range(offset, length);
     // uloop_prepare loops until a pass finds nothing to ask; the blocks of a request in its
     // passes are not evicted (a block filled for it would be filled again, for ever).
+    let missed = false;
     await this.#preparingRange(first, end, async () => {
       for (;;) {
         const missing: number[] = [];
         for (let b = first; b < end; b++) if (!this.present.get(b)) missing.push(b);
         if (missing.length === 0) break;
+        missed = true;
         await this.#askRuns('miss', missing);
         this.#missDone(missing);
       }
     });
-    this.#touch(first, end);
+    // As uloop.c: a read that missed is not a use.
+    if (!missed) this.#touch(first, end);
     const buf = Buffer.alloc(length);
     await this.#inFlight(first, end, () => this.file.read(buf, offset));
     return buf;

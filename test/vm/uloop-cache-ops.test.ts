@@ -150,8 +150,21 @@ beforeAll(async () => {
     blockdev --rereadpt /dev/uloop$Q && [ -b /dev/uloop\${Q}p1 ] && echo "partitions: found by BLKRRPART"
     echo "qp: $($CTL query $P)"
 
+    # (last, so the device numbers above stay as the partition checks expect)
+    # a read that needed a MISS is not a use (GCLOCK's probation); the same read again, a hit, is
+    truncate -s 16M /tmp/m.cache
+    M=$($CTL add /tmp/m.cache 16777216 65536 wb none --flags accessed --unit-shift 2)
+    mkfifo /tmp/fm
+    $CTL serve $M /tmp/src /tmp/m.cache --ctl /tmp/fm > /tmp/sm.log & PIDS="$PIDS $!"
+    waitfor attached /tmp/sm.log
+    ask /tmp/fm /tmp/sm.log "^accessed" accessed 0 64 > /dev/null
+    dd if=/dev/uloop$M of=/dev/null bs=64k skip=20 count=1 iflag=direct status=none
+    ask /tmp/fm /tmp/sm.log "^accessed" accessed 0 64 | sed 's/^/after a miss: /'
+    dd if=/dev/uloop$M of=/dev/null bs=64k skip=20 count=1 iflag=direct status=none
+    ask /tmp/fm /tmp/sm.log "^accessed" accessed 0 64 | sed 's/^/after a hit: /'
+
     kill $PIDS; wait $PIDS 2>/dev/null || true
-    for d in $H $H2 $E $Z $P $Q; do $CTL remove $d || echo "remove $d failed"; done
+    for d in $H $H2 $E $M $Z $P $Q; do $CTL remove $d || echo "remove $d failed"; done
     rmmod uloop && echo unloaded
   `, { timeoutMs: 420_000, memoryMb: 1536, allowSplats: TCG_STARVATION });
 }, 600_000);
@@ -176,6 +189,9 @@ describe('uloop.ko mechanism for hydration, budgets, zeroing and real disks', ()
   it('reports and clears accessed units', () => {
     expect(run.output).toMatch(/^accessed 3: 0 10 11$/m);
     expect(run.output).toMatch(/^again: accessed 0:$/m);
+    // A read that needed a MISS leaves its unit's bit clear; the same read as a hit sets it (block 20: unit 5).
+    expect(run.output).toMatch(/^after a miss: accessed 0:$/m);
+    expect(run.output).toMatch(/^after a hit: accessed 1: 5$/m);
   });
   it('evicts clean blocks under reads, never dirty ones', () => {
     expect(run.output).not.toContain('evict: a read failed');

@@ -90,7 +90,10 @@ struct uloop_features {
  * Needs ULOOP_F_WRITEBACK.
  */
 #define ULOOP_F_ZERO      (1U << 2)
-/* Set an "accessed" bit per unit of 2^unit_shift blocks on every request served; see ACCESSED. */
+/*
+ * Set an "accessed" bit per unit of 2^unit_shift blocks on every request served but a read that
+ * needed a MISS (a miss is not a use: GCLOCK's probation); see ACCESSED.
+ */
 #define ULOOP_F_ACCESSED  (1U << 3)
 /*
  * Scan the partition table once the daemon can answer: after ADD returns, a kernel work item reads
