@@ -30,8 +30,8 @@ beforeAll(async () => {
     field() { q | tr ' ' '\\n' | sed -n "s/^$1=//p"; }
     # blk N: block N of the device (direct) equals block N of FILE
     blk() { dd if=$D of=/tmp/a bs=$K skip=$1 count=1 iflag=direct status=none; dd if=$2 of=/tmp/b bs=$K skip=$1 count=1 status=none; cmp -s /tmp/a /tmp/b; }
-    # waitfor FIELD VALUE: until QUERY's FIELD is at least VALUE (10 s at most)
-    waitfor() { k=0; while [ $(field $1) -lt $2 ] && [ $k -lt 200 ]; do sleep 0.05; k=$((k+1)); done; }
+    # waitfor FIELD VALUE: until QUERY's FIELD is at least VALUE (30 s at most: a loaded host)
+    waitfor() { k=0; while [ $(field $1) -lt $2 ] && [ $k -lt 600 ]; do sleep 0.05; k=$((k+1)); done; }
     unitfills() { $U status --json $D | node -e 'const s=JSON.parse(require("fs").readFileSync(0,"utf8"));const j=Array.isArray(s)?s[0]:s;console.log(j.kernel.unitFills+" "+j.kernel.unitFillBlocks+" "+j.kernel.unitFillsSkipped)'; }
     # The kernel's partition scan at ADD misses (and fills around) the first and last blocks: the
     # disk counts as idle again 5 s later; the counts below are taken from here.
@@ -40,8 +40,9 @@ beforeAll(async () => {
     echo "unit fills at the start: $(unitfills)"
 
     # --- a 4 KiB miss with the disk idle: unit 4 (blocks 256-319), block 258 asked.
+    p0=$(field present)
     dd if=$D of=/dev/null bs=$K skip=258 count=1 iflag=direct status=none
-    waitfor present 64
+    waitfor present $((p0 + 64))
     echo "after one miss: $(q)"
     echo "unit fills after one miss: $(unitfills)"
     dd if=$D of=/tmp/a bs=$K skip=256 count=64 iflag=direct status=none; dd if=/tmp/orig.img of=/tmp/b bs=$K skip=256 count=64 status=none
