@@ -21,7 +21,7 @@ import * as native from '../native/ublk.js';
 import type { Frontend } from './frontend.js';
 import { modprobe, mountsOfSource, pausePoint } from '../sys.js';
 import { assertReleasable } from './partitions.js';
-import { UnitFiller, type UnitFillStats } from './unit-fill.js';
+import { NO_UNIT_FILLS, UnitFiller, unitFillWanted, type UnitFillStats } from './unit-fill.js';
 import { UpcallHandler, type UpcallType } from './upcalls.js';
 import { kernelCredit, kernelEpochs } from './uloop.js';
 
@@ -103,16 +103,13 @@ export interface UblkOptions {
 }
 
 /** The ublk server's side of a /dev/ublkbN as status shows it. */
-export interface UblkStatus extends Omit<native.UblkCounts, 'running' | 'threadError' | 'cacheError'> {
+/** The unit fill's counters (src/bdev/unit-fill.ts) are zeros without a budget or with ULOBDEV_UNIT_FILL=0. */
+export interface UblkStatus extends Omit<native.UblkCounts, 'running' | 'threadError' | 'cacheError'>, UnitFillStats {
   attach: 'added' | 'recovered';
   /** Served zero copy (UblkStarted.zeroCopy): reads straight into the request's pages. */
   zeroCopy: boolean;
   failedUpcalls: number;
   preserves: number;
-  /** The unit fill (src/bdev/unit-fill.ts): zeros without a budget or with ULOBDEV_UNIT_FILL=0. */
-  unitFills: UnitFillStats['unitFills'];
-  unitFillBlocks: UnitFillStats['unitFillBlocks'];
-  unitFillsSkipped: UnitFillStats['unitFillsSkipped'];
 }
 
 export interface UblkFrontend extends Frontend {
@@ -273,7 +270,7 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
   // Fills around a MISS (issue 12, power), through the server's CLAIM/FILLED so that no block a
   // writer touched is overwritten: src/bdev/unit-fill.ts. With a budget, on unless
   // ULOBDEV_UNIT_FILL=0 (the server is userspace: its claims end with the process).
-  if (budgeted && process.env.ULOBDEV_UNIT_FILL !== '0') {
+  if (budgeted && unitFillWanted()) {
     filler = new UnitFiller({
       engine,
       logger,
@@ -375,7 +372,7 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
         coopTaskrun: q.coopTaskrun,
         failedUpcalls,
         preserves: epochs.preserves(),
-        ...(filler?.stats() ?? { unitFills: 0, unitFillBlocks: 0, unitFillsSkipped: 0 }),
+        ...(filler?.stats() ?? NO_UNIT_FILLS),
       };
     },
     async detach(opts) {

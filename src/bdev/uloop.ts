@@ -17,7 +17,7 @@ import * as native from '../native/uloop.js';
 import type { Frontend } from './frontend.js';
 import { run } from './programs.js';
 import { markStart, modprobe } from '../sys.js';
-import { UnitFiller, type UnitFillStats } from './unit-fill.js';
+import { NO_UNIT_FILLS, UnitFiller, unitFillWanted, type UnitFillStats } from './unit-fill.js';
 import { UpcallHandler, type Upcall, type UpcallType } from './upcalls.js';
 import { freeUloop, moduleMissing, moduleRejected, uloopError } from './uloop-errors.js';
 
@@ -62,7 +62,12 @@ export interface UloopOptions {
 }
 
 /** The kernel's side of a /dev/uloopN as `status` shows it (QUERY, exact running counts). */
-export interface UloopStatus {
+/**
+ * The unit fill's counters (src/bdev/unit-fill.ts: the rest of the eviction unit made present
+ * around an answered MISS, when the disk was idle or the reader sequential) are zeros without a
+ * budget, with a module without CLAIM, and with ULOBDEV_UNIT_FILL=0.
+ */
+export interface UloopStatus extends UnitFillStats {
   /** How this daemon got the device: 'added' (ADD) or 'reattached' (ATTACH after a dead daemon). */
   attach: 'added' | 'reattached';
   presentBlocks: number;
@@ -87,14 +92,6 @@ export interface UloopStatus {
   preserves: number;
   /** When the last user request was served, as far as the kernel's counters tell (ms since epoch). */
   lastRequestAt: number;
-  /**
-   * Fills around answered MISSes (src/bdev/unit-fill.ts): the rest of the eviction unit made
-   * present in the same spin, for a miss that found the disk idle or continued a recent one.
-   * Zeros without a budget, with a module without CLAIM, and with ULOBDEV_UNIT_FILL=0.
-   */
-  unitFills: UnitFillStats['unitFills'];
-  unitFillBlocks: UnitFillStats['unitFillBlocks'];
-  unitFillsSkipped: UnitFillStats['unitFillsSkipped'];
 }
 
 /** A frontend of a kernel module that keeps block state itself; status and policy read it. */
@@ -784,7 +781,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
   // after a guest Oops in uloop.ko; that was a reply reading a ROOM upcall after completing it,
   // fixed in session 12: test/vm/uloop-room-race.test.ts).
   const filler =
-    (features.features & native.ULOOP_FEAT.CLAIM) !== 0 && process.env.ULOBDEV_UNIT_FILL !== '0'
+    (features.features & native.ULOOP_FEAT.CLAIM) !== 0 && unitFillWanted()
       ? new UnitFiller({
           engine,
           logger,
@@ -1000,7 +997,7 @@ export async function attachUloop(options: UloopOptions): Promise<UloopFrontend>
       failedUpcalls,
       preserves: epochs.preserves(),
       lastRequestAt,
-      ...(filler?.stats() ?? { unitFills: 0, unitFillBlocks: 0, unitFillsSkipped: 0 }),
+      ...(filler?.stats() ?? NO_UNIT_FILLS),
     };
   };
 

@@ -70,6 +70,14 @@ export interface UnitFillerOptions {
 }
 
 /** Fills around answered MISSes through a ClaimPort; one per device. */
+/** What status shows for a device with no unit fill (no budget, no CLAIM, or switched off). */
+export const NO_UNIT_FILLS: Readonly<UnitFillStats> = Object.freeze({ unitFills: 0, unitFillBlocks: 0, unitFillsSkipped: 0 });
+
+/** The unit fill is on unless the daemon's environment says ULOBDEV_UNIT_FILL=0 (read when a device is added). */
+export function unitFillWanted(env: NodeJS.ProcessEnv = process.env): boolean {
+  return env.ULOBDEV_UNIT_FILL !== '0';
+}
+
 export class UnitFiller {
   readonly #engine: CacheEngine;
   readonly #port: ClaimPort;
@@ -79,7 +87,7 @@ export class UnitFiller {
   readonly #pauseTag: string;
   readonly #inFlight = new Set<Promise<void>>();
   #closed = false;
-  readonly #stats: UnitFillStats = { unitFills: 0, unitFillBlocks: 0, unitFillsSkipped: 0 };
+  readonly #stats: UnitFillStats = { ...NO_UNIT_FILLS };
 
   constructor(options: UnitFillerOptions) {
     this.#engine = options.engine;

@@ -99,6 +99,18 @@ function dirtyBlocks(store: CacheStore): number[] {
   return out;
 }
 
+/** Opens `paths` expecting the one-line CorruptMetadataError a cache without its journal gets; its message. */
+async function refusal(paths: CachePaths): Promise<string> {
+  const err = await open(paths).then(
+    () => null,
+    (e: unknown) => e,
+  );
+  expect(err).toBeInstanceOf(CorruptMetadataError);
+  const msg = (err as Error).message;
+  expect(msg).not.toMatch(/[\r\n]/);
+  return msg;
+}
+
 describe('a cache copied after a crash (newuser11 finding 1)', () => {
   it('without its CACHE.meta-wal is refused in one line naming the missing file, and nothing changes', async () => {
     const { gone } = await dirtyCache();
@@ -107,13 +119,7 @@ describe('a cache copied after a crash (newuser11 finding 1)', () => {
     copy(['c', 'c.bitmap', 'c.meta']);
     await gone();
     const before = hashes(join(dir, 'new'));
-    const err = await open(newSsd).then(
-      () => null,
-      (e: unknown) => e,
-    );
-    expect(err).toBeInstanceOf(CorruptMetadataError);
-    const msg = (err as Error).message;
-    expect(msg).not.toMatch(/[\r\n]/);
+    const msg = await refusal(newSsd);
     expect(msg).toContain(`${newSsd.metadata}-wal is missing`);
     expect(msg).toContain('copy');
     // Nothing changed, and no WAL was left behind by the look.
@@ -141,14 +147,7 @@ describe('a cache copied after a crash (newuser11 finding 1)', () => {
     shell.prepare('SELECT count(*) FROM dirty').get();
     shell.close();
     expect(existsSync(`${newSsd.metadata}-wal`)).toBe(false);
-    const err = await open(newSsd).then(
-      () => null,
-      (e: unknown) => e,
-    );
-    expect(err).toBeInstanceOf(CorruptMetadataError);
-    const msg = (err as Error).message;
-    expect(msg).not.toMatch(/[\r\n]/);
-    expect(msg).toContain(`'touch ${newSsd.metadata}-wal'`);
+    expect(await refusal(newSsd)).toContain(`'touch ${newSsd.metadata}-wal'`);
     // The hint, followed: the main file already holds every transaction.
     writeFileSync(`${newSsd.metadata}-wal`, '');
     const { store, source } = await open(newSsd);
