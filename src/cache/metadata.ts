@@ -223,6 +223,12 @@ export interface HistoryLog {
    * that wrote at least one block (a flush that found nothing dirty is skipped).
    */
   lastFlush(options?: { wrote?: boolean }): FlushRecord | undefined;
+  /**
+   * The newest flush that did not complete (cut by a crash, or failed), when none completed after
+   * it began; else undefined. Its blocks stayed dirty, but the disk holds part of them: it is not a
+   * point-in-time image until a flush completes (invariant 7 holds only for completed flushes).
+   */
+  lastCutFlush(): FlushRecord | undefined;
   dirtySamples(since: number): DirtySample[];
   events(since: number, kind?: string): EventRecord[];
   countEvents(since: number, kinds: readonly string[]): number;
@@ -625,6 +631,17 @@ export class Metadata implements HistoryLog {
     return row && flushRecord(row);
   }
 
+  lastCutFlush(): FlushRecord | undefined {
+    const row = this.#db
+      .prepare(
+        'SELECT * FROM flush_history WHERE error IS NOT NULL AND started_at > ' +
+          'COALESCE((SELECT MAX(started_at) FROM flush_history WHERE ended_at IS NOT NULL AND error IS NULL), -1) ' +
+          'ORDER BY started_at DESC, id DESC LIMIT 1',
+      )
+      .get() as FlushRow | undefined;
+    return row && flushRecord(row);
+  }
+
   dirtySamples(since: number): DirtySample[] {
     return (this.#db.prepare('SELECT at, dirty_bytes FROM dirty_samples WHERE at >= ? ORDER BY at').all(since) as { at: number; dirty_bytes: number }[]).map(
       (r) => ({ at: r.at, dirtyBytes: r.dirty_bytes }),
@@ -678,6 +695,10 @@ function openDatabase(path: string, mustExist: boolean): Database.Database {
   const fresh = !mustExist && !existsSync(path);
   let db: Database.Database;
   try {
+    // Made 0600 first, as the cache file and the bitmap are: SQLite creates a file with the
+    // process's umask (a library user's 022 left it world-readable: newuser12), and gives the
+    // WAL the database file's mode.
+    if (fresh) closeSync(openSync(path, fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_WRONLY, 0o600));
     db = new Database(path, { fileMustExist: mustExist, timeout: 0 });
   } catch (err) {
     throw mustExist ? translate(err, path) : ioError('create metadata', path, err);

@@ -487,6 +487,10 @@ export function formatStatus(s: DeviceStatus): string {
     }
     if (w.flushing && w.progress) lines.push(`  flushing (${w.reason}): ${formatBytes(w.progress.doneBytes)} of ${formatBytes(w.progress.totalBytes)}`);
     if (w.lastError) lines.push(`  last flush FAILED (${w.failures}x): ${w.lastError}; retry ${when(w.retryAt)}`);
+    // newuser12: a flush cut by a crash showed nowhere but in `report`.
+    if (w.cutFlush && !w.flushing) {
+      lines.push(`  flush of epoch ${w.cutFlush.epoch} (${when(w.cutFlush.startedAt)}) did not complete (${w.cutFlush.error}): the disk is not a consistent image until a flush completes`);
+    }
   }
   if (s.kernel) {
     const k = s.kernel;

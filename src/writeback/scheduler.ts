@@ -94,6 +94,12 @@ export interface SchedulerStatus {
    * flush` with nothing to write); else null. Such a flush does not replace the last one.
    */
   lastEmptyFlushAt: number | null;
+  /**
+   * A flush an earlier run of the daemon left cut (killed mid-flush, or failed) and no flush has
+   * completed since: the disk holds part of its blocks, so it is not a consistent image until the
+   * next flush completes. From the history at start; null once a flush completes.
+   */
+  cutFlush: { epoch: number; startedAt: number; error: string } | null;
   nextFlushAt: number | null;
   /** Time of the oldest write not yet on the disk (coarse: the start of the flush that missed it). */
   oldestDirtyAt: number | null;
@@ -130,6 +136,7 @@ export class FlushScheduler {
   #lastFlushAt: number | null = null;
   #lastFlushBytes: number | null = null;
   #lastEmptyFlushAt: number | null = null;
+  #cutFlush: SchedulerStatus['cutFlush'] = null;
   #oldestDirtyAt: number | null = null;
   #lastError: string | null = null;
   #retryAt: number | null = null;
@@ -168,6 +175,8 @@ export class FlushScheduler {
     this.#lastFlushAt = wrote?.endedAt ?? null;
     this.#lastFlushBytes = wrote?.bytes ?? null;
     this.#lastEmptyFlushAt = last && last !== wrote ? last.endedAt : null;
+    const cut = this.#o.history?.lastCutFlush();
+    this.#cutFlush = cut ? { epoch: cut.epoch, startedAt: cut.startedAt, error: cut.error ?? 'unknown' } : null;
     // Dirty blocks from an earlier run are at least as old as the last flush that left them.
     if (this.#dirtyBytes() > 0) this.#oldestDirtyAt = last?.startedAt ?? Date.now();
     this.#job?.start();
@@ -281,6 +290,7 @@ export class FlushScheduler {
       lastFlushAt: this.#lastFlushAt,
       lastFlushBytes: this.#lastFlushBytes,
       lastEmptyFlushAt: this.#lastEmptyFlushAt,
+      cutFlush: this.#cutFlush,
       nextFlushAt: next ? next.toMillis() : null,
       oldestDirtyAt: this.#dirtyBytes() > 0 ? (this.#oldestDirtyAt ?? Date.now()) : null,
       lastError: this.#lastError,
@@ -509,6 +519,7 @@ export class FlushScheduler {
         this.#lastEmptyFlushAt = endedAt;
       }
       this.#lastError = null;
+      this.#cutFlush = null;
       this.#retryAt = null;
       this.#failures = 0;
       // Whatever is still dirty was written after this flush began.

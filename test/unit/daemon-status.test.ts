@@ -9,7 +9,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { Daemon, type AttachOptions } from '../../src/daemon/daemon.js';
+import { Daemon, describeFlush, type AttachOptions } from '../../src/daemon/daemon.js';
+import type { Metadata } from '../../src/cache/metadata.js';
 import { controlRequest } from '../../src/daemon/control.js';
 import { DeviceBusyError, ReadOnlyError } from '../../src/errors.js';
 import { openBacking } from '../../src/source/backing.js';
@@ -120,6 +121,39 @@ describe('status numbers', () => {
     await d.engine.write(0, data(8 * KiB, 5));
     await d.flush();
     expect(d.status().writeback).toMatchObject({ lastFlushBytes: 8 * KiB, lastEmptyFlushAt: null });
+  });
+});
+
+describe('a flush cut by a crash', () => {
+  it('shows in status after the restart until a flush completes (newuser12: it showed only in `report`)', async () => {
+    let d = await start();
+    await d.engine.write(0, data(64 * KiB, 9));
+    await d.flush();
+    expect(d.status().writeback!.cutFlush).toBeNull();
+    await new Promise((r) => setTimeout(r, 5));
+    // What a daemon killed mid-flush leaves, ended as the next start's recovery ends it.
+    const meta = d.engine.store.history as Metadata;
+    const epoch = d.engine.store.info.flushEpoch + 1;
+    meta.flushStarted(epoch, Date.now(), 'schedule');
+    expect(meta.endInterruptedFlushes()).toBe(1);
+    await d.engine.write(0, data(64 * KiB, 10));
+    await detach(d);
+    d = await start();
+    expect(d.status().writeback!.cutFlush).toMatchObject({ epoch, error: expect.stringMatching(/^interrupted/) });
+    expect(formatStatus(d.status())).toMatch(new RegExp(`flush of epoch ${epoch} \\([^\n]*\\) did not complete \\(interrupted[^\n]*: the disk is not a consistent image until a flush completes`));
+    await d.flush();
+    expect(d.status().writeback!.cutFlush).toBeNull();
+    expect(formatStatus(d.status())).not.toMatch(/did not complete/);
+  });
+});
+
+describe('detach of a read-only cache', () => {
+  it('does not say "the disk has everything" (an HTTP image or a library source has no disk: newuser12)', async () => {
+    const d = await start({ writeback: false });
+    await d.engine.read(0, 64 * KiB);
+    const r = await detach(d);
+    expect(describeFlush(r)).toBe('nothing to write back (a read-only cache)');
+    expect(describeFlush({ ...r, readOnly: false })).toBe('nothing to write back: the disk has everything');
   });
 });
 

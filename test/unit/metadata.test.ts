@@ -1,7 +1,7 @@
 // Cache metadata in SQLite (src/cache/metadata.ts) on real files: every field survives a close and
 // reopen, the dirty table, the flush epoch, the clean-shutdown flag, the exclusive lock, and the
 // durability settings of the connection.
-import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
@@ -386,6 +386,19 @@ describe('Metadata', () => {
     const r = open();
     expect(r.dirtyExtents()).toEqual([{ start: 1, count: 1 }]);
     expect(r.info.cleanShutdown).toBe(false);
+  });
+
+  it('makes the metadata and its WAL 0600 whatever the umask (newuser12: a library user got 0644)', () => {
+    const old = process.umask(0o022);
+    try {
+      const m = create();
+      m.addEvent(Date.now(), 'test');
+      expect(statSync(path).mode & 0o777).toBe(0o600);
+      expect(statSync(`${path}-wal`).mode & 0o777).toBe(0o600);
+      m.close();
+    } finally {
+      process.umask(old);
+    }
   });
 
   it('runs the connection in WAL mode with synchronous = FULL and an exclusive lock', () => {
