@@ -3,11 +3,20 @@ import { InvalidArgumentError } from './errors.js';
 
 const UNITS: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
 
+/**
+ * Bytes from a size as typed: 4096, 4K, 1.5G, 1.8TiB (powers of 1024). A fraction of a unit is
+ * rounded down to a whole byte, as lvcreate -L 1.8T rounds (newuser13: 1.8T was refused);
+ * a fraction of a byte (1.5, 1.5B) is not. Throws InvalidArgumentError: `not a size`, `not a whole
+ * number of bytes`, or `too large` (past 2^53 bytes).
+ */
 export function parseSize(text: string): number {
   const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$/i.exec(text);
   if (!m) throw new InvalidArgumentError(`not a size: ${JSON.stringify(text)} (try 4096, 64K, 1M)`);
-  const value = Number(m[1]) * UNITS[m[2]!.toLowerCase()]!;
-  if (!Number.isSafeInteger(value)) throw new InvalidArgumentError(`not a whole number of bytes: ${JSON.stringify(text)}`);
+  const unit = UNITS[m[2]!.toLowerCase()]!;
+  const number = Number(m[1]);
+  if (unit === 1 && !Number.isInteger(number)) throw new InvalidArgumentError(`not a whole number of bytes: ${JSON.stringify(text)}`);
+  const value = Math.floor(number * unit);
+  if (!Number.isSafeInteger(value)) throw new InvalidArgumentError(`too large: ${JSON.stringify(text)} is more bytes than any disk has`);
   return value;
 }
 

@@ -296,7 +296,10 @@ export class CacheStore {
       const budget = options.budget ?? info.budget;
       const creating = info.state === 'creating';
       if (budget !== null) checkBudget(budget, Math.max(info.evictionUnit, info.blockSize), paths.cache);
-      if (creating && budget !== null) await checkFreeSpace(storage, paths, budget, geometry, 0);
+      // A new cache's bitmap (preallocated: 384 MiB for a 12 TiB disk) takes from the same free
+      // space when it lives beside the cache file (newuser13: it was left out).
+      const bitmapHere = dirname(paths.bitmap) === dirname(paths.cache) ? geometry.bitmapFileSize : 0;
+      if (creating && budget !== null) await checkFreeSpace(storage, paths, budget, geometry, 0, bitmapHere);
       if (creating && budget === null) await checkMirrorSpace(storage, paths, geometry, backing.description, options.budgetOption);
       files = creating ? await createFiles(storage, paths, geometry, meta, budget !== null) : await openFiles(storage, paths, geometry, backing.description, info.bitmapPath);
       const { cache, bitmapFile } = files;
@@ -1531,17 +1534,21 @@ async function freeBytesOf(storage: Storage, dir: string): Promise<number> {
 
 /**
  * The flash filesystem must have room for the budget: its free space plus what the cache file
- * holds already (`heldBytes`). A budget above the disk's size needs only the disk's size.
+ * holds already (`heldBytes`), less what else the attach will place there (`otherBytes`: a new
+ * cache's bitmap beside it). A budget above the disk's size needs only the disk's size. Throws
+ * InvalidArgumentError naming the most that fits.
  */
-async function checkFreeSpace(storage: Storage, paths: CachePaths, budget: number, geometry: Geometry, heldBytes: number): Promise<void> {
+async function checkFreeSpace(storage: Storage, paths: CachePaths, budget: number, geometry: Geometry, heldBytes: number, otherBytes = 0): Promise<void> {
   const need = Math.min(budget, geometry.cacheFileSize);
   const dir = dirname(paths.cache);
   const free = await freeBytesOf(storage, dir);
-  if (free + heldBytes < need) {
+  if (free + heldBytes - otherBytes < need) {
+    const most = Math.max(0, Math.floor((free + heldBytes - otherBytes) / (1 << 20)) * (1 << 20));
     throw new InvalidArgumentError(
       `a cache budget of ${formatBytes(budget)} does not fit: ${dir} has ${formatBytes(free)} free` +
         (heldBytes > 0 ? ` and the cache holds ${formatBytes(heldBytes)}` : '') +
-        `; give at most ${formatBytes(Math.floor((free + heldBytes) / (1 << 20)) * (1 << 20))} or free some space`,
+        (otherBytes > 0 ? `, and the bitmap takes ${formatBytes(otherBytes)} of it` : '') +
+        `; give at most ${formatBytes(most)} or free some space`,
     );
   }
 }

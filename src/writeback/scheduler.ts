@@ -21,6 +21,7 @@ import { flushDirty, type FlushProgress, type FlushResult } from './flusher.js';
 import type { PowerControl, PowerState } from './power.js';
 import { EngineClosedError } from '../errors.js';
 import { cronModule } from './policy.js';
+import { formatBytes } from '../units.js';
 
 /** How long the history keeps flushes, samples and events (docs/reference.md, "report"). */
 export const HISTORY_KEEP_MS = 90 * 86_400_000;
@@ -525,7 +526,9 @@ export class FlushScheduler {
       // Whatever is still dirty was written after this flush began.
       this.#oldestDirtyAt = this.#dirtyBytes() > 0 ? startedAt : null;
       if (row !== undefined) this.#safe(() => history!.flushEnded(row!, { endedAt, bytes: result.bytes, blocks: result.blocks, spunUp }));
-      this.#log.info({ reason, ...result, ms: endedAt - startedAt, spunUp }, 'flushed dirty blocks to the backing disk');
+      // The journal shows the message alone (no fields): it says what laptop.md promises there.
+      const what = `${formatBytes(result.bytes)} in ${endedAt - startedAt} ms (${reason}${spunUp ? '; the disk spun up for it' : ''})`;
+      this.#log.info({ reason, ...result, ms: endedAt - startedAt, spunUp }, `flushed dirty blocks to the backing disk: ${what}`);
       if (power?.supported) this.#powerState = 'active';
       if (this.#o.spindown && power?.supported) {
         const idleMs = this.#o.spindownIdleMs ?? 10 * 60_000;

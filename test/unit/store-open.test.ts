@@ -36,6 +36,8 @@ import {
   UlobError,
 } from '../../src/errors.js';
 import { CacheEngine } from '../../src/cache/engine.js';
+import { Geometry } from '../../src/cache/layout.js';
+import { formatBytes } from '../../src/units.js';
 import { CacheStore, type CachePaths } from '../../src/cache/store.js';
 import { openBacking } from '../../src/source/backing.js';
 import { posixStorage } from '../../src/storage/posix-storage.js';
@@ -360,7 +362,16 @@ describe('CacheStore.open refuses a cache that is not this disk\'s, and changes 
       'ULOB_E_INVALID_ARG',
       ['a cache budget of 1 TiB does not fit'],
     );
-    const room = { ...posixStorage, freeBytes: async () => BLOCKS * BS };
+    // The new bitmap beside the cache file takes from the same free space (newuser13).
+    const bitmapBytes = new Geometry(BLOCKS * BS, BS).bitmapFileSize;
+    const noBitmap = { ...posixStorage, freeBytes: async () => BLOCKS * BS };
+    await expectRefused(
+      () => CacheStore.open({ paths, backing: source, mode: 'writeback', budget: 2 ** 40, evictionUnit: 64 * 1024, storage: noBitmap }),
+      InvalidArgumentError,
+      'ULOB_E_INVALID_ARG',
+      ['a cache budget of 1 TiB does not fit', `and the bitmap takes ${formatBytes(bitmapBytes)} of it`],
+    );
+    const room = { ...posixStorage, freeBytes: async () => BLOCKS * BS + bitmapBytes };
     const store = await CacheStore.open({ paths, backing: source, mode: 'writeback', budget: 2 ** 40, evictionUnit: 64 * 1024, storage: room });
     await store.close();
   });

@@ -121,6 +121,11 @@ describe('write-back options', () => {
     expect(() => parseCacheSize('64')).toThrow(/^--cache-size 64 has no unit: write 64% for a share of the disk, or a size such as 64M or 64G$/);
     expect(() => parseCacheSize('4096')).toThrow(/^--cache-size 4096 has no unit: write a size such as 4096M or 4096G$/);
     expect(() => parseCacheSize('10000000T')).toThrow(/^--cache-size 10000000T is larger than any disk: give the flash the cache may take/);
+    // A fraction of a unit is rounded down to whole bytes (newuser13: 1.8T and 0.3G were "larger than any disk").
+    expect(parseCacheSize('1.8T')).toEqual({ bytes: Math.floor(1.8 * 2 ** 40) });
+    expect(parseCacheSize('0.3G')).toEqual({ bytes: Math.floor(0.3 * 2 ** 30) });
+    expect(() => parseCacheSize('1048576.5B')).toThrow(/^--cache-size 1048576.5B is not a whole number of bytes/);
+    expect(parseDirtyLimit('0.3G')).toEqual({ bytes: Math.floor(0.3 * 2 ** 30) });
     expect(() => parseCacheSize('lots')).toThrow(/^--cache-size "lots" is neither a size \(256M, 500G\) nor a percentage of the disk \(25%\)$/);
     expect(() => parseCacheSize('512K')).toThrow(/is less than 1M/);
     expect(() => parseCacheSize('0')).toThrow(/^--cache-size 0 is no cache: give the flash the cache may take, such as 256M or 25%, or leave --cache-size out/);
