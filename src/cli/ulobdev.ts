@@ -455,8 +455,8 @@ export function formatStatus(s: DeviceStatus): string {
     `  size ${formatBytes(s.size)}, block ${formatBytes(s.blockSize)}, cached ${formatBytes(s.cachedBytes)} (${s.cacheFillPercent}%)${http && s.dirtyBytes === 0 ? '' : `, ${formatDirty(s)}`}`,
     `  flush epoch ${s.flushEpoch}, up ${s.uptimeSeconds} s, cache ${s.paths.cache}`,
     s.budgetBytes === null
-      ? `  flash: a full mirror of the ${http ? 'image' : 'disk'}, ${formatBytes(s.allocatedBytes)} held`
-      : `  flash: budget ${formatBytes(s.budgetBytes)}, used ${formatBytes(s.usedBytes)} (${formatBytes(s.allocatedBytes)} held), evicted ${formatBytes(s.evictedBytes)} since attach, unit ${formatBytes(s.evictionUnit)}`,
+      ? `  flash: a full mirror of the ${http ? 'image' : 'disk'}, ${formatBytes(s.allocatedBytes)} held; bitmap and metadata ${formatBytes(s.overheadBytes)} more`
+      : `  flash: budget ${formatBytes(s.budgetBytes)}, used ${formatBytes(s.usedBytes)} (${formatBytes(s.allocatedBytes)} held), evicted ${formatBytes(s.evictedBytes)} since attach, unit ${formatBytes(s.evictionUnit)}; bitmap and metadata ${formatBytes(s.overheadBytes)} more`,
     `  reads: ${s.hitRatio === null ? 'none yet' : `hit ratio ${(s.hitRatio * 100).toFixed(1)}% (${s.readHits} hits, ${s.readMisses} misses)`}`,
   ];
   if (s.spaceError) lines.push(`  room: ${s.spaceError}`);

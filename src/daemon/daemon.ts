@@ -137,6 +137,8 @@ export interface DeviceStatus {
   usedBytes: number;
   /** What the flash filesystem charges for the cache file now (st_blocks). */
   allocatedBytes: number;
+  /** Flash the bitmap and the metadata (with its WAL) take, as of the last refreshStatus (st_blocks). */
+  overheadBytes: number;
   /** Dirty bytes that read as zeros (TRIM, WRITE_ZEROES) and take no flash. */
   zeroBytes: number;
   evictionUnit: number;
@@ -198,6 +200,7 @@ export class Daemon {
   readonly #health: DiskHealth;
   #detaching: Promise<DetachResult> | null = null;
   #allocatedBytes = 0;
+  #overheadBytes = 0;
   readonly #done: Promise<void>;
   #resolveDone!: () => void;
 
@@ -534,6 +537,7 @@ export class Daemon {
       budgetBytes: s.budgetBytes,
       usedBytes: s.usedBytes,
       allocatedBytes: this.#allocatedBytes,
+      overheadBytes: this.#overheadBytes,
       zeroBytes: Math.min(s.zeroBlocks * s.blockSize, s.size),
       evictionUnit: s.evictionUnitBytes,
       evictedBytes: s.evictedBlocks * s.blockSize,
@@ -588,10 +592,18 @@ export class Daemon {
   async refreshStatus(): Promise<void> {
     let timer: NodeJS.Timeout | undefined;
     const late = new Promise<void>((resolve) => (timer = setTimeout(resolve, REFRESH_WAIT_MS)));
-    const read = this.engine.store.allocatedBytes().then(
-      (bytes) => void (this.#allocatedBytes = bytes),
-      () => undefined,
-    );
+    const paths = this.engine.store.paths;
+    // The bitmap and the metadata take flash too (newuser13: `used` hid a 12 TiB disk's 630 MiB).
+    const overhead = Promise.all(
+      [paths.bitmap, paths.metadata, `${paths.metadata}-wal`].map((f) => fsp.stat(f).then((st) => st.blocks * 512, () => 0)),
+    ).then((sizes) => void (this.#overheadBytes = sizes.reduce((a, b) => a + b, 0)));
+    const read = Promise.all([
+      this.engine.store.allocatedBytes().then(
+        (bytes) => void (this.#allocatedBytes = bytes),
+        () => undefined,
+      ),
+      overhead,
+    ]);
     await Promise.race([read, late]).finally(() => clearTimeout(timer));
   }
 

@@ -16,6 +16,7 @@ import { DeviceBusyError, ReadOnlyError } from '../../src/errors.js';
 import { openBacking } from '../../src/source/backing.js';
 import type { Source } from '../../src/source/source.js';
 import { formatStatus } from '../../src/cli/ulobdev.js';
+import { formatBytes } from '../../src/units.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -187,6 +188,18 @@ describe('a name in use', () => {
     expect((err as Error).message).toBe(
       `the name "cache1" is taken by the ulobdev daemon of ${first.device} (pid ${process.pid}): give this attach another --name, or detach that one first (ulobdev detach cache1)`,
     );
+  });
+});
+
+describe('flash use', () => {
+  it('shows what the bitmap and the metadata take beside the cache file (newuser13: `used` hid them)', async () => {
+    const d = await start({ cacheSize: { bytes: 2 * MiB } });
+    await d.engine.write(0, data(64 * KiB, 11));
+    await d.refreshStatus();
+    const st = d.status();
+    // The bitmap file alone is at least one 4 KiB block; the metadata holds a few pages.
+    expect(st.overheadBytes).toBeGreaterThanOrEqual(8 * KiB);
+    expect(formatStatus(st)).toMatch(new RegExp(`^ {2}flash: budget 2 MiB, [^\n]*; bitmap and metadata ${formatBytes(st.overheadBytes)} more$`, 'm'));
   });
 });
 
