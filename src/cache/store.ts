@@ -77,7 +77,19 @@ export interface IntentStats {
   blocks: number;
   /** Milliseconds spent waiting for the rounds' WAL fsyncs, summed. */
   syncMs: number;
+  /** Rounds whose start waited for the writers of the round before to come back (the gather). */
+  gathered: number;
+  /** Of those, waits that ended at CacheStore.intentGatherMs with fewer blocks than expected. */
+  gatherTimeouts: number;
 }
+
+/**
+ * How long a dirty-intent round may wait, counted from the end of the round before it, for that
+ * round's writers to come back with their next first writes (CacheStore.intentGatherMs).
+ */
+export const INTENT_GATHER_MS = 1;
+/** After a gather that timed out, this many rounds start without waiting. */
+const GATHER_SKIP_ROUNDS = 8;
 
 export interface OpenStoreOptions {
   paths: CachePaths;
@@ -180,7 +192,26 @@ export class CacheStore {
   /** Extents of rounds whose transaction is written but not yet synced. */
   readonly #pendingDirty = new Set<readonly Extent[]>();
   /** What markDirtyDurable's rounds have cost since open (intentStats()). */
-  readonly #intentCounts: IntentStats = { rounds: 0, blocks: 0, syncMs: 0 };
+  readonly #intentCounts: IntentStats = { rounds: 0, blocks: 0, syncMs: 0, gathered: 0, gatherTimeouts: 0 };
+  /**
+   * The longest a dirty-intent round waits for the writers of the round before it to come back
+   * (milliseconds from that round's end; #gatherGate). 0: never wait. Timers have a resolution
+   * of 1 ms, so a wait that runs out ends 1-2 ms after the round before.
+   */
+  intentGatherMs = INTENT_GATHER_MS;
+  /** When the last intent round ended (performance.now()), and how many blocks it made dirty. */
+  #lastRoundEnd = 0;
+  #lastRoundBlocks = 0;
+  /** Blocks of gathering markDirtyDurable() calls (options.gather) since the last round ended. */
+  #arrivedSinceRound = 0;
+  /** Of the extents gathered for the next round, the blocks of gathering calls. */
+  #gatheredWriters = 0;
+  /** A call that does not gather (a commit, a kernel's record) waits for the next round: start it now. */
+  #gatherUrgent = false;
+  /** Starts the round #gatherGate holds back, or null when none is held. */
+  #gatherWake: (() => void) | null = null;
+  /** Rounds left to start without waiting, after a gather that timed out. */
+  #gatherSkip = 0;
   /** Bitmap pages changed in memory and not yet written. */
   readonly #dirtyPages = new Set<number>();
   #bitmapWrite: Promise<void> = Promise.resolve();
@@ -242,7 +273,10 @@ export class CacheStore {
     this.#presentCount = args.present.count();
     this.unitBlocks = Math.max(1, args.meta.info.evictionUnit / args.geometry.blockSize);
     this.clock = args.budget === null ? null : new Clock(args.geometry.blockCount, this.unitBlocks);
-    this.#intentRound = new Coalescer(() => this.#recordIntents());
+    this.#intentRound = new Coalescer(
+      () => this.#recordIntents(),
+      () => this.#gatherGate(),
+    );
   }
 
   /**
@@ -860,18 +894,74 @@ export class CacheStore {
    * changing the cache content of a clean block. Until then they are pending, and clearFlushed()
    * and close(), which rewrite the whole dirty table, keep the written ones in it (gathered ones are
    * not in the table yet; their transaction comes after the rewrite).
+   *
+   * A round starts when the blocks gathered since the last round ended are as many as that round
+   * made dirty (its writers, answered, have come back with their next first writes), or at the
+   * latest intentGatherMs after it ended (#gatherGate): otherwise the writers of one round come
+   * back while the next one already runs with the few that arrived during its fsync, and the
+   * rounds stay small (2-3 blocks at QD16 through /dev/loopN, each paying a transaction and an
+   * fsync). A writer alone (QD1) never waits: its own next write is the one expected. Only calls
+   * with `options.gather` (the engine's own first writes, whose writers come back) count as
+   * writers; any other call (a commit's staged blocks, a kernel frontend's record) starts the
+   * next round without a wait.
    */
-  async markDirtyDurable(extents: readonly Extent[]): Promise<void> {
+  async markDirtyDurable(extents: readonly Extent[], options: { gather?: boolean } = {}): Promise<void> {
     if (extents.length === 0) return;
     this.#assertUsable();
-    for (const e of extents) this.#gatheredDirty.push(e);
+    let blocks = 0;
+    for (const e of extents) {
+      this.#gatheredDirty.push(e);
+      blocks += e.count;
+    }
+    if (options.gather) {
+      this.#arrivedSinceRound += blocks;
+      this.#gatheredWriters += blocks;
+    } else {
+      this.#gatherUrgent = true;
+    }
+    if (this.#gatherWake && (this.#gatherUrgent || this.#arrivedSinceRound >= this.#lastRoundBlocks)) this.#gatherWake();
     await this.#intentRound.run();
+  }
+
+  /**
+   * The intent rounds' gate (Coalescer): null to start the next round now; else a promise that
+   * resolves when the writers of the round before are back (markDirtyDurable wakes it) or
+   * intentGatherMs after that round ended, whichever comes first. A wait that runs out lets the
+   * next GATHER_SKIP_ROUNDS rounds start without one (the writers went elsewhere: reads,
+   * rewrites, or nowhere). Never rejects.
+   */
+  #gatherGate(): Promise<void> | null {
+    if (this.#gatherSkip > 0) {
+      this.#gatherSkip--;
+      return null;
+    }
+    if (this.#gatherUrgent || this.#arrivedSinceRound >= this.#lastRoundBlocks || this.#failed || this.#closed) return null;
+    const left = this.intentGatherMs - (performance.now() - this.#lastRoundEnd);
+    if (!(left > 0)) return null;
+    const counts = this.#intentCounts;
+    counts.gathered++;
+    return new Promise<void>((resolve) => {
+      const timer = setTimeout(() => {
+        this.#gatherWake = null;
+        this.#gatherSkip = GATHER_SKIP_ROUNDS;
+        counts.gatherTimeouts++;
+        resolve();
+      }, Math.ceil(left));
+      this.#gatherWake = () => {
+        clearTimeout(timer);
+        this.#gatherWake = null;
+        resolve();
+      };
+    });
   }
 
   /** One round of markDirtyDurable(): the gathered intents in one transaction, then the WAL fsync. */
   async #recordIntents(): Promise<void> {
     const extents = this.#gatheredDirty;
+    const writers = this.#gatheredWriters;
     this.#gatheredDirty = [];
+    this.#gatheredWriters = 0;
+    this.#gatherUrgent = false;
     if (extents.length === 0) return;
     this.#assertUsable();
     this.#guard(() => this.#meta.addDirtyUnsynced(extents));
@@ -883,9 +973,14 @@ export class CacheStore {
       this.#pendingDirty.delete(extents);
     }
     const counts = this.#intentCounts;
+    const ended = performance.now();
     counts.rounds++;
     for (const e of extents) counts.blocks += e.count;
-    counts.syncMs += performance.now() - started;
+    counts.syncMs += ended - started;
+    // The gather of the next round counts from here (#gatherGate): these writers may come back.
+    this.#lastRoundEnd = ended;
+    this.#lastRoundBlocks = writers;
+    this.#arrivedSinceRound = 0;
     this.#setDirty(extents);
   }
 
@@ -896,7 +991,7 @@ export class CacheStore {
    */
   intentStats(): IntentStats {
     const c = this.#intentCounts;
-    return { rounds: c.rounds, blocks: c.blocks, syncMs: Math.round(c.syncMs * 10) / 10 };
+    return { rounds: c.rounds, blocks: c.blocks, syncMs: Math.round(c.syncMs * 10) / 10, gathered: c.gathered, gatherTimeouts: c.gatherTimeouts };
   }
 
   /**
