@@ -84,10 +84,16 @@ export interface IntentStats {
 }
 
 /**
- * How long a dirty-intent round may wait, counted from the end of the round before it, for that
- * round's writers to come back with their next first writes (CacheStore.intentGatherMs).
+ * How long a dirty-intent round may wait at least, counted from the end of the round before it,
+ * for that round's writers to come back with their next first writes (CacheStore.intentGatherMs).
  */
 export const INTENT_GATHER_MS = 1;
+/**
+ * A round may wait as long as the round before took in its WAL fsync (as jbd2 batches a journal
+ * commit for up to its average commit time: a wait shorter than an fsync that fills the round
+ * costs less than the fsync of a second round), but no longer than this.
+ */
+const INTENT_GATHER_MAX_MS = 10;
 /** After a gather that timed out, this many rounds start without waiting. */
 const GATHER_SKIP_ROUNDS = 8;
 
@@ -194,14 +200,16 @@ export class CacheStore {
   /** What markDirtyDurable's rounds have cost since open (intentStats()). */
   readonly #intentCounts: IntentStats = { rounds: 0, blocks: 0, syncMs: 0, gathered: 0, gatherTimeouts: 0 };
   /**
-   * The longest a dirty-intent round waits for the writers of the round before it to come back
-   * (milliseconds from that round's end; #gatherGate). 0: never wait. Timers have a resolution
-   * of 1 ms, so a wait that runs out ends 1-2 ms after the round before.
+   * How long a dirty-intent round may wait at least for the writers of the round before it to come
+   * back (milliseconds from that round's end; #gatherGate); longer, up to 10 ms, when that round's
+   * WAL fsync took longer. Timers have a resolution of 1 ms, so a wait of 1 ms that runs out
+   * ends 1-2 ms after the round before.
    */
   intentGatherMs = INTENT_GATHER_MS;
-  /** When the last intent round ended (performance.now()), and how many blocks it made dirty. */
+  /** When the last intent round ended (performance.now()), how many blocks of writers it made dirty, its fsync's ms. */
   #lastRoundEnd = 0;
   #lastRoundBlocks = 0;
+  #lastRoundSyncMs = 0;
   /** Blocks of gathering markDirtyDurable() calls (options.gather) since the last round ended. */
   #arrivedSinceRound = 0;
   /** Of the extents gathered for the next round, the blocks of gathering calls. */
@@ -897,7 +905,8 @@ export class CacheStore {
    *
    * A round starts when the blocks gathered since the last round ended are as many as that round
    * made dirty (its writers, answered, have come back with their next first writes), or at the
-   * latest intentGatherMs after it ended (#gatherGate): otherwise the writers of one round come
+   * latest when intentGatherMs, or that round's fsync time up to 10 ms when longer, has passed
+   * since it ended (#gatherGate): otherwise the writers of one round come
    * back while the next one already runs with the few that arrived during its fsync, and the
    * rounds stay small (2-3 blocks at QD16 through /dev/loopN, each paying a transaction and an
    * fsync). A writer alone (QD1) never waits: its own next write is the one expected. Only calls
@@ -925,8 +934,9 @@ export class CacheStore {
 
   /**
    * The intent rounds' gate (Coalescer): null to start the next round now; else a promise that
-   * resolves when the writers of the round before are back (markDirtyDurable wakes it) or
-   * intentGatherMs after that round ended, whichever comes first. A wait that runs out lets the
+   * resolves when the writers of the round before are back (markDirtyDurable wakes it) or, after
+   * that round ended, intentGatherMs or that round's fsync time (at most INTENT_GATHER_MAX_MS),
+   * whichever is longer, has passed. A wait that runs out lets the
    * next GATHER_SKIP_ROUNDS rounds start without one (the writers went elsewhere: reads,
    * rewrites, or nowhere). Never rejects.
    */
@@ -936,7 +946,8 @@ export class CacheStore {
       return null;
     }
     if (this.#gatherUrgent || this.#arrivedSinceRound >= this.#lastRoundBlocks || this.#failed || this.#closed) return null;
-    const left = this.intentGatherMs - (performance.now() - this.#lastRoundEnd);
+    const wait = Math.max(this.intentGatherMs, Math.min(this.#lastRoundSyncMs, INTENT_GATHER_MAX_MS));
+    const left = wait - (performance.now() - this.#lastRoundEnd);
     if (!(left > 0)) return null;
     const counts = this.#intentCounts;
     counts.gathered++;
@@ -980,6 +991,7 @@ export class CacheStore {
     // The gather of the next round counts from here (#gatherGate): these writers may come back.
     this.#lastRoundEnd = ended;
     this.#lastRoundBlocks = writers;
+    this.#lastRoundSyncMs = ended - started;
     this.#arrivedSinceRound = 0;
     this.#setDirty(extents);
   }
