@@ -315,9 +315,13 @@ try {
           // The daemon's intent rounds during this run (ramp included): first writes per WAL fsync.
           const i = intentsNow();
           const d = { rounds: i.rounds - intents0.rounds, blocks: i.blocks - intents0.blocks, syncMs: +(i.syncMs - intents0.syncMs).toFixed(1) };
+          // Rounds whose start waited for the last round's writers, and waits that ran out (a
+          // daemon from before the gather has neither).
+          if (i.gathered !== undefined) Object.assign(d, { gathered: i.gathered - intents0.gathered, gatherTimeouts: i.gatherTimeouts - intents0.gatherTimeouts });
           if (d.rounds > 0) {
             intentRounds[row.id].push({ ...d, blocksPerRound: +(d.blocks / d.rounds).toFixed(2), msPerSync: +(d.syncMs / d.rounds).toFixed(2) });
             rounds = `; ${d.rounds} intent rounds, ${(d.blocks / d.rounds).toFixed(2)} blocks and ${(d.syncMs / d.rounds).toFixed(2)} ms of WAL fsync each`;
+            if (d.gathered !== undefined) rounds += ` (${d.gathered} waited for writers, ${d.gatherTimeouts} ran out)`;
           }
         }
         log(`rep ${rep + 1} ${row.id} ${t}: ${r.value} ${row.unit}${t === 'limit' ? '' : `, ${Math.round((cpu * 1e6) / r.ios)} µs CPU per request${split}`}${rounds} (load ${loadavg()[0].toFixed(1)})`);

@@ -4,11 +4,20 @@
 
 export class Coalescer {
   readonly #task: () => Promise<void>;
+  readonly #gate: (() => Promise<void> | null) | null;
   #running: Promise<void> | null = null;
   #next: Promise<void> | null = null;
 
-  constructor(task: () => Promise<void>) {
+  /**
+   * `gate`, when given, is asked before every run starts (whether queued behind a finished run or
+   * asked for while none ran): null starts the run now; a promise delays the start until it
+   * settles (it must settle, and never reject), and every caller arriving meanwhile joins that run.
+   * It only moves a run's start later; it never lets a caller be served by a run that started
+   * before the call.
+   */
+  constructor(task: () => Promise<void>, gate?: () => Promise<void> | null) {
     this.#task = task;
+    this.#gate = gate ?? null;
   }
 
   /** Resolves after a run of the task that started after this call has finished. */
@@ -17,15 +26,20 @@ export class Coalescer {
     // run's end and the queued run's start #running is already null, and starting another run
     // there would run the task twice at once.
     if (this.#next) return this.#next;
-    if (!this.#running) return this.#start();
-    if (!this.#next) {
-      const next = this.#running.then(
-        () => this.#start(),
-        () => this.#start(),
-      );
+    if (!this.#running) {
+      const wait = this.#gate?.() ?? null;
+      if (!wait) return this.#start();
+      const next = wait.then(() => this.#start());
       this.#next = next;
+      return next;
     }
-    return this.#next;
+    const after = (): Promise<void> => {
+      const wait = this.#gate?.() ?? null;
+      return wait ? wait.then(() => this.#start()) : this.#start();
+    };
+    const next = this.#running.then(after, after);
+    this.#next = next;
+    return next;
   }
 
   /** Resolves when no run is under way or queued (errors ignored). */

@@ -1469,7 +1469,9 @@ export class CacheEngine {
         // protect, and the write looks at it again. Eviction and zeroing leave blocks alone while
         // their intent is in #intents, so none turns into a hole before the record is durable.
         const store = this.store;
-        await this.#withMetadataRoom(() => store.markDirtyDurable(toExtents(sorted.filter((b) => store.present.get(b) && !store.dirty.get(b) && !this.#busyAt(b)))));
+        // gather: these writers, answered, come back with more first writes; the store's next
+        // round may wait for them (CacheStore.markDirtyDurable).
+        await this.#withMetadataRoom(() => store.markDirtyDurable(toExtents(sorted.filter((b) => store.present.get(b) && !store.dirty.get(b) && !this.#busyAt(b))), { gather: true }));
       } finally {
         for (const b of blocks) if (this.#intents.get(b) === durable) this.#intents.delete(b);
       }

@@ -77,7 +77,25 @@ export interface IntentStats {
   blocks: number;
   /** Milliseconds spent waiting for the rounds' WAL fsyncs, summed. */
   syncMs: number;
+  /** Rounds whose start waited for the writers of the round before to come back (the gather). */
+  gathered: number;
+  /** Of those, waits that ended at CacheStore.intentGatherMs with fewer blocks than expected. */
+  gatherTimeouts: number;
 }
+
+/**
+ * How long a dirty-intent round may wait at least, counted from the end of the round before it,
+ * for that round's writers to come back with their next first writes (CacheStore.intentGatherMs).
+ */
+export const INTENT_GATHER_MS = 1;
+/**
+ * A round may wait as long as the round before took in its WAL fsync (as jbd2 batches a journal
+ * commit for up to its average commit time: a wait shorter than an fsync that fills the round
+ * costs less than the fsync of a second round), but no longer than this.
+ */
+const INTENT_GATHER_MAX_MS = 10;
+/** After a gather that timed out, this many rounds start without waiting. */
+const GATHER_SKIP_ROUNDS = 8;
 
 export interface OpenStoreOptions {
   paths: CachePaths;
@@ -180,7 +198,28 @@ export class CacheStore {
   /** Extents of rounds whose transaction is written but not yet synced. */
   readonly #pendingDirty = new Set<readonly Extent[]>();
   /** What markDirtyDurable's rounds have cost since open (intentStats()). */
-  readonly #intentCounts: IntentStats = { rounds: 0, blocks: 0, syncMs: 0 };
+  readonly #intentCounts: IntentStats = { rounds: 0, blocks: 0, syncMs: 0, gathered: 0, gatherTimeouts: 0 };
+  /**
+   * How long a dirty-intent round may wait at least for the writers of the round before it to come
+   * back (milliseconds from that round's end; #gatherGate); longer, up to 10 ms, when that round's
+   * WAL fsync took longer. Timers have a resolution of 1 ms, so a wait of 1 ms that runs out
+   * ends 1-2 ms after the round before.
+   */
+  intentGatherMs = INTENT_GATHER_MS;
+  /** When the last intent round ended (performance.now()), how many blocks of writers it made dirty, its fsync's ms. */
+  #lastRoundEnd = 0;
+  #lastRoundBlocks = 0;
+  #lastRoundSyncMs = 0;
+  /** Blocks of gathering markDirtyDurable() calls (options.gather) since the last round ended. */
+  #arrivedSinceRound = 0;
+  /** Of the extents gathered for the next round, the blocks of gathering calls. */
+  #gatheredWriters = 0;
+  /** A call that does not gather (a commit, a kernel's record) waits for the next round: start it now. */
+  #gatherUrgent = false;
+  /** Starts the round #gatherGate holds back, or null when none is held. */
+  #gatherWake: (() => void) | null = null;
+  /** Rounds left to start without waiting, after a gather that timed out. */
+  #gatherSkip = 0;
   /** Bitmap pages changed in memory and not yet written. */
   readonly #dirtyPages = new Set<number>();
   #bitmapWrite: Promise<void> = Promise.resolve();
@@ -242,7 +281,10 @@ export class CacheStore {
     this.#presentCount = args.present.count();
     this.unitBlocks = Math.max(1, args.meta.info.evictionUnit / args.geometry.blockSize);
     this.clock = args.budget === null ? null : new Clock(args.geometry.blockCount, this.unitBlocks);
-    this.#intentRound = new Coalescer(() => this.#recordIntents());
+    this.#intentRound = new Coalescer(
+      () => this.#recordIntents(),
+      () => this.#gatherGate(),
+    );
   }
 
   /**
@@ -863,18 +905,77 @@ export class CacheStore {
    * changing the cache content of a clean block. Until then they are pending, and clearFlushed()
    * and close(), which rewrite the whole dirty table, keep the written ones in it (gathered ones are
    * not in the table yet; their transaction comes after the rewrite).
+   *
+   * A round starts when the blocks gathered since the last round ended are as many as that round
+   * made dirty (its writers, answered, have come back with their next first writes), or at the
+   * latest when intentGatherMs, or that round's fsync time up to 10 ms when longer, has passed
+   * since it ended (#gatherGate): otherwise the writers of one round come
+   * back while the next one already runs with the few that arrived during its fsync, and the
+   * rounds stay small (2-3 blocks at QD16 through /dev/loopN, each paying a transaction and an
+   * fsync). A writer alone (QD1) never waits: its own next write is the one expected. Only calls
+   * with `options.gather` (the engine's own first writes, whose writers come back) count as
+   * writers; any other call (a commit's staged blocks, a kernel frontend's record) starts the
+   * next round without a wait.
    */
-  async markDirtyDurable(extents: readonly Extent[]): Promise<void> {
+  async markDirtyDurable(extents: readonly Extent[], options: { gather?: boolean } = {}): Promise<void> {
     if (extents.length === 0) return;
     this.#assertUsable();
-    for (const e of extents) this.#gatheredDirty.push(e);
+    let blocks = 0;
+    for (const e of extents) {
+      this.#gatheredDirty.push(e);
+      blocks += e.count;
+    }
+    if (options.gather) {
+      this.#arrivedSinceRound += blocks;
+      this.#gatheredWriters += blocks;
+    } else {
+      this.#gatherUrgent = true;
+    }
+    if (this.#gatherWake && (this.#gatherUrgent || this.#arrivedSinceRound >= this.#lastRoundBlocks)) this.#gatherWake();
     await this.#intentRound.run();
+  }
+
+  /**
+   * The intent rounds' gate (Coalescer): null to start the next round now; else a promise that
+   * resolves when the writers of the round before are back (markDirtyDurable wakes it) or, after
+   * that round ended, intentGatherMs or that round's fsync time (at most INTENT_GATHER_MAX_MS),
+   * whichever is longer, has passed. A wait that runs out lets the
+   * next GATHER_SKIP_ROUNDS rounds start without one (the writers went elsewhere: reads,
+   * rewrites, or nowhere). Never rejects.
+   */
+  #gatherGate(): Promise<void> | null {
+    if (this.#gatherSkip > 0) {
+      this.#gatherSkip--;
+      return null;
+    }
+    if (this.#gatherUrgent || this.#arrivedSinceRound >= this.#lastRoundBlocks || this.#failed || this.#closed) return null;
+    const wait = Math.max(this.intentGatherMs, Math.min(this.#lastRoundSyncMs, INTENT_GATHER_MAX_MS));
+    const left = wait - (performance.now() - this.#lastRoundEnd);
+    if (!(left > 0)) return null;
+    const counts = this.#intentCounts;
+    counts.gathered++;
+    return new Promise<void>((resolve) => {
+      const timer = setTimeout(() => {
+        this.#gatherWake = null;
+        this.#gatherSkip = GATHER_SKIP_ROUNDS;
+        counts.gatherTimeouts++;
+        resolve();
+      }, Math.ceil(left));
+      this.#gatherWake = () => {
+        clearTimeout(timer);
+        this.#gatherWake = null;
+        resolve();
+      };
+    });
   }
 
   /** One round of markDirtyDurable(): the gathered intents in one transaction, then the WAL fsync. */
   async #recordIntents(): Promise<void> {
     const extents = this.#gatheredDirty;
+    const writers = this.#gatheredWriters;
     this.#gatheredDirty = [];
+    this.#gatheredWriters = 0;
+    this.#gatherUrgent = false;
     if (extents.length === 0) return;
     this.#assertUsable();
     this.#guard(() => this.#meta.addDirtyUnsynced(extents));
@@ -886,9 +987,15 @@ export class CacheStore {
       this.#pendingDirty.delete(extents);
     }
     const counts = this.#intentCounts;
+    const ended = performance.now();
     counts.rounds++;
     for (const e of extents) counts.blocks += e.count;
-    counts.syncMs += performance.now() - started;
+    counts.syncMs += ended - started;
+    // The gather of the next round counts from here (#gatherGate): these writers may come back.
+    this.#lastRoundEnd = ended;
+    this.#lastRoundBlocks = writers;
+    this.#lastRoundSyncMs = ended - started;
+    this.#arrivedSinceRound = 0;
     this.#setDirty(extents);
   }
 
@@ -899,7 +1006,7 @@ export class CacheStore {
    */
   intentStats(): IntentStats {
     const c = this.#intentCounts;
-    return { rounds: c.rounds, blocks: c.blocks, syncMs: Math.round(c.syncMs * 10) / 10 };
+    return { rounds: c.rounds, blocks: c.blocks, syncMs: Math.round(c.syncMs * 10) / 10, gathered: c.gathered, gatherTimeouts: c.gatherTimeouts };
   }
 
   /**

@@ -2086,7 +2086,7 @@ describe('dirty intents', () => {
     const { r, BS } = await gatedRig(16);
     await r.engine.read(0, 16 * BS);
     await r.engine.flush();
-    expect(r.engine.stats().intents).toEqual({ rounds: 0, blocks: 0, syncMs: 0 });
+    expect(r.engine.stats().intents).toEqual({ rounds: 0, blocks: 0, syncMs: 0, gathered: 0, gatherTimeouts: 0 });
     // One write over three clean blocks (one extent), then a rewrite of one of them (no intent).
     await r.engine.write(2 * BS, pattern(3 * BS, 1));
     await r.engine.write(3 * BS, pattern(BS, 2));
