@@ -593,23 +593,44 @@ export class Metadata implements HistoryLog {
 
   // --- history (HistoryLog) -------------------------------------------------------------------
 
+  // History rows are written unsynced (synchronous = NORMAL for the one statement): they are not
+  // durable state, a crash may lose the last of them, and the next synced transaction (or WAL
+  // sync) makes them durable with it. Synced, each cost an fsync of the WAL on the event loop:
+  // four per scheduled flush (two samples, its start and its end) on top of the flush's own.
+
   flushStarted(epoch: number, at: number, reason: string | null = null): number {
-    const r = this.#db.prepare('INSERT INTO flush_history (epoch, started_at, reason) VALUES (?, ?, ?)').run(epoch, at, reason);
-    return Number(r.lastInsertRowid);
+    return this.#unsynced(() => Number(this.#db.prepare('INSERT INTO flush_history (epoch, started_at, reason) VALUES (?, ?, ?)').run(epoch, at, reason).lastInsertRowid));
   }
 
   flushEnded(id: number, result: { endedAt: number; bytes: number; blocks: number; spunUp: boolean; error?: string | null }): void {
-    this.#db
-      .prepare('UPDATE flush_history SET ended_at = ?, bytes = ?, blocks = ?, spun_up = ?, error = ? WHERE id = ?')
-      .run(result.endedAt, result.bytes, result.blocks, result.spunUp ? 1 : 0, result.error ?? null, id);
+    this.#unsynced(() =>
+      this.#db
+        .prepare('UPDATE flush_history SET ended_at = ?, bytes = ?, blocks = ?, spun_up = ?, error = ? WHERE id = ?')
+        .run(result.endedAt, result.bytes, result.blocks, result.spunUp ? 1 : 0, result.error ?? null, id),
+    );
   }
 
   addDirtySample(at: number, dirtyBytes: number): void {
-    this.#db.prepare('INSERT INTO dirty_samples (at, dirty_bytes) VALUES (?, ?)').run(at, dirtyBytes);
+    this.#unsynced(() => this.#db.prepare('INSERT INTO dirty_samples (at, dirty_bytes) VALUES (?, ?)').run(at, dirtyBytes));
   }
 
   addEvent(at: number, kind: string, detail: string | null = null): void {
-    this.#db.prepare('INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)').run(at, kind, detail);
+    this.#unsynced(() => this.#db.prepare('INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)').run(at, kind, detail));
+  }
+
+  /**
+   * Runs `fn` (one autocommit statement) with synchronous = NORMAL: committed to the WAL, not
+   * synced. The pragmas are run afresh, not as statements prepared once: a prepared PRAGMA whose
+   * schema changed since (the open's create or upgrade) silently does nothing on its next run, and
+   * a FULL that did nothing would leave every later transaction unsynced.
+   */
+  #unsynced<T>(fn: () => T): T {
+    this.#db.pragma('synchronous = NORMAL');
+    try {
+      return fn();
+    } finally {
+      this.#db.pragma('synchronous = FULL');
+    }
   }
 
   flushes(since: number): FlushRecord[] {
