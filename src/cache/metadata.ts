@@ -593,21 +593,21 @@ export class Metadata implements HistoryLog {
 
   // --- history (HistoryLog) -------------------------------------------------------------------
 
-  // History rows are written unsynced (synchronous = NORMAL for the one statement): they are not
-  // durable state, a crash may lose the last of them, and the next synced transaction (or WAL
-  // sync) makes them durable with it. Synced, each cost an fsync of the WAL on the event loop:
-  // four per scheduled flush (two samples, its start and its end) on top of the flush's own.
+  // Dirty samples and events are written unsynced (synchronous = NORMAL for the one statement):
+  // not durable state, a crash may lose the last of them, and the next synced transaction (or WAL
+  // sync) makes them durable with it. Synced, each cost an fsync of the WAL on the event loop, two
+  // per scheduled flush on top of the flush's own. A flush's own rows stay synced: a start row lost
+  // in a power cut would hide a flush cut mid-copy (status: the disk is not a consistent image), an
+  // end row lost would report a completed flush as cut (review13 W-1).
 
   flushStarted(epoch: number, at: number, reason: string | null = null): number {
-    return this.#unsynced(() => Number(this.#db.prepare('INSERT INTO flush_history (epoch, started_at, reason) VALUES (?, ?, ?)').run(epoch, at, reason).lastInsertRowid));
+    return Number(this.#db.prepare('INSERT INTO flush_history (epoch, started_at, reason) VALUES (?, ?, ?)').run(epoch, at, reason).lastInsertRowid);
   }
 
   flushEnded(id: number, result: { endedAt: number; bytes: number; blocks: number; spunUp: boolean; error?: string | null }): void {
-    this.#unsynced(() =>
-      this.#db
-        .prepare('UPDATE flush_history SET ended_at = ?, bytes = ?, blocks = ?, spun_up = ?, error = ? WHERE id = ?')
-        .run(result.endedAt, result.bytes, result.blocks, result.spunUp ? 1 : 0, result.error ?? null, id),
-    );
+    this.#db
+      .prepare('UPDATE flush_history SET ended_at = ?, bytes = ?, blocks = ?, spun_up = ?, error = ? WHERE id = ?')
+      .run(result.endedAt, result.bytes, result.blocks, result.spunUp ? 1 : 0, result.error ?? null, id);
   }
 
   addDirtySample(at: number, dirtyBytes: number): void {
@@ -625,6 +625,8 @@ export class Metadata implements HistoryLog {
    * a FULL that did nothing would leave every later transaction unsynced.
    */
   #unsynced<T>(fn: () => T): T {
+    // Inside a transaction SQLite refuses the pragma; the transaction's own commit then applies.
+    if (this.#db.inTransaction) return fn();
     this.#db.pragma('synchronous = NORMAL');
     try {
       return fn();

@@ -1,7 +1,8 @@
-// History rows (flush_history, dirty_samples, events) are written with synchronous = NORMAL: no
-// fsync of the WAL on the event loop for rows that are not durable state (four per scheduled
-// flush). The connection must be back at synchronous = FULL right after each, or the dirty set's
-// transactions would lose their durability (invariants 2 and 4).
+// Dirty samples and events are written with synchronous = NORMAL: no fsync of the WAL on the
+// event loop for rows that are not durable state (two per scheduled flush). A flush's own rows stay
+// synced (status reports a flush cut mid-copy from them: review13 W-1). The connection must be back
+// at synchronous = FULL right after each, or the dirty set's transactions would lose their
+// durability (invariants 2 and 4).
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -19,7 +20,7 @@ afterEach(() => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-it('writes history rows unsynced and every dirty-set transaction synced', () => {
+it('writes samples and events unsynced, flush rows and every dirty-set transaction synced', () => {
   // The connection is private to Metadata: catch it, and each statement's synchronous level as it runs.
   const original = Database.prototype.prepare;
   const prepare = vi.spyOn(Database.prototype, 'prepare');
@@ -49,7 +50,7 @@ it('writes history rows unsynced and every dirty-set transaction synced', () => 
     m.replaceDirty([{ start: 4, count: 1 }], 2);
     expect(db.pragma('synchronous', { simple: true })).toBe(2);
     const level = (table: string) => seen.filter(([t]) => t === table).map(([, s]) => s);
-    expect(level('flush_history')).toEqual([1, 1]);
+    expect(level('flush_history'), 'a flush\'s start and end rows synced').toEqual([2, 2]);
     expect(level('dirty_samples')).toEqual([1]);
     expect(level('events')).toEqual([1]);
     expect(level('dirty').length).toBeGreaterThan(0);
@@ -58,6 +59,10 @@ it('writes history rows unsynced and every dirty-set transaction synced', () => 
     // The rows are there (and the flush ended).
     expect(m.flushes(0)).toMatchObject([{ epoch: 1, endedAt: 1003, bytes: 4096, reason: 'schedule' }]);
     expect(m.dirtySamples(0)).toEqual([{ at: 1001, dirtyBytes: 4096 }]);
+    // Inside a transaction the pragma cannot change (SQLite refuses): the row goes in with it.
+    db.transaction(() => m.addEvent(1004, 'spinup-observed', null)).immediate();
+    expect(m.events(1004).map((e) => e.kind)).toEqual(['spinup-observed']);
+    expect(db.pragma('synchronous', { simple: true })).toBe(2);
   } finally {
     m.close();
   }
