@@ -3,6 +3,7 @@
 //
 //   npx tsc -p tsconfig.json && sudo node bench/flush.js [--size 256M] [--reps 3] [--dir /var/tmp]
 //                                                      [--blocks 4096] [--json bench/results/flush.json]
+//                                                      [--only contiguous,random,hydrate]
 //
 // Rows (each side runs --reps times, interleaved ours, ref, ref, ours, ...; best and median of
 // each, and a ratio of each: ours / ref in MB/s):
@@ -40,6 +41,8 @@ const { values: opts } = parseArgs({
     reps: { type: 'string', default: '5' },
     blocks: { type: 'string', default: '4096' },
     dir: { type: 'string', default: '/var/tmp' },
+    /** Rows to run, comma-separated (default all): `--only random --blocks 1` times a one-block flush, its fixed cost. */
+    only: { type: 'string', default: 'contiguous,random,hydrate' },
     json: { type: 'string', default: new URL('./results/flush.json', import.meta.url).pathname },
   },
 });
@@ -58,6 +61,13 @@ const SIZE = parseSize(opts.size);
 const REPS = Math.max(1, Number(opts.reps));
 const RANDOM_BLOCKS = Number(opts.blocks);
 const BLOCK = 4096;
+const ONLY = new Set(opts.only.split(',').map((x) => x.trim()));
+for (const r of ONLY) {
+  if (!['contiguous', 'random', 'hydrate'].includes(r)) {
+    process.stderr.write(`bench/flush.js: --only takes contiguous, random and hydrate, not ${r}\n`);
+    process.exit(1);
+  }
+}
 
 const { CacheEngine } = await import('../dist/cache/engine.js');
 const { CacheStore } = await import('../dist/cache/store.js');
@@ -176,7 +186,7 @@ try {
   const chunk = randomBytes(4 * MiB);
 
   // 1. Contiguous flush vs dd from the same cache file.
-  {
+  if (ONLY.has('contiguous')) {
     log('flush contiguous');
     const dev = await open('seq');
     let result;
@@ -200,7 +210,7 @@ try {
   }
 
   // 2. Random 4 KiB dirty blocks: sorted and pipelined vs the same copy unsorted.
-  {
+  if (ONLY.has('random')) {
     log('flush random blocks');
     const dev = await open('rnd');
     const picked = new Set();
@@ -233,7 +243,7 @@ try {
 
   // 3. Hydration vs dd copying the disk into a fresh file, and vs dd reading the disk.
   let dropped = false;
-  {
+  if (ONLY.has('hydrate')) {
     log('hydrate');
     let dev = null;
     const fresh = join(dir, 'dd.fresh');
@@ -288,8 +298,10 @@ try {
       title: `bench/flush.js: ${SIZE / MiB} MiB on ${opts.dir}, MB/s, best and median of ${REPS} interleaved runs each`,
       notes: [
         ...rows.filter((r) => r.msOurs).map((r) => `${r.workload.trim()}: ms ulobdev ${r.msOurs.join(' ')} / ref ${r.msRef.join(' ')}; CPU ms (user+sys, median) ulobdev ${r.cpuOurs} / ref ${r.cpuRef}`),
-        flushPages ? 'flush runs: synced, page cache dropped, cache file read back in before each run of either side' : 'flush runs: page cache NOT dropped (not root): the state left by the run before',
-        dropped ? 'page cache dropped before each hydration run' : 'page cache NOT dropped (not root): hydration reads come from memory',
+        ...(ONLY.has('contiguous') || ONLY.has('random')
+          ? [flushPages ? 'flush runs: synced, page cache dropped, cache file read back in before each run of either side' : 'flush runs: page cache NOT dropped (not root): the state left by the run before']
+          : []),
+        ...(ONLY.has('hydrate') ? [dropped ? 'page cache dropped before each hydration run' : 'page cache NOT dropped (not root): hydration reads come from memory'] : []),
         `load average ${loadAtStart.join(' ')} at start, ${loadAtEnd.join(' ')} at end (${cpus().length} CPUs)`,
       ],
     },
@@ -297,7 +309,7 @@ try {
   writeJson(opts.json, {
     at: new Date().toISOString(),
     machine: { cpus: cpus().length, cpu: cpus()[0]?.model, memory: totalmem(), kernel: release(), node: process.version, loadAverage: { start: loadAtStart, end: loadAtEnd } },
-    params: { size: SIZE, reps: REPS, randomBlocks: RANDOM_BLOCKS, dir: opts.dir, pageCacheDropped: dropped, flushPageCacheSame: flushPages },
+    params: { size: SIZE, reps: REPS, randomBlocks: RANDOM_BLOCKS, only: [...ONLY], dir: opts.dir, pageCacheDropped: dropped, flushPageCacheSame: flushPages },
     rows,
   });
 } finally {

@@ -217,8 +217,7 @@ export function kernelEpochs(engine: CacheEngine, k: KernelEpochIoctls, log?: (l
       if (k.gone()) return;
       const kernel = Buffer.alloc(flushing.buffer.byteLength);
       open = k.begin(kernel);
-      for (let i = 0; i < kernel.byteLength; i++) flushing.buffer[i]! &= kernel[i]!;
-      flushing.changed();
+      flushing.and(kernel);
     },
     commit(cleaned) {
       const epoch = open;

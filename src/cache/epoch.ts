@@ -44,6 +44,13 @@ export class FlushEpoch implements Epoch {
   readonly rewritten = new Set<number>();
   /** A preservation failed: the epoch cannot be written as a point-in-time image; the flush aborts. */
   failed: Error | null = null;
+  /**
+   * The cache file's fdatasync begun at the snapshot (CacheEngine.beginEpoch): it makes the
+   * content the flusher reads durable in the cache. It runs while the flusher copies and the disk
+   * syncs; commitEpoch awaits it before any dirty bit goes (invariant 2). Never an unhandled
+   * rejection: commitEpoch rethrows its failure.
+   */
+  cacheSynced: Promise<void> = Promise.resolve();
 
   readonly #o: EpochOptions;
   // Per block of `flushing`, at most one of these holds:

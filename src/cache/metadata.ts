@@ -599,9 +599,15 @@ export class Metadata implements HistoryLog {
 
   // --- history (HistoryLog) -------------------------------------------------------------------
 
+  // Dirty samples and events are written unsynced (synchronous = NORMAL for the one statement):
+  // not durable state, a crash may lose the last of them, and the next synced transaction (or WAL
+  // sync) makes them durable with it. Synced, each cost an fsync of the WAL on the event loop, two
+  // per scheduled flush on top of the flush's own. A flush's own rows stay synced: a start row lost
+  // in a power cut would hide a flush cut mid-copy (status: the disk is not a consistent image), an
+  // end row lost would report a completed flush as cut (review13 W-1).
+
   flushStarted(epoch: number, at: number, reason: string | null = null): number {
-    const r = this.#db.prepare('INSERT INTO flush_history (epoch, started_at, reason) VALUES (?, ?, ?)').run(epoch, at, reason);
-    return Number(r.lastInsertRowid);
+    return Number(this.#db.prepare('INSERT INTO flush_history (epoch, started_at, reason) VALUES (?, ?, ?)').run(epoch, at, reason).lastInsertRowid);
   }
 
   flushEnded(id: number, result: { endedAt: number; bytes: number; blocks: number; spunUp: boolean; error?: string | null }): void {
@@ -611,11 +617,28 @@ export class Metadata implements HistoryLog {
   }
 
   addDirtySample(at: number, dirtyBytes: number): void {
-    this.#db.prepare('INSERT INTO dirty_samples (at, dirty_bytes) VALUES (?, ?)').run(at, dirtyBytes);
+    this.#unsynced(() => this.#db.prepare('INSERT INTO dirty_samples (at, dirty_bytes) VALUES (?, ?)').run(at, dirtyBytes));
   }
 
   addEvent(at: number, kind: string, detail: string | null = null): void {
-    this.#db.prepare('INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)').run(at, kind, detail);
+    this.#unsynced(() => this.#db.prepare('INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)').run(at, kind, detail));
+  }
+
+  /**
+   * Runs `fn` (one autocommit statement) with synchronous = NORMAL: committed to the WAL, not
+   * synced. The pragmas are run afresh, not as statements prepared once: a prepared PRAGMA whose
+   * schema changed since (the open's create or upgrade) silently does nothing on its next run, and
+   * a FULL that did nothing would leave every later transaction unsynced.
+   */
+  #unsynced<T>(fn: () => T): T {
+    // Inside a transaction SQLite refuses the pragma; the transaction's own commit then applies.
+    if (this.#db.inTransaction) return fn();
+    this.#db.pragma('synchronous = NORMAL');
+    try {
+      return fn();
+    } finally {
+      this.#db.pragma('synchronous = FULL');
+    }
   }
 
   flushes(since: number): FlushRecord[] {
