@@ -52,6 +52,7 @@ const MAX_IO_BYTES = 256 << 10;
 export function ublkBatch(env: NodeJS.ProcessEnv = process.env): { completions: number; us: number } {
   const v = env.ULOBDEV_UBLK_BATCH;
   if (v === undefined) return { completions: 1, us: 50 };
+  // K's limit is QUEUE_DEPTH, the depth the server is made with, which bounds K there too (review13 U-1)
   const m = /^(\d+)(?:,(\d+))?$/.exec(v);
   const k = m ? Number(m[1]) : NaN;
   const us = m?.[2] !== undefined ? Number(m[2]) : 50;
