@@ -153,7 +153,7 @@ const fioJobs = (dev, tag) =>
     const data = `/tmp/perf-${tag}-${w.key}.data`;
     const ublk = tag.startsWith('ublk');
     if (!opts.perf && !ublk) return cpu(fio);
-    if (!opts.perf) return `ublkreqs > /mnt/reqs-${tag}-${w.key}.txt\n$PERF stat -a -x, -o /mnt/perfstat-${tag}-${w.key}.txt -e ${UBLK_STAT} -- ${fio}\nublkreqs >> /mnt/reqs-${tag}-${w.key}.txt`;
+    if (!opts.perf) return `ublkreqs > /mnt/reqs-${tag}-${w.key}.txt\n${cpu(`$PERF stat -a -x, -o /mnt/perfstat-${tag}-${w.key}.txt -e ${UBLK_STAT} -- ${fio}`)}\nublkreqs >> /mnt/reqs-${tag}-${w.key}.txt`;
     const record = `$PERF record -q -e cpu-clock -F 499 -a -g -o ${data} -- ${fio}`;
     return (
       (ublk ? `ublkreqs > /mnt/reqs-${tag}-${w.key}.txt\n$PERF stat -a -x, -o /mnt/perfstat-${tag}-${w.key}.txt -e ${UBLK_STAT} -- ${record}\nublkreqs >> /mnt/reqs-${tag}-${w.key}.txt\n` : `${record}\n`) +
