@@ -165,7 +165,8 @@ const fioJobs = (dev, tag) =>
 const SECTIONS = {
   uloop: `
 step uloop
-insmod $ULOOP_KO
+# round 2 and later: the module is in already (a second insmod fails "File exists" under set -e)
+grep -q "^uloop " /proc/modules || insmod $ULOOP_KO
 $U $A /dev/uloop0 $B >/dev/null && fill /dev/uloop0
 $U status /dev/uloop0 | sed -n 2p
 ${fioJobs('/dev/uloop0', 'uloop')}
