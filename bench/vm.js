@@ -41,6 +41,7 @@ try {
       devices: { type: 'string', default: 'loop,loopbuf,uloop,ublk,ulobloop,writecache,bcache' },
       perf: { type: 'boolean', default: false },
       'perf-stat': { type: 'boolean', default: false },
+      'ublk-batch': { type: 'string', default: '4,50' },
       workloads: { type: 'string', default: 'seqread,seqwrite,randread,randwrite' },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -51,10 +52,11 @@ try {
 }
 if (opts.help) {
   process.stdout.write(
-    'usage: node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--workloads LIST] [--rounds N] [--perf | --perf-stat] [--json PATH] [--keep]\n' +
+    'usage: node bench/vm.js [--size 128M] [--seconds 5] [--kernel 6.12] [--devices LIST] [--workloads LIST] [--rounds N] [--perf | --perf-stat] [--ublk-batch K,US[/K,US...]] [--json PATH] [--keep]\n' +
       '  --size     size of the device in MiB (suffix M; 64M to 512M; the guest RAM disk holds 5x)\n' +
       '  --seconds  fio time per workload and device (after 1 s of ramp)\n' +
-      '  --rounds   run every row this many times, the rows interleaved (A B C, A B C), and report each\n' +
+      '  --rounds   run every row this many times, the rows interleaved, every other round in reverse\n' +
+      '             order (A B C, C B A, A B C: ABBA for any two rows), and report each\n' +
       '             row\'s best round (default 1; not with --perf / --perf-stat)\n' +
       '  --json     where the JSON result goes (default bench/results/vm.json)\n' +
       '  --keep     keep the scratch directory (fio JSON, guest output) and print its path\n' +
@@ -62,12 +64,15 @@ if (opts.help) {
       '  --devices  comma-separated rows: loop (dio, the reference, always run), loopbuf, uloop, ublk,\n' +
       '             ublkcopy (ublk with ULOBDEV_UBLK_COPY=1: the copy path where zero copy exists),\n' +
       '             ublknocoop (ublk with ULOBDEV_UBLK_TASKRUN=0: rings without IORING_SETUP_COOP_TASKRUN),\n' +
+      '             ublkbatch (ublk with ULOBDEV_UBLK_BATCH=K,US: a queue thread waiting for requests waits for K\n' +
+      '             completions or US µs; one row per --ublk-batch value), ublknobatch (ULOBDEV_UBLK_BATCH=1),\n' +
       '             ulobloop (ulobdev on /dev/loopN), nbd, writecache, bcache (default: all but nbd)\n' +
       '  --perf     profile the uloop, ublk* and loop (dio) runs with perf in the guest (flat profile per workload;\n' +
       '             ublk also by thread, and its system calls and context switches per request)\n' +
       '  --perf-stat  only the counts of --perf, for every ublk row (system calls and context switches per request): no\n' +
       '             sampling, whose start-up takes minutes in a loaded TCG guest\n' +
-      '  --workloads  comma-separated: seqread, seqwrite, randread, randwrite (default: all)\n',
+      '  --workloads  comma-separated: seqread, seqwrite, randread, randwrite (default: all)\n' +
+      '  --ublk-batch  the ublkbatch rows\' K,US values, several separated by / (default 4,50)\n',
   );
   process.exit(0);
 }
@@ -80,6 +85,10 @@ if (!(Number.isInteger(SECONDS) && SECONDS >= 1 && SECONDS <= 60)) fail('--secon
 const ROUNDS = Number(opts.rounds);
 if (!(Number.isInteger(ROUNDS) && ROUNDS >= 1 && ROUNDS <= 5)) fail('--rounds must be a whole number from 1 to 5');
 if (ROUNDS > 1 && (opts.perf || opts['perf-stat'])) fail('--rounds above 1 does not go with --perf or --perf-stat');
+// --ublk-batch: one ublkbatch row per K,US (ULOBDEV_UBLK_BATCH's syntax; the server checks the range)
+const BATCHES = opts['ublk-batch'].split('/').map((b) => b.trim());
+for (const b of BATCHES) if (!/^\d+,\d+$/.test(b)) fail(`--ublk-batch: ${b} is not K,US`);
+const batchKey = (b) => `ublkbatch${b.replace(',', 'x')}`;
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 for (const f of ['dist/cli/ulobdev.js', 'build/Release/ulob_native.node']) {
@@ -106,12 +115,14 @@ const ALL_DEVICES = [
   { key: 'ublk', title: 'ublk' },
   { key: 'ublkcopy', title: 'ublk (copy path)' },
   { key: 'ublknocoop', title: 'ublk (no COOP_TASKRUN)' },
+  ...BATCHES.map((b) => ({ key: batchKey(b), title: `ublk (batch ${b.replace(',', ', ')} µs)` })),
+  { key: 'ublknobatch', title: 'ublk (no batch)' },
   { key: 'ulobloop', title: 'ulobdev loopN' },
   { key: 'nbd', title: 'ulobdev nbd' },
   { key: 'writecache', title: 'dm-writecache' },
   { key: 'bcache', title: 'bcache' },
 ];
-const wanted = new Set(['loop', ...opts.devices.split(',').map((d) => d.trim()).filter(Boolean)]);
+const wanted = new Set(['loop', ...opts.devices.split(',').map((d) => d.trim()).filter(Boolean).flatMap((d) => (d === 'ublkbatch' ? BATCHES.map(batchKey) : [d]))]);
 for (const d of wanted) if (!ALL_DEVICES.some((x) => x.key === d)) fail(`--devices: unknown device ${d} (use ${ALL_DEVICES.map((x) => x.key).join(', ')})`);
 const DEVICES = ALL_DEVICES.filter((d) => wanted.has(d.key));
 if (!['6.1', '6.12', 'newest'].includes(opts.kernel)) fail('--kernel must be 6.1, 6.12 or newest');
@@ -128,19 +139,21 @@ if (!['6.1', '6.12', 'newest'].includes(opts.kernel)) fail('--kernel must be 6.1
 // (perf stat -a: io_uring_enter, pread64, pwrite64, futex system calls, context switches) into
 // /mnt/perfstat-TAG-WORKLOAD.txt, beside the server's request count before and after
 // (/mnt/reqs-TAG-WORKLOAD.txt: `ulobdev status` queueRequests summed), for calls per request.
-// (every ublk row is counted: ublk, ublkcopy, ublknocoop, each into its own files)
-const PROFILED = new Set(['uloop', 'loop', 'ublk', 'ublkcopy', 'ublknocoop']);
+// (every ublk row is counted: ublk, ublkcopy, ublknocoop, ublkbatch*, ublknobatch, each into its own files)
+const PROFILED = new Set(['uloop', 'loop', 'ublk', 'ublkcopy', 'ublknocoop', ...BATCHES.map(batchKey), 'ublknobatch']);
 const UBLK_STAT = ['io_uring_enter', 'pread64', 'pwrite64', 'futex'].map((c) => `syscalls:sys_enter_${c}`).concat('context-switches').join(',');
 const fioJobs = (dev, tag) =>
   WORKLOADS.map((w) => {
     const fio =
       `fio --name=${w.key} --filename=${dev} --rw=${w.rw} --bs=${w.bs} --direct=1 --ioengine=libaio --iodepth=${QD} ` +
       `--time_based --ramp_time=1 --runtime=${SECONDS} --randrepeat=0 --output-format=json --output=/mnt/fio-${tag}-${w.key}.json > /dev/null`;
-    if (!PERF || !PROFILED.has(tag)) return fio;
+    // the guest's CPU time over the run (/proc/stat's first line before and after): CPU per request
+    const cpu = (cmd) => `head -1 /proc/stat > /mnt/cpu-${tag}-${w.key}.txt\n${cmd}\nhead -1 /proc/stat >> /mnt/cpu-${tag}-${w.key}.txt`;
+    if (!PERF || !PROFILED.has(tag)) return cpu(fio);
     const data = `/tmp/perf-${tag}-${w.key}.data`;
     const ublk = tag.startsWith('ublk');
-    if (!opts.perf && !ublk) return fio;
-    if (!opts.perf) return `ublkreqs > /mnt/reqs-${tag}-${w.key}.txt\n$PERF stat -a -x, -o /mnt/perfstat-${tag}-${w.key}.txt -e ${UBLK_STAT} -- ${fio}\nublkreqs >> /mnt/reqs-${tag}-${w.key}.txt`;
+    if (!opts.perf && !ublk) return cpu(fio);
+    if (!opts.perf) return `ublkreqs > /mnt/reqs-${tag}-${w.key}.txt\n${cpu(`$PERF stat -a -x, -o /mnt/perfstat-${tag}-${w.key}.txt -e ${UBLK_STAT} -- ${fio}`)}\nublkreqs >> /mnt/reqs-${tag}-${w.key}.txt`;
     const record = `$PERF record -q -e cpu-clock -F 499 -a -g -o ${data} -- ${fio}`;
     return (
       (ublk ? `ublkreqs > /mnt/reqs-${tag}-${w.key}.txt\n$PERF stat -a -x, -o /mnt/perfstat-${tag}-${w.key}.txt -e ${UBLK_STAT} -- ${record}\nublkreqs >> /mnt/reqs-${tag}-${w.key}.txt\n` : `${record}\n`) +
@@ -152,7 +165,8 @@ const fioJobs = (dev, tag) =>
 const SECTIONS = {
   uloop: `
 step uloop
-insmod $ULOOP_KO
+# round 2 and later: the module is in already (a second insmod fails "File exists" under set -e)
+grep -q "^uloop " /proc/modules || insmod $ULOOP_KO
 $U $A /dev/uloop0 $B >/dev/null && fill /dev/uloop0
 $U status /dev/uloop0 | sed -n 2p
 ${fioJobs('/dev/uloop0', 'uloop')}
@@ -183,6 +197,17 @@ step ublknocoop
 ULOBDEV_UBLK_TASKRUN=0 $U $A /dev/ublkb0 $B >/dev/null && fill /dev/ublkb0
 ${fioJobs('/dev/ublkb0', 'ublknocoop')}
 $U detach /dev/ublkb0 >/dev/null`,
+  ...Object.fromEntries(
+    [...BATCHES.map((b) => [batchKey(b), b]), ['ublknobatch', '1']].map(([key, b]) => [
+      key,
+      `
+step ${key}
+ULOBDEV_UBLK_BATCH=${b} $U $A /dev/ublkb0 $B >/dev/null && fill /dev/ublkb0
+$U status /dev/ublkb0 --json | grep -o '"batchWait[A-Za-z]*": *[0-9]*' | tr '\\n' ' ' | sed 's/^/${key}: /'; echo
+${fioJobs('/dev/ublkb0', key)}
+$U detach /dev/ublkb0 >/dev/null`,
+    ]),
+  ),
   ulobloop: `
 step ulobloop
 $U $A /dev/loop7 $B >/dev/null && fill /dev/loop7
@@ -234,7 +259,7 @@ i=0; while [ -e $CS ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
 losetup -d $LK $LB`,
 };
 // uloop, nbd, ublk and ulobloop first: they fill the cache file $C that the loop rows then run on.
-const ORDER = ['uloop', 'nbd', 'ublk', 'ublkcopy', 'ublknocoop', 'ulobloop', 'loop', 'loopbuf', 'writecache', 'bcache'];
+const ORDER = ['uloop', 'nbd', 'ublk', 'ublkcopy', 'ublknocoop', ...BATCHES.map(batchKey), 'ublknobatch', 'ulobloop', 'loop', 'loopbuf', 'writecache', 'bcache'];
 
 const script = `
 U="node ${ROOT}/dist/cli/ulobdev.js"
@@ -256,9 +281,12 @@ A="-c $C -b $R/c.bitmap --writeback --daemon"
 # its backing device (its superblock), so the count comes from the device
 fill() { dd if=$1 of=/dev/null bs=1M iflag=direct status=none && dd if=/dev/zero of=$1 bs=1M count=$(( $(blockdev --getsize64 $1) / 1048576 )) oflag=direct conv=fsync status=none; }
 ${Array.from({ length: ROUNDS }, (_, r) => {
-  // round 1 writes /mnt/fio-TAG-WORKLOAD.json, round N (2+) /mnt/fio-rN-TAG-WORKLOAD.json
-  const text = ORDER.filter((k) => wanted.has(k)).map((k) => SECTIONS[k]).join('\n');
-  return r === 0 ? text : text.replaceAll('/mnt/fio-', `/mnt/fio-r${r + 1}-`).replaceAll('\nstep ', `\nstep r${r + 1}-`);
+  // round 1 writes /mnt/fio-TAG-WORKLOAD.json, round N (2+) /mnt/fio-rN-TAG-WORKLOAD.json (and
+  // cpu-*.txt alike); the even rounds run the rows in reverse (ABBA: a drift of the host's load over
+  // the run falls on every row alike). Round 1 keeps ORDER: its first rows fill $C for the loop rows.
+  const rows = ORDER.filter((k) => wanted.has(k));
+  const text = (r % 2 ? rows.reverse() : rows).map((k) => SECTIONS[k]).join('\n');
+  return r === 0 ? text : text.replaceAll('/mnt/fio-', `/mnt/fio-r${r + 1}-`).replaceAll('/mnt/cpu-', `/mnt/cpu-r${r + 1}-`).replaceAll('\nstep ', `\nstep r${r + 1}-`);
 }).join('\n')}
 step done
 `;
@@ -326,15 +354,27 @@ for (const d of DEVICES) {
     const rounds = Array.from({ length: ROUNDS }, (_, r) => {
       const j = JSON.parse(read(`fio-${r ? `r${r + 1}-` : ''}${d.key}-${w.key}.json`)).jobs[0];
       const side = w.rw.includes('read') ? j.read : j.write;
+      // /proc/stat cpu line: user nice system idle iowait irq softirq steal (USER_HZ); busy = all but idle and iowait
+      const [t0, t1] = read(`cpu-${r ? `r${r + 1}-` : ''}${d.key}-${w.key}.txt`)
+        .trim()
+        .split('\n')
+        .map((l) => l.trim().split(/\s+/).slice(1, 9).map(Number));
+      const busy = t0 && t1 ? t1.reduce((a, v, i) => a + (i === 3 || i === 4 ? 0 : v - t0[i]), 0) / 100 : NaN;
+      const total = t0 && t1 ? t1.reduce((a, v, i) => a + v - t0[i], 0) / 100 : NaN;
+      // the requests over the same span: fio's ramp second at the measured rate, then the run
+      const ios = side.iops * (SECONDS + 1);
       return {
         iops: Math.round(side.iops),
         mbps: Math.round(side.bw_bytes / 1e6),
         latP50us: Math.round(side.clat_ns.percentile['50.000000'] / 1000),
         latP99us: Math.round(side.clat_ns.percentile['99.000000'] / 1000),
+        // the guest's 2 vCPUs: busy share over the run, and busy CPU µs per request
+        cpuBusy: Number((busy / total).toFixed(3)),
+        cpuUsPerRequest: ios > 0 ? Math.round((busy * 1e6) / ios) : null,
       };
     });
     const best = rounds.reduce((a, b) => (b.mbps > a.mbps || (b.mbps === a.mbps && b.iops > a.iops) ? b : a));
-    results[d.key][w.key] = ROUNDS > 1 ? { ...best, rounds: rounds.map((x) => x.iops) } : best;
+    results[d.key][w.key] = ROUNDS > 1 ? { ...best, rounds: rounds.map((x) => x.iops), cpuUsPerRequestRounds: rounds.map((x) => x.cpuUsPerRequest) } : best;
   }
 }
 const value = (d, w) => (w.unit === 'IOPS' ? results[d][w.key].iops : results[d][w.key].mbps);
@@ -381,8 +421,13 @@ printTable(columns, rows, {
   notes: [
     `/loop: rate divided by the loop device's with --direct-io=on on the same kind of file`,
     ...(ROUNDS > 1
-      ? [`each row: the best of ${ROUNDS} rounds, the rows interleaved; every round's IOPS:`, ...DEVICES.flatMap((d) => WORKLOADS.map((w) => `  ${d.title}, ${w.title}: ${results[d.key][w.key].rounds.map(fmt).join(' / ')}`))]
-      : []),
+      ? [
+          `each row: the best of ${ROUNDS} rounds, the rows interleaved (every other round reversed); every round's IOPS, then the guest's CPU µs per request:`,
+          ...DEVICES.flatMap((d) =>
+            WORKLOADS.map((w) => `  ${d.title}, ${w.title}: ${results[d.key][w.key].rounds.map(fmt).join(' / ')}; CPU µs/request ${results[d.key][w.key].cpuUsPerRequestRounds.join(' / ')}`),
+          ),
+        ]
+      : DEVICES.flatMap((d) => WORKLOADS.map((w) => `  ${d.title}, ${w.title}: guest CPU ${(results[d.key][w.key].cpuBusy * 100).toFixed(0)} % busy, ${results[d.key][w.key].cpuUsPerRequest} µs/request`))),
     ...goals.map((g) => `goal ${g.device}/${g.against} ${g.workload} ≥ ${g.min.toFixed(2)}: ${g.ratio.toFixed(2)} ${g.met ? 'met' : 'MISSED'}`),
     ...info.map((l) => `guest: ${l}`),
     `wall time ${(wallMs / 1000).toFixed(0)} s`,

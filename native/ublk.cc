@@ -72,6 +72,10 @@ constexpr uint8_t kOpRead = 0, kOpWrite = 1, kOpFlush = 2, kOpDiscard = 3, kOpWr
 constexpr uint32_t kIoFFua = 1U << 13;  // UBLK_IO_F_FUA, in op_flags >> 8 terms: bit 13 of op_flags
 constexpr int kStateLive = 1, kStateQuiesced = 2;
 
+// IORING_FEAT_MIN_TIMEOUT (6.12+; the build root's header may predate it): io_uring_enter takes
+// struct io_uring_getevents_arg's min_wait_usec.
+constexpr unsigned kFeatMinTimeout = 1U << 15;
+
 constexpr uint64_t kEventData = ~0ULL;        // user_data of the eventfd read
 constexpr uint64_t kReadData = 1ULL << 32;  // user_data of a read of the cache file: this bit | the tag
 
@@ -89,7 +93,8 @@ struct Ring {
   unsigned *cq_head, *cq_tail, *cq_mask;
   struct io_uring_cqe* cqes;
   unsigned to_submit = 0;
-  unsigned flags = 0;  // the setup flags the kernel took
+  unsigned flags = 0;     // the setup flags the kernel took
+  unsigned features = 0;  // io_uring_params.features: what this kernel's io_uring can do (IORING_FEAT_*)
 
   // `extra`: setup flags beyond SQE128 that the ring can do without: a kernel that refuses them
   // (EINVAL: older than the flag) gets a ring without them (`flags` says which).
@@ -104,6 +109,7 @@ struct Ring {
     }
     if (fd < 0) return errno;
     flags = p.flags;
+    features = p.features;
     entries = p.sq_entries;
     sq_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
     cq_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
@@ -174,6 +180,35 @@ struct Ring {
         return 0;
       }
       if (errno == EINTR) continue;
+      return errno;
+    }
+  }
+
+  // Enter(wait) with a bound on the wait (a batched wait): submits what was queued, then returns
+  // once `wait` completions are there or, after `min_wait_us` µs, with whatever has completed
+  // (none: the caller's next wait should be an unbounded Enter(1), not this again). Needs
+  // IORING_FEAT_MIN_TIMEOUT (Linux 6.12+: struct io_uring_getevents_arg's min_wait_usec, which
+  // older kernels call `pad` and refuse when it is not 0). No general timeout is passed, so the
+  // kernel returns at min_wait_us whether or not anything completed: the bound holds on every
+  // 6.12+ kernel, including those whose switch to the general timeout still waited for `wait`
+  // completions (fixed in 6.19 and -stable, liburing issue 1477). 0 or a positive errno; ETIME
+  // (the bound, nothing completed) is 0.
+  int EnterBounded(unsigned wait, uint32_t min_wait_us) {
+    struct {  // struct io_uring_getevents_arg of 6.12+ (the build root's header may predate min_wait_usec)
+      uint64_t sigmask;
+      uint32_t sigmask_sz;
+      uint32_t min_wait_usec;
+      uint64_t ts;
+    } arg = {0, 0, min_wait_us, 0};
+    static_assert(sizeof(arg) == 24, "struct io_uring_getevents_arg is 24 bytes");
+    for (;;) {
+      long r = syscall(__NR_io_uring_enter, fd, to_submit, wait, IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg, sizeof(arg));
+      if (r >= 0) {
+        to_submit -= static_cast<unsigned>(r) < to_submit ? static_cast<unsigned>(r) : to_submit;
+        return 0;
+      }
+      if (errno == EINTR) continue;
+      if (errno == ETIME) return 0;  // nothing to submit and nothing completed within the bound
       return errno;
     }
   }
@@ -298,6 +333,10 @@ constexpr uint64_t kTouchChunkWords = 1024;  // 65,536 blocks, 8 KiB
 // I/O never waits for a whole-disk pass (review finding 8).
 constexpr uint64_t kCommitSliceWords = 1 << 14;  // 1 Mi blocks, 128 KiB per bitmap
 
+// The queue threads' batched wait ($ULOBDEV_UBLK_BATCH, Server::batch_wait): off (1) by default.
+constexpr unsigned kBatchWaitDefault = 1;
+constexpr uint32_t kBatchWaitUsDefault = 50;
+
 struct HwQueue;
 // The longest an eviction waits for hit reads in flight before it gives up (undone): a read of
 // the cache file that takes this long is a sick flash device.
@@ -337,6 +376,13 @@ class Server {
   bool force_copy = false;
   // $ULOBDEV_UBLK_TASKRUN=0 (read at create): the queues' rings without IORING_SETUP_COOP_TASKRUN.
   bool coop_taskrun = true;
+  // $ULOBDEV_UBLK_BATCH=K[,US] (read at create): a queue thread that waits for new requests waits
+  // for K completions or US µs (default kBatchWaitUsDefault), whichever comes first
+  // (HwQueue::Run), where the kernel can bound a wait (IORING_FEAT_MIN_TIMEOUT, 6.12+); 1 (or
+  // 0): for one completion, without a bound. A wait that ended on the bound with nothing done is
+  // followed by an unbounded one (an idle queue sleeps).
+  unsigned batch_wait = kBatchWaitDefault;
+  uint32_t batch_wait_us = kBatchWaitUsDefault;
   // One per hardware queue, made by Start and kept until the process exits (replies may name them).
   std::vector<std::unique_ptr<HwQueue>> queues;
   std::atomic<bool> serving{false};  // every queue thread was started
@@ -844,8 +890,11 @@ struct HwQueue {
 
   size_t Slot(uint16_t tag) const { return static_cast<size_t>(id) * s->depth + tag; }
 
-  // Every io_uring_enter of the queue thread.
+  // Every io_uring_enter of the queue thread (but the batched wait's: Run).
   int Enter(unsigned wait, unsigned limit = ~0u) { return ring.Enter(wait, limit); }
+
+  // The batched wait was asked for ($ULOBDEV_UBLK_BATCH) and this queue's ring can bound a wait.
+  bool BatchWait() const { return s->batch_wait > 1 && (ring.features & kFeatMinTimeout); }
 
   void Wake() {
     uint64_t one = 1;
@@ -995,11 +1044,19 @@ struct HwQueue {
     if (e) thread_error = e;
     s->QueueStarted(id, e);
     unsigned backoff_us = 1000;
+    // The batched wait (Server::batch_wait): only for a wait whose completions are the driver's
+    // (new requests, replies): with a read of the cache file in flight the thread waits for it
+    // alone, since its request's COMMIT follows it. `idle`: the last bounded wait brought
+    // nothing, so the queue sleeps until something comes.
+    const bool batch = BatchWait();
+    bool idle = false;
     while (!e && !s->stopping.load()) {
+      const bool bounded = batch && !idle && reads_in_flight == 0;
       e = s->fault_enter_at && s->served.load() >= s->fault_enter_at &&
               (s->fault_enter_times == 0 || s->enter_faults.fetch_add(1) < s->fault_enter_times)
           ? ENOMEM
-          : Enter(1);
+          : bounded ? ring.EnterBounded(s->batch_wait, s->batch_wait_us)
+                    : Enter(1);
       if (e == EAGAIN || e == EBUSY) {  // io_uring_enter(2): transient, try again shortly
         usleep(1000);
         e = 0;
@@ -1019,7 +1076,8 @@ struct HwQueue {
         break;
       }
       backoff_us = 1000;
-      ring.Reap([&](const struct io_uring_cqe& cqe) { OnCqe(cqe); });
+      unsigned n = ring.Reap([&](const struct io_uring_cqe& cqe) { OnCqe(cqe); });
+      idle = bounded && n == 0;
       if (aborted >= s->depth) break;
     }
     // A read still in flight writes into the tag's buffer (copy path), which EndQueues frees:
@@ -2016,6 +2074,26 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
   }
   if (const char* c = getenv("ULOBDEV_UBLK_COPY")) s->force_copy = strcmp(c, "1") == 0;
   if (const char* c = getenv("ULOBDEV_UBLK_TASKRUN")) s->coop_taskrun = strcmp(c, "0") != 0;
+  if (const char* c = getenv("ULOBDEV_UBLK_BATCH")) {
+    // K[,US]: K from 1 (off) to the queue depth, US from 1 to 10,000 µs; anything else is a mistake
+    char* end = nullptr;
+    unsigned long k = strtoul(c, &end, 10);
+    unsigned long us = kBatchWaitUsDefault;
+    auto digit = [](char x) { return x >= '0' && x <= '9'; };  // strtoul would take spaces and signs
+    bool ok = digit(c[0]) && k <= s->depth;
+    if (ok && *end == ',') {
+      const char* u = end + 1;
+      us = strtoul(u, &end, 10);
+      ok = digit(u[0]) && us >= 1 && us <= 10000;
+    }
+    if (!ok || *end != 0) {
+      delete s;
+      Napi::RangeError::New(env, "$ULOBDEV_UBLK_BATCH: K[,US], K completions (1 = off) up to the queue depth, US µs from 1 to 10000").ThrowAsJavaScriptException();
+      return Napi::Value();
+    }
+    s->batch_wait = k < 1 ? 1 : static_cast<unsigned>(k);
+    s->batch_wait_us = static_cast<uint32_t>(us);
+  }
   if (const char* f = getenv("ULOBDEV_UBLK_FAULT")) {
     if (const char* p = strstr(f, "fsync-eio-at=")) s->fault_fsync_at = strtoull(p + 13, nullptr, 10);
     if (const char* p = strstr(f, "enter-enomem-at=")) s->fault_enter_at = strtoull(p + 16, nullptr, 10);
@@ -2218,18 +2296,24 @@ Napi::Value Query(const Napi::CallbackInfo& info) {
   bool serving = s->serving.load(), running = serving;
   int thread_error = 0;
   bool coop = serving;
+  bool batch = serving;
   Napi::Array per = Napi::Array::New(env);
   if (serving) {
     for (size_t i = 0; i < s->queues.size(); i++) {
       HwQueue& q = *s->queues[i];
       running = running && !q.done.load();
       coop = coop && (q.ring.flags & IORING_SETUP_COOP_TASKRUN);
+      batch = batch && q.BatchWait();
       if (!thread_error) thread_error = q.thread_error.load();
       per.Set(static_cast<uint32_t>(i), Napi::Number::New(env, static_cast<double>(q.requests.load())));
     }
   }
   o.Set("queueRequests", per);
   o.Set("coopTaskrun", Napi::Boolean::New(env, coop));
+  // The batched wait in force on every queue: completions waited for and the bound (µs); 1 and 0
+  // when off (not asked for, or a kernel before 6.12), or not serving yet.
+  n("batchWait", batch ? s->batch_wait : 1);
+  n("batchWaitUs", batch ? s->batch_wait_us : 0);
   o.Set("running", Napi::Boolean::New(env, running));
   o.Set("threadError", Napi::Number::New(env, thread_error));
   o.Set("cacheError", Napi::Number::New(env, s->cache_error.load()));

@@ -43,6 +43,25 @@ export function ublkQueues(env: NodeJS.ProcessEnv = process.env): number {
 }
 const MAX_IO_BYTES = 256 << 10;
 
+/**
+ * `$ULOBDEV_UBLK_BATCH=K[,US]` checked (the queue threads' batched wait, read by the native server
+ * at create: a thread waiting for new requests waits for K completions or US µs, default 50,
+ * whichever comes first; Linux 6.12+). Returns K (1: off, also when unset or 0) and US. Throws
+ * InvalidArgumentError for anything but K from 0 to the queue depth (32) and US from 1 to 10000.
+ */
+export function ublkBatch(env: NodeJS.ProcessEnv = process.env): { completions: number; us: number } {
+  const v = env.ULOBDEV_UBLK_BATCH;
+  if (v === undefined) return { completions: 1, us: 50 };
+  // K's limit is QUEUE_DEPTH, the depth the server is made with, which bounds K there too (review13 U-1)
+  const m = /^(\d+)(?:,(\d+))?$/.exec(v);
+  const k = m ? Number(m[1]) : NaN;
+  const us = m?.[2] !== undefined ? Number(m[2]) : 50;
+  if (!m || k > QUEUE_DEPTH || us < 1 || us > 10000) {
+    throw new InvalidArgumentError(`ULOBDEV_UBLK_BATCH=${v} is not K[,US] (K completions from 1 to ${QUEUE_DEPTH}, US µs from 1 to 10000); unset it for one completion at a time`);
+  }
+  return { completions: Math.max(1, k), us };
+}
+
 /** The number N of /dev/ublkbN, or -1 for `/dev/ublkb` (the next free one). */
 export function ublkIndex(device: string): number {
   const m = /^\/dev\/ublkb(\d*)$/.exec(device);
@@ -137,6 +156,7 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
   const want = ublkIndex(options.device);
   const sector = options.sectorSize ?? { logical: 512, physical: 512 };
   const queues = ublkQueues();
+  const batch = ublkBatch();
   // The server takes dirty blocks as present: zeroed blocks, which the cache file does not hold,
   // get their zeros written first (as for /dev/uloopN).
   if (store.zeroBlocks() > 0) await engine.materializeZeroed();
@@ -308,6 +328,15 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
     );
   }
 
+  // $ULOBDEV_UBLK_BATCH asked the queue threads for a batched wait that this kernel cannot bound
+  // (no IORING_FEAT_MIN_TIMEOUT): they wait for one completion at a time, as without the knob.
+  if (batch.completions > 1 && server.query().batchWait === 1) {
+    logger.info(
+      { bound: device },
+      `${device}: this kernel's io_uring has no IORING_FEAT_MIN_TIMEOUT (Linux 6.12+): the queue threads wait for one completion at a time ($ULOBDEV_UBLK_BATCH not in force)`,
+    );
+  }
+
   // The server's counters, looked at every pollMs: requests it served without JS count as user
   // activity (the hydrator and the --on-ac flush wait for quiet).
   let served = -1;
@@ -370,6 +399,8 @@ export async function attachUblk(options: UblkOptions): Promise<UblkFrontend> {
         claimedBlocks: q.claimedBlocks,
         queueRequests: q.queueRequests,
         coopTaskrun: q.coopTaskrun,
+        batchWait: q.batchWait,
+        batchWaitUs: q.batchWaitUs,
         failedUpcalls,
         preserves: epochs.preserves(),
         ...(filler?.stats() ?? NO_UNIT_FILLS),

@@ -88,6 +88,14 @@ export interface UblkCounts {
   queueRequests: number[];
   /** Every queue's ring was made with IORING_SETUP_COOP_TASKRUN (5.19+; without it on a kernel that refuses it). False until serving. */
   coopTaskrun: boolean;
+  /**
+   * Completions a queue thread waiting for new requests waits for, at most batchWaitUs µs
+   * ($ULOBDEV_UBLK_BATCH=K[,US], Linux 6.12+: IORING_FEAT_MIN_TIMEOUT). 1 (and batchWaitUs 0): one
+   * completion, unbounded (the knob unset, a kernel without it, or not serving yet).
+   */
+  batchWait: number;
+  /** The bound of the batched wait in µs; 0 when batchWait is 1. */
+  batchWaitUs: number;
   /** Every queue thread is serving. */
   running: boolean;
   /** The errno that stopped a queue thread, or 0. */
