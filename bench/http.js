@@ -8,10 +8,12 @@
 //   node bench/http.js [--big 256M] [--files 2000] [--fio-seconds 10] [--delay 20] [--cap 20]
 //                      [--only ulohttp,nbdkit,httpdirfs] [--json bench/results/http.json]
 //                      [--cpu-prof DIR]   (ulohttp's daemon writes a V8 CPU profile there at detach)
+//                      [--base DIR]       (tool `base`: ulohttp from another checkout's dist/, for a
+//                                          same-run A/B on one image: --only base,ulohttp,ulohttp,base)
 // Needs root, nginx-light, nbdkit (curl plugin), nbdfuse, httpdirfs, fio, and a built dist/.
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, promises as fsp, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, promises as fsp, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { basename, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -31,6 +33,7 @@ const { values: opt } = parseArgs({
     json: { type: 'string', default: join(ROOT, 'bench/results/http.json') },
     dir: { type: 'string', default: '/var/tmp' },
     'cpu-prof': { type: 'string' },
+    base: { type: 'string' },
   },
 });
 const MiB = 1 << 20;
@@ -172,6 +175,41 @@ function bg(cmd, args, env = process.env) {
   return { child, stop, stderr: () => err.trim().split('\n').pop() };
 }
 
+/** CPU time (user + system, ms, all threads) a process has used so far; undefined when it is gone. */
+function cpuMs(pid) {
+  try {
+    // /proc/PID/stat: the fields after the command's closing parenthesis; utime and stime are 14 and 15.
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return ((Number(f[11]) + Number(f[12])) * 1000) / CLK_TCK;
+  } catch {
+    return undefined;
+  }
+}
+const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
+
+/** The server's and nbdfuse's CPU ms so far ({} for a tool without them). */
+function toolCpu(c) {
+  const out = {};
+  for (const [k, pid] of Object.entries(c.pids?.() ?? {})) {
+    const ms = pid ? cpuMs(pid) : undefined;
+    if (ms !== undefined) out[k] = ms;
+  }
+  return out;
+}
+
+function cpuDelta(a, b) {
+  return Object.fromEntries(Object.keys(b).filter((k) => a[k] !== undefined).map((k) => [k, Math.round(b[k] - a[k])]));
+}
+
+const readPid = (path) => {
+  try {
+    return Number(readFileSync(path, 'utf8').trim()) || undefined;
+  } catch {
+    return undefined;
+  }
+};
+
 function freeLoop() {
   return sh('losetup', ['-f']).trim();
 }
@@ -186,7 +224,12 @@ async function waitFile(path, proc, ms = 20_000) {
 }
 
 const contenders = {
-  async ulohttp(url, dir) {
+  /** ulohttp from the checkout --base names (built there): the A side of a same-run A/B. */
+  base(url, dir) {
+    if (!opt.base) throw new Error('tool base needs --base DIR (a built checkout)');
+    return contenders.ulohttp(url, dir, resolve(opt.base));
+  },
+  async ulohttp(url, dir, root = ROOT) {
     let loop;
     const run = join(dir, 'run');
     // --cpu-prof: the daemon (a child of this command) is started with the command's execArgv
@@ -197,22 +240,32 @@ const contenders = {
     for (let attempt = 1; ; attempt++) {
       loop = freeLoop();
       try {
-        sh(process.execPath, [...prof, join(ROOT, 'dist/cli/ulohttp.js'), '-c', join(dir, 'c.cache'), '--daemon', '--run-dir', run, '--log-level', 'warn', loop, url]);
+        sh(process.execPath, [...prof, join(root, 'dist/cli/ulohttp.js'), '-c', join(dir, 'c.cache'), '--daemon', '--run-dir', run, '--log-level', 'warn', loop, url]);
         break;
       } catch (err) {
         if (attempt >= 5 || !/is in use/.test(String(err.message))) throw err;
         log(`${loop} was taken before ulohttp bound it; trying another`);
       }
     }
-    const sourceStats = () => {
+    const status = () => {
       try {
-        const st = JSON.parse(sh(process.execPath, [join(ROOT, 'dist/cli/ulohttp.js'), 'status', '--json', '--run-dir', run]));
-        return (Array.isArray(st) ? st[0] : st).source;
+        const st = JSON.parse(sh(process.execPath, [join(root, 'dist/cli/ulohttp.js'), 'status', '--json', '--run-dir', run]));
+        return Array.isArray(st) ? st[0] : st;
       } catch {
         return undefined;
       }
     };
-    return { loop, sourceStats, teardown: async () => void sh(process.execPath, [join(ROOT, 'dist/cli/ulohttp.js'), 'detach', loop, '--run-dir', run]) };
+    const sourceStats = () => status()?.source;
+    // The daemon's pid (status), and nbdfuse's (its pidfile in the daemon's run directory, run/NAME).
+    let known;
+    const pids = () => {
+      if (!known) {
+        const sub = readdirSync(run).find((d) => existsSync(join(run, d, 'nbdfuse.pid')));
+        known = { server: status()?.pid, nbdfuse: sub ? readPid(join(run, sub, 'nbdfuse.pid')) : undefined };
+      }
+      return known;
+    };
+    return { loop, sourceStats, pids, teardown: async () => void sh(process.execPath, [join(root, 'dist/cli/ulohttp.js'), 'detach', loop, '--run-dir', run]) };
   },
   async nbdkit(url, dir) {
     const sock = join(dir, 'nbdkit.sock');
@@ -226,6 +279,7 @@ const contenders = {
     sh('losetup', ['--direct-io=on', '-r', loop, join(mnt, 'disk')]);
     return {
       loop,
+      pids: () => ({ server: kit.child.pid, nbdfuse: readPid(join(dir, 'nbdfuse.pid')) }),
       teardown: async () => {
         sh('losetup', ['-d', loop]);
         await sleep(200);
@@ -307,13 +361,14 @@ async function main() {
   const latencies = [...new Set([0, DELAY])];
   const ports = { 0: nginx.port, [DELAY]: await startDelayProxy(nginx.port, DELAY) };
   const rows = [];
-  for (const name of opt.only.split(',')) {
+  for (const [turn, name] of opt.only.split(',').entries()) {
     for (const lat of latencies) {
-      const dir = join(work, `${name}-${lat}`);
+      // A tool may be listed more than once (interleaved A/B runs): each run gets its own directory.
+      const dir = join(work, `${name}-${lat}-${turn}`);
       mkdirSync(dir);
       const url = `http://127.0.0.1:${ports[lat]}/disk.img`;
       log(`${name} at ${lat} ms`);
-      const row = { tool: name, latencyMs: lat };
+      const row = { tool: name, latencyMs: lat, startedAt: new Date().toISOString(), load: +loadavg()[0].toFixed(2) };
       let c;
       try {
         c = await contenders[name](url, dir);
@@ -323,7 +378,9 @@ async function main() {
         try {
           let b0 = nginx.bytesSent();
           const q0 = nginx.requests().length;
+          const seqCpu0 = toolCpu(c);
           const seq = await seqRead(join(mnt, 'big.bin'));
+          row.seqCpuMs = cpuDelta(seqCpu0, toolCpu(c));
           await sleep(300);
           let b1 = nginx.bytesSent();
           // Connection reuse: the GETs of the sequential read and the connections they came on.
@@ -334,7 +391,13 @@ async function main() {
           b0 = b1;
           const r0 = nginx.requests().length;
           const stats0 = c.sourceStats?.();
+          const cpu0 = toolCpu(c);
+          // CLOCK_MONOTONIC µs, the clock of a --cpu-prof profile's startTime: cuts it to the scan.
+          const mono0 = Number(process.hrtime.bigint() / 1000n);
           const small = await smallScan(join(mnt, 'small'));
+          row.smallMonoUs = [mono0, Number(process.hrtime.bigint() / 1000n)];
+          // CPU the tool's server process (and nbdfuse) used for the scan: less load-sensitive than the time.
+          row.smallCpuMs = cpuDelta(cpu0, toolCpu(c));
           await sleep(300);
           b1 = nginx.bytesSent();
           // Where the small-file scan's bytes went: the GETs by size, and the tool's own counters.

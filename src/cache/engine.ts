@@ -1892,7 +1892,12 @@ export class CacheEngine {
   async #fillCache(buf: Buffer, offset: number): Promise<void> {
     if (!this.source.copyInto) {
       await this.source.readAt(buf, offset);
-      await this.#writeCache(buf, offset);
+      // A small fill (a miss granule: an HTTP image's) goes into the cache file in this turn where
+      // the file can take it cheaply (store.writeDataNow: a buffered pwrite of up to 64 KiB on the
+      // event loop, as rewrites of dirty blocks do), so the read waiting for it is answered without
+      // a threadpool hand-off (bench/README.md, "Session 13"). Not durable until the commit's
+      // sync, as writeData's bytes. Declined (large, slow, or a file without writeNow): as before.
+      if (!this.store.writeDataNow(buf, offset)) await this.#writeCache(buf, offset);
       return;
     }
     for (let attempt = 0; ; attempt++) {
