@@ -11,6 +11,9 @@ const FILES: ManSection = {
   title: 'FILES',
   items: [
     ['/var/lib/ulobdev/', 'Caches named after the disk\'s identity (WWN or serial): ID.cache, ID.bitmap and the metadata ID.cache.meta, unless -c, -b or --metadata say otherwise. They hold data the disk may not have yet: never delete them by hand; use ulobdev discard.'],
+    ['CACHE.meta-wal', 'The metadata\'s journal (SQLite WAL) while a daemon has the cache open, and after a crash: it holds the last transactions, so it moves with the cache; a crashed cache copied without it is refused.'],
+    ['CACHE.meta-reserve', '1 MiB of flash held back for a flush\'s own metadata when the flash filesystem is full (given up for that flush, taken back afterwards).'],
+    ['CACHE.cow', 'While a flush runs: the old versions of blocks rewritten meanwhile, beyond the memory kept for them, so that the disk gets the flush start\'s content (removed when the flush ends).'],
     ['/run/ulobdev/NAME.sock', 'The control socket of the device named NAME (--name, or loop6 for /dev/loop6): status, flush, report and detach talk to it.'],
     ['/run/ulobdev/NAME.log', 'The log of a daemon started with --daemon (in the foreground it logs to stderr, the journal under systemd).'],
     ['/dev/ulobdev/NAME', 'A stable name of the cached device, made by udev (60-ulobdev.rules): use it in fstab instead of /dev/loopN.'],
