@@ -254,6 +254,9 @@ function describeDaemon(d: DaemonEntry): string {
 async function attach(device: string, backing: string, flags: AttachFlags, command: Command): Promise<void> {
   checkPositionals(device, backing, flags, command);
   // An empty path resolves to the working directory ("/ is a directory" under systemd): say what it is.
+  // The same for an empty BACKEND (BACKEND= in the .conf: newuser13); an empty DEVICE is already
+  // refused as not a DEVICE form.
+  if (backing.trim() === '') throw new InvalidArgumentError('BACKEND is empty (BACKEND= in /etc/ulobdev/NAME.conf?): give the disk, such as /dev/disk/by-id/ata-DISK');
   for (const [option, value] of [['-c/--cache', flags.cache], ['-b/--bitmap', flags.bitmap], ['--metadata', flags.metadata]] as const) {
     if (value !== undefined && value.trim() === '') {
       throw new InvalidArgumentError(`${option} is empty (CACHE= in /etc/ulobdev/NAME.conf?): give the file's path, or leave the option out for the default`);

@@ -84,6 +84,12 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     await expectRefused([...cacheArgs(), '--metadata', '', unusedLoop(), disk], /^ulobdev: --metadata is empty/);
   });
 
+  it('an empty BACKEND (BACKEND= left empty in NAME.conf; newuser13): says it is empty, not the working directory', async () => {
+    s = scratch('ulob-cli-');
+    const disk = makeDisk('disk.img');
+    await expectRefused([...cacheArgs(), unusedLoop(), ''], /^ulobdev: BACKEND is empty \(BACKEND= in \/etc\/ulobdev\/NAME\.conf\?\): give the disk/);
+  });
+
   it('a loop DEVICE that is in use', async () => {
     s = scratch('ulob-cli-');
     const other = makeDisk('other.img', '1M');
