@@ -122,7 +122,7 @@ install: build $(PROD)/.done
 	  chmod 755 $(DESTDIR)$(SBINDIR)/$$c; \
 	  gzip -9nc out/man/$$c.8 >$(DESTDIR)$(MANDIR)/man8/$$c.8.gz; \
 	done
-	sed 's|/usr/sbin/|$(SBINDIR)/|g' contrib/systemd/ulobdev@.service >$(DESTDIR)$(UNITDIR)/ulobdev@.service
+	sed -e 's|/usr/sbin/|$(SBINDIR)/|g' -e 's|file:/usr/share/doc/ulobdev/|file:$(DOCDIR)/|g' contrib/systemd/ulobdev@.service >$(DESTDIR)$(UNITDIR)/ulobdev@.service
 	sed 's|/usr/lib/ulobdev/|$(UDEVLIBDIR)/|g' contrib/udev/60-ulobdev.rules >$(DESTDIR)$(UDEVRULESDIR)/60-ulobdev.rules
 	install -m 755 contrib/udev/ulobdev-name $(DESTDIR)$(UDEVLIBDIR)/ulobdev-name
 	install -m 644 README.md docs/*.md contrib/systemd/example.conf $(DESTDIR)$(DOCDIR)/

@@ -57,6 +57,8 @@ describe('make install', () => {
     // Production dependencies only; nothing of the build's.
     for (const dev of ['vitest', 'typescript', 'node-gyp', 'fast-check']) expect(existsSync(p(`usr/local/lib/ulobdev/node_modules/${dev}`)), dev).toBe(false);
     expect(readFileSync(p('usr/local/lib/systemd/system/ulobdev@.service'), 'utf8')).toMatch(/^ExecStart=\/usr\/local\/sbin\/ulobdev /m);
+    // Its Documentation= names where the docs went (newuser13: it kept /usr/share/doc under /usr/local).
+    expect(readFileSync(p('usr/local/lib/systemd/system/ulobdev@.service'), 'utf8')).toMatch(/^Documentation=man:ulobdev\(8\) file:\/usr\/local\/share\/doc\/ulobdev\/laptop\.md$/m);
     expect(readFileSync(p('etc/udev/rules.d/60-ulobdev.rules'), 'utf8')).toContain('/usr/local/lib/ulobdev/ulobdev-name');
     expect(readFileSync(p(`usr/src/uloop-${VERSION}/dkms.conf`), 'utf8')).toMatch(new RegExp(`^PACKAGE_VERSION="${VERSION.replace(/\./g, '\\.')}"`, 'm'));
 
