@@ -23,12 +23,23 @@ export async function showPartitions(device: string, sys: string, logger: Logger
   }
 }
 
+/** How long assertReleasable waits for processes that only have the device open to close it (ms). */
+export const OPENER_GRACE_MS = 2000;
+
 /**
  * Refuses (DeviceBusyError) while the device or a partition of it is mounted, held, claimed or
- * open: one line naming each user and what to do.
+ * open: one line naming each user and what to do. When every user is only a process with the
+ * device open (no mount, holder or claim), it looks again for up to `graceMs` first: `losetup -a`,
+ * blkid and monitoring tools open a device for a moment (a detach during a `losetup -a` elsewhere
+ * was refused: session 13's clean-clone run).
  */
-export async function assertReleasable(device: string, sys: string): Promise<void> {
-  const users = await blockDeviceUsers(sys);
+export async function assertReleasable(device: string, sys: string, graceMs = OPENER_GRACE_MS): Promise<void> {
+  let users = await blockDeviceUsers(sys);
+  const until = Date.now() + graceMs;
+  while (users.length > 0 && users.every((u) => / is open by pid \d+ /.test(u)) && Date.now() < until) {
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    users = await blockDeviceUsers(sys);
+  }
   if (users.length === 0) return;
   throw new DeviceBusyError(`${device} stays attached: ${users.join('; ')}; ${releaseAdvice(users)}`);
 }
