@@ -184,6 +184,11 @@ case $n in
   end reboot
   ;;
 2)
+  # What the boot itself did with the mounts, before this step starts them (it only waits for
+  # them: a mount the boot never queued would otherwise be made here and pass; newuser13).
+  for m in mnt-data mnt-data2; do
+    echo "BOOT-MOUNT $m $(systemctl show -p ActiveState --value $m.mount) job=$(systemctl show -p Job --value $m.mount)"
+  done
   systemctl start mnt-data.mount mnt-data2.mount
   src=$(findmnt -n -o SOURCE /mnt/data)
   echo "MOUNT-SOURCE $src"

@@ -121,6 +121,8 @@ describe('Debian 13 under systemd, set up as docs/laptop.md says', () => {
     expect(value(2, 'STABLE-NAME')).toBe(src);
     expect(value(2, 'BACKING')).toBe('/run/ulobdev/data/fuse/disk');
     expect(value(2, 'ACTIVE')).toBe('active active');
+    // The boot mounted them (or was mounting them: a start job queued) before the step looked.
+    for (const m of ['mnt-data', 'mnt-data2']) expect(boot[2]).toMatch(new RegExp(`^BOOT-MOUNT ${m} (active job=|\\w+ job=\\d+)$`, 'm'));
   });
 
   it('data written before the reboot is on flash after it: read back without a read of either disk', () => {
