@@ -352,11 +352,17 @@ describe('preadNowait (preadv2 RWF_NOWAIT)', () => {
       execFileSync('sync', [file]);
       const fd = fs.openSync(file, 'r');
       try {
-        // Drop this file's clean pages from the page cache.
+        // Drop this file's clean pages from the page cache. POSIX_FADV_DONTNEED drains only this
+        // CPU's LRU batch: a page still in another CPU's batch survives one drop (seen once in a
+        // loaded host lane), so drop up to 5 times; a preadNowait that never answers -1 still fails.
         fs.fdatasyncSync(fd);
-        execFileSync('dd', [`if=${file}`, 'iflag=nocache', 'count=0', 'status=none']);
         const buf = Buffer.alloc(4096);
-        expect(preadNowait(fd, buf, 0, 4096, 512 * 1024)).toBe(-1);
+        const answers: number[] = [];
+        for (let i = 0; i < 5 && answers.at(-1) !== -1; i++) {
+          execFileSync('dd', [`if=${file}`, 'iflag=nocache', 'count=0', 'status=none']);
+          answers.push(preadNowait(fd, buf, 0, 4096, 512 * 1024));
+        }
+        expect(answers.at(-1), `answers after each drop: ${answers.join(', ')}`).toBe(-1);
       } finally {
         fs.closeSync(fd);
       }
