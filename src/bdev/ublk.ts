@@ -121,8 +121,10 @@ export interface UblkOptions {
   onFatal?: (message: string) => void;
 }
 
-/** The ublk server's side of a /dev/ublkbN as status shows it. */
-/** The unit fill's counters (src/bdev/unit-fill.ts) are zeros without a budget or with ULOBDEV_UNIT_FILL=0. */
+/**
+ * The ublk server's side of a /dev/ublkbN as status shows it. The unit fill's counters
+ * (src/bdev/unit-fill.ts) are zeros without a budget or with ULOBDEV_UNIT_FILL=0.
+ */
 export interface UblkStatus extends Omit<native.UblkCounts, 'running' | 'threadError' | 'cacheError'>, UnitFillStats {
   attach: 'added' | 'recovered';
   /** Served zero copy (UblkStarted.zeroCopy): reads straight into the request's pages. */

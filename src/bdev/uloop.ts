@@ -61,9 +61,9 @@ export interface UloopOptions {
   clearErrorMs?: number;
 }
 
-/** The kernel's side of a /dev/uloopN as `status` shows it (QUERY, exact running counts). */
 /**
- * The unit fill's counters (src/bdev/unit-fill.ts: the rest of the eviction unit made present
+ * The kernel's side of a /dev/uloopN as `status` shows it (QUERY, exact running counts). The unit
+ * fill's counters (src/bdev/unit-fill.ts: the rest of the eviction unit made present
  * around an answered MISS, when the disk was idle or the reader sequential) are zeros without a
  * budget, with a module without CLAIM, and with ULOBDEV_UNIT_FILL=0.
  */

@@ -69,7 +69,6 @@ export interface UnitFillerOptions {
   pauseTag?: string;
 }
 
-/** Fills around answered MISSes through a ClaimPort; one per device. */
 /** What status shows for a device with no unit fill (no budget, no CLAIM, or switched off). */
 export const NO_UNIT_FILLS: Readonly<UnitFillStats> = Object.freeze({ unitFills: 0, unitFillBlocks: 0, unitFillsSkipped: 0 });
 
@@ -78,6 +77,7 @@ export function unitFillWanted(env: NodeJS.ProcessEnv = process.env): boolean {
   return env.ULOBDEV_UNIT_FILL !== '0';
 }
 
+/** Fills around answered MISSes through a ClaimPort; one per device. */
 export class UnitFiller {
   readonly #engine: CacheEngine;
   readonly #port: ClaimPort;

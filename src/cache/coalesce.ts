@@ -27,19 +27,23 @@ export class Coalescer {
     // there would run the task twice at once.
     if (this.#next) return this.#next;
     if (!this.#running) {
-      const wait = this.#gate?.() ?? null;
-      if (!wait) return this.#start();
-      const next = wait.then(() => this.#start());
-      this.#next = next;
-      return next;
+      const run = this.#gated();
+      // Held at the gate: not started, so later callers join it.
+      if (run !== this.#running) this.#next = run;
+      return run;
     }
-    const after = (): Promise<void> => {
-      const wait = this.#gate?.() ?? null;
-      return wait ? wait.then(() => this.#start()) : this.#start();
-    };
-    const next = this.#running.then(after, after);
+    const next = this.#running.then(
+      () => this.#gated(),
+      () => this.#gated(),
+    );
     this.#next = next;
     return next;
+  }
+
+  /** Starts a run once the gate (if any) lets it. */
+  #gated(): Promise<void> {
+    const wait = this.#gate?.() ?? null;
+    return wait ? wait.then(() => this.#start()) : this.#start();
   }
 
   /** Resolves when no run is under way or queued (errors ignored). */

@@ -690,7 +690,7 @@ export class CacheEngine {
     // filesystem it takes the flash reserve, never waits for a flush (it is one). With nothing
     // staged it would only fdatasync the cache file, which the epoch's own sync below does anyway
     // (one fdatasync per flush fewer: bench/README, "Session 13").
-    if (this.#staged.size > 0 || this.#stagedRuns.blocks > 0 || this.#committingRuns.blocks > 0) {
+    if (this.#stagedCount() > 0) {
       await this.#withMetadataRoom(() => this.#commit.run(), 'flush');
     }
     const flushing = this.store.dirty.clone();

@@ -340,8 +340,7 @@ export class CacheStore {
       if (budget !== null) checkBudget(budget, Math.max(info.evictionUnit, info.blockSize), paths.cache);
       // A new cache's bitmap (preallocated: 384 MiB for a 12 TiB disk) takes from the same free
       // space when it lives beside the cache file (newuser13: it was left out).
-      const bitmapHere = dirname(paths.bitmap) === dirname(paths.cache) ? geometry.bitmapFileSize : 0;
-      if (creating && budget !== null) await checkFreeSpace(storage, paths, budget, geometry, 0, bitmapHere);
+      if (creating && budget !== null) await checkFreeSpace(storage, paths, budget, geometry, 0, bitmapBesideCache(paths, geometry));
       if (creating && budget === null) await checkMirrorSpace(storage, paths, geometry, backing.description, options.budgetOption);
       files = creating ? await createFiles(storage, paths, geometry, meta, budget !== null) : await openFiles(storage, paths, geometry, backing.description, info.bitmapPath);
       const { cache, bitmapFile } = files;
@@ -1639,6 +1638,11 @@ async function freeBytesOf(storage: Storage, dir: string): Promise<number> {
   }
 }
 
+/** Bytes a new cache's bitmap takes from the cache file's free space: all of it when it lives beside it. */
+function bitmapBesideCache(paths: CachePaths, geometry: Geometry): number {
+  return dirname(paths.bitmap) === dirname(paths.cache) ? geometry.bitmapFileSize : 0;
+}
+
 /**
  * The flash filesystem must have room for the budget: its free space plus what the cache file
  * holds already (`heldBytes`), less what else the attach will place there (`otherBytes`: a new
@@ -1666,7 +1670,7 @@ async function checkFreeSpace(storage: Storage, paths: CachePaths, budget: numbe
  * saying how much it needs and has, and the way out (`budgetOption` for a smaller cache, -c).
  */
 async function checkMirrorSpace(storage: Storage, paths: CachePaths, geometry: Geometry, disk: string, budgetOption: string | undefined): Promise<void> {
-  const need = geometry.cacheFileSize + (dirname(paths.bitmap) === dirname(paths.cache) ? geometry.bitmapFileSize : 0);
+  const need = geometry.cacheFileSize + bitmapBesideCache(paths, geometry);
   const dir = dirname(paths.cache);
   const free = await freeBytesOf(storage, dir);
   if (free >= need) return;

@@ -92,17 +92,23 @@ export class Hydrator {
     await this.#run?.catch(() => undefined);
   }
 
-  progress(): HydrationProgress {
+  /**
+   * How far the cache covers the disk. `coveredBlocks`: blocks present or zeroed as the caller
+   * counts them (the daemon's status passes the count its `cached` shows); by default the store's
+   * committed counts.
+   */
+  progress(coveredBlocks?: number): HydrationProgress {
     const g = this.#engine.geometry;
     // Zeroed blocks (dirty, not present) need nothing from the disk either.
     const store = this.#engine.store;
-    const presentBytes = Math.min((store.space().presentBlocks + store.zeroBlocks()) * g.blockSize, g.size);
+    const presentBytes = Math.min((coveredBlocks ?? store.space().presentBlocks + store.zeroBlocks()) * g.blockSize, g.size);
+    const done = this.#done || presentBytes === g.size;
     return {
       running: this.#run !== null,
-      done: this.#done || presentBytes === g.size,
+      done,
       presentBytes,
       size: g.size,
-      percent: Math.floor((presentBytes / g.size) * 1000) / 10,
+      percent: done ? 100 : Math.floor((presentBytes / g.size) * 1000) / 10,
       fetchedBytes: this.#fetched,
       rate: this.#rate || null,
       lastError: this.#lastError,
