@@ -1,13 +1,13 @@
 // /dev/loopN end to end through the real CLI: ext4 made, mounted, written, checked by fsck,
 // re-attached with the same cache; read-only mode; the daemon lifecycle (--daemon, status,
 // detach, SIGTERM).
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { shaOf, useLoopFixture, type Scratch } from '../support/loop-fixture.js';
-import { attachFreeLoop, CLI, freeLoop, mustSh, prepareCliTests, sh, testEnv, ulobdev } from '../support/cli.js';
+import { attachFreeLoop, CLI, mustSh, prepareCliTests, sh, testEnv, ulobdev, type CliResult } from '../support/cli.js';
 
 const fx = useLoopFixture();
 let s: Scratch;
@@ -106,19 +106,28 @@ describe('/dev/loopN frontend', () => {
   it('runs in the foreground and detaches on SIGTERM', async () => {
     s = fx.scratch('ulob-loop-fg-');
     mustSh('truncate', ['-s', '32M', join(s.dir, 'disk.img')]);
-    const loop = freeLoop();
-    const args = ['-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--run-dir', s.runDir, loop, join(s.dir, 'disk.img')];
-    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: testEnv(args) });
-    let out = '';
-    child.stdout.setEncoding('utf8');
-    await new Promise<void>((resolve, reject) => {
-      child.stdout.on('data', (c: string) => {
-        out += c;
-        if (out.includes('\n')) resolve();
-      });
-      child.once('exit', (code) => reject(new Error(`exited early with ${code}`)));
-    });
-    expect(out.trim()).toBe(loop);
+    // In the foreground the command prints the device once it serves it; a test beside this one may
+    // take the free device first (the command exits refusing it), so the next free one is tried.
+    let child!: ChildProcess;
+    const { loop, result } = await attachFreeLoop(
+      (dev) =>
+        new Promise<CliResult>((resolve) => {
+          const args = ['-c', join(s.dir, 'c.cache'), '-b', join(s.dir, 'c.bitmap'), '--run-dir', s.runDir, dev, join(s.dir, 'disk.img')];
+          child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: testEnv(args) });
+          let out = '';
+          let err = '';
+          child.stdout!.setEncoding('utf8');
+          child.stderr!.setEncoding('utf8');
+          child.stderr!.on('data', (c: string) => (err += c));
+          child.stdout!.on('data', (c: string) => {
+            out += c;
+            if (out.includes('\n')) resolve({ code: 0, stdout: out, stderr: err });
+          });
+          child.once('close', (code) => resolve({ code: code ?? 1, stdout: out, stderr: `exited early: ${err}` }));
+        }),
+      'the foreground attach failed',
+    );
+    expect(result.stdout.trim()).toBe(loop);
     expect(mustSh('losetup', ['-n', '-O', 'BACK-FILE', loop])).toContain(join(s.runDir, 'loop'));
     const exited = new Promise<number | null>((resolve) => child.once('exit', resolve));
     child.kill('SIGTERM');
