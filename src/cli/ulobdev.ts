@@ -31,7 +31,7 @@ import { defaultName, DEVICE_FORMS, frontendKind } from '../bdev/frontend.js';
 import { CONFIG_DIR, RUN_DIR, STATE_DIR } from '../paths.js';
 import { DiskRecords } from '../cache/disk-record.js';
 import { formatBytes, parseSize } from '../units.js';
-import { markStart } from '../sys.js';
+import { blockStack, majorMinor, markStart } from '../sys.js';
 import { cronWarning, dirtyLimitBytes, parseCacheSize, parseCron, parseDirtyLimit, parseDuration, parseEvictionUnit, parseRate } from '../writeback/policy.js';
 import { renderReportSvg, type ReportData } from '../writeback/report.js';
 import type { HydrationProgress } from '../writeback/hydrate.js';
@@ -205,13 +205,19 @@ function swappedCommand(command: Command, device: string, backing: string): stri
 /**
  * Refuses a disk that another ulobdev daemon already caches (two daemons writing one disk would
  * corrupt it), naming that daemon's device and pid (`refusal` words the line: attach and discard
- * say different things). Block devices are also kept exclusive by O_EXCL; files are not, so they
- * are compared by device and inode. Throws DeviceBusyError.
+ * say different things). Block devices are also kept exclusive by O_EXCL, but its EBUSY names no
+ * one: a whole disk while one of its partitions is cached, or a partition while its disk is, is
+ * refused here naming the daemon (newuser14 F5a). Files are compared by device and inode. A
+ * BACKEND that is itself a ulobdev device, or a partition of one, is refused too: a cache of a
+ * cache, whose identity (the FUSE file's inode) another device gets later (newuser14 F5b), when
+ * `attaching` (discard may still remove a cache made that way before). Throws DeviceBusyError for a
+ * disk in use, InvalidArgumentError for a ulobdev device.
  */
 async function assertNotServed(
   backing: string,
   runDir: string,
   refusal: (d: DaemonEntry) => string = (d) => `${backing} is already cached by the ulobdev daemon of ${describeDaemon(d)}; detach it first (ulobdev detach ${d.status.device})`,
+  attaching = false,
 ): Promise<void> {
   const mine = await fsp.stat(backing).catch(() => null);
   if (!mine) return;
@@ -220,11 +226,28 @@ async function assertNotServed(
     if (err instanceof PermissionDeniedError) return [] as DaemonEntry[];
     throw err;
   });
+  // The devices BACKEND is built on, itself first (a partition's whole disk; dm/md slaves).
+  const below = mine.isBlockDevice() ? await blockStack(majorMinor(mine.rdev)) : new Map<string, string>();
   for (const d of daemons) {
     const theirs = await fsp.stat(d.status.backing).catch(() => null);
-    if (!theirs) continue;
-    const same = mine.isBlockDevice() ? theirs.isBlockDevice() && theirs.rdev === mine.rdev : theirs.dev === mine.dev && theirs.ino === mine.ino;
-    if (same) throw new DeviceBusyError(refusal(d));
+    if (theirs) {
+      const same = mine.isBlockDevice() ? theirs.isBlockDevice() && theirs.rdev === mine.rdev : theirs.dev === mine.dev && theirs.ino === mine.ino;
+      if (same) throw new DeviceBusyError(refusal(d));
+      if (mine.isBlockDevice() && theirs.isBlockDevice()) {
+        const theirDev = majorMinor(theirs.rdev);
+        const detachFirst = `one disk is cached once, whole or by partitions; detach it first (ulobdev detach ${d.status.device})`;
+        if (below.has(theirDev)) throw new DeviceBusyError(`${backing} is on ${d.status.backing}, which the ulobdev daemon of ${describeDaemon(d)} caches: ${detachFirst}`);
+        if ((await blockStack(theirDev)).has(majorMinor(mine.rdev))) {
+          throw new DeviceBusyError(`${backing} holds ${d.status.backing}, which the ulobdev daemon of ${describeDaemon(d)} caches: ${detachFirst}`);
+        }
+      }
+    }
+    if (!attaching || !mine.isBlockDevice()) continue;
+    const served = await fsp.stat(d.status.device).catch(() => null);
+    if (served?.isBlockDevice() && below.has(majorMinor(served.rdev))) {
+      const what = served.rdev === mine.rdev ? 'is' : `is a partition of`;
+      throw new InvalidArgumentError(`${backing} ${what} the ulobdev device of ${describeDaemon(d)}, a cache of ${d.status.backing}: name the disk itself (${d.status.backing}), not a cached device`);
+    }
   }
 }
 
@@ -273,6 +296,7 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
     cacheGiven !== undefined && resolve(d.status.paths.cache) === cacheGiven
       ? `${backing} is already attached with this cache, as ${describeDaemon(d)}: nothing to do ('ulobdev status ${d.status.device}' shows it; to attach it otherwise, 'ulobdev detach ${d.status.device}' first)`
       : `${backing} is already cached by the ulobdev daemon of ${describeDaemon(d)}; detach it first (ulobdev detach ${d.status.device})`,
+    true,
   );
   // The disk given as -c (or -b, --metadata) is refused before anything opens it. Without any of
   // them the cache lives in the state directory, named after the disk's identity.

@@ -6,7 +6,7 @@ import { closeSync, existsSync, openSync, readFileSync, writeFileSync } from 'no
 import { basename, join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { fstabWarnings } from '../../src/daemon/fstab.js';
-import { attachFreeLoop, killStrays, mustSh, prepareCliTests, scratch, sh, ulobdev } from '../support/cli.js';
+import { attachFreeLoop, killStrays, mustSh, prepareCliTests, scratch, sh, ulobdev, unusedLoop } from '../support/cli.js';
 
 let s: ReturnType<typeof scratch>;
 const undo: Array<() => Promise<unknown> | unknown> = [];
@@ -147,6 +147,35 @@ describe('partitions', () => {
     expect(again.paths.cache).toBe(st.paths.cache);
     expect(again.dirtyBytes).toBe(256 << 10);
     expect(mustSh('sha256sum', [b]).split(' ')[0]).toBe(written.split(' ')[0]);
+  });
+
+  it('a disk and its partitions are cached once, and a ulobdev device is never a BACKEND: each refusal names the daemon, in one line, and binds nothing (newuser14 F5a, F5b)', async () => {
+    s = scratch('ulob-partonce-');
+    const image = partitionedImage('disk.img', '64M', '16M');
+    const disk = mustSh('losetup', ['-f', '--show', '--partscan', image]).trim();
+    undo.push(() => sh('losetup', ['-d', disk]));
+    if (!existsSync(`${disk}p1`)) mustSh('partx', ['--add', disk]);
+    const refused = async (backing: string, message: RegExp) => {
+      const target = unusedLoop();
+      const r = await ulobdev(['--writeback', '-c', join(s.dir, 'other.cache'), '--run-dir', s.runDir, '--state-dir', s.stateDir, target, backing]);
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stderr).toMatch(new RegExp(`^ulobdev: ${message.source}[^\\n]*\\n$`));
+      expect(existsSync(join(s.dir, 'other.cache'))).toBe(false);
+      expect(existsSync(`/sys/block/${target.slice(5)}`)).toBe(false);
+    };
+    // A partition cached: its whole disk is refused, naming the daemon; its sibling is not.
+    const part = await attach(['--writeback', '-c', join(s.dir, 'p2.cache')], `${disk}p2`);
+    await refused(disk, /\/dev\/loop\d+ holds \/dev\/loop\d+p2, which the ulobdev daemon of \/dev\/loop\d+ \(pid \d+\) caches: .*ulobdev detach /);
+    // The ulobdev device itself as BACKEND: a cache of a cache.
+    await refused(part, /\/dev\/loop\d+ is the ulobdev device of \/dev\/loop\d+ \(pid \d+\), a cache of \/dev\/loop\d+p2: name the disk itself/);
+    expect((await ulobdev(['detach', part, '--run-dir', s.runDir])).code).toBe(0);
+    undo.pop();
+
+    // The whole disk cached: its partitions are refused, and so are the cached device's own partitions.
+    const whole = await attach(['--writeback', '-c', join(s.dir, 'whole.cache')], disk);
+    await refused(`${disk}p1`, /\/dev\/loop\d+p1 is on \/dev\/loop\d+, which the ulobdev daemon of /);
+    if (!existsSync(`${whole}p1`)) mustSh('partx', ['--add', whole]);
+    await refused(`${whole}p1`, /\/dev\/loop\d+p1 is a partition of the ulobdev device of /);
   });
 
   it('fstab lines that name a filesystem or partition of the device by tag are warned about at attach', async () => {
