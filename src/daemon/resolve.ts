@@ -88,7 +88,8 @@ export async function surveyDaemons(runDir = RUN_DIR): Promise<{ entries: Daemon
  * The control socket of the daemon that `deviceOrName` means: a name's own socket, or for a device
  * the daemon whose status says it serves that device (its default name first, then every daemon,
  * so `--name data` is found from /dev/loop3 too). A device's short name nobody has taken (loop3)
- * means that device. NotAttachedError when none does.
+ * means that device. NotAttachedError when none does; when it names the disk a daemon caches, that
+ * error names the daemon's device (newuser14 F5d).
  */
 export async function resolveDaemon(deviceOrName: string, runDir = RUN_DIR): Promise<{ name: string; socket: string }> {
   const notAttached = () =>
@@ -128,8 +129,15 @@ export async function resolveDaemon(deviceOrName: string, runDir = RUN_DIR): Pro
     );
     if (status && (await sameDevice(status.device, deviceOrName))) return { name: guess, socket };
   }
-  for (const entry of await listDaemons(runDir)) {
+  const daemons = await listDaemons(runDir);
+  for (const entry of daemons) {
     if (await sameDevice(entry.status.device, deviceOrName)) return { name: entry.name, socket: entry.socket };
+  }
+  // The disk given where its device is meant, as bcache's tools take the backing disk (newuser14 F5d).
+  for (const entry of daemons) {
+    if (await sameDevice(entry.status.backing, deviceOrName)) {
+      throw new NotAttachedError(`${deviceOrName} is the disk that ${entry.status.device} (pid ${entry.status.pid}) caches, not a device of ours: give ${entry.status.device} instead`);
+    }
   }
   throw notAttached();
 }

@@ -166,6 +166,12 @@ describe('partitions', () => {
     // A partition cached: its whole disk is refused, naming the daemon; its sibling is not.
     const part = await attach(['--writeback', '-c', join(s.dir, 'p2.cache')], `${disk}p2`);
     await refused(disk, /\/dev\/loop\d+ holds \/dev\/loop\d+p2, which the ulobdev daemon of \/dev\/loop\d+ \(pid \d+\) caches: .*ulobdev detach /);
+    // The disk named where its device is meant (bcache's tools take the backing disk): the device is named.
+    for (const cmd of ['status', 'flush', 'detach']) {
+      const r = await ulobdev([cmd, `${disk}p2`, '--run-dir', s.runDir]);
+      expect(r.code).toBe(1);
+      expect(r.stderr).toBe(`ulobdev: ${disk}p2 is the disk that ${part} (pid ${(await status(part)).pid}) caches, not a device of ours: give ${part} instead\n`);
+    }
     // The ulobdev device itself as BACKEND: a cache of a cache.
     await refused(part, /\/dev\/loop\d+ is the ulobdev device of \/dev\/loop\d+ \(pid \d+\), a cache of \/dev\/loop\d+p2: name the disk itself/);
     expect((await ulobdev(['detach', part, '--run-dir', s.runDir])).code).toBe(0);
