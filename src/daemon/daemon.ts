@@ -680,7 +680,8 @@ export class Daemon {
    * everything. Concurrent calls share one detach. Resolves with what the flush wrote.
    *
    * `force` (stop() only): the flush runs first, while the device still serves, then the frontend
-   * lets go even though the device is in use. `deadline` (ms since the epoch) stops the flush at
+   * lets go even though the device is in use; it logs no "detached:" line, the stop's own line
+   * says what was written back. `deadline` (ms since the epoch) stops the flush at
    * that time; what it did not clear stays dirty in the cache.
    */
   detach(options: { force?: boolean; deadline?: number } = {}): Promise<DetachResult> {
@@ -720,6 +721,7 @@ export class Daemon {
     }
     const result = await this.detach({ force: true, deadline });
     this.#logger.error(
+      flushFields(result),
       `stopped while ${busy}: ${describeFlush(result)}; the filesystem on ${this.device} now fails I/O until it is unmounted. ` +
         `Order its mount after this daemon (fstab: x-systemd.requires=ulobdev@${this.name}.service) so it is unmounted first`,
     );
@@ -739,7 +741,7 @@ export class Daemon {
     const reason = (err as Error)?.message ?? String(err);
     this.#logger.warn(`stopping: releasing ${this.device} failed (${reason}); flushing, then letting go of it anyway`);
     const result = await this.detach({ force: true, deadline });
-    this.#logger.error(`stopped after releasing ${this.device} failed (${reason}): ${describeFlush(result)}; check that ${this.device} is gone (losetup -a, nbd-client -c) before reusing it`);
+    this.#logger.error(flushFields(result), `stopped after releasing ${this.device} failed (${reason}): ${describeFlush(result)}; check that ${this.device} is gone (losetup -a, nbd-client -c) before reusing it`);
     return result;
   }
 
@@ -789,7 +791,8 @@ export class Daemon {
     await fsp.rm(this.#runDir, { recursive: true, force: true });
     await releaseName(dirname(this.#runDir), this.name);
     const result: DetachResult = { device: this.device, flushed, flushError, dirtyBytes, waitedBytes, readOnly };
-    this.#logger.info({ dirtyBytes, flushedBytes: flushed?.bytes ?? 0 }, `detached: ${describeFlush(result)}`);
+    // A forced detach is stop()'s: its own line says what was written back (one line per fact).
+    if (!options.force) this.#logger.info(flushFields(result), `detached: ${describeFlush(result)}`);
     this.#resolveDone();
     return result;
   }
@@ -853,6 +856,11 @@ export function describeFlush(r: Pick<DetachResult, 'flushed' | 'flushError' | '
   if (!wrote && r.dirtyBytes === 0) return r.readOnly ? 'nothing to write back (a read-only cache)' : 'nothing to write back: the disk has everything';
   const left = r.dirtyBytes > 0 ? `${formatBytes(r.dirtyBytes)} stay dirty in the cache for the next flush` : 'nothing stays dirty';
   return `${wrote || 'no flush'}; ${left}`;
+}
+
+/** The log fields of a detach's one summary line (bytes). */
+function flushFields(r: DetachResult): { dirtyBytes: number; flushedBytes: number } {
+  return { dirtyBytes: r.dirtyBytes, flushedBytes: r.flushed?.bytes ?? 0 };
 }
 
 function isBusy(err: unknown): boolean {
