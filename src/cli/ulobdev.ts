@@ -19,7 +19,7 @@ import { assertCachePathsApart, CacheStore } from '../cache/store.js';
 import { Metadata } from '../cache/metadata.js';
 import { CacheBusyError, DaemonError, DeviceBusyError, errorToWire, InvalidArgumentError, IOFailedError, NotAttachedError, PermissionDeniedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
-import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logTarget, makeLogger, noteParent, notifyParent, oneLine, warn } from './background.js';
+import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logTarget, makeLogger, noteParent, notifyParent, oneLine, reopenLogOnHangup, warn } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
 import { openBacking } from '../source/backing.js';
 import { controlRequest } from '../daemon/control.js';
@@ -285,6 +285,7 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
   const target = logTarget();
   const onTerminal = target === 'terminal';
   const logger = makeLogger(flags.logLevel, target);
+  reopenLogOnHangup(logger);
   let ioFlusherError: unknown;
   try {
     // Before any threadpool or child starts, so they inherit it (see native/process.cc).
