@@ -167,6 +167,12 @@ export class CacheStore {
    * given --cache-size, or a smaller budget than before); 0 when nothing had to go.
    */
   shrunkBlocks = 0;
+  /**
+   * Blocks of data the cache file held that no present bit covered, punched at open after a crash
+   * (fills and writes the dead daemon had not committed). Counted for a cache that already had a
+   * budget only: its file then held nothing else (a full mirror's file is preallocated).
+   */
+  droppedBlocks = 0;
   /** Blocks per eviction unit (at least 1). */
   readonly unitBlocks: number;
   /** The eviction clock; null without a budget (nothing is ever evicted then). */
@@ -476,7 +482,8 @@ export class CacheStore {
       meta.setCleanShutdown(false);
       if (budget !== null && !options.servedByKernel) {
         const unbudgeted = info.budget === null && !creating;
-        await store.#dropLeftovers(unbudgeted || store.recoveredFromCrash || diskChanged);
+        const dropped = await store.#dropLeftovers(unbudgeted || store.recoveredFromCrash || diskChanged);
+        if (info.budget !== null) store.droppedBlocks = dropped;
         await store.#shrinkTo(store.budgetBlocks);
       }
       // Last, once the open is accepted: a refused open leaves no reserve behind.
@@ -1326,14 +1333,17 @@ export class CacheStore {
   /**
    * With a budget, after a crash or when a full mirror gets a budget: the cache file may hold data
    * no present bit covers (fills and writes never committed, evictions that did not punch, the
-   * preallocation). Finds it with SEEK_DATA and punches it. Nothing present is touched.
+   * preallocation). Finds it with SEEK_DATA and punches it. Nothing present is touched. Returns
+   * the blocks punched.
    */
-  async #dropLeftovers(always: boolean): Promise<void> {
+  async #dropLeftovers(always: boolean): Promise<number> {
     const g = this.geometry;
     const held = await this.#cache.allocatedBytes();
     // Filesystem metadata (extent tree blocks) counts in st_blocks too: a little over is no leak.
-    if (!always && held <= this.#presentCount * g.blockSize + this.unitBlocks * g.blockSize) return;
-    await this.#punch(await this.uncountedData(), 0);
+    if (!always && held <= this.#presentCount * g.blockSize + this.unitBlocks * g.blockSize) return 0;
+    const leftovers = await this.uncountedData();
+    await this.#punch(leftovers, 0);
+    return leftovers.reduce((n, e) => n + e.count, 0);
   }
 
   /**
