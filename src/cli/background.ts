@@ -128,9 +128,21 @@ export function oneLine(err: unknown): string {
   return nameUnknownErrno(message.split('\n')[0]!, err);
 }
 
-/** A warning on stderr, before the logger exists or where the user reads it: `PROG: warning: ...`. */
+/** The warnings of this command, held until it is accepted (sayWarnings). */
+const heldWarnings: string[] = [];
+
+/**
+ * A warning about the command line, `PROG: warning: ...` on stderr, held until the attach is
+ * accepted (sayWarnings): a refused attach prints its one line and nothing else (invariant 6;
+ * newuser12: a too-frequent --flush was warned about, then the missing --writeback refused).
+ */
 export function warn(program: string, message: string): void {
-  process.stderr.write(`${program}: warning: ${message}\n`);
+  heldWarnings.push(`${program}: warning: ${message}`);
+}
+
+/** Prints the held warnings: the attach was accepted (READY from a --daemon child, a foreground start). */
+export function sayWarnings(): void {
+  for (const w of heldWarnings.splice(0)) process.stderr.write(`${w}\n`);
 }
 
 /**
@@ -242,6 +254,7 @@ export async function daemonize(device: string, options: DaemonizeOptions): Prom
   }
   (pipe as unknown as { destroy(): void }).destroy();
   if (line.startsWith('READY ')) {
+    sayWarnings();
     printNotes();
     child.unref();
     process.stdout.write(`${line.slice('READY '.length)}\n`);

@@ -19,7 +19,7 @@ import { assertCachePathsApart, CacheStore } from '../cache/store.js';
 import { Metadata } from '../cache/metadata.js';
 import { CacheBusyError, DaemonError, DeviceBusyError, errorToWire, InvalidArgumentError, IOFailedError, NotAttachedError, PermissionDeniedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
-import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logTarget, makeLogger, noteParent, notifyParent, oneLine, reopenLogOnHangup, warn } from './background.js';
+import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logTarget, makeLogger, noteParent, notifyParent, oneLine, reopenLogOnHangup, sayWarnings, warn } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
 import { openBacking } from '../source/backing.js';
 import { controlRequest } from '../daemon/control.js';
@@ -319,6 +319,7 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
   } catch (err) {
     throw attachFailed(await explainBusyCache(err, runDir));
   }
+  sayWarnings();
   if (ioFlusherError && daemon.status().frontend !== 'serve') {
     const code = (ioFlusherError as { code?: string }).code;
     // PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE: root in a container, or a unit whose

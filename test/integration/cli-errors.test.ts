@@ -68,6 +68,17 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     await expectRefused([...cacheArgs(), '/dev/sda', makeDisk('disk.img')], /DEVICE must be \/dev\/loopN/);
   });
 
+  it('a refusal after a schedule worth a warning: the refusal alone, the warning only for an accepted attach (newuser12)', async () => {
+    s = scratch('ulob-cli-');
+    const disk = makeDisk('disk.img');
+    const url = `nbd+unix:///?socket=${join(s.dir, 'nbd.sock')}`;
+    await expectRefused([...cacheArgs(), '--flush', '* * * * *', url, disk], /^ulobdev: --flush, --dirty-max, --max-dirty-age and --on-ac need --writeback\n$/);
+    // Refused by Daemon.start, in the foreground and in the --daemon child.
+    for (const daemon of [[], ['--daemon']]) {
+      await expectRefused(['-c', join(s.dir, 'nodir', 'c.cache'), '--writeback', '--flush', '* * * * *', ...daemon, url, disk], /^ulobdev: -c \S+\/nodir\/c\.cache: the directory \S+ does not exist/);
+    }
+  });
+
   it('a BACKEND that does not exist, or is a directory', async () => {
     s = scratch('ulob-cli-');
     // Not an errno (newuser7 item 8: "cannot open backing device /dev/nosuchdisk: ENOENT (stat)").
