@@ -248,7 +248,9 @@ function ownerState(owner: DiskOwner): OwnerState {
     meta = Metadata.open(owner.metadata);
   } catch (err) {
     if (err instanceof CacheBusyError) {
-      throw new CacheBusyError(`${owner.cache}, the write-back cache of this disk, is in use by another ulobdev process; detach that one first ('ulobdev status' lists it)`);
+      throw new CacheBusyError(`${owner.cache}, the write-back cache of this disk, is in use by another ulobdev process; detach that one first ('ulobdev status' lists it)`, {
+        path: resolve(owner.metadata),
+      });
     }
     throw err;
   }

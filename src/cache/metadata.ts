@@ -3,6 +3,7 @@
 // tables. WAL with synchronous=FULL: every transaction that returns is durable, which is what the
 // dirty set needs (docs/design.md, "Durability rules"). docs/format.md describes every column.
 import { closeSync, constants as fsConstants, existsSync, openSync, rmSync } from 'node:fs';
+import { resolve } from 'node:path';
 import Database from 'better-sqlite3';
 import { fdatasync } from '../native/io.js';
 import { CacheBusyError, CorruptMetadataError, ioError, MetadataFullError } from '../errors.js';
@@ -812,7 +813,7 @@ function translate(err: unknown, path: string): Error {
   if (err instanceof CorruptMetadataError || err instanceof CacheBusyError) return err;
   const code = (err as { code?: string }).code ?? '';
   if (code === 'SQLITE_BUSY' || code.startsWith('SQLITE_BUSY_') || code === 'SQLITE_LOCKED') {
-    return new CacheBusyError(`${path} is in use by another ulobdev process`);
+    return new CacheBusyError(`${path} is in use by another ulobdev process`, { path: resolve(path) });
   }
   if (code === 'SQLITE_NOTADB' || code.startsWith('SQLITE_CORRUPT') || code === 'SQLITE_ERROR') {
     return new CorruptMetadataError(`${path} is not valid ulobdev metadata (${code})`, { cause: err });

@@ -232,7 +232,8 @@ async function assertNotServed(
 async function explainBusyCache(err: unknown, runDir: string): Promise<unknown> {
   if (!(err instanceof CacheBusyError)) return err;
   const daemons = await listDaemons(runDir).catch(() => [] as DaemonEntry[]);
-  const holder = daemons.find((d) => err.message.includes(d.status.paths.metadata) || err.message.includes(d.status.paths.cache));
+  const busy = err.path;
+  const holder = busy === undefined ? undefined : daemons.find((d) => resolve(d.status.paths.metadata) === busy || resolve(d.status.paths.cache) === busy);
   if (!holder) return err;
   return new CacheBusyError(`the cache ${holder.status.paths.cache} is in use by the ulobdev daemon of ${describeDaemon(holder)}; detach it first (ulobdev detach ${holder.status.device})`);
 }

@@ -710,9 +710,8 @@ export class Daemon {
         return await this.detach({ deadline });
       } catch (err) {
         if (!isBusy(err)) return this.#stopAfterFailedRelease(err, deadline);
-        // "DEVICE stays attached: /dev/loop3 is mounted on /mnt; ...; unmount it first": the first use.
-        const message = (err as Error).message;
-        const use = (/stays attached: ([^;]*)/.exec(message)?.[1] ?? message.split(';')[0])!;
+        // The first use ("/dev/loop3 is mounted on /mnt"), or for an EBUSY without a list its message.
+        const use = (err instanceof DeviceBusyError ? err.use : undefined) ?? (err as Error).message.split(';')[0]!;
         if (busy === null) this.#logger.info(`stopping: ${use}; waiting up to ${Math.round((waitUntil - started) / 1000)} s for that to end`);
         busy = use;
         if (Date.now() >= waitUntil) break;
@@ -948,12 +947,23 @@ export function explainNoSpace(err: unknown, paths: CachePaths): unknown {
     if (codes.length > 8) break;
   }
   if (!codes.some((c) => c === 'ENOSPC' || c === 'SQLITE_FULL' || c === 'EDQUOT')) return err;
-  const message = err instanceof Error ? err.message : String(err);
-  const file = [paths.metadata, paths.bitmap, paths.cache].find((p) => message.includes(p)) ?? (codes.includes('SQLITE_FULL') ? paths.metadata : paths.cache);
+  // The file named by the error or one of its causes (IOFailedError, MetadataFullError and node's fs errors carry `path`).
+  const named = errorPaths(err).map((p) => resolve(p));
+  const file = [paths.metadata, paths.bitmap, paths.cache].find((p) => named.includes(resolve(p))) ?? (codes.includes('SQLITE_FULL') ? paths.metadata : paths.cache);
   return new IOFailedError(
     `no space left for ${file}: the filesystem holding it is full; free space there, or put the cache on a larger filesystem with -c (and -b, --metadata); nothing was changed`,
     { cause: err, path: file },
   );
+}
+
+/** The `path` fields of an error and its causes, outermost first. */
+function errorPaths(err: unknown): string[] {
+  const out: string[] = [];
+  for (let e: unknown = err, n = 0; e && typeof e === 'object' && n < 8; e = (e as { cause?: unknown }).cause, n++) {
+    const p = (e as { path?: unknown }).path;
+    if (typeof p === 'string') out.push(p);
+  }
+  return out;
 }
 
 /** --cache-size in bytes for a disk of `diskSize` bytes. */
