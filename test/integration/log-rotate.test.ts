@@ -3,7 +3,7 @@
 // renames the file and sends SIGHUP, and the daemon reopens NAME.log (stdout and stderr both) and
 // keeps serving. Before, SIGHUP killed the daemon (node's default) and the log grew for ever.
 import { spawn } from 'node:child_process';
-import { readFileSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { mustSh, prepareCliTests, ROOT, scratch, ulobdev } from '../support/cli.js';
@@ -75,6 +75,24 @@ describe('--daemon log rotation', () => {
     logrotate();
     await until('the second reopen', () => readlinkSync(`/proc/${pid}/fd/2`) === log);
     expect(statSync(`${log}.2.gz`).size).toBeGreaterThan(0);
+  });
+
+  it('signals no process whose stderr is the log but that does not catch SIGHUP (a daemon of an older ulobdev, review14)', async () => {
+    s = scratch('ulob-logrotate-');
+    mustSh('mkdir', ['-p', s.runDir]);
+    const log = join(s.runDir, 'old.log');
+    writeFileSync(log, '{"msg":"attached"}\n');
+    const fd = openSync(log, 'a');
+    const old = spawn('sleep', ['60'], { stdio: ['ignore', fd, fd] });
+    closeSync(fd);
+    undo.push(() => old.kill('SIGKILL'));
+    const exited = new Promise<NodeJS.Signals | null>((r) => old.on('exit', (_code, signal) => r(signal)));
+    writeFileSync(join(s.runDir, 'old.json'), JSON.stringify({ name: 'old', device: '/dev/loop9', frontend: 'loop', pid: old.pid }));
+    await until('the sleep to run', () => readlinkSync(`/proc/${old.pid}/fd/2`) === log);
+    logrotate();
+    expect(readFileSync(`${log}.1`, 'utf8')).toContain('attached');
+    old.kill('SIGTERM');
+    expect(await exited).toBe('SIGTERM'); // not SIGHUP first
   });
 
   it('signals no process whose stderr is not the rotated log (a stale record, a pid reused)', async () => {
