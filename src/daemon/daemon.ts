@@ -5,7 +5,7 @@ import { basename, dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { CacheEngine } from '../cache/engine.js';
 import { CacheStore, type CachePaths, type IntentStats } from '../cache/store.js';
-import type { FlashReserveStatus } from '../cache/reserve.js';
+import { reservePath, type FlashReserveStatus } from '../cache/reserve.js';
 import { assertBlockSize, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE } from '../cache/layout.js';
 import { DeviceBusyError, InvalidArgumentError, IOFailedError, NotAttachedError, NotRootError, ReadOnlyError } from '../errors.js';
 import { exists, sleep } from '../sys.js';
@@ -947,9 +947,15 @@ export function explainNoSpace(err: unknown, paths: CachePaths): unknown {
     if (codes.length > 8) break;
   }
   if (!codes.some((c) => c === 'ENOSPC' || c === 'SQLITE_FULL' || c === 'EDQUOT')) return err;
-  // The file named by the error or one of its causes (IOFailedError, MetadataFullError and node's fs errors carry `path`).
+  // The file named by the error or one of its causes (IOFailedError, MetadataFullError and node's
+  // fs errors carry `path`). The metadata's companions (its WAL, -shm, the flash reserve) live on
+  // the metadata's filesystem: they count as the metadata (review14: --metadata elsewhere).
   const named = errorPaths(err).map((p) => resolve(p));
-  const file = [paths.metadata, paths.bitmap, paths.cache].find((p) => named.includes(resolve(p))) ?? (codes.includes('SQLITE_FULL') ? paths.metadata : paths.cache);
+  const metadata = resolve(paths.metadata);
+  const companions = [metadata, `${metadata}-wal`, `${metadata}-shm`, resolve(reservePath(paths.metadata))];
+  const file = named.some((p) => companions.includes(p))
+    ? paths.metadata
+    : ([paths.bitmap, paths.cache].find((p) => named.includes(resolve(p))) ?? (codes.includes('SQLITE_FULL') ? paths.metadata : paths.cache));
   return new IOFailedError(
     `no space left for ${file}: the filesystem holding it is full; free space there, or put the cache on a larger filesystem with -c (and -b, --metadata); nothing was changed`,
     { cause: err, path: file },

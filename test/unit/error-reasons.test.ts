@@ -18,8 +18,16 @@ describe('explainNoSpace names the file by the error\'s path', () => {
     expect((explainNoSpace(err, paths) as Error).message).toMatch(/^no space left for \/flash\/c\.cache\.meta: /);
   });
 
-  it('a path only mentioned in the message is no evidence: the cache file, as for any ENOSPC without one', () => {
-    const err = new IOFailedError('cannot extend /flash/c.cache.meta-reserve: ENOSPC', { cause: enospc, path: '/flash/c.cache.meta-reserve' });
+  it('a path only in the message is no evidence: the cache file, as for any ENOSPC without one', () => {
+    const err = new IOFailedError('cannot write the bitmap /flash/c.bitmap: ENOSPC', { cause: enospc });
     expect((explainNoSpace(err, paths) as Error).message).toMatch(/^no space left for \/flash\/c\.cache: /);
+  });
+
+  it("the metadata's companions (its WAL, -shm, the flash reserve) count as the metadata: they are on its filesystem (review14)", () => {
+    const meta = { ...paths, metadata: '/ssd/c.cache.meta' };
+    for (const p of ['/ssd/c.cache.meta-wal', '/ssd/c.cache.meta-shm', '/ssd/c.cache.meta-reserve']) {
+      const err = new IOFailedError(`cannot extend ${p}: ENOSPC`, { cause: enospc, path: p });
+      expect((explainNoSpace(err, meta) as Error).message, p).toMatch(/^no space left for \/ssd\/c\.cache\.meta: /);
+    }
   });
 });
