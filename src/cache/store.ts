@@ -175,6 +175,8 @@ export class CacheStore {
    * budget only: its file then held nothing else (a full mirror's file is preallocated).
    */
   droppedBlocks = 0;
+  /** This open gave the cache a smaller budget than it had (or a first one). */
+  budgetLowered = false;
   /** Blocks per eviction unit (at least 1). */
   readonly unitBlocks: number;
   /** The eviction clock; null without a budget (nothing is ever evicted then). */
@@ -506,6 +508,7 @@ export class CacheStore {
         const unbudgeted = info.budget === null && !creating;
         const dropped = await store.#dropLeftovers(unbudgeted || store.recoveredFromCrash || diskChanged);
         if (info.budget !== null) store.droppedBlocks = dropped;
+        store.budgetLowered = info.budget === null || budget < info.budget;
         await store.#shrinkTo(store.budgetBlocks);
       }
       // Last, once the open is accepted: a refused open leaves no reserve behind.
