@@ -77,7 +77,8 @@ clean:
 
 # --- make install / make deb ---------------------------------------------------------------------
 # A self-contained build under $(LIBDIR) (dist, production node_modules, the addon), the commands
-# in $(SBINDIR), systemd units, the udev rule, docs, man pages, and the module source for DKMS.
+# in $(SBINDIR), systemd units, the udev rule, the logrotate snippet, docs, man pages, and the
+# module source for DKMS.
 VERSION := $(shell node -p "require('./package.json').version" 2>/dev/null)
 PREFIX ?= /usr
 DESTDIR ?=
@@ -89,6 +90,8 @@ UNITDIR ?= $(PREFIX)/lib/systemd/system
 # udev reads /usr/lib/udev and /etc/udev only: a /usr/local install puts its rule in /etc.
 UDEVRULESDIR ?= $(if $(filter /usr,$(PREFIX)),/usr/lib/udev/rules.d,/etc/udev/rules.d)
 UDEVLIBDIR ?= $(LIBDIR)
+# logrotate reads /etc/logrotate.d only, whatever the prefix (the --daemon logs in /run/ulobdev).
+LOGROTATEDIR ?= /etc/logrotate.d
 # DKMS looks for module sources in /usr/src, whatever the prefix.
 DKMSDIR ?= /usr/src/uloop-$(VERSION)
 # The node the commands run with; better-sqlite3 is built for its ABI.
@@ -125,6 +128,7 @@ install: build $(PROD)/.done
 	sed -e 's|/usr/sbin/|$(SBINDIR)/|g' -e 's|file:/usr/share/doc/ulobdev/|file:$(DOCDIR)/|g' contrib/systemd/ulobdev@.service >$(DESTDIR)$(UNITDIR)/ulobdev@.service
 	sed 's|/usr/lib/ulobdev/|$(UDEVLIBDIR)/|g' contrib/udev/60-ulobdev.rules >$(DESTDIR)$(UDEVRULESDIR)/60-ulobdev.rules
 	install -m 755 contrib/udev/ulobdev-name $(DESTDIR)$(UDEVLIBDIR)/ulobdev-name
+	install -D -m 644 contrib/logrotate/ulobdev $(DESTDIR)$(LOGROTATEDIR)/ulobdev
 	install -m 644 README.md docs/*.md contrib/systemd/example.conf $(DESTDIR)$(DOCDIR)/
 	cd kernel && files=$$(git ls-files . 2>/dev/null | grep -v '^\.'); [ -n "$$files" ] || files="Kbuild Makefile dkms.conf uloop.c include/uapi/uloop.h"; \
 	  for f in $$files; do install -D -m 644 $$f $(DESTDIR)$(DKMSDIR)/$$f; done

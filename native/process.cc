@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <sys/prctl.h>
+#include <unistd.h>
 
 #ifndef PR_SET_IO_FLUSHER
 #define PR_SET_IO_FLUSHER 57
@@ -36,11 +37,29 @@ Napi::Value IsIoFlusher(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(env, r == 1);
 }
 
+// redirectStdio(fd): points stdout and stderr (fds 1 and 2) at `fd`, as a shell's `>>LOG 2>&1`
+// does; the caller closes `fd` afterwards. A --daemon child reopens its log with it on SIGHUP
+// (logrotate): what bypasses the logger (a crash's stack, node's warnings) follows too. dup2 is
+// atomic, so a write racing it lands in the old file or the new one, never nowhere.
+Napi::Value RedirectStdio(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!ArgFd(info, 0, &fd)) return Napi::Value();
+  for (int target : {1, 2}) {
+    if (fd != target && dup2(fd, target) < 0) {
+      ThrowErrno(env, errno, "dup2");
+      return Napi::Value();
+    }
+  }
+  return env.Undefined();
+}
+
 }  // namespace
 
 bool InitProcess(Napi::Env env, Napi::Object exports) {
   return Export<SetIoFlusher>(env, exports, "setIoFlusher") &&
-         Export<IsIoFlusher>(env, exports, "isIoFlusher");
+         Export<IsIoFlusher>(env, exports, "isIoFlusher") &&
+         Export<RedirectStdio>(env, exports, "redirectStdio");
 }
 
 }  // namespace ulob

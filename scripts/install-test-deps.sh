@@ -25,6 +25,7 @@ xfs_repair  xfsprogs
 sgdisk      gdisk
 partx       util-linux
 blkid       util-linux
+logrotate   logrotate
 '
 
 PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"

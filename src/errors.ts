@@ -37,8 +37,15 @@ export abstract class UlobError extends Error {
 
 /** A caller passed an argument of the wrong type or outside its range, or a bad command line. */
 export class InvalidArgumentError extends UlobError {
-  constructor(message: string) {
+  /**
+   * Which mistake, for a caller that words it otherwise (parseSize: 'not-a-size', 'fraction',
+   * 'too-large'): test this, never the message. Undefined for most.
+   */
+  readonly reason: string | undefined;
+
+  constructor(message: string, options: { reason?: string } = {}) {
     super('ULOB_E_INVALID_ARG', message);
+    this.reason = options.reason;
   }
 }
 
@@ -65,15 +72,23 @@ export class CorruptMetadataError extends UlobError {
 
 /** The cache is opened by another ulobdev process. */
 export class CacheBusyError extends UlobError {
-  constructor(message: string) {
+  /** The file found in use (a metadata or cache path, absolute), when known. */
+  readonly path: string | undefined;
+
+  constructor(message: string, options: { path?: string } = {}) {
     super('ULOB_E_CACHE_BUSY', message);
+    this.path = options.path;
   }
 }
 
 /** A device is mounted, held, bound or taken by someone else (or a daemon already serves it). */
 export class DeviceBusyError extends UlobError {
-  constructor(message: string) {
+  /** Its first use in one phrase ("/dev/loop3 is mounted on /mnt"), when a check listed them. */
+  readonly use: string | undefined;
+
+  constructor(message: string, options: { use?: string } = {}) {
     super('ULOB_E_DEVICE_BUSY', message);
+    this.use = options.use;
   }
 }
 

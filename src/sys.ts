@@ -157,17 +157,29 @@ export async function partitionsOf(sysDir: string): Promise<BlockDeviceNode[]> {
  * a process (its /proc/PID/fd). Empty when nothing uses it. Reads only kernel state: the disk is
  * not touched. Processes in `ignorePids` (the caller) and udev's short-lived probes do not count.
  */
-export async function blockDeviceUsers(sysDir: string, options: { ignorePids?: readonly number[] } = {}): Promise<string[]> {
+/** One use of a block device, as blockDeviceUsers finds it: its kind, and one phrase for a message. */
+export interface BlockDeviceUser {
+  kind: 'mounted' | 'held' | 'claimed' | 'open';
+  /** "/dev/loop3 is mounted on /mnt", "/dev/loop3 is open by pid 9 (dd)", ... */
+  text: string;
+}
+
+/** The phrases of `users`, joined for one line: "A is mounted on /m; B is open by pid 9 (dd)". */
+export function describeUsers(users: readonly BlockDeviceUser[]): string {
+  return users.map((u) => u.text).join('; ');
+}
+
+export async function blockDeviceUsers(sysDir: string, options: { ignorePids?: readonly number[] } = {}): Promise<BlockDeviceUser[]> {
   const real = await fsp.realpath(sysDir);
   const whole: BlockDeviceNode = { name: basename(real), dev: (await readTrim(join(real, 'dev'))) ?? '', sysDir: real };
   const nodes = [whole, ...(await partitionsOf(real))];
-  const reasons: string[] = [];
+  const reasons: BlockDeviceUser[] = [];
   const mounts = await mountsByDevice();
   for (const n of nodes) {
     const mount = mounts.get(n.dev);
-    if (mount) reasons.push(`/dev/${n.name} is mounted on ${mount}`);
+    if (mount) reasons.push({ kind: 'mounted', text: `/dev/${n.name} is mounted on ${mount}` });
     const holders = await listDir(join(n.sysDir, 'holders'));
-    if (holders.length > 0) reasons.push(`/dev/${n.name} is held by ${holders.join(', ')}`);
+    if (holders.length > 0) reasons.push({ kind: 'held', text: `/dev/${n.name} is held by ${holders.join(', ')}` });
   }
   if (reasons.length === 0) {
     // Exclusive claims without a mount or a holder: swap, btrfs, another ulobdev's backing disk.
@@ -175,14 +187,14 @@ export async function blockDeviceUsers(sysDir: string, options: { ignorePids?: r
     // to name the right one.
     for (const n of [...nodes.slice(1), whole]) {
       if (exclusivelyClaimed(`/dev/${n.name}`)) {
-        reasons.push(`/dev/${n.name} is claimed by another program (swap, a filesystem or another block device layer)`);
+        reasons.push({ kind: 'claimed', text: `/dev/${n.name} is claimed by another program (swap, a filesystem or another block device layer)` });
         break;
       }
     }
   }
   const ignore = new Set([process.pid, ...(options.ignorePids ?? [])]);
   for (const [pid, name] of await openersOf(new Set(nodes.map((n) => n.dev)), ignore)) {
-    reasons.push(`/dev/${nodes.find((n) => n.dev === name.dev)!.name} is open by pid ${pid} (${name.comm})`);
+    reasons.push({ kind: 'open', text: `/dev/${nodes.find((n) => n.dev === name.dev)!.name} is open by pid ${pid} (${name.comm})` });
   }
   return reasons;
 }

@@ -6,17 +6,17 @@ const UNITS: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 3
 /**
  * Bytes from a size as typed: 4096, 4K, 1.5G, 1.8TiB (powers of 1024). A fraction of a unit is
  * rounded down to a whole byte, as lvcreate -L 1.8T rounds (newuser13: 1.8T was refused);
- * a fraction of a byte (1.5, 1.5B) is not. Throws InvalidArgumentError: `not a size`, `not a whole
- * number of bytes`, or `too large` (past 2^53 bytes).
+ * a fraction of a byte (1.5, 1.5B) is not. Throws InvalidArgumentError with `reason`
+ * 'not-a-size', 'fraction' (of a byte) or 'too-large' (past 2^53 bytes).
  */
 export function parseSize(text: string): number {
   const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$/i.exec(text);
-  if (!m) throw new InvalidArgumentError(`not a size: ${JSON.stringify(text)} (try 4096, 64K, 1M)`);
+  if (!m) throw new InvalidArgumentError(`not a size: ${JSON.stringify(text)} (try 4096, 64K, 1M)`, { reason: 'not-a-size' });
   const unit = UNITS[m[2]!.toLowerCase()]!;
   const number = Number(m[1]);
-  if (unit === 1 && !Number.isInteger(number)) throw new InvalidArgumentError(`not a whole number of bytes: ${JSON.stringify(text)}`);
+  if (unit === 1 && !Number.isInteger(number)) throw new InvalidArgumentError(`not a whole number of bytes: ${JSON.stringify(text)}`, { reason: 'fraction' });
   const value = Math.floor(number * unit);
-  if (!Number.isSafeInteger(value)) throw new InvalidArgumentError(`too large: ${JSON.stringify(text)} is more bytes than any disk has`);
+  if (!Number.isSafeInteger(value)) throw new InvalidArgumentError(`too large: ${JSON.stringify(text)} is more bytes than any disk has`, { reason: 'too-large' });
   return value;
 }
 

@@ -41,5 +41,9 @@ for s in postinst prerm postrm; do
   chmod 755 "$dir/DEBIAN/$s"
 done
 install -m 644 "$here/copyright" "$dir/usr/share/doc/ulobdev/copyright"
+# Files under /etc are the admin's to edit: dpkg keeps their changes at an upgrade.
+(cd "$dir" && find etc -type f -printf '/%p\n' 2>/dev/null | LC_ALL=C sort) >"$dir/DEBIAN/conffiles"
+[ -s "$dir/DEBIAN/conffiles" ] || rm -f "$dir/DEBIAN/conffiles"
 (cd "$dir" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z | xargs -0 md5sum) >"$dir/DEBIAN/md5sums"
 chmod 644 "$dir/DEBIAN/control" "$dir/DEBIAN/md5sums"
+[ ! -e "$dir/DEBIAN/conffiles" ] || chmod 644 "$dir/DEBIAN/conffiles"

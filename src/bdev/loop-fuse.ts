@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { DeviceBusyError, FuseError, InvalidArgumentError, ioError } from '../errors.js';
 import { loopClearAutoclear, loopCtlAdd, loopCtlRemove } from '../native/blkdev.js';
-import { blockDeviceUsers, crashPoint, exists, isMountpoint, readTrim, sleep } from '../sys.js';
+import { blockDeviceUsers, crashPoint, describeUsers, exists, isMountpoint, readTrim, sleep } from '../sys.js';
 import { assertReleasable, showPartitions } from './partitions.js';
 import { run, start } from './programs.js';
 import { ANY_LOOP, type Frontend } from './frontend.js';
@@ -214,7 +214,7 @@ async function unbindLoop(device: string, sys: string): Promise<void> {
     closeSync(fd);
   }
   const users = await blockDeviceUsers(sys);
-  throw new DeviceBusyError(`${device} was opened while detaching${users.length ? ` (${users.join('; ')})` : ''}; it stays attached, try again`);
+  throw new DeviceBusyError(`${device} was opened while detaching${users.length ? ` (${describeUsers(users)})` : ''}; it stays attached, try again`, { use: users[0]?.text });
 }
 
 async function waitForReady(pidfile: string, exited: Promise<number | null>, stderr: () => string): Promise<void> {

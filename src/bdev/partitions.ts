@@ -3,7 +3,7 @@
 // partition of it is in use.
 import type { Logger } from 'pino';
 import { DeviceBusyError } from '../errors.js';
-import { blockDeviceUsers, partitionsOf } from '../sys.js';
+import { blockDeviceUsers, describeUsers, partitionsOf, type BlockDeviceUser } from '../sys.js';
 import { run } from './programs.js';
 
 /**
@@ -36,19 +36,20 @@ export const OPENER_GRACE_MS = 2000;
 export async function assertReleasable(device: string, sys: string, graceMs = OPENER_GRACE_MS): Promise<void> {
   let users = await blockDeviceUsers(sys);
   const until = Date.now() + graceMs;
-  while (users.length > 0 && users.every((u) => / is open by pid \d+ /.test(u)) && Date.now() < until) {
+  while (users.length > 0 && users.every((u) => u.kind === 'open') && Date.now() < until) {
     await new Promise((resolve) => setTimeout(resolve, 50));
     users = await blockDeviceUsers(sys);
   }
   if (users.length === 0) return;
-  throw new DeviceBusyError(`${device} stays attached: ${users.join('; ')}; ${releaseAdvice(users)}`);
+  throw new DeviceBusyError(`${device} stays attached: ${describeUsers(users)}; ${releaseAdvice(users)}`, { use: users[0]!.text });
 }
 
 /**
  * What to do about the users blockDeviceUsers() listed (at least one), by the first one's kind:
  * "unmount it first", or "them" for several (newuser11: two partitions mounted).
  */
-export function releaseAdvice(users: readonly string[]): string {
+export function releaseAdvice(users: readonly BlockDeviceUser[]): string {
   const it = users.length > 1 ? 'them' : 'it';
-  return /mounted on/.test(users[0]!) ? `unmount ${it} first` : /held by/.test(users[0]!) ? `remove what is stacked on ${it} first` : `stop or close ${it} first`;
+  const kind = users[0]!.kind;
+  return kind === 'mounted' ? `unmount ${it} first` : kind === 'held' ? `remove what is stacked on ${it} first` : `stop or close ${it} first`;
 }

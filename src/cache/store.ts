@@ -47,6 +47,8 @@ export interface CachePaths {
 export interface MetadataFactory {
   create(path: string, identity: Parameters<typeof Metadata.create>[1], mode: CacheMode, space?: Parameters<typeof Metadata.create>[3]): Metadata;
   open(path: string): Metadata;
+  /** The main file read into memory for the checks (Metadata.peek), or null: then open() serves. */
+  peek?(path: string): Metadata | null;
 }
 
 /** Smallest and largest eviction unit (bytes); a unit is never smaller than the block. */
@@ -167,6 +169,14 @@ export class CacheStore {
    * given --cache-size, or a smaller budget than before); 0 when nothing had to go.
    */
   shrunkBlocks = 0;
+  /**
+   * Blocks of data the cache file held that no present bit covered, punched at open after a crash
+   * (fills and writes the dead daemon had not committed). Counted for a cache that already had a
+   * budget only: its file then held nothing else (a full mirror's file is preallocated).
+   */
+  droppedBlocks = 0;
+  /** This open gave the cache a smaller budget than it had (or a first one). */
+  budgetLowered = false;
   /** Blocks per eviction unit (at least 1). */
   readonly unitBlocks: number;
   /** The eviction clock; null without a budget (nothing is ever evicted then). */
@@ -302,9 +312,15 @@ export class CacheStore {
     }
 
     let meta: Metadata;
+    // The checks run on the main file read into memory when they can (Metadata.peek): a refused
+    // open then leaves the cache's directory as it was, SQLite's WAL not even made and removed
+    // (nits14: its mtime changed at every refused attach). The open proper comes once they pass.
+    let peeked = false;
     const metaExists = await storage.exists(paths.metadata);
     if (metaExists) {
-      meta = factory.open(paths.metadata);
+      const peek = factory.peek?.(paths.metadata) ?? null;
+      peeked = peek !== null;
+      meta = peek ?? factory.open(paths.metadata);
     } else {
       for (const p of [paths.cache, paths.bitmap]) {
         if (await storage.exists(p)) {
@@ -439,6 +455,20 @@ export class CacheStore {
           diskChanged = true;
         }
       }
+      // Every check passed: the open proper, which takes the lock. Another process may have
+      // changed the file since the peek: then it is read again, from the top.
+      if (peeked) {
+        const real = factory.open(paths.metadata);
+        const same = meta.sameFile(real);
+        meta.close();
+        meta = real;
+        if (!same) {
+          await files?.cache.close().catch(() => undefined);
+          await files?.bitmapFile.close().catch(() => undefined);
+          meta.close();
+          return CacheStore.open({ ...options, metadata: { create: factory.create.bind(factory), open: factory.open.bind(factory) } });
+        }
+      }
       const records = options.records && { records: options.records, disk: backing.id, device: backing.description };
       // The clock from the budget of this open, not the metadata's: a full mirror given a budget
       // (--cache-size again) has none recorded yet, and without a clock nothing is ever evicted
@@ -476,7 +506,9 @@ export class CacheStore {
       meta.setCleanShutdown(false);
       if (budget !== null && !options.servedByKernel) {
         const unbudgeted = info.budget === null && !creating;
-        await store.#dropLeftovers(unbudgeted || store.recoveredFromCrash || diskChanged);
+        const dropped = await store.#dropLeftovers(unbudgeted || store.recoveredFromCrash || diskChanged);
+        if (info.budget !== null) store.droppedBlocks = dropped;
+        store.budgetLowered = info.budget === null || budget < info.budget;
         await store.#shrinkTo(store.budgetBlocks);
       }
       // Last, once the open is accepted: a refused open leaves no reserve behind.
@@ -562,6 +594,28 @@ export class CacheStore {
       return { dirtyBlocks: 0, forgotten: true };
     }
     if (metaExists) {
+      const assertMadeFor = (info: Readonly<CacheInfo>) => {
+        if (options.backingId !== undefined && info.backingId !== options.backingId) {
+          throw new ForeignCacheError(
+            `${paths.cache} is the cache of another disk (${info.backingId}), not of ${options.backing ?? 'this disk'} (${options.backingId}); discard removes nothing: name the disk it was made for`,
+          );
+        }
+      };
+      // Refused from the main file read into memory when it can be: the directory stays as it was
+      // (Metadata.peek; SQLite's open makes and removes a WAL). Unreadable there: open() says why.
+      let peek: Metadata | null = null;
+      try {
+        peek = (options.metadata ?? Metadata).peek?.(paths.metadata) ?? null;
+      } catch {
+        peek = null;
+      }
+      if (peek) {
+        try {
+          assertMadeFor(peek.info);
+        } finally {
+          peek.close();
+        }
+      }
       let meta: Metadata;
       try {
         meta = (options.metadata ?? Metadata).open(paths.metadata);
@@ -578,11 +632,7 @@ export class CacheStore {
         throw err;
       }
       try {
-        if (options.backingId !== undefined && meta.info.backingId !== options.backingId) {
-          throw new ForeignCacheError(
-            `${paths.cache} is the cache of another disk (${meta.info.backingId}), not of ${options.backing ?? 'this disk'} (${options.backingId}); discard removes nothing: name the disk it was made for`,
-          );
-        }
+        assertMadeFor(meta.info);
         uuid = meta.info.uuid;
         const geometry = new Geometry(meta.info.backingSize, meta.info.blockSize);
         const recorded = meta.info.bitmapPath === null ? null : resolve(meta.info.bitmapPath);
@@ -1326,14 +1376,17 @@ export class CacheStore {
   /**
    * With a budget, after a crash or when a full mirror gets a budget: the cache file may hold data
    * no present bit covers (fills and writes never committed, evictions that did not punch, the
-   * preallocation). Finds it with SEEK_DATA and punches it. Nothing present is touched.
+   * preallocation). Finds it with SEEK_DATA and punches it. Nothing present is touched. Returns
+   * the blocks punched.
    */
-  async #dropLeftovers(always: boolean): Promise<void> {
+  async #dropLeftovers(always: boolean): Promise<number> {
     const g = this.geometry;
     const held = await this.#cache.allocatedBytes();
     // Filesystem metadata (extent tree blocks) counts in st_blocks too: a little over is no leak.
-    if (!always && held <= this.#presentCount * g.blockSize + this.unitBlocks * g.blockSize) return;
-    await this.#punch(await this.uncountedData(), 0);
+    if (!always && held <= this.#presentCount * g.blockSize + this.unitBlocks * g.blockSize) return 0;
+    const leftovers = await this.uncountedData();
+    await this.#punch(leftovers, 0);
+    return leftovers.reduce((n, e) => n + e.count, 0);
   }
 
   /**

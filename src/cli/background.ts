@@ -4,7 +4,7 @@
 import { spawn } from 'node:child_process';
 import { closeSync, fstatSync, openSync, promises as fsp, writeSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import pino, { type Logger } from 'pino';
 import type PinoPretty from 'pino-pretty';
@@ -12,9 +12,12 @@ import { DaemonError, errorFromCode, errorToWire } from '../errors.js';
 import { defaultName } from '../bdev/frontend.js';
 import { RUN_DIR } from '../paths.js';
 import { nameUnknownErrno } from '../errno.js';
+import { redirectStdio } from '../native/process.js';
 import { undone } from './exit-codes.js';
 
 const NOTIFY_FD_ENV = 'ULOBDEV_NOTIFY_FD';
+/** The --daemon child's log path (RUN_DIR/NAME.log, its stdout and stderr), for the SIGHUP reopen. */
+const LOG_FILE_ENV = 'ULOBDEV_LOG_FILE';
 // pino-pretty is loaded only for a log on a terminal: importing it costs every command (status,
 // detach, a --daemon start) about a fifth of its start-up time.
 const requireCjs = createRequire(import.meta.url);
@@ -61,6 +64,31 @@ export function makeLogger(level: string, target: LogTarget = 'json'): Logger {
   return pino({ level, base: { pid: process.pid } }, pino.destination({ fd: 2, sync: true }));
 }
 
+/**
+ * In a --daemon child, whose stdout and stderr are RUN_DIR/NAME.log: SIGHUP reopens that path
+ * (created again, mode 0600, if it was moved away) and points both there, so logrotate can rotate
+ * it (contrib/logrotate/ulobdev sends the SIGHUP). Without it the log grew for ever in /run, which
+ * is RAM. A foreground daemon logs to stderr (a terminal, the journal): SIGHUP is left as it is.
+ */
+export function reopenLogOnHangup(logger: Logger): void {
+  const path = process.env[LOG_FILE_ENV];
+  if (!path) return;
+  delete process.env[LOG_FILE_ENV]; // not for the helpers it starts
+  process.on('SIGHUP', () => {
+    try {
+      const fd = openSync(path, 'a', 0o600);
+      try {
+        redirectStdio(fd);
+      } finally {
+        closeSync(fd);
+      }
+      logger.info({ signal: 'SIGHUP' }, `reopened the log ${path}`);
+    } catch (err) {
+      logger.error(`cannot reopen the log ${path} on SIGHUP: ${oneLine(err)}; still writing the old one`);
+    }
+  });
+}
+
 /** pino's numeric level as a syslog priority (3 err, 4 warning, 6 info, 7 debug; fatal is 2, crit). */
 export function journalPriority(level: number): number {
   if (level >= 60) return 2;
@@ -100,9 +128,21 @@ export function oneLine(err: unknown): string {
   return nameUnknownErrno(message.split('\n')[0]!, err);
 }
 
-/** A warning on stderr, before the logger exists or where the user reads it: `PROG: warning: ...`. */
+/** The warnings of this command, held until it is accepted (sayWarnings). */
+const heldWarnings: string[] = [];
+
+/**
+ * A warning about the command line, `PROG: warning: ...` on stderr, held until the attach is
+ * accepted (sayWarnings): a refused attach prints its one line and nothing else (invariant 6;
+ * newuser12: a too-frequent --flush was warned about, then the missing --writeback refused).
+ */
 export function warn(program: string, message: string): void {
-  process.stderr.write(`${program}: warning: ${message}\n`);
+  heldWarnings.push(`${program}: warning: ${message}`);
+}
+
+/** Prints the held warnings: the attach was accepted (READY from a --daemon child, a foreground start). */
+export function sayWarnings(): void {
+  for (const w of heldWarnings.splice(0)) process.stderr.write(`${w}\n`);
 }
 
 /**
@@ -164,7 +204,7 @@ export async function daemonize(device: string, options: DaemonizeOptions): Prom
   const child = spawn(program!, [...pre, ...options.args], {
     detached: true,
     stdio: ['ignore', log, log, 'pipe'],
-    env: { ...process.env, ...options.env, [NOTIFY_FD_ENV]: '3' },
+    env: { ...process.env, ...options.env, [NOTIFY_FD_ENV]: '3', [LOG_FILE_ENV]: resolve(logPath) },
   });
   closeSync(log);
   const exited = new Promise<string>((resolve) => {
@@ -214,6 +254,7 @@ export async function daemonize(device: string, options: DaemonizeOptions): Prom
   }
   (pipe as unknown as { destroy(): void }).destroy();
   if (line.startsWith('READY ')) {
+    sayWarnings();
     printNotes();
     child.unref();
     process.stdout.write(`${line.slice('READY '.length)}\n`);

@@ -15,7 +15,8 @@ const FILES: ManSection = {
     ['CACHE.meta-reserve', '1 MiB of flash held back for a flush\'s own metadata when the flash filesystem is full (given up for that flush, taken back afterwards).'],
     ['CACHE.cow', 'While a flush runs: the old versions of blocks rewritten meanwhile, beyond the memory kept for them, so that the disk gets the flush start\'s content (removed when the flush ends).'],
     ['/run/ulobdev/NAME.sock', 'The control socket of the device named NAME (--name, or loop6 for /dev/loop6): status, flush, report and detach talk to it.'],
-    ['/run/ulobdev/NAME.log', 'The log of a daemon started with --daemon (in the foreground it logs to stderr, the journal under systemd).'],
+    ['/run/ulobdev/NAME.log', 'The log of a daemon started with --daemon (in the foreground it logs to stderr, the journal under systemd). SIGHUP makes the daemon reopen it.'],
+    ['/etc/logrotate.d/ulobdev', 'Rotates those logs (/run is RAM): weekly, or past 1 MiB, four kept; logrotate sends the SIGHUP.'],
     ['/dev/ulobdev/NAME', 'A stable name of the cached device, made by udev (60-ulobdev.rules): use it in fstab instead of /dev/loopN.'],
     ['/etc/ulobdev/NAME.conf', 'Settings of ulobdev@NAME.service: DEVICE, BACKEND, CACHE, FLUSH, OPTIONS (see example.conf in ' + DOC + ').'],
   ],
@@ -68,6 +69,7 @@ export function ulohttpManPage(meta: { date: string; version: string }): string 
         items: [
           ['/var/lib/ulobdev/http-NAME-HASH.cache', 'The default cache, named after the URL; it remembers the image\'s size and ETag or Last-Modified.'],
           ['/run/ulobdev/NAME.sock', 'The control socket, as for ulobdev.'],
+          ['/run/ulobdev/NAME.log', 'The log of a daemon started with --daemon, rotated as ulobdev\'s (/etc/logrotate.d/ulobdev).'],
         ],
       },
       { title: 'EXAMPLES', paragraphs: ['$ ulohttp --daemon /dev/loop5 https://example.org/images/debian.ext4', '$ mount -o ro /dev/loop5 /mnt/img'] },

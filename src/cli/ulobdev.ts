@@ -19,7 +19,7 @@ import { assertCachePathsApart, CacheStore } from '../cache/store.js';
 import { Metadata } from '../cache/metadata.js';
 import { CacheBusyError, DaemonError, DeviceBusyError, errorToWire, InvalidArgumentError, IOFailedError, NotAttachedError, PermissionDeniedError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
-import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logTarget, makeLogger, noteParent, notifyParent, oneLine, warn } from './background.js';
+import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logTarget, makeLogger, noteParent, notifyParent, oneLine, reopenLogOnHangup, sayWarnings, warn } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
 import { openBacking } from '../source/backing.js';
 import { controlRequest } from '../daemon/control.js';
@@ -255,7 +255,8 @@ async function assertNotServed(
 async function explainBusyCache(err: unknown, runDir: string): Promise<unknown> {
   if (!(err instanceof CacheBusyError)) return err;
   const daemons = await listDaemons(runDir).catch(() => [] as DaemonEntry[]);
-  const holder = daemons.find((d) => err.message.includes(d.status.paths.metadata) || err.message.includes(d.status.paths.cache));
+  const busy = err.path;
+  const holder = busy === undefined ? undefined : daemons.find((d) => resolve(d.status.paths.metadata) === busy || resolve(d.status.paths.cache) === busy);
   if (!holder) return err;
   return new CacheBusyError(`the cache ${holder.status.paths.cache} is in use by the ulobdev daemon of ${describeDaemon(holder)}; detach it first (ulobdev detach ${holder.status.device})`);
 }
@@ -309,6 +310,7 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
   const target = logTarget();
   const onTerminal = target === 'terminal';
   const logger = makeLogger(flags.logLevel, target);
+  reopenLogOnHangup(logger);
   let ioFlusherError: unknown;
   try {
     // Before any threadpool or child starts, so they inherit it (see native/process.cc).
@@ -342,6 +344,7 @@ async function attach(device: string, backing: string, flags: AttachFlags, comma
   } catch (err) {
     throw attachFailed(await explainBusyCache(err, runDir));
   }
+  sayWarnings();
   if (ioFlusherError && daemon.status().frontend !== 'serve') {
     const code = (ioFlusherError as { code?: string }).code;
     // PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE: root in a container, or a unit whose

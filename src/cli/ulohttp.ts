@@ -14,7 +14,7 @@ import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgume
 import { CacheStore } from '../cache/store.js';
 import { ForeignCacheError, ImageChangedError, InvalidArgumentError, SizeMismatchError } from '../errors.js';
 import { setIoFlusher } from '../native/process.js';
-import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logTarget, makeLogger, notifyParent, oneLine, warn } from './background.js';
+import { attachFailed, childArgs, daemonize, hasWaitingParent, LOG_LEVELS, logTarget, makeLogger, notifyParent, oneLine, reopenLogOnHangup, sayWarnings, warn } from './background.js';
 import { exitCodeFor } from './exit-codes.js';
 import { openHttpSource, type HttpSource } from '../source/http.js';
 import { credentialsHeader, formatHeaders, parseHeaders, redactUrl } from '../source/http-range.js';
@@ -123,6 +123,7 @@ async function attach(device: string, url: string, flags: Flags, command: Comman
   const target = logTarget();
   const onTerminal = target === 'terminal';
   const logger = makeLogger(flags.logLevel, target);
+  reopenLogOnHangup(logger);
   try {
     setIoFlusher();
   } catch {
@@ -173,6 +174,7 @@ async function attach(device: string, url: string, flags: Flags, command: Comman
   } catch (err) {
     throw attachFailed(err);
   }
+  sayWarnings();
   const onSignal = (signal: string) => {
     logger.info({ signal }, 'detaching');
     daemon.detach().catch((err: unknown) => logger.error(`cannot detach on ${signal}: ${oneLine(err)}; still serving`));

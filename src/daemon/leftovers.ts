@@ -10,7 +10,7 @@
 import { closeSync, openSync, promises as fsp, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { DeviceBusyError, InternalError } from '../errors.js';
-import { blockDeviceUsers, exists, isMountpoint, listDir, readTrim, sleep } from '../sys.js';
+import { blockDeviceUsers, describeUsers, exists, isMountpoint, listDir, readTrim, sleep } from '../sys.js';
 import { run } from '../bdev/programs.js';
 import type { FrontendKind } from '../bdev/frontend.js';
 
@@ -186,7 +186,7 @@ export async function recoverLeftovers(
     const users = await blockDeviceUsers(`/sys/block/${loop}`);
     if (users.length > 0) {
       throw new DeviceBusyError(
-        `/dev/${loop} is left over from an unclean shutdown (${who}) and its I/O fails, but ${users.join('; ')}; let go of it (umount) and run the command again`,
+        `/dev/${loop} is left over from an unclean shutdown (${who}) and its I/O fails, but ${describeUsers(users)}; let go of it (umount) and run the command again`,
       );
     }
   }
@@ -196,7 +196,7 @@ export async function recoverLeftovers(
     const users = await blockDeviceUsers(`/sys/block/${nbd}`);
     if (users.length > 0) {
       throw new DeviceBusyError(
-        `/dev/${nbd} is left over from an unclean shutdown (${who}) and its I/O fails, but ${users.join('; ')}; let go of it (umount) and run the command again`,
+        `/dev/${nbd} is left over from an unclean shutdown (${who}) and its I/O fails, but ${describeUsers(users)}; let go of it (umount) and run the command again`,
       );
     }
   }

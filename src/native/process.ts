@@ -4,6 +4,7 @@ import { addon } from './addon.js';
 interface ProcessBinding {
   setIoFlusher(): void;
   isIoFlusher(): boolean;
+  redirectStdio(fd: number): void;
 }
 
 const binding = addon<ProcessBinding>();
@@ -19,4 +20,12 @@ export function setIoFlusher(): void {
 /** PR_GET_IO_FLUSHER for the calling thread. */
 export function isIoFlusher(): boolean {
   return binding.isIoFlusher();
+}
+
+/**
+ * Points stdout and stderr (fds 1 and 2) at the open file `fd` (dup2); the caller closes `fd`.
+ * A --daemon child's log reopen (SIGHUP from logrotate).
+ */
+export function redirectStdio(fd: number): void {
+  binding.redirectStdio(fd);
 }

@@ -184,10 +184,11 @@ export function parseCacheSize(text: string): DirtyLimit {
     bytes = parseSize(text);
   } catch (err) {
     // Only an overflow is "larger than any disk" (newuser13: 1.8T got that line for a fraction).
-    if (/^too large/.test((err as Error).message)) {
+    const reason = err instanceof InvalidArgumentError ? err.reason : undefined;
+    if (reason === 'too-large') {
       throw new InvalidArgumentError(`--cache-size ${text.trim()} is larger than any disk: give the flash the cache may take, such as 500G, or a percentage of the disk (25%)`);
     }
-    if (/^not a whole number/.test((err as Error).message)) {
+    if (reason === 'fraction') {
       throw new InvalidArgumentError(`--cache-size ${text.trim()} is not a whole number of bytes: give a unit (${text.trim().replace(/\s*b$/i, '')}M) or whole bytes`);
     }
     throw new InvalidArgumentError(`--cache-size ${JSON.stringify(text)} is neither a size (256M, 500G) nor a percentage of the disk (25%)`);

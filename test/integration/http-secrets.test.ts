@@ -135,6 +135,22 @@ describe('ulohttp keeps credentials to their origin and out of argv', () => {
     expect(o.other.filter((h) => h.authorization)).toEqual([]);
   });
 
+  it('a refused attach is one line: the secrets warnings are said only once it is accepted (newuser12)', async () => {
+    s = scratch('ulohttp-secrets-');
+    const file = join(s.dir, 'headers');
+    writeFileSync(file, 'Cookie: id=1\n', { mode: 0o644 });
+    chmodSync(file, 0o644);
+    for (const daemon of [[], ['--daemon']]) {
+      // A cache directory that does not exist: refused (by the --daemon child, the second time).
+      const r = await run([
+        ...daemon, '-c', join(s.dir, 'nodir', 'c.cache'), '-H', 'Authorization: Bearer x', '--header-file', file, '--run-dir', s.runDir,
+        `nbd+unix:///?socket=${join(s.dir, 'nbd.sock')}`, 'http://127.0.0.1:9/disk.img',
+      ]);
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stderr).toMatch(/^ulohttp: -c \S+\/nodir\/c\.cache: the directory \S+ does not exist[^\n]*\n$/);
+    }
+  });
+
   it('a malformed header line is refused without echoing its value', async () => {
     s = scratch('ulohttp-secrets-');
     const file = join(s.dir, 'headers');

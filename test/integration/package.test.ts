@@ -29,7 +29,7 @@ afterAll(() => {
 });
 
 describe('make install', () => {
-  it('puts a self-contained build under PREFIX/lib/ulobdev, the commands in sbin, units, udev, docs, man pages and the DKMS source', () => {
+  it('puts a self-contained build under PREFIX/lib/ulobdev, the commands in sbin, units, udev, logrotate, docs, man pages and the DKMS source', () => {
     const dest = join(dir, 'dest');
     // DKMSDIR under the DESTDIR too (it is /usr/src whatever the prefix).
     execFileSync('make', ['-s', '-C', ROOT, 'install', `DESTDIR=${dest}`, 'PREFIX=/usr/local'], { stdio: 'pipe', timeout: 600_000 });
@@ -44,6 +44,7 @@ describe('make install', () => {
       'usr/local/lib/ulobdev/ulobdev-name',
       'usr/local/lib/systemd/system/ulobdev@.service',
       'etc/udev/rules.d/60-ulobdev.rules',
+      'etc/logrotate.d/ulobdev',
       'usr/local/share/man/man8/ulobdev.8.gz',
       'usr/local/share/man/man8/ulohttp.8.gz',
       'usr/local/share/doc/ulobdev/laptop.md',
@@ -110,6 +111,7 @@ describe.each(['trixie', 'bookworm'] as const)('the .deb with dpkg on %s', (suit
       expect(k.DKMS_SOURCE, out).toBe('ok');
       expect(k.UNIT, out).toBe('ok');
       expect(k.UDEV, out).toBe('ok');
+      expect(k.LOGROTATE, out).toBe('ok');
       expect(k.LIB, out).toBe('ok');
       expect(k.DAEMON, out).toMatch(/^ok /);
       expect(k.NODE, out).toMatch(/^v(2[1-9]|20\.(19|[2-9]\d))\./);

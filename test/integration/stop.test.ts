@@ -100,6 +100,17 @@ async function setUp(stopTimeout: string, env?: (dir: string) => NodeJS.ProcessE
   return { device, mnt, disk, data };
 }
 
+/**
+ * What the stop wrote back is said in its error line alone, not again in a "detached:" line
+ * (nits14: "nothing to write back: the disk has everything" was logged twice).
+ */
+function expectSaidOnce(stopLine: string): void {
+  const said = /: ((?:wrote|no flush|nothing to write|the flush failed|waited for).*?); (?:the filesystem on|check that)/.exec(stopLine)?.[1];
+  expect(said, stopLine).toBeDefined();
+  const msgs = logLines().map((l) => l.msg);
+  expect(msgs.filter((m) => m.includes(said!)), msgs.join('\n')).toHaveLength(1);
+}
+
 /** The file's bytes on the disk image itself (not through the cache): debugfs reads ext4 offline. */
 function onDisk(disk: string, name: string): Buffer {
   const out = join(s.dir, `${name}.dumped`);
@@ -145,6 +156,7 @@ describe('SIGTERM while the device is mounted', () => {
     expect(errors[0]).toMatch(
       new RegExp(`^stopped while ${device} is mounted on ${mnt}: (wrote \\d+(\\.\\d+)? (B|KiB|MiB) back|no flush); (nothing stays dirty|\\d+(\\.\\d+)? (B|KiB|MiB) stay dirty in the cache for the next flush); the filesystem on ${device} now fails I/O until it is unmounted\\. Order its mount after this daemon \\(fstab: x-systemd\\.requires=ulobdev@st\\.service\\) so it is unmounted first$`),
     );
+    expectSaidOnce(errors[0]!);
     expect(onDisk(disk, 'data.bin').equals(data)).toBe(true);
     expect(onDisk(disk, 'late.bin').equals(late)).toBe(true);
     // The filesystem is left failing, not hanging: reading uncached blocks errors out, unmount works.
@@ -187,6 +199,7 @@ describe('SIGTERM while the device is mounted', () => {
     const errors = logLines().filter((l) => l.level >= 50).map((l) => l.msg);
     expect(errors, msgs.join('\n')).toHaveLength(1);
     expect(errors[0]).toMatch(new RegExp(`^stopped after releasing ${device} failed \\(losetup -d ${device} failed: losetup: ${device}: detach failed: Input/output error\\): wrote \\d+(\\.\\d+)? (B|KiB|MiB) back; nothing stays dirty; check that`));
+    expectSaidOnce(errors[0]!);
     expect(onDisk(disk, 'data.bin').equals(data)).toBe(true);
     expect(existsSync(`/sys/block/${device.slice(5)}/loop/backing_file`)).toBe(false); // let go of
   });

@@ -17,6 +17,7 @@ v=$(dpkg-query -W -f='${Version}' ulobdev); v=${v%%-*}; v=${v%%+*}
 grep -q "^PACKAGE_VERSION=\"$v\"" "/usr/src/uloop-$v/dkms.conf" 2>/dev/null && echo "DKMS_SOURCE=ok" || echo "DKMS_SOURCE=missing /usr/src/uloop-$v"
 [ -f /usr/lib/systemd/system/ulobdev@.service ] && grep -q '^ExecStart=/usr/sbin/ulobdev ' /usr/lib/systemd/system/ulobdev@.service && echo "UNIT=ok" || echo "UNIT=missing"
 [ -f /usr/lib/udev/rules.d/60-ulobdev.rules ] && [ -x /usr/lib/ulobdev/ulobdev-name ] && echo "UDEV=ok" || echo "UDEV=missing"
+grep -q '^/run/ulobdev/\*\.log {' /etc/logrotate.d/ulobdev 2>/dev/null && dpkg-query --showformat='${Conffiles}' -W ulobdev | grep -q ' /etc/logrotate.d/ulobdev ' && echo "LOGROTATE=ok" || echo "LOGROTATE=missing"
 # The library from the installed copy, as docs/library.md says to import it from another directory.
 (cd / && node --input-type=module -e "const m = await import('/usr/lib/ulobdev/dist/index.js'); process.exit(typeof m.createDevice === 'function' ? 0 : 1)") >/tmp/lib.txt 2>&1 && echo "LIB=ok" || echo "LIB=failed $(head -c 300 /tmp/lib.txt | tr '\n' ' ')"
 

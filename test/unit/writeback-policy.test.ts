@@ -2,6 +2,8 @@
 import { describe, expect, it } from 'vitest';
 import { cronWarning, dirtyLimitBytes, parseCacheSize, parseCron, parseDirtyLimit, parseDuration, parseRate } from '../../src/writeback/policy.js';
 import { renderReportSvg } from '../../src/writeback/report.js';
+import { InvalidArgumentError } from '../../src/errors.js';
+import { parseSize } from '../../src/units.js';
 
 /** The message `f` throws (it must throw). */
 function refusal(f: () => unknown): string {
@@ -125,6 +127,17 @@ describe('write-back options', () => {
     expect(parseCacheSize('1.8T')).toEqual({ bytes: Math.floor(1.8 * 2 ** 40) });
     expect(parseCacheSize('0.3G')).toEqual({ bytes: Math.floor(0.3 * 2 ** 30) });
     expect(() => parseCacheSize('1048576.5B')).toThrow(/^--cache-size 1048576.5B is not a whole number of bytes/);
+    // parseSize's reason decides, not its words (nits14 finding 4).
+    for (const [text, reason] of [['10000000T', 'too-large'], ['1.5', 'fraction'], ['12Q', 'not-a-size']] as const) {
+      let err: unknown;
+      try {
+        parseSize(text);
+      } catch (e) {
+        err = e;
+      }
+      expect(err).toBeInstanceOf(InvalidArgumentError);
+      expect((err as InvalidArgumentError).reason, text).toBe(reason);
+    }
     expect(parseDirtyLimit('0.3G')).toEqual({ bytes: Math.floor(0.3 * 2 ** 30) });
     expect(() => parseCacheSize('lots')).toThrow(/^--cache-size "lots" is neither a size \(256M, 500G\) nor a percentage of the disk \(25%\)$/);
     expect(() => parseCacheSize('512K')).toThrow(/is less than 1M/);
