@@ -41,6 +41,9 @@ if [ "$(cat "$R/.ulob-boot" 2>/dev/null)" != "$KEY" ]; then
   # The debootstrapped tree is kept while PACKAGES stay the same (trixie_root's own key); every
   # step below is idempotent, so a change here re-runs them on it.
   trixie_root "$R" "$PACKAGES"
+  # dpkg without a fsync per file (debian.sh): the kernel package's 5,200 files here, and the guest's
+  # `dpkg -i` of the .deb (a tree debootstrapped before this line existed lacks the setting).
+  dpkg_unsafe_io "$R"
   # Debian's kernel, the version prepare.sh pinned (trixie-security's point release may be newer
   # than what debootstrap's trixie suite has).
   deb_update

@@ -6,14 +6,20 @@
 # AUTOINSTALL=yes. DKMS signs the module with its own MOK key (/var/lib/dkms/mok.key, made on first
 # use), as on a Secure Boot laptop.
 #   dkms.sh KVER [KVER2]     (run scripts/vm/prepare.sh for each kernel first: it unpacks the headers)
-# Prints DKMS_KO=the installed module copied out for the VM, DKMS_MOK=the public key, and the
-# `dkms status` lines as STATUS=...; everything else goes to stderr. Exits non-zero on any failure.
+#   dkms.sh --autoinstall KVER2   only the autoinstall for KVER2, after a `dkms.sh KVER` (the test
+#                                 runs it while the guest boots: the guest needs only KVER's module)
+# Prints DKMS_KO=the installed module copied out for the VM, DKMS_MOK=the public key (not with
+# --autoinstall), and the `dkms status` lines as STATUS=...; everything else goes to stderr. Exits
+# non-zero on any failure.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 VM=${ULOOP_VM_DIR:-$ROOT/.vm}
-KVER=${1:?usage: dkms.sh KVER [KVER2]}
+only_autoinstall=
+if [ "${1:-}" = --autoinstall ]; then only_autoinstall=1; shift; fi
+KVER=${1:?usage: dkms.sh KVER [KVER2] | dkms.sh --autoinstall KVER2}
 KVER2=${2:-}
+if [ -n "$only_autoinstall" ]; then KVER2=$KVER; KVER=; fi
 # shellcheck source=scripts/vm/debian.sh
 . "$ROOT/scripts/vm/debian.sh"
 R="$VM/trixie-build"
@@ -21,11 +27,17 @@ R="$VM/trixie-build"
 exec 9>"$VM/.lock"
 flock 9
 
-for k in "$KVER" $KVER2; do
+for k in $KVER $KVER2; do
   [ -f "$R/usr/src/linux-headers-$k/.config" ] || { echo "dkms.sh: no headers for $k in $R; run scripts/vm/prepare.sh for it first" >&2; exit 1; }
 done
 eval "$(grep -E '^(PACKAGE_NAME|PACKAGE_VERSION)=' "$ROOT/kernel/dkms.conf")"
 SRC="/usr/src/$PACKAGE_NAME-$PACKAGE_VERSION"
+
+if [ -n "$only_autoinstall" ]; then
+  in_root "$R" dkms autoinstall -k "$KVER2" >&2
+  in_root "$R" dkms status "$PACKAGE_NAME" | sed 's/^/STATUS=/'
+  exit 0
+fi
 
 # A clean slate: the previous run's registration, tree and installed modules go.
 in_root "$R" sh -c "dkms remove $PACKAGE_NAME/$PACKAGE_VERSION --all >/dev/null 2>&1 || true; rm -rf /var/lib/dkms/$PACKAGE_NAME; find /lib/modules -path '*/updates/dkms/$PACKAGE_NAME.ko*' -delete"

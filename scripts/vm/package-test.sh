@@ -58,6 +58,7 @@ mkdir -p "$DEB_BOOTSTRAP_CACHE"
       if [ ! -f "$R/.ulob-root" ]; then
         rm -rf --one-file-system "$R" "$R.tmp"
         echo "package-test: debootstrap bookworm into $R" >&2
+        dpkg_unsafe_io "$R.tmp"
         deb_bootstrap --variant=minbase --include=fuse3,libnbd-bin,util-linux,python3,ca-certificates \
           --cache-dir="$DEB_BOOTSTRAP_CACHE" bookworm "$R.tmp" "$DEB_MIRROR" >"$VM/debootstrap-pkg-bookworm.log" 2>&1 ||
           { echo "package-test: debootstrap bookworm failed; see $VM/debootstrap-pkg-bookworm.log" >&2; exit 1; }

@@ -40,8 +40,11 @@ echo "UPTIME $(cut -d' ' -f1 /proc/uptime)"
 
 # Where a boot's time goes: "T LABEL SECONDS-SINCE-KERNEL-START" (read by nobody but people).
 t() { echo "T $1 $(cut -d' ' -f1 /proc/uptime)"; }
-# Status as one line of JSON (of data, or of the name given).
+# Status as one line of JSON (of data, or of the name given). Each `ulobdev` command is a Node
+# start, 10-20 s under TCG: where both daemons run, one `statuses` reads them both.
 status() { ulobdev status --json "${1:-data}" | tr -d '\n'; echo; }
+# Every attached device's status, one line of a JSON array (the test picks each by its name).
+statuses() { ulobdev status --json | tr -d '\n'; echo; }
 # The previous boot's journal of a unit (default ulobdev@data), between markers.
 journal_before() {
   echo "JOURNAL-BEGIN $1${2:+ $2}"
@@ -73,13 +76,19 @@ trace_off() {
   { grep -E "block_rq_issue: ($d1|$d2) " $TR/trace | head -40 | sed "s/^/READ-TRACE $1 /"; } || true
   echo 0 >$TR/events/block/block_rq_issue/enable || true
 } 2>/dev/null
-# Waits until ulobdev@$2 (default data) runs again after $1 restarts, and its device answers.
+# Waits until ulobdev@$2 (default data) runs again after $1 restarts, and its device answers;
+# its status (one line of JSON) is then in $restarted_status. The daemon listens on its control
+# socket last, once its device is bound: until a socket newer than /tmp/killed (touched before the
+# kill) is there, the loop asks systemd only, and `ulobdev status` (a Node start) runs once it is.
+restarted_status=
 wait_restarted() {
   u=${2:-data}
   i=0
   while [ "$i" -lt 300 ]; do
     if [ "$(systemctl show -p NRestarts --value "ulobdev@$u")" -ge "$1" ] && [ "$(systemctl is-active "ulobdev@$u")" = active ] &&
-      ulobdev status "$u" >/dev/null 2>&1; then
+      [ -n "$(find /run/ulobdev -maxdepth 1 -name "$u.sock" -type s -newer /tmp/killed 2>/dev/null)" ] &&
+      restarted_status=$(ulobdev status --json "$u" 2>/dev/null); then
+      restarted_status=$(printf '%s' "$restarted_status" | tr -d '\n')
       return 0
     fi
     i=$((i + 1))
@@ -109,6 +118,7 @@ case $n in
   t mkfs-done
   # --- docs/laptop.md, 1. Install ---
   dpkg -i "$S/ulobdev.deb"
+  t dpkg-done
   echo "INSTALLED $(dpkg-query -W -f='${Version}' ulobdev)"
   # --- docs/laptop.md, 10. The kernel module: uloop.ko where `dkms install` puts it (built on the
   # host for this kernel: DKMS itself is test/vm/dkms.test.ts; building under TCG costs minutes) ---
@@ -151,6 +161,7 @@ case $n in
   # kill -9: systemd restarts the daemon. While the dead device is still mounted each restart
   # refuses, naming it (docs/laptop.md, 4. and 7.); once it is unmounted the next one attaches.
   t kill
+  touch /tmp/killed
   kill -9 "$(systemctl show -p MainPID --value ulobdev@data)"
   refused() { journalctl -b -u ulobdev@data -o cat --no-pager | grep -c 'left over from an unclean shutdown' || true; }
   i=0
@@ -164,7 +175,7 @@ case $n in
   if wait_restarted 1; then echo "RESTARTED ok"; else echo "RESTARTED no"; fi
   echo "RESTARTS $(systemctl show -p NRestarts --value ulobdev@data) $(systemctl is-active ulobdev@data)"
   journalctl -b -u ulobdev@data -o cat --no-pager | tail -20 | sed 's/^/AFTER-KILL /'
-  echo "STATUS-AFTER-KILL $(status || true)"
+  echo "STATUS-AFTER-KILL $restarted_status"
   echo "STABLE-NAME-AFTER-KILL $(readlink -f /dev/ulobdev/data)"
   systemctl reset-failed mnt-data.mount 2>/dev/null || true
   systemctl start mnt-data.mount
@@ -178,8 +189,7 @@ case $n in
   (cd /mnt/data && sha256sum b.bin) >"$S/b.sha"
   (cd /mnt/data2 && sha256sum b2.bin) >"$S/b2.sha"
   sync
-  echo "STATUS2 $(status)"
-  echo "STATUS2-U $(status data2)"
+  echo "STATUS2 $(statuses)"
   t end
   end reboot
   ;;
@@ -199,7 +209,7 @@ case $n in
   echo "MOUNT-SOURCE2 $src2"
   echo "STABLE-NAME2 $(readlink -f /dev/ulobdev/data2)"
   echo "ACTIVE2 $(systemctl is-active ulobdev@data2) $(systemctl is-active mnt-data2.mount)"
-  echo "STATUS3-U $(status data2)"
+  echo "STATUS3 $(statuses)"
   # On flash: reading every file back from a cold page cache reads nothing from either disk.
   sync
   echo 3 >/proc/sys/vm/drop_caches
@@ -218,17 +228,17 @@ case $n in
   journalctl -b -1 -u ulobdev@data.service -u run-ulobdev-data-fuse.mount -o cat --no-pager |
     grep -E '^(Stopping|Stopped|Unmounting|Unmounted|Failed unmounting) ' || true
   echo "JOURNAL-END 1 fuse-order"
-  echo "STATUS3 $(status)"
   t checked
 
   # kill -9 of data2's daemon: systemd starts it again, it takes /dev/uloop0 back from the kernel.
   before=$(cat /sys/block/uloop0/dev)
+  touch /tmp/killed
   kill -9 "$(systemctl show -p MainPID --value ulobdev@data2)"
   if wait_restarted 1 data2; then echo "RESTARTED2 ok"; else echo "RESTARTED2 no"; fi
   echo "SAME-DEVICE2 $([ "$(cat /sys/block/uloop0/dev 2>/dev/null)" = "$before" ] && echo yes || echo no)"
   echo "MOUNTED-AFTER-KILL2 $(mountpoint -q /mnt/data2 && echo yes || echo no)"
   journal_now data2 AFTER-KILL2
-  echo "STATUS-AFTER-KILL2 $(status data2 || true)"
+  echo "STATUS-AFTER-KILL2 $restarted_status"
   systemctl reset-failed mnt-data2.mount 2>/dev/null || true
   systemctl start mnt-data2.mount
   echo 3 >/proc/sys/vm/drop_caches
