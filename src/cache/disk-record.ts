@@ -245,9 +245,7 @@ function ownerState(owner: DiskOwner): OwnerState {
   if (!existsSync(owner.metadata)) return { state: 'missing', dirtyBytes: owner.mayBeDirty ? owner.dirtyBytes : 0 };
   let meta: Metadata;
   try {
-    // Read into memory when nobody has it open (no WAL): looking at another cache must not change
-    // its directory (Metadata.peek), least of all for an attach that is then refused.
-    meta = Metadata.peek(owner.metadata) ?? Metadata.open(owner.metadata);
+    meta = Metadata.open(owner.metadata);
   } catch (err) {
     if (err instanceof CacheBusyError) {
       throw new CacheBusyError(`${owner.cache}, the write-back cache of this disk, is in use by another ulobdev process; detach that one first ('ulobdev status' lists it)`, {

@@ -2,7 +2,7 @@
 // dirty set as block extents (zeroed blocks among them), the eviction clock, and the history
 // tables. WAL with synchronous=FULL: every transaction that returns is durable, which is what the
 // dirty set needs (docs/design.md, "Durability rules"). docs/format.md describes every column.
-import { closeSync, constants as fsConstants, existsSync, openSync, readFileSync, rmSync } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, openSync, rmSync } from 'node:fs';
 import { resolve } from 'node:path';
 import Database from 'better-sqlite3';
 import { fdatasync } from '../native/io.js';
@@ -284,13 +284,9 @@ export class Metadata implements HistoryLog {
    */
   readonly journalMaybeMissing: boolean;
 
-  /** A WAL was beside the file when it was opened (a crash's, or another process's). */
-  readonly #walFound: boolean;
-
   private constructor(path: string, db: Database.Database, walFound = true) {
     this.path = path;
     this.#db = db;
-    this.#walFound = walFound;
     this.#info = readInfo(db, path);
     this.#journalOpen = journalMark(db);
     this.journalMaybeMissing = !walFound && this.#info.formatVersion < 5 && !this.#info.cleanShutdown;
@@ -343,67 +339,34 @@ export class Metadata implements HistoryLog {
     const walFound = existsSync(`${path}-wal`);
     const db = openDatabase(path, true);
     try {
-      assertReadable(db, path, walFound);
+      const version = db.pragma('user_version', { simple: true }) as number;
+      if (version === 0 && !walFound) {
+        // A cache never checkpointed (made by ulobdev before format 5) has all of it in the WAL.
+        throw new CorruptMetadataError(
+          `${path} holds no metadata and its journal ${path}-wal is missing: if the cache was copied or moved after a crash, copy ${path}-wal too (every file of the cache: CACHE*) and attach again`,
+        );
+      }
+      if (version < OLDEST_FORMAT || version > FORMAT_VERSION) {
+        throw new CorruptMetadataError(
+          `${path}: metadata format ${version} is not a format this ulobdev reads (${OLDEST_FORMAT} to ${FORMAT_VERSION})` +
+            (version > FORMAT_VERSION ? '; a newer ulobdev made it: use that one' : '') +
+            "; or flush with the ulobdev that made it and start over with 'ulobdev discard'",
+        );
+      }
+      // A crash always leaves the WAL (SQLite removes it only at a clean close), and a main file
+      // marked open may lack the transactions in it: the last dirty records (invariant 1).
+      if (!walFound && journalMark(db)) {
+        throw new CorruptMetadataError(
+          `${path} was left open by a daemon that stopped without closing it, and its journal ${path}-wal is missing: it holds the last writes (dirty data); ` +
+            `copy ${path}-wal from where the cache was (every file of the cache: CACHE*) and attach again; ` +
+            `only if another SQLite program (the sqlite3 shell) opened this file since the crash did it move the journal in: then 'touch ${path}-wal' and attach again; ` +
+            `if it is lost for good, 'ulobdev discard --force' drops the cache and what only it held; nothing was changed`,
+        );
+      }
       return new Metadata(path, db, walFound);
     } catch (err) {
       db.close();
       throw translate(err, path);
-    }
-  }
-
-  /**
-   * The metadata as its main file holds it, read into memory: no lock, no WAL made (SQLite's own
-   * open makes CACHE.meta-wal and removes it at close, which changes the cache's directory), nothing
-   * written. Only while no WAL is beside the file: a clean close checkpointed everything into it,
-   * and no process has it open (a WAL-mode connection keeps its WAL). Null otherwise, and for a file
-   * SQLite cannot read as it is: open() then says why. The checks that may refuse an attach run on
-   * it (invariant 6: a refusal changes nothing, the directory's mtime included); `bytes` lets the
-   * open that follows check that nothing changed in between (sameFile). Read-only.
-   */
-  static peek(path: string): Metadata | null {
-    if (existsSync(`${path}-wal`)) return null;
-    let bytes: Buffer;
-    try {
-      bytes = readFileSync(path);
-    } catch {
-      return null;
-    }
-    const copy = Buffer.from(bytes);
-    // The header's read and write versions (bytes 18, 19) say WAL (2): an in-memory copy cannot be
-    // one, so it is read as a rollback-journal file (1), which is the same content.
-    if (copy.length >= 100 && copy[18] === 2 && copy[19] === 2) copy[18] = copy[19] = 1;
-    let db: Database.Database;
-    try {
-      db = new Database(copy, { readonly: true });
-    } catch {
-      return null;
-    }
-    try {
-      assertReadable(db, path, false);
-      const meta = new Metadata(path, db, false);
-      meta.#peeked = bytes;
-      return meta;
-    } catch (err) {
-      db.close();
-      // open()'s own refusals (assertReadable), said without touching the directory.
-      if (err instanceof CorruptMetadataError) throw err;
-      return null;
-    }
-  }
-
-  /** The main file's bytes a peek() read; null for an open() metadata. */
-  #peeked: Buffer | null = null;
-
-  /**
-   * True when the file still holds what this peek() read: `real` is the open() taken after it,
-   * which holds the lock now (nothing changes the file any more) and found no WAL beside it.
-   */
-  sameFile(real: Metadata): boolean {
-    if (!this.#peeked || real.#walFound) return false;
-    try {
-      return readFileSync(real.path).equals(this.#peeked);
-    } catch {
-      return false;
     }
   }
 
@@ -861,32 +824,4 @@ function translate(err: unknown, path: string): Error {
   // frees room and tries again, or fails the one request.
   if (code === 'SQLITE_FULL') return new MetadataFullError(`cannot write ${path}: the filesystem holding it is full (SQLITE_FULL); free space on it`, { cause: err, path });
   return err instanceof Error ? err : new Error(String(err));
-}
-
-/** The format checks open() and peek() share (CorruptMetadataError): a refusal is the same line either way. */
-function assertReadable(db: Database.Database, path: string, walFound: boolean): void {
-  const version = db.pragma('user_version', { simple: true }) as number;
-  if (version === 0 && !walFound) {
-    // A cache never checkpointed (made by ulobdev before format 5) has all of it in the WAL.
-    throw new CorruptMetadataError(
-      `${path} holds no metadata and its journal ${path}-wal is missing: if the cache was copied or moved after a crash, copy ${path}-wal too (every file of the cache: CACHE*) and attach again`,
-    );
-  }
-  if (version < OLDEST_FORMAT || version > FORMAT_VERSION) {
-    throw new CorruptMetadataError(
-      `${path}: metadata format ${version} is not a format this ulobdev reads (${OLDEST_FORMAT} to ${FORMAT_VERSION})` +
-        (version > FORMAT_VERSION ? '; a newer ulobdev made it: use that one' : '') +
-        "; or flush with the ulobdev that made it and start over with 'ulobdev discard'",
-    );
-  }
-  // A crash always leaves the WAL (SQLite removes it only at a clean close), and a main file
-  // marked open may lack the transactions in it: the last dirty records (invariant 1).
-  if (!walFound && journalMark(db)) {
-    throw new CorruptMetadataError(
-      `${path} was left open by a daemon that stopped without closing it, and its journal ${path}-wal is missing: it holds the last writes (dirty data); ` +
-        `copy ${path}-wal from where the cache was (every file of the cache: CACHE*) and attach again; ` +
-        `only if another SQLite program (the sqlite3 shell) opened this file since the crash did it move the journal in: then 'touch ${path}-wal' and attach again; ` +
-        `if it is lost for good, 'ulobdev discard --force' drops the cache and what only it held; nothing was changed`,
-    );
-  }
 }

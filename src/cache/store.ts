@@ -47,8 +47,6 @@ export interface CachePaths {
 export interface MetadataFactory {
   create(path: string, identity: Parameters<typeof Metadata.create>[1], mode: CacheMode, space?: Parameters<typeof Metadata.create>[3]): Metadata;
   open(path: string): Metadata;
-  /** The main file read into memory for the checks (Metadata.peek), or null: then open() serves. */
-  peek?(path: string): Metadata | null;
 }
 
 /** Smallest and largest eviction unit (bytes); a unit is never smaller than the block. */
@@ -312,15 +310,9 @@ export class CacheStore {
     }
 
     let meta: Metadata;
-    // The checks run on the main file read into memory when they can (Metadata.peek): a refused
-    // open then leaves the cache's directory as it was, SQLite's WAL not even made and removed
-    // (nits14: its mtime changed at every refused attach). The open proper comes once they pass.
-    let peeked = false;
     const metaExists = await storage.exists(paths.metadata);
     if (metaExists) {
-      const peek = factory.peek?.(paths.metadata) ?? null;
-      peeked = peek !== null;
-      meta = peek ?? factory.open(paths.metadata);
+      meta = factory.open(paths.metadata);
     } else {
       for (const p of [paths.cache, paths.bitmap]) {
         if (await storage.exists(p)) {
@@ -455,20 +447,6 @@ export class CacheStore {
           diskChanged = true;
         }
       }
-      // Every check passed: the open proper, which takes the lock. Another process may have
-      // changed the file since the peek: then it is read again, from the top.
-      if (peeked) {
-        const real = factory.open(paths.metadata);
-        const same = meta.sameFile(real);
-        meta.close();
-        meta = real;
-        if (!same) {
-          await files?.cache.close().catch(() => undefined);
-          await files?.bitmapFile.close().catch(() => undefined);
-          meta.close();
-          return CacheStore.open({ ...options, metadata: { create: factory.create.bind(factory), open: factory.open.bind(factory) } });
-        }
-      }
       const records = options.records && { records: options.records, disk: backing.id, device: backing.description };
       // The clock from the budget of this open, not the metadata's: a full mirror given a budget
       // (--cache-size again) has none recorded yet, and without a clock nothing is ever evicted
@@ -594,28 +572,6 @@ export class CacheStore {
       return { dirtyBlocks: 0, forgotten: true };
     }
     if (metaExists) {
-      const assertMadeFor = (info: Readonly<CacheInfo>) => {
-        if (options.backingId !== undefined && info.backingId !== options.backingId) {
-          throw new ForeignCacheError(
-            `${paths.cache} is the cache of another disk (${info.backingId}), not of ${options.backing ?? 'this disk'} (${options.backingId}); discard removes nothing: name the disk it was made for`,
-          );
-        }
-      };
-      // Refused from the main file read into memory when it can be: the directory stays as it was
-      // (Metadata.peek; SQLite's open makes and removes a WAL). Unreadable there: open() says why.
-      let peek: Metadata | null = null;
-      try {
-        peek = (options.metadata ?? Metadata).peek?.(paths.metadata) ?? null;
-      } catch {
-        peek = null;
-      }
-      if (peek) {
-        try {
-          assertMadeFor(peek.info);
-        } finally {
-          peek.close();
-        }
-      }
       let meta: Metadata;
       try {
         meta = (options.metadata ?? Metadata).open(paths.metadata);
@@ -632,7 +588,11 @@ export class CacheStore {
         throw err;
       }
       try {
-        assertMadeFor(meta.info);
+        if (options.backingId !== undefined && meta.info.backingId !== options.backingId) {
+          throw new ForeignCacheError(
+            `${paths.cache} is the cache of another disk (${meta.info.backingId}), not of ${options.backing ?? 'this disk'} (${options.backingId}); discard removes nothing: name the disk it was made for`,
+          );
+        }
         uuid = meta.info.uuid;
         const geometry = new Geometry(meta.info.backingSize, meta.info.blockSize);
         const recorded = meta.info.bitmapPath === null ? null : resolve(meta.info.bitmapPath);
