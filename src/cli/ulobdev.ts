@@ -126,7 +126,14 @@ function blockSizeArg(value: string): number {
 function checkPositionals(device: string, backing: string, flags: AttachFlags, command: Command): void {
   const extra = command.args.slice(2);
   if (extra.length > 0) {
-    const hint = flags.hydrate && /^\d/.test(device) ? `; --hydrate takes no value: the rate is --hydrate-rate ${device}` : '';
+    // An unquoted schedule (--flush */30 * * * *): the shell split it and globbed the stars into file names.
+    const unquotedCron = typeof flags.flush === 'string' && /^[\d*/,-]+$/.test(flags.flush);
+    const hint =
+      flags.hydrate && /^\d/.test(device)
+        ? `; --hydrate takes no value: the rate is --hydrate-rate ${device}`
+        : unquotedCron
+          ? `; --flush ${flags.flush} looks like the first field of a cron expression the shell split: quote it, --flush '*/30 * * * *'`
+          : '';
     throw new InvalidArgumentError(`too many arguments: expected DEVICE BACKEND, got ${[device, backing, ...extra].join(' ')}${hint}`);
   }
   let deviceError: unknown;

@@ -196,6 +196,16 @@ describe('--hydrate and its rate (item 10)', () => {
     await expectRefused([...cacheArgs(), '--hydrate', '50M', serveUrl(), disk], /^ulobdev: too many arguments: expected DEVICE BACKEND, got 50M .*; --hydrate takes no value: the rate is --hydrate-rate 50M\n$/);
     await expectRefused([...cacheArgs(), '--daemon', '--hydrate-rate', 'fast', serveUrl(), disk], /^ulobdev: --hydrate-rate "fast" is not a rate/);
   });
+
+  it('an unquoted --flush schedule (split by the shell, its stars globbed) is refused in one line that says to quote it (newuser14 F5c)', async () => {
+    s = scratch('ulob-typing-');
+    const disk = makeDisk('disk.img');
+    // What `--flush */30 * * * *` becomes in a directory holding a.txt and b.txt.
+    await expectRefused(
+      [...cacheArgs(), '--writeback', '--flush', '*/30', 'a.txt', 'b.txt', '*', '*', '*', serveUrl(), disk],
+      /^ulobdev: too many arguments: expected DEVICE BACKEND, got a\.txt b\.txt .*; --flush \*\/30 looks like the first field of a cron expression the shell split: quote it, --flush '\*\/30 \* \* \* \*'\n$/,
+    );
+  });
 });
 
 describe('--dirty-max (item 11)', () => {
