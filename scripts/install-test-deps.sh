@@ -12,6 +12,7 @@ nbdcopy     libnbd-bin
 nbdfuse     libnbd-bin
 nbdkit      nbdkit
 fio         fio
+jq          jq
 fusermount3 fuse3
 mkfs.ext4   e2fsprogs
 losetup     util-linux

@@ -188,7 +188,15 @@ export async function runInVm(script: string, options: RunOptions = {}): Promise
   const scratch = mkdtempSync(join(base, 'r-'));
   // The guest's / is the host's, read-only over 9p: /var/lib/ulobdev/disks (the disk records,
   // written at every write-back attach) cannot be made there; the guest's /tmp is its own tmpfs.
-  writeFileSync(join(scratch, 'cmd.sh'), `set -e\nexport ULOBDEV_STATE_DIR=/tmp/ulobdev-state\n${script}\n`);
+  const body = `set -e\nexport ULOBDEV_STATE_DIR=/tmp/ulobdev-state\n${script}\n`;
+  if (process.env.ULOBVM_TRACE) {
+    // A time profile of the script (scripts/vm/trace-summary.mjs reads it): bash instead of sh, its
+    // xtrace with the guest's clock into /tmp (not over 9p at every line), copied to the scratch
+    // directory as trace.log at the end. Only for measuring: bash is not the sh the tests run under.
+    // (bash ignores a PS4 from the environment when run as root: set in the script.)
+    writeFileSync(join(scratch, 'body.sh'), `exec 9>/tmp/.ulobvm-trace; BASH_XTRACEFD=9; PS4='+\${EPOCHREALTIME} '; set -x\n${body}`);
+    writeFileSync(join(scratch, 'cmd.sh'), `bash /mnt/body.sh\nrc=$?\ncp /tmp/.ulobvm-trace /mnt/trace.log\nexit $rc\n`);
+  } else writeFileSync(join(scratch, 'cmd.sh'), body);
   for (const [name, data] of Object.entries(options.files ?? {})) writeFileSync(join(scratch, name), data);
 
   // kfence.sample_interval: Debian 13 builds KFENCE in but off (interval 0); a sampled guard-page
@@ -211,6 +219,7 @@ export async function runInVm(script: string, options: RunOptions = {}): Promise
     args.push('-drive', `file=${file},if=none,id=ata${i},format=raw`, '-device', `ide-hd,drive=ata${i},bus=ide.0,unit=${i}`);
   });
   const started = Date.now();
+  let readyAt = 0;
   const boot = async (): Promise<{ consoleText: string; timedOut: boolean }> => {
     // setpriv --pdeathsig: the guest dies with the test process, however that ends (a vitest time
     // limit, Ctrl-C, a killed run), instead of running on as an orphan on a shared machine.
@@ -218,6 +227,7 @@ export async function runInVm(script: string, options: RunOptions = {}): Promise
     let consoleText = '';
     qemu.stdout.setEncoding('utf8').on('data', (s: string) => {
       consoleText += s;
+      if (readyAt === 0 && consoleText.includes('ULOBVM_READY')) readyAt = Date.now();
       if (process.env.ULOBVM_VERBOSE) process.stderr.write(s);
     });
     qemu.stderr.setEncoding('utf8').on('data', (s: string) => (consoleText += s));
@@ -240,6 +250,13 @@ export async function runInVm(script: string, options: RunOptions = {}): Promise
     ({ consoleText, timedOut } = await boot());
   }
   const ms = Date.now() - started;
+  if (process.env.ULOBVM_TRACE && existsSync(join(scratch, 'trace.log'))) {
+    const dir = resolve(process.env.ULOBVM_TRACE);
+    mkdirSync(dir, { recursive: true });
+    const to = join(dir, `trace-${started}.log`);
+    writeFileSync(to, readFileSync(join(scratch, 'trace.log')));
+    process.stderr.write(`--- VM run: boot ${readyAt - started} ms, script and poweroff ${Date.now() - readyAt} ms; xtrace in ${to}\n`);
+  }
 
   const read = (name: string): string => (existsSync(join(scratch, name)) ? readFileSync(join(scratch, name), 'utf8') : '');
   const rcText = read('rc').trim();

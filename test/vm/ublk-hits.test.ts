@@ -14,6 +14,7 @@
 //   requeue work oopsed (NULL mq_hctx in blk_mq_insert_request: the CI of stop 23).
 import { beforeAll, describe, expect, it } from 'vitest';
 import { ROOT, runInVm, type VmResult } from '../support/vm.js';
+import { statusShell } from './uloop-tools.js';
 
 let run: VmResult;
 // the planted failed read: the first hit over this 4 KiB block of the device
@@ -29,7 +30,10 @@ beforeAll(async () => {
     ${BATCH ? `export ULOBDEV_UBLK_BATCH=${BATCH}` : ''}
     pid() { grep -o '"pid": *[0-9]*' /run/ulobdev/ublkb0.json | grep -o '[0-9]*$'; }
     waitgone() { k=0; while kill -0 $1 2>/dev/null && [ $k -lt 600 ]; do sleep 0.1; k=$((k+1)); done; ! kill -0 $1 2>/dev/null; }
-    counts() { $U status $D --json | node -e 'const j=JSON.parse(require("fs").readFileSync(0,"utf8"));const u=(Array.isArray(j)?j[0]:j).ublk;console.log("'"$1"': ioErrors="+u.ioErrors+" readHits="+u.readHits+" coopTaskrun="+u.coopTaskrun+" batchWait="+u.batchWait)' || true; }
+    # status over the control socket (ulobctl and jq), not \`ulobdev status --json | node -e\`: two Node
+    # starts, seconds of guest time each under TCG
+    ${statusShell()}
+    counts() { sj ublkb0 '.ublk | "'"$1"': ioErrors=\\(.ioErrors) readHits=\\(.readHits) coopTaskrun=\\(.coopTaskrun) batchWait=\\(.batchWait)"' || true; }
     modprobe -q crc32c_generic || true; modprobe ext4; modprobe loop
     truncate -s 96M /tmp/lo.img && LO=$(losetup -f --show /tmp/lo.img) && mkfs.ext4 -q $LO && mkdir -p /tmp/lm && mount $LO /tmp/lm
     head -c 16M /dev/urandom > /tmp/ldisk.img

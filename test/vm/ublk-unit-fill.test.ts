@@ -15,30 +15,27 @@
 // The planted bugs these caught are named in the commit that added the file.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { expectCleanKernel, ROOT, runInVm, type VmResult } from '../support/vm.js';
+import { statusShell } from './uloop-tools.js';
 
 let run: VmResult;
 
 beforeAll(async () => {
   run = await runInVm(
     `
-    U="node ${ROOT}/dist/cli/ulobdev.js"; D=/dev/ublkb0; K=4096; LOG=/run/ulobdev/ublkb0.log
+    U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; D=/dev/ublkb0; K=4096; LOG=/run/ulobdev/ublkb0.log
     head -c 64M /dev/urandom > /tmp/disk.img
     cp /tmp/disk.img /tmp/orig.img
     cp /tmp/disk.img /tmp/want.img
     : > /tmp/pause
     B="$U -c /tmp/c.cache -b /tmp/c.bitmap --writeback --cache-size 16M --daemon $D /tmp/disk.img"
     ULOBDEV_PAUSE_FILE=/tmp/pause $B > /dev/null || echo "attach FAILED"
-    # st [FIELD VALUE]: status's ublk counts (the control socket, one node each: the CLI costs
-    # seconds under TCG), once FIELD is at least VALUE when given (20 s at most)
-    ST='import { controlRequest } from "${ROOT}/dist/daemon/control.js";
-      const [f, v] = process.argv.slice(1);
-      const get = async () => (await controlRequest("/run/ulobdev/ublkb0.sock", { cmd: "status" }, 10000)).status.ublk;
-      let u = await get();
-      for (const end = Date.now() + 20000; f && Number(u[f]) < Number(v) && Date.now() < end; u = await get()) await new Promise((r) => setTimeout(r, 100));
-      console.log(["presentBlocks", "readMisses", "readHits", "unitFills", "unitFillBlocks", "unitFillsSkipped", "claimedBlocks"].map((k) => k + "=" + u[k]).join(" "));'
-    st() { node --input-type=module -e "$ST" "$@"; }
-    field() { st | tr ' ' '\\n' | sed -n "s/^$1=//p"; }
-    waitfor() { st $1 $2 > /dev/null; }
+    # st: status's ublk counts; field NAME: one of them; waitfor NAME VALUE: until NAME is at least
+    # VALUE (20 s at most). Read over the control socket by ulobctl and jq (statusShell in
+    # uloop-tools.ts): no Node start, which costs seconds of guest time under TCG.
+    ${statusShell()}
+    st() { sj ublkb0 '.ublk | "presentBlocks=\\(.presentBlocks) readMisses=\\(.readMisses) readHits=\\(.readHits) unitFills=\\(.unitFills) unitFillBlocks=\\(.unitFillBlocks) unitFillsSkipped=\\(.unitFillsSkipped) claimedBlocks=\\(.claimedBlocks)"'; }
+    field() { sj ublkb0 ".ublk.$1"; }
+    waitfor() { end=$(( $(date +%s) + 20 )); while [ "$(field $1)" -lt $2 ] && [ $(date +%s) -lt $end ]; do sleep 0.1; done; }
     # blk N FILE: block N of the device (direct) equals block N of FILE
     blk() { dd if=$D of=/tmp/a bs=$K skip=$1 count=1 iflag=direct status=none; dd if=$2 of=/tmp/b bs=$K skip=$1 count=1 status=none; cmp -s /tmp/a /tmp/b; }
     # put N FILE: the block in FILE goes into want.img at block N

@@ -5,6 +5,7 @@
 // the same command takes the device back and the mounted filesystem carries on), detach.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { ROOT, runInVm, type VmResult } from '../support/vm.js';
+import { statusShell } from './uloop-tools.js';
 
 let run: VmResult;
 
@@ -45,10 +46,13 @@ beforeAll(async () => {
       --name=shared0 --rw=randwrite --bs=64k --iodepth=8 --offset=40M --size=4M --verify=0 --cpus_allowed=0 \\
       --name=shared1 --rw=randwrite --bs=4k --iodepth=8 --offset=40M --size=4M --verify=0 --cpus_allowed=1 \\
       && echo "fio verify passed" || { echo "fio failed"; cat /tmp/fio.out; }
-    $U status $D --json | node -e 'const j=JSON.parse(require("fs").readFileSync(0,"utf8"));const u=(Array.isArray(j)?j[0]:j).ublk;console.log("requests per queue: "+u.queueRequests.join(" "))' || true
+    # status over the control socket (ulobctl and jq), not \`ulobdev status --json | node -e\`: two Node
+    # starts, seconds of guest time each under TCG (the CLI's status is read once, below)
+    ${statusShell()}
+    sj ublkb0 '.ublk | "requests per queue: \\(.queueRequests | map(tostring) | join(" "))"' || true
     # the data path fio's reads took: zero copy (READ_FIXED into the request's pages) on 6.16+
     echo "kernel $(uname -r)"
-    $U status $D --json | node -e 'const j=JSON.parse(require("fs").readFileSync(0,"utf8"));const u=(Array.isArray(j)?j[0]:j).ublk;console.log("data path: zeroCopy="+u.zeroCopy+" zeroCopyReads="+u.zeroCopyReads+" readHits="+u.readHits+" readMisses="+u.readMisses)' || true
+    sj ublkb0 '.ublk | "data path: zeroCopy=\\(.zeroCopy) zeroCopyReads=\\(.zeroCopyReads) readHits=\\(.readHits) readMisses=\\(.readMisses)"' || true
     # the two writers over the same blocks leave them equal to what the device reads, after a flush
     dd if=$D of=/tmp/s.dev bs=1M skip=40 count=4 iflag=direct status=none
     $U flush --wait $D > /dev/null && dd if=/tmp/disk.img bs=1M skip=40 count=4 status=none | cmp - /tmp/s.dev && echo "shared blocks flushed: disk equals device"
@@ -97,7 +101,7 @@ beforeAll(async () => {
     head -c 1M /dev/urandom > /tmp/h && cp /tmp/h /tmp/m/h && sync && cmp /tmp/h /tmp/m/h && echo "writes after recovery"
     umount /tmp/m && fsck.ext4 -fn $D > /dev/null && echo "fsck clean after kill -9"
     at "U status D --json"
-    $U status $D --json > /tmp/status.json && node -e 'const j=JSON.parse(require("fs").readFileSync("/tmp/status.json","utf8"));const u=(Array.isArray(j)?j[0]:j).ublk;console.log("ublk status: "+u.attach+" readHits="+u.readHits+" writeHits="+u.writeHits+" failedUpcalls="+u.failedUpcalls)'
+    $U status $D --json > /tmp/status.json && jq -r '.ublk | "ublk status: \\(.attach) readHits=\\(.readHits) writeHits=\\(.writeHits) failedUpcalls=\\(.failedUpcalls)"' /tmp/status.json
     echo "seconds: $(( ($(date +%s%N) - t0) / 1000000000 ))"
     at "U detach D"
     $U detach $D && echo detached

@@ -13,7 +13,7 @@
 //    and serves reads (the dropped fills read from the disk again) and writes.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
-import { expectCleanKernel } from './uloop-tools.js';
+import { expectCleanKernel, statusShell } from './uloop-tools.js';
 
 let run: VmResult;
 
@@ -28,7 +28,10 @@ beforeAll(async () => {
     L=$(losetup -f --show /tmp/disk.img); SZ=$(blockdev --getsz $L)
     dmsetup create --noudevsync bk --table "0 $SZ linear $L 0" && dmsetup mknodes bk
     disk() { dmsetup suspend --noudevsync bk; dmsetup reload bk --table "0 $SZ $1"; dmsetup resume --noudevsync bk; }
-    st() { $U status $D --json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const j=JSON.parse(s);const t=Array.isArray(j)?j[0]:j;console.log("disk="+t.disk.state+" dirty="+t.dirtyBytes+" kernelDirty="+t.kernel.dirtyBlocks+" lastError="+(t.writeback.lastError?"set":"null")+" failedUpcalls="+t.kernel.failedUpcalls)})'; }
+    # status over the control socket (ulobctl and jq: statusShell in uloop-tools.ts), not by
+    # \`ulobdev status --json | node -e\`: two Node starts, seconds of guest time each under TCG
+    ${statusShell()}
+    st() { sj uloop0 '"disk=\\(.disk.state) dirty=\\(.dirtyBytes) kernelDirty=\\(.kernel.dirtyBlocks) lastError=\\(if .writeback.lastError then "set" else "null" end) failedUpcalls=\\(.kernel.failedUpcalls)"'; }
     $U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --block-size 64K --daemon $D /dev/mapper/bk > /dev/null
     dd if=$D of=/dev/null bs=1M count=8 iflag=direct status=none                 # 0..8M cached
     head -c 4M /dev/urandom | dd of=$D bs=1M seek=2 iflag=fullblock oflag=direct conv=notrunc,fsync status=none   # dirty (intents)
@@ -106,7 +109,7 @@ beforeAll(async () => {
     head -c 1M /dev/urandom | dd of=$D2 bs=1M seek=10 iflag=fullblock oflag=direct conv=notrunc status=none 2>/dev/null || echo "flakey: a write during the fault failed with EIO"
     sync $D2 2>/dev/null && echo "flakey: the failing FLUSH succeeded" || echo "flakey: the failing FLUSH EIO"
     sleep 3
-    $U status $D2 --json > /tmp/st2 && node -e 'const t=JSON.parse(require("fs").readFileSync("/tmp/st2","utf8"));console.log("flakey: during kernel.error="+t.kernel.error)'
+    $U status $D2 --json > /tmp/st2 && jq -r '"flakey: during kernel.error=\\(.kernel.error)"' /tmp/st2
     dd if=$D2 of=/dev/null bs=1M count=4 iflag=direct status=none && echo "flakey: cached reads served during the fault"
     cfk "linear $L2 0"
     k=0; until grep -q 'the cache file syncs again' $LOG2 || [ $k -ge 120 ]; do sleep 0.5; k=$((k+1)); done

@@ -7,6 +7,7 @@
 // and --on-ac flush waits while the kernel serves hits without the daemon (QUERY counters).
 import { beforeAll, describe, expect, it } from 'vitest';
 import { prepareVm, ROOT, runInVm, type VmPaths, type VmResult } from '../support/vm.js';
+import { statusShell } from './uloop-tools.js';
 
 let vm: VmPaths;
 let run: VmResult;
@@ -18,7 +19,10 @@ beforeAll(async () => {
     insmod ${vm.ULOOP_KO}
     head -c 8M /dev/urandom > /tmp/disk.img && truncate -s 32M /tmp/disk.img
     $U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --block-size 64K --daemon $D /tmp/disk.img --log-level info
-    dirty() { $U status $D --json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const j=JSON.parse(s);console.log((Array.isArray(j)?j[0]:j).dirtyBytes)})'; }
+    # status over the control socket (ulobctl and jq: statusShell in uloop-tools.ts), not by
+    # \`ulobdev status --json | node -e\`: two Node starts, seconds of guest time each under TCG
+    ${statusShell()}
+    dirty() { sj uloop0 .dirtyBytes; }
     kdirty() { $CTL query 0 | sed 's/.* dirty=\\([0-9]*\\).*/\\1/'; }
     same() { cmp /tmp/disk.img $D && echo "backing equals device: $1"; }
 

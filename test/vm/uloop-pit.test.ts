@@ -17,7 +17,7 @@
 // copy reads the writer's new content: epoch 1 differs too.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { expectCleanKernel, prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
-import { buildTool } from './uloop-tools.js';
+import { buildTool, statusShell } from './uloop-tools.js';
 
 const EPOCHS = 3;
 /** Seconds the copy's gate waits for the epoch's first PRESERVE before it opens anyway. */
@@ -32,7 +32,10 @@ beforeAll(async () => {
     U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; CTL=${vm.ULOOPCTL}; W=${writer}; D=/dev/uloop0
     insmod ${vm.ULOOP_KO}
     kepoch() { $CTL query 0 | sed 's/.* epoch=\\([0-9]*\\).*/\\1/'; }
-    kfield() { $U status $D --json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const j=JSON.parse(s);console.log((Array.isArray(j)?j[0]:j).kernel[process.argv[1]])})' "$1"; }
+    # status over the control socket (ulobctl and jq: statusShell in uloop-tools.ts), not by
+    # \`ulobdev status --json | node -e\`: two Node starts, seconds of guest time each under TCG
+    ${statusShell()}
+    kfield() { sj uloop0 ".kernel.$1"; }
     # each flush waits at 'flush:copy', its epoch begun, until /tmp/go exists (src/sys.ts pausePoint)
     echo "flush:copy /tmp/go" > /tmp/pause; export ULOBDEV_PAUSE_FILE=/tmp/pause
     $W fill /tmp/disk.img 65536 0 256 0

@@ -13,7 +13,7 @@
 //    and the data checked again through a fresh ADD of the cache after detach.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
-import { expectCleanKernel } from './uloop-tools.js';
+import { expectCleanKernel, statusShell } from './uloop-tools.js';
 
 // The issue asks for 100 cycles: `make test-long` (ULOB_TEST_SCALE=1) runs them, ULOB_RESTART_CYCLES=N
 // runs N; `make test` runs DEFAULT_CYCLES (10: 190 s in the two-lane clean-clone run at load 4, 635 s
@@ -47,8 +47,11 @@ beforeAll(async () => {
     A="$U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --block-size 64K --daemon $D /tmp/disk.img"
     $A > /dev/null || echo "first attach failed"
     detached() { k=0; while $CTL query 0 | grep -q ' attached=1 ' && [ $k -lt 600 ]; do sleep 0.05; k=$((k+1)); done; }
-    pid() { node -e 'console.log(JSON.parse(require("fs").readFileSync("/run/ulobdev/uloop0.json","utf8")).pid)'; }
-    kstat() { $U status $D --json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const j=JSON.parse(s);const k=(Array.isArray(j)?j[0]:j).kernel;console.log(k.attach+" error="+k.error+" failedUpcalls="+k.failedUpcalls)})'; }
+    # pid and status read without a Node start (seconds each under TCG): grep, and the control
+    # socket through ulobctl and jq (statusShell in uloop-tools.ts)
+    pid() { grep -o '"pid": *[0-9]*' /run/ulobdev/uloop0.json | grep -o '[0-9]*$'; }
+    ${statusShell()}
+    kstat() { sj uloop0 '.kernel | "\\(.attach) error=\\(.error) failedUpcalls=\\(.failedUpcalls)"'; }
 
     # --- a failed miss: the disk file shrinks under the daemon, a read past its new end
     truncate -s 128M /tmp/disk.img

@@ -47,3 +47,17 @@ export function queryAfter(output: string, tag: string): Record<string, number> 
   if (!line) throw new Error(`no "${tag}:" line in the output`);
   return parseQuery(line.slice(tag.length + 1));
 }
+
+/**
+ * A guest shell function that reads a daemon's status without starting Node: `sj NAME FILTER`
+ * prints jq's raw output (-r) of FILTER applied to NAME's status, the object `ulobdev status
+ * --json /dev/NAME` prints (NAME: uloop0, ublkb0, ... or the --name given), asked over
+ * /run/ulobdev/NAME.sock by test/vm/ulobctl.c. Each `ulobdev status` (or `node -e` to read its
+ * JSON) is a Node start, seconds of guest time under TCG; this is milliseconds. The files still
+ * run `ulobdev status` itself where they check what it prints.
+ * E.g. `sj uloop0 '"dirty=\(.dirtyBytes) error=\(.kernel.error)"'`.
+ */
+export function statusShell(): string {
+  const ctl = buildTool('ulobctl');
+  return `sj() { ${ctl} /run/ulobdev/$1.sock | jq -r ".status | $2"; }`;
+}

@@ -12,7 +12,7 @@
 // The planted bugs these caught are named in the commit that added the file.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { prepareVm, ROOT, runInVm, type VmResult } from '../support/vm.js';
-import { expectCleanKernel, queryAfter } from './uloop-tools.js';
+import { expectCleanKernel, queryAfter, statusShell } from './uloop-tools.js';
 
 let run: VmResult;
 
@@ -20,7 +20,7 @@ beforeAll(async () => {
   const vm = prepareVm();
   run = await runInVm(
     `
-    U="node ${ROOT}/dist/cli/ulobdev.js"; CTL=${vm.ULOOPCTL}; D=/dev/uloop0; K=4096
+    U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; CTL=${vm.ULOOPCTL}; D=/dev/uloop0; K=4096
     insmod ${vm.ULOOP_KO} io_timeout_s=600
     head -c 64M /dev/urandom > /tmp/disk.img
     cp /tmp/disk.img /tmp/orig.img
@@ -32,7 +32,10 @@ beforeAll(async () => {
     blk() { dd if=$D of=/tmp/a bs=$K skip=$1 count=1 iflag=direct status=none; dd if=$2 of=/tmp/b bs=$K skip=$1 count=1 status=none; cmp -s /tmp/a /tmp/b; }
     # waitfor FIELD VALUE: until QUERY's FIELD is at least VALUE (30 s at most: a loaded host)
     waitfor() { k=0; while [ $(field $1) -lt $2 ] && [ $k -lt 600 ]; do sleep 0.05; k=$((k+1)); done; }
-    unitfills() { $U status --json $D | node -e 'const s=JSON.parse(require("fs").readFileSync(0,"utf8"));const j=Array.isArray(s)?s[0]:s;console.log(j.kernel.unitFills+" "+j.kernel.unitFillBlocks+" "+j.kernel.unitFillsSkipped)'; }
+    # status over the control socket (ulobctl and jq: statusShell in uloop-tools.ts), not by
+    # \`ulobdev status --json | node -e\`: two Node starts, seconds of guest time each under TCG
+    ${statusShell()}
+    unitfills() { sj uloop0 '.kernel | "\\(.unitFills) \\(.unitFillBlocks) \\(.unitFillsSkipped)"'; }
     # The kernel's partition scan at ADD misses (and fills around) the first and last blocks: the
     # disk counts as idle again 5 s later; the counts below are taken from here.
     sleep 6
