@@ -134,7 +134,10 @@ function checkPositionals(device: string, backing: string, flags: AttachFlags, c
         : unquotedCron
           ? `; --flush ${flags.flush} looks like the first field of a cron expression the shell split: quote it, --flush '*/30 * * * *'`
           : '';
-    throw new InvalidArgumentError(`too many arguments: expected DEVICE BACKEND, got ${[device, backing, ...extra].join(' ')}${hint}`);
+    // A glob may have made thousands of them: the first few say enough.
+    const got = [device, backing, ...extra];
+    const shown = got.length > 6 ? `${got.slice(0, 5).join(' ')} and ${got.length - 5} more` : got.join(' ');
+    throw new InvalidArgumentError(`too many arguments: expected DEVICE BACKEND, got ${shown}${hint}`);
   }
   let deviceError: unknown;
   try {

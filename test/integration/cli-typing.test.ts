@@ -203,7 +203,7 @@ describe('--hydrate and its rate (item 10)', () => {
     // What `--flush */30 * * * *` becomes in a directory holding a.txt and b.txt.
     await expectRefused(
       [...cacheArgs(), '--writeback', '--flush', '*/30', 'a.txt', 'b.txt', '*', '*', '*', serveUrl(), disk],
-      /^ulobdev: too many arguments: expected DEVICE BACKEND, got a\.txt b\.txt .*; --flush \*\/30 looks like the first field of a cron expression the shell split: quote it, --flush '\*\/30 \* \* \* \*'\n$/,
+      /^ulobdev: too many arguments: expected DEVICE BACKEND, got a\.txt b\.txt \* \* \* and 2 more; --flush \*\/30 looks like the first field of a cron expression the shell split: quote it, --flush '\*\/30 \* \* \* \*'\n$/,
     );
   });
 });

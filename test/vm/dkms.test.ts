@@ -54,48 +54,60 @@ describe.skipIf(kernel === '6.1')(`DKMS and modprobe on ${kernel}`, () => {
     // in updates/dkms, made by depmod on the host (the guest runs the host's own kmod: its root is
     // the host's): depmod -a in the guest read the 4,230 xz-compressed modules over 9p under TCG,
     // 127 s of a 182 s guest run. The guest copies the index in where depmod -a would write it.
-    const dep = mkdtempSync(join(ROOT, '.vm', 'run', 'depmod-'));
-    const tree = join(dep, 'root', 'lib', 'modules');
-    mkdirSync(tree, { recursive: true });
-    mkdirSync(join(dep, 'upper'));
-    mkdirSync(join(dep, 'work'));
-    execFileSync('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${vm.MODULES},upperdir=${join(dep, 'upper')},workdir=${join(dep, 'work')}`, tree]);
+    // The other kernel's DKMS build runs on the host meanwhile: awaited before a failure here is
+    // thrown, so that it never outlives this file holding .vm/.lock.
     try {
-      mkdirSync(join(tree, vm.KVER, 'updates', 'dkms'), { recursive: true });
-      copyFileSync(dkms.DKMS_KO!, join(tree, vm.KVER, 'updates', 'dkms', basename(dkms.DKMS_KO!)));
-      execFileSync('depmod', ['-b', join(dep, 'root'), vm.KVER], { stdio: 'pipe' });
-    } finally {
-      execFileSync('umount', [tree]);
+      // .vm/run is made by runInVm, which has not run yet in this file (a fresh .vm has none).
+      mkdirSync(join(ROOT, '.vm', 'run'), { recursive: true });
+      const dep = mkdtempSync(join(ROOT, '.vm', 'run', 'depmod-'));
+      try {
+        const tree = join(dep, 'root', 'lib', 'modules');
+        mkdirSync(tree, { recursive: true });
+        mkdirSync(join(dep, 'upper'));
+        mkdirSync(join(dep, 'work'));
+        execFileSync('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${vm.MODULES},upperdir=${join(dep, 'upper')},workdir=${join(dep, 'work')}`, tree]);
+        try {
+          mkdirSync(join(tree, vm.KVER, 'updates', 'dkms'), { recursive: true });
+          copyFileSync(dkms.DKMS_KO!, join(tree, vm.KVER, 'updates', 'dkms', basename(dkms.DKMS_KO!)));
+          execFileSync('depmod', ['-b', join(dep, 'root'), vm.KVER], { stdio: 'pipe' });
+        } finally {
+          execFileSync('umount', [tree]);
+        }
+        const index = join(dep, 'upper', vm.KVER);
+        // "T LABEL UPTIME" lines: where the guest's time goes (in the log below, for people).
+        run = await runInVm(`
+          t() { echo "T $1 $(cut -d' ' -f1 /proc/uptime)"; }
+          t start
+          U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; K=$(uname -r); D=/dev/uloop0
+          modprobe overlay; mkdir -p /tmp/mu /tmp/mw && mount -t overlay -o lowerdir=/lib/modules,upperdir=/tmp/mu,workdir=/tmp/mw overlay /lib/modules
+          mkdir -p /lib/modules/$K/updates/dkms && cp ${dkms.DKMS_KO} /lib/modules/$K/updates/dkms/ && cp ${index}/modules.* /lib/modules/$K/
+          t depmod
+          echo "signer: $(modinfo -F signer uloop)"
+          [ ! -e /dev/uloop-control ] && echo "no module loaded yet"
+          head -c 4M /dev/urandom > /tmp/disk.img && truncate -s 32M /tmp/disk.img
+          t attach
+          $U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --daemon $D /tmp/disk.img > /dev/null && echo attached
+          t attached
+          grep -q '^uloop ' /proc/modules && echo "loaded by the daemon"
+          dd if=$D of=/tmp/r bs=1M count=4 iflag=direct status=none
+          head -c 4M /tmp/disk.img | cmp - /tmp/r && echo "reads verified"
+          t detach
+          $U detach $D > /dev/null && rmmod uloop && echo unloaded
+          t detached
+          echo 1 > /sys/module/module/parameters/sig_enforce
+          if $U -c /tmp/e.cache -b /tmp/e.bitmap --writeback --daemon $D /tmp/disk.img > /tmp/out 2> /tmp/err; then echo "attached an unenrolled module"; fi
+          t refused
+          echo "refusal: $(cat /tmp/err)"
+          echo "refusal lines: $(wc -l < /tmp/err)"
+          [ ! -e /dev/uloop-control ] && [ ! -e /tmp/e.cache ] && echo "nothing attached, no cache made"
+        `);
+      } finally {
+        rmSync(dep, { recursive: true, force: true });
+      }
+    } catch (err) {
+      await other;
+      throw err;
     }
-    const index = join(dep, 'upper', vm.KVER);
-    // "T LABEL UPTIME" lines: where the guest's time goes (in the log below, for people).
-    run = await runInVm(`
-      t() { echo "T $1 $(cut -d' ' -f1 /proc/uptime)"; }
-      t start
-      U="node ${ROOT}/dist/cli/ulobdev.bundle.js"; K=$(uname -r); D=/dev/uloop0
-      modprobe overlay; mkdir -p /tmp/mu /tmp/mw && mount -t overlay -o lowerdir=/lib/modules,upperdir=/tmp/mu,workdir=/tmp/mw overlay /lib/modules
-      mkdir -p /lib/modules/$K/updates/dkms && cp ${dkms.DKMS_KO} /lib/modules/$K/updates/dkms/ && cp ${index}/modules.* /lib/modules/$K/
-      t depmod
-      echo "signer: $(modinfo -F signer uloop)"
-      [ ! -e /dev/uloop-control ] && echo "no module loaded yet"
-      head -c 4M /dev/urandom > /tmp/disk.img && truncate -s 32M /tmp/disk.img
-      t attach
-      $U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --daemon $D /tmp/disk.img > /dev/null && echo attached
-      t attached
-      grep -q '^uloop ' /proc/modules && echo "loaded by the daemon"
-      dd if=$D of=/tmp/r bs=1M count=4 iflag=direct status=none
-      head -c 4M /tmp/disk.img | cmp - /tmp/r && echo "reads verified"
-      t detach
-      $U detach $D > /dev/null && rmmod uloop && echo unloaded
-      t detached
-      echo 1 > /sys/module/module/parameters/sig_enforce
-      if $U -c /tmp/e.cache -b /tmp/e.bitmap --writeback --daemon $D /tmp/disk.img > /tmp/out 2> /tmp/err; then echo "attached an unenrolled module"; fi
-      t refused
-      echo "refusal: $(cat /tmp/err)"
-      echo "refusal lines: $(wc -l < /tmp/err)"
-      [ ! -e /dev/uloop-control ] && [ ! -e /tmp/e.cache ] && echo "nothing attached, no cache made"
-    `);
-    rmSync(dep, { recursive: true, force: true });
     process.stderr.write(`VM run: ${run.ms} ms\n${run.output.split('\n').filter((l) => l.startsWith('T ')).join('\n')}\n`);
     const second = await other;
     if ('error' in second) throw second.error;

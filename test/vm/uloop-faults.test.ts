@@ -31,7 +31,7 @@ beforeAll(async () => {
     # status over the control socket (ulobctl and jq: statusShell in uloop-tools.ts), not by
     # \`ulobdev status --json | node -e\`: two Node starts, seconds of guest time each under TCG
     ${statusShell()}
-    st() { sj uloop0 '"disk=\\(.disk.state) dirty=\\(.dirtyBytes) kernelDirty=\\(.kernel.dirtyBlocks) lastError=\\(if .writeback.lastError then "set" else "null" end) failedUpcalls=\\(.kernel.failedUpcalls)"'; }
+    st() { sj uloop0 '"disk=\\(.disk.state) dirty=\\(.dirtyBytes) kernelDirty=\\(.kernel.dirtyBlocks) lastError=\\(if (.writeback.lastError // "") != "" then "set" else "null" end) failedUpcalls=\\(.kernel.failedUpcalls)"'; }
     $U -c /tmp/d.cache -b /tmp/d.bitmap --writeback --block-size 64K --daemon $D /dev/mapper/bk > /dev/null
     dd if=$D of=/dev/null bs=1M count=8 iflag=direct status=none                 # 0..8M cached
     head -c 4M /dev/urandom | dd of=$D bs=1M seek=2 iflag=fullblock oflag=direct conv=notrunc,fsync status=none   # dirty (intents)
