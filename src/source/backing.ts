@@ -68,7 +68,8 @@ export async function openBacking(path: string, options: OpenBackingOptions): Pr
   }
   if (st.isFile()) {
     const loop = await loopDeviceBoundTo(fullPath, st);
-    if (loop) throw new DeviceBusyError(`${fullPath} is attached to ${loop}; detach it first (losetup -d ${loop})`);
+    // Bound on purpose, maybe (a 4K-sector view: losetup -b 4096, as docs/laptop.md says): both ways out (newuser14 F9).
+    if (loop) throw new DeviceBusyError(`${fullPath} is attached to ${loop}: give ${loop} (or its partition) as BACKEND, or detach it first (losetup -d ${loop})`);
     if (st.size === 0) throw new InvalidArgumentError(`${fullPath} is empty; a backing file needs a size`);
     let file;
     try {

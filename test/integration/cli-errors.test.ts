@@ -114,7 +114,7 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
     const disk = makeDisk('disk.img', '1M');
     const loop = mustSh('losetup', ['-f', '--show', disk]).trim();
     undo.push(() => sh('losetup', ['-d', loop]));
-    await expectRefused([...cacheArgs(), unusedLoop(), disk], new RegExp(`attached to ${loop}`));
+    await expectRefused([...cacheArgs(), unusedLoop(), disk], new RegExp(`attached to ${loop}: give ${loop} \\(or its partition\\) as BACKEND, or detach it first \\(losetup -d ${loop}\\)$`, 'm'));
   });
 
   it('a BACKEND block device that is mounted', async () => {
