@@ -1619,7 +1619,7 @@ function checkIdentity(
     throw new SizeMismatchError(`${backing.description} is ${backing.size} bytes but its cache was made for ${info.backingSize} bytes (the disk ${how}); ${wayOut}`);
   }
   if (blockSize !== undefined && blockSize !== info.blockSize) {
-    throw new SizeMismatchError(`${metaPath}: the cache uses ${info.blockSize}-byte blocks, not ${blockSize}; omit --block-size or re-create it`);
+    throw new SizeMismatchError(`${metaPath}: the cache uses ${info.blockSize}-byte blocks, not ${blockSize}; omit --block-size, or for a cache of ${blockSize}-byte blocks empty this one first ('ulobdev discard -c ${cachePath} ${backing.description}') and attach again`);
   }
 }
 

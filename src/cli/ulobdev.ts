@@ -12,6 +12,7 @@
 //   ulobdev report DEVICE|NAME --svg FILE [--hours N]
 //   ulobdev discard [-c CACHE] [-b BITMAP] [--force] BACKEND
 import { VERSION } from './version.js';
+import { assertBlockSize } from '../cache/layout.js';
 import { existsSync, promises as fsp, readFileSync, statSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError as CommanderInvalidArgument, Option } from 'commander';
@@ -112,11 +113,20 @@ async function writebackPolicy(backing: string, flags: AttachFlags): Promise<Wri
 }
 
 function blockSizeArg(value: string): number {
+  let size: number;
   try {
-    return parseSize(value);
+    size = parseSize(value);
   } catch (err) {
     throw new CommanderInvalidArgument((err as Error).message);
   }
+  // Checked here, not when the cache is made, so that the line names the option and the value as
+  // typed (newuser14: "got 2097152" for 2M).
+  try {
+    assertBlockSize(size);
+  } catch {
+    throw new CommanderInvalidArgument('a block size is a power of two from 4K to 1M (4K, 64K, 1M)');
+  }
+  return size;
 }
 
 /**

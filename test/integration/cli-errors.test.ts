@@ -328,8 +328,16 @@ describe('ulobdev refuses bad input with one line and changes nothing', () => {
 
   it('a bad block size', async () => {
     s = scratch('ulob-cli-');
-    await expectRefused([...cacheArgs(), '--block-size', '3000', unusedLoop(), makeDisk('disk.img')], /block size must be a power of two/);
-    await expectRefused([...cacheArgs(), '--block-size', '2M', unusedLoop(), makeDisk('disk.img')], /block size must be a power of two/);
+    await expectRefused([...cacheArgs(), '--block-size', '3000', unusedLoop(), makeDisk('disk.img')], /argument '3000' is invalid\. a block size is a power of two from 4K to 1M/);
+    // The option and the value as typed, not 2097152 (newuser14).
+    await expectRefused([...cacheArgs(), '--block-size', '2M', unusedLoop(), makeDisk('disk.img')], /^ulobdev: option '--block-size <N>' argument '2M' is invalid\. a block size is a power of two from 4K to 1M/);
+    // Another block size than an existing cache's: says how to get a cache of that size.
+    const disk = makeDisk('disk2.img');
+    await makeCache(disk);
+    await expectRefused(
+      [...cacheArgs(), '--block-size', '64K', unusedLoop(), disk],
+      new RegExp(`the cache uses 4096-byte blocks, not 65536; omit --block-size, or for a cache of 65536-byte blocks empty this one first \\('ulobdev discard -c ${join(s.dir, 'c.cache')} ${disk}'\\) and attach again\n$`),
+    );
   });
 
   it('the kernel module frontends without their module', async () => {
