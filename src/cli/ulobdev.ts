@@ -751,7 +751,10 @@ export function oneLineErrors(program: Command, usage?: string, name = program.n
   return program.configureOutput({
     outputError: (text, write) => {
       const [what, ...more] = text.replace(/^error: /, '').trim().split('\n');
-      const suggestion = more.map((l) => l.trim()).find((l) => l.startsWith('(Did you mean'));
+      let suggestion = more.map((l) => l.trim()).find((l) => l.startsWith('(Did you mean'));
+      // A long option with one dash (-writeback): commander sees short flags and suggests nothing.
+      const oneDash = /^unknown option '-([a-z][a-z-]+)'/.exec(what ?? '');
+      if (!suggestion && oneDash && program.options.some((o) => o.long === `--${oneDash[1]}`)) suggestion = `(Did you mean --${oneDash[1]}?)`;
       // A missing argument: the command's usage, on the same line.
       const hint = usage && what?.startsWith('missing required argument') ? ` (usage: ${usage})` : '';
       write(`${name}: ${what}${hint}${suggestion ? ` ${suggestion}` : ''}\n`);

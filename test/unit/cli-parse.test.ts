@@ -32,6 +32,14 @@ describe('command-line parsing', () => {
     expect(h.stderr).toBe("ulohttp: unknown option '--hydrat' (Did you mean --hydrate?)\n");
   });
 
+  it('names the long option meant by one written with one dash (-writeback: newuser14), on the same one line', async () => {
+    const r = await run(ulobdev, ['-writeback', '/dev/loop6', '/tmp/disk.img']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toBe("ulobdev: unknown option '-writeback' (Did you mean --writeback?)\n");
+    const f = await run(ulobdev, ['flush', '-wait', 'data']);
+    expect(f.stderr).toBe("ulobdev: unknown option '-wait' (Did you mean --wait?)\n");
+  });
+
   it('names the command meant for a misspelt one instead of taking it as an attach DEVICE', async () => {
     for (const [typo, meant] of [['statsu', 'status'], ['detatch', 'detach'], ['flsuh', 'flush'], ['hydrat', 'hydrate']]) {
       const r = await run(ulobdev, [typo!, ...(typo === 'statsu' ? [] : ['data'])]);
