@@ -150,13 +150,6 @@ export async function partitionsOf(sysDir: string): Promise<BlockDeviceNode[]> {
   return out;
 }
 
-/**
- * Why a disk cannot be let go now, one reason per user, for the disk and each of its partitions:
- * mounted (mountinfo), held by device-mapper or md (sysfs holders), claimed exclusively by anything
- * else (swap, another ulobdev, a filesystem being made: an O_EXCL open fails with EBUSY) or open by
- * a process (its /proc/PID/fd). Empty when nothing uses it. Reads only kernel state: the disk is
- * not touched. Processes in `ignorePids` (the caller) and udev's short-lived probes do not count.
- */
 /** One use of a block device, as blockDeviceUsers finds it: its kind, and one phrase for a message. */
 export interface BlockDeviceUser {
   kind: 'mounted' | 'held' | 'claimed' | 'open';
@@ -169,6 +162,13 @@ export function describeUsers(users: readonly BlockDeviceUser[]): string {
   return users.map((u) => u.text).join('; ');
 }
 
+/**
+ * Why a disk cannot be let go now, one reason per user, for the disk and each of its partitions:
+ * mounted (mountinfo), held by device-mapper or md (sysfs holders), claimed exclusively by anything
+ * else (swap, another ulobdev, a filesystem being made: an O_EXCL open fails with EBUSY) or open by
+ * a process (its /proc/PID/fd). Empty when nothing uses it. Reads only kernel state: the disk is
+ * not touched. Processes in `ignorePids` (the caller) and udev's short-lived probes do not count.
+ */
 export async function blockDeviceUsers(sysDir: string, options: { ignorePids?: readonly number[] } = {}): Promise<BlockDeviceUser[]> {
   const real = await fsp.realpath(sysDir);
   const whole: BlockDeviceNode = { name: basename(real), dev: (await readTrim(join(real, 'dev'))) ?? '', sysDir: real };
